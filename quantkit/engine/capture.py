@@ -1,0 +1,119 @@
+"""Capture what decoder layer 0 receives, and run one decoder layer alone on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.models.base import Adapter, layer_output
+
+# Keyword arguments a layer gets during a full forward that must not be replayed: caches are
+# per-call state, and use_cache is forced off.
+_DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions"}
+
+
+# Keys a calibration sample may carry besides the model's forward kwargs: which tokens' predictions
+# count in the loss (loss_mask) and which tokens are vision tokens (vision_mask), both [1, T] bool.
+SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask"})
+
+
+def model_inputs(sample: dict) -> dict:
+    """The forward kwargs of a calibration sample, without its metadata masks."""
+    return {k: v for k, v in sample.items() if k not in SAMPLE_META_KEYS}
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once the wanted tensors are seen."""
+
+
+def to_device(value: object, device: torch.device | str) -> object:
+    """Move tensors inside nested tuples/lists/dicts to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+@dataclass
+class LayerInputs:
+    """Per-sample hidden states entering the current layer, and the extra kwargs layers take.
+
+    `kwargs` holds one dict per sample, or a single shared dict when every sample's kwargs are
+    equal (plain text of one length: the usual case, and it saves memory).
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    def kwargs_for(self, index: int) -> dict:
+        """The layer kwargs of sample `index`."""
+        return self.kwargs[0] if len(self.kwargs) == 1 else self.kwargs[index]
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+
+def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
+    """Move every parameter and buffer that is not inside a decoder layer to `device`."""
+    prefix = adapter.layers + "."
+    for name, module in model.named_modules():
+        if name == adapter.layers or name.startswith(prefix):
+            continue
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.device != torch.device(device):
+                module._parameters[key] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+        for key, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, adapter: Adapter, samples: Iterable[dict], device: torch.device | str = "cpu"
+) -> LayerInputs:
+    """Run the model up to decoder layer 0 for each sample and record that layer's inputs."""
+    layers = adapter.decoder_layers(model)
+    move_outside_layers(model, adapter, device)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict] = []
+
+    def grab(module: nn.Module, args: tuple, kw: dict) -> None:
+        kw = dict(kw)
+        state = args[0] if args else kw.pop("hidden_states")
+        hidden.append(state.detach())
+        kwargs.append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
+        raise StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for sample in samples:
+            try:
+                model(**to_device(model_inputs(sample), device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    if kwargs and all(_same(kwargs[0], k) for k in kwargs[1:]):
+        kwargs = kwargs[:1]
+    return LayerInputs(hidden=hidden, kwargs=kwargs)
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> torch.Tensor:
+    """Decoder layer output for sample `index` of `inputs`."""
+    return layer_output(layer(inputs.hidden[index], **inputs.kwargs_for(index)))

@@ -1,0 +1,36 @@
+"""Per-linear input statistics: H = 2 * sum_t w_t x_t x_t^T / sum_t w_t."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Accumulates the (token-weighted) Hessian of one linear's reconstruction loss."""
+
+    def __init__(self, in_features: int, device: torch.device | str) -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.weight_sum = 0.0
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor, token_weight: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs [..., in]; token_weight has one non-negative value per token."""
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        if token_weight is None:
+            self.hessian.addmm_(x.T, x)
+            self.weight_sum += x.shape[0]
+        else:
+            w = token_weight.reshape(-1).to(x.device, torch.float32)
+            if w.numel() != x.shape[0]:
+                raise ValueError(f"token weights have {w.numel()} entries for {x.shape[0]} tokens")
+            # sqrt-scaling keeps one matmul: (sqrt(w) x)^T (sqrt(w) x) = sum_t w_t x_t x_t^T
+            xw = x * w.sqrt().unsqueeze(1)
+            self.hessian.addmm_(xw.T, xw)
+            self.weight_sum += float(w.sum())
+        self.tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """The normalised Hessian 2/sum(w) * X^T W X (zeros if nothing was added)."""
+        if self.weight_sum <= 0:
+            return self.hessian
+        return self.hessian * (2.0 / self.weight_sum)

@@ -1,0 +1,65 @@
+"""What a solver is asked to do (QuantSpec) and what it returns (QuantResult)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight quantization settings shared by every solver."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output channel (per-channel)
+    sym: bool = True
+    act_order: bool = False  # GPTQ desc_act: solve columns by decreasing Hessian diagonal
+    static_groups: bool = False  # with act_order: groups fixed before the permutation
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    block_size: int = 128  # GPTQ lazy-update block width
+    mse: bool = False  # search a clipping ratio that minimises the grid's MSE
+
+    def validate(self, in_features: int | None = None) -> None:
+        """Raise QuantkitError if the settings cannot be honoured."""
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantkitError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise QuantkitError(f"group size must be positive or -1 (per-channel), got {self.group_size}")
+        if in_features is not None and self.group_size != -1 and in_features % self.group_size:
+            raise QuantkitError(
+                f"group size {self.group_size} does not divide the input width {in_features}; "
+                "choose a divisor or -1 (per-channel)"
+            )
+        if not 0 <= self.damp < 1:
+            raise QuantkitError(f"damp must be in [0, 1), got {self.damp}")
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for reports and manifests."""
+        return asdict(self)
+
+
+@dataclass
+class QuantResult:
+    """One quantized linear in the GPTQ convention.
+
+    weight ~= (qweight - zeros[:, g_idx]) * scales[:, g_idx], exactly (scales are fp16-representable).
+    """
+
+    qweight: torch.Tensor  # uint8 [out, in], values in [0, 2**bits - 1], original column order
+    scales: torch.Tensor  # float32 [out, n_groups], every value exactly representable in fp16
+    zeros: torch.Tensor  # uint8 [out, n_groups], in [0, 2**bits - 1]; sym: 2**(bits-1)
+    g_idx: torch.Tensor  # int32 [in], the group of each input column
+    bits: int
+    group_size: int  # -1: per-channel
+    sym: bool
+    act_order: bool = False
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight this result stands for."""
+        g = self.g_idx.long()
+        return (self.qweight.float() - self.zeros[:, g].float()) * self.scales[:, g]
