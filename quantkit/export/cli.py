@@ -1,0 +1,43 @@
+"""`quantkit export`: convert a quantkit output between formats, keeping the exact codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from quantkit.export.common import FORMATS
+
+
+@click.command("export")
+@click.argument("in_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS), help="Output format.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 5GB or 500MB.")
+def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: str) -> None:
+    """Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."""
+    from quantkit.errors import QuantkitError
+    from quantkit.export.checkpoint import (
+        REPORT,
+        SOURCE_FILES,
+        parse_size,
+        read_checkpoint,
+        write_checkpoint,
+    )
+    from quantkit.fsutil import check_output_dir
+
+    limit = parse_size(max_shard_size)
+    check_output_dir(out, overwrite)
+    if out.resolve() == in_dir.resolve():
+        raise QuantkitError(f"output {out} is the input directory; choose another -o")
+    ckpt = read_checkpoint(in_dir)
+    report = None
+    if (in_dir / REPORT).is_file():
+        import json
+
+        report = json.loads((in_dir / REPORT).read_text())
+    extra = {f: (in_dir / f).read_bytes() for f in SOURCE_FILES if (in_dir / f).is_file()}
+    write_checkpoint(ckpt, out, fmt=fmt, report=report, overwrite=overwrite, max_shard_size=limit, extra_files=extra)
+    names = len(ckpt.results)
+    click.echo(f"wrote {fmt} checkpoint with {names} quantized linears to {out}")

@@ -1,0 +1,46 @@
+"""Shared test setup: slow runs are opt-in, and ../shared is optional."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REF_LM = SHARED / "models" / "ref-lm"
+TEXT_DIR = SHARED / "data" / "text"
+
+# Tests run tiny tensors, where a second thread costs more in synchronisation than it gains.
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("QUANTKIT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="benchmark-sized; set QUANTKIT_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def ref_lm() -> Path:
+    """The shared reference LM, or a skip where ../shared is absent (a user's fresh clone)."""
+    if not (REF_LM / "config.json").is_file():
+        pytest.skip(f"reference model not found at {REF_LM} (../shared is absent outside the dev machine)")
+    return REF_LM
+
+
+@pytest.fixture
+def text_dir() -> Path:
+    """The shared corpora, or a skip where ../shared is absent."""
+    if not TEXT_DIR.is_dir():
+        pytest.skip(f"shared corpora not found at {TEXT_DIR} (../shared is absent outside the dev machine)")
+    return TEXT_DIR
