@@ -1,0 +1,213 @@
+"""GPTQ (arXiv 2210.17323): column-by-column quantization with second-order error feedback.
+
+For a linear with weight W [out, in] and Hessian H [in, in] of the loss ||W X - Q X||^2
+(H = 2 X X^T, or a token-weighted version), columns are quantized one at a time in
+solve order; each column's rounding error is spread over the columns not yet quantized,
+using the upper Cholesky factor U of H^-1 (H^-1 = U^T U). Updates inside a block of
+spec.block_size columns are applied at once, the rest of the matrix is updated once per
+block ("lazy batch" updates).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.grid import check_finite, dequantize, fit_grid, fit_groups, max_code, quantize
+from quantkit.quant.rtn import group_index
+from quantkit.quant.spec import QuantResult, QuantSpec
+
+# Cholesky retries: the relative damp grows tenfold per retry (from at least this value).
+_MIN_RETRY_DAMP = 1e-4
+_CHOLESKY_RETRIES = 5
+
+
+def _upper_cholesky_of_inverse(
+    hessian: torch.Tensor, damp: float, name: str
+) -> tuple[torch.Tensor, float]:
+    """Upper U with (H + damp * mean(diag H) * I)^-1 = U^T U, and the damp that worked."""
+    mean_diag = float(torch.diagonal(hessian).mean())
+    identity = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    tried = []
+    for _ in range(_CHOLESKY_RETRIES + 1):
+        damped = hessian + (damp * mean_diag) * identity
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        tried.append(damp)
+        damp = max(damp * 10, _MIN_RETRY_DAMP)
+    where = f" of {name}" if name else ""
+    raise QuantkitError(
+        f"the Hessian{where} is not positive definite even with damp {tried} (fraction of its "
+        "mean diagonal); check the calibration inputs (too few tokens, or NaN/degenerate activations)"
+    )
+
+
+def _columns_as_updated(
+    weight: torch.Tensor,
+    block: torch.Tensor,
+    block_errors: torch.Tensor,
+    upper: torch.Tensor,
+    block_start: int,
+    offset: int,
+    end: int,
+) -> torch.Tensor:
+    """Columns [block_start + offset, end) with every update from the columns before them.
+
+    Inside the block they live in `block`; after it, `weight` still lacks the current
+    block's pending update, which is added here.
+    """
+    block_end = block_start + block.shape[1]
+    parts = [block[:, offset : min(end, block_end) - block_start]]
+    if end > block_end:
+        pending = weight[:, block_end:end]
+        if offset > 0:
+            pending = (
+                pending
+                - block_errors[:, :offset]
+                @ upper[block_start : block_start + offset, block_end:end]
+            )
+        parts.append(pending)
+    return torch.cat(parts, dim=1)
+
+
+def gptq_solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    name: str = "",
+    stats: dict | None = None,
+) -> QuantResult:
+    """Quantize `weight` [out, in] with GPTQ against `hessian` [in, in].
+
+    If `stats` is a dict it receives: loss (the solver's own estimate of
+    tr((W - Q) H_damped (W - Q)^T) / 2, i.e. ||W X - Q X||^2 for H = 2 X X^T, with the
+    weight's dead columns zeroed), damp (the relative damp used), dead_columns, seconds.
+    """
+    started = time.perf_counter()
+    if weight.dim() != 2:
+        raise QuantkitError(
+            f"{name or 'weight'}: expected a 2-D [out, in] weight, got {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    spec.validate(in_features)
+    if hessian is None or tuple(hessian.shape) != (in_features, in_features):
+        got = None if hessian is None else tuple(hessian.shape)
+        raise QuantkitError(
+            f"{name or 'weight'}: GPTQ needs a Hessian of shape {(in_features, in_features)}, got {got}; "
+            "use method 'rtn' to quantize without calibration data"
+        )
+    check_finite(weight, "weight", name)
+    check_finite(hessian, "Hessian", name)
+
+    device = weight.device
+    work = weight.detach().to(torch.float32).clone()
+    hessian = hessian.detach().to(device=device, dtype=torch.float32).clone()
+
+    # An input that is always zero carries no information: its weight cannot matter, so
+    # zero it (it then quantizes exactly) and give the Hessian a unit pivot to stay solvable.
+    dead = torch.diagonal(hessian) == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        hessian[dead, :] = 0
+        hessian[:, dead] = 0
+        hessian[dead, dead] = 1
+        work[:, dead] = 0
+
+    maxq = max_code(spec.bits)
+    grouped = spec.group_size != -1
+    group_size = spec.group_size if grouped else in_features
+    n_groups = in_features // group_size
+    static = grouped and spec.static_groups
+
+    # Grids fixed before solving: per-channel, or static groups (on the unpermuted weight).
+    if not grouped or static:
+        scales, zeros = fit_groups(work, spec, name)
+    else:
+        scales = torch.empty(out_features, n_groups, device=device)
+        zeros = torch.empty(out_features, n_groups, device=device)
+
+    if spec.act_order:
+        order = torch.sort(torch.diagonal(hessian), descending=True, stable=True).indices
+        work = work[:, order]
+        hessian = hessian[order][:, order]
+    else:
+        order = torch.arange(in_features, device=device)
+    # Group (column of scales/zeros) used by each column in solve order.
+    if static or not grouped:
+        solve_group = group_index(in_features, spec.group_size, device)[order].long()
+    else:
+        solve_group = torch.arange(in_features, device=device) // group_size
+
+    # A host-side copy: reading a device tensor per column would sync a GPU 10k times.
+    solve_group_list = solve_group.tolist()
+    upper, used_damp = _upper_cholesky_of_inverse(hessian, spec.damp, name)
+    del hessian
+
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
+    loss_per_row = torch.zeros(out_features, device=device)
+    block_size = max(1, spec.block_size)
+    col_scale = col_zero = None
+    current_group = -1
+
+    for block_start in range(0, in_features, block_size):
+        block_end = min(block_start + block_size, in_features)
+        width = block_end - block_start
+        block = work[:, block_start:block_end].clone()
+        block_errors = torch.zeros_like(block)
+        block_upper = upper[block_start:block_end, block_start:block_end]
+
+        for offset in range(width):
+            column = block_start + offset
+            group = solve_group_list[column]
+            if grouped and not static and column % group_size == 0:
+                # Dynamic groups: fit the grid on the group's columns as they stand now.
+                current = _columns_as_updated(
+                    work, block, block_errors, upper, block_start, offset, column + group_size
+                )
+                scales[:, group], zeros[:, group] = fit_grid(current, spec, name)
+            if group != current_group:
+                col_scale, col_zero = scales[:, group], zeros[:, group]
+                current_group = group
+
+            values = block[:, offset]
+            column_codes = quantize(values, col_scale, col_zero, maxq)
+            chosen = dequantize(column_codes, col_scale, col_zero)
+            codes[:, column] = column_codes
+            pivot = block_upper[offset, offset]
+            error = (values - chosen) / pivot
+            loss_per_row += error.square()
+            block[:, offset:] -= error.unsqueeze(1) * block_upper[offset, offset:].unsqueeze(0)
+            block_errors[:, offset] = error
+
+        work[:, block_end:] -= block_errors @ upper[block_start:block_end, block_end:]
+
+    inverse_order = torch.argsort(order)
+    qweight = codes[:, inverse_order]
+    if static or not grouped:
+        g_idx = group_index(in_features, spec.group_size, device)
+    else:
+        g_idx = solve_group[inverse_order].to(torch.int32)
+
+    if stats is not None:
+        stats.update(
+            loss=float(loss_per_row.sum()) / 2,
+            damp=used_damp,
+            dead_columns=n_dead,
+            seconds=time.perf_counter() - started,
+        )
+    return QuantResult(
+        qweight=qweight,
+        scales=scales,
+        zeros=zeros.to(torch.uint8),
+        g_idx=g_idx,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
+        act_order=spec.act_order,
+    )
