@@ -1,0 +1,83 @@
+"""Tokenize documents into one token stream and draw seeded calibration windows from it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from quantkit.data.sources import SourceLike, load_texts
+from quantkit.errors import QuantkitError
+
+DOC_SEPARATOR = "\n\n"
+
+
+def resolve_texts(source_or_texts: SourceLike | Sequence[str], part: str = "all") -> list[str]:
+    """A list of documents: read a source (str/Path, or a list of Paths), or take a list of str as the texts.
+
+    A list of texts counts as one unit for `part` (its last 10% of characters is the held-out part).
+    """
+    if isinstance(source_or_texts, list | tuple) and not source_or_texts:
+        raise QuantkitError("no texts given: the list of documents is empty")
+    if isinstance(source_or_texts, list | tuple) and all(isinstance(t, str) for t in source_or_texts) and source_or_texts:
+        if part != "all":
+            from quantkit.data.sources import split_part
+
+            return split_part(source_or_texts, part)
+        return list(source_or_texts)
+    return load_texts(source_or_texts, part=part)
+
+
+def tokenize_documents(texts: Sequence[str], tokenizer) -> torch.Tensor:
+    """One LongTensor of token ids: each document tokenized alone, joined by eos (or by "\\n\\n" without one)."""
+    docs = [t for t in texts if t]
+    if not docs:
+        return torch.zeros(0, dtype=torch.long)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        ids_list = [tokenizer(DOC_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]]
+    else:
+        ids_list = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    out: list[int] = []
+    for i, ids in enumerate(ids_list):
+        if i and eos is not None:
+            out.append(int(eos))
+        out.extend(ids)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`nsamples` windows of `seqlen` tokens at distinct seeded random starts; needs nsamples*seqlen tokens."""
+    if nsamples <= 0 or seqlen <= 0:
+        raise QuantkitError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+    need = nsamples * seqlen
+    found = int(ids.numel())
+    if found < need:
+        raise QuantkitError(
+            f"too little text: found {found} tokens, need {nsamples} x {seqlen} = {need}; "
+            "give more text or lower --nsamples/--seqlen"
+        )
+    # found >= nsamples*seqlen guarantees found - seqlen + 1 >= nsamples distinct starts.
+    starts = random.Random(seed).sample(range(found - seqlen + 1), nsamples)
+    return [{"input_ids": ids[s : s + seqlen].clone().unsqueeze(0)} for s in starts]
+
+
+def calibration_samples(
+    source_or_texts: SourceLike | Sequence[str],
+    tokenizer,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    part: str = "all",
+) -> list[dict[str, torch.Tensor]]:
+    """Seeded calibration windows {"input_ids": LongTensor[1, seqlen]} drawn from a source or a list of texts.
+
+    The documents are tokenized and joined by the tokenizer's eos token (or "\\n\\n"); the stream
+    must hold at least nsamples x seqlen tokens (else QuantkitError saying how many were found), and
+    nsamples distinct start positions are drawn with random.Random(seed), so windows may overlap
+    but never repeat. Same seed, same data, same tokenizer: same samples.
+    """
+    texts = resolve_texts(source_or_texts, part=part)
+    ids = tokenize_documents(texts, tokenizer)
+    return draw_windows(ids, nsamples, seqlen, seed)

@@ -1,0 +1,207 @@
+"""Text sources: local .txt/.jsonl files, globs, directories, HF datasets, comma-separated lists.
+
+Source syntax (a string, a Path, or a list of them):
+
+- ``path/to/file.txt``: the whole file is one document (any extension but .jsonl is read as text).
+- ``path/to/file.jsonl``: one JSON object per line with a string ``"text"`` field.
+- ``path/to/dir``: every .txt/.jsonl file under it (recursively), in sorted path order; a
+  directory written by ``datasets.Dataset.save_to_disk`` is loaded as a dataset instead.
+- ``corpora/*.txt``: a glob (``**`` recurses), matches in sorted order.
+- ``hf:NAME[:CONFIG][:SPLIT][:FIELD]``: a Hugging Face dataset (needs ``quantkit[datasets]``);
+  empty parts take the defaults (no config, split ``train``, field ``text``). NAME may be a
+  local ``save_to_disk`` directory (then CONFIG must be empty).
+- ``a.txt,b.jsonl,hf:x``: a comma-separated list of any of the above.
+
+Parts: ``part="heldout"`` keeps the last 10% of each source file's (or dataset's) characters,
+``part="train"`` the first 90%, ``part="all"`` everything; this is how the shared corpora are
+split (benchmarks calibrate on "train" and evaluate on "heldout").
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+PARTS = ("all", "train", "heldout")
+HELDOUT_FRACTION = 0.1
+TEXT_SUFFIXES = (".txt", ".jsonl")
+_GLOB_CHARS = "*?["
+_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+SourceLike = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def check_part(part: str) -> str:
+    """Return `part` if it is one of all/train/heldout, else raise QuantkitError."""
+    if part not in PARTS:
+        raise QuantkitError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    return part
+
+
+def split_part(texts: Sequence[str], part: str = "all") -> list[str]:
+    """Keep one part of a unit's documents: the first 90% (train) or last 10% (heldout) of its characters."""
+    check_part(part)
+    texts = list(texts)
+    if part == "all":
+        return texts
+    total = sum(len(t) for t in texts)
+    cut = total - int(round(total * HELDOUT_FRACTION))  # characters [0, cut) are train
+    out: list[str] = []
+    pos = 0
+    for text in texts:
+        start, end = pos, pos + len(text)
+        pos = end
+        if part == "train":
+            piece = text[: max(0, min(end, cut) - start)]
+        else:
+            piece = text[max(0, cut - start):]
+        if piece:
+            out.append(piece)
+    return out
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise QuantkitError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from err
+    except OSError as err:
+        raise QuantkitError(f"cannot read {path}: {err.strerror}") from err
+
+
+def read_jsonl(path: Path, field: str = "text") -> list[str]:
+    """The `field` strings of a JSONL file; a bad line raises QuantkitError naming file:line."""
+    texts = []
+    for lineno, line in enumerate(_read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QuantkitError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+        if not isinstance(record, dict) or field not in record:
+            raise QuantkitError(f"{path}:{lineno}: no {field!r} field; each line must be an object with a {field!r} string")
+        value = record[field]
+        if not isinstance(value, str):
+            raise QuantkitError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+        texts.append(value)
+    return texts
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path)
+    return [_read_text_file(path)]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in _DATASET_MARKERS)
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise QuantkitError(
+            "Hugging Face dataset sources need the `datasets` package; run `pip install quantkit[datasets]`"
+        ) from err
+    return datasets
+
+
+def _dataset_texts(ds, field: str, where: str) -> list[str]:
+    if field not in ds.column_names:
+        raise QuantkitError(f"dataset {where} has no column {field!r} (columns: {', '.join(ds.column_names)}); name the text field as hf:NAME:CONFIG:SPLIT:FIELD")
+    return [t for t in ds[field] if isinstance(t, str) and t]
+
+
+def load_hf(spec: str) -> list[str]:
+    """Texts of `hf:NAME[:CONFIG][:SPLIT][:FIELD]` (NAME may be a local save_to_disk directory)."""
+    parts = spec[len("hf:"):].split(":") if spec.startswith("hf:") else [spec]
+    if len(parts) > 4 or not parts[0]:
+        raise QuantkitError(f"bad dataset source {spec!r}; use hf:NAME[:CONFIG][:SPLIT][:FIELD]")
+    name, config, split, field = (parts + ["", "", "", ""])[:4]
+    split = split or "train"
+    field = field or "text"
+    datasets = _import_datasets()
+    local = Path(name).expanduser()
+    if local.exists():
+        if not _is_saved_dataset(local):
+            raise QuantkitError(f"{local} is not a dataset saved with save_to_disk (no dataset_dict.json/state.json)")
+        if config:
+            raise QuantkitError(f"a local dataset directory takes no config; use hf:{name}::{split}:{field}")
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise QuantkitError(f"dataset {local} has no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+    else:
+        try:
+            ds = datasets.load_dataset(name, config or None, split=split)
+        except Exception as err:  # noqa: BLE001 - datasets raises many kinds; report the first line
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise QuantkitError(f"cannot load dataset {spec!r}: {msg}") from err
+    return _dataset_texts(ds, field, spec)
+
+
+def _expand(source: str) -> list[tuple[str, list[Path] | None]]:
+    """Resolve one source string to [(label, files)] (files None means a dataset spec)."""
+    if source.startswith("hf:"):
+        return [(source, None)]
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [(source, [path])]
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return [(source, None)]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise QuantkitError(f"directory {path} has no .txt or .jsonl files")
+        return [(str(p), [p]) for p in files]
+    if any(c in source for c in _GLOB_CHARS):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise QuantkitError(f"no files match {source!r}")
+        return [(str(p), [p]) for p in files]
+    raise QuantkitError(
+        f"data source {source!r} not found; give a .txt/.jsonl file, a directory, a glob or hf:NAME[:CONFIG][:SPLIT][:FIELD]"
+    )
+
+
+def _split_sources(source: SourceLike) -> list[str]:
+    if isinstance(source, str | os.PathLike):
+        text = os.fspath(source)
+        if "," in text and not Path(text).expanduser().exists():
+            items = [s.strip() for s in text.split(",")]
+        else:
+            items = [text]
+    else:
+        items = [s for item in source for s in _split_sources(item)]
+    items = [s for s in items if s]
+    if not items:
+        raise QuantkitError("no data source given; pass a file, directory, glob or hf:NAME")
+    return items
+
+
+def load_texts(source: SourceLike, part: str = "all") -> list[str]:
+    """All documents of a source (see the module doc for the syntax), restricted to `part`."""
+    check_part(part)
+    texts: list[str] = []
+    for item in _split_sources(source):
+        for label, files in _expand(item):
+            if files is None:
+                docs = load_hf(label if label.startswith("hf:") else "hf:" + label)
+            else:
+                docs = [d for f in files for d in _read_file(f)]
+            if not any(d.strip() for d in docs):
+                if files is not None and len(files) == 1 and item == label:
+                    raise QuantkitError(f"{label} is empty; give a file with text in it")
+                continue  # an empty file inside a directory or glob is skipped
+            texts.extend(split_part(docs, part))
+    if not any(t.strip() for t in texts):
+        raise QuantkitError(f"no text found in {source!r} (part={part}); give a source with text in it")
+    return texts

@@ -1,0 +1,35 @@
+"""`quantkit demo`: train a tiny LM (or take yours), quantize with RTN and GPTQ at 4 and 3 bits, compare."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("demo")
+@click.option("--model", default=None, help="Your model (dir or hub id) instead of training one; needs --data.")
+@click.option("--data", default=None, help="Your text source (calibrate on its train part, evaluate on its heldout part).")
+@click.option("-o", "--out", default="./quantkit-demo", show_default=True, help="Output directory.")
+@click.option("--train-seconds", type=float, default=60.0, show_default=True, help="Training time for the demo model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for corpus, training and calibration samples.")
+@click.option("--format", "fmt", type=click.Choice(["gptq_v2", "gptq", "compressed-tensors", "fake"]), default="gptq_v2", show_default=True, help="Export format.")
+@click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per training, calibration and evaluation window.")
+@click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration windows.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 helps on busy shared machines).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def demo(model: str | None, data: str | None, out: str, train_seconds: float, seed: int, fmt: str, nsamples: int, seqlen: int, threads: int | None, overwrite: bool, as_json: bool) -> None:
+    """Train (or load) a small LM, quantize it with RTN and GPTQ at 4 and 3 bits, and compare held-out loss."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    from quantkit.demo.run import format_table, run_demo
+
+    result = run_demo(model, data, out, train_seconds=train_seconds, seed=seed, overwrite=overwrite, fmt=fmt, nsamples=nsamples, seqlen=seqlen)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(format_table(result))
+        click.echo(f"\nresults: {out}/results.json  ({result['seconds']:.0f}s)")

@@ -1,0 +1,109 @@
+"""Held-out loss and perplexity of a causal LM over sliding windows of a token stream."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from quantkit.data.samples import resolve_texts, tokenize_documents
+from quantkit.data.sources import SourceLike
+from quantkit.errors import QuantkitError
+
+
+def window_plan(n_tokens: int, seqlen: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) of each window: targets first_scored..end-1 are scored with context from begin.
+
+    Windows start at 0, stride, 2*stride, ...; each scores only the targets the previous window
+    did not reach (never the window's first token, which has no context); the last window ends
+    at the stream's end. With stride == seqlen the windows do not overlap.
+    """
+    plan = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seqlen, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            plan.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return plan
+
+
+@torch.no_grad()
+def loss_on_ids(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    seqlen: int = 256,
+    stride: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Mean next-token cross-entropy (nats) and perplexity of `model` on a 1-D id stream."""
+    stride = seqlen if stride is None else stride
+    if seqlen < 2:
+        raise QuantkitError(f"seqlen must be at least 2, got {seqlen}")
+    if not 1 <= stride <= seqlen:
+        raise QuantkitError(f"stride must be between 1 and seqlen ({seqlen}), got {stride}")
+    n = int(ids.numel())
+    if n < 2:
+        raise QuantkitError(f"too little text to evaluate: found {n} tokens, need at least 2")
+    plan = window_plan(n, seqlen, stride)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    count = 0
+    # Batch windows of equal length together (all but possibly the last).
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in plan:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    bar = tqdm(total=len(plan), desc="eval", unit="win", disable=not progress, leave=False)
+    try:
+        for group in groups:
+            batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)  # nll[:, j] is target j+1
+            for row, (b, e, first) in enumerate(group):
+                scored = nll[row, first - b - 1 : e - b - 1]
+                total += float(scored.double().sum())
+                count += scored.numel()
+            bar.update(len(group))
+    finally:
+        bar.close()
+        model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count, "seqlen": seqlen, "stride": stride, "windows": len(plan)}
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokenizer,
+    texts_or_source: SourceLike | Sequence[str],
+    seqlen: int = 256,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    part: str = "all",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    batch_size: int = 8,
+) -> dict:
+    """Loss (mean token cross-entropy, nats) and perplexity over sliding windows of the tokenized text.
+
+    Documents are joined by eos as for calibration; `max_tokens` keeps the first tokens of the
+    stream. Returns {"loss", "ppl", "tokens" (scored), "seqlen", "stride", "windows"}.
+    """
+    texts = resolve_texts(texts_or_source, part=part)
+    ids = tokenize_documents(texts, tokenizer)
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise QuantkitError(f"max_tokens must be at least 2, got {max_tokens}")
+        ids = ids[:max_tokens]
+    return loss_on_ids(model, ids, seqlen=seqlen, stride=stride, device=device, batch_size=batch_size, progress=progress)
