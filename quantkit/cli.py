@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -42,6 +43,8 @@ class QuantkitGroup(click.Group):
             raise
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM becomes SystemExit so that atomic outputs remove their temporary directories.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:
             return super().invoke(ctx)
         except QuantkitError as err:
