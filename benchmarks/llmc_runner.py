@@ -1,0 +1,68 @@
+"""Run llm-compressor's GPTQModifier on token windows given by bench_quality.py.
+
+Runs inside llm-compressor's own venv (it pins its own transformers), so it imports nothing
+from quantkit; it shares only benchmarks/common.py (torch-only) for the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_cross_entropy  # noqa: E402
+
+
+def main() -> None:
+    """Quantize with llm-compressor at each requested setting and print one JSON object."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--windows", required=True, help="safetensors with calib [N, L] and eval [M, L]")
+    parser.add_argument("--settings", required=True, help='JSON list of {"bits", "group_size", "sym"}')
+    args = parser.parse_args()
+
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(torch.get_num_threads())
+    windows = load_file(args.windows)
+    calib, evaluation = windows["calib"], windows["eval"]
+    dataset = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+    )
+    results = []
+    for setting in json.loads(args.settings):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(
+                num_bits=setting["bits"], type="int", symmetric=setting["sym"],
+                strategy="group", group_size=setting["group_size"],
+            ),
+        )
+        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128, dampening_frac=0.01)
+        started = time.perf_counter()
+        oneshot(
+            model=model, dataset=dataset, recipe=recipe, num_calibration_samples=calib.shape[0],
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False,
+        )
+        seconds = time.perf_counter() - started
+        loss = mean_cross_entropy(model.eval(), evaluation)
+        results.append(dict(setting, loss=loss, seconds=seconds))
+    import llmcompressor
+    import transformers
+
+    print("LLMC_RESULT " + json.dumps({"results": results, "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__}))
+
+
+if __name__ == "__main__":
+    main()
