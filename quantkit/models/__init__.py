@@ -8,12 +8,31 @@ from pathlib import Path
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.models import gpt_neox, llama, opt, qwen2
+from quantkit.models import gpt_neox, llama, llava, llava_onevision, opt, qwen2, qwen2_vl
 from quantkit.models.base import Adapter, get_module, layer_output
 
-ADAPTERS: tuple[Adapter, ...] = (llama.ADAPTER, qwen2.ADAPTER, gpt_neox.ADAPTER, opt.ADAPTER)
+ADAPTERS: tuple[Adapter, ...] = (
+    llama.ADAPTER,
+    qwen2.ADAPTER,
+    gpt_neox.ADAPTER,
+    opt.ADAPTER,
+    qwen2_vl.ADAPTER,
+    qwen2_vl.ADAPTER_2_5,
+    llava.ADAPTER,
+    llava_onevision.ADAPTER,
+)
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "get_module", "layer_output", "load_model", "supported_model_types"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "adapter_for",
+    "get_module",
+    "is_vlm",
+    "layer_output",
+    "load_model",
+    "register",
+    "supported_model_types",
+]
 
 
 def register(adapter: Adapter) -> None:
@@ -39,10 +58,28 @@ def adapter_for(model_or_config) -> Adapter:
     )
 
 
+def is_vlm(model_or_config) -> bool:
+    """True for a vision-language family (its adapter lists vision modules kept in full precision)."""
+    return bool(adapter_for(model_or_config).vision)
+
+
+def _check_text_backbone(config) -> None:
+    """LLaVA-style configs name their text model; only Llama-layout backbones have our linear names."""
+    text_config = getattr(config, "text_config", None)
+    text_type = getattr(text_config, "model_type", None)
+    if config.model_type in llava.ADAPTER.model_types + llava_onevision.ADAPTER.model_types and text_type not in (
+        None,
+        *llava.LLAMA_LAYOUT_TEXT_TYPES,
+    ):
+        raise QuantkitError(
+            f"unsupported {config.model_type} text backbone {text_type!r}; supported: {', '.join(llava.LLAMA_LAYOUT_TEXT_TYPES)}"
+        )
+
+
 def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None) -> nn.Module:
-    """Load a causal LM (local dir or hub id) on CPU in eval mode, after checking its architecture."""
+    """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     local = Path(name_or_path)
     looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and name_or_path.count("/") != 1
@@ -52,9 +89,11 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     except OSError as err:
         raise QuantkitError(f"cannot load model config for {name_or_path!r}: {str(err).splitlines()[0]}") from err
-    adapter_for(config)
+    adapter = adapter_for(config)
+    _check_text_backbone(config)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
+    model = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
     model.eval()
     model.config.use_cache = False
     return model

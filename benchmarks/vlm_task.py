@@ -1,0 +1,222 @@
+"""A generated image-text task for measuring VLM quantization: coloured shapes in a 2x2 grid.
+
+Images are 56x56 with one to three shapes (square or circle, four colours) in distinct cells of a
+2x2 grid, at jittered positions, on a noisy dark background. Questions (one word answers):
+
+- ``how many shapes ?`` -> ``one`` / ``two`` / ``three``
+- ``what is at the top left ?`` -> ``red`` ``square`` / ``nothing``  (two or one answer words)
+- ``what colour is the circle ?`` -> ``blue`` (asked only when exactly one circle is present)
+- ``describe the picture`` -> ``a red square at the top left and a blue circle ...`` (training and
+  calibration only; not scored)
+
+Everything is seeded. The model family is LLaVA (CLIP vision tower, MLP projector, Llama text
+model), built from a config with a word-level tokenizer and LlavaProcessor (no torchvision needed).
+Accuracy: a question counts as right when the argmax prediction of every answer token and of the
+closing ``<|im_end|>`` is right under teacher forcing, which is exactly when greedy decoding would
+produce the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+SIZE = 56
+CELL = SIZE // 2
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 70, 230), "yellow": (230, 210, 30)}
+SHAPES = ("square", "circle")
+POSITIONS = (("top", "left"), ("top", "right"), ("bottom", "left"), ("bottom", "right"))
+NUMBERS = ("one", "two", "three")
+QUESTION_KINDS = ("count", "where", "colour")
+
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
+WORDS = [
+    "user", "assistant", "?", ".", "a", "and", "at", "the", "is", "what", "how", "many", "shapes",
+    "colour", "describe", "picture", "nothing", *COLOURS, *SHAPES, "top", "bottom", "left", "right", *NUMBERS,
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for c in m.content %}{% if c.type == 'image' %}<image> {% else %}{{ c.text }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    """One image with a question (or caption request) and its answer."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+
+    def messages(self) -> list[dict]:
+        """The chat form used by quantkit.data.images (the image goes first in the user turn)."""
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+
+
+def draw_scene(rng: random.Random) -> tuple[Image.Image, dict[int, tuple[str, str]]]:
+    """A random image and its content: cell index -> (colour, shape)."""
+    image = Image.new("RGB", (SIZE, SIZE), (rng.randint(0, 40), rng.randint(0, 40), rng.randint(0, 40)))
+    draw = ImageDraw.Draw(image)
+    count = rng.randint(1, 3)
+    cells = rng.sample(range(4), count)
+    content = {}
+    for cell in cells:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        side = rng.randint(14, 20)
+        x0 = (cell % 2) * CELL + rng.randint(1, CELL - side - 1)
+        y0 = (cell // 2) * CELL + rng.randint(1, CELL - side - 1)
+        fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[colour])
+        box = (x0, y0, x0 + side, y0 + side)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=fill)
+        content[cell] = (colour, shape)
+    return image, content
+
+
+def caption(content: dict[int, tuple[str, str]]) -> str:
+    """'a red square at the top left and a blue circle at the bottom right .'"""
+    parts = [f"a {c} {s} at the {' '.join(POSITIONS[cell])}" for cell, (c, s) in sorted(content.items())]
+    return " and ".join(parts) + " ."
+
+
+def make_examples(n: int, seed: int, captions: float = 0.0) -> list[Example]:
+    """n seeded examples; a `captions` fraction are caption requests, the rest questions."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        image, content = draw_scene(rng)
+        if rng.random() < captions:
+            out.append(Example(image, "describe the picture", caption(content), "caption"))
+            continue
+        kind = rng.choice(QUESTION_KINDS)
+        if kind == "count":
+            out.append(Example(image, "how many shapes ?", NUMBERS[len(content) - 1], kind))
+        elif kind == "where":
+            cell = rng.randrange(4)
+            answer = " ".join(content[cell]) if cell in content else "nothing"
+            out.append(Example(image, f"what is at the {' '.join(POSITIONS[cell])} ?", answer, kind))
+        else:
+            shape = rng.choice(SHAPES)
+            matches = [c for c, s in content.values() if s == shape]
+            if len(matches) == 1:
+                out.append(Example(image, f"what colour is the {shape} ?", matches[0], kind))
+    return out
+
+
+def write_jsonl(examples: Sequence[Example], directory: str | Path) -> Path:
+    """Save the images and an image-text JSONL of messages records (quantkit.data.images format)."""
+    root = Path(directory)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, ex in enumerate(examples):
+        name = f"images/{i:05d}.png"
+        ex.image.save(root / name)
+        lines.append(json.dumps({"image": name, "messages": ex.messages()}))
+    path = root / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_tokenizer():
+    """Word-level tokenizer over the task vocabulary with the chat and image tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+        additional_special_tokens=SPECIALS[2:], padding_side="right",
+    )
+
+
+def make_processor():
+    """LlavaProcessor: CLIP preprocessing at 56x56, 16 image tokens (4x4 patches of 14, CLS dropped)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    return LlavaProcessor(
+        image_processor, make_tokenizer(), patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 4):
+    """A tiny LLaVA: CLIP tower (2 layers, width 64), projector, Llama text model."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        text_config=dict(
+            model_type="llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, image_size=SIZE, patch_size=14, projection_dim=64,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def encode(processor, examples: Sequence[Example], with_answer: bool = True) -> dict[str, torch.Tensor]:
+    """Batch processor outputs (right-padded) plus `labels`: answer and closing <|im_end|> tokens, else -100."""
+    texts = [processor.apply_chat_template(_chat(ex), tokenize=False) for ex in examples]
+    batch = dict(processor(text=texts, images=[ex.image for ex in examples], padding=True, return_tensors="pt"))
+    ids = batch["input_ids"]
+    tok = processor.tokenizer
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    labels = torch.full_like(ids, -100)
+    for row in range(ids.shape[0]):
+        starts = (ids[row] == start).nonzero().reshape(-1)
+        first = int(starts[-1]) + 2  # <|im_start|> assistant (the tokenizer drops the "\n")
+        stop = first + int((ids[row, first:] == end).nonzero()[0]) + 1
+        labels[row, first:stop] = ids[row, first:stop]
+    batch["labels"] = labels
+    return batch
+
+
+def _chat(ex: Example) -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]},
+    ]
+
+
+@torch.no_grad()
+def accuracy(model, processor, examples: Sequence[Example], batch_size: int = 64) -> dict:
+    """Exact-match accuracy of the answers (teacher-forced argmax), per kind, and answer-token NLL (nats)."""
+    model.eval()
+    right: dict[str, list[int]] = {}
+    nll, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = encode(processor, chunk)
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits
+        pred = logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        ok = ((pred == target) | (target == -100)).all(dim=1)
+        scored = target != -100
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), target[scored], reduction="sum"))
+        count += int(scored.sum())
+        for ex, good in zip(chunk, ok.tolist()):
+            right.setdefault(ex.kind, []).append(int(good))
+    total = [v for vals in right.values() for v in vals]
+    out = {"accuracy": sum(total) / len(total), "n": len(total), "answer_nll": round(nll / count, 5)}
+    out.update({f"acc_{k}": round(sum(v) / len(v), 4) for k, v in sorted(right.items())})
+    return out

@@ -1,0 +1,255 @@
+"""Image-text calibration samples: JSONL records rendered through a VLM's processor and chat template.
+
+Record forms (one JSON object per line; ``image`` is a path relative to the JSONL file):
+
+- ``{"image": "img/0.png", "text": "a red square at the top left"}``: a caption. It is rendered as
+  a user turn holding only the image and an assistant turn holding the caption.
+- ``{"image": "img/0.png", "messages": [{"role": "user", "content": "what colour is the square?"},
+  {"role": "assistant", "content": "red"}]}``: a conversation. String contents become text parts;
+  the image placeholder is put first in the first user turn unless a content list already holds
+  a ``{"type": "image"}`` part.
+
+Each sample is the processor's output for the whole conversation, used as is (for Qwen2-VL that
+includes ``mm_token_type_ids`` and ``image_grid_thw``), plus two [1, T] bool masks:
+``loss_mask`` (True on the tokens the assistant turns produce: the answer or caption and the end
+of its turn, i.e. every token after a generation prompt up to the end of that turn) and
+``vision_mask`` (True on the image placeholder tokens the processor expanded).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+# Processor outputs with one entry per token: cut together when max_length truncates a sample.
+_PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "loss_mask", "vision_mask")
+
+
+def image_only_processor(processor_class, image_processor, tokenizer, **kwargs):
+    """A VLM processor (Qwen2-VL, LLaVA-OneVision...) built without its video processor, which needs torchvision.
+
+    `processor_class` is the family's processor class; the result handles images and text only.
+    """
+
+    class ImageTextProcessor(processor_class):
+        """The processor class whose sub-processors are the image processor and tokenizer alone."""
+
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            """Sub-processor attributes: no video processor."""
+            return ["image_processor", "tokenizer"]
+
+    # Saved as the family's own processor class, so that a full install loads it back whole.
+    ImageTextProcessor.__name__ = ImageTextProcessor.__qualname__ = processor_class.__name__
+    return ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
+def load_processor(name_or_path: str):
+    """AutoProcessor for a VLM; without torchvision, an image-and-text processor built from its parts."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        if hasattr(processor, "image_processor"):
+            return processor
+        reason = f"AutoProcessor gave a {type(processor).__name__}, not an image-text processor"
+    except (ImportError, AttributeError, ValueError, TypeError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    settings = _processor_settings(name_or_path)
+    class_name = settings.pop("processor_class", None)
+    if class_name not in _PROCESSOR_CLASSES.values():
+        try:
+            class_name = _PROCESSOR_CLASSES.get(AutoConfig.from_pretrained(name_or_path).model_type)
+        except (OSError, ValueError):
+            class_name = None
+    if class_name is None:
+        raise QuantkitError(f"cannot load the processor of {name_or_path}: {reason}")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    settings.setdefault("chat_template", getattr(tokenizer, "chat_template", None))
+    return image_only_processor(getattr(transformers, class_name), image_processor, tokenizer, **settings)
+
+
+# Families whose processor needs a video processor (and so torchvision) to be built whole.
+_PROCESSOR_CLASSES = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "llava_onevision": "LlavaOnevisionProcessor",
+}
+
+
+def _processor_settings(name_or_path: str) -> dict:
+    """The processor's own settings (processor_config.json, chat template file) of a local model dir."""
+    directory = Path(name_or_path)
+    settings: dict = {}
+    config_file = directory / "processor_config.json"
+    if config_file.is_file():
+        settings = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in ("video_processor", "image_processor")}
+    for name in ("chat_template.jinja", "chat_template.json"):
+        template = directory / name
+        if template.is_file() and "chat_template" not in settings:
+            text = template.read_text()
+            settings["chat_template"] = json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return settings
+
+
+def image_token_id(processor) -> int:
+    """The id of the processor's image placeholder token."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+def load_image(path: Path, where: str):
+    """Open an image as RGB; a missing or unreadable file raises QuantkitError naming `where` and the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise QuantkitError(f"{where}: image {path} not found")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise QuantkitError(f"{where}: cannot read image {path}: {err}") from err
+
+
+def _conversation(record: dict, where: str) -> list[dict]:
+    """The record as chat messages with content lists and one image part."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise QuantkitError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    elif isinstance(record.get("text"), str):
+        messages = [{"role": "user", "content": []}, {"role": "assistant", "content": record["text"]}]
+    else:
+        raise QuantkitError(f"{where}: a record needs a 'text' string (caption) or a 'messages' list")
+    out = []
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+        out.append({"role": message["role"], "content": parts})
+    if not any(m["role"] == "assistant" for m in out):
+        raise QuantkitError(f"{where}: no assistant turn; the loss mask needs an answer or caption")
+    has_image = any(p.get("type") == "image" for m in out for p in m["content"])
+    if not has_image:
+        first_user = next((m for m in out if m["role"] == "user"), None)
+        if first_user is None:
+            raise QuantkitError(f"{where}: no user turn to hold the image")
+        first_user["content"].insert(0, {"type": "image"})
+    return out
+
+
+def _process(processor, text: str, image) -> dict:
+    """Processor outputs for one text, with the image when the text holds its placeholder."""
+    images = [image] if processor.image_token in text else None
+    features = processor(text=[text], images=images, return_tensors="pt")
+    return dict(features)
+
+
+def render_record(record: dict, image, processor, where: str = "record") -> dict:
+    """One sample dict: the processor's outputs for the conversation, plus loss_mask and vision_mask."""
+    if getattr(processor, "chat_template", None) is None:
+        raise QuantkitError(f"{where}: the processor has no chat template; image-text records are rendered through it")
+    messages = _conversation(record, where)
+    full_text = processor.apply_chat_template(messages, tokenize=False)
+    sample = _process(processor, full_text, image)
+    ids = sample["input_ids"][0]
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+        upto = processor.apply_chat_template(messages[: turn + 1], tokenize=False)
+        start = _common_prefix(_process(processor, prompt, image)["input_ids"][0], ids)
+        end = _common_prefix(_process(processor, upto, image)["input_ids"][0], ids)
+        loss_mask[start:end] = True
+    if not loss_mask.any():
+        raise QuantkitError(f"{where}: the answer or caption renders to no tokens")
+    sample["loss_mask"] = loss_mask.unsqueeze(0)
+    sample["vision_mask"] = (ids == image_token_id(processor)).unsqueeze(0)
+    if not sample["vision_mask"].any():
+        raise QuantkitError(f"{where}: the rendered text holds no image tokens; check the chat template")
+    return sample
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest common prefix of two 1-D id tensors."""
+    n = min(a.numel(), b.numel())
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if differ.numel() else n
+
+
+def truncate_sample(sample: dict, max_length: int, where: str = "record") -> dict:
+    """Cut the per-token tensors to max_length; the image tokens must all fit."""
+    length = sample["input_ids"].shape[-1]
+    if length <= max_length:
+        return sample
+    if sample["vision_mask"][0, max_length:].any():
+        raise QuantkitError(
+            f"{where}: max_length {max_length} would cut image tokens (the sample has {length} tokens); raise max_length"
+        )
+    if not sample["loss_mask"][0, :max_length].any():
+        raise QuantkitError(f"{where}: max_length {max_length} cuts every answer token; raise max_length")
+    out = dict(sample)
+    for key in _PER_TOKEN_KEYS:
+        if key in out and isinstance(out[key], torch.Tensor) and out[key].shape[-1] == length:
+            out[key] = out[key][..., :max_length]
+    return out
+
+
+def read_image_records(jsonl_path: str | Path) -> list[tuple[str, dict, Path]]:
+    """(file:line, record, image path) for every record of an image-text JSONL file."""
+    path = Path(jsonl_path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise QuantkitError(f"cannot read {path}: {err.strerror or err}") from err
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QuantkitError(f"{where}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise QuantkitError(f"{where}: no 'image' path; each record needs an 'image' string")
+        records.append((where, record, path.parent / record["image"]))
+    if not records:
+        raise QuantkitError(f"{path} holds no records")
+    return records
+
+
+def image_text_samples(
+    jsonl_path: str | Path, processor, nsamples: int, seed: int = 0, max_length: int | None = None
+) -> list[dict]:
+    """`nsamples` seeded image-text calibration samples (processor outputs + loss_mask + vision_mask).
+
+    The records are drawn without replacement with random.Random(seed) (all of them, in file order,
+    when nsamples equals their number). Every record's image must exist; a missing or unreadable
+    image raises QuantkitError naming file:line and the image path.
+    """
+    records = read_image_records(jsonl_path)
+    if nsamples <= 0:
+        raise QuantkitError(f"nsamples must be positive, got {nsamples}")
+    if nsamples > len(records):
+        raise QuantkitError(f"{jsonl_path} holds {len(records)} records, fewer than nsamples={nsamples}")
+    for where, _, image_path in records:
+        if not image_path.is_file():
+            raise QuantkitError(f"{where}: image {image_path} not found")
+    chosen = records if nsamples == len(records) else random.Random(seed).sample(records, nsamples)
+    samples = []
+    for where, record, image_path in chosen:
+        sample = render_record(record, load_image(image_path, where), processor, where)
+        if max_length is not None:
+            sample = truncate_sample(sample, max_length, where)
+        samples.append(sample)
+    return samples

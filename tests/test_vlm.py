@@ -1,0 +1,287 @@
+"""VLM families: adapters, one-layer replay with images, image-text calibration samples, RTN on the LM only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+
+from quantkit.data.images import image_only_processor, image_text_samples, load_processor  # noqa: E402
+from quantkit.engine.capture import capture_layer_inputs, model_inputs, run_layer  # noqa: E402
+from quantkit.errors import QuantkitError  # noqa: E402
+from quantkit.models import adapter_for, get_module, load_model  # noqa: E402
+
+WORDS = "a an the red green blue yellow square circle what colour is of ? . , left right top bottom at one two three how many shapes picture describe".split()
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
+ROLES = ["user", "assistant", "system"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer holding the chat and image special tokens of both processor families."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + ROLES + WORDS + ["\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=SPECIALS[2:]
+    )
+
+
+def chat_template(image: str) -> str:
+    """A ChatML template whose image part renders as `image` (the family's placeholder)."""
+    return (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
+        "{% else %}{% for c in m.content %}{% if c.type == 'image' %}" + image + " {% else %}{{ c.text }}"
+        "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+
+def build(family: str):
+    """A tiny random model of `family` and a processor that matches it."""
+    tok = make_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(0)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        qwen_tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+        text = dict(TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+        if family == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
+            config = Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_tokens)
+            proc_class = Qwen2VLProcessor
+        else:
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen_tokens)
+            proc_class = Qwen2_5_VLProcessor
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+        processor = image_only_processor(proc_class, image_processor, tok, chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    elif family == "llava":
+        config = LlavaConfig(
+            text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+            image_token_id=ids("<image>"),
+            vision_feature_layer=-1,
+        )
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor = LlavaProcessor(image_processor, tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template("<image>"))
+    elif family == "llava_onevision":
+        pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+        config = LlavaOnevisionConfig(
+            text_config=dict(TEXT, model_type="qwen2", vocab_size=len(tok)),
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+            image_token_id=ids("<image>"),
+            video_token_id=ids("<video>"),
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=True)
+        processor = image_only_processor(LlavaOnevisionProcessor, image_processor, tok, num_image_tokens=4, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=chat_template("<image>"))
+    else:
+        raise ValueError(family)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    return model, processor
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_dataset(root, n: int = 6, size: int = 56) -> str:
+    """n coloured-square images with caption and question records; returns the JSONL path."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    lines = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+        x = (i * 7) % (size // 2)
+        image.paste(COLOURS[colour], (x, 4, x + size // 3, 4 + size // 3))
+        image.save(root / "img" / f"{i}.png")
+        if i % 2:
+            lines.append({"image": f"img/{i}.png", "text": f"a {colour} square ."})
+        else:
+            lines.append({"image": f"img/{i}.png", "messages": [{"role": "user", "content": "what colour is the square ?"}, {"role": "assistant", "content": colour}]})
+    path = root / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return str(path)
+
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
+VISION = {
+    "qwen2_vl": ("model.visual",),
+    "qwen2_5_vl": ("model.visual",),
+    "llava": ("model.vision_tower", "model.multi_modal_projector"),
+    "llava_onevision": ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("vlm_data"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_paths(family: str) -> None:
+    model, _ = build(family)
+    adapter = adapter_for(model)
+    assert adapter.name == family
+    layers = adapter.decoder_layers(model)
+    assert layers is model.model.language_model.layers and len(layers) == 3
+    assert get_module(model, adapter.embeddings) is model.get_input_embeddings()
+    assert get_module(model, adapter.lm_head) is model.get_output_embeddings()
+    assert get_module(model, adapter.final_norm) is model.model.language_model.norm
+    assert adapter.vision == VISION[family]
+    for path in adapter.vision:
+        get_module(model, path)
+    # Every linear of the language model's layers is quantized; none outside them.
+    lm_linears = {n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(adapter.linear_names()) == lm_linears
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_masks(family: str, dataset: str) -> None:
+    _, processor = build(family)
+    samples = image_text_samples(dataset, processor, nsamples=6, seed=0)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    for i, sample in enumerate(samples):
+        ids = sample["input_ids"][0]
+        assert sample["loss_mask"].shape == sample["vision_mask"].shape == sample["input_ids"].shape
+        assert sample["loss_mask"].dtype == sample["vision_mask"].dtype == torch.bool
+        assert torch.equal(sample["vision_mask"][0], ids == image_id) and sample["vision_mask"].sum() > 1
+        answer = tok.decode(ids[sample["loss_mask"][0]]).split()
+        # The answer (or caption) then the end-of-turn token; nothing of the prompt.
+        expected = ["red", "green", "blue", "yellow"][i % 4] if i % 2 == 0 else None
+        if expected:
+            assert answer == [expected, "<|im_end|>"]  # the word-level tokenizer drops "\n"
+        else:
+            assert answer[:2] == ["a", ["red", "green", "blue", "yellow"][i % 4]] and "<|im_end|>" in answer
+        if family in ("qwen2_vl", "qwen2_5_vl"):
+            # The processor's own mm_token_type_ids and grid are passed through untouched.
+            assert torch.equal(sample["mm_token_type_ids"][0].bool(), sample["vision_mask"][0])
+            assert sample["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_layers_matches_full_forward(family: str, dataset: str) -> None:
+    model, processor = build(family)
+    samples = image_text_samples(dataset, processor, nsamples=2, seed=1)  # a caption and a question
+    with torch.no_grad():
+        reference = [model(**model_inputs(s), use_cache=False).logits for s in samples]
+        adapter = adapter_for(model)
+        inputs = capture_layer_inputs(model, adapter, samples)
+        if family in ("qwen2_vl", "qwen2_5_vl"):
+            assert len(inputs.kwargs) == len(samples)  # mrope positions differ per sample
+        for layer in adapter.decoder_layers(model):
+            inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(inputs))]
+        norm, head = get_module(model, adapter.final_norm), get_module(model, adapter.lm_head)
+        for i, ref in enumerate(reference):
+            logits = head(norm(inputs.hidden[i]))
+            torch.testing.assert_close(logits, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_rtn_quantizes_only_language_linears(family: str, dataset: str) -> None:
+    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build(family)
+    samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
+    adapter = adapter_for(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = calibrate_model(model, samples, QuantSpec(bits=3, group_size=-1), method="rtn", progress=False)
+    after = model.state_dict()
+    quantized = {f"{name}.weight" for name in calibration.results}
+    expected = {f"{adapter.layer_prefix(i)}.{n}.weight" for i in range(3) for n in adapter.linear_names()}
+    assert quantized == expected
+    for key, value in before.items():
+        if key in quantized:
+            assert not torch.equal(value, after[key]), key
+        else:
+            assert torch.equal(value, after[key]), key  # vision tower, projector, embeddings, lm_head, norms
+    assert any(k.startswith(adapter.vision[0]) for k in before)
+
+
+def test_sample_selection_is_seeded(dataset: str) -> None:
+    _, processor = build("llava")
+    a = image_text_samples(dataset, processor, nsamples=3, seed=5)
+    b = image_text_samples(dataset, processor, nsamples=3, seed=5)
+    c = image_text_samples(dataset, processor, nsamples=6, seed=5)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
+    assert len(c) == 6
+    with pytest.raises(QuantkitError, match="holds 6 records, fewer than nsamples=7"):
+        image_text_samples(dataset, processor, nsamples=7, seed=0)
+
+
+def test_max_length_truncates_after_image(dataset: str) -> None:
+    _, processor = build("qwen2_vl")
+    full = image_text_samples(dataset, processor, nsamples=6, seed=0)
+    length = max(int(f["loss_mask"][0].nonzero().min()) for f in full) + 1  # keeps one answer token each
+    cut = image_text_samples(dataset, processor, nsamples=6, seed=0, max_length=length)
+    for f, c in zip(full, cut):
+        n = min(length, f["input_ids"].shape[1])
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "loss_mask", "vision_mask"):
+            assert torch.equal(c[key], f[key][:, :n])
+        assert torch.equal(c["pixel_values"], f["pixel_values"])
+    with pytest.raises(QuantkitError, match="would cut image tokens"):
+        image_text_samples(dataset, processor, nsamples=6, seed=0, max_length=5)
+
+
+def test_missing_and_unreadable_images(tmp_path) -> None:
+    _, processor = build("llava")
+    path = write_dataset(tmp_path, n=3)
+    (tmp_path / "img" / "1.png").unlink()
+    with pytest.raises(QuantkitError, match=r"data\.jsonl:2: image .*img/1\.png not found"):
+        image_text_samples(path, processor, nsamples=3, seed=0)
+    (tmp_path / "img" / "1.png").write_bytes(b"not an image")
+    with pytest.raises(QuantkitError, match=r"data\.jsonl:2: cannot read image .*img/1\.png"):
+        image_text_samples(path, processor, nsamples=3, seed=0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "img/0.png", "text": "red"}\n{"text": "no image"}\n')
+    with pytest.raises(QuantkitError, match=r"bad\.jsonl:2: no 'image' path"):
+        image_text_samples(bad, processor, nsamples=1, seed=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_load_model_and_processor_from_dir(family: str, tmp_path, dataset: str) -> None:
+    model, processor = build(family)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="float32")
+    assert type(loaded) is type(model) and not loaded.training and loaded.config.use_cache is False
+    reloaded = load_processor(str(tmp_path))
+    a = image_text_samples(dataset, processor, nsamples=2, seed=0)
+    b = image_text_samples(dataset, reloaded, nsamples=2, seed=0)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**model_inputs(x)).logits, model(**model_inputs(x)).logits, rtol=0, atol=0)
+
+
+def test_unsupported_llava_text_backbone(tmp_path) -> None:
+    config = LlavaConfig(text_config=dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64))
+    config.save_pretrained(tmp_path)
+    with pytest.raises(QuantkitError, match="unsupported llava text backbone 'gpt_neox'"):
+        load_model(str(tmp_path))
