@@ -1,0 +1,155 @@
+"""`quantkit qid`: measure QiD over a checkpoint grid, fit scaling laws, predict, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from quantkit.errors import QuantkitError
+from quantkit.fsutil import atomic_file
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    """Parse '2,3,4' into [2, 3, 4]."""
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+def _str_list(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    """Parse 'rtn,gptq' into ['rtn', 'gptq']."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.group()
+def qid() -> None:
+    """QiD scaling laws: QiD = loss(quantized) - loss(16-bit) on held-out text, vs N, D and bits."""
+
+
+@qid.command()
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--bits", default="2,3,4", show_default=True, callback=_int_list, help="Bit widths for rtn/gptq/tlq (comma-separated).")
+@click.option("--methods", default="rtn,gptq", show_default=True, callback=_str_list,
+              help="Comma-separated: rtn, gptq, tlq, bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes via transformers; fixed bit width).")
+@click.option("--eval", "eval_text", required=True, help="Eval text: file, glob, directory or hf:DATASET (named in every row).")
+@click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True)
+@click.option("--eval-tokens", type=int, default=20_000, show_default=True, help="Token budget: the first N tokens of the eval stream.")
+@click.option("--eval-seqlen", type=int, default=256, show_default=True)
+@click.option("--calib", default=None, help="Calibration text (default: the eval source).")
+@click.option("--calib-part", type=click.Choice(["all", "train", "heldout"]), default="train", show_default=True)
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--calib-seqlen", type=int, default=128, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
+@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokens", multiple=True, help="Training tokens D: TOKENS for all checkpoints or MODEL=TOKENS (repeatable).")
+@click.option("--tokens-per-step", type=int, default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to append to (resumes).")
+@click.option("--retry-errors", is_flag=True, help="Measure again the cells recorded as failed.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--no-progress", is_flag=True)
+def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_seqlen, calib, calib_part, nsamples,
+            calib_seqlen, group_size, sym, seed, tokens, tokens_per_step, out_csv, retry_errors, threads, no_progress) -> None:
+    """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --out."""
+    from quantkit.qid.measure import Measurement, measure_grid
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    settings = Measurement(
+        eval_text=eval_text, calib=calib, eval_part=eval_part, calib_part=calib_part, eval_tokens=eval_tokens,
+        eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen, group_size=group_size, sym=sym,
+        seed=seed, tokens_per_step=tokens_per_step,
+    )
+    stats = measure_grid(list(checkpoints), bits, methods, out_csv, settings, tokens=tokens,
+                         retry_errors=retry_errors, progress=not no_progress)
+    click.echo(f"{stats['measured']} cell(s) measured, {stats['failed']} failed, {stats['skipped']} already in {out_csv}")
+
+
+@qid.command()
+@click.argument("csv_path", metavar="CSV", type=click.Path(dir_okay=False))
+@click.option("--by-bits", is_flag=True, help="Fit each bit width separately (P folded into k).")
+@click.option("--method", default=None, help="Fit only this method (default: each method in the table).")
+@click.option("--law", "law", type=click.Choice(["all", "unified", "D", "N", "P"]), default="all", show_default=True)
+@click.option("--bootstrap", type=int, default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
+@click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--huber-delta", type=float, default=1e-3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON instead of a table.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the fit JSON here.")
+def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, as_json, output) -> None:
+    """Fit the unified law QiD = k D^beta / (N^alpha P^gamma) and single-factor laws to a QiD CSV."""
+    from quantkit.qid.fit import LAWS, fit_table, format_fits
+    from quantkit.qid.table import read_table
+
+    if bootstrap < 0 or not 0 < level < 1 or huber_delta <= 0:
+        raise QuantkitError("--bootstrap must be >= 0, --level in (0, 1) and --huber-delta > 0")
+    table = read_table(csv_path)
+    laws = LAWS if law == "all" else (law,)
+    result = fit_table(table, method=method, by_bits=by_bits, laws=laws, bootstrap=bootstrap, seed=seed,
+                       delta=huber_delta, level=level)
+    result["csv"] = str(csv_path)
+    if output:
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(json.dumps(result, indent=1) if as_json else format_fits(result))
+
+
+@qid.command()
+@click.option("--law", "law_spec", default="ouyang2024-gptq", show_default=True, help="A published law name or a `qid fit -o` JSON.")
+@click.option("--method", default=None, help="Method inside a fit JSON holding several.")
+@click.option("--params", "n_params", type=float, required=True, help="Non-embedding parameters N (e.g. 7e9).")
+@click.option("--bits", type=float, required=True, help="Weight bits P.")
+@click.option("--tokens", type=float, default=None, help="Training tokens D: predict QiD.")
+@click.option("--qid", "qid_value", type=float, default=None, help="Target QiD: solve for the training tokens D.")
+@click.option("--json", "as_json", is_flag=True)
+def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> None:
+    """QiD for (N, D, P), or the training tokens at which N params reach a given QiD at P bits."""
+    from quantkit.qid.laws import load_law
+
+    if (tokens is None) == (qid_value is None):
+        raise QuantkitError("give exactly one of --tokens (predict QiD) or --qid (solve for training tokens)")
+    law = load_law(law_spec, method=method, bits=int(bits) if float(bits).is_integer() else None)
+    if tokens is not None:
+        qid_value = law.qid(n_params, tokens, bits)
+        solved = "qid"
+    else:
+        tokens = law.tokens_for_qid(n_params, qid_value, bits)
+        solved = "tokens"
+    if not math.isfinite(tokens) or not math.isfinite(qid_value):
+        raise QuantkitError("the prediction overflows; check the inputs' orders of magnitude")
+    out = {"law": law.name, "params": n_params, "bits": bits, "tokens": tokens, "qid": qid_value, "solved_for": solved,
+           "coefficients": law.to_dict()}
+    if as_json:
+        click.echo(json.dumps(out))
+    elif solved == "qid":
+        click.echo(f"QiD = {qid_value:.6g} nats  (law {law.name}; N={n_params:.4g}, D={tokens:.4g}, P={bits:g})")
+    else:
+        click.echo(f"D = {tokens:.6g} training tokens  (law {law.name}; N={n_params:.4g}, QiD={qid_value:.4g}, P={bits:g})")
+
+
+@qid.command()
+@click.argument("csv_path", metavar="CSV", type=click.Path(dir_okay=False))
+@click.option("--fit", "fit_path", type=click.Path(dir_okay=False), default=None, help="A `qid fit -o` JSON: draw its curves.")
+@click.option("--method", default=None, help="Plot only this method.")
+@click.option("--format", "formats", default="png,svg", show_default=True, callback=_str_list, help="Comma-separated: png, svg, pdf.")
+@click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False))
+def plot(csv_path, fit_path, method, formats, out_dir) -> None:
+    """Figures (PNG and SVG) of QiD vs D per N, vs N, vs P, with fitted curves."""
+    from quantkit.qid.plot import plot_table
+    from quantkit.qid.table import read_table
+
+    fit_doc = None
+    if fit_path:
+        try:
+            fit_doc = json.loads(Path(fit_path).read_text())
+        except (OSError, ValueError) as err:
+            raise QuantkitError(f"cannot read fit file {fit_path}: {err}; give the JSON written by `qid fit -o`") from err
+    paths = plot_table(read_table(csv_path), out_dir, fit=fit_doc, method=method, formats=tuple(formats))
+    for p in paths:
+        click.echo(str(p))

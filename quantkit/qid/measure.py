@@ -1,0 +1,352 @@
+"""Measure QiD over a grid of checkpoints x bit widths x methods, appending one CSV row per cell.
+
+N (non-embedding parameters) is counted from the loaded model: every parameter once (tied
+weights once), minus the weights of every nn.Embedding (token and learned position embeddings)
+and minus the output head when it is not tied to the input embedding. Norms and biases count.
+D (training tokens) comes, in order, from: a --tokens override for that checkpoint; a
+training.json beside the checkpoint (tokens_seen); a Pythia hub id with revision stepN
+(N x 2,097,152 tokens); any revision stepN with --tokens-per-step; otherwise a QuantkitError.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
+from quantkit.qid.table import TableWriter, cell_key, read_table
+
+ENGINE_METHODS = ("rtn", "gptq", "tlq")
+BNB_METHODS = {"bnb-nf4": 4, "bnb-fp4": 4, "bnb-int8": 8}
+METHODS = ENGINE_METHODS + tuple(BNB_METHODS)
+BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit blocks; LLM.int8 is per-row (-1)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of the grid: a local directory or a hub id with an optional revision."""
+
+    spec: str  # as given, e.g. EleutherAI/pythia-160m-deduped@step143000
+    name: str  # path or hub id
+    revision: str | None
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The directory when the checkpoint is local."""
+        p = Path(self.name).expanduser()
+        return p if p.is_dir() else None
+
+
+def parse_checkpoint(spec: str) -> Checkpoint:
+    """Split 'id@revision' (an existing local path is taken whole, even with an '@' in it)."""
+    text = spec.strip()
+    if not text:
+        raise QuantkitError("empty checkpoint name; give a model directory or a hub id[@revision]")
+    if Path(text).expanduser().exists() or "@" not in text:
+        return Checkpoint(text, text, None)
+    name, _, revision = text.rpartition("@")
+    if not name or not revision:
+        raise QuantkitError(f"cannot parse checkpoint {spec!r}; write it as hub-id@revision, e.g. EleutherAI/pythia-70m@step3000")
+    return Checkpoint(text, name, revision)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters) by the rule in this module's docstring."""
+    from torch import nn
+
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    excluded: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            excluded.add(id(module.weight))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        excluded.add(id(head.weight))
+    embedding = sum(p.numel() for p in model.parameters() if id(p) in excluded)
+    return total, total - embedding
+
+
+def _step_from(text: str | None) -> int | None:
+    """N from a revision or directory name like 'step143000'."""
+    m = re.fullmatch(r"step(\d+)", text or "")
+    return int(m.group(1)) if m else None
+
+
+def resolve_tokens(ckpt: Checkpoint, override: int | None = None, tokens_per_step: int | None = None) -> tuple[int, int | None, str]:
+    """(D, step, where D came from) for a checkpoint, or a QuantkitError saying how to supply D."""
+    info: dict = {}
+    local = ckpt.local_dir
+    if local is not None and (local / "training.json").is_file():
+        try:
+            info = json.loads((local / "training.json").read_text())
+        except ValueError as err:
+            raise QuantkitError(f"{local / 'training.json'} is not valid JSON ({err}); fix it or pass --tokens") from err
+    step = info.get("step")
+    if step is None:
+        step = _step_from(ckpt.revision) if ckpt.revision else (_step_from(local.name) if local else None)
+    if override is not None:
+        return int(override), step, "--tokens"
+    if "tokens_seen" in info:
+        return int(info["tokens_seen"]), step, "training.json"
+    if step is not None and ckpt.revision and "pythia" in ckpt.name.lower() and tokens_per_step is None:
+        return step * PYTHIA_TOKENS_PER_STEP, step, "pythia step x 2,097,152"
+    if step is not None and tokens_per_step is not None:
+        return step * int(tokens_per_step), step, "step x --tokens-per-step"
+    raise QuantkitError(
+        f"cannot tell how many tokens {ckpt.spec} was trained on: no training.json with tokens_seen beside it "
+        "and no Pythia stepN revision; pass --tokens MODEL=TOKENS (or --tokens-per-step with a stepN revision)"
+    )
+
+
+def parse_token_overrides(values: Sequence[str]) -> tuple[dict[str, int], int | None]:
+    """--tokens values: 'MODEL=TOKENS' per checkpoint, or a bare number for every checkpoint."""
+    per: dict[str, int] = {}
+    default = None
+    for value in values:
+        key, sep, num = value.rpartition("=")
+        try:
+            tokens = int(float(num))
+        except ValueError:
+            raise QuantkitError(f"--tokens {value!r}: {num!r} is not a number; write TOKENS or MODEL=TOKENS") from None
+        if tokens <= 0:
+            raise QuantkitError(f"--tokens {value!r}: the token count must be positive")
+        if sep:
+            per[key] = tokens
+        else:
+            default = tokens
+    return per, default
+
+
+def _load(ckpt: Checkpoint):
+    """(model, tokenizer) for a checkpoint, on CPU in float32."""
+    from transformers import AutoTokenizer
+
+    from quantkit.models import load_model
+
+    model = load_model(ckpt.name, dtype="float32", revision=ckpt.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt.name, revision=ckpt.revision)
+    except (OSError, ValueError) as err:
+        raise QuantkitError(f"cannot load a tokenizer for {ckpt.spec}: {str(err).splitlines()[0]}") from err
+    return model, tokenizer
+
+
+def _load_bnb(ckpt: Checkpoint, method: str):
+    """The checkpoint loaded through transformers' BitsAndBytesConfig (nf4, fp4 or LLM.int8) on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if method == "bnb-int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=method.split("-")[1], bnb_4bit_compute_dtype=torch.float32,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt.name, revision=ckpt.revision, quantization_config=config, dtype=torch.float32, device_map="cpu",
+    )
+    model.eval()
+    return model
+
+
+_TOKEN_CACHE: dict[tuple, object] = {}
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (checkpoints of one run share it)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def cached_ids(source: str, part: str, tokenizer):
+    """The eos-joined token stream of a source's part, tokenized once per (source, part, tokenizer)."""
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    key = (source, part, _tokenizer_fingerprint(tokenizer))
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = tokenize_documents(resolve_texts(source, part=part), tokenizer)
+    return _TOKEN_CACHE[key]
+
+
+class _Cell:
+    """Quantize-and-evaluate of one (checkpoint, method, bits) cell."""
+
+    def __init__(self, measure: Measurement, ckpt: Checkpoint, model, tokenizer):
+        """Bind the grid's settings to a loaded FP checkpoint."""
+        self.m, self.ckpt, self.model, self.tokenizer = measure, ckpt, model, tokenizer
+        self._samples = None
+
+    def samples(self) -> list[dict]:
+        """Calibration windows (drawn once per checkpoint)."""
+        if self._samples is None:
+            from quantkit.data import draw_windows
+
+            # Same windows as quantkit.data.calibration_samples, with the tokenization cached.
+            ids = cached_ids(self.m.calib, self.m.calib_part, self.tokenizer)
+            self._samples = draw_windows(ids, self.m.nsamples, self.m.calib_seqlen, self.m.seed)
+        return self._samples
+
+    def evaluate(self, model) -> dict:
+        """Held-out loss of a model under the grid's eval settings (= quantkit.eval.evaluate_loss)."""
+        from quantkit.eval.loss import loss_on_ids
+
+        ids = cached_ids(self.m.eval_text, self.m.eval_part, self.tokenizer)
+        if self.m.eval_tokens is not None:
+            ids = ids[: self.m.eval_tokens]
+        return loss_on_ids(model, ids, seqlen=self.m.eval_seqlen, progress=False)
+
+    def quantized_loss(self, method: str, bits: int) -> dict:
+        """Quantize a copy of the FP model (or load it through bitsandbytes) and evaluate it."""
+        if method in BNB_METHODS:
+            qmodel = _load_bnb(self.ckpt, method)
+        else:
+            from quantkit.engine import calibrate_model
+            from quantkit.quant.spec import QuantSpec
+
+            spec = QuantSpec(bits=bits, group_size=self.m.group_size, sym=self.m.sym)
+            qmodel = copy.deepcopy(self.model)
+            weights = None
+            if method == "tlq":
+                from quantkit.importance import tlq_token_weights
+
+                weights = tlq_token_weights(qmodel, self.samples(), progress=False)
+            calibrate_model(qmodel, self.samples(), spec, method=method, token_weights=weights, progress=False)
+        try:
+            return self.evaluate(qmodel)
+        finally:
+            del qmodel
+            gc.collect()
+
+
+@dataclass
+class Measurement:
+    """Settings of a QiD grid (see `quantkit qid measure --help`)."""
+
+    eval_text: str
+    calib: str | None = None  # default: eval_text's train part
+    eval_part: str = "heldout"
+    calib_part: str = "train"
+    eval_tokens: int = 20_000
+    eval_seqlen: int = 256
+    nsamples: int = 32
+    calib_seqlen: int = 128
+    group_size: int = 128
+    sym: bool = True
+    seed: int = 0
+    tokens_per_step: int | None = None
+
+    def __post_init__(self) -> None:
+        """Calibrate on the eval source's train part unless told otherwise."""
+        if self.calib is None:
+            self.calib = self.eval_text
+
+
+def plan_cells(checkpoints: Sequence[str], bits: Sequence[int], methods: Sequence[str]) -> list[tuple[Checkpoint, str, int]]:
+    """Every (checkpoint, method, bits) cell; bitsandbytes methods have their own fixed bit width."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise QuantkitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    cells = []
+    for spec in checkpoints:
+        ckpt = parse_checkpoint(spec)
+        for method in methods:
+            if method in BNB_METHODS:
+                cells.append((ckpt, method, BNB_METHODS[method]))
+            else:
+                cells.extend((ckpt, method, b) for b in bits)
+    return cells
+
+
+def measure_grid(
+    checkpoints: Sequence[str],
+    bits: Sequence[int],
+    methods: Sequence[str],
+    out_csv: str | Path,
+    settings: Measurement,
+    tokens: Sequence[str] = (),
+    retry_errors: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Measure every cell not yet in `out_csv` (append, flush per row); return counts of done/skipped/failed."""
+    from tqdm.auto import tqdm
+
+    per_model_tokens, default_tokens = parse_token_overrides(tokens)
+    cells = plan_cells(checkpoints, bits, methods)
+    out_csv = Path(out_csv)
+    done: set[tuple] = set()
+    fp_cache: dict[str, tuple[float, int]] = {}
+    if out_csv.exists() and out_csv.stat().st_size:
+        table = read_table(out_csv, required=("model", "method", "bits", "group_size", "eval_text"))
+        done = {cell_key(r) for r in table.rows}
+        if not retry_errors:
+            done |= {cell_key(r) for r in table.error_rows}
+        for r in table.rows:
+            if r.get("loss_fp") is not None and r.get("eval_tokens") is not None:
+                fp_cache[(r["model"], r["eval_text"])] = (r["loss_fp"], r["eval_tokens"])
+
+    def group_for(method: str) -> int:
+        return BNB_BLOCKSIZE if method in ("bnb-nf4", "bnb-fp4") else (-1 if method == "bnb-int8" else settings.group_size)
+
+    todo = [c for c in cells if (c[0].spec, c[1], c[2], group_for(c[1]), settings.eval_text) not in done]
+    # Resolve D for every checkpoint before any work, so a missing token count fails fast.
+    meta: dict[str, tuple[int, int | None]] = {}
+    for ckpt, _, _ in todo:
+        if ckpt.spec not in meta:
+            override = per_model_tokens.get(ckpt.spec, per_model_tokens.get(ckpt.name, default_tokens))
+            d, step, _ = resolve_tokens(ckpt, override, settings.tokens_per_step)
+            meta[ckpt.spec] = (d, step)
+    stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
+    bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
+    with TableWriter(out_csv) as writer:
+        current: _Cell | None = None
+        params: tuple[int, int] = (0, 0)
+        for ckpt, method, nbits in todo:
+            bar.set_postfix_str(f"{Path(ckpt.name).name}{'@' + ckpt.revision if ckpt.revision else ''} {method} w{nbits}")
+            if current is None or current.ckpt != ckpt:
+                current = None
+                gc.collect()
+                model, tokenizer = _load(ckpt)
+                current = _Cell(settings, ckpt, model, tokenizer)
+                params = count_parameters(model)
+            d, step = meta[ckpt.spec]
+            key = (ckpt.spec, settings.eval_text)
+            if key not in fp_cache:
+                fp = current.evaluate(current.model)
+                fp_cache[key] = (fp["loss"], fp["tokens"])
+            loss_fp, eval_tokens = fp_cache[key]
+            row = {
+                "model": ckpt.spec, "N": params[1], "params": params[0], "D": d, "step": step, "bits": nbits,
+                "method": method, "group_size": group_for(method), "loss_fp": loss_fp, "eval_tokens": eval_tokens,
+                "eval_text": settings.eval_text,
+            }
+            started = time.perf_counter()
+            try:
+                q = current.quantized_loss(method, nbits)
+                row.update(loss_q=q["loss"], qid=q["loss"] - loss_fp)
+                if not math.isfinite(q["loss"]):
+                    raise QuantkitError(f"quantized loss is {q['loss']}")
+                stats["measured"] += 1
+            except Exception as err:  # one failed cell (e.g. bitsandbytes on CPU) must not stop the grid
+                row.update(loss_q=None, qid=None, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300])
+                stats["failed"] += 1
+                bar.write(f"cell {ckpt.spec} {method} w{nbits} failed: {row['error']}")
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            writer.write(row)
+            bar.update(1)
+    bar.close()
+    return stats

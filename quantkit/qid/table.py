@@ -1,0 +1,171 @@
+"""The tidy QiD table: one CSV row per (checkpoint, method, bits) cell, appended as cells finish.
+
+Columns (COLUMNS): model (path or hub id[@revision]), N (non-embedding parameters), params
+(all parameters), D (training tokens), step, bits, method, group_size, loss_fp, loss_q,
+qid = loss_q - loss_fp (nats/token), eval_tokens, seconds, eval_text, error (empty unless the
+cell failed; then the numeric result columns are empty).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+COLUMNS = (
+    "model", "N", "params", "D", "step", "bits", "method", "group_size",
+    "loss_fp", "loss_q", "qid", "eval_tokens", "seconds", "eval_text", "error",
+)
+# Columns a fit needs; everything else is informational.
+FIT_COLUMNS = ("N", "D", "bits", "method", "qid")
+INT_COLUMNS = ("N", "params", "D", "step", "bits", "group_size", "eval_tokens")
+FLOAT_COLUMNS = ("loss_fp", "loss_q", "qid", "seconds")
+KEY_COLUMNS = ("model", "method", "bits", "group_size", "eval_text")
+
+
+@dataclass
+class QidTable:
+    """Parsed rows (dicts of typed values) plus rows that failed at measurement time."""
+
+    rows: list[dict] = field(default_factory=list)
+    error_rows: list[dict] = field(default_factory=list)
+    dropped_partial_line: bool = False
+
+    def keys(self) -> set[tuple]:
+        """Resume keys of every recorded cell, failed ones included."""
+        return {cell_key(r) for r in self.rows + self.error_rows}
+
+
+def cell_key(row: dict) -> tuple:
+    """The identity of one measured cell (what resuming compares)."""
+    return (str(row["model"]), str(row["method"]), int(row["bits"]), int(row["group_size"]), str(row["eval_text"]))
+
+
+def _parse_number(value: str, column: str, line: int, as_int: bool) -> float | int | None:
+    """Parse one numeric cell; empty means missing; anything else non-numeric is an error."""
+    text = value.strip()
+    if text == "":
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise QuantkitError(f"line {line}, column {column!r}: {value!r} is not a number; fix or delete that row") from None
+    if not math.isfinite(number) and column != "seconds":
+        raise QuantkitError(f"line {line}, column {column!r}: {value!r} is not finite; fix or delete that row")
+    if as_int:
+        if number != int(number):
+            raise QuantkitError(f"line {line}, column {column!r}: {value!r} is not an integer; fix or delete that row")
+        return int(number)
+    return number
+
+
+def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_COLUMNS) -> QidTable:
+    """Parse CSV text; a last line without its newline (an interrupted write) is dropped."""
+    table = QidTable()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        table.dropped_partial_line = True
+    lines = [ln for ln in text.splitlines(keepends=True) if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise QuantkitError(f"{source} is empty; measure a grid first with `quantkit qid measure`")
+    reader = csv.reader(io.StringIO("".join(lines)))
+    header = [h.strip() for h in next(reader)]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise QuantkitError(
+            f"{source} lacks column(s) {', '.join(missing)}; a QiD table needs {', '.join(required)} "
+            "(as written by `quantkit qid measure`)"
+        )
+    for number, values in enumerate(reader, start=2):
+        if len(values) != len(header):
+            raise QuantkitError(
+                f"{source} line {number} has {len(values)} fields, the header has {len(header)}; fix or delete that row"
+            )
+        raw = dict(zip(header, values))
+        row: dict = {}
+        for column, value in raw.items():
+            if column in INT_COLUMNS:
+                row[column] = _parse_number(value, column, number, as_int=True)
+            elif column in FLOAT_COLUMNS:
+                row[column] = _parse_number(value, column, number, as_int=False)
+            else:
+                row[column] = value
+        row["_line"] = number
+        if raw.get("error", "").strip():
+            table.error_rows.append(row)
+            continue
+        empty = [c for c in required if row.get(c) in (None, "")]
+        if empty:
+            raise QuantkitError(f"{source} line {number} has no value for {', '.join(empty)}; fix or delete that row")
+        table.rows.append(row)
+    return table
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...] = FIT_COLUMNS) -> QidTable:
+    """Read and validate a QiD CSV file."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuantkitError(f"QiD table {p} not found; give the CSV written by `quantkit qid measure`")
+    return parse_table(p.read_text(encoding="utf-8"), source=str(p), required=required)
+
+
+def _format(value: object) -> str:
+    """CSV text of one value: floats with full precision, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class TableWriter:
+    """Append rows to a QiD CSV, one flushed and fsynced line per cell (resumable)."""
+
+    def __init__(self, path: str | os.PathLike):
+        """Open `path` for appending: cut a partial last line, check the header, or write one."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existing = self.path.read_bytes() if self.path.exists() else b""
+        if existing and not existing.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(existing.rfind(b"\n") + 1)
+            existing = existing[: existing.rfind(b"\n") + 1]
+        header_lines = [ln for ln in existing.decode("utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+        if header_lines:
+            header = next(csv.reader([header_lines[0]]))
+            if tuple(h.strip() for h in header) != COLUMNS:
+                raise QuantkitError(
+                    f"{self.path} has columns {header}, not the QiD table's {list(COLUMNS)}; use a new --out file"
+                )
+        self._fh = open(self.path, "a", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        if not header_lines:
+            self._writer.writerow(COLUMNS)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Push the written line to disk."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def write(self, row: dict) -> None:
+        """Append one cell (missing columns empty)."""
+        self._writer.writerow([_format(row.get(c)) for c in COLUMNS])
+        self._flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+    def __enter__(self) -> TableWriter:
+        """Context-manager entry."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Context-manager exit: close."""
+        self.close()

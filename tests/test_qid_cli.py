@@ -1,0 +1,144 @@
+"""`quantkit qid fit|predict|plot` through click's CliRunner: outputs, JSON and exit-2 errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+from quantkit.qid.laws import UnifiedLaw
+from quantkit.qid.table import COLUMNS, TableWriter
+
+TRUE = UnifiedLaw(k=0.05, alpha=0.3, beta=0.6, gamma=4.0)
+
+
+def _write_grid(path, law: UnifiedLaw = TRUE, negative: int = 0, methods=("gptq",)) -> None:
+    """A CSV of exact law values on a 3 N x 4 D x 3 P grid (the first `negative` rows get QiD < 0)."""
+    i = 0
+    with TableWriter(path) as w:
+        for method in methods:
+            for n in (1e6, 4e6, 1.6e7):
+                for d in (1e8, 4e8, 1.6e9, 6.4e9):
+                    for p in (2, 3, 4):
+                        q = law.qid(n, d, p) * (1 + 0.01 * math.sin(i))
+                        if i < negative:
+                            q = -0.001
+                        w.write({"model": f"m{int(n)}@d{int(d)}", "N": int(n), "params": int(n) + 1000, "D": int(d), "bits": p,
+                                 "method": method, "group_size": 128, "loss_fp": 3.0, "loss_q": 3.0 + q, "qid": q,
+                                 "eval_tokens": 1000, "seconds": 0.1, "eval_text": "t"})
+                        i += 1
+
+
+def run(*args):
+    """Invoke the top-level CLI."""
+    return CliRunner().invoke(main, ["qid", *map(str, args)])
+
+
+def test_predict_json_equals_formula_by_hand():
+    """--law ouyang2024-gptq --json: qid = 0.017 D^0.5251 / (N^0.2261 P^5.4967)."""
+    res = run("predict", "--law", "ouyang2024-gptq", "--params", "7e9", "--bits", "3", "--tokens", "1e14", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["params"] == 7e9 and out["bits"] == 3 and out["tokens"] == 1e14
+    assert out["qid"] == pytest.approx(0.017 * 1e14**0.5251 / (7e9**0.2261 * 3**5.4967), rel=1e-12)
+
+
+def test_predict_inverse_round_trip_through_cli():
+    """--qid gives D; predicting at that D gives the QiD back."""
+    res = run("predict", "--params", "1.2e8", "--bits", "4", "--qid", "0.05", "--json")
+    d = json.loads(res.output)["tokens"]
+    back = json.loads(run("predict", "--params", "1.2e8", "--bits", "4", "--tokens", repr(d), "--json").output)
+    assert back["qid"] == pytest.approx(0.05, rel=1e-9)
+
+
+def test_predict_needs_exactly_one_target():
+    """Neither or both of --tokens/--qid: exit 2 with a one-line error."""
+    res = run("predict", "--params", "1e8", "--bits", "4")
+    assert res.exit_code == 2 and "exactly one of --tokens" in res.output
+    res = run("predict", "--law", "no-such-law", "--params", "1e8", "--bits", "4", "--tokens", "1e9")
+    assert res.exit_code == 2 and "unknown law" in res.output
+
+
+def test_fit_then_predict_from_fit_json_and_plot(tmp_path):
+    """fit -o writes a law that predict reads back; plot writes PNG and SVG for D, N and P."""
+    csv = tmp_path / "q.csv"
+    _write_grid(csv)
+    fit_json = tmp_path / "fit.json"
+    res = run("fit", csv, "--bootstrap", "10", "-o", fit_json)
+    assert res.exit_code == 0, res.output
+    assert "unified law" in res.output and "beta" in res.output
+    doc = json.loads(fit_json.read_text())
+    unified = [f for f in doc["fits"] if f["law"] == "unified"][0]
+    assert unified["params"]["beta"]["value"] == pytest.approx(0.6, rel=0.05)
+    assert len(unified["params"]["beta"]["ci"]) == 2 and unified["r2"] > 0.99
+    assert {f["law"] for f in doc["fits"]} == {"unified", "D", "N", "P"}
+    pred = json.loads(run("predict", "--law", fit_json, "--params", "4e6", "--bits", "3", "--tokens", "4e8", "--json").output)
+    assert pred["qid"] == pytest.approx(TRUE.qid(4e6, 4e8, 3), rel=0.03)
+    res = run("plot", csv, "--fit", fit_json, "--format", "png", "-o", tmp_path / "fig")
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert names == sorted(f"qid_vs_{f}_gptq.png" for f in "DNP")
+    assert all((tmp_path / "fig" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_fit_json_reports_excluded_nonpositive_rows(tmp_path):
+    """QiD <= 0 rows are listed (with CSV line numbers) and not counted in n_points."""
+    csv = tmp_path / "q.csv"
+    _write_grid(csv, negative=2)
+    res = run("fit", csv, "--law", "unified", "--bootstrap", "0", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["fits"][0]["n_points"] == 34
+    assert [e["line"] for e in doc["excluded"]] == [2, 3] and all("qid <= 0" in e["reason"] for e in doc["excluded"])
+
+
+def test_fit_by_bits_and_method_filter(tmp_path):
+    """--by-bits gives one unified fit per width; --method picks one method; predict needs --method if several."""
+    csv = tmp_path / "q.csv"
+    _write_grid(csv, methods=("gptq", "rtn"))
+    fit_json = tmp_path / "fit.json"
+    res = run("fit", csv, "--by-bits", "--method", "rtn", "--law", "unified", "--bootstrap", "0", "--json", "-o", fit_json)
+    doc = json.loads(res.output)
+    assert [(f["method"], f["bits"]) for f in doc["fits"]] == [("rtn", 2), ("rtn", 3), ("rtn", 4)]
+    res = run("fit", csv, "--law", "unified", "--bootstrap", "0", "-o", fit_json)
+    res = run("predict", "--law", fit_json, "--params", "1e6", "--bits", "3", "--tokens", "1e9")
+    assert res.exit_code == 2 and "--method" in res.output
+    assert run("predict", "--law", fit_json, "--method", "rtn", "--params", "1e6", "--bits", "3", "--tokens", "1e9").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("model,N,D,bits\nm,1,2,3\n", "lacks column(s) method, qid"),
+        (",".join(COLUMNS) + "\n" + "m,1e6,,1e8,,3,gptq,128,,,oops,,,t,\n", "not a number"),
+    ],
+)
+def test_bad_csv_exits_2_with_clear_message(tmp_path, content, match):
+    """Missing columns and non-numeric values: exit code 2 and an 'error:' line."""
+    csv = tmp_path / "bad.csv"
+    csv.write_text(content)
+    res = run("fit", csv, "--bootstrap", "0")
+    assert res.exit_code == 2
+    assert "error:" in res.output and match in res.output
+
+
+def test_single_distinct_n_rejected_for_unified_law(tmp_path):
+    """One model size: the unified law cannot separate N; exit 2 naming N and the way out."""
+    csv = tmp_path / "q.csv"
+    with TableWriter(csv) as w:
+        for d in (1e8, 1e9):
+            for p in (2, 3):
+                w.write({"model": "m", "N": 1000, "D": int(d), "bits": p, "method": "gptq", "group_size": 128,
+                         "qid": TRUE.qid(1000, d, p), "eval_text": "t"})
+    res = run("fit", csv, "--bootstrap", "0")
+    assert res.exit_code == 2 and "distinct values of N" in res.output and "--law D" in res.output
+    assert run("fit", csv, "--law", "D", "--bootstrap", "0").exit_code == 0
+
+
+def test_missing_csv_exits_2(tmp_path):
+    """A CSV path that does not exist is a clear error, not a traceback."""
+    res = run("fit", tmp_path / "none.csv")
+    assert res.exit_code == 2 and "not found" in res.output
