@@ -1,0 +1,625 @@
+"""TLQ token importance and the token-level calibration set.
+
+Conventions (see DESIGN.md, "TLQ as quantkit defines it"):
+
+- A sample is a dict of forward kwargs (``input_ids`` [1, T], optional ``attention_mask``,
+  ``pixel_values``...) with optional metadata ``loss_mask`` and ``vision_mask`` ([1, T] bool).
+- ``loss_mask[t]`` marks *target tokens* whose prediction counts (the convention of
+  quantkit.data.images: answer/caption tokens): token t is predicted at position t - 1, so
+  the scored positions are those t with ``loss_mask[t + 1]``. Default: every token but the
+  first is a target. Padding (``attention_mask`` 0) is never a target nor a scoring position.
+- Loss of a sample: mean cross-entropy over its scored positions. Raw score of layer l,
+  token t: ``s = ||dL/dy_{l,t}||^2`` with y_l the layer's output (residual stream).
+- Weight: ``w = (1 - lam) * s**p / mean(s**p) + lam`` on the sample's valid (non-padding)
+  tokens, 0 on padding. The mean is taken **per sample** (not over the whole set): each
+  sample's weights then average 1 over its valid tokens, so every sample adds the same
+  total weight to H, as in plain GPTQ, and the weights only redistribute importance inside
+  a sample. A global mean would let samples with few scored tokens (a short answer in a
+  long image prompt: large per-token gradients under a mean loss) dominate H.
+- Per-modality: the mean is taken within vision tokens and within text tokens separately
+  (MBQ-style balance), so the ~10x smaller vision gradients are not crushed by the mix.
+- Top fraction f: per sample and layer, keep the ceil(f * n_valid) tokens of largest weight
+  plus a seeded random floor sample (each remaining valid token kept with probability
+  ``floor_fraction``), all with their unchanged weights; the rest weigh 0.
+- Edge cases: a sample with an empty loss mask has zero gradients everywhere: its tokens get
+  uniform weight 1 (``report["empty_loss_mask_samples"]``); a (layer, sample) whose scores
+  are all zero (or whose per-modality group is all zero) falls back to uniform weight 1
+  within that group (``report["zero_gradient"]`` lists them, with a warning).
+
+Memory: the forward pass stores every layer's FP input for each sample (in RAM, or in one
+safetensors file per layer under an offload directory), then the backward runs block by
+block from the top, recomputing each layer from its stored input; only one decoder layer
+(plus final norm and lm_head for the top) and one sample's activations are live at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.engine.capture import LayerInputs, capture_layer_inputs, run_layer
+from quantkit.errors import QuantkitError
+from quantkit.fsutil import atomic_dir
+from quantkit.models import adapter_for, get_module
+from quantkit.models.base import Adapter
+
+SET_FORMAT = "quantkit.tlq-calibration-set"
+SET_FORMAT_VERSION = 1
+SAMPLES_FILE = "samples.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+# Config keys that do not change the model's function (bookkeeping, dtype, runtime flags).
+_CONFIG_HASH_IGNORED = {
+    "_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+    "return_dict", "architectures",
+}
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _length(sample: dict) -> int:
+    if "input_ids" not in sample:
+        raise QuantkitError("calibration sample has no input_ids; token importance needs token ids for its labels")
+    return int(sample["input_ids"].shape[-1])
+
+
+def valid_mask(sample: dict) -> torch.Tensor:
+    """[T] bool: real (non-padding) tokens of a sample."""
+    length = _length(sample)
+    attention = sample.get("attention_mask")
+    if attention is None:
+        return torch.ones(length, dtype=torch.bool)
+    return attention.reshape(-1)[:length].bool().cpu()
+
+
+def scored_positions(sample: dict) -> torch.Tensor:
+    """[T] bool: positions t whose prediction of token t + 1 counts in the loss (see module doc)."""
+    length = _length(sample)
+    valid = valid_mask(sample)
+    targets = sample.get("loss_mask")
+    targets = torch.ones(length, dtype=torch.bool) if targets is None else targets.reshape(-1).bool().cpu()
+    if targets.numel() != length:
+        raise QuantkitError(f"loss_mask has {targets.numel()} entries for {length} tokens")
+    positions = torch.zeros(length, dtype=torch.bool)
+    positions[:-1] = targets[1:] & valid[1:] & valid[:-1]
+    return positions
+
+
+def vision_tokens(sample: dict) -> torch.Tensor:
+    """[T] bool: vision tokens of a sample (all False for plain text)."""
+    length = _length(sample)
+    mask = sample.get("vision_mask")
+    if mask is None:
+        return torch.zeros(length, dtype=torch.bool)
+    return mask.reshape(-1).bool().cpu()
+
+
+def masked_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [1, T, V] at the scored positions (label = next token)."""
+    positions = scored.nonzero().reshape(-1).to(logits.device)
+    labels = input_ids.reshape(-1).to(logits.device)[positions + 1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1])[positions].float(), labels)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def scores_to_weights(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    vision: torch.Tensor | None = None,
+    *,
+    lam: float = 0.1,
+    power: float = 1.0,
+    per_modality: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """Token weights [T] from raw scores [T]; also whether some group fell back to uniform."""
+    scores = scores.float().clamp_min(0)
+    scaled = scores.pow(power) if power != 1.0 else scores
+    normalised = torch.zeros_like(scaled)
+    vision = torch.zeros_like(valid) if vision is None else vision
+    groups = [valid & vision, valid & ~vision] if per_modality else [valid]
+    fell_back = False
+    for group in groups:
+        if not bool(group.any()):
+            continue
+        mean = scaled[group].mean()
+        if float(mean) > 0 and math.isfinite(float(mean)):
+            normalised[group] = scaled[group] / mean
+        else:
+            normalised[group] = 1.0
+            fell_back = True
+    weights = (1.0 - lam) * normalised + lam
+    return torch.where(valid, weights, torch.zeros_like(weights)), fell_back
+
+
+def select_top_fraction(
+    weights: torch.Tensor, valid: torch.Tensor, fraction: float, floor_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Zero all but the top `fraction` of valid tokens by weight and a random `floor_fraction` of the rest."""
+    count = int(valid.sum())
+    if count == 0:
+        return weights
+    keep_top = max(1, math.ceil(fraction * count))
+    order = torch.argsort(torch.where(valid, weights, torch.full_like(weights, -1.0)), descending=True, stable=True)
+    keep = torch.zeros_like(valid)
+    keep[order[:keep_top]] = True
+    rest = valid & ~keep
+    keep |= rest & (torch.rand(weights.shape, generator=generator) < floor_fraction)
+    return torch.where(keep, weights, torch.zeros_like(weights))
+
+
+class TokenImportance:
+    """Per-layer token scores and weights; calling it with a layer index gives the engine's weights."""
+
+    def __init__(
+        self,
+        scores: list[list[torch.Tensor]],
+        samples: Sequence[dict],
+        *,
+        lam: float = 0.1,
+        power: float = 1.0,
+        per_modality: bool = False,
+        top_fraction: float | None = None,
+        floor_fraction: float = 0.1,
+        seed: int = 0,
+        report: dict | None = None,
+    ) -> None:
+        check_settings(lam, power, top_fraction, floor_fraction)
+        self.scores = scores
+        self.settings = {
+            "lam": lam, "power": power, "per_modality": per_modality,
+            "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
+        }
+        self.valid = [valid_mask(s) for s in samples]
+        self.scored = [scored_positions(s) for s in samples]
+        self.vision = [vision_tokens(s) for s in samples]
+        self.report = dict(report or {})
+        zero_groups = []
+        self.weights: list[list[torch.Tensor]] = []
+        for layer, layer_scores in enumerate(scores):
+            row = []
+            for index, score in enumerate(layer_scores):
+                weight, fell_back = scores_to_weights(
+                    score, self.valid[index], self.vision[index], lam=lam, power=power, per_modality=per_modality
+                )
+                if fell_back:
+                    zero_groups.append([layer, index])
+                if top_fraction is not None:
+                    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 65_537 + index)
+                    weight = select_top_fraction(weight, self.valid[index], top_fraction, floor_fraction, generator)
+                row.append(weight)
+            self.weights.append(row)
+        empty = set(self.report.get("empty_loss_mask_samples", []))
+        self.report["zero_gradient"] = [pair for pair in zero_groups if pair[1] not in empty]
+        if self.report["zero_gradient"]:
+            warnings.warn(
+                f"{len(self.report['zero_gradient'])} (layer, sample) token groups had all-zero gradients; "
+                "they got uniform weights",
+                stacklevel=2,
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers the weights cover."""
+        return len(self.weights)
+
+    def __call__(self, layer: int) -> list[torch.Tensor]:
+        """One weight tensor [T] per sample for decoder layer `layer`."""
+        return self.weights[layer]
+
+    def stacked(self, which: str = "weights") -> torch.Tensor:
+        """[layers, samples, Tmax] float32 of weights or scores, zero-padded past each sample's length."""
+        rows = self.weights if which == "weights" else self.scores
+        tmax = max(t.numel() for t in rows[0])
+        out = torch.zeros(len(rows), len(rows[0]), tmax)
+        for layer, row in enumerate(rows):
+            for index, value in enumerate(row):
+                out[layer, index, : value.numel()] = value.float()
+        return out
+
+
+def check_settings(lam: float, power: float, top_fraction: float | None, floor_fraction: float) -> None:
+    """Raise QuantkitError on importance settings out of range."""
+    if not 0.0 <= lam <= 1.0:
+        raise QuantkitError(f"lam must be in [0, 1], got {lam}")
+    if not power > 0:
+        raise QuantkitError(f"power must be positive, got {power}")
+    if top_fraction is not None and not 0.0 < top_fraction <= 1.0:
+        raise QuantkitError(f"top fraction must be in (0, 1], got {top_fraction}")
+    if not 0.0 <= floor_fraction <= 1.0:
+        raise QuantkitError(f"floor fraction must be in [0, 1], got {floor_fraction}")
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+class _StoredInputs:
+    """Every layer's FP input per sample: in RAM, or one safetensors file per layer on disk."""
+
+    def __init__(self, offload_dir: str | Path | None) -> None:
+        self.memory: dict[int, list[torch.Tensor]] = {}
+        self.root: Path | None = None
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix="tlq-inputs-", dir=offload_dir))
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        if self.root is None:
+            self.memory[layer] = [h.detach() for h in hidden]
+            return
+        from safetensors.torch import save_file
+
+        save_file({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, self.root / f"layer{layer}.safetensors")
+
+    @contextlib.contextmanager
+    def reader(self, layer: int) -> Iterator:
+        if self.root is None:
+            hidden = self.memory.pop(layer)
+            yield lambda i: hidden[i]
+            return
+        from safetensors import safe_open
+
+        with safe_open(self.root / f"layer{layer}.safetensors", framework="pt") as handle:
+            yield lambda i: handle.get_tensor(str(i))
+
+    def close(self) -> None:
+        self.memory.clear()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off parameter gradients (only input gradients are wanted) and dropout."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    training = module.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    module.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(training)
+
+
+def layer_output_gradients(
+    model: nn.Module,
+    samples: Sequence[dict],
+    *,
+    device: torch.device | str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+    keep_gradients: bool = False,
+    adapter: Adapter | None = None,
+) -> tuple[list[list[torch.Tensor]], dict, list[list[torch.Tensor]] | None]:
+    """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T], via a block-wise backward.
+
+    Returns (scores, report, gradients): gradients [layers][samples] -> [T, d] only with
+    keep_gradients (for tests and the walkthrough).
+    """
+    adapter = adapter or adapter_for(model)
+    if not samples:
+        raise QuantkitError("no calibration samples for token importance")
+    started = time.perf_counter()
+    layers = adapter.decoder_layers(model)
+    num_layers = len(layers)
+    scored = [scored_positions(s) for s in samples]
+    empty = [i for i, m in enumerate(scored) if not bool(m.any())]
+    stored = _StoredInputs(offload_dir)
+    scores: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+    gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
+    bar = tqdm(total=2 * num_layers + 1, desc="importance", disable=not progress)
+    try:
+        with _frozen(model):
+            with torch.no_grad():
+                inputs = capture_layer_inputs(model, adapter, samples, device)
+                for index in range(num_layers):
+                    layer = layers[index].to(device)
+                    if index > 0:  # layer 0's input is never differentiated
+                        stored.put(index, inputs.hidden)
+                    inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
+                    layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                    bar.update(1)
+            # Top block: final norm + lm_head + loss from the last layer's output.
+            norm = get_module(model, adapter.final_norm)
+            head = get_module(model, adapter.lm_head)
+            grads: list[torch.Tensor] = []
+            for i, sample in enumerate(samples):
+                top = inputs.hidden[i].detach().to(device).requires_grad_(True)
+                if i in empty:
+                    grads.append(torch.zeros_like(top))
+                    continue
+                logits = head(norm(top))
+                loss = masked_token_loss(logits, sample["input_ids"], scored[i])
+                (grad,) = torch.autograd.grad(loss, top)
+                grads.append(grad.detach())
+            inputs.hidden = []
+            bar.update(1)
+            for index in reversed(range(num_layers)):
+                for grad in grads:
+                    scores[index].append(grad.float().pow(2).sum(-1).reshape(-1).cpu())
+                    if gradients is not None:
+                        gradients[index].append(grad.reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+                if index == 0:
+                    bar.update(1)
+                    break
+                layer = layers[index].to(device)
+                with stored.reader(index) as read:
+                    for i in range(len(samples)):
+                        if i in empty:
+                            continue
+                        x = read(i).to(device).requires_grad_(True)
+                        one = LayerInputs(hidden=[x], kwargs=[inputs.kwargs_for(i)])
+                        with torch.enable_grad():
+                            y = run_layer(layer, one, 0)
+                            (grads[i],) = torch.autograd.grad(y, x, grad_outputs=grads[i])
+                layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                bar.update(1)
+    finally:
+        stored.close()
+        bar.close()
+        if str(device) != "cpu":
+            model.to("cpu")
+    report = {
+        "samples": len(samples),
+        "layers": num_layers,
+        "scored_tokens": int(sum(int(m.sum()) for m in scored)),
+        "empty_loss_mask_samples": empty,
+        "offload": offload_dir is not None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if empty:
+        warnings.warn(f"{len(empty)} samples have an empty loss mask; their tokens get uniform weights", stacklevel=2)
+    return scores, report, gradients
+
+
+def tlq_token_weights(
+    model: nn.Module,
+    samples: Sequence[dict],
+    *,
+    lam: float = 0.1,
+    power: float = 1.0,
+    per_modality: bool = False,
+    top_fraction: float | None = None,
+    floor_fraction: float = 0.1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TokenImportance:
+    """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors."""
+    check_settings(lam, power, top_fraction, floor_fraction)
+    scores, report, _ = layer_output_gradients(model, samples, device=device, offload_dir=offload_dir, progress=progress)
+    return TokenImportance(
+        scores, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
+        floor_fraction=floor_fraction, seed=seed, report=report,
+    )
+
+
+# ----------------------------------------------------------------------------- identity of model/tokenizer
+
+
+def config_hash(model_or_config) -> str:
+    """sha256 of the model config without bookkeeping keys (paths, versions, dtype, runtime flags)."""
+    config = getattr(model_or_config, "config", model_or_config)
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in sorted(value.items()) if k not in _CONFIG_HASH_IGNORED}
+        return value
+
+    text = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_identity(model: nn.Module) -> dict:
+    config = model.config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+        "num_layers": len(adapter_for(model).decoder_layers(model)),
+        "config_hash": config_hash(model),
+    }
+
+
+# ----------------------------------------------------------------------------- the set on disk
+
+
+def save_calibration_set(
+    output: str | Path,
+    samples: Sequence[dict],
+    importance: TokenImportance,
+    model: nn.Module,
+    model_name: str,
+    tokenizer=None,
+    *,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write samples, masks, weights, scores and manifest.json to `output` atomically; return the manifest."""
+    from safetensors.torch import save_file
+
+    import quantkit
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, sample in enumerate(samples):
+        for key, value in sample.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+    lengths = torch.tensor([m.numel() for m in importance.valid], dtype=torch.long)
+    tmax = int(lengths.max())
+
+    def pad(masks: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(len(masks), tmax, dtype=torch.bool)
+        for i, m in enumerate(masks):
+            out[i, : m.numel()] = m
+        return out
+
+    weights = {
+        "weights": importance.stacked("weights"),
+        "scores": importance.stacked("scores"),
+        "lengths": lengths,
+        "valid_mask": pad(importance.valid),
+        "scored_positions": pad(importance.scored),
+        "vision_mask": pad(importance.vision),
+    }
+    revision = getattr(model.config, "_commit_hash", None)
+    manifest = {
+        "format": SET_FORMAT,
+        "format_version": SET_FORMAT_VERSION,
+        "quantkit_version": quantkit.__version__,
+        "model": model_name,
+        "revision": revision,
+        **_model_identity(model),
+        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "nsamples": len(samples),
+        "max_tokens": tmax,
+        "sample_keys": sorted({k for s in samples for k, v in s.items() if isinstance(v, torch.Tensor)}),
+        "settings": importance.settings,
+        "report": importance.report,
+        **(extra or {}),
+    }
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / SAMPLES_FILE)
+        save_file(weights, tmp / WEIGHTS_FILE)
+        manifest["files"] = {name: file_sha256(tmp / name) for name in (SAMPLES_FILE, WEIGHTS_FILE)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(setdir: str | Path) -> dict:
+    """The manifest of a calibration set, or a QuantkitError if the directory is missing or not a set."""
+    root = Path(setdir)
+    if not root.is_dir():
+        raise QuantkitError(f"calibration set {root} not found; make one with `quantkit importance MODEL --calib DATA -o {root}`")
+    path = root / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise QuantkitError(f"{root} is not a calibration set (no {MANIFEST_FILE}); make one with `quantkit importance`") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QuantkitError(f"{path} is corrupt ({err}); remake the set with `quantkit importance`") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != SET_FORMAT:
+        raise QuantkitError(f"{path} is not a quantkit calibration-set manifest")
+    if manifest.get("format_version") != SET_FORMAT_VERSION:
+        raise QuantkitError(f"calibration set {root} has format version {manifest.get('format_version')}; this quantkit reads {SET_FORMAT_VERSION}")
+    return manifest
+
+
+def _check_files(root: Path, manifest: dict) -> None:
+    for name, digest in (manifest.get("files") or {}).items():
+        path = root / name
+        if not path.is_file():
+            raise QuantkitError(f"calibration set {root} is incomplete: {name} is missing; remake it")
+        if file_sha256(path) != digest:
+            raise QuantkitError(f"calibration set {root} is corrupt: {name} does not match its sha256 in the manifest; remake it")
+    for name in (SAMPLES_FILE, WEIGHTS_FILE):
+        if name not in (manifest.get("files") or {}):
+            raise QuantkitError(f"calibration set {root} is corrupt: manifest lists no hash for {name}")
+
+
+def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: str = "") -> None:
+    """Refuse a set made for another model (architecture, layer count, config) or another tokenizer."""
+    found = _model_identity(model)
+    if manifest.get("model_type") != found["model_type"] or manifest.get("architectures") != found["architectures"]:
+        raise QuantkitError(
+            f"calibration set {where} was made for {manifest.get('model_type')} {manifest.get('architectures')}, "
+            f"not this {found['model_type']} {found['architectures']}; make a set for this model"
+        )
+    if manifest.get("num_layers") != found["num_layers"]:
+        raise QuantkitError(
+            f"calibration set {where} has weights for {manifest.get('num_layers')} layers, the model has {found['num_layers']}; make a set for this model"
+        )
+    if manifest.get("config_hash") != found["config_hash"]:
+        raise QuantkitError(
+            f"calibration set {where} was made for another model config ({manifest.get('model')}: config hash differs); make a set for this model"
+        )
+    if tokenizer is not None and manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
+        raise QuantkitError(f"calibration set {where} was tokenized with a different tokenizer; remake it with this model's tokenizer")
+
+
+class StoredWeights:
+    """token_weights(layer) over a loaded set: each sample's weights cut to its length."""
+
+    def __init__(self, weights: torch.Tensor, lengths: torch.Tensor, manifest: dict) -> None:
+        self.weights = weights
+        self.lengths = [int(n) for n in lengths]
+        self.manifest = manifest
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers the weights cover."""
+        return int(self.weights.shape[0])
+
+    def __call__(self, layer: int) -> list[torch.Tensor]:
+        """One weight tensor [T] per sample for decoder layer `layer`."""
+        return [self.weights[layer, i, :n] for i, n in enumerate(self.lengths)]
+
+
+def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.Module, tokenizer=None) -> tuple[list[dict], StoredWeights]:
+    """(samples, token_weights) of a set made by `quantkit importance`, after checking it fits `model`.
+
+    The tokenizer check uses `tokenizer`, or the one at `model_name` when that loads.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(setdir)
+    manifest = read_manifest(root)
+    _check_files(root, manifest)
+    if tokenizer is None and model_name is not None and manifest.get("tokenizer_hash"):
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_name)
+        except (OSError, ValueError) as err:
+            raise QuantkitError(f"cannot load the tokenizer of {model_name} to check calibration set {root}: {str(err).splitlines()[0]}") from err
+    check_set_matches(manifest, model, tokenizer, where=str(root))
+    try:
+        tensors = load_file(root / SAMPLES_FILE)
+        weights = load_file(root / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as err:
+        raise QuantkitError(f"calibration set {root} is corrupt: {err}; remake it") from err
+    count = int(manifest["nsamples"])
+    samples: list[dict] = [{} for _ in range(count)]
+    for name, value in tensors.items():
+        index, _, key = name.partition(".")
+        samples[int(index)][key] = value
+    if any("input_ids" not in s for s in samples) or weights["weights"].shape[:2] != (manifest["num_layers"], count):
+        raise QuantkitError(f"calibration set {root} is corrupt: samples or weights do not match the manifest; remake it")
+    return samples, StoredWeights(weights["weights"], weights["lengths"], manifest)

@@ -1,0 +1,97 @@
+"""`quantkit importance`: compute TLQ token weights once and save them as a token-level calibration set."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from quantkit.errors import QuantkitError
+from quantkit.fsutil import check_output_dir
+
+
+def build_calibration_set(
+    model_name: str,
+    calib: str,
+    output: str,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    part: str = "all",
+    lam: float = 0.1,
+    power: float = 1.0,
+    per_modality: bool = False,
+    top_fraction: float | None = None,
+    floor_fraction: float = 0.1,
+    device: str = "cpu",
+    offload_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Draw samples from `calib`, compute TLQ importance under `model_name` and save the set; return its manifest."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
+    from quantkit.importance import check_settings, save_calibration_set, tlq_token_weights
+    from quantkit.models import load_model
+
+    check_settings(lam, power, top_fraction, floor_fraction)
+    check_output_dir(output, overwrite)
+    started = time.perf_counter()
+    model = load_model(model_name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    if is_recipe(calib):
+        recipe = load_recipe(calib)
+        processor = None
+        if recipe.kind != "text":
+            from quantkit.data.images import load_processor
+
+            processor = load_processor(model_name)
+        samples = recipe_samples(recipe, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
+    else:
+        samples = calibration_samples(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+    importance = tlq_token_weights(
+        model, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
+        floor_fraction=floor_fraction, seed=seed, device=device, offload_dir=offload_dir, progress=progress,
+    )
+    extra = {"calib": calib, "part": part, "seqlen": seqlen, "seed": seed, "seconds": round(time.perf_counter() - started, 3)}
+    return save_calibration_set(output, samples, importance, model, model_name, tokenizer, extra=extra, overwrite=overwrite)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--calib", required=True, help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per sequence (max tokens for image-text recipes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
+@click.option("--part", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
+@click.option("--lam", type=float, default=0.1, show_default=True, help="Floor of the mix w = (1-lam) s/mean(s) + lam.")
+@click.option("--power", type=float, default=1.0, show_default=True, help="Exponent p on the raw scores before normalising.")
+@click.option("--per-modality", is_flag=True, help="Normalise scores within vision and within text tokens separately.")
+@click.option("--top-fraction", type=float, default=None, help="Keep only this fraction of tokens by weight (plus a random floor sample).")
+@click.option("--floor-fraction", type=float, default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
+@click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer.")
+@click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Keep stored layer inputs on disk here instead of in RAM.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output calibration-set directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
+def importance(model, calib, nsamples, seqlen, seed, part, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:
+    """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
+    if nsamples <= 0 or seqlen <= 1:
+        raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
+    manifest = build_calibration_set(
+        model, calib, output, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, lam=lam, power=power,
+        per_modality=per_modality, top_fraction=top_fraction, floor_fraction=floor_fraction, device=device,
+        offload_dir=offload_dir, overwrite=overwrite, progress=not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps(manifest | {"output": output}))
+    else:
+        report = manifest["report"]
+        click.echo(
+            f"token-level calibration set for {model}: {manifest['nsamples']} samples, {manifest['num_layers']} layers, "
+            f"{report['scored_tokens']} scored tokens in {manifest['seconds']:.1f}s -> {output}"
+        )

@@ -1,0 +1,259 @@
+"""Token importance: block-wise gradients vs whole-model autograd, weights, edge cases, the saved set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from quantkit.errors import QuantkitError
+from quantkit.importance import (
+    TokenImportance,
+    layer_output_gradients,
+    load_calibration_set,
+    save_calibration_set,
+    scored_positions,
+    scores_to_weights,
+    tlq_token_weights,
+)
+from quantkit.models.base import Adapter
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LLAMA_PATHS = Adapter(
+    name="test-qwen2-vl", model_types=("qwen2_vl",), layers="model.language_model.layers",
+    embeddings="model.language_model.embed_tokens", final_norm="model.language_model.norm", lm_head="lm_head",
+    linear_order=(("self_attn.q_proj",),),
+)
+
+
+def tiny_llama(layers: int = 3, vocab: int = 97):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(2)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, in_chans=3, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1),
+        image_token_id=120, video_token_id=121, vision_start_token_id=122,
+    )
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def whole_model_gradients(model, layers, sample: dict) -> list[torch.Tensor]:
+    """Reference: dL/dy_l at every decoder layer output from one full forward + backward."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.retain_grad()
+        outputs.append(hidden)
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
+    forward = {k: v for k, v in sample.items() if k not in ("loss_mask", "vision_mask")}
+    logits = model(**forward).logits[0]
+    for hook in hooks:
+        hook.remove()
+    ids = sample["input_ids"][0]
+    targets = torch.ones_like(ids, dtype=torch.bool) if "loss_mask" not in sample else sample["loss_mask"][0].bool()
+    if "attention_mask" in sample:
+        real = sample["attention_mask"][0].bool()
+        targets = targets & real & torch.cat([real[:1], real[:-1]])
+    keep_pos = targets[1:]  # position t predicts token t + 1
+    if "attention_mask" in sample:
+        keep_pos = keep_pos & sample["attention_mask"][0].bool()[:-1]
+    F.cross_entropy(logits[:-1][keep_pos], ids[1:][keep_pos]).backward()
+    return [o.grad[0].detach() for o in outputs]
+
+
+def assert_matches_autograd(model, layers, samples, adapter=None) -> None:
+    _, _, grads = layer_output_gradients(model, samples, keep_gradients=True, progress=False, adapter=adapter)
+    for i, sample in enumerate(samples):
+        reference = whole_model_gradients(model, layers, sample)
+        for layer, ref in enumerate(reference):
+            assert ref.abs().sum() > 0
+            rel = (grads[layer][i] - ref).norm() / ref.norm()
+            assert rel < 1e-5, (i, layer, float(rel))
+
+
+def test_blockwise_gradients_match_whole_model_autograd_llama() -> None:
+    model = tiny_llama()
+    samples = [{"input_ids": torch.randint(0, 97, (1, 12))} for _ in range(2)]
+    samples.append({"input_ids": torch.randint(0, 97, (1, 9)), "loss_mask": torch.tensor([[0, 0, 0, 1, 1, 1, 0, 1, 1]]).bool()})
+    assert_matches_autograd(model, model.model.layers, samples)
+
+
+def test_blockwise_gradients_match_with_padding_and_offload(tmp_path) -> None:
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 10))
+    sample = {"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1]])}
+    _, _, grads = layer_output_gradients(model, [sample], keep_gradients=True, progress=False, offload_dir=tmp_path)
+    reference = whole_model_gradients(model, model.model.layers, sample)
+    for layer, ref in enumerate(reference):
+        assert (grads[layer][0] - ref).norm() / ref.norm() < 1e-5
+    assert list(tmp_path.iterdir()) == []  # offloaded inputs are removed afterwards
+    weights = tlq_token_weights(model, [sample], progress=False)
+    assert torch.all(weights(0)[0][:2] == 0) and torch.all(weights(0)[0][2:] > 0)
+
+
+def test_blockwise_gradients_match_whole_model_autograd_qwen2() -> None:
+    model = tiny_qwen2()
+    samples = [{"input_ids": torch.randint(0, 89, (1, 11))} for _ in range(2)]
+    assert_matches_autograd(model, model.model.layers, samples)
+
+
+def test_blockwise_gradients_match_qwen2_vl_text_and_image() -> None:
+    model = tiny_qwen2_vl()
+    text = {"input_ids": torch.randint(0, 100, (1, 10))}
+    ids = torch.randint(0, 100, (1, 12))
+    ids[0, 2] = 122
+    ids[0, 3:7] = 120
+    types = torch.zeros_like(ids)
+    types[0, 3:7] = 1
+    image = {
+        "input_ids": ids, "pixel_values": torch.randn(4, 12), "image_grid_thw": torch.tensor([[1, 2, 2]]),
+        "mm_token_type_ids": types, "loss_mask": torch.tensor([[0] * 8 + [1] * 4]).bool(), "vision_mask": ids == 120,
+    }
+    layers = model.model.language_model.layers
+    assert_matches_autograd(model, layers, [text, image], adapter=LLAMA_PATHS)
+    # Vision tokens feed no loss through the last layer: their gradient there is exactly zero.
+    scores, _, _ = layer_output_gradients(model, [image], progress=False, adapter=LLAMA_PATHS)
+    assert torch.all(scores[-1][0][3:7] == 0)
+    weights = TokenImportance(scores, [image], lam=0.1)(1)[0]
+    assert torch.allclose(weights[3:7], torch.full((4,), 0.1))
+
+
+def test_scored_positions_follow_targets_and_padding() -> None:
+    sample = {"input_ids": torch.arange(6).unsqueeze(0), "loss_mask": torch.tensor([[0, 0, 1, 1, 0, 1]]).bool()}
+    assert scored_positions(sample).tolist() == [False, True, True, False, True, False]
+    padded = {"input_ids": torch.arange(5).unsqueeze(0), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    assert scored_positions(padded).tolist() == [True, True, False, False, False]
+
+
+def test_weights_formula_power_and_per_modality() -> None:
+    scores = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    valid = torch.tensor([True, True, True, False])
+    w, fell_back = scores_to_weights(scores, valid, lam=0.2)
+    mean = (1 + 3 + 0) / 3
+    expected = torch.tensor([0.8 * 1 / mean + 0.2, 0.8 * 3 / mean + 0.2, 0.2, 0.0])
+    assert torch.allclose(w, expected) and not fell_back
+    w2, _ = scores_to_weights(scores, valid, lam=0.0, power=2.0)
+    assert torch.allclose(w2[:3], torch.tensor([1.0, 9.0, 0.0]) / (10 / 3))
+    vision = torch.tensor([True, False, False, False])
+    w3, _ = scores_to_weights(torch.tensor([0.1, 3.0, 1.0, 0.0]), torch.ones(4, dtype=torch.bool), vision, lam=0.0, per_modality=True)
+    assert torch.allclose(w3, torch.tensor([1.0, 3.0 / (4 / 3), 1.0 / (4 / 3), 0.0]))
+
+
+def test_top_fraction_keeps_top_tokens_and_a_seeded_floor() -> None:
+    scores = [[torch.arange(1.0, 41.0)]]
+    sample = {"input_ids": torch.zeros(1, 40, dtype=torch.long)}
+    kept = TokenImportance(scores, [sample], top_fraction=0.25, floor_fraction=0.5, seed=3)(0)[0]
+    full = TokenImportance(scores, [sample])(0)[0]
+    assert torch.all(kept[30:] == full[30:])  # the top 10 by weight
+    floor = kept[:30] > 0
+    assert 3 <= int(floor.sum()) <= 27 and torch.equal(kept[:30][floor], full[:30][floor])
+    again = TokenImportance(scores, [sample], top_fraction=0.25, floor_fraction=0.5, seed=3)(0)[0]
+    assert torch.equal(kept, again)
+
+
+def test_empty_loss_mask_and_zero_gradients_get_uniform_weights() -> None:
+    model = tiny_llama()
+    empty = {"input_ids": torch.randint(0, 97, (1, 8)), "loss_mask": torch.zeros(1, 8, dtype=torch.bool)}
+    normal = {"input_ids": torch.randint(0, 97, (1, 8))}
+    with pytest.warns(UserWarning, match="empty loss mask"):
+        weights = tlq_token_weights(model, [empty, normal], progress=False)
+    assert weights.report["empty_loss_mask_samples"] == [0]
+    for layer in range(3):
+        assert torch.equal(weights(layer)[0], torch.ones(8))
+        assert not torch.allclose(weights(layer)[1], torch.ones(8))
+    with pytest.warns(UserWarning, match="all-zero gradients"):
+        zero = TokenImportance([[torch.zeros(8)]], [normal])
+    assert zero.report["zero_gradient"] == [[0, 0]] and torch.equal(zero(0)[0], torch.ones(8))
+
+
+def test_calibration_set_round_trip_and_refusals(tmp_path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(97)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    model = tiny_llama()
+    samples = [{"input_ids": torch.randint(0, 97, (1, 10)), "vision_mask": torch.zeros(1, 10, dtype=torch.bool)} for _ in range(3)]
+    importance = tlq_token_weights(model, samples, progress=False)
+    out = tmp_path / "set"
+    manifest = save_calibration_set(out, samples, importance, model, "tiny", tokenizer)
+    assert manifest["num_layers"] == 3 and set(manifest["files"]) == {"samples.safetensors", "weights.safetensors"}
+    loaded, weights = load_calibration_set(out, None, model, tokenizer=tokenizer)
+    for a, b in zip(samples, loaded):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["vision_mask"], b["vision_mask"])
+    for layer in range(3):
+        for a, b in zip(importance(layer), weights(layer)):
+            assert torch.equal(a, b)
+    with pytest.raises(QuantkitError, match="layers"):
+        load_calibration_set(out, None, tiny_llama(layers=2), tokenizer=tokenizer)
+    with pytest.raises(QuantkitError, match="config"):
+        load_calibration_set(out, None, tiny_llama(vocab=98), tokenizer=tokenizer)
+    with pytest.raises(QuantkitError, match="made for llama .* not this qwen2"):
+        load_calibration_set(out, None, tiny_qwen2(), tokenizer=tokenizer)
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({**vocab, "x": 97}, unk_token="t0")))
+    with pytest.raises(QuantkitError, match="different tokenizer"):
+        load_calibration_set(out, None, model, tokenizer=other)
+    with pytest.raises(QuantkitError, match="not found"):
+        load_calibration_set(tmp_path / "missing", None, model)
+    with pytest.raises(QuantkitError, match="overwrite"):
+        save_calibration_set(out, samples, importance, model, "tiny", tokenizer)
+    data = bytearray((out / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(QuantkitError, match="corrupt"):
+        load_calibration_set(out, None, model, tokenizer=tokenizer)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(QuantkitError, match="corrupt"):
+        load_calibration_set(out, None, model)
+
+
+def test_importance_cli_on_reference_lm(tmp_path) -> None:
+    ref_lm = SHARED / "models" / "ref-lm"
+    text = SHARED / "data" / "text" / "tinyshakespeare.txt"
+    if not (ref_lm / "config.json").is_file() or not text.is_file():
+        pytest.skip(f"reference model or corpus not found under {SHARED} (../shared is absent outside the dev machine)")
+    from quantkit.cli import main
+    from quantkit.models import load_model
+
+    out = tmp_path / "set"
+    args = ["importance", str(ref_lm), "--calib", str(text), "--nsamples", "3", "--seqlen", "32", "--part", "train",
+            "--top-fraction", "0.5", "-o", str(out), "--json", "--offload-dir", str(tmp_path / "off")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout.strip().splitlines()[-1])
+    assert manifest["settings"]["top_fraction"] == 0.5 and manifest["tokenizer_hash"]
+    model = load_model(str(ref_lm))
+    samples, weights = load_calibration_set(out, str(ref_lm), model)
+    assert len(samples) == 3 and len(weights(5)) == 3 and weights(5)[0].shape == (32,)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "overwrite" in again.output
+    bad = CliRunner().invoke(main, ["importance", str(ref_lm), "--calib", str(text), "--lam", "2", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "lam" in bad.output
