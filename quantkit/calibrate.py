@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import click
 
@@ -36,14 +38,22 @@ def run_calibration(
     dtype: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    nproc: int = 1,
+    devices: list[int] | None = None,
+    dist_timeout: float = 600.0,
+    low_memory: bool = False,
+    offload_dir: str | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Quantize `model_name` on calibration data and export it to `output`; return the report."""
-    from transformers import AutoTokenizer
+    """Quantize `model_name` on calibration data and export it to `output`; return the report.
 
-    from quantkit.data import calibration_samples
-    from quantkit.engine import calibrate_model
-    from quantkit.export import save_quantized
-    from quantkit.models import load_model
+    nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
+    GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
+    sharded over the ranks and rank 0 exports. low_memory streams one decoder layer at a time from
+    the safetensors files and checkpoints each finished layer in OUTPUT.partial; resume continues
+    an interrupted run from there (resume implies low_memory).
+    """
+    from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
 
     if method not in METHODS:
         raise QuantkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -52,7 +62,65 @@ def run_calibration(
     check_output_dir(output, overwrite)
     if calib is None and calib_set is None:
         raise QuantkitError("no calibration data; pass --calib PATH (text, jsonl, dataset or recipe) or --calib-set DIR")
+    if nproc < 1:
+        raise QuantkitError(f"--nproc must be at least 1, got {nproc}")
+    job = dict(
+        model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
+        progress=progress,
+    )
+    if resume or low_memory or offload_dir:
+        if nproc > 1 or under_torchrun():
+            raise QuantkitError("--low-memory/--resume run in one process for now; drop --nproc or torchrun")
+        return calibrate_low_memory(device=device, offload_dir=offload_dir, resume=resume, **job)
+    if nproc > 1:
+        if under_torchrun():
+            raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
+        with tempfile.TemporaryDirectory(prefix="quantkit-report-") as tmp:
+            report_path = Path(tmp) / "report.json"
+            spawn_ranks(nproc, calibrate_rank, dict(job, report_path=str(report_path)), device=device,
+                        devices=devices, timeout_s=dist_timeout)
+            return json.loads(report_path.read_text())
+    if under_torchrun():
+        import torch.distributed as dist
+
+        comm, mine = init_from_env(device, devices, dist_timeout)
+        try:
+            return calibrate_rank(comm=comm, device=mine, **job)
+        finally:
+            dist.destroy_process_group()
+    return calibrate_rank(comm=None, device=device, **job)
+
+
+def calibrate_rank(
+    model_name: str,
+    output: str,
+    spec: QuantSpec,
+    method: str,
+    calib: str | None,
+    calib_set: str | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    part: str,
+    fmt: str,
+    dtype: str,
+    overwrite: bool,
+    progress: bool,
+    comm=None,
+    device: str = "cpu",
+    report_path: str | None = None,
+) -> dict:
+    """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.engine import calibrate_model
+    from quantkit.export import save_quantized
+    from quantkit.models import load_model
+
     started = time.perf_counter()
+    rank = comm.rank if comm is not None else 0
     model = load_model(model_name, dtype=dtype)
     token_weights = None
     if calib_set is not None:
@@ -67,9 +135,10 @@ def run_calibration(
         if method == "tlq":
             from quantkit.importance import tlq_token_weights
 
-            token_weights = tlq_token_weights(model, samples, device=device, progress=progress)
+            token_weights = tlq_token_weights(model, samples, device=device, progress=progress and rank == 0)
     calibration = calibrate_model(
-        model, samples, spec, method=method, device=device, token_weights=token_weights, progress=progress
+        model, samples, spec, method=method, device=device, token_weights=token_weights,
+        progress=progress, comm=comm,
     )
     report = dict(calibration.report)
     report.update(
@@ -81,7 +150,77 @@ def run_calibration(
         format=fmt,
         total_seconds=round(time.perf_counter() - started, 3),
     )
-    save_quantized(model, calibration.results, output, fmt=fmt, source=model_name, report=report, overwrite=overwrite)
+    if rank == 0:
+        save_quantized(model, calibration.results, output, fmt=fmt, source=model_name, report=report, overwrite=overwrite)
+        if report_path is not None:
+            Path(report_path).write_text(json.dumps(report))
+    return report
+
+
+def work_dir_for(output: str) -> Path:
+    """Where a low-memory run keeps its finished layers until the export: OUTPUT.partial beside it."""
+    out = Path(output)
+    return out.with_name(out.name + ".partial")
+
+
+def calibrate_low_memory(
+    model_name: str,
+    output: str,
+    spec: QuantSpec,
+    method: str,
+    calib: str | None,
+    calib_set: str | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    part: str,
+    fmt: str,
+    dtype: str,
+    overwrite: bool,
+    progress: bool,
+    device: str = "cpu",
+    offload_dir: str | None = None,
+    resume: bool = False,
+) -> dict:
+    """Streamed calibration (one layer in memory, each finished layer checkpointed) and export."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.engine.streaming import build_skeleton, calibrate_streaming, export_streamed
+
+    started = time.perf_counter()
+    if not Path(model_name, "config.json").is_file():
+        raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model_name}")
+    token_weights = None
+    if calib_set is not None:
+        from quantkit.importance import load_calibration_set
+
+        skeleton, _, _ = build_skeleton(model_name, dtype)
+        samples, set_weights = load_calibration_set(calib_set, model_name, skeleton)
+        del skeleton
+        if method == "tlq":
+            token_weights = set_weights
+    else:
+        if method == "tlq":
+            raise QuantkitError("TLQ with --low-memory needs token weights from a --calib-set (quantkit importance)")
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        samples = calibration_samples(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+    fingerprint = {"model": str(Path(model_name).resolve()), "method": method, "spec": spec.to_dict(), "calib": calib,
+                   "calib_set": calib_set, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "part": part,
+                   "dtype": dtype}
+    work = work_dir_for(output)
+    model, calibration = calibrate_streaming(
+        model_name, samples, spec, work, method=method, device=device, token_weights=token_weights,
+        progress=progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=dtype,
+    )
+    report = dict(calibration.report)
+    report.update(model=model_name, calib=calib, calib_set=calib_set, seqlen=int(samples[0]["input_ids"].shape[-1]),
+                  seed=seed, format=fmt, total_seconds=round(time.perf_counter() - started, 3))
+    export_streamed(model, work, calibration.results, output, fmt=fmt, source=model_name, report=report,
+                    overwrite=overwrite)
+    shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -103,18 +242,32 @@ def run_calibration(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Export format (default: compressed-tensors for 4/8 bits, gptq_v2 otherwise).")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
+@click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")
+@click.option("--dist-timeout", type=float, default=600.0, show_default=True, help="Seconds a rank waits on the others before giving up.")
+@click.option("--low-memory", is_flag=True, help="Stream one decoder layer at a time from the safetensors files; finished layers go to OUTPUT.partial.")
+@click.option("--offload-dir", type=click.Path(), help="Keep the calibration activations on disk here (with --low-memory).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --low-memory run from OUTPUT.partial (implies --low-memory).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Dtype to load the model in.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, dtype, output, overwrite, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
+    try:
+        device_ids = [int(d) for d in devices.split(",")] if devices else None
+    except ValueError:
+        raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
+    if device_ids and not device.startswith("cuda"):
+        device = "cuda"
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups, damp=damp, mse=mse)
     report = run_calibration(
         model, output, spec, method=method, calib=calib, calib_set=calib_set, nsamples=nsamples, seqlen=seqlen,
         seed=seed, part=part, fmt=fmt, device=device, dtype=dtype, overwrite=overwrite, progress=not as_json,
+        nproc=nproc, devices=device_ids, dist_timeout=dist_timeout, low_memory=low_memory,
+        offload_dir=offload_dir, resume=resume,
     )
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output}))

@@ -6,21 +6,26 @@ import torch
 
 
 class HessianAccumulator:
-    """Accumulates the (token-weighted) Hessian of one linear's reconstruction loss."""
+    """Accumulates the (token-weighted) Hessian of one linear's reconstruction loss.
+
+    Sums are kept in float64: products of float32 inputs are exact there, so the sum barely
+    depends on the order samples arrive in, and sharding samples over ranks (then summing the
+    shards) gives the same float32 Hessian as one process.
+    """
 
     def __init__(self, in_features: int, device: torch.device | str) -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.weight_sum = 0.0
         self.tokens = 0
 
     def add(self, inputs: torch.Tensor, token_weight: torch.Tensor | None = None) -> None:
         """Add a batch of inputs [..., in]; token_weight has one non-negative value per token."""
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.hessian.device, torch.float64)
         if token_weight is None:
             self.hessian.addmm_(x.T, x)
             self.weight_sum += x.shape[0]
         else:
-            w = token_weight.reshape(-1).to(x.device, torch.float32)
+            w = token_weight.reshape(-1).to(x.device, torch.float64)
             if w.numel() != x.shape[0]:
                 raise ValueError(f"token weights have {w.numel()} entries for {x.shape[0]} tokens")
             # sqrt-scaling keeps one matmul: (sqrt(w) x)^T (sqrt(w) x) = sum_t w_t x_t x_t^T
@@ -30,7 +35,7 @@ class HessianAccumulator:
         self.tokens += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        """The normalised Hessian 2/sum(w) * X^T W X (zeros if nothing was added)."""
+        """The normalised float32 Hessian 2/sum(w) * X^T W X (zeros if nothing was added)."""
         if self.weight_sum <= 0:
-            return self.hessian
-        return self.hessian * (2.0 / self.weight_sum)
+            return self.hessian.float()
+        return (self.hessian * (2.0 / self.weight_sum)).float()

@@ -1,0 +1,144 @@
+"""Several ranks for one calibration: local spawning (with failure monitoring) and torchrun.
+
+`spawn_ranks` starts N local processes with torch.multiprocessing, watches them, and when one
+raises or dies ends the others and raises a QuantkitError naming the rank and the layer it was
+on. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) `init_from_env` joins the group instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from quantkit.engine.comm import TorchComm
+from quantkit.errors import QuantkitError
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another env:// launcher)."""
+    return all(key in os.environ for key in ENV_KEYS)
+
+
+def rank_device(device: str, rank: int, devices: list[int] | None) -> str:
+    """The compute device of `rank`: cpu stays cpu; cuda maps ranks onto `devices` (or 0..N-1)."""
+    if not device.startswith("cuda"):
+        return device
+    if devices:
+        if rank >= len(devices):
+            raise QuantkitError(f"--devices lists {len(devices)} GPUs for more ranks; give one per rank")
+        return f"cuda:{devices[rank]}"
+    return f"cuda:{rank}"
+
+
+def backend_for(device: str) -> str:
+    """NCCL for GPU devices, gloo for CPU."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def init_group(rank: int, world_size: int, device: str, timeout_s: float, on_layer=None) -> TorchComm:
+    """Join the process group (env:// rendezvous) and return its communicator."""
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(
+        backend_for(device), rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
+    return TorchComm(device if device.startswith("cuda") else "cpu", on_layer=on_layer)
+
+
+def init_from_env(device: str, devices: list[int] | None, timeout_s: float) -> tuple[TorchComm, str]:
+    """Join a torchrun-started group; return the communicator and this rank's device."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    mine = rank_device(device, local, devices)
+    return init_group(rank, world, mine, timeout_s), mine
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(rank: int, world: int, port: int, job: Callable, kwargs: dict, progress, error_dir: str,
+                device: str, devices: list[int] | None, timeout_s: float, threads: int) -> None:
+    """Body of one spawned rank: join the group, run `job`, record any failure for the parent."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+
+    def on_layer(index: int) -> None:
+        progress[rank] = index
+
+    try:
+        mine = rank_device(device, rank, devices)
+        comm = init_group(rank, world, mine, timeout_s, on_layer=on_layer)
+        job(comm=comm, device=mine, **kwargs)
+        dist.destroy_process_group()
+    except BaseException as err:
+        record = {"rank": rank, "layer": progress[rank], "time": time.time(),
+                  "error": f"{type(err).__name__}: {err}".splitlines()[0],
+                  "quantkit": isinstance(err, QuantkitError), "traceback": traceback.format_exc()}
+        Path(error_dir, f"rank{rank}.json").write_text(json.dumps(record))
+        raise
+
+
+def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", devices: list[int] | None = None,
+                timeout_s: float = 600.0, threads: int = 1) -> None:
+    """Run `job(comm=, device=, **kwargs)` on `nproc` local ranks; raise QuantkitError if one fails.
+
+    When a rank raises or dies, the others are terminated at once (no waiting on collectives),
+    and the error names the failing rank and the layer it was calibrating.
+    """
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    progress = context.Array("i", [-1] * nproc, lock=False)
+    with tempfile.TemporaryDirectory(prefix="quantkit-ranks-") as error_dir:
+        args = (nproc, free_port(), job, kwargs, progress, error_dir, device, devices, timeout_s, threads)
+        procs = mp.start_processes(_rank_entry, args=args, nprocs=nproc, join=False, start_method="spawn")
+        try:
+            while not procs.join(timeout=1.0):
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            raise QuantkitError(_failure_message(err, error_dir, progress)) from None
+        except BaseException:
+            for proc in procs.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise
+
+
+def _failure_message(err: Exception, error_dir: str, progress) -> str:
+    """One line naming the rank that failed first, the layer it was on, and why."""
+    import torch.multiprocessing as mp
+
+    records = [json.loads(p.read_text()) for p in Path(error_dir).glob("rank*.json")]
+    if isinstance(err, mp.ProcessExitedException) and err.signal_name:
+        rank = err.error_index
+        if not any(r["rank"] == rank for r in records):
+            layer = progress[rank]
+            where = f"layer {layer}" if layer >= 0 else "start-up (before layer 0)"
+            return f"calibration rank {rank} died ({err.signal_name}) at {where}; the other ranks were stopped, nothing was exported"
+    if records:
+        first = min(records, key=lambda r: r["time"])
+        layer = first["layer"]
+        where = f"layer {layer}" if layer >= 0 else "start-up (before layer 0)"
+        return f"calibration rank {first['rank']} failed at {where}: {first['error']}; the other ranks were stopped, nothing was exported"
+    rank = getattr(err, "error_index", "?")
+    return f"calibration rank {rank} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+

@@ -1,0 +1,343 @@
+"""Low-memory calibration: a meta-device skeleton, decoder layers streamed from the safetensors
+files one at a time, each finished layer written to a work area (and freed), and resume.
+
+Work area (`work_dir`, beside the output as OUT.partial): state.json (settings and the number of
+finished layers), layer_NNNNN.safetensors (that layer's quantized codes and its FP tensors) and
+hidden.safetensors (the inputs of the next layer, per sample). A run killed at any point resumes
+from the last finished layer and produces byte-identical tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.engine.capture import capture_layer_inputs
+from quantkit.engine.comm import Comm
+from quantkit.engine.layerwise import (
+    Calibration,
+    TokenWeights,
+    check_layer,
+    peak_rss_mb,
+    propagate,
+    quantize_layer,
+)
+from quantkit.errors import QuantkitError
+from quantkit.fsutil import atomic_file
+from quantkit.models import adapter_for, get_module
+from quantkit.models.base import Adapter
+from quantkit.quant.spec import QuantResult, QuantSpec
+
+STATE = "state.json"
+HIDDEN = "hidden.safetensors"
+_RESULT_PARTS = ("qweight", "scales", "zeros", "g_idx")
+
+
+class WeightSource:
+    """Lazy access to a model directory's safetensors tensors (single file or sharded index)."""
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        root = Path(model_dir)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {key: root / fname for key, fname in weight_map.items()}
+        elif (root / "model.safetensors").is_file():
+            path = root / "model.safetensors"
+            with safe_open(str(path), framework="pt") as handle:
+                self.where = dict.fromkeys(handle.keys(), path)
+        else:
+            raise QuantkitError(f"--low-memory needs safetensors weights in {root} (model.safetensors or an index)")
+
+    def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Read `keys` from their files (only those tensors are brought into memory)."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.where[key], []).append(key)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in names:
+                    out[name] = handle.get_tensor(name)
+        return out
+
+
+def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, attr = key.rpartition(".")
+    module = get_module(root, module_path) if module_path else root
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _meta_tensors(module: nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+
+
+def build_skeleton(model_dir: str, dtype: str = "auto") -> tuple[nn.Module, Adapter, WeightSource]:
+    """The model on the meta device, with every tensor outside the decoder layers loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    adapter = adapter_for(config)
+    source = WeightSource(model_dir)
+    torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    model.config.use_cache = False
+    prefix = adapter.layers + "."
+    outside = [k for k in source.where if not k.startswith(prefix)]
+    for key, value in source.load(outside).items():
+        if key in model.state_dict():
+            _set_tensor(model, key, value if torch_dtype is None else value.to(torch_dtype))
+    if getattr(model.config, "tie_word_embeddings", False):
+        get_module(model, adapter.lm_head).weight = get_module(model, adapter.embeddings).weight
+    # Non-persistent buffers (rotary inverse frequencies) are not in the files: rebuild their modules.
+    for name, module in list(model.named_modules()):
+        if name == adapter.layers or name.startswith(prefix) or not name:
+            continue
+        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=model.config)
+            except TypeError as err:
+                raise QuantkitError(f"--low-memory cannot rebuild module {name} of this architecture: {err}") from err
+            parent, _, attr = name.rpartition(".")
+            setattr(get_module(model, parent) if parent else model, attr, fresh)
+    missing = [n for n in _meta_tensors(model) if not n.startswith(prefix)]
+    if missing:
+        raise QuantkitError(f"--low-memory: tensors {missing[:5]} are neither in the checkpoint nor rebuildable")
+    return model, adapter, source
+
+
+def load_layer(model: nn.Module, adapter: Adapter, source: WeightSource, index: int, dtype: str = "auto") -> nn.Module:
+    """Materialise decoder layer `index` from the files (the others stay on the meta device)."""
+    layers = adapter.decoder_layers(model)
+    prefix = f"{adapter.layer_prefix(index)}."
+    keys = [k for k in source.where if k.startswith(prefix)]
+    tensors = {k[len(prefix):]: v for k, v in source.load(keys).items()}
+    if dtype != "auto":
+        tensors = {k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}
+    layer = layers[index]
+    layer.load_state_dict(tensors, strict=True, assign=True)
+    for param in layer.parameters():
+        param.requires_grad_(False)
+    if _meta_tensors(layer):
+        raise QuantkitError(f"--low-memory: layer {index} has tensors {_meta_tensors(layer)[:5]} not in the checkpoint")
+    return layer
+
+
+def release_layer(model: nn.Module, adapter: Adapter, index: int) -> None:
+    """Put decoder layer `index` back on the meta device, freeing its memory."""
+    layers = adapter.decoder_layers(model)
+    layers[index] = layers[index].to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS creeps per layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class DiskHidden:
+    """A list of per-sample hidden states kept as files in a directory (--offload-dir)."""
+
+    def __init__(self, directory: str | os.PathLike, items: Sequence[torch.Tensor]) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.count = len(items)
+        for i, item in enumerate(items):
+            self[i] = item
+
+    def _path(self, index: int) -> Path:
+        return self.dir / f"hidden_{index:06d}.pt"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.load(self._path(index), weights_only=True)
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        torch.save(value.contiguous(), self._path(index))
+
+
+def _layer_file(work: Path, index: int) -> Path:
+    return work / f"layer_{index:05d}.safetensors"
+
+
+def _save_layer(work: Path, layer: nn.Module, index: int, adapter: Adapter, results: dict[str, QuantResult]) -> None:
+    tensors = {}
+    for name, r in results.items():
+        for part in _RESULT_PARTS:
+            tensors[f"q.{name}.{part}"] = getattr(r, part).contiguous()
+    quantized = {f"{name}.weight" for name in results}
+    prefix = adapter.layer_prefix(index)
+    for key, value in layer.state_dict().items():
+        if f"{prefix}.{key}" not in quantized:
+            tensors[f"fp.{prefix}.{key}"] = value.detach().contiguous()
+    with atomic_file(_layer_file(work, index)) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _load_layer_file(path: Path, spec: QuantSpec) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
+    tensors = load_file(str(path))
+    fp = {k[3:]: v for k, v in tensors.items() if k.startswith("fp.")}
+    names = sorted({k[2:].rsplit(".", 1)[0] for k in tensors if k.startswith("q.")})
+    results = {
+        name: QuantResult(*(tensors[f"q.{name}.{part}"] for part in _RESULT_PARTS), bits=spec.bits,
+                          group_size=spec.group_size, sym=spec.sym, act_order=spec.act_order)
+        for name in names
+    }
+    return results, fp
+
+
+def _save_hidden(work: Path, hidden: Sequence[torch.Tensor]) -> None:
+    with atomic_file(work / HIDDEN) as tmp:
+        save_file({f"h{i}": hidden[i].contiguous() for i in range(len(hidden))}, str(tmp))
+
+
+def _write_state(work: Path, state: dict) -> None:
+    with atomic_file(work / STATE) as tmp:
+        tmp.write_text(json.dumps(state, indent=1))
+
+
+def read_state(work: str | os.PathLike) -> dict | None:
+    """The work area's state (settings and finished layers), or None if there is none."""
+    path = Path(work) / STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@torch.no_grad()
+def calibrate_streaming(
+    model_dir: str,
+    samples: Sequence[dict],
+    spec: QuantSpec,
+    work_dir: str | os.PathLike,
+    method: str = "gptq",
+    device: str = "cpu",
+    token_weights: TokenWeights | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    fingerprint: dict | None = None,
+    offload_dir: str | None = None,
+    dtype: str = "auto",
+) -> tuple[nn.Module, Calibration]:
+    """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
+
+    Finished layers go to `work_dir` as they complete; the returned Calibration's results are
+    read back from there. With `resume`, a work area from an interrupted run with the same
+    `fingerprint` (settings) is continued from its last finished layer.
+    """
+    from quantkit.quant import solver_for
+
+    solver_for(method)
+    spec.validate()
+    if not samples:
+        raise QuantkitError("no calibration samples; give --calib data with at least one sample")
+    started = time.perf_counter()
+    model, adapter, source = build_skeleton(model_dir, dtype)
+    n_layers = len(adapter.decoder_layers(model))
+    for index in range(n_layers):  # cheap checks before any work: shapes only, weights are checked on load
+        check_layer(adapter.decoder_layers(model)[index], index, adapter, spec)
+    work = Path(work_dir)
+    state = {"fingerprint": fingerprint or {}, "layers_done": 0, "n_layers": n_layers, "layer_reports": []}
+    previous = read_state(work)
+    if previous is not None and resume:
+        if previous["fingerprint"] != state["fingerprint"]:
+            raise QuantkitError(f"cannot resume from {work}: it was made with other settings; drop --resume or remove it")
+        state = previous
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        _write_state(work, state)
+    inputs = capture_layer_inputs(model, adapter, samples, device)
+    start = state["layers_done"]
+    if start > 0:
+        saved = load_file(str(work / HIDDEN))
+        inputs.hidden = [saved[f"h{i}"].to(device) for i in range(len(inputs))]
+    if offload_dir is not None:
+        inputs.hidden = DiskHidden(offload_dir, inputs.hidden)
+    comm = Comm()
+    bar = tqdm(range(start, n_layers), desc=f"calibrate {method} w{spec.bits} (low memory)", disable=not progress)
+    for index in bar:
+        comm.enter_layer(index)
+        layer_started = time.perf_counter()
+        layer = load_layer(model, adapter, source, index, dtype)
+        check_layer(layer, index, adapter, spec)
+        layer = layer.to(device)
+        weights = token_weights(index) if token_weights is not None else None
+        results, reports = quantize_layer(layer, index, inputs, adapter, spec, method, device, weights, comm)
+        propagate(layer, inputs)
+        _save_layer(work, layer.to("cpu"), index, adapter, results)
+        _save_hidden(work, inputs.hidden)
+        del results
+        release_layer(model, adapter, index)
+        state["layers_done"] = index + 1
+        state["layer_reports"].append(
+            {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": reports}
+        )
+        _write_state(work, state)
+    all_results: dict[str, QuantResult] = {}
+    for index in range(n_layers):
+        results, _ = _load_layer_file(_layer_file(work, index), spec)
+        all_results.update(results)
+    report = {
+        "method": method,
+        "spec": spec.to_dict(),
+        "nsamples": len(samples),
+        "device": str(device),
+        "low_memory": True,
+        "resumed_from_layer": start if start else None,
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "layers": state["layer_reports"],
+    }
+    return model, Calibration(results=all_results, report=report)
+
+
+def export_streamed(
+    model: nn.Module, work_dir: str | os.PathLike, results: dict[str, QuantResult], output: str, *,
+    fmt: str, source: str | None, report: dict, overwrite: bool,
+) -> Path:
+    """Write the final checkpoint from the skeleton's non-layer tensors and the work area's layers."""
+    from quantkit.export.checkpoint import Checkpoint, write_checkpoint
+
+    adapter = adapter_for(model)
+    prefix = adapter.layers + "."
+    fp: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for key, t in model.state_dict().items():
+        if key.startswith(prefix):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            continue  # tied duplicate (lm_head to the embeddings)
+        seen.add(ident)
+        fp[key] = t.detach()
+    n_layers = len(adapter.decoder_layers(model))
+    for index in range(n_layers):
+        _, layer_fp = _load_layer_file(_layer_file(Path(work_dir), index), QuantSpec())
+        fp.update(layer_fp)
+    fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    ckpt = Checkpoint(config=config, manifest={}, fp_tensors=fp, results=results)
+    ckpt.extra = {"linear_order": adapter.linear_names(), "n_blocks": n_layers, "fp_linears": fp_linears}
+    return write_checkpoint(ckpt, output, fmt=fmt, source=source, report=report, overwrite=overwrite)

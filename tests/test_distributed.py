@@ -1,0 +1,156 @@
+"""Distributed calibration (gloo, CPU): 1, 2 and 3 ranks agree; a failing rank stops the run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from quantkit.calibrate import run_calibration
+from quantkit.errors import QuantkitError
+from quantkit.export import read_checkpoint
+from quantkit.quant import QuantSpec
+
+SPEC = QuantSpec(bits=4, group_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread, as each spawned rank uses: tiny matmuls on 2 busy cores run faster."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def char_tokenizer():
+    """A 96-symbol character tokenizer built offline (printable ASCII + <unk>)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["<unk>"] = 95
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+def make_model_dir(root: Path, layers: int = 3) -> Path:
+    """Save a random tiny Llama (hidden 64) with a character tokenizer under root/model."""
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out = root / "model"
+    model.save_pretrained(out)
+    char_tokenizer().save_pretrained(out)
+    return out
+
+
+def make_text(root: Path) -> Path:
+    """A text file of random words, plenty for a few 32-token windows."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 8))) for _ in range(800)]
+    path = root / "calib.txt"
+    path.write_text(" ".join(words))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_and_text(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    return make_model_dir(root), make_text(root)
+
+
+def calibrate(model: Path, text: Path, out: Path, nproc: int) -> dict:
+    """Run the calibrate entry point with GPTQ on 6 windows of 32 tokens."""
+    return run_calibration(str(model), str(out), SPEC, method="gptq", calib=str(text), nsamples=6, seqlen=32,
+                           progress=False, nproc=nproc)
+
+
+def files_and_tensors(out: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Exported file names and every tensor of the export's safetensors files."""
+    names = sorted(p.name for p in out.iterdir())
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return names, tensors
+
+
+@pytest.mark.parametrize("ranks", [(1, 2), pytest.param((1, 2, 3), marks=pytest.mark.slow)])
+def test_one_two_three_ranks_agree(model_and_text, tmp_path: Path, ranks: tuple[int, ...]) -> None:
+    model, text = model_and_text
+    reports = {n: calibrate(model, text, tmp_path / f"out{n}", n) for n in ranks}
+    names1, tensors1 = files_and_tensors(tmp_path / "out1")
+    ckpt1 = read_checkpoint(tmp_path / "out1")
+    for n in ranks[1:]:
+        names, tensors = files_and_tensors(tmp_path / f"out{n}")
+        assert names == names1
+        assert tensors.keys() == tensors1.keys()
+        for key, ref in tensors1.items():
+            got = tensors[key]
+            assert got.shape == ref.shape and got.dtype == ref.dtype, key
+            diff = (got.double() - ref.double()).abs().max()
+            assert diff <= 1e-5 * max(float(ref.double().abs().max()), 1e-12), key
+        ckpt = read_checkpoint(tmp_path / f"out{n}")
+        for name, result in ckpt1.results.items():
+            deq, ref = ckpt.results[name].dequantize(), result.dequantize()
+            assert (deq - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+        assert reports[n]["world_size"] == n and len(reports[n]["rank_peak_rss_mb"]) == n
+        owners = {e["solved_on_rank"] for layer in reports[n]["layers"] for e in layer["linears"].values()}
+        assert owners == set(range(n))  # the solves really were spread over the ranks
+    assert "world_size" not in reports[1]
+
+
+def test_raising_rank_stops_all_and_exports_nothing(model_and_text, tmp_path: Path, monkeypatch) -> None:
+    model, text = model_and_text
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "1:1")
+    started = time.perf_counter()
+    with pytest.raises(QuantkitError, match=r"rank 1 failed at layer 1: RuntimeError: injected failure"):
+        calibrate(model, text, tmp_path / "out", 2)
+    assert time.perf_counter() - started < 120
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_killed_rank_via_cli_exits_2_naming_rank_and_layer(model_and_text, tmp_path: Path) -> None:
+    model, text = model_and_text
+    out = tmp_path / "out"
+    env = dict(os.environ, QUANTKIT_FAIL_AT="1:1:kill")
+    cmd = [sys.executable, "-m", "quantkit.cli", "calibrate", str(model), "--calib", str(text), "--nsamples", "4",
+           "--seqlen", "32", "--group-size", "32", "--nproc", "2", "-o", str(out), "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1 died (SIGKILL) at layer 1" in errors[0], proc.stderr[-2000:]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_style_env_ranks_match_single_process(model_and_text, tmp_path: Path) -> None:
+    model, text = model_and_text
+    calibrate(model, text, tmp_path / "single", 1)
+    port = 29000 + os.getpid() % 1000
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "quantkit.cli", "calibrate", str(model), "--calib", str(text), "--nsamples",
+               "6", "--seqlen", "32", "--group-size", "32", "-o", str(tmp_path / "env"), "--json"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    _, single = files_and_tensors(tmp_path / "single")
+    _, env_run = files_and_tensors(tmp_path / "env")
+    assert single.keys() == env_run.keys()
+    for key in single:
+        assert torch.equal(single[key], env_run[key]), key

@@ -1,0 +1,270 @@
+"""Layer-wise engine: layer replay, Hessian accumulation and quantization exposure, checked
+against independent full-model forwards with hooks (never against the engine itself)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
+
+from quantkit.engine import calibrate_model
+from quantkit.engine.capture import capture_layer_inputs, run_layer
+from quantkit.engine.layerwise import accumulate_group, assign_owners
+from quantkit.errors import QuantkitError
+from quantkit.models import adapter_for, get_module
+from quantkit.quant import QuantSpec, gptq_solve
+
+KINDS = ("llama", "qwen2", "gpt_neox", "opt")
+SPEC = QuantSpec(bits=2, group_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: tiny matmuls on 2 shared cores are far faster without thread handoffs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_model(kind: str, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A random hidden-64 causal LM of the given family, in eval mode."""
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=64)
+    if kind == "llama":
+        config = LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    elif kind == "qwen2":
+        config = Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
+    elif kind == "gpt_neox":
+        config = GPTNeoXConfig(intermediate_size=128, **common)
+    else:
+        config = OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.config.use_cache = False
+    return model
+
+
+def tiny_samples(n: int = 4, tokens: int = 16, seed: int = 1) -> list[dict]:
+    """`n` random token windows of length `tokens`."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 96, (1, tokens), generator=gen)} for _ in range(n)]
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Every quantized linear's full name, in layer and solve order."""
+    adapter = adapter_for(model)
+    n = len(adapter.decoder_layers(model))
+    return [f"{adapter.layer_prefix(i)}.{name}" for i in range(n) for name in adapter.linear_names()]
+
+
+@torch.no_grad()
+def reference_hessians(
+    model: nn.Module, samples: list[dict], weights: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """2 sum_t w_t x_t x_t^T / sum_t w_t per linear, from the inputs seen in full-model forwards."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in linear_names(model)}
+    handles = [
+        get_module(model, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1]).double())
+        )
+        for name in seen
+    ]
+    try:
+        for sample in samples:
+            model(**sample, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    w = torch.ones(sum(s["input_ids"].numel() for s in samples), dtype=torch.float64)
+    if weights is not None:
+        w = torch.cat([x.reshape(-1).double() for x in weights])
+    out = {}
+    for name, xs in seen.items():
+        x = torch.cat(xs)
+        out[name] = (2.0 / w.sum() * (x * w[:, None]).T @ x).float()
+    return out
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """Equal up to `rtol` of the larger magnitude."""
+    return bool((a - b).abs().max() <= rtol * max(a.abs().max(), b.abs().max()))
+
+
+def record_calibration(model: nn.Module, samples: list[dict], spec: QuantSpec = SPEC, **kw) -> tuple:
+    """Calibrate `model` in place with GPTQ; return (results, report, Hessians given to the solver)."""
+    seen: dict[str, torch.Tensor] = {}
+    cal = calibrate_model(model, samples, spec, method="gptq", progress=False,
+                          observer=lambda name, h: seen.__setitem__(name, h.clone()), **kw)
+    return cal.results, cal.report, seen
+
+
+# ---------------------------------------------------------------- layer replay
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_replay_reproduces_full_logits(kind: str) -> None:
+    model = tiny_model(kind)
+    adapter = adapter_for(model)
+    samples = tiny_samples()
+    with torch.no_grad():
+        full = [model(**s, use_cache=False).logits for s in samples]
+        inputs = capture_layer_inputs(model, adapter, samples)
+        for layer in adapter.decoder_layers(model):
+            for i in range(len(inputs)):
+                inputs.hidden[i] = run_layer(layer, inputs, i)
+        norm, head = get_module(model, adapter.final_norm), get_module(model, adapter.lm_head)
+        replay = [head(norm(h)) for h in inputs.hidden]
+    for a, b in zip(full, replay):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+# ---------------------------------------------------------------- Hessians
+
+
+def test_hook_hessians_equal_dense_reference_on_fp_path() -> None:
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    samples = tiny_samples()
+    expected = reference_hessians(model, samples)
+    with torch.no_grad():
+        inputs = capture_layer_inputs(model, adapter, samples)
+        for index, layer in enumerate(adapter.decoder_layers(model)):
+            for group in adapter.linear_order:
+                accs = accumulate_group(layer, {n: get_module(layer, n) for n in group}, inputs, None, "cpu")
+                for name, acc in accs.items():
+                    full = f"{adapter.layer_prefix(index)}.{name}"
+                    assert acc.tokens == 4 * 16
+                    assert close(acc.result(), expected[full]), full
+            for i in range(len(inputs)):
+                inputs.hidden[i] = run_layer(layer, inputs, i)
+
+
+@pytest.mark.parametrize("kind", ("llama", "gpt_neox", "opt"))
+def test_hessians_come_from_the_quantized_path(kind: str) -> None:
+    fp = tiny_model(kind)
+    model = copy.deepcopy(fp)
+    samples = tiny_samples()
+    fp_h = reference_hessians(fp, samples)
+    _, _, seen = record_calibration(model, samples)
+    assert list(seen) == linear_names(model)  # execution order, every linear once
+    q_h = reference_hessians(model, samples)  # full forwards of the final quantized model
+    adapter = adapter_for(model)
+    first_group = [f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_order[0]]
+    if kind == "gpt_neox":  # parallel residual: layer 0's MLP reads the FP layer input too
+        first_group.append("gpt_neox.layers.0.mlp.dense_h_to_4h")
+    for name, h in seen.items():
+        assert close(h, q_h[name]), name
+        if name in first_group:  # layer 0's first group sees the FP embeddings only
+            assert close(h, fp_h[name]), name
+        else:  # everything later sees quantized linears before it
+            assert not close(h, fp_h[name], rtol=1e-3), name
+
+
+def test_group_order_o_proj_sees_quantized_qkv() -> None:
+    fp = tiny_model("llama", layers=1)
+    model = copy.deepcopy(fp)
+    samples = tiny_samples()
+    _, _, seen = record_calibration(model, samples)
+    # Reference: FP model with only q/k/v replaced by the engine's quantized ones.
+    ref = copy.deepcopy(fp)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        get_module(ref, f"model.layers.0.self_attn.{n}").weight.data.copy_(
+            get_module(model, f"model.layers.0.self_attn.{n}").weight.data)
+    name = "model.layers.0.self_attn.o_proj"
+    assert close(seen[name], reference_hessians(ref, samples)[name])
+    assert not close(seen[name], reference_hessians(fp, samples)[name], rtol=1e-3)
+
+
+def test_engine_gptq_equals_reference_gptq_on_dense_hessian() -> None:
+    fp = tiny_model("llama", layers=1)
+    model = copy.deepcopy(fp)
+    samples = tiny_samples()
+    results, _, _ = record_calibration(model, samples)
+    dense = reference_hessians(fp, samples)
+    name = "model.layers.0.self_attn.q_proj"
+    ref = gptq_solve(get_module(fp, name).weight.data.float(), dense[name], SPEC, name=name)
+    assert torch.equal(ref.qweight, results[name].qweight)
+    assert torch.equal(ref.scales, results[name].scales)
+
+
+def test_unit_token_weights_reproduce_unweighted_hessians() -> None:
+    samples = tiny_samples()
+    _, _, plain = record_calibration(tiny_model("llama"), samples)
+    ones = [torch.ones(1, 16) for _ in samples]
+    _, _, weighted = record_calibration(tiny_model("llama"), samples, token_weights=lambda layer: ones)
+    assert plain.keys() == weighted.keys()
+    for name in plain:
+        assert close(plain[name], weighted[name], rtol=1e-6), name
+
+
+def test_token_weighted_hessians_match_weighted_reference() -> None:
+    model = tiny_model("qwen2")
+    samples = tiny_samples()
+    gen = torch.Generator().manual_seed(3)
+    per_layer = {layer: [torch.rand(16, generator=gen) + 0.1 for _ in samples] for layer in range(2)}
+    _, _, seen = record_calibration(model, samples, token_weights=lambda layer: per_layer[layer])
+    for layer in range(2):
+        ref = reference_hessians(model, samples, per_layer[layer])
+        for name, h in seen.items():
+            if name.startswith(f"model.layers.{layer}."):
+                assert close(h, ref[name]), name
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_group_size_not_dividing_width_fails_before_work() -> None:
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    with pytest.raises(QuantkitError, match="does not divide the input width 64"):
+        calibrate_model(model, tiny_samples(), QuantSpec(bits=4, group_size=48), progress=False,
+                        observer=lambda n, h: calls.append(n))
+    assert not calls
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_weight_fails_before_work() -> None:
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.down_proj.weight.data[3, 7] = float("nan")
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    calls = []
+    with pytest.raises(QuantkitError, match=r"model\.layers\.1\.mlp\.down_proj.*NaN"):
+        calibrate_model(model, tiny_samples(), SPEC, progress=False, observer=lambda n, h: calls.append(n))
+    assert not calls
+    assert torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_no_samples_and_unknown_method_are_errors() -> None:
+    with pytest.raises(QuantkitError, match="no calibration samples"):
+        calibrate_model(tiny_model("llama"), [], SPEC, progress=False)
+    with pytest.raises(QuantkitError, match="unknown"):
+        calibrate_model(tiny_model("llama"), tiny_samples(), SPEC, method="nope", progress=False)
+
+
+def test_dead_input_feature_is_handled() -> None:
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.data[:, 5] = 0  # feature 5 of every layer-0 input is zero
+    samples = tiny_samples()
+    results, report, seen = record_calibration(model, samples)
+    h = seen["model.layers.0.self_attn.q_proj"]
+    assert torch.all(h[5] == 0) and torch.all(h[:, 5] == 0)
+    for result in results.values():
+        assert torch.isfinite(result.dequantize()).all()
+    for layer in report["layers"]:
+        for entry in layer["linears"].values():
+            assert entry["output_rel_err"] == entry["output_rel_err"]  # not NaN
+    with torch.no_grad():
+        assert torch.isfinite(model(**samples[0]).logits).all()
+
+
+def test_assign_owners_balances_cost() -> None:
+    mlp = {"gate": nn.Linear(64, 256), "up": nn.Linear(64, 256), "down": nn.Linear(256, 64)}
+    owners = assign_owners(mlp, 2)
+    assert owners["down"] != owners["gate"] and owners["gate"] == owners["up"]
+    assert set(assign_owners(mlp, 3).values()) == {0, 1, 2}
+    assert set(assign_owners(mlp, 1).values()) == {0}

@@ -1,0 +1,80 @@
+"""--resume: a low-memory run SIGKILLed mid-way continues and ends byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_distributed import make_text
+from test_lowmem import make_model_dir
+
+from quantkit.calibrate import run_calibration, work_dir_for
+from quantkit.errors import QuantkitError
+from quantkit.quant import QuantSpec
+
+
+def cli(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    """The calibrate command line for a low-memory GPTQ run of 4 windows of 32 tokens."""
+    return [sys.executable, "-m", "quantkit.cli", "calibrate", str(model), "--calib", str(text), "--nsamples", "4",
+            "--seqlen", "32", "--group-size", "32", "--low-memory", "-o", str(out), "--json", *extra]
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path: Path) -> None:
+    model, text = make_model_dir(tmp_path, layers=4), make_text(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = subprocess.run(cli(model, text, tmp_path / "full"), env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "out"
+    state = work_dir_for(str(out)) / "state.json"
+    proc = subprocess.Popen(cli(model, text, out), env=dict(env, QUANTKIT_LAYER_DELAY="1.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                done = json.loads(state.read_text())["layers_done"]
+            except (json.JSONDecodeError, KeyError):
+                done = 0
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= done < 4 and not out.exists()  # really killed mid-way, nothing exported
+
+    resumed = subprocess.run(cli(model, text, out, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((out / "quantkit_report.json").read_text()) if (out / "quantkit_report.json").is_file() else None
+    if report is not None:
+        assert report["resumed_from_layer"] >= 2
+    assert not work_dir_for(str(out)).exists()
+    full_files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
+    assert full_files == sorted(p.name for p in out.glob("*.safetensors")) and full_files
+    for name in full_files:
+        assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), **kw)
+    assert json.loads((work_dir_for(str(out)) / "state.json").read_text())["layers_done"] == 2
+    monkeypatch.delenv("QUANTKIT_FAIL_AT")
+    with pytest.raises(QuantkitError, match="other settings"):
+        run_calibration(str(model), str(out), QuantSpec(bits=3, group_size=32), resume=True, **kw)
+    report = run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), resume=True, **kw)
+    assert report["resumed_from_layer"] == 2 and (out / "config.json").is_file()
