@@ -112,12 +112,10 @@ def calibrate_rank(
     report_path: str | None = None,
 ) -> dict:
     """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports."""
-    from transformers import AutoTokenizer
-
-    from quantkit.data import calibration_samples
+    from quantkit.data.calibration import load_calibration
     from quantkit.engine import calibrate_model
     from quantkit.export import save_quantized
-    from quantkit.models import load_model
+    from quantkit.models import is_vlm, load_model
 
     started = time.perf_counter()
     rank = comm.rank if comm is not None else 0
@@ -130,8 +128,7 @@ def calibrate_rank(
         if method == "tlq":
             token_weights = set_weights
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-        samples = calibration_samples(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+        samples = load_calibration(calib, model_name, is_vlm(model), nsamples, seqlen, seed, part)
         if method == "tlq":
             from quantkit.importance import tlq_token_weights
 
@@ -185,9 +182,7 @@ def calibrate_low_memory(
     """Streamed calibration (one layer in memory, each finished layer checkpointed) and export."""
     import shutil
 
-    from transformers import AutoTokenizer
-
-    from quantkit.data import calibration_samples
+    from quantkit.data.calibration import load_calibration
     from quantkit.engine.streaming import build_skeleton, calibrate_streaming, export_streamed
 
     started = time.perf_counter()
@@ -205,8 +200,7 @@ def calibrate_low_memory(
     else:
         if method == "tlq":
             raise QuantkitError("TLQ with --low-memory needs token weights from a --calib-set (quantkit importance)")
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-        samples = calibration_samples(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+        samples = load_calibration(calib, model_name, False, nsamples, seqlen, seed, part)
     fingerprint = {"model": str(Path(model_name).resolve()), "method": method, "spec": spec.to_dict(), "calib": calib,
                    "calib_set": calib_set, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "part": part,
                    "dtype": dtype}

@@ -80,7 +80,10 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
 
+    # quantkit shows its own progress; transformers' per-tensor loading bar is noise around errors.
+    hf_logging.disable_progress_bar()
     local = Path(name_or_path)
     looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and name_or_path.count("/") != 1
     if looks_local and not (local / "config.json").is_file():
