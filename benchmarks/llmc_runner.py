@@ -46,7 +46,7 @@ def main() -> None:
             targets=["Linear"],
             weights=QuantizationArgs(
                 num_bits=setting["bits"], type="int", symmetric=setting["sym"],
-                strategy="group", group_size=setting["group_size"],
+                strategy="group", group_size=setting["group_size"], actorder="static",
             ),
         )
         recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128, dampening_frac=0.01)

@@ -105,9 +105,59 @@ def test_one_two_three_ranks_agree(model_and_text, tmp_path: Path, ranks: tuple[
             deq, ref = ckpt.results[name].dequantize(), result.dequantize()
             assert (deq - ref).abs().max() <= 1e-5 * ref.abs().max(), name
         assert reports[n]["world_size"] == n and len(reports[n]["rank_peak_rss_mb"]) == n
-        owners = {e["solved_on_rank"] for layer in reports[n]["layers"] for e in layer["linears"].values()}
+        owners = {piece[0] for layer in reports[n]["layers"] for e in layer["linears"].values()
+                  for piece in e["solved_on_ranks"]}
         assert owners == set(range(n))  # the solves really were spread over the ranks
     assert "world_size" not in reports[1]
+
+
+def assert_same_export(ref: Path, other: Path) -> None:
+    """Same file names, same tensors (bit for bit) in every safetensors file."""
+    names1, tensors1 = files_and_tensors(ref)
+    names, tensors = files_and_tensors(other)
+    assert names == names1 and tensors.keys() == tensors1.keys()
+    for key, expected in tensors1.items():
+        assert torch.equal(tensors[key], expected), key
+
+
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_row_split_solves_match_one_rank(model_and_text, tmp_path: Path, monkeypatch, nproc: int) -> None:
+    """Every linear cut by output rows over all ranks (QUANTKIT_SPLIT_ROWS=1): GPTQ rows are independent
+    given the Hessian, so the concatenated slices equal the one-rank solve exactly."""
+    model, text = model_and_text
+    calibrate(model, text, tmp_path / "out1", 1)
+    monkeypatch.setenv("QUANTKIT_SPLIT_ROWS", "1")
+    report = calibrate(model, text, tmp_path / "split", nproc)
+    for layer in report["layers"]:
+        for name, entry in layer["linears"].items():
+            assert [piece[0] for piece in entry["solved_on_ranks"]] == list(range(nproc)), name
+    assert_same_export(tmp_path / "out1", tmp_path / "split")
+
+
+def test_plan_group_cuts_big_linears_by_rows_and_covers_every_row() -> None:
+    from torch import nn
+
+    from quantkit.engine.layerwise import assign_owners, plan_group, plan_makespan
+
+    def linear(out_f: int, in_f: int) -> nn.Linear:
+        return nn.Linear(in_f, out_f, bias=False, device="meta")
+
+    groups = [{"q": linear(1024, 1024), "k": linear(1024, 1024), "v": linear(1024, 1024)}, {"o": linear(1024, 1024)},
+              {"gate": linear(2816, 1024), "up": linear(2816, 1024)}, {"down": linear(1024, 2816)}]
+    for world in (1, 2, 3, 4):
+        for group in groups:
+            plan = plan_group(group, world)
+            assert plan == plan_group(group, world)  # deterministic: every rank computes the same plan
+            for name, pieces in plan.items():
+                rows = [r for _, start, end in pieces for r in range(start, end)]
+                assert rows == list(range(group[name].out_features)), (world, name)  # each row once, in order
+                assert len({rank for rank, _, _ in pieces}) == len(pieces)
+                assert all(0 <= rank < world for rank, _, _ in pieces)
+            owners = assign_owners(group, world)
+            whole = {n: [(owners[n], 0, lin.out_features)] for n, lin in group.items()}
+            assert plan_makespan(group, plan, world) <= plan_makespan(group, whole, world)
+    # A single big linear (down_proj) is cut over both ranks rather than left to one.
+    assert len(plan_group(groups[3], 2)["down"]) == 2
 
 
 def test_raising_rank_stops_all_and_exports_nothing(model_and_text, tmp_path: Path, monkeypatch) -> None:

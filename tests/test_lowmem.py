@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,45 @@ def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool) ->
     for key in plain:
         assert torch.equal(plain[key], low[key]), key
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(p.name for p in (tmp_path / "low").iterdir())
+    for path in (tmp_path / "plain").glob("*.safetensors"):  # the streamed writer lays files out as save_file does
+        assert path.read_bytes() == (tmp_path / "low" / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2", "compressed-tensors", "fake"])
+@pytest.mark.parametrize("shard", ["5GB", "20KB"])
+def test_streamed_writer_matches_in_memory_writer_byte_for_byte(tmp_path: Path, fmt: str, shard: str) -> None:
+    """write_checkpoint_streamed (a layer at a time, via a spool) == write_checkpoint: files, bytes, index."""
+    from quantkit.export.checkpoint import Checkpoint, write_checkpoint, write_checkpoint_streamed
+    from quantkit.quant import solver_for
+
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, group_size=32, sym=fmt != "gptq")
+    outside = {"model.embed_tokens.weight": torch.randn(96, 64).half(), "model.norm.weight": torch.ones(64).half(),
+               "lm_head.weight": torch.randn(96, 64).half(), "model.rotary.step": torch.tensor(3, dtype=torch.int64)}
+    layers = []
+    for i in range(11):  # 11 layers: natural order (2 < 10) differs from safetensors' name order
+        fp = {f"model.layers.{i}.input_layernorm.weight": torch.rand(64).half(),
+              f"model.layers.{i}.mlp.up_proj.bias": torch.rand(96).half()}
+        res = {f"model.layers.{i}.{n}": solver_for("rtn")(torch.randn(o, 64), None, spec)
+               for n, o in (("self_attn.q_proj", 64), ("mlp.up_proj", 96))}
+        layers.append((fp, res))
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    extra = {"linear_order": ["self_attn.q_proj", "mlp.up_proj"], "n_blocks": 11, "fp_linears": ["lm_head"]}
+    all_fp = dict(outside)
+    all_results = {}
+    for fp, res in layers:
+        all_fp.update(fp)
+        all_results.update(res)
+    ckpt = Checkpoint(config=config, manifest={}, fp_tensors=all_fp, results=all_results)
+    ckpt.extra = extra
+    write_checkpoint(ckpt, tmp_path / "mem", fmt=fmt, max_shard_size=shard)
+    write_checkpoint_streamed(config, iter([(outside, {}), *layers]), tmp_path / "stream", fmt=fmt, extra=extra,
+                              max_shard_size=shard)
+    names = sorted(p.name for p in (tmp_path / "mem").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "stream").iterdir())
+    assert (shard == "20KB") == ("model.safetensors.index.json" in names)
+    for name in names:
+        assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "stream" / name).read_bytes(), name
 
 
 def test_only_one_layer_is_materialised_at_a_time(tmp_path: Path, monkeypatch) -> None:
@@ -130,3 +171,132 @@ def test_streamed_peak_memory_stays_well_below_the_weights(tmp_path: Path) -> No
     assert peaks["0"] > weight_mb  # the in-memory path holds the whole model
     assert peaks["1"] < 0.6 * weight_mb, (peaks, weight_mb)  # the streamed one about a layer plus the results
     assert (tmp_path / "out1" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- a real memory limit (cgroup)
+# --low-memory under a real memory limit: a cgroup caps the process below the model's weight bytes.
+# RLIMIT_AS cannot do this (safetensors maps whole files, so the address space exceeds any useful
+# limit); a cgroup memory limit counts resident anonymous memory, while clean file-backed pages
+# (the mapped safetensors, the page cache) are reclaimable and do not push the process over it.
+# Needs root and a writable memory cgroup (v1 `memory` controller or v2 with `memory` delegated);
+# skips with the reason elsewhere (CI containers usually cannot create cgroups).
+
+LIMIT_MB = 450  # about 250 MiB is python + torch + transformers; the streamed run needs ~100 MiB more
+
+
+def _cgroup_dirs() -> list[tuple[str, Path]]:
+    """(version, directory) of this process's memory cgroup(s) that could hold a child cgroup."""
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, rel = line.split(":", 2)
+        if hid == "0" and controllers == "":
+            root = Path("/sys/fs/cgroup")
+            if not (root / "cgroup.controllers").is_file():
+                root = Path("/sys/fs/cgroup/unified")
+            controllers_file = root / "cgroup.controllers"
+            if controllers_file.is_file() and "memory" in controllers_file.read_text().split():
+                found.append(("v2", root / rel.lstrip("/")))
+        elif "memory" in controllers.split(","):
+            found.append(("v1", Path("/sys/fs/cgroup/memory") / rel.lstrip("/")))
+    return found
+
+
+class MemoryCgroup:
+    """A child memory cgroup with a hard limit (and no swap); processes join it at start."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("memory-limit test needs root to create a cgroup")
+        reasons = []
+        for version, parent in _cgroup_dirs():
+            path = parent / f"quantkit-test-{uuid.uuid4().hex[:8]}"
+            try:
+                path.mkdir()
+            except OSError as err:
+                reasons.append(f"{version} {parent}: cannot create a child cgroup ({err.strerror})")
+                continue
+            try:
+                if version == "v1":
+                    (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+                    if (path / "memory.memsw.limit_in_bytes").is_file():
+                        try:
+                            (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+                        except OSError:
+                            pass  # no swap accounting: fine when there is no swap
+                else:
+                    (path / "memory.max").write_text(str(limit_bytes))
+                    if (path / "memory.swap.max").is_file():
+                        (path / "memory.swap.max").write_text("0")
+            except OSError as err:
+                path.rmdir()
+                reasons.append(f"{version} {path}: cannot set a memory limit ({err.strerror})")
+                continue
+            self.version, self.path = version, path
+            return
+        pytest.skip("no writable memory cgroup: " + ("; ".join(reasons) or "no memory controller in /proc/self/cgroup"))
+
+    def join(self) -> None:
+        """preexec_fn: move the starting child process into the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak_bytes(self) -> int | None:
+        """The cgroup's peak usage so far (v1 max_usage_in_bytes, v2 memory.peak where present)."""
+        name = "memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"
+        try:
+            return int((self.path / name).read_text().split()[0])
+        except (OSError, ValueError):
+            return None
+
+    def reset_peak(self) -> None:
+        try:
+            if self.version == "v1":
+                (self.path / "memory.max_usage_in_bytes").write_text("0")
+            elif (self.path / "memory.peak").is_file():
+                (self.path / "memory.peak").write_text("0")
+        except OSError:
+            pass
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def _run(cgroup: MemoryCgroup, model: Path, text: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "quantkit.cli", "calibrate", str(model), "--calib", str(text), "--nsamples", "4",
+           "--seqlen", "32", "--group-size", "32", "-o", str(out), "--json", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, preexec_fn=cgroup.join)
+
+
+@pytest.mark.slow
+def test_low_memory_calibrates_a_model_larger_than_the_memory_limit(tmp_path: Path) -> None:
+    limit = LIMIT_MB * 2**20
+    cgroup = MemoryCgroup(limit)
+    try:
+        # 56 layers of width 512: ~630 MiB of float32 weights, well over the limit; ~13 MiB a layer.
+        model = make_model_dir(tmp_path, layers=56, width=512, inter=1408)
+        text = make_text(tmp_path)
+        weight_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        assert weight_bytes > 1.3 * limit
+
+        cgroup.reset_peak()
+        low = _run(cgroup, model, text, tmp_path / "low", "--low-memory")
+        low_peak = cgroup.peak_bytes()
+        assert low.returncode == 0, (low.returncode, low.stderr[-3000:])
+        assert json.loads(low.stdout.strip().splitlines()[-1])["low_memory"]
+        assert (tmp_path / "low" / "config.json").is_file()
+
+        cgroup.reset_peak()
+        plain = _run(cgroup, model, text, tmp_path / "plain")
+        # The in-memory path must load every weight: the limit kills it (SIGKILL from the OOM killer)
+        # or it fails on an allocation; either way nothing is exported.
+        assert plain.returncode != 0, f"plain run fit under {LIMIT_MB} MiB (low-memory peak {low_peak})"
+        assert not (tmp_path / "plain").exists()
+        print(json.dumps({"limit_mb": LIMIT_MB, "weight_mb": round(weight_bytes / 2**20, 1),
+                          "low_memory_cgroup_peak_mb": None if low_peak is None else round(low_peak / 2**20, 1),
+                          "low_memory_peak_rss_mb": json.loads(low.stdout.strip().splitlines()[-1]).get("peak_rss_mb"),
+                          "plain_returncode": plain.returncode}))
+    finally:
+        cgroup.remove()

@@ -12,6 +12,9 @@ import torch
 FAIL_ENV = "QUANTKIT_FAIL_AT"
 # Test hook: seconds to sleep at the start of every layer, so a test can kill a run mid-way.
 DELAY_ENV = "QUANTKIT_LAYER_DELAY"
+# Test hook: "1" splits every linear's output rows over all ranks (instead of the cost-balanced
+# plan, which splits only where that balances better), so tests exercise the row-split path.
+SPLIT_ENV = "QUANTKIT_SPLIT_ROWS"
 
 
 class Comm:
@@ -33,6 +36,9 @@ class Comm:
 
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         """Overwrite `tensor` on every rank with rank `src`'s copy."""
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over ranks into every rank's copy (in place)."""
 
     def gather_objects(self, obj: object) -> list[object]:
         """Every rank's `obj`, in rank order (on every rank)."""
@@ -88,6 +94,10 @@ class TorchComm(Comm):
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         """Overwrite `tensor` on every rank with rank `src`'s copy."""
         self._run(tensor, lambda t: self._dist.broadcast(t, src=src))
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over ranks into every rank's copy (in place)."""
+        self._run(tensor, lambda t: self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM))
 
     def gather_objects(self, obj: object) -> list[object]:
         """Every rank's `obj`, in rank order (on every rank)."""

@@ -83,6 +83,99 @@ def assign_owners(linears: dict[str, nn.Linear], world_size: int) -> dict[str, i
     return owners
 
 
+# A piece of one linear's solve: (rank, first output row, end output row).
+Piece = tuple[int, int, int]
+# Row slices are cut at multiples of this (except at the end of the matrix).
+_ROW_ALIGN = 32
+
+
+def fixed_solve_seconds(in_features: int) -> float:
+    """The part of a GPTQ solve that every row slice repeats: the Cholesky work (~in^3) and the
+    per-column loop overhead (~in). Constants fitted on one CPU thread (torch 2.13)."""
+    return in_features**3 / 25e9 + in_features * 7e-5
+
+
+def row_solve_seconds(in_features: int) -> float:
+    """The part of a GPTQ solve that scales with the output rows, per row (one CPU thread)."""
+    return in_features * 3.8e-7
+
+
+def _piece_cost(linear: nn.Linear, rows: int) -> float:
+    return fixed_solve_seconds(linear.in_features) + rows * row_solve_seconds(linear.in_features)
+
+
+def plan_makespan(linears: dict[str, nn.Linear], plan: dict[str, list[Piece]], world_size: int) -> float:
+    """The modelled solve time of the busiest rank under `plan`."""
+    load = [0.0] * world_size
+    for name, pieces in plan.items():
+        for rank, start, end in pieces:
+            load[rank] += _piece_cost(linears[name], end - start)
+    return max(load)
+
+
+def _wrap_plan(linears: dict[str, nn.Linear], world_size: int, limit: float) -> dict[str, list[Piece]] | None:
+    """McNaughton's wrap-around rule with per-piece fixed costs: fill rank 0 up to `limit`, cut the
+    linear that overflows by rows and continue it on the next rank; None if `limit` is too low."""
+    plan: dict[str, list[Piece]] = {}
+    rank, load = 0, 0.0
+    for name in sorted(linears, key=lambda n: (-solve_cost(linears[n]), n)):
+        linear = linears[name]
+        fixed, per_row = fixed_solve_seconds(linear.in_features), row_solve_seconds(linear.in_features)
+        start, out = 0, linear.out_features
+        pieces: list[Piece] = []
+        while start < out:
+            if rank >= world_size:
+                return None
+            room = limit - load - fixed
+            if room >= (out - start) * per_row:
+                pieces.append((rank, start, out))
+                load += fixed + (out - start) * per_row
+                start = out
+                break
+            rows = int(room / per_row) // _ROW_ALIGN * _ROW_ALIGN if room > 0 else 0
+            if rows > 0:
+                pieces.append((rank, start, start + rows))
+                start += rows
+            rank, load = rank + 1, 0.0
+        plan[name] = pieces
+    return plan
+
+
+def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool = False) -> dict[str, list[Piece]]:
+    """Which rank solves which output rows of each linear of a group.
+
+    GPTQ's rows are independent given the Hessian, so a linear can be cut by output rows and each
+    slice solved on its own rank (every slice repeats the Cholesky work, see fixed_solve_seconds).
+    The plan is the better (by the cost model) of whole linears spread largest-first and the
+    wrap-around rule that cuts the linears at the rank boundaries; `split_all` cuts every linear
+    over all ranks instead. Deterministic: every rank computes the same plan.
+    """
+    if world_size == 1:
+        return {name: [(0, 0, lin.out_features)] for name, lin in linears.items()}
+    if split_all:
+        plan = {}
+        for name, lin in linears.items():
+            out = lin.out_features
+            bounds = [out * r // world_size for r in range(world_size)] + [out]
+            plan[name] = [(r, bounds[r], bounds[r + 1]) for r in range(world_size) if bounds[r + 1] > bounds[r]]
+        return plan
+    owners = assign_owners(linears, world_size)
+    best = {name: [(owners[name], 0, lin.out_features)] for name, lin in linears.items()}
+    best_cost = plan_makespan(linears, best, world_size)
+    total = sum(_piece_cost(lin, lin.out_features) for lin in linears.values())
+    low, high, found = total / world_size, best_cost, None
+    for _ in range(40):
+        mid = (low + high) / 2
+        candidate = _wrap_plan(linears, world_size, mid)
+        if candidate is None:
+            low = mid
+        else:
+            high, found = mid, candidate
+    if found is not None and plan_makespan(linears, found, world_size) < best_cost * 0.98:
+        return found
+    return best
+
+
 def accumulate_group(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
@@ -118,28 +211,52 @@ def accumulate_group(
     return accumulators
 
 
+def _result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Row-additive error sums of one (slice of a) solve: ||D||^2, ||W||^2, tr(D H D^T), tr(W H W^T)."""
+    quantized = result.dequantize().to(weight.device)
+    delta = weight - quantized
+    stats = [float(delta.pow(2).sum()), float(weight.pow(2).sum()), float("nan"), float("nan")]
+    if hessian is not None:
+        stats[2] = float(torch.einsum("oi,ij,oj->", delta, hessian, delta))
+        stats[3] = float(torch.einsum("oi,ij,oj->", weight, hessian, weight))
+    return torch.tensor(stats, dtype=torch.float64)
+
+
 def _share_result(
-    comm: Comm, result: QuantResult | None, stats: torch.Tensor, owner: int, linear: nn.Linear, spec: QuantSpec
-) -> QuantResult:
-    """Broadcast one linear's QuantResult (and its report stats) from the rank that solved it."""
-    comm.broadcast_(stats, owner)
-    if comm.rank == owner:
-        tensors = [result.qweight, result.scales, result.zeros, result.g_idx]
-    else:
-        out_f, in_f, groups = linear.out_features, linear.in_features, int(stats[0])
-        tensors = [
-            torch.empty(out_f, in_f, dtype=torch.uint8),
-            torch.empty(out_f, groups, dtype=torch.float32),
-            torch.empty(out_f, groups, dtype=torch.uint8),
-            torch.empty(in_f, dtype=torch.int32),
-        ]
-    tensors = [t.cpu().contiguous() for t in tensors]
-    for tensor in tensors:
-        comm.broadcast_(tensor, owner)
-    return QuantResult(
-        qweight=tensors[0], scales=tensors[1], zeros=tensors[2], g_idx=tensors[3],
+    comm: Comm, mine: tuple[QuantResult, torch.Tensor] | None, pieces: list[Piece], linear: nn.Linear,
+    spec: QuantSpec,
+) -> tuple[QuantResult, torch.Tensor]:
+    """Assemble one linear's QuantResult on every rank from the row slices its pieces' ranks solved.
+
+    Each slice's rows are broadcast from the rank that solved it (g_idx, identical in every slice
+    since it depends on the Hessian only, from the first); the error sums are all-reduced.
+    """
+    out_f, in_f = linear.out_features, linear.in_features
+    groups = 1 if spec.group_size == -1 else in_f // spec.group_size
+    stats = mine[1].clone() if mine is not None else torch.zeros(4, dtype=torch.float64)
+    stats = torch.nan_to_num(stats, nan=0.0)
+    comm.all_reduce_sum_(stats)
+    full = [
+        torch.empty(out_f, in_f, dtype=torch.uint8),
+        torch.empty(out_f, groups, dtype=torch.float32),
+        torch.empty(out_f, groups, dtype=torch.uint8),
+    ]
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    for rank, start, end in pieces:
+        if rank == comm.rank:
+            result = mine[0]
+            for target, part in zip(full, (result.qweight, result.scales, result.zeros)):
+                target[start:end].copy_(part)
+            if rank == pieces[0][0]:
+                g_idx.copy_(result.g_idx)
+        for target in full:
+            comm.broadcast_(target[start:end], rank)
+    comm.broadcast_(g_idx, pieces[0][0])
+    result = QuantResult(
+        qweight=full[0], scales=full[1], zeros=full[2], g_idx=g_idx,
         bits=spec.bits, group_size=spec.group_size, sym=spec.sym, act_order=spec.act_order,
     )
+    return result, stats
 
 
 def quantize_layer(
@@ -156,61 +273,73 @@ def quantize_layer(
 ) -> tuple[dict[str, QuantResult], dict]:
     """Quantize one decoder layer in place, group by group; return its results and report.
 
-    With several ranks, `inputs` is this rank's shard: Hessian sums (and weight totals) are
-    reduced onto the rank that solves each linear, and the results are broadcast back.
+    With several ranks, `inputs` is this rank's shard: each linear is planned onto one or more
+    ranks (plan_group: whole, or cut by output rows); its Hessian sums (and weight totals) are
+    reduced onto its rank, or all-reduced when several ranks solve slices of it, and the solved
+    rows are broadcast back so every rank ends with the whole result.
     """
+    import os
+
+    from quantkit.engine.comm import SPLIT_ENV
     from quantkit.quant import solver_for
 
     comm = comm or Comm()
     solve = solver_for(method)
     needs_hessian = method != "rtn"
+    shared = needs_hessian and comm.distributed
+    split_all = os.environ.get(SPLIT_ENV, "") == "1"
     results: dict[str, QuantResult] = {}
     reports = {}
     for group in adapter.linear_order:
         linears = {name: get_module(layer, name) for name in group}
-        owners = assign_owners(linears, comm.world_size) if needs_hessian else dict.fromkeys(linears, comm.rank)
+        if shared:
+            plan = plan_group(linears, comm.world_size, split_all)
+        else:
+            plan = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         hessians: dict[str, torch.Tensor] = {}
         if needs_hessian:
             accumulators = accumulate_group(layer, linears, inputs, weights, device)
             for name in group:
                 acc = accumulators.pop(name)
+                ranks = sorted({piece[0] for piece in plan[name]})
                 if comm.distributed:
                     total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
-                    comm.reduce_sum_(acc.hessian, owners[name])
-                    comm.reduce_sum_(total, owners[name])
+                    if len(ranks) == 1:
+                        comm.reduce_sum_(acc.hessian, ranks[0])
+                        comm.reduce_sum_(total, ranks[0])
+                    else:
+                        comm.all_reduce_sum_(acc.hessian)
+                        comm.all_reduce_sum_(total)
                     acc.weight_sum = float(total[0])
-                if owners[name] == comm.rank:
+                if comm.rank in ranks:
                     hessians[name] = acc.result()
                 del acc
         solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
         for name in group:
-            if owners[name] != comm.rank:
+            mine = [(start, end) for rank, start, end in plan[name] if rank == comm.rank]
+            if not mine:
                 continue
+            start, end = mine[0]
             full = f"{adapter.layer_prefix(index)}.{name}"
             hessian = hessians.pop(name, None)
-            if observer is not None and hessian is not None:
+            if observer is not None and hessian is not None and plan[name][0][0] == comm.rank:
                 observer(full, hessian)
-            weight = linears[name].weight.data.float()
+            weight = linears[name].weight.data[start:end].float()
             result = solve(weight, hessian, spec, name=full)
-            quantized = result.dequantize().to(weight.device)
-            rel_mse = float((weight - quantized).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30))
-            out_err = relative_output_error(weight, quantized, hessian) if hessian is not None else float("nan")
-            stats = torch.tensor([result.scales.shape[1], rel_mse, out_err], dtype=torch.float64)
-            solved[name] = (result, stats)
-            del hessian, weight, quantized
+            solved[name] = (result, _result_stats(weight, result, hessian))
+            del hessian, weight
         for name in group:
             linear = linears[name]
-            if needs_hessian and comm.distributed:
-                result, stats = solved.get(name, (None, torch.zeros(3, dtype=torch.float64)))
-                result = _share_result(comm, result, stats, owners[name], linear, spec)
+            if shared:
+                result, stats = _share_result(comm, solved.get(name), plan[name], linear, spec)
             else:
                 result, stats = solved[name]
                 result = _to_cpu(result)
             linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
-            entry = {"weight_rel_mse": float(stats[1])}
+            entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
             if needs_hessian:
-                entry["output_rel_err"] = float(stats[2])
-                entry["solved_on_rank"] = owners[name]
+                entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
+                entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan[name]]
             reports[name] = entry
             results[f"{adapter.layer_prefix(index)}.{name}"] = result
         del solved, hessians

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -241,8 +241,8 @@ def calibrate_streaming(
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
 
-    Finished layers go to `work_dir` as they complete; the returned Calibration's results are
-    read back from there. With `resume`, a work area from an interrupted run with the same
+    Finished layers go to `work_dir` as they complete; the returned Calibration's results are a
+    StreamedResults that reads them back from there (a layer at a time, on access). With `resume`, a work area from an interrupted run with the same
     `fingerprint` (settings) is continued from its last finished layer.
     """
     from quantkit.quant import solver_for
@@ -294,10 +294,7 @@ def calibrate_streaming(
             {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": reports}
         )
         _write_state(work, state)
-    all_results: dict[str, QuantResult] = {}
-    for index in range(n_layers):
-        results, _ = _load_layer_file(_layer_file(work, index), spec)
-        all_results.update(results)
+    all_results = StreamedResults(work, spec, n_layers)
     report = {
         "method": method,
         "spec": spec.to_dict(),
@@ -312,12 +309,49 @@ def calibrate_streaming(
     return model, Calibration(results=all_results, report=report)
 
 
+class StreamedResults(Mapping):
+    """The QuantResults of a low-memory run, left in the work area's layer files: a mapping that
+    reads a layer's results on access instead of holding every layer's in memory."""
+
+    def __init__(self, work_dir: str | os.PathLike, spec: QuantSpec, n_layers: int) -> None:
+        self.work = Path(work_dir)
+        self.spec = spec
+        self.n_layers = n_layers
+        self._layer_of: dict[str, int] = {}
+        for index in range(n_layers):
+            with safe_open(str(_layer_file(self.work, index)), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if key.startswith("q.") and key.endswith(".qweight"):
+                        self._layer_of[key[2 : -len(".qweight")]] = index
+
+    def layer(self, index: int) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
+        """Decoder layer `index`'s results and FP tensors, read from its file."""
+        return _load_layer_file(_layer_file(self.work, index), self.spec)
+
+    def __getitem__(self, name: str) -> QuantResult:
+        return self.layer(self._layer_of[name])[0][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layer_of)
+
+    def __len__(self) -> int:
+        return len(self._layer_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._layer_of
+
+
 def export_streamed(
-    model: nn.Module, work_dir: str | os.PathLike, results: dict[str, QuantResult], output: str, *,
+    model: nn.Module, work_dir: str | os.PathLike, results: Mapping[str, QuantResult], output: str, *,
     fmt: str, source: str | None, report: dict, overwrite: bool,
 ) -> Path:
-    """Write the final checkpoint from the skeleton's non-layer tensors and the work area's layers."""
-    from quantkit.export.checkpoint import Checkpoint, write_checkpoint
+    """Write the final checkpoint from the skeleton's non-layer tensors and the work area's layers.
+
+    Layer by layer: each layer's file is read, encoded and spooled by write_checkpoint_streamed,
+    then freed, so memory does not grow with the number of layers. `results` is the run's
+    StreamedResults (or any mapping of every layer's results, e.g. held in memory).
+    """
+    from quantkit.export.checkpoint import write_checkpoint_streamed
 
     adapter = adapter_for(model)
     prefix = adapter.layers + "."
@@ -332,12 +366,25 @@ def export_streamed(
         seen.add(ident)
         fp[key] = t.detach()
     n_layers = len(adapter.decoder_layers(model))
-    for index in range(n_layers):
-        _, layer_fp = _load_layer_file(_layer_file(Path(work_dir), index), QuantSpec())
-        fp.update(layer_fp)
+    work = Path(work_dir)
+    streamed = isinstance(results, StreamedResults)
+
+    def parts() -> Iterator[tuple[dict[str, torch.Tensor], dict[str, QuantResult]]]:
+        yield fp, {}
+        for index in range(n_layers):
+            if streamed:
+                layer_results, layer_fp = results.layer(index)
+            else:
+                _, layer_fp = _load_layer_file(_layer_file(work, index), QuantSpec())
+                layer_prefix = f"{adapter.layer_prefix(index)}."
+                layer_results = {k: v for k, v in results.items() if k.startswith(layer_prefix)}
+            yield layer_fp, layer_results
+            del layer_results, layer_fp
+            _trim_heap()
+
     fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    ckpt = Checkpoint(config=config, manifest={}, fp_tensors=fp, results=results)
-    ckpt.extra = {"linear_order": adapter.linear_names(), "n_blocks": n_layers, "fp_linears": fp_linears}
-    return write_checkpoint(ckpt, output, fmt=fmt, source=source, report=report, overwrite=overwrite)
+    extra = {"linear_order": adapter.linear_names(), "n_blocks": n_layers, "fp_linears": fp_linears}
+    return write_checkpoint_streamed(config, parts(), output, fmt=fmt, extra=extra, source=source, report=report,
+                                     overwrite=overwrite)

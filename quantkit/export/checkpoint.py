@@ -12,13 +12,15 @@ import json
 import os
 import re
 import shutil
+import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.export import ct, gptq
@@ -193,6 +195,216 @@ def write_checkpoint(
         if source is not None:
             _copy_source_files(source, tmp)
     return Path(out_dir)
+
+
+def write_checkpoint_streamed(
+    config: dict,
+    parts: Iterable[tuple[dict[str, torch.Tensor], dict[str, QuantResult]]],
+    out_dir: str | os.PathLike,
+    *,
+    fmt: str,
+    extra: dict | None = None,
+    source: str | None = None,
+    report: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """write_checkpoint for a model that does not fit in memory: `parts` yields (FP tensors, results)
+    a piece at a time (the non-layer tensors, then one decoder layer per piece).
+
+    Each piece is encoded once and spooled to disk, then dropped; the shards are assembled from the
+    spool a tensor at a time. The files are byte-identical to write_checkpoint's for the same
+    tensors (same shard split, names, index and safetensors layout), and memory stays at about one
+    piece whatever the number of pieces.
+    """
+    check_format(fmt)
+    limit = parse_size(max_shard_size)
+    extra = extra or {}
+    fp_linears = extra.get("fp_linears") or []
+    with atomic_dir(out_dir, overwrite) as tmp:
+        spool, qspool = _Spool(tmp / ".spool" / "model"), _Spool(tmp / ".spool" / "qparams")
+        stubs: dict[str, QuantResult] = {}  # metadata only: bits, group size, sym, act order, g_idx
+        fp_names: list[str] = []
+        fp_dtype: torch.dtype | None = None
+        for fp, results in parts:
+            if fp_dtype is None and any(t.is_floating_point() for t in fp.values()):
+                fp_dtype = _float_dtype(fp)
+            dtype = fp_dtype or torch.float32
+            tensors = dict(fp)
+            fp_names.extend(fp)
+            qparams: dict[str, torch.Tensor] = {}
+            for name, r in results.items():
+                check_result(name, r)
+                if fmt == "gptq":
+                    gptq.check_v1(name, r)
+                elif fmt == "compressed-tensors":
+                    ct.check_supported(name, r)
+                if fmt in ("gptq", "gptq_v2"):
+                    enc = gptq.encode(r, 1 if fmt == "gptq" else 2)
+                elif fmt == "compressed-tensors":
+                    enc = ct.encode(r, dtype if dtype in (torch.float16, torch.float32) else torch.float16)
+                else:
+                    w = r.dequantize()
+                    stored = w.to(dtype)
+                    enc = {"weight": stored if torch.equal(stored.float(), w) else w}
+                    qparams[f"{name}.scales"] = r.scales.to(torch.float16).contiguous()
+                    qparams[f"{name}.zeros"] = r.zeros.contiguous()
+                    qparams[f"{name}.g_idx"] = r.g_idx.contiguous()
+                for k, v in enc.items():
+                    tensors[f"{name}.{k}"] = v
+                empty = torch.empty(0, 0)
+                stubs[name] = QuantResult(qweight=empty, scales=empty, zeros=empty, g_idx=r.g_idx.clone(), bits=r.bits,
+                                          group_size=r.group_size, sym=r.sym, act_order=r.act_order)
+            spool.add(tensors)
+            qspool.add(qparams)
+            del tensors, qparams, fp, results
+        fp_dtype = fp_dtype or torch.float32
+        fp_set = set(fp_names)
+        for name in stubs:
+            if f"{name}.weight" in fp_set:
+                raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
+        spec = common_spec(stubs)
+        report_spec = (report or {}).get("spec", {}) if isinstance((report or {}).get("spec"), dict) else {}
+        damp = float(report_spec.get("damp", 0.01))
+        static_groups = bool(report_spec.get("static_groups", False))
+        spec = {**spec, "damp": damp, "static_groups": static_groups}
+        config = dict(config)
+        config.pop("quantization_config", None)
+        qc: dict | None = None
+        if fmt in ("gptq", "gptq_v2"):
+            qc = gptq.quantization_config(
+                spec, stubs, 1 if fmt == "gptq" else 2, damp=damp, static_groups=static_groups,
+                linear_order=extra.get("linear_order"), n_blocks=extra.get("n_blocks"),
+            )
+        elif fmt == "compressed-tensors":
+            qc = ct.quantization_config(spec, fp_linears)
+        if qc is not None:
+            config["quantization_config"] = qc
+        manifest = {
+            "quantkit_version": VERSION,
+            "format": fmt,
+            "spec": spec,
+            "quantized_modules": sorted(stubs),
+            "fp_modules": sorted({k.rsplit(".", 1)[0] for k in fp_names}),
+            "fp_linears": sorted(fp_linears),
+            "linear_order": extra.get("linear_order"),
+            "n_blocks": extra.get("n_blocks"),
+            "dtype": str(fp_dtype).replace("torch.", ""),
+        }
+        _save_sharded_from_spool(spool, tmp, limit)
+        if qspool.entries:
+            qspool.write_file(list(qspool.entries), tmp / QPARAMS)
+        shutil.rmtree(tmp / ".spool")
+        _write_json(tmp / "config.json", config)
+        if qc is not None and fmt in ("gptq", "gptq_v2"):
+            _write_json(tmp / "quantize_config.json", qc)
+        _write_json(tmp / MANIFEST, manifest)
+        if report is not None:
+            _write_json(tmp / REPORT, report)
+        if source is not None:
+            _copy_source_files(source, tmp)
+    return Path(out_dir)
+
+
+@dataclass
+class _SpoolEntry:
+    path: Path
+    begin: int  # byte range of the tensor's data in `path`
+    end: int
+    dtype: torch.dtype
+    shape: list[int]
+
+
+class _Spool:
+    """Tensors saved once to numbered safetensors files, later copied a tensor at a time into the
+    final files (so no more than one piece of the model is ever in memory)."""
+
+    _CHUNK = 16 * 2**20
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.entries: dict[str, _SpoolEntry] = {}
+        self._files = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Spool `tensors` (one file); the caller can drop them afterwards."""
+        if not tensors:
+            return
+        for key in tensors:
+            if key in self.entries:
+                raise QuantkitError(f"tensor {key} is written twice; this is a bug")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{self._files:06d}.safetensors"
+        self._files += 1
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        base = 8 + size
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            self.entries[key] = _SpoolEntry(path, base + begin, base + end, tensors[key].dtype, list(info["shape"]))
+
+    def nbytes(self, key: str) -> int:
+        entry = self.entries[key]
+        return entry.end - entry.begin
+
+    def write_file(self, keys: list[str], path: Path, metadata: dict[str, str] | None = None) -> None:
+        """One safetensors file holding `keys`, laid out exactly as safetensors' save_file lays it out."""
+        metadata = {"format": "pt"} if metadata is None else metadata
+        # safetensors orders the data by dtype, then by name: ask it for that order on empty tensors.
+        probe = save({k: torch.empty(0, dtype=self.entries[k].dtype) for k in keys}, metadata=metadata)
+        probe_header = json.loads(probe[8 : 8 + struct.unpack("<Q", probe[:8])[0]])
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        order = [k for k in probe_header if k != "__metadata__"]
+        offset = 0
+        for key in order:
+            n = self.nbytes(key)
+            header[key] = {"dtype": probe_header[key]["dtype"], "shape": self.entries[key].shape,
+                           "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * ((8 - len(blob) % 8) % 8)
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for key in order:
+                entry = self.entries[key]
+                with open(entry.path, "rb") as src:
+                    src.seek(entry.begin)
+                    left = entry.end - entry.begin
+                    while left > 0:
+                        chunk = src.read(min(left, self._CHUNK))
+                        if not chunk:
+                            raise QuantkitError(f"spool file {entry.path} is truncated; the disk may be full")
+                        out.write(chunk)
+                        left -= len(chunk)
+
+
+def _save_sharded_from_spool(spool: _Spool, out: Path, limit: int) -> None:
+    """_save_sharded for spooled tensors: the same shard split, file names and index."""
+    keys = sorted(spool.entries, key=_natural_key)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        n = spool.nbytes(k)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    if len(shards) == 1:
+        spool.write_file(shards[0], out / SINGLE)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        spool.write_file(shard, out / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": sum(spool.nbytes(k) for k in keys)}, "weight_map": weight_map}
+    _write_json(out / INDEX, index)
 
 
 def parse_size(size: int | str) -> int:
