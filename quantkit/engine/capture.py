@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +60,17 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    sizes: list[int] | None = None  # samples stacked in each entry of `hidden` (None: one each)
+
+    def batch_weights(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-entry token weights from per-sample ones, concatenated within each stacked batch."""
+        if self.sizes is None:
+            return list(weights)
+        batches, start = [], 0
+        for size in self.sizes:
+            batches.append(torch.cat([w.reshape(-1) for w in weights[start : start + size]]))
+            start += size
+        return batches
 
     def kwargs_for(self, index: int) -> dict:
         """The layer kwargs of sample `index`."""
@@ -67,6 +78,21 @@ class LayerInputs:
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+
+def stack_samples(inputs: LayerInputs, batch_size: int) -> LayerInputs:
+    """Stack samples into batches of `batch_size` where they share layer kwargs and shape.
+
+    Larger matmuls and fewer module calls make each layer pass several times cheaper on CPU for
+    small models; samples with their own kwargs (Qwen2-VL's mrope positions) stay one by one.
+    """
+    shapes = {tuple(h.shape) for h in inputs.hidden}
+    if batch_size <= 1 or len(inputs.kwargs) != 1 or len(shapes) != 1 or inputs.sizes is not None:
+        return inputs
+    if next(iter(shapes))[0] != 1:
+        return inputs
+    hidden = [torch.cat(inputs.hidden[i : i + batch_size]) for i in range(0, len(inputs.hidden), batch_size)]
+    return LayerInputs(hidden=hidden, kwargs=inputs.kwargs, sizes=[h.shape[0] for h in hidden])
 
 
 def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.engine.capture import LayerInputs, StopForward, capture_layer_inputs, run_layer
+from quantkit.engine.capture import (
+    LayerInputs,
+    StopForward,
+    capture_layer_inputs,
+    run_layer,
+    stack_samples,
+)
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
 from quantkit.errors import QuantkitError
@@ -31,6 +37,10 @@ class Calibration:
 
     results: dict[str, QuantResult]
     report: dict = field(default_factory=dict)
+
+
+# Samples per layer pass where they can be stacked (see stack_samples).
+BATCH_SIZE = 16
 
 
 def peak_rss_mb() -> float:
@@ -388,7 +398,7 @@ def calibrate_model(
 
     started = time.perf_counter()
     layers = adapter.decoder_layers(model)
-    inputs = capture_layer_inputs(model, adapter, shard(samples, comm), device)
+    inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
     results: dict[str, QuantResult] = {}
     layer_reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method} w{spec.bits}", disable=not progress or comm.rank != 0)
@@ -396,7 +406,7 @@ def calibrate_model(
         comm.enter_layer(index)
         layer_started = time.perf_counter()
         layer = layers[index].to(device)
-        weights = shard(token_weights(index), comm) if token_weights is not None else None
+        weights = inputs.batch_weights(shard(token_weights(index), comm)) if token_weights is not None else None
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm, observer
         )
