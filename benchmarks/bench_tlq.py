@@ -1,12 +1,15 @@
 """TLQ vs GPTQ vs RTN on the reference LM: held-out loss gap to FP, ablations, cost, importance memory.
 
 Usage:
-    python benchmarks/bench_tlq.py [--seeds 0 1] [--nsamples 128] [--seqlen 256] [--eval-tokens 40000]
+    python benchmarks/bench_tlq.py [--seeds 0 1] [--settings W3g64 W2g64] [--variants default p0.5 ...] [--eval-tokens 40960]
+    python benchmarks/bench_tlq.py --cost [--repeats 2] [--batch-sizes 1 16]   # importance vs GPTQ/TLQ calibration time
     python benchmarks/bench_tlq.py --memory      # peak RSS: block-wise importance vs whole-model autograd
 
 Calibration windows come from the "train" part (first 90%) of ../shared/data/text, evaluation from
 the "heldout" part (last 10%). The reference LM is 192 wide: g128 does not divide it, so every
-setting uses g64 (W4 g64 stands in for W4 g128). Prints one JSON object.
+setting uses g64 (W4 g64 stands in for W4 g128); W2 is asymmetric, W3/W4 symmetric, the same for
+every method. TLQ variants are compared on validation windows from the train part (disjoint from the
+calibration windows), never on the held-out text. Prints one JSON object (last run: results/bench_tlq.json).
 """
 
 from __future__ import annotations
@@ -25,28 +28,83 @@ import torch
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_LM = SHARED / "models" / "ref-lm"
 TEXT_DIR = SHARED / "data" / "text"
-SETTINGS = [("W4g64", 4, 64), ("W3g64", 3, 64), ("W2g64", 2, 64)]
-ABLATIONS = [
-    ("lam0", {"lam": 0.0}),
-    ("lam0.5", {"lam": 0.5}),
-    ("p0.5", {"power": 0.5}),
-    ("p2", {"power": 2.0}),
-    ("top0.25", {"top_fraction": 0.25}),
-]
+# (label, bits, group, sym): the same grid for every method. W2 is asymmetric (issue #3: "W2 g64 asym").
+SETTINGS = [("W4g64", 4, 64, True), ("W3g64", 3, 64, True), ("W2g64", 2, 64, False)]
+# TLQ variants: chosen on the validation windows (train part), never on the held-out text.
+VARIANTS = {
+    "default": {},
+    "lam0.05": {"lam": 0.05},
+    "lam0.3": {"lam": 0.3},
+    "lam0.5": {"lam": 0.5},
+    "p0.5": {"power": 0.5},
+    "global": {"normalise": "global"},
+}
+VALIDATION_SEED_OFFSET = 10_000
 
 
-def _quantize(model, samples, bits, group, method, token_weights=None):
+def _quantize(model, samples, bits, group, sym, method, token_weights=None):
     from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     quantized = copy.deepcopy(model)
     started = time.perf_counter()
-    calibrate_model(quantized, samples, QuantSpec(bits=bits, group_size=group), method=method, token_weights=token_weights, progress=False)
+    calibrate_model(quantized, samples, QuantSpec(bits=bits, group_size=group, sym=sym), method=method,
+                    token_weights=token_weights, progress=False)
     return quantized, time.perf_counter() - started
 
 
-def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, ablate_bits: tuple[int, ...]) -> dict:
-    """Loss gaps of RTN/GPTQ/TLQ (and TLQ ablations) per seed and bit width."""
+def _train_stream(tokenizer):
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    return tokenize_documents(resolve_texts(str(TEXT_DIR), part="train"), tokenizer)
+
+
+def validation_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, count: int) -> torch.Tensor:
+    """[count, seqlen] windows of the train stream that overlap none of the calibration windows of `seed`.
+
+    The calibration windows are redrawn exactly as quantkit.data.draw_windows draws them.
+    """
+    import random
+
+    found = int(ids.numel())
+    calib = random.Random(seed).sample(range(found - seqlen + 1), nsamples)
+    taken = sorted(calib)
+    picked: list[int] = []
+    rng = random.Random(VALIDATION_SEED_OFFSET + seed)
+    import bisect
+
+    while len(picked) < count:
+        start = rng.randrange(found - seqlen + 1)
+        spots = taken
+        k = bisect.bisect_left(spots, start)
+        near = [spots[j] for j in (k - 1, k) if 0 <= j < len(spots)]
+        if any(abs(start - other) < seqlen for other in near):
+            continue
+        bisect.insort(taken, start)
+        picked.append(start)
+    return torch.stack([ids[s : s + seqlen] for s in picked])
+
+
+@torch.no_grad()
+def windows_loss(model, windows: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted token of the windows."""
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, settings: list[str], variants: list[str]) -> dict:
+    """RTN/GPTQ/TLQ(+variants) gaps to FP per seed and setting, on validation windows and held-out text.
+
+    Validation: `eval_tokens` worth of 256-token windows from the train part, disjoint from the
+    calibration windows. Held-out: the first `eval_tokens` of the held-out part. Variant choice
+    (`chosen`) uses validation numbers only: the lowest mean TLQ/GPTQ gap ratio over seeds and the
+    W3/W2 settings.
+    """
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
@@ -54,44 +112,94 @@ def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, 
     from quantkit.importance import TokenImportance, layer_output_gradients
     from quantkit.models import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     model = load_model(str(REF_LM), dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(REF_LM))
+    train_ids = _train_stream(tokenizer)
 
-    def loss_of(m) -> float:
+    def heldout_loss(m) -> float:
         return evaluate_loss(m, tokenizer, str(TEXT_DIR), seqlen=256, max_tokens=eval_tokens, part="heldout", progress=False)["loss"]
 
-    fp_loss = loss_of(model)
-    out: dict = {"fp_loss": fp_loss, "eval_tokens": eval_tokens, "nsamples": nsamples, "seqlen": seqlen, "runs": []}
+    fp_heldout = heldout_loss(model)
+    out: dict = {"fp_loss": fp_heldout, "eval_tokens": eval_tokens, "nsamples": nsamples, "seqlen": seqlen,
+                 "variants": {v: VARIANTS[v] for v in variants}, "fp_val_loss": {}, "runs": []}
+    chosen_settings = [s for s in SETTINGS if s[0] in settings]
     for seed in seeds:
         samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
+        val = validation_windows(train_ids, nsamples, seqlen, seed, max(1, eval_tokens // 256))
+        fp_val = windows_loss(model, val)
+        out["fp_val_loss"][str(seed)] = fp_val
         started = time.perf_counter()
         scores, report, _ = layer_output_gradients(model, samples, progress=False)
         importance_seconds = time.perf_counter() - started
-        default = TokenImportance(scores, samples)
-        for label, bits, group in SETTINGS:
-            row = {"seed": seed, "setting": label, "importance_s": round(importance_seconds, 2)}
-            for method, weights in (("rtn", None), ("gptq", None), ("tlq", default)):
-                quantized, seconds = _quantize(model, samples, bits, group, "gptq" if method == "tlq" else method, weights)
-                row[f"{method}_gap"] = loss_of(quantized) - fp_loss
-                row[f"{method}_calib_s"] = round(seconds, 2)
-            row["tlq_over_gptq"] = row["tlq_gap"] / row["gptq_gap"] if row["gptq_gap"] > 0 else None
-            row["cost_ratio"] = (importance_seconds + row["tlq_calib_s"]) / row["gptq_calib_s"]
-            if bits in ablate_bits:
-                for name, options in ABLATIONS:
-                    weights = TokenImportance(scores, samples, seed=seed, **options)
-                    quantized, _ = _quantize(model, samples, bits, group, "gptq", weights)
-                    row[f"tlq_{name}_gap"] = loss_of(quantized) - fp_loss
+        for label, bits, group, sym in chosen_settings:
+            row = {"seed": seed, "setting": label, "sym": sym, "importance_s": round(importance_seconds, 2)}
+            methods = [("rtn", "rtn", None), ("gptq", "gptq", None)]
+            methods += [(f"tlq_{v}", "tlq", TokenImportance(scores, samples, seed=seed, **VARIANTS[v])) for v in variants]
+            for name, method, weights in methods:
+                quantized, seconds = _quantize(model, samples, bits, group, sym, method, weights)
+                row[f"{name}_gap"] = heldout_loss(quantized) - fp_heldout
+                row[f"{name}_val_gap"] = windows_loss(quantized, val) - fp_val
+                row[f"{name}_calib_s"] = round(seconds, 2)
+                del quantized
+            for v in variants:
+                row[f"tlq_{v}_over_gptq"] = row[f"tlq_{v}_gap"] / row["gptq_gap"] if row["gptq_gap"] > 0 else None
+                row[f"tlq_{v}_over_gptq_val"] = row[f"tlq_{v}_val_gap"] / row["gptq_val_gap"] if row["gptq_val_gap"] > 0 else None
             out["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     summary = {}
-    for label, _, _ in SETTINGS:
+    for label, *_ in chosen_settings:
         rows = [r for r in out["runs"] if r["setting"] == label]
         means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.endswith("_gap")}
-        means["tlq_over_gptq_of_means"] = means["tlq_gap"] / means["gptq_gap"] if means["gptq_gap"] > 0 else None
-        means["cost_ratio"] = sum(r["cost_ratio"] for r in rows) / len(rows)
+        for v in variants:
+            means[f"tlq_{v}_over_gptq_of_means"] = means[f"tlq_{v}_gap"] / means["gptq_gap"] if means["gptq_gap"] > 0 else None
+            means[f"tlq_{v}_over_gptq_val_of_means"] = (
+                means[f"tlq_{v}_val_gap"] / means["gptq_val_gap"] if means["gptq_val_gap"] > 0 else None
+            )
         summary[label] = means
     out["summary"] = summary
+    low_bit = [label for label, bits, *_ in chosen_settings if bits <= 3] or [s[0] for s in chosen_settings]
+    val_score = {v: sum(summary[label][f"tlq_{v}_over_gptq_val_of_means"] for label in low_bit) / len(low_bit) for v in variants}
+    out["validation_choice"] = {"rule": f"min mean over {low_bit} of TLQ/GPTQ validation gap ratio", "scores": val_score,
+                                "chosen": min(val_score, key=val_score.get)}
+    return out
+
+
+def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int]) -> dict:
+    """Wall and CPU seconds of importance (per batch size), GPTQ and TLQ calibration, interleaved; min over repeats."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.importance import TokenImportance, layer_output_gradients
+    from quantkit.models import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(str(REF_LM), dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(REF_LM))
+    samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0, part="train")
+    times: dict[str, list[tuple[float, float]]] = {}
+
+    def clock(name, fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        times.setdefault(name, []).append((time.perf_counter() - wall, time.process_time() - cpu))
+        return value
+
+    weights = None
+    for _ in range(repeats):
+        for size in batch_sizes:
+            scores, _, _ = clock(f"importance_b{size}", lambda size=size: layer_output_gradients(model, samples, progress=False, batch_size=size))
+            weights = TokenImportance(scores, samples)
+        clock("gptq_calib", lambda: _quantize(model, samples, 3, 64, True, "gptq"))
+        clock("tlq_calib", lambda weights=weights: _quantize(model, samples, 3, 64, True, "tlq", weights))
+    best = {k: {"wall_s": round(min(w for w, _ in v), 2), "cpu_s": round(min(c for _, c in v), 2),
+                "all_wall_s": [round(w, 2) for w, _ in v]} for k, v in times.items()}
+    out = {"nsamples": nsamples, "seqlen": seqlen, "setting": "W3g64 sym", "threads": 1, "repeats": repeats, "times": best}
+    for size in batch_sizes:
+        for unit in ("wall_s", "cpu_s"):
+            out[f"cost_ratio_b{size}_{unit}"] = round(
+                (best[f"importance_b{size}"][unit] + best["tlq_calib"][unit]) / best["gptq_calib"][unit], 3
+            )
     return out
 
 
@@ -152,8 +260,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=40000)
-    parser.add_argument("--ablate-bits", type=int, nargs="*", default=[2, 3], help="bit widths to run the TLQ ablations at (none: skip)")
+    parser.add_argument("--eval-tokens", type=int, default=40960)
+    parser.add_argument("--settings", nargs="+", default=["W3g64", "W2g64"], choices=[s[0] for s in SETTINGS])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="TLQ variants to run")
+    parser.add_argument("--cost", action="store_true", help="time importance, GPTQ and TLQ calibration (1 thread)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-child", default=None)
     args = parser.parse_args()
@@ -165,7 +277,10 @@ def main() -> None:
         return
     if not (REF_LM / "config.json").is_file():
         sys.exit(f"reference model not found at {REF_LM}")
-    print(json.dumps(run_quality(args.seeds, args.nsamples, args.seqlen, args.eval_tokens, tuple(args.ablate_bits))))
+    if args.cost:
+        print(json.dumps(run_cost(args.nsamples, args.seqlen, args.repeats, args.batch_sizes)))
+        return
+    print(json.dumps(run_quality(args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants)))
 
 
 if __name__ == "__main__":

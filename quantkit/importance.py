@@ -16,6 +16,8 @@ Conventions (see DESIGN.md, "TLQ as quantkit defines it"):
   total weight to H, as in plain GPTQ, and the weights only redistribute importance inside
   a sample. A global mean would let samples with few scored tokens (a short answer in a
   long image prompt: large per-token gradients under a mean loss) dominate H.
+- Global normalisation (``normalise="global"``): the mean of s**p is taken over the valid
+  tokens of all samples of the layer instead of per sample (an option; per sample is default).
 - Per-modality: the mean is taken within vision tokens and within text tokens separately
   (MBQ-style balance), so the ~10x smaller vision gradients are not crushed by the mix.
 - Top fraction f: per sample and layer, keep the ceil(f * n_valid) tokens of largest weight
@@ -29,7 +31,11 @@ Conventions (see DESIGN.md, "TLQ as quantkit defines it"):
 Memory: the forward pass stores every layer's FP input for each sample (in RAM, or in one
 safetensors file per layer under an offload directory), then the backward runs block by
 block from the top, recomputing each layer from its stored input; only one decoder layer
-(plus final norm and lm_head for the top) and one sample's activations are live at a time.
+(plus final norm and lm_head for the top) and one chunk's activations are live at a time.
+Samples that share their layer kwargs (plain text of one length) run in chunks of
+``batch_size`` along the batch dimension (checked once against per-sample outputs; else one
+sample at a time). The top block runs the last decoder layer with autograd, so that layer is
+not run twice.
 """
 
 from __future__ import annotations
@@ -54,13 +60,15 @@ from quantkit.engine.capture import LayerInputs, capture_layer_inputs, run_layer
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_dir
 from quantkit.models import adapter_for, get_module
-from quantkit.models.base import Adapter
+from quantkit.models.base import Adapter, layer_output
 
 SET_FORMAT = "quantkit.tlq-calibration-set"
 SET_FORMAT_VERSION = 1
 SAMPLES_FILE = "samples.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+# Token-weight normalisation: per sample (default) or over the whole set, per layer.
+NORMALISE_CHOICES = ("sample", "global")
 # Config keys that do not change the model's function (bookkeeping, dtype, runtime flags).
 _CONFIG_HASH_IGNORED = {
     "_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -127,19 +135,27 @@ def scores_to_weights(
     lam: float = 0.1,
     power: float = 1.0,
     per_modality: bool = False,
+    group_means: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """Token weights [T] from raw scores [T]; also whether some group fell back to uniform."""
+    """Token weights [T] from raw scores [T]; also whether some group fell back to uniform.
+
+    group_means: the mean of s**p to divide by, per group ([valid] or [vision, text] with
+    per_modality), e.g. taken over the whole set (global normalisation); default: this sample's.
+    A group whose own scores are all zero still falls back to uniform weight 1.
+    """
     scores = scores.float().clamp_min(0)
     scaled = scores.pow(power) if power != 1.0 else scores
     normalised = torch.zeros_like(scaled)
     vision = torch.zeros_like(valid) if vision is None else vision
     groups = [valid & vision, valid & ~vision] if per_modality else [valid]
     fell_back = False
-    for group in groups:
+    for position, group in enumerate(groups):
         if not bool(group.any()):
             continue
         mean = scaled[group].mean()
         if float(mean) > 0 and math.isfinite(float(mean)):
+            if group_means is not None and group_means[position] > 0:
+                mean = torch.tensor(float(group_means[position]))
             normalised[group] = scaled[group] / mean
         else:
             normalised[group] = 1.0
@@ -179,11 +195,12 @@ class TokenImportance:
         floor_fraction: float = 0.1,
         seed: int = 0,
         report: dict | None = None,
+        normalise: str = "sample",
     ) -> None:
-        check_settings(lam, power, top_fraction, floor_fraction)
+        check_settings(lam, power, top_fraction, floor_fraction, normalise)
         self.scores = scores
         self.settings = {
-            "lam": lam, "power": power, "per_modality": per_modality,
+            "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
             "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
         }
         self.valid = [valid_mask(s) for s in samples]
@@ -193,10 +210,12 @@ class TokenImportance:
         zero_groups = []
         self.weights: list[list[torch.Tensor]] = []
         for layer, layer_scores in enumerate(scores):
+            means = self._global_means(layer_scores, power, per_modality) if normalise == "global" else None
             row = []
             for index, score in enumerate(layer_scores):
                 weight, fell_back = scores_to_weights(
-                    score, self.valid[index], self.vision[index], lam=lam, power=power, per_modality=per_modality
+                    score, self.valid[index], self.vision[index], lam=lam, power=power, per_modality=per_modality,
+                    group_means=means,
                 )
                 if fell_back:
                     zero_groups.append([layer, index])
@@ -213,6 +232,20 @@ class TokenImportance:
                 "they got uniform weights",
                 stacklevel=2,
             )
+
+    def _global_means(self, layer_scores: list[torch.Tensor], power: float, per_modality: bool) -> list[float]:
+        """Mean of s**p over the valid tokens of all samples (per modality group): global normalisation."""
+        scaled = [score.float().clamp_min(0).pow(power) for score in layer_scores]
+        masks = [
+            [valid & vision, valid & ~vision] if per_modality else [valid]
+            for valid, vision in zip(self.valid, self.vision)
+        ]
+        means = []
+        for position in range(2 if per_modality else 1):
+            total = sum(float(s[m[position]].sum()) for s, m in zip(scaled, masks))
+            count = sum(int(m[position].sum()) for m in masks)
+            means.append(total / count if count else 0.0)
+        return means
 
     @property
     def num_layers(self) -> int:
@@ -234,8 +267,12 @@ class TokenImportance:
         return out
 
 
-def check_settings(lam: float, power: float, top_fraction: float | None, floor_fraction: float) -> None:
+def check_settings(
+    lam: float, power: float, top_fraction: float | None, floor_fraction: float, normalise: str = "sample"
+) -> None:
     """Raise QuantkitError on importance settings out of range."""
+    if normalise not in NORMALISE_CHOICES:
+        raise QuantkitError(f"normalise must be one of {NORMALISE_CHOICES}, got {normalise!r}")
     if not 0.0 <= lam <= 1.0:
         raise QuantkitError(f"lam must be in [0, 1], got {lam}")
     if not power > 0:
@@ -265,7 +302,8 @@ class _StoredInputs:
             return
         from safetensors.torch import save_file
 
-        save_file({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, self.root / f"layer{layer}.safetensors")
+        # clone: batched outputs are views of one chunk tensor, and safetensors refuses shared storage
+        save_file({str(i): h.detach().cpu().clone() for i, h in enumerate(hidden)}, self.root / f"layer{layer}.safetensors")
 
     @contextlib.contextmanager
     def reader(self, layer: int) -> Iterator:
@@ -300,6 +338,54 @@ def _frozen(module: nn.Module) -> Iterator[None]:
         module.train(training)
 
 
+def _chunks(indices: Sequence[int], size: int) -> list[list[int]]:
+    indices = list(indices)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _run_chunk(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on a batch [B, T, d] of samples that share `kwargs` (batch-1 tensors broadcast)."""
+    return layer_output(layer(hidden, **kwargs))
+
+
+def _chunk_loss(logits: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over a chunk's samples of each one's mean cross-entropy at its scored positions.
+
+    logits [B, T, V]. One cross-entropy over all rows (unscored rows get the ignore label), each
+    scored row weighted 1 / (its sample's count): no copy or scatter of the logits, and each
+    sample's gradient is that of its own mean loss.
+    """
+    labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
+    weights = torch.zeros(logits.shape[:2])
+    for j, (ids, mask) in enumerate(zip(input_ids, scored)):
+        positions = mask.nonzero().reshape(-1)
+        labels[j, positions] = ids.reshape(-1)[positions + 1].cpu()
+        weights[j, positions] = 1.0 / max(1, positions.numel())
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device), reduction="none"
+    )
+    return (losses * weights.reshape(-1).to(logits.device)).sum()
+
+
+def _batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
+    """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
+    if len(inputs.kwargs) != 1 or len(chunk) < 2:
+        return False
+    first, last = chunk[0], chunk[-1]
+    try:
+        batched = _run_chunk(layer, torch.cat([inputs.hidden[first], inputs.hidden[last]]), inputs.kwargs[0])
+        alone = [run_layer(layer, inputs, first), run_layer(layer, inputs, last)]
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
+    if batched.shape[0] != 2:
+        return False
+    scale = max(float(a.abs().max()) for a in alone) or 1.0
+    return all(
+        a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
+        for a, b in zip(alone, batched.split(1))
+    )
+
+
 def layer_output_gradients(
     model: nn.Module,
     samples: Sequence[dict],
@@ -309,8 +395,15 @@ def layer_output_gradients(
     progress: bool = True,
     keep_gradients: bool = False,
     adapter: Adapter | None = None,
+    batch_size: int = 16,
 ) -> tuple[list[list[torch.Tensor]], dict, list[list[torch.Tensor]] | None]:
     """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T], via a block-wise backward.
+
+    Samples that share their layer kwargs (plain text of one length) run `batch_size` at a
+    time, concatenated along the batch dimension, in the forward and in each block's
+    backward; a probe on layer 0 checks that the shared kwargs broadcast over the batch
+    (batched output == per-sample output) and falls back to one sample at a time otherwise.
+    Peak memory: one block plus one chunk's activations (and the stored layer inputs).
 
     Returns (scores, report, gradients): gradients [layers][samples] -> [T, d] only with
     keep_gradients (for tests and the walkthrough).
@@ -318,61 +411,101 @@ def layer_output_gradients(
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
+    if batch_size < 1:
+        raise QuantkitError(f"importance batch size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
     scored = [scored_positions(s) for s in samples]
-    empty = [i for i, m in enumerate(scored) if not bool(m.any())]
+    empty = {i for i, m in enumerate(scored) if not bool(m.any())}
     stored = _StoredInputs(offload_dir)
     scores: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
-    bar = tqdm(total=2 * num_layers + 1, desc="importance", disable=not progress)
+    bar = tqdm(total=2 * num_layers, desc="importance", disable=not progress)
+    batched = False
+    live = [i for i in range(len(samples)) if i not in empty]
+    grads: list[torch.Tensor | None] = [None] * len(samples)
+
+    def record(index: int) -> None:
+        for grad in grads:
+            scores[index].append(grad.float().pow(2).sum(-1).reshape(-1).cpu())
+            if gradients is not None:
+                gradients[index].append(grad.reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+
     try:
         with _frozen(model):
             with torch.no_grad():
                 inputs = capture_layer_inputs(model, adapter, samples, device)
-                for index in range(num_layers):
+                if batch_size > 1:
+                    probe = layers[0].to(device)
+                    batched = _batching_works(probe, inputs, list(range(min(batch_size, len(samples)))))
+                    layers[0] = probe.to("cpu") if str(device) != "cpu" else probe
+                # FP forward up to the last layer's input, storing each layer's input on the way.
+                for index in range(num_layers - 1):
                     layer = layers[index].to(device)
                     if index > 0:  # layer 0's input is never differentiated
                         stored.put(index, inputs.hidden)
-                    inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
+                    if batched:
+                        outputs: list[torch.Tensor] = []
+                        for chunk in _chunks(range(len(samples)), batch_size):
+                            hidden = torch.cat([inputs.hidden[i] for i in chunk])
+                            outputs.extend(_run_chunk(layer, hidden, inputs.kwargs[0]).split(1))
+                        inputs.hidden = outputs
+                    else:
+                        inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
                     layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
                     bar.update(1)
-            # Top block: final norm + lm_head + loss from the last layer's output.
+            size = batch_size if batched else 1
+            # Top block: last decoder layer + final norm + lm_head + loss, with autograd, one chunk
+            # at a time: gives dL/dy at the last layer's output and, through it, at its input (the
+            # output of the layer below), without a separate no-grad forward of the last layer.
+            # The chunk's loss is the sum of its samples' mean losses: each sample gets its own gradient.
+            last = num_layers - 1
             norm = get_module(model, adapter.final_norm)
             head = get_module(model, adapter.lm_head)
-            grads: list[torch.Tensor] = []
-            for i, sample in enumerate(samples):
-                top = inputs.hidden[i].detach().to(device).requires_grad_(True)
-                if i in empty:
-                    grads.append(torch.zeros_like(top))
-                    continue
-                logits = head(norm(top))
-                loss = masked_token_loss(logits, sample["input_ids"], scored[i])
-                (grad,) = torch.autograd.grad(loss, top)
-                grads.append(grad.detach())
+            below: list[torch.Tensor | None] = [None] * len(samples)
+            for i in empty:
+                grads[i] = below[i] = torch.zeros_like(inputs.hidden[i])
+            layer = layers[last].to(device)
+            for chunk in _chunks(live, size):
+                x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
+                with torch.enable_grad():
+                    if last > 0:
+                        x.requires_grad_(True)
+                    y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                    logits = head(norm(y))
+                    loss = _chunk_loss(logits, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk])
+                    wanted = [y, x] if last > 0 else [y]
+                    found = torch.autograd.grad(loss, wanted)
+                del logits, loss, y
+                for j, i in enumerate(chunk):
+                    grads[i] = found[0][j : j + 1]
+                    if last > 0:
+                        below[i] = found[1][j : j + 1]
+            layers[last] = layer.to("cpu") if str(device) != "cpu" else layer
             inputs.hidden = []
-            bar.update(1)
-            for index in reversed(range(num_layers)):
-                for grad in grads:
-                    scores[index].append(grad.float().pow(2).sum(-1).reshape(-1).cpu())
-                    if gradients is not None:
-                        gradients[index].append(grad.reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
-                if index == 0:
-                    bar.update(1)
-                    break
+            record(last)
+            bar.update(2)
+            if last > 0:
+                grads = below
+                record(last - 1)
+            # Block-wise backward: recompute layer `index` from its stored input, push dL/dy down.
+            for index in reversed(range(1, last)):
                 layer = layers[index].to(device)
                 with stored.reader(index) as read:
-                    for i in range(len(samples)):
-                        if i in empty:
-                            continue
-                        x = read(i).to(device).requires_grad_(True)
-                        one = LayerInputs(hidden=[x], kwargs=[inputs.kwargs_for(i)])
+                    for chunk in _chunks(live, size):
+                        x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
+                        upstream = torch.cat([grads[i] for i in chunk])
                         with torch.enable_grad():
-                            y = run_layer(layer, one, 0)
-                            (grads[i],) = torch.autograd.grad(y, x, grad_outputs=grads[i])
+                            y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                            (grad,) = torch.autograd.grad(y, x, grad_outputs=upstream)
+                        del y
+                        for j, i in enumerate(chunk):
+                            grads[i] = grad[j : j + 1]
                 layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                record(index - 1)
                 bar.update(1)
+            bar.update(1)
     finally:
         stored.close()
         bar.close()
@@ -382,8 +515,9 @@ def layer_output_gradients(
         "samples": len(samples),
         "layers": num_layers,
         "scored_tokens": int(sum(int(m.sum()) for m in scored)),
-        "empty_loss_mask_samples": empty,
+        "empty_loss_mask_samples": sorted(empty),
         "offload": offload_dir is not None,
+        "batch_size": batch_size if batched else 1,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if empty:
@@ -404,13 +538,17 @@ def tlq_token_weights(
     device: torch.device | str = "cpu",
     offload_dir: str | Path | None = None,
     progress: bool = True,
+    batch_size: int = 16,
+    normalise: str = "sample",
 ) -> TokenImportance:
     """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors."""
-    check_settings(lam, power, top_fraction, floor_fraction)
-    scores, report, _ = layer_output_gradients(model, samples, device=device, offload_dir=offload_dir, progress=progress)
+    check_settings(lam, power, top_fraction, floor_fraction, normalise)
+    scores, report, _ = layer_output_gradients(
+        model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size
+    )
     return TokenImportance(
         scores, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
-        floor_fraction=floor_fraction, seed=seed, report=report,
+        floor_fraction=floor_fraction, seed=seed, report=report, normalise=normalise,
     )
 
 

@@ -106,6 +106,35 @@ def test_blockwise_gradients_match_whole_model_autograd_llama() -> None:
     assert_matches_autograd(model, model.model.layers, samples)
 
 
+def test_batched_chunks_match_autograd_and_per_sample_pass(tmp_path) -> None:
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(4)
+    samples = [{"input_ids": torch.randint(0, 97, (1, 12), generator=generator)} for _ in range(5)]
+    samples[1]["loss_mask"] = torch.tensor([[0] * 6 + [1] * 6]).bool()  # masks are metadata: kwargs stay shared
+    samples[3]["loss_mask"] = torch.zeros(1, 12, dtype=torch.bool)  # an empty sample inside a chunk
+    with pytest.warns(UserWarning, match="empty loss mask"):
+        scores, report, grads = layer_output_gradients(model, samples, keep_gradients=True, progress=False, batch_size=2)
+    assert report["batch_size"] == 2
+    with pytest.warns(UserWarning, match="empty loss mask"):
+        single, report1, _ = layer_output_gradients(model, samples, progress=False, batch_size=1, offload_dir=tmp_path)
+    assert report1["batch_size"] == 1
+    for i, sample in enumerate(samples):
+        if i == 3:
+            assert all(torch.all(g[i] == 0) for g in grads)
+            continue
+        for layer, ref in enumerate(whole_model_gradients(model, model.model.layers, sample)):
+            assert (grads[layer][i] - ref).norm() / ref.norm() < 1e-5, (i, layer)
+            assert torch.allclose(scores[layer][i], single[layer][i], rtol=1e-4, atol=1e-12)
+    with pytest.warns(UserWarning, match="empty loss mask"):
+        offloaded, _, _ = layer_output_gradients(model, samples, progress=False, batch_size=4, offload_dir=tmp_path)
+    for layer_scores, layer_offloaded in zip(scores, offloaded):
+        for a, b in zip(layer_scores, layer_offloaded):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-12)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(QuantkitError, match="batch size"):
+        layer_output_gradients(model, samples, progress=False, batch_size=0)
+
+
 def test_blockwise_gradients_match_with_padding_and_offload(tmp_path) -> None:
     model = tiny_llama()
     ids = torch.randint(0, 97, (1, 10))
@@ -165,6 +194,20 @@ def test_weights_formula_power_and_per_modality() -> None:
     vision = torch.tensor([True, False, False, False])
     w3, _ = scores_to_weights(torch.tensor([0.1, 3.0, 1.0, 0.0]), torch.ones(4, dtype=torch.bool), vision, lam=0.0, per_modality=True)
     assert torch.allclose(w3, torch.tensor([1.0, 3.0 / (4 / 3), 1.0 / (4 / 3), 0.0]))
+
+
+def test_global_normalisation_divides_by_the_set_mean() -> None:
+    samples = [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}, {"input_ids": torch.zeros(1, 2, dtype=torch.long)}]
+    scores = [[torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 0.0])]]
+    glob = TokenImportance(scores, samples, lam=0.2, normalise="global")
+    mean = 16.0 / 5
+    assert torch.allclose(glob(0)[0], 0.8 * torch.tensor([1.0, 2.0, 3.0]) / mean + 0.2)
+    assert torch.allclose(glob(0)[1], 0.8 * torch.tensor([10.0, 0.0]) / mean + 0.2)
+    per_sample = TokenImportance(scores, samples, lam=0.2)
+    assert torch.allclose(per_sample(0)[1], 0.8 * torch.tensor([2.0, 0.0]) + 0.2)
+    assert glob.settings["normalise"] == "global"
+    with pytest.raises(QuantkitError, match="normalise"):
+        TokenImportance(scores, samples, normalise="batch")
 
 
 def test_top_fraction_keeps_top_tokens_and_a_seeded_floor() -> None:

@@ -1,0 +1,54 @@
+"""FP-target GPTQ (GPTAQ-style asymmetric calibration) as a target-weight change.
+
+TLQ's option "FP target" fits the FP output W x_t with the quantized layer on the
+quantized-path input x~_t:  min_Q  sum_t w_t ||Q x~_t - W x_t||^2.
+With H~ = sum_t w_t x~_t x~_t^T and C = sum_t w_t x_t x~_t^T, the normal equations give the
+best unconstrained target  W' = W C H~^-1, and for every Q
+
+    sum_t w_t ||Q x~_t - W x_t||^2 = sum_t w_t ||(Q - W') x~_t||^2 + const,
+
+because W X - W' X~ is (w-weighted) orthogonal to the rows of X~. So GPTQ on (W', H~)
+minimises the FP-target objective over the same grid: the solver itself is unchanged; the
+engine only has to accumulate C next to H~ (it needs the FP layer's inputs x_t as well).
+Both sums may carry any common normalisation (e.g. 2 / sum w), it cancels in W'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.gptq import gptq_solve
+from quantkit.quant.spec import QuantResult, QuantSpec
+
+
+def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """W' = W + W (C - H~) (H~ + damp * mean(diag H~) * I)^-1, float32 [out, in] (float64 inside).
+
+    Undamped this is exactly W C H~^-1; written as W plus a correction, the damp only shrinks
+    the correction (W' = W when x = x~). weight W [out, in]; hessian H~ = sum w x~ x~^T and
+    cross C = sum w x x~^T, both [in, in] with the same normalisation. The engine can equally
+    accumulate C - H~ = sum w (x - x~) x~^T directly. Dead inputs (zero diagonal of H~) keep W's column.
+    """
+    in_features = weight.shape[1]
+    if tuple(hessian.shape) != (in_features, in_features) or tuple(cross.shape) != (in_features, in_features):
+        raise QuantkitError(f"FP target needs [in, in] Hessian and cross term for in = {in_features}")
+    h = hessian.double()
+    c = cross.double()
+    dead = torch.diagonal(h) == 0
+    h = h.clone()
+    h[dead, dead] = 1.0
+    h += damp * float(torch.diagonal(h).mean()) * torch.eye(in_features, dtype=h.dtype, device=h.device)
+    # W' = W + W D H^-1 with D = C - H~  <=>  H (W' - W)^T = D^T W^T (H symmetric)
+    delta = c - hessian.double()
+    correction = torch.linalg.solve(h, delta.T @ weight.double().T).T
+    correction[:, dead] = 0
+    target = weight.double() + correction
+    return target.float()
+
+
+def gptaq_solve(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, spec: QuantSpec, name: str = "", stats: dict | None = None
+) -> QuantResult:
+    """GPTQ against H~ toward the FP target W' = W C H~^-1 (see the module doc)."""
+    return gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp), hessian, spec, name=name, stats=stats)
