@@ -36,6 +36,12 @@ class HessianAccumulator:
             self.weight_sum += float(w.sum())
         self.tokens += x.shape[0]
 
+    def copy(self) -> HessianAccumulator:
+        """An independent accumulator holding the same sums."""
+        other = HessianAccumulator.__new__(HessianAccumulator)
+        other.hessian, other.weight_sum, other.tokens = self.hessian.clone(), self.weight_sum, self.tokens
+        return other
+
     def result(self) -> torch.Tensor:
         """The normalised float32 Hessian 2/sum(w) * X^T W X (zeros if nothing was added)."""
         if self.weight_sum <= 0:

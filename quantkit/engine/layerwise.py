@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -193,13 +194,24 @@ def accumulate_group(
     weights: Sequence[torch.Tensor] | None,
     device: torch.device | str,
 ) -> dict[str, HessianAccumulator]:
-    """Run the layer on every sample until all of `linears` have seen their inputs."""
+    """Run the layer on every sample until all of `linears` have seen their inputs.
+
+    Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator: their
+    Hessians are equal, so it is summed once.
+    """
     accumulators = {name: HessianAccumulator(lin.in_features, device) for name, lin in linears.items()}
-    current: dict = {"weight": None, "seen": set()}
+    current: dict = {"weight": None, "seen": set(), "inputs": []}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            accumulators[name].add(args[0], current["weight"])
+            x = args[0]
+            # Identity, not data pointers: the held references keep freed memory from being reused.
+            owner = next((other for tensor, other in current["inputs"] if tensor is x), None)
+            if owner is None:
+                accumulators[name].add(x, current["weight"])
+                current["inputs"].append((x, name))
+            else:
+                accumulators[name] = accumulators[owner]
             current["seen"].add(name)
             if len(current["seen"]) == len(linears):
                 raise StopForward
@@ -211,6 +223,7 @@ def accumulate_group(
         for index in range(len(inputs)):
             current["weight"] = None if weights is None else weights[index]
             current["seen"] = set()
+            current["inputs"] = []
             try:
                 run_layer(layer, inputs, index)
             except StopForward:
@@ -309,8 +322,11 @@ def quantize_layer(
         hessians: dict[str, torch.Tensor] = {}
         if needs_hessian:
             accumulators = accumulate_group(layer, linears, inputs, weights, device)
+            uses = Counter(id(acc) for acc in accumulators.values())
             for name in group:
                 acc = accumulators.pop(name)
+                if comm.distributed and uses[id(acc)] > 1:
+                    acc = acc.copy()  # reductions work in place: each linear reduces its own copy
                 ranks = sorted({piece[0] for piece in plan[name]})
                 if comm.distributed:
                     total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
