@@ -101,6 +101,26 @@ def save_quantized(
     )
 
 
+def encode_result(name: str, r: QuantResult, fmt: str, dtype: torch.dtype, qparams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors one quantized linear is stored as in `fmt` (keys prefixed with `name`).
+
+    For "fake", the exact codes go to `qparams` (the quantkit_qparams sidecar) and the weight is
+    stored in `dtype` only where that is exact.
+    """
+    if fmt in ("gptq", "gptq_v2"):
+        enc = gptq.encode(r, 1 if fmt == "gptq" else 2)
+    elif fmt == "compressed-tensors":
+        enc = ct.encode(r, dtype if dtype in (torch.float16, torch.float32) else torch.float16)
+    else:
+        w = r.dequantize()
+        stored = w.to(dtype)
+        enc = {"weight": stored if torch.equal(stored.float(), w) else w}
+        qparams[f"{name}.scales"] = r.scales.to(torch.float16).contiguous()
+        qparams[f"{name}.zeros"] = r.zeros.contiguous()
+        qparams[f"{name}.g_idx"] = r.g_idx.contiguous()
+    return {f"{name}.{k}": v for k, v in enc.items()}
+
+
 def write_checkpoint(
     ckpt: Checkpoint,
     out_dir: str | os.PathLike,
@@ -145,19 +165,7 @@ def write_checkpoint(
     for name, r in results.items():
         if f"{name}.weight" in tensors:
             raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
-        if fmt in ("gptq", "gptq_v2"):
-            enc = gptq.encode(r, 1 if fmt == "gptq" else 2)
-        elif fmt == "compressed-tensors":
-            enc = ct.encode(r, fp_dtype if fp_dtype in (torch.float16, torch.float32) else torch.float16)
-        else:
-            w = r.dequantize()
-            stored = w.to(fp_dtype)
-            enc = {"weight": stored if torch.equal(stored.float(), w) else w}
-            qparams[f"{name}.scales"] = r.scales.to(torch.float16).contiguous()
-            qparams[f"{name}.zeros"] = r.zeros.contiguous()
-            qparams[f"{name}.g_idx"] = r.g_idx.contiguous()
-        for k, v in enc.items():
-            tensors[f"{name}.{k}"] = v
+        tensors.update(encode_result(name, r, fmt, fp_dtype, qparams))
     if fmt in ("gptq", "gptq_v2"):
         qc = gptq.quantization_config(
             spec, results, 1 if fmt == "gptq" else 2, damp=damp, static_groups=static_groups,
@@ -239,19 +247,7 @@ def write_checkpoint_streamed(
                     gptq.check_v1(name, r)
                 elif fmt == "compressed-tensors":
                     ct.check_supported(name, r)
-                if fmt in ("gptq", "gptq_v2"):
-                    enc = gptq.encode(r, 1 if fmt == "gptq" else 2)
-                elif fmt == "compressed-tensors":
-                    enc = ct.encode(r, dtype if dtype in (torch.float16, torch.float32) else torch.float16)
-                else:
-                    w = r.dequantize()
-                    stored = w.to(dtype)
-                    enc = {"weight": stored if torch.equal(stored.float(), w) else w}
-                    qparams[f"{name}.scales"] = r.scales.to(torch.float16).contiguous()
-                    qparams[f"{name}.zeros"] = r.zeros.contiguous()
-                    qparams[f"{name}.g_idx"] = r.g_idx.contiguous()
-                for k, v in enc.items():
-                    tensors[f"{name}.{k}"] = v
+                tensors.update(encode_result(name, r, fmt, dtype, qparams))
                 empty = torch.empty(0, 0)
                 stubs[name] = QuantResult(qweight=empty, scales=empty, zeros=empty, g_idx=r.g_idx.clone(), bits=r.bits,
                                           group_size=r.group_size, sym=r.sym, act_order=r.act_order)
