@@ -101,6 +101,47 @@ def save_quantized(
     )
 
 
+def _config_and_manifest(
+    source_config: dict, fmt: str, spec: dict, results: dict[str, QuantResult], fp_linears: list[str],
+    fp_names, fp_dtype: torch.dtype, damp: float, static_groups: bool, linear_order, n_blocks,
+) -> tuple[dict, dict | None, dict]:
+    """config.json with the format's quantization_config, that config alone, and quantkit.json."""
+    config = dict(source_config)
+    config.pop("quantization_config", None)
+    qc: dict | None = None
+    if fmt in ("gptq", "gptq_v2"):
+        qc = gptq.quantization_config(
+            spec, results, 1 if fmt == "gptq" else 2, damp=damp, static_groups=static_groups,
+            linear_order=linear_order, n_blocks=n_blocks,
+        )
+    elif fmt == "compressed-tensors":
+        qc = ct.quantization_config(spec, fp_linears)
+    if qc is not None:
+        config["quantization_config"] = qc
+    manifest = {
+        "quantkit_version": VERSION,
+        "format": fmt,
+        "spec": spec,
+        "quantized_modules": sorted(results),
+        "fp_modules": sorted({k.rsplit(".", 1)[0] for k in fp_names}),
+        "fp_linears": sorted(fp_linears),
+        "linear_order": linear_order,
+        "n_blocks": n_blocks,
+        "dtype": str(fp_dtype).replace("torch.", ""),
+    }
+    return config, qc, manifest
+
+
+def _write_metadata(out: Path, fmt: str, config: dict, qc: dict | None, manifest: dict, report: dict | None) -> None:
+    """config.json, quantize_config.json (GPTQ formats), quantkit.json and the report."""
+    _write_json(out / "config.json", config)
+    if qc is not None and fmt in ("gptq", "gptq_v2"):
+        _write_json(out / "quantize_config.json", qc)
+    _write_json(out / MANIFEST, manifest)
+    if report is not None:
+        _write_json(out / REPORT, report)
+
+
 def encode_result(name: str, r: QuantResult, fmt: str, dtype: torch.dtype, qparams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors one quantized linear is stored as in `fmt` (keys prefixed with `name`).
 
@@ -159,45 +200,20 @@ def write_checkpoint(
     for key, t in ckpt.fp_tensors.items():
         tensors[key] = t.contiguous()
     qparams: dict[str, torch.Tensor] = {}
-    config = dict(ckpt.config)
-    config.pop("quantization_config", None)
-    qc: dict | None = None
     for name, r in results.items():
         if f"{name}.weight" in tensors:
             raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
         tensors.update(encode_result(name, r, fmt, fp_dtype, qparams))
-    if fmt in ("gptq", "gptq_v2"):
-        qc = gptq.quantization_config(
-            spec, results, 1 if fmt == "gptq" else 2, damp=damp, static_groups=static_groups,
-            linear_order=extra.get("linear_order") or ckpt.manifest.get("linear_order"),
-            n_blocks=extra.get("n_blocks") or ckpt.manifest.get("n_blocks"),
-        )
-    elif fmt == "compressed-tensors":
-        qc = ct.quantization_config(spec, fp_linears)
-    if qc is not None:
-        config["quantization_config"] = qc
-
-    manifest = {
-        "quantkit_version": VERSION,
-        "format": fmt,
-        "spec": spec,
-        "quantized_modules": sorted(results),
-        "fp_modules": sorted({k.rsplit(".", 1)[0] for k in ckpt.fp_tensors}),
-        "fp_linears": sorted(fp_linears),
-        "linear_order": extra.get("linear_order") or ckpt.manifest.get("linear_order"),
-        "n_blocks": extra.get("n_blocks") or ckpt.manifest.get("n_blocks"),
-        "dtype": str(fp_dtype).replace("torch.", ""),
-    }
+    config, qc, manifest = _config_and_manifest(
+        ckpt.config, fmt, spec, results, fp_linears, ckpt.fp_tensors, fp_dtype, damp, static_groups,
+        extra.get("linear_order") or ckpt.manifest.get("linear_order"),
+        extra.get("n_blocks") or ckpt.manifest.get("n_blocks"),
+    )
     with atomic_dir(out_dir, overwrite) as tmp:
         _save_sharded(tensors, tmp, limit)
         if qparams:
             save_file(qparams, str(tmp / QPARAMS), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", config)
-        if qc is not None and fmt in ("gptq", "gptq_v2"):
-            _write_json(tmp / "quantize_config.json", qc)
-        _write_json(tmp / MANIFEST, manifest)
-        if report is not None:
-            _write_json(tmp / REPORT, report)
+        _write_metadata(tmp, fmt, config, qc, manifest, report)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
         if source is not None:
@@ -264,39 +280,15 @@ def write_checkpoint_streamed(
         damp = float(report_spec.get("damp", 0.01))
         static_groups = bool(report_spec.get("static_groups", False))
         spec = {**spec, "damp": damp, "static_groups": static_groups}
-        config = dict(config)
-        config.pop("quantization_config", None)
-        qc: dict | None = None
-        if fmt in ("gptq", "gptq_v2"):
-            qc = gptq.quantization_config(
-                spec, stubs, 1 if fmt == "gptq" else 2, damp=damp, static_groups=static_groups,
-                linear_order=extra.get("linear_order"), n_blocks=extra.get("n_blocks"),
-            )
-        elif fmt == "compressed-tensors":
-            qc = ct.quantization_config(spec, fp_linears)
-        if qc is not None:
-            config["quantization_config"] = qc
-        manifest = {
-            "quantkit_version": VERSION,
-            "format": fmt,
-            "spec": spec,
-            "quantized_modules": sorted(stubs),
-            "fp_modules": sorted({k.rsplit(".", 1)[0] for k in fp_names}),
-            "fp_linears": sorted(fp_linears),
-            "linear_order": extra.get("linear_order"),
-            "n_blocks": extra.get("n_blocks"),
-            "dtype": str(fp_dtype).replace("torch.", ""),
-        }
+        config, qc, manifest = _config_and_manifest(
+            config, fmt, spec, stubs, fp_linears, fp_names, fp_dtype, damp, static_groups,
+            extra.get("linear_order"), extra.get("n_blocks"),
+        )
         _save_sharded_from_spool(spool, tmp, limit)
         if qspool.entries:
             qspool.write_file(list(qspool.entries), tmp / QPARAMS)
         shutil.rmtree(tmp / ".spool")
-        _write_json(tmp / "config.json", config)
-        if qc is not None and fmt in ("gptq", "gptq_v2"):
-            _write_json(tmp / "quantize_config.json", qc)
-        _write_json(tmp / MANIFEST, manifest)
-        if report is not None:
-            _write_json(tmp / REPORT, report)
+        _write_metadata(tmp, fmt, config, qc, manifest, report)
         if source is not None:
             _copy_source_files(source, tmp)
     return Path(out_dir)
