@@ -8,35 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from char_tokenizer import char_ids, char_tokenizer
 
 from quantkit.data import calibration_samples, load_texts, split_part
 from quantkit.errors import QuantkitError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 
 
-def char_tokenizer():
-    """One token per character (ids 1..96), eos '<eos>' = 0: token counts equal character counts."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])), eos_token="<eos>")
-
-
-def char_ids(text: str) -> list[int]:
-    """The char tokenizer's ids, computed without it."""
-    return [CHARS.index(c) + 1 for c in text]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

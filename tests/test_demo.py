@@ -7,7 +7,6 @@ import math
 import re
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from quantkit.demo.corpus import fact_table, generate_corpus
@@ -16,15 +15,6 @@ from quantkit.demo.run import format_table, pick_group_size, run_demo
 WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
 TINY = dict(corpus_chars=30_000, vocab_size=320, hidden_size=64, num_layers=2, num_heads=2, seqlen=32,
             batch_size=8, nsamples=8, eval_max_tokens=1500, progress=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_corpus_is_seeded_and_sized():

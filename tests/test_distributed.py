@@ -22,15 +22,6 @@ from quantkit.quant import QuantSpec
 SPEC = QuantSpec(bits=4, group_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread, as each spawned rank uses: tiny matmuls on 2 busy cores run faster."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def char_tokenizer():
     """A 96-symbol character tokenizer built offline (printable ASCII + <unk>)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -21,15 +21,6 @@ KINDS = ("llama", "qwen2", "gpt_neox", "opt")
 SPEC = QuantSpec(bits=2, group_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny matmuls on 2 shared cores are far faster without thread handoffs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model(kind: str, layers: int = 2, seed: int = 0) -> nn.Module:
     """A random hidden-64 causal LM of the given family, in eval mode."""
     common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,

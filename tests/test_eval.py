@@ -7,35 +7,15 @@ import math
 
 import pytest
 import torch
+from char_tokenizer import char_ids, char_tokenizer
 from click.testing import CliRunner
 
 from quantkit.errors import QuantkitError
 from quantkit.eval import evaluate_loss
 
-CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 TEXT = "The cat sat on the mat. A dog ran far away!\nThen it came back."  # 63 chars = 63 tokens
 
 
-def char_tokenizer():
-    """One token per character (ids 1..96), eos '<eos>' = 0."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])), eos_token="<eos>")
-
-
-def char_ids(text: str) -> list[int]:
-    return [CHARS.index(c) + 1 for c in text]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,6 @@ from quantkit.quant.spec import QuantResult
 HIDDEN, INTER, VOCAB = 64, 128, 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-wait on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- helpers (independent of the code under test)
 
 

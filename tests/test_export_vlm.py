@@ -36,14 +36,6 @@ LM_LAYERS = "model.language_model.layers"
 QUANT_SUFFIXES = ("qweight", "qzeros", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__

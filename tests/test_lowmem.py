@@ -23,15 +23,6 @@ from quantkit.quant import QuantSpec
 SPEC = QuantSpec(bits=4, group_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny matmuls on 2 shared cores are far faster without thread handoffs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_model_dir(root: Path, layers: int = 3, width: int = 64, inter: int = 128, tie: bool = False) -> Path:
     """Save a random Llama with a character tokenizer under root/model (sharded when large)."""
     config = LlamaConfig(vocab_size=96, hidden_size=width, intermediate_size=inter, num_hidden_layers=layers,

@@ -19,15 +19,6 @@ KW = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediat
           lr=1e-2, warmup=2, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "lm"
