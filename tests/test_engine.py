@@ -155,6 +155,41 @@ def test_hessians_come_from_the_quantized_path(kind: str) -> None:
             assert not close(h, fp_h[name], rtol=1e-3), name
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_replaying_finished_blocks_gives_the_codes_of_running_every_pass(kind: str, monkeypatch) -> None:
+    """Reference: every group's pass and the propagation run the whole layer, nothing replayed."""
+    from quantkit.engine import layerwise
+
+    monkeypatch.setattr(layerwise, "BATCH_SIZE", 1)  # four batches: derived outputs beyond the first
+    fp = tiny_model(kind)
+    model, ref = copy.deepcopy(fp), copy.deepcopy(fp)
+    adapter = adapter_for(model)
+    samples = tiny_samples()
+    first_linear = adapter.linear_order[0][0]
+    calls = []
+    for layer in adapter.decoder_layers(model):
+        get_module(layer, first_linear).register_forward_hook(lambda *a: calls.append(1))
+    results, _, _ = record_calibration(model, samples)
+    with torch.no_grad():
+        inputs = capture_layer_inputs(ref, adapter, samples)
+        for index, layer in enumerate(adapter.decoder_layers(ref)):
+            for group in adapter.linear_order:
+                linears = {n: get_module(layer, n) for n in group}
+                accs = accumulate_group(layer, linears, inputs, None, "cpu")
+                for name, linear in linears.items():
+                    full = f"{adapter.layer_prefix(index)}.{name}"
+                    expected = gptq_solve(linear.weight.data.float(), accs[name].result(), SPEC, name=full)
+                    assert torch.equal(expected.qweight, results[full].qweight), full
+                    linear.weight.data.copy_(expected.dequantize())
+            for i in range(len(inputs)):
+                inputs.hidden[i] = run_layer(layer, inputs, i)
+    # Attention is derived from o_proj's kept inputs after one checked run, so the first linear
+    # runs in its own group's pass (unless it is the group's last: the pass stops before it), in
+    # the o_proj pass, and once more for the check; never in the MLP passes or the propagation.
+    own_pass = len(samples) if len(adapter.linear_order[0]) > 1 else 0
+    assert len(calls) == 2 * (own_pass + len(samples) + 1)
+
+
 def test_group_order_o_proj_sees_quantized_qkv() -> None:
     fp = tiny_model("llama", layers=1)
     model = copy.deepcopy(fp)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
 from quantkit.errors import QuantkitError
 from quantkit.models import adapter_for, get_module
-from quantkit.models.base import Adapter
+from quantkit.models.base import Adapter, layer_output
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 # token_weights(layer_index) -> one weight tensor per sample (shape [tokens] or [1, tokens]).
@@ -47,6 +48,15 @@ BATCH_SIZE = 16
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size of this process now, in MiB (None where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * resource.getpagesize() / 2**20
 
 
 def check_layer(layer: nn.Module, index: int, adapter: Adapter, spec: QuantSpec) -> None:
@@ -187,26 +197,138 @@ def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool =
     return best
 
 
+class FinishedBlocks:
+    """Replays the outputs of a layer's blocks whose linears are all quantized.
+
+    A block is a direct child of the decoder layer holding linears (self_attn, mlp; OPT's fc1).
+    Once its last linear is solved, its output on each batch is fixed for the rest of the layer's
+    passes (the remaining groups, then the propagation), so it is replayed instead of recomputed.
+    Where the block returns its last linear's output (attention: o_proj) and that linear's input
+    was kept while its Hessian was summed, the outputs are that linear applied to the kept inputs,
+    checked against one real run of the block; otherwise the next pass records them. Only tensors
+    no wider than the layer's hidden state are kept, so memory stays one hidden state per block.
+    """
+
+    def __init__(self, layer: nn.Module, adapter: Adapter) -> None:
+        self.layer = layer
+        self.unsolved: dict[str, set[str]] = {}
+        self.last_linear: dict[str, str] = {}
+        for name in adapter.linear_names():
+            block = name.split(".")[0]
+            self.unsolved.setdefault(block, set()).add(name)
+            if block != name:
+                self.last_linear[block] = name
+        self.kept_inputs: dict[str, list[torch.Tensor]] = {}
+        self.to_derive: list[str] = []
+        self.to_record: list[str] = []
+        self.outputs: dict[str, list] = {}
+        self.inputs: LayerInputs | None = None
+        self.batch = 0
+
+    def keep_input(self, name: str, x: torch.Tensor) -> None:
+        """Called with each linear's input during a pass: keeps blocks' last linears' inputs."""
+        if name in self.last_linear.values() and x.numel() <= self.inputs.hidden[self.batch].numel():
+            self.kept_inputs.setdefault(name, []).append(x.detach().clone())
+
+    def mark_solved(self, names: Sequence[str]) -> None:
+        """Note that `names` are quantized; blocks left with no unsolved linear become replayable."""
+        for block, pending in self.unsolved.items():
+            pending.difference_update(names)
+            if pending or block in self.outputs or block in self.to_derive or block in self.to_record:
+                continue
+            kept = self.kept_inputs.get(self.last_linear.get(block, ""), [])
+            (self.to_derive if self.inputs is not None and len(kept) == len(self.inputs) else self.to_record).append(block)
+
+    def _derive(self, block: str, module: nn.Module) -> None:
+        """Replace `block`'s forward for one pass: a checked real run on batch 0, then derived outputs."""
+        linear = get_module(self.layer, self.last_linear[block])
+        kept = self.kept_inputs.pop(self.last_linear[block], [])
+        real_forward = module.forward
+
+        def forward(*args, **kwargs):
+            if self.batch == 0:
+                real = real_forward(*args, **kwargs)
+                derived = linear(kept[0])
+                if not torch.allclose(layer_output(real), derived, rtol=1e-5, atol=1e-6):
+                    self.to_derive.remove(block)
+                    self.to_record.append(block)
+                    del module.forward  # the block is not its last linear's output: run it for real
+                    return real
+                self.outputs[block] = [real]
+                return real
+            first = linear(kept[self.batch])
+            kept[self.batch] = None  # replaced by the output, which is what later passes need
+            template = self.outputs[block][0]
+            output = (first, *template[1:]) if isinstance(template, tuple) else first
+            self.outputs[block].append(output)
+            return output
+
+        module.forward = forward
+
+    def passes(self, inputs: LayerInputs) -> Iterator[int]:
+        """Batch indices of one pass over `inputs`, with replay, derivation and recording installed."""
+        self.inputs = inputs
+        recordings: dict[str, list] = {block: [] for block in self.to_record}
+        handles = []
+        for block, store in recordings.items():
+            def record(module: nn.Module, args: tuple, output: object, store: list = store) -> None:
+                store.append(output)
+            handles.append(get_module(self.layer, block).register_forward_hook(record))
+        patched = []
+        for block in list(self.outputs) + list(self.to_derive):
+            module = get_module(self.layer, block)
+            patched.append(module)
+            if block in self.outputs:
+                module.forward = lambda *args, outputs=self.outputs[block], **kwargs: outputs[self.batch]
+            else:
+                self._derive(block, module)
+        try:
+            for self.batch in range(len(inputs)):
+                yield self.batch
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in patched:
+                module.__dict__.pop("forward", None)
+        for block in list(self.to_derive):
+            if len(self.outputs.get(block, ())) == len(inputs):
+                self.to_derive.remove(block)
+            else:  # the pass stopped before the block ran on every batch: derive again next pass
+                self.outputs.pop(block, None)
+                self.to_derive.remove(block)
+                self.to_record.append(block)
+        for block, store in recordings.items():
+            if len(store) != len(inputs):
+                continue
+            self.to_record.remove(block)
+            if all(layer_output(out).numel() <= hidden.numel() for out, hidden in zip(store, inputs.hidden)):
+                self.outputs[block] = store
+
+
 def accumulate_group(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
     inputs: LayerInputs,
     weights: Sequence[torch.Tensor] | None,
     device: torch.device | str,
+    blocks: FinishedBlocks | None = None,
 ) -> dict[str, HessianAccumulator]:
-    """Run the layer on every sample until all of `linears` have seen their inputs.
+    """Run the layer on every sample until all of `linears` have received their inputs.
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator: their
-    Hessians are equal, so it is summed once.
+    Hessians are equal, so it is summed once. The pass stops before the group's last linear
+    runs, since nothing after it is needed.
     """
     accumulators = {name: HessianAccumulator(lin.in_features, device) for name, lin in linears.items()}
     current: dict = {"weight": None, "seen": set(), "inputs": []}
 
     def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             # Identity, not data pointers: the held references keep freed memory from being reused.
             owner = next((other for tensor, other in current["inputs"] if tensor is x), None)
+            if blocks is not None:
+                blocks.keep_input(name, x)
             if owner is None:
                 accumulators[name].add(x, current["weight"])
                 current["inputs"].append((x, name))
@@ -218,9 +340,10 @@ def accumulate_group(
 
         return hook
 
-    handles = [lin.register_forward_hook(make_hook(name)) for name, lin in linears.items()]
+    handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
+    batches = blocks.passes(inputs) if blocks is not None else range(len(inputs))
     try:
-        for index in range(len(inputs)):
+        for index in batches:
             current["weight"] = None if weights is None else weights[index]
             current["seen"] = set()
             current["inputs"] = []
@@ -294,7 +417,8 @@ def quantize_layer(
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
-    """Quantize one decoder layer in place, group by group; return its results and report.
+    """Quantize one decoder layer in place, group by group, then replace `inputs` by the quantized
+    layer's outputs on them (the next layer's inputs); return its results and report.
 
     With several ranks, `inputs` is this rank's shard: each linear is planned onto one or more
     ranks (plan_group: whole, or cut by output rows); its Hessian sums (and weight totals) are
@@ -313,6 +437,7 @@ def quantize_layer(
     split_all = os.environ.get(SPLIT_ENV, "") == "1"
     results: dict[str, QuantResult] = {}
     reports = {}
+    blocks = FinishedBlocks(layer, adapter)
     for group in adapter.linear_order:
         linears = {name: get_module(layer, name) for name in group}
         if shared:
@@ -321,7 +446,7 @@ def quantize_layer(
             plan = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         hessians: dict[str, torch.Tensor] = {}
         if needs_hessian:
-            accumulators = accumulate_group(layer, linears, inputs, weights, device)
+            accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks)
             uses = Counter(id(acc) for acc in accumulators.values())
             for name in group:
                 acc = accumulators.pop(name)
@@ -369,13 +494,16 @@ def quantize_layer(
             reports[name] = entry
             results[f"{adapter.layer_prefix(index)}.{name}"] = result
         del solved, hessians
+        blocks.mark_solved(group)
+    blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
+    propagate(layer, inputs, blocks)
     return results, reports
 
 
-def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
+def propagate(layer: nn.Module, inputs: LayerInputs, blocks: FinishedBlocks | None = None) -> None:
     """Replace each sample's hidden state by the (quantized) layer's output on it."""
-    for sample in range(len(inputs)):
-        inputs.hidden[sample] = run_layer(layer, inputs, sample)
+    for index in blocks.passes(inputs) if blocks is not None else range(len(inputs)):
+        inputs.hidden[index] = run_layer(layer, inputs, index)
 
 
 def shard(items: Sequence, comm: Comm) -> list:
@@ -413,6 +541,7 @@ def calibrate_model(
         raise QuantkitError("no calibration samples; give --calib data with at least one sample")
 
     started = time.perf_counter()
+    rss_at_start = current_rss_mb()
     layers = adapter.decoder_layers(model)
     inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
     results: dict[str, QuantResult] = {}
@@ -427,7 +556,6 @@ def calibrate_model(
             layer, index, inputs, adapter, spec, method, device, weights, comm, observer
         )
         results.update(layer_results)
-        propagate(layer, inputs)
         layers[index] = layer.to("cpu")
         layer_reports.append(
             {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": linear_reports}
@@ -439,11 +567,14 @@ def calibrate_model(
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        # what calibration adds on top of the loaded model (activations, Hessians, one layer's work)
+        "peak_rss_over_start_mb": None if rss_at_start is None else round(peak_rss_mb() - rss_at_start, 1),
         "layers": layer_reports,
     }
     if comm.distributed:
         report["world_size"] = comm.world_size
         report["rank_peak_rss_mb"] = comm.gather_objects(report["peak_rss_mb"])
+        report["rank_peak_rss_over_start_mb"] = comm.gather_objects(report["peak_rss_over_start_mb"])
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     model.to("cpu")

@@ -29,7 +29,6 @@ from quantkit.engine.layerwise import (
     TokenWeights,
     check_layer,
     peak_rss_mb,
-    propagate,
     quantize_layer,
 )
 from quantkit.errors import QuantkitError
@@ -284,7 +283,6 @@ def calibrate_streaming(
         layer = layer.to(device)
         weights = token_weights(index) if token_weights is not None else None
         results, reports = quantize_layer(layer, index, inputs, adapter, spec, method, device, weights, comm)
-        propagate(layer, inputs)
         _save_layer(work, layer.to("cpu"), index, adapter, results)
         _save_hidden(work, inputs.hidden)
         del results

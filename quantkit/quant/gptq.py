@@ -15,7 +15,7 @@ import time
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.grid import check_finite, dequantize, fit_grid, fit_groups, max_code, quantize
+from quantkit.quant.grid import check_finite, fit_grid, fit_groups, max_code
 from quantkit.quant.rtn import group_index
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -160,8 +160,11 @@ def gptq_solve(
         width = block_end - block_start
         block = work[:, block_start:block_end].clone()
         block_errors = torch.zeros_like(block)
+        block_codes = torch.empty_like(block)
         block_upper = upper[block_start:block_end, block_start:block_end]
 
+        # The column loop is GPTQ's sequential core: codes stay float here (the same values
+        # quantize() would give) and are cast once per block, to keep each step to a few ops.
         for offset in range(width):
             column = block_start + offset
             group = solve_group_list[column]
@@ -171,20 +174,20 @@ def gptq_solve(
                     work, block, block_errors, upper, block_start, offset, column + group_size
                 )
                 scales[:, group], zeros[:, group] = fit_grid(current, spec, name)
+                current_group = -1
             if group != current_group:
-                col_scale, col_zero = scales[:, group], zeros[:, group]
+                col_scale, col_zero = scales[:, group].float(), zeros[:, group].float()
                 current_group = group
 
             values = block[:, offset]
-            column_codes = quantize(values, col_scale, col_zero, maxq)
-            chosen = dequantize(column_codes, col_scale, col_zero)
-            codes[:, column] = column_codes
-            pivot = block_upper[offset, offset]
-            error = (values - chosen) / pivot
-            loss_per_row += error.square()
-            block[:, offset:] -= error.unsqueeze(1) * block_upper[offset, offset:].unsqueeze(0)
+            column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
+            block_codes[:, offset] = column_codes
+            error = (values - (column_codes - col_zero) * col_scale) / block_upper[offset, offset]
+            block[:, offset:].addr_(error, block_upper[offset, offset:], alpha=-1)
             block_errors[:, offset] = error
 
+        codes[:, block_start:block_end] = block_codes.to(torch.uint8)
+        loss_per_row += block_errors.square().sum(dim=1)
         work[:, block_end:] -= block_errors @ upper[block_start:block_end, block_end:]
 
     inverse_order = torch.argsort(order)
