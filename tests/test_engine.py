@@ -184,9 +184,10 @@ def test_replaying_finished_blocks_gives_the_codes_of_running_every_pass(kind: s
             for i in range(len(inputs)):
                 inputs.hidden[i] = run_layer(layer, inputs, i)
     # Attention is derived from o_proj's kept inputs after one checked run, so the first linear
-    # runs in its own group's pass (unless it is the group's last: the pass stops before it), in
-    # the o_proj pass, and once more for the check; never in the MLP passes or the propagation.
-    own_pass = len(samples) if len(adapter.linear_order[0]) > 1 else 0
+    # runs in its own group's pass on the first batch only (later batches stop before it: the
+    # group reads one input; a one-linear group stops before it always), in every batch of the
+    # o_proj pass, and once more for the check; never in the MLP passes or the propagation.
+    own_pass = 1 if len(adapter.linear_order[0]) > 1 else 0
     assert len(calls) == 2 * (own_pass + len(samples) + 1)
 
 

@@ -317,10 +317,11 @@ def accumulate_group(
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator: their
     Hessians are equal, so it is summed once. The pass stops before the group's last linear
-    runs, since nothing after it is needed.
+    runs, since nothing after it is needed; once the first batch has shown that the whole group
+    reads one input, later batches stop before its first linear.
     """
     accumulators = {name: HessianAccumulator(lin.in_features, device) for name, lin in linears.items()}
-    current: dict = {"weight": None, "seen": set(), "inputs": []}
+    current: dict = {"weight": None, "seen": set(), "inputs": [], "one_input": False}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -335,7 +336,7 @@ def accumulate_group(
             else:
                 accumulators[name] = accumulators[owner]
             current["seen"].add(name)
-            if len(current["seen"]) == len(linears):
+            if len(current["seen"]) == len(linears) or current["one_input"]:
                 raise StopForward
 
         return hook
@@ -351,6 +352,7 @@ def accumulate_group(
                 run_layer(layer, inputs, index)
             except StopForward:
                 pass
+            current["one_input"] = len({id(acc) for acc in accumulators.values()}) == 1
     finally:
         for handle in handles:
             handle.remove()
