@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_tlq.py [--seeds 0 1] [--settings W3g64 W2g64] [--variants default p0.5 ...] [--eval-tokens 40960]
     python benchmarks/bench_tlq.py --cost [--repeats 2] [--batch-sizes 1 16]   # importance vs GPTQ/TLQ calibration time
+    python benchmarks/bench_tlq.py --cost --importance-only --batch-sizes 16      # the importance pass alone
     python benchmarks/bench_tlq.py --memory      # peak RSS: block-wise importance vs whole-model autograd
 
 Calibration windows come from the "train" part (first 90%) of ../shared/data/text, evaluation from
@@ -165,7 +166,7 @@ def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, 
     return out
 
 
-def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int]) -> dict:
+def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int], importance_only: bool = False) -> dict:
     """Wall and CPU seconds of importance (per batch size), GPTQ and TLQ calibration, interleaved; min over repeats."""
     from transformers import AutoTokenizer
 
@@ -190,11 +191,15 @@ def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int]) -
         for size in batch_sizes:
             scores, _, _ = clock(f"importance_b{size}", lambda size=size: layer_output_gradients(model, samples, progress=False, batch_size=size))
             weights = TokenImportance(scores, samples)
+        if importance_only:
+            continue
         clock("gptq_calib", lambda: _quantize(model, samples, 3, 64, True, "gptq"))
         clock("tlq_calib", lambda weights=weights: _quantize(model, samples, 3, 64, True, "tlq", weights))
     best = {k: {"wall_s": round(min(w for w, _ in v), 2), "cpu_s": round(min(c for _, c in v), 2),
                 "all_wall_s": [round(w, 2) for w, _ in v]} for k, v in times.items()}
     out = {"nsamples": nsamples, "seqlen": seqlen, "setting": "W3g64 sym", "threads": 1, "repeats": repeats, "times": best}
+    if importance_only:
+        return out
     for size in batch_sizes:
         for unit in ("wall_s", "cpu_s"):
             out[f"cost_ratio_b{size}_{unit}"] = round(
@@ -266,6 +271,7 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true", help="time importance, GPTQ and TLQ calibration (1 thread)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--importance-only", action="store_true", help="with --cost: time only the importance pass")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-child", default=None)
     args = parser.parse_args()
@@ -278,7 +284,7 @@ def main() -> None:
     if not (REF_LM / "config.json").is_file():
         sys.exit(f"reference model not found at {REF_LM}")
     if args.cost:
-        print(json.dumps(run_cost(args.nsamples, args.seqlen, args.repeats, args.batch_sizes)))
+        print(json.dumps(run_cost(args.nsamples, args.seqlen, args.repeats, args.batch_sizes, args.importance_only)))
         return
     print(json.dumps(run_quality(args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants)))
 

@@ -348,23 +348,44 @@ def _run_chunk(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return layer_output(layer(hidden, **kwargs))
 
 
-def _chunk_loss(logits: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over a chunk's samples of each one's mean cross-entropy at its scored positions.
+# Rows of the lm_head + cross-entropy gradient computed at once: a [rows, vocab] block of logits
+# and its softmax stay in cache (a whole chunk's logits, [B * T, V], do not, which costs ~2x).
+_HEAD_ROWS = 512
 
-    logits [B, T, V]. One cross-entropy over all rows (unscored rows get the ignore label), each
-    scored row weighted 1 / (its sample's count): no copy or scatter of the logits, and each
-    sample's gradient is that of its own mean loss.
+
+def _head_gradient(
+    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor]
+) -> torch.Tensor:
+    """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored positions.
+
+    hidden [B, T, d] is the final norm's output. Only scored rows go through lm_head, in blocks
+    of _HEAD_ROWS, and the cross-entropy gradient is formed directly, w * (softmax - onehot),
+    instead of by autograd through log_softmax (which keeps [B * T, V] logits, their log-softmax
+    and its gradient). Each sample's gradient is that of its own mean loss.
     """
-    labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
-    weights = torch.zeros(logits.shape[:2])
+    rows, labels, weights = [], [], []
+    length = hidden.shape[1]
     for j, (ids, mask) in enumerate(zip(input_ids, scored)):
         positions = mask.nonzero().reshape(-1)
-        labels[j, positions] = ids.reshape(-1)[positions + 1].cpu()
-        weights[j, positions] = 1.0 / max(1, positions.numel())
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device), reduction="none"
-    )
-    return (losses * weights.reshape(-1).to(logits.device)).sum()
+        rows.append(positions + j * length)
+        labels.append(ids.reshape(-1).cpu()[positions + 1])
+        weights.append(torch.full((positions.numel(),), 1.0 / max(1, positions.numel())))
+    device = hidden.device
+    row, label, weight = (torch.cat(t).to(device) for t in (rows, labels, weights))
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    grad = torch.zeros_like(flat)
+    for start in range(0, row.numel(), _HEAD_ROWS):
+        block = row[start : start + _HEAD_ROWS]
+        x = flat.index_select(0, block).requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(x)
+        with torch.no_grad():
+            probs = torch.softmax(logits.float(), dim=-1)
+            probs[torch.arange(block.numel(), device=device), label[start : start + _HEAD_ROWS]] -= 1.0
+            probs.mul_(weight[start : start + _HEAD_ROWS, None])
+        (found,) = torch.autograd.grad(logits, x, grad_outputs=probs.to(logits.dtype))
+        grad.index_copy_(0, block, found)
+    return grad.reshape(hidden.shape)
 
 
 def _batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
@@ -473,11 +494,13 @@ def layer_output_gradients(
                     if last > 0:
                         x.requires_grad_(True)
                     y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
-                    logits = head(norm(y))
-                    loss = _chunk_loss(logits, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk])
-                    wanted = [y, x] if last > 0 else [y]
-                    found = torch.autograd.grad(loss, wanted)
-                del logits, loss, y
+                    if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
+                        y.requires_grad_(True)
+                    normed = norm(y)
+                upstream = _head_gradient(head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk])
+                wanted = [y, x] if last > 0 else [y]
+                found = torch.autograd.grad(normed, wanted, grad_outputs=upstream)
+                del normed, upstream, y
                 for j, i in enumerate(chunk):
                     grads[i] = found[0][j : j + 1]
                     if last > 0:

@@ -135,6 +135,20 @@ def test_batched_chunks_match_autograd_and_per_sample_pass(tmp_path) -> None:
         layer_output_gradients(model, samples, progress=False, batch_size=0)
 
 
+def test_head_gradient_in_row_blocks_and_one_layer_model(monkeypatch) -> None:
+    # Blocks of 5 rows split samples and the chunk boundary: every block must land on its own rows.
+    monkeypatch.setattr("quantkit.importance._HEAD_ROWS", 5)
+    generator = torch.Generator().manual_seed(7)
+    samples = [{"input_ids": torch.randint(0, 97, (1, 12), generator=generator)} for _ in range(3)]
+    samples[2]["loss_mask"] = torch.tensor([[0] * 9 + [1] * 3]).bool()
+    for layers in (3, 1):
+        model = tiny_llama(layers=layers)
+        _, _, grads = layer_output_gradients(model, samples, keep_gradients=True, progress=False, batch_size=2)
+        for i, sample in enumerate(samples):
+            for layer, ref in enumerate(whole_model_gradients(model, model.model.layers, sample)):
+                assert (grads[layer][i] - ref).norm() / ref.norm() < 1e-5, (layers, i, layer)
+
+
 def test_blockwise_gradients_match_with_padding_and_offload(tmp_path) -> None:
     model = tiny_llama()
     ids = torch.randint(0, 97, (1, 10))

@@ -447,9 +447,18 @@ def quantize_layer(
         else:
             plan = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         hessians: dict[str, torch.Tensor] = {}
+        # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) are
+        # one GPTQ problem with their rows stacked (GPTQ's rows are independent given H), which
+        # runs the column loop once instead of once per linear.
+        together = [[name] for name in group]
         if needs_hessian:
             accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks)
             uses = Counter(id(acc) for acc in accumulators.values())
+            if not comm.distributed:
+                by_accumulator: dict[int, list[str]] = {}
+                for name in group:
+                    by_accumulator.setdefault(id(accumulators[name]), []).append(name)
+                together = list(by_accumulator.values())
             for name in group:
                 acc = accumulators.pop(name)
                 if comm.distributed and uses[id(acc)] > 1:
@@ -468,7 +477,22 @@ def quantize_layer(
                     hessians[name] = acc.result()
                 del acc
         solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
-        for name in group:
+        for names in (names for names in together if len(names) > 1):
+            hessian = hessians[names[0]]
+            fulls = [f"{adapter.layer_prefix(index)}.{name}" for name in names]
+            if observer is not None:
+                for full in fulls:
+                    observer(full, hessian)
+            parts = [linears[name].weight.data.float() for name in names]
+            joint = solve(torch.cat(parts), hessian, spec, name=" + ".join(fulls))
+            start = 0
+            for name, weight in zip(names, parts):
+                result = _rows(joint, start, start + weight.shape[0])
+                solved[name] = (result, _result_stats(weight, result, hessian))
+                start += weight.shape[0]
+            for name in names:
+                del hessians[name]
+        for name in (names[0] for names in together if len(names) == 1):
             mine = [(start, end) for rank, start, end in plan[name] if rank == comm.rank]
             if not mine:
                 continue
@@ -581,6 +605,16 @@ def calibrate_model(
         report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     model.to("cpu")
     return Calibration(results=results, report=report)
+
+
+def _rows(result: QuantResult, start: int, end: int) -> QuantResult:
+    """Output rows [start, end) of a result, as tensors of their own (safetensors refuses shared storage)."""
+    return QuantResult(
+        qweight=result.qweight[start:end].clone(), scales=result.scales[start:end].clone(),
+        zeros=result.zeros[start:end].clone(),
+        g_idx=result.g_idx.clone(), bits=result.bits, group_size=result.group_size, sym=result.sym,
+        act_order=result.act_order,
+    )
 
 
 def _to_cpu(result: QuantResult) -> QuantResult:
