@@ -35,6 +35,20 @@ POSITIONS = (("top", "left"), ("top", "right"), ("bottom", "left"), ("bottom", "
 NUMBERS = ("one", "two", "three")
 QUESTION_KINDS = ("count", "where", "colour")
 
+# Example seed ranges; disjoint so no image is both trained on and scored. Training batch `step` of
+# training seed s uses seed s * TRAIN_STRIDE + step; calibration pools use CALIB_SEED + calibration
+# seed; VAL_SEED is for training curves, model choice and TLQ option comparisons; EVAL_SEED is the
+# held-out set, scored only by the final benchmark.
+TRAIN_STRIDE = 1_000_003
+CALIB_SEED = 1_000_000
+EVAL_SEED = 2_000_000
+VAL_SEED = 3_000_000
+
+
+def train_seeds(seed: int, steps: int) -> range:
+    """The example seeds that training seed `seed` run for `steps` steps draws its batches from."""
+    return range(seed * TRAIN_STRIDE, seed * TRAIN_STRIDE + steps)
+
 SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
 WORDS = [
     "user", "assistant", "?", ".", "a", "and", "at", "the", "is", "what", "how", "many", "shapes",
@@ -198,10 +212,15 @@ def _chat(ex: Example) -> list[dict]:
 
 
 @torch.no_grad()
-def accuracy(model, processor, examples: Sequence[Example], batch_size: int = 64) -> dict:
-    """Exact-match accuracy of the answers (teacher-forced argmax), per kind, and answer-token NLL (nats)."""
+def accuracy(model, processor, examples: Sequence[Example], batch_size: int = 64, per_example: bool = False) -> dict:
+    """Exact-match accuracy of the answers (teacher-forced argmax), per kind, and answer-token NLL (nats).
+
+    per_example adds ``correct`` (0/1 per example, in order), so two methods can be compared pairwise
+    on the same examples: the paired difference has far less noise than two independent accuracies.
+    """
     model.eval()
     right: dict[str, list[int]] = {}
+    correct: list[int] = []
     nll, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -216,7 +235,10 @@ def accuracy(model, processor, examples: Sequence[Example], batch_size: int = 64
         count += int(scored.sum())
         for ex, good in zip(chunk, ok.tolist()):
             right.setdefault(ex.kind, []).append(int(good))
+            correct.append(int(good))
     total = [v for vals in right.values() for v in vals]
     out = {"accuracy": sum(total) / len(total), "n": len(total), "answer_nll": round(nll / count, 5)}
     out.update({f"acc_{k}": round(sum(v) / len(v), 4) for k, v in sorted(right.items())})
+    if per_example:
+        out["correct"] = correct
     return out
