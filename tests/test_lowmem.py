@@ -121,6 +121,52 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path: Path, monkeypatch) -
     assert all(real == own for _, real, own in seen)  # only the current layer holds real tensors
 
 
+def _hand_made_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A file mixing dtypes, a scalar, an empty tensor and metadata; returns what went in."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tensors = {
+        "a.bf16": torch.randn(5, 7).bfloat16(), "b.fp16": torch.randn(3, 1, 4).half(), "c.fp32": torch.randn(11),
+        "d.fp64": torch.randn(2, 2).double(), "e.int64": torch.arange(6).reshape(2, 3), "f.int8": torch.tensor([-3, 4], dtype=torch.int8),
+        "g.uint8": torch.arange(9, dtype=torch.uint8), "h.bool": torch.tensor([True, False, True]),
+        "i.scalar": torch.tensor(2.5), "j.empty": torch.empty(0, 4),
+    }
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return tensors
+
+
+def _mapped(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def test_read_safetensors_matches_load_file_and_maps_nothing(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from quantkit.engine.streaming import WeightSource, read_safetensors
+
+    path = tmp_path / "model.safetensors"
+    written = _hand_made_safetensors(path)
+    ours = read_safetensors(path)
+    if Path("/proc/self/maps").is_file():
+        assert not _mapped(path)  # copied out: the tensors own their memory
+    theirs = load_file(str(path))
+    assert set(ours) == set(theirs) == set(written)
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
+        assert torch.equal(ours[key], value), key
+    some = read_safetensors(path, ["j.empty", "a.bf16"])
+    assert list(some) == ["j.empty", "a.bf16"] and torch.equal(some["a.bf16"], written["a.bf16"])
+    del theirs, value  # load_file's tensors are views into its mapping: drop them before looking again
+    source = WeightSource(tmp_path)  # the low-memory reader of a model directory goes the same way
+    loaded = source.load(["c.fp32", "b.fp16"])
+    assert torch.equal(loaded["c.fp32"], written["c.fp32"]) and torch.equal(loaded["b.fp16"], written["b.fp16"])
+    loaded["c.fp32"].add_(1)  # writable, and the file is untouched
+    assert torch.equal(read_safetensors(path, ["c.fp32"])["c.fp32"], written["c.fp32"])
+    if Path("/proc/self/maps").is_file():
+        assert not _mapped(path)
+
+
 def test_low_memory_rejects_tlq_without_calibration_set(tmp_path: Path) -> None:
     model = make_model_dir(tmp_path)
     with pytest.raises(QuantkitError, match="calib-set"):
@@ -129,21 +175,30 @@ def test_low_memory_rejects_tlq_without_calibration_set(tmp_path: Path) -> None:
 
 
 MEASURED = textwrap.dedent("""
-    import json, resource, sys
+    import json, os, resource, sys
     import torch
     from quantkit.calibrate import run_calibration
     from quantkit.engine.streaming import build_skeleton
     from quantkit.quant import QuantSpec, gptq_solve
     torch.set_num_threads(1)
     model, text, out, low = sys.argv[1:5]
+
+    def peak_mb():
+        # VmHWM is this process's own peak; ru_maxrss also holds the parent's (pytest's) peak at exec.
+        if os.path.isfile("/proc/self/status"):
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     # Warm up first (lazy imports, BLAS/LAPACK work buffers) so the figure measures the run itself.
     build_skeleton(model)
     x = torch.randn(64, 768)
     gptq_solve(torch.randn(256, 768), x.T @ x, QuantSpec(bits=4, group_size=128))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_mb()
     run_calibration(model, out, QuantSpec(bits=4, group_size=128), calib=text, nsamples=4, seqlen=32,
                     progress=False, low_memory=low == "1")
-    print(json.dumps({"peak_above_start_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}))
+    print(json.dumps({"peak_above_start_mb": peak_mb() - base}))
 """)
 
 

@@ -45,18 +45,29 @@ class Calibration:
 BATCH_SIZE = 16
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process so far, in MiB.
+
+    VmHWM where /proc has it: ru_maxrss survives fork and exec, so a rank or subprocess started by
+    a large parent would report the parent's peak as its own.
+    """
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_rss_mb() -> float | None:
     """Resident set size of this process now, in MiB (None where /proc is missing)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * resource.getpagesize() / 2**20
+    return _proc_status_mb("VmRSS")
 
 
 def check_layer(layer: nn.Module, index: int, adapter: Adapter, spec: QuantSpec) -> None:
