@@ -4,7 +4,8 @@ Builds a random Llama (default 12 layers, width 1024) with a character tokenizer
 runs `run_calibration` with --nproc 1 and 2 in fresh subprocesses, and prints JSON with the
 calibration-loop seconds, the whole-command seconds and the peak RSS of every rank, also less the
 rank's RSS when calibration started (the model loaded: what activations, Hessians and the current
-layer's work add). Target: 2 ranks <= 0.65x the time of 1 rank.
+layer's work add), and the bytes of each rank's hidden states (its shard of the activations).
+Target: 2 ranks <= 0.65x the time of 1 rank.
 
     python benchmarks/bench_distributed.py [--layers 12] [--width 1024] [--nsamples 16] [--seqlen 256]
 """
@@ -90,7 +91,8 @@ def main() -> None:
             runs[n] = {"calibration_seconds": rep["seconds"], "command_seconds": rep["command_seconds"],
                        "rank_peak_rss_mb": rep.get("rank_peak_rss_mb", [rep["peak_rss_mb"]]),
                        "rank_peak_rss_over_start_mb": rep.get("rank_peak_rss_over_start_mb",
-                                                              [rep["peak_rss_over_start_mb"]])}
+                                                              [rep["peak_rss_over_start_mb"]]),
+                       "rank_hidden_states_mb": rep.get("rank_hidden_states_mb", [rep["hidden_states_mb"]])}
     one, two = runs.get(1), runs.get(2)
     out = {"layers": args.layers, "width": args.width, "nsamples": args.nsamples, "seqlen": args.seqlen,
            "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "runs": runs, "time": time.ctime()}

@@ -96,6 +96,9 @@ def test_one_two_three_ranks_agree(model_and_text, tmp_path: Path, ranks: tuple[
             deq, ref = ckpt.results[name].dequantize(), result.dequantize()
             assert (deq - ref).abs().max() <= 1e-5 * ref.abs().max(), name
         assert reports[n]["world_size"] == n and len(reports[n]["rank_peak_rss_mb"]) == n
+        # each rank holds only its shard of the activations: 6 windows of 32 tokens, hidden 64, fp32
+        shards = [len(range(rank, 6, n)) * 32 * 64 * 4 / 2**20 for rank in range(n)]
+        assert reports[n]["rank_hidden_states_mb"] == pytest.approx(shards, abs=1e-3)
         owners = {piece[0] for layer in reports[n]["layers"] for e in layer["linears"].values()
                   for piece in e["solved_on_ranks"]}
         assert owners == set(range(n))  # the solves really were spread over the ranks

@@ -581,6 +581,7 @@ def calibrate_model(
     rss_at_start = current_rss_mb()
     layers = adapter.decoder_layers(model)
     inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
+    hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
     results: dict[str, QuantResult] = {}
     layer_reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method} w{spec.bits}", disable=not progress or comm.rank != 0)
@@ -606,12 +607,14 @@ def calibrate_model(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         # what calibration adds on top of the loaded model (activations, Hessians, one layer's work)
         "peak_rss_over_start_mb": None if rss_at_start is None else round(peak_rss_mb() - rss_at_start, 1),
+        "hidden_states_mb": round(hidden_mb, 3),  # this rank's activations entering each layer
         "layers": layer_reports,
     }
     if comm.distributed:
         report["world_size"] = comm.world_size
         report["rank_peak_rss_mb"] = comm.gather_objects(report["peak_rss_mb"])
         report["rank_peak_rss_over_start_mb"] = comm.gather_objects(report["peak_rss_over_start_mb"])
+        report["rank_hidden_states_mb"] = comm.gather_objects(report["hidden_states_mb"])
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     model.to("cpu")
