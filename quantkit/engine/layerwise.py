@@ -304,7 +304,7 @@ class FinishedBlocks:
         for block in list(self.to_derive):
             if len(self.outputs.get(block, ())) == len(inputs):
                 self.to_derive.remove(block)
-            else:  # the pass stopped before the block ran on every batch: derive again next pass
+            else:  # the pass stopped before the block ran on every batch: record it next pass instead
                 self.outputs.pop(block, None)
                 self.to_derive.remove(block)
                 self.to_record.append(block)
