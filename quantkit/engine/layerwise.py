@@ -431,7 +431,8 @@ def quantize_layer(
     observer: HessianObserver | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
     """Quantize one decoder layer in place, group by group, then replace `inputs` by the quantized
-    layer's outputs on them (the next layer's inputs); return its results and report.
+    layer's outputs on them (the next layer's inputs; not for RTN, which reads none); return its
+    results and report.
 
     With several ranks, `inputs` is this rank's shard: each linear is planned onto one or more
     ranks (plan_group: whole, or cut by output rows); its Hessian sums (and weight totals) are
@@ -532,8 +533,9 @@ def quantize_layer(
             results[f"{adapter.layer_prefix(index)}.{name}"] = result
         del solved, hessians
         blocks.mark_solved(group)
-    blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
-    propagate(layer, inputs, blocks)
+    if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
+        blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
+        propagate(layer, inputs, blocks)
     return results, reports
 
 
