@@ -42,12 +42,8 @@ import json, resource, sys, time, torch
 torch.set_num_threads(1)
 from quantkit.calibrate import run_calibration
 from quantkit.engine import streaming
+from quantkit.engine.layerwise import peak_rss_mb as hwm_mb
 from quantkit.quant import QuantSpec
-
-def hwm_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
 
 calibration_peak = {}
 export = streaming.export_streamed

@@ -175,21 +175,14 @@ def test_low_memory_rejects_tlq_without_calibration_set(tmp_path: Path) -> None:
 
 
 MEASURED = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, sys
     import torch
     from quantkit.calibrate import run_calibration
+    from quantkit.engine.layerwise import peak_rss_mb as peak_mb  # VmHWM: ru_maxrss holds pytest's peak
     from quantkit.engine.streaming import build_skeleton
     from quantkit.quant import QuantSpec, gptq_solve
     torch.set_num_threads(1)
     model, text, out, low = sys.argv[1:5]
-
-    def peak_mb():
-        # VmHWM is this process's own peak; ru_maxrss also holds the parent's (pytest's) peak at exec.
-        if os.path.isfile("/proc/self/status"):
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # Warm up first (lazy imports, BLAS/LAPACK work buffers) so the figure measures the run itself.
     build_skeleton(model)

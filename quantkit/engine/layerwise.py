@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,10 +242,11 @@ class FinishedBlocks:
 
     def mark_solved(self, names: Sequence[str]) -> None:
         """Note that `names` are quantized; blocks left with no unsolved linear become replayable."""
-        for block, pending in self.unsolved.items():
+        for block, pending in list(self.unsolved.items()):
             pending.difference_update(names)
-            if pending or block in self.outputs or block in self.to_derive or block in self.to_record:
+            if pending:
                 continue
+            del self.unsolved[block]
             kept = self.kept_inputs.get(self.last_linear.get(block, ""), [])
             (self.to_derive if self.inputs is not None and len(kept) == len(self.inputs) else self.to_record).append(block)
 
@@ -465,15 +465,14 @@ def quantize_layer(
         together = [[name] for name in group]
         if needs_hessian:
             accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks)
-            uses = Counter(id(acc) for acc in accumulators.values())
+            by_accumulator: dict[int, list[str]] = {}
+            for name in group:
+                by_accumulator.setdefault(id(accumulators[name]), []).append(name)
             if not comm.distributed:
-                by_accumulator: dict[int, list[str]] = {}
-                for name in group:
-                    by_accumulator.setdefault(id(accumulators[name]), []).append(name)
                 together = list(by_accumulator.values())
             for name in group:
                 acc = accumulators.pop(name)
-                if comm.distributed and uses[id(acc)] > 1:
+                if comm.distributed and len(by_accumulator[id(acc)]) > 1:
                     acc = acc.copy()  # reductions work in place: each linear reduces its own copy
                 ranks = sorted({piece[0] for piece in plan[name]})
                 if comm.distributed:
