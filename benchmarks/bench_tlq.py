@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/bench_tlq.py [--seeds 0 1] [--settings W3g64 W2g64] [--variants default p0.5 ...] [--eval-tokens 40960]
+        [--fp-target off|on|both] [--jobs 2] [-o results.json]
     python benchmarks/bench_tlq.py --cost [--repeats 2] [--batch-sizes 1 16]   # importance vs GPTQ/TLQ calibration time
     python benchmarks/bench_tlq.py --cost --importance-only --batch-sizes 16      # the importance pass alone
     python benchmarks/bench_tlq.py --memory      # peak RSS: block-wise importance vs whole-model autograd
@@ -43,14 +44,14 @@ VARIANTS = {
 VALIDATION_SEED_OFFSET = 10_000
 
 
-def _quantize(model, samples, bits, group, sym, method, token_weights=None):
+def _quantize(model, samples, bits, group, sym, method, token_weights=None, fp_target=False):
     from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     quantized = copy.deepcopy(model)
     started = time.perf_counter()
     calibrate_model(quantized, samples, QuantSpec(bits=bits, group_size=group, sym=sym), method=method,
-                    token_weights=token_weights, progress=False)
+                    token_weights=token_weights, progress=False, fp_target=fp_target)
     return quantized, time.perf_counter() - started
 
 
@@ -98,14 +99,19 @@ def windows_loss(model, windows: torch.Tensor, batch: int = 16) -> float:
     return total / count
 
 
-def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, settings: list[str], variants: list[str]) -> dict:
-    """RTN/GPTQ/TLQ(+variants) gaps to FP per seed and setting, on validation windows and held-out text.
+def _methods(variants: list[str], fp_modes: list[bool]) -> list[tuple[str, str, str | None, bool]]:
+    """(row name, engine method, TLQ variant, FP target) of every calibration a seed runs."""
+    methods = [("rtn", "rtn", None, False)]
+    for fp in fp_modes:
+        suffix = "_fp" if fp else ""
+        methods.append((f"gptq{suffix}", "gptq", None, fp))
+        methods += [(f"tlq_{v}{suffix}", "tlq", v, fp) for v in variants]
+    return methods
 
-    Validation: `eval_tokens` worth of 256-token windows from the train part, disjoint from the
-    calibration windows. Held-out: the first `eval_tokens` of the held-out part. Variant choice
-    (`chosen`) uses validation numbers only: the lowest mean TLQ/GPTQ gap ratio over seeds and the
-    W3/W2 settings.
-    """
+
+def run_seed(seed: int, nsamples: int, seqlen: int, eval_tokens: int, settings: list[str], variants: list[str],
+             fp_modes: list[bool]) -> dict:
+    """One calibration draw: FP losses and every method's gaps per setting (one thread)."""
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
@@ -116,51 +122,80 @@ def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, 
     torch.set_num_threads(1)
     model = load_model(str(REF_LM), dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(REF_LM))
-    train_ids = _train_stream(tokenizer)
 
     def heldout_loss(m) -> float:
         return evaluate_loss(m, tokenizer, str(TEXT_DIR), seqlen=256, max_tokens=eval_tokens, part="heldout", progress=False)["loss"]
 
     fp_heldout = heldout_loss(model)
-    out: dict = {"fp_loss": fp_heldout, "eval_tokens": eval_tokens, "nsamples": nsamples, "seqlen": seqlen,
-                 "variants": {v: VARIANTS[v] for v in variants}, "fp_val_loss": {}, "runs": []}
-    chosen_settings = [s for s in SETTINGS if s[0] in settings]
-    for seed in seeds:
-        samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
-        val = validation_windows(train_ids, nsamples, seqlen, seed, max(1, eval_tokens // 256))
-        fp_val = windows_loss(model, val)
-        out["fp_val_loss"][str(seed)] = fp_val
-        started = time.perf_counter()
-        scores, report, _ = layer_output_gradients(model, samples, progress=False)
-        importance_seconds = time.perf_counter() - started
-        for label, bits, group, sym in chosen_settings:
-            row = {"seed": seed, "setting": label, "sym": sym, "importance_s": round(importance_seconds, 2)}
-            methods = [("rtn", "rtn", None), ("gptq", "gptq", None)]
-            methods += [(f"tlq_{v}", "tlq", TokenImportance(scores, samples, seed=seed, **VARIANTS[v])) for v in variants]
-            for name, method, weights in methods:
-                quantized, seconds = _quantize(model, samples, bits, group, sym, method, weights)
-                row[f"{name}_gap"] = heldout_loss(quantized) - fp_heldout
-                row[f"{name}_val_gap"] = windows_loss(quantized, val) - fp_val
-                row[f"{name}_calib_s"] = round(seconds, 2)
-                del quantized
-            for v in variants:
-                row[f"tlq_{v}_over_gptq"] = row[f"tlq_{v}_gap"] / row["gptq_gap"] if row["gptq_gap"] > 0 else None
-                row[f"tlq_{v}_over_gptq_val"] = row[f"tlq_{v}_val_gap"] / row["gptq_val_gap"] if row["gptq_val_gap"] > 0 else None
-            out["runs"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
+    val = validation_windows(_train_stream(tokenizer), nsamples, seqlen, seed, max(1, eval_tokens // 256))
+    fp_val = windows_loss(model, val)
+    started = time.perf_counter()
+    scores, _, _ = layer_output_gradients(model, samples, progress=False)
+    importance_seconds = time.perf_counter() - started
+    rows = []
+    for label, bits, group, sym in (s for s in SETTINGS if s[0] in settings):
+        row = {"seed": seed, "setting": label, "sym": sym, "importance_s": round(importance_seconds, 2)}
+        for name, method, variant, fp in _methods(variants, fp_modes):
+            weights = TokenImportance(scores, samples, seed=seed, **VARIANTS[variant]) if variant else None
+            quantized, seconds = _quantize(model, samples, bits, group, sym, method, weights, fp)
+            row[f"{name}_gap"] = heldout_loss(quantized) - fp_heldout
+            row[f"{name}_val_gap"] = windows_loss(quantized, val) - fp_val
+            row[f"{name}_calib_s"] = round(seconds, 2)
+            del quantized
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"fp_loss": fp_heldout, "fp_val_loss": fp_val, "rows": rows}
+
+
+def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, settings: list[str], variants: list[str],
+                fp_modes: list[bool], jobs: int = 1) -> dict:
+    """RTN/GPTQ/TLQ(+variants, with and without the FP target) gaps to FP per seed and setting, on
+    validation windows and held-out text.
+
+    Validation: `eval_tokens` worth of 256-token windows from the train part, disjoint from the
+    calibration windows. Held-out: the first `eval_tokens` of the held-out part. Variant choice
+    (`chosen`) uses validation numbers only: the lowest mean TLQ/GPTQ gap ratio over seeds and the
+    W3/W2 settings. `jobs` seeds run at once, each in its own process.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    args = (nsamples, seqlen, eval_tokens, settings, variants, fp_modes)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            per_seed = list(pool.map(run_seed, seeds, *[[a] * len(seeds) for a in args]))
+    else:
+        per_seed = [run_seed(seed, *args) for seed in seeds]
+    out: dict = {"fp_loss": per_seed[0]["fp_loss"], "eval_tokens": eval_tokens, "nsamples": nsamples, "seqlen": seqlen,
+                 "variants": {v: VARIANTS[v] for v in variants}, "fp_target": fp_modes,
+                 "fp_val_loss": {str(seed): r["fp_val_loss"] for seed, r in zip(seeds, per_seed)},
+                 "runs": [row for r in per_seed for row in r["rows"]]}
+    names = [name for name, *_ in _methods(variants, fp_modes)]
+    tlq_names = [n for n in names if n.startswith("tlq_")]
+    for row in out["runs"]:
+        for name in tlq_names:
+            base = "gptq_fp" if name.endswith("_fp") else "gptq"
+            for kind in ("", "_val"):
+                ref = row[f"{base}{kind}_gap"]
+                row[f"{name}_over_{base}{kind}"] = row[f"{name}{kind}_gap"] / ref if ref > 0 else None
+                if base != "gptq":
+                    row[f"{name}_over_gptq{kind}"] = row[f"{name}{kind}_gap"] / row[f"gptq{kind}_gap"] if row[f"gptq{kind}_gap"] > 0 else None
     summary = {}
+    chosen_settings = [s for s in SETTINGS if s[0] in settings]
     for label, *_ in chosen_settings:
         rows = [r for r in out["runs"] if r["setting"] == label]
         means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.endswith("_gap")}
-        for v in variants:
-            means[f"tlq_{v}_over_gptq_of_means"] = means[f"tlq_{v}_gap"] / means["gptq_gap"] if means["gptq_gap"] > 0 else None
-            means[f"tlq_{v}_over_gptq_val_of_means"] = (
-                means[f"tlq_{v}_val_gap"] / means["gptq_val_gap"] if means["gptq_val_gap"] > 0 else None
-            )
+        for name in names:
+            if name == "gptq":
+                continue
+            for kind in ("", "_val"):
+                ref = means[f"gptq{kind}_gap"]
+                means[f"{name}_over_gptq{kind}_of_means"] = means[f"{name}{kind}_gap"] / ref if ref > 0 else None
         summary[label] = means
     out["summary"] = summary
     low_bit = [label for label, bits, *_ in chosen_settings if bits <= 3] or [s[0] for s in chosen_settings]
-    val_score = {v: sum(summary[label][f"tlq_{v}_over_gptq_val_of_means"] for label in low_bit) / len(low_bit) for v in variants}
+    val_score = {n: sum(summary[label][f"{n}_over_gptq_val_of_means"] for label in low_bit) / len(low_bit) for n in tlq_names}
     out["validation_choice"] = {"rule": f"min mean over {low_bit} of TLQ/GPTQ validation gap ratio", "scores": val_score,
                                 "chosen": min(val_score, key=val_score.get)}
     return out
@@ -268,6 +303,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=40960)
     parser.add_argument("--settings", nargs="+", default=["W3g64", "W2g64"], choices=[s[0] for s in SETTINGS])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="TLQ variants to run")
+    parser.add_argument("--fp-target", choices=["off", "on", "both"], default="both",
+                        help="run GPTQ and TLQ without, with, or both without and with the FP target")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one process (one thread) each")
+    parser.add_argument("-o", "--output", help="also write the JSON here")
     parser.add_argument("--cost", action="store_true", help="time importance, GPTQ and TLQ calibration (1 thread)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -286,7 +325,13 @@ def main() -> None:
     if args.cost:
         print(json.dumps(run_cost(args.nsamples, args.seqlen, args.repeats, args.batch_sizes, args.importance_only)))
         return
-    print(json.dumps(run_quality(args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants)))
+    fp_modes = {"off": [False], "on": [True], "both": [False, True]}[args.fp_target]
+    result = run_quality(args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants, fp_modes,
+                         args.jobs)
+    text = json.dumps(result)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def run_calibration(
     low_memory: bool = False,
     offload_dir: str | None = None,
     resume: bool = False,
+    fp_target: bool = False,
 ) -> dict:
     """Quantize `model_name` on calibration data and export it to `output`; return the report.
 
@@ -64,10 +65,12 @@ def run_calibration(
         raise QuantkitError("no calibration data; pass --calib PATH (text, jsonl, dataset or recipe) or --calib-set DIR")
     if nproc < 1:
         raise QuantkitError(f"--nproc must be at least 1, got {nproc}")
+    if fp_target and method == "rtn":
+        raise QuantkitError("--fp-target needs --method gptq or tlq: RTN reads no activations")
     job = dict(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
-        progress=progress,
+        progress=progress, fp_target=fp_target,
     )
     if resume or low_memory or offload_dir:
         if nproc > 1 or under_torchrun():
@@ -107,6 +110,7 @@ def calibrate_rank(
     dtype: str,
     overwrite: bool,
     progress: bool,
+    fp_target: bool = False,
     comm=None,
     device: str = "cpu",
     report_path: str | None = None,
@@ -135,7 +139,7 @@ def calibrate_rank(
             token_weights = tlq_token_weights(model, samples, device=device, progress=progress and rank == 0)
     calibration = calibrate_model(
         model, samples, spec, method=method, device=device, token_weights=token_weights,
-        progress=progress, comm=comm,
+        progress=progress, comm=comm, fp_target=fp_target,
     )
     report = dict(calibration.report)
     report.update(
@@ -175,6 +179,7 @@ def calibrate_low_memory(
     dtype: str,
     overwrite: bool,
     progress: bool,
+    fp_target: bool = False,
     device: str = "cpu",
     offload_dir: str | None = None,
     resume: bool = False,
@@ -203,11 +208,12 @@ def calibrate_low_memory(
         samples = load_calibration(calib, model_name, False, nsamples, seqlen, seed, part)
     fingerprint = {"model": str(Path(model_name).resolve()), "method": method, "spec": spec.to_dict(), "calib": calib,
                    "calib_set": calib_set, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "part": part,
-                   "dtype": dtype}
+                   "dtype": dtype, "fp_target": fp_target}
     work = work_dir_for(output)
     model, calibration = calibrate_streaming(
         model_name, samples, spec, work, method=method, device=device, token_weights=token_weights,
         progress=progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=dtype,
+        fp_target=fp_target,
     )
     report = dict(calibration.report)
     report.update(model=model_name, calib=calib, calib_set=calib_set, seqlen=int(samples[0]["input_ids"].shape[-1]),
@@ -227,6 +233,7 @@ def calibrate_low_memory(
 @click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ desc_act: solve columns by decreasing Hessian diagonal.")
 @click.option("--static-groups", is_flag=True, help="With --act-order: fix group grids before the column permutation.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
+@click.option("--fp-target", is_flag=True, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer).")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
@@ -246,7 +253,7 @@ def calibrate_low_memory(
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, fp_target, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
@@ -261,7 +268,7 @@ def calibrate(model, method, bits, group_size, sym, act_order, static_groups, da
         model, output, spec, method=method, calib=calib, calib_set=calib_set, nsamples=nsamples, seqlen=seqlen,
         seed=seed, part=part, fmt=fmt, device=device, dtype=dtype, overwrite=overwrite, progress=not as_json,
         nproc=nproc, devices=device_ids, dist_timeout=dist_timeout, low_memory=low_memory,
-        offload_dir=offload_dir, resume=resume,
+        offload_dir=offload_dir, resume=resume, fp_target=fp_target,
     )
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output}))

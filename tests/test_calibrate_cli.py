@@ -70,6 +70,11 @@ def base(tiny: dict, out: Path, *extra: str) -> list[str]:
             "--group-size", "32", "-o", str(out), *extra]
 
 
+def test_fp_target_with_rtn_is_refused(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(run(base(tiny, out, "--method", "rtn", "--fp-target")), out, "--fp-target")
+
+
 def test_missing_model_path(tiny, tmp_path):
     out = tmp_path / "out"
     args = base(tiny, out)

@@ -61,10 +61,10 @@ def model_and_text(tmp_path_factory) -> tuple[Path, Path]:
     return make_model_dir(root), make_text(root)
 
 
-def calibrate(model: Path, text: Path, out: Path, nproc: int) -> dict:
+def calibrate(model: Path, text: Path, out: Path, nproc: int, **kw) -> dict:
     """Run the calibrate entry point with GPTQ on 6 windows of 32 tokens."""
     return run_calibration(str(model), str(out), SPEC, method="gptq", calib=str(text), nsamples=6, seqlen=32,
-                           progress=False, nproc=nproc)
+                           progress=False, nproc=nproc, **kw)
 
 
 def files_and_tensors(out: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -103,6 +103,23 @@ def test_one_two_three_ranks_agree(model_and_text, tmp_path: Path, ranks: tuple[
                   for piece in e["solved_on_ranks"]}
         assert owners == set(range(n))  # the solves really were spread over the ranks
     assert "world_size" not in reports[1]
+
+
+def test_fp_target_two_ranks_agree_with_one(model_and_text, tmp_path: Path) -> None:
+    """The cross term is reduced like the Hessian, and each rank carries its shard of the FP stream."""
+    model, text = model_and_text
+    one = calibrate(model, text, tmp_path / "one", 1, fp_target=True)
+    calibrate(model, text, tmp_path / "plain", 1)
+    two = calibrate(model, text, tmp_path / "two", 2, fp_target=True)
+    assert one["fp_target"] and two["fp_target"]
+    ckpt1, ckpt2 = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "two")
+    plain = read_checkpoint(tmp_path / "plain")
+    differs = 0
+    for name, result in ckpt1.results.items():
+        deq, ref = ckpt2.results[name].dequantize(), result.dequantize()
+        assert (deq - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+        differs += not torch.equal(plain.results[name].dequantize(), ref)
+    assert differs >= len(ckpt1.results) // 2  # the FP target really moved the codes
 
 
 def assert_same_export(ref: Path, other: Path) -> None:

@@ -44,16 +44,18 @@ def tensors_of(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool) -> None:
+@pytest.mark.parametrize("tie, fp_target", [(False, False), (True, False), (False, True)])
+def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp_target: bool) -> None:
     model = make_model_dir(tmp_path, tie=tie)
     text = make_text(tmp_path)
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False)
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, fp_target=fp_target)
     run_calibration(str(model), str(tmp_path / "plain"), SPEC, **kw)
     report = run_calibration(str(model), str(tmp_path / "low"), SPEC, low_memory=True,
                              offload_dir=str(tmp_path / "acts"), **kw)
     assert report["low_memory"] and not work_dir_for(str(tmp_path / "low")).exists()
+    assert report["fp_target"] is fp_target
     assert list((tmp_path / "acts").glob("hidden_*.pt"))  # activations really went to disk
+    assert bool(list((tmp_path / "acts").glob("fp/hidden_*.pt"))) is fp_target  # and the FP stream beside them
     plain, low = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "low")
     assert plain.keys() == low.keys()
     for key in plain:

@@ -78,3 +78,26 @@ def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path, mon
         run_calibration(str(model), str(out), QuantSpec(bits=3, group_size=32), resume=True, **kw)
     report = run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), resume=True, **kw)
     assert report["resumed_from_layer"] == 2 and (out / "config.json").is_file()
+
+
+def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch) -> None:
+    """Interrupted after 2 of 3 layers and resumed: the same bytes as an uninterrupted FP-target run,
+    which needs the FP stream restored beside the quantized one."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True, fp_target=True)
+    spec = QuantSpec(bits=3, group_size=32)
+    run_calibration(str(model), str(tmp_path / "full"), spec, **kw)
+    out = tmp_path / "out"
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")
+    with pytest.raises(RuntimeError, match="injected"):
+        run_calibration(str(model), str(out), spec, **kw)
+    monkeypatch.delenv("QUANTKIT_FAIL_AT")
+    report = run_calibration(str(model), str(out), spec, resume=True, **kw)
+    assert report["resumed_from_layer"] == 2
+    files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files:
+        assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name

@@ -316,6 +316,28 @@ class FinishedBlocks:
                 self.outputs[block] = store
 
 
+# linear name -> its FP input on each batch (linears fed one tensor share the list's entries)
+FPInputs = dict[str, list[torch.Tensor]]
+
+
+def record_fp_inputs(layer: nn.Module, adapter: Adapter, fp_inputs: LayerInputs) -> FPInputs:
+    """Run the still-FP `layer` on the FP stream: keep every linear's input per batch and advance the
+    stream to the layer's FP outputs (the FP target's x_t, and the next layer's FP inputs)."""
+    kept: FPInputs = {name: [] for name in adapter.linear_names()}
+    handles = []
+    for name in kept:
+        def keep(module: nn.Module, args: tuple, name: str = name) -> None:
+            kept[name].append(args[0].detach())
+        handles.append(get_module(layer, name).register_forward_pre_hook(keep))
+    try:
+        for index in range(len(fp_inputs)):
+            fp_inputs.hidden[index] = run_layer(layer, fp_inputs, index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
 def accumulate_group(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
@@ -323,16 +345,19 @@ def accumulate_group(
     weights: Sequence[torch.Tensor] | None,
     device: torch.device | str,
     blocks: FinishedBlocks | None = None,
+    fp_inputs: FPInputs | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Run the layer on every sample until all of `linears` have received their inputs.
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator: their
     Hessians are equal, so it is summed once. The pass stops before the group's last linear
     runs, since nothing after it is needed; once the first batch has shown that the whole group
-    reads one input, later batches stop before its first linear.
+    reads one input, later batches stop before its first linear. With `fp_inputs` the accumulators
+    also sum the FP-target cross term.
     """
-    accumulators = {name: HessianAccumulator(lin.in_features, device) for name, lin in linears.items()}
-    current: dict = {"weight": None, "seen": set(), "inputs": [], "one_input": False}
+    cross = fp_inputs is not None
+    accumulators = {name: HessianAccumulator(lin.in_features, device, cross) for name, lin in linears.items()}
+    current: dict = {"weight": None, "seen": set(), "inputs": [], "one_input": False, "batch": 0}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -342,7 +367,8 @@ def accumulate_group(
             if blocks is not None:
                 blocks.keep_input(name, x)
             if owner is None:
-                accumulators[name].add(x, current["weight"])
+                fp = fp_inputs[name][current["batch"]] if cross else None
+                accumulators[name].add(x, current["weight"], fp)
                 current["inputs"].append((x, name))
             else:
                 accumulators[name] = accumulators[owner]
@@ -356,6 +382,7 @@ def accumulate_group(
     batches = blocks.passes(inputs) if blocks is not None else range(len(inputs))
     try:
         for index in batches:
+            current["batch"] = index
             current["weight"] = None if weights is None else weights[index]
             current["seen"] = set()
             current["inputs"] = []
@@ -429,10 +456,15 @@ def quantize_layer(
     weights: Sequence[torch.Tensor] | None = None,
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
+    fp_inputs: LayerInputs | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
     """Quantize one decoder layer in place, group by group, then replace `inputs` by the quantized
     layer's outputs on them (the next layer's inputs; not for RTN, which reads none); return its
     results and report.
+
+    With `fp_inputs` (the FP model's inputs to this layer, same batches) each linear is fitted to
+    its FP output W x_t instead of W x~_t (quantkit.quant.gptaq), and `fp_inputs` advances to the FP
+    layer's outputs.
 
     With several ranks, `inputs` is this rank's shard: each linear is planned onto one or more
     ranks (plan_group: whole, or cut by output rows); its Hessian sums (and weight totals) are
@@ -451,6 +483,7 @@ def quantize_layer(
     split_all = os.environ.get(SPLIT_ENV, "") == "1"
     results: dict[str, QuantResult] = {}
     reports = {}
+    fp_linear_inputs = record_fp_inputs(layer, adapter, fp_inputs) if fp_inputs is not None and needs_hessian else None
     blocks = FinishedBlocks(layer, adapter)
     for group in adapter.linear_order:
         linears = {name: get_module(layer, name) for name in group}
@@ -459,12 +492,16 @@ def quantize_layer(
         else:
             plan = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         hessians: dict[str, torch.Tensor] = {}
+        crosses: dict[str, torch.Tensor] = {}
         # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) are
         # one GPTQ problem with their rows stacked (GPTQ's rows are independent given H), which
         # runs the column loop once instead of once per linear.
         together = [[name] for name in group]
         if needs_hessian:
-            accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks)
+            accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks, fp_linear_inputs)
+            if fp_linear_inputs is not None:
+                for name in group:
+                    del fp_linear_inputs[name]
             by_accumulator: dict[int, list[str]] = {}
             for name in group:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
@@ -477,15 +514,17 @@ def quantize_layer(
                 ranks = sorted({piece[0] for piece in plan[name]})
                 if comm.distributed:
                     total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
-                    if len(ranks) == 1:
-                        comm.reduce_sum_(acc.hessian, ranks[0])
-                        comm.reduce_sum_(total, ranks[0])
-                    else:
-                        comm.all_reduce_sum_(acc.hessian)
-                        comm.all_reduce_sum_(total)
+                    sums = [acc.hessian, total] + ([acc.cross] if acc.cross is not None else [])
+                    for tensor in sums:
+                        if len(ranks) == 1:
+                            comm.reduce_sum_(tensor, ranks[0])
+                        else:
+                            comm.all_reduce_sum_(tensor)
                     acc.weight_sum = float(total[0])
                 if comm.rank in ranks:
                     hessians[name] = acc.result()
+                    if acc.cross is not None:
+                        crosses[name] = acc.cross_result()
                 del acc
         solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
         for names in (names for names in together if len(names) > 1):
@@ -495,7 +534,8 @@ def quantize_layer(
                 for full in fulls:
                     observer(full, hessian)
             parts = [linears[name].weight.data.float() for name in names]
-            joint = solve(torch.cat(parts), hessian, spec, name=" + ".join(fulls))
+            joint = solve(_target(torch.cat(parts), hessian, crosses.get(names[0]), spec), hessian, spec,
+                          name=" + ".join(fulls))
             start = 0
             for name, weight in zip(names, parts):
                 result = _rows(joint, start, start + weight.shape[0])
@@ -503,6 +543,7 @@ def quantize_layer(
                 start += weight.shape[0]
             for name in names:
                 del hessians[name]
+                crosses.pop(name, None)
         for name in (names[0] for names in together if len(names) == 1):
             mine = [(start, end) for rank, start, end in plan[name] if rank == comm.rank]
             if not mine:
@@ -513,7 +554,7 @@ def quantize_layer(
             if observer is not None and hessian is not None and plan[name][0][0] == comm.rank:
                 observer(full, hessian)
             weight = linears[name].weight.data[start:end].float()
-            result = solve(weight, hessian, spec, name=full)
+            result = solve(_target(weight, hessian, crosses.pop(name, None), spec), hessian, spec, name=full)
             solved[name] = (result, _result_stats(weight, result, hessian))
             del hessian, weight
         for name in group:
@@ -530,12 +571,21 @@ def quantize_layer(
                 entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan[name]]
             reports[name] = entry
             results[f"{adapter.layer_prefix(index)}.{name}"] = result
-        del solved, hessians
+        del solved, hessians, crosses
         blocks.mark_solved(group)
     if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
         propagate(layer, inputs, blocks)
     return results, reports
+
+
+def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """The weight GPTQ rounds toward: W itself, or with the cross term the FP target W C H~^-1."""
+    if cross is None:
+        return weight
+    from quantkit.quant.gptaq import fp_target_weight
+
+    return fp_target_weight(weight, hessian, cross, spec.damp)
 
 
 def propagate(layer: nn.Module, inputs: LayerInputs, blocks: FinishedBlocks | None = None) -> None:
@@ -561,6 +611,7 @@ def calibrate_model(
     *,
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
+    fp_target: bool = False,
 ) -> Calibration:
     """Quantize every decoder-layer linear of `model` in place, layer by layer.
 
@@ -568,6 +619,8 @@ def calibrate_model(
     linears are solved group by group in execution order, so o_proj sees the quantized q/k/v.
     With a TorchComm, `samples` (and token weights) are the full set on every rank: each rank
     runs its shard of them, and every rank ends with the same quantized model and results.
+    fp_target fits each linear to the FP model's output on the FP model's inputs (GPTAQ-style),
+    carrying an FP stream beside the quantized one.
     """
     from quantkit.quant import solver_for
 
@@ -582,6 +635,9 @@ def calibrate_model(
     rss_at_start = current_rss_mb()
     layers = adapter.decoder_layers(model)
     inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
+    fp_inputs = None
+    if fp_target and method != "rtn":
+        fp_inputs = LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
     hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
     results: dict[str, QuantResult] = {}
     layer_reports = []
@@ -592,7 +648,7 @@ def calibrate_model(
         layer = layers[index].to(device)
         weights = inputs.batch_weights(shard(token_weights(index), comm)) if token_weights is not None else None
         layer_results, linear_reports = quantize_layer(
-            layer, index, inputs, adapter, spec, method, device, weights, comm, observer
+            layer, index, inputs, adapter, spec, method, device, weights, comm, observer, fp_inputs
         )
         results.update(layer_results)
         layers[index] = layer.to("cpu")
@@ -601,6 +657,7 @@ def calibrate_model(
         )
     report = {
         "method": method,
+        "fp_target": fp_inputs is not None,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.engine.capture import capture_layer_inputs
+from quantkit.engine.capture import LayerInputs, capture_layer_inputs
 from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import (
     Calibration,
@@ -251,9 +251,13 @@ def _load_layer_file(path: Path, spec: QuantSpec) -> tuple[dict[str, QuantResult
     return results, fp
 
 
-def _save_hidden(work: Path, hidden: Sequence[torch.Tensor]) -> None:
+def _save_hidden(work: Path, hidden: Sequence[torch.Tensor], fp_hidden: Sequence[torch.Tensor] | None) -> None:
+    """Both streams in one file, so a resumed run never pairs one layer's quantized stream with another's FP one."""
+    tensors = {f"h{i}": hidden[i].contiguous() for i in range(len(hidden))}
+    if fp_hidden is not None:
+        tensors.update({f"f{i}": fp_hidden[i].contiguous() for i in range(len(fp_hidden))})
     with atomic_file(work / HIDDEN) as tmp:
-        save_file({f"h{i}": hidden[i].contiguous() for i in range(len(hidden))}, str(tmp))
+        save_file(tensors, str(tmp))
 
 
 def _write_state(work: Path, state: dict) -> None:
@@ -281,12 +285,14 @@ def calibrate_streaming(
     fingerprint: dict | None = None,
     offload_dir: str | None = None,
     dtype: str = "auto",
+    fp_target: bool = False,
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
 
     Finished layers go to `work_dir` as they complete; the returned Calibration's results are a
     StreamedResults that reads them back from there (a layer at a time, on access). With `resume`, a work area from an interrupted run with the same
-    `fingerprint` (settings) is continued from its last finished layer.
+    `fingerprint` (settings) is continued from its last finished layer. fp_target carries the FP
+    stream beside the quantized one (see calibrate_model).
     """
     from quantkit.quant import solver_for
 
@@ -312,12 +318,19 @@ def calibrate_streaming(
         work.mkdir(parents=True)
         _write_state(work, state)
     inputs = capture_layer_inputs(model, adapter, samples, device)
+    fp_target = fp_target and method != "rtn"
+    fp_inputs = LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes) if fp_target else None
     start = state["layers_done"]
     if start > 0:
         saved = read_safetensors(work / HIDDEN)
         inputs.hidden = [saved[f"h{i}"].to(device) for i in range(len(inputs))]
+        if fp_inputs is not None:
+            fp_inputs.hidden = [saved[f"f{i}"].to(device) for i in range(len(inputs))]
+        del saved
     if offload_dir is not None:
         inputs.hidden = DiskHidden(offload_dir, inputs.hidden)
+        if fp_inputs is not None:
+            fp_inputs.hidden = DiskHidden(Path(offload_dir) / "fp", fp_inputs.hidden)
     comm = Comm()
     bar = tqdm(range(start, n_layers), desc=f"calibrate {method} w{spec.bits} (low memory)", disable=not progress)
     for index in bar:
@@ -327,9 +340,10 @@ def calibrate_streaming(
         check_layer(layer, index, adapter, spec)
         layer = layer.to(device)
         weights = token_weights(index) if token_weights is not None else None
-        results, reports = quantize_layer(layer, index, inputs, adapter, spec, method, device, weights, comm)
+        results, reports = quantize_layer(layer, index, inputs, adapter, spec, method, device, weights, comm,
+                                          fp_inputs=fp_inputs)
         _save_layer(work, layer.to("cpu"), index, adapter, results)
-        _save_hidden(work, inputs.hidden)
+        _save_hidden(work, inputs.hidden, None if fp_inputs is None else fp_inputs.hidden)
         del results
         release_layer(model, adapter, index)
         state["layers_done"] = index + 1
@@ -340,6 +354,7 @@ def calibrate_streaming(
     all_results = StreamedResults(work, spec, n_layers)
     report = {
         "method": method,
+        "fp_target": fp_target,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),
