@@ -40,6 +40,7 @@ VARIANTS = {
     "lam0.5": {"lam": 0.5},
     "p0.5": {"power": 0.5},
     "global": {"normalise": "global"},
+    "top0.5": {"top_fraction": 0.5},
 }
 VALIDATION_SEED_OFFSET = 10_000
 
@@ -101,10 +102,11 @@ def windows_loss(model, windows: torch.Tensor, batch: int = 16) -> float:
 
 def _methods(variants: list[str], fp_modes: list[bool]) -> list[tuple[str, str, str | None, bool]]:
     """(row name, engine method, TLQ variant, FP target) of every calibration a seed runs."""
-    methods = [("rtn", "rtn", None, False)]
+    methods = [("rtn", "rtn", None, False), ("gptq", "gptq", None, False)]  # plain GPTQ: every ratio's base
     for fp in fp_modes:
         suffix = "_fp" if fp else ""
-        methods.append((f"gptq{suffix}", "gptq", None, fp))
+        if fp:
+            methods.append(("gptq_fp", "gptq", None, True))
         methods += [(f"tlq_{v}{suffix}", "tlq", v, fp) for v in variants]
     return methods
 
@@ -202,7 +204,8 @@ def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, 
 
 
 def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int], importance_only: bool = False) -> dict:
-    """Wall and CPU seconds of importance (per batch size), GPTQ and TLQ calibration, interleaved; min over repeats."""
+    """Wall and CPU seconds of importance (per batch size), GPTQ and TLQ calibration (without and with the FP
+    target), interleaved; min over repeats."""
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
@@ -230,6 +233,7 @@ def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int], i
             continue
         clock("gptq_calib", lambda: _quantize(model, samples, 3, 64, True, "gptq"))
         clock("tlq_calib", lambda weights=weights: _quantize(model, samples, 3, 64, True, "tlq", weights))
+        clock("tlq_fp_calib", lambda weights=weights: _quantize(model, samples, 3, 64, True, "tlq", weights, True))
     best = {k: {"wall_s": round(min(w for w, _ in v), 2), "cpu_s": round(min(c for _, c in v), 2),
                 "all_wall_s": [round(w, 2) for w, _ in v]} for k, v in times.items()}
     out = {"nsamples": nsamples, "seqlen": seqlen, "setting": "W3g64 sym", "threads": 1, "repeats": repeats, "times": best}
@@ -237,9 +241,10 @@ def run_cost(nsamples: int, seqlen: int, repeats: int, batch_sizes: list[int], i
         return out
     for size in batch_sizes:
         for unit in ("wall_s", "cpu_s"):
-            out[f"cost_ratio_b{size}_{unit}"] = round(
-                (best[f"importance_b{size}"][unit] + best["tlq_calib"][unit]) / best["gptq_calib"][unit], 3
-            )
+            for calib, suffix in (("tlq_calib", ""), ("tlq_fp_calib", "_fp")):
+                out[f"cost_ratio{suffix}_b{size}_{unit}"] = round(
+                    (best[f"importance_b{size}"][unit] + best[calib][unit]) / best["gptq_calib"][unit], 3
+                )
     return out
 
 

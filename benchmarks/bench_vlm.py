@@ -94,14 +94,15 @@ def check_disjoint(model_dir: str, seeds: list[int], eval_seed: int) -> None:
 
 
 def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, weights=None):
-    """A copy of `model` quantized with `method`, and the calibration seconds."""
+    """A copy of `model` quantized with `method` (a trailing `_fp`: with the FP target), and the calibration seconds."""
     from quantkit.engine.layerwise import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     qmodel = copy.deepcopy(model)
     started = time.perf_counter()
-    calibrate_model(qmodel, samples, QuantSpec(bits=bits, group_size=group_size, sym=sym), method=method,
-                    token_weights=weights, progress=False)
+    calibrate_model(qmodel, samples, QuantSpec(bits=bits, group_size=group_size, sym=sym),
+                    method=method.removesuffix("_fp"), token_weights=weights, progress=False,
+                    fp_target=method.endswith("_fp"))
     return qmodel, time.perf_counter() - started
 
 
@@ -138,7 +139,8 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 @click.option("--split", type=click.Choice(["heldout", "val"]), default="heldout", show_default=True,
               help="val: the validation range, for choosing a model or TLQ options")
 @click.option("--lam", default=0.3, show_default=True, help="TLQ floor weight (0.3: chosen on --split val)")
-@click.option("--methods", default="rtn,gptq,tlq", show_default=True)
+@click.option("--methods", default="rtn,gptq,tlq", show_default=True,
+              help="comma-separated; gptq_fp / tlq_fp run with the FP target")
 @click.option("--threads", default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,
@@ -165,14 +167,14 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         jsonl = write_jsonl(pool, Path(workdir) / f"seed{seed}")
         samples = image_text_samples(jsonl, processor, nsamples=nsamples, seed=seed)
         weights = None
-        if "tlq" in method_list:
+        if any(m.startswith("tlq") for m in method_list):
             from quantkit.importance import tlq_token_weights
 
             weights = tlq_token_weights(model, samples, lam=lam, progress=False)
         for label, width, sym in settings:
             for method in method_list:
                 qmodel, seconds = quantized(model, samples, width, sym, group_size, method,
-                                            weights if method == "tlq" else None)
+                                            weights if method.startswith("tlq") else None)
                 result = {**accuracy(qmodel, processor, examples, per_example=True), "calib_seconds": round(seconds, 2),
                           "seed": seed}
                 runs[label][method].append(result)
@@ -190,8 +192,9 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
                 "answer_nll_mean": round(statistics.fmean(r["answer_nll"] for r in results), 4),
                 "per_seed": [round(a, 4) for a in accs],
             }
-        if "tlq" in per_method and "gptq" in per_method:
-            summary[label]["tlq_minus_gptq"] = paired(per_method["tlq"], per_method["gptq"])
+        for tlq in (m for m in per_method if m.startswith("tlq")):
+            for gptq in (m for m in per_method if m.startswith("gptq")):
+                summary[label][f"{tlq}_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq])
     # Per-example flags made the paired statistics; the JSON keeps the aggregates only.
     for per_method in runs.values():
         for results in per_method.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -285,3 +286,27 @@ def test_unsupported_llava_text_backbone(tmp_path) -> None:
     config.save_pretrained(tmp_path)
     with pytest.raises(QuantkitError, match="unsupported llava text backbone 'gpt_neox'"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_fp_target_on_image_text_samples(family: str, dataset: str) -> None:
+    """Layer 0's first group reads the same embeddings on both streams (C = H~, so the FP target is W
+    itself and the codes are plain TLQ's); every later linear is fitted toward the FP stream."""
+    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.importance import tlq_token_weights
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build(family)
+    samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
+    weights = tlq_token_weights(model, samples, progress=False)
+    spec = QuantSpec(bits=2, group_size=-1)
+    runs = {}
+    for fp_target in (False, True):
+        copy_ = copy.deepcopy(model)
+        runs[fp_target] = calibrate_model(copy_, samples, spec, method="tlq", token_weights=weights, progress=False,
+                                          fp_target=fp_target).results
+    adapter = adapter_for(model)
+    first = {f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_order[0]}
+    for name, plain in runs[False].items():
+        same = torch.equal(plain.qweight, runs[True][name].qweight)
+        assert same == (name in first), name
