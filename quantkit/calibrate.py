@@ -44,9 +44,12 @@ def run_calibration(
     low_memory: bool = False,
     offload_dir: str | None = None,
     resume: bool = False,
-    fp_target: bool = False,
+    fp_target: bool | None = None,
 ) -> dict:
     """Quantize `model_name` on calibration data and export it to `output`; return the report.
+
+    fp_target None means the method's default: on for TLQ (it carried TLQ's gains on the reference
+    LM's validation windows, benchmarks/bench_tlq.py), off for GPTQ and RTN.
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
@@ -67,6 +70,8 @@ def run_calibration(
         raise QuantkitError(f"--nproc must be at least 1, got {nproc}")
     if fp_target and method == "rtn":
         raise QuantkitError("--fp-target needs --method gptq or tlq: RTN reads no activations")
+    if fp_target is None:
+        fp_target = method == "tlq"
     job = dict(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
@@ -233,7 +238,7 @@ def calibrate_low_memory(
 @click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ desc_act: solve columns by decreasing Hessian diagonal.")
 @click.option("--static-groups", is_flag=True, help="With --act-order: fix group grids before the column permutation.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
-@click.option("--fp-target", is_flag=True, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer).")
+@click.option("--fp-target/--no-fp-target", default=None, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer). Default: on for tlq, off for gptq.")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")

@@ -198,3 +198,12 @@ def test_image_text_jsonl_calibrates_a_vlm_language_model_only(tmp_path):
     changed = {n for n, p in loaded.named_parameters() if not torch.equal(p.float(), original[n].float())}
     assert changed, "nothing was quantized"
     assert all(".language_model.layers." in n for n in changed), sorted(changed)[:5]
+
+
+@pytest.mark.parametrize("method, flag, expected", [("tlq", None, True), ("tlq", "--no-fp-target", False),
+                                                    ("gptq", None, False), ("gptq", "--fp-target", True)])
+def test_fp_target_defaults_on_for_tlq_only(tiny, tmp_path, method, flag, expected):
+    out = tmp_path / "out"
+    result = run(base(tiny, out, "--method", method, *([flag] if flag else [])))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "quantkit_report.json").read_text())["fp_target"] is expected

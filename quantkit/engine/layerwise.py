@@ -322,15 +322,26 @@ FPInputs = dict[str, list[torch.Tensor]]
 
 def record_fp_inputs(layer: nn.Module, adapter: Adapter, fp_inputs: LayerInputs) -> FPInputs:
     """Run the still-FP `layer` on the FP stream: keep every linear's input per batch and advance the
-    stream to the layer's FP outputs (the FP target's x_t, and the next layer's FP inputs)."""
+    stream to the layer's FP outputs (the FP target's x_t, and the next layer's FP inputs).
+
+    The kept inputs (about 3 hidden widths plus the MLP width per token) go to CPU memory, so a
+    GPU holds only the layer and the streams; linears fed one tensor keep one copy.
+    """
     kept: FPInputs = {name: [] for name in adapter.linear_names()}
+    # This batch's (source, copy) pairs by the source's identity; holding the source keeps its id
+    # from being reused by a later tensor of the same pass.
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name in kept:
         def keep(module: nn.Module, args: tuple, name: str = name) -> None:
-            kept[name].append(args[0].detach())
+            x = args[0]
+            if id(x) not in copies:
+                copies[id(x)] = (x, x.detach().to("cpu"))
+            kept[name].append(copies[id(x)][1])
         handles.append(get_module(layer, name).register_forward_pre_hook(keep))
     try:
         for index in range(len(fp_inputs)):
+            copies.clear()
             fp_inputs.hidden[index] = run_layer(layer, fp_inputs, index)
     finally:
         for handle in handles:
