@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -20,6 +21,33 @@ FORMATS = ("gptq", "gptq_v2", "compressed-tensors", "fake")
 def default_format(bits: int) -> str:
     """compressed-tensors where its packing holds the bit width (4, 8), GPTQ v2 otherwise."""
     return "compressed-tensors" if bits in (4, 8) else "gptq_v2"
+
+
+@dataclass(frozen=True)
+class CalibrationJob:
+    """What one calibration run does, whichever way it runs (one process, ranks, low memory)."""
+
+    model_name: str
+    output: str
+    spec: QuantSpec
+    method: str
+    calib: str | None
+    calib_set: str | None
+    nsamples: int
+    seqlen: int
+    seed: int
+    part: str
+    fmt: str
+    dtype: str
+    overwrite: bool
+    progress: bool
+    fp_target: bool
+
+    def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
+        """The engine's report with the job's settings and the total time added."""
+        return dict(report, model=self.model_name, calib=self.calib, calib_set=self.calib_set,
+                    seqlen=int(samples[0]["input_ids"].shape[-1]), seed=self.seed, format=self.fmt,
+                    total_seconds=round(time.perf_counter() - started, 3))
 
 
 def run_calibration(
@@ -72,7 +100,7 @@ def run_calibration(
         raise QuantkitError("--fp-target needs --method gptq or tlq: RTN reads no activations")
     if fp_target is None:
         fp_target = method == "tlq"
-    job = dict(
+    job = CalibrationJob(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
         progress=progress, fp_target=fp_target,
@@ -80,13 +108,13 @@ def run_calibration(
     if resume or low_memory or offload_dir:
         if nproc > 1 or under_torchrun():
             raise QuantkitError("--low-memory/--resume run in one process for now; drop --nproc or torchrun")
-        return calibrate_low_memory(device=device, offload_dir=offload_dir, resume=resume, **job)
+        return calibrate_low_memory(job, device=device, offload_dir=offload_dir, resume=resume)
     if nproc > 1:
         if under_torchrun():
             raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
         with tempfile.TemporaryDirectory(prefix="quantkit-report-") as tmp:
             report_path = Path(tmp) / "report.json"
-            spawn_ranks(nproc, calibrate_rank, dict(job, report_path=str(report_path)), device=device,
+            spawn_ranks(nproc, calibrate_rank, dict(job=job, report_path=str(report_path)), device=device,
                         devices=devices, timeout_s=dist_timeout)
             return json.loads(report_path.read_text())
     if under_torchrun():
@@ -94,32 +122,13 @@ def run_calibration(
 
         comm, mine = init_from_env(device, devices, dist_timeout)
         try:
-            return calibrate_rank(comm=comm, device=mine, **job)
+            return calibrate_rank(job, comm=comm, device=mine)
         finally:
             dist.destroy_process_group()
-    return calibrate_rank(comm=None, device=device, **job)
+    return calibrate_rank(job, comm=None, device=device)
 
 
-def calibrate_rank(
-    model_name: str,
-    output: str,
-    spec: QuantSpec,
-    method: str,
-    calib: str | None,
-    calib_set: str | None,
-    nsamples: int,
-    seqlen: int,
-    seed: int,
-    part: str,
-    fmt: str,
-    dtype: str,
-    overwrite: bool,
-    progress: bool,
-    fp_target: bool = False,
-    comm=None,
-    device: str = "cpu",
-    report_path: str | None = None,
-) -> dict:
+def calibrate_rank(job: CalibrationJob, comm=None, device: str = "cpu", report_path: str | None = None) -> dict:
     """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports."""
     from quantkit.data.calibration import load_calibration
     from quantkit.engine import calibrate_model
@@ -128,36 +137,29 @@ def calibrate_rank(
 
     started = time.perf_counter()
     rank = comm.rank if comm is not None else 0
-    model = load_model(model_name, dtype=dtype)
+    model = load_model(job.model_name, dtype=job.dtype)
     token_weights = None
-    if calib_set is not None:
+    if job.calib_set is not None:
         from quantkit.importance import load_calibration_set
 
-        samples, set_weights = load_calibration_set(calib_set, model_name, model)
-        if method == "tlq":
+        samples, set_weights = load_calibration_set(job.calib_set, job.model_name, model)
+        if job.method == "tlq":
             token_weights = set_weights
     else:
-        samples = load_calibration(calib, model_name, is_vlm(model), nsamples, seqlen, seed, part)
-        if method == "tlq":
+        samples = load_calibration(job.calib, job.model_name, is_vlm(model), job.nsamples, job.seqlen, job.seed,
+                                   job.part)
+        if job.method == "tlq":
             from quantkit.importance import tlq_token_weights
 
-            token_weights = tlq_token_weights(model, samples, device=device, progress=progress and rank == 0)
+            token_weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0)
     calibration = calibrate_model(
-        model, samples, spec, method=method, device=device, token_weights=token_weights,
-        progress=progress, comm=comm, fp_target=fp_target,
+        model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
+        progress=job.progress, comm=comm, fp_target=job.fp_target,
     )
-    report = dict(calibration.report)
-    report.update(
-        model=model_name,
-        calib=calib,
-        calib_set=calib_set,
-        seqlen=int(samples[0]["input_ids"].shape[-1]),
-        seed=seed,
-        format=fmt,
-        total_seconds=round(time.perf_counter() - started, 3),
-    )
+    report = job.finish_report(calibration.report, samples, started)
     if rank == 0:
-        save_quantized(model, calibration.results, output, fmt=fmt, source=model_name, report=report, overwrite=overwrite)
+        save_quantized(model, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
+                       overwrite=job.overwrite)
         if report_path is not None:
             Path(report_path).write_text(json.dumps(report))
     return report
@@ -169,26 +171,8 @@ def work_dir_for(output: str) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def calibrate_low_memory(
-    model_name: str,
-    output: str,
-    spec: QuantSpec,
-    method: str,
-    calib: str | None,
-    calib_set: str | None,
-    nsamples: int,
-    seqlen: int,
-    seed: int,
-    part: str,
-    fmt: str,
-    dtype: str,
-    overwrite: bool,
-    progress: bool,
-    fp_target: bool = False,
-    device: str = "cpu",
-    offload_dir: str | None = None,
-    resume: bool = False,
-) -> dict:
+def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: str | None = None,
+                         resume: bool = False) -> dict:
     """Streamed calibration (one layer in memory, each finished layer checkpointed) and export."""
     import shutil
 
@@ -196,35 +180,34 @@ def calibrate_low_memory(
     from quantkit.engine.streaming import build_skeleton, calibrate_streaming, export_streamed
 
     started = time.perf_counter()
-    if not Path(model_name, "config.json").is_file():
-        raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model_name}")
+    if not Path(job.model_name, "config.json").is_file():
+        raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {job.model_name}")
     token_weights = None
-    if calib_set is not None:
+    if job.calib_set is not None:
         from quantkit.importance import load_calibration_set
 
-        skeleton, _, _ = build_skeleton(model_name, dtype)
-        samples, set_weights = load_calibration_set(calib_set, model_name, skeleton)
+        skeleton, _, _ = build_skeleton(job.model_name, job.dtype)
+        samples, set_weights = load_calibration_set(job.calib_set, job.model_name, skeleton)
         del skeleton
-        if method == "tlq":
+        if job.method == "tlq":
             token_weights = set_weights
     else:
-        if method == "tlq":
+        if job.method == "tlq":
             raise QuantkitError("TLQ with --low-memory needs token weights from a --calib-set (quantkit importance)")
-        samples = load_calibration(calib, model_name, False, nsamples, seqlen, seed, part)
-    fingerprint = {"model": str(Path(model_name).resolve()), "method": method, "spec": spec.to_dict(), "calib": calib,
-                   "calib_set": calib_set, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "part": part,
-                   "dtype": dtype, "fp_target": fp_target}
-    work = work_dir_for(output)
+        samples = load_calibration(job.calib, job.model_name, False, job.nsamples, job.seqlen, job.seed, job.part)
+    # what a resumed run must share with the interrupted one
+    fingerprint = {"model": str(Path(job.model_name).resolve()), "method": job.method, "spec": job.spec.to_dict(),
+                   "calib": job.calib, "calib_set": job.calib_set, "nsamples": job.nsamples, "seqlen": job.seqlen,
+                   "seed": job.seed, "part": job.part, "dtype": job.dtype, "fp_target": job.fp_target}
+    work = work_dir_for(job.output)
     model, calibration = calibrate_streaming(
-        model_name, samples, spec, work, method=method, device=device, token_weights=token_weights,
-        progress=progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=dtype,
-        fp_target=fp_target,
+        job.model_name, samples, job.spec, work, method=job.method, device=device, token_weights=token_weights,
+        progress=job.progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=job.dtype,
+        fp_target=job.fp_target,
     )
-    report = dict(calibration.report)
-    report.update(model=model_name, calib=calib, calib_set=calib_set, seqlen=int(samples[0]["input_ids"].shape[-1]),
-                  seed=seed, format=fmt, total_seconds=round(time.perf_counter() - started, 3))
-    export_streamed(model, work, calibration.results, output, fmt=fmt, source=model_name, report=report,
-                    overwrite=overwrite)
+    report = job.finish_report(calibration.report, samples, started)
+    export_streamed(model, work, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
+                    overwrite=job.overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return report
 
