@@ -552,27 +552,22 @@ def tlq_token_weights(
     model: nn.Module,
     samples: Sequence[dict],
     *,
-    lam: float = 0.1,
-    power: float = 1.0,
-    per_modality: bool = False,
-    top_fraction: float | None = None,
-    floor_fraction: float = 0.1,
-    seed: int = 0,
     device: torch.device | str = "cpu",
     offload_dir: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 16,
-    normalise: str = "sample",
+    **options,
 ) -> TokenImportance:
-    """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors."""
-    check_settings(lam, power, top_fraction, floor_fraction, normalise)
+    """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors.
+
+    `options` are TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed,
+    normalise); they are checked before the gradient pass, on an empty set of scores.
+    """
+    TokenImportance([], [], **options)
     scores, report, _ = layer_output_gradients(
         model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size
     )
-    return TokenImportance(
-        scores, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
-        floor_fraction=floor_fraction, seed=seed, report=report, normalise=normalise,
-    )
+    return TokenImportance(scores, samples, report=report, **options)
 
 
 # ----------------------------------------------------------------------------- identity of model/tokenizer

@@ -314,3 +314,16 @@ def test_importance_cli_on_reference_lm(tmp_path) -> None:
     assert again.exit_code == 2 and "overwrite" in again.output
     bad = CliRunner().invoke(main, ["importance", str(ref_lm), "--calib", str(text), "--lam", "2", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "lam" in bad.output
+
+
+@pytest.mark.parametrize("options, message", [({"lam": 1.5}, "lam"), ({"power": 0}, "power"),
+                                              ({"top_fraction": 0}, "top fraction"), ({"lam_typo": 0.1}, "lam_typo")])
+def test_bad_options_fail_before_the_gradient_pass(monkeypatch, options, message) -> None:
+    import quantkit.importance as importance
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the gradient pass ran")
+
+    monkeypatch.setattr(importance, "layer_output_gradients", no_pass)
+    with pytest.raises((QuantkitError, TypeError), match=message):
+        tlq_token_weights(tiny_llama(), [{"input_ids": torch.randint(0, 97, (1, 8))}], progress=False, **options)
