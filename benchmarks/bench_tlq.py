@@ -11,7 +11,12 @@ Calibration windows come from the "train" part (first 90%) of ../shared/data/tex
 the "heldout" part (last 10%). The reference LM is 192 wide: g128 does not divide it, so every
 setting uses g64 (W4 g64 stands in for W4 g128); W2 is asymmetric, W3/W4 symmetric, the same for
 every method. TLQ variants are compared on validation windows from the train part (disjoint from the
-calibration windows), never on the held-out text. Prints one JSON object (last run: results/bench_tlq.json).
+calibration windows), never on the held-out text. Prints one JSON object.
+
+Recorded runs: results/bench_tlq_final.json (`--seeds 0 1 2 3 --variants default --fp-target both --jobs 2
+--eval-tokens 196608`: the whole held-out part), results/bench_tlq_fp_sweep.json (variant choice with the FP
+target, `--seeds 0 1 --variants default lam0.05 lam0.3 p0.5 top0.5 --fp-target on --jobs 2`),
+results/bench_tlq_cost.json (`--cost --repeats 2 --batch-sizes 16`), results/bench_tlq.json (earlier ablations).
 """
 
 from __future__ import annotations
