@@ -140,7 +140,7 @@ def paired(a: list[dict], b: list[dict]) -> dict:
               help="val: the validation range, for choosing a model or TLQ options")
 @click.option("--lam", default=0.3, show_default=True, help="TLQ floor weight (0.3: chosen on --split val)")
 @click.option("--methods", default="rtn,gptq,tlq", show_default=True,
-              help="comma-separated; gptq_fp / tlq_fp run with the FP target")
+              help="comma-separated; gptq and tlq run without the FP target, gptq_fp and tlq_fp with it")
 @click.option("--threads", default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,

@@ -76,8 +76,8 @@ def run_calibration(
 ) -> dict:
     """Quantize `model_name` on calibration data and export it to `output`; return the report.
 
-    fp_target None means the method's default: on for TLQ (it carried TLQ's gains on the reference
-    LM's validation windows, benchmarks/bench_tlq.py), off for GPTQ and RTN.
+    fp_target None means the method's default (quantkit.engine.layerwise.fp_target_default: on for
+    TLQ only).
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
@@ -86,6 +86,7 @@ def run_calibration(
     an interrupted run from there (resume implies low_memory).
     """
     from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
+    from quantkit.engine.layerwise import fp_target_default
 
     if method not in METHODS:
         raise QuantkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -99,7 +100,7 @@ def run_calibration(
     if fp_target and method == "rtn":
         raise QuantkitError("--fp-target needs --method gptq or tlq: RTN reads no activations")
     if fp_target is None:
-        fp_target = method == "tlq"
+        fp_target = fp_target_default(method)
     job = CalibrationJob(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,

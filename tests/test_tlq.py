@@ -33,14 +33,16 @@ def samples_for(count: int = 4, length: int = 24) -> list[dict]:
     return [{"input_ids": torch.randint(0, 101, (1, length), generator=generator)} for _ in range(count)]
 
 
-def test_all_ones_weights_give_plain_gptq_codes() -> None:
+@pytest.mark.parametrize("fp_target", [False, True])
+def test_all_ones_weights_give_plain_gptq_codes(fp_target: bool) -> None:
     model = tiny_llama()
     samples = samples_for()
     ones = tlq_token_weights(model, samples, lam=1.0, progress=False)
     assert all(torch.equal(w, torch.ones(24)) for layer in range(2) for w in ones(layer))
     spec = QuantSpec(bits=3, group_size=32)
-    plain = calibrate_model(copy.deepcopy(model), samples, spec, method="gptq", progress=False)
-    weighted = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=ones, progress=False)
+    plain = calibrate_model(copy.deepcopy(model), samples, spec, method="gptq", progress=False, fp_target=fp_target)
+    weighted = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=ones, progress=False,
+                               fp_target=None if fp_target else False)  # TLQ's default is the FP target
     assert plain.results.keys() == weighted.results.keys()
     for name, result in plain.results.items():
         assert torch.equal(result.qweight, weighted.results[name].qweight), name

@@ -605,6 +605,12 @@ def propagate(layer: nn.Module, inputs: LayerInputs, blocks: FinishedBlocks | No
         inputs.hidden[index] = run_layer(layer, inputs, index)
 
 
+def fp_target_default(method: str) -> bool:
+    """Whether `method` fits the FP target unless told otherwise: TLQ does (it carried TLQ's gains on
+    the reference LM's validation windows, benchmarks/bench_tlq.py); GPTQ and RTN do not."""
+    return method.lower() == "tlq"
+
+
 def shard(items: Sequence, comm: Comm) -> list:
     """This rank's share of `items`: every world_size-th one, starting at its rank."""
     return list(items[comm.rank :: comm.world_size])
@@ -622,7 +628,7 @@ def calibrate_model(
     *,
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
-    fp_target: bool = False,
+    fp_target: bool | None = None,
 ) -> Calibration:
     """Quantize every decoder-layer linear of `model` in place, layer by layer.
 
@@ -631,7 +637,8 @@ def calibrate_model(
     With a TorchComm, `samples` (and token weights) are the full set on every rank: each rank
     runs its shard of them, and every rank ends with the same quantized model and results.
     fp_target fits each linear to the FP model's output on the FP model's inputs (GPTAQ-style),
-    carrying an FP stream beside the quantized one.
+    carrying an FP stream beside the quantized one; None means the method's default
+    (fp_target_default).
     """
     from quantkit.quant import solver_for
 
@@ -647,6 +654,8 @@ def calibrate_model(
     layers = adapter.decoder_layers(model)
     inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
     fp_inputs = None
+    if fp_target is None:
+        fp_target = fp_target_default(method)
     if fp_target and method != "rtn":
         fp_inputs = LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
     hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
