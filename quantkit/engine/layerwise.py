@@ -611,6 +611,16 @@ def fp_target_default(method: str) -> bool:
     return method.lower() == "tlq"
 
 
+def fp_stream(inputs: LayerInputs, method: str, fp_target: bool | None) -> LayerInputs | None:
+    """The FP stream to carry beside `inputs` (a copy of layer 0's inputs), or None: without the FP
+    target, and for RTN, which reads no activations. fp_target None means fp_target_default."""
+    if fp_target is None:
+        fp_target = fp_target_default(method)
+    if not fp_target or method == "rtn":
+        return None
+    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
+
+
 def shard(items: Sequence, comm: Comm) -> list:
     """This rank's share of `items`: every world_size-th one, starting at its rank."""
     return list(items[comm.rank :: comm.world_size])
@@ -653,11 +663,7 @@ def calibrate_model(
     rss_at_start = current_rss_mb()
     layers = adapter.decoder_layers(model)
     inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
-    fp_inputs = None
-    if fp_target is None:
-        fp_target = fp_target_default(method)
-    if fp_target and method != "rtn":
-        fp_inputs = LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
+    fp_inputs = fp_stream(inputs, method, fp_target)
     hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
     results: dict[str, QuantResult] = {}
     layer_reports = []

@@ -23,12 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.engine.capture import LayerInputs, capture_layer_inputs
+from quantkit.engine.capture import capture_layer_inputs
 from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import (
     Calibration,
     TokenWeights,
     check_layer,
+    fp_stream,
     peak_rss_mb,
     quantize_layer,
 )
@@ -285,7 +286,7 @@ def calibrate_streaming(
     fingerprint: dict | None = None,
     offload_dir: str | None = None,
     dtype: str = "auto",
-    fp_target: bool = False,
+    fp_target: bool | None = None,
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
 
@@ -318,8 +319,7 @@ def calibrate_streaming(
         work.mkdir(parents=True)
         _write_state(work, state)
     inputs = capture_layer_inputs(model, adapter, samples, device)
-    fp_target = fp_target and method != "rtn"
-    fp_inputs = LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes) if fp_target else None
+    fp_inputs = fp_stream(inputs, method, fp_target)
     start = state["layers_done"]
     if start > 0:
         saved = read_safetensors(work / HIDDEN)
@@ -354,7 +354,7 @@ def calibrate_streaming(
     all_results = StreamedResults(work, spec, n_layers)
     report = {
         "method": method,
-        "fp_target": fp_target,
+        "fp_target": fp_inputs is not None,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),
