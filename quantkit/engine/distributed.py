@@ -2,14 +2,15 @@
 
 `spawn_ranks` starts N local processes with torch.multiprocessing, watches them, and when one
 raises or dies ends the others and raises a QuantkitError naming the rank and the layer it was
-on. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) `init_from_env` joins the group instead.
+on. Local ranks meet through a file in a private temporary folder rather than a TCP port, so no
+other process can take their rendezvous between choosing it and binding it. Under torchrun
+(RANK/WORLD_SIZE/MASTER_ADDR set) `init_from_env` joins the group instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -46,14 +47,16 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def init_group(rank: int, world_size: int, device: str, timeout_s: float, on_layer=None) -> TorchComm:
-    """Join the process group (env:// rendezvous) and return its communicator."""
+def init_group(rank: int, world_size: int, device: str, timeout_s: float, on_layer=None,
+               init_method: str = "env://") -> TorchComm:
+    """Join the process group (env:// rendezvous unless `init_method` says otherwise) and return its communicator."""
     import torch.distributed as dist
 
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(
-        backend_for(device), rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
     )
     return TorchComm(device if device.startswith("cuda") else "cpu", on_layer=on_layer)
 
@@ -66,19 +69,12 @@ def init_from_env(device: str, devices: list[int] | None, timeout_s: float) -> t
     return init_group(rank, world, mine, timeout_s), mine
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_entry(rank: int, world: int, port: int, job: Callable, kwargs: dict, progress, error_dir: str,
+def _rank_entry(rank: int, world: int, job: Callable, kwargs: dict, progress, error_dir: str,
                 device: str, devices: list[int] | None, timeout_s: float, threads: int) -> None:
     """Body of one spawned rank: join the group, run `job`, record any failure for the parent."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
 
     def on_layer(index: int) -> None:
@@ -86,7 +82,8 @@ def _rank_entry(rank: int, world: int, port: int, job: Callable, kwargs: dict, p
 
     try:
         mine = rank_device(device, rank, devices)
-        comm = init_group(rank, world, mine, timeout_s, on_layer=on_layer)
+        rendezvous = "file://" + str(Path(error_dir, "rendezvous"))
+        comm = init_group(rank, world, mine, timeout_s, on_layer=on_layer, init_method=rendezvous)
         job(comm=comm, device=mine, **kwargs)
         dist.destroy_process_group()
     except BaseException as err:
@@ -109,7 +106,7 @@ def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", de
     context = mp.get_context("spawn")
     progress = context.Array("i", [-1] * nproc, lock=False)
     with tempfile.TemporaryDirectory(prefix="quantkit-ranks-") as error_dir:
-        args = (nproc, free_port(), job, kwargs, progress, error_dir, device, devices, timeout_s, threads)
+        args = (nproc, job, kwargs, progress, error_dir, device, devices, timeout_s, threads)
         procs = mp.start_processes(_rank_entry, args=args, nprocs=nproc, join=False, start_method="spawn")
         try:
             while not procs.join(timeout=1.0):
