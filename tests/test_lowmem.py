@@ -45,13 +45,29 @@ def tensors_of(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("tie, fp_target", [(False, False), (True, False), (False, True)])
-def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp_target: bool) -> None:
+def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp_target: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model_dir(tmp_path, tie=tie)
     text = make_text(tmp_path)
     kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, fp_target=fp_target)
     run_calibration(str(model), str(tmp_path / "plain"), SPEC, **kw)
+    from quantkit.engine import layerwise
+
+    fp_entries: list = []
+    record = layerwise.record_fp_inputs
+
+    def spy(*args, **kwargs):
+        kept = record(*args, **kwargs)
+        fp_entries.extend(e for entries in kept.values() for e in entries)
+        return kept
+
+    monkeypatch.setattr(layerwise, "record_fp_inputs", spy)
     report = run_calibration(str(model), str(tmp_path / "low"), SPEC, low_memory=True,
                              offload_dir=str(tmp_path / "acts"), **kw)
+    # The FP target's linear inputs went to files under the offload folder, and each is gone once used.
+    assert bool(fp_entries) is fp_target
+    assert all(isinstance(e, Path) and e.parent == tmp_path / "acts" / "fp_linear" for e in fp_entries)
+    assert not list((tmp_path / "acts").glob("fp_linear/*"))
     assert report["low_memory"] and not work_dir_for(str(tmp_path / "low")).exists()
     assert report["fp_target"] is fp_target
     assert list((tmp_path / "acts").glob("hidden_*.pt"))  # activations really went to disk

@@ -316,37 +316,55 @@ class FinishedBlocks:
                 self.outputs[block] = store
 
 
-# linear name -> its FP input on each batch (linears fed one tensor share the list's entries)
-FPInputs = dict[str, list[torch.Tensor]]
+# linear name -> its FP input on each batch (linears fed one tensor share the list's entries); an
+# entry is the tensor itself, or the file it was saved to when the inputs are kept on disk
+FPInputs = dict[str, list[torch.Tensor | Path]]
 
 
-def record_fp_inputs(layer: nn.Module, adapter: Adapter, fp_inputs: LayerInputs) -> FPInputs:
+def record_fp_inputs(layer: nn.Module, adapter: Adapter, fp_inputs: LayerInputs, directory: Path | None = None) -> FPInputs:
     """Run the still-FP `layer` on the FP stream: keep every linear's input per batch and advance the
     stream to the layer's FP outputs (the FP target's x_t, and the next layer's FP inputs).
 
-    The kept inputs (about 3 hidden widths plus the MLP width per token) go to CPU memory, so a
-    GPU holds only the layer and the streams; linears fed one tensor keep one copy.
+    The kept inputs (about 3 hidden widths plus the MLP width per token) go to CPU memory, or to
+    files in `directory` (--offload-dir), so a GPU holds only the layer and the streams; linears
+    fed one tensor keep one copy.
     """
     kept: FPInputs = {name: [] for name in adapter.linear_names()}
     # This batch's (source, copy) pairs by the source's identity; holding the source keeps its id
     # from being reused by a later tensor of the same pass.
-    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor | Path]] = {}
+    batch = {"index": 0}
+
+    def copy_of(x: torch.Tensor) -> torch.Tensor | Path:
+        if directory is None:
+            return x.detach().to("cpu")
+        path = directory / f"fp_input_{batch['index']:06d}_{len(copies)}.pt"
+        torch.save(x.detach().contiguous().cpu(), path)
+        return path
+
     handles = []
     for name in kept:
         def keep(module: nn.Module, args: tuple, name: str = name) -> None:
             x = args[0]
             if id(x) not in copies:
-                copies[id(x)] = (x, x.detach().to("cpu"))
+                copies[id(x)] = (x, copy_of(x))
             kept[name].append(copies[id(x)][1])
         handles.append(get_module(layer, name).register_forward_pre_hook(keep))
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
     try:
         for index in range(len(fp_inputs)):
+            batch["index"] = index
             copies.clear()
             fp_inputs.hidden[index] = run_layer(layer, fp_inputs, index)
     finally:
         for handle in handles:
             handle.remove()
     return kept
+
+
+def _fp_input(entry: torch.Tensor | Path) -> torch.Tensor:
+    return torch.load(entry, weights_only=True) if isinstance(entry, Path) else entry
 
 
 def accumulate_group(
@@ -378,7 +396,7 @@ def accumulate_group(
             if blocks is not None:
                 blocks.keep_input(name, x)
             if owner is None:
-                fp = fp_inputs[name][current["batch"]] if cross else None
+                fp = _fp_input(fp_inputs[name][current["batch"]]) if cross else None
                 accumulators[name].add(x, current["weight"], fp)
                 current["inputs"].append((x, name))
             else:
@@ -468,6 +486,7 @@ def quantize_layer(
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
     fp_inputs: LayerInputs | None = None,
+    fp_dir: Path | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
     """Quantize one decoder layer in place, group by group, then replace `inputs` by the quantized
     layer's outputs on them (the next layer's inputs; not for RTN, which reads none); return its
@@ -475,7 +494,8 @@ def quantize_layer(
 
     With `fp_inputs` (the FP model's inputs to this layer, same batches) each linear is fitted to
     its FP output W x_t instead of W x~_t (quantkit.quant.gptaq), and `fp_inputs` advances to the FP
-    layer's outputs.
+    layer's outputs. The FP linear inputs are kept in CPU memory, or in `fp_dir` when given (removed
+    once each is used).
 
     With several ranks, `inputs` is this rank's shard: each linear is planned onto one or more
     ranks (plan_group: whole, or cut by output rows); its Hessian sums (and weight totals) are
@@ -494,7 +514,9 @@ def quantize_layer(
     split_all = os.environ.get(SPLIT_ENV, "") == "1"
     results: dict[str, QuantResult] = {}
     reports = {}
-    fp_linear_inputs = record_fp_inputs(layer, adapter, fp_inputs) if fp_inputs is not None and needs_hessian else None
+    fp_linear_inputs = None
+    if fp_inputs is not None and needs_hessian:
+        fp_linear_inputs = record_fp_inputs(layer, adapter, fp_inputs, fp_dir)
     blocks = FinishedBlocks(layer, adapter)
     for group in adapter.linear_order:
         linears = {name: get_module(layer, name) for name in group}
@@ -511,8 +533,11 @@ def quantize_layer(
         if needs_hessian:
             accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks, fp_linear_inputs)
             if fp_linear_inputs is not None:
-                for name in group:
-                    del fp_linear_inputs[name]
+                # Files (--offload-dir) go once no later group of the layer reads them.
+                used = {e for name in group for e in fp_linear_inputs.pop(name) if isinstance(e, Path)}
+                still = {e for entries in fp_linear_inputs.values() for e in entries if isinstance(e, Path)}
+                for path in used - still:
+                    path.unlink()
             by_accumulator: dict[int, list[str]] = {}
             for name in group:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)

@@ -331,6 +331,7 @@ def calibrate_streaming(
         inputs.hidden = DiskHidden(offload_dir, inputs.hidden)
         if fp_inputs is not None:
             fp_inputs.hidden = DiskHidden(Path(offload_dir) / "fp", fp_inputs.hidden)
+    fp_dir = None if offload_dir is None else Path(offload_dir) / "fp_linear"
     comm = Comm()
     bar = tqdm(range(start, n_layers), desc=f"calibrate {method} w{spec.bits} (low memory)", disable=not progress)
     for index in bar:
@@ -341,7 +342,7 @@ def calibrate_streaming(
         layer = layer.to(device)
         weights = token_weights(index) if token_weights is not None else None
         results, reports = quantize_layer(layer, index, inputs, adapter, spec, method, device, weights, comm,
-                                          fp_inputs=fp_inputs)
+                                          fp_inputs=fp_inputs, fp_dir=fp_dir)
         _save_layer(work, layer.to("cpu"), index, adapter, results)
         _save_hidden(work, inputs.hidden, None if fp_inputs is None else fp_inputs.hidden)
         del results
