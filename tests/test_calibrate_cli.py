@@ -75,6 +75,38 @@ def test_fp_target_with_rtn_is_refused(tiny, tmp_path):
     assert_clean_failure(run(base(tiny, out, "--method", "rtn", "--fp-target")), out, "--fp-target")
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (("--bits", "3"), "compressed-tensors (4 or 8 bits) or fake"),  # W3 exports GPTQ by default
+    (("--bits", "4", "--low-memory"), "in memory only"),
+])
+def test_quantize_lm_head_refusals(tiny, tmp_path, extra, fragment):
+    out = tmp_path / "out"
+    assert_clean_failure(run(base(tiny, out, "--quantize-lm-head", *extra)), out, fragment)
+
+
+def test_quantize_lm_head_exports_a_loadable_quantized_head(tiny, tmp_path):
+    """compressed-tensors with a quantized lm_head loads in transformers and gives the logits of the
+    same run's fake (dequantized) export, whose head holds at most 16 values per 32-column group."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for fmt in ("compressed-tensors", "fake"):
+        out = tmp_path / fmt
+        result = run(base(tiny, out, "--bits", "4", "--quantize-lm-head", "--format", fmt, "--json"))
+        assert result.exit_code == 0, result.output
+        runs[fmt] = AutoModelForCausalLM.from_pretrained(out)
+    qc = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert "lm_head" not in qc["ignore"]
+    fp = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    head = runs["fake"].lm_head.weight.detach()
+    assert not torch.equal(head, fp.lm_head.weight)
+    assert all(len(torch.unique(row)) <= 16 for row in head.reshape(-1, 32))
+    ids = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, ref = runs["compressed-tensors"](ids).logits, runs["fake"](ids).logits
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
 def test_missing_model_path(tiny, tmp_path):
     out = tmp_path / "out"
     args = base(tiny, out)

@@ -106,20 +106,22 @@ def test_one_two_three_ranks_agree(model_and_text, tmp_path: Path, ranks: tuple[
 
 
 def test_fp_target_two_ranks_agree_with_one(model_and_text, tmp_path: Path) -> None:
-    """The cross term is reduced like the Hessian, and each rank carries its shard of the FP stream."""
+    """The cross term is reduced like the Hessian, and each rank carries its shard of the FP stream;
+    the quantized lm_head's sums are all-reduced too."""
     model, text = model_and_text
-    one = calibrate(model, text, tmp_path / "one", 1, fp_target=True)
+    one = calibrate(model, text, tmp_path / "one", 1, fp_target=True, lm_head=True)
     calibrate(model, text, tmp_path / "plain", 1)
-    two = calibrate(model, text, tmp_path / "two", 2, fp_target=True)
+    two = calibrate(model, text, tmp_path / "two", 2, fp_target=True, lm_head=True)
     assert one["fp_target"] and two["fp_target"]
     ckpt1, ckpt2 = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "two")
     plain = read_checkpoint(tmp_path / "plain")
+    assert set(ckpt1.results) == set(ckpt2.results) == set(plain.results) | {"lm_head"}
     differs = 0
     for name, result in ckpt1.results.items():
         deq, ref = ckpt2.results[name].dequantize(), result.dequantize()
         assert (deq - ref).abs().max() <= 1e-5 * ref.abs().max(), name
-        differs += not torch.equal(plain.results[name].dequantize(), ref)
-    assert differs >= len(ckpt1.results) // 2  # the FP target really moved the codes
+        differs += name in plain.results and not torch.equal(plain.results[name].dequantize(), ref)
+    assert differs >= len(plain.results) // 2  # the FP target really moved the codes
 
 
 def assert_same_export(ref: Path, other: Path) -> None:

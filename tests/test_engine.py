@@ -15,7 +15,7 @@ from quantkit.engine.capture import capture_layer_inputs, run_layer
 from quantkit.engine.layerwise import accumulate_group, assign_owners
 from quantkit.errors import QuantkitError
 from quantkit.models import adapter_for, get_module
-from quantkit.quant import QuantSpec, gptq_solve
+from quantkit.quant import QuantSpec, gptq_solve, rtn_solve
 
 KINDS = ("llama", "qwen2", "gpt_neox", "opt")
 SPEC = QuantSpec(bits=2, group_size=32)
@@ -296,6 +296,54 @@ def test_fp_target_fits_fp_outputs_from_full_model_forwards(kind: str) -> None:
                 full = f"{adapter.layer_prefix(index)}.{name}"
                 get_module(ref, full).weight.data.copy_(cal.results[full].dequantize())
     assert moved >= 4  # the FP target really changed the codes of most linears past layer 0's first group
+
+
+@pytest.mark.parametrize("kind", ("llama", "gpt_neox"))
+def test_lm_head_fits_fp_output_from_quantized_last_layer(kind: str) -> None:
+    """Reference: the head's input in full forwards of the model whose decoder layers carry the run's
+    codes (X~) and of the FP model (X), weighted by the last layer's token weights; GPTQ toward
+    W C H~^-1. The decoder layers' codes are those of a run without the head."""
+    from quantkit.quant.gptaq import fp_target_weight
+
+    fp = tiny_model(kind)
+    model, without, ref = copy.deepcopy(fp), copy.deepcopy(fp), copy.deepcopy(fp)
+    samples = tiny_samples()
+    gen = torch.Generator().manual_seed(7)
+    per_layer = {layer: [torch.rand(16, generator=gen) + 0.1 for _ in samples] for layer in range(2)}
+    kw = dict(method="tlq", progress=False, fp_target=True, token_weights=lambda layer: per_layer[layer])
+    cal = calibrate_model(model, samples, SPEC, lm_head=True, **kw)
+    plain = calibrate_model(without, samples, SPEC, **kw)
+    adapter = adapter_for(ref)
+    head = adapter.lm_head
+    assert set(cal.results) == set(plain.results) | {head} and cal.report["lm_head"]["output_rel_err"] > 0
+    for name, result in plain.results.items():
+        assert torch.equal(cal.results[name].qweight, result.qweight), name
+        get_module(ref, name).weight.data.copy_(result.dequantize())
+    w = torch.cat([x.reshape(-1).double() for x in per_layer[1]])
+    x, x_tilde = linear_inputs(fp, samples, head), linear_inputs(ref, samples, head)
+    hessian = (2.0 / w.sum() * (x_tilde * w[:, None]).T @ x_tilde).float()
+    cross = (2.0 / w.sum() * (x * w[:, None]).T @ x_tilde).float()
+    weight = get_module(fp, head).weight.data.float()
+    expected = gptq_solve(fp_target_weight(weight, hessian, cross, SPEC.damp), hessian, SPEC, name=head)
+    got = cal.results[head]
+    assert (got.qweight != expected.qweight).float().mean() <= 0.002
+    off = (got.scales - expected.scales).abs() > 1e-3 * expected.scales.abs()
+    assert off.float().mean() <= 0.02
+    assert not torch.equal(expected.qweight, gptq_solve(weight, hessian, SPEC).qweight)  # the FP target moved it
+    assert torch.equal(get_module(model, head).weight.data, got.dequantize())  # the model carries the codes
+    assert torch.equal(get_module(without, head).weight.data, weight)  # and without the flag the head stays FP
+
+
+def test_lm_head_rtn_and_tied_head() -> None:
+    model = tiny_model("llama")
+    weight = model.lm_head.weight.data.clone()
+    cal = calibrate_model(model, tiny_samples(), SPEC, method="rtn", progress=False, lm_head=True)
+    assert torch.equal(cal.results["lm_head"].qweight, rtn_solve(weight, None, SPEC).qweight)
+    tied = tiny_model("opt")  # OPT ties lm_head to the input embeddings
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    with pytest.raises(QuantkitError, match="shares its weight with the input embeddings"):
+        calibrate_model(tied, tiny_samples(), SPEC, progress=False, lm_head=True)
+    assert all(torch.equal(before[k], v) for k, v in tied.state_dict().items())
 
 
 # ---------------------------------------------------------------- bad input

@@ -310,3 +310,42 @@ def test_fp_target_on_image_text_samples(family: str, dataset: str) -> None:
     for name, plain in runs[False].items():
         same = torch.equal(plain.qweight, runs[True][name].qweight)
         assert same == (name in first), name
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_lm_head_on_image_text_samples(family: str, dataset: str) -> None:
+    """With lm_head asked for, the head is solved on its inputs in full forwards of the model whose
+    decoder layers carry the run's codes (dense reference Hessian, last layer's token weights);
+    the vision tower and projector stay untouched."""
+    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.importance import tlq_token_weights
+    from quantkit.quant import gptq_solve
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build(family)
+    samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
+    weights = tlq_token_weights(model, samples, progress=False)
+    spec = QuantSpec(bits=2, group_size=-1)
+    quantized, ref = copy.deepcopy(model), copy.deepcopy(model)
+    cal = calibrate_model(quantized, samples, spec, method="tlq", token_weights=weights, progress=False,
+                          fp_target=False, lm_head=True)
+    adapter = adapter_for(model)
+    for name, result in cal.results.items():
+        if name != adapter.lm_head:
+            get_module(ref, name).weight.data.copy_(result.dequantize())
+    seen = []
+    handle = get_module(ref, adapter.lm_head).register_forward_hook(
+        lambda mod, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for sample in samples:
+            ref(**model_inputs(sample), use_cache=False)
+    handle.remove()
+    x = torch.cat(seen)
+    w = torch.cat([t.reshape(-1).double() for t in weights(len(adapter.decoder_layers(model)) - 1)])
+    hessian = (2.0 / w.sum() * (x * w[:, None]).T @ x).float()
+    expected = gptq_solve(get_module(model, adapter.lm_head).weight.data.float(), hessian, spec)
+    assert (cal.results[adapter.lm_head].qweight != expected.qweight).float().mean() <= 0.002
+    before, after = model.state_dict(), quantized.state_dict()
+    for key in before:
+        if any(key.startswith(v) for v in adapter.vision):
+            assert torch.equal(before[key], after[key]), key

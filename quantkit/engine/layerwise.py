@@ -83,11 +83,28 @@ def check_layer(layer: nn.Module, index: int, adapter: Adapter, spec: QuantSpec)
             raise QuantkitError(f"weight of {full} contains NaN or Inf; fix the checkpoint before quantizing")
 
 
-def check_model(model: nn.Module, adapter: Adapter, spec: QuantSpec) -> None:
+def check_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, lm_head: bool = False) -> None:
     """Fail fast, before any work, on settings or weights that cannot be quantized."""
     spec.validate()
     for index, layer in enumerate(adapter.decoder_layers(model)):
         check_layer(layer, index, adapter, spec)
+    if lm_head:
+        check_head(model, adapter, spec)
+
+
+def check_head(model: nn.Module, adapter: Adapter, spec: QuantSpec) -> None:
+    """Raise QuantkitError if lm_head cannot be quantized on its own (tied to the embeddings, bad width)."""
+    head = get_module(model, adapter.lm_head)
+    if head.weight is get_module(model, adapter.embeddings).weight:
+        raise QuantkitError(
+            f"{adapter.lm_head} shares its weight with the input embeddings (tied word embeddings), so it cannot "
+            "be quantized on its own; leave it in full precision"
+        )
+    if spec.group_size != -1 and head.in_features % spec.group_size:
+        raise QuantkitError(
+            f"group size {spec.group_size} does not divide the input width {head.in_features} of {adapter.lm_head}; "
+            "choose a divisor or -1 (per-channel)"
+        )
 
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -624,6 +641,51 @@ def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Ten
     return fp_target_weight(weight, hessian, cross, spec.damp)
 
 
+def quantize_head(
+    model: nn.Module,
+    adapter: Adapter,
+    inputs: LayerInputs,
+    spec: QuantSpec,
+    method: str,
+    device: torch.device | str,
+    weights: Sequence[torch.Tensor] | None = None,
+    comm: Comm | None = None,
+    fp_inputs: LayerInputs | None = None,
+) -> tuple[dict[str, QuantResult], dict]:
+    """Quantize lm_head in place from the final norm of the quantized stream `inputs` (the last
+    layer's outputs); with `fp_inputs`, toward its FP output. Return its result and report.
+
+    `weights` are the last decoder layer's token weights: its output gradient is the gradient at
+    the head's normed input up to the norm. Every rank sums its shard, the sums are all-reduced,
+    and every rank solves the same problem, so all end with the same head.
+    """
+    from quantkit.quant import solver_for
+
+    comm = comm or Comm()
+    norm = get_module(model, adapter.final_norm).to(device)
+    head = get_module(model, adapter.lm_head).to(device)
+    hessian = cross = None
+    if method != "rtn":
+        acc = HessianAccumulator(head.in_features, device, cross=fp_inputs is not None)
+        for index in range(len(inputs)):
+            fp = None if fp_inputs is None else norm(fp_inputs.hidden[index].to(device))
+            acc.add(norm(inputs.hidden[index].to(device)), None if weights is None else weights[index], fp)
+        if comm.distributed:
+            total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
+            for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
+                comm.all_reduce_sum_(tensor)
+            acc.weight_sum = float(total[0])
+        hessian, cross = acc.result(), acc.cross_result()
+    weight = head.weight.data.float()
+    result = solver_for(method)(_target(weight, hessian, cross, spec), hessian, spec, name=adapter.lm_head)
+    stats = _result_stats(weight, result, hessian)
+    head.weight.data.copy_(result.dequantize().to(head.weight.device, head.weight.dtype))
+    report = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
+    if hessian is not None:
+        report["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
+    return {adapter.lm_head: _to_cpu(result)}, report
+
+
 def propagate(layer: nn.Module, inputs: LayerInputs, blocks: FinishedBlocks | None = None) -> None:
     """Replace each sample's hidden state by the (quantized) layer's output on it."""
     for index in blocks.passes(inputs) if blocks is not None else range(len(inputs)):
@@ -664,8 +726,10 @@ def calibrate_model(
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
     fp_target: bool | None = None,
+    lm_head: bool = False,
 ) -> Calibration:
-    """Quantize every decoder-layer linear of `model` in place, layer by layer.
+    """Quantize every decoder-layer linear of `model` in place, layer by layer (and lm_head last,
+    with `lm_head`: see quantize_head).
 
     Each layer sees the outputs of the already-quantized layers below it; inside a layer the
     linears are solved group by group in execution order, so o_proj sees the quantized q/k/v.
@@ -680,7 +744,7 @@ def calibrate_model(
     comm = comm or Comm()
     solver_for(method)  # unknown methods fail before any work
     adapter = adapter_for(model)
-    check_model(model, adapter, spec)
+    check_model(model, adapter, spec, lm_head)
     if not samples:
         raise QuantkitError("no calibration samples; give --calib data with at least one sample")
 
@@ -706,9 +770,15 @@ def calibrate_model(
         layer_reports.append(
             {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": linear_reports}
         )
+    head_report = None
+    if lm_head:
+        weights = inputs.batch_weights(shard(token_weights(len(layers) - 1), comm)) if token_weights is not None else None
+        head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs)
+        results.update(head_results)
     report = {
         "method": method,
         "fp_target": fp_inputs is not None,
+        "lm_head": head_report,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),
