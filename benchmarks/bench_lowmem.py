@@ -11,6 +11,10 @@ subprocess of their own, which keeps this parent small (ru_maxrss is still repor
 
     python benchmarks/bench_lowmem.py [--layers 8,32] [--width 1024] [--nsamples 8] [--seqlen 128]
                                       [-o benchmarks/results/bench_lowmem.json]
+
+With --fp-target every size runs GPTQ with the FP target twice, without and with --offload-dir, to
+show where the FP linear inputs live (benchmarks/results/bench_lowmem_fp.json:
+`--layers 4 --nsamples 32 --seqlen 256 --fp-target`).
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ def export_after_peak(*args, **kwargs):  # the calibration's own peak, before th
     calibration_peak["mb"] = hwm_mb()
     return export(*args, **kwargs)
 streaming.export_streamed = export_after_peak
-model, text, out, nsamples, seqlen = sys.argv[1:6]
+model, text, out, nsamples, seqlen, fp_target, offload_dir = sys.argv[1:8]
 start_mb = hwm_mb()
 started = time.perf_counter()
 report = run_calibration(model, out, QuantSpec(bits=4, group_size=128), calib=text, nsamples=int(nsamples),
-                         seqlen=int(seqlen), progress=False, low_memory=True)
+                         seqlen=int(seqlen), progress=False, low_memory=True, fp_target=fp_target == "1",
+                         offload_dir=offload_dir or None)
 print(json.dumps({"peak_rss_mb": hwm_mb(), "calibration_peak_rss_mb": calibration_peak["mb"],
                   "peak_rss_at_start_mb": start_mb, "calibration_seconds": report["seconds"],
                   "command_seconds": round(time.perf_counter() - started, 2),
@@ -79,6 +84,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--fp-target", action="store_true", help="GPTQ with the FP target, without and with --offload-dir")
     parser.add_argument("-o", "--output", help="also write the JSON here (e.g. benchmarks/results/bench_lowmem.json)")
     args = parser.parse_args()
     runs = []
@@ -88,15 +94,21 @@ def main() -> None:
             _python(BUILD, HERE, root, layers, args.width)
             model, text = root / "model", root / "calib.txt"
             weight_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
-            rep = json.loads(_python(RUN, model, text, root / "out", args.nsamples, args.seqlen).strip().splitlines()[-1])
-            runs.append({"layers": layers, "weight_mb": round(weight_mb, 1),
-                         **{k: round(v, 1) if k.endswith("_mb") else v for k, v in rep.items()}})
-    ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
-    emit({"benchmark": "lowmem", "width": args.width, "nsamples": args.nsamples, "seqlen": args.seqlen,
-          "peak": "VmHWM of the calibrating process", "runs": runs, "ratio_peak_rss": round(ratio, 3), "target": 1.3,
-          "pass": ratio <= 1.3, "env": environment(), "loadavg_at_end": os.getloadavg(), "time": time.ctime()},
-         args.output)
-
+            for offload in ([False, True] if args.fp_target else [False]):
+                out = root / f"out{int(offload)}"
+                rep = json.loads(_python(RUN, model, text, out, args.nsamples, args.seqlen, int(args.fp_target),
+                                         root / "acts" if offload else "").strip().splitlines()[-1])
+                runs.append({"layers": layers, "weight_mb": round(weight_mb, 1), "fp_target": args.fp_target,
+                             "offload_dir": offload, **{k: round(v, 1) if k.endswith("_mb") else v for k, v in rep.items()}})
+    out = {"benchmark": "lowmem", "width": args.width, "nsamples": args.nsamples, "seqlen": args.seqlen,
+           "peak": "VmHWM of the calibrating process", "runs": runs}
+    if args.fp_target:
+        out["offload_saves_mb"] = {str(a["layers"]): round(a["calibration_peak_rss_mb"] - b["calibration_peak_rss_mb"], 1)
+                                   for a, b in zip(runs[::2], runs[1::2])}
+    else:
+        ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
+        out.update({"ratio_peak_rss": round(ratio, 3), "target": 1.3, "pass": ratio <= 1.3})
+    emit({**out, "env": environment(), "loadavg_at_end": os.getloadavg(), "time": time.ctime()}, args.output)
 
 if __name__ == "__main__":
     main()
