@@ -43,6 +43,7 @@ class CalibrationJob:
     progress: bool
     fp_target: bool
     lm_head: bool = False
+    vision: bool = False
 
     def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
         """The engine's report with the job's settings and the total time added."""
@@ -75,12 +76,14 @@ def run_calibration(
     resume: bool = False,
     fp_target: bool | None = None,
     lm_head: bool = False,
+    vision: bool = False,
 ) -> dict:
     """Quantize `model_name` on calibration data and export it to `output`; return the report.
 
     fp_target None means the method's default (quantkit.engine.layerwise.fp_target_default: on for
     TLQ only). lm_head quantizes the output head too (after the decoder layers, from their
-    quantized outputs; compressed-tensors or fake export, in-memory runs).
+    quantized outputs), vision a VLM's vision tower and projector (before them); both export to
+    compressed-tensors or fake and run in memory.
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
@@ -104,17 +107,18 @@ def run_calibration(
         raise QuantkitError("--fp-target needs --method gptq or tlq: RTN reads no activations")
     if fp_target is None:
         fp_target = fp_target_default(method)
-    if lm_head and fmt.startswith("gptq"):
+    flag = "--quantize-lm-head" if lm_head else "--quantize-vision" if vision else None
+    if flag and fmt.startswith("gptq"):
         raise QuantkitError(
-            "--quantize-lm-head exports to compressed-tensors (4 or 8 bits) or fake only: transformers does not "
-            "load a GPTQ checkpoint whose lm_head is quantized; pass --format compressed-tensors or drop the flag"
+            f"{flag} exports to compressed-tensors (4 or 8 bits) or fake only: GPTQ checkpoints describe quantized "
+            "decoder layers only; pass --format compressed-tensors or drop the flag"
         )
-    if lm_head and (resume or low_memory or offload_dir):
-        raise QuantkitError("--quantize-lm-head runs in memory only for now; drop --low-memory/--offload-dir/--resume")
+    if flag and (resume or low_memory or offload_dir):
+        raise QuantkitError(f"{flag} runs in memory only for now; drop --low-memory/--offload-dir/--resume")
     job = CalibrationJob(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
-        progress=progress, fp_target=fp_target, lm_head=lm_head,
+        progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision,
     )
     if resume or low_memory or offload_dir:
         if nproc > 1 or under_torchrun():
@@ -166,6 +170,7 @@ def calibrate_rank(job: CalibrationJob, comm=None, device: str = "cpu", report_p
     calibration = calibrate_model(
         model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
         progress=job.progress, comm=comm, fp_target=job.fp_target, lm_head=job.lm_head,
+        vision=job.vision,
     )
     report = job.finish_report(calibration.report, samples, started)
     if rank == 0:
@@ -233,7 +238,8 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
 @click.option("--static-groups", is_flag=True, help="With --act-order: fix group grids before the column permutation.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
 @click.option("--fp-target/--no-fp-target", default=None, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer). Default: on for tlq, off for gptq.")
-@click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export). The vision tower and projector always stay in full precision.")
+@click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export).")
+@click.option("--quantize-vision", "vision", is_flag=True, help="Quantize a VLM's vision tower and projector too (before the language model, plain Hessians; compressed-tensors or fake export).")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
@@ -253,7 +259,7 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, fp_target, lm_head, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, fp_target, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
@@ -268,7 +274,7 @@ def calibrate(model, method, bits, group_size, sym, act_order, static_groups, da
         model, output, spec, method=method, calib=calib, calib_set=calib_set, nsamples=nsamples, seqlen=seqlen,
         seed=seed, part=part, fmt=fmt, device=device, dtype=dtype, overwrite=overwrite, progress=not as_json,
         nproc=nproc, devices=device_ids, dist_timeout=dist_timeout, low_memory=low_memory,
-        offload_dir=offload_dir, resume=resume, fp_target=fp_target, lm_head=lm_head,
+        offload_dir=offload_dir, resume=resume, fp_target=fp_target, lm_head=lm_head, vision=vision,
     )
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output}))

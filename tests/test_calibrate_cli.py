@@ -232,6 +232,42 @@ def test_image_text_jsonl_calibrates_a_vlm_language_model_only(tmp_path):
     assert all(".language_model.layers." in n for n in changed), sorted(changed)[:5]
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_quantize_vision_exports_a_loadable_quantized_tower(tmp_path, family):
+    """compressed-tensors with the vision tower and projector quantized loads in transformers and gives
+    the logits of the same run's fake (dequantized) export; the language model's inputs changed."""
+    pytest.importorskip("PIL")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_vlm import build, write_dataset
+    from transformers import AutoModelForImageTextToText
+
+    from quantkit.data.images import image_text_samples
+    from quantkit.engine.capture import model_inputs
+
+    model, processor = build(family)
+    model_dir = tmp_path / "vlm"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_dataset(tmp_path / "data", n=4)
+    loaded = {}
+    for fmt in ("compressed-tensors", "fake"):
+        out = tmp_path / fmt
+        result = run(["calibrate", str(model_dir), "--calib", data, "--nsamples", "3", "--method", "tlq", "--bits", "4",
+                      "--group-size", "16", "--format", fmt, "--quantize-vision", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        loaded[fmt] = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ignore = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not [n for n in ignore if "vision_tower.encoder" in n or "visual.blocks" in n or "projector" in n]
+    fp = dict(model.named_parameters())
+    changed = {n for n, p in loaded["fake"].named_parameters() if not torch.equal(p, fp[n])}
+    assert any("vision_tower" in n or "visual" in n for n in changed)
+    assert any("multi_modal_projector" in n or "merger" in n for n in changed)
+    sample = model_inputs(image_text_samples(data, processor, nsamples=1, seed=5)[0])
+    with torch.no_grad():
+        got, ref = loaded["compressed-tensors"](**sample).logits, loaded["fake"](**sample).logits
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
 @pytest.mark.parametrize("method, flag, expected", [("tlq", None, True), ("tlq", "--no-fp-target", False),
                                                     ("gptq", None, False), ("gptq", "--fp-target", True)])
 def test_fp_target_defaults_on_for_tlq_only(tiny, tmp_path, method, flag, expected):

@@ -349,3 +349,99 @@ def test_lm_head_on_image_text_samples(family: str, dataset: str) -> None:
     for key in before:
         if any(key.startswith(v) for v in adapter.vision):
             assert torch.equal(before[key], after[key]), key
+
+
+VISION_GROUPS = {  # hand-listed from the architectures: call order, q/k/v and gate/up share an input
+    "qwen2_vl": [["blocks.0.attn.qkv"], ["blocks.0.attn.proj"], ["blocks.0.mlp.fc1"], ["blocks.0.mlp.fc2"],
+                 ["merger.mlp.0"], ["merger.mlp.2"]],
+    "qwen2_5_vl": [[f"blocks.{i}.{n}" for n in names] for i in range(2) for names in
+                   (["attn.qkv"], ["attn.proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])]
+                  + [["merger.mlp.0"], ["merger.mlp.2"]],
+    "llava": [[f"encoder.layers.{i}.{n}" for n in names] for i in range(2) for names in
+              (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["mlp.fc1"],
+               ["mlp.fc2"])] + [["linear_1"], ["linear_2"]],
+}
+# SigLIP's pooling head runs (its MLP is called as modules, its attention is not) though LLaVA-OneVision
+# reads the encoder's hidden states: its MLP is quantized on its real inputs, its attention stays FP.
+VISION_GROUPS["llava_onevision"] = VISION_GROUPS["llava"][:8] + [["head.mlp.fc1"], ["head.mlp.fc2"]] + VISION_GROUPS["llava"][8:]
+VISION_PREFIX = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "llava": "model.vision_tower.",
+                 "llava_onevision": "model.vision_tower."}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"])
+def test_quantize_vision_against_full_forward_reference(family: str, dataset: str) -> None:
+    """--quantize-vision: groups found in call order; each group solved on its inputs in full forwards of
+    the model whose earlier groups carry the run's codes; the language model then calibrated exactly as
+    on a model whose vision side was quantized beforehand (quantization-exposed)."""
+    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine.vision import vision_groups
+    from quantkit.quant import gptq_solve
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build(family)
+    samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
+    adapter = adapter_for(model)
+    spec = QuantSpec(bits=2, group_size=-1)
+    expected_groups = [[(VISION_PREFIX[family] if not n.startswith("linear") else "model.multi_modal_projector.") + n
+                        for n in names] for names in VISION_GROUPS[family]]
+    assert vision_groups(model, adapter, samples[0]) == expected_groups
+    quantized, ref = copy.deepcopy(model), copy.deepcopy(model)
+    cal = calibrate_model(quantized, samples, spec, method="gptq", progress=False, vision=True)
+    assert cal.report["vision"]["groups"] == len(expected_groups)
+    for names in expected_groups:
+        seen: list[torch.Tensor] = []
+        handle = get_module(ref, names[0]).register_forward_pre_hook(
+            lambda mod, args, seen=seen: seen.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+        with torch.no_grad():
+            for sample in samples:
+                ref(**model_inputs(sample), use_cache=False)
+        handle.remove()
+        x = torch.cat(seen)
+        hessian = (2.0 / x.shape[0] * x.T @ x).float()
+        weight = torch.cat([get_module(ref, n).weight.data.float() for n in names])
+        expected = gptq_solve(weight, hessian, spec)
+        got = torch.cat([cal.results[n].qweight for n in names])
+        assert (got != expected.qweight).float().mean() <= 0.002, names
+        for n in names:
+            get_module(ref, n).weight.data.copy_(cal.results[n].dequantize())
+    language = calibrate_model(ref, samples, spec, method="gptq", progress=False).results
+    assert set(cal.results) == set(language) | {n for names in expected_groups for n in names}
+    for name, result in language.items():
+        assert torch.equal(cal.results[name].qweight, result.qweight), name
+
+
+def test_quantize_vision_refused_for_text_models() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.quant.spec import QuantSpec
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(QuantkitError, match="no vision side to quantize"):
+        calibrate_model(model, [{"input_ids": torch.arange(8)[None]}], QuantSpec(bits=4, group_size=-1),
+                        progress=False, vision=True)
+
+
+def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> None:
+    """Each rank runs its shard of the images; the vision Hessians are all-reduced."""
+    from safetensors.torch import load_file
+
+    from quantkit.calibrate import run_calibration
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build("llava")
+    model_dir = tmp_path / "vlm"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    tensors = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=16), method="gptq", calib=dataset,
+                        nsamples=4, fmt="fake", progress=False, nproc=nproc, vision=True)
+        tensors[nproc] = {k: v for path in sorted(out.glob("*.safetensors")) for k, v in load_file(path).items()}
+    assert tensors[1].keys() == tensors[2].keys()
+    vision = [k for k in tensors[1] if "vision_tower.encoder" in k and k.endswith("proj.weight")]
+    assert vision and all(not torch.equal(tensors[1][k], model.state_dict()[k]) for k in vision)
+    for key, value in tensors[1].items():
+        assert (tensors[2][key] - value).abs().max() <= 1e-5 * value.abs().max().clamp_min(1e-12), key

@@ -16,6 +16,7 @@ from quantkit.engine.capture import (
     LayerInputs,
     StopForward,
     capture_layer_inputs,
+    move_outside_layers,
     run_layer,
     stack_samples,
 )
@@ -443,7 +444,7 @@ def accumulate_group(
     return accumulators
 
 
-def _result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> torch.Tensor:
+def result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> torch.Tensor:
     """Row-additive error sums of one (slice of a) solve: ||D||^2, ||W||^2, tr(D H D^T), tr(W H W^T)."""
     quantized = result.dequantize().to(weight.device)
     delta = weight - quantized
@@ -452,6 +453,28 @@ def _result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tens
         stats[2] = float(torch.einsum("oi,ij,oj->", delta, hessian, delta))
         stats[3] = float(torch.einsum("oi,ij,oj->", weight, hessian, weight))
     return torch.tensor(stats, dtype=torch.float64)
+
+
+def all_reduce_accumulator(acc: HessianAccumulator, comm: Comm) -> None:
+    """Sum an accumulator's Hessian, cross term and weight total over all ranks, in place."""
+    if not comm.distributed:
+        return
+    total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
+    for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
+        comm.all_reduce_sum_(tensor)
+    acc.weight_sum = float(total[0])
+
+
+def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: QuantSpec,
+               names: Sequence[str], cross: torch.Tensor | None = None) -> list[QuantResult]:
+    """Solve linears that share `hessian` (and `cross`) as one problem with their rows stacked; one CPU
+    result each. GPTQ's rows are independent given H, so this runs the column loop once for all."""
+    joint = solve(_target(torch.cat(weights), hessian, cross, spec), hessian, spec, name=" + ".join(names))
+    out, start = [], 0
+    for weight in weights:
+        out.append(_to_cpu(_rows(joint, start, start + weight.shape[0])))
+        start += weight.shape[0]
+    return out
 
 
 def _share_result(
@@ -587,13 +610,8 @@ def quantize_layer(
                 for full in fulls:
                     observer(full, hessian)
             parts = [linears[name].weight.data.float() for name in names]
-            joint = solve(_target(torch.cat(parts), hessian, crosses.get(names[0]), spec), hessian, spec,
-                          name=" + ".join(fulls))
-            start = 0
-            for name, weight in zip(names, parts):
-                result = _rows(joint, start, start + weight.shape[0])
-                solved[name] = (result, _result_stats(weight, result, hessian))
-                start += weight.shape[0]
+            for name, weight, result in zip(names, parts, solve_rows(solve, parts, hessian, spec, fulls, crosses.get(names[0]))):
+                solved[name] = (result, result_stats(weight, result, hessian))
             for name in names:
                 del hessians[name]
                 crosses.pop(name, None)
@@ -608,7 +626,7 @@ def quantize_layer(
                 observer(full, hessian)
             weight = linears[name].weight.data[start:end].float()
             result = solve(_target(weight, hessian, crosses.pop(name, None), spec), hessian, spec, name=full)
-            solved[name] = (result, _result_stats(weight, result, hessian))
+            solved[name] = (result, result_stats(weight, result, hessian))
             del hessian, weight
         for name in group:
             linear = linears[name]
@@ -670,15 +688,11 @@ def quantize_head(
         for index in range(len(inputs)):
             fp = None if fp_inputs is None else norm(fp_inputs.hidden[index].to(device))
             acc.add(norm(inputs.hidden[index].to(device)), None if weights is None else weights[index], fp)
-        if comm.distributed:
-            total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
-            for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
-                comm.all_reduce_sum_(tensor)
-            acc.weight_sum = float(total[0])
+        all_reduce_accumulator(acc, comm)
         hessian, cross = acc.result(), acc.cross_result()
     weight = head.weight.data.float()
     result = solver_for(method)(_target(weight, hessian, cross, spec), hessian, spec, name=adapter.lm_head)
-    stats = _result_stats(weight, result, hessian)
+    stats = result_stats(weight, result, hessian)
     head.weight.data.copy_(result.dequantize().to(head.weight.device, head.weight.dtype))
     report = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
     if hessian is not None:
@@ -727,9 +741,11 @@ def calibrate_model(
     observer: HessianObserver | None = None,
     fp_target: bool | None = None,
     lm_head: bool = False,
+    vision: bool = False,
 ) -> Calibration:
-    """Quantize every decoder-layer linear of `model` in place, layer by layer (and lm_head last,
-    with `lm_head`: see quantize_head).
+    """Quantize every decoder-layer linear of `model` in place, layer by layer (a VLM's vision tower
+    and projector first, with `vision`: see quantkit.engine.vision; lm_head last, with `lm_head`:
+    see quantize_head).
 
     Each layer sees the outputs of the already-quantized layers below it; inside a layer the
     linears are solved group by group in execution order, so o_proj sees the quantized q/k/v.
@@ -751,10 +767,26 @@ def calibrate_model(
     started = time.perf_counter()
     rss_at_start = current_rss_mb()
     layers = adapter.decoder_layers(model)
-    inputs = stack_samples(capture_layer_inputs(model, adapter, shard(samples, comm), device), BATCH_SIZE)
-    fp_inputs = fp_stream(inputs, method, fp_target)
-    hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
+    mine = shard(samples, comm)
+    vision_report = None
     results: dict[str, QuantResult] = {}
+    if vision:
+        from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
+
+        if not adapter.vision:
+            raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
+        move_outside_layers(model, adapter, device)
+        groups = vision_groups(model, adapter, samples[0], device)
+        check_vision(model, groups, spec)
+        # The FP stream starts from the FP vision side's outputs, so it is captured first.
+        fp_inputs = fp_stream(stack_samples(capture_layer_inputs(model, adapter, mine, device), BATCH_SIZE), method,
+                              fp_target)
+        vision_results, vision_report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm)
+        results.update(vision_results)
+    inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), BATCH_SIZE)
+    if not vision:
+        fp_inputs = fp_stream(inputs, method, fp_target)
+    hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
     layer_reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method} w{spec.bits}", disable=not progress or comm.rank != 0)
     for index in bar:
@@ -779,6 +811,7 @@ def calibrate_model(
         "method": method,
         "fp_target": fp_inputs is not None,
         "lm_head": head_report,
+        "vision": vision_report,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),

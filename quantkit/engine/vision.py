@@ -1,0 +1,135 @@
+"""The vision side of a VLM (tower and projector), quantized when asked: group by group in call order.
+
+The vision linears are found by running one sample: every nn.Linear under the adapter's vision
+modules that runs before the language model, in the order it first runs; consecutive ones that
+read the same tensor (q/k/v, gate/up) form a group and share one Hessian. Linears that never run
+(SigLIP's pooling head, unused by LLaVA-OneVision) stay in full precision. Each group's Hessian
+comes from full vision passes over the calibration images with every earlier group already
+quantized, so the tower is calibrated quantization-exposed like the decoder layers; the passes stop
+at the first decoder layer. Every image patch counts once: token importance covers the decoder
+layers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from quantkit.engine.capture import StopForward, model_inputs, move_outside_layers, to_device
+from quantkit.engine.comm import Comm
+from quantkit.engine.hessian import HessianAccumulator
+from quantkit.errors import QuantkitError
+from quantkit.models import get_module
+from quantkit.models.base import Adapter
+from quantkit.quant.spec import QuantResult, QuantSpec
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _run_vision(model: nn.Module, adapter: Adapter, samples: Sequence[dict], device: torch.device | str) -> None:
+    """Forward each sample until the first decoder layer: the vision side has run by then."""
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise StopForward
+
+    handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(stop)
+    try:
+        for sample in samples:
+            try:
+                model(**to_device(model_inputs(sample), device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
+def vision_groups(model: nn.Module, adapter: Adapter, sample: dict, device: torch.device | str = "cpu") -> list[list[str]]:
+    """The vision-side linears that run on `sample`, in call order, grouped where consecutive ones read one tensor."""
+    calls: list[tuple[str, torch.Tensor]] = []  # the inputs are held, so their identities stay unique
+    handles = [
+        module.register_forward_pre_hook(lambda mod, args, name=name: calls.append((name, args[0])))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _under(name, adapter.vision)
+    ]
+    try:
+        _run_vision(model, adapter, [sample], device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[list[str], torch.Tensor]] = []
+    seen: set[str] = set()
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and groups[-1][1] is x:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], x))
+    return [names for names, _ in groups]
+
+
+def check_vision(model: nn.Module, groups: list[list[str]], spec: QuantSpec) -> None:
+    """Raise QuantkitError, before any work, if a vision linear cannot be quantized."""
+    if not groups:
+        raise QuantkitError("no vision linears ran on the first calibration sample; give image-text calibration data")
+    for name in (n for group in groups for n in group):
+        linear = get_module(model, name)
+        if spec.group_size != -1 and linear.in_features % spec.group_size:
+            raise QuantkitError(
+                f"group size {spec.group_size} does not divide the input width {linear.in_features} of {name}; "
+                "choose a divisor or -1 (per-channel), or leave the vision side in full precision"
+            )
+
+
+@torch.no_grad()
+def quantize_vision(
+    model: nn.Module,
+    adapter: Adapter,
+    samples: Sequence[dict],
+    groups: list[list[str]],
+    spec: QuantSpec,
+    method: str,
+    device: torch.device | str = "cpu",
+    comm: Comm | None = None,
+) -> tuple[dict[str, QuantResult], dict]:
+    """Quantize the vision `groups` in place, in order, on this rank's `samples`; return results and report.
+
+    With several ranks the Hessians are all-reduced and every rank solves every group, so all end
+    with the same tower.
+    """
+    from quantkit.engine.layerwise import all_reduce_accumulator, result_stats, solve_rows
+    from quantkit.quant import solver_for
+
+    comm = comm or Comm()
+    solve = solver_for(method)
+    move_outside_layers(model, adapter, device)
+    results: dict[str, QuantResult] = {}
+    reports: dict[str, dict] = {}
+    for group in groups:
+        linears = {name: get_module(model, name) for name in group}
+        hessian = None
+        if method != "rtn":
+            first = linears[group[0]]
+            acc = HessianAccumulator(first.in_features, device)
+            handle = first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
+            try:
+                _run_vision(model, adapter, samples, device)
+            finally:
+                handle.remove()
+            all_reduce_accumulator(acc, comm)
+            hessian = acc.result()
+        weights = [linear.weight.data.float() for linear in linears.values()]
+        for (name, linear), weight, result in zip(linears.items(), weights, solve_rows(solve, weights, hessian, spec, group)):
+            stats = result_stats(weight, result, hessian)
+            linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
+            entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
+            if hessian is not None:
+                entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
+            reports[name] = entry
+            results[name] = result
+    return results, {"groups": len(groups), "linears": reports}
