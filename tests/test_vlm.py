@@ -445,3 +445,42 @@ def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> Non
     assert vision and all(not torch.equal(tensors[1][k], model.state_dict()[k]) for k in vision)
     for key, value in tensors[1].items():
         assert (tensors[2][key] - value).abs().max() <= 1e-5 * value.abs().max().clamp_min(1e-12), key
+
+
+def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> None:
+    """Layer 0's q/k/v: X from the FP model, X~ from the model with the run's quantized vision side;
+    GPTQ toward W C H~^-1 (with the FP tower's outputs as the FP stream, C != H~ already here)."""
+    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.quant import gptq_solve
+    from quantkit.quant.gptaq import fp_target_weight
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build("llava")
+    samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
+    spec = QuantSpec(bits=2, group_size=-1)
+    quantized, ref = copy.deepcopy(model), copy.deepcopy(model)
+    cal = calibrate_model(quantized, samples, spec, method="gptq", progress=False, vision=True, fp_target=True)
+    adapter = adapter_for(model)
+    for name, result in cal.results.items():
+        if not name.startswith(adapter.layers):
+            get_module(ref, name).weight.data.copy_(result.dequantize())
+    names = [f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_order[0]]
+
+    def inputs_of(net) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        handle = get_module(net, names[0]).register_forward_pre_hook(
+            lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).double()))
+        with torch.no_grad():
+            for sample in samples:
+                net(**model_inputs(sample), use_cache=False)
+        handle.remove()
+        return torch.cat(seen)
+
+    x, x_tilde = inputs_of(model), inputs_of(ref)
+    assert not torch.allclose(x, x_tilde)
+    hessian = (2.0 / x.shape[0] * x_tilde.T @ x_tilde).float()
+    cross = (2.0 / x.shape[0] * x.T @ x_tilde).float()
+    weight = torch.cat([get_module(model, n).weight.data.float() for n in names])
+    expected = gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp), hessian, spec)
+    got = torch.cat([cal.results[n].qweight for n in names])
+    assert (got != expected.qweight).float().mean() <= 0.002
