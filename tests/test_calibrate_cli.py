@@ -105,6 +105,9 @@ def test_quantize_lm_head_exports_a_loadable_quantized_head(tiny, tmp_path):
     with torch.no_grad():
         got, ref = runs["compressed-tensors"](ids).logits, runs["fake"](ids).logits
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+    out = tmp_path / "gptq"  # re-exporting it to GPTQ, which cannot describe the head, is refused
+    assert_clean_failure(run(["export", str(tmp_path / "compressed-tensors"), "--format", "gptq_v2", "-o", str(out)]),
+                         out, "lm_head is outside it")
 
 
 def test_missing_model_path(tiny, tmp_path):

@@ -120,6 +120,12 @@ def quantization_config(
         "meta": {"quantizer": [f"quantkit:{VERSION}"]},
     }
     prefix, blocks = _block_layout(sorted(results))
+    if prefix is None and results:
+        outside = sorted(n for n in results if not any(p.isdigit() for p in n.split(".")))[:1] or sorted(results)[-1:]
+        raise QuantkitError(
+            f"GPTQ checkpoints describe one stack of quantized decoder layers, and {outside[0]} is outside it "
+            "(a quantized lm_head or vision side); export to compressed-tensors or fake instead"
+        )
     if prefix is not None:
         subs = sorted({s for b in blocks.values() for s in b})
         if linear_order:
