@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,12 +109,32 @@ def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device
                 module._buffers[key] = buf.to(device)
 
 
+def run_until_first_layer(model: nn.Module, adapter: Adapter, samples: Iterable[dict], device: torch.device | str,
+                          grab: Callable[[nn.Module, tuple, dict], None] | None = None) -> None:
+    """Forward each sample up to decoder layer 0 (embeddings and any vision side run); `grab` sees
+    that layer's args and kwargs first."""
+
+    def stop(module: nn.Module, args: tuple, kw: dict) -> None:
+        if grab is not None:
+            grab(module, args, kw)
+        raise StopForward
+
+    handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for sample in samples:
+            try:
+                model(**to_device(model_inputs(sample), device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, adapter: Adapter, samples: Iterable[dict], device: torch.device | str = "cpu"
 ) -> LayerInputs:
     """Run the model up to decoder layer 0 for each sample and record that layer's inputs."""
-    layers = adapter.decoder_layers(model)
     move_outside_layers(model, adapter, device)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict] = []
@@ -124,17 +144,8 @@ def capture_layer_inputs(
         state = args[0] if args else kw.pop("hidden_states")
         hidden.append(state.detach())
         kwargs.append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
-        raise StopForward
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for sample in samples:
-            try:
-                model(**to_device(model_inputs(sample), device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
+    run_until_first_layer(model, adapter, samples, device, grab)
     if kwargs and all(_same(kwargs[0], k) for k in kwargs[1:]):
         kwargs = kwargs[:1]
     return LayerInputs(hidden=hidden, kwargs=kwargs)

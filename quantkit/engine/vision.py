@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from quantkit.engine.capture import StopForward, model_inputs, move_outside_layers, to_device
+from quantkit.engine.capture import move_outside_layers, run_until_first_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
 from quantkit.errors import QuantkitError
@@ -30,23 +30,7 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _run_vision(model: nn.Module, adapter: Adapter, samples: Sequence[dict], device: torch.device | str) -> None:
-    """Forward each sample until the first decoder layer: the vision side has run by then."""
-
-    def stop(module: nn.Module, args: tuple) -> None:
-        raise StopForward
-
-    handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(stop)
-    try:
-        for sample in samples:
-            try:
-                model(**to_device(model_inputs(sample), device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
-
-
+@torch.no_grad()
 def vision_groups(model: nn.Module, adapter: Adapter, sample: dict, device: torch.device | str = "cpu") -> list[list[str]]:
     """The vision-side linears that run on `sample`, in call order, grouped where consecutive ones read one tensor."""
     calls: list[tuple[str, torch.Tensor]] = []  # the inputs are held, so their identities stay unique
@@ -56,7 +40,7 @@ def vision_groups(model: nn.Module, adapter: Adapter, sample: dict, device: torc
         if isinstance(module, nn.Linear) and _under(name, adapter.vision)
     ]
     try:
-        _run_vision(model, adapter, [sample], device)
+        run_until_first_layer(model, adapter, [sample], device)
     finally:
         for handle in handles:
             handle.remove()
@@ -118,7 +102,7 @@ def quantize_vision(
             acc = HessianAccumulator(first.in_features, device)
             handle = first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
             try:
-                _run_vision(model, adapter, samples, device)
+                run_until_first_layer(model, adapter, samples, device)
             finally:
                 handle.remove()
             all_reduce_accumulator(acc, comm)
