@@ -113,8 +113,8 @@ def run_calibration(
             f"{flag} exports to compressed-tensors (4 or 8 bits) or fake only: GPTQ checkpoints describe quantized "
             "decoder layers only; pass --format compressed-tensors or drop the flag"
         )
-    if flag and (resume or low_memory or offload_dir):
-        raise QuantkitError(f"{flag} runs in memory only for now; drop --low-memory/--offload-dir/--resume")
+    if vision and (resume or low_memory or offload_dir):
+        raise QuantkitError("--quantize-vision runs in memory only for now; drop --low-memory/--offload-dir/--resume")
     job = CalibrationJob(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
@@ -214,12 +214,13 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
     # what a resumed run must share with the interrupted one
     fingerprint = {"model": str(Path(job.model_name).resolve()), "method": job.method, "spec": job.spec.to_dict(),
                    "calib": job.calib, "calib_set": job.calib_set, "nsamples": job.nsamples, "seqlen": job.seqlen,
-                   "seed": job.seed, "part": job.part, "dtype": job.dtype, "fp_target": job.fp_target}
+                   "seed": job.seed, "part": job.part, "dtype": job.dtype, "fp_target": job.fp_target,
+                   "lm_head": job.lm_head}
     work = work_dir_for(job.output)
     model, calibration = calibrate_streaming(
         job.model_name, samples, job.spec, work, method=job.method, device=device, token_weights=token_weights,
         progress=job.progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=job.dtype,
-        fp_target=job.fp_target,
+        fp_target=job.fp_target, lm_head=job.lm_head,
     )
     report = job.finish_report(calibration.report, samples, started)
     export_streamed(model, work, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,

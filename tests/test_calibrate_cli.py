@@ -76,12 +76,13 @@ def test_fp_target_with_rtn_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (("--bits", "3"), "compressed-tensors (4 or 8 bits) or fake"),  # W3 exports GPTQ by default
-    (("--bits", "4", "--low-memory"), "in memory only"),
+    (("--quantize-lm-head", "--bits", "3"), "compressed-tensors (4 or 8 bits) or fake"),  # W3 exports GPTQ by default
+    (("--quantize-vision", "--bits", "4", "--low-memory"), "in memory only"),
+    (("--quantize-vision", "--bits", "4"), "no vision side to quantize"),
 ])
-def test_quantize_lm_head_refusals(tiny, tmp_path, extra, fragment):
+def test_quantize_lm_head_and_vision_refusals(tiny, tmp_path, extra, fragment):
     out = tmp_path / "out"
-    assert_clean_failure(run(base(tiny, out, "--quantize-lm-head", *extra)), out, fragment)
+    assert_clean_failure(run(base(tiny, out, *extra)), out, fragment)
 
 
 def test_quantize_lm_head_exports_a_loadable_quantized_head(tiny, tmp_path):

@@ -44,12 +44,13 @@ def tensors_of(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("tie, fp_target", [(False, False), (True, False), (False, True)])
-def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp_target: bool,
+@pytest.mark.parametrize("tie, fp_target, lm_head", [(False, False, False), (True, False, False), (False, True, True)])
+def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp_target: bool, lm_head: bool,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model_dir(tmp_path, tie=tie)
     text = make_text(tmp_path)
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, fp_target=fp_target)
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, fp_target=fp_target,
+              lm_head=lm_head)
     run_calibration(str(model), str(tmp_path / "plain"), SPEC, **kw)
     from quantkit.engine import layerwise
 
@@ -69,11 +70,12 @@ def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp
     assert all(isinstance(e, Path) and e.parent == tmp_path / "acts" / "fp_linear" for e in fp_entries)
     assert not list((tmp_path / "acts").glob("fp_linear/*"))
     assert report["low_memory"] and not work_dir_for(str(tmp_path / "low")).exists()
-    assert report["fp_target"] is fp_target
+    assert report["fp_target"] is fp_target and (report["lm_head"] is not None) is lm_head
     assert list((tmp_path / "acts").glob("hidden_*.pt"))  # activations really went to disk
     assert bool(list((tmp_path / "acts").glob("fp/hidden_*.pt"))) is fp_target  # and the FP stream beside them
     plain, low = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "low")
     assert plain.keys() == low.keys()
+    assert ("lm_head.weight_packed" in low) is lm_head
     for key in plain:
         assert torch.equal(plain[key], low[key]), key
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(p.name for p in (tmp_path / "low").iterdir())

@@ -80,15 +80,18 @@ def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path, mon
     assert report["resumed_from_layer"] == 2 and (out / "config.json").is_file()
 
 
-def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("bits, lm_head", [(3, False), (4, True)])
+def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch, bits: int, lm_head: bool) -> None:
     """Interrupted after 2 of 3 layers and resumed: the same bytes as an uninterrupted FP-target run,
-    which needs the FP stream restored beside the quantized one."""
+    which needs the FP stream restored beside the quantized one (and, with the head quantized, both
+    final streams for its solve)."""
     import torch
 
     torch.set_num_threads(1)
     model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True, fp_target=True)
-    spec = QuantSpec(bits=3, group_size=32)
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True, fp_target=True,
+              lm_head=lm_head)
+    spec = QuantSpec(bits=bits, group_size=32)
     run_calibration(str(model), str(tmp_path / "full"), spec, **kw)
     out = tmp_path / "out"
     monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")

@@ -95,15 +95,17 @@ def check_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, lm_head: bo
 
 def check_head(model: nn.Module, adapter: Adapter, spec: QuantSpec) -> None:
     """Raise QuantkitError if lm_head cannot be quantized on its own (tied to the embeddings, bad width)."""
-    head = get_module(model, adapter.lm_head)
-    if head.weight is get_module(model, adapter.embeddings).weight:
+    head, embeddings = get_module(model, adapter.lm_head).weight, get_module(model, adapter.embeddings).weight
+    # identity, or shared storage where a loader re-created the tied parameters
+    if head is embeddings or head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
         raise QuantkitError(
             f"{adapter.lm_head} shares its weight with the input embeddings (tied word embeddings), so it cannot "
             "be quantized on its own; leave it in full precision"
         )
-    if spec.group_size != -1 and head.in_features % spec.group_size:
+    width = head.shape[1]
+    if spec.group_size != -1 and width % spec.group_size:
         raise QuantkitError(
-            f"group size {spec.group_size} does not divide the input width {head.in_features} of {adapter.lm_head}; "
+            f"group size {spec.group_size} does not divide the input width {width} of {adapter.lm_head}; "
             "choose a divisor or -1 (per-channel)"
         )
 

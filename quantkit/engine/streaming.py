@@ -28,9 +28,11 @@ from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import (
     Calibration,
     TokenWeights,
+    check_head,
     check_layer,
     fp_stream,
     peak_rss_mb,
+    quantize_head,
     quantize_layer,
 )
 from quantkit.errors import QuantkitError
@@ -287,13 +289,15 @@ def calibrate_streaming(
     offload_dir: str | None = None,
     dtype: str = "auto",
     fp_target: bool | None = None,
+    lm_head: bool = False,
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
 
     Finished layers go to `work_dir` as they complete; the returned Calibration's results are a
     StreamedResults that reads them back from there (a layer at a time, on access). With `resume`, a work area from an interrupted run with the same
     `fingerprint` (settings) is continued from its last finished layer. fp_target carries the FP
-    stream beside the quantized one (see calibrate_model).
+    stream beside the quantized one (see calibrate_model). lm_head quantizes the head last, from the
+    final stream (quantize_head); its result stays in memory (it is recomputed on a resume).
     """
     from quantkit.quant import solver_for
 
@@ -307,6 +311,8 @@ def calibrate_streaming(
     n_layers = len(adapter.decoder_layers(model))
     for index in range(n_layers):  # cheap checks before any work: shapes only, weights are checked on load
         check_layer(adapter.decoder_layers(model)[index], index, adapter, spec)
+    if lm_head:
+        check_head(model, adapter, spec)
     work = Path(work_dir)
     state = {"fingerprint": fingerprint or {}, "layers_done": 0, "n_layers": n_layers, "layer_reports": []}
     previous = read_state(work)
@@ -352,10 +358,15 @@ def calibrate_streaming(
             {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": reports}
         )
         _write_state(work, state)
-    all_results = StreamedResults(work, spec, n_layers)
+    head_results, head_report = {}, None
+    if lm_head:
+        weights = token_weights(n_layers - 1) if token_weights is not None else None
+        head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs)
+    all_results = StreamedResults(work, spec, n_layers, head_results)
     report = {
         "method": method,
         "fp_target": fp_inputs is not None,
+        "lm_head": head_report,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),
@@ -370,12 +381,15 @@ def calibrate_streaming(
 
 class StreamedResults(Mapping):
     """The QuantResults of a low-memory run, left in the work area's layer files: a mapping that
-    reads a layer's results on access instead of holding every layer's in memory."""
+    reads a layer's results on access instead of holding every layer's in memory. `outside` holds
+    results of linears outside the decoder layers (a quantized lm_head), in memory."""
 
-    def __init__(self, work_dir: str | os.PathLike, spec: QuantSpec, n_layers: int) -> None:
+    def __init__(self, work_dir: str | os.PathLike, spec: QuantSpec, n_layers: int,
+                 outside: dict[str, QuantResult] | None = None) -> None:
         self.work = Path(work_dir)
         self.spec = spec
         self.n_layers = n_layers
+        self.outside = dict(outside or {})
         self._layer_of: dict[str, int] = {}
         for index in range(n_layers):
             for key in safetensors_keys(_layer_file(self.work, index)):
@@ -387,16 +401,18 @@ class StreamedResults(Mapping):
         return _load_layer_file(_layer_file(self.work, index), self.spec)
 
     def __getitem__(self, name: str) -> QuantResult:
+        if name in self.outside:
+            return self.outside[name]
         return self.layer(self._layer_of[name])[0][name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._layer_of)
+        return iter([*self._layer_of, *self.outside])
 
     def __len__(self) -> int:
-        return len(self._layer_of)
+        return len(self._layer_of) + len(self.outside)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._layer_of
+        return name in self._layer_of or name in self.outside
 
 
 def export_streamed(
@@ -428,8 +444,12 @@ def export_streamed(
     work = Path(work_dir)
     streamed = isinstance(results, StreamedResults)
 
+    outside = results.outside if streamed else {k: v for k, v in results.items() if not k.startswith(prefix)}
+    for name in outside:
+        fp.pop(f"{name}.weight", None)
+
     def parts() -> Iterator[tuple[dict[str, torch.Tensor], dict[str, QuantResult]]]:
-        yield fp, {}
+        yield fp, outside
         for index in range(n_layers):
             if streamed:
                 layer_results, layer_fp = results.layer(index)
