@@ -210,7 +210,12 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
     else:
         if job.method == "tlq":
             raise QuantkitError("TLQ with --low-memory needs token weights from a --calib-set (quantkit importance)")
-        samples = load_calibration(job.calib, job.model_name, False, job.nsamples, job.seqlen, job.seed, job.part)
+        from transformers import AutoConfig
+
+        from quantkit.models import is_vlm
+
+        vlm = is_vlm(AutoConfig.from_pretrained(job.model_name))
+        samples = load_calibration(job.calib, job.model_name, vlm, job.nsamples, job.seqlen, job.seed, job.part)
     # what a resumed run must share with the interrupted one
     fingerprint = {"model": str(Path(job.model_name).resolve()), "method": job.method, "spec": job.spec.to_dict(),
                    "calib": job.calib, "calib_set": job.calib_set, "nsamples": job.nsamples, "seqlen": job.seqlen,

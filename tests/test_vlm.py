@@ -484,3 +484,31 @@ def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> Non
     expected = gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp), hessian, spec)
     got = torch.cat([cal.results[n].qweight for n in names])
     assert (got != expected.qweight).float().mean() <= 0.002
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"])
+def test_low_memory_vlm_export_equals_in_memory_export(family: str, dataset: str, tmp_path) -> None:
+    """--low-memory on a VLM: image-text samples, the vision side in the skeleton, and the checkpoint's
+    legacy tensor names (language_model.model.layers..., visual.blocks...) renamed as transformers does."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from quantkit.calibrate import run_calibration
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build(family)
+    model_dir = tmp_path / "vlm"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert f"{adapter_for(model).layer_prefix(0)}.mlp.down_proj.weight" not in stored  # a legacy layout on disk
+    tensors = {}
+    for low in (False, True):
+        out = tmp_path / f"out{low}"
+        run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=16), method="gptq", calib=dataset,
+                        nsamples=3, progress=False, low_memory=low)
+        tensors[low] = {k: v for path in sorted(out.glob("*.safetensors")) for k, v in load_file(path).items()}
+    assert tensors[True].keys() == tensors[False].keys()
+    for key, value in tensors[False].items():
+        assert torch.equal(tensors[True][key], value), key

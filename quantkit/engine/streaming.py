@@ -9,9 +9,11 @@ from the last finished layer and produces byte-identical tensors.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -79,15 +81,57 @@ class WeightSource:
         else:
             raise QuantkitError(f"--low-memory needs safetensors weights in {root} (model.safetensors or an index)")
 
+        self.stored_name: dict[str, str] = {}  # model name -> name in the files, where they differ
+
+    def use_model_names(self, model: nn.Module) -> None:
+        """Re-key the tensors by the names `model` gives them, renamed as transformers' loader renames
+        checkpoint keys (VLM checkpoints keep legacy layouts: language_model.model.layers...)."""
+        names = checkpoint_names_to_model_names(model, list(self.where))
+        self.stored_name = {new: old for old, new in names.items() if new != old}
+        self.where = {names[key]: path for key, path in self.where.items()}
+
     def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Read `keys` from their files (only those tensors are brought into memory, none stays mapped)."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
-            by_file.setdefault(self.where[key], []).append(key)
+            by_file.setdefault(self.where[key], []).append(self.stored_name.get(key, key))
+        model_name = {old: new for new, old in self.stored_name.items()}
         out = {}
         for path, names in by_file.items():
-            out.update(read_safetensors(path, names))
+            out.update({model_name.get(k, k): v for k, v in read_safetensors(path, names).items()})
         return out
+
+
+def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> dict[str, str]:
+    """Each checkpoint key -> the model's name for it, as transformers renames them on load."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # transformers 4.x: a class-level {regex: replacement} map, first match wins
+        mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+        out = {}
+        for key in keys:
+            out[key] = key
+            for pattern, replacement in mapping.items():
+                renamed, count = re.subn(pattern, replacement, key)
+                if count:
+                    out[key] = renamed
+                    break
+        return out
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    out = {}
+    for key in keys:
+        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise QuantkitError(
+                f"--low-memory reads tensors as stored, and {key} needs transformers' conversion on load "
+                "(fused or split weights); run without --low-memory"
+            )
+        out[key] = renamed
+    return out
 
 
 def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -103,16 +147,38 @@ def _meta_tensors(module: nn.Module) -> list[str]:
     return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
 
 
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device but keep real buffers: rotary
+    frequencies and position ids are computed when a module is built and are not in the checkpoint.
+    A parameter is created uninitialised (its pages never touched) and moved to meta at once, before
+    its module initialises it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def build_skeleton(model_dir: str, dtype: str = "auto") -> tuple[nn.Module, Adapter, WeightSource]:
     """The model on the meta device, with every tensor outside the decoder layers loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config)
     source = WeightSource(model_dir)
     torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
+    with _parameters_on_meta():
+        model = auto_class.from_config(config)
+    source.use_model_names(model)
     model.eval()
     model.config.use_cache = False
     prefix = adapter.layers + "."
@@ -122,17 +188,6 @@ def build_skeleton(model_dir: str, dtype: str = "auto") -> tuple[nn.Module, Adap
             _set_tensor(model, key, value if torch_dtype is None else value.to(torch_dtype))
     if getattr(model.config, "tie_word_embeddings", False):
         get_module(model, adapter.lm_head).weight = get_module(model, adapter.embeddings).weight
-    # Non-persistent buffers (rotary inverse frequencies) are not in the files: rebuild their modules.
-    for name, module in list(model.named_modules()):
-        if name == adapter.layers or name.startswith(prefix) or not name:
-            continue
-        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
-            try:
-                fresh = type(module)(config=model.config)
-            except TypeError as err:
-                raise QuantkitError(f"--low-memory cannot rebuild module {name} of this architecture: {err}") from err
-            parent, _, attr = name.rpartition(".")
-            setattr(get_module(model, parent) if parent else model, attr, fresh)
     missing = [n for n in _meta_tensors(model) if not n.startswith(prefix)]
     if missing:
         raise QuantkitError(f"--low-memory: tensors {missing[:5]} are neither in the checkpoint nor rebuildable")
