@@ -83,7 +83,7 @@ def run_calibration(
     fp_target None means the method's default (quantkit.engine.layerwise.fp_target_default: on for
     TLQ only). lm_head quantizes the output head too (after the decoder layers, from their
     quantized outputs), vision a VLM's vision tower and projector (before them); both export to
-    compressed-tensors or fake and run in memory.
+    compressed-tensors or fake.
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
@@ -113,8 +113,6 @@ def run_calibration(
             f"{flag} exports to compressed-tensors (4 or 8 bits) or fake only: GPTQ checkpoints describe quantized "
             "decoder layers only; pass --format compressed-tensors or drop the flag"
         )
-    if vision and (resume or low_memory or offload_dir):
-        raise QuantkitError("--quantize-vision runs in memory only for now; drop --low-memory/--offload-dir/--resume")
     job = CalibrationJob(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
@@ -220,12 +218,12 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
     fingerprint = {"model": str(Path(job.model_name).resolve()), "method": job.method, "spec": job.spec.to_dict(),
                    "calib": job.calib, "calib_set": job.calib_set, "nsamples": job.nsamples, "seqlen": job.seqlen,
                    "seed": job.seed, "part": job.part, "dtype": job.dtype, "fp_target": job.fp_target,
-                   "lm_head": job.lm_head}
+                   "lm_head": job.lm_head, "vision": job.vision}
     work = work_dir_for(job.output)
     model, calibration = calibrate_streaming(
         job.model_name, samples, job.spec, work, method=job.method, device=device, token_weights=token_weights,
         progress=job.progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=job.dtype,
-        fp_target=job.fp_target, lm_head=job.lm_head,
+        fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
     )
     report = job.finish_report(calibration.report, samples, started)
     export_streamed(model, work, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,

@@ -486,10 +486,15 @@ def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> Non
     assert (got != expected.qweight).float().mean() <= 0.002
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"])
-def test_low_memory_vlm_export_equals_in_memory_export(family: str, dataset: str, tmp_path) -> None:
+@pytest.mark.parametrize("family, extra", [
+    ("qwen2_vl", {}), ("qwen2_5_vl", {}), ("llava", {}), ("llava_onevision", {}),
+    ("llava", {"vision": True, "lm_head": True, "fp_target": True}),
+    ("qwen2_vl", {"vision": True, "method": "rtn"}),
+])
+def test_low_memory_vlm_export_equals_in_memory_export(family: str, extra: dict, dataset: str, tmp_path) -> None:
     """--low-memory on a VLM: image-text samples, the vision side in the skeleton, and the checkpoint's
-    legacy tensor names (language_model.model.layers..., visual.blocks...) renamed as transformers does."""
+    legacy tensor names (language_model.model.layers..., visual.blocks...) renamed as transformers does;
+    with the vision side and the head quantized too."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -506,9 +511,40 @@ def test_low_memory_vlm_export_equals_in_memory_export(family: str, dataset: str
     tensors = {}
     for low in (False, True):
         out = tmp_path / f"out{low}"
-        run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=16), method="gptq", calib=dataset,
-                        nsamples=3, progress=False, low_memory=low)
+        kw = {"method": "gptq", **extra}
+        report = run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=16), calib=dataset,
+                                 nsamples=3, progress=False, low_memory=low, **kw)
+        assert (report["vision"] is not None) is bool(extra.get("vision"))
         tensors[low] = {k: v for path in sorted(out.glob("*.safetensors")) for k, v in load_file(path).items()}
     assert tensors[True].keys() == tensors[False].keys()
+    packed = {k for k in tensors[True] if k.endswith("weight_packed")}
+    assert any("vision_tower" in k or "visual" in k for k in packed) is bool(extra.get("vision"))
+    assert ("lm_head.weight_packed" in packed) is bool(extra.get("lm_head"))
     for key, value in tensors[False].items():
         assert torch.equal(tensors[True][key], value), key
+
+
+def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monkeypatch) -> None:
+    """Interrupted at layer 2 and resumed: the vision side is quantized again (the same codes) before
+    the saved streams take over, and the export matches an uninterrupted run byte for byte."""
+    from quantkit.calibrate import run_calibration
+    from quantkit.quant.spec import QuantSpec
+
+    model, processor = build("llava")
+    model_dir = tmp_path / "vlm"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    kw = dict(method="gptq", calib=dataset, nsamples=3, progress=False, low_memory=True, vision=True, lm_head=True,
+              fp_target=True)
+    spec = QuantSpec(bits=4, group_size=16)
+    run_calibration(str(model_dir), str(tmp_path / "full"), spec, **kw)
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")
+    with pytest.raises(RuntimeError, match="injected"):
+        run_calibration(str(model_dir), str(tmp_path / "out"), spec, **kw)
+    monkeypatch.delenv("QUANTKIT_FAIL_AT")
+    report = run_calibration(str(model_dir), str(tmp_path / "out"), spec, resume=True, **kw)
+    assert report["resumed_from_layer"] == 2
+    files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    for name in files:
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name

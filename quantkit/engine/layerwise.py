@@ -724,6 +724,31 @@ def fp_stream(inputs: LayerInputs, method: str, fp_target: bool | None) -> Layer
     return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
 
 
+def first_layer_streams(
+    model: nn.Module, adapter: Adapter, samples: Sequence[dict], spec: QuantSpec, method: str,
+    device: torch.device | str, fp_target: bool | None, vision: bool, comm: Comm, batch_size: int,
+) -> tuple[LayerInputs, LayerInputs | None, dict[str, QuantResult], dict | None]:
+    """Layer 0's inputs on this rank's shard of `samples` and the FP stream beside them (or None);
+    with `vision`, after quantizing the vision side (quantkit.engine.vision), whose results and
+    report come back too."""
+    mine = shard(samples, comm)
+    if not vision:
+        inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+        return inputs, fp_stream(inputs, method, fp_target), {}, None
+    from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
+
+    if not adapter.vision:
+        raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
+    move_outside_layers(model, adapter, device)
+    groups = vision_groups(model, adapter, samples[0], device)
+    check_vision(model, groups, spec)
+    # The FP stream starts from the FP vision side's outputs, so it is captured first.
+    fp_inputs = fp_stream(stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size), method, fp_target)
+    results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm)
+    inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+    return inputs, fp_inputs, results, report
+
+
 def shard(items: Sequence, comm: Comm) -> list:
     """This rank's share of `items`: every world_size-th one, starting at its rank."""
     return list(items[comm.rank :: comm.world_size])
@@ -769,25 +794,9 @@ def calibrate_model(
     started = time.perf_counter()
     rss_at_start = current_rss_mb()
     layers = adapter.decoder_layers(model)
-    mine = shard(samples, comm)
-    vision_report = None
-    results: dict[str, QuantResult] = {}
-    if vision:
-        from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
-
-        if not adapter.vision:
-            raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
-        move_outside_layers(model, adapter, device)
-        groups = vision_groups(model, adapter, samples[0], device)
-        check_vision(model, groups, spec)
-        # The FP stream starts from the FP vision side's outputs, so it is captured first.
-        fp_inputs = fp_stream(stack_samples(capture_layer_inputs(model, adapter, mine, device), BATCH_SIZE), method,
-                              fp_target)
-        vision_results, vision_report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm)
-        results.update(vision_results)
-    inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), BATCH_SIZE)
-    if not vision:
-        fp_inputs = fp_stream(inputs, method, fp_target)
+    inputs, fp_inputs, results, vision_report = first_layer_streams(
+        model, adapter, samples, spec, method, device, fp_target, vision, comm, BATCH_SIZE
+    )
     hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
     layer_reports = []
     bar = tqdm(range(len(layers)), desc=f"calibrate {method} w{spec.bits}", disable=not progress or comm.rank != 0)

@@ -25,14 +25,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.engine.capture import capture_layer_inputs
 from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import (
     Calibration,
     TokenWeights,
     check_head,
     check_layer,
-    fp_stream,
+    first_layer_streams,
     peak_rss_mb,
     quantize_head,
     quantize_layer,
@@ -345,6 +344,7 @@ def calibrate_streaming(
     dtype: str = "auto",
     fp_target: bool | None = None,
     lm_head: bool = False,
+    vision: bool = False,
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
 
@@ -352,7 +352,8 @@ def calibrate_streaming(
     StreamedResults that reads them back from there (a layer at a time, on access). With `resume`, a work area from an interrupted run with the same
     `fingerprint` (settings) is continued from its last finished layer. fp_target carries the FP
     stream beside the quantized one (see calibrate_model). lm_head quantizes the head last, from the
-    final stream (quantize_head); its result stays in memory (it is recomputed on a resume).
+    final stream (quantize_head), and vision a VLM's vision side first (quantkit.engine.vision); their
+    results stay in memory (they are recomputed on a resume).
     """
     from quantkit.quant import solver_for
 
@@ -379,8 +380,9 @@ def calibrate_streaming(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         _write_state(work, state)
-    inputs = capture_layer_inputs(model, adapter, samples, device)
-    fp_inputs = fp_stream(inputs, method, fp_target)
+    inputs, fp_inputs, vision_results, vision_report = first_layer_streams(
+        model, adapter, samples, spec, method, device, fp_target, vision, Comm(), batch_size=1
+    )
     start = state["layers_done"]
     if start > 0:
         saved = read_safetensors(work / HIDDEN)
@@ -417,11 +419,12 @@ def calibrate_streaming(
     if lm_head:
         weights = token_weights(n_layers - 1) if token_weights is not None else None
         head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs)
-    all_results = StreamedResults(work, spec, n_layers, head_results)
+    all_results = StreamedResults(work, spec, n_layers, {**vision_results, **head_results})
     report = {
         "method": method,
         "fp_target": fp_inputs is not None,
         "lm_head": head_report,
+        "vision": vision_report,
         "spec": spec.to_dict(),
         "nsamples": len(samples),
         "device": str(device),
