@@ -9,6 +9,13 @@ Images are 56x56 with one to three shapes (square or circle, four colours) in di
 - ``describe the picture`` -> ``a red square at the top left and a blue circle ...`` (training and
   calibration only; not scored)
 
+That is the ``shapes`` task (the default). The ``relations`` task (``task="relations"``) draws one to
+four shapes and asks questions that make the language model combine what the image tokens hold:
+counting by colour or shape (``how many red shapes ?``, ``how many circles ?``), the neighbour of a
+named shape (``what is right of the red square ?``), a yes/no relation between two named shapes
+(``is the red square above the blue circle ?``) and ``what is at the top left ?``. It appends its few
+extra words to the vocabulary, so ``shapes`` models and examples are unchanged.
+
 Everything is seeded. The model family is LLaVA (CLIP vision tower, MLP projector, Llama text
 model), built from a config with a word-level tokenizer and LlavaProcessor (no torchvision needed).
 Accuracy: a question counts as right when the argmax prediction of every answer token and of the
@@ -34,6 +41,13 @@ SHAPES = ("square", "circle")
 POSITIONS = (("top", "left"), ("top", "right"), ("bottom", "left"), ("bottom", "right"))
 NUMBERS = ("one", "two", "three")
 QUESTION_KINDS = ("count", "where", "colour")
+# The "relations" task: one to four shapes, and questions the language model has to compose from
+# the image tokens (find a shape by its description, then its neighbour or its relation to another).
+RELATION_KINDS = ("count_attr", "neighbour", "relation", "where")
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (row, column) step
+COUNTS = ("zero", "one", "two", "three", "four")
+PLURALS = {"square": "squares", "circle": "circles"}
+TASKS = ("shapes", "relations")
 
 # Example seed ranges; disjoint so no image is both trained on and scored. Training batch `step` of
 # training seed s uses seed s * TRAIN_STRIDE + step; calibration pools use CALIB_SEED + calibration
@@ -54,6 +68,8 @@ WORDS = [
     "user", "assistant", "?", ".", "a", "and", "at", "the", "is", "what", "how", "many", "shapes",
     "colour", "describe", "picture", "nothing", *COLOURS, *SHAPES, "top", "bottom", "left", "right", *NUMBERS,
 ]
+# Appended only for the "relations" task, so the "shapes" vocabulary (and its models) stay as they were.
+RELATION_WORDS = ["zero", "four", "yes", "no", "of", "above", "below", *PLURALS.values()]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
     "{% else %}{% for c in m.content %}{% if c.type == 'image' %}<image> {% else %}{{ c.text }}"
@@ -76,11 +92,11 @@ class Example:
         return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
 
 
-def draw_scene(rng: random.Random) -> tuple[Image.Image, dict[int, tuple[str, str]]]:
-    """A random image and its content: cell index -> (colour, shape)."""
+def draw_scene(rng: random.Random, max_count: int = 3) -> tuple[Image.Image, dict[int, tuple[str, str]]]:
+    """A random image with one to `max_count` shapes and its content: cell index -> (colour, shape)."""
     image = Image.new("RGB", (SIZE, SIZE), (rng.randint(0, 40), rng.randint(0, 40), rng.randint(0, 40)))
     draw = ImageDraw.Draw(image)
-    count = rng.randint(1, 3)
+    count = rng.randint(1, max_count)
     cells = rng.sample(range(4), count)
     content = {}
     for cell in cells:
@@ -101,8 +117,12 @@ def caption(content: dict[int, tuple[str, str]]) -> str:
     return " and ".join(parts) + " ."
 
 
-def make_examples(n: int, seed: int, captions: float = 0.0) -> list[Example]:
-    """n seeded examples; a `captions` fraction are caption requests, the rest questions."""
+def make_examples(n: int, seed: int, captions: float = 0.0, task: str = "shapes") -> list[Example]:
+    """n seeded examples of `task`; a `captions` fraction are caption requests, the rest questions."""
+    if task == "relations":
+        return _relation_examples(n, seed, captions)
+    if task != "shapes":
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     rng = random.Random(seed)
     out = []
     while len(out) < n:
@@ -125,6 +145,64 @@ def make_examples(n: int, seed: int, captions: float = 0.0) -> list[Example]:
     return out
 
 
+def _relation_examples(n: int, seed: int, captions: float) -> list[Example]:
+    """The "relations" task: 1-4 shapes; questions that name a shape by colour and shape.
+
+    - ``how many red shapes ?`` / ``how many circles ?`` -> ``zero`` .. ``four``
+    - ``what is right of the red square ?`` -> ``blue circle`` / ``nothing`` (the neighbouring cell)
+    - ``is the red square above the blue circle ?`` -> ``yes`` / ``no`` (row or column strictly before)
+    - ``what is at the top left ?`` -> ``red square`` / ``nothing``
+
+    A shape is named only when no other shape in the image has the same colour and shape.
+    """
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        image, content = draw_scene(rng, max_count=4)
+        if rng.random() < captions:
+            out.append(Example(image, "describe the picture", caption(content), "caption"))
+            continue
+        kind = rng.choice(RELATION_KINDS)
+        named = [cell for cell, item in content.items() if list(content.values()).count(item) == 1]
+        if kind == "count_attr":
+            if rng.random() < 0.5:
+                colour = rng.choice(list(COLOURS))
+                number = sum(c == colour for c, _ in content.values())
+                question = f"how many {colour} shapes ?"
+            else:
+                shape = rng.choice(SHAPES)
+                number = sum(s == shape for _, s in content.values())
+                question = f"how many {PLURALS[shape]} ?"
+            out.append(Example(image, question, COUNTS[number], kind))
+        elif kind == "neighbour":
+            if not named:
+                continue
+            cell = rng.choice(sorted(named))
+            row, col = divmod(cell, 2)
+            # Each cell has one neighbour across (left or right) and one up or down.
+            relation = rng.choice([r for r, (dr, dc) in RELATIONS.items() if 0 <= row + dr < 2 and 0 <= col + dc < 2])
+            dr, dc = RELATIONS[relation]
+            other = (row + dr) * 2 + col + dc
+            answer = " ".join(content[other]) if other in content else "nothing"
+            out.append(Example(image, f"what is {relation} the {' '.join(content[cell])} ?", answer, kind))
+        elif kind == "relation":
+            if len(named) < 2:
+                continue
+            a, b = rng.sample(sorted(named), 2)
+            relation = rng.choice(list(RELATIONS))
+            dr, dc = RELATIONS[relation]
+            # "a left of b": a's column is before b's (dc = -1 means a is one step left of b).
+            (ra, ca), (rb, cb) = divmod(a, 2), divmod(b, 2)
+            truth = (ra - rb == dr) if dr else (ca - cb == dc)
+            question = f"is the {' '.join(content[a])} {relation} the {' '.join(content[b])} ?"
+            out.append(Example(image, question, "yes" if truth else "no", kind))
+        else:
+            cell = rng.randrange(4)
+            answer = " ".join(content[cell]) if cell in content else "nothing"
+            out.append(Example(image, f"what is at the {' '.join(POSITIONS[cell])} ?", answer, kind))
+    return out
+
+
 def write_jsonl(examples: Sequence[Example], directory: str | Path) -> Path:
     """Save the images and an image-text JSONL of messages records (quantkit.data.images format)."""
     root = Path(directory)
@@ -139,12 +217,13 @@ def write_jsonl(examples: Sequence[Example], directory: str | Path) -> Path:
     return path
 
 
-def make_tokenizer():
+def make_tokenizer(task: str = "shapes"):
     """Word-level tokenizer over the task vocabulary with the chat and image tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    words = WORDS + (RELATION_WORDS if task == "relations" else [])
+    vocab = {t: i for i, t in enumerate(SPECIALS + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
     return PreTrainedTokenizerFast(
@@ -153,13 +232,13 @@ def make_tokenizer():
     )
 
 
-def make_processor():
+def make_processor(task: str = "shapes"):
     """LlavaProcessor: CLIP preprocessing at 56x56, 16 image tokens (4x4 patches of 14, CLS dropped)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     return LlavaProcessor(
-        image_processor, make_tokenizer(), patch_size=14, vision_feature_select_strategy="default",
+        image_processor, make_tokenizer(task), patch_size=14, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
 
