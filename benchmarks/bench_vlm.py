@@ -52,6 +52,19 @@ W3 costs RTN 0.8 points and GPTQ 0.4 here, so TLQ's W3 lead over GPTQ (+0.3 poin
 error) is within noise, as is everything else; TLQ keeps the answer NLL slightly closer to FP at W3
 (0.2436, TLQ+fp 0.2427, against GPTQ 0.2450, FP 0.2405).
 
+The vision side and the head quantized too (``--quantize-vision --quantize-lm-head``, same model,
+per-channel, 4 seeds, 2048 held-out examples; benchmarks/results/bench_vlm_vision_head.json):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_vlm.py --model /tmp/quantkit-vlm/model-r5 \
+        --workdir /tmp/quantkit-vlm/calib-r5-vh --bits 8,4 --methods rtn,gptq,tlq_fp --seeds 0,1,2,3 \
+        --heldout 2048 --quantize-vision --quantize-lm-head --threads 1 -o benchmarks/results/bench_vlm_vision_head.json
+
+    setting  RTN     GPTQ    TLQ+fp   (FP 0.6943; language model only at W4: 0.6943 / 0.6941 / 0.6945)
+    W8       0.6938  0.6941  0.6932
+    W4       0.6777  0.6884  0.6919
+
+At W4 the tower and head cost RTN 1.7 points and GPTQ 0.6; W8 costs nothing measurable.
+
 Settings: ``--bits`` takes bit widths, a trailing ``a`` meaning asymmetric (``4,3,3a,2a``); every
 setting uses ``--group-size`` (-1, per-channel, by default). Each calibration seed s draws its own
 pool of image-text records (questions and captions on new images, seed CALIB_SEED + s), writes it as
@@ -129,8 +142,9 @@ def check_disjoint(model_dir: str, seeds: list[int], eval_seed: int) -> None:
         raise click.UsageError(f"example seeds {clashes} were training batches of {model_dir}")
 
 
-def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, weights=None):
-    """A copy of `model` quantized with `method` (a trailing `_fp`: with the FP target), and the calibration seconds."""
+def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, weights=None, **extra):
+    """A copy of `model` quantized with `method` (a trailing `_fp`: with the FP target), and the calibration
+    seconds; `extra` (vision, lm_head) goes to calibrate_model."""
     from quantkit.engine.layerwise import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
@@ -138,7 +152,7 @@ def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str
     started = time.perf_counter()
     calibrate_model(qmodel, samples, QuantSpec(bits=bits, group_size=group_size, sym=sym),
                     method=method.removesuffix("_fp"), token_weights=weights, progress=False,
-                    fp_target=method.endswith("_fp"))
+                    fp_target=method.endswith("_fp"), **extra)
     return qmodel, time.perf_counter() - started
 
 
@@ -177,10 +191,12 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 @click.option("--lam", default=0.3, show_default=True, help="TLQ floor weight (0.3: chosen on --split val)")
 @click.option("--methods", default="rtn,gptq,tlq", show_default=True,
               help="comma-separated; gptq and tlq run without the FP target, gptq_fp and tlq_fp with it")
+@click.option("--quantize-vision", "vision", is_flag=True, help="quantize the vision tower and projector too")
+@click.option("--quantize-lm-head", "lm_head", is_flag=True, help="quantize lm_head too")
 @click.option("--threads", default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,
-         split: str, lam: float, methods: str, threads: int, output: Path | None) -> None:
+         split: str, lam: float, methods: str, vision: bool, lm_head: bool, threads: int, output: Path | None) -> None:
     """Run the benchmark and print JSON."""
     from quantkit.data.images import image_text_samples, load_processor
     from quantkit.fsutil import atomic_file
@@ -211,7 +227,8 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         for label, width, sym in settings:
             for method in method_list:
                 qmodel, seconds = quantized(model, samples, width, sym, group_size, method,
-                                            weights if method.startswith("tlq") else None)
+                                            weights if method.startswith("tlq") else None, vision=vision,
+                                            lm_head=lm_head)
                 result = {**accuracy(qmodel, processor, examples, per_example=True), "calib_seconds": round(seconds, 2),
                           "seed": seed}
                 runs[label][method].append(result)
@@ -245,7 +262,8 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         if train_report.is_file() else None,
         "fp": fp,
         "settings": {"task": task, "split": split, "examples": n_heldout, "group_size": group_size, "bits": bits,
-                     "nsamples": nsamples, "seeds": seed_list, "tlq_lam": lam, "threads": threads},
+                     "nsamples": nsamples, "seeds": seed_list, "tlq_lam": lam, "threads": threads,
+                     "quantize_vision": vision, "quantize_lm_head": lm_head},
         "summary": summary,
         "runs": runs,
         "seconds": round(time.perf_counter() - started, 1),
