@@ -52,6 +52,18 @@ W3 costs RTN 0.8 points and GPTQ 0.4 here, so TLQ's W3 lead over GPTQ (+0.3 poin
 error) is within noise, as is everything else; TLQ keeps the answer NLL slightly closer to FP at W3
 (0.2436, TLQ+fp 0.2427, against GPTQ 0.2450, FP 0.2405).
 
+The same comparison, larger (decided after the run above, whose W3 lead was one standard error: W3
+only, RTN / GPTQ / TLQ+fp, 8 calibration seeds, 16384 held-out examples whose first 2048 are the
+ones above; benchmarks/results/bench_vlm_relations_big.json, 9 minutes):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_vlm.py --model /tmp/quantkit-vlm/model-r5 \
+        --workdir /tmp/quantkit-vlm/calib-r5-big --bits 3 --methods rtn,gptq,tlq_fp --seeds 0,1,2,3,4,5,6,7 \
+        --heldout 16384 --threads 1 -o benchmarks/results/bench_vlm_relations_big.json
+
+    W3 (FP 0.6917): RTN 0.6849 (99.03%), GPTQ 0.6862 (99.21%), TLQ+fp 0.6885 (99.55%)
+    TLQ+fp - GPTQ: +0.0023 +- 0.0011 (SE over seeds 0.0007, over examples 0.0008), ahead in 7 of 8 seeds;
+    answer NLL 0.2416 against GPTQ 0.2448
+
 The vision side and the head quantized too (``--quantize-vision --quantize-lm-head``, same model,
 per-channel, 4 seeds, 2048 held-out examples; benchmarks/results/bench_vlm_vision_head.json):
 
