@@ -2,8 +2,9 @@
 
 The vision linears are found by running one sample: every nn.Linear under the adapter's vision
 modules that runs before the language model, in the order it first runs; consecutive ones that
-read the same tensor (q/k/v, gate/up) form a group and share one Hessian. Linears that never run
-(SigLIP's pooling head, unused by LLaVA-OneVision) stay in full precision. Each group's Hessian
+read the same tensor (q/k/v, gate/up) form a group and share one Hessian. Linears never called as
+modules (the out_proj of SigLIP's pooling attention, which reads its weights directly) stay in full
+precision; the pooling head's MLP does run, so it is quantized on its real inputs. Each group's Hessian
 comes from full vision passes over the calibration images with every earlier group already
 quantized, so the tower is calibrated quantization-exposed like the decoder layers; the passes stop
 at the first decoder layer. Every image patch counts once: token importance covers the decoder
