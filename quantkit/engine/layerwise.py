@@ -75,13 +75,18 @@ def check_layer(layer: nn.Module, index: int, adapter: Adapter, spec: QuantSpec)
     for name in adapter.linear_names():
         linear = get_module(layer, name)
         full = f"{adapter.layer_prefix(index)}.{name}"
-        if spec.group_size != -1 and linear.in_features % spec.group_size:
-            raise QuantkitError(
-                f"group size {spec.group_size} does not divide the input width {linear.in_features} "
-                f"of {full}; choose a divisor or -1 (per-channel)"
-            )
+        check_group_width(linear.in_features, full, spec)
         if linear.weight.device.type != "meta" and not torch.isfinite(linear.weight).all():
             raise QuantkitError(f"weight of {full} contains NaN or Inf; fix the checkpoint before quantizing")
+
+
+def check_group_width(width: int, name: str, spec: QuantSpec, hint: str = "") -> None:
+    """Raise QuantkitError if the group size does not divide linear `name`'s input width."""
+    if spec.group_size != -1 and width % spec.group_size:
+        raise QuantkitError(
+            f"group size {spec.group_size} does not divide the input width {width} of {name}; "
+            f"choose a divisor or -1 (per-channel){hint}"
+        )
 
 
 def check_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, lm_head: bool = False) -> None:
@@ -102,12 +107,7 @@ def check_head(model: nn.Module, adapter: Adapter, spec: QuantSpec) -> None:
             f"{adapter.lm_head} shares its weight with the input embeddings (tied word embeddings), so it cannot "
             "be quantized on its own; leave it in full precision"
         )
-    width = head.shape[1]
-    if spec.group_size != -1 and width % spec.group_size:
-        raise QuantkitError(
-            f"group size {spec.group_size} does not divide the input width {width} of {adapter.lm_head}; "
-            "choose a divisor or -1 (per-channel)"
-        )
+    check_group_width(head.shape[1], adapter.lm_head, spec)
 
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -457,13 +457,32 @@ def result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tenso
     return torch.tensor(stats, dtype=torch.float64)
 
 
-def all_reduce_accumulator(acc: HessianAccumulator, comm: Comm) -> None:
-    """Sum an accumulator's Hessian, cross term and weight total over all ranks, in place."""
+def report_entry(stats: torch.Tensor, with_hessian: bool) -> dict:
+    """A linear's report from its result_stats: relative weight error, and output error given H."""
+    entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
+    if with_hessian:
+        entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
+    return entry
+
+
+def install_result(linear: nn.Linear, weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> dict:
+    """Put `result`'s dequantized weight into `linear` (solved from `weight`); return its report entry."""
+    stats = result_stats(weight, result, hessian)
+    linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
+    return report_entry(stats, hessian is not None)
+
+
+def reduce_accumulator(acc: HessianAccumulator, comm: Comm, dst: int | None = None) -> None:
+    """Sum an accumulator's Hessian, cross term and weight total over all ranks, in place: onto rank
+    `dst`, or onto every rank when it is None."""
     if not comm.distributed:
         return
     total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
     for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
-        comm.all_reduce_sum_(tensor)
+        if dst is None:
+            comm.all_reduce_sum_(tensor)
+        else:
+            comm.reduce_sum_(tensor, dst)
     acc.weight_sum = float(total[0])
 
 
@@ -471,7 +490,10 @@ def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tens
                names: Sequence[str], cross: torch.Tensor | None = None) -> list[QuantResult]:
     """Solve linears that share `hessian` (and `cross`) as one problem with their rows stacked; one CPU
     result each. GPTQ's rows are independent given H, so this runs the column loop once for all."""
-    joint = solve(_target(torch.cat(weights), hessian, cross, spec), hessian, spec, name=" + ".join(names))
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    joint = solve(_target(stacked, hessian, cross, spec), hessian, spec, name=" + ".join(names))
+    if len(weights) == 1:
+        return [_to_cpu(joint)]
     out, start = [], 0
     for weight in weights:
         out.append(_to_cpu(_rows(joint, start, start + weight.shape[0])))
@@ -590,15 +612,7 @@ def quantize_layer(
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
                     acc = acc.copy()  # reductions work in place: each linear reduces its own copy
                 ranks = sorted({piece[0] for piece in plan[name]})
-                if comm.distributed:
-                    total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
-                    sums = [acc.hessian, total] + ([acc.cross] if acc.cross is not None else [])
-                    for tensor in sums:
-                        if len(ranks) == 1:
-                            comm.reduce_sum_(tensor, ranks[0])
-                        else:
-                            comm.all_reduce_sum_(tensor)
-                    acc.weight_sum = float(total[0])
+                reduce_accumulator(acc, comm, ranks[0] if len(ranks) == 1 else None)
                 if comm.rank in ranks:
                     hessians[name] = acc.result()
                     if acc.cross is not None:
@@ -638,9 +652,8 @@ def quantize_layer(
                 result, stats = solved[name]
                 result = _to_cpu(result)
             linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
-            entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
+            entry = report_entry(stats, needs_hessian)
             if needs_hessian:
-                entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
                 entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan[name]]
             reports[name] = entry
             results[f"{adapter.layer_prefix(index)}.{name}"] = result
@@ -690,16 +703,11 @@ def quantize_head(
         for index in range(len(inputs)):
             fp = None if fp_inputs is None else norm(fp_inputs.hidden[index].to(device))
             acc.add(norm(inputs.hidden[index].to(device)), None if weights is None else weights[index], fp)
-        all_reduce_accumulator(acc, comm)
+        reduce_accumulator(acc, comm)
         hessian, cross = acc.result(), acc.cross_result()
     weight = head.weight.data.float()
-    result = solver_for(method)(_target(weight, hessian, cross, spec), hessian, spec, name=adapter.lm_head)
-    stats = result_stats(weight, result, hessian)
-    head.weight.data.copy_(result.dequantize().to(head.weight.device, head.weight.dtype))
-    report = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
-    if hessian is not None:
-        report["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
-    return {adapter.lm_head: _to_cpu(result)}, report
+    [result] = solve_rows(solver_for(method), [weight], hessian, spec, [adapter.lm_head], cross)
+    return {adapter.lm_head: result}, install_result(head, weight, result, hessian)
 
 
 def propagate(layer: nn.Module, inputs: LayerInputs, blocks: FinishedBlocks | None = None) -> None:
@@ -714,12 +722,15 @@ def fp_target_default(method: str) -> bool:
     return method.lower() == "tlq"
 
 
+def fp_target_on(method: str, fp_target: bool | None) -> bool:
+    """Whether a run carries the FP stream: fp_target None means fp_target_default; never for RTN,
+    which reads no activations."""
+    return (fp_target_default(method) if fp_target is None else fp_target) and method != "rtn"
+
+
 def fp_stream(inputs: LayerInputs, method: str, fp_target: bool | None) -> LayerInputs | None:
-    """The FP stream to carry beside `inputs` (a copy of layer 0's inputs), or None: without the FP
-    target, and for RTN, which reads no activations. fp_target None means fp_target_default."""
-    if fp_target is None:
-        fp_target = fp_target_default(method)
-    if not fp_target or method == "rtn":
+    """The FP stream to carry beside `inputs` (a copy of layer 0's inputs), or None (fp_target_on)."""
+    if not fp_target_on(method, fp_target):
         return None
     return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
 
@@ -742,8 +753,10 @@ def first_layer_streams(
     move_outside_layers(model, adapter, device)
     groups = vision_groups(model, adapter, samples[0], device)
     check_vision(model, groups, spec)
-    # The FP stream starts from the FP vision side's outputs, so it is captured first.
-    fp_inputs = fp_stream(stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size), method, fp_target)
+    # The FP stream starts from the FP vision side's outputs, so it is captured first (and only when used).
+    fp_inputs = None
+    if fp_target_on(method, fp_target):
+        fp_inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
     results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm)
     inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
     return inputs, fp_inputs, results, report

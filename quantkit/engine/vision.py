@@ -62,13 +62,10 @@ def check_vision(model: nn.Module, groups: list[list[str]], spec: QuantSpec) -> 
     """Raise QuantkitError, before any work, if a vision linear cannot be quantized."""
     if not groups:
         raise QuantkitError("no vision linears ran on the first calibration sample; give image-text calibration data")
+    from quantkit.engine.layerwise import check_group_width
+
     for name in (n for group in groups for n in group):
-        linear = get_module(model, name)
-        if spec.group_size != -1 and linear.in_features % spec.group_size:
-            raise QuantkitError(
-                f"group size {spec.group_size} does not divide the input width {linear.in_features} of {name}; "
-                "choose a divisor or -1 (per-channel), or leave the vision side in full precision"
-            )
+        check_group_width(get_module(model, name).in_features, name, spec, ", or leave the vision side in full precision")
 
 
 @torch.no_grad()
@@ -87,7 +84,7 @@ def quantize_vision(
     With several ranks the Hessians are all-reduced and every rank solves every group, so all end
     with the same tower.
     """
-    from quantkit.engine.layerwise import all_reduce_accumulator, result_stats, solve_rows
+    from quantkit.engine.layerwise import install_result, reduce_accumulator, solve_rows
     from quantkit.quant import solver_for
 
     comm = comm or Comm()
@@ -106,15 +103,10 @@ def quantize_vision(
                 run_until_first_layer(model, adapter, samples, device)
             finally:
                 handle.remove()
-            all_reduce_accumulator(acc, comm)
+            reduce_accumulator(acc, comm)
             hessian = acc.result()
         weights = [linear.weight.data.float() for linear in linears.values()]
         for (name, linear), weight, result in zip(linears.items(), weights, solve_rows(solve, weights, hessian, spec, group)):
-            stats = result_stats(weight, result, hessian)
-            linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
-            entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
-            if hessian is not None:
-                entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
-            reports[name] = entry
+            reports[name] = install_result(linear, weight, result, hessian)
             results[name] = result
     return results, {"groups": len(groups), "linears": reports}
