@@ -12,6 +12,7 @@ import click
 
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import check_output_dir
+from quantkit.importance_cli import importance_options
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 
 METHODS = ("rtn", "gptq", "tlq")
@@ -44,6 +45,7 @@ class CalibrationJob:
     fp_target: bool
     lm_head: bool = False
     vision: bool = False
+    importance: dict | None = None  # TLQ's importance options (quantkit.importance.tlq_token_weights)
 
     def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
         """The engine's report with the job's settings and the total time added."""
@@ -77,13 +79,16 @@ def run_calibration(
     fp_target: bool | None = None,
     lm_head: bool = False,
     vision: bool = False,
+    importance: dict | None = None,
 ) -> dict:
     """Quantize `model_name` on calibration data and export it to `output`; return the report.
 
     fp_target None means the method's default (quantkit.engine.layerwise.fp_target_default: on for
     TLQ only). lm_head quantizes the output head too (after the decoder layers, from their
     quantized outputs), vision a VLM's vision tower and projector (before them); both export to
-    compressed-tensors or fake.
+    compressed-tensors or fake. importance holds TLQ's options for its gradient pass (guidance,
+    row_groups, loss, draws, lam, power: quantkit.importance.tlq_token_weights); a --calib-set
+    carries its own.
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
@@ -113,10 +118,18 @@ def run_calibration(
             f"{flag} exports to compressed-tensors (4 or 8 bits) or fake only: GPTQ checkpoints describe quantized "
             "decoder layers only; pass --format compressed-tensors or drop the flag"
         )
+    from quantkit.validate import preflight_calibration
+
+    # before the model is loaded: minutes to hours of calibration must not end in a refused export
+    preflight_calibration(
+        model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order, static_groups=spec.static_groups,
+        overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen, device=device, devices=devices,
+        nproc=nproc, offload_dir=offload_dir, low_memory=bool(resume or low_memory or offload_dir), resume=resume,
+    )
     job = CalibrationJob(
         model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
-        progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision,
+        progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision, importance=importance,
     )
     if resume or low_memory or offload_dir:
         if nproc > 1 or under_torchrun():
@@ -125,7 +138,10 @@ def run_calibration(
     if nproc > 1:
         if under_torchrun():
             raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
-        with tempfile.TemporaryDirectory(prefix="quantkit-report-") as tmp:
+        from quantkit.validate import private_tempdir
+
+        # private_tempdir: torch leaves a failed rank's pytorch-errorfile-*.pickle in the temp folder
+        with private_tempdir(), tempfile.TemporaryDirectory(prefix="quantkit-report-") as tmp:
             report_path = Path(tmp) / "report.json"
             spawn_ranks(nproc, calibrate_rank, dict(job=job, report_path=str(report_path)), device=device,
                         devices=devices, timeout_s=dist_timeout)
@@ -164,7 +180,8 @@ def calibrate_rank(job: CalibrationJob, comm=None, device: str = "cpu", report_p
         if job.method == "tlq":
             from quantkit.importance import tlq_token_weights
 
-            token_weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0)
+            token_weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0,
+                                              **(job.importance or {}))
     calibration = calibrate_model(
         model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
         progress=job.progress, comm=comm, fp_target=job.fp_target, lm_head=job.lm_head,
@@ -192,6 +209,8 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
 
     from quantkit.data.calibration import load_calibration
     from quantkit.engine.streaming import build_skeleton, calibrate_streaming, export_streamed
+    from quantkit.fsutil import scratch_dir
+    from quantkit.validate import resumable_work
 
     started = time.perf_counter()
     if not Path(job.model_name, "config.json").is_file():
@@ -220,14 +239,15 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
                    "seed": job.seed, "part": job.part, "dtype": job.dtype, "fp_target": job.fp_target,
                    "lm_head": job.lm_head, "vision": job.vision}
     work = work_dir_for(job.output)
-    model, calibration = calibrate_streaming(
-        job.model_name, samples, job.spec, work, method=job.method, device=device, token_weights=token_weights,
-        progress=job.progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=job.dtype,
-        fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
-    )
-    report = job.finish_report(calibration.report, samples, started)
-    export_streamed(model, work, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
-                    overwrite=job.overwrite)
+    with resumable_work(work), scratch_dir(offload_dir):
+        model, calibration = calibrate_streaming(
+            job.model_name, samples, job.spec, work, method=job.method, device=device, token_weights=token_weights,
+            progress=job.progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=job.dtype,
+            fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
+        )
+        report = job.finish_report(calibration.report, samples, started)
+        export_streamed(model, work, calibration.results, job.output, fmt=job.fmt, source=job.model_name,
+                        report=report, overwrite=job.overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -238,10 +258,12 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
 @click.option("--bits", type=int, default=4, show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Columns per quantization group; -1 for per-channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")
-@click.option("--act-order/--no-act-order", default=False, show_default=True, help="GPTQ desc_act: solve columns by decreasing Hessian diagonal.")
-@click.option("--static-groups", is_flag=True, help="With --act-order: fix group grids before the column permutation.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ desc_act: solve columns by decreasing Hessian diagonal.")
+@click.option("--static-groups/--dynamic-groups", default=None, help="With --act-order: fix group grids before the column permutation (default), or fit each group as the solve reaches it (GPTQ g_idx; gptq formats only).")
+@click.option("--cd-sweeps", type=int, default=0, show_default=True, help="Coordinate-descent sweeps over the GPTQ codes on the layer objective (never raises it).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
 @click.option("--fp-target/--no-fp-target", default=None, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer). Default: on for tlq, off for gptq.")
+@importance_options
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export).")
 @click.option("--quantize-vision", "vision", is_flag=True, help="Quantize a VLM's vision tower and projector too (before the language model, plain Hessians; compressed-tensors or fake export).")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
@@ -263,22 +285,29 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, damp, fp_target, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
+    if static_groups and not act_order:
+        raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
     try:
         device_ids = [int(d) for d in devices.split(",")] if devices else None
     except ValueError:
         raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
     if device_ids and not device.startswith("cuda"):
         device = "cuda"
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups, damp=damp, mse=mse)
+    static_groups = act_order if static_groups is None else static_groups
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
+                     damp=damp, mse=mse, cd_sweeps=cd_sweeps)
+    importance = {"guidance": guidance, "row_groups": row_groups, "loss": importance_loss, "draws": fisher_draws,
+                  "lam": lam, "power": power}
     report = run_calibration(
         model, output, spec, method=method, calib=calib, calib_set=calib_set, nsamples=nsamples, seqlen=seqlen,
         seed=seed, part=part, fmt=fmt, device=device, dtype=dtype, overwrite=overwrite, progress=not as_json,
         nproc=nproc, devices=device_ids, dist_timeout=dist_timeout, low_memory=low_memory,
         offload_dir=offload_dir, resume=resume, fp_target=fp_target, lm_head=lm_head, vision=vision,
+        importance=importance,
     )
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output}))

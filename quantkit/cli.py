@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import signal
 import sys
 
 import click
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import Interrupted, QuantkitError
 
 # (module, attribute) of each subcommand; imported lazily so `quantkit --help` stays fast.
 SUBCOMMANDS = {
@@ -20,9 +22,38 @@ SUBCOMMANDS = {
     "demo": ("quantkit.demo.cli", "demo"),
 }
 
+# Exit codes: 2 for bad input and failed I/O, 128 + the signal number for SIGINT (130) and SIGTERM (143).
+EXIT_ERROR = 2
+_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
+    errno.EROFS: "the filesystem is read-only; write elsewhere",
+}
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an error that is not a QuantkitError: what failed, and where when known."""
+    if isinstance(err, OSError):
+        what = err.strerror or str(err) or type(err).__name__
+        where = f": {err.filename}" if err.filename else ""
+        hint = _HINTS.get(err.errno or -1)
+        return f"{what}{where}" + (f" ({hint})" if hint else "")
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    if "No space left on device" in text:
+        return f"{type(err).__name__}: the disk is full while writing ({first}); free some space or write elsewhere"
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    # Later signals are ignored while the first one unwinds, so cleanup is not cut short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
 
 class QuantkitGroup(click.Group):
-    """Lazy subcommands; a QuantkitError anywhere becomes one line on stderr and exit code 2."""
+    """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in SUBCOMMANDS if self._load(name) is not None)
@@ -43,18 +74,50 @@ class QuantkitGroup(click.Group):
             raise
 
     def invoke(self, ctx: click.Context):
-        # SIGTERM becomes SystemExit so that atomic outputs remove their temporary directories.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        from quantkit.validate import clear_kept, kept_note, private_tempdir
+
+        debug = bool(ctx.params.get("debug")) or os.environ.get("QUANTKIT_DEBUG") == "1"
+        # SIGTERM unwinds like Ctrl-C so that atomic outputs remove their temporary directories.
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return super().invoke(ctx)
-        except QuantkitError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            for s in handlers:
+                signal.signal(s, _raise_interrupted)
+        except ValueError:  # not the main thread (an embedding application): leave signals to it
+            handlers = {}
+        clear_kept()
+        try:
+            with private_tempdir():
+                return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            kept = kept_note() or "nothing was written"
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); {kept}", err=True)
+            sys.exit(128 + signum)
+        except click.exceptions.ClickException as err:
+            if debug:
+                raise
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(EXIT_ERROR)
+        except Exception as err:  # noqa: BLE001 - the CLI boundary: one line, never a traceback without --debug
+            if debug:
+                raise
+            message = str(err) if isinstance(err, QuantkitError) else describe_error(err) + " (--debug shows the traceback)"
+            kept = kept_note()
+            line = f"{message}; {kept}" if kept else message
+            click.echo(f"error: {' '.join(line.split())}", err=True)
+            sys.exit(EXIT_ERROR)
+        finally:
+            for s, handler in handlers.items():
+                if handler is not None:  # None: installed outside Python, nothing to put back
+                    signal.signal(s, handler)
 
 
 @click.group(cls=QuantkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quantkit")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+def main(debug: bool) -> None:
     """quantkit: post-training quantization (TLQ, GPTQ, RTN) and QiD scaling laws."""
 
 

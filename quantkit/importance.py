@@ -1,6 +1,6 @@
 """TLQ token importance and the token-level calibration set.
 
-Conventions (see DESIGN.md, "TLQ as quantkit defines it"):
+Conventions (see the README, "TLQ as quantkit defines it"):
 
 - A sample is a dict of forward kwargs (``input_ids`` [1, T], optional ``attention_mask``,
   ``pixel_values``...) with optional metadata ``loss_mask`` and ``vision_mask`` ([1, T] bool).
@@ -49,6 +49,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantkit.engine.capture import LayerInputs, capture_layer_inputs, run_layer
+from quantkit.engine.weights import LayerWeights, row_ranges
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_dir
 from quantkit.models import adapter_for, get_module
@@ -64,6 +66,8 @@ from quantkit.models.base import Adapter, layer_output
 
 SET_FORMAT = "quantkit.tlq-calibration-set"
 SET_FORMAT_VERSION = 1
+# weights.safetensors key prefix of per-linear weights: f"linear.{layer}.{name}" -> [samples, Tmax, groups]
+LINEAR_KEY = "linear"
 SAMPLES_FILE = "samples.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -181,7 +185,11 @@ def select_top_fraction(
 
 
 class TokenImportance:
-    """Per-layer token scores and weights; calling it with a layer index gives the engine's weights."""
+    """Per-layer token scores and weights; calling it with a layer index gives the engine's weights.
+
+    With per-linear scores (guidance "linear") each linear gets weights of its own, made from its
+    scores by the same rule ([T, g] scores: per output-row group), and a call returns LayerWeights.
+    """
 
     def __init__(
         self,
@@ -196,34 +204,35 @@ class TokenImportance:
         seed: int = 0,
         report: dict | None = None,
         normalise: str = "sample",
+        linear_scores: list[dict[str, list[torch.Tensor]]] | None = None,
     ) -> None:
         check_settings(lam, power, top_fraction, floor_fraction, normalise)
         self.scores = scores
+        self.linear_scores = linear_scores
         self.settings = {
             "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
             "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
         }
+        self.floor = lam
         self.valid = [valid_mask(s) for s in samples]
         self.scored = [scored_positions(s) for s in samples]
         self.vision = [vision_tokens(s) for s in samples]
         self.report = dict(report or {})
-        zero_groups = []
-        self.weights: list[list[torch.Tensor]] = []
-        for layer, layer_scores in enumerate(scores):
-            means = self._global_means(layer_scores, power, per_modality) if normalise == "global" else None
-            row = []
-            for index, score in enumerate(layer_scores):
-                weight, fell_back = scores_to_weights(
-                    score, self.valid[index], self.vision[index], lam=lam, power=power, per_modality=per_modality,
-                    group_means=means,
-                )
-                if fell_back:
-                    zero_groups.append([layer, index])
-                if top_fraction is not None:
-                    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 65_537 + index)
-                    weight = select_top_fraction(weight, self.valid[index], top_fraction, floor_fraction, generator)
-                row.append(weight)
-            self.weights.append(row)
+        zero_groups: list[list[int]] = []
+        self.weights = [self._weigh(layer, layer_scores, zero_groups) for layer, layer_scores in enumerate(scores)]
+        self.linear_weights: list[dict[str, list[torch.Tensor]]] | None = None
+        self.linear_groups: dict[str, int] = {}
+        if linear_scores is not None:
+            self.linear_weights = []
+            for layer, by_linear in enumerate(linear_scores):
+                row = {}
+                for name, per_sample in by_linear.items():
+                    groups = 1 if per_sample[0].dim() == 1 else per_sample[0].shape[1]
+                    self.linear_groups[name] = groups
+                    columns = [self._weigh(layer, [score[:, k] if groups > 1 else score for score in per_sample], [])
+                               for k in range(groups)]
+                    row[name] = [torch.stack(parts, dim=1) if groups > 1 else parts[0] for parts in zip(*columns)]
+                self.linear_weights.append(row)
         empty = set(self.report.get("empty_loss_mask_samples", []))
         self.report["zero_gradient"] = [pair for pair in zero_groups if pair[1] not in empty]
         if self.report["zero_gradient"]:
@@ -232,6 +241,28 @@ class TokenImportance:
                 "they got uniform weights",
                 stacklevel=2,
             )
+
+    def _weigh(self, layer: int, layer_scores: list[torch.Tensor], zero_groups: list[list[int]]) -> list[torch.Tensor]:
+        """Weights [T] per sample from one layer's (or linear's) raw scores [T] per sample."""
+        settings = self.settings
+        means = None
+        if settings["normalise"] == "global":
+            means = self._global_means(layer_scores, settings["power"], settings["per_modality"])
+        row = []
+        for index, score in enumerate(layer_scores):
+            weight, fell_back = scores_to_weights(
+                score, self.valid[index], self.vision[index], lam=settings["lam"], power=settings["power"],
+                per_modality=settings["per_modality"], group_means=means,
+            )
+            if fell_back:
+                zero_groups.append([layer, index])
+            if settings["top_fraction"] is not None:
+                generator = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + layer * 65_537 + index)
+                weight = select_top_fraction(
+                    weight, self.valid[index], settings["top_fraction"], settings["floor_fraction"], generator
+                )
+            row.append(weight)
+        return row
 
     def _global_means(self, layer_scores: list[torch.Tensor], power: float, per_modality: bool) -> list[float]:
         """Mean of s**p over the valid tokens of all samples (per modality group): global normalisation."""
@@ -252,9 +283,11 @@ class TokenImportance:
         """Number of decoder layers the weights cover."""
         return len(self.weights)
 
-    def __call__(self, layer: int) -> list[torch.Tensor]:
-        """One weight tensor [T] per sample for decoder layer `layer`."""
-        return self.weights[layer]
+    def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
+        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights)."""
+        if self.linear_weights is None:
+            return self.weights[layer]
+        return LayerWeights(self.weights[layer], self.linear_weights[layer], dict(self.linear_groups), self.floor)
 
     def stacked(self, which: str = "weights") -> torch.Tensor:
         """[layers, samples, Tmax] float32 of weights or scores, zero-padded past each sample's length."""
@@ -265,6 +298,26 @@ class TokenImportance:
             for index, value in enumerate(row):
                 out[layer, index, : value.numel()] = value.float()
         return out
+
+
+GUIDANCE_CHOICES = ("layer", "linear")
+LOSS_CHOICES = ("ce", "fisher")
+# TLQ's defaults, chosen on validation windows (benchmarks/bench_tlq.py --validation).
+TLQ_DEFAULTS = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0}
+
+
+def check_guidance(guidance: str, row_groups: int, loss: str, draws: int) -> None:
+    """Raise QuantkitError on gradient-guidance settings out of range."""
+    if guidance not in GUIDANCE_CHOICES:
+        raise QuantkitError(f"guidance must be one of {GUIDANCE_CHOICES}, got {guidance!r}")
+    if loss not in LOSS_CHOICES:
+        raise QuantkitError(f"importance loss must be one of {LOSS_CHOICES}, got {loss!r}")
+    if row_groups < 1:
+        raise QuantkitError(f"row groups must be at least 1, got {row_groups}")
+    if row_groups > 1 and guidance != "linear":
+        raise QuantkitError("output-row groups need per-linear guidance (--guidance linear)")
+    if draws < 1:
+        raise QuantkitError(f"Fisher draws must be at least 1, got {draws}")
 
 
 def check_settings(
@@ -354,38 +407,59 @@ _HEAD_ROWS = 512
 
 
 def _head_gradient(
-    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor]
+    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor],
+    samplers: list[list[torch.Generator]] | None = None,
 ) -> torch.Tensor:
-    """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored positions.
+    """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored
+    positions: [draws, B, T, d].
 
     hidden [B, T, d] is the final norm's output. Only scored rows go through lm_head, in blocks
     of _HEAD_ROWS, and the cross-entropy gradient is formed directly, w * (softmax - onehot),
     instead of by autograd through log_softmax (which keeps [B * T, V] logits, their log-softmax
     and its gradient). Each sample's gradient is that of its own mean loss.
+
+    Labels are the data's next tokens, or with `samplers` (one generator per sample and draw) drawn
+    from the model's own softmax: the gradient of the Fisher of the KL to the FP model, which does
+    not single out the calibration text's hardest tokens. Each draw gives one gradient.
     """
-    rows, labels, weights = [], [], []
+    rows, labels, weights, uniforms = [], [], [], []
     length = hidden.shape[1]
+    draws = 1 if samplers is None else len(samplers[0])
     for j, (ids, mask) in enumerate(zip(input_ids, scored)):
         positions = mask.nonzero().reshape(-1)
         rows.append(positions + j * length)
         labels.append(ids.reshape(-1).cpu()[positions + 1])
         weights.append(torch.full((positions.numel(),), 1.0 / max(1, positions.numel())))
+        if samplers is not None:
+            # one uniform per (draw, position), drawn per sample: labels do not depend on chunking
+            uniforms.append(torch.stack([torch.rand(positions.numel(), generator=g, dtype=torch.float64) for g in samplers[j]]))
     device = hidden.device
     row, label, weight = (torch.cat(t).to(device) for t in (rows, labels, weights))
+    uniform = torch.cat(uniforms, dim=1).to(device) if samplers is not None else None
     flat = hidden.detach().reshape(-1, hidden.shape[-1])
-    grad = torch.zeros_like(flat)
+    grad = torch.zeros((draws, *flat.shape), dtype=flat.dtype, device=device)
     for start in range(0, row.numel(), _HEAD_ROWS):
         block = row[start : start + _HEAD_ROWS]
+        end = start + block.numel()
         x = flat.index_select(0, block).requires_grad_(True)
         with torch.enable_grad():
             logits = head(x)
         with torch.no_grad():
             probs = torch.softmax(logits.float(), dim=-1)
-            probs[torch.arange(block.numel(), device=device), label[start : start + _HEAD_ROWS]] -= 1.0
-            probs.mul_(weight[start : start + _HEAD_ROWS, None])
-        (found,) = torch.autograd.grad(logits, x, grad_outputs=probs.to(logits.dtype))
-        grad.index_copy_(0, block, found)
-    return grad.reshape(hidden.shape)
+        for draw in range(draws):
+            with torch.no_grad():
+                if uniform is None:
+                    target = label[start:end]
+                else:
+                    cumulative = probs.double().cumsum(dim=-1)
+                    wanted = (uniform[draw, start:end] * cumulative[:, -1]).unsqueeze(1)
+                    target = torch.searchsorted(cumulative, wanted).reshape(-1).clamp_max(probs.shape[-1] - 1)
+                upstream = probs.clone()
+                upstream[torch.arange(block.numel(), device=device), target] -= 1.0
+                upstream.mul_(weight[start:end, None])
+            (found,) = torch.autograd.grad(logits, x, grad_outputs=upstream.to(logits.dtype), retain_graph=draw + 1 < draws)
+            grad[draw].index_copy_(0, block, found)
+    return grad.reshape(draws, *hidden.shape)
 
 
 def _batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
@@ -407,7 +481,42 @@ def _batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> 
     )
 
 
-def layer_output_gradients(
+@dataclass
+class ImportanceScores:
+    """Raw scores of one gradient pass: per layer output, and per linear with linear guidance."""
+
+    layer: list[list[torch.Tensor]]  # [layers][samples] -> [T]: ||dL/dy_{l,t}||^2
+    linear: list[dict[str, list[torch.Tensor]]] | None  # [layers]{linear: [samples] -> [T] or [T, g]}
+    report: dict
+    gradients: list[list[torch.Tensor]] | None = None  # [layers][samples] -> [T, d] (keep_gradients)
+
+
+def _row_group_squares(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """Squared gradient summed over each output-row group (row_groups): [..., out] -> [..., groups]."""
+    squares = grad.float().square()
+    if groups == 1:
+        return squares.sum(-1, keepdim=True)
+    return torch.stack([squares[..., low:high].sum(-1) for low, high in row_ranges(grad.shape[-1], groups)], dim=-1)
+
+
+@contextlib.contextmanager
+def _linear_output_hooks(layer: nn.Module, names: Sequence[str], groups: int, found: dict[str, list[torch.Tensor]]):
+    """While active, every backward through `layer` appends [B, T, groups] squared output gradients of
+    each linear in `names` to found[name] (one entry per backward: per draw)."""
+    handles = []
+    for name in names:
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda grad, name=name: found[name].append(_row_group_squares(grad.detach(), groups)))
+        handles.append(get_module(layer, name).register_forward_hook(forward_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def importance_scores(
     model: nn.Module,
     samples: Sequence[dict],
     *,
@@ -417,8 +526,14 @@ def layer_output_gradients(
     keep_gradients: bool = False,
     adapter: Adapter | None = None,
     batch_size: int = 16,
-) -> tuple[list[list[torch.Tensor]], dict, list[list[torch.Tensor]] | None]:
-    """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T], via a block-wise backward.
+    guidance: str = "layer",
+    row_groups: int = 1,
+    loss: str = "ce",
+    draws: int = 1,
+    seed: int = 0,
+) -> ImportanceScores:
+    """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T] via a block-wise backward, and with
+    guidance "linear" each linear's ||dL/dz_{j,t}||^2 at its own output z (per output-row group).
 
     Samples that share their layer kwargs (plain text of one length) run `batch_size` at a
     time, concatenated along the batch dimension, in the forward and in each block's
@@ -426,32 +541,83 @@ def layer_output_gradients(
     (batched output == per-sample output) and falls back to one sample at a time otherwise.
     Peak memory: one block plus one chunk's activations (and the stored layer inputs).
 
-    Returns (scores, report, gradients): gradients [layers][samples] -> [T, d] only with
-    keep_gradients (for tests and the walkthrough).
+    loss "ce" differentiates the cross-entropy on the data's next tokens; "fisher" draws `draws`
+    labels per position from the FP model's own softmax (seeded by `seed`, per sample and draw) and
+    averages the squared gradients over the draws: the empirical Fisher of the KL to the FP model.
+    Each block's forward is recomputed once and differentiated once per draw. Linear guidance reads
+    the linears' output gradients with hooks in the same backward (layer 0, whose output gradient
+    alone needs no recompute, is then recomputed too).
     """
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
     if batch_size < 1:
         raise QuantkitError(f"importance batch size must be at least 1, got {batch_size}")
+    check_guidance(guidance, row_groups, loss, draws)
     started = time.perf_counter()
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
+    per_linear = guidance == "linear"
+    linear_names = adapter.linear_names()
+    draws = draws if loss == "fisher" else 1
     scored = [scored_positions(s) for s in samples]
     empty = {i for i, m in enumerate(scored) if not bool(m.any())}
     stored = _StoredInputs(offload_dir)
     scores: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+    linear_scores: list[dict[str, list]] | None = (
+        [{name: [None] * len(samples) for name in linear_names} for _ in range(num_layers)] if per_linear else None
+    )
     gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
     bar = tqdm(total=2 * num_layers, desc="importance", disable=not progress)
     batched = False
     live = [i for i in range(len(samples)) if i not in empty]
+    # grads[i]: [draws, T, d], the gradient at the current layer's output for each draw
     grads: list[torch.Tensor | None] = [None] * len(samples)
+    samplers = None
+    if loss == "fisher":
+        samplers = [
+            [torch.Generator().manual_seed(seed * 1_000_003 + index * 1_009 + draw) for draw in range(draws)]
+            for index in range(len(samples))
+        ]
 
     def record(index: int) -> None:
         for grad in grads:
-            scores[index].append(grad.float().pow(2).sum(-1).reshape(-1).cpu())
+            scores[index].append(grad.float().pow(2).sum(-1).mean(0).reshape(-1).cpu())
             if gradients is not None:
-                gradients[index].append(grad.reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+                gradients[index].append(grad[0].reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+
+    def hooks_on(layer: nn.Module, found: dict[str, list[torch.Tensor]]):
+        return _linear_output_hooks(layer, linear_names, row_groups, found) if per_linear else contextlib.nullcontext()
+
+    def record_linears(index: int, chunk: list[int], found: dict[str, list[torch.Tensor]]) -> None:
+        for name, per_draw in found.items():
+            if not per_draw:  # an unused linear: no gradient reached it
+                raise QuantkitError(f"linear {name} of layer {index} received no gradient; use layer guidance")
+            mean = torch.stack(per_draw).mean(0)  # [B, T, groups], averaged over draws
+            for j, i in enumerate(chunk):
+                value = mean[j].cpu()
+                linear_scores[index][name][i] = value[:, 0] if row_groups == 1 else value
+            per_draw.clear()
+
+    def backward_block(index: int, layer: nn.Module, read, want_input: bool) -> None:
+        """Recompute layer `index` from its stored input and push every draw's gradient below it."""
+        found = {name: [] for name in linear_names}
+        for chunk in _chunks(live, size):
+            x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
+            below = []
+            with hooks_on(layer, found), torch.enable_grad():
+                y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                for draw in range(draws):
+                    upstream = torch.cat([grads[i][draw : draw + 1] for i in chunk])
+                    (grad,) = torch.autograd.grad(y, x, grad_outputs=upstream, retain_graph=draw + 1 < draws)
+                    below.append(grad)
+            del y
+            if per_linear:
+                record_linears(index, chunk, found)
+            if want_input:
+                stacked = torch.stack(below, dim=1)  # [B, draws, T, d]
+                for j, i in enumerate(chunk):
+                    grads[i] = stacked[j]
 
     try:
         with _frozen(model):
@@ -464,7 +630,7 @@ def layer_output_gradients(
                 # FP forward up to the last layer's input, storing each layer's input on the way.
                 for index in range(num_layers - 1):
                     layer = layers[index].to(device)
-                    if index > 0:  # layer 0's input is never differentiated
+                    if index > 0 or per_linear:  # layer 0's input is differentiated only for its linears
                         stored.put(index, inputs.hidden)
                     if batched:
                         outputs: list[torch.Tensor] = []
@@ -486,25 +652,45 @@ def layer_output_gradients(
             head = get_module(model, adapter.lm_head)
             below: list[torch.Tensor | None] = [None] * len(samples)
             for i in empty:
-                grads[i] = below[i] = torch.zeros_like(inputs.hidden[i])
+                zeros = torch.zeros((draws, *inputs.hidden[i].shape[1:]), dtype=inputs.hidden[i].dtype)
+                grads[i] = below[i] = zeros
+                if per_linear:
+                    shape = (zeros.shape[1],) if row_groups == 1 else (zeros.shape[1], row_groups)
+                    for index in range(num_layers):
+                        for name in linear_names:
+                            linear_scores[index][name][i] = torch.zeros(shape)
             layer = layers[last].to(device)
+            found = {name: [] for name in linear_names}
             for chunk in _chunks(live, size):
                 x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
-                with torch.enable_grad():
-                    if last > 0:
-                        x.requires_grad_(True)
-                    y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
-                    if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
-                        y.requires_grad_(True)
-                    normed = norm(y)
-                upstream = _head_gradient(head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk])
-                wanted = [y, x] if last > 0 else [y]
-                found = torch.autograd.grad(normed, wanted, grad_outputs=upstream)
+                with hooks_on(layer, found):
+                    with torch.enable_grad():
+                        if last > 0 or per_linear:
+                            x.requires_grad_(True)
+                        y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                        if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
+                            y.requires_grad_(True)
+                        normed = norm(y)
+                    chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
+                    upstream = _head_gradient(
+                        head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk], chunk_samplers
+                    )
+                    wanted = [y, x] if last > 0 or per_linear else [y]
+                    at_output, at_input = [], []
+                    for draw in range(draws):
+                        found_draw = torch.autograd.grad(normed, wanted, grad_outputs=upstream[draw], retain_graph=draw + 1 < draws)
+                        at_output.append(found_draw[0])
+                        if last > 0:
+                            at_input.append(found_draw[1])
                 del normed, upstream, y
+                if per_linear:
+                    record_linears(last, chunk, found)
+                output_stack = torch.stack(at_output, dim=1)  # [B, draws, T, d]
+                input_stack = torch.stack(at_input, dim=1) if at_input else None
                 for j, i in enumerate(chunk):
-                    grads[i] = found[0][j : j + 1]
-                    if last > 0:
-                        below[i] = found[1][j : j + 1]
+                    grads[i] = output_stack[j]
+                    if input_stack is not None:
+                        below[i] = input_stack[j]
             layers[last] = layer.to("cpu") if str(device) != "cpu" else layer
             inputs.hidden = []
             record(last)
@@ -516,18 +702,15 @@ def layer_output_gradients(
             for index in reversed(range(1, last)):
                 layer = layers[index].to(device)
                 with stored.reader(index) as read:
-                    for chunk in _chunks(live, size):
-                        x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
-                        upstream = torch.cat([grads[i] for i in chunk])
-                        with torch.enable_grad():
-                            y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
-                            (grad,) = torch.autograd.grad(y, x, grad_outputs=upstream)
-                        del y
-                        for j, i in enumerate(chunk):
-                            grads[i] = grad[j : j + 1]
+                    backward_block(index, layer, read, want_input=True)
                 layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
                 record(index - 1)
                 bar.update(1)
+            if per_linear and last > 0:
+                layer = layers[0].to(device)
+                with stored.reader(0) as read:
+                    backward_block(0, layer, read, want_input=False)
+                layers[0] = layer.to("cpu") if str(device) != "cpu" else layer
             bar.update(1)
     finally:
         stored.close()
@@ -541,11 +724,36 @@ def layer_output_gradients(
         "empty_loss_mask_samples": sorted(empty),
         "offload": offload_dir is not None,
         "batch_size": batch_size if batched else 1,
+        "guidance": guidance,
+        "row_groups": row_groups,
+        "loss": loss,
+        "draws": draws,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if empty:
         warnings.warn(f"{len(empty)} samples have an empty loss mask; their tokens get uniform weights", stacklevel=2)
-    return scores, report, gradients
+    return ImportanceScores(scores, linear_scores, report, gradients)
+
+
+def layer_output_gradients(
+    model: nn.Module,
+    samples: Sequence[dict],
+    *,
+    device: torch.device | str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+    keep_gradients: bool = False,
+    adapter: Adapter | None = None,
+    batch_size: int = 16,
+) -> tuple[list[list[torch.Tensor]], dict, list[list[torch.Tensor]] | None]:
+    """(scores, report, gradients) of importance_scores with the data loss and layer guidance:
+    scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T]; gradients [layers][samples] -> [T, d] only
+    with keep_gradients (for tests and the walkthrough)."""
+    found = importance_scores(
+        model, samples, device=device, offload_dir=offload_dir, progress=progress, keep_gradients=keep_gradients,
+        adapter=adapter, batch_size=batch_size,
+    )
+    return found.layer, found.report, found.gradients
 
 
 def tlq_token_weights(
@@ -556,18 +764,26 @@ def tlq_token_weights(
     offload_dir: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 16,
+    guidance: str = "layer",
+    row_groups: int = 1,
+    loss: str = "ce",
+    draws: int = 1,
     **options,
 ) -> TokenImportance:
-    """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors.
+    """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors
+    (LayerWeights with guidance "linear").
 
-    `options` are TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed,
-    normalise); they are checked before the gradient pass, on an empty set of scores.
+    guidance, row_groups, loss and draws choose the gradients (importance_scores); `options` are
+    TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed, normalise).
+    All are checked before the gradient pass.
     """
     TokenImportance([], [], **options)
-    scores, report, _ = layer_output_gradients(
-        model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size
+    check_guidance(guidance, row_groups, loss, draws)
+    found = importance_scores(
+        model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size,
+        guidance=guidance, row_groups=row_groups, loss=loss, draws=draws, seed=int(options.get("seed", 0)),
     )
-    return TokenImportance(scores, samples, report=report, **options)
+    return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, **options)
 
 
 # ----------------------------------------------------------------------------- identity of model/tokenizer
@@ -654,6 +870,13 @@ def save_calibration_set(
         "scored_positions": pad(importance.scored),
         "vision_mask": pad(importance.vision),
     }
+    for layer, by_linear in enumerate(importance.linear_weights or []):
+        for name, per_sample in by_linear.items():
+            groups = importance.linear_groups.get(name, 1)
+            padded = torch.zeros(len(per_sample), tmax, groups)
+            for index, value in enumerate(per_sample):
+                padded[index, : value.shape[0]] = value.float().reshape(value.shape[0], groups)
+            weights[f"{LINEAR_KEY}.{layer}.{name}"] = padded
     revision = getattr(model.config, "_commit_hash", None)
     manifest = {
         "format": SET_FORMAT,
@@ -732,19 +955,33 @@ def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: s
 class StoredWeights:
     """token_weights(layer) over a loaded set: each sample's weights cut to its length."""
 
-    def __init__(self, weights: torch.Tensor, lengths: torch.Tensor, manifest: dict) -> None:
+    def __init__(self, weights: torch.Tensor, lengths: torch.Tensor, manifest: dict,
+                 linear: dict[str, torch.Tensor] | None = None) -> None:
         self.weights = weights
         self.lengths = [int(n) for n in lengths]
         self.manifest = manifest
+        self.floor = (manifest.get("settings") or {}).get("lam")
+        # per-linear weights by layer: {layer: {name: [samples, Tmax, groups]}}
+        self.linear: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in (linear or {}).items():
+            _, layer, name = key.split(".", 2)
+            self.linear.setdefault(int(layer), {})[name] = value
 
     @property
     def num_layers(self) -> int:
         """Number of decoder layers the weights cover."""
         return int(self.weights.shape[0])
 
-    def __call__(self, layer: int) -> list[torch.Tensor]:
-        """One weight tensor [T] per sample for decoder layer `layer`."""
-        return [self.weights[layer, i, :n] for i, n in enumerate(self.lengths)]
+    def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
+        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights)."""
+        output = [self.weights[layer, i, :n] for i, n in enumerate(self.lengths)]
+        if layer not in self.linear:
+            return output
+        linears, groups = {}, {}
+        for name, value in self.linear[layer].items():
+            groups[name] = int(value.shape[2])
+            linears[name] = [value[i, :n, 0] if groups[name] == 1 else value[i, :n] for i, n in enumerate(self.lengths)]
+        return LayerWeights(output, linears, groups, self.floor)
 
 
 def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.Module, tokenizer=None) -> tuple[list[dict], StoredWeights]:
@@ -778,4 +1015,5 @@ def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.M
         samples[int(index)][key] = value
     if any("input_ids" not in s for s in samples) or weights["weights"].shape[:2] != (manifest["num_layers"], count):
         raise QuantkitError(f"calibration set {root} is corrupt: samples or weights do not match the manifest; remake it")
-    return samples, StoredWeights(weights["weights"], weights["lengths"], manifest)
+    linear = {key: value for key, value in weights.items() if key.startswith(LINEAR_KEY + ".")}
+    return samples, StoredWeights(weights["weights"], weights["lengths"], manifest, linear)

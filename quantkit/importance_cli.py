@@ -8,7 +8,27 @@ import time
 import click
 
 from quantkit.errors import QuantkitError
-from quantkit.fsutil import check_output_dir
+from quantkit.fsutil import check_output_dir, scratch_dir
+from quantkit.importance import GUIDANCE_CHOICES, LOSS_CHOICES, TLQ_DEFAULTS
+
+
+def importance_options(command):
+    """The click options of TLQ's gradient pass, shared by `importance` and `calibrate`."""
+    options = [
+        click.option("--guidance", type=click.Choice(GUIDANCE_CHOICES), default=TLQ_DEFAULTS["guidance"], show_default=True,
+                     help="TLQ token scores from the gradient at each layer's output, or at each linear's own output (GuidedQuant)."),
+        click.option("--row-groups", type=int, default=TLQ_DEFAULTS["row_groups"], show_default=True,
+                     help="With --guidance linear: groups of each linear's output rows, each with its own weighted Hessian (memory x groups)."),
+        click.option("--importance-loss", type=click.Choice(LOSS_CHOICES), default=TLQ_DEFAULTS["loss"], show_default=True,
+                     help="Gradients of the cross-entropy on the data's labels, or of the KL to the FP model (labels drawn from its softmax)."),
+        click.option("--fisher-draws", type=int, default=TLQ_DEFAULTS["draws"], show_default=True,
+                     help="With --importance-loss fisher: labels drawn per token (one backward each)."),
+        click.option("--lam", type=float, default=TLQ_DEFAULTS["lam"], show_default=True, help="Floor of the mix w = (1-lam) s/mean(s) + lam."),
+        click.option("--power", type=float, default=TLQ_DEFAULTS["power"], show_default=True, help="Exponent p on the raw scores before normalising."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def build_calibration_set(
@@ -20,8 +40,12 @@ def build_calibration_set(
     seqlen: int = 512,
     seed: int = 0,
     part: str = "all",
-    lam: float = 0.1,
-    power: float = 1.0,
+    lam: float = TLQ_DEFAULTS["lam"],
+    power: float = TLQ_DEFAULTS["power"],
+    guidance: str = TLQ_DEFAULTS["guidance"],
+    row_groups: int = TLQ_DEFAULTS["row_groups"],
+    loss: str = TLQ_DEFAULTS["loss"],
+    draws: int = TLQ_DEFAULTS["draws"],
     per_modality: bool = False,
     top_fraction: float | None = None,
     floor_fraction: float = 0.1,
@@ -35,11 +59,21 @@ def build_calibration_set(
 
     from quantkit.data import calibration_samples
     from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
-    from quantkit.importance import check_settings, save_calibration_set, tlq_token_weights
+    from quantkit.importance import (
+        check_guidance,
+        check_settings,
+        save_calibration_set,
+        tlq_token_weights,
+    )
     from quantkit.models import load_model
+    from quantkit.validate import preflight_importance
 
     check_settings(lam, power, top_fraction, floor_fraction)
+    check_guidance(guidance, row_groups, loss, draws)
     check_output_dir(output, overwrite)
+    image_data = is_recipe(calib) and load_recipe(calib).kind != "text"
+    preflight_importance(model_name, calib, output, seqlen=seqlen, device=device, offload_dir=offload_dir,
+                         overwrite=overwrite, image_data=image_data)
     started = time.perf_counter()
     model = load_model(model_name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -53,10 +87,12 @@ def build_calibration_set(
         samples = recipe_samples(recipe, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
     else:
         samples = calibration_samples(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
-    importance = tlq_token_weights(
-        model, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
-        floor_fraction=floor_fraction, seed=seed, device=device, offload_dir=offload_dir, progress=progress,
-    )
+    with scratch_dir(offload_dir):
+        importance = tlq_token_weights(
+            model, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
+            floor_fraction=floor_fraction, seed=seed, device=device, offload_dir=offload_dir, progress=progress,
+            guidance=guidance, row_groups=row_groups, loss=loss, draws=draws,
+        )
     extra = {"calib": calib, "part": part, "seqlen": seqlen, "seed": seed, "seconds": round(time.perf_counter() - started, 3)}
     return save_calibration_set(output, samples, importance, model, model_name, tokenizer, extra=extra, overwrite=overwrite)
 
@@ -68,8 +104,7 @@ def build_calibration_set(
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per sequence (max tokens for image-text recipes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
 @click.option("--part", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
-@click.option("--lam", type=float, default=0.1, show_default=True, help="Floor of the mix w = (1-lam) s/mean(s) + lam.")
-@click.option("--power", type=float, default=1.0, show_default=True, help="Exponent p on the raw scores before normalising.")
+@importance_options
 @click.option("--per-modality", is_flag=True, help="Normalise scores within vision and within text tokens separately.")
 @click.option("--top-fraction", type=float, default=None, help="Keep only this fraction of tokens by weight (plus a random floor sample).")
 @click.option("--floor-fraction", type=float, default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
@@ -78,12 +113,13 @@ def build_calibration_set(
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output calibration-set directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
-def importance(model, calib, nsamples, seqlen, seed, part, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:
+def importance(model, calib, nsamples, seqlen, seed, part, guidance, row_groups, importance_loss, fisher_draws, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:
     """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
     manifest = build_calibration_set(
         model, calib, output, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, lam=lam, power=power,
+        guidance=guidance, row_groups=row_groups, loss=importance_loss, draws=fisher_draws,
         per_modality=per_modality, top_fraction=top_fraction, floor_fraction=floor_fraction, device=device,
         offload_dir=offload_dir, overwrite=overwrite, progress=not as_json,
     )

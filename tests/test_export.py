@@ -282,6 +282,33 @@ def test_compressed_tensors_loads_in_transformers(tmp_path: Path, bits: int, gro
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
+def test_static_act_order_is_declared_in_every_format(tmp_path: Path) -> None:
+    """quantkit's default (act-order with static groups: a trivial g_idx) is compressed-tensors'
+    actorder "weight" and GPTQ's desc_act with the g_idx written; both load back to the same logits."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(seed=3)
+    results = quantize_tiny(model, 4, 32, sym=True)
+    for r in results.values():
+        r.act_order = True
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    ref = logits(model, ids)
+    ct = save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
+    weights = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["actorder"] == "weight"
+    got = logits(AutoModelForCausalLM.from_pretrained(ct), ids)
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+    gptq = save_quantized(model, results, tmp_path / "gptq", fmt="gptq_v2")
+    qc = json.loads((gptq / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(load_file(str(gptq / "model.safetensors"))[f"{name}.g_idx"], torch.arange(INTER, dtype=torch.int32) // 32)
+    for fmt, out in (("compressed-tensors", ct), ("gptq_v2", gptq)):
+        assert torch.equal(quantkit.load_quantized(out).get_submodule(name).weight.float(), results[name].dequantize()), fmt
+
+
 def test_compressed_tensors_tensor_layout(tmp_path: Path) -> None:
     """weight_packed is a dense 4-bit stream along in; signed codes are stored offset by 8."""
     from safetensors.torch import load_file

@@ -63,6 +63,16 @@ def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp
         return kept
 
     monkeypatch.setattr(layerwise, "record_fp_inputs", spy)
+    from quantkit.engine import streaming
+
+    offloaded: set[Path] = set()
+    save_hidden = streaming.DiskHidden.__setitem__
+
+    def spy_hidden(self, index, value):
+        offloaded.add(self.dir)
+        save_hidden(self, index, value)
+
+    monkeypatch.setattr(streaming.DiskHidden, "__setitem__", spy_hidden)
     report = run_calibration(str(model), str(tmp_path / "low"), SPEC, low_memory=True,
                              offload_dir=str(tmp_path / "acts"), **kw)
     # The FP target's linear inputs went to files under the offload folder, and each is gone once used.
@@ -71,8 +81,9 @@ def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp
     assert not list((tmp_path / "acts").glob("fp_linear/*"))
     assert report["low_memory"] and not work_dir_for(str(tmp_path / "low")).exists()
     assert report["fp_target"] is fp_target and (report["lm_head"] is not None) is lm_head
-    assert list((tmp_path / "acts").glob("hidden_*.pt"))  # activations really went to disk
-    assert bool(list((tmp_path / "acts").glob("fp/hidden_*.pt"))) is fp_target  # and the FP stream beside them
+    assert tmp_path / "acts" in offloaded  # activations really went to disk
+    assert (tmp_path / "acts" / "fp" in offloaded) is fp_target  # and the FP stream beside them
+    assert not (tmp_path / "acts").exists()  # the offload folder, made for the run, went with it
     plain, low = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "low")
     assert plain.keys() == low.keys()
     assert ("lm_head.weight_packed" in low) is lm_head

@@ -297,9 +297,9 @@ def test_non_positive_definite_hessian_raises() -> None:
 
 GPTQ_SPECS = [
     QuantSpec(bits=4, group_size=-1),
-    QuantSpec(bits=3, group_size=32),
+    QuantSpec(bits=3, group_size=32, act_order=False),
     QuantSpec(bits=3, group_size=32, sym=False, mse=True),
-    QuantSpec(bits=3, group_size=32, act_order=True),
+    QuantSpec(bits=3, group_size=32, act_order=True, static_groups=False),
     QuantSpec(bits=3, group_size=32, act_order=True, static_groups=True),
     QuantSpec(bits=2, group_size=-1, act_order=True, block_size=48),
 ]
@@ -344,7 +344,7 @@ def test_gptq_beats_rtn_on_a_trained_weight() -> None:
     hessian = hessian_of(inputs)
     for spec in (
         QuantSpec(bits=4, group_size=-1),
-        QuantSpec(bits=3, group_size=64, act_order=True),
+        QuantSpec(bits=3, group_size=64, act_order=True, static_groups=False),
     ):
         gptq = gptq_solve(weight, hessian, spec).dequantize()
         rtn = rtn_solve(weight, None, spec).dequantize()
@@ -356,7 +356,7 @@ def test_act_order_groups_and_original_column_order() -> None:
     hessian = hessian_of(correlated_inputs(128, 512, seed=5))
     order = sorted_order(hessian)
 
-    dynamic = gptq_solve(weight, hessian, QuantSpec(bits=4, group_size=32, act_order=True))
+    dynamic = gptq_solve(weight, hessian, QuantSpec(bits=4, group_size=32, act_order=True, static_groups=False))
     assert dynamic.act_order
     # Group k holds the k-th run of 32 columns in solve order (decreasing diagonal).
     expected = torch.empty(128, dtype=torch.int32)

@@ -381,7 +381,8 @@ def test_quantize_vision_against_full_forward_reference(family: str, dataset: st
     model, processor = build(family)
     samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
     adapter = adapter_for(model)
-    spec = QuantSpec(bits=2, group_size=-1)
+    # column order: with act-order a rare float32-vs-float64 flip spreads further than the bound below
+    spec = QuantSpec(bits=2, group_size=-1, act_order=False)
     expected_groups = [[(VISION_PREFIX[family] if not n.startswith("linear") else "model.multi_modal_projector.") + n
                         for n in names] for names in VISION_GROUPS[family]]
     assert vision_groups(model, adapter, samples[0]) == expected_groups

@@ -26,7 +26,9 @@ def demo(model: str | None, data: str | None, out: str, train_seconds: float, se
 
         torch.set_num_threads(max(1, threads))
     from quantkit.demo.run import format_table, run_demo
+    from quantkit.validate import preflight_demo
 
+    preflight_demo(model, data, out, overwrite=overwrite, seqlen=seqlen)
     result = run_demo(model, data, out, train_seconds=train_seconds, seed=seed, overwrite=overwrite, fmt=fmt, nsamples=nsamples, seqlen=seqlen)
     if as_json:
         click.echo(json.dumps(result))

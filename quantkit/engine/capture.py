@@ -63,12 +63,13 @@ class LayerInputs:
     sizes: list[int] | None = None  # samples stacked in each entry of `hidden` (None: one each)
 
     def batch_weights(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-entry token weights from per-sample ones, concatenated within each stacked batch."""
+        """Per-entry token weights from per-sample ones, concatenated within each stacked batch
+        (per-sample [T] or [1, T] weights become [tokens]; [T, g] ones, [tokens, g])."""
         if self.sizes is None:
             return list(weights)
         batches, start = [], 0
         for size in self.sizes:
-            batches.append(torch.cat([w.reshape(-1) for w in weights[start : start + size]]))
+            batches.append(torch.cat([w.reshape(-1) if w.dim() < 2 or w.shape[0] == 1 else w for w in weights[start : start + size]]))
             start += size
         return batches
 

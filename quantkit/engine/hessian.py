@@ -16,14 +16,25 @@ class HessianAccumulator:
 
     With `cross`, it also sums C = sum_t w_t x_t x~_t^T, x_t being the FP model's input to the
     same linear on the same token (the FP target, quantkit.quant.gptaq).
+
+    With `groups` > 1 the token weights are [tokens, groups] and each group k of the linear's
+    output rows gets its own Hessian sum_t w_{t,k} x_t x_t^T: `hessian` is then [groups, in, in]
+    (memory and summing time grow by `groups`).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str, cross: bool = False) -> None:
+    def __init__(self, in_features: int, device: torch.device | str, cross: bool = False, groups: int = 1) -> None:
         dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
-        self.hessian = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        shape = (in_features, in_features) if groups == 1 else (groups, in_features, in_features)
+        self.groups = groups
+        self.hessian = torch.zeros(shape, dtype=dtype, device=device)
         self.cross = torch.zeros_like(self.hessian) if cross else None
-        self.weight_sum = 0.0
+        self.weight_sums = torch.zeros(groups, dtype=torch.float64)
         self.tokens = 0
+
+    @property
+    def weight_sum(self) -> float:
+        """The total token weight (of group 0 when there are several)."""
+        return float(self.weight_sums[0])
 
     def _rows(self, inputs: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.hessian.device, torch.float32)
@@ -36,45 +47,60 @@ class HessianAccumulator:
         for a, b in zip(left.split(per_sample), right.split(per_sample)):
             total.add_(a.T @ b)
 
+    def _weights(self, token_weight: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+        """[tokens, groups] float32 weights on the accumulator's device, or None for all ones."""
+        if token_weight is None:
+            return None
+        w = token_weight.to(self.hessian.device, torch.float32).reshape(-1, self.groups)
+        if w.shape != (tokens, self.groups):
+            raise ValueError(
+                f"token weights of shape {tuple(token_weight.shape)} do not give {tokens} tokens x {self.groups} groups"
+            )
+        return w
+
     def add(self, inputs: torch.Tensor, token_weight: torch.Tensor | None = None, fp_inputs: torch.Tensor | None = None) -> None:
-        """Add a batch of inputs [..., T, in]; token_weight has one non-negative value per token;
-        fp_inputs (same shape) are the FP model's inputs to the linear, for the cross term."""
+        """Add a batch of inputs [..., T, in]; token_weight has one non-negative value per token (per
+        token and group: [..., T, groups]); fp_inputs (same shape as inputs) are the FP model's inputs
+        to the linear, for the cross term."""
         if (fp_inputs is None) != (self.cross is None):
             raise ValueError("FP inputs are given exactly when the accumulator sums the cross term")
+        if fp_inputs is not None and fp_inputs.shape != inputs.shape:
+            raise ValueError(f"FP inputs {tuple(fp_inputs.shape)} do not match inputs {tuple(inputs.shape)}")
         tokens = inputs.numel() // inputs.shape[-1]
-        scale = None
-        if token_weight is not None:
-            w = token_weight.reshape(-1).to(self.hessian.device, torch.float32)
-            if w.numel() != tokens:
-                raise ValueError(f"token weights have {w.numel()} entries for {tokens} tokens")
-            # sqrt-scaling keeps one matmul: (sqrt(w) x)^T (sqrt(w) x) = sum_t w_t x_t x_t^T
-            scale = w.sqrt().unsqueeze(1)
-            self.weight_sum += float(w.to(torch.float64).sum())
+        weights = self._weights(token_weight, tokens)
+        if weights is None:
+            self.weight_sums += tokens
         else:
-            self.weight_sum += tokens
+            self.weight_sums += weights.to(torch.float64).sum(dim=0).cpu()
         self.tokens += tokens
-        x = self._rows(inputs, scale)
         per_sample = inputs.shape[-2] if inputs.dim() >= 2 else tokens
-        self._add_products(self.hessian, x, x, per_sample)
-        if self.cross is not None:
-            if fp_inputs.shape != inputs.shape:
-                raise ValueError(f"FP inputs {tuple(fp_inputs.shape)} do not match inputs {tuple(inputs.shape)}")
-            self._add_products(self.cross, self._rows(fp_inputs, scale), x, per_sample)
+        for group in range(self.groups):
+            # sqrt-scaling keeps one matmul: (sqrt(w) x)^T (sqrt(w) x) = sum_t w_t x_t x_t^T
+            scale = None if weights is None else weights[:, group].sqrt().unsqueeze(1)
+            hessian = self.hessian if self.groups == 1 else self.hessian[group]
+            x = self._rows(inputs, scale)
+            self._add_products(hessian, x, x, per_sample)
+            if self.cross is not None:
+                cross = self.cross if self.groups == 1 else self.cross[group]
+                self._add_products(cross, self._rows(fp_inputs, scale), x, per_sample)
 
     def copy(self) -> HessianAccumulator:
         """An independent accumulator holding the same sums."""
         other = HessianAccumulator.__new__(HessianAccumulator)
-        other.hessian, other.weight_sum, other.tokens = self.hessian.clone(), self.weight_sum, self.tokens
+        other.groups, other.hessian, other.tokens = self.groups, self.hessian.clone(), self.tokens
+        other.weight_sums = self.weight_sums.clone()
         other.cross = None if self.cross is None else self.cross.clone()
         return other
 
     def _normalised(self, total: torch.Tensor) -> torch.Tensor:
-        if self.weight_sum <= 0:
-            return total.float()
-        return (total * (2.0 / self.weight_sum)).float()
+        scale = torch.where(self.weight_sums > 0, 2.0 / self.weight_sums.clamp_min(1e-300), torch.ones_like(self.weight_sums))
+        if self.groups == 1:
+            return (total * float(scale[0])).float()
+        return (total * scale.to(total.device, total.dtype).view(-1, 1, 1)).float()
 
     def result(self) -> torch.Tensor:
-        """The normalised float32 Hessian 2/sum(w) * X^T W X (zeros if nothing was added)."""
+        """The normalised float32 Hessian 2/sum(w) * X^T W X (zeros if nothing was added); [groups, in, in]
+        with several groups, each normalised by its own weight total."""
         return self._normalised(self.hessian)
 
     def cross_result(self) -> torch.Tensor | None:

@@ -22,13 +22,18 @@ from quantkit.engine.capture import (
 )
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.weights import (
+    LayerWeights,
+    TokenWeights,
+    as_layer_weights,
+    diagnose_layer,
+    row_ranges,
+)
 from quantkit.errors import QuantkitError
 from quantkit.models import adapter_for, get_module
 from quantkit.models.base import Adapter, layer_output
 from quantkit.quant.spec import QuantResult, QuantSpec
 
-# token_weights(layer_index) -> one weight tensor per sample (shape [tokens] or [1, tokens]).
-TokenWeights = Callable[[int], Sequence[torch.Tensor]]
 # observer(full_linear_name, normalised_hessian): sees every Hessian handed to the solver.
 HessianObserver = Callable[[str, torch.Tensor], None]
 
@@ -391,33 +396,41 @@ def accumulate_group(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
     inputs: LayerInputs,
-    weights: Sequence[torch.Tensor] | None,
+    weights: LayerWeights | None,
     device: torch.device | str,
     blocks: FinishedBlocks | None = None,
     fp_inputs: FPInputs | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Run the layer on every sample until all of `linears` have received their inputs.
 
-    Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator: their
-    Hessians are equal, so it is summed once. The pass stops before the group's last linear
+    Linears fed the very same input tensor (q/k/v, gate/up) with the same token weights share one
+    accumulator: their Hessians are equal, so it is summed once (per-linear weights give each its own). The pass stops before the group's last linear
     runs, since nothing after it is needed; once the first batch has shown that the whole group
     reads one input, later batches stop before its first linear. With `fp_inputs` the accumulators
     also sum the FP-target cross term.
     """
     cross = fp_inputs is not None
-    accumulators = {name: HessianAccumulator(lin.in_features, device, cross) for name, lin in linears.items()}
-    current: dict = {"weight": None, "seen": set(), "inputs": [], "one_input": False, "batch": 0}
+    per_linear = {name: None if weights is None else weights.for_linear(name) for name in linears}
+    accumulators = {
+        name: HessianAccumulator(lin.in_features, device, cross, 1 if weights is None else weights.groups_of(name))
+        for name, lin in linears.items()
+    }
+    current: dict = {"seen": set(), "inputs": [], "one_input": False, "batch": 0}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             # Identity, not data pointers: the held references keep freed memory from being reused.
-            owner = next((other for tensor, other in current["inputs"] if tensor is x), None)
+            owner = next(
+                (other for tensor, other in current["inputs"] if tensor is x and per_linear[other] is per_linear[name]),
+                None,
+            )
             if blocks is not None:
                 blocks.keep_input(name, x)
             if owner is None:
                 fp = _fp_input(fp_inputs[name][current["batch"]]) if cross else None
-                accumulators[name].add(x, current["weight"], fp)
+                weight = None if per_linear[name] is None else per_linear[name][current["batch"]]
+                accumulators[name].add(x, weight, fp)
                 current["inputs"].append((x, name))
             else:
                 accumulators[name] = accumulators[owner]
@@ -432,7 +445,6 @@ def accumulate_group(
     try:
         for index in batches:
             current["batch"] = index
-            current["weight"] = None if weights is None else weights[index]
             current["seen"] = set()
             current["inputs"] = []
             try:
@@ -477,13 +489,13 @@ def reduce_accumulator(acc: HessianAccumulator, comm: Comm, dst: int | None = No
     `dst`, or onto every rank when it is None."""
     if not comm.distributed:
         return
-    total = torch.tensor([acc.weight_sum], dtype=torch.float64, device=acc.hessian.device)
+    total = acc.weight_sums.to(acc.hessian.device)
     for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
         if dst is None:
             comm.all_reduce_sum_(tensor)
         else:
             comm.reduce_sum_(tensor, dst)
-    acc.weight_sum = float(total[0])
+    acc.weight_sums = total.cpu()
 
 
 def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: QuantSpec,
@@ -496,7 +508,7 @@ def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tens
         return [_to_cpu(joint)]
     out, start = [], 0
     for weight in weights:
-        out.append(_to_cpu(_rows(joint, start, start + weight.shape[0])))
+        out.append(_to_cpu(joint.rows(start, start + weight.shape[0])))
         start += weight.shape[0]
     return out
 
@@ -546,7 +558,7 @@ def quantize_layer(
     spec: QuantSpec,
     method: str,
     device: torch.device | str,
-    weights: Sequence[torch.Tensor] | None = None,
+    weights: Sequence[torch.Tensor] | LayerWeights | None = None,
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
     fp_inputs: LayerInputs | None = None,
@@ -565,6 +577,10 @@ def quantize_layer(
     ranks (plan_group: whole, or cut by output rows); its Hessian sums (and weight totals) are
     reduced onto its rank, or all-reduced when several ranks solve slices of it, and the solved
     rows are broadcast back so every rank ends with the whole result.
+
+    `weights` are per batch of `inputs` (LayerInputs.batch_weights): one list for every linear, or
+    LayerWeights with per-linear overrides; [T, g] overrides give each of g output-row groups its
+    own Hessian (quantkit.engine.weights).
     """
     import os
 
@@ -579,6 +595,8 @@ def quantize_layer(
     results: dict[str, QuantResult] = {}
     reports = {}
     fp_linear_inputs = None
+    if weights is not None:
+        weights = as_layer_weights(weights)
     if fp_inputs is not None and needs_hessian:
         fp_linear_inputs = record_fp_inputs(layer, adapter, fp_inputs, fp_dir)
     blocks = FinishedBlocks(layer, adapter)
@@ -606,7 +624,8 @@ def quantize_layer(
             for name in group:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
             if not comm.distributed:
-                together = list(by_accumulator.values())
+                together = [names for names in by_accumulator.values() if accumulators[names[0]].groups == 1]
+                together += [[name] for names in by_accumulator.values() for name in names if accumulators[name].groups > 1]
             for name in group:
                 acc = accumulators.pop(name)
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
@@ -641,8 +660,9 @@ def quantize_layer(
             if observer is not None and hessian is not None and plan[name][0][0] == comm.rank:
                 observer(full, hessian)
             weight = linears[name].weight.data[start:end].float()
-            result = solve(_target(weight, hessian, crosses.pop(name, None), spec), hessian, spec, name=full)
-            solved[name] = (result, result_stats(weight, result, hessian))
+            solved[name] = solve_slice(
+                solve, weight, start, linears[name].out_features, hessian, crosses.pop(name, None), spec, full
+            )
             del hessian, weight
         for name in group:
             linear = linears[name]
@@ -663,6 +683,35 @@ def quantize_layer(
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
         propagate(layer, inputs, blocks)
     return results, reports
+
+
+def solve_slice(
+    solve: Callable, weight: torch.Tensor, start: int, out_features: int, hessian: torch.Tensor | None,
+    cross: torch.Tensor | None, spec: QuantSpec, name: str,
+) -> tuple[QuantResult, torch.Tensor]:
+    """Solve output rows [start, start + len(weight)) of a linear with `out_features` rows; return the
+    result and its result_stats. A [g, in, in] Hessian (and cross term) holds one Hessian per output-row
+    group (quantkit.engine.weights.row_ranges): each group's rows are solved with their own."""
+    if hessian is None or hessian.dim() == 2:
+        result = solve(_target(weight, hessian, cross, spec), hessian, spec, name=name)
+        return result, result_stats(weight, result, hessian)
+    end = start + weight.shape[0]
+    parts, stats = [], torch.zeros(4, dtype=torch.float64)
+    for group, (low, high) in enumerate(row_ranges(out_features, hessian.shape[0])):
+        low, high = max(low, start), min(high, end)
+        if low >= high:
+            continue
+        rows = weight[low - start : high - start]
+        group_cross = None if cross is None else cross[group]
+        part = solve(_target(rows, hessian[group], group_cross, spec), hessian[group], spec, name=f"{name}[{low}:{high}]")
+        stats += result_stats(rows, part, hessian[group])
+        parts.append(_to_cpu(part))
+    if any(not torch.equal(part.g_idx, parts[0].g_idx) for part in parts):
+        raise QuantkitError(
+            f"{name}: output-row groups chose different act-order groupings; use static groups "
+            "(the default with act-order) or a single row group"
+        )
+    return QuantResult.cat_rows(parts), stats
 
 
 def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
@@ -695,6 +744,8 @@ def quantize_head(
     from quantkit.quant import solver_for
 
     comm = comm or Comm()
+    if isinstance(weights, LayerWeights):
+        weights = weights.output
     norm = get_module(model, adapter.final_norm).to(device)
     head = get_module(model, adapter.lm_head).to(device)
     hessian = cross = None
@@ -762,6 +813,20 @@ def first_layer_streams(
     return inputs, fp_inputs, results, report
 
 
+def layer_weights(
+    token_weights: TokenWeights | None, index: int, inputs: LayerInputs, adapter: Adapter, comm: Comm
+) -> tuple[LayerWeights | None, dict[str, dict]]:
+    """Layer `index`'s token weights for this rank's batches of `inputs`, and their diagnosis per
+    linear (over all samples, so every rank reports the same)."""
+    if token_weights is None:
+        return None, {}
+    weights = as_layer_weights(token_weights(index))
+    if weights.floor is None:
+        weights.floor = getattr(token_weights, "floor", None)
+    report = diagnose_layer(weights, adapter.linear_names())
+    return weights.map(lambda per_sample: inputs.batch_weights(shard(per_sample, comm))), report
+
+
 def shard(items: Sequence, comm: Comm) -> list:
     """This rank's share of `items`: every world_size-th one, starting at its rank."""
     return list(items[comm.rank :: comm.world_size])
@@ -817,10 +882,12 @@ def calibrate_model(
         comm.enter_layer(index)
         layer_started = time.perf_counter()
         layer = layers[index].to(device)
-        weights = inputs.batch_weights(shard(token_weights(index), comm)) if token_weights is not None else None
+        weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm, observer, fp_inputs
         )
+        for name, entry in weight_report.items():
+            linear_reports[name]["token_weights"] = entry
         results.update(layer_results)
         layers[index] = layer.to("cpu")
         layer_reports.append(
@@ -828,7 +895,7 @@ def calibrate_model(
         )
     head_report = None
     if lm_head:
-        weights = inputs.batch_weights(shard(token_weights(len(layers) - 1), comm)) if token_weights is not None else None
+        weights, _ = layer_weights(token_weights, len(layers) - 1, inputs, adapter, comm)
         head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs)
         results.update(head_results)
     report = {
@@ -855,16 +922,6 @@ def calibrate_model(
         report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     model.to("cpu")
     return Calibration(results=results, report=report)
-
-
-def _rows(result: QuantResult, start: int, end: int) -> QuantResult:
-    """Output rows [start, end) of a result, as tensors of their own (safetensors refuses shared storage)."""
-    return QuantResult(
-        qweight=result.qweight[start:end].clone(), scales=result.scales[start:end].clone(),
-        zeros=result.zeros[start:end].clone(),
-        g_idx=result.g_idx.clone(), bits=result.bits, group_size=result.group_size, sym=result.sym,
-        act_order=result.act_order,
-    )
 
 
 def _to_cpu(result: QuantResult) -> QuantResult:

@@ -32,6 +32,7 @@ from quantkit.engine.layerwise import (
     check_head,
     check_layer,
     first_layer_streams,
+    layer_weights,
     peak_rss_mb,
     quantize_head,
     quantize_layer,
@@ -403,9 +404,11 @@ def calibrate_streaming(
         layer = load_layer(model, adapter, source, index, dtype)
         check_layer(layer, index, adapter, spec)
         layer = layer.to(device)
-        weights = token_weights(index) if token_weights is not None else None
+        weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
         results, reports = quantize_layer(layer, index, inputs, adapter, spec, method, device, weights, comm,
                                           fp_inputs=fp_inputs, fp_dir=fp_dir)
+        for name, entry in weight_report.items():
+            reports[name]["token_weights"] = entry
         _save_layer(work, layer.to("cpu"), index, adapter, results)
         _save_hidden(work, inputs.hidden, None if fp_inputs is None else fp_inputs.hidden)
         del results
@@ -417,7 +420,7 @@ def calibrate_streaming(
         _write_state(work, state)
     head_results, head_report = {}, None
     if lm_head:
-        weights = token_weights(n_layers - 1) if token_weights is not None else None
+        weights, _ = layer_weights(token_weights, n_layers - 1, inputs, adapter, comm)
         head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs)
     all_results = StreamedResults(work, spec, n_layers, {**vision_results, **head_results})
     report = {

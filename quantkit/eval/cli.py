@@ -23,8 +23,12 @@ def eval_cmd(model_or_dir: str, data: str, part: str, seqlen: int, stride: int |
     from quantkit.data import load_texts
     from quantkit.eval.load import load_for_eval
     from quantkit.eval.loss import evaluate_loss
+    from quantkit.validate import check_data, check_eval_options, preflight_eval
 
+    check_eval_options(seqlen, stride, batch_size, max_tokens)
+    check_data(data, "--data")
     texts = load_texts(data, part=part)  # bad data fails before the model is loaded
+    preflight_eval(model_or_dir, seqlen=seqlen, stride=stride, batch_size=batch_size, max_tokens=max_tokens)
     model, tokenizer = load_for_eval(model_or_dir)
     res = evaluate_loss(model, tokenizer, texts, seqlen=seqlen, stride=stride, max_tokens=max_tokens, progress=not as_json, batch_size=batch_size)
     res = {"model": model_or_dir, "data": data, "part": part, **res}

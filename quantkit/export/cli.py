@@ -26,11 +26,13 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
         write_checkpoint,
     )
     from quantkit.fsutil import check_output_dir
+    from quantkit.validate import check_output, export_size
 
     limit = parse_size(max_shard_size)
     check_output_dir(out, overwrite)
     if out.resolve() == in_dir.resolve():
         raise QuantkitError(f"output {out} is the input directory; choose another -o")
+    check_output(out, overwrite=overwrite, sources=[in_dir], need_bytes=export_size(in_dir, fmt))
     ckpt = read_checkpoint(in_dir)
     report = None
     if (in_dir / REPORT).is_file():

@@ -96,7 +96,12 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     _check_text_backbone(config)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
-    model = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+    model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype, output_loading_info=True)
+    # transformers initialises a missing tensor randomly and only warns; quantizing it would export noise
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QuantkitError(f"{name_or_path}: tensor {missing[0]}{more} is not in the checkpoint; the model is incomplete")
     model.eval()
     model.config.use_cache = False
     return model

@@ -55,8 +55,14 @@ def qid() -> None:
 def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_seqlen, calib, calib_part, nsamples,
             calib_seqlen, group_size, sym, seed, tokens, tokens_per_step, out_csv, retry_errors, threads, no_progress) -> None:
     """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --out."""
-    from quantkit.qid.measure import Measurement, measure_grid
+    from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint
+    from quantkit.validate import looks_local, note_kept
 
+    for spec in checkpoints:
+        ckpt = parse_checkpoint(spec)
+        if ckpt.local_dir is None and looks_local(ckpt.name):
+            raise QuantkitError(f"checkpoint {spec} not found; give a model directory or a hub id[@revision]")
+    note_kept(lambda: f"the cells measured so far are in {out_csv}; run again to continue" if Path(out_csv).is_file() else None)
     if threads:
         import torch
 

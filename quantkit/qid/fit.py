@@ -313,6 +313,12 @@ def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = Fal
     explicit = tuple(laws) != LAWS
     for m in methods:
         kept, excluded = split_points([r for r in rows if r["method"] == m])
+        if not kept and excluded:
+            raise QuantkitError(
+                f"no row for method {m!r} has QiD > 0 and positive N, D and bits ({len(excluded)} excluded, e.g. "
+                f"line {excluded[0]['line']}: {excluded[0]['reason']}); a law in log space needs QiD > 0, "
+                "so measure at fewer bits or on more eval tokens"
+            )
         out["excluded"].extend(excluded)
         subsets = [(None, kept)] if not by_bits else [(b, [p for p in kept if p["bits"] == b]) for b in sorted({p["bits"] for p in kept})]
         for bits, pts in subsets:

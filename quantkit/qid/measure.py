@@ -310,6 +310,11 @@ def measure_grid(
             override = per_model_tokens.get(ckpt.spec, per_model_tokens.get(ckpt.name, default_tokens))
             d, step, _ = resolve_tokens(ckpt, override, settings.tokens_per_step)
             meta[ckpt.spec] = (d, step)
+    from quantkit.validate import check_data
+
+    # a missing file would otherwise fail every cell, one CSV row at a time
+    check_data(settings.eval_text, "--eval")
+    check_data(settings.calib)
     stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
     bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
     with TableWriter(out_csv) as writer:

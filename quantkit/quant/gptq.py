@@ -15,6 +15,7 @@ import time
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.quant.cd import refine_codes
 from quantkit.quant.grid import check_finite, fit_grid, fit_groups, max_code
 from quantkit.quant.rtn import group_index
 from quantkit.quant.spec import QuantResult, QuantSpec
@@ -119,11 +120,13 @@ def gptq_solve(
         hessian[dead, dead] = 1
         work[:, dead] = 0
 
+    # coordinate descent (spec.cd_sweeps) refines the codes on the undamped objective, in column order
+    objective = (work.clone(), hessian.clone()) if spec.cd_sweeps > 0 else None
     maxq = max_code(spec.bits)
     grouped = spec.group_size != -1
     group_size = spec.group_size if grouped else in_features
     n_groups = in_features // group_size
-    static = grouped and spec.static_groups
+    static = grouped and spec.static_groups and spec.act_order  # static groups only mean something under act-order
 
     # Grids fixed before solving: per-channel, or static groups (on the unpermuted weight).
     if not grouped or static:
@@ -197,14 +200,7 @@ def gptq_solve(
     else:
         g_idx = solve_group[inverse_order].to(torch.int32)
 
-    if stats is not None:
-        stats.update(
-            loss=float(loss_per_row.sum()) / 2,
-            damp=used_damp,
-            dead_columns=n_dead,
-            seconds=time.perf_counter() - started,
-        )
-    return QuantResult(
+    result = QuantResult(
         qweight=qweight,
         scales=scales,
         zeros=zeros.to(torch.uint8),
@@ -214,3 +210,13 @@ def gptq_solve(
         sym=spec.sym,
         act_order=spec.act_order,
     )
+    if objective is not None:
+        result = refine_codes(*objective, result, spec.cd_sweeps)
+    if stats is not None:
+        stats.update(
+            loss=float(loss_per_row.sum()) / 2,
+            damp=used_damp,
+            dead_columns=n_dead,
+            seconds=time.perf_counter() - started,
+        )
+    return result

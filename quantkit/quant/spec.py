@@ -18,8 +18,12 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel (per-channel)
     sym: bool = True
-    act_order: bool = False  # GPTQ desc_act: solve columns by decreasing Hessian diagonal
-    static_groups: bool = False  # with act_order: groups fixed before the permutation
+    # GPTQ desc_act: solve columns by decreasing Hessian diagonal. On by default, with static groups,
+    # as llm-compressor's actorder="static": at 2 bits it is worth more than any other setting
+    # (benchmarks/bench_tlq.py), and static groups keep the g_idx trivial for every export format.
+    act_order: bool = True
+    static_groups: bool = True  # with act_order: groups fixed before the permutation
+    cd_sweeps: int = 0  # coordinate-descent sweeps over the codes after GPTQ (quantkit.quant.cd)
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     block_size: int = 128  # GPTQ lazy-update block width
     mse: bool = False  # search a clipping ratio that minimises the grid's MSE
@@ -35,6 +39,8 @@ class QuantSpec:
                 f"group size {self.group_size} does not divide the input width {in_features}; "
                 "choose a divisor or -1 (per-channel)"
             )
+        if self.cd_sweeps < 0:
+            raise QuantkitError(f"coordinate-descent sweeps must be >= 0, got {self.cd_sweeps}")
         if not 0 <= self.damp < 1:
             raise QuantkitError(f"damp must be in [0, 1), got {self.damp}")
 
@@ -58,6 +64,26 @@ class QuantResult:
     group_size: int  # -1: per-channel
     sym: bool
     act_order: bool = False
+
+    def rows(self, start: int, end: int) -> QuantResult:
+        """Output rows [start, end), as tensors of their own (safetensors refuses shared storage)."""
+        return QuantResult(
+            qweight=self.qweight[start:end].clone(), scales=self.scales[start:end].clone(),
+            zeros=self.zeros[start:end].clone(), g_idx=self.g_idx.clone(), bits=self.bits,
+            group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+        )
+
+    @staticmethod
+    def cat_rows(parts: list[QuantResult]) -> QuantResult:
+        """One result from results for consecutive output rows (they share g_idx and settings)."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        return QuantResult(
+            qweight=torch.cat([p.qweight for p in parts]), scales=torch.cat([p.scales for p in parts]),
+            zeros=torch.cat([p.zeros for p in parts]), g_idx=first.g_idx, bits=first.bits,
+            group_size=first.group_size, sym=first.sym, act_order=first.act_order,
+        )
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight this result stands for."""

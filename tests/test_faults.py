@@ -1,0 +1,497 @@
+"""Fault injection: bad models, devices, outputs, options, full and read-only disks, signals.
+
+Every case asserts exit code 2 (130/143 for signals), exactly one `error:` line on stderr, the
+model directory byte-identical afterwards and nothing new anywhere under the test's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import save_tiny_llama, write_text
+from safetensors.torch import load_file, save_file
+
+from quantkit.cli import main
+
+BASE = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--json"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relative path -> content hash (or 'dir') of everything under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(stderr: str) -> str:
+    """The single stderr line, which must start with `error:`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def unchanged(root: Path) -> Iterator[None]:
+    """Assert that nothing under root is added, removed or modified by the block (the source stays intact too)."""
+    before = tree(root)
+    yield
+    after = tree(root)
+    assert after == before, {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+                             "changed": sorted(k for k in before if k in after and before[k] != after[k])}
+
+
+def assert_fault(root: Path, args: list, fragment: str, code: int = 2) -> str:
+    """Run the CLI in-process: exit code, one `error:` line naming `fragment`, nothing changed under root."""
+    with unchanged(root):
+        result = run(*args)
+    assert result.exit_code == code, (result.exit_code, result.output)
+    line = one_error_line(result.stderr)
+    assert fragment in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny model, its text and one quantkit export of it, shared read-only by the tests."""
+    root = tmp_path_factory.mktemp("faults")
+    model = save_tiny_llama(root / "model")
+    text = write_text(root / "text.txt")
+    export = root / "export"
+    result = run("calibrate", model, "--calib", text, *BASE, "--method", "rtn", "-o", export)
+    assert result.exit_code == 0, result.output
+    return {"model": model, "text": text, "export": export}
+
+
+@pytest.fixture
+def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with a private copy of the model (safe to corrupt), the text, and the cwd set to it."""
+    shutil.copytree(made["model"], tmp_path / "model")
+    shutil.copy(made["text"], tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the model is loaded: the check under test must come before it."""
+    import quantkit.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the faulty input was checked")
+
+    monkeypatch.setattr(quantkit.models, "load_model", refuse)
+
+
+def calibrate(work: Path, *extra) -> list:
+    return ["calibrate", work / "model", "--calib", work / "text.txt", *BASE, *extra]
+
+
+def mount_tmpfs(path: Path, options: str) -> None:
+    """Mount a small tmpfs at path, or skip with the reason."""
+    path.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(work: Path) -> Iterator[Path]:
+    """A 12 KiB tmpfs at work/disk: room for a probe and a few files, not for a checkpoint."""
+    disk = work / "disk"
+    mount_tmpfs(disk, "size=12k")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.fixture
+def readonly_disk(work: Path) -> Iterator[Path]:
+    """A read-only tmpfs at work/ro."""
+    disk = work / "ro"
+    mount_tmpfs(disk, "size=64k,ro")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+# ---------------------------------------------------------------- model files
+
+
+def drop_tensor(model: Path, key: str) -> None:
+    tensors = load_file(model / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(model: Path, **changes) -> None:
+    path = model / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_missing_tensor_is_refused_not_randomly_initialised(work: Path, no_model_load) -> None:
+    drop_tensor(work / "model", "model.layers.1.mlp.up_proj.weight")
+    line = assert_fault(work, calibrate(work, "-o", "out"), "model.layers.1.mlp.up_proj.weight")
+    assert "not in the checkpoint" in line
+
+
+@pytest.mark.parametrize("layers, fragment", [(3, "names 3 decoder layers but the checkpoint holds 2"),
+                                               (1, "names 1 decoder layers but the checkpoint holds 2")])
+def test_config_layer_count_must_match_the_weights(work: Path, no_model_load, layers: int, fragment: str) -> None:
+    edit_config(work / "model", num_hidden_layers=layers)
+    assert_fault(work, calibrate(work, "-o", "out"), fragment)
+
+
+def test_config_shapes_must_match_the_weights(work: Path, no_model_load) -> None:
+    edit_config(work / "model", intermediate_size=48)
+    assert_fault(work, calibrate(work, "-o", "out"), "config.json does not match the weights")
+
+
+def test_config_that_builds_no_model(work: Path, no_model_load) -> None:
+    edit_config(work / "model", num_attention_heads=5)  # 32 is not divisible by 5
+    assert_fault(work, calibrate(work, "-o", "out"), "error:")
+
+
+def test_unparsable_config(work: Path, no_model_load) -> None:
+    (work / "model" / "config.json").write_text("{not json")
+    assert_fault(work, calibrate(work, "-o", "out"), "cannot read the config")
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "zero-byte": b"", "bad-header": b"\xff" * 8 + data[8:],
+                      "one-byte-short": data[:-1]}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero-byte", "bad-header", "one-byte-short"])
+def test_corrupt_safetensors_calibrate(work: Path, no_model_load, how: str) -> None:
+    corrupt(work / "model" / "model.safetensors", how)
+    assert_fault(work, calibrate(work, "-o", "out"), "truncated or corrupt")
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero-byte"])
+def test_corrupt_safetensors_eval_and_demo(work: Path, no_model_load, how: str) -> None:
+    corrupt(work / "model" / "model.safetensors", how)
+    assert_fault(work, ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16"], "truncated or corrupt")
+    assert_fault(work, ["demo", "--model", work / "model", "--data", work / "text.txt", "--seqlen", "16", "-o", "d"],
+                 "truncated or corrupt")
+
+
+def test_corrupt_export_eval(work: Path, made: dict) -> None:
+    export = work / "export"
+    shutil.copytree(made["export"], export)
+    corrupt(export / "model.safetensors", "truncated")
+    assert_fault(work, ["eval", export, "--data", work / "text.txt", "--seqlen", "16"], "truncated or corrupt")
+
+
+def shard(model: Path) -> None:
+    """Split model.safetensors into two shards with an index, as transformers saves big models."""
+    tensors = load_file(model / "model.safetensors")
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for fname, names in halves.items():
+        save_file({k: tensors[k] for k in names}, model / fname, metadata={"format": "pt"})
+    (model / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: f for f, names in halves.items() for k in names}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_sharded_checkpoint_is_checked_shard_by_shard(work: Path) -> None:
+    shard(work / "model")
+    result = run(*calibrate(work, "--method", "rtn", "-o", "ok"))
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(work / "ok")
+    (work / "model" / "model-00002-of-00002.safetensors").unlink()
+    assert_fault(work, calibrate(work, "-o", "out"), "is missing")
+
+
+def test_missing_tokenizer(work: Path, no_model_load) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (work / "model" / name).unlink(missing_ok=True)
+    assert_fault(work, calibrate(work, "-o", "out"), "tokenizer")
+    assert_fault(work, ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16"], "tokenizer")
+
+
+def test_tokenizer_larger_than_the_embedding(work: Path, no_model_load) -> None:
+    tensors = load_file(work / "model" / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[key] = tensors[key][:40].contiguous()
+    save_file(tensors, work / "model" / "model.safetensors", metadata={"format": "pt"})
+    edit_config(work / "model", vocab_size=40)
+    assert_fault(work, calibrate(work, "-o", "out"), "embedding holds 40")
+
+
+def test_missing_model_and_unreachable_or_unknown_hub_id(work: Path) -> None:
+    assert_fault(work, ["calibrate", work / "nope", "--calib", work / "text.txt", "-o", "out"], "not found")
+    started = time.perf_counter()
+    assert_fault(work, ["eval", "quantkit-no-such-org/no-such-model-3141", "--data", work / "text.txt"], "not found")
+    assert time.perf_counter() - started < 20  # no half-minute of retries
+
+
+# ---------------------------------------------------------------- devices
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("device, fragment", [("cuda", "CUDA is not available"), ("cuda:5", "CUDA is not available"),
+                                              ("foo", "unknown device 'foo'")])
+def test_unusable_device(work: Path, no_model_load, device: str, fragment: str) -> None:
+    assert_fault(work, calibrate(work, "--device", device, "-o", "out"), fragment)
+    assert_fault(work, ["importance", work / "model", "--calib", work / "text.txt", "--device", device, "-o", "set"],
+                 fragment)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_output_onto_the_source_is_refused(work: Path, no_model_load) -> None:
+    assert_fault(work, calibrate(work, "-o", work / "model", "--overwrite"), "is the input")
+    assert_fault(work, calibrate(work, "-o", work / "model" / "q"), "inside the input")
+    assert_fault(work, calibrate(work, "-o", work / "text.txt", "--overwrite"), "is a file")
+    # the source inside the output: replacing the output would delete it
+    assert_fault(work / "model", ["calibrate", "model", "--calib", "text.txt", *BASE, "-o", "..", "--overwrite"],
+                 "current directory")
+
+
+def test_output_holding_the_source(work: Path, no_model_load) -> None:
+    nested = work / "outer"
+    nested.mkdir()
+    shutil.move(work / "model", nested / "model")
+    assert_fault(work, ["calibrate", nested / "model", "--calib", "text.txt", *BASE, "-o", nested, "--overwrite"],
+                 "holds the input")
+
+
+def test_output_dot_is_refused(work: Path, no_model_load) -> None:
+    assert_fault(work, calibrate(work, "-o", ".", "--overwrite"), "current directory")
+
+
+def test_output_file_with_overwrite_is_refused(work: Path, no_model_load) -> None:
+    (work / "afile").write_text("keep me")
+    assert_fault(work, calibrate(work, "-o", "afile", "--overwrite"), "is a file")
+
+
+def test_export_onto_its_input_is_refused(work: Path, made: dict) -> None:
+    shutil.copytree(made["export"], work / "export")
+    assert_fault(work, ["export", work / "export", "--format", "fake", "-o", work / "export", "--overwrite"],
+                 "input")
+    assert_fault(work, ["export", work / "export", "--format", "fake", "-o", work / "export" / "sub"], "inside the input")
+
+
+def test_read_only_output_is_found_before_calibrating(work: Path, readonly_disk: Path, no_model_load) -> None:
+    assert_fault(work, calibrate(work, "-o", readonly_disk / "out"), "Read-only file system")
+
+
+def test_full_disk_is_found_before_calibrating(work: Path, small_disk: Path, no_model_load) -> None:
+    assert_fault(work, calibrate(work, "-o", small_disk / "a" / "out"), "not enough space")
+
+
+@pytest.mark.parametrize("mode", ["plain", "low-memory"])
+def test_disk_full_while_writing(work: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The estimate passes (forced to 0) but the disk fills while writing: one line, nothing left, no new parents."""
+    import quantkit.validate
+
+    monkeypatch.setattr(quantkit.validate.ModelInfo, "export_bytes", lambda self, bits, fmt: 0)
+    extra = ["--low-memory"] if mode == "low-memory" else []
+    assert_fault(work, calibrate(work, "-o", small_disk / "a" / "b" / "out", *extra), "disk is full")
+    assert not any(small_disk.iterdir())
+
+
+def test_export_disk_full(work: Path, made: dict, small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantkit.validate
+
+    shutil.copytree(made["export"], work / "export")
+    assert_fault(work, ["export", work / "export", "--format", "fake", "-o", small_disk / "x" / "out"], "not enough space")
+    monkeypatch.setattr(quantkit.validate, "export_size", lambda in_dir, fmt: 0)
+    assert_fault(work, ["export", work / "export", "--format", "fake", "-o", small_disk / "x" / "out"], "disk is full")
+    assert not any(small_disk.iterdir())
+
+
+def test_offload_dir_is_a_file(work: Path, no_model_load) -> None:
+    (work / "afile").write_text("x")
+    assert_fault(work, calibrate(work, "--low-memory", "--offload-dir", "afile", "-o", "out"), "is a file")
+    assert_fault(work, ["importance", work / "model", "--calib", "text.txt", "--offload-dir", "afile", "-o", "set"],
+                 "is a file")
+
+
+def test_offload_dir_is_scratch(work: Path) -> None:
+    """A missing --offload-dir is created for the run and removed after it; an existing one keeps just its files."""
+    result = run("importance", work / "model", "--calib", "text.txt", "--nsamples", "2", "--seqlen", "16",
+                 "--offload-dir", "scratch/deep", "-o", "set", "--json")
+    assert result.exit_code == 0, result.output
+    assert not (work / "scratch").exists()
+    (work / "mine").mkdir()
+    (work / "mine" / "keep.txt").write_text("x")
+    result = run(*calibrate(work, "--low-memory", "--offload-dir", "mine", "-o", "out"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (work / "mine").iterdir()) == ["keep.txt"]
+    assert not (work / "out.partial").exists()
+
+
+def test_outputs_are_readable_as_the_umask_allows(work: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        result = run(*calibrate(work, "--method", "rtn", "-o", "out"))
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((work / "out").stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in (work / "out").iterdir())
+
+
+def test_replacing_an_output_leaves_no_old_copy(work: Path) -> None:
+    from quantkit.fsutil import atomic_dir
+
+    (work / "target").write_text("a file in the way")
+    with atomic_dir(work / "target", overwrite=True) as tmp:
+        (tmp / "x").write_text("new")
+    assert (work / "target" / "x").read_text() == "new"
+    assert sorted(p.name for p in work.iterdir()) == ["model", "target", "text.txt"]
+
+
+# ---------------------------------------------------------------- options and data
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--seqlen", "128"], "exceeds the model's max_position_embeddings (64)"),
+    (["--bits", "3", "--format", "compressed-tensors"], "stores 4 and 8 bits only"),
+    (["--static-groups", "--no-act-order"], "--static-groups"),
+    (["--calib", "missing.txt"], "not found"),
+    (["--calib", "hf:quantkit-no-such-org/no-such-dataset-3141"], "not found"),
+])
+def test_conflicting_options_before_calibrating(work: Path, no_model_load, extra: list, fragment: str) -> None:
+    assert_fault(work, calibrate(work, "-o", "out", *extra), fragment)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--seqlen", "100"], "max_position_embeddings (64)"),
+    (["--stride", "0"], "--stride"),
+])
+def test_eval_options(work: Path, no_model_load, extra: list, fragment: str) -> None:
+    assert_fault(work, ["eval", work / "model", "--data", "text.txt", *extra], fragment)
+
+
+def test_qid_fit_with_no_positive_qid(work: Path) -> None:
+    header = "model,method,bits,group_size,N,D,loss_fp,loss_q,qid,eval_text\n"
+    rows = [f"m{i},gptq,4,128,{10**6 * (i + 1)},{10**9 * (i + 1)},3.0,2.9,-0.1,e\n" for i in range(4)]
+    (work / "q.csv").write_text(header + "".join(rows))
+    assert_fault(work, ["qid", "fit", work / "q.csv"], "QiD > 0")
+
+
+def test_qid_measure_missing_checkpoint(work: Path) -> None:
+    assert_fault(work, ["qid", "measure", "/nonexistent/ckpt", "--eval", "text.txt", "-o", "q.csv"], "not found")
+
+
+def test_debug_shows_the_traceback(work: Path) -> None:
+    from quantkit.errors import QuantkitError
+
+    result = CliRunner().invoke(main, ["--debug", *map(str, calibrate(work, "--device", "foo", "-o", "out"))])
+    assert result.exit_code != 2 and isinstance(result.exception, QuantkitError)
+
+
+# ---------------------------------------------------------------- ranks and signals
+
+
+def test_failing_rank_leaves_no_temp_files(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = work / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "1:0")
+    line = assert_fault(work, calibrate(work, "--nproc", "2", "-o", "out"), "rank 1")
+    assert "nothing was exported" in line
+
+
+def test_low_memory_failure_keeps_only_finished_layers(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails after a finished layer keeps OUT.partial for --resume and says so; one that fails
+    before any finished layer leaves nothing."""
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:0")
+    assert_fault(work, calibrate(work, "--low-memory", "-o", "out"), "injected")
+    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:1")
+    result = run(*calibrate(work, "--low-memory", "-o", "out"))
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 2 and "keeps 1 of 2 finished layers; rerun with --resume" in line, line
+    assert sorted(p.name for p in work.iterdir()) == ["model", "out.partial", "text.txt"]
+
+
+def start(args: list, env: dict | None = None) -> tuple[subprocess.Popen, list[bytes]]:
+    """The CLI in a subprocess, with its stderr collected by a thread."""
+    proc = subprocess.Popen([sys.executable, "-m", "quantkit.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    chunks: list[bytes] = []
+
+    def pump() -> None:
+        while data := os.read(proc.stderr.fileno(), 4096):
+            chunks.append(data)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, chunks
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_removes_everything(work: Path, sig: signal.Signals) -> None:
+    args = ["calibrate", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
+            "--group-size", "32", "-o", work / "out"]
+    with unchanged(work):
+        proc, chunks = start(args, {"QUANTKIT_LAYER_DELAY": "30"})
+        wait_until(lambda: b"calibrate" in b"".join(chunks))  # the progress bar: inside the layer loop
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+    errors = [line for line in b"".join(chunks).decode().splitlines() if line.startswith("error:")]
+    assert errors == [f"error: interrupted ({sig.name}); nothing was written"], b"".join(chunks).decode()[-2000:]
+
+
+def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None:
+    args = [*calibrate(work, "--low-memory", "-o", work / "out")]
+    before = tree(work / "model")
+    proc, chunks = start(args, {"QUANTKIT_LAYER_DELAY": "2"})
+    state = work / "out.partial" / "state.json"
+
+    def one_layer_done() -> bool:
+        try:
+            return json.loads(state.read_text())["layers_done"] >= 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    wait_until(one_layer_done)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    stderr = b"".join(chunks).decode()
+    line = one_error_line(stderr)
+    assert "interrupted (SIGTERM)" in line and "1 of 2 finished layers" in line and "--resume" in line, line
+    assert not (work / "out").exists()
+    result = run(*calibrate(work, "--low-memory", "--resume", "-o", work / "out"))
+    assert result.exit_code == 0, result.output
+    assert not (work / "out.partial").exists() and (work / "out" / "model.safetensors").is_file()
+    assert tree(work / "model") == before
