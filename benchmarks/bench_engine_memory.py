@@ -22,7 +22,7 @@ def child(layers: int, width: int, nsamples: int, seqlen: int, method: str) -> d
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from quantkit.engine import calibrate_model
-    from quantkit.engine.layerwise import peak_rss_mb
+    from quantkit.memory import peak_rss_mb
     from quantkit.quant import QuantSpec
 
     torch.set_num_threads(1)

@@ -154,17 +154,44 @@ def check_disjoint(model_dir: str, seeds: list[int], eval_seed: int) -> None:
         raise click.UsageError(f"example seeds {clashes} were training batches of {model_dir}")
 
 
-def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, weights=None, **extra):
-    """A copy of `model` quantized with `method` (a trailing `_fp`: with the FP target), and the calibration
-    seconds; `extra` (vision, lm_head) goes to calibrate_model."""
-    from quantkit.engine.layerwise import calibrate_model
+def parse_method(name: str) -> tuple[str, bool, dict]:
+    """A method name -> (engine method, FP target, tlq_token_weights options).
+
+    rtn, gptq or tlq, then for tlq any of ``linear`` (per-linear guidance), ``g<N>`` (N output-row
+    groups), ``fisher`` (Fisher loss), ``d<N>`` (N Fisher draws), then ``fp`` for the FP target, joined
+    by underscores: ``tlq_linear_g4_fp`` is linear guidance, 4 row groups, FP target. tlq's options
+    start from tlq_token_weights' defaults (layer guidance, 1 row group, loss ce, 1 draw)."""
+    base, *tokens = name.split("_")
+    fp_target = tokens[-1:] == ["fp"]
+    tokens = tokens[:-1] if fp_target else tokens
+    options: dict = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1} if base == "tlq" else {}
+    for token in tokens:
+        if base != "tlq":
+            raise click.BadParameter(f"{name}: only tlq takes importance options")
+        if token == "linear":
+            options["guidance"] = "linear"
+        elif token == "fisher":
+            options["loss"] = "fisher"
+        elif token[:1] in ("g", "d") and token[1:].isdigit():
+            options["row_groups" if token[0] == "g" else "draws"] = int(token[1:])
+        else:
+            raise click.BadParameter(f"{name}: unknown option {token!r}")
+    if base not in ("rtn", "gptq", "tlq"):
+        raise click.BadParameter(f"{name}: the method must be rtn, gptq or tlq")
+    return base, fp_target, options
+
+
+def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, fp_target: bool, weights=None,
+              **extra):
+    """A copy of `model` quantized with the engine `method`, and the calibration seconds; `extra`
+    (vision, lm_head) goes to calibrate_model."""
+    from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     qmodel = copy.deepcopy(model)
     started = time.perf_counter()
-    calibrate_model(qmodel, samples, QuantSpec(bits=bits, group_size=group_size, sym=sym),
-                    method=method.removesuffix("_fp"), token_weights=weights, progress=False,
-                    fp_target=method.endswith("_fp"), **extra)
+    calibrate_model(qmodel, samples, QuantSpec(bits=bits, group_size=group_size, sym=sym), method=method,
+                    token_weights=weights, progress=False, fp_target=fp_target, **extra)
     return qmodel, time.perf_counter() - started
 
 
@@ -190,6 +217,19 @@ def paired(a: list[dict], b: list[dict]) -> dict:
     }
 
 
+def gap_ratio(a: list[dict], b: list[dict], fp_nll: float) -> dict:
+    """a's answer-NLL gap to FP over b's, per calibration seed, and the ratio of the mean gaps."""
+    gaps_a = [x["answer_nll"] - fp_nll for x in a]
+    gaps_b = [y["answer_nll"] - fp_nll for y in b]
+    per_seed = [x / y for x, y in zip(gaps_a, gaps_b)]
+    return {
+        "mean": round(statistics.fmean(per_seed), 3),
+        "se_seeds": round(se(per_seed), 3),
+        "per_seed": [round(r, 3) for r in per_seed],
+        "ratio_of_mean_gaps": round(statistics.fmean(gaps_a) / statistics.fmean(gaps_b), 3),
+    }
+
+
 @click.command()
 @click.option("--model", "model_dir", default="/tmp/quantkit-vlm/model-f", show_default=True)
 @click.option("--workdir", default="/tmp/quantkit-vlm/calib-final", show_default=True)
@@ -201,24 +241,28 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 @click.option("--split", type=click.Choice(["heldout", "val"]), default="heldout", show_default=True,
               help="val: the validation range, for choosing a model or TLQ options")
 @click.option("--lam", default=0.3, show_default=True, help="TLQ floor weight (0.3: chosen on --split val)")
+@click.option("--power", default=1.0, show_default=True, help="TLQ score exponent")
 @click.option("--methods", default="rtn,gptq,tlq", show_default=True,
-              help="comma-separated; gptq and tlq run without the FP target, gptq_fp and tlq_fp with it")
+              help="comma-separated; a trailing _fp: with the FP target; tlq options between: tlq_linear_g4_fp "
+                   "(see parse_method)")
 @click.option("--quantize-vision", "vision", is_flag=True, help="quantize the vision tower and projector too")
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="quantize lm_head too")
 @click.option("--threads", default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,
-         split: str, lam: float, methods: str, vision: bool, lm_head: bool, threads: int, output: Path | None) -> None:
+         split: str, lam: float, power: float, methods: str, vision: bool, lm_head: bool, threads: int, output: Path | None) -> None:
     """Run the benchmark and print JSON."""
     from quantkit.data.images import image_text_samples, load_processor
     from quantkit.fsutil import atomic_file
     from quantkit.models import load_model
+    from quantkit.quant.spec import QuantSpec
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
     seed_list = [int(s) for s in seeds.split(",")]
     settings = parse_settings(bits)
     method_list = methods.split(",")
+    parsed = {m: parse_method(m) for m in method_list}
     eval_seed = EVAL_SEED if split == "heldout" else VAL_SEED
     check_disjoint(model_dir, seed_list, eval_seed)
     model = load_model(model_dir, dtype="float32")
@@ -231,17 +275,26 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         pool = make_examples(POOL_FACTOR * nsamples, CALIB_SEED + seed, captions=0.15, task=task)
         jsonl = write_jsonl(pool, Path(workdir) / f"seed{seed}")
         samples = image_text_samples(jsonl, processor, nsamples=nsamples, seed=seed)
-        weights = None
-        if any(m.startswith("tlq") for m in method_list):
-            from quantkit.importance import tlq_token_weights
+        # TLQ token weights on the FP model, once per seed and importance options, reused across settings.
+        weights: dict[str, object] = {}
+        importance_seconds: dict[str, float] = {}
+        for engine_method, _, options in parsed.values():
+            key = json.dumps(options, sort_keys=True)
+            if engine_method == "tlq" and key not in weights:
+                from quantkit.importance import tlq_token_weights
 
-            weights = tlq_token_weights(model, samples, lam=lam, progress=False)
+                begun = time.perf_counter()
+                weights[key] = tlq_token_weights(model, samples, lam=lam, power=power, progress=False, **options)
+                importance_seconds[key] = round(time.perf_counter() - begun, 2)
         for label, width, sym in settings:
             for method in method_list:
-                qmodel, seconds = quantized(model, samples, width, sym, group_size, method,
-                                            weights if method.startswith("tlq") else None, vision=vision,
+                engine_method, fp_target, options = parsed[method]
+                key = json.dumps(options, sort_keys=True)
+                qmodel, seconds = quantized(model, samples, width, sym, group_size, engine_method, fp_target,
+                                            weights.get(key) if engine_method == "tlq" else None, vision=vision,
                                             lm_head=lm_head)
                 result = {**accuracy(qmodel, processor, examples, per_example=True), "calib_seconds": round(seconds, 2),
+                          "importance_seconds": importance_seconds.get(key) if engine_method == "tlq" else None,
                           "seed": seed}
                 runs[label][method].append(result)
                 brief = {k: v for k, v in result.items() if k != "correct"}
@@ -255,12 +308,16 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
                 "accuracy_mean": round(statistics.fmean(accs), 4),
                 "accuracy_se_seeds": round(se(accs), 4),
                 "retained_pct": round(100 * statistics.fmean(accs) / fp["accuracy"], 2) if fp["accuracy"] else None,
-                "answer_nll_mean": round(statistics.fmean(r["answer_nll"] for r in results), 4),
+                "answer_nll_mean": round(statistics.fmean(r["answer_nll"] for r in results), 5),
+                "answer_nll_gap_mean": round(statistics.fmean(r["answer_nll"] for r in results) - fp["answer_nll"], 5),
+                "answer_nll_gap_se_seeds": round(se([r["answer_nll"] for r in results]), 5),
                 "per_seed": [round(a, 4) for a in accs],
             }
         for tlq in (m for m in per_method if m.startswith("tlq")):
             for gptq in (m for m in per_method if m.startswith("gptq")):
                 summary[label][f"{tlq}_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq])
+                summary[label][f"{tlq}_nll_gap_over_{gptq}"] = gap_ratio(per_method[tlq], per_method[gptq],
+                                                                         fp["answer_nll"])
     # Per-example flags made the paired statistics; the JSON keeps the aggregates only.
     for per_method in runs.values():
         for results in per_method.values():
@@ -274,7 +331,9 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         if train_report.is_file() else None,
         "fp": fp,
         "settings": {"task": task, "split": split, "examples": n_heldout, "group_size": group_size, "bits": bits,
-                     "nsamples": nsamples, "seeds": seed_list, "tlq_lam": lam, "threads": threads,
+                     "nsamples": nsamples, "seeds": seed_list, "tlq_lam": lam, "tlq_power": power,
+                     "tlq_options": {m: options for m, (engine, _, options) in parsed.items() if engine == "tlq"},
+                     "act_order": QuantSpec().act_order, "static_groups": QuantSpec().static_groups, "threads": threads,
                      "quantize_vision": vision, "quantize_lm_head": lm_head},
         "summary": summary,
         "runs": runs,

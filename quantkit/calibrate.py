@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import torch
+import torch.distributed as dist
 
+from quantkit.data.calibration import load_calibration
+from quantkit.engine.comm import Comm, Hooks
+from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
+from quantkit.engine.driver import calibrate_model
+from quantkit.engine.streaming import calibrate_streaming
 from quantkit.errors import QuantkitError
-from quantkit.fsutil import check_output_dir
+from quantkit.export import FORMATS, default_format, save_quantized
+from quantkit.export.streamed import export_streamed
+from quantkit.fsutil import check_output_dir, scratch_dir
+from quantkit.importance import load_calibration_set, tlq_token_weights
 from quantkit.importance_cli import importance_options
+from quantkit.models import is_vlm, load_model
+from quantkit.models.streamed import build_skeleton
+from quantkit.quant.methods import METHODS, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
-
-METHODS = ("rtn", "gptq", "tlq")
-FORMATS = ("gptq", "gptq_v2", "compressed-tensors", "fake")
-
-
-def default_format(bits: int) -> str:
-    """compressed-tensors where its packing holds the bit width (4, 8), GPTQ v2 otherwise."""
-    return "compressed-tensors" if bits in (4, 8) else "gptq_v2"
+from quantkit.validate import preflight_calibration, private_tempdir, resumable_work
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,23 @@ class CalibrationJob:
     lm_head: bool = False
     vision: bool = False
     importance: dict | None = None  # TLQ's importance options (quantkit.importance.tlq_token_weights)
+    low_memory: bool = False  # layers streamed from the files, finished ones kept in OUTPUT.partial
+    offload_dir: str | None = None
+    resume: bool = False
+    hooks: Hooks | None = None  # what tests change on every rank (quantkit.engine.comm.Hooks)
 
     def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
         """The engine's report with the job's settings and the total time added."""
         return dict(report, model=self.model_name, calib=self.calib, calib_set=self.calib_set,
                     seqlen=int(samples[0]["input_ids"].shape[-1]), seed=self.seed, format=self.fmt,
                     total_seconds=round(time.perf_counter() - started, 3))
+
+    def fingerprint(self) -> dict:
+        """What a resumed low-memory run must share with the interrupted one."""
+        return {"model": str(Path(self.model_name).resolve()), "method": self.method, "spec": self.spec.to_dict(),
+                "calib": self.calib, "calib_set": self.calib_set, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed, "part": self.part, "dtype": self.dtype, "fp_target": self.fp_target,
+                "lm_head": self.lm_head, "vision": self.vision}
 
 
 def run_calibration(
@@ -80,66 +100,88 @@ def run_calibration(
     lm_head: bool = False,
     vision: bool = False,
     importance: dict | None = None,
+    hooks: Hooks | None = None,
 ) -> dict:
     """Quantize `model_name` on calibration data and export it to `output`; return the report.
 
-    fp_target None means the method's default (quantkit.engine.layerwise.fp_target_default: on for
-    TLQ only). lm_head quantizes the output head too (after the decoder layers, from their
-    quantized outputs), vision a VLM's vision tower and projector (before them); both export to
-    compressed-tensors or fake. importance holds TLQ's options for its gradient pass (guidance,
-    row_groups, loss, draws, lam, power: quantkit.importance.tlq_token_weights); a --calib-set
-    carries its own.
+    fp_target None means the method's default (quantkit.quant.methods: on for TLQ only). lm_head
+    quantizes the output head too (after the decoder layers, from their quantized outputs), vision a
+    VLM's vision tower and projector (before them); both export to compressed-tensors or fake.
+    importance holds TLQ's options for its gradient pass (guidance, row_groups, loss, draws, lam,
+    power: quantkit.importance.tlq_token_weights); a --calib-set carries its own.
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
     sharded over the ranks and rank 0 exports. low_memory streams one decoder layer at a time from
-    the safetensors files and checkpoints each finished layer in OUTPUT.partial; resume continues
-    an interrupted run from there (resume implies low_memory).
+    the safetensors files (on every rank) and checkpoints each finished layer in OUTPUT.partial;
+    resume continues an interrupted run from there (resume and offload_dir imply low_memory).
+    hooks are for tests: a callable run as each rank enters each layer, the row-split plan.
     """
-    from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
-    from quantkit.engine.layerwise import fp_target_default
-
-    if method not in METHODS:
-        raise QuantkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    chosen = method_for(method)
     spec.validate()
+    if importance:
+        from quantkit.importance import check_guidance, check_settings
+
+        # before the model loads: a bad option must not cost a load and a forward pass
+        check_settings(importance.get("lam", 0.1), importance.get("power", 1.0), None, 0.1)
+        check_guidance(importance.get("guidance", "layer"), importance.get("row_groups", 1),
+                       importance.get("loss", "ce"), importance.get("draws", 1))
     fmt = fmt or default_format(spec.bits)
     check_output_dir(output, overwrite)
     if calib is None and calib_set is None:
         raise QuantkitError("no calibration data; pass --calib PATH (text, jsonl, dataset or recipe) or --calib-set DIR")
     if nproc < 1:
         raise QuantkitError(f"--nproc must be at least 1, got {nproc}")
-    if fp_target and method == "rtn":
-        raise QuantkitError("--fp-target needs --method gptq or tlq: RTN reads no activations")
+    if fp_target and not chosen.needs_activations:
+        raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {chosen} reads none")
     if fp_target is None:
-        fp_target = fp_target_default(method)
+        fp_target = chosen.fp_target_default
+    check_format_holds(fmt, lm_head=lm_head, vision=vision)
+    low_memory = bool(resume or low_memory or offload_dir)
+    # before the model is loaded: minutes to hours of calibration must not end in a refused export
+    preflight_calibration(
+        model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order, static_groups=spec.static_groups,
+        overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen, device=device, devices=devices,
+        nproc=nproc, offload_dir=offload_dir, low_memory=low_memory, resume=resume,
+    )
+    if low_memory:
+        if not Path(model_name, "config.json").is_file():
+            raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model_name}")
+        if chosen.token_weights and calib_set is None:
+            raise QuantkitError(f"{chosen} with --low-memory needs token weights from a --calib-set (quantkit importance)")
+    if nproc > 1 and under_torchrun():
+        raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
+    job = CalibrationJob(
+        model_name=model_name, output=output, spec=spec, method=chosen.name, calib=calib, calib_set=calib_set,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
+        progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision, importance=importance,
+        low_memory=low_memory, offload_dir=offload_dir, resume=resume, hooks=hooks,
+    )
+    exporting = not under_torchrun() or int(os.environ["RANK"]) == 0
+    work = work_dir_for(output)
+    with contextlib.ExitStack() as scope:
+        if low_memory and exporting:
+            scope.enter_context(resumable_work(work))
+            scope.enter_context(scratch_dir(offload_dir))
+        report = _run_ranks(job, nproc, device, devices, dist_timeout)
+    if low_memory and exporting:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def check_format_holds(fmt: str, *, lm_head: bool, vision: bool) -> None:
+    """Raise QuantkitError if format `fmt` cannot hold what is to be quantized beyond the decoder layers."""
     flag = "--quantize-lm-head" if lm_head else "--quantize-vision" if vision else None
     if flag and fmt.startswith("gptq"):
         raise QuantkitError(
             f"{flag} exports to compressed-tensors (4 or 8 bits) or fake only: GPTQ checkpoints describe quantized "
             "decoder layers only; pass --format compressed-tensors or drop the flag"
         )
-    from quantkit.validate import preflight_calibration
 
-    # before the model is loaded: minutes to hours of calibration must not end in a refused export
-    preflight_calibration(
-        model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order, static_groups=spec.static_groups,
-        overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen, device=device, devices=devices,
-        nproc=nproc, offload_dir=offload_dir, low_memory=bool(resume or low_memory or offload_dir), resume=resume,
-    )
-    job = CalibrationJob(
-        model_name=model_name, output=output, spec=spec, method=method, calib=calib, calib_set=calib_set,
-        nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
-        progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision, importance=importance,
-    )
-    if resume or low_memory or offload_dir:
-        if nproc > 1 or under_torchrun():
-            raise QuantkitError("--low-memory/--resume run in one process for now; drop --nproc or torchrun")
-        return calibrate_low_memory(job, device=device, offload_dir=offload_dir, resume=resume)
+
+def _run_ranks(job: CalibrationJob, nproc: int, device: str, devices: list[int] | None, dist_timeout: float) -> dict:
+    """calibrate_rank on spawned local ranks, as this torchrun rank, or in this process alone."""
     if nproc > 1:
-        if under_torchrun():
-            raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
-        from quantkit.validate import private_tempdir
-
         # private_tempdir: torch leaves a failed rank's pytorch-errorfile-*.pickle in the temp folder
         with private_tempdir(), tempfile.TemporaryDirectory(prefix="quantkit-report-") as tmp:
             report_path = Path(tmp) / "report.json"
@@ -147,8 +189,6 @@ def run_calibration(
                         devices=devices, timeout_s=dist_timeout)
             return json.loads(report_path.read_text())
     if under_torchrun():
-        import torch.distributed as dist
-
         comm, mine = init_from_env(device, devices, dist_timeout)
         try:
             return calibrate_rank(job, comm=comm, device=mine)
@@ -157,40 +197,52 @@ def run_calibration(
     return calibrate_rank(job, comm=None, device=device)
 
 
-def calibrate_rank(job: CalibrationJob, comm=None, device: str = "cpu", report_path: str | None = None) -> dict:
-    """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports."""
-    from quantkit.data.calibration import load_calibration
-    from quantkit.engine import calibrate_model
-    from quantkit.export import save_quantized
-    from quantkit.models import is_vlm, load_model
-
-    started = time.perf_counter()
-    rank = comm.rank if comm is not None else 0
-    model = load_model(job.model_name, dtype=job.dtype)
-    token_weights = None
+def _samples_and_weights(job: CalibrationJob, model: torch.nn.Module, device: str, rank: int) -> tuple[list[dict], object]:
+    """The calibration samples, and the token weights where the method uses them (else None)."""
+    uses_weights = method_for(job.method).token_weights
     if job.calib_set is not None:
-        from quantkit.importance import load_calibration_set
-
         samples, set_weights = load_calibration_set(job.calib_set, job.model_name, model)
-        if job.method == "tlq":
-            token_weights = set_weights
-    else:
-        samples = load_calibration(job.calib, job.model_name, is_vlm(model), job.nsamples, job.seqlen, job.seed,
-                                   job.part)
-        if job.method == "tlq":
-            from quantkit.importance import tlq_token_weights
+        return samples, set_weights if uses_weights else None
+    samples = load_calibration(job.calib, job.model_name, is_vlm(model.config), job.nsamples, job.seqlen, job.seed,
+                               job.part)
+    if not uses_weights:
+        return samples, None
+    weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0,
+                                **(job.importance or {}))
+    return samples, weights
 
-            token_weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0,
-                                              **(job.importance or {}))
-    calibration = calibrate_model(
-        model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
-        progress=job.progress, comm=comm, fp_target=job.fp_target, lm_head=job.lm_head,
-        vision=job.vision,
-    )
+
+def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = "cpu",
+                   report_path: str | None = None) -> dict:
+    """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports."""
+    started = time.perf_counter()
+    comm = comm or Comm()
+    comm.hooks = job.hooks or comm.hooks
+    rank = comm.rank
+    if job.low_memory:
+        # The skeleton holds no decoder layer: enough for the samples (a calibration set's check of the
+        # model), not for token weights, which calibrate.run_calibration has refused without a set.
+        skeleton, _, _ = build_skeleton(job.model_name, job.dtype)
+        samples, token_weights = _samples_and_weights(job, skeleton, device, rank)
+        del skeleton
+        model, calibration = calibrate_streaming(
+            job.model_name, samples, job.spec, work_dir_for(job.output), method=job.method, device=device,
+            token_weights=token_weights, progress=job.progress, resume=job.resume, fingerprint=job.fingerprint(),
+            offload_dir=job.offload_dir, dtype=job.dtype, fp_target=job.fp_target, lm_head=job.lm_head,
+            vision=job.vision, comm=comm,
+        )
+    else:
+        model = load_model(job.model_name, dtype=job.dtype)
+        samples, token_weights = _samples_and_weights(job, model, device, rank)
+        calibration = calibrate_model(
+            model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
+            progress=job.progress, comm=comm, fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
+        )
     report = job.finish_report(calibration.report, samples, started)
     if rank == 0:
-        save_quantized(model, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
-                       overwrite=job.overwrite)
+        sink = export_streamed if job.low_memory else save_quantized
+        sink(model, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
+             overwrite=job.overwrite)
         if report_path is not None:
             Path(report_path).write_text(json.dumps(report))
     return report
@@ -202,59 +254,9 @@ def work_dir_for(output: str) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: str | None = None,
-                         resume: bool = False) -> dict:
-    """Streamed calibration (one layer in memory, each finished layer checkpointed) and export."""
-    import shutil
-
-    from quantkit.data.calibration import load_calibration
-    from quantkit.engine.streaming import build_skeleton, calibrate_streaming, export_streamed
-    from quantkit.fsutil import scratch_dir
-    from quantkit.validate import resumable_work
-
-    started = time.perf_counter()
-    if not Path(job.model_name, "config.json").is_file():
-        raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {job.model_name}")
-    token_weights = None
-    if job.calib_set is not None:
-        from quantkit.importance import load_calibration_set
-
-        skeleton, _, _ = build_skeleton(job.model_name, job.dtype)
-        samples, set_weights = load_calibration_set(job.calib_set, job.model_name, skeleton)
-        del skeleton
-        if job.method == "tlq":
-            token_weights = set_weights
-    else:
-        if job.method == "tlq":
-            raise QuantkitError("TLQ with --low-memory needs token weights from a --calib-set (quantkit importance)")
-        from transformers import AutoConfig
-
-        from quantkit.models import is_vlm
-
-        vlm = is_vlm(AutoConfig.from_pretrained(job.model_name))
-        samples = load_calibration(job.calib, job.model_name, vlm, job.nsamples, job.seqlen, job.seed, job.part)
-    # what a resumed run must share with the interrupted one
-    fingerprint = {"model": str(Path(job.model_name).resolve()), "method": job.method, "spec": job.spec.to_dict(),
-                   "calib": job.calib, "calib_set": job.calib_set, "nsamples": job.nsamples, "seqlen": job.seqlen,
-                   "seed": job.seed, "part": job.part, "dtype": job.dtype, "fp_target": job.fp_target,
-                   "lm_head": job.lm_head, "vision": job.vision}
-    work = work_dir_for(job.output)
-    with resumable_work(work), scratch_dir(offload_dir):
-        model, calibration = calibrate_streaming(
-            job.model_name, samples, job.spec, work, method=job.method, device=device, token_weights=token_weights,
-            progress=job.progress, resume=resume, fingerprint=fingerprint, offload_dir=offload_dir, dtype=job.dtype,
-            fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
-        )
-        report = job.finish_report(calibration.report, samples, started)
-        export_streamed(model, work, calibration.results, job.output, fmt=job.fmt, source=job.model_name,
-                        report=report, overwrite=job.overwrite)
-    shutil.rmtree(work, ignore_errors=True)
-    return report
-
-
 @click.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(METHODS), default="gptq", show_default=True, help="Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="gptq", show_default=True, help="Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ).")
 @click.option("--bits", type=int, default=4, show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Columns per quantization group; -1 for per-channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")
@@ -273,7 +275,7 @@ def calibrate_low_memory(job: CalibrationJob, device: str = "cpu", offload_dir: 
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Export format (default: compressed-tensors for 4/8 bits, gptq_v2 otherwise).")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors for 4/8 bits, gptq_v2 otherwise).")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
 @click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")

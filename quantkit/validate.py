@@ -412,7 +412,7 @@ def _dtype_size(stored: dict, key: str, default: int) -> int:
 
 def _check_tensors(name: str, model, adapter, stored: dict[str, tuple[tuple[int, ...], str, Path]]) -> None:
     """Every parameter present with its configured shape, no layer or tensor the config does not describe."""
-    from quantkit.engine.streaming import checkpoint_names_to_model_names
+    from quantkit.models.streamed import checkpoint_names_to_model_names
 
     try:
         renamed = checkpoint_names_to_model_names(model, list(stored))

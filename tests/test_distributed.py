@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import time
@@ -11,48 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from helpers import FailAt, cli_command, files_and_tensors, make_model_dir, make_text
 
 from quantkit.calibrate import run_calibration
+from quantkit.engine.comm import Hooks
 from quantkit.errors import QuantkitError
 from quantkit.export import read_checkpoint
 from quantkit.quant import QuantSpec
 
 SPEC = QuantSpec(bits=4, group_size=32)
-
-
-def char_tokenizer():
-    """A 96-symbol character tokenizer built offline (printable ASCII + <unk>)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i - 32 for i in range(32, 127)}
-    vocab["<unk>"] = 95
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
-
-
-def make_model_dir(root: Path, layers: int = 3) -> Path:
-    """Save a random tiny Llama (hidden 64) with a character tokenizer under root/model."""
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    out = root / "model"
-    model.save_pretrained(out)
-    char_tokenizer().save_pretrained(out)
-    return out
-
-
-def make_text(root: Path) -> Path:
-    """A text file of random words, plenty for a few 32-token windows."""
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 8))) for _ in range(800)]
-    path = root / "calib.txt"
-    path.write_text(" ".join(words))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +31,6 @@ def calibrate(model: Path, text: Path, out: Path, nproc: int, **kw) -> dict:
     """Run the calibrate entry point with GPTQ on 6 windows of 32 tokens."""
     return run_calibration(str(model), str(out), SPEC, method="gptq", calib=str(text), nsamples=6, seqlen=32,
                            progress=False, nproc=nproc, **kw)
-
-
-def files_and_tensors(out: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Exported file names and every tensor of the export's safetensors files."""
-    names = sorted(p.name for p in out.iterdir())
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return names, tensors
 
 
 @pytest.mark.parametrize("ranks", [(1, 2), pytest.param((1, 2, 3), marks=pytest.mark.slow)])
@@ -135,12 +92,11 @@ def assert_same_export(ref: Path, other: Path) -> None:
 
 @pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_row_split_solves_match_one_rank(model_and_text, tmp_path: Path, monkeypatch, nproc: int) -> None:
-    """Every linear cut by output rows over all ranks (QUANTKIT_SPLIT_ROWS=1): GPTQ rows are independent
+    """Every linear cut by output rows over all ranks (Hooks.split_rows): GPTQ rows are independent
     given the Hessian, so the concatenated slices equal the one-rank solve exactly."""
     model, text = model_and_text
     calibrate(model, text, tmp_path / "out1", 1)
-    monkeypatch.setenv("QUANTKIT_SPLIT_ROWS", "1")
-    report = calibrate(model, text, tmp_path / "split", nproc)
+    report = calibrate(model, text, tmp_path / "split", nproc, hooks=Hooks(split_rows=True))
     for layer in report["layers"]:
         for name, entry in layer["linears"].items():
             assert [piece[0] for piece in entry["solved_on_ranks"]] == list(range(nproc)), name
@@ -150,7 +106,7 @@ def test_row_split_solves_match_one_rank(model_and_text, tmp_path: Path, monkeyp
 def test_plan_group_cuts_big_linears_by_rows_and_covers_every_row() -> None:
     from torch import nn
 
-    from quantkit.engine.layerwise import assign_owners, plan_group, plan_makespan
+    from quantkit.engine.plan import assign_owners, plan_group, plan_makespan
 
     def linear(out_f: int, in_f: int) -> nn.Linear:
         return nn.Linear(in_f, out_f, bias=False, device="meta")
@@ -175,10 +131,9 @@ def test_plan_group_cuts_big_linears_by_rows_and_covers_every_row() -> None:
 
 def test_raising_rank_stops_all_and_exports_nothing(model_and_text, tmp_path: Path, monkeypatch) -> None:
     model, text = model_and_text
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "1:1")
     started = time.perf_counter()
     with pytest.raises(QuantkitError, match=r"rank 1 failed at layer 1: RuntimeError: injected failure"):
-        calibrate(model, text, tmp_path / "out", 2)
+        calibrate(model, text, tmp_path / "out", 2, hooks=Hooks(on_layer=FailAt(1, 1)))
     assert time.perf_counter() - started < 120
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -187,10 +142,9 @@ def test_raising_rank_stops_all_and_exports_nothing(model_and_text, tmp_path: Pa
 def test_killed_rank_via_cli_exits_2_naming_rank_and_layer(model_and_text, tmp_path: Path) -> None:
     model, text = model_and_text
     out = tmp_path / "out"
-    env = dict(os.environ, QUANTKIT_FAIL_AT="1:1:kill")
-    cmd = [sys.executable, "-m", "quantkit.cli", "calibrate", str(model), "--calib", str(text), "--nsamples", "4",
-           "--seqlen", "32", "--group-size", "32", "--nproc", "2", "-o", str(out), "--json"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = cli_command("calibrate", model, "--calib", text, "--nsamples", "4", "--seqlen", "32", "--group-size", "32",
+                      "--nproc", "2", "-o", out, "--json", hooks="Hooks(on_layer=FailAt(1, 1, kill=True))")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rank 1 died (SIGKILL) at layer 1" in errors[0], proc.stderr[-2000:]

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTCo
 
 from quantkit.engine import calibrate_model
 from quantkit.engine.capture import capture_layer_inputs, run_layer
-from quantkit.engine.layerwise import accumulate_group, assign_owners
+from quantkit.engine.layerwise import accumulate_group
+from quantkit.engine.plan import assign_owners
 from quantkit.errors import QuantkitError
 from quantkit.models import adapter_for, get_module
 from quantkit.quant import QuantSpec, gptq_solve, rtn_solve
@@ -158,9 +159,9 @@ def test_hessians_come_from_the_quantized_path(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_replaying_finished_blocks_gives_the_codes_of_running_every_pass(kind: str, monkeypatch) -> None:
     """Reference: every group's pass and the propagation run the whole layer, nothing replayed."""
-    from quantkit.engine import layerwise
+    from quantkit.engine import driver
 
-    monkeypatch.setattr(layerwise, "BATCH_SIZE", 1)  # four batches: derived outputs beyond the first
+    monkeypatch.setattr(driver, "BATCH_SIZE", 1)  # four batches: derived outputs beyond the first
     fp = tiny_model(kind)
     model, ref = copy.deepcopy(fp), copy.deepcopy(fp)
     adapter = adapter_for(model)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import save_tiny_llama, write_text
+from helpers import FailAt, cli_command, save_tiny_llama, with_hooks, write_text
 from safetensors.torch import load_file, save_file
 
 from quantkit.cli import main
@@ -421,7 +420,7 @@ def test_failing_rank_leaves_no_temp_files(work: Path, monkeypatch: pytest.Monke
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "1:0")
+    with_hooks(monkeypatch, on_layer=FailAt(1, 0))
     line = assert_fault(work, calibrate(work, "--nproc", "2", "-o", "out"), "rank 1")
     assert "nothing was exported" in line
 
@@ -429,19 +428,19 @@ def test_failing_rank_leaves_no_temp_files(work: Path, monkeypatch: pytest.Monke
 def test_low_memory_failure_keeps_only_finished_layers(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that fails after a finished layer keeps OUT.partial for --resume and says so; one that fails
     before any finished layer leaves nothing."""
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:0")
+    with_hooks(monkeypatch, on_layer=FailAt(0, 0))
     assert_fault(work, calibrate(work, "--low-memory", "-o", "out"), "injected")
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:1")
+    with_hooks(monkeypatch, on_layer=FailAt(0, 1))  # the later keyword wins
     result = run(*calibrate(work, "--low-memory", "-o", "out"))
     line = one_error_line(result.stderr)
     assert result.exit_code == 2 and "keeps 1 of 2 finished layers; rerun with --resume" in line, line
     assert sorted(p.name for p in work.iterdir()) == ["model", "out.partial", "text.txt"]
 
 
-def start(args: list, env: dict | None = None) -> tuple[subprocess.Popen, list[bytes]]:
-    """The CLI in a subprocess, with its stderr collected by a thread."""
-    proc = subprocess.Popen([sys.executable, "-m", "quantkit.cli", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+def start(args: list, hooks: str | None = None) -> tuple[subprocess.Popen, list[bytes]]:
+    """The CLI in a subprocess (with `hooks`, see helpers.cli_command), with its stderr collected by a thread."""
+    proc = subprocess.Popen(cli_command(*args, hooks=hooks), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     chunks: list[bytes] = []
 
     def pump() -> None:
@@ -464,7 +463,7 @@ def test_signal_removes_everything(work: Path, sig: signal.Signals) -> None:
     args = ["calibrate", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
             "--group-size", "32", "-o", work / "out"]
     with unchanged(work):
-        proc, chunks = start(args, {"QUANTKIT_LAYER_DELAY": "30"})
+        proc, chunks = start(args, "Hooks(on_layer=Delay(30))")
         wait_until(lambda: b"calibrate" in b"".join(chunks))  # the progress bar: inside the layer loop
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 128 + sig
@@ -475,7 +474,7 @@ def test_signal_removes_everything(work: Path, sig: signal.Signals) -> None:
 def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None:
     args = [*calibrate(work, "--low-memory", "-o", work / "out")]
     before = tree(work / "model")
-    proc, chunks = start(args, {"QUANTKIT_LAYER_DELAY": "2"})
+    proc, chunks = start(args, "Hooks(on_layer=Delay(2))")
     state = work / "out.partial" / "state.json"
 
     def one_layer_done() -> bool:

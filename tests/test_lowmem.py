@@ -12,28 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_model_dir, make_text
 from safetensors.torch import load_file
-from test_distributed import char_tokenizer, make_text
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from quantkit.calibrate import run_calibration, work_dir_for
 from quantkit.errors import QuantkitError
 from quantkit.quant import QuantSpec
 
 SPEC = QuantSpec(bits=4, group_size=32)
-
-
-def make_model_dir(root: Path, layers: int = 3, width: int = 64, inter: int = 128, tie: bool = False) -> Path:
-    """Save a random Llama with a character tokenizer under root/model (sharded when large)."""
-    config = LlamaConfig(vocab_size=96, hidden_size=width, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    out = root / "model"
-    model.save_pretrained(out, max_shard_size="20MB")
-    char_tokenizer().save_pretrained(out)
-    return out
 
 
 def tensors_of(out: Path) -> dict[str, torch.Tensor]:
@@ -174,7 +160,7 @@ def _mapped(path: Path) -> bool:
 def test_read_safetensors_matches_load_file_and_maps_nothing(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from quantkit.engine.streaming import WeightSource, read_safetensors
+    from quantkit.models.streamed import WeightSource, read_safetensors
 
     path = tmp_path / "model.safetensors"
     written = _hand_made_safetensors(path)
@@ -209,8 +195,8 @@ MEASURED = textwrap.dedent("""
     import json, sys
     import torch
     from quantkit.calibrate import run_calibration
-    from quantkit.engine.layerwise import peak_rss_mb as peak_mb  # VmHWM: ru_maxrss holds pytest's peak
-    from quantkit.engine.streaming import build_skeleton
+    from quantkit.memory import peak_rss_mb as peak_mb  # VmHWM: ru_maxrss holds pytest's peak
+    from quantkit.models.streamed import build_skeleton
     from quantkit.quant import QuantSpec, gptq_solve
     torch.set_num_threads(1)
     model, text, out, low = sys.argv[1:5]

@@ -13,7 +13,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant import (
-    SOLVERS,
+    METHODS,
     QuantResult,
     QuantSpec,
     gptq_solve,
@@ -257,7 +257,7 @@ def test_mse_clipping_never_worse_than_min_max(bits: int, sym: bool) -> None:
 def test_nan_or_inf_raises_and_names_the_module() -> None:
     weight = torch.randn(8, 32)
     weight[2, 3] = float("nan")
-    for solve in SOLVERS.values():
+    for solve in {m.solve for m in METHODS.values()}:
         with pytest.raises(QuantkitError, match="layers.0.q_proj"):
             solve(weight, torch.eye(32), QuantSpec(group_size=-1), "layers.0.q_proj")
     hessian = torch.eye(32)
@@ -268,7 +268,7 @@ def test_nan_or_inf_raises_and_names_the_module() -> None:
 
 def test_invalid_specs_and_shapes_raise() -> None:
     weight = torch.randn(8, 128)
-    for solve in SOLVERS.values():
+    for solve in {m.solve for m in METHODS.values()}:
         with pytest.raises(QuantkitError, match="bits"):
             solve(weight, torch.eye(128), QuantSpec(bits=5))
         with pytest.raises(QuantkitError, match="does not divide"):

@@ -6,23 +6,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_distributed import make_text
-from test_lowmem import make_model_dir
+from helpers import FailAt, cli_command, make_model_dir, make_text
 
 from quantkit.calibrate import run_calibration, work_dir_for
+from quantkit.engine.comm import Hooks
 from quantkit.errors import QuantkitError
 from quantkit.quant import QuantSpec
 
+FAIL_AT_2 = Hooks(on_layer=FailAt(0, 2))
 
-def cli(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
+
+def cli(model: Path, text: Path, out: Path, *extra: str, hooks: str | None = None) -> list[str]:
     """The calibrate command line for a low-memory GPTQ run of 4 windows of 32 tokens."""
-    return [sys.executable, "-m", "quantkit.cli", "calibrate", str(model), "--calib", str(text), "--nsamples", "4",
-            "--seqlen", "32", "--group-size", "32", "--low-memory", "-o", str(out), "--json", *extra]
+    return cli_command("calibrate", model, "--calib", text, "--nsamples", "4", "--seqlen", "32", "--group-size", "32",
+                       "--low-memory", "-o", out, "--json", *extra, hooks=hooks)
 
 
 def test_sigkill_then_resume_is_byte_identical(tmp_path: Path) -> None:
@@ -33,7 +34,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     state = work_dir_for(str(out)) / "state.json"
-    proc = subprocess.Popen(cli(model, text, out), env=dict(env, QUANTKIT_LAYER_DELAY="1.5"),
+    proc = subprocess.Popen(cli(model, text, out, hooks="Hooks(on_layer=Delay(1.5))"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     done = 0
@@ -68,12 +69,10 @@ def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path, mon
     torch.set_num_threads(1)
     model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
     out = tmp_path / "out"
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")
     kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
     with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), **kw)
+        run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), hooks=FAIL_AT_2, **kw)
     assert json.loads((work_dir_for(str(out)) / "state.json").read_text())["layers_done"] == 2
-    monkeypatch.delenv("QUANTKIT_FAIL_AT")
     with pytest.raises(QuantkitError, match="other settings"):
         run_calibration(str(model), str(out), QuantSpec(bits=3, group_size=32), resume=True, **kw)
     report = run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), resume=True, **kw)
@@ -94,10 +93,8 @@ def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch, bi
     spec = QuantSpec(bits=bits, group_size=32)
     run_calibration(str(model), str(tmp_path / "full"), spec, **kw)
     out = tmp_path / "out"
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")
     with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model), str(out), spec, **kw)
-    monkeypatch.delenv("QUANTKIT_FAIL_AT")
+        run_calibration(str(model), str(out), spec, hooks=FAIL_AT_2, **kw)
     report = run_calibration(str(model), str(out), spec, resume=True, **kw)
     assert report["resumed_from_layer"] == 2
     files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))

@@ -205,7 +205,7 @@ def test_replay_layers_matches_full_forward(family: str, dataset: str) -> None:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_rtn_quantizes_only_language_linears(family: str, dataset: str) -> None:
-    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     model, processor = build(family)
@@ -292,7 +292,7 @@ def test_unsupported_llava_text_backbone(tmp_path) -> None:
 def test_fp_target_on_image_text_samples(family: str, dataset: str) -> None:
     """Layer 0's first group reads the same embeddings on both streams (C = H~, so the FP target is W
     itself and the codes are plain TLQ's); every later linear is fitted toward the FP stream."""
-    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine import calibrate_model
     from quantkit.importance import tlq_token_weights
     from quantkit.quant.spec import QuantSpec
 
@@ -317,7 +317,7 @@ def test_lm_head_on_image_text_samples(family: str, dataset: str) -> None:
     """With lm_head asked for, the head is solved on its inputs in full forwards of the model whose
     decoder layers carry the run's codes (dense reference Hessian, last layer's token weights);
     the vision tower and projector stay untouched."""
-    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine import calibrate_model
     from quantkit.importance import tlq_token_weights
     from quantkit.quant import gptq_solve
     from quantkit.quant.spec import QuantSpec
@@ -373,7 +373,7 @@ def test_quantize_vision_against_full_forward_reference(family: str, dataset: st
     """--quantize-vision: groups found in call order; each group solved on its inputs in full forwards of
     the model whose earlier groups carry the run's codes; the language model then calibrated exactly as
     on a model whose vision side was quantized beforehand (quantization-exposed)."""
-    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine import calibrate_model
     from quantkit.engine.vision import vision_groups
     from quantkit.quant import gptq_solve
     from quantkit.quant.spec import QuantSpec
@@ -414,7 +414,7 @@ def test_quantize_vision_against_full_forward_reference(family: str, dataset: st
 def test_quantize_vision_refused_for_text_models() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -451,7 +451,7 @@ def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> Non
 def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> None:
     """Layer 0's q/k/v: X from the FP model, X~ from the model with the run's quantized vision side;
     GPTQ toward W C H~^-1 (with the FP tower's outputs as the FP stream, C != H~ already here)."""
-    from quantkit.engine.layerwise import calibrate_model
+    from quantkit.engine import calibrate_model
     from quantkit.quant import gptq_solve
     from quantkit.quant.gptaq import fp_target_weight
     from quantkit.quant.spec import QuantSpec
@@ -528,7 +528,10 @@ def test_low_memory_vlm_export_equals_in_memory_export(family: str, extra: dict,
 def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monkeypatch) -> None:
     """Interrupted at layer 2 and resumed: the vision side is quantized again (the same codes) before
     the saved streams take over, and the export matches an uninterrupted run byte for byte."""
+    from helpers import FailAt
+
     from quantkit.calibrate import run_calibration
+    from quantkit.engine.comm import Hooks
     from quantkit.quant.spec import QuantSpec
 
     model, processor = build("llava")
@@ -539,10 +542,8 @@ def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monk
               fp_target=True)
     spec = QuantSpec(bits=4, group_size=16)
     run_calibration(str(model_dir), str(tmp_path / "full"), spec, **kw)
-    monkeypatch.setenv("QUANTKIT_FAIL_AT", "0:2")
     with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model_dir), str(tmp_path / "out"), spec, **kw)
-    monkeypatch.delenv("QUANTKIT_FAIL_AT")
+        run_calibration(str(model_dir), str(tmp_path / "out"), spec, hooks=Hooks(on_layer=FailAt(0, 2)), **kw)
     report = run_calibration(str(model_dir), str(tmp_path / "out"), spec, resume=True, **kw)
     assert report["resumed_from_layer"] == 2
     files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))

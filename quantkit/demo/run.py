@@ -14,6 +14,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_dir, atomic_file, check_output_dir
+from quantkit.quant.methods import method_for
 
 
 def pick_group_size(widths: Sequence[int], candidates: Sequence[int] = (128, 64, 32)) -> int:
@@ -102,8 +103,7 @@ def run_demo(
         raise QuantkitError("--model needs --data: give the text to calibrate on (train part) and evaluate on (heldout part)")
     check_format(fmt)
     for m in methods:
-        if m not in ("rtn", "gptq", "tlq"):
-            raise QuantkitError(f"unknown method {m!r}; choose rtn, gptq or tlq")
+        method_for(m)  # unknown methods fail before any work
     for b in bits:
         QuantSpec(bits=b).validate()
     out = check_output_dir(out, overwrite)

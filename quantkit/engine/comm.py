@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-# Test hook: "RANK:LAYER" makes that rank raise when it reaches that layer, "RANK:LAYER:kill"
-# makes it die by SIGKILL there (a crashed worker). Used by the fault tests only.
-FAIL_ENV = "QUANTKIT_FAIL_AT"
-# Test hook: seconds to sleep at the start of every layer, so a test can kill a run mid-way.
-DELAY_ENV = "QUANTKIT_LAYER_DELAY"
-# Test hook: "1" splits every linear's output rows over all ranks (instead of the cost-balanced
-# plan, which splits only where that balances better), so tests exercise the row-split path.
-SPLIT_ENV = "QUANTKIT_SPLIT_ROWS"
+
+@dataclass(frozen=True)
+class Hooks:
+    """What tests change in a run, carried to every rank (picklable): a callable run as each rank enters
+    each layer, `on_layer(rank, layer)` (to raise, kill or delay there), and the row-split plan."""
+
+    on_layer: Callable[[int, int], None] | None = None
+    # every linear's output rows cut over all ranks, instead of the cost-balanced plan that cuts only
+    # where that balances better, so tests exercise the row-split path
+    split_rows: bool = False
 
 
 class Comm:
@@ -23,8 +26,9 @@ class Comm:
     rank: int = 0
     world_size: int = 1
 
-    def __init__(self, on_layer: Callable[[int], None] | None = None) -> None:
+    def __init__(self, on_layer: Callable[[int], None] | None = None, hooks: Hooks | None = None) -> None:
         self.on_layer = on_layer
+        self.hooks = hooks or Hooks()
 
     @property
     def distributed(self) -> bool:
@@ -48,31 +52,17 @@ class Comm:
         """Wait for every rank."""
 
     def enter_layer(self, index: int) -> None:
-        """Record progress (for error messages) and fire the fault-injection hook."""
+        """Record progress (for error messages) and run the hooks' on_layer."""
         if self.on_layer is not None:
             self.on_layer(index)
-        if os.environ.get(DELAY_ENV):
-            import time
-
-            time.sleep(float(os.environ[DELAY_ENV]))
-        spec = os.environ.get(FAIL_ENV)
-        if not spec:
-            return
-        parts = spec.split(":")
-        if int(parts[0]) == self.rank and int(parts[1]) == index:
-            if len(parts) > 2 and parts[2] == "kill":
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure ({FAIL_ENV}={spec})")
+        if self.hooks.on_layer is not None:
+            self.hooks.on_layer(self.rank, index)
 
 
 class TorchComm(Comm):
     """An initialised torch.distributed process group; tensors travel on `device`."""
 
     def __init__(self, device: torch.device | str, on_layer: Callable[[int], None] | None = None) -> None:
-        import torch.distributed as dist
-
         super().__init__(on_layer)
         self._dist = dist
         self.rank = dist.get_rank()

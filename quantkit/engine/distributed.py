@@ -19,6 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from quantkit.engine.comm import TorchComm
 from quantkit.errors import QuantkitError
@@ -50,8 +52,6 @@ def backend_for(device: str) -> str:
 def init_group(rank: int, world_size: int, device: str, timeout_s: float, on_layer=None,
                init_method: str = "env://") -> TorchComm:
     """Join the process group (env:// rendezvous unless `init_method` says otherwise) and return its communicator."""
-    import torch.distributed as dist
-
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(
@@ -72,8 +72,6 @@ def init_from_env(device: str, devices: list[int] | None, timeout_s: float) -> t
 def _rank_entry(rank: int, world: int, job: Callable, kwargs: dict, progress, error_dir: str,
                 device: str, devices: list[int] | None, timeout_s: float, threads: int) -> None:
     """Body of one spawned rank: join the group, run `job`, record any failure for the parent."""
-    import torch.distributed as dist
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
 
@@ -101,8 +99,6 @@ def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", de
     When a rank raises or dies, the others are terminated at once (no waiting on collectives),
     and the error names the failing rank and the layer it was calibrating.
     """
-    import torch.multiprocessing as mp
-
     context = mp.get_context("spawn")
     progress = context.Array("i", [-1] * nproc, lock=False)
     with tempfile.TemporaryDirectory(prefix="quantkit-ranks-") as error_dir:
@@ -122,8 +118,6 @@ def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", de
 
 def _failure_message(err: Exception, error_dir: str, progress) -> str:
     """One line naming the rank that failed first, the layer it was on, and why."""
-    import torch.multiprocessing as mp
-
     records = [json.loads(p.read_text()) for p in Path(error_dir).glob("rank*.json")]
     if isinstance(err, mp.ProcessExitedException) and err.signal_name:
         rank = err.error_index

@@ -19,11 +19,14 @@ import torch
 from torch import nn
 
 from quantkit.engine.capture import move_outside_layers, run_until_first_layer
+from quantkit.engine.checks import check_group_width
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.solve import install_result, reduce_accumulator, solve_rows
 from quantkit.errors import QuantkitError
 from quantkit.models import get_module
 from quantkit.models.base import Adapter
+from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 
@@ -62,8 +65,6 @@ def check_vision(model: nn.Module, groups: list[list[str]], spec: QuantSpec) -> 
     """Raise QuantkitError, before any work, if a vision linear cannot be quantized."""
     if not groups:
         raise QuantkitError("no vision linears ran on the first calibration sample; give image-text calibration data")
-    from quantkit.engine.layerwise import check_group_width
-
     for name in (n for group in groups for n in group):
         check_group_width(get_module(model, name).in_features, name, spec, ", or leave the vision side in full precision")
 
@@ -75,7 +76,7 @@ def quantize_vision(
     samples: Sequence[dict],
     groups: list[list[str]],
     spec: QuantSpec,
-    method: str,
+    method: Method | str,
     device: torch.device | str = "cpu",
     comm: Comm | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
@@ -84,18 +85,15 @@ def quantize_vision(
     With several ranks the Hessians are all-reduced and every rank solves every group, so all end
     with the same tower.
     """
-    from quantkit.engine.layerwise import install_result, reduce_accumulator, solve_rows
-    from quantkit.quant import solver_for
-
     comm = comm or Comm()
-    solve = solver_for(method)
+    method = method_for(method)
     move_outside_layers(model, adapter, device)
     results: dict[str, QuantResult] = {}
     reports: dict[str, dict] = {}
     for group in groups:
         linears = {name: get_module(model, name) for name in group}
         hessian = None
-        if method != "rtn":
+        if method.needs_activations:
             first = linears[group[0]]
             acc = HessianAccumulator(first.in_features, device)
             handle = first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
@@ -106,7 +104,7 @@ def quantize_vision(
             reduce_accumulator(acc, comm)
             hessian = acc.result()
         weights = [linear.weight.data.float() for linear in linears.values()]
-        for (name, linear), weight, result in zip(linears.items(), weights, solve_rows(solve, weights, hessian, spec, group)):
+        for (name, linear), weight, result in zip(linears.items(), weights, solve_rows(method.solve, weights, hessian, spec, group)):
             reports[name] = install_result(linear, weight, result, hessian)
             results[name] = result
     return results, {"groups": len(groups), "linears": reports}

@@ -10,11 +10,12 @@ from quantkit.export.checkpoint import (
     save_quantized,
     write_checkpoint,
 )
-from quantkit.export.common import FORMATS
+from quantkit.export.common import FORMATS, default_format
 
 __all__ = [
     "FORMATS",
     "Checkpoint",
+    "default_format",
     "dense_state",
     "load_quantized",
     "read_checkpoint",

@@ -11,6 +11,11 @@ FORMATS = ("gptq", "gptq_v2", "compressed-tensors", "fake")
 VERSION = "0.1.0"
 
 
+def default_format(bits: int) -> str:
+    """compressed-tensors where its packing holds the bit width (4, 8), GPTQ v2 otherwise."""
+    return "compressed-tensors" if bits in (4, 8) else "gptq_v2"
+
+
 def check_format(fmt: str) -> str:
     """Return fmt if it is a known export format, else raise QuantkitError."""
     if fmt not in FORMATS:

@@ -24,8 +24,9 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
 from quantkit.qid.table import TableWriter, cell_key, read_table
+from quantkit.quant.methods import METHODS as ENGINE_REGISTRY
 
-ENGINE_METHODS = ("rtn", "gptq", "tlq")
+ENGINE_METHODS = tuple(ENGINE_REGISTRY)
 BNB_METHODS = {"bnb-nf4": 4, "bnb-fp4": 4, "bnb-int8": 8}
 METHODS = ENGINE_METHODS + tuple(BNB_METHODS)
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit blocks; LLM.int8 is per-row (-1)
@@ -221,7 +222,7 @@ class _Cell:
             spec = QuantSpec(bits=bits, group_size=self.m.group_size, sym=self.m.sym)
             qmodel = copy.deepcopy(self.model)
             weights = None
-            if method == "tlq":
+            if ENGINE_REGISTRY[method].token_weights:
                 from quantkit.importance import tlq_token_weights
 
                 weights = tlq_token_weights(qmodel, self.samples(), progress=False)

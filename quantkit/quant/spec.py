@@ -85,6 +85,18 @@ class QuantResult:
             group_size=first.group_size, sym=first.sym, act_order=first.act_order,
         )
 
+    TENSORS = ("qweight", "scales", "zeros", "g_idx")
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The codes as named tensors `{prefix}.qweight` ... (the settings go by the QuantSpec)."""
+        return {f"{prefix}.{part}": getattr(self, part).contiguous() for part in self.TENSORS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec) -> QuantResult:
+        """The result to_tensors(prefix) wrote, with `spec`'s settings."""
+        return cls(*(tensors[f"{prefix}.{part}"] for part in cls.TENSORS), bits=spec.bits,
+                   group_size=spec.group_size, sym=spec.sym, act_order=spec.act_order)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight this result stands for."""
         g = self.g_idx.long()

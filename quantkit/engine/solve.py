@@ -1,0 +1,158 @@
+"""Solving linears from their statistics: shared-Hessian solves, row slices and groups, results shared over ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from quantkit.engine.comm import Comm
+from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.plan import Piece
+from quantkit.engine.weights import row_ranges
+from quantkit.errors import QuantkitError
+from quantkit.quant.gptaq import fp_target_weight
+from quantkit.quant.spec import QuantResult, QuantSpec
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(D H D^T) / tr(W H W^T) with D = W - Wq: the layer output error relative to its energy."""
+    delta = weight - quantized
+    num = torch.einsum("oi,ij,oj->", delta, hessian, delta)
+    den = torch.einsum("oi,ij,oj->", weight, hessian, weight)
+    return float(num / den) if den > 0 else 0.0
+
+
+def result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Row-additive error sums of one (slice of a) solve: ||D||^2, ||W||^2, tr(D H D^T), tr(W H W^T)."""
+    quantized = result.dequantize().to(weight.device)
+    delta = weight - quantized
+    stats = [float(delta.pow(2).sum()), float(weight.pow(2).sum()), float("nan"), float("nan")]
+    if hessian is not None:
+        stats[2] = float(torch.einsum("oi,ij,oj->", delta, hessian, delta))
+        stats[3] = float(torch.einsum("oi,ij,oj->", weight, hessian, weight))
+    return torch.tensor(stats, dtype=torch.float64)
+
+
+def report_entry(stats: torch.Tensor, with_hessian: bool) -> dict:
+    """A linear's report from its result_stats: relative weight error, and output error given H."""
+    entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
+    if with_hessian:
+        entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
+    return entry
+
+
+def install_result(linear: nn.Linear, weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> dict:
+    """Put `result`'s dequantized weight into `linear` (solved from `weight`); return its report entry."""
+    stats = result_stats(weight, result, hessian)
+    linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
+    return report_entry(stats, hessian is not None)
+
+
+def reduce_accumulator(acc: HessianAccumulator, comm: Comm, dst: int | None = None) -> None:
+    """Sum an accumulator's Hessian, cross term and weight total over all ranks, in place: onto rank
+    `dst`, or onto every rank when it is None."""
+    if not comm.distributed:
+        return
+    total = acc.weight_sums.to(acc.hessian.device)
+    for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
+        if dst is None:
+            comm.all_reduce_sum_(tensor)
+        else:
+            comm.reduce_sum_(tensor, dst)
+    acc.weight_sums = total.cpu()
+
+
+def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: QuantSpec,
+               names: Sequence[str], cross: torch.Tensor | None = None) -> list[QuantResult]:
+    """Solve linears that share `hessian` (and `cross`) as one problem with their rows stacked; one CPU
+    result each. GPTQ's rows are independent given H, so this runs the column loop once for all."""
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    joint = solve(_target(stacked, hessian, cross, spec), hessian, spec, name=" + ".join(names))
+    if len(weights) == 1:
+        return [to_cpu(joint)]
+    out, start = [], 0
+    for weight in weights:
+        out.append(to_cpu(joint.rows(start, start + weight.shape[0])))
+        start += weight.shape[0]
+    return out
+
+
+def share_result(
+    comm: Comm, mine: tuple[QuantResult, torch.Tensor] | None, pieces: list[Piece], linear: nn.Linear,
+    spec: QuantSpec,
+) -> tuple[QuantResult, torch.Tensor]:
+    """Assemble one linear's QuantResult on every rank from the row slices its pieces' ranks solved.
+
+    Each slice's rows are broadcast from the rank that solved it (g_idx, identical in every slice
+    since it depends on the Hessian only, from the first); the error sums are all-reduced.
+    """
+    out_f, in_f = linear.out_features, linear.in_features
+    groups = 1 if spec.group_size == -1 else in_f // spec.group_size
+    stats = mine[1].clone() if mine is not None else torch.zeros(4, dtype=torch.float64)
+    stats = torch.nan_to_num(stats, nan=0.0)
+    comm.all_reduce_sum_(stats)
+    full = [
+        torch.empty(out_f, in_f, dtype=torch.uint8),
+        torch.empty(out_f, groups, dtype=torch.float32),
+        torch.empty(out_f, groups, dtype=torch.uint8),
+    ]
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    for rank, start, end in pieces:
+        if rank == comm.rank:
+            result = mine[0]
+            for target, part in zip(full, (result.qweight, result.scales, result.zeros)):
+                target[start:end].copy_(part)
+            if rank == pieces[0][0]:
+                g_idx.copy_(result.g_idx)
+        for target in full:
+            comm.broadcast_(target[start:end], rank)
+    comm.broadcast_(g_idx, pieces[0][0])
+    result = QuantResult(
+        qweight=full[0], scales=full[1], zeros=full[2], g_idx=g_idx,
+        bits=spec.bits, group_size=spec.group_size, sym=spec.sym, act_order=spec.act_order,
+    )
+    return result, stats
+
+
+def solve_slice(
+    solve: Callable, weight: torch.Tensor, start: int, out_features: int, hessian: torch.Tensor | None,
+    cross: torch.Tensor | None, spec: QuantSpec, name: str,
+) -> tuple[QuantResult, torch.Tensor]:
+    """Solve output rows [start, start + len(weight)) of a linear with `out_features` rows; return the
+    result and its result_stats. A [g, in, in] Hessian (and cross term) holds one Hessian per output-row
+    group (quantkit.engine.weights.row_ranges): each group's rows are solved with their own."""
+    if hessian is None or hessian.dim() == 2:
+        result = solve(_target(weight, hessian, cross, spec), hessian, spec, name=name)
+        return result, result_stats(weight, result, hessian)
+    end = start + weight.shape[0]
+    parts, stats = [], torch.zeros(4, dtype=torch.float64)
+    for group, (low, high) in enumerate(row_ranges(out_features, hessian.shape[0])):
+        low, high = max(low, start), min(high, end)
+        if low >= high:
+            continue
+        rows = weight[low - start : high - start]
+        group_cross = None if cross is None else cross[group]
+        part = solve(_target(rows, hessian[group], group_cross, spec), hessian[group], spec, name=f"{name}[{low}:{high}]")
+        stats += result_stats(rows, part, hessian[group])
+        parts.append(to_cpu(part))
+    if any(not torch.equal(part.g_idx, parts[0].g_idx) for part in parts):
+        raise QuantkitError(
+            f"{name}: output-row groups chose different act-order groupings; use static groups "
+            "(the default with act-order) or a single row group"
+        )
+    return QuantResult.cat_rows(parts), stats
+
+
+def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """The weight GPTQ rounds toward: W itself, or with the cross term the FP target W C H~^-1."""
+    if cross is None:
+        return weight
+    return fp_target_weight(weight, hessian, cross, spec.damp)
+
+
+def to_cpu(result: QuantResult) -> QuantResult:
+    for attr in ("qweight", "scales", "zeros", "g_idx"):
+        setattr(result, attr, getattr(result, attr).cpu())
+    return result

@@ -1,0 +1,69 @@
+"""The export sink of a low-memory run: the final checkpoint written a decoder layer at a time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from quantkit.export.checkpoint import write_checkpoint_streamed
+from quantkit.memory import fix_mmap_threshold, trim_heap
+from quantkit.models import adapter_for
+from quantkit.quant.spec import QuantResult
+
+
+class LayerResults(Protocol):
+    """Results held a decoder layer at a time (quantkit.engine.streaming.StreamedResults)."""
+
+    outside: dict[str, QuantResult]  # results outside the decoder layers (vision side, head), in memory
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def layer(self, index: int) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
+        """Decoder layer `index`'s results and FP tensors."""
+
+
+def export_streamed(
+    model: nn.Module, results: LayerResults, output: str | os.PathLike, *, fmt: str, source: str | None,
+    report: dict, overwrite: bool,
+) -> Path:
+    """Write the final checkpoint from the skeleton's non-layer tensors and `results`' layers.
+
+    Layer by layer: each layer is read, encoded and spooled by write_checkpoint_streamed, then
+    freed, so memory does not grow with the number of layers.
+    """
+    fix_mmap_threshold()  # for an export on its own; a streamed calibration has set it already
+    adapter = adapter_for(model)
+    prefix = adapter.layers + "."
+    fp: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for key, t in model.state_dict().items():
+        if key.startswith(prefix):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            continue  # tied duplicate (lm_head to the embeddings)
+        seen.add(ident)
+        fp[key] = t.detach()
+    n_layers = len(adapter.decoder_layers(model))
+    for name in results.outside:
+        fp.pop(f"{name}.weight", None)
+
+    def parts() -> Iterator[tuple[dict[str, torch.Tensor], dict[str, QuantResult]]]:
+        yield fp, results.outside
+        for index in range(n_layers):
+            layer_results, layer_fp = results.layer(index)
+            yield layer_fp, layer_results
+            del layer_results, layer_fp
+            trim_heap()
+
+    fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    extra = {"linear_order": adapter.linear_names(), "n_blocks": n_layers, "fp_linears": fp_linears}
+    return write_checkpoint_streamed(config, parts(), output, fmt=fmt, extra=extra, source=source, report=report,
+                                     overwrite=overwrite)

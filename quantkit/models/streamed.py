@@ -1,0 +1,182 @@
+"""Loading a model for streaming (--low-memory): its safetensors files read lazily, a meta-device
+skeleton with everything outside the decoder layers loaded, one decoder layer materialised at a time,
+and checkpoint key names mapped to the model's as transformers maps them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from quantkit.errors import QuantkitError
+from quantkit.models import adapter_for, get_module
+from quantkit.models.base import Adapter
+
+
+def read_safetensors(path: str | os.PathLike, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors `keys` (default: all) of a safetensors file, each copied into memory of its own.
+
+    safe_open's tensors are views into a mapping of the whole file, whose touched pages stay
+    resident while any of them lives and which an in-place write copies a second time; copied
+    out, nothing stays mapped once the file is closed.
+    """
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        names = list(handle.keys()) if keys is None else list(keys)
+        return {name: handle.get_tensor(name).clone() for name in names}
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file (its header only is read)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+class WeightSource:
+    """Lazy access to a model directory's safetensors tensors (single file or sharded index)."""
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        root = Path(model_dir)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {key: root / fname for key, fname in weight_map.items()}
+        elif (root / "model.safetensors").is_file():
+            path = root / "model.safetensors"
+            self.where = dict.fromkeys(safetensors_keys(path), path)
+        else:
+            raise QuantkitError(f"--low-memory needs safetensors weights in {root} (model.safetensors or an index)")
+
+        self.stored_name: dict[str, str] = {}  # model name -> name in the files, where they differ
+
+    def use_model_names(self, model: nn.Module) -> None:
+        """Re-key the tensors by the names `model` gives them, renamed as transformers' loader renames
+        checkpoint keys (VLM checkpoints keep legacy layouts: language_model.model.layers...)."""
+        names = checkpoint_names_to_model_names(model, list(self.where))
+        self.stored_name = {new: old for old, new in names.items() if new != old}
+        self.where = {names[key]: path for key, path in self.where.items()}
+
+    def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Read `keys` from their files (only those tensors are brought into memory, none stays mapped)."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.where[key], []).append(self.stored_name.get(key, key))
+        model_name = {old: new for new, old in self.stored_name.items()}
+        out = {}
+        for path, names in by_file.items():
+            out.update({model_name.get(k, k): v for k, v in read_safetensors(path, names).items()})
+        return out
+
+
+def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> dict[str, str]:
+    """Each checkpoint key -> the model's name for it, as transformers renames them on load."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # transformers 4.x: a class-level {regex: replacement} map, first match wins
+        mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+        out = {}
+        for key in keys:
+            out[key] = key
+            for pattern, replacement in mapping.items():
+                renamed, count = re.subn(pattern, replacement, key)
+                if count:
+                    out[key] = renamed
+                    break
+        return out
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    out = {}
+    for key in keys:
+        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise QuantkitError(
+                f"--low-memory reads tensors as stored, and {key} needs transformers' conversion on load "
+                "(fused or split weights); run without --low-memory"
+            )
+        out[key] = renamed
+    return out
+
+
+def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, attr = key.rpartition(".")
+    module = get_module(root, module_path) if module_path else root
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _meta_tensors(module: nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device but keep real buffers: rotary
+    frequencies and position ids are computed when a module is built and are not in the checkpoint.
+    A parameter is created uninitialised (its pages never touched) and moved to meta at once, before
+    its module initialises it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_skeleton(model_dir: str, dtype: str = "auto") -> tuple[nn.Module, Adapter, WeightSource]:
+    """The model on the meta device, with every tensor outside the decoder layers loaded."""
+    config = AutoConfig.from_pretrained(model_dir)
+    adapter = adapter_for(config)
+    source = WeightSource(model_dir)
+    torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
+    with _parameters_on_meta():
+        model = auto_class.from_config(config)
+    source.use_model_names(model)
+    model.eval()
+    model.config.use_cache = False
+    prefix = adapter.layers + "."
+    outside = [k for k in source.where if not k.startswith(prefix)]
+    for key, value in source.load(outside).items():
+        if key in model.state_dict():
+            _set_tensor(model, key, value if torch_dtype is None else value.to(torch_dtype))
+    if getattr(model.config, "tie_word_embeddings", False):
+        get_module(model, adapter.lm_head).weight = get_module(model, adapter.embeddings).weight
+    missing = [n for n in _meta_tensors(model) if not n.startswith(prefix)]
+    if missing:
+        raise QuantkitError(f"--low-memory: tensors {missing[:5]} are neither in the checkpoint nor rebuildable")
+    return model, adapter, source
+
+
+def load_layer(model: nn.Module, adapter: Adapter, source: WeightSource, index: int, dtype: str = "auto") -> nn.Module:
+    """Materialise decoder layer `index` from the files (the others stay on the meta device)."""
+    layers = adapter.decoder_layers(model)
+    prefix = f"{adapter.layer_prefix(index)}."
+    keys = [k for k in source.where if k.startswith(prefix)]
+    tensors = {k[len(prefix):]: v for k, v in source.load(keys).items()}
+    if dtype != "auto":
+        tensors = {k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}
+    layer = layers[index]
+    layer.load_state_dict(tensors, strict=True, assign=True)
+    for param in layer.parameters():
+        param.requires_grad_(False)
+    if _meta_tensors(layer):
+        raise QuantkitError(f"--low-memory: layer {index} has tensors {_meta_tensors(layer)[:5]} not in the checkpoint")
+    return layer

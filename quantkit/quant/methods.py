@@ -1,0 +1,64 @@
+"""Quantization methods as objects, in one registry: what statistics each needs and how it solves.
+
+A method is a solver plus what the engine must gather for it: the calibration activations
+(Hessians; RTN reads none), token importance weights (TLQ), and whether it fits the FP model's
+output by default. A new method (AWQ, a vector quantizer) is one Method here and, if it needs a
+new solver, one file beside quantkit/quant/gptq.py. Nothing outside this file compares method names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.gptq import gptq_solve
+from quantkit.quant.rtn import rtn_solve
+from quantkit.quant.spec import QuantResult, QuantSpec
+
+Solver = Callable[[torch.Tensor, "torch.Tensor | None", QuantSpec, str], QuantResult]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization method: its solver and the statistics it asks the engine for."""
+
+    name: str
+    solve: Solver
+    needs_activations: bool  # Hessians from the calibration inputs (False: weights alone)
+    token_weights: bool  # weighs tokens by importance (quantkit.importance), else every weight is 1
+    fp_target_default: bool  # fits the FP model's output unless told otherwise
+    summary: str
+
+    def fp_target_on(self, fp_target: bool | None) -> bool:
+        """Whether a run carries the FP stream: None means this method's default; never without activations."""
+        return (self.fp_target_default if fp_target is None else fp_target) and self.needs_activations
+
+    def __str__(self) -> str:
+        return self.name
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rtn", rtn_solve, needs_activations=False, token_weights=False, fp_target_default=False,
+               summary="round-to-nearest on each group's grid; no calibration data read"),
+        Method("gptq", gptq_solve, needs_activations=True, token_weights=False, fp_target_default=False,
+               summary="GPTQ: error-compensating rounding from the layer's input Hessian"),
+        # TLQ's FP target carried its gains on the reference LM's validation windows (benchmarks/bench_tlq.py)
+        Method("tlq", gptq_solve, needs_activations=True, token_weights=True, fp_target_default=True,
+               summary="GPTQ on token-importance-weighted Hessians, fitted to the FP output"),
+    )
+}
+
+
+def method_for(method: Method | str) -> Method:
+    """The Method of a name (case-insensitive), or the Method itself; QuantkitError if unknown."""
+    if isinstance(method, Method):
+        return method
+    key = str(method).lower()
+    if key not in METHODS:
+        raise QuantkitError(f"unknown quantization method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[key]

@@ -1,0 +1,57 @@
+"""The package's layering: the engine knows no file format, the solvers know no model."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "quantkit"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("engine", ("quantkit.export",)),
+    ("quant", ("quantkit.models", "quantkit.engine")),
+])
+def test_package_does_not_import(package: str, forbidden: tuple[str, ...]) -> None:
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)} imports {module}"
+        for path in sorted((PACKAGE / package).rglob("*.py"))
+        for module in sorted(imported_modules(path))
+        if any(module == f or module.startswith(f + ".") for f in forbidden)
+    ]
+    assert not offenders, offenders
+
+
+def test_layerwise_and_vision_do_not_import_each_other() -> None:
+    engine = PACKAGE / "engine"
+    assert "quantkit.engine.vision" not in imported_modules(engine / "layerwise.py")
+    assert "quantkit.engine.layerwise" not in imported_modules(engine / "vision.py")
+
+
+def test_no_method_name_compared_outside_the_registry() -> None:
+    """Method behaviour comes from quantkit.quant.methods, not from comparing names."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "methods.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+                operands = [node.left, *node.comparators]
+                names = [c.value for c in operands if isinstance(c, ast.Constant)]
+                about_methods = any("method" in ast.unparse(c) for c in operands if not isinstance(c, ast.Constant))
+                if about_methods and any(name in ("rtn", "gptq", "tlq") for name in names):
+                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not offenders, offenders

@@ -1,0 +1,59 @@
+"""--low-memory with --nproc: every rank streams the layer and holds its shard; the export equals one in-memory rank's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import FailAt, assert_same_files, make_model_dir, make_text
+
+from quantkit.calibrate import run_calibration, work_dir_for
+from quantkit.engine.comm import Hooks
+from quantkit.errors import QuantkitError
+from quantkit.quant import QuantSpec
+
+SPEC = QuantSpec(bits=4, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def model_and_text(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lowranks")
+    return make_model_dir(root), make_text(root)
+
+
+def kwargs(text: Path, **extra) -> dict:
+    """GPTQ with the FP target and the head quantized, on 6 windows of 32 tokens."""
+    return dict(method="gptq", calib=str(text), nsamples=6, seqlen=32, progress=False, fp_target=True, lm_head=True,
+                **extra)
+
+
+def test_two_ranks_low_memory_equal_one_rank_in_memory(model_and_text, tmp_path: Path) -> None:
+    model, text = model_and_text
+    run_calibration(str(model), str(tmp_path / "plain"), SPEC, **kwargs(text))
+    report = run_calibration(str(model), str(tmp_path / "low"), SPEC, nproc=2, low_memory=True,
+                             offload_dir=str(tmp_path / "acts"), **kwargs(text))
+    assert report["low_memory"] and report["world_size"] == 2 and report["fp_target"]
+    # each rank held its shard only: 6 windows of 32 tokens, hidden 64, fp32, split 3 + 3
+    assert report["rank_hidden_states_mb"] == pytest.approx([3 * 32 * 64 * 4 / 2**20] * 2, abs=1e-3)
+    owners = {piece[0] for layer in report["layers"] for e in layer["linears"].values() for piece in e["solved_on_ranks"]}
+    assert owners == {0, 1}
+    assert not work_dir_for(str(tmp_path / "low")).exists() and not (tmp_path / "acts").exists()
+    assert_same_files(tmp_path / "plain", tmp_path / "low")
+
+
+def test_resume_with_two_ranks_is_byte_identical(model_and_text, tmp_path: Path) -> None:
+    model, text = model_and_text
+    run_calibration(str(model), str(tmp_path / "plain"), SPEC, **kwargs(text))
+    out = tmp_path / "out"
+    with pytest.raises(QuantkitError, match="rank 1 failed at layer 2"):
+        run_calibration(str(model), str(out), SPEC, nproc=2, low_memory=True, hooks=Hooks(on_layer=FailAt(1, 2)),
+                        **kwargs(text))
+    state = json.loads((work_dir_for(str(out)) / "state.json").read_text())
+    assert state["layers_done"] == 2 and state["world_size"] == 2 and not out.exists()
+    with pytest.raises(QuantkitError, match="made with 2 rank"):
+        run_calibration(str(model), str(out), SPEC, resume=True, **kwargs(text))
+    report = run_calibration(str(model), str(out), SPEC, nproc=2, resume=True, **kwargs(text))
+    assert report["resumed_from_layer"] == 2 and len(report["layers"]) == 3
+    assert not work_dir_for(str(out)).exists()
+    assert_same_files(tmp_path / "plain", out)
