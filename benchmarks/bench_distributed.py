@@ -8,6 +8,10 @@ layer's work add), and the bytes of each rank's hidden states (its shard of the 
 Target: 2 ranks <= 0.65x the time of 1 rank.
 
     python benchmarks/bench_distributed.py [--layers 12] [--width 1024] [--nsamples 16] [--seqlen 256]
+                                           [--low-memory] [-o benchmarks/results/bench_distributed_lowmem.json]
+
+With --low-memory the ranks run --low-memory (each streams the current layer from the files), and a
+single-process in-memory run is added for reference: each rank's peak must stay below its peak.
 """
 
 from __future__ import annotations
@@ -81,26 +85,39 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--low-memory", action="store_true", help="ranks stream layers; adds an in-memory reference")
+    parser.add_argument("-o", "--output", help="also write the JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         root = Path(tmp)
         model, text = build(root, args.layers, args.width)
         runs = {}
-        for n in [int(x) for x in args.ranks.split(",")]:
-            rep = run_one(model, text, root / f"out{n}", n, args.nsamples, args.seqlen)
-            runs[n] = {"calibration_seconds": rep["seconds"], "command_seconds": rep["command_seconds"],
+        plan = [(n, args.low_memory) for n in [int(x) for x in args.ranks.split(",")]]
+        if args.low_memory:
+            plan.insert(0, ("in_memory_1", False))
+        for n, low in plan:
+            rep = run_one(model, text, root / f"out{n}", 1 if n == "in_memory_1" else n, args.nsamples, args.seqlen, low)
+            runs[n] = {"low_memory": rep["low_memory"], "calibration_seconds": rep["seconds"], "command_seconds": rep["command_seconds"],
                        "rank_peak_rss_mb": rep.get("rank_peak_rss_mb", [rep["peak_rss_mb"]]),
                        "rank_peak_rss_over_start_mb": rep.get("rank_peak_rss_over_start_mb",
                                                               [rep["peak_rss_over_start_mb"]]),
                        "rank_hidden_states_mb": rep.get("rank_hidden_states_mb", [rep["hidden_states_mb"]])}
     one, two = runs.get(1), runs.get(2)
     out = {"layers": args.layers, "width": args.width, "nsamples": args.nsamples, "seqlen": args.seqlen,
-           "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "runs": runs, "time": time.ctime()}
+           "low_memory": args.low_memory, "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+           "runs": runs, "time": time.ctime()}
     if one and two:
         out["ratio_2_over_1"] = round(two["calibration_seconds"] / one["calibration_seconds"], 3)
         out["target"] = 0.65
         out["pass"] = out["ratio_2_over_1"] <= 0.65
-    print(json.dumps(out, indent=1))
+    if args.low_memory and two:
+        reference = runs["in_memory_1"]["rank_peak_rss_mb"][0]
+        out["in_memory_peak_rss_mb"] = reference
+        out["rank_peaks_below_in_memory"] = all(peak < reference for peak in two["rank_peak_rss_mb"])
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
 
 
 if __name__ == "__main__":
