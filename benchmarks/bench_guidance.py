@@ -4,6 +4,7 @@ windows (choosing defaults) or on held-out text (the final table, beside llm-com
 Usage:
     python benchmarks/bench_guidance.py --model ../shared/models/ref-lm --seeds 0 1 2 3 --settings W2g64a W3g64s \
         --variants gptq gptq_fp tlq tlq_linear tlq_fisher ... --jobs 2 -o results/bench_guidance_val.json
+    python benchmarks/bench_guidance.py --cost --settings W2g64a --variants gptq_fp tlq tlq_linear --repeats 2
     python benchmarks/bench_guidance.py --heldout --settings W2g64a W2g64s W3g64a W3g64s W4g64a W4g64s \
         --variants rtn gptq gptq_fp tlq --llmc /tmp/llmc-venv/bin/python -o results/bench_guidance_heldout.json
 
@@ -38,6 +39,8 @@ SETTINGS = {
     "W2g64a": (2, 64, False), "W2g64s": (2, 64, True),
     "W3g64a": (3, 64, False), "W3g64s": (3, 64, True),
     "W4g64a": (4, 64, False), "W4g64s": (4, 64, True),
+    # for widths that 64 does not divide (the 672-wide MLP of a hidden-256 Llama)
+    "W2g32a": (2, 32, False), "W3g32s": (3, 32, True),
 }
 TLQ = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0}
 # name -> (method, fp_target, cd_sweeps, importance options or None)
@@ -63,8 +66,15 @@ VARIANTS = {
     # GPTQ on the first half / quarter of the samples: what a smaller effective sample size costs
     "gptq_fp_s50": ("gptq", True, 0, None),
     "gptq_fp_s25": ("gptq", True, 0, None),
+    "gptq_s50": ("gptq", False, 0, None),
+    # without act-order (quantkit's earlier default): where the issue saw the token weights hurt at W2
+    "gptq_noact": ("gptq", False, 0, None),
+    "tlq_nofp_noact": ("tlq", False, 0, TLQ),
+    "gptq_fp_noact": ("gptq", True, 0, None),
+    "tlq_noact": ("tlq", True, 0, TLQ),
 }
-SUBSAMPLE = {"gptq_fp_s50": 0.5, "gptq_fp_s25": 0.25}
+SUBSAMPLE = {"gptq_fp_s50": 0.5, "gptq_fp_s25": 0.25, "gptq_s50": 0.5}
+NO_ACT_ORDER = {"gptq_noact", "tlq_nofp_noact", "gptq_fp_noact", "tlq_noact"}
 GRADIENT_KEYS = ("guidance", "row_groups", "loss", "draws")
 
 
@@ -111,7 +121,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
                 weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
                                           lam=options["lam"], power=options["power"])
             quantized = copy.deepcopy(model)
-            spec = QuantSpec(bits=bits, group_size=group, sym=sym, cd_sweeps=sweeps)
+            spec = QuantSpec(bits=bits, group_size=group, sym=sym, cd_sweeps=sweeps, act_order=name not in NO_ACT_ORDER)
             used = samples[: max(1, int(len(samples) * SUBSAMPLE.get(name, 1.0)))]
             started = time.perf_counter()
             calibration = calibrate_model(quantized, used, spec, method=method, token_weights=weights, progress=False,
@@ -206,6 +216,56 @@ def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqle
     return out
 
 
+def run_cost(model_dir: str, nsamples: int, seqlen: int, variants: list[str], repeats: int, label: str) -> dict:
+    """CPU and wall seconds (one thread, min over repeats, interleaved) of each variant's importance pass and
+    calibration, and the ratio of importance + calibration to GPTQ with the FP target. CPU seconds are
+    the figure to read on a shared machine: other processes stretch the wall clock, not them."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.engine import calibrate_model
+    from quantkit.importance import TokenImportance, importance_scores
+    from quantkit.models import load_model
+    from quantkit.quant.spec import QuantSpec
+
+    torch.set_num_threads(1)
+    model = load_model(model_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0, part="train")
+    bits, group, sym = SETTINGS[label]
+    best: dict[str, dict[str, float]] = {}
+
+    def clock(key: str, work) -> object:
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = work()
+        spent = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        mine = best.setdefault(key, spent)
+        for k, v in spent.items():
+            mine[k] = min(mine[k], v)
+        return value
+
+    for _ in range(repeats):
+        for name in variants:
+            method, fp_target, sweeps, options = VARIANTS[name]
+            weights = None
+            if options is not None:
+                found = clock(f"{name}_importance", lambda options=options: importance_scores(
+                    model, samples, progress=False, **{k: options[k] for k in GRADIENT_KEYS}))
+                weights = TokenImportance(found.layer, samples, linear_scores=found.linear, lam=options["lam"],
+                                          power=options["power"])
+            spec = QuantSpec(bits=bits, group_size=group, sym=sym, cd_sweeps=sweeps)
+            quantized = copy.deepcopy(model)
+            clock(f"{name}_calibration", lambda spec=spec, method=method, weights=weights, fp_target=fp_target, quantized=quantized:
+                  calibrate_model(quantized, samples, spec, method=method, token_weights=weights, progress=False,
+                                  fp_target=fp_target))
+    out: dict = {"setting": label, "repeats": repeats, "seconds": {k: {m: round(v, 2) for m, v in d.items()} for k, d in best.items()}}
+    base = best["gptq_fp_calibration"]
+    for name in variants:
+        total = {m: best.get(f"{name}_importance", {m: 0.0})[m] + best[f"{name}_calibration"][m] for m in base}
+        out[f"{name}_over_gptq_fp"] = {m: round(total[m] / base[m], 3) for m in base}
+    return out
+
+
 def main() -> None:
     """Run the seeds (in parallel processes with --jobs) and print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -219,8 +279,18 @@ def main() -> None:
     parser.add_argument("--heldout", action="store_true", help="evaluate on the held-out part (final figures only)")
     parser.add_argument("--llmc", help="python of an llm-compressor venv: run its GPTQ on the same windows (--heldout)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--cost", action="store_true", help="time importance + calibration against GPTQ with the FP target")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
+    if args.cost:
+        names = ["gptq_fp", *[v for v in args.variants if v != "gptq_fp"]]
+        result = run_cost(args.model, args.nsamples, args.seqlen, names, args.repeats, args.settings[0])
+        text = json.dumps(result, indent=1)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        print(text)
+        return
     if "gptq" not in args.variants:
         args.variants = ["gptq", *args.variants]
     started = time.perf_counter()

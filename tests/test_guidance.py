@@ -312,3 +312,37 @@ def test_token_importance_weights_each_row_group_like_a_layer() -> None:
         for k, column in enumerate((s, 2 * s + 1)):
             expected = 0.8 * column / column.mean() + 0.2
             assert torch.allclose(weights.linears["mlp.up_proj"][i][:, k], expected)
+
+
+def test_cli_linear_guidance_through_a_calibration_set(tmp_path) -> None:
+    """`importance --guidance linear --row-groups 2` saves per-linear weights that `calibrate --calib-set`
+    uses (its report diagnoses each linear's own weights); `calibrate --method tlq` takes the same options."""
+    import json
+
+    from click.testing import CliRunner
+    from helpers import save_tiny_llama, write_text
+
+    from quantkit.cli import main
+
+    model = save_tiny_llama(tmp_path / "model")
+    text = write_text(tmp_path / "calib.txt")
+    runner = CliRunner()
+    common = ["--nsamples", "4", "--seqlen", "16"]
+    made = runner.invoke(main, ["importance", str(model), "--calib", str(text), *common, "--guidance", "linear",
+                                "--row-groups", "2", "-o", str(tmp_path / "set")])
+    assert made.exit_code == 0, made.output
+    done = runner.invoke(main, ["calibrate", str(model), "--method", "tlq", "--calib-set", str(tmp_path / "set"),
+                                "--group-size", "16", "--format", "fake", "-o", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "out" / "quantkit_report.json").read_text())
+    linears = report["layers"][1]["linears"]
+    assert linears["mlp.down_proj"]["token_weights"]["row_groups"] == 2
+    assert linears["mlp.down_proj"]["token_weights"] != linears["mlp.up_proj"]["token_weights"]
+    direct = runner.invoke(main, ["calibrate", str(model), "--method", "tlq", "--calib", str(text), *common,
+                                  "--guidance", "linear", "--importance-loss", "fisher", "--fisher-draws", "2",
+                                  "--group-size", "16", "--format", "fake", "-o", str(tmp_path / "direct")])
+    assert direct.exit_code == 0, direct.output
+    refused = runner.invoke(main, ["calibrate", str(model), "--method", "tlq", "--calib", str(text), *common,
+                                   "--row-groups", "2", "-o", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and "per-linear guidance" in refused.output
+    assert not (tmp_path / "bad").exists()
