@@ -14,8 +14,9 @@ $(BIN)/quantkit:
 
 setup: $(BIN)/quantkit
 
+# The demo writes under runs/demo (git-ignored), so the clone stays clean.
 demo: setup
-	$(BIN)/quantkit demo --overwrite
+	$(BIN)/quantkit demo --overwrite -o runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

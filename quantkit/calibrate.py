@@ -15,6 +15,7 @@ import click
 import torch
 import torch.distributed as dist
 
+from quantkit.cli_options import output_option
 from quantkit.data.calibration import load_calibration
 from quantkit.engine.comm import Comm, Hooks
 from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
@@ -284,7 +285,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--offload-dir", type=click.Path(), help="Keep the calibration activations on disk here (with --low-memory).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --low-memory run from OUTPUT.partial (implies --low-memory).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Dtype to load the model in.")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output directory.")
+@output_option(required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
 def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:

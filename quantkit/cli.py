@@ -12,14 +12,16 @@ import click
 
 from quantkit.errors import Interrupted, QuantkitError
 
-# (module, attribute) of each subcommand; imported lazily so `quantkit --help` stays fast.
+# (module, attribute, one-line help) of each subcommand. A subcommand's module is imported only when
+# that subcommand runs: `quantkit --help` lists these lines without importing torch or transformers
+# (tests/test_cli_conventions.py checks each line against its command's docstring).
 SUBCOMMANDS = {
-    "calibrate": ("quantkit.calibrate", "calibrate"),
-    "importance": ("quantkit.importance_cli", "importance"),
-    "eval": ("quantkit.eval.cli", "eval_cmd"),
-    "export": ("quantkit.export.cli", "export"),
-    "qid": ("quantkit.qid.cli", "qid"),
-    "demo": ("quantkit.demo.cli", "demo"),
+    "calibrate": ("quantkit.calibrate", "calibrate", "Quantize MODEL (a local directory or hub id) layer by layer and export it."),
+    "importance": ("quantkit.importance_cli", "importance", "Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."),
+    "eval": ("quantkit.eval.cli", "eval_cmd", "Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text."),
+    "export": ("quantkit.export.cli", "export", "Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."),
+    "qid": ("quantkit.qid.cli", "qid", "QiD scaling laws: QiD = loss(quantized) - loss(16-bit) on held-out text, vs N, D and bits."),
+    "demo": ("quantkit.demo.cli", "demo", "Train (or load) a small LM, quantize it with RTN and GPTQ at 4 and 3 bits, and compare held-out loss."),
 }
 
 # Exit codes: 2 for bad input and failed I/O, 128 + the signal number for SIGINT (130) and SIGTERM (143).
@@ -56,7 +58,14 @@ class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name in SUBCOMMANDS if self._load(name) is not None)
+        """Every subcommand name, without importing any of them."""
+        return sorted(SUBCOMMANDS)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of `quantkit --help`, from SUBCOMMANDS' help lines (no subcommand imported)."""
+        rows = [(name, SUBCOMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return self._load(name)
@@ -65,7 +74,7 @@ class QuantkitGroup(click.Group):
     def _load(name: str) -> click.Command | None:
         if name not in SUBCOMMANDS:
             return None
-        module, attr = SUBCOMMANDS[name]
+        module, attr, _ = SUBCOMMANDS[name]
         try:
             return getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as err:

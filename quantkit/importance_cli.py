@@ -7,6 +7,7 @@ import time
 
 import click
 
+from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import check_output_dir, scratch_dir
 from quantkit.importance import GUIDANCE_CHOICES, LOSS_CHOICES, TLQ_DEFAULTS
@@ -110,7 +111,7 @@ def build_calibration_set(
 @click.option("--floor-fraction", type=float, default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer.")
 @click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Keep stored layer inputs on disk here instead of in RAM.")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output calibration-set directory.")
+@output_option(required=True, type=click.Path(), help="Output calibration-set directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 def importance(model, calib, nsamples, seqlen, seed, part, guidance, row_groups, importance_loss, fisher_draws, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:

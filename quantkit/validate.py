@@ -370,8 +370,13 @@ def check_model(name: str, *, tokenizer: bool = True, processor: bool = False) -
     except Exception as err:  # noqa: BLE001 - a bad config.json raises ValueError, OSError, KeyError...
         raise QuantkitError(f"cannot read the config of {name}: {_first_line(err)}") from None
     info = ModelInfo(name=name, local=local, config=config)
+    from quantkit.models import check_quantized_loadable
+
+    check_quantized_loadable(config, name)
+    # A quantized checkpoint stores packed tensors that transformers' quantizer maps, not the float weights.
+    quantized = getattr(config, "quantization_config", None) is not None
     model, adapter = build_meta_model(config, name)
-    if local is not None and (user_dir or _weights_complete(local)):
+    if local is not None and not quantized and (user_dir or _weights_complete(local)):
         headers = read_headers(local)
         if headers is not None:
             stored, files = headers

@@ -101,9 +101,17 @@ def test_recipe_parsing_and_sample_split(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["text", "image-caption", "image-qa"])
-def test_shipped_recipes_parse(name: str) -> None:
+def test_shipped_recipes_parse(name: str, tmp_path, monkeypatch) -> None:
+    # The shipped recipes read the user's data through a variable, never a path outside the clone.
+    for var in ("QUANTKIT_TEXT_DATA", "QUANTKIT_IMAGE_DATA"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(QuantkitError, match=r"uses \$QUANTKIT_\w+_DATA, which is not set"):
+        load_recipe(REPO / "calib" / f"{name}.yaml")
+    for var in ("QUANTKIT_TEXT_DATA", "QUANTKIT_IMAGE_DATA"):
+        monkeypatch.setenv(var, str(tmp_path))
     recipe = load_recipe(REPO / "calib" / f"{name}.yaml")
     assert recipe.kind == name and recipe.sources and recipe.nsamples > 0
+    assert all(Path(s.path).is_relative_to(tmp_path) for s in recipe.sources)
 
 
 def test_notebook_runs() -> None:

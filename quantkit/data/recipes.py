@@ -6,7 +6,7 @@ Schema::
     nsamples: 128              # defaults, overridable by the caller
     seqlen: 512                # text: tokens per window; image kinds: max tokens per sample
     sources:
-      - path: ../data/a.txt    # relative to the recipe file, absolute, ~ or $VAR, or hf:NAME[...]
+      - path: ../data/a.txt    # relative to the recipe file, absolute, ~ or $VAR (must be set), or hf:NAME[...]
         weight: 0.7            # share of the samples (weights are normalised; "fraction" is an alias)
         part: train            # all | train | heldout (text sources; default all)
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,10 +55,14 @@ def is_recipe(path: object) -> bool:
     return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(RECIPE_SUFFIXES)
 
 
-def _resolve(raw: str, base: Path) -> str:
+def _resolve(raw: str, base: Path, where: str) -> str:
     if raw.startswith("hf:"):
         return raw
     expanded = os.path.expanduser(os.path.expandvars(raw))
+    unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:  # expandvars leaves unset variables as they are; say so instead of "not found" later
+        raise QuantkitError(f"{where} path {raw!r} uses ${unset.group(1)}, which is not set; "
+                            f"set it to the folder holding your data, or edit the recipe")
     path = Path(expanded)
     return str(path if path.is_absolute() else (base / path).resolve())
 
@@ -101,7 +106,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         part = entry.get("part", "all")
         if part not in PARTS:
             raise QuantkitError(f"recipe {file}: source {number} part must be one of {', '.join(PARTS)}, got {part!r}")
-        sources.append(RecipeSource(path=_resolve(entry["path"], file.parent), weight=float(weight), part=part))
+        sources.append(RecipeSource(path=_resolve(entry["path"], file.parent, f"recipe {file}: source {number}"), weight=float(weight), part=part))
     if sum(s.weight for s in sources) <= 0:
         raise QuantkitError(f"recipe {file}: source weights sum to zero")
     for key in ("nsamples", "seqlen"):

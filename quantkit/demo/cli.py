@@ -6,11 +6,13 @@ import json
 
 import click
 
+from quantkit.cli_options import output_option
+
 
 @click.command("demo")
 @click.option("--model", default=None, help="Your model (dir or hub id) instead of training one; needs --data.")
 @click.option("--data", default=None, help="Your text source (calibrate on its train part, evaluate on its heldout part).")
-@click.option("-o", "--out", default="./quantkit-demo", show_default=True, help="Output directory.")
+@output_option("out", default="./quantkit-demo", show_default=True, help="Output directory (`make demo` writes runs/demo, which git ignores).")
 @click.option("--train-seconds", type=float, default=60.0, show_default=True, help="Training time for the demo model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for corpus, training and calibration samples.")
 @click.option("--format", "fmt", type=click.Choice(["gptq_v2", "gptq", "compressed-tensors", "fake"]), default="gptq_v2", show_default=True, help="Export format.")

@@ -643,10 +643,17 @@ def dense_state(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str,
 
 
 def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
-    """Load any quantkit output as a transformers model holding the dequantized float weights."""
+    """Load any quantkit output as a transformers model holding the dequantized float weights (another
+    quantized checkpoint goes through transformers' own loader, with what it needs named if missing)."""
     import transformers
     from transformers.initialization import no_init_weights
 
+    root = Path(path)
+    foreign = root.is_dir() and not (root / MANIFEST).is_file() and (root / "config.json").is_file()
+    if foreign and "quantization_config" in _read_json(root / "config.json"):
+        from quantkit.models import load_model
+
+        return load_model(str(root))
     ckpt = read_checkpoint(path)
     config_cls = transformers.AutoConfig.for_model
     cfg = dict(ckpt.config)

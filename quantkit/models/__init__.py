@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -76,6 +77,28 @@ def _check_text_backbone(config) -> None:
         )
 
 
+# quant_method of a checkpoint's quantization_config -> (the module transformers needs, what to install).
+QUANTIZED_LOADERS = {"gptq": ("gptqmodel", "pip install gptqmodel optimum")}
+
+
+def check_quantized_loadable(config, name_or_path: str) -> None:
+    """Raise QuantkitError naming what to install when transformers cannot load `config`'s quantized checkpoint here."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method not in QUANTIZED_LOADERS:
+        return
+    module, install = QUANTIZED_LOADERS[method]
+    if importlib.util.find_spec(module) is None:
+        raise QuantkitError(missing_loader_message(name_or_path, method, install))
+
+
+def missing_loader_message(name_or_path: str, method: str, install: str) -> str:
+    """The one line saying which package transformers needs to load a `method` checkpoint."""
+    return (f"{name_or_path} is a {method.upper()} checkpoint, which transformers loads only through optimum and "
+            f"gptqmodel; run `{install}` (quantkit.load_quantized reads quantkit's own exports without them)")
+
+
 def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None) -> nn.Module:
     """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture."""
     import torch
@@ -94,9 +117,17 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
         raise QuantkitError(f"cannot load model config for {name_or_path!r}: {str(err).splitlines()[0]}") from err
     adapter = adapter_for(config)
     _check_text_backbone(config)
+    check_quantized_loadable(config, name_or_path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
-    model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype, output_loading_info=True)
+    try:
+        model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
+                                                 output_loading_info=True)
+    except NameError as err:
+        # optimum refers to gptqmodel's QuantizeConfig without importing it when gptqmodel is absent or broken
+        if "QuantizeConfig" not in str(err):
+            raise
+        raise QuantkitError(missing_loader_message(name_or_path, "gptq", QUANTIZED_LOADERS["gptq"][1])) from err
     # transformers initialises a missing tensor randomly and only warns; quantizing it would export noise
     missing = sorted(info.get("missing_keys") or ())
     if missing:

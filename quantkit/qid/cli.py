@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_file
 
@@ -36,25 +37,25 @@ def qid() -> None:
 @click.option("--methods", default="rtn,gptq", show_default=True, callback=_str_list,
               help="Comma-separated: rtn, gptq, tlq, bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes via transformers; fixed bit width).")
 @click.option("--eval", "eval_text", required=True, help="Eval text: file, glob, directory or hf:DATASET (named in every row).")
-@click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True)
+@click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score (heldout = last 10% of its characters).")
 @click.option("--eval-tokens", type=int, default=20_000, show_default=True, help="Token budget: the first N tokens of the eval stream.")
-@click.option("--eval-seqlen", type=int, default=256, show_default=True)
+@click.option("--eval-seqlen", type=int, default=256, show_default=True, help="Tokens per evaluation window.")
 @click.option("--calib", default=None, help="Calibration text (default: the eval source).")
-@click.option("--calib-part", type=click.Choice(["all", "train", "heldout"]), default="train", show_default=True)
-@click.option("--nsamples", type=int, default=32, show_default=True)
-@click.option("--calib-seqlen", type=int, default=128, show_default=True)
+@click.option("--calib-part", type=click.Choice(["all", "train", "heldout"]), default="train", show_default=True, help="Part of each calibration file to draw windows from (train = first 90%).")
+@click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration windows per quantized model.")
+@click.option("--calib-seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
-@click.option("--sym/--asym", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid, or asymmetric with a fitted zero point.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the calibration windows.")
 @click.option("--tokens", multiple=True, help="Training tokens D: TOKENS for all checkpoints or MODEL=TOKENS (repeatable).")
 @click.option("--tokens-per-step", type=int, default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
-@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to append to (resumes).")
+@output_option("out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to append to (resumes).")
 @click.option("--retry-errors", is_flag=True, help="Measure again the cells recorded as failed.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_seqlen, calib, calib_part, nsamples,
             calib_seqlen, group_size, sym, seed, tokens, tokens_per_step, out_csv, retry_errors, threads, no_progress) -> None:
-    """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --out."""
+    """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --output."""
     from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint
     from quantkit.validate import looks_local, note_kept
 
@@ -81,13 +82,13 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
 @click.argument("csv_path", metavar="CSV", type=click.Path(dir_okay=False))
 @click.option("--by-bits", is_flag=True, help="Fit each bit width separately (P folded into k).")
 @click.option("--method", default=None, help="Fit only this method (default: each method in the table).")
-@click.option("--law", "law", type=click.Choice(["all", "unified", "D", "N", "P"]), default="all", show_default=True)
+@click.option("--law", "law", type=click.Choice(["all", "unified", "D", "N", "P"]), default="all", show_default=True, help="Which law to fit: the unified one, one single-factor law (D, N or P), or all.")
 @click.option("--bootstrap", type=int, default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
 @click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--huber-delta", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the bootstrap resamples.")
+@click.option("--huber-delta", type=float, default=1e-3, show_default=True, help="Huber loss threshold on log-space residuals.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON instead of a table.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the fit JSON here.")
+@output_option(type=click.Path(dir_okay=False), default=None, help="Write the fit JSON here.")
 def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, as_json, output) -> None:
     """Fit the unified law QiD = k D^beta / (N^alpha P^gamma) and single-factor laws to a QiD CSV."""
     from quantkit.qid.fit import LAWS, fit_table, format_fits
@@ -113,7 +114,7 @@ def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, as_
 @click.option("--bits", type=float, required=True, help="Weight bits P.")
 @click.option("--tokens", type=float, default=None, help="Training tokens D: predict QiD.")
 @click.option("--qid", "qid_value", type=float, default=None, help="Target QiD: solve for the training tokens D.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> None:
     """QiD for (N, D, P), or the training tokens at which N params reach a given QiD at P bits."""
     from quantkit.qid.laws import load_law
@@ -144,7 +145,7 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
 @click.option("--fit", "fit_path", type=click.Path(dir_okay=False), default=None, help="A `qid fit -o` JSON: draw its curves.")
 @click.option("--method", default=None, help="Plot only this method.")
 @click.option("--format", "formats", default="png,svg", show_default=True, callback=_str_list, help="Comma-separated: png, svg, pdf.")
-@click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False))
+@output_option("out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the figures (created if missing).")
 def plot(csv_path, fit_path, method, formats, out_dir) -> None:
     """Figures (PNG and SVG) of QiD vs D per N, vs N, vs P, with fitted curves."""
     from quantkit.qid.plot import plot_table

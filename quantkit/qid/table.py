@@ -140,7 +140,7 @@ class TableWriter:
             header = next(csv.reader([header_lines[0]]))
             if tuple(h.strip() for h in header) != COLUMNS:
                 raise QuantkitError(
-                    f"{self.path} has columns {header}, not the QiD table's {list(COLUMNS)}; use a new --out file"
+                    f"{self.path} has columns {header}, not the QiD table's {list(COLUMNS)}; use a new --output file"
                 )
         self._fh = open(self.path, "a", encoding="utf-8", newline="")
         self._writer = csv.writer(self._fh, lineterminator="\n")
