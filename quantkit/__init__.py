@@ -1,10 +1,16 @@
-"""quantkit: post-training quantization for Hugging Face LMs and VLMs."""
+"""quantkit: post-training quantization for Hugging Face LMs and VLMs.
+
+`quantkit.quantize(...)` quantizes a model and `quantkit.load_quantized(dir)` loads an export; bad input
+raises `quantkit.QuantkitError` (the API's one exception type) with the message the CLI prints.
+"""
 
 from __future__ import annotations
 
+from quantkit.errors import QuantkitError
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_quantized"]
+__all__ = ["QuantkitError", "Quantized", "__version__", "load_quantized", "quantize"]
 
 
 def __getattr__(name: str):
@@ -13,4 +19,8 @@ def __getattr__(name: str):
         from quantkit.export.checkpoint import load_quantized
 
         return load_quantized
+    if name in ("quantize", "Quantized"):
+        from quantkit import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

@@ -8,15 +8,21 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 import torch.distributed as dist
 
 from quantkit.cli_options import output_option
-from quantkit.data.calibration import load_calibration
+from quantkit.data.calibration import (
+    is_source,
+    load_calibration,
+    load_data_tokenizer,
+    memory_calibration,
+)
 from quantkit.engine.comm import Comm, Hooks
 from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
 from quantkit.engine.driver import calibrate_model
@@ -60,6 +66,10 @@ class CalibrationJob:
     offload_dir: str | None = None
     resume: bool = False
     hooks: Hooks | None = None  # what tests change on every rank (quantkit.engine.comm.Hooks)
+    # In-process runs only (quantkit.quantize): a loaded model, its tokenizer or processor, in-memory data.
+    model: Any = field(default=None, repr=False, compare=False)
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    data: Any = field(default=None, repr=False, compare=False)
 
     def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
         """The engine's report with the job's settings and the total time added."""
@@ -75,12 +85,27 @@ class CalibrationJob:
                 "lm_head": self.lm_head, "vision": self.vision}
 
 
-def run_calibration(
-    model_name: str,
-    output: str,
+@dataclass
+class Outcome:
+    """What a calibration run gives back: the report and, when it ran in this process, the quantized model
+    (dequantized weights in place) and its exact codes per linear."""
+
+    report: dict
+    model: torch.nn.Module | None = None
+    results: dict | None = None
+
+
+def run_calibration(model_name: str, output: str, spec: QuantSpec, **options) -> dict:
+    """Quantize `model_name` on calibration data and export it to `output`; return the report (calibrate_job)."""
+    return calibrate_job(model_name, output, spec, **options).report
+
+
+def calibrate_job(
+    model_name: str | torch.nn.Module,
+    output: str | None,
     spec: QuantSpec,
     method: str = "gptq",
-    calib: str | None = None,
+    calib: object = None,
     calib_set: str | None = None,
     nsamples: int = 128,
     seqlen: int = 512,
@@ -102,10 +127,15 @@ def run_calibration(
     vision: bool = False,
     importance: dict | None = None,
     hooks: Hooks | None = None,
-) -> dict:
-    """Quantize `model_name` on calibration data and export it to `output`; return the report.
+    tokenizer: Any = None,
+) -> Outcome:
+    """Quantize `model_name` on calibration data and export it to `output`: the one path of `quantkit
+    calibrate` and quantkit.quantize.
 
-    fp_target None means the method's default (quantkit.quant.methods: on for TLQ only). lm_head
+    model_name is a local directory or hub id, or a loaded model (quantized in place; one process, no
+    low_memory). calib is a source spec or in-memory data (quantkit.data.calibration.memory_calibration);
+    tokenizer a tokenizer or processor to use instead of the model's saved one. output None exports
+    nothing. fp_target None means the method's default (quantkit.quant.methods: on for TLQ only). lm_head
     quantizes the output head too (after the decoder layers, from their quantized outputs), vision a
     VLM's vision tower and projector (before them); both export to compressed-tensors or fake.
     importance holds TLQ's options for its gradient pass (guidance, row_groups, loss, draws, lam,
@@ -128,7 +158,9 @@ def run_calibration(
         check_guidance(importance.get("guidance", "layer"), importance.get("row_groups", 1),
                        importance.get("loss", "ce"), importance.get("draws", 1))
     fmt = fmt or default_format(spec.bits)
-    check_output_dir(output, overwrite)
+    loaded = model_name if isinstance(model_name, torch.nn.Module) else None
+    if output is not None:
+        check_output_dir(output, overwrite)
     if calib is None and calib_set is None:
         raise QuantkitError("no calibration data; pass --calib PATH (text, jsonl, dataset or recipe) or --calib-set DIR")
     if nproc < 1:
@@ -139,11 +171,20 @@ def run_calibration(
         fp_target = chosen.fp_target_default
     check_format_holds(fmt, lm_head=lm_head, vision=vision)
     low_memory = bool(resume or low_memory or offload_dir)
+    in_memory_data = calib is not None and not is_source(calib)
+    if (loaded is not None or in_memory_data or tokenizer is not None) and (low_memory or nproc > 1 or under_torchrun()):
+        raise QuantkitError("a loaded model, a given tokenizer or in-memory data run in one process; for --nproc, "
+                            "torchrun or --low-memory give the model as a path or hub id and the data as a path")
+    if output is None and (low_memory or nproc > 1 or under_torchrun()):
+        raise QuantkitError("--nproc, torchrun and --low-memory export from their ranks; give an output directory")
+    if loaded is not None and tokenizer is None:
+        tokenizer = load_data_tokenizer(source_name(loaded), loaded)
     # before the model is loaded: minutes to hours of calibration must not end in a refused export
     preflight_calibration(
-        model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order, static_groups=spec.static_groups,
-        overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen, device=device, devices=devices,
-        nproc=nproc, offload_dir=offload_dir, low_memory=low_memory, resume=resume,
+        None if loaded is not None else model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order,
+        static_groups=spec.static_groups, overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen,
+        device=device, devices=devices, nproc=nproc, offload_dir=offload_dir, low_memory=low_memory, resume=resume,
+        model=loaded, tokenizer_given=tokenizer is not None,
     )
     if low_memory:
         if not Path(model_name, "config.json").is_file():
@@ -153,21 +194,29 @@ def run_calibration(
     if nproc > 1 and under_torchrun():
         raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
     job = CalibrationJob(
-        model_name=model_name, output=output, spec=spec, method=chosen.name, calib=calib, calib_set=calib_set,
+        model_name=source_name(model_name), output=output, spec=spec, method=chosen.name,
+        calib=os.fspath(calib) if calib is not None and not in_memory_data else None, calib_set=calib_set,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
         progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision, importance=importance,
-        low_memory=low_memory, offload_dir=offload_dir, resume=resume, hooks=hooks,
+        low_memory=low_memory, offload_dir=offload_dir, resume=resume, hooks=hooks, model=loaded,
+        tokenizer=tokenizer, data=calib if in_memory_data else None,
     )
-    exporting = not under_torchrun() or int(os.environ["RANK"]) == 0
-    work = work_dir_for(output)
+    exporting = output is not None and (not under_torchrun() or int(os.environ["RANK"]) == 0)
     with contextlib.ExitStack() as scope:
         if low_memory and exporting:
-            scope.enter_context(resumable_work(work))
+            scope.enter_context(resumable_work(work_dir_for(output)))
             scope.enter_context(scratch_dir(offload_dir))
-        report = _run_ranks(job, nproc, device, devices, dist_timeout)
+        outcome = _run_ranks(job, nproc, device, devices, dist_timeout)
     if low_memory and exporting:
-        shutil.rmtree(work, ignore_errors=True)
-    return report
+        shutil.rmtree(work_dir_for(output), ignore_errors=True)
+    return outcome
+
+
+def source_name(model: str | os.PathLike | torch.nn.Module) -> str:
+    """The name a model is reported under: its path or hub id, or where a loaded model came from."""
+    if isinstance(model, torch.nn.Module):
+        return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    return os.fspath(model)
 
 
 def check_format_holds(fmt: str, *, lm_head: bool, vision: bool) -> None:
@@ -180,7 +229,8 @@ def check_format_holds(fmt: str, *, lm_head: bool, vision: bool) -> None:
         )
 
 
-def _run_ranks(job: CalibrationJob, nproc: int, device: str, devices: list[int] | None, dist_timeout: float) -> dict:
+def _run_ranks(job: CalibrationJob, nproc: int, device: str, devices: list[int] | None,
+               dist_timeout: float) -> Outcome:
     """calibrate_rank on spawned local ranks, as this torchrun rank, or in this process alone."""
     if nproc > 1:
         # private_tempdir: torch leaves a failed rank's pytorch-errorfile-*.pickle in the temp folder
@@ -188,14 +238,16 @@ def _run_ranks(job: CalibrationJob, nproc: int, device: str, devices: list[int] 
             report_path = Path(tmp) / "report.json"
             spawn_ranks(nproc, calibrate_rank, dict(job=job, report_path=str(report_path)), device=device,
                         devices=devices, timeout_s=dist_timeout)
-            return json.loads(report_path.read_text())
+            return Outcome(json.loads(report_path.read_text()))
     if under_torchrun():
         comm, mine = init_from_env(device, devices, dist_timeout)
         try:
-            return calibrate_rank(job, comm=comm, device=mine)
+            return Outcome(calibrate_rank(job, comm=comm, device=mine))
         finally:
             dist.destroy_process_group()
-    return calibrate_rank(job, comm=None, device=device)
+    outcome: list[Outcome] = []
+    calibrate_rank(job, comm=None, device=device, keep=outcome)
+    return outcome[0]
 
 
 def _samples_and_weights(job: CalibrationJob, model: torch.nn.Module, device: str, rank: int) -> tuple[list[dict], object]:
@@ -204,8 +256,12 @@ def _samples_and_weights(job: CalibrationJob, model: torch.nn.Module, device: st
     if job.calib_set is not None:
         samples, set_weights = load_calibration_set(job.calib_set, job.model_name, model)
         return samples, set_weights if uses_weights else None
-    samples = load_calibration(job.calib, job.model_name, is_vlm(model.config), job.nsamples, job.seqlen, job.seed,
-                               job.part)
+    if job.data is not None:
+        tokenizer = job.tokenizer if job.tokenizer is not None else load_data_tokenizer(job.model_name, model)
+        samples = memory_calibration(job.data, tokenizer, job.nsamples, job.seqlen, job.seed, job.part)
+    else:
+        samples = load_calibration(job.calib, job.model_name, is_vlm(model.config), job.nsamples, job.seqlen,
+                                   job.seed, job.part, tokenizer_or_processor=job.tokenizer)
     if not uses_weights:
         return samples, None
     weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0,
@@ -214,8 +270,9 @@ def _samples_and_weights(job: CalibrationJob, model: torch.nn.Module, device: st
 
 
 def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = "cpu",
-                   report_path: str | None = None) -> dict:
-    """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports."""
+                   report_path: str | None = None, keep: list | None = None) -> dict:
+    """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports.
+    `keep` (one process) receives the Outcome with the quantized model and its codes."""
     started = time.perf_counter()
     comm = comm or Comm()
     comm.hooks = job.hooks or comm.hooks
@@ -233,19 +290,26 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
             vision=job.vision, comm=comm,
         )
     else:
-        model = load_model(job.model_name, dtype=job.dtype)
+        model = job.model if job.model is not None else load_model(job.model_name, dtype=job.dtype)
         samples, token_weights = _samples_and_weights(job, model, device, rank)
         calibration = calibrate_model(
             model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
             progress=job.progress, comm=comm, fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
         )
     report = job.finish_report(calibration.report, samples, started)
-    if rank == 0:
-        sink = export_streamed if job.low_memory else save_quantized
-        sink(model, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
-             overwrite=job.overwrite)
-        if report_path is not None:
-            Path(report_path).write_text(json.dumps(report))
+    if rank == 0 and job.output is not None:
+        if job.low_memory:
+            export_streamed(model, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
+                            overwrite=job.overwrite)
+        else:
+            # a given tokenizer or processor is saved with save_pretrained; else the source's files are copied
+            save_quantized(model, calibration.results, job.output, fmt=job.fmt, report=report, overwrite=job.overwrite,
+                           source=None if job.model is not None or job.tokenizer is not None else job.model_name,
+                           processor=job.tokenizer)
+    if rank == 0 and report_path is not None:
+        Path(report_path).write_text(json.dumps(report))
+    if keep is not None:
+        keep.append(Outcome(report, model, dict(calibration.results)))
     return report
 
 
@@ -290,28 +354,24 @@ def work_dir_for(output: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
 def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
-    if nsamples <= 0 or seqlen <= 1:
-        raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
-    if static_groups and not act_order:
-        raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
+    from quantkit.api import quantize
+
     try:
         device_ids = [int(d) for d in devices.split(",")] if devices else None
     except ValueError:
         raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
     if device_ids and not device.startswith("cuda"):
         device = "cuda"
-    static_groups = act_order if static_groups is None else static_groups
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups,
-                     damp=damp, mse=mse, cd_sweeps=cd_sweeps)
     importance = {"guidance": guidance, "row_groups": row_groups, "loss": importance_loss, "draws": fisher_draws,
                   "lam": lam, "power": power}
-    report = run_calibration(
-        model, output, spec, method=method, calib=calib, calib_set=calib_set, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, part=part, fmt=fmt, device=device, dtype=dtype, overwrite=overwrite, progress=not as_json,
-        nproc=nproc, devices=device_ids, dist_timeout=dist_timeout, low_memory=low_memory,
-        offload_dir=offload_dir, resume=resume, fp_target=fp_target, lm_head=lm_head, vision=vision,
-        importance=importance,
-    )
+    report = quantize(
+        model, data=calib, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+        static_groups=static_groups, damp=damp, mse=mse, cd_sweeps=cd_sweeps, fp_target=fp_target,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, output_dir=output, format=fmt, overwrite=overwrite,
+        device=device, dtype=dtype, progress=not as_json, calib_set=calib_set, nproc=nproc, devices=device_ids,
+        dist_timeout=dist_timeout, low_memory=low_memory, offload_dir=offload_dir, resume=resume, lm_head=lm_head,
+        vision=vision, importance=importance, reload=False,
+    ).report
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output}))
     else:

@@ -596,33 +596,46 @@ def check_offload_dir(path: str | os.PathLike | None) -> None:
 # ---------------------------------------------------------------- per command
 
 
-def preflight_calibration(model_name: str, output: str, *, bits: int, fmt: str, act_order: bool, static_groups: bool,
-                          overwrite: bool, calib: str | None, calib_set: str | None, seqlen: int, device: str,
-                          devices: list[int] | None, nproc: int, offload_dir: str | None, low_memory: bool,
-                          resume: bool) -> ModelInfo:
-    """Everything `quantkit calibrate` can check before it loads the model and draws samples."""
-    from quantkit.data.calibration import is_image_jsonl
+def preflight_calibration(model_name: str | None, output: str | None, *, bits: int, fmt: str, act_order: bool,
+                          static_groups: bool, overwrite: bool, calib: object, calib_set: str | None, seqlen: int,
+                          device: str, devices: list[int] | None, nproc: int, offload_dir: str | None,
+                          low_memory: bool, resume: bool, model: object | None = None,
+                          tokenizer_given: bool = False) -> ModelInfo:
+    """Everything `quantkit calibrate` (and quantkit.quantize) can check before it loads the model and draws
+    samples. `model` is an already loaded model (model_name None), `calib` a source spec or in-memory data,
+    `output` None when nothing is exported."""
+    from quantkit.data.calibration import is_image_jsonl, is_source
     from quantkit.data.recipes import is_recipe
 
     check_format_bits(bits, fmt, act_order, static_groups)
     check_device(device, devices, nproc)
-    check_data(calib)
+    source = os.fspath(calib) if calib is not None and is_source(calib) else None
+    check_data(source)
     if calib_set is not None:
         from quantkit.importance import read_manifest
 
         read_manifest(calib_set)
     check_offload_dir(offload_dir)
-    image_data = calib is not None and (is_recipe(calib) or is_image_jsonl(calib))
-    info = model_for_data(model_name, tokenizer=calib is not None, image_data=image_data)
+    image_data = source is not None and (is_recipe(source) or is_image_jsonl(source))
+    if model is not None:
+        from quantkit.models import adapter_for
+
+        adapter_for(model)  # an unsupported architecture fails here, as for a model read from files
+        info = ModelInfo(name=type(model).__name__, local=None, config=model.config)
+    else:
+        info = model_for_data(model_name, tokenizer=calib is not None and not tokenizer_given,
+                              image_data=image_data and not tokenizer_given)
     if calib is not None:
         check_seqlen(info.config, seqlen)
+    if output is None:
+        return info
     need = info.export_bytes(bits, fmt)
     if low_memory and need:
         # the spool and the final files coexist in the output's temporary directory, beside OUTPUT.partial's codes
         from quantkit.calibrate import work_dir_for
 
         need = 2 * need + (0 if resume and work_dir_for(output).is_dir() else info.linear_numel)
-    sources = [model_name, calib_set, offload_dir, *data_paths(calib)]
+    sources = [model_name, calib_set, offload_dir, *data_paths(source)]
     check_output(output, overwrite=overwrite, sources=sources, need_bytes=need)
     return info
 

@@ -134,11 +134,12 @@ class Delay:
 
 
 def with_hooks(monkeypatch, **hooks) -> None:
-    """Make quantkit.calibrate.run_calibration (and the in-process CLI) run with Hooks(**hooks) on every rank."""
+    """Make quantkit.calibrate.calibrate_job (run_calibration, quantize and the in-process CLI) run with
+    Hooks(**hooks) on every rank."""
     from quantkit import calibrate
     from quantkit.engine.comm import Hooks
 
-    monkeypatch.setattr(calibrate, "run_calibration", functools.partial(calibrate.run_calibration, hooks=Hooks(**hooks)))
+    monkeypatch.setattr(calibrate, "calibrate_job", functools.partial(calibrate.calibrate_job, hooks=Hooks(**hooks)))
 
 
 def cli_command(*args, hooks: str | None = None) -> list[str]:
@@ -149,7 +150,7 @@ def cli_command(*args, hooks: str | None = None) -> list[str]:
     code = (
         f"import functools, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from helpers import *\nfrom quantkit.engine.comm import Hooks\nfrom quantkit import calibrate\n"
-        f"calibrate.run_calibration = functools.partial(calibrate.run_calibration, hooks={hooks})\n"
+        f"calibrate.calibrate_job = functools.partial(calibrate.calibrate_job, hooks={hooks})\n"
         "from quantkit.cli import main\nsys.argv[0] = 'quantkit'\nmain()\n"
     )
     return [sys.executable, "-c", code, *map(str, args)]

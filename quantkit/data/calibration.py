@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from quantkit.data.recipes import is_recipe, recipe_samples
 from quantkit.data.samples import calibration_samples
+from quantkit.errors import QuantkitError
 
 
 def is_image_jsonl(source: str) -> bool:
@@ -26,26 +28,92 @@ def is_image_jsonl(source: str) -> bool:
 
 
 def load_calibration(
-    source: str, model_name: str, vlm: bool, nsamples: int, seqlen: int, seed: int = 0, part: str = "all"
+    source: str, model_name: str | None, vlm: bool, nsamples: int, seqlen: int, seed: int = 0, part: str = "all",
+    tokenizer_or_processor=None,
 ) -> list[dict]:
     """Calibration samples for `model_name` from a text source, an image-text JSONL or a recipe.
 
     VLMs read image-text records through their processor (seqlen is then the longest sample);
-    plain text gives windows of exactly seqlen tokens.
+    plain text gives windows of exactly seqlen tokens. A given tokenizer or processor is used
+    instead of the one saved with `model_name`.
     """
     from transformers import AutoTokenizer
 
+    given = tokenizer_or_processor
     processor = None
     if vlm and (is_recipe(source) or is_image_jsonl(source)):
         from quantkit.data.images import load_processor
 
-        processor = load_processor(model_name)
+        processor = given if given is not None and hasattr(given, "image_processor") else load_processor(model_name)
+    if given is not None:
+        tokenizer = getattr(given, "tokenizer", given)
+    elif processor is not None:
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
     if is_recipe(source):
-        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(model_name)
         return recipe_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
     if processor is not None:
         from quantkit.data.images import image_text_samples
 
         return image_text_samples(source, processor, nsamples, seed=seed, max_length=seqlen)
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
     return calibration_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+
+
+def load_data_tokenizer(name_or_path: str, model: object = None):
+    """The tokenizer (the processor, for a VLM) saved with a model, or a QuantkitError asking for one."""
+    from quantkit.models import is_vlm
+
+    try:
+        if model is not None and is_vlm(model.config):
+            from quantkit.data.images import load_processor
+
+            return load_processor(name_or_path)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError, QuantkitError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QuantkitError(f"cannot load a tokenizer or processor for {name_or_path}: {first}; "
+                            "pass one (tokenizer_or_processor=)") from None
+
+
+DATA_KINDS = ("a path or source spec (text, JSONL, directory, glob, hf:NAME, recipe)", "a list of strings",
+              "a list of image-text records {'image', 'text' or 'messages'}", "a datasets.Dataset")
+
+
+def is_source(data: object) -> bool:
+    """True for data named by a path or source spec (read from files), False for in-memory data."""
+    return isinstance(data, (str, os.PathLike))
+
+
+def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seqlen: int, seed: int = 0,
+                       part: str = "all") -> list[dict]:
+    """Calibration samples from in-memory data: a list of strings, of image-text records, or a datasets.Dataset
+    (a "text" column, or "image" with "text" or "messages" columns)."""
+    if type(data).__module__.startswith("datasets") and hasattr(data, "column_names"):
+        columns = set(data.column_names)
+        if "image" not in columns:
+            if "text" not in columns:
+                raise QuantkitError(f"the dataset has no 'text' column (columns: {', '.join(sorted(columns))}); "
+                                    "rename the text column to 'text'")
+            data = [t for t in data["text"] if isinstance(t, str) and t]
+        else:
+            data = list(data)
+    if not isinstance(data, (list, tuple)) or not data:
+        raise QuantkitError(f"calibration data must be {', '.join(DATA_KINDS[:-1])} or {DATA_KINDS[-1]}; "
+                            f"got {type(data).__name__ if data is not None else 'None'}"
+                            + (" (empty)" if isinstance(data, (list, tuple)) else ""))
+    if all(isinstance(t, str) for t in data):
+        tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+        return calibration_samples(list(data), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+    if all(isinstance(r, dict) and "image" in r for r in data):
+        if not hasattr(tokenizer_or_processor, "image_processor"):
+            raise QuantkitError("image-text records need the model's processor; pass a VLM and its processor")
+        from quantkit.data.images import memory_image_records, sample_records
+
+        return sample_records(memory_image_records(list(data)), tokenizer_or_processor, nsamples, seed, seqlen)
+    if all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in data):
+        return memory_calibration([r["text"] for r in data], tokenizer_or_processor, nsamples, seqlen, seed, part)
+    raise QuantkitError(f"calibration data must be {', '.join(DATA_KINDS)}; the list mixes kinds or holds "
+                        f"{type(next(r for r in data if not isinstance(r, str))).__name__} items")

@@ -237,18 +237,40 @@ def image_text_samples(
     when nsamples equals their number). Every record's image must exist; a missing or unreadable
     image raises QuantkitError naming file:line and the image path.
     """
-    records = read_image_records(jsonl_path)
+    return sample_records(read_image_records(jsonl_path), processor, nsamples, seed, max_length, str(jsonl_path))
+
+
+def memory_image_records(records: list[dict]) -> list[tuple[str, dict, object]]:
+    """(where, record, image) for in-memory records whose 'image' is a path or a PIL image."""
+    out = []
+    for number, record in enumerate(records, start=1):
+        where = f"data record {number}"
+        image = record.get("image") if isinstance(record, dict) else None
+        if isinstance(image, str):
+            image = Path(image)
+        if not isinstance(image, Path) and not hasattr(image, "convert"):
+            raise QuantkitError(f"{where}: 'image' must be a path or a PIL image, got {type(image).__name__}")
+        out.append((where, record, image))
+    if not out:
+        raise QuantkitError("data holds no records")
+    return out
+
+
+def sample_records(records: list[tuple[str, dict, object]], processor, nsamples: int, seed: int = 0,
+                   max_length: int | None = None, source: str = "the data") -> list[dict]:
+    """Seeded samples of (where, record, image path or PIL image) records: see image_text_samples."""
     if nsamples <= 0:
         raise QuantkitError(f"nsamples must be positive, got {nsamples}")
     if nsamples > len(records):
-        raise QuantkitError(f"{jsonl_path} holds {len(records)} records, fewer than nsamples={nsamples}")
-    for where, _, image_path in records:
-        if not image_path.is_file():
-            raise QuantkitError(f"{where}: image {image_path} not found")
+        raise QuantkitError(f"{source} holds {len(records)} records, fewer than nsamples={nsamples}")
+    for where, _, image in records:
+        if isinstance(image, Path) and not image.is_file():
+            raise QuantkitError(f"{where}: image {image} not found")
     chosen = records if nsamples == len(records) else random.Random(seed).sample(records, nsamples)
     samples = []
-    for where, record, image_path in chosen:
-        sample = render_record(record, load_image(image_path, where), processor, where)
+    for where, record, image in chosen:
+        picture = load_image(image, where) if isinstance(image, Path) else image.convert("RGB")
+        sample = render_record(record, picture, processor, where)
         if max_length is not None:
             sample = truncate_sample(sample, max_length, where)
         samples.append(sample)

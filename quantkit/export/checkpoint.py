@@ -78,8 +78,10 @@ def save_quantized(
     report: dict | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
+    processor: object | None = None,
 ) -> Path:
-    """Write `model` with `results` replacing its quantized linears, in format `fmt`."""
+    """Write `model` with `results` replacing its quantized linears, in format `fmt`; `processor` (a
+    tokenizer or processor) is saved beside it with save_pretrained, else `source`'s files are copied."""
     check_format(fmt)
     limit = parse_size(max_shard_size)
     config = model.config.to_dict()
@@ -97,7 +99,7 @@ def save_quantized(
     ckpt.extra = {"linear_order": linear_order, "n_blocks": n_blocks, "fp_linears": _fp_linears(model, results)}
     return write_checkpoint(
         ckpt, out_dir, fmt=fmt, source=source, report=report, overwrite=overwrite,
-        max_shard_size=limit, extra_files=extra_files,
+        max_shard_size=limit, extra_files=extra_files, processor=processor,
     )
 
 
@@ -172,8 +174,10 @@ def write_checkpoint(
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
     extra_files: dict[str, str | bytes] | None = None,
+    processor: object | None = None,
 ) -> Path:
-    """Encode a Checkpoint in `fmt` and write it atomically to out_dir."""
+    """Encode a Checkpoint in `fmt` and write it atomically to out_dir (with `processor`, a tokenizer or
+    processor, saved by its own save_pretrained)."""
     check_format(fmt)
     limit = parse_size(max_shard_size)
     results = ckpt.results
@@ -216,7 +220,9 @@ def write_checkpoint(
         _write_metadata(tmp, fmt, config, qc, manifest, report)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
-        if source is not None:
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+        elif source is not None:
             _copy_source_files(source, tmp)
     return Path(out_dir)
 

@@ -1,0 +1,108 @@
+"""quantkit.quantize: the Python entry point; `quantkit calibrate` is a thin layer over it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from quantkit.errors import QuantkitError
+
+
+@dataclass
+class Quantized:
+    """quantize's result; unpacks as (model, report).
+
+    model holds the dequantized weights in place of the quantized linears (None after a --low-memory run,
+    whose model does not fit in memory; loaded back from the export after a multi-rank run); results are
+    the exact integer codes per linear (None where the run was not in this process); output_dir is where
+    the export went (or None)."""
+
+    model: Any
+    report: dict
+    results: dict | None = field(default=None, repr=False)
+    output_dir: str | None = None
+
+    def __iter__(self) -> Iterator:
+        """model, report: so that `model, report = quantkit.quantize(...)` works."""
+        return iter((self.model, self.report))
+
+
+def quantize(
+    model: Any,
+    tokenizer_or_processor: Any = None,
+    data: Any = None,
+    *,
+    method: str = "tlq",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = True,
+    static_groups: bool | None = None,
+    damp: float = 0.01,
+    mse: bool = False,
+    cd_sweeps: int = 0,
+    fp_target: bool | None = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    part: str = "all",
+    output_dir: str | os.PathLike | None = None,
+    format: str | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str = "auto",
+    progress: bool = True,
+    reload: bool = True,
+    **options: Any,
+) -> Quantized:
+    """Quantize a model (hub id, path or loaded PreTrainedModel) on calibration data; export it when output_dir is given.
+
+    data is a path or source spec (text, JSONL, directory, glob, hf:NAME, calib/ recipe), a list of strings,
+    a list of image-text records {"image": path or PIL image, "text" or "messages"}, or a datasets.Dataset
+    (a "text" column, or "image" with "text"/"messages"); `calib_set=DIR` reuses a token-level set from
+    `quantkit importance` instead. tokenizer_or_processor defaults to the one saved with the model. A
+    loaded model is quantized in place. Bad input raises quantkit.errors.QuantkitError with the one-line
+    message the CLI prints, before any model forward and with nothing written.
+
+    options are the rest of `quantkit calibrate`'s settings under their Python names: lm_head, vision,
+    importance (TLQ's gradient-pass options: guidance, row_groups, loss, draws, lam, power), calib_set,
+    nproc, devices, dist_timeout, low_memory, offload_dir, resume. reload=False skips reading a multi-rank
+    run's export back into memory (model is then None).
+    """
+    from quantkit import calibrate
+    from quantkit.quant.spec import QuantSpec
+
+    unknown = set(options) - ALLOWED_OPTIONS
+    if unknown:
+        raise QuantkitError(f"quantize() got unknown options {sorted(unknown)}; known: {', '.join(sorted(ALLOWED_OPTIONS))}")
+    if data is None and options.get("calib_set") is None:
+        raise QuantkitError("no calibration data; pass data= (a path, texts, image-text records or a Dataset) "
+                            "or calib_set=DIR")
+    if nsamples <= 0 or seqlen <= 1:
+        raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
+    if static_groups and not act_order:
+        raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                     static_groups=act_order if static_groups is None else static_groups, damp=damp, mse=mse,
+                     cd_sweeps=cd_sweeps)
+    output = None if output_dir is None else os.fspath(output_dir)
+    outcome = calibrate.calibrate_job(
+        model, output, spec, method=method, calib=data, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part,
+        fmt=format, device=device, dtype=dtype, overwrite=overwrite, progress=progress, fp_target=fp_target,
+        tokenizer=tokenizer_or_processor, **options,
+    )
+    quantized = outcome.model
+    if reload and quantized is None and output is not None and not outcome.report.get("low_memory"):
+        from quantkit.export.checkpoint import load_quantized
+
+        quantized = load_quantized(output)  # the ranks' model lived in other processes: read their export
+    return Quantized(model=quantized, report=outcome.report, results=outcome.results, output_dir=output)
+
+
+# quantize's **options: calibrate_job's keywords that quantize does not name itself.
+ALLOWED_OPTIONS = frozenset({"lm_head", "vision", "importance", "calib_set", "nproc", "devices", "dist_timeout",
+                             "low_memory", "offload_dir", "resume", "hooks"})
