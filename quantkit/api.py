@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
@@ -17,12 +20,13 @@ class Quantized:
     model holds the dequantized weights in place of the quantized linears (None after a --low-memory run,
     whose model does not fit in memory; loaded back from the export after a multi-rank run); results are
     the exact integer codes per linear (None where the run was not in this process); output_dir is where
-    the export went (or None)."""
+    the export went (or None), hub_url where push_to_hub uploaded it."""
 
     model: Any
     report: dict
     results: dict | None = field(default=None, repr=False)
     output_dir: str | None = None
+    hub_url: str | None = None
 
     def __iter__(self) -> Iterator:
         """model, report: so that `model, report = quantkit.quantize(...)` works."""
@@ -55,6 +59,8 @@ def quantize(
     dtype: str = "auto",
     progress: bool = True,
     reload: bool = True,
+    push_to_hub: str | None = None,
+    private: bool | None = None,
     **options: Any,
 ) -> Quantized:
     """Quantize a model (hub id, path or loaded PreTrainedModel) on calibration data; export it when output_dir is given.
@@ -66,12 +72,14 @@ def quantize(
     loaded model is quantized in place. Bad input raises quantkit.errors.QuantkitError with the one-line
     message the CLI prints, before any model forward and with nothing written.
 
+    push_to_hub=REPO uploads the export (model card included) with huggingface_hub (private= for a new repo);
+    without output_dir it is exported to a temporary directory for the upload.
+
     options are the rest of `quantkit calibrate`'s settings under their Python names: lm_head, vision,
     importance (TLQ's gradient-pass options: guidance, row_groups, loss, draws, lam, power), calib_set,
     nproc, devices, dist_timeout, low_memory, offload_dir, resume. reload=False skips reading a multi-rank
     run's export back into memory (model is then None).
     """
-    from quantkit import calibrate
     from quantkit.quant.spec import QuantSpec
 
     unknown = set(options) - ALLOWED_OPTIONS
@@ -90,10 +98,34 @@ def quantize(
                      static_groups=act_order if static_groups is None else static_groups, damp=damp, mse=mse,
                      cd_sweeps=cd_sweeps)
     output = None if output_dir is None else os.fspath(output_dir)
+    with contextlib.ExitStack() as scope:
+        if push_to_hub is not None:
+            from quantkit.export.hub import check_repo_id
+
+            check_repo_id(push_to_hub)
+            if output is None:
+                output = str(Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-push-"))) / "export")
+        result = _quantize(model, output, spec, method, data, nsamples, seqlen, seed, part, format, device, dtype,
+                           overwrite, progress, fp_target, tokenizer_or_processor, reload, options)
+        if push_to_hub is not None:
+            from quantkit.export.hub import push_export
+
+            result.hub_url = push_export(output, push_to_hub, private=private)
+            if output_dir is None:
+                result.output_dir = None  # the temporary export is gone with this block
+    return result
+
+
+def _quantize(model: Any, output: str | None, spec: Any, method: str, data: Any, nsamples: int, seqlen: int, seed: int,
+              part: str, fmt: str | None, device: str, dtype: str, overwrite: bool, progress: bool,
+              fp_target: bool | None, tokenizer: Any, reload: bool, options: dict) -> Quantized:
+    """One calibrate_job run, packaged as a Quantized."""
+    from quantkit import calibrate
+
     outcome = calibrate.calibrate_job(
         model, output, spec, method=method, calib=data, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part,
-        fmt=format, device=device, dtype=dtype, overwrite=overwrite, progress=progress, fp_target=fp_target,
-        tokenizer=tokenizer_or_processor, **options,
+        fmt=fmt, device=device, dtype=dtype, overwrite=overwrite, progress=progress, fp_target=fp_target,
+        tokenizer=tokenizer, **options,
     )
     quantized = outcome.model
     if reload and quantized is None and output is not None and not outcome.report.get("low_memory"):

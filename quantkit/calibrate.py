@@ -73,7 +73,8 @@ class CalibrationJob:
 
     def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
         """The engine's report with the job's settings and the total time added."""
-        return dict(report, model=self.model_name, calib=self.calib, calib_set=self.calib_set,
+        calib = self.calib if self.data is None else f"in-memory {type(self.data).__name__} of {len(self.data)} items"
+        return dict(report, model=self.model_name, calib=calib, calib_set=self.calib_set,
                     seqlen=int(samples[0]["input_ids"].shape[-1]), seed=self.seed, format=self.fmt,
                     total_seconds=round(time.perf_counter() - started, 3))
 
@@ -351,8 +352,10 @@ def work_dir_for(output: str) -> Path:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True, help="Dtype to load the model in.")
 @output_option(required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the export (model card included) to this hub model repo, OWNER/NAME.")
+@click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     from quantkit.api import quantize
 
@@ -364,15 +367,19 @@ def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd
         device = "cuda"
     importance = {"guidance": guidance, "row_groups": row_groups, "loss": importance_loss, "draws": fisher_draws,
                   "lam": lam, "power": power}
-    report = quantize(
+    quantized = quantize(
         model, data=calib, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
         static_groups=static_groups, damp=damp, mse=mse, cd_sweeps=cd_sweeps, fp_target=fp_target,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, output_dir=output, format=fmt, overwrite=overwrite,
         device=device, dtype=dtype, progress=not as_json, calib_set=calib_set, nproc=nproc, devices=device_ids,
         dist_timeout=dist_timeout, low_memory=low_memory, offload_dir=offload_dir, resume=resume, lm_head=lm_head,
-        vision=vision, importance=importance, reload=False,
-    ).report
+        vision=vision, importance=importance, reload=False, push_to_hub=push_to_hub, private=private,
+    )
+    report = quantized.report
+    pushed = {"hub_url": quantized.hub_url} if quantized.hub_url else {}
     if as_json:
-        click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output}))
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output} | pushed))
     else:
         click.echo(f"quantized {model} with {method} w{bits} g{group_size} in {report['total_seconds']:.1f}s -> {output} ({report['format']})")
+        if quantized.hub_url:
+            click.echo(f"pushed to {quantized.hub_url}")

@@ -24,6 +24,7 @@ from safetensors.torch import save, save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.export import ct, gptq
+from quantkit.export.card import CARD, model_card
 from quantkit.export.common import FORMATS, VERSION, check_format, check_result, common_spec
 from quantkit.fsutil import atomic_dir
 from quantkit.quant.spec import QuantResult
@@ -134,14 +135,16 @@ def _config_and_manifest(
     return config, qc, manifest
 
 
-def _write_metadata(out: Path, fmt: str, config: dict, qc: dict | None, manifest: dict, report: dict | None) -> None:
-    """config.json, quantize_config.json (GPTQ formats), quantkit.json and the report."""
+def _write_metadata(out: Path, fmt: str, config: dict, qc: dict | None, manifest: dict, report: dict | None,
+                    source: str | None = None) -> None:
+    """config.json, quantize_config.json (GPTQ formats), quantkit.json, the report and the model card."""
     _write_json(out / "config.json", config)
     if qc is not None and fmt in ("gptq", "gptq_v2"):
         _write_json(out / "quantize_config.json", qc)
     _write_json(out / MANIFEST, manifest)
     if report is not None:
         _write_json(out / REPORT, report)
+    (out / CARD).write_text(model_card(manifest, report, source), encoding="utf-8")
 
 
 def encode_result(name: str, r: QuantResult, fmt: str, dtype: torch.dtype, qparams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -217,7 +220,7 @@ def write_checkpoint(
         _save_sharded(tensors, tmp, limit)
         if qparams:
             save_file(qparams, str(tmp / QPARAMS), metadata={"format": "pt"})
-        _write_metadata(tmp, fmt, config, qc, manifest, report)
+        _write_metadata(tmp, fmt, config, qc, manifest, report, source)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
         if processor is not None:
@@ -294,7 +297,7 @@ def write_checkpoint_streamed(
         if qspool.entries:
             qspool.write_file(list(qspool.entries), tmp / QPARAMS)
         shutil.rmtree(tmp / ".spool")
-        _write_metadata(tmp, fmt, config, qc, manifest, report)
+        _write_metadata(tmp, fmt, config, qc, manifest, report, source)
         if source is not None:
             _copy_source_files(source, tmp)
     return Path(out_dir)

@@ -16,7 +16,10 @@ from quantkit.export.common import FORMATS
 @output_option("out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 5GB or 500MB.")
-def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: str) -> None:
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the new export (model card included) to this hub model repo, OWNER/NAME.")
+@click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
+def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: str, push_to_hub: str | None,
+           private: bool | None) -> None:
     """Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."""
     from quantkit.errors import QuantkitError
     from quantkit.export.checkpoint import (
@@ -30,6 +33,10 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
     from quantkit.validate import check_output, export_size
 
     limit = parse_size(max_shard_size)
+    if push_to_hub is not None:
+        from quantkit.export.hub import check_repo_id
+
+        check_repo_id(push_to_hub)
     check_output_dir(out, overwrite)
     if out.resolve() == in_dir.resolve():
         raise QuantkitError(f"output {out} is the input directory; choose another -o")
@@ -44,3 +51,7 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
     write_checkpoint(ckpt, out, fmt=fmt, report=report, overwrite=overwrite, max_shard_size=limit, extra_files=extra)
     names = len(ckpt.results)
     click.echo(f"wrote {fmt} checkpoint with {names} quantized linears to {out}")
+    if push_to_hub is not None:
+        from quantkit.export.hub import push_export
+
+        click.echo(f"pushed to {push_export(out, push_to_hub, private=private)}")

@@ -1,0 +1,75 @@
+"""The model card (README.md) every export holds: YAML front matter for the hub, then how to load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CARD = "README.md"
+
+# What loads each format outside quantkit: (transformers' extra packages, whether vLLM reads it).
+_LOADERS = {
+    "gptq": ("optimum gptqmodel", True),
+    "gptq_v2": ("optimum gptqmodel", True),
+    "compressed-tensors": ("compressed-tensors", True),
+    "fake": ("", True),
+}
+
+
+def is_hub_id(name: str | None) -> bool:
+    """True for an `owner/name` hub id that is not a local path (only those go in base_model)."""
+    if not name or name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def model_card(manifest: dict, report: dict | None, source: str | None = None) -> str:
+    """README.md for an export described by quantkit.json's `manifest` and the run's `report`."""
+    from huggingface_hub import ModelCardData
+
+    report = report or {}
+    spec = manifest.get("spec", {})
+    fmt = manifest.get("format", "")
+    method = report.get("method") or "unknown"
+    base = report.get("model") or source
+    quantization = {
+        "method": method, "bits": spec.get("bits"), "group_size": spec.get("group_size"), "sym": spec.get("sym"),
+        "act_order": spec.get("act_order"), "format": fmt,
+        "fp_target": report.get("fp_target"), "lm_head": bool(report.get("lm_head")), "vision": bool(report.get("vision")),
+    }
+    calibration = {"data": report.get("calib_set") or report.get("calib"), "nsamples": report.get("nsamples"),
+                   "seqlen": report.get("seqlen"), "seed": report.get("seed")}
+    data = ModelCardData(
+        base_model=base if is_hub_id(base) else None, library_name="quantkit",
+        tags=["quantkit", "quantized", f"{spec.get('bits')}-bit", method, fmt],
+        quantization=quantization, calibration={k: v for k, v in calibration.items() if v is not None},
+        **({"evaluation": report["eval"]} if isinstance(report.get("eval"), dict) else {}),
+    )
+    extras, vllm = _LOADERS.get(fmt, ("", False))
+    title = f"{Path(base).name if base else 'model'} {method.upper()} W{spec.get('bits')}"
+    group = "per channel" if spec.get("group_size") == -1 else f"group size {spec.get('group_size')}"
+    lines = [
+        "---", data.to_yaml(), "---", "", f"# {title}", "",
+        f"{base or 'A model'} quantized by quantkit with {method} to {spec.get('bits')} bits ({group}, "
+        f"{'symmetric' if spec.get('sym') else 'asymmetric'}), stored as {fmt}.",
+    ]
+    if calibration["data"]:
+        lines.append(f"Calibration: {calibration['nsamples']} samples of {calibration['seqlen']} tokens from "
+                     f"`{calibration['data']}`.")
+    if isinstance(report.get("eval"), dict):
+        ev = report["eval"]
+        lines.append(f"Measured: loss {ev.get('loss')} nats, perplexity {ev.get('ppl')} on `{ev.get('data')}`.")
+    lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(\"THIS_REPO_OR_DIR\")", "```"]
+    if extras:
+        lines.append(f"transformers needs `pip install {extras}` for this format.")
+    if vllm:
+        lines += ["", "```bash", "vllm serve THIS_REPO_OR_DIR", "```"]
+    lines += ["", "With quantkit, from a local copy (any format, dequantized weights): `quantkit.load_quantized(DIR)`.",
+              "`quantkit.json` names the quantized modules; `quantkit_report.json` holds per-layer errors and timings.", ""]
+    return "\n".join(lines)
