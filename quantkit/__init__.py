@@ -6,7 +6,13 @@ raises `quantkit.QuantkitError` (the API's one exception type) with the message 
 
 from __future__ import annotations
 
+import logging
+
 from quantkit.errors import QuantkitError
+
+# Library convention: quantkit's log records (logger "quantkit" and its children) go nowhere unless the
+# application configures logging; the CLI sends warnings (with --debug, everything) to stderr.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

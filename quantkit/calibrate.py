@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,8 @@ from quantkit.models.streamed import build_skeleton
 from quantkit.quant.methods import METHODS, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 from quantkit.validate import preflight_calibration, private_tempdir, resumable_work
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,9 @@ def calibrate_job(
         low_memory=low_memory, offload_dir=offload_dir, resume=resume, hooks=hooks, model=loaded,
         tokenizer=tokenizer, data=calib if in_memory_data else None,
     )
+    logger.info("calibrating %s: %s w%d g%d on %s, %d ranks%s", job.model_name, job.method, spec.bits,
+                spec.group_size, job.calib or job.calib_set or "in-memory data", nproc,
+                ", low memory" if low_memory else "")
     exporting = output is not None and (not under_torchrun() or int(os.environ["RANK"]) == 0)
     with contextlib.ExitStack() as scope:
         if low_memory and exporting:
@@ -210,6 +216,8 @@ def calibrate_job(
         outcome = _run_ranks(job, nproc, device, devices, dist_timeout)
     if low_memory and exporting:
         shutil.rmtree(work_dir_for(output), ignore_errors=True)
+    if exporting:
+        logger.info("exported %s to %s", fmt, output)
     return outcome
 
 

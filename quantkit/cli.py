@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -128,6 +129,18 @@ class QuantkitGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
 def main(debug: bool) -> None:
     """quantkit: post-training quantization (TLQ, GPTQ, RTN) and QiD scaling laws."""
+    configure_logging(debug)
+
+
+def configure_logging(debug: bool) -> None:
+    """The `quantkit` logger's records on stderr: warnings, or everything with --debug (once per process)."""
+    logger = logging.getLogger("quantkit")
+    if not any(getattr(h, "quantkit_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.quantkit_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,27 @@ def test_bad_data_and_options(run, tmp_path) -> None:
     with pytest.raises(quantkit.QuantkitError, match="one process"):
         quantkit.quantize(str(run["model"]), data=[run["text"].read_text()], nproc=2, output_dir=tmp_path / "o",
                           **SETTINGS)
+
+
+def test_logging_and_transformers_settings(run, caplog) -> None:
+    """quantkit logs through the `quantkit` logger and leaves transformers' own settings as the caller had them."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    with caplog.at_level(logging.INFO, logger="quantkit"):
+        quantkit.quantize(str(run["model"]), data=str(run["text"]), method="rtn", group_size=16, nsamples=2,
+                          seqlen=16, progress=False)
+    assert any(r.name.startswith("quantkit.") and "calibrating" in r.getMessage() for r in caplog.records)
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity
+
+
+def test_fit_limits_blas_threads_with_threadpoolctl() -> None:
+    from threadpoolctl import threadpool_info
+
+    from quantkit.qid.fit import single_threaded_blas
+
+    with single_threaded_blas():
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")

@@ -9,11 +9,11 @@ and g_idx that turn the stored dequantized weights back into exact codes).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import struct
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,8 @@ from quantkit.export.card import CARD, model_card
 from quantkit.export.common import FORMATS, VERSION, check_format, check_result, common_spec
 from quantkit.fsutil import atomic_dir
 from quantkit.quant.spec import QuantResult
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "quantkit.json"
 REPORT = "quantkit_report.json"
@@ -472,7 +474,7 @@ def _copy_source_files(source: str, out: Path) -> None:
 
         local = Path(snapshot_download(source, allow_patterns=list(SOURCE_FILES), local_files_only=True))
     except Exception as err:  # noqa: BLE001 - tokenizer files are a convenience
-        warnings.warn(f"could not copy tokenizer/processor files from {source!r}: {err}", stacklevel=3)
+        logger.warning("could not copy tokenizer/processor files from %r: %s", source, err)
         return
     for fname in SOURCE_FILES:
         if (local / fname).is_file():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -11,6 +14,8 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.models import gpt_neox, llama, llava, llava_onevision, opt, qwen2, qwen2_vl
 from quantkit.models.base import Adapter, get_module, layer_output
+
+logger = logging.getLogger(__name__)
 
 ADAPTERS: tuple[Adapter, ...] = (
     llama.ADAPTER,
@@ -99,14 +104,25 @@ def missing_loader_message(name_or_path: str, method: str, install: str) -> str:
             f"gptqmodel; run `{install}` (quantkit.load_quantized reads quantkit's own exports without them)")
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' per-tensor loading bar for one load (quantkit shows its own progress), then put it
+    back as the caller had it: a notebook's own transformers settings are left alone."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None) -> nn.Module:
     """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.utils import logging as hf_logging
-
-    # quantkit shows its own progress; transformers' per-tensor loading bar is noise around errors.
-    hf_logging.disable_progress_bar()
     local = Path(name_or_path)
     looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and name_or_path.count("/") != 1
     if looks_local and not (local / "config.json").is_file():
@@ -120,9 +136,11 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     check_quantized_loadable(config, name_or_path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
+    logger.info("loading %s as %s", name_or_path, auto_class.__name__)
     try:
-        model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
-                                                 output_loading_info=True)
+        with quiet_loading():
+            model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
+                                                     output_loading_info=True)
     except NameError as err:
         # optimum refers to gptqmodel's QuantizeConfig without importing it when gptqmodel is absent or broken
         if "QuantizeConfig" not in str(err):

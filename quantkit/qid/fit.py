@@ -21,7 +21,6 @@ silently, as are rows that failed at measurement time.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import math
 from collections import defaultdict
@@ -42,46 +41,13 @@ LAWS = ("unified", "D", "N", "P")
 UNIFIED_FORMULA = "QiD = k * D^beta / (N^alpha * P^gamma)"
 
 
-_BLAS_PREFIXES = ("scipy_openblas", "openblas")
-_BLAS_SUFFIXES = ("64_", "", "_64_")
-
-
-def _openblas_libs() -> list[tuple[ctypes.CDLL, str]]:
-    """(library, symbol prefix+suffix) of each OpenBLAS loaded in this process (Linux only)."""
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = sorted({line.split()[-1] for line in fh if "openblas" in line and ".so" in line})
-    except OSError:
-        return []
-    found = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in itertools.product(_BLAS_PREFIXES, _BLAS_SUFFIXES):
-            if hasattr(lib, f"{prefix}_set_num_threads{suffix}") and hasattr(lib, f"{prefix}_get_num_threads{suffix}"):
-                found.append((lib, f"{prefix}_%s_num_threads{suffix}"))
-                break
-    return found
-
-
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """Run tiny dense algebra on one BLAS thread: on busy shared cores threaded OpenBLAS makes L-BFGS ~20x slower."""
-    libs = _openblas_libs()
-    saved = []
-    for lib, pattern in libs:
-        try:
-            saved.append((lib, pattern, getattr(lib, pattern % "get")()))
-            getattr(lib, pattern % "set")(1)
-        except (AttributeError, OSError):
-            continue
-    try:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        for lib, pattern, n in saved:
-            getattr(lib, pattern % "set")(int(n))
 
 
 def irls_huber(X: np.ndarray, y: np.ndarray, delta: float, iters: int = 200) -> np.ndarray:
