@@ -155,12 +155,12 @@ def calibrate_job(
     chosen = method_for(method)
     spec.validate()
     if importance:
-        from quantkit.importance import check_guidance, check_settings
+        from quantkit.importance import TLQ_DEFAULTS, check_guidance, check_settings
 
         # before the model loads: a bad option must not cost a load and a forward pass
-        check_settings(importance.get("lam", 0.1), importance.get("power", 1.0), None, 0.1)
-        check_guidance(importance.get("guidance", "layer"), importance.get("row_groups", 1),
-                       importance.get("loss", "ce"), importance.get("draws", 1))
+        options = TLQ_DEFAULTS | importance
+        check_settings(options["lam"], options["power"], None, 0.1)
+        check_guidance(options["guidance"], options["row_groups"], options["loss"], options["draws"])
     fmt = fmt or default_format(spec.bits)
     loaded = model_name if isinstance(model_name, torch.nn.Module) else None
     if output is not None:

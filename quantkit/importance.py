@@ -446,12 +446,12 @@ def _head_gradient(
             logits = head(x)
         with torch.no_grad():
             probs = torch.softmax(logits.float(), dim=-1)
+            cumulative = None if uniform is None else probs.double().cumsum(dim=-1)  # shared by every draw
         for draw in range(draws):
             with torch.no_grad():
                 if uniform is None:
                     target = label[start:end]
                 else:
-                    cumulative = probs.double().cumsum(dim=-1)
                     wanted = (uniform[draw, start:end] * cumulative[:, -1]).unsqueeze(1)
                     target = torch.searchsorted(cumulative, wanted).reshape(-1).clamp_max(probs.shape[-1] - 1)
                 upstream = probs.clone()
