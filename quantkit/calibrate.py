@@ -33,7 +33,7 @@ from quantkit.export import FORMATS, default_format, save_quantized
 from quantkit.export.streamed import export_streamed
 from quantkit.fsutil import check_output_dir, scratch_dir
 from quantkit.importance import load_calibration_set, tlq_token_weights
-from quantkit.importance_cli import importance_options
+from quantkit.importance.cli import importance_options
 from quantkit.models import is_vlm, load_model
 from quantkit.models.streamed import build_skeleton
 from quantkit.quant.methods import METHODS, method_for

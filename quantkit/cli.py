@@ -18,7 +18,7 @@ from quantkit.errors import Interrupted, QuantkitError
 # (tests/test_cli_conventions.py checks each line against its command's docstring).
 SUBCOMMANDS = {
     "calibrate": ("quantkit.calibrate", "calibrate", "Quantize MODEL (a local directory or hub id) layer by layer and export it."),
-    "importance": ("quantkit.importance_cli", "importance", "Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."),
+    "importance": ("quantkit.importance.cli", "importance", "Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."),
     "eval": ("quantkit.eval.cli", "eval_cmd", "Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text."),
     "export": ("quantkit.export.cli", "export", "Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."),
     "qid": ("quantkit.qid.cli", "qid", "QiD scaling laws: QiD = loss(quantized) - loss(16-bit) on held-out text, vs N, D and bits."),

@@ -295,9 +295,9 @@ def test_per_linear_calibration_set_round_trip(tmp_path) -> None:
     ({"loss": "fisher", "draws": 0}, "draws must be"),
 ])
 def test_bad_guidance_options_fail_before_the_gradient_pass(monkeypatch, options, message) -> None:
-    import quantkit.importance as importance
+    import quantkit.importance.weights as token_weights
 
-    monkeypatch.setattr(importance, "importance_scores", lambda *a, **k: pytest.fail("gradient pass ran"))
+    monkeypatch.setattr(token_weights, "importance_scores", lambda *a, **k: pytest.fail("gradient pass ran"))
     with pytest.raises(QuantkitError, match=message):
         tlq_token_weights(tiny_model(layers=1), tiny_samples(n=1), progress=False, **options)
 

@@ -137,7 +137,7 @@ def test_batched_chunks_match_autograd_and_per_sample_pass(tmp_path) -> None:
 
 def test_head_gradient_in_row_blocks_and_one_layer_model(monkeypatch) -> None:
     # Blocks of 5 rows split samples and the chunk boundary: every block must land on its own rows.
-    monkeypatch.setattr("quantkit.importance._HEAD_ROWS", 5)
+    monkeypatch.setattr("quantkit.importance.gradients._HEAD_ROWS", 5)
     generator = torch.Generator().manual_seed(7)
     samples = [{"input_ids": torch.randint(0, 97, (1, 12), generator=generator)} for _ in range(3)]
     samples[2]["loss_mask"] = torch.tensor([[0] * 9 + [1] * 3]).bool()
@@ -319,11 +319,12 @@ def test_importance_cli_on_reference_lm(tmp_path) -> None:
 @pytest.mark.parametrize("options, message", [({"lam": 1.5}, "lam"), ({"power": 0}, "power"),
                                               ({"top_fraction": 0}, "top fraction"), ({"lam_typo": 0.1}, "lam_typo")])
 def test_bad_options_fail_before_the_gradient_pass(monkeypatch, options, message) -> None:
-    import quantkit.importance as importance
+    import quantkit.importance.weights as token_weights
 
     def no_pass(*args, **kwargs):
         raise AssertionError("the gradient pass ran")
 
-    monkeypatch.setattr(importance, "layer_output_gradients", no_pass)
+    # tlq_token_weights runs the pass through the name importance_scores of its own module
+    monkeypatch.setattr(token_weights, "importance_scores", no_pass)
     with pytest.raises((QuantkitError, TypeError), match=message):
         tlq_token_weights(tiny_llama(), [{"input_ids": torch.randint(0, 97, (1, 8))}], progress=False, **options)

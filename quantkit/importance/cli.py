@@ -6,11 +6,25 @@ import json
 import time
 
 import click
+from transformers import AutoTokenizer
 
 from quantkit.cli_options import output_option
+from quantkit.data.calibration import load_calibration
+from quantkit.data.images import load_processor
+from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import check_output_dir, scratch_dir
-from quantkit.importance import GUIDANCE_CHOICES, LOSS_CHOICES, TLQ_DEFAULTS
+from quantkit.importance import (
+    GUIDANCE_CHOICES,
+    LOSS_CHOICES,
+    TLQ_DEFAULTS,
+    check_guidance,
+    check_settings,
+    save_calibration_set,
+    tlq_token_weights,
+)
+from quantkit.models import load_model
+from quantkit.validate import preflight_importance
 
 
 def importance_options(command):
@@ -54,27 +68,16 @@ def build_calibration_set(
     offload_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    chat_template: str | None = None,
 ) -> dict:
-    """Draw samples from `calib`, compute TLQ importance under `model_name` and save the set; return its manifest."""
-    from transformers import AutoTokenizer
-
-    from quantkit.data import calibration_samples
-    from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
-    from quantkit.importance import (
-        check_guidance,
-        check_settings,
-        save_calibration_set,
-        tlq_token_weights,
-    )
-    from quantkit.models import load_model
-    from quantkit.validate import preflight_importance
-
+    """Draw samples from `calib`, compute TLQ importance under `model_name` and save the set; return its manifest.
+    Chat records are rendered with the Jinja file `chat_template`, else the tokenizer's own template."""
     check_settings(lam, power, top_fraction, floor_fraction)
     check_guidance(guidance, row_groups, loss, draws)
     check_output_dir(output, overwrite)
     image_data = is_recipe(calib) and load_recipe(calib).kind != "text"
     preflight_importance(model_name, calib, output, seqlen=seqlen, device=device, offload_dir=offload_dir,
-                         overwrite=overwrite, image_data=image_data)
+                         overwrite=overwrite, image_data=image_data, chat_template=chat_template, part=part)
     started = time.perf_counter()
     model = load_model(model_name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -82,29 +85,30 @@ def build_calibration_set(
         recipe = load_recipe(calib)
         processor = None
         if recipe.kind != "text":
-            from quantkit.data.images import load_processor
-
             processor = load_processor(model_name)
         samples = recipe_samples(recipe, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
-    else:
-        samples = calibration_samples(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+    else:  # text windows, or chat records with their loss mask on the assistant's tokens
+        samples = load_calibration(calib, model_name, False, nsamples, seqlen, seed, part, tokenizer_or_processor=tokenizer,
+                                   chat_template=chat_template)
     with scratch_dir(offload_dir):
         importance = tlq_token_weights(
             model, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
             floor_fraction=floor_fraction, seed=seed, device=device, offload_dir=offload_dir, progress=progress,
             guidance=guidance, row_groups=row_groups, loss=loss, draws=draws,
         )
-    extra = {"calib": calib, "part": part, "seqlen": seqlen, "seed": seed, "seconds": round(time.perf_counter() - started, 3)}
+    extra = {"calib": calib, "part": part, "seqlen": seqlen, "seed": seed, "chat_template": chat_template,
+             "seconds": round(time.perf_counter() - started, 3)}
     return save_calibration_set(output, samples, importance, model, model_name, tokenizer, extra=extra, overwrite=overwrite)
 
 
 @click.command()
 @click.argument("model")
-@click.option("--calib", required=True, help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
+@click.option("--calib", required=True, help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per sequence (max tokens for image-text recipes).")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per sequence (max tokens of an image-text or chat sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
 @click.option("--part", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
+@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")
 @importance_options
 @click.option("--per-modality", is_flag=True, help="Normalise scores within vision and within text tokens separately.")
 @click.option("--top-fraction", type=float, default=None, help="Keep only this fraction of tokens by weight (plus a random floor sample).")
@@ -114,7 +118,7 @@ def build_calibration_set(
 @output_option(required=True, type=click.Path(), help="Output calibration-set directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
-def importance(model, calib, nsamples, seqlen, seed, part, guidance, row_groups, importance_loss, fisher_draws, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:
+def importance(model, calib, nsamples, seqlen, seed, part, chat_template, guidance, row_groups, importance_loss, fisher_draws, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:
     """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
     if nsamples <= 0 or seqlen <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
@@ -122,7 +126,7 @@ def importance(model, calib, nsamples, seqlen, seed, part, guidance, row_groups,
         model, calib, output, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, lam=lam, power=power,
         guidance=guidance, row_groups=row_groups, loss=importance_loss, draws=fisher_draws,
         per_modality=per_modality, top_fraction=top_fraction, floor_fraction=floor_fraction, device=device,
-        offload_dir=offload_dir, overwrite=overwrite, progress=not as_json,
+        offload_dir=offload_dir, overwrite=overwrite, progress=not as_json, chat_template=chat_template,
     )
     if as_json:
         click.echo(json.dumps(manifest | {"output": output}))

@@ -1,0 +1,261 @@
+"""The token-level calibration set on disk: samples, masks, TLQ weights and scores in two safetensors
+files plus manifest.json (format, model and tokenizer identity, settings, file hashes); saving it
+atomically, and loading it after checking that it fits the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer
+
+import quantkit
+from quantkit.engine.weights import LayerWeights
+from quantkit.errors import QuantkitError
+from quantkit.fsutil import atomic_dir
+from quantkit.importance.weights import TokenImportance
+from quantkit.models import adapter_for
+
+SET_FORMAT = "quantkit.tlq-calibration-set"
+SET_FORMAT_VERSION = 1
+# weights.safetensors key prefix of per-linear weights: f"linear.{layer}.{name}" -> [samples, Tmax, groups]
+LINEAR_KEY = "linear"
+SAMPLES_FILE = "samples.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+# Config keys that do not change the model's function (bookkeeping, dtype, runtime flags).
+_CONFIG_HASH_IGNORED = {
+    "_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+    "return_dict", "architectures",
+}
+
+
+# ----------------------------------------------------------------------------- identity of model/tokenizer
+
+
+def config_hash(model_or_config) -> str:
+    """sha256 of the model config without bookkeeping keys (paths, versions, dtype, runtime flags)."""
+    config = getattr(model_or_config, "config", model_or_config)
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in sorted(value.items()) if k not in _CONFIG_HASH_IGNORED}
+        return value
+
+    text = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_identity(model: nn.Module) -> dict:
+    config = model.config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+        "num_layers": len(adapter_for(model).decoder_layers(model)),
+        "config_hash": config_hash(model),
+    }
+
+
+# ----------------------------------------------------------------------------- the set on disk
+
+
+def save_calibration_set(
+    output: str | Path,
+    samples: Sequence[dict],
+    importance: TokenImportance,
+    model: nn.Module,
+    model_name: str,
+    tokenizer=None,
+    *,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write samples, masks, weights, scores and manifest.json to `output` atomically; return the manifest."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, sample in enumerate(samples):
+        for key, value in sample.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+    lengths = torch.tensor([m.numel() for m in importance.valid], dtype=torch.long)
+    tmax = int(lengths.max())
+
+    def pad(masks: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(len(masks), tmax, dtype=torch.bool)
+        for i, m in enumerate(masks):
+            out[i, : m.numel()] = m
+        return out
+
+    weights = {
+        "weights": importance.stacked("weights"),
+        "scores": importance.stacked("scores"),
+        "lengths": lengths,
+        "valid_mask": pad(importance.valid),
+        "scored_positions": pad(importance.scored),
+        "vision_mask": pad(importance.vision),
+    }
+    for layer, by_linear in enumerate(importance.linear_weights or []):
+        for name, per_sample in by_linear.items():
+            groups = importance.linear_groups.get(name, 1)
+            padded = torch.zeros(len(per_sample), tmax, groups)
+            for index, value in enumerate(per_sample):
+                padded[index, : value.shape[0]] = value.float().reshape(value.shape[0], groups)
+            weights[f"{LINEAR_KEY}.{layer}.{name}"] = padded
+    revision = getattr(model.config, "_commit_hash", None)
+    manifest = {
+        "format": SET_FORMAT,
+        "format_version": SET_FORMAT_VERSION,
+        "quantkit_version": quantkit.__version__,
+        "model": model_name,
+        "revision": revision,
+        **_model_identity(model),
+        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "nsamples": len(samples),
+        "max_tokens": tmax,
+        "sample_keys": sorted({k for s in samples for k, v in s.items() if isinstance(v, torch.Tensor)}),
+        "settings": importance.settings,
+        "report": importance.report,
+        **(extra or {}),
+    }
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / SAMPLES_FILE)
+        save_file(weights, tmp / WEIGHTS_FILE)
+        manifest["files"] = {name: file_sha256(tmp / name) for name in (SAMPLES_FILE, WEIGHTS_FILE)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(setdir: str | Path) -> dict:
+    """The manifest of a calibration set, or a QuantkitError if the directory is missing or not a set."""
+    root = Path(setdir)
+    if not root.is_dir():
+        raise QuantkitError(f"calibration set {root} not found; make one with `quantkit importance MODEL --calib DATA -o {root}`")
+    path = root / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise QuantkitError(f"{root} is not a calibration set (no {MANIFEST_FILE}); make one with `quantkit importance`") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QuantkitError(f"{path} is corrupt ({err}); remake the set with `quantkit importance`") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != SET_FORMAT:
+        raise QuantkitError(f"{path} is not a quantkit calibration-set manifest")
+    if manifest.get("format_version") != SET_FORMAT_VERSION:
+        raise QuantkitError(f"calibration set {root} has format version {manifest.get('format_version')}; this quantkit reads {SET_FORMAT_VERSION}")
+    return manifest
+
+
+def _check_files(root: Path, manifest: dict) -> None:
+    for name, digest in (manifest.get("files") or {}).items():
+        path = root / name
+        if not path.is_file():
+            raise QuantkitError(f"calibration set {root} is incomplete: {name} is missing; remake it")
+        if file_sha256(path) != digest:
+            raise QuantkitError(f"calibration set {root} is corrupt: {name} does not match its sha256 in the manifest; remake it")
+    for name in (SAMPLES_FILE, WEIGHTS_FILE):
+        if name not in (manifest.get("files") or {}):
+            raise QuantkitError(f"calibration set {root} is corrupt: manifest lists no hash for {name}")
+
+
+def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: str = "") -> None:
+    """Refuse a set made for another model (architecture, layer count, config) or another tokenizer."""
+    found = _model_identity(model)
+    if manifest.get("model_type") != found["model_type"] or manifest.get("architectures") != found["architectures"]:
+        raise QuantkitError(
+            f"calibration set {where} was made for {manifest.get('model_type')} {manifest.get('architectures')}, "
+            f"not this {found['model_type']} {found['architectures']}; make a set for this model"
+        )
+    if manifest.get("num_layers") != found["num_layers"]:
+        raise QuantkitError(
+            f"calibration set {where} has weights for {manifest.get('num_layers')} layers, the model has {found['num_layers']}; make a set for this model"
+        )
+    if manifest.get("config_hash") != found["config_hash"]:
+        raise QuantkitError(
+            f"calibration set {where} was made for another model config ({manifest.get('model')}: config hash differs); make a set for this model"
+        )
+    if tokenizer is not None and manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
+        raise QuantkitError(f"calibration set {where} was tokenized with a different tokenizer; remake it with this model's tokenizer")
+
+
+class StoredWeights:
+    """token_weights(layer) over a loaded set: each sample's weights cut to its length."""
+
+    def __init__(self, weights: torch.Tensor, lengths: torch.Tensor, manifest: dict,
+                 linear: dict[str, torch.Tensor] | None = None) -> None:
+        self.weights = weights
+        self.lengths = [int(n) for n in lengths]
+        self.manifest = manifest
+        self.floor = (manifest.get("settings") or {}).get("lam")
+        # per-linear weights by layer: {layer: {name: [samples, Tmax, groups]}}
+        self.linear: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in (linear or {}).items():
+            _, layer, name = key.split(".", 2)
+            self.linear.setdefault(int(layer), {})[name] = value
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers the weights cover."""
+        return int(self.weights.shape[0])
+
+    def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
+        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights)."""
+        output = [self.weights[layer, i, :n] for i, n in enumerate(self.lengths)]
+        if layer not in self.linear:
+            return output
+        linears, groups = {}, {}
+        for name, value in self.linear[layer].items():
+            groups[name] = int(value.shape[2])
+            linears[name] = [value[i, :n, 0] if groups[name] == 1 else value[i, :n] for i, n in enumerate(self.lengths)]
+        return LayerWeights(output, linears, groups, self.floor)
+
+
+def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.Module, tokenizer=None) -> tuple[list[dict], StoredWeights]:
+    """(samples, token_weights) of a set made by `quantkit importance`, after checking it fits `model`.
+
+    The tokenizer check uses `tokenizer`, or the one at `model_name` when that loads.
+    """
+    root = Path(setdir)
+    manifest = read_manifest(root)
+    _check_files(root, manifest)
+    if tokenizer is None and model_name is not None and manifest.get("tokenizer_hash"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_name)
+        except (OSError, ValueError) as err:
+            raise QuantkitError(f"cannot load the tokenizer of {model_name} to check calibration set {root}: {str(err).splitlines()[0]}") from err
+    check_set_matches(manifest, model, tokenizer, where=str(root))
+    try:
+        tensors = load_file(root / SAMPLES_FILE)
+        weights = load_file(root / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as err:
+        raise QuantkitError(f"calibration set {root} is corrupt: {err}; remake it") from err
+    count = int(manifest["nsamples"])
+    samples: list[dict] = [{} for _ in range(count)]
+    for name, value in tensors.items():
+        index, _, key = name.partition(".")
+        samples[int(index)][key] = value
+    if any("input_ids" not in s for s in samples) or weights["weights"].shape[:2] != (manifest["num_layers"], count):
+        raise QuantkitError(f"calibration set {root} is corrupt: samples or weights do not match the manifest; remake it")
+    linear = {key: value for key, value in weights.items() if key.startswith(LINEAR_KEY + ".")}
+    return samples, StoredWeights(weights["weights"], weights["lengths"], manifest, linear)

@@ -1,0 +1,466 @@
+"""TLQ's gradient pass: raw token scores from a block-wise backward, per layer output or per linear
+(per output-row group), with the data's labels or Fisher labels drawn from the FP model.
+
+Memory: the forward pass stores every layer's FP input for each sample (in RAM, or in one
+safetensors file per layer under an offload directory), then the backward runs block by
+block from the top, recomputing each layer from its stored input; only one decoder layer
+(plus final norm and lm_head for the top) and one chunk's activations are live at a time.
+Samples that share their layer kwargs (plain text of one length) run in chunks of
+``batch_size`` along the batch dimension (checked once against per-sample outputs; else one
+sample at a time). The top block runs the last decoder layer with autograd, so that layer is
+not run twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.engine.capture import LayerInputs, capture_layer_inputs, run_layer
+from quantkit.engine.weights import row_ranges
+from quantkit.errors import QuantkitError
+from quantkit.importance.masks import scored_positions
+from quantkit.models import adapter_for, get_module
+from quantkit.models.base import Adapter, layer_output
+
+GUIDANCE_CHOICES = ("layer", "linear")
+LOSS_CHOICES = ("ce", "fisher")
+
+
+def check_guidance(guidance: str, row_groups: int, loss: str, draws: int) -> None:
+    """Raise QuantkitError on gradient-guidance settings out of range."""
+    if guidance not in GUIDANCE_CHOICES:
+        raise QuantkitError(f"guidance must be one of {GUIDANCE_CHOICES}, got {guidance!r}")
+    if loss not in LOSS_CHOICES:
+        raise QuantkitError(f"importance loss must be one of {LOSS_CHOICES}, got {loss!r}")
+    if row_groups < 1:
+        raise QuantkitError(f"row groups must be at least 1, got {row_groups}")
+    if row_groups > 1 and guidance != "linear":
+        raise QuantkitError("output-row groups need per-linear guidance (--guidance linear)")
+    if draws < 1:
+        raise QuantkitError(f"Fisher draws must be at least 1, got {draws}")
+
+
+class _StoredInputs:
+    """Every layer's FP input per sample: in RAM, or one safetensors file per layer on disk."""
+
+    def __init__(self, offload_dir: str | Path | None) -> None:
+        self.memory: dict[int, list[torch.Tensor]] = {}
+        self.root: Path | None = None
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix="tlq-inputs-", dir=offload_dir))
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        if self.root is None:
+            self.memory[layer] = [h.detach() for h in hidden]
+            return
+        # clone: batched outputs are views of one chunk tensor, and safetensors refuses shared storage
+        save_file({str(i): h.detach().cpu().clone() for i, h in enumerate(hidden)}, self.root / f"layer{layer}.safetensors")
+
+    @contextlib.contextmanager
+    def reader(self, layer: int) -> Iterator:
+        if self.root is None:
+            hidden = self.memory.pop(layer)
+            yield lambda i: hidden[i]
+            return
+        with safe_open(self.root / f"layer{layer}.safetensors", framework="pt") as handle:
+            yield lambda i: handle.get_tensor(str(i))
+
+    def close(self) -> None:
+        self.memory.clear()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off parameter gradients (only input gradients are wanted) and dropout."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    training = module.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    module.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(training)
+
+
+def _chunks(indices: Sequence[int], size: int) -> list[list[int]]:
+    indices = list(indices)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _run_chunk(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on a batch [B, T, d] of samples that share `kwargs` (batch-1 tensors broadcast)."""
+    return layer_output(layer(hidden, **kwargs))
+
+
+# Rows of the lm_head + cross-entropy gradient computed at once: a [rows, vocab] block of logits
+# and its softmax stay in cache (a whole chunk's logits, [B * T, V], do not, which costs ~2x).
+_HEAD_ROWS = 512
+
+
+def _head_gradient(
+    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor],
+    samplers: list[list[torch.Generator]] | None = None,
+) -> torch.Tensor:
+    """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored
+    positions: [draws, B, T, d].
+
+    hidden [B, T, d] is the final norm's output. Only scored rows go through lm_head, in blocks
+    of _HEAD_ROWS, and the cross-entropy gradient is formed directly, w * (softmax - onehot),
+    instead of by autograd through log_softmax (which keeps [B * T, V] logits, their log-softmax
+    and its gradient). Each sample's gradient is that of its own mean loss.
+
+    Labels are the data's next tokens, or with `samplers` (one generator per sample and draw) drawn
+    from the model's own softmax: the gradient of the Fisher of the KL to the FP model, which does
+    not single out the calibration text's hardest tokens. Each draw gives one gradient.
+    """
+    rows, labels, weights, uniforms = [], [], [], []
+    length = hidden.shape[1]
+    draws = 1 if samplers is None else len(samplers[0])
+    for j, (ids, mask) in enumerate(zip(input_ids, scored)):
+        positions = mask.nonzero().reshape(-1)
+        rows.append(positions + j * length)
+        labels.append(ids.reshape(-1).cpu()[positions + 1])
+        weights.append(torch.full((positions.numel(),), 1.0 / max(1, positions.numel())))
+        if samplers is not None:
+            # one uniform per (draw, position), drawn per sample: labels do not depend on chunking
+            uniforms.append(torch.stack([torch.rand(positions.numel(), generator=g, dtype=torch.float64) for g in samplers[j]]))
+    device = hidden.device
+    row, label, weight = (torch.cat(t).to(device) for t in (rows, labels, weights))
+    uniform = torch.cat(uniforms, dim=1).to(device) if samplers is not None else None
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    grad = torch.zeros((draws, *flat.shape), dtype=flat.dtype, device=device)
+    for start in range(0, row.numel(), _HEAD_ROWS):
+        block = row[start : start + _HEAD_ROWS]
+        end = start + block.numel()
+        x = flat.index_select(0, block).requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(x)
+        with torch.no_grad():
+            probs = torch.softmax(logits.float(), dim=-1)
+            cumulative = None if uniform is None else probs.double().cumsum(dim=-1)  # shared by every draw
+        for draw in range(draws):
+            with torch.no_grad():
+                if uniform is None:
+                    target = label[start:end]
+                else:
+                    wanted = (uniform[draw, start:end] * cumulative[:, -1]).unsqueeze(1)
+                    target = torch.searchsorted(cumulative, wanted).reshape(-1).clamp_max(probs.shape[-1] - 1)
+                upstream = probs.clone()
+                upstream[torch.arange(block.numel(), device=device), target] -= 1.0
+                upstream.mul_(weight[start:end, None])
+            (found,) = torch.autograd.grad(logits, x, grad_outputs=upstream.to(logits.dtype), retain_graph=draw + 1 < draws)
+            grad[draw].index_copy_(0, block, found)
+    return grad.reshape(draws, *hidden.shape)
+
+
+def _batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
+    """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
+    if len(inputs.kwargs) != 1 or len(chunk) < 2:
+        return False
+    first, last = chunk[0], chunk[-1]
+    try:
+        batched = _run_chunk(layer, torch.cat([inputs.hidden[first], inputs.hidden[last]]), inputs.kwargs[0])
+        alone = [run_layer(layer, inputs, first), run_layer(layer, inputs, last)]
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
+    if batched.shape[0] != 2:
+        return False
+    scale = max(float(a.abs().max()) for a in alone) or 1.0
+    return all(
+        a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
+        for a, b in zip(alone, batched.split(1))
+    )
+
+
+@dataclass
+class ImportanceScores:
+    """Raw scores of one gradient pass: per layer output, and per linear with linear guidance."""
+
+    layer: list[list[torch.Tensor]]  # [layers][samples] -> [T]: ||dL/dy_{l,t}||^2
+    linear: list[dict[str, list[torch.Tensor]]] | None  # [layers]{linear: [samples] -> [T] or [T, g]}
+    report: dict
+    gradients: list[list[torch.Tensor]] | None = None  # [layers][samples] -> [T, d] (keep_gradients)
+
+
+def _row_group_squares(grad: torch.Tensor, groups: int) -> torch.Tensor:
+    """Squared gradient summed over each output-row group (row_groups): [..., out] -> [..., groups]."""
+    squares = grad.float().square()
+    if groups == 1:
+        return squares.sum(-1, keepdim=True)
+    return torch.stack([squares[..., low:high].sum(-1) for low, high in row_ranges(grad.shape[-1], groups)], dim=-1)
+
+
+@contextlib.contextmanager
+def _linear_output_hooks(layer: nn.Module, names: Sequence[str], groups: int, found: dict[str, list[torch.Tensor]]):
+    """While active, every backward through `layer` appends [B, T, groups] squared output gradients of
+    each linear in `names` to found[name] (one entry per backward: per draw)."""
+    handles = []
+    for name in names:
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda grad, name=name: found[name].append(_row_group_squares(grad.detach(), groups)))
+        handles.append(get_module(layer, name).register_forward_hook(forward_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def importance_scores(
+    model: nn.Module,
+    samples: Sequence[dict],
+    *,
+    device: torch.device | str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+    keep_gradients: bool = False,
+    adapter: Adapter | None = None,
+    batch_size: int = 16,
+    guidance: str = "layer",
+    row_groups: int = 1,
+    loss: str = "ce",
+    draws: int = 1,
+    seed: int = 0,
+) -> ImportanceScores:
+    """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T] via a block-wise backward, and with
+    guidance "linear" each linear's ||dL/dz_{j,t}||^2 at its own output z (per output-row group).
+
+    Samples that share their layer kwargs (plain text of one length) run `batch_size` at a
+    time, concatenated along the batch dimension, in the forward and in each block's
+    backward; a probe on layer 0 checks that the shared kwargs broadcast over the batch
+    (batched output == per-sample output) and falls back to one sample at a time otherwise.
+    Peak memory: one block plus one chunk's activations (and the stored layer inputs).
+
+    loss "ce" differentiates the cross-entropy on the data's next tokens; "fisher" draws `draws`
+    labels per position from the FP model's own softmax (seeded by `seed`, per sample and draw) and
+    averages the squared gradients over the draws: the empirical Fisher of the KL to the FP model.
+    Each block's forward is recomputed once and differentiated once per draw. Linear guidance reads
+    the linears' output gradients with hooks in the same backward (layer 0, whose output gradient
+    alone needs no recompute, is then recomputed too).
+    """
+    adapter = adapter or adapter_for(model)
+    if not samples:
+        raise QuantkitError("no calibration samples for token importance")
+    if batch_size < 1:
+        raise QuantkitError(f"importance batch size must be at least 1, got {batch_size}")
+    check_guidance(guidance, row_groups, loss, draws)
+    started = time.perf_counter()
+    layers = adapter.decoder_layers(model)
+    num_layers = len(layers)
+    per_linear = guidance == "linear"
+    linear_names = adapter.linear_names()
+    draws = draws if loss == "fisher" else 1
+    scored = [scored_positions(s) for s in samples]
+    empty = {i for i, m in enumerate(scored) if not bool(m.any())}
+    stored = _StoredInputs(offload_dir)
+    scores: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+    linear_scores: list[dict[str, list]] | None = (
+        [{name: [None] * len(samples) for name in linear_names} for _ in range(num_layers)] if per_linear else None
+    )
+    gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
+    bar = tqdm(total=2 * num_layers, desc="importance", disable=not progress)
+    batched = False
+    live = [i for i in range(len(samples)) if i not in empty]
+    # grads[i]: [draws, T, d], the gradient at the current layer's output for each draw
+    grads: list[torch.Tensor | None] = [None] * len(samples)
+    samplers = None
+    if loss == "fisher":
+        samplers = [
+            [torch.Generator().manual_seed(seed * 1_000_003 + index * 1_009 + draw) for draw in range(draws)]
+            for index in range(len(samples))
+        ]
+
+    def record(index: int) -> None:
+        for grad in grads:
+            scores[index].append(grad.float().pow(2).sum(-1).mean(0).reshape(-1).cpu())
+            if gradients is not None:
+                gradients[index].append(grad[0].reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+
+    def hooks_on(layer: nn.Module, found: dict[str, list[torch.Tensor]]):
+        return _linear_output_hooks(layer, linear_names, row_groups, found) if per_linear else contextlib.nullcontext()
+
+    def record_linears(index: int, chunk: list[int], found: dict[str, list[torch.Tensor]]) -> None:
+        for name, per_draw in found.items():
+            if not per_draw:  # an unused linear: no gradient reached it
+                raise QuantkitError(f"linear {name} of layer {index} received no gradient; use layer guidance")
+            mean = torch.stack(per_draw).mean(0)  # [B, T, groups], averaged over draws
+            for j, i in enumerate(chunk):
+                value = mean[j].cpu()
+                linear_scores[index][name][i] = value[:, 0] if row_groups == 1 else value
+            per_draw.clear()
+
+    def backward_block(index: int, layer: nn.Module, read, want_input: bool) -> None:
+        """Recompute layer `index` from its stored input and push every draw's gradient below it."""
+        found = {name: [] for name in linear_names}
+        for chunk in _chunks(live, size):
+            x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
+            below = []
+            with hooks_on(layer, found), torch.enable_grad():
+                y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                for draw in range(draws):
+                    upstream = torch.cat([grads[i][draw : draw + 1] for i in chunk])
+                    (grad,) = torch.autograd.grad(y, x, grad_outputs=upstream, retain_graph=draw + 1 < draws)
+                    below.append(grad)
+            del y
+            if per_linear:
+                record_linears(index, chunk, found)
+            if want_input:
+                stacked = torch.stack(below, dim=1)  # [B, draws, T, d]
+                for j, i in enumerate(chunk):
+                    grads[i] = stacked[j]
+
+    try:
+        with _frozen(model):
+            with torch.no_grad():
+                inputs = capture_layer_inputs(model, adapter, samples, device)
+                if batch_size > 1:
+                    probe = layers[0].to(device)
+                    batched = _batching_works(probe, inputs, list(range(min(batch_size, len(samples)))))
+                    layers[0] = probe.to("cpu") if str(device) != "cpu" else probe
+                # FP forward up to the last layer's input, storing each layer's input on the way.
+                for index in range(num_layers - 1):
+                    layer = layers[index].to(device)
+                    if index > 0 or per_linear:  # layer 0's input is differentiated only for its linears
+                        stored.put(index, inputs.hidden)
+                    if batched:
+                        outputs: list[torch.Tensor] = []
+                        for chunk in _chunks(range(len(samples)), batch_size):
+                            hidden = torch.cat([inputs.hidden[i] for i in chunk])
+                            outputs.extend(_run_chunk(layer, hidden, inputs.kwargs[0]).split(1))
+                        inputs.hidden = outputs
+                    else:
+                        inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
+                    layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                    bar.update(1)
+            size = batch_size if batched else 1
+            # Top block: last decoder layer + final norm + lm_head + loss, with autograd, one chunk
+            # at a time: gives dL/dy at the last layer's output and, through it, at its input (the
+            # output of the layer below), without a separate no-grad forward of the last layer.
+            # The chunk's loss is the sum of its samples' mean losses: each sample gets its own gradient.
+            last = num_layers - 1
+            norm = get_module(model, adapter.final_norm)
+            head = get_module(model, adapter.lm_head)
+            below: list[torch.Tensor | None] = [None] * len(samples)
+            for i in empty:
+                zeros = torch.zeros((draws, *inputs.hidden[i].shape[1:]), dtype=inputs.hidden[i].dtype)
+                grads[i] = below[i] = zeros
+                if per_linear:
+                    shape = (zeros.shape[1],) if row_groups == 1 else (zeros.shape[1], row_groups)
+                    for index in range(num_layers):
+                        for name in linear_names:
+                            linear_scores[index][name][i] = torch.zeros(shape)
+            layer = layers[last].to(device)
+            found = {name: [] for name in linear_names}
+            for chunk in _chunks(live, size):
+                x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
+                with hooks_on(layer, found):
+                    with torch.enable_grad():
+                        if last > 0 or per_linear:
+                            x.requires_grad_(True)
+                        y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                        if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
+                            y.requires_grad_(True)
+                        normed = norm(y)
+                    chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
+                    upstream = _head_gradient(
+                        head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk], chunk_samplers
+                    )
+                    wanted = [y, x] if last > 0 or per_linear else [y]
+                    at_output, at_input = [], []
+                    for draw in range(draws):
+                        found_draw = torch.autograd.grad(normed, wanted, grad_outputs=upstream[draw], retain_graph=draw + 1 < draws)
+                        at_output.append(found_draw[0])
+                        if last > 0:
+                            at_input.append(found_draw[1])
+                del normed, upstream, y
+                if per_linear:
+                    record_linears(last, chunk, found)
+                output_stack = torch.stack(at_output, dim=1)  # [B, draws, T, d]
+                input_stack = torch.stack(at_input, dim=1) if at_input else None
+                for j, i in enumerate(chunk):
+                    grads[i] = output_stack[j]
+                    if input_stack is not None:
+                        below[i] = input_stack[j]
+            layers[last] = layer.to("cpu") if str(device) != "cpu" else layer
+            inputs.hidden = []
+            record(last)
+            bar.update(2)
+            if last > 0:
+                grads = below
+                record(last - 1)
+            # Block-wise backward: recompute layer `index` from its stored input, push dL/dy down.
+            for index in reversed(range(1, last)):
+                layer = layers[index].to(device)
+                with stored.reader(index) as read:
+                    backward_block(index, layer, read, want_input=True)
+                layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                record(index - 1)
+                bar.update(1)
+            if per_linear and last > 0:
+                layer = layers[0].to(device)
+                with stored.reader(0) as read:
+                    backward_block(0, layer, read, want_input=False)
+                layers[0] = layer.to("cpu") if str(device) != "cpu" else layer
+            bar.update(1)
+    finally:
+        stored.close()
+        bar.close()
+        if str(device) != "cpu":
+            model.to("cpu")
+    report = {
+        "samples": len(samples),
+        "layers": num_layers,
+        "scored_tokens": int(sum(int(m.sum()) for m in scored)),
+        "empty_loss_mask_samples": sorted(empty),
+        "offload": offload_dir is not None,
+        "batch_size": batch_size if batched else 1,
+        "guidance": guidance,
+        "row_groups": row_groups,
+        "loss": loss,
+        "draws": draws,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if empty:
+        warnings.warn(f"{len(empty)} samples have an empty loss mask; their tokens get uniform weights", stacklevel=2)
+    return ImportanceScores(scores, linear_scores, report, gradients)
+
+
+def layer_output_gradients(
+    model: nn.Module,
+    samples: Sequence[dict],
+    *,
+    device: torch.device | str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+    keep_gradients: bool = False,
+    adapter: Adapter | None = None,
+    batch_size: int = 16,
+) -> tuple[list[list[torch.Tensor]], dict, list[list[torch.Tensor]] | None]:
+    """(scores, report, gradients) of importance_scores with the data loss and layer guidance:
+    scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T]; gradients [layers][samples] -> [T, d] only
+    with keep_gradients (for tests and the walkthrough)."""
+    found = importance_scores(
+        model, samples, device=device, offload_dir=offload_dir, progress=progress, keep_gradients=keep_gradients,
+        adapter=adapter, batch_size=batch_size,
+    )
+    return found.layer, found.report, found.gradients

@@ -1,0 +1,238 @@
+"""TLQ's token weights: the rule that turns raw scores into weights (lam floor, power, per-sample or
+global normalisation, per-modality groups, top fraction), its settings and defaults, and
+tlq_token_weights, which runs the gradient pass and applies the rule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.engine.weights import LayerWeights
+from quantkit.errors import QuantkitError
+from quantkit.importance.gradients import check_guidance, importance_scores
+from quantkit.importance.masks import scored_positions, valid_mask, vision_tokens
+
+# Token-weight normalisation: per sample (default) or over the whole set, per layer.
+NORMALISE_CHOICES = ("sample", "global")
+# TLQ's defaults, chosen on validation windows (benchmarks/bench_tlq.py --validation).
+TLQ_DEFAULTS = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0}
+
+
+def scores_to_weights(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    vision: torch.Tensor | None = None,
+    *,
+    lam: float = 0.1,
+    power: float = 1.0,
+    per_modality: bool = False,
+    group_means: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """Token weights [T] from raw scores [T]; also whether some group fell back to uniform.
+
+    group_means: the mean of s**p to divide by, per group ([valid] or [vision, text] with
+    per_modality), e.g. taken over the whole set (global normalisation); default: this sample's.
+    A group whose own scores are all zero still falls back to uniform weight 1.
+    """
+    scores = scores.float().clamp_min(0)
+    scaled = scores.pow(power) if power != 1.0 else scores
+    normalised = torch.zeros_like(scaled)
+    vision = torch.zeros_like(valid) if vision is None else vision
+    groups = [valid & vision, valid & ~vision] if per_modality else [valid]
+    fell_back = False
+    for position, group in enumerate(groups):
+        if not bool(group.any()):
+            continue
+        mean = scaled[group].mean()
+        if float(mean) > 0 and math.isfinite(float(mean)):
+            if group_means is not None and group_means[position] > 0:
+                mean = torch.tensor(float(group_means[position]))
+            normalised[group] = scaled[group] / mean
+        else:
+            normalised[group] = 1.0
+            fell_back = True
+    weights = (1.0 - lam) * normalised + lam
+    return torch.where(valid, weights, torch.zeros_like(weights)), fell_back
+
+
+def select_top_fraction(
+    weights: torch.Tensor, valid: torch.Tensor, fraction: float, floor_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Zero all but the top `fraction` of valid tokens by weight and a random `floor_fraction` of the rest."""
+    count = int(valid.sum())
+    if count == 0:
+        return weights
+    keep_top = max(1, math.ceil(fraction * count))
+    order = torch.argsort(torch.where(valid, weights, torch.full_like(weights, -1.0)), descending=True, stable=True)
+    keep = torch.zeros_like(valid)
+    keep[order[:keep_top]] = True
+    rest = valid & ~keep
+    keep |= rest & (torch.rand(weights.shape, generator=generator) < floor_fraction)
+    return torch.where(keep, weights, torch.zeros_like(weights))
+
+
+class TokenImportance:
+    """Per-layer token scores and weights; calling it with a layer index gives the engine's weights.
+
+    With per-linear scores (guidance "linear") each linear gets weights of its own, made from its
+    scores by the same rule ([T, g] scores: per output-row group), and a call returns LayerWeights.
+    """
+
+    def __init__(
+        self,
+        scores: list[list[torch.Tensor]],
+        samples: Sequence[dict],
+        *,
+        lam: float = 0.1,
+        power: float = 1.0,
+        per_modality: bool = False,
+        top_fraction: float | None = None,
+        floor_fraction: float = 0.1,
+        seed: int = 0,
+        report: dict | None = None,
+        normalise: str = "sample",
+        linear_scores: list[dict[str, list[torch.Tensor]]] | None = None,
+    ) -> None:
+        check_settings(lam, power, top_fraction, floor_fraction, normalise)
+        self.scores = scores
+        self.linear_scores = linear_scores
+        self.settings = {
+            "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
+            "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
+        }
+        self.floor = lam
+        self.valid = [valid_mask(s) for s in samples]
+        self.scored = [scored_positions(s) for s in samples]
+        self.vision = [vision_tokens(s) for s in samples]
+        self.report = dict(report or {})
+        zero_groups: list[list[int]] = []
+        self.weights = [self._weigh(layer, layer_scores, zero_groups) for layer, layer_scores in enumerate(scores)]
+        self.linear_weights: list[dict[str, list[torch.Tensor]]] | None = None
+        self.linear_groups: dict[str, int] = {}
+        if linear_scores is not None:
+            self.linear_weights = []
+            for layer, by_linear in enumerate(linear_scores):
+                row = {}
+                for name, per_sample in by_linear.items():
+                    groups = 1 if per_sample[0].dim() == 1 else per_sample[0].shape[1]
+                    self.linear_groups[name] = groups
+                    columns = [self._weigh(layer, [score[:, k] if groups > 1 else score for score in per_sample], [])
+                               for k in range(groups)]
+                    row[name] = [torch.stack(parts, dim=1) if groups > 1 else parts[0] for parts in zip(*columns)]
+                self.linear_weights.append(row)
+        empty = set(self.report.get("empty_loss_mask_samples", []))
+        self.report["zero_gradient"] = [pair for pair in zero_groups if pair[1] not in empty]
+        if self.report["zero_gradient"]:
+            warnings.warn(
+                f"{len(self.report['zero_gradient'])} (layer, sample) token groups had all-zero gradients; "
+                "they got uniform weights",
+                stacklevel=2,
+            )
+
+    def _weigh(self, layer: int, layer_scores: list[torch.Tensor], zero_groups: list[list[int]]) -> list[torch.Tensor]:
+        """Weights [T] per sample from one layer's (or linear's) raw scores [T] per sample."""
+        settings = self.settings
+        means = None
+        if settings["normalise"] == "global":
+            means = self._global_means(layer_scores, settings["power"], settings["per_modality"])
+        row = []
+        for index, score in enumerate(layer_scores):
+            weight, fell_back = scores_to_weights(
+                score, self.valid[index], self.vision[index], lam=settings["lam"], power=settings["power"],
+                per_modality=settings["per_modality"], group_means=means,
+            )
+            if fell_back:
+                zero_groups.append([layer, index])
+            if settings["top_fraction"] is not None:
+                generator = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + layer * 65_537 + index)
+                weight = select_top_fraction(
+                    weight, self.valid[index], settings["top_fraction"], settings["floor_fraction"], generator
+                )
+            row.append(weight)
+        return row
+
+    def _global_means(self, layer_scores: list[torch.Tensor], power: float, per_modality: bool) -> list[float]:
+        """Mean of s**p over the valid tokens of all samples (per modality group): global normalisation."""
+        scaled = [score.float().clamp_min(0).pow(power) for score in layer_scores]
+        masks = [
+            [valid & vision, valid & ~vision] if per_modality else [valid]
+            for valid, vision in zip(self.valid, self.vision)
+        ]
+        means = []
+        for position in range(2 if per_modality else 1):
+            total = sum(float(s[m[position]].sum()) for s, m in zip(scaled, masks))
+            count = sum(int(m[position].sum()) for m in masks)
+            means.append(total / count if count else 0.0)
+        return means
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers the weights cover."""
+        return len(self.weights)
+
+    def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
+        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights)."""
+        if self.linear_weights is None:
+            return self.weights[layer]
+        return LayerWeights(self.weights[layer], self.linear_weights[layer], dict(self.linear_groups), self.floor)
+
+    def stacked(self, which: str = "weights") -> torch.Tensor:
+        """[layers, samples, Tmax] float32 of weights or scores, zero-padded past each sample's length."""
+        rows = self.weights if which == "weights" else self.scores
+        tmax = max(t.numel() for t in rows[0])
+        out = torch.zeros(len(rows), len(rows[0]), tmax)
+        for layer, row in enumerate(rows):
+            for index, value in enumerate(row):
+                out[layer, index, : value.numel()] = value.float()
+        return out
+
+
+def check_settings(
+    lam: float, power: float, top_fraction: float | None, floor_fraction: float, normalise: str = "sample"
+) -> None:
+    """Raise QuantkitError on importance settings out of range."""
+    if normalise not in NORMALISE_CHOICES:
+        raise QuantkitError(f"normalise must be one of {NORMALISE_CHOICES}, got {normalise!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise QuantkitError(f"lam must be in [0, 1], got {lam}")
+    if not power > 0:
+        raise QuantkitError(f"power must be positive, got {power}")
+    if top_fraction is not None and not 0.0 < top_fraction <= 1.0:
+        raise QuantkitError(f"top fraction must be in (0, 1], got {top_fraction}")
+    if not 0.0 <= floor_fraction <= 1.0:
+        raise QuantkitError(f"floor fraction must be in [0, 1], got {floor_fraction}")
+
+
+def tlq_token_weights(
+    model: nn.Module,
+    samples: Sequence[dict],
+    *,
+    device: torch.device | str = "cpu",
+    offload_dir: str | Path | None = None,
+    progress: bool = True,
+    batch_size: int = 16,
+    guidance: str = "layer",
+    row_groups: int = 1,
+    loss: str = "ce",
+    draws: int = 1,
+    **options,
+) -> TokenImportance:
+    """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors
+    (LayerWeights with guidance "linear").
+
+    guidance, row_groups, loss and draws choose the gradients (importance_scores); `options` are
+    TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed, normalise).
+    All are checked before the gradient pass.
+    """
+    TokenImportance([], [], **options)
+    check_guidance(guidance, row_groups, loss, draws)
+    found = importance_scores(
+        model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size,
+        guidance=guidance, row_groups=row_groups, loss=loss, draws=draws, seed=int(options.get("seed", 0)),
+    )
+    return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, **options)
