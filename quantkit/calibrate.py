@@ -29,7 +29,7 @@ from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchr
 from quantkit.engine.driver import calibrate_model
 from quantkit.engine.streaming import calibrate_streaming
 from quantkit.errors import QuantkitError
-from quantkit.export import FORMATS, default_format, save_quantized
+from quantkit.export import FORMATS, default_format, format_for, save_quantized
 from quantkit.export.streamed import export_streamed
 from quantkit.fsutil import check_output_dir, scratch_dir
 from quantkit.importance import load_calibration_set, tlq_token_weights
@@ -231,10 +231,12 @@ def source_name(model: str | os.PathLike | torch.nn.Module) -> str:
 def check_format_holds(fmt: str, *, lm_head: bool, vision: bool) -> None:
     """Raise QuantkitError if format `fmt` cannot hold what is to be quantized beyond the decoder layers."""
     flag = "--quantize-lm-head" if lm_head else "--quantize-vision" if vision else None
-    if flag and fmt.startswith("gptq"):
+    if flag and not format_for(fmt).holds_outside_layers:
+        able = [format_for(n) for n in FORMATS if format_for(n).holds_outside_layers]
+        named = [f.name if f.bits == SUPPORTED_BITS else f"{f.name} ({' or '.join(map(str, f.bits))} bits)" for f in able]
         raise QuantkitError(
-            f"{flag} exports to compressed-tensors (4 or 8 bits) or fake only: GPTQ checkpoints describe quantized "
-            "decoder layers only; pass --format compressed-tensors or drop the flag"
+            f"{flag} exports to {' or '.join(named)} only: {fmt} checkpoints describe quantized decoder layers only; "
+            f"pass --format {able[0].name} or drop the flag"
         )
 
 

@@ -22,7 +22,6 @@ from quantkit.errors import QuantkitError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-CT_BITS = (4, 8)
 # any one of these lets AutoTokenizer build a tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
 
@@ -42,7 +41,9 @@ class ModelInfo:
         """A rough size of the exported checkpoint (0 when the weights are not local)."""
         if not self.weight_bytes:
             return 0
-        if fmt == "fake":
+        from quantkit.export.formats import format_for
+
+        if format_for(fmt).stores_dense_weights:
             return self.weight_bytes
         # packed codes plus scales, zeros and g_idx (a few percent at any group size)
         quantized = int(self.linear_numel * bits / 8 * 1.15)
@@ -157,17 +158,9 @@ def check_device(device: str, devices: Iterable[int] | None = None, nproc: int =
 
 def check_format_bits(bits: int, fmt: str, act_order: bool, static_groups: bool) -> None:
     """Refuse a bit width or group layout the export format cannot store (before calibrating, not after)."""
-    if fmt != "compressed-tensors":
-        return
-    if bits not in CT_BITS:
-        raise QuantkitError(
-            f"--format compressed-tensors stores 4 and 8 bits only, got --bits {bits}; use --format gptq_v2 (or gptq)"
-        )
-    if act_order and not static_groups:
-        raise QuantkitError(
-            "--act-order without static groups permutes the groups, which compressed-tensors cannot store; "
-            "add --static-groups or use --format gptq_v2"
-        )
+    from quantkit.export.formats import format_for
+
+    format_for(fmt).check_options(bits, act_order, static_groups)
 
 
 def max_positions(config: object) -> int | None:
@@ -692,7 +685,11 @@ def export_size(in_dir: str | os.PathLike, fmt: str) -> int:
         source_fmt = json.loads((root / "quantkit.json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         source_fmt = None
-    return size * 4 if fmt == "fake" and source_fmt != "fake" else size
+    from quantkit.export.formats import REGISTRY, format_for
+
+    source = REGISTRY.get(source_fmt) if isinstance(source_fmt, str) else None
+    unpacks = format_for(fmt).stores_dense_weights and not (source is not None and source.stores_dense_weights)
+    return size * 4 if unpacks else size
 
 
 def preflight_demo(model: str | None, data: str | None, out: str, *, overwrite: bool, seqlen: int) -> None:

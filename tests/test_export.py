@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import save_tiny_llama
 
 import quantkit
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
-from quantkit.export import gptq as gptq_fmt
 from quantkit.export import read_checkpoint, save_quantized
+from quantkit.export.formats import gptq as gptq_fmt
 from quantkit.quant.spec import QuantResult
 
 HIDDEN, INTER, VOCAB = 64, 128, 256
@@ -525,3 +526,190 @@ def test_ref_lm_round_trip(tmp_path: Path, ref_lm: Path) -> None:
     got = logits(loaded, ids)
     assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
     assert math.isfinite(float(got.sum()))
+
+
+# ---------------------------------------------------------------- (h) mixed settings per linear
+
+MIXED = {  # linear -> (bits, group_size, sym); unlisted decoder linears: 4 bits, g32, symmetric; None: left FP
+    "model.layers.0.mlp.down_proj": (8, -1, True),
+    "model.layers.1.self_attn.q_proj": (8, 32, True),
+    "model.layers.1.self_attn.k_proj": (8, 32, True),
+    "model.layers.1.self_attn.v_proj": (8, 32, True),
+    "model.layers.1.mlp.down_proj": None,
+}
+
+
+def mixed_model(tmp_path: Path, extra: dict | None = None, act_order: bool = True):
+    """A saved tiny Llama (hidden 64) with RTN results at the MIXED settings (plus `extra` ones); its linears
+    hold their results' dequantized weights, the FP one keeps its weight."""
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.quant.rtn import rtn_solve
+    from quantkit.quant.spec import QuantSpec
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "model", hidden=64)).eval()
+    settings = {**MIXED, **(extra or {})}
+    results = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            setting = settings.get(name, (4, 32, True))
+            if setting is None:
+                continue
+            bits, group_size, sym = setting
+            r = rtn_solve(mod.weight.data, None, QuantSpec(bits=bits, group_size=group_size, sym=sym), name)
+            r.act_order = act_order  # static groups: act-order declared, g_idx trivial
+            results[name] = r
+            mod.weight.data = r.dequantize()
+    return model, results
+
+
+def assert_same_results(got: dict[str, QuantResult], want: dict[str, QuantResult]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, r in want.items():
+        g = got[name]
+        assert (g.bits, g.group_size, g.sym, g.act_order) == (r.bits, r.group_size, r.sym, r.act_order), name
+        assert torch.equal(g.dequantize(), r.dequantize()), name
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2", "compressed-tensors", "fake"])
+def test_mixed_settings_round_trip(tmp_path: Path, fmt: str) -> None:
+    """Each linear comes back with its own setting and codes; load_quantized holds each one's dequantized
+    weight and the FP linear's original weight."""
+    model, results = mixed_model(tmp_path)
+    out = save_quantized(model, results, tmp_path / fmt, fmt=fmt)
+    assert_same_results(read_checkpoint(out).results, results)
+    back = quantkit.load_quantized(out)
+    for name, r in results.items():
+        assert torch.equal(back.get_submodule(name).weight.float(), r.dequantize()), name
+    fp = "model.layers.1.mlp.down_proj"
+    assert torch.equal(back.get_submodule(fp).weight, model.get_submodule(fp).weight)
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["spec"]["bits"] == 4 and manifest["spec"]["group_size"] == 32
+    assert sorted(manifest["module_specs"]) == sorted(n for n, s in MIXED.items() if s is not None)
+    assert fp in manifest["fp_linears"]
+    assert "Mixed settings: 4 of 13 quantized linears" in (out / "README.md").read_text()
+
+
+def test_mixed_compressed_tensors_loads_in_transformers(tmp_path: Path) -> None:
+    """One config group per setting with explicit targets, FP linears ignored; transformers (through
+    compressed-tensors) gives the logits of quantkit's fake-quantized model and applies each linear's setting."""
+    from transformers import AutoModelForCausalLM
+
+    model, results = mixed_model(tmp_path)
+    out = save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+    groups = {(g["weights"]["num_bits"], g["weights"]["group_size"]): g["targets"] for g in qc["config_groups"].values()}
+    assert groups[(8, None)] == ["model.layers.0.mlp.down_proj"]
+    assert groups[(8, 32)] == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj",
+                               "model.layers.1.self_attn.v_proj"]
+    assert r"re:^model\.layers\.\d+\.self_attn\.o_proj$" in groups[(4, 32)]  # every layer's o_proj is 4-bit
+    assert "model.layers.0.self_attn.q_proj" in groups[(4, 32)] and len(groups) == 3
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    ref = logits(model, ids)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    got = logits(loaded, ids)
+    assert (got - ref).abs().max() <= 1e-3 * ref.abs().max()
+    for name, r in results.items():  # transformers' decompressed weights are each result's own
+        assert torch.allclose(loaded.get_submodule(name).weight.float(), r.dequantize(), rtol=1e-3, atol=1e-6), name
+    fp = "model.layers.1.mlp.down_proj"
+    assert torch.equal(loaded.get_submodule(fp).weight, model.get_submodule(fp).weight)
+
+
+def vllm_dynamic(qc: dict, name: str) -> dict | bool | None:
+    """GPTQModel/vLLM's reading of `dynamic`, written from vLLM's documentation: the first key whose regex
+    re.match-es the module decides; "-:" leaves it unquantized (False), "+:" (or no prefix) overrides fields."""
+    import re
+
+    for pattern, fields in qc.get("dynamic", {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return False
+        elif re.match(pattern.removeprefix("+:"), name):
+            return fields
+    return None
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_mixed_gptq_dynamic(tmp_path: Path, fmt: str) -> None:
+    """The most common setting at the top level; every other linear's in `dynamic` ("+:" overrides) and the
+    FP linear as a "-:" entry. Read as vLLM reads it, the config gives each linear its own setting, and its
+    tensors decode by hand to its result. (transformers cannot load GPTQ here: gptqmodel is not installed.)"""
+    from safetensors.torch import load_file
+    from transformers import GPTQConfig
+
+    # a 3-bit override too (asymmetric in v2; v1 cannot store RTN's zero points of 0)
+    extra = dict.fromkeys(("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"), (3, 64, fmt == "gptq"))
+    model, results = mixed_model(tmp_path, extra, act_order=True)
+    out = save_quantized(model, results, tmp_path / fmt, fmt=fmt)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == json.loads((out / "quantize_config.json").read_text())
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, True)
+    assert GPTQConfig.from_dict(dict(qc)).bits == 4
+    assert qc["dynamic"][r"-:^model\.layers\.1\.mlp\.down_proj$"] == {}
+    eight = {"bits": 8, "group_size": 32, "sym": True, "desc_act": True}
+    assert qc["dynamic"][r"+:^model\.layers\.1\.self_attn\.q_proj$"] == eight
+    # vLLM looks its fused q/k/v and gate/up modules up by the fused name
+    assert vllm_dynamic(qc, "model.layers.1.self_attn.qkv_proj") == eight
+    assert vllm_dynamic(qc, "model.layers.0.self_attn.qkv_proj") is None
+    assert vllm_dynamic(qc, "model.layers.1.mlp.gate_up_proj")["bits"] == 3
+    subs = qc["modules_in_block_to_quantize"][0]
+    sd = load_file(str(out / "model.safetensors"))
+    for name, mod in model.named_modules():
+        if not (isinstance(mod, torch.nn.Linear) and name.startswith(qc["block_name_to_quantize"] + ".")):
+            continue
+        rule = vllm_dynamic(qc, name)
+        quantized = rule is not False and any(s in name for s in subs)
+        assert quantized == (name in results), name
+        if not quantized:
+            assert torch.equal(sd[f"{name}.weight"], mod.weight.data), name
+            continue
+        fields = {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"], "desc_act": qc["desc_act"],
+                  **(rule or {})}
+        r = results[name]
+        assert (fields["bits"], fields["group_size"], fields["sym"]) == (r.bits, r.group_size, r.sym), name
+        t = {k: sd[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        assert torch.equal(ref_gptq_dequant(t, fields["bits"], v1=fmt == "gptq"), r.dequantize()), name
+    assert_same_results(read_checkpoint(out).results, results)
+
+
+def test_mixed_export_converts_between_formats(tmp_path: Path) -> None:
+    """`quantkit export` keeps every linear's setting through compressed-tensors -> gptq_v2 -> fake."""
+    model, results = mixed_model(tmp_path)
+    prev = save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
+    for fmt in ("gptq_v2", "fake"):
+        dst = tmp_path / f"to-{fmt}"
+        res = CliRunner().invoke(main, ["export", str(prev), "--format", fmt, "-o", str(dst)])
+        assert res.exit_code == 0, res.output
+        assert_same_results(read_checkpoint(dst).results, results)
+        prev = dst
+
+
+def test_mixed_streamed_writer_matches_in_memory_writer(tmp_path: Path) -> None:
+    """The low-memory writer (a layer at a time) writes the same mixed checkpoint byte for byte."""
+    from quantkit.export.checkpoint import Checkpoint, write_checkpoint, write_checkpoint_streamed
+
+    model, results = mixed_model(tmp_path)
+    state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in results}
+    layer_of = {k: int(k.split(".")[2]) if k.startswith("model.layers.") else -1 for k in state}
+    parts = [({k: v for k, v in state.items() if layer_of[k] == i},
+              {n: r for n, r in results.items() if int(n.split(".")[2]) == i} if i >= 0 else {}) for i in (-1, 0, 1)]
+    config = model.config.to_dict()
+    extra = {"linear_order": None, "n_blocks": 2, "fp_linears": ["lm_head", "model.layers.1.mlp.up_proj"]}
+    for fmt in ("compressed-tensors", "gptq_v2"):
+        ckpt = Checkpoint(config=config, manifest={}, fp_tensors=state, results=results)
+        ckpt.extra = extra
+        write_checkpoint(ckpt, tmp_path / f"mem-{fmt}", fmt=fmt)
+        write_checkpoint_streamed(config, iter(parts), tmp_path / f"stream-{fmt}", fmt=fmt, extra=extra)
+        names = sorted(p.name for p in (tmp_path / f"mem-{fmt}").iterdir())
+        assert names == sorted(p.name for p in (tmp_path / f"stream-{fmt}").iterdir())
+        for name in names:
+            assert (tmp_path / f"mem-{fmt}" / name).read_bytes() == (tmp_path / f"stream-{fmt}" / name).read_bytes()
+
+
+def test_mixed_settings_each_checked_by_the_format(tmp_path: Path) -> None:
+    """A 3-bit override cannot go to compressed-tensors: refused with the linear named, nothing written."""
+    model, results = mixed_model(tmp_path, {"model.layers.1.mlp.gate_proj": (3, 64, False)})
+    with pytest.raises(QuantkitError, match=r"model\.layers\.1\.mlp\.gate_proj: compressed-tensors stores 4 and 8"):
+        save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
+    assert not (tmp_path / "ct").exists()

@@ -55,3 +55,32 @@ def test_no_method_name_compared_outside_the_registry() -> None:
                 if about_methods and any(name in ("rtn", "gptq", "tlq") for name in names):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_no_format_name_compared_outside_the_formats() -> None:
+    """Format behaviour comes from the Format objects in quantkit/export/formats, not from comparing names."""
+    from quantkit.export.formats import FORMATS
+
+    def names_in(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [n for elt in node.elts for n in names_in(elt)]
+        return []
+
+    offenders = []
+    formats_dir = PACKAGE / "export" / "formats"
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if formats_dir in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            compared: list[str] = []
+            if isinstance(node, ast.Compare):
+                compared = [n for operand in (node.left, *node.comparators) for n in names_in(operand)]
+                compared = [n for n in compared if n in FORMATS]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("startswith", "endswith"):
+                prefixes = [n for arg in node.args for n in names_in(arg)]
+                compared = [p for p in prefixes if len(p) >= 3 and any(f.startswith(p) or f.endswith(p) for f in FORMATS)]
+            if compared:
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {compared}")
+    assert not offenders, offenders

@@ -7,6 +7,7 @@ import json
 import click
 
 from quantkit.cli_options import output_option
+from quantkit.export.formats import FORMATS
 
 
 @click.command("demo")
@@ -15,7 +16,7 @@ from quantkit.cli_options import output_option
 @output_option("out", default="./quantkit-demo", show_default=True, help="Output directory (`make demo` writes runs/demo, which git ignores).")
 @click.option("--train-seconds", type=float, default=60.0, show_default=True, help="Training time for the demo model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for corpus, training and calibration samples.")
-@click.option("--format", "fmt", type=click.Choice(["gptq_v2", "gptq", "compressed-tensors", "fake"]), default="gptq_v2", show_default=True, help="Export format.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="gptq_v2", show_default=True, help="Export format.")
 @click.option("--seqlen", type=int, default=128, show_default=True, help="Tokens per training, calibration and evaluation window.")
 @click.option("--nsamples", type=int, default=64, show_default=True, help="Calibration windows.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 helps on busy shared machines).")

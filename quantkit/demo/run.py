@@ -96,7 +96,7 @@ def run_demo(
     from quantkit.data import calibration_samples, load_texts
     from quantkit.eval.loss import evaluate_loss
     from quantkit.export import load_quantized, save_quantized
-    from quantkit.export.common import check_format
+    from quantkit.export.formats import check_format
     from quantkit.quant.spec import QuantSpec
 
     if model is not None and data is None:

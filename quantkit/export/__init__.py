@@ -10,13 +10,15 @@ from quantkit.export.checkpoint import (
     save_quantized,
     write_checkpoint,
 )
-from quantkit.export.common import FORMATS, default_format
+from quantkit.export.formats import FORMATS, Format, default_format, format_for
 
 __all__ = [
     "FORMATS",
     "Checkpoint",
+    "Format",
     "default_format",
     "dense_state",
+    "format_for",
     "load_quantized",
     "read_checkpoint",
     "save_quantized",

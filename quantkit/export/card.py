@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CARD = "README.md"
+from quantkit.export.formats import REGISTRY
 
-# What loads each format outside quantkit: (transformers' extra packages, whether vLLM reads it).
-_LOADERS = {
-    "gptq": ("optimum gptqmodel", True),
-    "gptq_v2": ("optimum gptqmodel", True),
-    "compressed-tensors": ("compressed-tensors", True),
-    "fake": ("", True),
-}
+CARD = "README.md"
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -50,7 +44,8 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         quantization=quantization, calibration={k: v for k, v in calibration.items() if v is not None},
         **({"evaluation": report["eval"]} if isinstance(report.get("eval"), dict) else {}),
     )
-    extras, vllm = _LOADERS.get(fmt, ("", False))
+    known = REGISTRY.get(fmt)
+    extras, vllm = (known.transformers_extras, known.vllm_loads) if known is not None else ("", False)
     title = f"{Path(base).name if base else 'model'} {method.upper()} W{spec.get('bits')}"
     group = "per channel" if spec.get("group_size") == -1 else f"group size {spec.get('group_size')}"
     lines = [
@@ -58,6 +53,13 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         f"{base or 'A model'} quantized by quantkit with {method} to {spec.get('bits')} bits ({group}, "
         f"{'symmetric' if spec.get('sym') else 'asymmetric'}), stored as {fmt}.",
     ]
+    overrides = manifest.get("module_specs") or {}
+    if overrides:
+        others = sorted({f"W{s.get('bits')} g{s.get('group_size')} {'sym' if s.get('sym') else 'asym'}"
+                         for s in overrides.values()})
+        lines.append(f"Mixed settings: {len(overrides)} of {len(manifest.get('quantized_modules', []))} quantized linears "
+                     f"use other settings ({', '.join(others)}; each listed in quantkit.json's module_specs and "
+                     "declared in the format's quantization_config).")
     if calibration["data"]:
         lines.append(f"Calibration: {calibration['nsamples']} samples of {calibration['seqlen']} tokens from "
                      f"`{calibration['data']}`.")

@@ -2,8 +2,9 @@
 
 A checkpoint directory holds config.json, safetensors weights (one file or shards with
 model.safetensors.index.json), quantkit.json (format, spec, module lists) and, by format:
-quantize_config.json (gptq/gptq_v2) or quantkit_qparams.safetensors (fake: the scales, zeros
-and g_idx that turn the stored dequantized weights back into exact codes).
+what the format adds (GPTQ: quantize_config.json; fake: quantkit_qparams.safetensors, the scales,
+zeros and g_idx that turn the stored dequantized weights back into exact codes). Everything that
+differs between formats is asked of the Format objects in quantkit.export.formats.
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 
 from quantkit.errors import QuantkitError
-from quantkit.export import ct, gptq
 from quantkit.export.card import CARD, model_card
-from quantkit.export.common import FORMATS, VERSION, check_format, check_result, common_spec
+from quantkit.export.common import (
+    VERSION,
+    ExportPlan,
+    StoredTensors,
+    build_plan,
+    check_result,
+    manifest_settings,
+)
+from quantkit.export.formats import Format, format_for
 from quantkit.fsutil import atomic_dir
 from quantkit.quant.spec import QuantResult
 
@@ -33,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "quantkit.json"
 REPORT = "quantkit_report.json"
-QPARAMS = "quantkit_qparams.safetensors"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # tokenizer / processor / generation files copied from the source model
@@ -84,8 +91,9 @@ def save_quantized(
     processor: object | None = None,
 ) -> Path:
     """Write `model` with `results` replacing its quantized linears, in format `fmt`; `processor` (a
-    tokenizer or processor) is saved beside it with save_pretrained, else `source`'s files are copied."""
-    check_format(fmt)
+    tokenizer or processor) is saved beside it with save_pretrained, else `source`'s files are copied.
+    Results may differ in (bits, group_size, sym, act_order) per linear; the format declares each."""
+    format_for(fmt)
     limit = parse_size(max_shard_size)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -106,67 +114,47 @@ def save_quantized(
     )
 
 
-def _config_and_manifest(
-    source_config: dict, fmt: str, spec: dict, results: dict[str, QuantResult], fp_linears: list[str],
-    fp_names, fp_dtype: torch.dtype, damp: float, static_groups: bool, linear_order, n_blocks,
-) -> tuple[dict, dict | None, dict]:
+def _config_and_manifest(source_config: dict, fmt: Format, plan: ExportPlan, fp_names,
+                         fp_dtype: torch.dtype) -> tuple[dict, dict | None, dict]:
     """config.json with the format's quantization_config, that config alone, and quantkit.json."""
     config = dict(source_config)
     config.pop("quantization_config", None)
-    qc: dict | None = None
-    if fmt in ("gptq", "gptq_v2"):
-        qc = gptq.quantization_config(
-            spec, results, 1 if fmt == "gptq" else 2, damp=damp, static_groups=static_groups,
-            linear_order=linear_order, n_blocks=n_blocks,
-        )
-    elif fmt == "compressed-tensors":
-        qc = ct.quantization_config(spec, fp_linears)
+    qc = fmt.quantization_config(plan)
     if qc is not None:
         config["quantization_config"] = qc
     manifest = {
         "quantkit_version": VERSION,
-        "format": fmt,
-        "spec": spec,
-        "quantized_modules": sorted(results),
+        "format": fmt.name,
+        "spec": plan.spec(),
+        "module_specs": {n: s.to_dict() for n, s in plan.overrides().items()},
+        "quantized_modules": sorted(plan.settings),
         "fp_modules": sorted({k.rsplit(".", 1)[0] for k in fp_names}),
-        "fp_linears": sorted(fp_linears),
-        "linear_order": linear_order,
-        "n_blocks": n_blocks,
+        "fp_linears": list(plan.fp_linears),
+        "linear_order": list(plan.linear_order) if plan.linear_order else None,
+        "n_blocks": plan.n_blocks,
         "dtype": str(fp_dtype).replace("torch.", ""),
     }
     return config, qc, manifest
 
 
-def _write_metadata(out: Path, fmt: str, config: dict, qc: dict | None, manifest: dict, report: dict | None,
+def _write_metadata(out: Path, fmt: Format, config: dict, qc: dict | None, manifest: dict, report: dict | None,
                     source: str | None = None) -> None:
-    """config.json, quantize_config.json (GPTQ formats), quantkit.json, the report and the model card."""
+    """config.json, the format's own config files, quantkit.json, the report and the model card."""
     _write_json(out / "config.json", config)
-    if qc is not None and fmt in ("gptq", "gptq_v2"):
-        _write_json(out / "quantize_config.json", qc)
+    for fname, content in fmt.config_files(qc).items():
+        _write_json(out / fname, content)
     _write_json(out / MANIFEST, manifest)
     if report is not None:
         _write_json(out / REPORT, report)
     (out / CARD).write_text(model_card(manifest, report, source), encoding="utf-8")
 
 
-def encode_result(name: str, r: QuantResult, fmt: str, dtype: torch.dtype, qparams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors one quantized linear is stored as in `fmt` (keys prefixed with `name`).
-
-    For "fake", the exact codes go to `qparams` (the quantkit_qparams sidecar) and the weight is
-    stored in `dtype` only where that is exact.
-    """
-    if fmt in ("gptq", "gptq_v2"):
-        enc = gptq.encode(r, 1 if fmt == "gptq" else 2)
-    elif fmt == "compressed-tensors":
-        enc = ct.encode(r, dtype if dtype in (torch.float16, torch.float32) else torch.float16)
-    else:
-        w = r.dequantize()
-        stored = w.to(dtype)
-        enc = {"weight": stored if torch.equal(stored.float(), w) else w}
-        qparams[f"{name}.scales"] = r.scales.to(torch.float16).contiguous()
-        qparams[f"{name}.zeros"] = r.zeros.contiguous()
-        qparams[f"{name}.g_idx"] = r.g_idx.contiguous()
-    return {f"{name}.{k}": v for k, v in enc.items()}
+def _solver_settings(report: dict | None, prev_spec: dict) -> tuple[float, bool]:
+    """damp and static_groups for the config: the run's report, else the checkpoint being converted."""
+    report_spec = (report or {}).get("spec", {}) if isinstance((report or {}).get("spec"), dict) else {}
+    damp = float(report_spec.get("damp", prev_spec.get("damp", 0.01)))
+    static_groups = bool(report_spec.get("static_groups", prev_spec.get("static_groups", False)))
+    return damp, static_groups
 
 
 def write_checkpoint(
@@ -183,46 +171,38 @@ def write_checkpoint(
 ) -> Path:
     """Encode a Checkpoint in `fmt` and write it atomically to out_dir (with `processor`, a tokenizer or
     processor, saved by its own save_pretrained)."""
-    check_format(fmt)
+    format_ = format_for(fmt)
     limit = parse_size(max_shard_size)
     results = ckpt.results
+    # Validate everything before touching the output path.
     for name, r in results.items():
         check_result(name, r)
-    spec = common_spec(results)
-    prev_spec = ckpt.manifest.get("spec", {}) if ckpt.manifest else {}
-    report_spec = (report or {}).get("spec", {}) if isinstance((report or {}).get("spec"), dict) else {}
-    damp = float(report_spec.get("damp", prev_spec.get("damp", 0.01)))
-    static_groups = bool(report_spec.get("static_groups", prev_spec.get("static_groups", False)))
-    spec = {**spec, "damp": damp, "static_groups": static_groups}
-    fp_dtype = _float_dtype(ckpt.fp_tensors)
+        format_.check(name, r)
+    damp, static_groups = _solver_settings(report, ckpt.manifest.get("spec", {}) if ckpt.manifest else {})
     extra = ckpt.extra or {}
-    fp_linears = extra.get("fp_linears") or ckpt.manifest.get("fp_linears", [])
-
-    # Validate everything before touching the output path.
-    if fmt == "gptq":
-        for name, r in results.items():
-            gptq.check_v1(name, r)
-    if fmt == "compressed-tensors":
-        for name, r in results.items():
-            ct.check_supported(name, r)
+    plan = build_plan(
+        results, fp_linears=extra.get("fp_linears") or ckpt.manifest.get("fp_linears", []), damp=damp,
+        static_groups=static_groups, linear_order=extra.get("linear_order") or ckpt.manifest.get("linear_order"),
+        n_blocks=extra.get("n_blocks") or ckpt.manifest.get("n_blocks"),
+    )
+    format_.check_plan(plan)
+    fp_dtype = _float_dtype(ckpt.fp_tensors)
     tensors: dict[str, torch.Tensor] = {}
     for key, t in ckpt.fp_tensors.items():
         tensors[key] = t.contiguous()
-    qparams: dict[str, torch.Tensor] = {}
+    sidecar: dict[str, torch.Tensor] = {}
     for name, r in results.items():
         if f"{name}.weight" in tensors:
             raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
-        tensors.update(encode_result(name, r, fmt, fp_dtype, qparams))
-    config, qc, manifest = _config_and_manifest(
-        ckpt.config, fmt, spec, results, fp_linears, ckpt.fp_tensors, fp_dtype, damp, static_groups,
-        extra.get("linear_order") or ckpt.manifest.get("linear_order"),
-        extra.get("n_blocks") or ckpt.manifest.get("n_blocks"),
-    )
+        encoded, side = format_.encode(name, r, fp_dtype)
+        tensors.update(encoded)
+        sidecar.update(side)
+    config, qc, manifest = _config_and_manifest(ckpt.config, format_, plan, ckpt.fp_tensors, fp_dtype)
     with atomic_dir(out_dir, overwrite) as tmp:
         _save_sharded(tensors, tmp, limit)
-        if qparams:
-            save_file(qparams, str(tmp / QPARAMS), metadata={"format": "pt"})
-        _write_metadata(tmp, fmt, config, qc, manifest, report, source)
+        if sidecar:
+            save_file(sidecar, str(tmp / format_.sidecar), metadata={"format": "pt"})
+        _write_metadata(tmp, format_, config, qc, manifest, report, source)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
         if processor is not None:
@@ -252,10 +232,9 @@ def write_checkpoint_streamed(
     tensors (same shard split, names, index and safetensors layout), and memory stays at about one
     piece whatever the number of pieces.
     """
-    check_format(fmt)
+    format_ = format_for(fmt)
     limit = parse_size(max_shard_size)
     extra = extra or {}
-    fp_linears = extra.get("fp_linears") or []
     with atomic_dir(out_dir, overwrite) as tmp:
         spool, qspool = _Spool(tmp / ".spool" / "model"), _Spool(tmp / ".spool" / "qparams")
         stubs: dict[str, QuantResult] = {}  # metadata only: bits, group size, sym, act order, g_idx
@@ -267,39 +246,34 @@ def write_checkpoint_streamed(
             dtype = fp_dtype or torch.float32
             tensors = dict(fp)
             fp_names.extend(fp)
-            qparams: dict[str, torch.Tensor] = {}
+            sidecar: dict[str, torch.Tensor] = {}
             for name, r in results.items():
                 check_result(name, r)
-                if fmt == "gptq":
-                    gptq.check_v1(name, r)
-                elif fmt == "compressed-tensors":
-                    ct.check_supported(name, r)
-                tensors.update(encode_result(name, r, fmt, dtype, qparams))
+                format_.check(name, r)
+                encoded, side = format_.encode(name, r, dtype)
+                tensors.update(encoded)
+                sidecar.update(side)
                 empty = torch.empty(0, 0)
                 stubs[name] = QuantResult(qweight=empty, scales=empty, zeros=empty, g_idx=r.g_idx.clone(), bits=r.bits,
                                           group_size=r.group_size, sym=r.sym, act_order=r.act_order)
             spool.add(tensors)
-            qspool.add(qparams)
-            del tensors, qparams, fp, results
+            qspool.add(sidecar)
+            del tensors, sidecar, fp, results
         fp_dtype = fp_dtype or torch.float32
         fp_set = set(fp_names)
         for name in stubs:
             if f"{name}.weight" in fp_set:
                 raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
-        spec = common_spec(stubs)
-        report_spec = (report or {}).get("spec", {}) if isinstance((report or {}).get("spec"), dict) else {}
-        damp = float(report_spec.get("damp", 0.01))
-        static_groups = bool(report_spec.get("static_groups", False))
-        spec = {**spec, "damp": damp, "static_groups": static_groups}
-        config, qc, manifest = _config_and_manifest(
-            config, fmt, spec, stubs, fp_linears, fp_names, fp_dtype, damp, static_groups,
-            extra.get("linear_order"), extra.get("n_blocks"),
-        )
+        damp, static_groups = _solver_settings(report, {})
+        plan = build_plan(stubs, fp_linears=extra.get("fp_linears") or [], damp=damp, static_groups=static_groups,
+                          linear_order=extra.get("linear_order"), n_blocks=extra.get("n_blocks"))
+        format_.check_plan(plan)
+        config, qc, manifest = _config_and_manifest(config, format_, plan, fp_names, fp_dtype)
         _save_sharded_from_spool(spool, tmp, limit)
         if qspool.entries:
-            qspool.write_file(list(qspool.entries), tmp / QPARAMS)
+            qspool.write_file(list(qspool.entries), tmp / format_.sidecar)
         shutil.rmtree(tmp / ".spool")
-        _write_metadata(tmp, fmt, config, qc, manifest, report, source)
+        _write_metadata(tmp, format_, config, qc, manifest, report, source)
         if source is not None:
             _copy_source_files(source, tmp)
     return Path(out_dir)
@@ -542,64 +516,21 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     manifest = _read_json(mpath)
     config = _read_json(root / "config.json")
     config.pop("quantization_config", None)
-    fmt = manifest.get("format")
-    if fmt not in FORMATS:
-        raise QuantkitError(f"{mpath} names unknown format {fmt!r}")
-    spec = manifest.get("spec") or {}
+    name = manifest.get("format")
     try:
-        bits, group_size, sym = int(spec["bits"]), int(spec["group_size"]), bool(spec["sym"])
-        act_order = bool(spec.get("act_order", False))
-        names = list(manifest["quantized_modules"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise QuantkitError(f"{mpath} lacks a valid spec or module list ({err})") from err
+        fmt = format_for(name)
+    except QuantkitError:
+        raise QuantkitError(f"{mpath} names unknown format {name!r}") from None
+    settings = manifest_settings(manifest, mpath)
     tensors = _load_tensors(root)
-    qparams = _read_safetensors(root / QPARAMS) if fmt == "fake" else {}
+    sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}
+    stored = StoredTensors(root, tensors, sidecar)
     results: dict[str, QuantResult] = {}
-    for name in names:
-        if fmt in ("gptq", "gptq_v2"):
-            t = _take(tensors, name, gptq.TENSORS, root)
-            r = gptq.decode(t, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                            version=1 if fmt == "gptq" else 2)
-        elif fmt == "compressed-tensors":
-            wanted = ("weight_packed", "weight_scale", "weight_shape") + (() if sym else ("weight_zero_point",))
-            t = _take(tensors, name, wanted, root)
-            r = ct.decode(t, bits=bits, group_size=group_size, sym=sym, act_order=act_order)
-        else:
-            r = _decode_fake(root, tensors, qparams, name, bits, group_size, sym, act_order)
-        check_result(name, r)
-        results[name] = r
-    return Checkpoint(config=config, manifest=manifest, fp_tensors=tensors, results=results, path=root)
-
-
-def _decode_fake(root: Path, tensors: dict, qp: dict, name: str, bits: int, group_size: int, sym: bool,
-                 act_order: bool) -> QuantResult:
-    qp_path = root / QPARAMS
-    w = _take(tensors, name, ("weight",), root)["weight"].float()
-    p = {k: qp.get(f"{name}.{k}") for k in ("scales", "zeros", "g_idx")}
-    if any(v is None for v in p.values()):
-        raise QuantkitError(f"{qp_path} lacks the scales/zeros/g_idx of {name}; the checkpoint is incomplete")
-    g = p["g_idx"].long()
-    scales = p["scales"].float()
-    zeros = p["zeros"]
-    codes = torch.round(w / scales[:, g]) + zeros[:, g].float()
-    maxq = (1 << bits) - 1
-    if bool(((codes < 0) | (codes > maxq)).any()):
-        raise QuantkitError(f"{name}: stored weights do not fit the {bits}-bit grid of {qp_path.name}")
-    r = QuantResult(qweight=codes.to(torch.uint8), scales=scales, zeros=zeros, g_idx=p["g_idx"],
-                    bits=bits, group_size=group_size, sym=sym, act_order=act_order)
-    if not torch.equal(r.dequantize(), w):
-        raise QuantkitError(f"{name}: stored weights are not exactly on the grid of {qp_path.name}")
-    return r
-
-
-def _take(tensors: dict, name: str, suffixes: tuple[str, ...], root: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for s in suffixes:
-        key = f"{name}.{s}"
-        if key not in tensors:
-            raise QuantkitError(f"{root}: tensor {key} is missing; the checkpoint is incomplete")
-        out[s] = tensors.pop(key)
-    return out
+    for module, setting in settings.items():
+        r = fmt.decode(module, stored, setting)
+        check_result(module, r)
+        results[module] = r
+    return Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
 
 
 def _read_json(path: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.cli_options import output_option
-from quantkit.export.common import FORMATS
+from quantkit.export.formats import FORMATS
 
 
 @click.command("export")

@@ -1,26 +1,128 @@
-"""Checks and helpers shared by the export formats."""
+"""What every export format shares: result checks, per-module settings and the export plan."""
 
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.spec import QuantResult
 
-FORMATS = ("gptq", "gptq_v2", "compressed-tensors", "fake")
 VERSION = "0.1.0"
 
 
-def default_format(bits: int) -> str:
-    """compressed-tensors where its packing holds the bit width (4, 8), GPTQ v2 otherwise."""
-    return "compressed-tensors" if bits in (4, 8) else "gptq_v2"
+@dataclass(frozen=True)
+class Setting:
+    """The settings one quantized linear was solved with (what a format must declare per module)."""
+
+    bits: int
+    group_size: int  # -1: per-channel
+    sym: bool
+    act_order: bool
+
+    @classmethod
+    def of(cls, r: QuantResult) -> Setting:
+        """The setting of one result."""
+        return cls(bits=r.bits, group_size=r.group_size, sym=r.sym, act_order=r.act_order)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Setting:
+        """A setting from its to_dict form (KeyError/TypeError/ValueError on a malformed one)."""
+        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), sym=bool(d["sym"]),
+                   act_order=bool(d.get("act_order", False)))
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for quantkit.json."""
+        return asdict(self)
 
 
-def check_format(fmt: str) -> str:
-    """Return fmt if it is a known export format, else raise QuantkitError."""
-    if fmt not in FORMATS:
-        raise QuantkitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return fmt
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a format's quantization_config describes: each quantized linear's setting, the FP linears and
+    the solver settings that go into the config."""
+
+    settings: dict[str, Setting]  # every quantized linear
+    fp_linears: tuple[str, ...] = ()  # nn.Linear modules kept in full precision
+    permuted: frozenset[str] = frozenset()  # linears whose g_idx is not the trivial column // group_size
+    damp: float = 0.01
+    static_groups: bool = False
+    linear_order: tuple[str, ...] | None = None  # a decoder layer's linears in solve order
+    n_blocks: int | None = None
+    groups: tuple[tuple[Setting, tuple[str, ...]], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            raise QuantkitError("no quantized modules given; quantize the model before exporting it")
+        names = sorted(self.settings)
+        # most common setting first (ties: the one met first in name order), then by count
+        counts = Counter(self.settings[n] for n in names)
+        groups = tuple((s, tuple(n for n in names if self.settings[n] == s)) for s, _ in counts.most_common())
+        object.__setattr__(self, "groups", groups)
+
+    @property
+    def base(self) -> Setting:
+        """The most common setting: a format's top-level one, the others are overrides."""
+        return self.groups[0][0]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the linears do not all share one setting."""
+        return len(self.groups) > 1
+
+    def overrides(self) -> dict[str, Setting]:
+        """The linears whose setting is not the base one."""
+        return {n: s for n, s in sorted(self.settings.items()) if s != self.base}
+
+    def spec(self) -> dict:
+        """quantkit.json's spec: the base setting and the solver settings."""
+        return {**self.base.to_dict(), "damp": self.damp, "static_groups": self.static_groups}
+
+
+def build_plan(results: dict[str, QuantResult], *, fp_linears=(), damp: float = 0.01, static_groups: bool = False,
+               linear_order=None, n_blocks: int | None = None) -> ExportPlan:
+    """The ExportPlan of `results` (full results or metadata stubs that keep g_idx)."""
+    permuted = frozenset(n for n, r in results.items() if is_permuted(r))
+    return ExportPlan(
+        settings={n: Setting.of(r) for n, r in results.items()}, fp_linears=tuple(sorted(fp_linears or ())),
+        permuted=permuted, damp=damp, static_groups=static_groups,
+        linear_order=tuple(linear_order) if linear_order else None, n_blocks=n_blocks,
+    )
+
+
+def manifest_settings(manifest: dict, where: Path) -> dict[str, Setting]:
+    """Each quantized module's setting from quantkit.json: the spec, with module_specs' overrides."""
+    try:
+        base = Setting.from_dict(manifest["spec"] or {})
+        names = list(manifest["quantized_modules"])
+        overrides = {n: Setting.from_dict(d) for n, d in (manifest.get("module_specs") or {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise QuantkitError(f"{where} lacks a valid spec or module list ({err})") from err
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise QuantkitError(f"{where} gives module_specs for {unknown[0]}, which is not a quantized module")
+    return {n: overrides.get(n, base) for n in names}
+
+
+class StoredTensors:
+    """A checkpoint's tensors while a format decodes them: each quantized linear takes its own."""
+
+    def __init__(self, root: Path, tensors: dict[str, torch.Tensor], sidecar: dict[str, torch.Tensor]) -> None:
+        self.root = root
+        self.tensors = tensors
+        self.sidecar = sidecar  # the format's side file (fake: quantkit_qparams.safetensors)
+
+    def take(self, name: str, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Remove and return `name`'s tensors with these suffixes (the rest are FP tensors)."""
+        out = {}
+        for s in suffixes:
+            key = f"{name}.{s}"
+            if key not in self.tensors:
+                raise QuantkitError(f"{self.root}: tensor {key} is missing; the checkpoint is incomplete")
+            out[s] = self.tensors.pop(key)
+        return out
 
 
 def n_groups_of(r: QuantResult) -> int:
@@ -33,6 +135,11 @@ def trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
     if group_size == -1:
         return torch.zeros(in_features, dtype=torch.int32)
     return (torch.arange(in_features) // group_size).to(torch.int32)
+
+
+def is_permuted(r: QuantResult) -> bool:
+    """Whether r's groups are not consecutive columns (act-order without static groups)."""
+    return not torch.equal(r.g_idx, trivial_g_idx(r.g_idx.shape[0], r.group_size))
 
 
 def check_result(name: str, r: QuantResult) -> None:
@@ -51,11 +158,11 @@ def check_result(name: str, r: QuantResult) -> None:
         "zeros": ((out_f, n_groups), torch.uint8),
         "g_idx": ((in_f,), torch.int32),
     }
-    for field, (shape, dtype) in expect.items():
-        t = getattr(r, field)
+    for part, (shape, dtype) in expect.items():
+        t = getattr(r, part)
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise QuantkitError(
-                f"{name}: {field} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
+                f"{name}: {part} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}"
             )
     maxq = (1 << r.bits) - 1
     if int(r.qweight.max()) > maxq or int(r.zeros.max()) > maxq:
@@ -66,18 +173,3 @@ def check_result(name: str, r: QuantResult) -> None:
         raise QuantkitError(f"{name}: scales are not exactly representable in float16")
     if r.sym and not bool((r.zeros == (1 << (r.bits - 1))).all()):
         raise QuantkitError(f"{name}: a symmetric result must have every zero equal to {1 << (r.bits - 1)}")
-
-
-def common_spec(results: dict[str, QuantResult]) -> dict:
-    """The one (bits, group_size, sym) all results share, plus act_order if any uses it."""
-    if not results:
-        raise QuantkitError("no quantized modules given; quantize the model before exporting it")
-    keys = {(r.bits, r.group_size, r.sym) for r in results.values()}
-    if len(keys) != 1:
-        raise QuantkitError(
-            f"modules were quantized with different (bits, group_size, sym) settings {sorted(keys)}; "
-            "export needs one setting for the whole model"
-        )
-    bits, group_size, sym = keys.pop()
-    act_order = any(r.act_order for r in results.values())
-    return {"bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order}

@@ -1,0 +1,88 @@
+"""What an export format is: the modules and settings it holds, its tensors, its quantization_config."""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.export.common import ExportPlan, Setting, StoredTensors, is_permuted
+from quantkit.quant.spec import SUPPORTED_BITS, QuantResult
+
+
+class Format:
+    """One export format. Subclasses set the class attributes and implement encode, decode and
+    quantization_config; the writer and reader in quantkit.export.checkpoint ask nothing else."""
+
+    name: str = ""
+    help: str = ""  # one line for --format's help and the README
+    bits: tuple[int, ...] = SUPPORTED_BITS  # widths it stores
+    holds_permuted_groups: bool = True  # act-order groups without static groups (a permuted g_idx)
+    holds_outside_layers: bool = True  # quantized linears outside the decoder layers (lm_head, vision side)
+    holds_activation_bits: bool = True  # a declaration of quantized linear inputs (W8A8); False: weight-only
+    stores_dense_weights: bool = False  # weights stored unpacked (the export is about the FP model's size)
+    sidecar: str | None = None  # a safetensors file of its own beside the weights, if any
+    transformers_extras: str = ""  # what `pip install` transformers needs to load it ("" for nothing)
+    vllm_loads: bool = True
+
+    def __str__(self) -> str:
+        return self.name
+
+    def check(self, name: str, r: QuantResult) -> None:
+        """Raise QuantkitError if this format cannot store result `r` of linear `name` exactly."""
+        if r.bits not in self.bits:
+            raise QuantkitError(
+                f"{name}: {self.name} stores {_widths(self.bits)}-bit weights, got {r.bits}-bit; "
+                f"export to {_alternative(self, r.bits)} instead"
+            )
+        if not self.holds_permuted_groups and is_permuted(r):
+            raise QuantkitError(
+                f"{name}: act-order groups (a permuted g_idx) cannot be stored in {self.name}; quantize with "
+                "static groups or export to gptq_v2"
+            )
+
+    def check_plan(self, plan: ExportPlan) -> None:
+        """Raise QuantkitError if the model as a whole cannot be described (after every check())."""
+
+    def check_options(self, bits: int, act_order: bool, static_groups: bool) -> None:
+        """check() before calibrating: refuse settings whose results this format could not store."""
+        if bits not in self.bits:
+            raise QuantkitError(
+                f"--format {self.name} stores {_widths(self.bits)} bits only, got --bits {bits}; "
+                f"use --format {_alternative(self, bits)}"
+            )
+        if act_order and not static_groups and not self.holds_permuted_groups:
+            raise QuantkitError(
+                f"--act-order without static groups permutes the groups, which {self.name} cannot store; "
+                "add --static-groups or use --format gptq_v2"
+            )
+
+    def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The tensors linear `name` is stored as (keys prefixed with `name`), and its sidecar tensors;
+        `dtype` is the model's float dtype."""
+        raise NotImplementedError
+
+    def decode(self, name: str, stored: StoredTensors, setting: Setting) -> QuantResult:
+        """The exact result of linear `name` from its stored tensors, solved with `setting`."""
+        raise NotImplementedError
+
+    def quantization_config(self, plan: ExportPlan) -> dict | None:
+        """config.json's quantization_config (None: an ordinary dense checkpoint)."""
+        return None
+
+    def config_files(self, quantization_config: dict | None) -> dict[str, dict]:
+        """JSON files written beside config.json (file name -> content)."""
+        return {}
+
+
+def _widths(bits: tuple[int, ...]) -> str:
+    return " and ".join(map(str, bits)) if len(bits) <= 2 else ", ".join(map(str, bits[:-1])) + f" or {bits[-1]}"
+
+
+def _alternative(fmt: Format, bits: int) -> str:
+    """The format to suggest where `fmt` cannot store `bits`: the default for that width, else any packed one."""
+    from quantkit.export.formats import FORMATS, default_format, format_for
+
+    choice = default_format(bits)
+    if choice != fmt.name:
+        return choice
+    return next((n for n in FORMATS if n != fmt.name and bits in format_for(n).bits), "fake")

@@ -1,0 +1,143 @@
+"""compressed-tensors "pack-quantized" checkpoints (what llm-compressor writes; transformers and vLLM load them).
+
+Per linear: weight_packed int32 [out, in*bits/32] (signed codes + 2**(bits-1), dense bit
+stream along the input dim), weight_scale [out, n_groups] in the model dtype, weight_shape
+int [2], and for asymmetric weights weight_zero_point int32 [out*bits/32, n_groups] (signed
+zero points packed along the output dim). compressed-tensors' grid is signed,
+q_ct = q - 2**(bits-1), zp_ct = z - 2**(bits-1), so (q_ct - zp_ct) * s is our weight exactly;
+symmetric schemes store no zero point (it is 0, i.e. our 2**(bits-1)).
+
+quantization_config is built from compressed-tensors' own models (QuantizationArgs ->
+QuantizationScheme per config group -> QuantizationConfig), so the installed version validates
+it: one config group per distinct setting. With one setting the group targets "Linear"; with
+several, each group names its linears ("re:" patterns where a group holds a linear of every
+decoder layer, exact names otherwise). FP linears are listed in `ignore`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.export.common import ExportPlan, Setting, StoredTensors, trivial_g_idx
+from quantkit.export.formats.base import Format
+from quantkit.export.packing import pack_codes, unpack_codes
+from quantkit.quant.spec import QuantResult
+
+PACKED = "pack-quantized"
+
+
+def encode(r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of one linear (without the module-name prefix)."""
+    out = {
+        "weight_packed": pack_codes(r.qweight, r.bits, dim=1),
+        "weight_scale": r.scales.to(scale_dtype).contiguous(),
+        "weight_shape": torch.tensor(list(r.qweight.shape), dtype=torch.int64),
+    }
+    if not r.sym:
+        out["weight_zero_point"] = pack_codes(r.zeros, r.bits, dim=0)
+    return out
+
+
+def decode(t: dict[str, torch.Tensor], *, bits: int, group_size: int, sym: bool, act_order: bool) -> QuantResult:
+    """Rebuild the exact QuantResult from one linear's pack-quantized tensors."""
+    out_f, in_f = (int(v) for v in t["weight_shape"].tolist())
+    scales = t["weight_scale"].float().contiguous()
+    n_groups = scales.shape[1]
+    if scales.shape[0] != out_f:
+        raise QuantkitError(f"weight_scale has {scales.shape[0]} rows, weight_shape says {out_f}")
+    qweight = unpack_codes(t["weight_packed"], bits, dim=1, length=in_f)
+    if sym:
+        zeros = torch.full((out_f, n_groups), 1 << (bits - 1), dtype=torch.uint8)
+    else:
+        zeros = unpack_codes(t["weight_zero_point"], bits, dim=0, length=out_f)
+    return QuantResult(qweight=qweight, scales=scales, zeros=zeros, g_idx=trivial_g_idx(in_f, group_size), bits=bits,
+                       group_size=group_size, sym=sym, act_order=act_order)
+
+
+def group_targets(names: tuple[str, ...], all_linears: set[str]) -> list[str]:
+    """Targets matching exactly `names` among `all_linears`: one "re:" pattern for a linear of every decoder
+    layer (`prefix.<i>.sub` for every i), the exact name otherwise."""
+    def key(name: str) -> tuple[str, str] | None:
+        parts = name.split(".")
+        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        return None if i is None else (".".join(parts[:i]), ".".join(parts[i + 1 :]))
+
+    everywhere = Counter(key(n) for n in all_linears)
+    mine = Counter(key(n) for n in names)
+    whole = {k for k, count in mine.items() if k is not None and count > 1 and count == everywhere[k]}
+    patterns = ["re:^" + re.escape(prefix) + r"\.\d+\." + re.escape(sub) + "$" for prefix, sub in whole]
+    return sorted(patterns) + [n for n in names if key(n) not in whole]
+
+
+class CompressedTensorsFormat(Format):
+    """compressed-tensors pack-quantized, 4 and 8 bits, consecutive groups."""
+
+    name = "compressed-tensors"
+    help = "compressed-tensors pack-quantized, 4 and 8 bits (llm-compressor's format; transformers, vLLM)"
+    # vLLM's compressed-tensors WNA16 kernels take 4 and 8 bits; compressed-tensors changed its
+    # 3-bit layout (10 per word -> dense stream) across versions, so other widths are refused.
+    bits = (4, 8)
+    holds_permuted_groups = False  # actorder="group" (a g_idx) was removed from compressed-tensors
+    transformers_extras = "compressed-tensors"
+
+    def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """weight_packed, weight_scale (fp16 unless the model is fp32), weight_shape, weight_zero_point if asymmetric."""
+        scale_dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float16
+        return {f"{name}.{k}": v for k, v in encode(r, scale_dtype).items()}, {}
+
+    def decode(self, name: str, stored: StoredTensors, setting: Setting) -> QuantResult:
+        """The pack-quantized tensors back to codes, with `setting` from quantkit.json."""
+        wanted = ("weight_packed", "weight_scale", "weight_shape") + (() if setting.sym else ("weight_zero_point",))
+        return decode(stored.take(name, wanted), bits=setting.bits, group_size=setting.group_size, sym=setting.sym,
+                      act_order=setting.act_order)
+
+    def weight_args(self, setting: Setting):
+        """compressed-tensors' QuantizationArgs for weights solved with `setting`."""
+        from compressed_tensors.quantization import QuantizationArgs
+
+        grouped = setting.group_size != -1
+        return QuantizationArgs(
+            num_bits=setting.bits, type="int", symmetric=setting.sym, strategy="group" if grouped else "channel",
+            group_size=setting.group_size if grouped else None, dynamic=False,
+            actorder="weight" if setting.act_order else None,
+        )
+
+    def scheme(self, setting: Setting, targets: list[str]):
+        """The QuantizationScheme of one config group (weights only: W{bits}A16)."""
+        from compressed_tensors.quantization import QuantizationScheme
+
+        return QuantizationScheme(targets=targets, weights=self.weight_args(setting), format=PACKED)
+
+    def quantization_config(self, plan: ExportPlan) -> dict:
+        """One config group per setting, FP linears ignored; validated by compressed_tensors' QuantizationConfig."""
+        from compressed_tensors.quantization import QuantizationConfig
+
+        all_linears = set(plan.settings) | set(plan.fp_linears)
+        groups = {}
+        for i, (setting, names) in enumerate(plan.groups):
+            targets = ["Linear"] if not plan.mixed else group_targets(names, all_linears)
+            groups[f"group_{i}"] = self.scheme(setting, targets)
+        try:
+            config = QuantizationConfig(config_groups=groups, format=PACKED, quantization_status="compressed",
+                                        ignore=sorted(plan.fp_linears))
+        except ValueError as err:  # pydantic's ValidationError is a ValueError
+            raise QuantkitError(f"compressed-tensors refuses the quantization config: {str(err).splitlines()[0]}") from err
+        # as compressed-tensors' ModelCompressor writes it into config.json
+        return {"version": _ct_version(), "quant_method": "compressed-tensors", "sparsity_config": {},
+                "transform_config": {}, **config.model_dump(mode="json", exclude={"quant_method"})}
+
+
+def _ct_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("compressed-tensors")
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+FORMAT = CompressedTensorsFormat()
