@@ -713,3 +713,19 @@ def test_mixed_settings_each_checked_by_the_format(tmp_path: Path) -> None:
     with pytest.raises(QuantkitError, match=r"model\.layers\.1\.mlp\.gate_proj: compressed-tensors stores 4 and 8"):
         save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("fmt", ["gptq_v2", "compressed-tensors"])
+def test_split_fused_linears_warn_for_vllm(tmp_path: Path, fmt: str, caplog) -> None:
+    """vLLM loads q/k/v as one module: shards at different settings are exported (quantkit reads them back)
+    with a warning naming them; shards sharing a setting give none."""
+    model, results = mixed_model(tmp_path)
+    with caplog.at_level("WARNING", logger="quantkit"):
+        save_quantized(model, results, tmp_path / "shared", fmt=fmt)
+    assert not [r for r in caplog.records if "vLLM" in r.getMessage()]
+    model, results = mixed_model(tmp_path / "split", {"model.layers.0.self_attn.q_proj": (8, 32, True)})
+    with caplog.at_level("WARNING", logger="quantkit"):
+        out = save_quantized(model, results, tmp_path / "split-out", fmt=fmt)
+    warned = [r.getMessage() for r in caplog.records if "vLLM" in r.getMessage()]
+    assert len(warned) == 1 and "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj" in warned[0]
+    assert_same_results(read_checkpoint(out).results, results)

@@ -12,6 +12,9 @@ from quantkit.errors import QuantkitError
 from quantkit.quant.spec import QuantResult
 
 VERSION = "0.1.0"
+# vLLM loads these linears of a layer as one fused module (its Llama-family packed_modules_mapping), looks
+# the fused name up in a GPTQ `dynamic` and needs one compressed-tensors scheme for all of them
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,19 @@ class StoredTensors:
                 raise QuantkitError(f"{self.root}: tensor {key} is missing; the checkpoint is incomplete")
             out[s] = self.tensors.pop(key)
         return out
+
+
+def vllm_fused(names) -> list[tuple[str, tuple[str, ...]]]:
+    """(fused name, shard names) of each set of `names` that vLLM loads as one fused module."""
+    present = set(names)
+    out = []
+    for name in sorted(present):
+        parent, dot, leaf = name.rpartition(".")
+        for fused, shards in VLLM_FUSED.items():
+            members = tuple(parent + dot + s for s in shards)
+            if leaf == shards[0] and all(m in present for m in members):
+                out.append((parent + dot + fused, members))
+    return out
 
 
 def n_groups_of(r: QuantResult) -> int:

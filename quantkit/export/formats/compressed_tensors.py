@@ -16,16 +16,19 @@ decoder layer, exact names otherwise). FP linears are listed in `ignore`.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.export.common import ExportPlan, Setting, StoredTensors, trivial_g_idx
+from quantkit.export.common import ExportPlan, Setting, StoredTensors, trivial_g_idx, vllm_fused
 from quantkit.export.formats.base import Format
 from quantkit.export.packing import pack_codes, unpack_codes
 from quantkit.quant.spec import QuantResult
+
+logger = logging.getLogger(__name__)
 
 PACKED = "pack-quantized"
 
@@ -121,6 +124,10 @@ class CompressedTensorsFormat(Format):
         for i, (setting, names) in enumerate(plan.groups):
             targets = ["Linear"] if not plan.mixed else group_targets(names, all_linears)
             groups[f"group_{i}"] = self.scheme(setting, targets)
+        for _, shards in vllm_fused(all_linears):
+            if len({plan.settings.get(n) for n in shards}) > 1:
+                logger.warning("%s have different settings; vLLM loads them as one module with one scheme and cannot "
+                               "read this checkpoint (transformers and quantkit can)", ", ".join(shards))
         try:
             config = QuantizationConfig(config_groups=groups, format=PACKED, quantization_status="compressed",
                                         ignore=sorted(plan.fp_linears))

@@ -20,7 +20,7 @@ import re
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.export.common import VERSION, ExportPlan, Setting, StoredTensors
+from quantkit.export.common import VERSION, ExportPlan, Setting, StoredTensors, vllm_fused
 from quantkit.export.formats.base import Format
 from quantkit.export.packing import pack_codes, unpack_codes
 from quantkit.quant.spec import QuantResult
@@ -181,22 +181,28 @@ class GPTQFormat(Format):
         qc["block_name_to_quantize"] = prefix
         qc["modules_in_block_to_quantize"] = [subs]
         # each linear of the stack that is not at the base setting: "-" (left in FP) or its override's key
-        rule_of: dict[tuple[int, str], str] = {}
-        for i in range(max(plan.n_blocks or 0, max(blocks) + 1)):
-            for s in subs:
-                if s not in blocks.get(i, []):
-                    rule_of[(i, s)] = "-"
+        rule_of: dict[str, str] = {}
+        stack = [f"{prefix}.{i}.{s}" for i in range(max(plan.n_blocks or 0, max(blocks) + 1)) for s in subs]
+        for name in stack:
+            if name not in plan.settings:
+                rule_of[name] = "-"
         overrides: dict[str, dict] = {}
         for name, setting in plan.overrides().items():
-            _, i, s = split_block_name(name)
             fields = {"bits": setting.bits, "group_size": setting.group_size, "sym": setting.sym,
                       "desc_act": setting.act_order or name in plan.permuted}
             key = repr(sorted(fields.items()))
             overrides[key] = fields
-            rule_of[(i, s)] = key
-        rule_of.update(_fused_rules(rule_of, subs))
+            rule_of[name] = key
+        for fused, shards in vllm_fused(stack):
+            found = {rule_of.get(n) for n in shards}
+            if len(found) == 1 and None not in found:
+                rule_of[fused] = found.pop()  # vLLM looks the fused module up by its own name
+            elif len(found) > 1:
+                logger.warning("%s have different settings; vLLM loads them as one module and cannot read this GPTQ "
+                               "checkpoint (GPTQModel and quantkit can)", ", ".join(shards))
         rules: dict[tuple[str, str], list[int]] = {}  # (sub-name, rule) -> block indices: one pattern each
-        for (i, s), key in rule_of.items():
+        for name, key in rule_of.items():
+            _, i, s = split_block_name(name)
             rules.setdefault((s, key), []).append(i)
         dynamic = {}
         for (s, key), indices in sorted(rules.items(), key=lambda kv: (kv[0][1] != "-", min(kv[1]), kv[0][0])):
@@ -209,30 +215,6 @@ class GPTQFormat(Format):
     def config_files(self, quantization_config: dict | None) -> dict[str, dict]:
         """quantize_config.json, which AutoGPTQ and GPTQModel read."""
         return {SIDE_CONFIG: quantization_config} if quantization_config is not None else {}
-
-
-# vLLM loads these linears of a layer as one fused module and looks `dynamic` up by the fused name
-# (its Llama-family packed_modules_mapping); GPTQModel and transformers never see the fused name.
-VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def _fused_rules(rule_of: dict[tuple[int, str], str], subs: list[str]) -> dict[tuple[int, str], str]:
-    """The rule of a layer's fused shards under vLLM's fused name, where every shard has the same one."""
-    out = {}
-    for s in subs:
-        parent, dot, leaf = s.rpartition(".")
-        for fused, shards in VLLM_FUSED.items():
-            names = [parent + dot + x for x in shards]
-            if leaf != shards[0] or not all(n in subs for n in names):
-                continue
-            for i in sorted({i for i, _ in rule_of}):
-                found = {rule_of.get((i, n)) for n in names}
-                if len(found) == 1 and None not in found:
-                    out[(i, parent + dot + fused)] = found.pop()
-                elif len(found) > 1:
-                    logger.warning("layer %d: %s have different settings; vLLM loads them as one %s and cannot read "
-                                   "this GPTQ checkpoint (GPTQModel and quantkit can)", i, ", ".join(names), fused)
-    return out
 
 
 def _desc_act(plan: ExportPlan, setting: Setting) -> bool:
