@@ -48,6 +48,8 @@ def quantize(
     mse: bool = False,
     cd_sweeps: int = 0,
     fp_target: bool | None = None,
+    act_bits: int | None = None,
+    smooth: str = "none",
     nsamples: int = 128,
     seqlen: int = 512,
     seed: int = 0,
@@ -71,6 +73,11 @@ def quantize(
     `quantkit importance` instead. tokenizer_or_processor defaults to the one saved with the model. A
     loaded model is quantized in place. Bad input raises quantkit.errors.QuantkitError with the one-line
     message the CLI prints, before any model forward and with nothing written.
+
+    act_bits=8 (or 4) quantizes every quantized linear's input per token at inference, dynamically and
+    symmetrically (W8A8 with bits=8, W4A8 with bits=4; group_size=-1, sym=True); smooth="uniform" or "tlq"
+    folds per-channel smoothing scales into the model first (quantkit.quant.smooth), alpha searched per
+    fold with uniform or TLQ token weights.
 
     push_to_hub=REPO uploads the export (model card included) with huggingface_hub (private= for a new repo);
     without output_dir it is exported to a temporary directory for the upload.
@@ -96,7 +103,7 @@ def quantize(
         model = os.fspath(model)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                      static_groups=act_order if static_groups is None else static_groups, damp=damp, mse=mse,
-                     cd_sweeps=cd_sweeps)
+                     cd_sweeps=cd_sweeps, act_bits=act_bits, smooth=smooth)
     output = None if output_dir is None else os.fspath(output_dir)
     with contextlib.ExitStack() as scope:
         if push_to_hub is not None:

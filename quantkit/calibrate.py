@@ -37,8 +37,14 @@ from quantkit.importance.cli import importance_options
 from quantkit.models import is_vlm, load_model
 from quantkit.models.streamed import build_skeleton
 from quantkit.quant.methods import METHODS, method_for
+from quantkit.quant.smooth import SMOOTH_MODES, smooth_uses_token_weights
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
-from quantkit.validate import preflight_calibration, private_tempdir, resumable_work
+from quantkit.validate import (
+    check_activation_options,
+    preflight_calibration,
+    private_tempdir,
+    resumable_work,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +181,7 @@ def calibrate_job(
         fp_target = chosen.fp_target_default
     check_format_holds(fmt, lm_head=lm_head, vision=vision)
     low_memory = bool(resume or low_memory or offload_dir)
+    check_activation_options(spec, fmt, chosen, nproc=nproc, low_memory=low_memory, distributed=under_torchrun())
     in_memory_data = calib is not None and not is_source(calib)
     if (loaded is not None or in_memory_data or tokenizer is not None) and (low_memory or nproc > 1 or under_torchrun()):
         raise QuantkitError("a loaded model, a given tokenizer or in-memory data run in one process; for --nproc, "
@@ -263,7 +270,7 @@ def _run_ranks(job: CalibrationJob, nproc: int, device: str, devices: list[int] 
 
 def _samples_and_weights(job: CalibrationJob, model: torch.nn.Module, device: str, rank: int) -> tuple[list[dict], object]:
     """The calibration samples, and the token weights where the method uses them (else None)."""
-    uses_weights = method_for(job.method).token_weights
+    uses_weights = method_for(job.method).token_weights or smooth_uses_token_weights(job.spec.smooth)
     if job.calib_set is not None:
         samples, set_weights = load_calibration_set(job.calib_set, job.model_name, model)
         return samples, set_weights if uses_weights else None
@@ -345,6 +352,8 @@ def work_dir_for(output: str) -> Path:
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export).")
 @click.option("--quantize-vision", "vision", is_flag=True, help="Quantize a VLM's vision tower and projector too (before the language model, plain Hessians; compressed-tensors or fake export).")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
+@click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4; needs --group-size -1 --sym.")
+@click.option("--smooth", type=click.Choice(SMOOTH_MODES), default="none", show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
 @click.option("--part", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
@@ -365,7 +374,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the export (model card included) to this hub model repo, OWNER/NAME.")
 @click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, act_bits, smooth, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     from quantkit.api import quantize
 
@@ -380,6 +389,7 @@ def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd
     quantized = quantize(
         model, data=calib, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
         static_groups=static_groups, damp=damp, mse=mse, cd_sweeps=cd_sweeps, fp_target=fp_target,
+        act_bits=None if act_bits is None else int(act_bits), smooth=smooth,
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, output_dir=output, format=fmt, overwrite=overwrite,
         device=device, dtype=dtype, progress=not as_json, calib_set=calib_set, nproc=nproc, devices=device_ids,
         dist_timeout=dist_timeout, low_memory=low_memory, offload_dir=offload_dir, resume=resume, lm_head=lm_head,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantkit.engine.activations import quantized_inputs
 from quantkit.engine.capture import (
     LayerInputs,
     capture_layer_inputs,
@@ -26,7 +27,8 @@ from quantkit.engine.capture import (
 )
 from quantkit.engine.checks import check_model
 from quantkit.engine.comm import Comm
-from quantkit.engine.layerwise import HessianObserver, quantize_head, quantize_layer
+from quantkit.engine.layerwise import HessianObserver, propagate, quantize_head, quantize_layer
+from quantkit.engine.smoothing import smooth_layer
 from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
 from quantkit.engine.weights import LayerWeights, TokenWeights, as_layer_weights, diagnose_layer
 from quantkit.errors import QuantkitError
@@ -34,6 +36,7 @@ from quantkit.memory import current_rss_mb, peak_rss_mb
 from quantkit.models import adapter_for
 from quantkit.models.base import Adapter
 from quantkit.quant.methods import Method, method_for
+from quantkit.quant.smooth import smooth_uses_token_weights, smooths
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 # Samples per layer pass where they can be stacked (see stack_samples).
@@ -212,12 +215,22 @@ def run_layers(
         layer_started = time.perf_counter()
         layer = store.load(index).to(device)
         weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
+        smooth_report = None
+        if smooths(spec.smooth):  # before the FP stream's pass, so the FP target is read in the smoothed basis
+            smooth_report = smooth_layer(layer, adapter, inputs, spec,
+                                         weights if smooth_uses_token_weights(spec.smooth) else None)
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm, observer, fp_inputs, store.fp_dir
         )
+        if smooth_report is not None and not method.needs_activations:
+            # quantize_layer leaves the stream where it is for RTN; the next layer's smoothing reads it
+            with quantized_inputs(layer, adapter.linear_names(), spec.act_bits):
+                propagate(layer, inputs)
         for name, entry in weight_report.items():
             linear_reports[name]["token_weights"] = entry
         report = {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": linear_reports}
+        if smooth_report is not None:
+            report["smoothing"] = smooth_report
         store.finish(index, layer, layer_results, report, inputs, fp_inputs)
     head_report = None
     if lm_head:

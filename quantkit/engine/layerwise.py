@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.engine.activations import ActivationQuantizer
 from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
@@ -200,6 +201,9 @@ def quantize_layer(
     if fp_inputs is not None and needs_hessian:
         fp_linear_inputs = record_fp_inputs(layer, adapter, fp_inputs, fp_dir)
     blocks = FinishedBlocks(layer, adapter)
+    # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
+    # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
+    act = None if spec.act_bits is None else ActivationQuantizer(layer, adapter.linear_names(), spec.act_bits)
     for group in adapter.linear_order:
         linears = {name: get_module(layer, name) for name in group}
         if shared:
@@ -282,6 +286,8 @@ def quantize_layer(
     if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
         propagate(layer, inputs, blocks)
+    if act is not None:
+        act.remove()
     return results, reports
 
 

@@ -9,6 +9,17 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class Fold:
+    """Where smoothing scales of some linears' input can be folded (quantkit.quant.smooth): `source`, a
+    norm whose output is that input or a linear whose output rows are, and the `linears` reading it.
+    A linear source is used only where its output width equals the readers' input width (attention
+    v -> o with as many key/value heads as query heads); otherwise the fold is skipped."""
+
+    source: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Declarative description of one model family.
 
@@ -26,6 +37,7 @@ class Adapter:
     linear_order: tuple[tuple[str, ...], ...]
     vision: tuple[str, ...] = ()  # vision tower and projector: kept in full precision
     extra_fp: tuple[str, ...] = field(default=())  # other non-layer modules, for reports only
+    smooth_folds: tuple[Fold, ...] = ()  # legal smoothing folds inside a decoder layer, in solve order
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The ModuleList of decoder layers."""

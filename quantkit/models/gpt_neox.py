@@ -1,6 +1,6 @@
 """GPT-NeoX family (Pythia): fused query_key_value, parallel attention and MLP residuals."""
 
-from quantkit.models.base import Adapter
+from quantkit.models.base import Adapter, Fold
 
 ADAPTER = Adapter(
     name="gpt_neox",
@@ -14,5 +14,10 @@ ADAPTER = Adapter(
         ("attention.dense",),
         ("mlp.dense_h_to_4h",),
         ("mlp.dense_4h_to_h",),
+    ),
+    # the fused query_key_value interleaves q/k/v per head, so v's rows are not foldable into dense
+    smooth_folds=(
+        Fold("input_layernorm", ("attention.query_key_value",)),
+        Fold("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
     ),
 )

@@ -1,6 +1,6 @@
 """Llama family (also Mistral): pre-norm decoder, separate q/k/v, gated MLP."""
 
-from quantkit.models.base import Adapter
+from quantkit.models.base import Adapter, Fold
 
 ADAPTER = Adapter(
     name="llama",
@@ -14,5 +14,11 @@ ADAPTER = Adapter(
         ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
+    ),
+    smooth_folds=(
+        Fold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Fold("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped key/value heads
+        Fold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        Fold("mlp.up_proj", ("mlp.down_proj",)),  # down reads act(gate) * up: linear in up's rows
     ),
 )

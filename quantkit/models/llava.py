@@ -13,6 +13,7 @@ ADAPTER = Adapter(
     final_norm=f"{_LM}.norm",
     lm_head="lm_head",
     linear_order=LLAMA.linear_order,
+    smooth_folds=LLAMA.smooth_folds,
     vision=("model.vision_tower", "model.multi_modal_projector"),
 )
 

@@ -11,5 +11,6 @@ ADAPTER = Adapter(
     final_norm=LLAVA.final_norm,
     lm_head=LLAVA.lm_head,
     linear_order=LLAVA.linear_order,
+    smooth_folds=LLAVA.smooth_folds,
     vision=(*LLAVA.vision, "model.image_newline"),  # image_newline is a Parameter, not a module
 )

@@ -1,6 +1,6 @@
 """OPT family: learned positions, separate q/k/v, fc1/fc2 MLP."""
 
-from quantkit.models.base import Adapter
+from quantkit.models.base import Adapter, Fold
 
 ADAPTER = Adapter(
     name="opt",
@@ -15,4 +15,6 @@ ADAPTER = Adapter(
         ("fc1",),
         ("fc2",),
     ),
+    # the norms sit before or after their blocks depending on do_layer_norm_before, so only v folds
+    smooth_folds=(Fold("self_attn.v_proj", ("self_attn.out_proj",)),),
 )

@@ -11,4 +11,5 @@ ADAPTER = Adapter(
     final_norm=LLAMA.final_norm,
     lm_head=LLAMA.lm_head,
     linear_order=LLAMA.linear_order,
+    smooth_folds=LLAMA.smooth_folds,  # the v bias is divided with v's rows
 )

@@ -13,6 +13,7 @@ ADAPTER = Adapter(
     final_norm=f"{_LM}.norm",
     lm_head="lm_head",
     linear_order=LLAMA.linear_order,
+    smooth_folds=LLAMA.smooth_folds,
     vision=("model.visual",),  # the ViT and its patch merger (the projector): full precision
 )
 
@@ -24,5 +25,6 @@ ADAPTER_2_5 = Adapter(
     final_norm=ADAPTER.final_norm,
     lm_head=ADAPTER.lm_head,
     linear_order=ADAPTER.linear_order,
+    smooth_folds=ADAPTER.smooth_folds,
     vision=ADAPTER.vision,
 )

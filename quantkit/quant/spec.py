@@ -27,6 +27,9 @@ class QuantSpec:
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     block_size: int = 128  # GPTQ lazy-update block width
     mse: bool = False  # search a clipping ratio that minimises the grid's MSE
+    # Per-token dynamic symmetric activation bits of every quantized linear's input (None: weight-only).
+    act_bits: int | None = None
+    smooth: str = "none"  # smoothing before the solve: none, uniform or tlq token weights (quant/smooth.py)
 
     def validate(self, in_features: int | None = None) -> None:
         """Raise QuantkitError if the settings cannot be honoured."""
@@ -43,10 +46,24 @@ class QuantSpec:
             raise QuantkitError(f"coordinate-descent sweeps must be >= 0, got {self.cd_sweeps}")
         if not 0 <= self.damp < 1:
             raise QuantkitError(f"damp must be in [0, 1), got {self.damp}")
+        if self.act_bits is not None and self.act_bits not in (4, 8):
+            raise QuantkitError(f"--act-bits must be 4 or 8 (or omitted for weight-only), got {self.act_bits}")
+        if self.act_bits is not None and (self.group_size != -1 or not self.sym):
+            raise QuantkitError(
+                "--act-bits needs per-channel symmetric weights (the int8 kernels' layout); pass --group-size -1 --sym"
+            )
+        if self.smooth not in ("none", "uniform", "tlq"):
+            raise QuantkitError(f"--smooth must be one of none, uniform, tlq, got {self.smooth!r}")
 
     def to_dict(self) -> dict:
-        """Plain-dict form for reports and manifests."""
-        return asdict(self)
+        """Plain-dict form for reports and manifests (activation settings only when they are on, so that
+        weight-only reports and fingerprints read as before)."""
+        out = asdict(self)
+        if out["act_bits"] is None:
+            del out["act_bits"]
+        if out["smooth"] == "none":
+            del out["smooth"]
+        return out
 
 
 @dataclass

@@ -1,0 +1,211 @@
+"""Issue #15: weight-activation quantization (W8A8, W4A8: per-channel symmetric weights, int8 dynamic
+per-token inputs) on the reference LM's held-out text, beside llm-compressor's SmoothQuant + GPTQ.
+
+Usage (one thread per job):
+    OMP_NUM_THREADS=1 python benchmarks/bench_w8a8.py --seeds 0 1 --nsamples 64 --seqlen 256 --jobs 1 \
+        --llmc /tmp/llmc-venv/bin/python -o benchmarks/results/bench_w8a8.json
+
+Variants (each with its activations quantized in calibration and evaluation):
+    rtn         round-to-nearest weights, no smoothing
+    sq_gptq     uniform-weight smoothing (SmoothQuant-equivalent, alpha searched per fold) + GPTQ
+    tlq_tlq     TLQ-token-weighted smoothing + TLQ (token-weighted GPTQ fitted to the FP output)
+    gptq        GPTQ without smoothing (what smoothing adds)
+Calibration windows come from the train part (first 90%) of ../shared/data/text, evaluation windows
+from the held-out part (last 10%). Each seed is one calibration draw; ratios are paired per seed.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tlq import REF_LM, TEXT_DIR, windows_loss  # noqa: E402
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}  # weight bits, activation bits
+# name -> (method, smoothing)
+VARIANTS = {"rtn": ("rtn", "none"), "gptq": ("gptq", "none"), "sq_gptq": ("gptq", "uniform"), "tlq_tlq": ("tlq", "tlq")}
+
+
+def heldout_windows(tokenizer, seqlen: int, eval_tokens: int) -> torch.Tensor:
+    """[count, seqlen] consecutive windows of the held-out stream."""
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="heldout"), tokenizer)
+    count = min(eval_tokens // seqlen, ids.numel() // seqlen)
+    return ids[: count * seqlen].reshape(count, seqlen)
+
+
+def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens: int, settings: list[str],
+             variants: list[str]) -> dict:
+    """One calibration draw: every variant's held-out loss gap to FP per setting, and its seconds."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.engine import calibrate_model
+    from quantkit.engine.activations import quantized_inputs
+    from quantkit.importance import tlq_token_weights
+    from quantkit.models import load_model
+    from quantkit.quant.spec import QuantSpec
+
+    torch.set_num_threads(1)
+    model = load_model(model_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
+    windows = heldout_windows(tokenizer, seqlen, eval_tokens)
+    with torch.no_grad():
+        fp_loss = windows_loss(model, windows)
+    weights, importance_s = None, 0.0
+    rows = []
+    for label in settings:
+        bits, act_bits = SETTINGS[label]
+        row = {"seed": seed, "setting": label, "fp_loss": fp_loss}
+        for name in variants:
+            method, smooth = VARIANTS[name]
+            uses_weights = method == "tlq" or smooth == "tlq"
+            if uses_weights and weights is None:
+                started = time.perf_counter()
+                weights = tlq_token_weights(model, samples, progress=False)
+                importance_s = time.perf_counter() - started
+            quantized = copy.deepcopy(model)
+            spec = QuantSpec(bits=bits, group_size=-1, sym=True, act_bits=act_bits, smooth=smooth)
+            started = time.perf_counter()
+            calibration = calibrate_model(quantized, samples, spec, method=method,
+                                          token_weights=weights if uses_weights else None, progress=False)
+            row[f"{name}_calib_s"] = round(time.perf_counter() - started + (importance_s if uses_weights else 0.0), 2)
+            with torch.no_grad(), quantized_inputs(quantized, list(calibration.results), act_bits):
+                row[f"{name}_gap"] = windows_loss(quantized, windows) - fp_loss
+            alphas = [fold["alpha"] for layer in calibration.report["layers"]
+                      for fold in layer.get("smoothing", {}).get("folds", {}).values()]
+            if alphas:
+                row[f"{name}_alphas"] = alphas
+            del quantized
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"rows": rows, "windows": [int(windows.shape[0]), int(windows.shape[1])], "importance_s": round(importance_s, 2)}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def summarise(rows: list[dict], settings: list[str], variants: list[str], base: str = "sq_gptq") -> dict:
+    """Per setting and variant: mean gap (and SE), the paired ratio to `base`, mean seconds."""
+    summary = {}
+    for label in settings:
+        mine = [r for r in rows if r["setting"] == label]
+        entry = {}
+        for name in variants:
+            gaps = [r[f"{name}_gap"] for r in mine]
+            mean_gap, se_gap = _mean_se(gaps)
+            item = {"gap": round(mean_gap, 5), "gap_se": round(se_gap, 5),
+                    "calib_s": round(sum(r[f"{name}_calib_s"] for r in mine) / len(mine), 2)}
+            if base in variants:
+                ratios = [r[f"{name}_gap"] / r[f"{base}_gap"] for r in mine if r[f"{base}_gap"] > 0]
+                if ratios:
+                    item[f"over_{base}"], item[f"over_{base}_se"] = (round(v, 3) for v in _mean_se(ratios))
+                item[f"at_most_{base}_every_seed"] = all(r[f"{name}_gap"] <= r[f"{base}_gap"] for r in mine)
+            entry[name] = item
+        summary[label] = entry
+    return summary
+
+
+def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int,
+             settings: list[str]) -> list[dict]:
+    """llm-compressor's SmoothQuantModifier + GPTQModifier on the same windows, in its own venv."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    evaluation = heldout_windows(tokenizer, seqlen, eval_tokens)
+    runner = Path(__file__).resolve().parent / "llmc_w8a8_runner.py"
+    out = []
+    for seed in seeds:
+        samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
+        calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "windows.safetensors"
+            save_file({"calib": calib.contiguous(), "eval": evaluation.contiguous()}, str(path))
+            bits = [SETTINGS[s][0] for s in settings]
+            done = subprocess.run([python, str(runner), "--model", model_dir, "--windows", str(path), "--bits",
+                                   json.dumps(bits)], capture_output=True, text=True,
+                                  env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+        line = next((x for x in done.stdout.splitlines() if x.startswith("LLMC_RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"llm-compressor failed: {done.stderr[-2000:]}")
+        result = json.loads(line[len("LLMC_RESULT "):])
+        for label, item in zip(settings, result["results"]):
+            out.append({"seed": seed, "setting": label, "loss": item["loss"], "seconds": item["seconds"],
+                        "llmcompressor": result["llmcompressor"]})
+        print(json.dumps(out[-len(settings):]), file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    """Run the seeds (in parallel processes with --jobs) and print one JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REF_LM))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=40960)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "sq_gptq", "tlq_tlq"], choices=list(VARIANTS))
+    parser.add_argument("--llmc", help="python of an llm-compressor venv: run its SmoothQuant + GPTQ on the same windows")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("-o", "--output")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    jobs = (args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            per_seed = [f.result() for f in [pool.submit(run_seed, args.model, seed, *jobs) for seed in args.seeds]]
+    else:
+        per_seed = [run_seed(args.model, seed, *jobs) for seed in args.seeds]
+    rows = [row for result in per_seed for row in result["rows"]]
+    out = {
+        "model": args.model, "seeds": args.seeds, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval": "heldout",
+        "windows": per_seed[0]["windows"], "variants": {name: VARIANTS[name] for name in args.variants},
+        "importance_s": [r["importance_s"] for r in per_seed],
+        "summary": summarise(rows, args.settings, args.variants),
+        "rows": rows,
+    }
+    if args.llmc:
+        llmc = run_llmc(args.llmc, args.model, args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings)
+        out["llmcompressor"] = llmc
+        for label in args.settings:
+            fp = {r["seed"]: r["fp_loss"] for r in rows if r["setting"] == label}
+            gaps = [r["loss"] - fp[r["seed"]] for r in llmc if r["setting"] == label]
+            mean, se = _mean_se(gaps)
+            out["summary"][label]["llmc_sq_gptq"] = {
+                "gap": round(mean, 5), "gap_se": round(se, 5),
+                "calib_s": round(sum(r["seconds"] for r in llmc if r["setting"] == label) / len(gaps), 2)}
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(out, indent=1)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Per-token activation fake-quantization: the tensor function, the model hooks, quantization-exposed calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.engine.activations import ActivationQuantizer, quantized_inputs
+from quantkit.errors import QuantkitError
+from quantkit.quant.activations import ct_divisor, fake_quantize_tokens
+from quantkit.quant.spec import QuantSpec
+
+
+def reference_fake_quant(x: torch.Tensor, bits: int, divisor: float | None = None) -> torch.Tensor:
+    """Row by row in plain Python: scale = max|row| / divisor, round half to even, clamp, times scale."""
+    qmax = 2 ** (bits - 1) - 1
+    divisor = qmax if divisor is None else divisor
+    rows = []
+    for row in x.reshape(-1, x.shape[-1]).tolist():
+        top = max(abs(v) for v in row)
+        scale = top / divisor if top > 0 else 1.0
+        rows.append([min(max(round(v / scale), -qmax - 1), qmax) * scale for v in row])
+    return torch.tensor(rows, dtype=torch.float64).reshape(x.shape)
+
+
+def test_int8_by_hand() -> None:
+    x = torch.tensor([[1.0, -0.51, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [-2.0, 1.1, 0.01, 0.5]])
+    # row 0: scale 1/127, codes 127, -64.77 -> -65, 31.75 -> 32, 0; row 1: all zero stays zero
+    # row 2: scale 2/127, codes -127, 69.85 -> 70, 0.635 -> 1, 31.75 -> 32
+    expected = torch.tensor([[127, -65, 32, 0], [0, 0, 0, 0], [-127, 70, 1, 32]], dtype=torch.float32)
+    expected *= torch.tensor([[1 / 127], [1.0], [2 / 127]])
+    assert torch.allclose(fake_quantize_tokens(x, 8), expected, rtol=1e-6, atol=0)
+
+
+def test_int4_and_ct_divisor_by_hand() -> None:
+    x = torch.tensor([[1.0, -0.45, 0.3], [1.0, -0.99, 0.5]])
+    # int4, qmax 7: row 0 codes 7, -3.15 -> -3, 2.1 -> 2
+    got = fake_quantize_tokens(x, 4)
+    assert torch.allclose(got[0], torch.tensor([1.0, -3 / 7, 2 / 7]))
+    # compressed-tensors divides by 7.5: 7.5 -> clamped to 7, -7.425 -> -7, 3.75 -> 4
+    got = fake_quantize_tokens(x, 4, ct_divisor(4))
+    assert torch.allclose(got[1], torch.tensor([7 / 7.5, -7 / 7.5, 4 / 7.5]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matches_reference_on_random_batches(bits: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64) * torch.rand(2, 5, 1, dtype=torch.float64) * 10
+    for divisor in (None, ct_divisor(bits)):
+        assert torch.allclose(fake_quantize_tokens(x, bits, divisor), reference_fake_quant(x, bits, divisor),
+                              rtol=1e-12, atol=1e-12)
+
+
+def test_bad_act_bits() -> None:
+    with pytest.raises(QuantkitError, match="act-bits"):
+        fake_quantize_tokens(torch.ones(2, 2), 3)
+    with pytest.raises(QuantkitError, match="per-channel symmetric"):
+        QuantSpec(bits=8, group_size=128, act_bits=8).validate()
+    with pytest.raises(QuantkitError, match="per-channel symmetric"):
+        QuantSpec(bits=8, group_size=-1, sym=False, act_bits=8).validate()
+    assert "act_bits" not in QuantSpec().to_dict()  # weight-only reports and fingerprints read as before
+
+
+def test_hooks_quantize_inputs_once_and_come_off() -> None:
+    torch.manual_seed(0)
+    root = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 3), "b": torch.nn.Linear(8, 2)}).double()
+    x = torch.randn(4, 8, dtype=torch.float64) * 3
+    xq = reference_fake_quant(x, 8)
+    with quantized_inputs(root, ["a", "b"], 8) as quantizer:
+        assert isinstance(quantizer, ActivationQuantizer)
+        seen = []
+        handle = root["b"].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        out_a, out_b = root["a"](x), root["b"](x)
+        handle.remove()
+        assert torch.allclose(out_a, xq @ root["a"].weight.T + root["a"].bias, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(out_b, xq @ root["b"].weight.T + root["b"].bias, rtol=1e-12, atol=1e-12)
+        assert seen[0] is quantizer._last[1]  # one quantized tensor for linears reading one input
+    assert torch.equal(root["a"](x), x @ root["a"].weight.T + root["a"].bias)
+
+
+def test_calibration_is_quantization_exposed() -> None:
+    """Layer 1's q_proj Hessian is 2/N X^T X of its input in the quantized model run with every layer linear's
+    input act-quantized (hooks written here, not quantkit's): layer 0's outputs and q_proj's input are exposed."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from quantkit.engine import calibrate_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    samples = [{"input_ids": torch.randint(0, 64, (1, 16))} for _ in range(4)]
+    observed = {}
+    calibrate_model(model, samples, QuantSpec(bits=8, group_size=-1, act_bits=8), method="gptq", progress=False,
+                    observer=lambda name, h: observed.setdefault(name, h.clone()))
+    name = "model.layers.1.self_attn.q_proj"
+
+    def q_proj_inputs(exposed: bool) -> torch.Tensor:
+        captured, handles = [], []
+        for module_name, module in model.named_modules():
+            if exposed and isinstance(module, torch.nn.Linear) and ".layers." in module_name:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args: (reference_fake_quant(args[0].double(), 8).to(args[0].dtype),)))
+        handles.append(model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+            lambda m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())))
+        with torch.no_grad():
+            for sample in samples:
+                model(**sample, use_cache=False)
+        for handle in handles:
+            handle.remove()
+        return torch.cat(captured)
+
+    x = q_proj_inputs(exposed=True)
+    assert torch.allclose(observed[name].double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    plain = q_proj_inputs(exposed=False)  # the check tells exposure apart from its absence
+    assert not torch.allclose(observed[name].double(), 2 * plain.T @ plain / plain.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_combinations_are_one_line_errors(tmp_path) -> None:
+    import quantkit
+
+    texts = ["w1 w2 w3"] * 4
+    with pytest.raises(QuantkitError, match="per-channel symmetric"):
+        quantkit.quantize("unused", data=texts, bits=8, act_bits=8)  # group size 128
+    with pytest.raises(QuantkitError, match="cannot hold --act-bits"):
+        quantkit.quantize("unused", data=texts, bits=8, group_size=-1, act_bits=8, format="gptq_v2")
+    with pytest.raises(QuantkitError, match="--smooth must be one of"):
+        quantkit.quantize("unused", data=texts, bits=8, group_size=-1, smooth="sq")
+
+
+@pytest.mark.parametrize("method, smooth", [("rtn", "uniform"), ("gptq", "uniform"), ("tlq", "tlq")])
+def test_w8a8_calibration_runs_smoothed(tmp_path, method: str, smooth: str) -> None:
+    """Every layer's folds get a grid alpha, and the smoothed, act-quantized model stays close to FP."""
+    from helpers import make_tokenizer, write_text
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import quantkit
+    from quantkit.engine.activations import quantized_inputs
+    from quantkit.models import load_model
+
+    model_dir = tmp_path / "m"  # as many key/value heads as heads: the v -> o fold is legal
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4, vocab_size=64,
+                                                 max_position_embeddings=64)).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    text = write_text(tmp_path / "t.txt")
+    model, report = quantkit.quantize(str(model_dir), data=str(text), method=method, bits=8, group_size=-1, act_bits=8,
+                                      smooth=smooth, nsamples=4, seqlen=16, progress=False)
+    assert report["spec"]["act_bits"] == 8 and report["spec"]["smooth"] == smooth
+    for layer in report["layers"]:
+        assert set(layer["smoothing"]["folds"]) == {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
+                                                    "mlp.up_proj"}
+        assert all(fold["alpha"] in [round(0.1 * i, 1) for i in range(11)] for fold in layer["smoothing"]["folds"].values())
+    ids = torch.randint(2, 62, (1, 16))
+    fp = load_model(str(model_dir))
+    with torch.no_grad(), quantized_inputs(model, [n for n, m in model.named_modules()
+                                                   if isinstance(m, torch.nn.Linear) and ".layers." in n], 8):
+        quantized = model(input_ids=ids).logits
+    reference = fp(input_ids=ids).logits.detach()
+    assert float((quantized - reference).norm() / reference.norm()) < 0.05

@@ -1,0 +1,118 @@
+"""Smoothing: every fold an adapter declares leaves the FP model's logits unchanged, illegal folds are
+skipped, and the searched alpha is the argmin of an independently computed token-weighted error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from quantkit.engine.capture import capture_layer_inputs
+from quantkit.engine.smoothing import apply_fold, legal_folds, smooth_layer
+from quantkit.models import adapter_for, get_module
+from quantkit.quant.smooth import ALPHA_GRID, search_alpha
+from quantkit.quant.spec import QuantSpec
+
+
+def tiny(family: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A float64 two-layer model with random norm weights and biases (so each fold has something to scale)."""
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=kv_heads, max_position_embeddings=64)
+    config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.rand_like(param) + 0.5)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn_like(param))
+    return model
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("fold_index", range(4))
+def test_each_fold_keeps_the_fp_logits(family: str, fold_index: int) -> None:
+    model = tiny(family)
+    ids = torch.randint(0, 64, (2, 12))
+    before = logits(model, ids)
+    adapter = adapter_for(model)
+    fold = adapter.smooth_folds[fold_index]
+    for layer in adapter.decoder_layers(model):
+        assert fold in legal_folds(layer, adapter)[0]
+        reader = get_module(layer, fold.linears[0])
+        old = reader.weight.detach().clone()
+        scales = torch.exp(torch.randn(reader.in_features, dtype=torch.float64))
+        apply_fold(layer, fold, scales)
+        assert not torch.allclose(reader.weight, old)  # the fold did change the weights
+    assert rel_err(logits(model, ids), before) < 1e-5
+
+
+def test_grouped_kv_heads_skip_the_v_fold() -> None:
+    model = tiny("llama", kv_heads=2)
+    adapter = adapter_for(model)
+    layer = adapter.decoder_layers(model)[0]
+    legal, skipped = legal_folds(layer, adapter)
+    assert [f.source for f in legal] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    assert len(skipped) == 1 and "self_attn.v_proj" in skipped[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_searched_smoothing_keeps_the_fp_logits(family: str) -> None:
+    model = tiny(family)
+    ids = torch.randint(0, 64, (2, 12))
+    before = logits(model, ids)
+    adapter = adapter_for(model)
+    inputs = capture_layer_inputs(model, adapter, [{"input_ids": ids}])
+    report = smooth_layer(adapter.decoder_layers(model)[0], adapter, inputs, QuantSpec(bits=4, group_size=-1, act_bits=8))
+    assert set(report["folds"]) == {f.source for f in adapter.smooth_folds}
+    assert rel_err(logits(model, ids), before) < 1e-5
+
+
+def reference_error(x: torch.Tensor, weights: list[torch.Tensor], token_w: torch.Tensor, alpha: float,
+                    wbits: int, abits: int) -> float:
+    """The fold error written out from its definition, with its own rounding code."""
+    act = x.abs().amax(dim=0).double()
+    wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).double()
+    s = (act ** alpha / wmax ** (1 - alpha)).float()
+    xs = x / s
+    qa = 2 ** (abits - 1) - 1
+    a_scale = xs.abs().amax(dim=1, keepdim=True) / qa
+    xq = torch.clamp(torch.round(xs / a_scale), -qa - 1, qa) * a_scale
+    total = 0.0
+    for w in weights:
+        ws = w * s
+        maxq = 2**wbits - 1
+        w_scale = (2 * ws.abs().amax(dim=1, keepdim=True) / maxq).half().float()
+        mid = 2 ** (wbits - 1)
+        wq = (torch.clamp(torch.round(ws / w_scale) + mid, 0, maxq) - mid) * w_scale
+        diff = xq @ wq.T - x @ w.T
+        total += float((diff.pow(2).sum(dim=1) * token_w).sum())
+    return total / float(token_w.sum())
+
+
+@pytest.mark.parametrize("wbits, abits", [(8, 8), (4, 8), (4, 4)])
+def test_searched_alpha_is_the_weighted_error_argmin(wbits: int, abits: int) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(256, 32)
+    x[:, 3] *= 40  # outlier channels, as in LLM activations
+    x[:, 17] *= 15
+    weights = [torch.randn(24, 32) * 0.1, torch.randn(16, 32) * 0.05]
+    token_w = torch.rand(256) ** 3
+    alpha, _, errors = search_alpha(x, x.abs().amax(dim=0), weights, wbits, abits, token_w)
+    reference = {a: reference_error(x, weights, token_w, a, wbits, abits) for a in ALPHA_GRID}
+    assert alpha == min(reference, key=reference.get)
+    for a in ALPHA_GRID:
+        assert errors[a] == pytest.approx(reference[a], rel=1e-4)
+    # token weights change the answer: the uniform search is its own problem
+    uniform = {a: reference_error(x, weights, torch.ones(256), a, wbits, abits) for a in ALPHA_GRID}
+    assert search_alpha(x, x.abs().amax(dim=0), weights, wbits, abits)[0] == min(uniform, key=uniform.get)
