@@ -729,3 +729,33 @@ def test_split_fused_linears_warn_for_vllm(tmp_path: Path, fmt: str, caplog) -> 
     warned = [r.getMessage() for r in caplog.records if "vLLM" in r.getMessage()]
     assert len(warned) == 1 and "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj" in warned[0]
     assert_same_results(read_checkpoint(out).results, results)
+
+
+def test_a_new_format_is_one_class_and_one_registry_line(tmp_path: Path, monkeypatch) -> None:
+    """A Format subclass registered under a new name is written, read back and loaded by the shared writer and
+    reader with no other change (here: the codes stored as they are, no quantization_config)."""
+    from quantkit.export.formats import REGISTRY, Format
+
+    class RawCodes(Format):
+        name = "raw-codes"
+        bits = (4, 8)
+
+        def encode(self, name, r, dtype):
+            return {f"{name}.{k}": getattr(r, k).contiguous() for k in ("qweight", "scales", "zeros", "g_idx")}, {}
+
+        def decode(self, name, stored, setting):
+            t = stored.take(name, ("qweight", "scales", "zeros", "g_idx"))
+            return QuantResult(t["qweight"], t["scales"], t["zeros"], t["g_idx"], setting.bits, setting.group_size,
+                               setting.sym, setting.act_order)
+
+    monkeypatch.setitem(REGISTRY, "raw-codes", RawCodes())
+    model, results = mixed_model(tmp_path)
+    out = save_quantized(model, results, tmp_path / "raw", fmt="raw-codes")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert_same_results(read_checkpoint(out).results, results)
+    back = quantkit.load_quantized(out)
+    ids = torch.randint(0, 64, (1, 10))
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    with pytest.raises(QuantkitError, match="raw-codes stores 4 and 8-bit weights, got 3-bit"):
+        save_quantized(*mixed_model(tmp_path / "w3", {"model.layers.1.mlp.gate_proj": (3, 64, True)}), tmp_path / "r3",
+                       fmt="raw-codes")

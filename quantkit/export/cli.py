@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 
 from quantkit.cli_options import output_option
-from quantkit.export.formats import FORMATS
+from quantkit.export.formats import FORMATS, REGISTRY
 
 
 @click.command("export")
 @click.argument("in_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS), help="Output format.")
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
+              help="Output format: " + "; ".join(f"{n}: {REGISTRY[n].help}" for n in FORMATS) + ".")
 @output_option("out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 5GB or 500MB.")
