@@ -48,9 +48,14 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, total - excluded
 
 
-def _lr_factor(progress: float, step: int, warmup: int) -> float:
+SCHEDULES = ("cosine", "constant")
+
+
+def _lr_factor(progress: float, step: int, warmup: int, schedule: str = "cosine") -> float:
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -77,6 +82,7 @@ def train_causal_lm(
     lr: float = 3e-3,
     weight_decay: float = 0.1,
     warmup: int = 20,
+    schedule: str = "cosine",
     seed: int = 0,
     save_steps: Sequence[int] = (),
     max_seconds: float | None = None,
@@ -89,6 +95,8 @@ def train_causal_lm(
 
     Batches are random windows of `seqlen` tokens from the eos-joined token stream, drawn from a
     torch.Generator seeded with `seed`; the run is deterministic given the seed and the thread count.
+    schedule="constant" keeps the learning rate flat after warmup, so every saved checkpoint is a
+    model trained on its token count under the same recipe (no end-of-run annealing in the last).
     With `max_seconds`, the cosine schedule follows max(step/steps, elapsed/max_seconds) and training
     stops when either reaches 1 (then the step count depends on the machine's speed).
     Checkpoints at `save_steps` go to out_dir/steps/stepN. Returns out_dir.
@@ -97,6 +105,8 @@ def train_causal_lm(
 
     if steps <= 0 or batch_size <= 0 or seqlen < 2:
         raise QuantkitError(f"steps, batch_size must be positive and seqlen >= 2; got {steps}, {batch_size}, {seqlen}")
+    if schedule not in SCHEDULES:
+        raise QuantkitError(f"unknown learning-rate schedule {schedule!r}; choose {' or '.join(SCHEDULES)}")
     if hidden_size % num_heads:
         raise QuantkitError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     torch.manual_seed(seed)
@@ -139,6 +149,7 @@ def train_causal_lm(
         "seq": seqlen,
         "batch": batch_size,
         "lr": lr,
+        "schedule": schedule,
         "seed": seed,
         "corpora": list(corpora),
         "heldout": heldout,
@@ -156,7 +167,7 @@ def train_causal_lm(
             if max_seconds is not None and step > 0 and prog >= 1.0:
                 break
             for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(prog, step, warmup)
+                group["lr"] = lr * _lr_factor(prog, step, warmup, schedule)
             starts = torch.randint(0, ids.numel() - seqlen + 1, (batch_size,), generator=gen)
             batch = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
             loss = model(input_ids=batch, labels=batch).loss

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import WORDS, make_tokenizer, save_tiny_llama
 
 from quantkit.cli import main
 from quantkit.qid.laws import UnifiedLaw
@@ -113,7 +115,7 @@ def test_fit_by_bits_and_method_filter(tmp_path):
     ("content", "match"),
     [
         ("model,N,D,bits\nm,1,2,3\n", "lacks column(s) method, qid"),
-        (",".join(COLUMNS) + "\n" + "m,1e6,,1e8,,3,gptq,128,,,oops,,,t,\n", "not a number"),
+        (",".join(COLUMNS) + "\n" + "m,1e6,,1e8,,3,gptq,128,,,oops,,,t,,,\n", "not a number"),
     ],
 )
 def test_bad_csv_exits_2_with_clear_message(tmp_path, content, match):
@@ -142,3 +144,71 @@ def test_missing_csv_exits_2(tmp_path):
     """A CSV path that does not exist is a clear error, not a traceback."""
     res = run("fit", tmp_path / "none.csv")
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def _trained_tiny_model(tmp_path):
+    """A tiny Llama trained for a few seconds on a word chain (w_i -> w_{i+1} or w_{i+2}), and held-out text of it."""
+    from quantkit.train import train_causal_lm
+
+    rng = np.random.default_rng(0)
+    idx, words = 0, []
+    for _ in range(6000):
+        words.append(WORDS[idx])
+        idx = (idx + int(rng.integers(1, 3))) % len(WORDS)
+    text = tmp_path / "chain.txt"
+    text.write_text(" ".join(words))
+    model = train_causal_lm([" ".join(words)], tmp_path / "model", tokenizer=make_tokenizer(), hidden_size=32, num_layers=1,
+                            num_heads=2, seqlen=32, batch_size=8, steps=60, lr=1e-2, warmup=5, progress=False)
+    return model, text
+
+
+def _law_file(path, **params) -> None:
+    """A `qid fit -o`-shaped JSON holding one unified rtn fit (and its draws) with the given coefficients."""
+    draws = {"log_k": [math.log(params["k"])] * 3, "alpha": [params.get("alpha", 0.3)] * 3,
+             "beta": [params.get("beta", 0.6) * f for f in (0.9, 1.0, 1.1)], "gamma": [params.get("gamma", 4.0)] * 3}
+    fit = {"law": "unified", "method": "rtn", "bits": None, "group_size": [32],
+           "params": {name: {"value": v} for name, v in params.items()}, "draws": draws}
+    path.write_text(json.dumps({"fits": [fit]}))
+
+
+def test_training_level_end_to_end_inverts_the_law_at_the_measured_qid(tmp_path):
+    """Measures QiD (2-bit RTN) of a trained tiny model and returns D = law inverse at that QiD, by hand; the
+    JSON names N (counted here by hand), the QiD with its SE and an interval around D."""
+    model, text = _trained_tiny_model(tmp_path)
+    law = tmp_path / "law.json"
+    _law_file(law, k=0.05, alpha=0.3, beta=0.6, gamma=4.0)
+    out = tmp_path / "level.json"
+    res = run("training-level", model, "--law", law, "--bits", "2", "--method", "rtn", "--data", text,
+              "--eval-tokens", "3000", "--eval-seqlen", "32", "--nsamples", "4", "--calib-seqlen", "32", "-o", out)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    m = doc["measurement"]
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    n_by_hand = sum(p.numel() for n, p in loaded.named_parameters() if "embed_tokens" not in n)  # tied head
+    assert m["N"] == n_by_hand and m["method"] == "rtn" and m["bits"] == 2
+    assert m["qid"] == pytest.approx(m["loss_q"] - m["loss_fp"], abs=1e-12) and m["qid"] > 3 * m["qid_se"] > 0
+    d = math.exp((math.log(m["qid"]) + 0.3 * math.log(n_by_hand) + 4.0 * math.log(2) - math.log(0.05)) / 0.6)
+    assert doc["tokens"] == pytest.approx(d, rel=1e-9)
+    assert doc["ci"][0] < d < doc["ci"][1] and doc["law_draws"] == 3
+    assert f"D = {d:.4g}" in res.output
+
+
+def test_training_level_bad_input_is_one_error_line(tmp_path):
+    """A law file without beta, and a QiD <= 0: exit 2 with a single 'error:' line each."""
+    model = save_tiny_llama(tmp_path / "m")
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps({"k": 0.05, "alpha": 0.3, "gamma": 4.0}))
+    res = run("training-level", model, "--law", law, "--bits", "3", "--qid", "0.1")
+    assert res.exit_code == 2 and res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
+    assert "'beta'" in res.output
+    _law_file(law, k=0.05, alpha=0.3, beta=0.6, gamma=4.0)
+    for bad in ("0", "-0.02"):
+        res = run("training-level", model, "--law", law, "--bits", "3", "--method", "rtn", "--qid", bad)
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "not positive" in res.output
+    res = run("training-level", model, "--law", law, "--bits", "3", "--method", "rtn")
+    assert res.exit_code == 2 and "--data" in res.output
+    good = run("training-level", model, "--law", law, "--bits", "3", "--method", "rtn", "--qid", "0.1", "--qid-se", "0.01", "--json")
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.output)["measurement"]["qid"] == 0.1

@@ -1,4 +1,5 @@
-"""QiD laws, fitting and the CSV table: recovery of known exponents, inverse, round trips, exclusions."""
+"""QiD laws, fitting and the CSV table: recovery of known exponents, weighted fits against closed-form WLS,
+interval coverage, leave-last-out, method differences, the training-level inverse, round trips, exclusions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantkit.errors import QuantkitError
-from quantkit.qid.fit import fit_single, fit_table, fit_unified, format_fits, huber_objective
+from quantkit.qid.estimate import training_level
+from quantkit.qid.fit import (
+    compare_methods,
+    fit_single,
+    fit_table,
+    fit_unified,
+    format_fits,
+    huber_objective,
+)
 from quantkit.qid.laws import PUBLISHED_LAWS, UnifiedLaw, law_from_fit
 from quantkit.qid.table import COLUMNS, TableWriter, parse_table, read_table
 
@@ -25,7 +34,7 @@ def synthetic_points(law: UnifiedLaw, noise: float = 0.03, seed: int = 0) -> lis
         for d in (1e8, 4e8, 1.6e9, 6.4e9, 2.56e10):
             for p in (2, 3, 4):
                 q = law.qid(n, d, p) * math.exp(rng.normal(0.0, noise))
-                pts.append({"model": f"m{n:g}", "N": int(n), "D": int(d), "bits": p, "method": "gptq", "qid": q, "_line": len(pts) + 2})
+                pts.append({"model": f"m{n:g}@{d:g}", "N": int(n), "D": int(d), "bits": p, "method": "gptq", "qid": q, "_line": len(pts) + 2})
     return pts
 
 
@@ -46,7 +55,7 @@ def test_huber_fit_resists_an_outlier_where_least_squares_does_not():
     """One point off by 20x: Huber (delta 1e-3) keeps beta within 5%; least squares in log space does not."""
     pts = synthetic_points(TRUE, noise=0.01)
     pts[-1]["qid"] *= 20.0
-    fit = fit_unified(pts, bootstrap=0)
+    fit = fit_unified(pts, bootstrap=0, estimator="huber")
     assert fit["params"]["beta"]["value"] == pytest.approx(TRUE.beta, rel=0.05)
     y = np.log([p["qid"] for p in pts])
     X = np.column_stack([np.ones(len(pts)), np.log([p["D"] for p in pts]), -np.log([p["N"] for p in pts]), -np.log([p["bits"] for p in pts])])
@@ -146,9 +155,11 @@ def test_csv_round_trip_and_truncated_last_line(tmp_path):
     path = tmp_path / "q.csv"
     rows = [
         {"model": "a@step1", "N": 10, "params": 20, "D": 1000, "step": 1, "bits": 3, "method": "gptq", "group_size": 128,
-         "loss_fp": 3.25, "loss_q": 3.5 + 1e-12, "qid": 0.25 + 1e-12, "eval_tokens": 999, "seconds": 1.5, "eval_text": "x,y", "error": ""},
+         "loss_fp": 3.25, "loss_q": 3.5 + 1e-12, "qid": 0.25 + 1e-12, "eval_tokens": 999, "seconds": 1.5, "eval_text": "x,y", "error": "",
+         "qid_se": 0.0123 + 1e-15, "eval_windows": 4},
         {"model": "b", "N": 11, "params": 21, "D": 2000, "step": None, "bits": 4, "method": "bnb-nf4", "group_size": 64,
-         "loss_fp": 3.0, "loss_q": None, "qid": None, "eval_tokens": 999, "seconds": 0.1, "eval_text": "x,y", "error": "RuntimeError: no CPU"},
+         "loss_fp": 3.0, "loss_q": None, "qid": None, "eval_tokens": 999, "seconds": 0.1, "eval_text": "x,y", "error": "RuntimeError: no CPU",
+         "qid_se": None, "eval_windows": 4},
     ]
     with TableWriter(path) as w:
         for r in rows:
@@ -166,6 +177,21 @@ def test_csv_round_trip_and_truncated_last_line(tmp_path):
     assert not again.dropped_partial_line and [r["model"] for r in again.rows] == ["a@step1", "c"]
 
 
+def test_appending_to_a_table_without_error_columns_keeps_its_columns(tmp_path):
+    """An older table (no qid_se, eval_windows) gets rows in its own columns and reads back with qid_se None."""
+    from quantkit.qid.table import LEGACY_COLUMNS
+
+    path = tmp_path / "old.csv"
+    path.write_text(",".join(LEGACY_COLUMNS) + "\n" + "m,10,20,1000,1,3,gptq,32,3.0,3.1,0.1,999,1.0,t,\n")
+    with TableWriter(path) as w:
+        w.write({"model": "n", "N": 10, "D": 2000, "bits": 3, "method": "gptq", "group_size": 32, "qid": 0.2,
+                 "qid_se": 0.01, "eval_text": "t"})
+    lines = path.read_text().splitlines()
+    assert lines[0] == ",".join(LEGACY_COLUMNS) and len(lines[2].split(",")) == len(LEGACY_COLUMNS)
+    table = read_table(path)
+    assert [r["qid"] for r in table.rows] == [0.1, 0.2] and all(r.get("qid_se") is None for r in table.rows)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -180,3 +206,124 @@ def test_bad_tables_raise_clear_errors(text, match):
     """Missing columns, non-numeric values, ragged rows and empty files are QuantkitErrors."""
     with pytest.raises(QuantkitError, match=match):
         parse_table(text)
+
+
+def noisy_points(law: UnifiedLaw, seed: int, rel_se=(0.03, 0.3), methods=("gptq",)) -> list[dict]:
+    """A 4 N x 6 D x 3 P grid from `law`; each point's log QiD gets normal noise of a known, varying SD, stored as qid_se."""
+    rng = np.random.default_rng(seed)
+    pts = []
+    for method in methods:
+        for n in (1e5, 2.5e5, 6e5, 1.6e6):
+            for d in (6.5e4, 1.3e5, 2.6e5, 5.2e5, 1.05e6, 2.1e6):
+                for p in (2, 3, 4):
+                    s = float(rng.uniform(*rel_se))
+                    q = law.qid(n, d, p) * math.exp(rng.normal(0.0, s))
+                    pts.append({"model": f"n{n:g}@{d:g}", "N": int(n), "D": int(d), "bits": p, "method": method,
+                                "qid": q, "qid_se": s * q, "_line": len(pts) + 2})
+    return pts
+
+
+def _design(pts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[1, log D, -log N, -log P], log QiD and SE(log QiD) = qid_se / qid, built by hand."""
+    X = np.column_stack([np.ones(len(pts)), np.log([p["D"] for p in pts]), -np.log([p["N"] for p in pts]),
+                         -np.log([p["bits"] for p in pts])])
+    return X, np.log([p["qid"] for p in pts]), np.array([p["qid_se"] / p["qid"] for p in pts])
+
+
+def test_weighted_fit_equals_closed_form_weighted_least_squares():
+    """Without the misfit term the fit is (X'WX)^-1 X'Wy with W = 1/SE(log QiD)^2; with it, W = 1/(SE^2 + tau^2)
+    where tau^2 makes the weighted residual sum of squares equal the degrees of freedom."""
+    pts = noisy_points(TRUE, seed=0)
+    X, y, s = _design(pts)
+    for misfit, extra in ((False, 0.0), (True, 0.15)):
+        for p, e in zip(pts, np.random.default_rng(1).normal(0.0, extra, len(pts))):
+            p["qid"] *= math.exp(e)  # extra scatter beyond the stated errors: tau > 0 with misfit
+        X, y, s = _design(pts)
+        fit = fit_unified(pts, bootstrap=0, misfit=misfit)
+        tau2 = fit["tau"] ** 2
+        W = np.diag(1.0 / (s**2 + tau2))
+        theta = np.linalg.solve(X.T @ W @ X, X.T @ W @ y)
+        got = [math.log(fit["params"]["k"]["value"])] + [fit["params"][n]["value"] for n in ("beta", "alpha", "gamma")]
+        np.testing.assert_allclose(got, theta, rtol=1e-7, atol=1e-9)
+        if misfit:
+            assert tau2 > 0.01
+            r = y - X @ theta
+            assert float((r**2 / (s**2 + tau2)).sum()) == pytest.approx(len(pts) - 4, rel=1e-6)
+        else:
+            assert tau2 == 0.0
+    unweighted = np.linalg.lstsq(X, y, rcond=None)[0]
+    assert abs(unweighted[1] - theta[1]) > 1e-4  # the weights change the answer
+
+
+@pytest.mark.parametrize("resample", ["points", "errors"])
+def test_known_law_recovered_inside_intervals_with_sane_coverage(resample):
+    """Over 6 noise seeds, the 95% intervals hold the generating exponents in >= 15 of 18 cases and are narrow."""
+    covered, widths = 0, []
+    for seed in range(6):
+        fit = fit_unified(noisy_points(TRUE, seed=seed), bootstrap=80, seed=seed, resample=resample)
+        assert fit["weighted"] and fit["bootstrap"]["resamples"] >= 70
+        for name in ("alpha", "beta", "gamma"):
+            lo, hi = fit["params"][name]["ci"]
+            covered += lo <= getattr(TRUE, name) <= hi
+            widths.append((hi - lo) / getattr(TRUE, name))
+    assert covered >= 15
+    assert max(widths) < 0.5  # a coverage bought with useless width would not count
+
+
+def test_leave_last_checkpoint_out_predicts_from_earlier_checkpoints():
+    """Fit on every size's checkpoints before its last, predict the last: exact law -> ~0 error; the
+    held-out points are exactly each N's largest D."""
+    pts = noisy_points(TRUE, seed=2, rel_se=(1e-4, 2e-4))
+    llo = fit_unified(pts, bootstrap=0)["leave_last_out"]
+    assert llo["n_test"] == 4 * 3 and llo["n_train"] == 4 * 5 * 3
+    assert {e["D"] for e in llo["predictions"]} == {2_100_000}
+    for e in llo["predictions"]:
+        assert e["qid_pred"] == pytest.approx(TRUE.qid(e["N"], e["D"], e["bits"]), rel=2e-3)
+    assert llo["median_abs_rel_error"] < 2e-3
+
+
+def test_method_difference_interval_finds_a_real_difference_and_not_a_fake_one():
+    """beta 0.6 vs 0.4: the paired interval of the difference excludes 0 and holds -0.2; the same law twice
+    (different noise) gives an interval holding 0."""
+    flatter = UnifiedLaw(k=TRUE.k, alpha=TRUE.alpha, beta=0.4, gamma=TRUE.gamma)
+    a = noisy_points(TRUE, seed=3, methods=("gptq",))
+    b = noisy_points(flatter, seed=4, methods=("tlq",))
+    [entry] = compare_methods({"gptq": a, "tlq": b}, bootstrap=80)
+    d = entry["differences"]["beta"]
+    assert entry["a"] == "gptq" and entry["b"] == "tlq"
+    assert d["differs"] and d["ci"][0] < -0.2 < d["ci"][1] and d["ci"][1] < 0
+    same = noisy_points(TRUE, seed=5, methods=("tlq",))
+    [entry] = compare_methods({"gptq": a, "tlq": same}, bootstrap=80)
+    lo, hi = entry["differences"]["beta"]["ci"]
+    assert lo < 0 < hi and not entry["differences"]["beta"]["differs"]
+
+
+def test_training_level_inverts_the_law_exactly_and_propagates_errors():
+    """A fake measured QiD from the law at a known D gives back D; intervals from law draws and the QiD SE hold D."""
+    n, d, p = 3.3e5, 7.7e5, 3
+    q = TRUE.qid(n, d, p)
+    exact = training_level(TRUE, n, q, p)
+    assert exact["tokens"] == pytest.approx(d, rel=1e-10) and exact["ci"] is None
+    by_hand = math.exp((math.log(q) + TRUE.alpha * math.log(n) + TRUE.gamma * math.log(p) - math.log(TRUE.k)) / TRUE.beta)
+    assert exact["tokens"] == pytest.approx(by_hand, rel=1e-12)
+    with_se = training_level(TRUE, n, q, p, qid_se=0.1 * q)
+    lo, hi = with_se["ci"]
+    # log D = (log QiD + ...)/beta: a 10% QiD error is a 10%/beta error in D; the 95% range is about +-1.96 of it
+    assert math.log(hi / d) == pytest.approx(1.96 * 0.1 / TRUE.beta, rel=0.1)
+    assert math.log(d / lo) == pytest.approx(1.96 * 0.1 / TRUE.beta, rel=0.1)
+    draws = [UnifiedLaw(k=TRUE.k, alpha=TRUE.alpha, beta=b, gamma=TRUE.gamma) for b in np.linspace(0.5, 0.7, 41)]
+    spread = training_level(TRUE, n, q, p, draws=draws)
+    assert spread["ci"][0] < d < spread["ci"][1]
+    for bad in (0.0, -0.01, float("nan")):
+        with pytest.raises(QuantkitError, match="not positive"):
+            training_level(TRUE, n, bad, p)
+
+
+def test_old_table_without_errors_fits_unweighted():
+    """A table without qid_se (the committed sweep's older columns) fits by ordinary least squares."""
+    pts = synthetic_points(TRUE, seed=4)
+    fit = fit_unified(pts, bootstrap=0)
+    X = np.column_stack([np.ones(len(pts)), np.log([p["D"] for p in pts]), -np.log([p["N"] for p in pts]),
+                         -np.log([p["bits"] for p in pts])])
+    ols = np.linalg.lstsq(X, np.log([p["qid"] for p in pts]), rcond=None)[0]
+    assert not fit["weighted"] and fit["params"]["beta"]["value"] == pytest.approx(ols[1], rel=1e-9)

@@ -15,6 +15,7 @@ from quantkit.qid.measure import (
     Measurement,
     count_parameters,
     measure_grid,
+    paired_bootstrap_se,
     parse_checkpoint,
     parse_token_overrides,
     resolve_tokens,
@@ -108,6 +109,7 @@ def test_measure_grid_resumes_and_matches_independent_pipeline(ref_lm, text_dir,
     ql = evaluate_loss(q, tok, str(text), seqlen=128, max_tokens=600, part="heldout", progress=False)
     assert rtn["loss_fp"] == pytest.approx(fp["loss"], abs=1e-6) and rtn["eval_tokens"] == fp["tokens"]
     assert rtn["qid"] == pytest.approx(ql["loss"] - fp["loss"], abs=1e-6)
+    assert rtn["eval_windows"] == fp["windows"] and rtn["qid_se"] > 0
 
     assert measure_grid([str(ckpt)], [3], ["rtn", "bnb-nf4"], out, settings, progress=False)["measured"] == 0
     body = out.read_text()
@@ -129,3 +131,42 @@ def test_measure_cli_needs_tokens_for_unknown_checkpoint(tmp_path):
     res = CliRunner().invoke(main, ["qid", "measure", str(d), "--methods", "rtn,awq", "--eval", "x", "-o", str(tmp_path / "q.csv")])
     assert res.exit_code == 2 and "unknown method" in res.output
     torch.manual_seed(0)
+
+
+def test_per_window_losses_add_up_to_the_loss_computed_by_hand():
+    """loss_on_ids(per_window=True): each window's summed nll equals a direct cross-entropy of that window."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkit.eval.loss import loss_on_ids
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 50, (100,))
+    out = loss_on_ids(model, ids, seqlen=32, progress=False, per_window=True)
+    by_hand = []
+    for b in range(0, 100, 32):
+        w = ids[b : b + 32][None]
+        with torch.no_grad():
+            logits = model(input_ids=w).logits[0, :-1]
+        by_hand.append(float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum")))
+    assert out["window_tokens"] == [31, 31, 31, 3]
+    assert out["window_nll"] == pytest.approx(by_hand, rel=1e-5)
+    assert out["loss"] == pytest.approx(sum(by_hand) / 96, rel=1e-6)
+
+
+def test_paired_bootstrap_se_matches_the_standard_error_of_paired_differences():
+    """Equal windows: SE = sd(per-window difference) / sqrt(windows) / tokens per window (within Monte Carlo error);
+    a quantized loss that moves every window by the same amount has SE 0 although both losses vary a lot."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    fp = rng.normal(800.0, 60.0, 400)  # summed nll of 256-token windows: large spread between windows
+    diff = rng.normal(5.0, 2.0, 400)
+    se = paired_bootstrap_se(fp, fp + diff, [256] * 400, draws=4000)
+    assert se == pytest.approx(diff.std(ddof=0) / np.sqrt(400) / 256, rel=0.05)
+    assert paired_bootstrap_se(fp, fp + 3.0, [256] * 400) == pytest.approx(0.0, abs=1e-12)
+    unpaired = fp.std() / np.sqrt(400) / 256
+    assert se < unpaired / 10  # the pairing is what makes small QiDs resolvable
+    with pytest.raises(QuantkitError, match="different windows"):
+        paired_bootstrap_se(fp, fp[:-1], [256] * 400)

@@ -42,8 +42,13 @@ def loss_on_ids(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    per_window: bool = False,
 ) -> dict:
-    """Mean next-token cross-entropy (nats) and perplexity of `model` on a 1-D id stream."""
+    """Mean next-token cross-entropy (nats) and perplexity of `model` on a 1-D id stream.
+
+    With per_window, also "window_nll" (summed nll of each window's scored targets, in plan order)
+    and "window_tokens" (their counts): what a bootstrap over eval windows resamples.
+    """
     stride = seqlen if stride is None else stride
     if seqlen < 2:
         raise QuantkitError(f"seqlen must be at least 2, got {seqlen}")
@@ -57,6 +62,8 @@ def loss_on_ids(
     model.eval()
     total = 0.0
     count = 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     # Batch windows of equal length together (all but possibly the last).
     groups: list[list[tuple[int, int, int]]] = []
     for w in plan:
@@ -73,14 +80,20 @@ def loss_on_ids(
             nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)  # nll[:, j] is target j+1
             for row, (b, e, first) in enumerate(group):
                 scored = nll[row, first - b - 1 : e - b - 1]
-                total += float(scored.double().sum())
+                window_sum = float(scored.double().sum())
+                total += window_sum
                 count += scored.numel()
+                window_nll.append(window_sum)
+                window_tokens.append(scored.numel())
             bar.update(len(group))
     finally:
         bar.close()
         model.train(was_training)
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": count, "seqlen": seqlen, "stride": stride, "windows": len(plan)}
+    out = {"loss": loss, "ppl": math.exp(loss), "tokens": count, "seqlen": seqlen, "stride": stride, "windows": len(plan)}
+    if per_window:
+        out.update(window_nll=window_nll, window_tokens=window_tokens)
+    return out
 
 
 def evaluate_loss(

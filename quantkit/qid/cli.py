@@ -86,10 +86,15 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
 @click.option("--bootstrap", type=int, default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
 @click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the bootstrap resamples.")
-@click.option("--huber-delta", type=float, default=1e-3, show_default=True, help="Huber loss threshold on log-space residuals.")
+@click.option("--huber-delta", type=float, default=1e-3, show_default=True, help="Huber loss threshold on log-space residuals (--estimator huber).")
+@click.option("--estimator", type=click.Choice(["wls", "huber"]), default="wls", show_default=True,
+              help="wls: least squares weighted by each point's qid_se (plus a fitted misfit term); huber: unweighted Huber loss.")
+@click.option("--resample", type=click.Choice(["points", "errors"]), default="points", show_default=True,
+              help="Bootstrap by resampling checkpoints, or by redrawing each QiD within its standard error.")
+@click.option("--no-misfit", is_flag=True, help="wls: weight by the measurement errors alone (no misfit term tau).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON instead of a table.")
 @output_option(type=click.Path(dir_okay=False), default=None, help="Write the fit JSON here.")
-def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, as_json, output) -> None:
+def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, estimator, resample, no_misfit, as_json, output) -> None:
     """Fit the unified law QiD = k D^beta / (N^alpha P^gamma) and single-factor laws to a QiD CSV."""
     from quantkit.qid.fit import LAWS, fit_table, format_fits
     from quantkit.qid.table import read_table
@@ -99,7 +104,7 @@ def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, as_
     table = read_table(csv_path)
     laws = LAWS if law == "all" else (law,)
     result = fit_table(table, method=method, by_bits=by_bits, laws=laws, bootstrap=bootstrap, seed=seed,
-                       delta=huber_delta, level=level)
+                       delta=huber_delta, level=level, estimator=estimator, resample=resample, misfit=not no_misfit)
     result["csv"] = str(csv_path)
     if output:
         with atomic_file(output) as tmp:
@@ -138,6 +143,71 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
         click.echo(f"QiD = {qid_value:.6g} nats  (law {law.name}; N={n_params:.4g}, D={tokens:.4g}, P={bits:g})")
     else:
         click.echo(f"D = {tokens:.6g} training tokens  (law {law.name}; N={n_params:.4g}, QiD={qid_value:.4g}, P={bits:g})")
+
+
+@qid.command("training-level")
+@click.argument("model")
+@click.option("--law", "law_spec", required=True, help="A `qid fit -o` JSON (its bootstrap draws give the interval), a law JSON {k, alpha, beta, gamma} or a published law name.")
+@click.option("--bits", type=int, required=True, help="Weight bits P at which to measure QiD.")
+@click.option("--method", default="gptq", show_default=True, help="Quantization method to measure with (and the fit's method to use).")
+@click.option("--data", "eval_text", default=None, help="Eval text (file, glob, directory or hf:DATASET); required unless --qid is given.")
+@click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score.")
+@click.option("--eval-tokens", type=int, default=200_000, show_default=True, help="Token budget of the eval stream.")
+@click.option("--eval-seqlen", type=int, default=256, show_default=True, help="Tokens per evaluation window (the bootstrap unit).")
+@click.option("--calib", default=None, help="Calibration text (default: the eval source's train part).")
+@click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--group-size", type=int, default=None, help="Quantization group (default: the fit's, else 128); match the sweep's.")
+@click.option("--qid", "qid_value", type=float, default=None, help="Use this measured QiD instead of measuring (MODEL still gives N).")
+@click.option("--qid-se", type=float, default=None, help="Standard error of --qid.")
+@click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the interval.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration windows and the interval's simulation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@output_option(type=click.Path(dir_okay=False), default=None, help="Write the result JSON here.")
+def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tokens, eval_seqlen, calib, nsamples,
+                   calib_seqlen, group_size, qid_value, qid_se, level, seed, as_json, output) -> None:
+    """Measure MODEL's QiD at --bits and invert the fitted law for its training tokens D, with an interval."""
+    from quantkit.qid.estimate import training_level as estimate
+    from quantkit.qid.laws import law_and_draws
+    from quantkit.qid.measure import Measurement, measure_model, model_size, parse_checkpoint
+    from quantkit.validate import looks_local
+
+    if not 0 < level < 1 or bits <= 0:
+        raise QuantkitError("--level must be in (0, 1) and --bits positive")
+    ckpt = parse_checkpoint(model)
+    if ckpt.local_dir is None and looks_local(ckpt.name):
+        raise QuantkitError(f"model {model} not found; give a model directory or a hub id[@revision]")
+    law, draws, chosen = law_and_draws(law_spec, method=method, bits=bits)
+    if qid_value is None:
+        if eval_text is None:
+            raise QuantkitError("give --data (the eval text to measure QiD on) or a measured --qid")
+        fit_groups = chosen.get("group_size") or []
+        if group_size is None:
+            group_size = int(fit_groups[0]) if len(fit_groups) == 1 else 128
+        settings = Measurement(eval_text=eval_text, calib=calib, eval_part=eval_part, eval_tokens=eval_tokens,
+                               eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen,
+                               group_size=group_size, seed=seed)
+        measured = measure_model(model, method, bits, settings)
+    else:
+        if qid_value <= 0 or not math.isfinite(qid_value):
+            raise QuantkitError(f"--qid {qid_value!r} is not positive: the law's logarithm has no value there")
+        params, non_embedding = model_size(model)
+        measured = {"model": model, "N": non_embedding, "params": params, "bits": bits, "method": method,
+                    "qid": qid_value, "qid_se": qid_se, "measured": False}
+    result = estimate(law, measured["N"], measured["qid"], bits, qid_se=measured.get("qid_se"), draws=draws,
+                      level=level, seed=seed)
+    result["law_source"] = str(law_spec)
+    result["measurement"] = measured
+    if output:
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        ci = f"  {int(round(100 * level))}% interval [{result['ci'][0]:.4g}, {result['ci'][1]:.4g}]" if result["ci"] else ""
+        se = f" +- {measured['qid_se']:.2g}" if measured.get("qid_se") else ""
+        click.echo(f"QiD = {measured['qid']:.5g}{se} nats at {bits} bits ({method}); N = {measured['N']:,}")
+        click.echo(f"D = {result['tokens']:.4g} training tokens{ci}  (law {law.name})")
 
 
 @qid.command()

@@ -76,8 +76,8 @@ def load_law(spec: str | os.PathLike, method: str | None = None, bits: int | Non
     return law_from_fit(doc, method=method, bits=bits, source=str(path))
 
 
-def law_from_fit(doc: dict, method: str | None = None, bits: int | None = None, source: str = "fit") -> UnifiedLaw:
-    """The unified law of one method (pooled over bits, or at `bits` for --by-bits fits) from a fit result."""
+def chosen_fit(doc: dict, method: str | None = None, bits: int | None = None, source: str = "fit") -> dict:
+    """The unified-law fit of one method (pooled over bits, or at `bits` for --by-bits fits) in a fit result."""
     fits = [f for f in doc.get("fits", []) if isinstance(f, dict) and f.get("law") == "unified"] if isinstance(doc, dict) else []
     if not fits:
         raise QuantkitError(f"{source} holds no unified-law fit; run `quantkit qid fit CSV -o FIT.json` first")
@@ -90,16 +90,74 @@ def law_from_fit(doc: dict, method: str | None = None, bits: int | None = None, 
         raise QuantkitError(f"{source} holds fits for several methods ({', '.join(methods)}); choose one with --method")
     pooled = [f for f in fits if f.get("bits") is None]
     if pooled:
-        chosen = pooled[0]
-    else:
-        matching = [f for f in fits if bits is not None and f.get("bits") == bits]
-        if not matching:
-            have = sorted(f.get("bits") for f in fits)
-            raise QuantkitError(f"{source} holds per-bit-width fits for bits {have}; predict at one of those bit widths")
-        chosen = matching[0]
-    p = chosen["params"]
-    gamma = p["gamma"]["value"] if "gamma" in p else 0.0
+        return pooled[0]
+    matching = [f for f in fits if bits is not None and f.get("bits") == bits]
+    if not matching:
+        have = sorted(f.get("bits") for f in fits)
+        raise QuantkitError(f"{source} holds per-bit-width fits for bits {have}; predict at one of those bit widths")
+    return matching[0]
+
+
+def _value(params: dict, name: str, source: str, optional: bool = False) -> float | None:
+    """A coefficient given as a number or as {"value": number}; a one-line error when absent or not a number."""
+    entry = params.get(name)
+    value = entry.get("value") if isinstance(entry, dict) else entry
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise QuantkitError(f"{source} lacks a numeric {name!r} for the law k * D^beta / (N^alpha P^gamma); "
+                            "give a `qid fit -o` JSON or {\"k\", \"alpha\", \"beta\", \"gamma\"}")
+    return float(value)
+
+
+def law_from_fit(doc: dict, method: str | None = None, bits: int | None = None, source: str = "fit") -> UnifiedLaw:
+    """The unified law of one method (pooled over bits, or at `bits` for --by-bits fits) from a fit result."""
+    chosen = chosen_fit(doc, method=method, bits=bits, source=source)
+    p = chosen.get("params")
+    if not isinstance(p, dict):
+        raise QuantkitError(f"{source}: the unified fit has no params; run `quantkit qid fit CSV -o FIT.json` again")
+    gamma = _value(p, "gamma", source, optional=True)
     return UnifiedLaw(
-        k=float(p["k"]["value"]), alpha=float(p["alpha"]["value"]), beta=float(p["beta"]["value"]),
-        gamma=float(gamma), name=f"{Path(source).name}:{chosen.get('method')}",
+        k=_value(p, "k", source), alpha=_value(p, "alpha", source), beta=_value(p, "beta", source),
+        gamma=0.0 if gamma is None else gamma, name=f"{Path(source).name}:{chosen.get('method')}",
     )
+
+
+def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int | None = None) -> tuple[UnifiedLaw, list[UnifiedLaw], dict]:
+    """(law, its bootstrap draws as laws (may be empty), the chosen fit's entry) from a name, a fit JSON or a law JSON.
+
+    A law JSON is {"k", "alpha", "beta", "gamma"} (numbers), optionally with "draws": {"log_k": [...],
+    "alpha": [...], "beta": [...], "gamma": [...]} as `qid fit -o` writes for each unified fit.
+    """
+    if str(spec) in PUBLISHED_LAWS:
+        return PUBLISHED_LAWS[str(spec)], [], {}
+    path = Path(spec)
+    if not path.is_file():
+        raise QuantkitError(
+            f"unknown law {str(spec)!r}: give one of {', '.join(PUBLISHED_LAWS)} or the path of a `qid fit -o` JSON file"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise QuantkitError(f"cannot read law file {path}: {err}; give the JSON written by `qid fit -o`") from err
+    if isinstance(doc, dict) and "fits" in doc:
+        chosen = chosen_fit(doc, method=method, bits=bits, source=str(path))
+        law = law_from_fit(doc, method=method, bits=bits, source=str(path))
+    elif isinstance(doc, dict):
+        chosen = doc
+        gamma = _value(doc, "gamma", str(path), optional=True)
+        law = UnifiedLaw(k=_value(doc, "k", str(path)), alpha=_value(doc, "alpha", str(path)),
+                         beta=_value(doc, "beta", str(path)), gamma=0.0 if gamma is None else gamma, name=path.name)
+    else:
+        raise QuantkitError(f"{path} is not a JSON object; give a `qid fit -o` JSON or {{\"k\", \"alpha\", \"beta\", \"gamma\"}}")
+    draws = chosen.get("draws") or {}
+    if not isinstance(draws, dict):
+        raise QuantkitError(f"{path}: 'draws' must map log_k/alpha/beta/gamma to lists of numbers")
+    columns = [draws.get(n) for n in ("log_k", "alpha", "beta")]
+    if any(c is None for c in columns):
+        return law, [], chosen
+    gammas = draws.get("gamma") or [law.gamma] * len(columns[0])
+    if len({len(c) for c in columns} | {len(gammas)}) != 1:
+        raise QuantkitError(f"{path}: the draws of log_k, alpha, beta and gamma differ in length; write the file again with `qid fit -o`")
+    laws = [UnifiedLaw(k=math.exp(lk), alpha=a, beta=b, gamma=g) for lk, a, b, g in zip(*columns, gammas)]
+    return law, laws, chosen

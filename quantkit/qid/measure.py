@@ -3,6 +3,9 @@
 N (non-embedding parameters) is counted from the loaded model: every parameter once (tied
 weights once), minus the weights of every nn.Embedding (token and learned position embeddings)
 and minus the output head when it is not tied to the input embedding. Norms and biases count.
+QiD's standard error comes from a paired bootstrap over the eval windows: each resample draws
+windows with replacement and takes loss_q - loss_fp on the same windows, so the noise both losses
+share (which text is hard) cancels, as it does in the QiD itself.
 D (training tokens) comes, in order, from: a --tokens override for that checkpoint; a
 training.json beside the checkpoint (tokens_seen); a Pythia hub id with revision stepN
 (N x 2,097,152 tokens); any revision stepN with --tokens-per-step; otherwise a QuantkitError.
@@ -184,6 +187,28 @@ def cached_ids(source: str, part: str, tokenizer):
     return _TOKEN_CACHE[key]
 
 
+BOOTSTRAP_DRAWS = 1000
+
+
+def paired_bootstrap_se(fp_window_nll: Sequence[float], q_window_nll: Sequence[float], window_tokens: Sequence[int],
+                        draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> float:
+    """Standard error of QiD = mean nll(quantized) - mean nll(FP), resampling the same windows for both."""
+    import numpy as np
+
+    fp = np.asarray(fp_window_nll, dtype=float)
+    q = np.asarray(q_window_nll, dtype=float)
+    tokens = np.asarray(window_tokens, dtype=float)
+    if not (len(fp) == len(q) == len(tokens)):
+        raise QuantkitError(f"FP and quantized evals scored different windows ({len(fp)} vs {len(q)}); evaluate both on the same stream")
+    if len(fp) < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(fp), size=(draws, len(fp)))
+    # QiD of a resample: summed per-window differences over its token count (token-weighted, as the loss is)
+    qid = (q - fp)[idx].sum(axis=1) / tokens[idx].sum(axis=1)
+    return float(qid.std(ddof=1))
+
+
 class _Cell:
     """Quantize-and-evaluate of one (checkpoint, method, bits) cell."""
 
@@ -209,7 +234,7 @@ class _Cell:
         ids = cached_ids(self.m.eval_text, self.m.eval_part, self.tokenizer)
         if self.m.eval_tokens is not None:
             ids = ids[: self.m.eval_tokens]
-        return loss_on_ids(model, ids, seqlen=self.m.eval_seqlen, progress=False)
+        return loss_on_ids(model, ids, seqlen=self.m.eval_seqlen, progress=False, per_window=True)
 
     def quantized_loss(self, method: str, bits: int) -> dict:
         """Quantize a copy of the FP model (or load it through bitsandbytes) and evaluate it."""
@@ -290,15 +315,12 @@ def measure_grid(
     cells = plan_cells(checkpoints, bits, methods)
     out_csv = Path(out_csv)
     done: set[tuple] = set()
-    fp_cache: dict[str, tuple[float, int]] = {}
+    fp_cache: dict[tuple, dict] = {}  # the FP eval (with its windows) of the checkpoint in hand
     if out_csv.exists() and out_csv.stat().st_size:
         table = read_table(out_csv, required=("model", "method", "bits", "group_size", "eval_text"))
         done = {cell_key(r) for r in table.rows}
         if not retry_errors:
             done |= {cell_key(r) for r in table.error_rows}
-        for r in table.rows:
-            if r.get("loss_fp") is not None and r.get("eval_tokens") is not None:
-                fp_cache[(r["model"], r["eval_text"])] = (r["loss_fp"], r["eval_tokens"])
 
     def group_for(method: str) -> int:
         return BNB_BLOCKSIZE if method in ("bnb-nf4", "bnb-fp4") else (-1 if method == "bnb-int8" else settings.group_size)
@@ -332,18 +354,19 @@ def measure_grid(
             d, step = meta[ckpt.spec]
             key = (ckpt.spec, settings.eval_text)
             if key not in fp_cache:
-                fp = current.evaluate(current.model)
-                fp_cache[key] = (fp["loss"], fp["tokens"])
-            loss_fp, eval_tokens = fp_cache[key]
+                fp_cache.clear()  # checkpoints come grouped: one FP eval in memory at a time
+                fp_cache[key] = current.evaluate(current.model)
+            fp = fp_cache[key]
             row = {
                 "model": ckpt.spec, "N": params[1], "params": params[0], "D": d, "step": step, "bits": nbits,
-                "method": method, "group_size": group_for(method), "loss_fp": loss_fp, "eval_tokens": eval_tokens,
-                "eval_text": settings.eval_text,
+                "method": method, "group_size": group_for(method), "loss_fp": fp["loss"], "eval_tokens": fp["tokens"],
+                "eval_text": settings.eval_text, "eval_windows": len(fp["window_nll"]),
             }
             started = time.perf_counter()
             try:
                 q = current.quantized_loss(method, nbits)
-                row.update(loss_q=q["loss"], qid=q["loss"] - loss_fp)
+                row.update(loss_q=q["loss"], qid=q["loss"] - fp["loss"],
+                           qid_se=paired_bootstrap_se(fp["window_nll"], q["window_nll"], fp["window_tokens"], seed=settings.seed))
                 if not math.isfinite(q["loss"]):
                     raise QuantkitError(f"quantized loss is {q['loss']}")
                 stats["measured"] += 1
@@ -356,3 +379,33 @@ def measure_grid(
             bar.update(1)
     bar.close()
     return stats
+
+
+def measure_model(spec: str, method: str, bits: int, settings: Measurement) -> dict:
+    """QiD of one model at one (method, bits) with its paired-bootstrap SE, N and the eval's size."""
+    [(ckpt, method, nbits)] = plan_cells([spec], [bits], [method])
+    from quantkit.validate import check_data
+
+    check_data(settings.eval_text, "--data")
+    check_data(settings.calib)
+    model, tokenizer = _load(ckpt)
+    cell = _Cell(settings, ckpt, model, tokenizer)
+    params, non_embedding = count_parameters(model)
+    fp = cell.evaluate(model)
+    q = cell.quantized_loss(method, nbits)
+    return {
+        "model": spec, "N": non_embedding, "params": params, "bits": nbits, "method": method,
+        "group_size": settings.group_size, "loss_fp": fp["loss"], "loss_q": q["loss"], "qid": q["loss"] - fp["loss"],
+        "qid_se": paired_bootstrap_se(fp["window_nll"], q["window_nll"], fp["window_tokens"], seed=settings.seed),
+        "eval_tokens": fp["tokens"], "eval_windows": len(fp["window_nll"]),
+    }
+
+
+def model_size(spec: str) -> tuple[int, int]:
+    """(all parameters, non-embedding N) of a checkpoint, loaded once on CPU."""
+    model, _ = _load(parse_checkpoint(spec))
+    try:
+        return count_parameters(model)
+    finally:
+        del model
+        gc.collect()

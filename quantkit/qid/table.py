@@ -3,7 +3,10 @@
 Columns (COLUMNS): model (path or hub id[@revision]), N (non-embedding parameters), params
 (all parameters), D (training tokens), step, bits, method, group_size, loss_fp, loss_q,
 qid = loss_q - loss_fp (nats/token), eval_tokens, seconds, eval_text, error (empty unless the
-cell failed; then the numeric result columns are empty).
+cell failed; then the numeric result columns are empty), qid_se (standard error of qid from a
+paired bootstrap over the eval windows: FP and quantized losses resampled on the same windows),
+eval_windows (how many windows the bootstrap resampled). Tables written before qid_se existed
+(LEGACY_COLUMNS) still read, and appending to one keeps its columns.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from quantkit.errors import QuantkitError
 
 COLUMNS = (
     "model", "N", "params", "D", "step", "bits", "method", "group_size",
-    "loss_fp", "loss_q", "qid", "eval_tokens", "seconds", "eval_text", "error",
+    "loss_fp", "loss_q", "qid", "eval_tokens", "seconds", "eval_text", "error", "qid_se", "eval_windows",
 )
+LEGACY_COLUMNS = COLUMNS[: COLUMNS.index("error") + 1]
 # Columns a fit needs; everything else is informational.
 FIT_COLUMNS = ("N", "D", "bits", "method", "qid")
-INT_COLUMNS = ("N", "params", "D", "step", "bits", "group_size", "eval_tokens")
-FLOAT_COLUMNS = ("loss_fp", "loss_q", "qid", "seconds")
+INT_COLUMNS = ("N", "params", "D", "step", "bits", "group_size", "eval_tokens", "eval_windows")
+FLOAT_COLUMNS = ("loss_fp", "loss_q", "qid", "seconds", "qid_se")
 KEY_COLUMNS = ("model", "method", "bits", "group_size", "eval_text")
 
 
@@ -136,12 +140,14 @@ class TableWriter:
                 fh.truncate(existing.rfind(b"\n") + 1)
             existing = existing[: existing.rfind(b"\n") + 1]
         header_lines = [ln for ln in existing.decode("utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+        self.columns = COLUMNS
         if header_lines:
-            header = next(csv.reader([header_lines[0]]))
-            if tuple(h.strip() for h in header) != COLUMNS:
+            header = tuple(h.strip() for h in next(csv.reader([header_lines[0]])))
+            if header not in (COLUMNS, LEGACY_COLUMNS):
                 raise QuantkitError(
-                    f"{self.path} has columns {header}, not the QiD table's {list(COLUMNS)}; use a new --output file"
+                    f"{self.path} has columns {list(header)}, not the QiD table's {list(COLUMNS)}; use a new --output file"
                 )
+            self.columns = header
         self._fh = open(self.path, "a", encoding="utf-8", newline="")
         self._writer = csv.writer(self._fh, lineterminator="\n")
         if not header_lines:
@@ -155,7 +161,7 @@ class TableWriter:
 
     def write(self, row: dict) -> None:
         """Append one cell (missing columns empty)."""
-        self._writer.writerow([_format(row.get(c)) for c in COLUMNS])
+        self._writer.writerow([_format(row.get(c)) for c in self.columns])
         self._flush()
 
     def close(self) -> None:
