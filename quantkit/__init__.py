@@ -16,7 +16,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantkitError", "Quantized", "__version__", "load_quantized", "quantize"]
+__all__ = ["Override", "QuantkitError", "Quantized", "Recipe", "__version__", "load_quantized", "quantize"]
 
 
 def __getattr__(name: str):
@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from quantkit import api
 
         return getattr(api, name)
+    if name in ("Recipe", "Override"):
+        from quantkit.quant import recipe
+
+        return getattr(recipe, name)
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

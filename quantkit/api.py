@@ -63,6 +63,7 @@ def quantize(
     reload: bool = True,
     push_to_hub: str | None = None,
     private: bool | None = None,
+    recipe: Any = None,
     **options: Any,
 ) -> Quantized:
     """Quantize a model (hub id, path or loaded PreTrainedModel) on calibration data; export it when output_dir is given.
@@ -79,6 +80,10 @@ def quantize(
     folds per-channel smoothing scales into the model first (quantkit.quant.smooth), alpha searched per
     fold with uniform or TLQ token weights.
 
+    recipe is a quantkit.Recipe, its mapping form or a YAML file: which linears to quantize (targets), which
+    to leave in full precision (ignore) and per-module overrides of bits, group_size, sym, act_order and
+    method, the arguments above being its defaults (quantkit.quant.recipe; README "Recipes").
+
     push_to_hub=REPO uploads the export (model card included) with huggingface_hub (private= for a new repo);
     without output_dir it is exported to a temporary directory for the upload.
 
@@ -89,7 +94,9 @@ def quantize(
     """
     from quantkit.quant.spec import QuantSpec
 
-    unknown = set(options) - ALLOWED_OPTIONS
+    if recipe is not None:
+        options = {**options, "recipe": recipe}  # checked with the model's linears, before it loads
+    unknown = set(options) - ALLOWED_OPTIONS - {"recipe"}
     if unknown:
         raise QuantkitError(f"quantize() got unknown options {sorted(unknown)}; known: {', '.join(sorted(ALLOWED_OPTIONS))}")
     if data is None and options.get("calib_set") is None:

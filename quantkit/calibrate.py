@@ -37,6 +37,7 @@ from quantkit.importance.cli import importance_options
 from quantkit.models import is_vlm, load_model
 from quantkit.models.streamed import build_skeleton
 from quantkit.quant.methods import METHODS, method_for
+from quantkit.quant.recipe import Recipe, as_recipe
 from quantkit.quant.smooth import SMOOTH_MODES, smooth_uses_token_weights
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 from quantkit.validate import (
@@ -74,6 +75,7 @@ class CalibrationJob:
     low_memory: bool = False  # layers streamed from the files, finished ones kept in OUTPUT.partial
     offload_dir: str | None = None
     resume: bool = False
+    recipe: Recipe | None = None  # which linears to quantize and per-module settings (quantkit.quant.recipe)
     hooks: Hooks | None = None  # what tests change on every rank (quantkit.engine.comm.Hooks)
     # In-process runs only (quantkit.quantize): a loaded model, its tokenizer or processor, in-memory data.
     model: Any = field(default=None, repr=False, compare=False)
@@ -92,7 +94,8 @@ class CalibrationJob:
         return {"model": str(Path(self.model_name).resolve()), "method": self.method, "spec": self.spec.to_dict(),
                 "calib": self.calib, "calib_set": self.calib_set, "nsamples": self.nsamples, "seqlen": self.seqlen,
                 "seed": self.seed, "part": self.part, "dtype": self.dtype, "fp_target": self.fp_target,
-                "lm_head": self.lm_head, "vision": self.vision}
+                "lm_head": self.lm_head, "vision": self.vision,
+                **({"recipe": self.recipe.to_dict()} if self.recipe is not None else {})}
 
 
 @dataclass
@@ -138,6 +141,7 @@ def calibrate_job(
     importance: dict | None = None,
     hooks: Hooks | None = None,
     tokenizer: Any = None,
+    recipe: Recipe | str | os.PathLike | None = None,
 ) -> Outcome:
     """Quantize `model_name` on calibration data and export it to `output`: the one path of `quantkit
     calibrate` and quantkit.quantize.
@@ -157,9 +161,13 @@ def calibrate_job(
     the safetensors files (on every rank) and checkpoints each finished layer in OUTPUT.partial;
     resume continues an interrupted run from there (resume and offload_dir imply low_memory).
     hooks are for tests: a callable run as each rank enters each layer, the row-split plan.
+    recipe (a Recipe, its mapping or a YAML path: quantkit.quant.recipe) picks the linears to quantize and
+    overrides settings per module, `spec` and `method` being its defaults; it is checked against the
+    model's linears before the model loads.
     """
     chosen = method_for(method)
     spec.validate()
+    recipe = as_recipe(recipe)
     if importance:
         from quantkit.importance import TLQ_DEFAULTS, check_guidance, check_settings
 
@@ -167,7 +175,10 @@ def calibrate_job(
         options = TLQ_DEFAULTS | importance
         check_settings(options["lam"], options["power"], None, 0.1)
         check_guidance(options["guidance"], options["row_groups"], options["loss"], options["draws"])
-    fmt = fmt or default_format(spec.bits)
+    if fmt is None:
+        # a format that holds every bit width the recipe uses (compressed-tensors holds 4 and 8 only)
+        widths = sorted(recipe.bits(spec.bits)) if recipe is not None else [spec.bits]
+        fmt = default_format(next((b for b in widths if default_format(b) != default_format(spec.bits)), spec.bits))
     loaded = model_name if isinstance(model_name, torch.nn.Module) else None
     if output is not None:
         check_output_dir(output, overwrite)
@@ -196,6 +207,7 @@ def calibrate_job(
         static_groups=spec.static_groups, overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen,
         device=device, devices=devices, nproc=nproc, offload_dir=offload_dir, low_memory=low_memory, resume=resume,
         model=loaded, tokenizer_given=tokenizer is not None,
+        recipe=recipe, spec=spec, method=chosen, lm_head=lm_head, vision=vision,
     )
     if low_memory:
         if not Path(model_name, "config.json").is_file():
@@ -210,7 +222,7 @@ def calibrate_job(
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, fmt=fmt, dtype=dtype, overwrite=overwrite,
         progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision, importance=importance,
         low_memory=low_memory, offload_dir=offload_dir, resume=resume, hooks=hooks, model=loaded,
-        tokenizer=tokenizer, data=calib if in_memory_data else None,
+        tokenizer=tokenizer, data=calib if in_memory_data else None, recipe=recipe,
     )
     logger.info("calibrating %s: %s w%d g%d on %s, %d ranks%s", job.model_name, job.method, spec.bits,
                 spec.group_size, job.calib or job.calib_set or "in-memory data", nproc,
@@ -305,7 +317,7 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
             job.model_name, samples, job.spec, work_dir_for(job.output), method=job.method, device=device,
             token_weights=token_weights, progress=job.progress, resume=job.resume, fingerprint=job.fingerprint(),
             offload_dir=job.offload_dir, dtype=job.dtype, fp_target=job.fp_target, lm_head=job.lm_head,
-            vision=job.vision, comm=comm,
+            vision=job.vision, comm=comm, recipe=job.recipe,
         )
     else:
         model = job.model if job.model is not None else load_model(job.model_name, dtype=job.dtype)
@@ -313,6 +325,7 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
         calibration = calibrate_model(
             model, samples, job.spec, method=job.method, device=device, token_weights=token_weights,
             progress=job.progress, comm=comm, fp_target=job.fp_target, lm_head=job.lm_head, vision=job.vision,
+            recipe=job.recipe,
         )
     report = job.finish_report(calibration.report, samples, started)
     if rank == 0 and job.output is not None:
@@ -351,6 +364,7 @@ def work_dir_for(output: str) -> Path:
 @importance_options
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export).")
 @click.option("--quantize-vision", "vision", is_flag=True, help="Quantize a VLM's vision tower and projector too (before the language model, plain Hessians; compressed-tensors or fake export).")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None, help="A YAML quantization recipe: targets and ignore patterns, per-module overrides of bits, group size, sym, act-order and method (the flags above are its defaults; README \"Recipes\").")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4; needs --group-size -1 --sym.")
 @click.option("--smooth", type=click.Choice(SMOOTH_MODES), default="none", show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights.")
@@ -374,7 +388,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the export (model card included) to this hub model repo, OWNER/NAME.")
 @click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, act_bits, smooth, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, act_bits, smooth, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json, recipe) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     from quantkit.api import quantize
 
@@ -393,13 +407,14 @@ def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd
         nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, output_dir=output, format=fmt, overwrite=overwrite,
         device=device, dtype=dtype, progress=not as_json, calib_set=calib_set, nproc=nproc, devices=device_ids,
         dist_timeout=dist_timeout, low_memory=low_memory, offload_dir=offload_dir, resume=resume, lm_head=lm_head,
-        vision=vision, importance=importance, reload=False, push_to_hub=push_to_hub, private=private,
+        vision=vision, importance=importance, reload=False, push_to_hub=push_to_hub, private=private, recipe=recipe,
     )
     report = quantized.report
     pushed = {"hub_url": quantized.hub_url} if quantized.hub_url else {}
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output} | pushed))
     else:
-        click.echo(f"quantized {model} with {method} w{bits} g{group_size} in {report['total_seconds']:.1f}s -> {output} ({report['format']})")
+        mixed = f" + recipe {recipe}" if recipe else ""
+        click.echo(f"quantized {model} with {method} w{bits} g{group_size}{mixed} in {report['total_seconds']:.1f}s -> {output} ({report['format']})")
         if quantized.hub_url:
             click.echo(f"pushed to {quantized.hub_url}")

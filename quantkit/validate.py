@@ -612,10 +612,12 @@ def preflight_calibration(model_name: str | None, output: str | None, *, bits: i
                           static_groups: bool, overwrite: bool, calib: object, calib_set: str | None, seqlen: int,
                           device: str, devices: list[int] | None, nproc: int, offload_dir: str | None,
                           low_memory: bool, resume: bool, model: object | None = None,
-                          tokenizer_given: bool = False) -> ModelInfo:
+                          tokenizer_given: bool = False, recipe: object | None = None, spec: object | None = None,
+                          method: object | None = None, lm_head: bool = False, vision: bool = False) -> ModelInfo:
     """Everything `quantkit calibrate` (and quantkit.quantize) can check before it loads the model and draws
     samples. `model` is an already loaded model (model_name None), `calib` a source spec or in-memory data,
-    `output` None when nothing is exported."""
+    `output` None when nothing is exported; a `recipe` (with the run's `spec` and `method`) is checked
+    against the model's linears (check_recipe)."""
     from quantkit.data.calibration import is_image_jsonl, is_source
     from quantkit.data.recipes import is_recipe
 
@@ -639,6 +641,9 @@ def preflight_calibration(model_name: str | None, output: str | None, *, bits: i
                               image_data=image_data and not tokenizer_given)
     if calib is not None:
         check_seqlen(info.config, seqlen)
+    if recipe is not None:
+        check_recipe(recipe, spec, method, fmt, model if model is not None else info.config,
+                     model_name or info.name, lm_head=lm_head, vision=vision)
     if output is None:
         return info
     need = info.export_bytes(bits, fmt)
@@ -650,6 +655,29 @@ def preflight_calibration(model_name: str | None, output: str | None, *, bits: i
     sources = [model_name, calib_set, offload_dir, *data_paths(source)]
     check_output(output, overwrite=overwrite, sources=sources, need_bytes=need)
     return info
+
+
+def check_recipe(recipe: object, spec: object, method: object, fmt: str, model_or_config: object, name: str, *,
+                 lm_head: bool = False, vision: bool = False) -> None:
+    """A recipe fits the model (every pattern matches a linear, every group size divides its linears' widths,
+    its methods need no statistics the run does not gather) and the format stores every setting it gives."""
+    from torch import nn
+
+    from quantkit.engine.checks import candidate_linears, model_linears
+    from quantkit.models import adapter_for
+
+    if isinstance(model_or_config, nn.Module):
+        model, adapter = model_or_config, adapter_for(model_or_config)
+    else:
+        model, adapter = build_meta_model(model_or_config, name)  # shapes only: no weights are read
+    chosen = recipe.check(candidate_linears(model, adapter, lm_head=lm_head, vision=vision), spec, method,
+                          model_linears(model))
+    for settings in set(chosen.values()):
+        try:
+            check_format_bits(settings.spec.bits, fmt, settings.spec.act_order, settings.spec.static_groups)
+        except QuantkitError as err:
+            name = next(n for n, s in chosen.items() if s == settings)
+            raise QuantkitError(f"recipe, for {name}: {err}") from None
 
 
 def model_for_data(name: str, *, tokenizer: bool = True, image_data: bool = False) -> ModelInfo:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantkit.engine.plan import LinearPlan
 from quantkit.errors import QuantkitError
 from quantkit.models import get_module
 from quantkit.models.base import Adapter
 from quantkit.quant.spec import QuantSpec
 
 
-def check_layer(layer: nn.Module, index: int, adapter: Adapter, spec: QuantSpec) -> None:
-    """Raise QuantkitError if a linear of decoder layer `index` cannot be quantized."""
+def check_layer(layer: nn.Module, index: int, adapter: Adapter, plan: LinearPlan) -> None:
+    """Raise QuantkitError if a linear of decoder layer `index` that `plan` quantizes cannot be quantized."""
     for name in adapter.linear_names():
         linear = get_module(layer, name)
         full = f"{adapter.layer_prefix(index)}.{name}"
-        check_group_width(linear.in_features, full, spec)
+        if plan.settings(full) is None:
+            continue  # left in full precision: nothing to check
+        check_group_width(linear.in_features, full, plan.spec_for(full))
         if linear.weight.device.type != "meta" and not torch.isfinite(linear.weight).all():
             raise QuantkitError(f"weight of {full} contains NaN or Inf; fix the checkpoint before quantizing")
 
@@ -30,13 +33,36 @@ def check_group_width(width: int, name: str, spec: QuantSpec, hint: str = "") ->
         )
 
 
-def check_model(model: nn.Module, adapter: Adapter, spec: QuantSpec, lm_head: bool = False) -> None:
-    """Fail fast, before any work, on settings or weights that cannot be quantized."""
-    spec.validate()
+def check_model(model: nn.Module, adapter: Adapter, plan: LinearPlan, lm_head: bool = False,
+                vision: bool = False) -> None:
+    """Fail fast, before any work, on settings, a recipe or weights that cannot be quantized."""
+    plan.spec.validate()
+    plan.check(candidate_linears(model, adapter, lm_head=lm_head, vision=vision), model_linears(model))
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        check_layer(layer, index, adapter, spec)
+        check_layer(layer, index, adapter, plan)
+    if lm_head and plan.settings(adapter.lm_head) is not None:
+        check_head(model, adapter, plan.spec_for(adapter.lm_head))
+
+
+def candidate_linears(model: nn.Module, adapter: Adapter, *, lm_head: bool = False, vision: bool = False) -> dict[str, int]:
+    """The linears a run may quantize, name -> input width: every decoder-layer linear, lm_head with
+    `lm_head`, every linear of the vision side with `vision` (a recipe's targets and ignore pick among them)."""
+    widths = {}
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for name in adapter.linear_names():
+            widths[f"{adapter.layer_prefix(index)}.{name}"] = get_module(layer, name).in_features
     if lm_head:
-        check_head(model, adapter, spec)
+        widths[adapter.lm_head] = get_module(model, adapter.lm_head).weight.shape[1]
+    if vision and adapter.vision:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and any(name == p or name.startswith(p + ".") for p in adapter.vision):
+                widths[name] = module.in_features
+    return widths
+
+
+def model_linears(model: nn.Module) -> list[str]:
+    """The names of every nn.Linear of `model` (an ignore pattern may name one the run would not quantize)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
 def check_head(model: nn.Module, adapter: Adapter, spec: QuantSpec) -> None:

@@ -25,9 +25,10 @@ from quantkit.engine.capture import (
     move_outside_layers,
     stack_samples,
 )
-from quantkit.engine.checks import check_model
+from quantkit.engine.checks import candidate_linears, check_model
 from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import HessianObserver, propagate, quantize_head, quantize_layer
+from quantkit.engine.plan import LinearPlan
 from quantkit.engine.smoothing import smooth_layer
 from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
 from quantkit.engine.weights import LayerWeights, TokenWeights, as_layer_weights, diagnose_layer
@@ -36,6 +37,7 @@ from quantkit.memory import current_rss_mb, peak_rss_mb
 from quantkit.models import adapter_for
 from quantkit.models.base import Adapter
 from quantkit.quant.methods import Method, method_for
+from quantkit.quant.recipe import Recipe
 from quantkit.quant.smooth import smooth_uses_token_weights, smooths
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -138,6 +140,7 @@ def fp_stream(inputs: LayerInputs, method: Method, fp_target: bool | None) -> La
 def first_layer_streams(
     model: nn.Module, adapter: Adapter, samples: Sequence[dict], spec: QuantSpec, method: Method | str,
     device: torch.device | str, fp_target: bool | None, vision: bool, comm: Comm, batch_size: int,
+    plan: LinearPlan | None = None,
 ) -> tuple[LayerInputs, LayerInputs | None, dict[str, QuantResult], dict | None]:
     """Layer 0's inputs on this rank's shard of `samples` and the FP stream beside them (or None);
     with `vision`, after quantizing the vision side (quantkit.engine.vision), whose results and
@@ -151,12 +154,12 @@ def first_layer_streams(
         raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
     move_outside_layers(model, adapter, device)
     groups = vision_groups(model, adapter, samples[0], device)
-    check_vision(model, groups, spec)
+    check_vision(model, groups, spec, plan)
     # The FP stream starts from the FP vision side's outputs, so it is captured first (and only when used).
     fp_inputs = None
     if method.fp_target_on(fp_target):
         fp_inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
-    results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm)
+    results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm, plan)
     inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
     return inputs, fp_inputs, results, report
 
@@ -191,12 +194,15 @@ def run_layers(
     fp_target: bool | None = None,
     lm_head: bool = False,
     vision: bool = False,
+    recipe: Recipe | None = None,
 ) -> Calibration:
     """The outer loop over `model`'s decoder layers, held by `store` (see calibrate_model for the rest)."""
     comm = comm or Comm()
     method = method_for(method)  # unknown methods fail before any work
     adapter = adapter_for(model)
-    check_model(model, adapter, spec, lm_head)  # shapes only for layers on meta: their weights are checked on load
+    plan = LinearPlan(spec, method, recipe)
+    # shapes only for layers on meta: their weights are checked on load
+    check_model(model, adapter, plan, lm_head, vision)
     if not samples:
         raise QuantkitError("no calibration samples; give --calib data with at least one sample")
     started = time.perf_counter()
@@ -204,7 +210,7 @@ def run_layers(
     start = store.open()
     n_layers = len(adapter.decoder_layers(model))
     inputs, fp_inputs, results, vision_report = first_layer_streams(
-        model, adapter, samples, spec, method, device, fp_target, vision, comm, BATCH_SIZE
+        model, adapter, samples, spec, method, device, fp_target, vision, comm, BATCH_SIZE, plan
     )
     hidden_mb = sum(h.numel() * h.element_size() for h in inputs.hidden) / 2**20
     store.restore(inputs, fp_inputs)
@@ -220,14 +226,19 @@ def run_layers(
             smooth_report = smooth_layer(layer, adapter, inputs, spec,
                                          weights if smooth_uses_token_weights(spec.smooth) else None)
         layer_results, linear_reports = quantize_layer(
-            layer, index, inputs, adapter, spec, method, device, weights, comm, observer, fp_inputs, store.fp_dir
+            layer, index, inputs, adapter, spec, method, device, weights, comm,
+            observer, fp_inputs, store.fp_dir, plan,
         )
         if smooth_report is not None and not method.needs_activations:
             # quantize_layer leaves the stream where it is for RTN; the next layer's smoothing reads it
-            with quantized_inputs(layer, adapter.linear_names(), spec.act_bits):
+            quantized = [n for n in adapter.linear_names() if plan.settings(f"{adapter.layer_prefix(index)}.{n}")]
+            with quantized_inputs(layer, quantized, spec.act_bits):
                 propagate(layer, inputs)
         for name, entry in weight_report.items():
-            linear_reports[name]["token_weights"] = entry
+            chosen = plan.settings(f"{adapter.layer_prefix(index)}.{name}")
+            # the weights a linear was solved with: the run method's, unless a recipe gave it a method without
+            if chosen is not None and (chosen.method == method or chosen.method.token_weights):
+                linear_reports[name]["token_weights"] = entry
         report = {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": linear_reports}
         if smooth_report is not None:
             report["smoothing"] = smooth_report
@@ -235,7 +246,8 @@ def run_layers(
     head_report = None
     if lm_head:
         weights, _ = layer_weights(token_weights, n_layers - 1, inputs, adapter, comm)
-        head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs)
+        head_results, head_report = quantize_head(model, adapter, inputs, spec, method, device, weights, comm, fp_inputs,
+                                                  plan)
         results.update(head_results)
     report = {
         "method": method.name,
@@ -243,6 +255,10 @@ def run_layers(
         "lm_head": head_report,
         "vision": vision_report,
         "spec": spec.to_dict(),
+        "recipe": None if recipe is None else recipe.to_dict(),
+        # the linears the recipe leaves in full precision
+        "ignored": sorted(name for name in candidate_linears(model, adapter, lm_head=lm_head, vision=vision)
+                          if plan.settings(name) is None),
         "nsamples": len(samples),
         "device": str(device),
         "low_memory": store.low_memory,
@@ -279,6 +295,7 @@ def calibrate_model(
     fp_target: bool | None = None,
     lm_head: bool = False,
     vision: bool = False,
+    recipe: Recipe | None = None,
 ) -> Calibration:
     """Quantize every decoder-layer linear of a loaded `model` in place, layer by layer (a VLM's vision
     tower and projector first, with `vision`: see quantkit.engine.vision; lm_head last, with `lm_head`:
@@ -290,7 +307,9 @@ def calibrate_model(
     runs its shard of them, and every rank ends with the same quantized model and results.
     fp_target fits each linear to the FP model's output on the FP model's inputs (GPTAQ-style),
     carrying an FP stream beside the quantized one; None means the method's default.
+    recipe (quantkit.quant.recipe) picks the linears to quantize and gives each its own settings, `spec`
+    and `method` being its defaults; the linears it leaves out keep their FP weights and have no result.
     """
     store = InMemoryLayers(model, adapter_for(model))
     return run_layers(model, store, samples, spec, method, device, token_weights, progress, comm=comm,
-                      observer=observer, fp_target=fp_target, lm_head=lm_head, vision=vision)
+                      observer=observer, fp_target=fp_target, lm_head=lm_head, vision=vision, recipe=recipe)

@@ -18,7 +18,7 @@ from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
-from quantkit.engine.plan import plan_group
+from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.solve import (
     install_result,
     reduce_accumulator,
@@ -98,6 +98,7 @@ def accumulate_group(
     device: torch.device | str,
     blocks: FinishedBlocks | None = None,
     fp_inputs: FPInputs | None = None,
+    unweighted: frozenset[str] = frozenset(),
 ) -> dict[str, HessianAccumulator]:
     """Run the layer on every sample until all of `linears` have received their inputs.
 
@@ -105,12 +106,15 @@ def accumulate_group(
     accumulator: their Hessians are equal, so it is summed once (per-linear weights give each its own). The pass stops before the group's last linear
     runs, since nothing after it is needed; once the first batch has shown that the whole group
     reads one input, later batches stop before its first linear. With `fp_inputs` the accumulators
-    also sum the FP-target cross term.
+    also sum the FP-target cross term. Linears in `unweighted` (their method weighs no tokens) sum
+    plain Hessians whatever `weights` holds.
     """
     cross = fp_inputs is not None
-    per_linear = {name: None if weights is None else weights.for_linear(name) for name in linears}
+    plain = weights is None
+    per_linear = {name: None if plain or name in unweighted else weights.for_linear(name) for name in linears}
     accumulators = {
-        name: HessianAccumulator(lin.in_features, device, cross, 1 if weights is None else weights.groups_of(name))
+        name: HessianAccumulator(lin.in_features, device, cross,
+                                 1 if per_linear[name] is None else weights.groups_of(name))
         for name, lin in linears.items()
     }
     current: dict = {"seen": set(), "inputs": [], "one_input": False, "batch": 0}
@@ -169,6 +173,7 @@ def quantize_layer(
     observer: HessianObserver | None = None,
     fp_inputs: LayerInputs | None = None,
     fp_dir: Path | None = None,
+    plan: LinearPlan | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
     """Quantize one decoder layer in place, group by group, then replace `inputs` by the quantized
     layer's outputs on them (the next layer's inputs; not for RTN, which reads none); return its
@@ -187,12 +192,22 @@ def quantize_layer(
     `weights` are per batch of `inputs` (LayerInputs.batch_weights): one list for every linear, or
     LayerWeights with per-linear overrides; [T, g] overrides give each of g output-row groups its
     own Hessian (quantkit.engine.weights).
+
+    `plan` gives each linear its settings (a recipe's; by default `spec` and `method` for all): linears
+    it leaves in FP are not touched, and each linear is solved by its own method with its own spec. The
+    run's `method` decides what is gathered (Hessians, token weights): a linear overridden to a method that
+    reads no activations is solved from its weight alone, one overridden to a method that weighs no tokens
+    from a plain Hessian.
     """
     comm = comm or Comm()
     method = method_for(method)
-    solve = method.solve
+    plan = plan or LinearPlan(spec, method)
+    prefix = adapter.layer_prefix(index)
+    settings = {name: plan.settings(f"{prefix}.{name}") for name in adapter.linear_names()}
     needs_hessian = method.needs_activations
-    shared = needs_hessian and comm.distributed
+    # the token weights given are the run method's; a linear overridden to a method that weighs none sums a plain Hessian
+    unweighted = frozenset(name for name, s in settings.items()
+                           if s is not None and s.method != method and not s.method.token_weights)
     results: dict[str, QuantResult] = {}
     reports = {}
     fp_linear_inputs = None
@@ -203,85 +218,99 @@ def quantize_layer(
     blocks = FinishedBlocks(layer, adapter)
     # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
     # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
-    act = None if spec.act_bits is None else ActivationQuantizer(layer, adapter.linear_names(), spec.act_bits)
+    quantized = [name for name in adapter.linear_names() if settings[name] is not None]  # a recipe's FP linears read FP inputs
+    act = None if spec.act_bits is None else ActivationQuantizer(layer, quantized, spec.act_bits)
     for group in adapter.linear_order:
-        linears = {name: get_module(layer, name) for name in group}
+        active = [name for name in group if settings[name] is not None]
+        linears = {name: get_module(layer, name) for name in active}
+        # the linears solved from Hessians; the others (RTN) are solved from their weights on every rank
+        hessian_names = [name for name in active if needs_hessian and settings[name].method.needs_activations]
+        shared = set(hessian_names) if comm.distributed else set()
+        plan_rows = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         if shared:
-            plan = plan_group(linears, comm.world_size, comm.hooks.split_rows)
-        else:
-            plan = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
+            plan_rows.update(plan_group({n: linears[n] for n in hessian_names}, comm.world_size, comm.hooks.split_rows))
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
-        # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) are
-        # one GPTQ problem with their rows stacked (GPTQ's rows are independent given H), which
-        # runs the column loop once instead of once per linear.
-        together = [[name] for name in group]
-        if needs_hessian:
-            accumulators = accumulate_group(layer, linears, inputs, weights, device, blocks, fp_linear_inputs)
-            if fp_linear_inputs is not None:
-                # Files (--offload-dir) go once no later group of the layer reads them.
-                used = {e for name in group for e in fp_linear_inputs.pop(name) if isinstance(e, Path)}
-                still = {e for entries in fp_linear_inputs.values() for e in entries if isinstance(e, Path)}
-                for path in used - still:
-                    path.unlink()
+        # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) and their
+        # settings are one GPTQ problem with their rows stacked (GPTQ's rows are independent given H),
+        # which runs the column loop once instead of once per linear.
+        together = [[name] for name in active]
+        if hessian_names:
+            accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
+                                            blocks, fp_linear_inputs, unweighted)
             by_accumulator: dict[int, list[str]] = {}
-            for name in group:
+            for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
             if not comm.distributed:
-                together = [names for names in by_accumulator.values() if accumulators[names[0]].groups == 1]
-                together += [[name] for names in by_accumulator.values() for name in names if accumulators[name].groups > 1]
-            for name in group:
+                alike: dict[tuple, list[str]] = {}
+                for name in hessian_names:
+                    alike.setdefault((id(accumulators[name]), settings[name]), []).append(name)
+                together = [names for names in alike.values() if accumulators[names[0]].groups == 1]
+                together += [[name] for names in alike.values() for name in names if accumulators[name].groups > 1]
+                together += [[name] for name in active if name not in hessian_names]
+            for name in hessian_names:
                 acc = accumulators.pop(name)
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
                     acc = acc.copy()  # reductions work in place: each linear reduces its own copy
-                ranks = sorted({piece[0] for piece in plan[name]})
+                ranks = sorted({piece[0] for piece in plan_rows[name]})
                 reduce_accumulator(acc, comm, ranks[0] if len(ranks) == 1 else None)
                 if comm.rank in ranks:
                     hessians[name] = acc.result()
                     if acc.cross is not None:
                         crosses[name] = acc.cross_result()
                 del acc
+        if fp_linear_inputs is not None:
+            # Files (--offload-dir) go once no later group of the layer reads them.
+            used = {e for name in group for e in fp_linear_inputs.pop(name) if isinstance(e, Path)}
+            still = {e for entries in fp_linear_inputs.values() for e in entries if isinstance(e, Path)}
+            for path in used - still:
+                path.unlink()
         solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
         for names in (names for names in together if len(names) > 1):
             hessian = hessians[names[0]]
-            fulls = [f"{adapter.layer_prefix(index)}.{name}" for name in names]
+            fulls = [f"{prefix}.{name}" for name in names]
             if observer is not None:
                 for full in fulls:
                     observer(full, hessian)
             parts = [linears[name].weight.data.float() for name in names]
-            for name, weight, result in zip(names, parts, solve_rows(solve, parts, hessian, spec, fulls, crosses.get(names[0]))):
+            chosen = settings[names[0]]
+            joint = solve_rows(chosen.method.solve, parts, hessian, chosen.spec, fulls, crosses.get(names[0]))
+            for name, weight, result in zip(names, parts, joint):
                 solved[name] = (result, result_stats(weight, result, hessian))
             for name in names:
                 del hessians[name]
                 crosses.pop(name, None)
         for name in (names[0] for names in together if len(names) == 1):
-            mine = [(start, end) for rank, start, end in plan[name] if rank == comm.rank]
+            mine = [(start, end) for rank, start, end in plan_rows[name] if rank == comm.rank]
             if not mine:
                 continue
             start, end = mine[0]
-            full = f"{adapter.layer_prefix(index)}.{name}"
+            full = f"{prefix}.{name}"
             hessian = hessians.pop(name, None)
-            if observer is not None and hessian is not None and plan[name][0][0] == comm.rank:
+            if observer is not None and hessian is not None and plan_rows[name][0][0] == comm.rank:
                 observer(full, hessian)
             weight = linears[name].weight.data[start:end].float()
             solved[name] = solve_slice(
-                solve, weight, start, linears[name].out_features, hessian, crosses.pop(name, None), spec, full
+                settings[name].method.solve, weight, start, linears[name].out_features, hessian,
+                crosses.pop(name, None), settings[name].spec, full,
             )
             del hessian, weight
-        for name in group:
+        for name in active:
             linear = linears[name]
-            if shared:
-                result, stats = share_result(comm, solved.get(name), plan[name], linear, spec)
+            if name in shared:
+                result, stats = share_result(comm, solved.get(name), plan_rows[name], linear, settings[name].spec)
             else:
                 result, stats = solved[name]
                 result = to_cpu(result)
             linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
-            entry = report_entry(stats, needs_hessian)
-            if needs_hessian:
-                entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan[name]]
+            entry = report_entry(stats, name in hessian_names)
+            if name in hessian_names:
+                entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan_rows[name]]
+            entry.update(settings[name].describe())
             reports[name] = entry
-            results[f"{adapter.layer_prefix(index)}.{name}"] = result
+            results[f"{prefix}.{name}"] = result
         del solved, hessians, crosses
+        # linears left in FP count as done at their turn: a block is replayed once all its linears are final
         blocks.mark_solved(group)
     if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
@@ -301,18 +330,26 @@ def quantize_head(
     weights: Sequence[torch.Tensor] | None = None,
     comm: Comm | None = None,
     fp_inputs: LayerInputs | None = None,
-) -> tuple[dict[str, QuantResult], dict]:
+    plan: LinearPlan | None = None,
+) -> tuple[dict[str, QuantResult], dict | None]:
     """Quantize lm_head in place from the final norm of the quantized stream `inputs` (the last
     layer's outputs); with `fp_inputs`, toward its FP output. Return its result and report.
 
     `weights` are the last decoder layer's token weights: its output gradient is the gradient at
     the head's normed input up to the norm. Every rank sums its shard, the sums are all-reduced,
-    and every rank solves the same problem, so all end with the same head.
+    and every rank solves the same problem, so all end with the same head. `plan` gives the head its
+    settings (its own method and spec under a recipe); where it leaves the head in FP, nothing happens
+    and the report is None.
     """
     comm = comm or Comm()
-    method = method_for(method)
+    settings = (plan or LinearPlan(spec, method)).settings(adapter.lm_head)
+    if settings is None:
+        return {}, None
     if isinstance(weights, LayerWeights):
         weights = weights.output
+    if settings.method != method_for(method) and not settings.method.token_weights:
+        weights = None  # the given weights are the run method's: an override that weighs no tokens sums a plain Hessian
+    spec, method = settings.spec, settings.method
     norm = get_module(model, adapter.final_norm).to(device)
     head = get_module(model, adapter.lm_head).to(device)
     hessian = cross = None
@@ -325,7 +362,7 @@ def quantize_head(
         hessian, cross = acc.result(), acc.cross_result()
     weight = head.weight.data.float()
     [result] = solve_rows(method.solve, [weight], hessian, spec, [adapter.lm_head], cross)
-    return {adapter.lm_head: result}, install_result(head, weight, result, hessian)
+    return {adapter.lm_head: result}, install_result(head, weight, result, hessian) | settings.describe()
 
 
 def propagate(layer: nn.Module, inputs: LayerInputs, blocks: FinishedBlocks | None = None) -> None:

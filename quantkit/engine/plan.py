@@ -1,8 +1,13 @@
-"""Which rank solves which output rows of each linear of a group (a deterministic cost-model plan)."""
+"""Which settings each linear gets (LinearPlan: the run's, or a recipe's) and which rank solves which output rows
+of each linear of a group (a deterministic cost-model plan)."""
 
 from __future__ import annotations
 
 from torch import nn
+
+from quantkit.quant.methods import Method, method_for
+from quantkit.quant.recipe import LinearSettings, Recipe
+from quantkit.quant.spec import QuantSpec
 
 
 def solve_cost(linear: nn.Linear) -> int:
@@ -112,3 +117,30 @@ def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool =
     if found is not None and plan_makespan(linears, found, world_size) < best_cost * 0.98:
         return found
     return best
+
+
+class LinearPlan:
+    """Each linear's settings for one run: the run's QuantSpec and Method, or a recipe's per-module ones
+    (quantkit.quant.recipe); None for a linear the recipe leaves in full precision."""
+
+    def __init__(self, spec: QuantSpec, method: Method | str, recipe: Recipe | None = None) -> None:
+        self.spec, self.method, self.recipe = spec, method_for(method), recipe
+        self._cache: dict[str, LinearSettings | None] = {}
+
+    def settings(self, name: str) -> LinearSettings | None:
+        """How linear `name` (its full module name) is quantized, or None where it stays in FP."""
+        if name not in self._cache:
+            self._cache[name] = (LinearSettings(self.spec, self.method) if self.recipe is None
+                                 else self.recipe.settings_for(name, self.spec, self.method))
+        return self._cache[name]
+
+    def spec_for(self, name: str) -> QuantSpec:
+        """The QuantSpec of a quantized linear (the run's for one the recipe leaves in FP)."""
+        settings = self.settings(name)
+        return self.spec if settings is None else settings.spec
+
+    def check(self, widths: dict[str, int], other_linears: list[str] | tuple[str, ...] = ()) -> None:
+        """Raise QuantkitError if the recipe does not fit the model's candidate linears (name -> input width;
+        `other_linears`: the model's linears the run does not quantize, which ignore patterns may name)."""
+        if self.recipe is not None:
+            self.recipe.check(widths, self.spec, self.method, other_linears)

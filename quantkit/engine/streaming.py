@@ -28,6 +28,7 @@ from quantkit.engine.checks import check_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.driver import Calibration, run_layers
 from quantkit.engine.layerwise import HessianObserver
+from quantkit.engine.plan import LinearPlan
 from quantkit.engine.weights import TokenWeights
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_file
@@ -41,6 +42,7 @@ from quantkit.models.streamed import (
     safetensors_keys,
 )
 from quantkit.quant.methods import Method
+from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 STATE = "state.json"
@@ -93,11 +95,11 @@ def _save_layer(work: Path, layer: nn.Module, index: int, adapter: Adapter, resu
         save_file(tensors, str(tmp))
 
 
-def _load_layer_file(path: Path, spec: QuantSpec) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
+def _load_layer_file(path: Path, plan: LinearPlan) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
     tensors = read_safetensors(path)
     fp = {k[3:]: v for k, v in tensors.items() if k.startswith("fp.")}
     names = sorted({k[2:].rsplit(".", 1)[0] for k in tensors if k.startswith("q.")})
-    return {name: QuantResult.from_tensors(tensors, f"q.{name}", spec) for name in names}, fp
+    return {name: QuantResult.from_tensors(tensors, f"q.{name}", plan.spec_for(name)) for name in names}, fp
 
 
 def _write_state(work: Path, state: dict) -> None:
@@ -123,9 +125,9 @@ class StreamedLayers:
     low_memory = True
 
     def __init__(self, model: nn.Module, adapter: Adapter, source: WeightSource, work_dir: str | os.PathLike,
-                 spec: QuantSpec, comm: Comm, *, resume: bool = False, fingerprint: dict | None = None,
+                 plan: LinearPlan, comm: Comm, *, resume: bool = False, fingerprint: dict | None = None,
                  offload_dir: str | os.PathLike | None = None, dtype: str = "auto") -> None:
-        self.model, self.adapter, self.source, self.spec, self.comm = model, adapter, source, spec, comm
+        self.model, self.adapter, self.source, self.plan, self.comm = model, adapter, source, plan, comm
         self.work = Path(work_dir)
         self.resume, self.fingerprint, self.dtype = resume, fingerprint or {}, dtype
         self.n_layers = len(adapter.decoder_layers(model))
@@ -179,7 +181,7 @@ class StreamedLayers:
     def load(self, index: int) -> nn.Module:
         """Decoder layer `index` read from the files, its weights checked."""
         layer = load_layer(self.model, self.adapter, self.source, index, self.dtype)
-        check_layer(layer, index, self.adapter, self.spec)
+        check_layer(layer, index, self.adapter, self.plan)
         return layer
 
     def finish(self, index: int, layer: nn.Module, results: dict[str, QuantResult], report: dict,
@@ -208,7 +210,7 @@ class StreamedLayers:
 
     def results(self, outside: dict[str, QuantResult]) -> StreamedResults:
         """The layers' results left in the work area, and `outside`'s in memory."""
-        return StreamedResults(self.work, self.spec, self.n_layers, outside)
+        return StreamedResults(self.work, self.plan, self.n_layers, outside)
 
     def close(self) -> None:
         """The skeleton stays where it is (its layers on meta)."""
@@ -234,6 +236,7 @@ def calibrate_streaming(
     *,
     comm: Comm | None = None,
     observer: HessianObserver | None = None,
+    recipe: Recipe | None = None,
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
 
@@ -246,10 +249,10 @@ def calibrate_streaming(
     comm = comm or Comm()
     fix_mmap_threshold()
     model, adapter, source = build_skeleton(model_dir, dtype)
-    store = StreamedLayers(model, adapter, source, work_dir, spec, comm, resume=resume, fingerprint=fingerprint,
-                           offload_dir=offload_dir, dtype=dtype)
+    store = StreamedLayers(model, adapter, source, work_dir, LinearPlan(spec, method, recipe), comm, resume=resume,
+                           fingerprint=fingerprint, offload_dir=offload_dir, dtype=dtype)
     calibration = run_layers(model, store, samples, spec, method, device, token_weights, progress, comm=comm,
-                             observer=observer, fp_target=fp_target, lm_head=lm_head, vision=vision)
+                             observer=observer, fp_target=fp_target, lm_head=lm_head, vision=vision, recipe=recipe)
     return model, calibration
 
 
@@ -258,10 +261,10 @@ class StreamedResults(Mapping):
     reads a layer's results on access instead of holding every layer's in memory. `outside` holds
     results of linears outside the decoder layers (a quantized lm_head, the vision side), in memory."""
 
-    def __init__(self, work_dir: str | os.PathLike, spec: QuantSpec, n_layers: int,
+    def __init__(self, work_dir: str | os.PathLike, plan: LinearPlan, n_layers: int,
                  outside: dict[str, QuantResult] | None = None) -> None:
         self.work = Path(work_dir)
-        self.spec = spec
+        self.plan = plan
         self.n_layers = n_layers
         self.outside = dict(outside or {})
         self._where: dict[str, int] | None = None
@@ -278,7 +281,7 @@ class StreamedResults(Mapping):
 
     def layer(self, index: int) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
         """Decoder layer `index`'s results and FP tensors, read from its file."""
-        return _load_layer_file(_layer_file(self.work, index), self.spec)
+        return _load_layer_file(_layer_file(self.work, index), self.plan)
 
     def __getitem__(self, name: str) -> QuantResult:
         if name in self.outside:

@@ -22,6 +22,7 @@ from quantkit.engine.capture import move_outside_layers, run_until_first_layer
 from quantkit.engine.checks import check_group_width
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.plan import LinearPlan
 from quantkit.engine.solve import install_result, reduce_accumulator, solve_rows
 from quantkit.errors import QuantkitError
 from quantkit.models import get_module
@@ -61,12 +62,15 @@ def vision_groups(model: nn.Module, adapter: Adapter, sample: dict, device: torc
     return [names for names, _ in groups]
 
 
-def check_vision(model: nn.Module, groups: list[list[str]], spec: QuantSpec) -> None:
-    """Raise QuantkitError, before any work, if a vision linear cannot be quantized."""
+def check_vision(model: nn.Module, groups: list[list[str]], spec: QuantSpec, plan: LinearPlan | None = None) -> None:
+    """Raise QuantkitError, before any work, if a vision linear cannot be quantized (`plan`: each one's settings)."""
     if not groups:
         raise QuantkitError("no vision linears ran on the first calibration sample; give image-text calibration data")
+    plan = plan or LinearPlan(spec, "rtn")
     for name in (n for group in groups for n in group):
-        check_group_width(get_module(model, name).in_features, name, spec, ", or leave the vision side in full precision")
+        if plan.settings(name) is not None:
+            check_group_width(get_module(model, name).in_features, name, plan.spec_for(name),
+                              ", or leave the vision side in full precision")
 
 
 @torch.no_grad()
@@ -79,22 +83,28 @@ def quantize_vision(
     method: Method | str,
     device: torch.device | str = "cpu",
     comm: Comm | None = None,
+    plan: LinearPlan | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
     """Quantize the vision `groups` in place, in order, on this rank's `samples`; return results and report.
 
     With several ranks the Hessians are all-reduced and every rank solves every group, so all end
-    with the same tower.
+    with the same tower. `plan` gives each linear its settings (a recipe's): linears it leaves in FP
+    stay as they are, the others are solved with their own method and spec.
     """
     comm = comm or Comm()
     method = method_for(method)
+    plan = plan or LinearPlan(spec, method)
     move_outside_layers(model, adapter, device)
     results: dict[str, QuantResult] = {}
     reports: dict[str, dict] = {}
     for group in groups:
-        linears = {name: get_module(model, name) for name in group}
+        settings = {name: plan.settings(name) for name in group}
+        linears = {name: get_module(model, name) for name in group if settings[name] is not None}
+        if not linears:
+            continue
         hessian = None
-        if method.needs_activations:
-            first = linears[group[0]]
+        if method.needs_activations and any(s.method.needs_activations for s in settings.values() if s is not None):
+            first = get_module(model, group[0])  # every linear of the group reads its input
             acc = HessianAccumulator(first.in_features, device)
             handle = first.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add(args[0]))
             try:
@@ -103,8 +113,13 @@ def quantize_vision(
                 handle.remove()
             reduce_accumulator(acc, comm)
             hessian = acc.result()
-        weights = [linear.weight.data.float() for linear in linears.values()]
-        for (name, linear), weight, result in zip(linears.items(), weights, solve_rows(method.solve, weights, hessian, spec, group)):
-            reports[name] = install_result(linear, weight, result, hessian)
-            results[name] = result
+        alike: dict = {}
+        for name in linears:
+            alike.setdefault(settings[name], []).append(name)
+        for chosen, names in alike.items():
+            used = hessian if chosen.method.needs_activations else None
+            weights = [linears[name].weight.data.float() for name in names]
+            for name, weight, result in zip(names, weights, solve_rows(chosen.method.solve, weights, used, chosen.spec, names)):
+                reports[name] = install_result(linears[name], weight, result, used) | chosen.describe()
+                results[name] = result
     return results, {"groups": len(groups), "linears": reports}
