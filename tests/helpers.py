@@ -1,8 +1,10 @@
-"""What tests share: tiny models and tokenizers, calibration text, export comparisons, fault hooks, CLI commands."""
+"""What tests share: tiny models (text and VLM) and tokenizers (word, printable, char), calibration text and
+image data, export comparisons, fault hooks, CLI commands. Test modules import only this and conftest."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -58,6 +60,23 @@ def printable_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+
+
+def char_tokenizer():
+    """One token per character (ids 1..96), eos '<eos>' = 0: token counts equal character counts."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])), eos_token="<eos>")
+
+
+def char_ids(text: str) -> list[int]:
+    """The char tokenizer's ids, computed without it."""
+    return [CHARS.index(c) + 1 for c in text]
 
 
 def make_model_dir(root: Path, layers: int = 3, width: int = 64, inter: int = 128, tie: bool = False) -> Path:
@@ -154,3 +173,121 @@ def cli_command(*args, hooks: str | None = None) -> list[str]:
         "from quantkit.cli import main\nsys.argv[0] = 'quantkit'\nmain()\n"
     )
     return [sys.executable, "-c", code, *map(str, args)]
+
+
+# Tiny VLMs: a word-level tokenizer with the chat and image special tokens of every processor family.
+VLM_WORDS = "a an the red green blue yellow square circle what colour is of ? . , left right top bottom at one two three how many shapes picture describe".split()
+VLM_SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
+VLM_ROLES = ["user", "assistant", "system"]
+VLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
+VLM_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+IMAGE_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def vlm_tokenizer():
+    """A word-level tokenizer holding the chat and image special tokens of both processor families."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(VLM_SPECIALS + VLM_ROLES + VLM_WORDS + ["\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=VLM_SPECIALS[2:]
+    )
+
+
+def vlm_chat_template(image: str) -> str:
+    """A ChatML template whose image part renders as `image` (the family's placeholder)."""
+    return (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
+        "{% else %}{% for c in m.content %}{% if c.type == 'image' %}" + image + " {% else %}{{ c.text }}"
+        "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def build_vlm(family: str):
+    """A tiny random VLM of `family` (one of VLM_FAMILIES; 3 text layers of hidden 32) and a processor that
+    matches it. The image processors are the PIL ones: callers skip without PIL."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        LlavaProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+
+    from quantkit.data.images import image_only_processor
+
+    tok = vlm_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(0)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        qwen_tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+        text = dict(VLM_TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+        if family == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
+            config = Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_tokens)
+            proc_class = Qwen2VLProcessor
+        else:
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen_tokens)
+            proc_class = Qwen2_5_VLProcessor
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+        processor = image_only_processor(proc_class, image_processor, tok, chat_template=vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    elif family == "llava":
+        config = LlavaConfig(
+            text_config=dict(VLM_TEXT, model_type="llama", vocab_size=len(tok)),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+            image_token_id=ids("<image>"),
+            vision_feature_layer=-1,
+        )
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor = LlavaProcessor(image_processor, tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=vlm_chat_template("<image>"))
+    elif family == "llava_onevision":
+        pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+        config = LlavaOnevisionConfig(
+            text_config=dict(VLM_TEXT, model_type="qwen2", vocab_size=len(tok)),
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+            image_token_id=ids("<image>"),
+            video_token_id=ids("<video>"),
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=True)
+        processor = image_only_processor(LlavaOnevisionProcessor, image_processor, tok, num_image_tokens=4, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=vlm_chat_template("<image>"))
+    else:
+        raise ValueError(family)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    return model, processor
+
+
+def write_image_dataset(root: Path, n: int = 6, size: int = 56) -> str:
+    """n coloured-square images with caption and question records under root; returns the JSONL path."""
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    names = list(IMAGE_COLOURS)
+    lines = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        image = Image.new("RGB", (size, size), (0, 0, 0))
+        x = (i * 7) % (size // 2)
+        image.paste(IMAGE_COLOURS[colour], (x, 4, x + size // 3, 4 + size // 3))
+        image.save(root / "img" / f"{i}.png")
+        if i % 2:
+            lines.append({"image": f"img/{i}.png", "text": f"a {colour} square ."})
+        else:
+            lines.append({"image": f"img/{i}.png", "messages": [{"role": "user", "content": "what colour is the square ?"}, {"role": "assistant", "content": colour}]})
+    path = root / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return str(path)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import build_vlm, write_image_dataset
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -213,16 +213,13 @@ def test_recipe_mixes_sources_and_matches_direct_samples(tiny, tmp_path):
 
 def test_image_text_jsonl_calibrates_a_vlm_language_model_only(tmp_path):
     pytest.importorskip("PIL")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_vlm import build, write_dataset
-
     import quantkit
 
-    model, processor = build("qwen2_vl")
+    model, processor = build_vlm("qwen2_vl")
     model_dir = tmp_path / "vlm"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    data = write_dataset(tmp_path / "data", n=4)
+    data = write_image_dataset(tmp_path / "data", n=4)
     out = tmp_path / "out"
     result = run(["calibrate", str(model_dir), "--calib", data, "--nsamples", "3", "--method", "gptq", "--bits", "4",
                   "--group-size", "16", "--format", "gptq_v2", "-o", str(out)])
@@ -241,18 +238,16 @@ def test_quantize_vision_exports_a_loadable_quantized_tower(tmp_path, family):
     """compressed-tensors with the vision tower and projector quantized loads in transformers and gives
     the logits of the same run's fake (dequantized) export; the language model's inputs changed."""
     pytest.importorskip("PIL")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_vlm import build, write_dataset
     from transformers import AutoModelForImageTextToText
 
     from quantkit.data.images import image_text_samples
     from quantkit.engine.capture import model_inputs
 
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     model_dir = tmp_path / "vlm"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    data = write_dataset(tmp_path / "data", n=4)
+    data = write_image_dataset(tmp_path / "data", n=4)
     loaded = {}
     for fmt in ("compressed-tensors", "fake"):
         out = tmp_path / fmt

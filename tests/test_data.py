@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from char_tokenizer import char_ids, char_tokenizer
+from helpers import char_ids, char_tokenizer
 
 from quantkit.data import calibration_samples, load_texts, split_part
 from quantkit.errors import QuantkitError

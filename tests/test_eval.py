@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from char_tokenizer import char_ids, char_tokenizer
 from click.testing import CliRunner
+from helpers import char_ids, char_tokenizer
 
 from quantkit.errors import QuantkitError
 from quantkit.eval import evaluate_loss

@@ -1,6 +1,6 @@
 """Issue #5: a Qwen2-VL export whose vision tower stays in full precision and is listed as such.
 
-A tiny random Qwen2-VL (built by tests/test_vlm.py's helpers) has its language model
+A tiny random Qwen2-VL (built by tests/helpers.py) has its language model
 quantized with RTN on image-text samples, then is exported as GPTQ v1/v2 and
 compressed-tensors. References independent of the exporter: the FP model's own
 save_pretrained file and a copy of its state dict taken before calibration (vision tensors
@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_vlm, write_image_dataset
 from safetensors import safe_open
 
-if str(Path(__file__).parent) not in sys.path:  # pytest's default import mode already puts tests/ there
-    sys.path.insert(0, str(Path(__file__).parent))
-from test_vlm import build, write_dataset  # noqa: E402 - also skips this module without PIL
+import quantkit
+from quantkit.data.images import image_text_samples
+from quantkit.engine import calibrate_model
+from quantkit.engine.capture import model_inputs
+from quantkit.export import save_quantized
+from quantkit.quant.spec import QuantSpec
 
-import quantkit  # noqa: E402
-from quantkit.data.images import image_text_samples  # noqa: E402
-from quantkit.engine import calibrate_model  # noqa: E402
-from quantkit.engine.capture import model_inputs  # noqa: E402
-from quantkit.export import save_quantized  # noqa: E402
-from quantkit.quant.spec import QuantSpec  # noqa: E402
+pytest.importorskip("PIL")  # the image processors and the image writer need it
 
 FORMATS = ["gptq", "gptq_v2", "compressed-tensors"]
 VISUAL = "model.visual."
@@ -56,7 +54,7 @@ def vision_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def vlm(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vlm_export")
-    model, processor = build("qwen2_vl")
+    model, processor = build_vlm("qwen2_vl")
     fp_dir = root / "fp"
     model.save_pretrained(fp_dir)
     processor.save_pretrained(fp_dir)
@@ -64,7 +62,7 @@ def vlm(tmp_path_factory):
     vision_linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(VISUAL))
     assert len(vision_linears) >= 6  # qkv, proj, fc1, fc2 and the merger's two
 
-    samples = image_text_samples(write_dataset(root / "data", n=2), processor, nsamples=2, seed=0)
+    samples = image_text_samples(write_image_dataset(root / "data", n=2), processor, nsamples=2, seed=0)
     calibration = calibrate_model(model, samples, QuantSpec(bits=4, group_size=32, sym=True), method="rtn", progress=False)
     results = calibration.results
     assert results and all(name.startswith(LM_LAYERS + ".") for name in results)

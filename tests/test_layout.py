@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "quantkit"
+TESTS = Path(__file__).resolve().parent
+# The test modules every test may import; a test module importing another couples their fixtures and skips.
+SHARED_TEST_MODULES = {"helpers", "conftest"}
+# The environment variables the package reads that are its own: user settings, none for tests (faults are
+# injected through quantkit.engine.comm.Hooks and test Comms, not through the environment).
+PACKAGE_VARIABLES = {"QUANTKIT_DEBUG", "QUANTKIT_TEXT_DATA", "QUANTKIT_IMAGE_DATA"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -54,6 +61,32 @@ def test_no_method_name_compared_outside_the_registry() -> None:
                 about_methods = any("method" in ast.unparse(c) for c in operands if not isinstance(c, ast.Constant))
                 if about_methods and any(name in ("rtn", "gptq", "tlq") for name in names):
                     offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/helpers.py (and conftest.py), not in another test module."""
+    test_modules = {path.stem for path in TESTS.glob("*.py")} - SHARED_TEST_MODULES
+    offenders = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                offenders.append(f"{path.name}:{node.lineno} imports relatively")
+        for module in sorted(imported_modules(path)):
+            top = module.split(".")[0]
+            if top == "tests" or top in test_modules:
+                offenders.append(f"{path.name} imports {module}")
+    assert not offenders, offenders
+
+
+def test_package_reads_no_test_only_environment_variables() -> None:
+    """Fault injection (failing or delaying a layer, splitting rows) is not switched on by the environment."""
+    offenders = sorted(
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in PACKAGE.rglob("*.py")
+        for name in set(re.findall(r"QUANTKIT_[A-Z0-9_]+", path.read_text()))
+        if name not in PACKAGE_VARIABLES
+    )
     assert not offenders, offenders
 
 

@@ -3,133 +3,19 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
 PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForImageTextToText,
-    CLIPImageProcessorPil,
-    LlavaConfig,
-    LlavaOnevisionConfig,
-    LlavaOnevisionImageProcessorPil,
-    LlavaOnevisionProcessor,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLProcessor,
-    Qwen2VLConfig,
-    Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
-)
+from helpers import VLM_FAMILIES, build_vlm, write_image_dataset  # noqa: E402
+from transformers import LlavaConfig  # noqa: E402
 
-from quantkit.data.images import image_only_processor, image_text_samples, load_processor  # noqa: E402
+from quantkit.data.images import image_text_samples, load_processor  # noqa: E402
 from quantkit.engine.capture import capture_layer_inputs, model_inputs, run_layer  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.models import adapter_for, get_module, load_model  # noqa: E402
 
-WORDS = "a an the red green blue yellow square circle what colour is of ? . , left right top bottom at one two three how many shapes picture describe".split()
-SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
-ROLES = ["user", "assistant", "system"]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer holding the chat and image special tokens of both processor families."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + ROLES + WORDS + ["\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=SPECIALS[2:]
-    )
-
-
-def chat_template(image: str) -> str:
-    """A ChatML template whose image part renders as `image` (the family's placeholder)."""
-    return (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
-        "{% else %}{% for c in m.content %}{% if c.type == 'image' %}" + image + " {% else %}{{ c.text }}"
-        "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-
-
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
-
-
-def build(family: str):
-    """A tiny random model of `family` and a processor that matches it."""
-    tok = make_tokenizer()
-    ids = tok.convert_tokens_to_ids
-    torch.manual_seed(0)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        qwen_tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-        text = dict(TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-        if family == "qwen2_vl":
-            vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
-            config = Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_tokens)
-            proc_class = Qwen2VLProcessor
-        else:
-            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
-            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen_tokens)
-            proc_class = Qwen2_5_VLProcessor
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
-        processor = image_only_processor(proc_class, image_processor, tok, chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
-    elif family == "llava":
-        config = LlavaConfig(
-            text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)),
-            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-            image_token_id=ids("<image>"),
-            vision_feature_layer=-1,
-        )
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        processor = LlavaProcessor(image_processor, tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template("<image>"))
-    elif family == "llava_onevision":
-        pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
-        config = LlavaOnevisionConfig(
-            text_config=dict(TEXT, model_type="qwen2", vocab_size=len(tok)),
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
-            image_token_id=ids("<image>"),
-            video_token_id=ids("<video>"),
-            image_grid_pinpoints=pinpoints,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-        )
-        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=True)
-        processor = image_only_processor(LlavaOnevisionProcessor, image_processor, tok, num_image_tokens=4, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=chat_template("<image>"))
-    else:
-        raise ValueError(family)
-    model = AutoModelForImageTextToText.from_config(config).eval()
-    return model, processor
-
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def write_dataset(root, n: int = 6, size: int = 56) -> str:
-    """n coloured-square images with caption and question records; returns the JSONL path."""
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
-    lines = []
-    for i in range(n):
-        colour = names[i % len(names)]
-        image = Image.new("RGB", (size, size), (0, 0, 0))
-        x = (i * 7) % (size // 2)
-        image.paste(COLOURS[colour], (x, 4, x + size // 3, 4 + size // 3))
-        image.save(root / "img" / f"{i}.png")
-        if i % 2:
-            lines.append({"image": f"img/{i}.png", "text": f"a {colour} square ."})
-        else:
-            lines.append({"image": f"img/{i}.png", "messages": [{"role": "user", "content": "what colour is the square ?"}, {"role": "assistant", "content": colour}]})
-    path = root / "data.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    return str(path)
-
-
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
 VISION = {
     "qwen2_vl": ("model.visual",),
     "qwen2_5_vl": ("model.visual",),
@@ -140,12 +26,12 @@ VISION = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
-    return write_dataset(tmp_path_factory.mktemp("vlm_data"))
+    return write_image_dataset(tmp_path_factory.mktemp("vlm_data"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_adapter_paths(family: str) -> None:
-    model, _ = build(family)
+    model, _ = build_vlm(family)
     adapter = adapter_for(model)
     assert adapter.name == family
     layers = adapter.decoder_layers(model)
@@ -161,9 +47,9 @@ def test_adapter_paths(family: str) -> None:
     assert set(adapter.linear_names()) == lm_linears
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_samples_masks(family: str, dataset: str) -> None:
-    _, processor = build(family)
+    _, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=6, seed=0)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(processor.image_token)
@@ -185,9 +71,9 @@ def test_samples_masks(family: str, dataset: str) -> None:
             assert sample["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_replay_layers_matches_full_forward(family: str, dataset: str) -> None:
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=2, seed=1)  # a caption and a question
     with torch.no_grad():
         reference = [model(**model_inputs(s), use_cache=False).logits for s in samples]
@@ -208,7 +94,7 @@ def test_rtn_quantizes_only_language_linears(family: str, dataset: str) -> None:
     from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
     adapter = adapter_for(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -226,7 +112,7 @@ def test_rtn_quantizes_only_language_linears(family: str, dataset: str) -> None:
 
 
 def test_sample_selection_is_seeded(dataset: str) -> None:
-    _, processor = build("llava")
+    _, processor = build_vlm("llava")
     a = image_text_samples(dataset, processor, nsamples=3, seed=5)
     b = image_text_samples(dataset, processor, nsamples=3, seed=5)
     c = image_text_samples(dataset, processor, nsamples=6, seed=5)
@@ -237,7 +123,7 @@ def test_sample_selection_is_seeded(dataset: str) -> None:
 
 
 def test_max_length_truncates_after_image(dataset: str) -> None:
-    _, processor = build("qwen2_vl")
+    _, processor = build_vlm("qwen2_vl")
     full = image_text_samples(dataset, processor, nsamples=6, seed=0)
     length = max(int(f["loss_mask"][0].nonzero().min()) for f in full) + 1  # keeps one answer token each
     cut = image_text_samples(dataset, processor, nsamples=6, seed=0, max_length=length)
@@ -251,8 +137,8 @@ def test_max_length_truncates_after_image(dataset: str) -> None:
 
 
 def test_missing_and_unreadable_images(tmp_path) -> None:
-    _, processor = build("llava")
-    path = write_dataset(tmp_path, n=3)
+    _, processor = build_vlm("llava")
+    path = write_image_dataset(tmp_path, n=3)
     (tmp_path / "img" / "1.png").unlink()
     with pytest.raises(QuantkitError, match=r"data\.jsonl:2: image .*img/1\.png not found"):
         image_text_samples(path, processor, nsamples=3, seed=0)
@@ -267,7 +153,7 @@ def test_missing_and_unreadable_images(tmp_path) -> None:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_load_model_and_processor_from_dir(family: str, tmp_path, dataset: str) -> None:
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), dtype="float32")
@@ -296,7 +182,7 @@ def test_fp_target_on_image_text_samples(family: str, dataset: str) -> None:
     from quantkit.importance import tlq_token_weights
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
     weights = tlq_token_weights(model, samples, progress=False)
     spec = QuantSpec(bits=2, group_size=-1)
@@ -322,7 +208,7 @@ def test_lm_head_on_image_text_samples(family: str, dataset: str) -> None:
     from quantkit.quant import gptq_solve
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
     weights = tlq_token_weights(model, samples, progress=False)
     spec = QuantSpec(bits=2, group_size=-1)
@@ -378,7 +264,7 @@ def test_quantize_vision_against_full_forward_reference(family: str, dataset: st
     from quantkit.quant import gptq_solve
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
     adapter = adapter_for(model)
     # column order: with act-order a rare float32-vs-float64 flip spreads further than the bound below
@@ -431,7 +317,7 @@ def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> Non
     from quantkit.calibrate import run_calibration
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build("llava")
+    model, processor = build_vlm("llava")
     model_dir = tmp_path / "vlm"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
@@ -456,7 +342,7 @@ def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> Non
     from quantkit.quant.gptaq import fp_target_weight
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build("llava")
+    model, processor = build_vlm("llava")
     samples = image_text_samples(dataset, processor, nsamples=2, seed=0)
     spec = QuantSpec(bits=2, group_size=-1)
     quantized, ref = copy.deepcopy(model), copy.deepcopy(model)
@@ -502,7 +388,7 @@ def test_low_memory_vlm_export_equals_in_memory_export(family: str, extra: dict,
     from quantkit.calibrate import run_calibration
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build(family)
+    model, processor = build_vlm(family)
     model_dir = tmp_path / "vlm"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
@@ -534,7 +420,7 @@ def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monk
     from quantkit.engine.comm import Hooks
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build("llava")
+    model, processor = build_vlm("llava")
     model_dir = tmp_path / "vlm"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
