@@ -142,6 +142,11 @@ def _quantize(model: Any, output: str | None, spec: Any, method: str, data: Any,
         tokenizer=tokenizer, **options,
     )
     quantized = outcome.model
+    if quantized is not None and spec.act_bits is not None and outcome.results:
+        from quantkit.engine.activations import quantize_model_activations
+
+        # the model comes back as it was calibrated and as the export runs: its quantized linears' inputs quantized
+        quantize_model_activations(quantized, sorted(outcome.results), spec.act_bits)
     if reload and quantized is None and output is not None and not outcome.report.get("low_memory"):
         from quantkit.export.checkpoint import load_quantized
 

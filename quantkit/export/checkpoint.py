@@ -157,6 +157,13 @@ def _solver_settings(report: dict | None, prev_spec: dict) -> tuple[float, bool]
     return damp, static_groups
 
 
+def _act_bits(report: dict | None, prev_spec: dict) -> int | None:
+    """The activation bits of the model being written: the run's report, else the checkpoint being converted."""
+    report_spec = (report or {}).get("spec", {}) if isinstance((report or {}).get("spec"), dict) else {}
+    bits = report_spec.get("act_bits", prev_spec.get("act_bits"))
+    return None if bits is None else int(bits)
+
+
 def write_checkpoint(
     ckpt: Checkpoint,
     out_dir: str | os.PathLike,
@@ -171,7 +178,8 @@ def write_checkpoint(
 ) -> Path:
     """Encode a Checkpoint in `fmt` and write it atomically to out_dir (with `processor`, a tokenizer or
     processor, saved by its own save_pretrained)."""
-    format_ = format_for(fmt)
+    act_bits = _act_bits(report, ckpt.manifest.get("spec", {}) if ckpt.manifest else {})
+    format_ = format_for(fmt).with_act_bits(act_bits)
     limit = parse_size(max_shard_size)
     results = ckpt.results
     # Validate everything before touching the output path.
@@ -183,7 +191,7 @@ def write_checkpoint(
     plan = build_plan(
         results, fp_linears=extra.get("fp_linears") or ckpt.manifest.get("fp_linears", []), damp=damp,
         static_groups=static_groups, linear_order=extra.get("linear_order") or ckpt.manifest.get("linear_order"),
-        n_blocks=extra.get("n_blocks") or ckpt.manifest.get("n_blocks"),
+        n_blocks=extra.get("n_blocks") or ckpt.manifest.get("n_blocks"), act_bits=act_bits,
     )
     format_.check_plan(plan)
     fp_dtype = _float_dtype(ckpt.fp_tensors)
@@ -232,7 +240,7 @@ def write_checkpoint_streamed(
     tensors (same shard split, names, index and safetensors layout), and memory stays at about one
     piece whatever the number of pieces.
     """
-    format_ = format_for(fmt)
+    format_ = format_for(fmt).with_act_bits(_act_bits(report, {}))
     limit = parse_size(max_shard_size)
     extra = extra or {}
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -266,7 +274,8 @@ def write_checkpoint_streamed(
                 raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
         damp, static_groups = _solver_settings(report, {})
         plan = build_plan(stubs, fp_linears=extra.get("fp_linears") or [], damp=damp, static_groups=static_groups,
-                          linear_order=extra.get("linear_order"), n_blocks=extra.get("n_blocks"))
+                          linear_order=extra.get("linear_order"), n_blocks=extra.get("n_blocks"),
+                          act_bits=format_.act_bits)
         format_.check_plan(plan)
         config, qc, manifest = _config_and_manifest(config, format_, plan, fp_names, fp_dtype)
         _save_sharded_from_spool(spool, tmp, limit)
@@ -624,5 +633,10 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
     really_missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
     if really_missing:
         raise QuantkitError(f"{path}: tensor {really_missing[0]} is missing; the checkpoint is incomplete")
+    act_bits = (ckpt.manifest.get("spec") or {}).get("act_bits")
+    if act_bits is not None:  # a W8A8/W4A8 export runs with its linears' inputs quantized, as it was calibrated
+        from quantkit.engine.activations import quantize_model_activations
+
+        quantize_model_activations(model, sorted(ckpt.results), int(act_bits))
     model.eval()
     return model

@@ -54,6 +54,7 @@ class ExportPlan:
     static_groups: bool = False
     linear_order: tuple[str, ...] | None = None  # a decoder layer's linears in solve order
     n_blocks: int | None = None
+    act_bits: int | None = None  # per-token dynamic activation bits of every quantized linear's input (W8A8)
     groups: tuple[tuple[Setting, tuple[str, ...]], ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,18 +81,19 @@ class ExportPlan:
         return {n: s for n, s in sorted(self.settings.items()) if s != self.base}
 
     def spec(self) -> dict:
-        """quantkit.json's spec: the base setting and the solver settings."""
-        return {**self.base.to_dict(), "damp": self.damp, "static_groups": self.static_groups}
+        """quantkit.json's spec: the base setting and the solver settings (and the activation bits, if any)."""
+        spec = {**self.base.to_dict(), "damp": self.damp, "static_groups": self.static_groups}
+        return spec if self.act_bits is None else {**spec, "act_bits": self.act_bits}
 
 
 def build_plan(results: dict[str, QuantResult], *, fp_linears=(), damp: float = 0.01, static_groups: bool = False,
-               linear_order=None, n_blocks: int | None = None) -> ExportPlan:
+               linear_order=None, n_blocks: int | None = None, act_bits: int | None = None) -> ExportPlan:
     """The ExportPlan of `results` (full results or metadata stubs that keep g_idx)."""
     permuted = frozenset(n for n, r in results.items() if is_permuted(r))
     return ExportPlan(
         settings={n: Setting.of(r) for n, r in results.items()}, fp_linears=tuple(sorted(fp_linears or ())),
         permuted=permuted, damp=damp, static_groups=static_groups,
-        linear_order=tuple(linear_order) if linear_order else None, n_blocks=n_blocks,
+        linear_order=tuple(linear_order) if linear_order else None, n_blocks=n_blocks, act_bits=act_bits,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from quantkit.errors import QuantkitError
@@ -23,6 +25,19 @@ class Format:
     sidecar: str | None = None  # a safetensors file of its own beside the weights, if any
     transformers_extras: str = ""  # what `pip install` transformers needs to load it ("" for nothing)
     vllm_loads: bool = True
+    act_bits: int | None = None  # set on the variant with_act_bits returns
+
+    def with_act_bits(self, act_bits: int | None) -> Format:
+        """This format for a model whose quantized linears' inputs are quantized to `act_bits` per token
+        (itself for None); QuantkitError where the format describes weight-only models."""
+        if act_bits is None:
+            return self
+        if not self.holds_activation_bits:
+            raise QuantkitError(f"{self.name} checkpoints describe weight-only models and cannot hold {act_bits}-bit "
+                                "activations; export to compressed-tensors or fake")
+        variant = copy.copy(self)
+        variant.act_bits = act_bits
+        return variant
 
     def __str__(self) -> str:
         return self.name

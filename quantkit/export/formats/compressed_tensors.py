@@ -7,6 +7,10 @@ zero points packed along the output dim). compressed-tensors' grid is signed,
 q_ct = q - 2**(bits-1), zp_ct = z - 2**(bits-1), so (q_ct - zp_ct) * s is our weight exactly;
 symmetric schemes store no zero point (it is 0, i.e. our 2**(bits-1)).
 
+With activation bits (W8A8, W4A8) every scheme declares input_activations (int, symmetric, strategy
+"token", dynamic), and 8-bit weights go "int-quantized" as vLLM's int8 W8A8 path reads them: weight
+int8 [out, in] (our codes minus 128) and weight_scale [out, 1]; 4-bit weights stay pack-quantized.
+
 quantization_config is built from compressed-tensors' own models (QuantizationArgs ->
 QuantizationScheme per config group -> QuantizationConfig), so the installed version validates
 it: one config group per distinct setting. With one setting the group targets "Linear"; with
@@ -31,6 +35,8 @@ from quantkit.quant.spec import QuantResult
 logger = logging.getLogger(__name__)
 
 PACKED = "pack-quantized"
+# W8A8 (8-bit weights, quantized inputs): int8 weights unpacked, as vLLM's int8 W8A8 path reads them
+INT = "int-quantized"
 
 
 def encode(r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -59,6 +65,24 @@ def decode(t: dict[str, torch.Tensor], *, bits: int, group_size: int, sym: bool,
         zeros = unpack_codes(t["weight_zero_point"], bits, dim=0, length=out_f)
     return QuantResult(qweight=qweight, scales=scales, zeros=zeros, g_idx=trivial_g_idx(in_f, group_size), bits=bits,
                        group_size=group_size, sym=sym, act_order=act_order)
+
+
+def encode_int8(r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """int-quantized tensors of one 8-bit per-channel symmetric linear: weight int8 [out, in] (our codes
+    minus 128) and weight_scale [out, 1]."""
+    if r.bits != 8 or r.group_size != -1 or not r.sym:
+        raise QuantkitError("compressed-tensors int-quantized (W8A8) stores 8-bit per-channel symmetric weights; "
+                            "quantize with --bits 8 --group-size -1 --sym")
+    return {"weight": (r.qweight.to(torch.int16) - 128).to(torch.int8).contiguous(),
+            "weight_scale": r.scales.to(scale_dtype).contiguous()}
+
+
+def decode_int8(t: dict[str, torch.Tensor], *, act_order: bool) -> QuantResult:
+    """The exact QuantResult of one linear's int-quantized tensors."""
+    codes = (t["weight"].to(torch.int16) + 128).to(torch.uint8)
+    scales = t["weight_scale"].float().reshape(codes.shape[0], 1).contiguous()
+    return QuantResult(qweight=codes, scales=scales, zeros=torch.full_like(scales, 128, dtype=torch.uint8),
+                       g_idx=trivial_g_idx(codes.shape[1], -1), bits=8, group_size=-1, sym=True, act_order=act_order)
 
 
 def group_targets(names: tuple[str, ...], all_linears: set[str]) -> list[str]:
@@ -90,10 +114,17 @@ class CompressedTensorsFormat(Format):
     def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """weight_packed, weight_scale (fp16 unless the model is fp32), weight_shape, weight_zero_point if asymmetric."""
         scale_dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float16
-        return {f"{name}.{k}": v for k, v in encode(r, scale_dtype).items()}, {}
+        tensors = encode_int8(r, scale_dtype) if self.stores_int8(r.bits) else encode(r, scale_dtype)
+        return {f"{name}.{k}": v for k, v in tensors.items()}, {}
+
+    def stores_int8(self, bits: int) -> bool:
+        """Whether `bits`-bit weights go unpacked as int-quantized (8-bit weights of a W8A8 model)."""
+        return self.act_bits is not None and bits == 8
 
     def decode(self, name: str, stored: StoredTensors, setting: Setting) -> QuantResult:
-        """The pack-quantized tensors back to codes, with `setting` from quantkit.json."""
+        """The pack-quantized (or int-quantized) tensors back to codes, with `setting` from quantkit.json."""
+        if f"{name}.weight" in stored.tensors and stored.tensors[f"{name}.weight"].dtype == torch.int8:
+            return decode_int8(stored.take(name, ("weight", "weight_scale")), act_order=setting.act_order)
         wanted = ("weight_packed", "weight_scale", "weight_shape") + (() if setting.sym else ("weight_zero_point",))
         return decode(stored.take(name, wanted), bits=setting.bits, group_size=setting.group_size, sym=setting.sym,
                       act_order=setting.act_order)
@@ -110,10 +141,16 @@ class CompressedTensorsFormat(Format):
         )
 
     def scheme(self, setting: Setting, targets: list[str]):
-        """The QuantizationScheme of one config group (weights only: W{bits}A16)."""
-        from compressed_tensors.quantization import QuantizationScheme
+        """The QuantizationScheme of one config group: W{bits}A16, or with act_bits W{bits}A{act_bits} with
+        the inputs quantized per token, dynamically and symmetrically (vLLM's W8A8 int8 scheme)."""
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-        return QuantizationScheme(targets=targets, weights=self.weight_args(setting), format=PACKED)
+        inputs = None
+        if self.act_bits is not None:
+            inputs = QuantizationArgs(num_bits=self.act_bits, type="int", symmetric=True, strategy="token",
+                                      dynamic=True)
+        return QuantizationScheme(targets=targets, weights=self.weight_args(setting), input_activations=inputs,
+                                  format=INT if self.stores_int8(setting.bits) else PACKED)
 
     def quantization_config(self, plan: ExportPlan) -> dict:
         """One config group per setting, FP linears ignored; validated by compressed_tensors' QuantizationConfig."""
@@ -129,7 +166,9 @@ class CompressedTensorsFormat(Format):
                 logger.warning("%s have different settings; vLLM loads them as one module with one scheme and cannot "
                                "read this checkpoint (transformers and quantkit can)", ", ".join(shards))
         try:
-            config = QuantizationConfig(config_groups=groups, format=PACKED, quantization_status="compressed",
+            stored = {group.format for group in groups.values()}
+            config = QuantizationConfig(config_groups=groups, format=stored.pop() if len(stored) == 1 else "mixed-precision",
+                                        quantization_status="compressed",
                                         ignore=sorted(plan.fp_linears))
         except ValueError as err:  # pydantic's ValidationError is a ValueError
             raise QuantkitError(f"compressed-tensors refuses the quantization config: {str(err).splitlines()[0]}") from err

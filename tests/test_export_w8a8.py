@@ -1,0 +1,82 @@
+"""W8A8 / W4A8 exports: compressed-tensors with per-token dynamic input activations, loaded back by quantkit
+(same logits as the calibrated model) and by transformers + compressed-tensors (which quantizes the inputs
+itself, with its own scale divisor); GPTQ formats refuse them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import quantkit
+from quantkit.engine.activations import ActivationQuantizer
+from quantkit.errors import QuantkitError
+from quantkit.export.checkpoint import read_checkpoint, write_checkpoint
+from quantkit.quant.activations import ct_divisor
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from helpers import make_tokenizer, write_text
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    root = tmp_path_factory.mktemp("w8a8")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "m")
+    make_tokenizer().save_pretrained(root / "m")
+    return root / "m", write_text(root / "t.txt")
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
+@pytest.mark.parametrize("bits, storage", [(8, "int-quantized"), (4, "pack-quantized")])
+def test_export_loads_in_quantkit_and_transformers(tiny_dir, tmp_path, bits: int, storage: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir, text = tiny_dir
+    out = tmp_path / "out"
+    model, _ = quantkit.quantize(str(model_dir), data=str(text), method="gptq", bits=bits, group_size=-1, act_bits=8,
+                                 smooth="uniform", nsamples=4, seqlen=16, progress=False, output_dir=str(out))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == group["format"] == storage
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                          "strategy": "token", "dynamic": True}
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == bits
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        if bits == 8:  # vLLM's int8 W8A8 layout: int8 weight, one scale per output channel
+            weight = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+            assert weight.dtype == torch.int8 and f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").shape == (32, 1)
+        else:
+            assert "model.layers.0.self_attn.q_proj.weight_packed" in keys
+    assert json.loads((out / "quantkit.json").read_text())["spec"]["act_bits"] == 8
+    # the norms carry the smoothing: they are not the source's any more
+    source = AutoModelForCausalLM.from_pretrained(model_dir)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not torch.equal(f.get_tensor("model.layers.0.input_layernorm.weight"),
+                               source.model.layers[0].input_layernorm.weight.detach())
+
+    ids = torch.randint(2, 62, (2, 16))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        back = quantkit.load_quantized(out)
+        assert torch.equal(back(input_ids=ids).logits, ours)
+        theirs = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        # compressed-tensors divides the per-token max by 127.5 where quantkit and vLLM divide by 127: with its
+        # divisor, quantkit's fake-quantized model gives transformers' logits
+        back.quantkit_activation_quantizer.remove()
+        unquantized_inputs = back(input_ids=ids).logits
+        ActivationQuantizer(back, linear_names(back), 8, ct_divisor(8))
+        assert torch.allclose(back(input_ids=ids).logits, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unquantized_inputs, theirs, rtol=1e-5, atol=1e-6)  # transformers did quantize inputs
+    assert float((ours - theirs).abs().max()) < 0.05 * float(ours.abs().max())
+
+    with pytest.raises(QuantkitError, match="weight-only models"):
+        write_checkpoint(read_checkpoint(out), tmp_path / "gptq", fmt="gptq_v2")
