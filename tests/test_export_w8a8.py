@@ -80,3 +80,32 @@ def test_export_loads_in_quantkit_and_transformers(tiny_dir, tmp_path, bits: int
 
     with pytest.raises(QuantkitError, match="weight-only models"):
         write_checkpoint(read_checkpoint(out), tmp_path / "gptq", fmt="gptq_v2")
+
+
+def test_quantkit_eval_runs_the_export_with_its_inputs_quantized(tiny_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+    from helpers import make_tokenizer
+
+    from quantkit.cli import main
+    from quantkit.eval import evaluate_loss
+
+    model_dir, text = tiny_dir
+    out = tmp_path / "out"
+    quantkit.quantize(str(model_dir), data=str(text), method="rtn", bits=8, group_size=-1, act_bits=8,
+                      nsamples=2, seqlen=16, progress=False, output_dir=str(out))
+    done = CliRunner().invoke(main, ["eval", str(out), "--data", str(text), "--seqlen", "16", "--json"])
+    assert done.exit_code == 0, done.output
+    loss = json.loads(done.output.strip().splitlines()[-1])["loss"]
+
+    model = quantkit.load_quantized(out)
+    model.quantkit_activation_quantizer.remove()
+    plain = evaluate_loss(model, make_tokenizer(), str(text), seqlen=16, progress=False)["loss"]
+
+    def a8(module, args):  # written here: per-token max / 127, round, clamp, times the scale
+        scale = args[0].abs().amax(dim=-1, keepdim=True) / 127
+        return (torch.clamp(torch.round(args[0] / scale), -128, 127) * scale,)
+
+    for name in linear_names(model):
+        model.get_submodule(name).register_forward_pre_hook(a8)
+    exposed = evaluate_loss(model, make_tokenizer(), str(text), seqlen=16, progress=False)["loss"]
+    assert loss == pytest.approx(exposed, abs=1e-6) and loss != pytest.approx(plain, abs=1e-6)

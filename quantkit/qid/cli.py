@@ -13,6 +13,19 @@ from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_file
 
 
+def check_act_bits_cells(act_bits: int | None, bits: list[int], methods: list[str], group_size: int, sym: bool) -> None:
+    """Refuse --act-bits with bitsandbytes methods or weight settings the int8 kernels cannot run (before any work)."""
+    if act_bits is None:
+        return
+    from quantkit.qid.measure import BNB_METHODS
+    from quantkit.quant.spec import QuantSpec
+
+    if any(m in BNB_METHODS for m in methods):
+        raise QuantkitError("--act-bits quantizes activations in rtn/gptq/tlq cells; bitsandbytes methods are weight-only")
+    for b in bits:
+        QuantSpec(bits=b, group_size=group_size, sym=sym, act_bits=act_bits).validate()
+
+
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     """Parse '2,3,4' into [2, 3, 4]."""
     try:
@@ -47,6 +60,7 @@ def qid() -> None:
 @click.option("--group-size", type=int, default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid, or asymmetric with a fitted zero point.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the calibration windows.")
+@click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the quantized linears' inputs per token too (W8A8/W4A8; needs --group-size -1 --sym); rows' method reads e.g. gptq-a8.")
 @click.option("--tokens", multiple=True, help="Training tokens D: TOKENS for all checkpoints or MODEL=TOKENS (repeatable).")
 @click.option("--tokens-per-step", type=int, default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
 @output_option("out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to append to (resumes).")
@@ -54,7 +68,8 @@ def qid() -> None:
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_seqlen, calib, calib_part, nsamples,
-            calib_seqlen, group_size, sym, seed, tokens, tokens_per_step, out_csv, retry_errors, threads, no_progress) -> None:
+            calib_seqlen, group_size, sym, seed, act_bits, tokens, tokens_per_step, out_csv, retry_errors, threads,
+            no_progress) -> None:
     """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --output."""
     from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint
     from quantkit.validate import looks_local, note_kept
@@ -63,6 +78,8 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
         ckpt = parse_checkpoint(spec)
         if ckpt.local_dir is None and looks_local(ckpt.name):
             raise QuantkitError(f"checkpoint {spec} not found; give a model directory or a hub id[@revision]")
+    act_bits = None if act_bits is None else int(act_bits)
+    check_act_bits_cells(act_bits, bits, methods, group_size, sym)
     note_kept(lambda: f"the cells measured so far are in {out_csv}; run again to continue" if Path(out_csv).is_file() else None)
     if threads:
         import torch
@@ -71,7 +88,7 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
     settings = Measurement(
         eval_text=eval_text, calib=calib, eval_part=eval_part, calib_part=calib_part, eval_tokens=eval_tokens,
         eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen, group_size=group_size, sym=sym,
-        seed=seed, tokens_per_step=tokens_per_step,
+        seed=seed, tokens_per_step=tokens_per_step, act_bits=act_bits,
     )
     stats = measure_grid(list(checkpoints), bits, methods, out_csv, settings, tokens=tokens,
                          retry_errors=retry_errors, progress=not no_progress)

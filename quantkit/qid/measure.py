@@ -244,14 +244,19 @@ class _Cell:
             from quantkit.engine import calibrate_model
             from quantkit.quant.spec import QuantSpec
 
-            spec = QuantSpec(bits=bits, group_size=self.m.group_size, sym=self.m.sym)
+            spec = QuantSpec(bits=bits, group_size=self.m.group_size, sym=self.m.sym, act_bits=self.m.act_bits)
             qmodel = copy.deepcopy(self.model)
             weights = None
             if ENGINE_REGISTRY[method].token_weights:
                 from quantkit.importance import tlq_token_weights
 
                 weights = tlq_token_weights(qmodel, self.samples(), progress=False)
-            calibrate_model(qmodel, self.samples(), spec, method=method, token_weights=weights, progress=False)
+            calibration = calibrate_model(qmodel, self.samples(), spec, method=method, token_weights=weights,
+                                          progress=False)
+            if self.m.act_bits is not None:  # evaluated as calibrated: the quantized linears' inputs quantized
+                from quantkit.engine.activations import quantize_model_activations
+
+                quantize_model_activations(qmodel, sorted(calibration.results), self.m.act_bits)
         try:
             return self.evaluate(qmodel)
         finally:
@@ -275,11 +280,16 @@ class Measurement:
     sym: bool = True
     seed: int = 0
     tokens_per_step: int | None = None
+    act_bits: int | None = None  # also quantize the quantized linears' inputs per token (W{bits}A{act_bits})
 
     def __post_init__(self) -> None:
         """Calibrate on the eval source's train part unless told otherwise."""
         if self.calib is None:
             self.calib = self.eval_text
+
+    def label(self, method: str) -> str:
+        """The method column of a cell: the method, with "-a{act_bits}" when the inputs are quantized too."""
+        return method if self.act_bits is None or method in BNB_METHODS else f"{method}-a{self.act_bits}"
 
 
 def plan_cells(checkpoints: Sequence[str], bits: Sequence[int], methods: Sequence[str]) -> list[tuple[Checkpoint, str, int]]:
@@ -325,7 +335,7 @@ def measure_grid(
     def group_for(method: str) -> int:
         return BNB_BLOCKSIZE if method in ("bnb-nf4", "bnb-fp4") else (-1 if method == "bnb-int8" else settings.group_size)
 
-    todo = [c for c in cells if (c[0].spec, c[1], c[2], group_for(c[1]), settings.eval_text) not in done]
+    todo = [c for c in cells if (c[0].spec, settings.label(c[1]), c[2], group_for(c[1]), settings.eval_text) not in done]
     # Resolve D for every checkpoint before any work, so a missing token count fails fast.
     meta: dict[str, tuple[int, int | None]] = {}
     for ckpt, _, _ in todo:
@@ -359,7 +369,8 @@ def measure_grid(
             fp = fp_cache[key]
             row = {
                 "model": ckpt.spec, "N": params[1], "params": params[0], "D": d, "step": step, "bits": nbits,
-                "method": method, "group_size": group_for(method), "loss_fp": fp["loss"], "eval_tokens": fp["tokens"],
+                "method": settings.label(method), "group_size": group_for(method), "loss_fp": fp["loss"],
+                "eval_tokens": fp["tokens"],
                 "eval_text": settings.eval_text, "eval_windows": len(fp["window_nll"]),
             }
             started = time.perf_counter()
@@ -394,7 +405,7 @@ def measure_model(spec: str, method: str, bits: int, settings: Measurement) -> d
     fp = cell.evaluate(model)
     q = cell.quantized_loss(method, nbits)
     return {
-        "model": spec, "N": non_embedding, "params": params, "bits": nbits, "method": method,
+        "model": spec, "N": non_embedding, "params": params, "bits": nbits, "method": settings.label(method),
         "group_size": settings.group_size, "loss_fp": fp["loss"], "loss_q": q["loss"], "qid": q["loss"] - fp["loss"],
         "qid_se": paired_bootstrap_se(fp["window_nll"], q["window_nll"], fp["window_tokens"], seed=settings.seed),
         "eval_tokens": fp["tokens"], "eval_windows": len(fp["window_nll"]),
