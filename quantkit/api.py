@@ -69,8 +69,10 @@ def quantize(
     """Quantize a model (hub id, path or loaded PreTrainedModel) on calibration data; export it when output_dir is given.
 
     data is a path or source spec (text, JSONL, directory, glob, hf:NAME, calib/ recipe), a list of strings,
-    a list of image-text records {"image": path or PIL image, "text" or "messages"}, or a datasets.Dataset
-    (a "text" column, or "image" with "text"/"messages"); `calib_set=DIR` reuses a token-level set from
+    a list of image-text records {"image": path or PIL image, "text" or "messages"}, a list of chat records
+    {"messages": [{"role", "content"}, ...]} (rendered with the tokenizer's chat template, the loss mask on the
+    assistant's tokens), or a datasets.Dataset (a "text" or "messages" column, or "image" with
+    "text"/"messages"); `calib_set=DIR` reuses a token-level set from
     `quantkit importance` instead. tokenizer_or_processor defaults to the one saved with the model. A
     loaded model is quantized in place. Bad input raises quantkit.errors.QuantkitError with the one-line
     message the CLI prints, before any model forward and with nothing written.
@@ -89,7 +91,8 @@ def quantize(
 
     options are the rest of `quantkit calibrate`'s settings under their Python names: lm_head, vision,
     importance (TLQ's gradient-pass options: guidance, row_groups, loss, draws, lam, power), calib_set,
-    nproc, devices, dist_timeout, low_memory, offload_dir, resume. reload=False skips reading a multi-rank
+    chat_template (a Jinja template file for chat records), nproc, devices, dist_timeout, low_memory,
+    offload_dir, resume. reload=False skips reading a multi-rank
     run's export back into memory (model is then None).
     """
     from quantkit.quant.spec import QuantSpec
@@ -156,4 +159,4 @@ def _quantize(model: Any, output: str | None, spec: Any, method: str, data: Any,
 
 # quantize's **options: calibrate_job's keywords that quantize does not name itself.
 ALLOWED_OPTIONS = frozenset({"lm_head", "vision", "importance", "calib_set", "nproc", "devices", "dist_timeout",
-                             "low_memory", "offload_dir", "resume", "hooks"})
+                             "low_memory", "offload_dir", "resume", "hooks", "chat_template"})

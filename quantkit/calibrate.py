@@ -76,6 +76,7 @@ class CalibrationJob:
     offload_dir: str | None = None
     resume: bool = False
     recipe: Recipe | None = None  # which linears to quantize and per-module settings (quantkit.quant.recipe)
+    chat_template: str | None = None  # a Jinja file rendering chat records instead of the tokenizer's template
     hooks: Hooks | None = None  # what tests change on every rank (quantkit.engine.comm.Hooks)
     # In-process runs only (quantkit.quantize): a loaded model, its tokenizer or processor, in-memory data.
     model: Any = field(default=None, repr=False, compare=False)
@@ -94,7 +95,7 @@ class CalibrationJob:
         return {"model": str(Path(self.model_name).resolve()), "method": self.method, "spec": self.spec.to_dict(),
                 "calib": self.calib, "calib_set": self.calib_set, "nsamples": self.nsamples, "seqlen": self.seqlen,
                 "seed": self.seed, "part": self.part, "dtype": self.dtype, "fp_target": self.fp_target,
-                "lm_head": self.lm_head, "vision": self.vision,
+                "lm_head": self.lm_head, "vision": self.vision, "chat_template": self.chat_template,
                 **({"recipe": self.recipe.to_dict()} if self.recipe is not None else {})}
 
 
@@ -141,6 +142,7 @@ def calibrate_job(
     importance: dict | None = None,
     hooks: Hooks | None = None,
     tokenizer: Any = None,
+    chat_template: str | os.PathLike | None = None,
     recipe: Recipe | str | os.PathLike | None = None,
 ) -> Outcome:
     """Quantize `model_name` on calibration data and export it to `output`: the one path of `quantkit
@@ -153,7 +155,8 @@ def calibrate_job(
     quantizes the output head too (after the decoder layers, from their quantized outputs), vision a
     VLM's vision tower and projector (before them); both export to compressed-tensors or fake.
     importance holds TLQ's options for its gradient pass (guidance, row_groups, loss, draws, lam,
-    power: quantkit.importance.tlq_token_weights); a --calib-set carries its own.
+    power: quantkit.importance.tlq_token_weights); a --calib-set carries its own. chat_template is a Jinja
+    file that renders chat records ({"messages": [...]}) instead of the tokenizer's own template.
 
     nproc > 1 spawns that many local ranks (gloo on CPU, NCCL on GPU, `devices` mapping ranks to
     GPUs); under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) this process is one rank. Samples are
@@ -206,7 +209,7 @@ def calibrate_job(
         None if loaded is not None else model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order,
         static_groups=spec.static_groups, overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen,
         device=device, devices=devices, nproc=nproc, offload_dir=offload_dir, low_memory=low_memory, resume=resume,
-        model=loaded, tokenizer_given=tokenizer is not None,
+        model=loaded, tokenizer_given=tokenizer is not None, chat_template=chat_template, part=part,
         recipe=recipe, spec=spec, method=chosen, lm_head=lm_head, vision=vision,
     )
     if low_memory:
@@ -223,6 +226,7 @@ def calibrate_job(
         progress=progress, fp_target=fp_target, lm_head=lm_head, vision=vision, importance=importance,
         low_memory=low_memory, offload_dir=offload_dir, resume=resume, hooks=hooks, model=loaded,
         tokenizer=tokenizer, data=calib if in_memory_data else None, recipe=recipe,
+        chat_template=None if chat_template is None else os.fspath(chat_template),
     )
     logger.info("calibrating %s: %s w%d g%d on %s, %d ranks%s", job.model_name, job.method, spec.bits,
                 spec.group_size, job.calib or job.calib_set or "in-memory data", nproc,
@@ -288,10 +292,12 @@ def _samples_and_weights(job: CalibrationJob, model: torch.nn.Module, device: st
         return samples, set_weights if uses_weights else None
     if job.data is not None:
         tokenizer = job.tokenizer if job.tokenizer is not None else load_data_tokenizer(job.model_name, model)
-        samples = memory_calibration(job.data, tokenizer, job.nsamples, job.seqlen, job.seed, job.part)
+        samples = memory_calibration(job.data, tokenizer, job.nsamples, job.seqlen, job.seed, job.part,
+                                     chat_template=job.chat_template)
     else:
         samples = load_calibration(job.calib, job.model_name, is_vlm(model.config), job.nsamples, job.seqlen,
-                                   job.seed, job.part, tokenizer_or_processor=job.tokenizer)
+                                   job.seed, job.part, tokenizer_or_processor=job.tokenizer,
+                                   chat_template=job.chat_template)
     if not uses_weights:
         return samples, None
     weights = tlq_token_weights(model, samples, device=device, progress=job.progress and rank == 0,
@@ -368,11 +374,12 @@ def work_dir_for(output: str) -> Path:
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4; needs --group-size -1 --sym.")
 @click.option("--smooth", type=click.Choice(SMOOTH_MODES), default="none", show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights.")
-@click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, or a calib/ recipe (.yaml).")
+@click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
+@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")
 @click.option("--part", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence (the most tokens of an image-text or chat sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors for 4/8 bits, gptq_v2 otherwise).")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
@@ -388,7 +395,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the export (model card included) to this hub model repo, OWNER/NAME.")
 @click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, act_bits, smooth, calib, calib_set, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json, recipe) -> None:
+def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd_sweeps, damp, fp_target, guidance, row_groups, importance_loss, fisher_draws, lam, power, lm_head, vision, mse, act_bits, smooth, calib, calib_set, chat_template, part, nsamples, seqlen, seed, fmt, device, nproc, devices, dist_timeout, low_memory, offload_dir, resume, dtype, output, overwrite, push_to_hub, private, as_json, recipe) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
     from quantkit.api import quantize
 
@@ -408,6 +415,7 @@ def calibrate(model, method, bits, group_size, sym, act_order, static_groups, cd
         device=device, dtype=dtype, progress=not as_json, calib_set=calib_set, nproc=nproc, devices=device_ids,
         dist_timeout=dist_timeout, low_memory=low_memory, offload_dir=offload_dir, resume=resume, lm_head=lm_head,
         vision=vision, importance=importance, reload=False, push_to_hub=push_to_hub, private=private, recipe=recipe,
+        chat_template=chat_template,
     )
     report = quantized.report
     pushed = {"hub_url": quantized.hub_url} if quantized.hub_url else {}

@@ -612,7 +612,8 @@ def preflight_calibration(model_name: str | None, output: str | None, *, bits: i
                           static_groups: bool, overwrite: bool, calib: object, calib_set: str | None, seqlen: int,
                           device: str, devices: list[int] | None, nproc: int, offload_dir: str | None,
                           low_memory: bool, resume: bool, model: object | None = None,
-                          tokenizer_given: bool = False, recipe: object | None = None, spec: object | None = None,
+                          tokenizer_given: bool = False, chat_template: str | os.PathLike | None = None,
+                          part: str = "all", recipe: object | None = None, spec: object | None = None,
                           method: object | None = None, lm_head: bool = False, vision: bool = False) -> ModelInfo:
     """Everything `quantkit calibrate` (and quantkit.quantize) can check before it loads the model and draws
     samples. `model` is an already loaded model (model_name None), `calib` a source spec or in-memory data,
@@ -641,6 +642,7 @@ def preflight_calibration(model_name: str | None, output: str | None, *, bits: i
                               image_data=image_data and not tokenizer_given)
     if calib is not None:
         check_seqlen(info.config, seqlen)
+    check_chat_data(source, chat_template, part, None if model is not None or tokenizer_given else info)
     if recipe is not None:
         check_recipe(recipe, spec, method, fmt, model if model is not None else info.config,
                      model_name or info.name, lm_head=lm_head, vision=vision)
@@ -680,6 +682,24 @@ def check_recipe(recipe: object, spec: object, method: object, fmt: str, model_o
             raise QuantkitError(f"recipe, for {name}: {err}") from None
 
 
+def check_chat_data(source: str | None, chat_template: str | os.PathLike | None, part: str = "all",
+                    info: ModelInfo | None = None) -> None:
+    """Chat records can be rendered: --chat-template parses and applies to the data, or the model's tokenizer
+    (info's, when the tokenizer is read from the model's files) has a chat template of its own."""
+    from quantkit.data.calibration import check_chat_source
+    from quantkit.data.chat import read_chat_template, template_for
+
+    if chat_template is not None:
+        read_chat_template(chat_template)
+    if source is None:
+        return
+    if check_chat_source(source, chat_template, part) and chat_template is None and info is not None:
+        from quantkit.eval.load import load_tokenizer
+
+        target = str(info.local) if info.local is not None else info.name
+        template_for(load_tokenizer(target), None, info.name)
+
+
 def model_for_data(name: str, *, tokenizer: bool = True, image_data: bool = False) -> ModelInfo:
     """check_model with the processor where a VLM reads image-text data, else the tokenizer."""
     from quantkit.models import is_vlm
@@ -694,13 +714,15 @@ def model_for_data(name: str, *, tokenizer: bool = True, image_data: bool = Fals
 
 
 def preflight_importance(model_name: str, calib: str, output: str, *, seqlen: int, device: str,
-                         offload_dir: str | None, overwrite: bool, image_data: bool = False) -> ModelInfo:
+                         offload_dir: str | None, overwrite: bool, image_data: bool = False,
+                         chat_template: str | os.PathLike | None = None, part: str = "all") -> ModelInfo:
     """Everything `quantkit importance` can check before it loads the model."""
     check_device(device)
     check_data(calib)
     check_offload_dir(offload_dir)
     info = model_for_data(model_name, tokenizer=True, image_data=image_data)
     check_seqlen(info.config, seqlen)
+    check_chat_data(calib, chat_template, part, info)
     check_output(output, overwrite=overwrite, sources=[model_name, offload_dir, *data_paths(calib)])
     return info
 

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from quantkit.data.chat import chat_samples, is_chat_jsonl, is_chat_record, read_chat_template
 from quantkit.data.recipes import is_recipe, recipe_samples
 from quantkit.data.samples import calibration_samples
 from quantkit.errors import QuantkitError
@@ -29,16 +30,18 @@ def is_image_jsonl(source: str) -> bool:
 
 def load_calibration(
     source: str, model_name: str | None, vlm: bool, nsamples: int, seqlen: int, seed: int = 0, part: str = "all",
-    tokenizer_or_processor=None,
+    tokenizer_or_processor=None, chat_template: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Calibration samples for `model_name` from a text source, an image-text JSONL or a recipe.
+    """Calibration samples for `model_name` from a text source, an image-text or chat JSONL, or a recipe.
 
-    VLMs read image-text records through their processor (seqlen is then the longest sample);
-    plain text gives windows of exactly seqlen tokens. A given tokenizer or processor is used
-    instead of the one saved with `model_name`.
+    VLMs read image-text records through their processor, and chat records ({"messages": [...]})
+    are rendered with the chat template (the file `chat_template`, else the tokenizer's): seqlen
+    is then the longest sample. Plain text gives windows of exactly seqlen tokens. A given
+    tokenizer or processor is used instead of the one saved with `model_name`.
     """
     from transformers import AutoTokenizer
 
+    chat = check_chat_source(source, chat_template, part)
     given = tokenizer_or_processor
     processor = None
     if vlm and (is_recipe(source) or is_image_jsonl(source)):
@@ -53,11 +56,26 @@ def load_calibration(
         tokenizer = AutoTokenizer.from_pretrained(model_name)
     if is_recipe(source):
         return recipe_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
+    if chat:
+        template = read_chat_template(chat_template) if chat_template is not None else None
+        return chat_samples(source, tokenizer, nsamples, seed=seed, max_length=seqlen, chat_template=template,
+                            model_name=model_name or "the model")
     if processor is not None:
         from quantkit.data.images import image_text_samples
 
         return image_text_samples(source, processor, nsamples, seed=seed, max_length=seqlen)
     return calibration_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+
+
+def check_chat_source(source: object, chat_template: str | os.PathLike | None, part: str = "all") -> bool:
+    """Whether `source` is a chat JSONL; a QuantkitError when --chat-template or --part cannot apply to it."""
+    chat = is_chat_jsonl(source)
+    if chat_template is not None and not chat:
+        raise QuantkitError(f"--chat-template renders chat records ({{\"messages\": [...]}} JSONL); {source} holds none")
+    if chat and part != "all":
+        raise QuantkitError(f"--part {part} splits text files; the conversations of {source} are drawn whole: "
+                            "drop --part or split the file")
+    return chat
 
 
 def load_data_tokenizer(name_or_path: str, model: object = None):
@@ -79,7 +97,8 @@ def load_data_tokenizer(name_or_path: str, model: object = None):
 
 
 DATA_KINDS = ("a path or source spec (text, JSONL, directory, glob, hf:NAME, recipe)", "a list of strings",
-              "a list of image-text records {'image', 'text' or 'messages'}", "a datasets.Dataset")
+              "a list of image-text records {'image', 'text' or 'messages'}", "a list of chat records {'messages'}",
+              "a datasets.Dataset")
 
 
 def is_source(data: object) -> bool:
@@ -88,12 +107,15 @@ def is_source(data: object) -> bool:
 
 
 def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seqlen: int, seed: int = 0,
-                       part: str = "all") -> list[dict]:
-    """Calibration samples from in-memory data: a list of strings, of image-text records, or a datasets.Dataset
-    (a "text" column, or "image" with "text" or "messages" columns)."""
+                       part: str = "all", chat_template: str | os.PathLike | None = None) -> list[dict]:
+    """Calibration samples from in-memory data: a list of strings, of image-text or chat records, or a
+    datasets.Dataset (a "text" or "messages" column, or "image" with "text" or "messages" columns).
+    chat_template is a Jinja template file that renders chat records instead of the tokenizer's template."""
     if type(data).__module__.startswith("datasets") and hasattr(data, "column_names"):
         columns = set(data.column_names)
-        if "image" not in columns:
+        if "image" not in columns and "messages" in columns:
+            data = [{"messages": m} for m in data["messages"]]
+        elif "image" not in columns:
             if "text" not in columns:
                 raise QuantkitError(f"the dataset has no 'text' column (columns: {', '.join(sorted(columns))}); "
                                     "rename the text column to 'text'")
@@ -104,6 +126,18 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
         raise QuantkitError(f"calibration data must be {', '.join(DATA_KINDS[:-1])} or {DATA_KINDS[-1]}; "
                             f"got {type(data).__name__ if data is not None else 'None'}"
                             + (" (empty)" if isinstance(data, (list, tuple)) else ""))
+    chat = all(is_chat_record(r) for r in data)
+    if chat_template is not None and not chat:
+        raise QuantkitError("--chat-template renders chat records ({\"messages\": [...]}); the data holds other kinds")
+    if chat:
+        if part != "all":
+            raise QuantkitError(f"--part {part} splits texts; conversations are drawn whole: drop --part")
+        from quantkit.data.chat import memory_chat_records
+
+        tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+        template = read_chat_template(chat_template) if chat_template is not None else None
+        return chat_samples(memory_chat_records(list(data)), tokenizer, nsamples, seed=seed, max_length=seqlen,
+                            chat_template=template)
     if all(isinstance(t, str) for t in data):
         tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
         return calibration_samples(list(data), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
