@@ -727,10 +727,11 @@ def preflight_importance(model_name: str, calib: str, output: str, *, seqlen: in
     return info
 
 
-def preflight_eval(model_or_dir: str, *, seqlen: int, stride: int | None, batch_size: int,
+def preflight_eval(model_or_dir: str, *, seqlen: int | None, stride: int | None, batch_size: int,
                    max_tokens: int | None) -> None:
-    """Everything `quantkit eval` can check before it loads the model."""
-    check_eval_options(seqlen, stride, batch_size, max_tokens)
+    """Everything `quantkit eval` can check before it loads the model (seqlen None: no text windows)."""
+    if seqlen is not None:
+        check_eval_options(seqlen, stride, batch_size, max_tokens)
     if is_quantkit_output(model_or_dir):
         from transformers import AutoConfig
 
@@ -743,7 +744,8 @@ def preflight_eval(model_or_dir: str, *, seqlen: int, stride: int | None, batch_
         check_tokenizer(str(root), config)
     else:
         config = check_model(model_or_dir).config
-    check_seqlen(config, seqlen)
+    if seqlen is not None:
+        check_seqlen(config, seqlen)
 
 
 def export_size(in_dir: str | os.PathLike, fmt: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -241,8 +242,9 @@ def tensors_of(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_mixed_low_memory_equals_in_memory(tiny: dict, tmp_path: Path) -> None:
-    kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, fmt="fake",
+@pytest.mark.parametrize("fmt", ["fake", "compressed-tensors"])
+def test_mixed_low_memory_equals_in_memory(tiny: dict, tmp_path: Path, fmt: str) -> None:
+    kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, fmt=fmt,
               recipe=str(tiny["recipe"]))
     run_calibration(str(tiny["model"]), str(tmp_path / "plain"), SPEC, **kw)
     report = run_calibration(str(tiny["model"]), str(tmp_path / "low"), SPEC, low_memory=True, **kw)
@@ -253,6 +255,8 @@ def test_mixed_low_memory_equals_in_memory(tiny: dict, tmp_path: Path) -> None:
         assert torch.equal(plain[key], low[key]), key
     fp = AutoModelForCausalLM.from_pretrained(tiny["model"])
     assert torch.equal(low[f"{IGNORED}.weight"], fp.get_submodule(IGNORED).weight)  # FP, not fake-quantized
+    for path in (tmp_path / "plain").glob("*.safetensors"):
+        assert path.read_bytes() == (tmp_path / "low" / path.name).read_bytes(), path.name
 
 
 @pytest.mark.slow
@@ -294,3 +298,83 @@ def test_job_fingerprint_holds_the_recipe() -> None:
                seed=0, part="all", fmt="fake", dtype="auto", overwrite=False, progress=False, fp_target=False)
     a = CalibrationJob(**job, recipe=Recipe(ignore=["q_proj"])).fingerprint()
     assert a["recipe"]["ignore"] == ["q_proj"] and a != CalibrationJob(**job).fingerprint()
+
+
+# ---------------------------------------------------------------- exported: transformers and quantkit read it back
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tiny: dict) -> quantkit.Quantized:
+    """The example recipe calibrated once in memory (GPTQ, 4-bit g32 defaults): the fake-quantized model and codes."""
+    return quantkit.quantize(str(tiny["model"]), data=str(tiny["text"]), method="gptq", bits=4, group_size=32,
+                             nsamples=4, seqlen=32, progress=False, recipe=tiny["recipe"])
+
+
+def test_mixed_compressed_tensors_loads_in_transformers(tiny: dict, mixed_run, tmp_path: Path) -> None:
+    """CLI --recipe -> compressed-tensors: transformers loads it (through compressed-tensors) with the logits of
+    quantkit's own fake-quantized model, the 8-bit down_projs in their own config group, the FP q_proj ignored."""
+    out = tmp_path / "ct"
+    result = CliRunner().invoke(main, ["calibrate", str(tiny["model"]), "--calib", str(tiny["text"]), "--method", "gptq",
+                                       "--nsamples", "4", "--seqlen", "32", "--group-size", "32", "--recipe",
+                                       str(tiny["recipe"]), "--format", "compressed-tensors", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert IGNORED in qc["ignore"] and "lm_head" in qc["ignore"]
+    fp = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    names = [n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)]
+    eight = [g["targets"] for g in qc["config_groups"].values() if g["weights"]["num_bits"] == 8]
+    # compressed-tensors' matching: "re:" re.match-es, anything else is a full module name
+    chosen = {n for n in names for t in eight[0] if (re.match(t[3:], n) if t.startswith("re:") else t == n)}
+    assert len(eight) == 1 and chosen == EIGHT_BIT
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(5))
+    ref = logits(mixed_run.model, ids)  # the API run: the same calibration, in memory
+    assert (logits(loaded, ids) - ref).abs().max() <= 1e-3 * ref.abs().max()
+    assert torch.equal(loaded.get_submodule(IGNORED).weight, fp.get_submodule(IGNORED).weight)
+    for name in (*EIGHT_BIT, RTN):  # each decompressed weight is its own result's
+        want = mixed_run.results[name].dequantize()
+        assert torch.allclose(loaded.get_submodule(name).weight.float(), want, rtol=1e-3, atol=1e-6), name
+
+
+def rule_for(qc: dict, name: str) -> dict | bool | None:
+    """How GPTQModel and vLLM read `dynamic` (their documentation): the first key whose regex re.match-es the
+    module decides, "-:" leaving it unquantized (False), "+:" or no prefix overriding fields; None: no rule."""
+    for key, fields in qc.get("dynamic", {}).items():
+        if key.startswith("-:"):
+            if re.match(key[2:], name):
+                return False
+        elif re.match(key.removeprefix("+:"), name):
+            return fields
+    return None
+
+
+def test_mixed_gptq_dynamic_and_quantkit_reload(tiny: dict, mixed_run, tmp_path: Path) -> None:
+    """API recipe -> gptq_v2: the base setting at the top level, the 8-bit down_projs, the per-channel k_projs and
+    the RTN v_proj as "+:" dynamic rules, the FP q_proj as "-:"; quantkit reloads the run's codes and weights."""
+    from quantkit.export import read_checkpoint
+
+    out = tmp_path / "gptq"
+    quantkit.quantize(str(tiny["model"]), data=str(tiny["text"]), method="gptq", bits=4, group_size=32, nsamples=4,
+                      seqlen=32, progress=False, recipe=Recipe.from_yaml(tiny["recipe"]), output_dir=out,
+                      format="gptq_v2")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, True)
+    assert rule_for(qc, IGNORED) is False
+    for name in EIGHT_BIT:
+        assert rule_for(qc, name)["bits"] == 8, name
+    assert rule_for(qc, RTN)["group_size"] == 16
+    assert all(rule_for(qc, f"model.layers.{i}.self_attn.k_proj")["group_size"] == -1 for i in range(3))
+    assert rule_for(qc, "model.layers.1.mlp.down_proj") is None  # the top-level setting
+    stored = read_checkpoint(out).results
+    assert sorted(stored) == sorted(mixed_run.results)
+    for name, r in mixed_run.results.items():
+        assert torch.equal(stored[name].qweight, r.qweight) and stored[name].bits == r.bits, name
+    back = quantkit.load_quantized(out)
+    for name, module in mixed_run.model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert torch.equal(back.get_submodule(name).weight.float(), module.weight.float()), name

@@ -1,4 +1,4 @@
-"""`quantkit eval MODEL_OR_DIR --data PATH`: held-out loss and perplexity."""
+"""`quantkit eval MODEL_OR_DIR --data PATH | --tasks T1,T2`: held-out loss and perplexity, lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
@@ -6,33 +6,86 @@ import json
 
 import click
 
+from quantkit.cli_options import output_option
 from quantkit.data.sources import PARTS
+from quantkit.errors import QuantkitError
 
 
 @click.command("eval")
 @click.argument("model_or_dir")
-@click.option("--data", "data", required=True, help="Text source: file, dir, glob, jsonl, hf:NAME[:CONFIG][:SPLIT][:FIELD], or a comma list.")
+@click.option("--data", "data", default=None, help="Text source for loss and perplexity: file, dir, glob, jsonl, hf:NAME[:CONFIG][:SPLIT][:FIELD], or a comma list.")
+@click.option("--tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (needs `pip install quantkit[lmeval]`).")
+@click.option("--include-path", "include_path", multiple=True, type=click.Path(file_okay=False), help="With --tasks: a folder of your own task YAML files (repeatable).")
+@click.option("--num-fewshot", type=int, default=None, help="With --tasks: few-shot examples per prompt (default: each task's own).")
+@click.option("--limit", type=float, default=None, help="With --tasks: at most N examples per task (a fraction of each task when below 1).")
 @click.option("--part", type=click.Choice(PARTS), default="all", show_default=True, help="Which part of each file: heldout = last 10% of its characters.")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Window step (default: seqlen, non-overlapping).")
 @click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows (or task requests) per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1.")
+@output_option(default=None, type=click.Path(dir_okay=False), help="Also write the results as one JSON file here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model_or_dir: str, data: str, part: str, seqlen: int, stride: int | None, max_tokens: int | None, batch_size: int, as_json: bool) -> None:
-    """Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text."""
-    from quantkit.data import load_texts
-    from quantkit.eval.load import load_for_eval
-    from quantkit.eval.loss import evaluate_loss
-    from quantkit.validate import check_data, check_eval_options, preflight_eval
+def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_path: tuple[str, ...], num_fewshot: int | None,
+             limit: float | None, part: str, seqlen: int, stride: int | None, max_tokens: int | None, batch_size: int,
+             device: str, output: str | None, as_json: bool) -> None:
+    """Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text.
 
-    check_eval_options(seqlen, stride, batch_size, max_tokens)
-    check_data(data, "--data")
-    texts = load_texts(data, part=part)  # bad data fails before the model is loaded
-    preflight_eval(model_or_dir, seqlen=seqlen, stride=stride, batch_size=batch_size, max_tokens=max_tokens)
+    --tasks runs lm-evaluation-harness tasks on the same loaded model (any quantkit export format too).
+    """
+    from quantkit.validate import check_device, check_eval_options, preflight_eval
+
+    if data is None and tasks is None:
+        raise QuantkitError("nothing to evaluate; give --data (loss and perplexity on text) or --tasks "
+                            "(lm-evaluation-harness tasks), or both")
+    if tasks is None and (include_path or num_fewshot is not None or limit is not None):
+        raise QuantkitError("--include-path, --num-fewshot and --limit choose --tasks' examples; give --tasks")
+    check_device(device)
+    texts = manager = None
+    if data is not None:
+        from quantkit.data import load_texts
+        from quantkit.validate import check_data
+
+        check_eval_options(seqlen, stride, batch_size, max_tokens)
+        check_data(data, "--data")
+        texts = load_texts(data, part=part)  # bad data fails before the model is loaded
+    if tasks is not None:
+        from quantkit.eval.harness import check_tasks, parse_tasks, task_manager
+
+        names = parse_tasks(tasks)
+        manager = task_manager(include_path, names)  # a missing lm-eval, or an unknown task, fails before the model loads
+        check_tasks(names, manager)
+    preflight_eval(model_or_dir, seqlen=seqlen if data is not None else None, stride=stride, batch_size=batch_size,
+                   max_tokens=max_tokens)
+    from quantkit.eval.load import load_for_eval
+
     model, tokenizer = load_for_eval(model_or_dir)
-    res = evaluate_loss(model, tokenizer, texts, seqlen=seqlen, stride=stride, max_tokens=max_tokens, progress=not as_json, batch_size=batch_size)
-    res = {"model": model_or_dir, "data": data, "part": part, **res}
+    model = model.to(device)
+    res: dict = {"model": model_or_dir, "device": device}
+    lines = []
+    if texts is not None:
+        from quantkit.eval.loss import evaluate_loss
+
+        loss = evaluate_loss(model, tokenizer, texts, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                             progress=not as_json, batch_size=batch_size, device=device)
+        res |= {"data": data, "part": part, **loss}
+        lines.append(f"loss {loss['loss']:.4f} nats  ppl {loss['ppl']:.3f}  ({loss['tokens']} tokens, seqlen {loss['seqlen']}, stride {loss['stride']})")
+    if tasks is not None:
+        from quantkit.eval.harness import format_table, run_tasks
+
+        found = run_tasks(model, tokenizer, names, manager=manager, num_fewshot=num_fewshot, limit=limit,
+                          batch_size=batch_size, device=device)
+        res |= {"num_fewshot": num_fewshot, "limit": limit, **found}
+        lines.extend(format_table(found))
+    if output is not None:
+        from quantkit.fsutil import atomic_file
+
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(res))
     else:
-        click.echo(f"loss {res['loss']:.4f} nats  ppl {res['ppl']:.3f}  ({res['tokens']} tokens, seqlen {res['seqlen']}, stride {res['stride']})")
+        for line in lines:
+            click.echo(line)
+        if output is not None:
+            click.echo(f"results -> {output}")

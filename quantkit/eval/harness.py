@@ -1,0 +1,149 @@
+"""Benchmark tasks through lm-evaluation-harness (`quantkit eval --tasks`), on a model quantkit has loaded.
+
+The model is handed to the harness's HF model class as an object, so a quantkit export of any
+format (loaded by quantkit.export.load_quantized with its dequantized weights) is evaluated the
+same way as a plain model; the harness only sees a transformers model and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+INSTALL_HINT = "--tasks needs lm-evaluation-harness; run `pip install quantkit[lmeval]`"
+# The harness's per-task keys that are bookkeeping rather than metrics.
+_NON_METRIC_KEYS = {"alias", "name", "sample_len", "samples"}
+
+logger = logging.getLogger(__name__)
+
+
+def import_harness():
+    """The lm_eval package, or a QuantkitError saying how to install it."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM  # noqa: F401 - its dependencies (accelerate) must import too
+        from lm_eval.tasks import TaskManager  # noqa: F401
+    except ImportError as err:
+        raise QuantkitError(f"{INSTALL_HINT} ({err.name or err} is missing)") from None
+    return lm_eval
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from `T1,T2` or a list; a QuantkitError when none is named."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not names:
+        raise QuantkitError("--tasks names no task; give comma-separated lm-evaluation-harness task names")
+    return names
+
+
+def task_manager(include_path: Sequence[str | os.PathLike] = (), names: Sequence[str] = ()):
+    """The harness's TaskManager over the task YAML folders of include_path and its built-in tasks; only over
+    include_path when that holds every task in `names` (indexing the thousands of built-in YAMLs takes seconds)."""
+    import_harness()
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in include_path]
+    for path in paths:
+        if not os.path.isdir(path):
+            raise QuantkitError(f"--include-path {path} is not a directory of task YAML files")
+    if paths and names:
+        own = TaskManager(include_path=paths, include_defaults=False)
+        if all(name in set(own.all_tasks) for name in names):
+            return own
+    return TaskManager(include_path=paths or None)
+
+
+def check_tasks(names: Sequence[str], manager) -> None:
+    """Every name is a task, group or tag the harness knows; else one line naming the first unknown one."""
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known and not manager.match_tasks([name]):
+            raise QuantkitError(f"unknown lm-evaluation-harness task {name!r}; list them with `lm-eval ls tasks`, "
+                                "or give the folder of your task YAML with --include-path")
+
+
+def _clean(value: object) -> object:
+    """A JSON-safe metric value: floats as floats (NaN as None), everything else as its string."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    try:
+        number = float(value)  # numpy scalars
+    except (TypeError, ValueError):
+        return str(value)
+    return None if math.isnan(number) else number
+
+
+def run_tasks(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: str | Sequence[str],
+    *,
+    include_path: Sequence[str | os.PathLike] = (),
+    manager=None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Evaluate `model` (moved to `device`) on lm-evaluation-harness tasks; return their metrics.
+
+    Returns {"tasks": {task: {metric: value}}, "groups": {...}, "n-shot", "versions", "n-samples"} with
+    the harness's metric names ("acc,none", "acc_stderr,none"...). limit caps the examples per task
+    (a fraction when below 1), as the harness's --limit does; manager is a TaskManager already built
+    (else one over the built-in tasks and include_path).
+    """
+    lm_eval = import_harness()
+    from lm_eval.models.huggingface import HFLM
+
+    names = parse_tasks(tasks)
+    manager = manager if manager is not None else task_manager(include_path, names)
+    check_tasks(names, manager)
+    if batch_size < 1:
+        raise QuantkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise QuantkitError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
+    if limit is not None and limit <= 0:
+        raise QuantkitError(f"--limit must be positive, got {limit}")
+    model = model.to(device).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    if results is None:  # only ranks other than 0 of a distributed harness run get None
+        raise QuantkitError("lm-evaluation-harness returned no results")
+
+    def metrics(by_task: dict) -> dict:
+        return {task: {k: _clean(v) for k, v in values.items() if k not in _NON_METRIC_KEYS}
+                for task, values in by_task.items()}
+
+    return {
+        "tasks": metrics(results.get("results", {})),
+        "groups": metrics(results.get("groups", {})),
+        "n-shot": {k: _clean(v) for k, v in results.get("n-shot", {}).items()},
+        "versions": {k: _clean(v) for k, v in results.get("versions", {}).items()},
+        "n-samples": results.get("n-samples", {}),
+    }
+
+
+def format_table(results: dict) -> list[str]:
+    """One line per task and metric (its stderr beside it when the harness gives one)."""
+    lines = []
+    for task, values in sorted(results["tasks"].items()):
+        for key, value in sorted(values.items()):
+            metric, _, flt = key.partition(",")
+            if metric.endswith("_stderr") or not isinstance(value, float):
+                continue
+            stderr = values.get(f"{metric}_stderr,{flt}")
+            spread = f" +- {stderr:.4f}" if isinstance(stderr, float) else ""
+            lines.append(f"{task:<24} {metric + ('' if flt in ('', 'none') else ',' + flt):<20} {value:.4f}{spread}")
+    return lines
