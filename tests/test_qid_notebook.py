@@ -36,4 +36,7 @@ def test_qid_notebook_executes(tmp_path, monkeypatch):
     client.execute()
     text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
     assert "paper's law (GPTQ, Pythia): QiD =" in text and "our fitted law (GPTQ)" in text
-    assert "unified law" in text
+    assert "unified law" in text and "leave-last-checkpoint-out" in text
+    assert "gptq 2 bits: R^2(log) >= 0.9" in text and "gptq 3 bits: beta CI > 0" in text  # the targets, read off
+    assert "beta_rtn - beta_gptq (pooled)" in text  # per-method laws and their paired difference
+    assert "law fitted on" in text and "earlier-checkpoint points" in text  # the training-level estimator

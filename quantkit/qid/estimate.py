@@ -28,7 +28,10 @@ def training_level(law: UnifiedLaw, n_params: float, qid: float, bits: float, *,
         )
     if qid_se is not None and (not math.isfinite(qid_se) or qid_se < 0):
         raise QuantkitError(f"the QiD standard error must be a finite number >= 0, got {qid_se!r}")
-    tokens = law.tokens_for_qid(n_params, qid, bits)
+    if law.beta <= 0:
+        raise QuantkitError(f"the law's beta is {law.beta:.4g}: QiD does not grow with D, so it cannot be inverted for tokens")
+    # in logs: a law with a small beta sends D past float range, which is an answer (unbounded), not an error
+    log_tokens = (math.log(qid) + law.alpha * math.log(n_params) + law.gamma * math.log(bits) - math.log(law.k)) / law.beta
     rng = np.random.default_rng(seed)
     laws = list(draws) or [law]
     picks = rng.integers(0, len(laws), size=samples)
@@ -39,12 +42,16 @@ def training_level(law: UnifiedLaw, n_params: float, qid: float, bits: float, *,
     gamma = np.array([laws[i].gamma for i in picks])
     usable = beta > 0
     log_d = (log_q[usable] + alpha[usable] * math.log(n_params) + gamma[usable] * math.log(bits) - log_k[usable]) / beta[usable]
-    interval = None
+    interval = log_interval = None
     if log_d.size and (draws or qid_se):
         lo, hi = np.percentile(log_d, [50 * (1 - level), 50 * (1 + level)])
-        interval = [float(math.exp(lo)), float(math.exp(hi))]
+        log_interval = [float(lo / math.log(10)), float(hi / math.log(10))]
+        with np.errstate(over="ignore"):
+            interval = [float(np.exp(lo)), float(np.exp(hi))]
+    with np.errstate(over="ignore"):
+        tokens = float(np.exp(log_tokens))
     return {
-        "tokens": tokens, "ci": interval, "level": level, "qid": qid, "qid_se": qid_se, "N": n_params, "bits": bits,
+        "tokens": tokens, "ci": interval, "log10_tokens": log_tokens / math.log(10), "log10_ci": log_interval, "level": level, "qid": qid, "qid_se": qid_se, "N": n_params, "bits": bits,
         "law": law.to_dict(), "law_draws": len(draws), "samples": int(samples),
         "unusable_samples": int((~usable).sum()),
         "sources": [s for s, on in (("law draws", bool(draws)), ("qid_se", bool(qid_se))) if on],
