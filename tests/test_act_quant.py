@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -159,3 +161,24 @@ def test_w8a8_calibration_runs_smoothed(tmp_path, method: str, smooth: str) -> N
         quantized = model(input_ids=ids).logits
     reference = fp(input_ids=ids).logits.detach()
     assert float((quantized - reference).norm() / reference.norm()) < 0.05
+
+
+def test_cli_act_bits_and_smooth(tmp_path) -> None:
+    from click.testing import CliRunner
+    from helpers import save_tiny_llama, write_text
+
+    from quantkit.cli import main
+
+    model_dir, text = save_tiny_llama(tmp_path / "m"), write_text(tmp_path / "t.txt")
+    runner = CliRunner()
+    bad = runner.invoke(main, ["calibrate", str(model_dir), "--bits", "8", "--act-bits", "8", "--calib", str(text),
+                               "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "per-channel symmetric" in bad.output
+    done = runner.invoke(main, ["calibrate", str(model_dir), "--method", "gptq", "--bits", "4", "--group-size", "-1",
+                                "--act-bits", "8", "--smooth", "uniform", "--calib", str(text), "--nsamples", "4",
+                                "--seqlen", "16", "-o", str(tmp_path / "out"), "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output.strip().splitlines()[-1])
+    assert report["spec"]["act_bits"] == 8 and report["spec"]["smooth"] == "uniform"
+    manifest = json.loads((tmp_path / "out" / "quantkit.json").read_text())
+    assert manifest["spec"]["act_bits"] == 8
