@@ -109,3 +109,18 @@ def test_quantkit_eval_runs_the_export_with_its_inputs_quantized(tiny_dir, tmp_p
         model.get_submodule(name).register_forward_pre_hook(a8)
     exposed = evaluate_loss(model, make_tokenizer(), str(text), seqlen=16, progress=False)["loss"]
     assert loss == pytest.approx(exposed, abs=1e-6) and loss != pytest.approx(plain, abs=1e-6)
+
+
+def test_low_memory_w8a8_export_is_byte_identical(tiny_dir, tmp_path) -> None:
+    """--low-memory streams the layers with the same activation exposure: the same files as in memory."""
+    from helpers import assert_same_files
+
+    model_dir, text = tiny_dir
+    options = dict(data=str(text), method="gptq", bits=8, group_size=-1, act_bits=8, nsamples=4, seqlen=16,
+                   progress=False)
+    quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "memory"), **options)
+    quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "streamed"), low_memory=True, reload=False, **options)
+    assert_same_files(tmp_path / "memory", tmp_path / "streamed")
+    with pytest.raises(QuantkitError, match="one in-memory process"):
+        quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "smoothed"), low_memory=True, smooth="uniform",
+                          **options)
