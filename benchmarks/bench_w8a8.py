@@ -124,6 +124,24 @@ def summarise(rows: list[dict], settings: list[str], variants: list[str], base: 
     return summary
 
 
+def targets(summary: dict, settings: list[str]) -> dict:
+    """The issue's targets, read off the summary: W8A8 within 0.01 nats of FP, TLQ-weighted smoothing + TLQ at
+    or below the SmoothQuant-equivalent's gap in every cell, and at most 0.8x of it at W4A8."""
+    out = {}
+    for label in settings:
+        cell = summary[label]
+        if "tlq_tlq" not in cell or "sq_gptq" not in cell:
+            continue
+        ratio = cell["tlq_tlq"]["gap"] / cell["sq_gptq"]["gap"] if cell["sq_gptq"]["gap"] > 0 else float("nan")
+        out[label] = {"tlq_gap_at_most_sq_gap": cell["tlq_tlq"]["gap"] <= cell["sq_gptq"]["gap"],
+                      "tlq_over_sq_ratio_of_means": round(ratio, 3)}
+        if label.startswith("W8"):
+            out[label]["within_0.01_of_fp"] = {name: item["gap"] <= 0.01 for name, item in cell.items()}
+        if label == "W4A8":
+            out[label]["tlq_at_most_0.8x_sq"] = ratio <= 0.8
+    return out
+
+
 def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int,
              settings: list[str]) -> list[dict]:
     """llm-compressor's SmoothQuantModifier + GPTQModifier on the same windows, in its own venv."""
@@ -199,6 +217,7 @@ def main() -> None:
             out["summary"][label]["llmc_sq_gptq"] = {
                 "gap": round(mean, 5), "gap_se": round(se, 5),
                 "calib_s": round(sum(r["seconds"] for r in llmc if r["setting"] == label) / len(gaps), 2)}
+    out["targets"] = targets(out["summary"], args.settings)
     out["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(out, indent=1)
     if args.output:
