@@ -182,3 +182,37 @@ def test_cli_act_bits_and_smooth(tmp_path) -> None:
     assert report["spec"]["act_bits"] == 8 and report["spec"]["smooth"] == "uniform"
     manifest = json.loads((tmp_path / "out" / "quantkit.json").read_text())
     assert manifest["spec"]["act_bits"] == 8
+
+
+def test_quantized_head_is_solved_on_quantized_inputs() -> None:
+    """With --quantize-lm-head the head's Hessian comes from its act-quantized inputs (the final norm of the
+    quantized stream, run here with hand-written hooks): GPTQ on that Hessian gives the head's codes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from quantkit.engine import calibrate_model
+    from quantkit.quant import gptq_solve
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    head_weight = model.lm_head.weight.detach().clone()
+    samples = [{"input_ids": torch.randint(0, 64, (1, 16))} for _ in range(4)]
+    spec = QuantSpec(bits=4, group_size=-1, act_bits=4, act_order=False)  # 4-bit inputs: a Hessian far from FP's
+    results = calibrate_model(model, samples, spec, method="gptq", lm_head=True, progress=False).results
+
+    captured = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            module.register_forward_pre_hook(lambda m, args: (reference_fake_quant(args[0].double(), 4).float(),))
+    model.lm_head.register_forward_pre_hook(lambda m, args: captured.append(args[0].double().reshape(-1, 32)))
+    with torch.no_grad():
+        for sample in samples:
+            model(**sample, use_cache=False)
+    plain = torch.cat(captured)
+    x = reference_fake_quant(plain, 4)
+    reference = gptq_solve(head_weight.float(), (2 * x.T @ x / x.shape[0]).float(), spec)
+    unexposed = gptq_solve(head_weight.float(), (2 * plain.T @ plain / plain.shape[0]).float(), spec)
+    agree = (reference.qweight == results["lm_head"].qweight).float().mean()
+    assert agree > 0.99 and (unexposed.qweight == results["lm_head"].qweight).float().mean() < agree

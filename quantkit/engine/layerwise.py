@@ -32,6 +32,7 @@ from quantkit.engine.solve import (
 from quantkit.engine.weights import LayerWeights, as_layer_weights
 from quantkit.models import get_module
 from quantkit.models.base import Adapter
+from quantkit.quant.activations import fake_quantize_tokens
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -357,7 +358,10 @@ def quantize_head(
         acc = HessianAccumulator(head.in_features, device, cross=fp_inputs is not None)
         for index in range(len(inputs)):
             fp = None if fp_inputs is None else norm(fp_inputs.hidden[index].to(device))
-            acc.add(norm(inputs.hidden[index].to(device)), None if weights is None else weights[index], fp)
+            x = norm(inputs.hidden[index].to(device))
+            if spec.act_bits is not None:  # the head reads its inputs quantized at inference, as the layers' linears
+                x = fake_quantize_tokens(x, spec.act_bits)
+            acc.add(x, None if weights is None else weights[index], fp)
         reduce_accumulator(acc, comm)
         hessian, cross = acc.result(), acc.cross_result()
     weight = head.weight.data.float()
