@@ -52,3 +52,38 @@ def test_vlm_w8a8_keeps_the_vision_tower_fp(tmp_path) -> None:
         x = seen[name]
         steps = x / (x.abs().amax(dim=-1, keepdim=True) / 127)
         assert torch.allclose(steps, steps.round(), atol=1e-3), name
+
+
+def test_quantized_vision_side_is_exposed_too(tmp_path) -> None:
+    """With --quantize-vision the language model's first Hessian comes from a tower whose linears read
+    act-quantized inputs (checked with hooks written here on the quantized model)."""
+    torch.set_num_threads(1)
+    model, processor = build_vlm("qwen2_vl")
+    samples = image_text_samples(write_image_dataset(tmp_path / "data", n=2), processor, nsamples=2, seed=0)
+    observed = {}
+    calibration = calibrate_model(model, samples, QuantSpec(bits=8, group_size=-1, act_bits=8), method="gptq",
+                                  vision=True, progress=False, observer=lambda n, h: observed.setdefault(n, h.clone()))
+    assert any(n.startswith("model.visual.") for n in calibration.results)
+    name = "model.language_model.layers.0.self_attn.q_proj"
+
+    def a8(module, args):
+        scale = args[0].abs().amax(dim=-1, keepdim=True) / 127
+        return (torch.clamp(torch.round(args[0] / scale), -128, 127) * scale,)
+
+    def hessian(hooked: list[str]) -> torch.Tensor:
+        handles = [model.get_submodule(n).register_forward_pre_hook(a8) for n in hooked]
+        captured = []
+        handles.append(model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())))
+        with torch.no_grad():
+            for sample in samples:
+                model(**model_inputs(sample))
+        for handle in handles:
+            handle.remove()
+        x = torch.cat(captured)
+        return 2 * x.T @ x / x.shape[0]
+
+    exposed = hessian(sorted(calibration.results))
+    assert torch.allclose(observed[name].double(), exposed, rtol=1e-3, atol=1e-5)
+    lm_only = hessian([n for n in calibration.results if not n.startswith("model.visual.")])
+    assert not torch.allclose(observed[name].double(), lm_only, rtol=1e-3, atol=1e-5)

@@ -159,8 +159,12 @@ def first_layer_streams(
     fp_inputs = None
     if method.fp_target_on(fp_target):
         fp_inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
-    results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm, plan)
-    inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+    # with act_bits the quantized vision linears read quantized inputs while they are solved and while the
+    # language model's first inputs are captured, as at inference
+    solved = [name for group in groups for name in group if (plan or LinearPlan(spec, method)).settings(name) is not None]
+    with quantized_inputs(model, solved, spec.act_bits):
+        results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm, plan)
+        inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
     return inputs, fp_inputs, results, report
 
 
