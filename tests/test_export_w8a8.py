@@ -124,3 +124,19 @@ def test_low_memory_w8a8_export_is_byte_identical(tiny_dir, tmp_path) -> None:
     with pytest.raises(QuantkitError, match="one in-memory process"):
         quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "smoothed"), low_memory=True, smooth="uniform",
                           **options)
+
+
+def test_conversion_keeps_the_activation_bits(tiny_dir, tmp_path) -> None:
+    """quantkit export to fake and back keeps act_bits and the codes; the reloaded model quantizes its inputs."""
+    model_dir, text = tiny_dir
+    out = tmp_path / "ct"
+    quantkit.quantize(str(model_dir), data=str(text), method="rtn", bits=8, group_size=-1, act_bits=8, nsamples=2,
+                      seqlen=16, progress=False, output_dir=str(out))
+    original = read_checkpoint(out)
+    write_checkpoint(original, tmp_path / "fake", fmt="fake")
+    write_checkpoint(read_checkpoint(tmp_path / "fake"), tmp_path / "back", fmt="compressed-tensors")
+    back = read_checkpoint(tmp_path / "back")
+    assert back.manifest["spec"]["act_bits"] == 8
+    assert all(torch.equal(back.results[n].qweight, r.qweight) for n, r in original.results.items())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    assert hasattr(quantkit.load_quantized(tmp_path / "fake"), "quantkit_activation_quantizer")
