@@ -259,7 +259,6 @@ def test_mixed_low_memory_equals_in_memory(tiny: dict, tmp_path: Path, fmt: str)
         assert path.read_bytes() == (tmp_path / "low" / path.name).read_bytes(), path.name
 
 
-@pytest.mark.slow
 def test_mixed_ranks_equal_one_process(tiny: dict, tmp_path: Path) -> None:
     """Two spawned ranks (in memory and streaming) give the one-process run's tensors under a mixed recipe."""
     kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, fmt="fake",
