@@ -140,3 +140,12 @@ def test_conversion_keeps_the_activation_bits(tiny_dir, tmp_path) -> None:
     assert all(torch.equal(back.results[n].qweight, r.qweight) for n, r in original.results.items())
     assert json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
     assert hasattr(quantkit.load_quantized(tmp_path / "fake"), "quantkit_activation_quantizer")
+
+
+def test_model_card_names_w8a8(tiny_dir, tmp_path) -> None:
+    model_dir, text = tiny_dir
+    out = tmp_path / "out"
+    quantkit.quantize(str(model_dir), data=str(text), method="rtn", bits=8, group_size=-1, act_bits=8, nsamples=2,
+                      seqlen=16, progress=False, output_dir=str(out))
+    card = (out / "README.md").read_text()
+    assert "W8A8" in card and "act_bits: 8" in card and "per token to 8 bits" in card

@@ -36,6 +36,10 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         "act_order": spec.get("act_order"), "format": fmt,
         "fp_target": report.get("fp_target"), "lm_head": bool(report.get("lm_head")), "vision": bool(report.get("vision")),
     }
+    act_bits = spec.get("act_bits")
+    if act_bits is not None:  # inputs quantized per token too (weight-only cards read as before)
+        quantization.update(act_bits=act_bits, act_strategy="token, dynamic, symmetric",
+                            smooth=(report.get("spec") or {}).get("smooth", "none"))
     calibration = {"data": report.get("calib_set") or report.get("calib"), "nsamples": report.get("nsamples"),
                    "seqlen": report.get("seqlen"), "seed": report.get("seed")}
     data = ModelCardData(
@@ -46,13 +50,17 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
     )
     known = REGISTRY.get(fmt)
     extras, vllm = (known.transformers_extras, known.vllm_loads) if known is not None else ("", False)
-    title = f"{Path(base).name if base else 'model'} {method.upper()} W{spec.get('bits')}"
+    title = f"{Path(base).name if base else 'model'} {method.upper()} W{spec.get('bits')}" + (
+        f"A{act_bits}" if act_bits is not None else "")
     group = "per channel" if spec.get("group_size") == -1 else f"group size {spec.get('group_size')}"
     lines = [
         "---", data.to_yaml(), "---", "", f"# {title}", "",
         f"{base or 'A model'} quantized by quantkit with {method} to {spec.get('bits')} bits ({group}, "
         f"{'symmetric' if spec.get('sym') else 'asymmetric'}), stored as {fmt}.",
     ]
+    if act_bits is not None:
+        lines.append(f"Every quantized linear's input is quantized per token to {act_bits} bits at inference (dynamic, "
+                     "symmetric: compressed-tensors' input_activations), as it was during calibration.")
     overrides = manifest.get("module_specs") or {}
     if overrides:
         others = sorted({f"W{s.get('bits')} g{s.get('group_size')} {'sym' if s.get('sym') else 'asym'}"
