@@ -212,3 +212,20 @@ def test_training_level_bad_input_is_one_error_line(tmp_path):
     good = run("training-level", model, "--law", law, "--bits", "3", "--method", "rtn", "--qid", "0.1", "--qid-se", "0.01", "--json")
     assert good.exit_code == 0, good.output
     assert json.loads(good.output)["measurement"]["qid"] == 0.1
+
+
+def test_fit_options_estimator_resample_and_method_differences(tmp_path):
+    """--resample errors and --estimator huber reach the fit; two methods give a paired beta difference in the JSON."""
+    csv = tmp_path / "q.csv"
+    _write_grid(csv, methods=("gptq", "rtn"))
+    res = run("fit", csv, "--law", "unified", "--bootstrap", "20", "--resample", "errors", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["resample"] == "errors" and all(f["bootstrap"]["resample"] == "errors" for f in doc["fits"])
+    [diff] = doc["method_differences"]
+    assert (diff["a"], diff["b"]) == ("gptq", "rtn") and diff["differences"]["beta"]["value"] == pytest.approx(0.0, abs=0.02)
+    assert all("leave_last_out" in f and len(f["draws"]["beta"]) == 20 for f in doc["fits"])
+    huber = json.loads(run("fit", csv, "--law", "unified", "--bootstrap", "0", "--estimator", "huber", "--json").output)
+    assert {f["estimator"] for f in huber["fits"]} == {"huber"}
+    res = run("fit", csv, "--estimator", "lasso")
+    assert res.exit_code == 2

@@ -169,7 +169,7 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
 @click.option("--method", default="gptq", show_default=True, help="Quantization method to measure with (and the fit's method to use).")
 @click.option("--data", "eval_text", default=None, help="Eval text (file, glob, directory or hf:DATASET); required unless --qid is given.")
 @click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score.")
-@click.option("--eval-tokens", type=int, default=200_000, show_default=True, help="Token budget of the eval stream.")
+@click.option("--eval-tokens", type=int, default=201_000, show_default=True, help="Token budget of the eval stream (the sweep's: about 200k scored).")
 @click.option("--eval-seqlen", type=int, default=256, show_default=True, help="Tokens per evaluation window (the bootstrap unit).")
 @click.option("--calib", default=None, help="Calibration text (default: the eval source's train part).")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration windows.")
