@@ -377,3 +377,21 @@ def test_mixed_gptq_dynamic_and_quantkit_reload(tiny: dict, mixed_run, tmp_path:
     for name, module in mixed_run.model.named_modules():
         if isinstance(module, torch.nn.Linear):
             assert torch.equal(back.get_submodule(name).weight.float(), module.weight.float()), name
+
+
+def test_head_override_and_ignore(tiny: dict) -> None:
+    """With --quantize-lm-head the head is a candidate: an override gives it 8 bits, ignore leaves it in FP."""
+    from quantkit.engine import calibrate_model
+
+    samples = [{"input_ids": torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    head8 = calibrate_model(model, samples, SPEC, method="gptq", progress=False, lm_head=True,
+                            recipe=Recipe(overrides=[Override(targets=["lm_head"], bits=8, method="rtn")]))
+    result = head8.results["lm_head"]
+    fp = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    assert result.bits == 8 and torch.equal(result.qweight, rtn_by_hand(fp.lm_head.weight, 8, 32))
+    assert head8.report["lm_head"]["bits"] == 8 and head8.report["lm_head"]["method"] == "rtn"
+    assert head8.results["model.layers.0.mlp.up_proj"].bits == 4
+    kept = calibrate_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), samples, SPEC, method="gptq",
+                           progress=False, lm_head=True, recipe=Recipe(ignore=["lm_head"]))
+    assert "lm_head" not in kept.results and kept.report["lm_head"] is None and kept.report["ignored"] == ["lm_head"]
