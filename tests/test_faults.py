@@ -14,6 +14,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -98,12 +99,19 @@ def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the model is loaded: the check under test must come before it."""
+    import quantkit.calibrate
+    import quantkit.eval.cli
+    import quantkit.importance.cli
     import quantkit.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the faulty input was checked")
 
-    monkeypatch.setattr(quantkit.models, "load_model", refuse)
+    # Modules that imported the function at their top hold their own reference: patch each of them.
+    original = quantkit.models.load_model
+    for name, module in list(sys.modules.items()):
+        if name.startswith("quantkit") and getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", refuse)
 
 
 def calibrate(work: Path, *extra) -> list:
