@@ -229,3 +229,5 @@ def test_fit_options_estimator_resample_and_method_differences(tmp_path):
     assert {f["estimator"] for f in huber["fits"]} == {"huber"}
     res = run("fit", csv, "--estimator", "lasso")
     assert res.exit_code == 2
+    res = run("fit", csv, "--estimator", "huber", "--resample", "errors")
+    assert res.exit_code == 2 and "needs --estimator wls" in res.output

@@ -199,6 +199,7 @@ def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tok
         if eval_text is None:
             raise QuantkitError("give --data (the eval text to measure QiD on) or a measured --qid")
         fit_groups = chosen.get("group_size") or []
+        fit_groups = fit_groups if isinstance(fit_groups, list) else [fit_groups]
         if group_size is None:
             group_size = int(fit_groups[0]) if len(fit_groups) == 1 else 128
         settings = Measurement(eval_text=eval_text, calib=calib, eval_part=eval_part, eval_tokens=eval_tokens,

@@ -291,6 +291,8 @@ def _check_options(estimator: str, resample: str) -> None:
         raise QuantkitError(f"unknown estimator {estimator!r}; choose {' or '.join(ESTIMATORS)}")
     if resample not in RESAMPLES:
         raise QuantkitError(f"unknown resampling {resample!r}; choose {' or '.join(RESAMPLES)}")
+    if estimator == "huber" and resample == "errors":
+        raise QuantkitError("--resample errors needs --estimator wls: a Huber fit has no error model to redraw from")
 
 
 def _unified_problem(points: list[dict], fold_bits: bool, estimator: str, delta: float, misfit: bool,
