@@ -339,10 +339,11 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
             export_streamed(model, calibration.results, job.output, fmt=job.fmt, source=job.model_name, report=report,
                             overwrite=job.overwrite)
         else:
-            # a given tokenizer or processor is saved with save_pretrained; else the source's files are copied
+            # a given tokenizer or processor is saved with save_pretrained; else the one the source (the loaded
+            # model's name_or_path included) builds
+            source = job.model_name if job.model is None else getattr(job.model.config, "_name_or_path", "") or None
             save_quantized(model, calibration.results, job.output, fmt=job.fmt, report=report, overwrite=job.overwrite,
-                           source=None if job.model is not None or job.tokenizer is not None else job.model_name,
-                           processor=job.tokenizer)
+                           source=None if job.tokenizer is not None else source, processor=job.tokenizer)
     if rank == 0 and report_path is not None:
         Path(report_path).write_text(json.dumps(report))
     if keep is not None:

@@ -87,6 +87,23 @@ def test_loaded_model_and_in_memory_data_match_the_cli(run, tmp_path, kind) -> N
     assert AutoTokenizer.from_pretrained(out)("w1 w2")["input_ids"] == make_tokenizer()("w1 w2")["input_ids"]
 
 
+def test_tokenizer_is_saved_by_save_pretrained_from_a_path_and_a_loaded_model(run, tmp_path) -> None:
+    """Without a given tokenizer the export holds the one the source builds, written by transformers'
+    own save_pretrained (the same files as saving it directly), also for a loaded model without one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = tmp_path / "reference"
+    source_tokenizer = AutoTokenizer.from_pretrained(run["model"])
+    source_tokenizer.save_pretrained(reference)
+    model = AutoModelForCausalLM.from_pretrained(run["model"])
+    quantkit.quantize(model, data=[run["text"].read_text()], output_dir=tmp_path / "loaded", progress=False, **SETTINGS)
+    for out in (run["cli"], tmp_path / "loaded"):
+        for path in reference.iterdir():
+            assert (out / path.name).read_bytes() == path.read_bytes(), (out, path.name)
+        exported = AutoTokenizer.from_pretrained(out)
+        assert exported("w5 w7 w59")["input_ids"] == source_tokenizer("w5 w7 w59")["input_ids"]
+
+
 def test_no_output_dir_writes_nothing(run, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     model, report = quantkit.quantize(str(run["model"]), data=str(run["text"]), progress=False, method="rtn",

@@ -446,20 +446,44 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _copy_source_files(source: str, out: Path) -> None:
+    """The source's tokenizer or processor saved by its own save_pretrained (so the export holds what
+    transformers loads, in the installed version's layout), plus its generation config; where
+    transformers cannot load one, the source's files are copied as they are."""
+    processor = _load_source_processor(source)
+    if processor is None:
+        _copy_files(source, out, SOURCE_FILES)
+        return
+    processor.save_pretrained(str(out))
+    _copy_files(source, out, ("generation_config.json",))
+
+
+def _load_source_processor(source: str):
+    """The processor (a tokenizer for text models) transformers builds from `source`, or None."""
+    from transformers import AutoProcessor
+
+    path = Path(source).expanduser()
+    try:  # a hub id: only what the local cache holds (the model itself was read from it), no network
+        return AutoProcessor.from_pretrained(str(path) if path.is_dir() else source, local_files_only=not path.is_dir())
+    except Exception as err:  # noqa: BLE001 - a source without a loadable tokenizer still exports
+        logger.debug("no tokenizer or processor loads from %r (%s); copying its files", source, err)
+        return None
+
+
+def _copy_files(source: str, out: Path, names: tuple[str, ...]) -> None:
     src = Path(source).expanduser()
     if src.is_dir():
-        for fname in SOURCE_FILES:
+        for fname in names:
             if (src / fname).is_file():
                 shutil.copy2(src / fname, out / fname)
         return
     try:  # a hub id: only what the local cache already holds (no network needed)
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(source, allow_patterns=list(SOURCE_FILES), local_files_only=True))
+        local = Path(snapshot_download(source, allow_patterns=list(names), local_files_only=True))
     except Exception as err:  # noqa: BLE001 - tokenizer files are a convenience
         logger.warning("could not copy tokenizer/processor files from %r: %s", source, err)
         return
-    for fname in SOURCE_FILES:
+    for fname in names:
         if (local / fname).is_file():
             shutil.copy2(local / fname, out / fname)
 
