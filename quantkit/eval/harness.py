@@ -7,10 +7,12 @@ same way as a plain model; the harness only sees a transformers model and its to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from unittest import mock
 
 import torch
 
@@ -115,10 +117,11 @@ def run_tasks(
         raise QuantkitError(f"--limit must be positive, got {limit}")
     model = model.to(device).eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )
+    with _no_environment_record():
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
     if results is None:  # only ranks other than 0 of a distributed harness run get None
         raise QuantkitError("lm-evaluation-harness returned no results")
 
@@ -147,3 +150,20 @@ def format_table(results: dict) -> list[str]:
             spread = f" +- {stderr:.4f}" if isinstance(stderr, float) else ""
             lines.append(f"{task:<24} {metric + ('' if flt in ('', 'none') else ',' + flt):<20} {value:.4f}{spread}")
     return lines
+
+
+@contextlib.contextmanager
+def _no_environment_record() -> Iterator[None]:
+    """Run the harness without its environment record (git hash, torch's collect_env).
+
+    The harness records them by forking git, pip and nvidia-smi from this process; forked from a
+    process running torch's thread pool, such a child can hang before its exec (seen in our test
+    suite), and quantkit's results carry none of it.
+    """
+    import lm_eval.evaluator as evaluator
+
+    with contextlib.ExitStack() as stack:
+        for name, stub in (("get_git_commit_hash", lambda: None), ("add_env_info", lambda storage: None)):
+            if hasattr(evaluator, name):
+                stack.enter_context(mock.patch.object(evaluator, name, stub))
+        yield
