@@ -154,15 +154,17 @@ def format_table(results: dict) -> list[str]:
 
 @contextlib.contextmanager
 def _no_environment_record() -> Iterator[None]:
-    """Run the harness without its environment record (git hash, torch's collect_env).
+    """Run the harness without forking this process: no environment record (git hash, torch's
+    collect_env) and bootstrap standard errors in-process (its DISABLE_MULTIPROC switch).
 
-    The harness records them by forking git, pip and nvidia-smi from this process; forked from a
-    process running torch's thread pool, such a child can hang before its exec (seen in our test
-    suite), and quantkit's results carry none of it.
+    A child forked from a process running torch's thread pool can hang on a lock held by a thread
+    that does not exist in it (seen in our test suite: the harness's git call and its bootstrap
+    Pool); quantkit's results carry no environment record.
     """
     import lm_eval.evaluator as evaluator
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}))
         for name, stub in (("get_git_commit_hash", lambda: None), ("add_env_info", lambda storage: None)):
             if hasattr(evaluator, name):
                 stack.enter_context(mock.patch.object(evaluator, name, stub))
