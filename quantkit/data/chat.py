@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from quantkit.data.sources import jsonl_records
 from quantkit.errors import QuantkitError
 
 CHAT_FIELD = "messages"
@@ -156,19 +157,8 @@ def truncate_chat(sample: dict, max_length: int, where: str = "record") -> dict:
 def read_chat_records(jsonl_path: str | os.PathLike) -> list[tuple[str, dict]]:
     """(file:line, record) for every record of a chat JSONL file, each checked to hold messages."""
     path = Path(jsonl_path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise QuantkitError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QuantkitError(f"{where}: invalid JSON ({err.msg}); each line must be one JSON object") from None
+    for where, record in jsonl_records(path):
         chat_messages(record, where)
         records.append((where, record))
     if not records:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from quantkit.data.sources import jsonl_records
 from quantkit.errors import QuantkitError
 
 # Processor outputs with one entry per token: cut together when max_length truncates a sample.
@@ -207,19 +208,8 @@ def truncate_sample(sample: dict, max_length: int, where: str = "record") -> dic
 def read_image_records(jsonl_path: str | Path) -> list[tuple[str, dict, Path]]:
     """(file:line, record, image path) for every record of an image-text JSONL file."""
     path = Path(jsonl_path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise QuantkitError(f"cannot read {path}: {err.strerror or err}") from err
     records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QuantkitError(f"{where}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+    for where, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise QuantkitError(f"{where}: no 'image' path; each record needs an 'image' string")
         records.append((where, record, path.parent / record["image"]))

@@ -74,21 +74,31 @@ def _read_text_file(path: Path) -> str:
         raise QuantkitError(f"cannot read {path}: {err.strerror}") from err
 
 
-def read_jsonl(path: Path, field: str = "text") -> list[str]:
-    """The `field` strings of a JSONL file; a bad line raises QuantkitError naming file:line."""
-    texts = []
+def jsonl_records(path: str | Path) -> list[tuple[str, object]]:
+    """("file:line", parsed value) for every non-blank line of a JSONL file; a line that is not JSON
+    raises QuantkitError naming file:line."""
+    path = Path(path)
+    records = []
     for lineno, line in enumerate(_read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            records.append((where, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise QuantkitError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+            raise QuantkitError(f"{where}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+    return records
+
+
+def read_jsonl(path: Path, field: str = "text") -> list[str]:
+    """The `field` strings of a JSONL file; a bad line raises QuantkitError naming file:line."""
+    texts = []
+    for where, record in jsonl_records(path):
         if not isinstance(record, dict) or field not in record:
-            raise QuantkitError(f"{path}:{lineno}: no {field!r} field; each line must be an object with a {field!r} string")
+            raise QuantkitError(f"{where}: no {field!r} field; each line must be an object with a {field!r} string")
         value = record[field]
         if not isinstance(value, str):
-            raise QuantkitError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+            raise QuantkitError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
         texts.append(value)
     return texts
 
