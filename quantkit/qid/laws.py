@@ -64,16 +64,21 @@ def load_law(spec: str | os.PathLike, method: str | None = None, bits: int | Non
     """A published law by name, or the unified law from a `qid fit` JSON (choose --method if several)."""
     if str(spec) in PUBLISHED_LAWS:
         return PUBLISHED_LAWS[str(spec)]
+    path, doc = _read_law_file(spec, "fit")
+    return law_from_fit(doc, method=method, bits=bits, source=str(path))
+
+
+def _read_law_file(spec: str | os.PathLike, kind: str) -> tuple[Path, object]:
+    """(path, parsed JSON) of a law or fit file `spec` that is not a published law's name."""
     path = Path(spec)
     if not path.is_file():
         raise QuantkitError(
             f"unknown law {str(spec)!r}: give one of {', '.join(PUBLISHED_LAWS)} or the path of a `qid fit -o` JSON file"
         )
     try:
-        doc = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise QuantkitError(f"cannot read fit file {path}: {err}; give the JSON written by `qid fit -o`") from err
-    return law_from_fit(doc, method=method, bits=bits, source=str(path))
+        raise QuantkitError(f"cannot read {kind} file {path}: {err}; give the JSON written by `qid fit -o`") from err
 
 
 def chosen_fit(doc: dict, method: str | None = None, bits: int | None = None, source: str = "fit") -> dict:
@@ -131,15 +136,7 @@ def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int 
     """
     if str(spec) in PUBLISHED_LAWS:
         return PUBLISHED_LAWS[str(spec)], [], {}
-    path = Path(spec)
-    if not path.is_file():
-        raise QuantkitError(
-            f"unknown law {str(spec)!r}: give one of {', '.join(PUBLISHED_LAWS)} or the path of a `qid fit -o` JSON file"
-        )
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise QuantkitError(f"cannot read law file {path}: {err}; give the JSON written by `qid fit -o`") from err
+    path, doc = _read_law_file(spec, "law")
     if isinstance(doc, dict) and "fits" in doc:
         chosen = chosen_fit(doc, method=method, bits=bits, source=str(path))
         law = law_from_fit(doc, method=method, bits=bits, source=str(path))
