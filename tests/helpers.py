@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -291,3 +292,29 @@ def write_image_dataset(root: Path, n: int = 6, size: int = 56) -> str:
     path = root / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return str(path)
+
+
+def execute_notebook(notebook: Path, tmp_path: Path, monkeypatch, **env: str) -> str:
+    """Execute every cell of `notebook` in a kernel on this interpreter (with `env` set); return the
+    text its cells printed."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # A kernel spec for exactly this interpreter, so the test never picks up another Python.
+    spec_dir = tmp_path / "jupyter" / "kernels" / "quantkit-test"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "quantkit test", "language": "python",
+    }))
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(notebook, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name="quantkit-test", timeout=120,
+                                     resources={"metadata": {"path": str(notebook.parent)}})
+    client.execute()
+    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 
-import pytest
+from helpers import execute_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "qid_scaling_laws.ipynb"
@@ -15,27 +12,9 @@ SWEEP_CSV = REPO / "benchmarks" / "results" / "qid_sweep.csv"
 
 
 def _execute(tmp_path, monkeypatch) -> str:
-    """Run the notebook in a kernel on this interpreter; return the text it printed."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    """Run the notebook on the committed sweep CSV; return the text it printed."""
     assert SWEEP_CSV.is_file(), "run `python benchmarks/qid_sweep.py` to create the sweep CSV the notebook reads"
-    # A kernel spec for exactly this interpreter, so the test never picks up another Python.
-    spec_dir = tmp_path / "jupyter" / "kernels" / "quantkit-test"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "quantkit test", "language": "python",
-    }))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="quantkit-test", timeout=120,
-                                     resources={"metadata": {"path": str(REPO / "notebooks")}})
-    client.execute()
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
-
+    return execute_notebook(NOTEBOOK, tmp_path, monkeypatch, MPLBACKEND="Agg")
 
 def test_qid_notebook_executes(tmp_path, monkeypatch):
     """All cells run without error on the committed CSV; fits, targets, method laws, estimator and projection print."""

@@ -3,39 +3,13 @@ transformers, evaluate, push to a dry-run hub client."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
 from pathlib import Path
 
-import pytest
+from helpers import execute_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
-
-
-def run_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Execute every cell in a kernel on this interpreter; return the cells' printed text."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    # A kernel spec for exactly this interpreter, so the test never picks up another Python.
-    spec_dir = tmp_path / "jupyter" / "kernels" / "quantkit-test"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "quantkit test", "language": "python",
-    }))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the notebook must need no network
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="quantkit-test", timeout=120,
-                                     resources={"metadata": {"path": str(REPO / "notebooks")}})
-    client.execute()
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
 
 
 def number(pattern: str, text: str) -> float:
@@ -48,7 +22,7 @@ def number(pattern: str, text: str) -> float:
 def test_quickstart_notebook(tmp_path, monkeypatch) -> None:
     """Transformers' loading of the export gives quantkit's logits; TLQ at 4 bits stays closer to the FP loss
     than RTN; the push uploads the whole export with its model card."""
-    text = run_notebook(tmp_path, monkeypatch)
+    text = execute_notebook(NOTEBOOK, tmp_path, monkeypatch, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     # transformers decodes the compressed-tensors export with its own code: an independent reading of the bytes
     assert number(r"max \|logit difference\| [0-9.e+-]+ \(relative", text) <= 1e-4
     assert "tlq W4 g32 -> compressed-tensors" in text
