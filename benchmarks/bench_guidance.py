@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tlq import REF_LM, TEXT_DIR, _train_stream, validation_windows, windows_loss  # noqa: E402
+from common import heldout_windows, mean_se, run_llmc_runner  # noqa: E402
 
 # (bits, group size, sym) per setting label; the reference LM is 192 wide, so g64 stands in for g128
 SETTINGS = {
@@ -151,14 +149,6 @@ def _weights_summary(report: dict) -> dict:
     return out
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def summarise(rows: list[dict], settings: list[str], variants: list[str], base: str = "gptq") -> dict:
     """Per setting and variant: mean gap, and the paired ratio to `base` (mean and SE over seeds)."""
     summary = {}
@@ -168,10 +158,10 @@ def summarise(rows: list[dict], settings: list[str], variants: list[str], base: 
         for name in variants:
             gaps = [r[f"{name}_gap"] for r in mine]
             ratios = [r[f"{name}_gap"] / r[f"{base}_gap"] for r in mine if r[f"{base}_gap"] > 0]
-            mean_gap, se_gap = _mean_se(gaps)
-            mean_ratio, se_ratio = _mean_se(ratios) if ratios else (float("nan"), float("nan"))
+            mean_gap, se_gap = mean_se(gaps)
+            mean_ratio, se_ratio = mean_se(ratios) if ratios else (float("nan"), float("nan"))
             diffs = [r[f"{name}_gap"] - r[f"{base}_gap"] for r in mine]
-            mean_diff, se_diff = _mean_se(diffs)
+            mean_diff, se_diff = mean_se(diffs)
             entry[name] = {"gap": round(mean_gap, 5), "gap_se": round(se_gap, 5), f"over_{base}": round(mean_ratio, 3),
                            f"over_{base}_se": round(se_ratio, 3), f"minus_{base}": round(mean_diff, 5),
                            f"minus_{base}_se": round(se_diff, 5),
@@ -184,31 +174,19 @@ def summarise(rows: list[dict], settings: list[str], variants: list[str], base: 
 def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int,
              settings: list[str]) -> list[dict]:
     """llm-compressor's GPTQModifier (its defaults: actorder static) on the same windows, in its own venv."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from quantkit.data import calibration_samples, resolve_texts, tokenize_documents
+    from quantkit.data import calibration_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="heldout"), tokenizer)
-    count = min(eval_tokens // seqlen, ids.numel() // seqlen)
-    evaluation = ids[: count * seqlen].reshape(count, seqlen)
+    evaluation = heldout_windows(tokenizer, seqlen, eval_tokens)
     runner = Path(__file__).resolve().parent / "llmc_runner.py"
+    wanted = [{"bits": SETTINGS[s][0], "group_size": SETTINGS[s][1], "sym": SETTINGS[s][2]} for s in settings]
     out = []
     for seed in seeds:
         samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
         calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "windows.safetensors"
-            save_file({"calib": calib.contiguous(), "eval": evaluation.contiguous()}, str(path))
-            wanted = [{"bits": SETTINGS[s][0], "group_size": SETTINGS[s][1], "sym": SETTINGS[s][2]} for s in settings]
-            done = subprocess.run([python, str(runner), "--model", model_dir, "--windows", str(path), "--settings",
-                                   json.dumps(wanted)], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
-                                   "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
-        line = next((x for x in done.stdout.splitlines() if x.startswith("LLMC_RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"llm-compressor failed: {done.stderr[-2000:]}")
-        result = json.loads(line[len("LLMC_RESULT "):])
+        result = run_llmc_runner(python, runner, model_dir, calib, evaluation, ["--settings", json.dumps(wanted)])
         for label, item in zip(settings, result["results"]):
             out.append({"seed": seed, "setting": label, "loss": item["loss"], "seconds": item["seconds"],
                         "llmcompressor": result["llmcompressor"]})
@@ -322,11 +300,11 @@ def main() -> None:
             theirs = [r for r in llmc if r["setting"] == label]
             for name in args.variants:
                 ratios = [(mine[r["seed"]][f"{name}_gap"]) / (r["loss"] - mine[r["seed"]]["fp_loss"]) for r in theirs]
-                mean, se = _mean_se(ratios)
+                mean, se = mean_se(ratios)
                 out["summary"][label][name]["over_llmc"] = round(mean, 3)
                 out["summary"][label][name]["over_llmc_se"] = round(se, 3)
             gaps = [r["loss"] - mine[r["seed"]]["fp_loss"] for r in theirs]
-            mean, se = _mean_se(gaps)
+            mean, se = mean_se(gaps)
             out["summary"][label]["llmc"] = {"gap": round(mean, 5), "gap_se": round(se, 5),
                                              "seconds": round(sum(r["seconds"] for r in theirs) / len(theirs), 2)}
     out["seconds"] = round(time.perf_counter() - started, 1)

@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,19 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tlq import REF_LM, TEXT_DIR, windows_loss  # noqa: E402
+from common import heldout_windows, mean_se, run_llmc_runner  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}  # weight bits, activation bits
 # name -> (method, smoothing)
 VARIANTS = {"rtn": ("rtn", "none"), "gptq": ("gptq", "none"), "sq_gptq": ("gptq", "uniform"), "tlq_tlq": ("tlq", "tlq")}
-
-
-def heldout_windows(tokenizer, seqlen: int, eval_tokens: int) -> torch.Tensor:
-    """[count, seqlen] consecutive windows of the held-out stream."""
-    from quantkit.data import resolve_texts, tokenize_documents
-
-    ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="heldout"), tokenizer)
-    count = min(eval_tokens // seqlen, ids.numel() // seqlen)
-    return ids[: count * seqlen].reshape(count, seqlen)
 
 
 def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens: int, settings: list[str],
@@ -95,14 +84,6 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
     return {"rows": rows, "windows": [int(windows.shape[0]), int(windows.shape[1])], "importance_s": round(importance_s, 2)}
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def summarise(rows: list[dict], settings: list[str], variants: list[str], base: str = "sq_gptq") -> dict:
     """Per setting and variant: mean gap (and SE), the paired ratio to `base`, mean seconds."""
     summary = {}
@@ -111,13 +92,13 @@ def summarise(rows: list[dict], settings: list[str], variants: list[str], base: 
         entry = {}
         for name in variants:
             gaps = [r[f"{name}_gap"] for r in mine]
-            mean_gap, se_gap = _mean_se(gaps)
+            mean_gap, se_gap = mean_se(gaps)
             item = {"gap": round(mean_gap, 5), "gap_se": round(se_gap, 5),
                     "calib_s": round(sum(r[f"{name}_calib_s"] for r in mine) / len(mine), 2)}
             if base in variants:
                 ratios = [r[f"{name}_gap"] / r[f"{base}_gap"] for r in mine if r[f"{base}_gap"] > 0]
                 if ratios:
-                    item[f"over_{base}"], item[f"over_{base}_se"] = (round(v, 3) for v in _mean_se(ratios))
+                    item[f"over_{base}"], item[f"over_{base}_se"] = (round(v, 3) for v in mean_se(ratios))
                 item[f"at_most_{base}_every_seed"] = all(r[f"{name}_gap"] <= r[f"{base}_gap"] for r in mine)
             entry[name] = item
         summary[label] = entry
@@ -145,7 +126,6 @@ def targets(summary: dict, settings: list[str]) -> dict:
 def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int,
              settings: list[str]) -> list[dict]:
     """llm-compressor's SmoothQuantModifier + GPTQModifier on the same windows, in its own venv."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
@@ -153,21 +133,12 @@ def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqle
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     evaluation = heldout_windows(tokenizer, seqlen, eval_tokens)
     runner = Path(__file__).resolve().parent / "llmc_w8a8_runner.py"
+    bits = [SETTINGS[s][0] for s in settings]
     out = []
     for seed in seeds:
         samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
         calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "windows.safetensors"
-            save_file({"calib": calib.contiguous(), "eval": evaluation.contiguous()}, str(path))
-            bits = [SETTINGS[s][0] for s in settings]
-            done = subprocess.run([python, str(runner), "--model", model_dir, "--windows", str(path), "--bits",
-                                   json.dumps(bits)], capture_output=True, text=True,
-                                  env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
-        line = next((x for x in done.stdout.splitlines() if x.startswith("LLMC_RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"llm-compressor failed: {done.stderr[-2000:]}")
-        result = json.loads(line[len("LLMC_RESULT "):])
+        result = run_llmc_runner(python, runner, model_dir, calib, evaluation, ["--bits", json.dumps(bits)])
         for label, item in zip(settings, result["results"]):
             out.append({"seed": seed, "setting": label, "loss": item["loss"], "seconds": item["seconds"],
                         "llmcompressor": result["llmcompressor"]})
@@ -213,7 +184,7 @@ def main() -> None:
         for label in args.settings:
             fp = {r["seed"]: r["fp_loss"] for r in rows if r["setting"] == label}
             gaps = [r["loss"] - fp[r["seed"]] for r in llmc if r["setting"] == label]
-            mean, se = _mean_se(gaps)
+            mean, se = mean_se(gaps)
             out["summary"][label]["llmc_sq_gptq"] = {
                 "gap": round(mean, 5), "gap_se": round(se, 5),
                 "calib_s": round(sum(r["seconds"] for r in llmc if r["setting"] == label) / len(gaps), 2)}

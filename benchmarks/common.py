@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,3 +49,39 @@ def emit(result: dict, path: str | None = None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (NaN with one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def heldout_windows(tokenizer, seqlen: int, eval_tokens: int) -> torch.Tensor:
+    """[count, seqlen] consecutive windows of the corpora's held-out stream."""
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="heldout"), tokenizer)
+    count = min(eval_tokens // seqlen, ids.numel() // seqlen)
+    return ids[: count * seqlen].reshape(count, seqlen)
+
+
+def run_llmc_runner(python: str, runner: Path, model_dir: str, calib: torch.Tensor, evaluation: torch.Tensor,
+                    args: list[str]) -> dict:
+    """Run an llm-compressor runner script in its own venv on these calibration/eval windows; its LLMC_RESULT."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "windows.safetensors"
+        save_file({"calib": calib.contiguous(), "eval": evaluation.contiguous()}, str(path))
+        done = subprocess.run([python, str(runner), "--model", model_dir, "--windows", str(path), *args],
+                              capture_output=True, text=True,
+                              env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    line = next((x for x in done.stdout.splitlines() if x.startswith("LLMC_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"llm-compressor failed: {done.stderr[-2000:]}")
+    return json.loads(line[len("LLMC_RESULT "):])
+
