@@ -49,7 +49,7 @@ def quantize(
     cd_sweeps: int = 0,
     fp_target: bool | None = None,
     act_bits: int | None = None,
-    smooth: str = "none",
+    smooth: str = "auto",
     nsamples: int = 128,
     seqlen: int = 512,
     seed: int = 0,
@@ -80,7 +80,8 @@ def quantize(
     act_bits=8 (or 4) quantizes every quantized linear's input per token at inference, dynamically and
     symmetrically (W8A8 with bits=8, W4A8 with bits=4; group_size=-1, sym=True); smooth="uniform" or "tlq"
     folds per-channel smoothing scales into the model first (quantkit.quant.smooth), alpha searched per
-    fold with uniform or TLQ token weights.
+    fold with uniform or TLQ token weights; "auto" (the default) smooths only with act_bits, TLQ-weighted
+    for method="tlq" and uniform otherwise, and "none" never.
 
     recipe is a quantkit.Recipe, its mapping form or a YAML file: which linears to quantize (targets), which
     to leave in full precision (ignore) and per-module overrides of bits, group_size, sym, act_order and
@@ -95,6 +96,8 @@ def quantize(
     offload_dir, resume. reload=False skips reading a multi-rank
     run's export back into memory (model is then None).
     """
+    from quantkit.quant.methods import method_for
+    from quantkit.quant.smooth import resolve_smooth
     from quantkit.quant.spec import QuantSpec
 
     if recipe is not None:
@@ -113,7 +116,8 @@ def quantize(
         model = os.fspath(model)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                      static_groups=act_order if static_groups is None else static_groups, damp=damp, mse=mse,
-                     cd_sweeps=cd_sweeps, act_bits=act_bits, smooth=smooth)
+                     cd_sweeps=cd_sweeps, act_bits=act_bits,
+                     smooth=resolve_smooth(smooth, act_bits, method_for(method).token_weights))
     output = None if output_dir is None else os.fspath(output_dir)
     with contextlib.ExitStack() as scope:
         if push_to_hub is not None:

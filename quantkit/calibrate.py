@@ -38,7 +38,7 @@ from quantkit.models import is_vlm, load_model
 from quantkit.models.streamed import build_skeleton
 from quantkit.quant.methods import METHODS, method_for
 from quantkit.quant.recipe import Recipe, as_recipe
-from quantkit.quant.smooth import SMOOTH_MODES, smooth_uses_token_weights
+from quantkit.quant.smooth import AUTO, SMOOTH_MODES, smooth_uses_token_weights
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 from quantkit.validate import (
     check_activation_options,
@@ -195,7 +195,7 @@ def calibrate_job(
         fp_target = chosen.fp_target_default
     check_format_holds(fmt, lm_head=lm_head, vision=vision)
     low_memory = bool(resume or low_memory or offload_dir)
-    check_activation_options(spec, fmt, chosen, nproc=nproc, low_memory=low_memory, distributed=under_torchrun())
+    check_activation_options(spec, fmt, chosen)
     in_memory_data = calib is not None and not is_source(calib)
     if (loaded is not None or in_memory_data or tokenizer is not None) and (low_memory or nproc > 1 or under_torchrun()):
         raise QuantkitError("a loaded model, a given tokenizer or in-memory data run in one process; for --nproc, "
@@ -215,8 +215,9 @@ def calibrate_job(
     if low_memory:
         if not Path(model_name, "config.json").is_file():
             raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model_name}")
-        if chosen.token_weights and calib_set is None:
-            raise QuantkitError(f"{chosen} with --low-memory needs token weights from a --calib-set (quantkit importance)")
+        if (chosen.token_weights or smooth_uses_token_weights(spec.smooth)) and calib_set is None:
+            what = chosen if chosen.token_weights else "--smooth tlq"
+            raise QuantkitError(f"{what} with --low-memory needs token weights from a --calib-set (quantkit importance)")
     if nproc > 1 and under_torchrun():
         raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
     job = CalibrationJob(
@@ -374,7 +375,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None, help="A YAML quantization recipe: targets and ignore patterns, per-module overrides of bits, group size, sym, act-order and method (the flags above are its defaults; README \"Recipes\").")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4; needs --group-size -1 --sym.")
-@click.option("--smooth", type=click.Choice(SMOOTH_MODES), default="none", show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights.")
+@click.option("--smooth", type=click.Choice((AUTO, *SMOOTH_MODES)), default=AUTO, show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights; auto: none for weight-only runs, with --act-bits tlq for --method tlq and uniform otherwise.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
 @click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")

@@ -163,8 +163,7 @@ def check_format_bits(bits: int, fmt: str, act_order: bool, static_groups: bool)
     format_for(fmt).check_options(bits, act_order, static_groups)
 
 
-def check_activation_options(spec: object, fmt: str, method: object, *, nproc: int = 1, low_memory: bool = False,
-                             distributed: bool = False) -> None:
+def check_activation_options(spec: object, fmt: str, method: object) -> None:
     """Refuse activation-quantization or smoothing settings a run cannot honour (before any work)."""
     from quantkit.export.formats import format_for
     from quantkit.quant.smooth import smooth_uses_token_weights
@@ -177,9 +176,6 @@ def check_activation_options(spec: object, fmt: str, method: object, *, nproc: i
     if spec.act_bits is not None and not format_for(fmt).holds_activation_bits:
         raise QuantkitError(f"{fmt} checkpoints describe weight-only models and cannot hold --act-bits; "
                             "pass --format compressed-tensors (or fake)")
-    if spec.smooth != "none" and (nproc > 1 or distributed or low_memory):
-        raise QuantkitError("--smooth searches its scales in one in-memory process; drop --nproc, torchrun and "
-                            "--low-memory, or pass --smooth none")
 
 
 def max_positions(config: object) -> int | None:

@@ -175,13 +175,34 @@ def test_cli_act_bits_and_smooth(tmp_path) -> None:
                                "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "per-channel symmetric" in bad.output
     done = runner.invoke(main, ["calibrate", str(model_dir), "--method", "gptq", "--bits", "4", "--group-size", "-1",
-                                "--act-bits", "8", "--smooth", "uniform", "--calib", str(text), "--nsamples", "4",
+                                "--act-bits", "8", "--calib", str(text), "--nsamples", "4",
                                 "--seqlen", "16", "-o", str(tmp_path / "out"), "--json"])
     assert done.exit_code == 0, done.output
     report = json.loads(done.output.strip().splitlines()[-1])
+    # no --smooth: GPTQ with --act-bits smooths with uniform token weights (the default rule)
     assert report["spec"]["act_bits"] == 8 and report["spec"]["smooth"] == "uniform"
     manifest = json.loads((tmp_path / "out" / "quantkit.json").read_text())
     assert manifest["spec"]["act_bits"] == 8
+    plain = runner.invoke(main, ["calibrate", str(model_dir), "--method", "gptq", "--bits", "4", "--group-size", "-1",
+                                 "--act-bits", "8", "--smooth", "none", "--calib", str(text), "--nsamples", "4",
+                                 "--seqlen", "16", "-o", str(tmp_path / "plain"), "--json"])
+    assert plain.exit_code == 0, plain.output
+    report = json.loads(plain.output.strip().splitlines()[-1])
+    assert "smooth" not in report["spec"]
+
+
+def test_default_smoothing_rule() -> None:
+    """auto: no smoothing without act-bits; with them TLQ-weighted for a token-weighing method, else uniform."""
+    from quantkit.quant.methods import method_for
+    from quantkit.quant.smooth import resolve_smooth
+
+    expected = {(None, "rtn"): "none", (None, "gptq"): "none", (None, "tlq"): "none", (8, "rtn"): "uniform",
+                (8, "gptq"): "uniform", (8, "tlq"): "tlq", (4, "gptq"): "uniform", (4, "tlq"): "tlq"}
+    for (act_bits, method), mode in expected.items():
+        assert resolve_smooth("auto", act_bits, method_for(method).token_weights) == mode
+        assert resolve_smooth("none", act_bits, method_for(method).token_weights) == "none"
+    with pytest.raises(QuantkitError, match="--smooth must be one of"):
+        resolve_smooth("sq", 8, False)
 
 
 def test_quantized_head_is_solved_on_quantized_inputs() -> None:

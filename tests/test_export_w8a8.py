@@ -111,19 +111,43 @@ def test_quantkit_eval_runs_the_export_with_its_inputs_quantized(tiny_dir, tmp_p
     assert loss == pytest.approx(exposed, abs=1e-6) and loss != pytest.approx(plain, abs=1e-6)
 
 
-def test_low_memory_w8a8_export_is_byte_identical(tiny_dir, tmp_path) -> None:
-    """--low-memory streams the layers with the same activation exposure: the same files as in memory."""
+@pytest.mark.parametrize("method, smooth", [("gptq", "none"), ("gptq", "uniform"), ("tlq", "tlq")])
+def test_low_memory_and_ranks_w8a8_export_is_byte_identical(tiny_dir, tmp_path, method: str, smooth: str) -> None:
+    """--low-memory streams the layers with the same activation exposure and smoothing, and two ranks search
+    the same tokens and fold the same scales: the same files as one in-memory process."""
     from helpers import assert_same_files
 
     model_dir, text = tiny_dir
-    options = dict(data=str(text), method="gptq", bits=8, group_size=-1, act_bits=8, nsamples=4, seqlen=16,
-                   progress=False)
-    quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "memory"), **options)
-    quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "streamed"), low_memory=True, reload=False, **options)
-    assert_same_files(tmp_path / "memory", tmp_path / "streamed")
-    with pytest.raises(QuantkitError, match="one in-memory process"):
-        quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "smoothed"), low_memory=True, smooth="uniform",
+    options = dict(data=str(text), method=method, bits=8, group_size=-1, act_bits=8, smooth=smooth, nsamples=5,
+                   seqlen=16, progress=False)
+    _, report = quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "memory"), **options)
+    assert all(("smoothing" in layer) == (smooth != "none") for layer in report["layers"])
+    if method == "tlq":  # its token weights come from a calibration set under --low-memory
+        with pytest.raises(QuantkitError, match="needs token weights from a --calib-set"):
+            quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "streamed"), low_memory=True, **options)
+        from click.testing import CliRunner
+
+        from quantkit.cli import main
+
+        made = CliRunner().invoke(main, ["importance", str(model_dir), "--calib", str(text), "--nsamples", "5",
+                                         "--seqlen", "16", "-o", str(tmp_path / "set")])
+        assert made.exit_code == 0, made.output
+        from_set = {**options, "data": None, "calib_set": str(tmp_path / "set")}
+        quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "set_memory"), **from_set)
+        quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "set_streamed"), low_memory=True, reload=False,
+                          **from_set)
+        assert_same_files(tmp_path / "set_memory", tmp_path / "set_streamed")
+    else:
+        quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "streamed"), low_memory=True, reload=False,
                           **options)
+        assert_same_files(tmp_path / "memory", tmp_path / "streamed")
+    if smooth != "none":
+        quantkit.quantize(str(model_dir), output_dir=str(tmp_path / "ranks"), nproc=2, reload=False, **options)
+        assert_same_files(tmp_path / "memory", tmp_path / "ranks")
+        # the 2-rank run really smoothed: its norms differ from the source's
+        with safe_open(tmp_path / "ranks" / "model.safetensors", "pt") as f:
+            norm = f.get_tensor("model.layers.0.input_layernorm.weight")
+        assert not torch.equal(norm, torch.ones_like(norm))
 
 
 def test_conversion_keeps_the_activation_bits(tiny_dir, tmp_path) -> None:

@@ -44,6 +44,9 @@ class Comm:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` over ranks into every rank's copy (in place)."""
 
+    def all_reduce_max_(self, tensor: torch.Tensor) -> None:
+        """Elementwise max of `tensor` over ranks into every rank's copy (in place)."""
+
     def gather_objects(self, obj: object) -> list[object]:
         """Every rank's `obj`, in rank order (on every rank)."""
         return [obj]
@@ -88,6 +91,10 @@ class TorchComm(Comm):
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` over ranks into every rank's copy (in place)."""
         self._run(tensor, lambda t: self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM))
+
+    def all_reduce_max_(self, tensor: torch.Tensor) -> None:
+        """Elementwise max of `tensor` over ranks into every rank's copy (in place)."""
+        self._run(tensor, lambda t: self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX))
 
     def gather_objects(self, obj: object) -> list[object]:
         """Every rank's `obj`, in rank order (on every rank)."""

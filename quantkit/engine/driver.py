@@ -228,7 +228,8 @@ def run_layers(
         smooth_report = None
         if smooths(spec.smooth):  # before the FP stream's pass, so the FP target is read in the smoothed basis
             smooth_report = smooth_layer(layer, adapter, inputs, spec,
-                                         weights if smooth_uses_token_weights(spec.smooth) else None)
+                                         weights if smooth_uses_token_weights(spec.smooth) else None,
+                                         comm=comm, sample_ids=shard(range(len(samples)), comm))
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm,
             observer, fp_inputs, store.fp_dir, plan,

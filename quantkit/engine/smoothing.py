@@ -9,18 +9,20 @@ they are recorded after it, on the smoothed layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from quantkit.engine.capture import LayerInputs, run_layer
+from quantkit.engine.comm import Comm
 from quantkit.engine.weights import LayerWeights
 from quantkit.models.base import Adapter, Fold, get_module
 from quantkit.quant.smooth import divide_rows, fold_error, scale_columns, search_alpha
 from quantkit.quant.spec import QuantSpec
 
-# Tokens kept per fold for the alpha search (every k-th token of the stream); the channel maxima
-# read every token.
+# Tokens kept per fold for the alpha search (about one in k of the stream, the same tokens for any
+# number of ranks); the channel maxima read every token.
 SEARCH_TOKENS = 4096
 
 
@@ -46,26 +48,50 @@ def legal_folds(layer: nn.Module, adapter: Adapter) -> tuple[list[Fold], list[st
     return legal, skipped
 
 
+def entry_tokens(inputs: LayerInputs, sample_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per entry of `inputs`: the (global sample id, position) of each of its token rows, in the
+    order a linear's input [batch, tokens, width] reshapes them to rows."""
+    out, start = [], 0
+    for hidden in inputs.hidden:
+        batch, length = hidden.shape[0], hidden.shape[-2]
+        ids = torch.as_tensor(list(sample_ids[start : start + batch]), dtype=torch.int64)
+        out.append((ids.repeat_interleave(length), torch.arange(length, dtype=torch.int64).repeat(batch)))
+        start += batch
+    return out
+
+
 @torch.no_grad()
 def fold_statistics(layer: nn.Module, folds: list[Fold], inputs: LayerInputs, weights: LayerWeights | None,
-                    max_tokens: int = SEARCH_TOKENS) -> dict[str, dict]:
-    """Per fold: every channel's max |x| over all tokens of `inputs`, and every k-th token's input row
-    (with its token weight) for the search; one pass of the (still FP) layer."""
-    total = sum(h.numel() // h.shape[-1] for h in inputs.hidden)
-    stride = max(1, math.ceil(total / max_tokens))
+                    max_tokens: int = SEARCH_TOKENS, comm: Comm | None = None,
+                    sample_ids: Sequence[int] | None = None) -> dict[str, dict]:
+    """Per fold: every channel's max |x| over all tokens of all ranks, and the input rows (with their
+    token weights) of the tokens kept for the search; one pass of the (still FP) layer.
+
+    `inputs` holds this rank's samples, whose indices in the whole calibration set are `sample_ids`
+    (default: 0, 1, ...). The kept tokens are those with (sample id + position) divisible by a stride
+    fixed by the total token count, gathered from every rank and ordered by (sample, position): the
+    search sees the same rows whatever the number of ranks."""
+    comm = comm or Comm()
+    sample_ids = range(sum(h.shape[0] for h in inputs.hidden)) if sample_ids is None else sample_ids
+    tokens = entry_tokens(inputs, sample_ids)
+    total = torch.tensor([float(sum(ids.numel() for ids, _ in tokens))], dtype=torch.float64)
+    comm.all_reduce_sum_(total)
+    stride = max(1, math.ceil(float(total) / max_tokens))
+    keep = [(ids + positions) % stride == 0 for ids, positions in tokens]
+    keys = [(ids * 2**32 + positions)[mask] for (ids, positions), mask in zip(tokens, keep)]
     stats: dict[str, dict] = {fold.source: {"absmax": None, "rows": [], "weights": []} for fold in folds}
     batch = {"index": 0}
 
     def make_hook(fold: Fold):
         def hook(module: nn.Module, args: tuple) -> None:
-            entry = stats[fold.source]
+            entry, index = stats[fold.source], batch["index"]
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             top = x.abs().amax(dim=0)
             entry["absmax"] = top if entry["absmax"] is None else torch.maximum(entry["absmax"], top)
-            entry["rows"].append(x[::stride].cpu())
+            entry["rows"].append(x[keep[index].to(x.device)].cpu())
             if weights is not None:
-                w = weights.for_linear(fold.linears[0])[batch["index"]].float()
-                entry["weights"].append(w.reshape(x.shape[0], -1).mean(dim=1)[::stride].cpu())
+                w = weights.for_linear(fold.linears[0])[index].float()
+                entry["weights"].append(w.reshape(x.shape[0], -1).mean(dim=1)[keep[index].to(w.device)].cpu())
         return hook
 
     handles = [get_module(layer, fold.linears[0]).register_forward_pre_hook(make_hook(fold)) for fold in folds]
@@ -76,9 +102,14 @@ def fold_statistics(layer: nn.Module, folds: list[Fold], inputs: LayerInputs, we
     finally:
         for handle in handles:
             handle.remove()
+    mine = torch.cat(keys)
     for entry in stats.values():
-        entry["rows"] = torch.cat(entry["rows"])
-        entry["weights"] = torch.cat(entry["weights"]) if entry["weights"] else None
+        comm.all_reduce_max_(entry["absmax"])
+        local = (mine, torch.cat(entry["rows"]), torch.cat(entry["weights"]) if entry["weights"] else None)
+        parts = comm.gather_objects(local) if comm.distributed else [local]
+        order = torch.argsort(torch.cat([part[0] for part in parts]), stable=True)
+        entry["rows"] = torch.cat([part[1] for part in parts])[order]
+        entry["weights"] = None if weights is None else torch.cat([part[2] for part in parts])[order]
     return stats
 
 
@@ -101,11 +132,13 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def smooth_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, spec: QuantSpec,
-                 weights: LayerWeights | None = None, max_tokens: int = SEARCH_TOKENS) -> dict:
+                 weights: LayerWeights | None = None, max_tokens: int = SEARCH_TOKENS, *, comm: Comm | None = None,
+                 sample_ids: Sequence[int] | None = None) -> dict:
     """Smooth a decoder layer in place: for each legal fold, the grid alpha with the least (token-weighted)
-    output error under weight rounding and activation quantization, folded in; return what was chosen."""
+    output error under weight rounding and activation quantization, folded in; return what was chosen.
+    With ranks (`comm`, this rank's `sample_ids`), every rank searches the same rows and folds the same scales."""
     folds, skipped = legal_folds(layer, adapter)
-    stats = fold_statistics(layer, folds, inputs, weights, max_tokens)
+    stats = fold_statistics(layer, folds, inputs, weights, max_tokens, comm, sample_ids)
     report: dict = {"folds": {}, "skipped": skipped}
     for fold in folds:
         entry = stats.pop(fold.source)

@@ -25,6 +25,7 @@ from quantkit.quant.spec import QuantSpec
 
 # none: no smoothing; uniform: every token weighs 1 in the search; tlq: TLQ's token weights.
 SMOOTH_MODES = ("none", "uniform", "tlq")
+AUTO = "auto"  # what the CLI and API take by default: see default_smooth
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 # channels whose statistics are this small get s = 1: their scale would be noise
 _TINY = 1e-8
@@ -35,6 +36,20 @@ def check_smooth(mode: str) -> str:
     if mode not in SMOOTH_MODES:
         raise QuantkitError(f"--smooth must be one of {', '.join(SMOOTH_MODES)}, got {mode!r}")
     return mode
+
+
+def default_smooth(act_bits: int | None, token_weights: bool) -> str:
+    """The smoothing a run gets when it names none ("auto"): none for weight-only runs; with act_bits,
+    TLQ-weighted for a method that weighs tokens and uniform otherwise (on ref-lm both beat no smoothing
+    at W8A8 and W4A8 for every draw measured: benchmarks/results/bench_w8a8.json)."""
+    if act_bits is None:
+        return "none"
+    return "tlq" if token_weights else "uniform"
+
+
+def resolve_smooth(mode: str, act_bits: int | None, token_weights: bool) -> str:
+    """`mode`, with "auto" replaced by default_smooth's choice."""
+    return default_smooth(act_bits, token_weights) if mode == AUTO else check_smooth(mode)
 
 
 def smooths(mode: str) -> bool:
