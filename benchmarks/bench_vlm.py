@@ -189,17 +189,29 @@ def check_disjoint(model_dir: str, seeds: list[int], eval_seed: int) -> None:
         raise click.UsageError(f"example seeds {clashes} were training batches of {model_dir}")
 
 
-def parse_method(name: str) -> tuple[str, bool, dict]:
-    """A method name -> (engine method, FP target, tlq_token_weights options).
+SMOOTHING = {"su": "uniform", "st": "tlq"}  # method-name token -> QuantSpec.smooth
+
+
+def uses_token_weights(engine_method: str, smooth: str) -> bool:
+    """Whether a run needs TLQ token weights: the tlq solve, or TLQ-weighted smoothing."""
+    return engine_method == "tlq" or smooth == "tlq"
+
+
+def parse_method(name: str) -> tuple[str, bool, dict, str]:
+    """A method name -> (engine method, FP target, tlq_token_weights options, smoothing).
 
     rtn, gptq or tlq, then for tlq any of ``linear`` (per-linear guidance), ``g<N>`` (N output-row
-    groups), ``fisher`` (Fisher loss), ``d<N>`` (N Fisher draws), then ``fp`` for the FP target, joined
-    by underscores: ``tlq_linear_g4_fp`` is linear guidance, 4 row groups, FP target. tlq's options
-    start from tlq_token_weights' defaults (layer guidance, 1 row group, loss ce, 1 draw)."""
+    groups), ``fisher`` (Fisher loss), ``d<N>`` (N Fisher draws), then ``su`` or ``st`` for smoothing
+    (uniform or TLQ token weights; any method), then ``fp`` for the FP target, joined by underscores:
+    ``tlq_linear_g4_fp`` is linear guidance, 4 row groups, FP target; ``tlq_st_fp`` is TLQ-weighted
+    smoothing + TLQ with the FP target. tlq's options start from tlq_token_weights' defaults (layer
+    guidance, 1 row group, loss ce, 1 draw)."""
     base, *tokens = name.split("_")
     fp_target = tokens[-1:] == ["fp"]
     tokens = tokens[:-1] if fp_target else tokens
-    options: dict = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1} if base == "tlq" else {}
+    smooth = SMOOTHING[tokens.pop()] if tokens[-1:] and tokens[-1] in SMOOTHING else "none"
+    defaults = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1}
+    options: dict = dict(defaults) if uses_token_weights(base, smooth) else {}
     for token in tokens:
         if base != "tlq":
             raise click.BadParameter(f"{name}: only tlq takes importance options")
@@ -213,21 +225,22 @@ def parse_method(name: str) -> tuple[str, bool, dict]:
             raise click.BadParameter(f"{name}: unknown option {token!r}")
     if base not in ("rtn", "gptq", "tlq"):
         raise click.BadParameter(f"{name}: the method must be rtn, gptq or tlq")
-    return base, fp_target, options
+    return base, fp_target, options, smooth
 
 
 def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, fp_target: bool, weights=None,
-              **extra):
-    """A copy of `model` quantized with the engine `method`, and the calibration seconds; `extra`
-    (vision, lm_head) goes to calibrate_model."""
+              act_bits: int | None = None, smooth: str = "none", **extra):
+    """A copy of `model` quantized with the engine `method`, the calibration seconds and the names of the
+    quantized linears; `extra` (vision, lm_head) goes to calibrate_model."""
     from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
     qmodel = copy.deepcopy(model)
     started = time.perf_counter()
-    calibrate_model(qmodel, samples, QuantSpec(bits=bits, group_size=group_size, sym=sym), method=method,
-                    token_weights=weights, progress=False, fp_target=fp_target, **extra)
-    return qmodel, time.perf_counter() - started
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits, smooth=smooth)
+    calibration = calibrate_model(qmodel, samples, spec, method=method, token_weights=weights, progress=False,
+                                  fp_target=fp_target, **extra)
+    return qmodel, time.perf_counter() - started, list(calibration.results)
 
 
 def se(values: list[float]) -> float:
@@ -256,13 +269,44 @@ def gap_ratio(a: list[dict], b: list[dict], fp_nll: float) -> dict:
     """a's answer-NLL gap to FP over b's, per calibration seed, and the ratio of the mean gaps."""
     gaps_a = [x["answer_nll"] - fp_nll for x in a]
     gaps_b = [y["answer_nll"] - fp_nll for y in b]
-    per_seed = [x / y for x, y in zip(gaps_a, gaps_b)]
+    # With activation quantization b's gap can be nil at the 5 decimals kept: no ratio (null) for that seed
+    per_seed = [x / y if y else None for x, y in zip(gaps_a, gaps_b)]
+    defined = [r for r in per_seed if r is not None]
+    mean_b = statistics.fmean(gaps_b)
     return {
-        "mean": round(statistics.fmean(per_seed), 3),
-        "se_seeds": round(se(per_seed), 3),
-        "per_seed": [round(r, 3) for r in per_seed],
-        "ratio_of_mean_gaps": round(statistics.fmean(gaps_a) / statistics.fmean(gaps_b), 3),
+        "mean": round(statistics.fmean(defined), 3) if defined else None,
+        "se_seeds": round(se(defined), 3),
+        "per_seed": [None if r is None else round(r, 3) for r in per_seed],
+        "ratio_of_mean_gaps": round(statistics.fmean(gaps_a) / mean_b, 3) if mean_b else None,
     }
+
+
+def act_targets(summary: dict, runs: dict, parsed: dict, fp: dict) -> dict:
+    """Issue #15's targets per setting: every method's accuracy and answer-NLL gap to FP, and each
+    TLQ-weighted-smoothing TLQ run's NLL gap over each uniform-smoothing GPTQ run's (at most 1 in every
+    setting; at most 0.8 at W4A8)."""
+    out = {}
+    for label, per_method in runs.items():
+        cell = {"gap_to_fp": {m: {"accuracy": round(summary[label][m]["accuracy_mean"] - fp["accuracy"], 4),
+                                  "answer_nll": summary[label][m]["answer_nll_gap_mean"]} for m in per_method}}
+        for tlq, (engine_t, _, _, smooth_t) in parsed.items():
+            for sq, (engine_s, _, _, smooth_s) in parsed.items():
+                if (engine_t, smooth_t, engine_s, smooth_s) != ("tlq", "tlq", "gptq", "uniform"):
+                    continue
+                gap_t = summary[label][tlq]["answer_nll_gap_mean"]
+                gap_s = summary[label][sq]["answer_nll_gap_mean"]
+                # a ratio only where uniform smoothing's gap is positive; the 0.8 target reads gap_t <= 0.8 gap_s
+                ratio = round(gap_t / gap_s, 3) if gap_s > 0 else None
+                diffs = [x["answer_nll"] - y["answer_nll"] for x, y in zip(per_method[tlq], per_method[sq])]
+                # the ratio means little where the gaps are near nil (W8A8): the paired difference says how near
+                entry = {"nll_gap_ratio_of_means": ratio, "at_most_1": gap_t <= gap_s,
+                         "at_most_every_seed": all(d <= 0 for d in diffs), "seeds_at_most": sum(d <= 0 for d in diffs),
+                         "nll_diff_mean": round(statistics.fmean(diffs), 5), "nll_diff_se_seeds": round(se(diffs), 5)}
+                if label.startswith("w4"):
+                    entry["at_most_0.8"] = gap_t <= 0.8 * gap_s
+                cell[f"{tlq}_over_{sq}"] = entry
+        out[label] = cell
+    return out
 
 
 @click.command()
@@ -280,14 +324,19 @@ def gap_ratio(a: list[dict], b: list[dict], fp_nll: float) -> dict:
 @click.option("--methods", default="rtn,gptq,tlq", show_default=True,
               help="comma-separated; a trailing _fp: with the FP target; tlq options between: tlq_linear_g4_fp "
                    "(see parse_method)")
+@click.option("--act-bits", type=click.Choice(["8", "4"]), default=None,
+              help="also quantize every quantized linear's input per token, in calibration and evaluation "
+                   "(W8A8 / W4A8 with --bits 8,4; per-channel symmetric weights only)")
 @click.option("--quantize-vision", "vision", is_flag=True, help="quantize the vision tower and projector too")
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="quantize lm_head too")
 @click.option("--threads", default=1, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,
-         split: str, lam: float, power: float, methods: str, vision: bool, lm_head: bool, threads: int, output: Path | None) -> None:
+         split: str, lam: float, power: float, methods: str, act_bits: str | None, vision: bool, lm_head: bool,
+         threads: int, output: Path | None) -> None:
     """Run the benchmark and print JSON."""
     from quantkit.data.images import image_text_samples, load_processor
+    from quantkit.engine.activations import quantized_inputs
     from quantkit.fsutil import atomic_file
     from quantkit.models import load_model
     from quantkit.quant.spec import QuantSpec
@@ -296,6 +345,11 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
     started = time.perf_counter()
     seed_list = [int(s) for s in seeds.split(",")]
     settings = parse_settings(bits)
+    act_width = int(act_bits) if act_bits else None
+    if act_width is not None:
+        if group_size != -1 or not all(sym for _, _, sym in settings):
+            raise click.UsageError("--act-bits needs per-channel symmetric weights: --group-size -1 and no 'a' in --bits")
+        settings = [(f"{label}a{act_width}", width, sym) for label, width, sym in settings]
     method_list = methods.split(",")
     parsed = {m: parse_method(m) for m in method_list}
     eval_seed = EVAL_SEED if split == "heldout" else VAL_SEED
@@ -313,9 +367,9 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         # TLQ token weights on the FP model, once per seed and importance options, reused across settings.
         weights: dict[str, object] = {}
         importance_seconds: dict[str, float] = {}
-        for engine_method, _, options in parsed.values():
+        for engine_method, _, options, smooth in parsed.values():
             key = json.dumps(options, sort_keys=True)
-            if engine_method == "tlq" and key not in weights:
+            if uses_token_weights(engine_method, smooth) and key not in weights:
                 from quantkit.importance import tlq_token_weights
 
                 begun = time.perf_counter()
@@ -323,14 +377,17 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
                 importance_seconds[key] = round(time.perf_counter() - begun, 2)
         for label, width, sym in settings:
             for method in method_list:
-                engine_method, fp_target, options = parsed[method]
+                engine_method, fp_target, options, smooth = parsed[method]
                 key = json.dumps(options, sort_keys=True)
-                qmodel, seconds = quantized(model, samples, width, sym, group_size, engine_method, fp_target,
-                                            weights.get(key) if engine_method == "tlq" else None, vision=vision,
-                                            lm_head=lm_head)
-                result = {**accuracy(qmodel, processor, examples, per_example=True), "calib_seconds": round(seconds, 2),
-                          "importance_seconds": importance_seconds.get(key) if engine_method == "tlq" else None,
-                          "seed": seed}
+                weighted = uses_token_weights(engine_method, smooth)
+                qmodel, seconds, names = quantized(model, samples, width, sym, group_size, engine_method, fp_target,
+                                                   weights.get(key) if weighted else None, act_bits=act_width,
+                                                   smooth=smooth, vision=vision, lm_head=lm_head)
+                # Scored as deployed: the quantized linears' inputs quantized per token (nothing without --act-bits).
+                with quantized_inputs(qmodel, names, act_width):
+                    scores = accuracy(qmodel, processor, examples, per_example=True)
+                result = {**scores, "calib_seconds": round(seconds, 2),
+                          "importance_seconds": importance_seconds.get(key) if weighted else None, "seed": seed}
                 runs[label][method].append(result)
                 brief = {k: v for k, v in result.items() if k != "correct"}
                 print(json.dumps({"setting": label, "method": method, **brief}), file=sys.stderr, flush=True)
@@ -347,12 +404,16 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
                 "answer_nll_gap_mean": round(statistics.fmean(r["answer_nll"] for r in results) - fp["answer_nll"], 5),
                 "answer_nll_gap_se_seeds": round(se([r["answer_nll"] for r in results]), 5),
                 "per_seed": [round(a, 4) for a in accs],
+                # the TLQ token weights' seconds count towards each run that uses them, as in bench_w8a8
+                "seconds_per_calibration": round(statistics.fmean(
+                    r["calib_seconds"] + (r["importance_seconds"] or 0.0) for r in results), 2),
             }
         for tlq in (m for m in per_method if m.startswith("tlq")):
             for gptq in (m for m in per_method if m.startswith("gptq")):
                 summary[label][f"{tlq}_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq])
                 summary[label][f"{tlq}_nll_gap_over_{gptq}"] = gap_ratio(per_method[tlq], per_method[gptq],
                                                                          fp["answer_nll"])
+    targets = act_targets(summary, runs, parsed, fp) if act_width is not None else None
     # Per-example flags made the paired statistics; the JSON keeps the aggregates only.
     for per_method in runs.values():
         for results in per_method.values():
@@ -367,10 +428,12 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         "fp": fp,
         "settings": {"task": task, "split": split, "examples": n_heldout, "group_size": group_size, "bits": bits,
                      "nsamples": nsamples, "seeds": seed_list, "tlq_lam": lam, "tlq_power": power,
-                     "tlq_options": {m: options for m, (engine, _, options) in parsed.items() if engine == "tlq"},
+                     "tlq_options": {m: options for m, (engine, _, options, _) in parsed.items() if engine == "tlq"},
                      "act_order": QuantSpec().act_order, "static_groups": QuantSpec().static_groups, "threads": threads,
-                     "quantize_vision": vision, "quantize_lm_head": lm_head},
+                     "quantize_vision": vision, "quantize_lm_head": lm_head, "act_bits": act_width,
+                     "smoothing": {m: smooth for m, (_, _, _, smooth) in parsed.items()}},
         "summary": summary,
+        **({"targets": targets} if targets is not None else {}),
         "runs": runs,
         "seconds": round(time.perf_counter() - started, 1),
     }
