@@ -10,6 +10,8 @@ Variants (each with its activations quantized in calibration and evaluation):
     sq_gptq     uniform-weight smoothing (SmoothQuant-equivalent, alpha searched per fold) + GPTQ
     tlq_tlq     TLQ-token-weighted smoothing + TLQ (token-weighted GPTQ fitted to the FP output)
     gptq        GPTQ without smoothing (what smoothing adds)
+    tlq_su, tlq, gptq_st   the halves of tlq_tlq apart: TLQ after uniform or no smoothing, GPTQ after the
+                TLQ-weighted search
 Calibration windows come from the train part (first 90%) of ../shared/data/text, evaluation windows
 from the held-out part (last 10%). Each seed is one calibration draw; ratios are paired per seed.
 Prints one JSON object.
@@ -32,7 +34,10 @@ from common import heldout_windows, mean_se, run_llmc_runner  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}  # weight bits, activation bits
 # name -> (method, smoothing)
-VARIANTS = {"rtn": ("rtn", "none"), "gptq": ("gptq", "none"), "sq_gptq": ("gptq", "uniform"), "tlq_tlq": ("tlq", "tlq")}
+VARIANTS = {"rtn": ("rtn", "none"), "gptq": ("gptq", "none"), "sq_gptq": ("gptq", "uniform"), "tlq_tlq": ("tlq", "tlq"),
+            # which half of tlq_tlq makes its gap: the solve (tlq with uniform or no smoothing) or the
+            # search's weights (GPTQ after the TLQ-weighted search)
+            "tlq_su": ("tlq", "uniform"), "tlq": ("tlq", "none"), "gptq_st": ("gptq", "tlq")}
 
 
 def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens: int, settings: list[str],
