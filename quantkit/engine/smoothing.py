@@ -18,7 +18,7 @@ from quantkit.engine.capture import LayerInputs, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.weights import LayerWeights
 from quantkit.models.base import Adapter, Fold, get_module
-from quantkit.quant.smooth import divide_rows, scale_columns, search_alpha
+from quantkit.quant.smooth import divide_rows, fold_error, scale_columns, search_alpha
 from quantkit.quant.spec import QuantSpec
 
 # Tokens kept per fold for the alpha search (about one in k of the stream, the same tokens for any
@@ -135,8 +135,7 @@ def smooth_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, spec: 
                  weights: LayerWeights | None = None, max_tokens: int = SEARCH_TOKENS, *, comm: Comm | None = None,
                  sample_ids: Sequence[int] | None = None) -> dict:
     """Smooth a decoder layer in place: for each legal fold, the grid alpha with the least (token-weighted)
-    output error under weight rounding and activation quantization, folded in unless leaving the fold
-    out errs less (alpha None in the report); return what was chosen.
+    output error under weight rounding and activation quantization, folded in; return what was chosen.
     With ranks (`comm`, this rank's `sample_ids`), every rank searches the same rows and folds the same scales."""
     folds, skipped = legal_folds(layer, adapter)
     stats = fold_statistics(layer, folds, inputs, weights, max_tokens, comm, sample_ids)
@@ -146,8 +145,9 @@ def smooth_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, spec: 
         linears = [get_module(layer, name).weight.data for name in fold.linears]
         alpha, scales, errors = search_alpha(entry["rows"], entry["absmax"].cpu(), [w.cpu() for w in linears],
                                              spec.bits, spec.act_bits, entry["weights"])
-        if alpha is not None:  # None: no alpha beats leaving the fold out
-            apply_fold(layer, fold, scales)
-        report["folds"][fold.source] = {"alpha": alpha, "error": errors[alpha], "error_unsmoothed": errors[None],
+        unsmoothed = fold_error(entry["rows"], [w.cpu() for w in linears], torch.ones_like(scales), spec.bits,
+                                spec.act_bits, entry["weights"])
+        apply_fold(layer, fold, scales)
+        report["folds"][fold.source] = {"alpha": alpha, "error": errors[alpha], "error_unsmoothed": unsmoothed,
                                         "tokens": int(entry["rows"].shape[0])}
     return report

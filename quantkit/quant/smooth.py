@@ -115,19 +115,14 @@ def fold_error(inputs: torch.Tensor, weights: Sequence[torch.Tensor], scales: to
 
 def search_alpha(inputs: torch.Tensor, act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], weight_bits: int,
                  act_bits: int | None, token_weights: torch.Tensor | None = None,
-                 grid: Sequence[float] = ALPHA_GRID) -> tuple[float | None, torch.Tensor, dict[float | None, float]]:
-    """The candidate with the least fold_error (the first on ties), its scales, and every candidate's error.
-
-    The candidates are no smoothing (None, s = 1, tried first) and the grid's alphas: no alpha on the grid
-    is the identity, and where smoothing cannot lower the error (no activation outliers) the fold is left
-    out rather than forced."""
+                 grid: Sequence[float] = ALPHA_GRID) -> tuple[float, torch.Tensor, dict[float, float]]:
+    """The grid alpha with the least fold_error (the first on ties), its scales, and every alpha's error."""
     w_absmax = weight_absmax(weights)
-    ones = torch.ones_like(w_absmax, dtype=torch.float32)
-    errors: dict[float | None, float] = {None: fold_error(inputs, weights, ones, weight_bits, act_bits, token_weights)}
-    best, best_scales = None, ones
+    errors: dict[float, float] = {}
+    best, best_scales = None, None
     for alpha in grid:
         scales = smoothing_scales(act_absmax, w_absmax, alpha)
         errors[alpha] = fold_error(inputs, weights, scales, weight_bits, act_bits, token_weights)
-        if errors[alpha] < errors[best]:
+        if best is None or errors[alpha] < errors[best]:
             best, best_scales = alpha, scales
     return best, best_scales, errors
