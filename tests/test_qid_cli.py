@@ -84,6 +84,10 @@ def test_fit_then_predict_from_fit_json_and_plot(tmp_path):
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert names == sorted(f"qid_vs_{f}_gptq.png" for f in "DNP")
     assert all((tmp_path / "fig" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = run("plot", csv, "--fit", tmp_path / "bad.json", "-o", tmp_path / "fig2")
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "cannot read fit file" in bad.output
+    assert not (tmp_path / "fig2").exists()
 
 
 def test_fit_json_reports_excluded_nonpositive_rows(tmp_path):

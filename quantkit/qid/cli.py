@@ -236,15 +236,11 @@ def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tok
 @output_option("out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the figures (created if missing).")
 def plot(csv_path, fit_path, method, formats, out_dir) -> None:
     """Figures (PNG and SVG) of QiD vs D per N, vs N, vs P, with fitted curves."""
+    from quantkit.qid.laws import read_fit_json
     from quantkit.qid.plot import plot_table
     from quantkit.qid.table import read_table
 
-    fit_doc = None
-    if fit_path:
-        try:
-            fit_doc = json.loads(Path(fit_path).read_text())
-        except (OSError, ValueError) as err:
-            raise QuantkitError(f"cannot read fit file {fit_path}: {err}; give the JSON written by `qid fit -o`") from err
+    fit_doc = read_fit_json(fit_path) if fit_path else None
     paths = plot_table(read_table(csv_path), out_dir, fit=fit_doc, method=method, formats=tuple(formats))
     for p in paths:
         click.echo(str(p))

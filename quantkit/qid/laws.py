@@ -75,8 +75,13 @@ def _read_law_file(spec: str | os.PathLike, kind: str) -> tuple[Path, object]:
         raise QuantkitError(
             f"unknown law {str(spec)!r}: give one of {', '.join(PUBLISHED_LAWS)} or the path of a `qid fit -o` JSON file"
         )
+    return path, read_fit_json(path, kind)
+
+
+def read_fit_json(path: str | os.PathLike, kind: str = "fit") -> object:
+    """The parsed JSON of a `qid fit -o` file, or a QuantkitError naming it (`kind`: what the caller calls it)."""
     try:
-        return path, json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise QuantkitError(f"cannot read {kind} file {path}: {err}; give the JSON written by `qid fit -o`") from err
 
