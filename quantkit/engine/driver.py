@@ -220,6 +220,7 @@ def run_layers(
     store.restore(inputs, fp_inputs)
     desc = f"calibrate {method.name} w{spec.bits}" + (" (low memory)" if store.low_memory else "")
     bar = tqdm(range(start, n_layers), desc=desc, disable=not progress or comm.rank != 0)
+    sample_ids = shard(range(len(samples)), comm)  # this rank's samples' places in the whole set (smoothing)
     for index in bar:
         comm.enter_layer(index)
         layer_started = time.perf_counter()
@@ -229,7 +230,7 @@ def run_layers(
         if smooths(spec.smooth):  # before the FP stream's pass, so the FP target is read in the smoothed basis
             smooth_report = smooth_layer(layer, adapter, inputs, spec,
                                          weights if smooth_uses_token_weights(spec.smooth) else None,
-                                         comm=comm, sample_ids=shard(range(len(samples)), comm))
+                                         comm=comm, sample_ids=sample_ids)
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm,
             observer, fp_inputs, store.fp_dir, plan,

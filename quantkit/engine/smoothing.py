@@ -106,7 +106,7 @@ def fold_statistics(layer: nn.Module, folds: list[Fold], inputs: LayerInputs, we
     for entry in stats.values():
         comm.all_reduce_max_(entry["absmax"])
         local = (mine, torch.cat(entry["rows"]), torch.cat(entry["weights"]) if entry["weights"] else None)
-        parts = comm.gather_objects(local) if comm.distributed else [local]
+        parts = comm.gather_objects(local)
         order = torch.argsort(torch.cat([part[0] for part in parts]), stable=True)
         entry["rows"] = torch.cat([part[1] for part in parts])[order]
         entry["weights"] = None if weights is None else torch.cat([part[2] for part in parts])[order]
