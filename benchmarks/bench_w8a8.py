@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tlq import REF_LM, TEXT_DIR, windows_loss  # noqa: E402
+from bench_tlq import REF_LM, TEXT_DIR, _train_stream, validation_windows, windows_loss  # noqa: E402
 from common import heldout_windows, mean_se, run_llmc_runner  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}  # weight bits, activation bits
@@ -41,7 +41,7 @@ VARIANTS = {"rtn": ("rtn", "none"), "gptq": ("gptq", "none"), "sq_gptq": ("gptq"
 
 
 def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens: int, settings: list[str],
-             variants: list[str]) -> dict:
+             variants: list[str], validation: bool = False) -> dict:
     """One calibration draw: every variant's held-out loss gap to FP per setting, and its seconds."""
     from transformers import AutoTokenizer
 
@@ -56,7 +56,10 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
     model = load_model(model_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
-    windows = heldout_windows(tokenizer, seqlen, eval_tokens)
+    if validation:  # for choosing defaults: train-part windows disjoint from this draw's calibration windows
+        windows = validation_windows(_train_stream(tokenizer), nsamples, seqlen, seed, max(1, eval_tokens // seqlen))
+    else:
+        windows = heldout_windows(tokenizer, seqlen, eval_tokens)
     with torch.no_grad():
         fp_loss = windows_loss(model, windows)
     weights, importance_s = None, 0.0
@@ -162,11 +165,15 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "sq_gptq", "tlq_tlq"], choices=list(VARIANTS))
     parser.add_argument("--llmc", help="python of an llm-compressor venv: run its SmoothQuant + GPTQ on the same windows")
+    parser.add_argument("--validation", action="store_true",
+                        help="score on validation windows from the train part (to choose defaults), not the held-out text")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
+    if args.validation and args.llmc:
+        parser.error("--llmc is compared on the held-out text; drop --validation")
     started = time.perf_counter()
-    jobs = (args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants)
+    jobs = (args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants, args.validation)
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
@@ -177,7 +184,8 @@ def main() -> None:
         per_seed = [run_seed(args.model, seed, *jobs) for seed in args.seeds]
     rows = [row for result in per_seed for row in result["rows"]]
     out = {
-        "model": args.model, "seeds": args.seeds, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval": "heldout",
+        "model": args.model, "seeds": args.seeds, "nsamples": args.nsamples, "seqlen": args.seqlen,
+        "eval": "validation" if args.validation else "heldout",
         "windows": per_seed[0]["windows"], "variants": {name: VARIANTS[name] for name in args.variants},
         "importance_s": [r["importance_s"] for r in per_seed],
         "summary": summarise(rows, args.settings, args.variants),

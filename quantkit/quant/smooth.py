@@ -40,8 +40,10 @@ def check_smooth(mode: str) -> str:
 
 def default_smooth(act_bits: int | None, token_weights: bool) -> str:
     """The smoothing a run gets when it names none ("auto"): none for weight-only runs; with act_bits,
-    TLQ-weighted for a method that weighs tokens and uniform otherwise (on ref-lm both beat no smoothing
-    at W8A8 and W4A8 for every draw measured: benchmarks/results/bench_w8a8.json)."""
+    TLQ-weighted for a method that weighs tokens and uniform otherwise. Chosen on ref-lm's validation
+    windows (benchmarks/results/bench_w8a8_validation.json, 6 draws): uniform smoothing lowers GPTQ's
+    gap at W8A8 and W4A8, and for TLQ the TLQ-weighted search ties the uniform one at W8A8 and beats
+    it at W4A8."""
     if act_bits is None:
         return "none"
     return "tlq" if token_weights else "uniform"
