@@ -62,7 +62,7 @@ def test_quantized_vision_side_is_exposed_too(tmp_path) -> None:
     samples = image_text_samples(write_image_dataset(tmp_path / "data", n=2), processor, nsamples=2, seed=0)
     observed = {}
     calibration = calibrate_model(model, samples, QuantSpec(bits=8, group_size=-1, act_bits=8), method="gptq",
-                                  vision=True, progress=False, observer=lambda n, h: observed.setdefault(n, h.clone()))
+                                  vision=True, progress=False, observer=lambda n, h, cross: observed.setdefault(n, h.clone()))
     assert any(n.startswith("model.visual.") for n in calibration.results)
     name = "model.language_model.layers.0.self_attn.q_proj"
 

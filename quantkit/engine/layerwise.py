@@ -36,8 +36,9 @@ from quantkit.quant.activations import fake_quantize_tokens
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import QuantResult, QuantSpec
 
-# observer(full_linear_name, normalised_hessian): sees every Hessian handed to the solver.
-HessianObserver = Callable[[str, torch.Tensor], None]
+# observer(full_linear_name, normalised_hessian, normalised_cross_term or None): sees every Hessian (and the
+# FP target's cross term) handed to the solver.
+HessianObserver = Callable[[str, torch.Tensor, torch.Tensor | None], None]
 
 
 # linear name -> its FP input on each batch (linears fed one tensor share the list's entries); an
@@ -272,7 +273,7 @@ def quantize_layer(
             fulls = [f"{prefix}.{name}" for name in names]
             if observer is not None:
                 for full in fulls:
-                    observer(full, hessian)
+                    observer(full, hessian, crosses.get(names[0]))
             parts = [linears[name].weight.data.float() for name in names]
             chosen = settings[names[0]]
             joint = solve_rows(chosen.method.solve, parts, hessian, chosen.spec, fulls, crosses.get(names[0]))
@@ -289,7 +290,7 @@ def quantize_layer(
             full = f"{prefix}.{name}"
             hessian = hessians.pop(name, None)
             if observer is not None and hessian is not None and plan_rows[name][0][0] == comm.rank:
-                observer(full, hessian)
+                observer(full, hessian, crosses.get(name))
             weight = linears[name].weight.data[start:end].float()
             solved[name] = solve_slice(
                 settings[name].method.solve, weight, start, linears[name].out_features, hessian,
