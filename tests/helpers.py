@@ -318,3 +318,44 @@ def execute_notebook(notebook: Path, tmp_path: Path, monkeypatch, **env: str) ->
     client.execute()
     return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
 
+
+
+# Tiny mixture-of-experts models of the families quantkit unfuses, from transformers' own config classes: 4
+# experts of width 32 (2 routed per token; Llama 4 routes 1), 2 layers (DeepSeek-V3's first is dense).
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "llama4_text"]
+MOE_BASE = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=128, pad_token_id=0, max_position_embeddings=64, tie_word_embeddings=False)
+MOE_FIELDS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, intermediate_size=64),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, eos_token_id=0, bos_token_id=0),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=0, bos_token_id=0),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, interleave_moe_layer_step=1),
+}
+
+
+@functools.cache
+def _moe_state(model_type: str, seed: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**MOE_BASE, **MOE_FIELDS[model_type]})
+    model = AutoModelForCausalLM.from_config(config)
+    return {"config": config, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def tiny_moe(model_type: str, seed: int = 0):
+    """A tiny random mixture-of-experts model of `model_type` (MOE_FAMILIES), fused as transformers builds it,
+    in eval mode; built once per (type, seed) and copied, so tests share the work."""
+    from transformers import AutoModelForCausalLM
+
+    made = _moe_state(model_type, seed)
+    model = AutoModelForCausalLM.from_config(made["config"])
+    model.load_state_dict(made["state"])
+    return model.eval()

@@ -35,6 +35,13 @@ from quantkit.export.common import (
 )
 from quantkit.export.formats import Format, format_for
 from quantkit.fsutil import atomic_dir
+from quantkit.models.experts import (
+    checkpoint_key,
+    checkpoint_module,
+    fuse_experts,
+    model_key,
+    unfuse_experts,
+)
 from quantkit.quant.spec import QuantResult
 
 logger = logging.getLogger(__name__)
@@ -106,8 +113,14 @@ def save_quantized(
         except Exception:  # noqa: BLE001 - a generation config is optional
             pass
     linear_order, n_blocks = _layout(model)
+    fp_linears = _fp_linears(model, results)
+    # a model with unfused experts is written with the family's checkpoint names (Mixtral's block_sparse_moe)
+    key, module = checkpoint_key(model), checkpoint_module(model)
+    fp = {key(k): t for k, t in fp.items()}
+    results = {module(n): r for n, r in results.items()}
+    fp_linears = [module(n) for n in fp_linears]
     ckpt = Checkpoint(config=config, manifest={}, fp_tensors=fp, results=results)
-    ckpt.extra = {"linear_order": linear_order, "n_blocks": n_blocks, "fp_linears": _fp_linears(model, results)}
+    ckpt.extra = {"linear_order": linear_order, "n_blocks": n_blocks, "fp_linears": fp_linears}
     return write_checkpoint(
         ckpt, out_dir, fmt=fmt, source=source, report=report, overwrite=overwrite,
         max_shard_size=limit, extra_files=extra_files, processor=processor,
@@ -648,6 +661,11 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
         else:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = dense_state(ckpt, dtype)
+    # experts are stored per expert: load them into per-expert linears, then join them into transformers' fused ones
+    unfused = unfuse_experts(model)
+    if unfused:
+        rename = model_key(model)
+        state = {rename(k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise QuantkitError(f"{path}: tensor {unexpected[0]} does not belong to a {arch or model_type} model")
@@ -657,6 +675,8 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
     really_missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
     if really_missing:
         raise QuantkitError(f"{path}: tensor {really_missing[0]} is missing; the checkpoint is incomplete")
+    if unfused:
+        fuse_experts(model)
     act_bits = (ckpt.manifest.get("spec") or {}).get("act_bits")
     if act_bits is not None:  # a W8A8/W4A8 export runs with its linears' inputs quantized, as it was calibrated
         from quantkit.engine.activations import quantize_model_activations

@@ -1,0 +1,480 @@
+"""Mixture-of-experts layers as per-expert linears, so each expert is quantized on the tokens routed to it.
+
+transformers 5 keeps a layer's experts as fused 3-D parameters (`gate_up_proj` [E, 2I, H] and `down_proj`
+[E, H, I]; gpt-oss and Llama 4 store them transposed, gpt-oss with gate and up columns interleaved and
+with biases) and runs them through an "experts implementation" (grouped_mm by default) that no per-module
+hook can see into. `unfuse_experts` replaces each such module by RoutedExperts: one Expert per expert with
+an nn.Linear per projection, run by the routing loop of transformers' eager implementation (same token
+order, same weighting, same index_add), so the layer computes what it computed before. Each projection is
+an ExpertLinear whose `routed_tokens` holds, during a call, the flat indices of the layer's tokens that the
+call carries: the engine weighs each expert's Hessian with those tokens' weights.
+
+Projection names follow the family's checkpoint (read from transformers' conversion mapping: Mixtral's
+w1 / w3 / w2, the Qwen-MoE / DeepSeek / OLMoE families' gate_proj / up_proj / down_proj), so the model's
+state dict has the checkpoint's per-expert keys (up to transformers' renamings) and an export stores
+experts as the family's checkpoints do; families whose checkpoints keep experts fused (gpt-oss, Llama 4)
+get gate_proj / up_proj / down_proj, the names llm-compressor's and transformers' per-expert quantized
+layouts use. Routers stay as they are (full precision); `fuse_experts` puts the fused modules back.
+
+With `all_tokens` (set_all_tokens), every expert runs on every token of the layer, so a rarely chosen
+expert still gets statistics, while the layer's output keeps only the routed tokens' results.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """The leaf names of one expert's projections (gate is None for experts without a gate)."""
+
+    gate: str | None = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def all(self) -> tuple[str, ...]:
+        """The projections in execution order."""
+        return tuple(n for n in (self.gate, self.up, self.down) if n is not None)
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """How a fused experts module stores its projections (transformers' use_experts_implementation flags)."""
+
+    gated: bool = True
+    transposed: bool = False  # [E, in, out] instead of [E, out, in]
+    interleaved: bool = False  # gate and up alternate along the fused output (gpt-oss) instead of gate, then up
+    bias: bool = False
+
+    def fused_names(self) -> tuple[str, str]:
+        """The fused parameters: (gate_up or up, down)."""
+        return ("gate_up_proj" if self.gated else "up_proj"), "down_proj"
+
+
+class ExpertLinear(nn.Linear):
+    """One projection of one expert. While the expert runs, `routed_tokens` holds the flat indices (into the
+    layer's [batch * tokens] input) of the tokens this call carries, in the order of the call's rows."""
+
+    routed_tokens: torch.Tensor | None = None
+
+
+class Expert(nn.Module):
+    """One expert: its projections as ExpertLinear modules, named as the checkpoint names them."""
+
+    def __init__(self, names: ExpertNames, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.names = names
+        for name in names.all():
+            width_in, width_out = (intermediate, hidden) if name == names.down else (hidden, intermediate)
+            self.add_module(name, ExpertLinear(width_in, width_out, bias=bias, dtype=dtype, device=device))
+
+    def projections(self) -> list[ExpertLinear]:
+        """The expert's linears in execution order."""
+        return [getattr(self, name) for name in self.names.all()]
+
+
+def _gate_owner(fused: nn.Module) -> types.SimpleNamespace:
+    """What a family's gate function reads from its experts module (act_fn, alpha, limit...), without the
+    module's parameters (so the fused weights are not kept alive)."""
+    internals = vars(nn.Module())
+    attrs = {k: v for k, v in vars(fused).items() if k not in internals}
+    attrs.update(fused._modules)
+    return types.SimpleNamespace(**attrs)
+
+
+class RoutedExperts(nn.ModuleList):
+    """A layer's experts as a list of Expert modules, routed as transformers' eager experts loop routes.
+
+    Called as the fused module is: (hidden [N, H], top_k_index [N, k], top_k_weights [N, k]) -> [N, H].
+    With `scaled_inputs` (Llama 4) the routing weight scales an expert's input instead of its output.
+    """
+
+    def __init__(self, experts: list[Expert], layout: FusedLayout, gate_fn: Callable | None,
+                 act_fn: nn.Module | None, post_norm: nn.Module | None, fused_class: type,
+                 fused_attrs: types.SimpleNamespace, scaled_inputs: bool = False) -> None:
+        super().__init__(experts)
+        self.layout = layout
+        self._gate_fn = gate_fn  # (gate_up [.., 2I] laid out as the fused module lays it) -> [.., I]
+        self.act_fn = act_fn
+        self.post_expert_norm = post_norm
+        self.fused_class = fused_class  # what fuse_experts rebuilds, with these attributes
+        self.fused_attrs = fused_attrs
+        self.scaled_inputs = scaled_inputs
+        self.all_tokens = False
+        self.routed_counts: torch.Tensor | None = None  # tokens routed to each expert, while the engine counts
+
+    @property
+    def num_experts(self) -> int:
+        """How many experts the layer has."""
+        return sum(1 for _ in self.experts())
+
+    def experts(self) -> Iterator[Expert]:
+        """The Expert modules (the list also holds the activation and norm modules)."""
+        return (m for m in self._modules.values() if isinstance(m, Expert))
+
+    def _activate(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        if gate is None:
+            return self.act_fn(up)
+        if self.layout.interleaved:
+            return self._gate_fn(torch.stack([gate, up], dim=-1).flatten(-2))
+        return self._gate_fn(torch.cat([gate, up], dim=-1))
+
+    def run_expert(self, index: int, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Expert `index` on rows `x`, which are the layer's flat tokens `tokens`."""
+        expert = self[index]
+        for linear in expert.projections():
+            linear.routed_tokens = tokens
+        try:
+            names = expert.names
+            gate = getattr(expert, names.gate)(x) if names.gate is not None else None
+            y = getattr(expert, names.down)(self._activate(gate, getattr(expert, names.up)(x)))
+            if self.post_expert_norm is not None:
+                y = self.post_expert_norm(y)
+        finally:
+            for linear in expert.projections():
+                linear.routed_tokens = None
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                every_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' weighted sum for every token (`every_weight` [N, E]: each expert's input scale on every
+        token, for scaled inputs in all-tokens mode)."""
+        out = torch.zeros_like(hidden_states)
+        every = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        num_experts = self.num_experts
+        if self.routed_counts is not None:  # ids past the last expert are expert-parallel sentinels
+            counts = torch.bincount(top_k_index.flatten().cpu(), minlength=num_experts + 1)[:num_experts]
+            self.routed_counts = self.routed_counts + counts
+        for index in range(num_experts):
+            # eager's order: by top-k slot, then by token
+            slot, tokens = torch.where((top_k_index == index).transpose(0, 1))
+            if tokens.numel() == 0 and not self.all_tokens:
+                continue
+            weights = top_k_weights[tokens, slot, None]
+            if self.scaled_inputs:
+                if self.all_tokens:
+                    scale = every_weight[:, index, None].to(hidden_states.dtype)
+                    y = self.run_expert(index, hidden_states * scale, every)[tokens]
+                else:
+                    y = self.run_expert(index, hidden_states[tokens] * weights.to(hidden_states.dtype), tokens)
+            else:
+                if self.all_tokens:
+                    y = self.run_expert(index, hidden_states, every)[tokens]
+                else:
+                    y = self.run_expert(index, hidden_states[tokens], tokens)
+                y = y * weights
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+class RoutedLlama4Moe(nn.Module):
+    """Llama 4's MoE block with RoutedExperts: the router's top-k choice and sigmoid scores scale each
+    chosen expert's input, the shared expert adds its output (Llama4TextMoe's computation, routed per expert)."""
+
+    def __init__(self, block: nn.Module, experts: RoutedExperts) -> None:
+        super().__init__()
+        self.top_k, self.hidden_dim, self.num_experts = block.top_k, block.hidden_dim, block.num_experts
+        self.router = block.router
+        self.experts = experts
+        self.shared_expert = block.shared_expert
+        self.fused_block_class = type(block)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output [N, H], router logits), as Llama4TextMoe returns them."""
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        scores, logits = self.router(hidden_states)
+        top_k_index = torch.topk(logits, self.top_k, dim=1).indices
+        every = torch.sigmoid(logits.float()).to(scores.dtype)  # what each expert's input would be scaled by
+        routed = self.experts(hidden_states, top_k_index, scores.gather(1, top_k_index), every)
+        out = self.shared_expert(hidden_states)
+        out.add_(routed)
+        return out, logits
+
+
+# ---------------------------------------------------------------- fused <-> per-expert tensors
+
+
+def split_fused(fused: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames) -> dict[str, torch.Tensor]:
+    """Per-expert tensors (`<e>.<projection>.weight` / `.bias`, [out, in]) from a fused module's parameters."""
+    gate_up_key, down_key = layout.fused_names()
+    gate_up, down = fused[gate_up_key], fused[down_key]
+    out: dict[str, torch.Tensor] = {}
+
+    def halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # along the last dim
+        if layout.interleaved:
+            return t[..., 0::2], t[..., 1::2]
+        return t.chunk(2, dim=-1)
+
+    for e in range(gate_up.shape[0]):
+        both = gate_up[e] if layout.transposed else gate_up[e].transpose(0, 1)  # [in, out]
+        parts = dict(zip((names.gate, names.up), halves(both))) if layout.gated else {names.up: both}
+        parts[names.down] = down[e] if layout.transposed else down[e].transpose(0, 1)
+        for name, weight in parts.items():
+            out[f"{e}.{name}.weight"] = weight.transpose(0, 1).contiguous()
+        if layout.bias:
+            bias = fused[f"{gate_up_key}_bias"][e]
+            parts = dict(zip((names.gate, names.up), halves(bias))) if layout.gated else {names.up: bias}
+            parts[names.down] = fused[f"{down_key}_bias"][e]
+            for name, b in parts.items():
+                out[f"{e}.{name}.bias"] = b.contiguous()
+    return out
+
+
+def join_experts(tensors: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames,
+                 num_experts: int) -> dict[str, torch.Tensor]:
+    """The fused parameters from per-expert tensors (split_fused's inverse)."""
+    gate_up_key, down_key = layout.fused_names()
+
+    def both(kind: str, e: int) -> torch.Tensor:  # [..., 2I] along the last dim, as the fused module lays it
+        get = (lambda n: tensors[f"{e}.{n}.{kind}"].transpose(0, 1)) if kind == "weight" else (lambda n: tensors[f"{e}.{n}.{kind}"])
+        if not layout.gated:
+            return get(names.up)
+        gate, up = get(names.gate), get(names.up)
+        return torch.stack([gate, up], dim=-1).flatten(-2) if layout.interleaved else torch.cat([gate, up], dim=-1)
+
+    gate_up = torch.stack([both("weight", e) for e in range(num_experts)])  # [E, in, 2I]
+    down = torch.stack([tensors[f"{e}.{names.down}.weight"].transpose(0, 1) for e in range(num_experts)])  # [E, I, H]
+    out = {gate_up_key: gate_up if layout.transposed else gate_up.transpose(1, 2),
+           down_key: down if layout.transposed else down.transpose(1, 2)}
+    if layout.bias:
+        out[f"{gate_up_key}_bias"] = torch.stack([both("bias", e) for e in range(num_experts)])
+        out[f"{down_key}_bias"] = torch.stack([tensors[f"{e}.{names.down}.bias"] for e in range(num_experts)])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- finding and replacing fused modules
+
+
+def is_llama4_experts(module: nn.Module) -> bool:
+    """Llama 4's experts: fused [E, H, 2I] / [E, I, H], run by the MoE block on router-scaled inputs."""
+    return type(module).__name__ == "Llama4TextExperts"
+
+
+def fused_layout(module: nn.Module) -> FusedLayout | None:
+    """The layout of a fused experts module, or None if `module` is not one quantkit can unfuse."""
+    if is_llama4_experts(module):
+        return FusedLayout(gated=True, transposed=True)
+    params = module._parameters
+    down = params.get("down_proj")
+    first = params.get("gate_up_proj") if getattr(module, "has_gate", None) else params.get("up_proj")
+    if not hasattr(module, "is_transposed") or down is None or first is None or down.dim() != 3 or first.dim() != 3:
+        return None
+    return FusedLayout(gated=bool(module.has_gate), transposed=bool(module.is_transposed),
+                       interleaved=not getattr(module, "is_concatenated", True), bias=bool(module.has_bias))
+
+
+def holds_fused_weights(module: nn.Module) -> bool:
+    """Whether a module keeps 3-D (or larger) parameters of its own: fused experts that no linear covers."""
+    return any(p is not None and p.dim() >= 3 for p in module._parameters.values()) and not isinstance(
+        module, nn.modules.conv._ConvNd)
+
+
+def expert_names(config: object) -> ExpertNames:
+    """The per-expert projection names of the family's checkpoints, from transformers' conversion mapping
+    (the weights merged into experts.gate_up_proj / experts.down_proj on load); the per-expert quantized
+    layout's gate_proj / up_proj / down_proj where the checkpoints keep experts fused."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    config = getattr(config, "config", config)
+    found: dict[str, list[str]] = {}
+    for transform in get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []:
+        if not isinstance(transform, WeightConverter):
+            continue
+        targets = transform._original_target_patterns
+        if len(targets) == 1 and targets[0].endswith(("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")):
+            leaves = [s.split(".*.")[-1].removesuffix(".weight") for s in transform._original_source_patterns]
+            found[targets[0].rsplit(".", 1)[-1]] = leaves
+    if "gate_up_proj" in found and "down_proj" in found and len(found["gate_up_proj"]) == 2:
+        return ExpertNames(gate=found["gate_up_proj"][0], up=found["gate_up_proj"][1], down=found["down_proj"][0])
+    return ExpertNames()
+
+
+def _routed_experts(fused: nn.Module, layout: FusedLayout, names: ExpertNames, scaled_inputs: bool) -> RoutedExperts:
+    """A RoutedExperts holding `fused`'s weights (on its device: meta stays meta)."""
+    gate_up_key, down_key = layout.fused_names()
+    gate_up = fused._parameters[gate_up_key]
+    num_experts = gate_up.shape[0]
+    hidden = gate_up.shape[1] if layout.transposed else gate_up.shape[2]
+    intermediate = fused._parameters[down_key].shape[1 if layout.transposed else 2]
+    experts = [Expert(names, hidden, intermediate, layout.bias, gate_up.dtype, "meta") for _ in range(num_experts)]
+    owner = _gate_owner(fused)
+    gate_fn = None
+    if layout.gated:
+        apply_gate = getattr(type(fused), "_apply_gate", None)
+        gate_fn = (functools.partial(apply_gate, owner) if apply_gate is not None
+                   else lambda gate_up: owner.act_fn(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1])
+    act_fn = fused._modules.get("act_fn") or getattr(fused, "act_fn", None)
+    post_norm = fused._modules.get("post_expert_norm") if getattr(fused, "has_post_expert_norm", False) else None
+    routed = RoutedExperts(experts, layout, gate_fn, act_fn if isinstance(act_fn, nn.Module) else None, post_norm,
+                           type(fused), owner, scaled_inputs)
+    if gate_up.device.type != "meta":
+        fused_tensors = {k: v.detach() for k, v in fused._parameters.items() if v is not None}
+        missing, _ = routed.load_state_dict(split_fused(fused_tensors, layout, names), strict=False, assign=True)
+        if any(key.split(".")[0].isdigit() for key in missing):  # the norm after the experts keeps its own weights
+            raise QuantkitError(f"unfusing {type(fused).__name__} left {missing[0]} unset; this is a bug")
+    return routed
+
+
+def unfuse_experts(root: nn.Module, names: ExpertNames | None = None) -> list[str]:
+    """Replace every fused experts module under `root` (a model or a decoder layer) by RoutedExperts
+    (Llama 4's MoE block by RoutedLlama4Moe), in place; return the replaced modules' names.
+
+    `names` are the projection names (default: expert_names of the model's config). The weights move into the
+    per-expert linears (meta tensors stay on meta: a streamed layer is filled later from the checkpoint).
+    """
+    if names is None:
+        config = getattr(root, "config", None)
+        names = expert_names(config) if config is not None else ExpertNames()
+    replaced = []
+    for name, module in list(root.named_modules()):
+        if type(module).__name__ == "Llama4TextMoe" and is_llama4_experts(module.experts):
+            experts = _routed_experts(module.experts, fused_layout(module.experts), names, scaled_inputs=True)
+            _set_child(root, name, RoutedLlama4Moe(module, experts))
+            replaced.append(f"{name}.experts" if name else "experts")
+            continue
+        layout = fused_layout(module)
+        if layout is None or is_llama4_experts(module) or not name:
+            continue
+        _set_child(root, name, _routed_experts(module, layout, names, scaled_inputs=False))
+        replaced.append(name)
+    return replaced
+
+
+def fuse_experts(root: nn.Module) -> list[str]:
+    """Put transformers' fused experts modules back where unfuse_experts replaced them (their dequantized or FP
+    weights joined into the 3-D parameters); return their names."""
+    fused_names = []
+    for name, module in list(root.named_modules()):
+        if isinstance(module, RoutedLlama4Moe):
+            block = module.fused_block_class.__new__(module.fused_block_class)
+            nn.Module.__init__(block)
+            block.top_k, block.hidden_dim, block.num_experts = module.top_k, module.hidden_dim, module.num_experts
+            block.experts = _fused_module(module.experts)
+            block.router, block.shared_expert = module.router, module.shared_expert
+            _set_child(root, name, block)
+            fused_names.append(f"{name}.experts")
+        elif isinstance(module, RoutedExperts) and not any(name.startswith(n + ".") or name == n for n in fused_names):
+            _set_child(root, name, _fused_module(module))
+            fused_names.append(name)
+    return fused_names
+
+
+def _fused_module(routed: RoutedExperts) -> nn.Module:
+    """transformers' fused module again: its class, its attributes and submodules, the joined weights."""
+    fused = routed.fused_class.__new__(routed.fused_class)
+    nn.Module.__init__(fused)
+    for key, value in vars(routed.fused_attrs).items():
+        setattr(fused, key, value)  # submodules (act_fn, a post-expert norm) register as modules again
+    first = next(routed.experts())
+    tensors = {f"{e}.{k}": v for e, expert in enumerate(routed.experts()) for k, v in expert.state_dict().items()}
+    for key, value in join_experts(tensors, routed.layout, first.names, routed.num_experts).items():
+        fused._parameters[key] = nn.Parameter(value, requires_grad=False)
+    return fused
+
+
+def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)
+
+
+# ---------------------------------------------------------------- what the engine asks
+
+
+def routed_experts(root: nn.Module) -> list[tuple[str, RoutedExperts]]:
+    """(name, module) of every RoutedExperts under `root`."""
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, RoutedExperts)]
+
+
+def set_all_tokens(root: nn.Module, on: bool) -> None:
+    """Run every expert under `root` on every token (statistics) or on its routed tokens only (inference)."""
+    for _, experts in routed_experts(root):
+        experts.all_tokens = on
+
+
+def expert_solve_groups(layer: nn.Module) -> list[list[str]]:
+    """A layer's expert linears (names relative to the layer) in two solve groups: every expert's gate and up
+    (they read the layer's normed hidden state), then every expert's down (it reads its gate and up)."""
+    first: list[str] = []
+    second: list[str] = []
+    for name, experts in routed_experts(layer):
+        for e, expert in enumerate(experts.experts()):
+            names = expert.names
+            first += [f"{name}.{e}.{n}" for n in (names.gate, names.up) if n is not None]
+            second.append(f"{name}.{e}.{names.down}")
+    return [g for g in (first, second) if g]
+
+
+def expert_of(name: str) -> tuple[str, int] | None:
+    """(container, expert index) for an expert linear's name (`...experts.<e>.<projection>`), else None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i].isdigit() and parts[i - 1].endswith("experts"):
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+# ---------------------------------------------------------------- checkpoint names
+
+
+def _renamings(model: nn.Module) -> list:
+    """transformers' key renamings for `model` (checkpoint -> model), without its fused-weight converters."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    return [t for t in get_model_conversion_mapping(model, add_legacy=False) if type(t) is WeightRenaming]
+
+
+def checkpoint_key(model: nn.Module) -> Callable[[str], str]:
+    """model key -> the key the family's checkpoints use, for a model whose experts are unfused (transformers'
+    renamings reversed: Mixtral's `mlp` is `block_sparse_moe` on disk); the identity for any other model."""
+    from transformers.core_model_loading import apply_renamings
+
+    if not routed_experts(model):
+        return lambda key: key
+    reverse = [t.reverse_transform() for t in reversed(_renamings(model))]
+    return functools.partial(_rename, apply_renamings, reverse)
+
+
+def model_key(model: nn.Module) -> Callable[[str], str]:
+    """checkpoint key -> `model`'s key for a model whose experts are unfused (checkpoint_key's inverse)."""
+    from transformers.core_model_loading import apply_renamings
+
+    if not routed_experts(model):
+        return lambda key: key
+    return functools.partial(_rename, apply_renamings, _renamings(model))
+
+
+def _rename(apply: Callable, renamings: list, key: str) -> str:
+    return apply(key, renamings) if renamings else key
+
+
+def unfused_state(root: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (keys relative to `root`) with any fused experts weights (a checkpoint that keeps them fused:
+    gpt-oss, Llama 4) split into the per-expert keys of `root`'s RoutedExperts."""
+    out = dict(tensors)
+    for name, experts in routed_experts(root):
+        keys = [f"{name}.{k}" for k in experts.layout.fused_names()]
+        if not all(k in out for k in keys):
+            continue
+        fused = {k.rsplit(".", 1)[1]: out.pop(k) for k in [*keys, *(f"{k}_bias" for k in keys)] if k in out}
+        first = next(experts.experts())
+        out.update({f"{name}.{k}": v for k, v in split_fused(fused, experts.layout, first.names).items()})
+    return out
+
+
+def checkpoint_module(model: nn.Module) -> Callable[[str], str]:
+    """model module name -> the checkpoint's name for it (checkpoint_key for module names)."""
+    rename = checkpoint_key(model)
+    return lambda name: rename(f"{name}.weight").removesuffix(".weight")

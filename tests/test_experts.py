@@ -1,0 +1,194 @@
+"""Mixture-of-experts layers as per-expert linears (quantkit.models.experts), checked against transformers' own
+MoE code: the unfused model computes transformers' logits, each expert linear sees exactly the tokens that
+transformers' router sends its expert, and exports store experts under the family's checkpoint names and load
+back in plain transformers with the quantized model's logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import MOE_FAMILIES, tiny_moe
+
+import quantkit
+from quantkit.export import save_quantized
+from quantkit.models.experts import (
+    ExpertLinear,
+    RoutedExperts,
+    expert_solve_groups,
+    fuse_experts,
+    set_all_tokens,
+    unfuse_experts,
+)
+from quantkit.quant.rtn import rtn_solve
+from quantkit.quant.spec import QuantSpec
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def eager(model):
+    """The model running transformers' eager experts loop (its reference implementation)."""
+    if hasattr(model, "set_experts_implementation") and model.config.model_type != "llama4_text":
+        model.set_experts_implementation("eager")
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_unfused_experts_compute_transformers_logits(family: str) -> None:
+    """Unfused, the model gives transformers' eager logits (to float rounding), also running every expert on
+    every token for statistics; fused back, it is transformers' module again with the same logits."""
+    model = eager(tiny_moe(family))
+    ref = logits(model, IDS)
+    unfused = copy.deepcopy(model)
+    replaced = unfuse_experts(unfused)
+    assert replaced and all(isinstance(unfused.get_submodule(n), RoutedExperts) for n in replaced)
+    assert not [n for n, p in unfused.named_parameters() if p.dim() >= 3]  # no fused weight is left uncovered
+    assert rel(logits(unfused, IDS), ref) <= 1e-6
+    set_all_tokens(unfused, True)
+    assert rel(logits(unfused, IDS), ref) <= 1e-6
+    set_all_tokens(unfused, False)
+    fuse_experts(unfused)
+    for name in replaced:
+        assert type(unfused.get_submodule(name)) is type(model.get_submodule(name))
+    assert unfused.state_dict().keys() == model.state_dict().keys()
+    assert rel(logits(eager(unfused), IDS), ref) <= 1e-6
+
+
+def transformers_routing(model, family: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per MoE layer, from transformers' own modules: the experts' input [N, H], each token's chosen experts
+    [N, k], and what scales an expert's input on each token (Llama 4's router scores; ones elsewhere) [N, E]."""
+    seen = []
+    handles = []
+    for module in model.modules():
+        if family == "llama4_text" and type(module).__name__ == "Llama4TextMoe":
+            def block(mod, args, out):
+                hidden = args[0].reshape(-1, args[0].shape[-1])
+                scores = mod.router(hidden)[0]  # the chosen experts' sigmoid scores, 0 elsewhere
+                seen.append((hidden, torch.topk(out[1], mod.top_k, dim=1).indices, scores))
+            handles.append(module.register_forward_hook(block))
+        elif family != "llama4_text" and any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args: seen.append((args[0], args[1], torch.ones(args[0].shape[0], mod.num_experts)))))
+    logits(model, IDS)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_each_expert_linear_sees_the_tokens_routed_to_it(family: str) -> None:
+    """Every call of an expert's first projection carries the experts' input on exactly the tokens transformers'
+    router chose for that expert (scaled by the router's score for Llama 4), and `routed_tokens` names them;
+    with every expert on every token, each call carries all tokens."""
+    model = eager(tiny_moe(family))
+    routing = transformers_routing(copy.deepcopy(model), family)
+    unfuse_experts(model)
+    calls: dict[str, list] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertLinear) and name.endswith((".gate_proj", ".w1")):
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, name=name: calls.setdefault(name, []).append((args[0].clone(), mod.routed_tokens.clone()))))
+    logits(model, IDS)
+    containers = [name for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
+    assert len(containers) == len(routing)
+    hit = 0
+    for container, (hidden, chosen, scale) in zip(containers, routing):
+        experts = model.get_submodule(container)
+        for e in range(experts.num_experts):
+            name = f"{container}.{e}.{experts[e].names.gate}"
+            routed = torch.where((chosen == e).any(dim=1))[0]
+            if routed.numel() == 0:
+                assert name not in calls
+                continue
+            [(x, tokens)] = calls[name]
+            assert torch.equal(tokens.sort().values, routed)
+            expected = hidden[tokens] * scale[tokens, e, None]
+            assert torch.allclose(x, expected, rtol=1e-6, atol=1e-7)
+            hit += 1
+    assert hit >= len(routing) * 2
+    calls.clear()
+    set_all_tokens(model, True)
+    logits(model, IDS)
+    assert calls and all(torch.equal(t, torch.arange(IDS.numel())) for entries in calls.values() for _, t in entries)
+    for handle in handles:
+        handle.remove()
+
+
+def test_solve_groups_put_gate_and_up_before_down() -> None:
+    """Every expert's gate and up read the layer's hidden state (one group), every down reads its own expert's
+    activation (the next group)."""
+    model = tiny_moe("mixtral")
+    unfuse_experts(model)
+    first, second = expert_solve_groups(model.model.layers[0])
+    assert first == [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w3")]
+    assert second == [f"mlp.experts.{e}.w2" for e in range(4)]
+
+
+def quantize_randomly(model) -> dict:
+    """RTN results (4-bit, groups of 16) for every decoder-layer linear but the routers and gates; the model
+    gets their dequantized weights."""
+    results = {}
+    spec = QuantSpec(bits=4, group_size=16)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and not name.endswith(("router", "gate")):
+            results[name] = rtn_solve(module.weight.data.float(), None, spec)
+            module.weight.data.copy_(results[name].dequantize())
+    return results
+
+
+# gpt-oss checkpoints keep experts fused; transformers 5.25 has no mapping from per-expert tensors to them
+TRANSFORMERS_LOADS_CT = [f for f in MOE_FAMILIES if f != "gpt_oss"]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_export_writes_experts_as_the_family_checkpoint_does(family: str, tmp_path) -> None:
+    """Quantized experts are stored per expert under the names transformers' own save_pretrained gives the FP
+    experts (Mixtral: block_sparse_moe.experts.E.w1; gpt-oss and Llama 4, whose checkpoints keep experts fused,
+    the per-expert gate_proj / up_proj / down_proj of quantized layouts); quantkit reads both formats back to
+    the exact dequantized model, and transformers loads the compressed-tensors export with its logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = tiny_moe(family)
+    model.save_pretrained(tmp_path / "fp")
+    with safe_open(str(tmp_path / "fp" / "model.safetensors"), "pt") as f:
+        fp_keys = set(f.keys())
+    unfuse_experts(model)
+    results = quantize_randomly(model)
+    ref = logits(model, IDS)
+    per_expert = {k.removesuffix(".weight") for k in fp_keys if ".experts.0." in k and k.endswith(".weight")}
+    if not per_expert:  # a fused checkpoint: the quantized per-expert layout
+        prefix = next(k for k in fp_keys if k.endswith("experts.gate_up_proj")).removesuffix("gate_up_proj")
+        layer = prefix.split(".layers.")[1].split(".")[0]
+        per_expert = {f"{prefix}0.{p}".replace(f".layers.{layer}.", ".layers.1.") for p in ("gate_proj", "up_proj", "down_proj")}
+    for fmt, suffix in (("compressed-tensors", "weight_packed"), ("gptq", "qweight")):
+        out = save_quantized(model, results, tmp_path / fmt, fmt=fmt)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        for name in per_expert:
+            assert f"{name}.{suffix}" in keys, name
+        assert not [k for k in keys if "experts.gate_up_proj" in k or k.endswith("experts.down_proj")]
+        # every other tensor is stored under the name transformers' save_pretrained gives it
+        quantized = set(json.loads((out / "quantkit.json").read_text())["quantized_modules"])
+        for key in fp_keys - {k for k in fp_keys if ".experts.gate_up_proj" in k or ".experts.down_proj" in k}:
+            module = key.rsplit(".", 1)[0]
+            assert (f"{module}.{suffix}" if module in quantized else key) in keys, key
+        back = quantkit.load_quantized(out)
+        assert not [n for n, m in back.named_modules() if isinstance(m, RoutedExperts)]  # transformers' modules
+        assert torch.equal(logits(back, IDS), ref) or rel(logits(back, IDS), ref) <= 1e-6
+        if fmt == "compressed-tensors" and family in TRANSFORMERS_LOADS_CT:
+            loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+            assert rel(logits(loaded, IDS), ref) <= 1e-3
