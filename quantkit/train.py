@@ -90,8 +90,11 @@ def train_causal_lm(
     heldout: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    model_type: str = "llama",
+    config_extra: dict | None = None,
 ) -> Path:
-    """Train a Llama LM with AdamW + warmup/cosine on CPU; save it (safetensors), its tokenizer and training.json.
+    """Train a Llama LM (or another transformers `model_type`, with `config_extra` for its own fields: a
+    mixture of experts' expert count and width) with AdamW + warmup/cosine on CPU; save it (safetensors), its tokenizer and training.json.
 
     Batches are random windows of `seqlen` tokens from the eos-joined token stream, drawn from a
     torch.Generator seeded with `seed`; the run is deterministic given the seed and the thread count.
@@ -101,7 +104,7 @@ def train_causal_lm(
     stops when either reaches 1 (then the step count depends on the machine's speed).
     Checkpoints at `save_steps` go to out_dir/steps/stepN. Returns out_dir.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if steps <= 0 or batch_size <= 0 or seqlen < 2:
         raise QuantkitError(f"steps, batch_size must be positive and seqlen >= 2; got {steps}, {batch_size}, {seqlen}")
@@ -116,7 +119,7 @@ def train_causal_lm(
     if ids.numel() < seqlen + 1:
         raise QuantkitError(f"too little text to train: found {ids.numel()} tokens, need at least seqlen + 1 = {seqlen + 1}")
     eos = tokenizer.eos_token_id
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -131,7 +134,15 @@ def train_causal_lm(
         pad_token_id=None,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    if model_type == "llama" and not config_extra:
+        config = LlamaConfig(**fields)
+        model = LlamaForCausalLM(config)
+    else:
+        extra = dict(config_extra or {})
+        aux = "router_aux_loss_coef" in extra
+        config = AutoConfig.for_model(model_type, **{**fields, **extra,
+                                                     "output_router_logits": aux})
+        model = AutoModelForCausalLM.from_config(config)
     model.train()
     params, non_embedding = count_params(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -185,6 +196,7 @@ def train_causal_lm(
                 model.train()
         bar.close()
         model.eval()
+        model.config.output_router_logits = False  # inference: the language-model loss only
         tail = losses[-10:]
         info = {
             "step": step,

@@ -101,3 +101,22 @@ def test_bad_inputs(tmp_path, run):
         train_causal_lm([TEXT], tmp_path / "y", steps=2, **{**KW, "num_heads": 3})
     with pytest.raises(QuantkitError, match="already exists"):
         train_causal_lm([TEXT], run, steps=2, **KW)
+
+
+def test_mixture_of_experts_trains_with_its_balancing_loss(tmp_path):
+    """A Qwen3-MoE model trains (loss falls clearly), with the router's load-balancing loss while training and
+    without it in the saved config, so transformers' loss on the saved model is the language-model loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.01,
+               head_dim=16, decoder_sparse_step=1, mlp_only_layers=[])
+    out = train_causal_lm([TEXT] * 4, tmp_path / "moe", steps=30, seed=0, model_type="qwen3_moe", config_extra=moe, **KW)
+    trained = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert trained.config.model_type == "qwen3_moe" and trained.config.num_experts == 4
+    assert trained.config.output_router_logits is False
+    info = json.loads((out / "training.json").read_text())
+    assert info["loss"] < info["first_loss"] - 1.0
+    ids = torch.tensor(AutoTokenizer.from_pretrained(out)(TEXT[:300], add_special_tokens=False)["input_ids"][:48])
+    with torch.no_grad():
+        loss = trained(input_ids=ids[None], labels=ids[None]).loss
+    assert abs(float(loss) - window_loss(trained, ids)) < 1e-5
