@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from quantkit.engine.comm import Comm
-from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.hessian import FLOAT32_SUM_TOKENS, HessianAccumulator
 from quantkit.engine.plan import Piece
 from quantkit.engine.weights import row_ranges
 from quantkit.errors import QuantkitError
@@ -55,6 +55,11 @@ def reduce_accumulator(acc: HessianAccumulator, comm: Comm, dst: int | None = No
     `dst`, or onto every rank when it is None."""
     if not comm.distributed:
         return
+    if acc.may_widen:  # some ranks' sums may have moved to float64 (FLOAT32_SUM_TOKENS): all must match
+        wide = torch.zeros(1, device=acc.hessian.device)
+        comm.all_reduce_max_(wide.fill_(float(acc.tokens > FLOAT32_SUM_TOKENS)))
+        if wide.item():
+            acc.widen()
     total = acc.weight_sums.to(acc.hessian.device)
     for tensor in [acc.hessian, total] + ([acc.cross] if acc.cross is not None else []):
         if dst is None:
@@ -69,7 +74,8 @@ def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tens
     """Solve linears that share `hessian` (and `cross`) as one problem with their rows stacked; one CPU
     result each. GPTQ's rows are independent given H, so this runs the column loop once for all."""
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
-    joint = solve(_target(stacked, hessian, cross, spec), hessian, spec, name=" + ".join(names))
+    joint_name = " + ".join(names)
+    joint = solve(_target(stacked, hessian, cross, spec, joint_name), hessian, spec, name=joint_name)
     if len(weights) == 1:
         return [to_cpu(joint)]
     out, start = [], 0
@@ -124,7 +130,7 @@ def solve_slice(
     result and its result_stats. A [g, in, in] Hessian (and cross term) holds one Hessian per output-row
     group (quantkit.engine.weights.row_ranges): each group's rows are solved with their own."""
     if hessian is None or hessian.dim() == 2:
-        result = solve(_target(weight, hessian, cross, spec), hessian, spec, name=name)
+        result = solve(_target(weight, hessian, cross, spec, name), hessian, spec, name=name)
         return result, result_stats(weight, result, hessian)
     end = start + weight.shape[0]
     parts, stats = [], torch.zeros(4, dtype=torch.float64)
@@ -134,7 +140,8 @@ def solve_slice(
             continue
         rows = weight[low - start : high - start]
         group_cross = None if cross is None else cross[group]
-        part = solve(_target(rows, hessian[group], group_cross, spec), hessian[group], spec, name=f"{name}[{low}:{high}]")
+        part_name = f"{name}[{low}:{high}]"
+        part = solve(_target(rows, hessian[group], group_cross, spec, part_name), hessian[group], spec, name=part_name)
         stats += result_stats(rows, part, hessian[group])
         parts.append(to_cpu(part))
     if any(not torch.equal(part.g_idx, parts[0].g_idx) for part in parts):
@@ -145,11 +152,12 @@ def solve_slice(
     return QuantResult.cat_rows(parts), stats
 
 
-def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None, spec: QuantSpec,
+            name: str) -> torch.Tensor:
     """The weight GPTQ rounds toward: W itself, or with the cross term the FP target W C H~^-1."""
     if cross is None:
         return weight
-    return fp_target_weight(weight, hessian, cross, spec.damp)
+    return fp_target_weight(weight, hessian, cross, spec.damp, name)
 
 
 def to_cpu(result: QuantResult) -> QuantResult:

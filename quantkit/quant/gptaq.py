@@ -15,40 +15,68 @@ Both sums may carry any common normalisation (e.g. 2 / sum w), it cancels in W'.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.gptq import gptq_solve
+from quantkit.quant.gptq import _CHOLESKY_RETRIES, _MIN_RETRY_DAMP, gptq_solve
+from quantkit.quant.grid import all_finite
 from quantkit.quant.spec import QuantResult, QuantSpec
 
+logger = logging.getLogger(__name__)
 
-def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+
+def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01,
+                     name: str = "") -> torch.Tensor:
     """W' = W + W (C - H~) (H~ + damp * mean(diag H~) * I)^-1, float32 [out, in] (float64 inside).
 
     Undamped this is exactly W C H~^-1; written as W plus a correction, the damp only shrinks
     the correction (W' = W when x = x~). weight W [out, in]; hessian H~ = sum w x~ x~^T and
     cross C = sum w x x~^T, both [in, in] with the same normalisation. The engine can equally
     accumulate C - H~ = sum w (x - x~) x~^T directly. Dead inputs (zero diagonal of H~) keep W's column.
+    A singular damped H~ (no damp on degenerate inputs) raises the damp tenfold per try, with a warning.
+    The float64 work is done in place where it can be: at width 14336 each [in, in] float64 matrix is 1.6 GB.
     """
     in_features = weight.shape[1]
     if tuple(hessian.shape) != (in_features, in_features) or tuple(cross.shape) != (in_features, in_features):
         raise QuantkitError(f"FP target needs [in, in] Hessian and cross term for in = {in_features}")
-    h = hessian.double()
-    c = cross.double()
-    dead = torch.diagonal(h) == 0
-    h = h.clone()
-    h[dead, dead] = 1.0
-    h += damp * float(torch.diagonal(h).mean()) * torch.eye(in_features, dtype=h.dtype, device=h.device)
     # W' = W + W D H^-1 with D = C - H~  <=>  H (W' - W)^T = D^T W^T (H symmetric)
-    delta = c - hessian.double()
-    correction = torch.linalg.solve(h, delta.T @ weight.double().T).T
+    delta = cross.double()
+    delta -= hessian
+    rhs = delta.T @ weight.double().T
+    del delta
+    h = hessian.double()
+    dead = torch.diagonal(h) == 0
+    h.diagonal()[dead] = 1.0
+    mean_diag = float(torch.diagonal(h).mean())
+    h.diagonal().add_(damp * mean_diag)
+    tried = []
+    while True:
+        try:
+            correction = torch.linalg.solve(h, rhs).T
+            if all_finite(correction):
+                break
+        except torch.linalg.LinAlgError:
+            pass
+        tried.append(damp)
+        if len(tried) > _CHOLESKY_RETRIES:
+            raise QuantkitError(f"the FP target{f' of {name}' if name else ''} cannot be solved even with damp {tried}; "
+                                "check the calibration inputs (too few tokens, or NaN/degenerate activations)")
+        raised = max(damp * 10, _MIN_RETRY_DAMP)
+        h.diagonal().add_((raised - damp) * mean_diag)
+        damp = raised
+    if tried:
+        logger.warning("%s: the FP target's Hessian is singular with damp %g; solved with damp %g",
+                       name or "a linear", tried[0], damp)
+    del h, rhs
     correction[:, dead] = 0
-    target = weight.double() + correction
-    return target.float()
+    correction += weight
+    return correction.float()
 
 
 def gptaq_solve(
     weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, spec: QuantSpec, name: str = "", stats: dict | None = None
 ) -> QuantResult:
     """GPTQ against H~ toward the FP target W' = W C H~^-1 (see the module doc)."""
-    return gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp), hessian, spec, name=name, stats=stats)
+    return gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp, name), hessian, spec, name=name, stats=stats)

@@ -10,13 +10,15 @@ block ("lazy batch" updates).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.cd import refine_codes
-from quantkit.quant.grid import check_finite, fit_grid, fit_groups, max_code
+from quantkit.quant.grid import all_finite, check_finite, fit_grid, fit_groups, max_code
 from quantkit.quant.rtn import group_index
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -24,22 +26,55 @@ from quantkit.quant.spec import QuantResult, QuantSpec
 _MIN_RETRY_DAMP = 1e-4
 _CHOLESKY_RETRIES = 5
 
+logger = logging.getLogger(__name__)
+
+
+def _factor(held: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """Upper U with H^-1 = U^T U for the damped H in `held` (taken out of it), computed in `dtype`;
+    None where a factorization fails.
+
+    Each matrix is dropped as soon as the next exists, so this step holds at most two [in, in]
+    matrices at a time (at width 14336 each is 0.8 GB in float32).
+    """
+    lower, info = torch.linalg.cholesky_ex(held.pop().to(dtype))
+    if int(info) != 0:
+        return None
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
+    if int(info) != 0 or not all_finite(upper):
+        return None
+    return upper
+
 
 def _upper_cholesky_of_inverse(
-    hessian: torch.Tensor, damp: float, name: str
+    solver_hessian: Callable[[], torch.Tensor], damp: float, name: str
 ) -> tuple[torch.Tensor, float]:
-    """Upper U with (H + damp * mean(diag H) * I)^-1 = U^T U, and the damp that worked."""
-    mean_diag = float(torch.diagonal(hessian).mean())
-    identity = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    """Upper U with (H + damp * mean(diag H) * I)^-1 = U^T U (float32), and the damp that worked.
+
+    `solver_hessian()` makes a fresh copy of H for each try, so none is kept beside the factors.
+    A factorization that fails in float32 is tried again in float64 at the same damp (real widths
+    with few or repeated tokens can be ill-conditioned enough for float32 alone); only if that
+    fails too is the damp raised, tenfold per try, with one warning naming the linear.
+    """
+    first = solver_hessian()
+    mean_diag = float(torch.diagonal(first).mean())
+    dtypes = dict.fromkeys((first.dtype, torch.float64))
     tried = []
     for _ in range(_CHOLESKY_RETRIES + 1):
-        damped = hessian + (damp * mean_diag) * identity
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp
+        for dtype in dtypes:
+            held = [first if first is not None else solver_hessian()]
+            first = None
+            held[0].diagonal().add_(damp * mean_diag)
+            upper = _factor(held, dtype)
+            if upper is not None:
+                if tried:
+                    logger.warning(
+                        "%s: the Hessian is not positive definite with damp %g; solved with damp %g "
+                        "(few, repeated or degenerate calibration tokens reach it)", _short(name), tried[0], damp,
+                    )
+                return upper.float(), damp
         tried.append(damp)
         damp = max(damp * 10, _MIN_RETRY_DAMP)
     where = f" of {name}" if name else ""
@@ -47,6 +82,21 @@ def _upper_cholesky_of_inverse(
         f"the Hessian{where} is not positive definite even with damp {tried} (fraction of its "
         "mean diagonal); check the calibration inputs (too few tokens, or NaN/degenerate activations)"
     )
+
+
+def _pivot_dead(hessian: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
+    """`hessian` (modified in place) with the rows and columns of dead inputs zeroed and a unit pivot."""
+    if n_dead:
+        hessian[dead, :] = 0
+        hessian[:, dead] = 0
+        hessian[dead, dead] = 1
+    return hessian
+
+
+def _short(name: str) -> str:
+    """A solve's name for one line: the first linear of a joint solve ("a + b + c") and how many more."""
+    names = name.split(" + ")
+    return names[0] + (f" (+{len(names) - 1} sharing its Hessian)" if len(names) > 1 else "") if name else "a linear"
 
 
 def _columns_as_updated(
@@ -108,20 +158,19 @@ def gptq_solve(
 
     device = weight.device
     work = weight.detach().to(torch.float32).clone()
-    hessian = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    # the caller's Hessian (when already float32 on the device) is read here, never written: the
+    # solver's own copy is the permuted one below, so only one extra [in, in] matrix is made
+    hessian = hessian.detach().to(device=device, dtype=torch.float32)
 
     # An input that is always zero carries no information: its weight cannot matter, so
     # zero it (it then quantizes exactly) and give the Hessian a unit pivot to stay solvable.
     dead = torch.diagonal(hessian) == 0
     n_dead = int(dead.sum())
     if n_dead:
-        hessian[dead, :] = 0
-        hessian[:, dead] = 0
-        hessian[dead, dead] = 1
         work[:, dead] = 0
 
     # coordinate descent (spec.cd_sweeps) refines the codes on the undamped objective, in column order
-    objective = (work.clone(), hessian.clone()) if spec.cd_sweeps > 0 else None
+    objective = (work.clone(), _pivot_dead(hessian.clone(), dead, n_dead)) if spec.cd_sweeps > 0 else None
     maxq = max_code(spec.bits)
     grouped = spec.group_size != -1
     group_size = spec.group_size if grouped else in_features
@@ -136,9 +185,10 @@ def gptq_solve(
         zeros = torch.empty(out_features, n_groups, device=device)
 
     if spec.act_order:
-        order = torch.sort(torch.diagonal(hessian), descending=True, stable=True).indices
+        # dead columns sort by their unit pivot
+        diagonal = torch.where(dead, torch.ones_like(dead, dtype=hessian.dtype), torch.diagonal(hessian))
+        order = torch.sort(diagonal, descending=True, stable=True).indices
         work = work[:, order]
-        hessian = hessian[order][:, order]
     else:
         order = torch.arange(in_features, device=device)
     # Group (column of scales/zeros) used by each column in solve order.
@@ -149,8 +199,14 @@ def gptq_solve(
 
     # A host-side copy: reading a device tensor per column would sync a GPU 10k times.
     solve_group_list = solve_group.tolist()
-    upper, used_damp = _upper_cholesky_of_inverse(hessian, spec.damp, name)
-    del hessian
+
+    def solver_hessian() -> torch.Tensor:
+        """A copy of the Hessian in solve order with dead inputs pivoted (`hessian` itself is never written)."""
+        if spec.act_order:
+            return _pivot_dead(hessian.index_select(0, order).index_select(1, order), dead[order], n_dead)
+        return _pivot_dead(hessian.clone(), dead, n_dead)
+
+    upper, used_damp = _upper_cholesky_of_inverse(solver_hessian, spec.damp, name)
 
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
     loss_per_row = torch.zeros(out_features, device=device)

@@ -32,9 +32,18 @@ def max_code(bits: int) -> int:
     return 2**bits - 1
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds no NaN or Inf, read without a tensor-sized temporary (isfinite makes
+    two, 1.75x a float32 matrix: at real widths more than the Hessian itself). max and min
+    propagate NaN, and an Inf is one of them."""
+    if tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(tensor.amax())) and bool(torch.isfinite(tensor.amin()))
+
+
 def check_finite(tensor: torch.Tensor, what: str, name: str = "") -> None:
     """Raise QuantkitError if `tensor` holds NaN or Inf."""
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         where = f" of {name}" if name else ""
         bad = int((~torch.isfinite(tensor)).sum())
         raise QuantkitError(

@@ -1,0 +1,190 @@
+"""Precision at real widths: degenerate inputs at width 2048, the damp raised only when it must be (with one
+warning naming the linear), Hessian sums in float32 or float64, and bfloat16/float16 models in and out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tokenizer, write_text
+from safetensors import safe_open
+
+from quantkit.engine import hessian as hessian_module
+from quantkit.engine.hessian import HessianAccumulator
+from quantkit.quant.gptaq import fp_target_weight
+from quantkit.quant.gptq import gptq_solve
+from quantkit.quant.rtn import rtn_solve
+from quantkit.quant.spec import QuantSpec
+
+WIDTH = 2048
+SPEC = QuantSpec(bits=4, group_size=128)
+
+
+def degenerate_inputs(kind: str, generator: torch.Generator) -> torch.Tensor:
+    """[tokens, WIDTH] calibration inputs of a degenerate kind seen at real widths."""
+    if kind == "dead columns":  # half the channels never fire (a pruned or gated-off input)
+        x = torch.randn(2560, WIDTH, generator=generator)
+        x[:, torch.randperm(WIDTH, generator=generator)[: WIDTH // 2]] = 0
+        return x
+    if kind == "duplicated tokens":  # 8 distinct tokens repeated 256 times each (padding, a repeated prompt)
+        return torch.randn(8, WIDTH, generator=generator).repeat(256, 1)
+    if kind == "expert with three tokens":  # a rarely routed MoE expert
+        return torch.randn(3, WIDTH, generator=generator)
+    if kind == "outlier channels":  # a few channels 1000x the others (massive activations)
+        x = torch.randn(2560, WIDTH, generator=generator)
+        x[:, :4] *= 1000
+        return x
+    raise ValueError(kind)
+
+
+def dense_hessian(x: torch.Tensor) -> torch.Tensor:
+    """2/T X^T X, computed in float64 (the engine's normalisation)."""
+    x = x.double()
+    return (2 / x.shape[0]) * x.T @ x
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, x: torch.Tensor) -> float:
+    """||X W^T - X Q^T||^2 in float64: the layer's output error on the calibration inputs."""
+    return float((x.double() @ (weight.double() - quantized.double()).T).square().sum())
+
+
+@pytest.mark.parametrize("kind", ["dead columns", "duplicated tokens", "expert with three tokens", "outlier channels"])
+def test_degenerate_inputs_at_width_2048_solve_at_the_default_damp(kind: str, caplog) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = degenerate_inputs(kind, generator)
+    weight = torch.randn(64, WIDTH, generator=generator) * 0.02
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        result = gptq_solve(weight, dense_hessian(x).float(), SPEC, name="model.layers.7.mlp.down_proj", stats=stats)
+    quantized = result.dequantize()
+    assert bool(torch.isfinite(quantized).all())
+    assert stats["damp"] == SPEC.damp and not caplog.records  # nothing raised, nothing to warn about
+    # GPTQ beats rounding to nearest on the very inputs it was solved for (RTN reads no Hessian)
+    assert output_error(weight, quantized, x) < output_error(weight, rtn_solve(weight, None, SPEC).dequantize(), x)
+
+
+def test_float32_failure_is_solved_in_float64_at_the_same_damp(caplog) -> None:
+    """Near-duplicate tokens at damp 1e-4: float32 Cholesky fails at width 2048 and float64 holds; the solver's
+    own loss then agrees with tr(D H_damped D^T) / 2 computed densely in float64."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, WIDTH, generator=generator).repeat(2048, 1) + 1e-3 * torch.randn(2048, WIDTH, generator=generator)
+    hessian = dense_hessian(x)
+    damped = hessian.clone()
+    damped.diagonal().add_(1e-4 * float(hessian.float().double().diagonal().mean()))
+    assert int(torch.linalg.cholesky_ex(damped.float())[1]) != 0  # float32 alone fails here
+    weight = torch.randn(64, WIDTH, generator=generator) * 0.02
+    stats: dict = {}
+    spec = QuantSpec(bits=4, group_size=128, damp=1e-4, act_order=False)
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        result = gptq_solve(weight, hessian.float(), spec, name="model.layers.0.self_attn.q_proj", stats=stats)
+    assert stats["damp"] == 1e-4 and not caplog.records
+    delta = weight.double() - result.dequantize().double()
+    assert stats["loss"] == pytest.approx(float(torch.trace(delta @ damped @ delta.T)) / 2, rel=1e-3)
+
+
+def test_raised_damp_is_one_warning_naming_the_linear(caplog) -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = degenerate_inputs("expert with three tokens", generator)
+    weight = torch.randn(32, WIDTH, generator=generator)
+    stats: dict = {}
+    name = "model.layers.3.mlp.experts.17.gate_proj + model.layers.3.mlp.experts.17.up_proj"
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        result = gptq_solve(weight, dense_hessian(x).float(), QuantSpec(bits=4, group_size=128, damp=0.0), name=name,
+                            stats=stats)
+    assert stats["damp"] > 0 and bool(torch.isfinite(result.dequantize()).all())
+    [record] = caplog.records
+    line = record.getMessage()
+    assert "\n" not in line and "model.layers.3.mlp.experts.17.gate_proj" in line and f"damp {stats['damp']:g}" in line
+
+
+def test_fp_target_on_a_singular_hessian_raises_the_damp(caplog) -> None:
+    """Dead inputs and three tokens with no damp: the FP target still solves, toward the damped normal equations."""
+    generator = torch.Generator().manual_seed(2)
+    width = 256
+    x_tilde = torch.randn(3, width, generator=generator)
+    x = x_tilde + 0.1 * torch.randn(3, width, generator=generator)
+    hessian, cross = dense_hessian(x_tilde), (2 / 3) * x.double().T @ x_tilde.double()
+    weight = torch.randn(8, width, generator=generator)
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        target = fp_target_weight(weight, hessian.float(), cross.float(), damp=0.0, name="lin")
+    assert bool(torch.isfinite(target).all())
+    if caplog.records:  # LU may or may not see the rank-3 matrix as singular; when it did, the damp went up
+        damp = float(caplog.records[0].getMessage().split("solved with damp ")[1])
+        h = hessian + damp * float(hessian.diagonal().mean()) * torch.eye(width, dtype=torch.float64)
+        expected = weight.double() + torch.linalg.solve(h, (cross - hessian).T @ weight.double().T).T
+        assert torch.allclose(target.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_sums_move_to_float64_past_the_token_limit(monkeypatch) -> None:
+    """The GPU policy (float32 sums) run on CPU: past FLOAT32_SUM_TOKENS the sum widens, and bfloat16 inputs are
+    multiplied in float32; the result is 2/T X^T X in float64 of the same (bfloat16-rounded) inputs."""
+    monkeypatch.setattr(hessian_module, "FLOAT32_SUM_TOKENS", 3 * 512)
+    generator = torch.Generator().manual_seed(3)
+    acc = HessianAccumulator(WIDTH, "cpu", dtype=torch.float32)
+    batches = [(torch.randn(1, 512, WIDTH, generator=generator) * 10).bfloat16() for _ in range(6)]
+    for index, batch in enumerate(batches):
+        acc.add(batch)
+        assert acc.hessian.dtype == (torch.float32 if index < 3 else torch.float64)
+    x = torch.cat([b.reshape(-1, WIDTH) for b in batches]).double()
+    reference = dense_hessian(x)
+    got = acc.result()
+    assert got.dtype == torch.float32
+    assert float((got.double() - reference).abs().max()) <= 1e-5 * float(reference.diagonal().mean())
+
+
+# ---------------------------------------------------------------- bfloat16 and float16 models in and out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, monkeypatch) -> None:
+    """A bfloat16/float16 model keeps its dtype through calibration and export; every linear is solved in float32
+    from its weight as stored, and the reloaded model holds the exported codes dequantized in its dtype."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import quantkit
+    import quantkit.engine.layerwise as layerwise
+    from quantkit.calibrate import calibrate_job
+    from quantkit.export.checkpoint import read_checkpoint
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    text = write_text(tmp_path / "text.txt", 3000)
+    solves: list[tuple[list[str], list[torch.Tensor], torch.Tensor]] = []
+    solve_rows, solve_slice = layerwise.solve_rows, layerwise.solve_slice
+
+    def rows(solve, weights, hessian, spec, names, cross=None):
+        solves.append((list(names), [w.clone() for w in weights], hessian))
+        return solve_rows(solve, weights, hessian, spec, names, cross)
+
+    def piece(solve, weight, start, out_features, hessian, cross, spec, name):
+        solves.append(([name], [weight.clone()], hessian))
+        return solve_slice(solve, weight, start, out_features, hessian, cross, spec, name)
+
+    monkeypatch.setattr(layerwise, "solve_rows", rows)
+    monkeypatch.setattr(layerwise, "solve_slice", piece)
+    out = tmp_path / "out"
+    calibrate_job(str(tmp_path / "model"), str(out), QuantSpec(bits=4, group_size=32), calib=str(text), nsamples=4,
+                  seqlen=32, progress=False, fmt="compressed-tensors")
+    assert {n for names, _, _ in solves for n in names} == {n.removesuffix(".weight") for n in original
+                                                            if n.endswith("proj.weight")}
+    for names, weights, hessian in solves:
+        assert hessian.dtype == torch.float32
+        for name, weight in zip(names, weights):
+            assert weight.dtype == torch.float32 and torch.equal(weight, original[f"{name}.weight"].float()), name
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        stored = {k: handle.get_slice(k).get_dtype() for k in handle.keys()}  # noqa: SIM118
+    kept = {k for k in stored if k.rsplit(".", 1)[-1] not in ("weight_packed", "weight_scale", "weight_shape")}
+    assert kept and {stored[k] for k in kept} == {"BF16" if dtype == torch.bfloat16 else "F16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    back = quantkit.load_quantized(str(out))
+    assert {p.dtype for p in back.parameters()} == {dtype}
+    for name, result in read_checkpoint(out).results.items():
+        assert torch.equal(back.get_submodule(name).weight, result.dequantize().to(dtype)), name
