@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,21 @@ def text_dir() -> Path:
     if not TEXT_DIR.is_dir():
         pytest.skip(f"shared corpora not found at {TEXT_DIR} (../shared is absent outside the dev machine)")
     return TEXT_DIR
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the model is loaded: the check under test must come before it."""
+    import quantkit.calibrate
+    import quantkit.eval.cli
+    import quantkit.importance.cli
+    import quantkit.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the faulty input was checked")
+
+    # Modules that imported the function at their top hold their own reference: patch each of them.
+    original = quantkit.models.load_model
+    for name, module in list(sys.modules.items()):
+        if name.startswith("quantkit") and getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", refuse)

@@ -3,12 +3,15 @@ image data, export comparisons, fault hooks, CLI commands. Test modules import o
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +128,54 @@ def assert_same_files(ref: Path, other: Path) -> None:
     assert weights
     for name in weights:
         assert (ref / name).read_bytes() == (other / name).read_bytes(), name
+
+
+# Fault tests: exit code 2, one `error:` line, nothing added, removed or changed under the test's folder.
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relative path -> content hash (or 'dir') of everything under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(*args):
+    """`quantkit ARGS` in-process (click's CliRunner; stderr kept apart)."""
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(stderr: str) -> str:
+    """The single stderr line, which must start with `error:`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def unchanged(root: Path) -> Iterator[None]:
+    """Assert that nothing under root is added, removed or modified by the block (the source stays intact too)."""
+    before = tree(root)
+    yield
+    after = tree(root)
+    assert after == before, {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+                             "changed": sorted(k for k in before if k in after and before[k] != after[k])}
+
+
+def assert_fault(root: Path, args: list, fragment: str, code: int = 2) -> str:
+    """Run the CLI in-process: exit code, one `error:` line naming `fragment`, nothing changed under root."""
+    with unchanged(root):
+        result = run_cli(*args)
+    assert result.exit_code == code, (result.exit_code, result.output)
+    line = one_error_line(result.stderr)
+    assert fragment in line, line
+    return line
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,12 @@ model directory byte-identical afterwards and nothing new anywhere under the tes
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import FailAt, cli_command, save_tiny_llama, with_hooks, write_text
+from helpers import (
+    FailAt,
+    assert_fault,
+    cli_command,
+    one_error_line,
+    save_tiny_llama,
+    tree,
+    unchanged,
+    with_hooks,
+    write_text,
+)
 from safetensors.torch import load_file, save_file
 
 from quantkit.cli import main
@@ -32,47 +39,7 @@ from quantkit.cli import main
 BASE = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--json"]
 
 
-# ---------------------------------------------------------------- helpers
-
-
-def tree(root: Path) -> dict[str, str]:
-    """relative path -> content hash (or 'dir') of everything under root."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(stderr: str) -> str:
-    """The single stderr line, which must start with `error:`."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
-
-
-@contextlib.contextmanager
-def unchanged(root: Path) -> Iterator[None]:
-    """Assert that nothing under root is added, removed or modified by the block (the source stays intact too)."""
-    before = tree(root)
-    yield
-    after = tree(root)
-    assert after == before, {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
-                             "changed": sorted(k for k in before if k in after and before[k] != after[k])}
-
-
-def assert_fault(root: Path, args: list, fragment: str, code: int = 2) -> str:
-    """Run the CLI in-process: exit code, one `error:` line naming `fragment`, nothing changed under root."""
-    with unchanged(root):
-        result = run(*args)
-    assert result.exit_code == code, (result.exit_code, result.output)
-    line = one_error_line(result.stderr)
-    assert fragment in line, line
-    return line
+# ---------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
@@ -96,22 +63,8 @@ def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the model is loaded: the check under test must come before it."""
-    import quantkit.calibrate
-    import quantkit.eval.cli
-    import quantkit.importance.cli
-    import quantkit.models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the faulty input was checked")
-
-    # Modules that imported the function at their top hold their own reference: patch each of them.
-    original = quantkit.models.load_model
-    for name, module in list(sys.modules.items()):
-        if name.startswith("quantkit") and getattr(module, "load_model", None) is original:
-            monkeypatch.setattr(module, "load_model", refuse)
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def calibrate(work: Path, *extra) -> list:
