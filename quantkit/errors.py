@@ -13,3 +13,23 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
+
+
+def closest(given: object, choices) -> str | None:
+    """The choice nearest to `given` (case first, then spelling), or None when nothing is near."""
+    import difflib
+
+    names = [str(c) for c in choices]
+    text = str(given)
+    folded = [c for c in names if c.lower() == text.lower()]
+    if folded:
+        return folded[0]
+    near = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def unknown_choice(what: str, given: object, choices) -> QuantkitError:
+    """The error for a name that is not one of `choices`: the nearest valid one first, then all of them."""
+    near = closest(given, choices)
+    hint = f"did you mean {near!r}? " if near is not None else ""
+    return QuantkitError(f"unknown {what} {given!r}; {hint}choose from {', '.join(map(str, choices))}")

@@ -26,6 +26,35 @@ def check_act_bits_cells(act_bits: int | None, bits: list[int], methods: list[st
         QuantSpec(bits=b, group_size=group_size, sym=sym, act_bits=act_bits).validate()
 
 
+def check_counts(**flags: int | None) -> None:
+    """Each flag (named with underscores for dashes) is None or at least 1 (at least 2 for a *_seqlen/*_tokens
+    window); else one QuantkitError naming the flag."""
+    for name, value in flags.items():
+        least = 2 if name.endswith(("seqlen", "tokens")) else 1
+        if value is not None and value < least:
+            raise QuantkitError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+def check_group_size(group_size: int | None) -> None:
+    """--group-size: a positive number of columns, or -1 for one group per output channel."""
+    if group_size is not None and group_size != -1 and group_size < 1:
+        raise QuantkitError(f"--group-size must be positive or -1 (per channel), got {group_size}")
+
+
+def check_measured_bits(bits: list[int], methods: list[str]) -> None:
+    """Every --bits width is one rtn/gptq/tlq can quantize to (bitsandbytes methods have their own)."""
+    from quantkit.qid.measure import BNB_METHODS
+    from quantkit.quant.spec import SUPPORTED_BITS
+
+    if not any(m not in BNB_METHODS for m in methods):
+        return
+    if not bits:
+        raise QuantkitError(f"--bits is empty; give comma-separated widths from {', '.join(map(str, SUPPORTED_BITS))}")
+    bad = [b for b in bits if b not in SUPPORTED_BITS]
+    if bad:
+        raise QuantkitError(f"--bits {bad[0]} is not a width rtn/gptq/tlq quantize to; use {', '.join(map(str, SUPPORTED_BITS))}")
+
+
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     """Parse '2,3,4' into [2, 3, 4]."""
     try:
@@ -71,9 +100,14 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
             calib_seqlen, group_size, sym, seed, act_bits, tokens, tokens_per_step, out_csv, retry_errors, threads,
             no_progress) -> None:
     """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --output."""
-    from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint
+    from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint, plan_cells
     from quantkit.validate import looks_local, note_kept
 
+    check_counts(eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen,
+                 tokens_per_step=tokens_per_step, threads=threads)
+    check_group_size(group_size)
+    plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
+    check_measured_bits(bits, methods)
     for spec in checkpoints:
         ckpt = parse_checkpoint(spec)
         if ckpt.local_dir is None and looks_local(ckpt.name):
@@ -139,10 +173,16 @@ def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, est
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> None:
     """QiD for (N, D, P), or the training tokens at which N params reach a given QiD at P bits."""
-    from quantkit.qid.laws import load_law
+    from quantkit.qid.laws import PLAUSIBLE, check_plausible, load_law
 
     if (tokens is None) == (qid_value is None):
         raise QuantkitError("give exactly one of --tokens (predict QiD) or --qid (solve for training tokens)")
+    check_plausible("params", n_params)
+    check_plausible("bits", bits)
+    if tokens is not None:
+        check_plausible("tokens", tokens)
+    else:
+        check_plausible("qid", qid_value)
     law = load_law(law_spec, method=method, bits=int(bits) if float(bits).is_integer() else None)
     if tokens is not None:
         qid_value = law.qid(n_params, tokens, bits)
@@ -150,8 +190,14 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
     else:
         tokens = law.tokens_for_qid(n_params, qid_value, bits)
         solved = "tokens"
-    if not math.isfinite(tokens) or not math.isfinite(qid_value):
-        raise QuantkitError("the prediction overflows; check the inputs' orders of magnitude")
+    answer = qid_value if solved == "qid" else tokens
+    try:
+        check_plausible(solved, answer, "the prediction")
+    except QuantkitError:
+        what = "QiD" if solved == "qid" else "D"
+        raise QuantkitError(f"law {law.name} gives {what} = {answer:.3g} for these inputs, outside the range of "
+                            f"{PLAUSIBLE[solved][2]}: it makes no prediction that far "
+                            "from the data it was fitted on; check the inputs' units") from None
     out = {"law": law.name, "params": n_params, "bits": bits, "tokens": tokens, "qid": qid_value, "solved_for": solved,
            "coefficients": law.to_dict()}
     if as_json:
@@ -185,12 +231,21 @@ def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tok
                    calib_seqlen, group_size, qid_value, qid_se, level, seed, as_json, output) -> None:
     """Measure MODEL's QiD at --bits and invert the fitted law for its training tokens D, with an interval."""
     from quantkit.qid.estimate import training_level as estimate
-    from quantkit.qid.laws import law_and_draws
+    from quantkit.qid.laws import check_plausible, law_and_draws
     from quantkit.qid.measure import Measurement, measure_model, model_size, parse_checkpoint
     from quantkit.validate import looks_local
 
-    if not 0 < level < 1 or bits <= 0:
-        raise QuantkitError("--level must be in (0, 1) and --bits positive")
+    if not 0 < level < 1:
+        raise QuantkitError(f"--level must be in (0, 1), got {level}")
+    check_plausible("bits", bits)
+    if qid_value is None:
+        check_measured_bits([bits], [method])
+    else:
+        check_plausible("qid", qid_value)
+    if qid_se is not None and (not math.isfinite(qid_se) or qid_se < 0):
+        raise QuantkitError(f"--qid-se must be a finite number >= 0, got {qid_se}")
+    check_counts(eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen)
+    check_group_size(group_size)
     ckpt = parse_checkpoint(model)
     if ckpt.local_dir is None and looks_local(ckpt.name):
         raise QuantkitError(f"model {model} not found; give a model directory or a hub id[@revision]")
@@ -207,8 +262,6 @@ def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tok
                                group_size=group_size, seed=seed)
         measured = measure_model(model, method, bits, settings)
     else:
-        if qid_value <= 0 or not math.isfinite(qid_value):
-            raise QuantkitError(f"--qid {qid_value!r} is not positive: the law's logarithm has no value there")
         params, non_embedding = model_size(model)
         measured = {"model": model, "N": non_embedding, "params": params, "bits": bits, "method": method,
                     "qid": qid_value, "qid_se": qid_se, "measured": False}

@@ -39,7 +39,7 @@ class UnifiedLaw:
         if self.beta == 0:
             raise QuantkitError("this law has beta = 0: QiD does not depend on D, so it cannot be inverted for tokens")
         log_d = (math.log(qid) + self.alpha * math.log(n_params) + self.gamma * math.log(bits) - math.log(self.k)) / self.beta
-        return math.exp(log_d)
+        return math.exp(log_d) if log_d < 709 else math.inf  # past float range: unbounded, not an OverflowError
 
     def to_dict(self) -> dict:
         """Plain values of the four parameters."""
@@ -51,6 +51,29 @@ class UnifiedLaw:
 PUBLISHED_LAWS: dict[str, UnifiedLaw] = {
     "ouyang2024-gptq": UnifiedLaw(k=0.017, alpha=0.2261, beta=0.5251, gamma=5.4967, name="ouyang2024-gptq"),
 }
+
+
+# Where N, D, P and QiD describe a language model at all: a value outside is a typo or a unit slip (the law,
+# a power law, happily answers 1e150 nats for D = 1e300), so the CLI refuses it instead of printing that.
+PLAUSIBLE = {
+    "params": (1.0, 1e15, "non-embedding parameters N"),
+    "tokens": (1.0, 1e17, "training tokens D"),
+    "bits": (1.0, 16.0, "weight bits P"),
+    "qid": (0.0, 20.0, "QiD in nats"),  # more than the loss of uniform guessing over any vocabulary
+}
+
+
+def check_plausible(name: str, value: float, flag: str | None = None) -> float:
+    """`value` if it lies in PLAUSIBLE[name]'s range (QiD above 0), else a QuantkitError naming `flag` and the range."""
+    low, high, what = PLAUSIBLE[name]
+    flag = flag or f"--{name}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise QuantkitError(f"{flag} must be a finite number ({what}), got {value!r}")
+    if name == "qid" and value <= 0:
+        raise QuantkitError(f"{flag} {value:g} is not positive: the law's logarithm has no value there")
+    if not low <= value <= high:
+        raise QuantkitError(f"{flag} {value:g} is outside the range of {what} ({low:g} to {high:g}); check its units")
+    return float(value)
 
 
 def _check_positive(**values: float) -> None:

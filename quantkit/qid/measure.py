@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, unknown_choice
 from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
 from quantkit.qid.table import TableWriter, cell_key, read_table
 from quantkit.quant.methods import METHODS as ENGINE_REGISTRY
@@ -294,9 +294,11 @@ class Measurement:
 
 def plan_cells(checkpoints: Sequence[str], bits: Sequence[int], methods: Sequence[str]) -> list[tuple[Checkpoint, str, int]]:
     """Every (checkpoint, method, bits) cell; bitsandbytes methods have their own fixed bit width."""
+    if not methods:
+        raise QuantkitError(f"no method given; choose from {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise QuantkitError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise unknown_choice("method", unknown[0], METHODS)
     cells = []
     for spec in checkpoints:
         ckpt = parse_checkpoint(spec)

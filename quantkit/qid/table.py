@@ -68,6 +68,32 @@ def _parse_number(value: str, column: str, line: int, as_int: bool) -> float | i
     return number
 
 
+# Ranges a measured cell's numbers must lie in: a value outside is a corrupt or hand-edited row, which a fit
+# would otherwise drop quietly (QiD <= 0 is different: a real measurement in the noise, reported as excluded).
+ROW_RANGES = {
+    "N": (1, None, "a parameter count"), "params": (1, None, "a parameter count"), "D": (1, None, "a token count"),
+    "step": (0, None, "a training step"), "bits": (1, 16, "a bit width"), "eval_tokens": (1, None, "a token count"),
+    "eval_windows": (1, None, "a window count"), "loss_fp": (0, None, "a loss in nats"),
+    "loss_q": (0, None, "a loss in nats"), "qid_se": (0, None, "a standard error"), "seconds": (0, None, "a duration"),
+}
+
+
+def check_row(row: dict, where: str) -> None:
+    """Every number of a measured cell in its range (ROW_RANGES; group_size positive or -1), else a QuantkitError
+    naming the line and column."""
+    for column, (low, high, what) in ROW_RANGES.items():
+        value = row.get(column)
+        if value is None or not math.isfinite(value):
+            continue
+        if value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise QuantkitError(f"{where}, column {column!r}: {value!r} is not {what} ({span}); fix or delete that row")
+    group = row.get("group_size")
+    if group is not None and group != -1 and group < 1:
+        raise QuantkitError(f"{where}, column 'group_size': {group!r} is not a group size (positive, or -1 per channel); "
+                            "fix or delete that row")
+
+
 def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_COLUMNS) -> QidTable:
     """Parse CSV text; a last line without its newline (an interrupted write) is dropped."""
     table = QidTable()
@@ -106,6 +132,7 @@ def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_
         empty = [c for c in required if row.get(c) in (None, "")]
         if empty:
             raise QuantkitError(f"{source} line {number} has no value for {', '.join(empty)}; fix or delete that row")
+        check_row(row, f"{source} line {number}")
         table.rows.append(row)
     return table
 
