@@ -87,7 +87,9 @@ class CalibrationJob:
         """The engine's report with the job's settings and the total time added."""
         calib = self.calib if self.data is None else f"in-memory {type(self.data).__name__} of {len(self.data)} items"
         return dict(report, model=self.model_name, calib=calib, calib_set=self.calib_set,
-                    seqlen=int(samples[0]["input_ids"].shape[-1]), seed=self.seed, format=self.fmt,
+                    part=None if self.calib_set is not None else self.part,
+                    seqlen=max(int(s["input_ids"].shape[-1]) for s in samples), nsamples=len(samples), seed=self.seed,
+                    format=self.fmt,
                     total_seconds=round(time.perf_counter() - started, 3))
 
     def fingerprint(self) -> dict:
@@ -205,13 +207,17 @@ def calibrate_job(
     if loaded is not None and tokenizer is None:
         tokenizer = load_data_tokenizer(source_name(loaded), loaded)
     # before the model is loaded: minutes to hours of calibration must not end in a refused export
-    preflight_calibration(
+    info = preflight_calibration(
         None if loaded is not None else model_name, output, bits=spec.bits, fmt=fmt, act_order=spec.act_order,
         static_groups=spec.static_groups, overwrite=overwrite, calib=calib, calib_set=calib_set, seqlen=seqlen,
         device=device, devices=devices, nproc=nproc, offload_dir=offload_dir, low_memory=low_memory, resume=resume,
         model=loaded, tokenizer_given=tokenizer is not None, chat_template=chat_template, part=part,
         recipe=recipe, spec=spec, method=chosen, lm_head=lm_head, vision=vision,
     )
+    if tokenizer is not None:
+        from quantkit.models.checks import check_tokenizer_fits
+
+        check_tokenizer_fits(tokenizer, loaded if loaded is not None else info.config)
     if low_memory:
         if not Path(model_name, "config.json").is_file():
             raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model_name}")
@@ -383,7 +389,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence (the most tokens of an image-text or chat sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors for 4/8 bits, gptq_v2 otherwise).")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors for 4/8 bits, fake (dense weights) for 2/3 bits: both load in plain transformers; gptq_v2 packs 2/3 bits and loads with gptqmodel).")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
 @click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")

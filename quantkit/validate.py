@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
@@ -36,6 +36,7 @@ class ModelInfo:
     weight_bytes: int = 0  # all safetensors files
     linear_numel: int = 0  # elements of the decoder linears that get quantized
     linear_bytes: int = 0
+    weight_files: list[Path] = field(default_factory=list)  # the local safetensors files, when read
 
     def export_bytes(self, bits: int, fmt: str) -> int:
         """A rough size of the exported checkpoint (0 when the weights are not local)."""
@@ -214,7 +215,7 @@ def check_data(source: str | None, flag: str = "--calib") -> None:
     if source is None:
         return
     from quantkit.data.recipes import is_recipe, load_recipe
-    from quantkit.data.sources import _expand, _split_sources
+    from quantkit.data.sources import _expand, _split_sources, check_text_source, record_kind
 
     if is_recipe(source):
         load_recipe(source)
@@ -227,6 +228,17 @@ def check_data(source: str | None, flag: str = "--calib") -> None:
                 check_hub(item[3:].split(":")[0], "dataset")
     except QuantkitError as err:
         raise QuantkitError(f"{flag}: {err}") from None
+    kind = record_kind(source) if len(_split_sources(source)) == 1 else None
+    if kind == "chat":  # a file alone may hold chat or image-text records, read as such; in a text source, not
+        from quantkit.data.chat import read_chat_records
+
+        read_chat_records(source)
+    elif kind == "image-text":
+        from quantkit.data.images import read_image_records
+
+        read_image_records(source)
+    else:
+        check_text_source(source)
 
 
 def data_paths(source: str | None) -> list[str]:
@@ -388,6 +400,7 @@ def check_model(name: str, *, tokenizer: bool = True, processor: bool = False) -
         headers = read_headers(local)
         if headers is not None:
             stored, files = headers
+            info.weight_files = list(files)
             info.weight_bytes = sum(p.stat().st_size for p in files)
             _check_tensors(name, model, adapter, stored)
             n_layers = len(adapter.decoder_layers(model))
@@ -425,13 +438,18 @@ def _dtype_size(stored: dict, key: str, default: int) -> int:
 
 def _check_tensors(name: str, model, adapter, stored: dict[str, tuple[tuple[int, ...], str, Path]]) -> None:
     """Every parameter present with its configured shape, no layer or tensor the config does not describe."""
+    from quantkit.models.checks import check_stored_dtypes
     from quantkit.models.streamed import checkpoint_names_to_model_names
 
     try:
         renamed = checkpoint_names_to_model_names(model, list(stored))
     except QuantkitError:
-        return  # fused/split weights that transformers converts on load: names cannot be compared one to one
+        # fused/split weights that transformers converts on load: names cannot be compared one to one
+        check_stored_dtypes({k: v[1] for k, v in stored.items()}, [k for k in stored if k.endswith((".weight", ".bias"))], name)
+        return
     found = {renamed[k]: v for k, v in stored.items()}
+    check_stored_dtypes({k: v[1] for k, v in found.items()},
+                        [k for k, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()], name)
     state = model.state_dict()
     layers = adapter.decoder_layers(model)
     pattern = re.compile(re.escape(adapter.layers) + r"\.(\d+)\.")
@@ -468,14 +486,6 @@ def _check_tensors(name: str, model, adapter, stored: dict[str, tuple[tuple[int,
             )
 
 
-def _vocab_size(config: object) -> int | None:
-    for cfg in (getattr(config, "text_config", None), config):
-        value = getattr(cfg, "vocab_size", None) if cfg is not None else None
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_tokenizer(name: str, config: object | None = None) -> None:
     """The tokenizer loads, and its ids fit the model's embedding."""
     from quantkit.eval.load import load_tokenizer
@@ -491,11 +501,10 @@ def check_tokenizer(name: str, config: object | None = None) -> None:
         raise
     except Exception as err:  # noqa: BLE001 - tokenizers fail in many ways on broken files
         raise QuantkitError(f"cannot load a tokenizer from {name}: {_first_line(err)}; save one beside the model") from None
-    vocab = _vocab_size(config) if config is not None else None
-    if vocab is not None and len(tok) > vocab:
-        raise QuantkitError(
-            f"the tokenizer of {name} has {len(tok)} tokens but the model's embedding holds {vocab}; they do not belong together"
-        )
+    if config is not None:
+        from quantkit.models.checks import check_vocabulary, embedding_rows
+
+        check_vocabulary(len(tok), embedding_rows(config), f"the tokenizer of {name}")
 
 
 def check_processor(name: str) -> None:
@@ -630,14 +639,25 @@ def preflight_calibration(model_name: str | None, output: str | None, *, bits: i
     image_data = source is not None and (is_recipe(source) or is_image_jsonl(source))
     if model is not None:
         from quantkit.models import adapter_for
+        from quantkit.models.checks import check_model_weights
 
         adapter_for(model)  # an unsupported architecture fails here, as for a model read from files
+        check_model_weights(model)
         info = ModelInfo(name=type(model).__name__, local=None, config=model.config)
     else:
         info = model_for_data(model_name, tokenizer=calib is not None and not tokenizer_given,
                               image_data=image_data and not tokenizer_given)
+        if low_memory and info.weight_files:
+            from quantkit.models.checks import check_weight_files
+
+            check_weight_files(info.weight_files, model_name)  # streamed layers are never all in memory at once
     if calib is not None:
         check_seqlen(info.config, seqlen)
+    if source is not None:
+        from quantkit.data.calibration import check_source_for_model
+        from quantkit.models import is_vlm
+
+        check_source_for_model(source, is_vlm(info.config), model_name or info.name)
     check_chat_data(source, chat_template, part, None if model is not None or tokenizer_given else info)
     if recipe is not None:
         check_recipe(recipe, spec, method, fmt, model if model is not None else info.config,
@@ -718,6 +738,10 @@ def preflight_importance(model_name: str, calib: str, output: str, *, seqlen: in
     check_offload_dir(offload_dir)
     info = model_for_data(model_name, tokenizer=True, image_data=image_data)
     check_seqlen(info.config, seqlen)
+    from quantkit.data.calibration import check_source_for_model
+    from quantkit.models import is_vlm
+
+    check_source_for_model(calib, is_vlm(info.config), model_name)
     check_chat_data(calib, chat_template, part, info)
     check_output(output, overwrite=overwrite, sources=[model_name, offload_dir, *data_paths(calib)])
     return info

@@ -132,14 +132,32 @@ def test_cli_plain_model(model, model_dir, tmp_path):
     from quantkit.cli import main
 
     (tmp_path / "t.txt").write_text(TEXT)
-    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--seqlen", "16", "--stride", "8", "--json"])
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--part", "all", "--seqlen", "16", "--stride", "8", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     nll, count = reference_nll(model, char_ids(TEXT), 16, 8)
     assert out["tokens"] == count
     assert out["loss"] == pytest.approx(nll / count, rel=1e-4)
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--part", "all", "--seqlen", "16"])
+    assert r.exit_code == 0 and "ppl" in r.stdout and "scored: all the text" in r.stdout
+
+
+def test_cli_scores_the_heldout_part_by_default_and_says_so(model, model_dir, tmp_path):
+    """Without --part, eval scores the last 10% of the file's characters (what calibration's --part train leaves
+    out), records part in --json and names it in its text output."""
+    from quantkit.cli import main
+
+    text = TEXT * 5
+    (tmp_path / "t.txt").write_text(text)
+    held = text[len(text) - round(len(text) / 10):]
+    nll, count = reference_nll(model, char_ids(held), 16, 16)
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--seqlen", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["part"] == "heldout" and out["tokens"] == count
+    assert out["loss"] == pytest.approx(nll / count, rel=1e-4)
     r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--seqlen", "16"])
-    assert r.exit_code == 0 and "ppl" in r.stdout
+    assert r.exit_code == 0 and "scored: the held-out part (last 10%" in r.stdout
 
 
 def test_cli_quantkit_export(model, model_dir, tok, tmp_path):
@@ -159,7 +177,7 @@ def test_cli_quantkit_export(model, model_dir, tok, tmp_path):
     out = save_quantized(q, cal.results, tmp_path / "q", fmt="gptq_v2", source=str(model_dir))
     assert (out / "quantkit.json").is_file()
     (tmp_path / "t.txt").write_text(TEXT)
-    r = CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "t.txt"), "--seqlen", "16", "--json"])
+    r = CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "t.txt"), "--part", "all", "--seqlen", "16", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
     nll_q, count = reference_nll(q, char_ids(TEXT), 16, 16)

@@ -93,7 +93,7 @@ def test_quantkit_eval_runs_the_export_with_its_inputs_quantized(tiny_dir, tmp_p
     out = tmp_path / "out"
     quantkit.quantize(str(model_dir), data=str(text), method="rtn", bits=8, group_size=-1, act_bits=8,
                       nsamples=2, seqlen=16, progress=False, output_dir=str(out))
-    done = CliRunner().invoke(main, ["eval", str(out), "--data", str(text), "--seqlen", "16", "--json"])
+    done = CliRunner().invoke(main, ["eval", str(out), "--data", str(text), "--part", "all", "--seqlen", "16", "--json"])
     assert done.exit_code == 0, done.output
     loss = json.loads(done.output.strip().splitlines()[-1])["loss"]
 

@@ -6,11 +6,25 @@ Each case asserts what tests/test_faults.py asserts: exit code 2 (one QuantkitEr
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_fault
+import torch
+from helpers import (
+    WORDS,
+    assert_fault,
+    printable_tokenizer,
+    run_cli,
+    save_tiny_llama,
+    unchanged,
+    write_image_dataset,
+    write_text,
+)
+from safetensors.torch import load_file, save_file
 
 from quantkit.qid.laws import PUBLISHED_LAWS
 
@@ -82,3 +96,277 @@ def test_qid_fit_stops_at_the_row_that_is_wrong(tmp_path: Path, row: str, fragme
 ])
 def test_qid_training_level_options(tmp_path: Path, extra: list, fragment: str) -> None:
     assert_fault(tmp_path, ["qid", "training-level", tmp_path / "m", "--law", "ouyang2024-gptq", *extra], fragment)
+
+
+# ---------------------------------------------------------------- fixtures
+
+BASE = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--json"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny Llama, its text and an RTN export of it (compressed-tensors and fake), shared read-only."""
+    root = tmp_path_factory.mktemp("input")
+    model = save_tiny_llama(root / "model")
+    text = write_text(root / "text.txt")
+    exports = {}
+    for fmt in ("compressed-tensors", "fake"):
+        exports[fmt] = root / fmt
+        result = run_cli("calibrate", model, "--calib", text, *BASE, "--format", fmt, "-o", exports[fmt])
+        assert result.exit_code == 0, result.output
+    return {"model": model, "text": text, "exports": exports}
+
+
+@pytest.fixture
+def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with a private copy of the model (safe to corrupt) and the text; the cwd set to it."""
+    shutil.copytree(made["model"], tmp_path / "model")
+    shutil.copy(made["text"], tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def calibrate(work: Path, *extra) -> list:
+    return ["calibrate", work / "model", "--calib", work / "text.txt", *BASE, "-o", work / "out", *extra]
+
+
+def edit_tensors(model: Path, **edits) -> None:
+    """Apply edits {key_with_dots_as__: function(tensor) -> tensor} to model.safetensors."""
+    tensors = load_file(model / "model.safetensors")
+    for key, edit in edits.items():
+        name = key.replace("__", ".")
+        tensors[name] = edit(tensors[name].clone()).contiguous()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def poke(value: float, index=(3, 5)):
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        t[index] = value
+        return t
+    return edit
+
+
+# ---------------------------------------------------------------- weights: values, not only shapes
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("model__embed_tokens__weight", float("nan"), "model.embed_tokens.weight (the embeddings) holds 1 NaN"),
+    ("model__layers__1__input_layernorm__weight", float("inf"), "(decoder layer 1) holds 1 infinite"),
+    ("model__layers__0__self_attn__q_proj__weight", float("-inf"), "model.layers.0.self_attn.q_proj.weight"),
+    ("lm_head__weight", float("nan"), "lm_head.weight (outside the decoder layers)"),
+])
+@pytest.mark.parametrize("mode", ["in-memory", "low-memory", "eval"])
+def test_non_finite_weights_are_refused_by_name(work: Path, key: str, value: float, fragment: str, mode: str) -> None:
+    index = (3,) if "norm" in key else (3, 5)
+    edit_tensors(work / "model", **{key: poke(value, index)})
+    args = {"in-memory": calibrate(work), "low-memory": calibrate(work, "--low-memory"),
+            "eval": ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16"]}[mode]
+    assert_fault(work, args, fragment)
+
+
+def test_integer_weights_are_refused_before_loading(work: Path, no_model_load) -> None:
+    edit_tensors(work / "model", model__layers__0__mlp__up_proj__weight=lambda t: (t * 100).to(torch.int32))
+    line = assert_fault(work, calibrate(work), "model.layers.0.mlp.up_proj.weight (decoder layer 0) is stored as I32")
+    assert "float" in line
+
+
+def test_loaded_model_with_nan_is_refused_through_the_api(made: dict, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    model = AutoModelForCausalLM.from_pretrained(made["model"])
+    with torch.no_grad():
+        model.model.norm.weight[7] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=r"model\.norm\.weight .* holds 1 NaN"):
+        quantkit.quantize(model, data=[made["text"].read_text()], method="rtn", group_size=32, nsamples=2, seqlen=16,
+                          output_dir=tmp_path / "out", progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k], ) or k == "model.norm.weight" for k in before)
+    assert torch.equal(before["model.norm.weight"].nan_to_num(), after["model.norm.weight"].nan_to_num())
+
+
+# ---------------------------------------------------------------- tokenizers that do not fit the embedding
+
+
+def small_tokenizer(words: int):
+    """A word-level tokenizer over the first `words` of helpers.WORDS (+ <unk>, <eos>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<eos>", *WORDS[:words]])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def test_another_models_smaller_tokenizer_is_refused(work: Path, no_model_load) -> None:
+    """A 22-token tokenizer beside a 64-row embedding: every id fits, but most rows would never be read."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (work / "model" / name).unlink()
+    small_tokenizer(20).save_pretrained(work / "model")
+    fragment = "has 22 tokens but the model's embedding holds 64"
+    assert_fault(work, calibrate(work), fragment)
+    assert_fault(work, ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16"], fragment)
+
+
+@pytest.mark.parametrize("which, fragment", [("printable", "has 96 tokens but the model's embedding holds 64"),
+                                             ("small", "has 22 tokens but the model's embedding holds 64")])
+def test_api_refuses_a_tokenizer_of_another_model(made: dict, tmp_path: Path, which: str, fragment: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    tokenizer = printable_tokenizer() if which == "printable" else small_tokenizer(20)
+    for model in (str(made["model"]), AutoModelForCausalLM.from_pretrained(made["model"])):
+        with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=fragment):
+            quantkit.quantize(model, tokenizer, data=[made["text"].read_text()], method="rtn", group_size=32,
+                              nsamples=2, seqlen=16, output_dir=tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------- data whose records say what they are
+
+
+CHAT = [{"messages": [{"role": "user", "content": "w1 w2 w3"}, {"role": "assistant", "content": "w4 w5"}]}] * 4
+TEMPLATE = ("{% for m in messages %}{{ m.content }} <eos> {% endfor %}"
+            "{% if add_generation_prompt %}w0 {% endif %}")
+
+
+@pytest.mark.parametrize("name, layout", [("chat.json", "lines"), ("chat.json", "array"), ("chat.txt", "lines")])
+def test_chat_records_are_chats_whatever_the_suffix(work: Path, name: str, layout: str) -> None:
+    """Read as text, the records would calibrate on JSON punctuation without a word; as chats, the tokenizer's
+    missing chat template is named, and with --chat-template each record is one sample of its rendered length."""
+    path = work / name
+    path.write_text(json.dumps(CHAT) if layout == "array" else "".join(json.dumps(r) + "\n" for r in CHAT))
+    assert_fault(work, ["calibrate", work / "model", "--calib", path, *BASE, "-o", work / "out"], "no chat template")
+    (work / "t.jinja").write_text(TEMPLATE)
+    result = run_cli("calibrate", work / "model", "--calib", path, *BASE, "--chat-template", work / "t.jinja",
+                     "-o", work / "out")
+    assert result.exit_code == 0, result.output
+    rendered = len("w1 w2 w3 <eos> w4 w5 <eos>".split())
+    assert json.loads(result.stdout)["seqlen"] == rendered  # a conversation, not a 16-token text window
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"a": 1}\n', "holds no calibration records"),
+    ('[{"a": 1}]', "holds no calibration records"),
+    ("[1, 2, 3]", "holds no calibration records"),
+])
+def test_json_that_is_no_records_is_refused_with_the_reason(work: Path, no_model_load, content: str,
+                                                             fragment: str) -> None:
+    (work / "data.json").write_text(content)
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "data.json", *BASE, "-o", work / "out"],
+                 fragment)
+
+
+@pytest.mark.parametrize("images", ["present", "missing"])
+def test_image_text_records_are_refused_for_a_text_model(work: Path, no_model_load, images: str) -> None:
+    """Given to a text LM, image-text records would calibrate on their captions alone."""
+    pytest.importorskip("PIL")
+    data = write_image_dataset(work / "vl", n=4)
+    if images == "missing":
+        shutil.rmtree(work / "vl" / "img")
+    for suffix in (".jsonl", ".json"):
+        path = Path(data).with_suffix(suffix)
+        if suffix != ".jsonl":
+            shutil.copy(data, path)
+        assert_fault(work, ["calibrate", work / "model", "--calib", path, *BASE, "-o", work / "out"],
+                     "holds image-text records, but")
+
+
+def test_chat_records_inside_a_text_source_are_refused(work: Path, no_model_load) -> None:
+    (work / "corpus").mkdir()
+    shutil.copy(work / "text.txt", work / "corpus" / "a.txt")
+    (work / "corpus" / "b.txt").write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "corpus", *BASE, "-o", work / "out"],
+                 "b.txt holds chat records, not plain text")
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\t\n", '{"text": ""}\n{"text": "  "}\n', "[]"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json"])
+def test_empty_calibration_files_are_refused(work: Path, no_model_load, content: str, suffix: str) -> None:
+    path = work / f"data{suffix}"
+    path.write_text(content)
+    line = assert_fault(work, ["calibrate", work / "model", "--calib", path, *BASE, "-o", work / "out"], "data")
+    assert "empty" in line or "no text" in line or "no calibration records" in line or "too little" in line, line
+
+
+def test_eval_on_near_empty_text_is_refused(work: Path) -> None:
+    (work / "short.txt").write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10")
+    for part in ("all", "heldout"):
+        line = assert_fault(work, ["eval", work / "model", "--data", work / "short.txt", "--part", part,
+                                   "--seqlen", "16"], "short.txt")
+        assert "too little text" in line or "no text found" in line
+
+
+# ---------------------------------------------------------------- exports whose files disagree
+
+
+def edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("fmt, edit, fragment", [
+    ("compressed-tensors",
+     lambda d: d["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=8),
+     "declares 8-bit g32 weights but quantkit.json declares 4-bit g32"),
+    ("compressed-tensors", lambda d: d.pop("quantization_config"), "config.json has no quantization_config"),
+    ("compressed-tensors", lambda d: d["quantization_config"].update(quant_method="gptq"), "quant_method 'gptq'"),
+    ("fake", lambda d: d.update(quantization_config={"quant_method": "gptq", "bits": 4}),
+     "config.json declares a quantization_config"),
+])
+def test_export_whose_config_disagrees_with_its_manifest(made: dict, tmp_path: Path, fmt: str, edit,
+                                                         fragment: str) -> None:
+    export = tmp_path / "export"
+    shutil.copytree(made["exports"][fmt], export)
+    edit_json(export / "config.json", edit)
+    for args in (["eval", export, "--data", made["text"], "--seqlen", "16"],
+                 ["export", export, "--format", "fake", "-o", tmp_path / "again"]):
+        assert_fault(tmp_path, args, fragment)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fake"])
+def test_export_whose_tensors_disagree_with_its_manifest(made: dict, tmp_path: Path, fmt: str) -> None:
+    """quantkit.json and config.json both say 8 bits; the tensors were written at 4."""
+    export = tmp_path / "export"
+    shutil.copytree(made["exports"][fmt], export)
+    edit_json(export / "quantkit.json", lambda d: d["spec"].update(bits=8))
+    if fmt == "compressed-tensors":
+        edit_json(export / "config.json",
+                  lambda d: d["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=8))
+    assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"],
+                 "stored tensors do not fit the 8-bit g32 setting")
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_eval_tasks_with_an_unreachable_dataset_is_one_line_before_the_model(work: Path, monkeypatch) -> None:
+    pytest.importorskip("lm_eval")
+    from quantkit.eval import load
+
+    monkeypatch.setattr(load, "load_for_eval", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    (work / "tasks").mkdir()
+    (work / "tasks" / "qk_remote.yaml").write_text(
+        "task: qk_remote\ndataset_path: quantkit-no-such-org/no-such-data-3141\ntest_split: test\n"
+        "output_type: loglikelihood\ndoc_to_text: context\ndoc_to_target: continuation\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "metadata:\n  version: 1.0\n")
+    started = time.perf_counter()
+    assert_fault(work, ["eval", work / "model", "--tasks", "qk_remote", "--include-path", work / "tasks"],
+                 "--tasks qk_remote reads dataset quantkit-no-such-org/no-such-data-3141 not found")
+    assert time.perf_counter() - started < 30
+
+
+def test_calibration_part_is_in_the_report_and_the_card(made: dict, tmp_path: Path) -> None:
+    result = run_cli("calibrate", made["model"], "--calib", made["text"], *BASE, "--part", "train",
+                     "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["part"] == "train"
+    assert json.loads((tmp_path / "out" / "quantkit_report.json").read_text())["part"] == "train"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "part: train" in card and "the train part" in card

@@ -193,8 +193,8 @@ def test_data_and_tasks_together_and_errors(model_dir, tmp_path, offline) -> Non
 
     tasks = write_tasks(tmp_path)
     (tmp_path / "t.txt").write_text(" ".join(WORDS))
-    result = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--seqlen", "16",
-                                       "--tasks", "qk_loglik", "--include-path", str(tasks), "--json"])
+    result = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path / "t.txt"), "--part", "all",
+                                       "--seqlen", "16", "--tasks", "qk_loglik", "--include-path", str(tasks), "--json"])
     assert result.exit_code == 0, result.output
     both = json.loads(result.stdout.strip().splitlines()[-1])
     assert both["tokens"] == 59 - 3 and "qk_loglik" in both["tasks"]  # 60 words, 4 windows of 16: 4 unscored

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from quantkit.data.chat import chat_samples, is_chat_jsonl, is_chat_record, read_chat_template
 from quantkit.data.recipes import is_recipe, recipe_samples
-from quantkit.data.samples import calibration_samples
+from quantkit.data.samples import calibration_samples, text_samples
 from quantkit.errors import QuantkitError
 
 
-def is_image_jsonl(source: str) -> bool:
-    """True for a .jsonl file whose first record names an image (image-text calibration)."""
-    path = Path(source)
-    if path.suffix != ".jsonl" or not path.is_file():
-        return False
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(record, dict) and "image" in record
-    return False
+def is_image_jsonl(source: object) -> bool:
+    """True for a file of image-text records (objects with an "image" field), whatever its suffix."""
+    from quantkit.data.sources import record_kind
+
+    return isinstance(source, (str, os.PathLike)) and record_kind(source) == "image-text"
 
 
 def load_calibration(
@@ -42,6 +31,7 @@ def load_calibration(
     from transformers import AutoTokenizer
 
     chat = check_chat_source(source, chat_template, part)
+    check_source_for_model(source, vlm, model_name or "the model")
     given = tokenizer_or_processor
     processor = None
     if vlm and (is_recipe(source) or is_image_jsonl(source)):
@@ -65,6 +55,33 @@ def load_calibration(
 
         return image_text_samples(source, processor, nsamples, seed=seed, max_length=seqlen)
     return calibration_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+
+
+def check_source_for_model(source: object, vlm: bool, model_name: str) -> None:
+    """Image-text data (a file of image-text records, or an image recipe) goes to a vision-language model only,
+    and every image it names exists: a QuantkitError otherwise, before any model loads."""
+    from quantkit.data.images import check_image_files
+
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    if is_recipe(source):
+        from quantkit.data.recipes import load_recipe
+
+        recipe = load_recipe(source)
+        files = [s.path for s in recipe.sources if not s.path.startswith("hf:")] if recipe.kind != "text" else []
+        what = f"recipe {source} is an {recipe.kind} recipe"
+        if recipe.kind == "text":
+            return
+    elif is_image_jsonl(source):
+        files = [os.fspath(source)]
+        what = f"{source} holds image-text records"
+    else:
+        return
+    if not vlm:
+        raise QuantkitError(f"{what}, but {model_name} is a text-only model: it would calibrate on the text without "
+                            "the images; give text or chat data, or a vision-language model")
+    for file in files:
+        check_image_files(file)
 
 
 def check_chat_source(source: object, chat_template: str | os.PathLike | None, part: str = "all") -> bool:
@@ -110,6 +127,8 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
                        part: str = "all", chat_template: str | os.PathLike | None = None) -> list[dict]:
     """Calibration samples from in-memory data: a list of strings, of image-text or chat records, or a
     datasets.Dataset (a "text" or "messages" column, or "image" with "text" or "messages" columns).
+    Several texts are several samples (quantkit.data.samples.text_samples: each cut to seqlen, up to nsamples);
+    a single text is one long document cut into nsamples windows of seqlen tokens.
     chat_template is a Jinja template file that renders chat records instead of the tokenizer's template."""
     if type(data).__module__.startswith("datasets") and hasattr(data, "column_names"):
         columns = set(data.column_names)
@@ -140,7 +159,9 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
                             chat_template=template)
     if all(isinstance(t, str) for t in data):
         tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
-        return calibration_samples(list(data), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+        if len(data) == 1:  # one long text: cut into seeded windows of seqlen tokens, as a file is
+            return calibration_samples(list(data), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+        return text_samples(list(data), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
     if all(isinstance(r, dict) and "image" in r for r in data):
         if not hasattr(tokenizer_or_processor, "image_processor"):
             raise QuantkitError("image-text records need the model's processor; pass a VLM and its processor")

@@ -19,7 +19,6 @@ Hessians still see every token.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -40,20 +39,11 @@ def is_chat_record(record: object) -> bool:
 
 
 def is_chat_jsonl(source: object) -> bool:
-    """True for a .jsonl file whose first record is a chat record ({"messages": [...]}, no image)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    path = Path(source)
-    if path.suffix.lower() != ".jsonl" or not path.is_file():
-        return False
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    return is_chat_record(json.loads(line))
-                except json.JSONDecodeError:
-                    return False
-    return False
+    """True for a file of chat records ({"messages": [...]}, no image), whatever its suffix (JSON lines or one
+    JSON array)."""
+    from quantkit.data.sources import record_kind
+
+    return isinstance(source, (str, os.PathLike)) and record_kind(source) == "chat"
 
 
 def read_chat_template(path: str | os.PathLike) -> str:

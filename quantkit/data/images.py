@@ -218,6 +218,14 @@ def read_image_records(jsonl_path: str | Path) -> list[tuple[str, dict, Path]]:
     return records
 
 
+def check_image_files(jsonl_path: str | Path) -> None:
+    """Every record of an image-text file names an image file that exists; else a QuantkitError naming the record
+    (checked before any model loads)."""
+    for where, _, image in read_image_records(jsonl_path):
+        if not image.is_file():
+            raise QuantkitError(f"{where}: image {image} not found; every image-text record needs its image")
+
+
 def image_text_samples(
     jsonl_path: str | Path, processor, nsamples: int, seed: int = 0, max_length: int | None = None
 ) -> list[dict]:

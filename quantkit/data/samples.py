@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -81,3 +82,39 @@ def calibration_samples(
     texts = resolve_texts(source_or_texts, part=part)
     ids = tokenize_documents(texts, tokenizer)
     return draw_windows(ids, nsamples, seqlen, seed)
+
+
+def text_samples(texts: Sequence[str], tokenizer, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+                 part: str = "all") -> list[dict[str, torch.Tensor]]:
+    """Each text one sample {"input_ids": LongTensor[1, T]}: its first `seqlen` tokens (T <= seqlen).
+
+    The convention of llm-compressor's oneshot and GPTQModel's quantize for a list of texts: all of them in order
+    when there are at most nsamples, else nsamples drawn with random.Random(seed) (in that order). A text of fewer
+    than 2 tokens is skipped (it holds no prediction); one warning says so when fewer samples than nsamples
+    remain. The samples must hold at least one seqlen's worth of tokens in all, else QuantkitError.
+    """
+    if nsamples <= 0 or seqlen <= 1:
+        raise QuantkitError(f"nsamples must be positive and seqlen at least 2, got {nsamples} and {seqlen}")
+    texts = [t for t in resolve_texts(list(texts), part=part) if t.strip()]
+    order = list(range(len(texts)))
+    if len(order) > nsamples:
+        random.Random(seed).shuffle(order)
+    samples: list[dict[str, torch.Tensor]] = []
+    skipped = 0
+    for index in order:
+        ids = tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"][:seqlen]
+        if len(ids) < 2:
+            skipped += 1
+            continue
+        samples.append({"input_ids": torch.tensor([ids], dtype=torch.long)})
+        if len(samples) == nsamples:
+            break
+    tokens = sum(int(s["input_ids"].numel()) for s in samples)
+    if tokens < seqlen:
+        raise QuantkitError(f"the texts hold {tokens} tokens in all ({len(samples)} samples of 2 tokens or more), "
+                            f"less than one seqlen ({seqlen}): too little to calibrate on; give more or longer texts")
+    if len(samples) < nsamples:
+        short = f" ({skipped} shorter than 2 tokens skipped)" if skipped else ""
+        warnings.warn(f"{len(samples)} calibration samples, fewer than nsamples={nsamples}: each text is one sample"
+                      f"{short}; give more texts, or one long text to cut into windows", stacklevel=3)
+    return samples

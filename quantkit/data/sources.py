@@ -2,8 +2,11 @@
 
 Source syntax (a string, a Path, or a list of them):
 
-- ``path/to/file.txt``: the whole file is one document (any extension but .jsonl is read as text).
-- ``path/to/file.jsonl``: one JSON object per line with a string ``"text"`` field.
+- ``path/to/file.txt``: the whole file is one document.
+- ``path/to/file.jsonl``: one JSON object per line with a string ``"text"`` field (or one JSON array of such
+  objects). The records are recognised by their content, whatever the suffix: a ``.json`` or ``.txt`` file of
+  such lines is read the same way, and chat (``"messages"``) or image-text (``"image"``) records are refused
+  here (quantkit.data.calibration renders them when the file is the whole calibration source).
 - ``path/to/dir``: every .txt/.jsonl file under it (recursively), in sorted path order; a
   directory written by ``datasets.Dataset.save_to_disk`` is loaded as a dataset instead.
 - ``corpora/*.txt``: a glob (``**`` recurses), matches in sorted order.
@@ -74,12 +77,73 @@ def _read_text_file(path: Path) -> str:
         raise QuantkitError(f"cannot read {path}: {err.strerror}") from err
 
 
+# The field that makes a JSON record one kind of calibration record (the first that a record holds).
+RECORD_KINDS = (("image", "image-text"), ("messages", "chat"), ("text", "text"))
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def _record_kind(record: object) -> str | None:
+    if isinstance(record, dict):
+        for field, kind in RECORD_KINDS:
+            if field in record:
+                return kind
+    return None
+
+
+def record_kind(path: str | os.PathLike) -> str | None:
+    """The kind of records a file holds, whatever its suffix: "image-text", "chat" or "text" for JSON lines
+    (or one JSON array) of objects with an "image", "messages" or "text" field, None for a file read as plain
+    text. A .jsonl or .json file that holds no such records raises QuantkitError saying what it holds."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return None
+    first = None
+    with file.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                first = line.strip()
+                break
+    kind = None
+    if first is not None and first.startswith("{"):
+        try:
+            kind = _record_kind(json.loads(first))
+        except json.JSONDecodeError:
+            kind = None
+    elif first is not None and first.startswith("["):
+        try:
+            items = json.loads(_read_text_file(file))
+        except json.JSONDecodeError:
+            items = None
+        if items == []:
+            raise QuantkitError(f"{file} holds an empty JSON array: no calibration records; give some")
+        if isinstance(items, list):
+            kind = _record_kind(items[0])
+    if kind is None and file.suffix.lower() in JSON_SUFFIXES:
+        if first is None:
+            return None  # empty: the reader says so
+        if file.suffix.lower() == ".jsonl" and first.startswith("{"):
+            return "text"  # the reader names the line that lacks its "text" field
+        raise QuantkitError(
+            f"{file} holds no calibration records: give JSON lines (or one JSON array) of objects with a "
+            "'text' string, a 'messages' list (chat) or an 'image' path (image-text)"
+        )
+    return kind
+
+
 def jsonl_records(path: str | Path) -> list[tuple[str, object]]:
-    """("file:line", parsed value) for every non-blank line of a JSONL file; a line that is not JSON
-    raises QuantkitError naming file:line."""
+    """("file:line", parsed value) for every non-blank line of a JSONL file, or ("file:item N", value) for each item
+    of a file holding one JSON array; a line that is not JSON raises QuantkitError naming file:line."""
     path = Path(path)
+    text = _read_text_file(path)
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = None
+        if isinstance(items, list):
+            return [(f"{path}:item {number}", item) for number, item in enumerate(items, start=1)]
     records = []
-    for lineno, line in enumerate(_read_text_file(path).splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -103,8 +167,53 @@ def read_jsonl(path: Path, field: str = "text") -> list[str]:
     return texts
 
 
+def text_file_kind(path: Path) -> str | None:
+    """"text" for a file of {"text": ...} records (any suffix), None for plain text; a QuantkitError for chat or
+    image-text records, which a text source cannot read."""
+    kind = record_kind(path)
+    if kind not in (None, "text"):
+        raise QuantkitError(
+            f"{path} holds {kind} records, not plain text: they are rendered as such only when the file is the whole "
+            "calibration source (calibrate/importance --calib FILE); here give plain text or {\"text\": ...} records"
+        )
+    return kind
+
+
+def _has_text(path: Path, kind: str | None) -> bool:
+    """Whether a text file holds a non-blank character (read until the first), or a text-record file a non-blank text."""
+    if kind == "text":
+        return any(t.strip() for t in read_jsonl(path))
+    try:
+        with path.open(encoding="utf-8") as handle:
+            while chunk := handle.read(1 << 20):
+                if chunk.strip():
+                    return True
+    except UnicodeDecodeError:
+        return True  # the reader names the byte
+    return False
+
+
+def check_text_source(source: SourceLike, part: str = "all") -> None:
+    """Before any model loads: every local file of a text source holds text, not chat or image-text records
+    (record_kind), and the source holds some text at all; hf: datasets are read later."""
+    found = remote = False
+    for item in _split_sources(source):
+        for label, files in _expand(item):
+            if files is None:
+                remote = True
+                continue
+            for file in files:
+                has = _has_text(file, text_file_kind(file))
+                if not has and len(files) == 1 and item == label:
+                    raise QuantkitError(f"{label} is empty; give a file with text in it")
+                found = found or has
+    if not found and not remote:
+        raise QuantkitError(f"no text found in {source!r} (part={part}); give a source with text in it")
+
+
 def _read_file(path: Path) -> list[str]:
-    if path.suffix.lower() == ".jsonl":
+    """A file's documents: the "text" of each record of a text-record file (any suffix), else the whole file."""
+    if text_file_kind(path) == "text":
         return read_jsonl(path)
     return [_read_text_file(path)]
 

@@ -10,6 +10,24 @@ from quantkit.cli_options import output_option
 from quantkit.data.sources import PARTS
 from quantkit.errors import QuantkitError
 
+PART_WORDS = {"heldout": "the held-out part (last 10% of each file's characters)",
+              "train": "the train part (first 90% of each file's characters)", "all": "all the text"}
+
+
+def check_eval_text(texts: list[str], model_or_dir: str, data: str, part: str, seqlen: int,
+                    max_tokens: int | None) -> None:
+    """The text to score holds at least one --seqlen window of tokens: a loss over a handful of tokens is noise
+    that reads like a result."""
+    from quantkit.data.samples import tokenize_documents
+    from quantkit.eval.load import load_tokenizer
+
+    found = int(tokenize_documents(texts, load_tokenizer(model_or_dir)).numel())
+    if max_tokens is not None:
+        found = min(found, max_tokens)
+    if found < seqlen:
+        raise QuantkitError(f"too little text to evaluate: {PART_WORDS[part]} of {data} holds {found} tokens, fewer "
+                            f"than one --seqlen window ({seqlen}); give more text, another --part or a smaller --seqlen")
+
 
 @click.command("eval")
 @click.argument("model_or_dir")
@@ -18,7 +36,7 @@ from quantkit.errors import QuantkitError
 @click.option("--include-path", "include_path", multiple=True, type=click.Path(file_okay=False), help="With --tasks: a folder of your own task YAML files (repeatable).")
 @click.option("--num-fewshot", type=int, default=None, help="With --tasks: few-shot examples per prompt (default: each task's own).")
 @click.option("--limit", type=float, default=None, help="With --tasks: at most N examples per task (a fraction of each task when below 1).")
-@click.option("--part", type=click.Choice(PARTS), default="all", show_default=True, help="Which part of each file: heldout = last 10% of its characters.")
+@click.option("--part", type=click.Choice(PARTS), default="heldout", show_default=True, help="Which part of each file to score: heldout = the last 10% of its characters (the part calibration leaves out with --part train), train = the first 90%, all = everything.")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Window step (default: seqlen, non-overlapping).")
 @click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens.")
@@ -50,13 +68,21 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_pat
         check_data(data, "--data")
         texts = load_texts(data, part=part)  # bad data fails before the model is loaded
     if tasks is not None:
-        from quantkit.eval.harness import check_tasks, parse_tasks, task_manager
+        from quantkit.eval.harness import (
+            check_task_datasets,
+            check_tasks,
+            parse_tasks,
+            task_manager,
+        )
 
         names = parse_tasks(tasks)
         manager = task_manager(include_path, names)  # a missing lm-eval, or an unknown task, fails before the model loads
         check_tasks(names, manager)
+        check_task_datasets(names, manager)  # offline: one line now, not the harness's retries after the model loads
     preflight_eval(model_or_dir, seqlen=seqlen if data is not None else None, stride=stride, batch_size=batch_size,
                    max_tokens=max_tokens)
+    if texts is not None:
+        check_eval_text(texts, model_or_dir, data, part, seqlen, max_tokens)
     from quantkit.eval.load import load_for_eval
 
     model, tokenizer = load_for_eval(model_or_dir)
@@ -70,6 +96,7 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_pat
                              progress=not as_json, batch_size=batch_size, device=device)
         res |= {"data": data, "part": part, **loss}
         lines.append(f"loss {loss['loss']:.4f} nats  ppl {loss['ppl']:.3f}  ({loss['tokens']} tokens, seqlen {loss['seqlen']}, stride {loss['stride']})")
+        lines.append(f"scored: {PART_WORDS[part]} of {data}")
     if tasks is not None:
         from quantkit.eval.harness import format_table, run_tasks
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -70,6 +71,69 @@ def check_tasks(names: Sequence[str], manager) -> None:
                                 "or give the folder of your task YAML with --include-path")
 
 
+# datasets' packaged builders: a task naming one reads local files (dataset_kwargs' data_files), not the hub.
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder", "webdataset"}
+
+
+def task_datasets(names: Sequence[str], manager) -> list[str]:
+    """The hub datasets (dataset_path) that the named tasks, groups and tags read, as far as their configs say."""
+    index = manager.task_index
+    seen: set[str] = set()
+    paths: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if isinstance(name, dict):
+            name = name.get("task")
+        if not isinstance(name, str) or name in seen:
+            continue
+        seen.add(name)
+        entry = index.get(name)
+        if entry is None:
+            continue
+        cfg = entry.cfg or {}
+        if isinstance(cfg.get("dataset_path"), str):
+            paths.add(cfg["dataset_path"])
+        kind = getattr(entry.kind, "name", str(entry.kind))
+        if kind == "GROUP":
+            sub = cfg.get("task")
+            todo.extend(sub if isinstance(sub, list) else [sub])
+        elif kind == "TAG":
+            todo.extend(n for n, e in index.items() if name in (getattr(e, "tags", None) or ()))
+    return sorted(p for p in paths if p not in _LOCAL_BUILDERS and not os.path.exists(os.path.expanduser(p)))
+
+
+def _cached_dataset(name: str) -> bool:
+    """Whether the hub cache (or datasets' own cache) holds dataset `name` (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name, repo_type="dataset", local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub)
+        pass
+    try:
+        import datasets
+
+        return (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_task_datasets(names: Sequence[str], manager) -> None:
+    """Before the model loads: every hub dataset the tasks read is cached or reachable (one quick look-up each),
+    so an offline run fails in one line instead of after the harness's half-minute of retries."""
+    from quantkit.validate import check_hub
+
+    for name in task_datasets(names, manager):
+        if _cached_dataset(name):
+            continue
+        try:
+            check_hub(name, "dataset")
+        except QuantkitError as err:
+            raise QuantkitError(f"--tasks {','.join(names)} reads {err}") from None
+
+
 def _clean(value: object) -> object:
     """A JSON-safe metric value: floats as floats (NaN as None), everything else as its string."""
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
@@ -116,8 +180,9 @@ def run_tasks(
     if limit is not None and limit <= 0:
         raise QuantkitError(f"--limit must be positive, got {limit}")
     model = model.to(device).eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with _no_environment_record():
+    with _quiet_libraries():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with _no_environment_record(), _quiet_libraries():
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -150,6 +215,25 @@ def format_table(results: dict) -> list[str]:
             spread = f" +- {stderr:.4f}" if isinstance(stderr, float) else ""
             lines.append(f"{task:<24} {metric + ('' if flt in ('', 'none') else ',' + flt):<20} {value:.4f}{spread}")
     return lines
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """The harness's and the hub client's warnings off for the run (the harness warns that it was handed a model
+    object, which is how quantkit calls it; the hub client prints a line per retry): errors still show, and the
+    CLI prints the final one as its one line. --debug (the quantkit logger at DEBUG) keeps them."""
+    if logging.getLogger("quantkit").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "huggingface_hub", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager

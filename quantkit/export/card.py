@@ -7,6 +7,7 @@ from pathlib import Path
 from quantkit.export.formats import REGISTRY
 
 CARD = "README.md"
+PART_WORDS = {"train": "its first 90%: the train part", "heldout": "its last 10%: the held-out part", "all": "all of it"}
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -40,8 +41,8 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
     if act_bits is not None:  # inputs quantized per token too (weight-only cards read as before)
         quantization.update(act_bits=act_bits, act_strategy="token, dynamic, symmetric",
                             smooth=(report.get("spec") or {}).get("smooth", "none"))
-    calibration = {"data": report.get("calib_set") or report.get("calib"), "nsamples": report.get("nsamples"),
-                   "seqlen": report.get("seqlen"), "seed": report.get("seed")}
+    calibration = {"data": report.get("calib_set") or report.get("calib"), "part": report.get("part"),
+                   "nsamples": report.get("nsamples"), "seqlen": report.get("seqlen"), "seed": report.get("seed")}
     data = ModelCardData(
         base_model=base if is_hub_id(base) else None, library_name="quantkit",
         tags=["quantkit", "quantized", f"{spec.get('bits')}-bit", method, fmt],
@@ -69,11 +70,14 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
                      f"use other settings ({', '.join(others)}; each listed in quantkit.json's module_specs and "
                      "declared in the format's quantization_config).")
     if calibration["data"]:
+        part = PART_WORDS.get(calibration["part"], "")
         lines.append(f"Calibration: {calibration['nsamples']} samples of {calibration['seqlen']} tokens from "
-                     f"`{calibration['data']}`.")
+                     f"`{calibration['data']}`" + (f" ({part})" if part else "") + ".")
     if isinstance(report.get("eval"), dict):
         ev = report["eval"]
-        lines.append(f"Measured: loss {ev.get('loss')} nats, perplexity {ev.get('ppl')} on `{ev.get('data')}`.")
+        part = PART_WORDS.get(ev.get("part"), "")
+        lines.append(f"Measured: loss {ev.get('loss')} nats, perplexity {ev.get('ppl')} on `{ev.get('data')}`"
+                     + (f" ({part})" if part else "") + ".")
     lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM",
               "model = AutoModelForCausalLM.from_pretrained(\"THIS_REPO_OR_DIR\")", "```"]
     if extras:

@@ -561,20 +561,25 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise QuantkitError(f"{root} is not a quantkit output (no {MANIFEST}); export it with quantkit first")
     manifest = _read_json(mpath)
     config = _read_json(root / "config.json")
-    config.pop("quantization_config", None)
+    declared = config.pop("quantization_config", None)
     name = manifest.get("format")
     try:
         fmt = format_for(name)
     except QuantkitError:
         raise QuantkitError(f"{mpath} names unknown format {name!r}") from None
     settings = manifest_settings(manifest, mpath)
+    fmt.check_declared(declared, settings, str(root))
     tensors = _load_tensors(root)
     sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}
     stored = StoredTensors(root, tensors, sidecar)
     results: dict[str, QuantResult] = {}
     for module, setting in settings.items():
-        r = fmt.decode(module, stored, setting)
-        check_result(module, r)
+        try:
+            r = fmt.decode(module, stored, setting)
+            check_result(module, r)
+        except QuantkitError as err:
+            raise QuantkitError(f"{root}: {module}'s stored tensors do not fit the {setting.bits}-bit g{setting.group_size} "
+                                f"setting quantkit.json gives it ({err}); the export is inconsistent, export it again") from None
         results[module] = r
     return Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
 

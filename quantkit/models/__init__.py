@@ -14,6 +14,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.models import gpt_neox, llama, llava, llava_onevision, opt, qwen2, qwen2_vl
 from quantkit.models.base import Adapter, get_module, layer_output
+from quantkit.models.checks import check_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise QuantkitError(f"{name_or_path}: tensor {missing[0]}{more} is not in the checkpoint; the model is incomplete")
+    check_model_weights(model, name_or_path)
     model.eval()
     model.config.use_cache = False
     return model

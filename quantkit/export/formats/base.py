@@ -26,6 +26,7 @@ class Format:
     transformers_extras: str = ""  # what `pip install` transformers needs to load it ("" for nothing)
     vllm_loads: bool = True
     act_bits: int | None = None  # set on the variant with_act_bits returns
+    quant_method: str | None = None  # quantization_config's quant_method (None: it writes no quantization_config)
 
     def with_act_bits(self, act_bits: int | None) -> Format:
         """This format for a model whose quantized linears' inputs are quantized to `act_bits` per token
@@ -87,6 +88,36 @@ class Format:
     def config_files(self, quantization_config: dict | None) -> dict[str, dict]:
         """JSON files written beside config.json (file name -> content)."""
         return {}
+
+    def declared_settings(self, quantization_config: dict) -> set[tuple]:
+        """The weight settings (bits, group_size, sym) a stored quantization_config declares."""
+        return set()
+
+    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str) -> None:
+        """config.json's quantization_config says what quantkit.json says (the settings the tensors are read with):
+        transformers and vLLM load by the former, quantkit by the latter, so a disagreement would make them load
+        different models. A QuantkitError names the first difference."""
+        wanted = {(s.bits, s.group_size, s.sym) for s in settings.values()}
+        if self.quant_method is None:
+            if quantization_config is not None:
+                raise QuantkitError(f"{where}: config.json declares a quantization_config, but quantkit.json says the "
+                                    f"weights are stored dense ({self.name}); the export is inconsistent, export it again")
+            return
+        if not isinstance(quantization_config, dict):
+            raise QuantkitError(f"{where}: config.json has no quantization_config, so transformers would load the packed "
+                                f"{self.name} tensors as plain weights; the export is incomplete, export it again")
+        method = quantization_config.get("quant_method")
+        if method != self.quant_method:
+            raise QuantkitError(f"{where}: config.json declares quant_method {method!r} but quantkit.json says "
+                                f"{self.name}; the export is inconsistent, export it again")
+        declared = self.declared_settings(quantization_config)
+        if declared != wanted:
+            def show(found: set[tuple]) -> str:
+                return ", ".join(f"{b}-bit g{g}{'' if s else ' asym'}" for b, g, s in sorted(found, key=str)) or "none"
+
+            raise QuantkitError(f"{where}: config.json's quantization_config declares {show(declared)} weights but "
+                                f"quantkit.json declares {show(wanted)}; transformers and quantkit would load different "
+                                "models (a hand-edited file?): export it again")
 
 
 def _widths(bits: tuple[int, ...]) -> str:

@@ -110,6 +110,16 @@ class CompressedTensorsFormat(Format):
     bits = (4, 8)
     holds_permuted_groups = False  # actorder="group" (a g_idx) was removed from compressed-tensors
     transformers_extras = "compressed-tensors"
+    quant_method = "compressed-tensors"
+
+    def declared_settings(self, quantization_config: dict) -> set[tuple]:
+        """(num_bits, group_size or -1 per channel, symmetric) of each config group's weights."""
+        out = set()
+        for group in (quantization_config.get("config_groups") or {}).values():
+            weights = (group or {}).get("weights") or {}
+            grouped = weights.get("strategy") == "group"
+            out.add((weights.get("num_bits"), weights.get("group_size") if grouped else -1, weights.get("symmetric")))
+        return out
 
     def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """weight_packed, weight_scale (fp16 unless the model is fp32), weight_shape, weight_zero_point if asymmetric."""

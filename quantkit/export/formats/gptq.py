@@ -122,6 +122,18 @@ class GPTQFormat(Format):
     holds_activation_bits = False  # GPTQ configs describe weight-only models
     transformers_extras = "optimum gptqmodel"
     vllm_loads = True
+    quant_method = "gptq"
+
+    def declared_settings(self, quantization_config: dict) -> set[tuple]:
+        """The top-level (bits, group_size, sym) and each `dynamic` override's ("-:" rules leave modules in FP)."""
+        base = {k: quantization_config.get(k) for k in ("bits", "group_size", "sym")}
+        out = {(base["bits"], base["group_size"], base["sym"])}
+        for key, fields in (quantization_config.get("dynamic") or {}).items():
+            if str(key).startswith("-:") or not isinstance(fields, dict):
+                continue
+            merged = {**base, **{k: v for k, v in fields.items() if k in base}}
+            out.add((merged["bits"], merged["group_size"], merged["sym"]))
+        return out
 
     def __init__(self, version: int) -> None:
         self.version = version
