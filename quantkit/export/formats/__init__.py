@@ -17,8 +17,10 @@ REGISTRY: dict[str, Format] = {
     )
 }
 FORMATS = tuple(REGISTRY)
-# the default export: the first of these that stores the bit width
-DEFAULT_ORDER = (compressed_tensors.FORMAT, gptq.V2)
+# the default export: the first of these that stores the bit width. Each loads in plain transformers (with
+# compressed-tensors, a dependency of quantkit): a packed 2- or 3-bit GPTQ checkpoint needs gptqmodel and optimum
+# (on CPU too), so those widths default to dense weights and --format gptq_v2 is the packed choice.
+DEFAULT_ORDER = (compressed_tensors.FORMAT, fake.FORMAT)
 
 
 def format_for(name: str | Format) -> Format:
@@ -36,7 +38,8 @@ def check_format(name: str) -> str:
 
 
 def default_format(bits: int) -> str:
-    """compressed-tensors where its packing holds the bit width (4, 8), GPTQ v2 otherwise."""
+    """compressed-tensors where its packing holds the bit width (4, 8), fake (dense weights) otherwise: both load
+    with plain transformers."""
     return next(f.name for f in DEFAULT_ORDER if bits in f.bits)
 
 

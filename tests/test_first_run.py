@@ -1,0 +1,110 @@
+"""What a first run meets: the API's data conventions, a default export that plain transformers loads, and the
+held-out part named where a result is reported."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import WORDS, make_tokenizer, save_tiny_llama, write_text
+
+import quantkit
+from quantkit.data.calibration import memory_calibration
+
+
+def word_ids(text: str) -> list[int]:
+    """make_tokenizer's ids, computed without it: <unk> 0, <eos> 1, WORDS from 2."""
+    return [WORDS.index(w) + 2 for w in text.split()]
+
+
+def random_texts(n: int, words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("first")
+    return {"model": save_tiny_llama(root / "model"), "text": write_text(root / "text.txt")}
+
+
+# ---------------------------------------------------------------- a list of texts is a list of samples
+
+
+def test_fewer_texts_than_nsamples_are_each_one_truncated_sample_with_one_warning() -> None:
+    texts = random_texts(5, 40)
+    with pytest.warns(UserWarning, match="5 calibration samples, fewer than nsamples=8") as caught:
+        samples = memory_calibration(texts, make_tokenizer(), nsamples=8, seqlen=16)
+    assert len([w for w in caught if "calibration samples" in str(w.message)]) == 1
+    assert [s["input_ids"][0].tolist() for s in samples] == [word_ids(t)[:16] for t in texts]
+
+
+def test_more_texts_than_nsamples_are_a_seeded_draw_of_whole_texts() -> None:
+    texts = random_texts(30, 12, seed=1)
+    every = [word_ids(t) for t in texts]
+    drawn = {}
+    for seed in (0, 0, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # enough texts: no warning
+            samples = memory_calibration(texts, make_tokenizer(), nsamples=6, seqlen=16, seed=seed)
+        ids = [s["input_ids"][0].tolist() for s in samples]
+        assert len(ids) == 6 and all(i in every for i in ids) and len({tuple(i) for i in ids}) == 6
+        drawn.setdefault(seed, []).append(ids)
+    assert drawn[0][0] == drawn[0][1] and drawn[0][0] != drawn[1][0]
+
+
+def test_short_and_empty_texts_are_skipped_and_near_empty_data_refused() -> None:
+    texts = ["", "w1", "w2 w3 w4", "   ", "w5 w6"]
+    with pytest.warns(UserWarning, match=r"2 calibration samples.*\(1 shorter than 2 tokens skipped\)"):
+        samples = memory_calibration(texts, make_tokenizer(), nsamples=4, seqlen=4)
+    assert [s["input_ids"][0].tolist() for s in samples] == [word_ids("w2 w3 w4"), word_ids("w5 w6")]
+    with pytest.raises(quantkit.QuantkitError, match="hold 5 tokens in all .* less than one seqlen"):
+        memory_calibration(texts, make_tokenizer(), nsamples=4, seqlen=16)
+
+
+def test_one_text_is_still_cut_into_windows() -> None:
+    text = random_texts(1, 200)[0]
+    samples = memory_calibration([text], make_tokenizer(), nsamples=4, seqlen=16, seed=0)
+    stream = word_ids(text)
+    starts = random.Random(0).sample(range(len(stream) - 16 + 1), 4)
+    assert [s["input_ids"][0].tolist() for s in samples] == [stream[b:b + 16] for b in starts]
+
+
+def test_the_issue_case_32_texts_of_4000_characters_calibrate(tiny: dict) -> None:
+    """32 long texts where 128 x 64 tokens are asked: 32 samples of 64 tokens, not 'too little text'."""
+    texts = [t[:4000] for t in random_texts(32, 1400, seed=2)]
+    with pytest.warns(UserWarning, match="32 calibration samples, fewer than nsamples=128"):
+        report = quantkit.quantize(str(tiny["model"]), data=texts, method="rtn", group_size=32, seqlen=64,
+                                   progress=False).report
+    assert report["nsamples"] == 32 and report["seqlen"] == 64
+
+
+def test_a_dataset_of_texts_follows_the_same_convention(tiny: dict) -> None:
+    datasets = pytest.importorskip("datasets")
+    texts = random_texts(3, 30, seed=3)
+    with pytest.warns(UserWarning, match="3 calibration samples"):
+        samples = memory_calibration(datasets.Dataset.from_dict({"text": texts}), make_tokenizer(), nsamples=8,
+                                     seqlen=20)
+    assert [s["input_ids"][0].tolist() for s in samples] == [word_ids(t)[:20] for t in texts]
+
+
+# ---------------------------------------------------------------- the default export loads in plain transformers
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_default_2_and_3_bit_export_loads_in_plain_transformers(tiny: dict, tmp_path: Path, bits: int) -> None:
+    """Plain AutoModelForCausalLM (no gptqmodel, no optimum) loads the default export, and it holds the quantized
+    weights: each linear equals (codes - zero) * scale of the run's own results."""
+    from transformers import AutoModelForCausalLM
+
+    quantized = quantkit.quantize(str(tiny["model"]), data=str(tiny["text"]), method="gptq", bits=bits,
+                                  group_size=32, nsamples=2, seqlen=16, output_dir=tmp_path / "out", progress=False)
+    assert quantized.report["format"] == "fake"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, r in quantized.results.items():
+        groups = r.g_idx.long()
+        by_hand = (r.qweight.float() - r.zeros.float()[:, groups]) * r.scales[:, groups]
+        assert torch.equal(plain.get_submodule(name).weight.float(), by_hand), name
