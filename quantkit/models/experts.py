@@ -13,8 +13,11 @@ Projection names follow the family's checkpoint (read from transformers' convers
 w1 / w3 / w2, the Qwen-MoE / DeepSeek / OLMoE families' gate_proj / up_proj / down_proj), so the model's
 state dict has the checkpoint's per-expert keys (up to transformers' renamings) and an export stores
 experts as the family's checkpoints do; families whose checkpoints keep experts fused (gpt-oss, Llama 4)
-get gate_proj / up_proj / down_proj, the names llm-compressor's and transformers' per-expert quantized
-layouts use. Routers stay as they are (full precision); `fuse_experts` puts the fused modules back.
+get gate_proj / up_proj / down_proj, the per-expert quantized layout of llm-compressor, GPTQModel and
+transformers' compressed-tensors loader. As there, `gate_proj` and `up_proj` are the first and second half
+of the fused gate_up output: for gpt-oss, whose gate and up columns alternate, each half holds both (the
+family's own gate function reads the halves joined back). Routers stay as they are (full precision);
+`fuse_experts` puts the fused modules back.
 
 With `all_tokens` (set_all_tokens), every expert runs on every token of the layer, so a rarely chosen
 expert still gets statistics, while the layer's output keeps only the routed tokens' results.
@@ -25,39 +28,18 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """The leaf names of one expert's projections (gate is None for experts without a gate)."""
-
-    gate: str | None = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
-
-    def all(self) -> tuple[str, ...]:
-        """The projections in execution order."""
-        return tuple(n for n in (self.gate, self.up, self.down) if n is not None)
-
-
-@dataclass(frozen=True)
-class FusedLayout:
-    """How a fused experts module stores its projections (transformers' use_experts_implementation flags)."""
-
-    gated: bool = True
-    transposed: bool = False  # [E, in, out] instead of [E, out, in]
-    interleaved: bool = False  # gate and up alternate along the fused output (gpt-oss) instead of gate, then up
-    bias: bool = False
-
-    def fused_names(self) -> tuple[str, str]:
-        """The fused parameters: (gate_up or up, down)."""
-        return ("gate_up_proj" if self.gated else "up_proj"), "down_proj"
+from quantkit.models.expert_layout import (
+    ExpertNames,
+    FusedLayout,
+    expert_names,
+    join_experts,
+    split_fused,
+)
 
 
 class ExpertLinear(nn.Linear):
@@ -125,8 +107,7 @@ class RoutedExperts(nn.ModuleList):
     def _activate(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
         if gate is None:
             return self.act_fn(up)
-        if self.layout.interleaved:
-            return self._gate_fn(torch.stack([gate, up], dim=-1).flatten(-2))
+        # the two halves side by side are the fused gate_up output, which the family's own gate function reads
         return self._gate_fn(torch.cat([gate, up], dim=-1))
 
     def run_expert(self, index: int, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -201,57 +182,6 @@ class RoutedLlama4Moe(nn.Module):
         return out, logits
 
 
-# ---------------------------------------------------------------- fused <-> per-expert tensors
-
-
-def split_fused(fused: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames) -> dict[str, torch.Tensor]:
-    """Per-expert tensors (`<e>.<projection>.weight` / `.bias`, [out, in]) from a fused module's parameters."""
-    gate_up_key, down_key = layout.fused_names()
-    gate_up, down = fused[gate_up_key], fused[down_key]
-    out: dict[str, torch.Tensor] = {}
-
-    def halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # along the last dim
-        if layout.interleaved:
-            return t[..., 0::2], t[..., 1::2]
-        return t.chunk(2, dim=-1)
-
-    for e in range(gate_up.shape[0]):
-        both = gate_up[e] if layout.transposed else gate_up[e].transpose(0, 1)  # [in, out]
-        parts = dict(zip((names.gate, names.up), halves(both))) if layout.gated else {names.up: both}
-        parts[names.down] = down[e] if layout.transposed else down[e].transpose(0, 1)
-        for name, weight in parts.items():
-            out[f"{e}.{name}.weight"] = weight.transpose(0, 1).contiguous()
-        if layout.bias:
-            bias = fused[f"{gate_up_key}_bias"][e]
-            parts = dict(zip((names.gate, names.up), halves(bias))) if layout.gated else {names.up: bias}
-            parts[names.down] = fused[f"{down_key}_bias"][e]
-            for name, b in parts.items():
-                out[f"{e}.{name}.bias"] = b.contiguous()
-    return out
-
-
-def join_experts(tensors: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames,
-                 num_experts: int) -> dict[str, torch.Tensor]:
-    """The fused parameters from per-expert tensors (split_fused's inverse)."""
-    gate_up_key, down_key = layout.fused_names()
-
-    def both(kind: str, e: int) -> torch.Tensor:  # [..., 2I] along the last dim, as the fused module lays it
-        get = (lambda n: tensors[f"{e}.{n}.{kind}"].transpose(0, 1)) if kind == "weight" else (lambda n: tensors[f"{e}.{n}.{kind}"])
-        if not layout.gated:
-            return get(names.up)
-        gate, up = get(names.gate), get(names.up)
-        return torch.stack([gate, up], dim=-1).flatten(-2) if layout.interleaved else torch.cat([gate, up], dim=-1)
-
-    gate_up = torch.stack([both("weight", e) for e in range(num_experts)])  # [E, in, 2I]
-    down = torch.stack([tensors[f"{e}.{names.down}.weight"].transpose(0, 1) for e in range(num_experts)])  # [E, I, H]
-    out = {gate_up_key: gate_up if layout.transposed else gate_up.transpose(1, 2),
-           down_key: down if layout.transposed else down.transpose(1, 2)}
-    if layout.bias:
-        out[f"{gate_up_key}_bias"] = torch.stack([both("bias", e) for e in range(num_experts)])
-        out[f"{down_key}_bias"] = torch.stack([tensors[f"{e}.{names.down}.bias"] for e in range(num_experts)])
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 # ---------------------------------------------------------------- finding and replacing fused modules
 
 
@@ -269,35 +199,13 @@ def fused_layout(module: nn.Module) -> FusedLayout | None:
     first = params.get("gate_up_proj") if getattr(module, "has_gate", None) else params.get("up_proj")
     if not hasattr(module, "is_transposed") or down is None or first is None or down.dim() != 3 or first.dim() != 3:
         return None
-    return FusedLayout(gated=bool(module.has_gate), transposed=bool(module.is_transposed),
-                       interleaved=not getattr(module, "is_concatenated", True), bias=bool(module.has_bias))
+    return FusedLayout(gated=bool(module.has_gate), transposed=bool(module.is_transposed), bias=bool(module.has_bias))
 
 
 def holds_fused_weights(module: nn.Module) -> bool:
     """Whether a module keeps 3-D (or larger) parameters of its own: fused experts that no linear covers."""
     return any(p is not None and p.dim() >= 3 for p in module._parameters.values()) and not isinstance(
         module, nn.modules.conv._ConvNd)
-
-
-def expert_names(config: object) -> ExpertNames:
-    """The per-expert projection names of the family's checkpoints, from transformers' conversion mapping
-    (the weights merged into experts.gate_up_proj / experts.down_proj on load); the per-expert quantized
-    layout's gate_proj / up_proj / down_proj where the checkpoints keep experts fused."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightConverter
-
-    config = getattr(config, "config", config)
-    found: dict[str, list[str]] = {}
-    for transform in get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []:
-        if not isinstance(transform, WeightConverter):
-            continue
-        targets = transform._original_target_patterns
-        if len(targets) == 1 and targets[0].endswith(("experts.gate_up_proj", "experts.down_proj", "experts.up_proj")):
-            leaves = [s.split(".*.")[-1].removesuffix(".weight") for s in transform._original_source_patterns]
-            found[targets[0].rsplit(".", 1)[-1]] = leaves
-    if "gate_up_proj" in found and "down_proj" in found and len(found["gate_up_proj"]) == 2:
-        return ExpertNames(gate=found["gate_up_proj"][0], up=found["gate_up_proj"][1], down=found["down_proj"][0])
-    return ExpertNames()
 
 
 def _routed_experts(fused: nn.Module, layout: FusedLayout, names: ExpertNames, scaled_inputs: bool) -> RoutedExperts:
