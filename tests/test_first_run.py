@@ -108,3 +108,38 @@ def test_default_2_and_3_bit_export_loads_in_plain_transformers(tiny: dict, tmp_
         groups = r.g_idx.long()
         by_hand = (r.qweight.float() - r.zeros.float()[:, groups]) * r.scales[:, groups]
         assert torch.equal(plain.get_submodule(name).weight.float(), by_hand), name
+
+
+# ---------------------------------------------------------------- what a run reports per linear
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_report_gives_the_error_of_plain_rounding_beside_the_solvers(tiny: dict, method: str) -> None:
+    """rtn_output_rel_err is tr(R H R^T) / tr(W H W^T) with R = W - rtn_solve(W) (computed here from the Hessian
+    the engine handed out and the FP weight): the error before the solver's work, which GPTQ lowers."""
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.data.samples import calibration_samples
+    from quantkit.engine import calibrate_model
+    from quantkit.quant.rtn import rtn_solve
+    from quantkit.quant.spec import QuantSpec
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    fp = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    samples = calibration_samples(str(tiny["text"]), make_tokenizer(), nsamples=4, seqlen=16)
+    seen: dict[str, torch.Tensor] = {}
+    spec = QuantSpec(bits=3, group_size=32)
+    report = calibrate_model(model, samples, spec, method=method, progress=False,
+                             observer=lambda name, h, cross: seen.__setitem__(name, h.clone())).report
+    for layer in report["layers"]:
+        for short, entry in layer["linears"].items():
+            name = f"model.layers.{layer['layer']}.{short}"
+            if method == "rtn":  # no activations read, no Hessian: no output error to give
+                assert "output_rel_err" not in entry and "rtn_output_rel_err" not in entry
+                continue
+            weight, hessian = fp[name].float(), seen[name].double()
+            rounded = (weight - rtn_solve(weight, None, spec).dequantize()).double()
+            by_hand = float(torch.einsum("oi,ij,oj->", rounded, hessian, rounded)
+                            / torch.einsum("oi,ij,oj->", weight.double(), hessian, weight.double()))
+            assert entry["rtn_output_rel_err"] == pytest.approx(by_hand, rel=1e-4), name
+            assert entry["output_rel_err"] < entry["rtn_output_rel_err"], name

@@ -13,6 +13,7 @@ from quantkit.engine.plan import Piece
 from quantkit.engine.weights import row_ranges
 from quantkit.errors import QuantkitError
 from quantkit.quant.gptaq import fp_target_weight
+from quantkit.quant.grid import dequantize, max_code, quantize
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 
@@ -24,22 +25,38 @@ def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian
     return float(num / den) if den > 0 else 0.0
 
 
+N_STATS = 5
+
+
+def nearest_on_grid(weight: torch.Tensor, result: QuantResult) -> torch.Tensor:
+    """`weight` rounded to the nearest point of the grid `result` was solved on: what plain rounding (RTN)
+    gives with the solver's own scales and zeros, the baseline its error is compared with."""
+    groups = result.g_idx.long().to(weight.device)
+    scales, zeros = result.scales.to(weight.device)[:, groups], result.zeros.to(weight.device)[:, groups]
+    return dequantize(quantize(weight, scales, zeros, max_code(result.bits)), scales, zeros)
+
+
 def result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> torch.Tensor:
-    """Row-additive error sums of one (slice of a) solve: ||D||^2, ||W||^2, tr(D H D^T), tr(W H W^T)."""
+    """Row-additive error sums of one (slice of a) solve: ||D||^2, ||W||^2, tr(D H D^T), tr(W H W^T) and
+    tr(R H R^T) with R = W - nearest_on_grid(W) (D = W - the solved weight)."""
     quantized = result.dequantize().to(weight.device)
     delta = weight - quantized
-    stats = [float(delta.pow(2).sum()), float(weight.pow(2).sum()), float("nan"), float("nan")]
+    stats = [float(delta.pow(2).sum()), float(weight.pow(2).sum()), float("nan"), float("nan"), float("nan")]
     if hessian is not None:
         stats[2] = float(torch.einsum("oi,ij,oj->", delta, hessian, delta))
         stats[3] = float(torch.einsum("oi,ij,oj->", weight, hessian, weight))
+        rounded = weight - nearest_on_grid(weight, result)
+        stats[4] = float(torch.einsum("oi,ij,oj->", rounded, hessian, rounded))
     return torch.tensor(stats, dtype=torch.float64)
 
 
 def report_entry(stats: torch.Tensor, with_hessian: bool) -> dict:
-    """A linear's report from its result_stats: relative weight error, and output error given H."""
+    """A linear's report from its result_stats: relative weight error, and given H the relative output error
+    of the solve and of plain rounding on its grid (rtn_output_rel_err: the error before the solver's work)."""
     entry = {"weight_rel_mse": float(stats[0] / max(float(stats[1]), 1e-30))}
     if with_hessian:
         entry["output_rel_err"] = float(stats[2] / stats[3]) if stats[3] > 0 else 0.0
+        entry["rtn_output_rel_err"] = float(stats[4] / stats[3]) if stats[3] > 0 else 0.0
     return entry
 
 
@@ -96,7 +113,7 @@ def share_result(
     """
     out_f, in_f = linear.out_features, linear.in_features
     groups = 1 if spec.group_size == -1 else in_f // spec.group_size
-    stats = mine[1].clone() if mine is not None else torch.zeros(4, dtype=torch.float64)
+    stats = mine[1].clone() if mine is not None else torch.zeros(N_STATS, dtype=torch.float64)
     stats = torch.nan_to_num(stats, nan=0.0)
     comm.all_reduce_sum_(stats)
     full = [
@@ -133,7 +150,7 @@ def solve_slice(
         result = solve(_target(weight, hessian, cross, spec, name), hessian, spec, name=name)
         return result, result_stats(weight, result, hessian)
     end = start + weight.shape[0]
-    parts, stats = [], torch.zeros(4, dtype=torch.float64)
+    parts, stats = [], torch.zeros(N_STATS, dtype=torch.float64)
     for group, (low, high) in enumerate(row_ranges(out_features, hessian.shape[0])):
         low, high = max(low, start), min(high, end)
         if low >= high:
