@@ -24,6 +24,12 @@ from quantkit.export.formats import FORMATS
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def demo(model: str | None, data: str | None, out: str, train_seconds: float, seed: int, fmt: str, nsamples: int, seqlen: int, threads: int | None, overwrite: bool, as_json: bool) -> None:
     """Train (or load) a small LM, quantize it with RTN and GPTQ at 4 and 3 bits, and compare held-out loss."""
+    from quantkit.errors import QuantkitError
+
+    for flag, value, least in (("--train-seconds", train_seconds, 1e-9), ("--nsamples", nsamples, 1),
+                               ("--seqlen", seqlen, 2), ("--threads", threads, 1)):
+        if value is not None and not value >= least:
+            raise QuantkitError(f"{flag} must be {'positive' if least < 1 else f'at least {least}'}, got {value:g}")
     if threads is not None:
         import torch
 
