@@ -181,7 +181,7 @@ def calibrate_job(
         check_settings(options["lam"], options["power"], None, 0.1)
         check_guidance(options["guidance"], options["row_groups"], options["loss"], options["draws"])
     if fmt is None:
-        # a format that holds every bit width the recipe uses (compressed-tensors holds 4 and 8 only)
+        # a format that holds every bit width the recipe uses
         widths = sorted(recipe.bits(spec.bits)) if recipe is not None else [spec.bits]
         fmt = default_format(next((b for b in widths if default_format(b) != default_format(spec.bits)), spec.bits))
     loaded = model_name if isinstance(model_name, torch.nn.Module) else None
@@ -389,7 +389,7 @@ def work_dir_for(output: str) -> Path:
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence (the most tokens of an image-text or chat sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors for 4/8 bits, fake (dense weights) for 2/3 bits: both load in plain transformers; gptq_v2 packs 2/3 bits and loads with gptqmodel).")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors, which plain transformers loads at every width and vLLM at 4 and 8 bits; gptq/gptq_v2 load with gptqmodel and in vLLM).")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
 @click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")

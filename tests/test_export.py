@@ -458,9 +458,9 @@ def test_cli_bad_input(tmp_path: Path) -> None:
     res = runner.invoke(main, ["export", str(src), "--format", "awq", "-o", str(out)])
     assert res.exit_code == 2 and "awq" in res.stderr and not out.exists()
 
-    res = runner.invoke(main, ["export", str(src), "--format", "compressed-tensors", "-o", str(out)])
+    res = runner.invoke(main, ["export", str(src), "--format", "gptq", "-o", str(src), "--overwrite"])
     _one_line_error(res, out)
-    assert res.stderr.startswith("error: ") and "3-bit" in res.stderr
+    assert res.stderr.startswith("error: ") and "input" in res.stderr
 
     plain = tmp_path / "plain"
     model.save_pretrained(plain)
@@ -708,11 +708,18 @@ def test_mixed_streamed_writer_matches_in_memory_writer(tmp_path: Path) -> None:
 
 
 def test_mixed_settings_each_checked_by_the_format(tmp_path: Path) -> None:
-    """A 3-bit override cannot go to compressed-tensors: refused with the linear named, nothing written."""
+    """A 3-bit asymmetric override goes to compressed-tensors as its own config group and reads back exactly;
+    GPTQ v1 refuses the zero point 0 an asymmetric grid may hold, naming the linear, with nothing written."""
     model, results = mixed_model(tmp_path, {"model.layers.1.mlp.gate_proj": (3, 64, False)})
-    with pytest.raises(QuantkitError, match=r"model\.layers\.1\.mlp\.gate_proj: compressed-tensors stores 4 and 8"):
-        save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
-    assert not (tmp_path / "ct").exists()
+    out = save_quantized(model, results, tmp_path / "ct", fmt="compressed-tensors")
+    assert_same_results(read_checkpoint(out).results, results)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert 3 in {g["weights"]["num_bits"] for g in groups.values()}
+    zero = results["model.layers.1.mlp.gate_proj"]
+    zero.zeros[0, 0] = 0  # a legal asymmetric zero point that v1's zero-1 cannot store
+    with pytest.raises(QuantkitError, match=r"model\.layers\.1\.mlp\.gate_proj: asymmetric zero point 0"):
+        save_quantized(model, results, tmp_path / "v1", fmt="gptq")
+    assert not (tmp_path / "v1").exists()
 
 
 @pytest.mark.parametrize("fmt", ["gptq_v2", "compressed-tensors"])

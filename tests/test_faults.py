@@ -337,7 +337,7 @@ def test_replacing_an_output_leaves_no_old_copy(work: Path) -> None:
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--seqlen", "128"], "exceeds the model's max_position_embeddings (64)"),
-    (["--bits", "3", "--format", "compressed-tensors"], "stores 4 and 8 bits only"),
+    (["--dynamic-groups", "--format", "compressed-tensors"], "compressed-tensors cannot store"),
     (["--static-groups", "--no-act-order"], "--static-groups"),
     (["--calib", "missing.txt"], "not found"),
     (["--calib", "hf:quantkit-no-such-org/no-such-dataset-3141"], "not found"),

@@ -3,6 +3,7 @@ held-out part named where a result is reported."""
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from pathlib import Path
@@ -91,23 +92,30 @@ def test_a_dataset_of_texts_follows_the_same_convention(tiny: dict) -> None:
     assert [s["input_ids"][0].tolist() for s in samples] == [word_ids(t)[:20] for t in texts]
 
 
-# ---------------------------------------------------------------- the default export loads in plain transformers
+# ---------------------------------------------------------------- the default export: packed, and plain transformers loads it
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_default_2_and_3_bit_export_loads_in_plain_transformers(tiny: dict, tmp_path: Path, bits: int) -> None:
-    """Plain AutoModelForCausalLM (no gptqmodel, no optimum) loads the default export, and it holds the quantized
-    weights: each linear equals (codes - zero) * scale of the run's own results."""
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_default_export_is_packed_and_loads_in_plain_transformers(tiny: dict, tmp_path: Path, bits: int) -> None:
+    """The default export at every width is compressed-tensors pack-quantized, and plain AutoModelForCausalLM (no
+    gptqmodel, no optimum) gives the logits of the FP model with each linear set to (q - z) * s of the run's codes."""
     from transformers import AutoModelForCausalLM
 
     quantized = quantkit.quantize(str(tiny["model"]), data=str(tiny["text"]), method="gptq", bits=bits,
                                   group_size=32, nsamples=2, seqlen=16, output_dir=tmp_path / "out", progress=False)
-    assert quantized.report["format"] == "fake"
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    for name, r in quantized.results.items():
-        groups = r.g_idx.long()
-        by_hand = (r.qweight.float() - r.zeros.float()[:, groups]) * r.scales[:, groups]
-        assert torch.equal(plain.get_submodule(name).weight.float(), by_hand), name
+    assert quantized.report["format"] == "compressed-tensors"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {bits}
+    reference = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    with torch.no_grad():
+        for name, r in quantized.results.items():
+            groups = r.g_idx.long()
+            reference.get_submodule(name).weight.copy_((r.qweight.float() - r.zeros.float()[:, groups])
+                                                       * r.scales[:, groups])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([word_ids("w1 w7 w3 w30 w12 w5 w44 w2")])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- what a run reports per linear

@@ -193,7 +193,7 @@ def test_tlq_run_with_gptq_override_sums_plain_hessians(tiny: dict) -> None:
     ("overrides:\n  - targets: ['re:.*layers\\.7\\.']\n    bits: 8\n", "matches no linear"),
     ("targets: [lm_head]\n", "matches no linear"),  # the head is no candidate without --quantize-lm-head
     ("overrides:\n  - targets: [down_proj]\n    method: tlq\n", "weighs tokens"),
-    ("overrides:\n  - targets: [down_proj]\n    bits: 3\n", "compressed-tensors"),
+    ("overrides:\n  - targets: [down_proj]\n    bits: 5\n", "bits"),
     ("surprise: 1\n", "unknown key 'surprise'"),
 ])
 def test_bad_recipe_cli_exit_2_nothing_written(tiny: dict, tmp_path: Path, monkeypatch, text: str, fragment: str) -> None:
@@ -223,13 +223,15 @@ def test_missing_recipe_file_is_one_line(tiny: dict, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "recipe" in result.output and "not found" in result.output
 
 
-def test_mixed_default_format_holds_every_width(tiny: dict) -> None:
-    """A 3-bit override in a 4-bit run: the default format is one that stores 3 bits (not compressed-tensors)."""
+def test_mixed_default_format_holds_every_width(tiny: dict, tmp_path: Path) -> None:
+    """A 3-bit override in a 4-bit run: the default format (compressed-tensors) declares both widths."""
     recipe = Recipe(overrides=[Override(targets=["up_proj"], bits=3)])
     report = quantkit.quantize(str(tiny["model"]), data=str(tiny["text"]), method="rtn", group_size=32, nsamples=2,
-                               seqlen=16, progress=False, recipe=recipe).report
-    assert report["format"] != "compressed-tensors"
+                               seqlen=16, progress=False, recipe=recipe, output_dir=tmp_path / "out").report
+    assert report["format"] == "compressed-tensors"
     assert report["layers"][0]["linears"]["mlp.up_proj"]["bits"] == 3
+    groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [3, 4]
 
 
 # ---------------------------------------------------------------- low memory, ranks, resume

@@ -50,7 +50,9 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         **({"evaluation": report["eval"]} if isinstance(report.get("eval"), dict) else {}),
     )
     known = REGISTRY.get(fmt)
-    extras, vllm = (known.transformers_extras, known.vllm_loads) if known is not None else ("", False)
+    widths = {spec.get("bits")} | {s.get("bits") for s in (manifest.get("module_specs") or {}).values()}
+    extras = known.transformers_extras if known is not None else ""
+    vllm = known is not None and widths <= set(known.vllm_bits)
     title = f"{Path(base).name if base else 'model'} {method.upper()} W{spec.get('bits')}" + (
         f"A{act_bits}" if act_bits is not None else "")
     group = "per channel" if spec.get("group_size") == -1 else f"group size {spec.get('group_size')}"

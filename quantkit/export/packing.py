@@ -17,11 +17,12 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from quantkit.errors import QuantkitError
 
 
-def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack unsigned `bits`-wide codes (a 2-D integer tensor) into int32 words along `dim`."""
+def pack_codes(codes: torch.Tensor, bits: int, dim: int, whole_words: bool = True) -> torch.Tensor:
+    """Pack unsigned `bits`-wide codes (a 2-D integer tensor) into int32 words along `dim`. GPTQ's layout needs
+    whole words; compressed-tensors pads the last word with zero bits (whole_words=False)."""
     if codes.dim() != 2:
         raise QuantkitError(f"expected a 2-D tensor of codes, got shape {tuple(codes.shape)}")
-    if codes.shape[dim] * bits % 32:
+    if whole_words and codes.shape[dim] * bits % 32:
         raise QuantkitError(
             f"cannot pack {codes.shape[dim]} {bits}-bit codes into whole int32 words; "
             f"the packed dimension must be a multiple of {32 // math.gcd(32, bits)}"
@@ -34,10 +35,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int, length: int) -> torc
     """Inverse of pack_codes: uint8 codes with `length` entries along `dim`."""
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise QuantkitError(f"packed tensor must be 2-D int32, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[dim] * 32 != length * bits:
+    if packed.shape[dim] != math.ceil(length * bits / 32):
         raise QuantkitError(
             f"packed tensor has {packed.shape[dim]} words along dim {dim}, "
-            f"expected {length * bits // 32} for {length} {bits}-bit codes"
+            f"expected {math.ceil(length * bits / 32)} for {length} {bits}-bit codes"
         )
     # unpack along dim 1 of a freshly laid-out copy: compressed-tensors' 4-bit fast path views
     # the words as bytes, which fails on transposed or size-1-strided inputs

@@ -17,9 +17,9 @@ REGISTRY: dict[str, Format] = {
     )
 }
 FORMATS = tuple(REGISTRY)
-# the default export: the first of these that stores the bit width. Each loads in plain transformers (with
-# compressed-tensors, a dependency of quantkit): a packed 2- or 3-bit GPTQ checkpoint needs gptqmodel and optimum
-# (on CPU too), so those widths default to dense weights and --format gptq_v2 is the packed choice.
+# the default export: the first of these that stores the bit width. compressed-tensors packs every width and
+# plain transformers loads it (compressed-tensors is a dependency of quantkit), where a GPTQ checkpoint needs
+# gptqmodel and optimum, on CPU too.
 DEFAULT_ORDER = (compressed_tensors.FORMAT, fake.FORMAT)
 
 
@@ -38,8 +38,7 @@ def check_format(name: str) -> str:
 
 
 def default_format(bits: int) -> str:
-    """compressed-tensors where its packing holds the bit width (4, 8), fake (dense weights) otherwise: both load
-    with plain transformers."""
+    """The first format of DEFAULT_ORDER that stores `bits` (compressed-tensors for every width quantkit has)."""
     return next(f.name for f in DEFAULT_ORDER if bits in f.bits)
 
 

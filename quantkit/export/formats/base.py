@@ -24,7 +24,7 @@ class Format:
     stores_dense_weights: bool = False  # weights stored unpacked (the export is about the FP model's size)
     sidecar: str | None = None  # a safetensors file of its own beside the weights, if any
     transformers_extras: str = ""  # what `pip install` transformers needs to load it ("" for nothing)
-    vllm_loads: bool = True
+    vllm_bits: tuple[int, ...] = SUPPORTED_BITS  # widths vLLM loads in this format (empty: none)
     act_bits: int | None = None  # set on the variant with_act_bits returns
     quant_method: str | None = None  # quantization_config's quant_method (None: it writes no quantization_config)
 

@@ -1,9 +1,9 @@
 """compressed-tensors "pack-quantized" checkpoints (what llm-compressor writes; transformers and vLLM load them).
 
-Per linear: weight_packed int32 [out, in*bits/32] (signed codes + 2**(bits-1), dense bit
-stream along the input dim), weight_scale [out, n_groups] in the model dtype, weight_shape
-int [2], and for asymmetric weights weight_zero_point int32 [out*bits/32, n_groups] (signed
-zero points packed along the output dim). compressed-tensors' grid is signed,
+Per linear: weight_packed int32 [out, ceil(in*bits/32)] (signed codes + 2**(bits-1), one dense bit
+stream along the input dim, the last word padded), weight_scale [out, n_groups] in the model dtype,
+weight_shape int [2], and for asymmetric weights weight_zero_point int32 [ceil(out*bits/32), n_groups]
+(signed zero points packed along the output dim). compressed-tensors' grid is signed,
 q_ct = q - 2**(bits-1), zp_ct = z - 2**(bits-1), so (q_ct - zp_ct) * s is our weight exactly;
 symmetric schemes store no zero point (it is 0, i.e. our 2**(bits-1)).
 
@@ -42,12 +42,12 @@ INT = "int-quantized"
 def encode(r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of one linear (without the module-name prefix)."""
     out = {
-        "weight_packed": pack_codes(r.qweight, r.bits, dim=1),
+        "weight_packed": pack_codes(r.qweight, r.bits, dim=1, whole_words=False),
         "weight_scale": r.scales.to(scale_dtype).contiguous(),
         "weight_shape": torch.tensor(list(r.qweight.shape), dtype=torch.int64),
     }
     if not r.sym:
-        out["weight_zero_point"] = pack_codes(r.zeros, r.bits, dim=0)
+        out["weight_zero_point"] = pack_codes(r.zeros, r.bits, dim=0, whole_words=False)
     return out
 
 
@@ -101,13 +101,14 @@ def group_targets(names: tuple[str, ...], all_linears: set[str]) -> list[str]:
 
 
 class CompressedTensorsFormat(Format):
-    """compressed-tensors pack-quantized, 4 and 8 bits, consecutive groups."""
+    """compressed-tensors pack-quantized, 2, 3, 4 and 8 bits, consecutive groups."""
 
     name = "compressed-tensors"
-    help = "compressed-tensors pack-quantized, 4 and 8 bits (llm-compressor's format; transformers, vLLM)"
-    # vLLM's compressed-tensors WNA16 kernels take 4 and 8 bits; compressed-tensors changed its
-    # 3-bit layout (10 per word -> dense stream) across versions, so other widths are refused.
-    bits = (4, 8)
+    help = "compressed-tensors pack-quantized, 2-8 bits (llm-compressor's format; transformers; vLLM at 4 and 8 bits)"
+    # compressed-tensors (0.20, the floor, and later) packs every width as one dense bit stream, padding the last
+    # word (pack_to_int32), and transformers loads each; vLLM's WNA16 kernels take 4 and 8 bits only.
+    bits = (2, 3, 4, 8)
+    vllm_bits = (4, 8)
     holds_permuted_groups = False  # actorder="group" (a g_idx) was removed from compressed-tensors
     transformers_extras = "compressed-tensors"
     quant_method = "compressed-tensors"

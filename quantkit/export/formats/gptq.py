@@ -121,7 +121,6 @@ class GPTQFormat(Format):
     holds_outside_layers = False
     holds_activation_bits = False  # GPTQ configs describe weight-only models
     transformers_extras = "optimum gptqmodel"
-    vllm_loads = True
     quant_method = "gptq"
 
     def declared_settings(self, quantization_config: dict) -> set[tuple]:
