@@ -53,12 +53,12 @@ def build(root: Path, layers: int, width: int) -> tuple[Path, Path]:
 RUN = """
 import json, sys, time, torch
 torch.set_num_threads(1)
-from quantkit.calibrate import run_calibration
-from quantkit.quant import QuantSpec
+from quantkit.calibrate import build_job, run_job
 model, text, out, nproc, nsamples, seqlen, low = sys.argv[1:8]
 started = time.perf_counter()
-report = run_calibration(model, out, QuantSpec(bits=4, group_size=128), calib=text, nsamples=int(nsamples),
-                         seqlen=int(seqlen), progress=False, nproc=int(nproc), low_memory=low == "1")
+job = build_job(model, text, method="gptq", bits=4, group_size=128, output_dir=out, nsamples=int(nsamples),
+                seqlen=int(seqlen), progress=False, nproc=int(nproc), low_memory=low == "1")
+report = run_job(job).report
 import resource
 report["command_seconds"] = round(time.perf_counter() - started, 2)
 report["parent_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -47,23 +47,23 @@ build(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 RUN = """
 import json, resource, sys, time, torch
 torch.set_num_threads(1)
-from quantkit import calibrate
-from quantkit.calibrate import run_calibration
+from quantkit.calibrate import build_job, run_job
+from quantkit.export import streamed
 from quantkit.memory import peak_rss_mb as hwm_mb
-from quantkit.quant import QuantSpec
 
 calibration_peak = {}
-export = calibrate.export_streamed
+export = streamed.export_streamed
 def export_after_peak(*args, **kwargs):  # the calibration's own peak, before the export starts
     calibration_peak["mb"] = hwm_mb()
     return export(*args, **kwargs)
-calibrate.export_streamed = export_after_peak
+streamed.export_streamed = export_after_peak
 model, text, out, nsamples, seqlen, fp_target, offload_dir, nproc = sys.argv[1:9]
 start_mb = hwm_mb()
 started = time.perf_counter()
-report = run_calibration(model, out, QuantSpec(bits=4, group_size=128), calib=text, nsamples=int(nsamples),
-                         seqlen=int(seqlen), progress=False, low_memory=True, fp_target=fp_target == "1",
-                         offload_dir=offload_dir or None, nproc=int(nproc))
+job = build_job(model, text, method="gptq", bits=4, group_size=128, output_dir=out, nsamples=int(nsamples),
+                seqlen=int(seqlen), progress=False, low_memory=True, fp_target=fp_target == "1",
+                offload_dir=offload_dir or None, nproc=int(nproc))
+report = run_job(job).report
 print(json.dumps({"peak_rss_mb": hwm_mb(), "calibration_peak_rss_mb": calibration_peak.get("mb"),
                   "rank_peak_rss_mb": report.get("rank_peak_rss_mb", [report["peak_rss_mb"]]),
                   "peak_rss_at_start_mb": start_mb, "calibration_seconds": report["seconds"],

@@ -17,7 +17,7 @@ from quantkit.errors import Interrupted, QuantkitError
 # that subcommand runs: `quantkit --help` lists these lines without importing torch or transformers
 # (tests/test_cli_conventions.py checks each line against its command's docstring).
 SUBCOMMANDS = {
-    "calibrate": ("quantkit.calibrate", "calibrate", "Quantize MODEL (a local directory or hub id) layer by layer and export it."),
+    "calibrate": ("quantkit.calibrate.cli", "calibrate", "Quantize MODEL (a local directory or hub id) layer by layer and export it."),
     "importance": ("quantkit.importance.cli", "importance", "Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."),
     "eval": ("quantkit.eval.cli", "eval_cmd", "Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text."),
     "export": ("quantkit.export.cli", "export", "Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."),
@@ -84,7 +84,7 @@ class QuantkitGroup(click.Group):
             raise
 
     def invoke(self, ctx: click.Context):
-        from quantkit.validate import clear_kept, kept_note, private_tempdir
+        from quantkit.fsutil import clear_kept, kept_note, private_tempdir
 
         debug = bool(ctx.params.get("debug")) or os.environ.get("QUANTKIT_DEBUG") == "1"
         # SIGTERM unwinds like Ctrl-C so that atomic outputs remove their temporary directories.

@@ -33,3 +33,11 @@ def unknown_choice(what: str, given: object, choices) -> QuantkitError:
     near = closest(given, choices)
     hint = f"did you mean {near!r}? " if near is not None else ""
     return QuantkitError(f"unknown {what} {given!r}; {hint}choose from {', '.join(map(str, choices))}")
+
+
+def first_line(err: BaseException) -> str:
+    """The error's message on one line: libraries put the real reason on a second line often enough."""
+    text = " ".join(str(err).split())
+    if not text:
+        return type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

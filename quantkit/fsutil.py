@@ -1,4 +1,6 @@
-"""Atomic output directories: work goes to a temporary sibling and is renamed on success."""
+"""Outputs and work areas: atomic output directories (work goes to a temporary sibling, renamed on success),
+the checks an output must pass before any work, scratch and temporary folders, and what a failed run keeps.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
@@ -159,3 +161,148 @@ def scratch_dir(path: str | os.PathLike | None) -> Iterator[None]:
         elif created:
             remove_path(root)
             remove_created(created[1:])
+
+
+def work_dir_for(output: str | os.PathLike) -> Path:
+    """Where a low-memory run keeps its finished layers until the export: OUTPUT.partial beside it."""
+    out = Path(output)
+    return out.with_name(out.name + ".partial")
+
+
+# ---------------------------------------------------------------- what a failed run keeps
+
+_KEPT: list[Callable[[], str | None]] = []
+
+
+def note_kept(describe: Callable[[], str | None]) -> None:
+    """Register a callable saying what a failed or interrupted run kept on purpose (for --resume)."""
+    _KEPT.append(describe)
+
+
+def kept_note() -> str | None:
+    """What failed runs kept on purpose, or None when nothing was kept; clears the registry."""
+    notes = [n for n in (describe() for describe in _KEPT) if n]
+    _KEPT.clear()
+    return "; ".join(notes) or None
+
+
+def clear_kept() -> None:
+    """Forget earlier runs' notes (one CLI invocation reports only its own)."""
+    _KEPT.clear()
+
+
+@contextlib.contextmanager
+def kept_on_failure(work: str | os.PathLike, describe: Callable[[Path], str | None]) -> Iterator[None]:
+    """A work area a failure keeps where `describe(work)` says what it holds worth resuming (noted for the
+    error line), and removes otherwise, with the parent directories the run created."""
+    root = Path(work)
+    created = [d for d in [root.parent, *root.parent.parents] if not d.exists()]
+    try:
+        yield
+    except BaseException:
+        note = describe(root)
+        if note:
+            note_kept(lambda: note)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            remove_created(created)
+        raise
+
+
+@contextlib.contextmanager
+def private_tempdir() -> Iterator[Path]:
+    """Point tempfile (and child processes, via TMPDIR) at a fresh folder removed on every exit.
+
+    Libraries leave files in the temp folder when a run fails (torch's pytorch-errorfile-*.pickle
+    of a failed rank); inside this folder they go with it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="quantkit-"))
+    saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(root)
+    os.environ["TMPDIR"] = str(root)
+    try:
+        yield root
+    finally:
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- checks before any work
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """A file can be created in `directory` (read-only mounts, permissions and full disks show up here)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".quantkit-probe-", dir=directory)
+    except OSError as err:
+        raise QuantkitError(f"cannot write {what} in {directory}: {err.strerror or err}; choose another location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_output(output: str | os.PathLike, *, overwrite: bool, sources: Iterable[str | os.PathLike | None] = (),
+                 need_bytes: int = 0, flag: str = "-o") -> Path:
+    """The output directory: new (or --overwrite), not a file, away from every source and the working directory,
+    its location writable with room for `need_bytes`."""
+    check_output_dir(output, overwrite)
+    out = Path(os.path.abspath(output))
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"output {output} is a file; {flag} takes a directory")
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise QuantkitError(f"output {output} is the current directory or holds it; choose a new directory for {flag}")
+    for source in sources:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        src = Path(source).expanduser().resolve()
+        if real == src:
+            raise QuantkitError(f"output {output} is the input {source}; choose another {flag} (the input must stay intact)")
+        if src in real.parents:
+            raise QuantkitError(f"output {output} is inside the input {source}; choose a directory outside it")
+        if real in src.parents:
+            raise QuantkitError(f"output {output} holds the input {source}; replacing it would delete the input, choose another {flag}")
+    where = _nearest_existing(out.parent)
+    if not where.is_dir():
+        raise QuantkitError(f"cannot create output {output}: {where} is a file")
+    check_writable(where, f"output {output}")
+    if need_bytes:
+        free = shutil.disk_usage(where).free
+        if free < need_bytes:
+            raise QuantkitError(
+                f"not enough space for output {output}: about {_size(need_bytes)} needed, {_size(free)} free in {where}; "
+                "free some space or choose another location"
+            )
+    return out
+
+
+def check_offload_dir(path: str | os.PathLike | None) -> None:
+    """--offload-dir: a directory (created if missing) in a writable place."""
+    if path is None:
+        return
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise QuantkitError(f"--offload-dir {path} is a file; give a directory (it is created if missing)")
+    where = _nearest_existing(root)
+    if not where.is_dir():
+        raise QuantkitError(f"cannot create --offload-dir {path}: {where} is a file")
+    check_writable(where, f"--offload-dir {path}")

@@ -50,7 +50,7 @@ def text_dir() -> Path:
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if the model is loaded: the check under test must come before it."""
-    import quantkit.calibrate
+    import quantkit.calibrate.cli
     import quantkit.eval.cli
     import quantkit.importance.cli
     import quantkit.models

@@ -205,12 +205,30 @@ class Delay:
 
 
 def with_hooks(monkeypatch, **hooks) -> None:
-    """Make quantkit.calibrate.calibrate_job (run_calibration, quantize and the in-process CLI) run with
+    """Make quantkit.calibrate.run.run_job (quantize, run_calibration and the in-process CLI) run with
     Hooks(**hooks) on every rank."""
-    from quantkit import calibrate
+    from quantkit.calibrate import run
     from quantkit.engine.comm import Hooks
 
-    monkeypatch.setattr(calibrate, "calibrate_job", functools.partial(calibrate.calibrate_job, hooks=Hooks(**hooks)))
+    real = getattr(run.run_job, "unhooked", run.run_job)  # a second call replaces the first one's hooks
+
+    def hooked(job):
+        return real(job.with_hooks(Hooks(**hooks)))
+
+    hooked.unhooked = real
+    monkeypatch.setattr(run, "run_job", hooked)
+
+
+def run_calibration(model, output, spec, *, calib=None, method: str = "gptq", **options) -> dict:
+    """One calibration job in this process, `spec`'s settings (a QuantSpec) and build_job's `options`, exported to
+    `output`; GPTQ unless `method` says otherwise. Returns the report."""
+    from quantkit.calibrate import build_job
+    from quantkit.calibrate import run as runner
+    from quantkit.calibrate.job import WEIGHT_OPTIONS
+
+    weights = {name: getattr(spec, name) for name in WEIGHT_OPTIONS} | {"smooth": spec.smooth}
+    job = build_job(model, calib, method=method, output_dir=output, **weights, **options)
+    return runner.run_job(job).report
 
 
 def cli_command(*args, hooks: str | None = None) -> list[str]:
@@ -219,9 +237,9 @@ def cli_command(*args, hooks: str | None = None) -> list[str]:
     if hooks is None:
         return [sys.executable, "-m", "quantkit.cli", *map(str, args)]
     code = (
-        f"import functools, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from helpers import *\nfrom quantkit.engine.comm import Hooks\nfrom quantkit import calibrate\n"
-        f"calibrate.calibrate_job = functools.partial(calibrate.calibrate_job, hooks={hooks})\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from helpers import *\nfrom quantkit.engine.comm import Hooks\nfrom quantkit.calibrate import run\n"
+        f"real = run.run_job\nrun.run_job = lambda job: real(job.with_hooks({hooks}))\n"
         "from quantkit.cli import main\nsys.argv[0] = 'quantkit'\nmain()\n"
     )
     return [sys.executable, "-c", code, *map(str, args)]

@@ -234,17 +234,17 @@ def test_importance_cli_saves_the_assistant_mask(chat_model_dir, tmp_path) -> No
 @pytest.mark.parametrize("via", ["cli", "api"])
 def test_calibrate_feeds_chat_samples_to_tlq(chat_model_dir, tmp_path, monkeypatch, via) -> None:
     import quantkit
-    from quantkit import calibrate
+    import quantkit.importance
     from quantkit.cli import main
 
     seen: list[dict] = []
-    real = calibrate.tlq_token_weights
+    real = quantkit.importance.tlq_token_weights
 
     def spy(model, samples, **kwargs):
         seen.extend(samples)
         return real(model, samples, **kwargs)
 
-    monkeypatch.setattr(calibrate, "tlq_token_weights", spy)
+    monkeypatch.setattr(quantkit.importance, "tlq_token_weights", spy)
     (tmp_path / "chatml.jinja").write_text(CHATML)
     chats = write_chats(tmp_path / "chats.jsonl")
     out = tmp_path / "out"
@@ -267,10 +267,10 @@ def test_calibrate_feeds_chat_samples_to_tlq(chat_model_dir, tmp_path, monkeypat
 
 
 def test_calibrate_refuses_a_template_for_text_data_before_loading(chat_model_dir, tmp_path, monkeypatch) -> None:
-    from quantkit import calibrate
+    import quantkit.models
     from quantkit.cli import main
 
-    monkeypatch.setattr(calibrate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(quantkit.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "t.txt").write_text("abc " * 400)
     (tmp_path / "chatml.jinja").write_text(CHATML)
     result = CliRunner().invoke(main, ["calibrate", str(chat_model_dir), "--calib", str(tmp_path / "t.txt"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from helpers import save_tiny_llama, write_text
+from helpers import run_calibration, save_tiny_llama, write_text
 
 from quantkit.cli import SUBCOMMANDS, main
 from quantkit.cli_options import OUTPUT_ALIASES
@@ -91,14 +91,13 @@ def test_repo_points_at_nothing_outside_it() -> None:
 @pytest.fixture(scope="module")
 def gptq_export(tmp_path_factory) -> Path:
     """A quantkit GPTQ export of a tiny Llama, without quantkit.json: for transformers' own loader alone."""
-    from quantkit.calibrate import run_calibration
     from quantkit.quant.spec import QuantSpec
 
     root = tmp_path_factory.mktemp("gptq")
     model = save_tiny_llama(root / "model")
     out = root / "out"
     run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), method="rtn",
-                    calib=str(write_text(root / "t.txt")), nsamples=2, seqlen=16, fmt="gptq", progress=False)
+                    calib=str(write_text(root / "t.txt")), nsamples=2, seqlen=16, format="gptq", progress=False)
     (out / "quantkit.json").unlink()
     return out
 

@@ -10,9 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FailAt, cli_command, files_and_tensors, make_model_dir, make_text
+from helpers import (
+    FailAt,
+    cli_command,
+    files_and_tensors,
+    make_model_dir,
+    make_text,
+    run_calibration,
+)
 
-from quantkit.calibrate import run_calibration
 from quantkit.engine.comm import Hooks
 from quantkit.errors import QuantkitError
 from quantkit.export import read_checkpoint

@@ -68,7 +68,8 @@ def run(*args: str):
 
 
 def calibrate(work: Path, *extra) -> list:
-    return ["calibrate", work / "model", "--calib", work / "text.txt", *BASE, *extra]
+    """`quantkit calibrate` of the work copy (GPTQ: the faults are the method's business nowhere)."""
+    return ["calibrate", work / "model", "--calib", work / "text.txt", "--method", "gptq", *BASE, *extra]
 
 
 def mount_tmpfs(path: Path, options: str) -> None:
@@ -272,20 +273,20 @@ def test_full_disk_is_found_before_calibrating(work: Path, small_disk: Path, no_
 @pytest.mark.parametrize("mode", ["plain", "low-memory"])
 def test_disk_full_while_writing(work: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """The estimate passes (forced to 0) but the disk fills while writing: one line, nothing left, no new parents."""
-    import quantkit.validate
+    import quantkit.calibrate.preflight
 
-    monkeypatch.setattr(quantkit.validate.ModelInfo, "export_bytes", lambda self, bits, fmt: 0)
+    monkeypatch.setattr(quantkit.calibrate.preflight, "export_bytes", lambda files, bits, fmt: 0)
     extra = ["--low-memory"] if mode == "low-memory" else []
     assert_fault(work, calibrate(work, "-o", small_disk / "a" / "b" / "out", *extra), "disk is full")
     assert not any(small_disk.iterdir())
 
 
 def test_export_disk_full(work: Path, made: dict, small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import quantkit.validate
+    import quantkit.export.cli
 
     shutil.copytree(made["export"], work / "export")
     assert_fault(work, ["export", work / "export", "--format", "fake", "-o", small_disk / "x" / "out"], "not enough space")
-    monkeypatch.setattr(quantkit.validate, "export_size", lambda in_dir, fmt: 0)
+    monkeypatch.setattr(quantkit.export.cli, "export_size", lambda in_dir, fmt: 0)
     assert_fault(work, ["export", work / "export", "--format", "fake", "-o", small_disk / "x" / "out"], "disk is full")
     assert not any(small_disk.iterdir())
 

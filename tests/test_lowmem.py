@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_model_dir, make_text
+from helpers import assert_same_files, make_model_dir, make_text, run_calibration
 from safetensors.torch import load_file
 
-from quantkit.calibrate import run_calibration, work_dir_for
 from quantkit.errors import QuantkitError
+from quantkit.fsutil import work_dir_for
 from quantkit.quant import QuantSpec
 
 SPEC = QuantSpec(bits=4, group_size=32)
@@ -191,10 +191,31 @@ def test_low_memory_rejects_tlq_without_calibration_set(tmp_path: Path) -> None:
                         nsamples=4, seqlen=32, progress=False, low_memory=True)
 
 
+def test_low_memory_default_method_falls_back_to_gptq_with_the_fp_target(tmp_path: Path) -> None:
+    """No --method under --low-memory without a --calib-set: TLQ's token weights need the whole model, so the run
+    is GPTQ with TLQ's FP target, says so in one line, and writes what `--method gptq --fp-target` writes."""
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    model, text = make_model_dir(tmp_path), make_text(tmp_path)
+    args = ["calibrate", str(model), "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--group-size", "32",
+            "--low-memory"]
+    default = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "default"), "--json"])
+    assert default.exit_code == 0, default.output
+    warned = [line for line in default.stderr.splitlines() if "--calib-set" in line]
+    assert len(warned) == 1 and "gptq and the FP target instead of tlq" in warned[0]
+    report = json.loads(default.stdout.strip().splitlines()[-1])
+    assert report["method"] == "gptq" and report["fp_target"] and report["low_memory"]
+    named = CliRunner().invoke(main, [*args, "--method", "gptq", "--fp-target", "-o", str(tmp_path / "named")])
+    assert named.exit_code == 0, named.output
+    assert_same_files(tmp_path / "default", tmp_path / "named")
+
+
 MEASURED = textwrap.dedent("""
     import json, sys
     import torch
-    from quantkit.calibrate import run_calibration
+    import quantkit
     from quantkit.memory import peak_rss_mb as peak_mb  # VmHWM: ru_maxrss holds pytest's peak
     from quantkit.models.streamed import build_skeleton
     from quantkit.quant import QuantSpec, gptq_solve
@@ -206,8 +227,8 @@ MEASURED = textwrap.dedent("""
     x = torch.randn(64, 768)
     gptq_solve(torch.randn(256, 768), x.T @ x, QuantSpec(bits=4, group_size=128))
     base = peak_mb()
-    run_calibration(model, out, QuantSpec(bits=4, group_size=128), calib=text, nsamples=4, seqlen=32,
-                    progress=False, low_memory=low == "1")
+    quantkit.quantize(model, data=text, method="gptq", bits=4, group_size=128, output_dir=out, nsamples=4,
+                      seqlen=32, progress=False, low_memory=low == "1", reload=False)
     print(json.dumps({"peak_above_start_mb": peak_mb() - base}))
 """)
 

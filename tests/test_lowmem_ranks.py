@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import FailAt, assert_same_files, make_model_dir, make_text
+from helpers import FailAt, assert_same_files, make_model_dir, make_text, run_calibration
 
-from quantkit.calibrate import run_calibration, work_dir_for
 from quantkit.engine.comm import Hooks
 from quantkit.errors import QuantkitError
+from quantkit.fsutil import work_dir_for
 from quantkit.quant import QuantSpec
 
 SPEC = QuantSpec(bits=4, group_size=32)

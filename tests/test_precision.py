@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tokenizer, write_text
+from helpers import make_tokenizer, run_calibration, write_text
 from safetensors import safe_open
 
 from quantkit.engine import hessian as hessian_module
@@ -146,8 +146,7 @@ def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, mon
 
     import quantkit
     import quantkit.engine.layerwise as layerwise
-    from quantkit.calibrate import calibrate_job
-    from quantkit.export.checkpoint import read_checkpoint
+    from quantkit.export import read_checkpoint
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -171,8 +170,8 @@ def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, mon
     monkeypatch.setattr(layerwise, "solve_rows", rows)
     monkeypatch.setattr(layerwise, "solve_slice", piece)
     out = tmp_path / "out"
-    calibrate_job(str(tmp_path / "model"), str(out), QuantSpec(bits=4, group_size=32), calib=str(text), nsamples=4,
-                  seqlen=32, progress=False, fmt="compressed-tensors")
+    run_calibration(str(tmp_path / "model"), str(out), QuantSpec(bits=4, group_size=32), calib=str(text), nsamples=4,
+                    seqlen=32, progress=False, format="compressed-tensors")
     assert {n for names, _, _ in solves for n in names} == {n.removesuffix(".weight") for n in original
                                                             if n.endswith("proj.weight")}
     for names, weights, hessian in solves:

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_model_dir, make_text
+from helpers import make_model_dir, make_text, run_calibration
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import quantkit
-from quantkit.calibrate import CalibrationJob, run_calibration, work_dir_for
+from quantkit.calibrate import CalibrationJob
 from quantkit.cli import main
 from quantkit.engine.comm import Hooks
 from quantkit.errors import QuantkitError
+from quantkit.fsutil import work_dir_for
 from quantkit.quant import QuantSpec, method_for
 from quantkit.quant.recipe import Override, Recipe, matches
 
@@ -197,12 +198,13 @@ def test_tlq_run_with_gptq_override_sums_plain_hessians(tiny: dict) -> None:
     ("surprise: 1\n", "unknown key 'surprise'"),
 ])
 def test_bad_recipe_cli_exit_2_nothing_written(tiny: dict, tmp_path: Path, monkeypatch, text: str, fragment: str) -> None:
-    from quantkit.engine import capture
+    from quantkit.engine import driver
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a bad recipe must fail before any forward")
 
-    monkeypatch.setattr(capture, "capture_layer_inputs", no_forward)
+    # the engine's first forward (a module-level name of driver alone, so the patch cannot outlive the test)
+    monkeypatch.setattr(driver, "first_layer_streams", no_forward)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
     out = tmp_path / "out"
@@ -246,7 +248,7 @@ def tensors_of(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("fmt", ["fake", "compressed-tensors"])
 def test_mixed_low_memory_equals_in_memory(tiny: dict, tmp_path: Path, fmt: str) -> None:
-    kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, fmt=fmt,
+    kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, format=fmt,
               recipe=str(tiny["recipe"]))
     run_calibration(str(tiny["model"]), str(tmp_path / "plain"), SPEC, **kw)
     report = run_calibration(str(tiny["model"]), str(tmp_path / "low"), SPEC, low_memory=True, **kw)
@@ -263,7 +265,7 @@ def test_mixed_low_memory_equals_in_memory(tiny: dict, tmp_path: Path, fmt: str)
 
 def test_mixed_ranks_equal_one_process(tiny: dict, tmp_path: Path) -> None:
     """Two spawned ranks (in memory and streaming) give the one-process run's tensors under a mixed recipe."""
-    kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, fmt="fake",
+    kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, format="fake",
               recipe=str(tiny["recipe"]))
     run_calibration(str(tiny["model"]), str(tmp_path / "one"), SPEC, **kw)
     report = run_calibration(str(tiny["model"]), str(tmp_path / "two"), SPEC, nproc=2, low_memory=True,
@@ -281,7 +283,7 @@ def test_resume_refuses_another_recipe(tiny: dict, tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     kw = dict(method="gptq", calib=str(tiny["text"]), nsamples=4, seqlen=32, progress=False, low_memory=True,
-              fmt="fake")
+              format="fake")
     with pytest.raises(RuntimeError, match="injected"):
         run_calibration(str(tiny["model"]), str(out), SPEC, hooks=Hooks(on_layer=FailAt(0, 2)), recipe=str(tiny["recipe"]), **kw)
     assert json.loads((work_dir_for(str(out)) / "state.json").read_text())["layers_done"] == 2
@@ -295,10 +297,14 @@ def test_resume_refuses_another_recipe(tiny: dict, tmp_path: Path) -> None:
 
 
 def test_job_fingerprint_holds_the_recipe() -> None:
-    job = dict(model_name="m", output="o", spec=SPEC, method="gptq", calib="c", calib_set=None, nsamples=1, seqlen=2,
-               seed=0, part="all", fmt="fake", dtype="auto", overwrite=False, progress=False, fp_target=False)
-    a = CalibrationJob(**job, recipe=Recipe(ignore=["q_proj"])).fingerprint()
-    assert a["recipe"]["ignore"] == ["q_proj"] and a != CalibrationJob(**job).fingerprint()
+    from quantkit.calibrate import DataSpec, ModelSpec, QuantizationSpec
+
+    def job(recipe):
+        return CalibrationJob(model=ModelSpec("m"), data=DataSpec(source="c", nsamples=1, seqlen=2),
+                              quantization=QuantizationSpec(weights=SPEC, recipe=recipe))
+
+    a = job(Recipe(ignore=["q_proj"])).fingerprint()
+    assert a["recipe"]["ignore"] == ["q_proj"] and a != job(None).fingerprint()
 
 
 # ---------------------------------------------------------------- exported: transformers and quantkit read it back

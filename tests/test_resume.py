@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FailAt, cli_command, make_model_dir, make_text
+from helpers import FailAt, cli_command, make_model_dir, make_text, run_calibration
 
-from quantkit.calibrate import run_calibration, work_dir_for
 from quantkit.engine.comm import Hooks
 from quantkit.errors import QuantkitError
+from quantkit.fsutil import work_dir_for
 from quantkit.quant import QuantSpec
 
 FAIL_AT_2 = Hooks(on_layer=FailAt(0, 2))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 PIL = pytest.importorskip("PIL")
-from helpers import VLM_FAMILIES, build_vlm, write_image_dataset  # noqa: E402
+from helpers import VLM_FAMILIES, build_vlm, run_calibration, write_image_dataset  # noqa: E402
 from transformers import LlavaConfig  # noqa: E402
 
 from quantkit.data.images import image_text_samples, load_processor  # noqa: E402
@@ -314,7 +314,6 @@ def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> Non
     """Each rank runs its shard of the images; the vision Hessians are all-reduced."""
     from safetensors.torch import load_file
 
-    from quantkit.calibrate import run_calibration
     from quantkit.quant.spec import QuantSpec
 
     model, processor = build_vlm("llava")
@@ -385,7 +384,6 @@ def test_low_memory_vlm_export_equals_in_memory_export(family: str, extra: dict,
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from quantkit.calibrate import run_calibration
     from quantkit.quant.spec import QuantSpec
 
     model, processor = build_vlm(family)
@@ -416,7 +414,6 @@ def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monk
     the saved streams take over, and the export matches an uninterrupted run byte for byte."""
     from helpers import FailAt
 
-    from quantkit.calibrate import run_calibration
     from quantkit.engine.comm import Hooks
     from quantkit.quant.spec import QuantSpec
 

@@ -1,12 +1,23 @@
-"""One entry point for calibration data, whatever its kind: text, image-text JSONL or a recipe."""
+"""Calibration data, whatever its kind: the DataSource registry (recipe, chat, image-text, text) that calibration,
+the checks before it and `quantkit importance` all read sources through, and in-memory data."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from quantkit.data.chat import chat_samples, is_chat_jsonl, is_chat_record, read_chat_template
-from quantkit.data.recipes import is_recipe, recipe_samples
+from quantkit.data.chat import (
+    chat_samples,
+    is_chat_jsonl,
+    is_chat_record,
+    read_chat_records,
+    read_chat_template,
+)
+from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
 from quantkit.data.samples import calibration_samples, text_samples
+from quantkit.data.sources import check_text_source, local_paths
 from quantkit.errors import QuantkitError
 
 
@@ -17,24 +28,104 @@ def is_image_jsonl(source: object) -> bool:
     return isinstance(source, (str, os.PathLike)) and record_kind(source) == "image-text"
 
 
+@dataclass(frozen=True)
+class Draw:
+    """What a DataSource draws: how many samples of what length, with which tokenizer (and processor)."""
+
+    tokenizer: Any
+    nsamples: int
+    seqlen: int
+    seed: int = 0
+    part: str = "all"
+    chat_template: str | os.PathLike | None = None
+    processor: Any = None  # a VLM's processor, for image data
+    model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One kind of calibration data named by a path or source spec: which sources it reads (match), what it checks
+    before the model loads (check: its files exist and hold what it reads), the local paths it reads (paths:
+    outputs must stay away from them) and the samples it draws. Image data goes to a vision-language model only
+    (check_source_for_model)."""
+
+    name: str
+    match: Callable[[str], bool]
+    check: Callable[[str], None]
+    samples: Callable[[str, Draw], list[dict]]
+    image: bool = False  # drawn through a VLM's processor
+    chat: bool = False  # records rendered with a chat template, each drawn whole (no --part)
+    paths: Callable[[str], list[str]] = local_paths
+
+    def check_draw(self, source: str, part: str, chat_template: str | os.PathLike | None) -> None:
+        """--part and --chat-template apply to this kind of data."""
+        if chat_template is not None and not self.chat:
+            raise QuantkitError(f"--chat-template renders chat records ({{\"messages\": [...]}} JSONL); {source} holds none")
+        if self.chat and part != "all":
+            raise QuantkitError(f"--part {part} splits text files; the conversations of {source} are drawn whole: "
+                                "drop --part or split the file")
+
+
+def _chat_samples(source: str, draw: Draw) -> list[dict]:
+    template = read_chat_template(draw.chat_template) if draw.chat_template is not None else None
+    return chat_samples(source, draw.tokenizer, draw.nsamples, seed=draw.seed, max_length=draw.seqlen,
+                        chat_template=template, model_name=draw.model_name or "the model")
+
+
+def _image_samples(source: str, draw: Draw) -> list[dict]:
+    from quantkit.data.images import image_text_samples
+
+    return image_text_samples(source, draw.processor, draw.nsamples, seed=draw.seed, max_length=draw.seqlen)
+
+
+# The kinds of calibration data, the first that matches reads a source. A new kind is one DataSource here, its
+# reading beside the others in quantkit/data/.
+def _check_image_records(source: str) -> None:
+    from quantkit.data.images import read_image_records
+
+    read_image_records(source)
+
+
+SOURCES: tuple[DataSource, ...] = (
+    DataSource("recipe", is_recipe, load_recipe,
+               lambda source, d: recipe_samples(source, d.tokenizer, nsamples=d.nsamples, seqlen=d.seqlen,
+                                                seed=d.seed, processor=d.processor),
+               image=True),
+    DataSource("chat", is_chat_jsonl, read_chat_records, _chat_samples, chat=True),
+    DataSource("image-text", is_image_jsonl, _check_image_records, _image_samples, image=True),
+    DataSource("text", lambda source: True, check_text_source,
+               lambda source, d: calibration_samples(source, d.tokenizer, nsamples=d.nsamples, seqlen=d.seqlen,
+                                                     seed=d.seed, part=d.part)),
+)
+
+
+def source_for(source: str | os.PathLike) -> DataSource:
+    """The DataSource that reads `source`: the records a file holds (quantkit.data.sources.record_kind), a recipe, or
+    text."""
+    return next(kind for kind in SOURCES if kind.match(os.fspath(source)))
+
+
 def load_calibration(
     source: str, model_name: str | None, vlm: bool, nsamples: int, seqlen: int, seed: int = 0, part: str = "all",
     tokenizer_or_processor=None, chat_template: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Calibration samples for `model_name` from a text source, an image-text or chat JSONL, or a recipe.
+    """Calibration samples for `model_name` from a source its DataSource reads: text, an image-text or chat JSONL,
+    or a recipe.
 
-    VLMs read image-text records through their processor, and chat records ({"messages": [...]})
-    are rendered with the chat template (the file `chat_template`, else the tokenizer's): seqlen
-    is then the longest sample. Plain text gives windows of exactly seqlen tokens. A given
-    tokenizer or processor is used instead of the one saved with `model_name`.
+    VLMs read image data through their processor, and chat records ({"messages": [...]}) are rendered with the
+    chat template (the file `chat_template`, else the tokenizer's): seqlen is then the longest sample. Plain text
+    gives windows of exactly seqlen tokens. A given tokenizer or processor is used instead of the one saved with
+    `model_name`.
     """
     from transformers import AutoTokenizer
 
-    chat = check_chat_source(source, chat_template, part)
+    source = os.fspath(source)
+    kind = source_for(source)
+    kind.check_draw(source, part, chat_template)
     check_source_for_model(source, vlm, model_name or "the model")
     given = tokenizer_or_processor
     processor = None
-    if vlm and (is_recipe(source) or is_image_jsonl(source)):
+    if vlm and kind.image:
         from quantkit.data.images import load_processor
 
         processor = given if given is not None and hasattr(given, "image_processor") else load_processor(model_name)
@@ -44,17 +135,9 @@ def load_calibration(
         tokenizer = processor.tokenizer
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-    if is_recipe(source):
-        return recipe_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
-    if chat:
-        template = read_chat_template(chat_template) if chat_template is not None else None
-        return chat_samples(source, tokenizer, nsamples, seed=seed, max_length=seqlen, chat_template=template,
-                            model_name=model_name or "the model")
-    if processor is not None:
-        from quantkit.data.images import image_text_samples
-
-        return image_text_samples(source, processor, nsamples, seed=seed, max_length=seqlen)
-    return calibration_samples(source, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part)
+    draw = Draw(tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part,
+                chat_template=chat_template, processor=processor, model_name=model_name)
+    return kind.samples(source, draw)
 
 
 def check_source_for_model(source: object, vlm: bool, model_name: str) -> None:
@@ -82,17 +165,6 @@ def check_source_for_model(source: object, vlm: bool, model_name: str) -> None:
                             "the images; give text or chat data, or a vision-language model")
     for file in files:
         check_image_files(file)
-
-
-def check_chat_source(source: object, chat_template: str | os.PathLike | None, part: str = "all") -> bool:
-    """Whether `source` is a chat JSONL; a QuantkitError when --chat-template or --part cannot apply to it."""
-    chat = is_chat_jsonl(source)
-    if chat_template is not None and not chat:
-        raise QuantkitError(f"--chat-template renders chat records ({{\"messages\": [...]}} JSONL); {source} holds none")
-    if chat and part != "all":
-        raise QuantkitError(f"--part {part} splits text files; the conversations of {source} are drawn whole: "
-                            "drop --part or split the file")
-    return chat
 
 
 def load_data_tokenizer(name_or_path: str, model: object = None):

@@ -195,9 +195,13 @@ def _has_text(path: Path, kind: str | None) -> bool:
 
 def check_text_source(source: SourceLike, part: str = "all") -> None:
     """Before any model loads: every local file of a text source holds text, not chat or image-text records
-    (record_kind), and the source holds some text at all; hf: datasets are read later."""
+    (record_kind), and the source holds some text at all; an hf: dataset is on the hub (read later)."""
+    from quantkit.models.files import check_hub
+
     found = remote = False
     for item in _split_sources(source):
+        if item.startswith("hf:") and not Path(item[3:].split(":")[0]).expanduser().exists():
+            check_hub(item[3:].split(":")[0], "dataset")  # an unreachable hub or a typo fails now, not after a load
         for label, files in _expand(item):
             if files is None:
                 remote = True
@@ -304,6 +308,13 @@ def _split_sources(source: SourceLike) -> list[str]:
     if not items:
         raise QuantkitError("no data source given; pass a file, directory, glob or hf:NAME")
     return items
+
+
+def local_paths(source: SourceLike) -> list[str]:
+    """The local paths a source names (outputs must stay away from them)."""
+    text = os.fspath(source) if isinstance(source, str | os.PathLike) else ",".join(map(os.fspath, source))
+    items = [text] if Path(text).exists() else text.split(",")
+    return [s.strip() for s in items if s.strip() and not s.startswith("hf:") and Path(s.strip()).exists()]
 
 
 def load_texts(source: SourceLike, part: str = "all") -> list[str]:

@@ -35,7 +35,6 @@ def demo(model: str | None, data: str | None, out: str, train_seconds: float, se
 
         torch.set_num_threads(max(1, threads))
     from quantkit.demo.run import format_table, run_demo
-    from quantkit.validate import preflight_demo
 
     preflight_demo(model, data, out, overwrite=overwrite, seqlen=seqlen)
     result = run_demo(model, data, out, train_seconds=train_seconds, seed=seed, overwrite=overwrite, fmt=fmt, nsamples=nsamples, seqlen=seqlen)
@@ -44,3 +43,16 @@ def demo(model: str | None, data: str | None, out: str, train_seconds: float, se
     else:
         click.echo(format_table(result))
         click.echo(f"\nresults: {out}/results.json  ({result['seconds']:.0f}s)")
+
+
+def preflight_demo(model: str | None, data: str | None, out: str, *, overwrite: bool, seqlen: int) -> None:
+    """`quantkit demo`'s checks before training or loading: your model and data, and the output."""
+    from quantkit.data.checks import check_data, data_paths, model_for_data
+    from quantkit.fsutil import check_output
+    from quantkit.models.files import check_seqlen
+
+    if model is not None and data is not None:
+        check_data(data, "--data")
+        check_seqlen(model_for_data(model).config, seqlen)
+    if model is None or data is not None:
+        check_output(out, overwrite=overwrite, sources=[model, *data_paths(data)])

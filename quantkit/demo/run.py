@@ -95,7 +95,7 @@ def run_demo(
     """
     from quantkit.data import calibration_samples, load_texts
     from quantkit.eval.loss import evaluate_loss
-    from quantkit.export import load_quantized, save_quantized
+    from quantkit.export import load_quantized
     from quantkit.export.formats import check_format
     from quantkit.quant.spec import QuantSpec
 
@@ -163,20 +163,22 @@ def run_demo(
             "calib_seconds": None, "export_mb": fp_mb, "path": None if model is not None else "fp-model",
         })
         samples = calibration_samples(train_texts, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
-        from quantkit.engine import calibrate_model
+        from quantkit.calibrate import ExportSpec, QuantizationSpec, calibrate_loaded, export_loaded
 
         for b in bits:
             for method in methods:
                 name = f"{method}-w{b}"
                 _log(f"[demo] {name}: calibrate, export ({fmt}), reload, evaluate", quiet)
+                chosen = method_for(method)
+                quantization = QuantizationSpec(weights=QuantSpec(bits=b, group_size=gs), method=chosen,
+                                                fp_target=chosen.fp_target_on(None))
                 qmodel = copy.deepcopy(fp_model)
-                spec = QuantSpec(bits=b, group_size=gs)
                 t0 = time.perf_counter()
-                cal = calibrate_model(qmodel, samples, spec, method=method, progress=progress)
+                outcome = calibrate_loaded(qmodel, samples, quantization, progress=progress)
                 calib_s = time.perf_counter() - t0
                 export_dir = tmp / name
-                save_quantized(qmodel, cal.results, export_dir, fmt=fmt, source=model_source, report=cal.report)
-                del qmodel
+                export_loaded(outcome, ExportSpec(output=str(export_dir), fmt=fmt), source=model_source)
+                del outcome, qmodel
                 loaded = load_quantized(export_dir)
                 ev = evaluate_loss(loaded, tokenizer, heldout_texts, seqlen=seqlen, max_tokens=eval_max_tokens, progress=progress)
                 del loaded

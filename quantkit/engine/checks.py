@@ -37,6 +37,8 @@ def check_model(model: nn.Module, adapter: Adapter, plan: LinearPlan, lm_head: b
                 vision: bool = False) -> None:
     """Fail fast, before any work, on settings, a recipe or weights that cannot be quantized."""
     plan.spec.validate()
+    if vision and not adapter.vision:
+        raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
     plan.check(candidate_linears(model, adapter, lm_head=lm_head, vision=vision), model_linears(model))
     for index, layer in enumerate(adapter.decoder_layers(model)):
         check_layer(layer, index, adapter, plan)

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +26,36 @@ from quantkit.engine.comm import TorchComm
 from quantkit.errors import QuantkitError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+
+def check_device(device: str, devices: Iterable[int] | None = None, nproc: int = 1) -> None:
+    """Refuse a device string torch cannot parse, CUDA where there is none, and GPU ids that do not exist."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise QuantkitError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    ids = list(devices or [])
+    if dev.type == "cpu":
+        if ids:
+            raise QuantkitError("--devices names GPUs but --device is cpu; pass --device cuda or drop --devices")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise QuantkitError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        return
+    if dev.type != "cuda":
+        raise QuantkitError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU visible"
+        raise QuantkitError(f"--device {device}: CUDA is not available ({build}); use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None:
+        ids.append(dev.index)
+    elif not ids and nproc > count:
+        raise QuantkitError(f"--nproc {nproc} needs {nproc} GPUs but this machine has {count}; lower --nproc")
+    for index in ids:
+        if not 0 <= index < count:
+            raise QuantkitError(f"GPU {index} does not exist: this machine has {count} (ids 0..{count - 1})")
+
 
 
 def under_torchrun() -> bool:

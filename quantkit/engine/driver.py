@@ -150,8 +150,6 @@ def first_layer_streams(
     if not vision:
         inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
         return inputs, fp_stream(inputs, method, fp_target), {}, None
-    if not adapter.vision:
-        raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
     move_outside_layers(model, adapter, device)
     groups = vision_groups(model, adapter, samples[0], device)
     check_vision(model, groups, spec, plan)

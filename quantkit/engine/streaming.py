@@ -36,7 +36,6 @@ from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models.base import Adapter
 from quantkit.models.streamed import (
     WeightSource,
-    build_skeleton,
     load_layer,
     read_safetensors,
     safetensors_keys,
@@ -111,6 +110,16 @@ def read_state(work: str | os.PathLike) -> dict | None:
     """The work area's state (settings and finished layers), or None if there is none."""
     path = Path(work) / STATE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resume_note(work: str | os.PathLike) -> str | None:
+    """What an interrupted run's work area holds for --resume (its finished layers), or None where nothing."""
+    try:
+        state = read_state(work) or {}
+        done, total = int(state.get("layers_done", 0)), int(state.get("n_layers", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return f"{work} keeps {done} of {total} finished layers; rerun with --resume to continue" if done else None
 
 
 class StreamedLayers:
@@ -218,7 +227,7 @@ class StreamedLayers:
 
 @torch.no_grad()
 def calibrate_streaming(
-    model_dir: str,
+    skeleton: tuple[nn.Module, Adapter, WeightSource],
     samples: Sequence[dict],
     spec: QuantSpec,
     work_dir: str | os.PathLike,
@@ -239,6 +248,7 @@ def calibrate_streaming(
     recipe: Recipe | None = None,
 ) -> tuple[nn.Module, Calibration]:
     """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
+    `skeleton` is quantkit.models.streamed.build_skeleton's (model, adapter, weight source).
 
     Finished layers go to `work_dir` as they complete; the returned Calibration's results are a
     StreamedResults that reads them back from there (a layer at a time, on access). With `resume`,
@@ -248,7 +258,7 @@ def calibrate_streaming(
     """
     comm = comm or Comm()
     fix_mmap_threshold()
-    model, adapter, source = build_skeleton(model_dir, dtype)
+    model, adapter, source = skeleton
     store = StreamedLayers(model, adapter, source, work_dir, LinearPlan(spec, method, recipe), comm, resume=resume,
                            fingerprint=fingerprint, offload_dir=offload_dir, dtype=dtype)
     calibration = run_layers(model, store, samples, spec, method, device, token_weights, progress, comm=comm,

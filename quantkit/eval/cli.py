@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from quantkit.cli_options import output_option
 from quantkit.data.sources import PARTS
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
+from quantkit.export.checkpoint import check_export_dir, is_quantkit_output
 
 PART_WORDS = {"heldout": "the held-out part (last 10% of each file's characters)",
               "train": "the train part (first 90% of each file's characters)", "all": "all the text"}
@@ -51,7 +53,7 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_pat
 
     --tasks runs lm-evaluation-harness tasks on the same loaded model (any quantkit export format too).
     """
-    from quantkit.validate import check_device, check_eval_options, preflight_eval
+    from quantkit.engine.distributed import check_device
 
     if data is None and tasks is None:
         raise QuantkitError("nothing to evaluate; give --data (loss and perplexity on text) or --tasks "
@@ -62,7 +64,7 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_pat
     texts = manager = None
     if data is not None:
         from quantkit.data import load_texts
-        from quantkit.validate import check_data
+        from quantkit.data.checks import check_data
 
         check_eval_options(seqlen, stride, batch_size, max_tokens)
         check_data(data, "--data")
@@ -116,3 +118,38 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_pat
             click.echo(line)
         if output is not None:
             click.echo(f"results -> {output}")
+
+
+def check_eval_options(seqlen: int, stride: int | None, batch_size: int, max_tokens: int | None) -> None:
+    """eval's window options, before anything is loaded."""
+    if seqlen < 2:
+        raise QuantkitError(f"--seqlen must be at least 2, got {seqlen}")
+    if stride is not None and not 1 <= stride <= seqlen:
+        raise QuantkitError(f"--stride must be between 1 and --seqlen ({seqlen}), got {stride}")
+    if batch_size < 1:
+        raise QuantkitError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise QuantkitError(f"--max-tokens must be at least 2, got {max_tokens}")
+
+
+def preflight_eval(model_or_dir: str, *, seqlen: int | None, stride: int | None, batch_size: int,
+                   max_tokens: int | None) -> None:
+    """Everything `quantkit eval` can check before it loads the model (seqlen None: no text windows)."""
+    if seqlen is not None:
+        check_eval_options(seqlen, stride, batch_size, max_tokens)
+    from quantkit.models.files import check_model_files, check_seqlen, check_tokenizer
+
+    if is_quantkit_output(model_or_dir):
+        from transformers import AutoConfig
+
+        root = Path(model_or_dir).expanduser()
+        check_export_dir(root)
+        try:
+            config = AutoConfig.from_pretrained(str(root))
+        except Exception as err:  # noqa: BLE001
+            raise QuantkitError(f"cannot read the config of {model_or_dir}: {first_line(err)}") from None
+        check_tokenizer(str(root), config)
+    else:
+        config = check_model_files(model_or_dir).config
+    if seqlen is not None:
+        check_seqlen(config, seqlen)

@@ -123,7 +123,7 @@ def _cached_dataset(name: str) -> bool:
 def check_task_datasets(names: Sequence[str], manager) -> None:
     """Before the model loads: every hub dataset the tasks read is cached or reachable (one quick look-up each),
     so an offline run fails in one line instead of after the harness's half-minute of retries."""
-    from quantkit.validate import check_hub
+    from quantkit.models.files import check_hub
 
     for name in task_datasets(names, manager):
         if _cached_dataset(name):

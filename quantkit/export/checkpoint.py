@@ -551,6 +551,19 @@ def _float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 # ---------------------------------------------------------------- reading
 
 
+def is_quantkit_output(path: str | os.PathLike) -> bool:
+    """Whether a directory is a quantkit export (it has quantkit.json)."""
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
+def check_export_dir(path: str | os.PathLike) -> None:
+    """A quantkit output's safetensors headers are readable (its tensors are checked when read)."""
+    from quantkit.models.files import read_header
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        read_header(file)
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a quantkit output (any format) back into FP tensors and exact QuantResults."""
     root = Path(path)

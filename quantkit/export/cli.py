@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import click
 
 from quantkit.cli_options import output_option
-from quantkit.export.formats import FORMATS, REGISTRY
+from quantkit.export.formats import FORMATS, REGISTRY, format_for
 
 
 @click.command("export")
@@ -30,8 +32,7 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
         read_checkpoint,
         write_checkpoint,
     )
-    from quantkit.fsutil import check_output_dir
-    from quantkit.validate import check_output, export_size
+    from quantkit.fsutil import check_output, check_output_dir
 
     limit = parse_size(max_shard_size)
     if push_to_hub is not None:
@@ -45,8 +46,6 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
     ckpt = read_checkpoint(in_dir)
     report = None
     if (in_dir / REPORT).is_file():
-        import json
-
         report = json.loads((in_dir / REPORT).read_text())
     extra = {f: (in_dir / f).read_bytes() for f in SOURCE_FILES if (in_dir / f).is_file()}
     write_checkpoint(ckpt, out, fmt=fmt, report=report, overwrite=overwrite, max_shard_size=limit, extra_files=extra)
@@ -56,3 +55,16 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
         from quantkit.export.hub import push_export
 
         click.echo(f"pushed to {push_export(out, push_to_hub, private=private)}")
+
+
+def export_size(in_dir: str | os.PathLike, fmt: str) -> int:
+    """A rough size of `quantkit export IN_DIR --format fmt`: the input's, 4x where fake unpacks the codes."""
+    root = Path(in_dir)
+    size = sum(p.stat().st_size for p in root.glob("*.safetensors")) if root.is_dir() else 0
+    try:
+        source_fmt = json.loads((root / "quantkit.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        source_fmt = None
+    source = REGISTRY.get(source_fmt) if isinstance(source_fmt, str) else None
+    unpacks = format_for(fmt).stores_dense_weights and not (source is not None and source.stores_dense_weights)
+    return size * 4 if unpacks else size

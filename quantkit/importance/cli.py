@@ -8,12 +8,13 @@ import time
 import click
 from transformers import AutoTokenizer
 
+from quantkit.calibrate.job import DataSpec
+from quantkit.calibrate.run import draw_samples
 from quantkit.cli_options import output_option
-from quantkit.data.calibration import load_calibration
-from quantkit.data.images import load_processor
-from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
+from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
+from quantkit.engine.distributed import check_device
 from quantkit.errors import QuantkitError
-from quantkit.fsutil import check_output_dir, scratch_dir
+from quantkit.fsutil import check_offload_dir, check_output, check_output_dir, scratch_dir
 from quantkit.importance import (
     GUIDANCE_CHOICES,
     LOSS_CHOICES,
@@ -24,7 +25,10 @@ from quantkit.importance import (
     tlq_token_weights,
 )
 from quantkit.models import load_model
-from quantkit.validate import preflight_importance
+from quantkit.models.files import check_seqlen
+
+# the options that make the command's DataSpec (quantkit.calibrate.job)
+DATA_OPTIONS = ("nsamples", "seqlen", "seed", "part", "chat_template")
 
 
 def importance_options(command):
@@ -46,59 +50,45 @@ def importance_options(command):
     return command
 
 
-def build_calibration_set(
-    model_name: str,
-    calib: str,
-    output: str,
-    *,
-    nsamples: int = 128,
-    seqlen: int = 512,
-    seed: int = 0,
-    part: str = "all",
-    lam: float = TLQ_DEFAULTS["lam"],
-    power: float = TLQ_DEFAULTS["power"],
-    guidance: str = TLQ_DEFAULTS["guidance"],
-    row_groups: int = TLQ_DEFAULTS["row_groups"],
-    loss: str = TLQ_DEFAULTS["loss"],
-    draws: int = TLQ_DEFAULTS["draws"],
-    per_modality: bool = False,
-    top_fraction: float | None = None,
-    floor_fraction: float = 0.1,
-    device: str = "cpu",
-    offload_dir: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    chat_template: str | None = None,
-) -> dict:
-    """Draw samples from `calib`, compute TLQ importance under `model_name` and save the set; return its manifest.
-    Chat records are rendered with the Jinja file `chat_template`, else the tokenizer's own template."""
-    check_settings(lam, power, top_fraction, floor_fraction)
-    check_guidance(guidance, row_groups, loss, draws)
+def build_calibration_set(model_name: str, data: DataSpec, output: str, *, importance: dict | None = None,
+                          device: str = "cpu", offload_dir: str | None = None, overwrite: bool = False,
+                          progress: bool = True) -> dict:
+    """Draw `data`'s samples, compute TLQ importance under `model_name` and save the set; return its manifest.
+
+    importance holds tlq_token_weights' options (lam, power, guidance, row_groups, loss, draws, per_modality,
+    top_fraction, floor_fraction; TLQ_DEFAULTS for the rest); the seed is the data's. Chat records are rendered
+    with data.chat_template, else the tokenizer's own template."""
+    options = TLQ_DEFAULTS | {"top_fraction": None, "floor_fraction": 0.1} | (importance or {})
+    check_settings(options["lam"], options["power"], options["top_fraction"], options["floor_fraction"])
+    check_guidance(options["guidance"], options["row_groups"], options["loss"], options["draws"])
     check_output_dir(output, overwrite)
-    image_data = is_recipe(calib) and load_recipe(calib).kind != "text"
-    preflight_importance(model_name, calib, output, seqlen=seqlen, device=device, offload_dir=offload_dir,
-                         overwrite=overwrite, image_data=image_data, chat_template=chat_template, part=part)
+    preflight_importance(model_name, data, output, device=device, offload_dir=offload_dir, overwrite=overwrite)
     started = time.perf_counter()
     model = load_model(model_name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    if is_recipe(calib):
-        recipe = load_recipe(calib)
-        processor = None
-        if recipe.kind != "text":
-            processor = load_processor(model_name)
-        samples = recipe_samples(recipe, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, processor=processor)
-    else:  # text windows, or chat records with their loss mask on the assistant's tokens
-        samples = load_calibration(calib, model_name, False, nsamples, seqlen, seed, part, tokenizer_or_processor=tokenizer,
-                                   chat_template=chat_template)
+    samples, _ = draw_samples(data, model_name, model, tokenizer)
     with scratch_dir(offload_dir):
-        importance = tlq_token_weights(
-            model, samples, lam=lam, power=power, per_modality=per_modality, top_fraction=top_fraction,
-            floor_fraction=floor_fraction, seed=seed, device=device, offload_dir=offload_dir, progress=progress,
-            guidance=guidance, row_groups=row_groups, loss=loss, draws=draws,
-        )
-    extra = {"calib": calib, "part": part, "seqlen": seqlen, "seed": seed, "chat_template": chat_template,
-             "seconds": round(time.perf_counter() - started, 3)}
-    return save_calibration_set(output, samples, importance, model, model_name, tokenizer, extra=extra, overwrite=overwrite)
+        weights = tlq_token_weights(model, samples, seed=data.seed, device=device, offload_dir=offload_dir,
+                                    progress=progress, **options)
+    extra = {"calib": data.source, "part": data.part, "seqlen": data.seqlen, "seed": data.seed,
+             "chat_template": data.chat_template, "seconds": round(time.perf_counter() - started, 3)}
+    return save_calibration_set(output, samples, weights, model, model_name, tokenizer, extra=extra, overwrite=overwrite)
+
+
+def preflight_importance(model_name: str, data: DataSpec, output: str, *, device: str, offload_dir: str | None,
+                         overwrite: bool) -> None:
+    """Everything `quantkit importance` can check before it loads the model."""
+    check_device(device)
+    check_data(data.source, part=data.part, chat_template=data.chat_template)
+    check_offload_dir(offload_dir)
+    files = model_for_data(model_name, data.source)
+    check_seqlen(files.config, data.seqlen)
+    from quantkit.data.calibration import check_source_for_model
+    from quantkit.models import is_vlm
+
+    check_source_for_model(data.source, is_vlm(files.config), model_name)
+    check_chat_data(data.source, data.chat_template, files)
+    check_output(output, overwrite=overwrite, sources=[model_name, offload_dir, *data_paths(data.source)])
 
 
 @click.command()
@@ -118,16 +108,15 @@ def build_calibration_set(
 @output_option(required=True, type=click.Path(), help="Output calibration-set directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
-def importance(model, calib, nsamples, seqlen, seed, part, chat_template, guidance, row_groups, importance_loss, fisher_draws, lam, power, per_modality, top_fraction, floor_fraction, device, offload_dir, output, overwrite, as_json) -> None:
+def importance(model: str, calib: str, output: str, overwrite: bool, as_json: bool, device: str,
+               offload_dir: str | None, **options) -> None:
     """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
-    if nsamples <= 0 or seqlen <= 1:
+    if options["nsamples"] <= 0 or options["seqlen"] <= 1:
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
-    manifest = build_calibration_set(
-        model, calib, output, nsamples=nsamples, seqlen=seqlen, seed=seed, part=part, lam=lam, power=power,
-        guidance=guidance, row_groups=row_groups, loss=importance_loss, draws=fisher_draws,
-        per_modality=per_modality, top_fraction=top_fraction, floor_fraction=floor_fraction, device=device,
-        offload_dir=offload_dir, overwrite=overwrite, progress=not as_json, chat_template=chat_template,
-    )
+    data = DataSpec(source=calib, **{key: options.pop(key) for key in DATA_OPTIONS})
+    options["loss"], options["draws"] = options.pop("importance_loss"), options.pop("fisher_draws")
+    manifest = build_calibration_set(model, data, output, importance=options, device=device, offload_dir=offload_dir,
+                                     overwrite=overwrite, progress=not as_json)
     if as_json:
         click.echo(json.dumps(manifest | {"output": output}))
     else:

@@ -120,18 +120,27 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None) -> nn.Module:
-    """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture."""
+def looks_local(name: str) -> bool:
+    """Whether a model name is meant as a path rather than a hub id."""
+    return (
+        Path(name).exists()
+        or name.startswith((".", "/", "~"))
+        or (os.sep in name.rstrip(os.sep) and name.count("/") != 1)
+    )
+
+
+def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = None, config=None) -> nn.Module:
+    """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture;
+    `config` is its config when already read (quantkit.models.files.ModelFiles.config)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    local = Path(name_or_path)
-    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and name_or_path.count("/") != 1
-    if looks_local and not (local / "config.json").is_file():
+    if looks_local(name_or_path) and not (Path(name_or_path) / "config.json").is_file():
         raise QuantkitError(f"model path {name_or_path} not found or has no config.json; give a model directory or a hub id")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-    except OSError as err:
-        raise QuantkitError(f"cannot load model config for {name_or_path!r}: {str(err).splitlines()[0]}") from err
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        except OSError as err:
+            raise QuantkitError(f"cannot load model config for {name_or_path!r}: {str(err).splitlines()[0]}") from err
     adapter = adapter_for(config)
     _check_text_backbone(config)
     check_quantized_loadable(config, name_or_path)
@@ -140,7 +149,7 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     logger.info("loading %s as %s", name_or_path, auto_class.__name__)
     try:
         with quiet_loading():
-            model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
+            model, info = auto_class.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype, config=config,
                                                      output_loading_info=True)
     except NameError as err:
         # optimum refers to gptqmodel's QuantizeConfig without importing it when gptqmodel is absent or broken

@@ -42,10 +42,14 @@ def safetensors_keys(path: str | os.PathLike) -> list[str]:
 class WeightSource:
     """Lazy access to a model directory's safetensors tensors (single file or sharded index)."""
 
-    def __init__(self, model_dir: str | os.PathLike) -> None:
+    def __init__(self, model_dir: str | os.PathLike, stored: dict[str, tuple] | None = None) -> None:
+        """`stored` maps each tensor to (shape, dtype, file) where the headers were read already
+        (quantkit.models.files.ModelFiles.stored)."""
         root = Path(model_dir)
         index = root / "model.safetensors.index.json"
-        if index.is_file():
+        if stored is not None:
+            self.where = {key: Path(entry[2]) for key, entry in stored.items()}
+        elif index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.where = {key: root / fname for key, fname in weight_map.items()}
         elif (root / "model.safetensors").is_file():
@@ -140,11 +144,12 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def build_skeleton(model_dir: str, dtype: str = "auto") -> tuple[nn.Module, Adapter, WeightSource]:
-    """The model on the meta device, with every tensor outside the decoder layers loaded."""
-    config = AutoConfig.from_pretrained(model_dir)
+def build_skeleton(model_dir: str, dtype: str = "auto", files=None) -> tuple[nn.Module, Adapter, WeightSource]:
+    """The model on the meta device, with every tensor outside the decoder layers loaded; `files` (a
+    quantkit.models.files.ModelFiles of `model_dir`) gives the config and stored tensors already read."""
+    config = AutoConfig.from_pretrained(model_dir) if files is None else files.config
     adapter = adapter_for(config)
-    source = WeightSource(model_dir)
+    source = WeightSource(model_dir, None if files is None else files.stored)
     torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
     with _parameters_on_meta():

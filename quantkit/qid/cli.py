@@ -100,8 +100,9 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
             calib_seqlen, group_size, sym, seed, act_bits, tokens, tokens_per_step, out_csv, retry_errors, threads,
             no_progress) -> None:
     """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --output."""
+    from quantkit.fsutil import note_kept
+    from quantkit.models import looks_local
     from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint, plan_cells
-    from quantkit.validate import looks_local, note_kept
 
     check_counts(eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen,
                  tokens_per_step=tokens_per_step, threads=threads)
@@ -230,10 +231,10 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
 def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tokens, eval_seqlen, calib, nsamples,
                    calib_seqlen, group_size, qid_value, qid_se, level, seed, as_json, output) -> None:
     """Measure MODEL's QiD at --bits and invert the fitted law for its training tokens D, with an interval."""
+    from quantkit.models import looks_local
     from quantkit.qid.estimate import training_level as estimate
     from quantkit.qid.laws import check_plausible, law_and_draws
     from quantkit.qid.measure import Measurement, measure_model, model_size, parse_checkpoint
-    from quantkit.validate import looks_local
 
     if not 0 < level < 1:
         raise QuantkitError(f"--level must be in (0, 1), got {level}")

@@ -241,22 +241,17 @@ class _Cell:
         if method in BNB_METHODS:
             qmodel = _load_bnb(self.ckpt, method)
         else:
-            from quantkit.engine import calibrate_model
+            from quantkit.calibrate import QuantizationSpec, calibrate_loaded
+            from quantkit.quant.methods import method_for
             from quantkit.quant.spec import QuantSpec
 
+            chosen = method_for(method)
             spec = QuantSpec(bits=bits, group_size=self.m.group_size, sym=self.m.sym, act_bits=self.m.act_bits)
             qmodel = copy.deepcopy(self.model)
-            weights = None
-            if ENGINE_REGISTRY[method].token_weights:
-                from quantkit.importance import tlq_token_weights
-
-                weights = tlq_token_weights(qmodel, self.samples(), progress=False)
-            calibration = calibrate_model(qmodel, self.samples(), spec, method=method, token_weights=weights,
-                                          progress=False)
-            if self.m.act_bits is not None:  # evaluated as calibrated: the quantized linears' inputs quantized
-                from quantkit.engine.activations import quantize_model_activations
-
-                quantize_model_activations(qmodel, sorted(calibration.results), self.m.act_bits)
+            # evaluated as calibrated: with act_bits the quantized linears' inputs are quantized too
+            calibrate_loaded(qmodel, self.samples(), QuantizationSpec(weights=spec, method=chosen,
+                                                                      fp_target=chosen.fp_target_on(None)),
+                             progress=False)
         try:
             return self.evaluate(qmodel)
         finally:
@@ -345,7 +340,7 @@ def measure_grid(
             override = per_model_tokens.get(ckpt.spec, per_model_tokens.get(ckpt.name, default_tokens))
             d, step, _ = resolve_tokens(ckpt, override, settings.tokens_per_step)
             meta[ckpt.spec] = (d, step)
-    from quantkit.validate import check_data
+    from quantkit.data.checks import check_data
 
     # a missing file would otherwise fail every cell, one CSV row at a time
     check_data(settings.eval_text, "--eval")
@@ -397,7 +392,7 @@ def measure_grid(
 def measure_model(spec: str, method: str, bits: int, settings: Measurement) -> dict:
     """QiD of one model at one (method, bits) with its paired-bootstrap SE, N and the eval's size."""
     [(ckpt, method, nbits)] = plan_cells([spec], [bits], [method])
-    from quantkit.validate import check_data
+    from quantkit.data.checks import check_data
 
     check_data(settings.eval_text, "--data")
     check_data(settings.calib)

@@ -54,6 +54,15 @@ METHODS: dict[str, Method] = {
 }
 
 
+# The method a run that names none gets (`quantkit calibrate` and quantkit.quantize alike): TLQ with its FP
+# target beat GPTQ at W2 and W3 on validation windows over 4 draws on two models (0.73-0.81x GPTQ's loss gap;
+# at W4 the methods sit within the noise) for about 1.8x GPTQ's time (benchmarks/README.md, "TLQ guidance").
+DEFAULT_METHOD = "tlq"
+# What the default becomes where its token weights cannot be computed (--low-memory without a --calib-set):
+# the same solve without them, keeping the default's FP target.
+FALLBACK_METHOD = "gptq"
+
+
 def method_for(method: Method | str) -> Method:
     """The Method of a name (case-insensitive), or the Method itself; QuantkitError if unknown."""
     if isinstance(method, Method):

@@ -59,8 +59,22 @@ class Format:
     def check_plan(self, plan: ExportPlan) -> None:
         """Raise QuantkitError if the model as a whole cannot be described (after every check())."""
 
-    def check_options(self, bits: int, act_order: bool, static_groups: bool) -> None:
+    def check_options(self, bits: int, act_order: bool, static_groups: bool, *, act_bits: int | None = None,
+                      lm_head: bool = False, vision: bool = False) -> None:
         """check() before calibrating: refuse settings whose results this format could not store."""
+        flag = "--quantize-lm-head" if lm_head else "--quantize-vision" if vision else None
+        if flag and not self.holds_outside_layers:
+            from quantkit.export.formats import FORMATS, format_for
+
+            able = [format_for(n) for n in FORMATS if format_for(n).holds_outside_layers]
+            named = [f.name if f.bits == SUPPORTED_BITS else f"{f.name} ({_widths(f.bits, 'or')} bits)" for f in able]
+            raise QuantkitError(
+                f"{flag} exports to {' or '.join(named)} only: {self.name} checkpoints describe quantized decoder "
+                f"layers only; pass --format {able[0].name} or drop the flag"
+            )
+        if act_bits is not None and not self.holds_activation_bits:
+            raise QuantkitError(f"{self.name} checkpoints describe weight-only models and cannot hold --act-bits; "
+                                "pass --format compressed-tensors (or fake)")
         if bits not in self.bits:
             raise QuantkitError(
                 f"--format {self.name} stores {_widths(self.bits)} bits only, got --bits {bits}; "
@@ -120,8 +134,8 @@ class Format:
                                 "models (a hand-edited file?): export it again")
 
 
-def _widths(bits: tuple[int, ...]) -> str:
-    return " and ".join(map(str, bits)) if len(bits) <= 2 else ", ".join(map(str, bits[:-1])) + f" or {bits[-1]}"
+def _widths(bits: tuple[int, ...], two: str = "and") -> str:
+    return f" {two} ".join(map(str, bits)) if len(bits) <= 2 else ", ".join(map(str, bits[:-1])) + f" or {bits[-1]}"
 
 
 def _alternative(fmt: Format, bits: int) -> str:

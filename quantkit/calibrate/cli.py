@@ -1,0 +1,91 @@
+"""`quantkit calibrate`: data -> (importance) -> layer-wise engine -> export, in one command.
+
+The command builds the CalibrationJob (quantkit.calibrate.job.build_job, as quantkit.quantize does) from
+its options and runs it (quantkit.calibrate.run.run_job); the options' defaults are build_job's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from quantkit.calibrate import run as runner
+from quantkit.calibrate.job import OPTIONS, build_job
+from quantkit.cli_options import output_option
+from quantkit.errors import QuantkitError
+from quantkit.export.formats import FORMATS
+from quantkit.importance.cli import importance_options
+from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, METHODS
+from quantkit.quant.smooth import AUTO, SMOOTH_MODES
+from quantkit.quant.spec import SUPPORTED_BITS
+
+# the CLI's names of TLQ's gradient-pass options -> build_job's importance keys
+IMPORTANCE_FLAGS = {"guidance": "guidance", "row_groups": "row_groups", "importance_loss": "loss",
+                    "fisher_draws": "draws", "lam": "lam", "power": "power"}
+
+
+@click.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ). Default: {DEFAULT_METHOD} ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
+@click.option("--bits", type=int, default=OPTIONS["bits"], show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
+@click.option("--group-size", type=int, default=OPTIONS["group_size"], show_default=True, help="Columns per quantization group; -1 for per-channel.")
+@click.option("--sym/--asym", default=OPTIONS["sym"], show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")
+@click.option("--act-order/--no-act-order", default=OPTIONS["act_order"], show_default=True, help="GPTQ desc_act: solve columns by decreasing Hessian diagonal.")
+@click.option("--static-groups/--dynamic-groups", default=None, help="With --act-order: fix group grids before the column permutation (default), or fit each group as the solve reaches it (GPTQ g_idx; gptq formats only).")
+@click.option("--cd-sweeps", type=int, default=OPTIONS["cd_sweeps"], show_default=True, help="Coordinate-descent sweeps over the GPTQ codes on the layer objective (never raises it).")
+@click.option("--damp", type=float, default=OPTIONS["damp"], show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
+@click.option("--fp-target/--no-fp-target", default=None, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer). Default: on for tlq, off for gptq.")
+@importance_options
+@click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export).")
+@click.option("--quantize-vision", "vision", is_flag=True, help="Quantize a VLM's vision tower and projector too (before the language model, plain Hessians; compressed-tensors or fake export).")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None, help="A YAML quantization recipe: targets and ignore patterns, per-module overrides of bits, group size, sym, act-order and method (the flags above are its defaults; README \"Recipes\").")
+@click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
+@click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4; needs --group-size -1 --sym.")
+@click.option("--smooth", type=click.Choice((AUTO, *SMOOTH_MODES)), default=OPTIONS["smooth"], show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights; auto: none for weight-only runs, with --act-bits tlq for --method tlq and uniform otherwise.")
+@click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
+@click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
+@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")
+@click.option("--part", type=click.Choice(["all", "train", "heldout"]), default=OPTIONS["part"], show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
+@click.option("--nsamples", type=int, default=OPTIONS["nsamples"], show_default=True, help="Calibration sequences.")
+@click.option("--seqlen", type=int, default=OPTIONS["seqlen"], show_default=True, help="Tokens per calibration sequence (the most tokens of an image-text or chat sample).")
+@click.option("--seed", type=int, default=OPTIONS["seed"], show_default=True, help="Seed for drawing calibration windows.")
+@click.option("--format", "format", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors, which plain transformers loads at every width and vLLM at 4 and 8 bits; gptq/gptq_v2 load with gptqmodel and in vLLM).")
+@click.option("--device", default=OPTIONS["device"], show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
+@click.option("--nproc", type=int, default=OPTIONS["nproc"], show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
+@click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")
+@click.option("--dist-timeout", type=float, default=OPTIONS["dist_timeout"], show_default=True, help="Seconds a rank waits on the others before giving up.")
+@click.option("--low-memory", is_flag=True, help="Stream one decoder layer at a time from the safetensors files; finished layers go to OUTPUT.partial.")
+@click.option("--offload-dir", type=click.Path(), help="Keep the calibration activations on disk here (with --low-memory).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --low-memory run from OUTPUT.partial (implies --low-memory).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=OPTIONS["dtype"], show_default=True, help="Dtype to load the model in.")
+@output_option("output_dir", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the export (model card included) to this hub model repo, OWNER/NAME.")
+@click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+def calibrate(model: str, **options) -> None:
+    """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
+    as_json, calib, devices = options.pop("as_json"), options.pop("calib"), options.pop("devices")
+    try:
+        options["devices"] = [int(d) for d in devices.split(",")] if devices else None
+    except ValueError:
+        raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
+    if options["devices"] and not options["device"].startswith("cuda"):
+        options["device"] = "cuda"
+    options["importance"] = {key: options.pop(flag) for flag, key in IMPORTANCE_FLAGS.items()}
+    if options["act_bits"] is not None:
+        options["act_bits"] = int(options["act_bits"])
+    job = build_job(model, calib, progress=not as_json, **options)
+    outcome = runner.run_job(job)
+    report, output = outcome.report, job.export.output
+    pushed = {"hub_url": outcome.hub_url} if outcome.hub_url else {}
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output} | pushed))
+    else:
+        q = job.quantization
+        mixed = f" + recipe {options['recipe']}" if options["recipe"] else ""
+        click.echo(f"quantized {model} with {q.method} w{q.weights.bits} g{q.weights.group_size}{mixed} in "
+                   f"{report['total_seconds']:.1f}s -> {output} ({report['format']})")
+        if outcome.hub_url:
+            click.echo(f"pushed to {outcome.hub_url}")

@@ -1,0 +1,295 @@
+"""What one calibration run does: a CalibrationJob of five small specs (model, data, quantization, run,
+export), built once by build_job, for `quantkit calibrate` and quantkit.quantize alike, and passed down whole.
+
+build_job checks everything that needs no file: each option on its own and the options together
+(quantkit.calibrate.preflight then checks the files before the model loads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, Method, method_for
+from quantkit.quant.recipe import Recipe, as_recipe
+from quantkit.quant.smooth import AUTO, resolve_smooth, smooth_uses_token_weights
+from quantkit.quant.spec import QuantSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: a local directory or hub id, or a loaded model (in-process runs only)."""
+
+    name: str  # the path or hub id, or where a loaded model came from (its name_or_path)
+    dtype: str = "auto"  # the dtype it is loaded in
+    loaded: Any = field(default=None, repr=False, compare=False)  # a loaded PreTrainedModel, quantized in place
+    tokenizer: Any = field(default=None, repr=False, compare=False)  # a given tokenizer or processor
+    files: Any = field(default=None, repr=False, compare=False)  # what the preflight read (models.files.ModelFiles)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which calibration samples: a source spec (files, hf:, a calib/ recipe), in-memory records or a
+    token-level calibration set, and how many of what length are drawn."""
+
+    source: str | None = None  # --calib: a path or source spec (quantkit.data)
+    calib_set: str | None = None  # a set made by `quantkit importance` (its samples and token weights)
+    records: Any = field(default=None, repr=False, compare=False)  # in-memory data (quantkit.data.calibration)
+    nsamples: int = 128
+    seqlen: int = 512  # tokens per window (the most tokens of an image-text or chat sample)
+    seed: int = 0
+    part: str = "all"  # all, train (first 90% of each file) or heldout (last 10%)
+    chat_template: str | None = None  # a Jinja file rendering chat records instead of the tokenizer's template
+
+    def describe(self) -> str | None:
+        """How the report names the data."""
+        if self.records is not None:
+            return f"in-memory {type(self.records).__name__} of {len(self.records)} items"
+        return self.source
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """What is quantized and how: the solver's settings, the method, and where it applies."""
+
+    weights: QuantSpec = field(default_factory=QuantSpec)
+    method: Method = field(default_factory=lambda: method_for(DEFAULT_METHOD))
+    fp_target: bool = False  # fit each linear to the FP model's output (GPTAQ-style)
+    lm_head: bool = False  # quantize the output head too
+    vision: bool = False  # quantize a VLM's vision tower and projector too
+    recipe: Recipe | None = None  # which linears, and per-module settings (quantkit.quant.recipe)
+    importance: dict | None = None  # TLQ's gradient-pass options (quantkit.importance.tlq_token_weights)
+
+    @property
+    def token_weights(self) -> bool:
+        """Whether the run reads TLQ's token weights (for its solve or its smoothing search)."""
+        return self.method.token_weights or smooth_uses_token_weights(self.weights.smooth)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Where and how the work runs: devices, ranks, memory, progress."""
+
+    device: str = "cpu"
+    nproc: int = 1  # local ranks spawned (gloo on CPU, NCCL on GPU)
+    devices: tuple[int, ...] | None = None  # a GPU id per rank
+    dist_timeout: float = 600.0  # seconds a rank waits on the others
+    low_memory: bool = False  # decoder layers streamed from the files, finished ones kept in OUTPUT.partial
+    offload_dir: str | None = None  # calibration activations on disk (with low_memory)
+    resume: bool = False  # continue an interrupted low-memory run
+    progress: bool = True
+    hooks: Any = field(default=None, compare=False)  # what tests change on every rank (quantkit.engine.comm.Hooks)
+
+    @property
+    def in_processes(self) -> bool:
+        """Whether the work runs in other processes (ranks) or streams from the files: in-memory inputs cannot."""
+        from quantkit.engine.distributed import under_torchrun
+
+        return self.low_memory or self.nproc > 1 or under_torchrun()
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Where the quantized model goes: an output directory in a format, and optionally the hub."""
+
+    output: str | None = None  # None: nothing is written (in-process runs)
+    fmt: str = ""  # an export format (quantkit.export.formats); build_job fills in the default
+    overwrite: bool = False
+    push_to_hub: str | None = None  # OWNER/NAME
+    private: bool | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationJob:
+    """One calibration run, whichever way it runs (one process, ranks, low memory)."""
+
+    model: ModelSpec
+    data: DataSpec
+    quantization: QuantizationSpec
+    run: RunSpec = field(default_factory=RunSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+
+    def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
+        """The engine's report with the job's settings and the total time added."""
+        return dict(report, model=self.model.name, calib=self.data.describe(), calib_set=self.data.calib_set,
+                    part=None if self.data.calib_set is not None else self.data.part,
+                    seqlen=max(int(s["input_ids"].shape[-1]) for s in samples), nsamples=len(samples),
+                    seed=self.data.seed, format=self.export.fmt, total_seconds=round(time.perf_counter() - started, 3))
+
+    def fingerprint(self) -> dict:
+        """What a resumed low-memory run must share with the interrupted one."""
+        q, d = self.quantization, self.data
+        return {"model": str(Path(self.model.name).resolve()), "method": q.method.name, "spec": q.weights.to_dict(),
+                "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
+                "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
+                "lm_head": q.lm_head, "vision": q.vision, "chat_template": d.chat_template,
+                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {})}
+
+    def with_hooks(self, hooks: Any) -> CalibrationJob:
+        """This job with `hooks` on every rank (tests)."""
+        return replace(self, run=replace(self.run, hooks=hooks))
+
+
+def _defaults(cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The simple defaults of a spec's fields (the one place the CLI's and the API's defaults come from)."""
+    return {f.name: f.default for f in fields(cls) if f.name not in skip and f.default is not MISSING}
+
+
+# build_job's options under their Python names, with their defaults: each spec's fields, renamed where the
+# Python name reads better (output_dir, format), plus the weight settings of QuantSpec and the method.
+WEIGHT_OPTIONS = ("bits", "group_size", "sym", "act_order", "static_groups", "damp", "mse", "cd_sweeps", "act_bits")
+OPTIONS: dict[str, Any] = {
+    "method": None,  # None: DEFAULT_METHOD (quantkit.quant.methods)
+    **{name: getattr(QuantSpec, name) for name in WEIGHT_OPTIONS},
+    "static_groups": None,  # None: with act_order
+    "smooth": AUTO,
+    "fp_target": None,  # None: the method's default
+    "lm_head": False, "vision": False, "recipe": None, "importance": None,
+    "dtype": ModelSpec.dtype,
+    **_defaults(DataSpec, skip=("source", "records")),
+    **_defaults(RunSpec),
+    "output_dir": None, "format": None, "overwrite": False, "push_to_hub": None, "private": None,
+}
+
+
+def source_name(model: Any) -> str:
+    """The name a model is reported under: its path or hub id, or where a loaded model came from."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
+def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: Any) -> CalibrationJob:
+    """The CalibrationJob of a model (a local directory, hub id or loaded model), calibration data (a path or
+    source spec, or in-memory data: quantkit.data.calibration.memory_calibration) and OPTIONS by name.
+
+    Every option is checked on its own and against the others here; QuantkitError names what is wrong."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise QuantkitError(f"quantize() got unknown options {unknown}; known: {', '.join(sorted(OPTIONS))}")
+    o = {**OPTIONS, **options}
+    data_spec = _data_spec(data, o)
+    run = _run_spec(o)
+    quantization = _quantization_spec(o, run, data_spec)
+    export = _export_spec(o, quantization)
+    loaded = None if isinstance(model, (str, os.PathLike)) else model
+    in_memory = loaded is not None or data_spec.records is not None or tokenizer is not None
+    if in_memory and run.in_processes:
+        raise QuantkitError("a loaded model, a given tokenizer or in-memory data run in one process; for --nproc, "
+                            "torchrun or --low-memory give the model as a path or hub id and the data as a path")
+    if export.output is None and export.push_to_hub is None and run.in_processes:
+        raise QuantkitError("--nproc, torchrun and --low-memory export from their ranks; give an output directory")
+    from quantkit.engine.distributed import under_torchrun
+
+    if run.nproc > 1 and under_torchrun():
+        raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
+    if loaded is not None and tokenizer is None:
+        from quantkit.data.calibration import load_data_tokenizer
+
+        tokenizer = load_data_tokenizer(source_name(loaded), loaded)
+    return CalibrationJob(model=ModelSpec(source_name(model), o["dtype"], loaded, tokenizer), data=data_spec,
+                          quantization=quantization, run=run, export=export)
+
+
+def _data_spec(data: Any, o: dict) -> DataSpec:
+    from quantkit.data.calibration import is_source
+
+    if data is None and o["calib_set"] is None:
+        raise QuantkitError("no calibration data; pass data= (a path, texts, image-text records or a Dataset), "
+                            "--calib PATH or --calib-set DIR")
+    if o["nsamples"] <= 0 or o["seqlen"] <= 1:
+        raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
+    source = os.fspath(data) if data is not None and is_source(data) else None
+    template = None if o["chat_template"] is None else os.fspath(o["chat_template"])
+    return DataSpec(source=source, calib_set=o["calib_set"], records=data if source is None else None,
+                    nsamples=o["nsamples"], seqlen=o["seqlen"], seed=o["seed"], part=o["part"], chat_template=template)
+
+
+def _run_spec(o: dict) -> RunSpec:
+    if o["nproc"] < 1:
+        raise QuantkitError(f"--nproc must be at least 1, got {o['nproc']}")
+    devices = None if o["devices"] is None else tuple(o["devices"])
+    low_memory = bool(o["resume"] or o["low_memory"] or o["offload_dir"])
+    return RunSpec(device=o["device"], nproc=o["nproc"], devices=devices, dist_timeout=o["dist_timeout"],
+                   low_memory=low_memory, offload_dir=o["offload_dir"], resume=o["resume"], progress=o["progress"],
+                   hooks=o["hooks"])
+
+
+def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None]:
+    """The method (the default where none is named) and the FP-target setting (None: the method's default)."""
+    if o["method"] is not None:
+        return method_for(o["method"]), o["fp_target"]
+    method = method_for(DEFAULT_METHOD)
+    if method.token_weights and run.low_memory and data.calib_set is None:
+        # a streamed run loads no whole model, and TLQ's gradient pass needs one: TLQ without its token weights
+        fallback = method_for(FALLBACK_METHOD)
+        fp_target = method.fp_target_on(o["fp_target"])
+        logger.warning("--low-memory computes no token weights without a --calib-set: calibrating with %s%s instead "
+                       "of %s; make a set with `quantkit importance` for %s", fallback,
+                       " and the FP target" if fp_target else "", method, method)
+        return fallback, fp_target
+    return method, o["fp_target"]
+
+
+def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpec:
+    if o["static_groups"] and not o["act_order"]:
+        raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
+    method, fp_target = _method(o, run, data)
+    act_order = o["act_order"]
+    weights = QuantSpec(**{name: o[name] for name in WEIGHT_OPTIONS if name != "static_groups"},
+                        static_groups=act_order if o["static_groups"] is None else o["static_groups"],
+                        smooth=resolve_smooth(o["smooth"], o["act_bits"], method.token_weights))
+    weights.validate()
+    recipe = as_recipe(o["recipe"])
+    importance = o["importance"]
+    if importance:
+        from quantkit.importance import TLQ_DEFAULTS, check_guidance, check_settings
+
+        # before the model loads: a bad option must not cost a load and a forward pass
+        settings = TLQ_DEFAULTS | importance
+        check_settings(settings["lam"], settings["power"], None, 0.1)
+        check_guidance(settings["guidance"], settings["row_groups"], settings["loss"], settings["draws"])
+    if fp_target and not method.needs_activations:
+        raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {method} reads none")
+    quantization = QuantizationSpec(weights=weights, method=method, fp_target=method.fp_target_on(fp_target),
+                                    lm_head=o["lm_head"], vision=o["vision"], recipe=recipe, importance=importance)
+    if smooth_uses_token_weights(weights.smooth) and method.needs_activations and not method.token_weights:
+        # the token weights a run is given weigh its solve too: TLQ-weighted smoothing goes with TLQ
+        raise QuantkitError(f"--smooth tlq weighs tokens as TLQ does, and {method} solves unweighted; "
+                            "pass --method tlq (or rtn), or --smooth uniform")
+    if quantization.token_weights and run.low_memory and data.calib_set is None:
+        what = method if method.token_weights else "--smooth tlq"
+        raise QuantkitError(f"{what} with --low-memory needs token weights from a --calib-set (quantkit importance)")
+    return quantization
+
+
+def _export_spec(o: dict, quantization: QuantizationSpec) -> ExportSpec:
+    from quantkit.export.formats import default_format, format_for
+
+    if o["push_to_hub"] is not None:
+        from quantkit.export.hub import check_repo_id
+
+        check_repo_id(o["push_to_hub"])
+    fmt = o["format"]
+    weights, recipe = quantization.weights, quantization.recipe
+    if fmt is None:
+        # a format that holds every bit width the recipe uses
+        widths = sorted(recipe.bits(weights.bits)) if recipe is not None else [weights.bits]
+        fmt = default_format(next((b for b in widths if default_format(b) != default_format(weights.bits)), weights.bits))
+    output = None if o["output_dir"] is None else os.fspath(o["output_dir"])
+    if output is not None:
+        from quantkit.fsutil import check_output_dir
+
+        check_output_dir(output, o["overwrite"])
+    fmt = format_for(fmt)
+    fmt.check_options(weights.bits, weights.act_order, weights.static_groups, act_bits=weights.act_bits,
+                      lm_head=quantization.lm_head, vision=quantization.vision)
+    return ExportSpec(output=output, fmt=fmt.name, overwrite=o["overwrite"], push_to_hub=o["push_to_hub"],
+                      private=o["private"])

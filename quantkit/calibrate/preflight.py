@@ -1,0 +1,116 @@
+"""`quantkit calibrate`'s preflight: what a job's files allow, checked before the model loads and any sample is
+drawn (build_job has checked the options already). The model's files are read once here and kept for loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantkit.calibrate.job import CalibrationJob
+from quantkit.errors import QuantkitError
+from quantkit.models.files import ModelFiles
+
+
+def preflight(job: CalibrationJob) -> ModelFiles:
+    """Everything `quantkit calibrate` (and quantkit.quantize) can check before it loads the model: the device, the
+    data, a calibration set, the model's files (its tokenizer or processor where it reads the data), the windows'
+    length, a recipe against the model's linears, and the output. Returns what was read of the model's files."""
+    from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
+    from quantkit.engine.distributed import check_device
+    from quantkit.fsutil import check_offload_dir
+    from quantkit.models.files import check_seqlen
+
+    model, data, q, run = job.model, job.data, job.quantization, job.run
+    check_device(run.device, run.devices, run.nproc)
+    check_data(data.source, part=data.part, chat_template=data.chat_template)
+    if data.calib_set is not None:
+        from quantkit.importance import read_manifest
+
+        read_manifest(data.calib_set)
+    check_offload_dir(run.offload_dir)
+    given = model.tokenizer is not None
+    if model.loaded is not None:
+        from quantkit.models import adapter_for
+        from quantkit.models.checks import check_model_weights
+
+        adapter_for(model.loaded)  # an unsupported architecture fails here, as for a model read from files
+        check_model_weights(model.loaded)
+        files = ModelFiles(name=model.name, local=None, config=model.loaded.config)
+    else:
+        drawn = data.source is not None or data.records is not None
+        files = model_for_data(model.name, None if given else data.source, tokenizer=drawn and not given)
+        if run.low_memory and files.weight_files:
+            from quantkit.models.checks import check_weight_files
+
+            check_weight_files(files.weight_files, model.name)  # streamed layers are never all in memory at once
+    if data.source is not None or data.records is not None:
+        check_seqlen(files.config, data.seqlen)
+    if data.source is not None:
+        from quantkit.data.calibration import check_source_for_model
+        from quantkit.models import is_vlm
+
+        check_source_for_model(data.source, is_vlm(files.config), model.name)
+    if model.loaded is None and not given:
+        check_chat_data(data.source, data.chat_template, files)
+    if q.recipe is not None:
+        check_recipe(job, model.loaded if model.loaded is not None else files.config)
+    if job.export.output is not None:
+        _check_output(job, files, data_paths(data.source))
+    if model.tokenizer is not None:
+        from quantkit.models.checks import check_tokenizer_fits
+
+        check_tokenizer_fits(model.tokenizer, model.loaded if model.loaded is not None else files.config)
+    if run.low_memory and not Path(model.name, "config.json").is_file():
+        raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model.name}")
+    return files
+
+
+def export_bytes(files: ModelFiles, bits: int, fmt: str) -> int:
+    """A rough size of the exported checkpoint (0 when the weights are not local)."""
+    from quantkit.export.formats import format_for
+
+    if not files.weight_bytes:
+        return 0
+    if format_for(fmt).stores_dense_weights:
+        return files.weight_bytes
+    # packed codes plus scales, zeros and g_idx (a few percent at any group size)
+    quantized = int(files.linear_numel * bits / 8 * 1.15)
+    return max(0, files.weight_bytes - files.linear_bytes) + quantized
+
+
+def _check_output(job: CalibrationJob, files: ModelFiles, data_paths: list[str]) -> None:
+    from quantkit.fsutil import check_output, work_dir_for
+
+    output, run = job.export.output, job.run
+    need = export_bytes(files, job.quantization.weights.bits, job.export.fmt)
+    if run.low_memory and need:
+        # the spool and the final files coexist in the output's temporary directory, beside OUTPUT.partial's codes
+        need = 2 * need + (0 if run.resume and work_dir_for(output).is_dir() else files.linear_numel)
+    sources = [None if job.model.loaded is not None else job.model.name, job.data.calib_set, run.offload_dir,
+               *data_paths]
+    check_output(output, overwrite=job.export.overwrite, sources=sources, need_bytes=need)
+
+
+def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
+    """The job's recipe fits the model (every pattern matches a linear, every group size divides its linears' widths,
+    its methods need no statistics the run does not gather) and the format stores every setting it gives."""
+    from torch import nn
+
+    from quantkit.engine.checks import candidate_linears, model_linears
+    from quantkit.export.formats import format_for
+    from quantkit.models import adapter_for
+    from quantkit.models.files import build_meta_model
+
+    q = job.quantization
+    if isinstance(model_or_config, nn.Module):
+        model, adapter = model_or_config, adapter_for(model_or_config)
+    else:
+        model, adapter = build_meta_model(model_or_config, job.model.name)  # shapes only: no weights are read
+    chosen = q.recipe.check(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights,
+                            q.method, model_linears(model))
+    fmt = format_for(job.export.fmt)
+    for settings in set(chosen.values()):
+        try:
+            fmt.check_options(settings.spec.bits, settings.spec.act_order, settings.spec.static_groups)
+        except QuantkitError as err:
+            name = next(n for n, s in chosen.items() if s == settings)
+            raise QuantkitError(f"recipe, for {name}: {err}") from None

@@ -1,0 +1,241 @@
+"""Running a CalibrationJob: the preflight, the ranks, each rank's load -> samples -> calibrate -> export.
+
+calibrate_loaded is the one in-memory entry (a loaded model and its samples in, the quantized model and its
+codes out) that every command calibrating in-process goes through: `quantkit calibrate`, quantkit.quantize,
+`quantkit qid measure` and the demo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from quantkit.calibrate.job import CalibrationJob, DataSpec, ExportSpec, QuantizationSpec
+from quantkit.engine.comm import Comm
+from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a calibration run gives back: the report and, when it ran in this process, the quantized model
+    (dequantized weights in place) and its exact codes per linear; where the export went, and the hub URL."""
+
+    report: dict
+    model: torch.nn.Module | None = None
+    results: dict | None = None
+    output_dir: str | None = None
+    hub_url: str | None = None
+
+
+def run_job(job: CalibrationJob) -> Outcome:
+    """Check the job's files, calibrate in this process, on spawned ranks or as this torchrun rank, export
+    (and push to the hub); the one path of `quantkit calibrate` and quantkit.quantize."""
+    from quantkit.fsutil import work_dir_for
+
+    with contextlib.ExitStack() as scope:
+        export = job.export
+        if export.push_to_hub is not None and export.output is None:
+            tmp = scope.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-push-"))
+            job = replace(job, export=replace(export, output=str(Path(tmp) / "export")))
+        outcome = _calibrate(job, scope)
+        if export.push_to_hub is not None:
+            from quantkit.export.hub import push_export
+
+            outcome.hub_url = push_export(job.export.output, export.push_to_hub, private=export.private)
+        outcome.output_dir = export.output  # None again where the export went to a temporary directory
+    if job.run.low_memory and export.output is not None:
+        shutil.rmtree(work_dir_for(export.output), ignore_errors=True)
+    return outcome
+
+
+def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
+    from quantkit.calibrate.preflight import preflight
+    from quantkit.engine.streaming import resume_note
+    from quantkit.fsutil import kept_on_failure, scratch_dir, work_dir_for
+
+    # before the model is loaded: minutes to hours of calibration must not end in a refused export
+    files = preflight(job)
+    job = replace(job, model=replace(job.model, files=files))  # read once: the loading reuses it
+    run, output = job.run, job.export.output
+    q = job.quantization
+    logger.info("calibrating %s: %s w%d g%d on %s, %d ranks%s", job.model.name, q.method, q.weights.bits,
+                q.weights.group_size, job.data.source or job.data.calib_set or "in-memory data", run.nproc,
+                ", low memory" if run.low_memory else "")
+    exporting = output is not None and (not under_torchrun() or int(os.environ["RANK"]) == 0)
+    if run.low_memory and exporting:
+        scope.enter_context(kept_on_failure(work_dir_for(output), resume_note))
+        scope.enter_context(scratch_dir(run.offload_dir))
+    outcome = _run_ranks(job)
+    if exporting:
+        logger.info("exported %s to %s", job.export.fmt, output)
+    return outcome
+
+
+def _run_ranks(job: CalibrationJob) -> Outcome:
+    """calibrate_rank on spawned local ranks, as this torchrun rank, or in this process alone."""
+    run = job.run
+    devices = None if run.devices is None else list(run.devices)
+    if run.nproc > 1:
+        from quantkit.fsutil import private_tempdir
+
+        # private_tempdir: torch leaves a failed rank's pytorch-errorfile-*.pickle in the temp folder
+        with private_tempdir(), tempfile.TemporaryDirectory(prefix="quantkit-report-") as tmp:
+            report_path = Path(tmp) / "report.json"
+            spawn_ranks(run.nproc, calibrate_rank, dict(job=job, report_path=str(report_path)), device=run.device,
+                        devices=devices, timeout_s=run.dist_timeout)
+            return Outcome(json.loads(report_path.read_text()))
+    if under_torchrun():
+        comm, mine = init_from_env(run.device, devices, run.dist_timeout)
+        try:
+            return Outcome(calibrate_rank(job, comm=comm, device=mine))
+        finally:
+            dist.destroy_process_group()
+    outcome: list[Outcome] = []
+    calibrate_rank(job, comm=None, device=run.device, keep=outcome)
+    return outcome[0]
+
+
+def draw_samples(data: DataSpec, model_name: str, model: torch.nn.Module, tokenizer: Any = None) -> tuple[list[dict], Any]:
+    """The calibration samples of `data` for `model`, and a calibration set's token weights (else None).
+
+    `model` may be a skeleton without decoder layers (a calibration set checks it against the set's model);
+    `tokenizer` is a given tokenizer or processor, else the one saved with `model_name`."""
+    from quantkit.data.calibration import load_calibration, load_data_tokenizer, memory_calibration
+    from quantkit.models import is_vlm
+
+    if data.calib_set is not None:
+        from quantkit.importance import load_calibration_set
+
+        return load_calibration_set(data.calib_set, model_name, model)
+    if data.records is not None:
+        tokenizer = tokenizer if tokenizer is not None else load_data_tokenizer(model_name, model)
+        return memory_calibration(data.records, tokenizer, data.nsamples, data.seqlen, data.seed, data.part,
+                                  chat_template=data.chat_template), None
+    return load_calibration(data.source, model_name, is_vlm(model.config), data.nsamples, data.seqlen, data.seed,
+                            data.part, tokenizer_or_processor=tokenizer, chat_template=data.chat_template), None
+
+
+def token_weights_for(quantization: QuantizationSpec, model: torch.nn.Module, samples: list[dict], *,
+                      device: str = "cpu", progress: bool = True) -> Any:
+    """TLQ's token weights of `samples` under the FP `model` where the method or its smoothing reads them, else None."""
+    if not quantization.token_weights:
+        return None
+    from quantkit.importance import tlq_token_weights
+
+    return tlq_token_weights(model, samples, device=device, progress=progress, **(quantization.importance or {}))
+
+
+def check_before_work(model: torch.nn.Module, quantization: QuantizationSpec) -> None:
+    """The engine's checks of a loaded model against the quantization (settings, recipe, weights), with no forward."""
+    from quantkit.engine.checks import check_model
+    from quantkit.engine.plan import LinearPlan
+    from quantkit.models import adapter_for
+
+    plan = LinearPlan(quantization.weights, quantization.method, quantization.recipe)
+    check_model(model, adapter_for(model), plan, quantization.lm_head, quantization.vision)
+
+
+def calibrate_loaded(model: torch.nn.Module, samples: list[dict], quantization: QuantizationSpec, *,
+                     device: str = "cpu", progress: bool = True, comm: Comm | None = None,
+                     token_weights: Any = None) -> Outcome:
+    """Quantize a loaded `model` in place on `samples`: TLQ's token weights where the quantization reads them
+    (unless given), the layer-wise engine, and the quantized linears' inputs quantized as calibrated (act_bits).
+    The Outcome holds the model, its exact codes and the engine's report."""
+    from quantkit.engine import calibrate_model
+
+    comm = comm or Comm()
+    if not quantization.token_weights:
+        token_weights = None  # a calibration set's weights, unused by this method
+    elif token_weights is None:
+        check_before_work(model, quantization)  # the gradient pass must not come before a refusal
+        token_weights = token_weights_for(quantization, model, samples, device=device,
+                                          progress=progress and comm.rank == 0)
+    calibration = calibrate_model(
+        model, samples, quantization.weights, method=quantization.method, device=device, token_weights=token_weights,
+        progress=progress, comm=comm, fp_target=quantization.fp_target, lm_head=quantization.lm_head,
+        vision=quantization.vision, recipe=quantization.recipe,
+    )
+    results = dict(calibration.results)
+    if quantization.weights.act_bits is not None and results:
+        from quantkit.engine.activations import quantize_model_activations
+
+        # the model comes back as it was calibrated and as the export runs: its quantized linears' inputs quantized
+        quantize_model_activations(model, sorted(results), quantization.weights.act_bits)
+    return Outcome(calibration.report, model, results)
+
+
+def export_loaded(outcome: Outcome, export: ExportSpec, *, source: str | None, processor: Any = None) -> Path:
+    """Write a calibrate_loaded outcome to export.output in export.fmt, with `processor` (a tokenizer or processor)
+    saved by its own save_pretrained, else the files `source` (a model directory or hub id) builds."""
+    from quantkit.export import save_quantized
+
+    return save_quantized(outcome.model, outcome.results, export.output, fmt=export.fmt, report=outcome.report,
+                          overwrite=export.overwrite, source=None if processor is not None else source,
+                          processor=processor)
+
+
+def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = "cpu",
+                   report_path: str | None = None, keep: list | None = None) -> dict:
+    """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports.
+    `keep` (one process) receives the Outcome with the quantized model and its codes."""
+    from quantkit.fsutil import work_dir_for
+
+    started = time.perf_counter()
+    comm = comm or Comm()
+    comm.hooks = job.run.hooks or comm.hooks
+    progress = job.run.progress
+    if job.run.low_memory:
+        from quantkit.engine.streaming import calibrate_streaming
+        from quantkit.export.streamed import export_streamed
+        from quantkit.models.streamed import build_skeleton
+
+        # The skeleton holds no decoder layer: enough for the samples (a calibration set's check of the model),
+        # not for token weights, which build_job has refused without a set.
+        skeleton = build_skeleton(job.model.name, job.model.dtype, files=job.model.files)
+        samples, weights = draw_samples(job.data, job.model.name, skeleton[0])
+        q = job.quantization
+        model, calibration = calibrate_streaming(
+            skeleton, samples, q.weights, work_dir_for(job.export.output), method=q.method, device=device,
+            token_weights=weights if q.token_weights else None, progress=progress, resume=job.run.resume,
+            fingerprint=job.fingerprint(), offload_dir=job.run.offload_dir, dtype=job.model.dtype,
+            fp_target=q.fp_target, lm_head=q.lm_head, vision=q.vision, comm=comm, recipe=q.recipe,
+        )
+        report = job.finish_report(calibration.report, samples, started)
+        if comm.rank == 0 and job.export.output is not None:
+            export_streamed(model, calibration.results, job.export.output, fmt=job.export.fmt, source=job.model.name,
+                            report=report, overwrite=job.export.overwrite)
+        outcome = Outcome(report, model, dict(calibration.results))
+    else:
+        from quantkit.models import load_model
+
+        model = job.model.loaded
+        if model is None:
+            config = None if job.model.files is None else job.model.files.config
+            model = load_model(job.model.name, dtype=job.model.dtype, config=config)
+        samples, weights = draw_samples(job.data, job.model.name, model, job.model.tokenizer)
+        outcome = calibrate_loaded(model, samples, job.quantization, device=device, progress=progress, comm=comm,
+                                   token_weights=weights)
+        outcome.report = job.finish_report(outcome.report, samples, started)
+        if comm.rank == 0 and job.export.output is not None:
+            # a given tokenizer or processor is saved with save_pretrained; else the one the source (the loaded
+            # model's name_or_path included) builds
+            source = job.model.name if job.model.loaded is None else getattr(model.config, "_name_or_path", "") or None
+            export_loaded(outcome, job.export, source=source, processor=job.model.tokenizer)
+    if comm.rank == 0 and report_path is not None:
+        Path(report_path).write_text(json.dumps(outcome.report))
+    if keep is not None:
+        keep.append(outcome)
+    return outcome.report

@@ -1,0 +1,68 @@
+"""Checks of calibration and evaluation data before any model loads: the source through its DataSource, the
+model's tokenizer (or a VLM's processor) that reads it, and a chat template where chat records need one."""
+
+from __future__ import annotations
+
+import os
+
+from quantkit.data.calibration import source_for
+from quantkit.errors import QuantkitError, first_line
+from quantkit.models.files import ModelFiles, check_model_files, check_tokenizer, load_tokenizer
+
+
+def check_data(source: str | os.PathLike | None, flag: str = "--calib", *, part: str = "all",
+               chat_template: str | os.PathLike | None = None) -> None:
+    """A data source exists and parses, and --part and --chat-template apply to it (the text is read later, once)."""
+    if chat_template is not None:
+        from quantkit.data.chat import read_chat_template
+
+        read_chat_template(chat_template)
+    if source is None:
+        return
+    kind = source_for(source)
+    try:
+        kind.check(os.fspath(source))
+    except QuantkitError as err:
+        raise QuantkitError(f"{flag}: {err}") from None
+    kind.check_draw(os.fspath(source), part, chat_template)
+
+
+def data_paths(source: str | os.PathLike | None) -> list[str]:
+    """The local paths a data source reads (outputs must stay away from them)."""
+    return [] if not source else source_for(source).paths(os.fspath(source))
+
+
+def check_processor(name: str) -> None:
+    """A VLM's processor (tokenizer and image processor) loads."""
+    from quantkit.data.images import load_processor
+
+    try:
+        load_processor(name)
+    except QuantkitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - processors fail in many ways on broken files
+        raise QuantkitError(f"cannot load the processor of {name}: {first_line(err)}") from None
+
+
+def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokenizer: bool = True) -> ModelFiles:
+    """check_model_files, then what reads `source` for that model: a VLM's processor for image data, else (with
+    `tokenizer`) the tokenizer."""
+    from quantkit.models import is_vlm
+
+    files = check_model_files(name, tokenizer=False)
+    if source is not None and is_vlm(files.config) and source_for(source).image:
+        check_processor(files.path)
+    elif tokenizer:
+        check_tokenizer(files.path, files.config)
+    return files
+
+
+def check_chat_data(source: str | os.PathLike | None, chat_template: str | os.PathLike | None,
+                    files: ModelFiles | None = None) -> None:
+    """Chat records can be rendered: without --chat-template, the model's tokenizer (read from `files`) has a
+    chat template of its own."""
+    if source is None or chat_template is not None or files is None or not source_for(source).chat:
+        return
+    from quantkit.data.chat import template_for
+
+    template_for(load_tokenizer(files.path), None, files.name)
