@@ -378,9 +378,9 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
          threads: int, output: Path | None) -> None:
     """Run the benchmark and print JSON."""
     from quantkit.data.images import image_text_samples, load_processor
-    from quantkit.engine.activations import quantized_inputs
     from quantkit.fsutil import atomic_file
     from quantkit.models import load_model
+    from quantkit.quant.activations import quantized_inputs
     from quantkit.quant.spec import QuantSpec
 
     torch.set_num_threads(threads)

@@ -47,9 +47,9 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
 
     from quantkit.data import calibration_samples
     from quantkit.engine import calibrate_model
-    from quantkit.engine.activations import quantized_inputs
     from quantkit.importance import tlq_token_weights
     from quantkit.models import load_model
+    from quantkit.quant.activations import quantized_inputs
     from quantkit.quant.spec import QuantSpec
 
     torch.set_num_threads(1)

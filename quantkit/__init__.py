@@ -22,7 +22,7 @@ __all__ = ["Override", "QuantkitError", "Quantized", "Recipe", "__version__", "l
 def __getattr__(name: str):
     """Lazy top-level API (keeps `import quantkit` free of torch/transformers)."""
     if name == "load_quantized":
-        from quantkit.export.checkpoint import load_quantized
+        from quantkit.export.load import load_quantized
 
         return load_quantized
     if name in ("quantize", "Quantized"):

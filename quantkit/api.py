@@ -86,7 +86,7 @@ def quantize(
     outcome = runner.run_job(job)
     quantized = outcome.model
     if reload and quantized is None and outcome.output_dir is not None and not job.run.low_memory:
-        from quantkit.export.checkpoint import load_quantized
+        from quantkit.export.load import load_quantized
 
         quantized = load_quantized(outcome.output_dir)  # the ranks' model lived in other processes: read their export
     if job.run.low_memory:

@@ -135,11 +135,13 @@ def main(debug: bool) -> None:
 def configure_logging(debug: bool) -> None:
     """The `quantkit` logger's records on stderr: warnings, or everything with --debug (once per process)."""
     logger = logging.getLogger("quantkit")
-    if not any(getattr(h, "quantkit_cli", False) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if getattr(h, "quantkit_cli", False)), None)
+    if handler is None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler.quantkit_cli = True
         logger.addHandler(handler)
+    handler.setStream(sys.stderr)  # this invocation's stderr (an embedding application may have swapped it)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 

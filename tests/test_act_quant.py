@@ -7,9 +7,13 @@ import json
 import pytest
 import torch
 
-from quantkit.engine.activations import ActivationQuantizer, quantized_inputs
 from quantkit.errors import QuantkitError
-from quantkit.quant.activations import ct_divisor, fake_quantize_tokens
+from quantkit.quant.activations import (
+    ActivationQuantizer,
+    ct_divisor,
+    fake_quantize_tokens,
+    quantized_inputs,
+)
 from quantkit.quant.spec import QuantSpec
 
 
@@ -137,8 +141,8 @@ def test_w8a8_calibration_runs_smoothed(tmp_path, method: str, smooth: str) -> N
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import quantkit
-    from quantkit.engine.activations import quantized_inputs
     from quantkit.models import load_model
+    from quantkit.quant.activations import quantized_inputs
 
     model_dir = tmp_path / "m"  # as many key/value heads as heads: the v -> o fold is legal
     torch.manual_seed(0)

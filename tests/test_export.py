@@ -19,7 +19,7 @@ from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.export import read_checkpoint, save_quantized
 from quantkit.export.formats import gptq as gptq_fmt
-from quantkit.quant.spec import QuantResult
+from quantkit.quant.spec import QuantResult, QuantSpec
 
 HIDDEN, INTER, VOCAB = 64, 128, 256
 
@@ -191,7 +191,7 @@ def test_gptq_checkpoint_files(tmp_path: Path, fmt: str) -> None:
 
     model = tiny_llama()
     results = quantize_tiny(model, 3, 32, sym=False, act_order=True, min_zero=1)
-    out = save_quantized(model, results, tmp_path / "q", fmt=fmt, report={"spec": {"damp": 0.05}})
+    out = save_quantized(model, results, tmp_path / "q", fmt=fmt, spec=QuantSpec(damp=0.05, static_groups=False))
     sd = load_file(str(out / "model.safetensors"))
     for name, r in results.items():
         t = {k: sd[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
@@ -687,7 +687,7 @@ def test_mixed_export_converts_between_formats(tmp_path: Path) -> None:
 
 def test_mixed_streamed_writer_matches_in_memory_writer(tmp_path: Path) -> None:
     """The low-memory writer (a layer at a time) writes the same mixed checkpoint byte for byte."""
-    from quantkit.export.checkpoint import Checkpoint, write_checkpoint, write_checkpoint_streamed
+    from quantkit.export import Checkpoint, Layout, write_checkpoint, write_checkpoint_streamed
 
     model, results = mixed_model(tmp_path)
     state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in results}
@@ -695,12 +695,11 @@ def test_mixed_streamed_writer_matches_in_memory_writer(tmp_path: Path) -> None:
     parts = [({k: v for k, v in state.items() if layer_of[k] == i},
               {n: r for n, r in results.items() if int(n.split(".")[2]) == i} if i >= 0 else {}) for i in (-1, 0, 1)]
     config = model.config.to_dict()
-    extra = {"linear_order": None, "n_blocks": 2, "fp_linears": ["lm_head", "model.layers.1.mlp.up_proj"]}
+    layout = Layout(None, 2, ("lm_head", "model.layers.1.mlp.up_proj"))
     for fmt in ("compressed-tensors", "gptq_v2"):
-        ckpt = Checkpoint(config=config, manifest={}, fp_tensors=state, results=results)
-        ckpt.extra = extra
+        ckpt = Checkpoint(config=config, manifest={}, fp_tensors=state, results=results, layout=layout)
         write_checkpoint(ckpt, tmp_path / f"mem-{fmt}", fmt=fmt)
-        write_checkpoint_streamed(config, iter(parts), tmp_path / f"stream-{fmt}", fmt=fmt, extra=extra)
+        write_checkpoint_streamed(config, iter(parts), tmp_path / f"stream-{fmt}", fmt=fmt, layout=layout)
         names = sorted(p.name for p in (tmp_path / f"mem-{fmt}").iterdir())
         assert names == sorted(p.name for p in (tmp_path / f"stream-{fmt}").iterdir())
         for name in names:

@@ -11,10 +11,9 @@ import torch
 from safetensors import safe_open
 
 import quantkit
-from quantkit.engine.activations import ActivationQuantizer
 from quantkit.errors import QuantkitError
-from quantkit.export.checkpoint import read_checkpoint, write_checkpoint
-from quantkit.quant.activations import ct_divisor
+from quantkit.export import read_checkpoint, write_checkpoint
+from quantkit.quant.activations import ActivationQuantizer, ct_divisor
 
 
 @pytest.fixture(scope="module")

@@ -83,8 +83,9 @@ def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2", "compressed-tensors", "fake"])
 @pytest.mark.parametrize("shard", ["5GB", "20KB"])
 def test_streamed_writer_matches_in_memory_writer_byte_for_byte(tmp_path: Path, fmt: str, shard: str) -> None:
-    """write_checkpoint_streamed (a layer at a time, via a spool) == write_checkpoint: files, bytes, index."""
-    from quantkit.export.checkpoint import Checkpoint, write_checkpoint, write_checkpoint_streamed
+    """write_checkpoint_streamed (a layer at a time, spooled to disk) == write_checkpoint (one piece in memory):
+    files, bytes, index."""
+    from quantkit.export import Checkpoint, Layout, write_checkpoint, write_checkpoint_streamed
     from quantkit.quant import solver_for
 
     torch.manual_seed(0)
@@ -99,16 +100,15 @@ def test_streamed_writer_matches_in_memory_writer_byte_for_byte(tmp_path: Path, 
                for n, o in (("self_attn.q_proj", 64), ("mlp.up_proj", 96))}
         layers.append((fp, res))
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    extra = {"linear_order": ["self_attn.q_proj", "mlp.up_proj"], "n_blocks": 11, "fp_linears": ["lm_head"]}
+    layout = Layout(("self_attn.q_proj", "mlp.up_proj"), 11, ("lm_head",))
     all_fp = dict(outside)
     all_results = {}
     for fp, res in layers:
         all_fp.update(fp)
         all_results.update(res)
-    ckpt = Checkpoint(config=config, manifest={}, fp_tensors=all_fp, results=all_results)
-    ckpt.extra = extra
+    ckpt = Checkpoint(config=config, manifest={}, fp_tensors=all_fp, results=all_results, layout=layout)
     write_checkpoint(ckpt, tmp_path / "mem", fmt=fmt, max_shard_size=shard)
-    write_checkpoint_streamed(config, iter([(outside, {}), *layers]), tmp_path / "stream", fmt=fmt, extra=extra,
+    write_checkpoint_streamed(config, iter([(outside, {}), *layers]), tmp_path / "stream", fmt=fmt, layout=layout,
                               max_shard_size=shard)
     names = sorted(p.name for p in (tmp_path / "mem").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "stream").iterdir())

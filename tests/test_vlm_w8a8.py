@@ -32,7 +32,7 @@ def test_vlm_w8a8_keeps_the_vision_tower_fp(tmp_path) -> None:
     assert all("smoothing" in layer for layer in calibration.report["layers"])
     for name in vision:
         assert torch.equal(model.get_submodule(name).weight, before[name]), name
-    out = save_quantized(model, calibration.results, tmp_path / "out", fmt="compressed-tensors",
+    out = save_quantized(model, calibration.results, tmp_path / "out", fmt="compressed-tensors", spec=spec,
                          report=calibration.report)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from quantkit.calibrate.job import CalibrationJob, DataSpec, ExportSpec, QuantizationSpec
 from quantkit.engine.comm import Comm
 from quantkit.engine.distributed import init_from_env, spawn_ranks, under_torchrun
+from quantkit.quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -170,21 +171,23 @@ def calibrate_loaded(model: torch.nn.Module, samples: list[dict], quantization: 
     )
     results = dict(calibration.results)
     if quantization.weights.act_bits is not None and results:
-        from quantkit.engine.activations import quantize_model_activations
+        from quantkit.quant.activations import quantize_model_activations
 
         # the model comes back as it was calibrated and as the export runs: its quantized linears' inputs quantized
         quantize_model_activations(model, sorted(results), quantization.weights.act_bits)
     return Outcome(calibration.report, model, results)
 
 
-def export_loaded(outcome: Outcome, export: ExportSpec, *, source: str | None, processor: Any = None) -> Path:
-    """Write a calibrate_loaded outcome to export.output in export.fmt, with `processor` (a tokenizer or processor)
-    saved by its own save_pretrained, else the files `source` (a model directory or hub id) builds."""
+def export_loaded(outcome: Outcome, export: ExportSpec, spec: QuantSpec, *, source: str | None,
+                  processor: Any = None) -> Path:
+    """Write a calibrate_loaded outcome (solved with `spec`) to export.output in export.fmt, with `processor` (a
+    tokenizer or processor) saved by its own save_pretrained, else the files `source` (a model directory or hub
+    id) builds."""
     from quantkit.export import save_quantized
 
-    return save_quantized(outcome.model, outcome.results, export.output, fmt=export.fmt, report=outcome.report,
-                          overwrite=export.overwrite, source=None if processor is not None else source,
-                          processor=processor)
+    return save_quantized(outcome.model, outcome.results, export.output, fmt=export.fmt, spec=spec,
+                          report=outcome.report, overwrite=export.overwrite,
+                          source=None if processor is not None else source, processor=processor)
 
 
 def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = "cpu",
@@ -215,8 +218,8 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
         )
         report = job.finish_report(calibration.report, samples, started)
         if comm.rank == 0 and job.export.output is not None:
-            export_streamed(model, calibration.results, job.export.output, fmt=job.export.fmt, source=job.model.name,
-                            report=report, overwrite=job.export.overwrite)
+            export_streamed(model, calibration.results, job.export.output, fmt=job.export.fmt, spec=q.weights,
+                            source=job.model.name, report=report, overwrite=job.export.overwrite)
         outcome = Outcome(report, model, dict(calibration.results))
     else:
         from quantkit.models import load_model
@@ -233,7 +236,7 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
             # a given tokenizer or processor is saved with save_pretrained; else the one the source (the loaded
             # model's name_or_path included) builds
             source = job.model.name if job.model.loaded is None else getattr(model.config, "_name_or_path", "") or None
-            export_loaded(outcome, job.export, source=source, processor=job.model.tokenizer)
+            export_loaded(outcome, job.export, job.quantization.weights, source=source, processor=job.model.tokenizer)
     if comm.rank == 0 and report_path is not None:
         Path(report_path).write_text(json.dumps(outcome.report))
     if keep is not None:

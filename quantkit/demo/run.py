@@ -177,7 +177,8 @@ def run_demo(
                 outcome = calibrate_loaded(qmodel, samples, quantization, progress=progress)
                 calib_s = time.perf_counter() - t0
                 export_dir = tmp / name
-                export_loaded(outcome, ExportSpec(output=str(export_dir), fmt=fmt), source=model_source)
+                export_loaded(outcome, ExportSpec(output=str(export_dir), fmt=fmt), quantization.weights,
+                              source=model_source)
                 del outcome, qmodel
                 loaded = load_quantized(export_dir)
                 ev = evaluate_loss(loaded, tokenizer, heldout_texts, seqlen=seqlen, max_tokens=eval_max_tokens, progress=progress)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.engine.activations import quantized_inputs
 from quantkit.engine.capture import (
     LayerInputs,
     capture_layer_inputs,
@@ -36,6 +35,7 @@ from quantkit.errors import QuantkitError
 from quantkit.memory import current_rss_mb, peak_rss_mb
 from quantkit.models import adapter_for
 from quantkit.models.base import Adapter
+from quantkit.quant.activations import quantized_inputs
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.smooth import smooth_uses_token_weights, smooths

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.engine.activations import ActivationQuantizer
 from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
@@ -32,7 +31,7 @@ from quantkit.engine.solve import (
 from quantkit.engine.weights import LayerWeights, as_layer_weights
 from quantkit.models import get_module
 from quantkit.models.base import Adapter
-from quantkit.quant.activations import fake_quantize_tokens
+from quantkit.quant.activations import ActivationQuantizer, fake_quantize_tokens
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import QuantResult, QuantSpec
 

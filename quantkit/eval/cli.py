@@ -10,7 +10,7 @@ import click
 from quantkit.cli_options import output_option
 from quantkit.data.sources import PARTS
 from quantkit.errors import QuantkitError, first_line
-from quantkit.export.checkpoint import check_export_dir, is_quantkit_output
+from quantkit.export.reader import check_export_dir, is_quantkit_output
 
 PART_WORDS = {"heldout": "the held-out part (last 10% of each file's characters)",
               "train": "the train part (first 90% of each file's characters)", "all": "all the text"}

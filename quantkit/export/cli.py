@@ -25,13 +25,10 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
            private: bool | None) -> None:
     """Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."""
     from quantkit.errors import QuantkitError
-    from quantkit.export.checkpoint import (
-        REPORT,
-        SOURCE_FILES,
-        parse_size,
-        read_checkpoint,
-        write_checkpoint,
-    )
+    from quantkit.export.common import REPORT, SOURCE_FILES
+    from quantkit.export.reader import read_checkpoint
+    from quantkit.export.spool import parse_size
+    from quantkit.export.writer import write_checkpoint
     from quantkit.fsutil import check_output, check_output_dir
 
     limit = parse_size(max_shard_size)

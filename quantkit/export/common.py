@@ -1,7 +1,9 @@
-"""What every export format shares: result checks, per-module settings and the export plan."""
+"""What the writer, the reader and every format share: the checkpoint's file names, a checkpoint in memory, result
+checks, per-module settings and the export plan."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,9 +14,72 @@ from quantkit.errors import QuantkitError
 from quantkit.quant.spec import QuantResult
 
 VERSION = "0.1.0"
+MANIFEST = "quantkit.json"
+REPORT = "quantkit_report.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# tokenizer / processor / generation files an export carries from its source model
+SOURCE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
 # vLLM loads these linears of a layer as one fused module (its Llama-family packed_modules_mapping), looks
 # the fused name up in a GPTQ `dynamic` and needs one compressed-tensors scheme for all of them
 VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the quantized linears sit, for the quantization_config: a decoder layer's linears in solve order, the
+    number of decoder layers, and the nn.Linear modules kept in full precision."""
+
+    linear_order: tuple[str, ...] | None = None
+    n_blocks: int | None = None
+    fp_linears: tuple[str, ...] = ()
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> Layout:
+        """The layout quantkit.json recorded."""
+        order = manifest.get("linear_order")
+        return cls(tuple(order) if order else None, manifest.get("n_blocks"), tuple(manifest.get("fp_linears") or ()))
+
+
+@dataclass
+class Checkpoint:
+    """A quantkit checkpoint in memory: FP tensors, exact quantized results and metadata."""
+
+    config: dict  # config.json without quantization_config
+    manifest: dict
+    fp_tensors: dict[str, torch.Tensor]
+    results: dict[str, QuantResult]
+    path: Path | None = None
+    layout: Layout | None = None  # None: the manifest's (a checkpoint read back)
+
+
+def float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the first floating-point tensor (float32 where there is none)."""
+    for t in tensors.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """A checkpoint's JSON file, indented."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 @dataclass(frozen=True)
@@ -141,11 +206,6 @@ def vllm_fused(names) -> list[tuple[str, tuple[str, ...]]]:
             if leaf == shards[0] and all(m in present for m in members):
                 out.append((parent + dot + fused, members))
     return out
-
-
-def n_groups_of(r: QuantResult) -> int:
-    """Number of quantization groups along the input dimension."""
-    return r.scales.shape[1]
 
 
 def trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:

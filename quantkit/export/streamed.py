@@ -10,10 +10,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from quantkit.export.checkpoint import write_checkpoint_streamed
+from quantkit.export.common import Layout
+from quantkit.export.writer import write_checkpoint_streamed
 from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models import adapter_for
-from quantkit.quant.spec import QuantResult
+from quantkit.quant.spec import QuantResult, QuantSpec
 
 
 class LayerResults(Protocol):
@@ -28,13 +29,13 @@ class LayerResults(Protocol):
 
 
 def export_streamed(
-    model: nn.Module, results: LayerResults, output: str | os.PathLike, *, fmt: str, source: str | None,
-    report: dict, overwrite: bool,
+    model: nn.Module, results: LayerResults, output: str | os.PathLike, *, fmt: str, spec: QuantSpec | None,
+    source: str | None, report: dict, overwrite: bool,
 ) -> Path:
     """Write the final checkpoint from the skeleton's non-layer tensors and `results`' layers.
 
     Layer by layer: each layer is read, encoded and spooled by write_checkpoint_streamed, then
-    freed, so memory does not grow with the number of layers.
+    freed, so memory does not grow with the number of layers; `spec` is the run's solver settings.
     """
     fix_mmap_threshold()  # for an export on its own; a streamed calibration has set it already
     adapter = adapter_for(model)
@@ -64,6 +65,6 @@ def export_streamed(
     fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    extra = {"linear_order": adapter.linear_names(), "n_blocks": n_layers, "fp_linears": fp_linears}
-    return write_checkpoint_streamed(config, parts(), output, fmt=fmt, extra=extra, source=source, report=report,
-                                     overwrite=overwrite)
+    layout = Layout(tuple(adapter.linear_names()), n_layers, tuple(fp_linears))
+    return write_checkpoint_streamed(config, parts(), output, fmt=fmt, spec=spec, layout=layout, source=source,
+                                     report=report, overwrite=overwrite)

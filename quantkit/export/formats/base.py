@@ -13,7 +13,7 @@ from quantkit.quant.spec import SUPPORTED_BITS, QuantResult
 
 class Format:
     """One export format. Subclasses set the class attributes and implement encode, decode and
-    quantization_config; the writer and reader in quantkit.export.checkpoint ask nothing else."""
+    quantization_config; the writer and reader (quantkit/export/writer.py, reader.py) ask nothing else."""
 
     name: str = ""
     help: str = ""  # one line for --format's help and the README

@@ -1,0 +1,78 @@
+"""Loading a quantkit checkpoint as a transformers model holding the dequantized float weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
+from quantkit.export.reader import read_checkpoint, read_json
+from quantkit.models.experts import fuse_experts, model_key, unfuse_experts
+
+
+def dense_state(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """FP tensors plus each quantized linear's dequantized weight (in `dtype`, default the FP dtype)."""
+    dtype = dtype or float_dtype(ckpt.fp_tensors)
+    state = dict(ckpt.fp_tensors)
+    for name, r in ckpt.results.items():
+        state[f"{name}.weight"] = r.dequantize().to(dtype)
+    return state
+
+
+def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
+    """Load any quantkit output as a transformers model holding the dequantized float weights (another
+    quantized checkpoint goes through transformers' own loader, with what it needs named if missing)."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    root = Path(path)
+    foreign = root.is_dir() and not (root / MANIFEST).is_file() and (root / "config.json").is_file()
+    if foreign and "quantization_config" in read_json(root / "config.json"):
+        from quantkit.models import load_model
+
+        return load_model(str(root))
+    ckpt = read_checkpoint(path)
+    config_cls = transformers.AutoConfig.for_model
+    cfg = dict(ckpt.config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise QuantkitError(f"{Path(path) / 'config.json'} has no model_type")
+    try:
+        config = config_cls(model_type, **cfg)
+    except Exception as err:  # noqa: BLE001
+        raise QuantkitError(f"cannot build a {model_type!r} config from {path}: {err}") from err
+    arch = (cfg.get("architectures") or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    dtype = float_dtype(ckpt.fp_tensors)
+    with no_init_weights():
+        if model_cls is not None:
+            model = model_cls._from_config(config, dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = dense_state(ckpt, dtype)
+    # experts are stored per expert: load them into per-expert linears, then join them into transformers' fused ones
+    unfused = unfuse_experts(model)
+    if unfused:
+        rename = model_key(model)
+        state = {rename(k): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise QuantkitError(f"{path}: tensor {unexpected[0]} does not belong to a {arch or model_type} model")
+    model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    really_missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
+    if really_missing:
+        raise QuantkitError(f"{path}: tensor {really_missing[0]} is missing; the checkpoint is incomplete")
+    if unfused:
+        fuse_experts(model)
+    act_bits = (ckpt.manifest.get("spec") or {}).get("act_bits")
+    if act_bits is not None:  # a W8A8/W4A8 export runs with its linears' inputs quantized, as it was calibrated
+        from quantkit.quant.activations import quantize_model_activations
+
+        quantize_model_activations(model, sorted(ckpt.results), int(act_bits))
+    model.eval()
+    return model

@@ -1,0 +1,109 @@
+"""Reading quantkit checkpoints back, in any export format: FP tensors and the exact quantized results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quantkit.errors import QuantkitError
+from quantkit.export.common import (
+    INDEX,
+    MANIFEST,
+    SINGLE,
+    Checkpoint,
+    StoredTensors,
+    check_result,
+    manifest_settings,
+)
+from quantkit.export.formats import format_for
+from quantkit.quant.spec import QuantResult
+
+
+def is_quantkit_output(path: str | os.PathLike) -> bool:
+    """Whether a directory is a quantkit export (it has quantkit.json)."""
+    return (Path(path).expanduser() / MANIFEST).is_file()
+
+
+def check_export_dir(path: str | os.PathLike) -> None:
+    """A quantkit output's safetensors headers are readable (its tensors are checked when read)."""
+    from quantkit.models.files import read_header
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        read_header(file)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a quantkit output (any format) back into FP tensors and exact QuantResults."""
+    root = Path(path)
+    if not root.is_dir():
+        raise QuantkitError(f"{root} is not a directory; give a quantkit output directory")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise QuantkitError(f"{root} is not a quantkit output (no {MANIFEST}); export it with quantkit first")
+    manifest = read_json(mpath)
+    config = read_json(root / "config.json")
+    declared = config.pop("quantization_config", None)
+    name = manifest.get("format")
+    try:
+        fmt = format_for(name)
+    except QuantkitError:
+        raise QuantkitError(f"{mpath} names unknown format {name!r}") from None
+    settings = manifest_settings(manifest, mpath)
+    fmt.check_declared(declared, settings, str(root))
+    tensors = _load_tensors(root)
+    sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}
+    stored = StoredTensors(root, tensors, sidecar)
+    results: dict[str, QuantResult] = {}
+    for module, setting in settings.items():
+        try:
+            r = fmt.decode(module, stored, setting)
+            check_result(module, r)
+        except QuantkitError as err:
+            raise QuantkitError(f"{root}: {module}'s stored tensors do not fit the {setting.bits}-bit g{setting.group_size} "
+                                f"setting quantkit.json gives it ({err}); the export is inconsistent, export it again") from None
+        results[module] = r
+    return Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or a QuantkitError saying the checkpoint is incomplete or broken."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise QuantkitError(f"{path} is missing; the checkpoint is incomplete") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QuantkitError(f"{path} is not valid JSON ({err}); re-export the checkpoint") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise QuantkitError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                out[k] = f.get_tensor(k)
+        return out
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QuantkitError(f"{path} is not a readable safetensors file ({msg}); it may be truncated or corrupt") from err
+
+
+def _load_tensors(root: Path) -> dict[str, torch.Tensor]:
+    index = root / INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise QuantkitError(f"{index} has no weight_map; re-export the checkpoint")
+        tensors: dict[str, torch.Tensor] = {}
+        for fname in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors(root / fname))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise QuantkitError(f"{index} lists {missing[0]} but no shard holds it; the checkpoint is incomplete")
+        return tensors
+    return _read_safetensors(root / SINGLE)
