@@ -230,7 +230,7 @@ def check_disjoint(model_dir: str, seeds: list[int], eval_seed: int) -> None:
         raise click.UsageError(f"example seeds {clashes} were training batches of {model_dir}")
 
 
-SMOOTHING = {"su": "uniform", "st": "tlq"}  # method-name token -> QuantSpec.smooth
+SMOOTHING = {"su": "uniform", "st": "tlq"}  # method-name token -> --smooth mode (engine.presolve.smoothing_mode)
 
 
 def uses_token_weights(engine_method: str, smooth: str) -> bool:
@@ -274,13 +274,15 @@ def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str
     """A copy of `model` quantized with the engine `method`, the calibration seconds and the names of the
     quantized linears; `extra` (vision, lm_head) goes to calibrate_model."""
     from quantkit.engine import calibrate_model
+    from quantkit.engine.presolve import smoothing_mode
+    from quantkit.quant.methods import method_for
     from quantkit.quant.spec import QuantSpec
 
     qmodel = copy.deepcopy(model)
     started = time.perf_counter()
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits, smooth=smooth)
-    calibration = calibrate_model(qmodel, samples, spec, method=method, token_weights=weights, progress=False,
-                                  fp_target=fp_target, **extra)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits)
+    calibration = calibrate_model(qmodel, samples, spec, method=method_for(method).with_presolve(smoothing_mode(smooth)),
+                                  token_weights=weights, progress=False, fp_target=fp_target, **extra)
     return qmodel, time.perf_counter() - started, list(calibration.results)
 
 

@@ -47,9 +47,11 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
 
     from quantkit.data import calibration_samples
     from quantkit.engine import calibrate_model
+    from quantkit.engine.presolve import smoothing_mode
     from quantkit.importance import tlq_token_weights
     from quantkit.models import load_model
     from quantkit.quant.activations import quantized_inputs
+    from quantkit.quant.methods import method_for
     from quantkit.quant.spec import QuantSpec
 
     torch.set_num_threads(1)
@@ -75,9 +77,10 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
                 weights = tlq_token_weights(model, samples, progress=False)
                 importance_s = time.perf_counter() - started
             quantized = copy.deepcopy(model)
-            spec = QuantSpec(bits=bits, group_size=-1, sym=True, act_bits=act_bits, smooth=smooth)
+            spec = QuantSpec(bits=bits, group_size=-1, sym=True, act_bits=act_bits)
             started = time.perf_counter()
-            calibration = calibrate_model(quantized, samples, spec, method=method,
+            calibration = calibrate_model(quantized, samples, spec,
+                                          method=method_for(method).with_presolve(smoothing_mode(smooth)),
                                           token_weights=weights if uses_weights else None, progress=False)
             row[f"{name}_calib_s"] = round(time.perf_counter() - started + (importance_s if uses_weights else 0.0), 2)
             with torch.no_grad(), quantized_inputs(quantized, list(calibration.results), act_bits):

@@ -226,7 +226,7 @@ def run_calibration(model, output, spec, *, calib=None, method: str = "gptq", **
     from quantkit.calibrate import run as runner
     from quantkit.calibrate.job import WEIGHT_OPTIONS
 
-    weights = {name: getattr(spec, name) for name in WEIGHT_OPTIONS} | {"smooth": spec.smooth}
+    weights = {name: getattr(spec, name) for name in WEIGHT_OPTIONS}
     job = build_job(model, calib, method=method, output_dir=output, **weights, **options)
     return runner.run_job(job).report
 

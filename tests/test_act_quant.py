@@ -153,7 +153,8 @@ def test_w8a8_calibration_runs_smoothed(tmp_path, method: str, smooth: str) -> N
     text = write_text(tmp_path / "t.txt")
     model, report = quantkit.quantize(str(model_dir), data=str(text), method=method, bits=8, group_size=-1, act_bits=8,
                                       smooth=smooth, nsamples=4, seqlen=16, progress=False)
-    assert report["spec"]["act_bits"] == 8 and report["spec"]["smooth"] == smooth
+    assert report["spec"]["act_bits"] == 8 and report["presolve"] == {"name": "smoothing", "weights": smooth,
+                                                                      "max_tokens": 4096}
     for layer in report["layers"]:
         assert set(layer["smoothing"]["folds"]) == {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
                                                     "mlp.up_proj"}
@@ -184,7 +185,7 @@ def test_cli_act_bits_and_smooth(tmp_path) -> None:
     assert done.exit_code == 0, done.output
     report = json.loads(done.output.strip().splitlines()[-1])
     # no --smooth: GPTQ with --act-bits smooths with uniform token weights (the default rule)
-    assert report["spec"]["act_bits"] == 8 and report["spec"]["smooth"] == "uniform"
+    assert report["spec"]["act_bits"] == 8 and report["presolve"]["weights"] == "uniform"
     manifest = json.loads((tmp_path / "out" / "quantkit.json").read_text())
     assert manifest["spec"]["act_bits"] == 8
     plain = runner.invoke(main, ["calibrate", str(model_dir), "--method", "gptq", "--bits", "4", "--group-size", "-1",
@@ -192,7 +193,7 @@ def test_cli_act_bits_and_smooth(tmp_path) -> None:
                                  "--seqlen", "16", "-o", str(tmp_path / "plain"), "--json"])
     assert plain.exit_code == 0, plain.output
     report = json.loads(plain.output.strip().splitlines()[-1])
-    assert "smooth" not in report["spec"]
+    assert report["presolve"] == {"name": "none"}
 
 
 def test_default_smoothing_rule() -> None:

@@ -13,7 +13,9 @@ import quantkit
 from quantkit.data.images import image_text_samples
 from quantkit.engine import calibrate_model
 from quantkit.engine.capture import model_inputs
+from quantkit.engine.smoothing import Smoothing
 from quantkit.export import save_quantized
+from quantkit.quant.methods import method_for
 from quantkit.quant.spec import QuantSpec
 
 pytest.importorskip("PIL")
@@ -26,8 +28,9 @@ def test_vlm_w8a8_keeps_the_vision_tower_fp(tmp_path) -> None:
     vision = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.visual."))
     before = {n: model.get_submodule(n).weight.detach().clone() for n in vision}
     samples = image_text_samples(write_image_dataset(tmp_path / "data", n=2), processor, nsamples=2, seed=0)
-    spec = QuantSpec(bits=8, group_size=-1, act_bits=8, smooth="uniform")
-    calibration = calibrate_model(model, samples, spec, method="gptq", progress=False)
+    spec = QuantSpec(bits=8, group_size=-1, act_bits=8)
+    gptq = method_for("gptq").with_presolve(Smoothing(weights="uniform"))
+    calibration = calibrate_model(model, samples, spec, method=gptq, progress=False)
     assert calibration.results and not any(n.startswith("model.visual.") for n in calibration.results)
     assert all("smoothing" in layer for layer in calibration.report["layers"])
     for name in vision:

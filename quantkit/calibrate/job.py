@@ -17,7 +17,7 @@ from typing import Any
 from quantkit.errors import QuantkitError
 from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, Method, method_for
 from quantkit.quant.recipe import Recipe, as_recipe
-from quantkit.quant.smooth import AUTO, resolve_smooth, smooth_uses_token_weights
+from quantkit.quant.smooth import AUTO, resolve_smooth
 from quantkit.quant.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ class QuantizationSpec:
 
     @property
     def token_weights(self) -> bool:
-        """Whether the run reads TLQ's token weights (for its solve or its smoothing search)."""
-        return self.method.token_weights or smooth_uses_token_weights(self.weights.smooth)
+        """Whether the run reads TLQ's token weights (for its solve or its pre-solve step)."""
+        return self.method.reads_token_weights
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class CalibrationJob:
         """What a resumed low-memory run must share with the interrupted one."""
         q, d = self.quantization, self.data
         return {"model": str(Path(self.model.name).resolve()), "method": q.method.name, "spec": q.weights.to_dict(),
+                "presolve": q.method.presolve.to_dict(),
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
                 "lm_head": q.lm_head, "vision": q.vision, "chat_template": d.chat_template,
@@ -244,9 +245,14 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
     method, fp_target = _method(o, run, data)
     act_order = o["act_order"]
     weights = QuantSpec(**{name: o[name] for name in WEIGHT_OPTIONS if name != "static_groups"},
-                        static_groups=act_order if o["static_groups"] is None else o["static_groups"],
-                        smooth=resolve_smooth(o["smooth"], o["act_bits"], method.token_weights))
+                        static_groups=act_order if o["static_groups"] is None else o["static_groups"])
     weights.validate()
+    from quantkit.engine.presolve import smoothing_mode
+
+    # the smoothing step (--smooth; auto: quantkit.quant.smooth.default_smooth), checked against the method
+    step = smoothing_mode(resolve_smooth(o["smooth"], o["act_bits"], method.token_weights))
+    step.check(method)
+    method = method.with_presolve(step)
     recipe = as_recipe(o["recipe"])
     importance = o["importance"]
     if importance:
@@ -260,10 +266,6 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
         raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {method} reads none")
     quantization = QuantizationSpec(weights=weights, method=method, fp_target=method.fp_target_on(fp_target),
                                     lm_head=o["lm_head"], vision=o["vision"], recipe=recipe, importance=importance)
-    if smooth_uses_token_weights(weights.smooth) and method.needs_activations and not method.token_weights:
-        # the token weights a run is given weigh its solve too: TLQ-weighted smoothing goes with TLQ
-        raise QuantkitError(f"--smooth tlq weighs tokens as TLQ does, and {method} solves unweighted; "
-                            "pass --method tlq (or rtn), or --smooth uniform")
     if quantization.token_weights and run.low_memory and data.calib_set is None:
         what = method if method.token_weights else "--smooth tlq"
         raise QuantkitError(f"{what} with --low-memory needs token weights from a --calib-set (quantkit importance)")

@@ -28,7 +28,6 @@ from quantkit.engine.checks import candidate_linears, check_model
 from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import HessianObserver, propagate, quantize_head, quantize_layer
 from quantkit.engine.plan import LinearPlan
-from quantkit.engine.smoothing import smooth_layer
 from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
 from quantkit.engine.weights import LayerWeights, TokenWeights, as_layer_weights, diagnose_layer
 from quantkit.errors import QuantkitError
@@ -38,7 +37,6 @@ from quantkit.models.base import Adapter
 from quantkit.quant.activations import quantized_inputs
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.recipe import Recipe
-from quantkit.quant.smooth import smooth_uses_token_weights, smooths
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 # Samples per layer pass where they can be stacked (see stack_samples).
@@ -218,23 +216,20 @@ def run_layers(
     store.restore(inputs, fp_inputs)
     desc = f"calibrate {method.name} w{spec.bits}" + (" (low memory)" if store.low_memory else "")
     bar = tqdm(range(start, n_layers), desc=desc, disable=not progress or comm.rank != 0)
-    sample_ids = shard(range(len(samples)), comm)  # this rank's samples' places in the whole set (smoothing)
+    sample_ids = shard(range(len(samples)), comm)  # this rank's samples' places in the whole set (pre-solve)
     for index in bar:
         comm.enter_layer(index)
         layer_started = time.perf_counter()
         layer = store.load(index).to(device)
         weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
-        smooth_report = None
-        if smooths(spec.smooth):  # before the FP stream's pass, so the FP target is read in the smoothed basis
-            smooth_report = smooth_layer(layer, adapter, inputs, spec,
-                                         weights if smooth_uses_token_weights(spec.smooth) else None,
-                                         comm=comm, sample_ids=sample_ids)
+        # before the FP stream's pass, so the FP target is read in the transformed basis
+        presolve_report = method.presolve.apply(layer, adapter, inputs, spec, weights, comm=comm, sample_ids=sample_ids)
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm,
             observer, fp_inputs, store.fp_dir, plan,
         )
-        if smooth_report is not None and not method.needs_activations:
-            # quantize_layer leaves the stream where it is for RTN; the next layer's smoothing reads it
+        if presolve_report is not None and not method.needs_activations:
+            # quantize_layer leaves the stream where it is for RTN; the next layer's pre-solve step reads it
             quantized = [n for n in adapter.linear_names() if plan.settings(f"{adapter.layer_prefix(index)}.{n}")]
             with quantized_inputs(layer, quantized, spec.act_bits):
                 propagate(layer, inputs)
@@ -244,8 +239,8 @@ def run_layers(
             if chosen is not None and (chosen.method == method or chosen.method.token_weights):
                 linear_reports[name]["token_weights"] = entry
         report = {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": linear_reports}
-        if smooth_report is not None:
-            report["smoothing"] = smooth_report
+        if presolve_report is not None:
+            report[method.presolve.name] = presolve_report
         store.finish(index, layer, layer_results, report, inputs, fp_inputs)
     head_report = None
     if lm_head:
@@ -259,6 +254,7 @@ def run_layers(
         "lm_head": head_report,
         "vision": vision_report,
         "spec": spec.to_dict(),
+        "presolve": method.presolve.to_dict(),
         "recipe": None if recipe is None else recipe.to_dict(),
         # the linears the recipe leaves in full precision
         "ignored": sorted(name for name in candidate_linears(model, adapter, lm_head=lm_head, vision=vision)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,7 +19,9 @@ from torch import nn
 from quantkit.engine.capture import LayerInputs, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.weights import LayerWeights
+from quantkit.errors import QuantkitError
 from quantkit.models.base import Adapter, Fold, get_module
+from quantkit.quant.presolve import PreSolve
 from quantkit.quant.smooth import divide_rows, fold_error, scale_columns, search_alpha
 from quantkit.quant.spec import QuantSpec
 
@@ -151,3 +155,40 @@ def smooth_layer(layer: nn.Module, adapter: Adapter, inputs: LayerInputs, spec: 
         report["folds"][fold.source] = {"alpha": alpha, "error": errors[alpha], "error_unsmoothed": unsmoothed,
                                         "tokens": int(entry["rows"].shape[0])}
     return report
+
+
+@dataclass(frozen=True)
+class Smoothing(PreSolve):
+    """The smoothing pre-solve step (smooth_layer on every decoder layer); its options: the token weights of the
+    alpha search (uniform, or TLQ's importance) and how many tokens it keeps."""
+
+    weights: str = "uniform"  # uniform | tlq
+    max_tokens: int = SEARCH_TOKENS
+    name: ClassVar[str] = "smoothing"
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("uniform", "tlq"):
+            raise QuantkitError(f"smoothing weighs tokens uniformly or by TLQ's importance (uniform, tlq), "
+                                f"got {self.weights!r}")
+
+    @property
+    def token_weights(self) -> bool:
+        """TLQ-weighted smoothing reads the run's token weights."""
+        return self.weights == "tlq"
+
+    def check(self, method: Any) -> None:
+        """The token weights a run is given weigh its solve too: TLQ-weighted smoothing goes with a method that
+        weighs tokens (or one that reads no activations)."""
+        if self.token_weights and method.needs_activations and not method.token_weights:
+            raise QuantkitError(f"--smooth tlq weighs tokens as TLQ does, and {method} solves unweighted; "
+                                "pass --method tlq (or rtn), or --smooth uniform")
+
+    def apply(self, layer: nn.Module, adapter: Adapter, inputs: LayerInputs, spec: QuantSpec,
+              weights: LayerWeights | None, *, comm: Comm, sample_ids: Sequence[int]) -> dict:
+        """smooth_layer with this step's token weights and token budget."""
+        return smooth_layer(layer, adapter, inputs, spec, weights if self.token_weights else None, self.max_tokens,
+                            comm=comm, sample_ids=sample_ids)
+
+    def to_dict(self) -> dict:
+        """The step and its options."""
+        return {"name": self.name, "weights": self.weights, "max_tokens": self.max_tokens}

@@ -39,8 +39,9 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
     }
     act_bits = spec.get("act_bits")
     if act_bits is not None:  # inputs quantized per token too (weight-only cards read as before)
+        presolve = report.get("presolve") or {}
         quantization.update(act_bits=act_bits, act_strategy="token, dynamic, symmetric",
-                            smooth=(report.get("spec") or {}).get("smooth", "none"))
+                            smooth=presolve.get("weights", "none"))
     calibration = {"data": report.get("calib_set") or report.get("calib"), "part": report.get("part"),
                    "nsamples": report.get("nsamples"), "seqlen": report.get("seqlen"), "seed": report.get("seed")}
     data = ModelCardData(

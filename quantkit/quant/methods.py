@@ -1,20 +1,21 @@
 """Quantization methods as objects, in one registry: what statistics each needs and how it solves.
 
 A method is a solver plus what the engine must gather for it: the calibration activations
-(Hessians; RTN reads none), token importance weights (TLQ), and whether it fits the FP model's
-output by default. A new method (AWQ, a vector quantizer) is one Method here and, if it needs a
+(Hessians; RTN reads none), token importance weights (TLQ), whether it fits the FP model's
+output by default, and a pre-solve step run on each layer first (quantkit.quant.presolve). A new method (AWQ, a vector quantizer) is one Method here and, if it needs a
 new solver, one file beside quantkit/quant/gptq.py. Nothing outside this file compares method names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.gptq import gptq_solve
+from quantkit.quant.presolve import NO_PRESOLVE, PreSolve
 from quantkit.quant.rtn import rtn_solve
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -31,6 +32,17 @@ class Method:
     token_weights: bool  # weighs tokens by importance (quantkit.importance), else every weight is 1
     fp_target_default: bool  # fits the FP model's output unless told otherwise
     summary: str
+    # work on each layer before its solves, with its own options (quantkit.quant.presolve; smoothing, AWQ...)
+    presolve: PreSolve = field(default=NO_PRESOLVE, compare=False)
+
+    def with_presolve(self, step: PreSolve) -> Method:
+        """This method with pre-solve `step` on every layer (PreSolve.check says whether a run should pair them)."""
+        return replace(self, presolve=step)
+
+    @property
+    def reads_token_weights(self) -> bool:
+        """Whether a run of this method needs TLQ's token weights: for its solve, or for its pre-solve step."""
+        return self.token_weights or self.presolve.token_weights
 
     def fp_target_on(self, fp_target: bool | None) -> bool:
         """Whether a run carries the FP stream: None means this method's default; never without activations."""

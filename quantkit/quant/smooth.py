@@ -54,16 +54,6 @@ def resolve_smooth(mode: str, act_bits: int | None, token_weights: bool) -> str:
     return default_smooth(act_bits, token_weights) if mode == AUTO else check_smooth(mode)
 
 
-def smooths(mode: str) -> bool:
-    """Whether a smoothing mode smooths at all."""
-    return check_smooth(mode) != "none"
-
-
-def smooth_uses_token_weights(mode: str) -> bool:
-    """Whether a smoothing mode's search weighs tokens by TLQ's importance weights."""
-    return check_smooth(mode) == "tlq"
-
-
 def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """max |w| per input column over every output row of every given [out, in] weight."""
     return torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)

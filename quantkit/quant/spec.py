@@ -29,7 +29,6 @@ class QuantSpec:
     mse: bool = False  # search a clipping ratio that minimises the grid's MSE
     # Per-token dynamic symmetric activation bits of every quantized linear's input (None: weight-only).
     act_bits: int | None = None
-    smooth: str = "none"  # smoothing before the solve: none, uniform or tlq token weights (quant/smooth.py)
 
     def validate(self, in_features: int | None = None) -> None:
         """Raise QuantkitError if the settings cannot be honoured."""
@@ -52,17 +51,13 @@ class QuantSpec:
             raise QuantkitError(
                 "--act-bits needs per-channel symmetric weights (the int8 kernels' layout); pass --group-size -1 --sym"
             )
-        if self.smooth not in ("none", "uniform", "tlq"):
-            raise QuantkitError(f"--smooth must be one of none, uniform, tlq, got {self.smooth!r}")
 
     def to_dict(self) -> dict:
-        """Plain-dict form for reports and manifests (activation settings only when they are on, so that
+        """Plain-dict form for reports and manifests (activation bits only when they are on, so that
         weight-only reports and fingerprints read as before)."""
         out = asdict(self)
         if out["act_bits"] is None:
             del out["act_bits"]
-        if out["smooth"] == "none":
-            del out["smooth"]
         return out
 
 
