@@ -7,7 +7,6 @@ build_job checks everything that needs no file: each option on its own and the o
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -19,8 +18,6 @@ from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, Method, meth
 from quantkit.quant.recipe import Recipe, as_recipe
 from quantkit.quant.smooth import AUTO, resolve_smooth
 from quantkit.quant.spec import QuantSpec
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +63,7 @@ class QuantizationSpec:
     vision: bool = False  # quantize a VLM's vision tower and projector too
     recipe: Recipe | None = None  # which linears, and per-module settings (quantkit.quant.recipe)
     importance: dict | None = None  # TLQ's gradient-pass options (quantkit.importance.tlq_token_weights)
+    notice: str | None = None  # said once the run starts (the default method that could not be had)
 
     @property
     def token_weights(self) -> bool:
@@ -223,26 +221,27 @@ def _run_spec(o: dict) -> RunSpec:
                    hooks=o["hooks"])
 
 
-def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None]:
-    """The method (the default where none is named) and the FP-target setting (None: the method's default)."""
+def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None, str | None]:
+    """The method (the default where none is named), the FP-target setting (None: the method's default) and a
+    notice where the default could not be had."""
     if o["method"] is not None:
-        return method_for(o["method"]), o["fp_target"]
+        return method_for(o["method"]), o["fp_target"], None
     method = method_for(DEFAULT_METHOD)
     if method.token_weights and run.low_memory and data.calib_set is None:
         # a streamed run loads no whole model, and TLQ's gradient pass needs one: TLQ without its token weights
         fallback = method_for(FALLBACK_METHOD)
         fp_target = method.fp_target_on(o["fp_target"])
-        logger.warning("--low-memory computes no token weights without a --calib-set: calibrating with %s%s instead "
-                       "of %s; make a set with `quantkit importance` for %s", fallback,
-                       " and the FP target" if fp_target else "", method, method)
-        return fallback, fp_target
-    return method, o["fp_target"]
+        notice = (f"--low-memory computes no token weights without a --calib-set: calibrating with {fallback}"
+                  f"{' and the FP target' if fp_target else ''} instead of {method}; make a set with "
+                  f"`quantkit importance` for {method}")
+        return fallback, fp_target, notice
+    return method, o["fp_target"], None
 
 
 def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpec:
     if o["static_groups"] and not o["act_order"]:
         raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
-    method, fp_target = _method(o, run, data)
+    method, fp_target, notice = _method(o, run, data)
     act_order = o["act_order"]
     weights = QuantSpec(**{name: o[name] for name in WEIGHT_OPTIONS if name != "static_groups"},
                         static_groups=act_order if o["static_groups"] is None else o["static_groups"])
@@ -265,7 +264,8 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
     if fp_target and not method.needs_activations:
         raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {method} reads none")
     quantization = QuantizationSpec(weights=weights, method=method, fp_target=method.fp_target_on(fp_target),
-                                    lm_head=o["lm_head"], vision=o["vision"], recipe=recipe, importance=importance)
+                                    lm_head=o["lm_head"], vision=o["vision"], recipe=recipe, importance=importance,
+                                    notice=notice)
     if quantization.token_weights and run.low_memory and data.calib_set is None:
         what = method if method.token_weights else "--smooth tlq"
         raise QuantkitError(f"{what} with --low-memory needs token weights from a --calib-set (quantkit importance)")

@@ -42,6 +42,12 @@ def preflight(job: CalibrationJob) -> ModelFiles:
             from quantkit.models.checks import check_weight_files
 
             check_weight_files(files.weight_files, model.name)  # streamed layers are never all in memory at once
+    if q.vision:
+        from quantkit.models import adapter_for
+
+        if not adapter_for(files.config).vision:
+            raise QuantkitError(f"{adapter_for(files.config).name} models have no vision side to quantize; "
+                                "drop --quantize-vision")
     if data.source is not None or data.records is not None:
         check_seqlen(files.config, data.seqlen)
     if data.source is not None:

@@ -70,6 +70,8 @@ def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
     # before the model is loaded: minutes to hours of calibration must not end in a refused export
     files = preflight(job)
     job = replace(job, model=replace(job.model, files=files))  # read once: the loading reuses it
+    if job.quantization.notice:
+        logger.warning(job.quantization.notice)
     run, output = job.run, job.export.output
     q = job.quantization
     logger.info("calibrating %s: %s w%d g%d on %s, %d ranks%s", job.model.name, q.method, q.weights.bits,
