@@ -324,7 +324,7 @@ def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> Non
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
         run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=16), method="gptq", calib=dataset,
-                        nsamples=4, fmt="fake", progress=False, nproc=nproc, vision=True)
+                        nsamples=4, format="fake", progress=False, nproc=nproc, vision=True)
         tensors[nproc] = {k: v for path in sorted(out.glob("*.safetensors")) for k, v in load_file(path).items()}
     assert tensors[1].keys() == tensors[2].keys()
     vision = [k for k in tensors[1] if "vision_tower.encoder" in k and k.endswith("proj.weight")]
