@@ -1,7 +1,7 @@
 """GPTQ wall time of distributed calibration: 1 vs 2 ranks (gloo, CPU, one torch thread per rank).
 
 Builds a random Llama (default 12 layers, width 1024) with a character tokenizer in a temp dir,
-runs `run_calibration` with --nproc 1 and 2 in fresh subprocesses, and prints JSON with the
+runs a calibration job (quantkit.calibrate.build_job, run_job) with --nproc 1 and 2 in fresh subprocesses, and prints JSON with the
 calibration-loop seconds, the whole-command seconds and the peak RSS of every rank, also less the
 rank's RSS when calibration started (the model loaded: what activations, Hessians and the current
 layer's work add), and the bytes of each rank's hidden states (its shard of the activations).

@@ -20,7 +20,7 @@ import torch
 
 import quantkit
 from quantkit.export import FORMATS, save_quantized
-from quantkit.quant import QuantSpec, solver_for
+from quantkit.quant import QuantSpec, method_for
 
 REF_LM = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-lm"
 
@@ -28,7 +28,7 @@ REF_LM = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-lm"
 def quantize(model: torch.nn.Module, spec: QuantSpec) -> tuple[dict, float]:
     """RTN every decoder-layer linear in place; return results and seconds spent."""
     t0 = time.perf_counter()
-    rtn = solver_for("rtn")
+    rtn = method_for("rtn").solve
     results = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:

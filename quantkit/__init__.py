@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 
 from quantkit.errors import QuantkitError
+from quantkit.version import __version__
 
 # Library convention: quantkit's log records (logger "quantkit" and its children) go nowhere unless the
 # application configures logging; the CLI sends warnings (with --debug, everything) to stderr.
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
 
 __all__ = ["Override", "QuantkitError", "Quantized", "Recipe", "__version__", "load_quantized", "quantize"]
 

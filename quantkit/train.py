@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -66,24 +67,38 @@ def _save(model, tokenizer, out: Path, info: dict) -> None:
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """The model a training run builds and how it is optimised (train_causal_lm's keyword settings)."""
+
+    vocab_size: int = 2048  # of the BPE tokenizer trained when none is given
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int | None = None  # default: about 8/3 of the hidden size, a multiple of 32
+    seqlen: int = 128
+    batch_size: int = 16
+    steps: int = 500
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup: int = 20
+    schedule: str = "cosine"  # or "constant"
+    seed: int = 0
+
+    @classmethod
+    def of(cls, settings: dict) -> TrainSettings:
+        """The settings named in `settings`, the defaults for the rest; QuantkitError naming an unknown one."""
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QuantkitError(f"unknown training settings {unknown}; known: {', '.join(f.name for f in fields(cls))}")
+        return cls(**settings)
+
+
 def train_causal_lm(
     texts: Sequence[str],
     out_dir: str | os.PathLike,
     *,
     tokenizer=None,
-    vocab_size: int = 2048,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    seqlen: int = 128,
-    batch_size: int = 16,
-    steps: int = 500,
-    lr: float = 3e-3,
-    weight_decay: float = 0.1,
-    warmup: int = 20,
-    schedule: str = "cosine",
-    seed: int = 0,
     save_steps: Sequence[int] = (),
     max_seconds: float | None = None,
     corpora: Sequence[str] = (),
@@ -92,9 +107,11 @@ def train_causal_lm(
     progress: bool = True,
     model_type: str = "llama",
     config_extra: dict | None = None,
+    **settings,
 ) -> Path:
     """Train a Llama LM (or another transformers `model_type`, with `config_extra` for its own fields: a
     mixture of experts' expert count and width) with AdamW + warmup/cosine on CPU; save it (safetensors), its tokenizer and training.json.
+    `settings` are TrainSettings' fields (model shape, optimisation, seed).
 
     Batches are random windows of `seqlen` tokens from the eos-joined token stream, drawn from a
     torch.Generator seeded with `seed`; the run is deterministic given the seed and the thread count.
@@ -104,6 +121,10 @@ def train_causal_lm(
     stops when either reaches 1 (then the step count depends on the machine's speed).
     Checkpoints at `save_steps` go to out_dir/steps/stepN. Returns out_dir.
     """
+    t = TrainSettings.of(settings)
+    vocab_size, hidden_size, num_layers, num_heads = t.vocab_size, t.hidden_size, t.num_layers, t.num_heads
+    intermediate_size, seqlen, batch_size, steps, lr = t.intermediate_size, t.seqlen, t.batch_size, t.steps, t.lr
+    weight_decay, warmup, schedule, seed = t.weight_decay, t.warmup, t.schedule, t.seed
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if steps <= 0 or batch_size <= 0 or seqlen < 2:

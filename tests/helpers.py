@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -178,6 +178,20 @@ def assert_fault(root: Path, args: list, fragment: str, code: int = 2) -> str:
     return line
 
 
+def ct_divisor(bits: int) -> float:
+    """compressed-tensors' symmetric scale divisor (its own fake-quantization, what transformers applies when it
+    loads an export): half the integer range, (2**bits - 1) / 2."""
+    return ((1 << bits) - 1) / 2
+
+
+def observing(on_hessian):
+    """A one-process Comm whose hooks show every Hessian (and FP-target cross term) a solver is given:
+    on_hessian(full_linear_name, normalised_hessian, cross_term_or_None)."""
+    from quantkit.engine.comm import Comm, Hooks
+
+    return Comm(hooks=Hooks(on_hessian=on_hessian))
+
+
 @dataclass(frozen=True)
 class FailAt:
     """Hooks.on_layer fault: rank `rank` raises (or, with kill, dies by SIGKILL) on entering layer `layer`."""
@@ -213,7 +227,7 @@ def with_hooks(monkeypatch, **hooks) -> None:
     real = getattr(run.run_job, "unhooked", run.run_job)  # a second call replaces the first one's hooks
 
     def hooked(job):
-        return real(job.with_hooks(Hooks(**hooks)))
+        return real(replace(job, run=replace(job.run, hooks=Hooks(**hooks))))
 
     hooked.unhooked = real
     monkeypatch.setattr(run, "run_job", hooked)
@@ -239,7 +253,8 @@ def cli_command(*args, hooks: str | None = None) -> list[str]:
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from helpers import *\nfrom quantkit.engine.comm import Hooks\nfrom quantkit.calibrate import run\n"
-        f"real = run.run_job\nrun.run_job = lambda job: real(job.with_hooks({hooks}))\n"
+        "from dataclasses import replace\n"
+        f"real = run.run_job\nrun.run_job = lambda job: real(replace(job, run=replace(job.run, hooks={hooks})))\n"
         "from quantkit.cli import main\nsys.argv[0] = 'quantkit'\nmain()\n"
     )
     return [sys.executable, "-c", code, *map(str, args)]

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import ct_divisor, observing
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.activations import (
     ActivationQuantizer,
-    ct_divisor,
     fake_quantize_tokens,
     quantized_inputs,
 )
@@ -98,7 +98,7 @@ def test_calibration_is_quantization_exposed() -> None:
     samples = [{"input_ids": torch.randint(0, 64, (1, 16))} for _ in range(4)]
     observed = {}
     calibrate_model(model, samples, QuantSpec(bits=8, group_size=-1, act_bits=8), method="gptq", progress=False,
-                    observer=lambda name, h, cross: observed.setdefault(name, h.clone()))
+                    comm=observing(lambda name, h, cross: observed.setdefault(name, h.clone())))
     name = "model.layers.1.self_attn.q_proj"
 
     def q_proj_inputs(exposed: bool) -> torch.Tensor:

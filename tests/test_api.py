@@ -169,7 +169,7 @@ def test_logging_and_transformers_settings(run, caplog) -> None:
 def test_fit_limits_blas_threads_with_threadpoolctl() -> None:
     from threadpoolctl import threadpool_info
 
-    from quantkit.qid.fit import single_threaded_blas
+    from quantkit.qid.regression import single_threaded_blas
 
     with single_threaded_blas():
         assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import observing
 from torch import nn
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
 
@@ -90,7 +91,7 @@ def record_calibration(model: nn.Module, samples: list[dict], spec: QuantSpec = 
     """Calibrate `model` in place with GPTQ; return (results, report, Hessians given to the solver)."""
     seen: dict[str, torch.Tensor] = {}
     cal = calibrate_model(model, samples, spec, method="gptq", progress=False,
-                          observer=lambda name, h, cross: seen.__setitem__(name, h.clone()), **kw)
+                          comm=observing(lambda name, h, cross: seen.__setitem__(name, h.clone())), **kw)
     return cal.results, cal.report, seen
 
 
@@ -279,7 +280,7 @@ def test_fp_target_fits_fp_outputs_from_full_model_forwards(kind: str) -> None:
     handed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     cal = calibrate_model(model, samples, SPEC, method="tlq", progress=False, fp_target=True,
                           token_weights=lambda layer: per_layer[layer],
-                          observer=lambda name, h, cross: handed.__setitem__(name, (h.clone(), cross.clone())))
+                          comm=observing(lambda name, h, cross: handed.__setitem__(name, (h.clone(), cross.clone()))))
     assert cal.report["fp_target"] is True
     adapter = adapter_for(ref)
     moved = 0
@@ -365,7 +366,7 @@ def test_group_size_not_dividing_width_fails_before_work() -> None:
     calls = []
     with pytest.raises(QuantkitError, match="does not divide the input width 64"):
         calibrate_model(model, tiny_samples(), QuantSpec(bits=4, group_size=48), progress=False,
-                        observer=lambda n, h, cross: calls.append(n))
+                        comm=observing(lambda n, h, cross: calls.append(n)))
     assert not calls
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -376,7 +377,7 @@ def test_nan_weight_fails_before_work() -> None:
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     calls = []
     with pytest.raises(QuantkitError, match=r"model\.layers\.1\.mlp\.down_proj.*NaN"):
-        calibrate_model(model, tiny_samples(), SPEC, progress=False, observer=lambda n, h, cross: calls.append(n))
+        calibrate_model(model, tiny_samples(), SPEC, progress=False, comm=observing(lambda n, h, cross: calls.append(n)))
     assert not calls
     assert torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
 

@@ -506,14 +506,14 @@ def test_ref_lm_round_trip(tmp_path: Path, ref_lm: Path) -> None:
     """The shared reference LM (tied embeddings): RTN 4-bit, every format loads back to the same weights."""
     from transformers import AutoModelForCausalLM
 
-    from quantkit.quant import QuantSpec, solver_for
+    from quantkit.quant import QuantSpec, method_for
 
     model = AutoModelForCausalLM.from_pretrained(ref_lm).eval()
     spec = QuantSpec(bits=4, group_size=64, sym=True)
     results = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.0."):
-            results[name] = solver_for("rtn")(mod.weight.data, None, spec, name)
+            results[name] = method_for("rtn").solve(mod.weight.data, None, spec, name)
             mod.weight.data = results[name].dequantize()
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     ref = logits(model, ids)

@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
+from helpers import ct_divisor
 from safetensors import safe_open
 
 import quantkit
 from quantkit.errors import QuantkitError
 from quantkit.export import read_checkpoint, write_checkpoint
-from quantkit.quant.activations import ActivationQuantizer, ct_divisor
+from quantkit.quant.activations import ActivationQuantizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, make_tokenizer, save_tiny_llama, write_text
+from helpers import WORDS, make_tokenizer, observing, save_tiny_llama, write_text
 
 import quantkit
 from quantkit.data.calibration import memory_calibration
@@ -138,7 +138,7 @@ def test_report_gives_the_error_of_plain_rounding_beside_the_solvers(tiny: dict,
     seen: dict[str, torch.Tensor] = {}
     spec = QuantSpec(bits=3, group_size=32)
     report = calibrate_model(model, samples, spec, method=method, progress=False,
-                             observer=lambda name, h, cross: seen.__setitem__(name, h.clone())).report
+                             comm=observing(lambda name, h, cross: seen.__setitem__(name, h.clone()))).report
     for layer in report["layers"]:
         for short, entry in layer["linears"].items():
             name = f"model.layers.{layer['layer']}.{short}"

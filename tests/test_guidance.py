@@ -25,8 +25,14 @@ from quantkit.importance import (
 )
 from quantkit.models import adapter_for, get_module
 from quantkit.quant import QuantSpec, gptq_solve
-from quantkit.quant.cd import layer_objective, refine_codes
+from quantkit.quant.cd import refine_codes
 from quantkit.quant.gptaq import gptaq_solve
+
+
+def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Reference: tr((W - Q) H (W - Q)^T) in float64."""
+    delta = (weight - quantized).double()
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
 
 
 def tiny_model(kind: str = "llama", layers: int = 3, seed: int = 0) -> torch.nn.Module:

@@ -86,7 +86,7 @@ def test_streamed_writer_matches_in_memory_writer_byte_for_byte(tmp_path: Path, 
     """write_checkpoint_streamed (a layer at a time, spooled to disk) == write_checkpoint (one piece in memory):
     files, bytes, index."""
     from quantkit.export import Checkpoint, Layout, write_checkpoint, write_checkpoint_streamed
-    from quantkit.quant import solver_for
+    from quantkit.quant import method_for
 
     torch.manual_seed(0)
     spec = QuantSpec(bits=4, group_size=32, sym=fmt != "gptq")
@@ -96,7 +96,7 @@ def test_streamed_writer_matches_in_memory_writer_byte_for_byte(tmp_path: Path, 
     for i in range(11):  # 11 layers: natural order (2 < 10) differs from safetensors' name order
         fp = {f"model.layers.{i}.input_layernorm.weight": torch.rand(64).half(),
               f"model.layers.{i}.mlp.up_proj.bias": torch.rand(96).half()}
-        res = {f"model.layers.{i}.{n}": solver_for("rtn")(torch.randn(o, 64), None, spec)
+        res = {f"model.layers.{i}.{n}": method_for("rtn").solve(torch.randn(o, 64), None, spec)
                for n, o in (("self_attn.q_proj", 64), ("mlp.up_proj", 96))}
         layers.append((fp, res))
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}

@@ -18,9 +18,9 @@ from quantkit.qid.fit import (
     fit_table,
     fit_unified,
     format_fits,
-    huber_objective,
 )
 from quantkit.qid.laws import PUBLISHED_LAWS, UnifiedLaw, law_from_fit
+from quantkit.qid.regression import huber_objective
 from quantkit.qid.table import COLUMNS, TableWriter, parse_table, read_table
 
 TRUE = UnifiedLaw(k=0.05, alpha=0.3, beta=0.6, gamma=4.0)

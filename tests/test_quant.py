@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,8 @@ from quantkit.quant import (
     QuantResult,
     QuantSpec,
     gptq_solve,
+    method_for,
     rtn_solve,
-    solver_for,
 )
 from quantkit.quant.grid import dequantize, fit_grid, quantize
 
@@ -280,11 +278,11 @@ def test_invalid_specs_and_shapes_raise() -> None:
 
 
 def test_solver_lookup() -> None:
-    assert solver_for("rtn") is rtn_solve
-    assert solver_for("gptq") is gptq_solve
-    assert solver_for("TLQ") is gptq_solve
+    assert method_for("rtn").solve is rtn_solve
+    assert method_for("gptq").solve is gptq_solve
+    assert method_for("TLQ").solve is gptq_solve
     with pytest.raises(QuantkitError, match="gptq.*rtn.*tlq"):
-        solver_for("awq")
+        method_for("awq")
 
 
 def test_non_positive_definite_hessian_raises() -> None:
@@ -459,14 +457,3 @@ def test_lazy_block_size_does_not_change_the_solution(group_size: int) -> None:
         assert (result.qweight == reference.qweight).float().mean() > 0.999
         assert torch.allclose(result.scales, reference.scales, rtol=2e-3, atol=0)
         assert loss == pytest.approx(reference_loss, rel=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("QUANTKIT_SLOW") != "1", reason="benchmark: set QUANTKIT_SLOW=1")
-def test_gptq_speed_at_real_layer_size() -> None:
-    weight = torch.randn(4096, 11008) * 0.02
-    inputs = torch.randn(11008, 256) @ torch.randn(256, 4096) + 0.1 * torch.randn(11008, 4096)
-    hessian = hessian_of(inputs)
-    started = time.perf_counter()
-    gptq_solve(weight, hessian, QuantSpec(bits=4, group_size=128, act_order=True))
-    print(f"gptq 4096x11008 w4g128 act-order: {time.perf_counter() - started:.1f} s")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from helpers import VLM_FAMILIES, build_vlm
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
 
 from quantkit.engine.capture import capture_layer_inputs
 from quantkit.engine.smoothing import apply_fold, legal_folds, smooth_layer
@@ -13,14 +14,23 @@ from quantkit.models import adapter_for, get_module
 from quantkit.quant.smooth import ALPHA_GRID, search_alpha
 from quantkit.quant.spec import QuantSpec
 
+# The text families whose adapters declare smoothing folds, as tiny configs of transformers' own classes.
+CONFIGS = {
+    "llama": lambda common, kv: LlamaConfig(intermediate_size=64, num_key_value_heads=kv, **common),
+    "qwen2": lambda common, kv: Qwen2Config(intermediate_size=64, num_key_value_heads=kv, **common),
+    "gpt_neox": lambda common, kv: GPTNeoXConfig(intermediate_size=64, **common),
+    "opt": lambda common, kv: OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **common),
+}
 
-def tiny(family: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A float64 two-layer model with random norm weights and biases (so each fold has something to scale)."""
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv_heads, max_position_embeddings=64)
-    config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).double().eval()
+
+def config_of(family: str, kv_heads: int = 4):
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    return CONFIGS[family](common, kv_heads)
+
+
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Random norm weights and biases (so each fold has something to scale), in float64."""
+    model = model.double().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -28,6 +38,16 @@ def tiny(family: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Module:
             elif name.endswith("bias"):
                 param.copy_(torch.randn_like(param))
     return model
+
+
+def tiny(family: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A float64 two-layer model of a text family with random norm weights and biases."""
+    torch.manual_seed(seed)
+    return randomise(AutoModelForCausalLM.from_config(config_of(family, kv_heads)))
+
+
+# every fold of every text family's adapter
+TEXT_FOLDS = [(family, index) for family in CONFIGS for index in range(len(adapter_for(config_of(family)).smooth_folds))]
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -39,11 +59,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("fold_index", range(4))
-def test_each_fold_keeps_the_fp_logits(family: str, fold_index: int) -> None:
-    model = tiny(family)
-    ids = torch.randint(0, 64, (2, 12))
+def assert_fold_keeps_the_logits(model: torch.nn.Module, fold_index: int, ids: torch.Tensor) -> None:
+    """Fold random scales through fold `fold_index` of every decoder layer: the weights change, the logits do not."""
     before = logits(model, ids)
     adapter = adapter_for(model)
     fold = adapter.smooth_folds[fold_index]
@@ -55,6 +72,26 @@ def test_each_fold_keeps_the_fp_logits(family: str, fold_index: int) -> None:
         apply_fold(layer, fold, scales)
         assert not torch.allclose(reader.weight, old)  # the fold did change the weights
     assert rel_err(logits(model, ids), before) < 1e-5
+
+
+@pytest.mark.parametrize("family, fold_index", TEXT_FOLDS)
+def test_each_fold_keeps_the_fp_logits(family: str, fold_index: int) -> None:
+    assert_fold_keeps_the_logits(tiny(family), fold_index, torch.randint(0, 64, (2, 12)))
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_each_vlm_fold_keeps_the_fp_logits(family: str) -> None:
+    """A VLM's folds, on its language model's layers (text-only inputs)."""
+    pytest.importorskip("PIL")
+    model, processor = build_vlm(family)
+    model = randomise(model)
+    ids = torch.tensor([processor.tokenizer("what colour is the square ?")["input_ids"] * 2])
+    adapter = adapter_for(model)
+    legal, _ = legal_folds(adapter.decoder_layers(model)[0], adapter)  # grouped k/v heads rule the v fold out
+    assert legal
+    for index, fold in enumerate(adapter.smooth_folds):
+        if fold in legal:
+            assert_fold_keeps_the_logits(model, index, ids)
 
 
 def test_grouped_kv_heads_skip_the_v_fold() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import observing
 
 from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples, split_counts
 from quantkit.engine import calibrate_model
@@ -65,7 +66,7 @@ def test_engine_hessian_equals_dense_weighted_reference() -> None:
     reference = 2 * torch.einsum("t,ti,tj->ij", w, x, x) / w.sum()
     seen: dict[str, torch.Tensor] = {}
     calibrate_model(copy.deepcopy(model), samples, QuantSpec(bits=4, group_size=32), method="tlq", token_weights=weights,
-                    progress=False, observer=lambda name, h, cross: seen.setdefault(name, h.clone()))
+                    progress=False, comm=observing(lambda name, h, cross: seen.setdefault(name, h.clone())))
     engine = seen["model.layers.0.self_attn.q_proj"].double()
     assert torch.allclose(engine, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
     unweighted = 2 * x.T @ x / x.shape[0]

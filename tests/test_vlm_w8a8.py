@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import build_vlm, write_image_dataset
+from helpers import build_vlm, observing, write_image_dataset
 
 import quantkit
 from quantkit.data.images import image_text_samples
@@ -65,7 +65,7 @@ def test_quantized_vision_side_is_exposed_too(tmp_path) -> None:
     samples = image_text_samples(write_image_dataset(tmp_path / "data", n=2), processor, nsamples=2, seed=0)
     observed = {}
     calibration = calibrate_model(model, samples, QuantSpec(bits=8, group_size=-1, act_bits=8), method="gptq",
-                                  vision=True, progress=False, observer=lambda n, h, cross: observed.setdefault(n, h.clone()))
+                                  vision=True, progress=False, comm=observing(lambda n, h, cross: observed.setdefault(n, h.clone())))
     assert any(n.startswith("model.visual.") for n in calibration.results)
     name = "model.language_model.layers.0.self_attn.q_proj"
 

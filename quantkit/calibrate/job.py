@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,6 @@ class CalibrationJob:
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
                 "lm_head": q.lm_head, "vision": q.vision, "chat_template": d.chat_template,
                 **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {})}
-
-    def with_hooks(self, hooks: Any) -> CalibrationJob:
-        """This job with `hooks` on every rank (tests)."""
-        return replace(self, run=replace(self.run, hooks=hooks))
 
 
 def _defaults(cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -192,6 +192,11 @@ def export_loaded(outcome: Outcome, export: ExportSpec, spec: QuantSpec, *, sour
                           source=None if processor is not None else source, processor=processor)
 
 
+def checked_tokenizer(job: CalibrationJob) -> Any:
+    """The tokenizer (or processor) the preflight loaded from the model's files, in this process; else None."""
+    return None if job.model.files is None else job.model.files.tokenizer
+
+
 def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = "cpu",
                    report_path: str | None = None, keep: list | None = None) -> dict:
     """One rank's (or the only process's) whole job: load, draw samples, calibrate; rank 0 exports.
@@ -203,20 +208,22 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
     comm.hooks = job.run.hooks or comm.hooks
     progress = job.run.progress
     if job.run.low_memory:
-        from quantkit.engine.streaming import calibrate_streaming
+        from quantkit.engine.plan import LinearPlan
+        from quantkit.engine.streaming import StreamedLayers, calibrate_streaming
         from quantkit.export.streamed import export_streamed
         from quantkit.models.streamed import build_skeleton
 
         # The skeleton holds no decoder layer: enough for the samples (a calibration set's check of the model),
         # not for token weights, which build_job has refused without a set.
-        skeleton = build_skeleton(job.model.name, job.model.dtype, files=job.model.files)
-        samples, weights = draw_samples(job.data, job.model.name, skeleton[0])
+        skeleton, adapter, source = build_skeleton(job.model.name, job.model.dtype, files=job.model.files)
+        samples, weights = draw_samples(job.data, job.model.name, skeleton, checked_tokenizer(job))
         q = job.quantization
+        store = StreamedLayers(skeleton, adapter, source, work_dir_for(job.export.output),
+                               LinearPlan(q.weights, q.method, q.recipe), comm, resume=job.run.resume,
+                               fingerprint=job.fingerprint(), offload_dir=job.run.offload_dir, dtype=job.model.dtype)
         model, calibration = calibrate_streaming(
-            skeleton, samples, q.weights, work_dir_for(job.export.output), method=q.method, device=device,
-            token_weights=weights if q.token_weights else None, progress=progress, resume=job.run.resume,
-            fingerprint=job.fingerprint(), offload_dir=job.run.offload_dir, dtype=job.model.dtype,
-            fp_target=q.fp_target, lm_head=q.lm_head, vision=q.vision, comm=comm, recipe=q.recipe,
+            store, samples, device, weights if q.token_weights else None, progress, fp_target=q.fp_target,
+            lm_head=q.lm_head, vision=q.vision,
         )
         report = job.finish_report(calibration.report, samples, started)
         if comm.rank == 0 and job.export.output is not None:
@@ -230,7 +237,9 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
         if model is None:
             config = None if job.model.files is None else job.model.files.config
             model = load_model(job.model.name, dtype=job.model.dtype, config=config)
-        samples, weights = draw_samples(job.data, job.model.name, model, job.model.tokenizer)
+        given = job.model.tokenizer
+        samples, weights = draw_samples(job.data, job.model.name, model,
+                                        given if given is not None else checked_tokenizer(job))
         outcome = calibrate_loaded(model, samples, job.quantization, device=device, progress=progress, comm=comm,
                                    token_weights=weights)
         outcome.report = job.finish_report(outcome.report, samples, started)

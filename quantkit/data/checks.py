@@ -32,12 +32,12 @@ def data_paths(source: str | os.PathLike | None) -> list[str]:
     return [] if not source else source_for(source).paths(os.fspath(source))
 
 
-def check_processor(name: str) -> None:
-    """A VLM's processor (tokenizer and image processor) loads."""
+def check_processor(name: str):
+    """A VLM's processor (tokenizer and image processor) loads; returns it."""
     from quantkit.data.images import load_processor
 
     try:
-        load_processor(name)
+        return load_processor(name)
     except QuantkitError:
         raise
     except Exception as err:  # noqa: BLE001 - processors fail in many ways on broken files
@@ -46,14 +46,14 @@ def check_processor(name: str) -> None:
 
 def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokenizer: bool = True) -> ModelFiles:
     """check_model_files, then what reads `source` for that model: a VLM's processor for image data, else (with
-    `tokenizer`) the tokenizer."""
+    `tokenizer`) the tokenizer; the one loaded is kept in the ModelFiles for drawing the samples."""
     from quantkit.models import is_vlm
 
     files = check_model_files(name, tokenizer=False)
     if source is not None and is_vlm(files.config) and source_for(source).image:
-        check_processor(files.path)
+        files.tokenizer = check_processor(files.path)
     elif tokenizer:
-        check_tokenizer(files.path, files.config)
+        files.tokenizer = check_tokenizer(files.path, files.config)
     return files
 
 

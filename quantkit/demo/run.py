@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -60,32 +61,33 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
-    model: str | None = None,
-    data: str | None = None,
-    out: str | os.PathLike = "./quantkit-demo",
-    *,
-    train_seconds: float = 60.0,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    corpus_chars: int = 400_000,
-    vocab_size: int = 2048,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    seqlen: int = 128,
-    batch_size: int = 16,
-    max_steps: int = 100_000,
-    lr: float = 3e-3,
-    methods: Sequence[str] = ("rtn", "gptq"),
-    bits: Sequence[int] = (4, 3),
-    group_size: int | None = None,
-    nsamples: int = 64,
-    fmt: str = "gptq_v2",
-    eval_max_tokens: int | None = 50_000,
-) -> dict:
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo trains, quantizes and evaluates (run_demo's keyword settings)."""
+
+    train_seconds: float = 60.0
+    seed: int = 0
+    corpus_chars: int = 400_000
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    seqlen: int = 128
+    batch_size: int = 16
+    max_steps: int = 100_000
+    lr: float = 3e-3
+    methods: tuple[str, ...] = ("rtn", "gptq")
+    bits: tuple[int, ...] = (4, 3)
+    group_size: int | None = None  # default: the largest of 128, 64, 32 dividing every linear's width
+    nsamples: int = 64
+    fmt: str = "gptq_v2"
+    eval_max_tokens: int | None = 50_000
+
+
+def run_demo(model: str | None = None, data: str | None = None, out: str | os.PathLike = "./quantkit-demo", *,
+             overwrite: bool = False, progress: bool = True, **settings) -> dict:
     """Run the whole demo into `out` and return its results ({"rows": [...], ...}); see `quantkit demo --help`.
+    `settings` are DemoSettings' fields.
 
     Without `model`: generate the grammar corpus (or use `data`), train a small Llama for about
     `train_seconds`, then for each method x bits calibrate a copy on the corpus' train part
@@ -93,6 +95,13 @@ def run_demo(
     quantkit.load_quantized and evaluate held-out loss (the last 10% of the text) of FP and exports.
     With `model` (and `data`, required then): the same on that model and text.
     """
+    unknown = sorted(set(settings) - {f.name for f in fields(DemoSettings)})
+    if unknown:
+        raise QuantkitError(f"unknown demo settings {unknown}")
+    d = DemoSettings(**settings)
+    train_seconds, seed, corpus_chars, seqlen, nsamples, fmt = (d.train_seconds, d.seed, d.corpus_chars, d.seqlen,
+                                                               d.nsamples, d.fmt)
+    methods, bits, group_size, eval_max_tokens, max_steps = d.methods, d.bits, d.group_size, d.eval_max_tokens, d.max_steps
     from quantkit.data import calibration_samples, load_texts
     from quantkit.eval.loss import evaluate_loss
     from quantkit.export import load_quantized
@@ -131,11 +140,11 @@ def run_demo(
         if model is None:
             from quantkit.train import train_causal_lm
 
-            _log(f"[demo] training a {num_layers}-layer, {hidden_size}-wide Llama for ~{train_seconds:g}s on CPU", quiet)
+            _log(f"[demo] training a {d.num_layers}-layer, {d.hidden_size}-wide Llama for ~{train_seconds:g}s on CPU", quiet)
             model_dir = tmp / "fp-model"
             train_causal_lm(
-                train_texts, model_dir, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-                num_heads=num_heads, seqlen=seqlen, batch_size=batch_size, steps=max_steps, lr=lr,
+                train_texts, model_dir, vocab_size=d.vocab_size, hidden_size=d.hidden_size, num_layers=d.num_layers,
+                num_heads=d.num_heads, seqlen=seqlen, batch_size=d.batch_size, steps=max_steps, lr=d.lr,
                 warmup=min(20, max_steps // 10 + 1), seed=seed, max_seconds=train_seconds,
                 corpora=[Path(source).name if data is None else data], heldout="last 10% of each corpus",
                 progress=progress,

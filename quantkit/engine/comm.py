@@ -12,9 +12,13 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class Hooks:
     """What tests change in a run, carried to every rank (picklable): a callable run as each rank enters
-    each layer, `on_layer(rank, layer)` (to raise, kill or delay there), and the row-split plan."""
+    each layer, `on_layer(rank, layer)` (to raise, kill or delay there), one that sees every Hessian handed
+    to a solver, and the row-split plan."""
 
     on_layer: Callable[[int, int], None] | None = None
+    # on_hessian(full_linear_name, normalised_hessian, normalised_cross_term or None): every Hessian (and the FP
+    # target's cross term) a solver is given, on the rank that solves it
+    on_hessian: Callable[[str, torch.Tensor, torch.Tensor | None], None] | None = None
     # every linear's output rows cut over all ranks, instead of the cost-balanced plan that cuts only
     # where that balances better, so tests exercise the row-split path
     split_rows: bool = False

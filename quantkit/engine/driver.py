@@ -26,7 +26,7 @@ from quantkit.engine.capture import (
 )
 from quantkit.engine.checks import candidate_linears, check_model
 from quantkit.engine.comm import Comm
-from quantkit.engine.layerwise import HessianObserver, propagate, quantize_head, quantize_layer
+from quantkit.engine.layerwise import propagate, quantize_head, quantize_layer
 from quantkit.engine.plan import LinearPlan
 from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
 from quantkit.engine.weights import LayerWeights, TokenWeights, as_layer_weights, diagnose_layer
@@ -183,24 +183,21 @@ def run_layers(
     model: nn.Module,
     store: LayerStore,
     samples: Sequence[dict],
-    spec: QuantSpec,
-    method: Method | str = "gptq",
+    plan: LinearPlan,
     device: torch.device | str = "cpu",
     token_weights: TokenWeights | None = None,
     progress: bool = True,
     *,
     comm: Comm | None = None,
-    observer: HessianObserver | None = None,
     fp_target: bool | None = None,
     lm_head: bool = False,
     vision: bool = False,
-    recipe: Recipe | None = None,
 ) -> Calibration:
-    """The outer loop over `model`'s decoder layers, held by `store` (see calibrate_model for the rest)."""
+    """The outer loop over `model`'s decoder layers, held by `store`, quantizing as `plan` says (the run's
+    QuantSpec and Method, a recipe's per-module settings; see calibrate_model for the rest)."""
     comm = comm or Comm()
-    method = method_for(method)  # unknown methods fail before any work
+    spec, method, recipe = plan.spec, plan.method, plan.recipe
     adapter = adapter_for(model)
-    plan = LinearPlan(spec, method, recipe)
     # shapes only for layers on meta: their weights are checked on load
     check_model(model, adapter, plan, lm_head, vision)
     if not samples:
@@ -226,7 +223,7 @@ def run_layers(
         presolve_report = method.presolve.apply(layer, adapter, inputs, spec, weights, comm=comm, sample_ids=sample_ids)
         layer_results, linear_reports = quantize_layer(
             layer, index, inputs, adapter, spec, method, device, weights, comm,
-            observer, fp_inputs, store.fp_dir, plan,
+            fp_inputs, store.fp_dir, plan,
         )
         if presolve_report is not None and not method.needs_activations:
             # quantize_layer leaves the stream where it is for RTN; the next layer's pre-solve step reads it
@@ -291,7 +288,6 @@ def calibrate_model(
     progress: bool = True,
     *,
     comm: Comm | None = None,
-    observer: HessianObserver | None = None,
     fp_target: bool | None = None,
     lm_head: bool = False,
     vision: bool = False,
@@ -311,5 +307,6 @@ def calibrate_model(
     and `method` being its defaults; the linears it leaves out keep their FP weights and have no result.
     """
     store = InMemoryLayers(model, adapter_for(model))
-    return run_layers(model, store, samples, spec, method, device, token_weights, progress, comm=comm,
-                      observer=observer, fp_target=fp_target, lm_head=lm_head, vision=vision, recipe=recipe)
+    plan = LinearPlan(spec, method, recipe)  # an unknown method fails here, before any work
+    return run_layers(model, store, samples, plan, device, token_weights, progress, comm=comm, fp_target=fp_target,
+                      lm_head=lm_head, vision=vision)

@@ -46,11 +46,6 @@ class HessianAccumulator:
         self.weight_sums = torch.zeros(groups, dtype=torch.float64)
         self.tokens = 0
 
-    @property
-    def weight_sum(self) -> float:
-        """The total token weight (of group 0 when there are several)."""
-        return float(self.weight_sums[0])
-
     def _rows(self, inputs: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.hessian.device, torch.float32)
         return x if scale is None else x * scale

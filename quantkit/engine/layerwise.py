@@ -7,7 +7,7 @@ this file: plan.py (which rank solves what), blocks.py (replaying finished block
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,11 +34,6 @@ from quantkit.models.base import Adapter
 from quantkit.quant.activations import ActivationQuantizer, fake_quantize_tokens
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import QuantResult, QuantSpec
-
-# observer(full_linear_name, normalised_hessian, normalised_cross_term or None): sees every Hessian (and the
-# FP target's cross term) handed to the solver.
-HessianObserver = Callable[[str, torch.Tensor, torch.Tensor | None], None]
-
 
 # linear name -> its FP input on each batch (linears fed one tensor share the list's entries); an
 # entry is the tensor itself, or the file it was saved to when the inputs are kept on disk
@@ -171,7 +166,6 @@ def quantize_layer(
     device: torch.device | str,
     weights: Sequence[torch.Tensor] | LayerWeights | None = None,
     comm: Comm | None = None,
-    observer: HessianObserver | None = None,
     fp_inputs: LayerInputs | None = None,
     fp_dir: Path | None = None,
     plan: LinearPlan | None = None,
@@ -190,6 +184,8 @@ def quantize_layer(
     reduced onto its rank, or all-reduced when several ranks solve slices of it, and the solved
     rows are broadcast back so every rank ends with the whole result.
 
+    Every Hessian a solver is given goes to `comm.hooks.on_hessian` too (tests).
+
     `weights` are per batch of `inputs` (LayerInputs.batch_weights): one list for every linear, or
     LayerWeights with per-linear overrides; [T, g] overrides give each of g output-row groups its
     own Hessian (quantkit.engine.weights).
@@ -201,6 +197,7 @@ def quantize_layer(
     from a plain Hessian.
     """
     comm = comm or Comm()
+    observer = comm.hooks.on_hessian
     method = method_for(method)
     plan = plan or LinearPlan(spec, method)
     prefix = adapter.layer_prefix(index)

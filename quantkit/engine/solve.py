@@ -16,15 +16,6 @@ from quantkit.quant.gptaq import fp_target_weight
 from quantkit.quant.grid import dequantize, max_code, quantize
 from quantkit.quant.spec import QuantResult, QuantSpec
 
-
-def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(D H D^T) / tr(W H W^T) with D = W - Wq: the layer output error relative to its energy."""
-    delta = weight - quantized
-    num = torch.einsum("oi,ij,oj->", delta, hessian, delta)
-    den = torch.einsum("oi,ij,oj->", weight, hessian, weight)
-    return float(num / den) if den > 0 else 0.0
-
-
 N_STATS = 5
 
 

@@ -27,7 +27,6 @@ from quantkit.engine.capture import LayerInputs
 from quantkit.engine.checks import check_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.driver import Calibration, run_layers
-from quantkit.engine.layerwise import HessianObserver
 from quantkit.engine.plan import LinearPlan
 from quantkit.engine.weights import TokenWeights
 from quantkit.errors import QuantkitError
@@ -40,9 +39,7 @@ from quantkit.models.streamed import (
     read_safetensors,
     safetensors_keys,
 )
-from quantkit.quant.methods import Method
-from quantkit.quant.recipe import Recipe
-from quantkit.quant.spec import QuantResult, QuantSpec
+from quantkit.quant.spec import QuantResult
 
 STATE = "state.json"
 
@@ -227,43 +224,29 @@ class StreamedLayers:
 
 @torch.no_grad()
 def calibrate_streaming(
-    skeleton: tuple[nn.Module, Adapter, WeightSource],
+    store: StreamedLayers,
     samples: Sequence[dict],
-    spec: QuantSpec,
-    work_dir: str | os.PathLike,
-    method: Method | str = "gptq",
     device: str = "cpu",
     token_weights: TokenWeights | None = None,
     progress: bool = True,
-    resume: bool = False,
-    fingerprint: dict | None = None,
-    offload_dir: str | None = None,
-    dtype: str = "auto",
+    *,
     fp_target: bool | None = None,
     lm_head: bool = False,
     vision: bool = False,
-    *,
-    comm: Comm | None = None,
-    observer: HessianObserver | None = None,
-    recipe: Recipe | None = None,
 ) -> tuple[nn.Module, Calibration]:
-    """Calibrate layer by layer with only one decoder layer in memory; return (skeleton, results).
-    `skeleton` is quantkit.models.streamed.build_skeleton's (model, adapter, weight source).
+    """Calibrate layer by layer with only one decoder layer in memory, the layers held by `store` (a StreamedLayers
+    over quantkit.models.streamed.build_skeleton's model); return (skeleton, results).
 
-    Finished layers go to `work_dir` as they complete; the returned Calibration's results are a
-    StreamedResults that reads them back from there (a layer at a time, on access). With `resume`,
-    a work area from an interrupted run with the same `fingerprint` (settings) and ranks is continued
-    from its last finished layer. The rest is calibrate_model's (quantkit.engine.driver); the vision
-    side and the head stay in memory (they are recomputed on a resume).
+    Finished layers go to the store's work area as they complete; the returned Calibration's results are a
+    StreamedResults that reads them back from there (a layer at a time, on access). With the store's `resume`,
+    a work area from an interrupted run with the same fingerprint (settings) and ranks is continued from its last
+    finished layer. The rest is calibrate_model's (quantkit.engine.driver); the vision side and the head stay in
+    memory (they are recomputed on a resume).
     """
-    comm = comm or Comm()
     fix_mmap_threshold()
-    model, adapter, source = skeleton
-    store = StreamedLayers(model, adapter, source, work_dir, LinearPlan(spec, method, recipe), comm, resume=resume,
-                           fingerprint=fingerprint, offload_dir=offload_dir, dtype=dtype)
-    calibration = run_layers(model, store, samples, spec, method, device, token_weights, progress, comm=comm,
-                             observer=observer, fp_target=fp_target, lm_head=lm_head, vision=vision, recipe=recipe)
-    return model, calibration
+    calibration = run_layers(store.model, store, samples, store.plan, device, token_weights, progress,
+                             comm=store.comm, fp_target=fp_target, lm_head=lm_head, vision=vision)
+    return store.model, calibration
 
 
 class StreamedResults(Mapping):

@@ -46,14 +46,17 @@ def check_eval_text(texts: list[str], model_or_dir: str, data: str, part: str, s
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1.")
 @output_option(default=None, type=click.Path(dir_okay=False), help="Also write the results as one JSON file here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, include_path: tuple[str, ...], num_fewshot: int | None,
-             limit: float | None, part: str, seqlen: int, stride: int | None, max_tokens: int | None, batch_size: int,
-             device: str, output: str | None, as_json: bool) -> None:
+def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, seqlen: int, stride: int | None,
+             max_tokens: int | None, batch_size: int, device: str, output: str | None, as_json: bool,
+             **task_options) -> None:
     """Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text.
 
     --tasks runs lm-evaluation-harness tasks on the same loaded model (any quantkit export format too).
     """
     from quantkit.engine.distributed import check_device
+
+    # the harness's options: which examples --tasks runs
+    include_path, num_fewshot, limit = task_options["include_path"], task_options["num_fewshot"], task_options["limit"]
 
     if data is None and tasks is None:
         raise QuantkitError("nothing to evaluate; give --data (loss and perplexity on text) or --tasks "

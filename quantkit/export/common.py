@@ -12,8 +12,9 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.spec import QuantResult
+from quantkit.version import __version__
 
-VERSION = "0.1.0"
+VERSION = __version__
 MANIFEST = "quantkit.json"
 REPORT = "quantkit_report.json"
 SINGLE = "model.safetensors"

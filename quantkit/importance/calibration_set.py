@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
-import quantkit
 from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_dir
 from quantkit.importance.weights import TokenImportance
 from quantkit.models import adapter_for
+from quantkit.version import __version__
 
 SET_FORMAT = "quantkit.tlq-calibration-set"
 SET_FORMAT_VERSION = 1
@@ -128,7 +128,7 @@ def save_calibration_set(
     manifest = {
         "format": SET_FORMAT,
         "format_version": SET_FORMAT_VERSION,
-        "quantkit_version": quantkit.__version__,
+        "quantkit_version": __version__,
         "model": model_name,
         "revision": revision,
         **_model_identity(model),

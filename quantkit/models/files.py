@@ -39,6 +39,11 @@ class ModelFiles:
     linear_numel: int = 0  # elements of the decoder linears that get quantized
     linear_bytes: int = 0
     weight_files: list[Path] = field(default_factory=list)  # the local safetensors files, when read
+    # the tokenizer (a VLM's processor for image data) the checks loaded, for the samples; not sent to other ranks
+    tokenizer: object = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tokenizer": None}
 
     @property
     def path(self) -> str:
@@ -273,8 +278,8 @@ def load_tokenizer(path: str | os.PathLike):
         raise QuantkitError(f"cannot load a tokenizer from {path}: {first_line(err)}; save one beside the model") from err
 
 
-def check_tokenizer(name: str, config: object | None = None) -> None:
-    """The tokenizer loads, and its ids fit the model's embedding."""
+def check_tokenizer(name: str, config: object | None = None):
+    """The tokenizer loads, and its ids fit the model's embedding; returns it."""
     local = Path(name)
     if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
         raise QuantkitError(
@@ -290,6 +295,7 @@ def check_tokenizer(name: str, config: object | None = None) -> None:
         from quantkit.models.checks import check_vocabulary, embedding_rows
 
         check_vocabulary(len(tok), embedding_rows(config), f"the tokenizer of {name}")
+    return tok
 
 
 def max_positions(config: object) -> int | None:

@@ -96,35 +96,31 @@ def qid() -> None:
 @click.option("--retry-errors", is_flag=True, help="Measure again the cells recorded as failed.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_seqlen, calib, calib_part, nsamples,
-            calib_seqlen, group_size, sym, seed, act_bits, tokens, tokens_per_step, out_csv, retry_errors, threads,
-            no_progress) -> None:
+def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], out_csv: str, tokens: tuple[str, ...],
+            retry_errors: bool, threads: int | None, no_progress: bool, **settings) -> None:
     """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --output."""
     from quantkit.fsutil import note_kept
     from quantkit.models import looks_local
     from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint, plan_cells
 
-    check_counts(eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen,
-                 tokens_per_step=tokens_per_step, threads=threads)
-    check_group_size(group_size)
+    check_counts(**{k: settings[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen", "tokens_per_step")},
+                 threads=threads)
+    check_group_size(settings["group_size"])
     plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
     check_measured_bits(bits, methods)
     for spec in checkpoints:
         ckpt = parse_checkpoint(spec)
         if ckpt.local_dir is None and looks_local(ckpt.name):
             raise QuantkitError(f"checkpoint {spec} not found; give a model directory or a hub id[@revision]")
-    act_bits = None if act_bits is None else int(act_bits)
-    check_act_bits_cells(act_bits, bits, methods, group_size, sym)
+    if settings["act_bits"] is not None:
+        settings["act_bits"] = int(settings["act_bits"])
+    settings = Measurement(**settings)  # the options' names are its fields
+    check_act_bits_cells(settings.act_bits, bits, methods, settings.group_size, settings.sym)
     note_kept(lambda: f"the cells measured so far are in {out_csv}; run again to continue" if Path(out_csv).is_file() else None)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    settings = Measurement(
-        eval_text=eval_text, calib=calib, eval_part=eval_part, calib_part=calib_part, eval_tokens=eval_tokens,
-        eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen, group_size=group_size, sym=sym,
-        seed=seed, tokens_per_step=tokens_per_step, act_bits=act_bits,
-    )
     stats = measure_grid(list(checkpoints), bits, methods, out_csv, settings, tokens=tokens,
                          retry_errors=retry_errors, progress=not no_progress)
     click.echo(f"{stats['measured']} cell(s) measured, {stats['failed']} failed, {stats['skipped']} already in {out_csv}")
@@ -146,17 +142,18 @@ def measure(checkpoints, bits, methods, eval_text, eval_part, eval_tokens, eval_
 @click.option("--no-misfit", is_flag=True, help="wls: weight by the measurement errors alone (no misfit term tau).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON instead of a table.")
 @output_option(type=click.Path(dir_okay=False), default=None, help="Write the fit JSON here.")
-def fit(csv_path, by_bits, method, law, bootstrap, level, seed, huber_delta, estimator, resample, no_misfit, as_json, output) -> None:
+def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: bool, output: str | None,
+        **options) -> None:
     """Fit the unified law QiD = k D^beta / (N^alpha P^gamma) and single-factor laws to a QiD CSV."""
     from quantkit.qid.fit import LAWS, fit_table, format_fits
     from quantkit.qid.table import read_table
 
-    if bootstrap < 0 or not 0 < level < 1 or huber_delta <= 0:
+    if options["bootstrap"] < 0 or not 0 < options["level"] < 1 or huber_delta <= 0:
         raise QuantkitError("--bootstrap must be >= 0, --level in (0, 1) and --huber-delta > 0")
     table = read_table(csv_path)
     laws = LAWS if law == "all" else (law,)
-    result = fit_table(table, method=method, by_bits=by_bits, laws=laws, bootstrap=bootstrap, seed=seed,
-                       delta=huber_delta, level=level, estimator=estimator, resample=resample, misfit=not no_misfit)
+    # options: method, by_bits, bootstrap, seed, level, estimator, resample (fit_table's names)
+    result = fit_table(table, laws=laws, delta=huber_delta, misfit=not no_misfit, **options)
     result["csv"] = str(csv_path)
     if output:
         with atomic_file(output) as tmp:
@@ -228,8 +225,9 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration windows and the interval's simulation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @output_option(type=click.Path(dir_okay=False), default=None, help="Write the result JSON here.")
-def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tokens, eval_seqlen, calib, nsamples,
-                   calib_seqlen, group_size, qid_value, qid_se, level, seed, as_json, output) -> None:
+def training_level(model: str, law_spec: str, bits: int, method: str, group_size: int | None, qid_value: float | None,
+                   qid_se: float | None, level: float, seed: int, as_json: bool, output: str | None,
+                   **measurement) -> None:
     """Measure MODEL's QiD at --bits and invert the fitted law for its training tokens D, with an interval."""
     from quantkit.models import looks_local
     from quantkit.qid.estimate import training_level as estimate
@@ -245,22 +243,21 @@ def training_level(model, law_spec, bits, method, eval_text, eval_part, eval_tok
         check_plausible("qid", qid_value)
     if qid_se is not None and (not math.isfinite(qid_se) or qid_se < 0):
         raise QuantkitError(f"--qid-se must be a finite number >= 0, got {qid_se}")
-    check_counts(eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen)
+    check_counts(**{k: measurement[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen")})
     check_group_size(group_size)
     ckpt = parse_checkpoint(model)
     if ckpt.local_dir is None and looks_local(ckpt.name):
         raise QuantkitError(f"model {model} not found; give a model directory or a hub id[@revision]")
     law, draws, chosen = law_and_draws(law_spec, method=method, bits=bits)
     if qid_value is None:
-        if eval_text is None:
+        if measurement["eval_text"] is None:
             raise QuantkitError("give --data (the eval text to measure QiD on) or a measured --qid")
         fit_groups = chosen.get("group_size") or []
         fit_groups = fit_groups if isinstance(fit_groups, list) else [fit_groups]
         if group_size is None:
             group_size = int(fit_groups[0]) if len(fit_groups) == 1 else 128
-        settings = Measurement(eval_text=eval_text, calib=calib, eval_part=eval_part, eval_tokens=eval_tokens,
-                               eval_seqlen=eval_seqlen, nsamples=nsamples, calib_seqlen=calib_seqlen,
-                               group_size=group_size, seed=seed)
+        # measurement: eval_text, calib, eval_part, eval_tokens, eval_seqlen, nsamples, calib_seqlen (its fields)
+        settings = Measurement(**measurement, group_size=group_size, seed=seed)
         measured = measure_model(model, method, bits, settings)
     else:
         params, non_embedding = model_size(model)

@@ -29,19 +29,23 @@ excluded and listed, never dropped silently, as are rows that failed at measurem
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterator
 
 import numpy as np
-from scipy.optimize import minimize
 
 from quantkit.errors import QuantkitError
+from quantkit.qid.regression import (
+    HUBER_DELTA,
+    Design,
+    fit_linear_huber,
+    percentile_ci,
+    r_squared,
+    wls_misfit,
+)
 from quantkit.qid.table import QidTable
 
-HUBER_DELTA = 1e-3
 FACTOR_COLUMN = {"D": "D", "N": "N", "P": "bits"}
 # Name of each factor's exponent and its sign in log QiD (paper convention: all positive when
 # QiD grows with D and falls with N and P).
@@ -50,153 +54,14 @@ LAWS = ("unified", "D", "N", "P")
 UNIFIED_FORMULA = "QiD = k * D^beta / (N^alpha * P^gamma)"
 
 
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Run tiny dense algebra on one BLAS thread: on busy shared cores threaded OpenBLAS makes L-BFGS ~20x slower."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-def irls_huber(X: np.ndarray, y: np.ndarray, delta: float, iters: int = 200) -> np.ndarray:
-    """Huber regression by iteratively reweighted least squares (a starting point for L-BFGS)."""
-    theta = np.linalg.lstsq(X, y, rcond=None)[0]
-    for _ in range(iters):
-        w = np.sqrt(np.minimum(1.0, delta / np.maximum(np.abs(y - X @ theta), 1e-300)))
-        new = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)[0]
-        if np.max(np.abs(new - theta)) < 1e-12:
-            return new
-        theta = new
-    return theta
-
-
-def huber_objective(theta: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
-    """Mean Huber loss of residuals y - X theta (scaled by 1/delta) and its gradient."""
-    r = y - X @ theta
-    a = np.abs(r)
-    loss = np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-    psi = np.clip(r, -delta, delta)
-    n = len(y)
-    return float(loss.sum() / (n * delta)), -(X.T @ psi) / (n * delta)
-
-
-def fit_linear_huber(X: np.ndarray, y: np.ndarray, delta: float = HUBER_DELTA, starts: list[np.ndarray] | None = None,
-                     include_ols: bool = True) -> np.ndarray:
-    """Minimise the Huber objective from each start (and from least squares); return the best theta."""
-    candidates = list(starts or [])
-    if include_ols or not candidates:
-        candidates.insert(0, irls_huber(X, y, delta))
-    best, best_loss = candidates[0], math.inf
-    with single_threaded_blas():
-        for start in candidates:
-            res = minimize(
-                huber_objective, np.asarray(start, dtype=float), args=(X, y, delta), jac=True,
-                method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-7, "ftol": 1e-10},
-            )
-            if np.all(np.isfinite(res.x)) and res.fun < best_loss:
-                best, best_loss = res.x, float(res.fun)
-    return best
-
-
-class _Design:
-    """Log-space design: one-hot group intercepts plus centred feature columns."""
-
-    def __init__(self, groups: list[tuple], features: np.ndarray, y: np.ndarray):
-        """Build the centred design matrix for rows with the given group labels and features."""
-        self.labels = sorted(set(groups), key=lambda g: tuple(map(float, g)) if g else ())
-        index = {g: i for i, g in enumerate(self.labels)}
-        self.group_idx = np.array([index[g] for g in groups], dtype=int)
-        self.means = features.mean(axis=0) if len(features) else np.zeros(features.shape[1])
-        self.features = features
-        self.y = y
-
-    def matrix(self, rows: np.ndarray) -> np.ndarray:
-        """Design matrix for a subset (or resample) of row indices."""
-        onehot = np.zeros((len(rows), len(self.labels)))
-        onehot[np.arange(len(rows)), self.group_idx[rows]] = 1.0
-        return np.hstack([onehot, self.features[rows] - self.means])
-
-    def starts(self, y: np.ndarray, rows: np.ndarray, grid: list[tuple[float, ...]]) -> list[np.ndarray]:
-        """Starting points: each grid tuple of slopes with the intercepts that fit it in the median."""
-        out = []
-        for slopes in grid:
-            s = np.asarray(slopes, dtype=float)
-            rest = y - (self.features[rows] - self.means) @ s
-            intercepts = np.array([
-                np.median(rest[self.group_idx[rows] == g]) if np.any(self.group_idx[rows] == g) else 0.0
-                for g in range(len(self.labels))
-            ])
-            out.append(np.concatenate([intercepts, s]))
-        return out
-
-    def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(intercepts in uncentred coordinates, slopes)."""
-        g = len(self.labels)
-        slopes = theta[g:]
-        return theta[:g] - self.means @ slopes, slopes
-
-
-def _ci(samples, level: float) -> list[float] | None:
-    """Percentile interval of bootstrap samples (None without samples)."""
-    if len(samples) == 0:
-        return None
-    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
-    return [float(lo), float(hi)]
-
-
 ESTIMATORS = ("wls", "huber")
 RESAMPLES = ("points", "errors")
-
-
-def wls_solve(X: np.ndarray, y: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """Weighted least squares with weights 1/var (rank-deficient columns get the minimum-norm solution)."""
-    sw = 1.0 / np.sqrt(var)
-    return np.linalg.lstsq(X * sw[:, None], y * sw, rcond=None)[0]
-
-
-def wls_misfit(X: np.ndarray, y: np.ndarray, se_log: np.ndarray | None, misfit: bool = True) -> tuple[np.ndarray, float]:
-    """(theta, tau^2): WLS with variances se_log^2 + tau^2, tau^2 by Paule-Mandel (0 without misfit).
-
-    Without errors (se_log None) it is ordinary least squares and tau^2 the residual variance.
-    """
-    n, p = X.shape
-    dof = max(n - np.linalg.matrix_rank(X), 1)
-    if se_log is None:
-        theta = np.linalg.lstsq(X, y, rcond=None)[0]
-        return theta, float(((y - X @ theta) ** 2).sum() / dof)
-    s2 = np.asarray(se_log, dtype=float) ** 2
-    if not misfit:
-        return wls_solve(X, y, s2), 0.0
-
-    def excess(tau2: float) -> tuple[float, np.ndarray]:
-        var = s2 + tau2
-        theta = wls_solve(X, y, var)
-        return float((((y - X @ theta) ** 2) / var).sum()) - dof, theta
-
-    floor = 1e-12 * max(float(s2.max()), 1e-12)
-    value, theta = excess(floor if s2.min() <= 0 else 0.0)
-    if value <= 0:
-        return theta, 0.0
-    lo, hi = floor, max(float(np.var(y)), floor) * 4.0 + 1.0
-    while excess(hi)[0] > 0:
-        hi *= 4.0
-    for _ in range(80):  # bisection in log tau^2: the excess falls monotonically with tau^2
-        mid = math.sqrt(lo * hi)
-        if excess(mid)[0] > 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1 + 1e-9:
-            break
-    tau2 = math.sqrt(lo * hi)
-    return excess(tau2)[1], tau2
 
 
 class _Problem:
     """One law's log-space regression: design, targets, their errors, and the checkpoint of each row."""
 
-    def __init__(self, design: _Design, se_log: np.ndarray | None, clusters: list, slope_grid: list[tuple[float, ...]],
+    def __init__(self, design: Design, se_log: np.ndarray | None, clusters: list, slope_grid: list[tuple[float, ...]],
                  valid_resample, estimator: str, delta: float, misfit: bool):
         """Bind the design to the estimator's settings."""
         self.design, self.se_log, self.slope_grid, self.valid = design, se_log, slope_grid, valid_resample
@@ -234,15 +99,6 @@ class _Problem:
             t, _ = self.solve(rows, y, start=theta)
             out.append(np.concatenate(self.design.unpack(t)))
         return out, skipped
-
-
-def _goodness(y: np.ndarray, pred: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """R^2 of log QiD (weighted when weights are given)."""
-    w = np.ones_like(y) if weights is None else weights
-    mean = float((w * y).sum() / w.sum())
-    ss_tot = float((w * (y - mean) ** 2).sum())
-    ss_res = float((w * (y - pred) ** 2).sum())
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
 
 def _se_log(points: list[dict]) -> np.ndarray | None:
@@ -314,7 +170,7 @@ def _unified_problem(points: list[dict], fold_bits: bool, estimator: str, delta:
     def valid(rows: np.ndarray) -> bool:
         return all(len({points[i][FACTOR_COLUMN[f]] for i in rows}) >= 2 for f in factors)
 
-    problem = _Problem(_Design([()] * len(points), feats, y), _se_log(points) if estimator == "wls" else None,
+    problem = _Problem(Design([()] * len(points), feats, y), _se_log(points) if estimator == "wls" else None,
                        [p.get("model", i) for i, p in enumerate(points)],
                        list(itertools.product(*(grids[f] for f in factors))), valid, estimator, delta, misfit)
     return problem, factors
@@ -370,14 +226,14 @@ def fit_unified(points: list[dict], *, fold_bits: bool = False, delta: float = H
     boots, skipped = problem.bootstrap(theta, tau2, bootstrap, seed, resample)
     full = np.concatenate(problem.design.unpack(theta))
     pred = full[0] + problem.design.features @ full[1:]
-    params = {"k": {"value": float(math.exp(full[0])), "ci": _ci([math.exp(b[0]) for b in boots], level)}}
+    params = {"k": {"value": float(math.exp(full[0])), "ci": percentile_ci([math.exp(b[0]) for b in boots], level)}}
     for j, f in enumerate(factors):
-        params[EXPONENT[f][0]] = {"value": float(full[1 + j]), "ci": _ci([float(b[1 + j]) for b in boots], level)}
+        params[EXPONENT[f][0]] = {"value": float(full[1 + j]), "ci": percentile_ci([float(b[1 + j]) for b in boots], level)}
     se = problem.se_log
     weights = None if se is None else 1.0 / (se**2 + (tau2 or 0.0))
     out = {
         "law": "unified", "formula": UNIFIED_FORMULA if not fold_bits else "QiD = k * D^beta / N^alpha (bits fixed)",
-        "params": params, "r2": _goodness(y, pred), "r2_weighted": None if weights is None else _goodness(y, pred, weights),
+        "params": params, "r2": r_squared(y, pred), "r2_weighted": None if weights is None else r_squared(y, pred, weights),
         "n_points": len(points), "estimator": estimator, "weighted": se is not None,
         "tau": None if tau2 is None else math.sqrt(tau2),
         "bootstrap": {"resamples": len(boots), "skipped_degenerate": skipped, "level": level, "seed": seed, "resample": resample},
@@ -414,7 +270,7 @@ def fit_single(points: list[dict], factor: str, *, delta: float = HUBER_DELTA, b
     y = np.log([p["qid"] for p in pts])
     name, sign = EXPONENT[factor]
     feats = sign * np.log([float(p[col]) for p in pts])[:, None]
-    design = _Design(groups, feats, y)
+    design = Design(groups, feats, y)
     grid = {"D": [(0.25,), (1.0,)], "N": [(0.1,), (0.5,)], "P": [(1.0,), (5.0,)]}[factor]
 
     def valid(rows: np.ndarray) -> bool:
@@ -430,8 +286,8 @@ def fit_single(points: list[dict], factor: str, *, delta: float = HUBER_DELTA, b
     constants = [dict(zip(others, lab), c=float(math.exp(full[i]))) for i, lab in enumerate(design.labels)]
     return {
         "law": factor, "formula": f"QiD = c_slice * {col}^{'' if sign > 0 else '-'}{name} (slices: fixed {', '.join(others)})",
-        "params": {name: {"value": float(full[g]), "ci": _ci([float(b[g]) for b in boots], level)}},
-        "constants": constants, "unused_slices": unused, "r2": _goodness(y, pred), "n_points": len(pts),
+        "params": {name: {"value": float(full[g]), "ci": percentile_ci([float(b[g]) for b in boots], level)}},
+        "constants": constants, "unused_slices": unused, "r2": r_squared(y, pred), "n_points": len(pts),
         "estimator": estimator, "weighted": problem.se_log is not None, "tau": None if tau2 is None else math.sqrt(tau2),
         "bootstrap": {"resamples": len(boots), "skipped_degenerate": skipped, "level": level, "seed": seed, "resample": resample},
         "huber_delta": delta, "residuals": _residuals(pts, y, pred, problem.se_log, tau2),
@@ -487,7 +343,7 @@ def compare_methods(points_by_method: dict[str, list[dict]], *, fold_bits: bool 
             diffs.append(np.concatenate(prob_b.design.unpack(sb))[1:] - np.concatenate(prob_a.design.unpack(sa))[1:])
         entry: dict = {"a": a, "b": b, "resamples": len(diffs), "level": level, "differences": {}}
         for j, name in enumerate(names):
-            ci = _ci([float(d[j]) for d in diffs], level)
+            ci = percentile_ci([float(d[j]) for d in diffs], level)
             entry["differences"][name] = {
                 "value": float(full_b[j] - full_a[j]), "ci": ci,
                 "differs": bool(ci is not None and (ci[0] > 0 or ci[1] < 0)),

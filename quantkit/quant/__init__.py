@@ -7,12 +7,6 @@ from quantkit.quant.methods import METHODS, Method, Solver, method_for
 from quantkit.quant.rtn import rtn_solve
 from quantkit.quant.spec import QuantResult, QuantSpec
 
-
-def solver_for(method: Method | str) -> Solver:
-    """The solver function of a quantization method (rtn, gptq, tlq)."""
-    return method_for(method).solve
-
-
 __all__ = [
     "METHODS",
     "Method",
@@ -22,5 +16,4 @@ __all__ = [
     "gptq_solve",
     "method_for",
     "rtn_solve",
-    "solver_for",
 ]

@@ -5,7 +5,7 @@ Each token's row x gets its own scale s = max|x| / divisor, is rounded to intege
 signed range [-2**(bits-1), 2**(bits-1) - 1] and multiplied back by s. The default divisor is
 qmax = 2**(bits-1) - 1, the convention of vLLM's dynamic per-token int8 kernel; compressed-tensors'
 own fake-quantization (what transformers applies when it loads the export) divides by half the
-integer range, (2**bits - 1) / 2 (CT_DIVISOR).
+integer range, (2**bits - 1) / 2.
 
 The hooks (ActivationQuantizer) serve the calibration loop (the quantized stream's layers, so every later
 linear and layer sees inputs after activation quantization) and a loaded W8A8/W4A8 export. They are forward
@@ -28,11 +28,6 @@ ACT_BITS = (4, 8)
 def act_qmax(bits: int) -> int:
     """The largest signed code of a `bits`-bit activation grid."""
     return (1 << (bits - 1)) - 1
-
-
-def ct_divisor(bits: int) -> float:
-    """compressed-tensors' symmetric scale divisor: half the integer range, (2**bits - 1) / 2."""
-    return ((1 << bits) - 1) / 2
 
 
 def check_act_bits(bits: int | None) -> None:

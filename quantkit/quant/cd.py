@@ -19,12 +19,6 @@ from quantkit.quant.grid import max_code
 from quantkit.quant.spec import QuantResult
 
 
-def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T) in float64."""
-    delta = (weight - quantized).double()
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.double(), delta))
-
-
 def refine_codes(weight: torch.Tensor, hessian: torch.Tensor, result: QuantResult, sweeps: int) -> QuantResult:
     """`result` with its codes improved by `sweeps` coordinate-descent sweeps on tr((W - Q) H (W - Q)^T).
 

@@ -21,6 +21,7 @@ FORMATS = tuple(REGISTRY)
 # plain transformers loads it (compressed-tensors is a dependency of quantkit), where a GPTQ checkpoint needs
 # gptqmodel and optimum, on CPU too.
 DEFAULT_ORDER = (compressed_tensors.FORMAT, fake.FORMAT)
+Format.registered[:] = [*DEFAULT_ORDER, *(f for f in REGISTRY.values() if f not in DEFAULT_ORDER)]
 
 
 def format_for(name: str | Format) -> Format:

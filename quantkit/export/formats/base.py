@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,9 @@ class Format:
     vllm_bits: tuple[int, ...] = SUPPORTED_BITS  # widths vLLM loads in this format (empty: none)
     act_bits: int | None = None  # set on the variant with_act_bits returns
     quant_method: str | None = None  # quantization_config's quant_method (None: it writes no quantization_config)
+    # every registered format, the default exports first (filled by quantkit/export/formats/__init__.py, so that a
+    # format's messages can name the others without importing the registry)
+    registered: ClassVar[list[Format]] = []
 
     def with_act_bits(self, act_bits: int | None) -> Format:
         """This format for a model whose quantized linears' inputs are quantized to `act_bits` per token
@@ -64,9 +68,7 @@ class Format:
         """check() before calibrating: refuse settings whose results this format could not store."""
         flag = "--quantize-lm-head" if lm_head else "--quantize-vision" if vision else None
         if flag and not self.holds_outside_layers:
-            from quantkit.export.formats import FORMATS, format_for
-
-            able = [format_for(n) for n in FORMATS if format_for(n).holds_outside_layers]
+            able = [f for f in Format.registered if f.holds_outside_layers]
             named = [f.name if f.bits == SUPPORTED_BITS else f"{f.name} ({_widths(f.bits, 'or')} bits)" for f in able]
             raise QuantkitError(
                 f"{flag} exports to {' or '.join(named)} only: {self.name} checkpoints describe quantized decoder "
@@ -140,9 +142,4 @@ def _widths(bits: tuple[int, ...], two: str = "and") -> str:
 
 def _alternative(fmt: Format, bits: int) -> str:
     """The format to suggest where `fmt` cannot store `bits`: the default for that width, else any packed one."""
-    from quantkit.export.formats import FORMATS, default_format, format_for
-
-    choice = default_format(bits)
-    if choice != fmt.name:
-        return choice
-    return next((n for n in FORMATS if n != fmt.name and bits in format_for(n).bits), "fake")
+    return next((f.name for f in Format.registered if bits in f.bits and f.name != fmt.name), "fake")
