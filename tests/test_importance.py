@@ -137,7 +137,7 @@ def test_batched_chunks_match_autograd_and_per_sample_pass(tmp_path) -> None:
 
 def test_head_gradient_in_row_blocks_and_one_layer_model(monkeypatch) -> None:
     # Blocks of 5 rows split samples and the chunk boundary: every block must land on its own rows.
-    monkeypatch.setattr("quantkit.importance.gradients._HEAD_ROWS", 5)
+    monkeypatch.setattr("quantkit.importance.backward.HEAD_ROWS", 5)
     generator = torch.Generator().manual_seed(7)
     samples = [{"input_ids": torch.randint(0, 97, (1, 12), generator=generator)} for _ in range(3)]
     samples[2]["loss_mask"] = torch.tensor([[0] * 9 + [1] * 3]).bool()

@@ -14,26 +14,30 @@ not run twice.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.engine.capture import LayerInputs, capture_layer_inputs, run_layer
+from quantkit.engine.capture import capture_layer_inputs, run_layer
 from quantkit.engine.weights import row_ranges
 from quantkit.errors import QuantkitError
+from quantkit.importance.backward import (
+    StoredInputs,
+    batching_works,
+    chunks,
+    frozen,
+    head_gradient,
+    run_chunk,
+)
 from quantkit.importance.masks import scored_positions
 from quantkit.models import adapter_for, get_module
-from quantkit.models.base import Adapter, layer_output
+from quantkit.models.base import Adapter
 
 GUIDANCE_CHOICES = ("layer", "linear")
 LOSS_CHOICES = ("ce", "fisher")
@@ -51,144 +55,6 @@ def check_guidance(guidance: str, row_groups: int, loss: str, draws: int) -> Non
         raise QuantkitError("output-row groups need per-linear guidance (--guidance linear)")
     if draws < 1:
         raise QuantkitError(f"Fisher draws must be at least 1, got {draws}")
-
-
-class _StoredInputs:
-    """Every layer's FP input per sample: in RAM, or one safetensors file per layer on disk."""
-
-    def __init__(self, offload_dir: str | Path | None) -> None:
-        self.memory: dict[int, list[torch.Tensor]] = {}
-        self.root: Path | None = None
-        if offload_dir is not None:
-            Path(offload_dir).mkdir(parents=True, exist_ok=True)
-            self.root = Path(tempfile.mkdtemp(prefix="tlq-inputs-", dir=offload_dir))
-
-    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
-        if self.root is None:
-            self.memory[layer] = [h.detach() for h in hidden]
-            return
-        # clone: batched outputs are views of one chunk tensor, and safetensors refuses shared storage
-        save_file({str(i): h.detach().cpu().clone() for i, h in enumerate(hidden)}, self.root / f"layer{layer}.safetensors")
-
-    @contextlib.contextmanager
-    def reader(self, layer: int) -> Iterator:
-        if self.root is None:
-            hidden = self.memory.pop(layer)
-            yield lambda i: hidden[i]
-            return
-        with safe_open(self.root / f"layer{layer}.safetensors", framework="pt") as handle:
-            yield lambda i: handle.get_tensor(str(i))
-
-    def close(self) -> None:
-        self.memory.clear()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
-    """Turn off parameter gradients (only input gradients are wanted) and dropout."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    training = module.training
-    for p, _ in flags:
-        p.requires_grad_(False)
-    module.eval()
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        module.train(training)
-
-
-def _chunks(indices: Sequence[int], size: int) -> list[list[int]]:
-    indices = list(indices)
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
-
-
-def _run_chunk(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder layer on a batch [B, T, d] of samples that share `kwargs` (batch-1 tensors broadcast)."""
-    return layer_output(layer(hidden, **kwargs))
-
-
-# Rows of the lm_head + cross-entropy gradient computed at once: a [rows, vocab] block of logits
-# and its softmax stay in cache (a whole chunk's logits, [B * T, V], do not, which costs ~2x).
-_HEAD_ROWS = 512
-
-
-def _head_gradient(
-    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor],
-    samplers: list[list[torch.Generator]] | None = None,
-) -> torch.Tensor:
-    """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored
-    positions: [draws, B, T, d].
-
-    hidden [B, T, d] is the final norm's output. Only scored rows go through lm_head, in blocks
-    of _HEAD_ROWS, and the cross-entropy gradient is formed directly, w * (softmax - onehot),
-    instead of by autograd through log_softmax (which keeps [B * T, V] logits, their log-softmax
-    and its gradient). Each sample's gradient is that of its own mean loss.
-
-    Labels are the data's next tokens, or with `samplers` (one generator per sample and draw) drawn
-    from the model's own softmax: the gradient of the Fisher of the KL to the FP model, which does
-    not single out the calibration text's hardest tokens. Each draw gives one gradient.
-    """
-    rows, labels, weights, uniforms = [], [], [], []
-    length = hidden.shape[1]
-    draws = 1 if samplers is None else len(samplers[0])
-    for j, (ids, mask) in enumerate(zip(input_ids, scored)):
-        positions = mask.nonzero().reshape(-1)
-        rows.append(positions + j * length)
-        labels.append(ids.reshape(-1).cpu()[positions + 1])
-        weights.append(torch.full((positions.numel(),), 1.0 / max(1, positions.numel())))
-        if samplers is not None:
-            # one uniform per (draw, position), drawn per sample: labels do not depend on chunking
-            uniforms.append(torch.stack([torch.rand(positions.numel(), generator=g, dtype=torch.float64) for g in samplers[j]]))
-    device = hidden.device
-    row, label, weight = (torch.cat(t).to(device) for t in (rows, labels, weights))
-    uniform = torch.cat(uniforms, dim=1).to(device) if samplers is not None else None
-    flat = hidden.detach().reshape(-1, hidden.shape[-1])
-    grad = torch.zeros((draws, *flat.shape), dtype=flat.dtype, device=device)
-    for start in range(0, row.numel(), _HEAD_ROWS):
-        block = row[start : start + _HEAD_ROWS]
-        end = start + block.numel()
-        x = flat.index_select(0, block).requires_grad_(True)
-        with torch.enable_grad():
-            logits = head(x)
-        with torch.no_grad():
-            probs = torch.softmax(logits.float(), dim=-1)
-            cumulative = None if uniform is None else probs.double().cumsum(dim=-1)  # shared by every draw
-        for draw in range(draws):
-            with torch.no_grad():
-                if uniform is None:
-                    target = label[start:end]
-                else:
-                    wanted = (uniform[draw, start:end] * cumulative[:, -1]).unsqueeze(1)
-                    target = torch.searchsorted(cumulative, wanted).reshape(-1).clamp_max(probs.shape[-1] - 1)
-                upstream = probs.clone()
-                upstream[torch.arange(block.numel(), device=device), target] -= 1.0
-                upstream.mul_(weight[start:end, None])
-            (found,) = torch.autograd.grad(logits, x, grad_outputs=upstream.to(logits.dtype), retain_graph=draw + 1 < draws)
-            grad[draw].index_copy_(0, block, found)
-    return grad.reshape(draws, *hidden.shape)
-
-
-def _batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
-    """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
-    if len(inputs.kwargs) != 1 or len(chunk) < 2:
-        return False
-    first, last = chunk[0], chunk[-1]
-    try:
-        batched = _run_chunk(layer, torch.cat([inputs.hidden[first], inputs.hidden[last]]), inputs.kwargs[0])
-        alone = [run_layer(layer, inputs, first), run_layer(layer, inputs, last)]
-    except (RuntimeError, ValueError, IndexError, TypeError):
-        return False
-    if batched.shape[0] != 2:
-        return False
-    scale = max(float(a.abs().max()) for a in alone) or 1.0
-    return all(
-        a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
-        for a, b in zip(alone, batched.split(1))
-    )
 
 
 @dataclass
@@ -226,6 +92,18 @@ def _linear_output_hooks(layer: nn.Module, names: Sequence[str], groups: int, fo
             handle.remove()
 
 
+@dataclass(frozen=True)
+class GradientSettings:
+    """Which gradients the pass takes and how it batches them (importance_scores' keyword settings)."""
+
+    batch_size: int = 16  # samples that share their layer kwargs run this many at a time
+    guidance: str = "layer"  # the gradient at each layer's output, or at each linear's ("linear")
+    row_groups: int = 1  # with linear guidance: groups of each linear's output rows
+    loss: str = "ce"  # the data's labels, or labels drawn from the FP model ("fisher")
+    draws: int = 1  # Fisher labels per position
+    seed: int = 0  # of the Fisher draws
+
+
 def importance_scores(
     model: nn.Module,
     samples: Sequence[dict],
@@ -235,15 +113,11 @@ def importance_scores(
     progress: bool = True,
     keep_gradients: bool = False,
     adapter: Adapter | None = None,
-    batch_size: int = 16,
-    guidance: str = "layer",
-    row_groups: int = 1,
-    loss: str = "ce",
-    draws: int = 1,
-    seed: int = 0,
+    **settings,
 ) -> ImportanceScores:
     """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T] via a block-wise backward, and with
     guidance "linear" each linear's ||dL/dz_{j,t}||^2 at its own output z (per output-row group).
+    `settings` are GradientSettings' fields.
 
     Samples that share their layer kwargs (plain text of one length) run `batch_size` at a
     time, concatenated along the batch dimension, in the forward and in each block's
@@ -258,6 +132,8 @@ def importance_scores(
     the linears' output gradients with hooks in the same backward (layer 0, whose output gradient
     alone needs no recompute, is then recomputed too).
     """
+    g = GradientSettings(**settings)
+    batch_size, guidance, row_groups, loss, draws, seed = g.batch_size, g.guidance, g.row_groups, g.loss, g.draws, g.seed
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
@@ -272,7 +148,7 @@ def importance_scores(
     draws = draws if loss == "fisher" else 1
     scored = [scored_positions(s) for s in samples]
     empty = {i for i, m in enumerate(scored) if not bool(m.any())}
-    stored = _StoredInputs(offload_dir)
+    stored = StoredInputs(offload_dir)
     scores: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     linear_scores: list[dict[str, list]] | None = (
         [{name: [None] * len(samples) for name in linear_names} for _ in range(num_layers)] if per_linear else None
@@ -312,11 +188,11 @@ def importance_scores(
     def backward_block(index: int, layer: nn.Module, read, want_input: bool) -> None:
         """Recompute layer `index` from its stored input and push every draw's gradient below it."""
         found = {name: [] for name in linear_names}
-        for chunk in _chunks(live, size):
+        for chunk in chunks(live, size):
             x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
             below = []
             with hooks_on(layer, found), torch.enable_grad():
-                y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                y = run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
                 for draw in range(draws):
                     upstream = torch.cat([grads[i][draw : draw + 1] for i in chunk])
                     (grad,) = torch.autograd.grad(y, x, grad_outputs=upstream, retain_graph=draw + 1 < draws)
@@ -330,12 +206,12 @@ def importance_scores(
                     grads[i] = stacked[j]
 
     try:
-        with _frozen(model):
+        with frozen(model):
             with torch.no_grad():
                 inputs = capture_layer_inputs(model, adapter, samples, device)
                 if batch_size > 1:
                     probe = layers[0].to(device)
-                    batched = _batching_works(probe, inputs, list(range(min(batch_size, len(samples)))))
+                    batched = batching_works(probe, inputs, list(range(min(batch_size, len(samples)))))
                     layers[0] = probe.to("cpu") if str(device) != "cpu" else probe
                 # FP forward up to the last layer's input, storing each layer's input on the way.
                 for index in range(num_layers - 1):
@@ -344,9 +220,9 @@ def importance_scores(
                         stored.put(index, inputs.hidden)
                     if batched:
                         outputs: list[torch.Tensor] = []
-                        for chunk in _chunks(range(len(samples)), batch_size):
+                        for chunk in chunks(range(len(samples)), batch_size):
                             hidden = torch.cat([inputs.hidden[i] for i in chunk])
-                            outputs.extend(_run_chunk(layer, hidden, inputs.kwargs[0]).split(1))
+                            outputs.extend(run_chunk(layer, hidden, inputs.kwargs[0]).split(1))
                         inputs.hidden = outputs
                     else:
                         inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
@@ -371,18 +247,18 @@ def importance_scores(
                             linear_scores[index][name][i] = torch.zeros(shape)
             layer = layers[last].to(device)
             found = {name: [] for name in linear_names}
-            for chunk in _chunks(live, size):
+            for chunk in chunks(live, size):
                 x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
                 with hooks_on(layer, found):
                     with torch.enable_grad():
                         if last > 0 or per_linear:
                             x.requires_grad_(True)
-                        y = _run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                        y = run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
                         if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
                             y.requires_grad_(True)
                         normed = norm(y)
                     chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
-                    upstream = _head_gradient(
+                    upstream = head_gradient(
                         head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk], chunk_samplers
                     )
                     wanted = [y, x] if last > 0 or per_linear else [y]

@@ -1,0 +1,161 @@
+"""The block-wise backward's pieces: every layer's stored FP inputs (in RAM or on disk), chunks of samples that
+share their layer kwargs, and the head's cross-entropy gradient formed directly (quantkit.importance.gradients
+runs the pass)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quantkit.engine.capture import LayerInputs, run_layer
+from quantkit.models.base import layer_output
+
+
+class StoredInputs:
+    """Every layer's FP input per sample: in RAM, or one safetensors file per layer on disk."""
+
+    def __init__(self, offload_dir: str | Path | None) -> None:
+        self.memory: dict[int, list[torch.Tensor]] = {}
+        self.root: Path | None = None
+        if offload_dir is not None:
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix="tlq-inputs-", dir=offload_dir))
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        """Keep layer `layer`'s inputs (one per sample)."""
+        if self.root is None:
+            self.memory[layer] = [h.detach() for h in hidden]
+            return
+        # clone: batched outputs are views of one chunk tensor, and safetensors refuses shared storage
+        save_file({str(i): h.detach().cpu().clone() for i, h in enumerate(hidden)}, self.root / f"layer{layer}.safetensors")
+
+    @contextlib.contextmanager
+    def reader(self, layer: int) -> Iterator:
+        """A function sample index -> layer `layer`'s input for it, while the block lasts (the memory copy goes)."""
+        if self.root is None:
+            hidden = self.memory.pop(layer)
+            yield lambda i: hidden[i]
+            return
+        with safe_open(self.root / f"layer{layer}.safetensors", framework="pt") as handle:
+            yield lambda i: handle.get_tensor(str(i))
+
+    def close(self) -> None:
+        """Drop every stored input (the offload folder too)."""
+        self.memory.clear()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off parameter gradients (only input gradients are wanted) and dropout."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    training = module.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    module.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(training)
+
+
+def chunks(indices: Sequence[int], size: int) -> list[list[int]]:
+    """`indices` in consecutive runs of at most `size`."""
+    indices = list(indices)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def run_chunk(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on a batch [B, T, d] of samples that share `kwargs` (batch-1 tensors broadcast)."""
+    return layer_output(layer(hidden, **kwargs))
+
+
+# Rows of the lm_head + cross-entropy gradient computed at once: a [rows, vocab] block of logits
+# and its softmax stay in cache (a whole chunk's logits, [B * T, V], do not, which costs ~2x).
+HEAD_ROWS = 512
+
+
+def head_gradient(
+    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor],
+    samplers: list[list[torch.Generator]] | None = None,
+) -> torch.Tensor:
+    """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored
+    positions: [draws, B, T, d].
+
+    hidden [B, T, d] is the final norm's output. Only scored rows go through lm_head, in blocks
+    of HEAD_ROWS, and the cross-entropy gradient is formed directly, w * (softmax - onehot),
+    instead of by autograd through log_softmax (which keeps [B * T, V] logits, their log-softmax
+    and its gradient). Each sample's gradient is that of its own mean loss.
+
+    Labels are the data's next tokens, or with `samplers` (one generator per sample and draw) drawn
+    from the model's own softmax: the gradient of the Fisher of the KL to the FP model, which does
+    not single out the calibration text's hardest tokens. Each draw gives one gradient.
+    """
+    rows, labels, weights, uniforms = [], [], [], []
+    length = hidden.shape[1]
+    draws = 1 if samplers is None else len(samplers[0])
+    for j, (ids, mask) in enumerate(zip(input_ids, scored)):
+        positions = mask.nonzero().reshape(-1)
+        rows.append(positions + j * length)
+        labels.append(ids.reshape(-1).cpu()[positions + 1])
+        weights.append(torch.full((positions.numel(),), 1.0 / max(1, positions.numel())))
+        if samplers is not None:
+            # one uniform per (draw, position), drawn per sample: labels do not depend on chunking
+            uniforms.append(torch.stack([torch.rand(positions.numel(), generator=g, dtype=torch.float64) for g in samplers[j]]))
+    device = hidden.device
+    row, label, weight = (torch.cat(t).to(device) for t in (rows, labels, weights))
+    uniform = torch.cat(uniforms, dim=1).to(device) if samplers is not None else None
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    grad = torch.zeros((draws, *flat.shape), dtype=flat.dtype, device=device)
+    for start in range(0, row.numel(), HEAD_ROWS):
+        block = row[start : start + HEAD_ROWS]
+        end = start + block.numel()
+        x = flat.index_select(0, block).requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(x)
+        with torch.no_grad():
+            probs = torch.softmax(logits.float(), dim=-1)
+            cumulative = None if uniform is None else probs.double().cumsum(dim=-1)  # shared by every draw
+        for draw in range(draws):
+            with torch.no_grad():
+                if uniform is None:
+                    target = label[start:end]
+                else:
+                    wanted = (uniform[draw, start:end] * cumulative[:, -1]).unsqueeze(1)
+                    target = torch.searchsorted(cumulative, wanted).reshape(-1).clamp_max(probs.shape[-1] - 1)
+                upstream = probs.clone()
+                upstream[torch.arange(block.numel(), device=device), target] -= 1.0
+                upstream.mul_(weight[start:end, None])
+            (found,) = torch.autograd.grad(logits, x, grad_outputs=upstream.to(logits.dtype), retain_graph=draw + 1 < draws)
+            grad[draw].index_copy_(0, block, found)
+    return grad.reshape(draws, *hidden.shape)
+
+
+def batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
+    """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
+    if len(inputs.kwargs) != 1 or len(chunk) < 2:
+        return False
+    first, last = chunk[0], chunk[-1]
+    try:
+        batched = run_chunk(layer, torch.cat([inputs.hidden[first], inputs.hidden[last]]), inputs.kwargs[0])
+        alone = [run_layer(layer, inputs, first), run_layer(layer, inputs, last)]
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
+    if batched.shape[0] != 2:
+        return False
+    scale = max(float(a.abs().max()) for a in alone) or 1.0
+    return all(
+        a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
+        for a, b in zip(alone, batched.split(1))
+    )
