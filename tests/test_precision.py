@@ -187,3 +187,31 @@ def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, mon
     assert {p.dtype for p in back.parameters()} == {dtype}
     for name, result in read_checkpoint(out).results.items():
         assert torch.equal(back.get_submodule(name).weight, result.dequantize().to(dtype)), name
+
+
+def test_report_traces_of_a_tall_linear_are_summed_over_every_kth_row() -> None:
+    """Above 1024 rows the output-error traces are summed over every k-th row of the whole linear: the sums equal
+    the hand computation over those rows, slices split anywhere (ranks) add up to the whole, and the ratio stays
+    near the exact one."""
+    from quantkit.engine.solve import REPORT_ROWS, report_entry, result_stats
+
+    generator = torch.Generator().manual_seed(4)
+    rows, width = 4096, 256
+    x = torch.randn(2048, width, generator=generator) * torch.linspace(0.1, 3, width)
+    hessian = dense_hessian(x).float()
+    weight = torch.randn(rows, width, generator=generator) * 0.02
+    spec = QuantSpec(bits=3, group_size=64)
+    result = gptq_solve(weight, hessian, spec)
+    stats = result_stats(weight, result, hessian)
+    step = rows // REPORT_ROWS
+    delta = weight.double() - result.dequantize().double()
+    picked, h = slice(0, rows, step), hessian.double()
+    assert float(stats[0]) == pytest.approx(float(delta.square().sum()), rel=1e-6)  # the weight error over every row
+    assert float(stats[2]) == pytest.approx(float(torch.einsum("oi,ij,oj->", delta[picked], h, delta[picked])), rel=1e-5)
+    w = weight.double()[picked]
+    assert float(stats[3]) == pytest.approx(float(torch.einsum("oi,ij,oj->", w, h, w)), rel=1e-5)
+    parts = result_stats(weight[:1000], result.rows(0, 1000), hessian, 0, rows)
+    parts += result_stats(weight[1000:], result.rows(1000, rows), hessian, 1000, rows)
+    assert torch.allclose(parts, stats, rtol=1e-5)  # float32 traces summed in another order
+    exact = float(torch.einsum("oi,ij,oj->", delta, h, delta) / torch.einsum("oi,ij,oj->", weight.double(), h, weight.double()))
+    assert report_entry(stats, True)["output_rel_err"] == pytest.approx(exact, rel=0.1)

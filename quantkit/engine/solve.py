@@ -17,26 +17,43 @@ from quantkit.quant.grid import dequantize, max_code, quantize
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 N_STATS = 5
+# Each output-error trace costs out x in^2, three per linear: at 4096 x 14336 more than the GPTQ solve
+# itself. Above 2 x REPORT_ROWS rows a linear's traces are summed over every k-th row (k = rows // REPORT_ROWS),
+# picked by the row's index in the whole linear, so that row slices solved on other ranks sum the same rows.
+REPORT_ROWS = 512
 
 
-def nearest_on_grid(weight: torch.Tensor, result: QuantResult) -> torch.Tensor:
-    """`weight` rounded to the nearest point of the grid `result` was solved on: what plain rounding (RTN)
-    gives with the solver's own scales and zeros, the baseline its error is compared with."""
+def report_rows(first_row: int, rows: int, total_rows: int) -> slice:
+    """The rows of a slice [first_row, first_row + rows) of a `total_rows`-row linear whose output-error traces
+    are summed: all of them, or every k-th row of the whole linear for large ones."""
+    step = max(1, total_rows // REPORT_ROWS)
+    return slice((-first_row) % step, rows, step)
+
+
+def nearest_on_grid(weight: torch.Tensor, result: QuantResult, rows: slice = slice(None)) -> torch.Tensor:
+    """`weight` (the rows `rows` of the solved linear) rounded to the nearest point of the grid `result` was
+    solved on: what plain rounding (RTN) gives with the solver's own scales and zeros, the baseline its error is
+    compared with."""
     groups = result.g_idx.long().to(weight.device)
-    scales, zeros = result.scales.to(weight.device)[:, groups], result.zeros.to(weight.device)[:, groups]
+    scales, zeros = result.scales[rows].to(weight.device)[:, groups], result.zeros[rows].to(weight.device)[:, groups]
     return dequantize(quantize(weight, scales, zeros, max_code(result.bits)), scales, zeros)
 
 
-def result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None) -> torch.Tensor:
+def result_stats(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor | None, first_row: int = 0,
+                 total_rows: int | None = None) -> torch.Tensor:
     """Row-additive error sums of one (slice of a) solve: ||D||^2, ||W||^2, tr(D H D^T), tr(W H W^T) and
-    tr(R H R^T) with R = W - nearest_on_grid(W) (D = W - the solved weight)."""
+    tr(R H R^T) with R = W - nearest_on_grid(W) (D = W - the solved weight). The slice holds rows
+    [first_row, first_row + len(weight)) of a `total_rows`-row linear (default: the whole of it); the three
+    traces are over report_rows of it."""
     quantized = result.dequantize().to(weight.device)
     delta = weight - quantized
     stats = [float(delta.pow(2).sum()), float(weight.pow(2).sum()), float("nan"), float("nan"), float("nan")]
     if hessian is not None:
+        rows = report_rows(first_row, weight.shape[0], total_rows or weight.shape[0])
+        delta, picked = delta[rows], weight[rows]
         stats[2] = float(torch.einsum("oi,ij,oj->", delta, hessian, delta))
-        stats[3] = float(torch.einsum("oi,ij,oj->", weight, hessian, weight))
-        rounded = weight - nearest_on_grid(weight, result)
+        stats[3] = float(torch.einsum("oi,ij,oj->", picked, hessian, picked))
+        rounded = picked - nearest_on_grid(picked, result, rows)
         stats[4] = float(torch.einsum("oi,ij,oj->", rounded, hessian, rounded))
     return torch.tensor(stats, dtype=torch.float64)
 
@@ -139,7 +156,7 @@ def solve_slice(
     group (quantkit.engine.weights.row_ranges): each group's rows are solved with their own."""
     if hessian is None or hessian.dim() == 2:
         result = solve(_target(weight, hessian, cross, spec, name), hessian, spec, name=name)
-        return result, result_stats(weight, result, hessian)
+        return result, result_stats(weight, result, hessian, start, out_features)
     end = start + weight.shape[0]
     parts, stats = [], torch.zeros(N_STATS, dtype=torch.float64)
     for group, (low, high) in enumerate(row_ranges(out_features, hessian.shape[0])):
@@ -150,7 +167,7 @@ def solve_slice(
         group_cross = None if cross is None else cross[group]
         part_name = f"{name}[{low}:{high}]"
         part = solve(_target(rows, hessian[group], group_cross, spec, part_name), hessian[group], spec, name=part_name)
-        stats += result_stats(rows, part, hessian[group])
+        stats += result_stats(rows, part, hessian[group], low, out_features)
         parts.append(to_cpu(part))
     if any(not torch.equal(part.g_idx, parts[0].g_idx) for part in parts):
         raise QuantkitError(
