@@ -347,20 +347,20 @@ def _renamings(model: nn.Module) -> list:
 def checkpoint_key(model: nn.Module) -> Callable[[str], str]:
     """model key -> the key the family's checkpoints use, for a model whose experts are unfused (transformers'
     renamings reversed: Mixtral's `mlp` is `block_sparse_moe` on disk); the identity for any other model."""
-    from transformers.core_model_loading import apply_renamings
-
     if not routed_experts(model):
         return lambda key: key
+    from transformers.core_model_loading import apply_renamings
+
     reverse = [t.reverse_transform() for t in reversed(_renamings(model))]
     return functools.partial(_rename, apply_renamings, reverse)
 
 
 def model_key(model: nn.Module) -> Callable[[str], str]:
     """checkpoint key -> `model`'s key for a model whose experts are unfused (checkpoint_key's inverse)."""
-    from transformers.core_model_loading import apply_renamings
-
     if not routed_experts(model):
         return lambda key: key
+    from transformers.core_model_loading import apply_renamings
+
     return functools.partial(_rename, apply_renamings, _renamings(model))
 
 
