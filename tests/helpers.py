@@ -32,6 +32,33 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
+def config_of(model_type: str, **fields):
+    """transformers' own config class of `model_type` with exactly `fields` (the class's defaults for the rest)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def tiny_model(model_type: str, seed: int | None = None, dtype: torch.dtype | None = None, **fields):
+    """A random causal LM of `model_type` built from config_of(model_type, **fields) (train mode, as from_config
+    gives it); `seed` reseeds torch first (None: the test's own random state)."""
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config_of(model_type, **fields), **({} if dtype is None else {"dtype": dtype}))
+
+
+def tiny_vlm(model_type: str, seed: int | None = None, **fields):
+    """A random vision-language model of `model_type` from config_of(model_type, **fields) (text_config and
+    vision_config as dicts); `seed` as for tiny_model."""
+    from transformers import AutoModelForImageTextToText
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config_of(model_type, **fields))
+
+
 def save_tiny_llama(root: Path, hidden: int = 32, layers: int = 2, max_positions: int = 64, seed: int = 0,
                     **config) -> Path:
     """A tiny random Llama (hidden 32, 2 layers) with its tokenizer, saved as a model directory."""

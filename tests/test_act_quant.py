@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import ct_divisor, observing
+from helpers import ct_divisor, observing, tiny_model
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.activations import (
@@ -87,14 +87,11 @@ def test_hooks_quantize_inputs_once_and_come_off() -> None:
 def test_calibration_is_quantization_exposed() -> None:
     """Layer 1's q_proj Hessian is 2/N X^T X of its input in the quantized model run with every layer linear's
     input act-quantized (hooks written here, not quantkit's): layer 0's outputs and q_proj's input are exposed."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from quantkit.engine import calibrate_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_model("llama", seed=0, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
     samples = [{"input_ids": torch.randint(0, 64, (1, 16))} for _ in range(4)]
     observed = {}
     calibrate_model(model, samples, QuantSpec(bits=8, group_size=-1, act_bits=8), method="gptq", progress=False,
@@ -138,17 +135,14 @@ def test_bad_combinations_are_one_line_errors(tmp_path) -> None:
 def test_w8a8_calibration_runs_smoothed(tmp_path, method: str, smooth: str) -> None:
     """Every layer's folds get a grid alpha, and the smoothed, act-quantized model stays close to FP."""
     from helpers import make_tokenizer, write_text
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     import quantkit
     from quantkit.models import load_model
     from quantkit.quant.activations import quantized_inputs
 
     model_dir = tmp_path / "m"  # as many key/value heads as heads: the v -> o fold is legal
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=4, vocab_size=64,
-                                                 max_position_embeddings=64)).save_pretrained(model_dir)
+    tiny_model("llama", seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=64, max_position_embeddings=64).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     text = write_text(tmp_path / "t.txt")
     model, report = quantkit.quantize(str(model_dir), data=str(text), method=method, bits=8, group_size=-1, act_bits=8,
@@ -213,16 +207,13 @@ def test_default_smoothing_rule() -> None:
 def test_quantized_head_is_solved_on_quantized_inputs() -> None:
     """With --quantize-lm-head the head's Hessian comes from its act-quantized inputs (the final norm of the
     quantized stream, run here with hand-written hooks): GPTQ on that Hessian gives the head's codes."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from quantkit.engine import calibrate_model
     from quantkit.quant import gptq_solve
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_model("llama", seed=0, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False).eval()
     head_weight = model.lm_head.weight.detach().clone()
     samples = [{"input_ids": torch.randint(0, 64, (1, 16))} for _ in range(4)]
     spec = QuantSpec(bits=4, group_size=-1, act_bits=4, act_order=False)  # 4-bit inputs: a Hessian far from FP's

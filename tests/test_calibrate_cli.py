@@ -8,41 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import build_vlm, write_image_dataset
+from helpers import build_vlm, make_tokenizer, tiny_model, write_image_dataset, write_text
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from quantkit.cli import main
-
-WORDS = [f"w{i}" for i in range(60)]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS."""
-    vocab = {t: i for i, t in enumerate(["<unk>", "<eos>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 def save_tiny_llama(root: Path, hidden: int = 64) -> Path:
     """A tiny random Llama with a tokenizer, saved as a model directory."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root)
+    tiny_model("llama", seed=0, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=64).save_pretrained(root)
     make_tokenizer().save_pretrained(root)
     return root
-
-
-def write_text(path: Path, words: int, seed: int = 0) -> Path:
-    """Random text over the tokenizer's vocabulary."""
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(WORDS), (words,), generator=generator)
-    path.write_text(" ".join(WORDS[i] for i in picks))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +66,6 @@ def test_quantize_lm_head_and_vision_refusals(tiny, tmp_path, extra, fragment):
 def test_quantize_lm_head_exports_a_loadable_quantized_head(tiny, tmp_path):
     """compressed-tensors with a quantized lm_head loads in transformers and gives the logits of the
     same run's fake (dequantized) export, whose head holds at most 16 values per 32-column group."""
-    from transformers import AutoModelForCausalLM
 
     runs = {}
     for fmt in ("compressed-tensors", "fake"):

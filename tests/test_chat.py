@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import tiny_model
 
 from quantkit.data.calibration import load_calibration, memory_calibration
 from quantkit.data.chat import chat_samples, read_chat_template, render_chat
@@ -157,12 +158,9 @@ def test_in_memory_records_and_dataset_match_the_file(tmp_path) -> None:
 
 
 def tiny_llama(layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", seed=0, vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128).eval()
 
 
 def reference_scores(model, ids: list[int], mask: list[bool]) -> list[torch.Tensor]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import helpers
 import pytest
 import torch
 from helpers import observing
 from torch import nn
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
 
 from quantkit.engine import calibrate_model
 from quantkit.engine.capture import capture_layer_inputs, run_layer
@@ -27,16 +27,10 @@ def tiny_model(kind: str, layers: int = 2, seed: int = 0) -> nn.Module:
     """A random hidden-64 causal LM of the given family, in eval mode."""
     common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                   max_position_embeddings=64)
-    if kind == "llama":
-        config = LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
-    elif kind == "qwen2":
-        config = Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
-    elif kind == "gpt_neox":
-        config = GPTNeoXConfig(intermediate_size=128, **common)
-    else:
-        config = OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    own = {"llama": dict(intermediate_size=128, num_key_value_heads=2),
+           "qwen2": dict(intermediate_size=128, num_key_value_heads=2),
+           "gpt_neox": dict(intermediate_size=128), "opt": dict(ffn_dim=128, word_embed_proj_dim=64)}[kind]
+    model = helpers.tiny_model(kind, seed=seed, **common, **own).eval()
     model.config.use_cache = False
     return model
 

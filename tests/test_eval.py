@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import char_ids, char_tokenizer
+from helpers import char_ids, char_tokenizer, tiny_model
 
 from quantkit.errors import QuantkitError
 from quantkit.eval import evaluate_loss
@@ -25,12 +25,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg).eval()
+    m = tiny_model("llama", seed=0, vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
+                   tie_word_embeddings=False).eval()
     with torch.no_grad():  # larger weights than the 0.02 init, so predictions depend on context
         for p in m.parameters():
             if p.ndim == 2:

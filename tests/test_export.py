@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import save_tiny_llama
+from helpers import save_tiny_llama, tiny_model
 
 import quantkit
 from quantkit.cli import main
@@ -29,14 +29,8 @@ HIDDEN, INTER, VOCAB = 64, 128, 256
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A 2-layer Llama built from a config (no downloads)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=VOCAB, tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    return tiny_model("llama", seed=seed, dtype=dtype, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, tie_word_embeddings=False).eval()
 
 
 def random_result(

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import ct_divisor
+from helpers import ct_divisor, tiny_model
 from safetensors import safe_open
 
 import quantkit
@@ -20,13 +20,10 @@ from quantkit.quant.activations import ActivationQuantizer
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from helpers import make_tokenizer, write_text
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     root = tmp_path_factory.mktemp("w8a8")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "m")
+    tiny_model("llama", seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=64, max_position_embeddings=64).save_pretrained(root / "m")
     make_tokenizer().save_pretrained(root / "m")
     return root / "m", write_text(root / "t.txt")
 

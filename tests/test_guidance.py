@@ -8,10 +8,10 @@ from __future__ import annotations
 import copy
 import math
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from quantkit.engine import calibrate_model
 from quantkit.engine.weights import LayerWeights, diagnose, row_ranges
@@ -37,11 +37,9 @@ def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torc
 
 def tiny_model(kind: str = "llama", layers: int = 3, seed: int = 0) -> torch.nn.Module:
     """A random hidden-32 causal LM (vocab 61) in eval mode."""
-    torch.manual_seed(seed)
-    common = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
-    model = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM)(config).eval()
+    model = helpers.tiny_model(kind, seed=seed, vocab_size=61, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=64).eval()
     model.config.use_cache = False
     return model
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import tiny_model, tiny_vlm
 
 from quantkit.errors import QuantkitError
 from quantkit.importance import (
@@ -31,36 +32,25 @@ LLAMA_PATHS = Adapter(
 
 
 def tiny_llama(layers: int = 3, vocab: int = 97):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", seed=0, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
 
 
 def tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return Qwen2ForCausalLM(config).eval()
+    return tiny_model("qwen2", seed=1, vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
 
 
 def tiny_qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(2)
-    config = Qwen2VLConfig(
+    return tiny_vlm(
+        "qwen2_vl", seed=2,
         text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
                          max_position_embeddings=64, bos_token_id=0, eos_token_id=1),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, in_chans=3, patch_size=2,
                            spatial_merge_size=1, temporal_patch_size=1),
         image_token_id=120, video_token_id=121, vision_start_token_id=122,
-    )
-    return Qwen2VLForConditionalGeneration(config).eval()
+    ).eval()
 
 
 def whole_model_gradients(model, layers, sample: dict) -> list[torch.Tensor]:

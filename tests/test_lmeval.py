@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_model
 
 from quantkit.errors import QuantkitError
 
@@ -50,13 +51,9 @@ def ids(text: str) -> list[int]:
     return [VOCAB[w] for w in text.split()]
 
 
-def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
+def context_model():
+    model = tiny_model("llama", seed=0, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
     with torch.no_grad():  # larger weights than the 0.02 init, so the answers depend on the context
         for p in model.parameters():
             if p.ndim == 2:
@@ -144,7 +141,7 @@ def assert_metrics(found: dict, reference: dict) -> None:
 @pytest.fixture()
 def model_dir(tmp_path) -> Path:
     out = tmp_path / "model"
-    tiny_model().save_pretrained(out)
+    context_model().save_pretrained(out)
     word_tokenizer().save_pretrained(out)
     return out
 
@@ -153,7 +150,7 @@ def test_tasks_on_a_plain_model_match_a_transformers_forward(model_dir, tmp_path
     pytest.importorskip("lm_eval")
     from quantkit.cli import main
 
-    reference = reference_metrics(tiny_model())
+    reference = reference_metrics(context_model())
     assert 0 < reference["acc"] < 1 and reference["acc"] != reference["acc_norm"]  # the task can tell answers apart
     tasks = write_tasks(tmp_path)
     result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "qk_choice,qk_loglik", "--include-path",
@@ -173,12 +170,12 @@ def test_tasks_on_a_quantkit_export_evaluate_its_quantized_weights(model_dir, tm
     from quantkit.export import save_quantized
     from quantkit.quant.spec import QuantSpec
 
-    quantized = copy.deepcopy(tiny_model())
+    quantized = copy.deepcopy(context_model())
     samples = [{"input_ids": torch.tensor([ids(" ".join(WORDS[:40]))])}]
     cal = calibrate_model(quantized, samples, QuantSpec(bits=4, group_size=32), method="rtn", progress=False)
     out = save_quantized(quantized, cal.results, tmp_path / "q", fmt=fmt, source=str(model_dir))
     reference = reference_metrics(quantized)
-    assert abs(reference["perplexity"] / reference_metrics(tiny_model())["perplexity"] - 1) > 1e-3
+    assert abs(reference["perplexity"] / reference_metrics(context_model())["perplexity"] - 1) > 1e-3
     tasks = write_tasks(tmp_path)
     result = CliRunner().invoke(main, ["eval", str(out), "--tasks", "qk_choice,qk_loglik", "--include-path",
                                        str(tasks), "--json"])

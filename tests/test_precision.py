@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tokenizer, run_calibration, write_text
+from helpers import make_tokenizer, run_calibration, tiny_model, write_text
 from safetensors import safe_open
 
 from quantkit.engine import hessian as hessian_module
@@ -142,16 +142,13 @@ def test_float32_sums_move_to_float64_past_the_token_limit(monkeypatch) -> None:
 def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, monkeypatch) -> None:
     """A bfloat16/float16 model keeps its dtype through calibration and export; every linear is solved in float32
     from its weight as stored, and the reloaded model holds the exported codes dequantized in its dtype."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     import quantkit
     import quantkit.engine.layerwise as layerwise
     from quantkit.export import read_checkpoint
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model = tiny_model("llama", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64).to(dtype)
     model.save_pretrained(tmp_path / "model")
     make_tokenizer().save_pretrained(tmp_path / "model")
     original = {k: v.clone() for k, v in model.state_dict().items()}

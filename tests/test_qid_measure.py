@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_model
 
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
@@ -55,11 +56,9 @@ def test_tokens_from_pythia_training_json_override_or_error(tmp_path):
 @pytest.mark.parametrize("tied", [True, False])
 def test_non_embedding_count_by_hand(tied):
     """N = all parameters - vocab x hidden (input embedding) - vocab x hidden again if the head is untied."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     v, h, inter, layers = 100, 16, 40, 2
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))
+    model = tiny_model("llama", vocab_size=v, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
     per_layer = 4 * h * h + 3 * h * inter + 2 * h  # q,k,v,o; gate,up,down; two RMSNorms
     non_embedding = layers * per_layer + h  # + final norm
     total, n = count_parameters(model)
@@ -121,11 +120,9 @@ def test_measure_grid_resumes_and_matches_independent_pipeline(ref_lm, text_dir,
 
 def test_measure_cli_needs_tokens_for_unknown_checkpoint(tmp_path):
     """A checkpoint without training metadata fails before any work, exit 2, naming --tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     d = tmp_path / "m"
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(d)
+    tiny_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=2).save_pretrained(d)
     res = CliRunner().invoke(main, ["qid", "measure", str(d), "--eval", str(tmp_path), "-o", str(tmp_path / "q.csv"), "--no-progress"])
     assert res.exit_code == 2 and "--tokens" in res.output
     res = CliRunner().invoke(main, ["qid", "measure", str(d), "--methods", "rtn,awq", "--eval", "x", "-o", str(tmp_path / "q.csv")])
@@ -135,13 +132,11 @@ def test_measure_cli_needs_tokens_for_unknown_checkpoint(tmp_path):
 
 def test_per_window_losses_add_up_to_the_loss_computed_by_hand():
     """loss_on_ids(per_window=True): each window's summed nll equals a direct cross-entropy of that window."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from quantkit.eval.loss import loss_on_ids
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = tiny_model("llama", seed=0, vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2).eval()
     ids = torch.randint(0, 50, (100,))
     out = loss_on_ids(model, ids, seqlen=32, progress=False, per_window=True)
     by_hand = []

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VLM_FAMILIES, build_vlm
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
+from helpers import VLM_FAMILIES, build_vlm, config_of, tiny_model
 
 from quantkit.engine.capture import capture_layer_inputs
 from quantkit.engine.smoothing import apply_fold, legal_folds, smooth_layer
@@ -14,18 +13,18 @@ from quantkit.models import adapter_for, get_module
 from quantkit.quant.smooth import ALPHA_GRID, search_alpha
 from quantkit.quant.spec import QuantSpec
 
-# The text families whose adapters declare smoothing folds, as tiny configs of transformers' own classes.
-CONFIGS = {
-    "llama": lambda common, kv: LlamaConfig(intermediate_size=64, num_key_value_heads=kv, **common),
-    "qwen2": lambda common, kv: Qwen2Config(intermediate_size=64, num_key_value_heads=kv, **common),
-    "gpt_neox": lambda common, kv: GPTNeoXConfig(intermediate_size=64, **common),
-    "opt": lambda common, kv: OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **common),
+# The text families whose adapters declare smoothing folds, with their own config fields.
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+FIELDS = {
+    "llama": lambda kv: dict(intermediate_size=64, num_key_value_heads=kv),
+    "qwen2": lambda kv: dict(intermediate_size=64, num_key_value_heads=kv),
+    "gpt_neox": lambda kv: dict(intermediate_size=64),
+    "opt": lambda kv: dict(ffn_dim=64, word_embed_proj_dim=32),
 }
 
 
-def config_of(family: str, kv_heads: int = 4):
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
-    return CONFIGS[family](common, kv_heads)
+def fields_of(family: str, kv_heads: int = 4) -> dict:
+    return {**COMMON, **FIELDS[family](kv_heads)}
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
@@ -42,12 +41,12 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
 
 def tiny(family: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Module:
     """A float64 two-layer model of a text family with random norm weights and biases."""
-    torch.manual_seed(seed)
-    return randomise(AutoModelForCausalLM.from_config(config_of(family, kv_heads)))
+    return randomise(tiny_model(family, seed=seed, **fields_of(family, kv_heads)))
 
 
 # every fold of every text family's adapter
-TEXT_FOLDS = [(family, index) for family in CONFIGS for index in range(len(adapter_for(config_of(family)).smooth_folds))]
+TEXT_FOLDS = [(family, index) for family in FIELDS
+              for index in range(len(adapter_for(config_of(family, **fields_of(family))).smooth_folds))]
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

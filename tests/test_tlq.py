@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import observing
+from helpers import observing, tiny_model
 
 from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples, split_counts
 from quantkit.engine import calibrate_model
@@ -21,12 +21,8 @@ SHARED = REPO.parent / "shared"
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", seed=0, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
 
 
 def samples_for(count: int = 4, length: int = 24) -> list[dict]:

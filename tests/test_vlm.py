@@ -8,8 +8,14 @@ import pytest
 import torch
 
 PIL = pytest.importorskip("PIL")
-from helpers import VLM_FAMILIES, build_vlm, run_calibration, write_image_dataset  # noqa: E402
-from transformers import LlavaConfig  # noqa: E402
+from helpers import (  # noqa: E402
+    VLM_FAMILIES,
+    build_vlm,
+    config_of,
+    run_calibration,
+    tiny_model,
+    write_image_dataset,
+)
 
 from quantkit.data.images import image_text_samples, load_processor  # noqa: E402
 from quantkit.engine.capture import capture_layer_inputs, model_inputs, run_layer  # noqa: E402
@@ -168,7 +174,8 @@ def test_load_model_and_processor_from_dir(family: str, tmp_path, dataset: str) 
 
 
 def test_unsupported_llava_text_backbone(tmp_path) -> None:
-    config = LlavaConfig(text_config=dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64))
+    config = config_of("llava", text_config=dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64, vocab_size=64))
     config.save_pretrained(tmp_path)
     with pytest.raises(QuantkitError, match="unsupported llava text backbone 'gpt_neox'"):
         load_model(str(tmp_path))
@@ -298,13 +305,11 @@ def test_quantize_vision_against_full_forward_reference(family: str, dataset: st
 
 
 def test_quantize_vision_refused_for_text_models() -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from quantkit.engine import calibrate_model
     from quantkit.quant.spec import QuantSpec
 
-    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                         num_hidden_layers=1, num_attention_heads=2))
+    model = tiny_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2)
     with pytest.raises(QuantkitError, match="no vision side to quantize"):
         calibrate_model(model, [{"input_ids": torch.arange(8)[None]}], QuantSpec(bits=4, group_size=-1),
                         progress=False, vision=True)
