@@ -62,13 +62,9 @@ def tiny_vlm(model_type: str, seed: int | None = None, **fields):
 def save_tiny_llama(root: Path, hidden: int = 32, layers: int = 2, max_positions: int = 64, seed: int = 0,
                     **config) -> Path:
     """A tiny random Llama (hidden 32, 2 layers) with its tokenizer, saved as a model directory."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                      max_position_embeddings=max_positions, **config)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root)
+    tiny_model("llama", seed, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=max_positions,
+               **config).save_pretrained(root)
     make_tokenizer().save_pretrained(root)
     return root
 
@@ -112,13 +108,8 @@ def char_ids(text: str) -> list[int]:
 
 def make_model_dir(root: Path, layers: int = 3, width: int = 64, inter: int = 128, tie: bool = False) -> Path:
     """Save a random Llama with the printable tokenizer under root/model (sharded when large)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=96, hidden_size=width, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model("llama", 0, vocab_size=96, hidden_size=width, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
     out = root / "model"
     model.save_pretrained(out, max_shard_size="20MB")
     printable_tokenizer().save_pretrained(out)
@@ -453,12 +444,8 @@ MOE_FIELDS = {
 
 @functools.cache
 def _moe_state(model_type: str, seed: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**MOE_BASE, **MOE_FIELDS[model_type]})
-    model = AutoModelForCausalLM.from_config(config)
-    return {"config": config, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    model = tiny_model(model_type, seed, **{**MOE_BASE, **MOE_FIELDS[model_type]})
+    return {"config": model.config, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
 def tiny_moe(model_type: str, seed: int = 0):
