@@ -41,3 +41,96 @@ def first_line(err: BaseException) -> str:
     if not text:
         return type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------- arguments checked at the API's boundary
+# The CLI's option types make these checks for it; the Python API gets the same one-line errors instead of a
+# TypeError from deep inside. Each names the argument as Python spells it and, where there is one, its flag.
+
+
+def _named(name: str, flag: str | None) -> str:
+    return f"{name} ({flag})" if flag else name
+
+
+def _kind(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def expect_int(name: str, value: object, *, least: int | None = None, allowed: tuple = (), optional: bool = False,
+               flag: str | None = None) -> int | None:
+    """`value` if it is an int (not a bool, not a float) and at least `least` or one of `allowed`."""
+    import numbers
+
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise QuantkitError(f"{_named(name, flag)} must be an integer, got {_kind(value)}")
+    value = int(value)
+    if allowed and value not in allowed and (least is None or value < least):
+        span = ", ".join(map(str, allowed)) + (f" or at least {least}" if least is not None else "")
+        raise QuantkitError(f"{_named(name, flag)} must be {span}, got {value}")
+    if not allowed and least is not None and value < least:
+        raise QuantkitError(f"{_named(name, flag)} must be at least {least}, got {value}")
+    return value
+
+
+def expect_number(name: str, value: object, *, least: float | None = None, below: float | None = None,
+                  above: float | None = None, optional: bool = False, flag: str | None = None) -> float | None:
+    """`value` as a float if it is a finite real number (not a bool) with least <= value, above < value and
+    value < below where those are given."""
+    import math
+    import numbers
+
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise QuantkitError(f"{_named(name, flag)} must be a finite number, got {_kind(value)}")
+    value = float(value)
+    if (least is not None and value < least) or (above is not None and value <= above) or \
+            (below is not None and value >= below):
+        bounds = [f">= {least:g}" if least is not None else None, f"> {above:g}" if above is not None else None,
+                  f"< {below:g}" if below is not None else None]
+        raise QuantkitError(f"{_named(name, flag)} must be {' and '.join(b for b in bounds if b)}, got {value:g}")
+    return value
+
+
+def expect_bool(name: str, value: object, *, optional: bool = False, flag: str | None = None) -> bool | None:
+    """`value` if it is True or False (None too where optional): no truthy strings or numbers."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        raise QuantkitError(f"{_named(name, flag)} must be True or False, got {_kind(value)}")
+    return value
+
+
+def expect_choice(name: str, value: object, choices, *, optional: bool = False, flag: str | None = None):
+    """`value` if it is one of `choices` exactly (case included); else the nearest one is offered."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not any(value == c and type(value) is type(c) for c in choices):
+        near = closest(value, choices) if isinstance(value, str) else None
+        hint = f"did you mean {next(c for c in choices if str(c) == near)!r}? " if near is not None else ""
+        got = repr(value) if any(type(value) is type(c) for c in choices) else _kind(value)
+        raise QuantkitError(f"{_named(name, flag)} must be one of {', '.join(map(repr, choices))}; {hint}got {got}")
+    return value
+
+
+def expect_path(name: str, value: object, *, optional: bool = False, flag: str | None = None) -> str | None:
+    """`value` as a str if it is a non-empty str or os.PathLike."""
+    import os
+
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise QuantkitError(f"{_named(name, flag)} must be a path (str or os.PathLike), got {_kind(value)}")
+    return os.fspath(value)
+
+
+def expect_names(what: str, given, known) -> None:
+    """Every name in `given` is one of `known`; else one error for the first unknown one, with the nearest."""
+    known = sorted(known)
+    for name in given:
+        if name not in known:
+            near = closest(name, known)
+            hint = f"did you mean {near!r}? " if near is not None else ""
+            raise QuantkitError(f"unknown {what} {name!r}; {hint}known: {', '.join(known)}")

@@ -142,7 +142,7 @@ def test_bad_data_and_options(run, tmp_path) -> None:
                            ([{"image": 3, "text": "x"}], "processor")]:
         with pytest.raises(quantkit.QuantkitError, match=fragment):
             quantkit.quantize(str(run["model"]), data=data, progress=False, **SETTINGS)
-    with pytest.raises(quantkit.QuantkitError, match="unknown options"):
+    with pytest.raises(quantkit.QuantkitError, match="unknown option 'bogus'"):
         quantkit.quantize(str(run["model"]), data=str(run["text"]), bogus=1)
     with pytest.raises(quantkit.QuantkitError, match="already exists"):
         quantkit.quantize(str(run["model"]), data=str(run["text"]), output_dir=run["cli"], **SETTINGS)

@@ -370,3 +370,111 @@ def test_calibration_part_is_in_the_report_and_the_card(made: dict, tmp_path: Pa
     assert json.loads((tmp_path / "out" / "quantkit_report.json").read_text())["part"] == "train"
     card = (tmp_path / "out" / "README.md").read_text()
     assert "part: train" in card and "the train part" in card
+
+
+# ---------------------------------------------------------------- the API as strict as the CLI
+
+
+API_CASES = [
+    ({"method": "GPTQ"}, "method (--method) must be one of 'rtn', 'gptq', 'tlq'; did you mean 'gptq'? got 'GPTQ'"),
+    ({"seed": "zero"}, "seed (--seed) must be an integer, got 'zero' (str)"),
+    ({"seed": -1}, "seed (--seed) must be at least 0"),
+    ({"group_size": None}, "group_size (--group-size) must be an integer, got None"),
+    ({"group_size": "64"}, "group_size (--group-size) must be an integer, got '64' (str)"),
+    ({"group_size": 0}, "group_size (--group-size) must be -1 or at least 1, got 0"),
+    ({"nsamples": 1.5}, "nsamples (--nsamples) must be an integer, got 1.5 (float)"),
+    ({"nsamples": True}, "nsamples (--nsamples) must be an integer, got True (bool)"),
+    ({"seqlen": 1}, "seqlen (--seqlen) must be at least 2"),
+    ({"output_dir": 5}, "output_dir (-o) must be a path"),
+    ({"bits": 4.0}, "bits (--bits) must be one of 2, 3, 4, 8; got 4.0 (float)"),
+    ({"bits": "4"}, "did you mean 4?"),
+    ({"sym": "yes"}, "sym (--sym) must be True or False, got 'yes' (str)"),
+    ({"damp": "0.01"}, "damp (--damp) must be a finite number, got '0.01' (str)"),
+    ({"damp": 1.0}, "damp (--damp) must be >= 0 and < 1, got 1"),
+    ({"part": "HeldOut"}, "did you mean 'heldout'?"),
+    ({"dtype": "fp16"}, "dtype (--dtype) must be one of 'auto', 'float32', 'float16', 'bfloat16'"),
+    ({"format": "GPTQ"}, "did you mean 'gptq'?"),
+    ({"smooth": "TLQ"}, "did you mean 'tlq'?"),
+    ({"act_bits": "8"}, "act_bits (--act-bits) must be one of 4, 8; did you mean 8?"),
+    ({"device": 0}, "device (--device) must be a non-empty string, got 0 (int)"),
+    ({"nproc": "2"}, "nproc (--nproc) must be an integer"),
+    ({"devices": "0,1"}, "devices (--devices) must be a list of GPU ids"),
+    ({"dist_timeout": 0}, "dist_timeout (--dist-timeout) must be > 0"),
+    ({"low_memory": "yes"}, "low_memory (--low-memory) must be True or False"),
+    ({"chat_template": 5}, "chat_template (--chat-template) must be a path"),
+    ({"importance": {"lamda": 0.5}}, "unknown importance option 'lamda'; did you mean 'lam'?"),
+    ({"importance": "fast"}, "importance must be a dict of TLQ's options"),
+    ({"importance": {"lam": "0.1"}}, "importance['lam'] must be a finite number"),
+    ({"nproces": 2}, "unknown option 'nproces'; did you mean 'nproc'?"),
+    ({"calib_set": "set"}, "--calib (data=) and --calib-set (calib_set=) are two sources of samples"),
+    ({"private": True}, "--private (private=) makes the hub repo of --push-to-hub private"),
+    ({"model": None}, "model must be a model directory, a hub id or a loaded transformers model"),
+    ({"model": 123}, "got 123 (int)"),
+    ({"model": "LINEAR"}, "got a torch Linear without a transformers config"),
+    ({"tokenizer_or_processor": "abc"}, "tokenizer_or_processor must be a transformers tokenizer or processor"),
+    ({"tokenizer_or_processor": 42}, "got 42 (int)"),
+]
+
+
+@pytest.mark.parametrize("changes, fragment", API_CASES, ids=[str(c) for c, _ in API_CASES])
+def test_every_quantize_argument_is_checked_at_the_boundary(made: dict, tmp_path: Path, no_model_load, changes: dict,
+                                                            fragment: str) -> None:
+    """One QuantkitError on one line, naming the argument (and its flag), before the model loads; nothing written."""
+    import quantkit
+
+    args = dict(model=str(made["model"]), data=str(made["text"]), method="rtn", group_size=32, nsamples=2, seqlen=16,
+                output_dir=tmp_path / "out", progress=False)
+    args.update(changes)
+    if args["model"] == "LINEAR":
+        args["model"] = torch.nn.Linear(4, 4)
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError) as caught:
+        quantkit.quantize(**args)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_load_quantized_checks_its_argument(tmp_path: Path) -> None:
+    import quantkit
+
+    for bad in (5, None, ""):
+        with pytest.raises(quantkit.QuantkitError, match=r"load_quantized\(path\) must be a path"):
+            quantkit.load_quantized(bad)
+
+
+# ---------------------------------------------------------------- options that contradict each other (CLI)
+
+
+@pytest.fixture(scope="module")
+def calibration_set(made: dict, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("set") / "set"
+    result = run_cli("importance", made["model"], "--calib", made["text"], "--nsamples", "2", "--seqlen", "16",
+                     "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--calib", "TEXT"], "--calib (data=) and --calib-set (calib_set=) are two sources of samples; give one"),
+    (["--nsamples", "64"], "--nsamples 64 does not apply to --calib-set"),
+    (["--seqlen", "8"], "--seqlen 8 does not apply to --calib-set"),
+    (["--part", "train"], "--part train does not apply to --calib-set"),
+])
+def test_data_options_beside_a_calibration_set_are_refused(work: Path, calibration_set: Path, no_model_load,
+                                                           extra: list, fragment: str) -> None:
+    """The set holds 2 samples of 16 tokens: other sample settings were silently replaced by the set's."""
+    extra = [work / "text.txt" if e == "TEXT" else e for e in extra]
+    assert_fault(work, ["calibrate", work / "model", "--calib-set", calibration_set, "--method", "gptq",
+                        "--group-size", "32", "-o", work / "out", *extra], fragment)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--private"], "--private (private=) makes the hub repo of --push-to-hub private"),
+    (["--dist-timeout", "0"], "dist_timeout (--dist-timeout) must be > 0"),
+    (["--bits", "3", "--format", "gptq_v2"], "output width 16 does not fill them"),
+])
+def test_contradictory_options_before_anything(work: Path, no_model_load, extra: list, fragment: str) -> None:
+    assert_fault(work, calibrate(work, *extra), fragment)
+
+
+def test_no_calibration_data_is_said_in_the_clis_words(work: Path, no_model_load) -> None:
+    line = assert_fault(work, ["calibrate", work / "model", "--method", "rtn", "-o", work / "out"], "give --calib PATH")
+    assert "--calib-set DIR" in line

@@ -166,9 +166,9 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
     source spec, or in-memory data: quantkit.data.calibration.memory_calibration) and OPTIONS by name.
 
     Every option is checked on its own and against the others here; QuantkitError names what is wrong."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise QuantkitError(f"quantize() got unknown options {unknown}; known: {', '.join(sorted(OPTIONS))}")
+    from quantkit.calibrate.arguments import check_arguments
+
+    check_arguments(model, data, tokenizer, options, OPTIONS)
     o = {**OPTIONS, **options}
     data_spec = _data_spec(data, o)
     run = _run_spec(o)
@@ -197,10 +197,8 @@ def _data_spec(data: Any, o: dict) -> DataSpec:
     from quantkit.data.calibration import is_source
 
     if data is None and o["calib_set"] is None:
-        raise QuantkitError("no calibration data; pass data= (a path, texts, image-text records or a Dataset), "
-                            "--calib PATH or --calib-set DIR")
-    if o["nsamples"] <= 0 or o["seqlen"] <= 1:
-        raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
+        raise QuantkitError("no calibration data: give --calib PATH (data=: a path, texts, image-text or chat records "
+                            "or a Dataset) or --calib-set DIR (calib_set=)")
     source = os.fspath(data) if data is not None and is_source(data) else None
     template = None if o["chat_template"] is None else os.fspath(o["chat_template"])
     return DataSpec(source=source, calib_set=o["calib_set"], records=data if source is None else None,
@@ -208,8 +206,6 @@ def _data_spec(data: Any, o: dict) -> DataSpec:
 
 
 def _run_spec(o: dict) -> RunSpec:
-    if o["nproc"] < 1:
-        raise QuantkitError(f"--nproc must be at least 1, got {o['nproc']}")
     devices = None if o["devices"] is None else tuple(o["devices"])
     low_memory = bool(o["resume"] or o["low_memory"] or o["offload_dir"])
     return RunSpec(device=o["device"], nproc=o["nproc"], devices=devices, dist_timeout=o["dist_timeout"],

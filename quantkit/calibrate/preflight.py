@@ -25,7 +25,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
     if data.calib_set is not None:
         from quantkit.importance import read_manifest
 
-        read_manifest(data.calib_set)
+        check_set_settings(data, read_manifest(data.calib_set))
     check_offload_dir(run.offload_dir)
     given = model.tokenizer is not None
     if model.loaded is not None:
@@ -59,6 +59,8 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         check_chat_data(data.source, data.chat_template, files)
     if q.recipe is not None:
         check_recipe(job, model.loaded if model.loaded is not None else files.config)
+    elif job.export.output is not None:
+        check_linear_shapes(job, model.loaded if model.loaded is not None else files.config)
     if job.export.output is not None:
         _check_output(job, files, data_paths(data.source))
     if model.tokenizer is not None:
@@ -68,6 +70,20 @@ def preflight(job: CalibrationJob) -> ModelFiles:
     if run.low_memory and not Path(model.name, "config.json").is_file():
         raise QuantkitError(f"--low-memory needs a local model directory with safetensors weights, got {model.name}")
     return files
+
+
+def check_set_settings(data: object, manifest: dict) -> None:
+    """A --calib-set brings its own samples: a sample setting the job gives (one other than build_job's default)
+    that differs from the set's is refused, not silently replaced by the set's."""
+    from quantkit.calibrate.job import OPTIONS
+
+    for name in ("nsamples", "seqlen", "seed", "part", "chat_template"):
+        mine, theirs = getattr(data, name), manifest.get(name)
+        if mine != OPTIONS[name] and mine != theirs:
+            flag = "--" + name.replace("_", "-")
+            raise QuantkitError(f"{flag} {mine} does not apply to --calib-set {data.calib_set}, whose samples were drawn "
+                                f"with {flag} {theirs}; drop {flag}, or make a set with it (quantkit importance "
+                                f"{flag} {mine})")
 
 
 def export_bytes(files: ModelFiles, bits: int, fmt: str) -> int:
@@ -96,21 +112,41 @@ def _check_output(job: CalibrationJob, files: ModelFiles, data_paths: list[str])
     check_output(output, overwrite=job.export.overwrite, sources=sources, need_bytes=need)
 
 
-def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
-    """The job's recipe fits the model (every pattern matches a linear, every group size divides its linears' widths,
-    its methods need no statistics the run does not gather) and the format stores every setting it gives."""
+def _model_and_adapter(job: CalibrationJob, model_or_config: object) -> tuple[object, object]:
     from torch import nn
 
-    from quantkit.engine.checks import candidate_linears, model_linears
-    from quantkit.export.formats import format_for
     from quantkit.models import adapter_for
     from quantkit.models.files import build_meta_model
 
-    q = job.quantization
     if isinstance(model_or_config, nn.Module):
-        model, adapter = model_or_config, adapter_for(model_or_config)
-    else:
-        model, adapter = build_meta_model(model_or_config, job.model.name)  # shapes only: no weights are read
+        return model_or_config, adapter_for(model_or_config)
+    return build_meta_model(model_or_config, job.model.name)  # shapes only: no weights are read
+
+
+def check_linear_shapes(job: CalibrationJob, model_or_config: object) -> None:
+    """Every linear the run quantizes has a shape the export format stores at the job's bits (GPTQ's whole
+    int32 words at 3 bits), before any calibration rather than at the export."""
+    from quantkit.engine.checks import candidate_linears
+    from quantkit.export.formats import format_for
+    from quantkit.models import get_module
+
+    q = job.quantization
+    model, adapter = _model_and_adapter(job, model_or_config)
+    fmt = format_for(job.export.fmt)
+    for name in candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision):
+        linear = get_module(model, name)
+        fmt.check_linear(name, linear.out_features, linear.in_features, q.weights.bits)
+
+
+def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
+    """The job's recipe fits the model (every pattern matches a linear, every group size divides its linears' widths,
+    its methods need no statistics the run does not gather) and the format stores every setting it gives."""
+    from quantkit.engine.checks import candidate_linears, model_linears
+    from quantkit.export.formats import format_for
+    from quantkit.models import get_module
+
+    q = job.quantization
+    model, adapter = _model_and_adapter(job, model_or_config)
     chosen = q.recipe.check(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights,
                             q.method, model_linears(model))
     fmt = format_for(job.export.fmt)
@@ -120,3 +156,6 @@ def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
         except QuantkitError as err:
             name = next(n for n, s in chosen.items() if s == settings)
             raise QuantkitError(f"recipe, for {name}: {err}") from None
+    for name, settings in chosen.items():
+        linear = get_module(model, name)
+        fmt.check_linear(name, linear.out_features, linear.in_features, settings.spec.bits)

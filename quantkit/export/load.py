@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, expect_path
 from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
 from quantkit.export.reader import read_checkpoint, read_json
 from quantkit.models.experts import fuse_experts, model_key, unfuse_experts
@@ -28,7 +28,7 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
     import transformers
     from transformers.initialization import no_init_weights
 
-    root = Path(path)
+    root = Path(expect_path("load_quantized(path)", path))
     foreign = root.is_dir() and not (root / MANIFEST).is_file() and (root / "config.json").is_file()
     if foreign and "quantization_config" in read_json(root / "config.json"):
         from quantkit.models import load_model

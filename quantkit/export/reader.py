@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, expect_path
 from quantkit.export.common import (
     INDEX,
     MANIFEST,
@@ -38,7 +38,7 @@ def check_export_dir(path: str | os.PathLike) -> None:
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a quantkit output (any format) back into FP tensors and exact QuantResults."""
-    root = Path(path)
+    root = Path(expect_path("read_checkpoint(path)", path))
     if not root.is_dir():
         raise QuantkitError(f"{root} is not a directory; give a quantkit output directory")
     mpath = root / MANIFEST

@@ -105,6 +105,9 @@ class Format:
         """JSON files written beside config.json (file name -> content)."""
         return {}
 
+    def check_linear(self, name: str, out_features: int, in_features: int, bits: int) -> None:
+        """Raise QuantkitError if a linear of this shape cannot be stored at `bits` (checked before calibrating)."""
+
     def declared_settings(self, quantization_config: dict) -> set[tuple]:
         """The weight settings (bits, group_size, sym) a stored quantization_config declares."""
         return set()

@@ -15,6 +15,7 @@ listed fields (bits, group_size, sym, desc_act) and "-:" leaving the module unqu
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import torch
@@ -122,6 +123,16 @@ class GPTQFormat(Format):
     holds_activation_bits = False  # GPTQ configs describe weight-only models
     transformers_extras = "optimum gptqmodel"
     quant_method = "gptq"
+
+    def check_linear(self, name: str, out_features: int, in_features: int, bits: int) -> None:
+        """GPTQ packs codes along the input and zero points along the output into whole int32 words."""
+        for what, width in (("input", in_features), ("output", out_features)):
+            if width * bits % 32:
+                raise QuantkitError(
+                    f"{name}: {self.name} packs {bits}-bit codes into whole int32 words, and its {what} width {width} "
+                    f"does not fill them (a multiple of {32 // math.gcd(32, bits)} is needed); export to "
+                    "compressed-tensors or fake"
+                )
 
     def declared_settings(self, quantization_config: dict) -> set[tuple]:
         """The top-level (bits, group_size, sym) and each `dynamic` override's ("-:" rules leave modules in FP)."""

@@ -1,0 +1,151 @@
+"""Every argument of a calibration job checked at the boundary, before anything else: type, range, the allowed
+names (case included) and the options that contradict each other. The CLI's option types do most of this for
+`quantkit calibrate`; quantkit.quantize gets the same one-line QuantkitError, naming the argument as Python spells
+it and its flag, instead of a TypeError from deep inside."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from quantkit.errors import (
+    QuantkitError,
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_names,
+    expect_number,
+    expect_path,
+)
+
+# the flag of each option whose flag is not --option-name (None: the CLI has no such option)
+FLAGS = {"output_dir": "-o", "lm_head": "--quantize-lm-head", "vision": "--quantize-vision", "importance": None,
+         "hooks": None, "progress": None, "recipe": "--recipe"}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def flag_of(name: str) -> str | None:
+    """The CLI flag of a build_job option."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _str(name: str, value: Any, *, optional: bool = False, flag: str | None = None) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise QuantkitError(f"{name} ({flag}) must be a non-empty string, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _devices(name: str, value: Any, *, flag: str | None = None) -> None:
+    if value is None:
+        return
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise QuantkitError(f"{name} ({flag}) must be a list of GPU ids such as [0, 1], got {value!r}")
+    for index in value:
+        expect_int(name, index, least=0, flag=flag)
+
+
+def _importance(name: str, value: Any, *, flag: str | None = None) -> None:
+    """TLQ's gradient-pass options: known names (the nearest offered), each of its type."""
+    if value is None:
+        return
+    checks = _importance_checks()
+    if not isinstance(value, dict):
+        raise QuantkitError(f"importance must be a dict of TLQ's options ({', '.join(checks)}), "
+                            f"got {value!r} ({type(value).__name__})")
+    expect_names("importance option", value, checks)
+    for key, item in value.items():
+        checks[key](f"importance[{key!r}]", item, flag=None)
+
+
+def _checks() -> dict[str, Callable[..., Any]]:
+    """Each option's check, called as check(name, value, flag=...)."""
+    from quantkit.data.sources import PARTS
+    from quantkit.export.formats import FORMATS
+    from quantkit.quant.methods import METHODS
+    from quantkit.quant.smooth import AUTO, SMOOTH_MODES
+    from quantkit.quant.spec import SUPPORTED_BITS
+
+    def one_of(choices, optional=False):
+        return partial(expect_choice, choices=tuple(choices), optional=optional)
+
+    def integer(least=None, allowed=(), optional=False):
+        return partial(expect_int, least=least, allowed=allowed, optional=optional)
+
+    boolean, maybe_bool = expect_bool, partial(expect_bool, optional=True)
+    path = partial(expect_path, optional=True)
+    return {
+        "method": one_of(METHODS, optional=True), "bits": one_of(SUPPORTED_BITS),
+        "group_size": integer(least=1, allowed=(-1,)), "sym": boolean, "act_order": boolean,
+        "static_groups": maybe_bool, "damp": partial(expect_number, least=0.0, below=1.0), "mse": boolean,
+        "cd_sweeps": integer(least=0), "act_bits": one_of((4, 8), optional=True), "smooth": one_of((AUTO, *SMOOTH_MODES)),
+        "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "recipe": lambda *a, **k: None,
+        "importance": _importance, "dtype": one_of(DTYPES), "calib_set": path, "nsamples": integer(least=1),
+        "seqlen": integer(least=2), "seed": integer(least=0), "part": one_of(PARTS), "chat_template": path,
+        "device": _str, "nproc": integer(least=1), "devices": _devices,
+        "dist_timeout": partial(expect_number, above=0.0), "low_memory": boolean, "offload_dir": path,
+        "resume": boolean, "progress": boolean, "hooks": lambda *a, **k: None, "output_dir": path,
+        "format": one_of(FORMATS, optional=True), "overwrite": boolean,
+        "push_to_hub": partial(_str, optional=True), "private": maybe_bool,
+    }
+
+
+def _importance_checks() -> dict[str, Callable[..., Any]]:
+    from quantkit.importance import GUIDANCE_CHOICES, LOSS_CHOICES
+
+    return {"guidance": partial(expect_choice, choices=GUIDANCE_CHOICES),
+            "row_groups": partial(expect_int, least=1), "loss": partial(expect_choice, choices=LOSS_CHOICES),
+            "draws": partial(expect_int, least=1), "lam": partial(expect_number, least=0.0),
+            "power": partial(expect_number, above=0.0)}
+
+
+def check_model_argument(model: Any) -> None:
+    """The model is a local directory or hub id (str or os.PathLike), or a loaded transformers model."""
+    if isinstance(model, (str, os.PathLike)):
+        if not os.fspath(model):
+            raise QuantkitError("model is an empty string; give a model directory, a hub id or a loaded model")
+        return
+    import torch
+
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        return
+    what = (f"a torch {type(model).__name__} without a transformers config" if isinstance(model, torch.nn.Module)
+            else f"{model!r} ({type(model).__name__})")
+    raise QuantkitError(f"model must be a model directory, a hub id or a loaded transformers model "
+                        f"(AutoModelForCausalLM.from_pretrained(...)), got {what}")
+
+
+def check_tokenizer_argument(tokenizer: Any) -> None:
+    """A given tokenizer_or_processor is a transformers tokenizer or processor object (None: the model's own)."""
+    if tokenizer is None:
+        return
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+    if isinstance(tokenizer, (PreTrainedTokenizerBase, ProcessorMixin)):
+        return
+    hint = " (a path? load it with AutoTokenizer.from_pretrained(path))" if isinstance(tokenizer, (str, os.PathLike)) else ""
+    raise QuantkitError(f"tokenizer_or_processor must be a transformers tokenizer or processor, got {tokenizer!r} "
+                        f"({type(tokenizer).__name__}){hint}; leave it out to use the model's own")
+
+
+def check_arguments(model: Any, data: Any, tokenizer: Any, options: dict, defaults: dict) -> None:
+    """Every build_job argument on its own (unknown option names refused with the nearest valid one), then the
+    options that contradict each other; a QuantkitError names the first problem."""
+    expect_names("option", options, defaults)
+    check_model_argument(model)
+    check_tokenizer_argument(tokenizer)
+    checks = _checks()
+    for name, value in options.items():
+        checks[name](name, value, flag=flag_of(name))
+    given = {**defaults, **options}
+    if data is not None and given["calib_set"] is not None:
+        raise QuantkitError("--calib (data=) and --calib-set (calib_set=) are two sources of samples; give one")
+    if given["private"] is not None and given["push_to_hub"] is None:
+        raise QuantkitError("--private (private=) makes the hub repo of --push-to-hub private; give --push-to-hub "
+                            "OWNER/NAME or drop --private")
+    if given["resume"] and given["output_dir"] is None:
+        raise QuantkitError("--resume continues an interrupted --low-memory run into its -o directory (output_dir=); "
+                            "give it")
