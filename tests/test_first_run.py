@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS, make_tokenizer, observing, save_tiny_llama, write_text
+from helpers import WORDS, make_tokenizer, observing, run_cli, save_tiny_llama, write_text
 
 import quantkit
 from quantkit.data.calibration import memory_calibration
@@ -151,3 +151,27 @@ def test_report_gives_the_error_of_plain_rounding_beside_the_solvers(tiny: dict,
                             / torch.einsum("oi,ij,oj->", weight.double(), hessian, weight.double()))
             assert entry["rtn_output_rel_err"] == pytest.approx(by_hand, rel=1e-4), name
             assert entry["output_rel_err"] < entry["rtn_output_rel_err"], name
+
+
+# ---------------------------------------------------------------- what a run prints
+
+
+def test_console_table_and_summary(tiny: dict, tmp_path: Path) -> None:
+    """One table line per decoder layer with the means of the report's per-linear errors and its seconds; the
+    summary's sizes are the safetensors files' sizes on disk."""
+    out = tmp_path / "out"
+    result = run_cli("calibrate", tiny["model"], "--calib", tiny["text"], "--method", "gptq", "--nsamples", "4",
+                     "--seqlen", "16", "--group-size", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    report = json.loads((out / "quantkit_report.json").read_text())
+    assert "output error: rounding -> solved" in lines[0]
+    for layer, line in zip(report["layers"], lines[1:3]):
+        entries = list(layer["linears"].values())
+        rounded = sum(e["rtn_output_rel_err"] for e in entries) / len(entries)
+        solved = sum(e["output_rel_err"] for e in entries) / len(entries)
+        assert line.split()[:5] == [str(layer["layer"]), str(len(entries)), f"{rounded:.5f}", "->", f"{solved:.5f}"]
+    before = sum(p.stat().st_size for p in tiny["model"].glob("*.safetensors"))
+    after = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert any(f"({before / after:.1f}x smaller)" in line for line in lines), lines
+    assert any(line.startswith("load: AutoModelForCausalLM.from_pretrained(") for line in lines), lines

@@ -83,9 +83,25 @@ def calibrate(model: str, **options) -> None:
     if as_json:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "layers"} | {"output": output} | pushed))
     else:
-        q = job.quantization
-        mixed = f" + recipe {options['recipe']}" if options["recipe"] else ""
-        click.echo(f"quantized {model} with {q.method} w{q.weights.bits} g{q.weights.group_size}{mixed} in "
-                   f"{report['total_seconds']:.1f}s -> {output} ({report['format']})")
+        for line in summary_lines(job, report, model, options["recipe"]):
+            click.echo(line)
         if outcome.hub_url:
             click.echo(f"pushed to {outcome.hub_url}")
+
+
+def summary_lines(job, report: dict, model: str, recipe: str | None) -> list[str]:
+    """What a run prints: a table of its layers (error with plain rounding and solved, time), what was quantized,
+    the weights' size beside the source's and how to load the export."""
+    from quantkit.engine.report import error_summary, layer_table
+    from quantkit.export.formats import format_for
+    from quantkit.export.summary import load_line, size_line
+
+    q, output = job.quantization, job.export.output
+    mixed = f" + recipe {recipe}" if recipe else ""
+    errors = error_summary(report)
+    return [*layer_table(report),
+            f"quantized {model} with {q.method} w{q.weights.bits} g{q.weights.group_size}{mixed} in "
+            f"{report['total_seconds']:.1f}s -> {output} ({report['format']})",
+            *([errors] if errors else []),
+            size_line(model, output),
+            load_line(output, format_for(report["format"]))]

@@ -1,0 +1,38 @@
+"""How big an export is beside its source, and how to load it: the last lines a run prints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def weights_bytes(directory: str | os.PathLike) -> int:
+    """Bytes of the safetensors files (weights, codes, sidecars) in a model or export directory; 0 if none."""
+    root = Path(directory).expanduser()
+    return sum(p.stat().st_size for p in root.glob("*.safetensors")) if root.is_dir() else 0
+
+
+def size(n: float) -> str:
+    """n bytes as B/KiB/MiB/GiB/TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def size_line(source: str | os.PathLike | None, output: str | os.PathLike, source_bytes: int = 0) -> str:
+    """"weights 1.2 MiB -> 0.4 MiB (2.9x smaller)": the source's safetensors (or `source_bytes`, e.g. a loaded
+    model's parameters) beside the export's; only the export's where the source's size is unknown."""
+    before = source_bytes or (weights_bytes(source) if source is not None else 0)
+    after = weights_bytes(output)
+    if not before or not after:
+        return f"weights {size(after)}"
+    return f"weights {size(before)} -> {size(after)} ({before / after:.1f}x smaller)"
+
+
+def load_line(output: str | os.PathLike, fmt: object) -> str:
+    """How to load the export in transformers, with what the format needs installed."""
+    extras = getattr(fmt, "transformers_extras", "")
+    need = f" (after `pip install {extras}`)" if extras and "gptq" in getattr(fmt, "name", "") else ""
+    return f"load: AutoModelForCausalLM.from_pretrained({str(output)!r}){need}, or quantkit.load_quantized({str(output)!r})"
