@@ -295,11 +295,19 @@ def check_output(output: str | os.PathLike, *, overwrite: bool, sources: Iterabl
     return out
 
 
-def check_offload_dir(path: str | os.PathLike | None) -> None:
-    """--offload-dir: a directory (created if missing) in a writable place."""
+def check_offload_dir(path: str | os.PathLike | None, sources: Iterable[str | os.PathLike | None] = ()) -> None:
+    """--offload-dir: a directory (created if missing) in a writable place, outside every source (the model, its
+    data): scratch files must not land among them, nor stay there when a run is killed."""
     if path is None:
         return
     root = Path(path)
+    real = Path(os.path.abspath(root)).resolve()
+    for source in sources:
+        if source is not None and Path(source).expanduser().is_dir():
+            src = Path(source).expanduser().resolve()
+            if real == src or src in real.parents:
+                raise QuantkitError(f"--offload-dir {path} is inside {source}, an input of the run; give a scratch "
+                                    "directory outside it")
     if root.exists() and not root.is_dir():
         raise QuantkitError(f"--offload-dir {path} is a file; give a directory (it is created if missing)")
     where = _nearest_existing(root)

@@ -478,3 +478,18 @@ def test_contradictory_options_before_anything(work: Path, no_model_load, extra:
 def test_no_calibration_data_is_said_in_the_clis_words(work: Path, no_model_load) -> None:
     line = assert_fault(work, ["calibrate", work / "model", "--method", "rtn", "-o", work / "out"], "give --calib PATH")
     assert "--calib-set DIR" in line
+
+
+@pytest.mark.parametrize("command", ["calibrate", "importance"])
+def test_offload_dir_inside_an_input_is_refused(work: Path, no_model_load, command: str) -> None:
+    """Scratch files must not land in the model's directory (nor stay there when a run is killed)."""
+    common = [work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16"]
+    extra = [*BASE[BASE.index("--group-size"):], "--low-memory"] if command == "calibrate" else []
+    out = work / ("out" if command == "calibrate" else "set")
+    assert_fault(work, [command, *common, *extra, "--offload-dir", work / "model" / "scratch", "-o", out],
+                 "is inside")
+
+
+def test_export_private_without_push_is_refused(made: dict, tmp_path: Path) -> None:
+    assert_fault(tmp_path, ["export", made["exports"]["fake"], "--format", "compressed-tensors", "-o", tmp_path / "x",
+                            "--private"], "--private makes the hub repo of --push-to-hub private")

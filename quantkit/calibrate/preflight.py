@@ -26,7 +26,8 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         from quantkit.importance import read_manifest
 
         check_set_settings(data, read_manifest(data.calib_set))
-    check_offload_dir(run.offload_dir)
+    check_offload_dir(run.offload_dir, [None if model.loaded is not None else model.name, data.calib_set,
+                                        *data_paths(data.source)])
     given = model.tokenizer is not None
     if model.loaded is not None:
         from quantkit.models import adapter_for

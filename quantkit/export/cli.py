@@ -32,6 +32,9 @@ def export(in_dir: Path, fmt: str, out: Path, overwrite: bool, max_shard_size: s
     from quantkit.fsutil import check_output, check_output_dir
 
     limit = parse_size(max_shard_size)
+    if private is not None and push_to_hub is None:
+        raise QuantkitError("--private makes the hub repo of --push-to-hub private; give --push-to-hub OWNER/NAME or "
+                            "drop --private")
     if push_to_hub is not None:
         from quantkit.export.hub import check_repo_id
 

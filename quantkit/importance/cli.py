@@ -80,7 +80,7 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
     """Everything `quantkit importance` can check before it loads the model."""
     check_device(device)
     check_data(data.source, part=data.part, chat_template=data.chat_template)
-    check_offload_dir(offload_dir)
+    check_offload_dir(offload_dir, [model_name])
     files = model_for_data(model_name, data.source)
     check_seqlen(files.config, data.seqlen)
     from quantkit.data.calibration import check_source_for_model
