@@ -32,7 +32,10 @@ def size_line(source: str | os.PathLike | None, output: str | os.PathLike, sourc
 
 
 def load_line(output: str | os.PathLike, fmt: object) -> str:
-    """How to load the export in transformers, with what the format needs installed."""
-    extras = getattr(fmt, "transformers_extras", "")
-    need = f" (after `pip install {extras}`)" if extras and "gptq" in getattr(fmt, "name", "") else ""
+    """How to load the export in transformers, with what the format needs and this environment lacks."""
+    import importlib.util
+
+    extras = getattr(fmt, "transformers_extras", "").split()
+    missing = [p for p in extras if importlib.util.find_spec(p.replace("-", "_")) is None]
+    need = f" (after `pip install {' '.join(missing)}`)" if missing else ""
     return f"load: AutoModelForCausalLM.from_pretrained({str(output)!r}){need}, or quantkit.load_quantized({str(output)!r})"
