@@ -46,8 +46,10 @@ def quantize(
 ) -> Quantized:
     """Quantize a model (hub id, path or loaded PreTrainedModel) on calibration data; export it when output_dir is given.
 
-    data is a path or source spec (text, JSONL, directory, glob, hf:NAME, calib/ recipe), a list of strings,
-    a list of image-text records {"image": path or PIL image, "text" or "messages"}, a list of chat records
+    data is a path or source spec (text, JSONL, directory, glob, hf:NAME, calib/ recipe: cut into nsamples
+    windows of seqlen tokens), a list of strings (several: each one sample, cut to its first seqlen tokens,
+    nsamples of them drawn with the seed where there are more, one warning where there are fewer; a single
+    string: one long text cut into windows as a file is), a list of image-text records {"image": path or PIL image, "text" or "messages"}, a list of chat records
     {"messages": [{"role", "content"}, ...]} (rendered with the tokenizer's chat template, the loss mask on the
     assistant's tokens), or a datasets.Dataset (a "text" or "messages" column, or "image" with
     "text"/"messages"); `calib_set=DIR` reuses a token-level set from
@@ -60,7 +62,7 @@ def quantize(
 
     recipe is a quantkit.Recipe, its mapping form or a YAML file: which linears to quantize (targets), which
     to leave in full precision (ignore) and per-module overrides of bits, group_size, sym, act_order and
-    method, the arguments above being its defaults (quantkit.quant.recipe; README "Recipes").
+    method, the arguments above being its defaults (quantkit.quant.recipe; docs/commands.md "Recipes").
 
     options are the rest of `quantkit calibrate`'s settings under their Python names, with the same defaults
     (quantkit.calibrate.OPTIONS): the solver's sym, act_order, static_groups, damp, mse, cd_sweeps, fp_target;

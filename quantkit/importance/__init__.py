@@ -1,6 +1,6 @@
 """TLQ token importance and the token-level calibration set.
 
-Conventions (see the README, "TLQ as quantkit defines it"):
+Conventions (see docs/tlq.md, "TLQ as quantkit defines it"):
 
 - A sample is a dict of forward kwargs (``input_ids`` [1, T], optional ``attention_mask``,
   ``pixel_values``...) with optional metadata ``loss_mask`` and ``vision_mask`` ([1, T] bool).

@@ -128,7 +128,7 @@ class Recipe:
 
     Recipe(ignore=["lm_head"], overrides=[Override(targets=[r"re:.*layers\\.(0|23)\\.mlp\\.down_proj$"], bits=8)])
     keeps the first and last (of 24) decoder layers' down_proj at 8 bits. See the module docstring for
-    the pattern syntax and README.md for the YAML schema (Recipe.from_yaml).
+    the pattern syntax and docs/commands.md for the YAML schema (Recipe.from_yaml).
     """
 
     targets: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ class Format:
     quantization_config; the writer and reader (quantkit/export/writer.py, reader.py) ask nothing else."""
 
     name: str = ""
-    help: str = ""  # one line for --format's help and the README
+    help: str = ""  # one line for --format's help and docs/formats.md
     bits: tuple[int, ...] = SUPPORTED_BITS  # widths it stores
     holds_permuted_groups: bool = True  # act-order groups without static groups (a permuted g_idx)
     holds_outside_layers: bool = True  # quantized linears outside the decoder layers (lm_head, vision side)
