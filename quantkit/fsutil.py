@@ -251,6 +251,18 @@ def check_writable(directory: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def check_output_file(output: str | os.PathLike, flag: str = "-o") -> None:
+    """A result file can be written at `output` (checked before the work it records): not a directory, no file
+    where a folder above it must be, its folder writable."""
+    out = Path(os.path.abspath(output))
+    if out.is_dir():
+        raise QuantkitError(f"{flag} {output} is a directory; give a file path")
+    above = _nearest_existing(out.parent)
+    if not above.is_dir():
+        raise QuantkitError(f"{flag} {output} lies under {above}, which is a file; give a path in a directory")
+    check_writable(above, f"{flag} {output}")
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:

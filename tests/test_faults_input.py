@@ -493,3 +493,58 @@ def test_offload_dir_inside_an_input_is_refused(work: Path, no_model_load, comma
 def test_export_private_without_push_is_refused(made: dict, tmp_path: Path) -> None:
     assert_fault(tmp_path, ["export", made["exports"]["fake"], "--format", "compressed-tensors", "-o", tmp_path / "x",
                             "--private"], "--private makes the hub repo of --push-to-hub private")
+
+
+# ---------------------------------------------------------------- the battery's third round (benchmarks/fault_battery.py)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "importance"])
+def test_an_already_quantized_checkpoint_is_refused_as_the_model(made: dict, tmp_path: Path, command: str) -> None:
+    """An export's packed codes are no model to quantize (calibrate raised an AttributeError from the solver's
+    layer; importance ran on it and wrote a set)."""
+    export = made["exports"]["compressed-tensors"]
+    extra = BASE[: BASE.index("--json")] if command == "calibrate" else ["--nsamples", "2", "--seqlen", "16"]
+    assert_fault(tmp_path, [command, export, "--calib", made["text"], *extra, "-o", tmp_path / "out"],
+                 "is already quantized (its config.json has a compressed-tensors quantization_config)")
+
+
+def test_the_api_refuses_an_already_quantized_checkpoint(made: dict, tmp_path: Path) -> None:
+    import quantkit
+
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match="is already quantized"):
+        quantkit.quantize(str(made["exports"]["compressed-tensors"]), data=str(made["text"]), method="rtn", nsamples=2,
+                          seqlen=16, group_size=32, progress=False, output_dir=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda q: q.Override(targets=[], bits=4), "must be a module-name pattern or a non-empty list of them"),
+    (lambda q: q.Recipe(ignore=[]).overrides, None),  # an empty ignore list is no ignore at all: allowed
+    (lambda q: q.Recipe.from_yaml(5), "Recipe.from_yaml(path) must be a path"),
+])
+def test_recipe_objects_check_their_arguments(call, fragment: str | None) -> None:
+    import quantkit
+
+    if fragment is None:
+        assert call(quantkit) == ()
+        return
+    with pytest.raises(quantkit.QuantkitError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        call(quantkit)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["eval", "MODEL", "--data", "TEXT", "--seqlen", "16", "-o", "TEXT/r.json"], "which is a file"),
+    (["qid", "fit", "Q", "-o", "TEXT/fit.json"], "which is a file"),
+])
+def test_a_result_file_under_a_file_is_refused_before_the_work(made: dict, tmp_path: Path, args: list,
+                                                               fragment: str) -> None:
+    """eval scored the whole text, then failed writing its JSON with a FileExistsError."""
+    text = shutil.copy(made["text"], tmp_path / "text.txt")
+    (tmp_path / "q.csv").write_text(HEADER + "m,gptq,4,128,1000000,1000000000,3.0,3.1,0.1,e\n")
+    names = {"MODEL": str(made["model"]), "TEXT": str(text), "Q": str(tmp_path / "q.csv")}
+    args = [next((v + a[len(k):] for k, v in names.items() if a.startswith(k)), a) for a in args]
+    assert_fault(tmp_path, args, fragment)
+
+
+def test_qid_fit_of_a_binary_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "q.csv").write_bytes(bytes(range(256)) * 4)
+    assert_fault(tmp_path, ["qid", "fit", tmp_path / "q.csv"], "is not UTF-8 text (byte 128)")

@@ -7,6 +7,7 @@ import os
 
 from quantkit.data.calibration import source_for
 from quantkit.errors import QuantkitError, first_line
+from quantkit.models.checks import check_full_precision
 from quantkit.models.files import ModelFiles, check_model_files, check_tokenizer, load_tokenizer
 
 
@@ -50,6 +51,7 @@ def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokeni
     from quantkit.models import is_vlm
 
     files = check_model_files(name, tokenizer=False)
+    check_full_precision(files.config, name)
     if source is not None and is_vlm(files.config) and source_for(source).image:
         files.tokenizer = check_processor(files.path)
     elif tokenizer:

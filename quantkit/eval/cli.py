@@ -11,6 +11,7 @@ from quantkit.cli_options import output_option
 from quantkit.data.sources import PARTS
 from quantkit.errors import QuantkitError, first_line
 from quantkit.export.reader import check_export_dir, is_quantkit_output
+from quantkit.fsutil import check_output_file
 
 PART_WORDS = {"heldout": "the held-out part (last 10% of each file's characters)",
               "train": "the train part (first 90% of each file's characters)", "all": "all the text"}
@@ -64,6 +65,8 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
     if tasks is None and (include_path or num_fewshot is not None or limit is not None):
         raise QuantkitError("--include-path, --num-fewshot and --limit choose --tasks' examples; give --tasks")
     check_device(device)
+    if output is not None:
+        check_output_file(output)
     texts = manager = None
     if data is not None:
         from quantkit.data import load_texts

@@ -48,6 +48,19 @@ def check_weight(name: str, tensor: torch.Tensor, source: str) -> None:
         )
 
 
+def check_full_precision(config, name: str) -> None:
+    """A model to quantize is a full-precision one: a checkpoint whose config declares a quantization (a
+    quantkit export, a GPTQ or compressed-tensors download) holds packed codes the solvers cannot start from."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method) or "quantized"
+    raise QuantkitError(f"{name} is already quantized (its config.json has a {method} quantization_config); quantize "
+                        "the full-precision model it was made from (`quantkit export` converts a quantkit export to "
+                        "another format)")
+
+
 def check_model_weights(model: torch.nn.Module, source: str | None = None) -> None:
     """Every parameter of a loaded model is float and finite (tied parameters checked once; the integer codes
     of an already quantized checkpoint are left alone)."""

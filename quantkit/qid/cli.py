@@ -10,7 +10,7 @@ import click
 
 from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError
-from quantkit.fsutil import atomic_file
+from quantkit.fsutil import atomic_file, check_output_file
 
 
 def check_act_bits_cells(act_bits: int | None, bits: list[int], methods: list[str], group_size: int, sym: bool) -> None:
@@ -108,6 +108,7 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     check_group_size(settings["group_size"])
     plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
     check_measured_bits(bits, methods)
+    check_output_file(out_csv)
     for spec in checkpoints:
         ckpt = parse_checkpoint(spec)
         if ckpt.local_dir is None and looks_local(ckpt.name):
@@ -150,6 +151,8 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
 
     if options["bootstrap"] < 0 or not 0 < options["level"] < 1 or huber_delta <= 0:
         raise QuantkitError("--bootstrap must be >= 0, --level in (0, 1) and --huber-delta > 0")
+    if output:
+        check_output_file(output)
     table = read_table(csv_path)
     laws = LAWS if law == "all" else (law,)
     # options: method, by_bits, bootstrap, seed, level, estimator, resample (fit_table's names)
@@ -237,6 +240,8 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     if not 0 < level < 1:
         raise QuantkitError(f"--level must be in (0, 1), got {level}")
     check_plausible("bits", bits)
+    if output:
+        check_output_file(output)
     if qid_value is None:
         check_measured_bits([bits], [method])
     else:

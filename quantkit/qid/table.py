@@ -142,7 +142,12 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = FIT_COLUMNS)
     p = Path(path)
     if not p.is_file():
         raise QuantkitError(f"QiD table {p} not found; give the CSV written by `quantkit qid measure`")
-    return parse_table(p.read_text(encoding="utf-8"), source=str(p), required=required)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise QuantkitError(f"QiD table {p} is not UTF-8 text (byte {err.start}); give the CSV written by "
+                            "`quantkit qid measure`") from None
+    return parse_table(text, source=str(p), required=required)
 
 
 def _format(value: object) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, expect_path
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 
@@ -38,8 +38,8 @@ ALL_LINEARS = "Linear"
 def _patterns(value: object, where: str) -> tuple[str, ...]:
     """A pattern or a list of patterns as a tuple, each checked (a bad regex is a one-line error)."""
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) and p for p in items):
-        raise QuantkitError(f"recipe {where} must be a module-name pattern or a list of them, got {value!r}")
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) and p for p in items):
+        raise QuantkitError(f"recipe {where} must be a module-name pattern or a non-empty list of them, got {value!r}")
     for pattern in items:
         if pattern.startswith("re:"):
             try:
@@ -161,7 +161,7 @@ class Recipe:
         """The recipe in YAML file `path`."""
         import yaml
 
-        file = Path(path)
+        file = Path(expect_path("Recipe.from_yaml(path)", path))
         if not file.is_file():
             raise QuantkitError(f"recipe {path} not found; give a YAML file with targets, ignore and overrides")
         try:
