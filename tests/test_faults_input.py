@@ -344,12 +344,20 @@ def test_export_whose_tensors_disagree_with_its_manifest(made: dict, tmp_path: P
 # ---------------------------------------------------------------- eval
 
 
-def test_eval_tasks_with_an_unreachable_dataset_is_one_line_before_the_model(work: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("offline, fragment", [
+    ("0", "--tasks qk_remote reads dataset quantkit-no-such-org/no-such-data-3141 not found"),
+    ("1", "--tasks qk_remote reads dataset quantkit-no-such-org/no-such-data-3141, which the cache does not hold, "
+          "and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE forbid fetching it"),
+])
+def test_eval_tasks_with_an_unreachable_dataset_is_one_line_before_the_model(work: Path, monkeypatch, offline: str,
+                                                                            fragment: str) -> None:
+    """Offline (no network, or HF_HUB_OFFLINE=1): one line before the model loads, not the harness's retries or
+    datasets' OfflineModeIsEnabled after it."""
     pytest.importorskip("lm_eval")
     from quantkit.eval import load
 
     monkeypatch.setattr(load, "load_for_eval", lambda *a: pytest.fail("the model was loaded"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
     (work / "tasks").mkdir()
     (work / "tasks" / "qk_remote.yaml").write_text(
         "task: qk_remote\ndataset_path: quantkit-no-such-org/no-such-data-3141\ntest_split: test\n"
@@ -357,8 +365,7 @@ def test_eval_tasks_with_an_unreachable_dataset_is_one_line_before_the_model(wor
         "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
         "metadata:\n  version: 1.0\n")
     started = time.perf_counter()
-    assert_fault(work, ["eval", work / "model", "--tasks", "qk_remote", "--include-path", work / "tasks"],
-                 "--tasks qk_remote reads dataset quantkit-no-such-org/no-such-data-3141 not found")
+    assert_fault(work, ["eval", work / "model", "--tasks", "qk_remote", "--include-path", work / "tasks"], fragment)
     assert time.perf_counter() - started < 30
 
 

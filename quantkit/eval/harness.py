@@ -123,11 +123,15 @@ def _cached_dataset(name: str) -> bool:
 def check_task_datasets(names: Sequence[str], manager) -> None:
     """Before the model loads: every hub dataset the tasks read is cached or reachable (one quick look-up each),
     so an offline run fails in one line instead of after the harness's half-minute of retries."""
-    from quantkit.models.files import check_hub
+    from quantkit.models.files import check_hub, hub_offline
 
     for name in task_datasets(names, manager):
         if _cached_dataset(name):
             continue
+        if hub_offline():
+            raise QuantkitError(f"--tasks {','.join(names)} reads dataset {name}, which the cache does not hold, and "
+                                "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE forbid fetching it; fetch it once online, or give "
+                                "a local task with --include-path")
         try:
             check_hub(name, "dataset")
         except QuantkitError as err:

@@ -62,14 +62,15 @@ def cached_snapshot(name: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether the environment forbids the hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set)."""
     return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def check_hub(name: str, kind: str = "model") -> None:
     """A hub id not in the local cache: one quick look-up, so an unreachable hub fails at once
     (the libraries retry for half a minute, a warning per try) and a typo'd path says "not found"."""
-    if _offline():
+    if hub_offline():
         return  # the user asked for the cache only; the loader reports what it lacks
     try:
         from huggingface_hub import HfApi
