@@ -18,6 +18,7 @@ from quantkit.errors import Interrupted, QuantkitError
 # (tests/test_cli_conventions.py checks each line against its command's docstring).
 SUBCOMMANDS = {
     "calibrate": ("quantkit.calibrate.cli", "calibrate", "Quantize MODEL (a local directory or hub id) layer by layer and export it."),
+    "plan": ("quantkit.planner.cli", "plan", "What `quantkit calibrate` with the same options needs per rank, on disk and in time, before it runs."),
     "importance": ("quantkit.importance.cli", "importance", "Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."),
     "eval": ("quantkit.eval.cli", "eval_cmd", "Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text."),
     "export": ("quantkit.export.cli", "export", "Rewrite the quantkit output IN_DIR (any format) in --format, without re-quantizing."),

@@ -15,7 +15,7 @@ FLOORS = (
     {"quant", "models"},  # solvers on tensors; one adapter per family (neither imports the other)
     {"data"},  # calibration and evaluation data
     {"engine"},  # the layer-wise loop
-    {"importance", "export"},  # TLQ's token weights; formats, writing, reading, loading
+    {"importance", "export", "planner"},  # TLQ's token weights; formats, writing, reading, loading; what a run will need
     {"eval", "train"},  # loss, tasks; the demo's trainer
     {"calibrate"},  # one calibration job: its specs, preflight and run
     {"qid", "demo"},  # what is built on calibrating and evaluating

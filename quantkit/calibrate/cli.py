@@ -25,6 +25,21 @@ IMPORTANCE_FLAGS = {"guidance": "guidance", "row_groups": "row_groups", "importa
                     "fisher_draws": "draws", "lam": "lam", "power": "power"}
 
 
+def job_from_options(model: str, options: dict, progress: bool = True):
+    """The CalibrationJob of `quantkit calibrate`'s options as click passes them (also `quantkit plan`'s)."""
+    calib, devices = options.pop("calib"), options.pop("devices")
+    try:
+        options["devices"] = [int(d) for d in devices.split(",")] if devices else None
+    except ValueError:
+        raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
+    if options["devices"] and not options["device"].startswith("cuda"):
+        options["device"] = "cuda"
+    options["importance"] = {key: options.pop(flag) for flag, key in IMPORTANCE_FLAGS.items()}
+    if options["act_bits"] is not None:
+        options["act_bits"] = int(options["act_bits"])
+    return build_job(model, calib, progress=progress, **options)
+
+
 @click.command()
 @click.argument("model")
 @click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ). Default: {DEFAULT_METHOD} ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
@@ -64,19 +79,20 @@ IMPORTANCE_FLAGS = {"guidance": "guidance", "row_groups": "row_groups", "importa
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", default=None, help="Upload the export (model card included) to this hub model repo, OWNER/NAME.")
 @click.option("--private", is_flag=True, default=None, help="With --push-to-hub: create the repo private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Print what the run needs per rank (memory, disk, time: `quantkit plan`) and stop before loading the model.")
 def calibrate(model: str, **options) -> None:
     """Quantize MODEL (a local directory or hub id) layer by layer and export it."""
-    as_json, calib, devices = options.pop("as_json"), options.pop("calib"), options.pop("devices")
-    try:
-        options["devices"] = [int(d) for d in devices.split(",")] if devices else None
-    except ValueError:
-        raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
-    if options["devices"] and not options["device"].startswith("cuda"):
-        options["device"] = "cuda"
-    options["importance"] = {key: options.pop(flag) for flag, key in IMPORTANCE_FLAGS.items()}
-    if options["act_bits"] is not None:
-        options["act_bits"] = int(options["act_bits"])
-    job = build_job(model, calib, progress=not as_json, **options)
+    as_json, dry_run = options.pop("as_json"), options.pop("dry_run")
+    job = job_from_options(model, options, progress=not as_json)
+    if dry_run:
+        from quantkit.calibrate.budget import limits, plan_job
+        from quantkit.calibrate.preflight import preflight
+        from quantkit.planner.report import emit
+
+        preflight(job)
+        plan = plan_job(job)
+        emit(plan, *limits(plan), as_json)
+        return
     outcome = runner.run_job(job)
     report, output = outcome.report, job.export.output
     pushed = {"hub_url": outcome.hub_url} if outcome.hub_url else {}

@@ -70,6 +70,9 @@ def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
     # before the model is loaded: minutes to hours of calibration must not end in a refused export
     files = preflight(job)
     job = replace(job, model=replace(job.model, files=files))  # read once: the loading reuses it
+    from quantkit.calibrate.budget import check_memory
+
+    check_memory(job)  # a run that cannot fit stops here, not at layer 40
     if job.quantization.notice:
         logger.warning(job.quantization.notice)
     run, output = job.run, job.export.output

@@ -1,0 +1,65 @@
+"""`quantkit plan`: what `quantkit calibrate` with the same options will need, per rank, before anything loads."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import click
+
+from quantkit.errors import QuantkitError
+from quantkit.planner import parse_bytes
+from quantkit.planner.report import available_host_bytes, device_bytes, emit
+
+# calibrate's options that do not change what a run needs
+_NOT_PLANNED = ("dry_run", "as_json", "push_to_hub", "private", "overwrite")
+
+
+def _calibrate_command() -> click.Command:
+    from quantkit.cli import SUBCOMMANDS
+
+    module, attr, _ = SUBCOMMANDS["calibrate"]
+    return getattr(importlib.import_module(module), attr)
+
+
+def _plan_params() -> list[click.Parameter]:
+    """calibrate's own options (a calibrate command line plans as it is; no output is needed) and the limits."""
+    params = []
+    for param in _calibrate_command().params:
+        if param.name in _NOT_PLANNED:
+            continue
+        if param.required and isinstance(param, click.Option):
+            param = copy.copy(param)
+            param.required = False
+        params.append(param)
+    return params + [
+        click.Option(["--gpu-mem"], default=None, help="Memory of each GPU, e.g. 24GiB (default: this machine's GPU with --device cuda)."),
+        click.Option(["--host-mem"], default=None, help="Host memory the run may use, e.g. 256GiB (default: what this machine has available now)."),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print the plan as one JSON object (per-rank peak_device_bytes, peak_host_bytes)."),
+    ]
+
+
+def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, **options) -> None:
+    from quantkit.calibrate.budget import plan_job
+    from quantkit.calibrate.cli import job_from_options
+
+    # what calibrate needs to run but a plan does not: data and an output (neither is read here)
+    if options.get("calib") is None and options.get("calib_set") is None:
+        options["calib"] = "(no data: plan only)"
+    if options.get("output_dir") is None:
+        options["output_dir"] = "(no output: plan only)"
+    options.update(overwrite=False, push_to_hub=None, private=None)
+    plan = plan_job(job_from_options(model, options, progress=False))
+    device_limit = parse_bytes(gpu_mem) if gpu_mem else device_bytes(plan.settings.device)
+    if plan.settings.on_gpu and device_limit is None:
+        raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")
+    host_limit = parse_bytes(host_mem) if host_mem else available_host_bytes()
+    emit(plan, device_limit, host_limit, as_json)
+
+
+HELP = ("What `quantkit calibrate` with the same options needs per rank, on disk and in time, before it runs.\n\n"
+        "Reads config.json and the safetensors headers only (no weights): per rank, the peak device and host "
+        "memory and the terms that make it, disk for the export and --low-memory's work area, and the time from "
+        "rates measured by benchmarks/bench_real_size.py. Exits 2 with one line naming the biggest term and what "
+        "to change when the run does not fit.")
+plan = click.Command("plan", params=_plan_params(), callback=_plan, help=HELP)
