@@ -483,8 +483,9 @@ def test_contradictory_options_before_anything(work: Path, no_model_load, extra:
 
 
 def test_no_calibration_data_is_said_in_the_clis_words(work: Path, no_model_load) -> None:
-    line = assert_fault(work, ["calibrate", work / "model", "--method", "rtn", "-o", work / "out"], "give --calib PATH")
-    assert "--calib-set DIR" in line
+    line = assert_fault(work, ["calibrate", work / "model", "--method", "gptq", "-o", work / "out"],
+                        "no calibration data: gptq reads activations; give --calib PATH")
+    assert "--calib-set DIR" in line and "--method rtn, which rounds each weight alone and needs none" in line
 
 
 @pytest.mark.parametrize("command", ["calibrate", "importance"])

@@ -175,3 +175,35 @@ def test_console_table_and_summary(tiny: dict, tmp_path: Path) -> None:
     after = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert any(f"({before / after:.1f}x smaller)" in line for line in lines), lines
     assert any(line.startswith("load: AutoModelForCausalLM.from_pretrained(") for line in lines), lines
+
+
+# ---------------------------------------------------------------- RTN needs no calibration data
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_rtn_runs_without_calibration_data_and_exports_the_same_bytes(tiny: dict, tmp_path: Path,
+                                                                       low_memory: bool) -> None:
+    """RTN rounds each weight alone, so `--calib` changes nothing in its export: without it the run is the
+    same tensors byte for byte, its report and card say no data was read."""
+    from safetensors.torch import load_file
+
+    common = ["--method", "rtn", "--bits", "4", "--group-size", "32", *(["--low-memory"] if low_memory else [])]
+    with_data = run_cli("calibrate", tiny["model"], "--calib", tiny["text"], "--nsamples", "2", "--seqlen", "16",
+                        *common, "-o", tmp_path / "with", "--json")
+    without = run_cli("calibrate", tiny["model"], *common, "-o", tmp_path / "without", "--json")
+    assert with_data.exit_code == 0 and without.exit_code == 0, (with_data.output, without.output)
+    a, b = load_file(tmp_path / "with" / "model.safetensors"), load_file(tmp_path / "without" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads(without.stdout)
+    assert report["nsamples"] == 0 and report["calib"] is None and report["part"] is None
+    assert "Calibration: none (round-to-nearest reads no data)." in (tmp_path / "without" / "README.md").read_text()
+
+
+def test_the_api_quantizes_with_rtn_without_data(tiny: dict) -> None:
+    """quantkit.quantize(model, method="rtn") gives the codes of a run with data."""
+    common = dict(method="rtn", bits=4, group_size=32, progress=False)
+    bare = quantkit.quantize(str(tiny["model"]), **common)
+    given = quantkit.quantize(str(tiny["model"]), data=str(tiny["text"]), nsamples=2, seqlen=16, **common)
+    assert bare.results.keys() == given.results.keys()
+    for name, result in bare.results.items():
+        assert torch.equal(result.qweight, given.results[name].qweight) and torch.equal(result.scales, given.results[name].scales)

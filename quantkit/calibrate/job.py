@@ -45,6 +45,11 @@ class DataSpec:
     part: str = "all"  # all, train (first 90% of each file) or heldout (last 10%)
     chat_template: str | None = None  # a Jinja file rendering chat records instead of the tokenizer's template
 
+    @property
+    def empty(self) -> bool:
+        """No data given: only a method that reads no activations (RTN) runs without samples."""
+        return self.source is None and self.calib_set is None and self.records is None
+
     def describe(self) -> str | None:
         """How the report names the data."""
         if self.records is not None:
@@ -117,9 +122,9 @@ class CalibrationJob:
     def finish_report(self, report: dict, samples: list[dict], started: float) -> dict:
         """The engine's report with the job's settings and the total time added."""
         return dict(report, model=self.model.name, calib=self.data.describe(), calib_set=self.data.calib_set,
-                    part=None if self.data.calib_set is not None else self.data.part,
-                    seqlen=max(int(s["input_ids"].shape[-1]) for s in samples), nsamples=len(samples),
-                    seed=self.data.seed, format=self.export.fmt, total_seconds=round(time.perf_counter() - started, 3))
+                    part=None if self.data.calib_set is not None or self.data.empty else self.data.part,
+                    seqlen=max((int(s["input_ids"].shape[-1]) for s in samples), default=None), nsamples=len(samples),
+                    seed=None if self.data.empty else self.data.seed, format=self.export.fmt, total_seconds=round(time.perf_counter() - started, 3))
 
     def fingerprint(self) -> dict:
         """What a resumed low-memory run must share with the interrupted one."""
@@ -173,6 +178,10 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
     data_spec = _data_spec(data, o)
     run = _run_spec(o)
     quantization = _quantization_spec(o, run, data_spec)
+    if data_spec.empty and (quantization.method.reads_samples or quantization.vision):
+        raise QuantkitError(f"no calibration data: {quantization.method} reads activations; give --calib PATH (data=: "
+                            "a path, texts, image-text or chat records or a Dataset) or --calib-set DIR (calib_set=), "
+                            "or --method rtn, which rounds each weight alone and needs none")
     export = _export_spec(o, quantization)
     loaded = None if isinstance(model, (str, os.PathLike)) else model
     in_memory = loaded is not None or data_spec.records is not None or tokenizer is not None
@@ -196,9 +205,6 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
 def _data_spec(data: Any, o: dict) -> DataSpec:
     from quantkit.data.calibration import is_source
 
-    if data is None and o["calib_set"] is None:
-        raise QuantkitError("no calibration data: give --calib PATH (data=: a path, texts, image-text or chat records "
-                            "or a Dataset) or --calib-set DIR (calib_set=)")
     source = os.fspath(data) if data is not None and is_source(data) else None
     template = None if o["chat_template"] is None else os.fspath(o["chat_template"])
     return DataSpec(source=source, calib_set=o["calib_set"], records=data if source is None else None,

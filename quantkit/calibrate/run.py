@@ -122,6 +122,8 @@ def draw_samples(data: DataSpec, model_name: str, model: torch.nn.Module, tokeni
     from quantkit.data.calibration import load_calibration, load_data_tokenizer, memory_calibration
     from quantkit.models import is_vlm
 
+    if data.empty:
+        return [], None  # a method that reads no activations (build_job refused the others without data)
     if data.calib_set is not None:
         from quantkit.importance import load_calibration_set
 

@@ -200,8 +200,8 @@ def run_layers(
     adapter = adapter_for(model)
     # shapes only for layers on meta: their weights are checked on load
     check_model(model, adapter, plan, lm_head, vision)
-    if not samples:
-        raise QuantkitError("no calibration samples; give --calib data with at least one sample")
+    if not samples and (method.reads_samples or vision):
+        raise QuantkitError(f"no calibration samples; {method} reads activations: give --calib data with at least one sample")
     started = time.perf_counter()
     rss_at_start = current_rss_mb()
     start = store.open()

@@ -76,6 +76,8 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         part = PART_WORDS.get(calibration["part"], "")
         lines.append(f"Calibration: {calibration['nsamples']} samples of {calibration['seqlen']} tokens from "
                      f"`{calibration['data']}`" + (f" ({part})" if part else "") + ".")
+    elif report.get("nsamples") == 0:
+        lines.append("Calibration: none (round-to-nearest reads no data).")
     if isinstance(report.get("eval"), dict):
         ev = report["eval"]
         part = PART_WORDS.get(ev.get("part"), "")

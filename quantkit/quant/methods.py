@@ -44,6 +44,12 @@ class Method:
         """Whether a run of this method needs TLQ's token weights: for its solve, or for its pre-solve step."""
         return self.token_weights or self.presolve.token_weights
 
+    @property
+    def reads_samples(self) -> bool:
+        """Whether a run of this method needs calibration samples: its solve or its pre-solve step reads
+        activations (RTN alone rounds each weight from the weight)."""
+        return self.needs_activations or self.presolve.name != "none"
+
     def fp_target_on(self, fp_target: bool | None) -> bool:
         """Whether a run carries the FP stream: None means this method's default; never without activations."""
         return (self.fp_target_default if fp_target is None else fp_target) and self.needs_activations
