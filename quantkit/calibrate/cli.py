@@ -58,7 +58,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4; needs --group-size -1 --sym.")
 @click.option("--smooth", type=click.Choice((AUTO, *SMOOTH_MODES)), default=OPTIONS["smooth"], show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights; auto: none for weight-only runs, with --act-bits tlq for --method tlq and uniform otherwise.")
-@click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
+@click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL); --method rtn needs none.")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
 @click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")
 @click.option("--part", type=click.Choice(["all", "train", "heldout"]), default=OPTIONS["part"], show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
