@@ -18,6 +18,11 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not torch.cuda.is_available():
+        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none here); benchmarks/device_check.sh runs these on one")
+        for item in items:
+            if item.get_closest_marker("cuda") is not None:
+                item.add_marker(no_gpu)
     if os.environ.get("QUANTKIT_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="benchmark-sized; set QUANTKIT_SLOW=1 to run")

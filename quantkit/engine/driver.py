@@ -273,7 +273,7 @@ def run_layers(
         report["rank_peak_rss_over_start_mb"] = comm.gather_objects(report["peak_rss_over_start_mb"])
         report["rank_hidden_states_mb"] = comm.gather_objects(report["hidden_states_mb"])
     if torch.cuda.is_available() and str(device).startswith("cuda"):
-        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
     store.close()
     return Calibration(results=store.results(results), report=report)
 
