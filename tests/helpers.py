@@ -457,3 +457,49 @@ def tiny_moe(model_type: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(made["config"])
     model.load_state_dict(made["state"])
     return model.eval()
+
+
+# Tiny models of any causal-LM type: these fields get these values wherever the type's default config has them
+# (AutoConfig.for_model), so one table builds a two-layer, hidden-64 model of most of transformers' families.
+TINY_FIELDS = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=128, max_position_embeddings=128, sliding_window=8,
+    # mixture of experts
+    moe_intermediate_size=32, num_experts_per_tok=2, n_routed_experts=4, num_experts=4, num_local_experts=4,
+    moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1,
+    # multi-head latent attention (DeepSeek)
+    q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
+    # GPT-2 / OPT / Falcon style names
+    n_embd=64, n_layer=2, n_head=4, n_positions=128, d_model=64, num_layers=2, num_heads=4, n_heads=4, n_layers=2,
+    ffn_dim=128, ffn_hidden_size=128, rotary_dim=8, kv_channels=16,
+    # state-space and linear-attention mixers
+    mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_head_dim=16, mamba_num_heads=4, state_size=8,
+    ssm_state_size=8, time_step_rank=8, mamba_dt_rank=8, n_groups=1, chunk_size=16, mamba_chunk_size=16,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny config of `model_type` built by transformers' own config class: TINY_FIELDS where the type has
+    them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers."""
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    fields = {k: v for k, v in TINY_FIELDS.items() if k in defaults}
+    if "qk_rope_head_dim" in defaults:
+        fields.pop("head_dim", None)  # latent attention derives its head widths from the qk_* fields
+    fields.update({k: v for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)) if k in defaults})
+    if "layer_types" in defaults:
+        fields["layer_types"] = None
+    fields.update(overrides)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
+    """A random tiny causal LM of `model_type` (tiny_config), in eval mode with the cache off."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+    model.config.use_cache = False
+    return model

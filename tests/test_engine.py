@@ -45,7 +45,7 @@ def linear_names(model: nn.Module) -> list[str]:
     """Every quantized linear's full name, in layer and solve order."""
     adapter = adapter_for(model)
     n = len(adapter.decoder_layers(model))
-    return [f"{adapter.layer_prefix(i)}.{name}" for i in range(n) for name in adapter.linear_names()]
+    return [f"{adapter.layer_prefix(i)}.{name}" for i in range(n) for name in adapter.linear_names(i)]
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def test_hook_hessians_equal_dense_reference_on_fp_path() -> None:
     with torch.no_grad():
         inputs = capture_layer_inputs(model, adapter, samples)
         for index, layer in enumerate(adapter.decoder_layers(model)):
-            for group in adapter.linear_order:
+            for group in adapter.linear_groups(index):
                 accs = accumulate_group(layer, {n: get_module(layer, n) for n in group}, inputs, None, "cpu")
                 for name, acc in accs.items():
                     full = f"{adapter.layer_prefix(index)}.{name}"
@@ -140,7 +140,7 @@ def test_hessians_come_from_the_quantized_path(kind: str) -> None:
     assert list(seen) == linear_names(model)  # execution order, every linear once
     q_h = reference_hessians(model, samples)  # full forwards of the final quantized model
     adapter = adapter_for(model)
-    first_group = [f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_order[0]]
+    first_group = [f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_groups(0)[0]]
     if kind == "gpt_neox":  # parallel residual: layer 0's MLP reads the FP layer input too
         first_group.append("gpt_neox.layers.0.mlp.dense_h_to_4h")
     for name, h in seen.items():
@@ -161,7 +161,7 @@ def test_replaying_finished_blocks_gives_the_codes_of_running_every_pass(kind: s
     model, ref = copy.deepcopy(fp), copy.deepcopy(fp)
     adapter = adapter_for(model)
     samples = tiny_samples()
-    first_linear = adapter.linear_order[0][0]
+    first_linear = adapter.linear_groups(0)[0][0]
     calls = []
     for layer in adapter.decoder_layers(model):
         get_module(layer, first_linear).register_forward_hook(lambda *a: calls.append(1))
@@ -169,7 +169,7 @@ def test_replaying_finished_blocks_gives_the_codes_of_running_every_pass(kind: s
     with torch.no_grad():
         inputs = capture_layer_inputs(ref, adapter, samples)
         for index, layer in enumerate(adapter.decoder_layers(ref)):
-            for group in adapter.linear_order:
+            for group in adapter.linear_groups(index):
                 linears = {n: get_module(layer, n) for n in group}
                 accs = accumulate_group(layer, linears, inputs, None, "cpu")
                 for name, linear in linears.items():
@@ -183,7 +183,7 @@ def test_replaying_finished_blocks_gives_the_codes_of_running_every_pass(kind: s
     # runs in its own group's pass on the first batch only (later batches stop before it: the
     # group reads one input; a one-linear group stops before it always), in every batch of the
     # o_proj pass, and once more for the check; never in the MLP passes or the propagation.
-    own_pass = 1 if len(adapter.linear_order[0]) > 1 else 0
+    own_pass = 1 if len(adapter.linear_groups(0)[0]) > 1 else 0
     assert len(calls) == 2 * (own_pass + len(samples) + 1)
 
 
@@ -280,7 +280,7 @@ def test_fp_target_fits_fp_outputs_from_full_model_forwards(kind: str) -> None:
     moved = 0
     for index in range(2):
         w = torch.cat([x.reshape(-1).double() for x in per_layer[index]])
-        for group in adapter.linear_order:
+        for group in adapter.linear_groups(index):
             for name in group:
                 full = f"{adapter.layer_prefix(index)}.{name}"
                 x, x_tilde = linear_inputs(fp, samples, full), linear_inputs(ref, samples, full)

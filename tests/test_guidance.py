@@ -56,7 +56,7 @@ def autograd_linear_scores(model, sample: dict, labels: torch.Tensor | None = No
     outputs: dict[str, torch.Tensor] = {}
     hooks = []
     for index in range(len(adapter.decoder_layers(model))):
-        for name in adapter.linear_names():
+        for name in adapter.linear_names(index):
             full = f"{adapter.layer_prefix(index)}.{name}"
 
             def keep(module, args, output, full=full):
@@ -91,7 +91,7 @@ def test_linear_scores_match_whole_model_autograd(kind: str, groups: int, batch:
     for i, sample in enumerate(samples):
         reference = autograd_linear_scores(copy.deepcopy(model), sample, groups=groups)
         for layer in range(3):
-            for name in adapter.linear_names():
+            for name in adapter.linear_names(layer):
                 ref = reference[f"{adapter.layer_prefix(layer)}.{name}"]
                 got = found.linear[layer][name][i].double()
                 assert got.shape == ref.shape
@@ -141,7 +141,7 @@ def test_fisher_scores_use_labels_drawn_from_the_fp_softmax() -> None:
         for layer in range(len(layers)):
             got = found.layer[layer][i].double()
             assert (got - layer_ref[layer]).norm() / layer_ref[layer].norm() < 1e-5, (i, layer)
-            for name in adapter.linear_names():
+            for name in adapter.linear_names(layer):
                 ref = linear_ref[f"{adapter.layer_prefix(layer)}.{name}"]
                 assert (found.linear[layer][name][i].double() - ref).norm() / ref.norm() < 1e-5, (i, layer, name)
 
@@ -179,7 +179,7 @@ def test_row_group_hessians_match_dense_references() -> None:
                                   token_weights=lambda layer: per_layer[layer])
     differing = 0
     for layer in range(2):
-        for group in adapter.linear_order:
+        for group in adapter.linear_groups(layer):
             for name in group:
                 full = f"{adapter.layer_prefix(layer)}.{name}"
                 x = linear_inputs(ref, samples, full)

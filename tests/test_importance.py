@@ -21,14 +21,8 @@ from quantkit.importance import (
     scores_to_weights,
     tlq_token_weights,
 )
-from quantkit.models.base import Adapter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-LLAMA_PATHS = Adapter(
-    name="test-qwen2-vl", model_types=("qwen2_vl",), layers="model.language_model.layers",
-    embeddings="model.language_model.embed_tokens", final_norm="model.language_model.norm", lm_head="lm_head",
-    linear_order=(("self_attn.q_proj",),),
-)
 
 
 def tiny_llama(layers: int = 3, vocab: int = 97):
@@ -171,9 +165,9 @@ def test_blockwise_gradients_match_qwen2_vl_text_and_image() -> None:
         "mm_token_type_ids": types, "loss_mask": torch.tensor([[0] * 8 + [1] * 4]).bool(), "vision_mask": ids == 120,
     }
     layers = model.model.language_model.layers
-    assert_matches_autograd(model, layers, [text, image], adapter=LLAMA_PATHS)
+    assert_matches_autograd(model, layers, [text, image])
     # Vision tokens feed no loss through the last layer: their gradient there is exactly zero.
-    scores, _, _ = layer_output_gradients(model, [image], progress=False, adapter=LLAMA_PATHS)
+    scores, _, _ = layer_output_gradients(model, [image], progress=False)
     assert torch.all(scores[-1][0][3:7] == 0)
     weights = TokenImportance(scores, [image], lam=0.1)(1)[0]
     assert torch.allclose(weights[3:7], torch.full((4,), 0.1))

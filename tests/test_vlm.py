@@ -11,9 +11,9 @@ PIL = pytest.importorskip("PIL")
 from helpers import (  # noqa: E402
     VLM_FAMILIES,
     build_vlm,
-    config_of,
     run_calibration,
     tiny_model,
+    tiny_vlm,
     write_image_dataset,
 )
 
@@ -50,7 +50,7 @@ def test_adapter_paths(family: str) -> None:
         get_module(model, path)
     # Every linear of the language model's layers is quantized; none outside them.
     lm_linears = {n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(adapter.linear_names()) == lm_linears
+    assert all(set(adapter.linear_names(i)) == lm_linears for i in range(3))
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
@@ -107,7 +107,7 @@ def test_rtn_quantizes_only_language_linears(family: str, dataset: str) -> None:
     calibration = calibrate_model(model, samples, QuantSpec(bits=3, group_size=-1), method="rtn", progress=False)
     after = model.state_dict()
     quantized = {f"{name}.weight" for name in calibration.results}
-    expected = {f"{adapter.layer_prefix(i)}.{n}.weight" for i in range(3) for n in adapter.linear_names()}
+    expected = {f"{adapter.layer_prefix(i)}.{n}.weight" for i in range(3) for n in adapter.linear_names(i)}
     assert quantized == expected
     for key, value in before.items():
         if key in quantized:
@@ -173,12 +173,17 @@ def test_load_model_and_processor_from_dir(family: str, tmp_path, dataset: str) 
             torch.testing.assert_close(loaded(**model_inputs(x)).logits, model(**model_inputs(x)).logits, rtol=0, atol=0)
 
 
-def test_unsupported_llava_text_backbone(tmp_path) -> None:
-    config = config_of("llava", text_config=dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=2, intermediate_size=64, vocab_size=64))
-    config.save_pretrained(tmp_path)
-    with pytest.raises(QuantkitError, match="unsupported llava text backbone 'gpt_neox'"):
-        load_model(str(tmp_path))
+def test_llava_with_any_text_backbone_gets_that_backbones_layout() -> None:
+    """The layout comes from the model, not from a list of backbones: a GPT-NeoX language model's linears."""
+    model = tiny_vlm("llava", text_config=dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=64, vocab_size=64),
+                     vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14))
+    adapter = adapter_for(model)
+    assert adapter.decoder_layers(model) is model.model.language_model.layers
+    assert adapter.linear_groups(0) == (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
+                                        ("mlp.dense_4h_to_h",))
+    assert adapter.vision == ("model.vision_tower", "model.multi_modal_projector")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
@@ -199,7 +204,7 @@ def test_fp_target_on_image_text_samples(family: str, dataset: str) -> None:
         runs[fp_target] = calibrate_model(copy_, samples, spec, method="tlq", token_weights=weights, progress=False,
                                           fp_target=fp_target).results
     adapter = adapter_for(model)
-    first = {f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_order[0]}
+    first = {f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_groups(0)[0]}
     for name, plain in runs[False].items():
         same = torch.equal(plain.qweight, runs[True][name].qweight)
         assert same == (name in first), name
@@ -355,7 +360,7 @@ def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> Non
     for name, result in cal.results.items():
         if not name.startswith(adapter.layers):
             get_module(ref, name).weight.data.copy_(result.dequantize())
-    names = [f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_order[0]]
+    names = [f"{adapter.layer_prefix(0)}.{n}" for n in adapter.linear_groups(0)[0]]
 
     def inputs_of(net) -> torch.Tensor:
         seen: list[torch.Tensor] = []

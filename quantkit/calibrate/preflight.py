@@ -44,10 +44,10 @@ def preflight(job: CalibrationJob) -> ModelFiles:
 
             check_weight_files(files.weight_files, model.name)  # streamed layers are never all in memory at once
     if q.vision:
-        from quantkit.models import adapter_for
+        from quantkit.models import is_vlm
 
-        if not adapter_for(files.config).vision:
-            raise QuantkitError(f"{adapter_for(files.config).name} models have no vision side to quantize; "
+        if not is_vlm(files.config):
+            raise QuantkitError(f"{files.config.model_type} models have no vision side to quantize; "
                                 "drop --quantize-vision")
     if data.source is not None or data.records is not None:
         check_seqlen(files.config, data.seqlen)

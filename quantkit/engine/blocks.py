@@ -9,7 +9,7 @@ from torch import nn
 
 from quantkit.engine.capture import LayerInputs
 from quantkit.models import get_module
-from quantkit.models.base import Adapter, layer_output
+from quantkit.models.base import layer_output
 
 
 class FinishedBlocks:
@@ -24,11 +24,11 @@ class FinishedBlocks:
     no wider than the layer's hidden state are kept, so memory stays one hidden state per block.
     """
 
-    def __init__(self, layer: nn.Module, adapter: Adapter) -> None:
+    def __init__(self, layer: nn.Module, linear_names: Sequence[str]) -> None:
         self.layer = layer
         self.unsolved: dict[str, set[str]] = {}
         self.last_linear: dict[str, str] = {}
-        for name in adapter.linear_names():
+        for name in linear_names:
             block = name.split(".")[0]
             self.unsolved.setdefault(block, set()).add(name)
             if block != name:

@@ -1,4 +1,5 @@
-"""Capture what decoder layer 0 receives, and run one decoder layer alone on it."""
+"""Capture what the decoder layers receive (layer 0's hidden states, every layer's arguments), and run one
+decoder layer alone on it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from quantkit.models.base import Adapter, layer_output
+from quantkit.models.discover import StopForward, passthrough_layers
 
 # Keyword arguments a layer gets during a full forward that must not be replayed: caches are
 # per-call state, and use_cache is forced off.
@@ -23,10 +25,6 @@ SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask"})
 def model_inputs(sample: dict) -> dict:
     """The forward kwargs of a calibration sample, without its metadata masks."""
     return {k: v for k, v in sample.items() if k not in SAMPLE_META_KEYS}
-
-
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass once the wanted tensors are seen."""
 
 
 def to_device(value: object, device: torch.device | str) -> object:
@@ -54,13 +52,22 @@ def _same(a: object, b: object) -> bool:
 class LayerInputs:
     """Per-sample hidden states entering the current layer, and the extra kwargs layers take.
 
-    `kwargs` holds one dict per sample, or a single shared dict when every sample's kwargs are
-    equal (plain text of one length: the usual case, and it saves memory).
+    `kwargs` holds the current layer's: one dict per sample, or a single shared dict when every
+    sample's kwargs are equal (plain text of one length: the usual case, and it saves memory).
+    `layer_kwargs` holds every layer's where they differ between layers (sliding-window and full
+    attention masks, per-type rotary tables; layers taking the same share one list); use_layer
+    switches `kwargs` to a layer's.
     """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     sizes: list[int] | None = None  # samples stacked in each entry of `hidden` (None: one each)
+    layer_kwargs: list[list[dict]] | None = None
+
+    def use_layer(self, index: int) -> None:
+        """Make `kwargs` decoder layer `index`'s."""
+        if self.layer_kwargs is not None:
+            self.kwargs = self.layer_kwargs[index]
 
     def batch_weights(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-entry token weights from per-sample ones, concatenated within each stacked batch
@@ -88,12 +95,14 @@ def stack_samples(inputs: LayerInputs, batch_size: int) -> LayerInputs:
     small models; samples with their own kwargs (Qwen2-VL's mrope positions) stay one by one.
     """
     shapes = {tuple(h.shape) for h in inputs.hidden}
-    if batch_size <= 1 or len(inputs.kwargs) != 1 or len(shapes) != 1 or inputs.sizes is not None:
+    shared = all(len(kwargs) == 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs]))
+    if batch_size <= 1 or len(inputs.kwargs) != 1 or not shared or len(shapes) != 1 or inputs.sizes is not None:
         return inputs
     if next(iter(shapes))[0] != 1:
         return inputs
     hidden = [torch.cat(inputs.hidden[i : i + batch_size]) for i in range(0, len(inputs.hidden), batch_size)]
-    return LayerInputs(hidden=hidden, kwargs=inputs.kwargs, sizes=[h.shape[0] for h in hidden])
+    return LayerInputs(hidden=hidden, kwargs=inputs.kwargs, sizes=[h.shape[0] for h in hidden],
+                       layer_kwargs=inputs.layer_kwargs)
 
 
 def move_outside_layers(model: nn.Module, adapter: Adapter, device: torch.device | str) -> None:
@@ -131,25 +140,45 @@ def run_until_first_layer(model: nn.Module, adapter: Adapter, samples: Iterable[
         handle.remove()
 
 
+def _identical(a: dict, b: dict) -> bool:
+    """The same keys holding the very same objects (layers of one type get one mask, one rotary table)."""
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, adapter: Adapter, samples: Iterable[dict], device: torch.device | str = "cpu"
 ) -> LayerInputs:
-    """Run the model up to decoder layer 0 for each sample and record that layer's inputs."""
+    """Run the model on each sample with its decoder layers passed through (quantkit.models.discover) and
+    record layer 0's hidden states and every layer's kwargs; the returned inputs are layer 0's."""
     move_outside_layers(model, adapter, device)
+    layers = adapter.decoder_layers(model)
     hidden: list[torch.Tensor] = []
-    kwargs: list[dict] = []
+    calls: list[list[dict]] = [[] for _ in layers]
 
-    def grab(module: nn.Module, args: tuple, kw: dict) -> None:
+    def record(index: int, args: tuple, kw: dict) -> None:
         kw = dict(kw)
         state = args[0] if args else kw.pop("hidden_states")
-        hidden.append(state.detach())
-        kwargs.append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
+        if index == 0:
+            hidden.append(state.detach())
+        calls[index].append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
 
-    run_until_first_layer(model, adapter, samples, device, grab)
-    if kwargs and all(_same(kwargs[0], k) for k in kwargs[1:]):
-        kwargs = kwargs[:1]
-    return LayerInputs(hidden=hidden, kwargs=kwargs)
+    with passthrough_layers(layers, adapter.layer_output_items, record, stop_after=len(layers) - 1):
+        for sample in samples:
+            try:
+                model(**to_device(model_inputs(sample), device), use_cache=False)
+            except StopForward:
+                pass
+    kinds: list[tuple[list[dict], list[dict]]] = []  # (as recorded, as kept) per distinct layer kwargs
+    per_layer: list[list[dict]] = []
+    for recorded in calls:
+        kept = next((k for r, k in kinds if len(r) == len(recorded) and all(map(_identical, r, recorded))), None)
+        if kept is None:
+            kept = recorded[:1] if recorded and all(_same(recorded[0], k) for k in recorded[1:]) else recorded
+            kinds.append((recorded, kept))
+        per_layer.append(kept)
+    return LayerInputs(hidden=hidden, kwargs=per_layer[0] if per_layer else [],
+                       layer_kwargs=per_layer if len(kinds) > 1 else None)
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> torch.Tensor:

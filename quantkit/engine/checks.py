@@ -14,7 +14,7 @@ from quantkit.quant.spec import QuantSpec
 
 def check_layer(layer: nn.Module, index: int, adapter: Adapter, plan: LinearPlan) -> None:
     """Raise QuantkitError if a linear of decoder layer `index` that `plan` quantizes cannot be quantized."""
-    for name in adapter.linear_names():
+    for name in adapter.linear_names(index):
         linear = get_module(layer, name)
         full = f"{adapter.layer_prefix(index)}.{name}"
         if plan.settings(full) is None:
@@ -22,6 +22,17 @@ def check_layer(layer: nn.Module, index: int, adapter: Adapter, plan: LinearPlan
         check_group_width(linear.in_features, full, plan.spec_for(full))
         if linear.weight.device.type != "meta" and not torch.isfinite(linear.weight).all():
             raise QuantkitError(f"weight of {full} contains NaN or Inf; fix the checkpoint before quantizing")
+
+
+def check_experts(model: nn.Module, adapter: Adapter) -> None:
+    """Raise QuantkitError naming the first mixture-of-experts block: the engine does not solve experts yet."""
+    for index in range(len(adapter.decoder_layers(model))):
+        for block in adapter.layout(index).experts:
+            container = get_module(adapter.decoder_layers(model)[index], block.experts)
+            raise QuantkitError(
+                f"{adapter.layer_prefix(index)}.{block.block} holds mixture-of-experts weights "
+                f"({type(container).__name__}); quantkit does not calibrate experts yet"
+            )
 
 
 def check_group_width(width: int, name: str, spec: QuantSpec, hint: str = "") -> None:
@@ -39,6 +50,7 @@ def check_model(model: nn.Module, adapter: Adapter, plan: LinearPlan, lm_head: b
     plan.spec.validate()
     if vision and not adapter.vision:
         raise QuantkitError(f"{adapter.name} models have no vision side to quantize; drop --quantize-vision")
+    check_experts(model, adapter)
     plan.check(candidate_linears(model, adapter, lm_head=lm_head, vision=vision), model_linears(model))
     for index, layer in enumerate(adapter.decoder_layers(model)):
         check_layer(layer, index, adapter, plan)
@@ -51,7 +63,7 @@ def candidate_linears(model: nn.Module, adapter: Adapter, *, lm_head: bool = Fal
     `lm_head`, every linear of the vision side with `vision` (a recipe's targets and ignore pick among them)."""
     widths = {}
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for name in adapter.linear_names():
+        for name in adapter.linear_names(index):
             widths[f"{adapter.layer_prefix(index)}.{name}"] = get_module(layer, name).in_features
     if lm_head:
         widths[adapter.lm_head] = get_module(model, adapter.lm_head).weight.shape[1]

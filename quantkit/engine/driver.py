@@ -132,7 +132,7 @@ def fp_stream(inputs: LayerInputs, method: Method, fp_target: bool | None) -> La
     """The FP stream to carry beside `inputs` (a copy of layer 0's inputs), or None (Method.fp_target_on)."""
     if not method.fp_target_on(fp_target):
         return None
-    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
+    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes, inputs.layer_kwargs)
 
 
 def first_layer_streams(
@@ -174,7 +174,7 @@ def layer_weights(
     weights = as_layer_weights(token_weights(index))
     if weights.floor is None:
         weights.floor = getattr(token_weights, "floor", None)
-    report = diagnose_layer(weights, adapter.linear_names())
+    report = diagnose_layer(weights, adapter.linear_names(index))
     return weights.map(lambda per_sample: inputs.batch_weights(shard(per_sample, comm))), report
 
 
@@ -218,6 +218,9 @@ def run_layers(
         comm.enter_layer(index)
         layer_started = time.perf_counter()
         layer = store.load(index).to(device)
+        for stream in (inputs, fp_inputs):
+            if stream is not None:
+                stream.use_layer(index)
         weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
         # before the FP stream's pass, so the FP target is read in the transformed basis
         presolve_report = method.presolve.apply(layer, adapter, inputs, spec, weights, comm=comm, sample_ids=sample_ids)
@@ -227,7 +230,7 @@ def run_layers(
         )
         if presolve_report is not None and not method.needs_activations:
             # quantize_layer leaves the stream where it is for RTN; the next layer's pre-solve step reads it
-            quantized = [n for n in adapter.linear_names() if plan.settings(f"{adapter.layer_prefix(index)}.{n}")]
+            quantized = [n for n in adapter.linear_names(index) if plan.settings(f"{adapter.layer_prefix(index)}.{n}")]
             with quantized_inputs(layer, quantized, spec.act_bits):
                 propagate(layer, inputs)
         for name, entry in weight_report.items():
@@ -236,6 +239,8 @@ def run_layers(
             if chosen is not None and (chosen.method == method or chosen.method.token_weights):
                 linear_reports[name]["token_weights"] = entry
         report = {"layer": index, "seconds": round(time.perf_counter() - layer_started, 4), "linears": linear_reports}
+        if adapter.layout(index).full_precision:  # the layer's weights that are not quantized, and why
+            report["full_precision"] = dict(adapter.layout(index).full_precision)
         if presolve_report is not None:
             report[method.presolve.name] = presolve_report
         store.finish(index, layer, layer_results, report, inputs, fp_inputs)

@@ -40,7 +40,8 @@ from quantkit.quant.spec import QuantResult, QuantSpec
 FPInputs = dict[str, list[torch.Tensor | Path]]
 
 
-def record_fp_inputs(layer: nn.Module, adapter: Adapter, fp_inputs: LayerInputs, directory: Path | None = None) -> FPInputs:
+def record_fp_inputs(layer: nn.Module, linear_names: Sequence[str], fp_inputs: LayerInputs,
+                     directory: Path | None = None) -> FPInputs:
     """Run the still-FP `layer` on the FP stream: keep every linear's input per batch and advance the
     stream to the layer's FP outputs (the FP target's x_t, and the next layer's FP inputs).
 
@@ -48,7 +49,7 @@ def record_fp_inputs(layer: nn.Module, adapter: Adapter, fp_inputs: LayerInputs,
     files in `directory` (--offload-dir), so a GPU holds only the layer and the streams; linears
     fed one tensor keep one copy.
     """
-    kept: FPInputs = {name: [] for name in adapter.linear_names()}
+    kept: FPInputs = {name: [] for name in linear_names}
     # This batch's (source, copy) pairs by the source's identity; holding the source keeps its id
     # from being reused by a later tensor of the same pass.
     copies: dict[int, tuple[torch.Tensor, torch.Tensor | Path]] = {}
@@ -201,7 +202,8 @@ def quantize_layer(
     method = method_for(method)
     plan = plan or LinearPlan(spec, method)
     prefix = adapter.layer_prefix(index)
-    settings = {name: plan.settings(f"{prefix}.{name}") for name in adapter.linear_names()}
+    names = adapter.linear_names(index)
+    settings = {name: plan.settings(f"{prefix}.{name}") for name in names}
     needs_hessian = method.needs_activations
     # the token weights given are the run method's; a linear overridden to a method that weighs none sums a plain Hessian
     unweighted = frozenset(name for name, s in settings.items()
@@ -212,13 +214,13 @@ def quantize_layer(
     if weights is not None:
         weights = as_layer_weights(weights)
     if fp_inputs is not None and needs_hessian:
-        fp_linear_inputs = record_fp_inputs(layer, adapter, fp_inputs, fp_dir)
-    blocks = FinishedBlocks(layer, adapter)
+        fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
+    blocks = FinishedBlocks(layer, names)
     # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
     # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
-    quantized = [name for name in adapter.linear_names() if settings[name] is not None]  # a recipe's FP linears read FP inputs
+    quantized = [name for name in names if settings[name] is not None]  # a recipe's FP linears read FP inputs
     act = None if spec.act_bits is None else ActivationQuantizer(layer, quantized, spec.act_bits)
-    for group in adapter.linear_order:
+    for group in adapter.linear_groups(index):
         active = [name for name in group if settings[name] is not None]
         linears = {name: get_module(layer, name) for name in active}
         # the linears solved from Hessians; the others (RTN) are solved from their weights on every rank
@@ -348,7 +350,7 @@ def quantize_head(
     if settings.method != method_for(method) and not settings.method.token_weights:
         weights = None  # the given weights are the run method's: an override that weighs no tokens sums a plain Hessian
     spec, method = settings.spec, settings.method
-    norm = get_module(model, adapter.final_norm).to(device)
+    norm = adapter.norm(model).to(device)
     head = get_module(model, adapter.lm_head).to(device)
     hessian = cross = None
     if method.needs_activations:

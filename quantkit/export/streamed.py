@@ -65,6 +65,6 @@ def export_streamed(
     fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    layout = Layout(tuple(adapter.linear_names()), n_layers, tuple(fp_linears))
+    layout = Layout(tuple(adapter.sub_names()), n_layers, tuple(fp_linears))
     return write_checkpoint_streamed(config, parts(), output, fmt=fmt, spec=spec, layout=layout, source=source,
                                      report=report, overwrite=overwrite)

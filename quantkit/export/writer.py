@@ -309,6 +309,6 @@ def _layout(model: torch.nn.Module) -> tuple[tuple[str, ...] | None, int | None]
         from quantkit.models import adapter_for
 
         adapter = adapter_for(model)
-        return tuple(adapter.linear_names()), len(adapter.decoder_layers(model))
+        return tuple(adapter.sub_names()), len(adapter.decoder_layers(model))
     except Exception:  # noqa: BLE001 - layout hints are optional
         return None, None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -87,13 +87,14 @@ HEAD_ROWS = 512
 
 
 def head_gradient(
-    head: nn.Module, hidden: torch.Tensor, input_ids: list[torch.Tensor], scored: list[torch.Tensor],
-    samplers: list[list[torch.Generator]] | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, input_ids: list[torch.Tensor],
+    scored: list[torch.Tensor], samplers: list[list[torch.Generator]] | None = None,
 ) -> torch.Tensor:
     """d/d(hidden) of the sum over a chunk's samples of each one's mean cross-entropy at its scored
     positions: [draws, B, T, d].
 
-    hidden [B, T, d] is the final norm's output. Only scored rows go through lm_head, in blocks
+    hidden [B, T, d] is the final norm's output and `head` maps [1, rows, d] to the model's logits
+    [1, rows, V] (Adapter.logits: lm_head and any scaling or soft-capping). Only scored rows go through it, in blocks
     of HEAD_ROWS, and the cross-entropy gradient is formed directly, w * (softmax - onehot),
     instead of by autograd through log_softmax (which keeps [B * T, V] logits, their log-softmax
     and its gradient). Each sample's gradient is that of its own mean loss.
@@ -123,7 +124,7 @@ def head_gradient(
         end = start + block.numel()
         x = flat.index_select(0, block).requires_grad_(True)
         with torch.enable_grad():
-            logits = head(x)
+            logits = head(x.unsqueeze(0)).squeeze(0)
         with torch.no_grad():
             probs = torch.softmax(logits.float(), dim=-1)
             cumulative = None if uniform is None else probs.double().cumsum(dim=-1)  # shared by every draw
@@ -144,7 +145,7 @@ def head_gradient(
 
 def batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
     """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
-    if len(inputs.kwargs) != 1 or len(chunk) < 2:
+    if any(len(kwargs) != 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs])) or len(chunk) < 2:
         return False
     first, last = chunk[0], chunk[-1]
     try:

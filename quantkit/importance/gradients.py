@@ -144,14 +144,14 @@ def importance_scores(
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
     per_linear = guidance == "linear"
-    linear_names = adapter.linear_names()
     draws = draws if loss == "fisher" else 1
     scored = [scored_positions(s) for s in samples]
     empty = {i for i, m in enumerate(scored) if not bool(m.any())}
     stored = StoredInputs(offload_dir)
     scores: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     linear_scores: list[dict[str, list]] | None = (
-        [{name: [None] * len(samples) for name in linear_names} for _ in range(num_layers)] if per_linear else None
+        [{name: [None] * len(samples) for name in adapter.linear_names(index)} for index in range(num_layers)]
+        if per_linear else None
     )
     gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
     bar = tqdm(total=2 * num_layers, desc="importance", disable=not progress)
@@ -173,7 +173,7 @@ def importance_scores(
                 gradients[index].append(grad[0].reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
 
     def hooks_on(layer: nn.Module, found: dict[str, list[torch.Tensor]]):
-        return _linear_output_hooks(layer, linear_names, row_groups, found) if per_linear else contextlib.nullcontext()
+        return _linear_output_hooks(layer, list(found), row_groups, found) if per_linear else contextlib.nullcontext()
 
     def record_linears(index: int, chunk: list[int], found: dict[str, list[torch.Tensor]]) -> None:
         for name, per_draw in found.items():
@@ -187,7 +187,8 @@ def importance_scores(
 
     def backward_block(index: int, layer: nn.Module, read, want_input: bool) -> None:
         """Recompute layer `index` from its stored input and push every draw's gradient below it."""
-        found = {name: [] for name in linear_names}
+        inputs.use_layer(index)
+        found = {name: [] for name in adapter.linear_names(index)}
         for chunk in chunks(live, size):
             x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
             below = []
@@ -215,6 +216,7 @@ def importance_scores(
                     layers[0] = probe.to("cpu") if str(device) != "cpu" else probe
                 # FP forward up to the last layer's input, storing each layer's input on the way.
                 for index in range(num_layers - 1):
+                    inputs.use_layer(index)
                     layer = layers[index].to(device)
                     if index > 0 or per_linear:  # layer 0's input is differentiated only for its linears
                         stored.put(index, inputs.hidden)
@@ -234,8 +236,10 @@ def importance_scores(
             # output of the layer below), without a separate no-grad forward of the last layer.
             # The chunk's loss is the sum of its samples' mean losses: each sample gets its own gradient.
             last = num_layers - 1
-            norm = get_module(model, adapter.final_norm)
-            head = get_module(model, adapter.lm_head)
+            norm = adapter.norm(model)
+
+            def head(normed: torch.Tensor) -> torch.Tensor:
+                return adapter.logits(model, normed)
             below: list[torch.Tensor | None] = [None] * len(samples)
             for i in empty:
                 zeros = torch.zeros((draws, *inputs.hidden[i].shape[1:]), dtype=inputs.hidden[i].dtype)
@@ -243,10 +247,11 @@ def importance_scores(
                 if per_linear:
                     shape = (zeros.shape[1],) if row_groups == 1 else (zeros.shape[1], row_groups)
                     for index in range(num_layers):
-                        for name in linear_names:
+                        for name in adapter.linear_names(index):
                             linear_scores[index][name][i] = torch.zeros(shape)
+            inputs.use_layer(last)
             layer = layers[last].to(device)
-            found = {name: [] for name in linear_names}
+            found = {name: [] for name in adapter.linear_names(last)}
             for chunk in chunks(live, size):
                 x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
                 with hooks_on(layer, found):

@@ -1,4 +1,4 @@
-"""Adapter registry and model loading."""
+"""Adapters (derived from the model by quantkit.models.discover, with what family files add) and model loading."""
 
 from __future__ import annotations
 
@@ -6,81 +6,90 @@ import contextlib
 import importlib.util
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.models import gpt_neox, llama, llava, llava_onevision, opt, qwen2, qwen2_vl
-from quantkit.models.base import Adapter, get_module, layer_output
+from quantkit.models import gpt_neox, llama, opt
+from quantkit.models.base import Adapter, Family, get_module, layer_output
 from quantkit.models.checks import check_model_weights
+from quantkit.models.discover import derive_adapter, is_image_text
 
 logger = logging.getLogger(__name__)
 
-ADAPTERS: tuple[Adapter, ...] = (
-    llama.ADAPTER,
-    qwen2.ADAPTER,
-    gpt_neox.ADAPTER,
-    opt.ADAPTER,
-    qwen2_vl.ADAPTER,
-    qwen2_vl.ADAPTER_2_5,
-    llava.ADAPTER,
-    llava_onevision.ADAPTER,
-)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, gpt_neox.FAMILY, opt.FAMILY)
 
 __all__ = [
-    "ADAPTERS",
+    "FAMILIES",
     "Adapter",
+    "Family",
     "adapter_for",
+    "auto_class_for",
+    "family_for",
     "get_module",
     "is_vlm",
     "layer_output",
     "load_model",
     "register",
-    "supported_model_types",
 ]
 
-
-def register(adapter: Adapter) -> None:
-    """Add an adapter (used by the VLM families and by users with their own architectures)."""
-    global ADAPTERS
-    ADAPTERS = tuple(a for a in ADAPTERS if a.name != adapter.name) + (adapter,)
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def supported_model_types() -> list[str]:
-    """Every config.model_type an adapter covers."""
-    return sorted(t for a in ADAPTERS for t in a.model_types)
+def register(family: Family) -> None:
+    """Add a family's overrides (smoothing folds, vision modules) for its model types."""
+    global FAMILIES
+    FAMILIES = tuple(f for f in FAMILIES if f.name != family.name) + (family,)
+    _DERIVED.clear()
 
 
-def adapter_for(model_or_config) -> Adapter:
-    """The adapter for a model (or its config), or a QuantkitError naming the supported ones."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
-    raise QuantkitError(
-        f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported_model_types())}"
-    )
+def family_for(config) -> Family | None:
+    """The family file covering a config's model type, or its text model's (a VLM's language model)."""
+    text = getattr(config, "text_config", None)
+    for model_type in (getattr(config, "model_type", None), getattr(text, "model_type", None)):
+        for family in FAMILIES:
+            if model_type in family.model_types:
+                return family
+    return None
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of a built model (derived once per model object), or a QuantkitError naming what was not found."""
+    if not isinstance(model, nn.Module):
+        raise TypeError("adapter_for takes a built model; for a config use auto_class_for or build it on the meta device")
+    adapter = _DERIVED.get(model)
+    if adapter is None:
+        adapter = derive_adapter(model, family_for(model.config))
+        _DERIVED[model] = adapter
+    return adapter
 
 
 def is_vlm(model_or_config) -> bool:
-    """True for a vision-language family (its adapter lists vision modules kept in full precision)."""
-    return bool(adapter_for(model_or_config).vision)
+    """True for a vision-language model (a vision side beside its text decoder)."""
+    return is_image_text(getattr(model_or_config, "config", model_or_config))
 
 
-def _check_text_backbone(config) -> None:
-    """LLaVA-style configs name their text model; only Llama-layout backbones have our linear names."""
-    text_config = getattr(config, "text_config", None)
-    text_type = getattr(text_config, "model_type", None)
-    if config.model_type in llava.ADAPTER.model_types + llava_onevision.ADAPTER.model_types and text_type not in (
-        None,
-        *llava.LLAMA_LAYOUT_TEXT_TYPES,
-    ):
-        raise QuantkitError(
-            f"unsupported {config.model_type} text backbone {text_type!r}; supported: {', '.join(llava.LLAMA_LAYOUT_TEXT_TYPES)}"
-        )
+def auto_class_for(config):
+    """The transformers Auto class that builds `config`'s model: image-text or causal LM; a QuantkitError for
+    a model type transformers has neither for."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if is_image_text(config) and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    raise QuantkitError(f"unsupported architecture {model_type!r}: transformers has no causal-LM or image-text model "
+                        "for it")
 
 
 # quant_method of a checkpoint's quantization_config -> (the module transformers needs, what to install).
@@ -133,7 +142,7 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     """Load a causal LM or a VLM (local dir or hub id) on CPU in eval mode, after checking its architecture;
     `config` is its config when already read (quantkit.models.files.ModelFiles.config)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
     if looks_local(name_or_path) and not (Path(name_or_path) / "config.json").is_file():
         raise QuantkitError(f"model path {name_or_path} not found or has no config.json; give a model directory or a hub id")
     if config is None:
@@ -141,11 +150,9 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
             config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         except OSError as err:
             raise QuantkitError(f"cannot load model config for {name_or_path!r}: {str(err).splitlines()[0]}") from err
-    adapter = adapter_for(config)
-    _check_text_backbone(config)
+    auto_class = auto_class_for(config)
     check_quantized_loadable(config, name_or_path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
     logger.info("loading %s as %s", name_or_path, auto_class.__name__)
     try:
         with quiet_loading():
@@ -164,4 +171,5 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     check_model_weights(model, name_or_path)
     model.eval()
     model.config.use_cache = False
+    adapter_for(model)  # a model quantkit cannot handle fails here, in one line
     return model

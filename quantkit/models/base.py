@@ -1,8 +1,9 @@
-"""Architecture adapters: where a family keeps its decoder layers and which linears to solve."""
+"""What the engine knows about a model (Adapter): where its decoder layers are and which linears each one
+solves; and what a family file may add to what quantkit.models.discover derives (Family)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,32 +21,106 @@ class Fold:
 
 
 @dataclass(frozen=True)
-class Adapter:
-    """Declarative description of one model family.
+class ExpertBlock:
+    """A mixture-of-experts block inside a decoder layer (paths relative to the layer): the block holding
+    the router and the experts, the experts' container (a ModuleList of expert MLPs or a module with 3-D
+    fused weights), the router (None where the block computes it without a module of its own), and
+    `position`: the block runs after the first `position` linear groups of the layer."""
 
-    Paths are dotted attribute paths from the loaded *ForCausalLM / *ForConditionalGeneration
-    module. `linear_order` lists a decoder layer's linears in groups, in execution order: each
-    group is solved after the groups before it are quantized, so it sees their outputs.
-    """
+    block: str
+    experts: str
+    router: str | None
+    position: int
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One decoder layer's linears as the engine solves them: `groups` in execution order, each group the
+    linears reading one input tensor (they share one Hessian); `experts`, the mixture-of-experts blocks left
+    to the MoE path; `full_precision`, every other weight of the layer that is not quantized, with why."""
+
+    groups: tuple[tuple[str, ...], ...]
+    experts: tuple[ExpertBlock, ...] = ()
+    full_precision: tuple[tuple[str, str], ...] = ()
+
+    def linear_names(self) -> list[str]:
+        """The layer's quantized linears, in solve order."""
+        return [name for group in self.groups for name in group]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family file adds to the derived adapter: the model types it covers, the smoothing folds its
+    layers allow (`smooth_folds`, each checked against the FP logits in tests/test_smooth.py) and, where
+    derivation would get it wrong, the vision modules."""
+
+    name: str
+    model_types: tuple[str, ...]
+    smooth_folds: tuple[Fold, ...] = ()
+    vision: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a model keeps what the engine needs, as dotted paths from the loaded *ForCausalLM /
+    *ForConditionalGeneration module, and each decoder layer's LayerLayout (`layouts`, one per layer;
+    layers of one structure share one). Built by quantkit.models.discover from the model itself."""
 
     name: str
     model_types: tuple[str, ...]
     layers: str
     embeddings: str
-    final_norm: str
+    final_norm: str | None  # None: the last layer's output goes to the head as it is
     lm_head: str
-    linear_order: tuple[tuple[str, ...], ...]
+    layouts: tuple[LayerLayout, ...]
     vision: tuple[str, ...] = ()  # vision tower and projector: kept in full precision
-    extra_fp: tuple[str, ...] = field(default=())  # other non-layer modules, for reports only
     smooth_folds: tuple[Fold, ...] = ()  # legal smoothing folds inside a decoder layer, in solve order
+    layer_output_items: int = 0  # 0: a decoder layer returns its hidden state; n: a tuple of n items, it first
+    decoder: str = ""  # the module running the layers and the final norm (the base or text model)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The ModuleList of decoder layers."""
         return get_module(model, self.layers)
 
-    def linear_names(self) -> list[str]:
-        """All quantized linears of one layer, in solve order."""
-        return [name for group in self.linear_order for name in group]
+    def norm(self, model: nn.Module) -> nn.Module:
+        """The final norm (an identity where the model has none)."""
+        return nn.Identity() if self.final_norm is None else get_module(model, self.final_norm)
+
+    def logits(self, model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """The model's logits [B, T, V] from the final norm's output [B, T, d], as its own forward computes them
+        after the text decoder (the head, then any scaling or soft-capping): the decoder's work is replaced by
+        `normed` for one call."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        if not self.decoder:
+            return get_module(model, self.lm_head)(normed)
+        decoder = get_module(model, self.decoder)
+        decoder.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=normed)
+        try:
+            ids = torch.zeros(normed.shape[:2], dtype=torch.long, device=normed.device)
+            return model(input_ids=ids, use_cache=False).logits
+        finally:
+            del decoder.forward
+
+    def layout(self, index: int) -> LayerLayout:
+        """Decoder layer `index`'s linears, groups, experts and full-precision weights."""
+        return self.layouts[index]
+
+    def linear_groups(self, index: int) -> tuple[tuple[str, ...], ...]:
+        """Decoder layer `index`'s linears in groups, in execution order: each group is solved after the
+        groups before it are quantized, so it sees their outputs."""
+        return self.layouts[index].groups
+
+    def linear_names(self, index: int) -> list[str]:
+        """Decoder layer `index`'s quantized linears, in solve order."""
+        return self.layouts[index].linear_names()
+
+    def sub_names(self) -> list[str]:
+        """Every layer-relative linear name of any layer, in first-solved order (for export layouts)."""
+        seen: dict[str, None] = {}
+        for layout in dict.fromkeys(self.layouts):
+            seen.update(dict.fromkeys(layout.linear_names()))
+        return list(seen)
 
     def layer_prefix(self, index: int) -> str:
         """Module-name prefix of decoder layer `index` inside the full model."""

@@ -139,19 +139,18 @@ def read_headers(root: Path) -> tuple[StoredTensors, list[Path]] | None:
 def build_meta_model(config: object, name: str) -> tuple[object, object]:
     """(model, adapter): the model config.json describes, on the meta device (shapes only, no memory)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from quantkit.models import adapter_for
+    from quantkit.models import adapter_for, auto_class_for
 
-    adapter = adapter_for(config)
-    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
+    auto_class = auto_class_for(config)
     try:
         with torch.device("meta"):
-            return auto_class.from_config(config), adapter
+            model = auto_class.from_config(config)
     except QuantkitError:
         raise
     except Exception as err:  # noqa: BLE001 - any config inconsistency surfaces here
         raise QuantkitError(f"config.json of {name} does not describe a buildable model: {first_line(err)}") from None
+    return model, adapter_for(model)  # an architecture quantkit cannot handle fails here, before any weight is read
 
 
 def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
@@ -188,7 +187,7 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
             info.weight_bytes = sum(p.stat().st_size for p in files)
             _check_tensors(name, model, adapter, stored)
             n_layers = len(adapter.decoder_layers(model))
-            linears = {f"{adapter.layer_prefix(i)}.{lin}.weight" for i in range(n_layers) for lin in adapter.linear_names()}
+            linears = {f"{adapter.layer_prefix(i)}.{lin}.weight" for i in range(n_layers) for lin in adapter.linear_names(i)}
             state = model.state_dict()
             for key in linears & set(state):
                 numel = state[key].numel()

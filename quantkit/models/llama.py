@@ -1,23 +1,14 @@
-"""Llama family (also Mistral): pre-norm decoder, separate q/k/v, gated MLP."""
+"""Llama-layout decoders (pre-norm, separate q/k/v, gated MLP): their smoothing folds."""
 
-from quantkit.models.base import Adapter, Fold
+from quantkit.models.base import Family, Fold
 
-ADAPTER = Adapter(
+FAMILY = Family(
     name="llama",
-    model_types=("llama", "mistral"),
-    layers="model.layers",
-    embeddings="model.embed_tokens",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    linear_order=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
+    # also the text models of LLaVA-style VLMs (found through text_config.model_type) and Qwen2-VL's
+    model_types=("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text"),
     smooth_folds=(
         Fold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Fold("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped key/value heads
+        Fold("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped key/value heads; v's bias divides too
         Fold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         Fold("mlp.up_proj", ("mlp.down_proj",)),  # down reads act(gate) * up: linear in up's rows
     ),

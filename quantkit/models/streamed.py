@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig
 
 from quantkit.errors import QuantkitError
-from quantkit.models import adapter_for, get_module
+from quantkit.models import adapter_for, auto_class_for, get_module
 from quantkit.models.base import Adapter
 
 
@@ -148,12 +148,12 @@ def build_skeleton(model_dir: str, dtype: str = "auto", files=None) -> tuple[nn.
     """The model on the meta device, with every tensor outside the decoder layers loaded; `files` (a
     quantkit.models.files.ModelFiles of `model_dir`) gives the config and stored tensors already read."""
     config = AutoConfig.from_pretrained(model_dir) if files is None else files.config
-    adapter = adapter_for(config)
+    auto_class = auto_class_for(config)
     source = WeightSource(model_dir, None if files is None else files.stored)
     torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
     with _parameters_on_meta():
         model = auto_class.from_config(config)
+    adapter = adapter_for(model)
     source.use_model_names(model)
     model.eval()
     model.config.use_cache = False

@@ -1,0 +1,464 @@
+"""Deriving a model's Adapter from the model itself: no per-family table of module names.
+
+- The decoder layers: the one ModuleList of repeated blocks in the text decoder (transformers'
+  get_decoder: the base model, or a VLM's language model).
+- Embeddings and head: transformers' get_input_embeddings / get_output_embeddings.
+- What each layer receives and what runs after the last one: the model is run on a probe input
+  with every decoder layer replaced by a pass-through that records its arguments
+  (passthrough_layers; the engine captures calibration inputs the same way), so per-layer
+  arguments (sliding-window masks, per-type rotary tables) are seen layer by layer; the one
+  module with weights that runs after the last layer is the final norm.
+- Each layer's linears: one layer of each structure runs alone on its recorded arguments with
+  hooks on its nn.Linear modules: the call order is the solve order, and linears reading the very
+  same input tensor form one group (one Hessian). A layer whose weights are on the meta device
+  runs on meta tensors, or, where an operation needs values (routing), as a copy with random
+  weights.
+- Mixture-of-experts blocks (a module with 3-D fused expert weights, or a ModuleList of experts)
+  are found by structure and left to the MoE path (LayerLayout.experts) with their router; every
+  other weight that is not an nn.Linear is named with why it stays in full precision; a model
+  that cannot be handled gets one QuantkitError line naming what was not found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.models.base import Adapter, ExpertBlock, Family, LayerLayout, get_module, layer_output
+
+PROBE_TOKENS = 8
+
+
+class StopForward(Exception):
+    """Raised inside a forward pass once the wanted tensors are seen."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def passthrough_layers(layers: nn.ModuleList, output_items: int, record: Callable[[int, tuple, dict], None],
+                       stop_after: int | None = None) -> Iterator[None]:
+    """While active, decoder layer i records its call, record(i, args, kwargs), instead of running, and hands
+    its hidden state on unchanged (as a tuple of `output_items` where layers return tuples); the forward
+    stops (StopForward) once layer `stop_after` has been recorded."""
+
+    def make(index: int):
+        def forward(*args, **kwargs):
+            record(index, args, kwargs)
+            if index == stop_after:
+                raise StopForward
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden, *[None] * (output_items - 1)) if output_items else hidden
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = make(index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def probe_sample(config) -> dict:
+    """A short token sequence every model accepts."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or 2 * PROBE_TOKENS
+    ids = (torch.arange(PROBE_TOKENS) % max(1, vocab - 1) + 1).reshape(1, -1)
+    return {"input_ids": ids}
+
+
+def _module_path(model: nn.Module, target: nn.Module | None, what: str, accessor: str) -> str:
+    if target is None:
+        raise QuantkitError(f"{type(model).__name__} has no {what} ({accessor} gives none)")
+    for name, module in model.named_modules():
+        if module is target and name:
+            return name
+    raise QuantkitError(f"{type(model).__name__}'s {what} ({accessor}) is not one of its modules")
+
+
+def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # noqa: BLE001 - transformers raises for models without one rule
+        decoder = getattr(model, "base_model", model)
+    if decoder is model:
+        return "", model
+    return _module_path(model, decoder, "text decoder", "get_decoder"), decoder
+
+
+def _layer_stack(model: nn.Module, decoder_path: str, decoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the outermost ModuleList of blocks under the decoder, the one
+    as long as the config's layer count where there are several."""
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for name, module in decoder.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or any(name.startswith(s + ".") for s, _ in stacks):
+            continue
+        if any(p.numel() for p in module.parameters()):
+            stacks.append((name, module))
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(text, "num_hidden_layers", None)
+    if len(stacks) > 1:
+        stacks = [s for s in stacks if len(s[1]) == count] or stacks
+    where = type(decoder).__name__
+    if not stacks:
+        raise QuantkitError(f"no ModuleList of decoder layers found in {where}")
+    if len(stacks) > 1:
+        found = ", ".join(f"{name} ({len(m)})" for name, m in stacks)
+        raise QuantkitError(f"{where} holds several stacks of layers ({found}); quantkit calibrates models "
+                            "with one stack of decoder layers")
+    name, stack = stacks[0]
+    return (f"{decoder_path}.{name}" if decoder_path else name), stack
+
+
+@contextlib.contextmanager
+def _outside_layers_on_cpu(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
+    """While active, meta tensors outside the decoder layers are uninitialised CPU tensors (pages a probe
+    never touches take no memory), so the model's own code can run up to, around and after the layers."""
+    inside = {id(m) for m in layers.modules()}
+    swapped = []
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for store in (module._parameters, module._buffers):
+            for key, tensor in list(store.items()):
+                if tensor is not None and tensor.device.type == "meta":
+                    swapped.append((store, key, tensor))
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+                    store[key] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
+    try:
+        yield
+    finally:
+        for store, key, tensor in swapped:
+            store[key] = tensor
+
+
+def _signature(layer: nn.Module) -> tuple:
+    """Layers with equal signatures share their layout (the same modules, classes and weight shapes)."""
+    return tuple((name, type(m).__name__, tuple((p, tuple(t.shape)) for p, t in m.named_parameters(recurse=False)))
+                 for name, m in layer.named_modules())
+
+
+def _on(value: object, device: str, fill: bool = False, key: str = "") -> object:
+    """`value` with its tensors moved to `device`; meta tensors given values where `fill` (masks attend to
+    everything, positions are zero, hidden states small random numbers)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta" or not fill:
+            return value.to(device)
+        if value.dtype == torch.bool:
+            return torch.ones(value.shape, dtype=torch.bool, device=device)
+        if not value.is_floating_point() or "mask" in key:
+            return torch.zeros(value.shape, dtype=value.dtype, device=device)
+        return (torch.randn(value.shape, generator=torch.Generator().manual_seed(0)) * 0.1).to(value.dtype)
+    if isinstance(value, dict):
+        return {k: _on(v, device, fill, k) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on(v, device, fill, key) for v in value)
+    return value
+
+
+def _materialised(layer: nn.Module) -> nn.Module:
+    """A CPU copy of a meta-device layer with small random weights (for a probe that needs values)."""
+    clone = copy.deepcopy(layer)
+    real_buffers = {name: b for name, b in layer.named_buffers() if b.device.type != "meta"}
+    clone = clone.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in clone.parameters():
+            if param.is_floating_point():
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.02)
+            else:
+                param.zero_()
+        for name, buf in clone.named_buffers():
+            if name in real_buffers:
+                buf.copy_(real_buffers[name])
+            else:
+                buf.zero_()
+    return clone
+
+
+@torch.no_grad()
+def _probe_layer(layer: nn.Module, args: tuple, kwargs: dict, watch: Callable[[nn.Module], list]) -> tuple[object, list]:
+    """Run `layer` once on its recorded call, hooks from `watch` installed; return (output, events).
+
+    A layer with meta weights runs on meta tensors; where that fails (an operation needs values), a
+    materialised copy runs instead."""
+    attempts = []
+    if any(p.device.type == "meta" for p in layer.parameters()):
+        attempts.append((layer, "meta", False))
+        attempts.append((None, "cpu", True))
+    else:
+        device = next((p.device for p in layer.parameters()), torch.device("cpu"))
+        attempts.append((layer, device, False))
+    error: BaseException | None = None
+    for module, device, fill in attempts:
+        module = module if module is not None else _materialised(layer)
+        events: list = []
+        handles = watch(module, events)
+        try:
+            out = module(*_on(args, device, fill), **_on(kwargs, device, fill))
+            return out, events
+        except Exception as err:  # noqa: BLE001 - the next attempt, or one line below
+            error = err
+        finally:
+            for handle in handles:
+                handle.remove()
+    raise QuantkitError(f"a decoder layer ({type(layer).__name__}) fails on a probe input: {_first_line(error)}")
+
+
+def _expert_containers(layer: nn.Module) -> dict[str, int]:
+    """Layer-relative paths of the modules holding experts -> number of experts: a module with 3-D (fused)
+    expert weights, or a ModuleList named for experts."""
+    found: dict[str, int] = {}
+    for name, module in layer.named_modules():
+        if any(name.startswith(f + ".") for f in found) or isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        fused = [p for p in module.parameters(recurse=False) if p.dim() >= 3]
+        if fused:
+            found[name] = fused[0].shape[0]
+        elif isinstance(module, nn.ModuleList) and "expert" in name.rsplit(".", 1)[-1] and len(module):
+            found[name] = len(module)
+    return found
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _under(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _router(layer: nn.Module, block: str, experts: str, count: int) -> str | None:
+    """The router of an expert block: a child scoring every expert (a linear or a module with a 2-D weight)."""
+    holder = get_module(layer, block) if block else layer
+    for child_name, child in holder.named_children():
+        path = f"{block}.{child_name}" if block else child_name
+        if path == experts:
+            continue
+        weights = [p for p in child.parameters(recurse=False) if p.dim() == 2]
+        if isinstance(child, nn.Linear) and child.out_features == count or not isinstance(child, nn.Linear) and any(
+                w.shape[0] == count for w in weights):
+            return path
+    return None
+
+
+def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tuple[LayerLayout, object]:
+    """One decoder layer's LayerLayout from a run on its recorded call (`where`: its path, for messages);
+    also the layer's output (what the model receives from it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    containers = _expert_containers(layer)
+    blocks = {_parent(c) or c: c for c in containers}
+    routers = {block: _router(layer, block, experts, containers[experts]) for block, experts in blocks.items()}
+    gates = {name for name, m in layer.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == 1 and _parent(name) in blocks}
+
+    def watch(module: nn.Module, events: list) -> list:
+        handles = []
+        for name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear):
+                handles.append(sub.register_forward_pre_hook(
+                    lambda mod, a, name=name: events.append(("linear", name, a[0] if a else None))))
+            if name in blocks:
+                handles.append(sub.register_forward_pre_hook(lambda mod, a, name=name: events.append(("block", name, None))))
+        return handles
+
+    out, events = _probe_layer(layer, args, kwargs, watch)
+    full_precision: list[tuple[str, str]] = []
+    groups: list[list[str]] = []
+    group_of_input: list[tuple[object, int]] = []
+    positions: dict[str, int] = {}
+    called: set[str] = set()
+    for kind, name, x in events:
+        if kind == "block":
+            positions.setdefault(name, len(groups))
+            continue
+        if any(_under(name, c) for c in containers) or name in routers.values() or name in gates:
+            continue
+        if name in called:
+            raise QuantkitError(f"{where}.{name} runs more than once in one pass of its layer; quantkit solves each "
+                                "linear on one input")
+        called.add(name)
+        index = next((i for tensor, i in group_of_input if tensor is x), None)
+        if index is None:
+            group_of_input.append((x, len(groups)))
+            groups.append([name])
+        else:
+            groups[index].append(name)
+    for name, module in layer.named_modules():
+        if any(_under(name, c) for c in containers):
+            continue
+        if name in routers.values():
+            full_precision.append((name, "router of a mixture-of-experts block, kept in full precision"))
+            continue
+        if isinstance(module, nn.Linear) and module.out_features == 1 and _parent(name) in blocks:
+            full_precision.append((name, "a one-output gate of a mixture-of-experts block, kept in full precision"))
+            continue
+        if isinstance(module, nn.Linear):
+            if name not in called:
+                full_precision.append((name, "an nn.Linear that did not run on a probe input"))
+            continue
+        if isinstance(module, Conv1D):
+            raise QuantkitError(f"{where}.{name} is a transposed Conv1D (the GPT-2 layout), not an nn.Linear; "
+                                "quantkit quantizes nn.Linear modules only")
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() < 2:
+                continue
+            path = f"{name}.{pname}" if name else pname
+            if isinstance(module, nn.modules.conv._ConvNd):
+                full_precision.append((path, "a convolution (recurrent / state-space kernel), kept in full precision"))
+            elif isinstance(module, nn.Embedding):
+                full_precision.append((path, "an embedding inside the layer, kept in full precision"))
+            else:
+                full_precision.append((path, f"a {type(module).__name__} weight that is not an nn.Linear, kept in "
+                                             "full precision"))
+    experts = tuple(ExpertBlock(block, containers_path, routers[block], positions.get(block, len(groups)))
+                    for block, containers_path in blocks.items())
+    return LayerLayout(tuple(tuple(g) for g in groups), experts, tuple(full_precision)), out
+
+
+def _outermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
+def _vision_modules(model: nn.Module, excluded: list[str]) -> tuple[str, ...]:
+    """The outermost modules (and loose parameters) holding weights outside the text decoder and the head."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(_under(name, e) or _under(e, name) for e in excluded):
+            continue
+        if any(name.startswith(f + ".") for f in found):
+            continue
+        if any(True for _ in module.parameters()):
+            found.append(name)
+    for name, _ in model.named_parameters():
+        owner = _parent(name)
+        if not any(_under(name, f) for f in found) and not any(_under(name, e) for e in excluded) and \
+                any(_under(e, owner) for e in excluded):
+            found.append(name)
+    return tuple(found)
+
+
+def is_image_text(config) -> bool:
+    """Whether a config describes an image-text model (a vision side beside the text decoder)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def derive_adapter(model: nn.Module, family: Family | None = None) -> Adapter:
+    """The Adapter of a loaded (or meta-device) transformers model; `family` adds smoothing folds (and,
+    where given, the vision modules). Raise QuantkitError with one line naming what was not found."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    try:
+        return _derive(model, family, model_type)
+    except QuantkitError as err:
+        raise QuantkitError(f"unsupported architecture {model_type!r}: {err}") from None
+
+
+@torch.no_grad()
+def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise QuantkitError("an encoder-decoder model; quantkit calibrates decoder-only language models and "
+                            "image-text models")
+    decoder_path, decoder = _decoder(model)
+    layers_path, layers = _layer_stack(model, decoder_path, decoder)
+    if "encoder" in layers_path.split("."):
+        raise QuantkitError(f"its layers ({layers_path}) are an encoder stack (BERT-style); quantkit calibrates "
+                            "decoder-only language models and image-text models")
+    embeddings = _module_path(model, model.get_input_embeddings(), "input embeddings", "get_input_embeddings")
+    lm_head = _module_path(model, model.get_output_embeddings(), "output head", "get_output_embeddings")
+    sample = probe_sample(config)
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def record(index: int, args: tuple, kwargs: dict) -> None:
+        calls[index] = (args, dict(kwargs))
+        events.append(("layer", index))
+
+    def run(**inputs) -> None:
+        try:
+            model(**sample, use_cache=False, **inputs)
+        except StopForward:
+            pass
+        except QuantkitError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of the model's own forward is one line
+            raise QuantkitError(f"a probe forward with its decoder layers passed through fails: "
+                                f"{_first_line(err)}") from None
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise StopForward
+
+    events: list = []
+    with _outside_layers_on_cpu(model, layers):
+        with passthrough_layers(layers, 0, record, stop_after=0):
+            run()
+        first_out = _probe_only_output(layers[0], *calls[0])
+        items = len(first_out) if isinstance(first_out, (tuple, list)) else 0
+        # every layer's call, and the modules with weights that run after the last one (the final norm)
+        calls.clear()
+        events.clear()
+        handles = [get_module(model, lm_head).register_forward_pre_hook(stop)]
+        for name, module in decoder.named_modules():
+            full = f"{decoder_path}.{name}" if decoder_path and name else (name or decoder_path)
+            if not name or _under(full, layers_path) or not any(True for _ in module.parameters()):
+                continue
+            handles.append(module.register_forward_pre_hook(lambda mod, a, full=full: events.append(("module", full))))
+        try:
+            with passthrough_layers(layers, items, record):
+                run()
+        finally:
+            for handle in handles:
+                handle.remove()
+    last = max((i for i, e in enumerate(events) if e[0] == "layer"), default=-1)
+    tail = _outermost([e[1] for e in events[last + 1:] if e[0] == "module" and e[1] != lm_head])
+    if len(tail) > 1:
+        raise QuantkitError(f"after its last decoder layer it runs {', '.join(tail)} before the head; "
+                            "quantkit knows one final norm")
+    final_norm = tail[0] if tail else None
+    missing = [i for i in range(len(layers)) if i not in calls]
+    if missing:
+        raise QuantkitError(f"decoder layer {missing[0]} of {layers_path} did not run on a probe input")
+    layouts: dict[tuple, LayerLayout] = {}
+    per_layer = []
+    with _outside_layers_on_cpu(model, layers):
+        for index, layer in enumerate(layers):
+            signature = _signature(layer)
+            if signature not in layouts:
+                layouts[signature] = layer_layout(layer, *calls[index], f"{layers_path}.{index}")[0]
+            per_layer.append(layouts[signature])
+    if not any(layout.groups or layout.experts for layout in per_layer):
+        raise QuantkitError("its decoder layers hold no nn.Linear that runs; nothing to quantize")
+    vision: tuple[str, ...] = ()
+    if family is not None and family.vision is not None:
+        vision = family.vision
+    elif is_image_text(config):
+        vision = _vision_modules(model, [p for p in (decoder_path, lm_head, embeddings) if p])
+    return Adapter(
+        name=model_type,
+        model_types=(model_type,),
+        layers=layers_path,
+        embeddings=embeddings,
+        final_norm=final_norm,
+        lm_head=lm_head,
+        layouts=tuple(per_layer),
+        vision=vision,
+        smooth_folds=family.smooth_folds if family is not None else (),
+        layer_output_items=items,
+        decoder=decoder_path,
+    )
+
+
+def _probe_only_output(layer: nn.Module, args: tuple, kwargs: dict) -> object:
+    """What decoder layer `layer` returns on its recorded call (a tensor, or a tuple led by one)."""
+    out, _ = _probe_layer(layer, args, kwargs, lambda module, events: [])
+    layer_output(out)
+    return out
