@@ -503,3 +503,38 @@ def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
     model.config.use_cache = False
     return model
+
+
+def save_tiny_causal_lm(root: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """tiny_causal_lm saved under root/model_type with the word-level tokenizer (its ids fit every tiny vocabulary)."""
+    out = root / model_type
+    tiny_causal_lm(model_type, seed, **overrides).save_pretrained(out)
+    make_tokenizer().save_pretrained(out)
+    return out
+
+
+def whole_model_gradients(model, layers, sample: dict) -> list[torch.Tensor]:
+    """Reference: dL/dy_l at every decoder layer output from one full forward + backward of the mean
+    cross-entropy on the sample's scored next tokens (its loss mask and padding respected)."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.retain_grad()
+        outputs.append(hidden)
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
+    forward = {k: v for k, v in sample.items() if k not in ("loss_mask", "vision_mask")}
+    logits = model(**forward).logits[0]
+    for hook in hooks:
+        hook.remove()
+    ids = sample["input_ids"][0]
+    targets = torch.ones_like(ids, dtype=torch.bool) if "loss_mask" not in sample else sample["loss_mask"][0].bool()
+    if "attention_mask" in sample:
+        real = sample["attention_mask"][0].bool()
+        targets = targets & real & torch.cat([real[:1], real[:-1]])
+    keep_pos = targets[1:]  # position t predicts token t + 1
+    if "attention_mask" in sample:
+        keep_pos = keep_pos & sample["attention_mask"][0].bool()[:-1]
+    torch.nn.functional.cross_entropy(logits[:-1][keep_pos], ids[1:][keep_pos]).backward()
+    return [o.grad[0].detach() for o in outputs]

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
-from helpers import tiny_model, tiny_vlm
+from helpers import tiny_model, tiny_vlm, whole_model_gradients
 
 from quantkit.errors import QuantkitError
 from quantkit.importance import (
@@ -45,32 +44,6 @@ def tiny_qwen2_vl():
                            spatial_merge_size=1, temporal_patch_size=1),
         image_token_id=120, video_token_id=121, vision_start_token_id=122,
     ).eval()
-
-
-def whole_model_gradients(model, layers, sample: dict) -> list[torch.Tensor]:
-    """Reference: dL/dy_l at every decoder layer output from one full forward + backward."""
-    outputs: list[torch.Tensor] = []
-
-    def keep(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden.retain_grad()
-        outputs.append(hidden)
-
-    hooks = [layer.register_forward_hook(keep) for layer in layers]
-    forward = {k: v for k, v in sample.items() if k not in ("loss_mask", "vision_mask")}
-    logits = model(**forward).logits[0]
-    for hook in hooks:
-        hook.remove()
-    ids = sample["input_ids"][0]
-    targets = torch.ones_like(ids, dtype=torch.bool) if "loss_mask" not in sample else sample["loss_mask"][0].bool()
-    if "attention_mask" in sample:
-        real = sample["attention_mask"][0].bool()
-        targets = targets & real & torch.cat([real[:1], real[:-1]])
-    keep_pos = targets[1:]  # position t predicts token t + 1
-    if "attention_mask" in sample:
-        keep_pos = keep_pos & sample["attention_mask"][0].bool()[:-1]
-    F.cross_entropy(logits[:-1][keep_pos], ids[1:][keep_pos]).backward()
-    return [o.grad[0].detach() for o in outputs]
 
 
 def assert_matches_autograd(model, layers, samples, adapter=None) -> None:

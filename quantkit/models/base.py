@@ -3,6 +3,7 @@ solves; and what a family file may add to what quantkit.models.discover derives 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +91,10 @@ class Adapter:
         """The model's logits [B, T, V] from the final norm's output [B, T, d], as its own forward computes them
         after the text decoder (the head, then any scaling or soft-capping): the decoder's work is replaced by
         `normed` for one call."""
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         if not self.decoder:
             return get_module(model, self.lm_head)(normed)
         decoder = get_module(model, self.decoder)
-        decoder.forward = lambda *args, **kwargs: BaseModelOutputWithPast(last_hidden_state=normed)
+        decoder.forward = lambda *args, **kwargs: _decoder_output(normed)
         try:
             ids = torch.zeros(normed.shape[:2], dtype=torch.long, device=normed.device)
             return model(input_ids=ids, use_cache=False).logits
@@ -125,6 +124,27 @@ class Adapter:
     def layer_prefix(self, index: int) -> str:
         """Module-name prefix of decoder layer `index` inside the full model."""
         return f"{self.layers}.{index}"
+
+
+@functools.cache
+def _decoder_output_class() -> type:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    @dataclass
+    class DecoderOutput(BaseModelOutputWithPast):
+        """A decoder's output holding its last hidden state; any other field a model's forward reads (router
+        logits, caches) is None."""
+
+        def __getattr__(self, name: str) -> None:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return None
+
+    return DecoderOutput
+
+
+def _decoder_output(hidden: torch.Tensor) -> object:
+    return _decoder_output_class()(last_hidden_state=hidden)
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -1,0 +1,146 @@
+"""Families beyond Llama through the whole pipeline, each on a tiny random model of transformers' own config class:
+what each brings (fused linears, biases, q/k norms, sandwich norms, alternating sliding windows, partial rotary,
+tied embeddings, latent attention, parallel blocks, scaled or soft-capped logits), checked against references
+computed without the engine: full-model forwards and autograd, per-weight RTN, transformers' own loading."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    assert_same_files,
+    run_calibration,
+    save_tiny_causal_lm,
+    tiny_causal_lm,
+    whole_model_gradients,
+    write_text,
+)
+
+import quantkit
+from quantkit.engine import calibrate_model
+from quantkit.importance import layer_output_gradients
+from quantkit.models import adapter_for, get_module
+from quantkit.quant import QuantSpec, rtn_solve
+
+# model type -> config overrides; what the family brings is in the comment
+FAMILIES = {
+    "qwen3": {},  # q/k norms inside attention
+    "phi3": {},  # fused qkv_proj and gate_up_proj
+    "gemma2": {"sliding_window": 4},  # sandwich norms, alternating sliding/full attention, soft-capped logits, tied embeddings
+    "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},  # a rotary table per type
+    "stablelm": {},  # partial rotary (a quarter of each head), LayerNorm with biases
+    "cohere": {},  # attention and MLP in parallel on one norm, scaled logits
+    "starcoder2": {"sliding_window": 4},  # biases everywhere, c_fc/c_proj MLP
+    "granite": {},  # embedding, residual, attention and logit multipliers
+    "deepseek_v3": {},  # multi-head latent attention (its first layers are dense)
+    "falcon": {},  # fused query_key_value, parallel MLP reading the attention's input (one group with it)
+}
+# transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
+DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks"}
+SPEC = QuantSpec(bits=4, group_size=16, act_order=False)
+LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3"]
+
+
+def samples(n: int = 4, tokens: int = 16, seed: int = 1) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 128, (1, tokens), generator=generator)} for _ in range(n)]
+
+
+def layer_linears(model, adapter) -> list[str]:
+    """Every solved linear's full name, layer by layer in solve order."""
+    return [f"{adapter.layer_prefix(i)}.{n}" for i in range(len(adapter.decoder_layers(model))) for n in adapter.linear_names(i)]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_rtn_quantizes_every_layer_linear_and_nothing_else(model_type: str) -> None:
+    model = tiny_causal_lm(model_type, **FAMILIES[model_type])
+    fp = copy.deepcopy(model)
+    results = calibrate_model(model, samples(), SPEC, method="rtn", progress=False).results
+    every = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(adapter_for(model).layers)}
+    assert set(results) == every  # no linear of these families stays in full precision
+    for name, result in results.items():
+        expected = rtn_solve(get_module(fp, name).weight.data.float(), None, SPEC)
+        assert torch.equal(result.qweight, expected.qweight), name
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_gptq_hessians_are_the_quantized_models_own(model_type: str) -> None:
+    """Every Hessian the solver got equals 2/N sum x x^T over the inputs that linear sees in full forwards of the
+    final quantized model: layer-by-layer replay (its per-layer masks and rotary tables) is the real forward, and
+    each group was solved after the groups before it."""
+    model = tiny_causal_lm(model_type, **FAMILIES[model_type])
+    data = samples()
+    seen: dict[str, torch.Tensor] = {}
+    calibrate_model(model, data, SPEC, method="gptq", progress=False, fp_target=False,
+                    observer=lambda name, h, cross: seen.__setitem__(name, h.clone()))
+    adapter = adapter_for(model)
+    assert list(seen) == layer_linears(model, adapter)
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in seen}
+    handles = [get_module(model, name).register_forward_pre_hook(
+        lambda mod, args, name=name: rows[name].append(args[0].reshape(-1, args[0].shape[-1]).double())) for name in seen]
+    with torch.no_grad():
+        for sample in data:
+            model(**sample, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for name, hessian in seen.items():
+        x = torch.cat(rows[name])
+        reference = (2.0 / x.shape[0] * x.T @ x).float()
+        assert (hessian - reference).abs().max() <= 1e-5 * reference.abs().max(), name
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_blockwise_gradients_equal_whole_model_autograd(model_type: str) -> None:
+    model = tiny_causal_lm(model_type, **FAMILIES[model_type])
+    data = samples(n=2, tokens=12)
+    data[1]["loss_mask"] = torch.tensor([[0] * 6 + [1] * 6]).bool()
+    _, _, grads = layer_output_gradients(model, data, keep_gradients=True, progress=False)
+    layers = adapter_for(model).decoder_layers(model)
+    for i, sample in enumerate(data):
+        for layer, reference in enumerate(whole_model_gradients(model, layers, sample)):
+            assert reference.abs().sum() > 0
+            assert (grads[layer][i] - reference).norm() / reference.norm() < 1e-5, (i, layer)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    dirs = {t: save_tiny_causal_lm(root, t, **overrides) for t, overrides in FAMILIES.items()}
+    dirs["text"] = write_text(root / "calib.txt")
+    return dirs
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, tmp_path: Path, model_type: str) -> None:
+    """TLQ (importance pass and engine) -> compressed-tensors, read back by transformers; converted to GPTQ, read
+    back by quantkit: the same logits as quantkit's own reading of the export."""
+    pytest.importorskip("compressed_tensors")
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from quantkit.cli import main
+
+    kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
+    run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), SPEC, format="compressed-tensors", **kw)
+    ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits
+        loading = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if model_type in DEQUANTIZE_ON_LOAD else {}
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", **loading)(input_ids=ids).logits
+    assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "ct"), "--format", "gptq_v2", "-o", str(tmp_path / "gptq")])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        assert torch.equal(quantkit.load_quantized(tmp_path / "gptq")(input_ids=ids).logits, ours)
+
+
+@pytest.mark.parametrize("model_type", LOW_MEMORY_FAMILIES)
+def test_low_memory_with_two_ranks_writes_the_in_memory_bytes(family_dirs, tmp_path: Path, model_type: str) -> None:
+    kw = dict(method="gptq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False, fp_target=True)
+    run_calibration(str(family_dirs[model_type]), str(tmp_path / "plain"), SPEC, **kw)
+    report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "low"), SPEC, nproc=2, low_memory=True, **kw)
+    assert report["low_memory"] and report["world_size"] == 2
+    assert_same_files(tmp_path / "plain", tmp_path / "low")
