@@ -460,10 +460,11 @@ def tiny_moe(model_type: str, seed: int = 0):
 
 
 # Tiny models of any causal-LM type: these fields get these values wherever the type's default config has them
-# (AutoConfig.for_model), so one table builds a two-layer, hidden-64 model of most of transformers' families.
+# (AutoConfig.for_model), so one table builds a two-layer, hidden-64 model of most of transformers' families. The
+# vocabulary (120) is large enough for the word tokenizer (62 ids) to cover most of it, with room for image ids.
 TINY_FIELDS = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=128, max_position_embeddings=128, sliding_window=8,
+    head_dim=16, vocab_size=120, max_position_embeddings=128, sliding_window=8,
     # mixture of experts
     moe_intermediate_size=32, num_experts_per_tok=2, n_routed_experts=4, num_experts=4, num_local_experts=4,
     moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1,
@@ -484,13 +485,64 @@ def tiny_config(model_type: str, **overrides):
     them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers."""
     from transformers import AutoConfig
 
-    defaults = AutoConfig.for_model(model_type).to_dict()
-    fields = {k: v for k, v in TINY_FIELDS.items() if k in defaults}
+    fields = _tiny_fields(AutoConfig.for_model(model_type).to_dict(), TINY_FIELDS)
+    fields.update(overrides)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+# A tiny vision tower for image-text types (the fields its vision config has get these values).
+TINY_VISION_FIELDS = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, depth=1, embed_dim=32,
+    num_heads=2, out_hidden_size=64, projection_dim=32, num_key_value_heads=2, head_dim=16,
+)
+
+
+def _tiny_fields(defaults: dict, table: dict) -> dict:
+    fields = {k: v for k, v in table.items() if k in defaults}
     if "qk_rope_head_dim" in defaults:
         fields.pop("head_dim", None)  # latent attention derives its head widths from the qk_* fields
     fields.update({k: v for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)) if k in defaults})
     if "layer_types" in defaults:
         fields["layer_types"] = None
+    rope = defaults.get("rope_parameters")
+    if isinstance(rope, dict) and _uses_mrope(defaults.get("model_type", "")):
+        fields["rope_parameters"] = {**rope, "mrope_section": [2, 3, 3]}  # multimodal rotary over the tiny head's half
+    return fields
+
+
+def _uses_mrope(model_type: str) -> bool:
+    """Whether the type's modeling code splits its rotary table into multimodal sections (Qwen2-VL's mrope)."""
+    import importlib
+    import inspect
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
+        modeling = importlib.import_module(f"{module.__name__}.modeling_{module.__name__.rsplit('.', 1)[-1]}")
+    except ImportError:
+        return False
+    return "mrope_section" in inspect.getsource(modeling)
+
+
+def tiny_vlm_config(model_type: str, **overrides):
+    """A tiny config of image-text `model_type`: its text config as tiny_config makes one, a one-layer vision
+    tower of width 32 (TINY_VISION_FIELDS), and image token ids inside the tiny vocabulary."""
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(model_type)
+    text, vision = defaults.get_text_config(), getattr(defaults, "vision_config", None)
+    fields: dict = {}
+    if text is not defaults:
+        fields["text_config"] = {"model_type": text.model_type, **_tiny_fields(text.to_dict(), TINY_FIELDS)}
+    if vision is not None:
+        fields["vision_config"] = {"model_type": vision.model_type,
+                                   **{k: v for k, v in TINY_VISION_FIELDS.items() if k in vision.to_dict()}}
+    top = defaults.to_dict()
+    for offset, key in enumerate(k for k in top if k.endswith(("image_token_id", "image_token_index", "video_token_id",
+                                                                  "video_token_index", "boi_token_index", "eoi_token_index",
+                                                                  "vision_start_token_id", "vision_end_token_id"))):
+        fields[key] = 100 + offset
     fields.update(overrides)
     return AutoConfig.for_model(model_type, **fields)
 

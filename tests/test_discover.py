@@ -101,7 +101,7 @@ def test_each_layer_replays_with_its_own_arguments(model_type: str, overrides: d
     sliding window of 4, so the sliding layers' masks matter)."""
     model = tiny_causal_lm(model_type, sliding_window=4, **overrides)
     adapter = adapter_for(model)
-    samples = [{"input_ids": torch.randint(1, 128, (1, 16), generator=torch.Generator().manual_seed(s))} for s in range(3)]
+    samples = [{"input_ids": torch.randint(1, 120, (1, 16), generator=torch.Generator().manual_seed(s))} for s in range(3)]
     with torch.no_grad():
         full = [model(**s, use_cache=False).logits for s in samples]
         inputs = capture_layer_inputs(model, adapter, samples)
@@ -127,5 +127,5 @@ def test_calibration_refuses_experts_until_the_moe_path_handles_them() -> None:
 
     model = tiny_causal_lm("qwen3_moe")
     with pytest.raises(QuantkitError, match=r"model\.layers\.0\.mlp holds mixture-of-experts weights"):
-        calibrate_model(model, [{"input_ids": torch.randint(1, 128, (1, 8))}], QuantSpec(bits=4, group_size=16),
+        calibrate_model(model, [{"input_ids": torch.randint(1, 120, (1, 8))}], QuantSpec(bits=4, group_size=16),
                         method="rtn", progress=False)

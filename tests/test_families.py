@@ -46,7 +46,7 @@ LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3"]
 
 def samples(n: int = 4, tokens: int = 16, seed: int = 1) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(1, 128, (1, tokens), generator=generator)} for _ in range(n)]
+    return [{"input_ids": torch.randint(1, 120, (1, tokens), generator=generator)} for _ in range(n)]
 
 
 def layer_linears(model, adapter) -> list[str]:
