@@ -467,7 +467,10 @@ TINY_FIELDS = dict(
     head_dim=16, vocab_size=120, max_position_embeddings=128, sliding_window=8,
     # mixture of experts
     moe_intermediate_size=32, num_experts_per_tok=2, n_routed_experts=4, num_experts=4, num_local_experts=4,
-    moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1,
+    moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1, moe_k=2, moe_topk=2,
+    num_experts_per_token=2, num_expert_group=1, expert_ffn_hidden_size=32, shared_experts_intermediate_size=64,
+    moe_shared_expert_intermediate_size=64, dense_intermediate_size=128, index_topk=8, index_head_dim=16,
+    index_n_heads=2,
     # multi-head latent attention (DeepSeek)
     q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
     # GPT-2 / OPT / Falcon style names
@@ -477,6 +480,7 @@ TINY_FIELDS = dict(
     mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_head_dim=16, mamba_num_heads=4, state_size=8,
     ssm_state_size=8, time_step_rank=8, mamba_dt_rank=8, n_groups=1, chunk_size=16, mamba_chunk_size=16,
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    expand=1, mamba_expand=1, mamba_d_ssm=64, attn_layer_period=2, attn_layer_offset=1,
 )
 
 
@@ -485,9 +489,17 @@ def tiny_config(model_type: str, **overrides):
     them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers."""
     from transformers import AutoConfig
 
-    fields = _tiny_fields(AutoConfig.for_model(model_type).to_dict(), TINY_FIELDS)
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    fields = _tiny_fields(defaults, TINY_FIELDS)
     fields.update(overrides)
-    return AutoConfig.for_model(model_type, **fields)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception:
+        layer_types = defaults.get("layer_types")
+        if "layer_types" in overrides or not isinstance(layer_types, list):
+            raise
+        # a type that does not recompute its layer types: the first ones of its default pattern
+        return AutoConfig.for_model(model_type, **{**fields, "layer_types": layer_types[: fields["num_hidden_layers"]]})
 
 
 # A tiny vision tower for image-text types (the fields its vision config has get these values).

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     assert_same_files,
+    observing,
     run_calibration,
     save_tiny_causal_lm,
     tiny_causal_lm,
@@ -40,7 +41,8 @@ FAMILIES = {
 }
 # transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
 DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks"}
-SPEC = QuantSpec(bits=4, group_size=16, act_order=False)
+SPEC = QuantSpec(bits=4, group_size=16, act_order=False)  # in column order: the engine-level references solve so
+RUN_SPEC = QuantSpec(bits=4, group_size=16)  # the defaults (act-order, static groups) for whole runs
 LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3"]
 
 
@@ -75,7 +77,7 @@ def test_gptq_hessians_are_the_quantized_models_own(model_type: str) -> None:
     data = samples()
     seen: dict[str, torch.Tensor] = {}
     calibrate_model(model, data, SPEC, method="gptq", progress=False, fp_target=False,
-                    observer=lambda name, h, cross: seen.__setitem__(name, h.clone()))
+                    comm=observing(lambda name, h, cross: seen.__setitem__(name, h.clone())))
     adapter = adapter_for(model)
     assert list(seen) == layer_linears(model, adapter)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in seen}
@@ -124,7 +126,7 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     from quantkit.cli import main
 
     kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
-    run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), SPEC, format="compressed-tensors", **kw)
+    run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format="compressed-tensors", **kw)
     ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits
@@ -140,7 +142,7 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
 @pytest.mark.parametrize("model_type", LOW_MEMORY_FAMILIES)
 def test_low_memory_with_two_ranks_writes_the_in_memory_bytes(family_dirs, tmp_path: Path, model_type: str) -> None:
     kw = dict(method="gptq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False, fp_target=True)
-    run_calibration(str(family_dirs[model_type]), str(tmp_path / "plain"), SPEC, **kw)
-    report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "low"), SPEC, nproc=2, low_memory=True, **kw)
+    run_calibration(str(family_dirs[model_type]), str(tmp_path / "plain"), RUN_SPEC, **kw)
+    report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "low"), RUN_SPEC, nproc=2, low_memory=True, **kw)
     assert report["low_memory"] and report["world_size"] == 2
     assert_same_files(tmp_path / "plain", tmp_path / "low")

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.models.base import Adapter, layer_output
-from quantkit.models.discover import StopForward, passthrough_layers
+from quantkit.errors import QuantkitError
+from quantkit.models.base import Adapter, get_module, layer_output
+from quantkit.models.probe import StopForward, passthrough_layers
 
 # Keyword arguments a layer gets during a full forward that must not be replayed: caches are
 # per-call state, and use_cache is forced off.
@@ -56,18 +57,28 @@ class LayerInputs:
     sample's kwargs are equal (plain text of one length: the usual case, and it saves memory).
     `layer_kwargs` holds every layer's where they differ between layers (sliding-window and full
     attention masks, per-type rotary tables; layers taking the same share one list); use_layer
-    switches `kwargs` to a layer's.
+    switches `kwargs` to a layer's. `between` holds what the model adds to the hidden states before
+    a layer, per sample (Qwen3-VL's deepstack adds vision features after the first layers);
+    enter_layer adds it.
     """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
     sizes: list[int] | None = None  # samples stacked in each entry of `hidden` (None: one each)
     layer_kwargs: list[list[dict]] | None = None
+    between: dict[int, list[torch.Tensor | None]] | None = None  # layer -> per-sample addition before it
 
     def use_layer(self, index: int) -> None:
         """Make `kwargs` decoder layer `index`'s."""
         if self.layer_kwargs is not None:
             self.kwargs = self.layer_kwargs[index]
+
+    def enter_layer(self, index: int) -> None:
+        """use_layer, and add to the hidden states what the model adds between layer index - 1 and `index`."""
+        self.use_layer(index)
+        for i, added in enumerate((self.between or {}).get(index, ())):
+            if added is not None:
+                self.hidden[i] = self.hidden[i] + added.to(self.hidden[i].device, self.hidden[i].dtype)
 
     def batch_weights(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-entry token weights from per-sample ones, concatenated within each stacked batch
@@ -95,7 +106,7 @@ def stack_samples(inputs: LayerInputs, batch_size: int) -> LayerInputs:
     small models; samples with their own kwargs (Qwen2-VL's mrope positions) stay one by one.
     """
     shapes = {tuple(h.shape) for h in inputs.hidden}
-    shared = all(len(kwargs) == 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs]))
+    shared = all(len(kwargs) == 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs])) and not inputs.between
     if batch_size <= 1 or len(inputs.kwargs) != 1 or not shared or len(shapes) != 1 or inputs.sizes is not None:
         return inputs
     if next(iter(shapes))[0] != 1:
@@ -155,20 +166,40 @@ def capture_layer_inputs(
     layers = adapter.decoder_layers(model)
     hidden: list[torch.Tensor] = []
     calls: list[list[dict]] = [[] for _ in layers]
+    between: dict[int, list[torch.Tensor | None]] = {}
+    passed: list[torch.Tensor] = []  # what the previous (passed-through) layer handed on
 
     def record(index: int, args: tuple, kw: dict) -> None:
         kw = dict(kw)
         state = args[0] if args else kw.pop("hidden_states")
         if index == 0:
             hidden.append(state.detach())
+        elif state is not passed[0]:  # the model changed the hidden states between the layers
+            between.setdefault(index, [None] * (len(hidden) - 1)).append((state - passed[0]).detach())
+        elif index in between:
+            between[index].append(None)
+        passed[:] = [state]
         calls[index].append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
 
-    with passthrough_layers(layers, adapter.layer_output_items, record, stop_after=len(layers) - 1):
-        for sample in samples:
-            try:
-                model(**to_device(model_inputs(sample), device), use_cache=False)
-            except StopForward:
-                pass
+    def after_last(module: nn.Module, args: tuple) -> None:
+        if args and args[0] is not passed[0]:
+            raise QuantkitError(f"{adapter.name} changes the hidden states after its last decoder layer, before "
+                                f"{adapter.final_norm or adapter.lm_head}; quantkit cannot replay that")
+        raise StopForward
+
+    # the forward runs on to the final norm (or head), so that a change after the last layer is seen
+    stop = get_module(model, adapter.final_norm or adapter.lm_head).register_forward_pre_hook(after_last)
+    try:
+        with passthrough_layers(layers, adapter.layer_output_items, record):
+            for sample in samples:
+                try:
+                    model(**to_device(model_inputs(sample), device), use_cache=False)
+                except StopForward:
+                    pass
+                for added in between.values():
+                    added.extend([None] * (len(hidden) - len(added)))
+    finally:
+        stop.remove()
     kinds: list[tuple[list[dict], list[dict]]] = []  # (as recorded, as kept) per distinct layer kwargs
     per_layer: list[list[dict]] = []
     for recorded in calls:
@@ -178,7 +209,7 @@ def capture_layer_inputs(
             kinds.append((recorded, kept))
         per_layer.append(kept)
     return LayerInputs(hidden=hidden, kwargs=per_layer[0] if per_layer else [],
-                       layer_kwargs=per_layer if len(kinds) > 1 else None)
+                       layer_kwargs=per_layer if len(kinds) > 1 else None, between=between or None)
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> torch.Tensor:

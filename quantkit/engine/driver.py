@@ -132,7 +132,8 @@ def fp_stream(inputs: LayerInputs, method: Method, fp_target: bool | None) -> La
     """The FP stream to carry beside `inputs` (a copy of layer 0's inputs), or None (Method.fp_target_on)."""
     if not method.fp_target_on(fp_target):
         return None
-    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes, inputs.layer_kwargs)
+    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes, inputs.layer_kwargs,
+                       inputs.between)
 
 
 def first_layer_streams(
@@ -220,7 +221,7 @@ def run_layers(
         layer = store.load(index).to(device)
         for stream in (inputs, fp_inputs):
             if stream is not None:
-                stream.use_layer(index)
+                stream.enter_layer(index)
         weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
         # before the FP stream's pass, so the FP target is read in the transformed basis
         presolve_report = method.presolve.apply(layer, adapter, inputs, spec, weights, comm=comm, sample_ids=sample_ids)

@@ -216,7 +216,7 @@ def importance_scores(
                     layers[0] = probe.to("cpu") if str(device) != "cpu" else probe
                 # FP forward up to the last layer's input, storing each layer's input on the way.
                 for index in range(num_layers - 1):
-                    inputs.use_layer(index)
+                    inputs.enter_layer(index)
                     layer = layers[index].to(device)
                     if index > 0 or per_linear:  # layer 0's input is differentiated only for its linears
                         stored.put(index, inputs.hidden)
@@ -249,7 +249,7 @@ def importance_scores(
                     for index in range(num_layers):
                         for name in adapter.linear_names(index):
                             linear_scores[index][name][i] = torch.zeros(shape)
-            inputs.use_layer(last)
+            inputs.enter_layer(last)
             layer = layers[last].to(device)
             found = {name: [] for name in adapter.linear_names(last)}
             for chunk in chunks(live, size):

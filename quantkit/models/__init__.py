@@ -56,10 +56,14 @@ def family_for(config) -> Family | None:
     return None
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of a built model (derived once per model object), or a QuantkitError naming what was not found."""
+def adapter_for(model: nn.Module | object) -> Adapter:
+    """The adapter of a built model (derived once per model object), or of a config (derived from its model built
+    on the meta device); a QuantkitError naming what was not found."""
     if not isinstance(model, nn.Module):
-        raise TypeError("adapter_for takes a built model; for a config use auto_class_for or build it on the meta device")
+        import torch
+
+        with torch.device("meta"):
+            model = auto_class_for(model).from_config(model)
     adapter = _DERIVED.get(model)
     if adapter is None:
         adapter = derive_adapter(model, family_for(model.config))

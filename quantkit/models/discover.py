@@ -21,59 +21,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Callable, Iterator
-
 import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.models.base import Adapter, ExpertBlock, Family, LayerLayout, get_module, layer_output
-
-PROBE_TOKENS = 8
-
-
-class StopForward(Exception):
-    """Raised inside a forward pass once the wanted tensors are seen."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-@contextlib.contextmanager
-def passthrough_layers(layers: nn.ModuleList, output_items: int, record: Callable[[int, tuple, dict], None],
-                       stop_after: int | None = None) -> Iterator[None]:
-    """While active, decoder layer i records its call, record(i, args, kwargs), instead of running, and hands
-    its hidden state on unchanged (as a tuple of `output_items` where layers return tuples); the forward
-    stops (StopForward) once layer `stop_after` has been recorded."""
-
-    def make(index: int):
-        def forward(*args, **kwargs):
-            record(index, args, kwargs)
-            if index == stop_after:
-                raise StopForward
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden, *[None] * (output_items - 1)) if output_items else hidden
-        return forward
-
-    for index, layer in enumerate(layers):
-        layer.forward = make(index)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-
-
-def probe_sample(config) -> dict:
-    """A short token sequence every model accepts."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or 2 * PROBE_TOKENS
-    ids = (torch.arange(PROBE_TOKENS) % max(1, vocab - 1) + 1).reshape(1, -1)
-    return {"input_ids": ids}
+from quantkit.models.probe import (
+    StopForward,
+    error_line,
+    outside_layers_on_cpu,
+    passthrough_layers,
+    probe_layer,
+    probe_sample,
+)
 
 
 def _module_path(model: nn.Module, target: nn.Module | None, what: str, accessor: str) -> str:
@@ -86,10 +46,15 @@ def _module_path(model: nn.Module, target: nn.Module | None, what: str, accessor
 
 
 def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
+    """The text decoder: get_decoder()'s module, or the base model where that holds no layers (an LM head
+    named `decoder`)."""
     try:
-        decoder = model.get_decoder()
+        candidates = [model.get_decoder()]
     except Exception:  # noqa: BLE001 - transformers raises for models without one rule
-        decoder = getattr(model, "base_model", model)
+        candidates = []
+    candidates += [getattr(model, "base_model", model), model]
+    decoder = next(c for c in candidates if isinstance(c, nn.Module) and any(
+        isinstance(m, nn.ModuleList) for m in c.modules()) or c is model)
     if decoder is model:
         return "", model
     return _module_path(model, decoder, "text decoder", "get_decoder"), decoder
@@ -119,112 +84,24 @@ def _layer_stack(model: nn.Module, decoder_path: str, decoder: nn.Module) -> tup
     return (f"{decoder_path}.{name}" if decoder_path else name), stack
 
 
-@contextlib.contextmanager
-def _outside_layers_on_cpu(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
-    """While active, meta tensors outside the decoder layers are uninitialised CPU tensors (pages a probe
-    never touches take no memory), so the model's own code can run up to, around and after the layers."""
-    inside = {id(m) for m in layers.modules()}
-    swapped = []
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        for store in (module._parameters, module._buffers):
-            for key, tensor in list(store.items()):
-                if tensor is not None and tensor.device.type == "meta":
-                    swapped.append((store, key, tensor))
-                    empty = torch.empty(tensor.shape, dtype=tensor.dtype)
-                    store[key] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
-    try:
-        yield
-    finally:
-        for store, key, tensor in swapped:
-            store[key] = tensor
-
-
 def _signature(layer: nn.Module) -> tuple:
     """Layers with equal signatures share their layout (the same modules, classes and weight shapes)."""
     return tuple((name, type(m).__name__, tuple((p, tuple(t.shape)) for p, t in m.named_parameters(recurse=False)))
                  for name, m in layer.named_modules())
 
 
-def _on(value: object, device: str, fill: bool = False, key: str = "") -> object:
-    """`value` with its tensors moved to `device`; meta tensors given values where `fill` (masks attend to
-    everything, positions are zero, hidden states small random numbers)."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "meta" or not fill:
-            return value.to(device)
-        if value.dtype == torch.bool:
-            return torch.ones(value.shape, dtype=torch.bool, device=device)
-        if not value.is_floating_point() or "mask" in key:
-            return torch.zeros(value.shape, dtype=value.dtype, device=device)
-        return (torch.randn(value.shape, generator=torch.Generator().manual_seed(0)) * 0.1).to(value.dtype)
-    if isinstance(value, dict):
-        return {k: _on(v, device, fill, k) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_on(v, device, fill, key) for v in value)
-    return value
-
-
-def _materialised(layer: nn.Module) -> nn.Module:
-    """A CPU copy of a meta-device layer with small random weights (for a probe that needs values)."""
-    clone = copy.deepcopy(layer)
-    real_buffers = {name: b for name, b in layer.named_buffers() if b.device.type != "meta"}
-    clone = clone.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in clone.parameters():
-            if param.is_floating_point():
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.02)
-            else:
-                param.zero_()
-        for name, buf in clone.named_buffers():
-            if name in real_buffers:
-                buf.copy_(real_buffers[name])
-            else:
-                buf.zero_()
-    return clone
-
-
-@torch.no_grad()
-def _probe_layer(layer: nn.Module, args: tuple, kwargs: dict, watch: Callable[[nn.Module], list]) -> tuple[object, list]:
-    """Run `layer` once on its recorded call, hooks from `watch` installed; return (output, events).
-
-    A layer with meta weights runs on meta tensors; where that fails (an operation needs values), a
-    materialised copy runs instead."""
-    attempts = []
-    if any(p.device.type == "meta" for p in layer.parameters()):
-        attempts.append((layer, "meta", False))
-        attempts.append((None, "cpu", True))
-    else:
-        device = next((p.device for p in layer.parameters()), torch.device("cpu"))
-        attempts.append((layer, device, False))
-    error: BaseException | None = None
-    for module, device, fill in attempts:
-        module = module if module is not None else _materialised(layer)
-        events: list = []
-        handles = watch(module, events)
-        try:
-            out = module(*_on(args, device, fill), **_on(kwargs, device, fill))
-            return out, events
-        except Exception as err:  # noqa: BLE001 - the next attempt, or one line below
-            error = err
-        finally:
-            for handle in handles:
-                handle.remove()
-    raise QuantkitError(f"a decoder layer ({type(layer).__name__}) fails on a probe input: {_first_line(error)}")
-
-
 def _expert_containers(layer: nn.Module) -> dict[str, int]:
-    """Layer-relative paths of the modules holding experts -> number of experts: a module with 3-D (fused)
-    expert weights, or a ModuleList named for experts."""
+    """Layer-relative paths of the modules holding experts -> number of experts: a module named for experts
+    (by its class or its attribute) with 3-D (fused) weights, or a ModuleList named for experts."""
     found: dict[str, int] = {}
     for name, module in layer.named_modules():
         if any(name.startswith(f + ".") for f in found) or isinstance(module, nn.modules.conv._ConvNd):
             continue
+        named = "expert" in type(module).__name__.lower() or "expert" in name.rsplit(".", 1)[-1]
         fused = [p for p in module.parameters(recurse=False) if p.dim() >= 3]
-        if fused:
+        if fused and named:
             found[name] = fused[0].shape[0]
-        elif isinstance(module, nn.ModuleList) and "expert" in name.rsplit(".", 1)[-1] and len(module):
+        elif isinstance(module, nn.ModuleList) and named and len(module):
             found[name] = len(module)
     return found
 
@@ -272,7 +149,7 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
                 handles.append(sub.register_forward_pre_hook(lambda mod, a, name=name: events.append(("block", name, None))))
         return handles
 
-    out, events = _probe_layer(layer, args, kwargs, watch)
+    out, events = probe_layer(layer, args, kwargs, watch)
     full_precision: list[tuple[str, str]] = []
     groups: list[list[str]] = []
     group_of_input: list[tuple[object, int]] = []
@@ -305,7 +182,7 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
             continue
         if isinstance(module, nn.Linear):
             if name not in called:
-                full_precision.append((name, "an nn.Linear that did not run on a probe input"))
+                full_precision.append((name, "an nn.Linear not called on a probe input (its weight read directly, or its branch not taken)"))
             continue
         if isinstance(module, Conv1D):
             raise QuantkitError(f"{where}.{name} is a transposed Conv1D (the GPT-2 layout), not an nn.Linear; "
@@ -392,13 +269,13 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
             raise
         except Exception as err:  # noqa: BLE001 - any failure of the model's own forward is one line
             raise QuantkitError(f"a probe forward with its decoder layers passed through fails: "
-                                f"{_first_line(err)}") from None
+                                f"{error_line(err)}") from None
 
     def stop(module: nn.Module, args: tuple) -> None:
         raise StopForward
 
     events: list = []
-    with _outside_layers_on_cpu(model, layers):
+    with outside_layers_on_cpu(model, layers):
         with passthrough_layers(layers, 0, record, stop_after=0):
             run()
         first_out = _probe_only_output(layers[0], *calls[0])
@@ -429,12 +306,19 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
         raise QuantkitError(f"decoder layer {missing[0]} of {layers_path} did not run on a probe input")
     layouts: dict[tuple, LayerLayout] = {}
     per_layer = []
-    with _outside_layers_on_cpu(model, layers):
+    with outside_layers_on_cpu(model, layers):
         for index, layer in enumerate(layers):
             signature = _signature(layer)
             if signature not in layouts:
                 layouts[signature] = layer_layout(layer, *calls[index], f"{layers_path}.{index}")[0]
             per_layer.append(layouts[signature])
+    owner: dict[int, int] = {}
+    for index, layer in enumerate(layers):
+        for name in per_layer[index].linear_names():
+            first = owner.setdefault(id(get_module(layer, name)), index)
+            if first != index:
+                raise QuantkitError(f"{layers_path}.{index}.{name} is also a module of layer {first} (weights shared "
+                                    "across layers); quantkit solves each layer's linears once")
     if not any(layout.groups or layout.experts for layout in per_layer):
         raise QuantkitError("its decoder layers hold no nn.Linear that runs; nothing to quantize")
     vision: tuple[str, ...] = ()
@@ -459,6 +343,6 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
 
 def _probe_only_output(layer: nn.Module, args: tuple, kwargs: dict) -> object:
     """What decoder layer `layer` returns on its recorded call (a tensor, or a tuple led by one)."""
-    out, _ = _probe_layer(layer, args, kwargs, lambda module, events: [])
+    out, _ = probe_layer(layer, args, kwargs, lambda module, events: [])
     layer_output(out)
     return out
