@@ -282,21 +282,36 @@ def cli_command(*args, hooks: str | None = None) -> list[str]:
 VLM_WORDS = "a an the red green blue yellow square circle what colour is of ? . , left right top bottom at one two three how many shapes picture describe".split()
 VLM_SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
 VLM_ROLES = ["user", "assistant", "system"]
-VLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"]
+VLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision", "qwen3_vl", "gemma3", "idefics3", "internvl",
+                "llava_next"]
+# Image tokens of the newer processor families (after the older ones' vocabulary, whose ids stay as they were), and
+# the ones their tokenizers name: a processor reads its image token from the tokenizer where the tokenizer names one.
+VLM_NEW_SPECIALS = ["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<img>", "</img>", "<IMG_CONTEXT>",
+                    "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+VLM_NAMED_TOKENS = {
+    "gemma3": {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"},
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"},
+}
 VLM_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 IMAGE_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def vlm_tokenizer():
-    """A word-level tokenizer holding the chat and image special tokens of both processor families."""
+def vlm_tokenizer(family: str | None = None):
+    """A word-level tokenizer holding the chat and image special tokens of the processor families (the newer
+    families' after the older ones' vocabulary), naming `family`'s image tokens as its own tokenizer does."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(VLM_SPECIALS + VLM_ROLES + VLM_WORDS + ["\n"])}
+    newer = family in VLM_FAMILIES[4:]
+    extra = VLM_NEW_SPECIALS if newer else []
+    vocab = {t: i for i, t in enumerate(VLM_SPECIALS + VLM_ROLES + VLM_WORDS + ["\n"] + extra)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])
+    named = VLM_NAMED_TOKENS.get(family)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=VLM_SPECIALS[2:]
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+        additional_special_tokens=VLM_SPECIALS[2:] + extra, **({"extra_special_tokens": named} if named else {}),
     )
 
 
@@ -330,10 +345,12 @@ def build_vlm(family: str):
 
     from quantkit.data.images import image_only_processor
 
-    tok = vlm_tokenizer()
+    tok = vlm_tokenizer(family)
     ids = tok.convert_tokens_to_ids
     torch.manual_seed(0)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in VLM_FAMILIES[4:]:
+        config, processor = _newer_vlm(family, tok)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
         qwen_tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
         text = dict(VLM_TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
         if family == "qwen2_vl":
@@ -372,6 +389,64 @@ def build_vlm(family: str):
         raise ValueError(family)
     model = AutoModelForImageTextToText.from_config(config).eval()
     return model, processor
+
+
+def _newer_vlm(family: str, tok) -> tuple:
+    """Config and processor of the newer VLM families (3 text layers of hidden 32, one- or two-layer towers of 32,
+    28-pixel images; the processors without their video processors, which need torchvision)."""
+    import transformers as hf
+
+    from quantkit.data.images import image_only_processor
+
+    ids = tok.convert_tokens_to_ids
+    text = dict(VLM_TEXT, vocab_size=len(tok), head_dim=8)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                 patch_size=14)
+    if family == "qwen3_vl":  # deepstack: the tower's first block's features are added after text layer 0
+        config = hf.Qwen3VLConfig(
+            text_config=dict(text, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0],
+                               num_position_embeddings=16),
+            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+        image_processor = hf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                                                      temporal_patch_size=2)
+        return config, image_only_processor(hf.Qwen3VLProcessor, image_processor, tok,
+                                            chat_template=vlm_chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+    if family == "gemma3":  # sliding and full attention layers, bidirectional attention over the image tokens
+        config = hf.Gemma3Config(
+            text_config=dict(text, model_type="gemma3_text", sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+            vision_config=dict(tower, model_type="siglip_vision_model"), mm_tokens_per_image=4,
+            boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+            image_token_index=ids("<image_soft_token>"))
+        return config, hf.Gemma3Processor(hf.Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tok,
+                                          image_seq_length=4, chat_template=vlm_chat_template("<start_of_image>"))
+    if family == "idefics3":
+        config = hf.Idefics3Config(text_config=dict(text, model_type="llama"), vision_config=tower, scale_factor=1,
+                                   image_token_id=ids("<image>"))
+        image_processor = hf.Idefics3ImageProcessorPil(size={"longest_edge": 28}, max_image_size={"longest_edge": 28},
+                                                       do_image_splitting=False)
+        return config, hf.Idefics3Processor(image_processor, tok, image_seq_len=4, chat_template=vlm_chat_template("<image>"))
+    if family == "internvl":
+        config = hf.InternVLConfig(text_config=dict(text, model_type="qwen2"),
+                                   vision_config=dict(tower, image_size=[28, 28], patch_size=[14, 14]),
+                                   image_token_id=ids("<IMG_CONTEXT>"), downsample_ratio=1.0)
+        image_processor = hf.GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=False)
+        return config, image_only_processor(hf.InternVLProcessor, image_processor, tok, image_seq_length=4,
+                                            chat_template=vlm_chat_template("<IMG_CONTEXT>"))
+    if family == "llava_next":  # any-resolution tiles
+        pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+        config = hf.LlavaNextConfig(text_config=dict(text, model_type="llama"),
+                                    vision_config=dict(tower, model_type="clip_vision_model", num_hidden_layers=2,
+                                                       projection_dim=32),
+                                    image_token_index=ids("<image>"), image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
+        image_processor = hf.LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                        image_grid_pinpoints=pinpoints)
+        return config, hf.LlavaNextProcessor(image_processor, tok, patch_size=14, vision_feature_select_strategy="default",
+                                             num_additional_image_tokens=1, chat_template=vlm_chat_template("<image>"))
+    raise ValueError(family)
 
 
 def write_image_dataset(root: Path, n: int = 6, size: int = 56) -> str:

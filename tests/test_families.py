@@ -38,9 +38,16 @@ FAMILIES = {
     "granite": {},  # embedding, residual, attention and logit multipliers
     "deepseek_v3": {},  # multi-head latent attention (its first layers are dense)
     "falcon": {},  # fused query_key_value, parallel MLP reading the attention's input (one group with it)
+    # hybrids: the linears of recurrent / state-space mixers are quantized, their kernels stay in full precision
+    "lfm2": {"layer_types": ["conv", "full_attention"]},  # gated short convolutions beside attention layers
+    "falcon_h1": {},  # a Mamba-2 mixer and attention side by side in every layer
+    "olmo_hybrid": {},  # gated delta-rule linear attention, then a full-attention layer
 }
 # transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
 DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks"}
+# GPTQ packs zero points along the output rows, 8 per int32 at 4 bits: these families have narrower or odd-width
+# linears (Falcon-H1's Mamba in_proj, 148 rows; OLMo-hybrid's a_proj, one row per head)
+GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid"}
 SPEC = QuantSpec(bits=4, group_size=16, act_order=False)  # in column order: the engine-level references solve so
 RUN_SPEC = QuantSpec(bits=4, group_size=16)  # the defaults (act-order, static groups) for whole runs
 LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3"]
@@ -66,6 +73,22 @@ def test_rtn_quantizes_every_layer_linear_and_nothing_else(model_type: str) -> N
     for name, result in results.items():
         expected = rtn_solve(get_module(fp, name).weight.data.float(), None, SPEC)
         assert torch.equal(result.qweight, expected.qweight), name
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", "falcon_h1", "olmo_hybrid"])
+def test_every_weight_left_in_full_precision_is_reported(model_type: str) -> None:
+    """Every matrix of a layer is either a quantized linear's weight or named in the report with why (the mixers'
+    convolution kernels here): none is skipped silently."""
+    model = tiny_causal_lm(model_type, **FAMILIES[model_type])
+    report = calibrate_model(model, samples(), SPEC, method="rtn", progress=False).report
+    layers = adapter_for(model).decoder_layers(model)
+    for index, entry in enumerate(report["layers"]):
+        quantized = {f"{name}.weight" for name in entry["linears"]}
+        kept = set(entry.get("full_precision", {}))
+        matrices = {name for name, p in layers[index].named_parameters() if p.dim() >= 2}
+        assert matrices == quantized | {k if k in matrices else f"{k}.weight" for k in kept}, index
+        assert all("convolution" in why for why in entry.get("full_precision", {}).values()), entry
+    assert any("full_precision" in entry for entry in report["layers"])
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -134,6 +157,9 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", **loading)(input_ids=ids).logits
     assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
     result = CliRunner().invoke(main, ["export", str(tmp_path / "ct"), "--format", "gptq_v2", "-o", str(tmp_path / "gptq")])
+    if model_type in GPTQ_UNPACKABLE:  # a linear with an output width GPTQ's zero points cannot pack: one line, no output
+        assert result.exit_code == 2 and "cannot pack" in result.output and not (tmp_path / "gptq").exists()
+        return
     assert result.exit_code == 0, result.output
     with torch.no_grad():
         assert torch.equal(quantkit.load_quantized(tmp_path / "gptq")(input_ids=ids).logits, ours)

@@ -27,6 +27,11 @@ VISION = {
     "qwen2_5_vl": ("model.visual",),
     "llava": ("model.vision_tower", "model.multi_modal_projector"),
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
+    "qwen3_vl": ("model.visual",),
+    "gemma3": ("model.vision_tower", "model.multi_modal_projector"),
+    "idefics3": ("model.vision_model", "model.connector"),
+    "internvl": ("model.vision_tower", "model.multi_modal_projector"),
+    "llava_next": ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
 }
 
 
@@ -41,10 +46,10 @@ def test_adapter_paths(family: str) -> None:
     adapter = adapter_for(model)
     assert adapter.name == family
     layers = adapter.decoder_layers(model)
-    assert layers is model.model.language_model.layers and len(layers) == 3
+    assert layers is model.get_decoder().layers and len(layers) == 3
     assert get_module(model, adapter.embeddings) is model.get_input_embeddings()
     assert get_module(model, adapter.lm_head) is model.get_output_embeddings()
-    assert get_module(model, adapter.final_norm) is model.model.language_model.norm
+    assert get_module(model, adapter.final_norm) is model.get_decoder().norm
     assert adapter.vision == VISION[family]
     for path in adapter.vision:
         get_module(model, path)
@@ -55,10 +60,11 @@ def test_adapter_paths(family: str) -> None:
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_samples_masks(family: str, dataset: str) -> None:
-    _, processor = build_vlm(family)
+    model, processor = build_vlm(family)
     samples = image_text_samples(dataset, processor, nsamples=6, seed=0)
     tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    config = model.config  # the token the model replaces by image features
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
     for i, sample in enumerate(samples):
         ids = sample["input_ids"][0]
         assert sample["loss_mask"].shape == sample["vision_mask"].shape == sample["input_ids"].shape
@@ -87,11 +93,13 @@ def test_replay_layers_matches_full_forward(family: str, dataset: str) -> None:
         inputs = capture_layer_inputs(model, adapter, samples)
         if family in ("qwen2_vl", "qwen2_5_vl"):
             assert len(inputs.kwargs) == len(samples)  # mrope positions differ per sample
-        for layer in adapter.decoder_layers(model):
+        for index, layer in enumerate(adapter.decoder_layers(model)):
+            inputs.enter_layer(index)  # this layer's arguments, and what the model adds before it (Qwen3-VL's deepstack)
             inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(inputs))]
-        norm, head = get_module(model, adapter.final_norm), get_module(model, adapter.lm_head)
+        if family == "qwen3_vl":
+            assert list(inputs.between) == [1]  # the tower's first-block features join after layer 0
         for i, ref in enumerate(reference):
-            logits = head(norm(inputs.hidden[i]))
+            logits = adapter.logits(model, adapter.norm(model)(inputs.hidden[i]))
             torch.testing.assert_close(logits, ref, rtol=0, atol=1e-6)
 
 
@@ -262,11 +270,18 @@ VISION_GROUPS = {  # hand-listed from the architectures: call order, q/k/v and g
 # SigLIP's pooling head runs (its MLP is called as modules, its attention is not) though LLaVA-OneVision
 # reads the encoder's hidden states: its MLP is quantized on its real inputs, its attention stays FP.
 VISION_GROUPS["llava_onevision"] = VISION_GROUPS["llava"][:8] + [["head.mlp.fc1"], ["head.mlp.fc2"]] + VISION_GROUPS["llava"][8:]
+# Qwen3-VL: block 0's output also feeds a deepstack merger (its features are added after text layer 0), called
+# right after that block
+_QWEN3_BLOCK = (["attn.qkv"], ["attn.proj"], ["mlp.linear_fc1"], ["mlp.linear_fc2"])
+VISION_GROUPS["qwen3_vl"] = ([[f"blocks.0.{n}" for n in names] for names in _QWEN3_BLOCK]
+                             + [["deepstack_merger_list.0.linear_fc1"], ["deepstack_merger_list.0.linear_fc2"]]
+                             + [[f"blocks.1.{n}" for n in names] for names in _QWEN3_BLOCK]
+                             + [["merger.linear_fc1"], ["merger.linear_fc2"]])
 VISION_PREFIX = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "llava": "model.vision_tower.",
-                 "llava_onevision": "model.vision_tower."}
+                 "llava_onevision": "model.vision_tower.", "qwen3_vl": "model.visual."}
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_onevision", "qwen3_vl"])
 def test_quantize_vision_against_full_forward_reference(family: str, dataset: str) -> None:
     """--quantize-vision: groups found in call order; each group solved on its inputs in full forwards of
     the model whose earlier groups carry the run's codes; the language model then calibrated exactly as

@@ -18,6 +18,7 @@ of its turn, i.e. every token after a generation prompt up to the end of that tu
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from pathlib import Path
@@ -47,6 +48,8 @@ def image_only_processor(processor_class, image_processor, tokenizer, **kwargs):
 
     # Saved as the family's own processor class, so that a full install loads it back whole.
     ImageTextProcessor.__name__ = ImageTextProcessor.__qualname__ = processor_class.__name__
+    if "video_processor" in inspect.signature(processor_class.__init__).parameters:
+        kwargs.setdefault("video_processor", None)  # some (SmolVLM's) require the argument
     return ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
@@ -81,7 +84,10 @@ def load_processor(name_or_path: str):
 _PROCESSOR_CLASSES = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
+    "internvl": "InternVLProcessor",
+    "smolvlm": "SmolVLMProcessor",
 }
 
 
@@ -101,8 +107,12 @@ def _processor_settings(name_or_path: str) -> dict:
 
 
 def image_token_id(processor) -> int:
-    """The id of the processor's image placeholder token."""
-    token_id = getattr(processor, "image_token_id", None)
+    """The id of the tokens the processor expands an image into: the tokenizer's own image token where it names one
+    (Gemma 3's soft tokens, between the begin/end-of-image tokens the processor's image_token stands for), else the
+    processor's."""
+    token_id = getattr(processor.tokenizer, "image_token_id", None)
+    if token_id is None:
+        token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
         token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return int(token_id)
