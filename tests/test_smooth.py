@@ -78,7 +78,8 @@ def test_each_fold_keeps_the_fp_logits(family: str, fold_index: int) -> None:
     assert_fold_keeps_the_logits(tiny(family), fold_index, torch.randint(0, 64, (2, 12)))
 
 
-@pytest.mark.parametrize("family", VLM_FAMILIES)
+# Gemma 3 declares no folds: its norms scale by 1 + weight, which a fold into the norm weight would not keep
+@pytest.mark.parametrize("family", [f for f in VLM_FAMILIES if f != "gemma3"])
 def test_each_vlm_fold_keeps_the_fp_logits(family: str) -> None:
     """A VLM's folds, on its language model's layers (text-only inputs)."""
     pytest.importorskip("PIL")
