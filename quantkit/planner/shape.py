@@ -136,9 +136,9 @@ def _local_dir(name: str) -> Path | None:
 
 def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
     """The shapes of the model `name` (a local directory or a hub id with its config cached or reachable)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    from quantkit.models import adapter_for
+    from quantkit.models import auto_class_for
 
     name = os.fspath(name)
     local = _local_dir(name)
@@ -146,8 +146,7 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad or missing config.json raises several types
         raise QuantkitError(f"cannot read the config of {name}: {' '.join(str(err).split())[:300]}") from None
-    adapter = adapter_for(config)
-    auto_class = AutoModelForImageTextToText if adapter.vision else AutoModelForCausalLM
+    auto_class = auto_class_for(config)
     try:
         with torch.device("meta"):
             model = auto_class.from_config(config)
@@ -182,19 +181,10 @@ def shape_of(model: torch.nn.Module, name: str, dtype: str | None = None) -> Mod
     layers = []
     decoder = adapter.decoder_layers(model)
     for index, layer in enumerate(decoder):
-        groups = []
-        for group in adapter.linear_order:
-            found = []
-            for linear in group:
-                try:
-                    module = get_module(layer, linear)
-                except AttributeError:
-                    continue
-                found.append(LinearShape(linear, module.in_features, module.out_features))
-            if found:
-                groups.append(tuple(found))
+        groups = [tuple(LinearShape(linear, get_module(layer, linear).in_features, get_module(layer, linear).out_features)
+                        for linear in group) for group in adapter.linear_groups(index)]
         if not groups:
-            raise QuantkitError(f"{name}: decoder layer {index} has none of the linears {adapter.name} models have")
+            raise QuantkitError(f"{name}: decoder layer {index} has no linear that quantkit quantizes")
         params = sum(p.numel() for p in layer.parameters())
         widest = max(lin.out_features for group in groups for lin in group)
         layers.append(LayerShape(tuple(groups), params, widest))
