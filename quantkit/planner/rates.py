@@ -4,7 +4,8 @@ float32; figures and command in benchmarks/results/bench_real_size.json).
 Per decoder layer: the forward passes cost `capture` seconds per token and layer parameter (a method's
 passes: GPTQ one per group up to its linears and one propagation; the FP target one more), the Hessian
 sums `hessian` seconds per token and in^2 of each group's inputs (twice with the FP target's cross terms),
-a GPTQ solve a * out * in^2 + b * in^3 + c * out * in seconds, the error report `stats` * out * in^2 and
+a GPTQ solve a * out * in^2 + b * in^3 + c * out * in seconds, the error report `stats` * in^2 per
+reported row (quantkit.engine.solve.report_rows: every row, or every k-th of a tall linear) and
 TLQ's importance pass `backward` seconds per token and parameter. With N ranks the token-proportional
 parts divide by N (each rank runs its shard) and the solves by the engine's own plan (quantkit.engine.plan).
 """
@@ -33,6 +34,13 @@ def _solve_seconds(out: int, inn: int) -> float:
     return a * out * inn * inn + b * inn ** 3 + c * out * inn
 
 
+def _reported_rows(out_features: int) -> int:
+    """Rows whose output-error traces the report sums (quantkit.engine.solve.report_rows)."""
+    from quantkit.engine.solve import report_rows
+
+    return len(range(out_features)[report_rows(0, out_features, out_features)])
+
+
 def estimate_seconds(shape, settings) -> dict:
     """Per-layer and whole-run seconds of a run on CPU; on a GPU, no estimate (no rates measured there yet)."""
     if settings.on_gpu:
@@ -59,7 +67,7 @@ def estimate_seconds(shape, settings) -> dict:
                     for rank, start, end in pieces:
                         load[rank] += _solve_seconds(end - start, lin.in_features)
                 solve += max(load)
-                stats += CPU["stats"] * sum(lin.out_features * lin.in_features ** 2 for lin in group) / ranks
+                stats += CPU["stats"] * sum(_reported_rows(lin.out_features) * lin.in_features ** 2 for lin in group) / ranks
         per_layer.append({"capture": capture, "hessian": hessian, "solve": solve, "stats": stats})
     backward = 0.0
     if settings.token_weights and not settings.calib_set:  # every rank runs it on all samples
