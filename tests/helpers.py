@@ -39,24 +39,28 @@ def config_of(model_type: str, **fields):
     return AutoConfig.for_model(model_type, **fields)
 
 
-def tiny_model(model_type: str, seed: int | None = None, dtype: torch.dtype | None = None, **fields):
-    """A random causal LM of `model_type` built from config_of(model_type, **fields) (train mode, as from_config
-    gives it); `seed` reseeds torch first (None: the test's own random state)."""
-    from transformers import AutoModelForCausalLM
+def random_model(config, seed: int | None = None, dtype: torch.dtype | None = None):
+    """The random model transformers builds from `config` (image-text where it has a vision config, else a causal
+    LM; train mode, as from_config gives it): every tiny model of the tests is built here. `seed` reseeds torch
+    first (None: the test's own random state)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if seed is not None:
         torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config_of(model_type, **fields), **({} if dtype is None else {"dtype": dtype}))
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    return auto.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+
+
+def tiny_model(model_type: str, seed: int | None = None, dtype: torch.dtype | None = None, **fields):
+    """random_model of config_of(model_type, **fields): exactly the fields a test states (tiny_causal_lm gives
+    any type tiny defaults instead)."""
+    return random_model(config_of(model_type, **fields), seed, dtype)
 
 
 def tiny_vlm(model_type: str, seed: int | None = None, **fields):
-    """A random vision-language model of `model_type` from config_of(model_type, **fields) (text_config and
-    vision_config as dicts); `seed` as for tiny_model."""
-    from transformers import AutoModelForImageTextToText
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    return AutoModelForImageTextToText.from_config(config_of(model_type, **fields))
+    """random_model of config_of(model_type, **fields) for a vision-language type (text_config and vision_config
+    as dicts)."""
+    return random_model(config_of(model_type, **fields), seed)
 
 
 def save_tiny_llama(root: Path, hidden: int = 32, layers: int = 2, max_positions: int = 64, seed: int = 0,
@@ -329,7 +333,6 @@ def build_vlm(family: str):
     """A tiny random VLM of `family` (one of VLM_FAMILIES; 3 text layers of hidden 32) and a processor that
     matches it. The image processors are the PIL ones: callers skip without PIL."""
     from transformers import (
-        AutoModelForImageTextToText,
         CLIPImageProcessorPil,
         LlavaConfig,
         LlavaOnevisionConfig,
@@ -387,8 +390,7 @@ def build_vlm(family: str):
         processor = image_only_processor(LlavaOnevisionProcessor, image_processor, tok, num_image_tokens=4, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=vlm_chat_template("<image>"))
     else:
         raise ValueError(family)
-    model = AutoModelForImageTextToText.from_config(config).eval()
-    return model, processor
+    return random_model(config).eval(), processor
 
 
 def _newer_vlm(family: str, tok) -> tuple:
@@ -526,10 +528,8 @@ def _moe_state(model_type: str, seed: int) -> dict:
 def tiny_moe(model_type: str, seed: int = 0):
     """A tiny random mixture-of-experts model of `model_type` (MOE_FAMILIES), fused as transformers builds it,
     in eval mode; built once per (type, seed) and copied, so tests share the work."""
-    from transformers import AutoModelForCausalLM
-
     made = _moe_state(model_type, seed)
-    model = AutoModelForCausalLM.from_config(made["config"])
+    model = random_model(made["config"])
     model.load_state_dict(made["state"])
     return model.eval()
 
@@ -562,19 +562,17 @@ TINY_FIELDS = dict(
 def tiny_config(model_type: str, **overrides):
     """A tiny config of `model_type` built by transformers' own config class: TINY_FIELDS where the type has
     them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers."""
-    from transformers import AutoConfig
-
-    defaults = AutoConfig.for_model(model_type).to_dict()
+    defaults = config_of(model_type).to_dict()
     fields = _tiny_fields(defaults, TINY_FIELDS)
     fields.update(overrides)
     try:
-        return AutoConfig.for_model(model_type, **fields)
+        return config_of(model_type, **fields)
     except Exception:
         layer_types = defaults.get("layer_types")
         if "layer_types" in overrides or not isinstance(layer_types, list):
             raise
         # a type that does not recompute its layer types: the first ones of its default pattern
-        return AutoConfig.for_model(model_type, **{**fields, "layer_types": layer_types[: fields["num_hidden_layers"]]})
+        return config_of(model_type, **{**fields, "layer_types": layer_types[: fields["num_hidden_layers"]]})
 
 
 # A tiny vision tower for image-text types (the fields its vision config has get these values).
@@ -615,9 +613,7 @@ def _uses_mrope(model_type: str) -> bool:
 def tiny_vlm_config(model_type: str, **overrides):
     """A tiny config of image-text `model_type`: its text config as tiny_config makes one, a one-layer vision
     tower of width 32 (TINY_VISION_FIELDS), and image token ids inside the tiny vocabulary."""
-    from transformers import AutoConfig
-
-    defaults = AutoConfig.for_model(model_type)
+    defaults = config_of(model_type)
     text, vision = defaults.get_text_config(), getattr(defaults, "vision_config", None)
     fields: dict = {}
     if text is not defaults:
@@ -631,15 +627,12 @@ def tiny_vlm_config(model_type: str, **overrides):
                                                                   "vision_start_token_id", "vision_end_token_id"))):
         fields[key] = 100 + offset
     fields.update(overrides)
-    return AutoConfig.for_model(model_type, **fields)
+    return config_of(model_type, **fields)
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
-    """A random tiny causal LM of `model_type` (tiny_config), in eval mode with the cache off."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+    """random_model of tiny_config(model_type, **overrides), in eval mode with the cache off."""
+    model = random_model(tiny_config(model_type, **overrides), seed).eval()
     model.config.use_cache = False
     return model
 
