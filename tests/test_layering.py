@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "quantkit"
 # module or package of quantkit; every command (a room's cli.py, quantkit/cli.py, the API) sits on the top floor.
 FLOORS = (
     {"errors", "fsutil", "memory", "cli_options", "version"},  # what every room may use
-    {"quant", "models"},  # solvers on tensors; one adapter per family (neither imports the other)
+    {"quant", "models"},  # solvers on tensors; adapters derived from models (neither imports the other)
     {"data"},  # calibration and evaluation data
     {"engine"},  # the layer-wise loop
     {"importance", "export", "planner"},  # TLQ's token weights; formats, writing, reading, loading; what a run will need
