@@ -434,6 +434,7 @@ def cases() -> list[Case]:
         setup=write("d.txt", ""))
     out.extend(more_cases())
     out.extend(third_round())
+    out.extend(fourth_round())
     return out
 
 
@@ -663,6 +664,72 @@ def third_round() -> list[Case]:
     return out
 
 
+def fourth_round() -> list[Case]:
+    """The fourth round (after the third round's fixes and RTN without data landed): `quantkit plan`, runs
+    without data, and loaded models."""
+    out: list[Case] = []
+
+    def cli(area: str, name: str, args: Callable[[Path], list], setup=None) -> None:
+        out.append(Case(area, name, lambda w, a=args: run_cli(*a(w)), setup))
+
+    def api(name: str, call: Callable[[Path], object], setup=None) -> None:
+        out.append(Case("api", name, call, setup, api=True))
+
+    def bare(*extra):  # calibrate without --calib
+        return lambda w: ["calibrate", w / "model", "--group-size", "32", *extra, "-o", w / "out"]
+
+    nan = float("nan")
+    cli("options", "no data, default method (tlq)", bare())
+    cli("options", "no data, rtn with --act-bits 8 --smooth tlq", bare("--method", "rtn", "--bits", "8", "--group-size", "-1",
+                                                                      "--act-bits", "8", "--smooth", "tlq"))
+    cli("options", "no data, rtn with --act-bits 8 --smooth uniform", bare("--method", "rtn", "--bits", "8", "--group-size",
+                                                                          "-1", "--act-bits", "8", "--smooth", "uniform"))
+    cli("options", "no data, rtn with a gptq override", bare("--method", "rtn", "--recipe", "r.yaml"),
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    method: gptq\n"))
+    cli("options", "no data, rtn with --quantize-vision on a text model", bare("--method", "rtn", "--quantize-vision"))
+    cli("options", "no data, rtn with --fp-target", bare("--method", "rtn", "--fp-target"))
+    cli("model", "no data, rtn on a model with a NaN weight", bare("--method", "rtn"),
+        setup=tensors(model__layers__1__mlp__up_proj__weight=at(nan)))
+    cli("model", "no data, rtn on an export", lambda w: ["calibrate", w / "ct", "--method", "rtn", "-o", w / "out"])
+    cli("model", "no data, rtn on int8 weights", bare("--method", "rtn"),
+        setup=tensors(model__layers__0__mlp__down_proj__weight=lambda t: t.to(torch.int8)))
+    # plan
+    def plan(*extra):
+        return lambda w: ["plan", w / "model", "--calib", w / "text.txt", *RTN, *extra]
+
+    cli("plan", "--host-mem lots", plan("--host-mem", "lots"))
+    cli("plan", "--host-mem 0", plan("--host-mem", "0"))
+    cli("plan", "--gpu-mem -1GiB", plan("--gpu-mem", "-1GiB", "--device", "cuda"))
+    cli("plan", "of a missing model", lambda w: ["plan", w / "gone", "--calib", w / "text.txt", *RTN])
+    cli("plan", "of an export", lambda w: ["plan", w / "ct", "--calib", w / "text.txt", *RTN])
+    cli("plan", "--nproc 0", plan("--nproc", "0"))
+    cli("plan", "--bits 5", plan("--bits", "5"))
+    cli("plan", "a model with 0 layers", plan(), setup=json_edit("model/config.json", lambda d: d.update(num_hidden_layers=0)))
+    cli("plan", "--calib missing", lambda w: ["plan", w / "model", "--calib", w / "gone.txt", *RTN])
+    # the API without data
+    def quantize(w: Path, **kw):
+        import quantkit
+
+        args = dict(model=str(w / "model"), method="rtn", group_size=32, progress=False, output_dir=str(w / "out"))
+        args.update(kw)
+        return quantkit.quantize(**args)
+
+    api("no data, method gptq", lambda w: quantize(w, method="gptq"))
+    api("no data, rtn with nsamples=0", lambda w: quantize(w, nsamples=0))
+    api("no data, rtn with a loaded NaN model", lambda w: quantize(w, model=_nan_loaded(w)))
+    api("no data, rtn with vision=True on a text model", lambda w: quantize(w, vision=True))
+    return out
+
+
+def _nan_loaded(w: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(w / "model")
+    with torch.no_grad():
+        model.model.norm.weight[1] = float("nan")
+    return model
+
+
 def _shard_index(w: Path) -> None:
     (w / "model" / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
@@ -756,13 +823,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default=None, help="Run only cases whose area or name contains this.")
     parser.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "fault_battery.json"))
-    parser.add_argument("--round", type=int, choices=(3,), default=None, help="Run only the third round's cases.")
+    parser.add_argument("--round", type=int, choices=(3, 4), default=None, help="Run only that round's cases.")
     parser.add_argument("--show-clean", action="store_true", help="List the clean cases' error lines too.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     started = time.process_time()
-    pool = third_round() if args.round == 3 else cases()
+    pool = {3: third_round, 4: fourth_round}.get(args.round, cases)()
     selected = [c for c in pool if args.k is None or args.k in c.area or args.k in c.name]
     counts: Counter = Counter()
     by_area: dict[str, Counter] = {}

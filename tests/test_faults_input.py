@@ -556,3 +556,18 @@ def test_a_result_file_under_a_file_is_refused_before_the_work(made: dict, tmp_p
 def test_qid_fit_of_a_binary_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "q.csv").write_bytes(bytes(range(256)) * 4)
     assert_fault(tmp_path, ["qid", "fit", tmp_path / "q.csv"], "is not UTF-8 text (byte 128)")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["plan", "EXPORT", "--calib", "TEXT"], "is already quantized"),
+    (["plan", "MODEL", "--calib", "GONE"], "gone.txt"),
+    (["calibrate", "MODEL", "--method", "rtn", "--bits", "8", "--group-size", "-1", "--act-bits", "8", "--smooth",
+      "uniform", "-o", "OUT"], "no calibration data: smoothing (--smooth) reads activations; give --calib PATH"),
+])
+def test_fourth_round_refusals(made: dict, tmp_path: Path, args: list, fragment: str) -> None:
+    """A plan of a run calibrate would refuse is refused (it printed a plan of an export's packed codes, or of a
+    missing --calib); a run without data names what reads activations (it said 'rtn reads activations')."""
+    names = {"EXPORT": str(made["exports"]["compressed-tensors"]), "MODEL": str(made["model"]),
+             "TEXT": str(made["text"]), "GONE": str(tmp_path / "gone.txt"), "OUT": str(tmp_path / "out")}
+    line = assert_fault(tmp_path, [names.get(a, a) for a in args], fragment)
+    assert "--method rtn, which" not in line or "gptq" in args

@@ -179,9 +179,13 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
     run = _run_spec(o)
     quantization = _quantization_spec(o, run, data_spec)
     if data_spec.empty and (quantization.method.reads_samples or quantization.vision):
-        raise QuantkitError(f"no calibration data: {quantization.method} reads activations; give --calib PATH (data=: "
-                            "a path, texts, image-text or chat records or a Dataset) or --calib-set DIR (calib_set=), "
-                            "or --method rtn, which rounds each weight alone and needs none")
+        method = quantization.method
+        reader = (f"{method} reads activations" if method.needs_activations else
+                  f"{method.presolve.name} (--smooth) reads activations" if method.presolve.name != "none" else
+                  "--quantize-vision finds the vision side's linears on a sample")
+        rtn = ", or --method rtn, which rounds each weight alone and needs none" if method.needs_activations else ""
+        raise QuantkitError(f"no calibration data: {reader}; give --calib PATH (data=: a path, texts, image-text or chat "
+                            f"records or a Dataset) or --calib-set DIR (calib_set=){rtn}")
     export = _export_spec(o, quantization)
     loaded = None if isinstance(model, (str, os.PathLike)) else model
     in_memory = loaded is not None or data_spec.records is not None or tokenizer is not None

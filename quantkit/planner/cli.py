@@ -42,14 +42,18 @@ def _plan_params() -> list[click.Parameter]:
 def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, **options) -> None:
     from quantkit.calibrate.budget import plan_job
     from quantkit.calibrate.cli import job_from_options
+    from quantkit.data.checks import check_data
 
+    given_data = options.get("calib")
     # what calibrate needs to run but a plan does not: data and an output (neither is read here)
     if options.get("calib") is None and options.get("calib_set") is None:
         options["calib"] = "(no data: plan only)"
     if options.get("output_dir") is None:
         options["output_dir"] = "(no output: plan only)"
     options.update(overwrite=False, push_to_hub=None, private=None)
-    plan = plan_job(job_from_options(model, options, progress=False))
+    job = job_from_options(model, options, progress=False)
+    check_data(given_data)  # a plan of a run that calibrate would refuse is no plan
+    plan = plan_job(job)
     device_limit = parse_bytes(gpu_mem) if gpu_mem else device_bytes(plan.settings.device)
     if plan.settings.on_gpu and device_limit is None:
         raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.models.checks import check_full_precision
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _HEADER_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -146,6 +147,7 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad or missing config.json raises several types
         raise QuantkitError(f"cannot read the config of {name}: {' '.join(str(err).split())[:300]}") from None
+    check_full_precision(config, name)  # an export's packed codes are no model to quantize
     auto_class = auto_class_for(config)
     try:
         with torch.device("meta"):
