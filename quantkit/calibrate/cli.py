@@ -15,7 +15,7 @@ from quantkit.calibrate.job import OPTIONS, build_job
 from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError
 from quantkit.export.formats import FORMATS
-from quantkit.importance.cli import importance_options
+from quantkit.importance.cli import importance_options, sample_options
 from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, METHODS
 from quantkit.quant.smooth import AUTO, SMOOTH_MODES
 from quantkit.quant.spec import SUPPORTED_BITS
@@ -60,10 +60,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 @click.option("--smooth", type=click.Choice((AUTO, *SMOOTH_MODES)), default=OPTIONS["smooth"], show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights; auto: none for weight-only runs, with --act-bits tlq for --method tlq and uniform otherwise.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL); --method rtn needs none.")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
-@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")
-@click.option("--part", type=click.Choice(["all", "train", "heldout"]), default=OPTIONS["part"], show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
-@click.option("--nsamples", type=int, default=OPTIONS["nsamples"], show_default=True, help="Calibration sequences.")
-@click.option("--seqlen", type=int, default=OPTIONS["seqlen"], show_default=True, help="Tokens per calibration sequence (the most tokens of an image-text or chat sample).")
+@sample_options
 @click.option("--seed", type=int, default=OPTIONS["seed"], show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--format", "format", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors, which plain transformers loads at every width and vLLM at 4 and 8 bits; gptq/gptq_v2 load with gptqmodel and in vLLM).")
 @click.option("--device", default=OPTIONS["device"], show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")

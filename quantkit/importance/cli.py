@@ -8,7 +8,7 @@ import time
 import click
 from transformers import AutoTokenizer
 
-from quantkit.calibrate.job import DataSpec
+from quantkit.calibrate.job import OPTIONS, DataSpec
 from quantkit.calibrate.run import draw_samples
 from quantkit.cli_options import output_option
 from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
@@ -29,6 +29,24 @@ from quantkit.models.files import check_seqlen
 
 # the options that make the command's DataSpec (quantkit.calibrate.job)
 DATA_OPTIONS = ("nsamples", "seqlen", "seed", "part", "chat_template")
+
+
+def sample_options(command):
+    """The click options of how calibration samples are drawn (DataSpec's), shared by `importance` and `calibrate`
+    with build_job's defaults; each command words its own --calib and --seed."""
+    options = [
+        click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None,
+                     help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) "
+                          "instead of the tokenizer's own template."),
+        click.option("--part", type=click.Choice(["all", "train", "heldout"]), default=OPTIONS["part"], show_default=True,
+                     help="Part of each text file to draw from (held-out = last 10%)."),
+        click.option("--nsamples", type=int, default=OPTIONS["nsamples"], show_default=True, help="Calibration sequences."),
+        click.option("--seqlen", type=int, default=OPTIONS["seqlen"], show_default=True,
+                     help="Tokens per calibration sequence (the most tokens of an image-text or chat sample)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def importance_options(command):
@@ -94,16 +112,13 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
 @click.command()
 @click.argument("model")
 @click.option("--calib", required=True, help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
-@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per sequence (max tokens of an image-text or chat sample).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
-@click.option("--part", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help="Part of each text file to draw from (held-out = last 10%).")
-@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False), default=None, help="A Jinja chat template file that renders --calib chat records ({\"messages\": [...]} JSONL) instead of the tokenizer's own template.")
+@sample_options
+@click.option("--seed", type=int, default=OPTIONS["seed"], show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
 @importance_options
 @click.option("--per-modality", is_flag=True, help="Normalise scores within vision and within text tokens separately.")
 @click.option("--top-fraction", type=float, default=None, help="Keep only this fraction of tokens by weight (plus a random floor sample).")
 @click.option("--floor-fraction", type=float, default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
-@click.option("--device", default="cpu", show_default=True, help="Compute device for the current layer.")
+@click.option("--device", default=OPTIONS["device"], show_default=True, help="Compute device for the current layer.")
 @click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Keep stored layer inputs on disk here instead of in RAM.")
 @output_option(required=True, type=click.Path(), help="Output calibration-set directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
