@@ -18,8 +18,9 @@ stacks), else decoder-only; among decoder-only types, mixture of experts (an exp
 hybrid/recurrent (state-space, convolution or other non-Linear weights kept in full precision) and
 attention (the rest).
 
-Run: `OMP_NUM_THREADS=1 python benchmarks/coverage.py --out benchmarks/results/coverage.json --readme README.md`
-(types run in worker processes, restarted after a crash or a type over --timeout seconds).
+Run: `OMP_NUM_THREADS=1 python benchmarks/coverage.py --out benchmarks/results/coverage.json --doc docs/formats.md`
+(types run in worker processes, restarted after a crash or a type over --timeout seconds; --types runs those types
+in the order given; the JSON is rewritten after every type, with `complete` false until the last).
 """
 
 from __future__ import annotations
@@ -191,8 +192,8 @@ def worker(pairs: list[str], timeout: int) -> None:
             sys.exit(3)  # an interrupted import can leave transformers' lazy modules broken: start afresh
 
 
-def run_all(pairs: list[tuple[str, str]], timeout: int) -> list[dict]:
-    """Every pair through workers, restarting after a crash or a slow type."""
+def run_all(pairs: list[tuple[str, str]], timeout: int, done_row=lambda rows: None) -> list[dict]:
+    """Every pair through workers, restarting after a crash or a slow type; `done_row(rows)` after each row."""
     rows: list[dict] = []
     todo = [f"{t}:{h}" for t, h in pairs]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -205,11 +206,13 @@ def run_all(pairs: list[tuple[str, str]], timeout: int) -> list[dict]:
             rows.append(row)
             done.add(f"{row['type']}:{row['head']}")
             print(f"{row['type']:32s} {row['head']:10s} {row['status']:15s} {row.get('why', '')[:100]}", file=sys.stderr)
+            done_row(rows)
         proc.wait()
         rest = [p for p in todo if p not in done]
         if rest and proc.returncode not in (0, 3):
             model_type, head = rest[0].rsplit(":", 1)
             rows.append({"type": model_type, "head": head, "status": "failed", "why": f"worker died (exit {proc.returncode})"})
+            done_row(rows)
             rest = rest[1:]
         todo = rest
     return rows
@@ -248,11 +251,12 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def readme_table(rows: list[dict], figures: dict) -> str:
+def readme_table(rows: list[dict], figures: dict, total: int) -> str:
     """The support section: figures, then types by outcome, refusals grouped by reason."""
+    scope = "" if len(rows) == total else f"; {len(rows)} of its {total} types run so far"
     lines = [README_START,
              f"Measured by `benchmarks/coverage.py` on transformers {transformers_version()} (tiny random models; "
-             "`benchmarks/results/coverage.json`):",
+             f"`benchmarks/results/coverage.json`{scope}):",
              f"{figures['decoder_only_works']} of {figures['decoder_only_built']} decoder-only causal-LM types that "
              f"build tiny work ({100 * figures['decoder_only_share']:.0f}%); {figures['attention_works']} of "
              f"{figures['attention_built']} attention-only ones; {figures['vlm_works_count']} image-text types.", ""]
@@ -300,10 +304,10 @@ def write_readme(path: Path, table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--types", default=None, help="comma-separated model types (default: every type)")
+    parser.add_argument("--types", default=None, help="comma-separated model types, run in this order (default: every type)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds per type")
     parser.add_argument("--out", default=None, help="JSON path")
-    parser.add_argument("--readme", default=None, help="README whose support section to rewrite")
+    parser.add_argument("--doc", default=None, help="page whose support section to rewrite (docs/formats.md)")
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker, args.timeout)
@@ -311,17 +315,25 @@ def main() -> None:
     from common import emit, environment
 
     pairs = all_types()
+    total = len(pairs)
     if args.types:
-        wanted = set(args.types.split(","))
-        pairs = [p for p in pairs if p[0] in wanted]
+        order = {t: i for i, t in enumerate(args.types.split(","))}
+        pairs = sorted((p for p in pairs if p[0] in order), key=lambda p: order[p[0]])
     started = time.time()
-    rows = run_all(pairs, args.timeout)
-    figures = summary(rows)
-    result = {"benchmark": "coverage", "transformers": transformers_version(), "environment": environment(),
-              "wall_seconds": round(time.time() - started, 1), "summary": figures, "types": rows}
-    emit(result, args.out)
-    if args.readme:
-        write_readme(Path(args.readme), readme_table(rows, figures))
+
+    def result(rows: list[dict]) -> dict:
+        return {"benchmark": "coverage", "transformers": transformers_version(), "environment": environment(),
+                "complete": len(rows) == len(pairs), "types_run": len(rows), "types_installed": total,
+                "wall_seconds": round(time.time() - started, 1), "summary": summary(rows), "types": rows}
+
+    def partial(rows: list[dict]) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result(rows), indent=2) + "\n")
+
+    rows = run_all(pairs, args.timeout, partial)
+    emit(result(rows), args.out)
+    if args.doc:
+        write_readme(Path(args.doc), readme_table(rows, summary(rows), total))
 
 
 if __name__ == "__main__":
