@@ -37,6 +37,7 @@ FAMILIES = {
     "starcoder2": {"sliding_window": 4},  # biases everywhere, c_fc/c_proj MLP
     "granite": {},  # embedding, residual, attention and logit multipliers
     "deepseek_v3": {},  # multi-head latent attention (its first layers are dense)
+    "gemma4_text": {},  # a per-layer input (an embedding slice per layer) handed to each layer positionally
     "falcon": {},  # fused query_key_value, parallel MLP reading the attention's input (one group with it)
     # hybrids: the linears of recurrent / state-space mixers are quantized, their kernels stay in full precision
     "lfm2": {"layer_types": ["conv", "full_attention"]},  # gated short convolutions beside attention layers

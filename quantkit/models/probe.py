@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,6 +26,18 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(err)}"
 
 
+def keyword_call(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A layer call with every argument after the hidden state given by name (Gemma 4 passes its per-layer input
+    positionally), so that the call replays from the hidden state and keywords alone."""
+    if len(args) <= 1:
+        return args, kwargs
+    params = list(inspect.signature(type(layer).forward).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < len(args) or any(p.kind == p.POSITIONAL_ONLY for p in params[1:len(args)]):
+        return args, kwargs
+    return args[:1], {**kwargs, **dict(zip(names[1:], args[1:]))}
+
+
 @contextlib.contextmanager
 def passthrough_layers(layers: nn.ModuleList, output_items: int, record: Callable[[int, tuple, dict], None],
                        stop_after: int | None = None) -> Iterator[None]:
@@ -32,8 +45,9 @@ def passthrough_layers(layers: nn.ModuleList, output_items: int, record: Callabl
     its hidden state on unchanged (as a tuple of `output_items` where layers return tuples); the forward
     stops (StopForward) once layer `stop_after` has been recorded."""
 
-    def make(index: int):
+    def make(index: int, layer: nn.Module):
         def forward(*args, **kwargs):
+            args, kwargs = keyword_call(layer, args, kwargs)
             record(index, args, kwargs)
             if index == stop_after:
                 raise StopForward
@@ -42,7 +56,7 @@ def passthrough_layers(layers: nn.ModuleList, output_items: int, record: Callabl
         return forward
 
     for index, layer in enumerate(layers):
-        layer.forward = make(index)
+        layer.forward = make(index, layer)
     try:
         yield
     finally:
