@@ -235,3 +235,18 @@ def test_fit_options_estimator_resample_and_method_differences(tmp_path):
     assert res.exit_code == 2
     res = run("fit", csv, "--estimator", "huber", "--resample", "errors")
     assert res.exit_code == 2 and "needs --estimator wls" in res.output
+
+
+def test_measure_options_default_to_the_measurements_own_defaults():
+    """`qid measure`'s click defaults are typed beside its options (the command imports no torch for --help); they
+    must be the Measurement's, which the Python entry uses."""
+    from dataclasses import MISSING, fields
+
+    from quantkit.qid.cli import measure
+    from quantkit.qid.measure import Measurement
+
+    defaults = {f.name: f.default for f in fields(Measurement) if f.default is not MISSING}
+    shared = [p for p in measure.params if p.name in defaults]
+    assert len(shared) >= 9
+    for param in shared:
+        assert param.default == defaults[param.name], param.name
