@@ -183,6 +183,29 @@ def test_cli_quantkit_export(model, model_dir, tok, tmp_path):
     assert abs(res["loss"] - nll_fp / count) > 1e-4  # it really evaluated the quantized weights
 
 
+def test_cli_reports_each_source(model, model_dir, tmp_path):
+    """A directory of files: each file is a source scored as its own stream (no window spans two files,
+    --max-tokens keeps the first tokens of each), and the overall loss is the mean over all scored tokens."""
+    from quantkit.cli import main
+
+    texts = {"a.txt": TEXT, "b.txt": "Quantized models lose a little. " * 3}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path), "--seqlen", "16", "--max-tokens", "40",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    total, count = 0.0, 0
+    for name, text in texts.items():
+        nll, n = reference_nll(model, char_ids(text)[:40], 16, 16)
+        one = out["by_source"][str(tmp_path / name)]
+        assert one["tokens"] == n and one["loss"] == pytest.approx(nll / n, rel=1e-4)
+        total, count = total + nll, count + n
+    assert out["tokens"] == count and out["loss"] == pytest.approx(total / count, rel=1e-4)
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path), "--seqlen", "16"])
+    assert r.exit_code == 0 and all(str(tmp_path / name) in r.stdout for name in texts)
+
+
 def test_cli_errors(tmp_path, model_dir):
     from quantkit.cli import main
 

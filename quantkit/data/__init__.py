@@ -6,7 +6,14 @@ from quantkit.data.samples import (
     resolve_texts,
     tokenize_documents,
 )
-from quantkit.data.sources import PARTS, load_hf, load_texts, read_jsonl, split_part
+from quantkit.data.sources import (
+    PARTS,
+    load_hf,
+    load_texts,
+    load_texts_by_source,
+    read_jsonl,
+    split_part,
+)
 
 __all__ = [
     "PARTS",
@@ -14,6 +21,7 @@ __all__ = [
     "draw_windows",
     "load_hf",
     "load_texts",
+    "load_texts_by_source",
     "read_jsonl",
     "resolve_texts",
     "split_part",

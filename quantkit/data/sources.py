@@ -317,10 +317,11 @@ def local_paths(source: SourceLike) -> list[str]:
     return [s.strip() for s in items if s.strip() and not s.startswith("hf:") and Path(s.strip()).exists()]
 
 
-def load_texts(source: SourceLike, part: str = "all") -> list[str]:
-    """All documents of a source (see the module doc for the syntax), restricted to `part`."""
+def _source_units(source: SourceLike, part: str) -> list[tuple[str, list[str]]]:
+    """(label, documents restricted to `part`) of every unit of a source, in order: each file (of a
+    directory or glob) or dataset is one unit, labelled by its path or hf: spec."""
     check_part(part)
-    texts: list[str] = []
+    units: list[tuple[str, list[str]]] = []
     for item in _split_sources(source):
         for label, files in _expand(item):
             if files is None:
@@ -331,7 +332,22 @@ def load_texts(source: SourceLike, part: str = "all") -> list[str]:
                 if files is not None and len(files) == 1 and item == label:
                     raise QuantkitError(f"{label} is empty; give a file with text in it")
                 continue  # an empty file inside a directory or glob is skipped
-            texts.extend(split_part(docs, part))
-    if not any(t.strip() for t in texts):
+            units.append((label, split_part(docs, part)))
+    if not any(t.strip() for _, docs in units for t in docs):
         raise QuantkitError(f"no text found in {source!r} (part={part}); give a source with text in it")
-    return texts
+    return units
+
+
+def load_texts(source: SourceLike, part: str = "all") -> list[str]:
+    """All documents of a source (see the module doc for the syntax), restricted to `part`."""
+    return [t for _, docs in _source_units(source, part) for t in docs]
+
+
+def load_texts_by_source(source: SourceLike, part: str = "all") -> dict[str, list[str]]:
+    """The documents of a source per unit (file or dataset, labelled by its path or hf: spec), restricted to
+    `part`; a unit named twice keeps its documents under one label. Units whose part holds no text are left out."""
+    out: dict[str, list[str]] = {}
+    for label, docs in _source_units(source, part):
+        if any(t.strip() for t in docs):
+            out.setdefault(label, []).extend(docs)
+    return out

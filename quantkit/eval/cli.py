@@ -17,16 +17,16 @@ PART_WORDS = {"heldout": "the held-out part (last 10% of each file's characters)
               "train": "the train part (first 90% of each file's characters)", "all": "all the text"}
 
 
-def check_eval_text(texts: list[str], model_or_dir: str, data: str, part: str, seqlen: int,
+def check_eval_text(texts: dict[str, list[str]], model_or_dir: str, data: str, part: str, seqlen: int,
                     max_tokens: int | None) -> None:
-    """The text to score holds at least one --seqlen window of tokens: a loss over a handful of tokens is noise
-    that reads like a result."""
+    """The text to score (documents per source) holds at least one --seqlen window of tokens: a loss over a
+    handful of tokens is noise that reads like a result."""
     from quantkit.data.samples import tokenize_documents
     from quantkit.eval.load import load_tokenizer
 
-    found = int(tokenize_documents(texts, load_tokenizer(model_or_dir)).numel())
-    if max_tokens is not None:
-        found = min(found, max_tokens)
+    tokenizer = load_tokenizer(model_or_dir)
+    counts = [int(tokenize_documents(docs, tokenizer).numel()) for docs in texts.values()]
+    found = sum(min(n, max_tokens) if max_tokens is not None else n for n in counts)
     if found < seqlen:
         raise QuantkitError(f"too little text to evaluate: {PART_WORDS[part]} of {data} holds {found} tokens, fewer "
                             f"than one --seqlen window ({seqlen}); give more text, another --part or a smaller --seqlen")
@@ -42,7 +42,7 @@ def check_eval_text(texts: list[str], model_or_dir: str, data: str, part: str, s
 @click.option("--part", type=click.Choice(PARTS), default="heldout", show_default=True, help="Which part of each file to score: heldout = the last 10% of its characters (the part calibration leaves out with --part train), train = the first 90%, all = everything.")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, default=None, help="Window step (default: seqlen, non-overlapping).")
-@click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens.")
+@click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens of each source (file or dataset).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows (or task requests) per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1.")
 @output_option(default=None, type=click.Path(dir_okay=False), help="Also write the results as one JSON file here.")
@@ -51,6 +51,8 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
              max_tokens: int | None, batch_size: int, device: str, output: str | None, as_json: bool,
              **task_options) -> None:
     """Mean token cross-entropy (nats) and perplexity of a model or a quantkit export on text.
+
+    The text is scored overall and per source: each file of a directory, glob or list, and each dataset.
 
     --tasks runs lm-evaluation-harness tasks on the same loaded model (any quantkit export format too).
     """
@@ -69,12 +71,12 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
         check_output_file(output)
     texts = manager = None
     if data is not None:
-        from quantkit.data import load_texts
+        from quantkit.data import load_texts_by_source
         from quantkit.data.checks import check_data
 
         check_eval_options(seqlen, stride, batch_size, max_tokens)
         check_data(data, "--data")
-        texts = load_texts(data, part=part)  # bad data fails before the model is loaded
+        texts = load_texts_by_source(data, part=part)  # bad data fails before the model is loaded
     if tasks is not None:
         from quantkit.eval.harness import (
             check_task_datasets,
@@ -98,13 +100,16 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
     res: dict = {"model": model_or_dir, "device": device}
     lines = []
     if texts is not None:
-        from quantkit.eval.loss import evaluate_loss
+        from quantkit.eval.loss import evaluate_sources
 
-        loss = evaluate_loss(model, tokenizer, texts, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
-                             progress=not as_json, batch_size=batch_size, device=device)
+        loss = evaluate_sources(model, tokenizer, texts, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                                progress=not as_json, batch_size=batch_size, device=device)
         res |= {"data": data, "part": part, **loss}
         lines.append(f"loss {loss['loss']:.4f} nats  ppl {loss['ppl']:.3f}  ({loss['tokens']} tokens, seqlen {loss['seqlen']}, stride {loss['stride']})")
         lines.append(f"scored: {PART_WORDS[part]} of {data}")
+        if len(loss["by_source"]) > 1:
+            lines.extend(f"  {one['loss']:.4f} nats  ppl {one['ppl']:.3f}  ({one['tokens']} tokens)  {label}"
+                         for label, one in loss["by_source"].items())
     if tasks is not None:
         from quantkit.eval.harness import format_table, run_tasks
 

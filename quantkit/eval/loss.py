@@ -120,3 +120,46 @@ def evaluate_loss(
             raise QuantkitError(f"max_tokens must be at least 2, got {max_tokens}")
         ids = ids[:max_tokens]
     return loss_on_ids(model, ids, seqlen=seqlen, stride=stride, device=device, batch_size=batch_size, progress=progress)
+
+
+def evaluate_sources(
+    model: torch.nn.Module,
+    tokenizer,
+    sources: dict[str, Sequence[str]],
+    seqlen: int = 256,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    batch_size: int = 8,
+) -> dict:
+    """Loss and perplexity of each source (label -> documents, e.g. quantkit.data.load_texts_by_source) and
+    over all of them.
+
+    Each source is its own token stream (its documents joined by eos), so no window spans two sources,
+    and `max_tokens` keeps the first tokens of each source: a short evaluation still reads every source.
+    The overall loss is the mean over every scored token of every source. Returns evaluate_loss's keys
+    (tokens and windows summed) plus "by_source": {label: {"loss", "ppl", "tokens", "windows"}}.
+    """
+    if max_tokens is not None and max_tokens < 2:
+        raise QuantkitError(f"max_tokens must be at least 2, got {max_tokens}")
+    if not sources:
+        raise QuantkitError("no sources to evaluate")
+    by_source: dict[str, dict] = {}
+    total, count, windows = 0.0, 0, 0
+    for label, texts in sources.items():
+        ids = tokenize_documents(list(texts), tokenizer)
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        if ids.numel() < 2:
+            raise QuantkitError(f"too little text to evaluate in {label}: found {ids.numel()} tokens, need at least 2")
+        found = loss_on_ids(model, ids, seqlen=seqlen, stride=stride, device=device, batch_size=batch_size,
+                            progress=progress)
+        by_source[label] = {key: found[key] for key in ("loss", "ppl", "tokens", "windows")}
+        total += found["loss"] * found["tokens"]
+        count += found["tokens"]
+        windows += found["windows"]
+        stride = found["stride"]
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count, "seqlen": seqlen, "stride": stride, "windows": windows,
+            "by_source": by_source}
