@@ -179,10 +179,10 @@ def solve_slice(
 
 def _target(weight: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None, spec: QuantSpec,
             name: str) -> torch.Tensor:
-    """The weight GPTQ rounds toward: W itself, or with the cross term the FP target W C H~^-1."""
-    if cross is None:
+    """The weight GPTQ rounds toward: W itself, or with the cross term the FP target (at strength spec.fp_alpha)."""
+    if cross is None or spec.fp_alpha == 0.0:
         return weight
-    return fp_target_weight(weight, hessian, cross, spec.damp, name)
+    return fp_target_weight(weight, hessian, cross, spec.damp, name, alpha=spec.fp_alpha)
 
 
 def to_cpu(result: QuantResult) -> QuantResult:

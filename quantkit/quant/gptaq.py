@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01,
-                     name: str = "") -> torch.Tensor:
-    """W' = W + W (C - H~) (H~ + damp * mean(diag H~) * I)^-1, float32 [out, in] (float64 inside).
+                     name: str = "", alpha: float = 1.0) -> torch.Tensor:
+    """W' = W + alpha W (C - H~) (H~ + damp * mean(diag H~) * I)^-1, float32 [out, in] (float64 inside).
+
+    alpha < 1 applies part of the correction (GPTAQ and QEP use partial strengths): the target moves
+    from the quantized path's own output (alpha 0: W' = W) toward the FP output (alpha 1).
 
     Undamped this is exactly W C H~^-1; written as W plus a correction, the damp only shrinks
     the correction (W' = W when x = x~). weight W [out, in]; hessian H~ = sum w x~ x~^T and
@@ -71,6 +74,8 @@ def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.T
                        name or "a linear", tried[0], damp)
     del h, rhs
     correction[:, dead] = 0
+    if alpha != 1.0:
+        correction *= alpha
     correction += weight
     return correction.float()
 
@@ -79,4 +84,5 @@ def gptaq_solve(
     weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, spec: QuantSpec, name: str = "", stats: dict | None = None
 ) -> QuantResult:
     """GPTQ against H~ toward the FP target W' = W C H~^-1 (see the module doc)."""
-    return gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp, name), hessian, spec, name=name, stats=stats)
+    return gptq_solve(fp_target_weight(weight, hessian, cross, spec.damp, name, alpha=spec.fp_alpha), hessian, spec,
+                      name=name, stats=stats)

@@ -12,7 +12,7 @@ A recipe names modules by pattern, as llm-compressor and compressed-tensors do:
 lm_head and the vision side when those are asked for); none given means all of them. `ignore`
 leaves matches in full precision (ignore wins over targets). `overrides` are applied in order to
 every quantized linear they match, each setting only the keys it names (bits, group_size, sym,
-act_order, method) over the run's defaults (the top-level --bits etc.), so a later override wins
+act_order, method, fp_alpha: the FP target's strength) over the run's defaults (the top-level --bits etc.), so a later override wins
 where two match. Nothing here knows a model: names are strings, checked against a model's
 linears by Recipe.check.
 """
@@ -30,7 +30,7 @@ from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 
 # The settings an override may change, with the type its value must have.
-OVERRIDE_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "method": str}
+OVERRIDE_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "method": str, "fp_alpha": float}
 RECIPE_KEYS = ("targets", "ignore", "overrides")
 ALL_LINEARS = "Linear"
 
@@ -71,8 +71,11 @@ class LinearSettings:
 
     def describe(self) -> dict:
         """The settings a report lists for the linear."""
-        return {"bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
-                "act_order": self.spec.act_order, "method": self.method.name}
+        out = {"bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
+               "act_order": self.spec.act_order, "method": self.method.name}
+        if self.spec.fp_alpha != 1.0:
+            out["fp_alpha"] = self.spec.fp_alpha
+        return out
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,12 @@ class Override:
     sym: bool | None = None
     act_order: bool | None = None
     method: str | None = None
+    fp_alpha: float | None = None  # FP-target strength (0: these linears fit the quantized path's own output)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", _patterns(self.targets, "override targets"))
+        if isinstance(self.fp_alpha, int) and not isinstance(self.fp_alpha, bool):
+            object.__setattr__(self, "fp_alpha", float(self.fp_alpha))
         where = f"override {list(self.targets)}"
         for key, kind in OVERRIDE_KEYS.items():
             value = getattr(self, key)
@@ -100,6 +106,8 @@ class Override:
             raise QuantkitError(f"recipe {where}: bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
             raise QuantkitError(f"recipe {where}: group_size must be positive or -1 (per-channel), got {self.group_size}")
+        if self.fp_alpha is not None and not 0.0 <= self.fp_alpha <= 1.0:
+            raise QuantkitError(f"recipe {where}: fp_alpha must be in [0, 1], got {self.fp_alpha}")
         if self.method is not None:
             try:
                 method_for(self.method)
@@ -108,7 +116,7 @@ class Override:
 
     def apply(self, settings: LinearSettings) -> LinearSettings:
         """`settings` with this override's keys set."""
-        changes = {key: getattr(self, key) for key in ("bits", "group_size", "sym") if getattr(self, key) is not None}
+        changes = {key: getattr(self, key) for key in ("bits", "group_size", "sym", "fp_alpha") if getattr(self, key) is not None}
         if self.act_order is not None:
             # static groups follow the act-order switch (as quantkit.quantize's default does)
             changes.update(act_order=self.act_order,

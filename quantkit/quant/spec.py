@@ -29,6 +29,9 @@ class QuantSpec:
     mse: bool = False  # search a clipping ratio that minimises the grid's MSE
     # Per-token dynamic symmetric activation bits of every quantized linear's input (None: weight-only).
     act_bits: int | None = None
+    # FP-target strength (with the FP target on): the target is W + fp_alpha * W (C - H~) H~^-1 (quant/gptaq.py);
+    # 0 fits the quantized path's own output, as without the FP target
+    fp_alpha: float = 1.0
 
     def validate(self, in_features: int | None = None) -> None:
         """Raise QuantkitError if the settings cannot be honoured."""
@@ -51,13 +54,17 @@ class QuantSpec:
             raise QuantkitError(
                 "--act-bits needs per-channel symmetric weights (the int8 kernels' layout); pass --group-size -1 --sym"
             )
+        if not 0.0 <= self.fp_alpha <= 1.0:
+            raise QuantkitError(f"FP-target strength fp_alpha must be in [0, 1], got {self.fp_alpha}")
 
     def to_dict(self) -> dict:
-        """Plain-dict form for reports and manifests (activation bits only when they are on, so that
-        weight-only reports and fingerprints read as before)."""
+        """Plain-dict form for reports and manifests (activation bits and a partial FP-target strength only
+        when they are on, so that reports and fingerprints of runs without them read as before)."""
         out = asdict(self)
         if out["act_bits"] is None:
             del out["act_bits"]
+        if out["fp_alpha"] == 1.0:
+            del out["fp_alpha"]
         return out
 
 
