@@ -191,7 +191,7 @@ def test_cli_reports_each_source(model, model_dir, tmp_path):
     texts = {"a.txt": TEXT, "b.txt": "Quantized models lose a little. " * 3}
     for name, text in texts.items():
         (tmp_path / name).write_text(text)
-    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path), "--seqlen", "16", "--max-tokens", "40",
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path), "--seqlen", "16", "--max-tokens", "40", "--part", "all",
                                   "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -202,7 +202,7 @@ def test_cli_reports_each_source(model, model_dir, tmp_path):
         assert one["tokens"] == n and one["loss"] == pytest.approx(nll / n, rel=1e-4)
         total, count = total + nll, count + n
     assert out["tokens"] == count and out["loss"] == pytest.approx(total / count, rel=1e-4)
-    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path), "--seqlen", "16"])
+    r = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(tmp_path), "--seqlen", "16", "--part", "all"])
     assert r.exit_code == 0 and all(str(tmp_path / name) in r.stdout for name in texts)
 
 

@@ -14,6 +14,17 @@ from quantkit.errors import QuantkitError
 DOC_SEPARATOR = "\n\n"
 
 
+def valid_mask(sample: dict) -> torch.Tensor:
+    """[T] bool: real (non-padding) tokens of a sample."""
+    if "input_ids" not in sample:
+        raise QuantkitError("calibration sample has no input_ids; token importance needs token ids for its labels")
+    length = int(sample["input_ids"].shape[-1])
+    attention = sample.get("attention_mask")
+    if attention is None:
+        return torch.ones(length, dtype=torch.bool)
+    return attention.reshape(-1)[:length].bool().cpu()
+
+
 def resolve_texts(source_or_texts: SourceLike | Sequence[str], part: str = "all") -> list[str]:
     """A list of documents: read a source (str/Path, or a list of Paths), or take a list of str as the texts.
 

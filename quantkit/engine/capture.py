@@ -19,8 +19,9 @@ _DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "layer_past", "use
 
 
 # Keys a calibration sample may carry besides the model's forward kwargs: which tokens' predictions
-# count in the loss (loss_mask) and which tokens are vision tokens (vision_mask), both [1, T] bool.
-SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask"})
+# count in the loss (loss_mask) and which tokens are vision tokens (vision_mask), both [1, T] bool, and
+# which source each token comes from (source_ids, [1, T] long: the mix guard's per-source errors).
+SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask", "source_ids"})
 
 
 def model_inputs(sample: dict) -> dict:

@@ -17,6 +17,7 @@ from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.mix import choose
 from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.solve import (
     install_result,
@@ -96,6 +97,7 @@ def accumulate_group(
     blocks: FinishedBlocks | None = None,
     fp_inputs: FPInputs | None = None,
     unweighted: frozenset[str] = frozenset(),
+    twins: dict[str, HessianAccumulator] | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Run the layer on every sample until all of `linears` have received their inputs.
 
@@ -104,7 +106,8 @@ def accumulate_group(
     runs, since nothing after it is needed; once the first batch has shown that the whole group
     reads one input, later batches stop before its first linear. With `fp_inputs` the accumulators
     also sum the FP-target cross term. Linears in `unweighted` (their method weighs no tokens) sum
-    plain Hessians whatever `weights` holds.
+    plain Hessians whatever `weights` holds. Given a `twins` dict, each token-weighted linear also gets an
+    unweighted twin accumulator there, summed in the same pass (the mix guard, quantkit.engine.mix).
     """
     cross = fp_inputs is not None
     plain = weights is None
@@ -114,6 +117,9 @@ def accumulate_group(
                                  1 if per_linear[name] is None else weights.groups_of(name))
         for name, lin in linears.items()
     }
+    if twins is not None:
+        twins.update({name: HessianAccumulator(lin.in_features, device, cross)
+                      for name, lin in linears.items() if per_linear[name] is not None})
     current: dict = {"seen": set(), "inputs": [], "one_input": False, "batch": 0}
 
     def make_hook(name: str):
@@ -130,9 +136,13 @@ def accumulate_group(
                 fp = _fp_input(fp_inputs[name][current["batch"]]) if cross else None
                 weight = None if per_linear[name] is None else per_linear[name][current["batch"]]
                 accumulators[name].add(x, weight, fp)
+                if twins is not None and name in twins:
+                    twins[name].add(x, None, fp)
                 current["inputs"].append((x, name))
             else:
                 accumulators[name] = accumulators[owner]
+                if twins is not None and name in twins:
+                    twins[name] = twins[owner]
             current["seen"].add(name)
             if len(current["seen"]) == len(linears) or current["one_input"]:
                 raise StopForward
@@ -155,6 +165,56 @@ def accumulate_group(
         for handle in handles:
             handle.remove()
     return accumulators
+
+
+class _GroupSolve:
+    """Solving one group of a layer's linears from given Hessians (and cross terms), always from their FP
+    weights, and installing a solution: what the mix guard repeats per candidate."""
+
+    def __init__(self, linears: dict[str, nn.Linear], originals: dict[str, torch.Tensor], settings: dict,
+                 together: list[list[str]], plan_rows: dict, shared: set[str], comm: Comm, prefix: str) -> None:
+        self.linears, self.originals, self.settings = linears, originals, settings
+        self.together, self.plan_rows, self.shared, self.comm, self.prefix = together, plan_rows, shared, comm, prefix
+
+    def solve(self, hessians: dict[str, torch.Tensor], crosses: dict[str, torch.Tensor]
+              ) -> dict[str, tuple[QuantResult, torch.Tensor]]:
+        """Every linear's result (the same on every rank) and its error sums."""
+        hessians, crosses, comm = dict(hessians), dict(crosses), self.comm
+        solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
+        for names in (names for names in self.together if len(names) > 1):
+            hessian = hessians[names[0]]
+            parts = [self.originals[name] for name in names]
+            chosen = self.settings[names[0]]
+            joint = solve_rows(chosen.method.solve, parts, hessian, chosen.spec, [f"{self.prefix}.{n}" for n in names],
+                               crosses.get(names[0]))
+            for name, weight, result in zip(names, parts, joint):
+                solved[name] = (result, result_stats(weight, result, hessian))
+            for name in names:
+                del hessians[name]
+                crosses.pop(name, None)
+        for name in (names[0] for names in self.together if len(names) == 1):
+            mine = [(start, end) for rank, start, end in self.plan_rows[name] if rank == comm.rank]
+            if not mine:
+                continue
+            start, end = mine[0]
+            solved[name] = solve_slice(
+                self.settings[name].method.solve, self.originals[name][start:end], start,
+                self.linears[name].out_features, hessians.pop(name, None), crosses.pop(name, None),
+                self.settings[name].spec, f"{self.prefix}.{name}",
+            )
+        for name in self.linears:
+            if name in self.shared:
+                solved[name] = share_result(comm, solved.get(name), self.plan_rows[name], self.linears[name],
+                                            self.settings[name].spec)
+            else:
+                solved[name] = (to_cpu(solved[name][0]), solved[name][1])
+        return solved
+
+    def install(self, solved: dict[str, tuple[QuantResult, torch.Tensor]]) -> None:
+        """Put the solved weights into the linears."""
+        for name, (result, _) in solved.items():
+            weight = self.linears[name].weight
+            weight.data.copy_(result.dequantize().to(weight.device, weight.dtype))
 
 
 def quantize_layer(
@@ -196,11 +256,16 @@ def quantize_layer(
     run's `method` decides what is gathered (Hessians, token weights): a linear overridden to a method that
     reads no activations is solved from its weight alone, one overridden to a method that weighs no tokens
     from a plain Hessian.
+
+    A `plan` with a guard (LinearPlan.guarded: the held-out samples' streams, quantkit.engine.mix) turns on the
+    mix guard: each token-weighted group's Hessians are mixed with uniform ones, the share chosen on the
+    held-out slice; each linear's report gives the choice under "mix".
     """
     comm = comm or Comm()
     observer = comm.hooks.on_hessian
     method = method_for(method)
     plan = plan or LinearPlan(spec, method)
+    held_out = plan.guard
     prefix = adapter.layer_prefix(index)
     names = adapter.linear_names(index)
     settings = {name: plan.settings(f"{prefix}.{name}") for name in names}
@@ -215,6 +280,8 @@ def quantize_layer(
         weights = as_layer_weights(weights)
     if fp_inputs is not None and needs_hessian:
         fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
+    if held_out is not None:
+        held_out.begin_layer(layer, index)
     blocks = FinishedBlocks(layer, names)
     # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
     # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
@@ -231,13 +298,16 @@ def quantize_layer(
             plan_rows.update(plan_group({n: linears[n] for n in hessian_names}, comm.world_size, comm.hooks.split_rows))
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
+        uniform: dict[str, torch.Tensor] = {}  # the mix guard's unweighted twins (and their cross terms)
+        uniform_cross: dict[str, torch.Tensor] = {}
         # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) and their
         # settings are one GPTQ problem with their rows stacked (GPTQ's rows are independent given H),
         # which runs the column loop once instead of once per linear.
         together = [[name] for name in active]
         if hessian_names:
+            twins: dict[str, HessianAccumulator] | None = {} if held_out is not None and weights is not None else None
             accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
-                                            blocks, fp_linear_inputs, unweighted)
+                                            blocks, fp_linear_inputs, unweighted, twins)
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
@@ -250,71 +320,72 @@ def quantize_layer(
                 together += [[name] for name in active if name not in hessian_names]
             for name in hessian_names:
                 acc = accumulators.pop(name)
+                twin = (twins or {}).get(name)
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
                     acc = acc.copy()  # reductions work in place: each linear reduces its own copy
+                    twin = None if twin is None else twin.copy()
                 ranks = sorted({piece[0] for piece in plan_rows[name]})
-                reduce_accumulator(acc, comm, ranks[0] if len(ranks) == 1 else None)
+                for one in (acc, twin):
+                    if one is not None:
+                        reduce_accumulator(one, comm, ranks[0] if len(ranks) == 1 else None)
                 if comm.rank in ranks:
                     hessians[name] = acc.result()
                     if acc.cross is not None:
                         crosses[name] = acc.cross_result()
-                del acc
+                    if twin is not None:
+                        uniform[name] = twin.result()
+                        if twin.cross is not None:
+                            uniform_cross[name] = twin.cross_result()
+                del acc, twin
         if fp_linear_inputs is not None:
             # Files (--offload-dir) go once no later group of the layer reads them.
             used = {e for name in group for e in fp_linear_inputs.pop(name) if isinstance(e, Path)}
             still = {e for entries in fp_linear_inputs.values() for e in entries if isinstance(e, Path)}
             for path in used - still:
                 path.unlink()
-        solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
-        for names in (names for names in together if len(names) > 1):
-            hessian = hessians[names[0]]
-            fulls = [f"{prefix}.{name}" for name in names]
-            if observer is not None:
-                for full in fulls:
-                    observer(full, hessian, crosses.get(names[0]))
-            parts = [linears[name].weight.data.float() for name in names]
-            chosen = settings[names[0]]
-            joint = solve_rows(chosen.method.solve, parts, hessian, chosen.spec, fulls, crosses.get(names[0]))
-            for name, weight, result in zip(names, parts, joint):
-                solved[name] = (result, result_stats(weight, result, hessian))
-            for name in names:
-                del hessians[name]
-                crosses.pop(name, None)
-        for name in (names[0] for names in together if len(names) == 1):
-            mine = [(start, end) for rank, start, end in plan_rows[name] if rank == comm.rank]
-            if not mine:
-                continue
-            start, end = mine[0]
-            full = f"{prefix}.{name}"
-            hessian = hessians.pop(name, None)
-            if observer is not None and hessian is not None and plan_rows[name][0][0] == comm.rank:
-                observer(full, hessian, crosses.get(name))
-            weight = linears[name].weight.data[start:end].float()
-            solved[name] = solve_slice(
-                settings[name].method.solve, weight, start, linears[name].out_features, hessian,
-                crosses.pop(name, None), settings[name].spec, full,
-            )
-            del hessian, weight
+        originals = {name: linears[name].weight.data.float().clone() for name in active}
+
+        group_solve = _GroupSolve(linears, originals, settings, together, plan_rows, shared, comm, prefix)
+        if uniform:
+            # the mix guard: each candidate share of uniform weight is solved, installed and scored on the held-out slice
+            candidates, errors = {}, {}
+            for share in held_out.search.candidates:
+                mixed = {n: h if n not in uniform else (1.0 - share) * h + share * uniform[n] for n, h in hessians.items()}
+                mixed_cross = {n: c if n not in uniform_cross else (1.0 - share) * c + share * uniform_cross[n]
+                               for n, c in crosses.items()}
+                candidates[share] = (group_solve.solve(mixed, mixed_cross), mixed, mixed_cross)
+                group_solve.install(candidates[share][0])
+                errors[share] = held_out.errors(layer)
+            best, ratios = choose(errors)
+            solved, hessians, crosses = candidates[best]
+            chosen_mix = {"uniform_share": best, "lam": round(best + (1.0 - best) * (weights.floor or 0.0), 4),
+                          "held_out_error_over_uniform": ratios}
+            del candidates, uniform, uniform_cross
+        else:
+            solved, chosen_mix = group_solve.solve(hessians, crosses), None
+        if observer is not None:
+            for name in hessian_names:
+                if name in hessians and plan_rows[name][0][0] == comm.rank:
+                    observer(f"{prefix}.{name}", hessians[name], crosses.get(name))
+        group_solve.install(solved)
         for name in active:
-            linear = linears[name]
-            if name in shared:
-                result, stats = share_result(comm, solved.get(name), plan_rows[name], linear, settings[name].spec)
-            else:
-                result, stats = solved[name]
-                result = to_cpu(result)
-            linear.weight.data.copy_(result.dequantize().to(linear.weight.device, linear.weight.dtype))
+            result, stats = solved[name]
             entry = report_entry(stats, name in hessian_names)
             if name in hessian_names:
                 entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan_rows[name]]
             entry.update(settings[name].describe())
+            if chosen_mix is not None and name in hessian_names:
+                entry["mix"] = chosen_mix
             reports[name] = entry
             results[f"{prefix}.{name}"] = result
-        del solved, hessians, crosses
+        del solved, hessians, crosses, originals, group_solve
         # linears left in FP count as done at their turn: a block is replayed once all its linears are final
         blocks.mark_solved(group)
     if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
         propagate(layer, inputs, blocks)
+    if held_out is not None:
+        held_out.end_layer(layer)
     if act is not None:
         act.remove()
     return results, reports

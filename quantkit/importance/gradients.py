@@ -35,7 +35,7 @@ from quantkit.importance.backward import (
     head_gradient,
     run_chunk,
 )
-from quantkit.importance.masks import scored_positions
+from quantkit.importance.masks import scored_positions, valid_mask
 from quantkit.models import adapter_for, get_module
 from quantkit.models.base import Adapter
 
@@ -65,6 +65,8 @@ class ImportanceScores:
     linear: list[dict[str, list[torch.Tensor]]] | None  # [layers]{linear: [samples] -> [T] or [T, g]}
     report: dict
     gradients: list[list[torch.Tensor]] | None = None  # [layers][samples] -> [T, d] (keep_gradients)
+    # [layers] -> [d, d]: sum_t g g^T / tokens at each layer's output (output_factors)
+    output_factors: list[torch.Tensor] | None = None
 
 
 def _row_group_squares(grad: torch.Tensor, groups: int) -> torch.Tensor:
@@ -102,6 +104,7 @@ class GradientSettings:
     loss: str = "ce"  # the data's labels, or labels drawn from the FP model ("fisher")
     draws: int = 1  # Fisher labels per position
     seed: int = 0  # of the Fisher draws
+    output_factors: bool = False  # also sum each layer's output-side factor E[g g^T] (the mix guard's metric)
 
 
 def importance_scores(
@@ -131,9 +134,14 @@ def importance_scores(
     Each block's forward is recomputed once and differentiated once per draw. Linear guidance reads
     the linears' output gradients with hooks in the same backward (layer 0, whose output gradient
     alone needs no recompute, is then recomputed too).
+
+    output_factors also sums each layer's output-side factor G_l = sum_t g_t g_t^T / tokens over the
+    valid tokens of every sample (float64 [d, d], the draws averaged): the Fisher of the layer output,
+    averaged over tokens instead of weighing them (quantkit.engine.mix scores held-out errors with it).
     """
     g = GradientSettings(**settings)
     batch_size, guidance, row_groups, loss, draws, seed = g.batch_size, g.guidance, g.row_groups, g.loss, g.draws, g.seed
+    output_factors = g.output_factors
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
@@ -154,6 +162,8 @@ def importance_scores(
         if per_linear else None
     )
     gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
+    factors: list[torch.Tensor | None] = [None] * num_layers
+    valid_tokens = sum(int(valid_mask(s).sum()) for s in samples)
     bar = tqdm(total=2 * num_layers, desc="importance", disable=not progress)
     batched = False
     live = [i for i in range(len(samples)) if i not in empty]
@@ -171,6 +181,13 @@ def importance_scores(
             scores[index].append(grad.float().pow(2).sum(-1).mean(0).reshape(-1).cpu())
             if gradients is not None:
                 gradients[index].append(grad[0].reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+        if output_factors:
+            total = None
+            for grad in grads:  # [draws, T, d]: each draw's outer products, averaged over the draws
+                flat = grad.reshape(-1, grad.shape[-1]).float()
+                part = (flat.T @ flat).double().cpu() / grad.shape[0]
+                total = part if total is None else total + part
+            factors[index] = total / max(1, valid_tokens)
 
     def hooks_on(layer: nn.Module, found: dict[str, list[torch.Tensor]]):
         return _linear_output_hooks(layer, list(found), row_groups, found) if per_linear else contextlib.nullcontext()
@@ -323,7 +340,7 @@ def importance_scores(
     }
     if empty:
         warnings.warn(f"{len(empty)} samples have an empty loss mask; their tokens get uniform weights", stacklevel=2)
-    return ImportanceScores(scores, linear_scores, report, gradients)
+    return ImportanceScores(scores, linear_scores, report, gradients, factors if output_factors else None)
 
 
 def layer_output_gradients(

@@ -10,22 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quantkit.data.samples import valid_mask
 from quantkit.errors import QuantkitError
+
+__all__ = ["masked_token_loss", "scored_positions", "valid_mask", "vision_tokens"]
 
 
 def _length(sample: dict) -> int:
     if "input_ids" not in sample:
         raise QuantkitError("calibration sample has no input_ids; token importance needs token ids for its labels")
     return int(sample["input_ids"].shape[-1])
-
-
-def valid_mask(sample: dict) -> torch.Tensor:
-    """[T] bool: real (non-padding) tokens of a sample."""
-    length = _length(sample)
-    attention = sample.get("attention_mask")
-    if attention is None:
-        return torch.ones(length, dtype=torch.bool)
-    return attention.reshape(-1)[:length].bool().cpu()
 
 
 def scored_positions(sample: dict) -> torch.Tensor:

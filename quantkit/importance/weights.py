@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.engine.mix import MixSearch
 from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
 from quantkit.importance.gradients import check_guidance, importance_scores
@@ -97,10 +98,14 @@ class TokenImportance:
         report: dict | None = None,
         normalise: str = "sample",
         linear_scores: list[dict[str, list[torch.Tensor]]] | None = None,
+        output_factors: list[torch.Tensor] | None = None,
+        mix: MixSearch | None = None,
     ) -> None:
         check_settings(lam, power, top_fraction, floor_fraction, normalise)
         self.scores = scores
         self.linear_scores = linear_scores
+        self.output_factors = output_factors  # [layers] -> [d, d] E[g g^T] (the mix guard's error metric)
+        self.mix = mix  # TLQ's mix guard (quantkit.engine.mix): the engine chooses each group's uniform share
         self.settings = {
             "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
             "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
@@ -220,12 +225,14 @@ def tlq_token_weights(
     row_groups: int = 1,
     loss: str = "ce",
     draws: int = 1,
+    output_factors: bool = False,
     **options,
 ) -> TokenImportance:
     """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors
     (LayerWeights with guidance "linear").
 
-    guidance, row_groups, loss and draws choose the gradients (importance_scores); `options` are
+    guidance, row_groups, loss and draws choose the gradients (importance_scores), output_factors also sums
+    each layer's output-side factor (for the mix guard, quantkit.engine.mix); `options` are
     TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed, normalise).
     All are checked before the gradient pass.
     """
@@ -234,5 +241,7 @@ def tlq_token_weights(
     found = importance_scores(
         model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size,
         guidance=guidance, row_groups=row_groups, loss=loss, draws=draws, seed=int(options.get("seed", 0)),
+        output_factors=output_factors,
     )
-    return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, **options)
+    return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear,
+                           output_factors=found.output_factors, **options)
