@@ -85,3 +85,101 @@ def run_llmc_runner(python: str, runner: Path, model_dir: str, calib: torch.Tens
         raise RuntimeError(f"llm-compressor failed: {done.stderr[-2000:]}")
     return json.loads(line[len("LLMC_RESULT "):])
 
+
+
+# ----------------------------------------------------------------------------- per-corpus windows (issue #24)
+
+
+def corpus_streams(tokenizer, part: str) -> dict[str, torch.Tensor]:
+    """Each corpus file's `part` tokenized alone (as quantkit.data.tokenize_documents tokenizes each document)."""
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    return {path.name: tokenize_documents(resolve_texts(str(path), part=part), tokenizer)
+            for path in sorted(TEXT_DIR.glob("*.txt"))}
+
+
+def corpus_offsets(tokenizer) -> dict[str, tuple[int, int]]:
+    """[start, end) of each corpus inside the joined train stream that calibration windows are drawn from.
+
+    quantkit.data.tokenize_documents joins documents (one per file) with eos, so corpus k starts one
+    token after corpus k-1 ends; checked against the joined stream's length.
+    """
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    streams = corpus_streams(tokenizer, "train")
+    joined = tokenize_documents(resolve_texts(str(TEXT_DIR), part="train"), tokenizer).numel()
+    out, start = {}, 0
+    for name, ids in streams.items():
+        out[name] = (start, start + ids.numel())
+        start += ids.numel() + 1
+    if start - 1 != joined:
+        raise RuntimeError(f"corpus offsets ({start - 1} tokens) do not add up to the joined stream ({joined})")
+    return out
+
+
+def heldout_corpus_windows(tokenizer, seqlen: int, count: int) -> dict[str, torch.Tensor]:
+    """Per corpus, [count, seqlen] consecutive windows from the start of its held-out part (fewer if short)."""
+    out = {}
+    for name, ids in corpus_streams(tokenizer, "heldout").items():
+        n = min(count, ids.numel() // seqlen)
+        out[name] = ids[: n * seqlen].reshape(n, seqlen)
+    return out
+
+
+def validation_corpus_windows(tokenizer, nsamples: int, seqlen: int, seed: int, count: int) -> dict[str, torch.Tensor]:
+    """Per corpus, [count, seqlen] train-part windows that overlap neither each other nor any calibration
+    window of draw `seed` (redrawn as quantkit.data.draw_windows draws them from the joined train stream)."""
+    import bisect
+    import random
+
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="train"), tokenizer)
+    taken = sorted(random.Random(seed).sample(range(ids.numel() - seqlen + 1), nsamples))
+    out = {}
+    for k, (name, (start, end)) in enumerate(corpus_offsets(tokenizer).items()):
+        rng = random.Random(20_000 + 97 * seed + k)
+        picked: list[int] = []
+        for _ in range(1000 * count):
+            if len(picked) == count:
+                break
+            at = rng.randrange(start, end - seqlen + 1)
+            j = bisect.bisect_left(taken, at)
+            if any(abs(at - taken[i]) < seqlen for i in (j - 1, j) if 0 <= i < len(taken)):
+                continue
+            bisect.insort(taken, at)
+            picked.append(at)
+        out[name] = torch.stack([ids[s : s + seqlen] for s in picked])
+    return out
+
+
+def calibration_sources(tokenizer, samples: list[dict], offsets: dict[str, tuple[int, int]], seed: int, seqlen: int,
+                        nsamples: int) -> list[torch.Tensor]:
+    """Per calibration window of draw `seed`, the corpus index [T] of each of its tokens (-1: the eos between corpora)."""
+    import random
+
+    from quantkit.data import resolve_texts, tokenize_documents
+
+    ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="train"), tokenizer)
+    starts = random.Random(seed).sample(range(ids.numel() - seqlen + 1), nsamples)
+    label = torch.full((ids.numel(),), -1, dtype=torch.long)
+    for k, (start, end) in enumerate(offsets.values()):
+        label[start:end] = k
+    out = []
+    for s, sample in zip(starts, samples):
+        if not torch.equal(ids[s : s + seqlen], sample["input_ids"].reshape(-1)):
+            raise RuntimeError("calibration windows were not drawn as expected")
+        out.append(label[s : s + seqlen].clone())
+    return out
+
+
+@torch.no_grad()
+def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of each window [n, L]: a float64 tensor [n]."""
+    out = []
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        out.append(nll.double().mean(dim=1))
+    return torch.cat(out)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_cross_entropy  # noqa: E402
+from common import window_losses  # noqa: E402
 
 
 def main() -> None:
@@ -56,8 +56,8 @@ def main() -> None:
             max_seq_length=calib.shape[1], shuffle_calibration_samples=False,
         )
         seconds = time.perf_counter() - started
-        loss = mean_cross_entropy(model.eval(), evaluation)
-        results.append(dict(setting, loss=loss, seconds=seconds))
+        per_window = window_losses(model.eval(), evaluation)
+        results.append(dict(setting, loss=float(per_window.mean()), window_losses=per_window.tolist(), seconds=seconds))
     import llmcompressor
     import transformers
 

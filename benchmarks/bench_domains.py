@@ -1,0 +1,319 @@
+"""Issue #24: TLQ against GPTQ with the FP target per corpus, per checkpoint, over calibration draws.
+
+Usage:
+    OMP_NUM_THREADS=1 python benchmarks/bench_domains.py --models step500 ref-lm --seeds 0 1 2 3 \
+        --settings W2 W3 --variants gptq_fp tlq --jobs 2 -o benchmarks/results/bench_domains_val.json
+    ... --heldout --llmc /tmp/llmc-venv/bin/python    # final figures: held-out text, beside llm-compressor
+
+Models: ref-lm, its checkpoints step125/step250/step500 (../shared/models), or ref-lm-b / ref-lm-c and their
+half-training checkpoints ref-lm-b/steps/step325, ref-lm-c/steps/step400 under $QUANTKIT_BENCH_MODELS
+(default /work/bench-models; benchmarks/README.md says how they were trained), or any model directory.
+Settings: W2 and W3, symmetric, with each model's group size: W2 takes g64 (g32 where 64 does not divide
+every linear's input), W3 takes g128 (g64, g32: the largest that divides them; ref-lm's 192 and 512 take g64).
+
+Calibration: --nsamples x --seqlen windows from the train part (first 90%) of the four corpora of
+../shared/data/text, drawn with the draw's seed (quantkit.data.calibration_samples). Evaluation, per corpus:
+validation windows from the corpus's train part that overlap no calibration window of the draw (for choosing
+defaults), or with --heldout the first windows of the corpus's held-out part (last 10%; final figures only).
+--windows windows of --seqlen tokens per corpus. The overall gap is the mean over corpora (equal tokens each).
+
+Every variant is a row of VARIANTS (the engine method and its options); the token-importance pass runs once
+per draw and gradient options and is reused by every variant and setting. Per (setting, variant) the summary
+gives the overall and per-corpus gap (mean +- SE over draws) and, against the base variant (--base, default
+gptq_fp), the per-corpus ratio (mean of per-draw ratios +- SE, and the ratio of mean gaps) and the worst
+corpus. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    SHARED,
+    calibration_sources,
+    corpus_offsets,
+    heldout_corpus_windows,
+    mean_se,
+    run_llmc_runner,
+    validation_corpus_windows,
+    window_losses,
+)
+
+BENCH_MODELS = Path(os.environ.get("QUANTKIT_BENCH_MODELS", "/work/bench-models"))
+MODELS = {
+    "ref-lm": SHARED / "models" / "ref-lm",
+    **{f"step{s}": SHARED / "models" / "ref-lm" / "steps" / f"step{s}" for s in (125, 250, 500)},
+    "ref-lm-b": BENCH_MODELS / "ref-lm-b", "ref-lm-b-step325": BENCH_MODELS / "ref-lm-b" / "steps" / "step325",
+    "ref-lm-c": BENCH_MODELS / "ref-lm-c", "ref-lm-c-step400": BENCH_MODELS / "ref-lm-c" / "steps" / "step400",
+}
+SETTINGS = {"W2": (2, (64, 32)), "W3": (3, (128, 64, 32))}  # bits, group sizes tried in order
+TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0}
+GRADIENT_KEYS = ("guidance", "loss", "draws")
+GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8}
+# name -> {"method", "fp_target", "importance": TokenImportance options or None, and optionally "fp_alpha" (FP-target
+# strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override), "mix" (MixSearch options)}
+VARIANTS: dict[str, dict] = {
+    "gptq": {"method": "gptq", "fp_target": False, "importance": None},
+    "gptq_fp": {"method": "gptq", "fp_target": True, "importance": None},
+    "tlq": {"method": "tlq", "fp_target": True, "importance": TLQ},
+    "tlq_nofp": {"method": "tlq", "fp_target": False, "importance": TLQ},
+    "tlq_lam0.3": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 0.3}},
+    "tlq_lam0.5": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 0.5}},
+    "tlq_p0.5": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "power": 0.5}},
+    "tlq_fisher": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}},
+    "tlq_guard": {"method": "tlq", "fp_target": True, "importance": TLQ, "mix": GUARD},
+    "tlq_guard_lam0": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 0.0}, "mix": GUARD},
+    # FP-target strength and QEP's down_proj left out, for GPTQ + FP target and TLQ alike
+    **{f"{base}_a{alpha}": {**variant, "fp_alpha": alpha} for alpha in (0.25, 0.5)
+       for base, variant in (("gptq_fp", {"method": "gptq", "fp_target": True, "importance": None}),
+                             ("tlq", {"method": "tlq", "fp_target": True, "importance": TLQ}))},
+    "gptq_fp_nodown": {"method": "gptq", "fp_target": True, "importance": None, "fp_skip": ("down_proj",)},
+    "tlq_nodown": {"method": "tlq", "fp_target": True, "importance": TLQ, "fp_skip": ("down_proj",)},
+}
+
+
+def resolve_model(name: str) -> str:
+    """A model name of MODELS, or a directory."""
+    path = MODELS.get(name, Path(name))
+    if not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"model {name}: {path} has no config.json (see the module doc for where models live)")
+    return str(path)
+
+
+def group_size(model, choices: tuple[int, ...]) -> int:
+    """The first group size in `choices` that divides every decoder-layer linear's input width."""
+    widths = {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n}
+    return next(g for g in choices if all(w % g == 0 for w in widths))
+
+
+def per_corpus_gaps(model, windows: dict[str, torch.Tensor], fp: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean loss gap to FP per corpus (paired by window)."""
+    return {name: float((window_losses(model, w) - fp[name]).mean()) for name, w in windows.items()}
+
+
+def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: int):
+    """A quantized copy of `model` for one variant, its calibration seconds (CPU) and report."""
+    from dataclasses import replace
+
+    from quantkit.engine import calibrate_model
+    from quantkit.engine.mix import MixSearch
+    from quantkit.importance import TokenImportance
+    from quantkit.quant.recipe import Override, Recipe
+
+    options = variant["importance"]
+    weights = None
+    if options is not None:
+        found = scores[tuple(options[k] for k in GRADIENT_KEYS)]
+        weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
+                                  lam=options["lam"], power=options["power"], output_factors=found.output_factors)
+    spec = replace(spec, fp_alpha=variant.get("fp_alpha", 1.0))
+    skip = variant.get("fp_skip")
+    recipe = Recipe(overrides=[Override(targets=tuple(skip), fp_alpha=0.0)]) if skip else None
+    mix = MixSearch(**variant["mix"]) if variant.get("mix") else None
+    quantized = copy.deepcopy(model)
+    started = time.process_time()
+    calibration = calibrate_model(quantized, samples, spec, method=variant["method"], token_weights=weights,
+                                  progress=False, fp_target=variant["fp_target"], recipe=recipe, mix=mix)
+    return quantized, time.process_time() - started, calibration.report
+
+
+def run_draw(model_name: str, seed: int, args: dict) -> dict:
+    """One (model, calibration draw): every variant's per-corpus gap per setting."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.importance import importance_scores
+    from quantkit.models import load_model
+    from quantkit.quant.spec import QuantSpec
+
+    torch.set_num_threads(1)
+    model_dir = resolve_model(model_name)
+    model = load_model(model_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    nsamples, seqlen = args["nsamples"], args["seqlen"]
+    samples = calibration_samples(str(SHARED / "data" / "text"), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                  part="train")
+    for sample, ids in zip(samples, calibration_sources(tokenizer, samples, corpus_offsets(tokenizer), seed, seqlen, nsamples)):
+        sample["source_ids"] = ids.unsqueeze(0)  # the corpus of each token (the mix guard's per-source errors)
+    if args["heldout"]:
+        windows = heldout_corpus_windows(tokenizer, seqlen, args["windows"])
+    else:
+        windows = validation_corpus_windows(tokenizer, nsamples, seqlen, seed, args["windows"])
+    fp = {name: window_losses(model, w) for name, w in windows.items()}
+    scores: dict[tuple, object] = {}
+    importance_s: dict[str, float] = {}
+    for name in args["variants"]:
+        options = VARIANTS[name]["importance"]
+        if options is not None:
+            key = tuple(options[k] for k in GRADIENT_KEYS)
+            if key not in scores:
+                started = time.process_time()
+                scores[key] = importance_scores(model, samples, progress=False, seed=seed, output_factors=True,
+                                                **dict(zip(GRADIENT_KEYS, key)))
+                importance_s["/".join(map(str, key))] = round(time.process_time() - started, 2)
+    rows = []
+    for label in args["settings"]:
+        bits, choices = SETTINGS[label]
+        spec = QuantSpec(bits=bits, group_size=group_size(model, choices), sym=True)
+        row = {"model": model_name, "seed": seed, "setting": label, "group_size": spec.group_size,
+               "fp_loss": {n: float(v.mean()) for n, v in fp.items()}, "importance_cpu_s": importance_s}
+        for name in args["variants"]:
+            quantized, seconds, report = calibrate_variant(model, samples, spec, VARIANTS[name], scores, seed)
+            gaps = per_corpus_gaps(quantized, windows, fp)
+            row[name] = {"gap": sum(gaps.values()) / len(gaps), "by_corpus": gaps, "calib_cpu_s": round(seconds, 2)}
+            if report.get("mix"):  # the guard's choice per layer and group: the share of uniform weight
+                row[name]["mix"] = {str(layer["layer"]): {n: e["mix"]["uniform_share"] for n, e in layer["linears"].items()
+                                                          if "mix" in e and n.split(".")[-1] in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+                                    for layer in report["layers"]}
+            del quantized
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"rows": rows, "windows": {n: list(w.shape) for n, w in windows.items()}}
+
+
+def run_llmc(python: str, model_name: str, seeds: list[int], args: dict) -> list[dict]:
+    """llm-compressor's GPTQModifier (its defaults: actorder static) on the same windows, in its own venv."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.models import load_model
+
+    model_dir = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, dtype="float32")
+    windows = heldout_corpus_windows(tokenizer, args["seqlen"], args["windows"])
+    names = list(windows)
+    evaluation = torch.cat([windows[n] for n in names])
+    wanted = []
+    for label in args["settings"]:
+        bits, choices = SETTINGS[label]
+        wanted.append({"bits": bits, "group_size": group_size(model, choices), "sym": True})
+    fp = {name: window_losses(model, w) for name, w in windows.items()}
+    runner = Path(__file__).resolve().parent / "llmc_runner.py"
+    out = []
+    for seed in seeds:
+        samples = calibration_samples(str(SHARED / "data" / "text"), tokenizer, nsamples=args["nsamples"],
+                                      seqlen=args["seqlen"], seed=seed, part="train")
+        calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
+        result = run_llmc_runner(python, runner, model_dir, calib, evaluation, ["--settings", json.dumps(wanted)])
+        for label, item in zip(args["settings"], result["results"]):
+            per_window = torch.tensor(item["window_losses"], dtype=torch.float64)
+            gaps, start = {}, 0
+            for name in names:
+                count = windows[name].shape[0]
+                gaps[name] = float((per_window[start : start + count] - fp[name]).mean())
+                start += count
+            out.append({"model": model_name, "seed": seed, "setting": label, "gap": sum(gaps.values()) / len(gaps),
+                        "by_corpus": gaps, "seconds": item["seconds"], "llmcompressor": result["llmcompressor"]})
+        print(json.dumps(out[-len(args["settings"]):]), file=sys.stderr, flush=True)
+    return out
+
+
+def _ratio_stats(mine: list[float], base: list[float]) -> dict:
+    ratios = [a / b for a, b in zip(mine, base) if b > 0]
+    mean, se = mean_se(ratios) if ratios else (float("nan"), float("nan"))
+    return {"mean": round(mean, 3), "se": round(se, 3), "of_means": round(sum(mine) / sum(base), 3) if sum(base) > 0 else None,
+            "draws_above_1": sum(r > 1 for r in ratios)}
+
+
+def summarise(rows: list[dict], names: list[str], base: str) -> dict:
+    """Per model and setting: every variant's gaps (overall, per corpus) and ratios to `base`."""
+    out: dict = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for label in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
+            mine = [r for r in rows if r["model"] == model and r["setting"] == label]
+            corpora = list(mine[0]["fp_loss"])
+            cell: dict = {"group_size": mine[0]["group_size"], "draws": len(mine)}
+            for name in names:
+                if name not in mine[0]:
+                    continue
+                gap, gap_se = mean_se([r[name]["gap"] for r in mine])
+                entry: dict = {"gap": round(gap, 5), "gap_se": round(gap_se, 5),
+                               "calib_cpu_s": round(sum(r[name].get("calib_cpu_s", r[name].get("seconds", 0)) for r in mine) / len(mine), 2),
+                               "by_corpus": {}}
+                for corpus in corpora:
+                    value, value_se = mean_se([r[name]["by_corpus"][corpus] for r in mine])
+                    entry["by_corpus"][corpus] = {"gap": round(value, 5), "gap_se": round(value_se, 5)}
+                if base in mine[0] and name != base:
+                    entry[f"over_{base}"] = _ratio_stats([r[name]["gap"] for r in mine], [r[base]["gap"] for r in mine])
+                    worst = None
+                    for corpus in corpora:
+                        stats = _ratio_stats([r[name]["by_corpus"][corpus] for r in mine],
+                                             [r[base]["by_corpus"][corpus] for r in mine])
+                        entry["by_corpus"][corpus][f"over_{base}"] = stats
+                        if worst is None or stats["mean"] > worst[1]:
+                            worst = (corpus, stats["mean"])
+                    entry[f"worst_corpus_over_{base}"] = {"corpus": worst[0], "mean_ratio": worst[1],
+                                                          "of_means": max(entry["by_corpus"][c][f"over_{base}"]["of_means"] or 0
+                                                                          for c in corpora)}
+                cell[name] = entry
+            out[f"{model}/{label}"] = cell
+    return out
+
+
+def main() -> None:
+    """Run every (model, draw) (in parallel processes with --jobs) and print one JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["ref-lm"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=48, help="evaluation windows per corpus")
+    parser.add_argument("--settings", nargs="+", default=["W2", "W3"], choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=["gptq_fp", "tlq"], choices=list(VARIANTS))
+    parser.add_argument("--base", default="gptq_fp", help="the variant every ratio is taken against")
+    parser.add_argument("--heldout", action="store_true", help="evaluate on the held-out part (final figures only)")
+    parser.add_argument("--llmc", help="python of an llm-compressor venv: its GPTQ on the same windows (--heldout)")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("-o", "--output")
+    args = parser.parse_args()
+    if args.llmc and not args.heldout:
+        parser.error("--llmc is compared on the held-out text; add --heldout")
+    for name in args.models:
+        resolve_model(name)
+    if args.base not in args.variants:
+        args.variants = [args.base, *args.variants]
+    shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "settings", "variants", "heldout")}
+    started = time.perf_counter()
+    jobs = [(m, s) for m in args.models for s in args.seeds]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            results = [f.result() for f in [pool.submit(run_draw, m, s, shared) for m, s in jobs]]
+    else:
+        results = [run_draw(m, s, shared) for m, s in jobs]
+    rows = [row for result in results for row in result["rows"]]
+    names = list(args.variants)
+    if args.llmc:
+        for model in args.models:
+            for item in run_llmc(args.llmc, model, args.seeds, shared):
+                row = next(r for r in rows if (r["model"], r["seed"], r["setting"]) == (item["model"], item["seed"], item["setting"]))
+                row["llmc"] = item
+        names.append("llmc")
+    out = {"models": {m: resolve_model(m) for m in args.models}, "seeds": args.seeds, "nsamples": args.nsamples,
+           "seqlen": args.seqlen, "eval": "heldout" if args.heldout else "validation",
+           "windows_per_corpus": results[0]["windows"], "variants": {n: VARIANTS[n] for n in args.variants},
+           "base": args.base, "summary": summarise(rows, names, args.base)}
+    if args.llmc:
+        out["summary_over_llmc"] = summarise(rows, names, "llmc")
+    out["rows"] = rows
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(out, indent=1)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
