@@ -242,7 +242,9 @@ def parse_method(name: str) -> tuple[str, bool, dict, str]:
     """A method name -> (engine method, FP target, tlq_token_weights options, smoothing).
 
     rtn, gptq or tlq, then for tlq any of ``linear`` (per-linear guidance), ``g<N>`` (N output-row
-    groups), ``fisher`` (Fisher loss), ``d<N>`` (N Fisher draws), then ``su`` or ``st`` for smoothing
+    groups), ``fisher`` (Fisher loss), ``d<N>`` (N Fisher draws), ``pm`` (per-modality normalisation),
+    ``mf`` (vision/text weight ratio floored at its median over layers), ``clip<C>`` (weights bounded to
+    [1/C, C] times their mean), then ``su`` or ``st`` for smoothing
     (uniform or TLQ token weights; any method), then ``fp`` for the FP target, joined by underscores:
     ``tlq_linear_g4_fp`` is linear guidance, 4 row groups, FP target; ``tlq_st_fp`` is TLQ-weighted
     smoothing + TLQ with the FP target. tlq's options start from tlq_token_weights' defaults (layer
@@ -262,6 +264,12 @@ def parse_method(name: str) -> tuple[str, bool, dict, str]:
             options["loss"] = "fisher"
         elif token[:1] in ("g", "d") and token[1:].isdigit():
             options["row_groups" if token[0] == "g" else "draws"] = int(token[1:])
+        elif token == "pm":
+            options["per_modality"] = True
+        elif token == "mf":
+            options["modality_floor"] = True
+        elif token.startswith("clip") and token[4:].replace(".", "", 1).isdigit():
+            options["clip"] = float(token[4:])
         else:
             raise click.BadParameter(f"{name}: unknown option {token!r}")
     if base not in ("rtn", "gptq", "tlq"):

@@ -285,3 +285,37 @@ def test_bad_options_fail_before_the_gradient_pass(monkeypatch, options, message
     monkeypatch.setattr(token_weights, "importance_scores", no_pass)
     with pytest.raises((QuantkitError, TypeError), match=message):
         tlq_token_weights(tiny_llama(), [{"input_ids": torch.randint(0, 97, (1, 8))}], progress=False, **options)
+
+
+def test_clip_bounds_the_normalised_weights() -> None:
+    """clip c: normalised scores clamped to [1/c, c] and rescaled to mean 1, then mixed with the floor lam."""
+    scores = torch.tensor([0.0, 1.0, 2.0, 100.0])
+    valid = torch.ones(4, dtype=torch.bool)
+    w, _ = scores_to_weights(scores, valid, lam=0.25, clip=2.0)
+    bounded = (scores / scores.mean()).clamp(0.5, 2.0)
+    assert torch.allclose(w, 0.75 * bounded / bounded.mean() + 0.25)
+    assert float(w.max() / w.min()) <= 4.0 + 1e-6
+    with pytest.raises(QuantkitError, match="clip"):
+        TokenImportance([[scores]], [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], clip=0.5)
+
+
+def test_modality_floor_lifts_the_vision_ratio_to_the_median_over_layers() -> None:
+    """Per layer, the vision/text ratio of mean weights below the median of the layers is raised to it (near it,
+    after each sample keeps its mean weight); layers at or above the median are unchanged."""
+    vision = torch.tensor([[True, True, False, False, False, False]])
+    samples = [{"input_ids": torch.zeros(1, 6, dtype=torch.long), "vision_mask": vision}]
+    text = torch.tensor([1.0, 2.0, 3.0, 2.0])
+    scores = [[torch.cat([torch.tensor([v, v]), text])] for v in (2.0, 1.0, 0.1, 0.0)]  # the last layer: zero
+    plain = TokenImportance(scores, samples, lam=0.0)
+    floored = TokenImportance(scores, samples, lam=0.0, modality_floor=True)
+    ratios = [float(w[0][:2].mean() / w[0][2:].mean()) for w in plain.weights]
+    report = floored.report["modality_floor"]
+    assert report["median"] == pytest.approx(sorted(ratios)[1] / 2 + sorted(ratios)[2] / 2, rel=1e-4)
+    for layer, ratio in enumerate(ratios):
+        after = floored.weights[layer][0]
+        assert float(after.mean()) == pytest.approx(1.0)  # the sample keeps its mean weight
+        if ratio >= report["median"]:
+            assert torch.equal(after, plain.weights[layer][0])
+        else:
+            assert float(after[:2].mean() / after[2:].mean()) == pytest.approx(report["median"], rel=1e-4)
+            assert bool((after[:2] > 0).all())  # zero-gradient image tokens are lifted too

@@ -5,6 +5,7 @@ tlq_token_weights, which runs the gradient pass and applies the rule."""
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +34,15 @@ def scores_to_weights(
     power: float = 1.0,
     per_modality: bool = False,
     group_means: Sequence[float] | None = None,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Token weights [T] from raw scores [T]; also whether some group fell back to uniform.
 
     group_means: the mean of s**p to divide by, per group ([valid] or [vision, text] with
     per_modality), e.g. taken over the whole set (global normalisation); default: this sample's.
     A group whose own scores are all zero still falls back to uniform weight 1.
+    clip bounds the normalised scores to [1/clip, clip] (then rescales them to mean 1 in their group),
+    before the floor lam is mixed in: no token weighs more than clip^2 times another (RSQ's bounded weights).
     """
     scores = scores.float().clamp_min(0)
     scaled = scores.pow(power) if power != 1.0 else scores
@@ -54,11 +58,52 @@ def scores_to_weights(
             if group_means is not None and group_means[position] > 0:
                 mean = torch.tensor(float(group_means[position]))
             normalised[group] = scaled[group] / mean
+            if clip is not None:
+                bounded = normalised[group].clamp(1.0 / clip, clip)
+                normalised[group] = bounded / bounded.mean()
         else:
             normalised[group] = 1.0
             fell_back = True
     weights = (1.0 - lam) * normalised + lam
     return torch.where(valid, weights, torch.zeros_like(weights)), fell_back
+
+
+def floor_modality_ratio(weights: list[list[torch.Tensor]], valid: list[torch.Tensor], vision: list[torch.Tensor]
+                         ) -> dict:
+    """Floor each layer's vision/text weight ratio at its median over layers (MBQ), in place.
+
+    The ratio of a layer is the mean weight of its vision tokens over that of its text tokens (all samples).
+    In a layer below the median, every vision token's weight is raised by the same amount so that the ratio
+    reaches the median (an addition, so that tokens whose gradient is exactly zero, as the image tokens of
+    the last layer, are raised too); each sample's weights are then rescaled to their former mean. Returns
+    the ratios before and after, per layer (None for layers without vision or text tokens).
+    """
+    def ratio(layer: list[torch.Tensor]) -> tuple[float, float] | None:
+        v = [w[m & x] for w, m, x in zip(layer, valid, vision)]
+        t = [w[m & ~x] for w, m, x in zip(layer, valid, vision)]
+        nv, nt = sum(int(a.numel()) for a in v), sum(int(a.numel()) for a in t)
+        if not nv or not nt:
+            return None
+        text = float(sum(float(a.sum()) for a in t)) / nt
+        return (float(sum(float(a.sum()) for a in v)) / nv / text if text > 0 else None), text
+
+    found = [ratio(layer) for layer in weights]
+    present = sorted(r[0] for r in found if r is not None and r[0] is not None)
+    before = [None if r is None else r[0] for r in found]
+    if not present:
+        return {"ratio_before": before, "ratio_after": before, "median": None}
+    median = statistics.median(present)
+    for row, r in zip(weights, found):
+        if r is None or r[0] is None or r[0] >= median:
+            continue
+        lift = (median - r[0]) * r[1]
+        for index, (w, m, x) in enumerate(zip(row, valid, vision)):
+            mean = float(w[m].mean()) if bool(m.any()) else 0.0
+            raised = torch.where(m & x, w + lift, w)
+            row[index] = raised * (mean / float(raised[m].mean())) if mean > 0 else raised
+    after = [None if r is None else r[0] for r in (ratio(layer) for layer in weights)]
+    return {"ratio_before": [None if r is None else round(r, 4) for r in before],
+            "ratio_after": [None if r is None else round(r, 4) for r in after], "median": round(median, 4)}
 
 
 def select_top_fraction(
@@ -100,8 +145,12 @@ class TokenImportance:
         linear_scores: list[dict[str, list[torch.Tensor]]] | None = None,
         output_factors: list[torch.Tensor] | None = None,
         mix: MixSearch | None = None,
+        clip: float | None = None,
+        modality_floor: bool = False,
     ) -> None:
         check_settings(lam, power, top_fraction, floor_fraction, normalise)
+        if clip is not None and not clip >= 1.0:
+            raise QuantkitError(f"weight clip must be at least 1 (weights bounded to [1/clip, clip]), got {clip}")
         self.scores = scores
         self.linear_scores = linear_scores
         self.output_factors = output_factors  # [layers] -> [d, d] E[g g^T] (the mix guard's error metric)
@@ -109,6 +158,7 @@ class TokenImportance:
         self.settings = {
             "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
             "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
+            "clip": clip, "modality_floor": modality_floor,
         }
         self.floor = lam
         self.valid = [valid_mask(s) for s in samples]
@@ -117,6 +167,8 @@ class TokenImportance:
         self.report = dict(report or {})
         zero_groups: list[list[int]] = []
         self.weights = [self._weigh(layer, layer_scores, zero_groups) for layer, layer_scores in enumerate(scores)]
+        if modality_floor:
+            self.report["modality_floor"] = floor_modality_ratio(self.weights, self.valid, self.vision)
         self.linear_weights: list[dict[str, list[torch.Tensor]]] | None = None
         self.linear_groups: dict[str, int] = {}
         if linear_scores is not None:
@@ -149,7 +201,7 @@ class TokenImportance:
         for index, score in enumerate(layer_scores):
             weight, fell_back = scores_to_weights(
                 score, self.valid[index], self.vision[index], lam=settings["lam"], power=settings["power"],
-                per_modality=settings["per_modality"], group_means=means,
+                per_modality=settings["per_modality"], group_means=means, clip=settings["clip"],
             )
             if fell_back:
                 zero_groups.append([layer, index])
