@@ -178,3 +178,49 @@ def test_guard_needs_output_factors_and_enough_samples() -> None:
     weights = tlq_token_weights(model, samples, progress=False, output_factors=True, mix=MixSearch(holdout=8))
     with pytest.raises(QuantkitError, match="at least 8"):
         calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=weights, progress=False)
+
+
+def test_linear_output_factors_match_autograd_and_reach_the_solver() -> None:
+    """output_side=b: each linear's block-diagonal sum of g g^T over its output rows (g = dL/dz from whole-model
+    autograd) / tokens; the engine solves each linear with GPTQ and those blocks as its row metric."""
+    from quantkit.quant.gptaq import fp_target_weight
+    from quantkit.quant.gptq import gptq_solve
+
+    model = tiny_llama()
+    samples = samples_for(3)
+    weights = tlq_token_weights(model, samples, lam=0.1, progress=False, output_side=8)
+    factors = weights.linear_factors
+    names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
+    reference = {(layer, name): 0 for layer in range(2) for name in names}
+    for sample in samples:
+        outputs = {}
+
+        def keep(module, args, output, key=None, outputs=outputs):
+            output.retain_grad()
+            outputs[key] = output
+
+        hooks = [model.model.layers[layer].get_submodule(name).register_forward_hook(
+            lambda m, a, o, key=(layer, name): keep(m, a, o, key)) for layer in range(2) for name in names]
+        ids = sample["input_ids"]
+        logits = model(input_ids=ids).logits[0]
+        for hook in hooks:
+            hook.remove()
+        torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).backward()
+        for key, out in outputs.items():
+            g = out.grad[0].double()
+            blocks = g.reshape(24, -1, 8)
+            reference[key] = reference[key] + torch.einsum("tnb,tnc->nbc", blocks, blocks)
+    for (layer, name), total in reference.items():
+        expected = total / (3 * 24)
+        assert torch.allclose(factors[layer][name], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), name
+    seen: dict[str, tuple] = {}
+    spec = QuantSpec(bits=2, group_size=32)
+    result = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=weights, progress=False,
+                             comm=observing(lambda name, h, c: seen.setdefault(name, (h.clone(), c.clone())))).results
+    hessian, cross = seen["model.layers.1.mlp.down_proj"]
+    original = model.model.layers[1].mlp.down_proj.weight.detach()
+    expected = gptq_solve(fp_target_weight(original, hessian, cross, spec.damp), hessian, spec,
+                          row_metric=factors[1]["mlp.down_proj"])
+    assert torch.equal(result["model.layers.1.mlp.down_proj"].qweight, expected.qweight)
+    plain = gptq_solve(fp_target_weight(original, hessian, cross, spec.damp), hessian, spec)
+    assert not torch.equal(plain.qweight, expected.qweight)  # the factor changed the rounding

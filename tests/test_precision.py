@@ -144,7 +144,7 @@ def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, mon
     from its weight as stored, and the reloaded model holds the exported codes dequantized in its dtype."""
 
     import quantkit
-    import quantkit.engine.layerwise as layerwise
+    import quantkit.engine.solve as solving
     from quantkit.export import read_checkpoint
 
     model = tiny_model("llama", seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -154,18 +154,18 @@ def test_half_precision_model_in_and_out(tmp_path: Path, dtype: torch.dtype, mon
     original = {k: v.clone() for k, v in model.state_dict().items()}
     text = write_text(tmp_path / "text.txt", 3000)
     solves: list[tuple[list[str], list[torch.Tensor], torch.Tensor]] = []
-    solve_rows, solve_slice = layerwise.solve_rows, layerwise.solve_slice
+    solve_rows, solve_slice = solving.solve_rows, solving.solve_slice
 
-    def rows(solve, weights, hessian, spec, names, cross=None):
+    def rows(solve, weights, hessian, spec, names, cross=None, row_metric=None):
         solves.append((list(names), [w.clone() for w in weights], hessian))
-        return solve_rows(solve, weights, hessian, spec, names, cross)
+        return solve_rows(solve, weights, hessian, spec, names, cross, row_metric)
 
-    def piece(solve, weight, start, out_features, hessian, cross, spec, name):
+    def piece(solve, weight, start, out_features, hessian, cross, spec, name, row_metric=None):
         solves.append(([name], [weight.clone()], hessian))
-        return solve_slice(solve, weight, start, out_features, hessian, cross, spec, name)
+        return solve_slice(solve, weight, start, out_features, hessian, cross, spec, name, row_metric)
 
-    monkeypatch.setattr(layerwise, "solve_rows", rows)
-    monkeypatch.setattr(layerwise, "solve_slice", piece)
+    monkeypatch.setattr(solving, "solve_rows", rows)
+    monkeypatch.setattr(solving, "solve_slice", piece)
     out = tmp_path / "out"
     run_calibration(str(tmp_path / "model"), str(out), QuantSpec(bits=4, group_size=32), calib=str(text), nsamples=4,
                     seqlen=32, progress=False, format="compressed-tensors")

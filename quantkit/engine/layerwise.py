@@ -20,14 +20,11 @@ from quantkit.engine.hessian import HessianAccumulator
 from quantkit.engine.mix import choose
 from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.solve import (
+    GroupSolve,
     install_result,
     reduce_accumulator,
     report_entry,
-    result_stats,
-    share_result,
     solve_rows,
-    solve_slice,
-    to_cpu,
 )
 from quantkit.engine.weights import LayerWeights, as_layer_weights
 from quantkit.models import get_module
@@ -167,56 +164,6 @@ def accumulate_group(
     return accumulators
 
 
-class _GroupSolve:
-    """Solving one group of a layer's linears from given Hessians (and cross terms), always from their FP
-    weights, and installing a solution: what the mix guard repeats per candidate."""
-
-    def __init__(self, linears: dict[str, nn.Linear], originals: dict[str, torch.Tensor], settings: dict,
-                 together: list[list[str]], plan_rows: dict, shared: set[str], comm: Comm, prefix: str) -> None:
-        self.linears, self.originals, self.settings = linears, originals, settings
-        self.together, self.plan_rows, self.shared, self.comm, self.prefix = together, plan_rows, shared, comm, prefix
-
-    def solve(self, hessians: dict[str, torch.Tensor], crosses: dict[str, torch.Tensor]
-              ) -> dict[str, tuple[QuantResult, torch.Tensor]]:
-        """Every linear's result (the same on every rank) and its error sums."""
-        hessians, crosses, comm = dict(hessians), dict(crosses), self.comm
-        solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
-        for names in (names for names in self.together if len(names) > 1):
-            hessian = hessians[names[0]]
-            parts = [self.originals[name] for name in names]
-            chosen = self.settings[names[0]]
-            joint = solve_rows(chosen.method.solve, parts, hessian, chosen.spec, [f"{self.prefix}.{n}" for n in names],
-                               crosses.get(names[0]))
-            for name, weight, result in zip(names, parts, joint):
-                solved[name] = (result, result_stats(weight, result, hessian))
-            for name in names:
-                del hessians[name]
-                crosses.pop(name, None)
-        for name in (names[0] for names in self.together if len(names) == 1):
-            mine = [(start, end) for rank, start, end in self.plan_rows[name] if rank == comm.rank]
-            if not mine:
-                continue
-            start, end = mine[0]
-            solved[name] = solve_slice(
-                self.settings[name].method.solve, self.originals[name][start:end], start,
-                self.linears[name].out_features, hessians.pop(name, None), crosses.pop(name, None),
-                self.settings[name].spec, f"{self.prefix}.{name}",
-            )
-        for name in self.linears:
-            if name in self.shared:
-                solved[name] = share_result(comm, solved.get(name), self.plan_rows[name], self.linears[name],
-                                            self.settings[name].spec)
-            else:
-                solved[name] = (to_cpu(solved[name][0]), solved[name][1])
-        return solved
-
-    def install(self, solved: dict[str, tuple[QuantResult, torch.Tensor]]) -> None:
-        """Put the solved weights into the linears."""
-        for name, (result, _) in solved.items():
-            weight = self.linears[name].weight
-            weight.data.copy_(result.dequantize().to(weight.device, weight.dtype))
-
-
 def quantize_layer(
     layer: nn.Module,
     index: int,
@@ -345,7 +292,9 @@ def quantize_layer(
                 path.unlink()
         originals = {name: linears[name].weight.data.float().clone() for name in active}
 
-        group_solve = _GroupSolve(linears, originals, settings, together, plan_rows, shared, comm, prefix)
+        metrics = {} if weights is None else {n: m for n, m in weights.row_metrics.items()
+                                              if n in hessian_names and n not in unweighted}
+        group_solve = GroupSolve(linears, originals, settings, together, plan_rows, shared, comm, prefix, metrics)
         if uniform:
             # the mix guard: each candidate share of uniform weight is solved, installed and scored on the held-out slice
             candidates, errors = {}, {}

@@ -94,13 +94,21 @@ def reduce_accumulator(acc: HessianAccumulator, comm: Comm, dst: int | None = No
     acc.weight_sums = total.cpu()
 
 
+def _with_metric(row_metric: torch.Tensor | None) -> dict:
+    """The solver keyword for an output-side factor (only solvers that take one are given one)."""
+    return {} if row_metric is None else {"row_metric": row_metric}
+
+
 def solve_rows(solve: Callable, weights: list[torch.Tensor], hessian: torch.Tensor | None, spec: QuantSpec,
-               names: Sequence[str], cross: torch.Tensor | None = None) -> list[QuantResult]:
+               names: Sequence[str], cross: torch.Tensor | None = None,
+               row_metric: torch.Tensor | None = None) -> list[QuantResult]:
     """Solve linears that share `hessian` (and `cross`) as one problem with their rows stacked; one CPU
-    result each. GPTQ's rows are independent given H, so this runs the column loop once for all."""
+    result each. GPTQ's rows are independent given H, so this runs the column loop once for all; an
+    output-side factor (row_metric, the linears' blocks stacked) couples rows within its blocks only."""
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
     joint_name = " + ".join(names)
-    joint = solve(_target(stacked, hessian, cross, spec, joint_name), hessian, spec, name=joint_name)
+    joint = solve(_target(stacked, hessian, cross, spec, joint_name), hessian, spec, name=joint_name,
+                  **_with_metric(row_metric))
     if len(weights) == 1:
         return [to_cpu(joint)]
     out, start = [], 0
@@ -149,13 +157,20 @@ def share_result(
 
 def solve_slice(
     solve: Callable, weight: torch.Tensor, start: int, out_features: int, hessian: torch.Tensor | None,
-    cross: torch.Tensor | None, spec: QuantSpec, name: str,
+    cross: torch.Tensor | None, spec: QuantSpec, name: str, row_metric: torch.Tensor | None = None,
 ) -> tuple[QuantResult, torch.Tensor]:
     """Solve output rows [start, start + len(weight)) of a linear with `out_features` rows; return the
     result and its result_stats. A [g, in, in] Hessian (and cross term) holds one Hessian per output-row
-    group (quantkit.engine.weights.row_ranges): each group's rows are solved with their own."""
+    group (quantkit.engine.weights.row_ranges): each group's rows are solved with their own. An output-side
+    factor (row_metric, [blocks, b, b] over all rows) gives the slice its own blocks, which must align."""
+    if row_metric is not None:
+        width = row_metric.shape[1]
+        if start % width or weight.shape[0] % width or (hessian is not None and hessian.dim() == 3):
+            raise QuantkitError(f"{name}: output-side factor blocks of {width} rows need row slices on block "
+                                "boundaries and one Hessian per linear; solve it on one rank")
+        row_metric = row_metric[start // width : (start + weight.shape[0]) // width]
     if hessian is None or hessian.dim() == 2:
-        result = solve(_target(weight, hessian, cross, spec, name), hessian, spec, name=name)
+        result = solve(_target(weight, hessian, cross, spec, name), hessian, spec, name=name, **_with_metric(row_metric))
         return result, result_stats(weight, result, hessian, start, out_features)
     end = start + weight.shape[0]
     parts, stats = [], torch.zeros(N_STATS, dtype=torch.float64)
@@ -189,3 +204,65 @@ def to_cpu(result: QuantResult) -> QuantResult:
     for attr in ("qweight", "scales", "zeros", "g_idx"):
         setattr(result, attr, getattr(result, attr).cpu())
     return result
+
+
+class GroupSolve:
+    """Solving one group of a layer's linears from given Hessians (and cross terms), always from their FP
+    weights, and installing a solution: what the mix guard repeats per candidate."""
+
+    def __init__(self, linears: dict[str, nn.Linear], originals: dict[str, torch.Tensor], settings: dict,
+                 together: list[list[str]], plan_rows: dict, shared: set[str], comm: Comm, prefix: str,
+                 row_metrics: dict[str, torch.Tensor] | None = None) -> None:
+        self.linears, self.originals, self.settings = linears, originals, settings
+        self.together, self.plan_rows, self.shared, self.comm, self.prefix = together, plan_rows, shared, comm, prefix
+        self.row_metrics = row_metrics or {}
+
+    def metric(self, names: list[str]) -> torch.Tensor | None:
+        """The output-side factor of linears solved together (their blocks stacked), or None."""
+        found = [self.row_metrics.get(name) for name in names]
+        if all(m is None for m in found):
+            return None
+        if any(m is None for m in found) or len({m.shape[1] for m in found}) > 1:
+            raise QuantkitError(f"{self.prefix}: {names} are solved together but not all have output-side factors of "
+                                "one block size")
+        return found[0] if len(found) == 1 else torch.cat(found)
+
+    def solve(self, hessians: dict[str, torch.Tensor], crosses: dict[str, torch.Tensor]
+              ) -> dict[str, tuple[QuantResult, torch.Tensor]]:
+        """Every linear's result (the same on every rank) and its error sums."""
+        hessians, crosses, comm = dict(hessians), dict(crosses), self.comm
+        solved: dict[str, tuple[QuantResult, torch.Tensor]] = {}
+        for names in (names for names in self.together if len(names) > 1):
+            hessian = hessians[names[0]]
+            parts = [self.originals[name] for name in names]
+            chosen = self.settings[names[0]]
+            joint = solve_rows(chosen.method.solve, parts, hessian, chosen.spec, [f"{self.prefix}.{n}" for n in names],
+                               crosses.get(names[0]), self.metric(names))
+            for name, weight, result in zip(names, parts, joint):
+                solved[name] = (result, result_stats(weight, result, hessian))
+            for name in names:
+                del hessians[name]
+                crosses.pop(name, None)
+        for name in (names[0] for names in self.together if len(names) == 1):
+            mine = [(start, end) for rank, start, end in self.plan_rows[name] if rank == comm.rank]
+            if not mine:
+                continue
+            start, end = mine[0]
+            solved[name] = solve_slice(
+                self.settings[name].method.solve, self.originals[name][start:end], start,
+                self.linears[name].out_features, hessians.pop(name, None), crosses.pop(name, None),
+                self.settings[name].spec, f"{self.prefix}.{name}", self.metric([name]),
+            )
+        for name in self.linears:
+            if name in self.shared:
+                solved[name] = share_result(comm, solved.get(name), self.plan_rows[name], self.linears[name],
+                                            self.settings[name].spec)
+            else:
+                solved[name] = (to_cpu(solved[name][0]), solved[name][1])
+        return solved
+
+    def install(self, solved: dict[str, tuple[QuantResult, torch.Tensor]]) -> None:
+        """Put the solved weights into the linears."""
+        for name, (result, _) in solved.items():
+            weight = self.linears[name].weight
+            weight.data.copy_(result.dequantize().to(weight.device, weight.dtype))

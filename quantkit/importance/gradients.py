@@ -67,6 +67,8 @@ class ImportanceScores:
     gradients: list[list[torch.Tensor]] | None = None  # [layers][samples] -> [T, d] (keep_gradients)
     # [layers] -> [d, d]: sum_t g g^T / tokens at each layer's output (output_factors)
     output_factors: list[torch.Tensor] | None = None
+    # [layers]{linear: [blocks, b, b]}: each linear's output-side factor, block-diagonal (output_side=b)
+    linear_factors: list[dict[str, torch.Tensor]] | None = None
 
 
 def _row_group_squares(grad: torch.Tensor, groups: int) -> torch.Tensor:
@@ -105,6 +107,32 @@ class GradientSettings:
     draws: int = 1  # Fisher labels per position
     seed: int = 0  # of the Fisher draws
     output_factors: bool = False  # also sum each layer's output-side factor E[g g^T] (the mix guard's metric)
+    output_side: int | None = None  # also sum each linear's block-diagonal output-side factor (blocks of b rows)
+
+
+@contextlib.contextmanager
+def _linear_factor_hooks(layer: nn.Module, names: Sequence[str], block: int, sums: dict[str, torch.Tensor]):
+    """While active, every backward through `layer` adds each linear's block-diagonal sum of g g^T over its output
+    rows (blocks of `block` rows) to sums[name] (float64 [out / block, block, block])."""
+    handles = []
+    for name in names:
+        def add(grad: torch.Tensor, name: str = name) -> None:
+            out = grad.shape[-1]
+            if out % block:
+                raise QuantkitError(f"output-side factor blocks of {block} rows do not divide {name}'s {out} rows")
+            g = grad.detach().reshape(-1, out // block, block).float()
+            part = torch.einsum("tnb,tnc->nbc", g, g).double().cpu()
+            sums[name] = part if name not in sums else sums[name] + part
+
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor, add=add) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(add)
+        handles.append(get_module(layer, name).register_forward_hook(forward_hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def importance_scores(
@@ -138,10 +166,13 @@ def importance_scores(
     output_factors also sums each layer's output-side factor G_l = sum_t g_t g_t^T / tokens over the
     valid tokens of every sample (float64 [d, d], the draws averaged): the Fisher of the layer output,
     averaged over tokens instead of weighing them (quantkit.engine.mix scores held-out errors with it).
+    output_side=b sums each linear's output-side factor sum_t g_t g_t^T / tokens, g = dL/dz at the linear's
+    output z, block-diagonal over b consecutive output rows ([out / b, b, b]; read with hooks in the same
+    backward, layer 0 recomputed): GPTQ's row metric (quantkit.quant.gptq, feedback across rows).
     """
     g = GradientSettings(**settings)
     batch_size, guidance, row_groups, loss, draws, seed = g.batch_size, g.guidance, g.row_groups, g.loss, g.draws, g.seed
-    output_factors = g.output_factors
+    output_factors, output_side = g.output_factors, g.output_side
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
@@ -152,6 +183,9 @@ def importance_scores(
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
     per_linear = guidance == "linear"
+    if output_side is not None and output_side < 1:
+        raise QuantkitError(f"output-side factor blocks must be at least 1 row, got {output_side}")
+    hooked = per_linear or output_side is not None  # linear outputs are read in the backward
     draws = draws if loss == "fisher" else 1
     scored = [scored_positions(s) for s in samples]
     empty = {i for i, m in enumerate(scored) if not bool(m.any())}
@@ -189,8 +223,16 @@ def importance_scores(
                 total = part if total is None else total + part
             factors[index] = total / max(1, valid_tokens)
 
+    blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+    current = {"layer": 0}
+
     def hooks_on(layer: nn.Module, found: dict[str, list[torch.Tensor]]):
-        return _linear_output_hooks(layer, list(found), row_groups, found) if per_linear else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if per_linear:
+            stack.enter_context(_linear_output_hooks(layer, list(found), row_groups, found))
+        if output_side is not None:
+            stack.enter_context(_linear_factor_hooks(layer, list(found), output_side, blocks[current["layer"]]))
+        return stack
 
     def record_linears(index: int, chunk: list[int], found: dict[str, list[torch.Tensor]]) -> None:
         for name, per_draw in found.items():
@@ -206,6 +248,7 @@ def importance_scores(
         """Recompute layer `index` from its stored input and push every draw's gradient below it."""
         inputs.use_layer(index)
         found = {name: [] for name in adapter.linear_names(index)}
+        current["layer"] = index
         for chunk in chunks(live, size):
             x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
             below = []
@@ -235,7 +278,7 @@ def importance_scores(
                 for index in range(num_layers - 1):
                     inputs.enter_layer(index)
                     layer = layers[index].to(device)
-                    if index > 0 or per_linear:  # layer 0's input is differentiated only for its linears
+                    if index > 0 or hooked:  # layer 0's input is differentiated only for its linears
                         stored.put(index, inputs.hidden)
                     if batched:
                         outputs: list[torch.Tensor] = []
@@ -269,11 +312,12 @@ def importance_scores(
             inputs.enter_layer(last)
             layer = layers[last].to(device)
             found = {name: [] for name in adapter.linear_names(last)}
+            current["layer"] = last
             for chunk in chunks(live, size):
                 x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
                 with hooks_on(layer, found):
                     with torch.enable_grad():
-                        if last > 0 or per_linear:
+                        if last > 0 or hooked:
                             x.requires_grad_(True)
                         y = run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
                         if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
@@ -283,7 +327,7 @@ def importance_scores(
                     upstream = head_gradient(
                         head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk], chunk_samplers
                     )
-                    wanted = [y, x] if last > 0 or per_linear else [y]
+                    wanted = [y, x] if last > 0 or hooked else [y]
                     at_output, at_input = [], []
                     for draw in range(draws):
                         found_draw = torch.autograd.grad(normed, wanted, grad_outputs=upstream[draw], retain_graph=draw + 1 < draws)
@@ -314,7 +358,7 @@ def importance_scores(
                 layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
                 record(index - 1)
                 bar.update(1)
-            if per_linear and last > 0:
+            if hooked and last > 0:
                 layer = layers[0].to(device)
                 with stored.reader(0) as read:
                     backward_block(0, layer, read, want_input=False)
@@ -340,7 +384,11 @@ def importance_scores(
     }
     if empty:
         warnings.warn(f"{len(empty)} samples have an empty loss mask; their tokens get uniform weights", stacklevel=2)
-    return ImportanceScores(scores, linear_scores, report, gradients, factors if output_factors else None)
+    linear_factors = None
+    if output_side is not None:
+        linear_factors = [{name: total / (draws * max(1, valid_tokens)) for name, total in row.items()} for row in blocks]
+        report["output_side"] = output_side
+    return ImportanceScores(scores, linear_scores, report, gradients, factors if output_factors else None, linear_factors)
 
 
 def layer_output_gradients(

@@ -144,6 +144,7 @@ class TokenImportance:
         normalise: str = "sample",
         linear_scores: list[dict[str, list[torch.Tensor]]] | None = None,
         output_factors: list[torch.Tensor] | None = None,
+        linear_factors: list[dict[str, torch.Tensor]] | None = None,
         mix: MixSearch | None = None,
         clip: float | None = None,
         modality_floor: bool = False,
@@ -154,6 +155,7 @@ class TokenImportance:
         self.scores = scores
         self.linear_scores = linear_scores
         self.output_factors = output_factors  # [layers] -> [d, d] E[g g^T] (the mix guard's error metric)
+        self.linear_factors = linear_factors  # [layers]{linear: [blocks, b, b]}: GPTQ's row metrics
         self.mix = mix  # TLQ's mix guard (quantkit.engine.mix): the engine chooses each group's uniform share
         self.settings = {
             "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
@@ -233,10 +235,13 @@ class TokenImportance:
         return len(self.weights)
 
     def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
-        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights)."""
-        if self.linear_weights is None:
+        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights or
+        output-side factors)."""
+        metrics = dict(self.linear_factors[layer]) if self.linear_factors is not None else {}
+        if self.linear_weights is None and not metrics:
             return self.weights[layer]
-        return LayerWeights(self.weights[layer], self.linear_weights[layer], dict(self.linear_groups), self.floor)
+        linears = self.linear_weights[layer] if self.linear_weights is not None else {}
+        return LayerWeights(self.weights[layer], linears, dict(self.linear_groups), self.floor, metrics)
 
     def stacked(self, which: str = "weights") -> torch.Tensor:
         """[layers, samples, Tmax] float32 of weights or scores, zero-padded past each sample's length."""
@@ -278,13 +283,15 @@ def tlq_token_weights(
     loss: str = "ce",
     draws: int = 1,
     output_factors: bool = False,
+    output_side: int | None = None,
     **options,
 ) -> TokenImportance:
     """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors
     (LayerWeights with guidance "linear").
 
     guidance, row_groups, loss and draws choose the gradients (importance_scores), output_factors also sums
-    each layer's output-side factor (for the mix guard, quantkit.engine.mix); `options` are
+    each layer's output-side factor (for the mix guard, quantkit.engine.mix), output_side=b each linear's
+    block-diagonal output-side factor (GPTQ's feedback across rows); `options` are
     TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed, normalise).
     All are checked before the gradient pass.
     """
@@ -293,7 +300,7 @@ def tlq_token_weights(
     found = importance_scores(
         model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size,
         guidance=guidance, row_groups=row_groups, loss=loss, draws=draws, seed=int(options.get("seed", 0)),
-        output_factors=output_factors,
+        output_factors=output_factors, output_side=output_side,
     )
     return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear,
-                           output_factors=found.output_factors, **options)
+                           output_factors=found.output_factors, linear_factors=found.linear_factors, **options)

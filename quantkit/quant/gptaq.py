@@ -45,11 +45,11 @@ def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.T
     if tuple(hessian.shape) != (in_features, in_features) or tuple(cross.shape) != (in_features, in_features):
         raise QuantkitError(f"FP target needs [in, in] Hessian and cross term for in = {in_features}")
     # W' = W + W D H^-1 with D = C - H~  <=>  H (W' - W)^T = D^T W^T (H symmetric)
-    delta = cross.double()
+    delta = cross.to(torch.float64, copy=True)  # copies: float64 inputs must not be changed in place
     delta -= hessian
     rhs = delta.T @ weight.double().T
     del delta
-    h = hessian.double()
+    h = hessian.to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h.diagonal()[dead] = 1.0
     mean_diag = float(torch.diagonal(h).mean())

@@ -6,6 +6,13 @@ solve order; each column's rounding error is spread over the columns not yet qua
 using the upper Cholesky factor U of H^-1 (H^-1 = U^T U). Updates inside a block of
 spec.block_size columns are applied at once, the rest of the matrix is updated once per
 block ("lazy batch" updates).
+
+Output-side curvature (option `row_metric`): with a loss tr((W - Q)^T G (W - Q) H), G [out, out] the
+output-side factor (block-diagonal: one [b, b] block per b consecutive rows), the rows are coupled too.
+Babai's nearest-plane rounding on the Kronecker factor H (x) G, taken column by column and row by row
+within a column, rounds each column's rows in turn with feedback through the upper Cholesky factor of
+G^-1 (feedback across rows), and the columns after it receive exactly GPTQ's update from the column's
+total rounding residual (feedback across columns): only the rounding inside a column changes.
 """
 
 from __future__ import annotations
@@ -127,14 +134,45 @@ def _columns_as_updated(
     return torch.cat(parts, dim=1)
 
 
+def _row_babai(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+               row_upper: torch.Tensor) -> torch.Tensor:
+    """Codes of one column, its rows rounded in turn within each block of rows, each rounding residual fed to
+    the block's later rows through row_upper [blocks, b, b] (upper Cholesky factors of the blocks of G^-1)."""
+    blocks, width = row_upper.shape[0], row_upper.shape[1]
+    v = values.reshape(blocks, width).clone()
+    s, z = scale.reshape(blocks, width), zero.reshape(blocks, width)
+    codes = torch.empty_like(v)
+    for r in range(width):
+        q = torch.clamp(torch.round(v[:, r] / s[:, r]) + z[:, r], 0, maxq)
+        codes[:, r] = q
+        if r + 1 < width:
+            err = (v[:, r] - (q - z[:, r]) * s[:, r]) / row_upper[:, r, r]
+            v[:, r + 1:] -= err[:, None] * row_upper[:, r, r + 1:]
+    return codes.reshape(-1)
+
+
+def row_factor_upper(row_metric: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
+    """Upper Cholesky factors of the inverses of the damped blocks of G: [blocks, b, b] -> [blocks, b, b]
+    (a block that no gradient reached, all zero, gets the identity: its rows round independently)."""
+    eye = torch.eye(row_metric.shape[1], device=row_metric.device)
+    return torch.stack([eye if not bool(torch.diagonal(block).any())
+                        else _upper_cholesky_of_inverse(lambda block=block: block.float().clone(), damp,
+                                                        f"{name} output factor")[0]
+                        for block in row_metric])
+
+
 def gptq_solve(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     spec: QuantSpec,
     name: str = "",
     stats: dict | None = None,
+    row_metric: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize `weight` [out, in] with GPTQ against `hessian` [in, in].
+
+    row_metric [blocks, b, b] (blocks * b = out): the output-side factor G, block-diagonal over consecutive
+    rows; its blocks' rows are rounded with feedback across them (see the module doc).
 
     If `stats` is a dict it receives: loss (the solver's own estimate of
     tr((W - Q) H_damped (W - Q)^T) / 2, i.e. ||W X - Q X||^2 for H = 2 X X^T, with the
@@ -155,6 +193,14 @@ def gptq_solve(
         )
     check_finite(weight, "weight", name)
     check_finite(hessian, "Hessian", name)
+    row_upper = None
+    if row_metric is not None:
+        if row_metric.dim() != 3 or row_metric.shape[1] != row_metric.shape[2] or \
+                row_metric.shape[0] * row_metric.shape[1] != out_features:
+            raise QuantkitError(f"{name or 'weight'}: the output factor must be [blocks, b, b] with blocks * b = "
+                                f"{out_features} rows, got {tuple(row_metric.shape)}")
+        check_finite(row_metric, "output factor", name)
+        row_upper = row_factor_upper(row_metric.to(weight.device), spec.damp, name)
 
     device = weight.device
     work = weight.detach().to(torch.float32).clone()
@@ -239,7 +285,10 @@ def gptq_solve(
                 current_group = group
 
             values = block[:, offset]
-            column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
+            if row_upper is None:
+                column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
+            else:
+                column_codes = _row_babai(values, col_scale, col_zero, maxq, row_upper)
             block_codes[:, offset] = column_codes
             error = (values - (column_codes - col_zero) * col_scale) / block_upper[offset, offset]
             block[:, offset:].addr_(error, block_upper[offset, offset:], alpha=-1)
