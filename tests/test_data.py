@@ -169,6 +169,24 @@ def test_source_and_part_for_samples(tmp_path, tok):
         assert any(stream[i : i + 20] == row for i in range(len(stream) - 19))
 
 
+def test_windows_of_several_files_carry_each_tokens_file(tmp_path, tok):
+    """A directory of two files: each window's source_ids give the file (in sorted order) of each of its tokens,
+    -1 on the eos between them; the windows themselves are those of the joined stream, as without the ids."""
+    texts = {"a.txt": "abcdefghij" * 6, "b.txt": "KLMNOPQRST" * 5}
+    for name, text in texts.items():
+        write(tmp_path / "d" / name, text)
+    stream = char_ids(texts["a.txt"]) + [0] + char_ids(texts["b.txt"])
+    owner = [0] * 60 + [-1] + [1] * 50
+    samples = calibration_samples(tmp_path / "d", tok, nsamples=8, seqlen=12, seed=1)
+    plain = calibration_samples([texts["a.txt"], texts["b.txt"]], tok, nsamples=8, seqlen=12, seed=1)
+    assert {v for s in samples for v in s["source_ids"][0].tolist()} >= {0, 1}
+    for sample, same in zip(samples, plain):
+        assert torch.equal(sample["input_ids"], same["input_ids"]) and set(same) == {"input_ids"}
+        row = sample["input_ids"][0].tolist()
+        start = next(i for i in range(len(stream) - 11) if stream[i : i + 12] == row)
+        assert sample["source_ids"][0].tolist() == owner[start : start + 12]
+
+
 def test_too_little_text_says_found_and_needed(tok):
     text = "x" * 63
     with pytest.raises(QuantkitError, match=r"found 63 tokens, need 4 x 16 = 64"):

@@ -12,7 +12,8 @@ Schema::
 
 Samples are split among sources by largest remainder of nsamples * weight (every source with a
 positive weight gets at least one sample when nsamples allows); each source draws its share
-with the same seed. Text sources give token windows (quantkit.data.calibration_samples); image
+with the same seed; with several sources each sample's tokens carry its source's index (source_ids, TLQ's
+mix guard weighs the sources' errors apart). Text sources give token windows (quantkit.data.calibration_samples); image
 kinds read image-text JSONL (quantkit.data.images.image_text_samples) through a processor.
 """
 
@@ -150,19 +151,27 @@ def recipe_samples(
     seqlen = recipe.seqlen if seqlen is None else seqlen
     if nsamples <= 0 or seqlen <= 0:
         raise QuantkitError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
+    import torch
+
+    from quantkit.data.samples import SOURCE_KEY
+
     counts = split_counts([s.weight for s in recipe.sources], nsamples)
     samples: list[dict] = []
-    for source, count in zip(recipe.sources, counts):
+    for index, (source, count) in enumerate(zip(recipe.sources, counts)):
         if count == 0:
             continue
         if recipe.kind == "text":
             from quantkit.data.samples import calibration_samples
 
-            samples.extend(calibration_samples(source.path, tokenizer, nsamples=count, seqlen=seqlen, seed=seed, part=source.part))
+            drawn = calibration_samples(source.path, tokenizer, nsamples=count, seqlen=seqlen, seed=seed, part=source.part)
         else:
             if processor is None:
                 raise QuantkitError(f"recipe {recipe.name} is an {recipe.kind} recipe: it needs a VLM processor")
             from quantkit.data.images import image_text_samples
 
-            samples.extend(image_text_samples(source.path, processor, count, seed=seed, max_length=seqlen))
+            drawn = image_text_samples(source.path, processor, count, seed=seed, max_length=seqlen)
+        if len(recipe.sources) > 1:  # each token's source is the recipe source it was drawn from
+            for sample in drawn:
+                sample[SOURCE_KEY] = torch.full_like(sample["input_ids"], index, dtype=torch.long)
+        samples.extend(drawn)
     return samples

@@ -8,10 +8,13 @@ from collections.abc import Sequence
 
 import torch
 
-from quantkit.data.sources import SourceLike, load_texts
+from quantkit.data.sources import SourceLike, load_texts, source_units
 from quantkit.errors import QuantkitError
 
 DOC_SEPARATOR = "\n\n"
+# Sample key of the source of each token ([1, T] long: the unit's index, -1 for a separator between documents
+# of different units); calibration windows carry it when their text comes from several files or datasets.
+SOURCE_KEY = "source_ids"
 
 
 def valid_mask(sample: dict) -> torch.Tensor:
@@ -41,26 +44,48 @@ def resolve_texts(source_or_texts: SourceLike | Sequence[str], part: str = "all"
     return load_texts(source_or_texts, part=part)
 
 
+def resolve_units(source_or_texts: SourceLike | Sequence[str], part: str = "all") -> list[list[str]]:
+    """resolve_texts' documents grouped by unit: each file or dataset of a source, or a list of texts as one."""
+    if isinstance(source_or_texts, list | tuple) and all(isinstance(t, str) for t in source_or_texts):
+        return [resolve_texts(source_or_texts, part=part)]  # one unit (an empty list: resolve_texts says so)
+    return [docs for _, docs in source_units(source_or_texts, part)]
+
+
 def tokenize_documents(texts: Sequence[str], tokenizer) -> torch.Tensor:
     """One LongTensor of token ids: each document tokenized alone, joined by eos (or by "\\n\\n" without one)."""
-    docs = [t for t in texts if t]
+    return tokenize_units([texts], tokenizer)[0]
+
+
+def tokenize_units(units: Sequence[Sequence[str]], tokenizer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """tokenize_documents over the documents of every unit in order, and the unit of each token (-1 on the eos
+    between two documents); None for the units when the tokenizer has no eos (documents are then joined as text)."""
+    docs, owner = [], []
+    for index, unit in enumerate(units):
+        for text in unit:
+            if text:
+                docs.append(text)
+                owner.append(index)
     if not docs:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        ids_list = [tokenizer(DOC_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]]
-    else:
-        ids_list = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer(DOC_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long), None
     out: list[int] = []
-    for i, ids in enumerate(ids_list):
-        if i and eos is not None:
+    sources: list[int] = []
+    for i, ids in enumerate(tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]):
+        if i:
             out.append(int(eos))
+            sources.append(-1)
         out.extend(ids)
-    return torch.tensor(out, dtype=torch.long)
+        sources.extend([owner[i]] * len(ids))
+    return torch.tensor(out, dtype=torch.long), torch.tensor(sources, dtype=torch.long)
 
 
-def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """`nsamples` windows of `seqlen` tokens at distinct seeded random starts; needs nsamples*seqlen tokens."""
+def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                 sources: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+    """`nsamples` windows of `seqlen` tokens at distinct seeded random starts; needs nsamples*seqlen tokens.
+    With `sources` (one id per token of `ids`) each window also carries its tokens' ids under SOURCE_KEY."""
     if nsamples <= 0 or seqlen <= 0:
         raise QuantkitError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
     need = nsamples * seqlen
@@ -72,7 +97,11 @@ def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> li
         )
     # found >= nsamples*seqlen guarantees found - seqlen + 1 >= nsamples distinct starts.
     starts = random.Random(seed).sample(range(found - seqlen + 1), nsamples)
-    return [{"input_ids": ids[s : s + seqlen].clone().unsqueeze(0)} for s in starts]
+    windows = [{"input_ids": ids[s : s + seqlen].clone().unsqueeze(0)} for s in starts]
+    if sources is not None:
+        for window, start in zip(windows, starts):
+            window[SOURCE_KEY] = sources[start : start + seqlen].clone().unsqueeze(0)
+    return windows
 
 
 def calibration_samples(
@@ -88,11 +117,13 @@ def calibration_samples(
     The documents are tokenized and joined by the tokenizer's eos token (or "\\n\\n"); the stream
     must hold at least nsamples x seqlen tokens (else QuantkitError saying how many were found), and
     nsamples distinct start positions are drawn with random.Random(seed), so windows may overlap
-    but never repeat. Same seed, same data, same tokenizer: same samples.
+    but never repeat. Same seed, same data, same tokenizer: same samples. When the text comes from several
+    units (files, datasets) each window also carries SOURCE_KEY, the unit of each of its tokens (TLQ's mix
+    guard weighs the sources' errors apart).
     """
-    texts = resolve_texts(source_or_texts, part=part)
-    ids = tokenize_documents(texts, tokenizer)
-    return draw_windows(ids, nsamples, seqlen, seed)
+    units = resolve_units(source_or_texts, part=part)
+    ids, sources = tokenize_units(units, tokenizer)
+    return draw_windows(ids, nsamples, seqlen, seed, sources if len(units) > 1 else None)
 
 
 def text_samples(texts: Sequence[str], tokenizer, nsamples: int = 128, seqlen: int = 512, seed: int = 0,

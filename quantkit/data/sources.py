@@ -317,7 +317,7 @@ def local_paths(source: SourceLike) -> list[str]:
     return [s.strip() for s in items if s.strip() and not s.startswith("hf:") and Path(s.strip()).exists()]
 
 
-def _source_units(source: SourceLike, part: str) -> list[tuple[str, list[str]]]:
+def source_units(source: SourceLike, part: str) -> list[tuple[str, list[str]]]:
     """(label, documents restricted to `part`) of every unit of a source, in order: each file (of a
     directory or glob) or dataset is one unit, labelled by its path or hf: spec."""
     check_part(part)
@@ -340,14 +340,14 @@ def _source_units(source: SourceLike, part: str) -> list[tuple[str, list[str]]]:
 
 def load_texts(source: SourceLike, part: str = "all") -> list[str]:
     """All documents of a source (see the module doc for the syntax), restricted to `part`."""
-    return [t for _, docs in _source_units(source, part) for t in docs]
+    return [t for _, docs in source_units(source, part) for t in docs]
 
 
 def load_texts_by_source(source: SourceLike, part: str = "all") -> dict[str, list[str]]:
     """The documents of a source per unit (file or dataset, labelled by its path or hf: spec), restricted to
     `part`; a unit named twice keeps its documents under one label. Units whose part holds no text are left out."""
     out: dict[str, list[str]] = {}
-    for label, docs in _source_units(source, part):
+    for label, docs in source_units(source, part):
         if any(t.strip() for t in docs):
             out.setdefault(label, []).extend(docs)
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.data.samples import SOURCE_KEY
 from quantkit.errors import QuantkitError
 from quantkit.models.base import Adapter, get_module, layer_output
 from quantkit.models.probe import StopForward, passthrough_layers
@@ -21,7 +22,7 @@ _DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "layer_past", "use
 # Keys a calibration sample may carry besides the model's forward kwargs: which tokens' predictions
 # count in the loss (loss_mask) and which tokens are vision tokens (vision_mask), both [1, T] bool, and
 # which source each token comes from (source_ids, [1, T] long: the mix guard's per-source errors).
-SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask", "source_ids"})
+SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask", SOURCE_KEY})
 
 
 def model_inputs(sample: dict) -> dict:

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.data.samples import SOURCE_KEY
 from quantkit.engine.capture import LayerInputs, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.errors import QuantkitError
-
-SOURCE_KEY = "source_ids"
 
 
 @dataclass(frozen=True)
