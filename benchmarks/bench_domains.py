@@ -4,6 +4,8 @@ Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_domains.py --models step500 ref-lm --seeds 0 1 2 3 \
         --settings W2 W3 --variants gptq_fp tlq --jobs 2 -o benchmarks/results/bench_domains_val.json
     ... --heldout --llmc /tmp/llmc-venv/bin/python    # final figures: held-out text, beside llm-compressor
+    OMP_NUM_THREADS=1 python benchmarks/bench_domains.py --cost --models ref-lm --settings W2 \
+        --variants gptq_fp tlq tlq_guard tlq_os16 --repeats 2    # CPU seconds over GPTQ + FP target
 
 Models: ref-lm, its checkpoints step125/step250/step500 (../shared/models), or ref-lm-b / ref-lm-c and their
 half-training checkpoints ref-lm-b/steps/step325, ref-lm-c/steps/step400 under $QUANTKIT_BENCH_MODELS
@@ -56,8 +58,8 @@ MODELS = {
     "ref-lm-c": BENCH_MODELS / "ref-lm-c", "ref-lm-c-step400": BENCH_MODELS / "ref-lm-c" / "steps" / "step400",
 }
 SETTINGS = {"W2": (2, (64, 32)), "W3": (3, (128, 64, 32))}  # bits, group sizes tried in order
-TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0}
-GRADIENT_KEYS = ("guidance", "loss", "draws")
+TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, "output_side": None}
+GRADIENT_KEYS = ("guidance", "loss", "draws", "output_side")
 GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8}
 # name -> {"method", "fp_target", "importance": TokenImportance options or None, and optionally "fp_alpha" (FP-target
 # strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override), "mix" (MixSearch options)}
@@ -71,11 +73,20 @@ VARIANTS: dict[str, dict] = {
     "tlq_p0.5": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "power": 0.5}},
     "tlq_fisher": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}},
     "tlq_guard": {"method": "tlq", "fp_target": True, "importance": TLQ, "mix": GUARD},
+    "tlq_fisher_guard": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}, "mix": GUARD},
+    "tlq_fisher_nodown": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
+                          "fp_skip": ("down_proj",)},
+    **{f"tlq_fisher_a{alpha}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
+                                "fp_alpha": alpha} for alpha in (0.25, 0.5)},
+    **{f"tlq_fisher_os{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher", "output_side": b}}
+       for b in (8, 16, 32)},
     "tlq_guard_lam0": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 0.0}, "mix": GUARD},
     # FP-target strength and QEP's down_proj left out, for GPTQ + FP target and TLQ alike
     **{f"{base}_a{alpha}": {**variant, "fp_alpha": alpha} for alpha in (0.25, 0.5)
        for base, variant in (("gptq_fp", {"method": "gptq", "fp_target": True, "importance": None}),
                              ("tlq", {"method": "tlq", "fp_target": True, "importance": TLQ}))},
+    # output-side curvature: each linear's block-diagonal E[g g^T] (blocks of b rows) as GPTQ's row metric
+    **{f"tlq_os{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "output_side": b}} for b in (8, 16, 32)},
     "gptq_fp_nodown": {"method": "gptq", "fp_target": True, "importance": None, "fp_skip": ("down_proj",)},
     "tlq_nodown": {"method": "tlq", "fp_target": True, "importance": TLQ, "fp_skip": ("down_proj",)},
 }
@@ -114,7 +125,8 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
     if options is not None:
         found = scores[tuple(options[k] for k in GRADIENT_KEYS)]
         weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
-                                  lam=options["lam"], power=options["power"], output_factors=found.output_factors)
+                                  lam=options["lam"], power=options["power"], output_factors=found.output_factors,
+                                  linear_factors=found.linear_factors)
     spec = replace(spec, fp_alpha=variant.get("fp_alpha", 1.0))
     skip = variant.get("fp_skip")
     recipe = Recipe(overrides=[Override(targets=tuple(skip), fp_alpha=0.0)]) if skip else None
@@ -178,6 +190,51 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return {"rows": rows, "windows": {n: list(w.shape) for n, w in windows.items()}}
+
+
+def run_cost(model_name: str, args: dict, repeats: int) -> dict:
+    """CPU seconds (one thread, min over interleaved repeats) of each variant's importance pass (what it needs
+    only: output factors for the guard, per-linear factors for the output side) and calibration, over
+    GPTQ + FP target's calibration. CPU seconds, not wall: the machine is shared."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+    from quantkit.importance import importance_scores
+    from quantkit.models import load_model
+    from quantkit.quant.spec import QuantSpec
+
+    torch.set_num_threads(1)
+    model_dir = resolve_model(model_name)
+    model = load_model(model_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_samples(str(SHARED / "data" / "text"), tokenizer, nsamples=args["nsamples"],
+                                  seqlen=args["seqlen"], seed=0, part="train")
+    for sample, ids in zip(samples, calibration_sources(tokenizer, samples, corpus_offsets(tokenizer), 0, args["seqlen"],
+                                                        args["nsamples"])):
+        sample["source_ids"] = ids.unsqueeze(0)
+    bits, choices = SETTINGS[args["settings"][0]]
+    spec = QuantSpec(bits=bits, group_size=group_size(model, choices), sym=True)
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for name in args["variants"]:
+            variant = VARIANTS[name]
+            options = variant["importance"]
+            scores = {}
+            if options is not None:
+                key = tuple(options[k] for k in GRADIENT_KEYS)
+                started = time.process_time()
+                scores[key] = importance_scores(model, samples, progress=False, output_factors=bool(variant.get("mix")),
+                                                **dict(zip(GRADIENT_KEYS, key)))
+                best[f"{name}_importance"] = min(best.get(f"{name}_importance", 1e9), time.process_time() - started)
+            _, seconds, _ = calibrate_variant(model, samples, spec, variant, scores, 0)
+            best[f"{name}_calibration"] = min(best.get(f"{name}_calibration", 1e9), seconds)
+    base = best["gptq_fp_calibration"]
+    out = {"model": model_name, "setting": args["settings"][0], "repeats": repeats,
+           "cpu_s": {k: round(v, 2) for k, v in best.items()}}
+    for name in args["variants"]:
+        total = best.get(f"{name}_importance", 0.0) + best[f"{name}_calibration"]
+        out[f"{name}_over_gptq_fp"] = round(total / base, 3)
+    return out
 
 
 def run_llmc(python: str, model_name: str, seeds: list[int], args: dict) -> list[dict]:
@@ -274,6 +331,9 @@ def main() -> None:
     parser.add_argument("--heldout", action="store_true", help="evaluate on the held-out part (final figures only)")
     parser.add_argument("--llmc", help="python of an llm-compressor venv: its GPTQ on the same windows (--heldout)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--cost", action="store_true", help="CPU seconds of importance + calibration over GPTQ + FP "
+                        "target (first model, first setting, draw 0)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
     if args.llmc and not args.heldout:
@@ -283,6 +343,12 @@ def main() -> None:
     if args.base not in args.variants:
         args.variants = [args.base, *args.variants]
     shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "settings", "variants", "heldout")}
+    if args.cost:
+        text = json.dumps(run_cost(args.models[0], shared, args.repeats), indent=1)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        print(text)
+        return
     started = time.perf_counter()
     jobs = [(m, s) for m in args.models for s in args.seeds]
     if args.jobs > 1:
