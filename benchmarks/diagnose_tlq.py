@@ -3,6 +3,7 @@
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/diagnose_tlq.py --model ../shared/models/ref-lm/steps/step500 --seeds 0 1 \
         -o benchmarks/results/diagnose_tlq_step500.json
+    ... --loss fisher -o benchmarks/results/diagnose_tlq_step500_fisher.json   # labels drawn from the model
 
 For each calibration draw (128 x 256 windows from the train part of the four corpora, as the benchmarks
 draw them) it computes the layer-output gradient scores s = ||dL/dy||^2 and TLQ's weights (lam 0.1, per
@@ -74,7 +75,7 @@ def fp_statistics(model, samples: list[dict]) -> tuple[list[torch.Tensor], dict]
     return losses, norms
 
 
-def diagnose_draw(model_dir: str, seed: int, nsamples: int, seqlen: int, lam: float) -> dict:
+def diagnose_draw(model_dir: str, seed: int, nsamples: int, seqlen: int, lam: float, loss_kind: str = "ce") -> dict:
     """Per layer: corpus shares of tokens, weight and Hessian trace; weight against token loss and position."""
     from transformers import AutoTokenizer
 
@@ -95,7 +96,7 @@ def diagnose_draw(model_dir: str, seed: int, nsamples: int, seqlen: int, lam: fl
     scored[:, -1] = False  # the last position predicts nothing inside its window
     scored = scored.reshape(-1)
     position = torch.arange(seqlen).repeat(nsamples)
-    found = importance_scores(model, samples, progress=False)
+    found = importance_scores(model, samples, progress=False, loss=loss_kind, seed=seed)
     weights = TokenImportance(found.layer, samples, lam=lam)
     out = {"seed": seed, "corpora": names,
            "token_share": {n: round(float((source == k).double().mean()), 4) for k, n in enumerate(names)},
@@ -133,9 +134,11 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--lam", type=float, default=0.1)
+    parser.add_argument("--loss", default="ce", choices=["ce", "fisher"], help="the importance's labels: the data's, "
+                        "or drawn from the model (Fisher)")
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
-    draws = [diagnose_draw(args.model, seed, args.nsamples, args.seqlen, args.lam) for seed in args.seeds]
+    draws = [diagnose_draw(args.model, seed, args.nsamples, args.seqlen, args.lam, args.loss) for seed in args.seeds]
     summary = []
     for layer in range(len(draws[0]["layers"])):
         rows = [d["layers"][layer] for d in draws]
@@ -154,6 +157,7 @@ def main() -> None:
             entry["by_corpus"][name] = corpus
         summary.append(entry)
     result = {"model": args.model, "seeds": args.seeds, "nsamples": args.nsamples, "seqlen": args.seqlen, "lam": args.lam,
+              "loss": args.loss,
               "token_share": draws[0]["token_share"],
               "mean_token_loss": {n: round(sum(d["mean_token_loss"][n] for d in draws) / len(draws), 4)
                                   for n in draws[0]["corpora"]},
