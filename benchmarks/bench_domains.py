@@ -4,6 +4,7 @@ Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_domains.py --models step500 ref-lm --seeds 0 1 2 3 \
         --settings W2 W3 --variants gptq_fp tlq --jobs 2 -o benchmarks/results/bench_domains_val.json
     ... --heldout --llmc /tmp/llmc-venv/bin/python    # final figures: held-out text, beside llm-compressor
+    ... --eval both    # the same quantized models on validation windows (choosing) and held-out windows (reporting)
     OMP_NUM_THREADS=1 python benchmarks/bench_domains.py --cost --models ref-lm --settings W2 \
         --variants gptq_fp tlq tlq_guard tlq_os16 --repeats 2    # CPU seconds over GPTQ + FP target
 
@@ -122,19 +123,19 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
 
     options = variant["importance"]
     weights = None
+    mix = MixSearch(**variant["mix"]) if variant.get("mix") else None
     if options is not None:
         found = scores[tuple(options[k] for k in GRADIENT_KEYS)]
         weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
                                   lam=options["lam"], power=options["power"], output_factors=found.output_factors,
-                                  linear_factors=found.linear_factors)
+                                  linear_factors=found.linear_factors, mix=mix)
     spec = replace(spec, fp_alpha=variant.get("fp_alpha", 1.0))
     skip = variant.get("fp_skip")
     recipe = Recipe(overrides=[Override(targets=tuple(skip), fp_alpha=0.0)]) if skip else None
-    mix = MixSearch(**variant["mix"]) if variant.get("mix") else None
     quantized = copy.deepcopy(model)
     started = time.process_time()
     calibration = calibrate_model(quantized, samples, spec, method=variant["method"], token_weights=weights,
-                                  progress=False, fp_target=variant["fp_target"], recipe=recipe, mix=mix)
+                                  progress=False, fp_target=variant["fp_target"], recipe=recipe)
     return quantized, time.process_time() - started, calibration.report
 
 
@@ -156,10 +157,12 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
                                   part="train")
     for sample, ids in zip(samples, calibration_sources(tokenizer, samples, corpus_offsets(tokenizer), seed, seqlen, nsamples)):
         sample["source_ids"] = ids.unsqueeze(0)  # the corpus of each token (the mix guard's per-source errors)
-    if args["heldout"]:
-        windows = heldout_corpus_windows(tokenizer, seqlen, args["windows"])
-    else:
-        windows = validation_corpus_windows(tokenizer, nsamples, seqlen, seed, args["windows"])
+    windows = {}
+    if args["eval"] in ("validation", "both"):
+        windows |= {f"validation/{n}": w for n, w in validation_corpus_windows(tokenizer, nsamples, seqlen, seed,
+                                                                                args["windows"]).items()}
+    if args["eval"] in ("heldout", "both"):
+        windows |= {f"heldout/{n}": w for n, w in heldout_corpus_windows(tokenizer, seqlen, args["windows"]).items()}
     fp = {name: window_losses(model, w) for name, w in windows.items()}
     scores: dict[tuple, object] = {}
     importance_s: dict[str, float] = {}
@@ -267,7 +270,7 @@ def run_llmc(python: str, model_name: str, seeds: list[int], args: dict) -> list
             gaps, start = {}, 0
             for name in names:
                 count = windows[name].shape[0]
-                gaps[name] = float((per_window[start : start + count] - fp[name]).mean())
+                gaps[f"heldout/{name}"] = float((per_window[start : start + count] - fp[name]).mean())
                 start += count
             out.append({"model": model_name, "seed": seed, "setting": label, "gap": sum(gaps.values()) / len(gaps),
                         "by_corpus": gaps, "seconds": item["seconds"], "llmcompressor": result["llmcompressor"]})
@@ -280,6 +283,24 @@ def _ratio_stats(mine: list[float], base: list[float]) -> dict:
     mean, se = mean_se(ratios) if ratios else (float("nan"), float("nan"))
     return {"mean": round(mean, 3), "se": round(se, 3), "of_means": round(sum(mine) / sum(base), 3) if sum(base) > 0 else None,
             "draws_above_1": sum(r > 1 for r in ratios)}
+
+
+def part_rows(rows: list[dict], part: str) -> list[dict]:
+    """The rows restricted to one evaluation part ("validation" or "heldout"): its corpora only, each variant's
+    overall gap the mean over them."""
+    out = []
+    for row in rows:
+        keep = {n.split("/", 1)[1]: n for n in row["fp_loss"] if n.split("/", 1)[0] == part}
+        if not keep:
+            continue
+        new = {k: v for k, v in row.items() if not isinstance(v, dict) or "by_corpus" not in v}
+        new["fp_loss"] = {short: row["fp_loss"][full] for short, full in keep.items()}
+        for name, value in row.items():
+            if isinstance(value, dict) and "by_corpus" in value:
+                by_corpus = {short: value["by_corpus"][full] for short, full in keep.items()}
+                new[name] = {**value, "by_corpus": by_corpus, "gap": sum(by_corpus.values()) / len(by_corpus)}
+        out.append(new)
+    return out
 
 
 def summarise(rows: list[dict], names: list[str], base: str) -> dict:
@@ -329,6 +350,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["gptq_fp", "tlq"], choices=list(VARIANTS))
     parser.add_argument("--base", default="gptq_fp", help="the variant every ratio is taken against")
     parser.add_argument("--heldout", action="store_true", help="evaluate on the held-out part (final figures only)")
+    parser.add_argument("--eval", choices=("validation", "heldout", "both"), default=None,
+                        help="which text scores the draws (--heldout = heldout; both: the same quantized models on "
+                        "validation windows, for choosing, and held-out windows, for reporting)")
     parser.add_argument("--llmc", help="python of an llm-compressor venv: its GPTQ on the same windows (--heldout)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--cost", action="store_true", help="CPU seconds of importance + calibration over GPTQ + FP "
@@ -336,13 +360,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
-    if args.llmc and not args.heldout:
+    args.eval = args.eval or ("heldout" if args.heldout else "validation")
+    if args.llmc and args.eval == "validation":
         parser.error("--llmc is compared on the held-out text; add --heldout")
     for name in args.models:
         resolve_model(name)
     if args.base not in args.variants:
         args.variants = [args.base, *args.variants]
-    shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "settings", "variants", "heldout")}
+    shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "settings", "variants", "eval")}
     if args.cost:
         text = json.dumps(run_cost(args.models[0], shared, args.repeats), indent=1)
         if args.output:
@@ -350,7 +375,7 @@ def main() -> None:
         print(text)
         return
     started = time.perf_counter()
-    jobs = [(m, s) for m in args.models for s in args.seeds]
+    jobs = [(m, s) for s in args.seeds for m in args.models]  # every model's first draws first
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
@@ -368,11 +393,14 @@ def main() -> None:
                 row["llmc"] = item
         names.append("llmc")
     out = {"models": {m: resolve_model(m) for m in args.models}, "seeds": args.seeds, "nsamples": args.nsamples,
-           "seqlen": args.seqlen, "eval": "heldout" if args.heldout else "validation",
+           "seqlen": args.seqlen, "eval": args.eval,
            "windows_per_corpus": results[0]["windows"], "variants": {n: VARIANTS[n] for n in args.variants},
-           "base": args.base, "summary": summarise(rows, names, args.base)}
+           "base": args.base}
+    for part in ("validation", "heldout"):
+        if args.eval in (part, "both"):
+            out[f"summary_{part}"] = summarise(part_rows(rows, part), names, args.base)
     if args.llmc:
-        out["summary_over_llmc"] = summarise(rows, names, "llmc")
+        out["summary_heldout_over_llmc"] = summarise(part_rows(rows, "heldout"), names, "llmc")
     out["rows"] = rows
     out["wall_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(out, indent=1)
