@@ -290,7 +290,10 @@ def quantize_layer(
             still = {e for entries in fp_linear_inputs.values() for e in entries if isinstance(e, Path)}
             for path in used - still:
                 path.unlink()
-        originals = {name: linears[name].weight.data.float().clone() for name in active}
+        # the solves read the FP weights; the mix guard installs candidates, so it solves from copies
+        originals = {name: linears[name].weight.data.float() for name in active}
+        if uniform:
+            originals = {name: weight.clone() for name, weight in originals.items()}
 
         metrics = {} if weights is None else {n: m for n, m in weights.row_metrics.items()
                                               if n in hessian_names and n not in unweighted}
