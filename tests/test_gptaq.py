@@ -68,14 +68,13 @@ def test_recipe_leaves_one_linear_out_of_the_fp_target() -> None:
     where nothing after it depends on it)."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import tiny_model
 
     from quantkit.engine import calibrate_model
     from quantkit.quant.recipe import Override, Recipe
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    model = tiny_model("llama", seed=0, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
     samples = [{"input_ids": torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(i))} for i in range(4)]
     spec = QuantSpec(bits=3, group_size=32)
     recipe = Recipe(overrides=[Override(targets=("down_proj",), fp_alpha=0)])

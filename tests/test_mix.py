@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import observing
+from helpers import observing, tiny_model
 
 from quantkit.engine import calibrate_model
 from quantkit.engine.capture import capture_layer_inputs, stack_samples
@@ -19,12 +19,8 @@ from quantkit.quant.spec import QuantSpec
 
 
 def tiny_llama(layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", seed=0, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
     with torch.no_grad():  # larger weights than the init, so that gradients differ between tokens
         for p in model.parameters():
             if p.ndim == 2:
