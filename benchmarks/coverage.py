@@ -93,8 +93,11 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
     row: dict = {"type": model_type, "head": head}
     started = time.process_time()
     try:
-        with_vision = getattr(AutoConfig.for_model(model_type), "vision_config", None) is not None
-        config = tiny_vlm_config(model_type) if head == "image-text" or with_vision else tiny_config(model_type)
+        defaults = AutoConfig.for_model(model_type)
+        with_vision = getattr(defaults, "vision_config", None) is not None
+        # two layers: a dense first layer, then an expert layer (DeepSeek-style defaults keep 3 dense layers)
+        mixed = {"first_k_dense_replace": 1} if hasattr(defaults, "first_k_dense_replace") else {}
+        config = tiny_vlm_config(model_type) if head == "image-text" or with_vision else tiny_config(model_type, **mixed)
         auto = auto_class_for(config)
         torch.manual_seed(0)
         model = auto.from_config(config).eval()
@@ -230,7 +233,8 @@ def summary(rows: list[dict]) -> dict:
     attention = [r for r in decoder_only if r.get("class") == "attention"]
     works = [r for r in decoder_only if r["status"] == "works"]
     vlm_works = sorted(r["type"] for r in rows if r["head"] == "image-text" and r["status"] == "works")
-    moe = {t: next((r["status"] for r in rows if r["type"] in (t, f"{t}_text") and r["head"] == "causal"), "absent")
+    moe = {t: next((r["status"] if r.get("class") in ("moe", None) else f"{r['status']} without an expert layer"
+                    for r in rows if r["type"] in (t, f"{t}_text") and r["head"] == "causal"), "not run")
            for t in MOE_TARGETS}
     return {
         "statuses": dict(Counter(f"{r['head']} {r['status']}" for r in rows)),
