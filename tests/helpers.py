@@ -503,7 +503,7 @@ def execute_notebook(notebook: Path, tmp_path: Path, monkeypatch, **env: str) ->
 # experts of width 32 (2 routed per token; Llama 4 routes 1), 2 layers (DeepSeek-V3's first is dense).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "llama4_text"]
 MOE_BASE = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, vocab_size=128, pad_token_id=0, max_position_embeddings=64, tie_word_embeddings=False)
+                head_dim=16, vocab_size=64, pad_token_id=0, max_position_embeddings=64, tie_word_embeddings=False)
 MOE_FIELDS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,

@@ -67,18 +67,27 @@ def test_a_meta_device_model_derives_the_same_adapter(model_type: str) -> None:
 
 
 def test_mixture_of_experts_blocks_are_found_with_their_router() -> None:
-    """Fused 3-D experts are not nn.Linear modules: they are named as an expert block for the MoE path, the
-    router as kept in full precision, never silently skipped; dense and MoE layers get their own layouts."""
+    """Fused 3-D experts become one nn.Linear per expert projection (quantkit.models.experts), solved with the
+    block's shared experts: every expert's gate/up beside theirs, every down beside their down; the router is
+    kept in full precision, never silently skipped; dense and MoE layers get their own layouts."""
     model = tiny_causal_lm("deepseek_v3", first_k_dense_replace=1)
+    fused = get_module(model, "model.layers.1.mlp.experts")
+    assert all(p.dim() == 3 for p in fused.parameters())
     adapter = adapter_for(model)
     assert adapter.linear_groups(0)[-2:] == (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
     moe = adapter.layout(1)
     assert moe.experts == (ExpertBlock(block="mlp", experts="mlp.experts", router="mlp.gate", position=4),)
-    # the shared experts are plain linears, solved after the attention
-    assert moe.groups[4:] == (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-                              ("mlp.shared_experts.down_proj",))
+    count = fused.gate_up_proj.shape[0]
+    assert moe.groups[4:] == (
+        ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+         *(f"mlp.experts.{e}.{leaf}" for e in range(count) for leaf in ("gate_proj", "up_proj"))),
+        ("mlp.shared_experts.down_proj", *(f"mlp.experts.{e}.down_proj" for e in range(count))))
     assert dict(moe.full_precision) == {"mlp.gate": "router of a mixture-of-experts block, kept in full precision"}
-    assert all(p.dim() == 3 for p in get_module(model, "model.layers.1.mlp.experts").parameters())
+    for e in range(count):  # the fused slices, as nn.Linear weights [out, in]
+        expert = get_module(model, f"model.layers.1.mlp.experts.{e}")
+        width = fused.down_proj.shape[2]
+        assert torch.equal(expert.gate_proj.weight, fused.gate_up_proj[e, :width])
+        assert torch.equal(expert.down_proj.weight, fused.down_proj[e])
 
 
 @pytest.mark.parametrize(("model_type", "message"), [
@@ -121,11 +130,17 @@ def test_each_layer_replays_with_its_own_arguments(model_type: str, overrides: d
     assert not torch.allclose(full[0], adapter.logits(model, adapter.norm(model)(wrong.hidden[0])), atol=1e-4)
 
 
-def test_calibration_refuses_experts_until_the_moe_path_handles_them() -> None:
+def test_experts_quantkit_cannot_split_are_refused_in_one_line(monkeypatch) -> None:
+    """A fused experts module that quantkit.models.experts does not know stays an expert block, which
+    calibration refuses in one line naming it."""
     from quantkit.engine import calibrate_model
+    from quantkit.models import experts
     from quantkit.quant import QuantSpec
 
+    monkeypatch.setattr(experts, "fused_layout", lambda module: None)
     model = tiny_causal_lm("qwen3_moe")
-    with pytest.raises(QuantkitError, match=r"model\.layers\.0\.mlp holds mixture-of-experts weights"):
+    with pytest.raises(QuantkitError, match=r"^model\.layers\.0\.mlp\.experts holds experts as Qwen3MoeExperts, "
+                                            r"which quantkit cannot split") as info:
         calibrate_model(model, [{"input_ids": torch.randint(1, 120, (1, 8))}], QuantSpec(bits=4, group_size=16),
                         method="rtn", progress=False)
+    assert "\n" not in str(info.value)

@@ -82,7 +82,7 @@ def _checks() -> dict[str, Callable[..., Any]]:
         "group_size": integer(least=1, allowed=(-1,)), "sym": boolean, "act_order": boolean,
         "static_groups": maybe_bool, "damp": partial(expect_number, least=0.0, below=1.0), "mse": boolean,
         "cd_sweeps": integer(least=0), "act_bits": one_of((4, 8), optional=True), "smooth": one_of((AUTO, *SMOOTH_MODES)),
-        "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "recipe": lambda *a, **k: None,
+        "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "all_experts": boolean, "recipe": lambda *a, **k: None,
         "importance": _importance, "dtype": one_of(DTYPES), "calib_set": path, "nsamples": integer(least=1),
         "seqlen": integer(least=2), "seed": integer(least=0), "part": one_of(PARTS), "chat_template": path,
         "device": _str, "nproc": integer(least=1), "devices": _devices,

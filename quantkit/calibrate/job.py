@@ -133,7 +133,7 @@ class CalibrationJob:
                 "presolve": q.method.presolve.to_dict(),
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
-                "lm_head": q.lm_head, "vision": q.vision, "chat_template": d.chat_template,
+                "lm_head": q.lm_head, "vision": q.vision, "all_experts": q.method.all_experts, "chat_template": d.chat_template,
                 **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {})}
 
 
@@ -151,7 +151,7 @@ OPTIONS: dict[str, Any] = {
     "static_groups": None,  # None: with act_order
     "smooth": AUTO,
     "fp_target": None,  # None: the method's default
-    "lm_head": False, "vision": False, "recipe": None, "importance": None,
+    "lm_head": False, "vision": False, "recipe": None, "importance": None, "all_experts": False,
     "dtype": ModelSpec.dtype,
     **_defaults(DataSpec, skip=("source", "records")),
     **_defaults(RunSpec),
@@ -253,7 +253,7 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
     # the smoothing step (--smooth; auto: quantkit.quant.smooth.default_smooth), checked against the method
     step = smoothing_mode(resolve_smooth(o["smooth"], o["act_bits"], method.token_weights))
     step.check(method)
-    method = method.with_presolve(step)
+    method = method.with_presolve(step).with_all_experts(o["all_experts"])
     recipe = as_recipe(o["recipe"])
     importance = o["importance"]
     if importance:

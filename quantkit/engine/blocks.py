@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from quantkit.engine.capture import LayerInputs
+from quantkit.engine.routed import is_routed
 from quantkit.models import get_module
 from quantkit.models.base import layer_output
 
@@ -33,6 +34,8 @@ class FinishedBlocks:
             self.unsolved.setdefault(block, set()).add(name)
             if block != name:
                 self.last_linear[block] = name
+        # a mixture-of-experts block sums its experts' outputs: no one linear's output is the block's
+        self.last_linear = {b: n for b, n in self.last_linear.items() if not is_routed(layer, n)}
         self.kept_inputs: dict[str, list[torch.Tensor]] = {}
         self.to_derive: list[str] = []
         self.to_record: list[str] = []
@@ -65,7 +68,8 @@ class FinishedBlocks:
             if self.batch == 0:
                 real = real_forward(*args, **kwargs)
                 derived = linear(kept[0])
-                if not torch.allclose(layer_output(real), derived, rtol=1e-5, atol=1e-6):
+                out = layer_output(real)
+                if out.shape != derived.shape or not torch.allclose(out, derived, rtol=1e-5, atol=1e-6):
                     self.to_derive.remove(block)
                     self.to_record.append(block)
                     del module.forward  # the block is not its last linear's output: run it for real

@@ -9,6 +9,7 @@ from quantkit.engine.plan import LinearPlan
 from quantkit.errors import QuantkitError
 from quantkit.models import get_module
 from quantkit.models.base import Adapter
+from quantkit.models.experts import RoutedExperts
 from quantkit.quant.spec import QuantSpec
 
 
@@ -25,14 +26,16 @@ def check_layer(layer: nn.Module, index: int, adapter: Adapter, plan: LinearPlan
 
 
 def check_experts(model: nn.Module, adapter: Adapter) -> None:
-    """Raise QuantkitError naming the first mixture-of-experts block: the engine does not solve experts yet."""
+    """Raise QuantkitError naming the first mixture-of-experts block whose experts are not per-expert linears
+    (quantkit.models.experts.RoutedExperts: what unfuse_experts makes of transformers' fused experts)."""
     for index in range(len(adapter.decoder_layers(model))):
         for block in adapter.layout(index).experts:
             container = get_module(adapter.decoder_layers(model)[index], block.experts)
-            raise QuantkitError(
-                f"{adapter.layer_prefix(index)}.{block.block} holds mixture-of-experts weights "
-                f"({type(container).__name__}); quantkit does not calibrate experts yet"
-            )
+            if not isinstance(container, RoutedExperts):
+                raise QuantkitError(
+                    f"{adapter.layer_prefix(index)}.{block.experts} holds experts as {type(container).__name__}, "
+                    "which quantkit cannot split into per-expert linears routed token by token"
+                )
 
 
 def check_group_width(width: int, name: str, spec: QuantSpec, hint: str = "") -> None:

@@ -50,7 +50,7 @@ class HessianAccumulator:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.hessian.device, torch.float32)
         return x if scale is None else x * scale
 
-    def _add_products(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, per_sample: int) -> None:
+    def _add_products(self, total: torch.Tensor, left: torch.Tensor, right: torch.Tensor, per_sample: int | list[int]) -> None:
         if total.dtype == torch.float32:
             total.addmm_(left.T, right)
             return
@@ -71,10 +71,12 @@ class HessianAccumulator:
             )
         return w
 
-    def add(self, inputs: torch.Tensor, token_weight: torch.Tensor | None = None, fp_inputs: torch.Tensor | None = None) -> None:
+    def add(self, inputs: torch.Tensor, token_weight: torch.Tensor | None = None, fp_inputs: torch.Tensor | None = None,
+            row_samples: torch.Tensor | None = None) -> None:
         """Add a batch of inputs [..., T, in]; token_weight has one non-negative value per token (per
         token and group: [..., T, groups]); fp_inputs (same shape as inputs) are the FP model's inputs
-        to the linear, for the cross term."""
+        to the linear, for the cross term. `row_samples` gives the sample of each row of 2-D inputs [rows, in]
+        whose rows are not whole samples (an expert's routed tokens): each sample's rows make one product."""
         if (fp_inputs is None) != (self.cross is None):
             raise ValueError("FP inputs are given exactly when the accumulator sums the cross term")
         if fp_inputs is not None and fp_inputs.shape != inputs.shape:
@@ -88,7 +90,14 @@ class HessianAccumulator:
         else:
             self.weight_sums += weights.to(torch.float64).sum(dim=0).cpu()
         self.tokens += tokens
-        per_sample = inputs.shape[-2] if inputs.dim() >= 2 else tokens
+        per_sample: int | list[int] = inputs.shape[-2] if inputs.dim() >= 2 else tokens
+        if row_samples is not None:  # the rows sample by sample (stable), so no product mixes samples
+            order = torch.argsort(row_samples.to("cpu"), stable=True)
+            per_sample = torch.bincount(row_samples.to("cpu")).tolist()
+            per_sample = [n for n in per_sample if n]
+            inputs = inputs.reshape(-1, inputs.shape[-1])[order.to(inputs.device)]
+            fp_inputs = None if fp_inputs is None else fp_inputs.reshape(-1, fp_inputs.shape[-1])[order.to(fp_inputs.device)]
+            weights = None if weights is None else weights[order.to(weights.device)]
         for group in range(self.groups):
             # sqrt-scaling keeps one matmul: (sqrt(w) x)^T (sqrt(w) x) = sum_t w_t x_t x_t^T
             scale = None if weights is None else weights[:, group].sqrt().unsqueeze(1)

@@ -8,6 +8,7 @@ this file: plan.py (which rank solves what), blocks.py (replaying finished block
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,15 @@ from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
 from quantkit.engine.mix import choose
 from quantkit.engine.plan import LinearPlan, plan_group
+from quantkit.engine.routed import (
+    ExpertTally,
+    RoutedFPEntry,
+    RoutedFPInputs,
+    is_routed,
+    routed_tokens,
+    row_samples,
+    rows_of,
+)
 from quantkit.engine.solve import (
     GroupSolve,
     install_result,
@@ -29,13 +39,15 @@ from quantkit.engine.solve import (
 from quantkit.engine.weights import LayerWeights, as_layer_weights
 from quantkit.models import get_module
 from quantkit.models.base import Adapter
+from quantkit.models.experts import set_all_tokens
 from quantkit.quant.activations import ActivationQuantizer, fake_quantize_tokens
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 # linear name -> its FP input on each batch (linears fed one tensor share the list's entries); an
-# entry is the tensor itself, or the file it was saved to when the inputs are kept on disk
-FPInputs = dict[str, list[torch.Tensor | Path]]
+# entry is the tensor itself, the file it was saved to when the inputs are kept on disk, or for an
+# expert projection what computes its FP input on the tokens the quantized stream routes to it
+FPInputs = dict[str, list[torch.Tensor | Path | RoutedFPEntry]]
 
 
 def record_fp_inputs(layer: nn.Module, linear_names: Sequence[str], fp_inputs: LayerInputs,
@@ -47,7 +59,8 @@ def record_fp_inputs(layer: nn.Module, linear_names: Sequence[str], fp_inputs: L
     files in `directory` (--offload-dir), so a GPU holds only the layer and the streams; linears
     fed one tensor keep one copy.
     """
-    kept: FPInputs = {name: [] for name in linear_names}
+    routed = [name for name in linear_names if is_routed(layer, name)]
+    kept: FPInputs = {name: [] for name in linear_names if name not in routed}
     # This batch's (source, copy) pairs by the source's identity; holding the source keeps its id
     # from being reused by a later tensor of the same pass.
     copies: dict[int, tuple[torch.Tensor, torch.Tensor | Path]] = {}
@@ -60,14 +73,19 @@ def record_fp_inputs(layer: nn.Module, linear_names: Sequence[str], fp_inputs: L
         torch.save(x.detach().contiguous().cpu(), path)
         return path
 
+    def keep_once(x: torch.Tensor) -> torch.Tensor | Path:
+        if id(x) not in copies:
+            copies[id(x)] = (x, copy_of(x))
+        return copies[id(x)][1]
+
     handles = []
     for name in kept:
         def keep(module: nn.Module, args: tuple, name: str = name) -> None:
-            x = args[0]
-            if id(x) not in copies:
-                copies[id(x)] = (x, copy_of(x))
-            kept[name].append(copies[id(x)][1])
+            kept[name].append(keep_once(args[0]))
         handles.append(get_module(layer, name).register_forward_pre_hook(keep))
+    experts = RoutedFPInputs(layer, keep_once) if routed else None
+    if experts is not None:
+        handles += experts.hooks()
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -78,10 +96,14 @@ def record_fp_inputs(layer: nn.Module, linear_names: Sequence[str], fp_inputs: L
     finally:
         for handle in handles:
             handle.remove()
+    for name in routed:
+        kept[name] = experts.entries(name, len(fp_inputs))
     return kept
 
 
-def _fp_input(entry: torch.Tensor | Path) -> torch.Tensor:
+def _fp_input(entry: torch.Tensor | Path | RoutedFPEntry, tokens: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(entry, RoutedFPEntry):
+        return entry.rows(tokens)
     return torch.load(entry, weights_only=True) if isinstance(entry, Path) else entry
 
 
@@ -104,7 +126,9 @@ def accumulate_group(
     reads one input, later batches stop before its first linear. With `fp_inputs` the accumulators
     also sum the FP-target cross term. Linears in `unweighted` (their method weighs no tokens) sum
     plain Hessians whatever `weights` holds. Given a `twins` dict, each token-weighted linear also gets an
-    unweighted twin accumulator there, summed in the same pass (the mix guard, quantkit.engine.mix).
+    unweighted twin accumulator there, summed in the same pass (the mix guard, quantkit.engine.mix). An expert
+    projection (quantkit.engine.routed) sees only the tokens routed to it, and is weighed by those tokens' weights
+    and fitted to their FP inputs.
     """
     cross = fp_inputs is not None
     plain = weights is None
@@ -130,11 +154,13 @@ def accumulate_group(
             if blocks is not None:
                 blocks.keep_input(name, x)
             if owner is None:
-                fp = _fp_input(fp_inputs[name][current["batch"]]) if cross else None
+                tokens = routed_tokens(module)
+                fp = _fp_input(fp_inputs[name][current["batch"]], tokens) if cross else None
                 weight = None if per_linear[name] is None else per_linear[name][current["batch"]]
-                accumulators[name].add(x, weight, fp)
+                samples = row_samples(x, tokens, inputs.hidden[current["batch"]])
+                accumulators[name].add(x, rows_of(weight, tokens, accumulators[name].groups), fp, samples)
                 if twins is not None and name in twins:
-                    twins[name].add(x, None, fp)
+                    twins[name].add(x, None, fp, samples)
                 current["inputs"].append((x, name))
             else:
                 accumulators[name] = accumulators[owner]
@@ -207,6 +233,11 @@ def quantize_layer(
     A `plan` with a guard (LinearPlan.guarded: the held-out samples' streams, quantkit.engine.mix) turns on the
     mix guard: each token-weighted group's Hessians are mixed with uniform ones, the share chosen on the
     held-out slice; each linear's report gives the choice under "mix".
+
+    A mixture-of-experts layer's expert projections (quantkit.engine.routed) are solved on the tokens
+    routed to each expert; with method.all_experts every expert runs on every token for its statistics (the
+    layer's output keeps the real routing). Each expert's report gives its routed tokens; an expert that no
+    calibration token reached is rounded to nearest, and its report says so.
     """
     comm = comm or Comm()
     observer = comm.hooks.on_hessian
@@ -225,8 +256,11 @@ def quantize_layer(
     fp_linear_inputs = None
     if weights is not None:
         weights = as_layer_weights(weights)
+    tally = ExpertTally(layer, names, adapter.linear_groups(index))
     if fp_inputs is not None and needs_hessian:
         fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
+    routed_fp = {e.owner for entries in (fp_linear_inputs or {}).values() for e in entries if isinstance(e, RoutedFPEntry)}
+    set_all_tokens(layer, method.all_experts)
     if held_out is not None:
         held_out.begin_layer(layer, index)
     blocks = FinishedBlocks(layer, names)
@@ -234,7 +268,7 @@ def quantize_layer(
     # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
     quantized = [name for name in names if settings[name] is not None]  # a recipe's FP linears read FP inputs
     act = None if spec.act_bits is None else ActivationQuantizer(layer, quantized, spec.act_bits)
-    for group in adapter.linear_groups(index):
+    for group_index, group in enumerate(adapter.linear_groups(index)):
         active = [name for name in group if settings[name] is not None]
         linears = {name: get_module(layer, name) for name in active}
         # the linears solved from Hessians; the others (RTN) are solved from their weights on every rank
@@ -251,22 +285,27 @@ def quantize_layer(
         # settings are one GPTQ problem with their rows stacked (GPTQ's rows are independent given H),
         # which runs the column loop once instead of once per linear.
         together = [[name] for name in active]
+        empty: set[str] = set()  # expert projections no calibration token reached: rounded to nearest
         if hessian_names:
             twins: dict[str, HessianAccumulator] | None = {} if held_out is not None and weights is not None else None
+            tally.start(group_index)
             accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
                                             blocks, fp_linear_inputs, unweighted, twins)
+            empty = tally.finish(group_index, accumulators, hessian_names, comm)
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
             if not comm.distributed:
                 alike: dict[tuple, list[str]] = {}
-                for name in hessian_names:
+                for name in (n for n in hessian_names if n not in empty):
                     alike.setdefault((id(accumulators[name]), settings[name]), []).append(name)
                 together = [names for names in alike.values() if accumulators[names[0]].groups == 1]
                 together += [[name] for names in alike.values() for name in names if accumulators[name].groups > 1]
-                together += [[name] for name in active if name not in hessian_names]
+                together += [[name] for name in active if name not in hessian_names or name in empty]
             for name in hessian_names:
                 acc = accumulators.pop(name)
+                if name in empty:
+                    continue
                 twin = (twins or {}).get(name)
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
                     acc = acc.copy()  # reductions work in place: each linear reduces its own copy
@@ -296,8 +335,9 @@ def quantize_layer(
             originals = {name: weight.clone() for name, weight in originals.items()}
 
         metrics = {} if weights is None else {n: m for n, m in weights.row_metrics.items()
-                                              if n in hessian_names and n not in unweighted}
-        group_solve = GroupSolve(linears, originals, settings, together, plan_rows, shared, comm, prefix, metrics)
+                                              if n in hessian_names and n not in unweighted and n not in empty}
+        solving = {**settings, **{n: replace(settings[n], method=method_for("rtn")) for n in empty}}
+        group_solve = GroupSolve(linears, originals, solving, together, plan_rows, shared, comm, prefix, metrics)
         if uniform:
             # the mix guard: each candidate share of uniform weight is solved, installed and scored on the held-out slice
             candidates, errors = {}, {}
@@ -322,17 +362,22 @@ def quantize_layer(
         group_solve.install(solved)
         for name in active:
             result, stats = solved[name]
-            entry = report_entry(stats, name in hessian_names)
+            entry = report_entry(stats, name in hessian_names and name not in empty)
             if name in hessian_names:
                 entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan_rows[name]]
+            tally.annotate(name, entry, prefix)
             entry.update(settings[name].describe())
-            if chosen_mix is not None and name in hessian_names:
+            if chosen_mix is not None and name in hessian_names and name not in empty:
                 entry["mix"] = chosen_mix
             reports[name] = entry
             results[f"{prefix}.{name}"] = result
         del solved, hessians, crosses, originals, group_solve
         # linears left in FP count as done at their turn: a block is replayed once all its linears are final
         blocks.mark_solved(group)
+    set_all_tokens(layer, False)  # the layer's output is the same either way: the propagation needs no statistics
+    for owner in routed_fp:
+        owner.close()
+    tally.report(reports)
     if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
         propagate(layer, inputs, blocks)

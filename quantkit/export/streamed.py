@@ -14,6 +14,7 @@ from quantkit.export.common import Layout
 from quantkit.export.writer import write_checkpoint_streamed
 from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models import adapter_for
+from quantkit.models.experts import checkpoint_key, checkpoint_module
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 
@@ -54,15 +55,18 @@ def export_streamed(
     for name in results.outside:
         fp.pop(f"{name}.weight", None)
 
+    # a model with unfused experts is written with the family's checkpoint names (as save_quantized writes it)
+    key, module = checkpoint_key(model), checkpoint_module(model)
+
     def parts() -> Iterator[tuple[dict[str, torch.Tensor], dict[str, QuantResult]]]:
-        yield fp, results.outside
+        yield {key(k): t for k, t in fp.items()}, {module(n): r for n, r in results.outside.items()}
         for index in range(n_layers):
             layer_results, layer_fp = results.layer(index)
-            yield layer_fp, layer_results
+            yield {key(k): t for k, t in layer_fp.items()}, {module(n): r for n, r in layer_results.items()}
             del layer_results, layer_fp
             trim_heap()
 
-    fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
+    fp_linears = sorted(module(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     layout = Layout(tuple(adapter.sub_names()), n_layers, tuple(fp_linears))

@@ -26,6 +26,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.models.base import Adapter, ExpertBlock, Family, LayerLayout, get_module, layer_output
+from quantkit.models.experts import RoutedExperts, with_expert_groups
 from quantkit.models.probe import (
     StopForward,
     error_line,
@@ -200,6 +201,9 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
                                              "full precision"))
     experts = tuple(ExpertBlock(block, containers_path, routers[block], positions.get(block, len(groups)))
                     for block, containers_path in blocks.items())
+    for block in sorted(experts, key=lambda b: -b.position):  # the last first: earlier positions stay valid
+        if isinstance(get_module(layer, block.experts), RoutedExperts):  # per-expert linears, solved as any other
+            groups = with_expert_groups(groups, layer, block.block, block.position)
     return LayerLayout(tuple(tuple(g) for g in groups), experts, tuple(full_precision)), out
 
 

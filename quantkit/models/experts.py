@@ -100,6 +100,12 @@ class RoutedExperts(nn.ModuleList):
         """How many experts the layer has."""
         return sum(1 for _ in self.experts())
 
+    def __len__(self) -> int:
+        return self.num_experts  # the activation and norm modules the list also holds are not experts
+
+    def __iter__(self) -> Iterator[Expert]:
+        return self.experts()
+
     def experts(self) -> Iterator[Expert]:
         """The Expert modules (the list also holds the activation and norm modules)."""
         return (m for m in self._modules.values() if isinstance(m, Expert))
@@ -322,6 +328,33 @@ def expert_solve_groups(layer: nn.Module) -> list[list[str]]:
             first += [f"{name}.{e}.{n}" for n in (names.gate, names.up) if n is not None]
             second.append(f"{name}.{e}.{names.down}")
     return [g for g in (first, second) if g]
+
+
+def with_expert_groups(groups: list[list[str]], layer: nn.Module, block: str, position: int) -> list[list[str]]:
+    """A layer's solve groups (names relative to the layer) with the RoutedExperts under `block` added where the
+    block runs (after the first `position` groups): every expert's gate and up join the group of the block's
+    own first linears (a shared expert's gate and up, reading the same hidden state) or form a new one, every
+    down the group after it."""
+    under = [(n, m) for n, m in routed_experts(layer.get_submodule(block) if block else layer)]
+    first, second = [], []
+    for name, experts in under:
+        path = f"{block}.{name}" if block else name
+        for e, expert in enumerate(experts.experts()):
+            names = expert.names
+            first += [f"{path}.{e}.{n}" for n in (names.gate, names.up) if n is not None]
+            second.append(f"{path}.{e}.{names.down}")
+    out = [list(g) for g in groups]
+
+    def in_block(group: list[str]) -> bool:
+        return all(n.startswith(block + ".") for n in group) if block else False
+
+    for offset, names in enumerate((first, second)):
+        at = position + offset
+        if at < len(out) and in_block(out[at]):
+            out[at] = out[at] + names
+        else:
+            out.insert(at, names)
+    return out
 
 
 def expert_of(name: str) -> tuple[str, int] | None:

@@ -229,7 +229,7 @@ def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
         # fused/split weights that transformers converts on load: names cannot be compared one to one
         check_stored_dtypes({k: v[1] for k, v in stored.items()}, [k for k in stored if k.endswith((".weight", ".bias"))], name)
         return
-    found = {renamed[k]: v for k, v in stored.items()}
+    found = _split_experts(model, {renamed[k]: v for k, v in stored.items()})
     check_stored_dtypes({k: v[1] for k, v in found.items()},
                         [k for k, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()], name)
     state = model.state_dict()
@@ -266,6 +266,25 @@ def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
                 f"{name}: tensor {key} in {path.name} is not part of the model config.json describes; "
                 "config.json does not match the weights"
             )
+
+
+def _split_experts(model, found: dict) -> dict:
+    """`found` (model name -> (shape, dtype, path)) with fused experts tensors of a checkpoint that keeps them fused
+    (gpt-oss, Llama 4) given as the per-expert tensors of the model's split experts (quantkit.models.experts)."""
+    import torch
+
+    from quantkit.models.experts import unfused_state
+
+    fused = {k: torch.empty(shape, device="meta") for k, (shape, _, _) in found.items() if k.endswith("_proj")
+             or k.endswith("_proj_bias")}
+    split = unfused_state(model, fused)
+    if split.keys() == fused.keys():
+        return found
+    out = {k: v for k, v in found.items() if k not in fused or k in split}
+    for key in split.keys() - fused.keys():
+        source = next(k for k in fused if k not in split and key.startswith(k.rsplit(".", 1)[0] + "."))
+        out[key] = (tuple(split[key].shape), *found[source][1:])
+    return out
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from quantkit.errors import QuantkitError
 from quantkit.models import adapter_for, auto_class_for, get_module
 from quantkit.models.base import Adapter
+from quantkit.models.experts import routed_experts, unfused_state
 
 
 def read_safetensors(path: str | os.PathLike, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -97,7 +98,8 @@ def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> di
         return out
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    # unfused experts have the checkpoint's per-expert tensors: only the renamings apply
+    converters = [] if routed_experts(model) else [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
     out = {}
     for key in keys:
@@ -153,7 +155,7 @@ def build_skeleton(model_dir: str, dtype: str = "auto", files=None) -> tuple[nn.
     torch_dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     with _parameters_on_meta():
         model = auto_class.from_config(config)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model)  # fused experts become per-expert linears (on meta), filled layer by layer
     source.use_model_names(model)
     model.eval()
     model.config.use_cache = False
@@ -176,6 +178,7 @@ def load_layer(model: nn.Module, adapter: Adapter, source: WeightSource, index: 
     prefix = f"{adapter.layer_prefix(index)}."
     keys = [k for k in source.where if k.startswith(prefix)]
     tensors = {k[len(prefix):]: v for k, v in source.load(keys).items()}
+    tensors = unfused_state(layers[index], tensors)  # a checkpoint that keeps experts fused (gpt-oss, Llama 4)
     if dtype != "auto":
         tensors = {k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}
     layer = layers[index]

@@ -34,10 +34,17 @@ class Method:
     summary: str
     # work on each layer before its solves, with its own options (quantkit.quant.presolve; smoothing, AWQ...)
     presolve: PreSolve = field(default=NO_PRESOLVE, compare=False)
+    # mixture of experts: every expert's statistics from every token (its output still from its routed tokens)
+    all_experts: bool = field(default=False, compare=False)
 
     def with_presolve(self, step: PreSolve) -> Method:
         """This method with pre-solve `step` on every layer (PreSolve.check says whether a run should pair them)."""
         return replace(self, presolve=step)
+
+    def with_all_experts(self, on: bool = True) -> Method:
+        """This method gathering every expert's statistics from every calibration token (`on`), or from the
+        tokens routed to it (the default)."""
+        return replace(self, all_experts=on)
 
     @property
     def reads_token_weights(self) -> bool:
