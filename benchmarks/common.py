@@ -70,13 +70,15 @@ def heldout_windows(tokenizer, seqlen: int, eval_tokens: int) -> torch.Tensor:
 
 
 def run_llmc_runner(python: str, runner: Path, model_dir: str, calib: torch.Tensor, evaluation: torch.Tensor,
-                    args: list[str]) -> dict:
-    """Run an llm-compressor runner script in its own venv on these calibration/eval windows; its LLMC_RESULT."""
+                    args: list[str], parts: dict[str, torch.Tensor] | None = None) -> dict:
+    """Run an llm-compressor runner script in its own venv on these calibration/eval windows (and named further
+    evaluation windows `parts`, which llmc_runner reports as part_losses); its LLMC_RESULT."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "windows.safetensors"
-        save_file({"calib": calib.contiguous(), "eval": evaluation.contiguous()}, str(path))
+        extra = {f"eval_{name}": t.clone() for name, t in (parts or {}).items()}
+        save_file({"calib": calib.contiguous(), "eval": evaluation.contiguous(), **extra}, str(path))
         done = subprocess.run([python, str(runner), "--model", model_dir, "--windows", str(path), *args],
                               capture_output=True, text=True,
                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})

@@ -49,15 +49,22 @@ def main() -> None:
                 strategy="group", group_size=setting["group_size"], actorder="static",
             ),
         )
-        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128, dampening_frac=0.01)
+        # a mixture of experts' routers stay in full precision (as quantkit keeps them): setting["ignore"]
+        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head", *setting.get("ignore", [])],
+                              block_size=128, dampening_frac=0.01)
         started = time.perf_counter()
+        # mixture of experts: llm-compressor's default sends every token to every expert while calibrating
+        moe = {"moe_calibrate_all_experts": setting["all_experts"]} if "all_experts" in setting else {}
         oneshot(
             model=model, dataset=dataset, recipe=recipe, num_calibration_samples=calib.shape[0],
-            max_seq_length=calib.shape[1], shuffle_calibration_samples=False,
+            max_seq_length=calib.shape[1], shuffle_calibration_samples=False, **moe,
         )
         seconds = time.perf_counter() - started
         per_window = window_losses(model.eval(), evaluation)
-        results.append(dict(setting, loss=float(per_window.mean()), window_losses=per_window.tolist(), seconds=seconds))
+        # further evaluation sets (one per held-out corpus): windows "eval_<name>"
+        parts = {key[5:]: float(window_losses(model, windows[key]).mean()) for key in windows if key.startswith("eval_")}
+        results.append(dict(setting, loss=float(per_window.mean()), window_losses=per_window.tolist(), seconds=seconds,
+                            **({"part_losses": parts} if parts else {})))
     import llmcompressor
     import transformers
 
