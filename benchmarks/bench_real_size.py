@@ -199,19 +199,25 @@ def _solve_record(clock: PhaseClock, kind: str):
 
 
 def install_clock(clock: PhaseClock) -> None:
-    """Wrap the engine's phases (see the module doc)."""
+    """Wrap the engine's phases in the modules that call them (see the module doc): a function is wrapped under
+    the name each caller's module holds, so the wrapping follows the engine when code moves between modules."""
     import quantkit.engine.layerwise as layerwise
+    import quantkit.engine.mix as mix
     import quantkit.engine.solve as solve
     from quantkit.engine.hessian import HessianAccumulator
 
-    clock.wrap(layerwise, "run_layer", "capture")
+    for module in (layerwise, mix):
+        if hasattr(module, "run_layer"):
+            clock.wrap(module, "run_layer", "capture")
     clock.wrap(HessianAccumulator, "add", "hessian")
     clock.wrap(HessianAccumulator, "result", "hessian")
     clock.wrap(HessianAccumulator, "cross_result", "hessian")
-    clock.wrap(layerwise, "solve_rows", "solve", _solve_record(clock, "rows"))
-    clock.wrap(layerwise, "solve_slice", "solve", _solve_record(clock, "slice"))
-    clock.wrap(layerwise, "result_stats", "stats")
-    clock.wrap(solve, "result_stats", "stats")
+    for module in (layerwise, solve):
+        for attr, kind in (("solve_rows", "rows"), ("solve_slice", "slice")):
+            if hasattr(module, attr):
+                clock.wrap(module, attr, "solve", _solve_record(clock, kind))
+        if hasattr(module, "result_stats"):
+            clock.wrap(module, "result_stats", "stats")
 
 
 def child_quantkit(model_dir: str, method_key: str, nsamples: int, seqlen: int, device: str, dtype: str) -> dict:
