@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -571,3 +572,67 @@ def test_fourth_round_refusals(made: dict, tmp_path: Path, args: list, fragment:
              "TEXT": str(made["text"]), "GONE": str(tmp_path / "gone.txt"), "OUT": str(tmp_path / "out")}
     line = assert_fault(tmp_path, [names.get(a, a) for a in args], fragment)
     assert "--method rtn, which" not in line or "gptq" in args
+
+
+# ---------------------------------------------------------------- options the chosen method does not read
+
+UNREAD = [  # (CLI flags, quantkit.quantize options, what the one line names)
+    (["--method", "rtn", "--cd-sweeps", "3"], {"method": "rtn", "cd_sweeps": 3}, "--cd-sweeps (cd_sweeps=) has no effect with rtn"),
+    (["--method", "rtn", "--damp", "0.5"], {"method": "rtn", "damp": 0.5}, "--damp (damp=) has no effect with rtn"),
+    (["--method", "rtn", "--lam", "0.5"], {"method": "rtn", "importance": {"lam": 0.5}}, "--lam (importance="),
+    (["--method", "rtn", "--all-experts"], {"method": "rtn", "all_experts": True}, "--all-experts (all_experts=) has no effect with rtn"),
+    (["--method", "gptq", "--guidance", "linear"], {"method": "gptq", "importance": {"guidance": "linear"}},
+     "--guidance (importance={'guidance': ...}) has no effect with gptq"),
+    (["--method", "gptq", "--importance-loss", "fisher"], {"method": "gptq", "importance": {"loss": "fisher"}},
+     "--importance-loss (importance={'loss': ...}) has no effect with gptq"),
+]
+
+
+@pytest.mark.parametrize("flags, options, fragment", UNREAD)
+def test_an_option_the_method_does_not_read_is_refused(work: Path, no_model_load, flags: list, options: dict,
+                                                      fragment: str) -> None:
+    import quantkit
+    from quantkit.errors import QuantkitError
+
+    result = run_cli(*calibrate(work, *flags))
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "drop it" in result.output
+    assert not (work / "out").exists()
+    with pytest.raises(QuantkitError, match=re.escape(fragment)):
+        quantkit.quantize(str(work / "model"), data=str(work / "text.txt"), output_dir=str(work / "api"), nsamples=2,
+                          seqlen=16, group_size=32, **options)
+    assert not (work / "api").exists()
+
+
+def test_defaults_of_unread_options_pass() -> None:
+    """Options left at (or set to) their defaults are not refused, whichever method reads them."""
+    from quantkit.calibrate.job import build_job
+    from quantkit.importance import TLQ_DEFAULTS
+
+    job = build_job("any/model", None, method="rtn", damp=0.01, cd_sweeps=0, all_experts=False, importance=TLQ_DEFAULTS)
+    assert job.quantization.method.name == "rtn"
+    build_job("any/model", "text.txt", method="gptq", damp=0.2, cd_sweeps=2, all_experts=True)
+
+
+def test_chat_template_without_data_is_refused(work: Path, no_model_load) -> None:
+    (work / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    result = run_cli("calibrate", work / "model", *BASE, "--chat-template", work / "t.jinja", "-o", work / "out")
+    assert result.exit_code == 2, result.output
+    assert "--chat-template (chat_template=) renders chat calibration records, and this rtn run reads no data" in result.output
+    assert not (work / "out").exists()
+
+
+def test_importance_options_with_a_calibration_set_are_refused() -> None:
+    from quantkit.calibrate.job import build_job
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match=r"--lam \(importance=\{'lam': \.\.\.\}\) has no effect with --calib-set s: "
+                                            "the set brings its token weights"):
+        build_job("any/model", None, method="tlq", calib_set="s", importance={"lam": 0.3})
+
+
+def test_all_experts_on_a_model_without_experts_is_refused_before_loading(work: Path, no_model_load) -> None:
+    result = run_cli(*calibrate(work, "--method", "gptq", "--all-experts"))
+    assert result.exit_code == 2, result.output
+    assert "--all-experts (all_experts=) has no effect on" in result.output and "llama layers have no mixture of experts" in result.output
+    assert not (work / "out").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, Method, method_for
+from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, METHOD_OPTIONS, METHODS, Method, method_for
 from quantkit.quant.recipe import Recipe, as_recipe
 from quantkit.quant.smooth import AUTO, resolve_smooth
 from quantkit.quant.spec import QuantSpec
@@ -159,6 +159,11 @@ OPTIONS: dict[str, Any] = {
 }
 
 
+# the CLI's flag of each of TLQ's gradient-pass options (build_job's importance keys)
+IMPORTANCE_FLAG_OF = {"guidance": "--guidance", "row_groups": "--row-groups", "loss": "--importance-loss",
+                    "draws": "--fisher-draws", "lam": "--lam", "power": "--power"}
+
+
 def source_name(model: Any) -> str:
     """The name a model is reported under: its path or hub id, or where a loaded model came from."""
     if isinstance(model, (str, os.PathLike)):
@@ -186,6 +191,9 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
         rtn = ", or --method rtn, which rounds each weight alone and needs none" if method.needs_activations else ""
         raise QuantkitError(f"no calibration data: {reader}; give --calib PATH (data=: a path, texts, image-text or chat "
                             f"records or a Dataset) or --calib-set DIR (calib_set=){rtn}")
+    if data_spec.empty and data_spec.chat_template is not None:
+        raise QuantkitError(f"--chat-template (chat_template=) renders chat calibration records, and this "
+                            f"{quantization.method} run reads no data; drop it, or give --calib with chat records (data=)")
     export = _export_spec(o, quantization)
     loaded = None if isinstance(model, (str, os.PathLike)) else model
     in_memory = loaded is not None or data_spec.records is not None or tokenizer is not None
@@ -240,6 +248,32 @@ def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None,
     return method, o["fp_target"], None
 
 
+def _given_flags(name: str, o: dict) -> list[str]:
+    """How the options under build_job name `name` that differ from their defaults are spelled (CLI and API)."""
+    if name != "importance":
+        return [] if o[name] == OPTIONS[name] else [f"--{name.replace('_', '-')} ({name}=)"]
+    from quantkit.importance import TLQ_DEFAULTS
+
+    return [f"{IMPORTANCE_FLAG_OF[key]} (importance={{{key!r}: ...}})" for key, value in (o[name] or {}).items()
+            if value != TLQ_DEFAULTS[key]]
+
+
+def check_options_read(o: dict, method: Method, data: DataSpec) -> None:
+    """Refuse an option given (other than its default) that the run's method does not read: it would change
+    nothing, and the user would believe it did."""
+    for name, purpose in METHOD_OPTIONS.items():
+        given = _given_flags(name, o)
+        if not given:
+            continue
+        if name not in method.options_read:
+            readers = [m for m in METHODS if name in METHODS[m].reads]
+            raise QuantkitError(f"{given[0]} has no effect with {method} ({METHODS[method.name].summary}): it "
+                                f"{purpose}; drop it, or use --method {' or '.join(readers)}")
+        if name == "importance" and data.calib_set is not None:
+            raise QuantkitError(f"{given[0]} has no effect with --calib-set {data.calib_set}: the set brings its token "
+                                f"weights; drop it, or make a set with it (quantkit importance {given[0].split()[0]})")
+
+
 def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpec:
     if o["static_groups"] and not o["act_order"]:
         raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
@@ -254,6 +288,7 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
     step = smoothing_mode(resolve_smooth(o["smooth"], o["act_bits"], method.token_weights))
     step.check(method)
     method = method.with_presolve(step).with_all_experts(o["all_experts"])
+    check_options_read(o, method, data)
     recipe = as_recipe(o["recipe"])
     importance = o["importance"]
     if importance:

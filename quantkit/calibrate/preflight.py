@@ -58,6 +58,8 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         check_source_for_model(data.source, is_vlm(files.config), model.name)
     if model.loaded is None and not given:
         check_chat_data(data.source, data.chat_template, files)
+    if q.method.all_experts:
+        check_has_experts(job, model.loaded if model.loaded is not None else files.config)
     if q.recipe is not None:
         check_recipe(job, model.loaded if model.loaded is not None else files.config)
     elif job.export.output is not None:
@@ -122,6 +124,15 @@ def _model_and_adapter(job: CalibrationJob, model_or_config: object) -> tuple[ob
     if isinstance(model_or_config, nn.Module):
         return model_or_config, adapter_for(model_or_config)
     return build_meta_model(model_or_config, job.model.name)  # shapes only: no weights are read
+
+
+def check_has_experts(job: CalibrationJob, model_or_config: object) -> None:
+    """--all-experts changes the statistics of a mixture of experts only: a model without one is refused."""
+    model, adapter = _model_and_adapter(job, model_or_config)
+    if not any(adapter.layout(i).experts for i in range(len(adapter.decoder_layers(model)))):
+        raise QuantkitError(f"--all-experts (all_experts=) has no effect on {job.model.name}: its "
+                            f"{getattr(model.config, 'model_type', type(model).__name__)} layers have no mixture of "
+                            "experts; drop it")
 
 
 def check_linear_shapes(job: CalibrationJob, model_or_config: object) -> None:

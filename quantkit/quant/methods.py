@@ -36,6 +36,8 @@ class Method:
     presolve: PreSolve = field(default=NO_PRESOLVE, compare=False)
     # mixture of experts: every expert's statistics from every token (its output still from its routed tokens)
     all_experts: bool = field(default=False, compare=False)
+    # which of METHOD_OPTIONS its solve reads (an option it does not read is refused, not silently dropped)
+    reads: frozenset[str] = frozenset()
 
     def with_presolve(self, step: PreSolve) -> Method:
         """This method with pre-solve `step` on every layer (PreSolve.check says whether a run should pair them)."""
@@ -57,6 +59,13 @@ class Method:
         activations (RTN alone rounds each weight from the weight)."""
         return self.needs_activations or self.presolve.name != "none"
 
+    @property
+    def options_read(self) -> frozenset[str]:
+        """The METHOD_OPTIONS a run of this method reads: its solve's, and those of its pre-solve step."""
+        step = self.presolve
+        return (self.reads | ({"all_experts"} if step.name != "none" else set())
+                | ({"importance"} if step.token_weights else set()))
+
     def fp_target_on(self, fp_target: bool | None) -> bool:
         """Whether a run carries the FP stream: None means this method's default; never without activations."""
         return (self.fp_target_default if fp_target is None else fp_target) and self.needs_activations
@@ -65,16 +74,26 @@ class Method:
         return self.name
 
 
+# The build_job options only some methods read, with what each does (the refusal's reason).
+METHOD_OPTIONS = {
+    "damp": "dampens the Hessian of a GPTQ solve",
+    "cd_sweeps": "refines the codes of a GPTQ solve on its Hessian",
+    "all_experts": "gathers a mixture of experts' statistics from every calibration token",
+    "importance": "sets the gradient pass of TLQ's token weights",
+}
+_GPTQ_READS = frozenset({"damp", "cd_sweeps", "all_experts"})
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("rtn", rtn_solve, needs_activations=False, token_weights=False, fp_target_default=False,
                summary="round-to-nearest on each group's grid; no calibration data read"),
         Method("gptq", gptq_solve, needs_activations=True, token_weights=False, fp_target_default=False,
-               summary="GPTQ: error-compensating rounding from the layer's input Hessian"),
+               summary="GPTQ: error-compensating rounding from the layer's input Hessian", reads=_GPTQ_READS),
         # TLQ's FP target carried its gains on the reference LM's validation windows (benchmarks/bench_tlq.py)
         Method("tlq", gptq_solve, needs_activations=True, token_weights=True, fp_target_default=True,
-               summary="GPTQ on token-importance-weighted Hessians, fitted to the FP output"),
+               summary="GPTQ on token-importance-weighted Hessians, fitted to the FP output",
+               reads=_GPTQ_READS | {"importance"}),
     )
 }
 
