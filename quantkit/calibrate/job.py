@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, METHOD_OPTIONS, METHODS, Method, method_for
+from quantkit.quant.methods import (
+    DEFAULT_METHOD,
+    FALLBACK_METHOD,
+    METHOD_OPTIONS,
+    METHODS,
+    Method,
+    method_for,
+)
 from quantkit.quant.recipe import Recipe, as_recipe
 from quantkit.quant.smooth import AUTO, resolve_smooth
 from quantkit.quant.spec import QuantSpec
