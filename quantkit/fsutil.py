@@ -326,3 +326,39 @@ def check_offload_dir(path: str | os.PathLike | None, sources: Iterable[str | os
     if not where.is_dir():
         raise QuantkitError(f"cannot create --offload-dir {path}: {where} is a file")
     check_writable(where, f"--offload-dir {path}")
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> object:
+    """A YAML file's content; a missing or unreadable file, bytes that are not UTF-8, bad YAML and a key given twice in
+    one mapping (YAML would keep the last one silently) are each one QuantkitError naming `what` and the file."""
+    import yaml
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QuantkitError(f"{what} {file} not found") from None
+    except UnicodeDecodeError as err:
+        raise QuantkitError(f"{what} {file} is not UTF-8 text (byte {err.start}); give a YAML file") from None
+    except OSError as err:
+        raise QuantkitError(f"cannot read {what} {file}: {err.strerror or err}") from None
+
+    class UniqueKeys(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping."""
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    raise QuantkitError(f"{what} {file}: key {key.value!r} is given twice (line {key.start_mark.line + 1}); "
+                                        "keep one")
+                seen.add(key.value)
+        return loader.construct_yaml_map(node)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QuantkitError(f"{what} {file} is not valid YAML: {first}") from None

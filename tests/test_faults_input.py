@@ -636,3 +636,75 @@ def test_all_experts_on_a_model_without_experts_is_refused_before_loading(work: 
     assert result.exit_code == 2, result.output
     assert "--all-experts (all_experts=) has no effect on" in result.output and "llama layers have no mixture of experts" in result.output
     assert not (work / "out").exists()
+
+
+# ---------------------------------------------------------------- files beside the model and the recipe
+
+
+RTN_ONLY = ["--method", "rtn", "--group-size", "32", "--json"]
+GPTQ = ["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--json"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (bytes(range(128, 256)) * 2, "is not UTF-8 text"),
+    (b"ignore: [o_proj]\nignore: [q_proj]\n", "key 'ignore' is given twice (line 2)"),
+    (b"overrides:\n  - targets: [o_proj]\n    bits: 8\n    bits: 3\n", "key 'bits' is given twice (line 4)"),
+])
+def test_a_recipe_that_cannot_be_read_as_written_is_refused(work: Path, no_model_load, content: bytes,
+                                                           fragment: str) -> None:
+    """YAML keeps the last of two equal keys: the first `ignore` would be dropped and its layers quantized."""
+    from quantkit.errors import QuantkitError
+    from quantkit.quant.recipe import Recipe
+
+    (work / "r.yaml").write_bytes(content)
+    line = assert_fault(work, ["calibrate", work / "model", *RTN_ONLY, "--recipe", work / "r.yaml", "-o", work / "out"],
+                        fragment)
+    assert "r.yaml" in line
+    with pytest.raises(QuantkitError, match=fragment.split(" (")[0]):
+        Recipe.from_yaml(work / "r.yaml")
+
+
+def test_a_calibration_recipe_with_a_key_given_twice_is_refused(work: Path, no_model_load) -> None:
+    (work / "c.yaml").write_text(f"sources:\n  - path: {work / 'text.txt'}\nsources:\n  - path: {work / 'model'}\n")
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "c.yaml", *GPTQ, "-o", work / "out"],
+                 "key 'sources' is given twice")
+
+
+@pytest.mark.parametrize("edit", ["garbage", "deleted"])
+def test_rtn_refuses_a_tokenizer_that_does_not_load(work: Path, no_model_load, edit: str) -> None:
+    """An RTN run reads no text, but its export copies the tokenizer: one that cannot load must not be copied."""
+    model = work / "model"
+    if edit == "garbage":
+        (model / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+    else:
+        (model / "tokenizer.json").unlink()
+    assert_fault(work, ["calibrate", model, *RTN_ONLY, "-o", work / "out"], "cannot load a tokenizer")
+
+
+def test_a_broken_generation_config_is_refused_not_copied(work: Path, no_model_load) -> None:
+    (work / "model" / "generation_config.json").write_text("{bad json")
+    assert_fault(work, ["calibrate", work / "model", *RTN_ONLY, "-o", work / "out"],
+                 "generation_config.json is not valid JSON")
+
+
+@pytest.mark.parametrize("positions", [0, -1])
+def test_seqlen_against_a_nonpositive_max_position_embeddings(work: Path, no_model_load, positions: int) -> None:
+    edit_json(work / "model" / "config.json", lambda d: d.update(max_position_embeddings=positions))
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "text.txt", *GPTQ, "-o", work / "out"],
+                 f"max_position_embeddings {positions}")
+
+
+def test_a_text_record_with_empty_text_among_good_ones_is_refused(work: Path, no_model_load) -> None:
+    words = (work / "text.txt").read_text().split()
+    records = [{"text": " ".join(words[i * 50:(i + 1) * 50])} for i in range(5)] + [{"text": ""}] * 3
+    (work / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "d.jsonl", *GPTQ, "-o", work / "out"],
+                 "d.jsonl:6: field 'text' is empty")
+
+
+def test_a_chat_role_outside_system_user_assistant_is_refused(work: Path, no_model_load) -> None:
+    wizard = {"messages": [{"role": "wizard", "content": "w1 w2"}, {"role": "assistant", "content": "w4 w5"}]}
+    (work / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*CHAT, wizard]))
+    (work / "t.jinja").write_text(TEMPLATE)
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "c.jsonl", *GPTQ, "--chat-template",
+                        work / "t.jinja", "-o", work / "out"], "c.jsonl:5: role 'wizard' is not one of system, user")

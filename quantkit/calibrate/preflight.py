@@ -17,7 +17,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
     from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
     from quantkit.engine.distributed import check_device
     from quantkit.fsutil import check_offload_dir
-    from quantkit.models.files import check_seqlen
+    from quantkit.models.files import TOKENIZER_FILES, check_seqlen
 
     model, data, q, run = job.model, job.data, job.quantization, job.run
     check_device(run.device, run.devices, run.nproc)
@@ -38,7 +38,9 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         files = ModelFiles(name=model.name, local=None, config=model.loaded.config)
     else:
         drawn = data.source is not None or data.records is not None
-        files = model_for_data(model.name, None if given else data.source, tokenizer=drawn and not given)
+        # The export copies the model's tokenizer: where it has one, it must load (an RTN run reads no data).
+        exported = job.export.output is not None and any(Path(model.name, f).is_file() for f in TOKENIZER_FILES)
+        files = model_for_data(model.name, None if given else data.source, tokenizer=(drawn or exported) and not given)
         if run.low_memory and files.weight_files:
             from quantkit.models.checks import check_weight_files
 

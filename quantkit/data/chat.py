@@ -29,6 +29,7 @@ from quantkit.data.sources import jsonl_records
 from quantkit.errors import QuantkitError
 
 CHAT_FIELD = "messages"
+CHAT_ROLES = ("system", "user", "assistant")  # the roles docs/commands.md names for chat records
 NO_TEMPLATE_HINT = ("pass a model whose tokenizer has a chat template, or --chat-template FILE "
                     "(chat_template= in quantkit.quantize) with a Jinja template")
 
@@ -87,6 +88,9 @@ def chat_messages(record: object, where: str) -> list[dict]:
         for m in messages
     ):
         raise QuantkitError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}} objects")
+    other = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
+    if other is not None:
+        raise QuantkitError(f"{where}: role {other!r} is not one of {', '.join(CHAT_ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise QuantkitError(f"{where}: no assistant turn; the loss mask covers the assistant's tokens")
     return messages

@@ -70,17 +70,11 @@ def _resolve(raw: str, base: Path, where: str) -> str:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Parse and check a recipe file; any problem is a QuantkitError naming the file and field."""
-    import yaml
-
     from quantkit.data.sources import PARTS
+    from quantkit.fsutil import read_yaml
 
     file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise QuantkitError(f"recipe {file} not found") from err
-    except yaml.YAMLError as err:
-        raise QuantkitError(f"recipe {file} is not valid YAML: {str(err).splitlines()[0]}") from err
+    data = read_yaml(file, "recipe")
     if not isinstance(data, dict):
         raise QuantkitError(f"recipe {file} must be a mapping with a 'sources' list")
     unknown = set(data) - {"name", "kind", "nsamples", "seqlen", "sources", "description"}

@@ -163,6 +163,8 @@ def read_jsonl(path: Path, field: str = "text") -> list[str]:
         value = record[field]
         if not isinstance(value, str):
             raise QuantkitError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+        if not value.strip():
+            raise QuantkitError(f"{where}: field {field!r} is empty; drop the record or give it text")
         texts.append(value)
     return texts
 

@@ -171,6 +171,14 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad config.json raises ValueError, OSError, KeyError...
         raise QuantkitError(f"cannot read the config of {name}: {first_line(err)}") from None
+    generation = local / "generation_config.json" if local is not None else None
+    if generation is not None and generation.is_file():  # the export copies it as it is
+        try:
+            parsed = json.loads(generation.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise QuantkitError(f"{generation} is not valid JSON ({first_line(err)}); fix or delete it") from None
+        if not isinstance(parsed, dict):
+            raise QuantkitError(f"{generation} holds a {type(parsed).__name__}, not a JSON object; fix or delete it")
     info = ModelFiles(name=name, local=local, config=config)
     from quantkit.models import check_quantized_loadable
 
@@ -328,6 +336,11 @@ def max_positions(config: object) -> int | None:
 
 def check_seqlen(config: object, seqlen: int, flag: str = "--seqlen") -> None:
     """Refuse windows longer than the positions the model was built for (its loss is meaningless there)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise QuantkitError(f"the model's config has max_position_embeddings {value}, which admits no {flag}; "
+                                "fix config.json")
     limit = max_positions(config)
     if limit is not None and seqlen > limit:
         raise QuantkitError(f"{flag} {seqlen} exceeds the model's max_position_embeddings ({limit}); use {flag} {limit} or less")

@@ -167,16 +167,12 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
         """The recipe in YAML file `path`."""
-        import yaml
+        from quantkit.fsutil import read_yaml
 
         file = Path(expect_path("Recipe.from_yaml(path)", path))
         if not file.is_file():
             raise QuantkitError(f"recipe {path} not found; give a YAML file with targets, ignore and overrides")
-        try:
-            data = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise QuantkitError(f"recipe {path} is not valid YAML: {first}") from None
+        data = read_yaml(file, "recipe")
         return cls.from_dict(data or {}, f"recipe {path}")
 
     def to_dict(self) -> dict:
