@@ -108,6 +108,11 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
     except Exception as err:  # noqa: BLE001 - transformers' own error for a config it cannot build tiny
         return {**row, "status": "not built tiny", "why": first_line(err)}
     row["class"] = "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else None
+    model_dir, out = root / "model", root / "out"
+    try:  # saved before adapter_for, which splits fused experts in place into a layout transformers cannot read
+        model.save_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001
+        return {**row, "status": "not built tiny", "why": f"save: {first_line(err)}"}
     try:
         adapter = adapter_for(model)
     except QuantkitError as err:
@@ -123,9 +128,7 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
     fp = sorted({f"{name}: {why}" for layout in set(adapter.layouts) for name, why in layout.full_precision})
     if fp:
         row["full_precision"] = fp
-    model_dir, out = root / "model", root / "out"
     try:
-        model.save_pretrained(model_dir)
         make_tokenizer().save_pretrained(model_dir)
         text = write_text(root / "calib.txt", words=400)
         loaded = AutoTokenizer.from_pretrained(model_dir)
