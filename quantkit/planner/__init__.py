@@ -36,6 +36,10 @@ PROCESS_BYTES = 500 * 2**20
 # What a CUDA build adds to a process's host memory (its libraries and context): an assumption, not
 # measured here (no GPU on the machine the rest was measured on); benchmarks/device_check.sh reports it.
 CUDA_HOST_BYTES = 1536 * 2**20
+# A CUDA build of torch maps its CUDA libraries into every process that imports it, CPU runs included (measured:
+# the same calibrate process peaks at 1105 MiB with torch 2.10's CUDA build on a CPU, where the plan without this
+# term said 604; CI's floors and newest releases install such builds).
+CUDA_BUILD_BYTES = 500 * 2**20
 
 
 @dataclass
@@ -256,6 +260,14 @@ def _group_phases(layer: LayerShape, shape: ModelShape, settings: RunSettings, t
     return out
 
 
+def _cuda_bytes(gpu: bool) -> int:
+    """What CUDA adds to a process's host memory: its libraries and context on a GPU run, its libraries alone on a
+    CPU run of a CUDA build of torch."""
+    import torch
+
+    return CUDA_HOST_BYTES if gpu else CUDA_BUILD_BYTES if torch.version.cuda else 0
+
+
 def _rank_plan(shape: ModelShape, settings: RunSettings, rank: int) -> RankPlan:
     samples = _samples_of(rank, settings)
     tokens = samples * settings.seqlen
@@ -267,7 +279,7 @@ def _rank_plan(shape: ModelShape, settings: RunSettings, rank: int) -> RankPlan:
     layer = max(shape.layers, key=lambda one: (one.params, max(max(one.inputs(g)) for g in one.groups)))
     layer_bytes = layer.params * sz
     outside_bytes = shape.outside_params * sz
-    process = Term("process", PROCESS_BYTES + (CUDA_HOST_BYTES if gpu else 0), "Python, torch, transformers, quantkit")
+    process = Term("process", PROCESS_BYTES + _cuda_bytes(gpu), "Python, torch, transformers, quantkit")
     if settings.low_memory:
         model = Term("model outside the layers", outside_bytes, "embeddings, final norm, head (the skeleton)")
     else:
