@@ -80,20 +80,27 @@ def _row_group_squares(grad: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _linear_output_hooks(layer: nn.Module, names: Sequence[str], groups: int, found: dict[str, list[torch.Tensor]]):
-    """While active, every backward through `layer` appends [B, T, groups] squared output gradients of
-    each linear in `names` to found[name] (one entry per backward: per draw)."""
+def _output_gradient_hooks(layer: nn.Module, names: Sequence[str], on_grad):
+    """While active, every backward through `layer` calls on_grad(name, grad) with the gradient at the output of
+    each linear in `names`."""
     handles = []
     for name in names:
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad, name=name: found[name].append(_row_group_squares(grad.detach(), groups)))
+                output.register_hook(lambda grad, name=name: on_grad(name, grad))
         handles.append(get_module(layer, name).register_forward_hook(forward_hook))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _linear_output_hooks(layer: nn.Module, names: Sequence[str], groups: int, found: dict[str, list[torch.Tensor]]):
+    """While active, every backward through `layer` appends [B, T, groups] squared output gradients of
+    each linear in `names` to found[name] (one entry per backward: per draw)."""
+    return _output_gradient_hooks(
+        layer, names, lambda name, grad: found[name].append(_row_group_squares(grad.detach(), groups)))
 
 
 @dataclass(frozen=True)
@@ -110,29 +117,18 @@ class GradientSettings:
     output_side: int | None = None  # also sum each linear's block-diagonal output-side factor (blocks of b rows)
 
 
-@contextlib.contextmanager
 def _linear_factor_hooks(layer: nn.Module, names: Sequence[str], block: int, sums: dict[str, torch.Tensor]):
     """While active, every backward through `layer` adds each linear's block-diagonal sum of g g^T over its output
     rows (blocks of `block` rows) to sums[name] (float64 [out / block, block, block])."""
-    handles = []
-    for name in names:
-        def add(grad: torch.Tensor, name: str = name) -> None:
-            out = grad.shape[-1]
-            if out % block:
-                raise QuantkitError(f"output-side factor blocks of {block} rows do not divide {name}'s {out} rows")
-            g = grad.detach().reshape(-1, out // block, block).float()
-            part = torch.einsum("tnb,tnc->nbc", g, g).double().cpu()
-            sums[name] = part if name not in sums else sums[name] + part
+    def add(name: str, grad: torch.Tensor) -> None:
+        out = grad.shape[-1]
+        if out % block:
+            raise QuantkitError(f"output-side factor blocks of {block} rows do not divide {name}'s {out} rows")
+        g = grad.detach().reshape(-1, out // block, block).float()
+        part = torch.einsum("tnb,tnc->nbc", g, g).double().cpu()
+        sums[name] = part if name not in sums else sums[name] + part
 
-        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor, add=add) -> None:
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(add)
-        handles.append(get_module(layer, name).register_forward_hook(forward_hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _output_gradient_hooks(layer, names, add)
 
 
 def importance_scores(
