@@ -499,29 +499,21 @@ def execute_notebook(notebook: Path, tmp_path: Path, monkeypatch, **env: str) ->
 
 
 
-# Tiny mixture-of-experts models of the families quantkit unfuses, from transformers' own config classes: 4
-# experts of width 32 (2 routed per token; Llama 4 routes 1), 2 layers (DeepSeek-V3's first is dense).
+# Tiny mixture-of-experts models of the families quantkit unfuses: tiny_config with 4 experts of width 32 (2 routed
+# per token; Llama 4 routes 1), dense width 32, 2 layers (DeepSeek-V3's first is dense), vocabulary 64.
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "llama4_text"]
-MOE_BASE = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=16, vocab_size=64, pad_token_id=0, max_position_embeddings=64, tie_word_embeddings=False)
-MOE_FIELDS = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                      decoder_sparse_step=1, mlp_only_layers=[]),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
-                      mlp_only_layers=[]),
-    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
-                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, intermediate_size=64),
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, eos_token_id=0, bos_token_id=0),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=0, bos_token_id=0),
-    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, interleave_moe_layer_step=1),
+MOE_FIELDS = {  # where a family's tiny MoE differs from tiny_config's fields
+    "mixtral": dict(sliding_window=None),
+    "deepseek_v3": dict(first_k_dense_replace=1, intermediate_size=64),
+    "gpt_oss": dict(sliding_window=128),
+    "llama4_text": dict(num_experts_per_tok=1, intermediate_size_mlp=64),
 }
 
 
 @functools.cache
 def _moe_state(model_type: str, seed: int) -> dict:
-    model = tiny_model(model_type, seed, **{**MOE_BASE, **MOE_FIELDS[model_type]})
+    fields = dict(intermediate_size=32, vocab_size=64, max_position_embeddings=64) | MOE_FIELDS.get(model_type, {})
+    model = random_model(tiny_config(model_type, **fields), seed)
     return {"config": model.config, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
