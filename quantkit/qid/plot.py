@@ -28,6 +28,40 @@ def _grid(values: list[float]) -> np.ndarray:
     return np.geomspace(lo, hi, 50) if hi > lo else np.array([lo])
 
 
+# QiD against one factor: (its key, panel key, series key, marker, x label); one panel per value of the panel key,
+# one series per value of the series key, the fitted law dashed (per bit width, or over bit widths in the P figure).
+FIGURES = {
+    "D": ("D", "bits", "N", "o", "training tokens D"),
+    "N": ("N", "bits", "D", "s", "non-embedding params N"),
+    "P": ("bits", "N", "D", "^", "bits P"),
+}
+
+
+def _figure(plt, pos: list[dict], fit: dict | None, method: str, factor: str, color):
+    """One figure of QiD against `factor` (FIGURES) for one method's positive rows."""
+    key, panel_key, series_key, marker, xlabel = FIGURES[factor]
+    panels = sorted({r[panel_key] for r in pos})
+    series = sorted({r[series_key] for r in pos})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.6), squeeze=False, sharey=True)
+    for ax, p in zip(axes[0], panels):
+        law = _law(fit, method, p if panel_key == "bits" else None)
+        for i, s in enumerate(series):
+            pts = sorted((r[key], r["qid"]) for r in pos if r[panel_key] == p and r[series_key] == s)
+            if not pts:
+                continue
+            ax.plot(*zip(*pts), marker, color=color(i, len(series)), label=f"{series_key}={s:.3g}")
+            if law is not None and len(pts) > 1:
+                xs = [x for x, _ in pts]
+                x = np.linspace(min(xs), max(xs), 30) if key == "bits" else _grid(xs)
+                at = [{panel_key: p, series_key: s, key: v} for v in x]
+                ax.plot(x, [law.qid(a["N"], a["D"], a["bits"]) for a in at], "--", color=color(i, len(series)))
+        ax.set(**({} if key == "bits" else {"xscale": "log"}), yscale="log", xlabel=xlabel,
+               title=f"{p} bits" if panel_key == "bits" else f"N={p:.3g}")
+    axes[0][0].set_ylabel("QiD (nats)")
+    axes[0][0].legend(fontsize=7)
+    return fig
+
+
 def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = None, method: str | None = None,
                formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
     """Write qid_vs_{D,N,P}_{method}.{png,svg} for each method (or one); return the written paths."""
@@ -60,58 +94,7 @@ def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = N
         rows = [r for r in table.rows if r["method"] == m]
         pos = [r for r in rows if r["qid"] > 0]
         note = f" ({len(rows) - len(pos)} point(s) with QiD <= 0 not shown)" if len(pos) < len(rows) else ""
-        bits_all = sorted({r["bits"] for r in pos})
-        ns = sorted({r["N"] for r in pos})
-        ds = sorted({r["D"] for r in pos})
-        figures = {}
-        # QiD vs D, one panel per bit width, one series per N.
-        fig, axes = plt.subplots(1, max(len(bits_all), 1), figsize=(4.2 * max(len(bits_all), 1), 3.6), squeeze=False, sharey=True)
-        for ax, b in zip(axes[0], bits_all):
-            law = _law(fit, m, b)
-            for i, n in enumerate(ns):
-                pts = sorted((r["D"], r["qid"]) for r in pos if r["bits"] == b and r["N"] == n)
-                if not pts:
-                    continue
-                ax.plot(*zip(*pts), "o", color=color(i, len(ns)), label=f"N={n:.3g}")
-                if law is not None:
-                    x = _grid([p[0] for p in pts])
-                    ax.plot(x, [law.qid(n, d, b) for d in x], "--", color=color(i, len(ns)))
-            ax.set(xscale="log", yscale="log", xlabel="training tokens D", title=f"{b} bits")
-        axes[0][0].set_ylabel("QiD (nats)")
-        axes[0][0].legend(fontsize=7)
-        figures["D"] = fig
-        # QiD vs N, one panel per bit width, one series per D.
-        fig, axes = plt.subplots(1, max(len(bits_all), 1), figsize=(4.2 * max(len(bits_all), 1), 3.6), squeeze=False, sharey=True)
-        for ax, b in zip(axes[0], bits_all):
-            law = _law(fit, m, b)
-            for i, d in enumerate(ds):
-                pts = sorted((r["N"], r["qid"]) for r in pos if r["bits"] == b and r["D"] == d)
-                if not pts:
-                    continue
-                ax.plot(*zip(*pts), "s", color=color(i, len(ds)), label=f"D={d:.3g}")
-                if law is not None and len(pts) > 1:
-                    x = _grid([p[0] for p in pts])
-                    ax.plot(x, [law.qid(n, d, b) for n in x], "--", color=color(i, len(ds)))
-            ax.set(xscale="log", yscale="log", xlabel="non-embedding params N", title=f"{b} bits")
-        axes[0][0].set_ylabel("QiD (nats)")
-        axes[0][0].legend(fontsize=7)
-        figures["N"] = fig
-        # QiD vs P, one panel per N, one series per D.
-        fig, axes = plt.subplots(1, max(len(ns), 1), figsize=(4.2 * max(len(ns), 1), 3.6), squeeze=False, sharey=True)
-        for ax, n in zip(axes[0], ns):
-            for i, d in enumerate(ds):
-                pts = sorted((r["bits"], r["qid"]) for r in pos if r["N"] == n and r["D"] == d)
-                if not pts:
-                    continue
-                ax.plot(*zip(*pts), "^", color=color(i, len(ds)), label=f"D={d:.3g}")
-                law = _law(fit, m, None)
-                if law is not None and len(pts) > 1:
-                    x = np.linspace(min(p[0] for p in pts), max(p[0] for p in pts), 30)
-                    ax.plot(x, [law.qid(n, d, b) for b in x], "--", color=color(i, len(ds)))
-            ax.set(yscale="log", xlabel="bits P", title=f"N={n:.3g}")
-        axes[0][0].set_ylabel("QiD (nats)")
-        axes[0][0].legend(fontsize=7)
-        figures["P"] = fig
+        figures = {factor: _figure(plt, pos, fit, m, factor, color) for factor in FIGURES}
         for factor, fig in figures.items():
             for ax in fig.axes:  # minor log-tick labels (mathtext) dominate drawing time; leave them out
                 ax.xaxis.set_minor_formatter(NullFormatter())
