@@ -23,34 +23,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import emit  # noqa: E402
+from helpers import MOE_FAMILIES  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "gptqmodel_runner.py"
-# every width a multiple of 32 and no fused width equal to the hidden width (GPTQModel's kernels and its
-# transposed-layout detection need both); 4 experts, 2 routed
-BASE = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, max_position_embeddings=64,
-            tie_word_embeddings=False)
-FAMILIES = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
-                      decoder_sparse_step=1, mlp_only_layers=[]),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
-                      mlp_only_layers=[]),
-    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
-                        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
-                        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4),
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128, interleave_moe_layer_step=1),
+# tests/helpers' tiny MoE models (tiny_moe), widened: every width a multiple of 32 and no fused width equal to
+# the hidden width (GPTQModel's kernels and its transposed-layout detection need both); one token id for all
+WIDTHS = dict(intermediate_size=64, moe_intermediate_size=64, bos_token_id=0, eos_token_id=0)
+WIDER = {
+    "deepseek_v3": dict(kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, qk_head_dim=32, num_key_value_heads=4),
+    "llama4_text": dict(intermediate_size_mlp=128),
 }
+
+
+def config_for(family: str):
+    """The tiny `family` config of tests/helpers' MoE models with GPTQModel's widths."""
+    from helpers import MOE_FIELDS, tiny_config
+
+    fields = dict(vocab_size=64, max_position_embeddings=64) | MOE_FIELDS.get(family, {}) | WIDTHS
+    return tiny_config(family, **fields | WIDER.get(family, {}))
 
 
 def export(family: str, root: Path) -> Path:
     """A tiny `family` model, every decoder-layer linear but routers and gates rounded (RTN, 4 bits, g32),
     exported as GPTQ with a word tokenizer; ref.pt holds token ids and the float32 logits of those weights."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from quantkit.export import save_quantized
     from quantkit.models.experts import unfuse_experts
@@ -58,7 +57,7 @@ def export(family: str, root: Path) -> Path:
     from quantkit.quant.spec import QuantSpec
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**BASE, **FAMILIES[family]}))
+    model = AutoModelForCausalLM.from_config(config_for(family))
     model = model.half().float().eval()
     unfuse_experts(model)
     results = {}
@@ -82,7 +81,7 @@ def main() -> None:
     """Export every family, load each in GPTQModel's venv, print the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gptqmodel", required=True, help="python of a venv with gptqmodel and optimum")
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=MOE_FAMILIES, choices=MOE_FAMILIES)
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
     found = {}
