@@ -306,10 +306,8 @@ def _rank_plan(shape: ModelShape, settings: RunSettings, rank: int) -> RankPlan:
     phases: list[Phase] = []
 
     def add(name: str, device_terms: list[Term], host_terms: list[Term]) -> None:
-        if gpu:
-            phases.append(Phase(name, device_terms, [process, model, results, *host_terms]))
-        else:  # the device is the host
-            phases.append(Phase(name, device_terms, [process, model, results, *host_terms, *device_terms]))
+        on_host = [] if gpu else device_terms  # without a GPU the device is the host
+        phases.append(Phase(name, device_terms, [process, model, results, *host_terms, *on_host]))
 
     on_device = [Term("model outside the layers", outside_bytes, "embeddings, final norm, head")] if gpu else []
     layer_on_device = [current] if gpu or settings.low_memory else []
