@@ -358,13 +358,7 @@ def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = Fal
     """Fit the requested laws per method (and per bit width with by_bits); compare methods; report every excluded row."""
     _check_options(estimator, resample)
     rows = table.rows
-    methods = sorted({r["method"] for r in rows})
-    if method is not None:
-        if method not in methods:
-            raise QuantkitError(f"no rows for method {method!r}; the table has: {', '.join(methods) or 'none'}")
-        methods = [method]
-    if not methods:
-        raise QuantkitError("the table holds no successful measurements to fit")
+    methods = table.methods(method, "fit")
     errors = [{"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"), "bits": r.get("bits"),
                "reason": f"measurement failed: {r.get('error')}"} for r in table.error_rows
               if method is None or r.get("method") == method]

@@ -74,13 +74,7 @@ def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    methods = sorted({r["method"] for r in table.rows})
-    if method is not None:
-        if method not in methods:
-            raise QuantkitError(f"no rows for method {method!r}; the table has: {', '.join(methods) or 'none'}")
-        methods = [method]
-    if not methods:
-        raise QuantkitError("the table holds no successful measurements to plot")
+    methods = table.methods(method, "plot")
     cmap = plt.get_cmap("viridis")
 
     def color(i: int, n: int) -> tuple:

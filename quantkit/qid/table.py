@@ -44,6 +44,17 @@ class QidTable:
         """Resume keys of every recorded cell, failed ones included."""
         return {cell_key(r) for r in self.rows + self.error_rows}
 
+    def methods(self, method: str | None, doing: str) -> list[str]:
+        """The methods whose rows to `doing` (fit, plot): every method measured, or `method`, which must be one."""
+        methods = sorted({r["method"] for r in self.rows})
+        if method is not None:
+            if method not in methods:
+                raise QuantkitError(f"no rows for method {method!r}; the table has: {', '.join(methods) or 'none'}")
+            return [method]
+        if not methods:
+            raise QuantkitError(f"the table holds no successful measurements to {doing}")
+        return methods
+
 
 def cell_key(row: dict) -> tuple:
     """The identity of one measured cell (what resuming compares)."""
