@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,3 +69,13 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("quantkit") and getattr(module, "load_model", None) is original:
             monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.fixture
+def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with a private copy of the test module's `made` model (safe to corrupt) and text, the cwd set
+    to it (for modules whose `made` fixture holds "model" and "text": test_faults, test_faults_input)."""
+    shutil.copytree(made["model"], tmp_path / "model")
+    shutil.copy(made["text"], tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -164,6 +164,21 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+def dynamic_rule(qc: dict, name: str) -> dict | bool | None:
+    """How GPTQModel and vLLM read a GPTQ config's `dynamic` (written from their documentation): the first key
+    whose regex re.match-es the module decides, "-:" leaving it unquantized (False), "+:" or no prefix overriding
+    fields; None: no rule."""
+    import re
+
+    for key, fields in qc.get("dynamic", {}).items():
+        if key.startswith("-:"):
+            if re.match(key[2:], name):
+                return False
+        elif re.match(key.removeprefix("+:"), name):
+            return fields
+    return None
+
+
 def run_cli(*args):
     """`quantkit ARGS` in-process (click's CliRunner; stderr kept apart)."""
     from click.testing import CliRunner

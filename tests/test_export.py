@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import save_tiny_llama, tiny_model
+from helpers import dynamic_rule, save_tiny_llama, tiny_model
 
 import quantkit
 from quantkit.cli import main
@@ -610,20 +610,6 @@ def test_mixed_compressed_tensors_loads_in_transformers(tmp_path: Path) -> None:
     assert torch.equal(loaded.get_submodule(fp).weight, model.get_submodule(fp).weight)
 
 
-def vllm_dynamic(qc: dict, name: str) -> dict | bool | None:
-    """GPTQModel/vLLM's reading of `dynamic`, written from vLLM's documentation: the first key whose regex
-    re.match-es the module decides; "-:" leaves it unquantized (False), "+:" (or no prefix) overrides fields."""
-    import re
-
-    for pattern, fields in qc.get("dynamic", {}).items():
-        if pattern.startswith("-:"):
-            if re.match(pattern[2:], name):
-                return False
-        elif re.match(pattern.removeprefix("+:"), name):
-            return fields
-    return None
-
-
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 def test_mixed_gptq_dynamic(tmp_path: Path, fmt: str) -> None:
     """The most common setting at the top level; every other linear's in `dynamic` ("+:" overrides) and the
@@ -644,15 +630,15 @@ def test_mixed_gptq_dynamic(tmp_path: Path, fmt: str) -> None:
     eight = {"bits": 8, "group_size": 32, "sym": True, "desc_act": True}
     assert qc["dynamic"][r"+:^model\.layers\.1\.self_attn\.q_proj$"] == eight
     # vLLM looks its fused q/k/v and gate/up modules up by the fused name
-    assert vllm_dynamic(qc, "model.layers.1.self_attn.qkv_proj") == eight
-    assert vllm_dynamic(qc, "model.layers.0.self_attn.qkv_proj") is None
-    assert vllm_dynamic(qc, "model.layers.1.mlp.gate_up_proj")["bits"] == 3
+    assert dynamic_rule(qc, "model.layers.1.self_attn.qkv_proj") == eight
+    assert dynamic_rule(qc, "model.layers.0.self_attn.qkv_proj") is None
+    assert dynamic_rule(qc, "model.layers.1.mlp.gate_up_proj")["bits"] == 3
     subs = qc["modules_in_block_to_quantize"][0]
     sd = load_file(str(out / "model.safetensors"))
     for name, mod in model.named_modules():
         if not (isinstance(mod, torch.nn.Linear) and name.startswith(qc["block_name_to_quantize"] + ".")):
             continue
-        rule = vllm_dynamic(qc, name)
+        rule = dynamic_rule(qc, name)
         quantized = rule is not False and any(s in name for s in subs)
         assert quantized == (name in results), name
         if not quantized:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import (
     FailAt,
     assert_fault,
     cli_command,
     one_error_line,
+    run_cli,
     save_tiny_llama,
     tree,
     unchanged,
@@ -33,8 +33,6 @@ from helpers import (
     write_text,
 )
 from safetensors.torch import load_file, save_file
-
-from quantkit.cli import main
 
 BASE = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--json"]
 
@@ -49,22 +47,9 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = save_tiny_llama(root / "model")
     text = write_text(root / "text.txt")
     export = root / "export"
-    result = run("calibrate", model, "--calib", text, *BASE, "--method", "rtn", "-o", export)
+    result = run_cli("calibrate", model, "--calib", text, *BASE, "--method", "rtn", "-o", export)
     assert result.exit_code == 0, result.output
     return {"model": model, "text": text, "export": export}
-
-
-@pytest.fixture
-def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder with a private copy of the model (safe to corrupt), the text, and the cwd set to it."""
-    shutil.copytree(made["model"], tmp_path / "model")
-    shutil.copy(made["text"], tmp_path / "text.txt")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def calibrate(work: Path, *extra) -> list:
@@ -72,32 +57,28 @@ def calibrate(work: Path, *extra) -> list:
     return ["calibrate", work / "model", "--calib", work / "text.txt", "--method", "gptq", *BASE, *extra]
 
 
-def mount_tmpfs(path: Path, options: str) -> None:
-    """Mount a small tmpfs at path, or skip with the reason."""
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs mounted at path while the fixture lasts, or skip with the reason."""
     path.mkdir(exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture
 def small_disk(work: Path) -> Iterator[Path]:
     """A 12 KiB tmpfs at work/disk: room for a probe and a few files, not for a checkpoint."""
-    disk = work / "disk"
-    mount_tmpfs(disk, "size=12k")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    yield from tmpfs(work / "disk", "size=12k")
 
 
 @pytest.fixture
 def readonly_disk(work: Path) -> Iterator[Path]:
     """A read-only tmpfs at work/ro."""
-    disk = work / "ro"
-    mount_tmpfs(disk, "size=64k,ro")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=False)
+    yield from tmpfs(work / "ro", "size=64k,ro")
 
 
 # ---------------------------------------------------------------- model files
@@ -184,7 +165,7 @@ def shard(model: Path) -> None:
 
 def test_sharded_checkpoint_is_checked_shard_by_shard(work: Path) -> None:
     shard(work / "model")
-    result = run(*calibrate(work, "--method", "rtn", "-o", "ok"))
+    result = run_cli(*calibrate(work, "--method", "rtn", "-o", "ok"))
     assert result.exit_code == 0, result.output
     shutil.rmtree(work / "ok")
     (work / "model" / "model-00002-of-00002.safetensors").unlink()
@@ -300,13 +281,13 @@ def test_offload_dir_is_a_file(work: Path, no_model_load) -> None:
 
 def test_offload_dir_is_scratch(work: Path) -> None:
     """A missing --offload-dir is created for the run and removed after it; an existing one keeps just its files."""
-    result = run("importance", work / "model", "--calib", "text.txt", "--nsamples", "2", "--seqlen", "16",
+    result = run_cli("importance", work / "model", "--calib", "text.txt", "--nsamples", "2", "--seqlen", "16",
                  "--offload-dir", "scratch/deep", "-o", "set", "--json")
     assert result.exit_code == 0, result.output
     assert not (work / "scratch").exists()
     (work / "mine").mkdir()
     (work / "mine" / "keep.txt").write_text("x")
-    result = run(*calibrate(work, "--low-memory", "--offload-dir", "mine", "-o", "out"))
+    result = run_cli(*calibrate(work, "--low-memory", "--offload-dir", "mine", "-o", "out"))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (work / "mine").iterdir()) == ["keep.txt"]
     assert not (work / "out.partial").exists()
@@ -315,7 +296,7 @@ def test_offload_dir_is_scratch(work: Path) -> None:
 def test_outputs_are_readable_as_the_umask_allows(work: Path) -> None:
     old = os.umask(0o022)
     try:
-        result = run(*calibrate(work, "--method", "rtn", "-o", "out"))
+        result = run_cli(*calibrate(work, "--method", "rtn", "-o", "out"))
     finally:
         os.umask(old)
     assert result.exit_code == 0, result.output
@@ -370,7 +351,7 @@ def test_qid_measure_missing_checkpoint(work: Path) -> None:
 def test_debug_shows_the_traceback(work: Path) -> None:
     from quantkit.errors import QuantkitError
 
-    result = CliRunner().invoke(main, ["--debug", *map(str, calibrate(work, "--device", "foo", "-o", "out"))])
+    result = run_cli("--debug", *calibrate(work, "--device", "foo", "-o", "out"))
     assert result.exit_code != 2 and isinstance(result.exception, QuantkitError)
 
 
@@ -393,7 +374,7 @@ def test_low_memory_failure_keeps_only_finished_layers(work: Path, monkeypatch: 
     with_hooks(monkeypatch, on_layer=FailAt(0, 0))
     assert_fault(work, calibrate(work, "--low-memory", "-o", "out"), "injected")
     with_hooks(monkeypatch, on_layer=FailAt(0, 1))  # the later keyword wins
-    result = run(*calibrate(work, "--low-memory", "-o", "out"))
+    result = run_cli(*calibrate(work, "--low-memory", "-o", "out"))
     line = one_error_line(result.stderr)
     assert result.exit_code == 2 and "keeps 1 of 2 finished layers; rerun with --resume" in line, line
     assert sorted(p.name for p in work.iterdir()) == ["model", "out.partial", "text.txt"]
@@ -452,7 +433,7 @@ def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None
     line = one_error_line(stderr)
     assert "interrupted (SIGTERM)" in line and "1 of 2 finished layers" in line and "--resume" in line, line
     assert not (work / "out").exists()
-    result = run(*calibrate(work, "--low-memory", "--resume", "-o", work / "out"))
+    result = run_cli(*calibrate(work, "--low-memory", "--resume", "-o", work / "out"))
     assert result.exit_code == 0, result.output
     assert not (work / "out.partial").exists() and (work / "out" / "model.safetensors").is_file()
     assert tree(work / "model") == before

@@ -118,15 +118,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"model": model, "text": text, "exports": exports}
 
 
-@pytest.fixture
-def work(tmp_path: Path, made: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder with a private copy of the model (safe to corrupt) and the text; the cwd set to it."""
-    shutil.copytree(made["model"], tmp_path / "model")
-    shutil.copy(made["text"], tmp_path / "text.txt")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def calibrate(work: Path, *extra) -> list:
     return ["calibrate", work / "model", "--calib", work / "text.txt", *BASE, "-o", work / "out", *extra]
 

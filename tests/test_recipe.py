@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import make_model_dir, make_text, run_calibration
+from helpers import dynamic_rule, make_model_dir, make_text, run_calibration
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -348,18 +348,6 @@ def test_mixed_compressed_tensors_loads_in_transformers(tiny: dict, mixed_run, t
         assert torch.allclose(loaded.get_submodule(name).weight.float(), want, rtol=1e-3, atol=1e-6), name
 
 
-def rule_for(qc: dict, name: str) -> dict | bool | None:
-    """How GPTQModel and vLLM read `dynamic` (their documentation): the first key whose regex re.match-es the
-    module decides, "-:" leaving it unquantized (False), "+:" or no prefix overriding fields; None: no rule."""
-    for key, fields in qc.get("dynamic", {}).items():
-        if key.startswith("-:"):
-            if re.match(key[2:], name):
-                return False
-        elif re.match(key.removeprefix("+:"), name):
-            return fields
-    return None
-
-
 def test_mixed_gptq_dynamic_and_quantkit_reload(tiny: dict, mixed_run, tmp_path: Path) -> None:
     """API recipe -> gptq_v2: the base setting at the top level, the 8-bit down_projs, the per-channel k_projs and
     the RTN v_proj as "+:" dynamic rules, the FP q_proj as "-:"; quantkit reloads the run's codes and weights."""
@@ -371,12 +359,12 @@ def test_mixed_gptq_dynamic_and_quantkit_reload(tiny: dict, mixed_run, tmp_path:
                       format="gptq_v2")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, True)
-    assert rule_for(qc, IGNORED) is False
+    assert dynamic_rule(qc, IGNORED) is False
     for name in EIGHT_BIT:
-        assert rule_for(qc, name)["bits"] == 8, name
-    assert rule_for(qc, RTN)["group_size"] == 16
-    assert all(rule_for(qc, f"model.layers.{i}.self_attn.k_proj")["group_size"] == -1 for i in range(3))
-    assert rule_for(qc, "model.layers.1.mlp.down_proj") is None  # the top-level setting
+        assert dynamic_rule(qc, name)["bits"] == 8, name
+    assert dynamic_rule(qc, RTN)["group_size"] == 16
+    assert all(dynamic_rule(qc, f"model.layers.{i}.self_attn.k_proj")["group_size"] == -1 for i in range(3))
+    assert dynamic_rule(qc, "model.layers.1.mlp.down_proj") is None  # the top-level setting
     stored = read_checkpoint(out).results
     assert sorted(stored) == sorted(mixed_run.results)
     for name, r in mixed_run.results.items():
