@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
-from helpers import tiny_model
+from helpers import tiny_model, whole_model_gradients
 
 from quantkit.data.calibration import load_calibration, memory_calibration
 from quantkit.data.chat import chat_samples, read_chat_template, render_chat
@@ -166,21 +165,8 @@ def tiny_llama(layers: int = 2):
 def reference_scores(model, ids: list[int], mask: list[bool]) -> list[torch.Tensor]:
     """||dL/dy_l||^2 per token at every decoder layer output, L the mean cross-entropy of the assistant tokens
     (targets t with mask[t], predicted at t - 1), from one whole-model forward and backward."""
-    outputs: list[torch.Tensor] = []
-
-    def keep(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden.retain_grad()
-        outputs.append(hidden)
-
-    hooks = [layer.register_forward_hook(keep) for layer in model.model.layers]
-    logits = model(input_ids=torch.tensor([ids])).logits[0]
-    for hook in hooks:
-        hook.remove()
-    targets = [t for t in range(1, len(ids)) if mask[t]]
-    loss = F.cross_entropy(logits[[t - 1 for t in targets]], torch.tensor([ids[t] for t in targets]))
-    loss.backward()
-    return [o.grad[0].detach().pow(2).sum(-1) for o in outputs]
+    sample = {"input_ids": torch.tensor([ids]), "loss_mask": torch.tensor([mask])}
+    return [g.pow(2).sum(-1) for g in whole_model_gradients(model, model.model.layers, sample)]
 
 
 def test_tlq_scores_are_the_assistant_loss_gradients() -> None:

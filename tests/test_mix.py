@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import observing, tiny_model
+from helpers import observing, tiny_model, whole_model_gradients
 
 from quantkit.engine import calibrate_model
 from quantkit.engine.capture import capture_layer_inputs, stack_samples
@@ -47,24 +47,9 @@ def test_output_factors_match_whole_model_autograd() -> None:
     found = importance_scores(model, samples, progress=False, output_factors=True)
     reference = [torch.zeros(64, 64, dtype=torch.float64) for _ in range(2)]
     for sample in samples:
-        outputs: list[torch.Tensor] = []
-
-        def keep(module, args, output, outputs=outputs):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden.retain_grad()
-            outputs.append(hidden)
-
-        hooks = [layer.register_forward_hook(keep) for layer in model.model.layers]
-        logits = model(input_ids=sample["input_ids"]).logits[0]
-        for hook in hooks:
-            hook.remove()
-        ids = sample["input_ids"][0]
-        scored = torch.ones(24, dtype=torch.bool) if "loss_mask" not in sample else sample["loss_mask"][0]
-        keep = scored[1:]
-        torch.nn.functional.cross_entropy(logits[:-1][keep], ids[1:][keep]).backward()
-        for layer, out in enumerate(outputs):
-            g = out.grad[0].double()
-            reference[layer] += g.T @ g
+        scored = {k: v for k, v in sample.items() if k in ("input_ids", "loss_mask")}
+        for layer, g in enumerate(whole_model_gradients(model, model.model.layers, scored)):
+            reference[layer] += g.double().T @ g.double()
     for layer in range(2):
         expected = reference[layer] / (3 * 24)
         assert torch.allclose(found.output_factors[layer], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import observing, tiny_moe
+from helpers import observing, tiny_moe, whole_model_gradients
 
 from quantkit.engine import calibrate_model
 from quantkit.quant.methods import method_for
@@ -234,21 +234,7 @@ def test_blockwise_gradients_match_whole_model_autograd_through_experts(family: 
     batch = samples(2)[:2]
     _, _, grads = layer_output_gradients(model, batch, keep_gradients=True, progress=False)
     for i, sample in enumerate(batch):
-        outputs = []
-
-        def keep(module, args, output, outputs=outputs):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden.retain_grad()
-            outputs.append(hidden)
-
-        hooks = [layer.register_forward_hook(keep) for layer in fused.model.layers]
-        out = fused(**sample).logits[0]
-        for hook in hooks:
-            hook.remove()
-        ids = sample["input_ids"][0]
-        F.cross_entropy(out[:-1], ids[1:]).backward()
-        for layer, hidden in enumerate(outputs):
-            ref = hidden.grad[0]
+        for layer, ref in enumerate(whole_model_gradients(fused, fused.model.layers, sample)):
             assert ref.abs().sum() > 0
             assert float((grads[layer][i] - ref).norm() / ref.norm()) < 1e-5, (family, i, layer)
 
