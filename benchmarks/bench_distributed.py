@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
+
 
 def build(root: Path, layers: int, width: int) -> tuple[Path, Path]:
     """Save a random Llama and a character tokenizer under root; write a calibration text."""
@@ -114,10 +117,7 @@ def main() -> None:
         reference = runs["in_memory_1"]["rank_peak_rss_mb"][0]
         out["in_memory_peak_rss_mb"] = reference
         out["rank_peaks_below_in_memory"] = all(peak < reference for peak in two["rank_peak_rss_mb"])
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(out, args.output)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ from common import (  # noqa: E402
     SHARED,
     calibration_sources,
     corpus_offsets,
+    emit,
     heldout_corpus_windows,
+    in_processes,
     mean_se,
     run_llmc_runner,
     validation_corpus_windows,
@@ -369,21 +371,11 @@ def main() -> None:
         args.variants = [args.base, *args.variants]
     shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "settings", "variants", "eval")}
     if args.cost:
-        text = json.dumps(run_cost(args.models[0], shared, args.repeats), indent=1)
-        if args.output:
-            Path(args.output).write_text(text + "\n")
-        print(text)
+        emit(run_cost(args.models[0], shared, args.repeats), args.output)
         return
     started = time.perf_counter()
     jobs = [(m, s) for s in args.seeds for m in args.models]  # every model's first draws first
-    if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            results = [f.result() for f in [pool.submit(run_draw, m, s, shared) for m, s in jobs]]
-    else:
-        results = [run_draw(m, s, shared) for m, s in jobs]
+    results = in_processes(run_draw, [(m, s, shared) for m, s in jobs], args.jobs)
     rows = [row for result in results for row in result["rows"]]
     names = list(args.variants)
     if args.llmc:
@@ -403,10 +395,7 @@ def main() -> None:
         out["summary_heldout_over_llmc"] = summarise(part_rows(rows, "heldout"), names, "llmc")
     out["rows"] = rows
     out["wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(out, indent=1)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    emit(out, args.output)
 
 
 if __name__ == "__main__":

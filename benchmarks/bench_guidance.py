@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tlq import REF_LM, TEXT_DIR, _train_stream, validation_windows, windows_loss  # noqa: E402
-from common import heldout_windows, mean_se, run_llmc_runner  # noqa: E402
+from common import emit, heldout_windows, in_processes, llmc_draws, mean_se  # noqa: E402
 
 # (bits, group size, sym) per setting label; the reference LM is 192 wide, so g64 stands in for g128
 SETTINGS = {
@@ -92,11 +92,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, eval_tokens:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
     if heldout:
-        from quantkit.data import resolve_texts, tokenize_documents
-
-        ids = tokenize_documents(resolve_texts(str(TEXT_DIR), part="heldout"), tokenizer)
-        count = min(eval_tokens // seqlen, ids.numel() // seqlen)
-        windows = ids[: count * seqlen].reshape(count, seqlen)
+        windows = heldout_windows(tokenizer, seqlen, eval_tokens)
     else:
         windows = validation_windows(_train_stream(tokenizer), nsamples, seqlen, seed, max(1, eval_tokens // seqlen))
     fp_loss = windows_loss(model, windows)
@@ -171,29 +167,6 @@ def summarise(rows: list[dict], settings: list[str], variants: list[str], base: 
     return summary
 
 
-def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int,
-             settings: list[str]) -> list[dict]:
-    """llm-compressor's GPTQModifier (its defaults: actorder static) on the same windows, in its own venv."""
-    from transformers import AutoTokenizer
-
-    from quantkit.data import calibration_samples
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    evaluation = heldout_windows(tokenizer, seqlen, eval_tokens)
-    runner = Path(__file__).resolve().parent / "llmc_runner.py"
-    wanted = [{"bits": SETTINGS[s][0], "group_size": SETTINGS[s][1], "sym": SETTINGS[s][2]} for s in settings]
-    out = []
-    for seed in seeds:
-        samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
-        calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
-        result = run_llmc_runner(python, runner, model_dir, calib, evaluation, ["--settings", json.dumps(wanted)])
-        for label, item in zip(settings, result["results"]):
-            out.append({"seed": seed, "setting": label, "loss": item["loss"], "seconds": item["seconds"],
-                        "llmcompressor": result["llmcompressor"]})
-        print(json.dumps(out[-len(settings):]), file=sys.stderr, flush=True)
-    return out
-
-
 def run_cost(model_dir: str, nsamples: int, seqlen: int, variants: list[str], repeats: int, label: str) -> dict:
     """CPU and wall seconds (one thread, min over repeats, interleaved) of each variant's importance pass and
     calibration, and the ratio of importance + calibration to GPTQ with the FP target. CPU seconds are
@@ -264,24 +237,13 @@ def main() -> None:
     if args.cost:
         names = ["gptq_fp", *[v for v in args.variants if v != "gptq_fp"]]
         result = run_cost(args.model, args.nsamples, args.seqlen, names, args.repeats, args.settings[0])
-        text = json.dumps(result, indent=1)
-        if args.output:
-            Path(args.output).write_text(text + "\n")
-        print(text)
+        emit(result, args.output)
         return
     if "gptq" not in args.variants:
         args.variants = ["gptq", *args.variants]
     started = time.perf_counter()
     jobs = (args.model, args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants, args.heldout)
-    if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_seed, jobs[0], seed, *jobs[1:]) for seed in args.seeds]
-            per_seed = [f.result() for f in futures]
-    else:
-        per_seed = [run_seed(args.model, seed, *jobs[1:]) for seed in args.seeds]
+    per_seed = in_processes(run_seed, [(jobs[0], seed, *jobs[1:]) for seed in args.seeds], args.jobs)
     rows = [row for result in per_seed for row in result["rows"]]
     out = {
         "model": args.model, "seeds": args.seeds, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -293,7 +255,9 @@ def main() -> None:
     if "gptq_fp" in args.variants:
         out["summary_over_gptq_fp"] = summarise(rows, args.settings, args.variants, base="gptq_fp")
     if args.llmc:
-        llmc = run_llmc(args.llmc, args.model, args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings)
+        wanted = [{"bits": SETTINGS[s][0], "group_size": SETTINGS[s][1], "sym": SETTINGS[s][2]} for s in args.settings]
+        llmc = llmc_draws(args.llmc, "llmc_runner.py", args.model, args.seeds, args.nsamples, args.seqlen,
+                          args.eval_tokens, args.settings, ["--settings", json.dumps(wanted)])
         out["llmcompressor"] = llmc
         for label in args.settings:
             mine = {r["seed"]: r for r in rows if r["setting"] == label}
@@ -308,10 +272,7 @@ def main() -> None:
             out["summary"][label]["llmc"] = {"gap": round(mean, 5), "gap_se": round(se, 5),
                                              "seconds": round(sum(r["seconds"] for r in theirs) / len(theirs), 2)}
     out["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(out, indent=1)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    emit(out, args.output)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REF_LM = SHARED / "models" / "ref-lm"
-TEXT_DIR = SHARED / "data" / "text"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REF_LM, TEXT_DIR, in_processes  # noqa: E402
+
 # (label, bits, group, sym): the same grid for every method. W2 is asymmetric (issue #3: "W2 g64 asym").
 SETTINGS = [("W4g64", 4, 64, True), ("W3g64", 3, 64, True), ("W2g64", 2, 64, False)]
 # TLQ variants: chosen on the validation windows (train part), never on the held-out text.
@@ -165,15 +165,8 @@ def run_quality(seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int, 
     (`chosen`) uses validation numbers only: the lowest mean TLQ/GPTQ gap ratio over seeds and the
     W3/W2 settings. `jobs` seeds run at once, each in its own process.
     """
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     args = (nsamples, seqlen, eval_tokens, settings, variants, fp_modes)
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            per_seed = list(pool.map(run_seed, seeds, *[[a] * len(seeds) for a in args]))
-    else:
-        per_seed = [run_seed(seed, *args) for seed in seeds]
+    per_seed = in_processes(run_seed, [(seed, *args) for seed in seeds], jobs)
     out: dict = {"fp_loss": per_seed[0]["fp_loss"], "eval_tokens": eval_tokens, "nsamples": nsamples, "seqlen": seqlen,
                  "variants": {v: VARIANTS[v] for v in variants}, "fp_target": fp_modes,
                  "fp_val_loss": {str(seed): r["fp_val_loss"] for seed, r in zip(seeds, per_seed)},

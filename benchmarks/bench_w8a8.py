@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tlq import REF_LM, TEXT_DIR, _train_stream, validation_windows, windows_loss  # noqa: E402
-from common import heldout_windows, mean_se, run_llmc_runner  # noqa: E402
+from common import emit, heldout_windows, in_processes, llmc_draws, mean_se  # noqa: E402
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}  # weight bits, activation bits
 # name -> (method, smoothing)
@@ -134,29 +134,6 @@ def targets(summary: dict, settings: list[str]) -> dict:
     return out
 
 
-def run_llmc(python: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int, eval_tokens: int,
-             settings: list[str]) -> list[dict]:
-    """llm-compressor's SmoothQuantModifier + GPTQModifier on the same windows, in its own venv."""
-    from transformers import AutoTokenizer
-
-    from quantkit.data import calibration_samples
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    evaluation = heldout_windows(tokenizer, seqlen, eval_tokens)
-    runner = Path(__file__).resolve().parent / "llmc_w8a8_runner.py"
-    bits = [SETTINGS[s][0] for s in settings]
-    out = []
-    for seed in seeds:
-        samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
-        calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
-        result = run_llmc_runner(python, runner, model_dir, calib, evaluation, ["--bits", json.dumps(bits)])
-        for label, item in zip(settings, result["results"]):
-            out.append({"seed": seed, "setting": label, "loss": item["loss"], "seconds": item["seconds"],
-                        "llmcompressor": result["llmcompressor"]})
-        print(json.dumps(out[-len(settings):]), file=sys.stderr, flush=True)
-    return out
-
-
 def main() -> None:
     """Run the seeds (in parallel processes with --jobs) and print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -177,14 +154,7 @@ def main() -> None:
         parser.error("--llmc is compared on the held-out text; drop --validation")
     started = time.perf_counter()
     jobs = (args.nsamples, args.seqlen, args.eval_tokens, args.settings, args.variants, args.validation)
-    if args.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            per_seed = [f.result() for f in [pool.submit(run_seed, args.model, seed, *jobs) for seed in args.seeds]]
-    else:
-        per_seed = [run_seed(args.model, seed, *jobs) for seed in args.seeds]
+    per_seed = in_processes(run_seed, [(args.model, seed, *jobs) for seed in args.seeds], args.jobs)
     rows = [row for result in per_seed for row in result["rows"]]
     out = {
         "model": args.model, "seeds": args.seeds, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -195,7 +165,8 @@ def main() -> None:
         "rows": rows,
     }
     if args.llmc:
-        llmc = run_llmc(args.llmc, args.model, args.seeds, args.nsamples, args.seqlen, args.eval_tokens, args.settings)
+        llmc = llmc_draws(args.llmc, "llmc_w8a8_runner.py", args.model, args.seeds, args.nsamples, args.seqlen,
+                          args.eval_tokens, args.settings, ["--bits", json.dumps([SETTINGS[s][0] for s in args.settings])])
         out["llmcompressor"] = llmc
         for label in args.settings:
             fp = {r["seed"]: r["fp_loss"] for r in rows if r["setting"] == label}
@@ -206,11 +177,7 @@ def main() -> None:
                 "calib_s": round(sum(r["seconds"] for r in llmc if r["setting"] == label) / len(gaps), 2)}
     out["targets"] = targets(out["summary"], args.settings)
     out["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(out, indent=1)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    emit(out, args.output)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def environment() -> dict:
 
 def emit(result: dict, path: str | None = None) -> None:
     """Print the benchmark's JSON on stdout (and write it to `path` if given)."""
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, default=str)
     print(text)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +87,39 @@ def run_llmc_runner(python: str, runner: Path, model_dir: str, calib: torch.Tens
         raise RuntimeError(f"llm-compressor failed: {done.stderr[-2000:]}")
     return json.loads(line[len("LLMC_RESULT "):])
 
+
+
+def llmc_draws(python: str, runner: str, model_dir: str, seeds: list[int], nsamples: int, seqlen: int,
+               eval_tokens: int, settings: list[str], args: list[str]) -> list[dict]:
+    """llm-compressor's `runner` (a script beside this one, given `args`) on each seed's calibration draw and the
+    held-out windows, in its own venv: one row per (seed, setting), the runner's results in `settings`' order."""
+    from transformers import AutoTokenizer
+
+    from quantkit.data import calibration_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    evaluation = heldout_windows(tokenizer, seqlen, eval_tokens)
+    out = []
+    for seed in seeds:
+        samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
+        calib = torch.cat([s["input_ids"].reshape(1, -1) for s in samples])
+        result = run_llmc_runner(python, Path(__file__).resolve().parent / runner, model_dir, calib, evaluation, args)
+        for label, item in zip(settings, result["results"]):
+            out.append({"seed": seed, "setting": label, "loss": item["loss"], "seconds": item["seconds"],
+                        "llmcompressor": result["llmcompressor"]})
+        print(json.dumps(out[-len(settings):]), file=sys.stderr, flush=True)
+    return out
+
+
+def in_processes(run, calls: list[tuple], jobs: int) -> list:
+    """[run(*call) for call in calls], `jobs` at once in spawned processes (with jobs 1, here in turn)."""
+    if jobs <= 1:
+        return [run(*call) for call in calls]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        return [f.result() for f in [pool.submit(run, *call) for call in calls]]
 
 
 # ----------------------------------------------------------------------------- per-corpus windows (issue #24)

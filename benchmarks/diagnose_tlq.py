@@ -21,14 +21,13 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REF_LM, TEXT_DIR, calibration_sources, corpus_offsets, mean_se  # noqa: E402
+from common import REF_LM, TEXT_DIR, calibration_sources, corpus_offsets, emit, mean_se  # noqa: E402
 
 GROUPS = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_proj", "down": "mlp.down_proj"}
 
@@ -162,10 +161,7 @@ def main() -> None:
               "mean_token_loss": {n: round(sum(d["mean_token_loss"][n] for d in draws) / len(draws), 4)
                                   for n in draws[0]["corpora"]},
               "summary": summary, "draws": draws}
-    text = json.dumps(result, indent=1)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

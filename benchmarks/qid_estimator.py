@@ -20,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import emit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 "median_abs_log2_ratio": ratios[len(ratios) // 2] if ratios else None,
                 "share_D_in_ci": sum(p["D_in_ci"] for p in points) / max(len(points), 1),
             }
-    text = json.dumps(out, indent=1, default=str)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(out, args.output)
     return 0
 
 
