@@ -7,6 +7,10 @@ using the upper Cholesky factor U of H^-1 (H^-1 = U^T U). Updates inside a block
 spec.block_size columns are applied at once, the rest of the matrix is updated once per
 block ("lazy batch" updates).
 
+Computed without H^-1: with R = U^-1 (upper, H = R R^T, one Cholesky of H in reversed order) the errors
+are E = (W - Q) R, so each column's value with all earlier updates is W_c + sum_{k<c} (W - Q)_k R_kc / R_cc
+("left-looking": the same codes as the usual three factorizations, at a third of their in^3 work).
+
 Output-side curvature (option `row_metric`): with a loss tr((W - Q)^T G (W - Q) H), G [out, out] the
 output-side factor (block-diagonal: one [b, b] block per b consecutive rows), the rows are coupled too.
 Babai's nearest-plane rounding on the Kronecker factor H (x) G, taken column by column and row by row
@@ -36,13 +40,9 @@ _CHOLESKY_RETRIES = 5
 logger = logging.getLogger(__name__)
 
 
-def _factor(held: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+def _inverse_factor(held: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
     """Upper U with H^-1 = U^T U for the damped H in `held` (taken out of it), computed in `dtype`;
-    None where a factorization fails.
-
-    Each matrix is dropped as soon as the next exists, so this step holds at most two [in, in]
-    matrices at a time (at width 14336 each is 0.8 GB in float32).
-    """
+    None where a factorization fails. Each matrix is dropped as soon as the next exists."""
     lower, info = torch.linalg.cholesky_ex(held.pop().to(dtype))
     if int(info) != 0:
         return None
@@ -55,10 +55,24 @@ def _factor(held: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None
     return upper
 
 
-def _upper_cholesky_of_inverse(
-    solver_hessian: Callable[[], torch.Tensor], damp: float, name: str
+def _reversed_factor(held: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """Lower L with J H J = L L^T for the damped, reversed H = J H J in `held` (taken out of it), computed in
+    `dtype`; None where it fails. With R = J L J (upper), H = R R^T and R^-1 is the upper Cholesky factor of
+    H^-1 that GPTQ's updates use (both factors are unique), so one Cholesky replaces GPTQ's usual three
+    (factor, invert, refactor the inverse): a third of their arithmetic, and no [in, in] inverse is formed."""
+    lower = held.pop().to(dtype).T  # symmetric: its transpose is the column-major layout LAPACK factors in place
+    info = torch.empty((), dtype=torch.int32, device=lower.device)
+    torch.linalg.cholesky_ex(lower, out=(lower, info))  # in place: no second [in, in] matrix
+    if int(info) != 0 or not all_finite(lower):
+        return None
+    return lower
+
+
+def _damped_factor(
+    solver_hessian: Callable[[], torch.Tensor], damp: float, name: str,
+    factor: Callable[[list[torch.Tensor], torch.dtype], torch.Tensor | None],
 ) -> tuple[torch.Tensor, float]:
-    """Upper U with (H + damp * mean(diag H) * I)^-1 = U^T U (float32), and the damp that worked.
+    """factor() of H + damp * mean(diag H) * I as float32, and the damp that worked.
 
     `solver_hessian()` makes a fresh copy of H for each try, so none is kept beside the factors.
     A factorization that fails in float32 is tried again in float64 at the same damp (real widths
@@ -74,14 +88,14 @@ def _upper_cholesky_of_inverse(
             held = [first if first is not None else solver_hessian()]
             first = None
             held[0].diagonal().add_(damp * mean_diag)
-            upper = _factor(held, dtype)
-            if upper is not None:
+            found = factor(held, dtype)
+            if found is not None:
                 if tried:
                     logger.warning(
                         "%s: the Hessian is not positive definite with damp %g; solved with damp %g "
                         "(few, repeated or degenerate calibration tokens reach it)", _short(name), tried[0], damp,
                     )
-                return upper.float(), damp
+                return found.float(), damp
         tried.append(damp)
         damp = max(damp * 10, _MIN_RETRY_DAMP)
     where = f" of {name}" if name else ""
@@ -106,32 +120,37 @@ def _short(name: str) -> str:
     return names[0] + (f" (+{len(names) - 1} sharing its Hessian)" if len(names) > 1 else "") if name else "a linear"
 
 
+def _r_slice(lower: torch.Tensor, rows_from: int, rows_to: int, cols_from: int, cols_to: int) -> torch.Tensor:
+    """R[rows_from:rows_to, cols_from:cols_to] of R = J L J (J the reversal), read from L (a copy)."""
+    n = lower.shape[0]
+    return lower[n - rows_to : n - rows_from, n - cols_to : n - cols_from].flip((0, 1))
+
+
 def _columns_as_updated(
-    weight: torch.Tensor,
+    work: torch.Tensor,
     block: torch.Tensor,
-    block_errors: torch.Tensor,
-    upper: torch.Tensor,
+    pending: torch.Tensor,
+    lower: torch.Tensor,
     block_start: int,
     offset: int,
     end: int,
 ) -> torch.Tensor:
-    """Columns [block_start + offset, end) with every update from the columns before them.
+    """Columns G = [c, end) (c = block_start + offset) as [out, |G|] with every update from the columns before c,
+    as right-looking GPTQ holds them: W_G + S_G R_GG^-1, S_G = sum_{k<c} D_k R_kG (from R U = I, U = R^-1).
 
-    Inside the block they live in `block`; after it, `weight` still lacks the current
-    block's pending update, which is added here.
+    Inside the block S_G is in `pending`; after it, it is summed here from D of the columns solved so far
+    (`work` left of the block, `block`'s first `offset` rows).
     """
-    block_end = block_start + block.shape[1]
-    parts = [block[:, offset : min(end, block_end) - block_start]]
+    block_end = block_start + block.shape[0]
+    column, inside = block_start + offset, slice(offset, min(end, block_end) - block_start)
+    weights, sums = [block[inside].T], [pending[inside].T]
     if end > block_end:
-        pending = weight[:, block_end:end]
-        if offset > 0:
-            pending = (
-                pending
-                - block_errors[:, :offset]
-                @ upper[block_start : block_start + offset, block_end:end]
-            )
-        parts.append(pending)
-    return torch.cat(parts, dim=1)
+        r = _r_slice(lower, 0, column, block_end, end)
+        weights.append(work[:, block_end:end])
+        sums.append(work[:, :block_start] @ r[:block_start] + block[:offset].T @ r[block_start:])
+    r_group = _r_slice(lower, column, end, column, end)
+    update = torch.linalg.solve_triangular(r_group, torch.cat(sums, dim=1), upper=True, left=False)
+    return torch.cat(weights, dim=1) + update
 
 
 def _row_babai(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
@@ -156,8 +175,8 @@ def row_factor_upper(row_metric: torch.Tensor, damp: float, name: str = "") -> t
     (a block that no gradient reached, all zero, gets the identity: its rows round independently)."""
     eye = torch.eye(row_metric.shape[1], device=row_metric.device)
     return torch.stack([eye if not bool(torch.diagonal(block).any())
-                        else _upper_cholesky_of_inverse(lambda block=block: block.float().clone(), damp,
-                                                        f"{name} output factor")[0]
+                        else _damped_factor(lambda block=block: block.float().clone(), damp,
+                                            f"{name} output factor", _inverse_factor)[0]
                         for block in row_metric])
 
 
@@ -247,56 +266,70 @@ def gptq_solve(
     solve_group_list = solve_group.tolist()
 
     def solver_hessian() -> torch.Tensor:
-        """A copy of the Hessian in solve order with dead inputs pivoted (`hessian` itself is never written)."""
-        if spec.act_order:
-            return _pivot_dead(hessian.index_select(0, order).index_select(1, order), dead[order], n_dead)
-        return _pivot_dead(hessian.clone(), dead, n_dead)
+        """A copy of the Hessian in reversed solve order with dead inputs pivoted (`hessian` is never written);
+        one gather, so no second [in, in] temporary."""
+        reverse = order.flip(0)
+        return _pivot_dead(hessian[reverse[:, None], reverse[None, :]], dead[reverse], n_dead)
 
-    upper, used_damp = _upper_cholesky_of_inverse(solver_hessian, spec.damp, name)
+    lower, used_damp = _damped_factor(solver_hessian, spec.damp, name, _reversed_factor)
 
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
     loss_per_row = torch.zeros(out_features, device=device)
     block_size = max(1, spec.block_size)
     col_scale = col_zero = None
+    fixed_scales, fixed_zeros = (scales.T.contiguous(), zeros.T.contiguous()) if not grouped or static else (None, None)
     current_group = -1
 
+    # Left-looking GPTQ on H = R R^T (see _reversed_factor): `work` holds, left of the block, D = W - Q of the
+    # columns already solved and, from the block on, the unsolved W. A column's value with every earlier
+    # update is v_c = W_c + s_c / R_cc with s_c = sum_{k<c} D_k R_kc: the earlier blocks' part is one matmul
+    # per block, the block's own part is fed forward column by column. Blocks are held transposed
+    # ([columns, out]) so that each column and each feed-forward update is contiguous.
     for block_start in range(0, in_features, block_size):
         block_end = min(block_start + block_size, in_features)
         width = block_end - block_start
-        block = work[:, block_start:block_end].clone()
-        block_errors = torch.zeros_like(block)
+        block = work[:, block_start:block_end].T.contiguous()
+        block_r = _r_slice(lower, block_start, block_end, block_start, block_end).contiguous()
+        if block_start:
+            pending = _r_slice(lower, 0, block_start, block_start, block_end).T @ work[:, :block_start].T
+        else:
+            pending = torch.zeros_like(block)
+        block_errors = torch.empty_like(block)
         block_codes = torch.empty_like(block)
-        block_upper = upper[block_start:block_end, block_start:block_end]
 
         # The column loop is GPTQ's sequential core: codes stay float here (the same values
         # quantize() would give) and are cast once per block, to keep each step to a few ops.
         for offset in range(width):
             column = block_start + offset
             group = solve_group_list[column]
+            diagonal = block_r[offset, offset]
             if grouped and not static and column % group_size == 0:
                 # Dynamic groups: fit the grid on the group's columns as they stand now.
                 current = _columns_as_updated(
-                    work, block, block_errors, upper, block_start, offset, column + group_size
+                    work, block, pending, lower, block_start, offset, min(column + group_size, in_features)
                 )
-                scales[:, group], zeros[:, group] = fit_grid(current, spec, name)
-                current_group = -1
-            if group != current_group:
-                col_scale, col_zero = scales[:, group].float(), zeros[:, group].float()
+                col_scale, col_zero = fit_grid(current, spec, name)
+                scales[:, group], zeros[:, group] = col_scale, col_zero
+                current_group = group
+            if group != current_group:  # a fixed grid (per channel, static groups): its rows are contiguous
+                col_scale, col_zero = fixed_scales[group], fixed_zeros[group]
                 current_group = group
 
-            values = block[:, offset]
+            values = block[offset] + pending[offset] / diagonal
             if row_upper is None:
                 column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
             else:
                 column_codes = _row_babai(values, col_scale, col_zero, maxq, row_upper)
-            block_codes[:, offset] = column_codes
-            error = (values - (column_codes - col_zero) * col_scale) / block_upper[offset, offset]
-            block[:, offset:].addr_(error, block_upper[offset, offset:], alpha=-1)
-            block_errors[:, offset] = error
+            block_codes[offset] = column_codes
+            rounded = (column_codes - col_zero) * col_scale
+            block_errors[offset] = (values - rounded) * diagonal
+            block[offset] -= rounded  # D_c = W_c - Q_c
+            if offset + 1 < width:
+                pending[offset + 1 :].addr_(block_r[offset, offset + 1 :], block[offset])
 
-        codes[:, block_start:block_end] = block_codes.to(torch.uint8)
-        loss_per_row += block_errors.square().sum(dim=1)
-        work[:, block_end:] -= block_errors @ upper[block_start:block_end, block_end:]
+        codes[:, block_start:block_end] = block_codes.T.to(torch.uint8)
+        loss_per_row += block_errors.square().sum(dim=0)
+        work[:, block_start:block_end] = block.T
 
     inverse_order = torch.argsort(order)
     qweight = codes[:, inverse_order]
