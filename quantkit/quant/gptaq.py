@@ -25,6 +25,8 @@ from quantkit.quant.grid import all_finite
 from quantkit.quant.spec import QuantResult, QuantSpec
 
 logger = logging.getLogger(__name__)
+# columns of C - H~ taken to float64 at a time (at width 14336 the whole would be 1.6 GB)
+_ROWS = 1024
 
 
 def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01,
@@ -39,36 +41,41 @@ def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.T
     cross C = sum w x x~^T, both [in, in] with the same normalisation. The engine can equally
     accumulate C - H~ = sum w (x - x~) x~^T directly. Dead inputs (zero diagonal of H~) keep W's column.
     A singular damped H~ (no damp on degenerate inputs) raises the damp tenfold per try, with a warning.
-    The float64 work is done in place where it can be: at width 14336 each [in, in] float64 matrix is 1.6 GB.
+    Solved in float64 by Cholesky, factored in place: one [in, in] float64 matrix (1.6 GB at width 14336).
     """
     in_features = weight.shape[1]
     if tuple(hessian.shape) != (in_features, in_features) or tuple(cross.shape) != (in_features, in_features):
         raise QuantkitError(f"FP target needs [in, in] Hessian and cross term for in = {in_features}")
     # W' = W + W D H^-1 with D = C - H~  <=>  H (W' - W)^T = D^T W^T (H symmetric)
-    delta = cross.to(torch.float64, copy=True)  # copies: float64 inputs must not be changed in place
-    delta -= hessian
-    rhs = delta.T @ weight.double().T
-    del delta
-    h = hessian.to(torch.float64, copy=True)
-    dead = torch.diagonal(h) == 0
-    h.diagonal()[dead] = 1.0
-    mean_diag = float(torch.diagonal(h).mean())
-    h.diagonal().add_(damp * mean_diag)
+    weight64 = weight.double()
+    rhs = torch.empty(in_features, weight.shape[0], dtype=torch.float64, device=weight.device)
+    for start in range(0, in_features, _ROWS):  # D^T W^T by column blocks of D: no [in, in] float64 D
+        stop = min(start + _ROWS, in_features)
+        delta = cross[:, start:stop].double() - hessian[:, start:stop].double()
+        torch.mm(delta.T, weight64.T, out=rhs[start:stop])
+    del weight64, delta
+    dead = torch.diagonal(hessian) == 0
+    mean_diag = float(torch.diagonal(hessian).double().where(~dead, 1.0).mean())
     tried = []
     while True:
-        try:
-            correction = torch.linalg.solve(h, rhs).T
+        h = hessian.to(torch.float64, copy=True)
+        h.diagonal()[dead] = 1.0
+        h.diagonal().add_(damp * mean_diag)
+        # Cholesky (H~ damped is symmetric positive definite): half LU's work, factored in place (the transpose of
+        # a symmetric matrix is the column-major layout LAPACK works in: no copy)
+        h = h.T
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(h, out=(h, info))
+        if int(info) == 0:
+            correction = torch.cholesky_solve(rhs, h).T
             if all_finite(correction):
                 break
-        except torch.linalg.LinAlgError:
-            pass
+        del h
         tried.append(damp)
         if len(tried) > _CHOLESKY_RETRIES:
             raise QuantkitError(f"the FP target{f' of {name}' if name else ''} cannot be solved even with damp {tried}; "
                                 "check the calibration inputs (too few tokens, or NaN/degenerate activations)")
-        raised = max(damp * 10, _MIN_RETRY_DAMP)
-        h.diagonal().add_((raised - damp) * mean_diag)
-        damp = raised
+        damp = max(damp * 10, _MIN_RETRY_DAMP)
     if tried:
         logger.warning("%s: the FP target's Hessian is singular with damp %g; solved with damp %g",
                        name or "a linear", tried[0], damp)
