@@ -20,13 +20,12 @@ and the solves one by one (rows, columns, seconds), which the fits use. llm-comp
 with the same settings (W4 g128 sym, act-order static, block 128, damp 0.01) on the same token windows; its
 phases are its accumulate_hessian and quantize_weight, the rest of oneshot counted as capture and other.
 
-The MoE layer: quantkit has no MoE adapter yet (issue #23), so its experts are timed by a per-expert loop
-written here from quantkit's own pieces (HessianAccumulator, gptq_solve on each expert's routed tokens),
-the attention through the same pieces; llm-compressor runs its own MoE handling (all experts calibrated).
+The MoE layer runs through quantkit's engine like the dense ones (its experts split into linears, each solved on
+its routed tokens, quantkit.engine.routed); llm-compressor runs its own MoE handling.
 
 Peak memory: VmHWM of the calibrating process from after the model is loaded (the high-water mark is reset
-there), beside the sum the issue names (the layer's weights, its largest Hessians, its activations) as
-quantkit.planner computes it for the same run.
+there), and the RSS sampled every 10 ms, its highest per phase (where the peak happens), beside the sum the
+issue names (the layer's weights, its largest Hessians, its activations) as quantkit.planner computes it.
 
 Fits and extrapolation (printed in the JSON with their assumptions): capture and backward seconds per
 token x layer parameter, hessian seconds per token x sum of in^2 over the solve groups, solve seconds as
@@ -58,6 +57,8 @@ from common import emit, environment  # noqa: E402
 VOCAB = 4096
 SHAPES = {
     "tiny": {"family": "llama", "hidden": 256, "mlp": 768, "heads": 4, "kv_heads": 2, "head_dim": 64, "layers": 2},  # smoke test
+    "tiny-moe": {"family": "qwen3_moe", "hidden": 256, "mlp": 768, "heads": 4, "kv_heads": 2, "head_dim": 64,
+                 "layers": 1, "experts": 8, "expert_mlp": 128, "top_k": 2},  # smoke test
     "llama-1b": {"family": "llama", "hidden": 2048, "mlp": 8192, "heads": 32, "kv_heads": 8, "head_dim": 64, "layers": 2},
     "llama-3b": {"family": "llama", "hidden": 3072, "mlp": 8192, "heads": 24, "kv_heads": 8, "head_dim": 128, "layers": 1},
     "llama-8b": {"family": "llama", "hidden": 4096, "mlp": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128, "layers": 1},
@@ -171,6 +172,28 @@ class PhaseClock:
 
         setattr(owner, attr, timed)
 
+    def watch_memory(self, every_s: float = 0.01) -> None:
+        """Sample this process's RSS every `every_s` in a thread; peak_by_phase() gives each phase's highest."""
+        import threading
+
+        self.peaks: dict[str, float] = defaultdict(float)
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+        def sample() -> None:
+            with open("/proc/self/statm") as statm:
+                while True:
+                    statm.seek(0)
+                    rss = int(statm.read().split()[1]) * page_mb
+                    phase = self.stack[-1][0] if self.stack else "outside"
+                    self.peaks[phase] = max(self.peaks[phase], rss)
+                    time.sleep(every_s)
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def peak_by_phase(self, since_mb: float) -> dict:
+        """Each phase's sampled peak RSS above `since_mb` (the loaded model), MiB."""
+        return {phase: round(peak - since_mb, 1) for phase, peak in sorted(self.peaks.items())}
+
     def summary(self, layers: int) -> dict:
         return {phase: {"wall_s": round(self.wall.get(phase, 0.0) / layers, 3), "cpu_s": round(self.cpu.get(phase, 0.0) / layers, 3)}
                 for phase in PHASES}
@@ -241,6 +264,7 @@ def child_quantkit(model_dir: str, method_key: str, nsamples: int, seqlen: int, 
     samples = [{"input_ids": row.unsqueeze(0)} for row in windows(nsamples, seqlen)]
     loaded_mb = current_rss_mb()
     reset_peak()
+    clock.watch_memory()
     method, fp_target = METHODS[method_key]
     started = clock.now()
     weights = None
@@ -257,130 +281,8 @@ def child_quantkit(model_dir: str, method_key: str, nsamples: int, seqlen: int, 
             "total_per_layer": {"wall_s": round((ended[0] - started[0]) / layers, 3), "cpu_s": round((ended[1] - started[1]) / layers, 3)},
             "solves": clock.solves, "rss_base_mb": round(base_mb, 1), "rss_loaded_mb": round(loaded_mb, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1), "peak_over_loaded_mb": round(peak_rss_mb() - loaded_mb, 1),
+            "sampled_peak_over_loaded_mb_by_phase": clock.peak_by_phase(loaded_mb),
             "engine_hidden_states_mb": calibration.report.get("hidden_states_mb")}
-
-
-def child_moe(model_dir: str, method_key: str, nsamples: int, seqlen: int, device: str, dtype: str) -> dict:
-    """The MoE layer with quantkit's pieces: attention and per-expert Hessians and solves, layer by layer."""
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
-    from quantkit.engine.capture import capture_layer_inputs
-    from quantkit.engine.hessian import HessianAccumulator
-    from quantkit.memory import current_rss_mb, fix_mmap_threshold, peak_rss_mb
-    from quantkit.quant import QuantSpec
-    from quantkit.quant.gptq import gptq_solve
-    from quantkit.quant.rtn import rtn_solve
-
-    torch.set_num_threads(1)
-    fix_mmap_threshold()
-    clock = PhaseClock(torch.cuda.synchronize if device.startswith("cuda") else None)
-    spec = QuantSpec(bits=4, group_size=128)
-    method, fp_target = METHODS[method_key]
-    if method != "gptq" or fp_target:
-        raise SystemExit("the MoE loop times rtn and gptq only (quantkit's engine has no MoE support yet, issue #23)")
-    base_mb = current_rss_mb()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval().to(device)
-    model.config.use_cache = False
-    loaded_mb = current_rss_mb()
-    reset_peak()
-    started = clock.now()
-
-    class _Adapter:  # what capture_layer_inputs reads
-        layers = "model.layers"
-
-        @staticmethod
-        def decoder_layers(m):
-            return m.model.layers
-
-    with torch.no_grad(), clock.phase("other"):
-        inputs = capture_layer_inputs(model, _Adapter, [{"input_ids": r.unsqueeze(0)} for r in windows(nsamples, seqlen)],
-                                      device)
-        hidden = torch.cat(inputs.hidden)
-        kwargs = inputs.kwargs[0]
-        for layer in model.model.layers:
-            attn, moe = layer.self_attn, layer.mlp
-            experts = moe.experts
-
-            def solve(weight, h, name):
-                with clock.phase("solve"):
-                    t0 = clock.now()
-                    result = gptq_solve(weight, h, spec, name=name) if h is not None else rtn_solve(weight, None, spec)
-                    t1 = clock.now()
-                clock.solves.append({"out": int(weight.shape[0]), "in": int(weight.shape[1]), "hessian": h is not None,
-                                     "cpu_s": round(t1[1] - t0[1], 4), "wall_s": round(t1[0] - t0[0], 4)})
-                return result.dequantize()
-
-            def hessian_of(xs):
-                acc = HessianAccumulator(xs[0].shape[-1], device)
-                with clock.phase("hessian"):
-                    for x in xs:
-                        acc.add(x)
-                    return acc.result()
-
-            # attention: q/k/v share the normed input; o_proj reads the attention output
-            seen: dict[str, list] = {}
-
-            def keep(name, seen=seen):
-                def hook(module, args):
-                    seen.setdefault(name, []).append(args[0].detach())
-                return hook
-
-            handles = [attn.q_proj.register_forward_pre_hook(keep("qkv")), attn.o_proj.register_forward_pre_hook(keep("o"))]
-            with clock.phase("capture"):
-                residual = hidden
-                normed = layer.input_layernorm(hidden)
-                attn_out = attn(normed, **{k: v for k, v in kwargs.items() if k != "hidden_states"})[0]
-            for handle in handles:
-                handle.remove()
-            h = hessian_of(seen["qkv"])
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            q = solve(qkv, h, "qkv")
-            rows = [attn.q_proj.out_features, attn.k_proj.out_features]
-            attn.q_proj.weight.copy_(q[: rows[0]])
-            attn.k_proj.weight.copy_(q[rows[0] : rows[0] + rows[1]])
-            attn.v_proj.weight.copy_(q[rows[0] + rows[1] :])
-            del h, q
-            h = hessian_of(seen["o"])
-            attn.o_proj.weight.copy_(solve(attn.o_proj.weight, h, "o_proj"))
-            del h, seen
-            with clock.phase("capture"):
-                attn_out = attn(normed, **{k: v for k, v in kwargs.items() if k != "hidden_states"})[0]
-                hidden = residual + attn_out
-                moe_in = layer.post_attention_layernorm(hidden).reshape(-1, hidden.shape[-1])
-                _, routing, chosen = moe.gate(moe_in)
-            counts = []
-            # the experts one by one: each sees only its routed tokens
-            for e in range(experts.num_experts):
-                with clock.phase("capture"):
-                    tokens = (chosen == e).any(dim=-1).nonzero().reshape(-1)
-                    x = moe_in[tokens]
-                counts.append(int(tokens.numel()))
-                if x.shape[0] == 0:
-                    h_up = torch.zeros(x.shape[1], x.shape[1])
-                else:
-                    h_up = hessian_of([x])
-                gate_up = solve(experts.gate_up_proj[e], h_up, f"experts.{e}.gate_up")
-                experts.gate_up_proj[e].copy_(gate_up)
-                del h_up
-                with clock.phase("capture"):
-                    gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                    act = experts.act_fn(gate) * up
-                h_down = hessian_of([act]) if act.shape[0] else torch.zeros(act.shape[1], act.shape[1])
-                experts.down_proj[e].copy_(solve(experts.down_proj[e], h_down, f"experts.{e}.down"))
-                del h_down, x, act, gate, up
-            with clock.phase("capture"):  # the quantized layer's outputs feed the next layer
-                hidden = layer(hidden, **{k: v for k, v in kwargs.items() if k != "hidden_states"})
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    ended = clock.now()
-    layers = len(model.model.layers)
-    return {"tool": "quantkit (per-expert loop in this benchmark)", "method": method_key, "layers": layers,
-            "tokens": nsamples * seqlen, "per_layer": clock.summary(layers),
-            "total_per_layer": {"wall_s": round((ended[0] - started[0]) / layers, 3), "cpu_s": round((ended[1] - started[1]) / layers, 3)},
-            "expert_tokens": {"min": min(counts), "max": max(counts), "mean": sum(counts) / len(counts)},
-            "solves": clock.solves, "rss_base_mb": round(base_mb, 1), "rss_loaded_mb": round(loaded_mb, 1),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "peak_over_loaded_mb": round(peak_rss_mb() - loaded_mb, 1)}
 
 
 # ---------------------------------------------------------------- parent
@@ -614,8 +516,7 @@ def main() -> None:
             print("{}")
             return
         model_dir, method, nsamples, seqlen, device, dtype = rest
-        runner = child_moe if kind == "moe" else child_quantkit
-        print(json.dumps(runner(model_dir, method, int(nsamples), int(seqlen), device, dtype)))
+        print(json.dumps(child_quantkit(model_dir, method, int(nsamples), int(seqlen), device, dtype)))
         return
     if args.merge:
         results = [json.loads(Path(path).read_text()) for path in args.merge]
@@ -654,11 +555,8 @@ def main() -> None:
             if "error" in built:
                 raise SystemExit(f"building {name} failed: {built['error']}\n{built.get('stderr_tail', '')}")
             methods = args.methods.split(",")
-            if "experts" in shape:
-                methods = [m for m in methods if m == "gptq"]
             for index, method in enumerate(methods):
-                kind = "moe" if "experts" in shape else "quantkit"
-                run = run_child(kind, str(model_dir), method, str(args.nsamples), str(args.seqlen), args.device, args.dtype)
+                run = run_child("quantkit", str(model_dir), method, str(args.nsamples), str(args.seqlen), args.device, args.dtype)
                 runs.append({"shape": name, **run, "method": method, "tool": run.get("tool", "quantkit"), "nsamples": args.nsamples})
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "solves"}), file=sys.stderr, flush=True)
                 if index == 0 and llmc is not None:  # interleaved: right after quantkit's first method

@@ -60,6 +60,7 @@ def main() -> None:
     clock.wrap(gptq_base, "quantize_weight", "solve", record)
     loaded_mb = rss_mb("VmRSS")
     reset_peak()
+    clock.watch_memory()
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=4, type="int", symmetric=True, strategy="group", group_size=128, actorder="static"))
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head", "re:.*mlp.gate$"], block_size=128,
@@ -78,6 +79,7 @@ def main() -> None:
         "total_per_layer": {"wall_s": round((ended[0] - started[0]) / layers, 3), "cpu_s": round((ended[1] - started[1]) / layers, 3)},
         "solves": clock.solves, "rss_base_mb": round(base_mb, 1), "rss_loaded_mb": round(loaded_mb, 1),
         "peak_rss_mb": round(rss_mb("VmHWM"), 1), "peak_over_loaded_mb": round(rss_mb("VmHWM") - loaded_mb, 1),
+        "sampled_peak_over_loaded_mb_by_phase": clock.peak_by_phase(loaded_mb),
         "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
         "time": time.ctime()}))
 
