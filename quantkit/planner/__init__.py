@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 # the engine's own constants: samples stacked per layer pass (and per importance chunk); GPU Hessian sums move
 # to float64 past FLOAT32_SUM_TOKENS tokens; logit rows of TLQ's head gradient at once
 from quantkit.engine.driver import BATCH_SIZE
-from quantkit.engine.hessian import FLOAT32_SUM_TOKENS
+from quantkit.engine.hessian import FLOAT32_SUM_TOKENS, PRODUCT_ROWS
 from quantkit.errors import QuantkitError
 from quantkit.importance.backward import HEAD_ROWS
 from quantkit.planner.rates import estimate_seconds
@@ -235,7 +235,8 @@ def _group_phases(layer: LayerShape, shape: ModelShape, settings: RunSettings, t
             Term("Hessian sums", sums + copies, f"{names}: {' + '.join(f'{w}^2' for w in inputs)} in "
                  f"{'float64' if element == 8 else 'float32'}{' with the FP-target cross terms' if fp else ''}",
                  "a wider device or --device cpu (a Hessian is in^2 whatever the ranks)"),
-            Term("Hessian product", widest_in * widest_in * temp, "one sample's float32 X^T X before it is summed"),
+            Term("Hessian product", min(widest_in, PRODUCT_ROWS) * widest_in * temp,
+                 f"{PRODUCT_ROWS} rows of one sample's float32 X^T X before they are summed"),
         ]
         out.append((f"{names} Hessians", hessian_pass))
         solved = [lin for lin in group if owned is None or lin.name in owned]
@@ -246,15 +247,15 @@ def _group_phases(layer: LayerShape, shape: ModelShape, settings: RunSettings, t
         rows = sum(lin.out_features for lin in solved if lin.in_features == widest.in_features)
         n = widest.in_features
         weights = rows * n * 4
-        # GPTQ: two [in, in] factors at a time beside a weight copy, or the stacked weight's work arrays
-        # (measured 3-3.5 weight sizes for gate/up stacked); the FP target's float64 solve: H~ and its LU,
-        # the right-hand side and the solution in float64, the stacked weight
-        solver = max(2 * n * n * 4 + weights, 7 * weights // 2)
+        # GPTQ: one [in, in] factor (the reversed copy of H, factored in place) beside a weight copy, or the
+        # stacked weight's work arrays (measured 3-3.5 weight sizes for gate/up stacked); the FP target's float64
+        # solve: H~'s factor and the copy cholesky_solve makes of it, the right-hand side and the solution
+        solver = max(n * n * 4 + weights, 7 * weights // 2)
         if fp:
             solver = max(solver, 4 * n * n * 4 + 5 * weights)
         out.append((f"{names} solve", [
             Term("Hessians", kept, f"{names}: float32 H{' and C' if fp else ''} per linear"),
-            Term("solver", solver, f"GPTQ on {rows} x {n}: the factor of H^-1 and its copy, weight work arrays"
+            Term("solver", solver, f"GPTQ on {rows} x {n}: the Cholesky factor of H, weight work arrays"
                  + (", the FP target's float64 solve" if fp else "")),
         ]))
     return out
