@@ -495,7 +495,7 @@ def targets(runs: list[dict], shapes: dict, nsamples: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="llama-1b,llama-8b,qwen3-moe")
-    parser.add_argument("--methods", default="gptq,rtn,gptq_fp,tlq")
+    parser.add_argument("--methods", default="gptq,rtn,gptq_fp,tlq", help="quantkit's methods ('none': llm-compressor only)")
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--experts", type=int, default=None, help="override the MoE shape's expert count")
@@ -554,11 +554,14 @@ def main() -> None:
             built = run_child("build", str(model_dir), json.dumps(shape), str(args.seqlen))
             if "error" in built:
                 raise SystemExit(f"building {name} failed: {built['error']}\n{built.get('stderr_tail', '')}")
-            methods = args.methods.split(",")
-            for index, method in enumerate(methods):
-                run = run_child("quantkit", str(model_dir), method, str(args.nsamples), str(args.seqlen), args.device, args.dtype)
-                runs.append({"shape": name, **run, "method": method, "tool": run.get("tool", "quantkit"), "nsamples": args.nsamples})
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "solves"}), file=sys.stderr, flush=True)
+            methods = [m for m in args.methods.split(",") if m != "none"]  # none: llm-compressor's run alone
+            for index, method in enumerate(methods or [None]):
+                if method is not None:
+                    run = run_child("quantkit", str(model_dir), method, str(args.nsamples), str(args.seqlen), args.device,
+                                    args.dtype)
+                    runs.append({"shape": name, **run, "method": method, "tool": run.get("tool", "quantkit"),
+                                 "nsamples": args.nsamples})
+                    print(json.dumps({k: v for k, v in runs[-1].items() if k != "solves"}), file=sys.stderr, flush=True)
                 if index == 0 and llmc is not None:  # interleaved: right after quantkit's first method
                     run = run_llmc(llmc, model_dir, args.nsamples, args.seqlen)
                     runs.append({"shape": name, **run, "method": "gptq", "tool": "llm-compressor", "nsamples": args.nsamples})
