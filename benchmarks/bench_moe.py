@@ -73,7 +73,7 @@ def tokens_per_expert(report: dict) -> list[list[int]]:
 
 
 def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dict[str, torch.Tensor],
-             variants: list[str], llmc: str | None, llmc_modes: list[str]) -> list[dict]:
+             variants: list[str], llmc: str | None, llmc_modes: list[str], settings: list[str]) -> list[dict]:
     """One calibration draw: every variant's gaps per setting (one thread)."""
     from transformers import AutoTokenizer
 
@@ -95,7 +95,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
         weights = tlq_token_weights(fp, samples, progress=False)
         importance_s = time.perf_counter() - started
     rows = []
-    for label, (bits, group, sym) in SETTINGS.items():
+    for label, (bits, group, sym) in ((k, SETTINGS[k]) for k in settings):
         row = {"seed": seed, "setting": label, "fp_loss": fp_loss}
         for name in variants:
             method, all_experts = VARIANTS[name]
@@ -115,7 +115,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
         calib = torch.cat([s["input_ids"] for s in samples])
         everything = torch.cat(list(windows.values()))
         wanted = [{"bits": b, "group_size": g, "sym": s, "all_experts": every, "ignore": ["re:.*mlp.gate$"]}
-                  for b, g, s in SETTINGS.values() for every in (True, False) if LLMC_MODES[every] in llmc_modes]
+                  for b, g, s in (SETTINGS[k] for k in settings) for every in (True, False) if LLMC_MODES[every] in llmc_modes]
         found = run_llmc_runner(llmc, LLMC_RUNNER, model_dir, calib, everything, ["--settings", json.dumps(wanted)],
                                 parts=windows)
         for row in rows:
@@ -137,6 +137,8 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
     out = {}
     for label in SETTINGS:
         mine = [r for r in rows if r["setting"] == label]
+        if not mine:
+            continue
         names = [v for v in [*variants, "llmc", "llmc_routed"] if f"{v}_gap" in mine[0]]
         table = {}
         for name in names:
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--llmc", default=None, help="python of a venv with llm-compressor (omit to skip it)")
     parser.add_argument("--llmc-modes", nargs="+", default=["all", "routed"], choices=["all", "routed"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--merge", nargs="+", default=None, help="join these runs' JSON (one per seed or per variant, run in parallel)")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
@@ -188,12 +191,12 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         rows += run_seed(args.model, seed, args.nsamples, args.seqlen, windows, args.variants, args.llmc,
-                         args.llmc_modes)
+                         args.llmc_modes, args.settings)
     training = json.loads((Path(args.model) / "training.json").read_text())
     emit({"benchmark": "bench_moe", "model": args.model, "training": training, "seeds": args.seeds,
           "nsamples": args.nsamples, "seqlen": args.seqlen,
           "eval_tokens_per_corpus": {k: int(w.numel()) for k, w in windows.items()},
-          "settings": {k: {"bits": b, "group_size": g, "sym": s} for k, (b, g, s) in SETTINGS.items()},
+          "settings": {k: {"bits": b, "group_size": g, "sym": s} for k, (b, g, s) in SETTINGS.items() if k in args.settings},
           "summary": summarise(rows, args.variants), "rows": rows, "cpu_seconds": round(time.process_time() - started, 1),
           "environment": environment()}, args.output)
 

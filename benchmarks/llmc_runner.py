@@ -19,6 +19,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import window_losses  # noqa: E402
 
 
+def causal_eager_attention(model: torch.nn.Module) -> None:
+    """Make the eager attention of `model`'s family causal when it is given no mask.
+
+    llm-compressor 0.14.0.1 (transformers 5.17) runs a Qwen3-MoE's decoder layers in its sequential pipeline with
+    eager attention and attention_mask=None for unpadded windows, so its calibration statistics came from
+    bidirectional attention (measured: layer 0's o_proj inputs equal the model's output with an all-zero mask to
+    3e-7 and differ from the causal forward by 17-20%; a Llama's are causal). Supplying the causal mask restores the
+    model's own attention (o_proj inputs equal the causal forward to 1e-7); evaluation (sdpa) never reaches this.
+    """
+    import importlib
+
+    family = importlib.import_module(type(model).__module__)
+    eager = getattr(family, "eager_attention_forward", None)
+    if eager is None or getattr(eager, "causal_guard", False):
+        return
+
+    def guarded(module, query, key, value, attention_mask, *args, **kwargs):
+        if attention_mask is None and query.shape[-2] == key.shape[-2] > 1 and query.device.type != "meta":
+            upper = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).triu(1)
+            attention_mask = torch.zeros(upper.shape, dtype=query.dtype, device=query.device).masked_fill(
+                upper, torch.finfo(query.dtype).min)[None, None]
+        return eager(module, query, key, value, attention_mask, *args, **kwargs)
+
+    guarded.causal_guard = True
+    family.eager_attention_forward = guarded
+
+
 def main() -> None:
     """Quantize with llm-compressor at each requested setting and print one JSON object."""
     parser = argparse.ArgumentParser()
@@ -42,6 +69,7 @@ def main() -> None:
     results = []
     for setting in json.loads(args.settings):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        causal_eager_attention(model)
         scheme = QuantizationScheme(
             targets=["Linear"],
             weights=QuantizationArgs(
