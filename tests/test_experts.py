@@ -149,16 +149,18 @@ def quantize_randomly(model) -> dict:
     return results
 
 
-# gpt-oss checkpoints keep experts fused; transformers 5.25 has no mapping from per-expert tensors to them
-TRANSFORMERS_LOADS_CT = [f for f in MOE_FAMILIES if f != "gpt_oss"]
+# gpt-oss checkpoints keep experts fused and transformers reads no per-expert quantized layout for them: the export
+# stores its experts dense (dequantized) under the fused checkpoint's own keys
+FUSED_ONLY = {"gpt_oss"}
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_export_writes_experts_as_the_family_checkpoint_does(family: str, tmp_path) -> None:
     """Quantized experts are stored per expert under the names transformers' own save_pretrained gives the FP
-    experts (Mixtral: block_sparse_moe.experts.E.w1; gpt-oss and Llama 4, whose checkpoints keep experts fused,
-    the per-expert gate_proj / up_proj / down_proj of quantized layouts); quantkit reads both formats back to
-    the exact dequantized model, and transformers loads the compressed-tensors export with its logits."""
+    experts (Mixtral: block_sparse_moe.experts.E.w1; Llama 4, whose checkpoints keep experts fused, the per-expert
+    gate_proj / up_proj / down_proj transformers' quantized loading reads), or, where transformers reads a family's
+    experts only fused (gpt-oss), dense under the fused keys; quantkit reads both formats back to the exact
+    dequantized model, and transformers loads the compressed-tensors export with its logits."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -170,25 +172,30 @@ def test_export_writes_experts_as_the_family_checkpoint_does(family: str, tmp_pa
     results = quantize_randomly(model)
     ref = logits(model, IDS)
     per_expert = {k.removesuffix(".weight") for k in fp_keys if ".experts.0." in k and k.endswith(".weight")}
-    if not per_expert:  # a fused checkpoint: the quantized per-expert layout
+    fused = {k for k in fp_keys if ".experts.gate_up_proj" in k or ".experts.down_proj" in k}
+    if family in FUSED_ONLY:
+        per_expert, fused_kept = set(), fused
+    elif not per_expert:  # a fused checkpoint: the quantized per-expert layout
         prefix = next(k for k in fp_keys if k.endswith("experts.gate_up_proj")).removesuffix("gate_up_proj")
         layer = prefix.split(".layers.")[1].split(".")[0]
         per_expert = {f"{prefix}0.{p}".replace(f".layers.{layer}.", ".layers.1.") for p in ("gate_proj", "up_proj", "down_proj")}
+    if family not in FUSED_ONLY:
+        fused_kept = set()
     for fmt, suffix in (("compressed-tensors", "weight_packed"), ("gptq", "qweight")):
         out = save_quantized(model, results, tmp_path / fmt, fmt=fmt)
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             keys = set(f.keys())
         for name in per_expert:
             assert f"{name}.{suffix}" in keys, name
-        assert not [k for k in keys if "experts.gate_up_proj" in k or k.endswith("experts.down_proj")]
+        assert {k for k in keys if ".experts.gate_up_proj" in k or ".experts.down_proj" in k} == fused_kept
         # every other tensor is stored under the name transformers' save_pretrained gives it
         quantized = set(json.loads((out / "quantkit.json").read_text())["quantized_modules"])
-        for key in fp_keys - {k for k in fp_keys if ".experts.gate_up_proj" in k or ".experts.down_proj" in k}:
+        for key in fp_keys - (fused - fused_kept):
             module = key.rsplit(".", 1)[0]
             assert (f"{module}.{suffix}" if module in quantized else key) in keys, key
         back = quantkit.load_quantized(out)
         assert not [n for n, m in back.named_modules() if isinstance(m, RoutedExperts)]  # transformers' modules
         assert torch.equal(logits(back, IDS), ref) or rel(logits(back, IDS), ref) <= 1e-6
-        if fmt == "compressed-tensors" and family in TRANSFORMERS_LOADS_CT:
+        if fmt == "compressed-tensors":
             loaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
             assert rel(logits(loaded, IDS), ref) <= 1e-3

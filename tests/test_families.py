@@ -45,6 +45,7 @@ FAMILIES = {
     "olmoe": {},  # q/k norms over the whole projection, routed experts
     "gpt_oss": {},  # experts with biases, gate and up interleaved, a router with a bias, attention sinks
     "llama4_text": {},  # top-1 router scaling the expert's input, a shared expert, chunked attention
+    "granitemoe": {},  # checkpoints keep experts fused (input_linear / output_linear): exported dense, fused
     "falcon": {},  # fused query_key_value, parallel MLP reading the attention's input (one group with it)
     # hybrids: the linears of recurrent / state-space mixers are quantized, their kernels stay in full precision
     "lfm2": {"layer_types": ["conv", "full_attention"]},  # gated short convolutions beside attention layers
@@ -56,15 +57,12 @@ DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLi
 # model type -> (the transformers its reload was checked on, why older ones fail)
 RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied lm_head on load, through that same "
                                    "FalconLinear.weight; the reload passes on 5.25")}
-# transformers 5.25 cannot load these families' per-expert exports: it has no mapping from per-expert tensors onto
-# their fused experts (gpt-oss checkpoints keep experts fused); quantkit.load_quantized reads them
-NOT_LOADED_BY_TRANSFORMERS = {"gpt_oss": "no conversion from per-expert gate_proj/up_proj/down_proj to GptOssExperts"}
 # GPTQ packs zero points along the output rows, 8 per int32 at 4 bits: these families have narrower or odd-width
 # linears (Falcon-H1's Mamba in_proj, 148 rows; OLMo-hybrid's a_proj, one row per head)
 GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid"}
 SPEC = QuantSpec(bits=4, group_size=16, act_order=False)  # in column order: the engine-level references solve so
 RUN_SPEC = QuantSpec(bits=4, group_size=16)  # the defaults (act-order, static groups) for whole runs
-LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3"]
+LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3", "granitemoe"]
 
 
 def samples(n: int = 4, tokens: int = 16, seed: int = 1) -> list[dict]:
@@ -175,9 +173,8 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     with torch.no_grad():
         ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits
         loading = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if model_type in DEQUANTIZE_ON_LOAD else {}
-        if model_type not in NOT_LOADED_BY_TRANSFORMERS:
-            theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", **loading)(input_ids=ids).logits
-            assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", **loading)(input_ids=ids).logits
+        assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
     result = CliRunner().invoke(main, ["export", str(tmp_path / "ct"), "--format", "gptq_v2", "-o", str(tmp_path / "gptq")])
     if model_type in GPTQ_UNPACKABLE:  # a linear with an output width GPTQ's zero points cannot pack: one line, no output
         assert result.exit_code == 2 and "cannot pack" in result.output and not (tmp_path / "gptq").exists()

@@ -312,3 +312,31 @@ def test_cli_all_experts_counts_routed_tokens_and_reloads_in_transformers(moe_di
     with torch.no_grad():
         ours = quantkit.load_quantized(out)(input_ids=ids).logits
         assert (theirs(input_ids=ids).logits - ours).abs().max() <= 1e-3 * ours.abs().max()
+
+
+def test_vlm_with_experts_reloads_in_transformers_with_its_fp_linears_ignored(tmp_path) -> None:
+    """Aria: image-text with fused experts that transformers reads only fused (written dense) and a checkpoint whose
+    module names differ from the model's (language_model.*): the compressed-tensors config ignores the FP linears
+    (lm_head, vision tower, projector) by the names of the model transformers builds, which then computes the
+    logits quantkit reads back."""
+    pytest.importorskip("compressed_tensors")
+    from helpers import make_tokenizer, random_model, run_calibration, tiny_vlm_config, write_text
+    from transformers import AutoModelForImageTextToText
+
+    import quantkit
+
+    model = random_model(tiny_vlm_config("aria"), seed=0)
+    model.save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    run_calibration(str(tmp_path / "model"), str(tmp_path / "out"), SPEC, method="rtn",
+                    calib=str(write_text(tmp_path / "calib.txt", words=200)), nsamples=2, seqlen=16, progress=False,
+                    format="compressed-tensors")
+    ids = torch.randint(1, 60, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = quantkit.load_quantized(tmp_path / "out")(input_ids=ids).logits
+        theirs = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+        names = {n for n, _ in theirs.named_modules()}
+        logits = theirs(input_ids=ids).logits
+    ignored = set(__import__("json").loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"])
+    assert "lm_head" in ignored and ignored <= names
+    assert (logits - ours).abs().max() <= 1e-3 * ours.abs().max()

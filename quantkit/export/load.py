@@ -10,7 +10,7 @@ import torch
 from quantkit.errors import QuantkitError, expect_path
 from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
 from quantkit.export.reader import read_checkpoint, read_json
-from quantkit.models.experts import fuse_experts, model_key, unfuse_experts
+from quantkit.models.experts import fuse_experts, model_key, unfuse_experts, unfused_state
 
 
 def dense_state(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -57,7 +57,8 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
     unfused = unfuse_experts(model)
     if unfused:
         rename = model_key(model)
-        state = {rename(k): v for k, v in state.items()}
+        # experts written dense in the fused layout (quantkit.export.experts) split like any fused checkpoint's
+        state = unfused_state(model, {rename(k): v for k, v in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise QuantkitError(f"{path}: tensor {unexpected[0]} does not belong to a {arch or model_type} model")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from quantkit.export.common import Layout
+from quantkit.export.experts import dense_fused_experts
 from quantkit.export.writer import write_checkpoint_streamed
 from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models import adapter_for
@@ -62,11 +63,13 @@ def export_streamed(
         yield {key(k): t for k, t in fp.items()}, {module(n): r for n, r in results.outside.items()}
         for index in range(n_layers):
             layer_results, layer_fp = results.layer(index)
+            layer_fp, layer_results = dense_fused_experts(model, layer_fp, layer_results)
             yield {key(k): t for k, t in layer_fp.items()}, {module(n): r for n, r in layer_results.items()}
             del layer_results, layer_fp
             trim_heap()
 
-    fp_linears = sorted(module(n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
+    # by the model's own names: loaders match the ignore list against the model they build
+    fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     layout = Layout(tuple(adapter.sub_names()), n_layers, tuple(fp_linears))

@@ -36,6 +36,7 @@ from quantkit.export.common import (
     float_dtype,
     write_json,
 )
+from quantkit.export.experts import dense_fused_experts
 from quantkit.export.formats import Format, format_for
 from quantkit.export.spool import DiskSpool, MemorySpool, parse_size, write_sharded
 from quantkit.fsutil import atomic_dir
@@ -77,11 +78,13 @@ def save_quantized(
             pass
     linear_order, n_blocks = _layout(model)
     fp, fp_linears = _fp_state(model, results), _fp_linears(model, results)
+    fp, results = dense_fused_experts(model, fp, results)
     # a model with unfused experts is written with the family's checkpoint names (Mixtral's block_sparse_moe)
     key, module = checkpoint_key(model), checkpoint_module(model)
     fp = {key(k): t for k, t in fp.items()}
     results = {module(n): r for n, r in results.items()}
-    layout = Layout(linear_order, n_blocks, tuple(module(n) for n in fp_linears))
+    # FP linears by the model's own names: loaders match the ignore list against the model they build
+    layout = Layout(linear_order, n_blocks, tuple(fp_linears))
     ckpt = Checkpoint(config=config, manifest={}, fp_tensors=fp, results=results, layout=layout)
     return write_checkpoint(ckpt, out_dir, fmt=fmt, spec=spec, source=source, report=report, overwrite=overwrite,
                             max_shard_size=max_shard_size, extra_files=extra_files, processor=processor)
