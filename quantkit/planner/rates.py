@@ -1,5 +1,5 @@
 """Seconds a calibration run takes, from the rates benchmarks/bench_real_size.py measured (CPU, one thread,
-float32; figures and command in benchmarks/results/bench_real_size.json).
+float32; figures and commands in benchmarks/README.md, "Real sizes").
 
 Per decoder layer: the forward passes cost `capture` seconds per token and layer parameter (a method's
 passes: GPTQ one per group up to its linears and one propagation; the FP target one more), the Hessian
@@ -14,23 +14,26 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-# GPTQ's rates: benchmarks/results/bench_real_size.json (one Llama-3.2-1B layer, 1 x 2048 tokens, CPU seconds on
-# a shared 2-core machine: `bench_real_size.py --shapes llama-1b --layers 1 --nsamples 1 --seqlen 2048 --methods
-# gptq`), fitted by the benchmark. Not measured at real widths yet, so assumed: the FP target's and TLQ's capture
-# are GPTQ's x 1.5 (one more forward per group), TLQ's backward 3x GPTQ's capture per token and parameter (a
-# backward is about two forwards, plus the recomputed block). One width only: the out x in^2 term fitted to 0.
+# Rates fitted by benchmarks/bench_real_size.py (--merge) over its runs, CPU seconds on a shared 2-core machine, one
+# thread, float32, 1 x 2048 tokens (results/bench_real_size_merged.json): GPTQ on one Llama-3.1-8B layer
+# (results/bench_real_size_llama8b_quantkit.json), the FP target and TLQ on one Llama-3.2-1B layer each
+# (results/bench_real_size_llama1b_gptq_fp.json, _tlq.json). Each phase's rate comes from one layer (one width);
+# the solve models from that layer's four solves (GPTQ: 4096 and 14336 wide; FP target: 2048 and 8192).
+# `hessian` is per sum: the FP target's runs sum two (H~ and the cross term C).
 CPU = {
-    "source": "GPTQ measured on one Llama-3.2-1B layer (bench_real_size.json); FP target and TLQ provisional",
-    "capture": {"rtn": 0.0, "gptq": 8.0e-11, "gptq_fp": 1.2e-10, "tlq": 1.2e-10},
-    "hessian": 3.8e-11,
-    "backward": 2.4e-10,
-    "solve": (0.0, 4.5e-11, 3.8e-7),
-    "stats": 1.5e-10,
+    "source": "measured: GPTQ on one Llama-3.1-8B layer, FP target and TLQ on one Llama-3.2-1B layer "
+              "(bench_real_size_merged.json)",
+    "capture": {"rtn": 0.0, "gptq": 5.7e-11, "gptq_fp": 1.2e-10, "tlq": 1.19e-10},
+    "hessian": {"rtn": 0.0, "gptq": 3.3e-11, "gptq_fp": 8.7e-11, "tlq": 8.1e-11},
+    "backward": 5.7e-11,
+    "solve": (0.0, 1.27e-11, 1.39e-7),  # GPTQ: one Cholesky of H (in^3 / 6) and the column blocks
+    "fp_solve": (0.0, 6.57e-11, 5.11e-7),  # GPTQ toward the FP target: its float64 Cholesky solve first
+    "stats": 1.29e-10,
 }
 
 
-def _solve_seconds(out: int, inn: int) -> float:
-    a, b, c = CPU["solve"]
+def _solve_seconds(out: int, inn: int, fp_target: bool = False) -> float:
+    a, b, c = CPU["fp_solve" if fp_target else "solve"]
     return a * out * inn * inn + b * inn ** 3 + c * out * inn
 
 
@@ -58,14 +61,14 @@ def estimate_seconds(shape, settings) -> dict:
         stats = 0.0
         if settings.hessians:
             cross = 2 if settings.uses_fp_target else 1
-            hessian = CPU["hessian"] * tokens * cross * sum(w * w for g in layer.groups for w in layer.inputs(g))
+            hessian = CPU["hessian"][key] * tokens * cross * sum(w * w for g in layer.groups for w in layer.inputs(g))
             for group in layer.groups:
                 linears = {lin.name: SimpleNamespace(in_features=lin.in_features, out_features=lin.out_features) for lin in group}
                 load = [0.0] * ranks
                 for name, pieces in plan_group(linears, ranks).items():
                     lin = linears[name]
                     for rank, start, end in pieces:
-                        load[rank] += _solve_seconds(end - start, lin.in_features)
+                        load[rank] += _solve_seconds(end - start, lin.in_features, settings.uses_fp_target)
                 solve += max(load)
                 stats += CPU["stats"] * sum(_reported_rows(lin.out_features) * lin.in_features ** 2 for lin in group) / ranks
         per_layer.append({"capture": capture, "hessian": hessian, "solve": solve, "stats": stats})
