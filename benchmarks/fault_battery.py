@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -62,6 +64,9 @@ class Case:
     run: Callable[[Path], object]  # returns a click Result (CLI) or the API's value; raises for the API
     setup: Callable[[Path], None] | None = None
     api: bool = False
+    # For an input a right run may accept: (folder, result) -> None when the result is right, else what is wrong
+    # (a success without a check is quiet).
+    check: Callable[[Path, object], str | None] | None = None
 
 
 # ---------------------------------------------------------------- building the shared folder
@@ -86,7 +91,15 @@ def tree(root: Path) -> dict[str, str]:
     for p in sorted(root.rglob("*")):
         if "__pycache__" in p.parts:
             continue
-        out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        name = str(p.relative_to(root))
+        if p.is_symlink():
+            out[name] = f"link to {os.readlink(p)}"
+        elif p.is_dir():
+            out[name] = "dir"
+        elif p.is_file():
+            out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:  # a named pipe or socket: never read
+            out[name] = "special"
     return out
 
 
@@ -435,6 +448,7 @@ def cases() -> list[Case]:
     out.extend(more_cases())
     out.extend(third_round())
     out.extend(fourth_round())
+    out.extend(fifth_round())
     return out
 
 
@@ -775,19 +789,1040 @@ def _make_set(w: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+# ---------------------------------------------------------------- round 5: a fresh battery by another hand
+
+GPTQ = ["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m.content }} {% endfor %}"
+                 "{% if add_generation_prompt %}{% endif %}")
+TEXT_IDS = [[2 + (7 * i) % 60 for i in range(16)]]
+
+
+def build_extras(root: Path) -> None:
+    """Round 5's extra inputs beside build_base's: gptq/ (GPTQ W4 export), asym/ (asymmetric compressed-tensors),
+    head/ (lm_head quantized), a8/ (W8A8), vlm/ (a tiny Qwen2-VL with its processor) and vl/ (image-text records)."""
+    for name, extra in (("gptq", ["--format", "gptq"]), ("asym", ["--asym"]), ("head", ["--quantize-lm-head"]),
+                        ("a8", ["--bits", "8", "--group-size", "-1", "--act-bits", "8"])):
+        args = [*RTN, *extra] if "--group-size" not in extra else [*RTN[:-2], *extra]
+        result = run_cli("calibrate", root / "model", "--calib", root / "text.txt", *args, "-o", root / name)
+        assert result.exit_code == 0, (name, result.output)
+    from helpers import build_vlm
+
+    model, processor = build_vlm("qwen2_vl")
+    model.save_pretrained(root / "vlm")
+    processor.save_pretrained(root / "vlm")
+    write_image_dataset(root / "vl", n=4)
+
+
+def finite_model(model) -> str | None:
+    """None when every parameter and the logits on a fixed sequence are finite, else what is not."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            return f"non-finite values in {name}"
+    rows = model.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        logits = model(torch.tensor(TEXT_IDS) % rows).logits
+    return None if torch.isfinite(logits).all() else "non-finite logits"
+
+
+def export_ok(rel: str = "out") -> Callable[[Path, object], str | None]:
+    """A success is right when the export loads and its weights and logits are finite."""
+    def check(w: Path, result) -> str | None:
+        import quantkit
+
+        if not (w / rel).is_dir():
+            return f"exit 0 but no {rel}/"
+        return finite_model(quantkit.load_quantized(w / rel))
+    return check
+
+
+def returned_ok(w: Path, result) -> str | None:
+    model = getattr(result, "model", result)
+    return "no model returned" if model is None else finite_model(model)
+
+
+def eval_ok(w: Path, result) -> str | None:
+    """An eval success is right when its loss is finite."""
+    import math
+
+    losses = [float(x) for x in __import__("re").findall(r"loss[^0-9-]*(-?[0-9.]+(?:e-?\d+)?|nan|inf)", result.output)]
+    return None if losses and all(math.isfinite(x) for x in losses) else f"loss not finite: {result.output[-200:]}"
+
+
+def st_header(rel: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A setup rewriting a safetensors file's JSON header (the data bytes kept)."""
+    def setup(w: Path) -> None:
+        path = w / rel
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        edit(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    return setup
+
+
+def st_edit(rel: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A setup editing the tensors of any safetensors file (rel under the case folder)."""
+    def setup(w: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(w / rel)
+        edit(state)
+        save_file({k: v.contiguous() for k, v in state.items()}, w / rel, metadata={"format": "pt"})
+    return setup
+
+
+def first_key(state: dict, suffix: str) -> str:
+    return next(k for k in sorted(state) if k.endswith(suffix))
+
+
+def sparse_tokenizer():
+    """A word-level tokenizer of 62 entries (it fits a 64-row embedding by count) whose ids run up to 1061."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{word: 2 + 10 * i + (1000 if i > 50 else 0) for i, word in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@contextlib.contextmanager
+def failing_after_first_layer():
+    """Calibration runs (in this process) fail on entering layer 1, so a --low-memory run keeps OUT.partial."""
+    from dataclasses import replace
+
+    from helpers import FailAt
+
+    from quantkit.calibrate import run as runner
+    from quantkit.engine.comm import Hooks
+
+    real = runner.run_job
+    runner.run_job = lambda job: real(replace(job, run=replace(job.run, hooks=Hooks(on_layer=FailAt(0, 1)))))
+    try:
+        yield
+    finally:
+        runner.run_job = real
+
+
+def stopped(*then: Callable[[Path], None]) -> Callable[[Path], None]:
+    """A setup leaving out.partial from a --low-memory GPTQ run stopped after its first layer, then `then`."""
+    def setup(w: Path) -> None:
+        with failing_after_first_layer():
+            result = run_cli("calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--low-memory", "-o", w / "out")
+        assert result.exit_code == 2 and (w / "out.partial" / "state.json").is_file(), result.output
+        for step in then:
+            step(w)
+    return setup
+
+
+def fifo_text(w: Path) -> None:
+    """d.fifo: a named pipe a thread writes the text into once (as `--calib <(zcat corpus.gz)` gives)."""
+    import threading
+
+    os.mkfifo(w / "d.fifo")
+    text = (w / "text.txt").read_bytes()
+
+    def feed() -> None:
+        with open(w / "d.fifo", "wb") as pipe:
+            pipe.write(text)
+    threading.Thread(target=feed, daemon=True).start()
+
+
+def make_set_with(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A calibration set (quantkit importance) whose tensors are edited and whose manifest hashes are renewed."""
+    def setup(w: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        from quantkit.importance.calibration_set import file_sha256
+
+        _make_set(w)
+        manifest = json.loads((w / "set" / "manifest.json").read_text())
+        for name in manifest.get("files", {}):
+            state = load_file(w / "set" / name)
+            edit(state)
+            save_file({k: v.contiguous() for k, v in state.items()}, w / "set" / name)
+            manifest["files"][name] = file_sha256(w / "set" / name)
+        (w / "set" / "manifest.json").write_text(json.dumps(manifest))
+    return setup
+
+
+def on(keys: str, value_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    """An edit applying value_fn to every tensor whose name contains `keys`."""
+    any_dtype, name = keys.startswith("!"), keys.lstrip("!")
+
+    def edit(state: dict) -> None:
+        for k in list(state):
+            if name in k and (any_dtype or state[k].is_floating_point()):
+                state[k] = value_fn(state[k].clone())
+    return edit
+
+
+def fifth_round() -> list[Case]:
+    """Round 5, written by a second helper as a fresh battery (issue #22's target): every command and public
+    function again, inputs no earlier round tried; successes are checked (exports loaded, finite weights and
+    logits, codes compared) so a wrong result counts as quiet."""
+    out: list[Case] = []
+    nan, inf = float("nan"), float("inf")
+
+    def add(area, name, run, setup=None, check=None, api=False):
+        out.append(Case(area, name, run, setup, api=api, check=check))
+
+    def cli(area, name, args, setup=None, check=None):
+        add(area, name, lambda w, a=args: run_cli(*a(w)), setup, check)
+
+    def cal(area, name, *extra, data="text.txt", setup=None, model="model", check=None, method=RTN):
+        add(area, name, lambda w, e=extra, d=data, m=model, me=method: run_cli(
+            "calibrate", w / m, "--calib", w / d, *me, *e, "-o", w / "out"), setup, check)
+
+    def api(name, call, setup=None, check=None):
+        add("api", name, call, setup, check, api=True)
+
+    def config(**fields):
+        return json_edit("model/config.json", lambda d: d.update(fields))
+
+    # ---- model files
+    cal("model", "safetensors header length says 2**60 bytes",
+        setup=lambda w: _poke(w / "model" / "model.safetensors", 0, (1 << 60).to_bytes(8, "little")))
+    cal("model", "safetensors data_offsets past the end of the file",
+        setup=st_header("model/model.safetensors", lambda h: h["model.norm.weight"].update(
+            data_offsets=[h["model.norm.weight"]["data_offsets"][0], 10**7])))
+    cal("model", "safetensors header dtype F16 over F32 bytes",
+        setup=st_header("model/model.safetensors", lambda h: h["model.layers.0.mlp.up_proj.weight"].update(dtype="F16")))
+    cal("model", "bool q_proj weight", setup=tensors(model__layers__0__self_attn__q_proj__weight=lambda t: t > 0))
+    cal("model", "float8 down_proj weight", check=export_ok(),
+        setup=tensors(model__layers__1__mlp__down_proj__weight=lambda t: t.to(torch.float8_e4m3fn)))
+    cal("model", "every tensor float64", check=export_ok(), setup=st_edit("model/model.safetensors", lambda s: s.update(
+        {k: v.double() for k, v in s.items()})))
+    cal("model", "1e38 in a q_proj weight (finite)", check=export_ok(),
+        setup=tensors(model__layers__0__self_attn__q_proj__weight=at(1e38)))
+    cal("model", "GPTQ: a whole gate_proj of zeros", method=GPTQ, check=export_ok(),
+        setup=tensors(model__layers__0__mlp__gate_proj__weight=lambda t: t * 0))
+    cal("model", "GPTQ: a k_proj of subnormals (1e-40)", method=GPTQ, check=export_ok(),
+        setup=tensors(model__layers__1__self_attn__k_proj__weight=lambda t: torch.full_like(t, 1e-40)))
+    cal("model", "RTN: an up_proj row of 3e38 and -3e38", check=export_ok(),
+        setup=tensors(model__layers__0__mlp__up_proj__weight=lambda t: at(-3e38, (0, 1))(at(3e38, (0, 0))(t))))
+    cal("model", "config attention_bias true, no biases stored", setup=config(attention_bias=True))
+    cal("model", "config hidden_act 'bogus'", setup=config(hidden_act="bogus"))
+    cal("model", "config rope_parameters rope_type 'bogus'",
+        setup=config(rope_parameters={"rope_type": "bogus", "rope_theta": 10000.0}))
+    cal("model", "config num_key_value_heads 0", setup=config(num_key_value_heads=0))
+    cal("model", "config intermediate_size 256 (128 stored)", setup=config(intermediate_size=256))
+    cal("model", "config num_hidden_layers 3 (2 stored)", setup=config(num_hidden_layers=3))
+    cal("model", "config vocab_size 0", setup=config(vocab_size=0))
+    cal("model", "a sequence-classifier checkpoint (score.weight, no lm_head)",
+        setup=both(config(architectures=["LlamaForSequenceClassification"], num_labels=2),
+                   st_edit("model/model.safetensors", lambda s: s.__setitem__("score.weight", s.pop("lm_head.weight")[:2]))))
+    cal("model", "config.json a JSON list", setup=write("model/config.json", "[1, 2]"))
+    cal("model", "config.json empty", setup=write("model/config.json", ""))
+    cal("model", "config.json a directory",
+        setup=lambda w: ((w / "model" / "config.json").unlink(), (w / "model" / "config.json").mkdir()))
+    cal("model", "model.safetensors a directory", setup=lambda w: (
+        (w / "model" / "model.safetensors").unlink(), (w / "model" / "model.safetensors" / "x").mkdir(parents=True)))
+    cal("model", "model.safetensors a dangling symlink", setup=lambda w: (
+        (w / "model" / "model.safetensors").unlink(), (w / "model" / "model.safetensors").symlink_to(w / "gone")))
+    cal("model", "only a pytorch_model.bin of garbage", setup=lambda w: (
+        (w / "model" / "model.safetensors").unlink(), (w / "model" / "pytorch_model.bin").write_bytes(b"PK\x03\x04" * 100)))
+    cal("model", "model.safetensors.index.json not JSON beside the file",
+        setup=write("model/model.safetensors.index.json", "{oops"))
+    stale = both(lambda w: shutil.copy(w / "model" / "model.safetensors", w / "model" / "model-old.safetensors"),
+                 tensors(model__layers__0__mlp__down_proj__weight=lambda t: t * 0 + 0.5))
+    cal("model", "a stale second safetensors file beside model.safetensors (no index)", setup=stale, check=_down_is_half)
+    cal("model", "--low-memory: a stale second safetensors file (no index)", "--low-memory", setup=stale,
+        check=_down_is_half)
+    cal("model", "--low-memory: safetensors cut short", "--low-memory",
+        setup=lambda w: (w / "model" / "model.safetensors").write_bytes((w / "model" / "model.safetensors").read_bytes()[:30000]))
+    cal("model", "--low-memory: bool q_proj weight", "--low-memory",
+        setup=tensors(model__layers__1__self_attn__q_proj__weight=lambda t: t > 0))
+    cal("model", "tokenizer ids up to 1592 with 62 entries (fits by count)", setup=swap_tokenizer(sparse_tokenizer))
+    cal("model", "tokenizer's own chat template not Jinja, chat data", data="d.jsonl",
+        setup=both(json_edit("model/tokenizer_config.json", lambda d: d.update(chat_template="{% for %}")),
+                   write("d.jsonl", "".join(json.dumps(r) + "\n" for r in CHAT))))
+    cal("model", "tokenizer's own chat template raises", data="d.jsonl",
+        setup=both(json_edit("model/tokenizer_config.json", lambda d: d.update(
+            chat_template="{{ raise_exception('no system role') }}")),
+            write("d.jsonl", "".join(json.dumps(r) + "\n" for r in CHAT))))
+    cli("model", "hub id with a revision, offline",
+        lambda w: ["calibrate", "quantkit-nobody/none@v1", "--calib", w / "text.txt", *RTN, "-o", w / "out"])
+
+    # ---- calibration data
+    chat_lines = "".join(json.dumps(r) + "\n" for r in CHAT)
+    text = " ".join(WORDS * 40)
+    cal("data", "UTF-8 BOM before the text", data="d.txt", setup=write("d.txt", "\ufeff" + text), check=export_ok())
+    cal("data", "JSONL with a BOM on its first line", data="d.jsonl",
+        setup=write("d.jsonl", "\ufeff" + "".join(json.dumps({"text": text}) + "\n" for _ in range(3))), check=export_ok())
+    cal("data", "JSONL with CRLF line ends", data="d.jsonl",
+        setup=write("d.jsonl", "".join(json.dumps({"text": text}) + "\r\n" for _ in range(3))), check=export_ok())
+    cal("data", "JSONL text null", data="d.jsonl", setup=write("d.jsonl", '{"text": null}\n' * 3))
+    cal("data", "JSONL text a mapping", data="d.jsonl", setup=write("d.jsonl", '{"text": {"body": "w1 w2"}}\n' * 3))
+    cal("data", "JSONL whose lines are arrays", data="d.jsonl", setup=write("d.jsonl", '["w1", "w2"]\n' * 3))
+    cal("data", "JSONL of text records with messages null", data="d.jsonl",
+        setup=write("d.jsonl", "".join(json.dumps({"text": text, "messages": None}) + "\n" for _ in range(3))),
+        check=export_ok())
+    cal("data", "JSONL text records with image null", data="d.jsonl",
+        setup=write("d.jsonl", "".join(json.dumps({"image": None, "text": text}) + "\n" for _ in range(3))))
+    cal("data", ".json holding a string", data="d.json", setup=write("d.json", json.dumps(text)))
+    cal("data", ".json holding a number", data="d.json", setup=write("d.json", "12"))
+    cal("data", ".json array of arrays", data="d.json", setup=write("d.json", json.dumps([[text], [text]])))
+    cal("data", ".json array of strings", data="d.json", setup=write("d.json", json.dumps([text, text])),
+        check=export_ok())
+    cal("data", "chat with an empty messages list", "--chat-template", "t.jinja", data="d.jsonl",
+        setup=both(write("t.jinja", CHAT_TEMPLATE), write("d.jsonl", '{"messages": []}\n' * 4)))
+    cal("data", "chat content null", "--chat-template", "t.jinja", data="d.jsonl",
+        setup=both(write("t.jinja", CHAT_TEMPLATE),
+                   write("d.jsonl", json.dumps({"messages": [{"role": "user", "content": None},
+                                                             {"role": "assistant", "content": "w1"}]}) + "\n")))
+    cal("data", "chat message without a role", "--chat-template", "t.jinja", data="d.jsonl",
+        setup=both(write("t.jinja", CHAT_TEMPLATE),
+                   write("d.jsonl", json.dumps({"messages": [{"content": "w1 w2"}, {"content": "w3"}]}) + "\n")))
+    cal("data", "--chat-template an empty file", "--chat-template", "t.jinja", data="d.jsonl",
+        setup=both(write("t.jinja", ""), write("d.jsonl", chat_lines)))
+    cal("data", "--chat-template that raises", "--chat-template", "t.jinja", data="d.jsonl",
+        setup=both(write("t.jinja", "{{ raise_exception('roles must alternate') }}"), write("d.jsonl", chat_lines)))
+    cal("data", "--chat-template a binary file", "--chat-template", "t.jinja", data="d.jsonl",
+        setup=both(write("t.jinja", bytes(range(256))), write("d.jsonl", chat_lines)))
+    cal("data", "--chat-template a directory", "--chat-template", "tdir", data="d.jsonl",
+        setup=both(lambda w: (w / "tdir").mkdir(), write("d.jsonl", chat_lines)))
+    cal("data", "TLQ on chats whose assistant turns are empty", "--chat-template", "t.jinja", data="d.jsonl",
+        method=["--method", "tlq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"], check=export_ok(),
+        setup=both(write("t.jinja", "{% for m in messages %}{{ m.content }} {% endfor %}"),
+                   write("d.jsonl", "".join(json.dumps({"messages": [{"role": "user", "content": " ".join(WORDS[:20])},
+                                                                      {"role": "assistant", "content": ""}]}) + "\n"
+                                            for _ in range(4)))))
+    vlm = dict(model="vlm", method=["--method", "rtn", "--nsamples", "2", "--seqlen", "256", "--group-size", "32"])
+
+    def image_rec(image, **extra):
+        return json.dumps({"image": image, "text": "a red square .", **extra}) + "\n"
+
+    def vl(name, lines, *extra, setup=None, check=None):
+        cal("data", f"VLM: {name}", *extra, data="d.jsonl", setup=both(write("d.jsonl", lines), *([setup] if setup else [])),
+            check=check, **vlm)
+
+    vl("image a truncated PNG", image_rec("cut.png") * 3,
+       setup=lambda w: (w / "cut.png").write_bytes((w / "vl" / "img" / "0.png").read_bytes()[:60]))
+    vl("image path a directory", image_rec("vl/img") * 3)
+    vl("image a text file named .png", image_rec("fake.png") * 3, setup=write("fake.png", "not an image " * 50))
+    vl("a 1x1 image", image_rec("px.png") * 3, setup=lambda w: _image(w / "px.png", "RGB", (1, 1)), check=export_ok())
+    vl("a grayscale image", image_rec("g.png") * 3, setup=lambda w: _image(w / "g.png", "L", (56, 56)), check=export_ok())
+    vl("an RGBA image", image_rec("a.png") * 3, setup=lambda w: _image(w / "a.png", "RGBA", (56, 56)), check=export_ok())
+    vl("a 16-bit image", image_rec("i.png") * 3, setup=lambda w: _image(w / "i.png", "I;16", (56, 56)), check=export_ok())
+    vl("an image URL, offline", image_rec("http://127.0.0.1:9/x.png") * 3)
+    vl("records with empty text", "".join(json.dumps({"image": f"vl/img/{i}.png", "text": ""}) + "\n" for i in range(4)))
+    vl("records with neither text nor messages", "".join(json.dumps({"image": f"vl/img/{i}.png"}) + "\n" for i in range(4)))
+    vl("--nsamples 9 over 4 records", "".join(image_rec(f"vl/img/{i}.png") for i in range(4)), "--nsamples", "9")
+    vl("--part heldout of 4 records", "".join(image_rec(f"vl/img/{i}.png") for i in range(4)), "--part", "heldout")
+    cal("data", "recipe whose source is itself", data="r.yaml", setup=write("r.yaml", "kind: text\nsources:\n  - path: r.yaml\n"))
+    cal("data", "recipe with an empty source list", data="r.yaml", setup=write("r.yaml", "kind: text\nsources: []\n"))
+    cal("data", "recipe whose sources is a mapping", data="r.yaml",
+        setup=write("r.yaml", "kind: text\nsources:\n  path: text.txt\n"))
+    cal("data", "recipe weight 'heavy'", data="r.yaml",
+        setup=write("r.yaml", "kind: text\nsources:\n  - path: text.txt\n    weight: heavy\n"))
+    cal("data", "recipe weight .nan", data="r.yaml",
+        setup=write("r.yaml", "kind: text\nsources:\n  - path: text.txt\n    weight: .nan\n"))
+    cal("data", "recipe weight .inf", data="r.yaml",
+        setup=write("r.yaml", "kind: text\nsources:\n  - path: text.txt\n    weight: .inf\n"))
+    cal("data", "text recipe naming a chat file", data="r.yaml",
+        setup=both(write("c.jsonl", chat_lines), write("r.yaml", "kind: text\nsources:\n  - path: c.jsonl\n")))
+    cal("data", "a named pipe (read once)", data="d.fifo", setup=fifo_text)
+    cal("data", "a directory of 50 empty .txt files", data="dir",
+        setup=lambda w: [write(f"dir/{i}.txt", "")(w) for i in range(50)])
+    cal("data", "a glob over the model's files", data="model/*")
+    cal("data", "a gzip-compressed .txt.gz", data="d.txt.gz",
+        setup=lambda w: (w / "d.txt.gz").write_bytes(__import__("gzip").compress(text.encode())))
+    cal("data", "hf: with an empty name", data="hf:")
+    cal("data", "hf::: (only separators)", data="hf:::")
+
+    # ---- calibrate options
+    cal("options", "--group-size 128 above every input width", "--group-size", "128")
+    cal("options", "GPTQ --damp 0", "--damp", "0", method=GPTQ, check=export_ok())
+    cal("options", "GPTQ --damp inf", "--damp", "inf", method=GPTQ)
+    cal("options", "GPTQ --damp 1e-300", "--damp", "1e-300", method=GPTQ, check=export_ok())
+    cal("options", "--seed 2**70", "--seed", str(2**70), method=GPTQ, check=export_ok())
+    cal("options", "--nproc 3 with --nsamples 2", "--nproc", "3", method=GPTQ, check=_same_as_one_rank)
+    cal("options", "--devices 0,1 on the CPU", "--devices", "0,1")
+    cal("options", "--dist-timeout nan", "--dist-timeout", "nan")
+    cal("options", "--dist-timeout inf", "--dist-timeout", "inf")
+    cal("options", "--offload-dir without --low-memory", "--offload-dir", "scratch")
+    cal("options", "GPTQ --dtype float16 on the CPU", "--dtype", "float16", method=GPTQ, check=export_ok())
+    cal("options", "--device meta", "--device", "meta")
+    cal("options", "--device cpu:1", "--device", "cpu:1", check=export_ok())
+    cal("options", "--device ''", "--device", "")
+    cal("options", "--device cuda:abc", "--device", "cuda:abc")
+    cal("options", "--recipe fp_alpha .nan", "--recipe", "r.yaml", method=GPTQ,
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    fp_alpha: .nan\n"))
+    cal("options", "--recipe fp_alpha '0.5' (a string)", "--recipe", "r.yaml", method=GPTQ,
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    fp_alpha: '0.5'\n"))
+    cal("options", "--recipe method GPTQ (capitals)", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    method: GPTQ\n"))
+    cal("options", "--recipe targets: [] (no targets)", "--recipe", "r.yaml", setup=write("r.yaml", "targets: []\n"),
+        check=_quantized_nothing)
+    cal("options", "--recipe sym 'yes' (a string)", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    sym: 'yes'\n"))
+    cal("options", "--recipe bits true", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    bits: true\n"))
+    cal("options", "--recipe a directory", "--recipe", "rdir", setup=lambda w: (w / "rdir").mkdir())
+    cal("options", "--recipe targets lm_head without --quantize-lm-head", "--recipe", "r.yaml",
+        setup=write("r.yaml", "targets: [lm_head]\n"))
+    cal("options", "--quantize-lm-head on tied embeddings", "--quantize-lm-head",
+        setup=both(config(tie_word_embeddings=True),
+                   st_edit("model/model.safetensors", lambda s: s.pop("lm_head.weight"))))
+    cal("options", "--dry-run with -o an existing export", "--dry-run", setup=lambda w: shutil.copytree(w / "ct", w / "out"))
+    cal("options", "--push-to-hub ''", "--push-to-hub", "")
+    cal("options", "--low-memory --offload-dir the output", "--low-memory", "--offload-dir", "out")
+    cal("options", "--low-memory --offload-dir OUT.partial", "--low-memory", "--offload-dir", "out.partial",
+        check=export_ok())
+    cal("options", "--calib-set of an empty directory", "--calib-set", "sdir", setup=lambda w: (w / "sdir").mkdir(),
+        method=["--method", "tlq", "--group-size", "32"])
+    add("options", "--calib-set onto itself with --overwrite", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "set", "--overwrite"),
+        lambda w: _make_set(w))
+    add("options", "--calib-set whose token ids exceed the vocabulary", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "out"),
+        make_set_with(on("!input_ids", lambda t: t + 1000)))
+    add("options", "--calib-set with NaN token weights", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "out"),
+        make_set_with(on("weight", lambda t: t * nan)), check=export_ok())
+    add("options", "--calib-set with negative token weights", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "out"),
+        make_set_with(on("weight", lambda t: -t - 1)))
+    add("options", "--calib-set whose manifest is a list", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "out"),
+        both(lambda w: _make_set(w), write("set/manifest.json", "[]")))
+    add("options", "--calib-set made on another model", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "out"),
+        both(lambda w: save_tiny_llama(w / "other", seed=3), lambda w: _make_set_of(w, "other")))
+
+    # ---- resuming from a broken work area (a --low-memory GPTQ run stopped after layer 0)
+    def resume(name, *then, check=_resumed_matches_fresh, extra=()):
+        add("resume", name, lambda w, e=extra: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *GPTQ,
+                                                       "--low-memory", "--resume", *e, "-o", w / "out"),
+            stopped(*then), check=check)
+
+    def state(**fields):
+        return json_edit("out.partial/state.json", lambda d: d.update(fields))
+
+    def hidden(edit):
+        return st_edit("out.partial/hidden_00001_rank0.safetensors", edit)
+
+    resume("the control: an intact work area")
+    resume("state.json not JSON", write("out.partial/state.json", "{oops"))
+    resume("state.json deleted", lambda w: (w / "out.partial" / "state.json").unlink())
+    resume("state.json a JSON list", write("out.partial/state.json", "[]"))
+    resume("state layers_done 7 of 2", state(layers_done=7))
+    resume("state layers_done -1", state(layers_done=-1))
+    resume("state layers_done '1' (a string)", state(layers_done="1"))
+    resume("state n_layers 9", state(n_layers=9))
+    resume("state without a fingerprint", json_edit("out.partial/state.json", lambda d: d.pop("fingerprint")))
+    resume("the next layer's inputs deleted", lambda w: (w / "out.partial" / "hidden_00001_rank0.safetensors").unlink())
+    resume("the next layer's inputs cut short", lambda w: _truncate(w / "out.partial" / "hidden_00001_rank0.safetensors"))
+    resume("the next layer's inputs NaN", hidden(lambda s: s.update({k: v * nan for k, v in s.items()})))
+    resume("the next layer's inputs of another shape", hidden(lambda s: s.update({k: v[..., :8] for k, v in s.items()})))
+    resume("the next layer's inputs int64", hidden(lambda s: s.update({k: v.long() for k, v in s.items()})))
+    resume("the finished layer's file deleted", lambda w: (w / "out.partial" / "layer_00000.safetensors").unlink())
+    resume("the finished layer's file cut short", lambda w: _truncate(w / "out.partial" / "layer_00000.safetensors"))
+    resume("the finished layer's scales NaN", st_edit("out.partial/layer_00000.safetensors",
+                                                      on("scale", lambda t: t * nan)))
+    resume("out.partial a file", lambda w: (shutil.rmtree(w / "out.partial"), (w / "out.partial").write_text("x")))
+    resume("state.json a directory", lambda w: ((w / "out.partial" / "state.json").unlink(),
+                                                (w / "out.partial" / "state.json").mkdir()))
+    resume("the model's finished layer 0 changed since the stop",
+           tensors(model__layers__0__mlp__down_proj__weight=lambda t: t * 3))
+    resume("another --seed", extra=("--seed", "5"))
+    resume("--nproc 2 over a 1-rank work area", extra=("--nproc", "2"))
+
+    # ---- outputs
+    def calo(name, out_args, setup=None, extra=(), check=None):
+        add("output", name, lambda w, o=out_args, e=extra: run_cli(
+            "calibrate", w / "model", "--calib", w / "text.txt", *RTN, *e, *o(w)), setup, check)
+
+    calo("-o . --overwrite (the folder holding model and data)", lambda w: ["-o", ".", "--overwrite"])
+    calo("-o a dangling symlink", lambda w: ["-o", w / "link"], setup=lambda w: (w / "link").symlink_to(w / "gone"),
+         check=export_ok("link"))
+    calo("-o a symlink to the model, --overwrite", lambda w: ["-o", w / "link", "--overwrite"],
+         setup=lambda w: (w / "link").symlink_to(w / "model"))
+    calo("-o model/../model --overwrite", lambda w: ["-o", f"{w}/model/../model", "--overwrite"])
+    calo("-o a symlink to the text file, --overwrite", lambda w: ["-o", w / "tl", "--overwrite"],
+         setup=lambda w: (w / "tl").symlink_to(w / "text.txt"))
+    cli("output", "eval -o model/config.json", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                         "-o", w / "model" / "config.json"])
+    cli("output", "eval -o the --data file", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                       "-o", w / "text.txt"])
+    cli("output", "qid measure -o the --eval text", lambda w: ["qid", "measure", w / "model", "--eval", w / "text.txt",
+                                                               "--tokens", "1e9", "-o", w / "text.txt"])
+    cli("output", "qid fit -o its input CSV", lambda w: ["qid", "fit", w / "q.csv", "--bootstrap", "0", "-o", w / "q.csv"])
+    cli("output", "qid plot -o the model directory", lambda w: ["qid", "plot", w / "q.csv", "-o", w / "model"])
+    cli("output", "qid training-level -o its law file", lambda w: [
+        "qid", "training-level", w / "model", "--law", w / "l.json", "--bits", "3", "--qid", "0.1", "-o", w / "l.json"],
+        setup=write("l.json", '{"k": 0.1, "alpha": 0.2, "beta": 0.5, "gamma": 5}'))
+    cli("output", "importance -o the data's folder --overwrite", lambda w: [
+        "importance", w / "model", "--calib", w / "dd" / "t.txt", "--nsamples", "2", "--seqlen", "16", "-o", w / "dd",
+        "--overwrite"], setup=lambda w: ((w / "dd").mkdir(), shutil.copy(w / "text.txt", w / "dd" / "t.txt")))
+    cli("output", "export -o an existing non-empty folder", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "model"])
+    cli("output", "export -o a file", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "text.txt"])
+    cli("output", "export -o its input's parent --overwrite", lambda w: [
+        "export", w / "ct", "--format", "fake", "-o", w, "--overwrite"])
+    cli("output", "demo -o the model --overwrite", lambda w: [
+        "demo", "--model", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--nsamples", "2", "-o", w / "model",
+        "--overwrite"])
+    cli("output", "demo -o a non-empty folder", lambda w: [
+        "demo", "--model", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--nsamples", "2", "-o", w / "ct"])
+    api("output_dir holding a NUL byte", lambda w: _quantize(w, output_dir=f"{w}/o\x00ut"))
+
+    # ---- eval
+    def ev(*extra, target="model"):
+        return lambda w: ["eval", w / target, *extra]
+
+    def ev16(name, *extra, target="model", setup=None, check=None):
+        cli("eval", name, ev("--data", "text.txt", "--seqlen", "16", *extra, target=target), setup, check)
+
+    ev16("--device meta", "--device", "meta")
+    ev16("--device mps", "--device", "mps")
+    ev16("--stride -4", "--stride", "-4")
+    ev16("--max-tokens -1", "--max-tokens", "-1")
+    ev16("--num-fewshot 3 without --tasks", "--num-fewshot", "3")
+    ev16("--batch-size abc", "--batch-size", "abc")
+    ev16("an export whose weight_packed is float32", target="ct",
+         setup=st_edit("ct/model.safetensors", on("weight_packed", lambda t: t.float())))
+    ev16("an export whose weight_scale lost half its rows", target="ct",
+         setup=st_edit("ct/model.safetensors", on("weight_scale", lambda t: t[: t.shape[0] // 2])))
+    ev16("an asymmetric export without weight_zero_point", target="asym",
+         setup=st_edit("asym/model.safetensors", lambda s: [s.pop(k) for k in list(s) if k.endswith("zero_point")]))
+    ev16("an export whose quantization_config format is 'bogus'", target="ct",
+         setup=json_edit("ct/config.json", lambda d: d["quantization_config"].update(format="bogus")))
+    ev16("a GPTQ export with g_idx out of range", target="gptq",
+         setup=st_edit("gptq/model.safetensors", on("!g_idx", lambda t: t + 50)))
+    ev16("a GPTQ export whose qzeros lost a row", target="gptq",
+         setup=st_edit("gptq/model.safetensors", on("!qzeros", lambda t: t[:-1])))
+    ev16("a GPTQ export whose config says 3 bits", target="gptq",
+         setup=json_edit("gptq/config.json", lambda d: d["quantization_config"].update(bits=3)))
+    ev16("an export with a NaN in a norm weight", target="ct",
+         setup=st_edit("ct/model.safetensors", on("model.norm.weight", lambda t: at(nan, (0,))(t))))
+    ev16("an export with a 96-token tokenizer for 64 rows", target="ct",
+         setup=lambda w: _swap_tok(w / "ct", printable_tokenizer))
+    ev16("an export with an extra unknown tensor", target="ct",
+         setup=st_edit("ct/model.safetensors", lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(4, 4)})))
+    ev16("a fake export whose manifest says group size 16", target="fake",
+         setup=json_edit("fake/quantkit.json", lambda d: d["spec"].update(group_size=16)))
+    ev16("a sharded export missing a shard", target="sh", setup=_sharded_missing)
+    ev16("an export whose quantkit.json is a list", target="ct", setup=write("ct/quantkit.json", "[]"))
+    ev16("an export whose quantized_modules is empty", target="ct",
+         setup=json_edit("ct/quantkit.json", lambda d: d.update(quantized_modules=[])))
+    ev16("the export's model.safetensors as MODEL", target="ct/model.safetensors")
+    cli("eval", "image-text records as --data of a text model", ev("--data", "vl/data.jsonl", "--seqlen", "16"))
+    cli("eval", "--tasks with a broken task YAML", ev("--tasks", "qk", "--include-path", "tasks"),
+        setup=write("tasks/qk.yaml", "task: qk\ndataset_path: [json\n"))
+    cli("eval", "a W8A8 export whose config drops its input activations", ev("--data", "text.txt", "--seqlen", "16",
+                                                                           target="a8"),
+        setup=json_edit("a8/config.json", lambda d: [g.update(input_activations=None) for g in
+                                                     d["quantization_config"]["config_groups"].values()]))
+
+    # ---- export
+    def exp(name, src, fmt, setup=None, *extra, check=None):
+        cli("export", name, lambda w: ["export", w / src, "--format", fmt, "-o", w / "x", *extra], setup, check)
+
+    exp("an lm_head-quantized export to gptq", "head", "gptq")
+    exp("a W8A8 export to gptq", "a8", "gptq")
+    exp("--max-shard-size 5XB", "ct", "fake", None, "--max-shard-size", "5XB")
+    exp("--max-shard-size 1B (every tensor larger)", "ct", "fake", None, "--max-shard-size", "1B", check=export_ok("x"))
+    exp("an export whose qparams sidecar is cut short", "fake", "compressed-tensors",
+        lambda w: _truncate(w / "fake" / "quantkit_qparams.safetensors"))
+    exp("an export with an extra unknown tensor", "ct", "fake",
+        st_edit("ct/model.safetensors", lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(4, 4)})))
+    exp("an export whose weight_packed is float32", "ct", "fake",
+        st_edit("ct/model.safetensors", on("weight_packed", lambda t: t.float())))
+    exp("IN_DIR a file", "text.txt", "fake")
+    exp("quantkit.json format 'bogus'", "ct", "fake", json_edit("ct/quantkit.json", lambda d: d.update(format="bogus")))
+    exp("quantkit.json spec bits 'four'", "ct", "fake", json_edit("ct/quantkit.json", lambda d: d["spec"].update(bits="four")))
+    exp("an export without config.json", "ct", "fake", lambda w: (w / "ct" / "config.json").unlink())
+    exp("a dynamic-groups GPTQ export to compressed-tensors", "dg", "compressed-tensors",
+        lambda w: _calibrate_into(w, "dg", *GPTQ, "--dynamic-groups", "--format", "gptq"))
+    exp("a GPTQ export with g_idx out of range", "gptq", "compressed-tensors",
+        st_edit("gptq/model.safetensors", on("!g_idx", lambda t: t + 50)))
+
+    # ---- importance
+    def imp(name, *extra, setup=None, check=None, data="text.txt", model="model"):
+        cli("importance", name, lambda w: ["importance", w / model, "--calib", w / data, "--nsamples", "2", "--seqlen", "16",
+                                           "-o", w / "set", *extra], setup, check)
+
+    imp("--top-fraction nan", "--top-fraction", "nan")
+    imp("--floor-fraction -0.1", "--top-fraction", "0.5", "--floor-fraction", "-0.1")
+    imp("--per-modality on a text model", "--per-modality")
+    imp("--offload-dir inside the model", "--offload-dir", "model/off")
+    imp("--device meta", "--device", "meta")
+    imp("--lam nan", "--lam", "nan")
+    imp("--chat-template with plain text", "--chat-template", "t.jinja", setup=write("t.jinja", CHAT_TEMPLATE))
+    imp("--seed 2**70", "--seed", str(2**70), check=_set_finite)
+    imp("--row-groups 1000 with linear guidance (32-row linears)", "--guidance", "linear", "--row-groups", "1000",
+        check=_set_finite)
+    imp("a model with 1e38 in a weight", setup=tensors(model__layers__0__mlp__down_proj__weight=at(1e38)),
+        check=_set_finite)
+    cli("importance", "-o inside the model", lambda w: ["importance", w / "model", "--calib", w / "text.txt", "--nsamples",
+                                                         "2", "--seqlen", "16", "-o", w / "model" / "set"])
+    imp("a VLM with an image that is a text file", data="d.jsonl", model="vlm",
+        setup=write("d.jsonl", json.dumps({"image": "text.txt", "text": "a red square ."}) + "\n"))
+
+    # ---- qid
+    def fit(name, body, *extra, check=None):
+        cli("qid", f"fit: {name}", lambda w: ["qid", "fit", w / "t.csv", "--bootstrap", "0", *extra],
+            write("t.csv", body), check)
+
+    good = build_qid_rows()
+    fit("a UTF-8 BOM before the header", "\ufeff" + QID_HEADER + good, check=_fit_finite)
+    fit("';' as the delimiter", (QID_HEADER + good).replace(",", ";"))
+    fit("a row with an extra column", QID_HEADER + good + "m9,gptq,4,128,5000000,1000000000,3.0,3.1,0.1,e,extra\n")
+    fit("a short row", QID_HEADER + good + "m9,gptq,4,128\n")
+    fit("qid inf", QID_HEADER + good + "m9,gptq,4,128,5000000,1000000000,3.0,3.1,inf,e\n")
+    fit("qid_se -1", QID_HEADER.replace("qid,", "qid,qid_se,") + "".join(
+        r.rsplit(",", 1)[0] + ",-1,e\n" for r in good.splitlines()))
+    fit("CRLF line ends", (QID_HEADER + good).replace("\n", "\r\n"), check=_fit_finite)
+    fit("a 0-byte file", "")
+    fit("a JSON file", json.dumps({"rows": []}))
+    fit("bits 4.5", QID_HEADER + good + "m9,gptq,4.5,128,5000000,1000000000,3.0,3.1,0.1,e\n")
+    fit("an empty method", QID_HEADER + good + "m9,,4,128,5000000,1000000000,3.0,3.1,0.1,e\n")
+    fit("every row the same D (beta undetermined)", QID_HEADER + "".join(
+        f"m{i},gptq,{b},128,{10**6 * (i + 1)},1000000000,3.0,3.1,{0.01 * (i + 1) / b},e\n"
+        for i in range(3) for b in (2, 3, 4)), check=_fit_finite)
+    fit("N 1e30", QID_HEADER + good + "m9,gptq,4,128,1e30,1000000000,3.0,3.1,0.1,e\n")
+    fit("qid 'abc'", QID_HEADER + good + "m9,gptq,4,128,5000000,1000000000,3.0,3.1,abc,e\n")
+    fit("loss_q below loss_fp with qid 0.5", QID_HEADER + good + "m9,gptq,4,128,5000000,1000000000,3.0,2.0,0.5,e\n")
+    fit("--level 0", QID_HEADER + good, "--level", "0")
+    fit("--huber-delta nan", QID_HEADER + good, "--estimator", "huber", "--huber-delta", "nan")
+    fit("--method ''", QID_HEADER + good, "--method", "")
+
+    def predict(name, *args, setup=None):
+        cli("qid", f"predict: {name}", lambda w: ["qid", "predict", *[str(a).replace("W/", f"{w}/") for a in args]], setup)
+
+    predict("--bits 16.5", "--params", "7e9", "--bits", "16.5", "--tokens", "1e12")
+    predict("--bits -3", "--params", "7e9", "--bits", "-3", "--tokens", "1e12")
+    predict("--tokens 0.5", "--params", "7e9", "--bits", "3", "--tokens", "0.5")
+    predict("--qid 1e-300", "--params", "7e9", "--bits", "3", "--qid", "1e-300")
+    predict("--params 1e16", "--params", "1e16", "--bits", "3", "--tokens", "1e12")
+    predict("--qid nan", "--params", "7e9", "--bits", "3", "--qid", "nan")
+    predict("--law a fit JSON, --method absent from it", "--law", "W/f.json", "--method", "awq", "--params", "1e9",
+            "--bits", "3", "--tokens", "1e12", setup=_fit_json)
+    predict("--law alpha as a string", "--law", "W/l.json", "--params", "1e9", "--bits", "3", "--tokens", "1e12",
+            setup=write("l.json", '{"k": 0.1, "alpha": "0.2", "beta": 0.5, "gamma": 5}'))
+    predict("--law with NaN", "--law", "W/l.json", "--params", "1e9", "--bits", "3", "--tokens", "1e12",
+            setup=write("l.json", '{"k": NaN, "alpha": 0.2, "beta": 0.5, "gamma": 5}'))
+    predict("--law an empty file", "--law", "W/l.json", "--params", "1e9", "--bits", "3", "--tokens", "1e12",
+            setup=write("l.json", ""))
+    predict("--law draws malformed", "--law", "W/l.json", "--params", "1e9", "--bits", "3", "--tokens", "1e12",
+            setup=write("l.json", '{"k": 0.1, "alpha": 0.2, "beta": 0.5, "gamma": 5, "draws": [1, "x"]}'))
+    predict("--law a directory", "--law", "W/model", "--params", "1e9", "--bits", "3", "--tokens", "1e12")
+
+    def measure(name, *extra, setup=None, ckpt="model"):
+        cli("qid", f"measure: {name}", lambda w: ["qid", "measure", *([w / c for c in ckpt.split()]), "--eval",
+                                                  w / "text.txt", "--tokens", "1e9", "--eval-tokens", "400",
+                                                  "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16",
+                                                  "--group-size", "32", "-o", w / "m.csv", *extra], setup)
+
+    measure("--bits ''", "--bits", "")
+    measure("--bits 4,x", "--bits", "4,x")
+    measure("--methods ''", "--methods", "")
+    measure("--calib-seqlen 0", "--calib-seqlen", "0")
+    measure("--threads 0", "--threads", "0")
+    measure("--threads -1", "--threads", "-1")
+    measure("a checkpoint model@step-5", ckpt="model@step-5")
+    measure("--act-bits 8 with --group-size 32", "--act-bits", "8")
+    measure("-o a directory", "-o", "model")
+    measure("--eval-tokens 10 (under one window)", "--eval-tokens", "10")
+    measure("--nsamples 100000", "--nsamples", "100000")
+    measure("--calib missing", "--calib", "gone.txt")
+    measure("an export as a checkpoint", ckpt="ct")
+    measure("a model with a NaN weight", setup=tensors(model__layers__0__mlp__up_proj__weight=at(nan)))
+    measure("two checkpoints, three --tokens", "--tokens", "2e9", "--tokens", "3e9", ckpt="model ct")
+
+    def level(name, *extra, setup=None):
+        cli("qid", f"training-level: {name}", lambda w: ["qid", "training-level", w / "model", "--law", "ouyang2024-gptq",
+                                                         "--bits", "3", *extra], setup)
+
+    level("--level 0", "--qid", "0.1", "--level", "0")
+    level("--level 1", "--qid", "0.1", "--level", "1")
+    level("--qid 0", "--qid", "0")
+    level("--qid nan", "--qid", "nan")
+    level("--eval-tokens 0", "--data", "text.txt", "--eval-tokens", "0")
+    level("--group-size 7", "--data", "text.txt", "--group-size", "7")
+    level("--method awq", "--qid", "0.1", "--method", "awq")
+    level("neither --qid nor --data")
+    cli("qid", "training-level: --law a fit JSON for another method", lambda w: [
+        "qid", "training-level", w / "model", "--law", w / "f.json", "--bits", "3", "--qid", "0.1", "--method", "tlq"],
+        _fit_json)
+    cli("qid", "plot: --method absent from the table", lambda w: ["qid", "plot", w / "q.csv", "--method", "awq", "-o", w / "figs"])
+
+    # ---- plan
+    def plan(name, *extra, setup=None):
+        cli("plan", name, lambda w: ["plan", w / "model", "--calib", w / "text.txt", *RTN, *extra], setup)
+
+    plan("--host-mem 10%", "--host-mem", "10%")
+    plan("--host-mem 1e400", "--host-mem", "1e400")
+    plan("--seqlen 10**9", "--seqlen", str(10**9))
+    plan("--nsamples 10**15", "--nsamples", str(10**15))
+    plan("--device meta", "--device", "meta")
+    plan("--recipe matching nothing", "--recipe", "r.yaml", setup=write("r.yaml", "targets: [nothing_here]\n"))
+    plan("config hidden_size 48 against its headers", setup=config(hidden_size=48))
+    cli("plan", "--calib image-text records of a text model",
+        lambda w: ["plan", w / "model", "--calib", w / "vl" / "data.jsonl", *RTN], image_records(False))
+
+    # ---- demo (your model and data, so nothing trains)
+    def demo(name, *extra, setup=None, data="text.txt", model="model"):
+        cli("demo", name, lambda w: ["demo", "--model", w / model, "--data", w / data, "--seqlen", "16", "--nsamples", "2",
+                                     "-o", w / "d", *extra], setup)
+
+    demo("--threads 0", "--threads", "0")
+    demo("--threads -4", "--threads", "-4")
+    demo("a model with a NaN weight", setup=tensors(model__layers__1__mlp__gate_proj__weight=at(nan)))
+    demo("image-text records for a text model", data="vl/data.jsonl", setup=image_records(False))
+    demo("chat records as --data", data="d.jsonl", setup=write("d.jsonl", chat_lines))
+    demo("--seqlen 100 above max positions 64", "--seqlen", "100")
+    demo("--nsamples 1000 over short text", "--nsamples", "1000", data="d.txt", setup=write("d.txt", text[:2000]))
+    cli("demo", "--train-seconds nan", lambda w: ["demo", "--train-seconds", "nan", "-o", w / "d"])
+
+    # ---- the Python API
+    def q(name, check=None, **kw):
+        api(name, lambda w, kw=kw: _quantize(w, **kw), write("t.jinja", CHAT_TEMPLATE), check=check)
+
+    for name, kw in [
+        ("nsamples=2**63", dict(nsamples=2**63)), ("seqlen=-1", dict(seqlen=-1)), ("group_size=-2", dict(group_size=-2)),
+        ("damp=nan (gptq)", dict(method="gptq", damp=nan)), ("damp=inf (gptq)", dict(method="gptq", damp=inf)),
+        ("dist_timeout=-1", dict(dist_timeout=-1.0)), ("devices='0,1' on the CPU", dict(devices="0,1")),
+        ("devices=[0, 1]", dict(devices=[0, 1])), ("offload_dir=5", dict(low_memory=True, offload_dir=5)),
+        ("resume='yes'", dict(resume="yes")), ("overwrite=1", dict(overwrite=1)), ("act_order='no'", dict(act_order="no")),
+        ("static_groups=True with act_order=False (gptq)", dict(method="gptq", static_groups=True, act_order=False)),
+        ("importance={'lam': '0.1'}", dict(method="tlq", importance={"lam": "0.1"})),
+        ("importance={'guidance': 'LINEAR'}", dict(method="tlq", importance={"guidance": "LINEAR"})),
+        ("importance=[('lam', 0.1)]", dict(method="tlq", importance=[("lam", 0.1)])),
+        ("calib_set=5", dict(method="tlq", data=None, calib_set=5)),
+        ("calib_set a text file", dict(method="tlq", data=None, calib_set="text.txt")),
+        ("part=None", dict(part=None)), ("dtype='float64'", dict(dtype="float64")),
+        ("device='cuda:9'", dict(device="cuda:9")), ("device='meta'", dict(device="meta")), ("device=''", dict(device="")),
+        ("device=None", dict(device=None)), ("progress=a callback", dict(progress=lambda *a: None)),
+        ("push_to_hub=123", dict(push_to_hub=123)), ("private='yes' without push_to_hub", dict(private="yes")),
+        ("reload='no'", dict(reload="no")),
+        ("data='~/quantkit-nothing.txt'", dict(data="~/quantkit-nothing.txt")),
+        ("data=a set of texts", dict(data={text, text + " w1"})),
+        ("data=a torch tensor of ids", dict(data=torch.tensor([TEXT_IDS[0] * 4] * 3))),
+        ("data=records of input_ids", dict(data=[{"input_ids": TEXT_IDS[0] * 4}] * 3)),
+        ("chat records with an int content", dict(data=[{"messages": [{"role": "user", "content": 5},
+                                                                       {"role": "assistant", "content": 7}]}] * 3,
+                                                   chat_template="t.jinja")),
+        ("chat_template of a missing file", dict(data=CHAT, chat_template="gone.jinja")),
+        ("recipe=Recipe-like mapping with overrides a mapping", dict(recipe={"overrides": {"targets": ["q_proj"]}})),
+        ("recipe a directory", dict(recipe="model")),
+    ]:
+        q(name, **kw)
+    q("device=torch.device('cpu')", check=returned_ok, device=torch.device("cpu"))
+    q("seed=2**70 (gptq)", check=returned_ok, method="gptq", seed=2**70)
+    q("data=a tuple of texts", check=returned_ok, data=tuple([text] * 3))
+    q("data=a numpy array of texts", check=returned_ok, data=__import__("numpy").array([text] * 3))
+    q("data=a Dataset whose texts are None", data=__import__("datasets").Dataset.from_dict({"text": [None, None, None]}))
+    q("data=a DatasetDict", data=__import__("datasets").DatasetDict(
+        {"train": __import__("datasets").Dataset.from_dict({"text": [text] * 3})}))
+    q("data=an IterableDataset", check=returned_ok,
+      data=__import__("datasets").Dataset.from_dict({"text": [text] * 3}).to_iterable_dataset())
+
+    def loaded(w: Path, dtype=None):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(w / "model", **({"dtype": dtype} if dtype else {}))
+
+    api("a model built on the meta device", lambda w: _quantize(w, model=_meta_model(w), data=[text]))
+    api("a model with one layer moved to meta", lambda w: _quantize(w, model=_part_meta(loaded(w)), data=[text]))
+    api("a float16 loaded model (RTN)", lambda w: _quantize(w, model=loaded(w, torch.float16), data=[text]),
+        check=returned_ok)
+    api("a model in train() mode with dropout 0.5 (GPTQ)", lambda w: _dropout_codes(w), check=_same_codes)
+    api("a model with requires_grad off everywhere (TLQ)", lambda w: _frozen_codes(w), check=_same_codes)
+    api("TLQ inside torch.inference_mode()", lambda w: _in_inference_mode(w), check=returned_ok)
+    api("TLQ inside torch.no_grad()", lambda w: _in_no_grad(w), check=returned_ok)
+    api("a torch.compile'd model", lambda w: _quantize(w, model=torch.compile(loaded(w)), data=[text]), check=returned_ok)
+    api("a loaded sequence classifier", lambda w: _quantize(w, model=_classifier(w), data=[text]))
+    api("a raw tokenizers.Tokenizer", lambda w: _quantize(w, tokenizer_or_processor=_raw_tokenizer()))
+    api("a VLM's processor for a text model", lambda w: _quantize(w, tokenizer_or_processor=_vlm_processor(w)))
+    api("a Quantized result as the model", lambda w: _quantize(w, model=_quantize(w, output_dir=None)))
+    api("a (model, report) tuple as the model", lambda w: _quantize(w, model=tuple(_quantize(w, output_dir=None))))
+    api("a model whose tokenizer ids run past its embedding", lambda w: _quantize(
+        w, model=loaded(w), tokenizer_or_processor=sparse_tokenizer(), data=[text]))
+    lq = __import__("quantkit.export.load", fromlist=["load_quantized"])
+
+    def load(name, target, setup=None):
+        api(f"load_quantized: {name}", lambda w: lq.load_quantized(target(w) if callable(target) else target), setup)
+
+    load("a path holding a NUL byte", lambda w: f"{w}/c\x00t")
+    load("an export without config.json", lambda w: w / "ct", setup=lambda w: (w / "ct" / "config.json").unlink())
+    load("quantkit.json spec bits 'four'", lambda w: w / "ct",
+         setup=json_edit("ct/quantkit.json", lambda d: d["spec"].update(bits="four")))
+    load("a fake export with a NaN in its qparams", lambda w: w / "fake",
+         setup=st_edit("fake/quantkit_qparams.safetensors", on("scale", lambda t: t * nan)))
+    load("quantkit.json a list", lambda w: w / "ct", setup=write("ct/quantkit.json", "[]"))
+    load("the export's model.safetensors file", lambda w: w / "ct" / "model.safetensors")
+    load("a bytes path", lambda w: bytes(w / "ct"))
+    load("a GPTQ export whose qweight lost a column", lambda w: w / "gptq",
+         setup=st_edit("gptq/model.safetensors", on("!qweight", lambda t: t[:, :-1])))
+    load("an asymmetric export whose zero points are float", lambda w: w / "asym",
+         setup=st_edit("asym/model.safetensors", on("!zero_point", lambda t: t.float() + 0.5)))
+    recipe_mod = __import__("quantkit.quant.recipe", fromlist=["Recipe"])
+    for name, make in [
+        ("Recipe.from_dict overrides a string", lambda w: recipe_mod.Recipe.from_dict({"overrides": "x"})),
+        ("Override(bits='4')", lambda w: recipe_mod.Override(targets=["q_proj"], bits="4")),
+        ("Override(method='GPTQ')", lambda w: recipe_mod.Override(targets=["q_proj"], method="GPTQ")),
+        ("Override(fp_alpha=2)", lambda w: recipe_mod.Override(targets=["q_proj"], fp_alpha=2.0)),
+        ("Override(fp_alpha=nan)", lambda w: recipe_mod.Override(targets=["q_proj"], fp_alpha=nan)),
+        ("Override(sym='yes')", lambda w: recipe_mod.Override(targets=["q_proj"], sym="yes")),
+        ("Override(targets=[5])", lambda w: recipe_mod.Override(targets=[5], bits=4)),
+        ("Recipe(targets=['re:('])", lambda w: recipe_mod.Recipe(targets=["re:("])),
+        ("Recipe(ignore=5)", lambda w: recipe_mod.Recipe(ignore=5)),
+        ("Recipe.from_yaml of a directory", lambda w: recipe_mod.Recipe.from_yaml(str(w / "model"))),
+        ("Recipe.from_yaml of a YAML list", lambda w: recipe_mod.Recipe.from_yaml(str(w / "r.yaml"))),
+    ]:
+        api(name, make, write("r.yaml", "- a\n- b\n"))
+    return out
+
+
+def build_qid_rows() -> str:
+    return "".join(f"m{i},gptq,{b},128,{10**6 * (i + 1)},{10**9 * (j + 1)},3.0,3.1,{0.01 * (i + j + 1) / b},e\n"
+                   for i in range(3) for j in range(3) for b in (2, 3, 4))
+
+
+def _poke(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(16, path.stat().st_size // 2)])
+
+
+def _image(path: Path, mode: str, size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    Image.new(mode, size, 200 if mode in ("L", "I;16") else (200, 30, 30, 255)[: len(mode)]).save(path)
+
+
+def _swap_tok(folder: Path, make) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    make().save_pretrained(folder)
+
+
+def _sharded_missing(w: Path) -> None:
+    result = run_cli("export", w / "ct", "--format", "compressed-tensors", "-o", w / "sh", "--max-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    shards = sorted((w / "sh").glob("model-*.safetensors"))
+    assert len(shards) > 1, shards
+    shards[-1].unlink()
+
+
+def _calibrate_into(w: Path, name: str, *args) -> None:
+    result = run_cli("calibrate", w / "model", "--calib", w / "text.txt", *args, "-o", w / name)
+    assert result.exit_code == 0, result.output
+
+
+def _make_set_of(w: Path, model: str) -> None:
+    result = run_cli("importance", w / model, "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16", "-o", w / "set")
+    assert result.exit_code == 0, result.output
+
+
+def _fit_json(w: Path) -> None:
+    (w / "f.csv").write_text(QID_HEADER + build_qid_rows())
+    result = run_cli("qid", "fit", w / "f.csv", "--bootstrap", "0", "--law", "unified", "-o", w / "f.json")
+    assert result.exit_code == 0, result.output
+    (w / "f.csv").unlink()
+
+
+def _same_as_one_rank(w: Path, result) -> str | None:
+    """Ranks must write the bytes of one process (docs/distributed.md)."""
+    from safetensors.torch import load_file
+
+    one = run_cli("calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "-o", w / "one")
+    assert one.exit_code == 0, one.output
+    a, b = load_file(w / "out" / "model.safetensors"), load_file(w / "one" / "model.safetensors")
+    shutil.rmtree(w / "one")
+    differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    return f"3 ranks over 2 samples differ from one process in {differ[:2]}" if differ else None
+
+
+def _quantized_nothing(w: Path, result) -> str | None:
+    """A recipe whose targets list is empty names no linear: a run must quantize none (or refuse)."""
+    modules = json.loads((w / "out" / "quantkit.json").read_text())["quantized_modules"]
+    return f"an empty targets list quantized {len(modules)} linears" if modules else None
+
+
+def _down_is_half(w: Path, result) -> str | None:
+    """The export's layer-0 down_proj must be the current file's (every weight 0.5), not the stale file's."""
+    import quantkit
+
+    weight = quantkit.load_quantized(w / "out").model.layers[0].mlp.down_proj.weight
+    return None if torch.allclose(weight, torch.full_like(weight, 0.5)) else "the export holds the stale file's weights"
+
+
+def _fit_finite(w: Path, result) -> str | None:
+    import re
+
+    numbers = re.findall(r"\b(nan|inf)\b", result.output, flags=re.IGNORECASE)
+    return f"non-finite coefficients in the fit: {result.output[-300:]}" if numbers else None
+
+
+def _set_finite(w: Path, result) -> str | None:
+    from safetensors.torch import load_file
+
+    for path in (w / "set").glob("*.safetensors"):
+        for name, t in load_file(path).items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return f"non-finite {name} in the set"
+    return None
+
+
+def _resumed_matches_fresh(w: Path, result) -> str | None:
+    """After a resume over a changed model, the export must equal a fresh run on the changed model."""
+    from safetensors.torch import load_file
+
+    fresh = run_cli("calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "-o", w / "fresh")
+    assert fresh.exit_code == 0, fresh.output
+    a, b = load_file(w / "out" / "model.safetensors"), load_file(w / "fresh" / "model.safetensors")
+    differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    shutil.rmtree(w / "fresh")
+    return f"the export differs from a fresh run on the model as it is now: {differ[:2]}" if differ else None
+
+
+def _quantize(w: Path, **kw):
+    import quantkit
+
+    args = dict(model=str(w / "model"), data=str(w / "text.txt"), method="rtn", group_size=32, nsamples=2,
+                seqlen=16, progress=False, output_dir=str(w / "out"))
+    args.update(kw)
+    return quantkit.quantize(**args)
+
+
+def _meta_model(w: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(w / "model"))
+
+
+def _part_meta(model):
+    model.model.layers[1] = model.model.layers[1].to("meta")
+    return model
+
+
+def _codes(result) -> dict:
+    return {name: (r.qweight, r.scales) for name, r in (result.results or {}).items()}
+
+
+def _pair(w: Path, odd, **kw):
+    """(codes of the odd model's run, codes of the plain model's run) on the same data and settings."""
+    from transformers import AutoModelForCausalLM
+
+    text = " ".join(WORDS * 40)
+    plain = AutoModelForCausalLM.from_pretrained(w / "model").eval()
+    reference = _quantize(w, model=plain, data=[text, text], output_dir=None, **kw)
+    result = _quantize(w, model=odd(AutoModelForCausalLM.from_pretrained(w / "model")), data=[text, text],
+                       output_dir=None, **kw)
+    return _codes(result), _codes(reference)
+
+
+def _dropout_codes(w: Path):
+    from transformers import AutoModelForCausalLM
+
+    return _pair(w, lambda _: AutoModelForCausalLM.from_pretrained(w / "model", attention_dropout=0.5).train(),
+                 method="gptq")
+
+
+def _frozen_codes(w: Path):
+    def odd(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    return _pair(w, odd, method="tlq")
+
+
+def _same_codes(w: Path, result) -> str | None:
+    odd, reference = result
+    if not odd or odd.keys() != reference.keys():
+        return "no codes, or other linears, than the plain model's run"
+    differ = [k for k in odd if not all(torch.equal(a, b) for a, b in zip(odd[k], reference[k]))]
+    return f"codes differ from the plain model's run in {len(differ)} linears ({differ[0]})" if differ else None
+
+
+def _in_inference_mode(w: Path):
+    with torch.inference_mode():
+        return _quantize(w, method="tlq", output_dir=None)
+
+
+def _in_no_grad(w: Path):
+    with torch.no_grad():
+        return _quantize(w, method="tlq", output_dir=None)
+
+
+def _classifier(w: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(w / "model", num_labels=2)
+
+
+def _raw_tokenizer():
+    from helpers import make_tokenizer
+
+    return make_tokenizer().backend_tokenizer
+
+
+def _vlm_processor(w: Path):
+    from helpers import build_vlm
+
+    return build_vlm("qwen2_vl")[1]
+
+
 # ---------------------------------------------------------------- running and classifying
+
+
+class Hang(BaseException):
+    """Raised by the alarm in a case that runs past HANG_SECONDS (a BaseException: no `except Exception` eats it)."""
+
+
+HANG_SECONDS = 240
+
+
+def _on_alarm(signum, frame) -> None:
+    raise Hang()
 
 
 def classify(case: Case, work: Path) -> tuple[str, str]:
     """(class, detail) of one case run in `work` (its cwd)."""
     before = tree(work)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(HANG_SECONDS)
+    try:
+        return _classify(case, work, before)
+    except Hang:
+        return "hang", f"still running after {HANG_SECONDS} s"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _accepted(case: Case, work: Path, result: object, what: str) -> tuple[str, str]:
+    """A run that succeeded: quiet, unless the case says what a right result is and this one is right."""
+    if case.check is None:
+        return "quiet", what
+    try:
+        wrong = case.check(work, result)
+    except Exception as err:  # noqa: BLE001 - a result the check cannot read is a wrong result
+        wrong = f"its result does not load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return ("quiet", f"{what}; {wrong}") if wrong else ("accepted", f"{what}; the result checked right")
+
+
+PROGRESS_BAR = re.compile(r"^[^|]*\d+%\|.*\|")
+
+
+def _classify(case: Case, work: Path, before: dict) -> tuple[str, str]:
     if case.api:
         from quantkit.errors import QuantkitError
 
         try:
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                case.run(work)
+                value = case.run(work)
         except QuantkitError as err:
             message = str(err)
             kind = "noisy" if "\n" in message else "clean"
@@ -795,13 +1830,16 @@ def classify(case: Case, work: Path) -> tuple[str, str]:
         except Exception as err:  # noqa: BLE001 - what the battery counts
             return "traceback", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         else:
-            return "quiet", "returned a result"
+            return _accepted(case, work, value, "returned a result")
     else:
         result = case.run(work)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        # tqdm's progress bars (a run refused after its work began) are progress, not error output
+        lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
         errors = [line for line in lines if line.startswith("error: ")]
         if result.exit_code == 0:
-            return "quiet", "exit 0"
+            return _accepted(case, work, result, "exit 0")
+        if result.exit_code == 2 and not errors and "error: " in result.stderr:  # refused, but not on a line of its own
+            return "noisy", "error line not at a line start: " + result.stderr[result.stderr.index("error: ") - 80:][:300]
         if result.exit_code != 2 or not errors:
             text = repr(result.exception) if result.exception else result.output[-300:]
             return "traceback", f"exit {result.exit_code}: {text}"
@@ -812,6 +1850,8 @@ def classify(case: Case, work: Path) -> tuple[str, str]:
         if kind == "noisy":
             detail = " | ".join(lines[-4:])
     changed = tree(work)
+    if case.area == "resume":  # a refused --resume may move its work area on; the rest must stay as it was
+        changed, before = ({k: v for k, v in t.items() if not k.startswith("out.partial")} for t in (changed, before))
     if changed != before:
         added = sorted(set(changed) - set(before))
         altered = sorted(k for k in before if changed.get(k) != before[k])
@@ -823,19 +1863,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default=None, help="Run only cases whose area or name contains this.")
     parser.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "fault_battery.json"))
-    parser.add_argument("--round", type=int, choices=(3, 4), default=None, help="Run only that round's cases.")
+    parser.add_argument("--round", type=int, choices=(3, 4, 5), default=None, help="Run only that round's cases.")
     parser.add_argument("--show-clean", action="store_true", help="List the clean cases' error lines too.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     started = time.process_time()
-    pool = {3: third_round, 4: fourth_round}.get(args.round, cases)()
+    pool = {3: third_round, 4: fourth_round, 5: fifth_round}.get(args.round, cases)()
     selected = [c for c in pool if args.k is None or args.k in c.area or args.k in c.name]
     counts: Counter = Counter()
     by_area: dict[str, Counter] = {}
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
+        if args.round in (None, 5):
+            build_extras(base)
         cwd = os.getcwd()
         for number, case in enumerate(selected):
             work = Path(tmp) / f"case{number}"
@@ -844,6 +1886,9 @@ def main() -> None:
             try:
                 if case.setup is not None:
                     case.setup(work)
+            except Exception as err:  # noqa: BLE001 - the battery's own fault, not quantkit's: say so and go on
+                kind, detail = "setup_failed", f"{type(err).__name__}: {str(err)[:300]}"
+            else:
                 kind, detail = classify(case, work)
             finally:
                 os.chdir(cwd)
@@ -851,12 +1896,13 @@ def main() -> None:
             counts[kind] += 1
             by_area.setdefault(case.area, Counter())[kind] += 1
             entry = {"area": case.area, "case": case.name, "class": kind, "detail": detail[:400]}
-            (clean if kind == "clean" else failures).append(entry)
+            (clean if kind in ("clean", "accepted") else failures).append(entry)
             print(f"[{number + 1}/{len(selected)}] {kind:<11} {case.area}: {case.name}", file=sys.stderr)
     result = {
         "command": "python benchmarks/fault_battery.py" + (f" -k {args.k!r}" if args.k else "")
                    + (f" --round {args.round}" if args.round else ""),
-        "cases": len(selected), **{k: counts.get(k, 0) for k in ("clean", "traceback", "quiet", "noisy", "left_behind")},
+        "cases": len(selected),
+        **{k: counts.get(k, 0) for k in ("clean", "accepted", "traceback", "quiet", "noisy", "left_behind", "hang")},
         "by_area": {a: dict(c) for a, c in sorted(by_area.items())},
         "not_clean": failures, "cpu_seconds": round(time.process_time() - started, 1), "environment": environment(),
     }
