@@ -1194,8 +1194,9 @@ def fifth_round() -> list[Case]:
     cal("options", "--low-memory --offload-dir the output", "--low-memory", "--offload-dir", "out")
     cal("options", "--low-memory --offload-dir OUT.partial", "--low-memory", "--offload-dir", "out.partial",
         check=export_ok())
-    cal("options", "--calib-set of an empty directory", "--calib-set", "sdir", setup=lambda w: (w / "sdir").mkdir(),
-        method=["--method", "tlq", "--group-size", "32"])
+    add("options", "--calib-set of an empty directory", lambda w: run_cli(
+        "calibrate", w / "model", "--calib-set", w / "sdir", "--group-size", "32", "-o", w / "out"),
+        lambda w: (w / "sdir").mkdir())
     add("options", "--calib-set onto itself with --overwrite", lambda w: run_cli(
         "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "set", "--overwrite"),
         lambda w: _make_set(w))
@@ -1382,7 +1383,7 @@ def fifth_round() -> list[Case]:
     cli("importance", "-o inside the model", lambda w: ["importance", w / "model", "--calib", w / "text.txt", "--nsamples",
                                                          "2", "--seqlen", "16", "-o", w / "model" / "set"])
     imp("a VLM with an image that is a text file", data="d.jsonl", model="vlm",
-        setup=write("d.jsonl", json.dumps({"image": "text.txt", "text": "a red square ."}) + "\n"))
+        setup=write("d.jsonl", (json.dumps({"image": "text.txt", "text": "a red square ."}) + "\n") * 3))
 
     # ---- qid
     def fit(name, body, *extra, check=None):
@@ -1464,7 +1465,8 @@ def fifth_round() -> list[Case]:
     level("--qid 0", "--qid", "0")
     level("--qid nan", "--qid", "nan")
     level("--eval-tokens 0", "--data", "text.txt", "--eval-tokens", "0")
-    level("--group-size 7", "--data", "text.txt", "--group-size", "7")
+    level("--group-size 7", "--data", "text.txt", "--nsamples", "2", "--calib-seqlen", "16", "--eval-tokens", "400",
+          "--eval-seqlen", "16", "--group-size", "7")
     level("--method awq", "--qid", "0.1", "--method", "awq")
     level("neither --qid nor --data")
     cli("qid", "training-level: --law a fit JSON for another method", lambda w: [
