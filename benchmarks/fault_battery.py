@@ -187,22 +187,50 @@ def image_records(missing: bool) -> Callable[[Path], None]:
 # ---------------------------------------------------------------- the cases
 
 
-def calib(w: Path, *extra, data: str = "text.txt") -> object:
-    return run_cli("calibrate", w / "model", "--calib", w / data, *RTN, *extra, "-o", w / "out")
+class Cases(list):
+    """A round's cases and the ways of writing one: a CLI call (args of the case folder), a `quantkit calibrate`
+    of a model on data (RTN unless `method`) with extra options, or an API call."""
+
+    def add(self, area: str, name: str, run: Callable[[Path], object], setup=None, check=None, api: bool = False) -> None:
+        self.append(Case(area, name, run, setup, api=api, check=check))
+
+    def cli(self, area: str, name: str, args: Callable[[Path], list], setup=None, check=None) -> None:
+        self.add(area, name, lambda w, a=args: run_cli(*a(w)), setup, check)
+
+    def cal(self, area: str, name: str, *extra, data: str = "text.txt", setup=None, model: str = "model",
+            method: list[str] = RTN, check=None) -> None:
+        self.add(area, name, lambda w, e=extra, d=data, m=model, me=method: run_cli(
+            "calibrate", w / m, "--calib", w / d, *me, *e, "-o", w / "out"), setup, check)
+
+    def api(self, name: str, call: Callable[[Path], object], setup=None, check=None) -> None:
+        self.add("api", name, call, setup, check, api=True)
+
+
+def quantize(w: Path, **kw):
+    """quantkit.quantize of the case's model on its text (RTN, 2 x 16 tokens, group 32) into out/, `kw` on top."""
+    import quantkit
+
+    args = dict(model=str(w / "model"), data=str(w / "text.txt"), method="rtn", group_size=32, nsamples=2,
+                seqlen=16, progress=False, output_dir=str(w / "out"))
+    args.update(kw)
+    return quantkit.quantize(**args)
+
+
+def ev(*extra, target: str = "model") -> Callable[[Path], list]:
+    """`quantkit eval TARGET EXTRA...` args."""
+    return lambda w: ["eval", w / target, *extra]
+
+
+def imp(*extra, data: str = "text.txt", model: str = "model") -> Callable[[Path], list]:
+    """`quantkit importance` args (2 x 16 tokens into set/)."""
+    return lambda w: ["importance", w / model, "--calib", w / data, "--nsamples", "2", "--seqlen", "16", "-o", w / "set",
+                      *extra]
 
 
 def first_round() -> list[Case]:
     """The first round (fresh, not the issue's list)."""
-    out: list[Case] = []
-
-    def cli(area: str, name: str, args: Callable[[Path], list], setup=None) -> None:
-        out.append(Case(area, name, lambda w, a=args: run_cli(*a(w)), setup))
-
-    def cal(area: str, name: str, *extra, data: str = "text.txt", setup=None) -> None:
-        out.append(Case(area, name, lambda w, e=extra, d=data: calib(w, *e, data=d), setup))
-
-    def api(name: str, call: Callable[[Path], object], setup=None) -> None:
-        out.append(Case("api", name, call, setup, api=True))
+    out = Cases()
+    cli, cal, api = out.cli, out.cal, out.api
 
     # model files: values, dtypes, tokenizers, configs
     nan = float("nan")
@@ -300,14 +328,6 @@ def first_round() -> list[Case]:
     cli("options", "output is a file", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "text.txt", "--overwrite"])
 
     # the Python API
-    def quantize(w: Path, **kw):
-        import quantkit
-
-        args = dict(model=str(w / "model"), data=str(w / "text.txt"), method="rtn", group_size=32, nsamples=2,
-                    seqlen=16, progress=False, output_dir=str(w / "out"))
-        args.update(kw)
-        return quantkit.quantize(**args)
-
     for name, kw in [
         ("method='GPTQ'", dict(method="GPTQ")), ("method='awq'", dict(method="awq")), ("seed='zero'", dict(seed="zero")),
         ("seed=1.5", dict(seed=1.5)), ("model=None", dict(model=None)), ("model=123", dict(model=123)),
@@ -397,9 +417,6 @@ def first_round() -> list[Case]:
                                                         "--bits", "3", "--qid", "0.1", "--qid-se", "-1"])
 
     # eval
-    def ev(*extra, target="model"):
-        return lambda w: ["eval", w / target, *extra]
-
     cli("eval", "export whose config says 8 bits", ev("--data", "text.txt", "--seqlen", "16", target="ct"),
         setup=json_edit("ct/config.json", lambda d: d["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=8)))
     cli("eval", "export whose manifest says 8 bits", ev("--data", "text.txt", "--seqlen", "16", target="ct"),
@@ -437,9 +454,6 @@ def first_round() -> list[Case]:
     cli("export", "to an unknown format", lambda w: ["export", w / "ct", "--format", "awq", "-o", w / "x"])
 
     # importance
-    def imp(*extra, data="text.txt"):
-        return lambda w: ["importance", w / "model", "--calib", w / data, "--nsamples", "2", "--seqlen", "16", "-o", w / "set", *extra]
-
     cli("importance", "--lam 2", imp("--lam", "2"))
     cli("importance", "--top-fraction 2", imp("--top-fraction", "2"))
     cli("importance", "empty data", imp(data="d.txt"), setup=write("d.txt", ""))
@@ -459,16 +473,8 @@ def first_round() -> list[Case]:
 
 def more_cases() -> list[Case]:
     """The second round: areas and inputs the first round's fixes were not written against."""
-    out: list[Case] = []
-
-    def cli(area: str, name: str, args: Callable[[Path], list], setup=None) -> None:
-        out.append(Case(area, name, lambda w, a=args: run_cli(*a(w)), setup))
-
-    def cal(area: str, name: str, *extra, data: str = "text.txt", setup=None) -> None:
-        out.append(Case(area, name, lambda w, e=extra, d=data: calib(w, *e, data=d), setup))
-
-    def api(name: str, call: Callable[[Path], object], setup=None) -> None:
-        out.append(Case("api", name, call, setup, api=True))
+    out = Cases()
+    cli, cal, api = out.cli, out.cal, out.api
 
     nan = float("nan")
     # model files
@@ -509,9 +515,6 @@ def more_cases() -> list[Case]:
                                                                    "-o", w / "dir" / "out"],
         setup=write("dir/a.txt", "w1 w2 w3 " * 400))
     # importance
-    def imp(*extra, data="text.txt"):
-        return lambda w: ["importance", w / "model", "--calib", w / data, "--nsamples", "2", "--seqlen", "16", "-o", w / "set", *extra]
-
     cli("importance", "--floor-fraction 2 with --top-fraction", imp("--top-fraction", "0.5", "--floor-fraction", "2"))
     cli("importance", "--top-fraction 0", imp("--top-fraction", "0"))
     cli("importance", "--row-groups 2 with layer guidance", imp("--row-groups", "2"))
@@ -528,9 +531,6 @@ def more_cases() -> list[Case]:
     cli("export", "of an export with a NaN scale", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "x"],
         setup=lambda w: _poison_export(w))
     # eval
-    def ev(*extra, target="model"):
-        return lambda w: ["eval", w / target, *extra]
-
     cli("eval", "--num-fewshot -1", ev("--tasks", "qk", "--include-path", "tasks", "--num-fewshot", "-1"), setup=_local_task)
     cli("eval", "--limit 0", ev("--tasks", "qk", "--include-path", "tasks", "--limit", "0"), setup=_local_task)
     cli("eval", "--include-path is a file", ev("--tasks", "qk", "--include-path", "text.txt"))
@@ -554,14 +554,6 @@ def more_cases() -> list[Case]:
     cli("qid", "predict --law a JSON with k = -1", lambda w: ["qid", "predict", "--law", w / "l.json", "--params", "1e9", "--bits", "3", "--tokens", "1e12"],
         setup=write("l.json", '{"k": -1, "alpha": 0.2, "beta": 0.5, "gamma": 5}'))
     # API
-    def quantize(w: Path, **kw):
-        import quantkit
-
-        args = dict(model=str(w / "model"), data=str(w / "text.txt"), method="rtn", group_size=32, nsamples=2,
-                    seqlen=16, progress=False, output_dir=str(w / "out"))
-        args.update(kw)
-        return quantkit.quantize(**args)
-
     def loaded(w: Path):
         from transformers import AutoModelForCausalLM
 
@@ -586,17 +578,8 @@ def third_round() -> list[Case]:
     Two drafted cases were dropped as no fault: --resume with nothing to resume runs from the first layer (a
     whole run, the right result), and a tokenizer_config naming an unknown class loads tokenizer.json (the same
     vocabulary)."""
-    out: list[Case] = []
-
-    def cli(area: str, name: str, args: Callable[[Path], list], setup=None) -> None:
-        out.append(Case(area, name, lambda w, a=args: run_cli(*a(w)), setup))
-
-    def cal(area: str, name: str, *extra, data: str = "text.txt", setup=None, model: str = "model") -> None:
-        out.append(Case(area, name, lambda w, e=extra, d=data, m=model: run_cli(
-            "calibrate", w / m, "--calib", w / d, *RTN, *e, "-o", w / "out"), setup))
-
-    def api(name: str, call: Callable[[Path], object], setup=None) -> None:
-        out.append(Case("api", name, call, setup, api=True))
+    out = Cases()
+    cli, cal, api = out.cli, out.cal, out.api
 
     def no_tokenizer(w: Path) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -626,14 +609,6 @@ def third_round() -> list[Case]:
     cal("options", "--seed -1", "--seed", "-1")
     cli("options", "-o is an empty string", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", ""])
     # API
-    def quantize(w: Path, **kw):
-        import quantkit
-
-        args = dict(model=str(w / "model"), data=str(w / "text.txt"), method="rtn", group_size=32, nsamples=2,
-                    seqlen=16, progress=False, output_dir=str(w / "out"))
-        args.update(kw)
-        return quantkit.quantize(**args)
-
     api("an export as the model", lambda w: quantize(w, model=str(w / "ct")))
     api("data=b'bytes'", lambda w: quantize(w, data=b"w1 w2 w3 " * 100))
     api("dtype='int8'", lambda w: quantize(w, dtype="int8"))
@@ -649,9 +624,6 @@ def third_round() -> list[Case]:
     api("load_quantized of an export missing its weights", lambda w: __import__("quantkit").load_quantized(w / "ct"),
         setup=lambda w: (w / "ct" / "model.safetensors").unlink())
     # eval
-    def ev(*extra, target="model"):
-        return lambda w: ["eval", w / target, *extra]
-
     cli("eval", "--data is the model directory", ev("--data", "model", "--seqlen", "16"))
     cli("eval", "a model without a tokenizer", ev("--data", "text.txt", "--seqlen", "16"), setup=no_tokenizer)
     cli("eval", "-o under a file", ev("--data", "text.txt", "--seqlen", "16", "-o", "text.txt/r.json"))
@@ -670,9 +642,6 @@ def third_round() -> list[Case]:
     cli("export", "-o an empty string", lambda w: ["export", w / "ct", "--format", "fake", "-o", ""])
     cli("export", "of the FP model", lambda w: ["export", w / "model", "--format", "compressed-tensors", "-o", w / "x"])
     # importance
-    def imp(*extra, data="text.txt", model="model"):
-        return lambda w: ["importance", w / model, "--calib", w / data, "--nsamples", "2", "--seqlen", "16", "-o", w / "set", *extra]
-
     cli("importance", "chat records without a template", imp(data="d.jsonl"),
         setup=write("d.jsonl", "".join(json.dumps(r) + "\n" for r in CHAT)))
     cli("importance", "--nsamples 0", imp("--nsamples", "0"))
@@ -686,13 +655,8 @@ def third_round() -> list[Case]:
 def fourth_round() -> list[Case]:
     """The fourth round (after the third round's fixes and RTN without data landed): `quantkit plan`, runs
     without data, and loaded models."""
-    out: list[Case] = []
-
-    def cli(area: str, name: str, args: Callable[[Path], list], setup=None) -> None:
-        out.append(Case(area, name, lambda w, a=args: run_cli(*a(w)), setup))
-
-    def api(name: str, call: Callable[[Path], object], setup=None) -> None:
-        out.append(Case("api", name, call, setup, api=True))
+    out = Cases()
+    cli, api = out.cli, out.api
 
     def bare(*extra):  # calibrate without --calib
         return lambda w: ["calibrate", w / "model", "--group-size", "32", *extra, "-o", w / "out"]
@@ -726,17 +690,17 @@ def fourth_round() -> list[Case]:
     cli("plan", "a model with 0 layers", plan(), setup=json_edit("model/config.json", lambda d: d.update(num_hidden_layers=0)))
     cli("plan", "--calib missing", lambda w: ["plan", w / "model", "--calib", w / "gone.txt", *RTN])
     # the API without data
-    def quantize(w: Path, **kw):
+    def without_data(w: Path, **kw):
         import quantkit
 
         args = dict(model=str(w / "model"), method="rtn", group_size=32, progress=False, output_dir=str(w / "out"))
         args.update(kw)
         return quantkit.quantize(**args)
 
-    api("no data, method gptq", lambda w: quantize(w, method="gptq"))
-    api("no data, rtn with nsamples=0", lambda w: quantize(w, nsamples=0))
-    api("no data, rtn with a loaded NaN model", lambda w: quantize(w, model=_nan_loaded(w)))
-    api("no data, rtn with vision=True on a text model", lambda w: quantize(w, vision=True))
+    api("no data, method gptq", lambda w: without_data(w, method="gptq"))
+    api("no data, rtn with nsamples=0", lambda w: without_data(w, nsamples=0))
+    api("no data, rtn with a loaded NaN model", lambda w: without_data(w, model=_nan_loaded(w)))
+    api("no data, rtn with vision=True on a text model", lambda w: without_data(w, vision=True))
     return out
 
 
@@ -968,21 +932,9 @@ def fifth_round() -> list[Case]:
     """Round 5, written by a second helper as a fresh battery (issue #22's target): every command and public
     function again, inputs no earlier round tried; successes are checked (exports loaded, finite weights and
     logits, codes compared) so a wrong result counts as quiet."""
-    out: list[Case] = []
+    out = Cases()
+    add, cli, cal, api = out.add, out.cli, out.cal, out.api
     nan, inf = float("nan"), float("inf")
-
-    def add(area, name, run, setup=None, check=None, api=False):
-        out.append(Case(area, name, run, setup, api=api, check=check))
-
-    def cli(area, name, args, setup=None, check=None):
-        add(area, name, lambda w, a=args: run_cli(*a(w)), setup, check)
-
-    def cal(area, name, *extra, data="text.txt", setup=None, model="model", check=None, method=RTN):
-        add(area, name, lambda w, e=extra, d=data, m=model, me=method: run_cli(
-            "calibrate", w / m, "--calib", w / d, *me, *e, "-o", w / "out"), setup, check)
-
-    def api(name, call, setup=None, check=None):
-        add("api", name, call, setup, check, api=True)
 
     def config(**fields):
         return json_edit("model/config.json", lambda d: d.update(fields))
@@ -1290,12 +1242,9 @@ def fifth_round() -> list[Case]:
         "--overwrite"])
     cli("output", "demo -o a non-empty folder", lambda w: [
         "demo", "--model", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--nsamples", "2", "-o", w / "ct"])
-    api("output_dir holding a NUL byte", lambda w: _quantize(w, output_dir=f"{w}/o\x00ut"))
+    api("output_dir holding a NUL byte", lambda w: quantize(w, output_dir=f"{w}/o\x00ut"))
 
     # ---- eval
-    def ev(*extra, target="model"):
-        return lambda w: ["eval", w / target, *extra]
-
     def ev16(name, *extra, target="model", setup=None, check=None):
         cli("eval", name, ev("--data", "text.txt", "--seqlen", "16", *extra, target=target), setup, check)
 
@@ -1364,25 +1313,24 @@ def fifth_round() -> list[Case]:
         st_edit("gptq/model.safetensors", on("!g_idx", lambda t: t + 50)))
 
     # ---- importance
-    def imp(name, *extra, setup=None, check=None, data="text.txt", model="model"):
-        cli("importance", name, lambda w: ["importance", w / model, "--calib", w / data, "--nsamples", "2", "--seqlen", "16",
-                                           "-o", w / "set", *extra], setup, check)
+    def importance(name, *extra, setup=None, check=None, data="text.txt", model="model"):
+        cli("importance", name, imp(*extra, data=data, model=model), setup, check)
 
-    imp("--top-fraction nan", "--top-fraction", "nan")
-    imp("--floor-fraction -0.1", "--top-fraction", "0.5", "--floor-fraction", "-0.1")
-    imp("--per-modality on a text model", "--per-modality")
-    imp("--offload-dir inside the model", "--offload-dir", "model/off")
-    imp("--device meta", "--device", "meta")
-    imp("--lam nan", "--lam", "nan")
-    imp("--chat-template with plain text", "--chat-template", "t.jinja", setup=write("t.jinja", CHAT_TEMPLATE))
-    imp("--seed 2**70", "--seed", str(2**70), check=_set_finite)
-    imp("--row-groups 1000 with linear guidance (32-row linears)", "--guidance", "linear", "--row-groups", "1000",
+    importance("--top-fraction nan", "--top-fraction", "nan")
+    importance("--floor-fraction -0.1", "--top-fraction", "0.5", "--floor-fraction", "-0.1")
+    importance("--per-modality on a text model", "--per-modality")
+    importance("--offload-dir inside the model", "--offload-dir", "model/off")
+    importance("--device meta", "--device", "meta")
+    importance("--lam nan", "--lam", "nan")
+    importance("--chat-template with plain text", "--chat-template", "t.jinja", setup=write("t.jinja", CHAT_TEMPLATE))
+    importance("--seed 2**70", "--seed", str(2**70), check=_set_finite)
+    importance("--row-groups 1000 with linear guidance (32-row linears)", "--guidance", "linear", "--row-groups", "1000",
         check=_set_finite)
-    imp("a model with 1e38 in a weight", setup=tensors(model__layers__0__mlp__down_proj__weight=at(1e38)),
+    importance("a model with 1e38 in a weight", setup=tensors(model__layers__0__mlp__down_proj__weight=at(1e38)),
         check=_set_finite)
     cli("importance", "-o inside the model", lambda w: ["importance", w / "model", "--calib", w / "text.txt", "--nsamples",
                                                          "2", "--seqlen", "16", "-o", w / "model" / "set"])
-    imp("a VLM with an image that is a text file", data="d.jsonl", model="vlm",
+    importance("a VLM with an image that is a text file", data="d.jsonl", model="vlm",
         setup=write("d.jsonl", (json.dumps({"image": "text.txt", "text": "a red square ."}) + "\n") * 3))
 
     # ---- qid
@@ -1504,7 +1452,7 @@ def fifth_round() -> list[Case]:
 
     # ---- the Python API
     def q(name, check=None, **kw):
-        api(name, lambda w, kw=kw: _quantize(w, **kw), write("t.jinja", CHAT_TEMPLATE), check=check)
+        api(name, lambda w, kw=kw: quantize(w, **kw), write("t.jinja", CHAT_TEMPLATE), check=check)
 
     for name, kw in [
         ("nsamples=2**63", dict(nsamples=2**63)), ("seqlen=-1", dict(seqlen=-1)), ("group_size=-2", dict(group_size=-2)),
@@ -1550,21 +1498,21 @@ def fifth_round() -> list[Case]:
 
         return AutoModelForCausalLM.from_pretrained(w / "model", **({"dtype": dtype} if dtype else {}))
 
-    api("a model built on the meta device", lambda w: _quantize(w, model=_meta_model(w), data=[text]))
-    api("a model with one layer moved to meta", lambda w: _quantize(w, model=_part_meta(loaded(w)), data=[text]))
-    api("a float16 loaded model (RTN)", lambda w: _quantize(w, model=loaded(w, torch.float16), data=[text]),
+    api("a model built on the meta device", lambda w: quantize(w, model=_meta_model(w), data=[text]))
+    api("a model with one layer moved to meta", lambda w: quantize(w, model=_part_meta(loaded(w)), data=[text]))
+    api("a float16 loaded model (RTN)", lambda w: quantize(w, model=loaded(w, torch.float16), data=[text]),
         check=returned_ok)
     api("a model in train() mode with dropout 0.5 (GPTQ)", lambda w: _dropout_codes(w), check=_same_codes)
     api("a model with requires_grad off everywhere (TLQ)", lambda w: _frozen_codes(w), check=_same_codes)
     api("TLQ inside torch.inference_mode()", lambda w: _in_inference_mode(w), check=returned_ok)
     api("TLQ inside torch.no_grad()", lambda w: _in_no_grad(w), check=returned_ok)
-    api("a torch.compile'd model", lambda w: _quantize(w, model=torch.compile(loaded(w)), data=[text]), check=returned_ok)
-    api("a loaded sequence classifier", lambda w: _quantize(w, model=_classifier(w), data=[text]))
-    api("a raw tokenizers.Tokenizer", lambda w: _quantize(w, tokenizer_or_processor=_raw_tokenizer()))
-    api("a VLM's processor for a text model", lambda w: _quantize(w, tokenizer_or_processor=_vlm_processor(w)))
-    api("a Quantized result as the model", lambda w: _quantize(w, model=_quantize(w, output_dir=None)))
-    api("a (model, report) tuple as the model", lambda w: _quantize(w, model=tuple(_quantize(w, output_dir=None))))
-    api("a model whose tokenizer ids run past its embedding", lambda w: _quantize(
+    api("a torch.compile'd model", lambda w: quantize(w, model=torch.compile(loaded(w)), data=[text]), check=returned_ok)
+    api("a loaded sequence classifier", lambda w: quantize(w, model=_classifier(w), data=[text]))
+    api("a raw tokenizers.Tokenizer", lambda w: quantize(w, tokenizer_or_processor=_raw_tokenizer()))
+    api("a VLM's processor for a text model", lambda w: quantize(w, tokenizer_or_processor=_vlm_processor(w)))
+    api("a Quantized result as the model", lambda w: quantize(w, model=quantize(w, output_dir=None)))
+    api("a (model, report) tuple as the model", lambda w: quantize(w, model=tuple(quantize(w, output_dir=None))))
+    api("a model whose tokenizer ids run past its embedding", lambda w: quantize(
         w, model=loaded(w), tokenizer_or_processor=sparse_tokenizer(), data=[text]))
     lq = __import__("quantkit.export.load", fromlist=["load_quantized"])
 
@@ -1720,15 +1668,6 @@ def _resumed_matches_fresh(w: Path, result) -> str | None:
     return f"the export differs from a fresh run on the model as it is now: {differ[:2]}" if differ else None
 
 
-def _quantize(w: Path, **kw):
-    import quantkit
-
-    args = dict(model=str(w / "model"), data=str(w / "text.txt"), method="rtn", group_size=32, nsamples=2,
-                seqlen=16, progress=False, output_dir=str(w / "out"))
-    args.update(kw)
-    return quantkit.quantize(**args)
-
-
 def _meta_model(w: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -1751,8 +1690,8 @@ def _pair(w: Path, odd, **kw):
 
     text = " ".join(WORDS * 40)
     plain = AutoModelForCausalLM.from_pretrained(w / "model").eval()
-    reference = _quantize(w, model=plain, data=[text, text], output_dir=None, **kw)
-    result = _quantize(w, model=odd(AutoModelForCausalLM.from_pretrained(w / "model")), data=[text, text],
+    reference = quantize(w, model=plain, data=[text, text], output_dir=None, **kw)
+    result = quantize(w, model=odd(AutoModelForCausalLM.from_pretrained(w / "model")), data=[text, text],
                        output_dir=None, **kw)
     return _codes(result), _codes(reference)
 
@@ -1782,12 +1721,12 @@ def _same_codes(w: Path, result) -> str | None:
 
 def _in_inference_mode(w: Path):
     with torch.inference_mode():
-        return _quantize(w, method="tlq", output_dir=None)
+        return quantize(w, method="tlq", output_dir=None)
 
 
 def _in_no_grad(w: Path):
     with torch.no_grad():
-        return _quantize(w, method="tlq", output_dir=None)
+        return quantize(w, method="tlq", output_dir=None)
 
 
 def _classifier(w: Path):
