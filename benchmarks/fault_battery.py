@@ -88,9 +88,7 @@ def build_base(root: Path) -> Path:
         result = run_cli("calibrate", root / "model", "--calib", root / "text.txt", *RTN, *extra, "-o", root / name,
                          "--json")
         assert result.exit_code == 0, result.output
-    rows = [f"m{i},gptq,{b},128,{10**6 * (i + 1)},{10**9 * (j + 1)},3.0,3.1,{0.01 * (i + j + 1) / b},e\n"
-            for i in range(3) for j in range(3) for b in (2, 3, 4)]
-    (root / "q.csv").write_text(QID_HEADER + "".join(rows))
+    (root / "q.csv").write_text(QID_HEADER + build_qid_rows())
     return root
 
 
@@ -1352,7 +1350,7 @@ def fifth_round() -> list[Case]:
     fit("bits 4.5", QID_HEADER + good + "m9,gptq,4.5,128,5000000,1000000000,3.0,3.1,0.1,e\n")
     fit("an empty method", QID_HEADER + good + "m9,,4,128,5000000,1000000000,3.0,3.1,0.1,e\n")
     fit("every row the same D (beta undetermined)", QID_HEADER + "".join(
-        f"m{i},gptq,{b},128,{10**6 * (i + 1)},1000000000,3.0,3.1,{0.01 * (i + 1) / b},e\n"
+        f"m{i},gptq,{b},128,{10**6 * (i + 1)},1000000000,3.0,{3.0 + 0.01 * (i + 1) / b!r},{0.01 * (i + 1) / b!r},e\n"
         for i in range(3) for b in (2, 3, 4)), check=_fit_finite)
     fit("N 1e30", QID_HEADER + good + "m9,gptq,4,128,1e30,1000000000,3.0,3.1,0.1,e\n")
     fit("qid 'abc'", QID_HEADER + good + "m9,gptq,4,128,5000000,1000000000,3.0,3.1,abc,e\n")
@@ -1562,8 +1560,14 @@ def _nan_in_vision(state: dict) -> None:
 
 
 def build_qid_rows() -> str:
-    return "".join(f"m{i},gptq,{b},128,{10**6 * (i + 1)},{10**9 * (j + 1)},3.0,3.1,{0.01 * (i + j + 1) / b},e\n"
-                   for i in range(3) for j in range(3) for b in (2, 3, 4))
+    """A 27-row QiD table (3 sizes x 3 token counts x 3 widths) whose qid is loss_q - loss_fp."""
+    rows = []
+    for i in range(3):
+        for j in range(3):
+            for b in (2, 3, 4):
+                qid = 0.01 * (i + j + 1) / b
+                rows.append(f"m{i},gptq,{b},128,{10**6 * (i + 1)},{10**9 * (j + 1)},3.0,{3.0 + qid!r},{qid!r},e\n")
+    return "".join(rows)
 
 
 def _poke(path: Path, offset: int, data: bytes) -> None:
