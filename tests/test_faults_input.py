@@ -1061,3 +1061,13 @@ def test_an_export_with_a_non_finite_full_precision_tensor_is_refused(made: dict
     assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"], fragment)
     with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
         quantkit.load_quantized(export)
+
+
+def test_an_export_whose_codes_are_stored_as_floats_is_refused(made: dict, tmp_path: Path) -> None:
+    """weight_packed rewritten as float32 (same values): eval and `export --format fake` accepted it."""
+    export = tmp_path / "ct"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    edit_tensors(export, model__layers__0__mlp__up_proj__weight_packed=lambda t: t.float())
+    fragment = "tensor model.layers.0.mlp.up_proj.weight_packed is stored as torch.float32"
+    assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"], fragment)
+    assert_fault(tmp_path, ["export", export, "--format", "fake", "-o", tmp_path / "fake"], fragment)
