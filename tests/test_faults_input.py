@@ -1071,3 +1071,29 @@ def test_an_export_whose_codes_are_stored_as_floats_is_refused(made: dict, tmp_p
     fragment = "tensor model.layers.0.mlp.up_proj.weight_packed is stored as torch.float32"
     assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"], fragment)
     assert_fault(tmp_path, ["export", export, "--format", "fake", "-o", tmp_path / "fake"], fragment)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("empty text", "data.jsonl:2: field 'text' is empty"),
+    ("400x1 image", "the processor cannot take this record's image (400x1 px)"),
+])
+def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, damage: str, fragment: str) -> None:
+    """An empty caption calibrated on the image alone; a 400x1 image was a ValueError from the processor."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm
+    from PIL import Image
+
+    model, processor = build_vlm("qwen2_vl")
+    vlm = tmp_path / "vlm"
+    model.save_pretrained(vlm)
+    processor.save_pretrained(vlm)
+    data = Path(write_image_dataset(tmp_path / "vl", n=4))
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    if damage == "empty text":
+        records[1]["text"] = ""
+    else:
+        for i in range(4):
+            Image.new("RGB", (400, 1), (200, 0, 0)).save(tmp_path / "vl" / "img" / f"{i}.png")
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                            "--group-size", "32", "-o", tmp_path / "out"], fragment)
