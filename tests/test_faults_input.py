@@ -1097,3 +1097,17 @@ def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, dama
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
                             "--group-size", "32", "-o", tmp_path / "out"], fragment)
+
+
+def test_part_with_image_text_records_is_refused(tmp_path: Path, no_model_load) -> None:
+    """--part heldout was ignored for image-text records (chat records already refused it)."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm
+
+    model, processor = build_vlm("qwen2_vl")
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    data = write_image_dataset(tmp_path / "vl", n=4)
+    assert_fault(tmp_path, ["calibrate", tmp_path / "vlm", "--calib", data, "--part", "heldout", "--method", "rtn",
+                            "--nsamples", "2", "--seqlen", "256", "--group-size", "32", "-o", tmp_path / "out"],
+                 "--part heldout splits text files; the image-text records of")
