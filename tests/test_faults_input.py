@@ -65,6 +65,7 @@ def test_qid_predict_refuses_an_answer_outside_any_training_run(tmp_path: Path) 
     (["--eval-tokens", "0"], "--eval-tokens must be at least 2"),
     (["--group-size", "0"], "--group-size must be positive or -1"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--eval-tokens", "10", "--eval-seqlen", "16"], "--eval-tokens 10 is less than one --eval-seqlen 16 window"),
 ])
 def test_qid_measure_checks_options_before_the_checkpoint(tmp_path: Path, extra: list, fragment: str) -> None:
     """The options are refused first: the checkpoint named does not even exist."""

@@ -114,6 +114,9 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     check_counts(**{k: settings[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen", "tokens_per_step")},
                  threads=threads)
     check_group_size(settings["group_size"])
+    if settings["eval_tokens"] < settings["eval_seqlen"]:
+        raise QuantkitError(f"--eval-tokens {settings['eval_tokens']} is less than one --eval-seqlen "
+                            f"{settings['eval_seqlen']} window: nothing to score; give more tokens or a shorter window")
     plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
     check_measured_bits(bits, methods)
     check_output_file(out_csv, inputs=[*(parse_checkpoint(c).local_dir for c in checkpoints),
