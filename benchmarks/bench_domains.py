@@ -61,7 +61,7 @@ MODELS = {
     "ref-lm-c": BENCH_MODELS / "ref-lm-c", "ref-lm-c-step400": BENCH_MODELS / "ref-lm-c" / "steps" / "step400",
 }
 SETTINGS = {"W2": (2, (64, 32)), "W3": (3, (128, 64, 32))}  # bits, group sizes tried in order
-TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, "output_side": None}
+TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, "output_side": None, "clip": None}
 GRADIENT_KEYS = ("guidance", "loss", "draws", "output_side")
 GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8}
 # name -> {"method", "fp_target", "importance": TokenImportance options or None, and optionally "fp_alpha" (FP-target
@@ -90,6 +90,12 @@ VARIANTS: dict[str, dict] = {
                              ("tlq", {"method": "tlq", "fp_target": True, "importance": TLQ}))},
     # output-side curvature: each linear's block-diagonal E[g g^T] (blocks of b rows) as GPTQ's row metric
     **{f"tlq_os{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "output_side": b}} for b in (8, 16, 32)},
+    # bounded weights (RSQ's [1, 3]: clip sqrt(3) bounds the normalised scores to [1/1.73, 1.73], a ratio of 3 at
+    # most) with the floor lam picked once on validation; per-sample normalisation already keeps every calibration
+    # window (one corpus each) at its share of the total weight
+    **{f"tlq_clip{c}" + (f"_lam{lam}" if lam != 0.1 else ""): {"method": "tlq", "fp_target": True,
+                                                               "importance": {**TLQ, "clip": c, "lam": lam}}
+       for c in (1.73, 3.0) for lam in (0.1, 0.5)},
     "gptq_fp_nodown": {"method": "gptq", "fp_target": True, "importance": None, "fp_skip": ("down_proj",)},
     "tlq_nodown": {"method": "tlq", "fp_target": True, "importance": TLQ, "fp_skip": ("down_proj",)},
 }
@@ -129,7 +135,7 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
     if options is not None:
         found = scores[tuple(options[k] for k in GRADIENT_KEYS)]
         weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
-                                  lam=options["lam"], power=options["power"], output_factors=found.output_factors,
+                                  lam=options["lam"], power=options["power"], clip=options.get("clip"), output_factors=found.output_factors,
                                   linear_factors=found.linear_factors, mix=mix)
     spec = replace(spec, fp_alpha=variant.get("fp_alpha", 1.0))
     skip = variant.get("fp_skip")
@@ -298,7 +304,7 @@ def part_rows(rows: list[dict], part: str) -> list[dict]:
         new = {k: v for k, v in row.items() if not isinstance(v, dict) or "by_corpus" not in v}
         new["fp_loss"] = {short: row["fp_loss"][full] for short, full in keep.items()}
         for name, value in row.items():
-            if isinstance(value, dict) and "by_corpus" in value:
+            if isinstance(value, dict) and "by_corpus" in value and all(f in value["by_corpus"] for f in keep.values()):
                 by_corpus = {short: value["by_corpus"][full] for short, full in keep.items()}
                 new[name] = {**value, "by_corpus": by_corpus, "gap": sum(by_corpus.values()) / len(by_corpus)}
         out.append(new)
@@ -306,24 +312,27 @@ def part_rows(rows: list[dict], part: str) -> list[dict]:
 
 
 def summarise(rows: list[dict], names: list[str], base: str) -> dict:
-    """Per model and setting: every variant's gaps (overall, per corpus) and ratios to `base`."""
+    """Per model and setting: every variant's gaps (overall, per corpus) and ratios to `base`, over the draws that
+    ran it (its "draws"; ratios paired with `base` on those draws)."""
     out: dict = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         for label in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
-            mine = [r for r in rows if r["model"] == model and r["setting"] == label]
-            corpora = list(mine[0]["fp_loss"])
-            cell: dict = {"group_size": mine[0]["group_size"], "draws": len(mine)}
+            cell_rows = [r for r in rows if r["model"] == model and r["setting"] == label]
+            corpora = list(cell_rows[0]["fp_loss"])
+            cell: dict = {"group_size": cell_rows[0]["group_size"], "draws": len(cell_rows)}
             for name in names:
-                if name not in mine[0]:
+                mine = [r for r in cell_rows if name in r]
+                if not mine:
                     continue
                 gap, gap_se = mean_se([r[name]["gap"] for r in mine])
-                entry: dict = {"gap": round(gap, 5), "gap_se": round(gap_se, 5),
+                entry: dict = {"draws": len(mine), "seeds": [r["seed"] for r in mine], "gap": round(gap, 5),
+                               "gap_se": round(gap_se, 5),
                                "calib_cpu_s": round(sum(r[name].get("calib_cpu_s", r[name].get("seconds", 0)) for r in mine) / len(mine), 2),
                                "by_corpus": {}}
                 for corpus in corpora:
                     value, value_se = mean_se([r[name]["by_corpus"][corpus] for r in mine])
                     entry["by_corpus"][corpus] = {"gap": round(value, 5), "gap_se": round(value_se, 5)}
-                if base in mine[0] and name != base:
+                if all(base in r for r in mine) and name != base:
                     entry[f"over_{base}"] = _ratio_stats([r[name]["gap"] for r in mine], [r[base]["gap"] for r in mine])
                     worst = None
                     for corpus in corpora:
@@ -337,6 +346,66 @@ def summarise(rows: list[dict], names: list[str], base: str) -> dict:
                                                                           for c in corpora)}
                 cell[name] = entry
             out[f"{model}/{label}"] = cell
+    return out
+
+
+def attach_llmc(rows: list[dict], llmc_rows: list[dict]) -> None:
+    """Put each llm-compressor result beside quantkit's row of the same model, draw and setting (as variant "llmc")."""
+    for item in llmc_rows:
+        key = (item["model"], item["seed"], item["setting"])
+        for row in rows:
+            if (row["model"], row["seed"], row["setting"]) == key:
+                row["llmc"] = item
+
+
+def summaries(rows: list[dict], names: list[str], base: str) -> dict:
+    """The per-part summaries against `base` (and against llm-compressor on the held-out text where it ran)."""
+    out = {}
+    for part in ("validation", "heldout"):
+        if any(n.startswith(f"{part}/") for r in rows for n in r["fp_loss"]):
+            out[f"summary_{part}"] = summarise(part_rows(rows, part), names, base)
+    if any("llmc" in r for r in rows):
+        with_llmc = [r for r in part_rows(rows, "heldout") if "llmc" in r]
+        out["summary_heldout_over_llmc"] = summarise(with_llmc, [*names, "llmc"], "llmc")
+    return out
+
+
+def read_output(path: Path) -> dict:
+    """An earlier output (-o JSON), or the rows its run logged so far (its stderr: one JSON line per draw and
+    setting, a list per llm-compressor draw) where it has not finished."""
+    text = path.read_text()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and "model" not in whole:  # an output, not a log of one row
+        return whole
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith(("{\"model\"", "[{\"model\""))]
+    return {"rows": [x for x in lines if isinstance(x, dict)],
+            "llmc_rows": [item for x in lines if isinstance(x, list) for item in x]}
+
+
+def merge(outputs: list[dict], base: str) -> dict:
+    """One summary over several outputs' rows (each (model, draw, setting) once; llm-compressor rows attached)."""
+    rows: dict[tuple, dict] = {}
+    llmc_rows, names, variants = [], [], {}
+    for output in outputs:
+        for row in output.get("rows", []):
+            key = (row["model"], row["seed"], row["setting"])
+            rows[key] = {**rows.get(key, {}), **row}
+        llmc_rows += output.get("llmc_rows", [])
+        variants |= output.get("variants", {})
+    attach_llmc(list(rows.values()), llmc_rows)
+    for row in rows.values():
+        names += [n for n, v in row.items() if isinstance(v, dict) and "by_corpus" in v and n != "llmc" and n not in names]
+    # a variant counts where every row of its (model, setting) has it
+    out = {"merged": len(outputs), "models": sorted({k[0] for k in rows}), "variants": variants, "base": base}
+    by_cell: dict[tuple, list[dict]] = {}
+    for (model, _, setting), row in rows.items():
+        by_cell.setdefault((model, setting), []).append(row)
+    complete = [r for cell in by_cell.values() for r in cell]
+    out |= summaries(complete, names, base)
+    out["rows"] = complete
     return out
 
 
@@ -360,8 +429,14 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true", help="CPU seconds of importance + calibration over GPTQ + FP "
                         "target (first model, first setting, draw 0)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--llmc-only", action="store_true", help="run llm-compressor only (rows to --merge later)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="summarise the rows of earlier outputs together "
+                        "(separate processes per model, llm-compressor run apart); nothing is run")
     parser.add_argument("-o", "--output")
     args = parser.parse_args()
+    if args.merge:
+        emit(merge([read_output(Path(f)) for f in args.merge], args.base), args.output)
+        return
     args.eval = args.eval or ("heldout" if args.heldout else "validation")
     if args.llmc and args.eval == "validation":
         parser.error("--llmc is compared on the held-out text; add --heldout")
@@ -374,25 +449,23 @@ def main() -> None:
         emit(run_cost(args.models[0], shared, args.repeats), args.output)
         return
     started = time.perf_counter()
-    jobs = [(m, s) for s in args.seeds for m in args.models]  # every model's first draws first
+    jobs = [] if args.llmc_only else [(m, s) for s in args.seeds for m in args.models]  # every model's first draws first
     results = in_processes(run_draw, [(m, s, shared) for m, s in jobs], args.jobs)
     rows = [row for result in results for row in result["rows"]]
     names = list(args.variants)
+    llmc_rows = []
     if args.llmc:
         for model in args.models:
-            for item in run_llmc(args.llmc, model, args.seeds, shared):
-                row = next(r for r in rows if (r["model"], r["seed"], r["setting"]) == (item["model"], item["seed"], item["setting"]))
-                row["llmc"] = item
+            llmc_rows += run_llmc(args.llmc, model, args.seeds, shared)
+        attach_llmc(rows, llmc_rows)
         names.append("llmc")
     out = {"models": {m: resolve_model(m) for m in args.models}, "seeds": args.seeds, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "eval": args.eval,
-           "windows_per_corpus": results[0]["windows"], "variants": {n: VARIANTS[n] for n in args.variants},
-           "base": args.base}
-    for part in ("validation", "heldout"):
-        if args.eval in (part, "both"):
-            out[f"summary_{part}"] = summarise(part_rows(rows, part), names, args.base)
-    if args.llmc:
-        out["summary_heldout_over_llmc"] = summarise(part_rows(rows, "heldout"), names, "llmc")
+           "windows_per_corpus": results[0]["windows"] if results else None,
+           "variants": {n: VARIANTS[n] for n in args.variants}, "base": args.base}
+    if args.llmc_only:
+        out["llmc_rows"] = llmc_rows
+    out |= summaries(rows, names, args.base)
     out["rows"] = rows
     out["wall_s"] = round(time.perf_counter() - started, 1)
     emit(out, args.output)
