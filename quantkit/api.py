@@ -57,8 +57,9 @@ def quantize(
     loaded model is quantized in place. Bad input raises quantkit.errors.QuantkitError with the one-line
     message the CLI prints, before any model forward and with nothing written.
 
-    method is rtn, gptq or tlq; None means quantkit.quant.methods.DEFAULT_METHOD (TLQ; GPTQ with the FP
-    target under low_memory without a calib_set, which TLQ's token weights need), as for `quantkit calibrate`.
+    method is rtn, gptq or tlq; None means quantkit.quant.methods.default_method: GPTQ with the FP target on text,
+    TLQ on image-text data or a calib_set (image-text under low_memory without a calib_set: GPTQ with the FP
+    target, since TLQ's token weights need the whole model), as for `quantkit calibrate`.
 
     recipe is a quantkit.Recipe, its mapping form or a YAML file: which linears to quantize (targets), which
     to leave in full precision (ignore) and per-module overrides of bits, group_size, sym, act_order and
@@ -80,11 +81,9 @@ def quantize(
     """
     from quantkit.calibrate import build_job
     from quantkit.calibrate import run as runner
-    from quantkit.errors import expect_bool
 
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    expect_bool("reload", reload)
     job = build_job(model, data, tokenizer_or_processor, method=method, bits=bits, group_size=group_size,
                     output_dir=output_dir, format=format, recipe=recipe, **options)
     outcome = runner.run_job(job)

@@ -3,6 +3,7 @@ CLI's one-line errors as QuantkitError with nothing written."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,33 @@ def test_no_output_dir_writes_nothing(run, tmp_path, monkeypatch) -> None:
     assert list(tmp_path.iterdir()) == [] and report["method"] == "rtn"
 
 
-def test_default_method_is_tlq(run) -> None:
+def test_default_method_on_text_is_gptq_with_the_fp_target(run) -> None:
     quantized = quantkit.quantize(str(run["model"]), data=str(run["text"]), group_size=16, nsamples=2, seqlen=16,
                                   progress=False)
-    assert quantized.report["method"] == "tlq" and quantized.report["fp_target"]
+    assert quantized.report["method"] == "gptq" and quantized.report["fp_target"]
+
+
+def test_default_method_follows_the_calibration_data(tmp_path) -> None:
+    """Issue #24's choice: GPTQ + FP target on text (TLQ trades one corpus for another there), TLQ where its weights
+    pay (image-text) or were made to be used (a --calib-set); an explicit fp_target or method wins; under
+    low_memory image-text falls back to GPTQ + FP target with one notice."""
+    from quantkit.calibrate import build_job
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    images = tmp_path / "i.jsonl"
+    images.write_text(json.dumps({"image": "a.png", "text": "a caption"}) + "\n")
+    cases = [(str(text), {}, ("gptq", True)), (["one text", "another"], {}, ("gptq", True)),
+             (str(images), {}, ("tlq", True)), ([{"image": "a.png", "text": "a caption"}], {}, ("tlq", True)),
+             (None, {"calib_set": str(tmp_path)}, ("tlq", True)), (str(text), {"fp_target": False}, ("gptq", False)),
+             (str(images), {"method": "gptq"}, ("gptq", False))]
+    for data, options, expected in cases:
+        quantization = build_job("org/model", data, **options).quantization
+        assert (quantization.method.name, quantization.fp_target) == expected, (data, options)
+        assert quantization.notice is None
+    low = build_job("org/model", str(images), low_memory=True, output_dir=str(tmp_path / "o")).quantization
+    assert (low.method.name, low.fp_target) == ("gptq", True) and "instead of tlq" in low.notice
+    assert build_job("org/model", str(text), low_memory=True, output_dir=str(tmp_path / "o")).quantization.notice is None
 
 
 @pytest.mark.parametrize(("changes", "fragment"), [

@@ -247,10 +247,10 @@ def test_quantize_vision_exports_a_loadable_quantized_tower(tmp_path, family):
 @pytest.mark.parametrize("method, flag, expected", [("tlq", None, True), ("tlq", "--no-fp-target", False),
                                                     ("gptq", None, False), ("gptq", "--fp-target", True),
                                                     (None, None, True)])
-def test_fp_target_defaults_on_for_tlq_only(tiny, tmp_path, method, flag, expected):
+def test_fp_target_defaults_on_for_tlq_and_the_default(tiny, tmp_path, method, flag, expected):
     out = tmp_path / "out"
     result = run(base(tiny, out, *(["--method", method] if method else []), *([flag] if flag else [])))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "quantkit_report.json").read_text())
     assert report["fp_target"] is expected
-    assert report["method"] == (method or "tlq")  # the default method, as quantkit.quantize's
+    assert report["method"] == (method or "gptq")  # the default method on text (GPTQ + FP target), as quantize's

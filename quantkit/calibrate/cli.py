@@ -16,7 +16,7 @@ from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError
 from quantkit.export.formats import FORMATS
 from quantkit.importance.cli import importance_options, sample_options
-from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, METHODS
+from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, IMAGE_DATA_METHOD, METHODS
 from quantkit.quant.smooth import AUTO, SMOOTH_MODES
 from quantkit.quant.spec import SUPPORTED_BITS
 
@@ -42,7 +42,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 
 @click.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ). Default: {DEFAULT_METHOD} ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ). Default: {DEFAULT_METHOD} with the FP target on text; {IMAGE_DATA_METHOD} on image-text data or a --calib-set ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
 @click.option("--bits", type=int, default=OPTIONS["bits"], show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
 @click.option("--group-size", type=int, default=OPTIONS["group_size"], show_default=True, help="Columns per quantization group; -1 for per-channel.")
 @click.option("--sym/--asym", default=OPTIONS["sym"], show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")

@@ -98,13 +98,25 @@ METHODS: dict[str, Method] = {
 }
 
 
-# The method a run that names none gets (`quantkit calibrate` and quantkit.quantize alike): TLQ with its FP
-# target beat GPTQ at W2 and W3 on validation windows over 4 draws on two models (0.73-0.81x GPTQ's loss gap;
-# at W4 the methods sit within the noise) for about 1.8x GPTQ's time (benchmarks/README.md, "TLQ guidance").
-DEFAULT_METHOD = "tlq"
-# What the default becomes where its token weights cannot be computed (--low-memory without a --calib-set):
-# the same solve without them, keeping the default's FP target.
+# The method a run that names none gets (`quantkit calibrate` and quantkit.quantize alike), by its calibration data,
+# chosen on validation text by the worst corpus first and the mean second (issue #24; benchmarks/README.md, "TLQ per
+# corpus"). Text: GPTQ with the FP target. TLQ's token weights trade one corpus of a mixed calibration text for
+# another (worse than GPTQ + FP target beyond noise on some corpus of every checkpoint measured, at W2 and W3), and
+# no bounded or guarded variant removed that at <= 2x GPTQ's cost. Image-text: TLQ, where its weights separate the
+# answer tokens from the image tokens (answer-NLL gap 0.57x / 0.65x GPTQ + FP target's at W2 / W3,
+# benchmarks/README.md "TLQ guidance"), and a token-level set from `quantkit importance` (made for its weights).
+DEFAULT_METHOD = "gptq"
+IMAGE_DATA_METHOD = "tlq"
+DEFAULT_FP_TARGET = True  # the default method fits the FP model's output unless --no-fp-target
+# What TLQ as a default becomes where its token weights cannot be computed (--low-memory without a --calib-set):
+# the same solve without them, keeping the FP target.
 FALLBACK_METHOD = "gptq"
+
+
+def default_method(images: bool, calib_set: bool = False) -> Method:
+    """The Method of a run that names none: IMAGE_DATA_METHOD on image-text calibration data or a token-level set
+    (`quantkit importance` made it for its weights), else DEFAULT_METHOD."""
+    return METHODS[IMAGE_DATA_METHOD if images or calib_set else DEFAULT_METHOD]
 
 
 def method_for(method: Method | str) -> Method:
