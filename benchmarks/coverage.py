@@ -20,7 +20,8 @@ attention (the rest).
 
 Run: `OMP_NUM_THREADS=1 python benchmarks/coverage.py --out benchmarks/results/coverage.json --doc docs/formats.md`
 (types run in worker processes, restarted after a crash or a type over --timeout seconds; --types runs those types
-in the order given; the JSON is rewritten after every type, with `complete` false until the last).
+in the order given; the JSON is rewritten after every type, with `complete` false until the last; --merge PATH: the
+rows of this run replace those of an earlier JSON, and the figures cover both).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 README_START = "<!-- coverage:start -->"
 README_END = "<!-- coverage:end -->"
+WORD = "w1 w2"  # words of the test corpus (helpers.WORDS)
 MOE_TARGETS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "llama4"]
 VLM_TARGET = 12
 
@@ -54,6 +56,21 @@ def first_line(err: BaseException) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else ""
     return f"{type(err).__name__}: {line}"[:300]
+
+
+def byte_level_tokenizer(text: Path):
+    """A byte-level BPE tokenizer trained on `text` over its own characters only (under 120 tokens: every tiny
+    vocabulary holds it), for the types whose own tokenizer class (Qwen2's, GPT-2's) rebuilds a byte-level BPE
+    from the saved vocabulary and merges, and so reads no word of a word-level one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(text)], trainers.BpeTrainer(vocab_size=110, special_tokens=["<unk>", "<eos>"], initial_alphabet=[],
+                                               show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 def all_types() -> list[tuple[str, str]]:
@@ -74,7 +91,9 @@ def classify(config, adapter) -> str:
     layouts = set(adapter.layouts)
     if any(layout.experts for layout in layouts):
         return "moe"
-    if any(why for layout in layouts for _, why in layout.full_precision if "did not run" not in why):
+    kept = [why for layout in layouts for _, why in layout.full_precision
+            if "router" not in why and "gate of a mixture" not in why and "not called on a probe input" not in why]
+    if kept:
         return "hybrid"
     return "attention"
 
@@ -134,9 +153,16 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
         loaded = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001
         return {**row, "status": "not built tiny", "why": f"save: {first_line(err)}"}
-    if not loaded("the")["input_ids"]:  # transformers swaps a generic tokenizer for the type's own class
-        return {**row, "status": "not built tiny", "why": f"transformers loads the word-level test tokenizer as "
-                                                          f"{type(loaded).__name__} for this type, which reads none of its words"}
+    if not loaded(WORD)["input_ids"]:  # transformers swaps a generic tokenizer for the type's own class (Qwen2's BPE)
+        try:
+            byte_level_tokenizer(text).save_pretrained(model_dir)
+            loaded = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as err:  # noqa: BLE001
+            return {**row, "status": "not built tiny", "why": f"save: {first_line(err)}"}
+        if not loaded(WORD)["input_ids"]:
+            return {**row, "status": "not built tiny", "why": f"transformers loads the test tokenizers as "
+                                                              f"{type(loaded).__name__} for this type, which reads none of "
+                                                              "their words"}
     try:
         report = run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=-1), method="gptq",
                                  calib=str(text), nsamples=2, seqlen=16, progress=False, format="compressed-tensors")
@@ -228,6 +254,22 @@ def run_all(pairs: list[tuple[str, str]], timeout: int, done_row=lambda rows: No
     return rows
 
 
+DEFINITIONS = {
+    "causal_types": "model types in transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "decoder_only": "causal types whose tiny model builds and whose causal-LM class is not an encoder stack (BERT-style "
+                    "layers under an `encoder`) nor an encoder-decoder (config.is_encoder_decoder); the causal-LM "
+                    "classes that are the decoder half of an encoder-decoder family (BartForCausalLM, TrOCRForCausalLM) "
+                    "are decoder-only models and count; types that fail or are refused before their layers are "
+                    "classified count too (class null)",
+    "attention": "decoder-only types whose derived adapter finds no expert block and keeps no non-Linear weight "
+                 "(convolution, state-space parameter) in full precision",
+    "moe": "decoder-only types with an expert block", "hybrid": "the other decoder-only types (recurrent / "
+                                                            "state-space / convolution kernels kept in full precision)",
+    "not_built_tiny": "transformers' own config or model class fails on the tiny config (or its tokenizer class reads "
+                      "no test word): left out of every share",
+}
+
+
 def summary(rows: list[dict]) -> dict:
     """The figures the issue's targets name."""
     causal = [r for r in rows if r["head"] == "causal"]
@@ -240,6 +282,7 @@ def summary(rows: list[dict]) -> dict:
                     for r in rows if r["type"] in (t, f"{t}_text") and r["head"] == "causal"), "not run")
            for t in MOE_TARGETS}
     return {
+        "definitions": DEFINITIONS,
         "statuses": dict(Counter(f"{r['head']} {r['status']}" for r in rows)),
         "causal_types": len(causal),
         "not_built_tiny": sorted(r["type"] for r in causal if r["status"] == "not built tiny"),
@@ -319,6 +362,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=180, help="seconds per type")
     parser.add_argument("--out", default=None, help="JSON path")
     parser.add_argument("--doc", default=None, help="page whose support section to rewrite (docs/formats.md)")
+    parser.add_argument("--merge", default=None, help="an earlier JSON whose rows the rows of this run replace (the "
+                                                      "figures then cover both; its `runs` list gains this run)")
+    parser.add_argument("--note", default="", help="what this run was (for the merged JSON's `runs` list)")
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker, args.timeout)
@@ -327,15 +373,24 @@ def main() -> None:
 
     pairs = all_types()
     total = len(pairs)
-    if args.types:
+    if args.types is not None:  # "" runs none: with --merge, the figures and --doc from the earlier JSON alone
         order = {t: i for i, t in enumerate(args.types.split(","))}
         pairs = sorted((p for p in pairs if p[0] in order), key=lambda p: order[p[0]])
     started = time.time()
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else {"types": [], "runs": []}
+
+    def merged(rows: list[dict]) -> list[dict]:
+        new = {(r["type"], r["head"]): r for r in rows}
+        kept = [new.pop((r["type"], r["head"]), r) for r in earlier["types"]]
+        return kept + list(new.values())
 
     def result(rows: list[dict]) -> dict:
+        every = merged(rows)
+        run = {"what": args.note or f"{len(pairs)} (type, head) pairs", "wall_seconds": round(time.time() - started, 1)}
         return {"benchmark": "coverage", "transformers": transformers_version(), "environment": environment(),
-                "complete": len(rows) == len(pairs), "types_run": len(rows), "types_installed": total,
-                "wall_seconds": round(time.time() - started, 1), "summary": summary(rows), "types": rows}
+                "complete": len(every) == total and len(rows) == len(pairs), "types_run": len(every),
+                "types_installed": total, "runs": [*earlier.get("runs", []), run], "summary": summary(every),
+                "types": every}
 
     def partial(rows: list[dict]) -> None:
         if args.out:
@@ -344,7 +399,8 @@ def main() -> None:
     rows = run_all(pairs, args.timeout, partial)
     emit(result(rows), args.out)
     if args.doc:
-        write_readme(Path(args.doc), readme_table(rows, summary(rows), total))
+        every = merged(rows)
+        write_readme(Path(args.doc), readme_table(every, summary(every), total))
 
 
 if __name__ == "__main__":

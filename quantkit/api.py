@@ -81,9 +81,11 @@ def quantize(
     """
     from quantkit.calibrate import build_job
     from quantkit.calibrate import run as runner
+    from quantkit.errors import expect_bool
 
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    expect_bool("reload", reload)
     job = build_job(model, data, tokenizer_or_processor, method=method, bits=bits, group_size=group_size,
                     output_dir=output_dir, format=format, recipe=recipe, **options)
     outcome = runner.run_job(job)

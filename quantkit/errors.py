@@ -52,13 +52,19 @@ def _named(name: str, flag: str | None) -> str:
     return f"{name} ({flag})" if flag else name
 
 
-def _kind(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
+def short_repr(value: object) -> str:
+    """A value for a one-line message: its repr and type where the repr is short and on one line, else its type."""
+    text = repr(value)
+    return f"{text} ({type(value).__name__})" if len(text) <= 80 and "\n" not in text else f"a {type(value).__name__}"
+
+
+_kind = short_repr
 
 
 def expect_int(name: str, value: object, *, least: int | None = None, allowed: tuple = (), optional: bool = False,
-               flag: str | None = None) -> int | None:
-    """`value` if it is an int (not a bool, not a float) and at least `least` or one of `allowed`."""
+               flag: str | None = None, most: int = 2**31 - 1) -> int | None:
+    """`value` if it is an int (not a bool, not a float), at least `least` or one of `allowed`, and at most `most`
+    (counts and sizes beyond 2**31 overflow torch's and the samplers' integers long before they mean anything)."""
     import numbers
 
     if value is None and optional:
@@ -71,6 +77,8 @@ def expect_int(name: str, value: object, *, least: int | None = None, allowed: t
         raise QuantkitError(f"{_named(name, flag)} must be {span}, got {value}")
     if not allowed and least is not None and value < least:
         raise QuantkitError(f"{_named(name, flag)} must be at least {least}, got {value}")
+    if value > most:
+        raise QuantkitError(f"{_named(name, flag)} must be at most {most}, got {value}")
     return value
 
 
@@ -123,6 +131,8 @@ def expect_path(name: str, value: object, *, optional: bool = False, flag: str |
         return None
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise QuantkitError(f"{_named(name, flag)} must be a path (str or os.PathLike), got {_kind(value)}")
+    if "\0" in str(os.fspath(value)):
+        raise QuantkitError(f"{_named(name, flag)} holds a NUL byte, which no file name can: {os.fspath(value)!r}")
     return os.fspath(value)
 
 

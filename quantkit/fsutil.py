@@ -251,12 +251,24 @@ def check_writable(directory: Path, what: str) -> None:
     os.unlink(probe)
 
 
-def check_output_file(output: str | os.PathLike, flag: str = "-o") -> None:
+def check_output_file(output: str | os.PathLike, flag: str = "-o",
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """A result file can be written at `output` (checked before the work it records): not a directory, no file
-    where a folder above it must be, its folder writable."""
+    where a folder above it must be, its folder writable, and neither one of the run's `inputs` (files or
+    directories: a model, its data, a table or law read) nor inside an input directory."""
     out = Path(os.path.abspath(output))
     if out.is_dir():
         raise QuantkitError(f"{flag} {output} is a directory; give a file path")
+    real = out.resolve()
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        src = Path(source).expanduser().resolve()
+        if real == src:
+            raise QuantkitError(f"{flag} {output} is the input {source}; writing the results there would destroy "
+                                "it: choose another file")
+        if src.is_dir() and src in real.parents:
+            raise QuantkitError(f"{flag} {output} is inside the input {source}; write the results outside it")
     above = _nearest_existing(out.parent)
     if not above.is_dir():
         raise QuantkitError(f"{flag} {output} lies under {above}, which is a file; give a path in a directory")

@@ -552,7 +552,7 @@ TINY_FIELDS = dict(
     moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1, moe_k=2, moe_topk=2,
     num_experts_per_token=2, num_expert_group=1, expert_ffn_hidden_size=32, shared_experts_intermediate_size=64,
     moe_shared_expert_intermediate_size=64, dense_intermediate_size=128, index_topk=8, index_head_dim=16,
-    index_n_heads=2,
+    index_n_heads=2, vocab_size_per_layer_input=120,
     # multi-head latent attention (DeepSeek)
     q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
     # GPT-2 / OPT / Falcon style names
@@ -569,17 +569,37 @@ TINY_FIELDS = dict(
 def tiny_config(model_type: str, **overrides):
     """A tiny config of `model_type` built by transformers' own config class: TINY_FIELDS where the type has
     them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers."""
-    defaults = config_of(model_type).to_dict()
+    built = config_of(model_type)
+    defaults = built.to_dict()
     fields = _tiny_fields(defaults, TINY_FIELDS)
+    fields.update(_tiny_subconfigs(built))
     fields.update(overrides)
+    layer_types = defaults.get("layer_types")
     try:
-        return config_of(model_type, **fields)
+        config = config_of(model_type, **fields)
+        if getattr(config, "layer_types", 0) is not None or not isinstance(layer_types, list) or "layer_types" in overrides:
+            return config
     except Exception:
-        layer_types = defaults.get("layer_types")
         if "layer_types" in overrides or not isinstance(layer_types, list):
             raise
-        # a type that does not recompute its layer types: the first ones of its default pattern
-        return config_of(model_type, **{**fields, "layer_types": layer_types[: fields["num_hidden_layers"]]})
+    # a type that does not recompute its layer types: the first ones of its default pattern
+    return config_of(model_type, **{**fields, "layer_types": layer_types[: fields["num_hidden_layers"]]})
+
+
+def _tiny_subconfigs(config) -> dict:
+    """The nested configs of a causal-LM type shrunk too (Gemma 4's text_config, Emu3's VQ-VAE, an audio tower):
+    a text config as tiny_config makes one, any other as a tiny vision tower."""
+    from transformers import PretrainedConfig
+
+    fields = {}
+    for key, sub in vars(config).items():
+        if not isinstance(sub, PretrainedConfig) or sub is config:
+            continue
+        table = TINY_FIELDS if key in ("text_config", "decoder_config", "encoder_config", "global_config") else TINY_VISION_FIELDS
+        shrunk = _tiny_fields(sub.to_dict(), table) if table is TINY_FIELDS else {
+            k: v for k, v in table.items() if k in sub.to_dict()}
+        fields[key] = {**({"model_type": sub.model_type} if getattr(sub, "model_type", "") else {}), **shrunk}
+    return fields
 
 
 # A tiny vision tower for image-text types (the fields its vision config has get these values).
@@ -593,9 +613,15 @@ def _tiny_fields(defaults: dict, table: dict) -> dict:
     fields = {k: v for k, v in table.items() if k in defaults}
     if "qk_rope_head_dim" in defaults:
         fields.pop("head_dim", None)  # latent attention derives its head widths from the qk_* fields
+        if "head_dim" in defaults:  # where the config keeps one, its rotary width (LongCat-Flash's table)
+            fields["head_dim"] = fields["qk_rope_head_dim"]
+        fields["num_key_value_heads"] = fields.get("num_attention_heads", 4)  # and expands its one latent to every head
     fields.update({k: v for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)) if k in defaults})
     if "layer_types" in defaults:
         fields["layer_types"] = None
+    if isinstance(defaults.get("attention_types"), list) and defaults["attention_types"]:  # GPT-Neo: [[pattern, repeats]]
+        pattern = defaults["attention_types"][0][0]
+        fields["attention_types"] = [[pattern, max(1, table.get("num_layers", 2) // len(pattern))]]
     rope = defaults.get("rope_parameters")
     if isinstance(rope, dict) and _uses_mrope(defaults.get("model_type", "")):
         fields["rope_parameters"] = {**rope, "mrope_section": [2, 3, 3]}  # multimodal rotary over the tiny head's half
@@ -622,9 +648,12 @@ def tiny_vlm_config(model_type: str, **overrides):
     tower of width 32 (TINY_VISION_FIELDS), and image token ids inside the tiny vocabulary."""
     defaults = config_of(model_type)
     text, vision = defaults.get_text_config(), getattr(defaults, "vision_config", None)
-    fields: dict = {}
+    # an audio tower as a tiny vision tower; a text config kept at the top level (Phi-4-multimodal) shrunk there
+    fields: dict = {k: v for k, v in _tiny_subconfigs(defaults).items() if "audio" in k}
     if text is not defaults:
         fields["text_config"] = {"model_type": text.model_type, **_tiny_fields(text.to_dict(), TINY_FIELDS)}
+    else:
+        fields.update(_tiny_fields(defaults.to_dict(), TINY_FIELDS))
     if vision is not None:
         fields["vision_config"] = {"model_type": vision.model_type,
                                    **{k: v for k, v in TINY_VISION_FIELDS.items() if k in vision.to_dict()}}

@@ -130,6 +130,30 @@ def test_each_layer_replays_with_its_own_arguments(model_type: str, overrides: d
     assert not torch.allclose(full[0], adapter.logits(model, adapter.norm(model)(wrong.hidden[0])), atol=1e-4)
 
 
+@pytest.mark.parametrize(("model_type", "final_norm"), [
+    ("olmo", "model.norm"),  # a LayerNorm without weights
+    ("nanochat", "model.norm"),  # weightless, and run before the layers as well as after them
+    ("bart", None),  # BartForCausalLM: no norm after the decoder's layers; the head reads a slice of their output
+])
+def test_the_final_norm_is_what_runs_after_the_last_layer(model_type: str, final_norm: str | None) -> None:
+    """The final norm is the module that runs between the last layer and the head, weights or none: layer-by-layer
+    replay, then the adapter's norm and head, gives the model's logits."""
+    model = tiny_causal_lm(model_type)
+    adapter = adapter_for(model)
+    assert adapter.final_norm == final_norm
+    samples = [{"input_ids": torch.randint(1, 120, (1, 12), generator=torch.Generator().manual_seed(s))} for s in range(2)]
+    with torch.no_grad():
+        full = [model(**s, use_cache=False).logits for s in samples]
+        inputs = capture_layer_inputs(model, adapter, samples)
+        for index, layer in enumerate(adapter.decoder_layers(model)):
+            inputs.use_layer(index)
+            for i in range(len(inputs)):
+                inputs.hidden[i] = run_layer(layer, inputs, i)
+        replay = [adapter.logits(model, adapter.norm(model)(h)) for h in inputs.hidden]
+    for a, b in zip(full, replay):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
 def test_experts_quantkit_cannot_split_are_refused_in_one_line(monkeypatch) -> None:
     """A fused experts module that quantkit.models.experts does not know stays an expert block, which
     calibration refuses in one line naming it."""

@@ -47,19 +47,27 @@ FAMILIES = {
     "llama4_text": {},  # top-1 router scaling the expert's input, a shared expert, chunked attention
     "granitemoe": {},  # checkpoints keep experts fused (input_linear / output_linear): exported dense, fused
     "falcon": {},  # fused query_key_value, parallel MLP reading the attention's input (one group with it)
+    "olmo": {},  # a final LayerNorm without weights
+    "nanochat": {},  # one weightless norm before the layers and after them
+    "bloom": {},  # an ALiBi bias built for the batch it runs on (stacked samples are replayed one by one)
+    "xglm": {},  # an attention mask whose batch size the layer checks
+    "nemotron_h": {},  # Mamba-2 mixers; squared-ReLU experts with up and down projections only
     # hybrids: the linears of recurrent / state-space mixers are quantized, their kernels stay in full precision
     "lfm2": {"layer_types": ["conv", "full_attention"]},  # gated short convolutions beside attention layers
     "falcon_h1": {},  # a Mamba-2 mixer and attention side by side in every layer
     "olmo_hybrid": {},  # gated delta-rule linear attention, then a full-attention layer
 }
 # transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
-DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks"}
+DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks",
+                      "nanochat": "transformers' NanoChat weight init reads o_proj.weight, which a compressed module lacks"}
 # model type -> (the transformers its reload was checked on, why older ones fail)
 RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied lm_head on load, through that same "
-                                   "FalconLinear.weight; the reload passes on 5.25")}
+                                   "FalconLinear.weight; the reload passes on 5.25"),
+                "nanochat": ("5.25", "transformers 5.21 runs NanoChat's weight init on o_proj.weight before decompressing; "
+                                     "the reload passes on 5.25")}
 # GPTQ packs zero points along the output rows, 8 per int32 at 4 bits: these families have narrower or odd-width
-# linears (Falcon-H1's Mamba in_proj, 148 rows; OLMo-hybrid's a_proj, one row per head)
-GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid"}
+# linears (Falcon-H1's and Nemotron-H's Mamba in_proj, 148 rows; OLMo-hybrid's a_proj, one row per head)
+GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid", "nemotron_h"}
 SPEC = QuantSpec(bits=4, group_size=16, act_order=False)  # in column order: the engine-level references solve so
 RUN_SPEC = QuantSpec(bits=4, group_size=16)  # the defaults (act-order, static groups) for whole runs
 LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3", "granitemoe"]

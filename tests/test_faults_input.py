@@ -65,6 +65,7 @@ def test_qid_predict_refuses_an_answer_outside_any_training_run(tmp_path: Path) 
     (["--eval-tokens", "0"], "--eval-tokens must be at least 2"),
     (["--group-size", "0"], "--group-size must be positive or -1"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--eval-tokens", "10", "--eval-seqlen", "16"], "--eval-tokens 10 is less than one --eval-seqlen 16 window"),
 ])
 def test_qid_measure_checks_options_before_the_checkpoint(tmp_path: Path, extra: list, fragment: str) -> None:
     """The options are refused first: the checkpoint named does not even exist."""
@@ -82,6 +83,9 @@ HEADER = "model,method,bits,group_size,N,D,loss_fp,loss_q,qid,eval_text\n"
     ("m9,gptq,64,128,2000000,2000000000,3.0,3.1,0.1,e", "line 5, column 'bits': 64 is not a bit width"),
     ("m9,gptq,4,0,2000000,2000000000,3.0,3.1,0.1,e", "line 5, column 'group_size': 0"),
     ("m9,gptq,4,128,2000000,2000000000,-3.0,3.1,0.1,e", "line 5, column 'loss_fp'"),
+    ("m9,gptq,4,128,1e30,2000000000,3.0,3.1,0.1,e", "line 5, column 'N': 1000000000000000019884624838656 is not a parameter count (between 1 and 1e+15)"),
+    ("m9,gptq,4,128,2000000,1e20,3.0,3.1,0.1,e", "line 5, column 'D': 100000000000000000000 is not a token count (between 1 and 1e+17)"),
+    ("m9,gptq,4,128,2000000,2000000000,3.0,2.0,0.5,e", "line 5, column 'qid': 0.5 is not loss_q - loss_fp"),
 ])
 def test_qid_fit_stops_at_the_row_that_is_wrong(tmp_path: Path, row: str, fragment: str) -> None:
     good = [f"m{i},gptq,4,128,{10**6 * (i + 1)},{10**9 * (i + 1)},3.0,3.1,0.1,e\n" for i in range(3)]
@@ -699,3 +703,412 @@ def test_a_chat_role_outside_system_user_assistant_is_refused(work: Path, no_mod
     (work / "t.jinja").write_text(TEMPLATE)
     assert_fault(work, ["calibrate", work / "model", "--calib", work / "c.jsonl", *GPTQ, "--chat-template",
                         work / "t.jinja", "-o", work / "out"], "c.jsonl:5: role 'wizard' is not one of system, user")
+
+
+# ---------------------------------------------------------------- third fresh battery: config and tokenizer content
+
+
+def api_quantize(model, tmp_path: Path, **options) -> None:
+    """quantkit.quantize with the tests' small settings (RTN unless told), writing under tmp_path/api."""
+    import quantkit
+
+    settings = {"method": "rtn", "group_size": 32, "nsamples": 2, "seqlen": 16, "progress": False, **options}
+    quantkit.quantize(model, output_dir=tmp_path / "api", **settings)
+
+
+def test_a_tied_config_whose_checkpoint_stores_another_head_is_refused(work: Path) -> None:
+    """tie_word_embeddings true beside a stored lm_head of other values: transformers (checked here) keeps the two
+    apart, a loader that follows the config ties them; quantkit refuses by tensor name from files and from a loaded
+    model, and accepts a stored head equal to the embedding (transformers ties that)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.errors import QuantkitError
+    from quantkit.models.files import check_model_files
+
+    edit_json(work / "model" / "config.json", lambda d: d.update(tie_word_embeddings=True))
+    fragment = "lm_head.weight is stored apart from model.embed_tokens.weight with other values"
+    assert_fault(work, calibrate(work), fragment)
+    loaded = AutoModelForCausalLM.from_pretrained(work / "model")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    for model in (str(work / "model"), loaded):
+        with unchanged(work), pytest.raises(QuantkitError, match=fragment):
+            api_quantize(model, work, data=str(work / "text.txt"))
+    edit_tensors(work / "model", lm_head__weight=lambda t: load_file(work / "model" / "model.safetensors")[
+        "model.embed_tokens.weight"])
+    check_model_files(str(work / "model"))  # equal values: one tensor, as transformers ties it
+
+
+@pytest.mark.parametrize("text, share", [("zzz " * 3000, "3000 of the text's 3000 tokens (100%)"),
+                                         (" ".join(["zzz", "yyy", "w1"] * 1000), "(67%)")])
+def test_calibration_text_the_tokenizer_cannot_read_is_refused(work: Path, text: str, share: str) -> None:
+    """Words outside the vocabulary are all one <unk> token: calibrating on them is calibrating on one token."""
+    from quantkit.errors import QuantkitError
+
+    (work / "unk.txt").write_text(text)
+    fragment = f"{share} are the tokenizer's unknown token '<unk>'"
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "unk.txt", *GPTQ, "-o", work / "out"], fragment)
+    for data in (str(work / "unk.txt"), [text[i:i + 400] for i in range(0, 4000, 400)]):
+        with unchanged(work), pytest.raises(QuantkitError, match=re.escape("are the tokenizer's unknown token")):
+            api_quantize(str(work / "model"), work, method="gptq", data=data)
+
+
+def test_text_with_a_minority_of_unknown_words_is_read() -> None:
+    """The limit is half: 40% unknown tokens pass (counted by hand over the word-level vocabulary)."""
+    from helpers import make_tokenizer
+
+    from quantkit.data.samples import tokenize_documents
+
+    words = ["zzz", "w1", "w2", "yyy", "w3"] * 20
+    ids = tokenize_documents([" ".join(words)], make_tokenizer())
+    assert int((ids == 0).sum()) == 40 and ids.numel() == 100
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda d: d.update(rms_norm_eps=-1.0), "config field rms_norm_eps is -1.0"),
+    (lambda d: d.update(rms_norm_eps=0.0), "config field rms_norm_eps is 0.0"),
+    (lambda d: d.update(rms_norm_eps=float("nan")), "config field rms_norm_eps is nan"),
+    (lambda d: d["rope_parameters"].update(rope_theta=-10000.0), "config field rope_parameters.rope_theta is -10000.0"),
+    (lambda d: d.update(rope_parameters={"rope_type": "linear", "factor": -2.0, "rope_theta": 10000.0}),
+     "config field rope_parameters.factor is -2.0"),
+    (lambda d: d.update(num_key_value_heads=3), "config field num_key_value_heads is 3; it must divide"),
+])
+def test_config_values_no_model_runs_with_are_refused_by_field(work: Path, no_model_load, edit, fragment: str) -> None:
+    """transformers builds these models (negative eps and theta: NaN in every layer; RTN exported them quietly)."""
+    from quantkit.errors import QuantkitError
+
+    edit_json(work / "model" / "config.json", edit)
+    assert_fault(work, ["calibrate", work / "model", *RTN_ONLY, "-o", work / "out"], fragment)
+    assert_fault(work, ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16"], fragment)
+    with unchanged(work), pytest.raises(QuantkitError, match=re.escape(fragment)):
+        api_quantize(str(work / "model"), work)
+
+
+def built_llama(**fields):
+    from helpers import tiny_model
+
+    return tiny_model("llama", 0, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, **fields)
+
+
+def test_a_loaded_model_with_a_negative_norm_epsilon_is_refused(tmp_path: Path) -> None:
+    from helpers import make_tokenizer
+
+    from quantkit.errors import QuantkitError
+
+    with unchanged(tmp_path), pytest.raises(QuantkitError, match=re.escape("config field rms_norm_eps is -1e-05")):
+        api_quantize(built_llama(rms_norm_eps=-1e-5), tmp_path, tokenizer_or_processor=make_tokenizer())
+
+
+def test_a_model_built_in_memory_without_a_tokenizer_is_refused_at_once(tmp_path: Path) -> None:
+    """It has no files: its class name was looked up on the hub as a model id (half a minute of retries)."""
+    from quantkit.errors import QuantkitError
+
+    with unchanged(tmp_path), pytest.raises(QuantkitError, match="LlamaForCausalLM given was not loaded from files"):
+        api_quantize(built_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("NoSuchTokenizer", "tokenizer_class 'NoSuchTokenizer' is no tokenizer class of transformers"),
+    (42, "tokenizer_class is 42, not a class name"),
+    ("GPT2Tokenizer", "(GPT2Tokenizer) cannot read its own vocabulary: text decoded from 60 of its tokens encodes "
+                      "to no tokens"),
+])
+def test_a_tokenizer_class_that_does_not_fit_is_refused(work: Path, no_model_load, name, fragment: str) -> None:
+    """An unknown class is silently replaced by the generic tokenizer (and renamed in the export); a known one that
+    does not fit tokenizer.json (GPT-2's over a word-level file) encodes every text to nothing. RTN reads no text,
+    but copies the tokenizer into its export."""
+    from quantkit.errors import QuantkitError
+
+    edit_json(work / "model" / "tokenizer_config.json", lambda d: d.update(tokenizer_class=name))
+    assert_fault(work, ["calibrate", work / "model", *RTN_ONLY, "-o", work / "out"], fragment)
+    assert_fault(work, calibrate(work), fragment)
+    with unchanged(work), pytest.raises(QuantkitError, match=re.escape(fragment)):
+        api_quantize(str(work / "model"), work)
+
+
+# ---------------------------------------------------------------- fifth round (battery helper): arguments and files
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["plan", "MODEL", "--calib", "TEXT", "--method", "rtn", "--host-mem", "1e400"], "cannot read '1e400' as an amount"),
+    (["plan", "MODEL", "--calib", "TEXT", "--method", "rtn", "--gpu-mem", "inf"], "cannot read 'inf' as an amount"),
+    (["qid", "fit", "TABLE", "--estimator", "huber", "--huber-delta", "nan"], "--huber-delta > 0"),
+    (["calibrate", "MODEL", "--method", "rtn", "--group-size", "32", "--recipe", "RECIPE", "-o", "OUT"],
+     "recipe targets is [], which names no linear"),
+])
+def test_fifth_round_cli_values(made: dict, tmp_path: Path, args: list, fragment: str) -> None:
+    """1e400 and inf overflowed int() (OverflowError), a NaN delta reached the solver (LinAlgError), and an empty
+    targets list quantized every linear."""
+    (tmp_path / "q.csv").write_text(HEADER + "".join(f"m{i},gptq,4,128,{10**6 * (i + 1)},{10**9 * (i + 1)},3.0,3.1,0.1,"
+                                                     "e\n" for i in range(4)))
+    (tmp_path / "r.yaml").write_text("targets: []\n")
+    names = {"MODEL": str(made["model"]), "TEXT": str(made["text"]), "TABLE": str(tmp_path / "q.csv"),
+             "RECIPE": str(tmp_path / "r.yaml"), "OUT": str(tmp_path / "out")}
+    assert_fault(tmp_path, [names.get(a, a) for a in args], fragment)
+
+
+def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
+    import quantkit
+
+    export = tmp_path / "ct"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    (export / "quantkit.json").write_text("[]")
+    fragment = "quantkit.json holds a JSON list, not an object"
+    assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"], fragment)
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=fragment):
+        quantkit.load_quantized(export)
+
+
+def text_chunks(made: dict) -> list[str]:
+    text = made["text"].read_text()
+    return [text[i:i + 400] for i in range(0, 4000, 400)]
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"output_dir": "out\0x"}, "output_dir (-o) holds a NUL byte"),
+    ({"nsamples": 2**63}, "nsamples (--nsamples) must be at most 2147483647"),
+    ({"seqlen": 2**40}, "seqlen (--seqlen) must be at most 2147483647"),
+    ({"reload": "no"}, "reload must be True or False"),
+    ({"data": "GENERATOR"}, "with no length (a generator or streaming dataset)"),
+    ({"recipe": {"overrides": [{"targets": ["q_proj"], "method": "GPTQ"}]}}, "unknown quantization method 'GPTQ'; did you mean 'gptq'?"),
+    ({"recipe": {"targets": []}}, "recipe targets is [], which names no linear"),
+])
+def test_fifth_round_api_arguments(made: dict, tmp_path: Path, no_model_load, options: dict, fragment: str) -> None:
+    """Each was a raw ValueError, OverflowError or TypeError from deep inside, or (reload, the method's case, an
+    empty targets list) accepted."""
+    import quantkit
+
+    settings = {"data": text_chunks(made), "method": "gptq", "group_size": 32, "nsamples": 2, "seqlen": 16,
+                "output_dir": str(tmp_path / "out"), "progress": False, **options}
+    if settings["data"] == "GENERATOR":
+        settings["data"] = (t for t in text_chunks(made))
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError) as caught:
+        quantkit.quantize(str(made["model"]), **settings)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_model_argument_of_the_wrong_kind_is_named_on_one_line(made: dict, tmp_path: Path) -> None:
+    """A (model, report) pair: the message held the model's whole multi-line repr."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    pair = (AutoModelForCausalLM.from_pretrained(made["model"]), {"report": 1})
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError) as caught:
+        quantkit.quantize(pair, data=text_chunks(made), method="rtn", output_dir=tmp_path / "out")
+    assert "got a tuple" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("where", ["whole", "layer 1"])
+def test_a_model_on_the_meta_device_is_refused(made: dict, tmp_path: Path, where: str) -> None:
+    """No values to quantize: NotImplementedError from deep inside the engine before."""
+    from helpers import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    if where == "whole":
+        config = AutoModelForCausalLM.from_pretrained(made["model"]).config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(made["model"])
+        model.model.layers[1].to("meta")
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match="is on the meta device"):
+        quantkit.quantize(model, make_tokenizer(), data=text_chunks(made), method="rtn", group_size=32,
+                          output_dir=tmp_path / "out", progress=False)
+
+
+def test_tlq_inside_inference_mode_is_refused_before_work(made: dict, tmp_path: Path, no_model_load) -> None:
+    import quantkit
+
+    with torch.inference_mode(), unchanged(tmp_path), pytest.raises(quantkit.QuantkitError,
+                                                                    match=re.escape("torch.inference_mode() forbids")):
+        quantkit.quantize(str(made["model"]), data=text_chunks(made), method="tlq", group_size=32, nsamples=2,
+                          seqlen=16, output_dir=tmp_path / "out", progress=False)
+
+
+def test_a_model_in_train_mode_is_calibrated_without_dropout(made: dict) -> None:
+    """Dropout on during calibration changed 11 of 14 linears' codes; the reference is the same model in eval mode,
+    and the model given in train mode is handed back in train mode."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    def run(train: bool):
+        model = AutoModelForCausalLM.from_pretrained(made["model"], attention_dropout=0.5).train(train)
+        torch.manual_seed(0)
+        out = quantkit.quantize(model, data=text_chunks(made), method="gptq", group_size=32, nsamples=4, seqlen=16,
+                                progress=False)
+        return out, model.training
+
+    (trained, mode), (reference, _) = run(True), run(False)
+    assert mode is True
+    assert trained.results.keys() == reference.results.keys()
+    for name, result in reference.results.items():
+        assert torch.equal(trained.results[name].qweight, result.qweight), name
+
+
+def test_a_tokenizer_whose_ids_run_past_the_embedding_is_refused(work: Path, no_model_load) -> None:
+    """62 entries (fits 64 rows by count) with ids up to 1592: an IndexError inside the embedding before."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: (i if i < 40 else 1531 + i) for i, t in enumerate(["<unk>", "<eos>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (work / "model" / name).unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(work / "model")
+    assert_fault(work, calibrate(work), "has 62 tokens but ids up to 1592, past the model's embedding of 64 rows")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["eval", "MODEL", "--data", "TEXT", "--seqlen", "16", "-o", "MODEL/config.json"], "is inside the input"),
+    (["eval", "MODEL", "--data", "TEXT", "--seqlen", "16", "-o", "TEXT"], "is the input"),
+    (["qid", "fit", "TABLE", "--bootstrap", "0", "-o", "TABLE"], "is the input"),
+    (["qid", "training-level", "MODEL", "--law", "LAW", "--bits", "3", "--qid", "0.1", "-o", "LAW"], "is the input"),
+    (["qid", "plot", "TABLE", "-o", "MODEL"], "is a model directory (it holds config.json)"),
+])
+def test_a_result_file_is_never_written_over_an_input(work: Path, args: list, fragment: str) -> None:
+    """Each overwrote the model's config, the text, the table or the law with its results (exit 0)."""
+    from quantkit.qid.laws import PUBLISHED_LAWS
+
+    (work / "q.csv").write_text(HEADER + "".join(f"m{i},gptq,4,128,{10**6 * (i + 1)},{10**9 * (i + 1)},3.0,3.1,0.1,e\n"
+                                                 for i in range(4)))
+    law = PUBLISHED_LAWS["ouyang2024-gptq"]
+    (work / "law.json").write_text(json.dumps({"law": "unified", "k": law.k, "alpha": law.alpha, "beta": law.beta,
+                                               "gamma": law.gamma}))
+    names = {"MODEL": str(work / "model"), "TEXT": str(work / "text.txt"), "TABLE": str(work / "q.csv"),
+             "LAW": str(work / "law.json"), "MODEL/config.json": str(work / "model" / "config.json")}
+    assert_fault(work, [names.get(a, a) for a in args], fragment)
+
+
+@pytest.mark.parametrize("extra", [[], ["--low-memory"]])
+def test_a_second_copy_of_the_weights_beside_model_safetensors_is_refused(work: Path, no_model_load,
+                                                                          extra: list) -> None:
+    """transformers reads model.safetensors alone; an old copy of it beside (no index) made the run ambiguous."""
+    model = work / "model"
+    shutil.copy(model / "model.safetensors", model / "model-old.safetensors")
+    edit_tensors(model, model__layers__0__mlp__down_proj__weight=lambda t: t.fill_(0.5))
+    assert_fault(work, ["calibrate", model, *RTN_ONLY, "-o", work / "out", *extra],
+                 "holds model-old.safetensors beside model.safetensors, with the same tensors")
+
+
+def test_a_calibration_set_whose_ids_run_past_the_embedding_is_refused(work: Path) -> None:
+    """input_ids + 1000 in samples.safetensors: an IndexError inside the embedding before."""
+    from safetensors.torch import load_file, save_file
+
+    result = run_cli("importance", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
+                     "-o", work / "set", "--json")
+    assert result.exit_code == 0, result.output
+    samples = work / "set" / "samples.safetensors"
+    tensors = load_file(samples)
+    save_file({k: v + 1000 if k.endswith("input_ids") else v for k, v in tensors.items()}, samples)
+    from quantkit.importance.calibration_set import MANIFEST_FILE, file_sha256
+
+    edit_json(work / "set" / MANIFEST_FILE, lambda d: d["files"].update({samples.name: file_sha256(samples)}))
+    assert_fault(work, ["calibrate", work / "model", "--calib-set", work / "set", "--method", "tlq", "--group-size",
+                        "32", "-o", work / "out"], "sample 0's input_ids are not token ids of the model's 64-row")
+
+
+def test_a_pytorch_bin_that_does_not_unpickle_is_one_line(work: Path) -> None:
+    model = work / "model"
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"garbage" * 100)
+    assert_fault(work, ["calibrate", model, *RTN_ONLY, "-o", work / "out"], "cannot load the weights of")
+
+
+@pytest.mark.parametrize("offload", ["out", "out/scratch"])
+def test_an_offload_dir_that_overlaps_the_output_is_refused_before_work(work: Path, no_model_load, offload: str) -> None:
+    """--offload-dir = -o ran the whole calibration, then refused and left out.partial behind."""
+    assert_fault(work, ["calibrate", work / "model", *GPTQ, "--calib", work / "text.txt", "--low-memory",
+                        "--offload-dir", work / offload, "-o", work / "out"], "overlap")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("image_token_id", "marks images with '<|image_pad|>' (id 6) but config.json's image_token_id is 40"),
+    ("word tokenizer", "has no token '<|image_pad|>', the processor's image placeholder"),
+])
+def test_a_processor_whose_image_token_the_model_does_not_read_is_refused(tmp_path: Path, no_model_load,
+                                                                         damage: str, fragment: str) -> None:
+    """A ValueError from the model's forward before ("Image features and image tokens do not match")."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm, make_tokenizer
+
+    model, processor = build_vlm("qwen2_vl")
+    vlm = tmp_path / "vlm"
+    model.save_pretrained(vlm)
+    processor.save_pretrained(vlm)
+    if damage == "image_token_id":
+        edit_json(vlm / "config.json", lambda d: d.update(image_token_id=40))
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+            (vlm / name).unlink(missing_ok=True)
+        make_tokenizer().save_pretrained(vlm)
+    data = write_image_dataset(tmp_path / "vl", n=4)
+    assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                            "--group-size", "32", "-o", tmp_path / "out"], fragment)
+
+
+def test_an_export_with_a_non_finite_full_precision_tensor_is_refused(made: dict, tmp_path: Path) -> None:
+    """eval printed "loss nan nats" (exit 0)."""
+    import quantkit
+
+    export = tmp_path / "ct"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    edit_tensors(export, model__norm__weight=poke(float("nan"), (3,)))
+    fragment = "model.norm.weight (outside the decoder layers) holds 1 NaN"
+    assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"], fragment)
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
+        quantkit.load_quantized(export)
+
+
+def test_an_export_whose_codes_are_stored_as_floats_is_refused(made: dict, tmp_path: Path) -> None:
+    """weight_packed rewritten as float32 (same values): eval and `export --format fake` accepted it."""
+    export = tmp_path / "ct"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    edit_tensors(export, model__layers__0__mlp__up_proj__weight_packed=lambda t: t.float())
+    fragment = "tensor model.layers.0.mlp.up_proj.weight_packed is stored as torch.float32"
+    assert_fault(tmp_path, ["eval", export, "--data", made["text"], "--seqlen", "16"], fragment)
+    assert_fault(tmp_path, ["export", export, "--format", "fake", "-o", tmp_path / "fake"], fragment)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("empty text", "data.jsonl:2: field 'text' is empty"),
+    ("400x1 image", "the processor cannot take this record's image (400x1 px)"),
+])
+def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, damage: str, fragment: str) -> None:
+    """An empty caption calibrated on the image alone; a 400x1 image was a ValueError from the processor."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm
+    from PIL import Image
+
+    model, processor = build_vlm("qwen2_vl")
+    vlm = tmp_path / "vlm"
+    model.save_pretrained(vlm)
+    processor.save_pretrained(vlm)
+    data = Path(write_image_dataset(tmp_path / "vl", n=4))
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    if damage == "empty text":
+        records[1]["text"] = ""
+    else:
+        for i in range(4):
+            Image.new("RGB", (400, 1), (200, 0, 0)).save(tmp_path / "vl" / "img" / f"{i}.png")
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                            "--group-size", "32", "-o", tmp_path / "out"], fragment)
+
+
+def test_part_with_image_text_records_is_refused(tmp_path: Path, no_model_load) -> None:
+    """--part heldout was ignored for image-text records (chat records already refused it)."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm
+
+    model, processor = build_vlm("qwen2_vl")
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    data = write_image_dataset(tmp_path / "vl", n=4)
+    assert_fault(tmp_path, ["calibrate", tmp_path / "vlm", "--calib", data, "--part", "heldout", "--method", "rtn",
+                            "--nsamples", "2", "--seqlen", "256", "--group-size", "32", "-o", tmp_path / "out"],
+                 "--part heldout splits text files; the image-text records of")

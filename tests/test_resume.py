@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -101,3 +102,97 @@ def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch, bi
     assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
     for name in files:
         assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 3-layer low-memory GPTQ run stopped after 2 layers, its work area kept pristine beside it."""
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("interrupted")
+    model, text = make_model_dir(root, layers=3), make_text(root)
+    out = root / "out"
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), hooks=FAIL_AT_2, **kw)
+    work = work_dir_for(str(out))
+    shutil.copytree(work, root / "pristine")
+    return {"model": model, "out": out, "work": work, "pristine": root / "pristine", "kw": kw}
+
+
+def _state(work: Path, **changes) -> None:
+    state = json.loads((work / "state.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    (work / "state.json").write_text(json.dumps(state))
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _int64_hidden(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.long() for k, v in load_file(path).items()}, path)
+
+
+DAMAGES = {
+    "state not JSON": (lambda w: (w / "state.json").write_text("{half"), "state.json cannot be read"),
+    "state a list": (lambda w: (w / "state.json").write_text("[]"), "state.json holds no run's state"),
+    "no fingerprint": (lambda w: _state(w, fingerprint=None), "state.json holds no run's state"),
+    "layers_done 7 of 3": (lambda w: _state(w, layers_done=7), "counts 7 finished layers of 3"),
+    "layers_done -1": (lambda w: _state(w, layers_done=-1), "counts -1 finished layers"),
+    "layers_done '1'": (lambda w: _state(w, layers_done="1"), "counts '1' finished layers"),
+    "layer file deleted": (lambda w: (w / "layer_00000.safetensors").unlink(), "layer_00000.safetensors is missing"),
+    "hidden file deleted": (lambda w: (w / "hidden_00002_rank0.safetensors").unlink(),
+                            "hidden_00002_rank0.safetensors is missing"),
+    "hidden file cut short": (lambda w: _cut(w / "hidden_00002_rank0.safetensors"),
+                              "hidden_00002_rank0.safetensors is missing or unreadable"),
+    "hidden file int64": (lambda w: _int64_hidden(w / "hidden_00002_rank0.safetensors"), "holds torch.int64"),
+    "layer file cut short": (lambda w: _cut(w / "layer_00001.safetensors"),
+                             "layer_00001.safetensors is missing or unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_from_a_damaged_work_area_is_one_line(interrupted: dict, damage: str) -> None:
+    """Each was a traceback (JSONDecodeError, KeyError, TypeError, safetensors' errors) or, with the inputs
+    rewritten as int64, a resumed run with other codes."""
+    import shutil
+
+    work = interrupted["work"]
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(interrupted["pristine"], work)
+    edit, fragment = DAMAGES[damage]
+    edit(work)
+    with pytest.raises(QuantkitError, match=re.escape(fragment)) as caught:
+        run_calibration(str(interrupted["model"]), str(interrupted["out"]), QuantSpec(bits=4, group_size=32),
+                        resume=True, **interrupted["kw"])
+    assert "\n" not in str(caught.value) and not interrupted["out"].exists()
+
+
+def test_resume_over_edited_weights_is_refused(interrupted: dict) -> None:
+    """The fingerprint held the model's path only: layers solved from the old weights joined the new ones."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    work = interrupted["work"]
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(interrupted["pristine"], work)
+    model = interrupted["model"]
+    files = sorted(model.glob("*.safetensors"))
+    tensors = load_file(files[0])
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] * 0.5
+    save_file(tensors, files[0], metadata={"format": "pt"})
+    with pytest.raises(QuantkitError, match="other settings"):
+        run_calibration(str(model), str(interrupted["out"]), QuantSpec(bits=4, group_size=32), resume=True,
+                        **interrupted["kw"])

@@ -18,6 +18,7 @@ from quantkit.errors import (
     expect_names,
     expect_number,
     expect_path,
+    short_repr,
 )
 
 # the flag of each option whose flag is not --option-name (None: the CLI has no such option)
@@ -84,7 +85,7 @@ def _checks() -> dict[str, Callable[..., Any]]:
         "cd_sweeps": integer(least=0), "act_bits": one_of((4, 8), optional=True), "smooth": one_of((AUTO, *SMOOTH_MODES)),
         "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "all_experts": boolean, "recipe": lambda *a, **k: None,
         "importance": _importance, "dtype": one_of(DTYPES), "calib_set": path, "nsamples": integer(least=1),
-        "seqlen": integer(least=2), "seed": integer(least=0), "part": one_of(PARTS), "chat_template": path,
+        "seqlen": integer(least=2), "seed": partial(expect_int, least=0, most=2**63 - 1), "part": one_of(PARTS), "chat_template": path,
         "device": _str, "nproc": integer(least=1), "devices": _devices,
         "dist_timeout": partial(expect_number, above=0.0), "low_memory": boolean, "offload_dir": path,
         "resume": boolean, "progress": boolean, "hooks": lambda *a, **k: None, "output_dir": path,
@@ -113,7 +114,7 @@ def check_model_argument(model: Any) -> None:
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
         return
     what = (f"a torch {type(model).__name__} without a transformers config" if isinstance(model, torch.nn.Module)
-            else f"{model!r} ({type(model).__name__})")
+            else short_repr(model))
     raise QuantkitError(f"model must be a model directory, a hub id or a loaded transformers model "
                         f"(AutoModelForCausalLM.from_pretrained(...)), got {what}")
 
@@ -127,8 +128,17 @@ def check_tokenizer_argument(tokenizer: Any) -> None:
     if isinstance(tokenizer, (PreTrainedTokenizerBase, ProcessorMixin)):
         return
     hint = " (a path? load it with AutoTokenizer.from_pretrained(path))" if isinstance(tokenizer, (str, os.PathLike)) else ""
-    raise QuantkitError(f"tokenizer_or_processor must be a transformers tokenizer or processor, got {tokenizer!r} "
-                        f"({type(tokenizer).__name__}){hint}; leave it out to use the model's own")
+    raise QuantkitError(f"tokenizer_or_processor must be a transformers tokenizer or processor, got "
+                        f"{short_repr(tokenizer)}{hint}; leave it out to use the model's own")
+
+
+def check_data_argument(data: Any) -> None:
+    """In-memory data can be counted and indexed: a generator or a streaming dataset cannot be drawn from."""
+    if data is None or isinstance(data, (str, os.PathLike)) or hasattr(data, "__len__") or not hasattr(data, "__iter__"):
+        return  # a path, a sized collection, or no collection at all (the data's reader names what it takes)
+    raise QuantkitError(f"data must be a path, a list or a datasets.Dataset, got {short_repr(data)} with no length "
+                        "(a generator or streaming dataset); pass a list of what to calibrate on, e.g. "
+                        "list(dataset.take(128))")
 
 
 def check_arguments(model: Any, data: Any, tokenizer: Any, options: dict, defaults: dict) -> None:
@@ -137,6 +147,7 @@ def check_arguments(model: Any, data: Any, tokenizer: Any, options: dict, defaul
     expect_names("option", options, defaults)
     check_model_argument(model)
     check_tokenizer_argument(tokenizer)
+    check_data_argument(data)
     checks = _checks()
     for name, value in options.items():
         checks[name](name, value, flag=flag_of(name))

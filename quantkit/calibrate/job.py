@@ -143,7 +143,19 @@ class CalibrationJob:
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
                 "lm_head": q.lm_head, "vision": q.vision, "all_experts": q.method.all_experts, "chat_template": d.chat_template,
-                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {})}
+                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_stamps()}
+
+    def _file_stamps(self) -> list[list]:
+        """(path, size, mtime) of the model's weights and the data's files: a resume over edited weights or text
+        would join layers solved from two different inputs."""
+        from quantkit.data.checks import data_paths
+
+        model = Path(self.model.name)
+        paths = sorted(model.glob("*.safetensors")) + sorted(model.glob("*.json")) if model.is_dir() else []
+        for source in data_paths(self.data.source):
+            root = Path(source)
+            paths += sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
 
 
 def _defaults(cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -192,6 +204,12 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
     data_spec = _data_spec(data, o)
     run = _run_spec(o)
     quantization = _quantization_spec(o, run, data_spec)
+    if quantization.token_weights and data_spec.calib_set is None:
+        import torch
+
+        if torch.is_inference_mode_enabled():
+            raise QuantkitError(f"{quantization.method}'s token weights come from a gradient pass, which "
+                                "torch.inference_mode() forbids; call quantkit.quantize outside it")
     if data_spec.empty and (quantization.method.reads_samples or quantization.vision):
         method = quantization.method
         reader = (f"{method} reads activations" if method.needs_activations else
@@ -218,7 +236,14 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
     if loaded is not None and tokenizer is None:
         from quantkit.data.calibration import load_data_tokenizer
 
-        tokenizer = load_data_tokenizer(source_name(loaded), loaded)
+        if not getattr(getattr(loaded, "config", None), "_name_or_path", ""):
+            # built in memory (from_config): no files to read a tokenizer from, and its class name is no hub id
+            if not data_spec.empty or export.output is not None or export.push_to_hub is not None:
+                raise QuantkitError(f"the {type(loaded).__name__} given was not loaded from files (its config has no "
+                                    "_name_or_path), so it has no tokenizer to read the data or to export; pass "
+                                    "tokenizer_or_processor=")
+        else:
+            tokenizer = load_data_tokenizer(source_name(loaded), loaded)
     return CalibrationJob(model=ModelSpec(source_name(model), o["dtype"], loaded, tokenizer), data=data_spec,
                           quantization=quantization, run=run, export=export)
 

@@ -28,11 +28,21 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         check_set_settings(data, read_manifest(data.calib_set))
     check_offload_dir(run.offload_dir, [None if model.loaded is not None else model.name, data.calib_set,
                                         *data_paths(data.source)])
+    if run.offload_dir is not None and job.export.output is not None:
+        off, out = (Path(p).expanduser().resolve() for p in (run.offload_dir, job.export.output))
+        if off == out or out in off.parents or off in out.parents:
+            raise QuantkitError(f"--offload-dir {run.offload_dir} and -o {job.export.output} overlap: the export "
+                                "would replace the scratch files, or they would land in the export; give them apart")
     given = model.tokenizer is not None
     if model.loaded is not None:
         from quantkit.models import adapter_for
-        from quantkit.models.checks import check_model_weights
+        from quantkit.models.checks import check_config_values, check_model_weights
 
+        check_config_values(model.loaded.config, model.name)
+        meta = next((n for n, p in model.loaded.named_parameters() if p.device.type == "meta"), None)
+        if meta is not None:
+            raise QuantkitError(f"{model.name}: parameter {meta} is on the meta device (shapes, no values); load the "
+                                "model's weights (from_pretrained) before quantizing it")
         adapter_for(model.loaded)  # an unsupported architecture fails here, as for a model read from files
         check_model_weights(model.loaded)
         files = ModelFiles(name=model.name, local=None, config=model.loaded.config)
@@ -68,6 +78,10 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         check_linear_shapes(job, model.loaded if model.loaded is not None else files.config)
     if job.export.output is not None:
         _check_output(job, files, data_paths(data.source))
+    if model.tokenizer is not None and hasattr(model.tokenizer, "image_processor"):
+        from quantkit.data.checks import check_image_token
+
+        check_image_token(model.tokenizer, files.config, model.name)
     if model.tokenizer is not None:
         from quantkit.models.checks import check_tokenizer_fits
 

@@ -165,17 +165,22 @@ def calibrate_loaded(model: torch.nn.Module, samples: list[dict], quantization: 
     from quantkit.engine import calibrate_model
 
     comm = comm or Comm()
-    if not quantization.token_weights:
-        token_weights = None  # a calibration set's weights, unused by this method
-    elif token_weights is None:
-        check_before_work(model, quantization)  # the gradient pass must not come before a refusal
-        token_weights = token_weights_for(quantization, model, samples, device=device,
-                                          progress=progress and comm.rank == 0)
-    calibration = calibrate_model(
-        model, samples, quantization.weights, method=quantization.method, device=device, token_weights=token_weights,
-        progress=progress, comm=comm, fp_target=quantization.fp_target, lm_head=quantization.lm_head,
-        vision=quantization.vision, recipe=quantization.recipe,
-    )
+    training = model.training
+    model.eval()  # calibration statistics without dropout (a model given in train mode gets it back)
+    try:
+        if not quantization.token_weights:
+            token_weights = None  # a calibration set's weights, unused by this method
+        elif token_weights is None:
+            check_before_work(model, quantization)  # the gradient pass must not come before a refusal
+            token_weights = token_weights_for(quantization, model, samples, device=device,
+                                              progress=progress and comm.rank == 0)
+        calibration = calibrate_model(
+            model, samples, quantization.weights, method=quantization.method, device=device,
+            token_weights=token_weights, progress=progress, comm=comm, fp_target=quantization.fp_target,
+            lm_head=quantization.lm_head, vision=quantization.vision, recipe=quantization.recipe,
+        )
+    finally:
+        model.train(training)
     results = dict(calibration.results)
     if quantization.weights.act_bits is not None and results:
         from quantkit.quant.activations import quantize_model_activations

@@ -54,15 +54,16 @@ class DataSource:
     check: Callable[[str], None]
     samples: Callable[[str, Draw], list[dict]]
     image: bool = False  # drawn through a VLM's processor
-    chat: bool = False  # records rendered with a chat template, each drawn whole (no --part)
+    chat: bool = False  # records rendered with a chat template
+    whole: str | None = None  # what its records are called where each is drawn whole (no --part)
     paths: Callable[[str], list[str]] = local_paths
 
     def check_draw(self, source: str, part: str, chat_template: str | os.PathLike | None) -> None:
         """--part and --chat-template apply to this kind of data."""
         if chat_template is not None and not self.chat:
             raise QuantkitError(f"--chat-template renders chat records ({{\"messages\": [...]}} JSONL); {source} holds none")
-        if self.chat and part != "all":
-            raise QuantkitError(f"--part {part} splits text files; the conversations of {source} are drawn whole: "
+        if self.whole and part != "all":
+            raise QuantkitError(f"--part {part} splits text files; the {self.whole} of {source} are drawn whole: "
                                 "drop --part or split the file")
 
 
@@ -91,8 +92,9 @@ SOURCES: tuple[DataSource, ...] = (
                lambda source, d: recipe_samples(source, d.tokenizer, nsamples=d.nsamples, seqlen=d.seqlen,
                                                 seed=d.seed, processor=d.processor),
                image=True),
-    DataSource("chat", is_chat_jsonl, read_chat_records, _chat_samples, chat=True),
-    DataSource("image-text", is_image_jsonl, _check_image_records, _image_samples, image=True),
+    DataSource("chat", is_chat_jsonl, read_chat_records, _chat_samples, chat=True, whole="conversations"),
+    DataSource("image-text", is_image_jsonl, _check_image_records, _image_samples, image=True,
+               whole="image-text records"),
     DataSource("text", lambda source: True, check_text_source,
                lambda source, d: calibration_samples(source, d.tokenizer, nsamples=d.nsamples, seqlen=d.seqlen,
                                                      seed=d.seed, part=d.part)),
@@ -251,6 +253,8 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
     if all(isinstance(r, dict) and "image" in r for r in data):
         if not hasattr(tokenizer_or_processor, "image_processor"):
             raise QuantkitError("image-text records need the model's processor; pass a VLM and its processor")
+        if part != "all":
+            raise QuantkitError(f"--part {part} splits texts; image-text records are drawn whole: drop --part")
         from quantkit.data.images import memory_image_records, sample_records
 
         return sample_records(memory_image_records(list(data)), tokenizer_or_processor, nsamples, seed, seqlen)

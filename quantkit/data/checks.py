@@ -45,6 +45,24 @@ def check_processor(name: str):
         raise QuantkitError(f"cannot load the processor of {name}: {first_line(err)}") from None
 
 
+def check_image_token(processor: object, config: object, name: str) -> None:
+    """The processor's image token is a token of its tokenizer, the one config.json's image_token_id names: else the
+    model finds no (or other) placeholders for the image features, a ValueError deep in its forward."""
+    token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    wanted = next((v for v in (getattr(config, k, None) for k in ("image_token_id", "image_token_index"))
+                   if isinstance(v, int)), None)
+    if not isinstance(token, str) or tokenizer is None or wanted is None:
+        return  # a processor or config that names no image token: the model's own forward decides
+    got = tokenizer.convert_tokens_to_ids(token)
+    if got is None or got == getattr(tokenizer, "unk_token_id", None):
+        raise QuantkitError(f"the tokenizer of {name} has no token {token!r}, the processor's image placeholder; "
+                            "save the model's own processor (tokenizer included) beside it")
+    if got != wanted:
+        raise QuantkitError(f"the processor of {name} marks images with {token!r} (id {got}) but config.json's "
+                            f"image_token_id is {wanted}; the model would find no image placeholders: make them agree")
+
+
 def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokenizer: bool = True) -> ModelFiles:
     """check_model_files, then what reads `source` for that model: a VLM's processor for image data, else (with
     `tokenizer`) the tokenizer; the one loaded is kept in the ModelFiles for drawing the samples."""
@@ -54,6 +72,7 @@ def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokeni
     check_full_precision(files.config, name)
     if source is not None and is_vlm(files.config) and source_for(source).image:
         files.tokenizer = check_processor(files.path)
+        check_image_token(files.tokenizer, files.config, name)
     elif tokenizer:
         files.tokenizer = check_tokenizer(files.path, files.config)
     return files

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from quantkit.data.sources import jsonl_records
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 # Processor outputs with one entry per token: cut together when max_length truncates a sample.
 _PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "loss_mask", "vision_mask")
@@ -138,6 +138,8 @@ def _conversation(record: dict, where: str) -> list[dict]:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise QuantkitError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     elif isinstance(record.get("text"), str):
+        if not record["text"].strip():
+            raise QuantkitError(f"{where}: field 'text' is empty; give the caption or drop the record")
         messages = [{"role": "user", "content": []}, {"role": "assistant", "content": record["text"]}]
     else:
         raise QuantkitError(f"{where}: a record needs a 'text' string (caption) or a 'messages' list")
@@ -157,10 +159,15 @@ def _conversation(record: dict, where: str) -> list[dict]:
     return out
 
 
-def _process(processor, text: str, image) -> dict:
+def _process(processor, text: str, image, where: str = "record") -> dict:
     """Processor outputs for one text, with the image when the text holds its placeholder."""
     images = [image] if processor.image_token in text else None
-    features = processor(text=[text], images=images, return_tensors="pt")
+    try:
+        features = processor(text=[text], images=images, return_tensors="pt")
+    except (ValueError, TypeError, IndexError) as err:  # an image the processor cannot resize (extreme aspect ratio)
+        size = f" ({image.width}x{image.height} px)" if hasattr(image, "width") else ""
+        raise QuantkitError(f"{where}: the processor cannot take this record's image{size}: {first_line(err)}; "
+                            "fix or drop the record") from None
     return dict(features)
 
 
@@ -170,7 +177,7 @@ def render_record(record: dict, image, processor, where: str = "record") -> dict
         raise QuantkitError(f"{where}: the processor has no chat template; image-text records are rendered through it")
     messages = _conversation(record, where)
     full_text = processor.apply_chat_template(messages, tokenize=False)
-    sample = _process(processor, full_text, image)
+    sample = _process(processor, full_text, image, where)
     ids = sample["input_ids"][0]
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     for turn, message in enumerate(messages):

@@ -70,16 +70,40 @@ def tokenize_units(units: Sequence[Sequence[str]], tokenizer) -> tuple[torch.Ten
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         ids = tokenizer(DOC_SEPARATOR.join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+        check_readable([ids], tokenizer, docs)
         return torch.tensor(ids, dtype=torch.long), None
     out: list[int] = []
     sources: list[int] = []
-    for i, ids in enumerate(tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]):
+    encoded = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    check_readable(encoded, tokenizer, docs)
+    for i, ids in enumerate(encoded):
         if i:
             out.append(int(eos))
             sources.append(-1)
         out.extend(ids)
         sources.extend([owner[i]] * len(ids))
     return torch.tensor(out, dtype=torch.long), torch.tensor(sources, dtype=torch.long)
+
+
+def check_readable(encoded: Sequence[Sequence[int]], tokenizer, docs: Sequence[str]) -> None:
+    """Text the tokenizer reads: some tokens, and at most half of them its unknown token. Text in another script
+    or encoding than the vocabulary (or a tokenizer that is not the model's) becomes <unk> after <unk>, and the
+    model would be calibrated on one repeated token."""
+    tokens = sum(len(ids) for ids in encoded)
+    characters = sum(len(d) for d in docs)
+    if characters and not tokens:
+        raise QuantkitError(f"the tokenizer turns the text's {characters} characters into no tokens: it cannot read "
+                            "this text (or is not the model's tokenizer); give text the model reads")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    unknown = sum(1 for ids in encoded for i in ids if i == unk)
+    if 2 * unknown > tokens:
+        raise QuantkitError(
+            f"{unknown} of the text's {tokens} tokens ({unknown / tokens:.0%}) are the tokenizer's unknown token "
+            f"{tokenizer.unk_token!r}: the model cannot read this text (another language, script or encoding than "
+            "its vocabulary); give text the model reads"
+        )
 
 
 def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
@@ -145,6 +169,7 @@ def text_samples(texts: Sequence[str], tokenizer, nsamples: int = 128, seqlen: i
     skipped = 0
     for index in order:
         ids = tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"][:seqlen]
+        check_readable([ids], tokenizer, [texts[index]])
         if len(ids) < 2:
             skipped += 1
             continue

@@ -101,17 +101,21 @@ class LayerInputs:
         return len(self.hidden)
 
 
-def stack_samples(inputs: LayerInputs, batch_size: int) -> LayerInputs:
-    """Stack samples into batches of `batch_size` where they share layer kwargs and shape.
+def stack_samples(inputs: LayerInputs, batch_size: int, layer: nn.Module | None = None) -> LayerInputs:
+    """Stack samples into batches of `batch_size` where they share layer kwargs and shape (and, where `layer`
+    is given, where that layer's batched output equals its per-sample outputs: batching_works).
 
     Larger matmuls and fewer module calls make each layer pass several times cheaper on CPU for
-    small models; samples with their own kwargs (Qwen2-VL's mrope positions) stay one by one.
+    small models; samples with their own kwargs (Qwen2-VL's mrope positions) stay one by one, and so do
+    samples whose shared kwargs are built for one sample (BLOOM's ALiBi bias, XGLM's checked mask size).
     """
     shapes = {tuple(h.shape) for h in inputs.hidden}
     shared = all(len(kwargs) == 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs])) and not inputs.between
     if batch_size <= 1 or len(inputs.kwargs) != 1 or not shared or len(shapes) != 1 or inputs.sizes is not None:
         return inputs
     if next(iter(shapes))[0] != 1:
+        return inputs
+    if layer is not None and len(inputs) > 1 and not batching_works(layer, inputs, [0, min(batch_size, len(inputs)) - 1]):
         return inputs
     hidden = [torch.cat(inputs.hidden[i : i + batch_size]) for i in range(0, len(inputs.hidden), batch_size)]
     return LayerInputs(hidden=hidden, kwargs=inputs.kwargs, sizes=[h.shape[0] for h in hidden],
@@ -153,6 +157,13 @@ def run_until_first_layer(model: nn.Module, adapter: Adapter, samples: Iterable[
         handle.remove()
 
 
+def _unchanged(seen: torch.Tensor, passed: torch.Tensor) -> bool:
+    """Whether the head (or final norm) reads the last layer's hidden state as it was handed on: the same
+    tensor, or a view of all of it (the causal-LM classes slice the positions whose logits they keep)."""
+    return seen is passed or (seen.shape == passed.shape and seen.data_ptr() == passed.data_ptr()
+                              and seen.stride() == passed.stride())
+
+
 def _identical(a: dict, b: dict) -> bool:
     """The same keys holding the very same objects (layers of one type get one mask, one rotary table)."""
     return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
@@ -170,6 +181,7 @@ def capture_layer_inputs(
     calls: list[list[dict]] = [[] for _ in layers]
     between: dict[int, list[torch.Tensor | None]] = {}
     passed: list[torch.Tensor] = []  # what the previous (passed-through) layer handed on
+    last_done = [False]  # whether the last layer has run in the current sample's forward
 
     def record(index: int, args: tuple, kw: dict) -> None:
         kw = dict(kw)
@@ -181,10 +193,14 @@ def capture_layer_inputs(
         elif index in between:
             between[index].append(None)
         passed[:] = [state]
+        last_done[:] = [index == len(layers) - 1]
         calls[index].append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
 
     def after_last(module: nn.Module, args: tuple) -> None:
-        if args and args[0] is not passed[0]:
+        if not last_done[0]:  # the final norm also runs before the layers (NanoChat)
+            return
+        last_done[0] = False
+        if args and not _unchanged(args[0], passed[0]):
             raise QuantkitError(f"{adapter.name} changes the hidden states after its last decoder layer, before "
                                 f"{adapter.final_norm or adapter.lm_head}; quantkit cannot replay that")
         raise StopForward
@@ -217,3 +233,23 @@ def capture_layer_inputs(
 def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> torch.Tensor:
     """Decoder layer output for sample `index` of `inputs`."""
     return layer_output(layer(inputs.hidden[index], **inputs.kwargs_for(index)))
+
+
+@torch.no_grad()
+def batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
+    """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
+    if any(len(kwargs) != 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs])) or len(chunk) < 2:
+        return False
+    first, last = chunk[0], chunk[-1]
+    try:
+        batched = layer_output(layer(torch.cat([inputs.hidden[first], inputs.hidden[last]]), **inputs.kwargs[0]))
+        alone = [run_layer(layer, inputs, first), run_layer(layer, inputs, last)]
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
+    if batched.shape[0] != 2:
+        return False
+    scale = max(float(a.abs().max()) for a in alone) or 1.0
+    return all(
+        a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
+        for a, b in zip(alone, batched.split(1))
+    )

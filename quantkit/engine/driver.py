@@ -138,6 +138,19 @@ def fp_stream(inputs: LayerInputs, method: Method, fp_target: bool | None) -> La
                        inputs.between)
 
 
+def _stacked(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device | str,
+             batch_size: int) -> LayerInputs:
+    """stack_samples, where decoder layer 0 gives the same outputs stacked as one by one (not checked where layer 0
+    is not loaded yet: --low-memory streams it in later)."""
+    layers = adapter.decoder_layers(model)
+    home = next((p.device for p in layers[0].parameters()), torch.device(device))
+    if home.type == "meta":
+        return stack_samples(inputs, batch_size)
+    stacked = stack_samples(inputs, batch_size, layers[0].to(device))
+    layers[0].to(home)
+    return stacked
+
+
 def first_layer_streams(
     model: nn.Module, adapter: Adapter, samples: Sequence[dict], spec: QuantSpec, method: Method | str,
     device: torch.device | str, fp_target: bool | None, vision: bool, comm: Comm, batch_size: int,
@@ -149,7 +162,7 @@ def first_layer_streams(
     method = method_for(method)
     mine = shard(samples, comm)
     if not vision:
-        inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+        inputs = _stacked(model, adapter, capture_layer_inputs(model, adapter, mine, device), device, batch_size)
         return inputs, fp_stream(inputs, method, fp_target), {}, None
     move_outside_layers(model, adapter, device)
     groups = vision_groups(model, adapter, samples[0], device)
@@ -157,13 +170,13 @@ def first_layer_streams(
     # The FP stream starts from the FP vision side's outputs, so it is captured first (and only when used).
     fp_inputs = None
     if method.fp_target_on(fp_target):
-        fp_inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+        fp_inputs = _stacked(model, adapter, capture_layer_inputs(model, adapter, mine, device), device, batch_size)
     # with act_bits the quantized vision linears read quantized inputs while they are solved and while the
     # language model's first inputs are captured, as at inference
     solved = [name for group in groups for name in group if (plan or LinearPlan(spec, method)).settings(name) is not None]
     with quantized_inputs(model, solved, spec.act_bits):
         results, report = quantize_vision(model, adapter, mine, groups, spec, method, device, comm, plan)
-        inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+        inputs = _stacked(model, adapter, capture_layer_inputs(model, adapter, mine, device), device, batch_size)
     return inputs, fp_inputs, results, report
 
 
@@ -206,7 +219,7 @@ def held_out_slice(model: nn.Module, adapter: Adapter, samples: Sequence[dict], 
                             "importance with output_factors=True")
     fit, held = mix.split(len(samples))
     mine = shard([samples[i] for i in held], comm)
-    inputs = stack_samples(capture_layer_inputs(model, adapter, mine, device), batch_size)
+    inputs = _stacked(model, adapter, capture_layer_inputs(model, adapter, mine, device), device, batch_size)
     sources = inputs.batch_weights([source_ids(s) for s in mine])
     valid = inputs.batch_weights([valid_mask(s) for s in mine])
     slice_ = HeldOutSlice(inputs, sources, valid, factors, count_sources(samples), comm, search=mix)

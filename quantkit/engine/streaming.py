@@ -29,7 +29,7 @@ from quantkit.engine.comm import Comm
 from quantkit.engine.driver import Calibration, run_layers
 from quantkit.engine.plan import LinearPlan
 from quantkit.engine.weights import TokenWeights
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 from quantkit.fsutil import atomic_file
 from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models.base import Adapter
@@ -92,7 +92,11 @@ def _save_layer(work: Path, layer: nn.Module, index: int, adapter: Adapter, resu
 
 
 def _load_layer_file(path: Path, plan: LinearPlan) -> tuple[dict[str, QuantResult], dict[str, torch.Tensor]]:
-    tensors = read_safetensors(path)
+    try:
+        tensors = read_safetensors(path)
+    except Exception as err:  # noqa: BLE001 - a file cut short or deleted fails inside safetensors
+        raise QuantkitError(f"{path} cannot be read ({first_line(err)}); the work area is damaged: rerun without "
+                            "--resume") from None
     fp = {k[3:]: v for k, v in tensors.items() if k.startswith("fp.")}
     names = sorted({k[2:].rsplit(".", 1)[0] for k in tensors if k.startswith("q.")})
     return {name: QuantResult.from_tensors(tensors, f"q.{name}", plan.spec_for(name)) for name in names}, fp
@@ -150,7 +154,10 @@ class StreamedLayers:
         """A fresh work area (rank 0 makes it), or with `resume` the one left by a run with the same settings."""
         state = {"fingerprint": self.fingerprint, "world_size": self.comm.world_size, "layers_done": 0,
                  "n_layers": self.n_layers, "layer_reports": []}
-        previous = read_state(self.work) if self.resume else None
+        if self.work.exists() and not self.work.is_dir():
+            raise QuantkitError(f"{self.work} is a file where this run keeps its work area (beside the output); "
+                                "move it away")
+        previous = self._previous_state() if self.resume else None
         if previous is not None:
             if previous["fingerprint"] != state["fingerprint"]:
                 raise QuantkitError(
@@ -170,11 +177,51 @@ class StreamedLayers:
         self.state = state
         return state["layers_done"]
 
+    def _damaged(self, what: str) -> QuantkitError:
+        return QuantkitError(f"cannot resume from {self.work}: {what}; the work area is damaged: drop --resume to "
+                             "start over (it is replaced)")
+
+    def _previous_state(self) -> dict | None:
+        """The interrupted run's state, checked against the files it counts as written (else a one-line error)."""
+        try:
+            previous = read_state(self.work)
+        except (OSError, ValueError) as err:
+            raise self._damaged(f"{STATE} cannot be read ({first_line(err)})") from None
+        if previous is None:
+            return None
+        if not isinstance(previous, dict) or "fingerprint" not in previous:
+            raise self._damaged(f"{STATE} holds no run's state")
+        done, reports = previous.get("layers_done"), previous.get("layer_reports")
+        if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= self.n_layers \
+                or not isinstance(reports, list) or len(reports) != done:
+            raise self._damaged(f"{STATE} counts {done!r} finished layers of {self.n_layers}")
+        from quantkit.models.files import read_header
+
+        names = [_layer_file(self.work, i) for i in range(done)] + ([self._hidden_file(done)] if done else [])
+        for path in names:
+            try:
+                read_header(path)
+            except QuantkitError:
+                raise self._damaged(f"{path.name} is missing or unreadable") from None
+        return previous
+
     def restore(self, inputs: LayerInputs, fp_inputs: LayerInputs | None) -> None:
         """On a resume, this rank's streams as they entered the first layer left; then to disk with offload_dir."""
         start = self.state["layers_done"]
         if start > 0:
-            saved = read_safetensors(self._hidden_file(start))
+            path = self._hidden_file(start)
+            try:
+                saved = read_safetensors(path)
+            except Exception as err:  # noqa: BLE001 - a file cut short fails inside safetensors
+                raise self._damaged(f"{path.name} cannot be read ({first_line(err)})") from None
+            streams = [("h", inputs.hidden)] + ([("f", fp_inputs.hidden)] if fp_inputs is not None else [])
+            for prefix, hidden in streams:
+                for i, h in enumerate(hidden):
+                    got = saved.get(f"{prefix}{i}")
+                    if got is None or got.shape != h.shape or got.dtype != h.dtype:
+                        found = "nothing" if got is None else f"{got.dtype} {list(got.shape)}"
+                        raise self._damaged(f"{path.name} holds {found} for stream {prefix}{i}, where this run "
+                                            f"makes {h.dtype} {list(h.shape)}")
             inputs.hidden = [saved[f"h{i}"].to(h.device) for i, h in enumerate(inputs.hidden)]
             if fp_inputs is not None:
                 fp_inputs.hidden = [saved[f"f{i}"].to(h.device) for i, h in enumerate(fp_inputs.hidden)]

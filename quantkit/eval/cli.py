@@ -68,7 +68,9 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
         raise QuantkitError("--include-path, --num-fewshot and --limit choose --tasks' examples; give --tasks")
     check_device(device)
     if output is not None:
-        check_output_file(output)
+        from quantkit.data.checks import data_paths
+
+        check_output_file(output, inputs=[model_or_dir, *(data_paths(data) if data is not None else [])])
     texts = manager = None
     if data is not None:
         from quantkit.data import load_texts_by_source

@@ -177,6 +177,11 @@ def manifest_settings(manifest: dict, where: Path) -> dict[str, Setting]:
     return {n: overrides.get(n, base) for n in names}
 
 
+# what the formats store under these names, whichever format (codes and indices as integers, scales as floats)
+STORED_KINDS = {"weight_packed": "integer", "qweight": "integer", "qzeros": "integer", "g_idx": "integer",
+                "weight_shape": "integer", "weight_zero_point": "integer", "weight_scale": "float", "scales": "float"}
+
+
 class StoredTensors:
     """A checkpoint's tensors while a format decodes them: each quantized linear takes its own."""
 
@@ -192,6 +197,10 @@ class StoredTensors:
             key = f"{name}.{s}"
             if key not in self.tensors:
                 raise QuantkitError(f"{self.root}: tensor {key} is missing; the checkpoint is incomplete")
+            kind = STORED_KINDS.get(s)
+            if kind is not None and self.tensors[key].is_floating_point() != (kind == "float"):
+                raise QuantkitError(f"{self.root}: tensor {key} is stored as {self.tensors[key].dtype}, where every "
+                                    f"format stores {s} as {kind}s; the export is damaged, export it again")
             out[s] = self.tensors.pop(key)
         return out
 

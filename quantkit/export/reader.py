@@ -72,11 +72,14 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def read_json(path: Path) -> dict:
     """A checkpoint's JSON file, or a QuantkitError saying the checkpoint is incomplete or broken."""
     try:
-        return json.loads(path.read_text())
+        parsed = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise QuantkitError(f"{path} is missing; the checkpoint is incomplete") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise QuantkitError(f"{path} is not valid JSON ({err}); re-export the checkpoint") from err
+    if not isinstance(parsed, dict):
+        raise QuantkitError(f"{path} holds a JSON {type(parsed).__name__}, not an object; re-export the checkpoint")
+    return parsed
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -178,6 +178,6 @@ def parse_size(size: int | str) -> int:
     for i, p in enumerate("KMGT", start=1):
         base[p] = base[p + "B"] = 10 ** (3 * i)
         base[p + "I"] = base[p + "IB"] = 2 ** (10 * i)
-    if unit not in base or value <= 0:
+    if unit not in base or not 0 < value * base.get(unit, 1) < 2**80:
         raise QuantkitError(f"cannot read shard size {size!r}; write it like 5GB, 500MB or 2000000")
     return int(value * base[unit])

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from quantkit.engine.capture import LayerInputs, run_layer
+from quantkit.engine.capture import LayerInputs, batching_works, run_layer  # noqa: F401 - batching_works: importance imports it here
 from quantkit.models.base import layer_output
 
 
@@ -141,22 +141,3 @@ def head_gradient(
             (found,) = torch.autograd.grad(logits, x, grad_outputs=upstream.to(logits.dtype), retain_graph=draw + 1 < draws)
             grad[draw].index_copy_(0, block, found)
     return grad.reshape(draws, *hidden.shape)
-
-
-def batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
-    """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
-    if any(len(kwargs) != 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs])) or len(chunk) < 2:
-        return False
-    first, last = chunk[0], chunk[-1]
-    try:
-        batched = run_chunk(layer, torch.cat([inputs.hidden[first], inputs.hidden[last]]), inputs.kwargs[0])
-        alone = [run_layer(layer, inputs, first), run_layer(layer, inputs, last)]
-    except (RuntimeError, ValueError, IndexError, TypeError):
-        return False
-    if batched.shape[0] != 2:
-        return False
-    scale = max(float(a.abs().max()) for a in alone) or 1.0
-    return all(
-        a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
-        for a, b in zip(alone, batched.split(1))
-    )

@@ -257,5 +257,14 @@ def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.M
         samples[int(index)][key] = value
     if any("input_ids" not in s for s in samples) or weights["weights"].shape[:2] != (manifest["num_layers"], count):
         raise QuantkitError(f"calibration set {root} is corrupt: samples or weights do not match the manifest; remake it")
+    from quantkit.models.checks import embedding_rows
+
+    rows = embedding_rows(model)
+    for index, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        if ids.is_floating_point() or ids.is_complex() or (ids.numel() and (int(ids.min()) < 0 or
+                                                                             (rows is not None and int(ids.max()) >= rows))):
+            raise QuantkitError(f"calibration set {root} is corrupt: sample {index}'s input_ids are not token ids of the "
+                                f"model's {rows}-row embedding; remake it")
     linear = {key: value for key, value in weights.items() if key.startswith(LINEAR_KEY + ".")}
     return samples, StoredWeights(weights["weights"], weights["lengths"], manifest, linear)

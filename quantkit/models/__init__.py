@@ -6,13 +6,14 @@ import contextlib
 import importlib.util
 import logging
 import os
+import pickle
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 from quantkit.models import gpt_neox, llama, opt
 from quantkit.models.base import Adapter, Family, get_module, layer_output
 from quantkit.models.checks import check_model_weights
@@ -172,6 +173,10 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
         if "QuantizeConfig" not in str(err):
             raise
         raise QuantkitError(missing_loader_message(name_or_path, "gptq", QUANTIZED_LOADERS["gptq"][1])) from err
+    except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        # a .bin checkpoint torch cannot unpickle (safetensors files are checked before this load)
+        raise QuantkitError(f"cannot load the weights of {name_or_path}: {first_line(err)}; save or download them "
+                            "again") from None
     # transformers initialises a missing tensor randomly and only warns; quantizing it would export noise
     missing = sorted(info.get("missing_keys") or ())
     if missing:

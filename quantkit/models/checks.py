@@ -1,12 +1,16 @@
-"""What a model's weights must hold before anything is calibrated: float values, all of them finite.
+"""What a model's weights and config must hold before anything is calibrated: float values, all of them finite,
+tied tensors that are one tensor, and config values a model can run with.
 
 A NaN in one embedding row or norm weight survives RTN and GPTQ untouched (they quantize the decoder
 linears) and is exported as it came; integer weights are cast and quantized as if they were values. Both are
-refused here by tensor name, from a loaded model or from the safetensors files, before any work.
+refused here by tensor name, from a loaded model or from the safetensors files, before any work. So are a
+tie_word_embeddings config whose checkpoint stores a head of other values (transformers keeps them apart, other
+loaders tie them), and config values no model runs with (a norm epsilon <= 0, a negative rope_theta).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -71,6 +75,38 @@ def check_model_weights(model: torch.nn.Module, source: str | None = None) -> No
         if param.device.type == "meta" or (packed and not param.is_floating_point()):
             continue
         check_weight(name, param.detach(), source)
+    for target, tied_to in tied_pairs(model):
+        a, b = model.get_parameter(target), model.get_parameter(tied_to)
+        if a is not b and "meta" not in (a.device.type, b.device.type) and not same_values(a.detach(), b.detach()):
+            raise untied_error(source, target, tied_to)
+
+
+def tied_pairs(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(tensor, the tensor it is tied to) of every tie the model's config asks for (tie_word_embeddings)."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if expand is None:
+        return []
+    try:
+        return sorted(expand(all_submodels=True).items())
+    except (AttributeError, ValueError, TypeError):
+        return []
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values (as transformers decides whether two stored tensors can be tied)."""
+    if a.shape != b.shape:
+        return False
+    return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.float(), b.float())
+
+
+def untied_error(source: str, target: str, tied_to: str) -> QuantkitError:
+    """A config that ties `target` to `tied_to` while the two hold different values."""
+    return QuantkitError(
+        f"{source}: the config sets tie_word_embeddings, but {target} is stored apart from {tied_to} with other "
+        "values; transformers keeps the two apart, other loaders (vLLM, llama.cpp) use one for both, so the export "
+        "would mean two models: set tie_word_embeddings to false in config.json, or drop the stored "
+        f"{target} to tie them"
+    )
 
 
 def check_stored_dtypes(stored: Mapping[str, str], float_params: Iterable[str], source: str) -> None:
@@ -98,17 +134,28 @@ def check_weight_files(files: Iterable[str | os.PathLike], source: str) -> None:
                     check_weight(key, tensor, f"{source} ({Path(path).name})")
 
 
-def check_vocabulary(tokens: int, rows: int | None, tokenizer: str) -> None:
+def check_vocabulary(tokens: object, rows: int | None, what: str) -> None:
     """A tokenizer of `tokens` ids fits an embedding of `rows`: no id past the last row, and not so few ids that
     most rows would never be read (models pad their vocabulary by a few percent at most; a tokenizer covering
-    less than half of it belongs to another model, and its ids mean other words to this one)."""
+    less than half of it belongs to another model, and its ids mean other words to this one). `tokens` is the
+    tokenizer itself (its highest id is checked too) or its number of ids."""
     if rows is None:
         return
+    if not isinstance(tokens, int):  # the tokenizer itself: its ids may run past its length (gaps in a vocabulary)
+        tokenizer, tokens = tokens, len(tokens)
+        try:
+            highest = max([tokens - 1, *tokenizer.get_vocab().values()])
+        except (AttributeError, TypeError, ValueError):
+            highest = tokens - 1
+        if highest >= rows and tokens <= rows:
+            raise QuantkitError(f"{what} has {tokens} tokens but ids up to {highest}, past the model's embedding of "
+                                f"{rows} rows; the vocabulary has gaps or belongs to another model: give the model's "
+                                "own tokenizer")
     if tokens > rows:
-        raise QuantkitError(f"{tokenizer} has {tokens} tokens but the model's embedding holds {rows}; they do not "
+        raise QuantkitError(f"{what} has {tokens} tokens but the model's embedding holds {rows}; they do not "
                             "belong together: give the model's own tokenizer")
     if tokens < rows / 2:
-        raise QuantkitError(f"{tokenizer} has {tokens} tokens but the model's embedding holds {rows}: most of the "
+        raise QuantkitError(f"{what} has {tokens} tokens but the model's embedding holds {rows}: most of the "
                             "model's vocabulary would never be used, so the tokenizer is another model's; give the "
                             "model's own tokenizer")
 
@@ -133,7 +180,90 @@ def check_tokenizer_fits(tokenizer_or_processor: object, model_or_config: object
     """A given tokenizer (or a processor's) fits the model's embedding (check_vocabulary)."""
     tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
     try:
-        tokens = len(tokenizer)
+        len(tokenizer)
     except TypeError:
         return  # not a tokenizer: the data's reader says what it needs
-    check_vocabulary(tokens, embedding_rows(model_or_config), what)
+    check_vocabulary(tokenizer, embedding_rows(model_or_config), what)
+    check_tokenizer_reads(tokenizer, what)
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size")
+
+
+def _sub_configs(config: object, prefix: str = "") -> Iterable[tuple[str, object]]:
+    """(field prefix, config) of a config and every config nested in it (a VLM's text_config, vision_config)."""
+    yield prefix, config
+    for key, value in vars(config).items():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type") and value is not config:
+            yield from _sub_configs(value, f"{prefix}{key}.")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _rope_fields(cfg: object) -> Iterable[tuple[str, object]]:
+    """(field, value) of every rope_theta and scaling factor: flat, in rope_parameters, or per layer type."""
+    if _number(getattr(cfg, "rope_theta", None)):
+        yield "rope_theta", cfg.rope_theta
+    params = getattr(cfg, "rope_parameters", None)
+    tables = [("rope_parameters", params)] if isinstance(params, Mapping) else []
+    if isinstance(params, Mapping):
+        tables += [(f"rope_parameters.{k}", v) for k, v in params.items() if isinstance(v, Mapping)]
+    for where, table in tables:
+        for key in ("rope_theta", "factor"):
+            if _number(table.get(key)):
+                yield f"{where}.{key}", table[key]
+
+
+def check_config_values(config: object, source: str) -> None:
+    """Values no model runs with, refused by field before anything is built: a norm epsilon outside (0, 1), a
+    rope_theta or rope scaling factor <= 0, a size <= 0, key/value heads that do not divide the attention heads.
+    transformers builds such models and they compute NaN or noise quietly."""
+    def refuse(field: str, value: object, why: str) -> QuantkitError:
+        return QuantkitError(f"{source}: config field {field} is {value!r}; {why}: fix config.json")
+
+    for prefix, cfg in _sub_configs(config):
+        fields = vars(cfg)
+        for key, value in fields.items():
+            if _number(value) and ("norm" in key or "rms" in key) and key.endswith(("_eps", "_epsilon")):
+                if not (math.isfinite(value) and 0 < value < 1):
+                    raise refuse(prefix + key, value, "a norm's epsilon is a small positive number (1e-5, 1e-6)")
+        for key, value in _rope_fields(cfg):
+            if not (math.isfinite(value) and value > 0):
+                raise refuse(prefix + key, value, "rotary embeddings need a positive finite value")
+        for key in _SIZES:
+            value = fields.get(key)
+            if _number(value) and value <= 0:
+                raise refuse(prefix + key, value, "a size must be positive")
+        heads, kv = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+        if _number(heads) and _number(kv) and heads > 0 and kv > 0 and heads % kv:
+            raise refuse(prefix + "num_key_value_heads", kv, f"it must divide num_attention_heads ({heads})")
+
+
+def check_tokenizer_reads(tokenizer: object, what: str) -> None:
+    """A tokenizer reads back text made of its own vocabulary: 64 of its ordinary tokens (spread over the
+    vocabulary) are decoded and encoded again, and must come back as tokens, most of them known. A tokenizer
+    class that does not fit its tokenizer.json (a GPT-2 class over a word-level file encodes any text to
+    nothing) or another tokenizer's files fail here, before its ids calibrate anything or its files are exported."""
+    try:
+        size = len(tokenizer)
+        skip = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or ())
+    except (TypeError, AttributeError):
+        return  # not a tokenizer: the data's reader says what it needs
+    ordinary = [i for i in range(size) if i not in skip]
+    picked = ordinary[:: max(1, len(ordinary) // 64)][:64]
+    if not picked:
+        return
+    text = tokenizer.decode(picked, skip_special_tokens=True)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text.strip() else []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = sum(1 for i in ids if i == unk) if unk is not None else 0
+    if not ids or 2 * unknown > len(ids):
+        got = "no tokens" if not ids else f"{unknown} of {len(ids)} tokens unknown ({tokenizer.unk_token})"
+        raise QuantkitError(
+            f"{what} ({type(tokenizer).__name__}) cannot read its own vocabulary: text decoded from {len(picked)} of "
+            f"its tokens encodes to {got}; its class does not fit its files (tokenizer_class in "
+            "tokenizer_config.json) or the files are broken: save the tokenizer again"
+        )

@@ -122,7 +122,10 @@ def _router(layer: nn.Module, block: str, experts: str, count: int) -> str | Non
         path = f"{block}.{child_name}" if block else child_name
         if path == experts:
             continue
+        # its own 2-D weight, or that of the one linear it wraps (Ergo's gate.linear)
         weights = [p for p in child.parameters(recurse=False) if p.dim() == 2]
+        if not weights and len(list(child.parameters())) <= 2:
+            weights = [p for p in child.parameters() if p.dim() == 2]
         if isinstance(child, nn.Linear) and child.out_features == count or not isinstance(child, nn.Linear) and any(
                 w.shape[0] == count for w in weights):
             return path
@@ -160,7 +163,7 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
         if kind == "block":
             positions.setdefault(name, len(groups))
             continue
-        if any(_under(name, c) for c in containers) or name in routers.values() or name in gates:
+        if any(_under(name, c) for c in containers) or any(_under(name, r) for r in routers.values() if r) or name in gates:
             continue
         if name in called:
             raise QuantkitError(f"{where}.{name} runs more than once in one pass of its layer; quantkit solves each "
@@ -173,7 +176,7 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
         else:
             groups[index].append(name)
     for name, module in layer.named_modules():
-        if any(_under(name, c) for c in containers):
+        if any(_under(name, c) for c in containers) or any(name.startswith(f"{r}.") for r in routers.values() if r):
             continue
         if name in routers.values():
             full_precision.append((name, "router of a mixture-of-experts block, kept in full precision"))
@@ -284,13 +287,14 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
             run()
         first_out = _probe_only_output(layers[0], *calls[0])
         items = len(first_out) if isinstance(first_out, (tuple, list)) else 0
-        # every layer's call, and the modules with weights that run after the last one (the final norm)
+        # every layer's call, and the modules that run after the last one (the final norm)
         calls.clear()
         events.clear()
         handles = [get_module(model, lm_head).register_forward_pre_hook(stop)]
         for name, module in decoder.named_modules():
             full = f"{decoder_path}.{name}" if decoder_path and name else (name or decoder_path)
-            if not name or _under(full, layers_path) or not any(True for _ in module.parameters()):
+            # parameter-free modules too: OLMo's final LayerNorm has no weights; dropout changes nothing in eval
+            if not name or _under(full, layers_path) or isinstance(module, (nn.Dropout, nn.Identity)):
                 continue
             handles.append(module.register_forward_pre_hook(lambda mod, a, full=full: events.append(("module", full))))
         try:

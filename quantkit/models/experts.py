@@ -216,6 +216,8 @@ def holds_fused_weights(module: nn.Module) -> bool:
 
 def _routed_experts(fused: nn.Module, layout: FusedLayout, names: ExpertNames, scaled_inputs: bool) -> RoutedExperts:
     """A RoutedExperts holding `fused`'s weights (on its device: meta stays meta)."""
+    if not layout.gated:  # up and down only (Nemotron-H's squared-ReLU experts)
+        names = ExpertNames(gate=None, up=names.up, down=names.down)
     gate_up_key, down_key = layout.fused_names()
     gate_up = fused._parameters[gate_up_key]
     num_experts = gate_up.shape[0]

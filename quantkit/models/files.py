@@ -10,6 +10,7 @@ stored tensors) comes back as ModelFiles, which load_model and build_skeleton re
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def read_headers(root: Path) -> tuple[StoredTensors, list[Path]] | None:
         files = [root / f for f in sorted(set(weight_map.values()))]
     elif (root / SINGLE).is_file():
         weight_map, files = None, [root / SINGLE]
+        _check_no_second_copy(root)
     else:
         return None
     tensors: StoredTensors = {}
@@ -134,6 +136,21 @@ def read_headers(root: Path) -> tuple[StoredTensors, list[Path]] | None:
             if key not in tensors:
                 raise QuantkitError(f"{index} places {key} in {fname}, which does not hold it; the checkpoint is incomplete")
     return tensors, files
+
+
+def _check_no_second_copy(root: Path) -> None:
+    """Beside model.safetensors and without an index, another safetensors file holding the same tensors (an old
+    copy, a half-finished save) is refused: transformers reads model.safetensors alone, and which file the user
+    meant is anybody's guess."""
+    names = set(read_header(root / SINGLE))
+    for other in sorted(root.glob("*.safetensors")):
+        if other.name == SINGLE or other.name.startswith("quantkit_"):
+            continue
+        shared = sorted(names & set(read_header(other)))
+        if shared:
+            raise QuantkitError(f"{root} holds {other.name} beside {SINGLE}, with the same tensors ({shared[0]} and "
+                                f"{len(shared) - 1} more) and no {INDEX}; transformers reads {SINGLE} alone: move "
+                                f"{other.name} out of the model directory")
 
 
 def build_meta_model(config: object, name: str) -> tuple[object, object]:
@@ -171,6 +188,9 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad config.json raises ValueError, OSError, KeyError...
         raise QuantkitError(f"cannot read the config of {name}: {first_line(err)}") from None
+    from quantkit.models.checks import check_config_values
+
+    check_config_values(config, name)
     generation = local / "generation_config.json" if local is not None else None
     if generation is not None and generation.is_file():  # the export copies it as it is
         try:
@@ -228,7 +248,7 @@ def _dtype_size(stored: dict, key: str, default: int) -> int:
 def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
     """Every parameter present with its configured shape and a float dtype, no layer or tensor the config does not
     describe."""
-    from quantkit.models.checks import check_stored_dtypes
+    from quantkit.models.checks import check_stored_dtypes, tied_pairs, untied_error
     from quantkit.models.streamed import checkpoint_names_to_model_names
 
     try:
@@ -267,6 +287,10 @@ def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
                 f"{name}: tensor {key} is {list(shape)} in {path.name} but config.json makes it {list(state[key].shape)}; "
                 "config.json does not match the weights"
             )
+    stored_as = {v: k for k, v in renamed.items()}
+    for target, tied_to in tied_pairs(model):
+        if target in found and tied_to in found and not _stored_alike(found, stored_as, target, tied_to):
+            raise untied_error(name, target, tied_to)
     ignore_unexpected = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
     for key, (_, _, path) in found.items():
         if key not in state and not key.endswith("inv_freq") and not any(p.search(key) for p in ignore_unexpected):
@@ -274,6 +298,24 @@ def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
                 f"{name}: tensor {key} in {path.name} is not part of the model config.json describes; "
                 "config.json does not match the weights"
             )
+
+
+def _stored_alike(found: StoredTensors, stored_as: dict[str, str], a: str, b: str) -> bool:
+    """Whether two stored tensors (model names) hold the same values, compared a block of rows at a time."""
+    from safetensors import safe_open
+
+    from quantkit.models.checks import same_values
+
+    (shape, _, path_a), (other, _, path_b) = found[a], found[b]
+    if shape != other:
+        return False
+    with safe_open(str(path_a), framework="pt") as ha, safe_open(str(path_b), framework="pt") as hb:
+        sa, sb = ha.get_slice(stored_as.get(a, a)), hb.get_slice(stored_as.get(b, b))
+        if not shape:
+            return same_values(sa[:], sb[:])
+        width = max(1, math.prod(shape[1:]))
+        step = max(1, (1 << 22) // width)
+        return all(same_values(sa[r:r + step], sb[r:r + step]) for r in range(0, shape[0], step))
 
 
 def _split_experts(model, found: dict) -> dict:
@@ -312,17 +354,60 @@ def check_tokenizer(name: str, config: object | None = None):
         raise QuantkitError(
             f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); save the tokenizer beside the model"
         )
+    named = check_tokenizer_class(local) if local.is_dir() else None
     try:
         tok = load_tokenizer(name)
-    except QuantkitError:
-        raise
     except Exception as err:  # noqa: BLE001 - tokenizers fail in many ways on broken files
-        raise QuantkitError(f"cannot load a tokenizer from {name}: {first_line(err)}; save one beside the model") from None
-    if config is not None:
-        from quantkit.models.checks import check_vocabulary, embedding_rows
+        if isinstance(err, QuantkitError) and named is None:
+            raise
+        as_class = f" as {named} (tokenizer_class in tokenizer_config.json)" if named else ""
+        reason = first_line(err.__cause__ or err) if isinstance(err, QuantkitError) else first_line(err)
+        raise QuantkitError(f"cannot load a tokenizer from {name}{as_class}: {reason}; save one beside the "
+                            "model") from None
+    from quantkit.models.checks import check_tokenizer_reads, check_vocabulary, embedding_rows
 
-        check_vocabulary(len(tok), embedding_rows(config), f"the tokenizer of {name}")
+    if config is not None:
+        check_vocabulary(tok, embedding_rows(config), f"the tokenizer of {name}")
+    check_tokenizer_reads(tok, f"the tokenizer of {name}")
     return tok
+
+
+def check_tokenizer_class(local: Path) -> str | None:
+    """tokenizer_config.json's tokenizer_class names a class transformers has (returned; None when it names
+    none): an unknown name (a typo, a class of a newer release) is replaced by the generic tokenizer without a
+    word, and the export would rename it."""
+    path = local / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise QuantkitError(f"{path} is not valid JSON ({first_line(err)}); fix it or save the tokenizer again") from None
+    if not isinstance(settings, dict):
+        raise QuantkitError(f"{path} holds a {type(settings).__name__}, not a JSON object; save the tokenizer again")
+    name = settings.get("tokenizer_class")
+    if name is None or "auto_map" in settings:
+        return None  # transformers picks by model type, or the model's own code names its class
+    import transformers
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    def known(candidate: str) -> bool:
+        try:
+            return tokenizer_class_from_name(candidate) is not None
+        except Exception:  # noqa: BLE001 - a name transformers cannot import counts as unknown
+            return False
+
+    if not isinstance(name, str) or not name:
+        raise QuantkitError(f"{path}: tokenizer_class is {name!r}, not a class name; fix it or delete the field")
+    if name in ("TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend"):
+        return name
+    if not any(known(c) for c in (name, name + "Fast", name.removesuffix("Fast"))):
+        raise QuantkitError(
+            f"{path}: tokenizer_class {name!r} is no tokenizer class of transformers {transformers.__version__}; "
+            "correct the name (a newer transformers may have it), or delete the field to read tokenizer.json as "
+            "it stands"
+        )
+    return name
 
 
 def max_positions(config: object) -> int | None:

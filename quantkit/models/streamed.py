@@ -80,6 +80,11 @@ class WeightSource:
         return out
 
 
+def _fuses_experts(converter) -> bool:
+    """Whether a transformers WeightConverter builds a fused experts parameter (experts.gate_up_proj...)."""
+    return any(".experts." in f".{p}" for p in converter._original_target_patterns)
+
+
 def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> dict[str, str]:
     """Each checkpoint key -> the model's name for it, as transformers renames them on load."""
     try:
@@ -98,8 +103,10 @@ def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> di
         return out
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    # unfused experts have the checkpoint's per-expert tensors: only the renamings apply
-    converters = [] if routed_experts(model) else [t for t in transforms if isinstance(t, WeightConverter)]
+    # unfused experts have the checkpoint's per-expert tensors: the converters that fuse experts do not apply
+    # (the others do: Param2MoE's fused query_key_value)
+    unfused = bool(routed_experts(model))
+    converters = [t for t in transforms if isinstance(t, WeightConverter) and not (unfused and _fuses_experts(t))]
     state = model.state_dict()
     out = {}
     for key in keys:

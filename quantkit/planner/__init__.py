@@ -156,7 +156,7 @@ def parse_bytes(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value * units.get(unit, 1) < 2**80:  # nan and inf fail too
         raise QuantkitError(f"cannot read {text!r} as an amount of memory; write it like 24GiB, 80GB or 512MiB")
     return int(value * units[unit])
 

@@ -68,6 +68,14 @@ def _str_list(ctx: click.Context, param: click.Parameter, value: str) -> list[st
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+
+
+def data_inputs(*sources: str | None) -> list[str]:
+    """The local files and directories that data sources read (results must not be written over them)."""
+    from quantkit.data.checks import data_paths
+
+    return [path for source in sources if source for path in data_paths(source)]
+
 @click.group()
 def qid() -> None:
     """QiD scaling laws: QiD = loss(quantized) - loss(16-bit) on held-out text, vs N, D and bits."""
@@ -106,9 +114,13 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     check_counts(**{k: settings[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen", "tokens_per_step")},
                  threads=threads)
     check_group_size(settings["group_size"])
+    if settings["eval_tokens"] < settings["eval_seqlen"]:
+        raise QuantkitError(f"--eval-tokens {settings['eval_tokens']} is less than one --eval-seqlen "
+                            f"{settings['eval_seqlen']} window: nothing to score; give more tokens or a shorter window")
     plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
     check_measured_bits(bits, methods)
-    check_output_file(out_csv)
+    check_output_file(out_csv, inputs=[*(parse_checkpoint(c).local_dir for c in checkpoints),
+                                        *data_inputs(settings["eval_text"], settings["calib"])])
     for spec in checkpoints:
         ckpt = parse_checkpoint(spec)
         if ckpt.local_dir is None and looks_local(ckpt.name):
@@ -149,10 +161,10 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
     from quantkit.qid.fit import LAWS, fit_table, format_fits
     from quantkit.qid.table import read_table
 
-    if options["bootstrap"] < 0 or not 0 < options["level"] < 1 or huber_delta <= 0:
+    if options["bootstrap"] < 0 or not 0 < options["level"] < 1 or not 0 < huber_delta < math.inf:
         raise QuantkitError("--bootstrap must be >= 0, --level in (0, 1) and --huber-delta > 0")
     if output:
-        check_output_file(output)
+        check_output_file(output, inputs=[csv_path])
     table = read_table(csv_path)
     laws = LAWS if law == "all" else (law,)
     # options: method, by_bits, bootstrap, seed, level, estimator, resample (fit_table's names)
@@ -241,7 +253,8 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
         raise QuantkitError(f"--level must be in (0, 1), got {level}")
     check_plausible("bits", bits)
     if output:
-        check_output_file(output)
+        check_output_file(output, inputs=[model, law_spec, *data_inputs(measurement.get("eval_text"),
+                                                                          measurement.get("calib"))])
     if qid_value is None:
         check_measured_bits([bits], [method])
     else:
@@ -296,6 +309,8 @@ def plot(csv_path, fit_path, method, formats, out_dir) -> None:
     from quantkit.qid.plot import plot_table
     from quantkit.qid.table import read_table
 
+    if Path(out_dir, "config.json").is_file():
+        raise QuantkitError(f"-o {out_dir} is a model directory (it holds config.json); write the figures elsewhere")
     fit_doc = read_fit_json(fit_path) if fit_path else None
     paths = plot_table(read_table(csv_path), out_dir, fit=fit_doc, method=method, formats=tuple(formats))
     for p in paths:

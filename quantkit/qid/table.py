@@ -82,7 +82,8 @@ def _parse_number(value: str, column: str, line: int, as_int: bool) -> float | i
 # Ranges a measured cell's numbers must lie in: a value outside is a corrupt or hand-edited row, which a fit
 # would otherwise drop quietly (QiD <= 0 is different: a real measurement in the noise, reported as excluded).
 ROW_RANGES = {
-    "N": (1, None, "a parameter count"), "params": (1, None, "a parameter count"), "D": (1, None, "a token count"),
+    # N and D up to the ranges where the laws mean anything (quantkit.qid.laws.PLAUSIBLE, as predict refuses)
+    "N": (1, 1e15, "a parameter count"), "params": (1, 1e15, "a parameter count"), "D": (1, 1e17, "a token count"),
     "step": (0, None, "a training step"), "bits": (1, 16, "a bit width"), "eval_tokens": (1, None, "a token count"),
     "eval_windows": (1, None, "a window count"), "loss_fp": (0, None, "a loss in nats"),
     "loss_q": (0, None, "a loss in nats"), "qid_se": (0, None, "a standard error"), "seconds": (0, None, "a duration"),
@@ -97,8 +98,13 @@ def check_row(row: dict, where: str) -> None:
         if value is None or not math.isfinite(value):
             continue
         if value < low or (high is not None and value > high):
-            span = f"at least {low}" if high is None else f"between {low} and {high}"
+            span = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
             raise QuantkitError(f"{where}, column {column!r}: {value!r} is not {what} ({span}); fix or delete that row")
+    qid, loss_q, loss_fp = row.get("qid"), row.get("loss_q"), row.get("loss_fp")
+    if all(v is not None and math.isfinite(v) for v in (qid, loss_q, loss_fp)) and \
+            abs(qid - (loss_q - loss_fp)) > 1e-3 * max(1.0, abs(loss_q)):
+        raise QuantkitError(f"{where}, column 'qid': {qid!r} is not loss_q - loss_fp ({loss_q!r} - {loss_fp!r}); the row "
+                            "was edited or mixed up: fix or delete it")
     group = row.get("group_size")
     if group is not None and group != -1 and group < 1:
         raise QuantkitError(f"{where}, column 'group_size': {group!r} is not a group size (positive, or -1 per channel); "

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, expect_path
-from quantkit.quant.methods import Method, method_for
+from quantkit.errors import QuantkitError, expect_path, unknown_choice
+from quantkit.quant.methods import METHODS, Method, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 
 # The settings an override may change, with the type its value must have.
@@ -108,11 +108,8 @@ class Override:
             raise QuantkitError(f"recipe {where}: group_size must be positive or -1 (per-channel), got {self.group_size}")
         if self.fp_alpha is not None and not 0.0 <= self.fp_alpha <= 1.0:
             raise QuantkitError(f"recipe {where}: fp_alpha must be in [0, 1], got {self.fp_alpha}")
-        if self.method is not None:
-            try:
-                method_for(self.method)
-            except QuantkitError as err:
-                raise QuantkitError(f"recipe {where}: {err}") from None
+        if self.method is not None and self.method not in METHODS:
+            raise QuantkitError(f"recipe {where}: {unknown_choice('quantization method', self.method, sorted(METHODS))}")
 
     def apply(self, settings: LinearSettings) -> LinearSettings:
         """`settings` with this override's keys set."""
@@ -144,6 +141,9 @@ class Recipe:
     overrides: tuple[Override, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        if self.targets is None or (isinstance(self.targets, list) and not self.targets):
+            raise QuantkitError(f"recipe targets is {self.targets!r}, which names no linear (and would quantize them "
+                                "all); name the linears to quantize, or leave targets out to quantize every one")
         object.__setattr__(self, "targets", _patterns(self.targets, "targets") if self.targets else ())
         object.__setattr__(self, "ignore", _patterns(self.ignore, "ignore") if self.ignore else ())
         overrides = self.overrides
@@ -161,7 +161,8 @@ class Recipe:
         unknown = sorted(set(data) - set(RECIPE_KEYS))
         if unknown:
             raise QuantkitError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(RECIPE_KEYS)}")
-        return cls(targets=data.get("targets") or (), ignore=data.get("ignore") or (),
+        targets = data["targets"] if "targets" in data else ()
+        return cls(targets=[] if targets is None else targets, ignore=data.get("ignore") or (),
                    overrides=data.get("overrides") or ())
 
     @classmethod
