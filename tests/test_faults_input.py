@@ -1112,3 +1112,19 @@ def test_part_with_image_text_records_is_refused(tmp_path: Path, no_model_load) 
     assert_fault(tmp_path, ["calibrate", tmp_path / "vlm", "--calib", data, "--part", "heldout", "--method", "rtn",
                             "--nsamples", "2", "--seqlen", "256", "--group-size", "32", "-o", tmp_path / "out"],
                  "--part heldout splits text files; the image-text records of")
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--recipe", "RECIPE"], "pattern 'nothing_here' matches no linear"),
+    (["IMAGES"], "holds image-text records, but"),
+])
+def test_plan_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: list, fragment: str) -> None:
+    """Each was planned (exit 0): a plan of a run calibrate refuses is no plan."""
+    (work / "r.yaml").write_text("targets: [nothing_here]\n")
+    calib = ["--calib", work / "text.txt"]
+    if extra == ["IMAGES"]:
+        pytest.importorskip("PIL")
+        calib, extra = ["--calib", write_image_dataset(work / "vl", n=2)], []
+    extra = [str(work / "r.yaml") if a == "RECIPE" else a for a in extra]
+    assert_fault(work, ["plan", work / "model", *calib, "--method", "rtn", "--group-size", "32", *extra], fragment)

@@ -53,12 +53,41 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     options.update(overwrite=False, push_to_hub=None, private=None)
     job = job_from_options(model, options, progress=False)
     check_data(given_data)  # a plan of a run that calibrate would refuse is no plan
+    _check_as_calibrate(job, model, given_data)
     plan = plan_job(job)
     device_limit = parse_bytes(gpu_mem) if gpu_mem else device_bytes(plan.settings.device)
     if plan.settings.on_gpu and device_limit is None:
         raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")
     host_limit = parse_bytes(host_mem) if host_mem else available_host_bytes()
     emit(plan, device_limit, host_limit, as_json)
+
+
+def _check_as_calibrate(job, model: str, data: str | None) -> None:
+    """calibrate's checks that read only config.json: a device kind calibrate runs on (a plan for CUDA is made
+    on any machine), image data for a text model, a recipe against the model's linears."""
+    import torch
+    from transformers import AutoConfig
+
+    from quantkit.calibrate.preflight import check_recipe
+    from quantkit.data.calibration import check_source_for_model
+    from quantkit.models import is_vlm
+
+    try:
+        kind = torch.device(job.run.device).type
+    except (RuntimeError, ValueError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise QuantkitError(f"device {job.run.device!r} is not supported; use cpu, cuda or cuda:N")
+    if data is None and job.quantization.recipe is None:
+        return
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - read_shape says what is wrong with a config that does not load
+        return
+    if data is not None:
+        check_source_for_model(data, is_vlm(config), model)
+    if job.quantization.recipe is not None:
+        check_recipe(job, config)
 
 
 HELP = ("What `quantkit calibrate` with the same options needs per rank, on disk and in time, before it runs.\n\n"
