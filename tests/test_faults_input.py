@@ -73,6 +73,42 @@ def test_qid_measure_checks_options_before_the_checkpoint(tmp_path: Path, extra:
                             *extra], fragment)
 
 
+def qid_measure(work: Path, checkpoint: object, *extra) -> list:
+    return ["qid", "measure", checkpoint, "--eval", work / "text.txt", "--bits", "2", "--methods", "rtn",
+            "--eval-tokens", "64", "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16",
+            "--group-size", "16", "--tokens", "1e9", "-o", work / "q.csv", *extra]
+
+
+def test_qid_measure_checks_a_local_checkpoint_before_the_sweep(work: Path) -> None:
+    """A NaN weight failed inside the sweep (its line glued to the progress bar, q.csv created), an export was
+    quantized again and measured, and a revision of a local directory was ignored: each is one line before q.csv."""
+    edit_tensors(work / "model", model__layers__0__mlp__up_proj__weight=poke(float("nan"), (3, 5)))
+    assert_fault(work, qid_measure(work, work / "model"), "model.layers.0.mlp.up_proj.weight (decoder layer 0) holds 1 NaN")
+    assert not (work / "q.csv").exists()
+
+
+def test_qid_measure_refuses_an_export_and_a_local_revision(made: dict, tmp_path: Path) -> None:
+    shutil.copy(made["text"], tmp_path / "text.txt")
+    assert_fault(tmp_path, qid_measure(tmp_path, made["exports"]["compressed-tensors"]), "already quantized")
+    assert_fault(tmp_path, qid_measure(tmp_path, f"{made['model']}@step-5"), "is a local directory, which has no revisions")
+
+
+@pytest.mark.parametrize("tokens, fragment", [
+    (["1e9", "2e9"], "a second count for every checkpoint"),
+    (["m=1e9", "m=2e9"], "a second count for m"),
+])
+def test_qid_measure_refuses_two_token_counts_for_one_checkpoint(tmp_path: Path, tokens: list, fragment: str) -> None:
+    """Three --tokens for two checkpoints were accepted: the last bare count silently won."""
+    args = ["qid", "measure", tmp_path / "no-such-ckpt", "--eval", "x", "-o", tmp_path / "q.csv"]
+    assert_fault(tmp_path, [*args, *(a for t in tokens for a in ("--tokens", t))], fragment)
+
+
+def test_qid_training_level_refuses_an_unknown_method(tmp_path: Path) -> None:
+    """--method awq with a measured --qid printed an answer (exit 0)."""
+    assert_fault(tmp_path, ["qid", "training-level", tmp_path, "--law", "ouyang2024-gptq", "--bits", "3",
+                            "--qid", "0.1", "--method", "awq"], "unknown --method 'awq'")
+
+
 HEADER = "model,method,bits,group_size,N,D,loss_fp,loss_q,qid,eval_text\n"
 
 

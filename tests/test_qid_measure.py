@@ -123,7 +123,8 @@ def test_measure_cli_needs_tokens_for_unknown_checkpoint(tmp_path):
     d = tmp_path / "m"
     tiny_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                num_key_value_heads=2).save_pretrained(d)
-    res = CliRunner().invoke(main, ["qid", "measure", str(d), "--eval", str(tmp_path), "-o", str(tmp_path / "q.csv"), "--no-progress"])
+    res = CliRunner().invoke(main, ["qid", "measure", str(d), "--eval", str(tmp_path / "eval"), "-o", str(tmp_path / "q.csv"),
+                                    "--no-progress"])
     assert res.exit_code == 2 and "--tokens" in res.output
     res = CliRunner().invoke(main, ["qid", "measure", str(d), "--methods", "rtn,awq", "--eval", "x", "-o", str(tmp_path / "q.csv")])
     assert res.exit_code == 2 and "unknown method" in res.output

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from quantkit.cli_options import output_option
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, unknown_choice
 from quantkit.fsutil import atomic_file, check_output_file
 
 
@@ -109,7 +109,13 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     """Measure QiD for CHECKPOINTS (dirs or hub-id[@revision]) x bits x methods; append rows to --output."""
     from quantkit.fsutil import note_kept
     from quantkit.models import looks_local
-    from quantkit.qid.measure import Measurement, measure_grid, parse_checkpoint, plan_cells
+    from quantkit.qid.measure import (
+        Measurement,
+        measure_grid,
+        parse_checkpoint,
+        parse_token_overrides,
+        plan_cells,
+    )
 
     check_counts(**{k: settings[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen", "tokens_per_step")},
                  threads=threads)
@@ -118,6 +124,7 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
         raise QuantkitError(f"--eval-tokens {settings['eval_tokens']} is less than one --eval-seqlen "
                             f"{settings['eval_seqlen']} window: nothing to score; give more tokens or a shorter window")
     plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
+    parse_token_overrides(tokens)
     check_measured_bits(bits, methods)
     check_output_file(out_csv, inputs=[*(parse_checkpoint(c).local_dir for c in checkpoints),
                                         *data_inputs(settings["eval_text"], settings["calib"])])
@@ -255,6 +262,12 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     if output:
         check_output_file(output, inputs=[model, law_spec, *data_inputs(measurement.get("eval_text"),
                                                                           measurement.get("calib"))])
+    from quantkit.qid.measure import ENGINE_METHODS, METHODS
+
+    # a fit's rows name act-quantized sweeps "gptq-a8" (Measurement.label); --qid may pick such a fit
+    labels = (*METHODS, *(f"{m}-a{a}" for m in ENGINE_METHODS for a in (4, 8)))
+    if method not in labels:
+        raise unknown_choice("--method", method, METHODS)
     if qid_value is None:
         check_measured_bits([bits], [method])
     else:

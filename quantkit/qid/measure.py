@@ -128,11 +128,27 @@ def parse_token_overrides(values: Sequence[str]) -> tuple[dict[str, int], int | 
             raise QuantkitError(f"--tokens {value!r}: {num!r} is not a number; write TOKENS or MODEL=TOKENS") from None
         if tokens <= 0:
             raise QuantkitError(f"--tokens {value!r}: the token count must be positive")
+        if (key in per) if sep else (default is not None):
+            raise QuantkitError(f"--tokens {value!r}: {'a second count for ' + key if sep else 'a second count for every checkpoint'}; "
+                                "give one TOKENS for all checkpoints or one MODEL=TOKENS per checkpoint")
         if sep:
             per[key] = tokens
         else:
             default = tokens
     return per, default
+
+
+def check_local_checkpoint(ckpt: Checkpoint) -> None:
+    """A local checkpoint is a full-precision model with finite weights and no revision, checked before the sweep
+    (a broken one would otherwise fail in the middle of the progress bar, after a CSV was started)."""
+    from quantkit.data.checks import model_for_data
+    from quantkit.models.checks import check_weight_files
+
+    if ckpt.revision is not None:
+        raise QuantkitError(f"checkpoint {ckpt.spec}: {ckpt.name} is a local directory, which has no revisions; "
+                            "give the directory of that revision, or a hub id@revision")
+    files = model_for_data(ckpt.name)
+    check_weight_files(files.weight_files, ckpt.spec)
 
 
 def _load(ckpt: Checkpoint):
@@ -340,6 +356,9 @@ def measure_grid(
             override = per_model_tokens.get(ckpt.spec, per_model_tokens.get(ckpt.name, default_tokens))
             d, step, _ = resolve_tokens(ckpt, override, settings.tokens_per_step)
             meta[ckpt.spec] = (d, step)
+    for ckpt in dict.fromkeys(c[0] for c in todo):
+        if ckpt.local_dir is not None:
+            check_local_checkpoint(ckpt)
     from quantkit.data.checks import check_data
 
     # a missing file would otherwise fail every cell, one CSV row at a time
