@@ -1164,3 +1164,13 @@ def test_plan_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: l
         calib, extra = ["--calib", write_image_dataset(work / "vl", n=2)], []
     extra = [str(work / "r.yaml") if a == "RECIPE" else a for a in extra]
     assert_fault(work, ["plan", work / "model", *calib, "--method", "rtn", "--group-size", "32", *extra], fragment)
+
+
+def test_demo_refuses_too_little_text_before_evaluating(work: Path) -> None:
+    """The refusal came after the FP model's evaluation had been shown."""
+    with unchanged(work):
+        result = run_cli("demo", "--model", work / "model", "--data", work / "text.txt", "--seqlen", "16",
+                         "--nsamples", "1000", "-o", work / "d")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: too little text"), lines

@@ -162,6 +162,8 @@ def run_demo(model: str | None = None, data: str | None = None, out: str | os.Pa
         gs = group_size if group_size is not None else pick_group_size(_linear_widths(fp_model))
         summary["group_size"] = gs
 
+        # drawn before the FP evaluation so that too little text is one line before any work is shown
+        samples = calibration_samples(train_texts, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
         _log("[demo] evaluating the FP model on the held-out text", quiet)
         fp_eval = evaluate_loss(fp_model, tokenizer, heldout_texts, seqlen=seqlen, max_tokens=eval_max_tokens, progress=progress)
         fp_mb = _dir_mb(Path(model_source)) if Path(model_source).is_dir() else float("nan")
@@ -171,7 +173,6 @@ def run_demo(model: str | None = None, data: str | None = None, out: str | os.Pa
             "group_size": None, "loss": fp_eval["loss"], "ppl": fp_eval["ppl"], "delta_loss": None,
             "calib_seconds": None, "export_mb": fp_mb, "path": None if model is not None else "fp-model",
         })
-        samples = calibration_samples(train_texts, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
         from quantkit.calibrate import ExportSpec, QuantizationSpec, calibrate_loaded, export_loaded
 
         for b in bits:
