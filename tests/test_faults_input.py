@@ -1174,3 +1174,9 @@ def test_demo_refuses_too_little_text_before_evaluating(work: Path) -> None:
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: too little text"), lines
+
+
+def test_importance_per_modality_needs_image_text_data(work: Path) -> None:
+    """--per-modality on text data was ignored (exit 0): there are no image tokens to normalise apart."""
+    assert_fault(work, ["importance", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
+                        "--per-modality", "-o", work / "set"], "holds no image-text records")

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from quantkit.calibrate.job import OPTIONS, DataSpec
 from quantkit.calibrate.run import draw_samples
 from quantkit.cli_options import output_option
+from quantkit.data.calibration import holds_images
 from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
 from quantkit.engine.distributed import check_device
 from quantkit.errors import QuantkitError
@@ -79,6 +80,9 @@ def build_calibration_set(model_name: str, data: DataSpec, output: str, *, impor
     options = TLQ_DEFAULTS | {"top_fraction": None, "floor_fraction": 0.1} | (importance or {})
     check_settings(options["lam"], options["power"], options["top_fraction"], options["floor_fraction"])
     check_guidance(options["guidance"], options["row_groups"], options["loss"], options["draws"])
+    if options.get("per_modality") and not holds_images(data.source):
+        raise QuantkitError(f"--per-modality normalises image and text tokens apart, but {data.source} holds no "
+                            "image-text records; give image-text data or drop --per-modality")
     check_output_dir(output, overwrite)
     preflight_importance(model_name, data, output, device=device, offload_dir=offload_dir, overwrite=overwrite)
     started = time.perf_counter()
