@@ -1253,7 +1253,7 @@ def fifth_round() -> list[Case]:
     ev16("--num-fewshot 3 without --tasks", "--num-fewshot", "3")
     ev16("--batch-size abc", "--batch-size", "abc")
     ev16("an export whose weight_packed is float32", target="ct",
-         setup=st_edit("ct/model.safetensors", on("weight_packed", lambda t: t.float())))
+         setup=st_edit("ct/model.safetensors", on("!weight_packed", lambda t: t.float())))
     ev16("an export whose weight_scale lost half its rows", target="ct",
          setup=st_edit("ct/model.safetensors", on("weight_scale", lambda t: t[: t.shape[0] // 2])))
     ev16("an asymmetric export without weight_zero_point", target="asym",
@@ -1300,7 +1300,7 @@ def fifth_round() -> list[Case]:
     exp("an export with an extra unknown tensor", "ct", "fake",
         st_edit("ct/model.safetensors", lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(4, 4)})))
     exp("an export whose weight_packed is float32", "ct", "fake",
-        st_edit("ct/model.safetensors", on("weight_packed", lambda t: t.float())))
+        st_edit("ct/model.safetensors", on("!weight_packed", lambda t: t.float())))
     exp("IN_DIR a file", "text.txt", "fake")
     exp("quantkit.json format 'bogus'", "ct", "fake", json_edit("ct/quantkit.json", lambda d: d.update(format="bogus")))
     exp("quantkit.json spec bits 'four'", "ct", "fake", json_edit("ct/quantkit.json", lambda d: d["spec"].update(bits="four")))
