@@ -28,10 +28,13 @@ def transformers_reads_experts(model: nn.Module) -> bool:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter
     from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    from transformers.utils.quantization_config import QuantizationMethod
 
     for _, experts in routed_experts(model):
         patch = MODULES_TO_PATCH_FOR_QUANTIZATION.get(experts.fused_class.__name__, {})
-        if "compressed-tensors" in [str(getattr(m, "value", m)) for m in patch.get("quantization_methods", [])]:
+        # transformers' quantizer for the export's config (its method name, not a quantkit format name)
+        methods = {str(getattr(m, "value", m)) for m in patch.get("quantization_methods", [])}
+        if QuantizationMethod.COMPRESSED_TENSORS.value in methods:
             return True
     return any(isinstance(t, WeightConverter) and any("experts.*." in p for p in t.source_patterns)
                for t in get_model_conversion_mapping(model, add_legacy=False))
