@@ -347,6 +347,11 @@ def edit_json(path: Path, edit) -> None:
      "declares 8-bit g32 weights but quantkit.json declares 4-bit g32"),
     ("compressed-tensors", lambda d: d.pop("quantization_config"), "config.json has no quantization_config"),
     ("compressed-tensors", lambda d: d["quantization_config"].update(quant_method="gptq"), "quant_method 'gptq'"),
+    ("compressed-tensors", lambda d: d["quantization_config"].update(format="bogus"),
+     "declares format 'bogus' where the tensors are stored 'pack-quantized'"),
+    ("compressed-tensors", lambda d: d["quantization_config"]["config_groups"]["group_0"].update(input_activations={
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}),
+     "disagree on the linears' input activations (quantkit.json: weight-only)"),
     ("fake", lambda d: d.update(quantization_config={"quant_method": "gptq", "bits": 4}),
      "config.json declares a quantization_config"),
 ])

@@ -53,6 +53,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except QuantkitError:
         raise QuantkitError(f"{mpath} names unknown format {name!r}") from None
     settings = manifest_settings(manifest, mpath)
+    act_bits = (manifest.get("spec") or {}).get("act_bits") if isinstance(manifest.get("spec"), dict) else None
+    fmt = fmt.with_act_bits(act_bits)  # what the config must declare for the inputs
     fmt.check_declared(declared, settings, str(root))
     tensors = _load_tensors(root)
     sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}

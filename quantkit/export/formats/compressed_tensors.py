@@ -122,6 +122,23 @@ class CompressedTensorsFormat(Format):
             out.add((weights.get("num_bits"), weights.get("group_size") if grouped else -1, weights.get("symmetric")))
         return out
 
+    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str) -> None:
+        """Beyond the weights' settings: the storage format and whether inputs are quantized, which transformers
+        and vLLM read from config.json alone."""
+        super().check_declared(quantization_config, settings, where)
+        stored = {INT if self.stores_int8(s.bits) else PACKED for s in settings.values()}
+        wanted = stored.pop() if len(stored) == 1 else "mixed-precision"
+        if quantization_config.get("format") != wanted:
+            raise QuantkitError(f"{where}: config.json's quantization_config declares format "
+                                f"{quantization_config.get('format')!r} where the tensors are stored {wanted!r}; "
+                                "the export is inconsistent, export it again")
+        groups = (quantization_config.get("config_groups") or {}).values()
+        if any(bool((group or {}).get("input_activations")) != (self.act_bits is not None) for group in groups):
+            said = f"{self.act_bits}-bit inputs" if self.act_bits is not None else "weight-only"
+            raise QuantkitError(f"{where}: config.json's quantization_config and quantkit.json disagree on the "
+                                f"linears' input activations (quantkit.json: {said}); the export is inconsistent, "
+                                "export it again")
+
     def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """weight_packed, weight_scale (fp16 unless the model is fp32), weight_shape, weight_zero_point if asymmetric."""
         scale_dtype = dtype if dtype in (torch.float16, torch.float32) else torch.float16
