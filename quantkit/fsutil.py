@@ -5,13 +5,14 @@ the checks an output must pass before any work, scratch and temporary folders, a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -338,6 +339,23 @@ def check_offload_dir(path: str | os.PathLike | None, sources: Iterable[str | os
     if not where.is_dir():
         raise QuantkitError(f"cannot create --offload-dir {path}: {where} is a file")
     check_writable(where, f"--offload-dir {path}")
+
+
+def read_json_object(path: str | os.PathLike, remedy: str) -> dict:
+    """A JSON file that must hold one object; a missing or unreadable file, bad JSON or another JSON type is one
+    QuantkitError naming the file and ending in `remedy` (what the user should do)."""
+    file = Path(path)
+    try:
+        parsed = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuantkitError(f"{file} is missing; {remedy}") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise QuantkitError(f"{file} is not valid JSON ({first_line(err)}); {remedy}") from None
+    except OSError as err:
+        raise QuantkitError(f"cannot read {file}: {err.strerror or err}; {remedy}") from None
+    if not isinstance(parsed, dict):
+        raise QuantkitError(f"{file} holds a JSON {type(parsed).__name__}, not an object; {remedy}")
+    return parsed
 
 
 def read_yaml(path: str | os.PathLike, what: str) -> object:

@@ -51,6 +51,17 @@ def test_tokens_from_pythia_training_json_override_or_error(tmp_path):
     assert parse_token_overrides(["a=1e6", "5000"]) == ({"a": 1_000_000}, 5000)
     with pytest.raises(QuantkitError, match="not a number"):
         parse_token_overrides(["a=lots"])
+    with pytest.raises(QuantkitError, match="a second count for a;"):
+        parse_token_overrides(["a=1", "a=2"])
+    with pytest.raises(QuantkitError, match="a second count for every checkpoint"):
+        parse_token_overrides(["1", "2"])
+    # a training.json that is not one object was read with .get() and failed with an AttributeError
+    (ck / "training.json").write_text("[7168]")
+    with pytest.raises(QuantkitError, match=r"training.json holds a JSON list, not an object; fix it or pass --tokens"):
+        resolve_tokens(parse_checkpoint(str(ck)))
+    (ck / "training.json").write_bytes(b"\xff{")
+    with pytest.raises(QuantkitError, match="training.json is not valid JSON"):
+        resolve_tokens(parse_checkpoint(str(ck)))
 
 
 @pytest.mark.parametrize("tied", [True, False])

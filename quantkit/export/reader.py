@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from quantkit.export.common import (
     manifest_settings,
 )
 from quantkit.export.formats import format_for
+from quantkit.fsutil import read_json_object
 from quantkit.quant.spec import QuantResult
 
 
@@ -73,15 +73,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def read_json(path: Path) -> dict:
     """A checkpoint's JSON file, or a QuantkitError saying the checkpoint is incomplete or broken."""
-    try:
-        parsed = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise QuantkitError(f"{path} is missing; the checkpoint is incomplete") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise QuantkitError(f"{path} is not valid JSON ({err}); re-export the checkpoint") from err
-    if not isinstance(parsed, dict):
-        raise QuantkitError(f"{path} holds a JSON {type(parsed).__name__}, not an object; re-export the checkpoint")
-    return parsed
+    return read_json_object(path, "the checkpoint is incomplete or broken; export it again")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.fsutil import read_json_object
 from quantkit.models import looks_local
 
 SINGLE = "model.safetensors"
@@ -193,12 +194,7 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
     check_config_values(config, name)
     generation = local / "generation_config.json" if local is not None else None
     if generation is not None and generation.is_file():  # the export copies it as it is
-        try:
-            parsed = json.loads(generation.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise QuantkitError(f"{generation} is not valid JSON ({first_line(err)}); fix or delete it") from None
-        if not isinstance(parsed, dict):
-            raise QuantkitError(f"{generation} holds a {type(parsed).__name__}, not a JSON object; fix or delete it")
+        read_json_object(generation, "fix or delete it")
     info = ModelFiles(name=name, local=local, config=config)
     from quantkit.models import check_quantized_loadable
 
@@ -379,12 +375,7 @@ def check_tokenizer_class(local: Path) -> str | None:
     path = local / "tokenizer_config.json"
     if not path.is_file():
         return
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise QuantkitError(f"{path} is not valid JSON ({first_line(err)}); fix it or save the tokenizer again") from None
-    if not isinstance(settings, dict):
-        raise QuantkitError(f"{path} holds a {type(settings).__name__}, not a JSON object; save the tokenizer again")
+    settings = read_json_object(path, "fix it or save the tokenizer again")
     name = settings.get("tokenizer_class")
     if name is None or "auto_map" in settings:
         return None  # transformers picks by model type, or the model's own code names its class

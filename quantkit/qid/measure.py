@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import math
 import re
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, unknown_choice
+from quantkit.fsutil import read_json_object
 from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
 from quantkit.qid.table import TableWriter, cell_key, read_table
 from quantkit.quant.methods import METHODS as ENGINE_REGISTRY
@@ -95,10 +95,7 @@ def resolve_tokens(ckpt: Checkpoint, override: int | None = None, tokens_per_ste
     info: dict = {}
     local = ckpt.local_dir
     if local is not None and (local / "training.json").is_file():
-        try:
-            info = json.loads((local / "training.json").read_text())
-        except ValueError as err:
-            raise QuantkitError(f"{local / 'training.json'} is not valid JSON ({err}); fix it or pass --tokens") from err
+        info = read_json_object(local / "training.json", "fix it or pass --tokens")
     step = info.get("step")
     if step is None:
         step = _step_from(ckpt.revision) if ckpt.revision else (_step_from(local.name) if local else None)
@@ -128,8 +125,9 @@ def parse_token_overrides(values: Sequence[str]) -> tuple[dict[str, int], int | 
             raise QuantkitError(f"--tokens {value!r}: {num!r} is not a number; write TOKENS or MODEL=TOKENS") from None
         if tokens <= 0:
             raise QuantkitError(f"--tokens {value!r}: the token count must be positive")
-        if (key in per) if sep else (default is not None):
-            raise QuantkitError(f"--tokens {value!r}: {'a second count for ' + key if sep else 'a second count for every checkpoint'}; "
+        target = key if sep else "every checkpoint"
+        if (sep and key in per) or (not sep and default is not None):
+            raise QuantkitError(f"--tokens {value!r}: a second count for {target}; "
                                 "give one TOKENS for all checkpoints or one MODEL=TOKENS per checkpoint")
         if sep:
             per[key] = tokens
