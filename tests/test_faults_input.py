@@ -1185,3 +1185,21 @@ def test_importance_per_modality_needs_image_text_data(work: Path) -> None:
     """--per-modality on text data was ignored (exit 0): there are no image tokens to normalise apart."""
     assert_fault(work, ["importance", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
                         "--per-modality", "-o", work / "set"], "holds no image-text records")
+
+
+def test_offload_dir_needs_low_memory(work: Path, no_model_load) -> None:
+    """--offload-dir alone switched --low-memory on unasked (and the battery read it as ignored): refused, CLI and API."""
+    line = assert_fault(work, calibrate(work, "--offload-dir", work / "scratch"), "add --low-memory")
+    assert "--offload-dir" in line
+    import quantkit
+
+    with unchanged(work), pytest.raises(quantkit.QuantkitError, match="add --low-memory"):
+        quantkit.quantize(str(work / "model"), data=str(work / "text.txt"), method="rtn", group_size=32, nsamples=2,
+                          seqlen=16, offload_dir=str(work / "scratch"), output_dir=str(work / "api"))
+
+
+def test_offload_dir_with_low_memory_runs(work: Path) -> None:
+    """The valid neighbour of the case above: with --low-memory the same run exports and removes its scratch folder."""
+    result = run_cli(*calibrate(work, "--low-memory", "--offload-dir", work / "scratch"))
+    assert result.exit_code == 0, result.output
+    assert (work / "out" / "model.safetensors").is_file() and not (work / "scratch").exists()

@@ -69,7 +69,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 @click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")
 @click.option("--dist-timeout", type=float, default=OPTIONS["dist_timeout"], show_default=True, help="Seconds a rank waits on the others before giving up.")
 @click.option("--low-memory", is_flag=True, help="Stream one decoder layer at a time from the safetensors files; finished layers go to OUTPUT.partial.")
-@click.option("--offload-dir", type=click.Path(), help="Keep the calibration activations on disk here (implies --low-memory).")
+@click.option("--offload-dir", type=click.Path(), help="With --low-memory: keep the calibration activations on disk here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --low-memory run from OUTPUT.partial (implies --low-memory).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=OPTIONS["dtype"], show_default=True, help="Dtype to load the model in.")
 @output_option("output_dir", required=True, type=click.Path())

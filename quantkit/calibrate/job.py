@@ -94,7 +94,7 @@ class RunSpec:
     devices: tuple[int, ...] | None = None  # a GPU id per rank
     dist_timeout: float = 600.0  # seconds a rank waits on the others
     low_memory: bool = False  # decoder layers streamed from the files, finished ones kept in OUTPUT.partial
-    offload_dir: str | None = None  # calibration activations on disk (with low_memory)
+    offload_dir: str | None = None  # calibration activations on disk (only with low_memory)
     resume: bool = False  # continue an interrupted low-memory run
     progress: bool = True
     hooks: Any = field(default=None, compare=False)  # what tests change on every rank (quantkit.engine.comm.Hooks)
@@ -259,7 +259,10 @@ def _data_spec(data: Any, o: dict) -> DataSpec:
 
 def _run_spec(o: dict) -> RunSpec:
     devices = None if o["devices"] is None else tuple(o["devices"])
-    low_memory = bool(o["resume"] or o["low_memory"] or o["offload_dir"])
+    if o["offload_dir"] is not None and not (o["low_memory"] or o["resume"]):
+        raise QuantkitError(f"--offload-dir {o['offload_dir']} (offload_dir=) keeps a --low-memory run's activations on "
+                            "disk, and this run is in memory; add --low-memory (low_memory=True), or drop --offload-dir")
+    low_memory = bool(o["resume"] or o["low_memory"])
     return RunSpec(device=o["device"], nproc=o["nproc"], devices=devices, dist_timeout=o["dist_timeout"],
                    low_memory=low_memory, offload_dir=o["offload_dir"], resume=o["resume"], progress=o["progress"],
                    hooks=o["hooks"])
