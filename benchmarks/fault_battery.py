@@ -21,8 +21,9 @@ Every case is input that must be refused. Each runs in a fresh copy of a tiny mo
 
 prints the counts (overall and per area) and every case that is not clean as one JSON object. The cases are not
 the ones issue #22 lists: the issue's list is in tests/test_faults_input.py; this is a broader, fresh set. Rounds
-1-4 were written by the helper that fixed what they found; round 5 (`--rounds 5`) by another helper, as the fresh
-battery issue #22's target asks for.
+1-4 were written by the helper that fixed what they found; rounds 5 and 6 (`--rounds 5`, `--rounds 6`) by another
+helper, as the fresh battery issue #22's target asks for (round 6 makes folders immutable with `chattr +i`: run it as
+root or on a file system that allows it).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Case:
     # For an input a right run may accept: (folder, result) -> None when the result is right, else what is wrong
     # (a success without a check is quiet).
     check: Callable[[Path, object], str | None] | None = None
+    keeps: tuple[str, ...] = ()  # paths a refusal may leave, its error line saying so (a finished export)
 
 
 # ---------------------------------------------------------------- building the shared folder
@@ -1750,8 +1752,1193 @@ def _vlm_processor(w: Path):
 
     return build_vlm("qwen2_vl")[1]
 
+# ---------------------------------------------------------------- round 6: a second fresh battery (issue #22)
 
-ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round}
+FAMILIES = ("qwen3", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
+FROZEN: list[Path] = []  # folders a case made immutable (chattr +i): the runner thaws them before removing the case
+
+
+def build_sixth(root: Path) -> None:
+    """Round 6's extra inputs: a tiny model of each newer family (FAMILIES, the generic adapter; mixtral and
+    qwen3_moe are MoE) with the word tokenizer, other/ (a llama of the same config, another seed), mx_ct/ (an
+    RTN export of mixtral) and vlm_ct/ (an RTN export of the VLM)."""
+    from helpers import save_tiny_causal_lm
+
+    for family in FAMILIES:
+        save_tiny_causal_lm(root, family)
+    save_tiny_llama(root / "other", seed=3)
+    _calibrate_at(root, "mixtral", "mx_ct", "text.txt", *RTN)
+    _calibrate_at(root, "vlm", "vlm_ct", "vl/data.jsonl", "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                  "--group-size", "32")
+
+
+def _calibrate_at(root: Path, model: str, out: str, data: str, *args) -> None:
+    result = run_cli("calibrate", root / model, "--calib", root / data, *args, "-o", root / out)
+    assert result.exit_code == 0, (model, result.output)
+
+
+def freeze(rel: str, make: bool = True) -> Callable[[Path], None]:
+    """A setup making `rel` (a folder, created if missing) immutable: nothing can be created in it, even by root."""
+    def setup(w: Path) -> None:
+        import subprocess
+
+        path = w / rel
+        if make:
+            path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        FROZEN.append(path)
+    return setup
+
+
+def thaw() -> None:
+    import subprocess
+
+    while FROZEN:
+        subprocess.run(["chattr", "-i", str(FROZEN.pop())], check=False)
+
+
+def _bytes_of(path: Path) -> bytes:
+    return path.read_bytes() if path.is_file() else b""
+
+
+def same_as(ref: Callable[[Path], list], rel: str = "out", files: tuple[str, ...] = ("model.safetensors",)):
+    """A check: the result's files equal, byte for byte, those of the reference CLI run `ref` (args of w, its -o
+    being w/ref)."""
+    def check(w: Path, result) -> str | None:
+        done = run_cli(*ref(w))
+        if done.exit_code != 0:
+            return f"the reference run failed: {done.output[-200:]}"
+        for name in files:
+            a, b = _bytes_of(w / rel / name), _bytes_of(w / "ref" / name)
+            if not a or a != b:
+                return f"{rel}/{name} differs from the reference run's (or is missing)"
+        return None
+    return check
+
+
+def cal_ref(*extra, model: str = "model", data: str = "text.txt", method=RTN) -> Callable[[Path], list]:
+    """The args of a reference calibrate into w/ref."""
+    return lambda w: ["calibrate", w / model, "--calib", w / data, *method, *extra, "-o", w / "ref"]
+
+
+def api_same_as(ref_kw: dict, files: tuple[str, ...] = ("model.safetensors",)):
+    """A check: the API run's out/ equals a reference API run's (ref_kw on top of `quantize`'s defaults) byte for byte."""
+    def check(w: Path, result) -> str | None:
+        quantize(w, **{**ref_kw, "output_dir": str(w / "ref")})
+        for name in files:
+            a, b = _bytes_of(w / "out" / name), _bytes_of(w / "ref" / name)
+            if not a or a != b:
+                return f"out/{name} differs from the reference call's"
+        return None
+    return check
+
+
+def quantized_where(predicate: Callable[[str], bool], what: str, rel: str = "out"):
+    """A check: the export's quantized modules are exactly those meeting `predicate` among the model's linears, and
+    there are some."""
+    def check(w: Path, result) -> str | None:
+        modules = json.loads((w / rel / "quantkit.json").read_text())["quantized_modules"]
+        wrong = [m for m in modules if not predicate(m)]
+        if not modules or wrong:
+            return f"quantized modules not {what}: {(wrong or ['none'])[:2]}"
+        return export_ok(rel)(w, result)
+    return check
+
+
+def untouched(*rels: str, also: Callable | None = None):
+    """A check: these folders/files equal the shared base's (the run wrote nothing into them), then `also`."""
+    def check(w: Path, result) -> str | None:
+        base = w.parent / "base"
+        for rel in rels:
+            if tree(w / rel) != tree(base / rel) if (w / rel).is_dir() else _bytes_of(w / rel) != _bytes_of(base / rel):
+                return f"{rel} was changed by the run"
+        return also(w, result) if also else None
+    return check
+
+
+def nothing_written(*rels: str):
+    def check(w: Path, result) -> str | None:
+        made = [r for r in rels if (w / r).exists()]
+        return f"a dry run wrote {made}" if made else None
+    return check
+
+
+def loss_of(output: str) -> float:
+    return float(re.findall(r"loss[^0-9-]*(-?[0-9.]+(?:e-?\d+)?|nan|inf)", output)[0])
+
+
+def eval_close_to(ref: Callable[[Path], list], tol: float = 1e-4):
+    """A check: the eval's loss is finite and within tol of the reference eval's."""
+    def check(w: Path, result) -> str | None:
+        bad = eval_ok(w, result)
+        if bad:
+            return bad
+        other = run_cli(*ref(w))
+        if other.exit_code != 0:
+            return f"the reference eval failed: {other.output[-200:]}"
+        a, b = loss_of(result.output), loss_of(other.output)
+        return None if abs(a - b) <= tol else f"loss {a} vs the reference's {b}"
+    return check
+
+
+def weights_close(rel: str, ref_rel: str, tol: float = 0.0):
+    """A check: load_quantized(rel)'s weights equal load_quantized(ref_rel)'s (max abs diff <= tol)."""
+    def check(w: Path, result) -> str | None:
+        import quantkit
+
+        bad = export_ok(rel)(w, result)
+        if bad:
+            return bad
+        a, b = quantkit.load_quantized(w / rel).state_dict(), quantkit.load_quantized(w / ref_rel).state_dict()
+        if a.keys() != b.keys():
+            return f"other tensors than {ref_rel}'s: {sorted(set(a) ^ set(b))[:2]}"
+        worst = max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
+        return None if worst[0] <= tol else f"{worst[1]} differs from {ref_rel}'s by {worst[0]:.3g}"
+    return check
+
+
+def set_ok(rel: str = "set"):
+    def check(w: Path, result) -> str | None:
+        if not (w / rel / "manifest.json").is_file():
+            return f"no {rel}/manifest.json"
+        return _set_finite(w, result) if rel == "set" else None
+    return check
+
+
+def fit_same_as(ref_body: str, *extra):
+    """A check: the fit's --json output equals the fit of ref_body's."""
+    def check(w: Path, result) -> str | None:
+        (w / "ref.csv").write_text(ref_body)
+        other = run_cli("qid", "fit", w / "ref.csv", "--bootstrap", "0", "--json", *extra)
+        if other.exit_code != 0:
+            return f"the reference fit failed: {other.output[-200:]}"
+        a, b = json.loads(result.stdout), json.loads(other.stdout)
+        a.pop("csv", None), b.pop("csv", None)
+        return None if a == b else "the fit differs from the fit of the same rows in plain form"
+    return check
+
+
+def csv_rows_ok(w: Path, result) -> str | None:
+    """A check of a qid measure CSV: rows present, no error cell, qid = loss_q - loss_fp and finite."""
+    import csv
+    import math
+
+    rows = list(csv.DictReader((w / "m.csv").open()))
+    if not rows:
+        return "no rows"
+    for row in rows:
+        if row.get("error"):
+            return f"a failed cell: {row['error'][:100]}"
+        qid, lq, lf = (float(row[k]) for k in ("qid", "loss_q", "loss_fp"))
+        if not all(map(math.isfinite, (qid, lq, lf))) or abs(qid - (lq - lf)) > 1e-6:
+            return f"a row whose qid {qid} is not loss_q - loss_fp ({lq} - {lf})"
+    return None
+
+
+def predict_round_trip(w: Path, result) -> str | None:
+    """predict --tokens D gives QiD q; predict --qid q must give D back."""
+    q = json.loads(result.stdout)["qid"]
+    back = run_cli("qid", "predict", "--params", "1e9", "--bits", "3", "--qid", repr(q), "--json")
+    if back.exit_code != 0:
+        return f"the inverse prediction failed: {back.output[-200:]}"
+    tokens = json.loads(back.stdout).get("tokens")
+    return None if tokens and abs(tokens / 1e12 - 1) < 1e-6 else f"--qid {q} gives D {tokens}, not 1e12"
+
+
+def files_made(*rels: str):
+    def check(w: Path, result) -> str | None:
+        missing = [r for r in rels if not (w / r).exists()]
+        return f"missing {missing}" if missing else None
+    return check
+
+
+def fam_state(family: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    return st_edit(f"{family}/model.safetensors", edit)
+
+
+def fam_config(family: str, **fields) -> Callable[[Path], None]:
+    return json_edit(f"{family}/config.json", lambda d: d.update(fields))
+
+
+def nan_at(key: str, value: float = float("nan")) -> Callable[[dict], None]:
+    """A tensor edit putting `value` at the first element of the first tensor whose name contains `key`."""
+    def edit(state: dict) -> None:
+        name = first_with(state, key)
+        state[name] = state[name].clone()
+        state[name].view(-1)[0] = value
+    return edit
+
+
+def first_with(state: dict, key: str) -> str:
+    return next(k for k in sorted(state) if key in k)
+
+
+def drop(key: str) -> Callable[[dict], None]:
+    return lambda state: state.pop(first_with(state, key))
+
+
+def _chmod_link(w: Path, name: str, target: str) -> None:
+    (w / name).symlink_to(w / target)
+
+
+def _fit_csv(body: str) -> Callable[[Path], None]:
+    return write("t.csv", body)
+
+
+def _reordered(body: str) -> str:
+    """The same table with its columns in reverse order."""
+    lines = [line.split(",") for line in body.strip().splitlines()]
+    return "".join(",".join(reversed(cells)) + "\n" for cells in lines)
+
+
+def _quoted(body: str) -> str:
+    return "".join(",".join(f'"{c}"' for c in line.split(",")) + "\n" for line in body.strip().splitlines())
+
+
+def _records(w: Path, absolute: bool, rel: str = "d.jsonl") -> None:
+    lines = [json.loads(line) for line in (w / "vl" / "data.jsonl").read_text().splitlines() if line.strip()]
+    for r in lines:
+        path = Path(r["image"])
+        path = path if path.is_absolute() else (w / "vl" / path)
+        r["image"] = str(path.resolve()) if absolute else os.path.relpath(path.resolve(), w)
+    (w / rel).write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def _vl_as_json(w: Path) -> None:
+    _records(w, True)
+    lines = [json.loads(line) for line in (w / "d.jsonl").read_text().splitlines()]
+    (w / "d.json").write_text(json.dumps(lines))
+
+
+def _vl_with(edit: Callable[[Path, list], None]) -> Callable[[Path], None]:
+    """d.jsonl: vl/data.jsonl's records with absolute image paths, then edited."""
+    def setup(w: Path) -> None:
+        _records(w, True)
+        lines = [json.loads(line) for line in (w / "d.jsonl").read_text().splitlines()]
+        edit(w, lines)
+        (w / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return setup
+
+
+def _link_image(w: Path, target: str) -> str:
+    link = w / "ln.png"
+    if not link.is_symlink():
+        link.symlink_to(target)
+    return str(link)
+
+
+def _file_at(w: Path, name: str, content: bytes) -> str:
+    (w / name).write_bytes(content)
+    return str(w / name)
+
+
+def _caption(record: dict, text: str) -> None:
+    record.pop("messages", None)
+    record["text"] = text
+
+
+def _image_file(w: Path, name: str, fmt: str, frames: int = 1, mode: str = "RGB", size=(56, 56)) -> str:
+    from PIL import Image
+
+    images = [Image.new(mode, size, (30 * i, 200, 30)[: len(mode)] if mode != "L" else 90) for i in range(frames)]
+    images[0].save(w / name, format=fmt, **({"save_all": True, "append_images": images[1:]} if frames > 1 else {}))
+    return str(w / name)
+
+
+def _data_uri(w: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode((w / "vl" / "img" / "0.png").read_bytes()).decode()
+
+
+def _api_vlm(w: Path, records, **kw):
+    import quantkit
+
+    return quantkit.quantize(str(w / "vlm"), data=records, method="rtn", group_size=32, nsamples=2, seqlen=256,
+                             progress=False, output_dir=str(w / "out"), **kw)
+
+
+def _pil_records(w: Path, mode: str):
+    from PIL import Image
+
+    return [{"image": Image.open(w / "vl" / "img" / f"{i}.png").convert(mode), "text": "a red square ."}
+            for i in range(4)]
+
+
+def _loaded_family(w: Path, family: str, edit: Callable | None = None, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(w / family, **({"dtype": dtype} if dtype else {}))
+    if edit:
+        with torch.no_grad():
+            edit(model)
+    return model
+
+
+def _nan_expert(model) -> None:
+    for name, p in model.named_parameters():
+        if "experts" in name:
+            p.view(-1)[0] = float("nan")
+            return
+
+
+def _tokenizer_left(w: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(w / "model")
+    tok.padding_side = "left"
+    return tok
+
+
+def _stopped_then_other_text(w: Path) -> None:
+    write_text(w / "other.txt", seed=7)
+
+
+def _vlm_bare_tokenizer(w: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(w / "vlm")
+
+
+def sixth_round() -> list[Case]:
+    """Round 6, a fresh battery by the round-5 helper: the newer families (generic adapter) and MoE, the VLM,
+    option combinations, content that disagrees with itself (configs vs weights, tokenizers vs models, exports'
+    configs vs tensors, sets and work areas from another run), file-system faults (immutable folders, outputs
+    onto inputs, symlinks), and accepted inputs checked against a reference run (the same thing spelled another
+    valid way must give the same bytes)."""
+    out = Cases()
+    add, cli, cal, api = out.add, out.cli, out.cal, out.api
+    nan, inf = float("nan"), float("inf")
+    text = " ".join(WORDS * 40)
+
+    # ---- the newer families and MoE through the generic adapter
+    for fam in FAMILIES:
+        cal("family", f"{fam}: RTN", model=fam, check=export_ok())
+        cal("family", f"{fam}: GPTQ --low-memory equals GPTQ in memory", "--low-memory", model=fam, method=GPTQ,
+            check=same_as(cal_ref(model=fam, method=GPTQ)))
+        cal("family", f"{fam}: NaN in a layer-1 weight", model=fam, setup=fam_state(fam, nan_at("layers.1.")))
+        cal("family", f"{fam}: config num_hidden_layers 3 (2 stored)", model=fam,
+            setup=fam_config(fam, num_hidden_layers=3))
+        cli("family", f"{fam}: eval of its RTN export",
+            lambda w, f=fam: ["eval", w / "x", "--data", w / "text.txt", "--seqlen", "16"],
+            setup=lambda w, f=fam: _calibrate_into_from(w, f, "x", *RTN), check=eval_ok)
+    cal("family", "phi3: config hidden_size 96 (64 stored)", model="phi3", setup=fam_config("phi3", hidden_size=96))
+    cal("family", "gemma3_text: the final norm missing from the file", model="gemma3_text",
+        setup=fam_state("gemma3_text", drop("model.norm.")))
+    cal("family", "qwen3_moe: the 96-symbol tokenizer (vocab 120: fits)", model="qwen3_moe",
+        setup=lambda w: _swap_tok(w / "qwen3_moe", printable_tokenizer), check=export_ok())
+    cal("family", "phi3: --group-size 48 (fused qkv input 64)", "--group-size", "48", model="phi3")
+    cal("family", "phi3: --recipe targets q_proj (fused into qkv_proj)", "--recipe", "r.yaml", model="phi3",
+        setup=write("r.yaml", "targets: [q_proj]\n"))
+    cal("family", "phi3: --format gptq", "--format", "gptq", model="phi3", check=export_ok())
+    cal("family", "qwen3: q_norm missing from the file", model="qwen3", setup=fam_state("qwen3", drop("q_norm")))
+    cal("family", "qwen3: config model_type qwen3 over llama weights (no q_norm)",
+        setup=json_edit("model/config.json", lambda d: d.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])))
+    cal("family", "gemma3_text: inf in a pre_feedforward_layernorm", model="gemma3_text",
+        setup=fam_state("gemma3_text", nan_at("pre_feedforward_layernorm", inf)))
+    cal("family", "gemma3_text: --format gptq_v2 --asym", "--format", "gptq_v2", "--asym", model="gemma3_text",
+        check=export_ok())
+    cal("family", "gemma3_text: config sliding_window 0", model="gemma3_text", setup=fam_config("gemma3_text", sliding_window=0))
+    cal("moe", "mixtral: one expert's w2 missing", model="mixtral", setup=fam_state("mixtral", drop("experts.1.w2")))
+    cal("moe", "mixtral: config num_local_experts 8 (4 stored)", model="mixtral",
+        setup=fam_config("mixtral", num_local_experts=8))
+    cal("moe", "mixtral: config num_experts_per_tok 5 of 4 experts", model="mixtral",
+        setup=fam_config("mixtral", num_experts_per_tok=5))
+    cal("moe", "mixtral: config num_experts_per_tok 0", model="mixtral", setup=fam_config("mixtral", num_experts_per_tok=0))
+    cal("moe", "mixtral: NaN in a router weight", model="mixtral", setup=fam_state("mixtral", nan_at("layers.0.block_sparse_moe.gate")))
+    cal("moe", "mixtral: inf in an expert's w1", model="mixtral", setup=fam_state("mixtral", nan_at("experts.2.w1", inf)))
+    cal("moe", "mixtral: an expert's w3 of another shape", model="mixtral",
+        setup=fam_state("mixtral", lambda s: s.update({first_with(s, "experts.3.w3"): s[first_with(s, "experts.3.w3")][:64]})))
+    cal("moe", "mixtral: --all-experts", "--all-experts", model="mixtral", method=GPTQ, check=export_ok())
+    cal("moe", "mixtral: --all-experts --low-memory equals in memory", "--all-experts", "--low-memory", model="mixtral",
+        method=GPTQ, check=same_as(cal_ref("--all-experts", model="mixtral", method=GPTQ)))
+    cal("moe", "mixtral: experts stored float16, the rest float32", model="mixtral", check=export_ok(),
+        setup=fam_state("mixtral", lambda s: s.update({k: v.half() for k, v in s.items() if "experts" in k})))
+    cal("moe", "mixtral: --recipe ignore every expert", "--recipe", "r.yaml", model="mixtral",
+        setup=write("r.yaml", "ignore: ['re:.*experts.*']\n"), check=quantized_where(lambda m: "experts" not in m, "non-experts"))
+    cal("moe", "qwen3_moe: --recipe targets only the experts", "--recipe", "r.yaml", model="qwen3_moe",
+        setup=write("r.yaml", "targets: ['re:.*experts.*']\n"), check=quantized_where(lambda m: "experts" in m, "experts"))
+    cal("moe", "qwen3_moe: config num_experts 8 (4 stored)", model="qwen3_moe", setup=fam_config("qwen3_moe", num_experts=8))
+    cal("moe", "qwen3_moe: config mlp_only_layers [0] over stored experts", model="qwen3_moe",
+        setup=fam_config("qwen3_moe", mlp_only_layers=[0]))
+    cal("moe", "qwen3_moe: config decoder_sparse_step 2 over stored experts", model="qwen3_moe",
+        setup=fam_config("qwen3_moe", decoder_sparse_step=2))
+    cal("moe", "qwen3_moe: TLQ", model="qwen3_moe", method=["--method", "tlq", "--nsamples", "2", "--seqlen", "16",
+                                                            "--group-size", "32"], check=export_ok())
+    cal("moe", "--all-experts on a dense llama", "--all-experts", method=GPTQ)
+    cli("moe", "export of a mixtral export to gptq", lambda w: ["export", w / "mx_ct", "--format", "gptq", "-o", w / "x"],
+        check=weights_close("x", "mx_ct", 1e-3))
+    cli("moe", "export of a mixtral export to fake and back to compressed-tensors", lambda w: [
+        "export", w / "y", "--format", "compressed-tensors", "-o", w / "x"],
+        setup=lambda w: run_cli("export", w / "mx_ct", "--format", "fake", "-o", w / "y"),
+        check=lambda w, r: None if _bytes_of(w / "x/model.safetensors") == _bytes_of(w / "mx_ct/model.safetensors")
+        else "ct -> fake -> ct changed the tensors' bytes")
+    cli("moe", "eval of a mixtral export whose one expert scale is NaN", lambda w: [
+        "eval", w / "mx_ct", "--data", w / "text.txt", "--seqlen", "16"],
+        setup=st_edit("mx_ct/model.safetensors", nan_at("experts.0.w2.weight_scale")))
+    cli("moe", "importance of mixtral", lambda w: ["importance", w / "mixtral", "--calib", w / "text.txt", "--nsamples",
+                                                     "2", "--seqlen", "16", "-o", w / "set"], check=set_ok())
+    cli("moe", "plan of mixtral --json", lambda w: ["plan", w / "mixtral", "--calib", w / "text.txt", *RTN, "--json"],
+        check=lambda w, r: None if json.loads(r.stdout) else "no plan")
+    cli("moe", "--calib-set of mixtral for the llama", lambda w: [
+        "calibrate", w / "model", "--calib-set", w / "set", "--group-size", "32", "-o", w / "out"],
+        setup=lambda w: _make_set_of(w, "mixtral"))
+    api("a loaded mixtral with a NaN expert weight", lambda w: quantize(
+        w, model=_loaded_family(w, "mixtral", _nan_expert), data=[text]))
+    api("a loaded mixtral (RTN)", lambda w: quantize(w, model=_loaded_family(w, "mixtral"), data=[text]),
+        check=returned_ok)
+    api("a loaded qwen3 in bfloat16 (GPTQ)", lambda w: quantize(
+        w, model=_loaded_family(w, "qwen3", dtype=torch.bfloat16), data=[text], method="gptq"), check=returned_ok)
+
+    # ---- the VLM
+    vm = ["--method", "rtn", "--nsamples", "2", "--seqlen", "256", "--group-size", "32"]
+    vg = ["--method", "gptq", "--nsamples", "2", "--seqlen", "256", "--group-size", "32"]
+
+    def vcal(name, *extra, data="d.jsonl", setup=None, check=None, method=vm):
+        cal("vlm", name, *extra, model="vlm", data=data, method=method, setup=setup, check=check)
+
+    vcal("GPTQ on image-text records", data="vl/data.jsonl", method=vg, check=export_ok())
+    vcal("GPTQ --low-memory on image-text records", "--low-memory", data="vl/data.jsonl", method=vg, check=export_ok())
+    vcal("absolute image paths equal relative ones", setup=lambda w: _records(w, True),
+         check=same_as(cal_ref(model="vlm", data="vl/data.jsonl", method=vm)))
+    vcal("a .json array of the records equals the .jsonl", data="d.json", setup=_vl_as_json,
+         check=same_as(cal_ref(model="vlm", data="vl/data.jsonl", method=vm)))
+    vcal("records with an extra 'id' key", setup=_vl_with(lambda w, rs: [r.update(id=i) for i, r in enumerate(rs)]),
+         check=same_as(cal_ref(model="vlm", data="vl/data.jsonl", method=vm)))
+    vcal("image a list of two paths", setup=_vl_with(lambda w, rs: [r.update(image=[r["image"], r["image"]]) for r in rs]),
+         check=export_ok())
+    vcal("image a JPEG", setup=_vl_with(lambda w, rs: [r.update(image=_image_file(w, "i.jpg", "JPEG")) for r in rs]),
+         check=export_ok())
+    vcal("image an animated GIF", setup=_vl_with(lambda w, rs: [r.update(image=_image_file(w, "i.gif", "GIF", 3, "P"))
+                                                                for r in rs]), check=export_ok())
+    vcal("image a path with spaces", setup=_vl_with(lambda w, rs: [r.update(image=_image_file(w, "my image.png", "PNG"))
+                                                                   for r in rs]), check=export_ok())
+    vcal("image a symlink to a PNG", setup=_vl_with(lambda w, rs: [r.update(image=_link_image(w, r["image"])) for r in rs]),
+         check=export_ok())
+    vcal("image a data: URI", setup=_vl_with(lambda w, rs: [r.update(image=_data_uri(w)) for r in rs]), check=export_ok())
+    vcal("image '' (empty)", setup=_vl_with(lambda w, rs: [r.update(image="") for r in rs]))
+    vcal("image a 0-byte file", setup=_vl_with(lambda w, rs: [r.update(image=_file_at(w, "z.png", b"")) for r in rs]))
+    vcal("image an SVG", setup=_vl_with(lambda w, rs: [r.update(image=_file_at(
+        w, "s.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')) for r in rs]))
+    vcal("image a file:// URL", setup=_vl_with(lambda w, rs: [r.update(image="file://" + r["image"]) for r in rs]),
+         check=export_ok())
+    vcal("text holding the literal image token", setup=_vl_with(
+        lambda w, rs: [_caption(r, "<|image_pad|> a red square .") for r in rs]))
+    vcal("text holding a stray vision start token (not followed by an image token)", setup=_vl_with(
+        lambda w, rs: [_caption(r, "<|vision_start|> a red square .") for r in rs]), check=export_ok())
+    vcal("image a list of zero paths", setup=_vl_with(lambda w, rs: [r.update(image=[]) for r in rs]))
+    vcal("--seqlen 8 below one image's tokens", data="vl/data.jsonl",
+         method=["--method", "rtn", "--nsamples", "2", "--seqlen", "8", "--group-size", "32"])
+    vcal("records with a 'messages' form holding the image part", setup=_vl_with(lambda w, rs: [
+        (r.clear(), r.update(messages=[{"role": "user", "content": [{"type": "image", "image": img},
+                                                                     {"type": "text", "text": "what is it?"}]},
+                                       {"role": "assistant", "content": [{"type": "text", "text": "a red square ."}]}]))
+        for r, img in [(r, r["image"]) for r in rs]]), check=export_ok())
+    vcal("config vision_config hidden_size 48 (32 stored)", data="vl/data.jsonl",
+         setup=json_edit("vlm/config.json", lambda d: d["vision_config"].update(hidden_size=48, embed_dim=48)))
+    vcal("a vision-tower weight missing from the file", data="vl/data.jsonl",
+         setup=st_edit("vlm/model.safetensors", drop("visual.blocks.0.mlp")))
+    vcal("the printable 96-symbol tokenizer as its tokenizer", data="vl/data.jsonl",
+         setup=lambda w: _swap_tok(w / "vlm", printable_tokenizer))
+    vcal("--quantize-vision", "--quantize-vision", data="vl/data.jsonl", check=export_ok())
+    vcal("GPTQ on plain text", data="text.txt", method=["--method", "gptq", "--nsamples", "2", "--seqlen", "16",
+                                                         "--group-size", "32"], check=export_ok())
+    cli("vlm", "importance on image-text --per-modality", lambda w: [
+        "importance", w / "vlm", "--calib", w / "vl" / "data.jsonl", "--nsamples", "2", "--seqlen", "256", "--per-modality",
+        "-o", w / "set"], check=set_ok())
+    cli("vlm", "eval of its export on text", lambda w: ["eval", w / "vlm_ct", "--data", w / "text.txt", "--seqlen", "16"],
+        check=eval_ok)
+    cli("vlm", "eval on image-text records", lambda w: ["eval", w / "vlm", "--data", w / "vl" / "data.jsonl", "--seqlen", "256"],
+        check=eval_ok)
+    cli("vlm", "export of its export to fake", lambda w: ["export", w / "vlm_ct", "--format", "fake", "-o", w / "x"],
+        check=weights_close("x", "vlm_ct"))
+    cli("vlm", "load-eval of its export whose processor_config.json was deleted", lambda w: [
+        "eval", w / "vlm_ct", "--data", w / "vl" / "data.jsonl", "--seqlen", "256"],
+        setup=lambda w: (w / "vlm_ct" / "processor_config.json").unlink(missing_ok=True))
+    api("VLM: records of PIL images in mode P", lambda w: _api_vlm(w, _pil_records(w, "P")), check=export_ok())
+    api("VLM: its bare tokenizer instead of the processor", lambda w: _api_vlm(
+        w, [{"image": str(w / "vl" / "img" / f"{i}.png"), "text": "a red square ."} for i in range(4)],
+        tokenizer_or_processor=_vlm_bare_tokenizer(w)))
+    api("VLM: a record whose image is a torch tensor", lambda w: _api_vlm(
+        w, [{"image": torch.rand(3, 56, 56), "text": "a red square ."}] * 3))
+    api("VLM: a record whose image is a numpy array HxWx3 uint8", lambda w: _api_vlm(
+        w, [{"image": __import__("numpy").full((56, 56, 3), 200, dtype="uint8"), "text": "a red square ."}] * 3),
+        check=export_ok())
+
+    # ---- model content and configs (llama)
+    def mcal(name, *extra, setup=None, check=None, method=RTN, data="text.txt"):
+        cal("model", name, *extra, setup=setup, check=check, method=method, data=data)
+
+    mcal("NaN in layer 1's input_layernorm", setup=tensors(model__layers__1__input_layernorm__weight=at(nan, (0,))))
+    mcal("complex64 final norm", setup=st_edit("model/model.safetensors", lambda s: s.update(
+        {"model.norm.weight": s["model.norm.weight"].to(torch.complex64)})))
+    mcal("float16 embedding, the rest float32", check=export_ok(), setup=st_edit("model/model.safetensors", lambda s: s.update(
+        {"model.embed_tokens.weight": s["model.embed_tokens.weight"].half()})))
+    mcal("a final norm of 0 elements", setup=st_edit("model/model.safetensors", lambda s: s.update(
+        {"model.norm.weight": torch.zeros(0)})))
+    mcal("a final norm of shape [1, 32]", setup=st_edit("model/model.safetensors", lambda s: s.update(
+        {"model.norm.weight": s["model.norm.weight"][None]})))
+    mcal("lm_head missing, tie false", setup=st_edit("model/model.safetensors", drop("lm_head")))
+    mcal("embed_tokens missing", setup=st_edit("model/model.safetensors", drop("embed_tokens")))
+    mcal("config head_dim 16 (8 stored)", setup=json_edit("model/config.json", lambda d: d.update(head_dim=16)))
+    mcal("config rms_norm_eps 1e-30 (valid)", check=export_ok(),
+         setup=json_edit("model/config.json", lambda d: d.update(rms_norm_eps=1e-30)))
+    mcal("config max_position_embeddings 16 = --seqlen", check=export_ok(),
+         setup=json_edit("model/config.json", lambda d: d.update(max_position_embeddings=16)))
+    mcal("config dtype bfloat16 over float32 tensors", check=export_ok(),
+         setup=json_edit("model/config.json", lambda d: d.update(dtype="bfloat16")))
+    mcal("config architectures []", setup=json_edit("model/config.json", lambda d: d.update(architectures=[])),
+         check=export_ok())
+    mcal("generation_config.json not JSON", setup=write("model/generation_config.json", "{oops"), check=export_ok())
+    mcal("tokenizer_config model_max_length 8 below --seqlen 16", check=export_ok(),
+         setup=json_edit("model/tokenizer_config.json", lambda d: d.update(model_max_length=8)))
+    mcal("tokenizer_class LlamaTokenizer without its sentencepiece file",
+         setup=json_edit("model/tokenizer_config.json", lambda d: d.update(tokenizer_class="LlamaTokenizer")))
+    mcal("an added token with id 500 past the 64-row embedding (in the text)", data="d.txt",
+         setup=both(json_edit("model/tokenizer.json", lambda d: d["added_tokens"].append(
+             {"id": 500, "content": "zz", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": False})), write("d.txt", " ".join(["zz"] + WORDS * 40))))
+    mcal("eos token not in the vocabulary", setup=json_edit("model/tokenizer_config.json", lambda d: d.update(
+        eos_token="<nothing>")), check=export_ok())
+    mcal("tokenizer.json deleted, tokenizer_config.json kept",
+         setup=lambda w: (w / "model" / "tokenizer.json").unlink())
+    cal("model", "model path a symlink to the model equals the model", model="ml",
+        setup=lambda w: _chmod_link(w, "ml", "model"), check=same_as(cal_ref()))
+    cal("model", "model path with spaces equals the model", model="my model",
+        setup=lambda w: shutil.copytree(w / "model", w / "my model"), check=same_as(cal_ref()))
+    cal("model", "model path 'model/.' equals the model", model="model/.", check=same_as(cal_ref()))
+    cal("model", "model path '~/quantkit-none' (not there)", model="~/quantkit-none")
+    cal("model", "model path an immutable copy (read-only) equals the model", model="mro",
+        setup=both(lambda w: shutil.copytree(w / "model", w / "mro"), freeze("mro", make=False)), check=same_as(cal_ref()))
+
+    # ---- calibration data
+    def dcal(name, *extra, data="d.txt", setup=None, check=None, method=RTN):
+        cal("data", name, *extra, data=data, setup=setup, check=check, method=method)
+
+    jl = "".join(json.dumps({"text": text}) + "\n" for _ in range(3))
+    ref_jl = cal_ref(data="r.jsonl")
+    with_ref = write("r.jsonl", jl)
+    dcal("UTF-16 text file", setup=write("d.txt", text.encode("utf-16")))
+    dcal("a gzip file named .txt", setup=lambda w: (w / "d.txt").write_bytes(__import__("gzip").compress(text.encode())))
+    dcal("one word repeated", setup=write("d.txt", "w1 " * 800), check=export_ok())
+    dcal("one 100k-character word", setup=write("d.txt", "x" * 100000))
+    dcal("exactly 33 tokens for 2 x 16", setup=write("d.txt", " ".join(WORDS[:33])), check=export_ok())
+    dcal("20 tokens for 2 x 16", setup=write("d.txt", " ".join(WORDS[:20])))
+    dcal("/dev/null", data="/dev/null")
+    dcal("a directory holding a symlink loop", data="loopdir",
+         setup=lambda w: ((w / "loopdir").mkdir(), shutil.copy(w / "text.txt", w / "loopdir" / "t.txt"),
+                          (w / "loopdir" / "loop").symlink_to(w / "loopdir")), check=export_ok())
+    dcal("a file name with a comma", data="a,b.txt", setup=write("a,b.txt", text), check=export_ok())
+    dcal("a glob matching only text.txt equals the file", data="tex*.txt", check=same_as(cal_ref()))
+    dcal("./text.txt equals the absolute path", data="./text.txt", check=same_as(cal_ref()))
+    dcal("a symlink to the text equals the text", data="tl.txt", setup=lambda w: _chmod_link(w, "tl.txt", "text.txt"),
+         check=same_as(cal_ref()))
+    dcal("JSONL with blank lines between records equals without", data="d.jsonl",
+         setup=both(with_ref, write("d.jsonl", jl.replace("\n", "\n\n"))), check=same_as(ref_jl))
+    dcal("JSONL without a final newline equals with", data="d.jsonl",
+         setup=both(with_ref, write("d.jsonl", jl.rstrip("\n"))), check=same_as(ref_jl))
+    dcal("JSONL records with extra keys equal without", data="d.jsonl",
+         setup=both(with_ref, write("d.jsonl", "".join(json.dumps({"id": i, "text": text, "meta": {"a": 1}}) + "\n"
+                                                        for i in range(3)))), check=same_as(ref_jl))
+    dcal("JSONL record with both text and messages", data="d.jsonl",
+         setup=write("d.jsonl", "".join(json.dumps({"text": text, **CHAT[0]}) + "\n" for _ in range(3))))
+    dcal("JSONL with a 'null' line", data="d.jsonl", setup=write("d.jsonl", jl + "null\n"))
+    ch = dict(data="c.jsonl")
+    tpl = write("t.jinja", CHAT_TEMPLATE)
+
+    def chat(name, records, *extra, check=None, method=RTN):
+        dcal(name, "--chat-template", "t.jinja", *extra, setup=both(tpl, write("c.jsonl", "".join(
+            json.dumps(r) + "\n" for r in records))), check=check, method=method, **ch)
+
+    long_user = " ".join(WORDS[:30])
+    chat("chat role 'bot'", [{"messages": [{"role": "user", "content": long_user}, {"role": "bot", "content": "w1"}]}] * 3)
+    chat("chat messages a mapping", [{"messages": {"role": "user", "content": "w1"}}] * 3)
+    chat("chat content a list of text parts", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": long_user}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "w3 w4"}]}]}] * 3, check=export_ok())
+    chat("chat assistant with tool_calls and content null", [{"messages": [
+        {"role": "user", "content": long_user},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]}] * 3)
+    chat("chat an image part in a text model's chat", [{"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "vl/img/0.png"}, {"type": "text", "text": long_user}]},
+        {"role": "assistant", "content": "w3"}]}] * 3)
+    chat("chat with 'messages' and an 'image' key for a text model", [{"image": "vl/img/0.png", **CHAT[0]}] * 3)
+    chat("TLQ on chats, --nsamples 2 --seqlen 16", [{"messages": [{"role": "user", "content": long_user},
+                                                                    {"role": "assistant", "content": "w3 w4 w5"}]}] * 3,
+         method=["--method", "tlq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"], check=export_ok())
+    chat("chat with a 'weight' per record (unknown key)", [{"messages": CHAT[0]["messages"], "weight": 2.0}] * 3,
+         check=export_ok())
+    dcal("a data recipe listing one source twice", data="r.yaml", check=export_ok(),
+         setup=write("r.yaml", "kind: text\nsources:\n  - path: text.txt\n  - path: text.txt\n"))
+    dcal("a data recipe whose path is relative to it", data="sub/r.yaml", check=export_ok(),
+         setup=both(lambda w: shutil.copy(w / "text.txt", w / "t2.txt"),
+                    write("sub/r.yaml", "kind: text\nsources:\n  - path: ../t2.txt\n")))
+    dcal("a data recipe with a source weight 0 and one 1", data="r.yaml", check=export_ok(),
+         setup=write("r.yaml", "kind: text\nsources:\n  - path: text.txt\n    weight: 0\n  - path: text.txt\n    weight: 1\n"))
+    dcal("a data recipe with an unknown key per source", data="r.yaml",
+         setup=write("r.yaml", "kind: text\nsources:\n  - path: text.txt\n    wieght: 2\n"))
+    dcal("--part heldout of a long text", "--part", "heldout", data="text.txt", check=export_ok())
+
+    # ---- calibrate option combinations
+    def ocal(name, *extra, setup=None, check=None, method=RTN, data="text.txt"):
+        cal("options", name, *extra, setup=setup, check=check, method=method, data=data)
+
+    ocal("--format gptq --asym", "--format", "gptq", "--asym", check=export_ok())
+    ocal("--format fake --bits 8 --group-size -1 --act-bits 8", "--format", "fake", "--bits", "8", "--group-size", "-1",
+         "--act-bits", "8", check=export_ok())
+    ocal("--bits 4 --group-size -1 --act-bits 8 (W4A8)", "--group-size", "-1", "--act-bits", "8", check=export_ok())
+    ocal("--act-bits 4 --bits 4 --group-size -1", "--group-size", "-1", "--act-bits", "4", check=export_ok())
+    ocal("--act-bits 8 --format gptq", "--bits", "8", "--group-size", "-1", "--act-bits", "8", "--format", "gptq")
+    ocal("--act-bits 8 --asym", "--bits", "8", "--group-size", "-1", "--act-bits", "8", "--asym")
+    ocal("--smooth uniform without --act-bits", "--smooth", "uniform", check=export_ok())
+    ocal("--mse with GPTQ", "--mse", method=GPTQ, check=export_ok())
+    ocal("--cd-sweeps 2 with RTN", "--cd-sweeps", "2")
+    ocal("--guidance linear with GPTQ", "--guidance", "linear", method=GPTQ)
+    ocal("--lam 0.5 with RTN", "--lam", "0.5")
+    ocal("--importance-loss fisher --fisher-draws 2 (TLQ)", "--importance-loss", "fisher", "--fisher-draws", "2",
+         method=["--method", "tlq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"], check=export_ok())
+    ocal("--bits 3 --format compressed-tensors", "--bits", "3", "--format", "compressed-tensors", check=export_ok())
+    ocal("--seed 0 equals the default seed", "--seed", "0", method=GPTQ, check=same_as(cal_ref(method=GPTQ)))
+    ocal("--format compressed-tensors equals the default format", "--format", "compressed-tensors",
+         check=same_as(cal_ref()))
+    ocal("--group-size=32 (= form) equals --group-size 32", method=["--method=rtn", "--nsamples=2", "--seqlen=16",
+                                                                     "--group-size=32"], check=same_as(cal_ref()))
+    ocal("--device cpu:0 equals cpu", "--device", "cpu:0", method=GPTQ, check=same_as(cal_ref(method=GPTQ)))
+    ocal("--device CPU (capitals)", "--device", "CPU")
+    ocal("--dtype float32 equals auto on a float32 model", "--dtype", "float32", method=GPTQ,
+         check=same_as(cal_ref(method=GPTQ)))
+    ocal("--nproc 2 --low-memory equals one process", "--nproc", "2", "--low-memory", method=GPTQ,
+         check=same_as(cal_ref(method=GPTQ)))
+    out.append(Case("options", "--push-to-hub offline (the finished export stays, as the error says)", lambda w: run_cli(
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--push-to-hub", "quantkit-nobody/x", "-o", w / "out"),
+        keeps=("out",)))
+    ocal("--dry-run --json writes nothing", "--dry-run", "--json", check=nothing_written("out", "out.partial"))
+    ocal("--resume without --low-memory (implies it)", "--resume", check=same_as(cal_ref()))
+    ocal("--resume with no work area equals a fresh run", "--resume", "--low-memory", method=GPTQ,
+         check=same_as(cal_ref(method=GPTQ)))
+    ocal("--resume --low-memory onto a finished export", "--resume", "--low-memory", method=GPTQ,
+         setup=lambda w: _calibrate_into(w, "out", *GPTQ, "--low-memory"))
+    ocal("--low-memory --offload-dir the model directory", "--low-memory", "--offload-dir", "model", method=GPTQ,
+         check=untouched("model"))
+    ocal("--low-memory --offload-dir . (the data's folder)", "--low-memory", "--offload-dir", ".", method=GPTQ,
+         check=untouched("text.txt", "model", also=export_ok()))
+    ocal("--low-memory --offload-dir under a file", "--low-memory", "--offload-dir", "text.txt/off")
+    ocal("--low-memory --offload-dir an immutable folder", "--low-memory", "--offload-dir", "ro", setup=freeze("ro"))
+    cal("options", "--quantize-lm-head --recipe ignoring lm_head", "--quantize-lm-head", "--recipe", "r.yaml",
+        setup=write("r.yaml", "ignore: [lm_head]\n"))
+    cal("options", "--recipe override bits 8 for q_proj", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [q_proj]\n    bits: 8\n"), check=_q_proj_bits(8))
+    cal("options", "--recipe override group_size 16 for down_proj", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [down_proj]\n    group_size: 16\n"), check=export_ok())
+    cal("options", "--recipe two overrides on one linear: the later wins", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [q_proj]\n    bits: 8\n  - targets: [q_proj]\n    bits: 2\n"),
+        check=_q_proj_bits(2))
+    cal("options", "--recipe ignore and targets naming the same linear", "--recipe", "r.yaml",
+        setup=write("r.yaml", "targets: [q_proj]\nignore: [q_proj]\n"))
+    cal("options", "--recipe override method tlq inside an RTN run", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: [q_proj]\n    method: tlq\n"))
+    cal("options", "--recipe an empty file", "--recipe", "r.yaml", setup=write("r.yaml", ""), check=export_ok())
+    cal("options", "--recipe with a tab-indented line", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n\t- targets: [q_proj]\n"))
+    cal("options", "--recipe targets as a string (one pattern)", "--recipe", "r.yaml", setup=write("r.yaml", "targets: q_proj\n"),
+        check=quantized_where(lambda m: m.endswith("q_proj"), "the q_projs"))
+    cal("options", "--recipe equals the same recipe in JSON", "--recipe", "r.json",
+        setup=both(write("r.json", json.dumps({"ignore": ["down_proj"]})), write("r.yaml", "ignore: [down_proj]\n")),
+        check=same_as(cal_ref("--recipe", "r.yaml")))
+
+    # ---- outputs and the file system
+    def ocli(name, args, setup=None, check=None):
+        cli("output", name, args, setup, check)
+
+    ocli("calibrate -o under an immutable folder", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                              "-o", w / "ro" / "out"], setup=freeze("ro"))
+    ocli("calibrate -o an immutable empty folder --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "ro", "--overwrite"], setup=freeze("ro"))
+    ocli("calibrate -o a 300-character name", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                         "-o", w / ("o" * 300)])
+    ocli("calibrate -o out/ (a trailing slash)", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                            "-o", f"{w}/out/"], check=export_ok())
+    ocli("calibrate -o under a file", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                 "-o", w / "text.txt" / "out"])
+    ocli("calibrate -o /dev/null", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", "/dev/null"])
+    ocli("calibrate -o the recipe's folder --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--recipe", w / "rd" / "r.yaml", "-o", w / "rd",
+        "--overwrite"], setup=write("rd/r.yaml", "ignore: [down_proj]\n"))
+    ocli("calibrate -o the chat template's folder --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "c.jsonl", *RTN, "--chat-template", w / "td" / "t.jinja", "-o", w / "td",
+        "--overwrite"], setup=both(write("td/t.jinja", CHAT_TEMPLATE),
+                                   write("c.jsonl", "".join(json.dumps(r) + "\n" for r in CHAT))))
+    ocli("calibrate -o the --calib text's folder --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "dd" / "t.txt", *RTN, "-o", w / "dd", "--overwrite"],
+        setup=lambda w: ((w / "dd").mkdir(), shutil.copy(w / "text.txt", w / "dd" / "t.txt")))
+    ocli("calibrate -o a symlink to the ct export, --overwrite", lambda w: [
+        "calibrate", w / "ct", "--calib", w / "text.txt", *RTN, "-o", w / "lnk", "--overwrite"],
+        setup=lambda w: _chmod_link(w, "lnk", "ct"))
+    ocli("export -o under an immutable folder", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "ro" / "x"],
+         setup=freeze("ro"))
+    ocli("export -o a symlink to its input", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "lnk",
+                                                        "--overwrite"], setup=lambda w: _chmod_link(w, "lnk", "ct"))
+    ocli("export IN_DIR a symlink to the export equals the export", lambda w: [
+        "export", w / "lnk", "--format", "fake", "-o", w / "x"], setup=lambda w: _chmod_link(w, "lnk", "ct"),
+        check=lambda w, r: None if run_cli("export", w / "ct", "--format", "fake", "-o", w / "ref").exit_code == 0
+        and _bytes_of(w / "x/model.safetensors") == _bytes_of(w / "ref/model.safetensors") else "differs")
+    ocli("eval -o under an immutable folder", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                         "-o", w / "ro" / "r.json"], setup=freeze("ro"))
+    ocli("eval -o into a missing folder", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                     "-o", w / "nodir" / "r.json"], check=files_made("nodir/r.json"))
+    ocli("eval -o the model's safetensors", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                       "-o", w / "model" / "model.safetensors"])
+    ocli("eval -o a symlink to the --data file", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                            "-o", w / "lnk"], setup=lambda w: _chmod_link(w, "lnk", "text.txt"))
+    ocli("importance -o under an immutable folder", lambda w: [
+        "importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16", "-o", w / "ro" / "set"],
+        setup=freeze("ro"))
+    ocli("importance --offload-dir an immutable folder", lambda w: [
+        "importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16", "--offload-dir",
+        w / "ro", "-o", w / "set"], setup=freeze("ro"))
+    ocli("importance -o an existing set without --overwrite", lambda w: [
+        "importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16", "-o", w / "set"],
+        setup=_make_set)
+    ocli("qid fit -o under an immutable folder", lambda w: ["qid", "fit", w / "q.csv", "--bootstrap", "0", "-o",
+                                                            w / "ro" / "f.json"], setup=freeze("ro"))
+    ocli("qid fit -o the model's config.json", lambda w: ["qid", "fit", w / "q.csv", "--bootstrap", "0", "-o",
+                                                          w / "model" / "config.json"])
+    ocli("qid fit -o into a missing folder", lambda w: ["qid", "fit", w / "q.csv", "--bootstrap", "0", "-o",
+                                                        w / "nodir" / "f.json"], check=files_made("nodir/f.json"))
+    ocli("qid plot -o an immutable folder", lambda w: ["qid", "plot", w / "q.csv", "-o", w / "ro"], setup=freeze("ro"))
+    ocli("qid plot -o the ct export", lambda w: ["qid", "plot", w / "q.csv", "-o", w / "ct"])
+    ocli("qid measure -o under an immutable folder", lambda w: [
+        "qid", "measure", w / "model", "--eval", w / "text.txt", "--tokens", "1e9", "--eval-tokens", "400",
+        "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16", "--group-size", "32", "--bits", "4",
+        "--methods", "rtn", "-o", w / "ro" / "m.csv"], setup=freeze("ro"))
+    ocli("demo -o under an immutable folder", lambda w: [
+        "demo", "--model", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--nsamples", "2", "-o", w / "ro" / "d"],
+        setup=freeze("ro"))
+    ocli("qid training-level -o the model's config.json", lambda w: [
+        "qid", "training-level", w / "model", "--law", "ouyang2024-gptq", "--bits", "3", "--qid", "0.1",
+        "-o", w / "model" / "config.json"])
+    api("output_dir under an immutable folder", lambda w: quantize(w, output_dir=str(w / "ro" / "out")), setup=freeze("ro"))
+    api("output_dir a pathlib.Path equals a str", lambda w: quantize(w, output_dir=w / "out"),
+        check=api_same_as({}))
+
+    # ---- resuming a work area with other settings (a --low-memory GPTQ run stopped after layer 0)
+    def resume(name, *extra, then=(), check=None, model="model", data="text.txt", method=GPTQ):
+        add("resume", name, lambda w, e=extra: run_cli("calibrate", w / model, "--calib", w / data, *method,
+                                                       "--low-memory", "--resume", *e, "-o", w / "out"),
+            stopped(*then), check=check)
+
+    def fresh_with(*extra, model="model", data="text.txt", method=GPTQ):
+        return same_as(lambda w: ["calibrate", w / model, "--calib", w / data, *method, *extra, "-o", w / "ref"])
+
+    resume("--bits 3", "--bits", "3", check=fresh_with("--bits", "3"))
+    resume("--group-size 16", "--group-size", "16", check=fresh_with("--group-size", "16"))
+    resume("--asym", "--asym", check=fresh_with("--asym"))
+    resume("--method rtn", method=RTN, check=fresh_with(method=RTN))
+    resume("--nsamples 3", method=["--method", "gptq", "--nsamples", "3", "--seqlen", "16", "--group-size", "32"],
+           check=fresh_with(method=["--method", "gptq", "--nsamples", "3", "--seqlen", "16", "--group-size", "32"]))
+    resume("--seqlen 8", method=["--method", "gptq", "--nsamples", "2", "--seqlen", "8", "--group-size", "32"],
+           check=fresh_with(method=["--method", "gptq", "--nsamples", "2", "--seqlen", "8", "--group-size", "32"]))
+    resume("another --calib text", data="other.txt", then=(_stopped_then_other_text,),
+           check=fresh_with(data="other.txt"))
+    resume("--format fake", "--format", "fake", check=fresh_with("--format", "fake"))
+    resume("--quantize-lm-head", "--quantize-lm-head", check=fresh_with("--quantize-lm-head"))
+    resume("another model of the same config", model="other", check=fresh_with(model="other"))
+    resume("--recipe ignoring down_proj", "--recipe", "r.yaml", then=(write("r.yaml", "ignore: [down_proj]\n"),),
+           check=fresh_with("--recipe", "r.yaml"))
+    resume("state.json with an extra unknown key", then=(json_edit("out.partial/state.json", lambda d: d.update(zz=1)),),
+           check=fresh_with())
+    resume("a stray layer_00001.safetensors (a copy of layer 0's)", then=(lambda w: shutil.copy(
+        w / "out.partial" / "layer_00000.safetensors", w / "out.partial" / "layer_00001.safetensors"),), check=fresh_with())
+    resume("layer_00000.safetensors a symlink to the model's file", then=(lambda w: (
+        (w / "out.partial" / "layer_00000.safetensors").unlink(),
+        (w / "out.partial" / "layer_00000.safetensors").symlink_to(w / "model" / "model.safetensors")),),
+        check=fresh_with())
+    resume("the work area immutable", then=(freeze("out.partial", make=False),))
+    resume("--overwrite", "--overwrite", check=fresh_with())
+    resume("--offload-dir elsewhere", "--offload-dir", "off", check=fresh_with())
+    add("resume", "API resume=True after the stop equals a fresh run", lambda w: quantize(
+        w, method="gptq", low_memory=True, resume=True), stopped(), check=fresh_with(), api=True)
+    add("resume", "out.partial of a llama under the qwen3 model", lambda w: run_cli(
+        "calibrate", w / "qwen3", "--calib", w / "text.txt", *GPTQ, "--low-memory", "--resume", "-o", w / "out"), stopped(),
+        check=fresh_with(model="qwen3"))
+
+    # ---- exports whose config and tensors disagree
+    def exp(name, src, fmt, setup=None, check=None, *extra):
+        cli("export", name, lambda w: ["export", w / src, "--format", fmt, "-o", w / "x", *extra], setup, check)
+
+    def roundtrip(w, r):
+        back = run_cli("export", w / "x", "--format", "compressed-tensors", "-o", w / "back")
+        if back.exit_code != 0:
+            return f"back to compressed-tensors failed: {back.output[-200:]}"
+        return None if _bytes_of(w / "back/model.safetensors") == _bytes_of(w / "ct/model.safetensors") else \
+            "ct -> fake -> ct changed the tensors' bytes"
+
+    exp("ct -> fake -> ct gives the same bytes", "ct", "fake", check=roundtrip)
+    exp("ct -> compressed-tensors gives the same bytes", "ct", "compressed-tensors",
+        check=lambda w, r: None if _bytes_of(w / "x/model.safetensors") == _bytes_of(w / "ct/model.safetensors")
+        else "a same-format export changed the tensors' bytes")
+    exp("ct -> gptq loads the ct weights", "ct", "gptq", check=weights_close("x", "ct", 1e-3))
+    exp("asym -> gptq loads the asym weights", "asym", "gptq", check=weights_close("x", "asym", 1e-3))
+    exp("--max-shard-size 20KB loads the same weights", "ct", "compressed-tensors", None, weights_close("x", "ct"),
+        "--max-shard-size", "20KB")
+    exp("--max-shard-size '5 GB' (a space)", "ct", "fake", None, export_ok("x"), "--max-shard-size", "5 GB")
+    exp("--max-shard-size 5gb (lower case)", "ct", "fake", None, export_ok("x"), "--max-shard-size", "5gb")
+    exp("--format GPTQ (capitals)", "ct", "GPTQ")
+    exp("config group_size 64 against scales of 32", "ct", "fake", json_edit("ct/config.json", lambda d: [
+        g["weights"].update(group_size=64) for g in d["quantization_config"]["config_groups"].values()]))
+    exp("config num_bits 8 against 4-bit packing", "ct", "fake", json_edit("ct/config.json", lambda d: [
+        g["weights"].update(num_bits=8) for g in d["quantization_config"]["config_groups"].values()]))
+    exp("a weight_shape saying [64, 64] for a [32, 32] linear", "ct", "fake",
+        st_edit("ct/model.safetensors", lambda s: s.update({first_with(s, "k_proj.weight_shape"): torch.tensor([64, 64])})))
+    exp("weight_scale stored bfloat16", "ct", "fake", st_edit("ct/model.safetensors", on("weight_scale", lambda t: t.bfloat16())),
+        export_ok("x"))
+    exp("tokenizer files deleted", "ct", "fake", lambda w: [(w / "ct" / n).unlink(missing_ok=True) for n in (
+        "tokenizer.json", "tokenizer_config.json")] and None, export_ok("x"))
+    exp("the fake export's qparams naming an extra module", "fake", "compressed-tensors", st_edit(
+        "fake/quantkit_qparams.safetensors", lambda s: s.update({"model.layers.7.mlp.up_proj.scale": torch.ones(4, 1)})))
+    exp("a GPTQ export whose qweight is int64", "gptq", "compressed-tensors",
+        st_edit("gptq/model.safetensors", on("!qweight", lambda t: t.long())))
+    exp("a GPTQ export whose scales are NaN", "gptq", "compressed-tensors",
+        st_edit("gptq/model.safetensors", nan_at("scales")))
+    exp("quantkit.json quantized_modules naming a module not in the model", "ct", "fake",
+        json_edit("ct/quantkit.json", lambda d: d["quantized_modules"].append("model.layers.5.mlp.up_proj")))
+    exp("quantkit.json deleted", "ct", "fake", lambda w: (w / "ct" / "quantkit.json").unlink(), export_ok("x"))
+    exp("config architectures ['Bogus'] (model_type decides)", "ct", "fake", json_edit("ct/config.json", lambda d: d.update(
+        architectures=["BogusForCausalLM"])), export_ok("x"))
+    exp("config.json quantization_config ignore naming a quantized linear", "ct", "fake", json_edit(
+        "ct/config.json", lambda d: d["quantization_config"].update(ignore=["lm_head", "model.layers.0.self_attn.q_proj"])))
+    exp("a W8A8 export to fake", "a8", "fake", check=weights_close("x", "a8", 0.0))
+    exp("an lm_head-quantized export to fake", "head", "fake", check=weights_close("x", "head", 0.0))
+
+    # ---- eval
+    def ev6(name, *extra, target="model", setup=None, check=None, data="text.txt", seqlen="16"):
+        cli("eval", name, lambda w: ["eval", w / target, "--data", w / data, "--seqlen", seqlen, *extra], setup, check)
+
+    ev6("the gptq export scores the ct export's loss", target="gptq",
+        check=eval_close_to(lambda w: ["eval", w / "ct", "--data", w / "text.txt", "--seqlen", "16"], 1e-3))
+    ev6("--batch-size 3 equals --batch-size 1", "--batch-size", "3",
+        check=eval_close_to(lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--batch-size",
+                                       "1"], 1e-5))
+    ev6("--stride 8 (overlapping windows)", "--stride", "8", check=eval_ok)
+    ev6("--max-tokens 0", "--max-tokens", "0")
+    ev6("--seqlen 64 = max positions", seqlen="64", check=eval_ok)
+    ev6("--data the same file twice", data="text.txt,text.txt", check=eval_ok)
+    ev6("--json -o r.json: the file equals stdout", "--json", "-o", "r.json",
+        check=lambda w, r: None if json.loads((w / "r.json").read_text()) == json.loads(r.stdout) else "r.json != stdout")
+    ev6("a model with inf in its embedding", setup=tensors(model__embed_tokens__weight=at(inf)))
+    ev6("config max_position_embeddings 8 below --seqlen 16",
+        setup=json_edit("model/config.json", lambda d: d.update(max_position_embeddings=8)))
+    ev6("an export whose tokenizer.json was deleted", target="ct", setup=lambda w: (w / "ct" / "tokenizer.json").unlink())
+    ev6("an export whose config says group_size 64 (scales of 32)", target="ct", setup=json_edit(
+        "ct/config.json", lambda d: [g["weights"].update(group_size=64) for g in d["quantization_config"]["config_groups"].values()]))
+    ev6("an export whose weight_shape lies", target="ct", setup=st_edit(
+        "ct/model.safetensors", lambda s: s.update({first_with(s, "k_proj.weight_shape"): torch.tensor([64, 64])})))
+    ev6("an export whose quantkit.json spec says 3 bits", target="ct",
+        setup=json_edit("ct/quantkit.json", lambda d: d["spec"].update(bits=3)))
+    ev6("an export with the FP model's lm_head replaced by NaN", target="ct",
+        setup=st_edit("ct/model.safetensors", nan_at("lm_head.weight")))
+    ev6("a model whose tokenizer has 96 symbols for 64 rows",
+        setup=lambda w: _swap_tok(w / "model", printable_tokenizer))
+    ev6("--data a UTF-16 file", data="d.txt", setup=write("d.txt", text.encode("utf-16")))
+    ev6("--data of one 100k-character word", data="d.txt", setup=write("d.txt", "x" * 100000))
+    ev6("an export dir symlink", target="lnk", setup=lambda w: _chmod_link(w, "lnk", "ct"), check=eval_ok)
+
+    # ---- importance and calibration sets
+    def imp6(name, *extra, setup=None, check=None, model="model", data="text.txt"):
+        cli("importance", name, imp(*extra, data=data, model=model), setup, check)
+
+    imp6("qwen3", model="qwen3", check=set_ok())
+    imp6("--guidance linear --row-groups 2", "--guidance", "linear", "--row-groups", "2", check=set_ok())
+    imp6("--importance-loss fisher --fisher-draws 2", "--importance-loss", "fisher", "--fisher-draws", "2", check=set_ok())
+    imp6("--top-fraction 0.5 --floor-fraction 0.1", "--top-fraction", "0.5", "--floor-fraction", "0.1", check=set_ok())
+    imp6("--floor-fraction 0.3 without --top-fraction", "--floor-fraction", "0.3")
+    imp6("--power nan", "--power", "nan")
+    imp6("--power inf", "--power", "inf")
+    imp6("--seed 1 twice gives the same set", "--seed", "1", check=lambda w, r: None if run_cli(
+        "importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16", "--seed", "1",
+        "-o", w / "set2").exit_code == 0 and all(_bytes_of(p) == _bytes_of(w / "set2" / p.name)
+                                                   for p in (w / "set").glob("*.safetensors")) else "the sets differ")
+    imp6("chat records with a template", "--chat-template", "t.jinja", data="c.jsonl",
+         setup=both(tpl, write("c.jsonl", "".join(json.dumps(
+             {"messages": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "w3 w4"}]}) + "\n"
+             for _ in range(3)))), check=set_ok())
+    imp6("a model with a NaN in its final norm", setup=tensors(model__norm__weight=at(nan, (0,))))
+    imp6("a model whose tokenizer ids run past the embedding", setup=lambda w: _swap_tok(w / "model", printable_tokenizer))
+
+    def with_set(name, *extra, setup=None, check=None, model="model", method=("--group-size", "32")):
+        add("calib-set", name, lambda w: run_cli("calibrate", w / model, "--calib-set", w / "set", *method, *extra,
+                                                 "-o", w / "out"), setup or _make_set, check)
+
+    with_set("--method rtn with a set", "--method", "rtn", check=export_ok())
+    with_set("--method gptq with a set", "--method", "gptq", check=export_ok())
+    with_set("--nsamples 100 beyond the set's 2", "--nsamples", "100")
+    with_set("--seqlen 8 against the set's 16", "--seqlen", "8")
+    with_set("a set whose file was tampered (hash not renewed)", setup=both(_make_set, lambda w: _poke(
+        next((w / "set").glob("*.safetensors")), 200, b"\x7f\x7f\x7f\x7f")))
+    with_set("a set missing one file", setup=both(_make_set, lambda w: next((w / "set").glob("*.safetensors")).unlink()))
+    with_set("a set with a stray extra file", setup=both(_make_set, write("set/notes.txt", "hello")), check=export_ok())
+    with_set("a set whose manifest nsamples says 3", setup=both(_make_set, json_edit(
+        "set/manifest.json", lambda d: d.update(nsamples=3))))
+    with_set("a set whose manifest num_layers says 3", setup=both(_make_set, json_edit(
+        "set/manifest.json", lambda d: d.update(num_layers=3))))
+    with_set("a set of the llama used for qwen3 (other layer count? same)", model="qwen3")
+    with_set("a set through a symlink", setup=both(_make_set, lambda w: (w / "set").rename(w / "set0"),
+                                                  lambda w: _chmod_link(w, "set", "set0")), check=export_ok())
+    with_set("a set used with --low-memory", "--low-memory", check=export_ok())
+    with_set("a set used with --nproc 2", "--nproc", "2", check=export_ok())
+
+    # ---- qid
+    good = build_qid_rows()
+    table = QID_HEADER + good
+
+    def fit6(name, body, *extra, check=None):
+        cli("qid", f"fit: {name}", lambda w: ["qid", "fit", w / "t.csv", "--bootstrap", "0", *extra], _fit_csv(body), check)
+
+    fit6("columns in reverse order equal the plain table", _reordered(table), "--json", check=fit_same_as(table))
+    fit6("every field quoted equals the plain table", _quoted(table), "--json", check=fit_same_as(table))
+    fit6("trailing blank lines equal the plain table", table + "\n\n\n", "--json", check=fit_same_as(table))
+    fit6("duplicated rows", table + good, check=_fit_finite)
+    fit6("a single row", QID_HEADER + good.splitlines()[0] + "\n")
+    fit6("three rows (four parameters)", QID_HEADER + "".join(good.splitlines(True)[:3]))
+    fit6("a row with loss_fp nan", table + "m9,gptq,4,128,5000000,1000000000,nan,3.1,0.1,e\n")
+    fit6("a row with an empty N", table + "m9,gptq,4,128,,1000000000,3.0,3.1,0.1,e\n")
+    fit6("a row with qid -0.1 (consistent: loss_q below loss_fp)", table + "m9,gptq,4,128,5000000,1000000000,3.0,2.9,-0.1,e\n")
+    fit6("a row with qid 0 (consistent)", table + "m9,gptq,4,128,5000000,1000000000,3.0,3.0,0.0,e\n")
+    fit6("a row with group_size 'abc'", table + "m9,gptq,4,abc,5000000,1000000000,3.0,3.1,0.1,e\n")
+    fit6("--law D with every row the same D", QID_HEADER + "".join(
+        line + "\n" for line in good.splitlines() if ",1000000000," in line), "--law", "D")
+    fit6("--law N", table, "--law", "N", check=_fit_finite)
+    fit6("--by-bits with rows of one width only", QID_HEADER + "".join(
+        line + "\n" for line in good.splitlines() if ",gptq,3," in line), "--by-bits", check=_fit_finite)
+    fit6("--resample errors without a qid_se column", table, "--bootstrap", "3", "--resample", "errors")
+    fit6("--bootstrap 4 --seed 1 twice gives the same fit", table, "--bootstrap", "4", "--seed", "1", "--json",
+         check=lambda w, r: None if run_cli("qid", "fit", w / "t.csv", "--bootstrap", "4", "--seed", "1", "--json").stdout
+         == r.stdout else "two runs with one seed differ")
+    fit6("a table with a D of 1e300", table + "m9,gptq,4,128,5000000,1e300,3.0,3.1,0.1,e\n")
+
+    def predict6(name, *args, check=None, setup=None):
+        cli("qid", f"predict: {name}", lambda w: ["qid", "predict", *[str(a).replace("W/", f"{w}/") for a in args]],
+            setup, check)
+
+    predict6("--tokens then --qid round-trips", "--params", "1e9", "--bits", "3", "--tokens", "1e12", "--json",
+             check=predict_round_trip)
+    predict6("both --tokens and --qid", "--params", "1e9", "--bits", "3", "--tokens", "1e12", "--qid", "0.1")
+    predict6("neither --tokens nor --qid", "--params", "1e9", "--bits", "3")
+    predict6("--method with a published law", "--params", "1e9", "--bits", "3", "--tokens", "1e12", "--method", "awq")
+    predict6("--law a fit JSON with bootstrap draws", "--law", "W/f.json", "--params", "1e9", "--bits", "3", "--tokens",
+             "1e12", "--json", setup=_fit_json, check=lambda w, r: None if json.loads(r.stdout) else "no prediction")
+
+    mbase = ["--eval-tokens", "400", "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16",
+             "--group-size", "32", "--tokens", "1e9", "--no-progress"]
+
+    def measure6(name, *extra, ckpt="model", setup=None, check=None):
+        cli("qid", f"measure: {name}", lambda w: ["qid", "measure", *[w / c for c in ckpt.split()], "--eval",
+                                                  w / "text.txt", *mbase, "-o", w / "m.csv", *extra], setup, check)
+
+    measure6("rtn at 4 bits: qid = loss_q - loss_fp", "--methods", "rtn", "--bits", "4", check=csv_rows_ok)
+    measure6("a second run resumes (no new rows)", "--methods", "rtn", "--bits", "4",
+             setup=lambda w: run_cli("qid", "measure", w / "model", "--eval", w / "text.txt", *mbase, "-o", w / "m.csv",
+                                     "--methods", "rtn", "--bits", "4"),
+             check=lambda w, r: csv_rows_ok(w, r) or (None if len((w / "m.csv").read_text().strip().splitlines()) == 2
+                                                      else "rows were added on resume"))
+    measure6("--methods bnb-nf4", "--methods", "bnb-nf4", check=csv_rows_ok)
+    measure6("--tokens-per-step with a local directory", "--methods", "rtn", "--bits", "4", "--tokens-per-step", "1000")
+    measure6("a mixtral checkpoint", "--methods", "rtn", "--bits", "4", ckpt="mixtral", check=csv_rows_ok)
+    measure6("--act-bits 8 --group-size -1 --bits 8", "--methods", "rtn", "--bits", "8", "--act-bits", "8",
+             "--group-size", "-1", check=csv_rows_ok)
+    measure6("-o a CSV with other columns", "--methods", "rtn", "--bits", "4", setup=write("m.csv", "a,b\n1,2\n"))
+
+    def level6(name, *extra, setup=None, check=None):
+        cli("qid", f"training-level: {name}", lambda w: ["qid", "training-level", w / "model", "--bits", "3", *extra],
+            setup, check)
+
+    level6("a fit JSON with --qid 0.05", "--law", "f.json", "--qid", "0.05", "--json", setup=_fit_json,
+           check=lambda w, r: None if json.loads(r.stdout) else "no result")
+    level6("--qid-se without --qid", "--law", "ouyang2024-gptq", "--qid-se", "0.01", "--data", "text.txt",
+           "--eval-tokens", "400", "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16", "--group-size", "32")
+    level6("--qid and --data together", "--law", "ouyang2024-gptq", "--qid", "0.05", "--data", "text.txt")
+    level6("--qid -0.05", "--law", "ouyang2024-gptq", "--qid", "-0.05")
+    level6("--level 0.9", "--law", "ouyang2024-gptq", "--qid", "0.05", "--level", "0.9", "--json",
+           check=lambda w, r: None if json.loads(r.stdout) else "no result")
+    level6("--law a fit JSON of --by-bits", "--law", "fb.json", "--qid", "0.05", "--json", check=_json_finite,
+           setup=lambda w: (
+        (w / "f.csv").write_text(table),
+        run_cli("qid", "fit", w / "f.csv", "--bootstrap", "0", "--by-bits", "-o", w / "fb.json")) and None)
+
+    def plot6(name, *extra, setup=None, check=None, csv="q.csv"):
+        cli("qid", f"plot: {name}", lambda w: ["qid", "plot", w / csv, "-o", w / "figs", *extra], setup, check)
+
+    plot6("a table", check=lambda w, r: None if list((w / "figs").glob("*.png")) else "no PNG")
+    plot6("--format png,png", "--format", "png,png", check=lambda w, r: None if list((w / "figs").glob("*.png")) else "no PNG")
+    plot6("--format ''", "--format", "")
+    plot6("a one-row table", csv="t.csv", setup=_fit_csv(QID_HEADER + good.splitlines()[0] + "\n"),
+          check=lambda w, r: None if list((w / "figs").glob("*.png")) else "no PNG")
+    plot6("--fit a JSON for another method", "--fit", "f.json", csv="t.csv",
+          setup=both(_fit_json, _fit_csv(QID_HEADER + good.replace(",gptq,", ",rtn,"))))
+    plot6("a table with a NaN loss", csv="t.csv", setup=_fit_csv(table + "m9,gptq,4,128,5000000,1000000000,3.0,nan,nan,e\n"))
+
+    # ---- plan
+    def plan6(name, *extra, model="model", data="text.txt", setup=None, check=None):
+        cli("plan", name, lambda w: ["plan", w / model, "--calib", w / data, *RTN, *extra], setup, check)
+
+    planned = lambda w, r: None if r.stdout.strip() else "no plan printed"  # noqa: E731
+    plan6("the VLM on image-text records", model="vlm", data="vl/data.jsonl", check=planned)
+    plan6("qwen3 --json", "--json", model="qwen3", check=lambda w, r: None if json.loads(r.stdout) else "no plan")
+    plan6("--device cuda --gpu-mem 24GiB on a CPU machine", "--device", "cuda", "--gpu-mem", "24GiB", check=planned)
+    plan6("--device cuda --gpu-mem 1KiB", "--device", "cuda", "--gpu-mem", "1KiB")
+    plan6("--host-mem 1KiB", "--host-mem", "1KiB")
+    plan6("--gpu-mem '24 GiB' (a space)", "--device", "cuda", "--gpu-mem", "24 GiB", check=planned)
+    plan6("--low-memory --offload-dir x writes nothing", "--low-memory", "--offload-dir", "x",
+          check=lambda w, r: "created the offload dir" if (w / "x").exists() else planned(w, r))
+    plan6("--resume without --low-memory (implies it)", "--resume", check=planned)
+    plan6("config num_hidden_layers 3 (2 stored)", setup=json_edit("model/config.json", lambda d: d.update(num_hidden_layers=3)))
+    plan6("--nproc 2 --device cuda --devices 0,1", "--nproc", "2", "--device", "cuda", "--devices", "0,1", check=planned)
+    plan6("--nproc 2 --devices 0 (fewer ids than ranks)", "--nproc", "2", "--device", "cuda", "--devices", "0")
+    plan6("--gpu-mem 24GiB without --device cuda", "--gpu-mem", "24GiB", check=planned)
+    cli("plan", "--calib-set", lambda w: ["plan", w / "model", "--calib-set", w / "set", "--group-size", "32"], _make_set,
+        planned)
+
+    # ---- demo
+    def demo6(name, *extra, model="model", setup=None, check=None, data="text.txt"):
+        cli("demo", name, lambda w: ["demo", "--model", w / model, "--data", w / data, "--seqlen", "16", "--nsamples", "2",
+                                     "-o", w / "d", *extra], setup, check)
+
+    demo6("--model mixtral", model="mixtral", check=files_made("d"))
+    demo6("--format fake", "--format", "fake", check=files_made("d"))
+    demo6("--model the VLM", model="vlm")
+    demo6("--model an export", model="ct")
+    demo6("--threads 1", "--threads", "1", check=files_made("d"))
+    demo6("--seed -5", "--seed", "-5")
+    demo6("--data a chat template's file (not text)", data="model/tokenizer.json")
+
+    # ---- the Python API
+    import numpy as np
+
+    from quantkit.quant import recipe as rmod
+
+    def q6(name, check=None, setup=None, **kw):
+        api(name, lambda w, kw=kw: quantize(w, **(kw(w) if callable(kw) else kw)), setup, check)
+
+    def qw(name, make, check=None, setup=None):
+        api(name, lambda w: quantize(w, **make(w)), setup, check)
+
+    qw("model=pathlib.Path equals str", lambda w: dict(model=w / "model"), check=api_same_as({}))
+    qw("data=pathlib.Path equals str", lambda w: dict(data=w / "text.txt"), check=api_same_as({}))
+    q6("bits=True", bits=True)
+    q6("bits=numpy.int64(4)", bits=np.int64(4), check=export_ok())
+    q6("seqlen=16.0", seqlen=16.0)
+    q6("format='compressed-tensors' equals format=None", format="compressed-tensors", check=api_same_as({}))
+    q6("format='compressed_tensors' (underscore)", format="compressed_tensors")
+    q6("method=' rtn' (a space)", method=" rtn")
+    q6("seed=numpy.int64(0) (gptq) equals seed=0", method="gptq", seed=np.int64(0), check=api_same_as({"method": "gptq"}))
+    q6("damp=nan as numpy.float64", method="gptq", damp=np.float64("nan"))
+    q6("recipe=Recipe(targets=('q_proj',)) equals the mapping form", recipe=rmod.Recipe(targets=("q_proj",)),
+       check=api_same_as({"recipe": {"targets": ["q_proj"]}}))
+    qw("recipe=a YAML path equals the Recipe", lambda w: dict(recipe=str(w / "r.yaml")), setup=write(
+        "r.yaml", "targets: [q_proj]\n"), check=api_same_as({"recipe": rmod.Recipe(targets=("q_proj",))}))
+    q6("recipe ignoring every mlp", recipe=rmod.Recipe(ignore=("re:.*mlp.*",)),
+       check=quantized_where(lambda m: "mlp" not in m, "outside the MLPs"))
+    q6("Override(targets=['q_proj'], bits=8)", recipe=rmod.Recipe(overrides=(rmod.Override(targets=("q_proj",), bits=8),)),
+       check=_q_proj_bits(8))
+    q6("Override(targets=['q_proj'], group_size=7)", recipe={"overrides": [{"targets": ["q_proj"], "group_size": 7}]})
+    q6("Recipe(targets=['q_proj', 'q_proj']) (a duplicate)", recipe={"targets": ["q_proj", "q_proj"]},
+       check=api_same_as({"recipe": {"targets": ["q_proj"]}}))
+    q6("recipe mapping with targets a string (one pattern)", recipe={"targets": "q_proj"},
+       check=quantized_where(lambda m: m.endswith("q_proj"), "the q_projs"))
+    q6("recipe mapping with overrides of a bare mapping inside a list of strings", recipe={"overrides": ["q_proj"]})
+    q6("importance given with method rtn", importance={"lam": 0.5})
+    q6("importance={'lam': nan} (tlq)", method="tlq", importance={"lam": nan})
+    q6("importance={'power': inf} (tlq)", method="tlq", importance={"power": inf})
+    q6("importance={'guidance': 'linear', 'row_groups': 2} (tlq)", method="tlq",
+       importance={"guidance": "linear", "row_groups": 2}, check=export_ok())
+    qw("low_memory=True, offload_dir=a Path", lambda w: dict(low_memory=True, method="gptq", offload_dir=w / "off"),
+       check=export_ok())
+    q6("data=a pandas DataFrame with a text column", data=__import__("pandas").DataFrame({"text": [text] * 3}))
+    q6("data=a list mixing str and dict", data=[text, {"text": text}])
+    q6("data=a Dataset whose text column holds ints", data=__import__("datasets").Dataset.from_dict({"text": [1, 2, 3]}))
+    q6("data=a Dataset with text and messages columns", data=__import__("datasets").Dataset.from_dict(
+        {"text": [text] * 3, "messages": [CHAT[0]["messages"]] * 3}))
+    q6("data=a str holding a JSONL line (not a path)", data=json.dumps({"text": text}))
+    qw("tokenizer_or_processor=the VLM's folder for a text model", lambda w: dict(tokenizer_or_processor=str(w / "vlm")))
+    qw("tokenizer_or_processor=its tokenizer with left padding equals the default",
+       lambda w: dict(tokenizer_or_processor=_tokenizer_left(w)), check=api_same_as({}))
+    q6("output_dir='' (empty)", output_dir="")
+    q6("nproc=2 with progress=False (gptq)", method="gptq", nproc=2, check=api_same_as({"method": "gptq"}))
+    q6("resume=True without low_memory (implies it)", resume=True, check=api_same_as({}))
+    lq = __import__("quantkit.export.load", fromlist=["load_quantized"])
+
+    def load6(name, target, setup=None, check=None):
+        api(f"load_quantized: {name}", lambda w: lq.load_quantized(target(w)), setup, check)
+
+    same_ct = lambda w, m: None if not finite_model(m) and _same_state(m, lq.load_quantized(str(w / "ct"))) else "differs"  # noqa: E731
+    load6("a Path equals a str", lambda w: w / "ct", check=same_ct)
+    load6("a symlink to the export equals the export", lambda w: w / "lnk", setup=lambda w: _chmod_link(w, "lnk", "ct"),
+          check=same_ct)
+    load6("a mixtral export", lambda w: w / "mx_ct", check=lambda w, m: finite_model(m))
+    load6("the VLM export", lambda w: w / "vlm_ct", check=lambda w, m: finite_model(m))
+    load6("a sharded export equals the unsharded", lambda w: w / "sh", setup=lambda w: run_cli(
+        "export", w / "ct", "--format", "compressed-tensors", "-o", w / "sh", "--max-shard-size", "20KB"), check=same_ct)
+    load6("spec group_size 64 against scales of 32", lambda w: w / "ct",
+          setup=json_edit("ct/quantkit.json", lambda d: d["spec"].update(group_size=64)))
+    load6("a weight_packed with an extra row", lambda w: w / "ct", setup=st_edit(
+        "ct/model.safetensors", lambda s: s.update({first_with(s, "q_proj.weight_packed"): torch.cat(
+            [s[first_with(s, "q_proj.weight_packed")], s[first_with(s, "q_proj.weight_packed")][:1]])})))
+    load6("config architectures ['BogusForCausalLM'] (model_type decides)", lambda w: w / "ct", setup=json_edit(
+        "ct/config.json", lambda d: d.update(architectures=["BogusForCausalLM"])), check=lambda w, m: finite_model(m))
+    load6("a fake export whose qparams sidecar was deleted", lambda w: w / "fake",
+          setup=lambda w: (w / "fake" / "quantkit_qparams.safetensors").unlink())
+    for name, make in [
+
+        ("Override(targets=['q_proj'], bits=8.0)", lambda w: rmod.Override(targets=["q_proj"], bits=8.0)),
+        ("Override(targets=['q_proj'], group_size=-3)", lambda w: rmod.Override(targets=["q_proj"], group_size=-3)),
+        ("Override(targets=['q_proj'], method='awq')", lambda w: rmod.Override(targets=["q_proj"], method="awq")),
+        ("Override(targets=['re:['])", lambda w: rmod.Override(targets=["re:["], bits=8)),
+
+        ("Recipe.from_dict(None)", lambda w: rmod.Recipe.from_dict(None)),
+        ("Recipe.from_dict({'targets': [None]})", lambda w: rmod.Recipe.from_dict({"targets": [None]})),
+        ("Recipe.from_yaml of a missing file", lambda w: rmod.Recipe.from_yaml(str(w / "gone.yaml"))),
+        ("Recipe.from_yaml of a binary file", lambda w: rmod.Recipe.from_yaml(str(w / "model" / "model.safetensors"))),
+        ("Recipe.from_yaml of YAML with a Python tag", lambda w: rmod.Recipe.from_yaml(str(w / "t.yaml"))),
+    ]:
+        api(name, make, write("t.yaml", "targets: !!python/object/apply:os.getcwd []\n"))
+    one_q = lambda w, r: None if r.overrides[0] == rmod.Override(targets=("q_proj",), bits=8) else f"read as {r}"  # noqa: E731
+    api("Recipe(overrides=[a mapping]) reads as the Override", lambda w: rmod.Recipe(
+        overrides=[{"targets": ["q_proj"], "bits": 8}]), check=one_q)
+    api("Override(targets='q_proj') reads as one pattern", lambda w: rmod.Recipe(
+        overrides=[rmod.Override(targets="q_proj", bits=8)]), check=one_q)
+    return out
+
+
+def _q_proj_bits(bits: int):
+    """A check: every q_proj of the export is stored at `bits` (quantkit.json module_specs), the rest at 4."""
+    def check(w: Path, result) -> str | None:
+        manifest = json.loads((w / "out" / "quantkit.json").read_text())
+        specs = manifest.get("module_specs", {})
+        q = {k: v for k, v in specs.items() if "q_proj" in k}
+        if not q or any(v.get("bits") != bits for v in q.values()):
+            return f"q_proj not stored at {bits} bits: {list(q.items())[:1]}"
+        return export_ok()(w, result)
+    return check
+
+
+def _json_finite(w: Path, result) -> str | None:
+    import math
+
+    numbers = [v for v in json.loads(result.stdout).values() if isinstance(v, (int, float))]
+    return None if numbers and all(math.isfinite(v) for v in numbers) else f"non-finite or no numbers: {result.stdout[:200]}"
+
+
+def _same_state(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _calibrate_into_from(w: Path, model: str, out: str, *args) -> None:
+    result = run_cli("calibrate", w / model, "--calib", w / "text.txt", *args, "-o", w / out)
+    assert result.exit_code == 0, result.output
+
+
+ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -1838,6 +3025,8 @@ def _classify(case: Case, work: Path, before: dict) -> tuple[str, str]:
     changed = tree(work)
     if case.area == "resume":  # a refused --resume may move its work area on; the rest must stay as it was
         changed, before = ({k: v for k, v in t.items() if not k.startswith("out.partial")} for t in (changed, before))
+    if case.keeps:
+        changed, before = ({k: v for k, v in t.items() if not k.startswith(case.keeps)} for t in (changed, before))
     if changed != before:
         added = sorted(set(changed) - set(before))
         altered = sorted(k for k in before if changed.get(k) != before[k])
@@ -1864,8 +3053,10 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if 5 in rounds:
+        if 5 in rounds or 6 in rounds:
             build_extras(base)
+        if 6 in rounds:
+            build_sixth(base)
         cwd = os.getcwd()
         for number, case in enumerate(selected):
             work = Path(tmp) / f"case{number}"
@@ -1880,6 +3071,7 @@ def main() -> None:
                 kind, detail = classify(case, work)
             finally:
                 os.chdir(cwd)
+                thaw()
                 shutil.rmtree(work, ignore_errors=True)
             counts[kind] += 1
             by_area.setdefault(case.area, Counter())[kind] += 1
