@@ -378,6 +378,28 @@ def test_export_whose_tensors_disagree_with_its_manifest(made: dict, tmp_path: P
                  "stored tensors do not fit the 8-bit g32 setting")
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fake"])
+@pytest.mark.parametrize("stray", ["model.layers.9.mlp.up_proj.weight", "model.norm.extra"])
+def test_export_with_a_stray_tensor_is_refused_at_read(made: dict, tmp_path: Path, fmt: str, stray: str) -> None:
+    """`quantkit export` copied a tensor no layer of the model holds (exit 0; eval refused it only once loaded):
+    every reader refuses it by name; the same export without it converts."""
+    import quantkit
+
+    export = tmp_path / "export"
+    shutil.copytree(made["exports"][fmt], export)
+    result = run_cli("export", export, "--format", "fake", "-o", tmp_path / "plain")
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(tmp_path / "plain")
+    tensors = load_file(export / "model.safetensors")
+    save_file({**tensors, stray: torch.zeros(4, 4)}, export / "model.safetensors", metadata={"format": "pt"})
+    fragment = f"tensor {stray} does not belong to a LlamaForCausalLM model"
+    for args in (["export", export, "--format", "fake", "-o", tmp_path / "again"],
+                 ["eval", export, "--data", made["text"], "--seqlen", "16"]):
+        assert_fault(tmp_path, args, fragment)
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
+        quantkit.load_quantized(export)
+
+
 # ---------------------------------------------------------------- eval
 
 
@@ -1203,3 +1225,19 @@ def test_offload_dir_with_low_memory_runs(work: Path) -> None:
     result = run_cli(*calibrate(work, "--low-memory", "--offload-dir", work / "scratch"))
     assert result.exit_code == 0, result.output
     assert (work / "out" / "model.safetensors").is_file() and not (work / "scratch").exists()
+
+
+def test_plan_refuses_a_config_the_headers_contradict(work: Path, no_model_load) -> None:
+    """config.json hidden_size 48 over weights stored at 32 was planned (exit 0); calibrate refuses it. The
+    unedited model still plans."""
+    args = ["plan", work / "model", "--calib", work / "text.txt", "--method", "rtn", "--group-size", "32", "--json"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    edit_json(work / "model" / "config.json", lambda d: d.update(hidden_size=48))
+    line = assert_fault(work, args, "in the safetensors headers but config.json makes it")
+    stored = load_file(work / "model" / "model.safetensors")
+    match = re.search(r"tensor (\S+) is \[(\d+), (\d+)\] in the safetensors headers but config.json makes it "
+                      r"\[(\d+), (\d+)\]", line)
+    assert match, line
+    assert list(stored[match[1]].shape) == [int(match[2]), int(match[3])]
+    assert {int(match[3]), int(match[5])} == {32, 48} or {int(match[2]), int(match[4])} == {32, 48}, line

@@ -68,7 +68,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise QuantkitError(f"{root}: {module}'s stored tensors do not fit the {setting.bits}-bit g{setting.group_size} "
                                 f"setting quantkit.json gives it ({err}); the export is inconsistent, export it again") from None
         results[module] = r
-    return Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
+    ckpt = Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
+    from quantkit.export.load import check_tensor_names
+
+    check_tensor_names(ckpt)
+    return ckpt
 
 
 def read_json(path: Path) -> dict:

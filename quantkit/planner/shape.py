@@ -88,6 +88,24 @@ class ModelShape:
                 f"{(self.layer_params + self.outside_params) / 1e9:.2f}B parameters in {self.dtype}")
 
 
+def check_stored_shapes(model: torch.nn.Module, stored: dict[str, dict], name: str) -> None:
+    """Each stored tensor the model (built from config.json) has by name has its shape there, as calibrate checks:
+    a plan from a config.json the weights contradict plans a run that cannot load."""
+    from quantkit.models.streamed import checkpoint_names_to_model_names
+
+    try:
+        renamed = checkpoint_names_to_model_names(model, list(stored))
+    except QuantkitError:  # weights transformers fuses or splits on load: no one-to-one names to compare
+        return
+    state = model.state_dict()
+    for key in sorted(stored):
+        target = state.get(renamed[key])
+        shape = stored[key].get("shape")
+        if target is not None and isinstance(shape, list) and list(target.shape) != shape:
+            raise QuantkitError(f"{name}: tensor {key} is {shape} in the safetensors headers but config.json makes it "
+                                f"{list(target.shape)}; config.json does not match the weights")
+
+
 def header(path: Path) -> dict[str, dict]:
     """A safetensors file's header: tensor name -> {dtype, shape, data_offsets} (the file's first bytes only)."""
     try:
@@ -155,6 +173,8 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
     except Exception as err:  # noqa: BLE001 - any config inconsistency surfaces here
         raise QuantkitError(f"config.json of {name} does not describe a buildable model: {err}") from None
     stored = stored_tensors(local) if local is not None else None
+    if stored is not None:
+        check_stored_shapes(model, stored[0], name)
     stored_dtype = None
     if stored is not None:
         counts = Counter(_HEADER_DTYPES[t["dtype"]] for t in stored[0].values() if t["dtype"] in _HEADER_DTYPES)
