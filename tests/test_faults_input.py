@@ -87,6 +87,23 @@ def test_qid_measure_checks_a_local_checkpoint_before_the_sweep(work: Path) -> N
     assert not (work / "q.csv").exists()
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--nsamples", "100000"], "--nsamples 100000 x --calib-seqlen 16 need 1600000"),
+    (["--eval-seqlen", "4000", "--eval-tokens", "4000"], "less than one --eval-seqlen 4000 window"),
+])
+def test_qid_measure_refuses_too_little_text_before_any_cell(work: Path, extra: list, fragment: str) -> None:
+    """Every cell failed on too little text and its error went into q.csv, exit 0; the run's neighbour with
+    enough text measures."""
+    line = assert_fault(work, qid_measure(work, work / "model", *extra), fragment)
+    assert "too little text" in line and not (work / "q.csv").exists()
+    result = run_cli(*qid_measure(work, work / "model"))
+    assert result.exit_code == 0, result.output
+    import csv
+
+    rows = list(csv.DictReader((work / "q.csv").open()))
+    assert len(rows) == 1 and not rows[0].get("error") and math.isfinite(float(rows[0]["qid"])), rows
+
+
 def test_qid_measure_refuses_an_export_and_a_local_revision(made: dict, tmp_path: Path) -> None:
     shutil.copy(made["text"], tmp_path / "text.txt")
     assert_fault(tmp_path, qid_measure(tmp_path, made["exports"]["compressed-tensors"]), "already quantized")

@@ -151,16 +151,37 @@ def check_local_checkpoint(ckpt: Checkpoint) -> None:
 
 def _load(ckpt: Checkpoint):
     """(model, tokenizer) for a checkpoint, on CPU in float32."""
-    from transformers import AutoTokenizer
-
     from quantkit.models import load_model
 
     model = load_model(ckpt.name, dtype="float32", revision=ckpt.revision)
+    return model, _load_tokenizer(ckpt)
+
+
+def _load_tokenizer(ckpt: Checkpoint):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt.name, revision=ckpt.revision)
+        return AutoTokenizer.from_pretrained(ckpt.name, revision=ckpt.revision)
     except (OSError, ValueError) as err:
         raise QuantkitError(f"cannot load a tokenizer for {ckpt.spec}: {str(err).splitlines()[0]}") from err
-    return model, tokenizer
+
+
+def check_text_amounts(ckpt: Checkpoint, settings: Measurement, calibrates: bool = True) -> None:
+    """The calibration text holds --nsamples x --calib-seqlen tokens (where a cell `calibrates`) and the eval text
+    one --eval-seqlen window under the checkpoint's tokenizer (tokenized once: the cells reuse it), before any
+    cell runs."""
+    tokenizer = _load_tokenizer(ckpt)
+    calib = cached_ids(settings.calib, settings.calib_part, tokenizer) if calibrates else None
+    need = settings.nsamples * settings.calib_seqlen
+    if calib is not None and calib.numel() < need:
+        raise QuantkitError(f"too little text: the {settings.calib_part} part of {settings.calib} holds {calib.numel()} "
+                            f"tokens of {ckpt.spec}'s tokenizer, and --nsamples {settings.nsamples} x --calib-seqlen "
+                            f"{settings.calib_seqlen} need {need}; give more text or lower --nsamples/--calib-seqlen")
+    scored = cached_ids(settings.eval_text, settings.eval_part, tokenizer)
+    if scored.numel() < settings.eval_seqlen:
+        raise QuantkitError(f"too little text: the {settings.eval_part} part of --eval {settings.eval_text} holds "
+                            f"{scored.numel()} tokens of {ckpt.spec}'s tokenizer, less than one --eval-seqlen "
+                            f"{settings.eval_seqlen} window; give more text or a shorter --eval-seqlen")
 
 
 def _load_bnb(ckpt: Checkpoint, method: str):
@@ -362,6 +383,8 @@ def measure_grid(
     # a missing file would otherwise fail every cell, one CSV row at a time
     check_data(settings.eval_text, "--eval")
     check_data(settings.calib)
+    for ckpt in dict.fromkeys(c[0] for c in todo):
+        check_text_amounts(ckpt, settings, calibrates=any(c[0] == ckpt and c[1] not in BNB_METHODS for c in todo))
     stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
     bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
     with TableWriter(out_csv) as writer:
