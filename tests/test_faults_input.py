@@ -1258,3 +1258,35 @@ def test_plan_refuses_a_config_the_headers_contradict(work: Path, no_model_load)
     assert match, line
     assert list(stored[match[1]].shape) == [int(match[2]), int(match[3])]
     assert {int(match[3]), int(match[5])} == {32, 48} or {int(match[2]), int(match[4])} == {32, 48}, line
+
+
+def test_a_calibration_set_made_on_another_model_of_the_same_config_is_refused(work: Path, calibration_set: Path) -> None:
+    """The set recorded a config hash only, so a set made on another model with the same config (seed 3) was used
+    (exit 0): its weights fingerprint tells them apart in memory, under --low-memory and through the API; the set
+    made on this model still calibrates, and a set without a fingerprint (older quantkit) runs with a warning."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    save_tiny_llama(work / "other", seed=3)
+    result = run_cli("importance", work / "other", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
+                     "-o", work / "other-set", "--json")
+    assert result.exit_code == 0, result.output
+    tlq = ["--method", "tlq", "--group-size", "32"]
+    for extra in ([], ["--low-memory"]):
+        line = assert_fault(work, ["calibrate", work / "model", "--calib-set", work / "other-set", *tlq, *extra,
+                                   "-o", work / "out"], f"was made on {work / 'other'}, whose weights are not those of")
+        assert "rebuild the set with `quantkit importance` on" in line and str(work / "model") in line
+    loaded = AutoModelForCausalLM.from_pretrained(work / "model")
+    with unchanged(work), pytest.raises(quantkit.QuantkitError, match="whose weights are not those of"):
+        quantkit.quantize(loaded, calib_set=str(work / "other-set"), method="tlq", group_size=32,
+                          output_dir=str(work / "api"))
+    result = run_cli("calibrate", work / "model", "--calib-set", calibration_set, *tlq, "-o", work / "out")
+    assert result.exit_code == 0, result.output
+    old = work / "old-set"
+    shutil.copytree(calibration_set, old)
+    edit_json(old / "manifest.json", lambda d: d.pop("weights_fingerprint"))
+    result = run_cli("calibrate", work / "model", "--calib-set", old, *tlq, "-o", work / "out-old")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "predates weights fingerprints" in line]
+    assert len(warned) == 1 and "is not checked" in warned[0], result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,6 +71,57 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# rows x columns of each tensor sampled into a set's weights fingerprint
+_FINGERPRINT_ROWS = 8
+_FINGERPRINT_COLUMNS = 8
+
+
+def _fingerprint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a weights fingerprint samples: the input embedding, and the first and last decoder layers'
+    first matrix (models of one config differ in all of them; a fine-tune at least in the layers)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    embedding = model.get_input_embeddings()
+    tied = [name for name, p in params.items() if embedding is not None and p is embedding.weight]
+    picked = {tied[0]: params[tied[0]]} if tied else {}
+    adapter = adapter_for(model)
+    count = len(adapter.decoder_layers(model))
+    for index in sorted({0, count - 1}) if count else ():
+        prefix = adapter.layer_prefix(index) + "."
+        first = next((name for name, p in params.items() if name.startswith(prefix) and p.dim() == 2), None)
+        if first is not None:
+            picked[first] = params[first]
+    return picked
+
+
+def _sample(tensor: torch.Tensor) -> torch.Tensor:
+    """A fixed grid of a matrix's values (rows spread over its length, its first columns), as stored."""
+    rows = torch.linspace(0, tensor.shape[0] - 1, min(_FINGERPRINT_ROWS, tensor.shape[0])).round().long()
+    return tensor.detach()[rows][:, :_FINGERPRINT_COLUMNS].flatten().cpu()
+
+
+def weights_fingerprint(model: nn.Module) -> dict[str, list[float]]:
+    """{tensor: a few of its values} of the model's embedding and first and last decoder layers: cheap, and
+    enough to tell two models of one config apart (the config hash cannot)."""
+    return {name: _sample(p).float().tolist() for name, p in _fingerprint_tensors(model).items()
+            if p.device.type != "meta" and p.dim() == 2}
+
+
+def differing_weight(recorded: dict[str, list[float]], model: nn.Module) -> str | None:
+    """The first fingerprinted tensor whose values in `model` differ from `recorded` (the set's, taken in
+    float32: cast to the model's dtype first), or None; tensors `model` does not hold in memory are skipped."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, values in sorted(recorded.items()):
+        param = params.get(name)
+        if param is None:
+            return name
+        if param.device.type == "meta":
+            continue  # --low-memory: the decoder layers are read later, one at a time
+        mine = _sample(param)
+        if mine.numel() != len(values) or not torch.equal(torch.tensor(values, dtype=torch.float32).to(mine.dtype), mine):
+            return name
+    return None
+
+
 def _model_identity(model: nn.Module) -> dict:
     config = model.config
     return {
@@ -132,6 +184,7 @@ def save_calibration_set(
         "model": model_name,
         "revision": revision,
         **_model_identity(model),
+        "weights_fingerprint": weights_fingerprint(model),
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "nsamples": len(samples),
         "max_tokens": tmax,
@@ -179,8 +232,8 @@ def _check_files(root: Path, manifest: dict) -> None:
             raise QuantkitError(f"calibration set {root} is corrupt: manifest lists no hash for {name}")
 
 
-def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: str = "") -> None:
-    """Refuse a set made for another model (architecture, layer count, config) or another tokenizer."""
+def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: str = "", model_name: str = "") -> None:
+    """Refuse a set made for another model (architecture, layer count, config, weights) or another tokenizer."""
     found = _model_identity(model)
     if manifest.get("model_type") != found["model_type"] or manifest.get("architectures") != found["architectures"]:
         raise QuantkitError(
@@ -195,8 +248,28 @@ def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: s
         raise QuantkitError(
             f"calibration set {where} was made for another model config ({manifest.get('model')}: config hash differs); make a set for this model"
         )
+    recorded = manifest.get("weights_fingerprint")
+    if recorded is None:
+        logging.getLogger(__name__).warning(
+            "calibration set %s predates weights fingerprints: that it was made on this model's weights (not only its "
+            "config) is not checked; rebuild it with `quantkit importance` to have it checked", where)
+    elif not isinstance(recorded, dict) or not all(isinstance(v, list) for v in recorded.values()):
+        raise QuantkitError(f"calibration set {where} is corrupt: its weights_fingerprint is not a table of values; "
+                            "remake it with `quantkit importance`")
+    else:
+        differing = differing_weight(recorded, model)
+        if differing is not None:
+            mine = model_name or source_name_of(model)
+            raise QuantkitError(f"calibration set {where} was made on {manifest.get('model')}, whose weights are not "
+                                f"those of {mine} ({differing} differs; the configs match); rebuild the set with "
+                                f"`quantkit importance` on {mine}")
     if tokenizer is not None and manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
         raise QuantkitError(f"calibration set {where} was tokenized with a different tokenizer; remake it with this model's tokenizer")
+
+
+def source_name_of(model: nn.Module) -> str:
+    """Where a loaded model came from (its config's _name_or_path), else its class."""
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
 class StoredWeights:
@@ -244,7 +317,7 @@ def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.M
             tokenizer = AutoTokenizer.from_pretrained(model_name)
         except (OSError, ValueError) as err:
             raise QuantkitError(f"cannot load the tokenizer of {model_name} to check calibration set {root}: {str(err).splitlines()[0]}") from err
-    check_set_matches(manifest, model, tokenizer, where=str(root))
+    check_set_matches(manifest, model, tokenizer, where=str(root), model_name=model_name or "")
     try:
         tensors = load_file(root / SAMPLES_FILE)
         weights = load_file(root / WEIGHTS_FILE)
