@@ -88,8 +88,8 @@ def test_qid_measure_checks_a_local_checkpoint_before_the_sweep(work: Path) -> N
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--nsamples", "100000"], "--nsamples 100000 x --calib-seqlen 16 need 1600000"),
-    (["--eval-seqlen", "4000", "--eval-tokens", "4000"], "less than one --eval-seqlen 4000 window"),
+    (["--nsamples", "100000"], "--nsamples 100000 x --calib-seqlen 16 needs 1600000"),
+    (["--eval-seqlen", "4000", "--eval-tokens", "4000"], "and one --eval-seqlen 4000 window needs 4000"),
 ])
 def test_qid_measure_refuses_too_little_text_before_any_cell(work: Path, extra: list, fragment: str) -> None:
     """Every cell failed on too little text and its error went into q.csv, exit 0; the run's neighbour with

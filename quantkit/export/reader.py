@@ -20,6 +20,7 @@ from quantkit.export.common import (
 )
 from quantkit.export.formats import format_for
 from quantkit.fsutil import read_json_object
+from quantkit.models.experts import model_key, routed_experts, unfuse_experts
 from quantkit.quant.spec import QuantResult
 
 
@@ -69,10 +70,52 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                                 f"setting quantkit.json gives it ({err}); the export is inconsistent, export it again") from None
         results[module] = r
     ckpt = Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
-    from quantkit.export.load import check_tensor_names
-
     check_tensor_names(ckpt)
     return ckpt
+
+
+def build_model(config: dict, path: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The transformers model an export's config.json describes (its architectures' class, else a causal LM),
+    built on the current device (meta for names and shapes only)."""
+    import transformers
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise QuantkitError(f"{Path(path) / 'config.json'} has no model_type")
+    try:
+        built = transformers.AutoConfig.for_model(model_type, **cfg)
+    except Exception as err:  # noqa: BLE001
+        raise QuantkitError(f"cannot build a {model_type!r} config from {path}: {err}") from err
+    arch = (cfg.get("architectures") or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if model_cls is not None:
+        return model_cls._from_config(built, **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(built, **kwargs)
+
+
+def model_name(config: dict) -> str:
+    """The class (else the model type) an export's config.json names."""
+    return (config.get("architectures") or [None])[0] or str(config.get("model_type"))
+
+
+def check_tensor_names(ckpt: Checkpoint) -> None:
+    """Every tensor of an export is a quantized linear's or a parameter or buffer of the model its config.json
+    describes (built on the meta device); a stray tensor is named (transformers would drop it silently)."""
+    with torch.device("meta"):
+        model = build_model(ckpt.config, ckpt.path)
+    rename = model_key(model) if unfuse_experts(model) else (lambda key: key)
+    known = set(model.state_dict(keep_vars=True))
+    # experts written dense in the fused layout (quantkit.export.experts): the names unfused_state splits
+    known_fused = {f"{name}.{k}{bias}" for name, experts in routed_experts(model)
+                   for k in experts.layout.fused_names() for bias in ("", "_bias")}
+    names = [*ckpt.fp_tensors, *(f"{module}.weight" for module in ckpt.results)]
+    for name in sorted(names):
+        key = rename(name)
+        if key not in known and key not in known_fused:
+            raise QuantkitError(f"{ckpt.path}: tensor {name} does not belong to a {model_name(ckpt.config)} model; "
+                                "the export is damaged or was edited, export it again")
 
 
 def read_json(path: Path) -> dict:

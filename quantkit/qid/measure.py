@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import math
 import re
 import time
@@ -27,6 +26,7 @@ from quantkit.errors import QuantkitError, unknown_choice
 from quantkit.fsutil import read_json_object
 from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
 from quantkit.qid.table import TableWriter, cell_key, read_table
+from quantkit.qid.texts import cached_ids, check_text_amounts, load_tokenizer
 from quantkit.quant.methods import METHODS as ENGINE_REGISTRY
 
 ENGINE_METHODS = tuple(ENGINE_REGISTRY)
@@ -153,35 +153,7 @@ def _load(ckpt: Checkpoint):
     """(model, tokenizer) for a checkpoint, on CPU in float32."""
     from quantkit.models import load_model
 
-    model = load_model(ckpt.name, dtype="float32", revision=ckpt.revision)
-    return model, _load_tokenizer(ckpt)
-
-
-def _load_tokenizer(ckpt: Checkpoint):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(ckpt.name, revision=ckpt.revision)
-    except (OSError, ValueError) as err:
-        raise QuantkitError(f"cannot load a tokenizer for {ckpt.spec}: {str(err).splitlines()[0]}") from err
-
-
-def check_text_amounts(ckpt: Checkpoint, settings: Measurement, calibrates: bool = True) -> None:
-    """The calibration text holds --nsamples x --calib-seqlen tokens (where a cell `calibrates`) and the eval text
-    one --eval-seqlen window under the checkpoint's tokenizer (tokenized once: the cells reuse it), before any
-    cell runs."""
-    tokenizer = _load_tokenizer(ckpt)
-    calib = cached_ids(settings.calib, settings.calib_part, tokenizer) if calibrates else None
-    need = settings.nsamples * settings.calib_seqlen
-    if calib is not None and calib.numel() < need:
-        raise QuantkitError(f"too little text: the {settings.calib_part} part of {settings.calib} holds {calib.numel()} "
-                            f"tokens of {ckpt.spec}'s tokenizer, and --nsamples {settings.nsamples} x --calib-seqlen "
-                            f"{settings.calib_seqlen} need {need}; give more text or lower --nsamples/--calib-seqlen")
-    scored = cached_ids(settings.eval_text, settings.eval_part, tokenizer)
-    if scored.numel() < settings.eval_seqlen:
-        raise QuantkitError(f"too little text: the {settings.eval_part} part of --eval {settings.eval_text} holds "
-                            f"{scored.numel()} tokens of {ckpt.spec}'s tokenizer, less than one --eval-seqlen "
-                            f"{settings.eval_seqlen} window; give more text or a shorter --eval-seqlen")
+    return load_model(ckpt.name, dtype="float32", revision=ckpt.revision), load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec)
 
 
 def _load_bnb(ckpt: Checkpoint, method: str):
@@ -200,26 +172,6 @@ def _load_bnb(ckpt: Checkpoint, method: str):
     )
     model.eval()
     return model
-
-
-_TOKEN_CACHE: dict[tuple, object] = {}
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's full definition (checkpoints of one run share it)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def cached_ids(source: str, part: str, tokenizer):
-    """The eos-joined token stream of a source's part, tokenized once per (source, part, tokenizer)."""
-    from quantkit.data import resolve_texts, tokenize_documents
-
-    key = (source, part, _tokenizer_fingerprint(tokenizer))
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = tokenize_documents(resolve_texts(source, part=part), tokenizer)
-    return _TOKEN_CACHE[key]
 
 
 BOOTSTRAP_DRAWS = 1000
@@ -375,16 +327,16 @@ def measure_grid(
             override = per_model_tokens.get(ckpt.spec, per_model_tokens.get(ckpt.name, default_tokens))
             d, step, _ = resolve_tokens(ckpt, override, settings.tokens_per_step)
             meta[ckpt.spec] = (d, step)
-    for ckpt in dict.fromkeys(c[0] for c in todo):
-        if ckpt.local_dir is not None:
-            check_local_checkpoint(ckpt)
     from quantkit.data.checks import check_data
 
-    # a missing file would otherwise fail every cell, one CSV row at a time
+    # a missing file or too little text would otherwise fail every cell, one CSV row at a time
     check_data(settings.eval_text, "--eval")
     check_data(settings.calib)
     for ckpt in dict.fromkeys(c[0] for c in todo):
-        check_text_amounts(ckpt, settings, calibrates=any(c[0] == ckpt and c[1] not in BNB_METHODS for c in todo))
+        if ckpt.local_dir is not None:
+            check_local_checkpoint(ckpt)
+        calibrates = any(c[0] == ckpt and c[1] not in BNB_METHODS for c in todo)
+        check_text_amounts(load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec), ckpt.spec, settings, calibrates)
     stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
     bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
     with TableWriter(out_csv) as writer:
