@@ -16,7 +16,9 @@ from quantkit.errors import QuantkitError, first_line
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output path unless overwrite is set; return it as a Path."""
+    """Refuse an existing output path unless overwrite is set, or a name the file system cannot hold; return it
+    as a Path."""
+    check_names(path)
     out = Path(path)
     if out.exists() and not overwrite:
         raise QuantkitError(f"output path {out} already exists; pass --overwrite or choose another -o")
@@ -252,11 +254,43 @@ def check_writable(directory: Path, what: str) -> None:
     os.unlink(probe)
 
 
+# room a name needs beyond its own length for the run's siblings of it (".NAME.tmp-XXXXXXXX", "NAME.partial")
+_NAME_ROOM = 16
+
+
+def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
+    """Every name `output` creates fits the file system's name limit, with room for the temporary names a run
+    puts beside it (the OS says only "File name too long" once the work is done)."""
+    out = Path(os.path.abspath(output))
+    new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
+    above = next(part for part in [out, *out.parents] if os.path.lexists(part))
+    try:
+        limit = os.pathconf(above if above.is_dir() else above.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in new:
+        if len(os.fsencode(part.name)) + _NAME_ROOM > limit:
+            raise QuantkitError(f"{flag} {str(output)[:60]}...: the name {part.name[:40]}... is "
+                                f"{len(os.fsencode(part.name))} bytes, and names here hold at most {limit} "
+                                f"({_NAME_ROOM} of them for the run's temporary names); choose a shorter name")
+
+
+def check_output_folder(output: str | os.PathLike, flag: str = "-o") -> None:
+    """A folder that results are written into (created if missing): not a file, and writable."""
+    out = Path(os.path.abspath(output))
+    check_names(out, flag)
+    above = _nearest_existing(out)
+    if not above.is_dir():
+        raise QuantkitError(f"{flag} {output} lies at or under {above}, which is a file; give a directory")
+    check_writable(above, f"{flag} {output}")
+
+
 def check_output_file(output: str | os.PathLike, flag: str = "-o",
                       inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """A result file can be written at `output` (checked before the work it records): not a directory, no file
     where a folder above it must be, its folder writable, and neither one of the run's `inputs` (files or
     directories: a model, its data, a table or law read) nor inside an input directory."""
+    check_names(output, flag)
     out = Path(os.path.abspath(output))
     if out.is_dir():
         raise QuantkitError(f"{flag} {output} is a directory; give a file path")
@@ -270,6 +304,7 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
                                 "it: choose another file")
         if src.is_dir() and src in real.parents:
             raise QuantkitError(f"{flag} {output} is inside the input {source}; write the results outside it")
+    check_names(out, flag)
     above = _nearest_existing(out.parent)
     if not above.is_dir():
         raise QuantkitError(f"{flag} {output} lies under {above}, which is a file; give a path in a directory")
@@ -306,10 +341,13 @@ def check_output(output: str | os.PathLike, *, overwrite: bool, sources: Iterabl
             raise QuantkitError(f"output {output} is inside the input {source}; choose a directory outside it")
         if real in src.parents:
             raise QuantkitError(f"output {output} holds the input {source}; replacing it would delete the input, choose another {flag}")
+    check_names(out, flag)
     where = _nearest_existing(out.parent)
     if not where.is_dir():
         raise QuantkitError(f"cannot create output {output}: {where} is a file")
     check_writable(where, f"output {output}")
+    if out.is_dir():  # --overwrite: its files are replaced (an immutable or read-only folder refuses that)
+        check_writable(out, f"output {output} (--overwrite replaces its files)")
     if need_bytes:
         free = shutil.disk_usage(where).free
         if free < need_bytes:

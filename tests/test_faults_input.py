@@ -1290,3 +1290,47 @@ def test_a_calibration_set_made_on_another_model_of_the_same_config_is_refused(w
     assert result.exit_code == 0, result.output
     warned = [line for line in result.stderr.splitlines() if "predates weights fingerprints" in line]
     assert len(warned) == 1 and "is not checked" in warned[0], result.stderr
+
+
+@pytest.fixture
+def frozen():
+    """chattr +i on folders (nothing can be created in them, even by root); thawed after the test. Skips where
+    chattr or the file system does not allow it."""
+    import subprocess
+
+    folders: list[Path] = []
+
+    def freeze(folder: Path) -> Path:
+        folder.mkdir(exist_ok=True)
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()[:80]}")
+        folders.append(folder)
+        return folder
+
+    yield freeze
+    for folder in folders:
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+
+
+def test_an_immutable_output_or_work_area_is_refused_before_work(work: Path, no_model_load, frozen) -> None:
+    """--overwrite of an immutable folder, qid plot into one and a --resume over an immutable OUT.partial failed
+    with "Operation not permitted" (a generic error, after the work)."""
+    frozen(work / "ro")
+    assert_fault(work, calibrate(work)[:-2] + ["-o", work / "ro", "--overwrite"], "cannot write output")
+    (work / "q.csv").write_text("model,method,bits,group_size,N,D,loss_fp,loss_q,qid,eval_text\n"
+                                "m,gptq,4,128,1000000,1000000000,3.0,3.1,0.1,e\n")
+    assert_fault(work, ["qid", "plot", work / "q.csv", "-o", work / "ro"], "cannot write -o")
+    frozen(work / "out.partial")
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "text.txt", *GPTQ, "--low-memory", "--resume",
+                        "-o", work / "out"], "cannot write the work area")
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused(work: Path) -> None:
+    """-o with a 300-character name failed with "File name too long" after the work; 200 characters still run."""
+    long = "x" * 300
+    assert_fault(work, calibrate(work)[:-2] + ["-o", work / long], "choose a shorter name")
+    assert_fault(work, ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16", "-o", work / long],
+                 "choose a shorter name")
+    result = run_cli(*calibrate(work)[:-2], "-o", work / ("y" * 200))
+    assert result.exit_code == 0, result.output

@@ -119,7 +119,7 @@ def export_bytes(files: ModelFiles, bits: int, fmt: str) -> int:
 
 
 def _check_output(job: CalibrationJob, files: ModelFiles, data_paths: list[str]) -> None:
-    from quantkit.fsutil import check_output, work_dir_for
+    from quantkit.fsutil import check_output, check_writable, work_dir_for
 
     output, run = job.export.output, job.run
     need = export_bytes(files, job.quantization.weights.bits, job.export.fmt)
@@ -129,6 +129,8 @@ def _check_output(job: CalibrationJob, files: ModelFiles, data_paths: list[str])
     sources = [None if job.model.loaded is not None else job.model.name, job.data.calib_set, run.offload_dir,
                *data_paths]
     check_output(output, overwrite=job.export.overwrite, sources=sources, need_bytes=need)
+    if run.low_memory and work_dir_for(output).is_dir():  # --resume adds layers there, a fresh run replaces it
+        check_writable(work_dir_for(output), f"the work area {work_dir_for(output)}")
 
 
 def _model_and_adapter(job: CalibrationJob, model_or_config: object) -> tuple[object, object]:

@@ -10,7 +10,7 @@ import click
 
 from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError, unknown_choice
-from quantkit.fsutil import atomic_file, check_output_file
+from quantkit.fsutil import atomic_file, check_output_file, check_output_folder
 
 
 def check_act_bits_cells(act_bits: int | None, bits: list[int], methods: list[str], group_size: int, sym: bool) -> None:
@@ -324,6 +324,7 @@ def plot(csv_path, fit_path, method, formats, out_dir) -> None:
 
     if Path(out_dir, "config.json").is_file():
         raise QuantkitError(f"-o {out_dir} is a model directory (it holds config.json); write the figures elsewhere")
+    check_output_folder(out_dir)
     fit_doc = read_fit_json(fit_path) if fit_path else None
     paths = plot_table(read_table(csv_path), out_dir, fit=fit_doc, method=method, formats=tuple(formats))
     for p in paths:
