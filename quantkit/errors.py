@@ -113,8 +113,12 @@ def expect_bool(name: str, value: object, *, optional: bool = False, flag: str |
 
 def expect_choice(name: str, value: object, choices, *, optional: bool = False, flag: str | None = None):
     """`value` if it is one of `choices` exactly (case included); else the nearest one is offered."""
+    import numbers
+
     if value is None and optional:
         return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # a numpy integer is an integer: bits=np.int64(4) is bits=4
     if isinstance(value, bool) or not any(value == c and type(value) is type(c) for c in choices):
         near = closest(value, choices) if isinstance(value, str) else None
         hint = f"did you mean {next(c for c in choices if str(c) == near)!r}? " if near is not None else ""

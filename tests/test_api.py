@@ -197,3 +197,16 @@ def test_fit_limits_blas_threads_with_threadpoolctl() -> None:
 
     with single_threaded_blas():
         assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+def test_numpy_numbers_and_text_given_as_a_path(run) -> None:
+    """numpy integers count as numbers (seed= included: torch's and random's seeds take only Python ints) and give
+    the CLI's codes; a text passed where a path belongs is one QuantkitError saying to pass it in a list."""
+    import numpy as np
+
+    settings = {**SETTINGS, "seed": np.int64(SETTINGS["seed"]), "bits": np.int64(4), "nsamples": np.int32(4)}
+    quantized = quantkit.quantize(str(run["model"]), data=str(run["text"]), progress=False, **settings)
+    assert_same_codes(quantized.results, run["cli"])
+    text = run["text"].read_text()[:2000]
+    with pytest.raises(quantkit.QuantkitError, match=r"is no file, directory, glob or hf: dataset; .* data=\[text\]"):
+        quantkit.quantize(str(run["model"]), data=text, progress=False, **SETTINGS)

@@ -250,3 +250,40 @@ def test_measure_options_default_to_the_measurements_own_defaults():
     assert len(shared) >= 9
     for param in shared:
         assert param.default == defaults[param.name], param.name
+
+
+def test_options_that_would_go_unused_are_refused(tmp_path):
+    """A published law with another --method, --qid-se without --qid, --qid beside --data, a fit with no law for the
+    table's methods: exit 2, one line, nothing written; the valid neighbours still answer."""
+    model = save_tiny_llama(tmp_path / "m")
+    one_line = lambda res: res.exit_code == 2 and len(res.output.strip().splitlines()) == 1  # noqa: E731
+    res = run("predict", "--params", "1e9", "--bits", "3", "--tokens", "1e12", "--method", "awq")
+    assert one_line(res) and "fitted on gptq" in res.output
+    same = run("predict", "--params", "1e9", "--bits", "3", "--tokens", "1e12", "--method", "gptq", "--json")
+    plain = run("predict", "--params", "1e9", "--bits", "3", "--tokens", "1e12", "--json")
+    assert same.exit_code == 0 and same.output == plain.output
+    res = run("training-level", model, "--law", "ouyang2024-gptq", "--bits", "3", "--method", "rtn", "--qid", "0.1")
+    assert one_line(res) and "fitted on gptq" in res.output
+    res = run("training-level", model, "--law", "ouyang2024-gptq", "--bits", "3", "--qid-se", "0.01", "--data", "x.txt")
+    assert one_line(res) and "--qid-se" in res.output
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(WORDS * 50))
+    res = run("training-level", model, "--law", "ouyang2024-gptq", "--bits", "3", "--qid", "0.05", "--data", text,
+              "-o", tmp_path / "r.json")
+    assert one_line(res) and "--qid replaces the measurement" in res.output and not (tmp_path / "r.json").exists()
+    csv, fit_json = tmp_path / "q.csv", tmp_path / "fit.json"
+    _write_grid(csv)
+    assert run("fit", csv, "--law", "unified", "--bootstrap", "0", "-o", fit_json).exit_code == 0
+    rtn = tmp_path / "rtn.csv"
+    rtn.write_text(csv.read_text().replace(",gptq,", ",rtn,"))
+    res = run("plot", rtn, "--fit", fit_json, "-o", tmp_path / "figs")
+    assert one_line(res) and "no curve to draw" in res.output and not (tmp_path / "figs").exists()
+
+
+def test_resample_errors_without_qid_se_says_what_it_redraws(tmp_path):
+    """Without qid_se columns --resample errors draws within the misfit alone, and the table says so."""
+    csv = tmp_path / "q.csv"
+    _write_grid(csv)
+    res = run("fit", csv, "--law", "unified", "--bootstrap", "5", "--resample", "errors")
+    assert res.exit_code == 0 and "no qid_se: each QiD redrawn within the misfit tau alone" in res.output
+    assert "misfit tau alone" not in run("fit", csv, "--law", "unified", "--bootstrap", "5").output

@@ -139,6 +139,10 @@ def test_measure_cli_needs_tokens_for_unknown_checkpoint(tmp_path):
     assert res.exit_code == 2 and "--tokens" in res.output
     res = CliRunner().invoke(main, ["qid", "measure", str(d), "--methods", "rtn,awq", "--eval", "x", "-o", str(tmp_path / "q.csv")])
     assert res.exit_code == 2 and "unknown method" in res.output
+    # D from --tokens (or training.json) for every checkpoint: --tokens-per-step would be ignored
+    res = CliRunner().invoke(main, ["qid", "measure", str(d), "--eval", str(tmp_path / "eval"), "--tokens", "1e9",
+                                    "--tokens-per-step", "1000", "-o", str(tmp_path / "q.csv"), "--no-progress"])
+    assert res.exit_code == 2 and "drop --tokens-per-step" in res.output and not (tmp_path / "q.csv").exists()
     torch.manual_seed(0)
 
 

@@ -150,7 +150,9 @@ def check_arguments(model: Any, data: Any, tokenizer: Any, options: dict, defaul
     check_data_argument(data)
     checks = _checks()
     for name, value in options.items():
-        checks[name](name, value, flag=flag_of(name))
+        checked = checks[name](name, value, flag=flag_of(name))
+        if isinstance(checked, (int, float)) and type(checked) is not type(value) and not isinstance(value, bool):
+            options[name] = checked  # numpy scalars pass as numbers, but torch's and random's seeds take Python ones
     given = {**defaults, **options}
     if data is not None and given["calib_set"] is not None:
         raise QuantkitError("--calib (data=) and --calib-set (calib_set=) are two sources of samples; give one")

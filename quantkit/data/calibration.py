@@ -17,7 +17,7 @@ from quantkit.data.chat import (
 )
 from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
 from quantkit.data.samples import calibration_samples, text_samples
-from quantkit.data.sources import check_text_source, local_paths
+from quantkit.data.sources import check_source_name, check_text_source, local_paths
 from quantkit.errors import QuantkitError
 
 
@@ -104,6 +104,7 @@ SOURCES: tuple[DataSource, ...] = (
 def source_for(source: str | os.PathLike) -> DataSource:
     """The DataSource that reads `source`: the records a file holds (quantkit.data.sources.record_kind), a recipe, or
     text."""
+    check_source_name(source)
     return next(kind for kind in SOURCES if kind.match(os.fspath(source)))
 
 

@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, short_repr
 
 PARTS = ("all", "train", "heldout")
 HELDOUT_FRACTION = 0.1
@@ -271,6 +271,15 @@ def load_hf(spec: str) -> list[str]:
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise QuantkitError(f"cannot load dataset {spec!r}: {msg}") from err
     return _dataset_texts(ds, field, spec)
+
+
+def check_source_name(source: str | os.PathLike) -> None:
+    """A source string no file system holds as a name (a line break, a part over 255 bytes) is text given where a
+    path belongs: one QuantkitError instead of an OSError from the first stat."""
+    text = os.fspath(source)
+    if "\n" in text or any(len(part.encode()) > 255 for part in text.split("/")):
+        raise QuantkitError(f"data source {short_repr(text)} ({len(text)} characters) is no file, directory, glob or "
+                            "hf: dataset; to calibrate on a text itself, pass it in a list: data=[text]")
 
 
 def _expand(source: str) -> list[tuple[str, list[Path] | None]]:

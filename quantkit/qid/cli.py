@@ -272,6 +272,13 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
         check_measured_bits([bits], [method])
     else:
         check_plausible("qid", qid_value)
+    if qid_se is not None and qid_value is None:
+        raise QuantkitError("--qid-se is the standard error of a given --qid; a measured QiD brings its own: "
+                            "give --qid too or drop --qid-se")
+    given = [flag for flag, key in (("--data", "eval_text"), ("--calib", "calib")) if measurement.get(key) is not None]
+    if qid_value is not None and given:
+        raise QuantkitError(f"--qid replaces the measurement, so {' and '.join(given)} would go unused; "
+                            f"give --qid or {given[0]}, not both")
     if qid_se is not None and (not math.isfinite(qid_se) or qid_se < 0):
         raise QuantkitError(f"--qid-se must be a finite number >= 0, got {qid_se}")
     check_counts(**{k: measurement[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen")})

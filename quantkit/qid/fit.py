@@ -416,6 +416,8 @@ def format_fits(result: dict) -> str:
         bits = "all bits" if f["bits"] is None else f"{f['bits']} bits"
         b = f["bootstrap"]
         ci = f"{int(round(100 * b['level']))}% CI from {b['resamples']} resamples of {b.get('resample', 'points')}"
+        if b.get("resample") == "errors" and b["resamples"] and not f.get("weighted"):
+            ci += " (the table has no qid_se: each QiD redrawn within the misfit tau alone)"
         how = f.get("estimator", "huber") + (" weighted by qid_se" if f.get("weighted") else "")
         tau = f"  tau={f['tau']:.3g}" if f.get("tau") is not None else ""
         lines.append(f"{f['method']} | {f['law']} law ({bits}): {f['formula']}")

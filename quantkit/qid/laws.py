@@ -83,10 +83,24 @@ def _check_positive(**values: float) -> None:
             raise QuantkitError(f"{name} must be a positive finite number, got {value!r}")
 
 
+# The method each published law was fitted on: another method's QiD read through it would be a wrong answer.
+PUBLISHED_METHODS = {"ouyang2024-gptq": "gptq"}
+
+
+def _published(spec: str | os.PathLike, method: str | None) -> UnifiedLaw | None:
+    """The published law named `spec` (None when it names none), refusing a --method it was not fitted on."""
+    law = PUBLISHED_LAWS.get(str(spec))
+    if law is not None and method is not None and method != PUBLISHED_METHODS[law.name]:
+        raise QuantkitError(f"the published law {law.name} was fitted on {PUBLISHED_METHODS[law.name]} QiD, not "
+                            f"--method {method}; drop --method or give a `qid fit -o` JSON with a {method} fit")
+    return law
+
+
 def load_law(spec: str | os.PathLike, method: str | None = None, bits: int | None = None) -> UnifiedLaw:
     """A published law by name, or the unified law from a `qid fit` JSON (choose --method if several)."""
-    if str(spec) in PUBLISHED_LAWS:
-        return PUBLISHED_LAWS[str(spec)]
+    published = _published(spec, method)
+    if published is not None:
+        return published
     path, doc = _read_law_file(spec, "fit")
     return law_from_fit(doc, method=method, bits=bits, source=str(path))
 
@@ -162,8 +176,9 @@ def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int 
     A law JSON is {"k", "alpha", "beta", "gamma"} (numbers), optionally with "draws": {"log_k": [...],
     "alpha": [...], "beta": [...], "gamma": [...]} as `qid fit -o` writes for each unified fit.
     """
-    if str(spec) in PUBLISHED_LAWS:
-        return PUBLISHED_LAWS[str(spec)], [], {}
+    published = _published(spec, method)
+    if published is not None:
+        return published, [], {}
     path, doc = _read_law_file(spec, "law")
     if isinstance(doc, dict) and "fits" in doc:
         chosen = chosen_fit(doc, method=method, bits=bits, source=str(path))

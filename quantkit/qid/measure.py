@@ -322,11 +322,17 @@ def measure_grid(
     todo = [c for c in cells if (c[0].spec, settings.label(c[1]), c[2], group_for(c[1]), settings.eval_text) not in done]
     # Resolve D for every checkpoint before any work, so a missing token count fails fast.
     meta: dict[str, tuple[int, int | None]] = {}
+    sources: set[str] = set()
     for ckpt, _, _ in todo:
         if ckpt.spec not in meta:
             override = per_model_tokens.get(ckpt.spec, per_model_tokens.get(ckpt.name, default_tokens))
-            d, step, _ = resolve_tokens(ckpt, override, settings.tokens_per_step)
+            d, step, source = resolve_tokens(ckpt, override, settings.tokens_per_step)
             meta[ckpt.spec] = (d, step)
+            sources.add(source)
+    if settings.tokens_per_step is not None and todo and "step x --tokens-per-step" not in sources:
+        raise QuantkitError(f"--tokens-per-step {settings.tokens_per_step} sets D only for hub checkpoints with a "
+                            f"stepN revision and no tokens_seen; every checkpoint here takes D from {' / '.join(sorted(sources))}: "
+                            "drop --tokens-per-step")
     from quantkit.data.checks import check_data
 
     # a missing file or too little text would otherwise fail every cell, one CSV row at a time

@@ -75,6 +75,12 @@ def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = N
     from matplotlib.ticker import NullFormatter
 
     methods = table.methods(method, "plot")
+    if fit is not None:
+        fitted = {f.get("method") for f in fit.get("fits", []) if isinstance(f, dict)} if isinstance(fit, dict) else set()
+        if not fitted & set(methods):
+            raise QuantkitError(f"the fit holds laws for {', '.join(sorted(map(str, fitted))) or 'no method'} and the "
+                                f"table's rows are {', '.join(methods)}: no curve to draw; give the fit of this table "
+                                "(`qid fit CSV -o FIT.json`) or drop --fit")
     cmap = plt.get_cmap("viridis")
 
     def color(i: int, n: int) -> tuple:
