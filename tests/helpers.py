@@ -566,13 +566,30 @@ TINY_FIELDS = dict(
 )
 
 
+# Types whose default config does not build (or builds no expert layer) at two layers: the fields their published
+# checkpoints set, shrunk (DBRX's config.json gives attn_config the rope_theta and clip_qkv its attention reads; dots.llm1
+# has shared experts; LFM2-MoE lists its layer types and starts with dense layers; Zamba's layer pattern is
+# computed for 3+ layers, so two hybrid layers here share their attention block as the checkpoints' do).
+TINY_TYPE_FIELDS = {
+    "dbrx": dict(attn_config={"rope_theta": 10000.0, "kv_n_heads": 2, "clip_qkv": 8.0},
+                 ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}),
+    "dots1": dict(n_shared_experts=1, first_k_dense_replace=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"], attention_head_dim=16),
+    "zamba2": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"], attention_head_dim=16),
+}
+
+
 def tiny_config(model_type: str, **overrides):
     """A tiny config of `model_type` built by transformers' own config class: TINY_FIELDS where the type has
-    them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers."""
+    them, special token ids inside the vocabulary, per-layer lists (layer_types) recomputed for two layers,
+    TINY_TYPE_FIELDS for the types that need more."""
     built = config_of(model_type)
     defaults = built.to_dict()
     fields = _tiny_fields(defaults, TINY_FIELDS)
     fields.update(_tiny_subconfigs(built))
+    for key, value in TINY_TYPE_FIELDS.get(model_type, {}).items():
+        fields[key] = {**fields[key], **value} if isinstance(fields.get(key), dict) else value
     fields.update(overrides)
     layer_types = defaults.get("layer_types")
     try:

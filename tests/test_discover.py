@@ -163,8 +163,23 @@ def test_experts_quantkit_cannot_split_are_refused_in_one_line(monkeypatch) -> N
 
     monkeypatch.setattr(experts, "fused_layout", lambda module: None)
     model = tiny_causal_lm("qwen3_moe")
-    with pytest.raises(QuantkitError, match=r"^model\.layers\.0\.mlp\.experts holds experts as Qwen3MoeExperts, "
+    with pytest.raises(QuantkitError, match=r"^model\.layers\.0\.mlp\.experts holds experts as Qwen3MoeExperts "
+                                            r"\(forward\(hidden_states, top_k_index, top_k_weights\)\), "
                                             r"which quantkit cannot split") as info:
+        calibrate_model(model, [{"input_ids": torch.randint(1, 120, (1, 8))}], QuantSpec(bits=4, group_size=16),
+                        method="rtn", progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_jetmoe_parallel_experts_are_refused_in_one_line() -> None:
+    """JetMoE's experts (MLP and mixture of attention) are JetMoeParallelExperts, called on rows already grouped
+    by expert: refused in one line naming the module and its call."""
+    from quantkit.engine import calibrate_model
+    from quantkit.quant import QuantSpec
+
+    model = tiny_causal_lm("jetmoe")
+    with pytest.raises(QuantkitError, match=r"^model\.layers\.0\.mlp\.input_linear holds experts as JetMoeParallelExperts "
+                                            r"\(forward\(inputs, expert_size\)\), which quantkit cannot split") as info:
         calibrate_model(model, [{"input_ids": torch.randint(1, 120, (1, 8))}], QuantSpec(bits=4, group_size=16),
                         method="rtn", progress=False)
     assert "\n" not in str(info.value)

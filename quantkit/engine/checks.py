@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -33,9 +35,18 @@ def check_experts(model: nn.Module, adapter: Adapter) -> None:
             container = get_module(adapter.decoder_layers(model)[index], block.experts)
             if not isinstance(container, RoutedExperts):
                 raise QuantkitError(
-                    f"{adapter.layer_prefix(index)}.{block.experts} holds experts as {type(container).__name__}, "
-                    "which quantkit cannot split into per-expert linears routed token by token"
+                    f"{adapter.layer_prefix(index)}.{block.experts} holds experts as {type(container).__name__} "
+                    f"(forward{_parameters(container)}), which quantkit cannot split into per-expert linears routed "
+                    "token by token"
                 )
+
+
+def _parameters(module: nn.Module) -> str:
+    """The parameters of `module`'s forward, as the message names its call."""
+    try:
+        return f"({', '.join(inspect.signature(module.forward).parameters)})"
+    except (TypeError, ValueError):
+        return "(...)"
 
 
 def check_group_width(width: int, name: str, spec: QuantSpec, hint: str = "") -> None:

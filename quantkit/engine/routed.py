@@ -83,7 +83,7 @@ class RoutedFPInputs:
         handles = []
         for name, experts in self.containers.items():
             def grab(module: nn.Module, args: tuple, name: str = name) -> None:
-                self.inputs[name].append(self.keep(args[0]))
+                self.inputs[name].append(self.keep(args[0].reshape(-1, args[0].shape[-1])))  # flat tokens (DBRX: [B, T, H])
                 # scaled-input experts (Llama 4): each expert's input scale on every token
                 every = args[3] if len(args) > 3 else None
                 self.scales[name].append(None if every is None else every.detach().cpu())

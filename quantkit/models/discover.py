@@ -202,11 +202,12 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
             else:
                 full_precision.append((path, f"a {type(module).__name__} weight that is not an nn.Linear, kept in "
                                              "full precision"))
-    experts = tuple(ExpertBlock(block, containers_path, routers[block], positions.get(block, len(groups)))
-                    for block, containers_path in blocks.items())
-    for block in sorted(experts, key=lambda b: -b.position):  # the last first: earlier positions stay valid
-        if isinstance(get_module(layer, block.experts), RoutedExperts):  # per-expert linears, solved as any other
-            groups = with_expert_groups(groups, layer, block.block, block.position)
+    # one entry per experts module (a block may hold two: Inkling's routed and shared experts), so each is checked
+    experts = tuple(ExpertBlock(_parent(c) or c, c, routers[_parent(c) or c], positions.get(_parent(c) or c, len(groups)))
+                    for c in containers)
+    split = {(b.position, b.block) for b in experts if isinstance(get_module(layer, b.experts), RoutedExperts)}
+    for position, block in sorted(split, reverse=True):  # the last first: earlier positions stay valid
+        groups = with_expert_groups(groups, layer, block, position)  # per-expert linears, solved as any other
     return LayerLayout(tuple(tuple(g) for g in groups), experts, tuple(full_precision)), out
 
 

@@ -4,9 +4,11 @@ transformers' fused expert weights, and the conversion between fused and per-exp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -24,15 +26,61 @@ class ExpertNames:
 
 @dataclass(frozen=True)
 class FusedLayout:
-    """How a fused experts module stores its projections (transformers' use_experts_implementation flags)."""
+    """How a fused experts module stores its projections (transformers' use_experts_implementation flags, or
+    FLAGLESS_EXPERTS for the families that run their own loop)."""
 
     gated: bool = True
     transposed: bool = False  # [E, in, out] instead of [E, out, in]
     bias: bool = False
+    # gate, up and down as three parameters instead of gate_up and down (Inkling's shared experts: [E, I, H],
+    # [E, I, H], [E, H, I]); with `stacked` (the number of experts), 2-D parameters [E * I, H] whose down rows are
+    # stored [in, out] per expert (DBRX's mlp.w1 / v1 / w2)
+    separate: tuple[str, str, str] | None = None
+    stacked: int = 0
 
-    def fused_names(self) -> tuple[str, str]:
-        """The fused parameters: (gate_up or up, down)."""
+    def fused_names(self) -> tuple[str, ...]:
+        """The fused parameters (names relative to the experts module): (gate_up or up, down), or `separate`."""
+        if self.separate is not None:
+            return self.separate
         return ("gate_up_proj" if self.gated else "up_proj"), "down_proj"
+
+
+def is_llama4_experts(module: nn.Module) -> bool:
+    """Llama 4's experts: fused [E, H, 2I] / [E, I, H], run by the MoE block on router-scaled inputs."""
+    return type(module).__name__ == "Llama4TextExperts"
+
+
+# Expert modules that run their own routing loop, without transformers' use_experts_implementation flags:
+# class name -> (layout, the activation's attribute path, whether every token runs every expert)
+FLAGLESS_EXPERTS = {
+    "InklingExperts": (FusedLayout(), "act_fn", False),
+    "InklingSharedExperts": (FusedLayout(separate=("gate_proj", "up_proj", "down_proj")), "act_fn", True),
+    "DbrxExperts": (FusedLayout(separate=("mlp.w1", "mlp.v1", "mlp.w2")), "mlp.activation_fn", False),
+}
+
+
+def fused_layout(module: nn.Module) -> FusedLayout | None:
+    """The layout of a fused experts module, or None if `module` is not one quantkit can unfuse."""
+    if is_llama4_experts(module):
+        return FusedLayout(gated=True, transposed=True)
+    if type(module).__name__ in FLAGLESS_EXPERTS:
+        layout = FLAGLESS_EXPERTS[type(module).__name__][0]
+        rows = module.get_parameter(layout.separate[0]).dim() == 2 if layout.separate else False
+        return dataclasses.replace(layout, stacked=module.num_experts) if rows else layout
+    params = module._parameters
+    down = params.get("down_proj")
+    first = params.get("gate_up_proj") if getattr(module, "has_gate", None) else params.get("up_proj")
+    if not hasattr(module, "is_transposed") or down is None or first is None or down.dim() != 3 or first.dim() != 3:
+        return None
+    return FusedLayout(gated=bool(module.has_gate), transposed=bool(module.is_transposed), bias=bool(module.has_bias))
+
+
+def activation_of(fused: nn.Module) -> nn.Module | None:
+    """The activation module of an experts module (FLAGLESS_EXPERTS' path, else its act_fn), or None."""
+    path = FLAGLESS_EXPERTS[type(fused).__name__][1] if type(fused).__name__ in FLAGLESS_EXPERTS else "act_fn"
+    owner, _, leaf = path.rpartition(".")
+    act = getattr(fused.get_submodule(owner) if owner else fused, leaf, None)
+    return act if isinstance(act, nn.Module) else None
 
 
 def expert_names(config: object) -> ExpertNames:
@@ -58,6 +106,8 @@ def expert_names(config: object) -> ExpertNames:
 
 def split_fused(fused: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames) -> dict[str, torch.Tensor]:
     """Per-expert tensors (`<e>.<projection>.weight` / `.bias`, [out, in]) from a fused module's parameters."""
+    if layout.separate is not None:
+        return _split_separate(fused, layout, names)
     gate_up_key, down_key = layout.fused_names()
     gate_up, down = fused[gate_up_key], fused[down_key]
     out: dict[str, torch.Tensor] = {}
@@ -83,6 +133,8 @@ def split_fused(fused: dict[str, torch.Tensor], layout: FusedLayout, names: Expe
 def join_experts(tensors: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames,
                  num_experts: int) -> dict[str, torch.Tensor]:
     """The fused parameters from per-expert tensors (split_fused's inverse)."""
+    if layout.separate is not None:
+        return _join_separate(tensors, layout, names, num_experts)
     gate_up_key, down_key = layout.fused_names()
 
     def both(kind: str, e: int) -> torch.Tensor:  # [..., 2I] along the last dim, as the fused module lays it
@@ -100,3 +152,24 @@ def join_experts(tensors: dict[str, torch.Tensor], layout: FusedLayout, names: E
         out[f"{gate_up_key}_bias"] = torch.stack([both("bias", e) for e in range(num_experts)])
         out[f"{down_key}_bias"] = torch.stack([tensors[f"{e}.{names.down}.bias"] for e in range(num_experts)])
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _split_separate(fused: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames) -> dict[str, torch.Tensor]:
+    gate, up, down = (fused[k] for k in layout.separate)
+    if layout.stacked:  # [E * I, H] each; down's [I, H] per expert is its [in, out]
+        gate, up, down = (t.reshape(layout.stacked, -1, t.shape[-1]) for t in (gate, up, down))
+        down = down.transpose(1, 2)
+    out = {}
+    for e in range(gate.shape[0]):
+        for name, weight in zip(names.all(), (gate[e], up[e], down[e])):
+            out[f"{e}.{name}.weight"] = weight.contiguous()
+    return out
+
+
+def _join_separate(tensors: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames,
+                   num_experts: int) -> dict[str, torch.Tensor]:
+    gate, up, down = (torch.stack([tensors[f"{e}.{n}.weight"] for e in range(num_experts)]) for n in names.all())
+    if layout.stacked:
+        down = down.transpose(1, 2)
+        gate, up, down = (t.reshape(-1, t.shape[-1]) for t in (gate, up, down))
+    return {k: v.contiguous() for k, v in zip(layout.separate, (gate, up, down))}

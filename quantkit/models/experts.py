@@ -17,7 +17,9 @@ get gate_proj / up_proj / down_proj, the per-expert quantized layout of llm-comp
 transformers' compressed-tensors loader. As there, `gate_proj` and `up_proj` are the first and second half
 of the fused gate_up output: for gpt-oss, whose gate and up columns alternate, each half holds both (the
 family's own gate function reads the halves joined back). Routers stay as they are (full precision);
-`fuse_experts` puts the fused modules back.
+`fuse_experts` puts the fused modules back. Families whose experts run their own loop without transformers' flags
+are named in FLAGLESS_EXPERTS with their layout: DBRX (three 2-D [E * I, H] parameters), Inkling (routed experts,
+and shared experts that every token runs, weighted per token: SharedExperts).
 
 With `all_tokens` (set_all_tokens), every expert runs on every token of the layer, so a rarely chosen
 expert still gets statistics, while the layer's output keeps only the routed tokens' results.
@@ -25,6 +27,7 @@ expert still gets statistics, while the layer's output keeps only the routed tok
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 from collections.abc import Callable, Iterator
@@ -34,9 +37,13 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.models.expert_layout import (
+    FLAGLESS_EXPERTS,
     ExpertNames,
     FusedLayout,
+    activation_of,
     expert_names,
+    fused_layout,
+    is_llama4_experts,
     join_experts,
     split_fused,
 )
@@ -70,8 +77,17 @@ def _gate_owner(fused: nn.Module) -> types.SimpleNamespace:
     module's parameters (so the fused weights are not kept alive)."""
     internals = vars(nn.Module())
     attrs = {k: v for k, v in vars(fused).items() if k not in internals}
-    attrs.update(fused._modules)
+    attrs.update({k: _without_parameters(m) for k, m in fused._modules.items()})
     return types.SimpleNamespace(**attrs)
+
+
+def _without_parameters(module: nn.Module | None) -> nn.Module | None:
+    """A shallow copy of `module` holding no parameters of its own (DBRX's experts keep theirs in a child)."""
+    if module is None or not module._parameters:
+        return module
+    bare = copy.copy(module)
+    bare._parameters = {}
+    return bare
 
 
 class RoutedExperts(nn.ModuleList):
@@ -136,6 +152,8 @@ class RoutedExperts(nn.ModuleList):
                 every_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The experts' weighted sum for every token (`every_weight` [N, E]: each expert's input scale on every
         token, for scaled inputs in all-tokens mode)."""
+        shape = hidden_states.shape  # DBRX hands its experts [batch, tokens, H]
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         out = torch.zeros_like(hidden_states)
         every = torch.arange(hidden_states.shape[0], device=hidden_states.device)
         num_experts = self.num_experts
@@ -161,7 +179,20 @@ class RoutedExperts(nn.ModuleList):
                     y = self.run_expert(index, hidden_states[tokens], tokens)
                 y = y * weights
             out.index_add_(0, tokens, y.to(out.dtype))
-        return out
+        return out.view(shape)
+
+
+class SharedExperts(RoutedExperts):
+    """Experts that every token runs, each one's output scaled by the token's weight for it: Inkling's shared
+    experts, called as (hidden [.., H], gammas [.., E]) (its gammas scale the down projection's input, which is
+    the same map, down being linear)."""
+
+    def forward(self, hidden_states: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+        """The experts' gamma-weighted sum for every token."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        count = self.num_experts
+        every = torch.arange(count, device=flat.device).expand(flat.shape[0], count)
+        return super().forward(flat, every, gammas.reshape(-1, count).to(flat.dtype)).view(hidden_states.shape)
 
 
 class RoutedLlama4Moe(nn.Module):
@@ -191,51 +222,34 @@ class RoutedLlama4Moe(nn.Module):
 # ---------------------------------------------------------------- finding and replacing fused modules
 
 
-def is_llama4_experts(module: nn.Module) -> bool:
-    """Llama 4's experts: fused [E, H, 2I] / [E, I, H], run by the MoE block on router-scaled inputs."""
-    return type(module).__name__ == "Llama4TextExperts"
-
-
-def fused_layout(module: nn.Module) -> FusedLayout | None:
-    """The layout of a fused experts module, or None if `module` is not one quantkit can unfuse."""
-    if is_llama4_experts(module):
-        return FusedLayout(gated=True, transposed=True)
-    params = module._parameters
-    down = params.get("down_proj")
-    first = params.get("gate_up_proj") if getattr(module, "has_gate", None) else params.get("up_proj")
-    if not hasattr(module, "is_transposed") or down is None or first is None or down.dim() != 3 or first.dim() != 3:
-        return None
-    return FusedLayout(gated=bool(module.has_gate), transposed=bool(module.is_transposed), bias=bool(module.has_bias))
-
-
-def holds_fused_weights(module: nn.Module) -> bool:
-    """Whether a module keeps 3-D (or larger) parameters of its own: fused experts that no linear covers."""
-    return any(p is not None and p.dim() >= 3 for p in module._parameters.values()) and not isinstance(
-        module, nn.modules.conv._ConvNd)
-
-
 def _routed_experts(fused: nn.Module, layout: FusedLayout, names: ExpertNames, scaled_inputs: bool) -> RoutedExperts:
     """A RoutedExperts holding `fused`'s weights (on its device: meta stays meta)."""
     if not layout.gated:  # up and down only (Nemotron-H's squared-ReLU experts)
         names = ExpertNames(gate=None, up=names.up, down=names.down)
-    gate_up_key, down_key = layout.fused_names()
-    gate_up = fused._parameters[gate_up_key]
-    num_experts = gate_up.shape[0]
-    hidden = gate_up.shape[1] if layout.transposed else gate_up.shape[2]
-    intermediate = fused._parameters[down_key].shape[1 if layout.transposed else 2]
+    keys = layout.fused_names()
+    gate_up = fused.get_parameter(keys[0])
+    if layout.separate is not None:  # gate [E, I, H] or [E * I, H]
+        num_experts = layout.stacked or gate_up.shape[0]
+        hidden = gate_up.shape[-1]
+        intermediate = gate_up.numel() // num_experts // hidden
+    else:
+        num_experts = gate_up.shape[0]
+        hidden = gate_up.shape[1] if layout.transposed else gate_up.shape[2]
+        intermediate = fused.get_parameter(keys[1]).shape[1 if layout.transposed else 2]
     experts = [Expert(names, hidden, intermediate, layout.bias, gate_up.dtype, "meta") for _ in range(num_experts)]
     owner = _gate_owner(fused)
+    act_fn = activation_of(fused)
     gate_fn = None
     if layout.gated:
         apply_gate = getattr(type(fused), "_apply_gate", None)
         gate_fn = (functools.partial(apply_gate, owner) if apply_gate is not None
-                   else lambda gate_up: owner.act_fn(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1])
-    act_fn = fused._modules.get("act_fn") or getattr(fused, "act_fn", None)
+                   else lambda gate_up: act_fn(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1])
     post_norm = fused._modules.get("post_expert_norm") if getattr(fused, "has_post_expert_norm", False) else None
-    routed = RoutedExperts(experts, layout, gate_fn, act_fn if isinstance(act_fn, nn.Module) else None, post_norm,
-                           type(fused), owner, scaled_inputs)
+    every_token = FLAGLESS_EXPERTS.get(type(fused).__name__, (None, None, False))[2]
+    routed = (SharedExperts if every_token else RoutedExperts)(experts, layout, gate_fn, act_fn, post_norm, type(fused),
+                                                                owner, scaled_inputs)
     if gate_up.device.type != "meta":
-        fused_tensors = {k: v.detach() for k, v in fused._parameters.items() if v is not None}
+        fused_tensors = {k: v.detach() for k, v in fused.named_parameters() if v is not None}
         missing, _ = routed.load_state_dict(split_fused(fused_tensors, layout, names), strict=False, assign=True)
         if any(key.split(".")[0].isdigit() for key in missing):  # the norm after the experts keeps its own weights
             raise QuantkitError(f"unfusing {type(fused).__name__} left {missing[0]} unset; this is a bug")
@@ -291,11 +305,13 @@ def _fused_module(routed: RoutedExperts) -> nn.Module:
     fused = routed.fused_class.__new__(routed.fused_class)
     nn.Module.__init__(fused)
     for key, value in vars(routed.fused_attrs).items():
-        setattr(fused, key, value)  # submodules (act_fn, a post-expert norm) register as modules again
+        # submodules (act_fn, a post-expert norm, DBRX's weight holder) register as modules again
+        setattr(fused, key, _without_parameters(value) if isinstance(value, nn.Module) else value)
     first = next(routed.experts())
     tensors = {f"{e}.{k}": v for e, expert in enumerate(routed.experts()) for k, v in expert.state_dict().items()}
     for key, value in join_experts(tensors, routed.layout, first.names, routed.num_experts).items():
-        fused._parameters[key] = nn.Parameter(value, requires_grad=False)
+        owner, _, leaf = key.rpartition(".")
+        (fused.get_submodule(owner) if owner else fused)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     return fused
 
 
@@ -411,7 +427,7 @@ def unfused_state(root: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
         keys = [f"{name}.{k}" for k in experts.layout.fused_names()]
         if not all(k in out for k in keys):
             continue
-        fused = {k.rsplit(".", 1)[1]: out.pop(k) for k in [*keys, *(f"{k}_bias" for k in keys)] if k in out}
+        fused = {k[len(name) + 1:]: out.pop(k) for k in [*keys, *(f"{k}_bias" for k in keys)] if k in out}
         first = next(experts.experts())
         out.update({f"{name}.{k}": v for k, v in split_fused(fused, experts.layout, first.names).items()})
     return out

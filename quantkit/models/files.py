@@ -321,14 +321,14 @@ def _split_experts(model, found: dict) -> dict:
 
     from quantkit.models.experts import unfused_state
 
-    fused = {k: torch.empty(shape, device="meta") for k, (shape, _, _) in found.items() if k.endswith("_proj")
-             or k.endswith("_proj_bias")}
+    fused = {k: torch.empty(shape, device="meta") for k, (shape, _, _) in found.items()}
     split = unfused_state(model, fused)
     if split.keys() == fused.keys():
         return found
-    out = {k: v for k, v in found.items() if k not in fused or k in split}
-    for key in split.keys() - fused.keys():
-        source = next(k for k in fused if k not in split and key.startswith(k.rsplit(".", 1)[0] + "."))
+    out = {k: v for k, v in found.items() if k in split}
+    popped = [k for k in fused if k not in split]
+    for key in split.keys() - fused.keys():  # dtype and file of the fused tensor it came from (its container's)
+        source = max(popped, key=lambda k: len(os.path.commonprefix([k, key])))
         out[key] = (tuple(split[key].shape), *found[source][1:])
     return out
 
