@@ -9,7 +9,8 @@ Usage:
 Each seed is one calibration draw of windows from the train part (first 90%) of ../shared/data/text; every
 variant is scored on the held-out last 10% of each corpus (the same windows for every draw), per corpus and
 over all four. Variants: quantkit GPTQ (each expert on its routed tokens, the default), GPTQ with every
-expert on every token (--all-experts), TLQ (importance-weighted, FP target), and llm-compressor 0.14's
+expert on every token (--all-experts), GPTQ with the FP target (gptq_fp: the CLI's default on text), TLQ
+(importance-weighted, FP target), and llm-compressor 0.14's
 GPTQModifier (actorder static, its defaults) in its own venv, with its default of calibrating every expert
 on every token and with routed tokens only. Gaps are loss(quantized) - loss(FP) in nats; ratios are paired
 per draw. The report also gives the routed tokens per expert of each layer (quantkit's count). Prints one
@@ -32,8 +33,9 @@ from bench_tlq import windows_loss  # noqa: E402
 from common import TEXT_DIR, emit, environment, mean_se, run_llmc_runner  # noqa: E402
 
 SETTINGS = {"W4g32": (4, 32, True), "W2g64": (2, 64, False)}
-# name -> (engine method, every expert on every token)
-VARIANTS = {"gptq": ("gptq", False), "gptq_all": ("gptq", True), "tlq": ("tlq", False)}
+# name -> (engine method, every expert on every token, FP target: None = the method's default)
+VARIANTS = {"gptq": ("gptq", False, None), "gptq_all": ("gptq", True, None), "gptq_fp": ("gptq", False, True),
+            "tlq": ("tlq", False, None)}
 # llm-compressor's two calibration modes: every expert on every token (its default), or routed tokens only
 LLMC_MODES = {True: "all", False: "routed"}
 LLMC_RUNNER = Path(__file__).resolve().parent / "llmc_runner.py"
@@ -98,12 +100,13 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
     for label, (bits, group, sym) in ((k, SETTINGS[k]) for k in settings):
         row = {"seed": seed, "setting": label, "fp_loss": fp_loss}
         for name in variants:
-            method, all_experts = VARIANTS[name]
+            method, all_experts, fp_target = VARIANTS[name]
             model = copy.deepcopy(fp)
             spec = QuantSpec(bits=bits, group_size=group, sym=sym)
             started = time.process_time()
             cal = calibrate_model(model, samples, spec, method=method_for(method).with_all_experts(all_experts),
-                                  progress=False, token_weights=weights if method == "tlq" else None)
+                                  progress=False, token_weights=weights if method == "tlq" else None,
+                                  fp_target=fp_target)
             row[f"{name}_cpu_s"] = round(time.process_time() - started + (importance_s if method == "tlq" else 0), 2)
             got = losses(model, windows)
             row[f"{name}_gap"] = {k: got[k] - fp_loss[k] for k in got}
@@ -148,7 +151,8 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
                 table[name][part] = {"mean": mean, "se": se}
         ratios = {}
         for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq", "llmc_routed"), ("tlq", "gptq"),
-                         ("gptq_all", "gptq")):
+                         ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"),
+                         ("tlq", "gptq_fp")):
             if num in table and den in table:
                 per_draw = [r[f"{num}_gap"]["all"] / r[f"{den}_gap"]["all"] for r in mine]
                 mean, se = mean_se(per_draw)
