@@ -16,6 +16,8 @@ Every case is input that must be refused. Each runs in a fresh copy of a tiny mo
 - accepted: an input a right run may take (round 5 marks these with a check), taken, and its result checked right
   (the export loads with finite weights and logits, codes equal a reference run's, a fit is finite...); a
   success whose check fails is quiet.
+- refused_valid: an input a right run must take (round 6: the same thing spelled another valid way, which must
+  give the reference run's bytes, and a few plainly valid inputs), refused.
 
     OMP_NUM_THREADS=1 python benchmarks/fault_battery.py [--rounds 5] [-k SUBSTRING] [-o benchmarks/results/fault_battery.json]
 
@@ -1804,9 +1806,10 @@ def _bytes_of(path: Path) -> bytes:
     return path.read_bytes() if path.is_file() else b""
 
 
-def same_as(ref: Callable[[Path], list], rel: str = "out", files: tuple[str, ...] = ("model.safetensors",)):
+def same_as(ref: Callable[[Path], list], rel: str = "out", files: tuple[str, ...] = ("model.safetensors",),
+            must_take: bool = True):
     """A check: the result's files equal, byte for byte, those of the reference CLI run `ref` (args of w, its -o
-    being w/ref)."""
+    being w/ref); must_take: the input is the reference's spelled another valid way, so a refusal is wrong."""
     def check(w: Path, result) -> str | None:
         done = run_cli(*ref(w))
         if done.exit_code != 0:
@@ -1816,7 +1819,7 @@ def same_as(ref: Callable[[Path], list], rel: str = "out", files: tuple[str, ...
             if not a or a != b:
                 return f"{rel}/{name} differs from the reference run's (or is missing)"
         return None
-    check.valid = True  # the same input spelled another valid way
+    check.valid = must_take
     return check
 
 
@@ -2490,7 +2493,7 @@ def sixth_round() -> list[Case]:
         setup=lambda w: ((w / "dd").mkdir(), shutil.copy(w / "text.txt", w / "dd" / "t.txt")))
     ocli("calibrate -o a symlink to the ct export, --overwrite", lambda w: [
         "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "lnk", "--overwrite"],
-        setup=lambda w: _chmod_link(w, "lnk", "ct"))
+        setup=lambda w: _chmod_link(w, "lnk", "ct"), check=export_ok("lnk"))
     ocli("export -o under an immutable folder", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "ro" / "x"],
          setup=freeze("ro"))
     ocli("export -o a symlink to its input", lambda w: ["export", w / "ct", "--format", "fake", "-o", w / "lnk",
@@ -2545,7 +2548,8 @@ def sixth_round() -> list[Case]:
             stopped(*then), check=check)
 
     def fresh_with(*extra, model="model", data="text.txt", method=GPTQ):
-        return same_as(lambda w: ["calibrate", w / model, "--calib", w / data, *method, *extra, "-o", w / "ref"])
+        return same_as(lambda w: ["calibrate", w / model, "--calib", w / data, *method, *extra, "-o", w / "ref"],
+                       must_take=False)  # a refusal is as right as a resumed export equal to a fresh run
 
     resume("--bits 3", "--bits", "3", check=fresh_with("--bits", "3"))
     resume("--group-size 16", "--group-size", "16", check=fresh_with("--group-size", "16"))
