@@ -63,7 +63,10 @@ MODELS = {
 SETTINGS = {"W2": (2, (64, 32)), "W3": (3, (128, 64, 32))}  # bits, group sizes tried in order
 TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, "output_side": None, "clip": None}
 GRADIENT_KEYS = ("guidance", "loss", "draws", "output_side")
-GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8}
+GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8, "margin": 0.0, "refusal_ends_layer": False}  # session 3's guard: any gain on every source
+# the conservative guard: TLQ's Hessian (share 0) only where it beats uniform on every source by > 2 SE, else uniform
+# (checked in every group; with refusal_ends_layer, the first group that keeps uniform weight ends its layer's search)
+GUARD_Z2 = {"shares": (0.0, 1.0), "holdout": 8, "margin": 2.0, "refusal_ends_layer": False}
 # name -> {"method", "fp_target", "importance": TokenImportance options or None, and optionally "fp_alpha" (FP-target
 # strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override), "mix" (MixSearch options)}
 VARIANTS: dict[str, dict] = {
@@ -76,6 +79,9 @@ VARIANTS: dict[str, dict] = {
     "tlq_p0.5": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "power": 0.5}},
     "tlq_fisher": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}},
     "tlq_guard": {"method": "tlq", "fp_target": True, "importance": TLQ, "mix": GUARD},
+    "tlq_guard_z2": {"method": "tlq", "fp_target": True, "importance": TLQ, "mix": GUARD_Z2},
+    "tlq_guard_z2s": {"method": "tlq", "fp_target": True, "importance": TLQ,
+                      "mix": {**GUARD_Z2, "refusal_ends_layer": True}},
     "tlq_fisher_guard": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}, "mix": GUARD},
     "tlq_fisher_nodown": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
                           "fp_skip": ("down_proj",)},
@@ -289,8 +295,9 @@ def run_llmc(python: str, model_name: str, seeds: list[int], args: dict) -> list
 def _ratio_stats(mine: list[float], base: list[float]) -> dict:
     ratios = [a / b for a, b in zip(mine, base) if b > 0]
     mean, se = mean_se(ratios) if ratios else (float("nan"), float("nan"))
+    diff, diff_se = mean_se([a - b for a, b in zip(mine, base)])  # in nats: beyond noise where |diff| > 2 SE
     return {"mean": round(mean, 3), "se": round(se, 3), "of_means": round(sum(mine) / sum(base), 3) if sum(base) > 0 else None,
-            "draws_above_1": sum(r > 1 for r in ratios)}
+            "draws_above_1": sum(r > 1 for r in ratios), "diff": round(diff, 5), "diff_se": round(diff_se, 5)}
 
 
 def part_rows(rows: list[dict], part: str) -> list[dict]:

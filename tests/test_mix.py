@@ -4,6 +4,8 @@ whole-model autograd, plain GPTQ on the fit samples, dense mixed Hessians, a dir
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from helpers import observing, tiny_model, whole_model_gradients
 
 from quantkit.engine import calibrate_model
 from quantkit.engine.capture import capture_layer_inputs, stack_samples
-from quantkit.engine.mix import HeldOutSlice, MixSearch, choose
+from quantkit.engine.mix import HeldOutSlice, MixSearch, choose, paired_stats
 from quantkit.errors import QuantkitError
 from quantkit.importance import importance_scores, tlq_token_weights
 from quantkit.models import adapter_for
@@ -55,13 +57,15 @@ def test_output_factors_match_whole_model_autograd() -> None:
         assert torch.allclose(found.output_factors[layer], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
-def test_uniform_share_is_gptq_with_the_fp_target_on_the_fit_samples() -> None:
-    """With uniform weight only (share 1) the guard solves exactly what GPTQ + FP target solves from the samples
-    it keeps: the held-out ones enter no Hessian."""
+@pytest.mark.parametrize("mix", [MixSearch(shares=(1.0,), holdout=4),
+                                 MixSearch(shares=(0.0, 0.5, 1.0), holdout=4, margin=1e9)],
+                         ids=["uniform-only", "no-share-beyond-noise"])
+def test_uniform_share_is_gptq_with_the_fp_target_on_the_fit_samples(mix: MixSearch) -> None:
+    """With uniform weight only (share 1), or where no other share beats it beyond the margin, the guard solves
+    exactly what GPTQ + FP target solves from the samples it keeps: the held-out ones enter no Hessian."""
     model = tiny_llama()
     samples = samples_for()
     spec = QuantSpec(bits=3, group_size=32)
-    mix = MixSearch(shares=(1.0,), holdout=4)
     weights = tlq_token_weights(model, samples, lam=0.1, progress=False, output_factors=True, mix=mix)
     guarded = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=weights, progress=False)
     fit, held = mix.split(len(samples))
@@ -72,6 +76,20 @@ def test_uniform_share_is_gptq_with_the_fp_target_on_the_fit_samples() -> None:
         assert torch.equal(result.qweight, guarded.results[name].qweight), name
     assert all(entry["mix"]["uniform_share"] == 1.0 for layer in guarded.report["layers"]
                for entry in layer["linears"].values())
+    if len(mix.candidates) > 1:  # the first group's refusal ends each layer's search: the others sum no twin
+        for layer in guarded.report["layers"]:
+            checked = [n for n, e in layer["linears"].items() if "held_out_error_over_uniform" in e["mix"]]
+            assert checked == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+            assert all(e["mix"].get("refused_at") == "self_attn.q_proj" for n, e in layer["linears"].items()
+                       if n not in checked)
+        # checking every group refuses every group too, and solves the same
+        every = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", progress=False,
+                                token_weights=tlq_token_weights(model, samples, lam=0.1, progress=False, output_factors=True,
+                                                                mix=replace(mix, refusal_ends_layer=False)))
+        assert all("held_out_error_over_uniform" in e["mix"] for layer in every.report["layers"]
+                   for e in layer["linears"].values())
+        for name, result in plain.results.items():
+            assert torch.equal(result.qweight, every.results[name].qweight), name
 
 
 def test_chosen_hessian_is_the_dense_mix_of_the_fit_samples() -> None:
@@ -102,23 +120,53 @@ def test_chosen_hessian_is_the_dense_mix_of_the_fit_samples() -> None:
     assert torch.allclose(engine, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
-def test_choose_takes_the_worst_source_first_then_the_mean() -> None:
-    uniform = torch.tensor([2.0, 4.0], dtype=torch.float64)
-    # share 0 is far better on source 0 but 10% worse on source 1: refused; share 0.5 is better on both
-    errors = {0.0: torch.tensor([1.0, 4.4]), 0.5: torch.tensor([1.9, 3.9]), 1.0: uniform}
-    best, ratios = choose({a: e.double() for a, e in errors.items()})
-    assert best == 0.5 and ratios["0.0"]["worst"] == pytest.approx(1.1)
-    # nothing beats uniform on every source: uniform stays
-    best, _ = choose({0.0: torch.tensor([1.0, 4.4]).double(), 1.0: uniform})
+def _stats(costs: dict[float, list[list[float]]], tokens: list[list[float]]) -> dict[float, torch.Tensor]:
+    """paired_stats from per-source lists of per-window summed costs (one list per source) and token counts."""
+    source = torch.tensor([k for k, window in enumerate(tokens) for _ in window])
+    n = torch.tensor([t for window in tokens for t in window], dtype=torch.float64)
+    flat = {a: torch.tensor([c for window in per for c in window], dtype=torch.float64) for a, per in costs.items()}
+    return {a: paired_stats(c, flat[1.0], n, source, len(tokens)) for a, c in flat.items()}
+
+
+def _z(candidate: list[float], uniform: list[float], tokens: list[float]) -> float:
+    """The paired difference per token over windows, in standard errors: a ratio estimator's SE written out."""
+    d = [a - b for a, b in zip(candidate, uniform)]
+    delta = sum(d) / sum(tokens)
+    m = len(d)
+    se = math.sqrt(m / (m - 1) * sum((x - n * delta) ** 2 for x, n in zip(d, tokens))) / sum(tokens)
+    return delta / se
+
+
+def test_choose_takes_only_a_share_better_on_every_source_beyond_noise() -> None:
+    tokens = [[10.0, 12.0, 8.0], [10.0, 10.0, 9.0]]  # two sources, three held-out windows each
+    uniform = [[20.0, 24.0, 16.0], [30.0, 30.0, 27.0]]
+    # share 0 is far better on source 0 but worse on source 1: refused whatever the margin
+    trade = [[10.0, 12.0, 8.0], [31.0, 31.0, 28.0]]
+    # share 0.5 is better on both sources in every window by about 5%: steady, taken
+    steady = [[19.0, 22.8, 15.2], [28.5, 28.6, 25.6]]
+    best, summary = choose(_stats({0.0: trade, 0.5: steady, 1.0: uniform}, tokens), margin=2.0)
+    assert best == 0.5 and not summary["0.0"]["eligible"] and summary["0.5"]["eligible"]
+    assert summary["0.0"]["worst"] == pytest.approx(90 / 87, abs=1e-4)
+    worst_z = max(_z(steady[k], uniform[k], tokens[k]) for k in range(2))
+    assert summary["0.5"]["worst_z"] == pytest.approx(worst_z, abs=0.01)
+    # better on average on both sources but with one window much worse: within noise at 2 SE, not at 0
+    noisy = [[12.0, 30.0, 10.0], [24.0, 33.0, 22.0]]
+    assert choose(_stats({0.0: noisy, 1.0: uniform}, tokens), margin=2.0)[0] == 1.0
+    assert choose(_stats({0.0: noisy, 1.0: uniform}, tokens), margin=0.0)[0] == 0.0
+    # a source seen in one window only gives no noise estimate: uniform stays
+    best, _ = choose(_stats({0.0: [[10.0], [20.0, 20.0]], 1.0: [[20.0], [30.0, 30.0]]}, [[10.0], [10.0, 10.0]]))
     assert best == 1.0
-    # equal worst: the mean decides; a source with no held-out tokens (error 0 under uniform) is left out
-    best, _ = choose({0.0: torch.tensor([2.0, 3.0, 0.0]).double(), 0.5: torch.tensor([1.0, 3.0, 5.0]).double(),
-                      1.0: torch.tensor([2.0, 3.0, 0.0]).double()})
-    assert best == 0.5
+    # among eligible shares the lowest worst-source ratio wins (share 0 has the better mean here), then the mean
+    better = [[17.0, 20.4, 13.6], [28.7, 28.8, 25.8]]
+    assert choose(_stats({0.0: better, 0.5: steady, 1.0: uniform}, tokens))[0] == 0.5
+    assert choose(_stats({0.0: better, 0.5: steady, 1.0: uniform}, tokens), margin=0.0)[0] == 0.5
+    best_both = [[17.0, 20.4, 13.6], [27.0, 27.0, 24.3]]
+    assert choose(_stats({0.0: best_both, 0.5: steady, 1.0: uniform}, tokens))[0] == 0.0
 
 
 def test_held_out_errors_are_per_source_fisher_costs_of_the_deviation() -> None:
-    """errors() = per source, the mean over its tokens of e^T G e, e = quantized layer output - FP layer output."""
+    """errors() = per held-out window and source, the sum over its tokens of e^T G e, e = quantized layer output -
+    FP layer output; by_source() their mean per token of each source."""
     model = tiny_llama()
     adapter = adapter_for(model)
     samples = samples_for(4)
@@ -128,14 +176,17 @@ def test_held_out_errors_are_per_source_fisher_costs_of_the_deviation() -> None:
     sources = inputs.batch_weights([s["source_ids"].reshape(-1).clone() for s in samples])
     factor = torch.randn(64, 64, dtype=torch.float64)
     factor = factor @ factor.T / 64
-    held = HeldOutSlice(inputs, sources, inputs.batch_weights(valid), [factor], 2)
+    windows = inputs.batch_weights([torch.full((24,), i) for i in range(4)])
+    held = HeldOutSlice(inputs, sources, inputs.batch_weights(valid), [factor], 2, windows=windows)
     layer = model.model.layers[0]
     fp_layer = copy.deepcopy(layer)
     held.begin_layer(layer, 0)
     with torch.no_grad():
         layer.mlp.down_proj.weight.add_(0.05 * torch.randn_like(layer.mlp.down_proj.weight))
-    found = held.errors(layer)
+    per_window = held.errors(layer)
+    found = held.by_source(per_window)
     sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    window_costs = []
     position = model.model.rotary_emb(inputs.hidden[0], torch.arange(24).unsqueeze(0))
     with torch.no_grad():
         for sample in samples:
@@ -146,7 +197,12 @@ def test_held_out_errors_are_per_source_fisher_costs_of_the_deviation() -> None:
             for k in range(2):
                 sums[k] += cost[ids == k].sum()
                 counts[k] += (ids == k).sum()
+                window_costs.append((k, float(cost[ids == k].sum())))
     assert torch.allclose(found, sums / counts, rtol=1e-4)
+    # one unit per (window, source), in window order; each with its source and token count
+    assert held.unit_source.tolist() == [k for k, _ in window_costs]
+    assert held.unit_tokens.tolist() == [12.0, 12.0, 12.0, 12.0, 7.0, 12.0, 12.0, 12.0]
+    assert torch.allclose(per_window, torch.tensor([c for _, c in window_costs], dtype=torch.float64), rtol=1e-4)
 
 
 def test_guard_needs_output_factors_and_enough_samples() -> None:

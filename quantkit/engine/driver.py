@@ -222,7 +222,8 @@ def held_out_slice(model: nn.Module, adapter: Adapter, samples: Sequence[dict], 
     inputs = _stacked(model, adapter, capture_layer_inputs(model, adapter, mine, device), device, batch_size)
     sources = inputs.batch_weights([source_ids(s) for s in mine])
     valid = inputs.batch_weights([valid_mask(s) for s in mine])
-    slice_ = HeldOutSlice(inputs, sources, valid, factors, count_sources(samples), comm, search=mix)
+    windows = inputs.batch_weights([torch.full((int(s["input_ids"].shape[-1]),), i) for i, s in enumerate(mine)])
+    slice_ = HeldOutSlice(inputs, sources, valid, factors, count_sources(samples), comm, search=mix, windows=windows)
     return [samples[i] for i in fit], _FitWeights(token_weights, fit), slice_
 
 

@@ -18,7 +18,6 @@ from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
-from quantkit.engine.mix import choose
 from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.routed import (
     ExpertTally,
@@ -264,6 +263,7 @@ def quantize_layer(
     if held_out is not None:
         held_out.begin_layer(layer, index)
     blocks = FinishedBlocks(layer, names)
+    refused: str | None = None  # the mix guard: the group whose check kept uniform weight (the rest of the layer does)
     # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
     # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
     quantized = [name for name in names if settings[name] is not None]  # a recipe's FP linears read FP inputs
@@ -273,6 +273,8 @@ def quantize_layer(
         linears = {name: get_module(layer, name) for name in active}
         # the linears solved from Hessians; the others (RTN) are solved from their weights on every rank
         hessian_names = [name for name in active if needs_hessian and settings[name].method.needs_activations]
+        # after a refusal (MixSearch.refusal_ends_layer) the layer's later groups sum uniform Hessians only
+        group_unweighted = unweighted if refused is None else unweighted | frozenset(hessian_names)
         shared = set(hessian_names) if comm.distributed else set()
         plan_rows = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         if shared:
@@ -287,10 +289,11 @@ def quantize_layer(
         together = [[name] for name in active]
         empty: set[str] = set()  # expert projections no calibration token reached: rounded to nearest
         if hessian_names:
-            twins: dict[str, HessianAccumulator] | None = {} if held_out is not None and weights is not None else None
+            guarded = held_out is not None and weights is not None and refused is None
+            twins: dict[str, HessianAccumulator] | None = {} if guarded else None
             tally.start(group_index)
             accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
-                                            blocks, fp_linear_inputs, unweighted, twins)
+                                            blocks, fp_linear_inputs, group_unweighted, twins)
             empty = tally.finish(group_index, accumulators, hessian_names, comm)
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
@@ -335,7 +338,7 @@ def quantize_layer(
             originals = {name: weight.clone() for name, weight in originals.items()}
 
         metrics = {} if weights is None else {n: m for n, m in weights.row_metrics.items()
-                                              if n in hessian_names and n not in unweighted and n not in empty}
+                                              if n in hessian_names and n not in group_unweighted and n not in empty}
         solving = {**settings, **{n: replace(settings[n], method=method_for("rtn")) for n in empty}}
         group_solve = GroupSolve(linears, originals, solving, together, plan_rows, shared, comm, prefix, metrics)
         if uniform:
@@ -348,13 +351,17 @@ def quantize_layer(
                 candidates[share] = (group_solve.solve(mixed, mixed_cross), mixed, mixed_cross)
                 group_solve.install(candidates[share][0])
                 errors[share] = held_out.errors(layer)
-            best, ratios = choose(errors)
+            best, ratios = held_out.choose(errors)
             solved, hessians, crosses = candidates[best]
             chosen_mix = {"uniform_share": best, "lam": round(best + (1.0 - best) * (weights.floor or 0.0), 4),
                           "held_out_error_over_uniform": ratios}
+            if best == 1.0 and held_out.search.refusal_ends_layer:
+                refused = group[0]
             del candidates, uniform, uniform_cross
         else:
             solved, chosen_mix = group_solve.solve(hessians, crosses), None
+            if refused is not None and held_out is not None and weights is not None:
+                chosen_mix = {"uniform_share": 1.0, "lam": 1.0, "refused_at": refused}
         if observer is not None:
             for name in hessian_names:
                 if name in hessians and plan_rows[name][0][0] == comm.rank:
@@ -367,7 +374,7 @@ def quantize_layer(
                 entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan_rows[name]]
             tally.annotate(name, entry, prefix)
             entry.update(settings[name].describe())
-            if chosen_mix is not None and name in hessian_names and name not in empty:
+            if chosen_mix is not None and name in hessian_names and name not in empty and name not in unweighted:
                 entry["mix"] = chosen_mix
             reports[name] = entry
             results[f"{prefix}.{name}"] = result

@@ -15,10 +15,17 @@ level overall. The guard makes the trade visible to the solve and refuses it:
   G = E_t[g_t g_t^T] (quantkit.importance, output_factors): e_t^T G e_t, the Fisher's estimate of the
   loss the deviation costs, averaged over tokens. It weighs no token above another, so it does not
   favour the token-weighted solution by definition, nor the uniform one (which ignores G).
-- Per source (sample["source_ids"], one id per token; one source when absent) the error of each
-  candidate is divided by the uniform candidate's. The candidate with the lowest worst-source ratio wins
-  (the mean ratio breaks ties): one that is worse than uniform on some source is never taken, so the
-  weights cannot buy one source's quality with another's on the held-out slice.
+- Per source (sample["source_ids"], one id per token; one source when absent) each candidate's error is
+  compared with the uniform candidate's, paired by held-out window (each window's tokens of that source
+  are one unit). A candidate is eligible only if it is better than uniform on every source by more than
+  `margin` standard errors of the paired difference (over the source's windows, at least two): the noise
+  of a small held-out slice cannot buy one source's quality with another's. Among eligible candidates the
+  lowest worst-source ratio to uniform wins (the mean ratio breaks ties); with none eligible, uniform
+  (GPTQ with the FP target on the fit samples) stays.
+- Groups are checked in execution order; with `refusal_ends_layer` (the default) the first group that keeps
+  uniform weight ends the search in its layer: the later groups sum uniform Hessians only, with no twin,
+  no second solve and no held-out pass. Every group solved with token weights has passed its own check, and
+  the guard costs little more than TLQ where the weights do not pay.
 """
 
 from __future__ import annotations
@@ -39,13 +46,17 @@ from quantkit.errors import QuantkitError
 class MixSearch:
     """Settings of the held-out mix guard."""
 
-    shares: tuple[float, ...] = (0.0, 0.5, 1.0)  # candidate shares of uniform weight (1.0 is always tried)
+    shares: tuple[float, ...] = (0.0, 1.0)  # candidate shares of uniform weight (1.0 is always tried)
     holdout: int = 8  # every holdout-th calibration sample is held out of the Hessians to choose on
+    margin: float = 2.0  # standard errors by which a candidate must beat uniform on every source (0: any gain)
+    refusal_ends_layer: bool = True  # once a group keeps uniform weight, the layer's later groups do without a check
 
     def check(self, nsamples: int) -> None:
         """Raise QuantkitError on settings that cannot work with `nsamples` samples."""
         if not self.shares or any(not 0.0 <= a <= 1.0 for a in self.shares):
             raise QuantkitError(f"mix shares must be in [0, 1], got {self.shares}")
+        if not self.margin >= 0.0:
+            raise QuantkitError(f"the mix guard's margin is a number of standard errors >= 0, got {self.margin}")
         if self.holdout < 2:
             raise QuantkitError(f"the mix guard holds out every k-th sample for k >= 2, got {self.holdout}")
         if nsamples < self.holdout:
@@ -63,37 +74,87 @@ class MixSearch:
         return [i for i in range(count) if i % self.holdout != self.holdout - 1], held
 
 
-def choose(errors: dict[float, torch.Tensor]) -> tuple[float, dict]:
-    """The winning share from per-source held-out errors {share: [sources] float64} (share 1.0 included):
-    the lowest worst-source ratio to the uniform candidate, then the lowest mean ratio; and the ratios."""
-    reference = errors[1.0]
-    present = reference > 0
-    ratios = {a: (e[present] / reference[present]) if bool(present.any()) else torch.ones(1, dtype=torch.float64)
-              for a, e in errors.items()}
-    best = min(ratios, key=lambda a: (float(ratios[a].max()), float(ratios[a].mean()), -a))
-    summary = {str(a): {"worst": round(float(r.max()), 4), "mean": round(float(r.mean()), 4)} for a, r in ratios.items()}
+# per source, the sums choose() reads (reduced over ranks): candidate and uniform cost, tokens, windows, and for the
+# paired difference D_w = candidate - uniform cost of window w (n_w tokens): sum D^2, sum D n, sum n^2
+STATS = ("cost", "uniform", "tokens", "windows", "d2", "dn", "n2")
+
+
+def paired_stats(cost: torch.Tensor, uniform: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor,
+                 num_sources: int) -> torch.Tensor:
+    """[len(STATS), sources] float64 sums over held-out windows (one entry per window and source: its summed
+    cost under a candidate and under uniform, its token count, its source id)."""
+    d = cost - uniform
+    columns = (cost, uniform, tokens, torch.ones_like(tokens), d * d, d * tokens, tokens * tokens)
+    out = torch.zeros(len(STATS), num_sources, dtype=torch.float64)
+    for row, values in enumerate(columns):
+        out[row].index_add_(0, source, values.double())
+    return out
+
+
+def choose(stats: dict[float, torch.Tensor], margin: float = 2.0) -> tuple[float, dict]:
+    """The winning share from per-source sums {share: paired_stats(...)} (share 1.0, uniform, included): among
+    the shares better than uniform on every source by more than `margin` standard errors of the paired
+    difference, the lowest worst-source ratio to uniform, then the lowest mean ratio; uniform when none is.
+    Also a summary per share: worst and mean ratio, the worst source's difference in standard errors (z) and
+    whether it was eligible."""
+    summary, eligible = {}, []
+    for share, sums in stats.items():
+        cost, uniform, tokens, windows, d2, dn, n2 = sums
+        present = uniform > 0
+        if not bool(present.any()):
+            summary[str(share)] = {"worst": 1.0, "mean": 1.0, "worst_z": 0.0, "eligible": False}
+            continue
+        ratio = cost[present] / uniform[present]
+        delta = (cost[present] - uniform[present]) / tokens[present]  # mean cost difference per token
+        m = windows[present]
+        spread = (d2[present] - 2 * delta * dn[present] + delta * delta * n2[present]).clamp_min(0.0)
+        se = (m / (m - 1).clamp_min(1.0) * spread).sqrt() / tokens[present]
+        z = torch.where(se > 0, delta / se.clamp_min(1e-300), torch.where(delta < 0, -torch.inf, torch.inf))
+        ok = share != 1.0 and bool((m >= 2).all()) and bool((delta + margin * se < 0).all())
+        summary[str(share)] = {"worst": round(float(ratio.max()), 4), "mean": round(float(ratio.mean()), 4),
+                               "worst_z": round(float(z.max()), 2), "eligible": ok}
+        if ok:
+            eligible.append((float(ratio.max()), float(ratio.mean()), -share, share))
+    best = min(eligible)[3] if eligible else 1.0
     return best, summary
 
 
 class HeldOutSlice:
-    """The held-out samples' two streams (quantized path, FP path), their sources, and the output factors."""
+    """The held-out samples' two streams (quantized path, FP path), their sources and windows, and the output
+    factors."""
 
     def __init__(self, inputs: LayerInputs, sources: list[torch.Tensor], valid: list[torch.Tensor],
                  factors: Sequence[torch.Tensor], num_sources: int, comm: Comm | None = None,
-                 search: MixSearch | None = None) -> None:
+                 search: MixSearch | None = None, windows: list[torch.Tensor] | None = None) -> None:
         self.search = search or MixSearch()  # the candidate shares of uniform weight
         self.inputs = inputs
         self.fp = LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.sizes)
-        self.sources = sources  # per batch of inputs: [tokens] long source ids, -1 where a token is not scored
         self.factors = factors
         self.num_sources = num_sources
         self.comm = comm or Comm()
         self.reference: list[torch.Tensor] = []
         self.factor: torch.Tensor | None = None
+        # each scored token's unit, one per (window, source): windows[b] gives each token's sample (window)
+        # index; without it each entry of `inputs` is one window
+        self.units: list[torch.Tensor] = []
+        unit_source: list[int] = []
+        found: dict[tuple[int, int], int] = {}
         for batch, (ids, mask) in enumerate(zip(sources, valid)):
-            ids[~mask] = -1
+            ids = ids.reshape(-1).long().clone()
+            ids[~mask.reshape(-1)] = -1
             if ids.numel() != inputs.hidden[batch].numel() // inputs.hidden[batch].shape[-1]:
                 raise QuantkitError("held-out slice: source ids do not match the samples' tokens")
+            window = torch.full_like(ids, batch) if windows is None else windows[batch].reshape(-1).long()
+            units = torch.full_like(ids, -1)
+            for key in sorted({(int(w), int(k)) for w, k in zip(window[ids >= 0].tolist(), ids[ids >= 0].tolist())}):
+                found[key] = len(found)
+                unit_source.append(key[1])
+                units[(window == key[0]) & (ids == key[1])] = found[key]
+            self.units.append(units)
+        self.unit_source = torch.tensor(unit_source, dtype=torch.long)
+        self.unit_tokens = torch.zeros(len(unit_source), dtype=torch.float64)
+        for units in self.units:
+            self.unit_tokens.index_add_(0, units[units >= 0], torch.ones(int((units >= 0).sum()), dtype=torch.float64))
 
     @torch.no_grad()
     def begin_layer(self, layer: nn.Module, index: int) -> None:
@@ -107,19 +168,34 @@ class HeldOutSlice:
 
     @torch.no_grad()
     def errors(self, layer: nn.Module) -> torch.Tensor:
-        """Per source, the mean over its held-out tokens of e^T G e, e the layer output's deviation from the FP
-        model's (summed over every rank's shard): float64 [sources]."""
-        sums = torch.zeros(2, self.num_sources, dtype=torch.float64)
+        """Per unit (this rank's held-out windows x sources), the sum over its tokens of e^T G e, e the layer
+        output's deviation from the FP model's: float64 [units]."""
+        sums = torch.zeros(len(self.unit_source), dtype=torch.float64)
         for batch in range(len(self.inputs)):
             out = run_layer(layer, self.inputs, batch)
             deviation = (out - self.reference[batch]).reshape(-1, out.shape[-1]).float()
             cost = ((deviation @ self.factor) * deviation).sum(-1).double().cpu()
-            ids = self.sources[batch]
-            keep = ids >= 0
-            sums[0].index_add_(0, ids[keep], cost[keep])
-            sums[1].index_add_(0, ids[keep], torch.ones_like(cost[keep]))
+            units = self.units[batch]
+            keep = units >= 0
+            sums.index_add_(0, units[keep], cost[keep])
+        return sums
+
+    def by_source(self, errors: torch.Tensor) -> torch.Tensor:
+        """Per source, the mean cost per held-out token of unit `errors` (summed over every rank): float64 [sources]."""
+        sums = torch.zeros(2, self.num_sources, dtype=torch.float64)
+        sums[0].index_add_(0, self.unit_source, errors)
+        sums[1].index_add_(0, self.unit_source, self.unit_tokens)
         self.comm.all_reduce_sum_(sums)
         return sums[0] / sums[1].clamp_min(1.0)
+
+    def choose(self, errors: dict[float, torch.Tensor]) -> tuple[float, dict]:
+        """choose() over every rank's held-out windows, from per-unit errors {share: [units]} (1.0 included)."""
+        stats = {}
+        for share, cost in errors.items():
+            sums = paired_stats(cost, errors[1.0], self.unit_tokens, self.unit_source, self.num_sources)
+            self.comm.all_reduce_sum_(sums)
+            stats[share] = sums
+        return choose(stats, self.search.margin)
 
     @torch.no_grad()
     def end_layer(self, layer: nn.Module) -> None:
