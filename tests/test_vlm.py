@@ -458,3 +458,27 @@ def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monk
     assert files and files == sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     for name in files:
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+def test_api_in_memory_image_records_read_with_the_saved_processor(dataset: str, tmp_path) -> None:
+    """quantize(model_dir, data=[image-text records]) draws the samples with the processor saved beside the model,
+    as when that processor is given (it loaded only the tokenizer and refused the records)."""
+    import json
+    from pathlib import Path
+
+    import quantkit
+
+    model, processor = build_vlm("qwen2_vl")
+    model_dir = tmp_path / "vlm"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    root = Path(dataset).parent
+    records = [json.loads(line) for line in Path(dataset).read_text().splitlines()]
+    records = [{**r, "image": str(root / r["image"])} for r in records]
+    settings = dict(method="gptq", group_size=16, nsamples=3, seqlen=256, progress=False)
+    saved = quantkit.quantize(str(model_dir), data=records, **settings)
+    given = quantkit.quantize(str(model_dir), data=records, tokenizer_or_processor=processor, **settings)
+    assert saved.results.keys() == given.results.keys() and saved.results
+    for name, result in given.results.items():
+        assert torch.equal(saved.results[name].qweight, result.qweight), name
+        assert torch.equal(saved.results[name].scales, result.scales), name

@@ -50,7 +50,11 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         drawn = data.source is not None or data.records is not None
         # The export copies the model's tokenizer: where it has one, it must load (an RTN run reads no data).
         exported = job.export.output is not None and any(Path(model.name, f).is_file() for f in TOKENIZER_FILES)
-        files = model_for_data(model.name, None if given else data.source, tokenizer=(drawn or exported) and not given)
+        from quantkit.data.calibration import holds_images
+
+        records_hold_images = not given and data.records is not None and holds_images(data.records)
+        files = model_for_data(model.name, None if given else data.source, tokenizer=(drawn or exported) and not given,
+                               images=records_hold_images)
         if run.low_memory and files.weight_files:
             from quantkit.models.checks import check_weight_files
 

@@ -63,14 +63,16 @@ def check_image_token(processor: object, config: object, name: str) -> None:
                             f"image_token_id is {wanted}; the model would find no image placeholders: make them agree")
 
 
-def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokenizer: bool = True) -> ModelFiles:
-    """check_model_files, then what reads `source` for that model: a VLM's processor for image data, else (with
-    `tokenizer`) the tokenizer; the one loaded is kept in the ModelFiles for drawing the samples."""
+def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokenizer: bool = True,
+                   images: bool = False) -> ModelFiles:
+    """check_model_files, then what reads `source` (or in-memory records, `images` where they hold images) for that
+    model: a VLM's processor for image data, else (with `tokenizer`) the tokenizer; the one loaded is kept in the
+    ModelFiles for drawing the samples."""
     from quantkit.models import is_vlm
 
     files = check_model_files(name, tokenizer=False)
     check_full_precision(files.config, name)
-    if source is not None and is_vlm(files.config) and source_for(source).image:
+    if is_vlm(files.config) and (images or (source is not None and source_for(source).image)):
         files.tokenizer = check_processor(files.path)
         check_image_token(files.tokenizer, files.config, name)
     elif tokenizer:
