@@ -76,6 +76,25 @@ def test_plan_refuses_with_one_line_naming_the_biggest_term(tmp_path: Path) -> N
     assert code == 2 and plan["fits"] is False and plan["problem"] in error[0]
 
 
+def test_devices_give_one_gpu_id_per_rank(tmp_path: Path, monkeypatch) -> None:
+    """--devices with fewer (or more) ids than ranks is refused before any work, by plan as by calibrate; under
+    torchrun the ranks on this machine are its LOCAL_WORLD_SIZE."""
+    from quantkit.engine.distributed import check_device_ids
+
+    model_dir = save_llama(tmp_path / "m", 128, 384, 2)
+    base = [str(model_dir), "--method", "rtn", "--nproc", "2", "--device", "cuda", "--gpu-mem", "24GiB"]
+    result = CliRunner().invoke(main, ["plan", *base, "--devices", "0"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "--devices lists 1 GPU id(s) for --nproc 2 rank(s)" in result.output
+    assert plan_json(*base, "--devices", "0,1")[0] == 0
+    check_device_ids(None, 4)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "h", "MASTER_PORT": "1", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(key, value)
+    check_device_ids([0, 1, 2, 3], 1)  # torchrun: nproc stays 1, four local ranks
+    with pytest.raises(QuantkitError, match="for torchrun's local rank"):
+        check_device_ids([0, 1], 1)
+
+
 def test_calibrate_dry_run_plans_and_writes_nothing(tmp_path: Path) -> None:
     model_dir = save_llama(tmp_path / "m", 128, 384, 2)
     text = write_text(tmp_path / "t.txt", 3000)

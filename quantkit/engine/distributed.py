@@ -27,8 +27,21 @@ from quantkit.errors import QuantkitError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 
+
+def check_device_ids(devices: Iterable[int] | None, nproc: int) -> None:
+    """--devices gives one GPU id per rank: a rank without one would fail after the others started."""
+    ids = list(devices or [])
+    if under_torchrun():  # torchrun's ranks on this machine read --devices by their local rank
+        ranks, flag = int(os.environ.get("LOCAL_WORLD_SIZE", len(ids))), "torchrun's local"
+    else:
+        ranks, flag = nproc, f"--nproc {nproc}"
+    if ids and len(ids) != ranks:
+        raise QuantkitError(f"--devices lists {len(ids)} GPU id(s) for {flag} rank(s) ({ranks}); give one id per rank")
+
+
 def check_device(device: str, devices: Iterable[int] | None = None, nproc: int = 1) -> None:
     """Refuse a device string torch cannot parse, CUDA where there is none, and GPU ids that do not exist."""
+    check_device_ids(devices, nproc)
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):

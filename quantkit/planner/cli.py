@@ -78,6 +78,9 @@ def _check_as_calibrate(job, model: str, data: str | None) -> None:
         kind = None
     if kind not in ("cpu", "cuda", "mps"):
         raise QuantkitError(f"device {job.run.device!r} is not supported; use cpu, cuda or cuda:N")
+    from quantkit.engine.distributed import check_device_ids
+
+    check_device_ids(job.run.devices, job.run.nproc)
     if data is None and job.quantization.recipe is None:
         return
     try:
