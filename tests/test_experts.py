@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import MOE_FAMILIES, tiny_moe
+from helpers import MOE_FAMILIES, tiny_causal_lm, tiny_moe
 
 import quantkit
 from quantkit.export import save_quantized
@@ -125,6 +125,62 @@ def test_each_expert_linear_sees_the_tokens_routed_to_it(family: str) -> None:
     assert calls and all(torch.equal(t, torch.arange(IDS.numel())) for entries in calls.values() for _, t in entries)
     for handle in handles:
         handle.remove()
+
+
+def fused_gates(module) -> torch.Tensor:
+    """[E, I, H]: each expert's gate weight, read from a flagless experts module as its own forward reads it."""
+    if type(module).__name__ == "DbrxExperts":
+        return module.mlp.w1.view(module.num_experts, -1, module.mlp.w1.shape[-1])
+    if type(module).__name__ == "InklingSharedExperts":
+        return module.gate_proj
+    return module.gate_up_proj.chunk(2, dim=1)[0]  # InklingExperts: the first half of gate_up
+
+
+@pytest.mark.parametrize("family", ["dbrx", "inkling_text"])
+def test_experts_without_transformers_flags_see_the_tokens_routed_to_them(family: str) -> None:
+    """Experts that run their own loop (DBRX's 2-D w1 / v1 / w2, Inkling's routed and gamma-weighted shared experts):
+    unfused, the model gives transformers' logits and fuses back to the same tensors; each expert's gate projection
+    gets exactly the tokens transformers' router chose for it (a shared expert: every token), with the FP weights
+    of that expert's slice of the fused parameters."""
+    model = tiny_causal_lm(family)
+    ref = logits(model, IDS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []  # per experts module call: (class, hidden [N, H], chosen experts [N, k]; None: shared, every token)
+    handles = [m.register_forward_pre_hook(lambda mod, args: seen.append(
+        (type(mod).__name__, args[0].reshape(-1, args[0].shape[-1]), args[1] if len(args) > 1 else None)))
+        for m in model.modules() if type(m).__name__ in ("DbrxExperts", "InklingExperts", "InklingSharedExperts")]
+    logits(model, IDS)
+    for handle in handles:
+        handle.remove()
+    fused = [m for m in model.modules() if type(m).__name__ in ("DbrxExperts", "InklingExperts", "InklingSharedExperts")]
+    fp_gates = [fused_gates(m).detach().clone() for m in fused]
+    unfuse_experts(model)
+    calls: dict[str, list] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertLinear) and name.endswith(".gate_proj"):
+            module.register_forward_pre_hook(
+                lambda mod, args, name=name: calls.setdefault(name, []).append((args[0].clone(), mod.routed_tokens.clone())))
+    assert rel(logits(model, IDS), ref) <= 1e-5
+    containers = [name for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
+    assert len(containers) == len(seen) == len(fp_gates) and len(containers) >= 2
+    hit = 0
+    for container, (_, hidden, chosen), fp_gate in zip(containers, seen, fp_gates):
+        experts = model.get_submodule(container)
+        for e in range(experts.num_experts):
+            name = f"{container}.{e}.gate_proj"
+            assert torch.equal(experts[e].gate_proj.weight, fp_gate[e])
+            routed = torch.arange(hidden.shape[0]) if chosen is None else torch.where((chosen == e).any(dim=1))[0]
+            if routed.numel() == 0:
+                assert name not in calls
+                continue
+            [(x, tokens)] = calls[name]
+            assert torch.equal(tokens.sort().values, routed)
+            assert torch.allclose(x, hidden[tokens], rtol=1e-5, atol=1e-6)  # Inkling's later layers: summing order
+            hit += 1
+    assert hit >= len(containers) * 2
+    fuse_experts(model)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_solve_groups_put_gate_and_up_before_down() -> None:
