@@ -183,6 +183,24 @@ def test_experts_without_transformers_flags_see_the_tokens_routed_to_them(family
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_a_per_expert_norm_after_the_experts_scales_each_expert_by_its_own_weight() -> None:
+    """Ergo normalises each expert's output with that expert's own scale (a [experts, hidden] weight) in its own
+    forward, outside transformers' flagged projections: unfused, the model gives transformers' logits, and fused
+    back its tensors (the norm's weight included) are the same."""
+    model = tiny_causal_lm("ergo")
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "ErgoExpertNorm":
+                module.weight.uniform_(0.5, 1.5)  # distinct per expert: a norm left out or shared shows
+    ref = logits(model, IDS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert unfuse_experts(model)
+    assert rel(logits(model, IDS), ref) <= 1e-5
+    fuse_experts(model)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
 def test_solve_groups_put_gate_and_up_before_down() -> None:
     """Every expert's gate and up read the layer's hidden state (one group), every down reads its own expert's
     activation (the next group)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import types
 from collections.abc import Callable, Iterator
 
@@ -72,21 +73,23 @@ class Expert(nn.Module):
         return [getattr(self, name) for name in self.names.all()]
 
 
-def _gate_owner(fused: nn.Module) -> types.SimpleNamespace:
+def _gate_owner(fused: nn.Module, layout: FusedLayout) -> types.SimpleNamespace:
     """What a family's gate function reads from its experts module (act_fn, alpha, limit...), without the
     module's parameters (so the fused weights are not kept alive)."""
     internals = vars(nn.Module())
     attrs = {k: v for k, v in vars(fused).items() if k not in internals}
-    attrs.update({k: _without_parameters(m) for k, m in fused._modules.items()})
+    attrs.update({k: _without_fused(m, k, layout) for k, m in fused._modules.items()})
     return types.SimpleNamespace(**attrs)
 
 
-def _without_parameters(module: nn.Module | None) -> nn.Module | None:
-    """A shallow copy of `module` holding no parameters of its own (DBRX's experts keep theirs in a child)."""
-    if module is None or not module._parameters:
+def _without_fused(module: nn.Module | None, name: str, layout: FusedLayout) -> nn.Module | None:
+    """Child `name` of an experts module as it is, or, where it holds fused expert weights (DBRX's mlp.w1...), a
+    shallow copy without them (a post-expert norm keeps its own weight)."""
+    fused = {key.split(".", 1)[1] for key in layout.fused_names() if key.startswith(name + ".")}
+    if module is None or not fused:
         return module
     bare = copy.copy(module)
-    bare._parameters = {}
+    bare._parameters = {k: v for k, v in module._parameters.items() if k not in fused}
     return bare
 
 
@@ -141,8 +144,9 @@ class RoutedExperts(nn.ModuleList):
             names = expert.names
             gate = getattr(expert, names.gate)(x) if names.gate is not None else None
             y = getattr(expert, names.down)(self._activate(gate, getattr(expert, names.up)(x)))
-            if self.post_expert_norm is not None:
-                y = self.post_expert_norm(y)
+            if self.post_expert_norm is not None:  # Ergo's holds one scale per expert, picked by expert id
+                ids = (torch.full((y.shape[0],), index, device=y.device),) if _takes_expert_ids(self.post_expert_norm) else ()
+                y = self.post_expert_norm(y, *ids)
         finally:
             for linear in expert.projections():
                 linear.routed_tokens = None
@@ -180,6 +184,10 @@ class RoutedExperts(nn.ModuleList):
                 y = y * weights
             out.index_add_(0, tokens, y.to(out.dtype))
         return out.view(shape)
+
+
+def _takes_expert_ids(norm: nn.Module) -> bool:
+    return len(inspect.signature(norm.forward).parameters) > 1
 
 
 class SharedExperts(RoutedExperts):
@@ -237,14 +245,15 @@ def _routed_experts(fused: nn.Module, layout: FusedLayout, names: ExpertNames, s
         hidden = gate_up.shape[1] if layout.transposed else gate_up.shape[2]
         intermediate = fused.get_parameter(keys[1]).shape[1 if layout.transposed else 2]
     experts = [Expert(names, hidden, intermediate, layout.bias, gate_up.dtype, "meta") for _ in range(num_experts)]
-    owner = _gate_owner(fused)
+    owner = _gate_owner(fused, layout)
     act_fn = activation_of(fused)
     gate_fn = None
     if layout.gated:
         apply_gate = getattr(type(fused), "_apply_gate", None)
         gate_fn = (functools.partial(apply_gate, owner) if apply_gate is not None
                    else lambda gate_up: act_fn(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1])
-    post_norm = fused._modules.get("post_expert_norm") if getattr(fused, "has_post_expert_norm", False) else None
+    # transformers' flag, or a norm the family's own forward applies after the flagged projections (Ergo)
+    post_norm = fused._modules.get("post_expert_norm")
     every_token = FLAGLESS_EXPERTS.get(type(fused).__name__, (None, None, False))[2]
     routed = (SharedExperts if every_token else RoutedExperts)(experts, layout, gate_fn, act_fn, post_norm, type(fused),
                                                                 owner, scaled_inputs)
@@ -305,8 +314,8 @@ def _fused_module(routed: RoutedExperts) -> nn.Module:
     fused = routed.fused_class.__new__(routed.fused_class)
     nn.Module.__init__(fused)
     for key, value in vars(routed.fused_attrs).items():
-        # submodules (act_fn, a post-expert norm, DBRX's weight holder) register as modules again
-        setattr(fused, key, _without_parameters(value) if isinstance(value, nn.Module) else value)
+        # submodules (act_fn, a post-expert norm, a fresh copy of DBRX's weight holder) register as modules again
+        setattr(fused, key, _without_fused(value, key, routed.layout) if isinstance(value, nn.Module) else value)
     first = next(routed.experts())
     tensors = {f"{e}.{k}": v for e, expert in enumerate(routed.experts()) for k, v in expert.state_dict().items()}
     for key, value in join_experts(tensors, routed.layout, first.names, routed.num_experts).items():
