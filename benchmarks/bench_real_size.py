@@ -233,8 +233,7 @@ def install_clock(clock: PhaseClock) -> None:
         if hasattr(module, "run_layer"):
             clock.wrap(module, "run_layer", "capture")
     clock.wrap(HessianAccumulator, "add", "hessian")
-    clock.wrap(HessianAccumulator, "result", "hessian")
-    clock.wrap(HessianAccumulator, "cross_result", "hessian")
+    clock.wrap(HessianAccumulator, "take_results", "hessian")
     for module in (layerwise, solve):
         for attr, kind in (("solve_rows", "rows"), ("solve_slice", "slice")):
             if hasattr(module, attr):

@@ -1,9 +1,12 @@
-"""Memory of this process: peak and current resident set size, and glibc's heap (trimmed, fixed mmap threshold)."""
+"""Memory of this process: peak and current resident set size, glibc's heap (trimmed, fixed mmap threshold), and
+pages of a live allocation handed back to the OS."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import resource
+import sys
 from pathlib import Path
 
 
@@ -68,3 +71,20 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes)
     except AttributeError:  # not glibc: its allocator has no such drift to undo
         pass
+
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+PAGES_RELEASABLE = sys.platform == "linux" and _LIBC is not None and _MADV_DONTNEED is not None
+
+
+def release_pages(address: int, nbytes: int) -> bool:
+    """Hand the whole pages inside [address, address + nbytes) back to the OS: memory that a live allocation no
+    longer uses (its tail, once the data moved to the front). The pages read as zeros afterwards and are freed with
+    the allocation as usual. False where that could not be done (PAGES_RELEASABLE: Linux with glibc)."""
+    if not PAGES_RELEASABLE:
+        return False
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start:
+        return True
+    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0

@@ -318,13 +318,11 @@ def quantize_layer(
                     if one is not None:
                         reduce_accumulator(one, comm, ranks[0] if len(ranks) == 1 else None)
                 if comm.rank in ranks:
-                    hessians[name] = acc.result()
-                    if acc.cross is not None:
-                        crosses[name] = acc.cross_result()
-                    if twin is not None:
-                        uniform[name] = twin.result()
-                        if twin.cross is not None:
-                            uniform_cross[name] = twin.cross_result()
+                    for one, kept, kept_cross in ((acc, hessians, crosses), (twin, uniform, uniform_cross)):
+                        if one is not None:
+                            kept[name], cross = one.take_results()
+                            if cross is not None:
+                                kept_cross[name] = cross
                 del acc, twin
         if fp_linear_inputs is not None:
             # Files (--offload-dir) go once no later group of the layer reads them.
@@ -437,7 +435,7 @@ def quantize_head(
                 x = fake_quantize_tokens(x, spec.act_bits)
             acc.add(x, None if weights is None else weights[index], fp)
         reduce_accumulator(acc, comm)
-        hessian, cross = acc.result(), acc.cross_result()
+        hessian, cross = acc.take_results()
     weight = head.weight.data.float()
     [result] = solve_rows(method.solve, [weight], hessian, spec, [adapter.lm_head], cross)
     return {adapter.lm_head: result}, install_result(head, weight, result, hessian) | settings.describe()

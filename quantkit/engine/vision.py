@@ -112,7 +112,7 @@ def quantize_vision(
             finally:
                 handle.remove()
             reduce_accumulator(acc, comm)
-            hessian = acc.result()
+            hessian, _ = acc.take_results()
         alike: dict = {}
         for name in linears:
             alike.setdefault(settings[name], []).append(name)
