@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_size import PhaseClock, reset_peak  # noqa: E402
+from llmc_runner import causal_eager_attention  # noqa: E402
 
 
 def rss_mb(field: str) -> float:
@@ -48,6 +49,7 @@ def main() -> None:
     clock = PhaseClock()
     base_mb = rss_mb("VmRSS")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    causal_eager_attention(model)  # llm-compressor 0.14 runs a Qwen3-MoE's layers with no mask (see llmc_runner.py)
     layer_class = type(model.model.layers[0])
     clock.wrap(layer_class, "forward", "capture")
     clock.wrap(gptq_base, "accumulate_hessian", "hessian")

@@ -12,6 +12,7 @@ import torch
 from helpers import make_tokenizer, run_calibration, tiny_model, write_text
 from safetensors import safe_open
 
+from quantkit import memory
 from quantkit.engine import hessian as hessian_module
 from quantkit.engine.hessian import HessianAccumulator
 from quantkit.quant.gptaq import fp_target_weight
@@ -135,6 +136,54 @@ def test_float32_sums_move_to_float64_past_the_token_limit(monkeypatch) -> None:
     got = acc.result()
     assert got.dtype == torch.float32
     assert float((got.double() - reference).abs().max()) <= 1e-5 * float(reference.diagonal().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64 sums", "float32 sums"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_results_taken_over_the_sums_memory_equal_fresh_copies(dtype: torch.dtype, groups: int) -> None:
+    """take_results() writes the normalised Hessian and cross term over the sums' own memory: the same bits as
+    result()/cross_result() (fresh float32 copies), and close to a dense float64 reference; a second call gives
+    the same tensors."""
+    generator = torch.Generator().manual_seed(4)
+    width = 1100  # not a multiple of the conversion's row blocks
+    acc = HessianAccumulator(width, "cpu", cross=True, groups=groups, dtype=dtype)
+    xs, fps, ws = [], [], []
+    for _ in range(3):
+        x, fp = torch.randn(2, 40, width, generator=generator), torch.randn(2, 40, width, generator=generator)
+        w = torch.rand(2, 40, groups, generator=generator)
+        acc.add(x, w if groups > 1 else None, fp)
+        xs.append(x.reshape(-1, width))
+        fps.append(fp.reshape(-1, width))
+        ws.append(w.reshape(-1, groups))
+    fresh = acc.copy()
+    hessian, cross = acc.take_results()
+    assert hessian.dtype == cross.dtype == torch.float32
+    assert torch.equal(hessian, fresh.result()) and torch.equal(cross, fresh.cross_result())
+    assert acc.take_results()[0] is hessian and acc.take_results()[1] is cross
+    x, fp, w = torch.cat(xs).double(), torch.cat(fps).double(), torch.cat(ws).double()
+    for group in range(groups):
+        weight = w[:, group : group + 1] if groups > 1 else torch.ones(len(x), 1, dtype=torch.float64)
+        scale = 2 / weight.sum()
+        expected_h, expected_c = scale * (x * weight).T @ x, scale * (fp * weight).T @ x
+        got_h, got_c = (hessian[group], cross[group]) if groups > 1 else (hessian, cross)
+        assert torch.allclose(got_h.double(), expected_h, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got_c.double(), expected_c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not memory.PAGES_RELEASABLE, reason="releasing pages of a live allocation needs Linux with glibc")
+def test_taking_a_float64_sums_result_hands_half_its_memory_back() -> None:
+    """A float64 sum becomes its float32 Hessian without a second [in, in] matrix: the process's resident memory
+    drops by about half the sum instead of rising by it (result() beside the sum would add 4 in^2 bytes)."""
+    width = 4096  # a 128 MiB float64 sum
+    acc = HessianAccumulator(width, "cpu")
+    acc.add(torch.randn(1, 64, width, generator=torch.Generator().manual_seed(5)))
+    expected = acc.copy()
+    with_sum = memory.current_rss_mb()
+    hessian, _ = acc.take_results()
+    after = memory.current_rss_mb()
+    half = width * width * 4 / 2**20
+    assert with_sum - after >= 0.8 * half, (with_sum, after)
+    assert torch.equal(hessian, expected.result())
 
 
 # ---------------------------------------------------------------- bfloat16 and float16 models in and out

@@ -237,12 +237,18 @@ def _group_phases(layer: LayerShape, shape: ModelShape, settings: RunSettings, t
                  "a wider device or --device cpu (a Hessian is in^2 whatever the ranks)"),
             Term("Hessian product", min(widest_in, PRODUCT_ROWS) * widest_in * temp,
                  f"{PRODUCT_ROWS} rows of one sample's float32 X^T X before they are summed"),
+            # the float32 results are made over the sums' own memory (quantkit.engine.hessian), except a float64
+            # sum on a GPU: its float32 Hessian is made beside it
+            Term("Hessian result", widest_in * widest_in * 4 if settings.on_gpu and element == 8 else 0,
+                 "one float32 Hessian made beside its float64 sum on the GPU"),
         ]
         out.append((f"{names} Hessians", hessian_pass))
         solved = [lin for lin in group if owned is None or lin.name in owned]
         if not solved:
             continue
-        kept = sum(lin.in_features ** 2 for lin in group if not distributed or lin.name in owned) * 4 * (2 if fp else 1)
+        # one H (and C) per input, shared by the linears reading it; with ranks each linear reduced its own copy
+        kept = (sum(lin.in_features ** 2 for lin in group if lin.name in owned) if distributed
+                else sum(w * w for w in inputs)) * 4 * (2 if fp else 1)
         widest = max(solved, key=lambda lin: lin.in_features)
         rows = sum(lin.out_features for lin in solved if lin.in_features == widest.in_features)
         n = widest.in_features
@@ -254,7 +260,7 @@ def _group_phases(layer: LayerShape, shape: ModelShape, settings: RunSettings, t
         if fp:
             solver = max(solver, 4 * n * n * 4 + 5 * weights)
         out.append((f"{names} solve", [
-            Term("Hessians", kept, f"{names}: float32 H{' and C' if fp else ''} per linear"),
+            Term("Hessians", kept, f"{names}: float32 H{' and C' if fp else ''} per {'linear' if distributed else 'input'}"),
             Term("solver", solver, f"GPTQ on {rows} x {n}: the Cholesky factor of H, weight work arrays"
                  + (", the FP target's float64 solve" if fp else "")),
         ]))
