@@ -304,6 +304,9 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
                                 "it: choose another file")
         if src.is_dir() and src in real.parents:
             raise QuantkitError(f"{flag} {output} is inside the input {source}; write the results outside it")
+    if (real.parent / "config.json").is_file():  # a model or export directory, an input of other runs
+        raise QuantkitError(f"{flag} {output} is inside {real.parent}, a model directory (it holds config.json); "
+                            "write the results outside it")
     check_names(out, flag)
     above = _nearest_existing(out.parent)
     if not above.is_dir():

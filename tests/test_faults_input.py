@@ -1334,3 +1334,42 @@ def test_an_output_name_too_long_for_the_file_system_is_refused(work: Path) -> N
                  "choose a shorter name")
     result = run_cli(*calibrate(work)[:-2], "-o", work / ("y" * 200))
     assert result.exit_code == 0, result.output
+
+
+def test_an_added_token_past_the_embedding_is_refused(work: Path, no_model_load) -> None:
+    """tokenizer.json adding "zz" with id 500 beside a 64-row embedding was accepted (transformers gives it a free
+    id the model never learnt for it); the tokenizer without that entry is the model's own and calibrates."""
+    path = work / "model" / "tokenizer.json"
+    edit_json(path, lambda d: d["added_tokens"].append({"id": 500, "content": "zz", "single_word": False,
+                                                        "lstrip": False, "rstrip": False, "normalized": False,
+                                                        "special": False}))
+    (work / "d.txt").write_text(" ".join(["zz", *WORDS * 40]))
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "d.txt", *BASE, "-o", work / "out"],
+                 "adds token 'zz' with id 500, past the model's embedding of 64 rows")
+
+
+@pytest.mark.parametrize("flag", ["--recipe", "--chat-template"])
+def test_an_output_holding_the_recipe_or_template_is_refused(work: Path, no_model_load, flag: str) -> None:
+    """-o FOLDER --overwrite deleted the --recipe / --chat-template read from inside FOLDER (exit 0)."""
+    (work / "rd").mkdir()
+    (work / "rd" / "r.yaml").write_text("ignore: [o_proj]\n")
+    (work / "rd" / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    given = work / "rd" / ("r.yaml" if flag == "--recipe" else "t.jinja")
+    data = work / "text.txt"
+    if flag == "--chat-template":
+        data = work / "c.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in CHAT * 20))
+    assert_fault(work, ["calibrate", work / "model", "--calib", data, *BASE, flag, given, "-o", work / "rd",
+                        "--overwrite"], f"holds {flag}")
+
+
+def test_qid_fit_output_inside_a_model_directory_is_refused(work: Path) -> None:
+    """qid fit q.csv -o M/config.json overwrote the model's config (exit 0); beside the model it is written."""
+    good = [f"m{i},gptq,4,128,1000000,{10**9 * (i + 1)},3.0,{3.0 + 0.1 * (i + 1):.1f},{0.1 * (i + 1):.1f},e\n"
+            for i in range(4)]
+    (work / "q.csv").write_text(HEADER + "".join(good))
+    assert_fault(work, ["qid", "fit", work / "q.csv", "--bootstrap", "0", "-o", work / "model" / "config.json"],
+                 "a model directory (it holds config.json)")
+    result = run_cli("qid", "fit", work / "q.csv", "--bootstrap", "0", "--law", "D", "-o", work / "fit.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((work / "fit.json").read_text())["csv"] == str(work / "q.csv")

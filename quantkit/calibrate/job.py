@@ -369,6 +369,13 @@ def _export_spec(o: dict, quantization: QuantizationSpec) -> ExportSpec:
         from quantkit.fsutil import check_output_dir
 
         check_output_dir(output, o["overwrite"])
+        for flag, given in (("--recipe (recipe=)", o["recipe"]), ("--chat-template (chat_template=)", o["chat_template"])):
+            # the model, data and set are checked against the output in preflight; these files are read here
+            if isinstance(given, (str, os.PathLike)) and os.path.lexists(given):
+                out, source = Path(os.path.abspath(output)).resolve(), Path(given).expanduser().resolve()
+                if out == source or out in source.parents:
+                    raise QuantkitError(f"output {output} holds {flag} {os.fspath(given)}; replacing it would delete "
+                                        "that input: choose another -o (output_dir=)")
     fmt = format_for(fmt)
     fmt.check_options(weights.bits, weights.act_order, weights.static_groups, act_bits=weights.act_bits,
                       lm_head=quantization.lm_head, vision=quantization.vision)

@@ -364,8 +364,26 @@ def check_tokenizer(name: str, config: object | None = None):
 
     if config is not None:
         check_vocabulary(tok, embedding_rows(config), f"the tokenizer of {name}")
+        if local.is_dir():
+            _check_added_tokens(local / "tokenizer.json", embedding_rows(config))
     check_tokenizer_reads(tok, f"the tokenizer of {name}")
     return tok
+
+
+def _check_added_tokens(path: Path, rows: int | None) -> None:
+    """tokenizer.json's added tokens have ids inside the embedding (transformers renumbers one past it to a free
+    id, which the model never learnt for that token)."""
+    if rows is None or not path.is_file():
+        return
+    try:
+        added = json.loads(path.read_text()).get("added_tokens") or []
+    except (OSError, ValueError, AttributeError):
+        return  # loading the tokenizer has said what is wrong with the file
+    for token in added:
+        if isinstance(token, dict) and isinstance(token.get("id"), int) and token["id"] >= rows:
+            raise QuantkitError(f"{path} adds token {str(token.get('content'))[:40]!r} with id {token['id']}, past the "
+                                f"model's embedding of {rows} rows; the tokenizer belongs to another model or was "
+                                "edited: give the model's own tokenizer")
 
 
 def check_tokenizer_class(local: Path) -> str | None:
