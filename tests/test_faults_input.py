@@ -1373,3 +1373,30 @@ def test_qid_fit_output_inside_a_model_directory_is_refused(work: Path) -> None:
     result = run_cli("qid", "fit", work / "q.csv", "--bootstrap", "0", "--law", "D", "-o", work / "fit.json")
     assert result.exit_code == 0, result.output
     assert json.loads((work / "fit.json").read_text())["csv"] == str(work / "q.csv")
+
+
+@pytest.mark.parametrize("family, field, value, fragment", [
+    ("qwen3_moe", "num_experts", 8, "config.json sets num_experts = 8 and num_local_experts = 4, two names of one"),
+    ("mixtral", "num_experts_per_tok", 0, "config field num_experts_per_tok is 0; a size must be positive"),
+])
+def test_moe_configs_that_contradict_or_route_nothing_are_refused(tmp_path: Path, family: str, field: str, value: int,
+                                                                  fragment: str) -> None:
+    """Both ran to exit 0: 8 experts named beside the 4 transformers built from num_local_experts, and routing
+    to no expert at all. The unedited model calibrates."""
+    from helpers import save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(tmp_path, family)
+    text = write_text(tmp_path / "text.txt")
+    args = ["calibrate", model, "--calib", text, *BASE, "-o", tmp_path / "out"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(tmp_path / "out")
+    edit_json(model / "config.json", lambda d: d.update({field: value}))
+    assert_fault(tmp_path, args, fragment)
+
+
+def test_plan_refuses_a_layer_count_the_weights_contradict(work: Path, no_model_load) -> None:
+    """config.json num_hidden_layers 3 over 2 stored layers was planned; calibrate refuses it."""
+    edit_json(work / "model" / "config.json", lambda d: d.update(num_hidden_layers=3))
+    assert_fault(work, ["plan", work / "model", "--calib", work / "text.txt", "--method", "rtn", "--group-size", "32"],
+                 "names 3 decoder layers but the checkpoint holds 2")

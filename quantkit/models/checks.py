@@ -188,7 +188,7 @@ def check_tokenizer_fits(tokenizer_or_processor: object, model_or_config: object
 
 
 _SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-          "intermediate_size")
+          "intermediate_size", "num_experts_per_tok")
 
 
 def _sub_configs(config: object, prefix: str = "") -> Iterable[tuple[str, object]]:
@@ -240,6 +240,22 @@ def check_config_values(config: object, source: str) -> None:
         heads, kv = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
         if _number(heads) and _number(kv) and heads > 0 and kv > 0 and heads % kv:
             raise refuse(prefix + "num_key_value_heads", kv, f"it must divide num_attention_heads ({heads})")
+
+
+def check_config_aliases(raw: Mapping, config: object, source: str) -> None:
+    """config.json does not give one setting two values under two of its names (transformers' attribute_map:
+    Qwen3-MoE's num_experts is num_local_experts); transformers keeps one of them silently."""
+    for prefix, cfg in _sub_configs(config):
+        table = raw
+        for key in filter(None, prefix.rstrip(".").split(".")):
+            table = table.get(key) if isinstance(table, Mapping) else None
+        if not isinstance(table, Mapping):
+            continue
+        for alias, name in (getattr(type(cfg), "attribute_map", None) or {}).items():
+            if alias in table and name in table and table[alias] != table[name]:
+                raise QuantkitError(f"{source}: config.json sets {prefix}{alias} = {table[alias]!r} and "
+                                    f"{prefix}{name} = {table[name]!r}, two names of one setting; the model is built "
+                                    f"with {getattr(cfg, name, None)!r}: keep one of them in config.json")
 
 
 def check_tokenizer_reads(tokenizer: object, what: str) -> None:

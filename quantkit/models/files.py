@@ -189,9 +189,11 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad config.json raises ValueError, OSError, KeyError...
         raise QuantkitError(f"cannot read the config of {name}: {first_line(err)}") from None
-    from quantkit.models.checks import check_config_values
+    from quantkit.models.checks import check_config_aliases, check_config_values
 
     check_config_values(config, name)
+    if local is not None:
+        check_config_aliases(read_json_object(local / "config.json", "fix config.json"), config, name)
     generation = local / "generation_config.json" if local is not None else None
     if generation is not None and generation.is_file():  # the export copies it as it is
         read_json_object(generation, "fix or delete it")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,12 +92,20 @@ class ModelShape:
 def check_stored_shapes(model: torch.nn.Module, stored: dict[str, dict], name: str) -> None:
     """Each stored tensor the model (built from config.json) has by name has its shape there, as calibrate checks:
     a plan from a config.json the weights contradict plans a run that cannot load."""
+    from quantkit.models import adapter_for
     from quantkit.models.streamed import checkpoint_names_to_model_names
 
+    adapter = adapter_for(model)  # fused experts become per-expert linears, as calibrate compares them
     try:
         renamed = checkpoint_names_to_model_names(model, list(stored))
     except QuantkitError:  # weights transformers fuses or splits on load: no one-to-one names to compare
         return
+    layers = len(adapter.decoder_layers(model))
+    pattern = re.compile(re.escape(adapter.layers) + r"\.(\d+)\.")
+    held = {int(m.group(1)) for key in renamed.values() if (m := pattern.match(key))}
+    if held and max(held) + 1 != layers:
+        raise QuantkitError(f"config.json of {name} names {layers} decoder layers but the checkpoint holds "
+                            f"{max(held) + 1}; fix num_hidden_layers or the weights")
     state = model.state_dict()
     for key in sorted(stored):
         target = state.get(renamed[key])
