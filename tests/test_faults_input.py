@@ -1400,3 +1400,22 @@ def test_plan_refuses_a_layer_count_the_weights_contradict(work: Path, no_model_
     edit_json(work / "model" / "config.json", lambda d: d.update(num_hidden_layers=3))
     assert_fault(work, ["plan", work / "model", "--calib", work / "text.txt", "--method", "rtn", "--group-size", "32"],
                  "names 3 decoder layers but the checkpoint holds 2")
+
+
+@pytest.mark.parametrize("fmt", ["fake", "compressed-tensors"])
+def test_export_with_a_stray_qparam_or_an_ignored_quantized_linear_is_refused(made: dict, tmp_path: Path,
+                                                                             fmt: str) -> None:
+    """fake: quantkit_qparams.safetensors with a scale of no quantized linear; compressed-tensors: config.json
+    ignoring a linear that quantkit.json quantizes. Both converted with exit 0."""
+    export = tmp_path / "export"
+    shutil.copytree(made["exports"][fmt], export)
+    if fmt == "fake":
+        sidecar = export / "quantkit_qparams.safetensors"
+        save_file({**load_file(sidecar), "model.layers.7.mlp.up_proj.scale": torch.ones(4)}, sidecar)
+        fragment = "tensor model.layers.7.mlp.up_proj.scale belongs to no quantized linear"
+    else:
+        edit_json(export / "config.json", lambda d: d["quantization_config"].update(
+            ignore=["lm_head", "model.layers.0.self_attn.q_proj"]))
+        fragment = "ignores 'model.layers.0.self_attn.q_proj', which quantkit.json lists as quantized"
+    other = "compressed-tensors" if fmt == "fake" else "fake"
+    assert_fault(tmp_path, ["export", export, "--format", other, "-o", tmp_path / "x"], fragment)

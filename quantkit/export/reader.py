@@ -69,6 +69,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise QuantkitError(f"{root}: {module}'s stored tensors do not fit the {setting.bits}-bit g{setting.group_size} "
                                 f"setting quantkit.json gives it ({err}); the export is inconsistent, export it again") from None
         results[module] = r
+    stray = sorted(k for k in sidecar if k.rpartition(".")[0] not in results)
+    if stray:
+        raise QuantkitError(f"{root / fmt.sidecar}: tensor {stray[0]} belongs to no quantized linear of quantkit.json; "
+                            "the export is damaged or was edited, export it again")
     ckpt = Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
     check_tensor_names(ckpt)
     return ckpt

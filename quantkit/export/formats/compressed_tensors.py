@@ -138,6 +138,13 @@ class CompressedTensorsFormat(Format):
             raise QuantkitError(f"{where}: config.json's quantization_config and quantkit.json disagree on the "
                                 f"linears' input activations (quantkit.json: {said}); the export is inconsistent, "
                                 "export it again")
+        for entry in quantization_config.get("ignore") or []:
+            pattern = entry[3:] if isinstance(entry, str) and entry.startswith("re:") else None
+            hit = next((m for m in settings if (re.match(pattern, m) if pattern is not None else m == entry)), None)
+            if hit is not None:
+                raise QuantkitError(f"{where}: config.json's quantization_config ignores {entry!r}, which quantkit.json "
+                                    f"lists as quantized ({hit}); loaders would read its packed tensors as plain "
+                                    "weights: the export is inconsistent, export it again")
 
     def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """weight_packed, weight_scale (fp16 unless the model is fp32), weight_shape, weight_zero_point if asymmetric."""
