@@ -1419,3 +1419,35 @@ def test_export_with_a_stray_qparam_or_an_ignored_quantized_linear_is_refused(ma
         fragment = "ignores 'model.layers.0.self_attn.q_proj', which quantkit.json lists as quantized"
     other = "compressed-tensors" if fmt == "fake" else "fake"
     assert_fault(tmp_path, ["export", export, "--format", other, "-o", tmp_path / "x"], fragment)
+
+
+def test_demo_refuses_a_format_that_cannot_store_the_model_before_the_first_step(work: Path) -> None:
+    """gptq_v2 at 3 bits cannot pack the 16-wide k/v projections: the demo ran rtn-w4 and gptq-w4 first and failed
+    at rtn-w3 after three progress lines. Now one line before any; with compressed-tensors the demo runs."""
+    args = ["demo", "--model", work / "model", "--data", work / "text.txt", "--seqlen", "16", "--nsamples", "2"]
+    with unchanged(work):
+        result = run_cli(*args, "-o", work / "d")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "packs 3-bit codes into whole int32 words" in lines[0], lines
+    result = run_cli(*args, "--format", "compressed-tensors", "-o", work / "d")
+    assert result.exit_code == 0, result.output
+    assert (work / "d" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--power", "inf"], "power must be a positive finite number, got inf"),
+    (["--floor-fraction", "0.3"], "--floor-fraction 0.3 (floor_fraction=) sets how many of the tokens --top-fraction"),
+])
+def test_importance_options_that_do_nothing_or_overflow_are_refused(work: Path, no_model_load, extra: list,
+                                                                    fragment: str) -> None:
+    """--power inf made every weight inf or 0 and --floor-fraction alone was ignored, both with exit 0."""
+    assert_fault(work, ["importance", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
+                        *extra, "-o", work / "set"], fragment)
+
+
+def test_quantize_lm_head_beside_a_recipe_that_ignores_it_is_refused(work: Path, no_model_load) -> None:
+    """--quantize-lm-head with a recipe ignoring lm_head exported the head in FP, exit 0."""
+    (work / "r.yaml").write_text("ignore: [lm_head]\n")
+    assert_fault(work, calibrate(work, "--quantize-lm-head", "--recipe", work / "r.yaml"),
+                 "--quantize-lm-head (lm_head=True) quantizes lm_head, and the recipe leaves it in full precision")

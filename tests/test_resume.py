@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -137,6 +138,11 @@ def _cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
 
+def _link(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
 def _int64_hidden(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -158,6 +164,11 @@ DAMAGES = {
     "hidden file int64": (lambda w: _int64_hidden(w / "hidden_00002_rank0.safetensors"), "holds torch.int64"),
     "layer file cut short": (lambda w: _cut(w / "layer_00001.safetensors"),
                              "layer_00001.safetensors is missing or unreadable"),
+    # a resumed run exported these (exit 0, other bytes than a fresh run): battery round 6
+    "layer file a link": (lambda w: _link(w / "layer_00000.safetensors", w.parent / "model" / "model.safetensors"),
+                          "layer_00000.safetensors is a link, not a file this run wrote"),
+    "layer file another layer's": (lambda w: shutil.copy(w / "layer_00001.safetensors", w / "layer_00000.safetensors"),
+                                   "layer_00000.safetensors holds q.model.layers.1."),
 }
 
 

@@ -183,6 +183,9 @@ def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
     model, adapter = _model_and_adapter(job, model_or_config)
     chosen = q.recipe.check(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights,
                             q.method, model_linears(model))
+    if q.lm_head and adapter.lm_head not in chosen:
+        raise QuantkitError(f"--quantize-lm-head (lm_head=True) quantizes {adapter.lm_head}, and the recipe leaves it in "
+                            "full precision (its ignore or targets); drop one of the two")
     fmt = format_for(job.export.fmt)
     for settings in set(chosen.values()):
         try:

@@ -38,6 +38,20 @@ def _linear_widths(model: torch.nn.Module) -> list[int]:
     return sorted(widths)
 
 
+def _check_format_stores(model: torch.nn.Module, fmt: str, bits: Sequence[int]) -> None:
+    """Every linear the demo quantizes is storable in `fmt` at every width, before the first step (GPTQ's 3-bit
+    words need widths that are multiples of 32)."""
+    from quantkit.engine.checks import candidate_linears
+    from quantkit.export.formats import format_for
+    from quantkit.models import adapter_for, get_module
+
+    stores = format_for(fmt)
+    for name in candidate_linears(model, adapter_for(model)):
+        linear = get_module(model, name)
+        for b in bits:
+            stores.check_linear(name, linear.out_features, linear.in_features, b)
+
+
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
 
@@ -164,6 +178,7 @@ def run_demo(model: str | None = None, data: str | None = None, out: str | os.Pa
 
         # drawn before the FP evaluation so that too little text is one line before any work is shown
         samples = calibration_samples(train_texts, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        _check_format_stores(fp_model, fmt, bits)
         _log("[demo] evaluating the FP model on the held-out text", quiet)
         fp_eval = evaluate_loss(fp_model, tokenizer, heldout_texts, seqlen=seqlen, max_tokens=eval_max_tokens, progress=progress)
         fp_mb = _dir_mb(Path(model_source)) if Path(model_source).is_dir() else float("nan")

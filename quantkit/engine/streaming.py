@@ -198,11 +198,18 @@ class StreamedLayers:
         from quantkit.models.files import read_header
 
         names = [_layer_file(self.work, i) for i in range(done)] + ([self._hidden_file(done)] if done else [])
-        for path in names:
+        for index, path in enumerate(names):
             try:
-                read_header(path)
+                keys = read_header(path)
             except QuantkitError:
                 raise self._damaged(f"{path.name} is missing or unreadable") from None
+            if path.is_symlink():
+                raise self._damaged(f"{path.name} is a link, not a file this run wrote")
+            if index < done:  # a finished layer holds that layer's codes (q.) and FP tensors (fp.) only
+                own = tuple(f"{kind}.{self.adapter.layer_prefix(index)}." for kind in ("q", "fp"))
+                stray = next((key for key in keys if not key.startswith(own)), None)
+                if stray is not None:
+                    raise self._damaged(f"{path.name} holds {stray}, which is not layer {index}'s")
         return previous
 
     def restore(self, inputs: LayerInputs, fp_inputs: LayerInputs | None) -> None:

@@ -79,6 +79,10 @@ def build_calibration_set(model_name: str, data: DataSpec, output: str, *, impor
     with data.chat_template, else the tokenizer's own template."""
     options = TLQ_DEFAULTS | {"top_fraction": None, "floor_fraction": 0.1} | (importance or {})
     check_settings(options["lam"], options["power"], options["top_fraction"], options["floor_fraction"])
+    if options["top_fraction"] is None and options["floor_fraction"] != 0.1:
+        raise QuantkitError(f"--floor-fraction {options['floor_fraction']} (floor_fraction=) sets how many of the tokens "
+                            "--top-fraction drops are kept at random, and no --top-fraction is given; give one, or "
+                            "drop --floor-fraction")
     check_guidance(options["guidance"], options["row_groups"], options["loss"], options["draws"])
     if options.get("per_modality") and not holds_images(data.source):
         raise QuantkitError(f"--per-modality normalises image and text tokens apart, but {data.source} holds no "
