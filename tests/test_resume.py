@@ -168,7 +168,7 @@ DAMAGES = {
     "layer file a link": (lambda w: _link(w / "layer_00000.safetensors", w.parent / "model" / "model.safetensors"),
                           "layer_00000.safetensors is a link, not a file this run wrote"),
     "layer file another layer's": (lambda w: shutil.copy(w / "layer_00001.safetensors", w / "layer_00000.safetensors"),
-                                   "layer_00000.safetensors holds q.model.layers.1."),
+                                   "layer_00000.safetensors holds fp.model.layers.1.input_layernorm.weight, which is not layer 0's"),
 }
 
 
