@@ -58,21 +58,6 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}"[:300]
 
 
-def byte_level_tokenizer(text: Path):
-    """A byte-level BPE tokenizer trained on `text` over its own characters only (under 120 tokens: every tiny
-    vocabulary holds it), for the types whose own tokenizer class (Qwen2's, GPT-2's) rebuilds a byte-level BPE
-    from the saved vocabulary and merges, and so reads no word of a word-level one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([str(text)], trainers.BpeTrainer(vocab_size=110, special_tokens=["<unk>", "<eos>"], initial_alphabet=[],
-                                               show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-
-
 def all_types() -> list[tuple[str, str]]:
     """(model type, "causal" or "image-text") for every type transformers maps to either head."""
     from transformers.models.auto.modeling_auto import (
@@ -101,8 +86,8 @@ def classify(config, adapter) -> str:
 def run_type(model_type: str, head: str, root: Path) -> dict:
     """One type through calibrate -> export -> reload; the row of the JSON."""
     import torch
-    from helpers import make_tokenizer, run_calibration, tiny_config, tiny_vlm_config, write_text
-    from transformers import AutoConfig, AutoTokenizer
+    from helpers import run_calibration, save_tokenizer, tiny_config, tiny_vlm_config, write_text
+    from transformers import AutoConfig
 
     import quantkit
     from quantkit.errors import QuantkitError
@@ -147,22 +132,15 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
     fp = sorted({f"{name}: {why}" for layout in set(adapter.layouts) for name, why in layout.full_precision})
     if fp:
         row["full_precision"] = fp
-    try:
-        make_tokenizer().save_pretrained(model_dir)
+    try:  # transformers swaps a generic tokenizer for the type's own class (Qwen2's BPE): then a byte-level one
         text = write_text(root / "calib.txt", words=400)
-        loaded = AutoTokenizer.from_pretrained(model_dir)
+        loaded = save_tokenizer(model_dir, text)
     except Exception as err:  # noqa: BLE001
         return {**row, "status": "not built tiny", "why": f"save: {first_line(err)}"}
-    if not loaded(WORD)["input_ids"]:  # transformers swaps a generic tokenizer for the type's own class (Qwen2's BPE)
-        try:
-            byte_level_tokenizer(text).save_pretrained(model_dir)
-            loaded = AutoTokenizer.from_pretrained(model_dir)
-        except Exception as err:  # noqa: BLE001
-            return {**row, "status": "not built tiny", "why": f"save: {first_line(err)}"}
-        if not loaded(WORD)["input_ids"]:
-            return {**row, "status": "not built tiny", "why": f"transformers loads the test tokenizers as "
-                                                              f"{type(loaded).__name__} for this type, which reads none of "
-                                                              "their words"}
+    if not loaded(WORD)["input_ids"]:
+        return {**row, "status": "not built tiny", "why": f"transformers loads the test tokenizers as "
+                                                          f"{type(loaded).__name__} for this type, which reads none of "
+                                                          "their words"}
     try:
         report = run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=-1), method="gptq",
                                  calib=str(text), nsamples=2, seqlen=16, progress=False, format="compressed-tensors")

@@ -39,6 +39,15 @@ def config_of(model_type: str, **fields):
     return AutoConfig.for_model(model_type, **fields)
 
 
+def require_type(model_type: str) -> None:
+    """Skip the test where the installed transformers has no `model_type` (CI's floors: an older release)."""
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {__version__} has no model type {model_type!r} (a later release adds it)")
+
+
 def random_model(config, seed: int | None = None, dtype: torch.dtype | None = None):
     """The random model transformers builds from `config` (image-text where it has a vision config, else a causal
     LM; train mode, as from_config gives it): every tiny model of the tests is built here. `seed` reseeds torch
@@ -79,6 +88,34 @@ def write_text(path: Path, words: int = 2000, seed: int = 0) -> Path:
     picks = torch.randint(0, len(WORDS), (words,), generator=generator)
     path.write_text(" ".join(WORDS[i] for i in picks))
     return path
+
+
+def byte_level_tokenizer(text: Path):
+    """A byte-level BPE tokenizer trained on `text` over its own characters only (under 120 tokens: every tiny
+    vocabulary holds it), for the types whose own tokenizer class (Qwen2's, GPT-2's) rebuilds a byte-level BPE
+    from the saved vocabulary and merges, and so reads no word of a word-level one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(text)], trainers.BpeTrainer(vocab_size=110, special_tokens=["<unk>", "<eos>"], initial_alphabet=[],
+                                               show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def save_tokenizer(model_dir: Path, text: Path):
+    """make_tokenizer saved beside a model, or byte_level_tokenizer where transformers loads the saved files as the
+    type's own tokenizer class, which reads none of the words; the tokenizer transformers loads back."""
+    from transformers import AutoTokenizer
+
+    make_tokenizer().save_pretrained(model_dir)
+    loaded = AutoTokenizer.from_pretrained(model_dir)
+    if not loaded(" ".join(WORDS[1:3]))["input_ids"]:
+        byte_level_tokenizer(text).save_pretrained(model_dir)
+        loaded = AutoTokenizer.from_pretrained(model_dir)
+    return loaded
 
 
 def printable_tokenizer():
@@ -546,13 +583,15 @@ def tiny_moe(model_type: str, seed: int = 0):
 # vocabulary (120) is large enough for the word tokenizer (62 ids) to cover most of it, with room for image ids.
 TINY_FIELDS = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, vocab_size=120, max_position_embeddings=128, sliding_window=8,
+    head_dim=16, vocab_size=120, unpadded_vocab_size=120, max_position_embeddings=128, sliding_window=8,
     # mixture of experts
     moe_intermediate_size=32, num_experts_per_tok=2, n_routed_experts=4, num_experts=4, num_local_experts=4,
     moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1, moe_k=2, moe_topk=2,
     num_experts_per_token=2, num_expert_group=1, expert_ffn_hidden_size=32, shared_experts_intermediate_size=64,
     moe_shared_expert_intermediate_size=64, dense_intermediate_size=128, index_topk=8, index_head_dim=16,
     index_n_heads=2, vocab_size_per_layer_input=120,
+    encoder_hash_byte_group_vocab=128,  # BLT's hash embeddings (500002 rows per hash size by default)
+    indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,  # Qwen4-Exp's QSA
     # multi-head latent attention (DeepSeek)
     q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16,
     # GPT-2 / OPT / Falcon style names
@@ -635,7 +674,7 @@ def _tiny_fields(defaults: dict, table: dict) -> dict:
         fields["num_key_value_heads"] = fields.get("num_attention_heads", 4)  # and expands its one latent to every head
     fields.update({k: v for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)) if k in defaults})
     if "layer_types" in defaults:
-        fields["layer_types"] = None
+        fields["layer_types"] = _tiny_layer_types(defaults["layer_types"], table.get("num_hidden_layers", 2))
     if isinstance(defaults.get("attention_types"), list) and defaults["attention_types"]:  # GPT-Neo: [[pattern, repeats]]
         pattern = defaults["attention_types"][0][0]
         fields["attention_types"] = [[pattern, max(1, table.get("num_layers", 2) // len(pattern))]]
@@ -643,6 +682,17 @@ def _tiny_fields(defaults: dict, table: dict) -> dict:
     if isinstance(rope, dict) and _uses_mrope(defaults.get("model_type", "")):
         fields["rope_parameters"] = {**rope, "mrope_section": [2, 3, 3]}  # multimodal rotary over the tiny head's half
     return fields
+
+
+def _tiny_layer_types(types, layers: int) -> list[str] | None:
+    """None (the config recomputes its types for the tiny depth), unless the first `layers` of a hybrid's default
+    pattern hold no attention layer (Qwen3.5: full attention every 4th layer): then its last layer is its first
+    attention type, since a model whose cache holds only linear-attention layers cannot build its attention mask."""
+    attention = [t for t in types if "attention" in t and "linear" not in t] if isinstance(types, list) else []
+    first = types[:layers]
+    if not attention or any(t in attention for t in first):
+        return None
+    return first[:-1] + attention[:1]
 
 
 def _uses_mrope(model_type: str) -> bool:
@@ -684,7 +734,9 @@ def tiny_vlm_config(model_type: str, **overrides):
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
-    """random_model of tiny_config(model_type, **overrides), in eval mode with the cache off."""
+    """random_model of tiny_config(model_type, **overrides), in eval mode with the cache off (the test skips where
+    the installed transformers lacks the type)."""
+    require_type(model_type)
     model = random_model(tiny_config(model_type, **overrides), seed).eval()
     model.config.use_cache = False
     return model

@@ -130,17 +130,21 @@ def test_each_layer_replays_with_its_own_arguments(model_type: str, overrides: d
     assert not torch.allclose(full[0], adapter.logits(model, adapter.norm(model)(wrong.hidden[0])), atol=1e-4)
 
 
-@pytest.mark.parametrize(("model_type", "final_norm"), [
-    ("olmo", "model.norm"),  # a LayerNorm without weights
-    ("nanochat", "model.norm"),  # weightless, and run before the layers as well as after them
-    ("bart", None),  # BartForCausalLM: no norm after the decoder's layers; the head reads a slice of their output
+@pytest.mark.parametrize(("model_type", "after_layers"), [
+    ("olmo", ("model.norm",)),  # a LayerNorm without weights
+    ("nanochat", ("model.norm",)),  # weightless, and run before the layers as well as after them
+    ("bart", ()),  # BartForCausalLM: no norm after the decoder's layers; the head reads a slice of their output
+    ("hy_v4", ("model.hc_head", "model.norm")),  # hyper-connection streams mixed into one, then the final norm
+    ("deepseek_v4", ("model.hc_head", "model.norm")),
 ])
-def test_the_final_norm_is_what_runs_after_the_last_layer(model_type: str, final_norm: str | None) -> None:
-    """The final norm is the module that runs between the last layer and the head, weights or none: layer-by-layer
-    replay, then the adapter's norm and head, gives the model's logits."""
+def test_the_final_norm_is_what_runs_after_the_last_layer(model_type: str, after_layers: tuple[str, ...]) -> None:
+    """The final norm is the module that runs between the last layer and the head, weights or none (where several
+    run, a chain of full-precision modules before it): layer-by-layer replay, then the adapter's norm and head,
+    gives the model's logits."""
     model = tiny_causal_lm(model_type)
     adapter = adapter_for(model)
-    assert adapter.final_norm == final_norm
+    assert adapter.after_layers() == after_layers
+    assert adapter.final_norm == (after_layers[-1] if after_layers else None)
     samples = [{"input_ids": torch.randint(1, 120, (1, 12), generator=torch.Generator().manual_seed(s))} for s in range(2)]
     with torch.no_grad():
         full = [model(**s, use_cache=False).logits for s in samples]
@@ -152,6 +156,13 @@ def test_the_final_norm_is_what_runs_after_the_last_layer(model_type: str, final
         replay = [adapter.logits(model, adapter.norm(model)(h)) for h in inputs.hidden]
     for a, b in zip(full, replay):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+def test_a_module_after_the_last_layer_reading_more_than_its_predecessor_is_refused_in_one_line() -> None:
+    """Inkling2's final_input attends over the outputs of several layers (not only the last): no chain to replay."""
+    model = tiny_causal_lm("inkling2_text")
+    with pytest.raises(QuantkitError, match=r"model\.final_input reads more than the output of the module before it"):
+        adapter_for(model)
 
 
 def test_experts_quantkit_cannot_split_are_refused_in_one_line(monkeypatch) -> None:

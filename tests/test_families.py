@@ -13,12 +13,18 @@ import torch
 from helpers import (
     assert_same_files,
     observing,
+    random_model,
+    require_type,
     run_calibration,
     save_tiny_causal_lm,
+    save_tokenizer,
     tiny_causal_lm,
+    tiny_config,
+    tiny_vlm_config,
     whole_model_gradients,
     write_text,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import quantkit
 from quantkit.engine import calibrate_model
@@ -60,6 +66,9 @@ FAMILIES = {
     "lfm2": {"layer_types": ["conv", "full_attention"]},  # gated short convolutions beside attention layers
     "falcon_h1": {},  # a Mamba-2 mixer and attention side by side in every layer
     "olmo_hybrid": {},  # gated delta-rule linear attention, then a full-attention layer
+    "qwen4_exp_text": {},  # linear attention, then attention whose token indexer reads its mask per sample (not stacked)
+    # hyper-connections: layers carry 4 streams [B, T, 4, d]; after the last layer a mixing head, then the final norm
+    "hy_v4": {},
 }
 # transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
 DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks",
@@ -70,8 +79,9 @@ RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied 
                 "nanochat": ("5.25", "transformers 5.21 runs NanoChat's weight init on o_proj.weight before decompressing; "
                                      "the reload passes on 5.25")}
 # GPTQ packs zero points along the output rows, 8 per int32 at 4 bits: these families have narrower or odd-width
-# linears (Falcon-H1's and Nemotron-H's Mamba in_proj, 148 rows; OLMo-hybrid's a_proj, one row per head)
-GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid", "nemotron_h"}
+# linears (Falcon-H1's and Nemotron-H's Mamba in_proj, 148 rows; OLMo-hybrid's and Qwen4-Exp's a_proj/in_proj_a, one
+# row per head; HY-V4's indexer weights_proj, one row per index head)
+GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid", "nemotron_h", "qwen4_exp_text", "hy_v4"}
 SPEC = QuantSpec(bits=4, group_size=16, act_order=False)  # in column order: the engine-level references solve so
 RUN_SPEC = QuantSpec(bits=4, group_size=16)  # the defaults (act-order, static groups) for whole runs
 LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3", "granitemoe", "dbrx", "inkling_text"]
@@ -162,7 +172,7 @@ def test_blockwise_gradients_equal_whole_model_autograd(model_type: str) -> None
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    dirs = {t: save_tiny_causal_lm(root, t, **overrides) for t, overrides in FAMILIES.items()}
+    dirs = {t: save_tiny_causal_lm(root, t, **overrides) for t, overrides in FAMILIES.items() if t in CONFIG_MAPPING_NAMES}
     dirs["text"] = write_text(root / "calib.txt")
     return dirs
 
@@ -171,6 +181,7 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
 def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, tmp_path: Path, model_type: str) -> None:
     """TLQ (importance pass and engine) -> compressed-tensors, read back by transformers; converted to GPTQ, read
     back by quantkit: the same logits as quantkit's own reading of the export."""
+    require_type(model_type)
     pytest.importorskip("compressed_tensors")
     from click.testing import CliRunner
     from packaging.version import Version
@@ -182,7 +193,9 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     if model_type in RELOAD_NEEDS and Version(transformers_version) < Version(RELOAD_NEEDS[model_type][0]):
         pytest.skip(f"needs transformers >= {RELOAD_NEEDS[model_type][0]}: {RELOAD_NEEDS[model_type][1]}")
     kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
-    run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format="compressed-tensors", **kw)
+    report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format="compressed-tensors", **kw)
+    if model_type == "hy_v4":  # its hyper-connection head, between the last layer and the final norm, is named
+        assert list(report["full_precision"]) == ["model.hc_head"]
     ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits
@@ -196,6 +209,41 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     assert result.exit_code == 0, result.output
     with torch.no_grad():
         assert torch.equal(quantkit.load_quantized(tmp_path / "gptq")(input_ids=ids).logits, ours)
+
+
+# more causal-LM types, checked by one GPTQ round trip each (the coverage benchmark's check, as a test); what each brings
+ROUND_TRIP = {
+    "qwen3_5": "an image-text model's causal LM: Gated DeltaNet layers beside full attention",
+    "qwen3_5_moe": "the same with routed and shared experts",
+    "qwen4_exp": "hyper-connections inside layers, linear attention beside attention with a per-sample token indexer",
+    "kimi_linear": "gated linear attention with short convolutions beside latent attention, experts",
+    "lara_mini": "linear attention beside sliding-window attention, experts",
+    "fuyu": "an image-text model's causal LM whose image patches enter as embeddings (Persimmon decoder)",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ROUND_TRIP))
+def test_gptq_export_reloads_in_transformers_with_quantkits_logits(tmp_path: Path, model_type: str) -> None:
+    """GPTQ -> compressed-tensors of a tiny model (its causal-LM class, as the coverage benchmark builds it), read back
+    by plain transformers: the same logits as quantkit's own reading of the export."""
+    pytest.importorskip("compressed_tensors")
+    require_type(model_type)
+    from transformers import AutoConfig
+
+    from quantkit.models import auto_class_for
+
+    with_vision = getattr(AutoConfig.for_model(model_type), "vision_config", None) is not None
+    config = tiny_vlm_config(model_type) if with_vision else tiny_config(model_type)
+    random_model(config, seed=0).eval().save_pretrained(tmp_path / "model")
+    text = write_text(tmp_path / "calib.txt", words=400)
+    save_tokenizer(tmp_path / "model", text)  # Qwen3.5's own tokenizer class: a byte-level BPE
+    run_calibration(str(tmp_path / "model"), str(tmp_path / "ct"), RUN_SPEC, method="gptq", format="compressed-tensors",
+                    calib=str(text), nsamples=2, seqlen=16, progress=False)
+    ids = torch.randint(1, 60, (2, 12), generator=torch.Generator().manual_seed(3))  # word ids, below the image ids
+    with torch.no_grad():
+        ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits
+        theirs = auto_class_for(config).from_pretrained(tmp_path / "ct")(input_ids=ids).logits
+    assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
 
 
 @pytest.mark.parametrize("model_type", LOW_MEMORY_FAMILIES)

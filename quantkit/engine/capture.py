@@ -101,9 +101,10 @@ class LayerInputs:
         return len(self.hidden)
 
 
-def stack_samples(inputs: LayerInputs, batch_size: int, layer: nn.Module | None = None) -> LayerInputs:
-    """Stack samples into batches of `batch_size` where they share layer kwargs and shape (and, where `layer`
-    is given, where that layer's batched output equals its per-sample outputs: batching_works).
+def stack_samples(inputs: LayerInputs, batch_size: int, layers: nn.ModuleList | None = None,
+                  device: torch.device | str = "cpu") -> LayerInputs:
+    """Stack samples into batches of `batch_size` where they share layer kwargs and shape (and, where `layers`
+    is given, where each kind of layer's batched output equals its per-sample outputs: batching_works_for).
 
     Larger matmuls and fewer module calls make each layer pass several times cheaper on CPU for
     small models; samples with their own kwargs (Qwen2-VL's mrope positions) stay one by one, and so do
@@ -115,7 +116,8 @@ def stack_samples(inputs: LayerInputs, batch_size: int, layer: nn.Module | None 
         return inputs
     if next(iter(shapes))[0] != 1:
         return inputs
-    if layer is not None and len(inputs) > 1 and not batching_works(layer, inputs, [0, min(batch_size, len(inputs)) - 1]):
+    if layers is not None and len(inputs) > 1 and not batching_works_for(layers, inputs, [0, min(batch_size, len(inputs)) - 1],
+                                                                         device):
         return inputs
     hidden = [torch.cat(inputs.hidden[i : i + batch_size]) for i in range(0, len(inputs.hidden), batch_size)]
     return LayerInputs(hidden=hidden, kwargs=inputs.kwargs, sizes=[h.shape[0] for h in hidden],
@@ -196,17 +198,19 @@ def capture_layer_inputs(
         last_done[:] = [index == len(layers) - 1]
         calls[index].append({k: v for k, v in kw.items() if k not in _DROP_KWARGS})
 
+    first_after = (*adapter.after_layers(), adapter.lm_head)[0]
+
     def after_last(module: nn.Module, args: tuple) -> None:
         if not last_done[0]:  # the final norm also runs before the layers (NanoChat)
             return
         last_done[0] = False
         if args and not _unchanged(args[0], passed[0]):
             raise QuantkitError(f"{adapter.name} changes the hidden states after its last decoder layer, before "
-                                f"{adapter.final_norm or adapter.lm_head}; quantkit cannot replay that")
+                                f"{first_after}; quantkit cannot replay that")
         raise StopForward
 
     # the forward runs on to the final norm (or head), so that a change after the last layer is seen
-    stop = get_module(model, adapter.final_norm or adapter.lm_head).register_forward_pre_hook(after_last)
+    stop = get_module(model, first_after).register_forward_pre_hook(after_last)
     try:
         with passthrough_layers(layers, adapter.layer_output_items, record):
             for sample in samples:
@@ -236,6 +240,29 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> torch.Tensor
 
 
 @torch.no_grad()
+def batching_works_for(layers: nn.ModuleList, inputs: LayerInputs, chunk: list[int], device: torch.device | str) -> bool:
+    """batching_works on the first layer of each kind (its modules' classes and the kwargs it takes), each moved to `device`
+    for the check and back: a hybrid's attention layers take other masks than its linear-attention layers, and
+    some read theirs per sample (Qwen4-Exp's token indexer). All layers run on the first layer's inputs."""
+    seen: set[tuple] = set()
+    try:
+        for index, layer in enumerate(layers):
+            kind = (tuple(type(m).__name__ for m in layer.modules()),
+                    id(inputs.layer_kwargs[index]) if inputs.layer_kwargs is not None else 0)
+            if kind in seen:
+                continue
+            seen.add(kind)
+            inputs.use_layer(index)
+            home = next((p.device for p in layer.parameters()), torch.device(device))
+            works = batching_works(layer.to(device), inputs, chunk)
+            layer.to(home)
+            if not works:
+                return False
+    finally:
+        inputs.use_layer(0)
+    return True
+
+
 def batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:
     """Whether the shared layer kwargs broadcast over a batch: batched output == per-sample output."""
     if any(len(kwargs) != 1 for kwargs in (inputs.layer_kwargs or [inputs.kwargs])) or len(chunk) < 2:

@@ -140,15 +140,12 @@ def fp_stream(inputs: LayerInputs, method: Method, fp_target: bool | None) -> La
 
 def _stacked(model: nn.Module, adapter: Adapter, inputs: LayerInputs, device: torch.device | str,
              batch_size: int) -> LayerInputs:
-    """stack_samples, where decoder layer 0 gives the same outputs stacked as one by one (not checked where layer 0
-    is not loaded yet: --low-memory streams it in later)."""
+    """stack_samples, where each kind of decoder layer gives the same outputs stacked as one by one (not checked
+    where the layers are not loaded yet: --low-memory streams them in later)."""
     layers = adapter.decoder_layers(model)
-    home = next((p.device for p in layers[0].parameters()), torch.device(device))
-    if home.type == "meta":
+    if any(p.device.type == "meta" for p in layers.parameters()):
         return stack_samples(inputs, batch_size)
-    stacked = stack_samples(inputs, batch_size, layers[0].to(device))
-    layers[0].to(home)
-    return stacked
+    return stack_samples(inputs, batch_size, layers, device)
 
 
 def first_layer_streams(
@@ -332,6 +329,9 @@ def run_layers(
         "hidden_states_mb": round(hidden_mb, 3),  # this rank's activations entering each layer
         "layers": store.layer_reports(),
     }
+    if adapter.before_norm:  # modules between the last layer and the final norm (DeepSeek-V4's hyper-connection head)
+        report["full_precision"] = {name: "runs after the last decoder layer, before the final norm: kept in full "
+                                          "precision" for name in adapter.before_norm}
     if comm.distributed:
         report["world_size"] = comm.world_size
         report["rank_peak_rss_mb"] = comm.gather_objects(report["peak_rss_mb"])

@@ -29,7 +29,7 @@ from quantkit.engine.weights import row_ranges
 from quantkit.errors import QuantkitError
 from quantkit.importance.backward import (
     StoredInputs,
-    batching_works,
+    batching_works_for,
     chunks,
     frozen,
     head_gradient,
@@ -208,9 +208,10 @@ def importance_scores(
 
     def record(index: int) -> None:
         for grad in grads:
-            scores[index].append(grad.float().pow(2).sum(-1).mean(0).reshape(-1).cpu())
+            # a token's score sums over everything after the token axis (hyper-connection layers: [T, streams, d])
+            scores[index].append(grad.float().pow(2).flatten(2).sum(-1).mean(0).reshape(-1).cpu())
             if gradients is not None:
-                gradients[index].append(grad[0].reshape(grad.shape[-2], grad.shape[-1]).float().cpu())
+                gradients[index].append(grad[0].float().cpu())
         if output_factors:
             total = None
             for grad in grads:  # [draws, T, d]: each draw's outer products, averaged over the draws
@@ -267,9 +268,7 @@ def importance_scores(
             with torch.no_grad():
                 inputs = capture_layer_inputs(model, adapter, samples, device)
                 if batch_size > 1:
-                    probe = layers[0].to(device)
-                    batched = batching_works(probe, inputs, list(range(min(batch_size, len(samples)))))
-                    layers[0] = probe.to("cpu") if str(device) != "cpu" else probe
+                    batched = batching_works_for(layers, inputs, list(range(min(batch_size, len(samples)))), device)
                 # FP forward up to the last layer's input, storing each layer's input on the way.
                 for index in range(num_layers - 1):
                     inputs.enter_layer(index)

@@ -78,14 +78,23 @@ class Adapter:
     smooth_folds: tuple[Fold, ...] = ()  # legal smoothing folds inside a decoder layer, in solve order
     layer_output_items: int = 0  # 0: a decoder layer returns its hidden state; n: a tuple of n items, it first
     decoder: str = ""  # the module running the layers and the final norm (the base or text model)
+    before_norm: tuple[str, ...] = ()  # modules run in this order between the last layer and the final norm (kept FP)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The ModuleList of decoder layers."""
         return get_module(model, self.layers)
 
     def norm(self, model: nn.Module) -> nn.Module:
-        """The final norm (an identity where the model has none)."""
-        return nn.Identity() if self.final_norm is None else get_module(model, self.final_norm)
+        """What runs between the last decoder layer and the head: the final norm (an identity where the model has
+        none), after the before_norm modules where there are any."""
+        norm = nn.Identity() if self.final_norm is None else get_module(model, self.final_norm)
+        if not self.before_norm:
+            return norm
+        return nn.Sequential(*(get_module(model, name) for name in self.before_norm), norm)
+
+    def after_layers(self) -> tuple[str, ...]:
+        """The modules that run after the last decoder layer, before the head, in order."""
+        return (*self.before_norm, *((self.final_norm,) if self.final_norm else ()))
 
     def logits(self, model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         """The model's logits [B, T, V] from the final norm's output [B, T, d], as its own forward computes them

@@ -6,8 +6,9 @@
 - What each layer receives and what runs after the last one: the model is run on a probe input
   with every decoder layer replaced by a pass-through that records its arguments
   (passthrough_layers; the engine captures calibration inputs the same way), so per-layer
-  arguments (sliding-window masks, per-type rotary tables) are seen layer by layer; the one
-  module with weights that runs after the last layer is the final norm.
+  arguments (sliding-window masks, per-type rotary tables) are seen layer by layer; the modules
+  that run after the last layer are the final norm, and before it, where there are several, a
+  chain of full-precision modules each reading the one before (DeepSeek-V4's hyper-connection head).
 - Each layer's linears: one layer of each structure runs alone on its recorded arguments with
   hooks on its nn.Linear modules: the call order is the solve order, and linears reading the very
   same input tensor form one group (one Hessian). A layer whose weights are on the meta device
@@ -283,6 +284,7 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
         raise StopForward
 
     events: list = []
+    ran: dict[str, tuple[list, object]] = {}  # each module's last call: its arguments and output
     with outside_layers_on_cpu(model, layers):
         with passthrough_layers(layers, 0, record, stop_after=0):
             run()
@@ -298,6 +300,8 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
             if not name or _under(full, layers_path) or isinstance(module, (nn.Dropout, nn.Identity)):
                 continue
             handles.append(module.register_forward_pre_hook(lambda mod, a, full=full: events.append(("module", full))))
+            handles.append(module.register_forward_hook(
+                lambda mod, a, kw, out, full=full: ran.__setitem__(full, ([*a, *kw.values()], out)), with_kwargs=True))
         try:
             with passthrough_layers(layers, items, record):
                 run()
@@ -307,9 +311,8 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
     last = max((i for i, e in enumerate(events) if e[0] == "layer"), default=-1)
     tail = _outermost([e[1] for e in events[last + 1:] if e[0] == "module" and e[1] != lm_head])
     if len(tail) > 1:
-        raise QuantkitError(f"after its last decoder layer it runs {', '.join(tail)} before the head; "
-                            "quantkit knows one final norm")
-    final_norm = tail[0] if tail else None
+        _check_chain(tail, ran, calls[max(calls)])
+    final_norm = tail[-1] if tail else None
     missing = [i for i in range(len(layers)) if i not in calls]
     if missing:
         raise QuantkitError(f"decoder layer {missing[0]} of {layers_path} did not run on a probe input")
@@ -341,6 +344,7 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
         layers=layers_path,
         embeddings=embeddings,
         final_norm=final_norm,
+        before_norm=tuple(tail[:-1]),
         lm_head=lm_head,
         layouts=tuple(per_layer),
         vision=vision,
@@ -348,6 +352,21 @@ def _derive(model: nn.Module, family: Family | None, model_type: str) -> Adapter
         layer_output_items=items,
         decoder=decoder_path,
     )
+
+
+def _check_chain(tail: list[str], ran: dict[str, tuple[list, object]], last_call: tuple[tuple, dict]) -> None:
+    """Several modules after the last decoder layer (DeepSeek-V4's hyper-connection head, then the norm) are
+    replayed as one chain: each must read the output of the one before it (the first, the last layer's output)
+    and no other tensor."""
+    args, kwargs = last_call
+    previous = args[0] if args else kwargs.get("hidden_states")
+    for name in tail:
+        inputs, output = ran[name]
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        if len(tensors) != 1 or tensors[0] is not previous:
+            raise QuantkitError(f"after its last decoder layer it runs {', '.join(tail)} before the head, and {name} "
+                                "reads more than the output of the module before it; quantkit cannot replay that")
+        previous = output
 
 
 def _probe_only_output(layer: nn.Module, args: tuple, kwargs: dict) -> object:

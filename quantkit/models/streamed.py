@@ -111,6 +111,8 @@ def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> di
     out = {}
     for key in keys:
         renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if renamed not in state and key in state:  # as transformers loads: a renaming that misses keeps the name
+            renamed, converted = key, None  # (DeepSeek-V4's `.norm.` -> `.kv_norm.` also matches model.norm)
         if converted is not None:
             raise QuantkitError(
                 f"--low-memory reads tensors as stored, and {key} needs transformers' conversion on load "
