@@ -31,6 +31,7 @@ from quantkit.engine import calibrate_model
 from quantkit.importance import layer_output_gradients
 from quantkit.models import adapter_for, get_module
 from quantkit.quant import QuantSpec, rtn_solve
+from quantkit.quant.recipe import Override, Recipe
 
 # model type -> config overrides; what the family brings is in the comment
 FAMILIES = {
@@ -219,6 +220,8 @@ ROUND_TRIP = {
     "kimi_linear": "gated linear attention with short convolutions beside latent attention, experts",
     "lara_mini": "linear attention beside sliding-window attention, experts",
     "fuyu": "an image-text model's causal LM whose image patches enter as embeddings (Persimmon decoder)",
+    # checkpoint names that are not the model's (attn.wkv is self_attn.kv_proj), hyper-connections, hash routing
+    "deepseek_v4": "mixed settings: compressed-tensors targets by the model's own names",
 }
 
 
@@ -237,8 +240,11 @@ def test_gptq_export_reloads_in_transformers_with_quantkits_logits(tmp_path: Pat
     random_model(config, seed=0).eval().save_pretrained(tmp_path / "model")
     text = write_text(tmp_path / "calib.txt", words=400)
     save_tokenizer(tmp_path / "model", text)  # Qwen3.5's own tokenizer class: a byte-level BPE
-    run_calibration(str(tmp_path / "model"), str(tmp_path / "ct"), RUN_SPEC, method="gptq", format="compressed-tensors",
-                    calib=str(text), nsamples=2, seqlen=16, progress=False)
+    # DeepSeek-V4 with one linear at 8 bits: several config groups, each naming its linears
+    mixed = {"recipe": Recipe(overrides=[Override(targets=["kv_proj"], bits=8)])} if model_type == "deepseek_v4" else {}
+    spec = QuantSpec(bits=4, group_size=-1)  # per channel: DeepSeek-V4's o_a_proj reads 4 columns
+    run_calibration(str(tmp_path / "model"), str(tmp_path / "ct"), spec, method="gptq", format="compressed-tensors",
+                    calib=str(text), nsamples=2, seqlen=16, progress=False, **mixed)
     ids = torch.randint(1, 60, (2, 12), generator=torch.Generator().manual_seed(3))  # word ids, below the image ids
     with torch.no_grad():
         ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits

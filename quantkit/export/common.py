@@ -50,12 +50,16 @@ class Layout:
     linear_order: tuple[str, ...] | None = None
     n_blocks: int | None = None
     fp_linears: tuple[str, ...] = ()
+    # (checkpoint name, the model's name) of the linears whose names differ (DeepSeek-V4's attn.wkv is the model's
+    # self_attn.kv_proj): a loader matches quantization targets against the model it builds
+    model_names: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> Layout:
         """The layout quantkit.json recorded."""
         order = manifest.get("linear_order")
-        return cls(tuple(order) if order else None, manifest.get("n_blocks"), tuple(manifest.get("fp_linears") or ()))
+        return cls(tuple(order) if order else None, manifest.get("n_blocks"), tuple(manifest.get("fp_linears") or ()),
+                   tuple(sorted((manifest.get("model_names") or {}).items())))
 
 
 @dataclass
@@ -121,6 +125,7 @@ class ExportPlan:
     linear_order: tuple[str, ...] | None = None  # a decoder layer's linears in solve order
     n_blocks: int | None = None
     act_bits: int | None = None  # per-token dynamic activation bits of every quantized linear's input (W8A8)
+    model_names: tuple[tuple[str, str], ...] = ()  # Layout.model_names
     groups: tuple[tuple[Setting, tuple[str, ...]], ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,13 +158,15 @@ class ExportPlan:
 
 
 def build_plan(results: dict[str, QuantResult], *, fp_linears=(), damp: float = 0.01, static_groups: bool = False,
-               linear_order=None, n_blocks: int | None = None, act_bits: int | None = None) -> ExportPlan:
+               linear_order=None, n_blocks: int | None = None, act_bits: int | None = None,
+               model_names: tuple[tuple[str, str], ...] = ()) -> ExportPlan:
     """The ExportPlan of `results` (full results or metadata stubs that keep g_idx)."""
     permuted = frozenset(n for n, r in results.items() if is_permuted(r))
     return ExportPlan(
         settings={n: Setting.of(r) for n, r in results.items()}, fp_linears=tuple(sorted(fp_linears or ())),
         permuted=permuted, damp=damp, static_groups=static_groups,
         linear_order=tuple(linear_order) if linear_order else None, n_blocks=n_blocks, act_bits=act_bits,
+        model_names=tuple(model_names),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -84,7 +84,7 @@ def save_quantized(
     fp = {key(k): t for k, t in fp.items()}
     results = {module(n): r for n, r in results.items()}
     # FP linears by the model's own names: loaders match the ignore list against the model they build
-    layout = Layout(linear_order, n_blocks, tuple(fp_linears))
+    layout = Layout(linear_order, n_blocks, tuple(fp_linears), renamed_linears(model, module))
     ckpt = Checkpoint(config=config, manifest={}, fp_tensors=fp, results=results, layout=layout)
     return write_checkpoint(ckpt, out_dir, fmt=fmt, spec=spec, source=source, report=report, overwrite=overwrite,
                             max_shard_size=max_shard_size, extra_files=extra_files, processor=processor)
@@ -148,7 +148,8 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
             else (MemorySpool(), MemorySpool())
         stubs, fp_names, fp_dtype = _encode(parts, format_, tensors, sidecar)
         plan = build_plan(stubs, fp_linears=layout.fp_linears, damp=spec.damp, static_groups=spec.static_groups,
-                          linear_order=layout.linear_order, n_blocks=layout.n_blocks, act_bits=format_.act_bits)
+                          linear_order=layout.linear_order, n_blocks=layout.n_blocks, act_bits=format_.act_bits,
+                          model_names=layout.model_names)
         format_.check_plan(plan)
         write_sharded(tensors, tmp, limit)
         if sidecar.keys:
@@ -219,6 +220,8 @@ def _config_and_manifest(source_config: dict, fmt: Format, plan: ExportPlan, fp_
         "n_blocks": plan.n_blocks,
         "dtype": str(fp_dtype).replace("torch.", ""),
     }
+    if plan.model_names:
+        manifest["model_names"] = dict(plan.model_names)
     return config, qc, manifest
 
 
@@ -300,6 +303,12 @@ def _fp_state(model: torch.nn.Module, results: dict[str, QuantResult]) -> dict[s
             raise QuantkitError(f"{name}: its weight is tied to another tensor; tied weights cannot be quantized")
         del out[key]
     return out
+
+
+def renamed_linears(model: torch.nn.Module, module: Callable[[str], str]) -> tuple[tuple[str, str], ...]:
+    """(checkpoint name, model name) of the model's linears that `module` renames (Layout.model_names)."""
+    return tuple(sorted((module(n), n) for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and module(n) != n))
 
 
 def _fp_linears(model: torch.nn.Module, results: dict[str, QuantResult]) -> list[str]:

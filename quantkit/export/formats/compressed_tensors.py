@@ -192,9 +192,12 @@ class CompressedTensorsFormat(Format):
         from compressed_tensors.quantization import QuantizationConfig
 
         all_linears = set(plan.settings) | set(plan.fp_linears)
+        # targets by the model's own names, as the ignore list: loaders match them against the model they build
+        own = dict(plan.model_names)
         groups = {}
         for i, (setting, names) in enumerate(plan.groups):
-            targets = ["Linear"] if not plan.mixed else group_targets(names, all_linears)
+            targets = ["Linear"] if not plan.mixed else group_targets(tuple(own.get(n, n) for n in names),
+                                                                       {own.get(n, n) for n in all_linears})
             groups[f"group_{i}"] = self.scheme(setting, targets)
         for _, shards in vllm_fused(all_linears):
             if len({plan.settings.get(n) for n in shards}) > 1:
