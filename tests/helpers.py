@@ -588,7 +588,8 @@ TINY_FIELDS = dict(
     moe_intermediate_size=32, num_experts_per_tok=2, n_routed_experts=4, num_experts=4, num_local_experts=4,
     moe_num_experts=4, shared_expert_intermediate_size=64, n_group=1, topk_group=1, moe_k=2, moe_topk=2,
     num_experts_per_token=2, num_expert_group=1, expert_ffn_hidden_size=32, shared_experts_intermediate_size=64,
-    moe_shared_expert_intermediate_size=64, dense_intermediate_size=128, index_topk=8, index_head_dim=16,
+    moe_shared_expert_intermediate_size=64, dense_intermediate_size=128, first_dense_intermediate_size=128,
+    shared_intermediate_size=64, index_topk=8, index_head_dim=16,
     index_n_heads=2, vocab_size_per_layer_input=120,
     encoder_hash_byte_group_vocab=128,  # BLT's hash embeddings (500002 rows per hash size by default)
     indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,  # Qwen4-Exp's QSA
@@ -597,6 +598,9 @@ TINY_FIELDS = dict(
     # GPT-2 / OPT / Falcon style names
     n_embd=64, n_layer=2, n_head=4, n_positions=128, d_model=64, num_layers=2, num_heads=4, n_heads=4, n_layers=2,
     ffn_dim=128, ffn_hidden_size=128, rotary_dim=8, kv_channels=16,
+    # BART-style decoders (the causal LM of an encoder-decoder family: Blenderbot's is 24 x 10240 wide by default)
+    decoder_layers=2, decoder_ffn_dim=128, decoder_attention_heads=4, encoder_layers=2, encoder_ffn_dim=128,
+    encoder_attention_heads=4,
     # state-space and linear-attention mixers
     mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_head_dim=16, mamba_num_heads=4, state_size=8,
     ssm_state_size=8, time_step_rank=8, mamba_dt_rank=8, n_groups=1, chunk_size=16, mamba_chunk_size=16,
