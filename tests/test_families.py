@@ -220,6 +220,10 @@ ROUND_TRIP = {
     "kimi_linear": "gated linear attention with short convolutions beside latent attention, experts",
     "lara_mini": "linear attention beside sliding-window attention, experts",
     "fuyu": "an image-text model's causal LM whose image patches enter as embeddings (Persimmon decoder)",
+    "blenderbot": "the causal LM of an encoder-decoder family (its decoder, cross-attention unused and kept FP)",
+    "plbart": "the same (a BART variant for code)",
+    "whisper": "the same, the decoder of a speech model",
+    "ergo": "a dense first layer, then ungated fused experts behind a router that wraps one linear",
     # checkpoint names that are not the model's (attn.wkv is self_attn.kv_proj), hyper-connections, hash routing
     "deepseek_v4": "mixed settings: compressed-tensors targets by the model's own names",
 }
