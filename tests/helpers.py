@@ -693,10 +693,9 @@ def _tiny_layer_types(types, layers: int) -> list[str] | None:
     pattern hold no attention layer (Qwen3.5: full attention every 4th layer): then its last layer is its first
     attention type, since a model whose cache holds only linear-attention layers cannot build its attention mask."""
     attention = [t for t in types if "attention" in t and "linear" not in t] if isinstance(types, list) else []
-    first = types[:layers]
-    if not attention or any(t in attention for t in first):
+    if not attention or any(t in attention for t in types[:layers]):
         return None
-    return first[:-1] + attention[:1]
+    return types[: layers - 1] + attention[:1]
 
 
 def _uses_mrope(model_type: str) -> bool:
