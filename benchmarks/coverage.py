@@ -10,7 +10,7 @@ largest logit). Each type ends as one of:
 
 - works: the round trip holds (notes say what stayed in full precision and why);
 - refused: quantkit's one-line reason (an encoder, an encoder-decoder, Conv1D layers, experts...);
-- not built tiny: transformers could not build the tiny config (its own error);
+- not built tiny: transformers could not build the tiny config (its own error) or load its own save back;
 - failed: anything else (a bug to fix: the line says where).
 
 Architecture classes for the targets: encoder-decoder (config.is_encoder_decoder), encoder (BERT-style
@@ -117,6 +117,12 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
         model.save_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001
         return {**row, "status": "not built tiny", "why": f"save: {first_line(err)}"}
+    saved = AutoConfig.from_pretrained(model_dir)
+    try:  # Emu3's causal LM is saved as model_type emu3_text_model, which no Auto class of transformers maps
+        auto_class_for(saved)
+    except QuantkitError:
+        return {**row, "status": "not built tiny", "why": f"save: transformers saves {type(model).__name__} with model_type "
+                                                          f"{saved.model_type!r}, which none of its Auto classes loads back"}
     try:
         adapter = adapter_for(model)
     except QuantkitError as err:
@@ -243,8 +249,8 @@ DEFINITIONS = {
                  "(convolution, state-space parameter) in full precision",
     "moe": "decoder-only types with an expert block", "hybrid": "the other decoder-only types (recurrent / "
                                                             "state-space / convolution kernels kept in full precision)",
-    "not_built_tiny": "transformers' own config or model class fails on the tiny config (or its tokenizer class reads "
-                      "no test word): left out of every share",
+    "not_built_tiny": "transformers' own config or model class fails on the tiny config (or its Auto classes cannot load "
+                      "the saved model back, or its tokenizer class reads no test word): left out of every share",
 }
 
 
