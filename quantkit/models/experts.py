@@ -421,17 +421,13 @@ def model_key(model: nn.Module) -> Callable[[str], str]:
         return lambda key: key
     from transformers.core_model_loading import apply_renamings
 
-    names = set(model.state_dict())
-    return functools.partial(_to_model_key, functools.partial(_rename, apply_renamings, _renamings(model)), names)
+    rename, names = functools.partial(_rename, apply_renamings, _renamings(model)), set(model.state_dict())
+    # as transformers loads: a renaming that misses while the key is the model's keeps it (DeepSeek-V4's model.norm)
+    return lambda key: key if rename(key) not in names and key in names else rename(key)
 
 
 def _rename(apply: Callable, renamings: list, key: str) -> str:
     return apply(key, renamings) if renamings else key
-
-
-def _to_model_key(rename: Callable[[str], str], names: set[str], key: str) -> str:
-    renamed = rename(key)  # as transformers loads: a renaming that misses while the key itself is the model's
-    return key if renamed not in names and key in names else renamed  # keeps it (DeepSeek-V4's model.norm)
 
 
 def unfused_state(root: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
