@@ -140,6 +140,17 @@ def test_bad_records_and_options(tmp_path) -> None:
     raising = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(QuantkitError, match="chats.jsonl:1: the chat template refused the conversation: roles must alternate"):
         chat_samples(chats, chat_tokenizer(raising), 4)
+    # a record that is both a text and a chat, or a chat carrying an image part: which one was used? refused
+    path.write_text(json.dumps({"messages": CONVERSATIONS[1], "text": "another text"}) + "\n")
+    with pytest.raises(QuantkitError, match=r"bad.jsonl:1: holds both 'text' and 'messages'"):
+        chat_samples(path, tok, 1)
+    pictured = [{**m, "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": m["content"]}]}
+                if m["role"] == "user" else m for m in CONVERSATIONS[1]]
+    path.write_text(json.dumps({"messages": pictured}) + "\n")
+    with pytest.raises(QuantkitError, match=r"bad.jsonl:1: a message holds a part that is not text"):
+        chat_samples(path, tok, 1)
+    as_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATIONS[1]]
+    assert render_chat({"messages": as_parts}, tok)["input_ids"].numel() > 0  # text parts stay a text chat
 
 
 def test_in_memory_records_and_dataset_match_the_file(tmp_path) -> None:
@@ -154,6 +165,9 @@ def test_in_memory_records_and_dataset_match_the_file(tmp_path) -> None:
     with pytest.raises(QuantkitError, match="--chat-template renders chat records"):
         (tmp_path / "ok.jinja").write_text(CHATML)
         memory_calibration(["some text"] * 10, tok, 1, 4, chat_template=tmp_path / "ok.jinja")
+    both = datasets.Dataset.from_list([{**r, "text": "x"} for r in records])
+    with pytest.raises(QuantkitError, match="both a 'text' and a 'messages' column"):
+        memory_calibration(both, tok, 3, 512, seed=1)
 
 
 def tiny_llama(layers: int = 2):

@@ -221,6 +221,9 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
     chat_template is a Jinja template file that renders chat records instead of the tokenizer's template."""
     if type(data).__module__.startswith("datasets") and hasattr(data, "column_names"):
         columns = set(data.column_names)
+        if "image" not in columns and {"messages", "text"} <= columns:
+            raise QuantkitError("the dataset has both a 'text' and a 'messages' column, and chat samples are "
+                                "rendered from the messages alone; remove one of the two columns")
         if "image" not in columns and "messages" in columns:
             data = [{"messages": m} for m in data["messages"]]
         elif "image" not in columns:

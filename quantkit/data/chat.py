@@ -93,6 +93,13 @@ def chat_messages(record: object, where: str) -> list[dict]:
         raise QuantkitError(f"{where}: role {other!r} is not one of {', '.join(CHAT_ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise QuantkitError(f"{where}: no assistant turn; the loss mask covers the assistant's tokens")
+    if "text" in record:
+        raise QuantkitError(f"{where}: holds both 'text' and 'messages', and a chat record is rendered from its "
+                            "messages alone; keep one of the two")
+    parts = [part for m in messages if isinstance(m["content"], list) for part in m["content"]]
+    if any(not isinstance(part, dict) or part.get("type", "text") != "text" for part in parts):
+        raise QuantkitError(f"{where}: a message holds a part that is not text (an image?), which a text chat "
+                            "record cannot carry; give image-text records to a vision-language model, or drop it")
     return messages
 
 
