@@ -1451,3 +1451,21 @@ def test_quantize_lm_head_beside_a_recipe_that_ignores_it_is_refused(work: Path,
     (work / "r.yaml").write_text("ignore: [lm_head]\n")
     assert_fault(work, calibrate(work, "--quantize-lm-head", "--recipe", work / "r.yaml"),
                  "--quantize-lm-head (lm_head=True) quantizes lm_head, and the recipe leaves it in full precision")
+
+
+def test_a_sliding_window_of_no_tokens_is_refused_where_layers_slide() -> None:
+    """gemma3_text with sliding_window 0 builds, and its sliding layers attend to nothing; configs whose layers do
+    not slide keep 0 as a placeholder (qwen2_moe's default) and pass."""
+    from transformers import AutoConfig
+
+    from quantkit.errors import QuantkitError
+    from quantkit.models.checks import check_config_values
+
+    sliding = AutoConfig.for_model("gemma3_text", num_hidden_layers=6)
+    assert "sliding_attention" in sliding.layer_types
+    check_config_values(sliding, "m")
+    sliding.sliding_window = 0
+    with pytest.raises(QuantkitError, match=re.escape("config field sliding_window is 0; its sliding-window layers")):
+        check_config_values(sliding, "m")
+    placeholder = AutoConfig.for_model("qwen2_moe", sliding_window=0, use_sliding_window=False)
+    check_config_values(placeholder, "m")

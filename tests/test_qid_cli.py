@@ -17,8 +17,9 @@ from quantkit.qid.table import COLUMNS, TableWriter
 TRUE = UnifiedLaw(k=0.05, alpha=0.3, beta=0.6, gamma=4.0)
 
 
-def _write_grid(path, law: UnifiedLaw = TRUE, negative: int = 0, methods=("gptq",)) -> None:
-    """A CSV of exact law values on a 3 N x 4 D x 3 P grid (the first `negative` rows get QiD < 0)."""
+def _write_grid(path, law: UnifiedLaw = TRUE, negative: int = 0, methods=("gptq",), se: bool = False) -> None:
+    """A CSV of exact law values on a 3 N x 4 D x 3 P grid (the first `negative` rows get QiD < 0; with `se`, each
+    row's qid_se is 2% of its QiD)."""
     i = 0
     with TableWriter(path) as w:
         for method in methods:
@@ -28,9 +29,10 @@ def _write_grid(path, law: UnifiedLaw = TRUE, negative: int = 0, methods=("gptq"
                         q = law.qid(n, d, p) * (1 + 0.01 * math.sin(i))
                         if i < negative:
                             q = -0.001
-                        w.write({"model": f"m{int(n)}@d{int(d)}", "N": int(n), "params": int(n) + 1000, "D": int(d), "bits": p,
-                                 "method": method, "group_size": 128, "loss_fp": 3.0, "loss_q": 3.0 + q, "qid": q,
-                                 "eval_tokens": 1000, "seconds": 0.1, "eval_text": "t"})
+                        row = {"model": f"m{int(n)}@d{int(d)}", "N": int(n), "params": int(n) + 1000, "D": int(d), "bits": p,
+                               "method": method, "group_size": 128, "loss_fp": 3.0, "loss_q": 3.0 + q, "qid": q,
+                               "eval_tokens": 1000, "seconds": 0.1, "eval_text": "t"}
+                        w.write({**row, "qid_se": 0.02 * abs(q)} if se else row)
                         i += 1
 
 
@@ -221,7 +223,7 @@ def test_training_level_bad_input_is_one_error_line(tmp_path):
 def test_fit_options_estimator_resample_and_method_differences(tmp_path):
     """--resample errors and --estimator huber reach the fit; two methods give a paired beta difference in the JSON."""
     csv = tmp_path / "q.csv"
-    _write_grid(csv, methods=("gptq", "rtn"))
+    _write_grid(csv, methods=("gptq", "rtn"), se=True)
     res = run("fit", csv, "--law", "unified", "--bootstrap", "20", "--resample", "errors", "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
@@ -280,10 +282,10 @@ def test_options_that_would_go_unused_are_refused(tmp_path):
     assert one_line(res) and "no curve to draw" in res.output and not (tmp_path / "figs").exists()
 
 
-def test_resample_errors_without_qid_se_says_what_it_redraws(tmp_path):
-    """Without qid_se columns --resample errors draws within the misfit alone, and the table says so."""
+def test_resample_errors_needs_qid_se(tmp_path):
+    """Without qid_se values there is no error to redraw a QiD within: --resample errors is refused in one line."""
     csv = tmp_path / "q.csv"
     _write_grid(csv)
     res = run("fit", csv, "--law", "unified", "--bootstrap", "5", "--resample", "errors")
-    assert res.exit_code == 0 and "no qid_se: each QiD redrawn within the misfit tau alone" in res.output
-    assert "misfit tau alone" not in run("fit", csv, "--law", "unified", "--bootstrap", "5").output
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "use --resample points" in res.output
+    assert run("fit", csv, "--law", "unified", "--bootstrap", "5").exit_code == 0

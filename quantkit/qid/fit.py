@@ -358,6 +358,9 @@ def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = Fal
     """Fit the requested laws per method (and per bit width with by_bits); compare methods; report every excluded row."""
     _check_options(estimator, resample)
     rows = table.rows
+    if resample == "errors" and bootstrap > 0 and not any(r.get("qid_se") not in (None, "") for r in rows):
+        raise QuantkitError("--resample errors redraws each QiD within its qid_se, and the table has none (a table "
+                            "`qid measure` did not write?); use --resample points")
     methods = table.methods(method, "fit")
     errors = [{"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"), "bits": r.get("bits"),
                "reason": f"measurement failed: {r.get('error')}"} for r in table.error_rows
@@ -416,8 +419,6 @@ def format_fits(result: dict) -> str:
         bits = "all bits" if f["bits"] is None else f"{f['bits']} bits"
         b = f["bootstrap"]
         ci = f"{int(round(100 * b['level']))}% CI from {b['resamples']} resamples of {b.get('resample', 'points')}"
-        if b.get("resample") == "errors" and b["resamples"] and not f.get("weighted"):
-            ci += " (the table has no qid_se: each QiD redrawn within the misfit tau alone)"
         how = f.get("estimator", "huber") + (" weighted by qid_se" if f.get("weighted") else "")
         tau = f"  tau={f['tau']:.3g}" if f.get("tau") is not None else ""
         lines.append(f"{f['method']} | {f['law']} law ({bits}): {f['formula']}")
