@@ -146,6 +146,15 @@ def test_qid_fit_stops_at_the_row_that_is_wrong(tmp_path: Path, row: str, fragme
     assert_fault(tmp_path, ["qid", "fit", tmp_path / "q.csv", "--bootstrap", "0"], fragment)
 
 
+def test_qid_fit_resample_errors_without_qid_se(tmp_path: Path) -> None:
+    """--resample errors on a table with no qid_se column: refused naming the column and the alternative, no -o file."""
+    good = [f"m{i},gptq,{b},128,{10**6 * (i + 1)},{10**9 * (i + 1)},3.0,3.1,0.1,e\n" for i in range(3) for b in (2, 3)]
+    (tmp_path / "q.csv").write_text(HEADER + "".join(good))
+    line = assert_fault(tmp_path, ["qid", "fit", tmp_path / "q.csv", "--resample", "errors", "--bootstrap", "3",
+                                   "-o", tmp_path / "fit.json"], "qid_se")
+    assert "--resample points" in line
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--bits", "5"], "--bits 5 is not a width"),
     (["--bits", "99", "--qid", "0.1"], "--bits 99 is outside"),

@@ -92,15 +92,26 @@ def test_fit_then_predict_from_fit_json_and_plot(tmp_path):
     assert not (tmp_path / "fig2").exists()
 
 
-def test_fit_json_reports_excluded_nonpositive_rows(tmp_path):
-    """QiD <= 0 rows are listed (with CSV line numbers) and not counted in n_points."""
+def test_fit_leaves_out_nonpositive_rows_and_says_so(tmp_path):
+    """QiD <= 0 rows (measurements in the noise) are left out of the fit, which equals the fit of the table without
+    them; the JSON lists them with their CSV lines, and one stderr line names them, --json or not."""
     csv = tmp_path / "q.csv"
     _write_grid(csv, negative=2)
     res = run("fit", csv, "--law", "unified", "--bootstrap", "0", "--json")
     assert res.exit_code == 0, res.output
-    doc = json.loads(res.output)
-    assert doc["fits"][0]["n_points"] == 34
+    doc = json.loads(res.stdout)
     assert [e["line"] for e in doc["excluded"]] == [2, 3] and all("qid <= 0" in e["reason"] for e in doc["excluded"])
+    said = [f"WARNING quantkit.qid.fit: {csv}: 2 row(s) left out of the fit: qid <= 0 (no logarithm) at line(s) 2, 3"]
+    assert res.stderr.splitlines() == said
+    text = run("fit", csv, "--law", "unified", "--bootstrap", "0")
+    assert text.exit_code == 0 and text.stderr.splitlines() == said and "excluded 2 row(s)" in text.stdout
+    lines = csv.read_text().splitlines()
+    (tmp_path / "kept.csv").write_text("\n".join(lines[:1] + lines[3:]) + "\n")
+    ref = run("fit", tmp_path / "kept.csv", "--law", "unified", "--bootstrap", "0", "--json")
+    assert ref.exit_code == 0 and ref.stderr == "", ref.output
+    mine, theirs = doc["fits"][0], json.loads(ref.stdout)["fits"][0]
+    assert mine["n_points"] == theirs["n_points"] == len(lines) - 3
+    assert mine["params"] == theirs["params"] and mine["r2"] == theirs["r2"]
 
 
 def test_fit_by_bits_and_method_filter(tmp_path):

@@ -118,16 +118,50 @@ def test_predict_inverse_round_trip(n, d, p, alpha, beta, gamma):
     assert law.tokens_for_qid(n, law.qid(n, d, p), p) == pytest.approx(d, rel=1e-8)
 
 
-def test_nonpositive_qid_excluded_and_reported():
-    """QiD <= 0 rows never reach the log fit and are listed with their line."""
+def test_nonpositive_qid_excluded_and_reported(caplog):
+    """QiD <= 0 rows never reach the log fit and are listed with their line, and said in one warning."""
     rows = synthetic_points(TRUE)
     rows[5]["qid"] = -0.001
     rows[9]["qid"] = 0.0
-    result = fit_table(parse_table(_csv_text(rows)), bootstrap=0, laws=("unified",))
+    with caplog.at_level("WARNING", logger="quantkit.qid.fit"):
+        result = fit_table(parse_table(_csv_text(rows), source="t.csv"), bootstrap=0, laws=("unified",))
+    assert [r.getMessage() for r in caplog.records] == [
+        "t.csv: 2 row(s) left out of the fit: qid <= 0 (no logarithm) at line(s) 7, 11"]
     assert result["fits"][0]["n_points"] == 58
     lines = sorted(e["line"] for e in result["excluded"])
     assert lines == [7, 11]  # header is line 1
     assert "excluded 2 row(s)" in format_fits(result)
+
+
+def test_point_level_fits_refuse_points_without_a_logarithm():
+    """fit_unified, fit_single and compare_methods take the points they are given: one with QiD, N, D or bits not
+    above 0 is refused naming its CSV line (or its index), not turned into a NaN fit."""
+    clean = synthetic_points(TRUE)
+    for column, value in (("qid", -0.001), ("qid", 0.0), ("qid", math.nan), ("N", 0), ("D", -5), ("bits", 0)):
+        points = [dict(p) for p in clean]
+        points[3][column] = value
+        with pytest.raises(QuantkitError, match=rf"^line 5: {column} .* is not > 0; .*fit_table leaves"):
+            fit_unified(points, bootstrap=0)
+        with pytest.raises(QuantkitError, match=rf"^line 5: {column} .* is not > 0"):
+            compare_methods({"a": clean, "b": points}, bootstrap=0)
+        del points[3]["_line"]
+        with pytest.raises(QuantkitError, match=rf"^point 3: {column} .* is not > 0"):
+            fit_single(points, "D", bootstrap=0)
+
+
+def test_resample_errors_needs_standard_errors_in_every_entry_point():
+    """resample='errors' with no qid_se anywhere: one QuantkitError from each fit function (the point-level ones
+    redrew within tau alone)."""
+    points = synthetic_points(TRUE)
+    assert all(p.get("qid_se") is None for p in points)
+    for call in (lambda: fit_unified(points, bootstrap=3, resample="errors"),
+                 lambda: fit_single(points, "D", bootstrap=3, resample="errors"),
+                 lambda: compare_methods({"a": points, "b": points}, bootstrap=3, resample="errors"),
+                 lambda: fit_table(parse_table(_csv_text(points)), bootstrap=3, resample="errors")):
+        with pytest.raises(QuantkitError, match="no row has a qid_se value.*use --resample points"):
+            call()
+    with_se = [{**p, "qid_se": 0.05 * p["qid"]} for p in points]
+    assert fit_unified(with_se, bootstrap=3, resample="errors")["bootstrap"]["resamples"] == 3
 
 
 def test_by_bits_folds_p_and_fits_each_width():

@@ -30,6 +30,7 @@ excluded and listed, never dropped silently, as are rows that failed at measurem
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import defaultdict
 
@@ -44,7 +45,7 @@ from quantkit.qid.regression import (
     r_squared,
     wls_misfit,
 )
-from quantkit.qid.table import QidTable
+from quantkit.qid.table import QidTable, check_points, positive, split_points
 
 FACTOR_COLUMN = {"D": "D", "N": "N", "P": "bits"}
 # Name of each factor's exponent and its sign in log QiD (paper convention: all positive when
@@ -52,6 +53,7 @@ FACTOR_COLUMN = {"D": "D", "N": "N", "P": "bits"}
 EXPONENT = {"D": ("beta", 1.0), "N": ("alpha", -1.0), "P": ("gamma", -1.0)}
 LAWS = ("unified", "D", "N", "P")
 UNIFIED_FORMULA = "QiD = k * D^beta / (N^alpha * P^gamma)"
+logger = logging.getLogger(__name__)
 
 
 ESTIMATORS = ("wls", "huber")
@@ -128,27 +130,17 @@ def _residuals(points: list[dict], y: np.ndarray, pred: np.ndarray, se_log: np.n
     return out
 
 
-def split_points(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(points with QiD > 0, excluded entries for QiD <= 0 with line/model/bits/qid)."""
-    kept, excluded = [], []
-    for r in rows:
-        if r["qid"] > 0 and r["N"] > 0 and r["D"] > 0 and r["bits"] > 0:
-            kept.append(r)
-        else:
-            excluded.append({"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"),
-                             "bits": r["bits"], "N": r["N"], "D": r["D"], "qid": r["qid"], "qid_se": r.get("qid_se"),
-                             "reason": "qid <= 0 (no logarithm)" if r["qid"] <= 0 else "non-positive N, D or bits"})
-    return kept, excluded
-
-
-def _check_options(estimator: str, resample: str) -> None:
-    """One-line errors for unknown estimator or resampling names."""
+def _check_options(estimator: str, resample: str, bootstrap: int, *point_sets: list[dict]) -> None:
+    """One-line errors for unknown estimator or resampling names, and for redrawing within errors the points lack."""
     if estimator not in ESTIMATORS:
         raise QuantkitError(f"unknown estimator {estimator!r}; choose {' or '.join(ESTIMATORS)}")
     if resample not in RESAMPLES:
         raise QuantkitError(f"unknown resampling {resample!r}; choose {' or '.join(RESAMPLES)}")
     if estimator == "huber" and resample == "errors":
         raise QuantkitError("--resample errors needs --estimator wls: a Huber fit has no error model to redraw from")
+    if resample == "errors" and bootstrap > 0 and not any(positive(p.get("qid_se")) for ps in point_sets for p in ps):
+        raise QuantkitError("--resample errors (resample='errors') redraws each QiD within its qid_se, and no row has a "
+                            "qid_se value (a table `qid measure` did not write?); use --resample points")
 
 
 def _unified_problem(points: list[dict], fold_bits: bool, estimator: str, delta: float, misfit: bool,
@@ -218,7 +210,8 @@ def fit_unified(points: list[dict], *, fold_bits: bool = False, delta: float = H
                 seed: int = 0, level: float = 0.95, label: str = "", estimator: str = "wls", resample: str = "points",
                 misfit: bool = True, keep_draws: bool = True) -> dict:
     """Fit QiD = k D^beta / (N^alpha P^gamma) to points with QiD > 0 (gamma folded into k if fold_bits)."""
-    _check_options(estimator, resample)
+    _check_options(estimator, resample, bootstrap, points)
+    check_points(points)
     problem, factors = _unified_problem(points, fold_bits, estimator, delta, misfit, label)
     rows = np.arange(len(points))
     y = problem.design.y
@@ -252,7 +245,8 @@ def fit_single(points: list[dict], factor: str, *, delta: float = HUBER_DELTA, b
     """Fit QiD = c_s * X^(+-e) for X in D, N, P with one constant per slice of the other two factors."""
     if factor not in FACTOR_COLUMN:
         raise QuantkitError(f"unknown factor {factor!r}; choose D, N or P")
-    _check_options(estimator, resample)
+    _check_options(estimator, resample, bootstrap, points)
+    check_points(points)
     col = FACTOR_COLUMN[factor]
     others = [FACTOR_COLUMN[f] for f in ("D", "N", "P") if f != factor]
     slices: dict[tuple, list[dict]] = defaultdict(list)
@@ -302,7 +296,9 @@ def compare_methods(points_by_method: dict[str, list[dict]], *, fold_bits: bool 
     Pairing: each draw resamples the same checkpoints for both methods (or redraws both within
     their errors), so what the methods share (the checkpoints) does not widen the difference.
     """
-    _check_options(estimator, resample)
+    _check_options(estimator, resample, bootstrap, *points_by_method.values())
+    for points in points_by_method.values():
+        check_points(points)
     methods = sorted(points_by_method)
     out = []
     rng_seed = np.random.SeedSequence(seed)
@@ -356,12 +352,9 @@ def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = Fal
               bootstrap: int = 200, seed: int = 0, delta: float = HUBER_DELTA, level: float = 0.95,
               estimator: str = "wls", resample: str = "points", misfit: bool = True) -> dict:
     """Fit the requested laws per method (and per bit width with by_bits); compare methods; report every excluded row."""
-    _check_options(estimator, resample)
-    rows = table.rows
-    if resample == "errors" and bootstrap > 0 and not any(r.get("qid_se") not in (None, "") for r in rows):
-        raise QuantkitError("--resample errors redraws each QiD within its qid_se, and the table has none (a table "
-                            "`qid measure` did not write?); use --resample points")
     methods = table.methods(method, "fit")
+    rows = [r for r in table.rows if r["method"] in methods]
+    _check_options(estimator, resample, bootstrap, rows)
     errors = [{"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"), "bits": r.get("bits"),
                "reason": f"measurement failed: {r.get('error')}"} for r in table.error_rows
               if method is None or r.get("method") == method]
@@ -403,6 +396,12 @@ def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = Fal
             for entry in compare_methods(subset, fold_bits=by_bits, bootstrap=bootstrap, seed=seed, level=level,
                                          estimator=estimator, resample=resample, delta=delta, misfit=misfit):
                 out["method_differences"].append({"bits": bits, **entry})
+    if out["excluded"]:  # said where a user sees it, --json or not (the result lists them under 'excluded')
+        lines: dict[str, list[str]] = {}
+        for e in out["excluded"]:
+            lines.setdefault(e["reason"].split(":")[0], []).append(str(e["line"]))
+        logger.warning("%s: %d row(s) left out of the fit: %s", table.source, len(out["excluded"]),
+                       "; ".join(f"{why} at line(s) {', '.join(ls)}" for why, ls in lines.items()))
     return out
 
 

@@ -34,11 +34,12 @@ KEY_COLUMNS = ("model", "method", "bits", "group_size", "eval_text")
 
 @dataclass
 class QidTable:
-    """Parsed rows (dicts of typed values) plus rows that failed at measurement time."""
+    """Parsed rows (dicts of typed values) plus rows that failed at measurement time; source names the file."""
 
     rows: list[dict] = field(default_factory=list)
     error_rows: list[dict] = field(default_factory=list)
     dropped_partial_line: bool = False
+    source: str = "CSV"
 
     def keys(self) -> set[tuple]:
         """Resume keys of every recorded cell, failed ones included."""
@@ -111,9 +112,42 @@ def check_row(row: dict, where: str) -> None:
                             "fix or delete that row")
 
 
+def check_points(points: list[dict]) -> None:
+    """A QuantkitError naming the first point (its CSV line, else its index) whose QiD, N, D or bits is not a number
+    above 0: a law in log space takes the logarithm of each (fit_table leaves QiD <= 0 rows out and lists them;
+    the point-level fits are given points to fit, all of them)."""
+    bad = [p for p in points if not all(positive(p.get(c)) for c in ("qid", "N", "D", "bits"))]
+    if not bad:
+        return
+    p = bad[0]
+    column = next(c for c in ("qid", "N", "D", "bits") if not positive(p.get(c)))
+    where = f"line {p['_line']}" if p.get("_line") else f"point {points.index(p)}"
+    more = f" ({len(bad)} such points)" if len(bad) > 1 else ""
+    raise QuantkitError(f"{where}: {column} {p.get(column)!r} is not > 0{more}; a law in log space needs QiD, N, D and "
+                        "bits > 0: leave such points out (fit_table leaves QiD <= 0 rows out and lists them)")
+
+
+def positive(value: object) -> bool:
+    """A finite number above 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def split_points(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(points with QiD > 0, excluded entries for QiD <= 0 with line/model/bits/qid)."""
+    kept, excluded = [], []
+    for r in rows:
+        if r["qid"] > 0 and r["N"] > 0 and r["D"] > 0 and r["bits"] > 0:
+            kept.append(r)
+        else:
+            excluded.append({"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"),
+                             "bits": r["bits"], "N": r["N"], "D": r["D"], "qid": r["qid"], "qid_se": r.get("qid_se"),
+                             "reason": "qid <= 0 (no logarithm)" if r["qid"] <= 0 else "non-positive N, D or bits"})
+    return kept, excluded
+
+
 def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_COLUMNS) -> QidTable:
     """Parse CSV text; a last line without its newline (an interrupted write) is dropped."""
-    table = QidTable()
+    table = QidTable(source=source)
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         table.dropped_partial_line = True
