@@ -1369,7 +1369,7 @@ def test_an_output_holding_the_recipe_or_template_is_refused(work: Path, no_mode
         data = work / "c.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in CHAT * 20))
     assert_fault(work, ["calibrate", work / "model", "--calib", data, *BASE, flag, given, "-o", work / "rd",
-                        "--overwrite"], f"holds {flag}")
+                        "--overwrite"], f"holds the input {given}")
 
 
 def test_qid_fit_output_inside_a_model_directory_is_refused(work: Path) -> None:

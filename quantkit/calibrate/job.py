@@ -76,6 +76,7 @@ class QuantizationSpec:
     lm_head: bool = False  # quantize the output head too
     vision: bool = False  # quantize a VLM's vision tower and projector too
     recipe: Recipe | None = None  # which linears, and per-module settings (quantkit.quant.recipe)
+    recipe_file: str | None = None  # the YAML the recipe was read from (an input the output must not hold)
     importance: dict | None = None  # TLQ's gradient-pass options (quantkit.importance.tlq_token_weights)
     notice: str | None = None  # said once the run starts (the default method that could not be had)
 
@@ -185,13 +186,6 @@ IMPORTANCE_FLAG_OF = {"guidance": "--guidance", "row_groups": "--row-groups", "l
                     "draws": "--fisher-draws", "lam": "--lam", "power": "--power"}
 
 
-def source_name(model: Any) -> str:
-    """The name a model is reported under: its path or hub id, or where a loaded model came from."""
-    if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model)
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-
-
 def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: Any) -> CalibrationJob:
     """The CalibrationJob of a model (a local directory, hub id or loaded model), calibration data (a path or
     source spec, or in-memory data: quantkit.data.calibration.memory_calibration) and OPTIONS by name.
@@ -230,6 +224,7 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: An
     if export.output is None and export.push_to_hub is None and run.in_processes:
         raise QuantkitError("--nproc, torchrun and --low-memory export from their ranks; give an output directory")
     from quantkit.engine.distributed import under_torchrun
+    from quantkit.models import source_name
 
     if run.nproc > 1 and under_torchrun():
         raise QuantkitError("--nproc spawns local ranks itself; under torchrun leave it at 1")
@@ -344,7 +339,8 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
         raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {method} reads none")
     quantization = QuantizationSpec(weights=weights, method=method, fp_target=method.fp_target_on(fp_target),
                                     lm_head=o["lm_head"], vision=o["vision"], recipe=recipe, importance=importance,
-                                    notice=notice)
+                                    notice=notice,
+                                    recipe_file=os.fspath(o["recipe"]) if isinstance(o["recipe"], (str, os.PathLike)) else None)
     if quantization.token_weights and run.low_memory and data.calib_set is None:
         what = method if method.token_weights else "--smooth tlq"
         raise QuantkitError(f"{what} with --low-memory needs token weights from a --calib-set (quantkit importance)")
@@ -369,13 +365,6 @@ def _export_spec(o: dict, quantization: QuantizationSpec) -> ExportSpec:
         from quantkit.fsutil import check_output_dir
 
         check_output_dir(output, o["overwrite"])
-        for flag, given in (("--recipe (recipe=)", o["recipe"]), ("--chat-template (chat_template=)", o["chat_template"])):
-            # the model, data and set are checked against the output in preflight; these files are read here
-            if isinstance(given, (str, os.PathLike)) and os.path.lexists(given):
-                out, source = Path(os.path.abspath(output)).resolve(), Path(given).expanduser().resolve()
-                if out == source or out in source.parents:
-                    raise QuantkitError(f"output {output} holds {flag} {os.fspath(given)}; replacing it would delete "
-                                        "that input: choose another -o (output_dir=)")
     fmt = format_for(fmt)
     fmt.check_options(weights.bits, weights.act_order, weights.static_groups, act_bits=weights.act_bits,
                       lm_head=quantization.lm_head, vision=quantization.vision)

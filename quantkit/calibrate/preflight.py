@@ -131,7 +131,7 @@ def _check_output(job: CalibrationJob, files: ModelFiles, data_paths: list[str])
         # the spool and the final files coexist in the output's temporary directory, beside OUTPUT.partial's codes
         need = 2 * need + (0 if run.resume and work_dir_for(output).is_dir() else files.linear_numel)
     sources = [None if job.model.loaded is not None else job.model.name, job.data.calib_set, run.offload_dir,
-               *data_paths]
+               job.data.chat_template, job.quantization.recipe_file, *data_paths]
     check_output(output, overwrite=job.export.overwrite, sources=sources, need_bytes=need)
     if run.low_memory and work_dir_for(output).is_dir():  # --resume adds layers there, a fresh run replaces it
         check_writable(work_dir_for(output), f"the work area {work_dir_for(output)}")

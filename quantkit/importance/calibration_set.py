@@ -20,7 +20,7 @@ from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_dir
 from quantkit.importance.weights import TokenImportance
-from quantkit.models import adapter_for
+from quantkit.models import adapter_for, source_name
 from quantkit.version import __version__
 
 SET_FORMAT = "quantkit.tlq-calibration-set"
@@ -259,17 +259,12 @@ def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: s
     else:
         differing = differing_weight(recorded, model)
         if differing is not None:
-            mine = model_name or source_name_of(model)
+            mine = model_name or source_name(model)
             raise QuantkitError(f"calibration set {where} was made on {manifest.get('model')}, whose weights are not "
                                 f"those of {mine} ({differing} differs; the configs match); rebuild the set with "
                                 f"`quantkit importance` on {mine}")
     if tokenizer is not None and manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
         raise QuantkitError(f"calibration set {where} was tokenized with a different tokenizer; remake it with this model's tokenizer")
-
-
-def source_name_of(model: nn.Module) -> str:
-    """Where a loaded model came from (its config's _name_or_path), else its class."""
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
 class StoredWeights:

@@ -16,7 +16,7 @@ from torch import nn
 from quantkit.errors import QuantkitError, first_line
 from quantkit.models import gpt_neox, llama, opt
 from quantkit.models.base import Adapter, Family, get_module, layer_output
-from quantkit.models.checks import check_model_weights
+from quantkit.models.checks import check_model_weights, source_name
 from quantkit.models.discover import derive_adapter, is_image_text
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ __all__ = [
     "layer_output",
     "load_model",
     "register",
+    "source_name",
 ]
 
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

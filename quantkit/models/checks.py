@@ -65,11 +65,19 @@ def check_full_precision(config, name: str) -> None:
                         "another format)")
 
 
+def source_name(model: object) -> str:
+    """The name a model is reported under: its path or hub id, or where a loaded model came from (its config's
+    _name_or_path), else its class."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
 def check_model_weights(model: torch.nn.Module, source: str | None = None) -> None:
     """Every parameter of a loaded model is float and finite (tied parameters checked once; the integer codes
     of an already quantized checkpoint are left alone)."""
     config = getattr(model, "config", None)
-    source = source or str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    source = source or source_name(model)
     packed = getattr(config, "quantization_config", None) is not None  # a quantized checkpoint's integer codes
     for name, param in model.named_parameters():
         if param.device.type == "meta" or (packed and not param.is_floating_point()):
