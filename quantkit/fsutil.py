@@ -258,16 +258,23 @@ def check_writable(directory: Path, what: str) -> None:
 _NAME_ROOM = 16
 
 
+def name_limit(path: str | os.PathLike) -> int:
+    """The most bytes one file name may hold on the file system `path` is (or would be) on: its nearest existing
+    folder's PC_NAME_MAX, or 255 (the common limit) where the system does not say."""
+    out = Path(os.path.abspath(path))
+    above = next(part for part in [out, *out.parents] if os.path.lexists(part))
+    try:
+        return os.pathconf(above if above.is_dir() else above.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
     """Every name `output` creates fits the file system's name limit, with room for the temporary names a run
     puts beside it (the OS says only "File name too long" once the work is done)."""
     out = Path(os.path.abspath(output))
     new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
-    above = next(part for part in [out, *out.parents] if os.path.lexists(part))
-    try:
-        limit = os.pathconf(above if above.is_dir() else above.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    limit = name_limit(out)
     for part in new:
         if len(os.fsencode(part.name)) + _NAME_ROOM > limit:
             raise QuantkitError(f"{flag} {str(output)[:60]}...: the name {part.name[:40]}... is "
@@ -307,7 +314,6 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
     if (real.parent / "config.json").is_file():  # a model or export directory, an input of other runs
         raise QuantkitError(f"{flag} {output} is inside {real.parent}, a model directory (it holds config.json); "
                             "write the results outside it")
-    check_names(out, flag)
     above = _nearest_existing(out.parent)
     if not above.is_dir():
         raise QuantkitError(f"{flag} {output} lies under {above}, which is a file; give a path in a directory")

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, short_repr
+from quantkit.fsutil import name_limit
 
 PARTS = ("all", "train", "heldout")
 HELDOUT_FRACTION = 0.1
@@ -274,10 +275,10 @@ def load_hf(spec: str) -> list[str]:
 
 
 def check_source_name(source: str | os.PathLike) -> None:
-    """A source string no file system holds as a name (a line break, a part over 255 bytes) is text given where a
-    path belongs: one QuantkitError instead of an OSError from the first stat."""
+    """A source string no file system holds as a name (a line break, a part over the file system's name limit) is
+    text given where a path belongs: one QuantkitError instead of an OSError from the first stat."""
     text = os.fspath(source)
-    if "\n" in text or any(len(part.encode()) > 255 for part in text.split("/")):
+    if "\n" in text or max(len(os.fsencode(part)) for part in text.split("/")) > name_limit(text):
         raise QuantkitError(f"data source {short_repr(text)} ({len(text)} characters) is no file, directory, glob or "
                             "hf: dataset; to calibrate on a text itself, pass it in a list: data=[text]")
 
