@@ -26,7 +26,7 @@ from quantkit.errors import QuantkitError, unknown_choice
 from quantkit.fsutil import read_json_object
 from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
 from quantkit.qid.table import TableWriter, cell_key, read_table
-from quantkit.qid.texts import cached_ids, check_text_amounts, load_tokenizer
+from quantkit.qid.texts import cached_ids, check_text_amounts, load_tokenizer, tokenizer_fingerprint
 from quantkit.quant.methods import METHODS as ENGINE_REGISTRY
 
 ENGINE_METHODS = tuple(ENGINE_REGISTRY)
@@ -136,9 +136,10 @@ def parse_token_overrides(values: Sequence[str]) -> tuple[dict[str, int], int | 
     return per, default
 
 
-def check_local_checkpoint(ckpt: Checkpoint) -> None:
+def check_local_checkpoint(ckpt: Checkpoint):
     """A local checkpoint is a full-precision model with finite weights and no revision, checked before the sweep
-    (a broken one would otherwise fail in the middle of the progress bar, after a CSV was started)."""
+    (a broken one would otherwise fail in the middle of the progress bar, after a CSV was started); returns what
+    was read of its files (config and tokenizer: quantkit.models.files.ModelFiles)."""
     from quantkit.data.checks import model_for_data
     from quantkit.models.checks import check_weight_files
 
@@ -147,13 +148,15 @@ def check_local_checkpoint(ckpt: Checkpoint) -> None:
                             "give the directory of that revision, or a hub id@revision")
     files = model_for_data(ckpt.name)
     check_weight_files(files.weight_files, ckpt.spec)
+    return files
 
 
-def _load(ckpt: Checkpoint):
-    """(model, tokenizer) for a checkpoint, on CPU in float32."""
+def _load(ckpt: Checkpoint, config=None, tokenizer=None):
+    """(model, tokenizer) for a checkpoint, on CPU in float32; `config` and `tokenizer` where already read."""
     from quantkit.models import load_model
 
-    return load_model(ckpt.name, dtype="float32", revision=ckpt.revision), load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec)
+    model = load_model(ckpt.name, dtype="float32", revision=ckpt.revision, config=config)
+    return model, tokenizer if tokenizer is not None else load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec)
 
 
 def _load_bnb(ckpt: Checkpoint, method: str):
@@ -338,11 +341,15 @@ def measure_grid(
     # a missing file or too little text would otherwise fail every cell, one CSV row at a time
     check_data(settings.eval_text, "--eval")
     check_data(settings.calib)
+    read: dict[str, tuple] = {}  # (config or None, tokenizer) of each checkpoint, for its load
+    tokenizers: dict[str, object] = {}  # one object per tokenizer definition (a run's checkpoints share theirs)
     for ckpt in dict.fromkeys(c[0] for c in todo):
-        if ckpt.local_dir is not None:
-            check_local_checkpoint(ckpt)
+        files = check_local_checkpoint(ckpt) if ckpt.local_dir is not None else None
+        tokenizer = files.tokenizer if files is not None else load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec)
+        tokenizer = tokenizers.setdefault(tokenizer_fingerprint(tokenizer), tokenizer)
         calibrates = any(c[0] == ckpt and c[1] not in BNB_METHODS for c in todo)
-        check_text_amounts(load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec), ckpt.spec, settings, calibrates)
+        check_text_amounts(tokenizer, ckpt.spec, settings, calibrates)
+        read[ckpt.spec] = (None if files is None else files.config, tokenizer)
     stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
     bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
     with TableWriter(out_csv) as writer:
@@ -353,7 +360,7 @@ def measure_grid(
             if current is None or current.ckpt != ckpt:
                 current = None
                 gc.collect()
-                model, tokenizer = _load(ckpt)
+                model, tokenizer = _load(ckpt, *read[ckpt.spec])
                 current = _Cell(settings, ckpt, model, tokenizer)
                 params = count_parameters(model)
             d, step = meta[ckpt.spec]

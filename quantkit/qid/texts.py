@@ -11,7 +11,7 @@ from quantkit.errors import QuantkitError
 _TOKEN_CACHE: dict[tuple, object] = {}
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's full definition (checkpoints of one run share it)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
@@ -22,7 +22,7 @@ def cached_ids(source: str, part: str, tokenizer):
     """The eos-joined token stream of a source's part, tokenized once per (source, part, tokenizer)."""
     from quantkit.data import resolve_texts, tokenize_documents
 
-    key = (source, part, _tokenizer_fingerprint(tokenizer))
+    key = (source, part, tokenizer_fingerprint(tokenizer))
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE[key] = tokenize_documents(resolve_texts(source, part=part), tokenizer)
     return _TOKEN_CACHE[key]
