@@ -244,7 +244,9 @@ def parse_method(name: str) -> tuple[str, bool, dict, str]:
     rtn, gptq or tlq, then for tlq any of ``linear`` (per-linear guidance), ``g<N>`` (N output-row
     groups), ``fisher`` (Fisher loss), ``d<N>`` (N Fisher draws), ``pm`` (per-modality normalisation),
     ``mf`` (vision/text weight ratio floored at its median over layers), ``clip<C>`` (weights bounded to
-    [1/C, C] times their mean), then ``su`` or ``st`` for smoothing
+    [1/C, C] times their mean), ``lam<L>`` (this floor instead of --lam), ``alltext`` (the importance loss
+    on every text token, question and template included, instead of the answer tokens only: the
+    samples' loss_mask), then ``su`` or ``st`` for smoothing
     (uniform or TLQ token weights; any method), then ``fp`` for the FP target, joined by underscores:
     ``tlq_linear_g4_fp`` is linear guidance, 4 row groups, FP target; ``tlq_st_fp`` is TLQ-weighted
     smoothing + TLQ with the FP target. tlq's options start from tlq_token_weights' defaults (layer
@@ -270,6 +272,10 @@ def parse_method(name: str) -> tuple[str, bool, dict, str]:
             options["modality_floor"] = True
         elif token.startswith("clip") and token[4:].replace(".", "", 1).isdigit():
             options["clip"] = float(token[4:])
+        elif token.startswith("lam") and token[3:].replace(".", "", 1).isdigit():
+            options["lam"] = float(token[3:])
+        elif token == "alltext":
+            options["answers_only"] = False
         else:
             raise click.BadParameter(f"{name}: unknown option {token!r}")
     if base not in ("rtn", "gptq", "tlq"):
@@ -277,21 +283,31 @@ def parse_method(name: str) -> tuple[str, bool, dict, str]:
     return base, fp_target, options, smooth
 
 
+def importance_samples(samples: list[dict], answers_only: bool) -> list[dict]:
+    """The samples TLQ's gradient pass reads: as given (loss on the answer tokens, their loss_mask), or with the
+    loss on every text token (loss_mask = the valid tokens that are not image tokens)."""
+    if answers_only:
+        return samples
+    from quantkit.importance.masks import valid_mask, vision_tokens
+
+    return [{**s, "loss_mask": (valid_mask(s) & ~vision_tokens(s)).reshape(s["loss_mask"].shape)} for s in samples]
+
+
 def quantized(model, samples, bits: int, sym: bool, group_size: int, method: str, fp_target: bool, weights=None,
               act_bits: int | None = None, smooth: str = "none", **extra):
-    """A copy of `model` quantized with the engine `method`, the calibration seconds and the names of the
-    quantized linears; `extra` (vision, lm_head) goes to calibrate_model."""
+    """A copy of `model` quantized with the engine `method`, the calibration seconds (wall, CPU) and the names of
+    the quantized linears; `extra` (vision, lm_head) goes to calibrate_model."""
     from quantkit.engine import calibrate_model
     from quantkit.engine.presolve import smoothing_mode
     from quantkit.quant.methods import method_for
     from quantkit.quant.spec import QuantSpec
 
     qmodel = copy.deepcopy(model)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits)
     calibration = calibrate_model(qmodel, samples, spec, method=method_for(method).with_presolve(smoothing_mode(smooth)),
                                   token_weights=weights, progress=False, fp_target=fp_target, **extra)
-    return qmodel, time.perf_counter() - started, list(calibration.results)
+    return qmodel, time.perf_counter() - started, time.process_time() - cpu_started, list(calibration.results)
 
 
 def se(values: list[float]) -> float:
@@ -329,6 +345,24 @@ def gap_ratio(a: list[dict], b: list[dict], fp_nll: float) -> dict:
         "se_seeds": round(se(defined), 3),
         "per_seed": [None if r is None else round(r, 3) for r in per_seed],
         "ratio_of_mean_gaps": round(statistics.fmean(gaps_a) / mean_b, 3) if mean_b else None,
+    }
+
+
+def paired_nll(a: list[dict], b: list[dict]) -> dict:
+    """a's answer NLL minus b's over calibration seeds (nats), with the SE over seeds and over held-out examples
+    (of the per-example NLL difference averaged over seeds), as `paired` for accuracy."""
+    per_seed = [x["answer_nll"] - y["answer_nll"] for x, y in zip(a, b)]
+    n, tokens = len(a[0]["nll_sums"]), a[0]["answer_tokens"]
+    per_example = [statistics.fmean(x["nll_sums"][i] - y["nll_sums"][i] for x, y in zip(a, b)) for i in range(n)]
+    # the NLL is a mean over answer tokens: a per-example sum's spread, scaled by n / tokens
+    se_seeds, se_examples = se(per_seed), statistics.stdev(per_example) * math.sqrt(n) / tokens
+    return {
+        "mean": round(statistics.fmean(per_seed), 6),
+        "per_seed": [round(d, 6) for d in per_seed],
+        "se_seeds": round(se_seeds, 6),
+        "se_examples": round(se_examples, 6),
+        "se_total": round(math.hypot(se_seeds, se_examples), 6),
+        "lower_per_seed": sum(d < 0 for d in per_seed),
     }
 
 
@@ -419,29 +453,35 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
         # TLQ token weights on the FP model, once per seed and importance options, reused across settings.
         weights: dict[str, object] = {}
         importance_seconds: dict[str, float] = {}
+        importance_cpu: dict[str, float] = {}
         for engine_method, _, options, smooth in parsed.values():
             key = json.dumps(options, sort_keys=True)
             if uses_token_weights(engine_method, smooth) and key not in weights:
                 from quantkit.importance import tlq_token_weights
 
-                begun = time.perf_counter()
-                weights[key] = tlq_token_weights(model, samples, lam=lam, power=power, progress=False, **options)
+                begun, cpu_begun = time.perf_counter(), time.process_time()
+                chosen = {"lam": lam, **options}
+                answers_only = chosen.pop("answers_only", True)
+                weights[key] = tlq_token_weights(model, importance_samples(samples, answers_only), power=power,
+                                                 progress=False, **chosen)
                 importance_seconds[key] = round(time.perf_counter() - begun, 2)
+                importance_cpu[key] = round(time.process_time() - cpu_begun, 2)
         for label, width, sym in settings:
             for method in method_list:
                 engine_method, fp_target, options, smooth = parsed[method]
                 key = json.dumps(options, sort_keys=True)
                 weighted = uses_token_weights(engine_method, smooth)
-                qmodel, seconds, names = quantized(model, samples, width, sym, group_size, engine_method, fp_target,
+                qmodel, seconds, cpu, names = quantized(model, samples, width, sym, group_size, engine_method, fp_target,
                                                    weights.get(key) if weighted else None, act_bits=act_width,
                                                    smooth=smooth, vision=vision, lm_head=lm_head)
                 # Scored as deployed: the quantized linears' inputs quantized per token (nothing without --act-bits).
                 with quantized_inputs(qmodel, names, act_width):
                     scores = accuracy(qmodel, processor, examples, per_example=True)
-                result = {**scores, "calib_seconds": round(seconds, 2),
-                          "importance_seconds": importance_seconds.get(key) if weighted else None, "seed": seed}
+                result = {**scores, "calib_seconds": round(seconds, 2), "calib_cpu_seconds": round(cpu, 2),
+                          "importance_seconds": importance_seconds.get(key) if weighted else None,
+                          "importance_cpu_seconds": importance_cpu.get(key) if weighted else None, "seed": seed}
                 runs[label][method].append(result)
-                brief = {k: v for k, v in result.items() if k != "correct"}
+                brief = {k: v for k, v in result.items() if k not in ("correct", "nll_sums")}
                 print(json.dumps({"setting": label, "method": method, **brief}), file=sys.stderr, flush=True)
     summary = {}
     for label, per_method in runs.items():
@@ -452,26 +492,34 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
                 "accuracy_mean": round(statistics.fmean(accs), 4),
                 "accuracy_se_seeds": round(se(accs), 4),
                 "retained_pct": round(100 * statistics.fmean(accs) / fp["accuracy"], 2) if fp["accuracy"] else None,
-                "answer_nll_mean": round(statistics.fmean(r["answer_nll"] for r in results), 5),
-                "answer_nll_gap_mean": round(statistics.fmean(r["answer_nll"] for r in results) - fp["answer_nll"], 5),
-                "answer_nll_gap_se_seeds": round(se([r["answer_nll"] for r in results]), 5),
+                "answer_nll_mean": round(statistics.fmean(r["answer_nll"] for r in results), 6),
+                "answer_nll_gap_mean": round(statistics.fmean(r["answer_nll"] for r in results) - fp["answer_nll"], 6),
+                "answer_nll_gap_se_seeds": round(se([r["answer_nll"] for r in results]), 6),
                 "per_seed": [round(a, 4) for a in accs],
                 # the TLQ token weights' seconds count towards each run that uses them, as in bench_w8a8
                 "seconds_per_calibration": round(statistics.fmean(
                     r["calib_seconds"] + (r["importance_seconds"] or 0.0) for r in results), 2),
+                "cpu_seconds_per_calibration": round(statistics.fmean(
+                    r["calib_cpu_seconds"] + (r["importance_cpu_seconds"] or 0.0) for r in results), 3),
             }
         for tlq in (m for m in per_method if m.startswith("tlq")):
             for gptq in (m for m in per_method if m.startswith("gptq")):
                 summary[label][f"{tlq}_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq])
                 summary[label][f"{tlq}_nll_gap_over_{gptq}"] = gap_ratio(per_method[tlq], per_method[gptq],
                                                                          fp["answer_nll"])
+                summary[label][f"{tlq}_nll_minus_{gptq}"] = paired_nll(per_method[tlq], per_method[gptq])
+                summary[label][f"{tlq}_cost_over_{gptq}"] = round(
+                    summary[label][tlq]["cpu_seconds_per_calibration"]
+                    / summary[label][gptq]["cpu_seconds_per_calibration"], 3)
     targets = act_targets(summary, runs, parsed, fp) if act_width is not None else None
     # Per-example flags made the paired statistics; the JSON keeps the aggregates only.
     for per_method in runs.values():
         for results in per_method.values():
             for r in results:
                 r.pop("correct")
+                r.pop("nll_sums")
     fp.pop("correct")
+    fp.pop("nll_sums")
     train_report = Path(model_dir) / "train_report.json"
     report = {
         "model": model_dir,

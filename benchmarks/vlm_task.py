@@ -294,12 +294,16 @@ def _chat(ex: Example) -> list[dict]:
 def accuracy(model, processor, examples: Sequence[Example], batch_size: int = 64, per_example: bool = False) -> dict:
     """Exact-match accuracy of the answers (teacher-forced argmax), per kind, and answer-token NLL (nats).
 
-    per_example adds ``correct`` (0/1 per example, in order), so two methods can be compared pairwise
-    on the same examples: the paired difference has far less noise than two independent accuracies.
+    per_example adds ``correct`` (0/1 per example, in order) and ``nll_sums`` (each example's answer-token NLL
+    summed), so two methods can be compared pairwise on the same examples: the paired difference has far less
+    noise than two independent accuracies. answer_nll (and nll_<kind>, per question kind) is kept to 7 decimals
+    (gaps of 1e-4 nats are compared).
     """
     model.eval()
     right: dict[str, list[int]] = {}
     correct: list[int] = []
+    nll_sums: list[float] = []
+    kind_nll: dict[str, list] = {}  # kind -> [answer-token NLL sum, answer tokens]
     nll, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -310,14 +314,23 @@ def accuracy(model, processor, examples: Sequence[Example], batch_size: int = 64
         target = labels[:, 1:]
         ok = ((pred == target) | (target == -100)).all(dim=1)
         scored = target != -100
-        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), target[scored], reduction="sum"))
+        token_nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp_min(0),
+                                                      reduction="none") * scored
+        nll += float(token_nll.sum())
         count += int(scored.sum())
-        for ex, good in zip(chunk, ok.tolist()):
+        nll_sums.extend(token_nll.sum(dim=1).tolist())
+        for ex, good, ex_nll, ex_tokens in zip(chunk, ok.tolist(), token_nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()):
             right.setdefault(ex.kind, []).append(int(good))
             correct.append(int(good))
+            kind_nll.setdefault(ex.kind, [0.0, 0])
+            kind_nll[ex.kind][0] += ex_nll
+            kind_nll[ex.kind][1] += ex_tokens
     total = [v for vals in right.values() for v in vals]
-    out = {"accuracy": sum(total) / len(total), "n": len(total), "answer_nll": round(nll / count, 5)}
+    out = {"accuracy": sum(total) / len(total), "n": len(total), "answer_nll": round(nll / count, 7),
+           "answer_tokens": count}
     out.update({f"acc_{k}": round(sum(v) / len(v), 4) for k, v in sorted(right.items())})
+    out.update({f"nll_{k}": round(v[0] / v[1], 7) for k, v in sorted(kind_nll.items()) if v[1]})
     if per_example:
         out["correct"] = correct
+        out["nll_sums"] = nll_sums  # answer-token NLL summed per example: paired NLL differences
     return out
