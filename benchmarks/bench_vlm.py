@@ -395,6 +395,83 @@ def act_targets(summary: dict, runs: dict, parsed: dict, fp: dict) -> dict:
     return out
 
 
+def cell(results: list[dict], base: list[dict], fp: dict, margin: float = 0.8) -> dict:
+    """One method against a base (GPTQ + FP target) in one setting: answer-NLL gaps to FP, their ratio (per seed,
+    mean +- SE, and of the mean gaps), gap - margin x base gap per seed (mean +- SE: below 0 beyond noise means the
+    ratio target is met), the worst question kind's ratio of mean gaps, and the CPU-second cost ratio."""
+    gaps = [r["answer_nll"] - fp["answer_nll"] for r in results]
+    base_gaps = [r["answer_nll"] - fp["answer_nll"] for r in base]
+    per_seed = [g / b if b > 0 else None for g, b in zip(gaps, base_gaps)]
+    defined = [r for r in per_seed if r is not None]
+    against = [g - margin * b for g, b in zip(gaps, base_gaps)]
+    kinds = {}
+    for key in (k for k in fp if k.startswith("nll_")):
+        kind_gap = statistics.fmean(r[key] for r in results) - fp[key]
+        kind_base = statistics.fmean(r[key] for r in base) - fp[key]
+        kinds[key[4:]] = {"gap": round(kind_gap, 7), "base_gap": round(kind_base, 7),
+                          "ratio_of_mean_gaps": round(kind_gap / kind_base, 3) if kind_base > 0 else None}
+    cost = statistics.fmean(r["calib_cpu_seconds"] + (r["importance_cpu_seconds"] or 0.0) for r in results)
+    base_cost = statistics.fmean(r["calib_cpu_seconds"] for r in base)
+    return {
+        "gap_mean": round(statistics.fmean(gaps), 6), "gap_se_seeds": round(se(gaps), 6),
+        "accuracy_mean": round(statistics.fmean(r["accuracy"] for r in results), 4),
+        "ratio_per_seed": [None if r is None else round(r, 3) for r in per_seed],
+        "ratio_mean": round(statistics.fmean(defined), 3) if defined else None,
+        "ratio_se_seeds": round(se(defined), 3),
+        "ratio_of_mean_gaps": round(statistics.fmean(gaps) / statistics.fmean(base_gaps), 3)
+        if statistics.fmean(base_gaps) > 0 else None,
+        f"gap_minus_{margin}x_base": {"mean": round(statistics.fmean(against), 6), "se_seeds": round(se(against), 6)},
+        "per_kind": kinds,
+        "cpu_cost_over_base": round(cost / base_cost, 3) if base_cost > 0 else None,
+    }
+
+
+def merge_runs(paths: list[Path], base: str = "gptq_fp", default: str = "tlq_fp") -> dict:
+    """Several bench_vlm JSONs (models x splits, the same methods and settings) -> one report: every method
+    against `base` per split, model and setting, and the choice among the TLQ variants made on the validation
+    split (issue #24: the worst cell first, the mean of the cells second). A cell is a model x setting, scored by
+    the variant's answer-NLL gap minus `base`'s in nats (mean over seeds): a ratio of gaps is no score where
+    `base`'s gap is at the noise floor (W3 per-channel: ~1e-4 nats, of either sign per seed). Each candidate's
+    answer NLL minus `default`'s (the current default), per cell (mean +- SE over seeds), says whether a choice
+    other than the default is beyond noise."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    runs = {(r["settings"]["split"], Path(r["model"]).name): r["runs"] for r in reports}
+    table: dict = {}
+    for report in reports:
+        split, model = report["settings"]["split"], Path(report["model"]).name
+        rows = table.setdefault(split, {}).setdefault(model, {})
+        for setting, per_method in report["runs"].items():
+            rows[setting] = {"fp_answer_nll": report["fp"]["answer_nll"],
+                             **{m: {**cell(results, per_method[base], report["fp"]),
+                                    "nll_minus_base": report["summary"][setting].get(f"{m}_nll_minus_{base}")}
+                                for m, results in per_method.items() if m != base},
+                             f"{base}_gap_mean": round(statistics.fmean(r["answer_nll"] for r in per_method[base])
+                                                       - report["fp"]["answer_nll"], 6)}
+    choice = {}
+    if "val" in table:
+        cells = [(model, setting, row) for model, per_setting in table["val"].items()
+                 for setting, row in per_setting.items()]
+        candidates = [m for m in cells[0][2] if m.startswith("tlq")]
+        scored = {}
+        for m in candidates:
+            excess = [row[m]["gap_mean"] - row[f"{base}_gap_mean"] for _, _, row in cells]
+            def over_default(model: str, setting: str, m: str = m) -> dict:
+                per_seed = [x["answer_nll"] - y["answer_nll"]
+                            for x, y in zip(runs["val", model][setting][m], runs["val", model][setting][default])]
+                return {"mean": round(statistics.fmean(per_seed), 6), "se_seeds": round(se(per_seed), 6)}
+
+            scored[m] = {"worst_excess": round(max(excess), 6), "mean_excess": round(statistics.fmean(excess), 6),
+                         "cells": {f"{model}/{setting}": {"excess": round(x, 6),
+                                                           "ratio_of_mean_gaps": row[m]["ratio_of_mean_gaps"],
+                                                           f"nll_minus_{default}": over_default(model, setting)}
+                                   for (model, setting, row), x in zip(cells, excess)}}
+        chosen = min(scored, key=lambda m: (scored[m]["worst_excess"], scored[m]["mean_excess"]))
+        choice = {"rule": f"validation: lowest worst-cell answer-NLL gap minus {base}'s (nats), then the mean",
+                  "candidates": scored, "chosen": chosen}
+    return {"base": base, "inputs": [str(p) for p in paths], "table": table, "choice": choice,
+            "runs": {f"{r['settings']['split']}/{Path(r['model']).name}": r for r in reports}}
+
+
 @click.command()
 @click.option("--model", "model_dir", default="/tmp/quantkit-vlm/model-f", show_default=True)
 @click.option("--workdir", default="/tmp/quantkit-vlm/calib-final", show_default=True)
@@ -416,13 +493,24 @@ def act_targets(summary: dict, runs: dict, parsed: dict, fp: dict) -> dict:
 @click.option("--quantize-vision", "vision", is_flag=True, help="quantize the vision tower and projector too")
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="quantize lm_head too")
 @click.option("--threads", default=1, show_default=True)
+@click.option("--merge", type=click.Path(exists=True, path_type=Path), multiple=True,
+              help="instead of running: merge these outputs (models x splits) into one report (merge_runs)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,
          split: str, lam: float, power: float, methods: str, act_bits: str | None, vision: bool, lm_head: bool,
-         threads: int, output: Path | None) -> None:
+         threads: int, merge: tuple[Path, ...], output: Path | None) -> None:
     """Run the benchmark and print JSON."""
     from quantkit.data.images import image_text_samples, load_processor
     from quantkit.fsutil import atomic_file
+
+    if merge:
+        text = json.dumps(merge_runs(list(merge)), indent=2)
+        if output is not None:
+            with atomic_file(output) as tmp:
+                tmp.write_text(text + "\n")
+                tmp.chmod(0o644)
+        print(text)
+        return
     from quantkit.models import load_model
     from quantkit.quant.activations import quantized_inputs
     from quantkit.quant.spec import QuantSpec
