@@ -435,18 +435,34 @@ def merge_runs(paths: list[Path], base: str = "gptq_fp", default: str = "tlq_fp"
     answer NLL minus `default`'s (the current default), per cell (mean +- SE over seeds), says whether a choice
     other than the default is beyond noise."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    runs = {(r["settings"]["split"], Path(r["model"]).name): r["runs"] for r in reports}
-    table: dict = {}
+    # Outputs of one model and split with other calibration seeds (more draws) join: their seeds' runs add up.
+    runs: dict = {}
+    fps: dict = {}
+    paired_nll_parts: dict = {}
     for report in reports:
-        split, model = report["settings"]["split"], Path(report["model"]).name
-        rows = table.setdefault(split, {}).setdefault(model, {})
+        key = (report["settings"]["split"], Path(report["model"]).name)
+        if key in fps and fps[key] != report["fp"]:
+            raise click.UsageError(f"{key}: outputs disagree on the FP model's scores (other examples?)")
+        fps[key] = report["fp"]
         for setting, per_method in report["runs"].items():
-            rows[setting] = {"fp_answer_nll": report["fp"]["answer_nll"],
-                             **{m: {**cell(results, per_method[base], report["fp"]),
-                                    "nll_minus_base": report["summary"][setting].get(f"{m}_nll_minus_{base}")}
+            for m, results in per_method.items():
+                runs.setdefault(key, {}).setdefault(setting, {}).setdefault(m, []).extend(results)
+                part = report["summary"][setting].get(f"{m}_nll_minus_{base}")
+                if part is not None:
+                    paired_nll_parts.setdefault((*key, setting, m), []).append(part)
+    table: dict = {}
+    for (split, model), per_setting in runs.items():
+        rows = table.setdefault(split, {}).setdefault(model, {})
+        fp = fps[split, model]
+        for setting, per_method in per_setting.items():
+            rows[setting] = {"fp_answer_nll": fp["answer_nll"],
+                             "seeds": [r["seed"] for r in per_method[base]],
+                             **{m: {**cell(results, per_method[base], fp),
+                                    # per output: the paired NLL difference with its SE over held-out examples
+                                    "nll_minus_base": paired_nll_parts.get((split, model, setting, m))}
                                 for m, results in per_method.items() if m != base},
                              f"{base}_gap_mean": round(statistics.fmean(r["answer_nll"] for r in per_method[base])
-                                                       - report["fp"]["answer_nll"], 6)}
+                                                       - fp["answer_nll"], 6)}
     choice = {}
     if "val" in table:
         cells = [(model, setting, row) for model, per_setting in table["val"].items()
@@ -493,18 +509,23 @@ def merge_runs(paths: list[Path], base: str = "gptq_fp", default: str = "tlq_fp"
 @click.option("--quantize-vision", "vision", is_flag=True, help="quantize the vision tower and projector too")
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="quantize lm_head too")
 @click.option("--threads", default=1, show_default=True)
-@click.option("--merge", type=click.Path(exists=True, path_type=Path), multiple=True,
-              help="instead of running: merge these outputs (models x splits) into one report (merge_runs)")
+@click.option("--merge", is_flag=True,
+              help="instead of running: merge the outputs given as arguments (models x splits) into one report")
+@click.argument("outputs", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="also write the JSON here")
 def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int, seeds: str, n_heldout: int,
          split: str, lam: float, power: float, methods: str, act_bits: str | None, vision: bool, lm_head: bool,
-         threads: int, merge: tuple[Path, ...], output: Path | None) -> None:
+         threads: int, merge: bool, outputs: tuple[Path, ...], output: Path | None) -> None:
     """Run the benchmark and print JSON."""
     from quantkit.data.images import image_text_samples, load_processor
     from quantkit.fsutil import atomic_file
 
+    if outputs and not merge:
+        raise click.UsageError("output files as arguments are read only with --merge")
     if merge:
-        text = json.dumps(merge_runs(list(merge)), indent=2)
+        if not outputs:
+            raise click.UsageError("--merge needs the bench_vlm outputs to merge as arguments")
+        text = json.dumps(merge_runs(list(outputs)), indent=2)
         if output is not None:
             with atomic_file(output) as tmp:
                 tmp.write_text(text + "\n")
