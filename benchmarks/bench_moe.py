@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tlq import windows_loss  # noqa: E402
-from common import TEXT_DIR, emit, environment, mean_se, run_llmc_runner  # noqa: E402
+from common import TEXT_DIR, emit, environment, mean_se, run_llmc_runner, windows_kl  # noqa: E402
 
 SETTINGS = {"W4g32": (4, 32, True), "W2g64": (2, 64, False)}
 # name -> (engine method, every expert on every token, FP target: None = the method's default)
@@ -56,6 +56,14 @@ def corpus_windows(tokenizer, seqlen: int, count: int) -> dict[str, torch.Tensor
 def losses(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean cross-entropy per corpus and over every corpus's tokens ("all")."""
     per = {name: windows_loss(model, w) for name, w in windows.items()}
+    tokens = {name: w[:, 1:].numel() for name, w in windows.items()}
+    per["all"] = sum(per[n] * tokens[n] for n in tokens) / sum(tokens.values())
+    return per
+
+
+def divergences(model, fp, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean KL(FP || quantized) per token, per corpus and over every corpus's tokens ("all")."""
+    per = {name: windows_kl(model, fp, w) for name, w in windows.items()}
     tokens = {name: w[:, 1:].numel() for name, w in windows.items()}
     per["all"] = sum(per[n] * tokens[n] for n in tokens) / sum(tokens.values())
     return per
@@ -110,6 +118,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
             row[f"{name}_cpu_s"] = round(time.process_time() - started + (importance_s if method == "tlq" else 0), 2)
             got = losses(model, windows)
             row[f"{name}_gap"] = {k: got[k] - fp_loss[k] for k in got}
+            row[f"{name}_kl"] = divergences(model, fp, windows)
             if name == "gptq":
                 row["tokens_per_expert"] = tokens_per_expert(cal.report)
             del model
@@ -119,7 +128,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
         everything = torch.cat(list(windows.values()))
         wanted = [{"bits": b, "group_size": g, "sym": s, "all_experts": every, "ignore": ["re:.*mlp.gate$"]}
                   for b, g, s in (SETTINGS[k] for k in settings) for every in (True, False) if LLMC_MODES[every] in llmc_modes]
-        found = run_llmc_runner(llmc, LLMC_RUNNER, model_dir, calib, everything, ["--settings", json.dumps(wanted)],
+        found = run_llmc_runner(llmc, LLMC_RUNNER, model_dir, calib, everything, ["--settings", json.dumps(wanted), "--kl"],
                                 parts=windows)
         for row in rows:
             bits, group, sym = SETTINGS[row["setting"]]
@@ -130,35 +139,41 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
                 gaps = {k: v - row["fp_loss"][k] for k, v in result["part_losses"].items()}
                 gaps["all"] = result["loss"] - row["fp_loss"]["all"]
                 row[f"{key}_gap"] = gaps
+                row[f"{key}_kl"] = {**result["part_kl"], "all": result["kl"]}
                 row[f"{key}_s"] = round(result["seconds"], 2)
             row["llmcompressor"] = found["llmcompressor"]
     return rows
 
 
 def summarise(rows: list[dict], variants: list[str]) -> dict:
-    """Mean gap (and its standard error) per setting, variant and corpus; paired per-draw ratios."""
+    """Mean gap and KL to FP (and their standard errors) per setting, variant and corpus; paired per-draw ratios."""
     out = {}
     for label in SETTINGS:
         mine = [r for r in rows if r["setting"] == label]
         if not mine:
             continue
-        names = [v for v in [*variants, "llmc", "llmc_routed"] if f"{v}_gap" in mine[0]]
-        table = {}
-        for name in names:
-            table[name] = {}
-            for part in mine[0][f"{name}_gap"]:
-                mean, se = mean_se([r[f"{name}_gap"][part] for r in mine])
-                table[name][part] = {"mean": mean, "se": se}
-        ratios = {}
-        for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq", "llmc_routed"), ("tlq", "gptq"),
-                         ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"),
-                         ("tlq", "gptq_fp")):
-            if num in table and den in table:
-                per_draw = [r[f"{num}_gap"]["all"] / r[f"{den}_gap"]["all"] for r in mine]
-                mean, se = mean_se(per_draw)
-                ratios[f"{num}/{den}"] = {"of_means": table[num]["all"]["mean"] / table[den]["all"]["mean"],
-                                          "per_draw_mean": mean, "per_draw_se": se}
-        out[label] = {"gaps": table, "ratios": ratios}
+        out[label] = {}
+        for metric, key in (("gap", "gaps"), ("kl", "kl")):
+            names = [v for v in [*variants, "llmc", "llmc_routed"] if all(f"{v}_{metric}" in r for r in mine)]
+            if not names:
+                continue
+            table = {}
+            for name in names:
+                table[name] = {}
+                for part in mine[0][f"{name}_{metric}"]:
+                    mean, se = mean_se([r[f"{name}_{metric}"][part] for r in mine])
+                    table[name][part] = {"mean": mean, "se": se}
+            ratios = {}
+            for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq", "llmc_routed"), ("tlq", "gptq"),
+                             ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"),
+                             ("tlq", "gptq_fp"), ("llmc_routed", "llmc")):
+                if num in table and den in table:
+                    per_draw = [r[f"{num}_{metric}"]["all"] / r[f"{den}_{metric}"]["all"] for r in mine]
+                    mean, se = mean_se(per_draw)
+                    ratios[f"{num}/{den}"] = {"of_means": table[num]["all"]["mean"] / table[den]["all"]["mean"],
+                                              "per_draw_mean": mean, "per_draw_se": se}
+            out[label][key] = table
+            out[label]["ratios" if metric == "gap" else "kl_ratios"] = ratios
     return out
 
 
@@ -183,7 +198,7 @@ def main() -> None:
         for row in (row for run in runs for row in run["rows"]):
             joined.setdefault((row["seed"], row["setting"]), {}).update(row)
         rows = list(joined.values())
-        variants = [v for v in VARIANTS if f"{v}_gap" in rows[0]]
+        variants = [v for v in VARIANTS if any(f"{v}_gap" in row for row in rows)]
         emit({**runs[0], "seeds": sorted({row["seed"] for row in rows}), "summary": summarise(rows, variants),
               "rows": rows, "cpu_seconds": round(sum(run["cpu_seconds"] for run in runs), 1)}, args.output)
         return
@@ -196,6 +211,7 @@ def main() -> None:
     for seed in args.seeds:
         rows += run_seed(args.model, seed, args.nsamples, args.seqlen, windows, args.variants, args.llmc,
                          args.llmc_modes, args.settings)
+        print(json.dumps([row for row in rows if row["seed"] == seed]), file=sys.stderr, flush=True)  # one line per draw
     training = json.loads((Path(args.model) / "training.json").read_text())
     emit({"benchmark": "bench_moe", "model": args.model, "training": training, "seeds": args.seeds,
           "nsamples": args.nsamples, "seqlen": args.seqlen,

@@ -209,6 +209,20 @@ def calibration_sources(tokenizer, samples: list[dict], offsets: dict[str, tuple
 
 
 @torch.no_grad()
+def windows_kl(model: torch.nn.Module, reference: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -> float:
+    """Mean KL(reference || model) (nats) of the next-token distributions over every predicted token of the windows
+    [n, L]: the damage quantization did, without the label noise of a loss difference."""
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        mine = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+        ref = torch.log_softmax(reference(input_ids=ids).logits[:, :-1].double(), dim=-1)
+        total += float((ref.exp() * (ref - mine)).sum())
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
 def window_losses(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of each window [n, L]: a float64 tensor [n]."""
     out = []

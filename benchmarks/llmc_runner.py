@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import window_losses  # noqa: E402
+from common import window_losses, windows_kl  # noqa: E402
 
 
 def causal_eager_attention(model: torch.nn.Module) -> None:
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--windows", required=True, help="safetensors with calib [N, L] and eval [M, L]")
     parser.add_argument("--settings", required=True, help='JSON list of {"bits", "group_size", "sym"}')
+    parser.add_argument("--kl", action="store_true", help="also KL(FP || quantized) per token on each eval_<name> part")
     args = parser.parse_args()
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -66,6 +67,8 @@ def main() -> None:
     dataset = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
     )
+    parts_windows = {key[5:]: windows[key] for key in windows if key.startswith("eval_")}
+    reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval() if args.kl else None
     results = []
     for setting in json.loads(args.settings):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -90,9 +93,14 @@ def main() -> None:
         seconds = time.perf_counter() - started
         per_window = window_losses(model.eval(), evaluation)
         # further evaluation sets (one per held-out corpus): windows "eval_<name>"
-        parts = {key[5:]: float(window_losses(model, windows[key]).mean()) for key in windows if key.startswith("eval_")}
+        parts = {name: float(window_losses(model, w).mean()) for name, w in parts_windows.items()}
+        kl = {}
+        if reference is not None and parts_windows:
+            part_kl = {name: windows_kl(model, reference, w) for name, w in parts_windows.items()}
+            tokens = {name: w[:, 1:].numel() for name, w in parts_windows.items()}
+            kl = {"part_kl": part_kl, "kl": sum(part_kl[n] * tokens[n] for n in tokens) / sum(tokens.values())}
         results.append(dict(setting, loss=float(per_window.mean()), window_losses=per_window.tolist(), seconds=seconds,
-                            **({"part_losses": parts} if parts else {})))
+                            **({"part_losses": parts} if parts else {}), **kl))
     import llmcompressor
     import transformers
 
