@@ -177,6 +177,15 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
     return out
 
 
+def read_run(path: str) -> dict:
+    """A run's JSON, or the per-draw lines (stderr) of a run stopped before its end: its finished draws' rows."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    rows = [row for line in text.splitlines() if line.startswith("[") for row in json.loads(line)]
+    return {"rows": rows, "cpu_seconds": 0.0}
+
+
 def main() -> None:
     """Run the draws and print (and optionally write) the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,11 +198,13 @@ def main() -> None:
     parser.add_argument("--llmc", default=None, help="python of a venv with llm-compressor (omit to skip it)")
     parser.add_argument("--llmc-modes", nargs="+", default=["all", "routed"], choices=["all", "routed"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--merge", nargs="+", default=None, help="join these runs' JSON (one per seed or per variant, run in parallel)")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="join these runs' JSON (one per seed or per variant, run in parallel), or the per-draw stderr "
+                             "lines of a run stopped early; the first must be a whole run's JSON (its header is kept)")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
     if args.merge:
-        runs = [json.loads(Path(p).read_text()) for p in args.merge]
+        runs = [read_run(p) for p in args.merge]
         joined: dict[tuple, dict] = {}  # runs of other variants on the same draws add their columns to its rows
         for row in (row for run in runs for row in run["rows"]):
             joined.setdefault((row["seed"], row["setting"]), {}).update(row)
