@@ -103,9 +103,12 @@ def expect_number(name: str, value: object, *, least: float | None = None, below
 
 
 def expect_bool(name: str, value: object, *, optional: bool = False, flag: str | None = None) -> bool | None:
-    """`value` if it is True or False (None too where optional): no truthy strings or numbers."""
+    """`value` if it is True or False (a numpy bool too, what `array > 0` gives; None too where optional): no
+    truthy strings or numbers."""
     if value is None and optional:
         return None
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
     if not isinstance(value, bool):
         raise QuantkitError(f"{_named(name, flag)} must be True or False, got {_kind(value)}")
     return value

@@ -200,12 +200,14 @@ def test_fit_limits_blas_threads_with_threadpoolctl() -> None:
 
 
 def test_numpy_numbers_and_text_given_as_a_path(run) -> None:
-    """numpy integers count as numbers (seed= included: torch's and random's seeds take only Python ints) and give
-    the CLI's codes; a text passed where a path belongs is one QuantkitError saying to pass it in a list."""
+    """numpy integers count as numbers (seed= included: torch's and random's seeds take only Python ints) and numpy
+    bools as bools (refused before), and give the CLI's codes; a text passed where a path belongs is one
+    QuantkitError saying to pass it in a list."""
     import numpy as np
 
-    settings = {**SETTINGS, "seed": np.int64(SETTINGS["seed"]), "bits": np.int64(4), "nsamples": np.int32(4)}
-    quantized = quantkit.quantize(str(run["model"]), data=str(run["text"]), progress=False, **settings)
+    settings = {**SETTINGS, "seed": np.int64(SETTINGS["seed"]), "bits": np.int64(4), "nsamples": np.int32(4),
+                "sym": np.bool_(True), "lm_head": np.bool_(False)}
+    quantized = quantkit.quantize(str(run["model"]), data=str(run["text"]), progress=np.bool_(False), **settings)
     assert_same_codes(quantized.results, run["cli"])
     text = run["text"].read_text()[:2000]
     with pytest.raises(quantkit.QuantkitError, match=r"is no file, directory, glob or hf: dataset; .* data=\[text\]"):
