@@ -172,12 +172,12 @@ BASE = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny Llama, its text and an RTN export of it (compressed-tensors and fake), shared read-only."""
+    """A tiny Llama, its text and an RTN export of it (compressed-tensors, fake and gptq), shared read-only."""
     root = tmp_path_factory.mktemp("input")
     model = save_tiny_llama(root / "model")
     text = write_text(root / "text.txt")
     exports = {}
-    for fmt in ("compressed-tensors", "fake"):
+    for fmt in ("compressed-tensors", "fake", "gptq"):
         exports[fmt] = root / fmt
         result = run_cli("calibrate", model, "--calib", text, *BASE, "--format", fmt, "-o", exports[fmt])
         assert result.exit_code == 0, result.output
@@ -380,6 +380,9 @@ def edit_json(path: Path, edit) -> None:
      "disagree on the linears' input activations (quantkit.json: weight-only)"),
     ("fake", lambda d: d.update(quantization_config={"quant_method": "gptq", "bits": 4}),
      "config.json declares a quantization_config"),
+    ("gptq", lambda d: d["quantization_config"].update(checkpoint_format="gptq_v2"),
+     "says checkpoint_format 'gptq_v2' but quantkit.json and the stored tensors are gptq"),
+    ("gptq", lambda d: d["quantization_config"].update(format="gptq_v2"), "says format 'gptq_v2'"),
 ])
 def test_export_whose_config_disagrees_with_its_manifest(made: dict, tmp_path: Path, fmt: str, edit,
                                                          fragment: str) -> None:
@@ -389,6 +392,45 @@ def test_export_whose_config_disagrees_with_its_manifest(made: dict, tmp_path: P
     for args in (["eval", export, "--data", made["text"], "--seqlen", "16"],
                  ["export", export, "--format", "fake", "-o", tmp_path / "again"]):
         assert_fault(tmp_path, args, fragment)
+
+
+def group_0(d: dict) -> dict:
+    return d["quantization_config"]["config_groups"]["group_0"]
+
+
+SPARSE = {"format": "sparse-bitmask", "global_sparsity": 0.5, "sparsity_structure": "unstructured",
+          "targets": ["Linear"], "ignore": []}
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda d: group_0(d)["weights"].update(type="float"), "group group_0 declares weights type = 'float'"),
+    (lambda d: group_0(d)["weights"].update(dynamic=True), "group group_0 declares weights dynamic = True"),
+    (lambda d: group_0(d)["weights"].update(actorder="weight"), "declares weights actorder = 'weight'"),
+    (lambda d: group_0(d)["weights"].update(actorder="group"), "cannot read (actorder: "),
+    (lambda d: group_0(d)["weights"].update(type="bogus"), "group group_0 has weights compressed-tensors cannot read"),
+    (lambda d: group_0(d).update(format="dense"), "group group_0 declares format 'dense'"),
+    (lambda d: group_0(d).update(output_activations={"num_bits": 8, "type": "int", "strategy": "token",
+                                                     "dynamic": True}), "quantizes the linears' outputs"),
+    (lambda d: d["quantization_config"].update(sparsity_config=SPARSE), "declares a sparsity_config"),
+    (lambda d: d["quantization_config"].update(kv_cache_scheme={"num_bits": 8, "type": "float"}),
+     "declares a kv_cache_scheme"),
+    (lambda d: d["quantization_config"].update(quantization_status="frozen"), "quantization_status 'frozen'"),
+])
+def test_compressed_tensors_config_declaring_what_the_tensors_are_not(made: dict, tmp_path: Path, edit,
+                                                                      fragment: str) -> None:
+    """Battery round 7: weights type 'float', a sparsity_config, ... in config.json (what plain transformers loads
+    by) beside quantkit.json's int weights: eval, export and load_quantized loaded the model without a word."""
+    import quantkit
+
+    export = tmp_path / "export"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    edit_json(export / "config.json", edit)
+    for args in (["eval", export, "--data", made["text"], "--seqlen", "16"],
+                 ["export", export, "--format", "fake", "-o", tmp_path / "again"]):
+        line = assert_fault(tmp_path, args, fragment)
+        assert "export it again" in line
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
+        quantkit.load_quantized(export)
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "fake"])

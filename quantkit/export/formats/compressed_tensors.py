@@ -138,6 +138,7 @@ class CompressedTensorsFormat(Format):
             raise QuantkitError(f"{where}: config.json's quantization_config and quantkit.json disagree on the "
                                 f"linears' input activations (quantkit.json: {said}); the export is inconsistent, "
                                 "export it again")
+        self._check_schemes(quantization_config, settings, where)
         for entry in quantization_config.get("ignore") or []:
             pattern = entry[3:] if isinstance(entry, str) and entry.startswith("re:") else None
             hit = next((m for m in settings if (re.match(pattern, m) if pattern is not None else m == entry)), None)
@@ -145,6 +146,48 @@ class CompressedTensorsFormat(Format):
                 raise QuantkitError(f"{where}: config.json's quantization_config ignores {entry!r}, which quantkit.json "
                                     f"lists as quantized ({hit}); loaders would read its packed tensors as plain "
                                     "weights: the export is inconsistent, export it again")
+
+    def _check_schemes(self, quantization_config: dict, settings: dict[str, Setting], where: str) -> None:
+        """Each config group's weight (and input) arguments, read by compressed-tensors itself, are those of a
+        setting quantkit.json gives; and nothing else is declared that loaders apply on top (sparsity, transforms,
+        a quantized KV cache or outputs, a status other than compressed)."""
+        from compressed_tensors.quantization import QuantizationArgs
+
+        def fail(what: str) -> QuantkitError:
+            return QuantkitError(f"{where}: config.json's quantization_config {what}, unlike quantkit.json and the "
+                                 "stored tensors; transformers would load another model (a hand-edited file?): "
+                                 "export it again")
+
+        for key in ("sparsity_config", "transform_config", "kv_cache_scheme", "moe_sparsity_config"):
+            if quantization_config.get(key):
+                raise fail(f"declares a {key} {quantization_config[key]!r}")
+        if quantization_config.get("quantization_status", "compressed") != "compressed":
+            raise fail(f"says quantization_status {quantization_config['quantization_status']!r} (not 'compressed')")
+        ours = [self.weight_args(s).model_dump() for s in set(settings.values())]
+        inputs = None if self.act_bits is None else self.input_args().model_dump()
+        for name, group in (quantization_config.get("config_groups") or {}).items():
+            group = group or {}
+            if group.get("output_activations"):
+                raise fail(f"group {name} quantizes the linears' outputs")
+            if group.get("format") not in (None, PACKED, INT) or \
+                    quantization_config.get("format") not in (group.get("format"), "mixed-precision", None):
+                raise fail(f"group {name} declares format {group.get('format')!r}")
+            for role, args, allowed in (("weights", group.get("weights"), ours),
+                                        ("input_activations", group.get("input_activations"), [inputs])):
+                if args is None and role == "input_activations":
+                    continue  # its presence against act_bits is checked above
+                try:
+                    declared = QuantizationArgs(**(args or {})).model_dump()
+                except (TypeError, ValueError) as err:
+                    first = (getattr(err, "errors", lambda: [])() or [{}])[0]  # pydantic: the field and its problem
+                    why = f"{'.'.join(map(str, first.get('loc', ())))}: {first['msg']}" if "msg" in first else str(err)
+                    raise fail(f"group {name} has {role} compressed-tensors cannot read ({why.splitlines()[0]})") \
+                        from None
+                if declared not in allowed:
+                    near = min(allowed, key=lambda a: sum(a.get(k) != v for k, v in declared.items()))
+                    key = next(k for k in sorted(set(declared) | set(near)) if declared.get(k) != near.get(k))
+                    raise fail(f"group {name} declares {role} {key} = {declared.get(key)!r} (quantkit.json: "
+                               f"{near.get(key)!r})")
 
     def encode(self, name: str, r: QuantResult, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """weight_packed, weight_scale (fp16 unless the model is fp32), weight_shape, weight_zero_point if asymmetric."""
@@ -178,14 +221,17 @@ class CompressedTensorsFormat(Format):
     def scheme(self, setting: Setting, targets: list[str]):
         """The QuantizationScheme of one config group: W{bits}A16, or with act_bits W{bits}A{act_bits} with
         the inputs quantized per token, dynamically and symmetrically (vLLM's W8A8 int8 scheme)."""
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from compressed_tensors.quantization import QuantizationScheme
 
-        inputs = None
-        if self.act_bits is not None:
-            inputs = QuantizationArgs(num_bits=self.act_bits, type="int", symmetric=True, strategy="token",
-                                      dynamic=True)
+        inputs = None if self.act_bits is None else self.input_args()
         return QuantizationScheme(targets=targets, weights=self.weight_args(setting), input_activations=inputs,
                                   format=INT if self.stores_int8(setting.bits) else PACKED)
+
+    def input_args(self):
+        """compressed-tensors' QuantizationArgs of the linears' inputs with act_bits: per token, dynamic, symmetric."""
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=self.act_bits, type="int", symmetric=True, strategy="token", dynamic=True)
 
     def quantization_config(self, plan: ExportPlan) -> dict:
         """One config group per setting, FP linears ignored; validated by compressed_tensors' QuantizationConfig."""

@@ -145,6 +145,17 @@ class GPTQFormat(Format):
             out.add((merged["bits"], merged["group_size"], merged["sym"]))
         return out
 
+    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str) -> None:
+        """Format.check_declared, and the packing the config names: GPTQModel and vLLM read a v2 checkpoint's zero
+        points as stored and a v1 checkpoint's as stored + 1, so the other name loads every zero point off by one."""
+        super().check_declared(quantization_config, settings, where)
+        for key in ("checkpoint_format", "format"):
+            if quantization_config.get(key, self.name) != self.name:
+                raise QuantkitError(f"{where}: config.json's quantization_config says {key} "
+                                    f"{quantization_config[key]!r} but quantkit.json and the stored tensors are "
+                                    f"{self.name}; loaders would shift every zero point (a hand-edited file?): "
+                                    "export it again")
+
     def __init__(self, version: int) -> None:
         self.version = version
         self.name = "gptq" if version == 1 else "gptq_v2"
