@@ -1921,6 +1921,26 @@ def set_ok(rel: str = "set"):
     return check
 
 
+def _fit_around(ref_body: str):
+    """A check of a fit of a table holding QiD <= 0 rows: stdout is the fit of the table without them (apart from
+    its 'excluded' list), and stderr names the rows left out in one line."""
+    def check(w: Path, result) -> str | None:
+        warned = [line for line in result.stderr.splitlines() if "left out" in line or "excluded" in line]
+        if len(warned) != 1:
+            return f"the rows left out are not named in one stderr line: {result.stderr[-200:]!r}"
+        a = json.loads(result.stdout)
+        excluded = a.pop("excluded", None)
+        if not excluded:
+            return "no 'excluded' entry in the JSON"
+        (w / "ref.csv").write_text(ref_body)
+        other = run_cli("qid", "fit", w / "ref.csv", "--bootstrap", "0", "--json")
+        b = json.loads(other.stdout)
+        for d in (a, b):
+            d.pop("csv", None), d.pop("excluded", None)
+        return None if a == b else "the fit differs from the fit of the table without the QiD <= 0 rows"
+    return check
+
+
 def fit_same_as(ref_body: str, *extra):
     """A check: the fit's --json output equals the fit of ref_body's."""
     def check(w: Path, result) -> str | None:
@@ -2723,8 +2743,11 @@ def sixth_round() -> list[Case]:
     fit6("three rows (four parameters)", QID_HEADER + "".join(good.splitlines(True)[:3]))
     fit6("a row with loss_fp nan", table + "m9,gptq,4,128,5000000,1000000000,nan,3.1,0.1,e\n")
     fit6("a row with an empty N", table + "m9,gptq,4,128,,1000000000,3.0,3.1,0.1,e\n")
-    fit6("a row with qid -0.1 (consistent: loss_q below loss_fp)", table + "m9,gptq,4,128,5000000,1000000000,3.0,2.9,-0.1,e\n")
-    fit6("a row with qid 0 (consistent)", table + "m9,gptq,4,128,5000000,1000000000,3.0,3.0,0.0,e\n")
+    # lead 18:50 / strict 19:01: a measured QiD <= 0 is fitted around and named in one stderr line
+    fit6("a row with qid -0.1 (consistent: loss_q below loss_fp)", table + "m9,gptq,4,128,5000000,1000000000,3.0,2.9,-0.1,e\n",
+         "--json", check=_fit_around(table))
+    fit6("a row with qid 0 (consistent)", table + "m9,gptq,4,128,5000000,1000000000,3.0,3.0,0.0,e\n", "--json",
+         check=_fit_around(table))
     fit6("a row with group_size 'abc'", table + "m9,gptq,4,abc,5000000,1000000000,3.0,3.1,0.1,e\n")
     fit6("--law D with every row the same D", QID_HEADER + "".join(
         line + "\n" for line in good.splitlines() if ",1000000000," in line), "--law", "D")
@@ -2961,7 +2984,1095 @@ def _calibrate_into_from(w: Path, model: str, out: str, *args) -> None:
     assert result.exit_code == 0, result.output
 
 
-ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round}
+# ---------------------------------------------------------------- round 7: a third fresh battery (issue #22)
+
+# The families landed last session (generic adapter, flagless and fused expert layouts, latent attention), each
+# with the group size its narrowest linear allows (latent attention: kv_b_proj reads 16 columns) and the substring
+# of a routed-expert tensor's name (None: no expert in the tiny model).
+FAMILIES7 = {
+    "dbrx": (32, "experts.mlp.w1", ("ffn_config", "moe_num_experts")),
+    "dots1": (32, "experts.1.up_proj", ("n_routed_experts",)),
+    "lfm2_moe": (32, "experts.1.w1", ("num_experts",)),
+    "ergo": (32, "feed_forward.up_proj", ("num_experts",)),
+    "hy_v4": (16, "experts.gate_up_proj", ("n_routed_experts",)),
+    "inkling_text": (32, "experts.gate_up_proj", ("n_routed_experts",)),
+    "deepseek_v3": (16, None, None),  # two layers under first_k_dense_replace: dense MLPs, latent attention
+    "gpt_oss": (32, "experts.gate_up_proj", ("num_local_experts",)),
+    "llama4_text": (32, "experts.gate_up_proj", ("num_local_experts",)),
+    "olmoe": (32, "experts.1.up_proj", ("num_experts",)),
+}
+SLOW7 = ("inkling_text",)  # an 11 MB tiny model whose GPTQ takes ~13 CPU s: RTN cases only
+
+
+def build_seventh(root: Path) -> None:
+    """Round 7's extra inputs: a tiny model of each FAMILIES7 type (word tokenizer) and deep/ (an 8-layer llama of
+    width 128, long enough to be stopped by a signal mid-run)."""
+    from helpers import save_tiny_causal_lm
+
+    for family in FAMILIES7:
+        save_tiny_causal_lm(root, family)
+    save_tiny_llama(root / "deep", hidden=128, layers=8, max_positions=128)
+
+
+def rtn7(family: str, method: str = "rtn") -> list[str]:
+    return ["--method", method, "--nsamples", "2", "--seqlen", "16", "--group-size", str(FAMILIES7[family][0])]
+
+
+def faithful(model: str, rel: str = "out", min_corr: float = 0.9, quantized: str | None = "default"):
+    """A check: load_quantized(rel) holds the tensors of the model `model` (same names and shapes); every tensor
+    either equals the model's or correlates with it at >= min_corr (a quantized copy, not a fresh random
+    one), some do not equal it (something was quantized), and `quantized` (a substring) names a changed one."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForCausalLM
+
+        import quantkit
+
+        bad = export_ok(rel)(w, result)
+        if bad:
+            return bad
+        a = quantkit.load_quantized(w / rel).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(w / model).state_dict()
+        if a.keys() != b.keys():
+            return f"other tensors than the model's: {sorted(set(a) ^ set(b))[:3]}"
+        changed = []
+        for k in a:
+            x, y = a[k].float().flatten(), b[k].float().flatten()
+            if x.shape != y.shape:
+                return f"{k}: shape {tuple(a[k].shape)} vs the model's {tuple(b[k].shape)}"
+            if torch.equal(x, y):
+                continue
+            changed.append(k)
+            corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.numel() > 1 else 0.0
+            if not corr >= min_corr:
+                return f"{k} is not a quantized copy of the model's (correlation {corr:.3f})"
+        if not changed:
+            return "no tensor differs from the model's: nothing was quantized"
+        must = quantized
+        if must == "default":  # a mixture of experts: its routed experts must be among the quantized
+            must = "expert" if FAMILIES7.get(model, (0, None))[1] else None
+        if must and not any(must in k for k in changed):
+            return f"no tensor named like {must!r} was quantized"
+        return None
+    return check
+
+
+def same_files(rel: str, ref_rel: str, files: tuple[str, ...] = ("model.safetensors",), must_take: bool = True):
+    """A check: rel's files equal ref_rel's byte for byte (ref_rel made by the case's setup)."""
+    def check(w: Path, result) -> str | None:
+        for name in files:
+            a, b = _bytes_of(w / rel / name), _bytes_of(w / ref_rel / name)
+            if not a or a != b:
+                return f"{rel}/{name} differs from {ref_rel}/{name} (or is missing)"
+        return None
+    check.valid = must_take
+    return check
+
+
+def then(*checks):
+    """A check passing when every check passes (the first failure's message otherwise)."""
+    def check(w: Path, result) -> str | None:
+        for c in checks:
+            bad = c(w, result)
+            if bad:
+                return bad
+        return None
+    check.valid = any(getattr(c, "valid", False) for c in checks)
+    return check
+
+
+def plan_equals_dry_run(model: str, *extra):
+    """A check of `plan --json`: it equals `calibrate --dry-run --json` with the same options."""
+    def check(w: Path, result) -> str | None:
+        other = run_cli("calibrate", w / model, "--calib", w / "text.txt", *extra, "--dry-run", "--json", "-o", w / "dry")
+        if other.exit_code != 0:
+            return f"calibrate --dry-run failed: {other.output[-200:]}"
+        a, b = json.loads(result.stdout), json.loads(other.stdout)
+        for d in (a, b):  # the host memory free now is measured at each call
+            for key in ("output", "host_limit_bytes"):
+                d.pop(key, None)
+        return None if a == b else f"plan --json differs from calibrate --dry-run --json: {sorted(k for k in a if a.get(k) != b.get(k))[:3]}"
+    return check
+
+
+def stopped_at(model: str, *args: str) -> Callable[[Path], None]:
+    """A setup leaving out.partial from a --low-memory run of `model` with args, stopped after its first layer."""
+    def setup(w: Path) -> None:
+        with failing_after_first_layer():
+            result = run_cli("calibrate", w / model, "--calib", w / "text.txt", *args, "--low-memory", "-o", w / "out")
+        # a family --low-memory refuses leaves no work area: the resume is then refused the same way
+        assert result.exit_code == 2, result.output
+    return setup
+
+
+def ref_into(rel: str, *args) -> Callable[[Path], None]:
+    """A setup running `quantkit ARGS -o w/rel` first (a reference the check compares with)."""
+    def setup(w: Path) -> None:
+        result = run_cli(*[a(w) if callable(a) else a for a in args], "-o", w / rel)
+        assert result.exit_code == 0, result.output
+    return setup
+
+
+def _api_fam(w: Path, family: str, loaded: bool, out: str):
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    model = AutoModelForCausalLM.from_pretrained(w / family).eval() if loaded else str(w / family)
+    return quantkit.quantize(model, data=str(w / "text.txt"), method="rtn", group_size=FAMILIES7[family][0],
+                             nsamples=2, seqlen=16, progress=False, output_dir=str(w / out))
+
+
+def _fam_key(state: dict, family: str) -> str:
+    return first_with(state, FAMILIES7[family][1])
+
+
+def _fewer_experts(family: str) -> Callable[[dict], None]:
+    """A tensor edit: the first routed-expert tensor loses an expert (a fused [E, ...] tensor its first row, a
+    per-expert file its tensor)."""
+    def edit(state: dict) -> None:
+        key = _fam_key(state, family)
+        if state[key].dim() == 3:
+            state[key] = state[key][1:].clone()
+        else:
+            state.pop(key)
+    return edit
+
+
+def _more_experts(family: str) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        path = w / family / "config.json"
+        doc = json.loads(path.read_text())
+        *outer, field = FAMILIES7[family][2]
+        target = doc
+        for key in outer:
+            target = target[key]
+        target[field] = 2 * target[field]
+        path.write_text(json.dumps(doc))
+    return setup
+
+
+# -------- signals and environments: runs in a child process (the installed `quantkit` script)
+
+QUANTKIT_BIN = str(Path(sys.executable).parent / "quantkit")
+
+
+@dataclass
+class Ran:
+    """What a child process gave, read like click's Result by the classifier."""
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None = None
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def child(w: Path, *args, env: dict | None = None, unset: tuple[str, ...] = (), cwd: Path | None = None,
+          timeout: float = 220, stdin=None) -> Ran:
+    """`quantkit ARGS` in a child process (one thread) with env on top of this one's (unset removed)."""
+    import subprocess
+
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in unset:
+        environ.pop(key, None)
+    try:
+        done = subprocess.run([QUANTKIT_BIN, *map(str, args)], cwd=cwd or w, env=environ, capture_output=True,
+                              text=True, timeout=timeout, stdin=stdin if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return Ran(124, "", f"the child was still running after {timeout} s (killed)\n")
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def layer_done(w: Path, rel: str = "out.partial", layers: int = 1) -> bool:
+    """Whether the work area's state.json counts at least `layers` finished layers (its layer files come first)."""
+    try:
+        return json.loads((w / rel / "state.json").read_text()).get("layers_done", 0) >= layers
+    except (OSError, ValueError):
+        return False
+
+
+FIRST_LAYER = "first layer counted"  # wait_for: out.partial/state.json counts a finished layer
+
+
+def interrupted(w: Path, args: list, signum: int, wait_for: str | Callable[[str], bool] = FIRST_LAYER,
+                twice: bool = False) -> Ran:
+    """`quantkit ARGS` in a child process, sent `signum` (twice: two of them 10 ms apart) once `wait_for` exists (a
+    path under w) or holds for the stderr so far (a callable). An interrupt is the clean outcome here: exit
+    128 + signal with one `error: interrupted` line, nothing else, reads as a refusal (exit 2) for the classifier;
+    a child that finished first is a setup failure; ranks left running count as a traceback (and are killed)."""
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen([QUANTKIT_BIN, *map(str, args)], cwd=w, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    err_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    while proc.poll() is None and time.monotonic() - start < 180:
+        ready = (wait_for("".join(err_chunks)) if callable(wait_for) else layer_done(w) if wait_for == FIRST_LAYER
+                 else (w / wait_for).exists())
+        if ready:
+            proc.send_signal(signum)
+            if twice:
+                time.sleep(0.01)
+                proc.send_signal(signum)
+            break
+        time.sleep(0.02)
+    try:
+        out = proc.stdout.read()
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return Ran(124, "", "the child was still running 120 s after the signal (killed)\n")
+    reader.join(timeout=10)
+    err = "".join(err_chunks)
+    if proc.returncode == 0:
+        raise RuntimeError("the run finished before the signal: make it longer")
+    time.sleep(0.5)
+    left = _orphans(w)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        return Ran(1, out, f"{len(left)} process(es) of the run still running after it exited\n" + err)
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
+    if signum == signal.SIGKILL:
+        return Ran(2 if proc.returncode == -9 else proc.returncode, out, "error: killed\n")
+    if proc.returncode == 128 + signum and len(lines) == 1 and lines[0].startswith("error: interrupted"):
+        return Ran(2, out, lines[0] + "\n")
+    return Ran(proc.returncode or 1, out, err)
+
+
+def stopped_by(signum: int, model: str = "deep", *args: str) -> Callable[[Path], None]:
+    """A setup: a --low-memory GPTQ run of `model` (8 x 64 tokens) in a child process stopped by `signum` once
+    its first layer is done; out.partial must be left."""
+    def setup(w: Path) -> None:
+        ran = interrupted(w, _deep_args(w, model, "--low-memory", *args), signum)
+        assert (w / "out.partial" / "state.json").is_file(), ran.stderr[-300:]
+    return setup
+
+
+DEEP = ["--method", "gptq", "--nsamples", "8", "--seqlen", "64", "--group-size", "32"]
+
+
+def _deep_args(w: Path, model: str, *extra, out: str = "out") -> list:
+    return ["calibrate", w / model, "--calib", w / "text.txt", *DEEP, *extra, "-o", w / out]
+
+
+def _sharded_model(w: Path, dup: str | None = None, missing: bool = False, extra_unlisted: bool = False,
+                   unlisted_in_index: bool = False, empty_map: bool = False, traversal: bool = False) -> None:
+    """model/ rewritten as two shards + index (layer 1 in the second): `dup` (a tensor name) also stored in the
+    second shard as NaN (the index names the first), `missing` deletes the second shard, `extra_unlisted` adds a
+    tensor to a shard the index does not list, `unlisted_in_index` drops a stored tensor from the index,
+    `empty_map` empties it, `traversal` points one entry at ../model/x.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(w / "model" / "model.safetensors")
+    (w / "model" / "model.safetensors").unlink()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    parts = [{k: v for k, v in state.items() if "layers.1." not in k}, {k: v for k, v in state.items() if "layers.1." in k}]
+    weight_map = {k: names[i] for i, part in enumerate(parts) for k in part}
+    if dup:
+        parts[1][dup] = torch.full_like(state[dup], float("nan"))
+    if extra_unlisted:
+        parts[1]["model.layers.1.mlp.extra.weight"] = torch.ones(4, 4)
+    for name, part in zip(names, parts):
+        save_file(part, w / "model" / name, metadata={"format": "pt"})
+    if unlisted_in_index:
+        weight_map.pop("model.layers.1.mlp.up_proj.weight")
+    if traversal:
+        weight_map["model.norm.weight"] = "../model/model-00001-of-00002.safetensors"
+    if missing:
+        (w / "model" / names[1]).unlink()
+    (w / "model" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {} if empty_map else weight_map}))
+
+
+def _same_size_tensors(header: dict) -> tuple[str, str]:
+    """Two tensors of one shape in a safetensors header (q_proj and o_proj of layer 0)."""
+    return "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+
+
+def _overlap(header: dict) -> None:
+    a, b = _same_size_tensors(header)
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])
+
+
+def _swap_offsets(header: dict) -> None:
+    a, b = _same_size_tensors(header)
+    header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+
+
+def _transposed_lm_head(header: dict) -> None:
+    header["lm_head.weight"]["shape"] = list(reversed(header["lm_head.weight"]["shape"]))
+
+
+def _dup_header_key(w: Path) -> None:
+    """model.safetensors whose JSON header names q_proj twice (the second entry pointing at o_proj's bytes)."""
+    path = w / "model" / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    a, b = _same_size_tensors(header)
+    text = json.dumps(header)
+    text = text[:-1] + ", " + json.dumps({a: header[b]})[1:]
+    data = text.encode()
+    data += b" " * (-len(data) % 8)
+    path.write_bytes(len(data).to_bytes(8, "little") + data + raw[8 + n:])
+
+
+def _with_trailing_bytes(w: Path) -> None:
+    with open(w / "model" / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+
+
+def _api_types(w: Path, **kw):
+    return quantize(w, **kw)
+
+
+def _gen(text: str, n: int):
+    return (text for _ in range(n))
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({"text": []})
+
+
+def _foreign(rel: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A setup editing the quantization_config of rel/config.json."""
+    return json_edit(f"{rel}/config.json", lambda d: edit(d["quantization_config"]))
+
+
+def _first_group(qc: dict) -> dict:
+    return next(iter(qc["config_groups"].values()))
+
+
+def _fp_equal(model: str):
+    """A check: the returned model's tensors equal the FP model's (load_quantized of an unquantized folder)."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(w / model)
+        return None if _same_state(result, ref) else "the model returned differs from the FP model's tensors"
+    return check
+
+
+def _loaded_same(rel: str, ref_rel: str, tol: float = 0.0):
+    """A check of a load_quantized call's return: its tensors equal load_quantized(ref_rel)'s within tol."""
+    def check(w: Path, result) -> str | None:
+        import quantkit
+
+        a, b = result.state_dict(), quantkit.load_quantized(w / ref_rel).state_dict()
+        if a.keys() != b.keys():
+            return f"other tensors than {ref_rel}'s: {sorted(set(a) ^ set(b))[:2]}"
+        worst = max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
+        return None if worst[0] <= tol else f"{worst[1]} differs from {ref_rel}'s by {worst[0]:.3g}"
+    return check
+
+
+def _lq(w: Path, rel: str):
+    import quantkit
+
+    return quantkit.load_quantized(w / rel if not isinstance(rel, Path) else rel)
+
+
+def _experts_finer(family: str):
+    """A check of an 8-bit-experts recipe: every routed-expert tensor of the export is at least 4x closer to the
+    model's than in a plain 4-bit run's export (fused experts are written dense, so quantkit.json cannot say)."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForCausalLM
+
+        import quantkit
+
+        run = run_cli("calibrate", w / family, "--calib", w / "text.txt", *rtn7(family), "-o", w / "ref4")
+        if run.exit_code != 0:
+            return f"the 4-bit reference failed: {run.output[-200:]}"
+        fp = AutoModelForCausalLM.from_pretrained(w / family).state_dict()
+        eight, four = quantkit.load_quantized(w / "out").state_dict(), quantkit.load_quantized(w / "ref4").state_dict()
+        keys = [k for k in fp if "expert" in k and "shared" not in k and fp[k].dim() >= 2 and not torch.equal(four[k], fp[k])]
+        if not keys:
+            return "no routed-expert tensor is quantized in the 4-bit run"
+        for k in keys:
+            e8, e4 = (eight[k] - fp[k]).abs().max().item(), (four[k] - fp[k]).abs().max().item()
+            if not e8 * 4 <= e4:
+                return f"{k}: error {e8:.3g} with the 8-bit recipe vs {e4:.3g} at 4 bits (the recipe did not reach it)"
+        return None
+    return check
+
+
+def seventh_round_a() -> list[Case]:
+    """Round 7 (a): the families landed last session with each option, models whose files lie, API arguments of
+    odd types, load_quantized of exports quantkit did not write."""
+    out = Cases()
+    cli, cal, api = out.cli, out.cal, out.api
+    nan, inf = float("nan"), float("inf")
+    text = " ".join(WORDS * 40)
+
+    # ---- model files that lie (the llama): safetensors headers, shards and their index, configs, tokenizers
+    def mc(name, *extra, setup=None, check=None, method=RTN):
+        cal("model7", name, *extra, setup=setup, check=check, method=method)
+
+    mst = "model/model.safetensors"
+    mc("header: two tensors share their bytes (overlapping offsets)", setup=st_header(mst, _overlap))
+    mc("header: two same-shape tensors' offsets swapped equals the swap written by safetensors",
+       setup=both(st_header(mst, _swap_offsets), lambda w: _swapped_copy(w)),
+       check=same_as(lambda w: ["calibrate", w / "swapped", "--calib", w / "text.txt", *RTN, "-o", w / "ref"]))
+    mc("header: lm_head's shape written transposed (same byte count)", setup=st_header(mst, _transposed_lm_head))
+    mc("header: a tensor named twice in the JSON", setup=_dup_header_key)
+    mc("header: __metadata__ holding a number", setup=st_header(mst, lambda h: h.update(__metadata__={"format": 5})))
+    mc("header: __metadata__ format 'mlx'", setup=st_header(mst, lambda h: h.update(__metadata__={"format": "mlx"})),
+       check=same_as(cal_ref(), must_take=False))
+    mc("64 stray bytes after the last tensor", setup=_with_trailing_bytes, check=same_as(cal_ref(), must_take=False))
+    mc("header: a dtype 'F33'", setup=st_header(mst, lambda h: h["model.norm.weight"].update(dtype="F33")))
+    mc("header: a negative shape", setup=st_header(mst, lambda h: h["model.norm.weight"].update(shape=[-32])))
+    for low in ((), ("--low-memory",)):
+        tag = " (--low-memory)" if low else ""
+        mc(f"two shards: the index names a missing shard{tag}", *low, setup=lambda w: _sharded_model(w, missing=True))
+        mc(f"two shards: a tensor stored in both (the second NaN; the index names the first){tag}", *low,
+           setup=lambda w: _sharded_model(w, dup="model.layers.0.mlp.up_proj.weight"),
+           check=same_as(cal_ref(*low), must_take=False))
+        mc(f"two shards: a stored tensor the index does not list{tag}", *low,
+           setup=lambda w: _sharded_model(w, unlisted_in_index=True), check=same_as(cal_ref(*low), must_take=False))
+        mc(f"two shards: a shard holding a tensor of no module{tag}", *low, setup=lambda w: _sharded_model(w, extra_unlisted=True))
+        mc(f"two shards: an index whose weight_map is empty{tag}", *low, setup=lambda w: _sharded_model(w, empty_map=True))
+        mc(f"two shards equal one file{tag}", *low, setup=lambda w: _sharded_model(w), check=same_as(cal_ref(*low)))
+    mc("two shards: an index entry pointing outside the folder (../)", setup=lambda w: _sharded_model(w, traversal=True),
+       check=same_as(cal_ref(), must_take=False))
+    cfg = lambda **f: json_edit("model/config.json", lambda d: d.update(f))  # noqa: E731
+    mc("config dtype 'float33'", setup=cfg(dtype="float33"))
+    mc("config dtype 5", setup=cfg(dtype=5))
+    mc("config torch_dtype 'int8' (older name)", setup=cfg(torch_dtype="int8", dtype="int8"))
+    mc("config rms_norm_eps NaN (a JSON NaN literal)", setup=cfg(rms_norm_eps=nan))
+    mc("config rope_theta 0", setup=cfg(rope_parameters={"rope_type": "default", "rope_theta": 0.0}))
+    mc("config rope_theta -10000", setup=cfg(rope_parameters={"rope_type": "default", "rope_theta": -10000.0}))
+    mc("config tie_word_embeddings 'false' (a string)", setup=cfg(tie_word_embeddings="false"))
+    mc("config vocab_size 64.0 (a float)", setup=cfg(vocab_size=64.0), check=same_as(cal_ref(), must_take=False))
+    mc("config num_attention_heads 3 (32 wide)", setup=cfg(num_attention_heads=3, num_key_value_heads=3))
+    mc("config claims an fp8 quantization_config over float weights", setup=cfg(quantization_config={
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}))
+    mc("config.json~ (a backup) beside the config", setup=lambda w: shutil.copy(w / "model/config.json", w / "model/config.json~"),
+       check=same_as(cal_ref()))
+    mc("generation_config eos_token_id 999", setup=json_edit("model/generation_config.json", lambda d: d.update(
+        eos_token_id=999)), check=same_as(cal_ref()))
+    mc("tokenizer_config tokenizer_file naming a missing file, tokenizer.json deleted",
+       setup=both(json_edit("model/tokenizer_config.json", lambda d: d.update(tokenizer_file="missing.json")),
+                  lambda w: (w / "model/tokenizer.json").unlink()))
+    mc("tokenizer_config tokenizer_class 'BogusTokenizer'",
+       setup=json_edit("model/tokenizer_config.json", lambda d: d.update(tokenizer_class="BogusTokenizer")))
+    mc("tokenizer_config auto_map to a module not there (no remote code: ignored)",
+       setup=json_edit("model/tokenizer_config.json", lambda d: d.update(auto_map={"AutoTokenizer": ["tok_mod.MyTok", None]})),
+       check=same_as(cal_ref(), must_take=False))
+    mc("special_tokens_map.json not JSON", setup=write("model/special_tokens_map.json", "{oops"),
+       check=same_as(cal_ref(), must_take=False))
+    cal("model7", "added_tokens.json giving id 70 (64 rows: the fast tokenizer gives zz id 62)", data="d.txt",
+        setup=both(write("model/added_tokens.json", '{"zz": 70}'), write("d.txt", "zz " + text)), check=export_ok())
+    mc("tokenizer.json cut in half", setup=lambda w: _truncate(w / "model" / "tokenizer.json"))
+    mc("tokenizer.json with an empty vocabulary", setup=json_edit("model/tokenizer.json", lambda d: d["model"].update(vocab={})))
+
+    # ---- API arguments of odd types (docs/python.md: floats and bools refused, numpy integers are integers)
+    from decimal import Decimal
+    from fractions import Fraction
+
+    import numpy as np
+
+    def odd(name, check=None, **kw):
+        api(name, lambda w, k=kw: quantize(w, **{a: (v(w) if callable(v) and a in ("data", "model", "chat_template",
+                                                                                 "tokenizer_or_processor") else v)
+                                                for a, v in k.items()}), check=check)
+
+    same = lambda **ref: api_same_as(ref)  # noqa: E731 - the reference call must give these bytes
+
+    def maybe(**ref):  # a refusal is fine too; a success must give the reference's bytes
+        c = api_same_as(ref)
+        c.valid = False
+        return c
+
+    odd("bits=Fraction(4)", bits=Fraction(4))
+    odd("bits=4.0 (docs: refused)", bits=4.0)
+    odd("bits='4'", bits="4")
+    odd("bits=torch.tensor(4)", bits=torch.tensor(4), check=maybe())
+    odd("bits=numpy.int8(4) equals 4", bits=np.int8(4), check=same())
+    odd("bits=numpy.float64(4.0)", bits=np.float64(4.0))
+    odd("group_size=numpy.int32(32) equals 32", group_size=np.int32(32), check=same())
+    odd("group_size=True", group_size=True)
+    odd("group_size=Fraction(32)", group_size=Fraction(32))
+    odd("group_size=32.5", group_size=32.5)
+    odd("seqlen=nan", seqlen=nan)
+    odd("seqlen=inf", seqlen=inf)
+    odd("seqlen=numpy.uint16(16) equals 16", seqlen=np.uint16(16), check=same())
+    odd("seqlen='16'", seqlen="16")
+    odd("seqlen=False", seqlen=False)
+    odd("nsamples=10**6 over a 2000-word file", nsamples=10**6)
+    odd("nsamples=10**6 over a list of 2 texts (each text a sample)", data=[text, text], nsamples=10**6,
+        check=maybe(data=[text, text], nsamples=2))
+    odd("nsamples=numpy.float64(2.0)", nsamples=np.float64(2.0))
+    odd("nsamples=-2", nsamples=-2)
+    odd("damp=Fraction(1, 100) (gptq)", method="gptq", damp=Fraction(1, 100), check=maybe(method="gptq", damp=0.01))
+    odd("damp=Decimal('0.01') (gptq)", method="gptq", damp=Decimal("0.01"), check=maybe(method="gptq", damp=0.01))
+    odd("damp='0.01' (gptq)", method="gptq", damp="0.01")
+    odd("damp=-0.01 (gptq)", method="gptq", damp=-0.01)
+    odd("seed=True (gptq)", method="gptq", seed=True)
+    odd("seed=1.0 (gptq)", method="gptq", seed=1.0)
+    odd("seed=-1 (gptq)", method="gptq", seed=-1, check=maybe(method="gptq", seed=-1))
+    odd("data=a generator of texts", data=lambda w: _gen(text, 2), check=maybe(data=[text, text]))
+    odd("data=iter(a list of texts)", data=lambda w: iter([text, text]), check=maybe(data=[text, text]))
+    odd("data={'text': [two texts]} (a dict of columns)", data={"text": [text, text]}, check=maybe(data=[text, text]))
+    odd("data={'a': 1}", data={"a": 1})
+    odd("data=bytes of text", data=text.encode())
+    odd("data=[] (empty list)", data=[])
+    odd("data=['', '', '', '']", data=["", "", "", ""])
+    odd("data=[None, None]", data=[None, None])
+    odd("data=[text] * 100000 (a long list) equals [text] * 2", data=[text] * 100000, check=same(data=[text] * 2))
+    odd("data=[Path(text.txt)] (a list holding a path)", data=lambda w: [w / "text.txt"], check=maybe())
+    odd("data=a folder holding only text.txt equals the file", data=lambda w: (
+        (w / "dd").mkdir(), shutil.copy(w / "text.txt", w / "dd" / "text.txt"), str(w / "dd"))[2], check=same())
+    odd("data='text.txt\\n' (a trailing newline)", data=lambda w: str(w / "text.txt") + "\n")
+    odd("data=a Dataset of 0 rows", data=lambda w: _dataset([]))
+    odd("model='model' (relative to the cwd) equals the absolute path", model="model", check=same())
+    odd("model=a str with a trailing slash equals the path", model=lambda w: str(w / "model") + "/", check=same())
+    odd("method=b'rtn'", method=b"rtn")
+    odd("method=['rtn']", method=["rtn"])
+    odd("method='Rtn'", method="Rtn")
+    odd("format='FAKE'", format="FAKE", check=maybe(format="fake"))
+    odd("sym='False' (a truthy string)", sym="False")
+    odd("sym=numpy.bool_(False) equals sym=False", sym=np.bool_(False), check=same(sym=False))
+    odd("sym=0", sym=0, check=maybe(sym=False))
+    odd("act_order='False' (gptq)", method="gptq", act_order="False")
+    odd("low_memory='no'", low_memory="no")
+    odd("low_memory=numpy.bool_(True) equals True", low_memory=np.bool_(True), check=same(low_memory=True))
+    odd("nproc=True", nproc=True)
+    odd("nproc=0", nproc=0)
+    odd("nproc=2.0", nproc=2.0)
+    odd("dtype=torch.float32 (a torch dtype)", dtype=torch.float32, check=maybe(dtype="float32"))
+    odd("dtype='fp16'", dtype="fp16")
+    odd("part='HELDOUT'", part="HELDOUT", check=maybe(part="heldout"))
+    odd("part='held-out'", part="held-out")
+    api("chat_template=a template string, not a path", lambda w: quantize(w, data=CHAT, chat_template=CHAT_TEMPLATE),
+        check=_same_as_template_file)
+    odd("recipe={} equals no recipe", recipe={}, check=maybe())
+    odd("recipe=''", recipe="")
+    odd("recipe=[]", recipe=[])
+    odd("importance={} (tlq) equals the defaults", method="tlq", importance={}, check=same(method="tlq"))
+    odd("bitz=4 (a misspelt keyword)", bitz=4)
+    odd("progress='yes'", progress="yes")
+    odd("tokenizer_or_processor=the model's folder (str)", tokenizer_or_processor=lambda w: str(w / "model"), check=maybe())
+    odd("tokenizer_or_processor=another folder's tokenizer (the VLM's: other vocabulary)",
+        tokenizer_or_processor=lambda w: str(w / "vlm"))
+
+    # ---- load_quantized of exports quantkit did not write (or whose quantkit.json is gone)
+    def lq(name, rel, setup=None, check=None):
+        api(f"load_quantized: {name}", lambda w, r=rel: _lq(w, r), setup=setup, check=check)
+
+    lq("an unquantized model folder", "model", check=_fp_equal("model"))
+    lq("a compressed-tensors export without quantkit.json (transformers' loader)", "ct",
+       setup=lambda w: (w / "ct" / "quantkit.json").unlink(), check=lambda w, r: _logits_vs(w, r, "ct"))
+    lq("a gptq export without quantkit.json", "gptq", setup=lambda w: (w / "gptq" / "quantkit.json").unlink(),
+       check=lambda w, r: _logits_vs(w, r, "gptq"))
+    lq("a fake export without quantkit.json", "fake", setup=lambda w: (w / "fake" / "quantkit.json").unlink())
+    lq("a compressed-tensors export whose config says quant_method gptq", "ct",
+       setup=_foreign("ct", lambda q: q.update(quant_method="gptq")))
+    lq("a compressed-tensors export whose weights type is 'float'", "ct",
+       setup=_foreign("ct", lambda q: _first_group(q)["weights"].update(type="float")))
+    lq("a compressed-tensors export whose format is 'float-quantized'", "ct",
+       setup=_foreign("ct", lambda q: q.update(format="float-quantized")))
+    lq("a compressed-tensors export whose strategy is 'tensor' (group scales stored)", "ct",
+       setup=_foreign("ct", lambda q: _first_group(q)["weights"].update(strategy="tensor", group_size=None)))
+    lq("a compressed-tensors export with a sparsity_config", "ct", setup=_foreign("ct", lambda q: q.update(
+        sparsity_config={"format": "sparse-bitmask", "global_sparsity": 0.5, "sparsity_structure": "unstructured",
+                         "targets": ["Linear"], "ignore": []})))
+    lq("a compressed-tensors export whose config says bitsandbytes", "ct", setup=json_edit("ct/config.json", lambda d: d.update(
+        quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})))
+    lq("a gptq export whose quantization_config moved to quantize_config.json (AutoGPTQ style)", "gptq",
+       setup=lambda w: _autogptq_style(w), check=lambda w, r: _logits_vs(w, r, "gptq"))
+    lq("a compressed-tensors export whose config lost quantization_config (quantkit.json kept)", "ct",
+       setup=json_edit("ct/config.json", lambda d: d.pop("quantization_config")),
+       check=lambda w, r: _weights_vs(w, r, "ct_ref"))
+    lq("a str with a trailing slash equals the export", "ct/", check=lambda w, r: _weights_vs(w, r, "ct_ref"))
+
+    # ---- the newer families: each option, checked against the model and against a reference run
+    for fam, (_, expert, _) in FAMILIES7.items():
+        r, g = rtn7(fam), rtn7(fam, "gptq")
+        slow = fam in SLOW7
+        cal("family7", f"{fam}: RTN export is a quantized copy of the model", model=fam, method=r, check=faithful(fam))
+        if fam in ("dbrx", "gpt_oss", "hy_v4", "lfm2_moe"):
+            cal("family7", f"{fam}: --bits 8 --group-size -1 is a quantized copy", "--bits", "8", model=fam,
+                method=r[:-2] + ["--group-size", "-1"], check=faithful(fam, min_corr=0.99))
+        if fam in ("dots1", "ergo", "llama4_text", "deepseek_v3"):
+            cal("family7", f"{fam}: --bits 2 --asym --format gptq_v2 --group-size 16", "--bits", "2", "--asym", "--format",
+                "gptq_v2", model=fam, method=r[:-2] + ["--group-size", "16"], check=faithful(fam, min_corr=0.5))
+        if fam in ("olmoe", "inkling_text", "dbrx"):
+            cal("family7", f"{fam}: --format fake --bits 3 is a quantized copy", "--format", "fake", "--bits", "3",
+                model=fam, method=r, check=faithful(fam, min_corr=0.8))
+        cli("family7", f"{fam}: fake export -> compressed-tensors equals a direct compressed-tensors run",
+            lambda w, f=fam: ["export", w / "fk", "--format", "compressed-tensors", "-o", w / "out"],
+            setup=both(ref_into("fk", "calibrate", lambda w, f=fam: w / f, "--calib", lambda w: w / "text.txt", *r,
+                                "--format", "fake"),
+                       ref_into("ref", "calibrate", lambda w, f=fam: w / f, "--calib", lambda w: w / "text.txt", *r)),
+            check=same_files("out", "ref"))
+        cli("family7", f"{fam}: compressed-tensors export -> gptq loads the same weights",
+            lambda w: ["export", w / "ref", "--format", "gptq", "-o", w / "out"],
+            setup=ref_into("ref", "calibrate", lambda w, f=fam: w / f, "--calib", lambda w: w / "text.txt", *r),
+            check=weights_close("out", "ref", 1e-3))
+        cal("family7", f"{fam}: --quantize-lm-head quantizes lm_head", "--quantize-lm-head", model=fam, method=r,
+            check=faithful(fam, quantized="lm_head"))
+        cli("family7", f"{fam}: plan --json equals calibrate --dry-run --json",
+            lambda w, f=fam, a=r: ["plan", w / f, "--calib", w / "text.txt", *a, "--json"],
+            check=plan_equals_dry_run(fam, *r))
+        api(f"{fam}: API with the loaded model equals the model's folder",
+            lambda w, f=fam: _api_fam(w, f, True, "out"),
+            check=then(lambda w, res, f=fam: (_api_fam(w, f, False, "ref"), None)[1], same_files("out", "ref")))
+        cli("family7", f"{fam}: eval of its RTN export", lambda w: ["eval", w / "x", "--data", w / "text.txt", "--seqlen", "16"],
+            setup=ref_into("x", "calibrate", lambda w, f=fam: w / f, "--calib", lambda w: w / "text.txt", *r), check=eval_ok)
+        if not slow:
+            cal("family7", f"{fam}: GPTQ export is a quantized copy", model=fam, method=g, check=faithful(fam))
+            cal("family7", f"{fam}: GPTQ --low-memory equals GPTQ in memory", "--low-memory", model=fam, method=g,
+                check=same_as(cal_ref(model=fam, method=g)))
+            cal("family7", f"{fam}: TLQ export is a quantized copy", model=fam, method=rtn7(fam, "tlq"), check=faithful(fam))
+            cal("family7", f"{fam}: --resume after a stop equals a fresh --low-memory run", "--low-memory", "--resume",
+                model=fam, method=g, setup=stopped_at(fam, *g), check=same_as(cal_ref("--low-memory", model=fam, method=g)))
+            cal("family7", f"{fam}: --resume --bits 3 after a stop at 4 bits", "--low-memory", "--resume", "--bits", "3",
+                model=fam, method=g, setup=stopped_at(fam, *g))
+        if fam in ("olmoe", "gpt_oss"):
+            cal("family7", f"{fam}: GPTQ --nproc 2 equals one process", "--nproc", "2", model=fam, method=g,
+                check=same_as(cal_ref(model=fam, method=g)))
+        if expert is None:
+            continue
+        cal("family7", f"{fam}: NaN in a routed expert's weight", model=fam, method=r,
+            setup=fam_state(fam, lambda s, e=expert: nan_at(e)(s)))
+        cal("family7", f"{fam}: config expert count doubled (4 stored)", model=fam, method=r, setup=_more_experts(fam))
+        cal("family7", f"{fam}: one routed expert missing from the file", model=fam, method=r,
+            setup=fam_state(fam, _fewer_experts(fam)))
+        cal("family7", f"{fam}: --recipe 8 bits for the experts", "--recipe", "r.yaml", model=fam, method=r,
+            setup=write("r.yaml", "overrides:\n  - targets: ['re:.*(experts|feed_forward\\.(up|down)_proj).*']\n    bits: 8\n"),
+            check=then(faithful(fam, quantized="expert"), _experts_finer(fam)))
+        if not slow:
+            cal("family7", f"{fam}: --all-experts is a quantized copy", "--all-experts", model=fam, method=g,
+                check=faithful(fam))
+            cal("family7", f"{fam}: --all-experts --low-memory equals --all-experts in memory", "--all-experts",
+                "--low-memory", model=fam, method=g, check=same_as(cal_ref("--all-experts", model=fam, method=g)))
+            cli("family7", f"{fam}: importance, then --calib-set (TLQ) is a quantized copy", lambda w, f=fam: [
+                "calibrate", w / f, "--calib-set", w / "set", "--group-size", str(FAMILIES7[f][0]), "-o", w / "out"],
+                setup=lambda w, f=fam: _make_set_of(w, f), check=faithful(fam))
+
+    return out
+
+
+def _same_as_template_file(w: Path, result) -> str | None:
+    """A template given as its text must give the bytes of the same template given as a file."""
+    (w / "t.jinja").write_text(CHAT_TEMPLATE)
+    quantize(w, data=CHAT, chat_template=str(w / "t.jinja"), output_dir=str(w / "ref"))
+    return None if _bytes_of(w / "out/model.safetensors") == _bytes_of(w / "ref/model.safetensors") else \
+        "out/model.safetensors differs from the run with the template as a file"
+
+
+def _weights_vs(w: Path, result, ref_rel: str, tol: float = 0.0) -> str | None:
+    """The loaded model's tensors vs load_quantized of an intact copy of the base's export (ct_ref = base ct)."""
+    import quantkit
+
+    base = w.parent / "base" / ("ct" if ref_rel == "ct_ref" else ref_rel)
+    a, b = result.state_dict(), quantkit.load_quantized(base).state_dict()
+    if a.keys() != b.keys():
+        return f"other tensors than the intact export's: {sorted(set(a) ^ set(b))[:2]}"
+    worst = max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
+    return None if worst[0] <= tol else f"{worst[1]} differs from the intact export's by {worst[0]:.3g}"
+
+
+def _logits_vs(w: Path, result, base_rel: str, tol: float = 1e-4) -> str | None:
+    """The loaded model's logits on a fixed sequence vs those of load_quantized of the base's intact export."""
+    import quantkit
+
+    ref = quantkit.load_quantized(w.parent / "base" / base_rel)
+    with torch.no_grad():
+        a, b = result(torch.tensor(TEXT_IDS)).logits, ref(torch.tensor(TEXT_IDS)).logits
+    diff = (a.float() - b.float()).abs().max().item()
+    return None if diff <= tol else f"logits differ from the intact export's by {diff:.3g}"
+
+
+def _swapped_copy(w: Path) -> None:
+    """swapped/: the model with q_proj and o_proj of layer 0 exchanged, written by safetensors itself."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(w.parent / "base" / "model", w / "swapped")
+    state = load_file(w / "swapped" / "model.safetensors")
+    a, b = _same_size_tensors({})
+    state[a], state[b] = state[b], state[a]
+    save_file(state, w / "swapped" / "model.safetensors", metadata={"format": "pt"})
+
+
+def _autogptq_style(w: Path) -> None:
+    path = w / "gptq" / "config.json"
+    doc = json.loads(path.read_text())
+    (w / "gptq" / "quantize_config.json").write_text(json.dumps(doc.pop("quantization_config")))
+    path.write_text(json.dumps(doc))
+    (w / "gptq" / "quantkit.json").unlink(missing_ok=True)
+
+
+def _interrupt_case(out: Cases, area: str, name: str, args: Callable[[Path], list], signum: int,
+                    wait_for: str | Callable[[str], bool] | None = FIRST_LAYER,
+                    keeps: tuple[str, ...] = (), setup=None, twice: bool = False) -> None:
+    out.append(Case(area, name, lambda w: interrupted(w, args(w), signum, wait_for, twice=twice), setup, keeps=keeps))
+
+
+def _orphans(w: Path) -> list[int]:
+    """Processes still running whose command line names the case folder (ranks a stopped run left)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if str(w) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def _glob_named(w: Path, literal: str, decoy: str) -> None:
+    """A text file literally named `literal` (glob characters in its name) holding text.txt, and `decoy` (which
+    the name matches as a pattern) holding other text."""
+    shutil.copy(w / "text.txt", w / literal)
+    write_text(w / decoy, seed=11)
+
+
+def _fit_rows(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    return write("t.csv", edit(QID_HEADER + build_qid_rows()))
+
+
+def seventh_round_b() -> list[Case]:
+    """Round 7 (b): runs stopped by signals and resumed, environments, paths, outputs reaching inputs through
+    symlinks, and each subcommand's contradicting or out-of-range options."""
+    out = Cases()
+    cli, cal = out.cli, out.cal
+    deep = lambda *e: lambda w: _deep_args(w, "deep", *e)  # noqa: E731
+
+    # ---- signals: a real SIGINT / SIGTERM / SIGKILL to a child `quantkit` mid-run, then what a user does next
+    part = ("out.partial",)
+    _interrupt_case(out, "signal", "SIGINT after the first layer of a --low-memory run (one line, OUT.partial kept)",
+                    deep("--low-memory"), signal.SIGINT, keeps=part)
+    _interrupt_case(out, "signal", "SIGTERM after the first layer of a --low-memory run", deep("--low-memory"),
+                    signal.SIGTERM, keeps=part)
+    _interrupt_case(out, "signal", "two SIGINTs in a row (the second while the first unwinds)", deep("--low-memory"),
+                    signal.SIGINT, keeps=part, twice=True)
+    _interrupt_case(out, "signal", "SIGINT of an in-memory run once its progress shows (nothing left)", deep(),
+                    signal.SIGINT, wait_for=lambda err: "%|" in err)
+    _interrupt_case(out, "signal", "SIGTERM of an in-memory --nproc 2 run (no rank left running)", deep("--nproc", "2"),
+                    signal.SIGTERM, wait_for=lambda err: "%|" in err)
+    _interrupt_case(out, "signal", "SIGINT of a --low-memory --nproc 2 run after its first layer",
+                    deep("--low-memory", "--nproc", "2"), signal.SIGINT, keeps=part)
+    _interrupt_case(out, "signal", "SIGINT of eval -o r.json (no r.json)", lambda w: [
+        "eval", w / "deep", "--data", w / "text.txt", "--seqlen", "16", "--batch-size", "1", "-o", w / "r.json"],
+        signal.SIGINT, wait_for=lambda err: "%|" in err)
+    _interrupt_case(out, "signal", "SIGINT of importance (no half set)", lambda w: [
+        "importance", w / "deep", "--calib", w / "text.txt", "--nsamples", "8", "--seqlen", "64", "-o", w / "set"],
+        signal.SIGINT, wait_for=lambda err: "%|" in err)
+    _interrupt_case(out, "signal", "SIGTERM of qid measure (the CSV holds whole rows only)", lambda w: [
+        "qid", "measure", w / "deep", "--bits", "4,3,2", "--methods", "rtn,gptq", "--eval", w / "text.txt",
+        "--eval-tokens", "512", "--eval-seqlen", "64", "--nsamples", "4", "--calib-seqlen", "32", "--group-size", "32",
+        "-o", w / "m.csv"], signal.SIGTERM, wait_for="m.csv", keeps=("m.csv",))
+    fresh = lambda *e: lambda w: _deep_args(w, "deep", "--low-memory", *e, out="ref")  # noqa: E731
+    res = lambda *e: lambda w: _deep_args(w, "deep", "--low-memory", *e)  # noqa: E731
+    for sig, sname in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM"), (signal.SIGKILL, "SIGKILL")):
+        cli("resume", f"{sname} after layer 0, then --resume equals a fresh run", res("--resume"),
+            setup=stopped_by(sig), check=same_as(fresh()))
+    cli("resume", "SIGINT, --resume, SIGINT again, --resume equals a fresh run", res("--resume"),
+        setup=lambda w: (stopped_by(signal.SIGINT)(w), interrupted(w, res("--resume")(w), signal.SIGINT,
+                                                                    lambda err: layer_done(w, layers=3))),
+        check=same_as(fresh()))
+    cli("resume", "SIGINT, then --resume --group-size 64", res("--resume", "--group-size", "64"),
+        setup=stopped_by(signal.SIGINT))
+    cli("resume", "SIGINT, then --resume --method rtn", res("--resume", "--method", "rtn"), setup=stopped_by(signal.SIGINT))
+    cli("resume", "SIGINT, then --resume --nproc 2 equals a fresh run", res("--resume", "--nproc", "2"),
+        setup=stopped_by(signal.SIGINT), check=same_as(fresh(), must_take=False))
+    cli("resume", "SIGINT, then the same command without --resume", res(), setup=stopped_by(signal.SIGINT),
+        check=same_as(fresh(), must_take=False))
+    cli("resume", "SIGINT, then --overwrite starts afresh", res("--overwrite"), setup=stopped_by(signal.SIGINT),
+        check=then(same_as(fresh()), lambda w, r: "out.partial is still there" if (w / "out.partial").exists() else None))
+    cli("resume", "SIGINT, then --resume of another model (the other llama's folder)", lambda w: [
+        "calibrate", w / "deep2", "--calib", w / "text.txt", *DEEP, "--low-memory", "--resume", "-o", w / "out"],
+        setup=both(stopped_by(signal.SIGINT), lambda w: _deep_other(w)))
+
+    # ---- environments (child processes)
+    ref = cal_ref()
+
+    def env(name, args, check=None, setup=None, **kw):
+        def run(w, a=args, k=kw):
+            given = {x: (v(w) if callable(v) else v) for x, v in k.items()}
+            if "env" in given:
+                given["env"] = {x: (v(w) if callable(v) else v) for x, v in given["env"].items()}
+            return child(w, *a(w), **given)
+        out.add("env", name, run, setup=setup, check=check)
+
+    plain = lambda *e: lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, *e, "-o", w / "out"]  # noqa: E731
+    env("HF_HUB_OFFLINE=1 with a hub id", lambda w: ["calibrate", "someorg/some-model", "--calib", w / "text.txt", *RTN,
+                                                    "-o", w / "out"], env={"HF_HUB_OFFLINE": "1"})
+    env("HF_HUB_OFFLINE=1 with an hf: calibration set", lambda w: ["calibrate", w / "model", "--calib", "hf:someorg/ds",
+                                                                  *RTN, "-o", w / "out"], env={"HF_HUB_OFFLINE": "1"})
+    env("a local model folder named like a hub id (org/name), offline, equals the model", lambda w: [
+        "calibrate", "org/name", "--calib", w / "text.txt", *RTN, "-o", w / "out"], env={"HF_HUB_OFFLINE": "1"},
+        setup=lambda w: shutil.copytree(w / "model", w / "org" / "name"), check=same_as(ref))
+    env("HOME an immutable folder, no HF_HOME (a read-only cache) equals the in-process run", plain(),
+        env={"HOME": lambda w: str(w / "home"), "XDG_CACHE_HOME": lambda w: str(w / "home" / ".cache")}, setup=freeze("home"),
+        unset=("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE"), check=same_as(ref))
+    env("HF_HOME a file", plain(), env={"HF_HOME": lambda w: str(w / "text.txt")}, check=same_as(ref, must_take=False))
+    env("TMPDIR an immutable folder", plain(), env={"TMPDIR": lambda w: str(w / "tmpro")}, setup=freeze("tmpro"),
+        check=same_as(ref, must_take=False))
+    env("TMPDIR a missing folder", plain(), env={"TMPDIR": lambda w: str(w / "no" / "such")},
+        check=same_as(ref, must_take=False))
+    env("LC_ALL=C with a unicode model path equals the model", lambda w: [
+        "calibrate", w / "módel 模型", "--calib", w / "text.txt", *RTN, "-o", w / "out"], env={"LC_ALL": "C", "LANG": "C"},
+        setup=lambda w: shutil.copytree(w / "model", w / "módel 模型"), check=same_as(ref))
+    env("PYTHONHASHSEED=123 (a child process) equals the in-process run", plain(), env={"PYTHONHASHSEED": "123"},
+        check=same_as(ref))
+    env("GPTQ in a child process equals the in-process run", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "-o", w / "out"], env={"PYTHONHASHSEED": "7"},
+        check=same_as(cal_ref(method=GPTQ)))
+    env("RANK=0 left set without WORLD_SIZE (a torchrun leftover)", plain(), env={"RANK": "0"},
+        check=same_as(ref, must_take=False))
+    env("torchrun variables of a 2-rank job with no peer (--dist-timeout 5)", plain("--dist-timeout", "5"),
+        env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": "29581"})
+    env("LOCAL_WORLD_SIZE=abc with --nproc 2", plain("--nproc", "2"), env={"LOCAL_WORLD_SIZE": "abc"},
+        check=same_as(ref, must_take=False))
+    env("CUDA_VISIBLE_DEVICES='' with --device cuda", plain("--device", "cuda"), env={"CUDA_VISIBLE_DEVICES": ""})
+    env("OMP_NUM_THREADS=abc equals the in-process run", plain(), env={"OMP_NUM_THREADS": "abc"}, check=same_as(ref))
+    env("the cwd immutable, -o relative", lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", "rel"],
+        setup=freeze("cwdro"), cwd=lambda w: w / "cwdro")
+    out.add("env", "eval --json into a pipe closed at once (no traceback)", lambda w: _closed_pipe(w, [
+        "eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--json"]))
+    out.add("env", "plan --json into a pipe closed at once (no traceback)", lambda w: _closed_pipe(w, [
+        "plan", w / "model", "--calib", w / "text.txt", *RTN, "--json"]))
+
+    # ---- paths: unicode, spaces, glob characters, names like options or hub ids
+    cal("path", "a unicode model folder with spaces equals the model", model="módel 模型 ü",
+        setup=lambda w: shutil.copytree(w / "model", w / "módel 模型 ü"), check=same_as(ref))
+    cal("path", "a unicode text file name equals the text", data="tëxt 文 .txt",
+        setup=lambda w: shutil.copy(w / "text.txt", w / "tëxt 文 .txt"), check=same_as(ref))
+    cli("path", "-o a unicode folder name equals -o out", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "øut 出 x"], check=same_as(ref, rel="øut 出 x"))
+    cli("path", "-o a name holding a newline", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "a\nb"], check=same_as(ref, rel="a\nb", must_take=False))
+    cli("path", "-o '-x' (a name like an option) after -o", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", "-x"], check=same_as(ref, rel="-x", must_take=False))
+    for literal, decoy in (("t[1].txt", "t1.txt"), ("t*.txt", "tz.txt"), ("text?.txt", "textA.txt")):
+        cal("path", f"--calib a file literally named {literal!r} (with {decoy} beside it) reads that file", data=literal,
+            setup=lambda w, lit=literal, dec=decoy: _glob_named(w, lit, dec), check=same_as(ref))
+        cli("path", f"eval --data a file literally named {literal!r} (with {decoy} beside it) scores that file",
+            lambda w, lit=literal: ["eval", w / "model", "--data", w / lit, "--seqlen", "16"],
+            setup=lambda w, lit=literal, dec=decoy: _glob_named(w, lit, dec),
+            check=eval_close_to(lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16"], 0.0))
+    cli("path", "--calib a local file named 'hf:local.txt' (relative)", lambda w: [
+        "calibrate", w / "model", "--calib", "hf:local.txt", *RTN, "-o", w / "out"],
+        setup=lambda w: shutil.copy(w / "text.txt", w / "hf:local.txt"), check=same_as(ref, must_take=False))
+    cal("path", "a model folder named 'model.safetensors' equals the model", model="x/model.safetensors",
+        setup=lambda w: shutil.copytree(w / "model", w / "x" / "model.safetensors"), check=same_as(ref))
+    cal("path", "the model path in NFD where the folder is NFC ('é')", model="mode\u0301l",
+        setup=lambda w: shutil.copytree(w / "model", w / "mod\u00e9l"))
+    cli("path", "--recipe a unicode path with spaces equals the recipe", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--recipe", w / "réci pe.yaml", "-o", w / "out"],
+        setup=both(write("réci pe.yaml", "targets: [q_proj]\n"), write("r.yaml", "targets: [q_proj]\n")),
+        check=same_as(lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--recipe", w / "r.yaml",
+                                 "-o", w / "ref"]))
+    cli("path", "eval -o a unicode file name holds the printed loss", lambda w: [
+        "eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--json", "-o", w / "résultat 結果.json"],
+        check=lambda w, r: None if json.loads((w / "résultat 結果.json").read_text()) == json.loads(r.stdout)
+        else "the file differs from stdout")
+    cal("path", "--calib a folder holding an earlier export beside the text", data="dd",
+        setup=lambda w: (shutil.copytree(w / "ct", w / "dd" / "ex"), shutil.copy(w / "text.txt", w / "dd" / "text.txt")),
+        check=same_as(ref, must_take=False))
+    cli("path", "-o model/../out equals -o out", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", str(w / "model") + "/../out"], check=same_as(ref))
+
+    # ---- outputs reaching inputs through symlinks
+    def link(name, target):
+        return lambda w: (w / name).symlink_to(w / target if target != "." else w)
+
+    cli("output7", "-o a symlink to the case folder (holding model and text), --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "up", "--overwrite"], setup=link("up", "."))
+    cli("output7", "-o a new folder inside the model through a symlink", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "lm" / "q"], setup=link("lm", "model"))
+    cli("output7", "-o a new folder inside the model (direct)", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "model" / "q"])
+    cli("output7", "--calib a symlink to a file inside the output folder, --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "s.txt", *RTN, "-o", w / "prev", "--overwrite"],
+        setup=lambda w: (shutil.copytree(w / "ct", w / "prev"), shutil.copy(w / "text.txt", w / "prev" / "t.txt"),
+                         (w / "s.txt").symlink_to(w / "prev" / "t.txt")))
+    cli("output7", "--recipe a symlink to a file inside the output folder, --overwrite", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--recipe", w / "r.yaml", "-o", w / "prev", "--overwrite"],
+        setup=lambda w: (shutil.copytree(w / "ct", w / "prev"), (w / "prev" / "r.yaml").write_text("targets: [q_proj]\n"),
+                         (w / "r.yaml").symlink_to(w / "prev" / "r.yaml")))
+    cli("output7", "the model a symlink into the output folder, --overwrite", lambda w: [
+        "calibrate", w / "ml", "--calib", w / "text.txt", *RTN, "-o", w / "prev", "--overwrite"],
+        setup=lambda w: (shutil.copytree(w / "model", w / "prev" / "m"), (w / "ml").symlink_to(w / "prev" / "m")))
+    cli("output7", "--offload-dir a symlink to the model folder", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--low-memory", "--offload-dir", w / "ol", "-o", w / "out"],
+        setup=link("ol", "model"))
+    cli("output7", "eval -o a symlink to the model's config.json", lambda w: [
+        "eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "-o", w / "r.json"],
+        setup=lambda w: (w / "r.json").symlink_to(w / "model" / "config.json"))
+    cli("output7", "importance -o a symlink to the model, --overwrite", lambda w: [
+        "importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16", "-o", w / "ml",
+        "--overwrite"], setup=link("ml", "model"))
+    cli("output7", "export -o a symlink to the input's parent, --overwrite", lambda w: [
+        "export", w / "ct", "--format", "fake", "-o", w / "up", "--overwrite"], setup=link("up", "."))
+    cli("output7", "export -o its input folder, --overwrite", lambda w: [
+        "export", w / "ct", "--format", "fake", "-o", w / "ct", "--overwrite"])
+    cli("output7", "qid fit -o a symlink to its CSV", lambda w: ["qid", "fit", w / "q.csv", "--bootstrap", "0", "-o", w / "f.json"],
+        setup=lambda w: (w / "f.json").symlink_to(w / "q.csv"))
+    cli("output7", "qid plot -o a symlink to the model folder", lambda w: ["qid", "plot", w / "q.csv", "-o", w / "pl"],
+        setup=link("pl", "model"))
+    cli("output7", "-o x --overwrite where x holds a symlink to the model (the link goes, the model stays)", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "x", "--overwrite"],
+        setup=lambda w: ((w / "x").mkdir(), (w / "x" / "m").symlink_to(w / "model")),
+        check=then(same_as(ref, rel="x"), untouched("model")))
+
+    # ---- each subcommand's options that contradict each other or leave their range
+    evm = lambda *e: lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", *e]  # noqa: E731
+    cli("eval7", "--include-path without --tasks", evm("--include-path", "."), setup=None)
+    cli("eval7", "--seqlen 16 --stride 16 equals the default stride", evm("--stride", "16"), check=valid(eval_close_to(evm(), 0.0)))
+    cli("eval7", "--part heldout --json records the part", evm("--part", "heldout", "--json"),
+        check=lambda w, r: None if json.loads(r.stdout).get("part") == "heldout" or "heldout" in r.stdout
+        else f"'heldout' not recorded: {r.stdout[:200]}")
+    cli("eval7", "--data an empty file beside the text", evm("--data", "e.txt"), setup=write("e.txt", ""),
+        check=eval_close_to(evm(), 0.0))
+    cli("eval7", "an empty folder as the model", lambda w: ["eval", w / "empty", "--data", w / "text.txt", "--seqlen", "16"],
+        setup=lambda w: (w / "empty").mkdir())
+    cli("eval7", "a fake export scores as its compressed-tensors conversion", lambda w: [
+        "eval", w / "fake", "--data", w / "text.txt", "--seqlen", "16"], setup=ref_into("fct", "export", lambda w: w / "fake",
+                                                                                        "--format", "compressed-tensors"),
+        check=valid(eval_close_to(lambda w: ["eval", w / "fct", "--data", w / "text.txt", "--seqlen", "16"], 1e-5)))
+    cli("eval7", "--seqlen 16 on a model of 64 positions with --max-tokens 10**12", evm("--max-tokens", str(10**12)),
+        check=valid(eval_close_to(evm(), 0.0)))
+
+    pl = lambda *e: lambda w: ["plan", w / "model", "--calib", w / "text.txt", *RTN, *e]  # noqa: E731
+    for name, extra in (("--nproc -1", ["--nproc", "-1"]),
+                        ("--format gptq --quantize-lm-head (calibrate refuses)", ["--format", "gptq", "--quantize-lm-head"]),
+                        ("--act-bits 8 with --group-size 32 (calibrate refuses)", ["--act-bits", "8", "--bits", "8"]),
+                        ("--dynamic-groups with compressed-tensors (gptq formats only)", ["--dynamic-groups"]),
+                        ("--quantize-vision on a text model", ["--quantize-vision"]),
+                        ("--row-groups 2 without --guidance linear", ["--row-groups", "2"]),
+                        ("--fisher-draws 3 without --importance-loss fisher", ["--fisher-draws", "3"]),
+                        ("--calib and --calib-set together", ["--calib-set", "set"]),
+                        ("--private without --push-to-hub", ["--private"]),
+                        ("--bits 8 --act-bits 4 (W8A4)", ["--bits", "8", "--group-size", "-1", "--act-bits", "4"])):
+        cli("plan7", name, lambda w, e=extra: [a if a != "set" else w / "set" for a in pl(*e)(w)],
+            setup=(lambda w: _make_set_of(w, "model")) if "--calib-set" in extra else None)
+        if name.startswith(("--row-groups", "--fisher-draws", "--bits 8 --act-bits 4")):
+            cal("options7", f"calibrate {name}", *extra)
+
+    imp7 = lambda *e: lambda w: ["importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16",  # noqa: E731
+                                 "-o", w / "set", *e]
+    for name, extra in (("--lam -0.1", ["--lam", "-0.1"]),
+                        ("--guidance linear --row-groups 0", ["--guidance", "linear", "--row-groups", "0"]),
+                        ("--fisher-draws 2 without --importance-loss fisher", ["--fisher-draws", "2"]),
+                        ("--per-modality --guidance linear on a text model", ["--per-modality", "--guidance", "linear"])):
+        cli("importance7", name, imp7(*extra))
+    cli("importance7", "--guidance linear --row-groups 3 (32 rows: groups of 11, 11, 10)",
+        imp7("--guidance", "linear", "--row-groups", "3"), check=set_ok())
+    cli("importance7", "--top-fraction 1.0 equals no --top-fraction", imp7("--top-fraction", "1.0"),
+        check=lambda w, r: _sets_equal(w, imp7()))
+
+    ex = lambda src, *e: lambda w: ["export", w / src, "--format", "fake", "-o", w / "out", *e]  # noqa: E731
+    cli("export7", "--max-shard-size 0.5GB loads the same weights", ex("ct", "--max-shard-size", "0.5GB"),
+        check=weights_close("out", "ct"))
+    cli("export7", "--max-shard-size -5GB", ex("ct", "--max-shard-size", "-5GB"))
+    cli("export7", "a W8A8 export to gptq_v2", lambda w: ["export", w / "a8", "--format", "gptq_v2", "-o", w / "out"])
+    cli("export7", "an asymmetric export to gptq_v2 loads the same weights", lambda w: [
+        "export", w / "asym", "--format", "gptq_v2", "-o", w / "out"], check=weights_close("out", "asym", 1e-3))
+
+    fitq = lambda *e: lambda w: ["qid", "fit", w / "t.csv", "--bootstrap", "0", *e]  # noqa: E731
+    plain_rows = _fit_rows(lambda b: b)
+    for name, extra in (("--huber-delta 0.5 with --estimator wls (ignored)", ["--huber-delta", "0.5"]),
+                        ("--no-misfit with --estimator huber", ["--no-misfit", "--estimator", "huber"]),
+                        ("--resample errors with --bootstrap 0", ["--resample", "errors"]),
+                        ("--seed 3 with --bootstrap 0 (nothing drawn)", ["--seed", "3"]),
+                        ("--method naming no row", ["--method", "awq"])):
+        cli("qid7", f"fit: {name}", fitq(*extra), setup=plain_rows)
+    cli("qid7", "fit: N written 1e6 / 2e6 / 3e6 equals the plain table", fitq("--json"),
+        setup=_fit_rows(lambda b: b.replace(",1000000,", ",1e6,").replace(",2000000,", ",2e6,").replace(",3000000,", ",3e6,")),
+        check=valid(fit_same_as(QID_HEADER + build_qid_rows())))
+    cli("qid7", "fit: D written with thousands separators (quoted '1,000,000,000')", fitq(),
+        setup=_fit_rows(lambda b: b.replace(",1000000000,", ',"1,000,000,000",')))
+    cli("qid7", "fit: a row with bits 0", fitq(), setup=_fit_rows(lambda b: b + "m9,gptq,0,128,1000000,1000000000,3.0,3.1,0.1,e\n"))
+    cli("qid7", "fit: a row whose loss_q - loss_fp disagrees with its qid", fitq(),
+        setup=_fit_rows(lambda b: b + "m9,gptq,4,128,1000000,1000000000,3.0,3.5,0.01,e\n"))
+    pr = lambda *e: lambda w: ["qid", "predict", *e, "--json"]  # noqa: E731
+    for name, extra in (("--params -1e9", ["--params", "-1e9", "--bits", "3", "--tokens", "1e12"]),
+                        ("--tokens inf", ["--params", "1e9", "--bits", "3", "--tokens", "inf"]),
+                        ("--bits nan", ["--params", "1e9", "--bits", "nan", "--tokens", "1e12"]),
+                        ("--qid -0.1", ["--params", "1e9", "--bits", "3", "--qid", "-0.1"]),
+                        ("--law a CSV (not a fit JSON)", ["--params", "1e9", "--bits", "3", "--tokens", "1e12", "--law", "q.csv"])):
+        cli("qid7", f"predict: {name}", lambda w, e=extra: pr(*[w / a if a == "q.csv" else a for a in e])(w))
+    cli("qid7", "plot: --format pdf makes a PDF", lambda w: ["qid", "plot", w / "q.csv", "--format", "pdf", "-o", w / "pl"],
+        check=lambda w, r: None if list((w / "pl").glob("*.pdf")) and all(
+            p.read_bytes()[:4] == b"%PDF" for p in (w / "pl").glob("*.pdf")) else "no PDF made")
+    cli("qid7", "plot: --format jpg", lambda w: ["qid", "plot", w / "q.csv", "--format", "jpg", "-o", w / "pl"])
+    me = lambda *e: lambda w: ["qid", "measure", w / "model", "--eval", w / "text.txt", "--eval-tokens", "64",  # noqa: E731
+                               "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16", "--group-size", "32",
+                               "-o", w / "m.csv", *e]
+    cli("qid7", "measure: --methods rtn,rtn (a duplicate)", me("--bits", "4", "--methods", "rtn,rtn"),
+        check=lambda w, r: csv_rows_ok(w, r) or (None if len((w / "m.csv").read_text().strip().splitlines()) == 2
+                                                 else "the duplicate method measured twice"))
+    cli("qid7", "measure: --bits 4,4 (a duplicate)", me("--bits", "4,4", "--methods", "rtn"),
+        check=lambda w, r: csv_rows_ok(w, r) or (None if len((w / "m.csv").read_text().strip().splitlines()) == 2
+                                                 else "the duplicate width measured twice"))
+    cli("qid7", "measure: --eval-seqlen 1000 above the model's 64 positions", me("--bits", "4", "--methods", "rtn",
+                                                                               "--eval-seqlen", "1000"))
+    cli("qid7", "training-level: --level 1.5", lambda w: ["qid", "training-level", w / "model", "--bits", "3", "--law",
+                                                          w / "f.json", "--qid", "0.05", "--level", "1.5"], setup=_fit_json)
+    return out
+
+
+def _deep_other(w: Path) -> None:
+    save_tiny_llama(w / "deep2", hidden=128, layers=8, max_positions=128, seed=5)
+
+
+def _closed_pipe(w: Path, args: list) -> Ran:
+    """`quantkit ARGS` whose stdout is a pipe whose reader closed before the output came: a quiet exit (or one
+    line) is clean, a traceback is not."""
+    import subprocess
+
+    read, write_end = os.pipe()
+    os.close(read)
+    proc = subprocess.run([QUANTKIT_BIN, *map(str, args)], cwd=w, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, timeout=200)
+    os.close(write_end)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
+    if "Traceback" not in proc.stderr and len(lines) <= 1:
+        return Ran(2, "", lines[0] + "\n" if lines and lines[0].startswith("error: ") else "error: (broken pipe, quiet)\n")
+    return Ran(1, "", proc.stderr)
+
+
+def _sets_equal(w: Path, ref: Callable[[Path], list]) -> str | None:
+    args = [str(a) for a in ref(w)]
+    args[args.index(str(w / "set"))] = str(w / "set_ref")
+    done = run_cli(*args)
+    if done.exit_code != 0:
+        return f"the reference importance run failed: {done.output[-200:]}"
+    for p in sorted((w / "set_ref").glob("*.safetensors")):
+        if _bytes_of(p) != _bytes_of(w / "set" / p.name):
+            return f"set/{p.name} differs from the set without --top-fraction"
+    return None
+
+
+def seventh_round() -> list[Case]:
+    """Round 7, a third fresh battery by the round-5 helper (issue #22's target): the families landed last session
+    (generic adapter, flagless and fused expert layouts, latent attention) with each option, checked against the
+    model (a quantized copy of each tensor) and a reference run; model files that lie (safetensors headers, shards
+    and index, configs, tokenizers); API arguments of odd types; load_quantized of exports quantkit did not write;
+    runs stopped by signals and resumed; environments (offline hub ids, unwritable HOME/TMPDIR, torchrun
+    variables); paths with unicode, spaces and glob characters; outputs reaching inputs through symlinks; and each
+    subcommand's options that contradict each other or leave their range."""
+    return [*seventh_round_a(), *seventh_round_b()]
+
+
+
+
+ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
+          7: seventh_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -3065,6 +4176,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "fault_battery.json"))
     parser.add_argument("--round", "--rounds", dest="rounds", default=None,
                         help="Run only these rounds' cases, e.g. 5 or 1,2,3,4 (default: all).")
+    parser.add_argument("--areas", default=None, help="Run only cases of these areas (comma-separated, exact).")
     parser.add_argument("--show-clean", action="store_true", help="List the clean cases' error lines too.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -3072,16 +4184,19 @@ def main() -> None:
     started, wall = time.process_time(), time.perf_counter()
     rounds = sorted(int(r) for r in args.rounds.split(",")) if args.rounds else sorted(ROUNDS)
     pool = cases(rounds)
-    selected = [c for c in pool if args.k is None or args.k in c.area or args.k in c.name]
+    selected = [c for c in pool if (args.k is None or args.k in c.area or args.k in c.name)
+                and (args.areas is None or c.area in args.areas.split(","))]
     counts: Counter = Counter()
     by_area: dict[str, Counter] = {}
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if 5 in rounds or 6 in rounds:
+        if 5 in rounds or 6 in rounds or 7 in rounds:
             build_extras(base)
         if 6 in rounds:
             build_sixth(base)
+        if 7 in rounds:
+            build_seventh(base)
         cwd = os.getcwd()
         for number, case in enumerate(selected):
             work = Path(tmp) / f"case{number}"
@@ -3102,10 +4217,11 @@ def main() -> None:
             by_area.setdefault(case.area, Counter())[kind] += 1
             entry = {"area": case.area, "case": case.name, "class": kind, "detail": detail[:400]}
             (clean if kind in ("clean", "accepted") else failures).append(entry)
-            print(f"[{number + 1}/{len(selected)}] {kind:<11} {case.area}: {case.name}", file=sys.stderr)
+            print(f"[{number + 1}/{len(selected)}] {kind:<11} {case.area}: {case.name}"
+                  + ("" if kind in ("clean", "accepted") else f"\n    -> {detail[:400]}"), file=sys.stderr)
     result = {
         "command": "python benchmarks/fault_battery.py" + (f" -k {args.k!r}" if args.k else "")
-                   + (f" --rounds {args.rounds}" if args.rounds else ""),
+                   + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --areas {args.areas}" if args.areas else ""),
         "cases": len(selected),
         **{k: counts.get(k, 0) for k in ("clean", "accepted", "traceback", "quiet", "noisy", "left_behind", "hang",
                                          "refused_valid")},
