@@ -6,7 +6,8 @@ tiny_vlm_config for image-text types), the model saved with a word-level tokeniz
 with GPTQ at 4 bits (per channel) on random text (helpers.run_calibration: the CLI's job, checks, loading,
 engine and export), the compressed-tensors export read back by plain transformers (decompressed where transformers
 reads it no other way) and its logits compared with quantkit's own reading of the export (<= 1e-3 of the
-largest logit). Each type ends as one of:
+largest logit). Types with GPT-2-style Conv1D layers, which compressed-tensors' loaders do not quantize, export the
+fake format instead (dense dequantized weights, read by plain transformers as an ordinary checkpoint). Each type ends as one of:
 
 - works: the round trip holds (notes say what stayed in full precision and why);
 - refused: quantkit's one-line reason (an encoder, an encoder-decoder, Conv1D layers, experts...);
@@ -147,9 +148,12 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
         return {**row, "status": "not built tiny", "why": f"transformers loads the test tokenizers as "
                                                           f"{type(loaded).__name__} for this type, which reads none of "
                                                           "their words"}
+    from quantkit.models.conv1d import transposed_linears
+
+    fmt = "fake" if transposed_linears(model) else "compressed-tensors"
     try:
         report = run_calibration(str(model_dir), str(out), QuantSpec(bits=4, group_size=-1), method="gptq",
-                                 calib=str(text), nsamples=2, seqlen=16, progress=False, format="compressed-tensors")
+                                 calib=str(text), nsamples=2, seqlen=16, progress=False, format=fmt)
     except QuantkitError as err:
         return {**row, "status": "refused", "why": str(err)}
     except TooSlow:
@@ -163,7 +167,8 @@ def run_type(model_type: str, head: str, root: Path) -> dict:
             ours = quantkit.load_quantized(out)(input_ids=ids).logits.float()
     except Exception as err:  # noqa: BLE001
         return {**row, "status": "failed", "why": f"quantkit reload: {first_line(err)}"}
-    theirs, loading = None, "compressed"
+    theirs, loading = None, "compressed" if fmt == "compressed-tensors" else "dense (fake format: compressed-tensors "\
+        "loaders quantize nn.Linear only, not Conv1D)"
     try:
         with torch.no_grad():
             theirs = auto.from_pretrained(out)(input_ids=ids).logits.float()

@@ -759,7 +759,7 @@ def whole_model_gradients(model, layers, sample: dict) -> list[torch.Tensor]:
     outputs: list[torch.Tensor] = []
 
     def keep(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = output[0] if isinstance(output, (tuple, list)) else output  # OpenAI GPT's layers return a list
         hidden.retain_grad()
         outputs.append(hidden)
 

@@ -91,7 +91,6 @@ def test_mixture_of_experts_blocks_are_found_with_their_router() -> None:
 
 
 @pytest.mark.parametrize(("model_type", "message"), [
-    ("gpt2", "unsupported architecture 'gpt2': transformer.h.0.attn.c_attn is a transposed Conv1D"),
     ("bert", "unsupported architecture 'bert': its layers (bert.encoder.layer) are an encoder stack"),
 ])
 def test_what_cannot_be_handled_is_one_line(model_type: str, message: str) -> None:

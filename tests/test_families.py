@@ -70,7 +70,13 @@ FAMILIES = {
     "qwen4_exp_text": {},  # linear attention, then attention whose token indexer reads its mask per sample (not stacked)
     # hyper-connections: layers carry 4 streams [B, T, 4, d]; after the last layer a mixing head, then the final norm
     "hy_v4": {},
+    # GPT-2-style Conv1D layers (weight stored [in, out]), solved as linears of the transposed weight
+    "gpt2": {},  # learned positions, fused c_attn, biases
+    "openai-gpt": {},  # post-norm layers
+    "gpt-sw3": {},  # GPT-2's model under its own type
 }
+# compressed-tensors quantizes nn.Linear only: Conv1D families export fake (dense, for plain transformers) and GPTQ
+CONV1D = {"gpt2", "openai-gpt", "gpt-sw3"}
 # transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
 DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks",
                       "nanochat": "transformers' NanoChat weight init reads o_proj.weight, which a compressed module lacks"}
@@ -85,7 +91,7 @@ RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied 
 GPTQ_UNPACKABLE = {"falcon_h1", "olmo_hybrid", "nemotron_h", "qwen4_exp_text", "hy_v4"}
 SPEC = QuantSpec(bits=4, group_size=16, act_order=False)  # in column order: the engine-level references solve so
 RUN_SPEC = QuantSpec(bits=4, group_size=16)  # the defaults (act-order, static groups) for whole runs
-LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3", "granitemoe", "dbrx", "inkling_text"]
+LOW_MEMORY_FAMILIES = ["gemma2", "phi3", "deepseek_v3", "granitemoe", "dbrx", "inkling_text", "gpt2"]
 
 
 def samples(n: int = 4, tokens: int = 16, seed: int = 1) -> list[dict]:
@@ -194,7 +200,8 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     if model_type in RELOAD_NEEDS and Version(transformers_version) < Version(RELOAD_NEEDS[model_type][0]):
         pytest.skip(f"needs transformers >= {RELOAD_NEEDS[model_type][0]}: {RELOAD_NEEDS[model_type][1]}")
     kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
-    report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format="compressed-tensors", **kw)
+    fmt = "fake" if model_type in CONV1D else "compressed-tensors"  # fake: dense weights any loader reads
+    report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format=fmt, **kw)
     if model_type == "hy_v4":  # its hyper-connection head, between the last layer and the final norm, is named
         assert list(report["full_precision"]) == ["model.hc_head"]
     ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -258,8 +265,66 @@ def test_gptq_export_reloads_in_transformers_with_quantkits_logits(tmp_path: Pat
 
 @pytest.mark.parametrize("model_type", LOW_MEMORY_FAMILIES)
 def test_low_memory_with_two_ranks_writes_the_in_memory_bytes(family_dirs, tmp_path: Path, model_type: str) -> None:
-    kw = dict(method="gptq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False, fp_target=True)
+    kw = dict(method="gptq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False, fp_target=True,
+              format="gptq_v2" if model_type in CONV1D else "compressed-tensors")
     run_calibration(str(family_dirs[model_type]), str(tmp_path / "plain"), RUN_SPEC, **kw)
     report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "low"), RUN_SPEC, nproc=2, low_memory=True, **kw)
     assert report["low_memory"] and report["world_size"] == 2
     assert_same_files(tmp_path / "plain", tmp_path / "low")
+
+
+@pytest.mark.parametrize("model_type", sorted(CONV1D))
+def test_conv1d_is_quantized_as_the_linear_of_its_transposed_weight(model_type: str) -> None:
+    """A Conv1D (x @ W + b, W stored [in, out]) is solved as the linear with weight W.T: its RTN codes are those of
+    W.T; the model computes what it computed; a fake export read by plain transformers holds the dequantized
+    codes transposed back, with quantkit's logits."""
+    model = tiny_causal_lm(model_type)
+    ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    convs = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    assert convs
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    results = calibrate_model(model, samples(), SPEC, method="rtn", progress=False).results
+    assert set(results) == set(convs) == set(layer_linears(model, adapter))
+    for name, weight in convs.items():
+        assert torch.equal(results[name].qweight, rtn_solve(weight.T.float(), None, SPEC).qweight), name
+        assert torch.equal(get_module(model, name).weight, results[name].dequantize().to(weight.dtype)), name
+
+
+@pytest.mark.parametrize("model_type", sorted(CONV1D))
+def test_conv1d_exports_reload_in_transformers_and_compressed_tensors_refuses(family_dirs, tmp_path: Path,
+                                                                             model_type: str) -> None:
+    """GPTQ (read by quantkit) and fake (read by plain transformers: each Conv1D weight is the dequantized codes
+    transposed) give one model; compressed-tensors, whose loaders quantize nn.Linear only, is refused before any
+    calibration (calibrate) or output (export), in one line naming the formats that hold it."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.cli import main
+    from quantkit.export import read_checkpoint
+
+    kw = dict(method="gptq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
+    run_calibration(str(family_dirs[model_type]), str(tmp_path / "gptq"), RUN_SPEC, format="gptq_v2", **kw)
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(tmp_path / "gptq"), "--format", "fake", "-o", str(tmp_path / "fake")])
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fake")
+    results = read_checkpoint(tmp_path / "gptq").results
+    assert results and all(type(get_module(theirs, n)).__name__ == "Conv1D" for n in results)
+    for name, r in results.items():
+        assert torch.equal(get_module(theirs, name).weight.float(), r.dequantize().T), name
+    with torch.no_grad():
+        ours = quantkit.load_quantized(tmp_path / "gptq")(input_ids=ids).logits
+        assert (theirs(input_ids=ids).logits - ours).abs().max() <= 1e-3 * ours.abs().max()
+    for args, out in ((["calibrate", str(family_dirs[model_type]), "--calib", str(family_dirs["text"]), "--method", "rtn",
+                        "--nsamples", "2", "--seqlen", "16", "--group-size", "16", "--format", "compressed-tensors"],
+                       tmp_path / "ct"),
+                      (["export", str(tmp_path / "gptq"), "--format", "compressed-tensors"], tmp_path / "ct2")):
+        result = runner.invoke(main, [*args, "-o", str(out)])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and "Conv1D" in lines[0] and "gptq_v2" in lines[0], result.output
+        assert not out.exists()

@@ -163,6 +163,7 @@ def check_linear_shapes(job: CalibrationJob, model_or_config: object) -> None:
     from quantkit.engine.checks import candidate_linears
     from quantkit.export.formats import format_for
     from quantkit.models import get_module
+    from quantkit.models.conv1d import TransposedLinear
 
     q = job.quantization
     model, adapter = _model_and_adapter(job, model_or_config)
@@ -170,6 +171,8 @@ def check_linear_shapes(job: CalibrationJob, model_or_config: object) -> None:
     for name in candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision):
         linear = get_module(model, name)
         fmt.check_linear(name, linear.out_features, linear.in_features, q.weights.bits)
+        if isinstance(linear, TransposedLinear):
+            fmt.check_conv1d(name)
 
 
 def check_recipe(job: CalibrationJob, model_or_config: object) -> None:

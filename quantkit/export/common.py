@@ -53,13 +53,16 @@ class Layout:
     # (checkpoint name, the model's name) of the linears whose names differ (DeepSeek-V4's attn.wkv is the model's
     # self_attn.kv_proj): a loader matches quantization targets against the model it builds
     model_names: tuple[tuple[str, str], ...] = ()
+    # checkpoint names of the linears whose checkpoints store the weight [in, out] (GPT-2's Conv1D,
+    # quantkit.models.conv1d): dense formats write them so, formats without a Conv1D loader refuse them
+    transposed: tuple[str, ...] = ()
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> Layout:
         """The layout quantkit.json recorded."""
         order = manifest.get("linear_order")
         return cls(tuple(order) if order else None, manifest.get("n_blocks"), tuple(manifest.get("fp_linears") or ()),
-                   tuple(sorted((manifest.get("model_names") or {}).items())))
+                   tuple(sorted((manifest.get("model_names") or {}).items())), tuple(manifest.get("transposed") or ()))
 
 
 @dataclass

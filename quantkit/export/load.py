@@ -10,6 +10,7 @@ import torch
 from quantkit.errors import QuantkitError, expect_path
 from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
 from quantkit.export.reader import build_model, model_name, read_checkpoint, read_json
+from quantkit.models.conv1d import checkpoint_layout
 from quantkit.models.experts import (
     fuse_experts,
     model_key,
@@ -19,11 +20,14 @@ from quantkit.models.experts import (
 
 
 def dense_state(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """FP tensors plus each quantized linear's dequantized weight (in `dtype`, default the FP dtype)."""
+    """FP tensors plus each quantized linear's dequantized weight (in `dtype`, default the FP dtype), in the layout of
+    the model's checkpoints (a Conv1D's [in, out])."""
     dtype = dtype or float_dtype(ckpt.fp_tensors)
     state = dict(ckpt.fp_tensors)
+    transposed = set(ckpt.manifest.get("transposed") or ())
     for name, r in ckpt.results.items():
-        state[f"{name}.weight"] = r.dequantize().to(dtype)
+        weight = r.dequantize().to(dtype)
+        state[f"{name}.weight"] = checkpoint_layout(weight) if name in transposed else weight
     return state
 
 

@@ -61,6 +61,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}
     stored = StoredTensors(root, tensors, sidecar)
     results: dict[str, QuantResult] = {}
+    if fmt.stores_dense_weights:  # a Conv1D's dense weight is stored [in, out]: its result is the linear's
+        for module in set(manifest.get("transposed") or ()) & set(settings):
+            if f"{module}.weight" in stored.tensors:
+                stored.tensors[f"{module}.weight"] = stored.tensors[f"{module}.weight"].t()
     for module, setting in settings.items():
         try:
             r = fmt.decode(module, stored, setting)

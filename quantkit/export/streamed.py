@@ -15,6 +15,7 @@ from quantkit.export.experts import dense_fused_experts
 from quantkit.export.writer import renamed_linears, write_checkpoint_streamed
 from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models import adapter_for
+from quantkit.models.conv1d import transposed_linears
 from quantkit.models.experts import checkpoint_key, checkpoint_module
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -72,6 +73,7 @@ def export_streamed(
     fp_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in results)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    layout = Layout(tuple(adapter.sub_names()), n_layers, tuple(fp_linears), renamed_linears(model, module))
+    layout = Layout(tuple(adapter.sub_names()), n_layers, tuple(fp_linears), renamed_linears(model, module),
+                    tuple(module(n) for n in transposed_linears(model)))
     return write_checkpoint_streamed(config, parts(), output, fmt=fmt, spec=spec, layout=layout, source=source,
                                      report=report, overwrite=overwrite)

@@ -40,6 +40,8 @@ from quantkit.export.experts import dense_fused_experts
 from quantkit.export.formats import Format, format_for
 from quantkit.export.spool import DiskSpool, MemorySpool, parse_size, write_sharded
 from quantkit.fsutil import atomic_dir
+from quantkit.models.base import get_module
+from quantkit.models.conv1d import checkpoint_layout, transposed_linears
 from quantkit.models.experts import checkpoint_key, checkpoint_module
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -84,7 +86,8 @@ def save_quantized(
     fp = {key(k): t for k, t in fp.items()}
     results = {module(n): r for n, r in results.items()}
     # FP linears by the model's own names: loaders match the ignore list against the model they build
-    layout = Layout(linear_order, n_blocks, tuple(fp_linears), renamed_linears(model, module))
+    layout = Layout(linear_order, n_blocks, tuple(fp_linears), renamed_linears(model, module),
+                    tuple(module(n) for n in transposed_linears(model)))
     ckpt = Checkpoint(config=config, manifest={}, fp_tensors=fp, results=results, layout=layout)
     return write_checkpoint(ckpt, out_dir, fmt=fmt, spec=spec, source=source, report=report, overwrite=overwrite,
                             max_shard_size=max_shard_size, extra_files=extra_files, processor=processor)
@@ -146,7 +149,7 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
     with atomic_dir(out_dir, overwrite) as tmp:
         tensors, sidecar = (DiskSpool(tmp / ".spool" / "model"), DiskSpool(tmp / ".spool" / "qparams")) if spool_to_disk \
             else (MemorySpool(), MemorySpool())
-        stubs, fp_names, fp_dtype = _encode(parts, format_, tensors, sidecar)
+        stubs, fp_names, fp_dtype = _encode(parts, format_, tensors, sidecar, set(layout.transposed))
         plan = build_plan(stubs, fp_linears=layout.fp_linears, damp=spec.damp, static_groups=spec.static_groups,
                           linear_order=layout.linear_order, n_blocks=layout.n_blocks, act_bits=format_.act_bits,
                           model_names=layout.model_names)
@@ -155,7 +158,7 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
         if sidecar.keys:
             sidecar.write_file(sidecar.keys, tmp / format_.sidecar)
         shutil.rmtree(tmp / ".spool", ignore_errors=True)
-        config, qc, manifest = _config_and_manifest(config, format_, plan, fp_names, fp_dtype)
+        config, qc, manifest = _config_and_manifest(config, format_, plan, fp_names, fp_dtype, layout.transposed)
         _write_metadata(tmp, format_, config, qc, manifest, report, source)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -167,9 +170,10 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
 
 
 def _encode(parts: Iterable[Part], format_: Format, tensors: MemorySpool | DiskSpool,
-            sidecar: MemorySpool | DiskSpool) -> tuple[dict[str, QuantResult], list[str], torch.dtype]:
-    """Encode every piece into the spools; return metadata stubs of the results (settings and g_idx, for the
-    plan), the FP tensors' names and the model's float dtype."""
+            sidecar: MemorySpool | DiskSpool, transposed: set[str]) -> tuple[dict[str, QuantResult], list[str], torch.dtype]:
+    """Encode every piece into the spools (a dense weight of a `transposed` linear in its checkpoint's [in, out]);
+    return metadata stubs of the results (settings and g_idx, for the plan), the FP tensors' names and the model's
+    float dtype."""
     stubs: dict[str, QuantResult] = {}
     fp_names: list[str] = []
     fp_dtype: torch.dtype | None = None
@@ -183,7 +187,11 @@ def _encode(parts: Iterable[Part], format_: Format, tensors: MemorySpool | DiskS
             format_.check(name, r)
             if f"{name}.weight" in fp:
                 raise QuantkitError(f"{name} is quantized but its FP weight is also present; this is a bug")
+            if name in transposed:
+                format_.check_conv1d(name)
             tensors_of, side_of = format_.encode(name, r, fp_dtype or torch.float32)
+            if name in transposed and format_.stores_dense_weights:
+                tensors_of[f"{name}.weight"] = checkpoint_layout(tensors_of[f"{name}.weight"])
             encoded.update(tensors_of)
             side.update(side_of)
             empty = torch.empty(0, 0)
@@ -201,7 +209,7 @@ def _encode(parts: Iterable[Part], format_: Format, tensors: MemorySpool | DiskS
 
 
 def _config_and_manifest(source_config: dict, fmt: Format, plan: ExportPlan, fp_names: list[str],
-                         fp_dtype: torch.dtype) -> tuple[dict, dict | None, dict]:
+                         fp_dtype: torch.dtype, transposed: tuple[str, ...] = ()) -> tuple[dict, dict | None, dict]:
     """config.json with the format's quantization_config, that config alone, and quantkit.json."""
     config = dict(source_config)
     config.pop("quantization_config", None)
@@ -222,6 +230,8 @@ def _config_and_manifest(source_config: dict, fmt: Format, plan: ExportPlan, fp_
     }
     if plan.model_names:
         manifest["model_names"] = dict(plan.model_names)
+    if transposed:
+        manifest["transposed"] = sorted(transposed)
     return config, qc, manifest
 
 
@@ -295,10 +305,9 @@ def _fp_state(model: torch.nn.Module, results: dict[str, QuantResult]) -> dict[s
         key = f"{name}.weight"
         if key not in state:
             raise QuantkitError(f"quantized module {name} has no weight in the model; check the result names")
-        if tuple(state[key].shape) != tuple(r.qweight.shape):
-            raise QuantkitError(
-                f"{name}: result shape {tuple(r.qweight.shape)} does not match the weight {tuple(state[key].shape)}"
-            )
+        shape = tuple(get_module(model, name).weight.shape)  # a Conv1D's state dict holds it transposed
+        if shape != tuple(r.qweight.shape):
+            raise QuantkitError(f"{name}: result shape {tuple(r.qweight.shape)} does not match the weight {shape}")
         if key not in out:
             raise QuantkitError(f"{name}: its weight is tied to another tensor; tied weights cannot be quantized")
         del out[key]

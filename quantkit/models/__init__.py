@@ -61,7 +61,8 @@ def family_for(config) -> Family | None:
 def adapter_for(model: nn.Module | object) -> Adapter:
     """The adapter of a built model (derived once per model object), or of a config (derived from its model built
     on the meta device); a QuantkitError naming what was not found. A model's fused experts become per-expert
-    linears first, in place (quantkit.models.experts.unfuse_experts; the model computes what it computed)."""
+    linears first, and Conv1D layers linears (quantkit.models.conv1d), in place (the model computes what it computed)."""
+    from quantkit.models.conv1d import linears_from_conv1d
     from quantkit.models.experts import unfuse_experts
 
     if not isinstance(model, nn.Module):
@@ -69,9 +70,11 @@ def adapter_for(model: nn.Module | object) -> Adapter:
 
         with torch.device("meta"):
             model = auto_class_for(model).from_config(model)
-    # quantkit works on a mixture of experts with one linear per expert projection: fused experts are split first
-    unfused = unfuse_experts(model)
-    adapter = None if unfused else _DERIVED.get(model)
+    # quantkit works on a mixture of experts with one linear per expert projection: fused experts are split first;
+    # GPT-2-style Conv1D layers become linears
+    changed = linears_from_conv1d(model)
+    changed = unfuse_experts(model) or changed
+    adapter = None if changed else _DERIVED.get(model)
     if adapter is None:
         adapter = derive_adapter(model, family_for(model.config))
         _DERIVED[model] = adapter

@@ -136,8 +136,6 @@ def _router(layer: nn.Module, block: str, experts: str, count: int) -> str | Non
 def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tuple[LayerLayout, object]:
     """One decoder layer's LayerLayout from a run on its recorded call (`where`: its path, for messages);
     also the layer's output (what the model receives from it)."""
-    from transformers.pytorch_utils import Conv1D
-
     containers = _expert_containers(layer)
     blocks = {_parent(c) or c: c for c in containers}
     routers = {block: _router(layer, block, experts, containers[experts]) for block, experts in blocks.items()}
@@ -189,9 +187,6 @@ def layer_layout(layer: nn.Module, args: tuple, kwargs: dict, where: str) -> tup
             if name not in called:
                 full_precision.append((name, "an nn.Linear not called on a probe input (its weight read directly, or its branch not taken)"))
             continue
-        if isinstance(module, Conv1D):
-            raise QuantkitError(f"{where}.{name} is a transposed Conv1D (the GPT-2 layout), not an nn.Linear; "
-                                "quantkit quantizes nn.Linear modules only")
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() < 2:
                 continue

@@ -85,7 +85,9 @@ def outside_layers_on_cpu(model: nn.Module, layers: nn.ModuleList) -> Iterator[N
             for key, tensor in list(store.items()):
                 if tensor is not None and tensor.device.type == "meta":
                     swapped.append((store, key, tensor))
-                    empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+                    # integer buffers are indices (OpenAI GPT's position_ids): zeros, as probe positions are
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype) if tensor.is_floating_point() else \
+                        torch.zeros(tensor.shape, dtype=tensor.dtype)
                     store[key] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
     try:
         yield

@@ -23,6 +23,7 @@ class Format:
     holds_outside_layers: bool = True  # quantized linears outside the decoder layers (lm_head, vision side)
     holds_activation_bits: bool = True  # a declaration of quantized linear inputs (W8A8); False: weight-only
     stores_dense_weights: bool = False  # weights stored unpacked (the export is about the FP model's size)
+    holds_conv1d: bool = True  # linears whose checkpoints store the weight [in, out] (GPT-2's Conv1D)
     sidecar: str | None = None  # a safetensors file of its own beside the weights, if any
     transformers_extras: str = ""  # what `pip install` transformers needs to load it ("" for nothing)
     vllm_bits: tuple[int, ...] = SUPPORTED_BITS  # widths vLLM loads in this format (empty: none)
@@ -59,6 +60,13 @@ class Format:
                 f"{name}: act-order groups (a permuted g_idx) cannot be stored in {self.name}; quantize with "
                 "static groups or export to gptq_v2"
             )
+
+    def check_conv1d(self, name: str) -> None:
+        """Raise QuantkitError if this format cannot hold linear `name`, a GPT-2-style Conv1D."""
+        if not self.holds_conv1d:
+            able = [f.name for f in Format.registered if f.holds_conv1d]
+            raise QuantkitError(f"{name} is a GPT-2-style Conv1D (weight stored [in, out]), which {self.name} loaders "
+                                f"do not quantize (nn.Linear only); export to {' or '.join(able)} instead")
 
     def check_plan(self, plan: ExportPlan) -> None:
         """Raise QuantkitError if the model as a whole cannot be described (after every check())."""

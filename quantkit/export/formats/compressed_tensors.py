@@ -110,6 +110,9 @@ class CompressedTensorsFormat(Format):
     bits = (2, 3, 4, 8)
     vllm_bits = (4, 8)
     holds_permuted_groups = False  # actorder="group" (a g_idx) was removed from compressed-tensors
+    # compressed-tensors (0.20 and later) applies its schemes to nn.Linear and nn.Embedding only: a Conv1D matched by
+    # name keeps its dense weight, and transformers would leave it uninitialised beside the stored packed tensors
+    holds_conv1d = False
     transformers_extras = "compressed-tensors"
     quant_method = "compressed-tensors"
 
