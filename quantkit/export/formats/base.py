@@ -64,9 +64,9 @@ class Format:
     def check_conv1d(self, name: str) -> None:
         """Raise QuantkitError if this format cannot hold linear `name`, a GPT-2-style Conv1D."""
         if not self.holds_conv1d:
-            able = [f.name for f in Format.registered if f.holds_conv1d]
+            able = sorted((f.name for f in Format.registered if f.holds_conv1d), key=lambda n: n != "gptq_v2")
             raise QuantkitError(f"{name} is a GPT-2-style Conv1D (weight stored [in, out]), which {self.name} loaders "
-                                f"do not quantize (nn.Linear only); export to {' or '.join(able)} instead")
+                                f"do not quantize (nn.Linear only); pass --format {able[0]} (or {', '.join(able[1:])})")
 
     def check_plan(self, plan: ExportPlan) -> None:
         """Raise QuantkitError if the model as a whole cannot be described (after every check())."""
