@@ -444,10 +444,12 @@ def merge_runs(paths: list[Path], base: str = "gptq_fp", default: str = "tlq_fp"
         if key in fps and fps[key] != report["fp"]:
             raise click.UsageError(f"{key}: outputs disagree on the FP model's scores (other examples?)")
         fps[key] = report["fp"]
-        for setting, per_method in report["runs"].items():
+        group_size = report["settings"]["group_size"]
+        for label, per_method in report["runs"].items():
+            setting = label if group_size == -1 else f"{label}_g{group_size}"
             for m, results in per_method.items():
                 runs.setdefault(key, {}).setdefault(setting, {}).setdefault(m, []).extend(results)
-                part = report["summary"][setting].get(f"{m}_nll_minus_{base}")
+                part = report["summary"][label].get(f"{m}_nll_minus_{base}")
                 if part is not None:
                     paired_nll_parts.setdefault((*key, setting, m), []).append(part)
     table: dict = {}
