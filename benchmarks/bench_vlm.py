@@ -487,7 +487,7 @@ def merge_runs(paths: list[Path], base: str = "gptq_fp", default: str = "tlq_fp"
         choice = {"rule": f"validation: lowest worst-cell answer-NLL gap minus {base}'s (nats), then the mean",
                   "candidates": scored, "chosen": chosen}
     return {"base": base, "inputs": [str(p) for p in paths], "table": table, "choice": choice,
-            "runs": {f"{r['settings']['split']}/{Path(r['model']).name}": r for r in reports}}
+            "outputs": reports}
 
 
 @click.command()
