@@ -170,8 +170,12 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
                 if num in table and den in table:
                     per_draw = [r[f"{num}_{metric}"]["all"] / r[f"{den}_{metric}"]["all"] for r in mine]
                     mean, se = mean_se(per_draw)
+                    # the paired difference per draw: its SE, over the denominator's mean, is the ratio of means' SE
+                    diff, diff_se = mean_se([r[f"{num}_{metric}"]["all"] - r[f"{den}_{metric}"]["all"] for r in mine])
                     ratios[f"{num}/{den}"] = {"of_means": table[num]["all"]["mean"] / table[den]["all"]["mean"],
-                                              "per_draw_mean": mean, "per_draw_se": se}
+                                              "of_means_se": diff_se / abs(table[den]["all"]["mean"]),
+                                              "per_draw_mean": mean, "per_draw_se": se,
+                                              "paired_difference": diff, "paired_difference_se": diff_se}
             out[label][key] = table
             out[label]["ratios" if metric == "gap" else "kl_ratios"] = ratios
     return out
