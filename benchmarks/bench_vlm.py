@@ -172,6 +172,11 @@ held-out set.
 lam 0.3 was chosen that way (``--split val --heldout 1024 --bits 2 --nsamples 32``, calibration
 seeds 0,1,2): TLQ accuracy 0.878/0.876/0.858 at lam 0.3 against 0.872/0.873/0.822 at lam 0.1
 (GPTQ 0.875/0.875/0.861): at lam 0.1 one seed lost 4 points.
+
+``--merge OUT...`` joins outputs (models x splits x seed sets) into one report: every method against GPTQ + FP
+target per model and setting, and the choice among the TLQ variants on the validation outputs (merge_runs). Issue
+#24 item 6 (answer-token importance, modality floor, bounded weights) used it: benchmarks/README.md, "VLM: item 6",
+results/bench_vlm_item6.json (quantkit's own TLQ floor, lam 0.1, with ``--lam 0.1``).
 """
 
 from __future__ import annotations
