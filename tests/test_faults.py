@@ -390,8 +390,14 @@ def start(args: list, hooks: str | None = None) -> tuple[subprocess.Popen, list[
         while data := os.read(proc.stderr.fileno(), 4096):
             chunks.append(data)
 
-    threading.Thread(target=pump, daemon=True).start()
+    threading.Thread(target=pump, name=f"stderr of {proc.pid}", daemon=True).start()
     return proc, chunks
+
+
+def all_of_stderr(proc: subprocess.Popen, chunks: list[bytes]) -> str:
+    """What `start`'s process and its children wrote to stderr, once the last of them has closed it."""
+    wait_until(lambda: not any(t.name == f"stderr of {proc.pid}" for t in threading.enumerate()))
+    return b"".join(chunks).decode()
 
 
 def wait_until(condition, timeout: float = 120.0) -> None:
@@ -412,6 +418,23 @@ def test_signal_removes_everything(work: Path, sig: signal.Signals) -> None:
         assert proc.wait(timeout=60) == 128 + sig
     errors = [line for line in b"".join(chunks).decode().splitlines() if line.startswith("error:")]
     assert errors == [f"error: interrupted ({sig.name}); nothing was written"], b"".join(chunks).decode()[-2000:]
+
+
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["--low-memory"])])
+def test_signal_to_two_ranks_ends_them_as_one_process(work: Path, sig: signal.Signals, extra: list) -> None:
+    """An interrupted --nproc 2 run killed its ranks: the error line was glued to rank 0's unfinished progress bar
+    and the resource tracker then reported the killed ranks' semaphores as leaked (3 more lines). Now each rank
+    unwinds: the bar's line ends, the error is a line of its own and the last one, and no rank outlives the run."""
+    args = [a for a in calibrate(work, "--nproc", "2", *extra, "-o", work / "out") if a != "--json"]  # a bar
+    with unchanged(work):  # no layer finished: nothing is kept
+        proc, chunks = start(args, "Hooks(on_layer=Delay(30))")
+        wait_until(lambda: b"calibrate gptq" in b"".join(chunks))  # rank 0's progress bar
+        proc.send_signal(sig)
+        assert proc.wait(timeout=90) == 128 + sig
+        stderr = all_of_stderr(proc, chunks)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"error: interrupted ({sig.name}); nothing was written", stderr[-2000:]
+    assert sum("error:" in line for line in lines) == 1 and "leaked" not in stderr, stderr[-2000:]
 
 
 def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None:

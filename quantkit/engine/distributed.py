@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -115,8 +116,15 @@ def init_from_env(device: str, devices: list[int] | None, timeout_s: float) -> t
 def _rank_entry(rank: int, world: int, job: Callable, kwargs: dict, progress, error_dir: str,
                 device: str, devices: list[int] | None, timeout_s: float, threads: int) -> None:
     """Body of one spawned rank: join the group, run `job`, record any failure for the parent."""
+    import threading
+
+    from tqdm import tqdm
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore, which a killed rank leaves for the resource tracker to
+    # report as leaked; only rank 0 draws a bar, so a thread lock is enough
+    tqdm.set_lock(threading.RLock())
 
     def on_layer(index: int) -> None:
         progress[rank] = index
@@ -127,12 +135,17 @@ def _rank_entry(rank: int, world: int, job: Callable, kwargs: dict, progress, er
         comm = init_group(rank, world, mine, timeout_s, on_layer=on_layer, init_method=rendezvous)
         job(comm=comm, device=mine, **kwargs)
         dist.destroy_process_group()
+        return
+    except KeyboardInterrupt:
+        pass  # the parent's _stop: unwound (rank 0's progress bar closed its line)
     except BaseException as err:
         record = {"rank": rank, "layer": progress[rank], "time": time.time(),
                   "error": f"{type(err).__name__}: {err}".splitlines()[0],
                   "quantkit": isinstance(err, QuantkitError), "traceback": traceback.format_exc()}
         Path(error_dir, f"rank{rank}.json").write_text(json.dumps(record))
         raise
+    # an interrupted rank leaves at once: its process group's teardown at exit waits on the other ranks (it hangs)
+    os._exit(130)  # 128 + SIGINT, as a shell reports it
 
 
 def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", devices: list[int] | None = None,
@@ -153,10 +166,28 @@ def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", de
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
             raise QuantkitError(_failure_message(err, error_dir, progress)) from None
         except BaseException:
-            for proc in procs.processes:
-                if proc.is_alive():
-                    proc.kill()
+            _stop(procs.processes)
             raise
+
+
+def _stop(processes: list, grace_s: float = 5.0) -> None:
+    """End the ranks of an interrupted run as a single process ends: SIGINT, so each unwinds (rank 0 ends its
+    progress bar's line, each frees its semaphores: killed ranks leave them for the resource tracker to report
+    as leaked), then SIGKILL what still runs after `grace_s` (a rank stuck in a collective)."""
+    import signal
+
+    alive = [proc for proc in processes if proc.is_alive()]
+    for proc in alive:
+        os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for proc in alive:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    stuck = [proc for proc in alive if proc.is_alive()]
+    for proc in stuck:
+        proc.kill()
+        proc.join()
+    if stuck:
+        print(file=sys.stderr, flush=True)  # a killed rank 0 leaves its progress bar's line open
 
 
 def _failure_message(err: Exception, error_dir: str, progress) -> str:
