@@ -437,6 +437,17 @@ def test_signal_to_two_ranks_ends_them_as_one_process(work: Path, sig: signal.Si
     assert sum("error:" in line for line in lines) == 1 and "leaked" not in stderr, stderr[-2000:]
 
 
+def test_torchrun_variables_without_peers(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RANK/WORLD_SIZE/MASTER_ADDR left in a shell with no other rank: a generic DistStoreError line; now one line
+    naming the variables and what to do."""
+    for key, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29581").items():
+        monkeypatch.setenv(key, value)
+    line = assert_fault(work, calibrate(work, "--method", "rtn", "--dist-timeout", "3", "-o", work / "out"),
+                        "makes this rank 0 of 2 (RANK=0, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1, MASTER_PORT=29581)")
+    assert "unset those variables" in line and "--debug" not in line
+
+
 def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None:
     args = [*calibrate(work, "--low-memory", "-o", work / "out")]
     before = tree(work / "model")

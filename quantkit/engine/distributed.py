@@ -110,7 +110,13 @@ def init_from_env(device: str, devices: list[int] | None, timeout_s: float) -> t
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     mine = rank_device(device, local, devices)
-    return init_group(rank, world, mine, timeout_s), mine
+    try:
+        return init_group(rank, world, mine, timeout_s), mine
+    except (RuntimeError, ValueError) as err:  # DistStoreError / DistNetworkError: the other ranks never came
+        said = ", ".join(f"{k}={os.environ[k]}" for k in (*ENV_KEYS, "MASTER_PORT") if k in os.environ)
+        raise QuantkitError(f"the environment makes this rank {rank} of {world} ({said}), and the group did not form "
+                            f"within --dist-timeout {timeout_s:g} s ({str(err).splitlines()[0]}); start every rank "
+                            "with torchrun, or unset those variables for a one-process run") from None
 
 
 def _rank_entry(rank: int, world: int, job: Callable, kwargs: dict, progress, error_dir: str,
