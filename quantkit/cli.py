@@ -111,6 +111,11 @@ class QuantkitGroup(click.Group):
                 raise
             click.echo(f"error: {err.format_message()}", err=True)
             sys.exit(EXIT_ERROR)
+        except BrokenPipeError:
+            # stdout's reader is gone (`quantkit ... | head`): end quietly as Unix tools do, with SIGPIPE's status;
+            # stdout goes to /dev/null so that its flush at exit does not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except Exception as err:  # noqa: BLE001 - the CLI boundary: one line, never a traceback without --debug
             if debug:
                 raise

@@ -448,6 +448,15 @@ def test_torchrun_variables_without_peers(work: Path, monkeypatch: pytest.Monkey
     assert "unset those variables" in line and "--debug" not in line
 
 
+def test_stdout_closed_by_its_reader_ends_quietly() -> None:
+    """`quantkit ... --json | (exec 0<&-)`: a generic 'error: Broken pipe' line; now no line, SIGPIPE's status."""
+    proc = subprocess.Popen(cli_command("qid", "predict", "--params", "7e9", "--bits", "3", "--tokens", "1e12", "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the CLI has imported what it needs and prints
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE and stderr == b"", stderr
+
+
 def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None:
     args = [*calibrate(work, "--low-memory", "-o", work / "out")]
     before = tree(work / "model")
