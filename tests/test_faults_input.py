@@ -978,6 +978,49 @@ def test_fifth_round_cli_values(made: dict, tmp_path: Path, args: list, fragment
     assert_fault(tmp_path, [names.get(a, a) for a in args], fragment)
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["plan", "MODEL", "--calib", "TEXT", "--method", "rtn", "--quantize-vision"],
+     "llama models have no vision side to quantize; drop --quantize-vision"),
+    (["importance", "MODEL", "--calib", "TEXT", "--nsamples", "2", "--seqlen", "16", "-o", "OUT", "--fisher-draws", "2"],
+     "add --importance-loss fisher or drop --fisher-draws"),
+    (["calibrate", "MODEL", "--calib", "TEXT", "--method", "rtn", "--bits", "8", "--group-size", "-1", "--act-bits", "4",
+      "-o", "OUT"], "W8A4: inputs narrower than the weights"),
+    (["plan", "MODEL", "--calib", "TEXT", "--method", "rtn", "--bits", "8", "--group-size", "-1", "--act-bits", "4"],
+     "W8A4: inputs narrower than the weights"),
+    (["qid", "fit", "TABLE", "--bootstrap", "0", "--huber-delta", "0.5"], "qid fit would ignore --huber-delta"),
+    (["qid", "fit", "TABLE", "--bootstrap", "0", "--estimator", "huber", "--no-misfit"], "qid fit would ignore --no-misfit"),
+    (["qid", "fit", "TABLE", "--bootstrap", "0", "--resample", "errors"], "qid fit would ignore --resample"),
+    (["qid", "fit", "TABLE", "--bootstrap", "0", "--seed", "3"], "qid fit would ignore --seed"),
+])
+def test_seventh_round_ignored_or_contradicting_options(made: dict, tmp_path: Path, args: list, fragment: str) -> None:
+    """Each exited 0 having ignored an option (calibrate refused the same where it applies), or ran W8A4, which no
+    kernel runs."""
+    (tmp_path / "q.csv").write_text(HEADER + "".join(f"m{i},gptq,4,128,{10**6 * (i + 1)},{10**9 * (i + 1)},3.0,3.1,0.1,"
+                                                     "e\n" for i in range(4)))
+    names = {"MODEL": str(made["model"]), "TEXT": str(made["text"]), "TABLE": str(tmp_path / "q.csv"),
+             "OUT": str(tmp_path / "out")}
+    assert_fault(tmp_path, [names.get(a, a) for a in args], fragment)
+
+
+def test_qid_fit_options_the_fit_reads_still_run(made: dict, tmp_path: Path) -> None:
+    """The defaults the refusals above moved to None still reach the fit: an explicit --seed 0 and --huber-delta 1e-3
+    give the fit the defaults give."""
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    (tmp_path / "q.csv").write_text(HEADER + "".join(f"m{i},gptq,4,128,{10**6 * (i % 3 + 1)},{10**9 * (i + 2)},3.0,"
+                                                     f"{3.0 + 0.01 * (i + 1):.2f},{0.01 * (i + 1):.2f},e\n" for i in range(6)))
+    runs = [CliRunner().invoke(main, ["qid", "fit", str(tmp_path / "q.csv"), "--law", "D", "--bootstrap", "5", *extra,
+                                      "--json"]) for extra in ([], ["--seed", "0"])]
+    assert [r.exit_code for r in runs] == [0, 0], [r.output for r in runs]
+    assert runs[0].output == runs[1].output
+    huber = [CliRunner().invoke(main, ["qid", "fit", str(tmp_path / "q.csv"), "--law", "D", "--bootstrap", "0",
+                                       "--estimator", "huber", *extra, "--json"]) for extra in ([], ["--huber-delta", "1e-3"])]
+    assert [r.exit_code for r in huber] == [0, 0], [r.output for r in huber]
+    assert huber[0].output == huber[1].output
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 

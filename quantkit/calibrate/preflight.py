@@ -4,6 +4,7 @@ drawn (build_job has checked the options already). The model's files are read on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from quantkit.calibrate.job import CalibrationJob
 from quantkit.errors import QuantkitError
@@ -60,11 +61,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
 
             check_weight_files(files.weight_files, model.name)  # streamed layers are never all in memory at once
     if q.vision:
-        from quantkit.models import is_vlm
-
-        if not is_vlm(files.config):
-            raise QuantkitError(f"{files.config.model_type} models have no vision side to quantize; "
-                                "drop --quantize-vision")
+        check_vision_side(files.config)
     if data.source is not None or data.records is not None:
         check_seqlen(files.config, data.seqlen)
     if data.source is not None:
@@ -199,3 +196,11 @@ def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
     for name, settings in chosen.items():
         linear = get_module(model, name)
         fmt.check_linear(name, linear.out_features, linear.in_features, settings.spec.bits)
+
+
+def check_vision_side(config: Any) -> None:
+    """Refuse --quantize-vision for a model without a vision side."""
+    from quantkit.models import is_vlm
+
+    if not is_vlm(config):
+        raise QuantkitError(f"{config.model_type} models have no vision side to quantize; drop --quantize-vision")

@@ -55,6 +55,9 @@ def check_guidance(guidance: str, row_groups: int, loss: str, draws: int) -> Non
         raise QuantkitError("output-row groups need per-linear guidance (--guidance linear)")
     if draws < 1:
         raise QuantkitError(f"Fisher draws must be at least 1, got {draws}")
+    if draws > 1 and loss != "fisher":
+        raise QuantkitError(f"{draws} Fisher draws (--fisher-draws) sample labels for the Fisher loss only; "
+                            "add --importance-loss fisher or drop --fisher-draws")
 
 
 @dataclass

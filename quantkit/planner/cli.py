@@ -68,7 +68,7 @@ def _check_as_calibrate(job, model: str, data: str | None) -> None:
     import torch
     from transformers import AutoConfig
 
-    from quantkit.calibrate.preflight import check_recipe
+    from quantkit.calibrate.preflight import check_recipe, check_vision_side
     from quantkit.data.calibration import check_source_for_model
     from quantkit.models import is_vlm
 
@@ -81,12 +81,14 @@ def _check_as_calibrate(job, model: str, data: str | None) -> None:
     from quantkit.engine.distributed import check_device_ids
 
     check_device_ids(job.run.devices, job.run.nproc)
-    if data is None and job.quantization.recipe is None:
+    if data is None and job.quantization.recipe is None and not job.quantization.vision:
         return
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception:  # noqa: BLE001 - read_shape says what is wrong with a config that does not load
         return
+    if job.quantization.vision:
+        check_vision_side(config)
     if data is not None:
         check_source_for_model(data, is_vlm(config), model)
     if job.quantization.recipe is not None:

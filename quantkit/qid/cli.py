@@ -146,6 +146,26 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     click.echo(f"{stats['measured']} cell(s) measured, {stats['failed']} failed, {stats['skipped']} already in {out_csv}")
 
 
+def check_fit_options(options: dict, huber_delta: float | None, no_misfit: bool) -> None:
+    """Refuse `qid fit` values out of range and options the chosen estimator or bootstrap would ignore."""
+    if options["bootstrap"] < 0 or not 0 < options["level"] < 1:
+        raise QuantkitError("--bootstrap must be >= 0 and --level in (0, 1)")
+    if huber_delta is not None and not 0 < huber_delta < math.inf:
+        raise QuantkitError(f"need --huber-delta > 0, got {huber_delta}")
+    ignored = []
+    if options["estimator"] == "wls" and huber_delta is not None:
+        ignored.append("--huber-delta (it sets --estimator huber's loss; the default estimator is wls)")
+    if options["estimator"] == "huber" and no_misfit:
+        ignored.append("--no-misfit (the misfit term belongs to --estimator wls)")
+    if options["bootstrap"] == 0:
+        if options["resample"] != "points":
+            ignored.append("--resample (with --bootstrap 0 nothing is resampled)")
+        if options["seed"] is not None:
+            ignored.append("--seed (with --bootstrap 0 nothing is drawn)")
+    if ignored:
+        raise QuantkitError(f"qid fit would ignore {ignored[0]}; drop it or change the option it depends on")
+
+
 @qid.command()
 @click.argument("csv_path", metavar="CSV", type=click.Path(dir_okay=False))
 @click.option("--by-bits", is_flag=True, help="Fit each bit width separately (P folded into k).")
@@ -153,8 +173,8 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
 @click.option("--law", "law", type=click.Choice(["all", "unified", "D", "N", "P"]), default="all", show_default=True, help="Which law to fit: the unified one, one single-factor law (D, N or P), or all.")
 @click.option("--bootstrap", type=int, default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
 @click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the bootstrap resamples.")
-@click.option("--huber-delta", type=float, default=1e-3, show_default=True, help="Huber loss threshold on log-space residuals (--estimator huber).")
+@click.option("--seed", type=int, default=None, help="Seed for the bootstrap resamples (default 0).")
+@click.option("--huber-delta", type=float, default=None, help="Huber loss threshold on log-space residuals (--estimator huber; default 1e-3).")
 @click.option("--estimator", type=click.Choice(["wls", "huber"]), default="wls", show_default=True,
               help="wls: least squares weighted by each point's qid_se (plus a fitted misfit term); huber: unweighted Huber loss.")
 @click.option("--resample", type=click.Choice(["points", "errors"]), default="points", show_default=True,
@@ -168,8 +188,9 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
     from quantkit.qid.fit import LAWS, fit_table, format_fits
     from quantkit.qid.table import read_table
 
-    if options["bootstrap"] < 0 or not 0 < options["level"] < 1 or not 0 < huber_delta < math.inf:
-        raise QuantkitError("--bootstrap must be >= 0, --level in (0, 1) and --huber-delta > 0")
+    check_fit_options(options, huber_delta, no_misfit)
+    huber_delta = 1e-3 if huber_delta is None else huber_delta
+    options["seed"] = options["seed"] or 0
     if output:
         check_output_file(output, inputs=[csv_path])
     table = read_table(csv_path)

@@ -50,6 +50,11 @@ class QuantSpec:
             raise QuantkitError(f"damp must be in [0, 1), got {self.damp}")
         if self.act_bits is not None and self.act_bits not in (4, 8):
             raise QuantkitError(f"--act-bits must be 4 or 8 (or omitted for weight-only), got {self.act_bits}")
+        if self.act_bits is not None and self.act_bits < self.bits:
+            raise QuantkitError(
+                f"W{self.bits}A{self.act_bits}: inputs narrower than the weights are a scheme no kernel runs; "
+                f"use --act-bits 8 (W{self.bits}A8) or --bits {self.act_bits} --act-bits {self.act_bits}"
+            )
         if self.act_bits is not None and (self.group_size != -1 or not self.sym):
             raise QuantkitError(
                 "--act-bits needs per-channel symmetric weights (the int8 kernels' layout); pass --group-size -1 --sym"
