@@ -3763,9 +3763,11 @@ def seventh_round_b() -> list[Case]:
                     signal.SIGTERM, wait_for=lambda err: "%|" in err)
     _interrupt_case(out, "signal", "SIGINT of a --low-memory --nproc 2 run after its first layer",
                     deep("--low-memory", "--nproc", "2"), signal.SIGINT, keeps=part)
+    # 30 copies of the text: on a quiet machine eval of one copy ends before its progress bar can be signalled
     _interrupt_case(out, "signal", "SIGINT of eval -o r.json (no r.json)", lambda w: [
-        "eval", w / "deep", "--data", w / "text.txt", "--seqlen", "16", "--batch-size", "1", "-o", w / "r.json"],
-        signal.SIGINT, wait_for=lambda err: "%|" in err)
+        "eval", w / "deep", "--data", w / "long.txt", "--seqlen", "16", "--batch-size", "1", "-o", w / "r.json"],
+        signal.SIGINT, wait_for=lambda err: "%|" in err,
+        setup=lambda w: (w / "long.txt").write_text((w / "text.txt").read_text() * 30))
     _interrupt_case(out, "signal", "SIGINT of importance (no half set)", lambda w: [
         "importance", w / "deep", "--calib", w / "text.txt", "--nsamples", "8", "--seqlen", "64", "-o", w / "set"],
         signal.SIGINT, wait_for=lambda err: "%|" in err)
