@@ -320,20 +320,23 @@ def se(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def paired(a: list[dict], b: list[dict]) -> dict:
-    """a minus b over calibration seeds, with both noise sources (example sets are identical)."""
-    per_seed = [x["accuracy"] - y["accuracy"] for x, y in zip(a, b)]
-    n = len(a[0]["correct"])
-    # Per example, the difference averaged over seeds: its spread is the held-out sampling noise.
-    per_example = [statistics.fmean(x["correct"][i] - y["correct"][i] for x, y in zip(a, b)) for i in range(n)]
-    se_seeds, se_examples = se(per_seed), statistics.stdev(per_example) / math.sqrt(n)
+def paired(a: list[dict], b: list[dict], value: str, examples: str, units: int, digits: int, count: str) -> dict:
+    """a's `value` minus b's over calibration seeds, with both noise sources (example sets are identical): the SE
+    over seeds, and over held-out examples from the per-example `examples` differences averaged over seeds, `value`
+    being their sum over `units` (examples for accuracy, answer tokens for the NLL); rounded to `digits`. `count`
+    tallies the seeds where a is better: wins_per_seed (above b) or lower_per_seed (below)."""
+    per_seed = [x[value] - y[value] for x, y in zip(a, b)]
+    n = len(a[0][examples])
+    per_example = [statistics.fmean(x[examples][i] - y[examples][i] for x, y in zip(a, b)) for i in range(n)]
+    se_seeds, se_examples = se(per_seed), statistics.stdev(per_example) * math.sqrt(n) / units
+    sign = 1 if count == "wins_per_seed" else -1
     return {
-        "mean": round(statistics.fmean(per_seed), 4),
-        "per_seed": [round(d, 4) for d in per_seed],
-        "se_seeds": round(se_seeds, 4),
-        "se_examples": round(se_examples, 4),
-        "se_total": round(math.hypot(se_seeds, se_examples), 4),
-        "wins_per_seed": sum(d > 0 for d in per_seed),
+        "mean": round(statistics.fmean(per_seed), digits),
+        "per_seed": [round(d, digits) for d in per_seed],
+        "se_seeds": round(se_seeds, digits),
+        "se_examples": round(se_examples, digits),
+        "se_total": round(math.hypot(se_seeds, se_examples), digits),
+        count: sum(sign * d > 0 for d in per_seed),
     }
 
 
@@ -350,24 +353,6 @@ def gap_ratio(a: list[dict], b: list[dict], fp_nll: float) -> dict:
         "se_seeds": round(se(defined), 3),
         "per_seed": [None if r is None else round(r, 3) for r in per_seed],
         "ratio_of_mean_gaps": round(statistics.fmean(gaps_a) / mean_b, 3) if mean_b else None,
-    }
-
-
-def paired_nll(a: list[dict], b: list[dict]) -> dict:
-    """a's answer NLL minus b's over calibration seeds (nats), with the SE over seeds and over held-out examples
-    (of the per-example NLL difference averaged over seeds), as `paired` for accuracy."""
-    per_seed = [x["answer_nll"] - y["answer_nll"] for x, y in zip(a, b)]
-    n, tokens = len(a[0]["nll_sums"]), a[0]["answer_tokens"]
-    per_example = [statistics.fmean(x["nll_sums"][i] - y["nll_sums"][i] for x, y in zip(a, b)) for i in range(n)]
-    # the NLL is a mean over answer tokens: a per-example sum's spread, scaled by n / tokens
-    se_seeds, se_examples = se(per_seed), statistics.stdev(per_example) * math.sqrt(n) / tokens
-    return {
-        "mean": round(statistics.fmean(per_seed), 6),
-        "per_seed": [round(d, 6) for d in per_seed],
-        "se_seeds": round(se_seeds, 6),
-        "se_examples": round(se_examples, 6),
-        "se_total": round(math.hypot(se_seeds, se_examples), 6),
-        "lower_per_seed": sum(d < 0 for d in per_seed),
     }
 
 
@@ -620,10 +605,12 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
             }
         for tlq in (m for m in per_method if m.startswith("tlq")):
             for gptq in (m for m in per_method if m.startswith("gptq")):
-                summary[label][f"{tlq}_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq])
+                summary[label][f"{tlq}_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq], "accuracy", "correct",
+                                                               len(fp["correct"]), 4, "wins_per_seed")
                 summary[label][f"{tlq}_nll_gap_over_{gptq}"] = gap_ratio(per_method[tlq], per_method[gptq],
                                                                          fp["answer_nll"])
-                summary[label][f"{tlq}_nll_minus_{gptq}"] = paired_nll(per_method[tlq], per_method[gptq])
+                summary[label][f"{tlq}_nll_minus_{gptq}"] = paired(per_method[tlq], per_method[gptq], "answer_nll", "nll_sums",
+                                                                   fp["answer_tokens"], 6, "lower_per_seed")
                 summary[label][f"{tlq}_cost_over_{gptq}"] = round(
                     summary[label][tlq]["cpu_seconds_per_calibration"]
                     / summary[label][gptq]["cpu_seconds_per_calibration"], 3)
