@@ -112,15 +112,18 @@ def check_row(row: dict, where: str) -> None:
                             "fix or delete that row")
 
 
+LOG_COLUMNS = ("qid", "N", "D", "bits")  # a law in log space takes the logarithm of each
+
+
 def check_points(points: list[dict]) -> None:
     """A QuantkitError naming the first point (its CSV line, else its index) whose QiD, N, D or bits is not a number
     above 0: a law in log space takes the logarithm of each (fit_table leaves QiD <= 0 rows out and lists them;
     the point-level fits are given points to fit, all of them)."""
-    bad = [p for p in points if not all(positive(p.get(c)) for c in ("qid", "N", "D", "bits"))]
+    bad = [p for p in points if not in_log_space(p)]
     if not bad:
         return
     p = bad[0]
-    column = next(c for c in ("qid", "N", "D", "bits") if not positive(p.get(c)))
+    column = next(c for c in LOG_COLUMNS if not positive(p.get(c)))
     where = f"line {p['_line']}" if p.get("_line") else f"point {points.index(p)}"
     more = f" ({len(bad)} such points)" if len(bad) > 1 else ""
     raise QuantkitError(f"{where}: {column} {p.get(column)!r} is not > 0{more}; a law in log space needs QiD, N, D and "
@@ -132,16 +135,21 @@ def positive(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def in_log_space(row: dict) -> bool:
+    """Whether every column a law takes the logarithm of (LOG_COLUMNS) is a finite number above 0."""
+    return all(positive(row.get(c)) for c in LOG_COLUMNS)
+
+
 def split_points(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(points with QiD > 0, excluded entries for QiD <= 0 with line/model/bits/qid)."""
     kept, excluded = [], []
     for r in rows:
-        if r["qid"] > 0 and r["N"] > 0 and r["D"] > 0 and r["bits"] > 0:
+        if in_log_space(r):
             kept.append(r)
         else:
             excluded.append({"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"),
                              "bits": r["bits"], "N": r["N"], "D": r["D"], "qid": r["qid"], "qid_se": r.get("qid_se"),
-                             "reason": "qid <= 0 (no logarithm)" if r["qid"] <= 0 else "non-positive N, D or bits"})
+                             "reason": "qid <= 0 (no logarithm)" if not positive(r["qid"]) else "non-positive N, D or bits"})
     return kept, excluded
 
 
