@@ -87,6 +87,74 @@ def test_qid_measure_checks_a_local_checkpoint_before_the_sweep(work: Path) -> N
     assert not (work / "q.csv").exists()
 
 
+@pytest.mark.parametrize("broken", ["first", "second"])
+def test_qid_measure_checks_every_local_checkpoint_before_the_sweep(work: Path, broken: str) -> None:
+    """Two checkpoints, one with a NaN weight: refused by name before q.csv, whichever of the two it is."""
+    shutil.copytree(work / "model", work / "model2")
+    edit_tensors(work / ("model" if broken == "first" else "model2"),
+                 model__layers__1__self_attn__o_proj__weight=poke(float("nan"), (2, 7)))
+    args = qid_measure(work, work / "model")
+    args[3:3] = [work / "model2"]
+    assert_fault(work, args, "model.layers.1.self_attn.o_proj.weight (decoder layer 1) holds 1 NaN")
+    assert not (work / "q.csv").exists()
+
+
+def test_qid_measure_reads_a_checkpoints_weights_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finiteness check read every tensor of the safetensors file, then the load read them again; the checkpoint
+    is now checked as it loads (still before q.csv: the test above). Counted: each tensor read from the file through
+    safetensors' safe_open, by any module (transformers' loader included; header reads hold no tensor)."""
+    import sys
+
+    import safetensors
+
+    weights, reads = (work / "model" / "model.safetensors").resolve(), []
+    real = safetensors.safe_open
+
+    class Counted:
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Counted:
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.__exit__(*exc)
+
+        def get_tensor(self, name: str):
+            reads.append(name)
+            return self.handle.get_tensor(name)
+
+        def get_slice(self, name: str):
+            return Sliced(self.handle.get_slice(name), name)
+
+        def __getattr__(self, name: str):
+            return getattr(self.handle, name)
+
+    class Sliced:  # a lazy tensor: its shape and dtype are header facts, indexing reads the values
+        def __init__(self, lazy, name: str) -> None:
+            self.lazy, self.name = lazy, name
+
+        def __getitem__(self, index):
+            reads.append(self.name)
+            return self.lazy[index]
+
+        def __getattr__(self, name: str):
+            return getattr(self.lazy, name)
+
+    def counting(path, *args, **kwargs):
+        handle = real(path, *args, **kwargs)
+        return Counted(handle) if Path(path).resolve() == weights else handle
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "safe_open", None) is real:
+            monkeypatch.setattr(module, "safe_open", counting)
+    result = run_cli(*qid_measure(work, work / "model"))
+    assert result.exit_code == 0, result.output
+    stored = load_file(weights)
+    assert sorted(reads) == sorted(stored), (sorted(reads), sorted(stored))
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--nsamples", "100000"], "--nsamples 100000 x --calib-seqlen 16 needs 1600000"),
     (["--eval-seqlen", "4000", "--eval-tokens", "4000"], "and one --eval-seqlen 4000 window needs 4000"),

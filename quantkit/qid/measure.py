@@ -137,18 +137,15 @@ def parse_token_overrides(values: Sequence[str]) -> tuple[dict[str, int], int | 
 
 
 def check_local_checkpoint(ckpt: Checkpoint):
-    """A local checkpoint is a full-precision model with finite weights and no revision, checked before the sweep
-    (a broken one would otherwise fail in the middle of the progress bar, after a CSV was started); returns what
-    was read of its files (config and tokenizer: quantkit.models.files.ModelFiles)."""
+    """A local checkpoint is a full-precision model with no revision, checked before the sweep (a broken one would
+    otherwise fail in the middle of the progress bar, after a CSV was started); returns what was read of its files
+    (config and tokenizer: quantkit.models.files.ModelFiles)."""
     from quantkit.data.checks import model_for_data
-    from quantkit.models.checks import check_weight_files
 
     if ckpt.revision is not None:
         raise QuantkitError(f"checkpoint {ckpt.spec}: {ckpt.name} is a local directory, which has no revisions; "
                             "give the directory of that revision, or a hub id@revision")
-    files = model_for_data(ckpt.name)
-    check_weight_files(files.weight_files, ckpt.spec)
-    return files
+    return model_for_data(ckpt.name)
 
 
 def _load(ckpt: Checkpoint, config=None, tokenizer=None):
@@ -343,26 +340,34 @@ def measure_grid(
     check_data(settings.calib)
     read: dict[str, tuple] = {}  # (config or None, tokenizer) of each checkpoint, for its load
     tokenizers: dict[str, object] = {}  # one object per tokenizer definition (a run's checkpoints share theirs)
+    first = todo[0][0] if todo else None
     for ckpt in dict.fromkeys(c[0] for c in todo):
         files = check_local_checkpoint(ckpt) if ckpt.local_dir is not None else None
+        if files is not None and ckpt != first:
+            # read here (one tensor at a time) and again at its turn: a broken one is refused before any cell; the
+            # first checkpoint's weights are read once, checked by name as it loads (load_model) before the CSV opens
+            from quantkit.models.checks import check_weight_files
+
+            check_weight_files(files.weight_files, ckpt.spec)
         tokenizer = files.tokenizer if files is not None else load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec)
         tokenizer = tokenizers.setdefault(tokenizer_fingerprint(tokenizer), tokenizer)
         calibrates = any(c[0] == ckpt and c[1] not in BNB_METHODS for c in todo)
         check_text_amounts(tokenizer, ckpt.spec, settings, calibrates)
         read[ckpt.spec] = (None if files is None else files.config, tokenizer)
     stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
+    if not todo:
+        return stats
+    current = _Cell(settings, first, *_load(first, *read[first.spec]))
+    params = count_parameters(current.model)
     bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
     with TableWriter(out_csv) as writer:
-        current: _Cell | None = None
-        params: tuple[int, int] = (0, 0)
         for ckpt, method, nbits in todo:
             bar.set_postfix_str(f"{Path(ckpt.name).name}{'@' + ckpt.revision if ckpt.revision else ''} {method} w{nbits}")
-            if current is None or current.ckpt != ckpt:
+            if current.ckpt != ckpt:
                 current = None
                 gc.collect()
-                model, tokenizer = _load(ckpt, *read[ckpt.spec])
-                current = _Cell(settings, ckpt, model, tokenizer)
-                params = count_parameters(model)
+                current = _Cell(settings, ckpt, *_load(ckpt, *read[ckpt.spec]))
+                params = count_parameters(current.model)
             d, step = meta[ckpt.spec]
             key = (ckpt.spec, settings.eval_text)
             if key not in fp_cache:
