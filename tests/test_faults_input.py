@@ -1089,6 +1089,79 @@ def test_qid_fit_options_the_fit_reads_still_run(made: dict, tmp_path: Path) -> 
     assert huber[0].output == huber[1].output
 
 
+def qid_points(n: int = 6) -> str:
+    """A QiD CSV of n checkpoints (2 sizes, 3 and 4 bits) whose rows carry a qid_se, for the fits' options."""
+    return HEADER.replace("qid,", "qid,qid_se,") + "".join(
+        f"m{i},gptq,{3 + i // 3 % 2},128,{10**6 * (i % 2 + 1)},{10**9 * (i + 2)},3.0,{3.0 + 0.01 * (i + 1):.2f},{0.01 * (i + 1):.2f},"
+        f"{0.001 * (i + 1):.3f},e\n" for i in range(n))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"bootstrap": 0, "delta": 0.5}, "qid fit would ignore --huber-delta (delta=0.5)"),
+    ({"bootstrap": 3, "delta": 1e-3}, "qid fit would ignore --huber-delta (delta=0.001)"),
+    ({"bootstrap": 0, "estimator": "huber", "misfit": False}, "qid fit would ignore --no-misfit (misfit=False)"),
+    ({"bootstrap": 0, "estimator": "huber", "misfit": True}, "qid fit would ignore --no-misfit (misfit=True)"),
+    ({"bootstrap": 0, "resample": "errors"}, "qid fit would ignore --resample (resample='errors')"),
+    ({"bootstrap": 0, "resample": "points"}, "qid fit would ignore --resample (resample='points')"),
+    ({"bootstrap": 0, "seed": 3}, "qid fit would ignore --seed (seed=3)"),
+    ({"bootstrap": -1}, "--bootstrap (bootstrap) must be an integer >= 0, got -1"),
+    ({"bootstrap": 2.5}, "--bootstrap (bootstrap) must be an integer >= 0, got 2.5"),
+    ({"bootstrap": True}, "--bootstrap (bootstrap) must be an integer >= 0, got True"),
+    ({"level": 1.5}, "--level (level) must be a number in (0, 1), got 1.5"),
+    ({"level": "0.9"}, "--level (level) must be a number in (0, 1), got '0.9'"),
+    ({"estimator": "huber", "delta": float("nan")}, "need --huber-delta > 0 (delta), a finite number, got nan"),
+    ({"estimator": "huber", "delta": -1.0}, "need --huber-delta > 0 (delta), a finite number, got -1.0"),
+    ({"misfit": "no"}, "misfit (--no-misfit) must be True or False, got 'no'"),
+    ({"seed": "1"}, "--seed (seed) must be an integer, got '1'"),
+    ({"resample": "Points"}, "unknown resampling 'Points'"),
+])
+@pytest.mark.parametrize("function", ["fit_table", "fit_unified", "fit_single", "compare_methods"])
+def test_qid_fit_api_refuses_what_the_cli_refuses(tmp_path: Path, function: str, kwargs: dict, fragment: str) -> None:
+    """The Python fits took delta / misfit / resample / seed with defaults, so an ignored one (delta with wls,
+    misfit with huber, resample or seed with bootstrap 0) passed quietly, and bootstrap -1 or level 1.5 were used
+    as given: each is one QuantkitError naming the argument, as `qid fit` names its option."""
+    import quantkit.qid as qid
+    from quantkit import QuantkitError
+    from quantkit.qid.table import parse_table
+
+    table = parse_table(qid_points(), source="q.csv")
+    call = {"fit_table": lambda: qid.fit_table(table, laws=("unified",), **kwargs),
+            "fit_unified": lambda: qid.fit_unified(table.rows, **kwargs),
+            "fit_single": lambda: qid.fit_single(table.rows, "D", **kwargs),
+            "compare_methods": lambda: qid.compare_methods({"a": table.rows, "b": table.rows}, **kwargs)}[function]
+    with pytest.raises(QuantkitError) as err:
+        call()
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("given", [
+    {"bootstrap": 4, "seed": 0, "resample": "points"},
+    {"bootstrap": 4, "misfit": True},
+    {"bootstrap": 0, "estimator": "huber", "delta": 1e-3},
+])
+def test_qid_fit_api_arguments_given_as_their_defaults_fit_the_same(given: dict) -> None:
+    """What the refusals above leave alone: each argument given with its default value where it is used gives the
+    fit the call without it gives (the reference), through the API and through `qid fit`'s options."""
+    import quantkit.qid as qid
+    from quantkit.qid.table import parse_table
+
+    table = parse_table(qid_points(), source="q.csv")
+    base = {k: v for k, v in given.items() if k in ("bootstrap", "estimator")}
+    reference = qid.fit_table(table, laws=("unified", "D"), **base)
+    assert [f["law"] for f in reference["fits"]] == ["unified", "D"], reference
+    assert qid.fit_table(table, laws=("unified", "D"), **given) == reference
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--bootstrap", "0", "--resample", "points"], "qid fit would ignore --resample (resample='points')"),
+    (["--bootstrap", "-1"], "--bootstrap (bootstrap) must be an integer >= 0, got -1"),
+    (["--level", "1"], "--level (level) must be a number in (0, 1), got 1.0"),
+])
+def test_qid_fit_cli_refuses_before_reading_the_table(tmp_path: Path, args: list, fragment: str) -> None:
+    """The options are checked before the table (which does not exist here) is read."""
+    assert_fault(tmp_path, ["qid", "fit", tmp_path / "none.csv", *args], fragment)
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 

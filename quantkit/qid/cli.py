@@ -146,26 +146,6 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     click.echo(f"{stats['measured']} cell(s) measured, {stats['failed']} failed, {stats['skipped']} already in {out_csv}")
 
 
-def check_fit_options(options: dict, huber_delta: float | None, no_misfit: bool) -> None:
-    """Refuse `qid fit` values out of range and options the chosen estimator or bootstrap would ignore."""
-    if options["bootstrap"] < 0 or not 0 < options["level"] < 1:
-        raise QuantkitError("--bootstrap must be >= 0 and --level in (0, 1)")
-    if huber_delta is not None and not 0 < huber_delta < math.inf:
-        raise QuantkitError(f"need --huber-delta > 0, got {huber_delta}")
-    ignored = []
-    if options["estimator"] == "wls" and huber_delta is not None:
-        ignored.append("--huber-delta (it sets --estimator huber's loss; the default estimator is wls)")
-    if options["estimator"] == "huber" and no_misfit:
-        ignored.append("--no-misfit (the misfit term belongs to --estimator wls)")
-    if options["bootstrap"] == 0:
-        if options["resample"] != "points":
-            ignored.append("--resample (with --bootstrap 0 nothing is resampled)")
-        if options["seed"] is not None:
-            ignored.append("--seed (with --bootstrap 0 nothing is drawn)")
-    if ignored:
-        raise QuantkitError(f"qid fit would ignore {ignored[0]}; drop it or change the option it depends on")
-
-
 @qid.command()
 @click.argument("csv_path", metavar="CSV", type=click.Path(dir_okay=False))
 @click.option("--by-bits", is_flag=True, help="Fit each bit width separately (P folded into k).")
@@ -177,8 +157,9 @@ def check_fit_options(options: dict, huber_delta: float | None, no_misfit: bool)
 @click.option("--huber-delta", type=float, default=None, help="Huber loss threshold on log-space residuals (--estimator huber; default 1e-3).")
 @click.option("--estimator", type=click.Choice(["wls", "huber"]), default="wls", show_default=True,
               help="wls: least squares weighted by each point's qid_se (plus a fitted misfit term); huber: unweighted Huber loss.")
-@click.option("--resample", type=click.Choice(["points", "errors"]), default="points", show_default=True,
-              help="Bootstrap by resampling checkpoints, or by redrawing each QiD within its standard error.")
+@click.option("--resample", type=click.Choice(["points", "errors"]), default=None,
+              help="Bootstrap by resampling checkpoints (points, the default), or by redrawing each QiD within its "
+                   "standard error.")
 @click.option("--no-misfit", is_flag=True, help="wls: weight by the measurement errors alone (no misfit term tau).")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON instead of a table.")
 @output_option(type=click.Path(dir_okay=False), default=None, help="Write the fit JSON here.")
@@ -186,17 +167,18 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
         **options) -> None:
     """Fit the unified law QiD = k D^beta / (N^alpha P^gamma) and single-factor laws to a QiD CSV."""
     from quantkit.qid.fit import LAWS, fit_table, format_fits
+    from quantkit.qid.regression import fit_settings
     from quantkit.qid.table import read_table
 
-    check_fit_options(options, huber_delta, no_misfit)
-    huber_delta = 1e-3 if huber_delta is None else huber_delta
-    options["seed"] = options["seed"] or 0
+    # options: bootstrap, seed, level, estimator, resample (fit_table's names; None: not given), method, by_bits
+    scope = {"method": options.pop("method"), "by_bits": options.pop("by_bits")}
+    options.update(delta=huber_delta, misfit=False if no_misfit else None)
+    fit_settings(**options)  # refused before the table is read
     if output:
         check_output_file(output, inputs=[csv_path])
     table = read_table(csv_path)
     laws = LAWS if law == "all" else (law,)
-    # options: method, by_bits, bootstrap, seed, level, estimator, resample (fit_table's names)
-    result = fit_table(table, laws=laws, delta=huber_delta, misfit=not no_misfit, **options)
+    result = fit_table(table, laws=laws, **scope, **options)
     result["csv"] = str(csv_path)
     if output:
         with atomic_file(output) as tmp:

@@ -41,11 +41,12 @@ from quantkit.qid.regression import (
     HUBER_DELTA,
     Design,
     fit_linear_huber,
+    fit_settings,
     percentile_ci,
     r_squared,
     wls_misfit,
 )
-from quantkit.qid.table import QidTable, check_points, positive, split_points
+from quantkit.qid.table import QidTable, check_points, split_points
 
 FACTOR_COLUMN = {"D": "D", "N": "N", "P": "bits"}
 # Name of each factor's exponent and its sign in log QiD (paper convention: all positive when
@@ -54,10 +55,6 @@ EXPONENT = {"D": ("beta", 1.0), "N": ("alpha", -1.0), "P": ("gamma", -1.0)}
 LAWS = ("unified", "D", "N", "P")
 UNIFIED_FORMULA = "QiD = k * D^beta / (N^alpha * P^gamma)"
 logger = logging.getLogger(__name__)
-
-
-ESTIMATORS = ("wls", "huber")
-RESAMPLES = ("points", "errors")
 
 
 class _Problem:
@@ -130,19 +127,6 @@ def _residuals(points: list[dict], y: np.ndarray, pred: np.ndarray, se_log: np.n
     return out
 
 
-def _check_options(estimator: str, resample: str, bootstrap: int, *point_sets: list[dict]) -> None:
-    """One-line errors for unknown estimator or resampling names, and for redrawing within errors the points lack."""
-    if estimator not in ESTIMATORS:
-        raise QuantkitError(f"unknown estimator {estimator!r}; choose {' or '.join(ESTIMATORS)}")
-    if resample not in RESAMPLES:
-        raise QuantkitError(f"unknown resampling {resample!r}; choose {' or '.join(RESAMPLES)}")
-    if estimator == "huber" and resample == "errors":
-        raise QuantkitError("--resample errors needs --estimator wls: a Huber fit has no error model to redraw from")
-    if resample == "errors" and bootstrap > 0 and not any(positive(p.get("qid_se")) for ps in point_sets for p in ps):
-        raise QuantkitError("--resample errors (resample='errors') redraws each QiD within its qid_se, and no row has a "
-                            "qid_se value (a table `qid measure` did not write?); use --resample points")
-
-
 def _unified_problem(points: list[dict], fold_bits: bool, estimator: str, delta: float, misfit: bool,
                      label: str = "") -> tuple[_Problem, list[str]]:
     """The unified law's regression over points (QiD > 0), checking each factor varies."""
@@ -206,11 +190,13 @@ def leave_last_out(points: list[dict], *, fold_bits: bool = False, estimator: st
             "median_abs_rel_error": float(np.median(errors)) if errors else None, "predictions": predictions}
 
 
-def fit_unified(points: list[dict], *, fold_bits: bool = False, delta: float = HUBER_DELTA, bootstrap: int = 200,
-                seed: int = 0, level: float = 0.95, label: str = "", estimator: str = "wls", resample: str = "points",
-                misfit: bool = True, keep_draws: bool = True) -> dict:
-    """Fit QiD = k D^beta / (N^alpha P^gamma) to points with QiD > 0 (gamma folded into k if fold_bits)."""
-    _check_options(estimator, resample, bootstrap, points)
+def fit_unified(points: list[dict], *, fold_bits: bool = False, delta: float | None = None, bootstrap: int = 200,
+                seed: int | None = None, level: float = 0.95, label: str = "", estimator: str = "wls",
+                resample: str | None = None, misfit: bool | None = None, keep_draws: bool = True) -> dict:
+    """Fit QiD = k D^beta / (N^alpha P^gamma) to points with QiD > 0 (gamma folded into k if fold_bits); settings
+    as fit_settings takes them."""
+    resample, delta, misfit, seed = fit_settings(points, estimator=estimator, resample=resample, bootstrap=bootstrap,
+                                                 level=level, delta=delta, misfit=misfit, seed=seed)
     check_points(points)
     problem, factors = _unified_problem(points, fold_bits, estimator, delta, misfit, label)
     rows = np.arange(len(points))
@@ -239,13 +225,15 @@ def fit_unified(points: list[dict], *, fold_bits: bool = False, delta: float = H
     return out
 
 
-def fit_single(points: list[dict], factor: str, *, delta: float = HUBER_DELTA, bootstrap: int = 200,
-               seed: int = 0, level: float = 0.95, label: str = "", estimator: str = "wls", resample: str = "points",
-               misfit: bool = True) -> dict:
-    """Fit QiD = c_s * X^(+-e) for X in D, N, P with one constant per slice of the other two factors."""
+def fit_single(points: list[dict], factor: str, *, delta: float | None = None, bootstrap: int = 200,
+               seed: int | None = None, level: float = 0.95, label: str = "", estimator: str = "wls",
+               resample: str | None = None, misfit: bool | None = None) -> dict:
+    """Fit QiD = c_s * X^(+-e) for X in D, N, P with one constant per slice of the other two factors; settings as
+    fit_settings takes them."""
     if factor not in FACTOR_COLUMN:
         raise QuantkitError(f"unknown factor {factor!r}; choose D, N or P")
-    _check_options(estimator, resample, bootstrap, points)
+    resample, delta, misfit, seed = fit_settings(points, estimator=estimator, resample=resample, bootstrap=bootstrap,
+                                                 level=level, delta=delta, misfit=misfit, seed=seed)
     check_points(points)
     col = FACTOR_COLUMN[factor]
     others = [FACTOR_COLUMN[f] for f in ("D", "N", "P") if f != factor]
@@ -288,15 +276,17 @@ def fit_single(points: list[dict], factor: str, *, delta: float = HUBER_DELTA, b
     }
 
 
-def compare_methods(points_by_method: dict[str, list[dict]], *, fold_bits: bool = False, bootstrap: int = 200, seed: int = 0,
-                    level: float = 0.95, estimator: str = "wls", resample: str = "points", delta: float = HUBER_DELTA,
-                    misfit: bool = True) -> list[dict]:
-    """Differences of the unified exponents between methods (b - a) with paired bootstrap intervals.
+def compare_methods(points_by_method: dict[str, list[dict]], *, fold_bits: bool = False, bootstrap: int = 200,
+                    seed: int | None = None, level: float = 0.95, estimator: str = "wls", resample: str | None = None,
+                    delta: float | None = None, misfit: bool | None = None) -> list[dict]:
+    """Differences of the unified exponents between methods (b - a) with paired bootstrap intervals; settings as
+    fit_settings takes them.
 
     Pairing: each draw resamples the same checkpoints for both methods (or redraws both within
     their errors), so what the methods share (the checkpoints) does not widen the difference.
     """
-    _check_options(estimator, resample, bootstrap, *points_by_method.values())
+    resample, delta, misfit, seed = fit_settings(*points_by_method.values(), estimator=estimator, resample=resample,
+                                                 bootstrap=bootstrap, level=level, delta=delta, misfit=misfit, seed=seed)
     for points in points_by_method.values():
         check_points(points)
     methods = sorted(points_by_method)
@@ -349,16 +339,19 @@ def compare_methods(points_by_method: dict[str, list[dict]], *, fold_bits: bool 
 
 
 def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = False, laws: tuple[str, ...] = LAWS,
-              bootstrap: int = 200, seed: int = 0, delta: float = HUBER_DELTA, level: float = 0.95,
-              estimator: str = "wls", resample: str = "points", misfit: bool = True) -> dict:
-    """Fit the requested laws per method (and per bit width with by_bits); compare methods; report every excluded row."""
+              bootstrap: int = 200, seed: int | None = None, delta: float | None = None, level: float = 0.95,
+              estimator: str = "wls", resample: str | None = None, misfit: bool | None = None) -> dict:
+    """Fit the requested laws per method (and per bit width with by_bits); compare methods; report every excluded row.
+    Settings as fit_settings (quantkit.qid.regression) takes them: None is the default, one the others ignore refused."""
     methods = table.methods(method, "fit")
     rows = [r for r in table.rows if r["method"] in methods]
-    _check_options(estimator, resample, bootstrap, rows)
+    # the fits below are given the arguments as they came (None: not given), each checking them again
+    resampled, huber_delta, _, _ = fit_settings(rows, estimator=estimator, resample=resample, bootstrap=bootstrap,
+                                                level=level, delta=delta, misfit=misfit, seed=seed)
     errors = [{"line": r.get("_line"), "model": r.get("model"), "method": r.get("method"), "bits": r.get("bits"),
                "reason": f"measurement failed: {r.get('error')}"} for r in table.error_rows
               if method is None or r.get("method") == method]
-    out: dict = {"estimator": estimator, "resample": resample, "huber_delta": delta, "bootstrap": bootstrap,
+    out: dict = {"estimator": estimator, "resample": resampled, "huber_delta": huber_delta, "bootstrap": bootstrap,
                  "by_bits": by_bits, "fits": [], "skipped": [], "excluded": list(errors), "method_differences": []}
     explicit = tuple(laws) != LAWS
     kept_by_method: dict[str, list[dict]] = {}

@@ -1,17 +1,65 @@
 """The log-space regressions behind the QiD law fits (quantkit.qid.fit): weighted least squares with a misfit term
 (Paule-Mandel), the Huber loss minimised from several starts, a design of group intercepts plus centred features,
-and bootstrap percentile intervals."""
+bootstrap percentile intervals, and the settings a fit takes (fit_settings)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 
 import numpy as np
 from scipy.optimize import minimize
 
+from quantkit.errors import QuantkitError
+from quantkit.qid.table import positive
+
 HUBER_DELTA = 1e-3  # Chinchilla's approach 3
+ESTIMATORS = ("wls", "huber")
+RESAMPLES = ("points", "errors")
+
+
+def fit_settings(*point_sets: list[dict], estimator: str = "wls", resample: str | None = None, bootstrap: int = 200,
+                 level: float = 0.95, delta: float | None = None, misfit: bool | None = None,
+                 seed: int | None = None) -> tuple[str, float, bool, int]:
+    """A law fit's settings checked at the boundary, each refusal one QuantkitError naming the `qid fit` option and
+    the argument; returns (resample, delta, misfit, seed), those left None given their defaults ('points',
+    HUBER_DELTA, True, 0). A setting the others make meaningless is refused rather than ignored: delta with wls,
+    misfit with huber, resample or seed with bootstrap 0; so is redrawing within errors the points lack."""
+    if estimator not in ESTIMATORS:
+        raise QuantkitError(f"unknown estimator {estimator!r}; choose {' or '.join(ESTIMATORS)}")
+    if resample is not None and resample not in RESAMPLES:
+        raise QuantkitError(f"unknown resampling {resample!r}; choose {' or '.join(RESAMPLES)}")
+    if not isinstance(bootstrap, numbers.Integral) or isinstance(bootstrap, bool) or bootstrap < 0:
+        raise QuantkitError(f"--bootstrap (bootstrap) must be an integer >= 0, got {bootstrap!r}")
+    if not isinstance(level, numbers.Real) or isinstance(level, bool) or not 0 < level < 1:
+        raise QuantkitError(f"--level (level) must be a number in (0, 1), got {level!r}")
+    if delta is not None and (not isinstance(delta, numbers.Real) or isinstance(delta, bool) or not 0 < delta < math.inf):
+        raise QuantkitError(f"need --huber-delta > 0 (delta), a finite number, got {delta!r}")
+    if misfit is not None and not isinstance(misfit, (bool, np.bool_)):
+        raise QuantkitError(f"misfit (--no-misfit) must be True or False, got {misfit!r}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise QuantkitError(f"--seed (seed) must be an integer, got {seed!r}")
+    ignored = []
+    if estimator == "wls" and delta is not None:
+        ignored.append(f"--huber-delta (delta={delta!r}): it sets estimator huber's loss, and the estimator is wls")
+    if estimator == "huber" and misfit is not None:
+        ignored.append(f"--no-misfit (misfit={misfit!r}): the misfit term belongs to estimator wls")
+    if bootstrap == 0 and resample is not None:
+        ignored.append(f"--resample (resample={resample!r}): with --bootstrap 0 (bootstrap=0) nothing is resampled")
+    if bootstrap == 0 and seed is not None:
+        ignored.append(f"--seed (seed={seed!r}): with --bootstrap 0 (bootstrap=0) nothing is drawn")
+    if ignored:
+        raise QuantkitError(f"qid fit would ignore {ignored[0]}; drop it or change the option it depends on")
+    if estimator == "huber" and resample == "errors":
+        raise QuantkitError("--resample errors needs --estimator wls: a Huber fit has no error model to redraw from")
+    if point_sets and resample == "errors" and bootstrap > 0 and \
+            not any(positive(p.get("qid_se")) for ps in point_sets for p in ps):
+        raise QuantkitError("--resample errors (resample='errors') redraws each QiD within its qid_se, and no row has a "
+                            "qid_se value (a table `qid measure` did not write?); use --resample points")
+    return (resample or "points", HUBER_DELTA if delta is None else float(delta), True if misfit is None else bool(misfit),
+            0 if seed is None else int(seed))
 
 
 @contextlib.contextmanager
