@@ -148,10 +148,7 @@ def share_result(
         for target in full:
             comm.broadcast_(target[start:end], rank)
     comm.broadcast_(g_idx, pieces[0][0])
-    result = QuantResult(
-        qweight=full[0], scales=full[1], zeros=full[2], g_idx=g_idx,
-        bits=spec.bits, group_size=spec.group_size, sym=spec.sym, act_order=spec.act_order,
-    )
+    result = QuantResult.of(spec, *full, g_idx)
     return result, stats
 
 

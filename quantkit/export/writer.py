@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -195,8 +196,7 @@ def _encode(parts: Iterable[Part], format_: Format, tensors: MemorySpool | DiskS
             encoded.update(tensors_of)
             side.update(side_of)
             empty = torch.empty(0, 0)
-            stubs[name] = QuantResult(qweight=empty, scales=empty, zeros=empty, g_idx=r.g_idx.clone(), bits=r.bits,
-                                      group_size=r.group_size, sym=r.sym, act_order=r.act_order)
+            stubs[name] = replace(r, qweight=empty, scales=empty, zeros=empty, g_idx=r.g_idx.clone())
         fp_names.extend(fp)
         tensors.add(encoded)
         sidecar.add(side)

@@ -125,13 +125,14 @@ def read_headers(root: Path) -> tuple[StoredTensors, list[Path]] | None:
         files = [root / f for f in sorted(set(weight_map.values()))]
     elif (root / SINGLE).is_file():
         weight_map, files = None, [root / SINGLE]
-        _check_no_second_copy(root)
     else:
         return None
     tensors: StoredTensors = {}
     for path in files:
         for key, (shape, dtype) in read_header(path).items():
             tensors[key] = (shape, dtype, path)
+    if weight_map is None:
+        _check_no_second_copy(root, set(tensors))
     if weight_map is not None:
         for key, fname in weight_map.items():
             if key not in tensors:
@@ -139,11 +140,10 @@ def read_headers(root: Path) -> tuple[StoredTensors, list[Path]] | None:
     return tensors, files
 
 
-def _check_no_second_copy(root: Path) -> None:
-    """Beside model.safetensors and without an index, another safetensors file holding the same tensors (an old
-    copy, a half-finished save) is refused: transformers reads model.safetensors alone, and which file the user
-    meant is anybody's guess."""
-    names = set(read_header(root / SINGLE))
+def _check_no_second_copy(root: Path, names: set[str]) -> None:
+    """Beside model.safetensors (holding `names`) and without an index, another safetensors file holding the same
+    tensors (an old copy, a half-finished save) is refused: transformers reads model.safetensors alone, and which
+    file the user meant is anybody's guess."""
     for other in sorted(root.glob("*.safetensors")):
         if other.name == SINGLE or other.name.startswith("quantkit_"):
             continue

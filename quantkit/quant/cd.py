@@ -13,6 +13,8 @@ from the FP-target one by a constant, so the cross term is covered.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from quantkit.quant.grid import max_code
@@ -56,8 +58,4 @@ def refine_codes(weight: torch.Tensor, hessian: torch.Tensor, result: QuantResul
             moved += int(take.sum())
         if moved == 0:
             break
-    return QuantResult(
-        qweight=codes.round().to(torch.uint8).to(result.qweight.device), scales=result.scales, zeros=result.zeros,
-        g_idx=result.g_idx, bits=result.bits, group_size=result.group_size, sym=result.sym,
-        act_order=result.act_order,
-    )
+    return replace(result, qweight=codes.round().to(torch.uint8).to(result.qweight.device))

@@ -338,16 +338,7 @@ def gptq_solve(
     else:
         g_idx = solve_group[inverse_order].to(torch.int32)
 
-    result = QuantResult(
-        qweight=qweight,
-        scales=scales,
-        zeros=zeros.to(torch.uint8),
-        g_idx=g_idx,
-        bits=spec.bits,
-        group_size=spec.group_size,
-        sym=spec.sym,
-        act_order=spec.act_order,
-    )
+    result = QuantResult.of(spec, qweight, scales, zeros.to(torch.uint8), g_idx)
     if objective is not None:
         result = refine_codes(*objective, result, spec.cd_sweeps)
     if stats is not None:

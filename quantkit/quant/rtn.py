@@ -37,13 +37,4 @@ def rtn_solve(
     g_idx = group_index(in_features, spec.group_size, weight.device)
     g = g_idx.long()
     codes = quantize(weight, scales[:, g], zeros[:, g], max_code(spec.bits))
-    return QuantResult(
-        qweight=codes,
-        scales=scales,
-        zeros=zeros.to(torch.uint8),
-        g_idx=g_idx,
-        bits=spec.bits,
-        group_size=spec.group_size,
-        sym=spec.sym,
-        act_order=False,
-    )
+    return QuantResult.of(spec, codes, scales, zeros.to(torch.uint8), g_idx, act_order=False)

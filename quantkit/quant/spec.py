@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -89,13 +89,18 @@ class QuantResult:
     sym: bool
     act_order: bool = False
 
+    @classmethod
+    def of(cls, spec: QuantSpec, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+           act_order: bool | None = None) -> QuantResult:
+        """A result with the bits, group size and symmetry of `spec` (a QuantSpec, or an export's Setting), and
+        its act_order unless given."""
+        return cls(qweight, scales, zeros, g_idx, bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+                   act_order=spec.act_order if act_order is None else act_order)
+
     def rows(self, start: int, end: int) -> QuantResult:
         """Output rows [start, end), as tensors of their own (safetensors refuses shared storage)."""
-        return QuantResult(
-            qweight=self.qweight[start:end].clone(), scales=self.scales[start:end].clone(),
-            zeros=self.zeros[start:end].clone(), g_idx=self.g_idx.clone(), bits=self.bits,
-            group_size=self.group_size, sym=self.sym, act_order=self.act_order,
-        )
+        return replace(self, qweight=self.qweight[start:end].clone(), scales=self.scales[start:end].clone(),
+                       zeros=self.zeros[start:end].clone(), g_idx=self.g_idx.clone())
 
     @staticmethod
     def cat_rows(parts: list[QuantResult]) -> QuantResult:
@@ -103,11 +108,8 @@ class QuantResult:
         first = parts[0]
         if len(parts) == 1:
             return first
-        return QuantResult(
-            qweight=torch.cat([p.qweight for p in parts]), scales=torch.cat([p.scales for p in parts]),
-            zeros=torch.cat([p.zeros for p in parts]), g_idx=first.g_idx, bits=first.bits,
-            group_size=first.group_size, sym=first.sym, act_order=first.act_order,
-        )
+        return replace(first, qweight=torch.cat([p.qweight for p in parts]), scales=torch.cat([p.scales for p in parts]),
+                       zeros=torch.cat([p.zeros for p in parts]))
 
     TENSORS = ("qweight", "scales", "zeros", "g_idx")
 
@@ -118,8 +120,7 @@ class QuantResult:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec) -> QuantResult:
         """The result to_tensors(prefix) wrote, with `spec`'s settings."""
-        return cls(*(tensors[f"{prefix}.{part}"] for part in cls.TENSORS), bits=spec.bits,
-                   group_size=spec.group_size, sym=spec.sym, act_order=spec.act_order)
+        return cls.of(spec, *(tensors[f"{prefix}.{part}"] for part in cls.TENSORS))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight this result stands for."""

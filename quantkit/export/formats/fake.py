@@ -48,8 +48,7 @@ class FakeFormat(Format):
         maxq = (1 << setting.bits) - 1
         if bool(((codes < 0) | (codes > maxq)).any()):
             raise QuantkitError(f"{name}: stored weights do not fit the {setting.bits}-bit grid of {QPARAMS}")
-        r = QuantResult(qweight=codes.to(torch.uint8), scales=scales, zeros=zeros, g_idx=p["g_idx"], bits=setting.bits,
-                        group_size=setting.group_size, sym=setting.sym, act_order=setting.act_order)
+        r = QuantResult.of(setting, codes.to(torch.uint8), scales, zeros, p["g_idx"])
         if not torch.equal(r.dequantize(), w):
             raise QuantkitError(f"{name}: stored weights are not exactly on the grid of {QPARAMS}")
         return r
