@@ -1162,6 +1162,48 @@ def test_qid_fit_cli_refuses_before_reading_the_table(tmp_path: Path, args: list
     assert_fault(tmp_path, ["qid", "fit", tmp_path / "none.csv", *args], fragment)
 
 
+# ---------------------------------------------------------------- eighth round (battery helper): strict's share
+
+
+SURROGATE_LINES = [
+    (['{"text": "w1 w2 w3 w4"}', '{"text": "w1 w2 \\ud800 w3"}'], "d.jsonl:2: field 'text' holds a lone UTF-16 surrogate "
+                                                                  "(\\ud800) at character 6"),
+    (['[{"text": "w1 w2"}, {"text": "w3 \\udfff w4"}]'], "d.jsonl:item 2: field 'text' holds a lone UTF-16 surrogate (\\udfff)"),
+]
+CHAT_SURROGATE = (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "w1 \\udc00"}]}'],
+                  "d.jsonl:1: field 'messages[1].content' holds a lone UTF-16 surrogate (\\udc00) at character 3")
+
+
+@pytest.mark.parametrize("command, lines, fragment", [*[("calibrate", *case) for case in [*SURROGATE_LINES, CHAT_SURROGATE]],
+                                                      *[("eval", *case) for case in SURROGATE_LINES]])
+def test_a_lone_surrogate_in_json_records_is_refused_by_line(work: Path, command: str, lines: list, fragment: str) -> None:
+    """A JSON-escaped lone surrogate (no character; common in scraped JSONL) reached the tokenizer: "error: TypeError:
+    TextEncodeInput must be Union[...]"; now one line naming file:line, the field and the character. A pair
+    (\\ud83d\\ude00, one emoji) is text and is read."""
+    (work / "d.jsonl").write_text("\n".join(lines) + "\n")
+    args = (["calibrate", "model", "--calib", "d.jsonl", *BASE, "-o", "out"] if command == "calibrate"
+            else ["eval", "model", "--data", "d.jsonl", "--seqlen", "4", "--json"])
+    assert_fault(work, args, fragment)
+    (work / "d.jsonl").write_text("\n".join(['{"text": "w1 w2 \\ud83d\\ude00 w3 w4 w5 w6 w7 w8 w9"}'] * 8) + "\n")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (["w1 w2 w3", "w1 \ud800 w2"], "data record 2: holds a lone UTF-16 surrogate (\\ud800) at character 3"),
+    ([{"text": "w1 w2 \udbff"}] * 2, "data record 1: field 'text' holds a lone UTF-16 surrogate (\\udbff)"),
+    ([{"messages": [{"role": "user", "content": "w1 \udc00"}]}] * 2,
+     "data record 1: field 'messages[0].content' holds a lone UTF-16 surrogate (\\udc00)"),
+])
+def test_a_lone_surrogate_in_api_data_is_refused(work: Path, data: list, fragment: str) -> None:
+    """The same through quantkit.quantize(data=[...]): a TypeError from the tokenizer before."""
+    import quantkit
+
+    with unchanged(work), pytest.raises(quantkit.QuantkitError) as err:
+        api_quantize(str(work / "model"), work, data=data)
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 

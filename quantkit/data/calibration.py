@@ -17,7 +17,12 @@ from quantkit.data.chat import (
 )
 from quantkit.data.recipes import is_recipe, load_recipe, recipe_samples
 from quantkit.data.samples import calibration_samples, text_samples
-from quantkit.data.sources import check_source_name, check_text_source, local_paths
+from quantkit.data.sources import (
+    check_characters,
+    check_source_name,
+    check_text_source,
+    local_paths,
+)
 from quantkit.errors import QuantkitError
 
 
@@ -237,6 +242,8 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
         raise QuantkitError(f"calibration data must be {', '.join(DATA_KINDS[:-1])} or {DATA_KINDS[-1]}; "
                             f"got {type(data).__name__ if data is not None else 'None'}"
                             + (" (empty)" if isinstance(data, (list, tuple)) else ""))
+    for number, record in enumerate(data, start=1):
+        check_characters(record, f"data record {number}")
     chat = all(is_chat_record(r) for r in data)
     if chat_template is not None and not chat:
         raise QuantkitError("--chat-template renders chat records ({\"messages\": [...]}); the data holds other kinds")

@@ -131,27 +131,50 @@ def record_kind(path: str | os.PathLike) -> str | None:
     return kind
 
 
+def check_characters(value: object, where: str, field: str = "") -> None:
+    """Every string of a record is text: JSON (and Python) can hold a lone UTF-16 surrogate (an escaped "\\ud800"
+    without its other half, common in scraped text), which is no character and which no tokenizer encodes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise QuantkitError(
+                f"{where}: {f'field {field!r} ' if field else ''}holds a lone UTF-16 surrogate "
+                f"(\\u{ord(value[err.start]):04x}) at character {err.start}, half of a pair and no character; remove it "
+                "or replace it (e.g. by U+FFFD)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_characters(item, where, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_characters(item, where, f"{field or 'item'}[{index}]")
+
+
 def jsonl_records(path: str | Path) -> list[tuple[str, object]]:
     """("file:line", parsed value) for every non-blank line of a JSONL file, or ("file:item N", value) for each item
     of a file holding one JSON array; a line that is not JSON raises QuantkitError naming file:line."""
     path = Path(path)
     text = _read_text_file(path)
+    records: list[tuple[str, object]] | None = None
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError:
             items = None
         if isinstance(items, list):
-            return [(f"{path}:item {number}", item) for number, item in enumerate(items, start=1)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            records.append((where, json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise QuantkitError(f"{where}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+            records = [(f"{path}:item {number}", item) for number, item in enumerate(items, start=1)]
+    if records is None:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                records.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise QuantkitError(f"{where}: invalid JSON ({err.msg}); each line must be one JSON object") from err
+    for where, record in records:
+        check_characters(record, where)
     return records
 
 
