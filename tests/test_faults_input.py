@@ -1204,6 +1204,89 @@ def test_a_lone_surrogate_in_api_data_is_refused(work: Path, data: list, fragmen
     assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def export_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor an export stores (its safetensors files), by name."""
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+NO_QUANTIZED_LINEAR = "pattern 'down_proj' applies to no quantized linear (model.layers.0.mlp.down_proj and 1 more stay"
+NO_FP_TARGET = "sets fp_alpha 0.5, the FP target's strength, and none of its linears is solved with one"
+
+
+@pytest.mark.parametrize("recipe, run, fragment", [
+    ("ignore: [down_proj]\noverrides: [{targets: [down_proj], bits: 8}]", ["--method", "rtn"], NO_QUANTIZED_LINEAR),
+    ("targets: [q_proj]\noverrides: [{targets: [down_proj], bits: 8}]", ["--method", "gptq"], NO_QUANTIZED_LINEAR),
+    ("targets: [q_proj, down_proj]\nignore: [layers.0.mlp.down_proj, layers.1.mlp.down_proj]\n"
+     "overrides: [{targets: [q_proj, down_proj], bits: 8}]", ["--method", "rtn"], NO_QUANTIZED_LINEAR),
+    ("overrides: [{targets: [down_proj], fp_alpha: 0.5}]", ["--method", "rtn"], NO_FP_TARGET + " (this run has no FP"),
+    ("overrides: [{targets: [down_proj], fp_alpha: 0.5}]", ["--method", "gptq", "--no-fp-target"],
+     NO_FP_TARGET + " (this run has no FP target)"),
+    ("overrides: [{targets: [down_proj], fp_alpha: 0.5, method: rtn}]", ["--method", "gptq", "--fp-target"],
+     NO_FP_TARGET + " (their method reads no activations)"),
+])
+@pytest.mark.parametrize("command", ["calibrate", "plan"])
+def test_recipe_overrides_that_apply_nowhere_are_refused(work: Path, command: str, recipe: str, run: list,
+                                                         fragment: str) -> None:
+    """An override whose linears the recipe leaves in FP, and an fp_alpha where no FP target runs, exited 0 with
+    bytes equal to the run without the override (calibrate, plan and the API share the check)."""
+    (work / "r.yaml").write_text(recipe + "\n")
+    args = [command, "model", "--calib", "text.txt", *run, "--nsamples", "2", "--seqlen", "16", "--group-size", "32",
+            "--recipe", "r.yaml", *(["-o", "out"] if command == "calibrate" else [])]
+    assert_fault(work, args, fragment)
+
+
+def test_recipe_overrides_that_apply_are_still_used(work: Path) -> None:
+    """What the refusals above leave alone, against the run without the recipe (the reference): fp_alpha on an
+    FP-target run changes layer 0's down_proj codes and nothing else of layer 0; an override next to an ignore of other linears
+    applies; `targets: null` (YAML for none given) is targets left out, as `ignore: null` is: the same tensors."""
+    common = ["--calib", "text.txt", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
+    recipes = {"none": None, "fp": "overrides: [{targets: [down_proj], fp_alpha: 0.5}]",
+               "null": "targets: null\nignore: null", "mixed": "ignore: [q_proj]\noverrides: [{targets: [down_proj], "
+               "bits: 8}]"}
+    tensors = {}
+    for name, recipe in recipes.items():
+        extra = []
+        if recipe is not None:
+            (work / f"{name}.yaml").write_text(recipe + "\n")
+            extra = ["--recipe", f"{name}.yaml"]
+        method = ["--method", "rtn"] if name in ("null", "mixed") else ["--method", "gptq", "--fp-target"]
+        result = run_cli("calibrate", "model", *common, *method, *extra, "-o", name)
+        assert result.exit_code == 0, result.output
+        tensors[name] = export_tensors(work / name)
+    changed = sorted(k for k in tensors["none"] if not torch.equal(tensors["none"][k], tensors["fp"][k]))
+    # layer 0's down_proj is its last linear solved: the rest of layer 0 is as before, later layers see its output
+    layer0 = [k for k in changed if k.startswith("model.layers.0.")]
+    assert layer0 and all(".mlp.down_proj." in k for k in layer0), changed
+    assert "model.layers.0.self_attn.q_proj.weight" in tensors["mixed"]  # left in full precision
+    rtn = run_cli("calibrate", "model", *common, "--method", "rtn", "-o", "rtn")
+    assert rtn.exit_code == 0, rtn.output
+    reference = export_tensors(work / "rtn")
+    assert tensors["null"].keys() == reference.keys()
+    assert all(torch.equal(tensors["null"][k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("recipe, fragment", [
+    ({"ignore": ["down_proj"], "overrides": [{"targets": ["down_proj"], "bits": 8}]}, NO_QUANTIZED_LINEAR),
+    ({"overrides": [{"targets": ["down_proj"], "fp_alpha": 0.5}]}, NO_FP_TARGET),
+])
+def test_recipe_overrides_that_apply_nowhere_are_refused_by_the_api(work: Path, recipe: dict, fragment: str) -> None:
+    import quantkit
+
+    with unchanged(work), pytest.raises(quantkit.QuantkitError) as err:
+        api_quantize(str(work / "model"), work, data=str(work / "text.txt"), recipe=recipe)
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_recipe_targets_none_is_targets_left_out() -> None:
+    """Recipe(targets=None) and the YAML `targets: null` were refused as 'targets is None/[]'; an empty list still is."""
+    from quantkit import QuantkitError
+    from quantkit.quant.recipe import Recipe
+
+    assert Recipe(targets=None) == Recipe() == Recipe.from_dict({"targets": None})
+    with pytest.raises(QuantkitError, match=r"^recipe targets is \[\], which names no linear"):
+        Recipe.from_dict({"targets": []})
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 

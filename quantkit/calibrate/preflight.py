@@ -182,7 +182,7 @@ def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
     q = job.quantization
     model, adapter = _model_and_adapter(job, model_or_config)
     chosen = q.recipe.check(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights,
-                            q.method, model_linears(model))
+                            q.method, model_linears(model), fp_target=q.fp_target)
     if q.lm_head and adapter.lm_head not in chosen:
         raise QuantkitError(f"--quantize-lm-head (lm_head=True) quantizes {adapter.lm_head}, and the recipe leaves it in "
                             "full precision (its ignore or targets); drop one of the two")

@@ -141,10 +141,11 @@ class Recipe:
     overrides: tuple[Override, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if self.targets is None or (isinstance(self.targets, list) and not self.targets):
-            raise QuantkitError(f"recipe targets is {self.targets!r}, which names no linear (and would quantize them "
-                                "all); name the linears to quantize, or leave targets out to quantize every one")
-        object.__setattr__(self, "targets", _patterns(self.targets, "targets") if self.targets else ())
+        if isinstance(self.targets, list) and not self.targets:  # None (YAML `targets: null`) is targets left out
+            raise QuantkitError("recipe targets is [], which names no linear (and would quantize them all); name the "
+                                "linears to quantize, or leave targets out to quantize every one")
+        targets = () if self.targets is None else self.targets
+        object.__setattr__(self, "targets", _patterns(targets, "targets") if targets != () else ())
         object.__setattr__(self, "ignore", _patterns(self.ignore, "ignore") if self.ignore else ())
         overrides = self.overrides
         if isinstance(overrides, (Override, Mapping)):
@@ -161,9 +162,7 @@ class Recipe:
         unknown = sorted(set(data) - set(RECIPE_KEYS))
         if unknown:
             raise QuantkitError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(RECIPE_KEYS)}")
-        targets = data["targets"] if "targets" in data else ()
-        return cls(targets=[] if targets is None else targets, ignore=data.get("ignore") or (),
-                   overrides=data.get("overrides") or ())
+        return cls(targets=data.get("targets"), ignore=data.get("ignore") or (), overrides=data.get("overrides") or ())
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
@@ -198,12 +197,13 @@ class Recipe:
         return settings
 
     def check(self, widths: Mapping[str, int], spec: QuantSpec, method: Method | str,
-              other_linears: Iterable[str] = ()) -> dict[str, LinearSettings]:
+              other_linears: Iterable[str] = (), fp_target: bool | None = None) -> dict[str, LinearSettings]:
         """Each candidate linear's settings (the quantized ones), given `widths` (candidate name -> input width):
         QuantkitError for a pattern that matches no candidate (an ignore pattern may match one of the model's
-        `other_linears` instead, as `lm_head` does in a run that leaves the head alone), a group size that does
-        not divide a quantized linear's width, or an override method that needs statistics the run's method
-        does not gather."""
+        `other_linears` instead, as `lm_head` does in a run that leaves the head alone), an override pattern whose
+        linears all stay in full precision, a group size that does not divide a quantized linear's width, an
+        override method that needs statistics the run's method does not gather, or (given whether the run has an
+        FP target) an fp_alpha that no linear of its override is solved with."""
         run = method_for(method)
         others = list(other_linears)
         for where, patterns in (("targets", self.targets), ("ignore", self.ignore),
@@ -229,6 +229,21 @@ class Recipe:
             chosen[name] = settings
         if not chosen:
             raise QuantkitError("recipe leaves every linear in full precision; loosen its targets or ignore")
+        for override in self.overrides:
+            where = f"recipe override {list(override.targets)}"
+            for pattern in override.targets:
+                hits = [name for name in widths if matches(pattern, name)]
+                if not any(name in chosen for name in hits):
+                    raise QuantkitError(f"{where}: pattern {pattern!r} applies to no quantized linear ({hits[0]}"
+                                        f"{f' and {len(hits) - 1} more' if len(hits) > 1 else ''} stay in full "
+                                        "precision by the recipe's targets or ignore); drop the override or quantize them")
+            fitted = [name for name in chosen if _any_match(override.targets, name)
+                      and chosen[name].method.needs_activations]
+            if override.fp_alpha is not None and fp_target is not None and not (fp_target and fitted):
+                why = "their method reads no activations" if fp_target else "this run has no FP target"
+                raise QuantkitError(f"{where} sets fp_alpha {override.fp_alpha}, the FP target's strength, and none of "
+                                    f"its linears is solved with one ({why}); drop fp_alpha, or run gptq or tlq with "
+                                    "--fp-target (fp_target=True)")
         return chosen
 
 
