@@ -4935,6 +4935,49 @@ def eighth_round() -> list[Case]:
         check=_maybe(api_same_as({"recipe": {"overrides": [{"targets": ["q_proj"], "bits": 8}]}})))
     api("a loaded model whose config says tie_word_embeddings but lm_head was untied in memory", lambda w: quantize(
         w, model=_untied(w)), check=returned_ok)
+
+    # ---- L. more: paths that are not files, recipes that change nothing, sidecar edits that change nothing
+    for spec in ("https://example.com/corpus.txt", "s3://bucket/corpus.txt", "-"):
+        cli("data8", f"--calib {spec!r}", lambda w, s=spec: ["calibrate", w / "model", "--calib", s, *RTN, "-o", w / "out"])
+    cli("eval8", "eval -o - (stdout by Unix convention)", lambda w: [
+        "eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "-o", "-"],
+        check=lambda w, r: None if not (w / "-").exists() else "wrote a file named '-' in the working folder")
+    rec("overrides method rtn on every linear in a GPTQ run equals the RTN run",
+        "overrides:\n  - targets: ['re:.*']\n    method: rtn\n", method=GPTQ, check=same_as(cal_ref(method=GPTQ[:1] + ["rtn"] + GPTQ[2:])))
+    rec("an override restating the run's bits equals no recipe", "overrides:\n  - targets: [q_proj]\n    bits: 4\n",
+        check=same_as(cal_ref()))
+    rec("an override restating the run's group size equals no recipe",
+        "overrides:\n  - targets: [down_proj]\n    group_size: 32\n", check=same_as(cal_ref()))
+    rec("per-channel run with q_proj at group 32, exported to gptq", "overrides:\n  - targets: [q_proj]\n    group_size: 32\n",
+        "--format", "gptq", method=RTN[:-2] + ["--group-size", "-1"], check=export_ok())
+    cli("recipe8", "plan with a recipe keeping q_proj at 8 bits estimates more disk than without", lambda w: [
+        "plan", w / "model", "--calib", w / "text.txt", *RTN, "--recipe", w / "r.yaml", "--json"],
+        setup=write("r.yaml", "overrides:\n  - targets: ['re:.*']\n    bits: 8\n"),
+        check=lambda w, r: None if json.loads(r.stdout)["disk_bytes"]["export"] > json.loads(run_cli(
+            "plan", w / "model", "--calib", w / "text.txt", *RTN, "--json").stdout)["disk_bytes"]["export"]
+        else "the plan's disk estimate ignores the recipe's 8-bit linears")
+    cli("export8", "load of an export whose quantized_modules are listed in reverse equals the export", lambda w: [
+        "export", w / "ct", "--format", "fake", "-o", w / "out"],
+        setup=json_edit("ct/quantkit.json", lambda d: d["quantized_modules"].reverse()),
+        check=valid(weights_close("out", "../base/ct", 1e-6)))
+    cli("export8", "an export whose quantkit.json has an extra unknown key", lambda w: [
+        "eval", w / "ct", "--data", w / "text.txt", "--seqlen", "16"], setup=json_edit("ct/quantkit.json", lambda d: d.update(note="x")),
+        check=eval_close_to(lambda w: ["eval", w / "../base/ct", "--data", w / "text.txt", "--seqlen", "16"], 0.0))
+    cli("export8", "an export without its model card (README.md) equals the export", lambda w: [
+        "eval", w / "ct", "--data", w / "text.txt", "--seqlen", "16"], setup=lambda w: (w / "ct" / "README.md").unlink(),
+        check=valid(eval_close_to(lambda w: ["eval", w / "../base/ct", "--data", w / "text.txt", "--seqlen", "16"], 0.0)))
+    cli("export8", "eval of the fake export: plain transformers loads it with load_quantized's logits", lambda w: [
+        "eval", w / "fake", "--data", w / "text.txt", "--seqlen", "16"], check=then(eval_ok, hf_logits_equal("fake")))
+    cli("export8", "export of an export with a stray file (notes.txt) beside it", lambda w: [
+        "export", w / "ct", "--format", "fake", "-o", w / "out"], setup=write("ct/notes.txt", "mine"),
+        check=weights_close("out", "../base/ct", 1e-6))
+    cli("export8", "an export whose config.json says dtype bfloat16 over float32 tensors", lambda w: [
+        "eval", w / "ct", "--data", w / "text.txt", "--seqlen", "16"],
+        setup=json_edit("ct/config.json", lambda d: d.update(dtype="bfloat16")),
+        check=eval_close_to(lambda w: ["eval", w / "../base/ct", "--data", w / "text.txt", "--seqlen", "16"], 1e-2))
+    cli("resume8", "--resume when the finished export already exists beside out.partial", lambda w: [
+        "calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--low-memory", "--resume", "-o", w / "out"],
+        setup=_stop_with(then=(lambda w: shutil.copytree(w / "ct", w / "out"),)))
     return out
 
 
