@@ -970,6 +970,8 @@ def test_text_with_a_minority_of_unknown_words_is_read() -> None:
     (lambda d: d.update(rope_parameters={"rope_type": "linear", "factor": -2.0, "rope_theta": 10000.0}),
      "config field rope_parameters.factor is -2.0"),
     (lambda d: d.update(num_key_value_heads=3), "config field num_key_value_heads is 3; it must divide"),
+    (lambda d: d.update(bos_token_id=-5), "config field bos_token_id is -5; a token id is a row of the embedding"),
+    (lambda d: d.update(eos_token_id=[2, -1]), "config field eos_token_id is [2, -1]; a token id is a row"),
 ])
 def test_config_values_no_model_runs_with_are_refused_by_field(work: Path, no_model_load, edit, fragment: str) -> None:
     """transformers builds these models (negative eps and theta: NaN in every layer; RTN exported them quietly)."""

@@ -227,7 +227,8 @@ def _rope_fields(cfg: object) -> Iterable[tuple[str, object]]:
 
 def check_config_values(config: object, source: str) -> None:
     """Values no model runs with, refused by field before anything is built: a norm epsilon outside (0, 1), a
-    rope_theta or rope scaling factor <= 0, a size <= 0, key/value heads that do not divide the attention heads.
+    rope_theta or rope scaling factor <= 0, a size <= 0, key/value heads that do not divide the attention heads, a
+    negative bos/eos token id (generation would index the embedding with it).
     transformers builds such models and they compute NaN or noise quietly."""
     def refuse(field: str, value: object, why: str) -> QuantkitError:
         return QuantkitError(f"{source}: config field {field} is {value!r}; {why}: fix config.json")
@@ -245,6 +246,10 @@ def check_config_values(config: object, source: str) -> None:
             value = fields.get(key)
             if _number(value) and value <= 0:
                 raise refuse(prefix + key, value, "a size must be positive")
+        for key in ("bos_token_id", "eos_token_id", "decoder_start_token_id"):  # pad_token_id: nn.Embedding's check
+            ids = getattr(cfg, key, None)
+            if any(_number(token) and token < 0 for token in (ids if isinstance(ids, list | tuple) else [ids])):
+                raise refuse(prefix + key, ids, "a token id is a row of the embedding, 0 or more")
         heads, kv = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
         if _number(heads) and _number(kv) and heads > 0 and kv > 0 and heads % kv:
             raise refuse(prefix + "num_key_value_heads", kv, f"it must divide num_attention_heads ({heads})")
