@@ -1289,6 +1289,24 @@ def test_recipe_targets_none_is_targets_left_out() -> None:
         Recipe.from_dict({"targets": []})
 
 
+def test_a_model_cast_in_part_is_refused_as_mixing_dtypes(work: Path) -> None:
+    """Layer 0 in bfloat16, the rest float32: "unsupported architecture 'llama': a decoder layer fails on a probe
+    input: RuntimeError: expected m1 and m2 to have the same dtype"; now the line says the model mixes dtypes. Cast to
+    one dtype, it runs."""
+    import quantkit
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(work / "model")
+    model.model.layers[0].to(torch.bfloat16)
+    with unchanged(work), pytest.raises(quantkit.QuantkitError) as err:
+        api_quantize(model, work, data=str(work / "text.txt"))
+    assert "mixes dtypes across its decoder layers (model.layers.1.self_attn.q_proj.weight is float32, " \
+           "model.layers.0.self_attn.q_proj.weight is bfloat16)" in str(err.value), str(err.value)
+    model.to(torch.bfloat16)  # one dtype throughout
+    api_quantize(model, work, data=str(work / "text.txt"))
+    assert (work / "api" / "quantkit.json").is_file()
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 

@@ -37,9 +37,14 @@ def preflight(job: CalibrationJob) -> ModelFiles:
     given = model.tokenizer is not None
     if model.loaded is not None:
         from quantkit.models import adapter_for
-        from quantkit.models.checks import check_config_values, check_model_weights
+        from quantkit.models.checks import (
+            check_config_values,
+            check_layer_dtypes,
+            check_model_weights,
+        )
 
         check_config_values(model.loaded.config, model.name)
+        check_layer_dtypes(model.loaded, model.name)
         meta = next((n for n, p in model.loaded.named_parameters() if p.device.type == "meta"), None)
         if meta is not None:
             raise QuantkitError(f"{model.name}: parameter {meta} is on the meta device (shapes, no values); load the "

@@ -52,6 +52,20 @@ def check_weight(name: str, tensor: torch.Tensor, source: str) -> None:
         )
 
 
+def check_layer_dtypes(model: torch.nn.Module, source: str) -> None:
+    """A parameter has the dtype of the same parameter in every other decoder layer: a model cast in part (one
+    layer in bfloat16, the rest in float32) cannot be fed layer by layer, and fails inside a layer's matmul."""
+    seen: dict[str, tuple[str, torch.dtype]] = {}
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or not _LAYER.search(f".{name}"):
+            continue
+        first = seen.setdefault(_LAYER.sub(".N.", f".{name}", count=1), (name, param.dtype))
+        if first[1] != param.dtype:
+            kinds = (str(d).removeprefix("torch.") for d in (param.dtype, first[1]))
+            raise QuantkitError(f"{source}: the model mixes dtypes across its decoder layers ({name} is {next(kinds)}, "
+                                f"{first[0]} is {next(kinds)}); cast it to one, e.g. model.to(torch.float32)")
+
+
 def check_full_precision(config, name: str) -> None:
     """A model to quantize is a full-precision one: a checkpoint whose config declares a quantization (a
     quantkit export, a GPTQ or compressed-tensors download) holds packed codes the solvers cannot start from."""
