@@ -1293,8 +1293,9 @@ def test_a_model_cast_in_part_is_refused_as_mixing_dtypes(work: Path) -> None:
     """Layer 0 in bfloat16, the rest float32: "unsupported architecture 'llama': a decoder layer fails on a probe
     input: RuntimeError: expected m1 and m2 to have the same dtype"; now the line says the model mixes dtypes. Cast to
     one dtype, it runs."""
-    import quantkit
     from transformers import AutoModelForCausalLM
+
+    import quantkit
 
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     model.model.layers[0].to(torch.bfloat16)
@@ -1305,6 +1306,15 @@ def test_a_model_cast_in_part_is_refused_as_mixing_dtypes(work: Path) -> None:
     model.to(torch.bfloat16)  # one dtype throughout
     api_quantize(model, work, data=str(work / "text.txt"))
     assert (work / "api" / "quantkit.json").is_file()
+
+
+def test_a_calibration_recipe_variable_set_but_empty_is_named(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUANTKIT_TEXT_DATA= (set, empty) made the shipped recipe's source its own folder: "directory .../calib has no
+    .txt or .jsonl files"; now the line names the variable, as for one that is not set."""
+    monkeypatch.setenv("QUANTKIT_TEXT_DATA", "")
+    recipe = Path(__file__).resolve().parents[1] / "calib" / "text.yaml"
+    assert_fault(work, ["calibrate", "model", "--calib", recipe, *RTN_ONLY, "-o", "out"],
+                 "path '$QUANTKIT_TEXT_DATA' uses $QUANTKIT_TEXT_DATA, which is set but empty")
 
 
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:

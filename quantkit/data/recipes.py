@@ -59,6 +59,10 @@ def is_recipe(path: object) -> bool:
 def _resolve(raw: str, base: Path, where: str) -> str:
     if raw.startswith("hf:"):
         return raw
+    empty = [name for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", raw) if os.environ.get(name) == ""]
+    if empty:  # expandvars would make the path the recipe's own folder
+        raise QuantkitError(f"{where} path {raw!r} uses ${empty[0]}, which is set but empty; "
+                            f"set it to the folder holding your data, or edit the recipe")
     expanded = os.path.expanduser(os.path.expandvars(raw))
     unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
     if unset:  # expandvars leaves unset variables as they are; say so instead of "not found" later
