@@ -41,8 +41,10 @@ def preflight(job: CalibrationJob) -> ModelFiles:
             check_config_values,
             check_layer_dtypes,
             check_model_weights,
+            check_not_quantized,
         )
 
+        check_not_quantized(model.loaded, model.name)
         check_config_values(model.loaded.config, model.name)
         check_layer_dtypes(model.loaded, model.name)
         meta = next((n for n, p in model.loaded.named_parameters() if p.device.type == "meta"), None)

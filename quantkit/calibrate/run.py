@@ -181,6 +181,9 @@ def calibrate_loaded(model: torch.nn.Module, samples: list[dict], quantization: 
         )
     finally:
         model.train(training)
+    from quantkit.models.checks import QUANTIZED_MARK
+
+    setattr(model, QUANTIZED_MARK, f"in place, {quantization.method} w{quantization.weights.bits}")
     results = dict(calibration.results)
     if quantization.weights.act_bits is not None and results:
         from quantkit.quant.activations import quantize_model_activations

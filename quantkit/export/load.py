@@ -69,8 +69,9 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
         from quantkit.quant.activations import quantize_model_activations
 
         quantize_model_activations(model, sorted(ckpt.results), int(act_bits))
-    from quantkit.models.checks import check_model_weights
+    from quantkit.models.checks import QUANTIZED_MARK, check_model_weights
 
     check_model_weights(model, str(path))  # a NaN in a stored FP tensor (a norm, the embedding) scores as loss nan
+    setattr(model, QUANTIZED_MARK, f"loaded from the export {path}")
     model.eval()
     return model

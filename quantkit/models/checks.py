@@ -52,6 +52,20 @@ def check_weight(name: str, tensor: torch.Tensor, source: str) -> None:
         )
 
 
+# Set on a loaded model whose weights quantkit has rounded (quantize in place, load_quantized): what rounded them.
+QUANTIZED_MARK = "quantkit_quantized"
+
+
+def check_not_quantized(model: torch.nn.Module, source: str) -> None:
+    """A model to quantize holds full-precision weights, not ones quantkit has already rounded: the file form (an
+    export given as the model) is refused by its config (check_full_precision), the loaded form by its mark."""
+    check_full_precision(getattr(model, "config", None), source)  # loaded through transformers' quantized loaders
+    done = getattr(model, QUANTIZED_MARK, None)
+    if done:
+        raise QuantkitError(f"{source} holds weights quantkit already quantized ({done}); quantizing them again rounds "
+                            "twice: quantize the full-precision model (load it again with from_pretrained)")
+
+
 def check_layer_dtypes(model: torch.nn.Module, source: str) -> None:
     """A parameter has the dtype of the same parameter in every other decoder layer: a model cast in part (one
     layer in bfloat16, the rest in float32) cannot be fed layer by layer, and fails inside a layer's matmul."""
