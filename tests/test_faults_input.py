@@ -1317,6 +1317,51 @@ def test_a_calibration_recipe_variable_set_but_empty_is_named(work: Path, monkey
                  "path '$QUANTKIT_TEXT_DATA' uses $QUANTKIT_TEXT_DATA, which is set but empty")
 
 
+def test_a_model_quantkit_already_quantized_is_refused(made: dict, work: Path) -> None:
+    """The same loaded model given to quantize twice had its 4-bit dequantized weights quantized again in place and
+    exported, and a model from load_quantized likewise (the path form, an export as the model, was refused); now
+    both are one QuantkitError, nothing written. A fresh load of the FP model quantizes as before."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    model = AutoModelForCausalLM.from_pretrained(work / "model")
+    api_quantize(model, work, data=str(work / "text.txt"), bits=4)
+    again = work / "again"
+    again.mkdir()
+    for given, fragment in ((model, "in place, rtn w4"), (quantkit.load_quantized(made["exports"]["compressed-tensors"]),
+                                                         "loaded from the export")):
+        with unchanged(work), pytest.raises(quantkit.QuantkitError) as err:
+            api_quantize(given, again, data=str(work / "text.txt"), bits=3)
+        assert f"holds weights quantkit already quantized ({fragment}" in str(err.value), str(err.value)
+    api_quantize(AutoModelForCausalLM.from_pretrained(work / "model"), again, data=str(work / "text.txt"), bits=3)
+    assert (again / "api" / "quantkit.json").is_file()
+
+
+def test_eval_leaves_out_sources_shorter_than_a_window(work: Path) -> None:
+    """Five 40-word files, each scored apart with a held-out part of 4-5 tokens: 'loss' over 15 tokens in windows of 4,
+    exit 0 (one such file alone was refused). Now refused when no source holds a window; beside a source that does,
+    the short ones are left out with one warning line, and the loss is that source's alone (the reference: eval of
+    that file by itself)."""
+    import json as json_module
+
+    (work / "d").mkdir()
+    words = (work / "text.txt").read_text().split()
+    for i in range(5):
+        (work / "d" / f"f{i}.txt").write_text(" ".join(words[40 * i:40 * i + 40]) + "\n")
+    args = ["eval", "model", "--data", "d", "--seqlen", "16", "--part", "heldout", "--json"]
+    assert_fault(work, args, "each of its 5 sources (scored apart) holds at most")
+    shutil.copy(work / "text.txt", work / "d" / "long.txt")
+    mixed = run_cli(*args)
+    assert mixed.exit_code == 0, mixed.output
+    assert [line.split(":")[0] for line in mixed.stderr.splitlines()] == ["WARNING quantkit.eval.cli"], mixed.stderr
+    assert "left out 5 source(s) holding fewer than one --seqlen window (16 tokens)" in mixed.stderr
+    alone = run_cli("eval", "model", "--data", "d/long.txt", "--seqlen", "16", "--part", "heldout", "--json")
+    assert alone.exit_code == 0, alone.output
+    got, want = (json_module.loads(r.stdout) for r in (mixed, alone))
+    assert (got["loss"], got["tokens"], list(got["by_source"])) == (want["loss"], want["tokens"], ["d/long.txt"])
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 
