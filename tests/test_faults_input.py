@@ -1362,6 +1362,31 @@ def test_eval_leaves_out_sources_shorter_than_a_window(work: Path) -> None:
     assert (got["loss"], got["tokens"], list(got["by_source"])) == (want["loss"], want["tokens"], ["d/long.txt"])
 
 
+def test_plan_sizes_the_export_by_the_recipe(work: Path) -> None:
+    """plan (and calibrate --dry-run) sized the export with the run's --bits whatever the recipe said: an override to
+    8 bits planned the 4-bit size, linears left in full precision as codes. Now each linear counts at its recipe's
+    settings, against the real exports (the reference: their safetensors bytes, which the plan tracks within 20%
+    here as without a recipe) and against the plan of the same run given as plain options."""
+    import json as json_module
+
+    (work / "r8.yaml").write_text("overrides: [{targets: ['re:.*'], bits: 8}]\n")
+    (work / "ignore.yaml").write_text("ignore: [down_proj]\n")
+    runs = {"w4": [], "w8": ["--bits", "8"], "recipe8": ["--recipe", "r8.yaml"], "ignore": ["--recipe", "ignore.yaml"]}
+    planned, real = {}, {}
+    for name, extra in runs.items():
+        common = ["model", "--calib", "text.txt", "--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size",
+                  "32", *extra]
+        plan = run_cli("plan", *common, "--json")
+        assert plan.exit_code == 0, plan.output
+        planned[name] = json_module.loads(plan.stdout)["disk_bytes"]["export"]
+        done = run_cli("calibrate", *common, "-o", name)
+        assert done.exit_code == 0, done.output
+        real[name] = sum(f.stat().st_size for f in (work / name).glob("*.safetensors"))
+    assert planned["recipe8"] == planned["w8"] > planned["w4"], planned
+    assert real["ignore"] > real["w4"] and planned["ignore"] > planned["w4"], (planned, real)
+    assert all(0.8 < planned[n] / real[n] < 1.2 for n in runs), (planned, real)
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 

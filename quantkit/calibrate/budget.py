@@ -24,7 +24,7 @@ def settings_for(job: CalibrationJob) -> RunSettings:
         method=str(q.method), hessians=q.method.needs_activations, token_weights=q.token_weights,
         fp_target=q.fp_target, nsamples=data.nsamples, seqlen=data.seqlen, nproc=run.nproc, device=run.device,
         low_memory=run.low_memory, offload_dir=run.offload_dir is not None, calib_set=data.calib_set is not None,
-        bits=q.weights.bits, group_size=q.weights.group_size, fmt=job.export.fmt or None,
+        bits=q.weights.bits, group_size=q.weights.group_size, fmt=job.export.fmt or None, recipe=q.recipe,
     )
 
 

@@ -26,6 +26,7 @@ from quantkit.errors import QuantkitError
 from quantkit.importance.backward import HEAD_ROWS
 from quantkit.planner.rates import estimate_seconds
 from quantkit.planner.shape import LayerShape, ModelShape, read_shape
+from quantkit.quant.recipe import Recipe
 
 __all__ = ["Plan", "RankPlan", "RunSettings", "Term", "check_plan", "parse_bytes", "plan_run", "read_shape"]
 
@@ -60,6 +61,7 @@ class RunSettings:
     bits: int = 4
     group_size: int = 128
     fmt: str | None = None
+    recipe: Recipe | None = None  # per-linear bits and group sizes, and the linears left in full precision
 
     @property
     def on_gpu(self) -> bool:
@@ -204,14 +206,8 @@ def _batch_work(layer: LayerShape, shape: ModelShape, tokens: int) -> int:
 
 
 def _results_bytes(layers: list[LayerShape], settings: RunSettings) -> int:
-    """Quantized codes kept in memory: a byte per weight, a float32 scale and a byte of zero point per group,
-    an int32 g_idx per column."""
-    total = 0
-    for layer in layers:
-        for lin in layer.linears:
-            groups = 1 if settings.group_size == -1 else max(1, lin.in_features // settings.group_size)
-            total += lin.out_features * lin.in_features + lin.out_features * groups * 5 + lin.in_features * 4
-    return total
+    """Quantized codes kept in memory (LinearShape.result_bytes of every linear)."""
+    return sum(lin.result_bytes(settings.group_size) for layer in layers for lin in layer.linears)
 
 
 def _group_phases(layer: LayerShape, shape: ModelShape, settings: RunSettings, tokens: int, batch_tokens: int,
@@ -381,9 +377,7 @@ def _owned(layer: LayerShape, nproc: int, rank: int) -> set[str]:
 def _disk(shape: ModelShape, settings: RunSettings) -> dict[str, int]:
     """Bytes on disk: the export, OUTPUT.partial's finished layers and streams (--low-memory), --offload-dir."""
     quantized = _results_bytes(shape.layers, settings)
-    codes = shape.linear_params * settings.bits // 8 + (quantized - shape.linear_params) // 2
-    fp_rest = (shape.layer_params - shape.linear_params + shape.outside_params) * shape.dtype_bytes
-    disk = {"export": codes + fp_rest}
+    disk = {"export": shape.export_bytes(settings.bits, settings.group_size, settings.recipe, settings.method)}
     stream = settings.nsamples * settings.seqlen * shape.hidden * shape.dtype_bytes * (2 if settings.uses_fp_target else 1)
     if settings.low_memory:
         per_layer_fp = (shape.layer_params - shape.linear_params) * shape.dtype_bytes

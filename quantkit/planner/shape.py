@@ -15,6 +15,8 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.models.checks import check_full_precision
+from quantkit.quant.recipe import Recipe
+from quantkit.quant.spec import QuantSpec
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _HEADER_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -32,6 +34,12 @@ class LinearShape:
     def parent(self) -> str:
         return self.name.rpartition(".")[0]
 
+    def result_bytes(self, group_size: int) -> int:
+        """Its quantized codes in memory: a byte per weight, a float32 scale and a byte of zero point per group,
+        an int32 g_idx per column."""
+        groups = 1 if group_size == -1 else max(1, self.in_features // group_size)
+        return self.out_features * self.in_features + self.out_features * groups * 5 + self.in_features * 4
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -41,6 +49,7 @@ class LayerShape:
     groups: tuple[tuple[LinearShape, ...], ...]
     params: int
     widest: int
+    prefix: str = ""  # the layer's module name in the model ("model.layers.3"): a recipe matches full names
 
     @property
     def linears(self) -> list[LinearShape]:
@@ -81,6 +90,23 @@ class ModelShape:
     @property
     def linear_params(self) -> int:
         return sum(lin.in_features * lin.out_features for layer in self.layers for lin in layer.linears)
+
+    def export_bytes(self, bits: int, group_size: int, recipe: Recipe | None = None, method: str = "gptq") -> int:
+        """The export: each quantized linear's codes at its bits (a recipe's, where it gives them) with half its
+        results' other bytes (scales, zero points, g_idx); the linears a recipe leaves in full precision and the
+        rest of the model in the model's dtype."""
+        codes = extra = fp = 0
+        spec = QuantSpec(bits=bits, group_size=group_size)
+        for layer in self.layers:
+            for lin in layer.linears:
+                chosen = spec if recipe is None else recipe.settings_for(f"{layer.prefix}.{lin.name}", spec, method)
+                if chosen is None:
+                    fp += lin.in_features * lin.out_features
+                    continue
+                chosen = getattr(chosen, "spec", chosen)  # a recipe's LinearSettings
+                codes += lin.in_features * lin.out_features * chosen.bits // 8
+                extra += lin.result_bytes(chosen.group_size) - lin.in_features * lin.out_features
+        return codes + extra // 2 + (self.layer_params - self.linear_params + fp + self.outside_params) * self.dtype_bytes
 
     def describe(self) -> str:
         first = self.layers[0]
@@ -218,7 +244,7 @@ def shape_of(model: torch.nn.Module, name: str, dtype: str | None = None) -> Mod
             raise QuantkitError(f"{name}: decoder layer {index} has no linear that quantkit quantizes")
         params = sum(p.numel() for p in layer.parameters())
         widest = max(lin.out_features for group in groups for lin in group)
-        layers.append(LayerShape(tuple(groups), params, widest))
+        layers.append(LayerShape(tuple(groups), params, widest, adapter.layer_prefix(index)))
     in_layers = {id(p) for p in decoder.parameters()}
     outside = sum(p.numel() for p in model.parameters() if id(p) not in in_layers)  # parameters() counts a tied head once
     text = getattr(config, "text_config", None) or config
