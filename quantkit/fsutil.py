@@ -271,7 +271,11 @@ def name_limit(path: str | os.PathLike) -> int:
 
 def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
     """Every name `output` creates fits the file system's name limit, with room for the temporary names a run
-    puts beside it (the OS says only "File name too long" once the work is done)."""
+    puts beside it (the OS says only "File name too long" once the work is done); "-" is no name either (read by
+    Unix tools as stdout, by quantkit as a file or folder named '-' in the working folder)."""
+    if os.fspath(output) == "-":
+        raise QuantkitError(f"{flag} - would write a file or folder named '-' here, not to stdout; give a path "
+                            "(to print a command's results, use its --json)")
     out = Path(os.path.abspath(output))
     new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
     limit = name_limit(out)
@@ -284,8 +288,8 @@ def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
 
 def check_output_folder(output: str | os.PathLike, flag: str = "-o") -> None:
     """A folder that results are written into (created if missing): not a file, and writable."""
+    check_names(output, flag)
     out = Path(os.path.abspath(output))
-    check_names(out, flag)
     above = _nearest_existing(out)
     if not above.is_dir():
         raise QuantkitError(f"{flag} {output} lies at or under {above}, which is a file; give a directory")
@@ -350,7 +354,7 @@ def check_output(output: str | os.PathLike, *, overwrite: bool, sources: Iterabl
             raise QuantkitError(f"output {output} is inside the input {source}; choose a directory outside it")
         if real in src.parents:
             raise QuantkitError(f"output {output} holds the input {source}; replacing it would delete the input, choose another {flag}")
-    check_names(out, flag)
+    check_names(output, flag)
     where = _nearest_existing(out.parent)
     if not where.is_dir():
         raise QuantkitError(f"cannot create output {output}: {where} is a file")

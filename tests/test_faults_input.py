@@ -1387,6 +1387,18 @@ def test_plan_sizes_the_export_by_the_recipe(work: Path) -> None:
     assert all(0.8 < planned[n] / real[n] < 1.2 for n in runs), (planned, real)
 
 
+@pytest.mark.parametrize("args", [
+    ["eval", "model", "--data", "text.txt", "--seqlen", "16", "-o", "-"],
+    ["calibrate", "model", "--calib", "text.txt", *BASE, "-o", "-"],
+    ["qid", "fit", "q.csv", "--bootstrap", "0", "-o", "-"],
+])
+def test_output_dash_is_refused(work: Path, args: list) -> None:
+    """`eval ... -o -` wrote a file named '-' into the working folder (Unix tools read '-' as stdout); each command's
+    -o refuses it, before any work, pointing at --json."""
+    (work / "q.csv").write_text(qid_points())
+    assert_fault(work, args, "-o - would write a file or folder named '-' here, not to stdout")
+
+
 def test_an_export_manifest_that_is_no_object_is_refused(made: dict, tmp_path: Path) -> None:
     import quantkit
 
