@@ -1354,12 +1354,31 @@ def test_eval_leaves_out_sources_shorter_than_a_window(work: Path) -> None:
     shutil.copy(work / "text.txt", work / "d" / "long.txt")
     mixed = run_cli(*args)
     assert mixed.exit_code == 0, mixed.output
-    assert [line.split(":")[0] for line in mixed.stderr.splitlines()] == ["WARNING quantkit.eval.cli"], mixed.stderr
+    assert [line.split(":")[0] for line in mixed.stderr.splitlines()] == ["WARNING quantkit.eval.loss"], mixed.stderr
     assert "left out 5 source(s) holding fewer than one --seqlen window (16 tokens)" in mixed.stderr
     alone = run_cli("eval", "model", "--data", "d/long.txt", "--seqlen", "16", "--part", "heldout", "--json")
     assert alone.exit_code == 0, alone.output
     got, want = (json_module.loads(r.stdout) for r in (mixed, alone))
     assert (got["loss"], got["tokens"], list(got["by_source"])) == (want["loss"], want["tokens"], ["d/long.txt"])
+
+
+def test_evaluate_sources_leaves_out_sources_shorter_than_a_window(work: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The Python evaluate_sources, as eval: a 10-word source beside a long one is left out with one warning (its
+    windows of a few tokens were scored), and the loss is the long one's alone; short sources only are refused."""
+    from quantkit.errors import QuantkitError
+    from quantkit.eval import evaluate_sources, load_for_eval
+
+    model, tokenizer = load_for_eval(str(work / "model"))
+    text = (work / "text.txt").read_text()
+    short = " ".join(text.split()[:10])
+    with caplog.at_level("WARNING", logger="quantkit.eval.loss"):
+        got = evaluate_sources(model, tokenizer, {"short": [short], "long": [text]}, seqlen=16, progress=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "left out 1 source(s) holding fewer than one --seqlen window (16 tokens): short (10)"]
+    want = evaluate_sources(model, tokenizer, {"long": [text]}, seqlen=16, progress=False)
+    assert (got["loss"], got["tokens"], list(got["by_source"])) == (want["loss"], want["tokens"], ["long"])
+    with pytest.raises(QuantkitError, match="too little text to evaluate: in the sources, each of its 2 sources"):
+        evaluate_sources(model, tokenizer, {"a": [short], "b": [short]}, seqlen=16, progress=False)
 
 
 def test_plan_sizes_the_export_by_the_recipe(work: Path) -> None:

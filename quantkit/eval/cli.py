@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import click
@@ -20,27 +19,14 @@ PART_WORDS = {"heldout": "the held-out part (last 10% of each file's characters)
 
 def check_eval_text(texts: dict[str, list[str]], model_or_dir: str, data: str, part: str, seqlen: int,
                     max_tokens: int | None) -> dict[str, list[str]]:
-    """The sources to score (documents per source): each is its own token stream, so one shorter than a --seqlen
-    window gives windows of a handful of tokens, a loss that is noise reading like a result. Such sources are left
-    out with one warning line; where none holds a window, QuantkitError."""
+    """The sources to score, before the model loads: those holding one --seqlen window (sources_with_a_window)."""
     from quantkit.data.samples import tokenize_documents
     from quantkit.eval.load import load_tokenizer
+    from quantkit.eval.loss import sources_with_a_window
 
     tokenizer = load_tokenizer(model_or_dir)
-    counts = {label: int(tokenize_documents(docs, tokenizer).numel()) for label, docs in texts.items()}
-    counts = {label: min(n, max_tokens) if max_tokens is not None else n for label, n in counts.items()}
-    short = [label for label, n in counts.items() if n < seqlen]
-    if len(short) == len(counts):
-        held = (f"{PART_WORDS[part]} of {data} holds {max(counts.values())} tokens" if len(counts) == 1 else
-                f"in {PART_WORDS[part]} of {data}, each of its {len(counts)} sources (scored apart) holds at most "
-                f"{max(counts.values())} tokens")
-        raise QuantkitError(f"too little text to evaluate: {held}, fewer than one --seqlen window ({seqlen}); give more "
-                            "text, another --part or a smaller --seqlen")
-    if short:
-        logging.getLogger(__name__).warning(
-            "left out %d source(s) holding fewer than one --seqlen window (%d tokens) in %s: %s", len(short), seqlen,
-            part, ", ".join(f"{label} ({counts[label]})" for label in short))
-    return {label: docs for label, docs in texts.items() if label not in short}
+    counts = {label: int(tokenize_documents(docs, tokenizer)[:max_tokens].numel()) for label, docs in texts.items()}
+    return {label: texts[label] for label in sources_with_a_window(counts, seqlen, f"{PART_WORDS[part]} of {data}")}
 
 
 @click.command("eval")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -122,6 +123,23 @@ def evaluate_loss(
     return loss_on_ids(model, ids, seqlen=seqlen, stride=stride, device=device, batch_size=batch_size, progress=progress)
 
 
+def sources_with_a_window(counts: dict[str, int], seqlen: int, what: str) -> list[str]:
+    """The sources (label -> token count) that hold one `seqlen` window: each is scored as its own stream, so a
+    shorter one gives windows of a handful of tokens, a loss that is noise reading like a result. The others are
+    left out with one warning line; where none holds a window, QuantkitError (`what` says where the text is)."""
+    short = [label for label, n in counts.items() if n < seqlen]
+    if len(short) == len(counts):
+        held = (f"{what} holds {max(counts.values())} tokens" if len(counts) == 1 else
+                f"in {what}, each of its {len(counts)} sources (scored apart) holds at most {max(counts.values())} tokens")
+        raise QuantkitError(f"too little text to evaluate: {held}, fewer than one --seqlen window ({seqlen}); give more "
+                            "text, another --part or a smaller --seqlen")
+    if short:
+        logging.getLogger(__name__).warning(
+            "left out %d source(s) holding fewer than one --seqlen window (%d tokens): %s", len(short), seqlen,
+            ", ".join(f"{label} ({counts[label]})" for label in short))
+    return [label for label in counts if label not in short]
+
+
 def evaluate_sources(
     model: torch.nn.Module,
     tokenizer,
@@ -138,6 +156,7 @@ def evaluate_sources(
 
     Each source is its own token stream (its documents joined by eos), so no window spans two sources,
     and `max_tokens` keeps the first tokens of each source: a short evaluation still reads every source.
+    A source shorter than one `seqlen` window is left out with a warning (sources_with_a_window).
     The overall loss is the mean over every scored token of every source. Returns evaluate_loss's keys
     (tokens and windows summed) plus "by_source": {label: {"loss", "ppl", "tokens", "windows"}}.
     """
@@ -147,12 +166,9 @@ def evaluate_sources(
         raise QuantkitError("no sources to evaluate")
     by_source: dict[str, dict] = {}
     total, count, windows = 0.0, 0, 0
-    for label, texts in sources.items():
-        ids = tokenize_documents(list(texts), tokenizer)
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        if ids.numel() < 2:
-            raise QuantkitError(f"too little text to evaluate in {label}: found {ids.numel()} tokens, need at least 2")
+    streams = {label: tokenize_documents(list(texts), tokenizer)[:max_tokens] for label, texts in sources.items()}
+    for label in sources_with_a_window({label: ids.numel() for label, ids in streams.items()}, seqlen, "the sources"):
+        ids = streams[label]
         found = loss_on_ids(model, ids, seqlen=seqlen, stride=stride, device=device, batch_size=batch_size,
                             progress=progress)
         by_source[label] = {key: found[key] for key in ("loss", "ppl", "tokens", "windows")}
