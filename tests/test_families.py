@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    FailAt,
     assert_same_files,
     observing,
     random_model,
@@ -28,6 +29,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import quantkit
 from quantkit.engine import calibrate_model
+from quantkit.engine.comm import Hooks
+from quantkit.errors import QuantkitError
 from quantkit.importance import layer_output_gradients
 from quantkit.models import adapter_for, get_module
 from quantkit.quant import QuantSpec, rtn_solve
@@ -270,6 +273,52 @@ def test_low_memory_with_two_ranks_writes_the_in_memory_bytes(family_dirs, tmp_p
     run_calibration(str(family_dirs[model_type]), str(tmp_path / "plain"), RUN_SPEC, **kw)
     report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "low"), RUN_SPEC, nproc=2, low_memory=True, **kw)
     assert report["low_memory"] and report["world_size"] == 2
+    assert_same_files(tmp_path / "plain", tmp_path / "low")
+
+
+# checkpoints transformers converts on load (WeightConverter), which streamed layers convert the same way
+LOAD_CONVERSIONS = {
+    "ergo": "the router and the shared expert stored transposed",
+    "param2moe": "q/k/v stored as one query_key_value, split on load",
+    "olmo_hybrid": "the q/k/v convolutions stored apart, concatenated on load",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(LOAD_CONVERSIONS))
+def test_streamed_tensors_are_converted_as_transformers_loads(tmp_path: Path, model_type: str) -> None:
+    """--low-memory's tensors are those plain transformers' from_pretrained makes of a checkpoint it converts on
+    load: each streamed layer's, and everything outside the layers."""
+    from quantkit.models import auto_class_for
+    from quantkit.models.streamed import build_skeleton, load_layer
+
+    directory = save_tiny_causal_lm(tmp_path, model_type)
+    reference = auto_class_for(tiny_config(model_type)).from_pretrained(directory).eval()
+    adapter_for(reference)  # fused experts as per-expert linears, as the skeleton holds them
+    expected = reference.state_dict()
+    skeleton, adapter, source = build_skeleton(str(directory))
+    assert source.conversions  # the checkpoint does hold tensors transformers converts
+    prefix = adapter.layers + "."
+    outside = {k: v for k, v in skeleton.state_dict().items() if not k.startswith(prefix)}
+    assert outside and all(torch.equal(v, expected[k]) for k, v in outside.items())
+    for index in range(len(adapter.decoder_layers(skeleton))):
+        layer = load_layer(skeleton, adapter, source, index)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, expected[f"{adapter.layer_prefix(index)}.{key}"]), key
+
+
+def test_ergo_low_memory_two_ranks_resumed_writes_the_in_memory_bytes(tmp_path: Path) -> None:
+    """Ergo (router stored transposed) with --low-memory on 2 ranks, stopped after its first layer and resumed: the
+    in-memory run's bytes."""
+    directory = save_tiny_causal_lm(tmp_path, "ergo")
+    text = write_text(tmp_path / "calib.txt")
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=16, progress=False, fp_target=True)
+    run_calibration(str(directory), str(tmp_path / "plain"), RUN_SPEC, **kw)
+    with pytest.raises(QuantkitError, match="rank 1 failed at layer 1"):
+        run_calibration(str(directory), str(tmp_path / "low"), RUN_SPEC, nproc=2, low_memory=True,
+                        hooks=Hooks(on_layer=FailAt(1, 1)), **kw)
+    report = run_calibration(str(directory), str(tmp_path / "low"), RUN_SPEC, nproc=2, low_memory=True, resume=True,
+                             **kw)
+    assert report["resumed_from_layer"] == 1 and report["world_size"] == 2
     assert_same_files(tmp_path / "plain", tmp_path / "low")
 
 

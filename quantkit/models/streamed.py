@@ -5,6 +5,7 @@ and checkpoint key names mapped to the model's as transformers maps them."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -60,23 +61,39 @@ class WeightSource:
             raise QuantkitError(f"--low-memory needs safetensors weights in {root} (model.safetensors or an index)")
 
         self.stored_name: dict[str, str] = {}  # model name -> name in the files, where they differ
+        self.files = dict(self.where)  # name in the files -> its file
+        self.conversions: dict[str, Conversion] = {}  # model name -> the conversion that makes it (and its siblings)
+        self.model: nn.Module | None = None
 
     def use_model_names(self, model: nn.Module) -> None:
-        """Re-key the tensors by the names `model` gives them, renamed as transformers' loader renames
-        checkpoint keys (VLM checkpoints keep legacy layouts: language_model.model.layers...)."""
-        names = checkpoint_names_to_model_names(model, list(self.where))
-        self.stored_name = {new: old for old, new in names.items() if new != old}
+        """Re-key the tensors by the names `model` gives them, renamed and converted as transformers' loader does
+        with checkpoint keys (VLM checkpoints keep legacy layouts: language_model.model.layers...; Ergo's router
+        is stored transposed)."""
+        names = checkpoint_names_to_model_names(model, list(self.where), self.conversions)
+        self.model = model
+        converted = {key for conversion in self.conversions.values() for key, _ in conversion.sources}
+        self.stored_name = {new: old for old, new in names.items() if new != old and old not in converted}
+        # a converted group is listed under the first name it makes (its files: those of its sources)
         self.where = {names[key]: path for key, path in self.where.items()}
 
     def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Read `keys` from their files (only those tensors are brought into memory, none stays mapped)."""
+        """Read `keys` from their files (only those tensors are brought into memory, none stays mapped); a key
+        made by a load-time conversion brings every tensor its conversion makes."""
         by_file: dict[Path, list[str]] = {}
-        for key in keys:
+        plain = [key for key in keys if key not in self.conversions]
+        converting = [self.conversions[key] for key in keys if key in self.conversions]
+        sources = {source for conversion in converting for source, _ in conversion.sources}
+        for key in plain:
             by_file.setdefault(self.where[key], []).append(self.stored_name.get(key, key))
+        for source in sources:
+            by_file.setdefault(self.files[source], []).append(source)
         model_name = {old: new for new, old in self.stored_name.items()}
-        out = {}
+        read = {}
         for path, names in by_file.items():
-            out.update({model_name.get(k, k): v for k, v in read_safetensors(path, names).items()})
+            read.update(read_safetensors(path, names))
+        out = {model_name.get(k, k): read.pop(k) for k in [self.stored_name.get(key, key) for key in plain]}
+        for conversion in converting:
+            out.update(conversion.apply({key: read[key] for key, _ in conversion.sources}, self.model))
         return out
 
 
@@ -85,8 +102,32 @@ def _fuses_experts(converter) -> bool:
     return any(".experts." in f".{p}" for p in converter._original_target_patterns)
 
 
-def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> dict[str, str]:
-    """Each checkpoint key -> the model's name for it, as transformers renames them on load."""
+class Conversion:
+    """One of transformers' load-time weight conversions (a WeightConverter: transposed, fused or split tensors) for
+    one group of checkpoint tensors, applied as transformers' loader applies it."""
+
+    def __init__(self, converter, target: str) -> None:
+        """`converter` is transformers' template for the family; `target` the model name it makes first."""
+        self.converter = converter
+        self.target = target
+        self.sources: list[tuple[str, str]] = []  # (checkpoint key, the converter's source pattern it matched)
+
+    def apply(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's tensors made from the checkpoint's `tensors` (keyed by checkpoint names)."""
+        from transformers.core_model_loading import dot_natural_key
+
+        converter = copy.deepcopy(self.converter)  # it collects tensors: a fresh one per group, as on load
+        for key, pattern in sorted(self.sources, key=lambda item: dot_natural_key(item[0])):
+            converter.add_tensor(self.target, key, pattern, lambda tensor=tensors[key]: tensor)
+        made = converter.convert(self.target, model=model, config=model.config)
+        return {name: value[0] if isinstance(value, list) else value for name, value in made.items()}
+
+
+def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str],
+                                    conversions: dict[str, Conversion] | None = None) -> dict[str, str]:
+    """Each checkpoint key -> the model's name for it, as transformers renames them on load. A key that transformers
+    also converts (transposed, fused or split) is refused unless `conversions` is given: then it maps to the first
+    name its conversion makes, and `conversions` gets that name -> the Conversion of its group of keys."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
@@ -107,6 +148,7 @@ def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> di
     # (the others do: Param2MoE's fused query_key_value)
     unfused = bool(routed_experts(model))
     converters = [t for t in transforms if isinstance(t, WeightConverter) and not (unfused and _fuses_experts(t))]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     state = model.state_dict()
     out = {}
     for key in keys:
@@ -114,10 +156,12 @@ def checkpoint_names_to_model_names(model: nn.Module, keys: Sequence[str]) -> di
         if renamed not in state and key in state:  # as transformers loads: a renaming that misses keeps the name
             renamed, converted = key, None  # (DeepSeek-V4's `.norm.` -> `.kv_norm.` also matches model.norm)
         if converted is not None:
-            raise QuantkitError(
-                f"--low-memory reads tensors as stored, and {key} needs transformers' conversion on load "
-                "(fused or split weights); run without --low-memory"
-            )
+            if conversions is None:
+                raise QuantkitError(
+                    f"--low-memory reads tensors as stored, and {key} needs transformers' conversion on load "
+                    "(fused or split weights); run without --low-memory"
+                )
+            conversions.setdefault(renamed, Conversion(by_pattern[converted], renamed)).sources.append((key, converted))
         out[key] = renamed
     return out
 
