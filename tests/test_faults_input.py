@@ -1960,3 +1960,143 @@ def test_a_sliding_window_of_no_tokens_is_refused_where_layers_slide() -> None:
         check_config_values(sliding, "m")
     placeholder = AutoConfig.for_model("qwen2_moe", sliding_window=0, use_sliding_window=False)
     check_config_values(placeholder, "m")
+
+
+# ---------------------------------------------------------------- exports read back (battery round 8)
+
+
+def readers_refuse(tmp_path: Path, export: Path, text: Path, fragment: str) -> None:
+    """eval, `export --format fake` and load_quantized each refuse the export in one line naming `fragment`."""
+    import quantkit
+
+    for args in (["eval", export, "--data", text, "--seqlen", "16"],
+                 ["export", export, "--format", "fake", "-o", tmp_path / "again"]):
+        assert_fault(tmp_path, args, fragment)
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError) as caught:
+        quantkit.load_quantized(export)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fake"])
+def test_an_export_whose_config_lies_about_a_stored_shape_is_refused(made: dict, tmp_path: Path, fmt: str) -> None:
+    """config.json vocab_size 80 over 64 stored rows: eval and load_quantized raised RuntimeError tracebacks, `export
+    --format fake` copied the lie on (exit 0). The stored rows are read here from the file itself."""
+    export = tmp_path / "export"
+    shutil.copytree(made["exports"][fmt], export)
+    rows = load_file(export / "model.safetensors")["model.embed_tokens.weight"].shape
+    edit_json(export / "config.json", lambda d: d.update(vocab_size=rows[0] + 16))
+    readers_refuse(tmp_path, export, made["text"], f"is {list(rows)} in the export but config.json makes it "
+                                                   f"{[rows[0] + 16, rows[1]]} (config.json's vocab_size = {rows[0] + 16})")
+
+
+def test_a_model_whose_config_lies_about_a_stored_shape_names_the_field(work: Path, no_model_load) -> None:
+    """The model side of the same check names the config field too."""
+    edit_json(work / "model" / "config.json", lambda d: d.update(vocab_size=80))
+    assert_fault(work, calibrate(work), "in model.safetensors but config.json makes it [80, 32] (config.json's "
+                                        "vocab_size = 80); config.json does not match the weights")
+
+
+def sharded_copy(made: dict, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A copy of the compressed-tensors export in several shards (`quantkit export --max-shard-size`)."""
+    out = tmp_path / "sh"
+    result = run_cli("export", made["exports"]["compressed-tensors"], "--format", "compressed-tensors",
+                     "--max-shard-size", "20KB", "-o", out)
+    assert result.exit_code == 0, result.output
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    return out, shards
+
+
+def test_a_sharded_export_holding_a_tensor_twice_is_refused(made: dict, tmp_path: Path) -> None:
+    """A weight_scale of the first shard also stored (zeros) in the last, the index naming the first: load_quantized
+    and `export --format fake` took the zeros, eval the right copy (three readers, two models)."""
+    import quantkit
+
+    out, shards = sharded_copy(made, tmp_path)
+    first, last = load_file(shards[0]), load_file(shards[-1])
+    reference = quantkit.load_quantized(out).state_dict()  # the untouched shards load (the check is no blanket refusal)
+    plain = quantkit.load_quantized(made["exports"]["compressed-tensors"]).state_dict()
+    assert all(torch.equal(reference[k], plain[k]) for k in plain)
+    key = next(k for k in sorted(first) if k.endswith("weight_scale"))
+    save_file({**last, key: torch.zeros_like(first[key])}, shards[-1], metadata={"format": "pt"})
+    readers_refuse(tmp_path, out, made["text"], f"tensor {key} is stored twice, in {shards[0].name} and in "
+                                                f"{shards[-1].name} (model.safetensors.index.json names {shards[0].name})")
+
+
+def test_a_sharded_model_holding_a_tensor_twice_is_refused(work: Path, no_model_load) -> None:
+    """The model reader refuses the same layout (transformers reads the index's copy, a reader of every shard the
+    last one)."""
+    tensors = load_file(work / "model" / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, work / "model" / fname, metadata={"format": "pt"})
+    (work / "model" / "model.safetensors").unlink()
+    (work / "model" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    dup = names[0]
+    save_file({**{k: tensors[k] for k in halves["model-00002-of-00002.safetensors"]}, dup: torch.zeros_like(tensors[dup])},
+              work / "model" / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    assert_fault(work, calibrate(work), f"tensor {dup} is stored twice, in model-00001-of-00002.safetensors and in "
+                                        "model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize("targets, left_out", [
+    (["re:.*q_proj$"], "model.layers.0.mlp.down_proj"),
+    (["model.layers.0.self_attn.q_proj"], "model.layers.0.mlp.down_proj"),
+    ([r"re:^model\.layers\.0\."], "model.layers.1.mlp.down_proj"),
+])
+def test_config_groups_that_leave_a_quantized_linear_out_are_refused(made: dict, tmp_path: Path, targets: list,
+                                                                     left_out: str) -> None:
+    """config_groups narrowed to some linears while every linear is packed: eval, export and load_quantized went on
+    (transformers would load the others as dense weights). The linear left out is found here by matching the targets
+    by hand against quantkit.json's list; a target list covering every linear by pattern still loads."""
+    import quantkit
+
+    export = tmp_path / "ct"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    modules = json.loads((export / "quantkit.json").read_text())["quantized_modules"]
+    covered = [m for m in modules if any(re.match(t[3:], m) if t.startswith("re:") else t == m for t in targets)]
+    assert sorted(set(modules) - set(covered))[0] == left_out  # the first linear no target covers, by name
+    edit_json(export / "config.json", lambda d: group_0(d).update(targets=[r"re:^model\.layers\.\d+\."]))
+    quantkit.load_quantized(export)
+    edit_json(export / "config.json", lambda d: group_0(d).update(targets=targets))
+    readers_refuse(tmp_path, export, made["text"], f"no config group of config.json's quantization_config targets "
+                                                   f"{left_out}, which quantkit.json lists as quantized")
+
+
+def test_load_quantized_takes_a_dtype(made: dict) -> None:
+    """load_quantized(path, dtype=torch.float16) raised TypeError; it now loads the model in that dtype. Reference:
+    plain transformers loading the fake export (dense dequantized weights) in float16, and the compressed-tensors
+    export of the same run gives the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    for dtype in (torch.float16, "bfloat16"):
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        plain = AutoModelForCausalLM.from_pretrained(made["exports"]["fake"], dtype=torch_dtype).state_dict()
+        for fmt in ("fake", "compressed-tensors"):
+            loaded = quantkit.load_quantized(made["exports"][fmt], dtype=dtype).state_dict()
+            assert loaded.keys() == plain.keys()
+            for key, tensor in plain.items():
+                assert loaded[key].dtype == torch_dtype and torch.equal(loaded[key], tensor), (fmt, key)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"device_map": "auto"}, "load_quantized() has no argument 'device_map'; it takes path and dtype"),
+    ({"torch_dtype": torch.float16}, "load_quantized() has no argument 'torch_dtype'; did you mean 'dtype'?"),
+    ({"dtype": torch.int8}, "load_quantized(dtype=) must be torch.float32, torch.float16 or torch.bfloat16"),
+    ({"dtype": "Float16"}, "did you mean torch.float16? got 'Float16' (str)"),
+    ({"dtype": 16}, "got 16 (int)"),
+])
+def test_load_quantized_refuses_arguments_it_does_not_take(made: dict, tmp_path: Path, kwargs: dict,
+                                                           fragment: str) -> None:
+    """from_pretrained's keywords raised TypeError "unexpected keyword argument"."""
+    import quantkit
+
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError) as caught:
+        quantkit.load_quantized(made["exports"]["compressed-tensors"], **kwargs)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError, expect_path
+from quantkit.errors import QuantkitError, closest, expect_path, short_repr
 from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
 from quantkit.export.reader import build_model, model_name, read_checkpoint, read_json
 from quantkit.models.conv1d import checkpoint_layout
@@ -31,19 +31,31 @@ def dense_state(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str,
     return state
 
 
-def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
+LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **unknown: object) -> torch.nn.Module:
     """Load any quantkit output as a transformers model holding the dequantized float weights (another
-    quantized checkpoint goes through transformers' own loader, with what it needs named if missing)."""
+    quantized checkpoint goes through transformers' own loader, with what it needs named if missing), on the CPU.
+    dtype: torch.float32, torch.float16 or torch.bfloat16 (or its name); None or "auto": the export's own."""
     from transformers.initialization import no_init_weights
 
     root = Path(expect_path("load_quantized(path)", path))
+    if unknown:
+        name = sorted(unknown)[0]
+        near = closest(name, ("path", "dtype"))
+        hint = f"did you mean {near!r}? " if near is not None else ""
+        raise QuantkitError(f"load_quantized() has no argument {name!r}; {hint}it takes path and dtype, and loads on "
+                            "the CPU (move the model with model.to(device) after loading)")
+    wanted = load_dtype(dtype)
     foreign = root.is_dir() and not (root / MANIFEST).is_file() and (root / "config.json").is_file()
     if foreign and "quantization_config" in read_json(root / "config.json"):
         from quantkit.models import load_model
 
-        return load_model(str(root))
+        names = {v: k for k, v in LOAD_DTYPES.items()}
+        return load_model(str(root), dtype=names[wanted] if wanted is not None else "auto")
     ckpt = read_checkpoint(path)
-    dtype = float_dtype(ckpt.fp_tensors)
+    dtype = wanted or float_dtype(ckpt.fp_tensors)
     with no_init_weights():
         model = build_model(ckpt.config, path, dtype)
     state = dense_state(ckpt, dtype)
@@ -75,3 +87,17 @@ def load_quantized(path: str | os.PathLike) -> torch.nn.Module:
     setattr(model, QUANTIZED_MARK, f"loaded from the export {path}")
     model.eval()
     return model
+
+
+def load_dtype(dtype: object) -> torch.dtype | None:
+    """load_quantized's dtype argument as a torch dtype (None: the export's own)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in LOAD_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in LOAD_DTYPES:
+        return LOAD_DTYPES[dtype]
+    near = closest(str(dtype).removeprefix("torch."), LOAD_DTYPES) if isinstance(dtype, (str, torch.dtype)) else None
+    hint = f"did you mean torch.{near}? " if near is not None else ""
+    raise QuantkitError(f"load_quantized(dtype=) must be torch.float32, torch.float16 or torch.bfloat16 (or its name, "
+                        f"or 'auto' for the export's own); {hint}got {short_repr(dtype)}")

@@ -20,6 +20,7 @@ from quantkit.export.common import (
 )
 from quantkit.export.formats import format_for
 from quantkit.fsutil import read_json_object
+from quantkit.models.checks import stored_twice
 from quantkit.models.experts import model_key, routed_experts, unfuse_experts
 from quantkit.quant.spec import QuantResult
 
@@ -56,7 +57,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     settings = manifest_settings(manifest, mpath)
     act_bits = (manifest.get("spec") or {}).get("act_bits") if isinstance(manifest.get("spec"), dict) else None
     fmt = fmt.with_act_bits(act_bits)  # what the config must declare for the inputs
-    fmt.check_declared(declared, settings, str(root))
+    model_names = manifest.get("model_names")
+    fmt.check_declared(declared, settings, str(root), model_names if isinstance(model_names, dict) else None)
     tensors = _load_tensors(root)
     sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}
     stored = StoredTensors(root, tensors, sidecar)
@@ -78,7 +80,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise QuantkitError(f"{root / fmt.sidecar}: tensor {stray[0]} belongs to no quantized linear of quantkit.json; "
                             "the export is damaged or was edited, export it again")
     ckpt = Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
-    check_tensor_names(ckpt)
+    check_tensors(ckpt)
     return ckpt
 
 
@@ -108,22 +110,31 @@ def model_name(config: dict) -> str:
     return (config.get("architectures") or [None])[0] or str(config.get("model_type"))
 
 
-def check_tensor_names(ckpt: Checkpoint) -> None:
+def check_tensors(ckpt: Checkpoint) -> None:
     """Every tensor of an export is a quantized linear's or a parameter or buffer of the model its config.json
-    describes (built on the meta device); a stray tensor is named (transformers would drop it silently)."""
+    describes (built on the meta device), in the shape that config makes it: a stray tensor is named (transformers
+    would drop it silently), and so is a config field that lies about a stored shape (vocab_size 80 over 64 rows)."""
+    from quantkit.models.checks import config_shape_error
+
     with torch.device("meta"):
         model = build_model(ckpt.config, ckpt.path)
     rename = model_key(model) if unfuse_experts(model) else (lambda key: key)
-    known = set(model.state_dict(keep_vars=True))
+    state = model.state_dict(keep_vars=True)
     # experts written dense in the fused layout (quantkit.export.experts): the names unfused_state splits
     known_fused = {f"{name}.{k}{bias}" for name, experts in routed_experts(model)
                    for k in experts.layout.fused_names() for bias in ("", "_bias")}
-    names = [*ckpt.fp_tensors, *(f"{module}.weight" for module in ckpt.results)]
-    for name in sorted(names):
+    transposed = set(ckpt.manifest.get("transposed") or ())
+    shapes = {name: tuple(t.shape) for name, t in ckpt.fp_tensors.items()}
+    for module, r in ckpt.results.items():  # a result is [out, in]; a Conv1D's model weight [in, out]
+        shapes[f"{module}.weight"] = tuple(r.qweight.shape)[:: -1 if module in transposed else 1]
+    for name in sorted(shapes):
         key = rename(name)
-        if key not in known and key not in known_fused:
+        if key not in state and key not in known_fused:
             raise QuantkitError(f"{ckpt.path}: tensor {name} does not belong to a {model_name(ckpt.config)} model; "
                                 "the export is damaged or was edited, export it again")
+        if key in state and tuple(state[key].shape) != shapes[name]:
+            raise config_shape_error(str(ckpt.path), name, shapes[name], state[key].shape, "the export", ckpt.config,
+                                     "config.json does not match the stored tensors (edited?): export it again")
 
 
 def read_json(path: Path) -> dict:
@@ -152,8 +163,14 @@ def _load_tensors(root: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict):
             raise QuantkitError(f"{index} has no weight_map; re-export the checkpoint")
         tensors: dict[str, torch.Tensor] = {}
+        held: dict[str, str] = {}
         for fname in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors(root / fname))
+            shard = _read_safetensors(root / fname)
+            for key in shard:
+                if key in held:
+                    raise stored_twice(index, key, held[key], fname, weight_map.get(key))
+                held[key] = fname
+            tensors.update(shard)
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise QuantkitError(f"{index} lists {missing[0]} but no shard holds it; the checkpoint is incomplete")

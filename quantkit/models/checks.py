@@ -287,6 +287,43 @@ def check_config_values(config: object, source: str) -> None:
             raise refuse(prefix + "sliding_window", window, "its sliding-window layers would attend to no token")
 
 
+def size_fields(config: object, values: Iterable[int]) -> list[tuple[str, int]]:
+    """(field, value) of every integer field of a config (a PretrainedConfig or config.json's dict, nested configs as
+    `text_config.vocab_size`) whose value is one of `values`: the fields that can have set a tensor dimension."""
+    wanted, found = set(values), []
+
+    def walk(table: Mapping, prefix: str) -> None:
+        for key, value in table.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, int) and not isinstance(value, bool) and value in wanted and not key.endswith(("_id", "_ids")):
+                found.append((prefix + key, value))
+
+    to_dict = getattr(config, "to_dict", None)
+    walk(to_dict() if callable(to_dict) else config if isinstance(config, Mapping) else {}, "")
+    return found
+
+
+def config_shape_error(source: str, tensor: str, stored: Iterable[int], expected: Iterable[int], where: str,
+                       config: object, fix: str) -> QuantkitError:
+    """A tensor stored in one shape where config.json makes it another, with the config fields that give the
+    dimensions that differ (vocab_size = 80 over 64 stored rows)."""
+    stored, expected = list(stored), list(expected)
+    differ = [e for i, e in enumerate(expected) if i >= len(stored) or stored[i] != e]
+    fields = ", ".join(f"{k} = {v}" for k, v in size_fields(config, differ))
+    named = f" (config.json's {fields})" if fields else ""
+    return QuantkitError(f"{source}: tensor {tensor} is {stored} in {where} but config.json makes it {expected}{named}; "
+                         f"{fix}")
+
+
+def stored_twice(index: Path, key: str, first: str, second: str, named: object) -> QuantkitError:
+    """A tensor two shards hold: loaders differ on which copy they read (transformers the index's, a reader of
+    every shard the last), so the checkpoint means two models."""
+    return QuantkitError(f"{index.parent}: tensor {key} is stored twice, in {first} and in {second} ({index.name} "
+                         f"names {named}); loaders differ on which copy they read: the checkpoint is damaged, save or "
+                         "export it again")
+
+
 def check_config_aliases(raw: Mapping, config: object, source: str) -> None:
     """config.json does not give one setting two values under two of its names (transformers' attribute_map:
     Qwen3-MoE's num_experts is num_local_experts); transformers keeps one of them silently."""

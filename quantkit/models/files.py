@@ -19,6 +19,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError, first_line
 from quantkit.fsutil import read_json_object
 from quantkit.models import looks_local
+from quantkit.models.checks import stored_twice
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -130,6 +131,8 @@ def read_headers(root: Path) -> tuple[StoredTensors, list[Path]] | None:
     tensors: StoredTensors = {}
     for path in files:
         for key, (shape, dtype) in read_header(path).items():
+            if key in tensors:
+                raise stored_twice(index, key, tensors[key][2].name, path.name, (weight_map or {}).get(key))
             tensors[key] = (shape, dtype, path)
     if weight_map is None:
         _check_no_second_copy(root, set(tensors))
@@ -246,7 +249,12 @@ def _dtype_size(stored: dict, key: str, default: int) -> int:
 def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
     """Every parameter present with its configured shape and a float dtype, no layer or tensor the config does not
     describe."""
-    from quantkit.models.checks import check_stored_dtypes, tied_pairs, untied_error
+    from quantkit.models.checks import (
+        check_stored_dtypes,
+        config_shape_error,
+        tied_pairs,
+        untied_error,
+    )
     from quantkit.models.streamed import checkpoint_names_to_model_names
 
     try:
@@ -281,10 +289,8 @@ def _check_tensors(name: str, model, adapter, stored: StoredTensors) -> None:
         )
     for key, (shape, _, path) in found.items():
         if key in state and tuple(state[key].shape) != shape:
-            raise QuantkitError(
-                f"{name}: tensor {key} is {list(shape)} in {path.name} but config.json makes it {list(state[key].shape)}; "
-                "config.json does not match the weights"
-            )
+            raise config_shape_error(name, key, shape, state[key].shape, path.name, model.config,
+                                     "config.json does not match the weights")
     stored_as = {v: k for k, v in renamed.items()}
     for target, tied_to in tied_pairs(model):
         if target in found and tied_to in found and not _stored_alike(found, stored_as, target, tied_to):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.models.checks import check_full_precision
+from quantkit.models.checks import check_full_precision, config_shape_error
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantSpec
 
@@ -137,8 +137,8 @@ def check_stored_shapes(model: torch.nn.Module, stored: dict[str, dict], name: s
         target = state.get(renamed[key])
         shape = stored[key].get("shape")
         if target is not None and isinstance(shape, list) and list(target.shape) != shape:
-            raise QuantkitError(f"{name}: tensor {key} is {shape} in the safetensors headers but config.json makes it "
-                                f"{list(target.shape)}; config.json does not match the weights")
+            raise config_shape_error(name, key, shape, target.shape, "the safetensors headers", model.config,
+                                     "config.json does not match the weights")
 
 
 def header(path: Path) -> dict[str, dict]:

@@ -120,10 +120,12 @@ class Format:
         """The weight settings (bits, group_size, sym) a stored quantization_config declares."""
         return set()
 
-    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str) -> None:
+    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str,
+                       model_names: dict[str, str] | None = None) -> None:
         """config.json's quantization_config says what quantkit.json says (the settings the tensors are read with):
         transformers and vLLM load by the former, quantkit by the latter, so a disagreement would make them load
-        different models. A QuantkitError names the first difference."""
+        different models. A QuantkitError names the first difference. `model_names`: quantkit.json's checkpoint name ->
+        the model's name of the linears whose names differ (loaders match targets against the model's)."""
         wanted = {(s.bits, s.group_size, s.sym) for s in settings.values()}
         if self.quant_method is None:
             if quantization_config is not None:

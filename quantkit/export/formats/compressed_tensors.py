@@ -100,6 +100,20 @@ def group_targets(names: tuple[str, ...], all_linears: set[str]) -> list[str]:
     return sorted(patterns) + [n for n in names if key(n) not in whole]
 
 
+def _targets(target: object, name: str, where: str) -> bool:
+    """Whether a config group's target selects the quantized linear `name` as compressed-tensors matches it: by its
+    exact name, by a "re:" pattern matched from the name's start, or by a class of nn.Linear."""
+    if not isinstance(target, str):
+        return False
+    if not target.startswith("re:"):
+        return target in (name, "Linear", "Module")
+    try:
+        return re.match(target[3:], name) is not None
+    except re.error as err:
+        raise QuantkitError(f"{where}: config.json's quantization_config targets {target!r}, which is no regular "
+                            f"expression ({err}); the export is damaged or was edited: export it again") from None
+
+
 class CompressedTensorsFormat(Format):
     """compressed-tensors pack-quantized, 2, 3, 4 and 8 bits, consecutive groups."""
 
@@ -125,10 +139,11 @@ class CompressedTensorsFormat(Format):
             out.add((weights.get("num_bits"), weights.get("group_size") if grouped else -1, weights.get("symmetric")))
         return out
 
-    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str) -> None:
+    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str,
+                       model_names: dict[str, str] | None = None) -> None:
         """Beyond the weights' settings: the storage format and whether inputs are quantized, which transformers
         and vLLM read from config.json alone."""
-        super().check_declared(quantization_config, settings, where)
+        super().check_declared(quantization_config, settings, where, model_names)
         stored = {INT if self.stores_int8(s.bits) else PACKED for s in settings.values()}
         wanted = stored.pop() if len(stored) == 1 else "mixed-precision"
         if quantization_config.get("format") != wanted:
@@ -142,6 +157,7 @@ class CompressedTensorsFormat(Format):
                                 f"linears' input activations (quantkit.json: {said}); the export is inconsistent, "
                                 "export it again")
         self._check_schemes(quantization_config, settings, where)
+        self._check_targets(quantization_config, settings, where, model_names or {})
         for entry in quantization_config.get("ignore") or []:
             pattern = entry[3:] if isinstance(entry, str) and entry.startswith("re:") else None
             hit = next((m for m in settings if (re.match(pattern, m) if pattern is not None else m == entry)), None)
@@ -149,6 +165,31 @@ class CompressedTensorsFormat(Format):
                 raise QuantkitError(f"{where}: config.json's quantization_config ignores {entry!r}, which quantkit.json "
                                     f"lists as quantized ({hit}); loaders would read its packed tensors as plain "
                                     "weights: the export is inconsistent, export it again")
+
+    def _check_targets(self, quantization_config: dict, settings: dict[str, Setting], where: str,
+                       model_names: dict[str, str]) -> None:
+        """Each quantized linear is a target of a config group declaring its own setting (by its exact name, a "re:"
+        pattern or its class, Linear, as compressed-tensors matches them): a linear no group targets is loaded as a
+        dense weight over its packed tensors, one a group of another setting targets is decoded with that setting."""
+        from compressed_tensors.quantization import QuantizationArgs
+
+        groups = {name: group or {} for name, group in (quantization_config.get("config_groups") or {}).items()}
+        declared = {name: QuantizationArgs(**(group.get("weights") or {})).model_dump() for name, group in groups.items()}
+        for module, setting in sorted(settings.items()):
+            name = model_names.get(module, module)
+            hits = [g for g, group in groups.items() if any(_targets(t, name, where) for t in group.get("targets") or ())]
+            if not hits:
+                raise QuantkitError(f"{where}: no config group of config.json's quantization_config targets {name}, "
+                                    "which quantkit.json lists as quantized; loaders would read its packed tensors as a "
+                                    "plain weight (a hand-edited file?): export it again")
+            wanted = self.weight_args(setting).model_dump()
+            other = next((g for g in hits if declared[g] != wanted), None)
+            if other is not None:
+                raise QuantkitError(f"{where}: config.json's quantization_config group {other} targets {name} with "
+                                    f"{declared[other]['num_bits']}-bit weights (group size "
+                                    f"{declared[other]['group_size']}) where quantkit.json stores it {setting.bits}-bit "
+                                    f"g{setting.group_size}; loaders would decode it with the wrong setting (a "
+                                    "hand-edited file?): export it again")
 
     def _check_schemes(self, quantization_config: dict, settings: dict[str, Setting], where: str) -> None:
         """Each config group's weight (and input) arguments, read by compressed-tensors itself, are those of a

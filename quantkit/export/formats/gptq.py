@@ -145,10 +145,11 @@ class GPTQFormat(Format):
             out.add((merged["bits"], merged["group_size"], merged["sym"]))
         return out
 
-    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str) -> None:
+    def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str,
+                       model_names: dict[str, str] | None = None) -> None:
         """Format.check_declared, and the packing the config names: GPTQModel and vLLM read a v2 checkpoint's zero
         points as stored and a v1 checkpoint's as stored + 1, so the other name loads every zero point off by one."""
-        super().check_declared(quantization_config, settings, where)
+        super().check_declared(quantization_config, settings, where, model_names)
         for key in ("checkpoint_format", "format"):
             if quantization_config.get(key, self.name) != self.name:
                 raise QuantkitError(f"{where}: config.json's quantization_config says {key} "
