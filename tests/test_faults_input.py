@@ -2100,3 +2100,59 @@ def test_load_quantized_refuses_arguments_it_does_not_take(made: dict, tmp_path:
         quantkit.load_quantized(made["exports"]["compressed-tensors"], **kwargs)
     assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
+
+# ---------------------------------------------------------------- qid (battery round 8)
+
+
+def exact_rows(eval_texts=("e",), group_size: int = 128) -> str:
+    """A fit table of exact ouyang2024-gptq QiDs on a 3 N x 3 D x 2 P grid, its rows cycling through `eval_texts`."""
+    law = PUBLISHED_LAWS["ouyang2024-gptq"]
+    rows = []
+    for i, (n, d, p) in enumerate((n, d, p) for n in (1e6, 4e6, 1.6e7) for d in (1e9, 4e9, 1.6e10) for p in (2, 3)):
+        q = law.qid(n, d, p)
+        rows.append(f"m{i},gptq,{p},{group_size},{int(n)},{int(d)},3.0,{3.0 + q!r},{q!r},"
+                    f"{eval_texts[i % len(eval_texts)]}\n")
+    return HEADER + "".join(rows)
+
+
+def test_qid_fit_refuses_rows_of_two_eval_texts(tmp_path: Path) -> None:
+    """Rows measured on two eval texts were pooled into one law (exit 0); refused naming both texts and a line of
+    each. The same rows on one text fit (the table itself is sound)."""
+    (tmp_path / "q.csv").write_text(exact_rows(("e",)))
+    assert run_cli("qid", "fit", tmp_path / "q.csv", "--bootstrap", "0").exit_code == 0
+    (tmp_path / "q.csv").write_text(exact_rows(("e", "other")))
+    assert_fault(tmp_path, ["qid", "fit", tmp_path / "q.csv", "--bootstrap", "0"],
+                 "the rows were measured on 2 eval texts ('e' at line 2, 'other' at line 3); QiD on different texts")
+
+
+def test_qid_training_level_refuses_a_law_fitted_at_another_group_size(tmp_path: Path) -> None:
+    """A fit of group-size-128 rows, then --group-size 32 (with a measured --qid, so no model is needed): exit 0
+    before; refused naming both sizes. The fit's own group size is taken."""
+    (tmp_path / "q.csv").write_text(exact_rows())
+    fit = tmp_path / "f.json"
+    result = run_cli("qid", "fit", tmp_path / "q.csv", "--bootstrap", "0", "-o", fit)
+    assert result.exit_code == 0, result.output
+    assert {tuple(f["group_size"]) for f in json.loads(fit.read_text())["fits"]} == {(128,)}
+    model = save_tiny_llama(tmp_path / "m")
+    args = ["qid", "training-level", model, "--law", fit, "--bits", "3", "--qid", "0.05", "--json"]
+    assert run_cli(*args, "--group-size", "128").exit_code == 0
+    assert_fault(tmp_path, [*args, "--group-size", "32"],
+                 f"--group-size 32 is not the group size the law in {fit} was fitted on (128)")
+
+
+def test_qid_measure_measures_a_checkpoint_given_twice_once(work: Path) -> None:
+    """`qid measure M M` (and M under a second spelling, and --bits 4,4) wrote two rows of one cell; one row now, equal
+    to a run that names it once."""
+    once, twice = work / "once.csv", work / "twice.csv"
+    common = ["--eval", work / "text.txt", "--eval-tokens", "64", "--eval-seqlen", "16", "--nsamples", "2",
+              "--calib-seqlen", "16", "--group-size", "32", "--methods", "rtn", "--tokens", "1e9"]
+    result = run_cli("qid", "measure", work / "model", *common, "--bits", "4", "-o", once)
+    assert result.exit_code == 0, result.output
+    result = run_cli("qid", "measure", work / "model", f"{work / 'model'}/", work / "model", *common, "--bits", "4,4",
+                     "-o", twice)
+    assert result.exit_code == 0, result.output
+    import csv
+
+    [row_once], [row_twice] = (list(csv.DictReader(path.open())) for path in (once, twice))
+    assert {k: v for k, v in row_twice.items() if k != "seconds"} == {k: v for k, v in row_once.items() if k != "seconds"}
+

@@ -290,11 +290,16 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     if ckpt.local_dir is None and looks_local(ckpt.name):
         raise QuantkitError(f"model {model} not found; give a model directory or a hub id[@revision]")
     law, draws, chosen = law_and_draws(law_spec, method=method, bits=bits)
+    fit_groups = chosen.get("group_size") or []
+    fit_groups = fit_groups if isinstance(fit_groups, list) else [fit_groups]
+    if group_size is not None and fit_groups and group_size not in fit_groups:
+        raise QuantkitError(f"--group-size {group_size} is not the group size the law in {law_spec} was fitted on "
+                            f"({', '.join(map(str, fit_groups))}); QiD grows as groups widen, so the law would read "
+                            f"a QiD of another setting: use --group-size {fit_groups[0]}, or fit a law on rows measured "
+                            f"at --group-size {group_size}")
     if qid_value is None:
         if measurement["eval_text"] is None:
             raise QuantkitError("give --data (the eval text to measure QiD on) or a measured --qid")
-        fit_groups = chosen.get("group_size") or []
-        fit_groups = fit_groups if isinstance(fit_groups, list) else [fit_groups]
         if group_size is None:
             group_size = int(fit_groups[0]) if len(fit_groups) == 1 else 128
         # measurement: eval_text, calib, eval_part, eval_tokens, eval_seqlen, nsamples, calib_seqlen (its fields)

@@ -345,6 +345,7 @@ def fit_table(table: QidTable, *, method: str | None = None, by_bits: bool = Fal
     Settings as fit_settings (quantkit.qid.regression) takes them: None is the default, one the others ignore refused."""
     methods = table.methods(method, "fit")
     rows = [r for r in table.rows if r["method"] in methods]
+    table.check_one_eval_text(rows)
     # the fits below are given the arguments as they came (None: not given), each checking them again
     resampled, huber_delta, _, _ = fit_settings(rows, estimator=estimator, resample=resample, bootstrap=bootstrap,
                                                 level=level, delta=delta, misfit=misfit, seed=seed)

@@ -275,21 +275,22 @@ class Measurement:
 
 
 def plan_cells(checkpoints: Sequence[str], bits: Sequence[int], methods: Sequence[str]) -> list[tuple[Checkpoint, str, int]]:
-    """Every (checkpoint, method, bits) cell; bitsandbytes methods have their own fixed bit width."""
+    """Every (checkpoint, method, bits) cell, each once (a checkpoint, method or width given twice, a local checkpoint
+    under two spellings of its path included, is measured once, under its first spelling); bitsandbytes methods have
+    their own fixed bit width."""
     if not methods:
         raise QuantkitError(f"no method given; choose from {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise unknown_choice("method", unknown[0], METHODS)
-    cells = []
+    cells: dict[tuple, tuple[Checkpoint, str, int]] = {}
     for spec in checkpoints:
         ckpt = parse_checkpoint(spec)
+        where = (str(ckpt.local_dir.resolve()) if ckpt.local_dir is not None else ckpt.name, ckpt.revision)
         for method in methods:
-            if method in BNB_METHODS:
-                cells.append((ckpt, method, BNB_METHODS[method]))
-            else:
-                cells.extend((ckpt, method, b) for b in bits)
-    return cells
+            for b in [BNB_METHODS[method]] if method in BNB_METHODS else bits:
+                cells.setdefault((where, method, b), (ckpt, method, b))
+    return list(cells.values())
 
 
 def measure_grid(

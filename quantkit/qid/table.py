@@ -57,6 +57,21 @@ class QidTable:
         return methods
 
 
+    def check_one_eval_text(self, rows: list[dict]) -> None:
+        """`rows` were measured on one eval text (rows without the column count as any): QiD on different texts is
+        not comparable, and one law fitted to both would be no law of either."""
+        texts: dict[str, object] = {}
+        for r in rows:
+            if r.get("eval_text") not in (None, ""):
+                texts.setdefault(str(r["eval_text"]), r.get("_line"))
+        if len(texts) > 1:
+            (a, line_a), (b, line_b) = list(texts.items())[:2]
+            raise QuantkitError(f"{self.source}: the rows were measured on {len(texts)} eval texts ({a!r} at line "
+                                f"{line_a}, {b!r} at line {line_b}); QiD on different texts is not comparable, so one law "
+                                "cannot fit them together: fit each text's rows apart (one CSV per --eval) or measure "
+                                "on one text")
+
+
 def cell_key(row: dict) -> tuple:
     """The identity of one measured cell (what resuming compares)."""
     return (str(row["model"]), str(row["method"]), int(row["bits"]), int(row["group_size"]), str(row["eval_text"]))
