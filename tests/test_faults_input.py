@@ -2101,6 +2101,22 @@ def test_load_quantized_refuses_arguments_it_does_not_take(made: dict, tmp_path:
     assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda q: q.update(dynamic={r"-:.*mlp\.down_proj$": {}}),
+    lambda q: q.update(modules_to_not_convert=["model.layers.0.mlp.down_proj"]),
+    lambda q: q.update(modules_in_block_to_quantize=[["self_attn.q_proj", "self_attn.k_proj"]]),
+    lambda q: q.update(block_name_to_quantize="model.decoder.layers"),
+])
+def test_a_gptq_config_that_leaves_a_quantized_linear_dense_is_refused(made: dict, tmp_path: Path, edit) -> None:
+    """The GPTQ form of narrowed targets: a "-:" dynamic rule, modules_to_not_convert, a shorter
+    modules_in_block_to_quantize or another block name over down_proj's packed tensors loaded without a word."""
+    export = tmp_path / "gptq"
+    shutil.copytree(made["exports"]["gptq"], export)
+    edit_json(export / "config.json", lambda d: edit(d["quantization_config"]))
+    readers_refuse(tmp_path, export, made["text"], "config.json's quantization_config gives model.layers.0.mlp.down_proj "
+                                                   "no quantization (a dense weight), where quantkit.json stores it 4-bit g32")
+
+
 # ---------------------------------------------------------------- qid (battery round 8)
 
 
@@ -2155,4 +2171,3 @@ def test_qid_measure_measures_a_checkpoint_given_twice_once(work: Path) -> None:
 
     [row_once], [row_twice] = (list(csv.DictReader(path.open())) for path in (once, twice))
     assert {k: v for k, v in row_twice.items() if k != "seconds"} == {k: v for k, v in row_once.items() if k != "seconds"}
-

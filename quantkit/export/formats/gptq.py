@@ -116,6 +116,35 @@ def module_pattern(prefix: str, indices: list[int], sub: str) -> str:
     return "^" + re.escape(prefix) + r"\." + index + r"\." + re.escape(sub) + "$"
 
 
+def declared_for(qc: dict, name: str) -> tuple | None:
+    """(bits, group_size, sym) a GPTQ quantization_config gives linear `name` as GPTQModel reads it, or None where it
+    leaves the linear unquantized: outside block_name_to_quantize or modules_in_block_to_quantize, in
+    modules_to_not_convert (transformers' substring match), or under a "-:" `dynamic` rule (the first rule whose
+    pattern re.match-es the name decides; "+:" or no prefix overrides the top-level fields)."""
+    prefix = qc.get("block_name_to_quantize")
+    split = split_block_name(name)
+    if isinstance(prefix, str) and (split is None or split[0] != prefix):
+        return None
+    subs = [s for group in qc.get("modules_in_block_to_quantize") or [] for s in (group if isinstance(group, list) else [])]
+    if subs and (split is None or split[2] not in subs):
+        return None
+    if any(isinstance(key, str) and key in name for key in qc.get("modules_to_not_convert") or []):
+        return None
+    fields = {k: qc.get(k) for k in ("bits", "group_size", "sym")}
+    for key, rule in (qc.get("dynamic") or {}).items():
+        negative, pattern = str(key).startswith("-:"), str(key).removeprefix("-:").removeprefix("+:")
+        try:
+            hit = re.match(pattern, name) is not None
+        except re.error:
+            hit = False  # a pattern loaders cannot compile: declared_settings has said what the config holds
+        if hit:
+            if negative:
+                return None
+            fields.update({k: v for k, v in (rule or {}).items() if k in fields})
+            break
+    return fields["bits"], fields["group_size"], fields["sym"]
+
+
 class GPTQFormat(Format):
     """GPTQ v1 or v2 packing, with a GPTQModel/vLLM quantization_config."""
 
@@ -156,6 +185,14 @@ class GPTQFormat(Format):
                                     f"{quantization_config[key]!r} but quantkit.json and the stored tensors are "
                                     f"{self.name}; loaders would shift every zero point (a hand-edited file?): "
                                     "export it again")
+        for module, setting in sorted(settings.items()):
+            name = (model_names or {}).get(module, module)
+            declared = declared_for(quantization_config, name)
+            if declared != (setting.bits, setting.group_size, setting.sym):
+                said = f"{declared[0]}-bit g{declared[1]}" if declared else "no quantization (a dense weight)"
+                raise QuantkitError(f"{where}: config.json's quantization_config gives {name} {said}, where "
+                                    f"quantkit.json stores it {setting.bits}-bit g{setting.group_size}; loaders would "
+                                    "read its packed tensors as another model (a hand-edited file?): export it again")
 
     def __init__(self, version: int) -> None:
         self.version = version
