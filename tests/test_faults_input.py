@@ -2117,6 +2117,32 @@ def test_a_gptq_config_that_leaves_a_quantized_linear_dense_is_refused(made: dic
                                                    "no quantization (a dense weight), where quantkit.json stores it 4-bit g32")
 
 
+@pytest.mark.parametrize("sym", ["--sym", "--asym"])
+def test_the_printed_load_call_and_the_card_load_the_export(work: Path, sym: str) -> None:
+    """An asymmetric compressed-tensors export printed (and its card gave) a plain from_pretrained call, which fails in
+    transformers (the packed zero points do not fit its compressed modules). Both calls are now run as printed: same
+    logits as load_quantized (itself checked against dense references in test_export)."""
+    import transformers
+
+    import quantkit
+
+    out = work / "out"
+    result = run_cli(*[a for a in calibrate(work, sym) if a != "--json"])  # the summary's lines
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[-1]
+    call = re.fullmatch(r"load: (AutoModelForCausalLM\.from_pretrained\(.*\)), or quantkit\.load_quantized\(.*\)", line)
+    assert call, line
+    card = (out / "README.md").read_text()
+    code = card[card.index("```python\n", card.index("## Load it")) + 10:].split("```")[0]
+    ids = torch.arange(2, 18)[None]
+    reference = quantkit.load_quantized(out)(ids).logits
+    printed = eval(call[1], {**vars(transformers)})  # noqa: S307 - the line the run printed, run as a user would
+    scope = {}
+    exec(code.replace("THIS_REPO_OR_DIR", str(out)), scope)  # noqa: S102 - the card's code block, as written
+    for model in (printed, scope["model"]):
+        assert torch.allclose(model(ids).logits, reference, atol=1e-5), line
+
+
 # ---------------------------------------------------------------- qid (battery round 8)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit.export.formats import REGISTRY
+from quantkit.export.summary import loading_call
 
 CARD = "README.md"
 PART_WORDS = {"train": "its first 90%: the train part", "heldout": "its last 10%: the held-out part", "all": "all of it"}
@@ -83,8 +84,9 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         part = PART_WORDS.get(ev.get("part"), "")
         lines.append(f"Measured: loss {ev.get('loss')} nats, perplexity {ev.get('ppl')} on `{ev.get('data')}`"
                      + (f" ({part})" if part else "") + ".")
-    lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(\"THIS_REPO_OR_DIR\")", "```"]
+    call = loading_call(known, manifest, '"THIS_REPO_OR_DIR"')
+    imports = "AutoModelForCausalLM" + (", CompressedTensorsConfig" if "CompressedTensorsConfig(" in call else "")
+    lines += ["", "## Load it", "", "```python", f"from transformers import {imports}", f"model = {call}", "```"]
     if extras:
         lines.append(f"transformers needs `pip install {extras}` for this format.")
     if vllm:

@@ -31,11 +31,30 @@ def size_line(source: str | os.PathLike | None, output: str | os.PathLike, sourc
     return f"weights {size(before)} -> {size(after)} ({before / after:.1f}x smaller)"
 
 
+def asymmetric(manifest: dict) -> bool:
+    """Whether an export's quantkit.json gives any quantized linear an asymmetric setting."""
+    specs = [manifest.get("spec") or {}, *(manifest.get("module_specs") or {}).values()]
+    return any(isinstance(s, dict) and s.get("sym") is False for s in specs)
+
+
+def loading_call(fmt: object, manifest: dict, target: str) -> str:
+    """`AutoModelForCausalLM.from_pretrained(target...)` with the quantization_config transformers needs for this
+    export, if any (the format's transformers_config: asymmetric compressed-tensors loads only dequantized)."""
+    config = fmt.transformers_config(asymmetric(manifest)) if hasattr(fmt, "transformers_config") else None
+    return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
+
+
 def load_line(output: str | os.PathLike, fmt: object) -> str:
     """How to load the export in transformers, with what the format needs and this environment lacks."""
     import importlib.util
+    import json
 
     extras = getattr(fmt, "transformers_extras", "").split()
     missing = [p for p in extras if importlib.util.find_spec(p.replace("-", "_")) is None]
     need = f" (after `pip install {' '.join(missing)}`)" if missing else ""
-    return f"load: AutoModelForCausalLM.from_pretrained({str(output)!r}){need}, or quantkit.load_quantized({str(output)!r})"
+    try:
+        manifest = json.loads((Path(output) / "quantkit.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    call = loading_call(fmt, manifest if isinstance(manifest, dict) else {}, repr(str(output)))
+    return f"load: {call}{need}, or quantkit.load_quantized({str(output)!r})"

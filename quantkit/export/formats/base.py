@@ -113,6 +113,11 @@ class Format:
         """JSON files written beside config.json (file name -> content)."""
         return {}
 
+    def transformers_config(self, asymmetric: bool) -> str | None:
+        """The quantization_config= (Python source) that transformers' from_pretrained needs to load an export of this
+        format, None where it loads with the config.json alone; `asymmetric`: whether any linear is asymmetric."""
+        return None
+
     def check_linear(self, name: str, out_features: int, in_features: int, bits: int) -> None:
         """Raise QuantkitError if a linear of this shape cannot be stored at `bits` (checked before calibrating)."""
 

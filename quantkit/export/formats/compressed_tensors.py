@@ -239,6 +239,11 @@ class CompressedTensorsFormat(Format):
         tensors = encode_int8(r, scale_dtype) if self.stores_int8(r.bits) else encode(r, scale_dtype)
         return {f"{name}.{k}": v for k, v in tensors.items()}, {}
 
+    def transformers_config(self, asymmetric: bool) -> str | None:
+        """Asymmetric weights load in transformers dequantized only: its compressed modules expect a zero point per
+        output row where the checkpoint stores them packed (a size-mismatch error otherwise)."""
+        return "CompressedTensorsConfig(dequantize=True)" if asymmetric else None
+
     def stores_int8(self, bits: int) -> bool:
         """Whether `bits`-bit weights go unpacked as int-quantized (8-bit weights of a W8A8 model)."""
         return self.act_bits is not None and bits == 8
