@@ -2197,3 +2197,19 @@ def test_qid_measure_measures_a_checkpoint_given_twice_once(work: Path) -> None:
 
     [row_once], [row_twice] = (list(csv.DictReader(path.open())) for path in (once, twice))
     assert {k: v for k, v in row_twice.items() if k != "seconds"} == {k: v for k, v in row_once.items() if k != "seconds"}
+
+
+def test_qid_predict_and_training_level_refuse_bits_the_fit_never_measured(tmp_path: Path) -> None:
+    """A law fitted on 2- and 3-bit rows predicted a QiD at 8 bits (exit 0). Widths inside the fitted ones are
+    answered; the one outside is refused by both commands, naming the widths fitted."""
+    (tmp_path / "q.csv").write_text(exact_rows())
+    fit = tmp_path / "f.json"
+    assert run_cli("qid", "fit", tmp_path / "q.csv", "--bootstrap", "0", "-o", fit).exit_code == 0
+    ask = ["qid", "predict", "--law", fit, "--params", "4e6", "--tokens", "4e9"]
+    for inside in ("2", "2.5", "3"):
+        result = run_cli(*ask, "--bits", inside)
+        assert result.exit_code == 0, result.output
+    fragment = f"--bits 8 is outside the widths the law in {fit} was fitted on (2, 3)"
+    assert_fault(tmp_path, [*ask, "--bits", "8"], fragment)
+    model = save_tiny_llama(tmp_path / "m")
+    assert_fault(tmp_path, ["qid", "training-level", model, "--law", fit, "--bits", "8", "--qid", "0.05"], fragment)

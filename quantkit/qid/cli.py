@@ -196,7 +196,7 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> None:
     """QiD for (N, D, P), or the training tokens at which N params reach a given QiD at P bits."""
-    from quantkit.qid.laws import PLAUSIBLE, check_plausible, load_law
+    from quantkit.qid.laws import PLAUSIBLE, check_fitted_bits, check_plausible, law_and_draws
 
     if (tokens is None) == (qid_value is None):
         raise QuantkitError("give exactly one of --tokens (predict QiD) or --qid (solve for training tokens)")
@@ -206,7 +206,8 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
         check_plausible("tokens", tokens)
     else:
         check_plausible("qid", qid_value)
-    law = load_law(law_spec, method=method, bits=int(bits) if float(bits).is_integer() else None)
+    law, _, chosen = law_and_draws(law_spec, method=method, bits=int(bits) if float(bits).is_integer() else None)
+    check_fitted_bits(chosen, bits, law_spec)
     if tokens is not None:
         qid_value = law.qid(n_params, tokens, bits)
         solved = "qid"
@@ -256,7 +257,7 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     """Measure MODEL's QiD at --bits and invert the fitted law for its training tokens D, with an interval."""
     from quantkit.models import looks_local
     from quantkit.qid.estimate import training_level as estimate
-    from quantkit.qid.laws import check_plausible, law_and_draws
+    from quantkit.qid.laws import check_fitted_bits, check_plausible, law_and_draws
     from quantkit.qid.measure import Measurement, measure_model, model_size, parse_checkpoint
 
     if not 0 < level < 1:
@@ -290,6 +291,7 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     if ckpt.local_dir is None and looks_local(ckpt.name):
         raise QuantkitError(f"model {model} not found; give a model directory or a hub id[@revision]")
     law, draws, chosen = law_and_draws(law_spec, method=method, bits=bits)
+    check_fitted_bits(chosen, bits, law_spec)
     fit_groups = chosen.get("group_size") or []
     fit_groups = fit_groups if isinstance(fit_groups, list) else [fit_groups]
     if group_size is not None and fit_groups and group_size not in fit_groups:

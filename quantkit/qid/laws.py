@@ -201,3 +201,14 @@ def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int 
         raise QuantkitError(f"{path}: the draws of log_k, alpha, beta and gamma differ in length; write the file again with `qid fit -o`")
     laws = [UnifiedLaw(k=math.exp(lk), alpha=a, beta=b, gamma=g) for lk, a, b, g in zip(*columns, gammas)]
     return law, laws, chosen
+
+
+def check_fitted_bits(chosen: dict, bits: float, source: str) -> None:
+    """`bits` lies within the widths a fit's rows were measured at (its residuals name them): a law's P exponent is
+    fitted over those widths only, and a QiD at another one (8 bits from a 2-4-bit fit) is no measurement's."""
+    fitted = sorted({r["bits"] for r in chosen.get("residuals") or () if isinstance(r, dict)
+                     and isinstance(r.get("bits"), (int, float)) and not isinstance(r.get("bits"), bool)})
+    if fitted and not fitted[0] <= bits <= fitted[-1]:
+        raise QuantkitError(f"--bits {bits:g} is outside the widths the law in {source} was fitted on "
+                            f"({', '.join(f'{b:g}' for b in fitted)}); it says nothing about widths its rows never "
+                            f"measured: ask at {fitted[0]:g} to {fitted[-1]:g} bits, or fit rows measured at {bits:g} bits")
