@@ -148,7 +148,10 @@ def _rank_entry(rank: int, world: int, job: Callable, kwargs: dict, progress, er
         record = {"rank": rank, "layer": progress[rank], "time": time.time(),
                   "error": f"{type(err).__name__}: {err}".splitlines()[0],
                   "quantkit": isinstance(err, QuantkitError), "traceback": traceback.format_exc()}
-        Path(error_dir, f"rank{rank}.json").write_text(json.dumps(record))
+        # written whole then renamed: the parent's SIGTERM can land mid-write when a peer died first
+        partial = Path(error_dir, f"rank{rank}.json.partial")
+        partial.write_text(json.dumps(record))
+        os.replace(partial, Path(error_dir, f"rank{rank}.json"))
         raise
     # an interrupted rank leaves at once: its process group's teardown at exit waits on the other ranks (it hangs)
     os._exit(130)  # 128 + SIGINT, as a shell reports it
