@@ -57,21 +57,23 @@ def test_output_factors_match_whole_model_autograd() -> None:
         assert torch.allclose(found.output_factors[layer], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("mix", [MixSearch(shares=(1.0,), holdout=4),
-                                 MixSearch(shares=(0.0, 0.5, 1.0), holdout=4, margin=1e9)],
-                         ids=["uniform-only", "no-share-beyond-noise"])
-def test_uniform_share_is_gptq_with_the_fp_target_on_the_fit_samples(mix: MixSearch) -> None:
+@pytest.mark.parametrize(("mix", "guidance"), [(MixSearch(shares=(1.0,), holdout=4), "layer"),
+                                               (MixSearch(shares=(0.0, 0.5, 1.0), holdout=4, margin=1e9), "layer"),
+                                               (MixSearch(shares=(0.0, 1.0), holdout=4, margin=1e9), "linear")],
+                         ids=["uniform-only", "no-share-beyond-noise", "per-linear-weights"])
+def test_uniform_share_is_gptq_with_the_fp_target_on_every_sample(mix: MixSearch, guidance: str) -> None:
     """With uniform weight only (share 1), or where no other share beats it beyond the margin, the guard solves
-    exactly what GPTQ + FP target solves from the samples it keeps: the held-out ones enter no Hessian."""
+    exactly what GPTQ + FP target solves from all the samples: the held-out ones choose, then join the Hessians."""
     model = tiny_llama()
     samples = samples_for()
     spec = QuantSpec(bits=3, group_size=32)
-    weights = tlq_token_weights(model, samples, lam=0.1, progress=False, output_factors=True, mix=mix)
+    weights = tlq_token_weights(model, samples, lam=0.1, progress=False, output_factors=True, mix=mix,
+                                guidance=guidance)
     guarded = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=weights, progress=False)
     fit, held = mix.split(len(samples))
     assert held == [3, 7] and guarded.report["mix"]["held_out_samples"] == 2
-    plain = calibrate_model(copy.deepcopy(model), [samples[i] for i in fit], spec, method="gptq", fp_target=True,
-                            progress=False)
+    assert fit == [0, 1, 2, 4, 5, 6]
+    plain = calibrate_model(copy.deepcopy(model), samples, spec, method="gptq", fp_target=True, progress=False)
     for name, result in plain.results.items():
         assert torch.equal(result.qweight, guarded.results[name].qweight), name
     assert all(entry["mix"]["uniform_share"] == 1.0 for layer in guarded.report["layers"]
@@ -85,6 +87,7 @@ def test_uniform_share_is_gptq_with_the_fp_target_on_the_fit_samples(mix: MixSea
         # checking every group refuses every group too, and solves the same
         every = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", progress=False,
                                 token_weights=tlq_token_weights(model, samples, lam=0.1, progress=False, output_factors=True,
+                                                                guidance=guidance,
                                                                 mix=replace(mix, refusal_ends_layer=False)))
         assert all("held_out_error_over_uniform" in e["mix"] for layer in every.report["layers"]
                    for e in layer["linears"].values())
@@ -92,21 +95,21 @@ def test_uniform_share_is_gptq_with_the_fp_target_on_the_fit_samples(mix: MixSea
             assert torch.equal(result.qweight, every.results[name].qweight), name
 
 
-def test_chosen_hessian_is_the_dense_mix_of_the_fit_samples() -> None:
-    """Layer 0's q_proj Hessian is (1 - a) H_tlq + a H_uniform over the fit samples' FP inputs, a the reported share."""
+def test_chosen_hessian_is_the_dense_mix_over_every_sample() -> None:
+    """Layer 0's q_proj Hessian is (1 - a) H_tlq + a H_uniform over every sample's FP inputs, held-out ones included,
+    a the share the held-out samples chose."""
     model = tiny_llama()
     samples = samples_for()
     mix = MixSearch(shares=(0.0, 0.5, 1.0), holdout=4)
     weights = tlq_token_weights(model, samples, lam=0.2, progress=False, output_factors=True, mix=mix)
-    fit, _ = mix.split(len(samples))
     inputs: list[torch.Tensor] = []
     hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: inputs.append(a[0][0].detach()))
     with torch.no_grad():
-        for i in fit:
-            model(input_ids=samples[i]["input_ids"])
+        for sample in samples:
+            model(input_ids=sample["input_ids"])
     hook.remove()
     x = torch.cat(inputs).double()
-    w = torch.cat([weights(0)[i] for i in fit]).double()
+    w = torch.cat(list(weights(0))).double()
     weighted = 2 * torch.einsum("t,ti,tj->ij", w, x, x) / w.sum()
     uniform = 2 * x.T @ x / x.shape[0]
     seen: dict[str, torch.Tensor] = {}

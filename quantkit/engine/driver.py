@@ -191,15 +191,15 @@ def layer_weights(
     return weights.map(lambda per_sample: inputs.batch_weights(shard(per_sample, comm))), report
 
 
-class _FitWeights:
-    """token_weights(layer) of the samples the Hessians are summed from (the mix guard holds the others out)."""
+class _SubsetWeights:
+    """token_weights(layer) of some of the samples (the mix guard's fit samples, or its held-out ones)."""
 
     def __init__(self, token_weights: TokenWeights, keep: list[int]) -> None:
         self.token_weights, self.keep = token_weights, keep
         self.floor = getattr(token_weights, "floor", None)
 
     def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
-        """The layer's weights of the kept samples."""
+        """The layer's weights of those samples."""
         weights = self.token_weights(layer)
         if isinstance(weights, LayerWeights):
             return weights.map(lambda per_sample: [per_sample[i] for i in self.keep])
@@ -207,8 +207,10 @@ class _FitWeights:
 
 
 def held_out_slice(model: nn.Module, adapter: Adapter, samples: Sequence[dict], token_weights: TokenWeights, mix: MixSearch,
-                   device: torch.device | str, comm: Comm, batch_size: int) -> tuple[list[dict], TokenWeights, HeldOutSlice]:
-    """Split off the mix guard's held-out samples: (fit samples, their token weights, the held-out slice)."""
+                   device: torch.device | str, comm: Comm,
+                   batch_size: int) -> tuple[list[dict], TokenWeights, HeldOutSlice, TokenWeights]:
+    """Split off the mix guard's held-out samples: (fit samples, their token weights, the held-out slice, its
+    samples' token weights)."""
     mix.check(len(samples))
     factors = getattr(token_weights, "output_factors", None)
     if factors is None:
@@ -221,7 +223,7 @@ def held_out_slice(model: nn.Module, adapter: Adapter, samples: Sequence[dict], 
     valid = inputs.batch_weights([valid_mask(s) for s in mine])
     windows = inputs.batch_weights([torch.full((int(s["input_ids"].shape[-1]),), i) for i, s in enumerate(mine)])
     slice_ = HeldOutSlice(inputs, sources, valid, factors, count_sources(samples), comm, search=mix, windows=windows)
-    return [samples[i] for i in fit], _FitWeights(token_weights, fit), slice_
+    return [samples[i] for i in fit], _SubsetWeights(token_weights, fit), slice_, _SubsetWeights(token_weights, held)
 
 
 @torch.no_grad()
@@ -252,13 +254,13 @@ def run_layers(
     rss_at_start = current_rss_mb()
     start = store.open()
     n_layers = len(adapter.decoder_layers(model))
-    held_out, all_samples = None, samples
+    held_out, held_weights, all_samples = None, None, samples
     mix: MixSearch | None = getattr(token_weights, "mix", None)  # TLQ's mix guard rides on its token weights
     if mix is not None and method.token_weights:
         if start:
             raise QuantkitError("the mix guard's held-out streams are not kept for a resume; start the run again")
-        samples, token_weights, held_out = held_out_slice(model, adapter, samples, token_weights, mix, device, comm,
-                                                          BATCH_SIZE)
+        samples, token_weights, held_out, held_weights = held_out_slice(model, adapter, samples, token_weights, mix,
+                                                                        device, comm, BATCH_SIZE)
         plan = plan.guarded(held_out)
     inputs, fp_inputs, results, vision_report = first_layer_streams(
         model, adapter, samples, spec, method, device, fp_target, vision, comm, BATCH_SIZE, plan
@@ -276,6 +278,8 @@ def run_layers(
             if stream is not None:
                 stream.enter_layer(index)
         weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
+        if held_out is not None:  # the held-out samples' weights: they join the final solves (quantkit.engine.mix)
+            held_out.weights, _ = layer_weights(held_weights, index, held_out.inputs, adapter, comm)
         # before the FP stream's pass, so the FP target is read in the transformed basis
         presolve_report = method.presolve.apply(layer, adapter, inputs, spec, weights, comm=comm, sample_ids=sample_ids)
         layer_results, linear_reports = quantize_layer(

@@ -18,6 +18,7 @@ from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.mix import GroupSums
 from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.routed import (
     ExpertTally,
@@ -260,8 +261,14 @@ def quantize_layer(
         fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
     routed_fp = {e.owner for entries in (fp_linear_inputs or {}).values() for e in entries if isinstance(e, RoutedFPEntry)}
     set_all_tokens(layer, method.all_experts)
+    # the mix guard's held-out windows join each token-weighted group's final solve (quantkit.engine.mix)
+    refit = held_out is not None and weights is not None and needs_hessian
     if held_out is not None:
-        held_out.begin_layer(layer, index)
+        recorded = refit and fp_linear_inputs is not None
+        held_out.fp_linear_inputs = record_fp_inputs(layer, names, held_out.fp) if recorded else None
+        routed_fp |= {e.owner for entries in (held_out.fp_linear_inputs or {}).values() for e in entries
+                      if isinstance(e, RoutedFPEntry)}
+        held_out.begin_layer(layer, index, advanced=recorded)
     blocks = FinishedBlocks(layer, names)
     refused: str | None = None  # the mix guard: the group whose check kept uniform weight (the rest of the layer does)
     # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
@@ -283,6 +290,7 @@ def quantize_layer(
         crosses: dict[str, torch.Tensor] = {}
         uniform: dict[str, torch.Tensor] = {}  # the mix guard's unweighted twins (and their cross terms)
         uniform_cross: dict[str, torch.Tensor] = {}
+        sums = GroupSums()  # each linear's results; the mix guard's fit sums, kept for the solve from every sample
         # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) and their
         # settings are one GPTQ problem with their rows stacked (GPTQ's rows are independent given H),
         # which runs the column loop once instead of once per linear.
@@ -295,6 +303,10 @@ def quantize_layer(
             accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
                                             blocks, fp_linear_inputs, group_unweighted, twins)
             empty = tally.finish(group_index, accumulators, hessian_names, comm)
+            held_twins: dict[str, HessianAccumulator] | None = {} if guarded else None
+            held_accumulators = {} if not refit else accumulate_group(
+                layer, {n: linears[n] for n in hessian_names}, held_out.inputs, held_out.weights, device, None,
+                held_out.fp_linear_inputs, group_unweighted, held_twins)
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
@@ -310,20 +322,18 @@ def quantize_layer(
                 if name in empty:
                     continue
                 twin = (twins or {}).get(name)
+                held, held_twin = held_accumulators.get(name), (held_twins or {}).get(name)
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
-                    acc = acc.copy()  # reductions work in place: each linear reduces its own copy
-                    twin = None if twin is None else twin.copy()
+                    # reductions work in place: each linear reduces its own copy
+                    acc, twin, held, held_twin = (None if one is None else one.copy()
+                                                  for one in (acc, twin, held, held_twin))
                 ranks = sorted({piece[0] for piece in plan_rows[name]})
-                for one in (acc, twin):
+                for one in (acc, twin, held, held_twin):
                     if one is not None:
                         reduce_accumulator(one, comm, ranks[0] if len(ranks) == 1 else None)
                 if comm.rank in ranks:
-                    for one, kept, kept_cross in ((acc, hessians, crosses), (twin, uniform, uniform_cross)):
-                        if one is not None:
-                            kept[name], cross = one.take_results()
-                            if cross is not None:
-                                kept_cross[name] = cross
-                del acc, twin
+                    sums.take(name, (acc, twin, held, held_twin), (hessians, crosses, uniform, uniform_cross))
+                del acc, twin, held, held_twin
         if fp_linear_inputs is not None:
             # Files (--offload-dir) go once no later group of the layer reads them.
             used = {e for name in group for e in fp_linear_inputs.pop(name) if isinstance(e, Path)}
@@ -340,22 +350,14 @@ def quantize_layer(
         solving = {**settings, **{n: replace(settings[n], method=method_for("rtn")) for n in empty}}
         group_solve = GroupSolve(linears, originals, solving, together, plan_rows, shared, comm, prefix, metrics)
         if uniform:
-            # the mix guard: each candidate share of uniform weight is solved, installed and scored on the held-out slice
-            candidates, errors = {}, {}
-            for share in held_out.search.candidates:
-                mixed = {n: h if n not in uniform else (1.0 - share) * h + share * uniform[n] for n, h in hessians.items()}
-                mixed_cross = {n: c if n not in uniform_cross else (1.0 - share) * c + share * uniform_cross[n]
-                               for n, c in crosses.items()}
-                candidates[share] = (group_solve.solve(mixed, mixed_cross), mixed, mixed_cross)
-                group_solve.install(candidates[share][0])
-                errors[share] = held_out.errors(layer)
-            best, ratios = held_out.choose(errors)
-            solved, hessians, crosses = candidates[best]
+            # the mix guard: candidate shares of uniform weight scored on the held-out slice, the chosen one refitted
+            best, ratios, solved, hessians, crosses = held_out.solve_group(
+                layer, group_solve.solve, group_solve.install, (hessians, crosses, uniform, uniform_cross), sums)
             chosen_mix = {"uniform_share": best, "lam": round(best + (1.0 - best) * (weights.floor or 0.0), 4),
                           "held_out_error_over_uniform": ratios}
             if best == 1.0 and held_out.search.refusal_ends_layer:
                 refused = group[0]
-            del candidates, uniform, uniform_cross
+            del uniform, uniform_cross
         else:
             solved, chosen_mix = group_solve.solve(hessians, crosses), None
             if refused is not None and held_out is not None and weights is not None:

@@ -20,8 +20,12 @@ level overall. The guard makes the trade visible to the solve and refuses it:
   are one unit). A candidate is eligible only if it is better than uniform on every source by more than
   `margin` standard errors of the paired difference (over the source's windows, at least two): the noise
   of a small held-out slice cannot buy one source's quality with another's. Among eligible candidates the
-  lowest worst-source ratio to uniform wins (the mean ratio breaks ties); with none eligible, uniform
-  (GPTQ with the FP target on the fit samples) stays.
+  lowest worst-source ratio to uniform wins (the mean ratio breaks ties); with none eligible, uniform stays.
+- Once the share is chosen, the held-out windows join the group's Hessians (both, with their token weights
+  and FP-target cross terms, summed on the quantized path as the others) and the chosen mix is solved again
+  from every sample: the held-out slice decides and costs no calibration data, so a group that keeps uniform
+  weight is solved exactly as GPTQ with the FP target solves it. (Without this, a guard that refuses
+  everywhere is GPTQ + FP target on 7/8 of the windows, which measured worse than it per corpus: #24.)
 - Groups are checked in execution order; with `refusal_ends_layer` (the default) the first group that keeps
   uniform weight ends the search in its layer: the later groups sum uniform Hessians only, with no twin,
   no second solve and no held-out pass. Every group solved with token weights has passed its own check, and
@@ -30,7 +34,7 @@ level overall. The guard makes the trade visible to the solve and refuses it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +43,8 @@ from torch import nn
 from quantkit.data.samples import SOURCE_KEY
 from quantkit.engine.capture import LayerInputs, run_layer
 from quantkit.engine.comm import Comm
+from quantkit.engine.hessian import HessianAccumulator
+from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
 
 
@@ -119,6 +125,57 @@ def choose(stats: dict[float, torch.Tensor], margin: float = 2.0) -> tuple[float
     return best, summary
 
 
+def mixed(share: float, hessians: dict[str, torch.Tensor], crosses: dict[str, torch.Tensor],
+          uniform: dict[str, torch.Tensor], uniform_cross: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(1 - share) x token-weighted + share x uniform, for the Hessians and cross terms of the linears that have a
+    uniform twin (the others as they are)."""
+    def mix(weighted: dict, plain: dict) -> dict:
+        return {n: t if n not in plain else (1.0 - share) * t + share * plain[n] for n, t in weighted.items()}
+    return mix(hessians, uniform), mix(crosses, uniform_cross)
+
+
+class GroupSums:
+    """A group's Hessians and cross terms from its accumulators. The mix guard's are kept past the choice: the fit
+    samples' results for the candidates, and the accumulators, which take the held-out samples' sums for the final
+    solve."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, tuple[HessianAccumulator, HessianAccumulator, torch.Tensor, torch.Tensor | None]] = {}
+        self.readers: dict[tuple[bool, str], int] = {}  # (uniform twin?, linear) -> the accumulator it reads
+
+    def take(self, name: str, sums: tuple[HessianAccumulator | None, ...], out: tuple[dict, ...]) -> None:
+        """Linear `name`'s Hessian and cross term, and its uniform twin's, into `out` (Hessians, cross terms, twins'
+        Hessians, twins' cross terms) from `sums` (accumulator, twin, and their held-out sums, None where absent):
+        with a twin the fit samples' (the choice comes first), else every sample's at once."""
+        acc, twin, held, held_twin = sums
+        if twin is None and held is not None:
+            if acc.taken is None:  # linears sharing an accumulator take it once
+                acc.absorb(held)
+            held = None
+        for one, extra, is_twin in ((acc, held, False), (twin, held_twin, True)):
+            if one is not None:
+                hessian, cross = one.take_results() if extra is None else self.fit((is_twin, name), one, extra)
+                out[2 * is_twin][name] = hessian
+                if cross is not None:
+                    out[2 * is_twin + 1][name] = cross
+
+    def fit(self, key: tuple[bool, str], acc: HessianAccumulator,
+            held: HessianAccumulator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fit samples' Hessian and cross term of `acc` (linears sharing an accumulator share them)."""
+        if id(acc) not in self.kept:
+            self.kept[id(acc)] = (acc, held, acc.result(), acc.cross_result())
+        self.readers[key] = id(acc)
+        return self.kept[id(acc)][2:]
+
+    def every_sample(self) -> dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each reader's Hessian and cross term over every sample, held-out ones included (the sums are spent)."""
+        for acc, held, _, _ in self.kept.values():
+            acc.absorb(held)
+        out = {key: self.kept[ref][0].take_results() for key, ref in self.readers.items()}
+        self.kept.clear()
+        return out
+
+
 class HeldOutSlice:
     """The held-out samples' two streams (quantized path, FP path), their sources and windows, and the output
     factors."""
@@ -134,6 +191,10 @@ class HeldOutSlice:
         self.comm = comm or Comm()
         self.reference: list[torch.Tensor] = []
         self.factor: torch.Tensor | None = None
+        # this layer's token weights of the held-out samples (set by the driver), and their FP linear inputs (the
+        # FP target's, set by the layer's work): after the choice the held-out windows join the group's Hessians
+        self.weights: LayerWeights | None = None
+        self.fp_linear_inputs: dict | None = None
         # each scored token's unit, one per (window, source): windows[b] gives each token's sample (window)
         # index; without it each entry of `inputs` is one window
         self.units: list[torch.Tensor] = []
@@ -157,12 +218,14 @@ class HeldOutSlice:
             self.unit_tokens.index_add_(0, units[units >= 0], torch.ones(int((units >= 0).sum()), dtype=torch.float64))
 
     @torch.no_grad()
-    def begin_layer(self, layer: nn.Module, index: int) -> None:
-        """Run the still-FP `layer` on the FP stream: its outputs are the reference and the next FP inputs."""
+    def begin_layer(self, layer: nn.Module, index: int, advanced: bool = False) -> None:
+        """Run the still-FP `layer` on the FP stream: its outputs are the reference and the next FP inputs
+        (`advanced`: the caller has run it already, recording the FP linear inputs on the way)."""
         if index >= len(self.factors):
             raise QuantkitError(f"the mix guard has output factors for {len(self.factors)} layers, not layer {index}")
-        self.reference = [run_layer(layer, self.fp, b) for b in range(len(self.fp))]
-        self.fp.hidden = self.reference
+        if not advanced:
+            self.fp.hidden = [run_layer(layer, self.fp, b) for b in range(len(self.fp))]
+        self.reference = list(self.fp.hidden)
         factor = self.factors[index]
         self.factor = factor.to(self.reference[0].device, torch.float32) if len(self.reference) else factor.float()
 
@@ -188,6 +251,24 @@ class HeldOutSlice:
         self.comm.all_reduce_sum_(sums)
         return sums[0] / sums[1].clamp_min(1.0)
 
+    @torch.no_grad()
+    def solve_group(self, layer: nn.Module, solve: Callable[[dict, dict], dict], install: Callable[[dict], None],
+                    fit: tuple[dict, dict, dict, dict], sums: GroupSums) -> tuple[float, dict, dict, dict, dict]:
+        """Each candidate share solved (`solve(hessians, crosses)`) from the fit samples' (Hessians, cross terms,
+        uniform twins, their cross terms) `fit`, installed and scored on the held-out slice; the chosen share solved
+        again from every sample. Returns (share, its summary per share, the solution, its Hessians and cross terms)."""
+        errors = {}
+        for share in self.search.candidates:
+            install(solve(*mixed(share, *fit)))
+            errors[share] = self.errors(layer)
+        best, ratios = self.choose(errors)
+        every = sums.every_sample()
+        hessians, crosses, uniform, uniform_cross = ({n: every[(twin, n)][part] if (twin, n) in every else t
+                                                      for n, t in kept.items()}
+                                                     for kept, twin, part in zip(fit, (False, False, True, True), (0, 1, 0, 1)))
+        hessians, crosses = mixed(best, hessians, crosses, uniform, uniform_cross)
+        return best, ratios, solve(hessians, crosses), hessians, crosses
+
     def choose(self, errors: dict[float, torch.Tensor]) -> tuple[float, dict]:
         """choose() over every rank's held-out windows, from per-unit errors {share: [units]} (1.0 included)."""
         stats = {}
@@ -201,6 +282,7 @@ class HeldOutSlice:
     def end_layer(self, layer: nn.Module) -> None:
         """Advance the quantized stream through the finished (quantized) layer."""
         self.inputs.hidden = [run_layer(layer, self.inputs, b) for b in range(len(self.inputs))]
+        self.weights = self.fp_linear_inputs = None
 
 
 def source_ids(sample: dict) -> torch.Tensor:
