@@ -203,6 +203,12 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
                 row[name]["mix"] = {str(layer["layer"]): {n: e["mix"]["uniform_share"] for n, e in layer["linears"].items()
                                                           if "mix" in e and n.split(".")[-1] in ("q_proj", "o_proj", "gate_proj", "down_proj")}
                                     for layer in report["layers"]}
+                # each checked group's held-out error over uniform per candidate share (worst source, mean, z)
+                row[name]["mix_check"] = {str(layer["layer"]): {n: e["mix"]["held_out_error_over_uniform"]
+                                                                for n, e in layer["linears"].items()
+                                                                if "held_out_error_over_uniform" in e.get("mix", {})
+                                                                and n.split(".")[-1] in ("q_proj", "gate_proj")}
+                                          for layer in report["layers"]}
             del quantized
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
