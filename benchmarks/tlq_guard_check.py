@@ -11,9 +11,6 @@ Usage (one process each, OMP_NUM_THREADS=1):
         # held-out gap per corpus (96 x 128 tokens each) of GPTQ + FP target (A), TLQ (B) and hybrids: A with one
         # decoder layer of B, B with one layer of A, A with one kind of linear of B in every layer; each hybrid's
         # difference to A per corpus, mean +- SE over the held-out windows
-    python benchmarks/tlq_guard_check.py weights --models ref-lm --seeds 0
-        # TLQ's token weights (layer guidance, lam 0.1) per corpus and layer: share of the weight, mean weight,
-        # effective-sample-size share, the top 1% of tokens' share; the FP loss per token of each corpus
 Prints one JSON line per (model, draw, setting) to stderr and one JSON object to stdout (or -o).
 """
 
@@ -131,45 +128,10 @@ def swap(model_name: str, seed: int, settings: list[str]) -> list[dict]:
     return out
 
 
-def weights(model_name: str, seed: int) -> dict:
-    """TLQ's token weights per corpus and layer, and the FP loss per token of each corpus's calibration tokens."""
-    from quantkit.importance import TokenImportance
-
-    model, tokenizer, samples, scores, _ = draw(model_name, seed)
-    found = scores[TLQ_KEY]
-    token_weights = TokenImportance(found.layer, samples, report=found.report, seed=seed, lam=bd.TLQ["lam"],
-                                    power=bd.TLQ["power"])
-    source = torch.cat([s["source_ids"].reshape(-1) for s in samples])
-    names = [n.split(".")[0] for n in corpus_offsets(tokenizer)]
-    with torch.no_grad():
-        losses = []
-        for sample in samples:
-            ids = sample["input_ids"].reshape(1, -1)
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
-            losses.append(torch.cat([loss, loss.new_full((1,), float("nan"))]))  # the last token predicts nothing
-    loss = torch.cat(losses)
-    out = {"model": model_name, "seed": seed, "tokens": {n: int((source == k).sum()) for k, n in enumerate(names)},
-           "fp_loss_per_token": {n: round(float(loss[(source == k) & ~loss.isnan()].mean()), 3) for k, n in enumerate(names)},
-           "layers": {}}
-    for layer in range(len(found.layer)):
-        w = token_weights(layer)
-        w = torch.cat([x.reshape(-1) for x in (w.output if hasattr(w, "output") else w)]).double()
-        row = {}
-        for k, name in enumerate(names):
-            wk = w[source == k]
-            top = wk.sort(descending=True).values[: max(1, wk.numel() // 100)]
-            row[name] = {"weight_share": round(float(wk.sum() / w.sum()), 3), "mean_weight": round(float(wk.mean()), 3),
-                         "ess_share": round(float(wk.sum() ** 2 / (wk.numel() * (wk * wk).sum())), 3),
-                         "top1pct_share": round(float(top.sum() / wk.sum()), 3)}
-        out["layers"][str(layer)] = row
-    print(json.dumps(out), file=sys.stderr, flush=True)
-    return out
-
-
 def main() -> None:
     """Run one check over the models, draws and settings given; print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=("identity", "swap", "weights"))
+    parser.add_argument("check", choices=("identity", "swap"))
     parser.add_argument("--models", nargs="+", default=["ref-lm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--settings", nargs="+", default=["W3"], choices=list(bd.SETTINGS))
@@ -179,10 +141,7 @@ def main() -> None:
     rows = []
     for model_name in args.models:
         for seed in args.seeds:
-            if args.check == "weights":
-                rows.append(weights(model_name, seed))
-            else:
-                rows += (identity if args.check == "identity" else swap)(model_name, seed, args.settings)
+            rows += (identity if args.check == "identity" else swap)(model_name, seed, args.settings)
     emit({"check": args.check, "argv": sys.argv[1:], "rows": rows}, args.output)
 
 
