@@ -4784,7 +4784,9 @@ def eighth_round() -> list[Case]:
     api("data=an exhausted generator", _exhausted_generator)
     api("data=an open file object", _file_object, check=returned_ok)
     api("load_quantized(path, dtype=torch.float16) (from_pretrained's keyword)", lambda w: __import__(
-        "quantkit").load_quantized(w / "ct", dtype=torch.float16))
+        "quantkit").load_quantized(w / "ct", dtype=torch.float16),
+        check=lambda w, r: None if r.dtype == torch.float16 and not _loaded_same("ct", "ct", 1e-2)(w, r.float())
+        else "not a float16 copy of the export's weights")
     api("load_quantized(path, device_map='auto')", lambda w: __import__("quantkit").load_quantized(w / "ct", device_map="auto"))
     api("load_quantized(path=...) by keyword", lambda w: __import__("quantkit").load_quantized(path=w / "ct"),
         check=valid(_loaded_same("ct", "ct")))
@@ -4922,8 +4924,9 @@ def eighth_round() -> list[Case]:
             import quantkit
 
             ids = torch.tensor(TEXT_IDS)
-            kw = ({"quantization_config": CompressedTensorsConfig(run_compressed=False)}
-                  if "run_compressed=False" in _bytes_of(w / rel / "README.md").decode() else {})
+            card = _bytes_of(w / rel / "README.md").decode()
+            said = re.search(r"CompressedTensorsConfig\([^)]*\)", card)  # the card's own call, as a user copies it
+            kw = {"quantization_config": eval(said.group(0), {"CompressedTensorsConfig": CompressedTensorsConfig})} if said else {}
             with torch.no_grad():
                 a = AutoModelForCausalLM.from_pretrained(w / rel, **kw)(ids).logits.float()
                 b = quantkit.load_quantized(w / rel)(ids).logits.float()
