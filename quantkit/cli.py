@@ -72,6 +72,16 @@ class QuantkitGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return self._load(name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """The subcommand, once no option that takes one value is given twice (click would keep the last)."""
+        from quantkit.cli_options import repeated_option
+
+        name, command, rest = super().resolve_command(ctx, args)
+        problem = repeated_option(command, rest, ctx) if command is not None else None
+        if problem:
+            raise click.UsageError(problem, ctx)
+        return name, command, rest
+
     @staticmethod
     def _load(name: str) -> click.Command | None:
         if name not in SUBCOMMANDS:

@@ -225,6 +225,17 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def replaced(base: list, extra: tuple) -> list:
+    """`base` options ("--opt value" pairs and flags) less those `extra` gives again (an option twice is refused)."""
+    out, i = [], 0
+    while i < len(base):
+        size = 2 if i + 1 < len(base) and not str(base[i + 1]).startswith("--") else 1
+        if base[i] not in extra:
+            out += base[i:i + size]
+        i += size
+    return out
+
+
 def one_error_line(stderr: str) -> str:
     """The single stderr line, which must start with `error:`."""
     lines = [line for line in stderr.splitlines() if line.strip()]

@@ -25,6 +25,7 @@ from helpers import (
     assert_fault,
     cli_command,
     one_error_line,
+    replaced,
     run_cli,
     save_tiny_llama,
     tree,
@@ -54,7 +55,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def calibrate(work: Path, *extra) -> list:
     """`quantkit calibrate` of the work copy (GPTQ: the faults are the method's business nowhere)."""
-    return ["calibrate", work / "model", "--calib", work / "text.txt", "--method", "gptq", *BASE, *extra]
+    base = ["--calib", work / "text.txt", "--method", "gptq", *BASE]
+    return ["calibrate", work / "model", *replaced(base, extra), *extra]  # an option given twice is refused
 
 
 def tmpfs(path: Path, options: str) -> Iterator[Path]:

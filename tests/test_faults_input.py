@@ -19,6 +19,7 @@ from helpers import (
     WORDS,
     assert_fault,
     printable_tokenizer,
+    replaced,
     run_cli,
     save_tiny_llama,
     unchanged,
@@ -74,9 +75,10 @@ def test_qid_measure_checks_options_before_the_checkpoint(tmp_path: Path, extra:
 
 
 def qid_measure(work: Path, checkpoint: object, *extra) -> list:
-    return ["qid", "measure", checkpoint, "--eval", work / "text.txt", "--bits", "2", "--methods", "rtn",
-            "--eval-tokens", "64", "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16",
-            "--group-size", "16", "--tokens", "1e9", "-o", work / "q.csv", *extra]
+    return ["qid", "measure", checkpoint, *replaced([
+        "--eval", work / "text.txt", "--bits", "2", "--methods", "rtn", "--eval-tokens", "64", "--eval-seqlen", "16",
+        "--nsamples", "2", "--calib-seqlen", "16", "--group-size", "16", "--tokens", "1e9", "-o", work / "q.csv"], extra),
+        *extra]
 
 
 def test_qid_measure_checks_a_local_checkpoint_before_the_sweep(work: Path) -> None:
@@ -253,7 +255,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def calibrate(work: Path, *extra) -> list:
-    return ["calibrate", work / "model", "--calib", work / "text.txt", *BASE, "-o", work / "out", *extra]
+    """`quantkit calibrate` of the work copy with BASE, less the BASE options `extra` gives again."""
+    return ["calibrate", work / "model", "--calib", work / "text.txt", *replaced(BASE, extra), "-o", work / "out", *extra]
 
 
 def edit_tensors(model: Path, **edits) -> None:
@@ -2199,6 +2202,46 @@ def test_qid_measure_measures_a_checkpoint_given_twice_once(work: Path) -> None:
 
     [row_once], [row_twice] = (list(csv.DictReader(path.open())) for path in (once, twice))
     assert {k: v for k, v in row_twice.items() if k != "seconds"} == {k: v for k, v in row_once.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["calibrate", "MODEL", "--calib", "OTHER", "--calib", "TEXT", "--method", "rtn", "-o", "OUT"],
+     "--calib is given twice ('OTHER', then 'TEXT') and only one value is read; give it once"),
+    (["eval", "MODEL", "--data", "OTHER", "--data", "TEXT", "--seqlen", "16"], "--data is given twice"),
+    (["qid", "measure", "MODEL", "--eval", "TEXT", "--bits", "4", "--bits", "3", "-o", "OUT"],
+     "--bits is given twice ('4', then '3')"),
+    (["calibrate", "MODEL", "--calib", "TEXT", "--bits", "4", "--bits=3", "-o", "OUT"], "--bits is given twice"),
+    (["calibrate", "MODEL", "--calib", "TEXT", "--format", "fake", "--format", "gptq", "-o", "OUT"],
+     "--format is given twice ('fake', then 'gptq')"),
+    (["calibrate", "MODEL", "--calib", "TEXT", "-o", "A", "--out", "OUT"], "-o and --out (one option) are both given"),
+    (["calibrate", "MODEL", "--calib", "TEXT", "-oA", "-o", "OUT"], "-o is given twice ('A', then 'OUT')"),
+    (["calibrate", "MODEL", "--calib", "TEXT", "--act-order", "--no-act-order", "-o", "OUT"],
+     "--act-order and --no-act-order are both given; give one of them"),
+    (["export", "MODEL", "--format", "fake", "-o", "A", "-o", "OUT"], "-o is given twice"),
+])
+def test_an_option_that_takes_one_value_given_twice_is_refused(work: Path, args: list, fragment: str) -> None:
+    """click kept the last of them silently (--calib a --calib b calibrated on b alone): refused in one line before
+    anything is read, by the CLI's command layer for every command."""
+    names = {"MODEL": work / "model", "TEXT": work / "text.txt", "OTHER": work / "other.txt", "OUT": work / "out",
+             "A": work / "a"}
+    write_text(work / "other.txt", seed=9)
+    for name, path in names.items():
+        fragment = fragment.replace(f"'{name}'", repr(str(path)))
+    assert_fault(work, [f"-o{names['A']}" if a == "-oA" else names.get(a, a) for a in args], fragment)
+
+
+def test_options_documented_as_repeatable_and_one_flag_twice_pass(work: Path) -> None:
+    """--tokens (documented as repeatable) twice and one flag twice are no conflict; an option's value that looks
+    like an option (--eval's value "--calib") is a value, and after "--" every word is an argument, as click parses."""
+    from quantkit.cli import main
+    from quantkit.cli_options import repeated_option
+
+    measure = main.get_command(None, "qid").get_command(None, "measure")
+    assert repeated_option(measure, ["M", "--tokens", "M=1e9", "--tokens", "N=2e9", "--no-progress", "--no-progress",
+                                     "-o", "x"], None) is None
+    assert repeated_option(measure, ["M", "--eval", "--calib", "--calib", "c", "-o", "x"], None) is None
+    assert repeated_option(measure, ["M", "-o", "x", "--", "-o", "y"], None) is None
+    assert repeated_option(measure, ["M", "-o", "x", "-o", "y"], None).startswith("-o is given twice")
 
 
 def test_qid_predict_and_training_level_refuse_bits_the_fit_never_measured(tmp_path: Path) -> None:
