@@ -2258,3 +2258,19 @@ def test_qid_predict_and_training_level_refuse_bits_the_fit_never_measured(tmp_p
     assert_fault(tmp_path, [*ask, "--bits", "8"], fragment)
     model = save_tiny_llama(tmp_path / "m")
     assert_fault(tmp_path, ["qid", "training-level", model, "--law", fit, "--bits", "8", "--qid", "0.05"], fragment)
+
+
+def test_a_gptq_export_whose_checkpoint_names_differ_from_the_models_reads_back() -> None:
+    """The GPTQ read check matched the config's rules against the model's names (ergo's checkpoint stores attn.wo
+    for the model's self_attn.o_proj) and refused quantkit's own export; the writer's config (the reference) is
+    read with the checkpoint names it was written with."""
+    from quantkit.export.common import ExportPlan, Setting
+    from quantkit.export.formats.gptq import GPTQFormat
+
+    base, other = Setting(4, 32, True, False), Setting(2, 16, False, False)
+    settings = {f"model.layers.{i}.attn.{n}": (other if n == "wo" and i == 0 else base)
+                for i in range(2) for n in ("wq", "wo")}
+    names = {k: k.replace("attn.wo", "self_attn.o_proj").replace("attn.wq", "self_attn.q_proj") for k in settings}
+    fmt = GPTQFormat(2)
+    config = fmt.quantization_config(ExportPlan(settings=settings, model_names=tuple(sorted(names.items()))))
+    fmt.check_declared(config, settings, "x", names)

@@ -185,8 +185,7 @@ class GPTQFormat(Format):
                                     f"{quantization_config[key]!r} but quantkit.json and the stored tensors are "
                                     f"{self.name}; loaders would shift every zero point (a hand-edited file?): "
                                     "export it again")
-        for module, setting in sorted(settings.items()):
-            name = (model_names or {}).get(module, module)
+        for name, setting in sorted(settings.items()):  # the writer's block layout and rules use checkpoint names
             declared = declared_for(quantization_config, name)
             if declared != (setting.bits, setting.group_size, setting.sym):
                 said = f"{declared[0]}-bit g{declared[1]}" if declared else "no quantization (a dense weight)"
