@@ -2274,3 +2274,29 @@ def test_a_gptq_export_whose_checkpoint_names_differ_from_the_models_reads_back(
     fmt = GPTQFormat(2)
     config = fmt.quantization_config(ExportPlan(settings=settings, model_names=tuple(sorted(names.items()))))
     fmt.check_declared(config, settings, "x", names)
+
+
+def test_an_export_mixing_symmetric_and_asymmetric_linears_points_to_a_loader_that_works(work: Path) -> None:
+    """A recipe making q_proj asymmetric in a symmetric run: the printed line and the card gave from_pretrained with
+    CompressedTensorsConfig(dequantize=True), which transformers fails on for this mix (as it does plain: checked
+    here, the reason for the line). They now name load_quantized and the fake export, which plain transformers
+    loads with load_quantized's logits."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import quantkit
+
+    (work / "r.yaml").write_text("overrides:\n  - targets: [q_proj]\n    sym: false\n")
+    out = work / "out"
+    result = run_cli(*[a for a in calibrate(work, "--recipe", work / "r.yaml") if a != "--json"])
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip().splitlines()[-1]
+    assert "from_pretrained" not in line and f"quantkit.load_quantized('{out}')" in line and "--format fake" in line
+    card = (out / "README.md").read_text()
+    assert "quantkit.load_quantized" in card[card.index("## Load it"):] and "from_pretrained" not in card
+    for kwargs in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
+        with pytest.raises(RuntimeError):
+            AutoModelForCausalLM.from_pretrained(out, **kwargs)
+    assert run_cli("export", out, "--format", "fake", "-o", work / "fake").exit_code == 0
+    ids = torch.arange(2, 18)[None]
+    plain = AutoModelForCausalLM.from_pretrained(work / "fake")(ids).logits
+    assert torch.allclose(plain, quantkit.load_quantized(out)(ids).logits, atol=1e-5)

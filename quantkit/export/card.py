@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit.export.formats import REGISTRY
-from quantkit.export.summary import loading_call
+from quantkit.export.summary import NOT_LOADABLE, loading_call
 
 CARD = "README.md"
 PART_WORDS = {"train": "its first 90%: the train part", "heldout": "its last 10%: the held-out part", "all": "all of it"}
@@ -85,9 +85,13 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         lines.append(f"Measured: loss {ev.get('loss')} nats, perplexity {ev.get('ppl')} on `{ev.get('data')}`"
                      + (f" ({part})" if part else "") + ".")
     call = loading_call(known, manifest, '"THIS_REPO_OR_DIR"')
-    imports = "AutoModelForCausalLM" + (", CompressedTensorsConfig" if "CompressedTensorsConfig(" in call else "")
-    lines += ["", "## Load it", "", "```python", f"from transformers import {imports}", f"model = {call}", "```"]
-    if extras:
+    if call is None:
+        lines += ["", "## Load it", "", "```python", "import quantkit", "model = quantkit.load_quantized(\"DIR\")", "```",
+                  NOT_LOADABLE[0].upper() + NOT_LOADABLE[1:] + "."]
+    else:
+        imports = "AutoModelForCausalLM" + (", CompressedTensorsConfig" if "CompressedTensorsConfig(" in call else "")
+        lines += ["", "## Load it", "", "```python", f"from transformers import {imports}", f"model = {call}", "```"]
+    if extras and call is not None:
         lines.append(f"transformers needs `pip install {extras}` for this format.")
     if vllm:
         lines += ["", "```bash", "vllm serve THIS_REPO_OR_DIR", "```"]

@@ -31,17 +31,24 @@ def size_line(source: str | os.PathLike | None, output: str | os.PathLike, sourc
     return f"weights {size(before)} -> {size(after)} ({before / after:.1f}x smaller)"
 
 
-def asymmetric(manifest: dict) -> bool:
-    """Whether an export's quantkit.json gives any quantized linear an asymmetric setting."""
+def symmetries(manifest: dict) -> set[bool]:
+    """The sym values quantkit.json gives its quantized linears (spec and module_specs)."""
     specs = [manifest.get("spec") or {}, *(manifest.get("module_specs") or {}).values()]
-    return any(isinstance(s, dict) and s.get("sym") is False for s in specs)
+    return {bool(s.get("sym", True)) for s in specs if isinstance(s, dict)}
 
 
-def loading_call(fmt: object, manifest: dict, target: str) -> str:
+def loading_call(fmt: object, manifest: dict, target: str) -> str | None:
     """`AutoModelForCausalLM.from_pretrained(target...)` with the quantization_config transformers needs for this
-    export, if any (the format's transformers_config: asymmetric compressed-tensors loads only dequantized)."""
-    config = fmt.transformers_config(asymmetric(manifest)) if hasattr(fmt, "transformers_config") else None
+    export, if any (the format's transformers_config); None where transformers cannot load it."""
+    syms = symmetries(manifest)
+    if hasattr(fmt, "transformers_loads") and not fmt.transformers_loads(syms):
+        return None
+    config = fmt.transformers_config(False in syms) if hasattr(fmt, "transformers_config") else None
     return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
+
+
+NOT_LOADABLE = ("transformers cannot load compressed-tensors exports mixing symmetric and asymmetric linears; "
+                "`quantkit export DIR --format fake -o OUT` writes one it loads")
 
 
 def load_line(output: str | os.PathLike, fmt: object) -> str:
@@ -57,4 +64,6 @@ def load_line(output: str | os.PathLike, fmt: object) -> str:
     except (OSError, ValueError):
         manifest = {}
     call = loading_call(fmt, manifest if isinstance(manifest, dict) else {}, repr(str(output)))
+    if call is None:
+        return f"load: quantkit.load_quantized({str(output)!r}) ({NOT_LOADABLE})"
     return f"load: {call}{need}, or quantkit.load_quantized({str(output)!r})"

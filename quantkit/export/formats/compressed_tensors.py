@@ -244,6 +244,11 @@ class CompressedTensorsFormat(Format):
         output row where the checkpoint stores them packed (a size-mismatch error otherwise)."""
         return "CompressedTensorsConfig(dequantize=True)" if asymmetric else None
 
+    def transformers_loads(self, syms: set[bool]) -> bool:
+        """transformers (5.25, compressed-tensors 0.20) loads no export mixing symmetric and asymmetric linears, plain
+        or dequantized (its weight conversion fails); the others it loads."""
+        return len(syms) < 2
+
     def stores_int8(self, bits: int) -> bool:
         """Whether `bits`-bit weights go unpacked as int-quantized (8-bit weights of a W8A8 model)."""
         return self.act_bits is not None and bits == 8
