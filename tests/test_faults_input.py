@@ -2293,10 +2293,15 @@ def test_an_export_mixing_symmetric_and_asymmetric_linears_points_to_a_loader_th
     assert "from_pretrained" not in line and f"quantkit.load_quantized('{out}')" in line and "--format fake" in line
     card = (out / "README.md").read_text()
     assert "quantkit.load_quantized" in card[card.index("## Load it"):] and "from_pretrained" not in card
-    for kwargs in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
-        with pytest.raises(RuntimeError):
-            AutoModelForCausalLM.from_pretrained(out, **kwargs)
-    assert run_cli("export", out, "--format", "fake", "-o", work / "fake").exit_code == 0
     ids = torch.arange(2, 18)[None]
+    reference = quantkit.load_quantized(out)(ids).logits
+    for kwargs in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(out, **kwargs)
+        except RuntimeError:
+            continue  # transformers 5.25 + compressed-tensors 0.20: why the line and the card name load_quantized
+        # transformers 5.21 (the floors) loads the mix: then it must be the model load_quantized gives
+        assert torch.allclose(loaded(ids).logits, reference, atol=1e-5), kwargs
+    assert run_cli("export", out, "--format", "fake", "-o", work / "fake").exit_code == 0
     plain = AutoModelForCausalLM.from_pretrained(work / "fake")(ids).logits
-    assert torch.allclose(plain, quantkit.load_quantized(out)(ids).logits, atol=1e-5)
+    assert torch.allclose(plain, reference, atol=1e-5)
