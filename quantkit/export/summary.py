@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quantkit.export.formats.base import Format
 
 
 def weights_bytes(directory: str | os.PathLike) -> int:
@@ -37,13 +41,14 @@ def symmetries(manifest: dict) -> set[bool]:
     return {bool(s.get("sym", True)) for s in specs if isinstance(s, dict)}
 
 
-def loading_call(fmt: object, manifest: dict, target: str) -> str | None:
+def loading_call(fmt: Format | None, manifest: dict, target: str) -> str | None:
     """`AutoModelForCausalLM.from_pretrained(target...)` with the quantization_config transformers needs for this
-    export, if any (the format's transformers_config); None where transformers cannot load it."""
+    export, if any (the format's transformers_config; no format known: none); None where transformers cannot load
+    it."""
     syms = symmetries(manifest)
-    if hasattr(fmt, "transformers_loads") and not fmt.transformers_loads(syms):
+    if fmt is not None and not fmt.transformers_loads(syms):
         return None
-    config = fmt.transformers_config(False in syms) if hasattr(fmt, "transformers_config") else None
+    config = fmt.transformers_config(False in syms) if fmt is not None else None
     return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
 
 
@@ -51,7 +56,7 @@ NOT_LOADABLE = ("transformers cannot load compressed-tensors exports mixing symm
                 "`quantkit export DIR --format fake -o OUT` writes one it loads")
 
 
-def load_line(output: str | os.PathLike, fmt: object) -> str:
+def load_line(output: str | os.PathLike, fmt: Format) -> str:
     """How to load the export in transformers, with what the format needs and this environment lacks."""
     import importlib.util
     import json

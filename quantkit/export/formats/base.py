@@ -118,6 +118,10 @@ class Format:
         format, None where it loads with the config.json alone; `asymmetric`: whether any linear is asymmetric."""
         return None
 
+    def transformers_loads(self, syms: set[bool]) -> bool:
+        """Whether transformers loads an export of this format whose linears have the symmetries `syms`."""
+        return True
+
     def check_linear(self, name: str, out_features: int, in_features: int, bits: int) -> None:
         """Raise QuantkitError if a linear of this shape cannot be stored at `bits` (checked before calibrating)."""
 
