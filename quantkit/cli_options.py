@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import click
@@ -32,45 +33,42 @@ def output_option(dest: str = "output", help: str = "Output directory.", **kwarg
                         help=help, **kwargs)
 
 
-def repeated_option(command: click.Command, args: list[str], ctx: click.Context) -> str | None:
+def repeated_option(command: click.Command, args: list[str], ctx: click.Context | None) -> str | None:
     """The message for an option `args` give twice that takes one value (click keeps the last silently: `--calib a
     --calib b` calibrates on b alone), or for both spellings of an on/off flag (`--sym --no-sym`); None when there is
-    none. Options documented as repeatable (multiple=True) and counters are left alone; a group's subcommand is
-    followed into (`qid measure ...`)."""
-    spelled: dict[str, click.Option] = {}
-    for param in command.params:
-        if isinstance(param, click.Option):
-            spelled.update(dict.fromkeys([*param.opts, *param.secondary_opts], param))
+    none. Options documented as repeatable (multiple=True), counters and plain flags are left alone; a group's
+    subcommand is followed into (`qid measure ...`). click's own parser reads `args` (so -o/--out, --x=v, -oX and
+    `--` mean what they mean to click); a parse error is left to the real parse to report."""
+    own = click.Context(command, parent=ctx, resilient_parsing=True)
+    parser = command.make_parser(own)
+    spelled: dict[int, tuple[click.Option, click.Option, str]] = {}
+    for param in command.get_params(own):
+        if not isinstance(param, click.Option) or param.multiple or param.count or (param.is_flag and
+                                                                                  not param.secondary_opts):
+            continue
+        for spelling in (*param.opts, *param.secondary_opts):
+            # each spelling registered on its own (its values under its own name), with a copy of the option as the
+            # parse's `obj`: click's order list, one entry per occurrence, then says which spelling came where
+            stand_in = copy.copy(param)
+            spelled[id(stand_in)] = (stand_in, param, spelling)
+            parser.add_option(obj=stand_in, opts=[spelling], dest=spelling, nargs=param.nargs,
+                              action="append_const" if param.is_flag else "append")
+    values, rest, order = parser.parse_args(list(args))
+    given = {spelling: iter(values.get(spelling, ())) for _, _, spelling in spelled.values()}
     seen: dict[int, tuple[str, str | None]] = {}
-    i = 0
-    while i < len(args):
-        token = args[i]
-        i += 1
-        if token == "--":
-            return None
-        name, value = token, None
-        if token.startswith("--") and "=" in token:
-            name, value = token.split("=", 1)
-        elif token.startswith("-") and not token.startswith("--") and len(token) > 2 and token[:2] in spelled:
-            name, value = token[:2], token[2:]
-        param = spelled.get(name)
-        if param is None:
-            if not token.startswith("-") and isinstance(command, click.Group):
-                sub = command.get_command(ctx, token)
-                return repeated_option(sub, args[i:], ctx) if sub is not None else None
-            continue
-        takes_value = not param.is_flag and not param.count
-        if takes_value and value is None and param.nargs >= 1:
-            value = " ".join(args[i:i + param.nargs])
-            i += param.nargs
-        if param.multiple or param.count:
-            continue
+    for _, param, spelling in (spelled[id(item)] for item in order if id(item) in spelled):
+        value = next(given[spelling])
+        value = " ".join(value) if isinstance(value, tuple) else value
         if id(param) in seen:
             first, before = seen[id(param)]
-            if takes_value:
-                what = f"{first} is given twice" if first == name else f"{first} and {name} (one option) are both given"
+            if not param.is_flag:
+                what = (f"{first} is given twice" if first == spelling
+                        else f"{first} and {spelling} (one option) are both given")
                 return f"{what} ({before!r}, then {value!r}) and only one value is read; give it once"
-            if (first in param.secondary_opts) != (name in param.secondary_opts):
-                return f"{first} and {name} are both given; give one of them"
-        seen[id(param)] = (name, value)
+            if (first in param.secondary_opts) != (spelling in param.secondary_opts):
+                return f"{first} and {spelling} are both given; give one of them"
+        seen[id(param)] = (spelling, value)
+    if isinstance(command, click.Group) and rest:
+        sub = command.get_command(own, rest[0])
+        return repeated_option(sub, rest[1:], own) if sub is not None else None
     return None
