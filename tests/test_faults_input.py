@@ -90,31 +90,54 @@ def test_qid_measure_checks_a_local_checkpoint_before_the_sweep(work: Path) -> N
 
 
 @pytest.mark.parametrize("broken", ["first", "second"])
-def test_qid_measure_checks_every_local_checkpoint_before_the_sweep(work: Path, broken: str) -> None:
-    """Two checkpoints, one with a NaN weight: refused by name before q.csv, whichever of the two it is."""
+@pytest.mark.parametrize("table", ["new", "resumed", "in new folders"])
+def test_qid_measure_checks_every_local_checkpoint_before_the_sweep(work: Path, broken: str, table: str) -> None:
+    """Two checkpoints, one with a NaN weight: refused by name, whichever of the two it is, and the table is left as it
+    was (none, the earlier run's rows byte for byte, no folder made), though the second is refused only when its
+    turn comes, after the first's rows (each checkpoint's values are read once, as it loads)."""
     shutil.copytree(work / "model", work / "model2")
     edit_tensors(work / ("model" if broken == "first" else "model2"),
                  model__layers__1__self_attn__o_proj__weight=poke(float("nan"), (2, 7)))
-    args = qid_measure(work, work / "model")
+    out = work / "a" / "b" / "q.csv" if table == "in new folders" else work / "q.csv"
+    earlier = b""
+    if table == "resumed":  # a row of an earlier run (a healthy copy, another width), kept by the refused run
+        shutil.copytree(work / "model2" if broken == "first" else work / "model", work / "model3")
+        result = run_cli(*qid_measure(work, work / "model3", "--bits", "3"))
+        assert result.exit_code == 0, result.output
+        earlier = out.read_bytes()
+        assert earlier.count(b"\n") == 2  # header + one row
+    args = qid_measure(work, work / "model", "-o", out, "--no-progress")  # the second's refusal follows cells' progress
     args[3:3] = [work / "model2"]
     assert_fault(work, args, "model.layers.1.self_attn.o_proj.weight (decoder layer 1) holds 1 NaN")
-    assert not (work / "q.csv").exists()
+    if table == "resumed":
+        assert out.read_bytes() == earlier
+    else:
+        assert not out.exists()
+        assert not (work / "a").exists()
+    if table == "new":  # with progress shown, the error is a line of its own after the bar (was glued to it)
+        result = run_cli(*args[:-1])
+        assert result.exit_code == 2
+        assert re.split(r"[\r\n]", result.stderr.rstrip("\n"))[-1].startswith("error: "), result.stderr
+        assert not out.exists()
 
 
-def test_qid_measure_reads_a_checkpoints_weights_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The finiteness check read every tensor of the safetensors file, then the load read them again; the checkpoint
-    is now checked as it loads (still before q.csv: the test above). Counted: each tensor read from the file through
-    safetensors' safe_open, by any module (transformers' loader included; header reads hold no tensor)."""
+def test_qid_measure_reads_each_checkpoints_weights_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finiteness check read every tensor of a later checkpoint's safetensors file up front, then its load read
+    them again; each checkpoint's headers are checked up front and its values as it loads (a broken one is still
+    refused with no table left: the test above). Counted: each tensor read from either file through safetensors'
+    safe_open, by any module (transformers' loader included; header reads hold no tensor)."""
     import sys
 
     import safetensors
 
-    weights, reads = (work / "model" / "model.safetensors").resolve(), []
+    shutil.copytree(work / "model", work / "model2")
+    files = {(work / name / "model.safetensors").resolve(): name for name in ("model", "model2")}
+    reads = []
     real = safetensors.safe_open
 
     class Counted:
-        def __init__(self, handle) -> None:
-            self.handle = handle
+        def __init__(self, handle, name: str) -> None:
+            self.handle, self.name = handle, name
 
         def __enter__(self) -> Counted:
             self.handle.__enter__()
@@ -123,22 +146,22 @@ def test_qid_measure_reads_a_checkpoints_weights_once(work: Path, monkeypatch: p
         def __exit__(self, *exc) -> None:
             self.handle.__exit__(*exc)
 
-        def get_tensor(self, name: str):
-            reads.append(name)
-            return self.handle.get_tensor(name)
+        def get_tensor(self, key: str):
+            reads.append((self.name, key))
+            return self.handle.get_tensor(key)
 
-        def get_slice(self, name: str):
-            return Sliced(self.handle.get_slice(name), name)
+        def get_slice(self, key: str):
+            return Sliced(self.handle.get_slice(key), (self.name, key))
 
         def __getattr__(self, name: str):
             return getattr(self.handle, name)
 
     class Sliced:  # a lazy tensor: its shape and dtype are header facts, indexing reads the values
-        def __init__(self, lazy, name: str) -> None:
-            self.lazy, self.name = lazy, name
+        def __init__(self, lazy, read: tuple) -> None:
+            self.lazy, self.read = lazy, read
 
         def __getitem__(self, index):
-            reads.append(self.name)
+            reads.append(self.read)
             return self.lazy[index]
 
         def __getattr__(self, name: str):
@@ -146,15 +169,19 @@ def test_qid_measure_reads_a_checkpoints_weights_once(work: Path, monkeypatch: p
 
     def counting(path, *args, **kwargs):
         handle = real(path, *args, **kwargs)
-        return Counted(handle) if Path(path).resolve() == weights else handle
+        name = files.get(Path(path).resolve())
+        return Counted(handle, name) if name else handle
 
     for module in list(sys.modules.values()):
         if getattr(module, "safe_open", None) is real:
             monkeypatch.setattr(module, "safe_open", counting)
-    result = run_cli(*qid_measure(work, work / "model"))
+    args = qid_measure(work, work / "model")
+    args[3:3] = [work / "model2"]
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
-    stored = load_file(weights)
-    assert sorted(reads) == sorted(stored), (sorted(reads), sorted(stored))
+    stored = sorted(load_file(work / "model" / "model.safetensors"))
+    assert sorted(reads) == sorted((name, key) for name in ("model", "model2") for key in stored), sorted(reads)
+    assert (work / "q.csv").read_text().count("\n") == 3  # header + one row per checkpoint
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -343,13 +343,9 @@ def measure_grid(
     tokenizers: dict[str, object] = {}  # one object per tokenizer definition (a run's checkpoints share theirs)
     first = todo[0][0] if todo else None
     for ckpt in dict.fromkeys(c[0] for c in todo):
+        # a local checkpoint's config, tensor names, shapes and dtypes (headers), checked here; its values are
+        # checked as it loads (load_model), each tensor read once
         files = check_local_checkpoint(ckpt) if ckpt.local_dir is not None else None
-        if files is not None and ckpt != first:
-            # read here (one tensor at a time) and again at its turn: a broken one is refused before any cell; the
-            # first checkpoint's weights are read once, checked by name as it loads (load_model) before the CSV opens
-            from quantkit.models.checks import check_weight_files
-
-            check_weight_files(files.weight_files, ckpt.spec)
         tokenizer = files.tokenizer if files is not None else load_tokenizer(ckpt.name, ckpt.revision, ckpt.spec)
         tokenizer = tokenizers.setdefault(tokenizer_fingerprint(tokenizer), tokenizer)
         calibrates = any(c[0] == ckpt and c[1] not in BNB_METHODS for c in todo)
@@ -358,16 +354,20 @@ def measure_grid(
     stats = {"cells": len(cells), "skipped": len(cells) - len(todo), "measured": 0, "failed": 0}
     if not todo:
         return stats
-    current = _Cell(settings, first, *_load(first, *read[first.spec]))
+    current = _Cell(settings, first, *_load(first, *read[first.spec]))  # refused here: before the CSV opens
     params = count_parameters(current.model)
-    bar = tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress)
-    with TableWriter(out_csv) as writer:
+    # the bar is closed (its line ended) before an error leaves, so the error line stands on its own
+    with TableWriter(out_csv) as writer, tqdm(total=len(todo), desc="qid cells", unit="cell", disable=not progress) as bar:
         for ckpt, method, nbits in todo:
             bar.set_postfix_str(f"{Path(ckpt.name).name}{'@' + ckpt.revision if ckpt.revision else ''} {method} w{nbits}")
             if current.ckpt != ckpt:
                 current = None
                 gc.collect()
-                current = _Cell(settings, ckpt, *_load(ckpt, *read[ckpt.spec]))
+                try:
+                    current = _Cell(settings, ckpt, *_load(ckpt, *read[ckpt.spec]))
+                except QuantkitError:
+                    writer.discard()  # a later checkpoint refused (a NaN weight): no row of this run is left
+                    raise
                 params = count_parameters(current.model)
             d, step = meta[ckpt.spec]
             key = (ckpt.spec, settings.eval_text)
@@ -396,7 +396,6 @@ def measure_grid(
             row["seconds"] = round(time.perf_counter() - started, 3)
             writer.write(row)
             bar.update(1)
-    bar.close()
     return stats
 
 

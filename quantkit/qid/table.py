@@ -239,12 +239,16 @@ class TableWriter:
     def __init__(self, path: str | os.PathLike):
         """Open `path` for appending: cut a partial last line, check the header, or write one."""
         self.path = Path(path)
+        # what this writer makes (folders, the file) and the length it found: what discard() takes back
+        self._made = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]  # deepest first
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existing = self.path.read_bytes() if self.path.exists() else b""
+        self._new = not self.path.exists()
+        existing = b"" if self._new else self.path.read_bytes()
         if existing and not existing.endswith(b"\n"):
             with open(self.path, "r+b") as fh:
                 fh.truncate(existing.rfind(b"\n") + 1)
             existing = existing[: existing.rfind(b"\n") + 1]
+        self._start = len(existing)
         header_lines = [ln for ln in existing.decode("utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
         self.columns = COLUMNS
         if header_lines:
@@ -273,6 +277,18 @@ class TableWriter:
     def close(self) -> None:
         """Close the file."""
         self._fh.close()
+
+    def discard(self) -> None:
+        """Close, and take back every line this writer wrote (the file, and folders it made, removed): a run refused
+        part way leaves the table as it found it."""
+        self.close()
+        if self._new:
+            self.path.unlink(missing_ok=True)
+            for folder in self._made:
+                folder.rmdir()
+        else:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(self._start)
 
     def __enter__(self) -> TableWriter:
         """Context-manager entry."""
