@@ -5129,8 +5129,1002 @@ def quantkit_recipe(**kw):
     return Recipe(**kw)
 
 
+# ---------------------------------------------------------------- round 9: a fifth fresh battery (session 7)
+
+FAM9 = {"qwen3": 32, "gemma3_text": 32, "phi3": 32, "mixtral": 32, "qwen3_moe": 32, "deepseek_v3": 16, "gpt_oss": 32}
+SET_RUN = ["--group-size", "32"]  # a calibrate on the set: TLQ (the default with a set), the set's 2 x 16 tokens
+
+
+def build_ninth(root: Path) -> None:
+    """Round 9's extra inputs: set/ (a calibration set of the llama, 2 x 16 tokens) and the deepseek_v3 and
+    gpt_oss tiny models where round 7 did not build them."""
+    from helpers import save_tiny_causal_lm
+
+    for family in ("deepseek_v3", "gpt_oss"):
+        if not (root / family).is_dir():
+            save_tiny_causal_lm(root, family)
+    _make_set(root)
+
+
+def fam9(family: str, method: str = "rtn") -> list[str]:
+    return ["--method", method, "--nsamples", "2", "--seqlen", "16", "--group-size", str(FAM9[family])]
+
+
+def _set_file(name: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A setup editing set/NAME's tensors and renewing its hash in the manifest (a consistent, edited set)."""
+    def setup(w: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        from quantkit.importance.calibration_set import file_sha256
+
+        state = load_file(w / "set" / name)
+        edit(state)
+        save_file({k: v.contiguous() for k, v in state.items()}, w / "set" / name)
+        manifest = json.loads((w / "set" / "manifest.json").read_text())
+        manifest["files"][name] = file_sha256(w / "set" / name)
+        (w / "set" / "manifest.json").write_text(json.dumps(manifest))
+    return setup
+
+
+def _manifest(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    return json_edit("set/manifest.json", edit)
+
+
+def _set_of(model: str, *extra: str, data: str = "text.txt", seqlen: str = "16") -> Callable[[Path], None]:
+    """A setup: `quantkit importance` of `model` into set2/ with extra options."""
+    def setup(w: Path) -> None:
+        result = run_cli("importance", w / model, "--calib", w / data, "--nsamples", "2", "--seqlen", seqlen,
+                         *extra, "-o", w / "set2")
+        assert result.exit_code == 0, result.output
+    return setup
+
+
+def _set_ref(*extra, model: str = "model", setrel: str = "set") -> Callable[[Path], list]:
+    return lambda w: ["calibrate", w / model, "--calib-set", w.parent / "base" / setrel, *SET_RUN, *extra, "-o", w / "ref"]
+
+
+def _pop(key: str) -> Callable[[dict], None]:
+    return lambda state: state.pop(key)
+
+
+def _rename(old: str, new: str) -> Callable[[dict], None]:
+    def edit(state: dict) -> None:
+        state[new] = state.pop(old)
+    return edit
+
+
+def _image_in(mode: str, fmt: str, size=(56, 56), suffix: str | None = None, **save) -> Callable[[Path, list], None]:
+    """A _vl_with edit: every record's image replaced by one image of `mode` saved as `fmt`."""
+    def edit(w: Path, records: list) -> None:
+        from PIL import Image
+
+        base = Image.open(w / "vl" / "img" / "0.png").convert("RGB").resize(size)
+        image = base.convert(mode) if mode not in ("I;16",) else base.convert("I").point(lambda v: v * 256)
+        name = w / f"odd.{suffix or fmt.lower()}"
+        image.save(name, format=fmt, **save)
+        for r in records:
+            r["image"] = str(name)
+    return edit
+
+
+def _all_images(value) -> Callable[[Path, list], None]:
+    def edit(w: Path, records: list) -> None:
+        for r in records:
+            r["image"] = value(w, r) if callable(value) else value
+    return edit
+
+
+def _rekey(old: str, new: str, wrap=None) -> Callable[[Path, list], None]:
+    def edit(w: Path, records: list) -> None:
+        for r in records:
+            v = r.pop(old)
+            r[new] = wrap(v) if wrap else v
+    return edit
+
+
+def _vlm_cal(*extra) -> Callable[[Path], list]:
+    return lambda w: ["calibrate", w / "vlm", "--calib", w / "d.jsonl", "--method", "rtn", "--nsamples", "2",
+                      "--seqlen", "256", "--group-size", "32", *extra, "-o", w / "out"]
+
+
+def _truncated_copy(src_name: str, keep: float) -> Callable[[Path, list], None]:
+    def edit(w: Path, records: list) -> None:
+        raw = (w / "vl" / "img" / src_name).read_bytes()
+        (w / "cut.png").write_bytes(raw[: max(40, int(len(raw) * keep))])
+        for r in records:
+            r["image"] = str(w / "cut.png")
+    return edit
+
+
+def _jpeg_truncated(w: Path, records: list) -> None:
+    from PIL import Image
+
+    Image.open(w / "vl" / "img" / "0.png").convert("RGB").save(w / "full.jpg", format="JPEG")
+    raw = (w / "full.jpg").read_bytes()
+    (w / "cut.jpg").write_bytes(raw[: len(raw) // 2])
+    for r in records:
+        r["image"] = str(w / "cut.jpg")
+
+
+def _exif_rotated(w: Path, records: list) -> None:
+    from PIL import Image
+
+    image = Image.open(w / "vl" / "img" / "0.png").convert("RGB")
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    image.save(w / "rot.jpg", format="JPEG", exif=exif)
+    for r in records:
+        r["image"] = str(w / "rot.jpg")
+
+
+def _records_in_sub(w: Path) -> None:
+    """sub/d.jsonl whose image paths are relative to the cwd (vl/img/...), not to the record file."""
+    (w / "sub").mkdir()
+    lines = [json.loads(line) for line in (w / "vl" / "data.jsonl").read_text().splitlines() if line.strip()]
+    for r in lines:
+        r["image"] = "vl/" + r["image"]
+    (w / "sub" / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def _vlm_records(w: Path) -> list:
+    return [json.loads(line) for line in (w / "vl" / "data.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _pil_list(w: Path, convert: Callable) -> list:
+    from PIL import Image
+
+    out = []
+    for r in _vlm_records(w):
+        image = Image.open(w / "vl" / r["image"])
+        r["image"] = convert(image, w)
+        out.append(r)
+    return out
+
+
+def _closed_image(image, w):
+    image.load()
+    image.close()
+    return image
+
+
+def _deleted_lazy(image, w):
+    from PIL import Image
+
+    shutil.copy(image.filename, w / "gone.png")
+    lazy = Image.open(w / "gone.png")
+    (w / "gone.png").unlink()
+    return lazy
+
+
+def _untie_config(family: str = "model") -> Callable[[Path], None]:
+    return json_edit(f"{family}/config.json", lambda d: d.update(tie_word_embeddings=False))
+
+
+def _bin_only(w: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(w / "model" / "model.safetensors")
+    torch.save(state, w / "model" / "pytorch_model.bin")
+    (w / "model" / "model.safetensors").unlink()
+
+
+def _bin_beside(w: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save(load_file(w / "model" / "model.safetensors"), w / "model" / "pytorch_model.bin")
+
+
+def _index_of_one(missing: bool) -> Callable[[Path], None]:
+    """model.safetensors.index.json beside the one file: naming it (valid), or naming two shards that are absent."""
+    def setup(w: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(w / "model" / "model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        if missing:
+            half = len(keys) // 2
+            weight_map = {k: ("model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors")
+                          for i, k in enumerate(keys)}
+        else:
+            weight_map = {k: "model.safetensors" for k in keys}
+        (w / "model" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return setup
+
+
+def _gen_config(**fields) -> Callable[[Path], None]:
+    return json_edit("model/generation_config.json", lambda d: d.update(fields))
+
+
+def _tok_config(**fields) -> Callable[[Path], None]:
+    return json_edit("model/tokenizer_config.json", lambda d: d.update(fields))
+
+
+def _chat_records(w: Path, roles=("user", "assistant"), n: int = 6) -> None:
+    words = WORDS
+    lines = []
+    for i in range(n):
+        msgs = [{"role": role, "content": " ".join(words[(i * 5 + j) % 60] for j in range(12))} for role in roles]
+        lines.append({"messages": msgs})
+    (w / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def _with_template(template: str) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        _tok_config(chat_template=template)(w)
+        _chat_records(w)
+    return setup
+
+
+def _system_chats(w: Path) -> None:
+    _tok_config(chat_template="{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not "
+                              "supported') }}{% endif %}{{ m.content }} {% endfor %}")(w)
+    _chat_records(w, roles=("system", "user", "assistant"))
+
+
+def _csv9(body: str, encoding: str = "utf-8", newline: str = "\n") -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        (w / "t.csv").write_bytes(body.replace("\n", newline).encode(encoding))
+    return setup
+
+
+def _law_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        _fit_json(w)
+        doc = json.loads((w / "f.json").read_text())
+        edit(doc)
+        (w / "f.json").write_text(json.dumps(doc))
+    return setup
+
+
+def _chain_setup(src: str, *formats: str) -> Callable[[Path], None]:
+    """A setup exporting src -> formats[0] -> ... -> formats[-2] into step0/, step1/...: the case exports the
+    last step to formats[-1] (_chain_args)."""
+    def setup(w: Path) -> None:
+        previous = w / src
+        for i, fmt in enumerate(formats[:-1]):
+            done = run_cli("export", previous, "--format", fmt, "-o", w / f"step{i}")
+            assert done.exit_code == 0, f"chain step {fmt}: {done.output[-200:]}"
+            previous = w / f"step{i}"
+    return setup
+
+
+def _chain_args(src: str, *formats: str) -> Callable[[Path], list]:
+    last = src if len(formats) == 1 else f"step{len(formats) - 2}"
+    return lambda w: ["export", w / last, "--format", formats[-1], "-o", w / "out"]
+
+
+def _logits_close(rel: str, ref_rel: str, tol: float = 1e-4):
+    """A check: load_quantized(rel)'s logits on a fixed sequence equal load_quantized(ref_rel)'s within tol."""
+    def check(w: Path, result) -> str | None:
+        import quantkit
+
+        bad = export_ok(rel)(w, result)
+        if bad:
+            return bad
+        a, b = quantkit.load_quantized(w / rel), quantkit.load_quantized(w / ref_rel)
+        rows = a.get_input_embeddings().num_embeddings
+        ids = torch.tensor(TEXT_IDS) % rows
+        with torch.no_grad():
+            diff = (a(ids).logits.float() - b(ids).logits.float()).abs().max().item()
+        return None if diff <= tol else f"logits differ from {ref_rel}'s by {diff:.3g}"
+    return check
+
+
+def _plain_loads_like(rel: str, tol: float = 1e-4):
+    """A check: AutoModelForCausalLM.from_pretrained(rel) gives load_quantized(rel)'s logits."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForCausalLM
+
+        import quantkit
+
+        bad = export_ok(rel)(w, result)
+        if bad:
+            return bad
+        a, b = AutoModelForCausalLM.from_pretrained(w / rel), quantkit.load_quantized(w / rel)
+        with torch.no_grad():
+            diff = (a(torch.tensor(TEXT_IDS)).logits - b(torch.tensor(TEXT_IDS)).logits).abs().max().item()
+        return None if diff <= tol else f"plain transformers' logits differ from load_quantized's by {diff:.3g}"
+    return check
+
+
+def _json_equals_file(rel: str):
+    def check(w: Path, result) -> str | None:
+        a = json.loads(result.stdout)
+        b = json.loads((w / rel).read_text())
+        return None if a == b else "the --json output differs from the -o file"
+    return check
+
+
+def _json_field(key: str, expected):
+    def check(w: Path, result) -> str | None:
+        doc = json.loads(result.stdout)
+        return None if doc.get(key) == expected else f"{key} is {doc.get(key)!r}, not {expected!r}"
+    return check
+
+
+def _home_out(w: Path):
+    return _with_env({"HOME": str(w / "home")}, lambda: quantize(w, output_dir="~/qk9"))
+
+
+def _expanded(w: Path, result) -> str | None:
+    if (w / "~").exists():
+        return "wrote a folder literally named '~' in the working folder"
+    return export_ok("home/qk9")(w, result)
+
+
+def _ids_array(w: Path, kind: str):
+    import numpy as np
+
+    ids = [[2 + (3 * i + j) % 60 for j in range(16)] for i in range(2)]
+    return {"numpy": np.array(ids), "tensor": torch.tensor(ids), "lists": ids,
+            "dicts": [{"input_ids": row} for row in ids]}[kind]
+
+
+def _frame(w: Path, column: str):
+    import pandas as pd
+
+    return pd.DataFrame({column: [" ".join(WORDS * 4)] * 2})
+
+
+def ninth_round() -> list[Case]:
+    """Round 9, a fifth fresh battery (issue #22's target, session 7): calibration sets edited consistently
+    (hashes renewed) or reused with other options, images in odd modes and containers and image records in odd
+    shapes, the newer families with options round 6 did not give them, model folders whose files disagree,
+    tokenizers and chat templates that misbehave, extreme but legal option values, the Python API given ids,
+    arrays, frames and other toolkits' keyword names, export chains checked by logits, eval option combinations,
+    QiD tables as spreadsheets write them, and environment variables set oddly."""
+    out = Cases()
+    cli, cal, api, add = out.cli, out.cal, out.api, out.add
+    text = " ".join(WORDS * 40)
+
+    def setcal(name, *extra, setup=None, check=None, model="model", setrel="set"):
+        cli("calibset9", name, lambda w, e=extra: ["calibrate", w / model, "--calib-set", w / setrel, *SET_RUN, *e,
+                                                    "-o", w / "out"], setup=setup, check=check)
+
+    same_set = same_as(_set_ref())
+    # ---- A. calibration sets edited with their hashes renewed (the integrity check passes; the content is wrong)
+    setcal("set lengths [8, 8] (shorter than the stored 16 ids)",
+           setup=_set_file("weights.safetensors", lambda s: s.update(lengths=torch.tensor([8, 8]))))
+    setcal("set lengths [20, 20] (longer than the stored 16 ids)",
+           setup=_set_file("weights.safetensors", lambda s: s.update(lengths=torch.tensor([20, 20]))))
+    setcal("set lengths [-1, 16]",
+           setup=_set_file("weights.safetensors", lambda s: s.update(lengths=torch.tensor([-1, 16]))))
+    setcal("set lengths of 3 samples (manifest says 2)",
+           setup=_set_file("weights.safetensors", lambda s: s.update(lengths=torch.tensor([16, 16, 16]))))
+    setcal("set lengths float [16.0, 16.0]",
+           setup=_set_file("weights.safetensors", lambda s: s.update(lengths=torch.tensor([16.0, 16.0]))))
+    setcal("set weights +inf at one token", setup=_set_file("weights.safetensors", on("weights", at(float("inf"), (0, 0, 3)))))
+    setcal("set weights all zero (no token counts)", setup=_set_file("weights.safetensors", on("weights", lambda t: t * 0)))
+    setcal("set weights [2, 2, 8] (half the tokens)",
+           setup=_set_file("weights.safetensors", lambda s: s.update(weights=s["weights"][:, :, :8].clone())))
+    setcal("set weights of 1 layer (manifest says 2)",
+           setup=_set_file("weights.safetensors", lambda s: s.update(weights=s["weights"][:1].clone())))
+    setcal("set weights float16 (the values kept)", setup=_set_file("weights.safetensors", on("weights", lambda t: t.half())))
+    setcal("set weights int64", setup=_set_file("weights.safetensors", on("weights", lambda t: (t * 10).long())))
+    setcal("set weights.safetensors without 'lengths'", setup=_set_file("weights.safetensors", _pop("lengths")))
+    setcal("set weights.safetensors without 'weights'", setup=_set_file("weights.safetensors", _pop("weights")))
+    setcal("set valid_mask all False", setup=_set_file("weights.safetensors", on("!valid_mask", lambda t: t & False)))
+    setcal("set samples keyed 'a.input_ids' (no sample index)",
+           setup=_set_file("samples.safetensors", _rename("0.input_ids", "a.input_ids")))
+    setcal("set samples keyed '7.input_ids' (index past nsamples)",
+           setup=_set_file("samples.safetensors", _rename("1.input_ids", "7.input_ids")))
+    setcal("set samples with a third sample (manifest says 2)",
+           setup=_set_file("samples.safetensors", lambda s: s.update({"2.input_ids": s["0.input_ids"].clone()})))
+    setcal("set samples '0.input_ids' 1-D [16]",
+           setup=_set_file("samples.safetensors", lambda s: s.update({"0.input_ids": s["0.input_ids"][0].clone()})))
+    setcal("set samples '0.input_ids' [1, 0] (empty)",
+           setup=_set_file("samples.safetensors", lambda s: s.update({"0.input_ids": s["0.input_ids"][:, :0].clone()})))
+    setcal("set samples '0.input_ids' [2, 16] (two rows in one sample)",
+           setup=_set_file("samples.safetensors", lambda s: s.update({"0.input_ids": s["0.input_ids"].repeat(2, 1)})))
+    setcal("set samples input_ids bool", setup=_set_file("samples.safetensors", on("!input_ids", lambda t: t > 3)))
+    setcal("set samples input_ids int32 equals int64", setup=_set_file("samples.safetensors", on("!input_ids", lambda t: t.int())),
+           check=same_set)
+    setcal("set samples with an all-zero attention_mask added",
+           setup=_set_file("samples.safetensors", lambda s: s.update({"0.attention_mask": torch.zeros_like(s["0.input_ids"])})))
+    setcal("set samples with pixel_values for a text model",
+           setup=_set_file("samples.safetensors", lambda s: s.update({"0.pixel_values": torch.zeros(1, 3, 8, 8)})))
+    # manifest edits (its hash is not checked: only the files')
+    setcal("manifest format_version 2 (a newer quantkit's)", setup=_manifest(lambda d: d.update(format_version=2)))
+    setcal("manifest format_version '1' (a string)", setup=_manifest(lambda d: d.update(format_version="1")))
+    setcal("manifest format 'quantkit.other'", setup=_manifest(lambda d: d.update(format="quantkit.other")))
+    setcal("manifest nsamples '2' (a string)", setup=_manifest(lambda d: d.update(nsamples="2")))
+    setcal("manifest nsamples 0", setup=_manifest(lambda d: d.update(nsamples=0)))
+    setcal("manifest nsamples 1 (2 stored)", setup=_manifest(lambda d: d.update(nsamples=1)))
+    setcal("manifest seqlen 8 (16 stored)", setup=_manifest(lambda d: d.update(seqlen=8, max_tokens=8)))
+    setcal("manifest weights_fingerprint {} on a set of another model's weights",
+           setup=both(_set_of("other"), lambda w: json_edit("set2/manifest.json",
+                                                           lambda d: d.update(weights_fingerprint={}))(w)),
+           setrel="set2")
+    setcal("manifest tokenizer_hash null on a set tokenized with permuted ids",
+           setup=both(lambda w: shutil.copytree(w / "model", w / "perm"), _perm_set), setrel="set2")
+    setcal("manifest settings a list", setup=_manifest(lambda d: d.update(settings=[])))
+    setcal("manifest sample_keys naming pixel_values (absent)",
+           setup=_manifest(lambda d: d.update(sample_keys=["input_ids", "pixel_values"])))
+    setcal("manifest files listing an extra file that is absent",
+           setup=_manifest(lambda d: d["files"].update({"extra.safetensors": "0" * 64})))
+    setcal("manifest with a UTF-8 BOM", setup=lambda w: (w / "set" / "manifest.json").write_bytes(
+        b"\xef\xbb\xbf" + (w / "set" / "manifest.json").read_bytes()), check=_maybe(same_set))
+    setcal("manifest cut in half", setup=lambda w: (w / "set" / "manifest.json").write_bytes(
+        (w / "set" / "manifest.json").read_bytes()[:300]))
+    setcal("manifest.json a symlink to another set's manifest",
+           setup=both(_set_of("model", "--seed", "3"), lambda w: (w / "set" / "manifest.json").unlink(),
+                      lambda w: (w / "set" / "manifest.json").symlink_to(w / "set2" / "manifest.json")))
+    # the set reused with other options: a right run takes them (checked) or refuses one clearly
+    setcal("--dtype bfloat16 with a set made in float32 (the same model)", "--dtype", "bfloat16",
+           check=valid(faithful("model")))
+    setcal("--quantize-lm-head with a set", "--quantize-lm-head", check=faithful("model", quantized="lm_head"))
+    setcal("--bits 8 --group-size -1 --act-bits 8 with a set (TLQ smoothing)", "--bits", "8", "--group-size", "-1",
+           "--act-bits", "8", check=faithful("model"))
+    setcal("--mse with a set", "--mse", check=faithful("model"))
+    setcal("--bits 2 --format gptq_v2 with a set", "--bits", "2", "--format", "gptq_v2", check=faithful("model", min_corr=0.5))
+    setcal("--recipe ignore down_proj with a set", "--recipe", "r.yaml", setup=write("r.yaml", "ignore: [down_proj]\n"),
+           check=quantized_where(lambda m: "down_proj" not in m, "all but down_proj"))
+    setcal("--seqlen 16 (the set's) equals the set alone", "--seqlen", "16", check=same_set)
+    setcal("--nsamples 2 (the set's) equals the set alone", "--nsamples", "2", check=same_set)
+    setcal("--method tlq (the default with a set) equals the set alone", "--method", "tlq", check=same_set)
+    setcal("--part all (the set's part) equals the set alone", "--part", "all", check=same_set)
+    setcal("--nsamples 1 (fewer than the set's 2)", "--nsamples", "1")
+    setcal("--seqlen 32 (longer than the set's 16)", "--seqlen", "32")
+    setcal("--nproc 3 with a set of 2 samples", "--nproc", "3", check=valid(faithful("model")))
+    setcal("a set made with --top-fraction 0.5", setup=_set_of("model", "--top-fraction", "0.5"), setrel="set2",
+           check=faithful("model"))
+    setcal("a set made with --guidance linear --row-groups 2", setup=_set_of("model", "--guidance", "linear",
+                                                                             "--row-groups", "2"),
+           setrel="set2", check=faithful("model"))
+    setcal("a set made with --importance-loss fisher --fisher-draws 2",
+           setup=_set_of("model", "--importance-loss", "fisher", "--fisher-draws", "2"), setrel="set2",
+           check=faithful("model"))
+    setcal("a set made with --per-modality on text", setup=_set_of("model", "--per-modality"), setrel="set2",
+           check=faithful("model"))
+    setcal("a set made with --part heldout, used with --part train", "--part", "train",
+           setup=_set_of("model", "--part", "heldout"), setrel="set2")
+    setcal("a set of mixtral used with --all-experts", "--all-experts", setup=_set_of("mixtral"), setrel="set2",
+           model="mixtral", check=faithful("mixtral", quantized=None))
+    setcal("a set of qwen3 used for qwen3", setup=_set_of("qwen3"), setrel="set2", model="qwen3",
+           check=faithful("qwen3"))
+    setcal("a set of gpt_oss used for gpt_oss", setup=_set_of("gpt_oss"), setrel="set2", model="gpt_oss",
+           check=faithful("gpt_oss", quantized=None))
+    setcal("a set of the llama used for qwen3 (same layer count)", model="qwen3")
+    setcal("a set given as its manifest.json path", setrel="set/manifest.json")
+    setcal("a set given with a trailing slash equals the set", setrel="set/", check=same_set)
+    cli("calibset9", "plan --calib-set with lengths [8, 8]", lambda w: ["plan", w / "model", "--calib-set", w / "set",
+                                                                      *SET_RUN],
+        setup=_set_file("weights.safetensors", lambda s: s.update(lengths=torch.tensor([8, 8]))))
+    cli("calibset9", "importance --calib a set folder", lambda w: ["importance", w / "model", "--calib", w / "set",
+                                                                  "--nsamples", "2", "--seqlen", "16", "-o", w / "set2"])
+    api("calib_set=set with data=text too (two sources)", lambda w: quantize(w, method="tlq", calib_set=str(w / "set")))
+    api("calib_set=set with seqlen=32 (the set's 16)", lambda w: quantize(w, method="tlq", calib_set=str(w / "set"),
+                                                                         seqlen=32, data=None))
+    api("calib_set=set of another model with a loaded model", lambda w: quantize(
+        w, model=_loaded(w), method="tlq", calib_set=str(w / "set2"), data=None),
+        setup=_set_of("other"))
+
+    # ---- B. images in odd modes and containers, image records in odd shapes (the tiny Qwen2-VL)
+    def vl(name, edit, *extra, check=None, setup_more=None):
+        steps = [_vl_with(edit)] + ([setup_more] if setup_more else [])
+        cli("vlm9", name, _vlm_cal(*extra), setup=both(*steps), check=check)
+
+    vl("a CMYK JPEG", _image_in("CMYK", "JPEG"), check=export_ok())
+    vl("a palette PNG (mode P)", _image_in("P", "PNG"), check=export_ok())
+    vl("a grey+alpha PNG (mode LA)", _image_in("LA", "PNG"), check=export_ok())
+    vl("a 32-bit integer PNG (mode I)", _image_in("I", "PNG"), check=export_ok())
+    vl("a float TIFF (mode F)", _image_in("F", "TIFF"), check=export_ok())
+    vl("a 1-bit PNG (mode 1)", _image_in("1", "PNG"), check=export_ok())
+    vl("a BMP", _image_in("RGB", "BMP"), check=export_ok())
+    vl("a WEBP", _image_in("RGB", "WEBP"), check=export_ok())
+    vl("a TIFF of two pages", lambda w, rs: _all_images(lambda w2, r: _image_file(w, "two.tiff", "TIFF", frames=2))(w, rs),
+       check=export_ok())
+    vl("a PNG named .jpg", _image_in("RGB", "PNG", suffix="jpg"), check=export_ok())
+    vl("a JPEG named .png", _image_in("RGB", "JPEG", suffix="png"), check=export_ok())
+    vl("a JPEG cut in half", _jpeg_truncated)
+    vl("a PNG cut at 90%", _truncated_copy("0.png", 0.9))
+    vl("a PNG of its header only (first 40 bytes)", _truncated_copy("0.png", 40 / 1e9))
+    vl("a JPEG with EXIF orientation 6", _exif_rotated, check=export_ok())
+    vl("a 2 x 2 image", _image_in("RGB", "PNG", size=(2, 2)), check=export_ok())
+    vl("a 3000 x 2000 image (resized by the processor)", _image_in("RGB", "PNG", size=(3000, 2000)), check=export_ok())
+    vl("a 20000 x 8 image (aspect 2500)", _image_in("RGB", "PNG", size=(20000, 8)))
+    vl("a fully transparent RGBA PNG", _image_in("RGBA", "PNG"), check=export_ok())
+    vl("image 5 (a number)", _all_images(5))
+    vl("image true", _all_images(True))
+    vl("image {'path': ...} (datasets' Image feature form)", _all_images(lambda w, r: {"path": str(w / "vl" / "img" / "0.png")}))
+    vl("image {'bytes': null, 'path': ...}", _all_images(lambda w, r: {"bytes": None, "path": str(w / "vl" / "img" / "0.png")}))
+    vl("'images': [path] (plural key) instead of 'image'", _rekey("image", "images", wrap=lambda v: [v]))
+    vl("'image_path' key instead of 'image'", _rekey("image", "image_path"))
+    vl("'img' key instead of 'image'", _rekey("image", "img"))
+    vl("image path with a trailing space", _all_images(lambda w, r: r["image"] + " "))
+    vl("image path with a query string '?v=1'", _all_images(lambda w, r: r["image"] + "?v=1"))
+    vl("image path in capitals (IMG/0.PNG) on a case-sensitive disk",
+       _all_images(lambda w, r: str(Path(r["image"]).parent).upper() + "/" + Path(r["image"]).name.upper()))
+    vl("image a data: URI whose mime says jpeg over PNG bytes", _all_images(lambda w, r: _data_uri(w).replace("png", "jpeg", 1)),
+       check=export_ok())
+    vl("image a data: URI with broken base64", _all_images(lambda w, r: "data:image/png;base64,@@@not-base64@@@"))
+    vl("image a data: URI of text/plain", _all_images(lambda w, r: "data:text/plain;base64,aGVsbG8="))
+    vl("image raw base64 without the data: prefix", _all_images(lambda w, r: _data_uri(w).split(",", 1)[1]))
+    vl("every record the same image", _all_images(lambda w, r: str(w / "vl" / "img" / "0.png")), check=export_ok())
+    vl("chat parts in OpenAI form (image_url with a data URI)", lambda w, rs: [r.update(messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(w)}},
+                                     {"type": "text", "text": "what colour ?"}]},
+        {"role": "assistant", "content": "red"}]) or r.pop("image") or r.pop("text", None) for r in rs])
+    vl("chat text part without its 'text' key", lambda w, rs: [r.update(messages=[
+        {"role": "user", "content": [{"type": "image"}, {"type": "text"}]},
+        {"role": "assistant", "content": "red"}]) or r.pop("text", None) for r in rs])
+    cli("vlm9", "image paths relative to the cwd, not the record file (sub/d.jsonl)", lambda w: [
+        "calibrate", w / "vlm", "--calib", w / "sub" / "d.jsonl", "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+        "--group-size", "32", "-o", w / "out"], setup=_records_in_sub)
+    cli("vlm9", "eval of the VLM on records with a CMYK JPEG", lambda w: ["eval", w / "vlm", "--data", w / "d.jsonl",
+                                                                         "--seqlen", "256", "--part", "all"],
+        setup=_vl_with(_image_in("CMYK", "JPEG")), check=eval_ok)
+    cli("vlm9", "importance of the VLM on a palette PNG", lambda w: ["importance", w / "vlm", "--calib", w / "d.jsonl",
+                                                                    "--nsamples", "2", "--seqlen", "256", "-o", w / "set2"],
+        setup=_vl_with(_image_in("P", "PNG")), check=lambda w, r: None if (w / "set2" / "manifest.json").is_file() else "no set")
+    for mode in ("P", "CMYK", "I;16", "LA"):
+        api(f"VLM records with PIL images in mode {mode}", lambda w, m=mode: _api_vlm(
+            w, _pil_list(w, lambda im, w2, mm=m: im.convert("RGB").convert(mm) if mm != "I;16" else im.convert("I;16"))),
+            check=export_ok())
+    api("VLM records with a closed PIL image", lambda w: _api_vlm(w, _pil_list(w, _closed_image)))
+    api("VLM records with a lazily opened PIL image whose file is gone", lambda w: _api_vlm(w, _pil_list(w, _deleted_lazy)))
+    api("VLM records with numpy HWC uint8 images", lambda w: _api_vlm(w, _pil_list(
+        w, lambda im, w2: __import__("numpy").asarray(im.convert("RGB")))), check=export_ok())
+    api("VLM records with torch CHW float images", lambda w: _api_vlm(w, _pil_list(
+        w, lambda im, w2: torch.tensor(__import__("numpy").asarray(im.convert("RGB"))).permute(2, 0, 1).float() / 255)))
+    api("VLM records with image paths as Path objects equal str paths", lambda w: _api_vlm(w, _pil_list(
+        w, lambda im, w2: Path(im.filename))), check=export_ok())
+
+    # ---- C. the newer families through the generic adapter, with options round 6 did not give them
+    def fam(family, name, *extra, method="rtn", setup=None, check=None):
+        cli("fam9", f"{family}: {name}", lambda w, e=extra: ["calibrate", w / family, "--calib", w / "text.txt",
+                                                             *fam9(family, method), *e, "-o", w / "out"],
+            setup=setup, check=check)
+
+    for family in FAM9:
+        if family not in ("deepseek_v3", "gpt_oss"):
+            fam(family, "--quantize-lm-head quantizes lm_head", "--quantize-lm-head",
+                check=faithful(family, quantized="lm_head"))
+        fam(family, "W8A8 (--bits 8 --group-size -1 --act-bits 8, smoothing)", "--bits", "8", "--group-size", "-1",
+            "--act-bits", "8", check=faithful(family, quantized=None))
+        fam(family, "--mse --asym --format gptq", "--mse", "--asym", "--format", "gptq", check=faithful(family, quantized=None))
+        fam(family, "--bits 3 --format fake", "--bits", "3", "--format", "fake", check=faithful(family, min_corr=0.8,
+                                                                                                quantized=None))
+        fam(family, "--dtype bfloat16", "--dtype", "bfloat16", check=faithful(family, quantized=None))
+        fam(family, "--group-size 24 (divides no width)", "--group-size", "24")
+        fam(family, "--seqlen 200 (above max_position_embeddings?)", "--seqlen", "200",
+            check=faithful(family, quantized=None))
+        cli("fam9", f"{family}: compressed-tensors -> gptq_v2 -> compressed-tensors loads the same weights",
+            _chain_args("fx", "gptq_v2", "compressed-tensors"),
+            setup=lambda w, f=family: (_calibrate_at(w, f, "fx", "text.txt", *fam9(f)),
+                                       _chain_setup("fx", "gptq_v2", "compressed-tensors")(w)),
+            check=weights_close("out", "fx"))
+        cli("fam9", f"{family}: eval of its --quantize-lm-head export" if family not in ("deepseek_v3", "gpt_oss")
+            else f"{family}: eval --part train of its RTN export",
+            lambda w: ["eval", w / "fx", "--data", w / "text.txt", "--seqlen", "16"],
+            setup=lambda w, f=family: _calibrate_at(w, f, "fx", "text.txt", *fam9(f), *(
+                ["--quantize-lm-head"] if f not in ("deepseek_v3", "gpt_oss") else [])),
+            check=eval_ok)
+    for family in ("qwen3", "mixtral", "deepseek_v3"):
+        fam(family, "GPTQ --nproc 3 (more ranks than its 2 layers) equals one process", "--nproc", "3", method="gptq",
+            check=same_as(lambda w, f=family: ["calibrate", w / f, "--calib", w / "text.txt", *fam9(f, "gptq"), "-o",
+                                               w / "ref"]))
+    for family in ("qwen3", "gemma3_text", "phi3", "mixtral", "qwen3_moe"):
+        fam(family, "--resume after a stop equals a fresh --low-memory run", "--low-memory", "--resume", method="gptq",
+            setup=stopped_at(family, *fam9(family, "gptq")),
+            check=same_as(lambda w, f=family: ["calibrate", w / f, "--calib", w / "text.txt", *fam9(f, "gptq"),
+                                               "--low-memory", "-o", w / "ref"], must_take=False))
+    fam("mixtral", "recipe: experts at 8 bits, the rest 4", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: ['re:.*experts.*']\n    bits: 8\n"), check=faithful("mixtral"))
+    fam("mixtral", "recipe: ignore the router (block_sparse_moe.gate)", "--recipe", "r.yaml",
+        setup=write("r.yaml", "ignore: ['re:.*block_sparse_moe\\.gate$']\n"), check=faithful("mixtral"))
+    fam("mixtral", "recipe: targets the router only", "--recipe", "r.yaml",
+        setup=write("r.yaml", "targets: ['re:.*block_sparse_moe\\.gate$']\n"))
+    fam("qwen3_moe", "recipe: experts ignored, --all-experts", "--recipe", "r.yaml", "--all-experts",
+        setup=write("r.yaml", "ignore: ['re:.*experts.*']\n"))
+    fam("qwen3_moe", "recipe: expert 0 only at 2 bits", "--recipe", "r.yaml",
+        setup=write("r.yaml", "overrides:\n  - targets: ['re:.*experts\\.0\\..*']\n    bits: 2\n"), check=faithful("qwen3_moe"))
+    fam("deepseek_v3", "recipe: ignore kv_b_proj (latent attention)", "--recipe", "r.yaml",
+        setup=write("r.yaml", "ignore: [kv_b_proj]\n"), check=faithful("deepseek_v3", quantized=None))
+    fam("gpt_oss", "recipe: ignore the experts", "--recipe", "r.yaml", setup=write("r.yaml", "ignore: ['re:.*experts.*']\n"),
+        check=faithful("gpt_oss", quantized=None))
+    fam("mixtral", "config router_jitter_noise 0.5 (training only) equals the plain model",
+        setup=json_edit("mixtral/config.json", lambda d: d.update(router_jitter_noise=0.5)),
+        check=same_as(lambda w: ["calibrate", w.parent / "base" / "mixtral", "--calib", w / "text.txt", *fam9("mixtral"),
+                                 "-o", w / "ref"]))
+    fam("qwen3", "config rope_theta -10000", setup=json_edit("qwen3/config.json", lambda d: _set_all(d, "rope_theta", -10000.0)))
+    fam("qwen3", "config rope_theta 0", setup=json_edit("qwen3/config.json", lambda d: _set_all(d, "rope_theta", 0.0)))
+    fam("qwen3", "config head_dim 8 (16 stored)", setup=json_edit("qwen3/config.json", lambda d: d.update(head_dim=8)))
+    fam("phi3", "config intermediate_size 96 (64 stored)",
+        setup=json_edit("phi3/config.json", lambda d: d.update(intermediate_size=2 * d["intermediate_size"] + 32)))
+    fam("gemma3_text", "config query_pre_attn_scalar 0", setup=json_edit("gemma3_text/config.json",
+                                                                         lambda d: d.update(query_pre_attn_scalar=0)))
+    fam("gemma3_text", "config final_logit_softcapping -30",
+        setup=json_edit("gemma3_text/config.json", lambda d: d.update(final_logit_softcapping=-30.0)))
+    fam("deepseek_v3", "kv_a_layernorm missing from the file",
+        setup=st_edit("deepseek_v3/model.safetensors", lambda s: s.pop(first_with(s, "kv_a_layernorm"))))
+    fam("deepseek_v3", "NaN in a kv_a_layernorm", setup=st_edit("deepseek_v3/model.safetensors",
+                                                               on("layers.1.self_attn.kv_a_layernorm", lambda t: t * float("nan"))))
+    fam("gpt_oss", "attention sinks missing from the file",
+        setup=st_edit("gpt_oss/model.safetensors", lambda s: s.pop(first_with(s, "sinks"))))
+    fam("gpt_oss", "config layer_types of 1 entry (2 layers)",
+        setup=json_edit("gpt_oss/config.json", lambda d: d.update(layer_types=d["layer_types"][:1])))
+    fam("qwen3_moe", "config norm_topk_prob flipped (another valid model)",
+        setup=json_edit("qwen3_moe/config.json", lambda d: d.update(norm_topk_prob=not d.get("norm_topk_prob", False))),
+        check=faithful("qwen3_moe"))
+    fam("phi3", "--all-experts on a dense family", "--all-experts")
+    cli("fam9", "plan --nproc 3 of mixtral --json", lambda w: ["plan", w / "mixtral", "--calib", w / "text.txt",
+                                                               *fam9("mixtral"), "--nproc", "3", "--json"],
+        check=plan_equals_dry_run("mixtral", *fam9("mixtral"), "--nproc", "3"))
+
+    # ---- D. model folders whose files disagree
+    def mod(name, setup, *extra, check=None, method=RTN):
+        cal("model9", name, *extra, setup=setup, check=check, method=method)
+
+    plain = same_as(cal_ref())
+    mod("only pytorch_model.bin (no safetensors)", _bin_only, check=_maybe(faithful("model")))
+    mod("pytorch_model.bin beside model.safetensors, the same weights, equals the model", _bin_beside, check=plain)
+    mod("pytorch_model.bin beside model.safetensors, --low-memory", _bin_beside, "--low-memory", method=GPTQ,
+        check=same_as(cal_ref("--low-memory", method=GPTQ)))
+    mod("an index naming model.safetensors for every tensor equals the model", _index_of_one(False), check=plain)
+    mod("an index naming two absent shards beside model.safetensors", _index_of_one(True))
+    mod("an index that is not JSON beside model.safetensors", write("model/model.safetensors.index.json", "{not json"))
+    mod("generation_config do_sample true with temperature 0", _gen_config(do_sample=True, temperature=0.0))
+    mod("generation_config eos_token_id [1, 999]", _gen_config(eos_token_id=[1, 999]))
+    mod("generation_config pad_token_id -1", _gen_config(pad_token_id=-1))
+    mod("generation_config max_length 1 equals the model (generation only)", _gen_config(max_length=1), check=plain)
+    mod("generation_config num_beams 0", _gen_config(num_beams=0))
+    mod("config dtype 'float8_e4m3fn' over float32 tensors",
+        json_edit("model/config.json", lambda d: d.update(dtype="float8_e4m3fn", torch_dtype="float8_e4m3fn")))
+    mod("config dtype 'int8' over float32 tensors", json_edit("model/config.json", lambda d: d.update(dtype="int8",
+                                                                                                     torch_dtype="int8")))
+    mod("config dtype 'bogus'", json_edit("model/config.json", lambda d: d.update(dtype="bogus", torch_dtype="bogus")))
+    mod("config quantization_config bitsandbytes over FP weights",
+        json_edit("model/config.json", lambda d: d.update(quantization_config={"quant_method": "bitsandbytes",
+                                                                               "load_in_4bit": True})))
+    mod("config quantization_config copied from the ct export over FP weights",
+        lambda w: json_edit("model/config.json", lambda d: d.update(
+            quantization_config=json.loads((w / "ct" / "config.json").read_text())["quantization_config"]))(w))
+    mod("config without architectures equals the model", json_edit("model/config.json", lambda d: d.pop("architectures")),
+        check=plain)
+    mod("config without model_type", json_edit("model/config.json", lambda d: d.pop("model_type")))
+    mod("config use_cache true equals the model", json_edit("model/config.json", lambda d: d.update(use_cache=True)),
+        check=plain)
+    mod("a stray q_proj.bias (nonzero) with attention_bias false",
+        st_edit("model/model.safetensors", lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.ones(32)})))
+    mod("model.safetensors a symlink to a copy elsewhere equals the model", lambda w: (
+        shutil.move(w / "model" / "model.safetensors", w / "weights.safetensors"),
+        (w / "model" / "model.safetensors").symlink_to(w / "weights.safetensors")), check=plain)
+    mod("chat_template.jinja beside a tokenizer_config chat_template, chat data (which one?)",
+        lambda w: (_tok_config(chat_template="{% for m in messages %}{{ m.content }} {% endfor %}")(w),
+                   (w / "model" / "chat_template.jinja").write_text("{% for m in messages %}X {{ m.content }} {% endfor %}"),
+                   _chat_records(w)), check=export_ok())
+    add("model9", "chat data with the tokenizer's chat_template.jinja only (equals the template given by file)",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "chat.jsonl", *RTN, "-o", w / "out"),
+        lambda w: ((w / "model" / "chat_template.jinja").write_text(CHAT_TEMPLATE), _chat_records(w),
+                   (w / "t.jinja").write_text(CHAT_TEMPLATE)),
+        check=same_as(lambda w: ["calibrate", w.parent / "base" / "model", "--calib", w / "chat.jsonl", *RTN,
+                                 "--chat-template", w / "t.jinja", "-o", w / "ref"]))
+
+    # ---- E. tokenizers and chat templates
+    def chat(name, setup, *extra, check=None, method=RTN):
+        add("tok9", name, lambda w, e=extra, m=method: run_cli("calibrate", w / "model", "--calib", w / "chat.jsonl",
+                                                                *m, *e, "-o", w / "out"), setup, check)
+
+    chat("a chat template raising on the system role, records with a system turn", _system_chats)
+    chat("a chat template rendering nothing", _with_template("{% for m in messages %}{% endfor %}"))
+    chat("a chat template rendering whitespace only", _with_template("{% for m in messages %}   {% endfor %}"))
+    chat("a chat template using an undefined filter", _with_template("{{ messages | frobnicate }}"))
+    chat("a chat template looping forever-ish (range(10**7))", _with_template(
+        "{% for i in range(10000000) %}{% endfor %}{% for m in messages %}{{ m.content }} {% endfor %}"))
+    chat("a chat template of the assistant turns only (TLQ: every token scored)",
+         _with_template("{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }} {% endif %}{% endfor %}"),
+         method=["--method", "tlq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"], check=export_ok())
+    chat("a tokenizer without eos, chat records", both(_tok_config(eos_token=None), lambda w: _chat_records(w),
+                                                       lambda w: _tok_config(chat_template=CHAT_TEMPLATE)(w)),
+         check=export_ok())
+    chat("chat records with the template in tokenizer_config as a list of named templates",
+         both(_tok_config(chat_template=[{"name": "default", "template": CHAT_TEMPLATE}]), _chat_records), check=export_ok())
+    chat("chat records with a list of named templates lacking 'default'",
+         both(_tok_config(chat_template=[{"name": "tool_use", "template": CHAT_TEMPLATE}]), _chat_records))
+    chat("chat records whose role is 'System' (capital)", both(_tok_config(chat_template=CHAT_TEMPLATE),
+                                                               lambda w: _chat_records(w, roles=("System", "user", "assistant"))))
+    cal("tok9", "tokenizer.json only (no tokenizer_config.json) equals the model",
+        setup=lambda w: (w / "model" / "tokenizer_config.json").unlink(), check=_maybe(plain))
+    cal("tok9", "tokenizer_config.json only (tokenizer.json deleted)", setup=lambda w: (w / "model" / "tokenizer.json").unlink())
+    cal("tok9", "tokenizer.json cut in half", setup=lambda w: (w / "model" / "tokenizer.json").write_bytes(
+        (w / "model" / "tokenizer.json").read_bytes()[:200]))
+    cal("tok9", "tokenizer.json with a lowercasing normalizer (the text is lowercase) equals the model",
+        setup=json_edit("model/tokenizer.json", lambda d: d.update(normalizer={"type": "Lowercase"})), check=plain)
+    cal("tok9", "tokenizer_config add_bos_token true with no bos token",
+        setup=_tok_config(add_bos_token=True, bos_token=None), check=_maybe(plain))
+    cal("tok9", "tokenizer_config tokenizer_class 'BertTokenizer' (a slow class, no vocab.txt)",
+        setup=_tok_config(tokenizer_class="BertTokenizer"))
+    cal("tok9", "tokenizer_config model_max_length 1e30 (the 'unbounded' sentinel) equals the model",
+        setup=_tok_config(model_max_length=int(1e30)), check=plain)
+    cal("tok9", "tokenizer with a post-processor adding 3 special tokens per text",
+        setup=json_edit("model/tokenizer.json", lambda d: d.update(post_processor={
+            "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<eos>", "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<eos>": {"id": "<eos>", "ids": [1], "tokens": ["<eos>"]}}})), check=export_ok())
+
+    # ---- F. extreme but legal option values
+    def ext(name, *extra, method=RTN, check=None, setup=None):
+        cal("extreme9", name, *extra, method=method, check=check, setup=setup)
+
+    ext("--damp 1.0 (GPTQ)", "--damp", "1.0", method=GPTQ, check=faithful("model"))
+    ext("--damp 100 (GPTQ)", "--damp", "100", method=GPTQ, check=faithful("model"))
+    ext("--damp 1e-12 (GPTQ)", "--damp", "1e-12", method=GPTQ, check=faithful("model", min_corr=0.5))
+    ext("--damp inf (GPTQ)", "--damp", "inf", method=GPTQ)
+    ext("--cd-sweeps 40 (GPTQ)", "--cd-sweeps", "40", method=GPTQ, check=faithful("model"))
+    ext("--cd-sweeps -1 (GPTQ)", "--cd-sweeps", "-1", method=GPTQ)
+    ext("--nsamples 1 (GPTQ)", "--nsamples", "1", method=GPTQ, check=faithful("model"))
+    ext("--nsamples 5000 over a 2000-word text (GPTQ)", "--nsamples", "5000", method=GPTQ)
+    ext("--seqlen 2 --nsamples 2 (GPTQ)", "--seqlen", "2", method=GPTQ, check=faithful("model"))
+    ext("--seqlen 64 (= max_position_embeddings) equals a model of 128 positions",
+        "--seqlen", "64", method=GPTQ, setup=lambda w: save_tiny_llama(w / "long", max_positions=128),
+        check=same_as(cal_ref("--seqlen", "64", model="long", method=GPTQ), must_take=False))
+    ext("--seqlen 65 (one above max_position_embeddings 64)", "--seqlen", "65", method=GPTQ)
+    ext("--lam 0 (TLQ: pure importance)", "--lam", "0", method=TLQ9, check=faithful("model"))
+    ext("--lam 1 (TLQ: uniform weights)", "--lam", "1", method=TLQ9, check=faithful("model"))
+    ext("--lam 1.5 (TLQ)", "--lam", "1.5", method=TLQ9)
+    ext("--lam -0.1 (TLQ)", "--lam", "-0.1", method=TLQ9)
+    ext("--lam nan (TLQ)", "--lam", "nan", method=TLQ9)
+    ext("--power 0 (TLQ: every score 1)", "--power", "0", method=TLQ9, check=faithful("model"))
+    ext("--power -1 (TLQ)", "--power", "-1", method=TLQ9)
+    ext("--power inf (TLQ)", "--power", "inf", method=TLQ9)
+    ext("--fisher-draws 0 (TLQ fisher)", "--importance-loss", "fisher", "--fisher-draws", "0", method=TLQ9)
+    ext("--row-groups 64 (more than q_proj's 32 rows, TLQ linear)", "--guidance", "linear", "--row-groups", "64",
+        method=TLQ9)
+    ext("--row-groups 0 (TLQ linear)", "--guidance", "linear", "--row-groups", "0", method=TLQ9)
+    ext("--bits 8 --group-size 16", "--bits", "8", "--group-size", "16", check=faithful("model", min_corr=0.99))
+    ext("--bits 2 --group-size 16 --asym", "--bits", "2", "--group-size", "16", "--asym", check=faithful("model", min_corr=0.5))
+    ext("--group-size 0", "--group-size", "0")
+    ext("--group-size -2", "--group-size", "-2")
+    ext("--group-size 33 (prime, divides nothing)", "--group-size", "33")
+    ext("--group-size 2 (two columns a group)", "--group-size", "2", check=faithful("model"))
+    ext("--dist-timeout 0 with --nproc 2", "--dist-timeout", "0", "--nproc", "2")
+    ext("--dist-timeout nan with --nproc 2", "--dist-timeout", "nan", "--nproc", "2")
+    ext("--dist-timeout -5 (one process: unused)", "--dist-timeout", "-5")
+    ext("--seed -1", "--seed", "-1", method=GPTQ)
+    ext("--seed 2**64", "--seed", str(2 ** 64), method=GPTQ)
+    cli("extreme9", "export --max-shard-size 1KB (under one tensor) loads the same weights", lambda w: [
+        "export", w / "ct", "--format", "compressed-tensors", "--max-shard-size", "1KB", "-o", w / "out"],
+        check=weights_close("out", "ct"))
+    cli("extreme9", "export --max-shard-size 0", lambda w: ["export", w / "ct", "--format", "fake", "--max-shard-size", "0",
+                                                            "-o", w / "out"])
+    cli("extreme9", "export --max-shard-size '5 GB' (a space)", lambda w: [
+        "export", w / "ct", "--format", "fake", "--max-shard-size", "5 GB", "-o", w / "out"], check=_maybe(weights_close("out", "ct")))
+    cli("extreme9", "export --max-shard-size 5gb (lower case) loads the same weights", lambda w: [
+        "export", w / "ct", "--format", "fake", "--max-shard-size", "5gb", "-o", w / "out"], check=_maybe(weights_close("out", "ct")))
+    for opt, val in (("--top-fraction", "1.0"), ("--top-fraction", "0"), ("--top-fraction", "1.5"),
+                     ("--floor-fraction", "0"), ("--floor-fraction", "1"), ("--floor-fraction", "-0.5")):
+        cli("extreme9", f"importance {opt} {val}", lambda w, o=opt, v=val: [
+            "importance", w / "model", "--calib", w / "text.txt", "--nsamples", "2", "--seqlen", "16",
+            *(["--top-fraction", "0.5"] if o == "--floor-fraction" else []), o, v, "-o", w / "set2"],
+            check=lambda w, r: None if (w / "set2" / "manifest.json").is_file() else "no set written")
+    cli("extreme9", "plan --nproc 64 (more ranks than CPUs)", lambda w: ["plan", w / "model", "--calib", w / "text.txt",
+                                                                        *RTN, "--nproc", "64"])
+    cli("extreme9", "eval --max-tokens 16 --seqlen 16 (exactly one window)", lambda w: [
+        "eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "--max-tokens", "16"], check=eval_ok)
+    cli("extreme9", "eval --batch-size 10**9", lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16",
+                                                         "--batch-size", str(10 ** 9)],
+        check=eval_close_to(lambda w: ["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16"]))
+
+    # ---- G. the Python API: ids, arrays, frames and other toolkits' keyword names
+    for kind in ("numpy", "tensor", "lists", "dicts"):
+        api(f"data=token ids as {kind} [2 x 16]", lambda w, k=kind: quantize(w, data=_ids_array(w, k)))
+    api("data=a pandas DataFrame with a text column", lambda w: quantize(w, data=_frame(w, "text")))
+    api("data=a pandas DataFrame with a 'content' column", lambda w: quantize(w, data=_frame(w, "content")))
+    api("data=a tuple of two texts equals the list", lambda w: quantize(w, data=(text, text)),
+        check=api_same_as({"data": [text, text]}))
+    api("data=a numpy array of two texts", lambda w: quantize(w, data=__import__("numpy").array([text, text])))
+    api("data=a set of two texts (no order)", lambda w: quantize(w, data={text, text[::-1]}))
+    api("data=a Dataset with a 'content' column (not 'text')", lambda w: quantize(w, data=_dataset([{"content": text}] * 2)))
+    api("data=a Dataset with 'text' and 'input_ids' columns equals the text alone", lambda w: quantize(
+        w, data=_dataset([{"text": text, "input_ids": [1, 2]}] * 2)), check=api_same_as({"data": [text, text]}))
+    api("data=a Dataset whose 'text' holds lists of strings", lambda w: quantize(w, data=_dataset([{"text": [text]}] * 2)))
+    api("data=a Dataset whose 'messages' holds strings", lambda w: quantize(w, data=_dataset([{"messages": "w1 w2"}] * 2)))
+    api("data=a generator of {'text': ...} records", lambda w: quantize(w, data=({"text": text} for _ in range(2))),
+        check=_maybe(api_same_as({"data": [text, text]})))
+    api("data=[{'text': ...}] records equals the texts", lambda w: quantize(w, data=[{"text": text}] * 2),
+        check=_maybe(api_same_as({"data": [text, text]})))
+    api("data=a str of text that is no path (one long text)", lambda w: quantize(w, data=text), check=returned_ok)
+    api("data=a str naming a missing file.txt", lambda w: quantize(w, data="missing.txt"))
+    for kw, value in (("n_samples", 2), ("seq_len", 16), ("groupsize", 32), ("out_dir", "o"), ("output", "o"),
+                      ("calib", "text.txt"), ("dataset", "text.txt"), ("tokenizer", None), ("num_samples", 2),
+                      ("wbits", 4), ("desc_act", True), ("damp_percent", 0.01), ("true_sequential", True),
+                      ("quantize_lm_head", True), ("all_experts", True), ("calib_set_dir", "set")):
+        api(f"{kw}={value!r} (another toolkit's or a misspelt name)", lambda w, k=kw, v=value: quantize(w, **{k: v}))
+    api("sym='true' (a string)", lambda w: quantize(w, sym="true"))
+    api("lm_head=1 (an int for a bool)", lambda w: quantize(w, lm_head=1))
+    api("output_dir='~/qk9' (a ~ path; judgement: expanded or refused)", _home_out, check=_expanded)
+    api("load_quantized(ct, trust_remote_code=True)", lambda w: _lq_kw(w, trust_remote_code=True))
+    api("load_quantized(ct/model.safetensors) (the file, not the folder)", lambda w: _lq(w, "ct/model.safetensors"))
+    api("load_quantized(ct, dtype='float8_e4m3fn')", lambda w: _lq_kw(w, dtype="float8_e4m3fn"))
+    api("load_quantized(ct, dtype=torch.int8)", lambda w: _lq_kw(w, dtype=torch.int8))
+    api("Override(targets=['q_proj'], bits=9)", lambda w: quantize(w, recipe={"overrides": [_override(targets=["q_proj"], bits=9)]}))
+    api("Recipe(ignore='down_proj', targets=[]) (targets empty list)", lambda w: quantize(w, recipe=quantkit_recipe(
+        ignore="down_proj", targets=[])))
+    api("recipe={'ignore': ['down_proj'], 'bits': 8} (a run setting in the recipe)", lambda w: quantize(
+        w, recipe={"ignore": ["down_proj"], "bits": 8}))
+
+    # ---- H. export chains checked by logits against load_quantized of the start
+    def chain(name, src, *formats, tol=1e-5, check=None):
+        cli("chain9", name, _chain_args(src, *formats), setup=_chain_setup(src, *formats),
+            check=check or _logits_close("out", src, tol))
+
+    chain("gptq -> compressed-tensors -> fake", "gptq", "compressed-tensors", "fake")
+    chain("gptq -> gptq_v2 -> gptq -> compressed-tensors", "gptq", "gptq_v2", "gptq", "compressed-tensors")
+    chain("compressed-tensors -> fake -> gptq -> compressed-tensors", "ct", "fake", "gptq", "compressed-tensors")
+    chain("asym compressed-tensors -> gptq -> compressed-tensors", "asym", "gptq", "compressed-tensors")
+    chain("asym compressed-tensors -> gptq_v2 -> fake", "asym", "gptq_v2", "fake")
+    chain("fake (3 bits) -> gptq -> fake", "fake", "gptq", "fake")
+    chain("fake (3 bits) -> compressed-tensors -> gptq_v2", "fake", "compressed-tensors", "gptq_v2")
+    chain("lm_head quantized -> fake -> compressed-tensors", "head", "fake", "compressed-tensors")
+    chain("lm_head quantized -> gptq (lm_head in gptq?)", "head", "gptq")
+    chain("W8A8 -> fake -> compressed-tensors", "a8", "fake", "compressed-tensors")
+    chain("W8A8 -> gptq", "a8", "gptq")
+    chain("mixtral compressed-tensors -> gptq_v2 -> compressed-tensors", "mx_ct", "gptq_v2", "compressed-tensors")
+    chain("VLM compressed-tensors -> fake -> compressed-tensors", "vlm_ct", "fake", "compressed-tensors",
+          check=weights_close("out", "vlm_ct"))
+    chain("compressed-tensors -> compressed-tensors (same format) equals its input", "ct", "compressed-tensors",
+          check=weights_close("out", "ct"))
+    cli("chain9", "gptq -> compressed-tensors: plain transformers loads it with load_quantized's logits",
+        _chain_args("gptq", "compressed-tensors"), check=_plain_loads_like("out"))
+    cli("chain9", "gptq -> fake: plain transformers loads it with load_quantized's logits",
+        _chain_args("gptq", "fake"), check=_plain_loads_like("out"))
+    cli("chain9", "eval of gptq -> compressed-tensors equals eval of the gptq export", lambda w: [
+        "eval", w / "out", "--data", w / "text.txt", "--seqlen", "16"],
+        setup=lambda w: _chain_into(w, "gptq", "compressed-tensors"),
+        check=eval_close_to(lambda w: ["eval", w / "gptq", "--data", w / "text.txt", "--seqlen", "16"], tol=1e-4))
+    cli("chain9", "export -o a new folder inside its input (ct/sub)", lambda w: [
+        "export", w / "ct", "--format", "fake", "-o", w / "ct" / "sub"])
+    cli("chain9", "export of an export whose fake sidecar disagrees with its weights", lambda w: [
+        "export", w / "fake", "--format", "compressed-tensors", "-o", w / "out"],
+        setup=st_edit("fake/model.safetensors", on("layers.0.self_attn.q_proj.weight", lambda t: t * 3)))
+
+    # ---- I. eval option combinations
+    def evl(name, *extra, target="model", check=None, setup=None):
+        cli("eval9", name, lambda w, e=extra, t=target: ["eval", w / t, *e], setup=setup, check=check)
+
+    evl("--json -o r.json: the file equals stdout", "--data", "text.txt", "--seqlen", "16", "--json", "-o", "r.json",
+        check=_json_equals_file("r.json"))
+    evl("--json --part train records part train", "--data", "text.txt", "--seqlen", "16", "--json", "--part", "train",
+        check=_json_field("part", "train"))
+    evl("--tasks '' (empty)", "--tasks", "")
+    evl("--tasks 'a,,b' (an empty name)", "--tasks", "a,,b")
+    evl("--tasks hellaswag --part train (part applies to --data only)", "--tasks", "hellaswag", "--part", "train")
+    evl("--tasks hellaswag --limit 0", "--tasks", "hellaswag", "--limit", "0")
+    evl("--tasks hellaswag --limit -1", "--tasks", "hellaswag", "--limit", "-1")
+    evl("--tasks hellaswag --limit nan", "--tasks", "hellaswag", "--limit", "nan")
+    evl("--tasks hellaswag --num-fewshot -1", "--tasks", "hellaswag", "--num-fewshot", "-1")
+    evl("--tasks mytask --include-path . (no such task YAML there)", "--tasks", "mytask", "--include-path", ".")
+    evl("--data text.txt,text.txt (the same file twice)", "--data", "text.txt,text.txt", "--seqlen", "16",
+        check=eval_close_to(lambda w: ["eval", w / "model", "--data", "text.txt", "--seqlen", "16"]))
+    evl("--data a chat JSONL (rendered by the template)", "--data", "chat.jsonl", "--seqlen", "16",
+        setup=both(_tok_config(chat_template=CHAT_TEMPLATE), _chat_records), check=eval_ok)
+    evl("--device meta", "--data", "text.txt", "--seqlen", "16", "--device", "meta")
+    evl("--device cpu:1 (no such CPU index)", "--data", "text.txt", "--seqlen", "16", "--device", "cpu:1")
+    evl("--max-tokens -1", "--data", "text.txt", "--seqlen", "16", "--max-tokens", "-1")
+    evl("of a calibration set as the model", "--data", "text.txt", "--seqlen", "16", target="set")
+    evl("-o r.json where r.json is a folder", "--data", "text.txt", "--seqlen", "16", "-o", "r.json",
+        setup=lambda w: (w / "r.json").mkdir())
+
+    # ---- J. QiD tables as spreadsheets write them
+    body = QID_HEADER + build_qid_rows()
+
+    def fit(name, setup, *extra, check=None):
+        cli("qid9", name, lambda w, e=extra: ["qid", "fit", w / "t.csv", "--bootstrap", "0", "--json", *e], setup=setup,
+            check=check)
+
+    fit("a UTF-8 BOM before the header equals the plain table", _csv9("\ufeff" + body), check=valid(fit_same_as(body)))
+    fit("a BOM and CRLF line ends equal the plain table", _csv9("\ufeff" + body, newline="\r\n"), check=valid(fit_same_as(body)))
+    fit("UTF-16 with a BOM (Excel's 'Unicode text')", _csv9(body, encoding="utf-16"))
+    fit("semicolon-separated (a European spreadsheet)", _csv9(body.replace(",", ";")))
+    fit("Excel's 'sep=,' first line", _csv9("sep=,\n" + body), check=_maybe(fit_same_as(body)))
+    fit("header names with trailing spaces", _csv9(QID_HEADER.replace(",", " ,") + build_qid_rows()),
+        check=_maybe(fit_same_as(body)))
+    fit("the N column named twice", _csv9(QID_HEADER.replace("N,", "N,N,", 1) + "".join(
+        ",".join(f[:5] + f[4:]) for f in (r.split(",") for r in build_qid_rows().splitlines(True)))))
+    fit("a row with one extra column", _csv9(body + "m0,gptq,4,128,1000000,1000000000,3.0,3.01,0.01,e,EXTRA\n"))
+    fit("a row with one column missing", _csv9(body + "m0,gptq,4,128,1000000,1000000000,3.0,3.01,0.01\n"))
+    fit("a row whose qid is 'NaN'", _csv9(body + "m0,gptq,4,128,1000000,1000000000,3.0,3.01,NaN,e\n"))
+    fit("a row whose D is 'inf'", _csv9(body + "m0,gptq,4,128,1000000,inf,3.0,3.01,0.01,e\n"))
+    fit("a row whose N is '-' (a placeholder)", _csv9(body + "m0,gptq,4,128,-,1000000000,3.0,3.01,0.01,e\n"))
+    fit("a row whose N is hex 0xF4240", _csv9(body + "m0,gptq,4,128,0xF4240,1000000000,3.0,3.01,0.01,e\n"))
+    fit("a row whose N uses a decimal comma in quotes ('1000000,0')",
+        _csv9(body + 'm0,gptq,4,128,"1000000,0",1000000000,3.0,3.01,0.01,e\n'))
+    fit("blank lines between rows equal the plain table", _csv9(body.replace("\n", "\n\n")), check=valid(fit_same_as(body)))
+    fit("rows of two models of the same N (two sweeps) in one fit", _csv9(body + build_qid_rows().replace("m0,", "z0,")))
+    fit("an .xlsx file (a zip) named .csv", lambda w: (w / "t.csv").write_bytes(b"PK\x03\x04" + b"\x00" * 200))
+    fit("a table of the header only", _csv9(QID_HEADER))
+    cli("qid9", "plot of a BOM table makes its figures", lambda w: ["qid", "plot", w / "t.csv", "-o", w / "figs"],
+        setup=_csv9("\ufeff" + body), check=lambda w, r: None if any((w / "figs").glob("*.png")) else "no figure")
+    for name, edit in (("alpha negative", lambda d: _set_all(d, "alpha", -0.5)),
+                       ("params NaN", lambda d: _set_all(d, "k", float("nan"))),
+                       ("law 'quadratic' (unknown)", lambda d: _set_all(d, "law", "quadratic")),
+                       ("fits an empty list", lambda d: d.update(fits=[])),
+                       ("a JSON array, not an object", None)):
+        cli("qid9", f"predict --law a fit whose {name}", lambda w: ["qid", "predict", "--params", "2e6", "--tokens", "2e9",
+                                                                    "--bits", "3", "--law", w / "f.json"],
+            setup=_law_edit(edit) if edit else both(_fit_json, write("f.json", "[1, 2, 3]")))
+    cli("qid9", "measure -o a CSV with a BOM from before (appends)", lambda w: [*_measure8(w), "--bits", "3",
+                                                                               "--methods", "rtn"],
+        setup=lambda w: (_csv_measure(w), (w / "m.csv").write_bytes(b"\xef\xbb\xbf" + (w / "m.csv").read_bytes())),
+        check=_maybe(_measured_anew))
+
+    # ---- K. environment variables set oddly (child processes)
+    def envcase(name, env, args, check=None, setup=None):
+        add("env9", name, lambda w, e=env, a=args: child(w, *a(w), env={k: (v(w) if callable(v) else v)
+                                                                        for k, v in e.items()}), setup, check)
+
+    rtn_args = lambda w: ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "out"]  # noqa: E731
+    bad_args = lambda w: ["calibrate", w / "model", "--calib", w / "missing.txt", *RTN, "-o", w / "out"]  # noqa: E731
+    envcase("QUANTKIT_DEBUG=0 on a refusal (0 means off)", {"QUANTKIT_DEBUG": "0"}, bad_args)
+    envcase("QUANTKIT_DEBUG=true on a refusal (a traceback asked for: judgement)", {"QUANTKIT_DEBUG": "true"}, bad_args)
+    envcase("HF_HOME an immutable folder, a local model, equals the in-process run", {"HF_HOME": lambda w: str(w / "hf")},
+            rtn_args, setup=freeze("hf"), check=same_as(cal_ref()))
+    envcase("TRANSFORMERS_CACHE a file, a local model", {"TRANSFORMERS_CACHE": lambda w: str(w / "text.txt")}, rtn_args,
+            check=same_as(cal_ref()))
+    envcase("HF_HUB_OFFLINE=yes with a hub id", {"HF_HUB_OFFLINE": "yes"},
+            lambda w: ["calibrate", "someone/no-such-model", "--calib", w / "text.txt", *RTN, "-o", w / "out"])
+    envcase("TMPDIR relative ('tmp', present)", {"TMPDIR": "tmp"}, rtn_args, setup=lambda w: (w / "tmp").mkdir(),
+            check=same_as(cal_ref()))
+    envcase("HF_DATASETS_CACHE an immutable folder with --calib hf:x offline",
+            {"HF_DATASETS_CACHE": lambda w: str(w / "hf"), "HF_HUB_OFFLINE": "1"},
+            lambda w: ["calibrate", w / "model", "--calib", "hf:someone/data", *RTN, "-o", w / "out"], setup=freeze("hf"))
+    envcase("QUANTKIT_TEXT_DATA=~/corpus (a ~ path) with calib/text.yaml",
+            {"QUANTKIT_TEXT_DATA": "~/corpus", "HOME": lambda w: str(w / "home")},
+            lambda w: ["calibrate", w / "model", "--calib", ROOT / "calib" / "text.yaml", *RTN, "-o", w / "out"],
+            setup=lambda w: ((w / "home" / "corpus").mkdir(parents=True), shutil.copy(w / "text.txt", w / "home" / "corpus")),
+            check=_maybe(export_ok()))
+    return out
+
+
+TLQ9 = ["--method", "tlq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
+
+
+def _perm_set(w: Path) -> None:
+    """set2/: a set made on perm/ (the model with a permuted tokenizer), its tokenizer_hash removed, used for the
+    model (its own tokenizer)."""
+    _permuted_tokenizer_at(w / "perm")
+    _set_of("perm")(w)
+    json_edit("set2/manifest.json", lambda d: d.update(tokenizer_hash=None, model=str(w / "model")))(w)
+
+
+def _permuted_tokenizer_at(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{word: 2 + (i * 7) % 60 for i, word in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+
+
+def _lq_kw(w: Path, **kw):
+    import quantkit
+
+    return quantkit.load_quantized(w / "ct", **kw)
+
+
+def _override(**kw):
+    from quantkit import Override
+
+    return Override(**kw)
+
+
+def _chain_into(w: Path, src: str, fmt: str) -> None:
+    result = run_cli("export", w / src, "--format", fmt, "-o", w / "out")
+    assert result.exit_code == 0, result.output
+
+
+def _csv_measure(w: Path) -> None:
+    result = run_cli(*_measure8(w), "--bits", "4", "--methods", "rtn")
+    assert result.exit_code == 0, result.output
+
+
 ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
-          7: seventh_round, 8: eighth_round}
+          7: seventh_round, 8: eighth_round, 9: ninth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -5249,14 +6243,16 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if any(r in rounds for r in (5, 6, 7, 8)):
+        if any(r in rounds for r in (5, 6, 7, 8, 9)):
             build_extras(base)
-        if 6 in rounds:
+        if 6 in rounds or 9 in rounds:
             build_sixth(base)
         if 7 in rounds:
             build_seventh(base)
         if 8 in rounds:
             build_eighth(base)
+        if 9 in rounds:
+            build_ninth(base)
         cwd = os.getcwd()
         for number, case in enumerate(selected):
             work = Path(tmp) / f"case{number}"
