@@ -6113,7 +6113,8 @@ def ninth_round() -> list[Case]:
             check=faithful(family, quantized=None))
         fam(family, "W4A4 (--bits 4 --group-size -1 --act-bits 4)", "--group-size", "-1", "--act-bits", "4",
             check=_fp_logits(family, 0.5))
-    fam("qwen3", "--smooth tlq with --method rtn (no token weights)", "--smooth", "tlq")
+    fam("qwen3", "--smooth tlq with --method rtn (smoothing searched on TLQ token weights)", "--smooth", "tlq",
+        check=_fp_logits("qwen3"))
     fam("qwen3", "--smooth none with --act-bits 8 --bits 8 --group-size -1", "--smooth", "none", "--bits", "8",
         "--group-size", "-1", "--act-bits", "8", check=_fp_logits("qwen3"))
     api("smooth='Uniform' (capitals)", lambda w: quantize(w, smooth="Uniform"))
