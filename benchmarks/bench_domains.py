@@ -68,7 +68,8 @@ GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8, "margin": 0.0, "refusal_ends_l
 # (checked in every group; with refusal_ends_layer, the first group that keeps uniform weight ends its layer's search)
 GUARD_Z2 = {"shares": (0.0, 1.0), "holdout": 8, "margin": 2.0, "refusal_ends_layer": False}
 # name -> {"method", "fp_target", "importance": TokenImportance options or None, and optionally "fp_alpha" (FP-target
-# strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override), "mix" (MixSearch options)}
+# strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override), "mix" (MixSearch options),
+# "uniform" (linears, by name suffix, solved with uniform token weights: UniformOn)}
 VARIANTS: dict[str, dict] = {
     "gptq": {"method": "gptq", "fp_target": False, "importance": None},
     "gptq_fp": {"method": "gptq", "fp_target": True, "importance": None},
@@ -102,6 +103,17 @@ VARIANTS: dict[str, dict] = {
     **{f"tlq_clip{c}" + (f"_lam{lam}" if lam != 0.1 else ""): {"method": "tlq", "fp_target": True,
                                                                "importance": {**TLQ, "clip": c, "lam": lam}}
        for c in (1.73, 3.0) for lam in (0.1, 0.5)},
+    # round 6 (#24): the gradients feed only the output-side factor, the token weights stay uniform (lam 1), so no
+    # corpus gains or loses input-side weight; with the data's labels (empirical Fisher) or labels drawn from the
+    # FP model (the expected Fisher: the KL Hessian's output factor, YAQA's direction)
+    **{f"os_u{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 1.0, "output_side": b}}
+       for b in (4, 8, 16)},
+    **{f"os_ukl{b}": {"method": "tlq", "fp_target": True,
+                      "importance": {**TLQ, "lam": 1.0, "loss": "fisher", "output_side": b}} for b in (4, 8, 16)},
+    # KL-Fisher token weights (per-sample normalised: each window is one corpus, so every corpus keeps its share of
+    # the weight) on the attention linears only; gate/up/down, where round 5 located TLQ's loss, keep uniform weights
+    "tlq_kl_attn": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
+                    "uniform": ("gate_proj", "up_proj", "down_proj")},
     "gptq_fp_nodown": {"method": "gptq", "fp_target": True, "importance": None, "fp_skip": ("down_proj",)},
     "tlq_nodown": {"method": "tlq", "fp_target": True, "importance": TLQ, "fp_skip": ("down_proj",)},
 }
@@ -126,6 +138,26 @@ def per_corpus_gaps(model, windows: dict[str, torch.Tensor], fp: dict[str, torch
     return {name: float((window_losses(model, w) - fp[name]).mean()) for name, w in windows.items()}
 
 
+class UniformOn:
+    """Token weights of an importance source with uniform weight (1 per valid token) on the linears whose names end in
+    one of `suffixes` (their Hessians are GPTQ's); linear_names(layer) gives a layer's linears."""
+
+    def __init__(self, importance, linear_names, suffixes: tuple[str, ...]) -> None:
+        self.importance, self.linear_names, self.suffixes = importance, linear_names, tuple(suffixes)
+
+    def __getattr__(self, name: str):
+        return getattr(self.importance, name)
+
+    def __call__(self, layer: int):
+        from quantkit.engine.weights import LayerWeights, as_layer_weights
+
+        found = as_layer_weights(self.importance(layer))
+        ones = [valid.float() for valid in self.importance.valid]
+        uniform = {n: ones for n in self.linear_names(layer) if n.split(".")[-1] in self.suffixes}
+        return LayerWeights(found.output, {**found.linears, **uniform},
+                            {n: g for n, g in found.groups.items() if n not in uniform}, found.floor, found.row_metrics)
+
+
 def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: int):
     """A quantized copy of `model` for one variant, its calibration seconds (CPU) and report."""
     from dataclasses import replace
@@ -143,6 +175,10 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
         weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
                                   lam=options["lam"], power=options["power"], clip=options.get("clip"), output_factors=found.output_factors,
                                   linear_factors=found.linear_factors, mix=mix)
+        if variant.get("uniform"):
+            from quantkit.models import adapter_for
+
+            weights = UniformOn(weights, adapter_for(model).linear_names, variant["uniform"])
     spec = replace(spec, fp_alpha=variant.get("fp_alpha", 1.0))
     skip = variant.get("fp_skip")
     recipe = Recipe(overrides=[Override(targets=tuple(skip), fp_alpha=0.0)]) if skip else None
