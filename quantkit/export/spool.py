@@ -44,6 +44,10 @@ class MemorySpool:
         t = self.tensors[key]
         return t.numel() * t.element_size()
 
+    def shape(self, key: str) -> list[int]:
+        """Tensor `key`'s shape."""
+        return list(self.tensors[key].shape)
+
     def write_file(self, keys: list[str], path: Path) -> None:
         """One safetensors file holding `keys`."""
         save_file({k: self.tensors[k] for k in keys}, str(path), metadata=METADATA)
@@ -99,6 +103,10 @@ class DiskSpool:
         """The size of tensor `key`'s data."""
         entry = self.entries[key]
         return entry.end - entry.begin
+
+    def shape(self, key: str) -> list[int]:
+        """Tensor `key`'s shape."""
+        return list(self.entries[key].shape)
 
     def write_file(self, keys: list[str], path: Path) -> None:
         """One safetensors file holding `keys`, laid out exactly as safetensors' save_file lays it out."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from quantkit.export.common import Setting
     from quantkit.export.formats.base import Format
 
 
@@ -35,25 +36,41 @@ def size_line(source: str | os.PathLike | None, output: str | os.PathLike, sourc
     return f"weights {size(before)} -> {size(after)} ({before / after:.1f}x smaller)"
 
 
-def symmetries(manifest: dict) -> set[bool]:
-    """The sym values quantkit.json gives its quantized linears (spec and module_specs)."""
-    specs = [manifest.get("spec") or {}, *(manifest.get("module_specs") or {}).values()]
-    return {bool(s.get("sym", True)) for s in specs if isinstance(s, dict)}
+def settings_of(manifest: dict) -> dict[str, Setting]:
+    """The settings quantkit.json gives its quantized linears (spec and module_specs; "spec" for the base one),
+    those it cannot read left out."""
+    from quantkit.export.common import Setting
+
+    specs = {"spec": manifest.get("spec"), **(manifest.get("module_specs") or {})}
+    out = {}
+    for name, spec in specs.items():
+        try:
+            out[name] = Setting.from_dict(spec)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 def loading_call(fmt: Format | None, manifest: dict, target: str) -> str | None:
     """`AutoModelForCausalLM.from_pretrained(target...)` with the quantization_config transformers needs for this
-    export, if any (the format's transformers_config; no format known: none); None where transformers cannot load
-    it."""
-    syms = symmetries(manifest)
-    if fmt is not None and not fmt.transformers_loads(syms):
+    export, if any (the format's transformers_config for the settings it stores; no format known: none); None where
+    the installed transformers cannot load it."""
+    if fmt is None:
+        return f"AutoModelForCausalLM.from_pretrained({target})"
+    stored = set(fmt.stored_settings(settings_of(manifest)).values())
+    if not fmt.transformers_loads(stored):
         return None
-    config = fmt.transformers_config(False in syms) if fmt is not None else None
+    config = fmt.transformers_config(any(not s.sym for s in stored))
     return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
 
 
-NOT_LOADABLE = ("transformers cannot load compressed-tensors exports mixing symmetric and asymmetric linears; "
-                "`quantkit export DIR --format fake -o OUT` writes one it loads")
+def not_loadable() -> str:
+    """Why loading_call gave None (compressed-tensors' asymmetric linears of several settings), and what loads."""
+    import transformers
+
+    return (f"transformers {transformers.__version__} decodes every linear of an asymmetric compressed-tensors export "
+            "with one config group's setting, and this export's linears have several widths or group sizes; "
+            "`quantkit export DIR --format fake -o OUT` writes one it loads")
 
 
 def load_line(output: str | os.PathLike, fmt: Format) -> str:
@@ -70,5 +87,5 @@ def load_line(output: str | os.PathLike, fmt: Format) -> str:
         manifest = {}
     call = loading_call(fmt, manifest if isinstance(manifest, dict) else {}, repr(str(output)))
     if call is None:
-        return f"load: quantkit.load_quantized({str(output)!r}) ({NOT_LOADABLE})"
+        return f"load: quantkit.load_quantized({str(output)!r}) ({not_loadable()})"
     return f"load: {call}{need}, or quantkit.load_quantized({str(output)!r})"

@@ -155,6 +155,7 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
                           linear_order=layout.linear_order, n_blocks=layout.n_blocks, act_bits=format_.act_bits,
                           model_names=layout.model_names)
         format_.check_plan(plan)
+        tensors.add(format_.plan_tensors(plan, tensors.shape))
         write_sharded(tensors, tmp, limit)
         if sidecar.keys:
             sidecar.write_file(sidecar.keys, tmp / format_.sidecar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -71,6 +72,15 @@ class Format:
     def check_plan(self, plan: ExportPlan) -> None:
         """Raise QuantkitError if the model as a whole cannot be described (after every check())."""
 
+    def stored_settings(self, settings: dict[str, Setting]) -> dict[str, Setting]:
+        """The setting each linear's tensors are stored and declared with (quantkit.json keeps the solved one)."""
+        return settings
+
+    def plan_tensors(self, plan: ExportPlan, shape: Callable[[str], list[int]]) -> dict[str, torch.Tensor]:
+        """Tensors written once every linear is encoded and the plan known (`shape`: an encoded tensor's shape by
+        name); none unless stored_settings changes a linear's setting."""
+        return {}
+
     def check_options(self, bits: int, act_order: bool, static_groups: bool, *, act_bits: int | None = None,
                       lm_head: bool = False, vision: bool = False) -> None:
         """check() before calibrating: refuse settings whose results this format could not store."""
@@ -118,8 +128,9 @@ class Format:
         format, None where it loads with the config.json alone; `asymmetric`: whether any linear is asymmetric."""
         return None
 
-    def transformers_loads(self, syms: set[bool]) -> bool:
-        """Whether transformers loads an export of this format whose linears have the symmetries `syms`."""
+    def transformers_loads(self, stored: set[Setting]) -> bool:
+        """Whether the installed transformers loads an export of this format whose linears are stored with the
+        settings `stored` (stored_settings), with the transformers_config it gives."""
         return True
 
     def check_linear(self, name: str, out_features: int, in_features: int, bits: int) -> None:

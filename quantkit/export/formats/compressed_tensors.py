@@ -5,7 +5,11 @@ stream along the input dim, the last word padded), weight_scale [out, n_groups] 
 weight_shape int [2], and for asymmetric weights weight_zero_point int32 [ceil(out*bits/32), n_groups]
 (signed zero points packed along the output dim). compressed-tensors' grid is signed,
 q_ct = q - 2**(bits-1), zp_ct = z - 2**(bits-1), so (q_ct - zp_ct) * s is our weight exactly;
-symmetric schemes store no zero point (it is 0, i.e. our 2**(bits-1)).
+symmetric schemes store no zero point (it is 0, i.e. our 2**(bits-1)). An export whose packed linears mix
+symmetric and asymmetric ones stores every one asymmetric, the symmetric ones with zero points of 0: the same weights
+(compressed-tensors' integer range depends on the type and bits only, and (q_ct - 0) * s is q_ct * s), declared by
+one scheme per width and group size, which transformers loads where it fails on the mix (5.25: it decompresses an
+asymmetric export with one config group's scheme for every linear). quantkit.json keeps them symmetric.
 
 With activation bits (W8A8, W4A8) every scheme declares input_activations (int, symmetric, strategy
 "token", dynamic), and 8-bit weights go "int-quantized" as vLLM's int8 W8A8 path reads them: weight
@@ -20,9 +24,16 @@ decoder layer, exact names otherwise). FP linears are listed in `ignore`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import re
+import tempfile
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -51,6 +62,11 @@ def encode(r: QuantResult, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
+def zero_point_of_symmetric(bits: int, rows: int, groups: int) -> torch.Tensor:
+    """weight_zero_point of a symmetric linear stored asymmetric: 0 on compressed-tensors' signed grid, our 2**(bits-1)."""
+    return pack_codes(torch.full((rows, groups), 1 << (bits - 1), dtype=torch.uint8), bits, dim=0, whole_words=False)
+
+
 def decode(t: dict[str, torch.Tensor], *, bits: int, group_size: int, sym: bool, act_order: bool) -> QuantResult:
     """Rebuild the exact QuantResult from one linear's pack-quantized tensors."""
     out_f, in_f = (int(v) for v in t["weight_shape"].tolist())
@@ -59,10 +75,10 @@ def decode(t: dict[str, torch.Tensor], *, bits: int, group_size: int, sym: bool,
     if scales.shape[0] != out_f:
         raise QuantkitError(f"weight_scale has {scales.shape[0]} rows, weight_shape says {out_f}")
     qweight = unpack_codes(t["weight_packed"], bits, dim=1, length=in_f)
-    if sym:
-        zeros = torch.full((out_f, n_groups), 1 << (bits - 1), dtype=torch.uint8)
-    else:
+    if "weight_zero_point" in t:  # a symmetric linear's too where the export mixes both (check_result: all 0)
         zeros = unpack_codes(t["weight_zero_point"], bits, dim=0, length=out_f)
+    else:
+        zeros = torch.full((out_f, n_groups), 1 << (bits - 1), dtype=torch.uint8)
     return QuantResult(qweight=qweight, scales=scales, zeros=zeros, g_idx=trivial_g_idx(in_f, group_size), bits=bits,
                        group_size=group_size, sym=sym, act_order=act_order)
 
@@ -142,7 +158,11 @@ class CompressedTensorsFormat(Format):
     def check_declared(self, quantization_config: object, settings: dict[str, Setting], where: str,
                        model_names: dict[str, str] | None = None) -> None:
         """Beyond the weights' settings: the storage format and whether inputs are quantized, which transformers
-        and vLLM read from config.json alone."""
+        and vLLM read from config.json alone; each linear as it is stored (stored_settings; or as solved, which
+        quantkit wrote before mixed exports were stored asymmetric and transformers 5.21 loads)."""
+        if isinstance(quantization_config, dict) and \
+                self.declared_settings(quantization_config) != {(s.bits, s.group_size, s.sym) for s in settings.values()}:
+            settings = self.stored_settings(settings)
         super().check_declared(quantization_config, settings, where, model_names)
         stored = {INT if self.stores_int8(s.bits) else PACKED for s in settings.values()}
         wanted = stored.pop() if len(stored) == 1 else "mixed-precision"
@@ -244,10 +264,26 @@ class CompressedTensorsFormat(Format):
         output row where the checkpoint stores them packed (a size-mismatch error otherwise)."""
         return "CompressedTensorsConfig(dequantize=True)" if asymmetric else None
 
-    def transformers_loads(self, syms: set[bool]) -> bool:
-        """transformers (5.25, compressed-tensors 0.20) loads no export mixing symmetric and asymmetric linears, plain
-        or dequantized (its weight conversion fails); the others it loads."""
-        return len(syms) < 2
+    def transformers_loads(self, stored: set[Setting]) -> bool:
+        """An asymmetric export loads dequantized (transformers_config); where its linears have several widths or
+        group sizes, as the installed transformers decodes them (5.25 uses one config group's scheme for all)."""
+        packed = {(s.bits, s.group_size) for s in stored if not self.stores_int8(s.bits)}
+        if all(s.sym for s in stored) or len(packed) < 2:
+            return True
+        return transformers_decodes_each_scheme()
+
+    def stored_settings(self, settings: dict[str, Setting]) -> dict[str, Setting]:
+        """Every packed linear asymmetric where they mix symmetric and asymmetric ones (see the module's docstring)."""
+        packed = {s.sym for s in settings.values() if not self.stores_int8(s.bits)}
+        if len(packed) < 2:
+            return settings
+        return {n: s if self.stores_int8(s.bits) else replace(s, sym=False) for n, s in settings.items()}
+
+    def plan_tensors(self, plan: ExportPlan, shape: Callable[[str], list[int]]) -> dict[str, torch.Tensor]:
+        """The zero points of the symmetric linears stored asymmetric."""
+        stored = self.stored_settings(plan.settings)
+        return {f"{n}.weight_zero_point": zero_point_of_symmetric(s.bits, *shape(f"{n}.weight_scale"))
+                for n, s in sorted(plan.settings.items()) if s.sym and not stored[n].sym}
 
     def stores_int8(self, bits: int) -> bool:
         """Whether `bits`-bit weights go unpacked as int-quantized (8-bit weights of a W8A8 model)."""
@@ -257,7 +293,8 @@ class CompressedTensorsFormat(Format):
         """The pack-quantized (or int-quantized) tensors back to codes, with `setting` from quantkit.json."""
         if f"{name}.weight" in stored.tensors and stored.tensors[f"{name}.weight"].dtype == torch.int8:
             return decode_int8(stored.take(name, ("weight", "weight_scale")), act_order=setting.act_order)
-        wanted = ("weight_packed", "weight_scale", "weight_shape") + (() if setting.sym else ("weight_zero_point",))
+        zero_point = not setting.sym or f"{name}.weight_zero_point" in stored.tensors
+        wanted = ("weight_packed", "weight_scale", "weight_shape") + (("weight_zero_point",) if zero_point else ())
         return decode(stored.take(name, wanted), bits=setting.bits, group_size=setting.group_size, sym=setting.sym,
                       act_order=setting.act_order)
 
@@ -288,9 +325,11 @@ class CompressedTensorsFormat(Format):
         return QuantizationArgs(num_bits=self.act_bits, type="int", symmetric=True, strategy="token", dynamic=True)
 
     def quantization_config(self, plan: ExportPlan) -> dict:
-        """One config group per setting, FP linears ignored; validated by compressed_tensors' QuantizationConfig."""
+        """One config group per stored setting, FP linears ignored; validated by compressed_tensors'
+        QuantizationConfig."""
         from compressed_tensors.quantization import QuantizationConfig
 
+        plan = replace(plan, settings=self.stored_settings(plan.settings))
         all_linears = set(plan.settings) | set(plan.fp_linears)
         # targets by the model's own names, as the ignore list: loaders match them against the model they build
         own = dict(plan.model_names)
@@ -325,3 +364,47 @@ def _ct_version() -> str:
 
 
 FORMAT = CompressedTensorsFormat()
+
+
+@functools.cache
+def transformers_decodes_each_scheme() -> bool:
+    """Whether the installed transformers loads an asymmetric export whose linears have different widths with each
+    linear's own scheme (CompressedTensorsConfig(dequantize=True)): asked of transformers itself, on a tiny Llama
+    whose q_proj is 8-bit and whose other linears are 4-bit. transformers 5.25 decompresses every linear with the
+    first config group's scheme (wrong weights, or a load error); 5.21 decodes each with its own."""
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig
+
+    config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, tie_word_embeddings=False)
+    generator = torch.Generator().manual_seed(0)
+    state = {k: v.detach() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    results = {}
+    for name in [k[: -len(".weight")] for k in state if k.startswith("model.layers.0.") and k.endswith("_proj.weight")]:
+        bits = 8 if name.endswith("q_proj") else 4
+        results[name] = QuantResult(
+            qweight=torch.randint(0, 1 << bits, (32, 32), generator=generator, dtype=torch.uint8),
+            scales=torch.rand(32, 1, generator=generator).half().float() + 0.5,
+            zeros=torch.randint(0, 1 << bits, (32, 1), generator=generator, dtype=torch.uint8),
+            g_idx=trivial_g_idx(32, 32), bits=bits, group_size=32, sym=False, act_order=False)
+        del state[f"{name}.weight"]
+        state.update({f"{name}.{k}": v for k, v in encode(results[name], torch.float32).items()})
+    plan = ExportPlan(settings={n: Setting.of(r) for n, r in results.items()}, fp_linears=("lm_head",))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            config.quantization_config = FORMAT.quantization_config(plan)
+            config.save_pretrained(tmp)
+            save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+            weights = dict(model.named_parameters())
+            return all(torch.allclose(weights[f"{n}.weight"], r.dequantize(), atol=1e-5) for n, r in results.items())
+    except Exception as err:  # noqa: BLE001 - a load error is this transformers' answer
+        logger.debug("transformers fails on an asymmetric export of several schemes: %s", err)
+        return False
+    finally:
+        transformers.logging.set_verbosity(verbosity)
