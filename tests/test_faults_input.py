@@ -2096,6 +2096,15 @@ def test_config_groups_that_leave_a_quantized_linear_out_are_refused(made: dict,
                                                    f"{left_out}, which quantkit.json lists as quantized")
 
 
+def test_a_config_group_target_that_is_no_regular_expression_is_refused(made: dict, tmp_path: Path) -> None:
+    """Targets are matched by compressed-tensors' own matcher; a "re:" target it cannot compile is one line."""
+    export = tmp_path / "ct"
+    shutil.copytree(made["exports"]["compressed-tensors"], export)
+    edit_json(export / "config.json", lambda d: group_0(d).update(targets=["re:(unclosed"]))
+    readers_refuse(tmp_path, export, made["text"], "config.json's quantization_config targets a pattern of "
+                                                   "['re:(unclosed'] that is no regular expression")
+
+
 def test_load_quantized_takes_a_dtype(made: dict) -> None:
     """load_quantized(path, dtype=torch.float16) raised TypeError; it now loads the model in that dtype. Reference:
     plain transformers loading the fake export (dense dequantized weights) in float16, and the compressed-tensors

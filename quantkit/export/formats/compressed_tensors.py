@@ -116,18 +116,17 @@ def group_targets(names: tuple[str, ...], all_linears: set[str]) -> list[str]:
     return sorted(patterns) + [n for n in names if key(n) not in whole]
 
 
-def _targets(target: object, name: str, where: str) -> bool:
-    """Whether a config group's target selects the quantized linear `name` as compressed-tensors matches it: by its
-    exact name, by a "re:" pattern matched from the name's start, or by a class of nn.Linear."""
-    if not isinstance(target, str):
-        return False
-    if not target.startswith("re:"):
-        return target in (name, "Linear", "Module")
+def targeted(targets: object, name: str, where: str) -> bool:
+    """Whether a config group's (or the ignore list's) `targets` select the linear `name`, by compressed-tensors'
+    own matcher (exact name, "re:" pattern from the name's start, or a class of nn.Linear)."""
+    from compressed_tensors.utils.match import is_match
+
+    strings = [t for t in targets if isinstance(t, str)] if isinstance(targets, list | tuple) else []
     try:
-        return re.match(target[3:], name) is not None
+        return is_match(name, torch.nn.Linear(1, 1, bias=False, device="meta"), strings)
     except re.error as err:
-        raise QuantkitError(f"{where}: config.json's quantization_config targets {target!r}, which is no regular "
-                            f"expression ({err}); the export is damaged or was edited: export it again") from None
+        raise QuantkitError(f"{where}: config.json's quantization_config targets a pattern of {strings!r} that is no "
+                            f"regular expression ({err}); the export is damaged or was edited: export it again") from None
 
 
 class CompressedTensorsFormat(Format):
@@ -179,8 +178,7 @@ class CompressedTensorsFormat(Format):
         self._check_schemes(quantization_config, settings, where)
         self._check_targets(quantization_config, settings, where, model_names or {})
         for entry in quantization_config.get("ignore") or []:
-            pattern = entry[3:] if isinstance(entry, str) and entry.startswith("re:") else None
-            hit = next((m for m in settings if (re.match(pattern, m) if pattern is not None else m == entry)), None)
+            hit = next((m for m in settings if targeted([entry], m, where)), None)
             if hit is not None:
                 raise QuantkitError(f"{where}: config.json's quantization_config ignores {entry!r}, which quantkit.json "
                                     f"lists as quantized ({hit}); loaders would read its packed tensors as plain "
@@ -197,7 +195,7 @@ class CompressedTensorsFormat(Format):
         declared = {name: QuantizationArgs(**(group.get("weights") or {})).model_dump() for name, group in groups.items()}
         for module, setting in sorted(settings.items()):
             name = model_names.get(module, module)
-            hits = [g for g, group in groups.items() if any(_targets(t, name, where) for t in group.get("targets") or ())]
+            hits = [g for g, group in groups.items() if targeted(group.get("targets") or [], name, where)]
             if not hits:
                 raise QuantkitError(f"{where}: no config group of config.json's quantization_config targets {name}, "
                                     "which quantkit.json lists as quantized; loaders would read its packed tensors as a "
