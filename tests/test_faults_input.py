@@ -2226,6 +2226,51 @@ def test_qid_fit_refuses_rows_of_two_eval_texts(tmp_path: Path) -> None:
                  "the rows were measured on 2 eval texts ('e' at line 2, 'other' at line 3); QiD on different texts")
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_qid_fit_reads_a_table_with_a_byte_order_mark(tmp_path: Path, newline: str) -> None:
+    """A spreadsheet's "CSV UTF-8" starts with a byte-order mark: the first column read as '\\ufeffmodel' and every
+    fit point's model was null. Reference: the published law the exact rows were made from, and the CSV's models."""
+    law = PUBLISHED_LAWS["ouyang2024-gptq"]
+    (tmp_path / "q.csv").write_bytes(("\ufeff" + exact_rows()).replace("\n", newline).encode("utf-8"))
+    result = run_cli("qid", "fit", tmp_path / "q.csv", "--bootstrap", "0", "--law", "unified", "--json")
+    assert result.exit_code == 0, result.output
+    [fit] = json.loads(result.stdout)["fits"]
+    for name in ("k", "alpha", "beta", "gamma"):
+        assert fit["params"][name]["value"] == pytest.approx(getattr(law, name), rel=1e-9)
+    assert [r["model"] for r in fit["residuals"]] == [f"m{i}" for i in range(18)]
+
+
+def test_qid_measure_appends_to_a_table_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A table re-saved by a spreadsheet (a byte-order mark before the header) was refused as having other columns."""
+    from quantkit.qid.table import COLUMNS, TableWriter
+
+    path = tmp_path / "m.csv"
+    path.write_bytes(("\ufeff" + ",".join(COLUMNS) + "\n").encode("utf-8"))
+    TableWriter(path).close()
+    assert path.read_bytes() == ("\ufeff" + ",".join(COLUMNS) + "\n").encode("utf-8")
+
+
+def test_qid_fit_refuses_a_column_named_twice(tmp_path: Path) -> None:
+    """A header naming N twice read the second N column only (exit 0); refused naming the column."""
+    rows = [line.split(",") for line in exact_rows().splitlines()]
+    (tmp_path / "q.csv").write_text("".join(",".join(r[:5] + r[4:]) + "\n" for r in rows))
+    assert_fault(tmp_path, ["qid", "fit", tmp_path / "q.csv", "--bootstrap", "0"],
+                 "q.csv's header names column 'N' twice")
+
+
+def test_qid_predict_refuses_draws_that_are_no_list(tmp_path: Path) -> None:
+    """A fit JSON whose draws' alpha is a number (where `qid fit -o` writes a list) gave a TypeError traceback."""
+    (tmp_path / "q.csv").write_text(exact_rows())
+    fit = tmp_path / "f.json"
+    assert run_cli("qid", "fit", tmp_path / "q.csv", "--bootstrap", "3", "--law", "unified", "-o", fit).exit_code == 0
+    args = ["qid", "predict", "--params", "2e6", "--tokens", "2e9", "--bits", "3", "--law", fit]
+    assert run_cli(*args).exit_code == 0
+    doc = json.loads(fit.read_text())
+    doc["fits"][0]["draws"]["alpha"] = -0.5
+    fit.write_text(json.dumps(doc))
+    assert_fault(tmp_path, args, "the draws' 'alpha' is -0.5, not a list of finite numbers")
+
+
 def test_qid_training_level_refuses_a_law_fitted_at_another_group_size(tmp_path: Path) -> None:
     """A fit of group-size-128 rows, then --group-size 32 (with a measured --qid, so no model is needed): exit 0
     before; refused naming both sizes. The fit's own group size is taken."""

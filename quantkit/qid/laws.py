@@ -196,6 +196,12 @@ def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int 
     columns = [draws.get(n) for n in ("log_k", "alpha", "beta")]
     if any(c is None for c in columns):
         return law, [], chosen
+    for name in ("log_k", "alpha", "beta", "gamma"):
+        column = draws.get(name)
+        if (column is not None or name != "gamma") and not (isinstance(column, list) and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in column)):
+            raise QuantkitError(f"{path}: the draws' {name!r} is {json.dumps(column)[:40]}, not a list of finite numbers "
+                                "(as `qid fit -o` writes); write the file again with `qid fit -o`")
     gammas = draws.get("gamma") or [law.gamma] * len(columns[0])
     if len({len(c) for c in columns} | {len(gammas)}) != 1:
         raise QuantkitError(f"{path}: the draws of log_k, alpha, beta and gamma differ in length; write the file again with `qid fit -o`")

@@ -171,6 +171,7 @@ def split_points(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_COLUMNS) -> QidTable:
     """Parse CSV text; a last line without its newline (an interrupted write) is dropped."""
     table = QidTable(source=source)
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheets write "CSV UTF-8"
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         table.dropped_partial_line = True
@@ -179,6 +180,10 @@ def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_
         raise QuantkitError(f"{source} is empty; measure a grid first with `quantkit qid measure`")
     reader = csv.reader(io.StringIO("".join(lines)))
     header = [h.strip() for h in next(reader)]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise QuantkitError(f"{source}'s header names column {twice[0]!r} twice; a QiD table names each column once "
+                            "(as `quantkit qid measure` writes it): delete one of them")
     missing = [c for c in required if c not in header]
     if missing:
         raise QuantkitError(
@@ -249,7 +254,7 @@ class TableWriter:
                 fh.truncate(existing.rfind(b"\n") + 1)
             existing = existing[: existing.rfind(b"\n") + 1]
         self._start = len(existing)
-        header_lines = [ln for ln in existing.decode("utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+        header_lines = [ln for ln in existing.decode("utf-8-sig").splitlines() if ln.strip() and not ln.startswith("#")]
         self.columns = COLUMNS
         if header_lines:
             header = tuple(h.strip() for h in next(csv.reader([header_lines[0]])))
