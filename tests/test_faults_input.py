@@ -2458,3 +2458,17 @@ def test_the_load_line_of_asymmetric_linears_of_several_widths_is_what_transform
             "several widths or group sizes" in line and "--format fake" in line
         assert "from_pretrained" not in card and 'quantkit.load_quantized("DIR")' in card
 
+
+def test_quantize_output_dir_under_the_home_folder(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize(output_dir="~/qk9") wrote a folder literally named '~' in the working folder; ~ is the home folder, as
+    the shell reads it (the model and data paths were already read so). Reference: the CLI's export to the expanded
+    path, byte for byte."""
+    import quantkit
+
+    monkeypatch.setenv("HOME", str(work / "home"))
+    (work / "home").mkdir()
+    done = quantkit.quantize("~/../model", data="~/../text.txt", output_dir="~/qk9", method="rtn", nsamples=2,
+                             seqlen=16, group_size=32)
+    assert not (work / "~").exists() and Path(done.output_dir) == work / "home" / "qk9"
+    assert run_cli(*calibrate(work)).exit_code == 0
+    assert (work / "home" / "qk9" / "model.safetensors").read_bytes() == (work / "out" / "model.safetensors").read_bytes()

@@ -77,7 +77,12 @@ def _checks() -> dict[str, Callable[..., Any]]:
         return partial(expect_int, least=least, allowed=allowed, optional=optional)
 
     boolean, maybe_bool = expect_bool, partial(expect_bool, optional=True)
-    path = partial(expect_path, optional=True)
+
+    def path(name: str, value: Any, flag: str | None = None) -> str | None:
+        """A path as the shell gives it: `~/x` is under the home folder (Python's open would make a folder '~')."""
+        given = expect_path(name, value, optional=True, flag=flag)
+        return None if given is None else os.path.expanduser(given)
+
     return {
         "method": one_of(METHODS, optional=True), "bits": one_of(SUPPORTED_BITS),
         "group_size": integer(least=1, allowed=(-1,)), "sym": boolean, "act_order": boolean,
@@ -153,6 +158,8 @@ def check_arguments(model: Any, data: Any, tokenizer: Any, options: dict, defaul
         checked = checks[name](name, value, flag=flag_of(name))
         if isinstance(checked, (int, float)) and type(checked) is not type(value) and not isinstance(value, bool):
             options[name] = checked  # numpy scalars pass as numbers, but torch's and random's seeds take Python ones
+        elif isinstance(checked, str) and isinstance(value, (str, os.PathLike)) and checked != os.fspath(value):
+            options[name] = checked  # a path with ~ expanded
     given = {**defaults, **options}
     if data is not None and given["calib_set"] is not None:
         raise QuantkitError("--calib (data=) and --calib-set (calib_set=) are two sources of samples; give one")

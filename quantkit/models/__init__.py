@@ -157,8 +157,11 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     `config` is its config when already read (quantkit.models.files.ModelFiles.config)."""
     import torch
     from transformers import AutoConfig
-    if looks_local(name_or_path) and not (Path(name_or_path) / "config.json").is_file():
-        raise QuantkitError(f"model path {name_or_path} not found or has no config.json; give a model directory or a hub id")
+    if looks_local(name_or_path):
+        if not (Path(name_or_path).expanduser() / "config.json").is_file():
+            raise QuantkitError(f"model path {name_or_path} not found or has no config.json; give a model directory or "
+                                "a hub id")
+        name_or_path = str(Path(name_or_path).expanduser())  # ~ as the shell reads it (transformers takes it literally)
     if config is None:
         try:
             config = AutoConfig.from_pretrained(name_or_path, revision=revision)
