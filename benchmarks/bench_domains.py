@@ -61,8 +61,11 @@ MODELS = {
     "ref-lm-c": BENCH_MODELS / "ref-lm-c", "ref-lm-c-step400": BENCH_MODELS / "ref-lm-c" / "steps" / "step400",
 }
 SETTINGS = {"W2": (2, (64, 32)), "W3": (3, (128, 64, 32))}  # bits, group sizes tried in order
-TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, "output_side": None, "clip": None}
-GRADIENT_KEYS = ("guidance", "loss", "draws", "output_side")
+TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, "output_side": None, "clip": None,
+       "factor_every": None}
+# factor_every k: the gradient pass runs on every k-th calibration window only (the windows are drawn in random order:
+# a random 1/k of them) and feeds the output-side factors alone; every window's tokens weigh 1 (needs lam 1)
+GRADIENT_KEYS = ("guidance", "loss", "draws", "output_side", "factor_every")
 GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8, "margin": 0.0, "refusal_ends_layer": False}  # session 3's guard: any gain on every source
 # the conservative guard: TLQ's Hessian (share 0) only where it beats uniform on every source by > 2 SE, else uniform
 # (checked in every group; with refusal_ends_layer, the first group that keeps uniform weight ends its layer's search)
@@ -110,6 +113,9 @@ VARIANTS: dict[str, dict] = {
        for b in (4, 8, 16)},
     **{f"os_ukl{b}": {"method": "tlq", "fp_target": True,
                       "importance": {**TLQ, "lam": 1.0, "loss": "fisher", "output_side": b}} for b in (4, 8, 16)},
+    # os_u16 with the factors from half / a quarter of the windows (the gradient pass is a third of its cost)
+    **{f"os_u16_f{k}": {"method": "tlq", "fp_target": True,
+                        "importance": {**TLQ, "lam": 1.0, "output_side": 16, "factor_every": k}} for k in (2, 4)},
     # KL-Fisher token weights (per-sample normalised: each window is one corpus, so every corpus keeps its share of
     # the weight) on the attention linears only; gate/up/down, where round 5 located TLQ's loss, keep uniform weights
     "tlq_kl_attn": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
@@ -117,6 +123,15 @@ VARIANTS: dict[str, dict] = {
     "gptq_fp_nodown": {"method": "gptq", "fp_target": True, "importance": None, "fp_skip": ("down_proj",)},
     "tlq_nodown": {"method": "tlq", "fp_target": True, "importance": TLQ, "fp_skip": ("down_proj",)},
 }
+
+
+def gradient_pass(model, samples: list[dict], key: tuple, **settings):
+    """importance_scores of the gradient settings `key` (GRADIENT_KEYS' values), on every factor_every-th window."""
+    from quantkit.importance import importance_scores
+
+    options = dict(zip(GRADIENT_KEYS, key))
+    every = options.pop("factor_every")
+    return importance_scores(model, samples[::every] if every else samples, progress=False, **options, **settings)
 
 
 def resolve_model(name: str) -> str:
@@ -172,7 +187,12 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
     mix = MixSearch(**variant["mix"]) if variant.get("mix") else None
     if options is not None:
         found = scores[tuple(options[k] for k in GRADIENT_KEYS)]
-        weights = TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear, seed=seed,
+        layer_scores = found.layer
+        if options["factor_every"]:  # the pass saw some windows only; every window's tokens weigh 1
+            if options["lam"] != 1.0:
+                raise SystemExit("factor_every feeds the output-side factors only: it needs lam 1 (uniform weights)")
+            layer_scores = [[torch.ones(s["input_ids"].shape[-1]) for s in samples] for _ in found.layer]
+        weights = TokenImportance(layer_scores, samples, report=found.report, linear_scores=found.linear, seed=seed,
                                   lam=options["lam"], power=options["power"], clip=options.get("clip"), output_factors=found.output_factors,
                                   linear_factors=found.linear_factors, mix=mix)
         if variant.get("uniform"):
@@ -194,7 +214,6 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
-    from quantkit.importance import importance_scores
     from quantkit.models import load_model
     from quantkit.quant.spec import QuantSpec
 
@@ -222,8 +241,7 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
             key = tuple(options[k] for k in GRADIENT_KEYS)
             if key not in scores:
                 started = time.process_time()
-                scores[key] = importance_scores(model, samples, progress=False, seed=seed, output_factors=True,
-                                                **dict(zip(GRADIENT_KEYS, key)))
+                scores[key] = gradient_pass(model, samples, key, seed=seed, output_factors=True)
                 importance_s["/".join(map(str, key))] = round(time.process_time() - started, 2)
     rows = []
     for label in args["settings"]:
@@ -258,7 +276,6 @@ def run_cost(model_name: str, args: dict, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
-    from quantkit.importance import importance_scores
     from quantkit.models import load_model
     from quantkit.quant.spec import QuantSpec
 
@@ -282,8 +299,7 @@ def run_cost(model_name: str, args: dict, repeats: int) -> dict:
             if options is not None:
                 key = tuple(options[k] for k in GRADIENT_KEYS)
                 started = time.process_time()
-                scores[key] = importance_scores(model, samples, progress=False, output_factors=bool(variant.get("mix")),
-                                                **dict(zip(GRADIENT_KEYS, key)))
+                scores[key] = gradient_pass(model, samples, key, output_factors=bool(variant.get("mix")))
                 best[f"{name}_importance"] = min(best.get(f"{name}_importance", 1e9), time.process_time() - started)
             _, seconds, _ = calibrate_variant(model, samples, spec, variant, scores, 0)
             best[f"{name}_calibration"] = min(best.get(f"{name}_calibration", 1e9), seconds)
