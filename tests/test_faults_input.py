@@ -804,7 +804,9 @@ UNREAD = [  # (CLI flags, quantkit.quantize options, what the one line names)
     (["--method", "rtn", "--cd-sweeps", "3"], {"method": "rtn", "cd_sweeps": 3}, "--cd-sweeps (cd_sweeps=) has no effect with rtn"),
     (["--method", "rtn", "--damp", "0.5"], {"method": "rtn", "damp": 0.5}, "--damp (damp=) has no effect with rtn"),
     (["--method", "rtn", "--lam", "0.5"], {"method": "rtn", "importance": {"lam": 0.5}}, "--lam (importance="),
-    (["--method", "rtn", "--all-experts"], {"method": "rtn", "all_experts": True}, "--all-experts (all_experts=) has no effect with rtn"),
+    (["--method", "rtn", "--all-experts"], {"method": "rtn", "expert_tokens": "all"}, "--expert-tokens (expert_tokens=) has no effect with rtn"),
+    (["--method", "rtn", "--expert-tokens", "mix"], {"method": "rtn", "expert_tokens": "mix"},
+     "--expert-tokens (expert_tokens=) has no effect with rtn"),
     (["--method", "gptq", "--guidance", "linear"], {"method": "gptq", "importance": {"guidance": "linear"}},
      "--guidance (importance={'guidance': ...}) has no effect with gptq"),
     (["--method", "gptq", "--importance-loss", "fisher"], {"method": "gptq", "importance": {"loss": "fisher"}},
@@ -833,9 +835,9 @@ def test_defaults_of_unread_options_pass() -> None:
     from quantkit.calibrate.job import build_job
     from quantkit.importance import TLQ_DEFAULTS
 
-    job = build_job("any/model", None, method="rtn", damp=0.01, cd_sweeps=0, all_experts=False, importance=TLQ_DEFAULTS)
+    job = build_job("any/model", None, method="rtn", damp=0.01, cd_sweeps=0, expert_tokens=None, importance=TLQ_DEFAULTS)
     assert job.quantization.method.name == "rtn"
-    build_job("any/model", "text.txt", method="gptq", damp=0.2, cd_sweeps=2, all_experts=True)
+    build_job("any/model", "text.txt", method="gptq", damp=0.2, cd_sweeps=2, expert_tokens="all")
 
 
 def test_chat_template_without_data_is_refused(work: Path, no_model_load) -> None:
@@ -855,10 +857,18 @@ def test_importance_options_with_a_calibration_set_are_refused() -> None:
         build_job("any/model", None, method="tlq", calib_set="s", importance={"lam": 0.3})
 
 
-def test_all_experts_on_a_model_without_experts_is_refused_before_loading(work: Path, no_model_load) -> None:
-    result = run_cli(*calibrate(work, "--method", "gptq", "--all-experts"))
+@pytest.mark.parametrize("flags", [["--all-experts"], ["--expert-tokens", "mix"]])
+def test_expert_tokens_on_a_model_without_experts_is_refused_before_loading(work: Path, no_model_load, flags) -> None:
+    result = run_cli(*calibrate(work, "--method", "gptq", *flags))
     assert result.exit_code == 2, result.output
-    assert "--all-experts (all_experts=) has no effect on" in result.output and "llama layers have no mixture of experts" in result.output
+    assert "--expert-tokens (expert_tokens=) has no effect on" in result.output and "llama layers have no mixture of experts" in result.output
+    assert not (work / "out").exists()
+
+
+def test_all_experts_beside_another_expert_tokens_is_refused(work: Path, no_model_load) -> None:
+    result = run_cli(*calibrate(work, "--method", "gptq", "--all-experts", "--expert-tokens", "mix"))
+    assert result.exit_code == 2, result.output
+    assert "--all-experts is --expert-tokens all, and --expert-tokens mix is given too; give one" in result.output
     assert not (work / "out").exists()
 
 

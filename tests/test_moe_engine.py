@@ -41,22 +41,28 @@ def leaves(family: str) -> tuple[str, str, str]:
 
 def put_results(model, results: dict, family: str, names: list[str]) -> None:
     """Write results into a fused transformers model: expert projections into their slices of gate_up_proj
-    [E, 2I, H] / down_proj [E, H, I], every other linear into its weight."""
+    [E, 2I, H] / down_proj [E, H, I] (gpt-oss: transposed, [E, H, 2I] / [E, I, H]), every other linear into its
+    weight."""
     gate, up, down = leaves(family)
+    if family == "gpt_oss":  # the same slices of the transposed parameters
+        def fill(fused, e, leaf, weight):
+            width = fused.down_proj.shape[1]
+            target = {gate: fused.gate_up_proj.data[e, :, :width], up: fused.gate_up_proj.data[e, :, width:],
+                      down: fused.down_proj.data[e]}[leaf]
+            target.copy_(weight.T)
+    else:
+        def fill(fused, e, leaf, weight):
+            width = fused.down_proj.shape[2]
+            target = {gate: fused.gate_up_proj.data[e, :width], up: fused.gate_up_proj.data[e, width:],
+                      down: fused.down_proj.data[e]}[leaf]
+            target.copy_(weight)
     for name in names:
         weight = results[name].dequantize()
         parts = name.split(".")
         if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
             at = parts.index("experts")
             fused = model.get_submodule(".".join(parts[: at + 1]))
-            e, leaf = int(parts[at + 1]), parts[at + 2]
-            width = fused.down_proj.shape[2]
-            if leaf == gate:
-                fused.gate_up_proj.data[e, :width] = weight
-            elif leaf == up:
-                fused.gate_up_proj.data[e, width:] = weight
-            else:
-                fused.down_proj.data[e] = weight
+            fill(fused, int(parts[at + 1]), parts[at + 2], weight)
         else:
             model.get_submodule(name).weight.data.copy_(weight)
 
@@ -135,14 +141,14 @@ def test_expert_statistics_come_from_its_routed_tokens(family: str) -> None:
 
 
 def test_all_experts_sees_every_token_and_keeps_the_routed_output() -> None:
-    """With all_experts every expert's gate/up Hessian is over every token (its weights included), while the
+    """With expert_tokens "all" every expert's gate/up Hessian is over every token (its weights included), while the
     model passed to the next layer is the routed one: the codes of layer 1's attention equal those of a run
     whose layer 0 holds the same results under plain routing."""
     fp = eager(tiny_moe("qwen3_moe"))
     model = copy.deepcopy(fp)
     batch = samples(1)
     seen: dict[str, torch.Tensor] = {}
-    cal = calibrate_model(model, batch, SPEC, method=method_for("gptq").with_all_experts(), progress=False,
+    cal = calibrate_model(model, batch, SPEC, method=method_for("gptq").with_expert_tokens("all"), progress=False,
                           comm=observing(lambda name, h, c: seen.__setitem__(name, h)))
     ref = copy.deepcopy(fp)
     put_results(ref, cal.results, "qwen3_moe", [n for n in cal.results if n.startswith("model.layers.0.self_attn.")])
@@ -158,6 +164,67 @@ def test_all_experts_sees_every_token_and_keeps_the_routed_output() -> None:
     put_results(ref, cal.results, "qwen3_moe", [n for n in cal.results if n.startswith("model.layers.1.self_attn.")])
     x_q1, _ = experts_call(ref, 1, batch)
     assert torch.allclose(seen["model.layers.1.mlp.experts.0.gate_proj"], weighted(x_q1, x_q1, every), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_mix_expert_tokens_weigh_routed_tokens_plus_an_every_token_prior(family: str) -> None:
+    """expert_tokens "mix", TLQ with the FP target: every expert runs on every token t of the N calibration tokens,
+    weighted w_t * ([t routed to e] + in_features / N), so its gate/up Hessian is 2/sum(v) X~^T diag(v) X~ over all
+    tokens with v those weights (cross term: FP inputs paired the same way) and its down's the same over the
+    quantized gate/up activation (in_features: the expert's width). With gpt-oss expert 3's router bias far down no
+    token picks it: its projections are still solved from the prior (not rounded to nearest)."""
+    fp = eager(tiny_moe(family))
+    if family == "gpt_oss":
+        for layer in fp.model.layers:
+            layer.mlp.router.bias.data[3] = -1e4
+    model, ref = copy.deepcopy(fp), copy.deepcopy(fp)
+    batch = samples(2)
+    gen = torch.Generator().manual_seed(7)
+    per_layer = {layer: [torch.rand(TOKENS, generator=gen) + 0.1 for _ in batch] for layer in range(2)}
+    seen: dict[str, tuple] = {}
+    cal = calibrate_model(model, batch, SPEC, method=method_for("tlq").with_expert_tokens("mix"), progress=False,
+                          fp_target=True, token_weights=lambda layer: per_layer[layer],
+                          comm=observing(lambda name, h, c: seen.__setitem__(name, (h, c))))
+    assert cal.report["expert_tokens"] == "mix"
+    gate, up, down = leaves(family)
+    total = NSAMPLES * TOKENS
+    for layer in range(2):
+        prefix = f"model.layers.{layer}"
+        w = torch.cat([x.reshape(-1).double() for x in per_layer[layer]])
+        attention = [n for n in cal.results if n.startswith(prefix + ".self_attn.")]
+        put_results(ref, cal.results, family, attention)
+        x_q, chosen = experts_call(ref, layer, batch)
+        x_fp, _ = experts_call(fp, layer, batch)
+        fp_experts = experts_of(fp, layer)
+        hidden = x_q.shape[1]
+        for e in range(fp_experts.num_experts):
+            routed = (chosen == e).any(dim=1).double()
+            name = f"{prefix}.mlp.experts.{e}"
+            for leaf in (gate, up):
+                h, c = seen[f"{name}.{leaf}"]
+                v = w * (routed + hidden / total)
+                assert torch.allclose(h, weighted(x_q, x_q, v), rtol=1e-5, atol=1e-6), (name, leaf)
+                assert torch.allclose(c, weighted(x_fp, x_q, v), rtol=1e-5, atol=1e-6), (name, leaf)
+            if family == "gpt_oss":  # gate_proj / up_proj: halves of gate_up [H, 2I] (interleaved), biased; its own gate fn
+                q = torch.cat([cal.results[f"{name}.{leaf}"].dequantize().double().T for leaf in (gate, up)], dim=1)
+                bias = fp_experts.gate_up_proj_bias[e].double()
+                act_q = fp_experts._apply_gate(x_q @ q + bias)
+                act_fp = fp_experts._apply_gate(x_fp @ fp_experts.gate_up_proj[e].double() + bias)
+            else:
+                wg, wu = (cal.results[f"{name}.{leaf}"].dequantize().double() for leaf in (gate, up))
+                width = fp_experts.down_proj.shape[2]
+                fg, fu = fp_experts.gate_up_proj[e, :width].double(), fp_experts.gate_up_proj[e, width:].double()
+                act_q = F.silu(x_q @ wg.T) * (x_q @ wu.T)
+                act_fp = F.silu(x_fp @ fg.T) * (x_fp @ fu.T)
+            h, c = seen[f"{name}.{down}"]
+            v = w * (routed + act_q.shape[1] / total)
+            assert torch.allclose(h, weighted(act_q, act_q, v), rtol=1e-5, atol=1e-6), name
+            assert torch.allclose(c, weighted(act_fp, act_q, v), rtol=1e-5, atol=1e-6), name
+            entry = cal.report["layers"][layer]["linears"][f"mlp.experts.{e}.{gate}"]
+            assert entry["routed_tokens"] == int(routed.sum()) and "solved_by" not in entry
+        if family == "gpt_oss":
+            assert cal.report["layers"][layer]["linears"][f"mlp.experts.3.{gate}"]["routed_tokens"] == 0
+        put_results(ref, cal.results, family, [n for n in cal.results if n.startswith(prefix + ".") and n not in attention])
 
 
 def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_reported(caplog) -> None:
@@ -240,16 +307,17 @@ def test_blockwise_gradients_match_whole_model_autograd_through_experts(family: 
 
 
 def test_two_ranks_are_byte_identical_with_experts(moe_dirs, tmp_path) -> None:
-    """GPTQ with the FP target, every expert on every token: two ranks (each expert's statistics summed over
-    both shards, its rows solved where the plan puts them), in memory and streamed, write the files of one."""
+    """GPTQ with the FP target, expert tokens "mix" (every expert on every token, its routed ones weighted up by a
+    prior that reads the token count over both ranks): two ranks (each expert's statistics summed over both shards,
+    its rows solved where the plan puts them), in memory and streamed, write the files of one."""
     from helpers import assert_same_files, run_calibration
 
     spec = QuantSpec(bits=4, group_size=16)
     kwargs = dict(method="gptq", fp_target=True, calib=str(moe_dirs["text"]), nsamples=4, seqlen=16, progress=False,
-                  all_experts=True)
+                  expert_tokens="mix")
     run_calibration(str(moe_dirs["qwen2_moe"]), str(tmp_path / "one"), spec, **kwargs)
     report = run_calibration(str(moe_dirs["qwen2_moe"]), str(tmp_path / "two"), spec, nproc=2, **kwargs)
-    assert report["world_size"] == 2 and report["all_experts"]
+    assert report["world_size"] == 2 and report["expert_tokens"] == "mix"
     counts = [e["routed_tokens"] for n, e in report["layers"][0]["linears"].items() if n.endswith("gate_proj") and ".experts." in n]
     assert sum(counts) == 4 * 16 * 2  # both shards' tokens, two experts each
     assert_same_files(tmp_path / "one", tmp_path / "two")
@@ -297,7 +365,7 @@ def test_cli_all_experts_counts_routed_tokens_and_reloads_in_transformers(moe_di
                      "compressed-tensors", "-o", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "quantkit_report.json").read_text())
-    assert report["all_experts"]
+    assert report["expert_tokens"] == "all"
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     batch = calibration_samples(str(moe_dirs["text"]), AutoTokenizer.from_pretrained(moe_dirs["qwen2_moe"]), nsamples=4,
                                 seqlen=16, seed=report["seed"], part=report["part"])

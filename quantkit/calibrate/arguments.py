@@ -66,7 +66,7 @@ def _checks() -> dict[str, Callable[..., Any]]:
     """Each option's check, called as check(name, value, flag=...)."""
     from quantkit.data.sources import PARTS
     from quantkit.export.formats import FORMATS
-    from quantkit.quant.methods import METHODS
+    from quantkit.quant.methods import EXPERT_TOKENS, METHODS
     from quantkit.quant.smooth import AUTO, SMOOTH_MODES
     from quantkit.quant.spec import SUPPORTED_BITS
 
@@ -88,7 +88,7 @@ def _checks() -> dict[str, Callable[..., Any]]:
         "group_size": integer(least=1, allowed=(-1,)), "sym": boolean, "act_order": boolean,
         "static_groups": maybe_bool, "damp": partial(expect_number, least=0.0, below=1.0), "mse": boolean,
         "cd_sweeps": integer(least=0), "act_bits": one_of((4, 8), optional=True), "smooth": one_of((AUTO, *SMOOTH_MODES)),
-        "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "all_experts": boolean, "recipe": lambda *a, **k: None,
+        "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "expert_tokens": one_of(EXPERT_TOKENS, optional=True), "recipe": lambda *a, **k: None,
         "importance": _importance, "dtype": one_of(DTYPES), "calib_set": path, "nsamples": integer(least=1),
         "seqlen": integer(least=2), "seed": partial(expect_int, least=0, most=2**63 - 1), "part": one_of(PARTS), "chat_template": path,
         "device": _str, "nproc": integer(least=1), "devices": _devices,

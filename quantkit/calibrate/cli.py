@@ -16,7 +16,14 @@ from quantkit.cli_options import output_option
 from quantkit.errors import QuantkitError
 from quantkit.export.formats import FORMATS
 from quantkit.importance.cli import importance_options, sample_options
-from quantkit.quant.methods import DEFAULT_METHOD, FALLBACK_METHOD, IMAGE_DATA_METHOD, METHODS
+from quantkit.quant.methods import (
+    DEFAULT_EXPERT_TOKENS,
+    DEFAULT_METHOD,
+    EXPERT_TOKENS,
+    FALLBACK_METHOD,
+    IMAGE_DATA_METHOD,
+    METHODS,
+)
 from quantkit.quant.smooth import AUTO, SMOOTH_MODES
 from quantkit.quant.spec import SUPPORTED_BITS
 
@@ -35,6 +42,11 @@ def job_from_options(model: str, options: dict, progress: bool = True):
     if options["devices"] and not options["device"].startswith("cuda"):
         options["device"] = "cuda"
     options["importance"] = {key: options.pop(flag) for flag, key in IMPORTANCE_FLAGS.items()}
+    if options.pop("all_experts"):
+        if options["expert_tokens"] not in (None, "all"):
+            raise QuantkitError(f"--all-experts is --expert-tokens all, and --expert-tokens {options['expert_tokens']} "
+                                "is given too; give one")
+        options["expert_tokens"] = "all"
     if options["act_bits"] is not None:
         options["act_bits"] = int(options["act_bits"])
     return build_job(model, calib, progress=progress, **options)
@@ -56,7 +68,8 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 @click.option("--quantize-vision", "vision", is_flag=True, help="Quantize a VLM's vision tower and projector too (before the language model, plain Hessians; compressed-tensors or fake export).")
 @click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None, help="A YAML quantization recipe: targets and ignore patterns, per-module overrides of bits, group size, sym, act-order and method (the flags above are its defaults; docs/commands.md \"Recipes\").")
 @click.option("--mse", is_flag=True, help="Search a clipping ratio per group that minimises grid MSE.")
-@click.option("--all-experts", "all_experts", is_flag=True, help="Mixture of experts: every expert's statistics from every calibration token (the layer's output keeps the router's choice); by default each expert is solved on the tokens routed to it.")
+@click.option("--expert-tokens", type=click.Choice(list(EXPERT_TOKENS)), default=None, help=f"Mixture of experts: the tokens of each expert's statistics (the layer's output always keeps the router's choice): routed (those routed to it), all (every calibration token), or mix (routed ones plus every token, weighted to count as many tokens as the projection has inputs). Default: {DEFAULT_EXPERT_TOKENS}.")
+@click.option("--all-experts", "all_experts", is_flag=True, help="The same as --expert-tokens all.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Also quantize every quantized linear's input per token (dynamic, symmetric): W8A8 with --bits 8, W4A8 with --bits 4, W4A4 with --bits 4 --act-bits 4 (never narrower than the weights); needs --group-size -1 --sym.")
 @click.option("--smooth", type=click.Choice((AUTO, *SMOOTH_MODES)), default=OPTIONS["smooth"], show_default=True, help="Fold per-channel smoothing scales into norms and linears before the solve, alpha searched per fold on the layer error with uniform or TLQ token weights; auto: none for weight-only runs, with --act-bits tlq for --method tlq and uniform otherwise.")
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL); --method rtn needs none.")

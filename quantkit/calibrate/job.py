@@ -15,6 +15,7 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.methods import (
+    DEFAULT_EXPERT_TOKENS,
     DEFAULT_FP_TARGET,
     DEFAULT_METHOD,
     FALLBACK_METHOD,
@@ -143,7 +144,7 @@ class CalibrationJob:
                 "presolve": q.method.presolve.to_dict(),
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
-                "lm_head": q.lm_head, "vision": q.vision, "all_experts": q.method.all_experts, "chat_template": d.chat_template,
+                "lm_head": q.lm_head, "vision": q.vision, "expert_tokens": q.method.expert_tokens, "chat_template": d.chat_template,
                 **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_stamps()}
 
     def _file_stamps(self) -> list[list]:
@@ -173,7 +174,7 @@ OPTIONS: dict[str, Any] = {
     "static_groups": None,  # None: with act_order
     "smooth": AUTO,
     "fp_target": None,  # None: the method's default
-    "lm_head": False, "vision": False, "recipe": None, "importance": None, "all_experts": False,
+    "lm_head": False, "vision": False, "recipe": None, "importance": None, "expert_tokens": None,
     "dtype": ModelSpec.dtype,
     **_defaults(DataSpec, skip=("source", "records")),
     **_defaults(RunSpec),
@@ -324,7 +325,7 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
     # the smoothing step (--smooth; auto: quantkit.quant.smooth.default_smooth), checked against the method
     step = smoothing_mode(resolve_smooth(o["smooth"], o["act_bits"], method.token_weights))
     step.check(method)
-    method = method.with_presolve(step).with_all_experts(o["all_experts"])
+    method = method.with_presolve(step).with_expert_tokens(o["expert_tokens"] or DEFAULT_EXPERT_TOKENS)
     check_options_read(o, method, data)
     recipe = as_recipe(o["recipe"])
     importance = o["importance"]

@@ -9,6 +9,7 @@ from typing import Any
 from quantkit.calibrate.job import CalibrationJob
 from quantkit.errors import QuantkitError
 from quantkit.models.files import ModelFiles
+from quantkit.quant.methods import DEFAULT_EXPERT_TOKENS
 
 
 def preflight(job: CalibrationJob) -> ModelFiles:
@@ -78,7 +79,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         check_source_for_model(data.source, is_vlm(files.config), model.name)
     if model.loaded is None and not given:
         check_chat_data(data.source, data.chat_template, files)
-    if q.method.all_experts:
+    if q.method.expert_tokens != DEFAULT_EXPERT_TOKENS:
         check_has_experts(job, model.loaded if model.loaded is not None else files.config)
     if q.recipe is not None:
         check_recipe(job, model.loaded if model.loaded is not None else files.config)
@@ -153,10 +154,10 @@ def _model_and_adapter(job: CalibrationJob, model_or_config: object) -> tuple[ob
 
 
 def check_has_experts(job: CalibrationJob, model_or_config: object) -> None:
-    """--all-experts changes the statistics of a mixture of experts only: a model without one is refused."""
+    """--expert-tokens changes the statistics of a mixture of experts only: a model without one is refused."""
     model, adapter = _model_and_adapter(job, model_or_config)
     if not any(adapter.layout(i).experts for i in range(len(adapter.decoder_layers(model)))):
-        raise QuantkitError(f"--all-experts (all_experts=) has no effect on {job.model.name}: its "
+        raise QuantkitError(f"--expert-tokens (expert_tokens=) has no effect on {job.model.name}: its "
                             f"{getattr(model.config, 'model_type', type(model).__name__)} layers have no mixture of "
                             "experts; drop it")
 

@@ -315,7 +315,7 @@ def run_layers(
         "vision": vision_report,
         "spec": spec.to_dict(),
         "presolve": method.presolve.to_dict(),
-        "all_experts": method.all_experts,  # a mixture of experts' statistics from every token (else routed ones)
+        "expert_tokens": method.expert_tokens,  # the tokens of a mixture of experts' statistics (EXPERT_TOKENS)
         "recipe": None if recipe is None else recipe.to_dict(),
         # the linears the recipe leaves in full precision
         "ignored": sorted(name for name in candidate_linears(model, adapter, lm_head=lm_head, vision=vision)
@@ -379,7 +379,7 @@ def calibrate_model(
     uniform weight is chosen on them (the token weights must carry output factors); the report's "mix" and
     each linear's "mix" entry say what was chosen.
     A mixture-of-experts model's fused experts become per-expert linears first (quantkit.models.experts), each
-    solved on the tokens routed to it (on every token's statistics with Method.with_all_experts).
+    solved on the tokens routed to it (or as Method.with_expert_tokens says).
     """
     store = InMemoryLayers(model, adapter_for(model))  # fused experts become per-expert linears here
     plan = LinearPlan(spec, method, recipe)  # an unknown method fails here, before any work

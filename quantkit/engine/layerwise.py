@@ -21,9 +21,12 @@ from quantkit.engine.hessian import HessianAccumulator
 from quantkit.engine.mix import GroupSums
 from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.routed import (
+    ROUTED,
+    ExpertRows,
     ExpertTally,
     RoutedFPEntry,
     RoutedFPInputs,
+    fp_rows,
     is_routed,
     routed_tokens,
     row_samples,
@@ -101,12 +104,6 @@ def record_fp_inputs(layer: nn.Module, linear_names: Sequence[str], fp_inputs: L
     return kept
 
 
-def _fp_input(entry: torch.Tensor | Path | RoutedFPEntry, tokens: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(entry, RoutedFPEntry):
-        return entry.rows(tokens)
-    return torch.load(entry, weights_only=True) if isinstance(entry, Path) else entry
-
-
 def accumulate_group(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
@@ -117,6 +114,7 @@ def accumulate_group(
     fp_inputs: FPInputs | None = None,
     unweighted: frozenset[str] = frozenset(),
     twins: dict[str, HessianAccumulator] | None = None,
+    expert_rows: ExpertRows = ROUTED,
 ) -> dict[str, HessianAccumulator]:
     """Run the layer on every sample until all of `linears` have received their inputs.
 
@@ -127,8 +125,8 @@ def accumulate_group(
     also sum the FP-target cross term. Linears in `unweighted` (their method weighs no tokens) sum
     plain Hessians whatever `weights` holds. Given a `twins` dict, each token-weighted linear also gets an
     unweighted twin accumulator there, summed in the same pass (the mix guard, quantkit.engine.mix). An expert
-    projection (quantkit.engine.routed) sees only the tokens routed to it, and is weighed by those tokens' weights
-    and fitted to their FP inputs.
+    projection (quantkit.engine.routed) sees the tokens `expert_rows` gives it, weighed by those tokens' weights
+    (times its own) and fitted to their FP inputs.
     """
     cross = fp_inputs is not None
     plain = weights is None
@@ -147,21 +145,21 @@ def accumulate_group(
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             # Identity, not data pointers: the held references keep freed memory from being reused.
-            owner = next(
-                (other for tensor, other in current["inputs"] if tensor is x and per_linear[other] is per_linear[name]),
-                None,
-            )
+            rows = expert_rows.key(module)  # mix weighs experts' rows apart: experts reading one tensor share no sums
+            owner = next((other for tensor, other, key in current["inputs"]
+                          if tensor is x and per_linear[other] is per_linear[name] and key is rows), None)
             if blocks is not None:
                 blocks.keep_input(name, x)
             if owner is None:
                 tokens = routed_tokens(module)
-                fp = _fp_input(fp_inputs[name][current["batch"]], tokens) if cross else None
+                fp = fp_rows(fp_inputs[name][current["batch"]], tokens) if cross else None
                 weight = None if per_linear[name] is None else per_linear[name][current["batch"]]
                 samples = row_samples(x, tokens, inputs.hidden[current["batch"]])
-                accumulators[name].add(x, rows_of(weight, tokens, accumulators[name].groups), fp, samples)
+                weight, prior = expert_rows.weigh(module, rows_of(weight, tokens, accumulators[name].groups))
+                accumulators[name].add(x, weight, fp, samples)
                 if twins is not None and name in twins:
-                    twins[name].add(x, None, fp, samples)
-                current["inputs"].append((x, name))
+                    twins[name].add(x, prior, fp, samples)
+                current["inputs"].append((x, name, rows))
             else:
                 accumulators[name] = accumulators[owner]
                 if twins is not None and name in twins:
@@ -235,9 +233,9 @@ def quantize_layer(
     held-out slice; each linear's report gives the choice under "mix".
 
     A mixture-of-experts layer's expert projections (quantkit.engine.routed) are solved on the tokens
-    routed to each expert; with method.all_experts every expert runs on every token for its statistics (the
-    layer's output keeps the real routing). Each expert's report gives its routed tokens; an expert that no
-    calibration token reached is rounded to nearest, and its report says so.
+    routed to each expert; with method.expert_tokens all or mix every expert runs on every token for statistics
+    (weighed as EXPERT_TOKENS says; the layer's output keeps the real routing). Each expert's report gives its
+    routed tokens; an expert that no calibration token reached is rounded to nearest, and its report says so.
     """
     comm = comm or Comm()
     observer = comm.hooks.on_hessian
@@ -260,7 +258,7 @@ def quantize_layer(
     if fp_inputs is not None and needs_hessian:
         fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
     routed_fp = {e.owner for entries in (fp_linear_inputs or {}).values() for e in entries if isinstance(e, RoutedFPEntry)}
-    set_all_tokens(layer, method.all_experts)
+    expert_rows = ExpertRows.start(layer, method.expert_tokens, inputs, comm)
     # the mix guard's held-out windows join each token-weighted group's final solve (quantkit.engine.mix)
     refit = held_out is not None and weights is not None and needs_hessian
     if held_out is not None:
@@ -301,12 +299,12 @@ def quantize_layer(
             twins: dict[str, HessianAccumulator] | None = {} if guarded else None
             tally.start(group_index)
             accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
-                                            blocks, fp_linear_inputs, group_unweighted, twins)
+                                            blocks, fp_linear_inputs, group_unweighted, twins, expert_rows)
             empty = tally.finish(group_index, accumulators, hessian_names, comm)
             held_twins: dict[str, HessianAccumulator] | None = {} if guarded else None
             held_accumulators = {} if not refit else accumulate_group(
                 layer, {n: linears[n] for n in hessian_names}, held_out.inputs, held_out.weights, device, None,
-                held_out.fp_linear_inputs, group_unweighted, held_twins)
+                held_out.fp_linear_inputs, group_unweighted, held_twins, expert_rows)
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from quantkit.engine.comm import Comm
-from quantkit.models.experts import ExpertLinear, RoutedExperts, expert_of, routed_experts
+from quantkit.models.experts import (
+    ExpertLinear,
+    RoutedExperts,
+    expert_of,
+    routed_experts,
+    set_all_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,51 @@ def row_samples(x: torch.Tensor, tokens: torch.Tensor | None, hidden: torch.Tens
     if x.dim() == 2 and x.shape[0] == rows and rows > per_sample:
         return torch.arange(rows, device=x.device) // per_sample
     return None
+
+
+class ExpertRows:
+    """How an expert projection's rows weigh in its Hessian under EXPERT_TOKENS[kind] (quantkit.quant.methods).
+
+    "routed" and "all": every row the call carries weighs 1 (all: the experts run every token). "mix" (every token,
+    ExpertLinear.chosen_rows marking the routed ones): a routed token weighs 1 and every token a further
+    in_features / total, total being the layer's calibration tokens over all ranks, so the Hessian is the routed
+    tokens' sum plus the every-token mean counted as in_features tokens: a prior of as many tokens as a full-rank
+    Hessian needs, which dominates for an expert the router rarely picks and fades for one it picks often."""
+
+    def __init__(self, kind: str = "routed", total: int = 0) -> None:
+        self.kind, self.total = kind, total
+
+    @classmethod
+    def start(cls, layer: nn.Module, kind: str, inputs, comm: Comm) -> ExpertRows:
+        """A layer's weighing, its experts set to run every token for their statistics unless `kind` is routed."""
+        set_all_tokens(layer, kind != "routed")
+        if kind != "mix":
+            return cls(kind)
+        count = torch.tensor([float(sum(h.numel() // h.shape[-1] for h in inputs.hidden))], dtype=torch.float64)
+        comm.all_reduce_sum_(count)
+        return cls(kind, int(count.item()))
+
+    def key(self, module: nn.Module) -> torch.Tensor | None:
+        """What two linears reading one tensor must share to share their sums: under mix an expert's routed rows."""
+        return getattr(module, "chosen_rows", None) if self.kind == "mix" else None
+
+    def weigh(self, module: nn.Module, weight: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The call's row weights `weight` ([rows] or [rows, groups]; None: all 1) times the rows' own, and the latter."""
+        chosen = self.key(module)
+        if chosen is None:
+            return weight, None
+        prior = chosen.to(torch.float32) + module.in_features / self.total
+        return (prior if weight is None else weight * prior.reshape(-1, *(1,) * (weight.dim() - 1))), prior
+
+
+ROUTED = ExpertRows()  # every row weighs 1
+
+
+def fp_rows(entry: torch.Tensor | Path | RoutedFPEntry, tokens: torch.Tensor | None) -> torch.Tensor:
+    """A linear's FP input on one batch (kept in memory or in a file), or an expert projection's on `tokens`."""
+    if isinstance(entry, RoutedFPEntry):
+        return entry.rows(tokens)
+    return torch.load(entry, weights_only=True) if isinstance(entry, Path) else entry
 
 
 class RoutedFPEntry:
@@ -178,7 +229,7 @@ class ExpertTally:
         if self.tokens[name] == 0:
             entry["solved_by"] = "rtn"
             logger.warning("%s.%s: no calibration token reached this expert; rounded to nearest (RTN). "
-                           "More calibration data or --all-experts gives it statistics", prefix, name)
+                           "More calibration data or --expert-tokens mix or all gives it statistics", prefix, name)
 
     def report(self, reports: dict[str, dict]) -> None:
         """Add each expert projection's routed tokens to the layer's report entries."""
@@ -193,6 +244,9 @@ __all__ = [
     "RoutedExperts",
     "RoutedFPEntry",
     "RoutedFPInputs",
+    "ExpertRows",
+    "ROUTED",
+    "fp_rows",
     "is_routed",
     "start_counting",
     "stop_counting",

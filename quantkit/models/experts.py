@@ -55,6 +55,7 @@ class ExpertLinear(nn.Linear):
     layer's [batch * tokens] input) of the tokens this call carries, in the order of the call's rows."""
 
     routed_tokens: torch.Tensor | None = None
+    chosen_rows: torch.Tensor | None = None  # under all_tokens: whether the router chose this expert for each row
 
 
 class Expert(nn.Module):
@@ -135,11 +136,11 @@ class RoutedExperts(nn.ModuleList):
         # the two halves side by side are the fused gate_up output, which the family's own gate function reads
         return self._gate_fn(torch.cat([gate, up], dim=-1))
 
-    def run_expert(self, index: int, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Expert `index` on rows `x`, which are the layer's flat tokens `tokens`."""
+    def run_expert(self, index: int, x: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert `index` on rows `x`, which are the layer's flat tokens `tokens` (`chosen`: ExpertLinear.chosen_rows)."""
         expert = self[index]
         for linear in expert.projections():
-            linear.routed_tokens = tokens
+            linear.routed_tokens, linear.chosen_rows = tokens, chosen
         try:
             names = expert.names
             gate = getattr(expert, names.gate)(x) if names.gate is not None else None
@@ -149,7 +150,7 @@ class RoutedExperts(nn.ModuleList):
                 y = self.post_expert_norm(y, *ids)
         finally:
             for linear in expert.projections():
-                linear.routed_tokens = None
+                linear.routed_tokens = linear.chosen_rows = None
         return y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -170,18 +171,16 @@ class RoutedExperts(nn.ModuleList):
             if tokens.numel() == 0 and not self.all_tokens:
                 continue
             weights = top_k_weights[tokens, slot, None]
-            if self.scaled_inputs:
-                if self.all_tokens:
-                    scale = every_weight[:, index, None].to(hidden_states.dtype)
-                    y = self.run_expert(index, hidden_states * scale, every)[tokens]
-                else:
-                    y = self.run_expert(index, hidden_states[tokens] * weights.to(hidden_states.dtype), tokens)
+            chosen = torch.isin(every, tokens) if self.all_tokens else None
+            if self.scaled_inputs and self.all_tokens:
+                scale = every_weight[:, index, None].to(hidden_states.dtype)
+                y = self.run_expert(index, hidden_states * scale, every, chosen)[tokens]
+            elif self.scaled_inputs:
+                y = self.run_expert(index, hidden_states[tokens] * weights.to(hidden_states.dtype), tokens)
+            elif self.all_tokens:
+                y = self.run_expert(index, hidden_states, every, chosen)[tokens] * weights
             else:
-                if self.all_tokens:
-                    y = self.run_expert(index, hidden_states, every)[tokens]
-                else:
-                    y = self.run_expert(index, hidden_states[tokens], tokens)
-                y = y * weights
+                y = self.run_expert(index, hidden_states[tokens], tokens) * weights
             out.index_add_(0, tokens, y.to(out.dtype))
         return out.view(shape)
 

@@ -22,6 +22,16 @@ from quantkit.quant.spec import QuantResult, QuantSpec
 Solver = Callable[[torch.Tensor, "torch.Tensor | None", QuantSpec, str], QuantResult]
 
 
+# Which calibration tokens make a mixture-of-experts expert's Hessian (quantkit.engine.routed.expert_row_weights).
+EXPERT_TOKENS = {
+    "routed": "each expert's statistics from the tokens routed to it",
+    "all": "every expert's statistics from every calibration token (llm-compressor's default)",
+    "mix": "each expert's routed tokens plus every token, the latter weighted to count as many tokens as the "
+           "expert's projection has inputs (a prior that keeps a rarely chosen expert's Hessian well conditioned)",
+}
+DEFAULT_EXPERT_TOKENS = "routed"
+
+
 @dataclass(frozen=True)
 class Method:
     """A quantization method: its solver and the statistics it asks the engine for."""
@@ -34,8 +44,8 @@ class Method:
     summary: str
     # work on each layer before its solves, with its own options (quantkit.quant.presolve; smoothing, AWQ...)
     presolve: PreSolve = field(default=NO_PRESOLVE, compare=False)
-    # mixture of experts: every expert's statistics from every token (its output still from its routed tokens)
-    all_experts: bool = field(default=False, compare=False)
+    # mixture of experts: which tokens make each expert's statistics (EXPERT_TOKENS; its output is always its routed tokens')
+    expert_tokens: str = field(default=DEFAULT_EXPERT_TOKENS, compare=False)
     # which of METHOD_OPTIONS its solve reads (an option it does not read is refused, not silently dropped)
     reads: frozenset[str] = frozenset()
 
@@ -43,10 +53,11 @@ class Method:
         """This method with pre-solve `step` on every layer (PreSolve.check says whether a run should pair them)."""
         return replace(self, presolve=step)
 
-    def with_all_experts(self, on: bool = True) -> Method:
-        """This method gathering every expert's statistics from every calibration token (`on`), or from the
-        tokens routed to it (the default)."""
-        return replace(self, all_experts=on)
+    def with_expert_tokens(self, kind: str) -> Method:
+        """This method gathering each expert's statistics from the tokens EXPERT_TOKENS[kind] names."""
+        if kind not in EXPERT_TOKENS:
+            raise QuantkitError(f"expert tokens {kind!r} is not one of {', '.join(EXPERT_TOKENS)}")
+        return replace(self, expert_tokens=kind)
 
     @property
     def reads_token_weights(self) -> bool:
@@ -63,7 +74,7 @@ class Method:
     def options_read(self) -> frozenset[str]:
         """The METHOD_OPTIONS a run of this method reads: its solve's, and those of its pre-solve step."""
         step = self.presolve
-        return (self.reads | ({"all_experts"} if step.name != "none" else set())
+        return (self.reads | ({"expert_tokens"} if step.name != "none" else set())
                 | ({"importance"} if step.token_weights else set()))
 
     def fp_target_on(self, fp_target: bool | None) -> bool:
@@ -78,10 +89,10 @@ class Method:
 METHOD_OPTIONS = {
     "damp": "dampens the Hessian of a GPTQ solve",
     "cd_sweeps": "refines the codes of a GPTQ solve on its Hessian",
-    "all_experts": "gathers a mixture of experts' statistics from every calibration token",
+    "expert_tokens": "chooses the tokens of a mixture of experts' statistics",
     "importance": "sets the gradient pass of TLQ's token weights",
 }
-_GPTQ_READS = frozenset({"damp", "cd_sweeps", "all_experts"})
+_GPTQ_READS = frozenset({"damp", "cd_sweeps", "expert_tokens"})
 
 METHODS: dict[str, Method] = {
     m.name: m
