@@ -8,9 +8,11 @@ Usage:
 
 Each seed is one calibration draw of windows from the train part (first 90%) of ../shared/data/text; every
 variant is scored on the held-out last 10% of each corpus (the same windows for every draw), per corpus and
-over all four. Variants: quantkit GPTQ (each expert on its routed tokens, the default), GPTQ with every
-expert on every token (--all-experts), GPTQ with the FP target (gptq_fp: the CLI's default on text), TLQ
-(importance-weighted, FP target), and llm-compressor 0.14's
+over all four, and with --eval validation|both on validation windows of each corpus's train part that overlap
+no calibration window of the draw (for choosing; rows' `val_*` keys). Variants: quantkit GPTQ (each expert on its
+routed tokens), GPTQ with every expert on every token (gptq_all: --expert-tokens all), GPTQ with routed tokens
+plus the every-token prior (gptq_mix: --expert-tokens mix), GPTQ with the FP target (gptq_fp: the CLI's default
+on text), TLQ (importance-weighted, FP target; tlq_mix with the prior), and llm-compressor 0.14's
 GPTQModifier (actorder static, its defaults) in its own venv, with its default of calibrating every expert
 on every token and with routed tokens only. Gaps are loss(quantized) - loss(FP) in nats; ratios are paired
 per draw. The report also gives the routed tokens per expert of each layer (quantkit's count). Prints one
@@ -29,13 +31,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tlq import windows_loss  # noqa: E402
-from common import TEXT_DIR, emit, environment, mean_se, run_llmc_runner, windows_kl  # noqa: E402
+from common import (  # noqa: E402
+    TEXT_DIR,
+    emit,
+    environment,
+    mean_se,
+    run_llmc_runner,
+    validation_corpus_windows,
+)
 
 SETTINGS = {"W4g32": (4, 32, True), "W2g64": (2, 64, False)}
-# name -> (engine method, every expert on every token, FP target: None = the method's default)
-VARIANTS = {"gptq": ("gptq", False, None), "gptq_all": ("gptq", True, None), "gptq_fp": ("gptq", False, True),
-            "tlq": ("tlq", False, None)}
+# name -> (engine method, expert tokens (quantkit.quant.methods.EXPERT_TOKENS), FP target: None = the method's default)
+VARIANTS = {"gptq": ("gptq", "routed", None), "gptq_all": ("gptq", "all", None), "gptq_mix": ("gptq", "mix", None),
+            "gptq_fp": ("gptq", "routed", True), "tlq": ("tlq", "routed", None), "tlq_mix": ("tlq", "mix", None)}
+# the expert statistics chosen between on validation text (gptq: routed)
+CANDIDATES = ("gptq", "gptq_all", "gptq_mix")
 # llm-compressor's two calibration modes: every expert on every token (its default), or routed tokens only
 LLMC_MODES = {True: "all", False: "routed"}
 LLMC_RUNNER = Path(__file__).resolve().parent / "llmc_runner.py"
@@ -53,20 +63,40 @@ def corpus_windows(tokenizer, seqlen: int, count: int) -> dict[str, torch.Tensor
     return out
 
 
-def losses(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean cross-entropy per corpus and over every corpus's tokens ("all")."""
-    per = {name: windows_loss(model, w) for name, w in windows.items()}
-    tokens = {name: w[:, 1:].numel() for name, w in windows.items()}
-    per["all"] = sum(per[n] * tokens[n] for n in tokens) / sum(tokens.values())
-    return per
+class FPReference:
+    """The FP model's logits on each corpus's windows, kept (float32, [n, L - 1, V]), so a quantized model's loss and
+    KL(FP || quantized) cost one forward of it: the same figures as bench_tlq.windows_loss and common.windows_kl
+    (batches of 16, loss from float32 logits, KL in float64), without the FP forward per variant."""
 
+    def __init__(self, fp, windows: dict[str, torch.Tensor], batch: int = 16, kl: bool = True) -> None:
+        self.windows, self.batch, self.kl = windows, batch, kl
+        with torch.no_grad():
+            self.logits = {name: [fp(input_ids=w[i : i + batch]).logits[:, :-1].float() for i in range(0, w.shape[0], batch)]
+                           for name, w in windows.items()}
+        self.fp_loss = self.scores(None)[0]
 
-def divergences(model, fp, windows: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean KL(FP || quantized) per token, per corpus and over every corpus's tokens ("all")."""
-    per = {name: windows_kl(model, fp, w) for name, w in windows.items()}
-    tokens = {name: w[:, 1:].numel() for name, w in windows.items()}
-    per["all"] = sum(per[n] * tokens[n] for n in tokens) / sum(tokens.values())
-    return per
+    @torch.no_grad()
+    def scores(self, model) -> tuple[dict[str, float], dict[str, float]]:
+        """Mean loss and KL(FP || model) per token, per corpus and over every corpus's tokens ("all"); model None: FP.
+        Without `kl` (validation: the choice reads losses) the KL is left out: it costs more than the forward."""
+        loss, kl, tokens = {}, {}, {}
+        for name, w in self.windows.items():
+            total, div, count = 0.0, 0.0, 0
+            for k, i in enumerate(range(0, w.shape[0], self.batch)):
+                ids = w[i : i + self.batch]
+                ref = self.logits[name][k]
+                logits = ref if model is None else model(input_ids=ids).logits[:, :-1].float()
+                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                                 reduction="sum"))
+                if self.kl and model is not None:
+                    mine = torch.log_softmax(logits.double(), dim=-1)
+                    theirs = torch.log_softmax(ref.double(), dim=-1)
+                    div += float((theirs.exp() * (theirs - mine)).sum())
+                count += ids[:, 1:].numel()
+            loss[name], kl[name], tokens[name] = total / count, div / count, count
+        for table in (loss, kl):
+            table["all"] = sum(table[n] * tokens[n] for n in tokens) / sum(tokens.values())
+        return loss, kl if self.kl else None
 
 
 def tokens_per_expert(report: dict) -> list[list[int]]:
@@ -82,9 +112,11 @@ def tokens_per_expert(report: dict) -> list[list[int]]:
     return out
 
 
-def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dict[str, torch.Tensor],
-             variants: list[str], llmc: str | None, llmc_modes: list[str], settings: list[str]) -> list[dict]:
-    """One calibration draw: every variant's gaps per setting (one thread)."""
+def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dict[str, torch.Tensor] | None,
+             variants: list[str], llmc: str | None, llmc_modes: list[str], settings: list[str],
+             validation: int = 0) -> list[dict]:
+    """One calibration draw: every variant's gaps per setting (one thread), on the held-out `windows` (None: none)
+    and on `validation` windows per corpus of the train part clear of the draw's calibration windows."""
     from transformers import AutoTokenizer
 
     from quantkit.data import calibration_samples
@@ -98,7 +130,10 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
     fp = load_model(model_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = calibration_samples(str(TEXT_DIR), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, part="train")
-    fp_loss = losses(fp, windows)
+    val = None if not validation else FPReference(fp, {
+        Path(name).stem: w for name, w in validation_corpus_windows(tokenizer, nsamples, seqlen, seed, validation).items()},
+        kl=False)
+    held = None if windows is None else FPReference(fp, windows)
     weights, importance_s = None, 0.0
     if "tlq" in variants:
         started = time.perf_counter()
@@ -106,38 +141,46 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
         importance_s = time.perf_counter() - started
     rows = []
     for label, (bits, group, sym) in ((k, SETTINGS[k]) for k in settings):
-        row = {"seed": seed, "setting": label, "fp_loss": fp_loss}
+        row = {"seed": seed, "setting": label}
+        if held:
+            row["fp_loss"] = held.fp_loss
+        if val:
+            row["val_fp_loss"] = val.fp_loss
         for name in variants:
-            method, all_experts, fp_target = VARIANTS[name]
+            method, expert_tokens, fp_target = VARIANTS[name]
             model = copy.deepcopy(fp)
             spec = QuantSpec(bits=bits, group_size=group, sym=sym)
             started = time.process_time()
-            cal = calibrate_model(model, samples, spec, method=method_for(method).with_all_experts(all_experts),
+            cal = calibrate_model(model, samples, spec, method=method_for(method).with_expert_tokens(expert_tokens),
                                   progress=False, token_weights=weights if method == "tlq" else None,
                                   fp_target=fp_target)
             row[f"{name}_cpu_s"] = round(time.process_time() - started + (importance_s if method == "tlq" else 0), 2)
-            got = losses(model, windows)
-            row[f"{name}_gap"] = {k: got[k] - fp_loss[k] for k in got}
-            row[f"{name}_kl"] = divergences(model, fp, windows)
+            for prefix, part in (("", held), ("val_", val)):
+                if part:
+                    got, kl = part.scores(model)
+                    row[f"{prefix}{name}_gap"] = {k: got[k] - part.fp_loss[k] for k in got}
+                    if kl is not None:
+                        row[f"{prefix}{name}_kl"] = kl
             if name == "gptq":
                 row["tokens_per_expert"] = tokens_per_expert(cal.report)
             del model
         rows.append(row)
-    if llmc:
+    if llmc and windows:
         calib = torch.cat([s["input_ids"] for s in samples])
         everything = torch.cat(list(windows.values()))
         wanted = [{"bits": b, "group_size": g, "sym": s, "all_experts": every, "ignore": ["re:.*mlp.gate$"]}
                   for b, g, s in (SETTINGS[k] for k in settings) for every in (True, False) if LLMC_MODES[every] in llmc_modes]
         found = run_llmc_runner(llmc, LLMC_RUNNER, model_dir, calib, everything, ["--settings", json.dumps(wanted), "--kl"],
                                 parts=windows)
+        fp_loss = held.fp_loss
         for row in rows:
             bits, group, sym = SETTINGS[row["setting"]]
             for result in found["results"]:
                 if (result["bits"], result["group_size"], result["sym"]) != (bits, group, sym):
                     continue
                 key = "llmc" if result["all_experts"] else "llmc_routed"
-                gaps = {k: v - row["fp_loss"][k] for k, v in result["part_losses"].items()}
-                gaps["all"] = result["loss"] - row["fp_loss"]["all"]
+                gaps = {k: v - fp_loss[k] for k, v in result["part_losses"].items()}
+                gaps["all"] = result["loss"] - fp_loss["all"]
                 row[f"{key}_gap"] = gaps
                 row[f"{key}_kl"] = {**result["part_kl"], "all": result["kl"]}
                 row[f"{key}_s"] = round(result["seconds"], 2)
@@ -153,32 +196,75 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
         if not mine:
             continue
         out[label] = {}
-        for metric, key in (("gap", "gaps"), ("kl", "kl")):
-            names = [v for v in [*variants, "llmc", "llmc_routed"] if all(f"{v}_{metric}" in r for r in mine)]
+        for prefix, metric, key, ratios_key in (("", "gap", "gaps", "ratios"), ("", "kl", "kl", "kl_ratios"),
+                                                ("val_", "gap", "val_gaps", "val_ratios"),
+                                                ("val_", "kl", "val_kl", "val_kl_ratios")):
+            names = [v for v in [*variants, "llmc", "llmc_routed"] if all(f"{prefix}{v}_{metric}" in r for r in mine)]
             if not names:
                 continue
             table = {}
             for name in names:
                 table[name] = {}
-                for part in mine[0][f"{name}_{metric}"]:
-                    mean, se = mean_se([r[f"{name}_{metric}"][part] for r in mine])
+                for part in mine[0][f"{prefix}{name}_{metric}"]:
+                    mean, se = mean_se([r[f"{prefix}{name}_{metric}"][part] for r in mine])
                     table[name][part] = {"mean": mean, "se": se}
             ratios = {}
-            for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq", "llmc_routed"), ("tlq", "gptq"),
-                             ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"),
-                             ("tlq", "gptq_fp"), ("llmc_routed", "llmc")):
+            for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq_mix", "llmc"), ("gptq", "llmc_routed"),
+                             ("tlq", "gptq"), ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_mix", "gptq"),
+                             ("gptq_mix", "gptq_all"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"), ("tlq", "gptq_fp"),
+                             ("tlq_mix", "gptq_mix"), ("tlq_mix", "tlq"), ("tlq_mix", "llmc"), ("llmc_routed", "llmc")):
                 if num in table and den in table:
-                    per_draw = [r[f"{num}_{metric}"]["all"] / r[f"{den}_{metric}"]["all"] for r in mine]
-                    mean, se = mean_se(per_draw)
-                    # the paired difference per draw: its SE, over the denominator's mean, is the ratio of means' SE
-                    diff, diff_se = mean_se([r[f"{num}_{metric}"]["all"] - r[f"{den}_{metric}"]["all"] for r in mine])
-                    ratios[f"{num}/{den}"] = {"of_means": table[num]["all"]["mean"] / table[den]["all"]["mean"],
-                                              "of_means_se": diff_se / abs(table[den]["all"]["mean"]),
-                                              "per_draw_mean": mean, "per_draw_se": se,
-                                              "paired_difference": diff, "paired_difference_se": diff_se}
+                    ratios[f"{num}/{den}"] = paired(mine, f"{prefix}{num}_{metric}", f"{prefix}{den}_{metric}")
             out[label][key] = table
-            out[label]["ratios" if metric == "gap" else "kl_ratios"] = ratios
+            out[label][ratios_key] = ratios
+    choice = choose(rows)
+    if choice:
+        out["validation_choice"] = choice
     return out
+
+
+def paired(rows: list[dict], num: str, den: str, part: str = "all") -> dict:
+    """Ratio of two columns' means over draws on corpus `part`, with the paired per-draw figures."""
+    per_draw = [r[num][part] / r[den][part] for r in rows]
+    mean, se = mean_se(per_draw)
+    # the paired difference per draw: its SE, over the denominator's mean, is the ratio of means' SE
+    diff, diff_se = mean_se([r[num][part] - r[den][part] for r in rows])
+    den_mean = mean_se([r[den][part] for r in rows])[0]
+    return {"of_means": mean_se([r[num][part] for r in rows])[0] / den_mean, "of_means_se": diff_se / abs(den_mean),
+            "per_draw_mean": mean, "per_draw_se": se, "paired_difference": diff, "paired_difference_se": diff_se}
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """The expert statistics (CANDIDATES) chosen on validation windows: worst corpus first, mean second.
+
+    Each candidate's validation loss gap over routed GPTQ's (ratio of means over draws), per setting and corpus;
+    its score is the worst (largest) of these over every setting and corpus, and the lowest score wins; where the
+    two lowest scores are within one paired SE of each other, the lower mean over settings of the "all" ratio wins.
+    """
+    candidates = [c for c in CANDIDATES if any(f"val_{c}_gap" in r for r in rows)]
+    if "gptq" not in candidates or len(candidates) < 2:
+        return None
+    table: dict[str, dict] = {c: {} for c in candidates}
+    for label in SETTINGS:
+        mine = [r for r in rows if r["setting"] == label and all(f"val_{c}_gap" in r for c in candidates)]
+        if not mine:
+            continue
+        for c in candidates:
+            table[c][label] = {part: paired(mine, f"val_{c}_gap", "val_gptq_gap", part) for part in mine[0]["val_gptq_gap"]}
+    scores = {}
+    for c in candidates:
+        cells = [(label, part, v) for label, parts in table[c].items() for part, v in parts.items() if part != "all"]
+        label, part, worst = max(cells, key=lambda cell: cell[2]["of_means"])
+        mean = sum(parts["all"]["of_means"] for parts in table[c].values()) / len(table[c])
+        scores[c] = {"worst": worst["of_means"], "worst_se": worst["of_means_se"], "worst_at": f"{label} {part}",
+                     "mean_all": mean}
+    order = sorted(candidates, key=lambda c: scores[c]["worst"])
+    best, second = order[0], order[1]
+    tie = scores[second]["worst"] - scores[best]["worst"] <= max(scores[best]["worst_se"], scores[second]["worst_se"])
+    if tie and scores[second]["mean_all"] < scores[best]["mean_all"]:
+        best = second
+    return {"rule": choose.__doc__.split("\n\n")[1].replace("\n", " ").strip(), "draws": sorted({r["seed"] for r in rows}),
+            "scores": scores, "chosen": best, "ratios_to_routed": table}
 
 
 def read_run(path: str) -> dict:
@@ -198,6 +284,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows per corpus")
+    parser.add_argument("--validation-windows", type=int, default=16, help="validation windows per corpus (no KL)")
+    parser.add_argument("--eval", choices=("heldout", "validation", "both"), default="heldout",
+                        help="score on held-out windows (reporting), validation windows (choosing), or both")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--llmc", default=None, help="python of a venv with llm-compressor (omit to skip it)")
     parser.add_argument("--llmc-modes", nargs="+", default=["all", "routed"], choices=["all", "routed"])
@@ -220,17 +309,19 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
-    windows = corpus_windows(AutoTokenizer.from_pretrained(args.model), args.seqlen, args.eval_windows)
+    windows = None if args.eval == "validation" else corpus_windows(
+        AutoTokenizer.from_pretrained(args.model), args.seqlen, args.eval_windows)
     started = time.process_time()
     rows = []
     for seed in args.seeds:
         rows += run_seed(args.model, seed, args.nsamples, args.seqlen, windows, args.variants, args.llmc,
-                         args.llmc_modes, args.settings)
+                         args.llmc_modes, args.settings, 0 if args.eval == "heldout" else args.validation_windows)
         print(json.dumps([row for row in rows if row["seed"] == seed]), file=sys.stderr, flush=True)  # one line per draw
     training = json.loads((Path(args.model) / "training.json").read_text())
     emit({"benchmark": "bench_moe", "model": args.model, "training": training, "seeds": args.seeds,
           "nsamples": args.nsamples, "seqlen": args.seqlen,
-          "eval_tokens_per_corpus": {k: int(w.numel()) for k, w in windows.items()},
+          "eval": args.eval, "eval_tokens_per_corpus": {k: int(w.numel()) for k, w in (windows or {}).items()},
+          "validation_windows_per_corpus": 0 if args.eval == "heldout" else args.validation_windows,
           "settings": {k: {"bits": b, "group_size": g, "sym": s} for k, (b, g, s) in SETTINGS.items() if k in args.settings},
           "summary": summarise(rows, args.variants), "rows": rows, "cpu_seconds": round(time.process_time() - started, 1),
           "environment": environment()}, args.output)
