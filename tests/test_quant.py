@@ -502,6 +502,36 @@ def test_lazy_block_size_does_not_change_the_solution(group_size: int) -> None:
         assert loss == pytest.approx(reference_loss, rel=1e-4)
 
 
+def test_row_rounding_with_feedback_matches_nearest_plane_reference() -> None:
+    """Each column's rows (one block of G at a time) are rounded in turn, each residual fed to the block's later
+    rows through the upper Cholesky factor U of G^-1 (Babai's nearest plane): the solver's codes (numpy on the CPU,
+    torch elsewhere) equal a plain per-element loop of that rule written here, on many random columns."""
+    from quantkit.quant.gptq import _row_babai, _row_babai_torch
+
+    generator = torch.Generator().manual_seed(0)
+    maxq = 3
+    for blocks, width in ((3, 4), (5, 16)):
+        mixing = torch.randn(blocks, width, width, generator=generator)
+        metric = mixing @ mixing.transpose(1, 2) + 0.1 * torch.eye(width)
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(metric)), upper=True)
+        for _ in range(50):
+            values = 3 * torch.randn(blocks * width, generator=generator)
+            scale = torch.rand(blocks * width, generator=generator) + 0.2
+            zero = torch.full((blocks * width,), 1.5)
+            expected = []
+            for k in range(blocks):
+                v = [float(x) for x in values[k * width:(k + 1) * width]]
+                for r in range(width):
+                    i = k * width + r
+                    q = min(max(round(v[r] / float(scale[i])) + float(zero[i]), 0), maxq)
+                    expected.append(q)
+                    residual = (v[r] - (q - float(zero[i])) * float(scale[i])) / float(upper[k, r, r])
+                    for c in range(r + 1, width):
+                        v[c] -= residual * float(upper[k, r, c])
+            assert _row_babai(values, scale, zero, maxq, upper).tolist() == expected
+            assert _row_babai_torch(values, scale, zero, maxq, upper).tolist() == expected  # the GPU path's steps
+
+
 def test_output_side_factor_rounds_rows_with_feedback() -> None:
     """GPTQ with an output-side factor G (block-diagonal over rows): the identity changes nothing, and a correlated
     G lowers the Kronecker loss tr((W - Q)^T G (W - Q) H) that plain GPTQ does not see."""
