@@ -18,10 +18,12 @@ import torch
 from helpers import (
     WORDS,
     assert_fault,
+    make_tokenizer,
     printable_tokenizer,
     replaced,
     run_cli,
     save_tiny_llama,
+    tiny_moe,
     unchanged,
     write_image_dataset,
     write_text,
@@ -2482,3 +2484,31 @@ def test_quantize_output_dir_under_the_home_folder(work: Path, monkeypatch: pyte
     assert not (work / "~").exists() and Path(done.output_dir) == work / "home" / "qk9"
     assert run_cli(*calibrate(work)).exit_code == 0
     assert (work / "home" / "qk9" / "model.safetensors").read_bytes() == (work / "out" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_load_line_of_moe_experts_is_what_transformers_does(tmp_path: Path, bits: int) -> None:
+    """A Mixtral W8A8 export (experts stored int-quantized) printed a plain from_pretrained call, which fails in
+    transformers 5.21 and 5.25 (its MoE conversion decompresses packed and fp8 experts only); W4A8 experts are packed
+    and load. The line and the card give the call exactly where plain transformers loads the export."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    out = tmp_path / "out"
+    result = run_cli("calibrate", tmp_path / "moe", "--calib", write_text(tmp_path / "t.txt"), "--method", "rtn",
+                     "--nsamples", "2", "--seqlen", "16", "--bits", str(bits), "--group-size", "-1", "--act-bits", "8",
+                     "-o", out)
+    assert result.exit_code == 0, result.output
+    line, card = result.stdout.strip().splitlines()[-1], (out / "README.md").read_text()
+    try:
+        AutoModelForCausalLM.from_pretrained(out)(torch.arange(2, 18)[None])
+        loads = True
+    except Exception:  # noqa: BLE001 - whatever this transformers raises on it (5.21, 5.25: RuntimeError)
+        loads = False
+    if loads:
+        assert line.startswith(f"load: AutoModelForCausalLM.from_pretrained('{out}')") and "from_pretrained(" in card
+    else:
+        assert line.startswith(f"load: quantkit.load_quantized('{out}') (transformers ") and \
+            "loads no MoE experts stored int-quantized" in line and "vLLM serves it" in line
+        assert "from_pretrained" not in card and 'quantkit.load_quantized("DIR")' in card

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantkit.export.formats import REGISTRY
-from quantkit.export.summary import loading_call, not_loadable
+from quantkit.export.summary import loading_call, refusal
 
 CARD = "README.md"
 PART_WORDS = {"train": "its first 90%: the train part", "heldout": "its last 10%: the held-out part", "all": "all of it"}
@@ -87,7 +87,7 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
     call = loading_call(known, manifest, '"THIS_REPO_OR_DIR"')
     if call is None:
         lines += ["", "## Load it", "", "```python", "import quantkit", "model = quantkit.load_quantized(\"DIR\")", "```",
-                  f"Note: {not_loadable()}."]
+                  f"Note: {refusal(known, manifest)}."]
     else:
         imports = "AutoModelForCausalLM" + (", CompressedTensorsConfig" if "CompressedTensorsConfig(" in call else "")
         lines += ["", "## Load it", "", "```python", f"from transformers import {imports}", f"model = {call}", "```"]

@@ -37,40 +37,41 @@ def size_line(source: str | os.PathLike | None, output: str | os.PathLike, sourc
 
 
 def settings_of(manifest: dict) -> dict[str, Setting]:
-    """The settings quantkit.json gives its quantized linears (spec and module_specs; "spec" for the base one),
-    those it cannot read left out."""
+    """Each quantized linear's setting from quantkit.json (module_specs', else the spec; "spec" stands for the linears
+    where it lists none), those it cannot read left out."""
     from quantkit.export.common import Setting
 
-    specs = {"spec": manifest.get("spec"), **(manifest.get("module_specs") or {})}
+    specs = manifest.get("module_specs") if isinstance(manifest.get("module_specs"), dict) else {}
+    listed = manifest.get("quantized_modules") if isinstance(manifest.get("quantized_modules"), list) else []
     out = {}
-    for name, spec in specs.items():
+    for name in dict.fromkeys([*([n for n in listed if isinstance(n, str)] or ["spec"]), *specs]):
         try:
-            out[name] = Setting.from_dict(spec)
-        except (KeyError, TypeError, ValueError):
+            out[name] = Setting.from_dict(specs.get(name, manifest.get("spec")))
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return out
+
+
+def refusal(fmt: Format | None, manifest: dict) -> str | None:
+    """Why the installed transformers cannot load this export, and what can (None: it loads, or no format is known)."""
+    if fmt is None:
+        return None
+    act_bits = (manifest.get("spec") or {}).get("act_bits") if isinstance(manifest.get("spec"), dict) else None
+    if isinstance(act_bits, int) and fmt.holds_activation_bits:
+        fmt = fmt.with_act_bits(act_bits)
+    return fmt.transformers_refuses(fmt.stored_settings(settings_of(manifest)))
 
 
 def loading_call(fmt: Format | None, manifest: dict, target: str) -> str | None:
     """`AutoModelForCausalLM.from_pretrained(target...)` with the quantization_config transformers needs for this
     export, if any (the format's transformers_config for the settings it stores; no format known: none); None where
-    the installed transformers cannot load it."""
+    the installed transformers cannot load it (refusal says why)."""
     if fmt is None:
         return f"AutoModelForCausalLM.from_pretrained({target})"
-    stored = set(fmt.stored_settings(settings_of(manifest)).values())
-    if not fmt.transformers_loads(stored):
+    if refusal(fmt, manifest) is not None:
         return None
-    config = fmt.transformers_config(any(not s.sym for s in stored))
+    config = fmt.transformers_config(any(not s.sym for s in fmt.stored_settings(settings_of(manifest)).values()))
     return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
-
-
-def not_loadable() -> str:
-    """Why loading_call gave None (compressed-tensors' asymmetric linears of several settings), and what loads."""
-    import transformers
-
-    return (f"transformers {transformers.__version__} decodes every linear of an asymmetric compressed-tensors export "
-            "with one config group's setting, and this export's linears have several widths or group sizes; "
-            "`quantkit export DIR --format fake -o OUT` writes one it loads")
 
 
 def load_line(output: str | os.PathLike, fmt: Format) -> str:
@@ -85,7 +86,8 @@ def load_line(output: str | os.PathLike, fmt: Format) -> str:
         manifest = json.loads((Path(output) / "quantkit.json").read_text())
     except (OSError, ValueError):
         manifest = {}
-    call = loading_call(fmt, manifest if isinstance(manifest, dict) else {}, repr(str(output)))
+    manifest = manifest if isinstance(manifest, dict) else {}
+    call = loading_call(fmt, manifest, repr(str(output)))
     if call is None:
-        return f"load: quantkit.load_quantized({str(output)!r}) ({not_loadable()})"
+        return f"load: quantkit.load_quantized({str(output)!r}) ({refusal(fmt, manifest)})"
     return f"load: {call}{need}, or quantkit.load_quantized({str(output)!r})"

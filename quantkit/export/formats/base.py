@@ -128,10 +128,11 @@ class Format:
         format, None where it loads with the config.json alone; `asymmetric`: whether any linear is asymmetric."""
         return None
 
-    def transformers_loads(self, stored: set[Setting]) -> bool:
-        """Whether the installed transformers loads an export of this format whose linears are stored with the
-        settings `stored` (stored_settings), with the transformers_config it gives."""
-        return True
+    def transformers_refuses(self, stored: dict[str, Setting]) -> str | None:
+        """Why the installed transformers cannot load an export of this format whose linears are stored with the
+        settings `stored` (stored_settings, by name) with the transformers_config it gives, and what can; None
+        where it loads it."""
+        return None
 
     def check_linear(self, name: str, out_features: int, in_features: int, bits: int) -> None:
         """Raise QuantkitError if a linear of this shape cannot be stored at `bits` (checked before calibrating)."""

@@ -262,13 +262,26 @@ class CompressedTensorsFormat(Format):
         output row where the checkpoint stores them packed (a size-mismatch error otherwise)."""
         return "CompressedTensorsConfig(dequantize=True)" if asymmetric else None
 
-    def transformers_loads(self, stored: set[Setting]) -> bool:
-        """An asymmetric export loads dequantized (transformers_config); where its linears have several widths or
-        group sizes, as the installed transformers decodes them (5.25 uses one config group's scheme for all)."""
-        packed = {(s.bits, s.group_size) for s in stored if not self.stores_int8(s.bits)}
-        if all(s.sym for s in stored) or len(packed) < 2:
-            return True
-        return transformers_decodes_each_scheme()
+    def transformers_refuses(self, stored: dict[str, Setting]) -> str | None:
+        """MoE experts stored int-quantized (W8A8): transformers (5.21 and 5.25) converts expert weights on load and
+        decompresses packed or fp8 ones only. An asymmetric export loads dequantized (transformers_config); where
+        its linears have several widths or group sizes, as the installed transformers decodes them (5.25 uses one
+        config group's scheme for all)."""
+        import transformers
+
+        from quantkit.models.experts import expert_of
+
+        experts = sorted(n for n, s in stored.items() if self.stores_int8(s.bits) and expert_of(n) is not None)
+        if experts:
+            return (f"transformers (5.21 to {transformers.__version__}) loads no MoE experts stored int-quantized, as "
+                    f"8-bit weights with {self.act_bits}-bit inputs are ({experts[0]}, ...): its MoE weight conversion "
+                    "decompresses packed and fp8 experts only; vLLM serves it")
+        packed = {(s.bits, s.group_size) for s in stored.values() if not self.stores_int8(s.bits)}
+        if all(s.sym for s in stored.values()) or len(packed) < 2 or transformers_decodes_each_scheme():
+            return None
+        return (f"transformers {transformers.__version__} decodes every linear of an asymmetric compressed-tensors "
+                "export with one config group's setting, and this export's linears have several widths or group "
+                "sizes; `quantkit export DIR --format fake -o OUT` writes one it loads")
 
     def stored_settings(self, settings: dict[str, Setting]) -> dict[str, Setting]:
         """Every packed linear asymmetric where they mix symmetric and asymmetric ones (see the module's docstring)."""
