@@ -1625,6 +1625,114 @@ def test_a_calibration_set_whose_ids_run_past_the_embedding_is_refused(work: Pat
                         "32", "-o", work / "out"], "sample 0's input_ids are not token ids of the model's 64-row")
 
 
+def _renamed(old: str, new: str):
+    return lambda state: state.update({new: state.pop(old)})
+
+
+@pytest.mark.parametrize("name, edit, fragment", [
+    ("weights", lambda s: s.update(lengths=torch.tensor([8, 8])), "its 'lengths' [8, 8] are not the samples' token "
+                                                                  "counts [16, 16]"),
+    ("weights", lambda s: s.update(lengths=torch.tensor([-1, 16])), "its 'lengths' [-1, 16] are not"),
+    ("weights", lambda s: s.update(lengths=torch.tensor([16, 16, 16])), "its 'lengths' [16, 16, 16] are not"),
+    ("weights", lambda s: s.update(lengths=torch.tensor([[16, 16]])), "its 'lengths' a [1, 2] tensor are not"),
+    ("weights", lambda s: s.pop("lengths"), "weights.safetensors has no 'lengths'"),
+    ("weights", lambda s: s.pop("weights"), "weights.safetensors has no 'weights'"),
+    ("weights", lambda s: s.update(weights=s["weights"][:, :, :8].clone()),
+     "'weights' is [2, 2, 8], not [2 layers, 2 samples, >= 16 tokens]"),
+    ("weights", lambda s: s.update(weights=s["weights"] * 0), "'weights' of layer 0 are zero for every token"),
+    ("weights", lambda s: s.update(weights=torch.cat([s["weights"][:1], s["weights"][1:] * 0])),
+     "'weights' of layer 1 are zero for every token"),
+    ("weights", lambda s: s["weights"].__setitem__((0, 1, 3), -1.0), "'weights' holds a negative or non-finite"),
+    ("weights", lambda s: s["weights"].__setitem__((1, 0, 3), float("nan")), "'weights' holds a negative or non-finite"),
+    ("weights", lambda s: s.update(weights=s["weights"] > 0), "'weights' is bool, not numbers"),
+    ("weights", lambda s: s.update({"linear.0.q_proj": torch.ones(2, 8, 1)}),
+     "'linear.0.q_proj' is [2, 8, 1], not [2 samples, >= 16 tokens, groups]"),
+    ("weights", lambda s: s.update({"linear.5.q_proj": torch.ones(2, 16, 1)}),
+     "holds 'linear.5.q_proj', not 'linear.LAYER.NAME' of a layer below 2"),
+    ("samples", _renamed("0.input_ids", "a.input_ids"), "samples.safetensors holds 'a.input_ids', not a 'SAMPLE.FIELD'"),
+    ("samples", _renamed("1.input_ids", "7.input_ids"), "holds 7.input_ids but the manifest counts 2 samples (0..1)"),
+    ("samples", lambda s: s.update({"2.input_ids": s["0.input_ids"].clone()}), "holds 2.input_ids but the manifest"),
+    ("samples", lambda s: s.pop("1.input_ids"), "sample 1 has no input_ids"),
+    ("samples", lambda s: s.update({"0.input_ids": s["0.input_ids"][0].clone()}),
+     "sample 0's input_ids are [16], not one row of tokens [1, T]"),
+    ("samples", lambda s: s.update({"0.input_ids": s["0.input_ids"][:, :0].clone()}), "input_ids are [1, 0], not one"),
+    ("samples", lambda s: s.update({"0.input_ids": s["0.input_ids"].repeat(2, 1)}), "input_ids are [2, 16], not one"),
+    ("samples", lambda s: s.update({"1.input_ids": s["1.input_ids"] > 3}), "sample 1's input_ids are bool, not token"),
+    ("samples", lambda s: s.update({"1.input_ids": s["1.input_ids"].float()}), "input_ids are float32, not token ids"),
+    ("samples", lambda s: s.update({"0.attention_mask": torch.zeros_like(s["0.input_ids"])}),
+     "holds 0.attention_mask, a field the manifest's sample_keys ['input_ids'] do not name"),
+    ("samples", lambda s: s.update({"0.pixel_values": torch.zeros(1, 3, 8, 8)}), "holds 0.pixel_values, a field"),
+    ("manifest", lambda d: d.update(nsamples=0), "its manifest counts 0 samples"),
+    ("manifest", lambda d: d.update(nsamples="2"), "its manifest counts '2' samples"),
+    ("manifest", lambda d: d.update(nsamples=1), "holds 1.input_ids but the manifest counts 1 samples (0..0)"),
+    ("manifest", lambda d: d.update(sample_keys="input_ids"), "sample_keys ('input_ids') is not a list of field"),
+    ("manifest", lambda d: d.update(weights_fingerprint={}), "its weights_fingerprint is not a table of values (empty)"),
+])
+def test_a_calibration_set_whose_content_was_edited_is_refused(work: Path, calibration_set: Path, name: str, edit,
+                                                               fragment: str) -> None:
+    """A set whose files were edited with their sha256 renewed in the manifest (the integrity check passes, the
+    content is wrong) failed deep in the run ('ValueError: token weights of shape (16,) do not give 32 tokens',
+    'KeyError: lengths', 'IndexError', ...) or calibrated on it (all-zero weights, fields no run reads): one line
+    naming the set and what is wrong, in memory, streamed (--low-memory) and through the API, nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+    from quantkit.importance.calibration_set import MANIFEST_FILE, file_sha256
+
+    setdir = work / "set"
+    shutil.copytree(calibration_set, setdir)
+    if name == "manifest":
+        edit_json(setdir / MANIFEST_FILE, edit)
+    else:
+        path = setdir / f"{name}.safetensors"
+        state = load_file(path)
+        edit(state)
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        edit_json(setdir / MANIFEST_FILE, lambda d: d["files"].update({path.name: file_sha256(path)}))
+    tlq = ["--method", "tlq", "--group-size", "32"]
+    for extra in ([], ["--low-memory"]):
+        line = assert_fault(work, ["calibrate", work / "model", "--calib-set", setdir, *tlq, *extra, "-o", work / "out"],
+                            fragment)
+        assert f"calibration set {setdir} is corrupt: " in line and line.endswith("remake it with `quantkit importance`")
+    loaded = AutoModelForCausalLM.from_pretrained(work / "model")
+    with unchanged(work), pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
+        quantkit.quantize(loaded, calib_set=str(setdir), method="tlq", group_size=32, output_dir=str(work / "api"))
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("weights", lambda s: s.update(weights=s["weights"].half())),
+    ("weights", lambda s: s.update(weights=(s["weights"] * 4).round().long())),
+    ("weights", lambda s: s.update(lengths=s["lengths"].double())),
+    ("samples", lambda s: s.update({"0.input_ids": s["0.input_ids"].int(), "1.input_ids": s["1.input_ids"].int()})),
+], ids=["weights float16", "weights int64", "lengths float64", "input_ids int32"])
+def test_a_calibration_set_stored_in_other_number_types_calibrates_on_the_same_values(
+        work: Path, calibration_set: Path, name: str, edit) -> None:
+    """The content check takes numbers of any real type where their values are right: the export equals the one of
+    a run on the set with its values cast back to the types quantkit writes (float32 weights, int64 ids/lengths)."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.importance.calibration_set import MANIFEST_FILE, file_sha256
+
+    outs = []
+    for kind in ("edited", "reference"):
+        setdir = work / f"set-{kind}"
+        shutil.copytree(calibration_set, setdir)
+        path = setdir / f"{name}.safetensors"
+        state = load_file(path)
+        edit(state)
+        if kind == "reference":  # the edited values, in the types quantkit writes
+            state = {k: v.long() if k == "lengths" or k.endswith("input_ids") else v.float() if k == "weights" else v
+                     for k, v in state.items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        edit_json(setdir / MANIFEST_FILE, lambda d, p=path: d["files"].update({p.name: file_sha256(p)}))
+        result = run_cli("calibrate", work / "model", "--calib-set", setdir, "--method", "tlq", "--group-size", "32",
+                         "-o", work / f"out-{kind}")
+        assert result.exit_code == 0, result.output
+        outs.append(load_file(work / f"out-{kind}" / "model.safetensors"))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
 def test_a_pytorch_bin_that_does_not_unpickle_is_one_line(work: Path) -> None:
     model = work / "model"
     (model / "model.safetensors").unlink()

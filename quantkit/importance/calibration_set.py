@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -253,9 +254,10 @@ def check_set_matches(manifest: dict, model: nn.Module, tokenizer=None, where: s
         logging.getLogger(__name__).warning(
             "calibration set %s predates weights fingerprints: that it was made on this model's weights (not only its "
             "config) is not checked; rebuild it with `quantkit importance` to have it checked", where)
-    elif not isinstance(recorded, dict) or not all(isinstance(v, list) for v in recorded.values()):
-        raise QuantkitError(f"calibration set {where} is corrupt: its weights_fingerprint is not a table of values; "
-                            "remake it with `quantkit importance`")
+    elif not isinstance(recorded, dict) or not recorded or not all(isinstance(v, list) for v in recorded.values()):
+        raise QuantkitError(f"calibration set {where} is corrupt: its weights_fingerprint is not a table of values "
+                            f"({'empty' if recorded in ({}, []) else type(recorded).__name__}); remake it with "
+                            "`quantkit importance`")
     else:
         differing = differing_weight(recorded, model)
         if differing is not None:
@@ -318,21 +320,100 @@ def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.M
         weights = load_file(root / WEIGHTS_FILE)
     except (SafetensorError, OSError) as err:
         raise QuantkitError(f"calibration set {root} is corrupt: {err}; remake it") from err
-    count = int(manifest["nsamples"])
-    samples: list[dict] = [{} for _ in range(count)]
-    for name, value in tensors.items():
-        index, _, key = name.partition(".")
-        samples[int(index)][key] = value
-    if any("input_ids" not in s for s in samples) or weights["weights"].shape[:2] != (manifest["num_layers"], count):
-        raise QuantkitError(f"calibration set {root} is corrupt: samples or weights do not match the manifest; remake it")
     from quantkit.models.checks import embedding_rows
 
-    rows = embedding_rows(model)
+    def corrupt(what: str) -> QuantkitError:
+        return QuantkitError(f"calibration set {root} is corrupt: {what}; remake it with `quantkit importance`")
+
+    samples = _read_samples(tensors, manifest, embedding_rows(model), corrupt)
+    token_weights, linear = _read_weights(weights, [int(s["input_ids"].shape[1]) for s in samples],
+                                          int(manifest["num_layers"]), corrupt)
+    return samples, StoredWeights(token_weights, weights["lengths"], manifest, linear)
+
+
+def _brief(values: Sequence) -> str:
+    """A list shown whole when short, else its first entries and its length."""
+    values = list(values)
+    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:4]))}, ... ({len(values)} entries)]"
+
+
+def _whole_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _real(tensor: torch.Tensor) -> bool:
+    """A tensor of real numbers (not bool, not complex)."""
+    return tensor.dtype != torch.bool and not tensor.is_complex()
+
+
+def _read_samples(tensors: dict[str, torch.Tensor], manifest: dict, rows: int | None, corrupt) -> list[dict]:
+    """The samples of samples.safetensors ("{index}.{field}" keys), each field one the manifest lists, indexes
+    0..nsamples-1 each holding one row of token ids of the model's embedding."""
+    count, listed = manifest.get("nsamples"), manifest.get("sample_keys")
+    if not _whole_count(count):
+        raise corrupt(f"its manifest counts {count!r} samples")
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise corrupt(f"its manifest's sample_keys ({listed!r}) is not a list of field names")
+    samples: list[dict] = [{} for _ in range(count)]
+    for name, value in sorted(tensors.items()):
+        index, _, key = name.partition(".")
+        if not re.fullmatch(r"0|[1-9][0-9]*", index) or not key:
+            raise corrupt(f"{SAMPLES_FILE} holds {name!r}, not a 'SAMPLE.FIELD' name")
+        if int(index) >= count:
+            raise corrupt(f"{SAMPLES_FILE} holds {name} but the manifest counts {count} samples (0..{count - 1})")
+        if key not in listed:
+            raise corrupt(f"{SAMPLES_FILE} holds {name}, a field the manifest's sample_keys {listed} do not name")
+        samples[int(index)][key] = value
     for index, sample in enumerate(samples):
-        ids = sample["input_ids"]
-        if ids.is_floating_point() or ids.is_complex() or (ids.numel() and (int(ids.min()) < 0 or
-                                                                             (rows is not None and int(ids.max()) >= rows))):
-            raise QuantkitError(f"calibration set {root} is corrupt: sample {index}'s input_ids are not token ids of the "
-                                f"model's {rows}-row embedding; remake it")
-    linear = {key: value for key, value in weights.items() if key.startswith(LINEAR_KEY + ".")}
-    return samples, StoredWeights(weights["weights"], weights["lengths"], manifest, linear)
+        ids = sample.get("input_ids")
+        if ids is None:
+            raise corrupt(f"sample {index} has no input_ids")
+        if not _real(ids) or ids.is_floating_point():
+            raise corrupt(f"sample {index}'s input_ids are {str(ids.dtype).removeprefix('torch.')}, not token ids")
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+            raise corrupt(f"sample {index}'s input_ids are {list(ids.shape)}, not one row of tokens [1, T]")
+        if int(ids.min()) < 0 or (rows is not None and int(ids.max()) >= rows):
+            raise corrupt(f"sample {index}'s input_ids are not token ids of the model's {rows}-row embedding")
+    return samples
+
+
+def _read_weights(weights: dict[str, torch.Tensor], tokens: list[int], layers: int, corrupt
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(token weights [layers, samples, >= T] as float, per-linear weights) of weights.safetensors, after checking
+    them against the samples' token counts: every 'lengths' entry a sample's T, weights finite, not negative, and
+    some token of every layer weighing more than zero."""
+    for key in ("weights", "lengths"):
+        if key not in weights:
+            raise corrupt(f"{WEIGHTS_FILE} has no {key!r}")
+    lengths, stored = weights["lengths"], weights["weights"]
+    if not _real(lengths) or lengths.dim() != 1 or lengths.tolist() != tokens:
+        shown = _brief(lengths.tolist()) if lengths.dim() == 1 else f"a {list(lengths.shape)} tensor"
+        raise corrupt(f"its 'lengths' {shown} are not the samples' token counts {_brief(tokens)}")
+    expected = f"[{layers} layers, {len(tokens)} samples, >= {max(tokens)} tokens]"
+    named = {"weights": stored, **{k: v for k, v in weights.items() if k.startswith(LINEAR_KEY + ".")}}
+    for key, value in named.items():
+        shape = list(value.shape)
+        if key != "weights":
+            parts = key.split(".", 2)
+            layer, name = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+            if not re.fullmatch(r"0|[1-9][0-9]*", layer) or int(layer) >= layers or not name:
+                raise corrupt(f"{WEIGHTS_FILE} holds {key!r}, not 'linear.LAYER.NAME' of a layer below {layers}")
+            ok = value.dim() == 3 and shape[0] == len(tokens) and shape[1] >= max(tokens) and shape[2] >= 1
+            expected_here = f"[{len(tokens)} samples, >= {max(tokens)} tokens, groups]"
+        else:
+            ok = value.dim() == 3 and shape[:2] == [layers, len(tokens)] and shape[2] >= max(tokens)
+            expected_here = expected
+        if not ok:
+            raise corrupt(f"{key!r} is {shape}, not {expected_here}")
+        if not _real(value):
+            raise corrupt(f"{key!r} is {str(value.dtype).removeprefix('torch.')}, not numbers")
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise corrupt(f"{key!r} holds a negative or non-finite weight")
+    token_weights = stored.float()
+    within = torch.arange(token_weights.shape[2]) < torch.tensor(tokens)[:, None]  # [samples, T]: each one's tokens
+    counted = (token_weights.gt(0) & within).flatten(1).any(1)
+    if not bool(counted.all()):
+        layer = int((~counted).nonzero()[0])
+        raise corrupt(f"'weights' of layer {layer} are zero for every token: no token would count")
+    linear = {key: value.float() for key, value in named.items() if key != "weights"}
+    return token_weights, linear
