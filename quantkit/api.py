@@ -79,13 +79,15 @@ def quantize(
     temporary directory for the upload). reload=False skips reading a multi-rank run's export back into
     memory (model is then None).
     """
-    from quantkit.calibrate import build_job
+    from quantkit.calibrate import OPTIONS, build_job
     from quantkit.calibrate import run as runner
-    from quantkit.errors import expect_bool
+    from quantkit.errors import expect_bool, expect_names
 
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     expect_bool("reload", reload)
+    # other toolkits' names of this function's own arguments (tokenizer=, dataset=) are pointed to them too
+    expect_names("option", options, [*OPTIONS, "data", "tokenizer_or_processor"])
     job = build_job(model, data, tokenizer_or_processor, method=method, bits=bits, group_size=group_size,
                     output_dir=output_dir, format=format, recipe=recipe, **options)
     outcome = runner.run_job(job)

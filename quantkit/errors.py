@@ -16,7 +16,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def closest(given: object, choices) -> str | None:
-    """The choice nearest to `given` (case first, then spelling), or None when nothing is near."""
+    """The choice nearest to `given` (case first, then the one choice that has it as a word: tokenizer ->
+    tokenizer_or_processor, then spelling), or None when nothing is near."""
     import difflib
 
     names = [str(c) for c in choices]
@@ -24,6 +25,9 @@ def closest(given: object, choices) -> str | None:
     folded = [c for c in names if c.lower() == text.lower()]
     if folded:
         return folded[0]
+    worded = [c for c in names if text.lower() in c.lower().split("_")]
+    if len(worded) == 1:
+        return worded[0]
     near = difflib.get_close_matches(text, names, n=1, cutoff=0.6)
     return near[0] if near else None
 

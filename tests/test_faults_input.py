@@ -1821,6 +1821,45 @@ def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, dama
                             "--group-size", "32", "-o", tmp_path / "out"], fragment)
 
 
+def test_a_closed_pil_image_in_api_records_is_one_line(tmp_path: Path) -> None:
+    """An image closed after loading failed in PIL ('ValueError: Operation on closed image'): one QuantkitError
+    naming the record; the same records with the image open calibrate."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm
+    from PIL import Image
+
+    import quantkit
+
+    model, processor = build_vlm("qwen2_vl")
+    data = Path(write_image_dataset(tmp_path / "vl", n=2))
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for record in records:
+        record["image"] = Image.open(data.parent / record["image"])
+        record["image"].load()
+    records[1]["image"].close()
+    options = {"method": "rtn", "nsamples": 2, "seqlen": 256, "group_size": 32}
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError, match=r"data record 2: its PIL image cannot be "
+                                                                           r"read \(Operation on closed image\)"):
+        quantkit.quantize(model, processor, data=records, output_dir=str(tmp_path / "out"), **options)
+    records[1]["image"] = Image.open(data.parent / json.loads(data.read_text().splitlines()[1])["image"])
+    quantkit.quantize(model, processor, data=records, **options)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("tokenizer", "unknown option 'tokenizer'; did you mean 'tokenizer_or_processor'?"),
+    ("processor", "unknown option 'processor'; did you mean 'tokenizer_or_processor'?"),
+    ("dataset", "unknown option 'dataset'; did you mean 'data'?"),
+])
+def test_quantize_points_other_toolkits_names_of_its_arguments_to_them(work: Path, name: str, fragment: str) -> None:
+    """quantize(M, data=T, tokenizer=None) (a natural name) was "TypeError: build_job() got multiple values for
+    argument 'tokenizer'"; dataset= was refused without a hint toward data=."""
+    import quantkit
+
+    with unchanged(work), pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
+        quantkit.quantize(str(work / "model"), data=str(work / "text.txt"), method="rtn", group_size=32,
+                          output_dir=str(work / "out"), **{name: None})
+
+
 def test_part_with_image_text_records_is_refused(tmp_path: Path, no_model_load) -> None:
     """--part heldout was ignored for image-text records (chat records already refused it)."""
     pytest.importorskip("PIL")

@@ -187,7 +187,7 @@ IMPORTANCE_FLAG_OF = {"guidance": "--guidance", "row_groups": "--row-groups", "l
                     "draws": "--fisher-draws", "lam": "--lam", "power": "--power"}
 
 
-def build_job(model: Any, data: Any = None, tokenizer: Any = None, **options: Any) -> CalibrationJob:
+def build_job(model: Any, data: Any = None, tokenizer: Any = None, /, **options: Any) -> CalibrationJob:
     """The CalibrationJob of a model (a local directory, hub id or loaded model), calibration data (a path or
     source spec, or in-memory data: quantkit.data.calibration.memory_calibration) and OPTIONS by name.
 

@@ -131,6 +131,15 @@ def load_image(path: Path, where: str):
         raise QuantkitError(f"{where}: cannot read image {path}: {err}") from err
 
 
+def _in_rgb(image, where: str):
+    """A PIL image of in-memory data as RGB; one that cannot be read (closed, its lazy file gone) is one QuantkitError."""
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise QuantkitError(f"{where}: its PIL image cannot be read ({first_line(err)}); pass an open image, "
+                            "or its path") from None
+
+
 def _conversation(record: dict, where: str) -> list[dict]:
     """The record as chat messages with content lists and one image part."""
     if "messages" in record:
@@ -284,7 +293,7 @@ def sample_records(records: list[tuple[str, dict, object]], processor, nsamples:
     chosen = records if nsamples == len(records) else random.Random(seed).sample(records, nsamples)
     samples = []
     for where, record, image in chosen:
-        picture = load_image(image, where) if isinstance(image, Path) else image.convert("RGB")
+        picture = load_image(image, where) if isinstance(image, Path) else _in_rgb(image, where)
         sample = render_record(record, picture, processor, where)
         if max_length is not None:
             sample = truncate_sample(sample, max_length, where)
