@@ -140,6 +140,11 @@ def test_bad_records_and_options(tmp_path) -> None:
     raising = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(QuantkitError, match="chats.jsonl:1: the chat template refused the conversation: roles must alternate"):
         chat_samples(chats, chat_tokenizer(raising), 4)
+    # a template failing with another error (jinja's sandbox refusing a huge range, a division by zero) was a traceback
+    for failing, error in (("{% for i in range(10**7) %}{% endfor %}", "OverflowError: Range too big"),
+                           ("{{ 1 // 0 }}", "ZeroDivisionError")):
+        with pytest.raises(QuantkitError, match=f"chats.jsonl:1: the chat template failed on the conversation \\({error}"):
+            chat_samples(chats, chat_tokenizer(failing + CHATML), 4)
     # a record that is both a text and a chat, or a chat carrying an image part: which one was used? refused
     path.write_text(json.dumps({"messages": CONVERSATIONS[1], "text": "another text"}) + "\n")
     with pytest.raises(QuantkitError, match=r"bad.jsonl:1: holds both 'text' and 'messages'"):

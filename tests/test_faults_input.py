@@ -1798,9 +1798,12 @@ def test_an_export_whose_codes_are_stored_as_floats_is_refused(made: dict, tmp_p
 @pytest.mark.parametrize("damage, fragment", [
     ("empty text", "data.jsonl:2: field 'text' is empty"),
     ("400x1 image", "the processor cannot take this record's image (400x1 px)"),
+    ("text part without text", "data.jsonl:2: a text part of the user message has no 'text' string ({'type': 'text'})"),
+    ("content a number", "data.jsonl:2: the user message's content must be a string or a list of parts"),
 ])
 def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, damage: str, fragment: str) -> None:
-    """An empty caption calibrated on the image alone; a 400x1 image was a ValueError from the processor."""
+    """An empty caption calibrated on the image alone; a 400x1 image was a ValueError from the processor; a text
+    part without its text calibrated on the image and the answer (exit 0)."""
     pytest.importorskip("PIL")
     from helpers import build_vlm
     from PIL import Image
@@ -1813,6 +1816,10 @@ def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, dama
     records = [json.loads(line) for line in data.read_text().splitlines()]
     if damage == "empty text":
         records[1]["text"] = ""
+    elif damage in ("text part without text", "content a number"):
+        records[1].pop("text")
+        records[1]["messages"] = [{"role": "user", "content": [{"type": "image"}, {"type": "text"}] if damage[0] == "t"
+                                   else 7}, {"role": "assistant", "content": "red"}]
     else:
         for i in range(4):
             Image.new("RGB", (400, 1), (200, 0, 0)).save(tmp_path / "vl" / "img" / f"{i}.png")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from quantkit.data.sources import jsonl_records
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 CHAT_FIELD = "messages"
 CHAT_ROLES = ("system", "user", "assistant")  # the roles docs/commands.md names for chat records
@@ -115,16 +115,25 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 def _render_ids(tokenizer, messages: list[dict], template: str, where: str, generation_prompt: bool = False) -> list[int]:
     """Token ids of the conversation rendered with `template`, as apply_chat_template gives them."""
-    import jinja2
-
     if not messages:
         return []
+    ids = apply_template(tokenizer, messages, where, chat_template=template, tokenize=True, return_dict=False,
+                         add_generation_prompt=generation_prompt)
+    return [int(i) for i in ids]
+
+
+def apply_template(owner, messages: list[dict], where: str, **options):
+    """owner.apply_chat_template(messages, **options) of a tokenizer or processor. The template is code from the
+    model's files or --chat-template: whatever it raises while rendering is one QuantkitError naming the record."""
+    import jinja2
+
     try:
-        ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
-                                            add_generation_prompt=generation_prompt)
+        return owner.apply_chat_template(messages, **options)
     except jinja2.TemplateError as err:
         raise QuantkitError(f"{where}: the chat template refused the conversation: {err}") from None
-    return [int(i) for i in ids]
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise QuantkitError(f"{where}: the chat template failed on the conversation ({type(err).__name__}: "
+                            f"{first_line(err)}); fix the template or the record") from None
 
 
 def render_chat(record: object, tokenizer, chat_template: str | None = None, where: str = "record") -> dict:

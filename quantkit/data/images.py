@@ -155,7 +155,14 @@ def _conversation(record: dict, where: str) -> list[dict]:
     out = []
     for message in messages:
         content = message["content"]
+        if not isinstance(content, str) and not (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+            raise QuantkitError(f"{where}: the {message['role']} message's content must be a string or a list of parts "
+                                "({'type': 'text', 'text': ...} or {'type': 'image'})")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
+        bare = next((p for p in parts if p.get("type") == "text" and not isinstance(p.get("text"), str)), None)
+        if bare is not None:
+            raise QuantkitError(f"{where}: a text part of the {message['role']} message has no 'text' string ({bare}); "
+                                "give its text or drop the part")
         out.append({"role": message["role"], "content": parts})
     if not any(m["role"] == "assistant" for m in out):
         raise QuantkitError(f"{where}: no assistant turn; the loss mask needs an answer or caption")
@@ -184,16 +191,18 @@ def render_record(record: dict, image, processor, where: str = "record") -> dict
     """One sample dict: the processor's outputs for the conversation, plus loss_mask and vision_mask."""
     if getattr(processor, "chat_template", None) is None:
         raise QuantkitError(f"{where}: the processor has no chat template; image-text records are rendered through it")
+    from quantkit.data.chat import apply_template
+
     messages = _conversation(record, where)
-    full_text = processor.apply_chat_template(messages, tokenize=False)
+    full_text = apply_template(processor, messages, where, tokenize=False)
     sample = _process(processor, full_text, image, where)
     ids = sample["input_ids"][0]
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = processor.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
-        upto = processor.apply_chat_template(messages[: turn + 1], tokenize=False)
+        prompt = apply_template(processor, messages[:turn], where, tokenize=False, add_generation_prompt=True)
+        upto = apply_template(processor, messages[: turn + 1], where, tokenize=False)
         start = _common_prefix(_process(processor, prompt, image)["input_ids"][0], ids)
         end = _common_prefix(_process(processor, upto, image)["input_ids"][0], ids)
         loss_mask[start:end] = True
