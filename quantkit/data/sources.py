@@ -357,8 +357,15 @@ def source_units(source: SourceLike, part: str) -> list[tuple[str, list[str]]]:
     directory or glob) or dataset is one unit, labelled by its path or hf: spec."""
     check_part(part)
     units: list[tuple[str, list[str]]] = []
+    named: dict[str, str] = {}  # each file or dataset once: named twice it would count twice, in a mean or a draw
     for item in _split_sources(source):
         for label, files in _expand(item):
+            key = label if files is None else str(files[0].resolve())
+            if key in named:
+                how = "twice" if named[key] == item else f"by {named[key]!r} and by {item!r}"
+                raise QuantkitError(f"{label} is named {how} in the data source; it would count twice (in a mean "
+                                    "loss, in the samples drawn): name it once")
+            named[key] = item
             if files is None:
                 docs = load_hf(label if label.startswith("hf:") else "hf:" + label)
             else:
