@@ -1844,6 +1844,21 @@ def test_a_data_file_named_twice_is_refused(work: Path, command: str, sources: s
     assert_fault(work, [command, work / "model", "--data" if command == "eval" else "--calib", sources, *tail], fragment)
 
 
+@pytest.mark.parametrize("command", ["calibrate", "importance"])
+def test_linear_guidance_on_a_mixture_of_experts_is_refused(tmp_path: Path, command: str) -> None:
+    """TLQ --guidance linear on mixtral (qwen3_moe, gpt_oss) was 'IndexError: too many indices': an expert
+    projection's output gradient holds only its routed tokens' rows. Refused in one line, naming the layer."""
+    from helpers import save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(tmp_path, "mixtral")
+    text = write_text(tmp_path / "text.txt")
+    tail = ["--method", "tlq", "--group-size", "32"] if command == "calibrate" else []
+    assert_fault(tmp_path, [command, model, "--calib", text, "--nsamples", "2", "--seqlen", "16", *tail, "--guidance",
+                            "linear", "-o", tmp_path / "out"],
+                 "--guidance linear (importance guidance='linear') weighs each linear's own tokens, which the routed "
+                 "experts of layer 0 (mixtral, a mixture of experts) do not have; use --guidance layer")
+
+
 def test_a_closed_pil_image_in_api_records_is_one_line(tmp_path: Path) -> None:
     """An image closed after loading failed in PIL ('ValueError: Operation on closed image'): one QuantkitError
     naming the record; the same records with the image open calibrate."""

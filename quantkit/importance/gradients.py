@@ -182,6 +182,12 @@ def importance_scores(
     layers = adapter.decoder_layers(model)
     num_layers = len(layers)
     per_linear = guidance == "linear"
+    moe = next((i for i in range(num_layers) if adapter.layouts[i].experts), None)
+    if per_linear and moe is not None:
+        # an expert projection sees only the tokens routed to it: its output gradient has no [batch, tokens] rows
+        raise QuantkitError(f"--guidance linear (importance guidance='linear') weighs each linear's own tokens, "
+                            f"which the routed experts of layer {moe} ({getattr(model.config, 'model_type', '?')}, "
+                            "a mixture of experts) do not have; use --guidance layer (the default)")
     if output_side is not None and output_side < 1:
         raise QuantkitError(f"output-side factor blocks must be at least 1 row, got {output_side}")
     hooked = per_linear or output_side is not None  # linear outputs are read in the backward
