@@ -170,3 +170,46 @@ def test_model_card_names_w8a8(tiny_dir, tmp_path) -> None:
                       seqlen=16, progress=False, output_dir=str(out))
     card = (out / "README.md").read_text()
     assert "W8A8" in card and "act_bits: 8" in card and "per token to 8 bits" in card
+
+
+def test_moe_export_runs_each_experts_inputs_quantized(tmp_path) -> None:
+    """A W8A8 Mixtral: load_quantized gives the logits of the dequantized weights in plain transformers with every
+    linear's input (each expert's own: x for w1/w3, act(w1 x) * w3 x for w2) rounded per token, written here."""
+    from helpers import make_tokenizer, save_tiny_causal_lm, write_text
+    from transformers import AutoModelForCausalLM
+
+    model_dir, text = save_tiny_causal_lm(tmp_path, "mixtral"), write_text(tmp_path / "t.txt")
+    out = tmp_path / "out"
+    quantkit.quantize(str(model_dir), data=str(text), method="rtn", bits=8, group_size=-1, act_bits=8, nsamples=2,
+                      seqlen=16, progress=False, output_dir=str(out))
+    write_checkpoint(read_checkpoint(out), tmp_path / "fake", fmt="fake")
+
+    def a8(x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(dim=-1, keepdim=True) / 127
+        return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+    def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for token in range(hidden_states.shape[0]):
+            for slot, expert in enumerate(top_k_index[token].tolist()):
+                gate, up = (a8(hidden_states[token]) @ self.gate_up_proj[expert].T).chunk(2)
+                hidden = a8(self.act_fn(gate) * up) @ self.down_proj[expert].T
+                out[token] += top_k_weights[token, slot] * hidden
+        return out
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "fake").eval()
+    assert not hasattr(reference, "quantkit_activation_quantizer")
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and not name.endswith("mlp.gate"):
+            module.register_forward_pre_hook(lambda m, args: (a8(args[0]),))
+        if type(module).__name__ == "MixtralExperts":
+            module.forward = experts_forward.__get__(module)
+    ids = torch.tensor(make_tokenizer()(text.read_text()[:200])["input_ids"][:24])[None]
+    with torch.no_grad():
+        ours = quantkit.load_quantized(out)(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits
+        for module in reference.modules():
+            module._forward_pre_hooks.clear()
+        unquantized_inputs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours, unquantized_inputs, rtol=1e-4, atol=1e-5)

@@ -408,3 +408,17 @@ def test_vlm_with_experts_reloads_in_transformers_with_its_fp_linears_ignored(tm
     ignored = set(__import__("json").loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"])
     assert "lm_head" in ignored and ignored <= names
     assert (logits - ours).abs().max() <= 1e-3 * ours.abs().max()
+
+
+def test_more_ranks_than_samples_with_only_routed_experts(tmp_path) -> None:
+    """Mixtral's layers hold routed experts only (no linear's output is the MoE block's); with 3 ranks and 2 samples
+    one rank holds no sample: it still takes part in every layer, and the files are those of one process."""
+    from helpers import assert_same_files, run_calibration, save_tiny_causal_lm, write_text
+
+    model_dir, text = save_tiny_causal_lm(tmp_path, "mixtral"), write_text(tmp_path / "t.txt")
+    spec = QuantSpec(bits=4, group_size=32)
+    kwargs = dict(method="gptq", calib=str(text), nsamples=2, seqlen=16, progress=False)
+    run_calibration(str(model_dir), str(tmp_path / "one"), spec, **kwargs)
+    report = run_calibration(str(model_dir), str(tmp_path / "three"), spec, nproc=3, **kwargs)
+    assert report["world_size"] == 3
+    assert_same_files(tmp_path / "one", tmp_path / "three")

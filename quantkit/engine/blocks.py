@@ -55,8 +55,11 @@ class FinishedBlocks:
             if pending:
                 continue
             del self.unsolved[block]
+            # a block is derived from its last linear's kept inputs only where it has one (a rank with no samples
+            # keeps none of every block's, which is not the same as keeping all of them)
             kept = self.kept_inputs.get(self.last_linear.get(block, ""), [])
-            (self.to_derive if self.inputs is not None and len(kept) == len(self.inputs) else self.to_record).append(block)
+            derivable = block in self.last_linear and self.inputs is not None and len(kept) == len(self.inputs)
+            (self.to_derive if derivable else self.to_record).append(block)
 
     def _derive(self, block: str, module: nn.Module) -> None:
         """Replace `block`'s forward for one pass: a checked real run on batch 0, then derived outputs."""

@@ -74,13 +74,17 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | str | None =
     really_missing = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
     if really_missing:
         raise QuantkitError(f"{path}: tensor {really_missing[0]} is missing; the checkpoint is incomplete")
-    if unfused:
-        fuse_experts(model)
     act_bits = (ckpt.manifest.get("spec") or {}).get("act_bits")
+    if act_bits is None and unfused:
+        fuse_experts(model)
     if act_bits is not None:  # a W8A8/W4A8 export runs with its linears' inputs quantized, as it was calibrated
         from quantkit.quant.activations import quantize_model_activations
 
-        quantize_model_activations(model, sorted(ckpt.results), int(act_bits))
+        # each expert's input is quantized on its own, so the experts stay the per-expert linears calibration ran
+        # (transformers' fused experts compute every expert inside one module: no input to hook per expert)
+        rename = model_key(model) if unfused else None
+        names = sorted(rename(f"{n}.weight").removesuffix(".weight") if rename else n for n in ckpt.results)
+        quantize_model_activations(model, names, int(act_bits))
     from quantkit.models.checks import QUANTIZED_MARK, check_model_weights
 
     check_model_weights(model, str(path))  # a NaN in a stored FP tensor (a norm, the embedding) scores as loss nan
