@@ -302,7 +302,7 @@ def main() -> None:
         for row in (row for run in runs for row in run["rows"]):
             joined.setdefault((row["seed"], row["setting"]), {}).update(row)
         rows = list(joined.values())
-        variants = [v for v in VARIANTS if any(f"{v}_gap" in row for row in rows)]
+        variants = [v for v in VARIANTS if any(f"{v}_gap" in row or f"val_{v}_gap" in row for row in rows)]
         emit({**runs[0], "seeds": sorted({row["seed"] for row in rows}), "summary": summarise(rows, variants),
               "rows": rows, "cpu_seconds": round(sum(run["cpu_seconds"] for run in runs), 1)}, args.output)
         return
