@@ -189,7 +189,8 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
 
 
 def summarise(rows: list[dict], variants: list[str]) -> dict:
-    """Mean gap and KL to FP (and their standard errors) per setting, variant and corpus; paired per-draw ratios."""
+    """Mean gap and KL to FP (and their standard errors) per setting, variant and corpus, over the draws that ran the
+    variant (`draws`); paired per-draw ratios over the draws that ran both (merged runs may cover other draws)."""
     out = {}
     for label in SETTINGS:
         mine = [r for r in rows if r["setting"] == label]
@@ -199,22 +200,25 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
         for prefix, metric, key, ratios_key in (("", "gap", "gaps", "ratios"), ("", "kl", "kl", "kl_ratios"),
                                                 ("val_", "gap", "val_gaps", "val_ratios"),
                                                 ("val_", "kl", "val_kl", "val_kl_ratios")):
-            names = [v for v in [*variants, "llmc", "llmc_routed"] if all(f"{prefix}{v}_{metric}" in r for r in mine)]
+            names = [v for v in [*variants, "llmc", "llmc_routed"] if any(f"{prefix}{v}_{metric}" in r for r in mine)]
             if not names:
                 continue
             table = {}
             for name in names:
-                table[name] = {}
-                for part in mine[0][f"{prefix}{name}_{metric}"]:
-                    mean, se = mean_se([r[f"{prefix}{name}_{metric}"][part] for r in mine])
+                have = [r for r in mine if f"{prefix}{name}_{metric}" in r]
+                table[name] = {"draws": len(have)}
+                for part in have[0][f"{prefix}{name}_{metric}"]:
+                    mean, se = mean_se([r[f"{prefix}{name}_{metric}"][part] for r in have])
                     table[name][part] = {"mean": mean, "se": se}
             ratios = {}
             for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq_mix", "llmc"), ("gptq", "llmc_routed"),
                              ("tlq", "gptq"), ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_mix", "gptq"),
                              ("gptq_mix", "gptq_all"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"), ("tlq", "gptq_fp"),
                              ("tlq_mix", "gptq_mix"), ("tlq_mix", "tlq"), ("tlq_mix", "llmc"), ("llmc_routed", "llmc")):
-                if num in table and den in table:
-                    ratios[f"{num}/{den}"] = paired(mine, f"{prefix}{num}_{metric}", f"{prefix}{den}_{metric}")
+                both = [r for r in mine if f"{prefix}{num}_{metric}" in r and f"{prefix}{den}_{metric}" in r]
+                if len(both) > 1:
+                    ratios[f"{num}/{den}"] = {"draws": len(both), **paired(both, f"{prefix}{num}_{metric}",
+                                                                             f"{prefix}{den}_{metric}")}
             out[label][key] = table
             out[label][ratios_key] = ratios
     choice = choose(rows)
