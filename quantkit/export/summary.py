@@ -52,14 +52,20 @@ def settings_of(manifest: dict) -> dict[str, Setting]:
     return out
 
 
+def stored(fmt: Format, manifest: dict) -> tuple[Format, dict[str, Setting]]:
+    """The format as the export holds it (with its activation bits) and each linear's setting as it is stored."""
+    act_bits = (manifest.get("spec") or {}).get("act_bits") if isinstance(manifest.get("spec"), dict) else None
+    if isinstance(act_bits, int) and fmt.holds_activation_bits:
+        fmt = fmt.with_act_bits(act_bits)
+    return fmt, fmt.stored_settings(settings_of(manifest))
+
+
 def refusal(fmt: Format | None, manifest: dict) -> str | None:
     """Why the installed transformers cannot load this export, and what can (None: it loads, or no format is known)."""
     if fmt is None:
         return None
-    act_bits = (manifest.get("spec") or {}).get("act_bits") if isinstance(manifest.get("spec"), dict) else None
-    if isinstance(act_bits, int) and fmt.holds_activation_bits:
-        fmt = fmt.with_act_bits(act_bits)
-    return fmt.transformers_refuses(fmt.stored_settings(settings_of(manifest)))
+    fmt, settings = stored(fmt, manifest)
+    return fmt.transformers_refuses(settings)
 
 
 def loading_call(fmt: Format | None, manifest: dict, target: str) -> str | None:
@@ -68,9 +74,10 @@ def loading_call(fmt: Format | None, manifest: dict, target: str) -> str | None:
     the installed transformers cannot load it (refusal says why)."""
     if fmt is None:
         return f"AutoModelForCausalLM.from_pretrained({target})"
-    if refusal(fmt, manifest) is not None:
+    fmt, settings = stored(fmt, manifest)
+    if fmt.transformers_refuses(settings) is not None:
         return None
-    config = fmt.transformers_config(any(not s.sym for s in fmt.stored_settings(settings_of(manifest)).values()))
+    config = fmt.transformers_config(any(not s.sym for s in settings.values()))
     return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
 
 

@@ -22,7 +22,7 @@ from quantkit.quant.spec import QuantResult, QuantSpec
 Solver = Callable[[torch.Tensor, "torch.Tensor | None", QuantSpec, str], QuantResult]
 
 
-# Which calibration tokens make a mixture-of-experts expert's Hessian (quantkit.engine.routed.expert_row_weights).
+# Which calibration tokens make a mixture-of-experts expert's Hessian (quantkit.engine.routed.ExpertRows weighs them).
 EXPERT_TOKENS = {
     "routed": "each expert's statistics from the tokens routed to it",
     "all": "every expert's statistics from every calibration token (llm-compressor's default)",
