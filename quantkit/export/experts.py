@@ -16,28 +16,12 @@ import logging
 import torch
 from torch import nn
 
+from quantkit.export.installed import transformers_reads_experts
 from quantkit.models.expert_layout import join_experts
 from quantkit.models.experts import routed_experts
 from quantkit.quant.spec import QuantResult
 
 logger = logging.getLogger(__name__)
-
-
-def transformers_reads_experts(model: nn.Module) -> bool:
-    """Whether plain transformers loads `model`'s experts from per-expert quantized tensors."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter
-    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
-    from transformers.utils.quantization_config import QuantizationMethod
-
-    for _, experts in routed_experts(model):
-        patch = MODULES_TO_PATCH_FOR_QUANTIZATION.get(experts.fused_class.__name__, {})
-        # transformers' quantizer for the export's config (its method name, not a quantkit format name)
-        methods = {str(getattr(m, "value", m)) for m in patch.get("quantization_methods", [])}
-        if QuantizationMethod.COMPRESSED_TENSORS.value in methods:
-            return True
-    return any(isinstance(t, WeightConverter) and any("experts.*." in p for p in t.source_patterns)
-               for t in get_model_conversion_mapping(model, add_legacy=False))
 
 
 def dense_fused_experts(model: nn.Module, fp: dict[str, torch.Tensor], results: dict[str, QuantResult],

@@ -24,16 +24,11 @@ decoder layer, exact names otherwise). FP linears are listed in `ignore`.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import logging
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -269,6 +264,7 @@ class CompressedTensorsFormat(Format):
         config group's scheme for all)."""
         import transformers
 
+        from quantkit.export.installed import transformers_decodes_each_scheme
         from quantkit.models.experts import expert_of
 
         experts = sorted(n for n, s in stored.items() if self.stores_int8(s.bits) and expert_of(n) is not None)
@@ -277,7 +273,7 @@ class CompressedTensorsFormat(Format):
                     f"8-bit weights with {self.act_bits}-bit inputs are ({experts[0]}, ...): its MoE weight conversion "
                     "decompresses packed and fp8 experts only; vLLM serves it")
         packed = {(s.bits, s.group_size) for s in stored.values() if not self.stores_int8(s.bits)}
-        if all(s.sym for s in stored.values()) or len(packed) < 2 or transformers_decodes_each_scheme():
+        if all(s.sym for s in stored.values()) or len(packed) < 2 or transformers_decodes_each_scheme(type(self)):
             return None
         return (f"transformers {transformers.__version__} decodes every linear of an asymmetric compressed-tensors "
                 "export with one config group's setting, and this export's linears have several widths or group "
@@ -376,46 +372,3 @@ def _ct_version() -> str:
 
 FORMAT = CompressedTensorsFormat()
 
-
-@functools.cache
-def transformers_decodes_each_scheme() -> bool:
-    """Whether the installed transformers loads an asymmetric export whose linears have different widths with each
-    linear's own scheme (CompressedTensorsConfig(dequantize=True)): asked of transformers itself, on a tiny Llama
-    whose q_proj is 8-bit and whose other linears are 4-bit. transformers 5.25 decompresses every linear with the
-    first config group's scheme (wrong weights, or a load error); 5.21 decodes each with its own."""
-    import transformers
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig
-
-    config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
-                         num_key_value_heads=1, tie_word_embeddings=False)
-    generator = torch.Generator().manual_seed(0)
-    state = {k: v.detach() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    results = {}
-    for name in [k[: -len(".weight")] for k in state if k.startswith("model.layers.0.") and k.endswith("_proj.weight")]:
-        bits = 8 if name.endswith("q_proj") else 4
-        results[name] = QuantResult(
-            qweight=torch.randint(0, 1 << bits, (32, 32), generator=generator, dtype=torch.uint8),
-            scales=torch.rand(32, 1, generator=generator).half().float() + 0.5,
-            zeros=torch.randint(0, 1 << bits, (32, 1), generator=generator, dtype=torch.uint8),
-            g_idx=trivial_g_idx(32, 32), bits=bits, group_size=32, sym=False, act_order=False)
-        del state[f"{name}.weight"]
-        state.update({f"{name}.{k}": v for k, v in encode(results[name], torch.float32).items()})
-    plan = ExportPlan(settings={n: Setting.of(r) for n, r in results.items()}, fp_linears=("lm_head",))
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()), \
-                contextlib.redirect_stdout(io.StringIO()):
-            config.quantization_config = FORMAT.quantization_config(plan)
-            config.save_pretrained(tmp)
-            save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-            model = AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-            weights = dict(model.named_parameters())
-            return all(torch.allclose(weights[f"{n}.weight"], r.dequantize(), atol=1e-5) for n, r in results.items())
-    except Exception as err:  # noqa: BLE001 - a load error is this transformers' answer
-        logger.debug("transformers fails on an asymmetric export of several schemes: %s", err)
-        return False
-    finally:
-        transformers.logging.set_verbosity(verbosity)
