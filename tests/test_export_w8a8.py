@@ -174,7 +174,8 @@ def test_model_card_names_w8a8(tiny_dir, tmp_path) -> None:
 
 def test_moe_export_runs_each_experts_inputs_quantized(tmp_path) -> None:
     """A W8A8 Mixtral: load_quantized gives the logits of the dequantized weights in plain transformers with every
-    linear's input (each expert's own: x for w1/w3, act(w1 x) * w3 x for w2) rounded per token, written here."""
+    linear's input (each expert's own: x for w1/w3, act(w1 x) * w3 x for w2) rounded per token, written here; its
+    generate (per-expert linears, a KV cache) continues as that reference does greedily."""
     from helpers import make_tokenizer, save_tiny_causal_lm, write_text
     from transformers import AutoModelForCausalLM
 
@@ -205,11 +206,17 @@ def test_moe_export_runs_each_experts_inputs_quantized(tmp_path) -> None:
         if type(module).__name__ == "MixtralExperts":
             module.forward = experts_forward.__get__(module)
     ids = torch.tensor(make_tokenizer()(text.read_text()[:200])["input_ids"][:24])[None]
+    loaded = quantkit.load_quantized(out)
     with torch.no_grad():
-        ours = quantkit.load_quantized(out)(input_ids=ids).logits
+        ours = loaded(input_ids=ids).logits
         expected = reference(input_ids=ids).logits
+        greedy = ids
+        for _ in range(4):  # the reference's greedy continuation, one whole forward per token
+            greedy = torch.cat([greedy, reference(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        generated = loaded.generate(ids, max_new_tokens=4, do_sample=False)  # with its cache, token by token
         for module in reference.modules():
             module._forward_pre_hooks.clear()
         unquantized_inputs = reference(input_ids=ids).logits
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ours, unquantized_inputs, rtol=1e-4, atol=1e-5)
+    assert torch.equal(generated, greedy)
