@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--windows", required=True, help="safetensors with calib [N, L] and eval [M, L]")
     parser.add_argument("--settings", required=True, help='JSON list of {"bits", "group_size", "sym"}')
     parser.add_argument("--kl", action="store_true", help="also KL(FP || quantized) per token on each eval_<name> part")
+    parser.add_argument("--save", default=None,
+                        help="folder: write each setting's quantized weights (the model's state dict after oneshot, "
+                             "as evaluated) to setting<i>.safetensors there")
     args = parser.parse_args()
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -91,6 +94,11 @@ def main() -> None:
             max_seq_length=calib.shape[1], shuffle_calibration_samples=False, **moe,
         )
         seconds = time.perf_counter() - started
+        if args.save:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()}
+            save_file(state, str(Path(args.save) / f"setting{len(results)}.safetensors"))
         per_window = window_losses(model.eval(), evaluation)
         # further evaluation sets (one per held-out corpus): windows "eval_<name>"
         parts = {name: float(window_losses(model, w).mean()) for name, w in parts_windows.items()}
