@@ -146,6 +146,36 @@ def summarise(result: dict) -> dict:
     return out
 
 
+def across(runs: list[dict]) -> dict:
+    """Mean and SE over draws of the whole-model differences (llm-compressor minus quantkit) and, per group, of the
+    first-order difference, the swap's changes and both models' mean relative output errors."""
+    from common import mean_se
+
+    summaries = [summarise(run) for run in runs]
+
+    def stat(values: list[float]) -> dict:
+        mean, se = mean_se(values)
+        return {"mean": mean, "se": se}
+
+    out = {key: stat([s[key] for s in summaries]) for key in ("gap_difference", "kl_difference")}
+    out["first_order_difference"] = stat([s["first_order_total"]["theirs"] - s["first_order_total"]["ours"]
+                                          for s in summaries])
+    for label in ("ours", "theirs"):
+        for metric in ("gap", "kl"):
+            out[f"{label}_{metric}"] = stat([run["whole"][label][metric]["all"] for run in runs])
+        out[f"{label}_entropy_change"] = stat([run["whole"][label]["entropy"] - run["whole"]["fp"]["entropy"]
+                                               for run in runs])
+    out["groups"] = {}
+    for group in summaries[0]["groups"]:
+        rows = [s["groups"][group] for s in summaries]
+        entry = {"first_order_difference": stat([r["theirs_first_order"] - r["ours_first_order"] for r in rows])}
+        for key in rows[0]:
+            if key.endswith(("rel_err_mean", "_change")):
+                entry[key] = stat([r[key] for r in rows])
+        out["groups"][group] = entry
+    return out
+
+
 def load_into(model, state: dict[str, torch.Tensor]) -> None:
     """Copy these parameters into the model."""
     params = dict(model.named_parameters())
@@ -172,8 +202,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
     if args.summarise:
-        emit({path: {**json.loads(Path(path).read_text()), "summary": summarise(json.loads(Path(path).read_text()))}
-              for path in args.summarise}, args.output)
+        runs = [json.loads(Path(path).read_text()) for path in args.summarise]
+        emit({"benchmark": "diagnose_moe", "draws": [run["seed"] for run in runs], "across_draws": across(runs),
+              "runs": [{**run, "summary": summarise(run)} for run in runs]}, args.output)
         return
     if not args.llmc:
         parser.error("--llmc is needed to run")
