@@ -49,15 +49,25 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _hold_stops() -> None:
+    for s in _STOPS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _raise_interrupted(signum: int, frame) -> None:
-    # Later signals are ignored while the first one unwinds, so cleanup is not cut short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Later signals are held while the first one unwinds: the cleanup is short (temporary outputs removed, ranks
+    # given 5 s before SIGKILL) and cutting it short would leave partial output behind.
+    _hold_stops()
     raise Interrupted(signum)
 
 
 class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
+
+    exits_after = False  # main() serves the process's own command line, which exits when the command ends
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Every subcommand name, without importing any of them."""
@@ -94,17 +104,34 @@ class QuantkitGroup(click.Group):
                 return None  # that room is not built yet
             raise
 
-    def invoke(self, ctx: click.Context):
-        from quantkit.fsutil import clear_kept, kept_note, private_tempdir
-
-        debug = bool(ctx.params.get("debug")) or os.environ.get("QUANTKIT_DEBUG") == "1"
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main with SIGINT and SIGTERM unwinding as Interrupted; the process's own command line (argv,
+        standalone: it exits next) holds them until the process has gone."""
         # SIGTERM unwinds like Ctrl-C so that atomic outputs remove their temporary directories.
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {s: signal.getsignal(s) for s in _STOPS}
         try:
             for s in handlers:
                 signal.signal(s, _raise_interrupted)
         except ValueError:  # not the main thread (an embedding application): leave signals to it
             handlers = {}
+        # Python's exit runs atexit callbacks (torch's compile-time report imports tabulate -> wcwidth): a signal
+        # there, or between the command's end and the exit, would raise KeyboardInterrupt where no line is made of it
+        outer, self.exits_after = self.exits_after, bool(handlers) and args is None and standalone_mode
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        finally:
+            if self.exits_after:
+                _hold_stops()
+            else:
+                for s, handler in handlers.items():
+                    if handler is not None:  # None: installed outside Python, nothing to put back
+                        signal.signal(s, handler)
+            self.exits_after = outer
+
+    def invoke(self, ctx: click.Context):
+        from quantkit.fsutil import clear_kept, kept_note, private_tempdir
+
+        debug = bool(ctx.params.get("debug")) or os.environ.get("QUANTKIT_DEBUG") == "1"
         clear_kept()
         try:
             with private_tempdir():
@@ -135,9 +162,8 @@ class QuantkitGroup(click.Group):
             click.echo(f"error: {' '.join(line.split())}", err=True)
             sys.exit(EXIT_ERROR)
         finally:
-            for s, handler in handlers.items():
-                if handler is not None:  # None: installed outside Python, nothing to put back
-                    signal.signal(s, handler)
+            if self.exits_after:
+                _hold_stops()
 
 
 @click.group(cls=QuantkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -303,6 +303,18 @@ class Delay:
         time.sleep(self.seconds)
 
 
+@dataclass(frozen=True)
+class SignalAt:
+    """Hooks.on_layer: the process sends itself `signum` on entering layer `layer` (a signal at a known point)."""
+
+    layer: int
+    signum: int = signal.SIGINT
+
+    def __call__(self, rank: int, layer: int) -> None:
+        if layer == self.layer:
+            os.kill(os.getpid(), self.signum)
+
+
 def with_hooks(monkeypatch, **hooks) -> None:
     """Make quantkit.calibrate.run.run_job (quantize, run_calibration and the in-process CLI) run with
     Hooks(**hooks) on every rank."""
@@ -330,13 +342,13 @@ def run_calibration(model, output, spec, *, calib=None, method: str = "gptq", **
     return runner.run_job(job).report
 
 
-def cli_command(*args, hooks: str | None = None) -> list[str]:
+def cli_command(*args, hooks: str | None = None, prelude: str = "") -> list[str]:
     """`python -m quantkit.cli ARGS`; with `hooks`, a Python expression over helpers' names (for example
-    "Hooks(on_layer=Delay(2))"), the CLI runs with those hooks on every rank."""
-    if hooks is None:
+    "Hooks(on_layer=Delay(2))"), the CLI runs with those hooks on every rank; `prelude` (statements) runs first."""
+    if hooks is None and not prelude:
         return [sys.executable, "-m", "quantkit.cli", *map(str, args)]
     code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n{prelude}\n"
         "from helpers import *\nfrom quantkit.engine.comm import Hooks\nfrom quantkit.calibrate import run\n"
         "from dataclasses import replace\n"
         f"real = run.run_job\nrun.run_job = lambda job: real(replace(job, run=replace(job.run, hooks={hooks})))\n"
