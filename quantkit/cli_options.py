@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import click
@@ -39,25 +40,11 @@ def repeated_option(command: click.Command, args: list[str], ctx: click.Context 
     none. Options documented as repeatable (multiple=True), counters and plain flags are left alone; a group's
     subcommand is followed into (`qid measure ...`). click's own parser reads `args` (so -o/--out, --x=v, -oX and
     `--` mean what they mean to click); a parse error is left to the real parse to report."""
+    check_parser()
     own = click.Context(command, parent=ctx, resilient_parsing=True)
-    parser = command.make_parser(own)
-    spelled: dict[int, tuple[click.Option, click.Option, str]] = {}
-    for param in command.get_params(own):
-        if not isinstance(param, click.Option) or param.multiple or param.count or (param.is_flag and
-                                                                                  not param.secondary_opts):
-            continue
-        for spelling in (*param.opts, *param.secondary_opts):
-            # each spelling registered on its own (its values under its own name), with a copy of the option as the
-            # parse's `obj`: click's order list, one entry per occurrence, then says which spelling came where
-            stand_in = copy.copy(param)
-            spelled[id(stand_in)] = (stand_in, param, spelling)
-            parser.add_option(obj=stand_in, opts=[spelling], dest=spelling, nargs=param.nargs,
-                              action="append_const" if param.is_flag else "append")
-    values, rest, order = parser.parse_args(list(args))
-    given = {spelling: iter(values.get(spelling, ())) for _, _, spelling in spelled.values()}
     seen: dict[int, tuple[str, str | None]] = {}
-    for _, param, spelling in (spelled[id(item)] for item in order if id(item) in spelled):
-        value = next(given[spelling])
+    given, rest = _given(command, args, own)
+    for param, spelling, value in given:
         value = " ".join(value) if isinstance(value, tuple) else value
         if id(param) in seen:
             first, before = seen[id(param)]
@@ -72,3 +59,54 @@ def repeated_option(command: click.Command, args: list[str], ctx: click.Context 
         sub = command.get_command(own, rest[0])
         return repeated_option(sub, rest[1:], own) if sub is not None else None
     return None
+
+
+def _given(command: click.Command, args: list[str], own: click.Context) -> tuple[list[tuple], list[str]]:
+    """(option, spelling, value) of each single-value option or on/off flag in `args`, in their order, and what is
+    left for a subcommand."""
+    # Command.make_parser's parser is click's (8.0 to 8.5; deprecated since 8.2, to go in 9.0): check_parser
+    # refuses a click whose parser does not answer as it does here, rather than let repeats through unseen
+    parser = command.make_parser(own)
+    spelled: dict[int, tuple[click.Option, click.Option, str]] = {}
+    for param in command.get_params(own):
+        if not isinstance(param, click.Option) or param.multiple or param.count or (param.is_flag and
+                                                                                  not param.secondary_opts):
+            continue
+        for spelling in (*param.opts, *param.secondary_opts):
+            # each spelling registered on its own (its values under its own name), with a copy of the option as the
+            # parse's `obj`: click's order list, one entry per occurrence, then says which spelling came where
+            stand_in = copy.copy(param)
+            spelled[id(stand_in)] = (stand_in, param, spelling)
+            parser.add_option(obj=stand_in, opts=[spelling], dest=spelling, nargs=param.nargs,
+                              action="append_const" if param.is_flag else "append")
+    values, rest, order = parser.parse_args(list(args))
+    values_of = {spelling: iter(values.get(spelling, ())) for _, _, spelling in spelled.values()}
+    given = [(param, spelling, next(values_of[spelling]))
+             for _, param, spelling in (spelled[id(item)] for item in order if id(item) in spelled)]
+    return given, rest
+
+
+_PROBE = ["-o", "a", "x", "--out=b", "--on", "-ob", "--off", "--", "--on"]
+_PROBE_ANSWER = ([("-o", "a"), ("--out", "b"), ("--on", None), ("-o", "b"), ("--off", None)], ["x", "--on"])
+
+
+@functools.cache
+def _parser_answers() -> bool:
+    probe = click.Command("probe", params=[click.Option(["-o", "--out"]), click.Option(["--on/--off"])])
+    try:
+        given, rest = _given(probe, list(_PROBE), click.Context(probe, resilient_parsing=True))
+        return ([(spelling, value) for _, spelling, value in given], rest) == _PROBE_ANSWER
+    except Exception:  # noqa: BLE001 - any failure of the probe means the same: this click's parser is not the one read
+        return False
+
+
+def check_parser() -> None:
+    """Refuse, in one line, a click whose option parser no longer reads arguments as repeated_option needs."""
+    if not _parser_answers():
+        from importlib.metadata import version
+
+        from quantkit.errors import QuantkitError
+
+        raise QuantkitError(
+            f"click {version('click')} does not parse options as click 8.4 and 8.5 do (Command.make_parser), which "
+            "quantkit needs to refuse an option given twice; install click>=8.4.2,<9 (pip install 'click>=8.4.2,<9')")

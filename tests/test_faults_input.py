@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -2538,6 +2539,56 @@ def test_options_documented_as_repeatable_and_one_flag_twice_pass(work: Path) ->
     assert repeated_option(measure, ["M", "--eval", "--calib", "--calib", "c", "-o", "x"], None) is None
     assert repeated_option(measure, ["M", "-o", "x", "--", "-o", "y"], None) is None
     assert repeated_option(measure, ["M", "-o", "x", "-o", "y"], None).startswith("-o is given twice")
+
+
+def _parser_without_make_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """click 9.0 is to parse without the parser make_parser returns: click's own parse still works here."""
+    import click
+
+    real = click.Command.make_parser
+
+    def make_parser(self, ctx):
+        if sys._getframe(1).f_globals.get("__name__") != "click.core":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute 'make_parser'")
+        return real(self, ctx)
+
+    monkeypatch.setattr(click.Command, "make_parser", make_parser)
+
+
+def _parser_whose_order_lists_each_option_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import click
+
+    parser_type = type(click.Command("c").make_parser(click.Context(click.Command("c"))))
+    parse = parser_type.parse_args
+
+    def first_of_each(self, args):
+        values, rest, order = parse(self, args)
+        return values, rest, list(dict.fromkeys(order))
+
+    monkeypatch.setattr(parser_type, "parse_args", first_of_each)
+
+
+@pytest.mark.parametrize("change", [_parser_without_make_parser, _parser_whose_order_lists_each_option_once])
+def test_a_click_whose_parser_answers_otherwise_is_refused_in_one_line(work: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       change) -> None:
+    """repeated_option reads arguments with the parser click's Command.make_parser returns (click 8.4.2 to 8.5.1:
+    the same class; deprecated since 8.2, to go in 9.0; no public call says where each occurrence came). A click
+    without it gave 'AttributeError: ... (--debug shows the traceback)' on every command, and one whose order list
+    kept one entry per option let `--calib a --calib b` through (b alone read). Both now get one line naming click
+    and the version to install; the lock's and the floor's click pass the same probe (the tests above)."""
+    import quantkit.cli_options as cli_options
+
+    change(monkeypatch)
+    cli_options._parser_answers.cache_clear()
+    try:
+        write_text(work / "other.txt", seed=9)
+        line = assert_fault(work, ["calibrate", work / "model", "--calib", work / "other.txt", "--calib",
+                                   work / "text.txt", "--method", "rtn", "-o", work / "out"], "install click>=8.4.2,<9")
+        assert line.startswith("error: click ") and "option given twice" in line, line
+    finally:
+        monkeypatch.undo()
+        cli_options._parser_answers.cache_clear()
+    assert cli_options._parser_answers()
 
 
 def test_qid_predict_and_training_level_refuse_bits_the_fit_never_measured(tmp_path: Path) -> None:
