@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    VLM_FAMILIES,
     WORDS,
     assert_fault,
     make_tokenizer,
@@ -1771,6 +1772,42 @@ def test_a_processor_whose_image_token_the_model_does_not_read_is_refused(tmp_pa
     data = write_image_dataset(tmp_path / "vl", n=4)
     assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
                             "--group-size", "32", "-o", tmp_path / "out"], fragment)
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_every_vlm_family_saved_with_its_processor_passes_the_image_token_check(tmp_path: Path, family: str) -> None:
+    """Fault battery round 10 'gemma3:' (REFUSED_VALID): every Gemma 3 was refused ("marks images with
+    '<start_of_image>' (id 43) but config.json's image_token_id is 44"): Gemma 3's processor.image_token is the
+    begin-of-image marker, which it expands to the tokenizer's image token (the id config.json names, as in
+    google/gemma-3). The check now compares the id the image features replace (the vision mask's), and still
+    refuses a config naming the marker instead."""
+    pytest.importorskip("PIL")
+    from helpers import build_vlm
+
+    from quantkit.data.checks import model_for_data
+
+    model, processor = build_vlm(family)
+    vlm = tmp_path / "vlm"
+    model.save_pretrained(vlm)
+    processor.save_pretrained(vlm)
+    data = write_image_dataset(tmp_path / "vl", n=4)
+    model_for_data(str(vlm), data)
+    if family != "gemma3":
+        return
+    result = run_cli("calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                     "--group-size", "32", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    import quantkit
+
+    quantkit.quantize(model, processor, data, method="rtn", group_size=32, nsamples=2, seqlen=256,
+                      output_dir=tmp_path / "api", reload=False)  # the loaded model and processor objects
+    marker = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    soft = processor.tokenizer.image_token_id
+    assert marker != soft == model.config.image_token_id
+    edit_json(vlm / "config.json", lambda d: d.update({k: marker for k in ("image_token_id", "image_token_index") if k in d}))
+    assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                            "--group-size", "32", "-o", tmp_path / "out2"],
+                 f"marks images with '<image_soft_token>' (id {soft}) but config.json's image_token_id is {marker}")
 
 
 def test_an_export_with_a_non_finite_full_precision_tensor_is_refused(made: dict, tmp_path: Path) -> None:

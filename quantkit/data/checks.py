@@ -54,12 +54,18 @@ def check_image_token(processor: object, config: object, name: str) -> None:
                    if isinstance(v, int)), None)
     if not isinstance(token, str) or tokenizer is None or wanted is None:
         return  # a processor or config that names no image token: the model's own forward decides
-    got = tokenizer.convert_tokens_to_ids(token)
-    if got is None or got == getattr(tokenizer, "unk_token_id", None):
+    marker = tokenizer.convert_tokens_to_ids(token)
+    if marker is None or marker == getattr(tokenizer, "unk_token_id", None):
         raise QuantkitError(f"the tokenizer of {name} has no token {token!r}, the processor's image placeholder; "
                             "save the model's own processor (tokenizer included) beside it")
+    from quantkit.data.images import image_token_id
+
+    # the id the image's features replace: the marker itself, or (Gemma 3: image_token is the begin-of-image marker)
+    # the tokenizer's image token the processor expands the marker into
+    got = image_token_id(processor)
     if got != wanted:
-        raise QuantkitError(f"the processor of {name} marks images with {token!r} (id {got}) but config.json's "
+        placed = tokenizer.convert_ids_to_tokens(got)
+        raise QuantkitError(f"the processor of {name} marks images with {placed!r} (id {got}) but config.json's "
                             f"image_token_id is {wanted}; the model would find no image placeholders: make them agree")
 
 
