@@ -26,7 +26,11 @@ the ones issue #22 lists: the issue's list is in tests/test_faults_input.py; thi
 1-4 were written by the helper that fixed what they found; rounds 5 and 6 (`--rounds 5`, `--rounds 6`) by another
 helper, as the fresh battery issue #22's target asks for (round 6 makes folders immutable with `chattr +i`: run it as
 root or on a file system that allows it); rounds 7 and 8 likewise, round 8 by a third helper, round 9 by a
-fourth (`--rounds 9`: calibration sets, odd images, the newer families' options, export chains, API data kinds).
+
+Round 10 (`--rounds 10`, session 8): the default method and TLQ (checked against an independent grid check), MoE
+families with odd expert counts and top-k, the VLM families beyond qwen2_vl, odd export chains, eval against plain
+transformers, planner, demo, environment variables, full and read-only disks (small tmpfs mounts: run as root),
+signals at other phases and concurrent runs into one folder.
 """
 
 from __future__ import annotations
@@ -6222,8 +6226,1210 @@ def _csv_measure(w: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+# ---------------------------------------------------------------- round 10: a sixth fresh battery (session 8)
+
+MOE10 = {"mixtral": 32, "qwen3_moe": 32, "deepseek_v3": 16, "gpt_oss": 32, "qwen2_moe": 32, "olmoe": 32,
+         "llama4_text": 32}
+EXPERT_COUNT = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts",
+                "gpt_oss": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts",
+                "llama4_text": "num_local_experts"}
+VLM10 = ("qwen2_5_vl", "llava", "llava_onevision", "qwen3_vl", "gemma3", "idefics3", "internvl", "llava_next")
+TLQ10 = ["--method", "tlq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
+DEFAULT10 = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32"]  # no --method: the default's choice
+VLM_RUN = ["--nsamples", "2", "--seqlen", "256", "--group-size", "32"]
+MOUNTS: list[Path] = []  # tmpfs mounts a case made (a full or read-only disk): unmounted by the runner
+
+
+def build_tenth(root: Path) -> None:
+    """Round 10's extra inputs: the MoE families rounds 6-9 did not build (qwen2_moe, olmoe, llama4_text), three
+    MoE models of 3 experts (mixtral3, qwen3_moe3, deepseek_v33), a VLM of each family beyond qwen2_vl (vlm_FAMILY,
+    with its processor), and deep/ (an 8-layer llama, for signals) where round 7 did not build it."""
+    from helpers import build_vlm, save_tiny_causal_lm
+
+    for family in ("qwen2_moe", "olmoe", "llama4_text", "deepseek_v3", "gpt_oss"):
+        if not (root / family).is_dir():
+            save_tiny_causal_lm(root, family)
+    odd = root / "_odd"
+    for family in ("mixtral", "qwen3_moe", "deepseek_v3"):
+        save_tiny_causal_lm(odd, family, **{EXPERT_COUNT[family]: 3})
+        (odd / family).rename(root / f"{family}3")
+    odd.rmdir()
+    for family in VLM10:
+        model, processor = build_vlm(family)
+        model.save_pretrained(root / f"vlm_{family}")
+        processor.save_pretrained(root / f"vlm_{family}")
+    if not (root / "deep").is_dir():
+        save_tiny_llama(root / "deep", hidden=128, layers=8, max_positions=128)
+    if not (root / "set").is_dir():
+        _make_set(root)
+
+
+def mount_tmpfs(rel: str, size: str = "16k", readonly: bool = False, fill_from: str | None = None):
+    """A setup mounting a tmpfs of `size` at w/rel (a small disk that fills; readonly: remounted read-only after
+    `fill_from` (a folder of w) is copied into it)."""
+    def setup(w: Path) -> None:
+        import subprocess
+
+        path = w / rel
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        MOUNTS.append(path)
+        if fill_from:
+            shutil.copytree(w / fill_from, path / Path(fill_from).name)
+        if readonly:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    return setup
+
+
+def unmount_all() -> None:
+    import subprocess
+
+    while MOUNTS:
+        subprocess.run(["umount", "-l", str(MOUNTS.pop())], check=False)
+
+
+def on_grid(model: str = "model", rel: str = "out", bits: int = 4, nearest: bool = False, valid_run: bool = True):
+    """A check computed independently of quantkit's solver: every quantized linear of the compressed-tensors
+    export (its stored weight_scale) dequantizes (load_quantized) to integer codes in the symmetric range
+    [-2^(b-1), 2^(b-1)-1] times its group's scale; nearest (RTN): each weight is the grid point nearest the
+    original's (within half a step, where the original lies inside the grid's range)."""
+    def check(w: Path, result) -> str | None:
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        import quantkit
+
+        bad = export_ok(rel)(w, result)
+        if bad:
+            return bad
+        loaded = quantkit.load_quantized(w / rel).state_dict()
+        original = AutoModelForCausalLM.from_pretrained(w / model).state_dict()
+        files = sorted((w / rel).glob("*.safetensors"))
+        checked = 0
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        for file in files:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    if not key.endswith(".weight_scale"):
+                        continue
+                    name = key[: -len("_scale")]
+                    if name not in loaded or name not in original or loaded[name].dim() != 2:
+                        continue
+                    scale = f.get_tensor(key).float()
+                    dq, w0 = loaded[name].float(), original[name].float()
+                    if dq.shape != w0.shape:
+                        return f"{name}: shape {tuple(dq.shape)} vs the model's {tuple(w0.shape)}"
+                    group = dq.shape[1] // scale.shape[1]
+                    s = scale.repeat_interleave(group, dim=1)[:, : dq.shape[1]]
+                    codes = dq / s.clamp_min(1e-30)
+                    if (codes - codes.round()).abs().max() > 1e-3:
+                        return f"{name}: a weight is not a whole multiple of its group's scale"
+                    if codes.round().min() < lo or codes.round().max() > hi:
+                        return f"{name}: codes outside [{lo}, {hi}]"
+                    if nearest:
+                        inside = (w0 >= lo * s) & (w0 <= hi * s)
+                        err = ((w0 - dq).abs() - s / 2 * (1 + 1e-4) - 1e-7)[inside]
+                        if err.numel() and err.max() > 0:
+                            return f"{name}: a weight is not rounded to its nearest grid point"
+                    checked += 1
+        return None if checked else "no quantized linear with a weight_scale to check"
+    check.valid = valid_run
+    return check
+
+
+def vlm_faithful(model: str, rel: str = "out", must: str | None = None, min_corr: float = 0.9):
+    """A check for a VLM: load_quantized(rel) holds the model's tensors (AutoModelForImageTextToText), each equal to
+    the model's or a quantized copy of it (correlation >= min_corr), some quantized, one named like `must` among
+    them where given."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForImageTextToText
+
+        import quantkit
+
+        if not (w / rel).is_dir():
+            return f"exit 0 but no {rel}/"
+        a = quantkit.load_quantized(w / rel).state_dict()
+        b = AutoModelForImageTextToText.from_pretrained(w / model).state_dict()
+        if a.keys() != b.keys():
+            return f"other tensors than the model's: {sorted(set(a) ^ set(b))[:3]}"
+        changed = []
+        for k in a:
+            x, y = a[k].float().flatten(), b[k].float().flatten()
+            if x.shape != y.shape:
+                return f"{k}: shape {tuple(a[k].shape)} vs the model's {tuple(b[k].shape)}"
+            if not torch.isfinite(x).all():
+                return f"{k}: non-finite values"
+            if torch.equal(x, y):
+                continue
+            changed.append(k)
+            corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.numel() > 1 else 0.0
+            if not corr >= min_corr:
+                return f"{k} is not a quantized copy of the model's (correlation {corr:.3f})"
+        if not changed:
+            return "no tensor differs from the model's: nothing was quantized"
+        if must and not any(must in k for k in changed):
+            return f"no tensor named like {must!r} was quantized"
+        return None
+    return check
+
+
+def recorded_method_equals(model: str = "model", extra: tuple = (), low_memory: bool = False):
+    """A check of a run without --method: quantkit_report.json names the method it ran (and fp_target), and the
+    export equals, byte for byte, an explicit run of that method with the same options."""
+    def check(w: Path, result) -> str | None:
+        report = json.loads((w / "out" / "quantkit_report.json").read_text())
+        method = report.get("method")
+        if method not in ("rtn", "gptq", "tlq"):
+            return f"the report names no method: {method!r}"
+        explicit = ["--method", method, "--fp-target" if report.get("fp_target") else "--no-fp-target"]
+        done = run_cli("calibrate", w / model, "--calib", w / "text.txt", *DEFAULT10, *explicit, *extra,
+                       *(["--low-memory"] if low_memory else []), "-o", w / "ref")
+        if done.exit_code != 0:
+            return f"the explicit {method} run failed: {done.output[-200:]}"
+        if _bytes_of(w / "out" / "model.safetensors") != _bytes_of(w / "ref" / "model.safetensors"):
+            return f"the export differs from an explicit --method {method} run's"
+        return None
+    check.valid = True
+    return check
+
+
+def loss_matches_plain(model: str, data: str = "text.txt", seqlen: int = 16, tol: float = 2e-3):
+    """A check of `eval MODEL --data DATA --part all --seqlen N`: its loss equals the mean next-token cross-entropy
+    that plain transformers gives (AutoModelForCausalLM, the folder's tokenizer) over the text's non-overlapping
+    N-token windows (the last partial window dropped or kept: either)."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        bad = eval_ok(w, result)
+        if bad:
+            return bad
+        got = loss_of(result.output)
+        tok = AutoTokenizer.from_pretrained(w / model)
+        lm = AutoModelForCausalLM.from_pretrained(w / model).eval()
+        ids = tok((w / data).read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        expected = []
+        for keep_tail in (False, True):
+            total, count = 0.0, 0
+            for start in range(0, len(ids), seqlen):
+                window = ids[start:start + seqlen]
+                if len(window) < (2 if keep_tail else seqlen):
+                    continue
+                with torch.no_grad():
+                    logits = lm(window[None]).logits[0, :-1].float()
+                total += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+                count += len(window) - 1
+            expected.append(total / max(count, 1))
+        return None if min(abs(got - e) for e in expected) <= tol else f"loss {got} vs plain transformers' {expected}"
+    check.valid = True
+    return check
+
+
+def concurrent(w: Path, *runs: list, stagger: float = 0.0) -> Ran:
+    """Several `quantkit ARGS` child processes started together (stagger seconds apart). Read as one run: exit 0
+    when every child exited 0 or all but one refused cleanly (exit 2, one `error:` line); otherwise the first
+    child whose exit was neither, with its stderr."""
+    import subprocess
+
+    procs = []
+    for args in runs:
+        procs.append(subprocess.Popen([QUANTKIT_BIN, *last_wins(args)], cwd=w, text=True, stdin=subprocess.DEVNULL,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+        time.sleep(stagger)
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=200)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return Ran(124, "", "a concurrent child was still running after 200 s (killed)\n")
+        done.append((p.returncode, out, err))
+    ok = [d for d in done if d[0] == 0]
+    for code, out, err in done:
+        lines = [ln for ln in err.splitlines() if ln.strip() and not PROGRESS_BAR.match(ln)]
+        clean_refusal = code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+        if code != 0 and not clean_refusal:
+            return Ran(code or 1, out, err)
+    if not ok:
+        return Ran(2, done[0][1], done[0][2])
+    return Ran(0, ok[0][1], ok[0][2])
+
+
+def nothing_else(*allowed: str, also=None):
+    """A check: the case folder holds nothing new beside `allowed` (names at its top) compared with the shared base
+    (no temporary folders or half files left by the run), then `also`."""
+    def check(w: Path, result) -> str | None:
+        base = {p.name for p in (w.parent / "base").iterdir()}
+        extra = sorted(p.name for p in w.iterdir() if p.name not in base and p.name not in allowed)
+        if extra:
+            return f"left beside the result: {extra[:3]}"
+        return also(w, result) if also else None
+    check.valid = getattr(also, "valid", False)
+    return check
+
+
+def json_file_ok(rel: str):
+    """A check: rel is one JSON object with a finite loss."""
+    def check(w: Path, result) -> str | None:
+        import math
+
+        doc = json.loads((w / rel).read_text())
+        loss = doc.get("loss", doc.get("overall", {}).get("loss") if isinstance(doc.get("overall"), dict) else None)
+        return None if isinstance(loss, (int, float)) and math.isfinite(loss) else f"{rel} holds no finite loss"
+    return check
+
+
+def csv_whole(rel: str):
+    """A check: rel is a CSV whose every row has the header's columns and no (method, bits, ...) row twice."""
+    def check(w: Path, result) -> str | None:
+        import csv
+
+        with open(w / rel, newline="") as f:
+            rows = list(csv.reader(f))
+        if len(rows) < 2:
+            return f"{rel} holds no row"
+        width = len(rows[0])
+        if any(len(r) != width for r in rows[1:]):
+            return f"{rel} holds a row of another width"
+        keys = [tuple(r[:5]) for r in rows[1:]]
+        return None if len(keys) == len(set(keys)) else f"{rel} holds a row twice"
+    return check
+
+
+def _cfg(model: str, **fields) -> Callable[[Path], None]:
+    return json_edit(f"{model}/config.json", lambda d: d.update(fields))
+
+
+def _fam10(family: str, method: str = "rtn", nsamples: str = "2", seqlen: str = "16") -> list[str]:
+    return ["--method", method, "--nsamples", nsamples, "--seqlen", seqlen, "--group-size", str(MOE10.get(family, 32))]
+
+
+def _stop_low_memory(model: str, *args: str, rel: str = "out") -> Callable[[Path], None]:
+    """A setup: a --low-memory run of `model` with args stopped after its first layer (out.partial left)."""
+    def setup(w: Path) -> None:
+        with failing_after_first_layer():
+            result = run_cli("calibrate", w / model, "--calib", w / "text.txt", *args, "--low-memory", "-o", w / rel)
+        assert result.exit_code == 2 and (w / f"{rel}.partial" / "state.json").is_file(), result.output
+    return setup
+
+
+def _signalled(signum: int, *extra: str) -> Callable[[Path], None]:
+    """A setup: a deep --low-memory run (child process) stopped by `signum` after its first layer, out.partial kept."""
+    def setup(w: Path) -> None:
+        import subprocess
+
+        proc = subprocess.Popen([QUANTKIT_BIN, *[str(a) for a in _deep_args(w, "deep", "--low-memory", *extra)]],
+                                cwd=w, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        start = time.monotonic()
+        while proc.poll() is None and not layer_done(w) and time.monotonic() - start < 180:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+        assert (w / "out.partial" / "state.json").is_file(), f"no work area after signal {signum}"
+    return setup
+
+
+def _progress_shown(text: str) -> bool:
+    return bool(re.search(r"\d+%\|", text))
+
+
+def _closed_stdout(w: Path, args: list) -> Ran:
+    """`quantkit ARGS` in a child whose stdout (fd 1) is closed before it starts."""
+    import subprocess
+
+    done = subprocess.run([QUANTKIT_BIN, *[str(a) for a in args]], cwd=w, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: os.close(1), timeout=200)
+    return Ran(done.returncode, "", done.stderr)
+
+
+def _child_cal(*extra, model: str = "model", env: dict | None = None, unset: tuple = (), data: str = "text.txt",
+               method=RTN, out: str = "out"):
+    return lambda w: child(w, "calibrate", w / model, "--calib", w / data, *method, *extra, "-o", w / out, env=env,
+                           unset=unset)
+
+
+def _lq10(w: Path, rel: str = "ct", **kw):
+    import quantkit
+
+    return quantkit.load_quantized(w / rel, **kw)
+
+
+def _write_big_name(w: Path) -> Path:
+    return w / ("o" * 300)
+
+
+def tenth_round() -> list[Case]:
+    """Round 10, a sixth fresh battery (issue #22's target, session 8): the default method and TLQ runs (sets made
+    before and reused, runs stopped under one method and resumed under another), MoE families with odd expert
+    counts and top-k, --expert-tokens, the VLM families beyond qwen2_vl, export chains of odd recipes, eval checked
+    against plain transformers, the planner and the demo with new options, environment variables, paths on full or
+    read-only disks, odd names, signals at other phases, concurrent runs into one folder, and the API given other
+    toolkits' keywords and odd values of the newer options."""
+    out = Cases()
+    cli, cal, api, add = out.cli, out.cal, out.api, out.add
+    same_tlq = same_as(cal_ref(method=TLQ10))
+
+    # ---- A. the default method and TLQ
+    cal("tlq10", "no --method: the report names the method, and an explicit run of it gives the same bytes",
+        method=DEFAULT10, check=recorded_method_equals())
+    cal("tlq10", "no --method --low-memory: the report's method given explicitly gives the same bytes", "--low-memory",
+        method=DEFAULT10, check=recorded_method_equals(extra=(), low_memory=True))
+    cal("tlq10", "no --method --bits 2 --format compressed-tensors: the report's method given explicitly", "--bits", "2",
+        method=DEFAULT10, check=recorded_method_equals(extra=("--bits", "2")))
+    cal("tlq10", "--method tlq is on the 4-bit grid", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --low-memory equals tlq in memory", "--low-memory", method=TLQ10, check=same_tlq)
+    cal("tlq10", "--method tlq --nproc 2 equals one process", "--nproc", "2", method=TLQ10, check=same_tlq)
+    cal("tlq10", "--method tlq --fp-target equals --method tlq (its default)", "--fp-target", method=TLQ10,
+        check=same_tlq)
+    cal("tlq10", "--method=tlq (the = spelling) equals --method tlq", method=["--method=tlq", *TLQ10[2:]],
+        check=same_tlq)
+    cal("tlq10", "--method TLQ (capitals)", method=["--method", "TLQ", *TLQ10[2:]], check=_maybe(same_tlq))
+    cal("tlq10", "--method tlq --no-fp-target is on the grid", "--no-fp-target", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --bits 2 is on the 2-bit grid", "--bits", "2", method=TLQ10, check=on_grid(bits=2))
+    cal("tlq10", "--method tlq --bits 3 is on the 3-bit grid", "--bits", "3", method=TLQ10, check=on_grid(bits=3))
+    cal("tlq10", "--method tlq --bits 8 is on the 8-bit grid", "--bits", "8", method=TLQ10, check=on_grid(bits=8))
+    cal("tlq10", "--method tlq --group-size -1 is on the grid", "--group-size", "-1", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --group-size 16 is on the grid", "--group-size", "16", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --group-size 64 (wider than q_proj's 32 inputs)", "--group-size", "64", method=TLQ10,
+        check=_maybe(on_grid()))
+    cal("tlq10", "--method tlq --asym is a quantized copy", "--asym", method=TLQ10, check=valid(faithful("model")))
+    cal("tlq10", "--method tlq --no-act-order is on the grid", "--no-act-order", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --dynamic-groups --format gptq loads", "--dynamic-groups", "--format", "gptq",
+        method=TLQ10, check=valid(faithful("model")))
+    cal("tlq10", "--method tlq --cd-sweeps 3 is on the grid", "--cd-sweeps", "3", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --damp 0", "--damp", "0", method=TLQ10, check=_maybe(on_grid()))
+    cal("tlq10", "--method tlq --damp 1000 is on the grid", "--damp", "1000", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --damp -0.5", "--damp", "-0.5", method=TLQ10)
+    cal("tlq10", "--method tlq --nsamples 1 --seqlen 2 (one scored token)", method=["--method", "tlq", "--nsamples", "1",
+        "--seqlen", "2", "--group-size", "32"], check=_maybe(on_grid()))
+    cal("tlq10", "--method tlq --seqlen 1 (no next token to score)", method=["--method", "tlq", "--nsamples", "2",
+        "--seqlen", "1", "--group-size", "32"])
+    cal("tlq10", "--method tlq on one word repeated 2000 times", data="rep.txt", method=TLQ10,
+        setup=write("rep.txt", "w1 " * 2000), check=valid(on_grid()))
+    cal("tlq10", "--method tlq --part heldout is on the grid", "--part", "heldout", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --mse is on the grid", "--mse", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --smooth uniform (weight-only) is a quantized copy", "--smooth", "uniform", method=TLQ10,
+        check=_maybe(_fp_logits("model")))
+    cal("tlq10", "--method tlq --dtype float16 is a quantized copy", "--dtype", "float16", method=TLQ10,
+        check=valid(faithful("model")))
+    cal("tlq10", "--method tlq --format fake loads the weights of --method tlq (compressed-tensors)", "--format", "fake",
+        method=TLQ10, setup=ref_into("ref", "calibrate", lambda w: w / "model", "--calib", lambda w: w / "text.txt",
+                                     *TLQ10), check=valid(weights_close("out", "ref", 1e-6)))
+    cal("tlq10", "--method tlq --recipe: mlp by gptq", "--recipe", "r.yaml", method=TLQ10,
+        setup=write("r.yaml", "overrides:\n  - targets: ['re:.*mlp.*']\n    method: gptq\n"), check=on_grid())
+    cal("tlq10", "--method tlq --expert-tokens mix on a dense llama", "--expert-tokens", "mix", method=TLQ10,
+        check=_maybe(same_tlq))
+    cal("tlq10", "--method tlq --lam 0.5 --power 2 is on the grid", "--lam", "0.5", "--power", "2", method=TLQ10,
+        check=on_grid())
+    cal("tlq10", "--method tlq --guidance linear --row-groups 4 is on the grid", "--guidance", "linear", "--row-groups",
+        "4", method=TLQ10, check=on_grid())
+    cal("tlq10", "--method tlq --quantize-lm-head", "--quantize-lm-head", method=TLQ10,
+        check=faithful("model", quantized="lm_head"))
+    cal("tlq10", "--method rtn is nearest on the grid (independent RTN check)", method=RTN,
+        check=on_grid(nearest=True))
+    cal("tlq10", "--method rtn --bits 3 --group-size 16 is nearest on the grid", "--bits", "3", "--group-size", "16",
+        check=on_grid(bits=3, nearest=True))
+
+    def setcal(name, *extra, check=None, setup=None, setrel="set", model="model"):
+        cli("tlq10", name, lambda w, e=extra: ["calibrate", w / model, "--calib-set", w / setrel, *SET_RUN, *e,
+                                                "-o", w / "out"], setup=setup, check=check)
+
+    setcal("a set made before, reused with --method gptq", "--method", "gptq", check=_maybe(on_grid()))
+    setcal("a set made before, reused with --method rtn", "--method", "rtn", check=_maybe(on_grid(nearest=True)))
+    setcal("a set made before, reused with --no-fp-target", "--no-fp-target", check=valid(on_grid()))
+    setcal("a set made before, reused with --lam 0.5 (the set's weights are fixed)", "--lam", "0.5",
+           check=_maybe(on_grid()))
+    setcal("a set made before, reused with --guidance linear (the set's is layer)", "--guidance", "linear",
+           check=_maybe(on_grid()))
+    setcal("a set made before, reused with --importance-loss fisher", "--importance-loss", "fisher",
+           check=_maybe(on_grid()))
+    setcal("a set made before, reused with --seed 7", "--seed", "7", check=_maybe(same_as(_set_ref())))
+    setcal("a set made before, --nproc 2 equals one process", "--nproc", "2", check=same_as(_set_ref()))
+    setcal("a set made before, --low-memory equals in memory", "--low-memory", check=same_as(_set_ref()))
+    setcal("a set made before, --group-size 16 is on the grid", "--group-size", "16", check=on_grid())
+    setcal("a set made before, --bits 3 is on the 3-bit grid", "--bits", "3", check=on_grid(bits=3))
+    setcal("a set made before, --expert-tokens all on the llama", "--expert-tokens", "all",
+           check=_maybe(same_as(_set_ref())))
+    setcal("a set of the deep llama (8 layers) for the 2-layer llama", setup=_set_of("deep"), setrel="set2")
+    setcal("a set made with --per-modality on text", setup=_set_of("model", "--per-modality"), setrel="set2",
+           check=_maybe(on_grid()))
+    setcal("a set made with --top-fraction 0.01 (nearly no token kept)",
+           setup=_set_of("model", "--top-fraction", "0.01"), setrel="set2", check=_maybe(on_grid()))
+    setcal("a set made with --lam 1 (uniform weights)", setup=_set_of("model", "--lam", "1"), setrel="set2",
+           check=on_grid())
+    # runs stopped under one method and resumed under another (the default changing between releases)
+    res = [("gptq", GPTQ), ("tlq", TLQ10), ("rtn", RTN)]
+    for made, margs in res:
+        for then_m, targs in res + [("the default", DEFAULT10)]:
+            if then_m == made:
+                continue
+            add("resume", f"stopped under --method {made}, --resume with --method {then_m}",
+                lambda w, t=targs: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *t, "--resume",
+                                           "-o", w / "out"),
+                setup=_stop_low_memory("model", *margs),
+                check=_maybe(same_as(cal_ref("--low-memory", method=targs if then_m != "the default" else margs))))
+    add("resume", "stopped under the default method, --resume without --method equals a fresh default run",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *DEFAULT10, "--resume", "-o", w / "out"),
+        setup=_stop_low_memory("model", *DEFAULT10), check=same_as(cal_ref("--low-memory", method=DEFAULT10)))
+    add("resume", "stopped TLQ run, --resume equals a fresh --low-memory TLQ run",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *TLQ10, "--resume", "-o", w / "out"),
+        setup=_stop_low_memory("model", *TLQ10), check=same_as(cal_ref("--low-memory", method=TLQ10)))
+    add("resume", "stopped TLQ run, --resume --nproc 2 equals a fresh --low-memory TLQ run",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *TLQ10, "--resume", "--nproc", "2",
+                          "-o", w / "out"),
+        setup=_stop_low_memory("model", *TLQ10), check=_maybe(same_as(cal_ref("--low-memory", method=TLQ10))))
+    add("resume", "stopped set run, --resume with --calib text instead of the set",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *TLQ10, "--resume", "-o", w / "out"),
+        setup=_stopped_set)
+    add("resume", "SIGHUP after the first layer, then --resume equals a fresh run",
+        lambda w: run_cli(*_deep_args(w, "deep", "--resume")), setup=_signalled(signal.SIGHUP),
+        check=same_as(lambda w: _deep_args(w, "deep", "--low-memory", out="ref")))
+    add("resume", "SIGQUIT after the first layer, then --resume equals a fresh run",
+        lambda w: run_cli(*_deep_args(w, "deep", "--resume")), setup=_signalled(signal.SIGQUIT),
+        check=same_as(lambda w: _deep_args(w, "deep", "--low-memory", out="ref")))
+
+    # ---- B. mixtures of experts: odd expert counts, top-k, --expert-tokens
+    for fam in ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe", "llama4_text"):
+        g = MOE10[fam]
+        if fam in ("qwen2_moe", "olmoe", "llama4_text"):
+            cal("moe10", f"{fam}: RTN is a quantized copy", model=fam, method=_fam10(fam),
+                check=faithful(fam, quantized="expert"))
+            cal("moe10", f"{fam}: GPTQ is a quantized copy", model=fam, method=_fam10(fam, "gptq"),
+                check=faithful(fam, quantized="expert"))
+        cal("moe10", f"{fam}: --expert-tokens mix (GPTQ) is a quantized copy", "--expert-tokens", "mix", model=fam,
+            method=_fam10(fam, "gptq"), check=valid(faithful(fam, quantized="expert")))
+        cal("moe10", f"{fam}: --expert-tokens all (TLQ) is a quantized copy", "--expert-tokens", "all", model=fam,
+            method=_fam10(fam, "tlq"), check=valid(faithful(fam, quantized="expert")))
+        cal("moe10", f"{fam}: --expert-tokens mix --nproc 2 equals one process", "--expert-tokens", "mix", "--nproc", "2",
+            model=fam, method=_fam10(fam, "gptq"),
+            check=same_as(cal_ref("--expert-tokens", "mix", model=fam, method=_fam10(fam, "gptq"))))
+        cal("moe10", f"{fam}: GPTQ on 1 sample of 2 tokens (experts starved)", model=fam,
+            method=_fam10(fam, "gptq", "1", "2"), check=valid(faithful(fam, quantized="expert")))
+        k = "num_experts_per_tok"
+        cal("moe10", f"{fam}: config {k} 1", model=fam, method=_fam10(fam, "gptq"), setup=_cfg(fam, **{k: 1}),
+            check=valid(faithful(fam, quantized="expert")))
+        cal("moe10", f"{fam}: config {k} = every expert (4)", model=fam, method=_fam10(fam, "gptq"),
+            setup=_cfg(fam, **{k: 4}), check=valid(faithful(fam, quantized="expert")))
+        if fam != "mixtral":  # round 7 gave mixtral top-k 0
+            cal("moe10", f"{fam}: config {k} 0", model=fam, method=_fam10(fam, "gptq"), setup=_cfg(fam, **{k: 0}))
+        cal("moe10", f"{fam}: config {k} 5 (more than its 4 experts)", model=fam, method=_fam10(fam, "gptq"),
+            setup=_cfg(fam, **{k: 5}))
+        _ = g
+    for fam in ("mixtral3", "qwen3_moe3", "deepseek_v33"):
+        base_fam = fam[:-1]
+        gm = _fam10(base_fam)
+        cal("moe10", f"{fam} (3 experts): RTN is a quantized copy", model=fam, method=gm,
+            check=faithful(fam, quantized="expert"))
+        cal("moe10", f"{fam} (3 experts): GPTQ --expert-tokens mix is a quantized copy", "--expert-tokens", "mix",
+            model=fam, method=_fam10(base_fam, "gptq"), check=valid(faithful(fam, quantized="expert")))
+        cal("moe10", f"{fam} (3 experts): TLQ --low-memory equals TLQ in memory", "--low-memory", model=fam,
+            method=_fam10(base_fam, "tlq"), check=same_as(cal_ref(model=fam, method=_fam10(base_fam, "tlq"))))
+        cli("moe10", f"{fam} (3 experts): eval of its RTN export", lambda w, f=fam, m=gm: ["eval", w / "o3", "--data",
+            w / "text.txt", "--seqlen", "16"],
+            setup=lambda w, f=fam, m=gm: _run_into(w, "o3", "calibrate", w / f, "--calib", w / "text.txt", *m),
+            check=valid(eval_ok))
+        cli("moe10", f"{fam} (3 experts): plan --json equals calibrate --dry-run --json",
+            lambda w, f=fam, m=gm: ["plan", w / f, "--calib", w / "text.txt", *m, "--json"],
+            check=plan_equals_dry_run(fam, *gm))
+    cal("moe10", "mixtral: --expert-tokens mix --all-experts (two answers)", "--expert-tokens", "mix", "--all-experts",
+        model="mixtral", method=_fam10("mixtral", "gptq"))
+    cal("moe10", "mixtral: --expert-tokens routed --all-experts (two answers)", "--expert-tokens", "routed",
+        "--all-experts", model="mixtral", method=_fam10("mixtral", "gptq"))
+    cal("moe10", "mixtral: --expert-tokens MIX (capitals)", "--expert-tokens", "MIX", model="mixtral",
+        method=_fam10("mixtral", "gptq"),
+        check=_maybe(same_as(cal_ref("--expert-tokens", "mix", model="mixtral", method=_fam10("mixtral", "gptq")))))
+    cal("moe10", "mixtral: --expert-tokens mix with --method rtn (no tokens used)", "--expert-tokens", "mix",
+        model="mixtral", method=_fam10("mixtral"), check=_maybe(same_as(cal_ref(model="mixtral", method=_fam10("mixtral")))))
+    cal("moe10", "mixtral: --expert-tokens '' (empty)", "--expert-tokens", "", model="mixtral", method=_fam10("mixtral"))
+    cal("moe10", "mixtral: --expert-tokens mix --low-memory equals in memory", "--expert-tokens", "mix", "--low-memory",
+        model="mixtral", method=_fam10("mixtral", "gptq"),
+        check=same_as(cal_ref("--expert-tokens", "mix", model="mixtral", method=_fam10("mixtral", "gptq"))))
+    cli("moe10", "mixtral: a set, then --calib-set --expert-tokens mix is a quantized copy",
+        lambda w: ["calibrate", w / "mixtral", "--calib-set", w / "set2", *SET_RUN, "--expert-tokens", "mix", "-o", w / "out"],
+        setup=_set_of("mixtral"), check=valid(faithful("mixtral", quantized="expert")))
+    cal("moe10", "mixtral: --recipe bits 8 on experts only", "--recipe", "r.yaml", model="mixtral",
+        method=_fam10("mixtral", "gptq"), setup=write("r.yaml", "overrides:\n  - targets: ['re:.*experts.*']\n    bits: 8\n"),
+        check=valid(faithful("mixtral", quantized="expert")))
+    cal("moe10", "mixtral: config router_jitter_noise 0.5 (random routing in training only)", model="mixtral",
+        method=_fam10("mixtral", "gptq"), setup=_cfg("mixtral", router_jitter_noise=0.5),
+        check=_maybe(faithful("mixtral", quantized="expert")))
+    cal("moe10", "qwen3_moe: config norm_topk_prob flipped", model="qwen3_moe", method=_fam10("qwen3_moe", "gptq"),
+        setup=json_edit("qwen3_moe/config.json", lambda d: d.update(norm_topk_prob=not d.get("norm_topk_prob", False))),
+        check=valid(faithful("qwen3_moe", quantized="expert")))
+    cal("moe10", "qwen3_moe: config decoder_sparse_step 2 (layer 0 dense by config, experts stored)", model="qwen3_moe",
+        method=_fam10("qwen3_moe", "gptq"), setup=_cfg("qwen3_moe", decoder_sparse_step=2))
+    cal("moe10", "qwen3_moe: config mlp_only_layers [0] (experts stored for layer 0)", model="qwen3_moe",
+        method=_fam10("qwen3_moe", "gptq"), setup=_cfg("qwen3_moe", mlp_only_layers=[0]))
+    cal("moe10", "deepseek_v3: config first_k_dense_replace 0 (layer 0 stored dense)", model="deepseek_v3",
+        method=_fam10("deepseek_v3", "gptq"), setup=_cfg("deepseek_v3", first_k_dense_replace=0))
+    cal("moe10", "deepseek_v3: config n_group 2 topk_group 1", model="deepseek_v3", method=_fam10("deepseek_v3", "gptq"),
+        setup=_cfg("deepseek_v3", n_group=2, topk_group=1), check=_maybe(faithful("deepseek_v3")))
+    cal("moe10", "mixtral: config num_local_experts 3 (4 stored)", model="mixtral", method=_fam10("mixtral", "gptq"),
+        setup=_cfg("mixtral", num_local_experts=3))
+
+    # ---- C. VLM families beyond qwen2_vl
+    for fam in VLM10:
+        m = f"vlm_{fam}"
+        cal("vlm10", f"{fam}: RTN on image-text records is a quantized copy", model=m, data="vl/data.jsonl",
+            method=["--method", "rtn", *VLM_RUN], check=vlm_faithful(m, must="language_model"))
+        cal("vlm10", f"{fam}: the default method on image-text records is a quantized copy", model=m,
+            data="vl/data.jsonl", method=VLM_RUN, check=valid(vlm_faithful(m, must="language_model")))
+        cal("vlm10", f"{fam}: --quantize-vision (RTN) quantizes the vision tower", "--quantize-vision", model=m,
+            data="vl/data.jsonl", method=["--method", "rtn", *VLM_RUN], check=_maybe(vlm_faithful(m, must="vision")))
+        cal("vlm10", f"{fam}: calibrated on plain text (no images)", model=m, data="cap.txt",
+            method=["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"],
+            setup=write("cap.txt", CAPTIONS), check=_maybe(vlm_faithful(m, must="language_model")))
+    for fam in ("llava", "gemma3", "idefics3"):
+        m = f"vlm_{fam}"
+        cal("vlm10", f"{fam}: GPTQ --low-memory equals GPTQ in memory", "--low-memory", model=m, data="vl/data.jsonl",
+            method=["--method", "gptq", *VLM_RUN],
+            check=same_as(cal_ref(model=m, data="vl/data.jsonl", method=["--method", "gptq", *VLM_RUN])))
+        cli("vlm10", f"{fam}: eval of its RTN export on captions", lambda w, m=m: ["eval", w / "o3", "--data", w / "cap.txt",
+            "--seqlen", "16", "--part", "all"],
+            setup=both(write("cap.txt", CAPTIONS), lambda w, m=m: _run_into(
+                w, "o3", "calibrate", w / m, "--calib", w / "vl" / "data.jsonl", "--method", "rtn", *VLM_RUN)),
+            check=_maybe(eval_ok))
+        cli("vlm10", f"{fam}: importance on image-text, then --calib-set is a quantized copy",
+            lambda w, m=m: ["calibrate", w / m, "--calib-set", w / "set2", "--group-size", "32", "-o", w / "out"],
+            setup=lambda w, m=m: _run_into(w, "set2", "importance", w / m, "--calib", w / "vl" / "data.jsonl",
+                                                 "--nsamples", "2", "--seqlen", "256"),
+            check=valid(vlm_faithful(m, must="language_model")))
+    cal("vlm10", "llava: the qwen2_vl's records with <|image_pad|> text", model="vlm_llava", data="pad.jsonl",
+        method=["--method", "rtn", *VLM_RUN],
+        setup=write("pad.jsonl", json.dumps({"image": "vl/img/0.png", "text": "<|image_pad|> a red square ."}) + "\n"))
+    cal("vlm10", "gemma3: records whose text holds two <start_of_image> markers for one image", model="vlm_gemma3",
+        data="two.jsonl", method=["--method", "rtn", *VLM_RUN],
+        setup=write("two.jsonl", "".join(json.dumps({"image": "vl/img/0.png", "text": "<start_of_image> <start_of_image> a"
+                                                     " red square ."}) + "\n" for _ in range(2))))
+    cal("vlm10", "internvl: a record of two images", model="vlm_internvl", data="two.jsonl",
+        method=["--method", "rtn", *VLM_RUN],
+        setup=write("two.jsonl", "".join(json.dumps({"image": ["vl/img/0.png", "vl/img/1.png"], "text": "a red square ."})
+                                         + "\n" for _ in range(2))), check=_maybe(vlm_faithful("vlm_internvl")))
+    cal("vlm10", "idefics3: a 1x1 image", model="vlm_idefics3", data="tiny.jsonl", method=["--method", "rtn", *VLM_RUN],
+        setup=both(lambda w: _image(w / "one.png", "RGB", (1, 1)),
+                   write("tiny.jsonl", "".join(json.dumps({"image": "one.png", "text": "a red square ."}) + "\n"
+                                               for _ in range(2)))),
+        check=_maybe(vlm_faithful("vlm_idefics3")))
+    cal("vlm10", "qwen3_vl: a 4000x8 image (extreme aspect)", model="vlm_qwen3_vl", data="wide.jsonl",
+        method=["--method", "rtn", *VLM_RUN],
+        setup=both(lambda w: _image(w / "wide.png", "RGB", (4000, 8)),
+                   write("wide.jsonl", "".join(json.dumps({"image": "wide.png", "text": "a red square ."}) + "\n"
+                                               for _ in range(2)))),
+        check=_maybe(vlm_faithful("vlm_qwen3_vl")))
+    cal("vlm10", "llava_next: --dtype bfloat16 is a quantized copy", "--dtype", "bfloat16", model="vlm_llava_next",
+        data="vl/data.jsonl", method=["--method", "rtn", *VLM_RUN],
+        check=valid(vlm_faithful("vlm_llava_next", must="language_model", min_corr=0.85)))
+    cli("vlm10", "llava: plan of image-text records --json equals calibrate --dry-run",
+        lambda w: ["plan", w / "vlm_llava", "--calib", w / "vl" / "data.jsonl", "--method", "rtn", *VLM_RUN, "--json"],
+        check=lambda w, r: (lambda o: None if o.exit_code == 0 and json.loads(o.stdout).keys() == json.loads(r.stdout).keys()
+                            else "plan and dry-run differ")(run_cli("calibrate", w / "vlm_llava", "--calib",
+                                                                     w / "vl" / "data.jsonl", "--method", "rtn", *VLM_RUN,
+                                                                     "--dry-run", "--json", "-o", w / "dry")))
+    out[-1].valid = True
+    api("VLM llava: in-memory records with PIL images", lambda w: _api_vlm_fam(w, "llava"),
+        check=valid(lambda w, r: vlm_faithful("vlm_llava", must="language_model")(w, r)))
+    api("VLM gemma3: loaded model + processor objects", lambda w: _api_vlm_fam(w, "gemma3", loaded=True),
+        check=valid(lambda w, r: vlm_faithful("vlm_gemma3", must="language_model")(w, r)))
+    api("VLM internvl: the llava's processor for the internvl model", lambda w: _api_vlm_fam(w, "internvl",
+                                                                                           processor="llava"))
+
+    # ---- D. exports of odd recipes, chained
+    for src in ("mix", "head", "a8", "asym", "vlm_ct", "mx_ct"):
+        for fmt in ("gptq", "gptq_v2", "fake"):
+            cli("export10", f"{src} -> {fmt} loads the weights of {src}",
+                lambda w, s=src, f=fmt: ["export", w / s, "--format", f, "-o", w / "out"],
+                check=_maybe(weights_close("out", src, 1e-6)))
+    cli("export10", "mix -> fake -> compressed-tensors loads the weights of mix",
+        lambda w: ["export", w / "o1", "--format", "compressed-tensors", "-o", w / "out"],
+        setup=lambda w: _chain_into_rel(w, "mix", "fake", "o1"), check=valid(weights_close("out", "mix", 1e-6)))
+    cli("export10", "asym -> gptq_v2 -> compressed-tensors loads the weights of asym",
+        lambda w: ["export", w / "o1", "--format", "compressed-tensors", "-o", w / "out"],
+        setup=lambda w: _chain_into_rel(w, "asym", "gptq_v2", "o1"), check=_maybe(weights_close("out", "asym", 1e-6)))
+    for size in ("0", "1B", "-5GB", "1.5MB", "5gb", "5GiB", "inf", "nan", "1e3", "10KB", "5 GB", "0x10MB"):
+        cli("export10", f"--max-shard-size {size!r}", lambda w, s=size: ["export", w / "ct", "--format",
+                                                                         "compressed-tensors", "--max-shard-size", s,
+                                                                         "-o", w / "out"],
+            check=_maybe(weights_close("out", "ct", 0.0)))
+    cli("export10", "export -o inside its own input (ct/sub)", lambda w: ["export", w / "ct", "--format", "fake",
+                                                                         "-o", w / "ct" / "sub"])
+    cli("export10", "export -o its own input with --overwrite", lambda w: ["export", w / "ct", "--format", "fake",
+                                                                          "-o", w / "ct", "--overwrite"])
+    cli("export10", "export of the 3-bit fake to gptq loads the same weights", lambda w: ["export", w / "fake", "--format",
+                                                                                        "gptq", "-o", w / "out"],
+        check=_maybe(weights_close("out", "fake", 1e-6)))
+    cli("export10", "export of a set folder", lambda w: ["export", w / "set", "--format", "fake", "-o", w / "out"])
+    cli("export10", "export of a calibrate work area (out.partial)", lambda w: ["export", w / "out.partial", "--format",
+                                                                              "fake", "-o", w / "o2"],
+        setup=_stop_low_memory("model", *GPTQ))
+    api("load_quantized(ct, dtype='auto')", lambda w: _lq10(w, dtype="auto"), check=_maybe(returned_ok))
+    api("load_quantized(ct, dtype='bf16')", lambda w: _lq10(w, dtype="bf16"), check=_maybe(returned_ok))
+    api("load_quantized(ct, dtype=torch.float64)", lambda w: _lq10(w, dtype=torch.float64), check=_maybe(returned_ok))
+    api("load_quantized(ct, dtype=torch.bfloat16) holds bfloat16 weights", lambda w: _lq10(w, dtype=torch.bfloat16),
+        check=valid(lambda w, r: None if r.get_input_embeddings().weight.dtype == torch.bfloat16 else "not bfloat16"))
+    api("load_quantized(ct, torch_dtype='float16')", lambda w: _lq10(w, torch_dtype="float16"), check=_maybe(returned_ok))
+    api("load_quantized(ct, low_cpu_mem_usage=True)", lambda w: _lq10(w, low_cpu_mem_usage=True), check=_maybe(returned_ok))
+    api("load_quantized(ct, 'cpu') (a device as the second positional)", lambda w: __import__("quantkit").load_quantized(
+        w / "ct", "cpu"))
+    api("load_quantized(mix) equals transformers' load of mix (plain from_pretrained)", lambda w: _lq10(w, "mix"),
+        check=_maybe(_plain_equals("mix")))
+    api("load_quantized(asym) equals transformers' dequantized load", lambda w: _lq10(w, "asym"),
+        check=_maybe(_plain_equals("asym")))
+
+    # ---- E. eval on odd data, and against plain transformers
+    cli("eval10", "eval --part all --seqlen 16 equals plain transformers' loss",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "16"), check=loss_matches_plain("model"))
+    cli("eval10", "eval of the fake export equals plain transformers' loss of it",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "16", target="fake"), check=loss_matches_plain("fake"))
+    cli("eval10", "eval --seqlen 32 --part all equals plain transformers' loss",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "32"), check=loss_matches_plain("model", seqlen=32))
+    cli("eval10", "eval --batch-size 1 equals plain transformers' loss",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "16", "--batch-size", "1"), check=loss_matches_plain("model"))
+    cli("eval10", "eval --batch-size 1000 equals plain transformers' loss",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "16", "--batch-size", "1000"),
+        check=loss_matches_plain("model"))
+    cli("eval10", "eval of qwen3 equals plain transformers' loss",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "16", target="qwen3"), check=loss_matches_plain("qwen3"))
+    cli("eval10", "eval of mixtral equals plain transformers' loss",
+        ev("--data", "text.txt", "--part", "all", "--seqlen", "16", target="mixtral"), check=loss_matches_plain("mixtral"))
+    cli("eval10", "eval of a file of blank lines only", ev("--data", "blank.txt"), setup=write("blank.txt", "\n \n\t\n" * 50))
+    cli("eval10", "eval of a one-word file", ev("--data", "one.txt", "--part", "all"), setup=write("one.txt", "w1\n"))
+    cli("eval10", "eval of a UTF-16 text file (with BOM)", ev("--data", "u16.txt", "--part", "all", "--seqlen", "16"),
+        setup=lambda w: (w / "u16.txt").write_bytes((w / "text.txt").read_text().encode("utf-16")),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--part", "all", "--seqlen", "16"))))
+    cli("eval10", "eval of a gzip file named .txt.gz", ev("--data", "t.txt.gz", "--part", "all", "--seqlen", "16"),
+        setup=lambda w: (w / "t.txt.gz").write_bytes(__import__("gzip").compress((w / "text.txt").read_bytes())),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--part", "all", "--seqlen", "16"))))
+    cli("eval10", "eval of JSONL records whose text is ''", ev("--data", "e.jsonl"),
+        setup=write("e.jsonl", '{"text": ""}\n' * 10))
+    cli("eval10", "eval of a CSV file", ev("--data", "d.csv", "--part", "all", "--seqlen", "16"),
+        setup=write("d.csv", "id,text\n" + "".join(f"{i},w{i % 50} w{(i + 3) % 50}\n" for i in range(200))),
+        check=_maybe(eval_ok))
+    cli("eval10", "eval --data 'text.txt,' (a trailing comma)", ev("--data", "text.txt,", "--seqlen", "16"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval --data ',text.txt' (a leading comma)", ev("--data", ",text.txt", "--seqlen", "16"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval --data ' text.txt' (a leading space)", ev("--data", " text.txt", "--seqlen", "16"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval --data a file named 'a,b.txt' (a comma in its name)", ev("--data", "a,b.txt", "--seqlen", "16"),
+        setup=lambda w: shutil.copy(w / "text.txt", w / "a,b.txt"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval --data a local file named 'hf:x.txt'", ev("--data", "hf:x.txt", "--seqlen", "16"),
+        setup=lambda w: shutil.copy(w / "text.txt", w / "hf:x.txt"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval --seqlen 65 (above the model's 64 positions)", ev("--data", "text.txt", "--seqlen", "65"))
+    cli("eval10", "eval --seqlen 2 is finite", ev("--data", "text.txt", "--seqlen", "2"), check=valid(eval_ok))
+    cli("eval10", "eval --stride 17 --seqlen 16 (a token between windows unscored)",
+        ev("--data", "text.txt", "--seqlen", "16", "--stride", "17"), check=_maybe(eval_ok))
+    cli("eval10", "eval --stride 8 --seqlen 16 (overlapping windows) is finite",
+        ev("--data", "text.txt", "--seqlen", "16", "--stride", "8"), check=valid(eval_ok))
+    cli("eval10", "eval --max-tokens 0", ev("--data", "text.txt", "--max-tokens", "0"))
+    cli("eval10", "eval --device cpu:0", ev("--data", "text.txt", "--seqlen", "16", "--device", "cpu:0"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval --device CPU (capitals)", ev("--data", "text.txt", "--seqlen", "16", "--device", "CPU"),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    cli("eval10", "eval -o the model's config.json", ev("--data", "text.txt", "--seqlen", "16", "-o", "model/config.json"))
+    cli("eval10", "eval -o r.json --json: the file equals stdout", ev("--data", "text.txt", "--seqlen", "16", "-o",
+                                                                      "r.json", "--json"),
+        check=valid(lambda w, r: None if json.loads((w / "r.json").read_text()) == json.loads(r.stdout)
+                    else "r.json differs from the printed JSON"))
+    cli("eval10", "eval of the calibration set folder", ev("--data", "text.txt", target="set"))
+    cli("eval10", "eval of a VLM (llava) on text", ev("--data", "cap.txt", "--seqlen", "16", "--part", "all",
+                                                      target="vlm_llava"),
+        setup=write("cap.txt", CAPTIONS), check=_maybe(eval_ok))
+    cli("eval10", "eval of a 3-expert mixtral on text is finite", ev("--data", "text.txt", "--seqlen", "16",
+                                                                     target="mixtral3"), check=valid(eval_ok))
+    cli("eval10", "eval --data the image-text records (a VLM export)", ev("--data", "vl/data.jsonl", target="vlm_ct"),
+        check=_maybe(eval_ok))
+
+    # ---- F. qid with odd tables and the default method
+    body = build_qid_rows()
+    lines = body.strip().splitlines()
+    cli("qid10", "fit: trailing commas on every line (an empty last column)", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=write("t.csv", "".join(ln + ",\n" for ln in (QID_HEADER.strip(), *lines))), check=_maybe(_fit_finite))
+    cli("qid10", "fit: method 'RTN' on some rows, 'rtn' on others", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=write("t.csv", QID_HEADER + "\n".join(ln.replace(",rtn,", ",RTN,") if i % 2 else ln
+                                                   for i, ln in enumerate(lines)) + "\n"), check=_maybe(_fit_finite))
+    cli("qid10", "fit: N written '1.2M'", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=write("t.csv", QID_HEADER + "\n".join(_col(ln, 4, "1.2M") for ln in lines) + "\n"))
+    cli("qid10", "fit: bits written 'W4'", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=write("t.csv", QID_HEADER + "\n".join(_col(ln, 2, "W4") for ln in lines) + "\n"))
+    cli("qid10", "fit: qid written '5%'", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=write("t.csv", QID_HEADER + "\n".join(_col(ln, 8, "5%") for ln in lines) + "\n"))
+    cli("qid10", "fit: numbers with a leading '+'", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=write("t.csv", QID_HEADER + "\n".join(_col(ln, 5, "+" + ln.split(",")[5]) for ln in lines) + "\n"),
+        check=_maybe(_fit_finite))
+    cli("qid10", "fit: model names in Latin-1 (é)", lambda w: ["qid", "fit", w / "t.csv"],
+        setup=lambda w: (w / "t.csv").write_bytes((QID_HEADER + "\n".join(_col(ln, 0, "modèle") for ln in lines)
+                                                   + "\n").encode("latin-1")), check=_maybe(_fit_finite))
+    cli("qid10", "fit: a header only", lambda w: ["qid", "fit", w / "t.csv"], setup=write("t.csv", QID_HEADER))
+    cli("qid10", "fit: an .xlsx file (a zip)", lambda w: ["qid", "fit", w / "t.xlsx"],
+        setup=write("t.xlsx", b"PK\x03\x04" + bytes(200)))
+    cli("qid10", "fit: a .tsv file with tabs", lambda w: ["qid", "fit", w / "t.tsv"],
+        setup=write("t.tsv", (QID_HEADER + body).replace(",", "\t")), check=_maybe(_fit_finite))
+    cli("qid10", "predict --params 1.5B (a suffix)", lambda w: ["qid", "predict", "--params", "1.5B", "--tokens", "1e12",
+                                                                "--bits", "4"])
+    cli("qid10", "predict --tokens 2T (a suffix)", lambda w: ["qid", "predict", "--params", "1e9", "--tokens", "2T",
+                                                              "--bits", "4"])
+    cli("qid10", "predict --bits 4 --tokens 1e12 without --params", lambda w: ["qid", "predict", "--tokens", "1e12",
+                                                                              "--bits", "4"])
+    cli("qid10", "measure --methods tlq (rows finite)", lambda w: [*_measure8(w), "--bits", "4", "--methods", "tlq"],
+        setup=lambda w: (w / "m.csv").unlink(), check=_maybe(csv_rows_ok))
+    cli("qid10", "measure without --methods (the default's rows finite)", lambda w: [*_measure8(w), "--bits", "4"],
+        setup=lambda w: (w / "m.csv").unlink(), check=_maybe(csv_rows_ok))
+    cli("qid10", "measure -o m.csv (rtn rows) then --methods tlq into it", lambda w: [*_measure8(w), "--bits", "4",
+                                                                                      "--methods", "tlq"],
+        check=_maybe(csv_whole("m.csv")))
+    cli("qid10", "measure a 3-expert mixtral", lambda w: ["qid", "measure", w / "mixtral3", "--eval", w / "text.txt",
+                                                          "--eval-tokens", "64", "--eval-seqlen", "16", "--nsamples", "2",
+                                                          "--calib-seqlen", "16", "--group-size", "32", "--tokens", "1e9",
+                                                          "--bits", "4", "--methods", "rtn", "-o", w / "q3.csv"],
+        check=_maybe(lambda w, r: csv_whole("q3.csv")(w, r)))
+    cli("qid10", "plot -o on a full disk", lambda w: ["qid", "plot", w / "q.csv", "-o", w / "full" / "p"],
+        setup=mount_tmpfs("full", "8k"))
+    cli("qid10", "fit -o on a full disk", lambda w: ["qid", "fit", w / "q.csv", "-o", w / "full" / "f.json"],
+        setup=both(mount_tmpfs("full", "4k"), lambda w: _fill(w / "full")))
+    cli("qid10", "measure -o on a read-only disk", lambda w: [*_measure8(w)[:-2], "-o", w / "ro" / "m.csv", "--bits", "4",
+                                                              "--methods", "rtn"],
+        setup=mount_tmpfs("ro", "64k", readonly=True))
+
+    # ---- G. the planner
+    for model, extra in (("model", TLQ10), ("mixtral", [*_fam10("mixtral", "gptq"), "--expert-tokens", "mix"]),
+                         ("gpt_oss", _fam10("gpt_oss", "tlq")), ("qwen2_moe", _fam10("qwen2_moe", "gptq")),
+                         ("model", [*DEFAULT10]), ("model", [*TLQ10, "--guidance", "linear", "--row-groups", "4"]),
+                         ("deep", [*TLQ10, "--low-memory", "--nproc", "2"])):
+        cli("plan10", f"{model} {' '.join(extra)}: plan --json equals calibrate --dry-run --json",
+            lambda w, m=model, e=extra: ["plan", w / m, "--calib", w / "text.txt", *e, "--json"],
+            check=valid(plan_equals_dry_run(model, *extra)))
+    for mem in ("8G", "8gb", "8GIB", "0.5GiB", "-0GiB", "8GiB,", "1e2GiB", "８GiB"):
+        cli("plan10", f"plan --host-mem {mem!r}", lambda w, m=mem: ["plan", w / "model", "--calib", w / "text.txt", *RTN,
+                                                                     "--host-mem", m, "--json"],
+            check=_maybe(_json_finite))
+    cli("plan10", "plan of a model with only pytorch_model.bin", lambda w: ["plan", w / "model", "--calib", w / "text.txt",
+                                                                            *RTN, "--json"],
+        setup=_bin_only, check=_maybe(_json_finite))
+    cli("plan10", "plan --nproc 3 of a 2-layer model", lambda w: ["plan", w / "model", "--calib", w / "text.txt", *RTN,
+                                                                  "--nproc", "3", "--json"], check=_maybe(_json_finite))
+    cli("plan10", "plan --offload-dir on a read-only disk", lambda w: ["plan", w / "model", "--calib", w / "text.txt", *RTN,
+                                                                       "--low-memory", "--offload-dir", w / "ro" / "x"],
+        setup=mount_tmpfs("ro", "64k", readonly=True), check=_maybe(lambda w, r: None))
+    cli("plan10", "plan -o on a full disk (the export will not fit)", lambda w: ["plan", w / "model", "--calib",
+                                                                                w / "text.txt", *RTN, "-o", w / "full" / "o"],
+        setup=mount_tmpfs("full", "8k"))
+
+    # ---- H. the demo
+    demo_quick = ["--model", "model", "--data", "text.txt", "--nsamples", "2", "--seqlen", "16", "--threads", "1"]
+    cli("demo10", "demo on your model --format compressed-tensors --json is finite",
+        lambda w: ["demo", *demo_quick, "--format", "compressed-tensors", "--json", "-o", w / "d"],
+        check=valid(_demo_json_ok))
+    cli("demo10", "demo on your model --seqlen 65 (above its 64 positions)",
+        lambda w: ["demo", *demo_quick[:6], "--seqlen", "65", "-o", w / "d"])
+    cli("demo10", "demo on a 3-expert mixtral --json is finite",
+        lambda w: ["demo", "--model", "mixtral3", *demo_quick[2:], "--json", "-o", w / "d"], check=_maybe(_demo_json_ok))
+    cli("demo10", "demo on the llava VLM with image-text records",
+        lambda w: ["demo", "--model", "vlm_llava", "--data", "vl/data.jsonl", "--nsamples", "2", "--seqlen", "256",
+                   "--json", "-o", w / "d"], check=_maybe(_demo_json_ok))
+    cli("demo10", "demo -o a unicode name with spaces", lambda w: ["demo", *demo_quick, "--json", "-o", w / "démo é"],
+        check=valid(_demo_json_ok))
+    cli("demo10", "demo --threads 64 (more than the cores)", lambda w: ["demo", *demo_quick[:-2], "--threads", "64",
+                                                                       "--json", "-o", w / "d"],
+        check=_maybe(_demo_json_ok))
+    cli("demo10", "demo -o on a full disk", lambda w: ["demo", *demo_quick, "-o", w / "full" / "d"],
+        setup=mount_tmpfs("full", "16k"))
+    cli("demo10", "demo --model with --train-seconds 5 (nothing to train)", lambda w: ["demo", *demo_quick,
+                                                                                       "--train-seconds", "5", "--json",
+                                                                                       "-o", w / "d"],
+        check=_maybe(_demo_json_ok))
+    cli("demo10", "demo --data a set folder", lambda w: ["demo", "--model", "model", "--data", "set", "-o", w / "d"])
+
+    # ---- I. environment variables (child processes)
+    ref_rtn = same_as(cal_ref())
+    add("env10", "TRANSFORMERS_OFFLINE=1 with a local model equals the in-process run",
+        _child_cal(env={"TRANSFORMERS_OFFLINE": "1"}), check=ref_rtn)
+    add("env10", "TRANSFORMERS_OFFLINE=1 with a hub id",
+        lambda w: child(w, "calibrate", "nobody-here/none", "--calib", w / "text.txt", *RTN, "-o", w / "out",
+                        env={"TRANSFORMERS_OFFLINE": "1"}))
+    add("env10", "HF_DATASETS_OFFLINE=1 with an hf: calibration set",
+        lambda w: child(w, "calibrate", w / "model", "--calib", "hf:wikitext:wikitext-2-raw-v1", *GPTQ, "-o", w / "out",
+                        env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}))
+    add("env10", "CUDA_VISIBLE_DEVICES=0 on a CPU machine (default device) equals the in-process run",
+        _child_cal(env={"CUDA_VISIBLE_DEVICES": "0"}), check=ref_rtn)
+    add("env10", "CUDA_VISIBLE_DEVICES=0 with --device cuda on a CPU machine",
+        _child_cal("--device", "cuda", env={"CUDA_VISIBLE_DEVICES": "0"}))
+    add("env10", "CUDA_VISIBLE_DEVICES=-1 with --device cuda:0", _child_cal("--device", "cuda:0",
+                                                                              env={"CUDA_VISIBLE_DEVICES": "-1"}))
+    add("env10", "--device cpu:0 equals the in-process run", _child_cal("--device", "cpu:0"), check=_maybe(ref_rtn))
+    add("env10", "--device mps on Linux", _child_cal("--device", "mps"))
+    add("env10", "--device xpu", _child_cal("--device", "xpu"))
+    add("env10", "PYTHONWARNINGS=error equals the in-process run", _child_cal(env={"PYTHONWARNINGS": "error"}),
+        check=ref_rtn)
+    add("env10", "PYTHONIOENCODING=ascii, a refusal naming a unicode path",
+        lambda w: child(w, "calibrate", w / "modèle_absent", "--calib", w / "text.txt", *RTN, "-o", w / "out",
+                        env={"PYTHONIOENCODING": "ascii"}))
+    add("env10", "LC_ALL=C LANG=C, a refusal naming a unicode path",
+        lambda w: child(w, "eval", w / "модель", "--data", w / "text.txt", env={"LC_ALL": "C", "LANG": "C"}))
+    add("env10", "COLUMNS=5 (a narrow terminal) equals the in-process run", _child_cal(env={"COLUMNS": "5"}),
+        check=ref_rtn)
+    add("env10", "TERM=dumb NO_COLOR=1 equals the in-process run", _child_cal(env={"TERM": "dumb", "NO_COLOR": "1"}),
+        check=ref_rtn)
+    add("env10", "HF_HOME='' (empty) equals the in-process run", _child_cal(env={"HF_HOME": ""}), check=ref_rtn)
+    add("env10", "HF_HUB_CACHE a file equals the in-process run (local model)", _child_cal(env={"HF_HUB_CACHE": "text.txt"}),
+        check=_maybe(ref_rtn))
+    add("env10", "HOME unset equals the in-process run", _child_cal(unset=("HOME",)), check=ref_rtn)
+    add("env10", "OMP_NUM_THREADS=0 equals the in-process run", _child_cal(env={"OMP_NUM_THREADS": "0"}),
+        check=_maybe(ref_rtn))
+    add("env10", "TOKENIZERS_PARALLELISM=maybe equals the in-process run",
+        _child_cal(env={"TOKENIZERS_PARALLELISM": "maybe"}), check=ref_rtn)
+    add("env10", "WORLD_SIZE=2 left set (no RANK)", _child_cal(env={"WORLD_SIZE": "2"}), check=_maybe(ref_rtn))
+    add("env10", "MASTER_PORT=abc with --nproc 2", _child_cal("--nproc", "2", env={"MASTER_PORT": "abc"},
+                                                              method=GPTQ),
+        check=_maybe(same_as(cal_ref(method=GPTQ))))
+    add("env10", "MASTER_ADDR=nowhere.invalid with --nproc 2", _child_cal("--nproc", "2",
+                                                                           env={"MASTER_ADDR": "nowhere.invalid"},
+                                                                           method=GPTQ),
+        check=_maybe(same_as(cal_ref(method=GPTQ))))
+    add("env10", "HF_HOME on a read-only disk, local model, equals the in-process run",
+        lambda w: child(w, "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "out",
+                        env={"HF_HOME": str(w / "ro" / "hf")}),
+        setup=mount_tmpfs("ro", "64k", readonly=True), check=ref_rtn)
+    add("env10", "TMPDIR on a full disk equals the in-process run",
+        lambda w: child(w, "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "out",
+                        env={"TMPDIR": str(w / "full")}),
+        setup=mount_tmpfs("full", "4k"), check=_maybe(ref_rtn))
+    add("env10", "calibrate --json with stdout closed (fd 1)",
+        lambda w: _closed_stdout(w, ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--json", "-o", w / "out"]),
+        check=_maybe(export_ok()))
+    add("env10", "eval with stdout closed (fd 1)", lambda w: _closed_stdout(w, ["eval", w / "model", "--data",
+                                                                                w / "text.txt", "--seqlen", "16"]),
+        check=_maybe(lambda w, r: None))
+
+    # ---- J. paths: full and read-only disks, odd names
+    add("path10", "-o on a full disk (16 KB)", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                                  "-o", w / "full" / "out"), setup=mount_tmpfs("full", "16k"))
+    add("path10", "-o on a 40 KB disk (the weights fit, not the rest)",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "full" / "out"),
+        setup=mount_tmpfs("full", "40k"))
+    out.append(Case("path10", "--low-memory -o on a 64 KB disk (the work area fills)",
+                    lambda w: run_cli("calibrate", w / "deep", "--calib", w / "text.txt", *GPTQ, "--low-memory", "-o",
+                                      w / "full" / "out"), mount_tmpfs("full", "64k"), keeps=("full/out.partial",)))
+    add("path10", "--offload-dir on a full disk", lambda w: run_cli("calibrate", w / "deep", "--calib", w / "text.txt",
+                                                                     *GPTQ, "--low-memory", "--offload-dir", w / "full",
+                                                                     "-o", w / "out"),
+        setup=mount_tmpfs("full", "8k"))
+    add("path10", "importance -o on a full disk", lambda w: run_cli(*imp()(w)[:-2], "-o", w / "full" / "s"),
+        setup=mount_tmpfs("full", "8k"))
+    add("path10", "eval -o on a full disk", lambda w: run_cli("eval", w / "model", "--data", w / "text.txt", "--seqlen",
+                                                               "16", "-o", w / "full" / "r.json"),
+        setup=both(mount_tmpfs("full", "4k"), lambda w: _fill(w / "full")))
+    add("path10", "export -o on a full disk", lambda w: run_cli("export", w / "ct", "--format", "fake", "-o",
+                                                                 w / "full" / "o"), setup=mount_tmpfs("full", "16k"))
+    add("path10", "-o on a read-only disk", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                               "-o", w / "ro" / "out"),
+        setup=mount_tmpfs("ro", "64k", readonly=True))
+    add("path10", "--offload-dir on a read-only disk", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt",
+                                                                          *GPTQ, "--low-memory", "--offload-dir",
+                                                                          w / "ro" / "x", "-o", w / "out"),
+        setup=mount_tmpfs("ro", "64k", readonly=True))
+    add("path10", "the model on a read-only disk equals the model",
+        lambda w: run_cli("calibrate", w / "ro" / "model", "--calib", w / "text.txt", *RTN, "-o", w / "out"),
+        setup=mount_tmpfs("ro", "2m", readonly=True, fill_from="model"), check=ref_rtn)
+    add("path10", "a --low-memory --resume of a work area on a read-only disk",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--resume", "-o", w / "ro" / "out"),
+        setup=_ro_partial)
+    add("path10", "-o a name of 300 characters", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                                    "-o", _write_big_name(w)))
+    add("path10", "-o a path of 40 nested 100-character folders", lambda w: run_cli(
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w.joinpath(*["d" * 100] * 40)))
+    add("path10", "--calib a 300-character name", lambda w: run_cli("calibrate", w / "model", "--calib",
+                                                                     w / ("t" * 300 + ".txt"), *RTN, "-o", w / "out"))
+    add("path10", "-o with a newline in its name", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt",
+                                                                      *RTN, "-o", w / "o\nx"),
+        check=_maybe(lambda w, r: export_ok("o\nx")(w, r)))
+    add("path10", "-o '.' (the non-empty cwd)", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN,
+                                                                   "-o", "."))
+    add("path10", "-o '..'", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", ".."))
+    add("path10", "-o '/'", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", "/"))
+    add("path10", "-o a symlink to itself (a loop)", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt",
+                                                                        *RTN, "-o", w / "loop"),
+        setup=lambda w: (w / "loop").symlink_to(w / "loop"))
+    add("path10", "-o a symlink into a read-only disk", lambda w: run_cli("calibrate", w / "model", "--calib",
+                                                                           w / "text.txt", *RTN, "-o", w / "lnk"),
+        setup=both(mount_tmpfs("ro", "64k", readonly=True), lambda w: (w / "lnk").symlink_to(w / "ro" / "out")))
+    add("path10", "--calib /dev/zero (endless)", lambda w: run_cli("calibrate", w / "model", "--calib", "/dev/zero",
+                                                                    *GPTQ, "-o", w / "out"))
+    add("path10", "--calib /dev/null (empty)", lambda w: run_cli("calibrate", w / "model", "--calib", "/dev/null",
+                                                                  *GPTQ, "-o", w / "out"))
+    add("path10", "eval --data /dev/urandom (endless binary)", lambda w: run_cli("eval", w / "model", "--data",
+                                                                                  "/dev/urandom"))
+    add("path10", "--calib a file named '-' (read as stdin?)", lambda w: run_cli("calibrate", w / "model", "--calib", "-",
+                                                                                  *GPTQ, "-o", w / "out"),
+        setup=lambda w: shutil.copy(w / "text.txt", w / "-"), check=_maybe(export_ok()))
+    add("path10", "a model folder named with brackets and parens equals the model",
+        lambda w: run_cli("calibrate", w / "m[1](x)", "--calib", w / "text.txt", *RTN, "-o", w / "out"),
+        setup=lambda w: shutil.copytree(w / "model", w / "m[1](x)"), check=ref_rtn)
+    add("path10", "a model folder named '-model' (starts with a dash)",
+        lambda w: run_cli("calibrate", "-model", "--calib", w / "text.txt", *RTN, "-o", w / "out"),
+        setup=lambda w: shutil.copytree(w / "model", w / "-model"))
+    add("path10", "a model folder named 'hf:model' (local, relative)",
+        lambda w: run_cli("calibrate", "hf:model", "--calib", w / "text.txt", *RTN, "-o", w / "out"),
+        setup=lambda w: shutil.copytree(w / "model", w / "hf:model"), check=_maybe(ref_rtn))
+    add("path10", "a model folder of emoji (🦙) equals the model",
+        lambda w: run_cli("calibrate", w / "🦙 model", "--calib", w / "text.txt", *RTN, "-o", w / "out 🦙"),
+        setup=lambda w: shutil.copytree(w / "model", w / "🦙 model"),
+        check=valid(lambda w, r: None if _bytes_of(w / "out 🦙" / "model.safetensors") ==
+                    (run_cli(*cal_ref()(w)), _bytes_of(w / "ref" / "model.safetensors"))[1] else "differs"))
+    add("path10", "a model folder whose name holds invalid UTF-8 bytes",
+        lambda w: run_cli("calibrate", os.fsdecode(bytes(w / "m") + b"\xff\xfe"), "--calib", w / "text.txt", *RTN,
+                          "-o", w / "out"),
+        setup=lambda w: shutil.copytree(w / "model", os.fsdecode(bytes(w / "m") + b"\xff\xfe")), check=_maybe(ref_rtn))
+    add("path10", "--calib a text file whose name holds invalid UTF-8 bytes",
+        lambda w: run_cli("eval", w / "model", "--data", os.fsdecode(bytes(w / "t") + b"\xff.txt"), "--seqlen", "16"),
+        setup=lambda w: shutil.copy(w / "text.txt", os.fsdecode(bytes(w / "t") + b"\xff.txt")),
+        check=_maybe(eval_close_to(ev("--data", "text.txt", "--seqlen", "16"))))
+    add("path10", "the model's config.json a symlink to another family's config", lambda w: run_cli(
+        "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "out"),
+        setup=lambda w: ((w / "model" / "config.json").unlink(), (w / "model" / "config.json").symlink_to(
+            w / "qwen3" / "config.json")))
+    add("path10", "the model's tokenizer.json a hard link to the qwen3's equals the model",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "out"),
+        setup=_hardlink_tok, check=_maybe(ref_rtn))
+
+    # ---- K. signals at other phases (child processes)
+    tlq_deep = lambda w, *e: ["calibrate", w / "deep", "--calib", w / "text.txt", "--method", "tlq", "--nsamples", "8",  # noqa: E731
+                              "--seqlen", "64", "--group-size", "32", *e, "-o", w / "out"]
+    _interrupt_case(out, "signal10", "SIGINT of an in-memory TLQ run once its progress shows (nothing left)",
+                    lambda w: tlq_deep(w), signal.SIGINT, wait_for=_progress_shown)
+    _interrupt_case(out, "signal10", "SIGTERM of a --low-memory TLQ run after its first layer (OUT.partial kept)",
+                    lambda w: tlq_deep(w, "--low-memory"), signal.SIGTERM, keeps=("out.partial",))
+    _interrupt_case(out, "signal10", "SIGINT of the default method's --low-memory run after its first layer",
+                    lambda w: ["calibrate", w / "deep", "--calib", w / "text.txt", "--nsamples", "8", "--seqlen", "64",
+                               "--group-size", "32", "--low-memory", "-o", w / "out"], signal.SIGINT,
+                    keeps=("out.partial",))
+    _interrupt_case(out, "signal10", "SIGTERM of importance once its progress shows (no half set)",
+                    lambda w: ["importance", w / "deep", "--calib", w / "text.txt", "--nsamples", "8", "--seqlen", "64",
+                               "-o", w / "s"], signal.SIGTERM, wait_for=_progress_shown)
+    _interrupt_case(out, "signal10", "SIGINT of eval once its progress shows (no r.json)",
+                    lambda w: ["eval", w / "deep", "--data", w / "text.txt", "--seqlen", "64", "--batch-size", "1",
+                               "--part", "all", "-o", w / "r.json"], signal.SIGINT, wait_for=_progress_shown)
+    _interrupt_case(out, "signal10", "SIGINT of the demo on your model once its progress shows (nothing left)",
+                    lambda w: ["demo", "--model", w / "deep", "--data", w / "text.txt", "--nsamples", "8", "--seqlen",
+                               "64", "-o", w / "d"], signal.SIGINT, wait_for=_progress_shown)
+    _interrupt_case(out, "signal10", "SIGINT while the export is written (no half export)",
+                    lambda w: _deep_args(w, "deep"), signal.SIGINT, wait_for=lambda s: "Writing" in s or "shards" in s)
+    _interrupt_case(out, "signal10", "SIGTERM of a --calib-set run of the deep llama after its first layer",
+                    lambda w: ["calibrate", w / "deep", "--calib-set", w / "set2", "--group-size", "32", "--low-memory",
+                               "-o", w / "out"], signal.SIGTERM, keeps=("out.partial",),
+                    setup=lambda w: _run_into(w, "set2", "importance", w / "deep", "--calib", w / "text.txt",
+                                                    "--nsamples", "8", "--seqlen", "64"))
+    _interrupt_case(out, "signal10", "SIGTERM of --nproc 2 TLQ once its progress shows (no rank left)",
+                    lambda w: tlq_deep(w, "--nproc", "2"), signal.SIGTERM, wait_for=_progress_shown)
+    _interrupt_case(out, "signal10", "SIGINT of qid measure once its progress shows (whole rows only)",
+                    lambda w: ["qid", "measure", w / "deep", "--eval", w / "text.txt", "--eval-tokens", "512",
+                               "--eval-seqlen", "64", "--nsamples", "8", "--calib-seqlen", "64", "--group-size", "32",
+                               "--tokens", "1e9", "--bits", "4,3", "--methods", "gptq", "-o", w / "dq.csv"],
+                    signal.SIGINT, wait_for=_progress_shown, keeps=("dq.csv",))
+    _interrupt_case(out, "signal10", "two SIGTERMs in a row (the second while the first unwinds)",
+                    lambda w: _deep_args(w, "deep", "--low-memory"), signal.SIGTERM, keeps=("out.partial",), twice=True)
+
+    # ---- L. concurrent runs into one folder
+    add("conc10", "two identical calibrate runs into one -o at once: one export, equal to a fresh run",
+        lambda w: concurrent(w, *[["calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "-o", w / "out"]] * 2),
+        check=nothing_else("out", "ref", also=same_as(cal_ref(method=GPTQ))))
+    add("conc10", "two --low-memory runs into one -o at once: one export, equal to a fresh run",
+        lambda w: concurrent(w, *[["calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--low-memory", "-o",
+                                   w / "out"]] * 2),
+        check=nothing_else("out", "ref", also=same_as(cal_ref("--low-memory", method=GPTQ))))
+    add("conc10", "two --resume runs of one work area at once: one export, equal to a fresh run",
+        lambda w: concurrent(w, *[["calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--resume", "-o",
+                                   w / "out"]] * 2),
+        setup=_stop_low_memory("model", *GPTQ),
+        check=nothing_else("out", "ref", also=same_as(cal_ref("--low-memory", method=GPTQ))))
+    add("conc10", "two runs of other methods into one -o --overwrite at once: the export is one of them whole",
+        lambda w: concurrent(w, ["calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--overwrite", "-o", w / "out"],
+                             ["calibrate", w / "model", "--calib", w / "text.txt", *RTN, "--overwrite", "-o", w / "out"]),
+        check=nothing_else("out", "ref", "ref2", also=_one_of(cal_ref(method=GPTQ), cal_ref(method=RTN))))
+    add("conc10", "two importance runs into one -o at once: a whole set", lambda w: concurrent(w, *[imp()(w)] * 2),
+        check=nothing_else("set", also=set_ok()))
+    add("conc10", "two eval -o r.json at once: r.json is one whole JSON", lambda w: concurrent(
+        w, *[["eval", w / "model", "--data", w / "text.txt", "--seqlen", "16", "-o", w / "r.json"]] * 2),
+        check=nothing_else("r.json", also=json_file_ok("r.json")))
+    add("conc10", "two qid measure into one CSV at once: whole rows, none twice", lambda w: concurrent(
+        w, *[[*_measure8(w)[:-2], "-o", w / "c.csv", "--bits", "4", "--methods", "rtn"]] * 2),
+        check=nothing_else("c.csv", also=csv_whole("c.csv")))
+    add("conc10", "two exports into one -o at once: one whole export", lambda w: concurrent(
+        w, *[["export", w / "ct", "--format", "fake", "-o", w / "out"]] * 2),
+        check=nothing_else("out", also=valid(weights_close("out", "ct", 1e-6))))
+    add("conc10", "calibrate --overwrite of the export eval is reading", lambda w: concurrent(
+        w, ["eval", w / "ct", "--data", w / "text.txt", "--seqlen", "16"],
+        ["calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--overwrite", "-o", w / "ct"], stagger=0.5),
+        check=_maybe(lambda w, r: None))
+
+    # ---- M. the API: other toolkits' keywords, the newer options
+    for kw in ({"scheme": "W4A16"}, {"quant_config": {"w_bit": 4}}, {"w_bit": 4}, {"q_group_size": 32},
+               {"zero_point": True}, {"version": "GEMM"}, {"max_calib_samples": 2}, {"max_calib_seq_len": 16},
+               {"num_calibration_samples": 2}, {"max_seq_length": 16}, {"ignore": ["lm_head"]}, {"targets": "Linear"},
+               {"dampening_frac": 0.01}, {"sequential_targets": ["LlamaDecoderLayer"]}, {"modules_to_not_convert": ["lm_head"]},
+               {"calib_data": "text.txt"}, {"use_exllama": False}, {"device_map": "auto"}, {"torch_dtype": "float16"},
+               {"quantization_config": {"bits": 4}}, {"batch_size": 4}, {"cache_examples_on_gpu": False}):
+        api(f"quantize(..., {', '.join(f'{k}={v!r}' for k, v in kw.items())}) (another toolkit's keyword)",
+            lambda w, kw=kw: quantize(w, **kw))
+    api("expert_tokens='MIX' (mixtral)", lambda w: _api_moe(w, expert_tokens="MIX"))
+    api("expert_tokens=None (mixtral) equals the default", lambda w: _api_moe(w, expert_tokens=None),
+        check=_maybe(lambda w, r: None if _bytes_of(w / "out" / "model.safetensors") == _bytes_of(
+            (_api_moe(w, output="ref"), w / "ref" / "model.safetensors")[1]) else "differs from the default"))
+    api("expert_tokens=['mix'] (a list)", lambda w: _api_moe(w, expert_tokens=["mix"]))
+    api("expert_tokens='mix' with all_experts=True (two answers)", lambda w: _api_moe(w, expert_tokens="mix",
+                                                                                      all_experts=True))
+    api("expert_tokens=1", lambda w: _api_moe(w, expert_tokens=1))
+    api("expert_tokens='mix' (gptq, mixtral) is a quantized copy", lambda w: _api_moe(w, expert_tokens="mix"),
+        check=valid(lambda w, r: faithful("mixtral", quantized="expert")(w, r)))
+    api("method='tlq' with a list of 4 texts is on the grid", lambda w: quantize(
+        w, method="tlq", data=[" ".join(WORDS[i:] + WORDS[:i]) for i in range(4)]), check=on_grid())
+    api("method=None with data=a list of texts (the default) is on the grid", lambda w: quantize(
+        w, method=None, data=[" ".join(WORDS[i:] + WORDS[:i]) for i in range(4)]), check=on_grid())
+    api("data=a list of numpy str_ equals a list of str", lambda w: quantize(
+        w, data=[__import__("numpy").str_(" ".join(WORDS))] * 2),
+        check=api_same_as({"data": [" ".join(WORDS)] * 2}))
+    api("data=a list of bytes texts", lambda w: quantize(w, data=[b"w1 w2 w3 w4"] * 4))
+    api("data=a 1-D tensor of 32 ids", lambda w: quantize(w, data=torch.arange(2, 34)))
+    api("data=a PurePosixPath equals the str", lambda w: quantize(w, data=__import__("pathlib").PurePosixPath(
+        str(w / "text.txt"))), check=_maybe(api_same_as({})))
+    api("importance={'lam': 0.5} with method=None on a list of texts", lambda w: quantize(
+        w, method=None, importance={"lam": 0.5}, data=[" ".join(WORDS)] * 4), check=_maybe(on_grid()))
+    api("output_dir on a full disk", lambda w: quantize(w, output_dir=str(w / "full" / "o")),
+        setup=mount_tmpfs("full", "16k"))
+    api("output_dir on a read-only disk", lambda w: quantize(w, output_dir=str(w / "ro" / "o")),
+        setup=mount_tmpfs("ro", "64k", readonly=True))
+    api("Override(targets=['q_proj'], group_size=-1) is a quantized copy", lambda w: quantize(
+        w, recipe=_recipe(overrides=[_override(targets=["q_proj"], group_size=-1)])),
+        check=valid(faithful("model")))
+    api("quantize(model, 'text.txt') (the data as the second positional)", lambda w: __import__("quantkit").quantize(
+        str(w / "model"), str(w / "text.txt"), method="rtn", group_size=32, nsamples=2, seqlen=16, progress=False))
+    api("quantize(..., reload=False) then the result's model is None or quantized",
+        lambda w: quantize(w, reload=False), check=_maybe(lambda w, r: None if r.model is None else returned_ok(w, r)))
+    return out
+
+
+def _run_into(w: Path, name: str, *args) -> None:
+    """A setup step: `quantkit ARGS -o w/name`, which must succeed."""
+    result = run_cli(*args, "-o", w / name)
+    assert result.exit_code == 0, result.output
+
+
+def _col(line: str, index: int, value: str) -> str:
+    parts = line.split(",")
+    parts[index] = value
+    return ",".join(parts)
+
+
+def _fill(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path / "pad", "wb") as f:
+        f.write(b"x" * (1 << 20))
+
+
+def _chain_into_rel(w: Path, src: str, fmt: str, rel: str) -> None:
+    result = run_cli("export", w / src, "--format", fmt, "-o", w / rel)
+    assert result.exit_code == 0, result.output
+
+
+def _ro_partial(w: Path) -> None:
+    """A work area of a stopped GPTQ run moved onto a read-only disk (ro/out.partial)."""
+    _stop_low_memory("model", *GPTQ)(w)
+    mount_tmpfs("ro", "4m", fill_from="out.partial")(w)
+    import subprocess
+
+    shutil.rmtree(w / "out.partial")
+    subprocess.run(["mount", "-o", "remount,ro", str(w / "ro")], check=True)
+
+
+def _hardlink_tok(w: Path) -> None:
+    (w / "model" / "tokenizer.json").unlink()
+    os.link(w / "qwen3" / "tokenizer.json", w / "model" / "tokenizer.json")
+
+
+def _plain_equals(rel: str):
+    """A check: load_quantized(rel)'s weights equal plain transformers' load of the export (dequantizing)."""
+    def check(w: Path, result) -> str | None:
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+        plain = AutoModelForCausalLM.from_pretrained(w / rel, quantization_config=CompressedTensorsConfig(
+            run_compressed=False)).state_dict()
+        ours = result.state_dict()
+        common = [k for k in ours if k in plain and ours[k].shape == plain[k].shape]
+        if len(common) < len(ours) // 2:
+            return f"few tensors in common with transformers' load: {len(common)} of {len(ours)}"
+        worst = max((ours[k].float() - plain[k].float()).abs().max().item() for k in common)
+        return None if worst <= 1e-5 else f"differs from transformers' load by {worst:.3g}"
+    return check
+
+
+def _one_of(*refs):
+    """A check: out/ equals one of the reference runs' exports (made into ref, ref2)."""
+    def check(w: Path, result) -> str | None:
+        got = _bytes_of(w / "out" / "model.safetensors")
+        for i, ref in enumerate(refs):
+            args = ref(w)
+            args[-1] = w / ("ref" if i == 0 else f"ref{i + 1}")
+            done = run_cli(*args)
+            if done.exit_code == 0 and got and got == _bytes_of(args[-1] / "model.safetensors"):
+                return None
+        return "out/ equals none of the runs' exports (a mixture)"
+    return check
+
+
+def _demo_json_ok(w: Path, result) -> str | None:
+    import math
+
+    doc = json.loads(result.stdout)
+    numbers = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, float):
+            numbers.append(x)
+    walk(doc)
+    return None if numbers and all(math.isfinite(v) for v in numbers) else f"non-finite or no numbers: {result.stdout[:200]}"
+
+
+def _api_moe(w: Path, output: str = "out", **kw):
+    import quantkit
+
+    return quantkit.quantize(str(w / "mixtral"), data=str(w / "text.txt"), method="gptq", group_size=32, nsamples=2,
+                             seqlen=16, progress=False, output_dir=str(w / output), **kw)
+
+
+def _recipe(**kw):
+    from quantkit import Recipe
+
+    return Recipe(**kw)
+
+
+def _api_vlm_fam(w: Path, family: str, loaded: bool = False, processor: str | None = None):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import quantkit
+
+    folder = w / f"vlm_{family}"
+    records = []
+    for line in (w / "vl" / "data.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r["image"] = Image.open(w / "vl" / r["image"]).convert("RGB")
+        records.append(r)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval() if loaded else str(folder)
+    proc = AutoProcessor.from_pretrained(w / f"vlm_{processor or family}") if (loaded or processor) else None
+    return quantkit.quantize(model, proc, data=records, method="rtn", group_size=32, nsamples=2, seqlen=256,
+                             progress=False, output_dir=str(w / "out"))
+
+
 ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
-          7: seventh_round, 8: eighth_round, 9: ninth_round}
+          7: seventh_round, 8: eighth_round, 9: ninth_round, 10: tenth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -6342,16 +7548,18 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if any(r in rounds for r in (5, 6, 7, 8, 9)):
+        if any(r in rounds for r in (5, 6, 7, 8, 9, 10)):
             build_extras(base)
-        if 6 in rounds or 9 in rounds:
+        if 6 in rounds or 9 in rounds or 10 in rounds:
             build_sixth(base)
         if 7 in rounds:
             build_seventh(base)
-        if 8 in rounds:
+        if 8 in rounds or 10 in rounds:
             build_eighth(base)
         if 9 in rounds:
             build_ninth(base)
+        if 10 in rounds:
+            build_tenth(base)
         cwd = os.getcwd()
         for number, case in enumerate(selected):
             work = Path(tmp) / f"case{number}"
@@ -6367,6 +7575,7 @@ def main() -> None:
             finally:
                 os.chdir(cwd)
                 thaw()
+                unmount_all()
                 shutil.rmtree(work, ignore_errors=True)
             counts[kind] += 1
             by_area.setdefault(case.area, Counter())[kind] += 1
