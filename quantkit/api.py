@@ -57,9 +57,10 @@ def quantize(
     loaded model is quantized in place. Bad input raises quantkit.errors.QuantkitError with the one-line
     message the CLI prints, before any model forward and with nothing written.
 
-    method is rtn, gptq or tlq; None means quantkit.quant.methods.default_method: GPTQ with the FP target on text,
-    TLQ on image-text data or a calib_set (image-text under low_memory without a calib_set: GPTQ with the FP
-    target, since TLQ's token weights need the whole model), as for `quantkit calibrate`.
+    method is rtn, gptq or tlq; None means quantkit.quant.methods.default_method: TLQ with the FP target, whose
+    gradient pass gives output-side factors on text and token weights on image-text (quantkit.importance.tlq_defaults;
+    under low_memory without a calib_set: GPTQ with the FP target, since the gradient pass needs the whole model),
+    as for `quantkit calibrate`.
 
     recipe is a quantkit.Recipe, its mapping form or a YAML file: which linears to quantize (targets), which
     to leave in full precision (ignore) and per-module overrides of bits, group_size, sym, act_order and

@@ -112,33 +112,51 @@ def test_no_output_dir_writes_nothing(run, tmp_path, monkeypatch) -> None:
     assert list(tmp_path.iterdir()) == [] and report["method"] == "rtn"
 
 
-def test_default_method_on_text_is_gptq_with_the_fp_target(run) -> None:
-    quantized = quantkit.quantize(str(run["model"]), data=str(run["text"]), group_size=16, nsamples=2, seqlen=16,
-                                  progress=False)
-    assert quantized.report["method"] == "gptq" and quantized.report["fp_target"]
+def test_default_method_on_text_is_tlq_with_output_side_factors(run) -> None:
+    """On text the default is TLQ with the FP target, uniform token weights and 16-row output-side factors: the same
+    codes as naming those settings, and not GPTQ + FP target's (the factors changed the rounding)."""
+    common = dict(group_size=16, nsamples=2, seqlen=16, progress=False)
+    default = quantkit.quantize(str(run["model"]), data=str(run["text"]), **common)
+    assert default.report["method"] == "tlq" and default.report["fp_target"]
+    named = quantkit.quantize(str(run["model"]), data=str(run["text"]), method="tlq",
+                              importance={"lam": 1.0, "output_side": 16}, **common)
+    gptq = quantkit.quantize(str(run["model"]), data=str(run["text"]), method="gptq", fp_target=True, **common)
+    assert default.results.keys() == named.results.keys()
+    assert all(torch.equal(default.results[n].qweight, named.results[n].qweight) for n in default.results)
+    assert not all(torch.equal(default.results[n].qweight, gptq.results[n].qweight) for n in default.results)
 
 
 def test_default_method_follows_the_calibration_data(tmp_path) -> None:
-    """Issue #24's choice: GPTQ + FP target on text (TLQ trades one corpus for another there), TLQ where its weights
-    pay (image-text) or were made to be used (a --calib-set); an explicit fp_target or method wins; under
-    low_memory image-text falls back to GPTQ + FP target with one notice."""
+    """Issue #24's choice: TLQ with the FP target; its gradient pass gives uniform token weights and 16-row output-side
+    factors on text, token weights (lam 0.1) on image-text, nothing to compute from a --calib-set; an explicit
+    option, fp_target or method wins; under low_memory without a set the default falls back to GPTQ + FP target with
+    one notice."""
     from quantkit.calibrate import build_job
 
     text = tmp_path / "t.txt"
     text.write_text("some text " * 50)
     images = tmp_path / "i.jsonl"
     images.write_text(json.dumps({"image": "a.png", "text": "a caption"}) + "\n")
-    cases = [(str(text), {}, ("gptq", True)), (["one text", "another"], {}, ("gptq", True)),
-             (str(images), {}, ("tlq", True)), ([{"image": "a.png", "text": "a caption"}], {}, ("tlq", True)),
-             (None, {"calib_set": str(tmp_path)}, ("tlq", True)), (str(text), {"fp_target": False}, ("gptq", False)),
-             (str(images), {"method": "gptq"}, ("gptq", False))]
+    on_text, on_images = (1.0, 16), (0.1, None)
+    cases = [(str(text), {}, ("tlq", True, on_text)), (["one text", "another"], {}, ("tlq", True, on_text)),
+             (str(images), {}, ("tlq", True, on_images)),
+             ([{"image": "a.png", "text": "a caption"}], {}, ("tlq", True, on_images)),
+             (None, {"calib_set": str(tmp_path)}, ("tlq", True, None)),
+             (str(text), {"fp_target": False}, ("tlq", False, on_text)),
+             (str(text), {"importance": {"lam": 0.1, "output_side": 0}}, ("tlq", True, (0.1, None))),
+             (str(images), {"importance": {"output_side": 8}}, ("tlq", True, (0.1, 8))),
+             (str(images), {"method": "gptq"}, ("gptq", False, None))]
     for data, options, expected in cases:
         quantization = build_job("org/model", data, **options).quantization
-        assert (quantization.method.name, quantization.fp_target) == expected, (data, options)
+        settings = quantization.importance
+        got = None if settings is None else (settings["lam"], settings["output_side"])
+        assert (quantization.method.name, quantization.fp_target, got) == expected, (data, options)
         assert quantization.notice is None
-    low = build_job("org/model", str(images), low_memory=True, output_dir=str(tmp_path / "o")).quantization
-    assert (low.method.name, low.fp_target) == ("gptq", True) and "instead of tlq" in low.notice
-    assert build_job("org/model", str(text), low_memory=True, output_dir=str(tmp_path / "o")).quantization.notice is None
+    for data in (str(images), str(text)):
+        low = build_job("org/model", data, low_memory=True, output_dir=str(tmp_path / "o")).quantization
+        assert (low.method.name, low.fp_target) == ("gptq", True) and "instead of tlq" in low.notice
+    with pytest.raises(quantkit.QuantkitError, match="output_side"):
+        build_job("org/model", str(text), importance={"output_side": -2})
 
 
 @pytest.mark.parametrize(("changes", "fragment"), [

@@ -331,7 +331,7 @@ def test_cli_linear_guidance_through_a_calibration_set(tmp_path) -> None:
     model = save_tiny_llama(tmp_path / "model")
     text = write_text(tmp_path / "calib.txt")
     runner = CliRunner()
-    common = ["--nsamples", "4", "--seqlen", "16"]
+    common = ["--nsamples", "4", "--seqlen", "16", "--lam", "0.1"]  # token weights (text's default: lam 1, all ones)
     made = runner.invoke(main, ["importance", str(model), "--calib", str(text), *common, "--guidance", "linear",
                                 "--row-groups", "2", "-o", str(tmp_path / "set")])
     assert made.exit_code == 0, made.output

@@ -266,7 +266,9 @@ def test_importance_cli_on_reference_lm(tmp_path) -> None:
     assert manifest["settings"]["top_fraction"] == 0.5 and manifest["tokenizer_hash"]
     model = load_model(str(ref_lm))
     samples, weights = load_calibration_set(out, str(ref_lm), model)
-    assert len(samples) == 3 and len(weights(5)) == 3 and weights(5)[0].shape == (32,)
+    layer = weights(5)  # text: with its output-side factors (the text default)
+    assert len(samples) == 3 and len(layer.output) == 3 and layer.output[0].shape == (32,)
+    assert layer.row_metrics["mlp.down_proj"].shape[1:] == (16, 16)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "overwrite" in again.output
     bad = CliRunner().invoke(main, ["importance", str(ref_lm), "--calib", str(text), "--lam", "2", "-o", str(tmp_path / "x")])

@@ -57,3 +57,37 @@ def test_resume_with_two_ranks_is_byte_identical(model_and_text, tmp_path: Path)
     assert report["resumed_from_layer"] == 2 and len(report["layers"]) == 3
     assert not work_dir_for(str(out)).exists()
     assert_same_files(tmp_path / "plain", out)
+
+
+def test_default_method_from_a_calibration_set_equals_the_in_memory_run(model_and_text, tmp_path: Path) -> None:
+    """The default method on text (TLQ: uniform token weights, output-side factors as GPTQ's row metric): a set from
+    `quantkit importance` carries the factors, so calibrating from it in memory, with --low-memory on 2 ranks and
+    resumed after a failure writes the bytes of the in-memory run on the text itself (one process, and 2 ranks)."""
+    from quantkit.calibrate.job import DataSpec
+    from quantkit.importance import load_calibration_set
+    from quantkit.importance.cli import build_calibration_set
+    from quantkit.models import load_model
+
+    model, text = model_and_text
+    common = dict(method=None, nsamples=6, seqlen=32, progress=False)
+    direct = run_calibration(str(model), str(tmp_path / "direct"), SPEC, calib=str(text), **common)
+    assert direct["method"] == "tlq" and direct["fp_target"]
+    run_calibration(str(model), str(tmp_path / "ranks"), SPEC, calib=str(text), nproc=2, **common)
+    assert_same_files(tmp_path / "direct", tmp_path / "ranks")
+    build_calibration_set(str(model), DataSpec(source=str(text), nsamples=6, seqlen=32), str(tmp_path / "set"),
+                          progress=False)
+    _, stored = load_calibration_set(tmp_path / "set", str(model), load_model(str(model), dtype="float32"))
+    metrics = stored(1).row_metrics
+    assert set(metrics) >= {"self_attn.q_proj", "mlp.down_proj"} and metrics["mlp.down_proj"].shape == (4, 16, 16)
+    from_set = dict(common, calib_set=str(tmp_path / "set"))
+    run_calibration(str(model), str(tmp_path / "set_run"), SPEC, **from_set)
+    assert_same_files(tmp_path / "direct", tmp_path / "set_run")
+    run_calibration(str(model), str(tmp_path / "low"), SPEC, nproc=2, low_memory=True, **from_set)
+    assert_same_files(tmp_path / "direct", tmp_path / "low")
+    out = tmp_path / "resumed"
+    with pytest.raises(QuantkitError, match="rank 1 failed at layer 1"):
+        run_calibration(str(model), str(out), SPEC, nproc=2, low_memory=True, hooks=Hooks(on_layer=FailAt(1, 1)),
+                        **from_set)
+    report = run_calibration(str(model), str(out), SPEC, nproc=2, resume=True, **from_set)
+    assert report["resumed_from_layer"] == 1
+    assert_same_files(tmp_path / "direct", out)

@@ -506,7 +506,7 @@ def test_row_rounding_with_feedback_matches_nearest_plane_reference() -> None:
     """Each column's rows (one block of G at a time) are rounded in turn, each residual fed to the block's later
     rows through the upper Cholesky factor U of G^-1 (Babai's nearest plane): the solver's codes (numpy on the CPU,
     torch elsewhere) equal a plain per-element loop of that rule written here, on many random columns."""
-    from quantkit.quant.gptq import _row_babai, _row_babai_torch
+    from quantkit.quant.gptq import RowFeedback, _row_babai
 
     generator = torch.Generator().manual_seed(0)
     maxq = 3
@@ -528,8 +528,9 @@ def test_row_rounding_with_feedback_matches_nearest_plane_reference() -> None:
                     residual = (v[r] - (q - float(zero[i])) * float(scale[i])) / float(upper[k, r, r])
                     for c in range(r + 1, width):
                         v[c] -= residual * float(upper[k, r, c])
-            assert _row_babai(values, scale, zero, maxq, upper).tolist() == expected
-            assert _row_babai_torch(values, scale, zero, maxq, upper).tolist() == expected  # the GPU path's steps
+            assert _row_babai(values, scale, zero, maxq, RowFeedback(upper)).tolist() == expected
+            # the GPU path's steps (torch operations), run here on the CPU
+            assert _row_babai(values, scale, zero, maxq, RowFeedback(upper, numpy=False)).tolist() == expected
 
 
 def test_output_side_factor_rounds_rows_with_feedback() -> None:

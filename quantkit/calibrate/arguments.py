@@ -59,7 +59,8 @@ def _importance(name: str, value: Any, *, flag: str | None = None) -> None:
                             f"got {value!r} ({type(value).__name__})")
     expect_names("importance option", value, checks)
     for key, item in value.items():
-        checks[key](f"importance[{key!r}]", item, flag=None)
+        if item is not None:  # None: the data kind's default (quantkit.importance.tlq_defaults)
+            checks[key](f"importance[{key!r}]", item, flag=None)
 
 
 def _checks() -> dict[str, Callable[..., Any]]:
@@ -105,7 +106,7 @@ def _importance_checks() -> dict[str, Callable[..., Any]]:
     return {"guidance": partial(expect_choice, choices=GUIDANCE_CHOICES),
             "row_groups": partial(expect_int, least=1), "loss": partial(expect_choice, choices=LOSS_CHOICES),
             "draws": partial(expect_int, least=1), "lam": partial(expect_number, least=0.0),
-            "power": partial(expect_number, above=0.0)}
+            "power": partial(expect_number, above=0.0), "output_side": partial(expect_int, least=0)}
 
 
 def check_model_argument(model: Any) -> None:

@@ -21,7 +21,6 @@ from quantkit.quant.methods import (
     DEFAULT_METHOD,
     EXPERT_TOKENS,
     FALLBACK_METHOD,
-    IMAGE_DATA_METHOD,
     METHODS,
 )
 from quantkit.quant.smooth import AUTO, SMOOTH_MODES
@@ -29,7 +28,7 @@ from quantkit.quant.spec import SUPPORTED_BITS
 
 # the CLI's names of TLQ's gradient-pass options -> build_job's importance keys
 IMPORTANCE_FLAGS = {"guidance": "guidance", "row_groups": "row_groups", "importance_loss": "loss",
-                    "fisher_draws": "draws", "lam": "lam", "power": "power"}
+                    "fisher_draws": "draws", "lam": "lam", "power": "power", "output_side": "output_side"}
 
 
 def job_from_options(model: str, options: dict, progress: bool = True):
@@ -54,7 +53,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 
 @click.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (importance-weighted GPTQ). Default: {DEFAULT_METHOD} with the FP target on text; {IMAGE_DATA_METHOD} on image-text data or a --calib-set ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (GPTQ guided by a gradient pass: output-side factors on text, token weights on image-text). Default: {DEFAULT_METHOD} with the FP target ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
 @click.option("--bits", type=int, default=OPTIONS["bits"], show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
 @click.option("--group-size", type=int, default=OPTIONS["group_size"], show_default=True, help="Columns per quantization group; -1 for per-channel.")
 @click.option("--sym/--asym", default=OPTIONS["sym"], show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")

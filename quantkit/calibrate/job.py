@@ -78,7 +78,7 @@ class QuantizationSpec:
     vision: bool = False  # quantize a VLM's vision tower and projector too
     recipe: Recipe | None = None  # which linears, and per-module settings (quantkit.quant.recipe)
     recipe_file: str | None = None  # the YAML the recipe was read from (an input the output must not hold)
-    importance: dict | None = None  # TLQ's gradient-pass options (quantkit.importance.tlq_token_weights)
+    importance: dict | None = None  # TLQ's gradient-pass settings, resolved (quantkit.importance.resolve_importance)
     notice: str | None = None  # said once the run starts (the default method that could not be had)
 
     @property
@@ -184,7 +184,7 @@ OPTIONS: dict[str, Any] = {
 
 # the CLI's flag of each of TLQ's gradient-pass options (build_job's importance keys)
 IMPORTANCE_FLAG_OF = {"guidance": "--guidance", "row_groups": "--row-groups", "loss": "--importance-loss",
-                    "draws": "--fisher-draws", "lam": "--lam", "power": "--power"}
+                    "draws": "--fisher-draws", "lam": "--lam", "power": "--power", "output_side": "--output-side"}
 
 
 def build_job(model: Any, data: Any = None, tokenizer: Any = None, /, **options: Any) -> CalibrationJob:
@@ -269,10 +269,7 @@ def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None,
     notice where the default could not be had."""
     if o["method"] is not None:
         return method_for(o["method"]), o["fp_target"], None
-    from quantkit.data.calibration import holds_images
-
-    method = default_method(holds_images(data.source if data.source is not None else data.records),
-                            calib_set=data.calib_set is not None)
+    method = default_method()
     if o["fp_target"] is None:
         o = {**o, "fp_target": DEFAULT_FP_TARGET and method.needs_activations}
     if method.token_weights and run.low_memory and data.calib_set is None:
@@ -293,7 +290,7 @@ def _given_flags(name: str, o: dict) -> list[str]:
     from quantkit.importance import TLQ_DEFAULTS
 
     return [f"{IMPORTANCE_FLAG_OF[key]} (importance={{{key!r}: ...}})" for key, value in (o[name] or {}).items()
-            if value != TLQ_DEFAULTS[key]]
+            if value is not None and value != TLQ_DEFAULTS[key]]
 
 
 def check_options_read(o: dict, method: Method, data: DataSpec) -> None:
@@ -328,14 +325,17 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
     method = method.with_presolve(step).with_expert_tokens(o["expert_tokens"] or DEFAULT_EXPERT_TOKENS)
     check_options_read(o, method, data)
     recipe = as_recipe(o["recipe"])
-    importance = o["importance"]
-    if importance:
-        from quantkit.importance import TLQ_DEFAULTS, check_guidance, check_settings
+    importance = None
+    if method.reads_token_weights and data.calib_set is None:
+        from quantkit.data.calibration import holds_images
+        from quantkit.importance import check_guidance, check_settings, resolve_importance
 
-        # before the model loads: a bad option must not cost a load and a forward pass
-        settings = TLQ_DEFAULTS | importance
-        check_settings(settings["lam"], settings["power"], None, 0.1)
-        check_guidance(settings["guidance"], settings["row_groups"], settings["loss"], settings["draws"])
+        # the data kind's defaults (quantkit.importance.tlq_defaults) under the options given, checked before the
+        # model loads: a bad option must not cost a load and a forward pass
+        importance = resolve_importance(o["importance"], holds_images(data.source if data.source is not None
+                                                                      else data.records))
+        check_settings(importance["lam"], importance["power"], None, 0.1)
+        check_guidance(importance["guidance"], importance["row_groups"], importance["loss"], importance["draws"])
     if fp_target and not method.needs_activations:
         raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {method} reads none")
     quantization = QuantizationSpec(weights=weights, method=method, fp_target=method.fp_target_on(fp_target),

@@ -129,7 +129,7 @@ def accumulate_group(
     (times its own) and fitted to their FP inputs.
     """
     cross = fp_inputs is not None
-    plain = weights is None
+    plain = weights is None or weights.uniform
     per_linear = {name: None if plain or name in unweighted else weights.for_linear(name) for name in linears}
     accumulators = {
         name: HessianAccumulator(lin.in_features, device, cross,
@@ -419,7 +419,7 @@ def quantize_head(
     if settings is None:
         return {}, None
     if isinstance(weights, LayerWeights):
-        weights = weights.output
+        weights = None if weights.uniform else weights.output
     if settings.method != method_for(method) and not settings.method.token_weights:
         weights = None  # the given weights are the run method's: an override that weighs no tokens sums a plain Hessian
     spec, method = settings.spec, settings.method

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -92,6 +93,16 @@ def reduce_accumulator(acc: HessianAccumulator, comm: Comm, dst: int | None = No
         else:
             comm.reduce_sum_(tensor, dst)
     acc.weight_sums = total.cpu()
+
+
+def diagonal_blocks(metric: torch.Tensor, width: int) -> torch.Tensor:
+    """The [width, width] blocks on the diagonal of a block-diagonal factor [n, b, b] (width divides b): [n * b / width,
+    width, width], the factor with the coupling between its smaller blocks dropped."""
+    n, b = metric.shape[0], metric.shape[1]
+    if width == b:
+        return metric
+    k = b // width
+    return torch.diagonal(metric.reshape(n, k, width, k, width), dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(-1, width, width)
 
 
 def _with_metric(row_metric: torch.Tensor | None) -> dict:
@@ -219,9 +230,10 @@ class GroupSolve:
         found = [self.row_metrics.get(name) for name in names]
         if all(m is None for m in found):
             return None
-        if any(m is None for m in found) or len({m.shape[1] for m in found}) > 1:
-            raise QuantkitError(f"{self.prefix}: {names} are solved together but not all have output-side factors of "
-                                "one block size")
+        if any(m is None for m in found):
+            raise QuantkitError(f"{self.prefix}: {names} are solved together but not all have output-side factors")
+        width = math.gcd(*(m.shape[1] for m in found))
+        found = [diagonal_blocks(m, width) for m in found]
         return found[0] if len(found) == 1 else torch.cat(found)
 
     def solve(self, hessians: dict[str, torch.Tensor], crosses: dict[str, torch.Tensor]

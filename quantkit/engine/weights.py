@@ -27,6 +27,8 @@ class LayerWeights:
     floor: float | None = None  # the floor lam every weight includes, for the diagnosis
     # output-side factors by linear: [blocks, b, b] (GPTQ's row metric, quantkit.quant.gptq)
     row_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # every token weighs 1 (TLQ with lam 1 on unpadded samples): the Hessians are the plain ones, summed as such
+    uniform: bool = False
 
     def for_linear(self, name: str) -> list[torch.Tensor]:
         """The per-sample weights linear `name` is solved with."""
@@ -43,7 +45,8 @@ class LayerWeights:
             # linears that share one list keep sharing it (they then share an accumulator)
             same = next((other for other in mapped if self.linears[other] is per_sample), None)
             mapped[name] = mapped[same] if same is not None else transform(per_sample)
-        return LayerWeights(transform(self.output), mapped, dict(self.groups), self.floor, dict(self.row_metrics))
+        return LayerWeights(transform(self.output), mapped, dict(self.groups), self.floor, dict(self.row_metrics),
+                            self.uniform)
 
 
 # token_weights(layer_index) -> the layer's weights (a per-sample sequence, or LayerWeights).

@@ -61,17 +61,21 @@ from quantkit.importance.gradients import (
 )
 from quantkit.importance.masks import masked_token_loss, scored_positions, valid_mask, vision_tokens
 from quantkit.importance.weights import (
+    IMAGE_TLQ_DEFAULTS,
     NORMALISE_CHOICES,
     TLQ_DEFAULTS,
     TokenImportance,
     check_settings,
+    resolve_importance,
     scores_to_weights,
     select_top_fraction,
+    tlq_defaults,
     tlq_token_weights,
 )
 
 __all__ = [
     "GUIDANCE_CHOICES",
+    "IMAGE_TLQ_DEFAULTS",
     "LINEAR_KEY",
     "LOSS_CHOICES",
     "MANIFEST_FILE",
@@ -94,10 +98,12 @@ __all__ = [
     "load_calibration_set",
     "masked_token_loss",
     "read_manifest",
+    "resolve_importance",
     "save_calibration_set",
     "scored_positions",
     "scores_to_weights",
     "select_top_fraction",
+    "tlq_defaults",
     "tlq_token_weights",
     "tokenizer_hash",
     "valid_mask",

@@ -28,6 +28,9 @@ SET_FORMAT = "quantkit.tlq-calibration-set"
 SET_FORMAT_VERSION = 1
 # weights.safetensors key prefix of per-linear weights: f"linear.{layer}.{name}" -> [samples, Tmax, groups]
 LINEAR_KEY = "linear"
+# weights.safetensors key prefix of output-side factors: f"output_side.{layer}.{name}" -> [blocks, b, b] (GPTQ's row
+# metric; quantkit.importance.gradients, output_side)
+FACTOR_KEY = "output_side"
 SAMPLES_FILE = "samples.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -177,6 +180,9 @@ def save_calibration_set(
             for index, value in enumerate(per_sample):
                 padded[index, : value.shape[0]] = value.float().reshape(value.shape[0], groups)
             weights[f"{LINEAR_KEY}.{layer}.{name}"] = padded
+    for layer, by_linear in enumerate(importance.linear_factors or []):
+        for name, factor in by_linear.items():
+            weights[f"{FACTOR_KEY}.{layer}.{name}"] = factor.contiguous()
     revision = getattr(model.config, "_commit_hash", None)
     manifest = {
         "format": SET_FORMAT,
@@ -273,7 +279,7 @@ class StoredWeights:
     """token_weights(layer) over a loaded set: each sample's weights cut to its length."""
 
     def __init__(self, weights: torch.Tensor, lengths: torch.Tensor, manifest: dict,
-                 linear: dict[str, torch.Tensor] | None = None) -> None:
+                 linear: dict[str, torch.Tensor] | None = None, factors: dict[str, torch.Tensor] | None = None) -> None:
         self.weights = weights
         self.lengths = [int(n) for n in lengths]
         self.manifest = manifest
@@ -283,6 +289,11 @@ class StoredWeights:
         for key, value in (linear or {}).items():
             _, layer, name = key.split(".", 2)
             self.linear.setdefault(int(layer), {})[name] = value
+        # output-side factors by layer: {layer: {name: [blocks, b, b]}}
+        self.factors: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in (factors or {}).items():
+            _, layer, name = key.split(".", 2)
+            self.factors.setdefault(int(layer), {})[name] = value
 
     @property
     def num_layers(self) -> int:
@@ -290,15 +301,16 @@ class StoredWeights:
         return int(self.weights.shape[0])
 
     def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
-        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights)."""
+        """One weight tensor [T] per sample for decoder layer `layer` (LayerWeights with per-linear weights or
+        output-side factors)."""
         output = [self.weights[layer, i, :n] for i, n in enumerate(self.lengths)]
-        if layer not in self.linear:
+        if layer not in self.linear and layer not in self.factors:
             return output
         linears, groups = {}, {}
-        for name, value in self.linear[layer].items():
+        for name, value in self.linear.get(layer, {}).items():
             groups[name] = int(value.shape[2])
             linears[name] = [value[i, :n, 0] if groups[name] == 1 else value[i, :n] for i, n in enumerate(self.lengths)]
-        return LayerWeights(output, linears, groups, self.floor)
+        return LayerWeights(output, linears, groups, self.floor, dict(self.factors.get(layer, {})))
 
 
 def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.Module, tokenizer=None) -> tuple[list[dict], StoredWeights]:
@@ -326,9 +338,27 @@ def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.M
         return QuantkitError(f"calibration set {root} is corrupt: {what}; remake it with `quantkit importance`")
 
     samples = _read_samples(tensors, manifest, embedding_rows(model), corrupt)
-    token_weights, linear = _read_weights(weights, [int(s["input_ids"].shape[1]) for s in samples],
-                                          int(manifest["num_layers"]), corrupt)
-    return samples, StoredWeights(token_weights, weights["lengths"], manifest, linear)
+    layers = int(manifest["num_layers"])
+    token_weights, linear = _read_weights(weights, [int(s["input_ids"].shape[1]) for s in samples], layers, corrupt)
+    factors = _read_factors(weights, layers, corrupt)
+    return samples, StoredWeights(token_weights, weights["lengths"], manifest, linear, factors)
+
+
+def _read_factors(weights: dict[str, torch.Tensor], layers: int, corrupt) -> dict[str, torch.Tensor]:
+    """The output-side factors of weights.safetensors (f"{FACTOR_KEY}.LAYER.NAME" -> [blocks, b, b]), checked."""
+    found = {}
+    for key, value in ((k, v) for k, v in weights.items() if k.startswith(FACTOR_KEY + ".")):
+        parts = key.split(".", 2)
+        layer, name = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
+        if not re.fullmatch(r"0|[1-9][0-9]*", layer) or int(layer) >= layers or not name:
+            raise corrupt(f"{WEIGHTS_FILE} holds {key!r}, not '{FACTOR_KEY}.LAYER.NAME' of a layer below {layers}")
+        if not _real(value) or value.dim() != 3 or value.shape[1] != value.shape[2] or 0 in value.shape:
+            raise corrupt(f"{key!r} is {str(value.dtype).removeprefix('torch.')} {list(value.shape)}, not "
+                          "[blocks, b, b] numbers")
+        if not bool(torch.isfinite(value).all()) or bool((torch.diagonal(value, dim1=1, dim2=2) < 0).any()):
+            raise corrupt(f"{key!r} holds a non-finite value or a negative diagonal")
+        found[key] = value.double()
+    return found
 
 
 def _brief(values: Sequence) -> str:

@@ -18,10 +18,12 @@ from quantkit.errors import QuantkitError
 from quantkit.fsutil import check_offload_dir, check_output, check_output_dir, scratch_dir
 from quantkit.importance import (
     GUIDANCE_CHOICES,
+    IMAGE_TLQ_DEFAULTS,
     LOSS_CHOICES,
     TLQ_DEFAULTS,
     check_guidance,
     check_settings,
+    resolve_importance,
     save_calibration_set,
     tlq_token_weights,
 )
@@ -61,7 +63,12 @@ def importance_options(command):
                      help="Gradients of the cross-entropy on the data's labels, or of the KL to the FP model (labels drawn from its softmax)."),
         click.option("--fisher-draws", type=int, default=TLQ_DEFAULTS["draws"], show_default=True,
                      help="With --importance-loss fisher: labels drawn per token (one backward each)."),
-        click.option("--lam", type=float, default=TLQ_DEFAULTS["lam"], show_default=True, help="Floor of the mix w = (1-lam) s/mean(s) + lam."),
+        click.option("--lam", type=float, default=None,
+                     help=f"Floor of the mix w = (1-lam) s/mean(s) + lam. Default: {TLQ_DEFAULTS['lam']:g} on text (uniform "
+                          f"weights), {IMAGE_TLQ_DEFAULTS['lam']:g} on image-text."),
+        click.option("--output-side", "output_side", type=int, default=None,
+                     help=f"Rows per block of each linear's output-side factor E[g g^T] (GPTQ's row metric; 0: none). "
+                          f"Default: {TLQ_DEFAULTS['output_side']} on text, none on image-text."),
         click.option("--power", type=float, default=TLQ_DEFAULTS["power"], show_default=True, help="Exponent p on the raw scores before normalising."),
     ]
     for option in reversed(options):
@@ -74,10 +81,11 @@ def build_calibration_set(model_name: str, data: DataSpec, output: str, *, impor
                           progress: bool = True) -> dict:
     """Draw `data`'s samples, compute TLQ importance under `model_name` and save the set; return its manifest.
 
-    importance holds tlq_token_weights' options (lam, power, guidance, row_groups, loss, draws, per_modality,
-    top_fraction, floor_fraction; TLQ_DEFAULTS for the rest); the seed is the data's. Chat records are rendered
+    importance holds tlq_token_weights' options (lam, power, guidance, row_groups, loss, draws, output_side,
+    per_modality, top_fraction, floor_fraction; None or absent: the data kind's default, quantkit.importance.tlq_defaults);
+    the seed is the data's. Chat records are rendered
     with data.chat_template, else the tokenizer's own template."""
-    options = TLQ_DEFAULTS | {"top_fraction": None, "floor_fraction": 0.1} | (importance or {})
+    options = {"top_fraction": None, "floor_fraction": 0.1} | resolve_importance(importance, holds_images(data.source))
     check_settings(options["lam"], options["power"], options["top_fraction"], options["floor_fraction"])
     if options["top_fraction"] is None and options["floor_fraction"] != 0.1:
         raise QuantkitError(f"--floor-fraction {options['floor_fraction']} (floor_fraction=) sets how many of the tokens "

@@ -14,6 +14,7 @@ not run twice.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -122,12 +123,13 @@ class GradientSettings:
 
 def _linear_factor_hooks(layer: nn.Module, names: Sequence[str], block: int, sums: dict[str, torch.Tensor]):
     """While active, every backward through `layer` adds each linear's block-diagonal sum of g g^T over its output
-    rows (blocks of `block` rows) to sums[name] (float64 [out / block, block, block])."""
+    rows to sums[name] (float64 [out / b, b, b]), in blocks of b = gcd(block, out) rows: `block` where it divides
+    the linear's rows, else the largest width that divides both (engine.solve.GroupSolve joins linears of two
+    widths at the smaller)."""
     def add(name: str, grad: torch.Tensor) -> None:
         out = grad.shape[-1]
-        if out % block:
-            raise QuantkitError(f"output-side factor blocks of {block} rows do not divide {name}'s {out} rows")
-        g = grad.detach().reshape(-1, out // block, block).float()
+        width = math.gcd(block, out)
+        g = grad.detach().reshape(-1, out // width, width).float()
         part = torch.einsum("tnb,tnc->nbc", g, g).double().cpu()
         sums[name] = part if name not in sums else sums[name] + part
 

@@ -21,8 +21,37 @@ from quantkit.importance.masks import scored_positions, valid_mask, vision_token
 
 # Token-weight normalisation: per sample (default) or over the whole set, per layer.
 NORMALISE_CHOICES = ("sample", "global")
-# TLQ's defaults, chosen on validation windows (benchmarks/bench_tlq.py --validation).
-TLQ_DEFAULTS = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0}
+# TLQ's gradient-pass defaults on text, chosen on validation windows per corpus (benchmarks/README.md "Round 6"):
+# uniform token weights (lam 1: the Hessians are GPTQ's) and each linear's output-side factor in blocks of 16 rows
+# (GPTQ's row metric). On image-text the token weights (lam 0.1) are the default and no output-side factor
+# (benchmarks/bench_tlq.py --validation, "TLQ guidance"): IMAGE_TLQ_DEFAULTS.
+TLQ_DEFAULTS = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1, "lam": 1.0, "power": 1.0,
+                "output_side": 16}
+IMAGE_TLQ_DEFAULTS = TLQ_DEFAULTS | {"lam": 0.1, "output_side": None}
+
+
+def tlq_defaults(images: bool) -> dict:
+    """TLQ's gradient-pass defaults for calibration data with images (image-text) or without (text)."""
+    return dict(IMAGE_TLQ_DEFAULTS if images else TLQ_DEFAULTS)
+
+
+def resolve_importance(given: dict | None, images: bool) -> dict:
+    """The gradient pass's settings: the data kind's defaults, overridden by the options given (None: not given;
+    output_side 0: no output-side factor)."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    settings = tlq_defaults(images) | given
+    if settings["row_groups"] > 1 and settings["output_side"]:
+        if "output_side" in given:
+            raise QuantkitError("--row-groups solves each group of a linear's rows with its own Hessian, and "
+                                "--output-side couples rows across those groups; give one of them")
+        settings["output_side"] = None  # row groups replace the output-side factor as the text default's use of rows
+    side = settings["output_side"]
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 0):
+        raise QuantkitError(f"--output-side (importance={{'output_side': ...}}) is the rows per block of the "
+                            f"output-side factor: 0 (none) or a positive whole number, got {side!r}")
+    if side == 0:
+        settings["output_side"] = None
+    return settings
 
 
 def scores_to_weights(
@@ -184,6 +213,9 @@ class TokenImportance:
                                for k in range(groups)]
                     row[name] = [torch.stack(parts, dim=1) if groups > 1 else parts[0] for parts in zip(*columns)]
                 self.linear_weights.append(row)
+        # lam 1 on unpadded samples: every weight is 1, the engine sums plain Hessians (the same sums, less work)
+        self.uniform = (lam == 1.0 and top_fraction is None and linear_scores is None and not modality_floor
+                        and all(bool(v.all()) for v in self.valid))
         empty = set(self.report.get("empty_loss_mask_samples", []))
         self.report["zero_gradient"] = [pair for pair in zero_groups if pair[1] not in empty]
         if self.report["zero_gradient"]:
@@ -241,7 +273,7 @@ class TokenImportance:
         if self.linear_weights is None and not metrics:
             return self.weights[layer]
         linears = self.linear_weights[layer] if self.linear_weights is not None else {}
-        return LayerWeights(self.weights[layer], linears, dict(self.linear_groups), self.floor, metrics)
+        return LayerWeights(self.weights[layer], linears, dict(self.linear_groups), self.floor, metrics, self.uniform)
 
     def stacked(self, which: str = "weights") -> torch.Tensor:
         """[layers, samples, Tmax] float32 of weights or scores, zero-padded past each sample's length."""

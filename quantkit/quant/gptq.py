@@ -154,58 +154,77 @@ def _columns_as_updated(
     return torch.cat(weights, dim=1) + update
 
 
+class RowFeedback:
+    """The output-side factor's feedback across rows, laid out for _row_babai: the upper Cholesky factors U of the
+    blocks of G^-1 ([blocks, b, b]) as diag [b, blocks] and rows [b, b, blocks] (U[k, r, c] at [r, c, k]), so that
+    each step reads contiguous rows; numpy arrays on the CPU (torch's per-op overhead made the b tiny steps per column
+    most of a solve's time: numpy's is a third; the same float32 steps, so the same codes), torch tensors elsewhere."""
+
+    def __init__(self, row_upper: torch.Tensor, numpy: bool | None = None) -> None:
+        self.blocks, self.width = row_upper.shape[0], row_upper.shape[1]
+        rows = row_upper.permute(1, 2, 0).contiguous()
+        diag = torch.diagonal(row_upper, dim1=1, dim2=2).T.contiguous()
+        self.numpy = row_upper.device.type == "cpu" if numpy is None else numpy  # numpy=False: torch's steps
+        self.rows, self.diag = (rows.numpy(), diag.numpy()) if self.numpy else (rows, diag)
+
+    def layout(self, vector: torch.Tensor):
+        """An [out] vector as [b, blocks] (row r of every block in one row), a copy in this feedback's array type."""
+        laid = vector.reshape(self.blocks, self.width).T.contiguous()
+        return laid.numpy() if self.numpy else laid
+
+
 def _row_babai(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-               row_upper: torch.Tensor) -> torch.Tensor:
+               feedback: RowFeedback) -> torch.Tensor:
     """Codes of one column, its rows rounded in turn within each block of rows, each rounding residual fed to
-    the block's later rows through row_upper [blocks, b, b] (upper Cholesky factors of the blocks of G^-1).
+    the block's later rows through the upper Cholesky factors of the blocks of G^-1 (`feedback`).
 
-    On the CPU the same float32 steps run in numpy: the loop is b tiny steps per column, where torch's per-op
-    overhead made it most of a solve's time (numpy's is a third); the codes are the same."""
-    if values.device.type == "cpu":
-        return torch.from_numpy(_row_babai_numpy(values.numpy(), scale.numpy(), zero.numpy(), maxq, row_upper.numpy()))
-    return _row_babai_torch(values, scale, zero, maxq, row_upper)
-
-
-def _row_babai_torch(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-                     row_upper: torch.Tensor) -> torch.Tensor:
-    """_row_babai's steps as torch operations (on the weight's device)."""
-    blocks, width = row_upper.shape[0], row_upper.shape[1]
-    v = values.reshape(blocks, width).clone()
-    s, z = scale.reshape(blocks, width), zero.reshape(blocks, width)
-    codes = torch.empty_like(v)
+    A row's code is clamp(round(v / s) + z, 0, maxq) = t + z with t = round(v / s) clamped to [-z, maxq - z]
+    (z is a whole number), and its residual v - t * s: the loop keeps t, the zero point is added once."""
+    v, s, z = feedback.layout(values), feedback.layout(scale), feedback.layout(zero)
+    low, high = -z, maxq - z
+    if feedback.numpy:  # ufuncs with out=: numpy's wrappers (np.round, np.clip) cost more than the work
+        def steps(x, r):
+            np.rint(x, out=x)
+            return np.minimum(np.maximum(x, low[r], out=x), high[r], out=x)
+    else:
+        def steps(x, r):
+            return torch.minimum(torch.maximum(x.round_(), low[r]), high[r])
+    rows, diag, width = feedback.rows, feedback.diag, feedback.width
+    codes = v.copy() if feedback.numpy else v.clone()
     for r in range(width):
-        q = torch.clamp(torch.round(v[:, r] / s[:, r]) + z[:, r], 0, maxq)
-        codes[:, r] = q
+        t = steps(v[r] / s[r], r)
+        codes[r] = t
         if r + 1 < width:
-            err = (v[:, r] - (q - z[:, r]) * s[:, r]) / row_upper[:, r, r]
-            v[:, r + 1:] -= err[:, None] * row_upper[:, r, r + 1:]
-    return codes.reshape(-1)
-
-
-def _row_babai_numpy(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int,
-                     row_upper: np.ndarray) -> np.ndarray:
-    """_row_babai's steps on float32 numpy arrays (round half to even, as torch.round)."""
-    blocks, width = row_upper.shape[0], row_upper.shape[1]
-    v = values.reshape(blocks, width).copy()
-    s, z = scale.reshape(blocks, width), zero.reshape(blocks, width)
-    codes = np.empty_like(v)
-    for r in range(width):
-        q = np.clip(np.round(v[:, r] / s[:, r]) + z[:, r], 0, maxq)
-        codes[:, r] = q
-        if r + 1 < width:
-            err = (v[:, r] - (q - z[:, r]) * s[:, r]) / row_upper[:, r, r]
-            v[:, r + 1:] -= err[:, None] * row_upper[:, r, r + 1:]
-    return codes.reshape(-1)
+            err = v[r] - t * s[r]
+            err /= diag[r]
+            v[r + 1:] -= err * rows[r, r + 1:]
+    codes += z
+    codes = codes.T.reshape(-1)
+    return torch.from_numpy(codes) if feedback.numpy else codes
 
 
 def row_factor_upper(row_metric: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
     """Upper Cholesky factors of the inverses of the damped blocks of G: [blocks, b, b] -> [blocks, b, b]
-    (a block that no gradient reached, all zero, gets the identity: its rows round independently)."""
+    (a block that no gradient reached, all zero, gets the identity: its rows round independently).
+
+    All blocks are factored in one batch, at the damp of _damped_factor's first try; a block that fails there
+    takes _damped_factor's retries alone."""
     eye = torch.eye(row_metric.shape[1], device=row_metric.device)
-    return torch.stack([eye if not bool(torch.diagonal(block).any())
-                        else _damped_factor(lambda block=block: block.float().clone(), damp,
-                                            f"{name} output factor", _inverse_factor)[0]
-                        for block in row_metric])
+    blocks = row_metric.float().clone()
+    # float32 of damp * mean diagonal, as _damped_factor adds it
+    blocks.diagonal(dim1=1, dim2=2).add_((torch.diagonal(blocks, dim1=1, dim2=2).mean(-1).double() * damp).float()[:, None])
+    lower, info = torch.linalg.cholesky_ex(blocks)
+    reached = torch.diagonal(row_metric, dim1=1, dim2=2).any(-1)
+    factored = reached & (info == 0) & torch.isfinite(lower).flatten(1).all(-1)
+    lower = torch.where(factored[:, None, None], lower, eye)  # the identity stands in until the loop below
+    upper, info_upper = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    good = factored & (info_upper == 0) & torch.isfinite(upper).flatten(1).all(-1)
+    upper = torch.where(reached[:, None, None], upper, eye)
+    for index in (reached & ~good).nonzero().flatten().tolist():
+        block = row_metric[index]
+        upper[index] = _damped_factor(lambda block=block: block.float().clone(), damp, f"{name} output factor",
+                                      _inverse_factor)[0]
+    return upper
 
 
 def gptq_solve(
@@ -240,14 +259,14 @@ def gptq_solve(
         )
     check_finite(weight, "weight", name)
     check_finite(hessian, "Hessian", name)
-    row_upper = None
+    feedback = None
     if row_metric is not None:
         if row_metric.dim() != 3 or row_metric.shape[1] != row_metric.shape[2] or \
                 row_metric.shape[0] * row_metric.shape[1] != out_features:
             raise QuantkitError(f"{name or 'weight'}: the output factor must be [blocks, b, b] with blocks * b = "
                                 f"{out_features} rows, got {tuple(row_metric.shape)}")
         check_finite(row_metric, "output factor", name)
-        row_upper = row_factor_upper(row_metric.to(weight.device), spec.damp, name)
+        feedback = RowFeedback(row_factor_upper(row_metric.to(weight.device), spec.damp, name))
 
     device = weight.device
     work = weight.detach().to(torch.float32).clone()
@@ -344,10 +363,10 @@ def gptq_solve(
                 current_group = group
 
             values = block[offset] + pending[offset] / diagonal
-            if row_upper is None:
+            if feedback is None:
                 column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
             else:
-                column_codes = _row_babai(values, col_scale, col_zero, maxq, row_upper)
+                column_codes = _row_babai(values, col_scale, col_zero, maxq, feedback)
             block_codes[offset] = column_codes
             rounded = (column_codes - col_zero) * col_scale
             block_errors[offset] = (values - rounded) * diagonal

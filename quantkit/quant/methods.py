@@ -109,25 +109,24 @@ METHODS: dict[str, Method] = {
 }
 
 
-# The method a run that names none gets (`quantkit calibrate` and quantkit.quantize alike), by its calibration data,
-# chosen on validation text by the worst corpus first and the mean second (issue #24; benchmarks/README.md, "TLQ per
-# corpus"). Text: GPTQ with the FP target. TLQ's token weights trade one corpus of a mixed calibration text for
-# another (worse than GPTQ + FP target beyond noise on some corpus of every checkpoint measured, at W2 and W3), and
-# no bounded or guarded variant removed that at <= 2x GPTQ's cost. Image-text: TLQ, where its weights separate the
-# answer tokens from the image tokens (answer-NLL gap 0.57x / 0.65x GPTQ + FP target's at W2 / W3,
-# benchmarks/README.md "TLQ guidance"), and a token-level set from `quantkit importance` (made for its weights).
-DEFAULT_METHOD = "gptq"
-IMAGE_DATA_METHOD = "tlq"
+# The method a run that names none gets (`quantkit calibrate` and quantkit.quantize alike), chosen on validation text by
+# the worst corpus first and the mean second (issue #24; benchmarks/README.md "Round 6" and "Round 7"): TLQ. What its
+# gradient pass feeds depends on the calibration data (quantkit.importance.tlq_defaults). Text: uniform token weights
+# (the Hessians are GPTQ + FP target's) and each linear's output-side factor E[g g^T] in 16-row blocks as GPTQ's row
+# metric: on validation it was the only variant no corpus lost on (worst corpus 0.87x / 1.05x GPTQ + FP target, whole
+# text 0.81x / 0.88x, ref-lm / step500 W2), where TLQ's token weights traded one corpus for another. Image-text: the
+# token weights (lam 0.1), which separate the answer tokens from the image tokens (answer-NLL gap 0.57x / 0.65x
+# GPTQ + FP target's at W2 / W3, benchmarks/README.md "TLQ guidance").
+DEFAULT_METHOD = "tlq"
 DEFAULT_FP_TARGET = True  # the default method fits the FP model's output unless --no-fp-target
-# What TLQ as a default becomes where its token weights cannot be computed (--low-memory without a --calib-set):
-# the same solve without them, keeping the FP target.
+# What TLQ as a default becomes where its gradient pass cannot run (--low-memory without a --calib-set): the same solve
+# without its token weights or output-side factors, keeping the FP target.
 FALLBACK_METHOD = "gptq"
 
 
-def default_method(images: bool, calib_set: bool = False) -> Method:
-    """The Method of a run that names none: IMAGE_DATA_METHOD on image-text calibration data or a token-level set
-    (`quantkit importance` made it for its weights), else DEFAULT_METHOD."""
-    return METHODS[IMAGE_DATA_METHOD if images or calib_set else DEFAULT_METHOD]
+def default_method() -> Method:
+    """The Method of a run that names none (DEFAULT_METHOD); its gradient pass's settings follow the data."""
+    return METHODS[DEFAULT_METHOD]
 
 
 def method_for(method: Method | str) -> Method:
