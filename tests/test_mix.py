@@ -264,3 +264,16 @@ def test_linear_output_factors_match_autograd_and_reach_the_solver() -> None:
     assert torch.equal(result["model.layers.1.mlp.down_proj"].qweight, expected.qweight)
     plain = gptq_solve(fp_target_weight(original, hessian, cross, spec.damp), hessian, spec)
     assert not torch.equal(plain.qweight, expected.qweight)  # the factor changed the rounding
+
+
+def test_diagonal_blocks_keep_the_smaller_blocks_of_a_block_diagonal_factor() -> None:
+    """Linears solved together whose factors have blocks of 16 and 8 rows join at 8: each 16-block's two 8 x 8
+    diagonal blocks, the coupling between them dropped (a dense block-diagonal matrix masked by hand)."""
+    from quantkit.engine.solve import diagonal_blocks
+
+    generator = torch.Generator().manual_seed(3)
+    factor = torch.randn(3, 16, 16, generator=generator, dtype=torch.float64)
+    dense = torch.block_diag(*factor)
+    mask = torch.block_diag(*[torch.ones(8, 8, dtype=torch.float64)] * 6)
+    assert torch.equal(torch.block_diag(*diagonal_blocks(factor, 8)), dense * mask)
+    assert diagonal_blocks(factor, 16) is factor
