@@ -253,4 +253,4 @@ def test_fp_target_defaults_on_for_tlq_and_the_default(tiny, tmp_path, method, f
     assert result.exit_code == 0, result.output
     report = json.loads((out / "quantkit_report.json").read_text())
     assert report["fp_target"] is expected
-    assert report["method"] == (method or "gptq")  # the default method on text (GPTQ + FP target), as quantize's
+    assert report["method"] == (method or "tlq")  # the default method (TLQ + FP target), as quantize's
