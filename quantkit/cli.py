@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import importlib
 import logging
 import os
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from quantkit.errors import Interrupted, QuantkitError
+from quantkit.errors import STOPPED_WRITES, Interrupted, QuantkitError
 
 # (module, attribute, one-line help) of each subcommand. A subcommand's module is imported only when
 # that subcommand runs: `quantkit --help` lists these lines without importing torch or transformers
@@ -28,11 +28,6 @@ SUBCOMMANDS = {
 
 # Exit codes: 2 for bad input and failed I/O, 128 + the signal number for SIGINT (130) and SIGTERM (143).
 EXIT_ERROR = 2
-_HINTS = {
-    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
-    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
-    errno.EROFS: "the filesystem is read-only; write elsewhere",
-}
 
 
 def describe_error(err: BaseException) -> str:
@@ -40,7 +35,7 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, OSError):
         what = err.strerror or str(err) or type(err).__name__
         where = f": {err.filename}" if err.filename else ""
-        hint = _HINTS.get(err.errno or -1)
+        hint = STOPPED_WRITES.get(err.errno or -1)
         return f"{what}{where}" + (f" ({hint})" if hint else "")
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
@@ -156,7 +151,10 @@ class QuantkitGroup(click.Group):
         except Exception as err:  # noqa: BLE001 - the CLI boundary: one line, never a traceback without --debug
             if debug:
                 raise
-            message = str(err) if isinstance(err, QuantkitError) else describe_error(err) + " (--debug shows the traceback)"
+            # the environment stopping a write (a full disk) is no bug: no traceback to offer
+            known = isinstance(err, QuantkitError) or (isinstance(err, OSError) and err.errno in STOPPED_WRITES)
+            message = str(err) if isinstance(err, QuantkitError) else describe_error(err)
+            message += "" if known else " (--debug shows the traceback)"
             kept = kept_note()
             line = f"{message}; {kept}" if kept else message
             click.echo(f"error: {' '.join(line.split())}", err=True)
@@ -172,6 +170,11 @@ class QuantkitGroup(click.Group):
 def main(debug: bool) -> None:
     """quantkit: post-training quantization (TLQ, GPTQ, RTN) and QiD scaling laws."""
     configure_logging(debug)
+    # a file name whose bytes the locale cannot decode (b"\xff") reaches Python as surrogates: lines naming it are
+    # written back as the same bytes (as ls does), where a strict UTF-8 stream fails on the first one
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="surrogateescape")
 
 
 def configure_logging(debug: bool) -> None:

@@ -1,5 +1,8 @@
 """User-facing errors: the CLI prints their message on one line and exits with code 2."""
 
+import errno
+import os
+import re
 import signal
 
 
@@ -45,6 +48,38 @@ def first_line(err: BaseException) -> str:
     if not text:
         return type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# writes the environment stops (errno -> what to do): one line naming the output, not a library's error
+STOPPED_WRITES = {
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EFBIG: "a file would grow past the size this process may write (ulimit -f) or the file system holds; raise "
+                 "the limit or write elsewhere",
+    errno.ENAMETOOLONG: "a path there is too long for the file system; choose a shorter one",
+}
+
+
+def stopped_write(err: BaseException, out: os.PathLike, tmp: os.PathLike) -> QuantkitError | None:
+    """One line for a write into `tmp` (the temporary twin of `out`) that the environment stopped, where `err` is
+    one: an OSError, or what safetensors ("(os error 28)") and torch.save (a short write) raise for it; else None."""
+    if not isinstance(err, Exception) or isinstance(err, QuantkitError):
+        return None
+    cause, filename = None, None
+    for seen in (err, err.__cause__, err.__context__):
+        if isinstance(seen, OSError) and seen.errno in STOPPED_WRITES:
+            cause, filename = STOPPED_WRITES[seen.errno], seen.filename
+            break
+    code = re.search(r"\(os error (\d+)\)", str(err))
+    if cause is None and code is not None:
+        cause = STOPPED_WRITES.get(int(code.group(1)))
+    if cause is None and "unexpected pos" in str(err):  # torch.save's writer: fewer bytes written than given
+        cause = "the write stopped short (a full disk or a file-size limit); free some space or write elsewhere"
+    if cause is None:
+        return None
+    where = out if filename is None or os.fspath(filename).startswith(os.fspath(tmp)) else filename
+    return QuantkitError(f"cannot write {where}: {cause}")
 
 
 # ---------------------------------------------------------------- arguments checked at the API's boundary

@@ -12,12 +12,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, first_line, stopped_write
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output path unless overwrite is set, or a name the file system cannot hold; return it
-    as a Path."""
+    """The output path as a Path: new (or overwrite is set), with names the file system holds."""
     check_names(path)
     out = Path(path)
     if out.exists() and not overwrite:
@@ -84,10 +83,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         _share(tmp)
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_created(created)
-        raise
+        raise stopped_write(err, out, tmp) or err  # noqa: B904 - one line naming out where the environment stopped a write
 
 
 def _share(path: Path) -> None:
@@ -134,10 +133,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _share(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
         remove_created(created)
-        raise
+        raise stopped_write(err, out, tmp) or err  # noqa: B904 - one line naming out where the environment stopped a write
 
 
 @contextlib.contextmanager
@@ -156,6 +155,8 @@ def scratch_dir(path: str | os.PathLike | None) -> Iterator[None]:
     created = [] if existed else [d for d in [root, *root.parents] if not d.exists()]
     try:
         yield
+    except BaseException as err:
+        raise stopped_write(err, root, root) or err  # noqa: B904 - one line naming the folder the environment filled
     finally:
         if existed:
             with contextlib.suppress(OSError):
@@ -277,6 +278,8 @@ def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
         raise QuantkitError(f"{flag} - would write a file or folder named '-' here, not to stdout; give a path "
                             "(to print a command's results, use its --json)")
     out = Path(os.path.abspath(output))
+    if os.path.islink(out) and os.path.islink(os.path.realpath(out)):  # realpath stops where the links loop
+        raise QuantkitError(f"{flag} {output} is a symlink loop; remove the link or give another path")
     new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
     limit = name_limit(out)
     for part in new:

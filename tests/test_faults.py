@@ -275,6 +275,77 @@ def test_export_disk_full(work: Path, made: dict, small_disk: Path, monkeypatch:
     assert not any(small_disk.iterdir())
 
 
+def fill(disk: Path) -> None:
+    """Fill a tmpfs to its last byte."""
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+        while True:
+            f.write(b"\0" * 1024)
+            f.flush()
+
+
+@pytest.fixture
+def tiny_disk(work: Path) -> Iterator[Path]:
+    """A 4 KiB tmpfs at work/tiny: room for empty files (the up-front checks pass) and little else."""
+    yield from tmpfs(work / "tiny", "size=4k")
+
+
+@pytest.mark.parametrize("case", ["importance -o", "eval -o", "--offload-dir"])
+def test_a_write_the_disk_stops_is_one_line_naming_the_output(work: Path, tiny_disk: Path, case: str) -> None:
+    """Round 10: a disk filling while results were written gave "No space left on device (...) (--debug shows the
+    traceback)" without the path (importance, eval -o, qid fit -o), or torch.save's "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos" for --offload-dir. Now one line naming what could not be written."""
+    if case == "eval -o":
+        fill(tiny_disk)
+    target = {"importance -o": tiny_disk / "s", "eval -o": tiny_disk / "r.json", "--offload-dir": tiny_disk}[case]
+    args = {"importance -o": ["importance", work / "model", "--calib", "text.txt", "--nsamples", "2", "--seqlen", "16",
+                              "--json", "-o", target],
+            "eval -o": ["eval", work / "model", "--data", "text.txt", "--seqlen", "16", "--json", "-o", target],
+            "--offload-dir": calibrate(work, "--low-memory", "--offload-dir", target, "-o", work / "out")}[case]
+    line = assert_fault(work, args, "cannot write ")
+    assert "--debug" not in line and ("disk is full" in line or "stopped short" in line), line
+    assert str(target) in line, line
+
+
+def test_a_file_size_limit_is_one_line_naming_the_output(work: Path) -> None:
+    """Round 10: under `ulimit -f` the export's write failed as "SafetensorError: Error while serializing: I/O error:
+    File too large (os error 27) (--debug shows the traceback)". Now one line naming the output; nothing left."""
+    import resource
+
+    with unchanged(work):
+        proc = subprocess.run(cli_command(*calibrate(work, "--method", "rtn", "-o", work / "out")), capture_output=True,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and f"cannot write {work / 'out'}: a file would grow past" in line, line
+    assert "ulimit -f" in line and "--debug" not in line, line
+
+
+def test_odd_output_paths_are_one_line(work: Path) -> None:
+    """Round 10: -o a symlink to itself gave "RuntimeError: Symlink loop from ..." and -o a path of 40 nested
+    100-character folders "SafetensorError: ... File name too long (os error 36)", each with --debug's hint."""
+    (work / "loop").symlink_to(work / "loop")
+    result = run_cli(*calibrate(work, "--method", "rtn", "-o", work / "loop"))
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 2 and line.startswith(f"error: -o {work / 'loop'} is a symlink loop"), line
+    (work / "loop").unlink()
+    deep = work.joinpath(*["d" * 100] * 40)
+    line = assert_fault(work, calibrate(work, "--method", "rtn", "-o", deep), "too long for the file system")
+    assert "--debug" not in line, line
+
+
+def test_a_data_file_whose_name_is_not_utf8_is_named_back(work: Path) -> None:
+    """Round 10: eval of a file whose name holds the byte 0xff scored it, then failed printing its name
+    ("UnicodeEncodeError: ... surrogates not allowed"). Now the name is written back as its bytes; the loss is that
+    of the same text under a plain name."""
+    odd = os.fsdecode(os.fsencode(work / "t") + b"\xff.txt")
+    shutil.copy(work / "text.txt", odd)
+    plain = run_cli("eval", work / "model", "--data", work / "text.txt", "--seqlen", "16", "--json")
+    result = run_cli("eval", work / "model", "--data", odd, "--seqlen", "16")
+    assert result.exit_code == 0, result.output
+    assert f"loss {json.loads(plain.stdout)['loss']:.4f} nats" in result.stdout
+    assert os.fsencode(work / "t") + b"\xff.txt" in result.stdout_bytes
+
+
 def test_offload_dir_is_a_file(work: Path, no_model_load) -> None:
     (work / "afile").write_text("x")
     assert_fault(work, calibrate(work, "--low-memory", "--offload-dir", "afile", "-o", "out"), "is a file")
