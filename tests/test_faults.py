@@ -551,6 +551,27 @@ def test_a_storm_of_sigints_from_the_first_to_the_exit_leaves_one_line(work: Pat
     assert "interrupted (SIGINT)" in one_error_line(stderr) and "keeps 1 of 2 finished layers" in stderr
 
 
+def test_a_second_run_on_a_work_area_in_use_is_refused(work: Path) -> None:
+    """Fault battery round 10 'two --resume runs of one work area' (a retry script started twice): both ran on one
+    OUT.partial, one exited 0 with OUT.partial left beside its export, or one said the (finished) work area was
+    damaged. A low-memory run now holds its work area (an flock the kernel drops with the process): the second is
+    refused in one line naming the first, which finishes as if alone."""
+    args = calibrate(work, "--low-memory", "--resume", "-o", work / "out")
+    run_cli("calibrate", "--help")  # the second run's imports done before the first one starts
+    proc, chunks = start(args, "Hooks(on_layer=Delay(6))")
+    wait_until(lambda: (work / "out.partial" / "state.json").is_file())
+    for second in (args, calibrate(work, "--low-memory", "-o", work / "out")):
+        result = run_cli(*second)
+        assert result.exit_code == 2, result.output
+        assert one_error_line(result.stderr) == (f"error: {work / 'out.partial'} is in use by another quantkit run "
+                                                 f"(pid {proc.pid}); wait for it to end, or write to another output")
+        assert proc.poll() is None  # refused while the first one ran
+    assert proc.wait(timeout=120) == 0, all_of_stderr(proc, chunks)[-2000:]
+    assert sorted(p.name for p in work.iterdir()) == ["model", "out", "text.txt"]
+    result = run_cli(*args, "--overwrite")  # the lock went with its run
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["--low-memory"])])
 def test_signal_to_two_ranks_ends_them_as_one_process(work: Path, sig: signal.Signals, extra: list) -> None:
     """An interrupted --nproc 2 run killed its ranks: the error line was glued to rank 0's unfinished progress bar

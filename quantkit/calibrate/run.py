@@ -57,15 +57,15 @@ def run_job(job: CalibrationJob) -> Outcome:
 
             outcome.hub_url = push_export(job.export.output, export.push_to_hub, private=export.private)
         outcome.output_dir = export.output  # None again where the export went to a temporary directory
-    if job.run.low_memory and export.output is not None:
-        shutil.rmtree(work_dir_for(export.output), ignore_errors=True)
+        if job.run.low_memory and export.output is not None:
+            shutil.rmtree(work_dir_for(export.output), ignore_errors=True)  # while this run still holds it
     return outcome
 
 
 def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
     from quantkit.calibrate.preflight import preflight
     from quantkit.engine.streaming import resume_note
-    from quantkit.fsutil import kept_on_failure, scratch_dir, work_dir_for
+    from quantkit.fsutil import kept_on_failure, locked_work_area, scratch_dir, work_dir_for
 
     # before the model is loaded: minutes to hours of calibration must not end in a refused export
     files = preflight(job)
@@ -82,6 +82,9 @@ def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
                 ", low memory" if run.low_memory else "")
     exporting = output is not None and (not under_torchrun() or int(os.environ["RANK"]) == 0)
     if run.low_memory and exporting:
+        # the lock first: a run refused by it touches nothing; kept_on_failure removes the work area (unless a
+        # failure leaves layers to resume) while the lock still holds it
+        scope.enter_context(locked_work_area(work_dir_for(output)))
         scope.enter_context(kept_on_failure(work_dir_for(output), resume_note))
         scope.enter_context(scratch_dir(run.offload_dir))
     outcome = _run_ranks(job)

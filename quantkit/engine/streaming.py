@@ -170,12 +170,23 @@ class StreamedLayers:
                 )
             state = previous
         elif self.comm.rank == 0:
-            shutil.rmtree(self.work, ignore_errors=True)
-            self.work.mkdir(parents=True)
+            self._empty()
             _write_state(self.work, state)
         self.comm.barrier()
         self.state = state
         return state["layers_done"]
+
+    def _empty(self) -> None:
+        """An empty work area, keeping the lock file the exporting process holds in it (fsutil.locked_work_area)."""
+        from quantkit.fsutil import WORK_LOCK
+
+        if self.work.is_symlink() or not self.work.is_dir():
+            self.work.unlink(missing_ok=True)
+            self.work.mkdir(parents=True)
+            return
+        for child in self.work.iterdir():
+            if child.name != WORK_LOCK:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
     def _damaged(self, what: str) -> QuantkitError:
         return QuantkitError(f"cannot resume from {self.work}: {what}; the work area is damaged: drop --resume to "
