@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -2536,6 +2537,37 @@ def test_qid_measure_measures_a_checkpoint_given_twice_once(work: Path) -> None:
 
     [row_once], [row_twice] = (list(csv.DictReader(path.open())) for path in (once, twice))
     assert {k: v for k, v in row_twice.items() if k != "seconds"} == {k: v for k, v in row_once.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new CSV", "CSV with a row"])
+def test_qid_measure_into_a_csv_another_measure_writes_is_refused(work: Path, existing: bool) -> None:
+    """Fault battery round 10 'two qid measure into one CSV': two measures started together both found the cell
+    missing and both appended it (the fit then counted it twice). A measure now holds the CSV (flock) from reading
+    its finished cells to its last row; while another process holds it, a second is refused in one line and the
+    CSV is as it was (a new one not made)."""
+    import fcntl
+
+    csv_path = work / "c.csv"
+    args = ["qid", "measure", work / "model", "--eval", work / "text.txt", "--eval-tokens", "64", "--eval-seqlen", "16",
+            "--nsamples", "2", "--calib-seqlen", "16", "--group-size", "32", "--tokens", "1e9", "--methods", "rtn",
+            "-o", csv_path]
+    if existing:
+        assert run_cli(*args, "--bits", "4").exit_code == 0
+    before = csv_path.read_bytes() if existing else None
+    holder = os.open(csv_path, os.O_RDWR | os.O_CREAT)  # another measure, as the kernel sees it
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        line = assert_fault(work, [*args, "--bits", "3"], f"{csv_path} is being written by another quantkit qid measure")
+        assert "wait for it to end" in line
+    finally:
+        os.close(holder)
+    assert (csv_path.read_bytes() if existing else csv_path.stat().st_size) == (before if existing else 0)
+    if not existing:
+        csv_path.unlink()
+    result = run_cli(*args, "--bits", "3")  # the lock went with its holder
+    assert result.exit_code == 0, result.output
+    rows = [line for line in csv_path.read_text().splitlines()[1:] if line.strip()]
+    assert len(rows) == (2 if existing else 1)
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -304,6 +304,14 @@ def measure_grid(
     progress: bool = True,
 ) -> dict:
     """Measure every cell not yet in `out_csv` (append, flush per row); return counts of done/skipped/failed."""
+    from quantkit.qid.table import locked_table
+
+    with locked_table(out_csv):
+        return _measure_grid(checkpoints, bits, methods, Path(out_csv), settings, tokens, retry_errors, progress)
+
+
+def _measure_grid(checkpoints: Sequence[str], bits: Sequence[int], methods: Sequence[str], out_csv: Path,
+                  settings: Measurement, tokens: Sequence[str], retry_errors: bool, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     per_model_tokens, default_tokens = parse_token_overrides(tokens)

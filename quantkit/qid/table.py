@@ -11,10 +11,12 @@ eval_windows (how many windows the bootstrap resampled). Tables written before q
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,6 +238,33 @@ def _format(value: object) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+@contextlib.contextmanager
+def locked_table(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the QiD CSV `path` for one measuring run, from reading its finished cells to its last row: an flock on
+    the file (made empty where missing, removed again if still empty at the end), or one QuantkitError. Two runs into
+    one CSV both found a cell missing and both wrote it; a table counted twice skews the fit."""
+    import fcntl
+
+    path = Path(path)
+    if not path.parent.is_dir() or path.is_dir():
+        yield  # TableWriter makes the folders (and takes them back), or the output checks refuse the path
+        return
+    made = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise QuantkitError(f"{path} is being written by another quantkit qid measure; wait for it to end (a rerun "
+                            "then measures only the cells still missing), or write to another --output") from None
+    try:
+        yield
+    finally:
+        if made and os.fstat(fd).st_size == 0:
+            path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 class TableWriter:
