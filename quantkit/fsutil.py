@@ -173,41 +173,6 @@ def work_dir_for(output: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-# the lock file a low-memory run holds in its work area: a second run (a retry script started twice) would read and
-# replace the layers the first one is writing
-WORK_LOCK = ".lock"
-
-
-@contextlib.contextmanager
-def locked_work_area(work: str | os.PathLike) -> Iterator[Path]:
-    """Hold `work` (made if missing) for this run: an flock on its lock file, or one QuantkitError naming the
-    process that holds it. The kernel drops the lock with the process, so a killed run leaves no stale lock. Where
-    the work area is gone at the end (a failure kept nothing), the folders above it this run made go too."""
-    import fcntl
-
-    root = Path(work)
-    if root.exists() and not root.is_dir():
-        raise QuantkitError(f"{root} is a file where this run keeps its work area (beside the output); move it away")
-    created = [d for d in [root.parent, *root.parent.parents] if not d.exists()]
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / WORK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise QuantkitError(f"{root} is in use by another quantkit run (pid {holder}); wait for it to end, or write "
-                            "to another output") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield root
-    finally:
-        os.close(fd)
-        if not root.exists():
-            remove_created(created)
-
-
 # ---------------------------------------------------------------- what a failed run keeps
 
 _KEPT: list[Callable[[], str | None]] = []

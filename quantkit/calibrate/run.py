@@ -64,8 +64,8 @@ def run_job(job: CalibrationJob) -> Outcome:
 
 def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
     from quantkit.calibrate.preflight import preflight
-    from quantkit.engine.streaming import resume_note
-    from quantkit.fsutil import kept_on_failure, locked_work_area, scratch_dir, work_dir_for
+    from quantkit.engine.streaming import locked_work_area, resume_note
+    from quantkit.fsutil import kept_on_failure, scratch_dir, work_dir_for
 
     # before the model is loaded: minutes to hours of calibration must not end in a refused export
     files = preflight(job)

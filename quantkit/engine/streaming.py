@@ -13,6 +13,7 @@ point resumes from the last finished layer and produces byte-identical tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from quantkit.engine.driver import Calibration, run_layers
 from quantkit.engine.plan import LinearPlan
 from quantkit.engine.weights import TokenWeights
 from quantkit.errors import QuantkitError, first_line
-from quantkit.fsutil import atomic_file
+from quantkit.fsutil import atomic_file, remove_created
 from quantkit.memory import fix_mmap_threshold, trim_heap
 from quantkit.models.base import Adapter
 from quantkit.models.streamed import (
@@ -123,6 +124,41 @@ def resume_note(work: str | os.PathLike) -> str | None:
     return f"{work} keeps {done} of {total} finished layers; rerun with --resume to continue" if done else None
 
 
+# the lock file a low-memory run holds in its work area: a second run (a retry script started twice) would read and
+# replace the layers the first one is writing
+WORK_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def locked_work_area(work: str | os.PathLike) -> Iterator[Path]:
+    """Hold `work` (made if missing) for this run: an flock on its lock file, or one QuantkitError naming the
+    process that holds it. The kernel drops the lock with the process, so a killed run leaves no stale lock. Where
+    the work area is gone at the end (a failure kept nothing), the folders above it this run made go too."""
+    import fcntl
+
+    root = Path(work)
+    if root.exists() and not root.is_dir():
+        raise QuantkitError(f"{root} is a file where this run keeps its work area (beside the output); move it away")
+    created = [d for d in [root.parent, *root.parent.parents] if not d.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / WORK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise QuantkitError(f"{root} is in use by another quantkit run (pid {holder}); wait for it to end, or write "
+                            "to another output") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield root
+    finally:
+        os.close(fd)
+        if not root.exists():
+            remove_created(created)
+
+
 class StreamedLayers:
     """Decoder layers read from the safetensors files one at a time; finished ones go to `work_dir`.
 
@@ -177,9 +213,7 @@ class StreamedLayers:
         return state["layers_done"]
 
     def _empty(self) -> None:
-        """An empty work area, keeping the lock file the exporting process holds in it (fsutil.locked_work_area)."""
-        from quantkit.fsutil import WORK_LOCK
-
+        """An empty work area, keeping the lock file the exporting process holds in it (locked_work_area)."""
         if self.work.is_symlink() or not self.work.is_dir():
             self.work.unlink(missing_ok=True)
             self.work.mkdir(parents=True)
