@@ -230,10 +230,13 @@ class GroupSolve:
         found = [self.row_metrics.get(name) for name in names]
         if all(m is None for m in found):
             return None
-        if any(m is None for m in found):
-            raise QuantkitError(f"{self.prefix}: {names} are solved together but not all have output-side factors")
-        width = math.gcd(*(m.shape[1] for m in found))
-        found = [diagonal_blocks(m, width) for m in found]
+        # a linear no gradient reached (its output detached, as an indexer's) rounds its rows independently: identity
+        rows = [self.originals[name].shape[0] for name in names]
+        width = math.gcd(*(m.shape[1] for m in found if m is not None), *(r for m, r in zip(found, rows) if m is None))
+        like = next(m for m in found if m is not None)
+        eye = torch.eye(width, dtype=like.dtype, device=like.device)
+        found = [diagonal_blocks(m, width) if m is not None else eye.expand(r // width, width, width).clone()
+                 for m, r in zip(found, rows)]
         return found[0] if len(found) == 1 else torch.cat(found)
 
     def solve(self, hessians: dict[str, torch.Tensor], crosses: dict[str, torch.Tensor]
