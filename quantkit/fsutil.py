@@ -308,6 +308,8 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
     out = Path(os.path.abspath(output))
     if out.is_dir():
         raise QuantkitError(f"{flag} {output} is a directory; give a file path")
+    if out.exists() and not out.is_file():  # a named pipe or device would be replaced by the results' file
+        raise QuantkitError(f"{flag} {output} is no regular file (a named pipe, socket or device); give a file path")
     real = out.resolve()
     for source in inputs:
         if source is None or not Path(source).expanduser().exists():

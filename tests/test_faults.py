@@ -333,6 +333,16 @@ def test_odd_output_paths_are_one_line(work: Path) -> None:
     assert "--debug" not in line, line
 
 
+def test_a_result_file_onto_a_named_pipe_is_refused(work: Path) -> None:
+    """Round 10: `eval -o FIFO` exited 0 having replaced the user's named pipe with a JSON file (the reader waiting on
+    the pipe got nothing). Now refused before the work; the pipe stays."""
+    os.mkfifo(work / "fifo")  # (helpers.unchanged would read it, and wait for a writer)
+    result = run_cli("eval", work / "model", "--data", "text.txt", "--seqlen", "16", "-o", work / "fifo")
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 2 and "is no regular file (a named pipe, socket or device)" in line, line
+    assert stat.S_ISFIFO(os.stat(work / "fifo").st_mode) and sorted(os.listdir(work)) == ["fifo", "model", "text.txt"]
+
+
 def test_a_data_file_whose_name_is_not_utf8_is_named_back(work: Path) -> None:
     """Round 10: eval of a file whose name holds the byte 0xff scored it, then failed printing its name
     ("UnicodeEncodeError: ... surrogates not allowed"). Now the name is written back as its bytes; the loss is that
