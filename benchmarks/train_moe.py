@@ -5,7 +5,7 @@ with ref-lm's tokenizer: 4 layers, hidden 128, 8 experts of width 128 per layer,
 router load-balancing loss 0.01; 800 steps of 16 x 256 tokens (3.3 M tokens), AdamW, cosine schedule,
 one thread (about 14 CPU minutes).
 
-    python benchmarks/train_moe.py [--out /work/bench-models/moe-lm] [--steps 800]
+    python benchmarks/train_moe.py [--out /work/bench-models/moe-lm] [--steps 800] [--seed 0]
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ def main() -> None:
     parser.add_argument("--data", default="/work/shared/data/text")
     parser.add_argument("--tokenizer", default="/work/shared/models/ref-lm")
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0, help="another seed gives a second model of the same recipe")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     texts = resolve_texts(args.data, part="train")
     out = train_causal_lm(texts, args.out, tokenizer=tokenizer, hidden_size=128, num_layers=4, num_heads=4,
-                          intermediate_size=384, seqlen=256, batch_size=16, steps=args.steps, lr=3e-3, seed=0,
+                          intermediate_size=384, seqlen=256, batch_size=16, steps=args.steps, lr=3e-3, seed=args.seed,
                           corpora=CORPORA, heldout="last 10% of each corpus", save_steps=(args.steps // 2,),
                           model_type="qwen3_moe", config_extra=MOE, progress=False)
     print(out)
