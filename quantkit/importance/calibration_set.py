@@ -279,21 +279,14 @@ class StoredWeights:
     """token_weights(layer) over a loaded set: each sample's weights cut to its length."""
 
     def __init__(self, weights: torch.Tensor, lengths: torch.Tensor, manifest: dict,
-                 linear: dict[str, torch.Tensor] | None = None, factors: dict[str, torch.Tensor] | None = None) -> None:
+                 linear: dict[int, dict[str, torch.Tensor]] | None = None,
+                 factors: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
         self.weights = weights
         self.lengths = [int(n) for n in lengths]
         self.manifest = manifest
         self.floor = (manifest.get("settings") or {}).get("lam")
-        # per-linear weights by layer: {layer: {name: [samples, Tmax, groups]}}
-        self.linear: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in (linear or {}).items():
-            _, layer, name = key.split(".", 2)
-            self.linear.setdefault(int(layer), {})[name] = value
-        # output-side factors by layer: {layer: {name: [blocks, b, b]}}
-        self.factors: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in (factors or {}).items():
-            _, layer, name = key.split(".", 2)
-            self.factors.setdefault(int(layer), {})[name] = value
+        self.linear = linear or {}  # {layer: {name: [samples, Tmax, groups]}}
+        self.factors = factors or {}  # output-side factors: {layer: {name: [blocks, b, b]}}
 
     @property
     def num_layers(self) -> int:
@@ -344,20 +337,31 @@ def load_calibration_set(setdir: str | Path, model_name: str | None, model: nn.M
     return samples, StoredWeights(token_weights, weights["lengths"], manifest, linear, factors)
 
 
-def _read_factors(weights: dict[str, torch.Tensor], layers: int, corrupt) -> dict[str, torch.Tensor]:
-    """The output-side factors of weights.safetensors (f"{FACTOR_KEY}.LAYER.NAME" -> [blocks, b, b]), checked."""
-    found = {}
-    for key, value in ((k, v) for k, v in weights.items() if k.startswith(FACTOR_KEY + ".")):
-        parts = key.split(".", 2)
-        layer, name = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
-        if not re.fullmatch(r"0|[1-9][0-9]*", layer) or int(layer) >= layers or not name:
-            raise corrupt(f"{WEIGHTS_FILE} holds {key!r}, not '{FACTOR_KEY}.LAYER.NAME' of a layer below {layers}")
-        if not _real(value) or value.dim() != 3 or value.shape[1] != value.shape[2] or 0 in value.shape:
-            raise corrupt(f"{key!r} is {str(value.dtype).removeprefix('torch.')} {list(value.shape)}, not "
-                          "[blocks, b, b] numbers")
-        if not bool(torch.isfinite(value).all()) or bool((torch.diagonal(value, dim1=1, dim2=2) < 0).any()):
-            raise corrupt(f"{key!r} holds a non-finite value or a negative diagonal")
-        found[key] = value.double()
+def _by_layer(weights: dict[str, torch.Tensor], prefix: str, layers: int, corrupt) -> dict[int, dict[str, torch.Tensor]]:
+    """The tensors of weights.safetensors named f"{prefix}.LAYER.NAME", as {layer: {name: tensor}}; any other
+    name under `prefix`, or a layer not below `layers`, refused."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        if key.startswith(prefix + "."):
+            layer, _, name = key.removeprefix(prefix + ".").partition(".")
+            if not re.fullmatch(r"0|[1-9][0-9]*", layer) or int(layer) >= layers or not name:
+                raise corrupt(f"{WEIGHTS_FILE} holds {key!r}, not '{prefix}.LAYER.NAME' of a layer below {layers}")
+            found.setdefault(int(layer), {})[name] = value
+    return found
+
+
+def _read_factors(weights: dict[str, torch.Tensor], layers: int, corrupt) -> dict[int, dict[str, torch.Tensor]]:
+    """The output-side factors of weights.safetensors ({layer: {name: [blocks, b, b]}}), checked."""
+    found = _by_layer(weights, FACTOR_KEY, layers, corrupt)
+    for layer, named in found.items():
+        for name, value in named.items():
+            key = f"{FACTOR_KEY}.{layer}.{name}"
+            if not _real(value) or value.dim() != 3 or value.shape[1] != value.shape[2] or 0 in value.shape:
+                raise corrupt(f"{key!r} is {str(value.dtype).removeprefix('torch.')} {list(value.shape)}, not "
+                              "[blocks, b, b] numbers")
+            if not bool(torch.isfinite(value).all()) or bool((torch.diagonal(value, dim1=1, dim2=2) < 0).any()):
+                raise corrupt(f"{key!r} holds a non-finite value or a negative diagonal")
+            named[name] = value.double()
     return found
 
 
@@ -408,10 +412,10 @@ def _read_samples(tensors: dict[str, torch.Tensor], manifest: dict, rows: int | 
 
 
 def _read_weights(weights: dict[str, torch.Tensor], tokens: list[int], layers: int, corrupt
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(token weights [layers, samples, >= T] as float, per-linear weights) of weights.safetensors, after checking
-    them against the samples' token counts: every 'lengths' entry a sample's T, weights finite, not negative, and
-    some token of every layer weighing more than zero."""
+                  ) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
+    """(token weights [layers, samples, >= T] as float, per-linear weights {layer: {name: tensor}}) of
+    weights.safetensors, after checking them against the samples' token counts: every 'lengths' entry a sample's
+    T, weights finite, not negative, and some token of every layer weighing more than zero."""
     for key in ("weights", "lengths"):
         if key not in weights:
             raise corrupt(f"{WEIGHTS_FILE} has no {key!r}")
@@ -419,22 +423,19 @@ def _read_weights(weights: dict[str, torch.Tensor], tokens: list[int], layers: i
     if not _real(lengths) or lengths.dim() != 1 or lengths.tolist() != tokens:
         shown = _brief(lengths.tolist()) if lengths.dim() == 1 else f"a {list(lengths.shape)} tensor"
         raise corrupt(f"its 'lengths' {shown} are not the samples' token counts {_brief(tokens)}")
-    expected = f"[{layers} layers, {len(tokens)} samples, >= {max(tokens)} tokens]"
-    named = {"weights": stored, **{k: v for k, v in weights.items() if k.startswith(LINEAR_KEY + ".")}}
+    linear = _by_layer(weights, LINEAR_KEY, layers, corrupt)
+    named = {"weights": stored, **{f"{LINEAR_KEY}.{layer}.{name}": value
+                                   for layer, by_name in linear.items() for name, value in by_name.items()}}
     for key, value in named.items():
         shape = list(value.shape)
-        if key != "weights":
-            parts = key.split(".", 2)
-            layer, name = (parts[1], parts[2]) if len(parts) == 3 else ("", "")
-            if not re.fullmatch(r"0|[1-9][0-9]*", layer) or int(layer) >= layers or not name:
-                raise corrupt(f"{WEIGHTS_FILE} holds {key!r}, not 'linear.LAYER.NAME' of a layer below {layers}")
-            ok = value.dim() == 3 and shape[0] == len(tokens) and shape[1] >= max(tokens) and shape[2] >= 1
-            expected_here = f"[{len(tokens)} samples, >= {max(tokens)} tokens, groups]"
-        else:
+        if key == "weights":
             ok = value.dim() == 3 and shape[:2] == [layers, len(tokens)] and shape[2] >= max(tokens)
-            expected_here = expected
+            expected = f"[{layers} layers, {len(tokens)} samples, >= {max(tokens)} tokens]"
+        else:
+            ok = value.dim() == 3 and shape[0] == len(tokens) and shape[1] >= max(tokens) and shape[2] >= 1
+            expected = f"[{len(tokens)} samples, >= {max(tokens)} tokens, groups]"
         if not ok:
-            raise corrupt(f"{key!r} is {shape}, not {expected_here}")
+            raise corrupt(f"{key!r} is {shape}, not {expected}")
         if not _real(value):
             raise corrupt(f"{key!r} is {str(value.dtype).removeprefix('torch.')}, not numbers")
         if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
@@ -445,5 +446,5 @@ def _read_weights(weights: dict[str, torch.Tensor], tokens: list[int], layers: i
     if not bool(counted.all()):
         layer = int((~counted).nonzero()[0])
         raise corrupt(f"'weights' of layer {layer} are zero for every token: no token would count")
-    linear = {key: value.float() for key, value in named.items() if key != "weights"}
-    return token_weights, linear
+    return token_weights, {layer: {name: value.float() for name, value in by_name.items()}
+                           for layer, by_name in linear.items()}
