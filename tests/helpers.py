@@ -468,6 +468,14 @@ def build_vlm(family: str):
     return random_model(config).eval(), processor
 
 
+def save_vlm(family: str, path: Path) -> tuple:
+    """build_vlm(family), saved to `path` with its processor as a model folder; returns (model, processor)."""
+    model, processor = build_vlm(family)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
 def _newer_vlm(family: str, tok) -> tuple:
     """Config and processor of the newer VLM families (3 text layers of hidden 32, one- or two-layer towers of 32,
     28-pixel images; the processors without their video processors, which need torchvision)."""

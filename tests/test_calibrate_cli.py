@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import build_vlm, make_tokenizer, tiny_model, write_image_dataset, write_text
+from helpers import make_tokenizer, save_vlm, tiny_model, write_image_dataset, write_text
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -192,10 +192,8 @@ def test_image_text_jsonl_calibrates_a_vlm_language_model_only(tmp_path):
     pytest.importorskip("PIL")
     import quantkit
 
-    model, processor = build_vlm("qwen2_vl")
     model_dir = tmp_path / "vlm"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor = save_vlm("qwen2_vl", model_dir)
     data = write_image_dataset(tmp_path / "data", n=4)
     out = tmp_path / "out"
     result = run(["calibrate", str(model_dir), "--calib", data, "--nsamples", "3", "--method", "gptq", "--bits", "4",
@@ -220,10 +218,8 @@ def test_quantize_vision_exports_a_loadable_quantized_tower(tmp_path, family):
     from quantkit.data.images import image_text_samples
     from quantkit.engine.capture import model_inputs
 
-    model, processor = build_vlm(family)
     model_dir = tmp_path / "vlm"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor = save_vlm(family, model_dir)
     data = write_image_dataset(tmp_path / "data", n=4)
     loaded = {}
     for fmt in ("compressed-tensors", "fake"):

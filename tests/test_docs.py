@@ -103,11 +103,9 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "runs/chat.jinja").write_text(
         "{% for m in messages %}{{ m.content }} <eos> {% endfor %}{% if add_generation_prompt %}w0 {% endif %}")
     pytest.importorskip("PIL")
-    from helpers import build_vlm
+    from helpers import save_vlm
 
-    model, processor = build_vlm("llava")
-    model.save_pretrained(root / "runs/vlm-model")
-    processor.save_pretrained(root / "runs/vlm-model")
+    save_vlm("llava", root / "runs/vlm-model")
     write_image_dataset(root / "runs/shapes", n=6)
     (root / "benchmarks").symlink_to(REPO / "benchmarks")
     assert make_tokenizer()  # the stand-in's tokenizer (helpers.make_tokenizer) is saved with it

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_vlm, write_image_dataset
+from helpers import save_vlm, write_image_dataset
 from safetensors import safe_open
 
 import quantkit
@@ -54,10 +54,8 @@ def vision_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def vlm(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vlm_export")
-    model, processor = build_vlm("qwen2_vl")
     fp_dir = root / "fp"
-    model.save_pretrained(fp_dir)
-    processor.save_pretrained(fp_dir)
+    model, processor = save_vlm("qwen2_vl", fp_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     vision_linears = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(VISUAL))
     assert len(vision_linears) >= 6  # qkv, proj, fc1, fc2 and the merger's two

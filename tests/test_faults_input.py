@@ -1758,12 +1758,10 @@ def test_a_processor_whose_image_token_the_model_does_not_read_is_refused(tmp_pa
                                                                          damage: str, fragment: str) -> None:
     """A ValueError from the model's forward before ("Image features and image tokens do not match")."""
     pytest.importorskip("PIL")
-    from helpers import build_vlm, make_tokenizer
+    from helpers import make_tokenizer, save_vlm
 
-    model, processor = build_vlm("qwen2_vl")
     vlm = tmp_path / "vlm"
-    model.save_pretrained(vlm)
-    processor.save_pretrained(vlm)
+    model, processor = save_vlm("qwen2_vl", vlm)
     if damage == "image_token_id":
         edit_json(vlm / "config.json", lambda d: d.update(image_token_id=40))
     else:
@@ -1783,14 +1781,12 @@ def test_every_vlm_family_saved_with_its_processor_passes_the_image_token_check(
     google/gemma-3). The check now compares the id the image features replace (the vision mask's), and still
     refuses a config naming the marker instead."""
     pytest.importorskip("PIL")
-    from helpers import build_vlm
+    from helpers import save_vlm
 
     from quantkit.data.checks import model_for_data
 
-    model, processor = build_vlm(family)
     vlm = tmp_path / "vlm"
-    model.save_pretrained(vlm)
-    processor.save_pretrained(vlm)
+    model, processor = save_vlm(family, vlm)
     data = write_image_dataset(tmp_path / "vl", n=4)
     model_for_data(str(vlm), data)
     if family != "gemma3":
@@ -1844,13 +1840,11 @@ def test_image_text_records_the_vlm_cannot_read_are_refused(tmp_path: Path, dama
     """An empty caption calibrated on the image alone; a 400x1 image was a ValueError from the processor; a text
     part without its text calibrated on the image and the answer (exit 0)."""
     pytest.importorskip("PIL")
-    from helpers import build_vlm
+    from helpers import save_vlm
     from PIL import Image
 
-    model, processor = build_vlm("qwen2_vl")
     vlm = tmp_path / "vlm"
-    model.save_pretrained(vlm)
-    processor.save_pretrained(vlm)
+    model, processor = save_vlm("qwen2_vl", vlm)
     data = Path(write_image_dataset(tmp_path / "vl", n=4))
     records = [json.loads(line) for line in data.read_text().splitlines()]
     if damage == "empty text":
@@ -1940,11 +1934,9 @@ def test_quantize_points_other_toolkits_names_of_its_arguments_to_them(work: Pat
 def test_part_with_image_text_records_is_refused(tmp_path: Path, no_model_load) -> None:
     """--part heldout was ignored for image-text records (chat records already refused it)."""
     pytest.importorskip("PIL")
-    from helpers import build_vlm
+    from helpers import save_vlm
 
-    model, processor = build_vlm("qwen2_vl")
-    model.save_pretrained(tmp_path / "vlm")
-    processor.save_pretrained(tmp_path / "vlm")
+    model, processor = save_vlm("qwen2_vl", tmp_path / "vlm")
     data = write_image_dataset(tmp_path / "vl", n=4)
     assert_fault(tmp_path, ["calibrate", tmp_path / "vlm", "--calib", data, "--part", "heldout", "--method", "rtn",
                             "--nsamples", "2", "--seqlen", "256", "--group-size", "32", "-o", tmp_path / "out"],

@@ -12,6 +12,7 @@ from helpers import (  # noqa: E402
     VLM_FAMILIES,
     build_vlm,
     run_calibration,
+    save_vlm,
     tiny_model,
     tiny_vlm,
     write_image_dataset,
@@ -167,9 +168,7 @@ def test_missing_and_unreadable_images(tmp_path) -> None:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_load_model_and_processor_from_dir(family: str, tmp_path, dataset: str) -> None:
-    model, processor = build_vlm(family)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    model, processor = save_vlm(family, tmp_path)
     loaded = load_model(str(tmp_path), dtype="float32")
     assert type(loaded) is type(model) and not loaded.training and loaded.config.use_cache is False
     reloaded = load_processor(str(tmp_path))
@@ -341,10 +340,8 @@ def test_quantize_vision_two_ranks_agree_with_one(tmp_path, dataset: str) -> Non
 
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build_vlm("llava")
     model_dir = tmp_path / "vlm"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor = save_vlm("llava", model_dir)
     tensors = {}
     for nproc in (1, 2):
         out = tmp_path / f"out{nproc}"
@@ -411,10 +408,8 @@ def test_low_memory_vlm_export_equals_in_memory_export(family: str, extra: dict,
 
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build_vlm(family)
     model_dir = tmp_path / "vlm"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor = save_vlm(family, model_dir)
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         stored = set(f.keys())
     assert f"{adapter_for(model).layer_prefix(0)}.mlp.down_proj.weight" not in stored  # a legacy layout on disk
@@ -442,10 +437,8 @@ def test_low_memory_vlm_resume_with_vision_and_head(dataset: str, tmp_path, monk
     from quantkit.engine.comm import Hooks
     from quantkit.quant.spec import QuantSpec
 
-    model, processor = build_vlm("llava")
     model_dir = tmp_path / "vlm"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor = save_vlm("llava", model_dir)
     kw = dict(method="gptq", calib=dataset, nsamples=3, progress=False, low_memory=True, vision=True, lm_head=True,
               fp_target=True)
     spec = QuantSpec(bits=4, group_size=16)
@@ -468,10 +461,8 @@ def test_api_in_memory_image_records_read_with_the_saved_processor(dataset: str,
 
     import quantkit
 
-    model, processor = build_vlm("qwen2_vl")
     model_dir = tmp_path / "vlm"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model, processor = save_vlm("qwen2_vl", model_dir)
     root = Path(dataset).parent
     records = [json.loads(line) for line in Path(dataset).read_text().splitlines()]
     records = [{**r, "image": str(root / r["image"])} for r in records]
