@@ -276,7 +276,7 @@ def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None,
         # a streamed run loads no whole model, and TLQ's gradient pass needs one: TLQ without its token weights
         fallback = method_for(FALLBACK_METHOD)
         fp_target = method.fp_target_on(o["fp_target"])
-        notice = (f"--low-memory computes no token weights without a --calib-set: calibrating with {fallback}"
+        notice = (f"--low-memory computes no token weights without a --calib-set: calibrated with {fallback}"
                   f"{' and the FP target' if fp_target else ''} instead of {method}; make a set with "
                   f"`quantkit importance` for {method}")
         return fallback, fp_target, notice

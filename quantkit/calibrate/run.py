@@ -73,8 +73,6 @@ def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
     from quantkit.calibrate.budget import check_memory
 
     check_memory(job)  # a run that cannot fit stops here, not at layer 40
-    if job.quantization.notice:
-        logger.warning(job.quantization.notice)
     run, output = job.run, job.export.output
     q = job.quantization
     logger.info("calibrating %s: %s w%d g%d on %s, %d ranks%s", job.model.name, q.method, q.weights.bits,
@@ -88,6 +86,10 @@ def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
         scope.enter_context(kept_on_failure(work_dir_for(output), resume_note))
         scope.enter_context(scratch_dir(run.offload_dir))
     outcome = _run_ranks(job)
+    if job.quantization.notice:
+        # said of a finished run only: a run refused (a --resume of other settings, a held work area) or stopped
+        # after this point says its one error line and nothing else; the progress bar names the method meanwhile
+        logger.warning(job.quantization.notice)
     if exporting:
         logger.info("exported %s to %s", job.export.fmt, output)
     return outcome
