@@ -677,3 +677,25 @@ def test_an_interrupted_default_low_memory_run_says_one_line(work: Path) -> None
     line = one_error_line(all_of_stderr(proc, chunks))
     assert line == (f"error: interrupted (SIGINT); {work / 'out.partial'} keeps 1 of 2 finished layers; "
                     "rerun with --resume to continue"), line
+
+
+def qid_rows(path: Path) -> Path:
+    """A QiD table of 3 sizes x 3 token counts at 3 bits (QiD positive: the figures have points to draw)."""
+    rows = [f"m{i},gptq,3,128,{10**6 * (i + 1)},{10**9 * (j + 1)},3.0,{3.0 + 0.01 * (i + j + 1)},{0.01 * (i + j + 1)},e\n"
+            for i in range(3) for j in range(3)]
+    path.write_text("model,method,bits,group_size,N,D,loss_fp,loss_q,qid,eval_text\n" + "".join(rows))
+    return path
+
+
+def test_qid_plot_on_a_full_disk_leaves_nothing(work: Path, small_disk: Path) -> None:
+    """Fault battery round 10 'plot -o on a full disk': the disk filled after the first figures and the new folder
+    stayed with them. Now the figures are drawn into a hidden folder and renamed in once all are drawn: one line
+    naming -o, no folder; on room enough the same command writes all six figures and nothing else."""
+    table = qid_rows(work / "q.csv")
+    line = assert_fault(work, ["qid", "plot", table, "-o", small_disk / "p"], f"cannot write {small_disk / 'p'}: ")
+    assert "disk is full" in line, line
+    assert not any(small_disk.iterdir())
+    result = run_cli("qid", "plot", table, "-o", work / "p")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (work / "p").iterdir()) == sorted(f"qid_vs_{f}_gptq.{e}" for f in "DNP"
+                                                                   for e in ("png", "svg"))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, stopped_write
+from quantkit.fsutil import make_parents, remove_created
 from quantkit.qid.laws import UnifiedLaw, law_from_fit
 from quantkit.qid.table import QidTable
 
@@ -72,7 +75,6 @@ def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     methods = table.methods(method, "plot")
     if fit is not None:
@@ -88,23 +90,46 @@ def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = N
         return cmap(0.1 + 0.8 * i / max(n - 1, 1))
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for m in methods:
-        rows = [r for r in table.rows if r["method"] == m]
-        pos = [r for r in rows if r["qid"] > 0]
-        note = f" ({len(rows) - len(pos)} point(s) with QiD <= 0 not shown)" if len(pos) < len(rows) else ""
-        figures = {factor: _figure(plt, pos, fit, m, factor, color) for factor in FIGURES}
-        for factor, fig in figures.items():
-            for ax in fig.axes:  # minor log-tick labels (mathtext) dominate drawing time; leave them out
-                ax.xaxis.set_minor_formatter(NullFormatter())
-                ax.yaxis.set_minor_formatter(NullFormatter())
-            fig.suptitle(f"QiD vs {factor}, {m}{' (dashed: fitted unified law)' if fit else ''}{note}", fontsize=9)
-            fig.tight_layout()
+    created = make_parents(out)
+    staging = None
+    try:
+        # drawn into a hidden folder inside out and renamed into place once all are drawn: a disk that fills
+        # mid-way leaves no half figure, no figure of a run that failed, and not the folder the run created
+        staging = Path(tempfile.mkdtemp(prefix=".qid-plot.tmp-", dir=out))
+        names = [name for m in methods for name in _draw(plt, table, fit, m, color, formats, staging, matplotlib)]
+        for name in names:
+            os.replace(staging / name, out / name)
+    except BaseException as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        remove_created(created)
+        raise stopped_write(err, out, staging or out) or err  # noqa: B904 - one line naming out where a write stopped
+    shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names]
+
+
+def _draw(plt, table: QidTable, fit: dict | None, m: str, color, formats: tuple[str, ...], into: Path,
+          matplotlib) -> list[str]:
+    """Save method m's figures into `into`; return their file names."""
+    from matplotlib.ticker import NullFormatter
+
+    rows = [r for r in table.rows if r["method"] == m]
+    pos = [r for r in rows if r["qid"] > 0]
+    note = f" ({len(rows) - len(pos)} point(s) with QiD <= 0 not shown)" if len(pos) < len(rows) else ""
+    figures = {factor: _figure(plt, pos, fit, m, factor, color) for factor in FIGURES}
+    names = []
+    for factor, fig in figures.items():
+        for ax in fig.axes:  # minor log-tick labels (mathtext) dominate drawing time; leave them out
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        fig.suptitle(f"QiD vs {factor}, {m}{' (dashed: fitted unified law)' if fit else ''}{note}", fontsize=9)
+        fig.tight_layout()
+        try:
             for ext in formats:
-                path = out / f"qid_vs_{factor}_{m}.{ext}"
+                name = f"qid_vs_{factor}_{m}.{ext}"
                 with matplotlib.rc_context({"svg.fonttype": "none"}):
-                    fig.savefig(path, dpi=120)
-                written.append(path)
+                    fig.savefig(into / name, dpi=120)
+                names.append(name)
+        finally:
             plt.close(fig)
-    return written
+    return names
