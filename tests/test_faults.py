@@ -699,3 +699,21 @@ def test_qid_plot_on_a_full_disk_leaves_nothing(work: Path, small_disk: Path) ->
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (work / "p").iterdir()) == sorted(f"qid_vs_{f}_gptq.{e}" for f in "DNP"
                                                                    for e in ("png", "svg"))
+
+
+def test_plan_checks_the_output_disk_as_calibrate_does(work: Path, small_disk: Path) -> None:
+    """Fault battery round 10 'plan -o on a full disk': the plan said the run fits (exit 0), and calibrate with the
+    same options then refused the output. Now the plan refuses it in calibrate's words when less is free there than
+    the plan's own disk total; a -o with room plans as before."""
+    args = ["plan", work / "model", "--calib", "text.txt", "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+            "--group-size", "32", "--json"]
+    result = run_cli(*args, "-o", work / "out")
+    assert result.exit_code == 0, result.output
+    need = json.loads(result.stdout)["disk_bytes"]["total"]
+    free = shutil.disk_usage(small_disk).free
+    assert need > free  # the tiny model's export needs more than the 12 KiB disk holds
+    line = assert_fault(work, [*args, "-o", small_disk / "out"], f"not enough space for output {small_disk / 'out'}")
+    assert f"{free // 1024} KiB free in {small_disk}" in line, line
+    said = f"error: not enough space for output {small_disk / 'out'}: about "
+    assert line.startswith(said), line
+    assert_fault(work, calibrate(work, "--method", "rtn", "-o", small_disk / "out"), said)

@@ -48,18 +48,31 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     # what calibrate needs to run but a plan does not: data and an output (neither is read here)
     if options.get("calib") is None and options.get("calib_set") is None:
         options["calib"] = "(no data: plan only)"
-    if options.get("output_dir") is None:
+    given_output = options.get("output_dir")
+    if given_output is None:
         options["output_dir"] = "(no output: plan only)"
     options.update(overwrite=False, push_to_hub=None, private=None)
     job = job_from_options(model, options, progress=False)
     check_data(given_data)  # a plan of a run that calibrate would refuse is no plan
     _check_as_calibrate(job, model, given_data)
     plan = plan_job(job)
+    if given_output is not None:
+        _check_output(given_output, plan, [model, given_data, options.get("calib_set"), options.get("offload_dir")])
     device_limit = parse_bytes(gpu_mem) if gpu_mem else device_bytes(plan.settings.device)
     if plan.settings.on_gpu and device_limit is None:
         raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")
     host_limit = parse_bytes(host_mem) if host_mem else available_host_bytes()
     emit(plan, device_limit, host_limit, as_json)
+
+
+def _check_output(output: str, plan, sources: list) -> None:
+    """A given -o as calibrate checks it (away from the inputs, writable), with room for what the plan writes there:
+    a plan that says a run fits must not be one whose export the disk refuses. An existing -o passes as under
+    --overwrite, which a plan cannot be given."""
+    from quantkit.fsutil import check_output
+
+    beside = sum(v for k, v in plan.disk.items() if k not in ("total", "offload"))  # --offload-dir's scratch goes elsewhere
+    check_output(output, overwrite=True, sources=sources, need_bytes=beside)
 
 
 def _check_as_calibrate(job, model: str, data: str | None) -> None:
