@@ -717,3 +717,26 @@ def test_plan_checks_the_output_disk_as_calibrate_does(work: Path, small_disk: P
     said = f"error: not enough space for output {small_disk / 'out'}: about "
     assert line.startswith(said), line
     assert_fault(work, calibrate(work, "--method", "rtn", "-o", small_disk / "out"), said)
+
+
+@pytest.mark.parametrize("second, fragment", [
+    ("cpu", "the second, 'cpu' (str), reads as a device: the model loads on the CPU; move it with model.to(device)"),
+    (torch.device("cuda", 0), "reads as a device"),
+    ("bfloat16", "the second, 'bfloat16' (str), reads as a dtype: give it by name, dtype='bfloat16'"),
+    (torch.float16, "reads as a dtype: give it by name, dtype=torch.float16"),
+    (torch.zeros(3), "is no argument of it: it takes path and dtype= (by name)"),
+])
+def test_load_quantized_refuses_a_second_positional(made: dict, second: object, fragment: str) -> None:
+    """Fault battery round 10 "load_quantized(ct, 'cpu')": a TypeError ("takes 1 positional argument but 2 were
+    given"). The function loads on the CPU and takes its dtype by name, so a second positional (a device or a dtype,
+    as other loaders take there) is one QuantkitError naming it and what to do; nothing is loaded."""
+    import quantkit
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError) as caught:
+        quantkit.load_quantized(made["export"], second)
+    message = str(caught.value)
+    assert message.startswith("load_quantized() takes one positional argument, path; ") and "\n" not in message
+    assert fragment in message, message
+    model = quantkit.load_quantized(made["export"], dtype="bfloat16")  # the spelling it points to loads
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

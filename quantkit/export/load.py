@@ -34,12 +34,33 @@ def dense_state(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str,
 LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **unknown: object) -> torch.nn.Module:
+def _second_positional(value: object) -> str:
+    """What to do with a second positional argument of load_quantized: other loaders take a device or a dtype there
+    (torch.load's map_location, from_pretrained's habits), and a quiet guess between them would load the wrong thing."""
+    if isinstance(value, torch.dtype) or (isinstance(value, str) and value in (*LOAD_DTYPES, "auto")):
+        return f"reads as a dtype: give it by name, dtype={value!r}"
+    if isinstance(value, (str, torch.device)):
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+        else:
+            return ("reads as a device: the model loads on the CPU; move it with model.to(device) after loading "
+                    "(dtype= is the one other argument)")
+    return "is no argument of it: it takes path and dtype= (by name), and loads on the CPU"
+
+
+def load_quantized(path: str | os.PathLike, *more: object, dtype: torch.dtype | str | None = None,
+                   **unknown: object) -> torch.nn.Module:
     """Load any quantkit output as a transformers model holding the dequantized float weights (another
     quantized checkpoint goes through transformers' own loader, with what it needs named if missing), on the CPU.
-    dtype: torch.float32, torch.float16 or torch.bfloat16 (or its name); None or "auto": the export's own."""
+    dtype: torch.float32, torch.float16 or torch.bfloat16 (or its name); None or "auto": the export's own.
+    path is the only positional argument (a second one is refused, by what it reads as)."""
     from transformers.initialization import no_init_weights
 
+    if more:
+        raise QuantkitError(f"load_quantized() takes one positional argument, path; the second, "
+                            f"{short_repr(more[0])}, {_second_positional(more[0])}")
     root = Path(expect_path("load_quantized(path)", path))
     if unknown:
         name = sorted(unknown)[0]
