@@ -740,3 +740,18 @@ def test_load_quantized_refuses_a_second_positional(made: dict, second: object, 
     assert fragment in message, message
     model = quantkit.load_quantized(made["export"], dtype="bfloat16")  # the spelling it points to loads
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_demo_on_a_full_disk_is_one_line_before_any_work(work: Path, small_disk: Path) -> None:
+    """Fault battery round 10 'demo -o on a full disk': the demo printed its '[demo] evaluating ...' progress lines,
+    then the disk-full error (three lines). Now the output's room for the demo's exports (one per method and bit
+    width, sized as calibrate sizes one) is checked before any work: the one line, nothing written."""
+    args = ["demo", "--model", work / "model", "--data", "text.txt", "--nsamples", "2", "--seqlen", "16", "--format",
+            "compressed-tensors", "--threads", "1"]
+    line = assert_fault(work, [*args, "-o", small_disk / "d"], f"not enough space for output {small_disk / 'd'}: about")
+    assert f"{shutil.disk_usage(small_disk).free // 1024} KiB free" in line, line
+    result = run_cli(*args, "--json", "-o", work / "d")  # with room: four exports, each more than the disk holds
+    assert result.exit_code == 0, result.output
+    exports = [work / "d" / row["path"] for row in json.loads(result.stdout)["rows"] if row["method"] != "fp"]
+    assert len(exports) == 4 and all(sum(f.stat().st_size for f in e.iterdir()) > 12 * 1024 for e in exports)
+

@@ -36,7 +36,7 @@ def demo(model: str | None, data: str | None, out: str, train_seconds: float, se
         torch.set_num_threads(max(1, threads))
     from quantkit.demo.run import format_table, run_demo
 
-    preflight_demo(model, data, out, overwrite=overwrite, seqlen=seqlen)
+    preflight_demo(model, data, out, overwrite=overwrite, seqlen=seqlen, fmt=fmt)
     result = run_demo(model, data, out, train_seconds=train_seconds, seed=seed, overwrite=overwrite, fmt=fmt, nsamples=nsamples, seqlen=seqlen)
     if as_json:
         click.echo(json.dumps(result))
@@ -45,14 +45,20 @@ def demo(model: str | None, data: str | None, out: str, train_seconds: float, se
         click.echo(f"\nresults: {out}/results.json  ({result['seconds']:.0f}s)")
 
 
-def preflight_demo(model: str | None, data: str | None, out: str, *, overwrite: bool, seqlen: int) -> None:
-    """`quantkit demo`'s checks before training or loading: your model and data, and the output."""
+def preflight_demo(model: str | None, data: str | None, out: str, *, overwrite: bool, seqlen: int,
+                   fmt: str = "gptq_v2") -> None:
+    """`quantkit demo`'s checks before training or loading: your model and data, and the output with room for what
+    the demo writes there (a disk that cannot hold it is one line before any of the demo's progress lines)."""
     from quantkit.data.checks import check_data, data_paths, model_for_data
+    from quantkit.demo.run import DemoSettings, disk_bytes
     from quantkit.fsutil import check_output
     from quantkit.models.files import check_seqlen
 
+    files = None
     if model is not None and data is not None:
         check_data(data, "--data")
-        check_seqlen(model_for_data(model).config, seqlen)
+        files = model_for_data(model)
+        check_seqlen(files.config, seqlen)
     if model is None or data is not None:
-        check_output(out, overwrite=overwrite, sources=[model, *data_paths(data)])
+        need = disk_bytes(files, DemoSettings(fmt=fmt), corpus=data is None)
+        check_output(out, overwrite=overwrite, sources=[model, *data_paths(data)], need_bytes=need)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,6 +97,20 @@ class DemoSettings:
     nsamples: int = 64
     fmt: str = "gptq_v2"
     eval_max_tokens: int | None = 50_000
+
+
+def disk_bytes(files: Any, d: DemoSettings, corpus: bool) -> int:
+    """About what the demo writes: one export per method and bit width of your model (`files`, its ModelFiles), else
+    of the model it trains (float32, tied embeddings; each export counted at that size), with the trained model
+    itself and the generated corpus (`corpus`)."""
+    from quantkit.calibrate.preflight import export_bytes
+
+    exports = len(d.methods) * len(d.bits)
+    if files is not None:
+        return len(d.methods) * sum(export_bytes(files, b, d.fmt) for b in d.bits)
+    inter = 8 * d.hidden_size // 3 // 32 * 32 or 2 * d.hidden_size  # train_causal_lm's default
+    params = d.vocab_size * d.hidden_size + d.num_layers * (4 * d.hidden_size**2 + 3 * d.hidden_size * inter)
+    return (d.corpus_chars if corpus else 0) + 4 * params * (1 + exports)
 
 
 def run_demo(model: str | None = None, data: str | None = None, out: str | os.PathLike = "./quantkit-demo", *,
