@@ -755,3 +755,31 @@ def test_demo_on_a_full_disk_is_one_line_before_any_work(work: Path, small_disk:
     exports = [work / "d" / row["path"] for row in json.loads(result.stdout)["rows"] if row["method"] != "fp"]
     assert len(exports) == 4 and all(sum(f.stat().st_size for f in e.iterdir()) > 12 * 1024 for e in exports)
 
+
+# A SIGINT as transformers finishes a load, before it drops the checkpoint's keys it ignores (a rotary inv_freq).
+SIGINT_IN_THE_LOAD = """
+import os, signal
+from transformers import modeling_utils
+real_initialize = modeling_utils.PreTrainedModel._initialize_missing_keys
+def initialize_then_signal(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return real_initialize(self, *args, **kwargs)
+modeling_utils.PreTrainedModel._initialize_missing_keys = initialize_then_signal
+"""
+
+
+@pytest.mark.parametrize("command", ["calibrate", "eval"])
+def test_sigint_while_transformers_loads_is_one_line(work: Path, command: str) -> None:
+    """SIGINT while transformers loaded a model whose checkpoint holds a key it ignores: transformers' LOAD REPORT
+    (a table of the half-loaded model's 'UNEXPECTED' keys, written in a `finally`) came before the interrupted line.
+    Now transformers' warnings of a load are held until it finishes and dropped where it is stopped."""
+    tensors = load_file(work / "model" / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, work / "model" / "model.safetensors", metadata={"format": "pt"})
+    args = (calibrate(work, "--method", "rtn", "-o", work / "out") if command == "calibrate" else
+            ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16", "-o", work / "r.json"])
+    with unchanged(work):
+        proc, chunks = start(args, prelude=SIGINT_IN_THE_LOAD)
+        assert proc.wait(timeout=120) == 130
+        stderr = all_of_stderr(proc, chunks)
+    assert one_error_line(stderr) == "error: interrupted (SIGINT); nothing was written", stderr

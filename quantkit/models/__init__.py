@@ -128,19 +128,42 @@ def missing_loader_message(name_or_path: str, method: str, install: str) -> str:
             f"gptqmodel; run `{install}` (quantkit.load_quantized reads quantkit's own exports without them)")
 
 
+class _Held(logging.Filter):
+    """A logger filter that keeps every record back (for the caller to let through or drop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """Hide transformers' per-tensor loading bar for one load (quantkit shows its own progress), then put it
-    back as the caller had it: a notebook's own transformers settings are left alone."""
+    back as the caller had it: a notebook's own transformers settings are left alone. transformers' warnings of the
+    load (its LOAD REPORT) are held until it has finished, and dropped where it fails or is interrupted."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # transformers writes the report in a `finally`: a SIGINT mid-load printed a table of the half-loaded model's
+    # keys before the run's one error line
+    loader_log, held = logging.getLogger("transformers.modeling_utils"), _Held()
+    loader_log.addFilter(held)
     try:
         yield
+    except BaseException:
+        held.records.clear()
+        raise
     finally:
+        loader_log.removeFilter(held)
         if was_enabled:
             hf_logging.enable_progress_bar()
+    for record in held.records:
+        loader_log.handle(record)
 
 
 def looks_local(name: str) -> bool:
