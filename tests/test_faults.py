@@ -783,3 +783,25 @@ def test_sigint_while_transformers_loads_is_one_line(work: Path, command: str) -
         assert proc.wait(timeout=120) == 130
         stderr = all_of_stderr(proc, chunks)
     assert one_error_line(stderr) == "error: interrupted (SIGINT); nothing was written", stderr
+
+
+def test_qid_measure_into_a_new_folder_holds_the_table(work: Path) -> None:
+    """Two `qid measure` runs into one CSV in a folder not yet made: the lock on the CSV was taken only where its
+    folder existed, so both measured every cell and wrote it (a table counted twice skews the fit). Now the folders
+    are made before the lock: while one run holds new/c.csv the second is refused in one line; the holder's folders,
+    empty at its end, go with it."""
+    from quantkit.qid.table import locked_table
+
+    table = work / "new" / "deeper" / "c.csv"
+    args = ["qid", "measure", work / "model", "--eval", "text.txt", "--eval-tokens", "64", "--eval-seqlen", "16",
+            "--nsamples", "2", "--calib-seqlen", "16", "--group-size", "32", "--tokens", "1e9", "--bits", "4",
+            "--methods", "rtn", "-o", table]
+    with locked_table(table):
+        assert_fault(work, args, f"{table} is being written by another quantkit qid measure")
+    assert not (work / "new").exists()
+    result = run_cli(*args)  # alone, it measures the cell
+    assert result.exit_code == 0, result.output
+    import csv
+
+    rows = list(csv.DictReader(table.read_text().splitlines()))
+    assert [(r["method"], r["bits"], r["model"]) for r in rows] == [("rtn", "4", str(work / "model"))], rows

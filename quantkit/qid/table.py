@@ -247,12 +247,21 @@ def locked_table(path: str | os.PathLike) -> Iterator[None]:
     one CSV both found a cell missing and both wrote it; a table counted twice skews the fit."""
     import fcntl
 
+    from quantkit.fsutil import make_parents, remove_created
+
     path = Path(path)
-    if not path.parent.is_dir() or path.is_dir():
-        yield  # TableWriter makes the folders (and takes them back), or the output checks refuse the path
+    above = next((p for p in path.parents if p.exists()), None)
+    if path.is_dir() or (above is not None and not above.is_dir()):
+        yield  # the output checks refuse the path
         return
+    # the folders too, before the lock: two runs into a new folder each found no file to lock and both measured
+    created = make_parents(path.parent)
     made = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    except BaseException:
+        remove_created(created)
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -265,6 +274,7 @@ def locked_table(path: str | os.PathLike) -> Iterator[None]:
         if made and os.fstat(fd).st_size == 0:
             path.unlink(missing_ok=True)
         os.close(fd)
+        remove_created(created)  # those still empty: a run that wrote no row leaves no folder
 
 
 class TableWriter:
