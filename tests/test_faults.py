@@ -805,3 +805,48 @@ def test_qid_measure_into_a_new_folder_holds_the_table(work: Path) -> None:
 
     rows = list(csv.DictReader(table.read_text().splitlines()))
     assert [(r["method"], r["bits"], r["model"]) for r in rows] == [("rtn", "4", str(work / "model"))], rows
+
+
+def test_a_kept_work_area_holds_no_lock_file(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed or interrupted --low-memory run kept OUT.partial with the `.lock` file of its work-area lock in it
+    (nothing a user or --resume needs). Now the run removes it as it ends: the work area holds the state, the finished
+    layer and the next layer's inputs; --resume still finishes the export."""
+    with_hooks(monkeypatch, on_layer=FailAt(0, 1))
+    result = run_cli(*calibrate(work, "--low-memory", "-o", "out"))
+    assert result.exit_code == 2 and "keeps 1 of 2 finished layers" in one_error_line(result.stderr), result.output
+    assert sorted(os.listdir(work / "out.partial")) == ["hidden_00001_rank0.safetensors", "layer_00000.safetensors",
+                                                        "state.json"]
+    with_hooks(monkeypatch)
+    result = run_cli(*calibrate(work, "--low-memory", "--resume", "-o", "out"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in work.iterdir()) == ["model", "out", "text.txt"]
+
+
+def test_a_lock_file_removed_by_its_ending_holder_is_not_taken(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing the lock file as a run ends lets a run that opened it just before get the flock of a file no longer
+    there, while a third run makes and locks a new one: two runs on one work area. The second must notice and take
+    the file now there, and then hold it against the third."""
+    import fcntl
+
+    from quantkit.engine import streaming
+    from quantkit.errors import QuantkitError
+
+    area = work / "out.partial"
+    first = streaming.locked_work_area(area)
+    first.__enter__()
+    real_flock, calls = fcntl.flock, []
+
+    def first_ends_meanwhile(fd: int, operation: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # the second run has opened the first one's file: the first ends before the flock
+            first.__exit__(None, None, None)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", first_ends_meanwhile)
+    with streaming.locked_work_area(area):
+        assert calls and (area / ".lock").is_file()  # the first run ended inside the second one's flock
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with pytest.raises(QuantkitError, match=f"{area} is in use by another quantkit run \\(pid {os.getpid()}\\)"):
+            with streaming.locked_work_area(area):
+                pass
+    assert sorted(os.listdir(area)) == []

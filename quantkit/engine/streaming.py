@@ -132,31 +132,48 @@ WORK_LOCK = ".lock"
 @contextlib.contextmanager
 def locked_work_area(work: str | os.PathLike) -> Iterator[Path]:
     """Hold `work` (made if missing) for this run: an flock on its lock file, or one QuantkitError naming the
-    process that holds it. The kernel drops the lock with the process, so a killed run leaves no stale lock. Where
-    the work area is gone at the end (a failure kept nothing), the folders above it this run made go too."""
-    import fcntl
-
+    process that holds it. The kernel drops the lock with the process, so a killed run leaves no stale lock; a run
+    that ends removes the lock file (a kept work area holds the run's layers only). Where the work area is gone at
+    the end (a failure kept nothing), the folders above it this run made go too."""
     root = Path(work)
     if root.exists() and not root.is_dir():
         raise QuantkitError(f"{root} is a file where this run keeps its work area (beside the output); move it away")
     created = [d for d in [root.parent, *root.parent.parents] if not d.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / WORK_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise QuantkitError(f"{root} is in use by another quantkit run (pid {holder}); wait for it to end, or write "
-                            "to another output") from None
+    fd = _lock(root / WORK_LOCK)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield root
     finally:
+        # removed while still held: a run waiting on this file finds it unlinked once it gets the lock (_lock)
+        with contextlib.suppress(FileNotFoundError):
+            (root / WORK_LOCK).unlink()
         os.close(fd)
         if not root.exists():
             remove_created(created)
+
+
+def _lock(path: Path) -> int:
+    """An fd holding the flock on the file at `path` now (made if missing), or one QuantkitError naming the holder."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise QuantkitError(f"{path.parent} is in use by another quantkit run (pid {holder}); wait for it to end, "
+                                "or write to another output") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # the file its holder removed as it ended: a third run may already hold the new one
 
 
 class StreamedLayers:
