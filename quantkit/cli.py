@@ -59,6 +59,17 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def _nul_byte(args: list[str]) -> str | None:
+    """The message for an argument holding a NUL byte (an in-process caller's string: no real command line holds one),
+    which the OS refuses in any path ("embedded null byte") once the work has begun; None where there is none."""
+    at = next((i for i, arg in enumerate(args) if "\x00" in arg), None)
+    if at is None:
+        return None
+    option = args[at - 1] if at and args[at - 1].startswith("-") and "=" not in args[at - 1] else None
+    what = f"{option} {args[at]!r}" if option else f"the argument {args[at]!r}"
+    return f"{what} holds a NUL byte, which no file name or value can hold; give it without"
+
+
 class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
 
@@ -82,7 +93,7 @@ class QuantkitGroup(click.Group):
         from quantkit.cli_options import repeated_option
 
         name, command, rest = super().resolve_command(ctx, args)
-        problem = repeated_option(command, rest, ctx) if command is not None else None
+        problem = (repeated_option(command, rest, ctx) if command is not None else None) or _nul_byte(rest)
         if problem:
             raise click.UsageError(problem, ctx)
         return name, command, rest

@@ -871,3 +871,18 @@ def test_the_tmpfs_fixture_unmounts_a_busy_disk(tmp_path: Path) -> None:
         assert not os.path.ismount(path)
     finally:
         held.close()
+
+
+# ---------------------------------------------------------------- round 11
+
+
+@pytest.mark.parametrize("args, said", [
+    (["-o", "o\x00ut"], "error: -o 'o\\x00ut' holds a NUL byte"),
+    (["--output=o\x00ut"], "error: the argument '--output=o\\x00ut' holds a NUL byte"),
+])
+def test_a_nul_byte_in_an_argument_is_one_line(work: Path, args: list, said: str) -> None:
+    """Fault battery round 11 '-o a name with a NUL byte' (in-process: no real command line holds one): "error:
+    ValueError: embedded null byte (--debug shows the traceback)" once the work had begun. Now refused before it."""
+    line = assert_fault(work, [*calibrate(work, "--method", "rtn"), *args], said)
+    assert line.endswith("which no file name or value can hold; give it without"), line
+
