@@ -886,3 +886,15 @@ def test_a_nul_byte_in_an_argument_is_one_line(work: Path, args: list, said: str
     line = assert_fault(work, [*calibrate(work, "--method", "rtn"), *args], said)
     assert line.endswith("which no file name or value can hold; give it without"), line
 
+
+def test_a_csv_field_over_the_parser_limit_is_one_line(work: Path) -> None:
+    """Fault battery round 11 'a 1 MB model name' (qid fit of a table whose model cell is 1 MB): "error: Error: field
+    larger than field limit (131072) (--debug shows the traceback)". Now one line naming the file and the row."""
+    table = qid_rows(work / "q.csv")
+    lines = table.read_text().splitlines(keepends=True)
+    lines[2] = "m" * 1_000_000 + lines[2][2:]
+    table.write_text("".join(lines))
+    line = assert_fault(work, ["qid", "fit", table], f"{table} line 3 cannot be read as CSV (field larger than field "
+                                                     "limit (131072)); fix or delete that row")
+    assert "--debug" not in line, line
+

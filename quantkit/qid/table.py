@@ -170,6 +170,21 @@ def split_points(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return kept, excluded
 
 
+def _read_csv(lines: list[str], source: str) -> Iterator[list[str]]:
+    """csv.reader's rows of `lines`, where what it cannot read (a field over its size limit, a NUL) is one
+    QuantkitError naming the line rather than csv.Error's bare message."""
+    reader = csv.reader(io.StringIO("".join(lines)))
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise QuantkitError(f"{source} line {reader.line_num} cannot be read as CSV ({err}); fix or delete that "
+                                "row") from None
+        yield values
+
+
 def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_COLUMNS) -> QidTable:
     """Parse CSV text; a last line without its newline (an interrupted write) is dropped."""
     table = QidTable(source=source)
@@ -180,7 +195,7 @@ def parse_table(text: str, source: str = "CSV", required: tuple[str, ...] = FIT_
     lines = [ln for ln in text.splitlines(keepends=True) if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise QuantkitError(f"{source} is empty; measure a grid first with `quantkit qid measure`")
-    reader = csv.reader(io.StringIO("".join(lines)))
+    reader = _read_csv(lines, source)
     header = [h.strip() for h in next(reader)]
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice:
