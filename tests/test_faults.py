@@ -898,3 +898,13 @@ def test_a_csv_field_over_the_parser_limit_is_one_line(work: Path) -> None:
                                                      "limit (131072)); fix or delete that row")
     assert "--debug" not in line, line
 
+
+def test_empty_devices_and_memory_are_refused(work: Path, no_model_load) -> None:
+    """Fault battery round 11 "--devices ''" and "plan --host-mem ''": read as not given (exit 0); --gpu-mem '' was
+    refused. Now each is refused as the malformed value it is."""
+    assert_fault(work, calibrate(work, "--method", "rtn", "--devices", "", "-o", "out"),
+                 "--devices must be comma-separated GPU ids such as 0,1,2, got ''")
+    for flag in ("--host-mem", "--gpu-mem"):
+        assert_fault(work, ["plan", work / "model", "--calib", "text.txt", "--method", "rtn", flag, ""],
+                     "cannot read '' as an amount of memory")
+

@@ -35,7 +35,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
     """The CalibrationJob of `quantkit calibrate`'s options as click passes them (also `quantkit plan`'s)."""
     calib, devices = options.pop("calib"), options.pop("devices")
     try:
-        options["devices"] = [int(d) for d in devices.split(",")] if devices else None
+        options["devices"] = [int(d) for d in devices.split(",")] if devices is not None else None
     except ValueError:
         raise QuantkitError(f"--devices must be comma-separated GPU ids such as 0,1,2, got {devices!r}") from None
     if options["devices"] and not options["device"].startswith("cuda"):

@@ -58,10 +58,10 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     plan = plan_job(job)
     if given_output is not None:
         _check_output(given_output, plan, [model, given_data, options.get("calib_set"), options.get("offload_dir")])
-    device_limit = parse_bytes(gpu_mem) if gpu_mem else device_bytes(plan.settings.device)
+    device_limit = parse_bytes(gpu_mem) if gpu_mem is not None else device_bytes(plan.settings.device)
     if plan.settings.on_gpu and device_limit is None:
         raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")
-    host_limit = parse_bytes(host_mem) if host_mem else available_host_bytes()
+    host_limit = parse_bytes(host_mem) if host_mem is not None else available_host_bytes()
     emit(plan, device_limit, host_limit, as_json)
 
 
