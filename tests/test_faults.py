@@ -908,3 +908,17 @@ def test_empty_devices_and_memory_are_refused(work: Path, no_model_load) -> None
         assert_fault(work, ["plan", work / "model", "--calib", "text.txt", "--method", "rtn", flag, ""],
                      "cannot read '' as an amount of memory")
 
+
+def test_a_null_state_is_a_damaged_work_area(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault battery round 11 "state.json made 'null'": --resume started over without a word (JSON null read as no
+    state), where every other damaged state.json is refused. Now refused alike (the area, holding nothing to resume,
+    goes as theirs do), and no export is written."""
+    with_hooks(monkeypatch, on_layer=FailAt(0, 1))
+    run_cli(*calibrate(work, "--low-memory", "-o", "out"))
+    (work / "out.partial" / "state.json").write_text("null")
+    with_hooks(monkeypatch)
+    result = run_cli(*calibrate(work, "--low-memory", "--resume", "-o", "out"))
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == ("error: cannot resume from out.partial: state.json holds no run's state; "
+                                             "the work area is damaged: drop --resume to start over (it is replaced)")
+    assert not (work / "out").exists()

@@ -249,9 +249,9 @@ class StreamedLayers:
             previous = read_state(self.work)
         except (OSError, ValueError) as err:
             raise self._damaged(f"{STATE} cannot be read ({first_line(err)})") from None
-        if previous is None:
+        if previous is None and not (self.work / STATE).is_file():
             return None
-        if not isinstance(previous, dict) or "fingerprint" not in previous:
+        if not isinstance(previous, dict) or "fingerprint" not in previous:  # JSON null too: no quiet start over
             raise self._damaged(f"{STATE} holds no run's state")
         done, reports = previous.get("layers_done"), previous.get("layer_reports")
         if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= self.n_layers \
