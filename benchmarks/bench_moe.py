@@ -11,7 +11,8 @@ variant is scored on the held-out last 10% of each corpus (the same windows for 
 over all four, and with --eval validation|both on validation windows of each corpus's train part that overlap
 no calibration window of the draw (for choosing; rows' `val_*` keys). Variants: quantkit GPTQ (each expert on its
 routed tokens), GPTQ with every expert on every token (gptq_all: --expert-tokens all), GPTQ with routed tokens
-plus the every-token prior (gptq_mix: --expert-tokens mix), GPTQ with the FP target (gptq_fp: the CLI's default
+plus the every-token prior (gptq_mix: --expert-tokens mix; gptq_mix_q and gptq_mix_4 with the prior at 0.25x and
+4x its weight), GPTQ with the FP target (gptq_fp: the CLI's default
 on text), TLQ (importance-weighted, FP target; tlq_mix with the prior), and llm-compressor 0.14's
 GPTQModifier (actorder static, its defaults) in its own venv, with its default of calibrating every expert
 on every token and with routed tokens only. Gaps are loss(quantized) - loss(FP) in nats; ratios are paired
@@ -43,9 +44,13 @@ from common import (  # noqa: E402
 SETTINGS = {"W4g32": (4, 32, True), "W2g64": (2, 64, False)}
 # name -> (engine method, expert tokens (quantkit.quant.methods.EXPERT_TOKENS), FP target: None = the method's default)
 VARIANTS = {"gptq": ("gptq", "routed", None), "gptq_all": ("gptq", "all", None), "gptq_mix": ("gptq", "mix", None),
-            "gptq_fp": ("gptq", "routed", True), "tlq": ("tlq", "routed", None), "tlq_mix": ("tlq", "mix", None)}
+            "gptq_fp": ("gptq", "routed", True), "tlq": ("tlq", "routed", None), "tlq_mix": ("tlq", "mix", None),
+            "gptq_mix_q": ("gptq", "mix", None), "gptq_mix_4": ("gptq", "mix", None)}
+# mix's every-token prior in tokens per projection input (Method.expert_prior; 1 where not named): the strength of the
+# shrinkage of a rarely chosen expert's Hessian towards the every-token one, from routed (0) towards all (infinite)
+PRIORS = {"gptq_mix_q": 0.25, "gptq_mix_4": 4.0}
 # the expert statistics chosen between on validation text (gptq: routed)
-CANDIDATES = ("gptq", "gptq_all", "gptq_mix")
+CANDIDATES = ("gptq", "gptq_all", "gptq_mix", "gptq_mix_q", "gptq_mix_4")
 # llm-compressor's two calibration modes: every expert on every token (its default), or routed tokens only
 LLMC_MODES = {True: "all", False: "routed"}
 LLMC_RUNNER = Path(__file__).resolve().parent / "llmc_runner.py"
@@ -151,7 +156,7 @@ def run_seed(model_dir: str, seed: int, nsamples: int, seqlen: int, windows: dic
             model = copy.deepcopy(fp)
             spec = QuantSpec(bits=bits, group_size=group, sym=sym)
             started = time.process_time()
-            cal = calibrate_model(model, samples, spec, method=method_for(method).with_expert_tokens(expert_tokens),
+            cal = calibrate_model(model, samples, spec, method=method_for(method).with_expert_tokens(expert_tokens, PRIORS.get(name, 1.0)),
                                   progress=False, token_weights=weights if method == "tlq" else None,
                                   fp_target=fp_target)
             row[f"{name}_cpu_s"] = round(time.process_time() - started + (importance_s if method == "tlq" else 0), 2)
@@ -213,7 +218,8 @@ def summarise(rows: list[dict], variants: list[str]) -> dict:
             ratios = {}
             for num, den in (("gptq", "llmc"), ("gptq_all", "llmc"), ("gptq_mix", "llmc"), ("gptq", "llmc_routed"),
                              ("tlq", "gptq"), ("tlq", "llmc"), ("gptq_all", "gptq"), ("gptq_mix", "gptq"),
-                             ("gptq_mix", "gptq_all"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"), ("tlq", "gptq_fp"),
+                             ("gptq_mix", "gptq_all"), ("gptq_mix_q", "gptq"), ("gptq_mix_4", "gptq"),
+                             ("gptq_mix_q", "llmc"), ("gptq_mix_4", "llmc"), ("gptq_fp", "gptq"), ("gptq_fp", "llmc"), ("tlq", "gptq_fp"),
                              ("tlq_mix", "gptq_mix"), ("tlq_mix", "tlq"), ("tlq_mix", "llmc"), ("llmc_routed", "llmc")):
                 both = [r for r in mine if f"{prefix}{num}_{metric}" in r and f"{prefix}{den}_{metric}" in r]
                 if len(both) > 1:

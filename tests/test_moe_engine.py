@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import observing, tiny_moe, whole_model_gradients
 
 from quantkit.engine import calibrate_model
+from quantkit.errors import QuantkitError
 from quantkit.quant.methods import method_for
 from quantkit.quant.rtn import rtn_solve
 from quantkit.quant.spec import QuantSpec
@@ -166,13 +167,14 @@ def test_all_experts_sees_every_token_and_keeps_the_routed_output() -> None:
     assert torch.allclose(seen["model.layers.1.mlp.experts.0.gate_proj"], weighted(x_q1, x_q1, every), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_mix_expert_tokens_weigh_routed_tokens_plus_an_every_token_prior(family: str) -> None:
+@pytest.mark.parametrize(("family", "prior"), [("mixtral", 1.0), ("gpt_oss", 1.0), ("mixtral", 0.25)])
+def test_mix_expert_tokens_weigh_routed_tokens_plus_an_every_token_prior(family: str, prior: float) -> None:
     """expert_tokens "mix", TLQ with the FP target: every expert runs on every token t of the N calibration tokens,
-    weighted w_t * ([t routed to e] + in_features / N), so its gate/up Hessian is 2/sum(v) X~^T diag(v) X~ over all
-    tokens with v those weights (cross term: FP inputs paired the same way) and its down's the same over the
-    quantized gate/up activation (in_features: the expert's width). With gpt-oss expert 3's router bias far down no
-    token picks it: its projections are still solved from the prior (not rounded to nearest)."""
+    weighted w_t * ([t routed to e] + prior * in_features / N) (prior: Method.expert_prior, 1 by default), so its
+    gate/up Hessian is 2/sum(v) X~^T diag(v) X~ over all tokens with v those weights (cross term: FP inputs paired the
+    same way) and its down's the same over the quantized gate/up activation (in_features: the expert's width). With
+    gpt-oss expert 3's router bias far down no token picks it: its projections are still solved from the prior (not
+    rounded to nearest). A prior that is no weight > 0 is refused."""
     fp = eager(tiny_moe(family))
     if family == "gpt_oss":
         for layer in fp.model.layers:
@@ -182,10 +184,13 @@ def test_mix_expert_tokens_weigh_routed_tokens_plus_an_every_token_prior(family:
     gen = torch.Generator().manual_seed(7)
     per_layer = {layer: [torch.rand(TOKENS, generator=gen) + 0.1 for _ in batch] for layer in range(2)}
     seen: dict[str, tuple] = {}
-    cal = calibrate_model(model, batch, SPEC, method=method_for("tlq").with_expert_tokens("mix"), progress=False,
-                          fp_target=True, token_weights=lambda layer: per_layer[layer],
+    cal = calibrate_model(model, batch, SPEC, method=method_for("tlq").with_expert_tokens("mix", prior),
+                          progress=False, fp_target=True, token_weights=lambda layer: per_layer[layer],
                           comm=observing(lambda name, h, c: seen.__setitem__(name, (h, c))))
-    assert cal.report["expert_tokens"] == "mix"
+    assert cal.report["expert_tokens"] == "mix" and cal.report["expert_prior"] == prior
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(QuantkitError, match="expert prior"):
+            method_for("gptq").with_expert_tokens("mix", bad)
     gate, up, down = leaves(family)
     total = NSAMPLES * TOKENS
     for layer in range(2):
@@ -202,7 +207,7 @@ def test_mix_expert_tokens_weigh_routed_tokens_plus_an_every_token_prior(family:
             name = f"{prefix}.mlp.experts.{e}"
             for leaf in (gate, up):
                 h, c = seen[f"{name}.{leaf}"]
-                v = w * (routed + hidden / total)
+                v = w * (routed + prior * hidden / total)
                 assert torch.allclose(h, weighted(x_q, x_q, v), rtol=1e-5, atol=1e-6), (name, leaf)
                 assert torch.allclose(c, weighted(x_fp, x_q, v), rtol=1e-5, atol=1e-6), (name, leaf)
             if family == "gpt_oss":  # gate_proj / up_proj: halves of gate_up [H, 2I] (interleaved), biased; its own gate fn
@@ -217,7 +222,7 @@ def test_mix_expert_tokens_weigh_routed_tokens_plus_an_every_token_prior(family:
                 act_q = F.silu(x_q @ wg.T) * (x_q @ wu.T)
                 act_fp = F.silu(x_fp @ fg.T) * (x_fp @ fu.T)
             h, c = seen[f"{name}.{down}"]
-            v = w * (routed + act_q.shape[1] / total)
+            v = w * (routed + prior * act_q.shape[1] / total)
             assert torch.allclose(h, weighted(act_q, act_q, v), rtol=1e-5, atol=1e-6), name
             assert torch.allclose(c, weighted(act_fp, act_q, v), rtol=1e-5, atol=1e-6), name
             entry = cal.report["layers"][layer]["linears"][f"mlp.experts.{e}.{gate}"]

@@ -316,6 +316,8 @@ def run_layers(
         "spec": spec.to_dict(),
         "presolve": method.presolve.to_dict(),
         "expert_tokens": method.expert_tokens,  # the tokens of a mixture of experts' statistics (EXPERT_TOKENS)
+        # mix's every-token prior in tokens per projection input (Method.expert_prior); the other kinds have none
+        "expert_prior": method.expert_prior if method.expert_tokens == "mix" else None,
         "recipe": None if recipe is None else recipe.to_dict(),
         # the linears the recipe leaves in full precision
         "ignored": sorted(name for name in candidate_linears(model, adapter, lm_head=lm_head, vision=vision)

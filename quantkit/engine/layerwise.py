@@ -258,7 +258,7 @@ def quantize_layer(
     if fp_inputs is not None and needs_hessian:
         fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
     routed_fp = {e.owner for entries in (fp_linear_inputs or {}).values() for e in entries if isinstance(e, RoutedFPEntry)}
-    expert_rows = ExpertRows.start(layer, method.expert_tokens, inputs, comm)
+    expert_rows = ExpertRows.start(layer, method.expert_tokens, inputs, comm, method.expert_prior)
     # the mix guard's held-out windows join each token-weighted group's final solve (quantkit.engine.mix)
     refit = held_out is not None and weights is not None and needs_hessian
     if held_out is not None:

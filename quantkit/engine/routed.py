@@ -69,20 +69,21 @@ class ExpertRows:
     ExpertLinear.chosen_rows marking the routed ones): a routed token weighs 1 and every token a further
     in_features / total, total being the layer's calibration tokens over all ranks, so the Hessian is the routed
     tokens' sum plus the every-token mean counted as in_features tokens: a prior of as many tokens as a full-rank
-    Hessian needs, which dominates for an expert the router rarely picks and fades for one it picks often."""
+    Hessian needs, which dominates for an expert the router rarely picks and fades for one it picks often.
+    `prior` scales that count (Method.expert_prior): prior x in_features tokens."""
 
-    def __init__(self, kind: str = "routed", total: int = 0) -> None:
-        self.kind, self.total = kind, total
+    def __init__(self, kind: str = "routed", total: int = 0, prior: float = 1.0) -> None:
+        self.kind, self.total, self.prior = kind, total, prior
 
     @classmethod
-    def start(cls, layer: nn.Module, kind: str, inputs, comm: Comm) -> ExpertRows:
+    def start(cls, layer: nn.Module, kind: str, inputs, comm: Comm, prior: float = 1.0) -> ExpertRows:
         """A layer's weighing, its experts set to run every token for their statistics unless `kind` is routed."""
         set_all_tokens(layer, kind != "routed")
         if kind != "mix":
             return cls(kind)
         count = torch.tensor([float(sum(h.numel() // h.shape[-1] for h in inputs.hidden))], dtype=torch.float64)
         comm.all_reduce_sum_(count)
-        return cls(kind, int(count.item()))
+        return cls(kind, int(count.item()), prior)
 
     def key(self, module: nn.Module) -> torch.Tensor | None:
         """What two linears reading one tensor must share to share their sums: under mix an expert's routed rows."""
@@ -93,7 +94,7 @@ class ExpertRows:
         chosen = self.key(module)
         if chosen is None:
             return weight, None
-        prior = chosen.to(torch.float32) + module.in_features / self.total
+        prior = chosen.to(torch.float32) + self.prior * module.in_features / self.total
         return (prior if weight is None else weight * prior.reshape(-1, *(1,) * (weight.dim() - 1))), prior
 
 

@@ -46,6 +46,8 @@ class Method:
     presolve: PreSolve = field(default=NO_PRESOLVE, compare=False)
     # mixture of experts: which tokens make each expert's statistics (EXPERT_TOKENS; its output is always its routed tokens')
     expert_tokens: str = field(default=DEFAULT_EXPERT_TOKENS, compare=False)
+    # under "mix": the every-token prior's weight in tokens per projection input (1: as many tokens as inputs)
+    expert_prior: float = field(default=1.0, compare=False)
     # which of METHOD_OPTIONS its solve reads (an option it does not read is refused, not silently dropped)
     reads: frozenset[str] = frozenset()
 
@@ -53,11 +55,14 @@ class Method:
         """This method with pre-solve `step` on every layer (PreSolve.check says whether a run should pair them)."""
         return replace(self, presolve=step)
 
-    def with_expert_tokens(self, kind: str) -> Method:
-        """This method gathering each expert's statistics from the tokens EXPERT_TOKENS[kind] names."""
+    def with_expert_tokens(self, kind: str, prior: float = 1.0) -> Method:
+        """This method gathering each expert's statistics from the tokens EXPERT_TOKENS[kind] names (`prior`: mix's
+        every-token prior counted as `prior` x in_features tokens)."""
         if kind not in EXPERT_TOKENS:
             raise QuantkitError(f"expert tokens {kind!r} is not one of {', '.join(EXPERT_TOKENS)}")
-        return replace(self, expert_tokens=kind)
+        if not 0 < prior < float("inf"):
+            raise QuantkitError(f"the expert prior is a weight > 0 in tokens per input, got {prior}")
+        return replace(self, expert_tokens=kind, expert_prior=float(prior))
 
     @property
     def reads_token_weights(self) -> bool:
