@@ -922,3 +922,15 @@ def test_a_null_state_is_a_damaged_work_area(work: Path, monkeypatch: pytest.Mon
     assert one_error_line(result.stderr) == ("error: cannot resume from out.partial: state.json holds no run's state; "
                                              "the work area is damaged: drop --resume to start over (it is replaced)")
     assert not (work / "out").exists()
+
+
+def test_a_quantkit_fake_export_is_not_quantized_again(work: Path) -> None:
+    """Fault battery round 11 'model is the fake export': a --format fake export (dense weights, no
+    quantization_config) was quantized again, exit 0, where the packed exports are refused. Now its quantkit.json
+    refuses it alike, in calibrate and in plan."""
+    result = run_cli(*calibrate(work, "--method", "rtn", "--format", "fake", "-o", work / "fake"))
+    assert result.exit_code == 0, result.output
+    said = f"{work / 'fake'} is a quantkit export (it holds quantkit.json): its weights are already rounded"
+    assert_fault(work, ["calibrate", work / "fake", "--calib", "text.txt", *BASE, "--method", "rtn", "-o", "out"], said)
+    assert_fault(work, ["plan", work / "fake", "--calib", "text.txt", "--method", "rtn"], said)
+

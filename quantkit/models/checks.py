@@ -85,6 +85,12 @@ def check_full_precision(config, name: str) -> None:
     quantkit export, a GPTQ or compressed-tensors download) holds packed codes the solvers cannot start from."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
+        # a quantkit export with dense weights (--format fake) declares no quantization; its manifest says it
+        # (quantkit.json: quantkit.export.common.MANIFEST, a floor above this one)
+        if isinstance(name, (str, os.PathLike)) and Path(name, "quantkit.json").is_file():
+            raise QuantkitError(f"{name} is a quantkit export (it holds quantkit.json): its weights are already rounded, "
+                                "and quantizing them again rounds twice; quantize the full-precision model it was made "
+                                "from (`quantkit export` converts a quantkit export to another format)")
         return
     method = qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
     method = getattr(method, "value", method) or "quantized"
