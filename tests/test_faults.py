@@ -934,3 +934,14 @@ def test_a_quantkit_fake_export_is_not_quantized_again(work: Path) -> None:
     assert_fault(work, ["calibrate", work / "fake", "--calib", "text.txt", *BASE, "--method", "rtn", "-o", "out"], said)
     assert_fault(work, ["plan", work / "fake", "--calib", "text.txt", "--method", "rtn"], said)
 
+
+def test_an_image_record_among_text_records_is_refused(work: Path, no_model_load) -> None:
+    """Fault battery round 11 'JSONL mixing text and image records': a text model calibrated on a .jsonl of text
+    records with one {"image", "text"} record read that record's text and dropped its image, exit 0 (image records
+    alone are refused for a text model). Now the record is named."""
+    words = (work / "text.txt").read_text().split()
+    records = [json.dumps({"text": " ".join(words[i:i + 40])}) for i in range(0, 2000, 40)]
+    (work / "mixed.jsonl").write_text("\n".join([*records, json.dumps({"image": "x.png", "text": "w1"})]) + "\n")
+    assert_fault(work, calibrate(work, "--calib", "mixed.jsonl", "-o", "out"),
+                 f"mixed.jsonl:{len(records) + 1}: an image-text record among text records")
+

@@ -184,6 +184,9 @@ def read_jsonl(path: Path, field: str = "text") -> list[str]:
     for where, record in jsonl_records(path):
         if not isinstance(record, dict) or field not in record:
             raise QuantkitError(f"{where}: no {field!r} field; each line must be an object with a {field!r} string")
+        if "image" in record:  # read as text, its image would be dropped without a word
+            raise QuantkitError(f"{where}: an image-text record among text records (the file's first record is "
+                                "text); give each kind a file of its own (image-text data for a vision-language model)")
         value = record[field]
         if not isinstance(value, str):
             raise QuantkitError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
