@@ -945,3 +945,12 @@ def test_an_image_record_among_text_records_is_refused(work: Path, no_model_load
     assert_fault(work, calibrate(work, "--calib", "mixed.jsonl", "-o", "out"),
                  f"mixed.jsonl:{len(records) + 1}: an image-text record among text records")
 
+
+def test_a_sequence_classifier_config_is_refused(work: Path, no_model_load) -> None:
+    """Fault battery round 11 'config architectures LlamaForSequenceClassification': loaded as a causal LM, quantized
+    and exported (exit 0), and then the export did not load ("tensor lm_head.weight does not belong to a
+    LlamaForSequenceClassification model"). Now refused before any work."""
+    edit_config(work / "model", architectures=["LlamaForSequenceClassification"])
+    said = "config.json's architectures names LlamaForSequenceClassification, a sequence classifier"
+    assert_fault(work, calibrate(work, "--method", "rtn", "-o", "out"), said)
+    assert_fault(work, ["plan", work / "model", "--method", "rtn"], said)

@@ -7,7 +7,7 @@ import os
 
 from quantkit.data.calibration import source_for
 from quantkit.errors import QuantkitError, first_line
-from quantkit.models.checks import check_full_precision
+from quantkit.models.checks import check_full_precision, check_language_model
 from quantkit.models.files import ModelFiles, check_model_files, check_tokenizer, load_tokenizer
 
 
@@ -78,6 +78,7 @@ def model_for_data(name: str, source: str | os.PathLike | None = None, *, tokeni
 
     files = check_model_files(name, tokenizer=False)
     check_full_precision(files.config, name)
+    check_language_model(files.config, name)
     if is_vlm(files.config) and (images or (source is not None and source_for(source).image)):
         files.tokenizer = check_processor(files.path)
         check_image_token(files.tokenizer, files.config, name)

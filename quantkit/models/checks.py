@@ -99,6 +99,27 @@ def check_full_precision(config, name: str) -> None:
                         "another format)")
 
 
+# transformers' task heads other than language modelling, by the name of their auto mapping
+_OTHER_HEADS = {"SEQUENCE_CLASSIFICATION": "a sequence classifier", "TOKEN_CLASSIFICATION": "a token classifier",
+                "QUESTION_ANSWERING": "an extractive question-answering model"}
+
+
+def check_language_model(config, name: str) -> None:
+    """A model to quantize is a language model: a config.json whose architectures names another task head of its
+    model type (LlamaForSequenceClassification) is refused; loaded as a causal LM it got an lm_head that the export's
+    config, still naming the classifier, does not build."""
+    from transformers.models.auto import modeling_auto
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_type = getattr(config, "model_type", None)
+    for task, what in _OTHER_HEADS.items():
+        names = getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).get(model_type) or ()
+        if arch is not None and arch in ((names,) if isinstance(names, str) else names):
+            raise QuantkitError(f"{name}: config.json's architectures names {arch}, {what}; quantkit quantizes "
+                                "language models (a causal LM or a vision-language model): give one, or name the "
+                                "causal-LM class in architectures where the weights are one")
+
+
 def source_name(model: object) -> str:
     """The name a model is reported under: its path or hub id, or where a loaded model came from (its config's
     _name_or_path), else its class."""

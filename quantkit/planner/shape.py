@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.models.checks import check_full_precision, config_shape_error
+from quantkit.models.checks import check_full_precision, check_language_model, config_shape_error
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantSpec
 
@@ -201,6 +201,7 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
     except Exception as err:  # noqa: BLE001 - a bad or missing config.json raises several types
         raise QuantkitError(f"cannot read the config of {name}: {' '.join(str(err).split())[:300]}") from None
     check_full_precision(config, name)  # an export's packed codes are no model to quantize
+    check_language_model(config, name)
     auto_class = auto_class_for(config)
     try:
         with torch.device("meta"):
