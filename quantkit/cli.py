@@ -45,6 +45,7 @@ def describe_error(err: BaseException) -> str:
 
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
+_EXITS_AFTER = "quantkit_exits_after"  # main()'s answer, carried to invoke() in the click context's meta
 
 
 def _hold_stops() -> None:
@@ -72,8 +73,6 @@ def _nul_byte(args: list[str]) -> str | None:
 
 class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
-
-    exits_after = False  # main() serves the process's own command line, which exits when the command ends
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Every subcommand name, without importing any of them."""
@@ -122,17 +121,24 @@ class QuantkitGroup(click.Group):
             handlers = {}
         # Python's exit runs atexit callbacks (torch's compile-time report imports tabulate -> wcwidth): a signal
         # there, or between the command's end and the exit, would raise KeyboardInterrupt where no line is made of it
-        outer, self.exits_after = self.exits_after, bool(handlers) and args is None and standalone_mode
+        exits_after = bool(handlers) and args is None and standalone_mode  # the process's own command line
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra, **{_EXITS_AFTER: exits_after})
         finally:
-            if self.exits_after:
+            if exits_after:
                 _hold_stops()
             else:
                 for s, handler in handlers.items():
                     if handler is not None:  # None: installed outside Python, nothing to put back
                         signal.signal(s, handler)
-            self.exits_after = outer
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        """click's context, holding in its meta whether the process exits when the command ends (main's call: its
+        own, so that a command line run inside another one, as CliRunner does, keeps its own answer)."""
+        exits_after = bool(extra.pop(_EXITS_AFTER, False))
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta[_EXITS_AFTER] = exits_after
+        return ctx
 
     def invoke(self, ctx: click.Context):
         from quantkit.fsutil import clear_kept, kept_note, private_tempdir
@@ -171,7 +177,7 @@ class QuantkitGroup(click.Group):
             click.echo(f"error: {' '.join(line.split())}", err=True)
             sys.exit(EXIT_ERROR)
         finally:
-            if self.exits_after:
+            if ctx.meta.get(_EXITS_AFTER):
                 _hold_stops()
 
 
