@@ -13,6 +13,7 @@ from helpers import tiny_model, tiny_vlm, whole_model_gradients
 from quantkit.errors import QuantkitError
 from quantkit.importance import (
     TokenImportance,
+    importance_scores,
     layer_output_gradients,
     load_calibration_set,
     save_calibration_set,
@@ -321,3 +322,27 @@ def test_modality_floor_lifts_the_vision_ratio_to_the_median_over_layers() -> No
         else:
             assert float(after[:2].mean() / after[2:].mean()) == pytest.approx(report["median"], rel=1e-4)
             assert bool((after[:2] > 0).all())  # zero-gradient image tokens are lifted too
+
+
+def test_kept_graph_and_blockwise_passes_match_autograd_and_each_other(monkeypatch) -> None:
+    """The pass that keeps each chunk's graph through every layer and the block-wise one (recompute from stored
+    inputs; forced by a zero graph budget): each layer's gradient equals whole-model autograd's, and the two give
+    the same scores and output-side factors bit for bit (the same operations on the same inputs)."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(9)
+    samples = [{"input_ids": torch.randint(0, 97, (1, 12), generator=generator)} for _ in range(5)]
+    samples[2]["loss_mask"] = torch.tensor([[0] * 7 + [1] * 5]).bool()
+    found = {}
+    for budget in (1 << 30, 0):
+        monkeypatch.setattr("quantkit.importance.gradients.KEPT_GRAPH_BYTES", budget)
+        found[budget] = importance_scores(model, samples, progress=False, keep_gradients=True, batch_size=2,
+                                          output_side=8)
+        assert found[budget].report["kept_graph"] is (budget > 0)
+    for i, sample in enumerate(samples):
+        for layer, ref in enumerate(whole_model_gradients(model, model.model.layers, sample)):
+            for budget in found:
+                assert (found[budget].gradients[layer][i] - ref).norm() / ref.norm() < 1e-5, (budget, i, layer)
+    kept, blockwise = found[1 << 30], found[0]
+    assert all(torch.equal(a, b) for x, y in zip(kept.layer, blockwise.layer) for a, b in zip(x, y))
+    for x, y in zip(kept.linear_factors, blockwise.linear_factors):
+        assert x.keys() == y.keys() and all(torch.equal(x[name], y[name]) for name in x)

@@ -141,3 +141,54 @@ def head_gradient(
             (found,) = torch.autograd.grad(logits, x, grad_outputs=upstream.to(logits.dtype), retain_graph=draw + 1 < draws)
             grad[draw].index_copy_(0, block, found)
     return grad.reshape(draws, *hidden.shape)
+
+
+# The gradient pass keeps the forward's autograd graph (one chunk through every layer: no recompute, about a third
+# less work) where that graph stays under this many bytes; above it (an LLM at a few thousand tokens per window
+# needs GBs per layer) the block-wise backward recomputes each layer from its stored input and holds one block.
+KEPT_GRAPH_BYTES = 1 << 30
+
+
+def graph_bytes(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> int:
+    """Bytes of the activations autograd saves to differentiate `layer` on `hidden` (its parameters not counted:
+    they are there anyway; each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run_chunk(layer, hidden.detach().requires_grad_(True), kwargs)
+    return sum(saved.values())
+
+
+def chunk_through_layers(
+    layers: Sequence[nn.Module], inputs: LayerInputs, chunk: list[int], hidden: torch.Tensor,
+    hooks_for: Callable[[int, nn.Module], contextlib.AbstractContextManager], top: Callable, draws: int,
+    first_input: bool,
+) -> list[torch.Tensor]:
+    """One chunk [B, T, d] through every decoder layer with autograd, the graph kept, and each draw's backward
+    from `top(last layer output)` = (final tensor, [draws, ...] upstream gradients) down to every layer's output
+    (and to `hidden` with `first_input`, so that layer 0's linears see their output gradients): per layer, the
+    gradient at its output [B, draws, T, d]. Linear hooks from `hooks_for(index, layer)` fire in the backward as in
+    the block-wise pass; the same operations on the same inputs, so the same numbers."""
+    with contextlib.ExitStack() as stack, torch.enable_grad():
+        for index, layer in enumerate(layers):
+            stack.enter_context(hooks_for(index, layer))
+        x = hidden.detach().requires_grad_(first_input)
+        outputs, y = [], x
+        for index, layer in enumerate(layers):
+            inputs.use_layer(index)
+            y = run_chunk(layer, y, inputs.kwargs_for(chunk[0]))
+            if not y.requires_grad:  # layer 0 without its input's gradient: its output is where the gradient ends
+                y.requires_grad_(True)
+            outputs.append(y)
+        final, upstream = top(y)
+        wanted = outputs + ([x] if first_input else [])
+        found = [torch.autograd.grad(final, wanted, grad_outputs=upstream[draw], retain_graph=draw + 1 < draws)
+                 for draw in range(draws)]
+    return [torch.stack([per_draw[index] for per_draw in found], dim=1) for index in range(len(layers))]

@@ -5,6 +5,8 @@ Memory: the forward pass stores every layer's FP input for each sample (in RAM, 
 safetensors file per layer under an offload directory), then the backward runs block by
 block from the top, recomputing each layer from its stored input; only one decoder layer
 (plus final norm and lm_head for the top) and one chunk's activations are live at a time.
+Where one chunk's autograd graph through every layer is small (backward.KEPT_GRAPH_BYTES; CPU, no offload) each
+chunk runs forward through every layer and back instead: no stored inputs, no recompute, the same numbers.
 Samples that share their layer kwargs (plain text of one length) run in chunks of
 ``batch_size`` along the batch dimension (checked once against per-sample outputs; else one
 sample at a time). The top block runs the last decoder layer with autograd, so that layer is
@@ -14,6 +16,7 @@ not run twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -29,10 +32,13 @@ from quantkit.engine.capture import capture_layer_inputs, run_layer
 from quantkit.engine.weights import row_ranges
 from quantkit.errors import QuantkitError
 from quantkit.importance.backward import (
+    KEPT_GRAPH_BYTES,
     StoredInputs,
     batching_works_for,
+    chunk_through_layers,
     chunks,
     frozen,
+    graph_bytes,
     head_gradient,
     run_chunk,
 )
@@ -155,7 +161,8 @@ def importance_scores(
     time, concatenated along the batch dimension, in the forward and in each block's
     backward; a probe on layer 0 checks that the shared kwargs broadcast over the batch
     (batched output == per-sample output) and falls back to one sample at a time otherwise.
-    Peak memory: one block plus one chunk's activations (and the stored layer inputs).
+    Peak memory: one block plus one chunk's activations (and the stored layer inputs), or where it is small
+    (KEPT_GRAPH_BYTES) one chunk's graph through every layer, which saves the recompute.
 
     loss "ce" differentiates the cross-entropy on the data's next tokens; "fisher" draws `draws`
     labels per position from the FP model's own softmax (seeded by `seed`, per sample and draw) and
@@ -232,14 +239,13 @@ def importance_scores(
             factors[index] = total / max(1, valid_tokens)
 
     blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
-    current = {"layer": 0}
 
-    def hooks_on(layer: nn.Module, found: dict[str, list[torch.Tensor]]):
+    def hooks_on(index: int, layer: nn.Module, found: dict[str, list[torch.Tensor]]):
         stack = contextlib.ExitStack()
         if per_linear:
             stack.enter_context(_linear_output_hooks(layer, list(found), row_groups, found))
         if output_side is not None:
-            stack.enter_context(_linear_factor_hooks(layer, list(found), output_side, blocks[current["layer"]]))
+            stack.enter_context(_linear_factor_hooks(layer, list(found), output_side, blocks[index]))
         return stack
 
     def record_linears(index: int, chunk: list[int], found: dict[str, list[torch.Tensor]]) -> None:
@@ -256,11 +262,10 @@ def importance_scores(
         """Recompute layer `index` from its stored input and push every draw's gradient below it."""
         inputs.use_layer(index)
         found = {name: [] for name in adapter.linear_names(index)}
-        current["layer"] = index
         for chunk in chunks(live, size):
             x = torch.cat([read(i) for i in chunk]).to(device).requires_grad_(True)
             below = []
-            with hooks_on(layer, found), torch.enable_grad():
+            with hooks_on(index, layer, found), torch.enable_grad():
                 y = run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
                 for draw in range(draws):
                     upstream = torch.cat([grads[i][draw : draw + 1] for i in chunk])
@@ -280,8 +285,14 @@ def importance_scores(
                 inputs = capture_layer_inputs(model, adapter, samples, device)
                 if batch_size > 1:
                     batched = batching_works_for(layers, inputs, list(range(min(batch_size, len(samples)))), device)
-                # FP forward up to the last layer's input, storing each layer's input on the way.
-                for index in range(num_layers - 1):
+                size = batch_size if batched else 1
+                # The forward's graph kept where small: on the CPU (the block-wise pass moves one layer at a time to a
+                # device), without additions between layers (enter_layer adds them to the whole set at once).
+                whole = (offload_dir is None and str(device) == "cpu" and not inputs.between and bool(live) and
+                         graph_bytes(layers[0], torch.cat([inputs.hidden[i] for i in live[:size]]),
+                                     inputs.kwargs_for(live[0])) * num_layers <= KEPT_GRAPH_BYTES)
+                # FP forward up to the last layer's input, storing each layer's input on the way (block-wise only).
+                for index in range(0 if whole else num_layers - 1):
                     inputs.enter_layer(index)
                     layer = layers[index].to(device)
                     if index > 0 or hooked:  # layer 0's input is differentiated only for its linears
@@ -296,80 +307,100 @@ def importance_scores(
                         inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
                     layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
                     bar.update(1)
-            size = batch_size if batched else 1
-            # Top block: last decoder layer + final norm + lm_head + loss, with autograd, one chunk
-            # at a time: gives dL/dy at the last layer's output and, through it, at its input (the
-            # output of the layer below), without a separate no-grad forward of the last layer.
             # The chunk's loss is the sum of its samples' mean losses: each sample gets its own gradient.
             last = num_layers - 1
             norm = adapter.norm(model)
-
-            def head(normed: torch.Tensor) -> torch.Tensor:
-                return adapter.logits(model, normed)
-            below: list[torch.Tensor | None] = [None] * len(samples)
+            head = functools.partial(adapter.logits, model)
             for i in empty:
                 zeros = torch.zeros((draws, *inputs.hidden[i].shape[1:]), dtype=inputs.hidden[i].dtype)
-                grads[i] = below[i] = zeros
+                grads[i] = zeros
                 if per_linear:
                     shape = (zeros.shape[1],) if row_groups == 1 else (zeros.shape[1], row_groups)
                     for index in range(num_layers):
                         for name in adapter.linear_names(index):
                             linear_scores[index][name][i] = torch.zeros(shape)
-            inputs.enter_layer(last)
-            layer = layers[last].to(device)
-            found = {name: [] for name in adapter.linear_names(last)}
-            current["layer"] = last
-            for chunk in chunks(live, size):
-                x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
-                with hooks_on(layer, found):
-                    with torch.enable_grad():
-                        if last > 0 or hooked:
-                            x.requires_grad_(True)
-                        y = run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
-                        if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
-                            y.requires_grad_(True)
+            if whole:  # each chunk through every layer with its graph kept, then its backward: no recompute
+                per_layer = [list(grads) for _ in range(num_layers)]  # the empty samples' zeros
+                for chunk in chunks(live, size):
+                    found_by_layer = [{name: [] for name in adapter.linear_names(index)} for index in range(num_layers)]
+
+                    def top(y: torch.Tensor, chunk: list[int] = chunk) -> tuple[torch.Tensor, torch.Tensor]:
                         normed = norm(y)
-                    chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
-                    upstream = head_gradient(
-                        head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk], chunk_samplers
-                    )
-                    wanted = [y, x] if last > 0 or hooked else [y]
-                    at_output, at_input = [], []
-                    for draw in range(draws):
-                        found_draw = torch.autograd.grad(normed, wanted, grad_outputs=upstream[draw], retain_graph=draw + 1 < draws)
-                        at_output.append(found_draw[0])
-                        if last > 0:
-                            at_input.append(found_draw[1])
-                del normed, upstream, y
-                if per_linear:
-                    record_linears(last, chunk, found)
-                output_stack = torch.stack(at_output, dim=1)  # [B, draws, T, d]
-                input_stack = torch.stack(at_input, dim=1) if at_input else None
-                for j, i in enumerate(chunk):
-                    grads[i] = output_stack[j]
-                    if input_stack is not None:
-                        below[i] = input_stack[j]
-            layers[last] = layer.to("cpu") if str(device) != "cpu" else layer
-            inputs.hidden = []
-            record(last)
-            bar.update(2)
-            if last > 0:
-                grads = below
-                record(last - 1)
-            # Block-wise backward: recompute layer `index` from its stored input, push dL/dy down.
-            for index in reversed(range(1, last)):
-                layer = layers[index].to(device)
-                with stored.reader(index) as read:
-                    backward_block(index, layer, read, want_input=True)
-                layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
-                record(index - 1)
+                        chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
+                        return normed, head_gradient(head, normed, [samples[i]["input_ids"] for i in chunk],
+                                                     [scored[i] for i in chunk], chunk_samplers)
+                    at_outputs = chunk_through_layers(
+                        layers, inputs, chunk, torch.cat([inputs.hidden[i] for i in chunk]).to(device),
+                        lambda index, layer, found=found_by_layer: hooks_on(index, layer, found[index]), top, draws, hooked)
+                    for index, stacked in enumerate(at_outputs):
+                        if per_linear:
+                            record_linears(index, chunk, found_by_layer[index])
+                        for j, i in enumerate(chunk):
+                            per_layer[index][i] = stacked[j]
+                inputs.hidden = []
+                for index in reversed(range(num_layers)):
+                    grads = per_layer[index]
+                    record(index)
+                bar.update(2 * num_layers)
+            else:
+                # Top block: last decoder layer + final norm + lm_head + loss, with autograd, one chunk
+                # at a time: gives dL/dy at the last layer's output and, through it, at its input (the
+                # output of the layer below), without a separate no-grad forward of the last layer.
+                below: list[torch.Tensor | None] = list(grads)
+                inputs.enter_layer(last)
+                layer = layers[last].to(device)
+                found = {name: [] for name in adapter.linear_names(last)}
+                for chunk in chunks(live, size):
+                    x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
+                    with hooks_on(last, layer, found):
+                        with torch.enable_grad():
+                            if last > 0 or hooked:
+                                x.requires_grad_(True)
+                            y = run_chunk(layer, x, inputs.kwargs_for(chunk[0]))
+                            if not y.requires_grad:  # one-layer model: nothing below y needs a gradient
+                                y.requires_grad_(True)
+                            normed = norm(y)
+                        chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
+                        upstream = head_gradient(
+                            head, normed, [samples[i]["input_ids"] for i in chunk], [scored[i] for i in chunk], chunk_samplers
+                        )
+                        wanted = [y, x] if last > 0 or hooked else [y]
+                        at_output, at_input = [], []
+                        for draw in range(draws):
+                            found_draw = torch.autograd.grad(normed, wanted, grad_outputs=upstream[draw], retain_graph=draw + 1 < draws)
+                            at_output.append(found_draw[0])
+                            if last > 0:
+                                at_input.append(found_draw[1])
+                    del normed, upstream, y
+                    if per_linear:
+                        record_linears(last, chunk, found)
+                    output_stack = torch.stack(at_output, dim=1)  # [B, draws, T, d]
+                    input_stack = torch.stack(at_input, dim=1) if at_input else None
+                    for j, i in enumerate(chunk):
+                        grads[i] = output_stack[j]
+                        if input_stack is not None:
+                            below[i] = input_stack[j]
+                layers[last] = layer.to("cpu") if str(device) != "cpu" else layer
+                inputs.hidden = []
+                record(last)
+                bar.update(2)
+                if last > 0:
+                    grads = below
+                    record(last - 1)
+                # Block-wise backward: recompute layer `index` from its stored input, push dL/dy down.
+                for index in reversed(range(1, last)):
+                    layer = layers[index].to(device)
+                    with stored.reader(index) as read:
+                        backward_block(index, layer, read, want_input=True)
+                    layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                    record(index - 1)
+                    bar.update(1)
+                if hooked and last > 0:
+                    layer = layers[0].to(device)
+                    with stored.reader(0) as read:
+                        backward_block(0, layer, read, want_input=False)
+                    layers[0] = layer.to("cpu") if str(device) != "cpu" else layer
                 bar.update(1)
-            if hooked and last > 0:
-                layer = layers[0].to(device)
-                with stored.reader(0) as read:
-                    backward_block(0, layer, read, want_input=False)
-                layers[0] = layer.to("cpu") if str(device) != "cpu" else layer
-            bar.update(1)
     finally:
         stored.close()
         bar.close()
@@ -382,6 +413,7 @@ def importance_scores(
         "empty_loss_mask_samples": sorted(empty),
         "offload": offload_dir is not None,
         "batch_size": batch_size if batched else 1,
+        "kept_graph": whole,  # the forward's graph kept (no recompute) or the block-wise backward
         "guidance": guidance,
         "row_groups": row_groups,
         "loss": loss,
