@@ -6,7 +6,7 @@ Usage:
     ... --heldout --llmc /tmp/llmc-venv/bin/python    # final figures: held-out text, beside llm-compressor
     ... --eval both    # the same quantized models on validation windows (choosing) and held-out windows (reporting)
     OMP_NUM_THREADS=1 python benchmarks/bench_domains.py --cost --models ref-lm --settings W2 \
-        --variants gptq_fp tlq tlq_guard tlq_os16 --repeats 2    # CPU seconds over GPTQ + FP target
+        --variants gptq_fp os_u16 --repeats 2    # CPU seconds over GPTQ + FP target
 
 Models: ref-lm, its checkpoints step125/step250/step500 (../shared/models), or ref-lm-b / ref-lm-c and their
 half-training checkpoints ref-lm-b/steps/step325, ref-lm-c/steps/step400 under $QUANTKIT_BENCH_MODELS
@@ -66,12 +66,10 @@ TLQ = {"guidance": "layer", "loss": "ce", "draws": 1, "lam": 0.1, "power": 1.0, 
 # factor_every k: the gradient pass runs on every k-th calibration window only (the windows are drawn in random order:
 # a random 1/k of them) and feeds the output-side factors alone; every window's tokens weigh 1 (needs lam 1)
 GRADIENT_KEYS = ("guidance", "loss", "draws", "output_side", "factor_every")
-GUARD = {"shares": (0.0, 0.5, 1.0), "holdout": 8, "margin": 0.0, "refusal_ends_layer": False}  # session 3's guard: any gain on every source
-# the conservative guard: TLQ's Hessian (share 0) only where it beats uniform on every source by > 2 SE, else uniform
-# (checked in every group; with refusal_ends_layer, the first group that keeps uniform weight ends its layer's search)
-GUARD_Z2 = {"shares": (0.0, 1.0), "holdout": 8, "margin": 2.0, "refusal_ends_layer": False}
+# The mix guard's variants (tlq_guard, tlq_guard_z2, tlq_guard_z2s, tlq_fisher_guard, tlq_guard_lam0) left with
+# quantkit.engine.mix in session 9 (#24): git show dcba035:benchmarks/bench_domains.py has them.
 # name -> {"method", "fp_target", "importance": TokenImportance options or None, and optionally "fp_alpha" (FP-target
-# strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override), "mix" (MixSearch options),
+# strength), "fp_skip" (linears left out of the FP target: fp_alpha 0 by a recipe override),
 # "uniform" (linears, by name suffix, solved with uniform token weights: UniformOn)}
 VARIANTS: dict[str, dict] = {
     "gptq": {"method": "gptq", "fp_target": False, "importance": None},
@@ -82,18 +80,12 @@ VARIANTS: dict[str, dict] = {
     "tlq_lam0.5": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 0.5}},
     "tlq_p0.5": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "power": 0.5}},
     "tlq_fisher": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}},
-    "tlq_guard": {"method": "tlq", "fp_target": True, "importance": TLQ, "mix": GUARD},
-    "tlq_guard_z2": {"method": "tlq", "fp_target": True, "importance": TLQ, "mix": GUARD_Z2},
-    "tlq_guard_z2s": {"method": "tlq", "fp_target": True, "importance": TLQ,
-                      "mix": {**GUARD_Z2, "refusal_ends_layer": True}},
-    "tlq_fisher_guard": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"}, "mix": GUARD},
     "tlq_fisher_nodown": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
                           "fp_skip": ("down_proj",)},
     **{f"tlq_fisher_a{alpha}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
                                 "fp_alpha": alpha} for alpha in (0.25, 0.5)},
     **{f"tlq_fisher_os{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher", "output_side": b}}
        for b in (8, 16, 32)},
-    "tlq_guard_lam0": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 0.0}, "mix": GUARD},
     # FP-target strength and QEP's down_proj left out, for GPTQ + FP target and TLQ alike
     **{f"{base}_a{alpha}": {**variant, "fp_alpha": alpha} for alpha in (0.25, 0.5)
        for base, variant in (("gptq_fp", {"method": "gptq", "fp_target": True, "importance": None}),
@@ -179,13 +171,11 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
     from dataclasses import replace
 
     from quantkit.engine import calibrate_model
-    from quantkit.engine.mix import MixSearch
     from quantkit.importance import TokenImportance
     from quantkit.quant.recipe import Override, Recipe
 
     options = variant["importance"]
     weights = None
-    mix = MixSearch(**variant["mix"]) if variant.get("mix") else None
     if options is not None:
         found = scores[tuple(options[k] for k in GRADIENT_KEYS)]
         layer_scores = found.layer
@@ -194,8 +184,8 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
                 raise SystemExit("factor_every feeds the output-side factors only: it needs lam 1 (uniform weights)")
             layer_scores = [[torch.ones(s["input_ids"].shape[-1]) for s in samples] for _ in found.layer]
         weights = TokenImportance(layer_scores, samples, report=found.report, linear_scores=found.linear, seed=seed,
-                                  lam=options["lam"], power=options["power"], clip=options.get("clip"), output_factors=found.output_factors,
-                                  linear_factors=found.linear_factors, mix=mix)
+                                  lam=options["lam"], power=options["power"], clip=options.get("clip"),
+                                  linear_factors=found.linear_factors)
         if variant.get("uniform"):
             from quantkit.models import adapter_for
 
@@ -226,7 +216,7 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
     samples = calibration_samples(str(SHARED / "data" / "text"), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                   part="train")
     for sample, ids in zip(samples, calibration_sources(tokenizer, samples, corpus_offsets(tokenizer), seed, seqlen, nsamples)):
-        sample["source_ids"] = ids.unsqueeze(0)  # the corpus of each token (the mix guard's per-source errors)
+        sample["source_ids"] = ids.unsqueeze(0)  # the corpus of each token
     windows = {}
     if args["eval"] in ("validation", "both"):
         windows |= {f"validation/{n}": w for n, w in validation_corpus_windows(tokenizer, nsamples, seqlen, seed,
@@ -242,7 +232,7 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
             key = tuple(options[k] for k in GRADIENT_KEYS)
             if key not in scores:
                 started = time.process_time()
-                scores[key] = gradient_pass(model, samples, key, seed=seed, output_factors=True)
+                scores[key] = gradient_pass(model, samples, key, seed=seed)
                 importance_s["/".join(map(str, key))] = round(time.process_time() - started, 2)
     rows = []
     for label in args["settings"]:
@@ -251,19 +241,9 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
         row = {"model": model_name, "seed": seed, "setting": label, "group_size": spec.group_size,
                "fp_loss": {n: float(v.mean()) for n, v in fp.items()}, "importance_cpu_s": importance_s}
         for name in args["variants"]:
-            quantized, seconds, report = calibrate_variant(model, samples, spec, VARIANTS[name], scores, seed)
+            quantized, seconds, _ = calibrate_variant(model, samples, spec, VARIANTS[name], scores, seed)
             gaps = per_corpus_gaps(quantized, windows, fp)
             row[name] = {"gap": sum(gaps.values()) / len(gaps), "by_corpus": gaps, "calib_cpu_s": round(seconds, 2)}
-            if report.get("mix"):  # the guard's choice per layer and group: the share of uniform weight
-                row[name]["mix"] = {str(layer["layer"]): {n: e["mix"]["uniform_share"] for n, e in layer["linears"].items()
-                                                          if "mix" in e and n.split(".")[-1] in ("q_proj", "o_proj", "gate_proj", "down_proj")}
-                                    for layer in report["layers"]}
-                # each checked group's held-out error over uniform per candidate share (worst source, mean, z)
-                row[name]["mix_check"] = {str(layer["layer"]): {n: e["mix"]["held_out_error_over_uniform"]
-                                                                for n, e in layer["linears"].items()
-                                                                if "held_out_error_over_uniform" in e.get("mix", {})
-                                                                and n.split(".")[-1] in ("q_proj", "gate_proj")}
-                                          for layer in report["layers"]}
             del quantized
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -272,7 +252,7 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
 
 def run_cost(model_name: str, args: dict, repeats: int) -> dict:
     """CPU seconds (one thread, min over interleaved repeats) of each variant's importance pass (what it needs
-    only: output factors for the guard, per-linear factors for the output side) and calibration, over
+    only: per-linear factors for the output side) and calibration, over
     GPTQ + FP target's calibration. CPU seconds, not wall: the machine is shared."""
     from transformers import AutoTokenizer
 
@@ -300,7 +280,7 @@ def run_cost(model_name: str, args: dict, repeats: int) -> dict:
             if options is not None:
                 key = tuple(options[k] for k in GRADIENT_KEYS)
                 started = time.process_time()
-                scores[key] = gradient_pass(model, samples, key, output_factors=bool(variant.get("mix")))
+                scores[key] = gradient_pass(model, samples, key)
                 best[f"{name}_importance"] = min(best.get(f"{name}_importance", 1e9), time.process_time() - started)
             _, seconds, _ = calibrate_variant(model, samples, spec, variant, scores, 0)
             best[f"{name}_calibration"] = min(best.get(f"{name}_calibration", 1e9), seconds)

@@ -225,13 +225,11 @@ def install_clock(clock: PhaseClock) -> None:
     """Wrap the engine's phases in the modules that call them (see the module doc): a function is wrapped under
     the name each caller's module holds, so the wrapping follows the engine when code moves between modules."""
     import quantkit.engine.layerwise as layerwise
-    import quantkit.engine.mix as mix
     import quantkit.engine.solve as solve
     from quantkit.engine.hessian import HessianAccumulator
 
-    for module in (layerwise, mix):
-        if hasattr(module, "run_layer"):
-            clock.wrap(module, "run_layer", "capture")
+    if hasattr(layerwise, "run_layer"):
+        clock.wrap(layerwise, "run_layer", "capture")
     clock.wrap(HessianAccumulator, "add", "hessian")
     clock.wrap(HessianAccumulator, "take_results", "hessian")
     for module in (layerwise, solve):

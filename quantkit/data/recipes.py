@@ -12,8 +12,8 @@ Schema::
 
 Samples are split among sources by largest remainder of nsamples * weight (every source with a
 positive weight gets at least one sample when nsamples allows); each source draws its share
-with the same seed; with several sources each sample's tokens carry its source's index (source_ids, TLQ's
-mix guard weighs the sources' errors apart). Text sources give token windows (quantkit.data.calibration_samples); image
+with the same seed; with several sources each sample's tokens carry its source's index (source_ids, for
+per-source analysis). Text sources give token windows (quantkit.data.calibration_samples); image
 kinds read image-text JSONL (quantkit.data.images.image_text_samples) through a processor.
 """
 

@@ -142,8 +142,8 @@ def calibration_samples(
     must hold at least nsamples x seqlen tokens (else QuantkitError saying how many were found), and
     nsamples distinct start positions are drawn with random.Random(seed), so windows may overlap
     but never repeat. Same seed, same data, same tokenizer: same samples. When the text comes from several
-    units (files, datasets) each window also carries SOURCE_KEY, the unit of each of its tokens (TLQ's mix
-    guard weighs the sources' errors apart).
+    units (files, datasets) each window also carries SOURCE_KEY, the unit of each of its tokens (for
+    per-source analysis).
     """
     units = resolve_units(source_or_texts, part=part)
     ids, sources = tokenize_units(units, tokenizer)

@@ -21,7 +21,7 @@ _DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "layer_past", "use
 
 # Keys a calibration sample may carry besides the model's forward kwargs: which tokens' predictions
 # count in the loss (loss_mask) and which tokens are vision tokens (vision_mask), both [1, T] bool, and
-# which source each token comes from (source_ids, [1, T] long: the mix guard's per-source errors).
+# which source each token comes from (source_ids, [1, T] long: for per-source analysis), none of them a layer kwarg.
 SAMPLE_META_KEYS = frozenset({"loss_mask", "vision_mask", SOURCE_KEY})
 
 

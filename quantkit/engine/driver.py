@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.data.samples import valid_mask
 from quantkit.engine.capture import (
     LayerInputs,
     capture_layer_inputs,
@@ -28,7 +27,6 @@ from quantkit.engine.capture import (
 from quantkit.engine.checks import candidate_linears, check_model
 from quantkit.engine.comm import Comm
 from quantkit.engine.layerwise import propagate, quantize_head, quantize_layer
-from quantkit.engine.mix import HeldOutSlice, MixSearch, count_sources, source_ids
 from quantkit.engine.plan import LinearPlan
 from quantkit.engine.vision import check_vision, quantize_vision, vision_groups
 from quantkit.engine.weights import LayerWeights, TokenWeights, as_layer_weights, diagnose_layer
@@ -191,41 +189,6 @@ def layer_weights(
     return weights.map(lambda per_sample: inputs.batch_weights(shard(per_sample, comm))), report
 
 
-class _SubsetWeights:
-    """token_weights(layer) of some of the samples (the mix guard's fit samples, or its held-out ones)."""
-
-    def __init__(self, token_weights: TokenWeights, keep: list[int]) -> None:
-        self.token_weights, self.keep = token_weights, keep
-        self.floor = getattr(token_weights, "floor", None)
-
-    def __call__(self, layer: int) -> list[torch.Tensor] | LayerWeights:
-        """The layer's weights of those samples."""
-        weights = self.token_weights(layer)
-        if isinstance(weights, LayerWeights):
-            return weights.map(lambda per_sample: [per_sample[i] for i in self.keep])
-        return [weights[i] for i in self.keep]
-
-
-def held_out_slice(model: nn.Module, adapter: Adapter, samples: Sequence[dict], token_weights: TokenWeights, mix: MixSearch,
-                   device: torch.device | str, comm: Comm,
-                   batch_size: int) -> tuple[list[dict], TokenWeights, HeldOutSlice, TokenWeights]:
-    """Split off the mix guard's held-out samples: (fit samples, their token weights, the held-out slice, its
-    samples' token weights)."""
-    mix.check(len(samples))
-    factors = getattr(token_weights, "output_factors", None)
-    if factors is None:
-        raise QuantkitError("the mix guard scores held-out errors with each layer's output factor: compute the token "
-                            "importance with output_factors=True")
-    fit, held = mix.split(len(samples))
-    mine = shard([samples[i] for i in held], comm)
-    inputs = _stacked(model, adapter, capture_layer_inputs(model, adapter, mine, device), device, batch_size)
-    sources = inputs.batch_weights([source_ids(s) for s in mine])
-    valid = inputs.batch_weights([valid_mask(s) for s in mine])
-    windows = inputs.batch_weights([torch.full((int(s["input_ids"].shape[-1]),), i) for i, s in enumerate(mine)])
-    slice_ = HeldOutSlice(inputs, sources, valid, factors, count_sources(samples), comm, search=mix, windows=windows)
-    return [samples[i] for i in fit], _SubsetWeights(token_weights, fit), slice_, _SubsetWeights(token_weights, held)
-
-
 @torch.no_grad()
 def run_layers(
     model: nn.Module,
@@ -254,14 +217,6 @@ def run_layers(
     rss_at_start = current_rss_mb()
     start = store.open()
     n_layers = len(adapter.decoder_layers(model))
-    held_out, held_weights, all_samples = None, None, samples
-    mix: MixSearch | None = getattr(token_weights, "mix", None)  # TLQ's mix guard rides on its token weights
-    if mix is not None and method.token_weights:
-        if start:
-            raise QuantkitError("the mix guard's held-out streams are not kept for a resume; start the run again")
-        samples, token_weights, held_out, held_weights = held_out_slice(model, adapter, samples, token_weights, mix,
-                                                                        device, comm, BATCH_SIZE)
-        plan = plan.guarded(held_out)
     inputs, fp_inputs, results, vision_report = first_layer_streams(
         model, adapter, samples, spec, method, device, fp_target, vision, comm, BATCH_SIZE, plan
     )
@@ -278,8 +233,6 @@ def run_layers(
             if stream is not None:
                 stream.enter_layer(index)
         weights, weight_report = layer_weights(token_weights, index, inputs, adapter, comm)
-        if held_out is not None:  # the held-out samples' weights: they join the final solves (quantkit.engine.mix)
-            held_out.weights, _ = layer_weights(held_weights, index, held_out.inputs, adapter, comm)
         # before the FP stream's pass, so the FP target is read in the transformed basis
         presolve_report = method.presolve.apply(layer, adapter, inputs, spec, weights, comm=comm, sample_ids=sample_ids)
         layer_results, linear_reports = quantize_layer(
@@ -322,9 +275,7 @@ def run_layers(
         # the linears the recipe leaves in full precision
         "ignored": sorted(name for name in candidate_linears(model, adapter, lm_head=lm_head, vision=vision)
                           if plan.settings(name) is None),
-        "nsamples": len(all_samples),
-        "mix": None if held_out is None else {"shares": list(mix.candidates), "holdout": mix.holdout,
-                                              "held_out_samples": len(all_samples) - len(samples)},
+        "nsamples": len(samples),
         "device": str(device),
         "low_memory": store.low_memory,
         "resumed_from_layer": start or None,
@@ -376,10 +327,6 @@ def calibrate_model(
     carrying an FP stream beside the quantized one; None means the method's default.
     recipe (quantkit.quant.recipe) picks the linears to quantize and gives each its own settings, `spec`
     and `method` being its defaults; the linears it leaves out keep their FP weights and have no result.
-    Token weights with a `mix` (quantkit.engine.mix.MixSearch, e.g. TokenImportance(mix=...)) turn on TLQ's
-    held-out mix guard: every `mix.holdout`-th sample is held out of the Hessians, and each group's share of
-    uniform weight is chosen on them (the token weights must carry output factors); the report's "mix" and
-    each linear's "mix" entry say what was chosen.
     A mixture-of-experts model's fused experts become per-expert linears first (quantkit.models.experts), each
     solved on the tokens routed to it (or as Method.with_expert_tokens says).
     """

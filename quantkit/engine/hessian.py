@@ -120,16 +120,6 @@ class HessianAccumulator:
         self.hessian = self.hessian.double()
         self.cross = None if self.cross is None else self.cross.double()
 
-    def absorb(self, other: HessianAccumulator) -> None:
-        """Add `other`'s sums (the same linear on other samples) into this accumulator's."""
-        if other.hessian.dtype == torch.float64 or self.tokens + other.tokens > FLOAT32_SUM_TOKENS:
-            self.widen()
-        self.hessian += other.hessian.to(self.hessian.dtype)
-        if self.cross is not None:
-            self.cross += other.cross.to(self.cross.dtype)
-        self.weight_sums += other.weight_sums
-        self.tokens += other.tokens
-
     def copy(self) -> HessianAccumulator:
         """An independent accumulator holding the same sums."""
         other = HessianAccumulator.__new__(HessianAccumulator)

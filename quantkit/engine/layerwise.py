@@ -18,7 +18,6 @@ from quantkit.engine.blocks import FinishedBlocks
 from quantkit.engine.capture import LayerInputs, StopForward, run_layer
 from quantkit.engine.comm import Comm
 from quantkit.engine.hessian import HessianAccumulator
-from quantkit.engine.mix import GroupSums
 from quantkit.engine.plan import LinearPlan, plan_group
 from quantkit.engine.routed import (
     ROUTED,
@@ -113,7 +112,6 @@ def accumulate_group(
     blocks: FinishedBlocks | None = None,
     fp_inputs: FPInputs | None = None,
     unweighted: frozenset[str] = frozenset(),
-    twins: dict[str, HessianAccumulator] | None = None,
     expert_rows: ExpertRows = ROUTED,
 ) -> dict[str, HessianAccumulator]:
     """Run the layer on every sample until all of `linears` have received their inputs.
@@ -123,8 +121,7 @@ def accumulate_group(
     runs, since nothing after it is needed; once the first batch has shown that the whole group
     reads one input, later batches stop before its first linear. With `fp_inputs` the accumulators
     also sum the FP-target cross term. Linears in `unweighted` (their method weighs no tokens) sum
-    plain Hessians whatever `weights` holds. Given a `twins` dict, each token-weighted linear also gets an
-    unweighted twin accumulator there, summed in the same pass (the mix guard, quantkit.engine.mix). An expert
+    plain Hessians whatever `weights` holds. An expert
     projection (quantkit.engine.routed) sees the tokens `expert_rows` gives it, weighed by those tokens' weights
     (times its own) and fitted to their FP inputs.
     """
@@ -136,9 +133,6 @@ def accumulate_group(
                                  1 if per_linear[name] is None else weights.groups_of(name))
         for name, lin in linears.items()
     }
-    if twins is not None:
-        twins.update({name: HessianAccumulator(lin.in_features, device, cross)
-                      for name, lin in linears.items() if per_linear[name] is not None})
     current: dict = {"seen": set(), "inputs": [], "one_input": False, "batch": 0}
 
     def make_hook(name: str):
@@ -155,15 +149,11 @@ def accumulate_group(
                 fp = fp_rows(fp_inputs[name][current["batch"]], tokens) if cross else None
                 weight = None if per_linear[name] is None else per_linear[name][current["batch"]]
                 samples = row_samples(x, tokens, inputs.hidden[current["batch"]])
-                weight, prior = expert_rows.weigh(module, rows_of(weight, tokens, accumulators[name].groups))
+                weight = expert_rows.weigh(module, rows_of(weight, tokens, accumulators[name].groups))
                 accumulators[name].add(x, weight, fp, samples)
-                if twins is not None and name in twins:
-                    twins[name].add(x, prior, fp, samples)
                 current["inputs"].append((x, name, rows))
             else:
                 accumulators[name] = accumulators[owner]
-                if twins is not None and name in twins:
-                    twins[name] = twins[owner]
             current["seen"].add(name)
             if len(current["seen"]) == len(linears) or current["one_input"]:
                 raise StopForward
@@ -228,10 +218,6 @@ def quantize_layer(
     reads no activations is solved from its weight alone, one overridden to a method that weighs no tokens
     from a plain Hessian.
 
-    A `plan` with a guard (LinearPlan.guarded: the held-out samples' streams, quantkit.engine.mix) turns on the
-    mix guard: each token-weighted group's Hessians are mixed with uniform ones, the share chosen on the
-    held-out slice; each linear's report gives the choice under "mix".
-
     A mixture-of-experts layer's expert projections (quantkit.engine.routed) are solved on the tokens
     routed to each expert; with method.expert_tokens all or mix every expert runs on every token for statistics
     (weighed as EXPERT_TOKENS says; the layer's output keeps the real routing). Each expert's report gives its
@@ -241,7 +227,6 @@ def quantize_layer(
     observer = comm.hooks.on_hessian
     method = method_for(method)
     plan = plan or LinearPlan(spec, method)
-    held_out = plan.guard
     prefix = adapter.layer_prefix(index)
     names = adapter.linear_names(index)
     settings = {name: plan.settings(f"{prefix}.{name}") for name in names}
@@ -259,16 +244,7 @@ def quantize_layer(
         fp_linear_inputs = record_fp_inputs(layer, names, fp_inputs, fp_dir)
     routed_fp = {e.owner for entries in (fp_linear_inputs or {}).values() for e in entries if isinstance(e, RoutedFPEntry)}
     expert_rows = ExpertRows.start(layer, method.expert_tokens, inputs, comm, method.expert_prior)
-    # the mix guard's held-out windows join each token-weighted group's final solve (quantkit.engine.mix)
-    refit = held_out is not None and weights is not None and needs_hessian
-    if held_out is not None:
-        recorded = refit and fp_linear_inputs is not None
-        held_out.fp_linear_inputs = record_fp_inputs(layer, names, held_out.fp) if recorded else None
-        routed_fp |= {e.owner for entries in (held_out.fp_linear_inputs or {}).values() for e in entries
-                      if isinstance(e, RoutedFPEntry)}
-        held_out.begin_layer(layer, index, advanced=recorded)
     blocks = FinishedBlocks(layer, names)
-    refused: str | None = None  # the mix guard: the group whose check kept uniform weight (the rest of the layer does)
     # Quantization-exposed (after the FP stream's pass): the quantized stream's linears see their
     # inputs fake-quantized, in their Hessians and in the outputs handed to the next layer.
     quantized = [name for name in names if settings[name] is not None]  # a recipe's FP linears read FP inputs
@@ -278,33 +254,22 @@ def quantize_layer(
         linears = {name: get_module(layer, name) for name in active}
         # the linears solved from Hessians; the others (RTN) are solved from their weights on every rank
         hessian_names = [name for name in active if needs_hessian and settings[name].method.needs_activations]
-        # after a refusal (MixSearch.refusal_ends_layer) the layer's later groups sum uniform Hessians only
-        group_unweighted = unweighted if refused is None else unweighted | frozenset(hessian_names)
         shared = set(hessian_names) if comm.distributed else set()
         plan_rows = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         if shared:
             plan_rows.update(plan_group({n: linears[n] for n in hessian_names}, comm.world_size, comm.hooks.split_rows))
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
-        uniform: dict[str, torch.Tensor] = {}  # the mix guard's unweighted twins (and their cross terms)
-        uniform_cross: dict[str, torch.Tensor] = {}
-        sums = GroupSums()  # each linear's results; the mix guard's fit sums, kept for the solve from every sample
         # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) and their
         # settings are one GPTQ problem with their rows stacked (GPTQ's rows are independent given H),
         # which runs the column loop once instead of once per linear.
         together = [[name] for name in active]
         empty: set[str] = set()  # expert projections no calibration token reached: rounded to nearest
         if hessian_names:
-            guarded = held_out is not None and weights is not None and refused is None
-            twins: dict[str, HessianAccumulator] | None = {} if guarded else None
             tally.start(group_index)
             accumulators = accumulate_group(layer, {n: linears[n] for n in hessian_names}, inputs, weights, device,
-                                            blocks, fp_linear_inputs, group_unweighted, twins, expert_rows)
+                                            blocks, fp_linear_inputs, unweighted, expert_rows)
             empty = tally.finish(group_index, accumulators, hessian_names, comm)
-            held_twins: dict[str, HessianAccumulator] | None = {} if guarded else None
-            held_accumulators = {} if not refit else accumulate_group(
-                layer, {n: linears[n] for n in hessian_names}, held_out.inputs, held_out.weights, device, None,
-                held_out.fp_linear_inputs, group_unweighted, held_twins, expert_rows)
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
@@ -319,47 +284,28 @@ def quantize_layer(
                 acc = accumulators.pop(name)
                 if name in empty:
                     continue
-                twin = (twins or {}).get(name)
-                held, held_twin = held_accumulators.get(name), (held_twins or {}).get(name)
                 if comm.distributed and len(by_accumulator[id(acc)]) > 1:
-                    # reductions work in place: each linear reduces its own copy
-                    acc, twin, held, held_twin = (None if one is None else one.copy()
-                                                  for one in (acc, twin, held, held_twin))
+                    acc = acc.copy()  # reductions work in place: each linear reduces its own copy
                 ranks = sorted({piece[0] for piece in plan_rows[name]})
-                for one in (acc, twin, held, held_twin):
-                    if one is not None:
-                        reduce_accumulator(one, comm, ranks[0] if len(ranks) == 1 else None)
+                reduce_accumulator(acc, comm, ranks[0] if len(ranks) == 1 else None)
                 if comm.rank in ranks:
-                    sums.take(name, (acc, twin, held, held_twin), (hessians, crosses, uniform, uniform_cross))
-                del acc, twin, held, held_twin
+                    hessians[name], cross = acc.take_results()
+                    if cross is not None:
+                        crosses[name] = cross
+                del acc
         if fp_linear_inputs is not None:
             # Files (--offload-dir) go once no later group of the layer reads them.
             used = {e for name in group for e in fp_linear_inputs.pop(name) if isinstance(e, Path)}
             still = {e for entries in fp_linear_inputs.values() for e in entries if isinstance(e, Path)}
             for path in used - still:
                 path.unlink()
-        # the solves read the FP weights; the mix guard installs candidates, so it solves from copies
-        originals = {name: linears[name].weight.data.float() for name in active}
-        if uniform:
-            originals = {name: weight.clone() for name, weight in originals.items()}
+        originals = {name: linears[name].weight.data.float() for name in active}  # the solves read the FP weights
 
         metrics = {} if weights is None else {n: m for n, m in weights.row_metrics.items()
-                                              if n in hessian_names and n not in group_unweighted and n not in empty}
+                                              if n in hessian_names and n not in unweighted and n not in empty}
         solving = {**settings, **{n: replace(settings[n], method=method_for("rtn")) for n in empty}}
         group_solve = GroupSolve(linears, originals, solving, together, plan_rows, shared, comm, prefix, metrics)
-        if uniform:
-            # the mix guard: candidate shares of uniform weight scored on the held-out slice, the chosen one refitted
-            best, ratios, solved, hessians, crosses = held_out.solve_group(
-                layer, group_solve.solve, group_solve.install, (hessians, crosses, uniform, uniform_cross), sums)
-            chosen_mix = {"uniform_share": best, "lam": round(best + (1.0 - best) * (weights.floor or 0.0), 4),
-                          "held_out_error_over_uniform": ratios}
-            if best == 1.0 and held_out.search.refusal_ends_layer:
-                refused = group[0]
-            del uniform, uniform_cross
-        else:
-            solved, chosen_mix = group_solve.solve(hessians, crosses), None
-            if refused is not None and held_out is not None and weights is not None:
-                chosen_mix = {"uniform_share": 1.0, "lam": 1.0, "refused_at": refused}
+        solved = group_solve.solve(hessians, crosses)
         if observer is not None:
             for name in hessian_names:
                 if name in hessians and plan_rows[name][0][0] == comm.rank:
@@ -372,8 +318,6 @@ def quantize_layer(
                 entry["solved_on_ranks"] = [[rank, start, end] for rank, start, end in plan_rows[name]]
             tally.annotate(name, entry, prefix)
             entry.update(settings[name].describe())
-            if chosen_mix is not None and name in hessian_names and name not in empty and name not in unweighted:
-                entry["mix"] = chosen_mix
             reports[name] = entry
             results[f"{prefix}.{name}"] = result
         del solved, hessians, crosses, originals, group_solve
@@ -386,8 +330,6 @@ def quantize_layer(
     if needs_hessian:  # RTN reads no activations: the next layer needs no inputs
         blocks.to_record.clear()  # the propagation is the layer's last pass: nothing left to replay into
         propagate(layer, inputs, blocks)
-    if held_out is not None:
-        held_out.end_layer(layer)
     if act is not None:
         act.remove()
     return results, reports

@@ -3,16 +3,11 @@ of each linear of a group (a deterministic cost-model plan)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from quantkit.quant.methods import Method, method_for
 from quantkit.quant.recipe import LinearSettings, Recipe
 from quantkit.quant.spec import QuantSpec
-
-if TYPE_CHECKING:
-    from quantkit.engine.mix import HeldOutSlice
 
 
 def solve_cost(linear: nn.Linear) -> int:
@@ -130,15 +125,7 @@ class LinearPlan:
 
     def __init__(self, spec: QuantSpec, method: Method | str, recipe: Recipe | None = None) -> None:
         self.spec, self.method, self.recipe = spec, method_for(method), recipe
-        self.guard: HeldOutSlice | None = None  # TLQ's mix guard (quantkit.engine.mix), set by guarded()
         self._cache: dict[str, LinearSettings | None] = {}
-
-    def guarded(self, held_out: HeldOutSlice) -> LinearPlan:
-        """This plan with TLQ's mix guard on: token-weighted groups choose their share of uniform weight on
-        `held_out`."""
-        plan = LinearPlan(self.spec, self.method, self.recipe)
-        plan.guard = held_out
-        return plan
 
     def settings(self, name: str) -> LinearSettings | None:
         """How linear `name` (its full module name) is quantized, or None where it stays in FP."""

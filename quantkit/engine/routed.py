@@ -89,13 +89,13 @@ class ExpertRows:
         """What two linears reading one tensor must share to share their sums: under mix an expert's routed rows."""
         return getattr(module, "chosen_rows", None) if self.kind == "mix" else None
 
-    def weigh(self, module: nn.Module, weight: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The call's row weights `weight` ([rows] or [rows, groups]; None: all 1) times the rows' own, and the latter."""
+    def weigh(self, module: nn.Module, weight: torch.Tensor | None) -> torch.Tensor | None:
+        """The call's row weights `weight` ([rows] or [rows, groups]; None: all 1) times the rows' own."""
         chosen = self.key(module)
         if chosen is None:
-            return weight, None
+            return weight
         prior = chosen.to(torch.float32) + self.prior * module.in_features / self.total
-        return (prior if weight is None else weight * prior.reshape(-1, *(1,) * (weight.dim() - 1))), prior
+        return prior if weight is None else weight * prior.reshape(-1, *(1,) * (weight.dim() - 1))
 
 
 ROUTED = ExpertRows()  # every row weighs 1

@@ -216,7 +216,7 @@ def to_cpu(result: QuantResult) -> QuantResult:
 
 class GroupSolve:
     """Solving one group of a layer's linears from given Hessians (and cross terms), always from their FP
-    weights, and installing a solution: what the mix guard repeats per candidate."""
+    weights, and installing a solution."""
 
     def __init__(self, linears: dict[str, nn.Linear], originals: dict[str, torch.Tensor], settings: dict,
                  together: list[list[str]], plan_rows: dict, shared: set[str], comm: Comm, prefix: str,

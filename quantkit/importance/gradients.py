@@ -75,8 +75,6 @@ class ImportanceScores:
     linear: list[dict[str, list[torch.Tensor]]] | None  # [layers]{linear: [samples] -> [T] or [T, g]}
     report: dict
     gradients: list[list[torch.Tensor]] | None = None  # [layers][samples] -> [T, d] (keep_gradients)
-    # [layers] -> [d, d]: sum_t g g^T / tokens at each layer's output (output_factors)
-    output_factors: list[torch.Tensor] | None = None
     # [layers]{linear: [blocks, b, b]}: each linear's output-side factor, block-diagonal (output_side=b)
     linear_factors: list[dict[str, torch.Tensor]] | None = None
 
@@ -123,7 +121,6 @@ class GradientSettings:
     loss: str = "ce"  # the data's labels, or labels drawn from the FP model ("fisher")
     draws: int = 1  # Fisher labels per position
     seed: int = 0  # of the Fisher draws
-    output_factors: bool = False  # also sum each layer's output-side factor E[g g^T] (the mix guard's metric)
     output_side: int | None = None  # also sum each linear's block-diagonal output-side factor (blocks of b rows)
 
 
@@ -171,16 +168,13 @@ def importance_scores(
     the linears' output gradients with hooks in the same backward (layer 0, whose output gradient
     alone needs no recompute, is then recomputed too).
 
-    output_factors also sums each layer's output-side factor G_l = sum_t g_t g_t^T / tokens over the
-    valid tokens of every sample (float64 [d, d], the draws averaged): the Fisher of the layer output,
-    averaged over tokens instead of weighing them (quantkit.engine.mix scores held-out errors with it).
     output_side=b sums each linear's output-side factor sum_t g_t g_t^T / tokens, g = dL/dz at the linear's
     output z, block-diagonal over b consecutive output rows ([out / b, b, b]; read with hooks in the same
     backward, layer 0 recomputed): GPTQ's row metric (quantkit.quant.gptq, feedback across rows).
     """
     g = GradientSettings(**settings)
     batch_size, guidance, row_groups, loss, draws, seed = g.batch_size, g.guidance, g.row_groups, g.loss, g.draws, g.seed
-    output_factors, output_side = g.output_factors, g.output_side
+    output_side = g.output_side
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
@@ -210,7 +204,6 @@ def importance_scores(
         if per_linear else None
     )
     gradients: list[list[torch.Tensor]] | None = [[] for _ in range(num_layers)] if keep_gradients else None
-    factors: list[torch.Tensor | None] = [None] * num_layers
     valid_tokens = sum(int(valid_mask(s).sum()) for s in samples)
     bar = tqdm(total=2 * num_layers, desc="importance", disable=not progress)
     batched = False
@@ -230,13 +223,6 @@ def importance_scores(
             scores[index].append(grad.float().pow(2).flatten(2).sum(-1).mean(0).reshape(-1).cpu())
             if gradients is not None:
                 gradients[index].append(grad[0].float().cpu())
-        if output_factors:
-            total = None
-            for grad in grads:  # [draws, T, d]: each draw's outer products, averaged over the draws
-                flat = grad.reshape(-1, grad.shape[-1]).float()
-                part = (flat.T @ flat).double().cpu() / grad.shape[0]
-                total = part if total is None else total + part
-            factors[index] = total / max(1, valid_tokens)
 
     blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
 
@@ -426,7 +412,7 @@ def importance_scores(
     if output_side is not None:
         linear_factors = [{name: total / (draws * max(1, valid_tokens)) for name, total in row.items()} for row in blocks]
         report["output_side"] = output_side
-    return ImportanceScores(scores, linear_scores, report, gradients, factors if output_factors else None, linear_factors)
+    return ImportanceScores(scores, linear_scores, report, gradients, linear_factors)
 
 
 def layer_output_gradients(

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.engine.mix import MixSearch
 from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
 from quantkit.importance.gradients import check_guidance, importance_scores
@@ -172,9 +171,7 @@ class TokenImportance:
         report: dict | None = None,
         normalise: str = "sample",
         linear_scores: list[dict[str, list[torch.Tensor]]] | None = None,
-        output_factors: list[torch.Tensor] | None = None,
         linear_factors: list[dict[str, torch.Tensor]] | None = None,
-        mix: MixSearch | None = None,
         clip: float | None = None,
         modality_floor: bool = False,
     ) -> None:
@@ -183,9 +180,7 @@ class TokenImportance:
             raise QuantkitError(f"weight clip must be at least 1 (weights bounded to [1/clip, clip]), got {clip}")
         self.scores = scores
         self.linear_scores = linear_scores
-        self.output_factors = output_factors  # [layers] -> [d, d] E[g g^T] (the mix guard's error metric)
         self.linear_factors = linear_factors  # [layers]{linear: [blocks, b, b]}: GPTQ's row metrics
-        self.mix = mix  # TLQ's mix guard (quantkit.engine.mix): the engine chooses each group's uniform share
         self.settings = {
             "lam": lam, "power": power, "per_modality": per_modality, "normalise": normalise,
             "top_fraction": top_fraction, "floor_fraction": floor_fraction, "seed": seed,
@@ -314,16 +309,14 @@ def tlq_token_weights(
     row_groups: int = 1,
     loss: str = "ce",
     draws: int = 1,
-    output_factors: bool = False,
     output_side: int | None = None,
     **options,
 ) -> TokenImportance:
     """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors
     (LayerWeights with guidance "linear").
 
-    guidance, row_groups, loss and draws choose the gradients (importance_scores), output_factors also sums
-    each layer's output-side factor (for the mix guard, quantkit.engine.mix), output_side=b each linear's
-    block-diagonal output-side factor (GPTQ's feedback across rows); `options` are
+    guidance, row_groups, loss and draws choose the gradients (importance_scores), output_side=b also sums each
+    linear's block-diagonal output-side factor (GPTQ's feedback across rows); `options` are
     TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed, normalise).
     All are checked before the gradient pass.
     """
@@ -332,7 +325,7 @@ def tlq_token_weights(
     found = importance_scores(
         model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size,
         guidance=guidance, row_groups=row_groups, loss=loss, draws=draws, seed=int(options.get("seed", 0)),
-        output_factors=output_factors, output_side=output_side,
+        output_side=output_side,
     )
     return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear,
-                           output_factors=found.output_factors, linear_factors=found.linear_factors, **options)
+                           linear_factors=found.linear_factors, **options)

@@ -1,0 +1,98 @@
+"""TLQ's output-side factor (each linear's block-diagonal E[g g^T] over its output rows, GPTQ's row metric)
+against references: whole-model autograd, GPTQ called directly, dense block-diagonal matrices."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import observing, tiny_model
+
+from quantkit.engine import calibrate_model
+from quantkit.importance import tlq_token_weights
+from quantkit.quant.spec import QuantSpec
+
+
+def tiny_llama(layers: int = 2):
+    model = tiny_model("llama", seed=0, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).eval()
+    with torch.no_grad():  # larger weights than the init, so that gradients differ between tokens
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+def samples_for(count: int = 8, length: int = 24) -> list[dict]:
+    """Samples from two sources: the first half of each sample's tokens is source 0, the rest source 1."""
+    generator = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(count):
+        sources = torch.zeros(1, length, dtype=torch.long)
+        sources[0, length // 2:] = 1
+        out.append({"input_ids": torch.randint(0, 101, (1, length), generator=generator), "source_ids": sources})
+    return out
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_linear_output_factors_match_autograd_and_reach_the_solver(monkeypatch, budget: int) -> None:
+    """output_side=b: each linear's block-diagonal sum of g g^T over its output rows (g = dL/dz from whole-model
+    autograd) / tokens, from the pass that keeps each chunk's graph and from the block-wise one (a zero graph
+    budget); the engine solves each linear with GPTQ and those blocks as its row metric."""
+    from quantkit.quant.gptaq import fp_target_weight
+    from quantkit.quant.gptq import gptq_solve
+
+    monkeypatch.setattr("quantkit.importance.gradients.KEPT_GRAPH_BYTES", budget)
+    model = tiny_llama()
+    samples = samples_for(3)
+    weights = tlq_token_weights(model, samples, lam=0.1, progress=False, output_side=8)
+    assert weights.report["kept_graph"] is (budget > 0)
+    factors = weights.linear_factors
+    names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]
+    reference = {(layer, name): 0 for layer in range(2) for name in names}
+    for sample in samples:
+        outputs = {}
+
+        def keep(module, args, output, key=None, outputs=outputs):
+            output.retain_grad()
+            outputs[key] = output
+
+        hooks = [model.model.layers[layer].get_submodule(name).register_forward_hook(
+            lambda m, a, o, key=(layer, name): keep(m, a, o, key)) for layer in range(2) for name in names]
+        ids = sample["input_ids"]
+        logits = model(input_ids=ids).logits[0]
+        for hook in hooks:
+            hook.remove()
+        torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).backward()
+        for key, out in outputs.items():
+            g = out.grad[0].double()
+            blocks = g.reshape(24, -1, 8)
+            reference[key] = reference[key] + torch.einsum("tnb,tnc->nbc", blocks, blocks)
+    for (layer, name), total in reference.items():
+        expected = total / (3 * 24)
+        assert torch.allclose(factors[layer][name], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), name
+    seen: dict[str, tuple] = {}
+    spec = QuantSpec(bits=2, group_size=32)
+    result = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=weights, progress=False,
+                             comm=observing(lambda name, h, c: seen.setdefault(name, (h.clone(), c.clone())))).results
+    hessian, cross = seen["model.layers.1.mlp.down_proj"]
+    original = model.model.layers[1].mlp.down_proj.weight.detach()
+    expected = gptq_solve(fp_target_weight(original, hessian, cross, spec.damp), hessian, spec,
+                          row_metric=factors[1]["mlp.down_proj"])
+    assert torch.equal(result["model.layers.1.mlp.down_proj"].qweight, expected.qweight)
+    plain = gptq_solve(fp_target_weight(original, hessian, cross, spec.damp), hessian, spec)
+    assert not torch.equal(plain.qweight, expected.qweight)  # the factor changed the rounding
+
+
+def test_diagonal_blocks_keep_the_smaller_blocks_of_a_block_diagonal_factor() -> None:
+    """Linears solved together whose factors have blocks of 16 and 8 rows join at 8: each 16-block's two 8 x 8
+    diagonal blocks, the coupling between them dropped (a dense block-diagonal matrix masked by hand)."""
+    from quantkit.engine.solve import diagonal_blocks
+
+    generator = torch.Generator().manual_seed(3)
+    factor = torch.randn(3, 16, 16, generator=generator, dtype=torch.float64)
+    dense = torch.block_diag(*factor)
+    mask = torch.block_diag(*[torch.ones(8, 8, dtype=torch.float64)] * 6)
+    assert torch.equal(torch.block_diag(*diagonal_blocks(factor, 8)), dense * mask)
+    assert diagonal_blocks(factor, 16) is factor
