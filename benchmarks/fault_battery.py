@@ -7553,8 +7553,16 @@ def eleventh_round() -> list[Case]:
     return cases_of_round11()
 
 
+def twelfth_round() -> list[Case]:
+    """Round 12 (benchmarks/fault_round12.py), imported when asked for."""
+    from fault_round12 import twelfth_round as cases_of_round12
+
+    return cases_of_round12()
+
+
 ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
-          7: seventh_round, 8: eighth_round, 9: ninth_round, 10: tenth_round, 11: eleventh_round}
+          7: seventh_round, 8: eighth_round, 9: ninth_round, 10: tenth_round, 11: eleventh_round,
+          12: twelfth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -7673,7 +7681,7 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11)):
+        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12)):
             build_extras(base)
         if 6 in rounds or 9 in rounds or 10 in rounds:
             build_sixth(base)
