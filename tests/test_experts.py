@@ -105,7 +105,7 @@ def test_each_expert_linear_sees_the_tokens_routed_to_it(family: str) -> None:
     containers = [name for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
     assert len(containers) == len(routing)
     hit = 0
-    for container, (hidden, chosen, scale) in zip(containers, routing):
+    for depth, (container, (hidden, chosen, scale)) in enumerate(zip(containers, routing)):
         experts = model.get_submodule(container)
         for e in range(experts.num_experts):
             name = f"{container}.{e}.{experts[e].names.gate}"
@@ -116,7 +116,11 @@ def test_each_expert_linear_sees_the_tokens_routed_to_it(family: str) -> None:
             [(x, tokens)] = calls[name]
             assert torch.equal(tokens.sort().values, routed)
             expected = hidden[tokens] * scale[tokens, e, None]
-            assert torch.allclose(x, expected, rtol=1e-6, atol=1e-7)
+            if depth == 0:
+                assert torch.equal(x, expected)
+            else:  # the layers below ran their experts as separate linears here, fused in transformers: another
+                # summation order, so the hidden states differ by a few float32 ulps (2.4e-7 at |h| ~ 1.9 seen)
+                assert torch.allclose(x, expected, rtol=1e-5, atol=1e-6)
             hit += 1
     assert hit >= len(routing) * 2
     calls.clear()
