@@ -636,6 +636,7 @@ API_CASES = [
     ({"device": 0}, "device (--device) must be a non-empty string, got 0 (int)"),
     ({"nproc": "2"}, "nproc (--nproc) must be an integer"),
     ({"devices": "0,1"}, "devices (--devices) must be a list of GPU ids"),
+    ({"devices": []}, "devices (--devices) is empty"),  # was taken as not given (round 11's --devices '', API side)
     ({"dist_timeout": 0}, "dist_timeout (--dist-timeout) must be > 0"),
     ({"low_memory": "yes"}, "low_memory (--low-memory) must be True or False"),
     ({"chat_template": 5}, "chat_template (--chat-template) must be a path"),

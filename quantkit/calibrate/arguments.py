@@ -45,6 +45,8 @@ def _devices(name: str, value: Any, *, flag: str | None = None) -> None:
         return
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise QuantkitError(f"{name} ({flag}) must be a list of GPU ids such as [0, 1], got {value!r}")
+    if not list(value):  # no ids is not "no devices" (None): the run went on as if it were not given, as --devices '' did
+        raise QuantkitError(f"{name} ({flag}) is empty; give GPU ids such as [0, 1], or None for the default")
     for index in value:
         expect_int(name, index, least=0, flag=flag)
 
