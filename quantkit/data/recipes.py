@@ -99,8 +99,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         extra = set(entry) - {"path", "weight", "fraction", "part"}
         if extra:
             raise QuantkitError(f"recipe {file}: source {number} has unknown keys {sorted(extra)}")
+        if "weight" in entry and "fraction" in entry:  # one is the other's alias: one of them was silently dropped
+            raise QuantkitError(f"recipe {file}: source {number} gives both 'weight' and 'fraction' (one setting under "
+                                "two names); keep one")
         weight = entry.get("weight", entry.get("fraction", 1.0))
-        if not isinstance(weight, (int, float)) or weight < 0 or not math.isfinite(weight):
+        # a YAML true/false is a bool, which Python counts as an int: `weight: true` read as 1
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or not math.isfinite(weight):
             raise QuantkitError(f"recipe {file}: source {number} weight must be a non-negative number, got {weight!r}")
         part = entry.get("part", "all")
         if part not in PARTS:
@@ -110,7 +114,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise QuantkitError(f"recipe {file}: source weights sum to zero")
     for key in ("nsamples", "seqlen"):
         value = data.get(key, Recipe.__dataclass_fields__[key].default)
-        if not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise QuantkitError(f"recipe {file}: {key} must be a positive integer, got {value!r}")
     return Recipe(
         name=str(data.get("name", file.stem)), kind=kind, nsamples=data.get("nsamples", 128),
