@@ -146,7 +146,9 @@ class Recipe:
                                 "linears to quantize, or leave targets out to quantize every one")
         targets = () if self.targets is None else self.targets
         object.__setattr__(self, "targets", _patterns(targets, "targets") if targets != () else ())
-        object.__setattr__(self, "ignore", _patterns(self.ignore, "ignore") if self.ignore else ())
+        # an empty list is no ignore at all; an empty string is a pattern naming nothing (refused, as in targets)
+        ignore = self.ignore if isinstance(self.ignore, str) or self.ignore else ()
+        object.__setattr__(self, "ignore", _patterns(ignore, "ignore") if ignore != () else ())
         overrides = self.overrides
         if isinstance(overrides, (Override, Mapping)):
             overrides = [overrides]
@@ -162,7 +164,7 @@ class Recipe:
         unknown = sorted(set(data) - set(RECIPE_KEYS))
         if unknown:
             raise QuantkitError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(RECIPE_KEYS)}")
-        return cls(targets=data.get("targets"), ignore=data.get("ignore") or (), overrides=data.get("overrides") or ())
+        return cls(targets=data.get("targets"), ignore=() if data.get("ignore") is None else data["ignore"], overrides=data.get("overrides") or ())
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
