@@ -382,6 +382,14 @@ def check_config_aliases(raw: Mapping, config: object, source: str) -> None:
                 raise QuantkitError(f"{source}: config.json sets {prefix}{alias} = {table[alias]!r} and "
                                     f"{prefix}{name} = {table[name]!r}, two names of one setting; the model is built "
                                     f"with {getattr(cfg, name, None)!r}: keep one of them in config.json")
+        # the older top-level rope_theta beside rope_parameters' (transformers 5 reads the latter alone): an edit of
+        # the first changed nothing the model computes, though other loaders read it
+        rope = table.get("rope_parameters")
+        if isinstance(rope, Mapping) and "rope_theta" in rope and "rope_theta" in table \
+                and table["rope_theta"] != rope["rope_theta"]:
+            raise QuantkitError(f"{source}: config.json sets {prefix}rope_theta = {table['rope_theta']!r} and "
+                                f"{prefix}rope_parameters.rope_theta = {rope['rope_theta']!r}, two places of one "
+                                "setting; the model is built with the second: keep one of them in config.json")
 
 
 def check_tokenizer_reads(tokenizer: object, what: str) -> None:
