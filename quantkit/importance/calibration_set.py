@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import atomic_dir
-from quantkit.importance.weights import TokenImportance
+from quantkit.importance.weights import TokenImportance, check_manifest_fields
 from quantkit.models import adapter_for, source_name
 from quantkit.version import __version__
 
@@ -224,7 +224,7 @@ def read_manifest(setdir: str | Path) -> dict:
         raise QuantkitError(f"{path} is not a quantkit calibration-set manifest")
     if manifest.get("format_version") != SET_FORMAT_VERSION:
         raise QuantkitError(f"calibration set {root} has format version {manifest.get('format_version')}; this quantkit reads {SET_FORMAT_VERSION}")
-    return manifest
+    return check_manifest_fields(manifest, path)
 
 
 def _check_files(root: Path, manifest: dict) -> None:

@@ -329,3 +329,20 @@ def tlq_token_weights(
     )
     return TokenImportance(found.layer, samples, report=found.report, linear_scores=found.linear,
                            linear_factors=found.linear_factors, **options)
+
+
+def check_manifest_fields(manifest: dict, path: object) -> dict:
+    """`manifest` when the fields a calibration set is read by have their types: "files" a mapping of file name to
+    sha256, "settings" a mapping whose lam (the weights' floor) is a number (an edited manifest failed later as an
+    AttributeError or a TypeError); else one QuantkitError naming the field."""
+    files, settings = manifest.get("files", {}), manifest.get("settings", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise QuantkitError(f"{path}: 'files' must map each file name to its sha256, got {type(files).__name__} "
+                            f"{str(files)[:60]}; remake the set with `quantkit importance`")
+    lam = settings.get("lam") if isinstance(settings, dict) else None
+    if not isinstance(settings, dict) or isinstance(lam, bool) or not isinstance(lam, (int, float, type(None))) \
+            or (lam is not None and not math.isfinite(lam)):
+        what = f"settings.lam {lam!r}" if isinstance(settings, dict) else f"settings {str(settings)[:60]}"
+        raise QuantkitError(f"{path}: {what} is not what `quantkit importance` writes (a mapping with a number lam); "
+                            "remake the set with `quantkit importance`")
+    return manifest
