@@ -705,6 +705,10 @@ def test_qid_plot_on_a_full_disk_leaves_nothing(work: Path, small_disk: Path) ->
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (work / "p").iterdir()) == sorted(f"qid_vs_{f}_gptq.{e}" for f in "DNP"
                                                                    for e in ("png", "svg"))
+    # fault battery round 12 'plot --format png,png': the second rename of each figure found it gone (a traceback)
+    result = run_cli("qid", "plot", table, "--format", "png,png", "-o", work / "twice")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (work / "twice").iterdir()) == [f"qid_vs_{f}_gptq.png" for f in "DNP"]
 
 
 def test_plan_checks_the_output_disk_as_calibrate_does(work: Path, small_disk: Path) -> None:

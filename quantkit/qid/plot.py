@@ -68,6 +68,7 @@ def _figure(plt, pos: list[dict], fit: dict | None, method: str, factor: str, co
 def plot_table(table: QidTable, out_dir: str | os.PathLike, fit: dict | None = None, method: str | None = None,
                formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
     """Write qid_vs_{D,N,P}_{method}.{png,svg} for each method (or one); return the written paths."""
+    formats = tuple(dict.fromkeys(formats))  # a format named twice is drawn once (each figure is renamed in once)
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad or not formats:
         raise QuantkitError(f"unsupported figure format(s) {bad or formats}; choose from png, svg, pdf")
