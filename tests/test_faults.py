@@ -968,3 +968,23 @@ def test_a_config_naming_a_class_of_another_task_is_refused(work: Path, no_model
     said = f"config.json's architectures names {arch}, which transformers builds for another task than generating text"
     assert_fault(work, calibrate(work, "--method", "rtn", "-o", "out"), said)
     assert_fault(work, ["plan", work / "model", "--method", "rtn"], said)
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"n_blocks": 3}, "n_blocks is 3, and the export's config.json builds 2 decoder layers"),
+    ({"n_blocks": True}, "n_blocks is True, and the export's config.json builds 2 decoder layers"),
+    ({"dtype": "int8"}, "dtype is 'int8', not one of float32, float16, bfloat16"),
+])
+def test_an_edited_layout_in_quantkit_json_is_refused(work: Path, made: dict, edit: dict, said: str) -> None:
+    """Fault battery round 12 'n_blocks 3 (2 stored) -> gptq' and "dtype 'int8' -> gptq": a re-export of an export
+    whose quantkit.json was edited exited 0, carrying n_blocks 3 into the new export's manifest and config, or ignoring
+    the dtype. Now the reader refuses the edited field in one line; the unedited export re-exports."""
+    shutil.copytree(made["export"], work / "export")
+    manifest = work / "export" / "quantkit.json"
+    original = manifest.read_text()
+    manifest.write_text(json.dumps(json.loads(original) | edit))
+    line = assert_fault(work, ["export", work / "export", "--format", "fake", "-o", work / "out"], said)
+    assert line.endswith("the export is damaged or was edited, export it again"), line
+    manifest.write_text(original)
+    result = run_cli("export", work / "export", "--format", "fake", "-o", work / "out")
+    assert result.exit_code == 0, result.output

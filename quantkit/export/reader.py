@@ -55,6 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except QuantkitError:
         raise QuantkitError(f"{mpath} names unknown format {name!r}") from None
     settings = manifest_settings(manifest, mpath)
+    _check_layout_fields(manifest, config, mpath)
     act_bits = (manifest.get("spec") or {}).get("act_bits") if isinstance(manifest.get("spec"), dict) else None
     fmt = fmt.with_act_bits(act_bits)  # what the config must declare for the inputs
     model_names = manifest.get("model_names")
@@ -82,6 +83,26 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     ckpt = Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
     check_tensors(ckpt)
     return ckpt
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_layout_fields(manifest: dict, config: dict, mpath: Path) -> None:
+    """quantkit.json's n_blocks (the decoder layers the export's config builds) and dtype (of its full-precision
+    tensors) are what the export holds: a re-export copies them into its own quantization_config and manifest, so an
+    edited value would be carried on without a word."""
+    blocks = manifest.get("n_blocks")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    layers = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool)
+                               or (isinstance(layers, int) and blocks != layers)):
+        raise QuantkitError(f"{mpath}: n_blocks is {blocks!r}, and the export's config.json builds {layers} decoder "
+                            "layers; the export is damaged or was edited, export it again")
+    dtype = manifest.get("dtype")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise QuantkitError(f"{mpath}: dtype is {dtype!r}, not one of {', '.join(FLOAT_DTYPES)} (the export's full-"
+                            "precision tensors); the export is damaged or was edited, export it again")
 
 
 def build_model(config: dict, path: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
