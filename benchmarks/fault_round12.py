@@ -28,6 +28,7 @@ from fault_battery import (
     Cases,
     _make_set,
     _maybe,
+    _set_file,
     both,
     build_qid_rows,
     cal_ref,
@@ -87,19 +88,7 @@ def _need_set(w: Path) -> None:
 
 def _set_tensors(name: str, edit):
     """A setup editing set/NAME's tensors and renewing its hash in the manifest (an edited, consistent set)."""
-    def setup(w: Path) -> None:
-        from safetensors.torch import load_file, save_file
-
-        from quantkit.importance.calibration_set import file_sha256
-
-        _need_set(w)
-        state = load_file(w / "set" / name)
-        edit(state)
-        save_file({k: v.contiguous() for k, v in state.items()}, w / "set" / name)
-        manifest = json.loads((w / "set" / "manifest.json").read_text())
-        manifest["files"][name] = file_sha256(w / "set" / name)
-        (w / "set" / "manifest.json").write_text(json.dumps(manifest))
-    return setup
+    return both(_need_set, _set_file(name, edit))
 
 
 def _set_manifest(edit):
