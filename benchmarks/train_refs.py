@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from train_moe import CORPORA
 from transformers import AutoTokenizer
 
 from quantkit.data import resolve_texts
 from quantkit.train import train_causal_lm
 
-CORPORA = ["tinyshakespeare.txt", "war_and_peace.txt", "wikitext2_test.txt", "wikitext2_valid.txt"]
 RECIPES = {
     "b": dict(hidden_size=256, intermediate_size=672, num_layers=4, num_heads=8, seed=1, steps=650),
     "c": dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, seed=2, steps=800),

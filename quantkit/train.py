@@ -85,6 +85,11 @@ class TrainSettings:
     schedule: str = "cosine"  # or "constant"
     seed: int = 0
 
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate size: the one given, else about 8/3 of the hidden size, a multiple of 32."""
+        return self.intermediate_size or 8 * self.hidden_size // 3 // 32 * 32 or self.hidden_size * 2
+
     @classmethod
     def of(cls, settings: dict) -> TrainSettings:
         """The settings named in `settings`, the defaults for the rest; QuantkitError naming an unknown one."""
@@ -123,7 +128,7 @@ def train_causal_lm(
     """
     t = TrainSettings.of(settings)
     vocab_size, hidden_size, num_layers, num_heads = t.vocab_size, t.hidden_size, t.num_layers, t.num_heads
-    intermediate_size, seqlen, batch_size, steps, lr = t.intermediate_size, t.seqlen, t.batch_size, t.steps, t.lr
+    seqlen, batch_size, steps, lr = t.seqlen, t.batch_size, t.steps, t.lr
     weight_decay, warmup, schedule, seed = t.weight_decay, t.warmup, t.schedule, t.seed
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -146,7 +151,7 @@ def train_causal_lm(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        intermediate_size=intermediate_size or 8 * hidden_size // 3 // 32 * 32 or hidden_size * 2,
+        intermediate_size=t.mlp_width,
         max_position_embeddings=max(seqlen, 1024),
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,

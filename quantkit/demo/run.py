@@ -104,11 +104,12 @@ def disk_bytes(files: Any, d: DemoSettings, corpus: bool) -> int:
     of the model it trains (float32, tied embeddings; each export counted at that size), with the trained model
     itself and the generated corpus (`corpus`)."""
     from quantkit.calibrate.preflight import export_bytes
+    from quantkit.train import TrainSettings
 
     exports = len(d.methods) * len(d.bits)
     if files is not None:
         return len(d.methods) * sum(export_bytes(files, b, d.fmt) for b in d.bits)
-    inter = 8 * d.hidden_size // 3 // 32 * 32 or 2 * d.hidden_size  # train_causal_lm's default
+    inter = TrainSettings(hidden_size=d.hidden_size).mlp_width  # the width train_causal_lm gives the demo's model
     params = d.vocab_size * d.hidden_size + d.num_layers * (4 * d.hidden_size**2 + 3 * d.hidden_size * inter)
     return (d.corpus_chars if corpus else 0) + 4 * params * (1 + exports)
 
