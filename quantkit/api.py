@@ -72,8 +72,9 @@ def quantize(
     symmetrically (W8A8 with bits=8, W4A8 with bits=4; group_size=-1, sym=True); smooth="uniform" or "tlq"
     folds per-channel smoothing scales into the model first (quantkit.quant.smooth), alpha searched per
     fold with uniform or TLQ token weights; "auto" (the default) smooths only with act_bits, TLQ-weighted
-    for method="tlq" and uniform otherwise, and "none" never. The data's nsamples, seqlen, seed, part,
-    calib_set and chat_template (a Jinja template file for chat records); lm_head, vision, importance (TLQ's
+    for method="tlq" and uniform otherwise, and "none" never. The data's nsamples and seqlen (None, the default:
+    a calib/ recipe's own, else 128 and 512), seed, part, calib_set and chat_template (a Jinja template file for
+    chat records); lm_head, vision, importance (TLQ's
     gradient-pass options: guidance, row_groups, loss, draws, lam, power); dtype, device, nproc, devices,
     dist_timeout, low_memory, offload_dir, resume, progress; overwrite, push_to_hub=REPO (uploads the export,
     model card included, with huggingface_hub; private= for a new repo; without output_dir it is exported to a

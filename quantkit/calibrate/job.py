@@ -1,8 +1,9 @@
 """What one calibration run does: a CalibrationJob of five small specs (model, data, quantization, run,
 export), built once by build_job, for `quantkit calibrate` and quantkit.quantize alike, and passed down whole.
 
-build_job checks everything that needs no file: each option on its own and the options together
-(quantkit.calibrate.preflight then checks the files before the model loads).
+build_job checks everything that needs no file: each option on its own and the options together; the one file it
+reads is a --calib recipe, for its own nsamples and seqlen where no option gives them (DataSpec.drawing).
+quantkit.calibrate.preflight then checks the files before the model loads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from quantkit.data.recipes import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, is_recipe, sample_counts
 from quantkit.errors import QuantkitError
 from quantkit.quant.methods import (
     DEFAULT_EXPERT_TOKENS,
@@ -28,6 +30,8 @@ from quantkit.quant.methods import (
 from quantkit.quant.recipe import Recipe, as_recipe
 from quantkit.quant.smooth import AUTO, resolve_smooth
 from quantkit.quant.spec import QuantSpec
+
+COUNTS = ("nsamples", "seqlen")  # how many samples of how many tokens: None (not given) means the data's own
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,27 @@ class DataSpec:
     source: str | None = None  # --calib: a path or source spec (quantkit.data)
     calib_set: str | None = None  # a set made by `quantkit importance` (its samples and token weights)
     records: Any = field(default=None, repr=False, compare=False)  # in-memory data (quantkit.data.calibration)
-    nsamples: int = 128
-    seqlen: int = 512  # tokens per window (the most tokens of an image-text or chat sample)
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN  # tokens per window (the most tokens of an image-text or chat sample)
     seed: int = 0
     part: str = "all"  # all, train (first 90% of each file) or heldout (last 10%)
     chat_template: str | None = None  # a Jinja file rendering chat records instead of the tokenizer's template
+    given: tuple[str, ...] = COUNTS  # which of nsamples and seqlen the caller gave (drawing: the others are the data's)
+
+    @classmethod
+    def drawing(cls, nsamples: int | None = None, seqlen: int | None = None, **settings: Any) -> DataSpec:
+        """The DataSpec of `settings` drawing `nsamples` samples of `seqlen` tokens, each the recipe's own where it is
+        None and the source is a recipe, else the default (quantkit.data.recipes.sample_counts)."""
+        try:
+            counts = sample_counts(settings.get("source"), nsamples, seqlen)
+        except QuantkitError as err:
+            raise QuantkitError(f"--calib: {err}") from None  # as check_data says it of a recipe that does not load
+        given = tuple(name for name, value in (("nsamples", nsamples), ("seqlen", seqlen)) if value is not None)
+        return cls(**settings, **counts, given=given)
+
+    def recipe_of(self, count: str) -> str | None:
+        """The recipe whose own `count` (nsamples or seqlen) is drawn with, no option having given it; else None."""
+        return self.source if count not in self.given and is_recipe(self.source) else None
 
     @property
     def empty(self) -> bool:
@@ -176,7 +196,8 @@ OPTIONS: dict[str, Any] = {
     "fp_target": None,  # None: the method's default
     "lm_head": False, "vision": False, "recipe": None, "importance": None, "expert_tokens": None,
     "dtype": ModelSpec.dtype,
-    **_defaults(DataSpec, skip=("source", "records")),
+    **_defaults(DataSpec, skip=("source", "records", "given")),
+    "nsamples": None, "seqlen": None,  # None: a recipe's own, else DataSpec's default (DataSpec.drawing)
     **_defaults(RunSpec),
     "output_dir": None, "format": None, "overwrite": False, "push_to_hub": None, "private": None,
 }
@@ -249,8 +270,9 @@ def _data_spec(data: Any, o: dict) -> DataSpec:
 
     source = os.fspath(data) if data is not None and is_source(data) else None
     template = None if o["chat_template"] is None else os.fspath(o["chat_template"])
-    return DataSpec(source=source, calib_set=o["calib_set"], records=data if source is None else None,
-                    nsamples=o["nsamples"], seqlen=o["seqlen"], seed=o["seed"], part=o["part"], chat_template=template)
+    return DataSpec.drawing(source=source, calib_set=o["calib_set"], records=data if source is None else None,
+                            nsamples=o["nsamples"], seqlen=o["seqlen"], seed=o["seed"], part=o["part"],
+                            chat_template=template)
 
 
 def _run_spec(o: dict) -> RunSpec:

@@ -71,7 +71,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
     if q.vision:
         check_vision_side(files.config)
     if data.source is not None or data.records is not None:
-        check_seqlen(files.config, data.seqlen)
+        check_seqlen(files.config, data.seqlen, recipe=data.recipe_of("seqlen"))
     if data.source is not None:
         from quantkit.data.calibration import check_source_for_model
         from quantkit.models import is_vlm
@@ -101,13 +101,14 @@ def preflight(job: CalibrationJob) -> ModelFiles:
 
 
 def check_set_settings(data: object, manifest: dict) -> None:
-    """A --calib-set brings its own samples: a sample setting the job gives (one other than build_job's default)
-    that differs from the set's is refused, not silently replaced by the set's."""
-    from quantkit.calibrate.job import OPTIONS
+    """A --calib-set brings its own samples: a sample setting the job gives (nsamples and seqlen given at all, the
+    others other than build_job's default) that differs from the set's is refused, not silently replaced by the set's."""
+    from quantkit.calibrate.job import COUNTS, OPTIONS
 
     for name in ("nsamples", "seqlen", "seed", "part", "chat_template"):
         mine, theirs = getattr(data, name), manifest.get(name)
-        if mine != OPTIONS[name] and mine != theirs:
+        given = name in data.given if name in COUNTS else mine != OPTIONS[name]
+        if given and mine != theirs:
             flag = "--" + name.replace("_", "-")
             raise QuantkitError(f"{flag} {mine} does not apply to --calib-set {data.calib_set}, whose samples were drawn "
                                 f"with {flag} {theirs}; drop {flag}, or make a set with it (quantkit importance "

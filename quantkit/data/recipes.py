@@ -3,8 +3,8 @@
 Schema::
 
     kind: text                 # text | image-caption | image-qa
-    nsamples: 128              # defaults, overridable by the caller
-    seqlen: 512                # text: tokens per window; image kinds: max tokens per sample
+    nsamples: 128              # samples drawn where the caller gives none (--nsamples); default 128
+    seqlen: 512                # likewise (--seqlen; default 512); text: tokens per window; image kinds: max per sample
     sources:
       - path: ../data/a.txt    # relative to the recipe file, absolute, ~ or $VAR (must be set), or hf:NAME[...]
         weight: 0.7            # share of the samples (weights are normalised; "fraction" is an alias)
@@ -29,6 +29,8 @@ from quantkit.errors import QuantkitError
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 RECIPE_KINDS = ("text", "image-caption", "image-qa")
+# how many samples of how many tokens are drawn where neither the caller nor a recipe says (sample_counts)
+DEFAULT_NSAMPLES, DEFAULT_SEQLEN = 128, 512
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class Recipe:
 
     name: str
     kind: str = "text"
-    nsamples: int = 128
-    seqlen: int = 512
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
     sources: tuple[RecipeSource, ...] = field(default_factory=tuple)
 
 
@@ -112,14 +114,25 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         sources.append(RecipeSource(path=_resolve(entry["path"], file.parent, f"recipe {file}: source {number}"), weight=float(weight), part=part))
     if sum(s.weight for s in sources) <= 0:
         raise QuantkitError(f"recipe {file}: source weights sum to zero")
-    for key in ("nsamples", "seqlen"):
-        value = data.get(key, Recipe.__dataclass_fields__[key].default)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise QuantkitError(f"recipe {file}: {key} must be a positive integer, got {value!r}")
-    return Recipe(
-        name=str(data.get("name", file.stem)), kind=kind, nsamples=data.get("nsamples", 128),
-        seqlen=data.get("seqlen", 512), sources=tuple(sources),
-    )
+    counts = {key: data.get(key, Recipe.__dataclass_fields__[key].default) for key in ("nsamples", "seqlen")}
+    for key, least in (("nsamples", 1), ("seqlen", 2)):  # as --nsamples and --seqlen: a 1-token window predicts nothing
+        value = counts[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise QuantkitError(f"recipe {file}: {key} must be an integer of at least {least}, got {value!r}")
+    return Recipe(name=str(data.get("name", file.stem)), kind=kind, sources=tuple(sources), **counts)
+
+
+def sample_counts(source: object, nsamples: int | None = None, seqlen: int | None = None) -> dict[str, int]:
+    """{"nsamples", "seqlen"} drawn from `source`: each the value given, else a recipe's own, else the defaults."""
+    given = {"nsamples": nsamples, "seqlen": seqlen}
+    if None in given.values() and is_recipe(source):
+        from quantkit.data.sources import check_source_name
+
+        check_source_name(source)  # text given where a path belongs: check_data's line, not open()'s OSError
+        own = load_recipe(source)
+    else:
+        own = Recipe(name="")  # plain files, in-memory data and calibration sets: the defaults
+    return {key: getattr(own, key) if value is None else value for key, value in given.items()}
 
 
 def split_counts(weights: list[float], total: int) -> list[int]:

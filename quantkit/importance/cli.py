@@ -13,6 +13,7 @@ from quantkit.calibrate.run import draw_samples
 from quantkit.cli_options import output_option
 from quantkit.data.calibration import holds_images
 from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
+from quantkit.data.recipes import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from quantkit.engine.distributed import check_device
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import check_offload_dir, check_output, check_output_dir, scratch_dir
@@ -43,9 +44,11 @@ def sample_options(command):
                           "instead of the tokenizer's own template."),
         click.option("--part", type=click.Choice(["all", "train", "heldout"]), default=OPTIONS["part"], show_default=True,
                      help="Part of each text file to draw from (held-out = last 10%)."),
-        click.option("--nsamples", type=int, default=OPTIONS["nsamples"], show_default=True, help="Calibration sequences."),
-        click.option("--seqlen", type=int, default=OPTIONS["seqlen"], show_default=True,
-                     help="Tokens per calibration sequence (the most tokens of an image-text or chat sample)."),
+        click.option("--nsamples", type=int, default=OPTIONS["nsamples"],
+                     help=f"Calibration sequences (default: the recipe's, else {DEFAULT_NSAMPLES})."),
+        click.option("--seqlen", type=int, default=OPTIONS["seqlen"],
+                     help="Tokens per calibration sequence (the most tokens of an image-text or chat sample; default: "
+                          f"the recipe's, else {DEFAULT_SEQLEN})."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -116,7 +119,7 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
     check_data(data.source, part=data.part, chat_template=data.chat_template)
     check_offload_dir(offload_dir, [model_name])
     files = model_for_data(model_name, data.source)
-    check_seqlen(files.config, data.seqlen)
+    check_seqlen(files.config, data.seqlen, recipe=data.recipe_of("seqlen"))
     from quantkit.data.calibration import check_source_for_model
     from quantkit.models import is_vlm
 
@@ -142,9 +145,10 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
 def importance(model: str, calib: str, output: str, overwrite: bool, as_json: bool, device: str,
                offload_dir: str | None, **options) -> None:
     """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
-    if options["nsamples"] <= 0 or options["seqlen"] <= 1:
+    nsamples, seqlen = options["nsamples"], options["seqlen"]  # None: not given (the recipe's, else the default)
+    if (nsamples is not None and nsamples <= 0) or (seqlen is not None and seqlen <= 1):
         raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
-    data = DataSpec(source=calib, **{key: options.pop(key) for key in DATA_OPTIONS})
+    data = DataSpec.drawing(source=calib, **{key: options.pop(key) for key in DATA_OPTIONS})
     options["loss"], options["draws"] = options.pop("importance_loss"), options.pop("fisher_draws")
     manifest = build_calibration_set(model, data, output, importance=options, device=device, offload_dir=offload_dir,
                                      overwrite=overwrite, progress=not as_json)

@@ -436,8 +436,8 @@ def max_positions(config: object) -> int | None:
     return None
 
 
-def check_seqlen(config: object, seqlen: int, flag: str = "--seqlen") -> None:
-    """Refuse windows longer than the positions the model was built for (its loss is meaningless there)."""
+def check_seqlen(config: object, seqlen: int, flag: str = "--seqlen", recipe: str | None = None) -> None:
+    """Refuse windows longer than the model's positions (its loss is meaningless there); recipe: whose own seqlen."""
     for cfg in (config, getattr(config, "text_config", None)):
         value = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
@@ -445,4 +445,6 @@ def check_seqlen(config: object, seqlen: int, flag: str = "--seqlen") -> None:
                                 "fix config.json")
     limit = max_positions(config)
     if limit is not None and seqlen > limit:
-        raise QuantkitError(f"{flag} {seqlen} exceeds the model's max_position_embeddings ({limit}); use {flag} {limit} or less")
+        what, fix = ((f"recipe {recipe}'s seqlen", "or less, or lower the recipe's seqlen") if recipe is not None
+                     else (flag, "or less"))  # no --seqlen given: the recipe's own applies
+        raise QuantkitError(f"{what} {seqlen} exceeds the model's max_position_embeddings ({limit}); use {flag} {limit} {fix}")
