@@ -950,20 +950,11 @@ def test_an_image_record_among_text_records_is_refused(work: Path, no_model_load
                  f"mixed.jsonl:{len(records) + 1}: an image-text record among text records")
 
 
-def test_a_sequence_classifier_config_is_refused(work: Path, no_model_load) -> None:
-    """Fault battery round 11 'config architectures LlamaForSequenceClassification': loaded as a causal LM, quantized
-    and exported (exit 0), and then the export did not load ("tensor lm_head.weight does not belong to a
-    LlamaForSequenceClassification model"). Now refused before any work."""
-    edit_config(work / "model", architectures=["LlamaForSequenceClassification"])
-    said = "config.json's architectures names LlamaForSequenceClassification, a sequence classifier"
-    assert_fault(work, calibrate(work, "--method", "rtn", "-o", "out"), said)
-    assert_fault(work, ["plan", work / "model", "--method", "rtn"], said)
-
-
-@pytest.mark.parametrize("arch", ["LlamaModel", "BertForMaskedLM"])
+@pytest.mark.parametrize("arch", ["LlamaForSequenceClassification", "LlamaModel", "BertForMaskedLM"])
 def test_a_config_naming_a_class_of_another_task_is_refused(work: Path, no_model_load, arch: str) -> None:
-    """Beside round 11's LlamaForSequenceClassification: a bare LlamaModel (no head at all) was quantized and exported
-    (exit 0), and the export did not load ("tensor lm_head.weight does not belong to a LlamaModel model")."""
+    """Fault battery round 11 'config architectures LlamaForSequenceClassification', and beside it a bare LlamaModel
+    (no head at all): loaded as a causal LM, quantized and exported (exit 0), and then the export did not load
+    ("tensor lm_head.weight does not belong to a LlamaForSequenceClassification model"). Now refused before any work."""
     edit_config(work / "model", architectures=[arch])
     said = f"config.json's architectures names {arch}, which transformers builds for another task than generating text"
     assert_fault(work, calibrate(work, "--method", "rtn", "-o", "out"), said)

@@ -99,33 +99,19 @@ def check_full_precision(config, name: str) -> None:
                         "another format)")
 
 
-# transformers' task heads other than language modelling, by the name of their auto mapping
-_OTHER_HEADS = {"SEQUENCE_CLASSIFICATION": "a sequence classifier", "TOKEN_CLASSIFICATION": "a token classifier",
-                "QUESTION_ANSWERING": "an extractive question-answering model"}
-
-
 # transformers' tasks whose classes generate text: what quantkit quantizes and exports
 _GENERATIVE = ("CAUSAL_LM", "IMAGE_TEXT_TO_TEXT", "MULTIMODAL_LM")
 
 
 def check_language_model(config, name: str) -> None:
-    """A model to quantize is a language model: a config.json whose architectures names another task head of its
-    model type (LlamaForSequenceClassification), or any class transformers builds for a task other than generating
-    text (a bare LlamaModel), is refused; loaded as a causal LM it got an lm_head that the export's config, still
-    naming that class, does not build."""
+    """A model to quantize is a language model: a config.json whose architectures names any class transformers
+    builds for a task other than generating text (another task head such as LlamaForSequenceClassification, a bare
+    LlamaModel, a masked LM) is refused; loaded as a causal LM it got an lm_head that the export's config, still
+    naming that class, does not build. A class transformers does not know (remote code) is left to the adapter."""
     from transformers.models.auto import modeling_auto
 
     arch = (getattr(config, "architectures", None) or [None])[0]
-    model_type = getattr(config, "model_type", None)
-    for task, what in _OTHER_HEADS.items():
-        names = getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).get(model_type) or ()
-        if arch is not None and arch in ((names,) if isinstance(names, str) else names):
-            raise QuantkitError(f"{name}: config.json's architectures names {arch}, {what}; quantkit quantizes "
-                                "language models (a causal LM or a vision-language model): give one, or name the "
-                                "causal-LM class in architectures where the weights are one")
-    # any other class transformers builds for a task other than generating text (a bare LlamaModel, no head at all;
-    # a masked LM), of any model type: exported under it, the causal LM's lm_head did not load either. A class
-    # transformers does not know (remote code) is left to the adapter.
+
     def classes(mapping: str) -> set[str]:
         return {c for v in getattr(modeling_auto, mapping, {}).values() for c in ((v,) if isinstance(v, str) else v)}
 
