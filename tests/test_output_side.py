@@ -4,11 +4,13 @@ against references: whole-model autograd, GPTQ called directly, dense block-diag
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import observing, tiny_model
+from helpers import assert_fault, observing, save_tiny_llama, tiny_model, write_text
 
+import quantkit
 from quantkit.engine import calibrate_model
 from quantkit.importance import tlq_token_weights
 from quantkit.quant.spec import QuantSpec
@@ -96,3 +98,17 @@ def test_diagonal_blocks_keep_the_smaller_blocks_of_a_block_diagonal_factor() ->
     mask = torch.block_diag(*[torch.ones(8, 8, dtype=torch.float64)] * 6)
     assert torch.equal(torch.block_diag(*diagonal_blocks(factor, 8)), dense * mask)
     assert diagonal_blocks(factor, 16) is factor
+
+
+@pytest.mark.parametrize("command", ["calibrate", "importance"])
+def test_a_bad_output_side_is_the_same_line_from_each_command_and_the_api(tmp_path: Path, no_model_load,
+                                                                         command: str) -> None:
+    """--output-side is checked in one place (resolve_importance), which calibrate, quantize and importance go through."""
+    model, text = save_tiny_llama(tmp_path / "model"), write_text(tmp_path / "text.txt")
+    said = ("--output-side (importance={'output_side': ...}) is the rows per block of the output-side factor: 0 (none) "
+            "or a positive whole number, got -1")
+    assert_fault(tmp_path, [command, model, "--calib", text, "--output-side", "-1", "-o", tmp_path / "out"], said)
+    for side in (-1, True):
+        with pytest.raises(quantkit.QuantkitError, match=r"is the rows per block of the output-side factor") as err:
+            quantkit.quantize(str(model), data=str(text), importance={"output_side": side}, progress=False)
+        assert str(err.value).endswith(f"got {side!r}")

@@ -108,7 +108,8 @@ def _importance_checks() -> dict[str, Callable[..., Any]]:
     return {"guidance": partial(expect_choice, choices=GUIDANCE_CHOICES),
             "row_groups": partial(expect_int, least=1), "loss": partial(expect_choice, choices=LOSS_CHOICES),
             "draws": partial(expect_int, least=1), "lam": partial(expect_number, least=0.0),
-            "power": partial(expect_number, above=0.0), "output_side": partial(expect_int, least=0)}
+            "power": partial(expect_number, above=0.0),
+            "output_side": lambda *a, **k: None}  # resolve_importance checks it, for `quantkit importance` too
 
 
 def check_model_argument(model: Any) -> None:

@@ -39,17 +39,16 @@ def resolve_importance(given: dict | None, images: bool) -> dict:
     output_side 0: no output-side factor)."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     settings = tlq_defaults(images) | given
-    if settings["row_groups"] > 1 and settings["output_side"]:
-        if "output_side" in given:
-            raise QuantkitError("--row-groups solves each group of a linear's rows with its own Hessian, and "
-                                "--output-side couples rows across those groups; give one of them")
-        settings["output_side"] = None  # row groups replace the output-side factor as the text default's use of rows
-    side = settings["output_side"]
+    side = settings["output_side"]  # the one check of --output-side (output_side=): calibrate's, quantize's, importance's
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 0):
         raise QuantkitError(f"--output-side (importance={{'output_side': ...}}) is the rows per block of the "
                             f"output-side factor: 0 (none) or a positive whole number, got {side!r}")
-    if side == 0:
-        settings["output_side"] = None
+    if settings["row_groups"] > 1 and side:
+        if "output_side" in given:
+            raise QuantkitError("--row-groups solves each group of a linear's rows with its own Hessian, and "
+                                "--output-side couples rows across those groups; give one of them")
+        side = None  # row groups replace the output-side factor as the text default's use of rows
+    settings["output_side"] = side or None  # 0: none
     return settings
 
 
