@@ -39,6 +39,9 @@ def test_all_ones_weights_give_plain_gptq_codes(fp_target: bool) -> None:
     # with output-side factors the engine is told the weights are uniform and sums plain Hessians (the same bytes as
     # the weighted sums of a calibration set's ones: test_lowmem_ranks.test_default_method_from_a_calibration_set...)
     assert ones.uniform and not tlq_token_weights(model, samples, lam=0.5, progress=False).uniform
+    mask = torch.tensor([[1] * 20 + [0] * 4])  # padding weighs 0: not every weight is 1
+    padded = [dict(sample, attention_mask=mask) for sample in samples]
+    assert not tlq_token_weights(model, padded, lam=1.0, progress=False).uniform
     spec = QuantSpec(bits=3, group_size=32)
     plain = calibrate_model(copy.deepcopy(model), samples, spec, method="gptq", progress=False, fp_target=fp_target)
     weighted = calibrate_model(copy.deepcopy(model), samples, spec, method="tlq", token_weights=ones, progress=False,

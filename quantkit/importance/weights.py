@@ -207,9 +207,9 @@ class TokenImportance:
                                for k in range(groups)]
                     row[name] = [torch.stack(parts, dim=1) if groups > 1 else parts[0] for parts in zip(*columns)]
                 self.linear_weights.append(row)
-        # lam 1 on unpadded samples: every weight is 1, the engine sums plain Hessians (the same sums, less work)
-        self.uniform = (lam == 1.0 and top_fraction is None and linear_scores is None and not modality_floor
-                        and all(bool(v.all()) for v in self.valid))
+        # every weight 1 (lam 1 on unpadded samples, by scores_to_weights' mix): the engine sums plain Hessians (the
+        # same sums, less work). Read off the weights made, not restated from the settings that make them.
+        self.uniform = self.linear_weights is None and all(bool((w == 1).all()) for row in self.weights for w in row)
         empty = set(self.report.get("empty_loss_mask_samples", []))
         self.report["zero_gradient"] = [pair for pair in zero_groups if pair[1] not in empty]
         if self.report["zero_gradient"]:
