@@ -30,7 +30,8 @@ Conventions (see docs/tlq.md, "TLQ as quantkit defines it"):
 
 Modules: masks (real tokens, scored positions, vision tokens), gradients (the block-wise backward
 that gives raw scores), weights (scores -> weights, settings, tlq_token_weights), calibration_set
-(the set on disk), cli (`quantkit importance`, not imported here).
+(the set on disk), identity (which model and tokenizer a set was made on), cli (`quantkit importance`, not
+imported here).
 """
 
 from __future__ import annotations
@@ -43,13 +44,10 @@ from quantkit.importance.calibration_set import (
     SET_FORMAT_VERSION,
     WEIGHTS_FILE,
     StoredWeights,
-    check_set_matches,
-    config_hash,
     file_sha256,
     load_calibration_set,
     read_manifest,
     save_calibration_set,
-    tokenizer_hash,
 )
 from quantkit.importance.gradients import (
     GUIDANCE_CHOICES,
@@ -59,6 +57,7 @@ from quantkit.importance.gradients import (
     importance_scores,
     layer_output_gradients,
 )
+from quantkit.importance.identity import check_set_matches, config_hash, tokenizer_hash
 from quantkit.importance.masks import masked_token_loss, scored_positions, valid_mask, vision_tokens
 from quantkit.importance.weights import (
     IMAGE_TLQ_DEFAULTS,
