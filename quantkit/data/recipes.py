@@ -77,7 +77,7 @@ def _resolve(raw: str, base: Path, where: str) -> str:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Parse and check a recipe file; any problem is a QuantkitError naming the file and field."""
     from quantkit.data.sources import PARTS
-    from quantkit.fsutil import read_yaml
+    from quantkit.readers import read_yaml
 
     file = Path(path)
     data = read_yaml(file, "recipe")

@@ -19,10 +19,10 @@ from quantkit.export.common import (
     manifest_settings,
 )
 from quantkit.export.formats import format_for
-from quantkit.fsutil import read_json_object
 from quantkit.models.checks import stored_twice
 from quantkit.models.experts import model_key, routed_experts, unfuse_experts
 from quantkit.quant.spec import QuantResult
+from quantkit.readers import read_json_object
 
 
 def is_quantkit_output(path: str | os.PathLike) -> bool:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, first_line
-from quantkit.fsutil import read_json_object
 from quantkit.models import looks_local
 from quantkit.models.checks import stored_twice
+from quantkit.readers import read_json_object
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, unknown_choice
-from quantkit.fsutil import read_json_object
 from quantkit.qid.laws import PYTHIA_TOKENS_PER_STEP
 from quantkit.qid.table import TableWriter, cell_key, read_table
 from quantkit.qid.texts import cached_ids, check_text_amounts, load_tokenizer, tokenizer_fingerprint
 from quantkit.quant.methods import METHODS as ENGINE_REGISTRY
+from quantkit.readers import read_json_object
 
 ENGINE_METHODS = tuple(ENGINE_REGISTRY)
 BNB_METHODS = {"bnb-nf4": 4, "bnb-fp4": 4, "bnb-int8": 8}

@@ -169,7 +169,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
         """The recipe in YAML file `path`."""
-        from quantkit.fsutil import read_yaml
+        from quantkit.readers import read_yaml
 
         file = Path(expect_path("Recipe.from_yaml(path)", path))
         if not file.is_file():
