@@ -125,3 +125,14 @@ def test_a_given_nsamples_the_calibration_set_lacks_is_refused(work: Path, made:
     """--nsamples 128 (the default's value, given) beside a set of 2 samples was taken silently as the set's 2."""
     assert_fault(work, ["calibrate", work / "model", "--calib-set", made["set"], "--nsamples", "128", "--group-size",
                         "32", "-o", work / "out"], "--nsamples 128 does not apply to --calib-set")
+
+
+@pytest.mark.parametrize("command", [["plan"], ["calibrate", "--dry-run", "-o", "out"]])
+def test_a_calibration_set_run_plans_for_the_set_s_samples(work: Path, made: dict, no_model_load, command: list) -> None:
+    """A set's samples are its own as a recipe's counts are: without --nsamples/--seqlen the plan was of 128 x 512
+    tokens, whatever the set held."""
+    manifest = json.loads((made["set"] / "manifest.json").read_text())
+    result = run_cli(command[0], work / "model", "--calib-set", made["set"], "--group-size", "32", "--json", *command[1:])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)["settings"]
+    assert (settings["nsamples"], settings["seqlen"]) == (manifest["nsamples"], manifest["max_tokens"]) == (2, 16)

@@ -62,14 +62,18 @@ class DataSpec:
 
     @classmethod
     def drawing(cls, nsamples: int | None = None, seqlen: int | None = None, **settings: Any) -> DataSpec:
-        """The DataSpec of `settings` drawing `nsamples` samples of `seqlen` tokens, each the recipe's own where it is
-        None and the source is a recipe, else the default (quantkit.data.recipes.sample_counts)."""
+        """The DataSpec of `settings` drawing `nsamples` samples of `seqlen` tokens, each the data's own where it is
+        None: a recipe's (quantkit.data.recipes.sample_counts) or a --calib-set's, else the default."""
         try:
             counts = sample_counts(settings.get("source"), nsamples, seqlen)
         except QuantkitError as err:
             raise QuantkitError(f"--calib: {err}") from None  # as check_data says it of a recipe that does not load
-        given = tuple(name for name, value in (("nsamples", nsamples), ("seqlen", seqlen)) if value is not None)
-        return cls(**settings, **counts, given=given)
+        given = {name: value for name, value in (("nsamples", nsamples), ("seqlen", seqlen)) if value is not None}
+        if settings.get("calib_set") is not None:  # its samples are drawn already: what the plan must be of
+            from quantkit.importance.calibration_set import set_counts
+
+            counts |= {name: value for name, value in set_counts(settings["calib_set"]).items() if name not in given}
+        return cls(**settings, **counts, given=tuple(given))
 
     def recipe_of(self, count: str) -> str | None:
         """The recipe whose own `count` (nsamples or seqlen) is drawn with, no option having given it; else None."""
@@ -197,7 +201,7 @@ OPTIONS: dict[str, Any] = {
     "lm_head": False, "vision": False, "recipe": None, "importance": None, "expert_tokens": None,
     "dtype": ModelSpec.dtype,
     **_defaults(DataSpec, skip=("source", "records", "given")),
-    "nsamples": None, "seqlen": None,  # None: a recipe's own, else DataSpec's default (DataSpec.drawing)
+    "nsamples": None, "seqlen": None,  # None: the data's own (a recipe's, a set's), else DataSpec's (DataSpec.drawing)
     **_defaults(RunSpec),
     "output_dir": None, "format": None, "overwrite": False, "push_to_hub": None, "private": None,
 }

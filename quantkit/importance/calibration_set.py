@@ -140,6 +140,18 @@ def read_manifest(setdir: str | Path) -> dict:
     return check_manifest_fields(manifest, path)
 
 
+def set_counts(setdir: str | Path) -> dict[str, int]:
+    """How many samples a set holds and its longest sample's tokens ({"nsamples", "seqlen"}), as its manifest records
+    them where they are positive whole numbers: what a run on it plans for before anything loads. A missing or broken
+    set gives what it can ({} at worst): read_manifest refuses it in the preflight."""
+    try:
+        manifest = json.loads((Path(setdir) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    counts = {"nsamples": manifest.get("nsamples"), "seqlen": manifest.get("max_tokens")} if isinstance(manifest, dict) else {}
+    return {key: value for key, value in counts.items() if type(value) is int and value > 0}
+
+
 def _check_files(root: Path, manifest: dict) -> None:
     for name, digest in (manifest.get("files") or {}).items():
         path = root / name
