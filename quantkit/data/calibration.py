@@ -235,7 +235,9 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
             if "text" not in columns:
                 raise QuantkitError(f"the dataset has no 'text' column (columns: {', '.join(sorted(columns))}); "
                                     "rename the text column to 'text'")
-            data = [t for t in data["text"] if isinstance(t, str) and t]
+            # Every row goes on as the list of texts would: a None or non-string row is refused by its number
+            # there, not dropped here unseen (blank texts are skipped by text_samples, as a list's are).
+            data = list(data["text"])
         else:
             data = list(data)
     if not isinstance(data, (list, tuple)) or not data:
@@ -271,5 +273,6 @@ def memory_calibration(data: object, tokenizer_or_processor, nsamples: int, seql
         return sample_records(memory_image_records(list(data)), tokenizer_or_processor, nsamples, seed, seqlen)
     if all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in data):
         return memory_calibration([r["text"] for r in data], tokenizer_or_processor, nsamples, seqlen, seed, part)
+    number, odd = next((n, r) for n, r in enumerate(data, start=1) if not isinstance(r, str))
     raise QuantkitError(f"calibration data must be {', '.join(DATA_KINDS)}; the list mixes kinds or holds "
-                        f"{type(next(r for r in data if not isinstance(r, str))).__name__} items")
+                        f"{type(odd).__name__} items (record {number})")
