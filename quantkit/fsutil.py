@@ -1,6 +1,5 @@
 """Outputs and work areas: atomic output directories (work goes to a temporary sibling, renamed on success),
-the checks an output must pass before any work, scratch and temporary folders, and what a failed run keeps.
-"""
+the checks an output must pass before any work, scratch and temporary folders, and what a failed run keeps."""
 
 from __future__ import annotations
 
@@ -25,13 +24,10 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 def umask() -> int:
     """The process umask: from /proc where Linux shows it, else by setting it and putting it back."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)  # another thread creating a file this instant would see 022
     os.umask(mask)
     return mask
@@ -48,11 +44,7 @@ def remove_path(path: Path) -> None:
 
 def make_parents(path: Path) -> list[Path]:
     """mkdir -p of `path`; return the directories it created, deepest first, so a failure can undo them."""
-    missing = []
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            break
-        missing.append(parent)
+    missing = [parent for parent in [path, *path.parents] if not parent.exists()]
     path.mkdir(parents=True, exist_ok=True)
     return missing
 
@@ -140,11 +132,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def scratch_dir(path: str | os.PathLike | None) -> Iterator[None]:
-    """Remove, on every exit, what the block adds under `path` (the directory itself if it did not exist).
-
-    For --offload-dir: it holds activations only while a command runs, and a user's existing
-    directory keeps exactly what it held before.
-    """
+    """Remove, on every exit, what the block adds under `path` (the directory itself if it did not exist): for
+    --offload-dir, which holds activations only while a command runs; a user's existing one keeps what it held."""
     if path is None:
         yield
         return
@@ -214,11 +203,8 @@ def kept_on_failure(work: str | os.PathLike, describe: Callable[[Path], str | No
 
 @contextlib.contextmanager
 def private_tempdir() -> Iterator[Path]:
-    """Point tempfile (and child processes, via TMPDIR) at a fresh folder removed on every exit.
-
-    Libraries leave files in the temp folder when a run fails (torch's pytorch-errorfile-*.pickle
-    of a failed rank); inside this folder they go with it.
-    """
+    """Point tempfile (and child processes, via TMPDIR) at a fresh folder removed on every exit: libraries leave
+    files in the temp folder when a run fails (torch's pytorch-errorfile-*.pickle), and they go with it."""
     root = Path(tempfile.mkdtemp(prefix="quantkit-"))
     saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = str(root)
@@ -309,6 +295,9 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
         raise QuantkitError(f"{flag} {output} is a directory; give a file path")
     if out.exists() and not out.is_file():  # a named pipe or device would be replaced by the results' file
         raise QuantkitError(f"{flag} {output} is no regular file (a named pipe, socket or device); give a file path")
+    if out.is_file() and _frozen(out):  # the rename onto it would fail only after the work, naming a temp file
+        raise QuantkitError(f"{flag} {output} exists and cannot be replaced: it is immutable or append-only (chattr "
+                            "+i/+a); clear that (chattr -i/-a) or choose another file")
     real = out.resolve()
     for source in inputs:
         if source is None or not Path(source).expanduser().exists():
@@ -326,6 +315,18 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
     if not above.is_dir():
         raise QuantkitError(f"{flag} {output} lies under {above}, which is a file; give a path in a directory")
     check_writable(above, f"{flag} {output}")
+
+
+def _frozen(path: Path) -> bool:
+    """Whether Linux's immutable or append-only flag (chattr +i/+a) is on `path`, which no one, root included, may
+    then rename onto; False where the system or the file system does not say."""
+    try:
+        import fcntl
+
+        with open(path, "rb") as file:  # FS_IOC_GETFLAGS: an int the kernel fills, whatever the request's size
+            return bool(memoryview(fcntl.ioctl(file.fileno(), 0x80086601, bytes(8))).cast("i")[0] & 0x30)
+    except (ImportError, OSError):
+        return False
 
 
 def _size(n: float) -> str:
@@ -368,10 +369,8 @@ def check_output(output: str | os.PathLike, *, overwrite: bool, sources: Iterabl
     if need_bytes:
         free = shutil.disk_usage(where).free
         if free < need_bytes:
-            raise QuantkitError(
-                f"not enough space for output {output}: about {_size(need_bytes)} needed, {_size(free)} free in {where}; "
-                "free some space or choose another location"
-            )
+            raise QuantkitError(f"not enough space for output {output}: about {_size(need_bytes)} needed, {_size(free)} "
+                                f"free in {where}; free some space or choose another location")
     return out
 
 

@@ -5,11 +5,14 @@ wrong, nothing changed under the folder), and in the words the sibling command a
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import (
     WORDS,
+    assert_fault,
+    run_cli,
     save_tiny_llama,
     unchanged,
     write_text,
@@ -38,3 +41,40 @@ def test_a_dataset_row_of_none_is_refused_as_in_a_list(made: dict, tmp_path: Pat
                               output_dir=tmp_path / "out", progress=False)
         lines.append(str(caught.value))
     assert lines[0] == lines[1] and "holds NoneType items (record 2)" in lines[0], lines
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i on files (no one, root included, may then replace them); cleared after the test. Skips where chattr
+    or the file system does not allow it."""
+    frozen: list[Path] = []
+
+    def freeze(path: Path) -> Path:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()[:80]}")
+        frozen.append(path)
+        return path
+
+    yield freeze
+    for path in frozen:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_eval_onto_an_immutable_file_is_refused_before_work(work: Path, no_model_load, immutable) -> None:
+    """`eval -o e.json` onto an immutable e.json failed after the evaluation with 'Operation not permitted' naming
+    the temporary file beside it."""
+    (work / "e.json").write_text("{}")
+    immutable(work / "e.json")
+    assert_fault(work, ["eval", work / "model", "--data", work / "text.txt", "--seqlen", "16", "-o", work / "e.json"],
+                 f"-o {work / 'e.json'} exists and cannot be replaced: it is immutable")
+
+
+def test_eval_replaces_an_existing_read_only_file(work: Path) -> None:
+    """The check reads the immutable flag, not the file's mode: a read-only e.json is replaced as before (its
+    folder is writable, which is all a rename needs)."""
+    (work / "e.json").write_text("{}")
+    (work / "e.json").chmod(0o444)
+    result = run_cli("eval", work / "model", "--data", work / "text.txt", "--seqlen", "16", "-o", work / "e.json")
+    assert result.exit_code == 0, result.output
+    assert "loss" in (work / "e.json").read_text()
