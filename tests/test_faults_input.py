@@ -1997,7 +1997,8 @@ def test_offload_dir_with_low_memory_runs(work: Path) -> None:
 def test_plan_refuses_a_config_the_headers_contradict(work: Path, no_model_load) -> None:
     """config.json hidden_size 48 over weights stored at 32 was planned (exit 0); calibrate refuses it. The
     unedited model still plans."""
-    args = ["plan", work / "model", "--calib", work / "text.txt", "--method", "rtn", "--group-size", "32", "--json"]
+    args = ["plan", work / "model", "--calib", work / "text.txt", "--method", "rtn", "--group-size", "32", "--seqlen",
+            "16", "--json"]  # a --seqlen the 64-position model holds: calibrate refuses the default 512
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     edit_json(work / "model" / "config.json", lambda d: d.update(hidden_size=48))

@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     WORDS,
     assert_fault,
+    one_error_line,
     run_cli,
     save_tiny_llama,
     unchanged,
@@ -78,3 +79,21 @@ def test_eval_replaces_an_existing_read_only_file(work: Path) -> None:
     result = run_cli("eval", work / "model", "--data", work / "text.txt", "--seqlen", "16", "-o", work / "e.json")
     assert result.exit_code == 0, result.output
     assert "loss" in (work / "e.json").read_text()
+
+
+@pytest.mark.parametrize("seqlen", [["--seqlen", "100"], []], ids=["seqlen-100", "default-512"])
+def test_plan_refuses_a_seqlen_past_the_positions_as_calibrate_does(work: Path, seqlen: list) -> None:
+    """plan of the 64-position model with --seqlen 100 (or the default 512) said fits: true; calibrate --dry-run
+    refused it. Both now give calibrate's line."""
+    args = [work / "model", "--calib", work / "text.txt", "--method", "gptq", "--group-size", "32", "--nsamples", "2",
+            *seqlen]
+    reference = run_cli("calibrate", *args, "-o", work / "out", "--dry-run")
+    assert reference.exit_code == 2, reference.output
+    line = assert_fault(work, ["plan", *args], "exceeds the model's max_position_embeddings (64)")
+    assert line == one_error_line(reference.stderr)
+
+
+def test_plan_without_data_keeps_the_default_seqlen(work: Path) -> None:
+    """An RTN plan draws no windows: its seqlen is not checked (calibrate does not check it either)."""
+    result = run_cli("plan", work / "model", "--method", "rtn", "--group-size", "32")
+    assert result.exit_code == 0, result.output

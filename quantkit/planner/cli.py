@@ -43,6 +43,7 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     from quantkit.calibrate.budget import plan_job
     from quantkit.calibrate.cli import job_from_options
     from quantkit.data.checks import check_data
+    from quantkit.models.files import check_seqlen
 
     given_data = options.get("calib")
     # what calibrate needs to run but a plan does not: data and an output (neither is read here)
@@ -54,7 +55,7 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     options.update(overwrite=False, push_to_hub=None, private=None)
     job = job_from_options(model, options, progress=False)
     check_data(given_data)  # a plan of a run that calibrate would refuse is no plan
-    _check_as_calibrate(job, model, given_data)
+    config = _check_as_calibrate(job, model, given_data)
     plan = plan_job(job)
     if given_output is not None:
         _check_output(given_output, plan, [model, given_data, options.get("calib_set"), options.get("offload_dir")])
@@ -62,6 +63,8 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     if plan.settings.on_gpu and device_limit is None:
         raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")
     host_limit = parse_bytes(host_mem) if host_mem is not None else available_host_bytes()
+    if given_data is not None and config is not None:  # last: after the model checks (calibrate's order) and plan's own
+        check_seqlen(config, job.data.seqlen, recipe=job.data.recipe_of("seqlen"))
     emit(plan, device_limit, host_limit, as_json)
 
 
@@ -75,9 +78,10 @@ def _check_output(output: str, plan, sources: list) -> None:
     check_output(output, overwrite=True, sources=sources, need_bytes=beside)
 
 
-def _check_as_calibrate(job, model: str, data: str | None) -> None:
+def _check_as_calibrate(job, model: str, data: str | None):
     """calibrate's checks that read only config.json: a device kind calibrate runs on (a plan for CUDA is made
-    on any machine), image data for a text model, a recipe against the model's linears."""
+    on any machine), image data for a text model, a recipe against the model's linears. Returns the config where
+    it read one (data given, a recipe or --quantize-vision), else None."""
     import torch
     from transformers import AutoConfig
 
@@ -95,17 +99,18 @@ def _check_as_calibrate(job, model: str, data: str | None) -> None:
 
     check_device_ids(job.run.devices, job.run.nproc)
     if data is None and job.quantization.recipe is None and not job.quantization.vision:
-        return
+        return None
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception:  # noqa: BLE001 - read_shape says what is wrong with a config that does not load
-        return
+        return None
     if job.quantization.vision:
         check_vision_side(config)
     if data is not None:
         check_source_for_model(data, is_vlm(config), model)
     if job.quantization.recipe is not None:
         check_recipe(job, config)
+    return config
 
 
 HELP = ("What `quantkit calibrate` with the same options needs per rank, on disk and in time, before it runs.\n\n"
