@@ -2187,7 +2187,7 @@ def test_demo_refuses_a_format_that_cannot_store_the_model_before_the_first_step
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--power", "inf"], "power must be a positive finite number, got inf"),
+    (["--power", "inf"], "importance['power'] must be a finite number, got inf"),  # calibrate's line
     (["--floor-fraction", "0.3"], "--floor-fraction 0.3 (floor_fraction=) sets how many of the tokens --top-fraction"),
 ])
 def test_importance_options_that_do_nothing_or_overflow_are_refused(work: Path, no_model_load, extra: list,

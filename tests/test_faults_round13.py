@@ -21,6 +21,8 @@ from helpers import (
 
 import quantkit
 
+HUGE = "9" * 25  # past 2**63 - 1: click's int takes it, torch's generators do not
+
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -97,3 +99,15 @@ def test_plan_without_data_keeps_the_default_seqlen(work: Path) -> None:
     """An RTN plan draws no windows: its seqlen is not checked (calibrate does not check it either)."""
     result = run_cli("plan", work / "model", "--method", "rtn", "--group-size", "32")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("extra", [["--seed", HUGE], ["--guidance", "linear", "--row-groups", HUGE]],
+                         ids=["seed", "row-groups"])
+def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: list) -> None:
+    """importance took a seed past 2**63 - 1 (and wrote a set) and 10**25 row groups (and grew past 5 GB in the
+    gradient pass); calibrate refused both before any work. importance now gives calibrate's line."""
+    data = [work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16"]
+    reference = run_cli("calibrate", *data, "--method", "tlq", "--group-size", "32", *extra, "-o", work / "out")
+    assert reference.exit_code == 2, reference.output
+    line = assert_fault(work, ["importance", *data, *extra, "-o", work / "set"], "must be at most")
+    assert line == one_error_line(reference.stderr)

@@ -173,3 +173,14 @@ def check_arguments(model: Any, data: Any, tokenizer: Any, options: dict, defaul
     if given["resume"] and given["output_dir"] is None:
         raise QuantkitError("--resume continues an interrupted --low-memory run into its -o directory (output_dir=); "
                             "give it")
+
+
+def check_set_arguments(data: Any, importance: dict | None) -> None:
+    """`quantkit importance`'s DataSpec and TLQ options, checked as build_job checks the same options of a
+    calibration job: one place of their types and bounds (a seed past 2**63 - 1 or 10**25 row groups is refused
+    by both, not taken by one until torch's sampler or the gradient pass fails)."""
+    checks = _checks()
+    for name in ("nsamples", "seqlen", "seed", "part", "chat_template"):
+        checks[name](name, getattr(data, name), flag=flag_of(name))
+    tlq = _importance_checks()  # the set's own options (top_fraction, floor_fraction, per_modality) are not a job's
+    _importance("importance", {key: value for key, value in (importance or {}).items() if key in tlq})

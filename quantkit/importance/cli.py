@@ -88,6 +88,9 @@ def build_calibration_set(model_name: str, data: DataSpec, output: str, *, impor
     per_modality, top_fraction, floor_fraction; None or absent: the data kind's default, quantkit.importance.tlq_defaults);
     the seed is the data's. Chat records are rendered
     with data.chat_template, else the tokenizer's own template."""
+    from quantkit.calibrate.arguments import check_set_arguments
+
+    check_set_arguments(data, importance)
     options = {"top_fraction": None, "floor_fraction": 0.1} | resolve_importance(importance, holds_images(data.source))
     check_settings(options["lam"], options["power"], options["top_fraction"], options["floor_fraction"])
     if options["top_fraction"] is None and options["floor_fraction"] != 0.1:
