@@ -5,6 +5,7 @@ wrong, nothing changed under the folder), and in the words the sibling command a
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from helpers import (
 
 import quantkit
 
+RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
 HUGE = "9" * 25  # past 2**63 - 1: click's int takes it, torch's generators do not
+
+
+def edit_config(model: Path, **fields) -> None:
+    """config.json of `model` with `fields` set (json writes NaN and Infinity, which transformers reads back)."""
+    path = model / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +119,23 @@ def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, ex
     assert reference.exit_code == 2, reference.output
     line = assert_fault(work, ["importance", *data, *extra, "-o", work / "set"], "must be at most")
     assert line == one_error_line(reference.stderr)
+
+
+
+@pytest.mark.parametrize("field, value", [("attention_dropout", float("nan")), ("rms_norm_eps", float("inf"))],
+                         ids=["nan", "inf"])
+def test_a_config_number_that_is_not_finite_is_refused(work: Path, no_model_load, field: str, value: float) -> None:
+    """DeepSeek-V3's routed_scaling_factor NaN was a traceback from inside its routing ('atol must be greater than
+    or equal to zero, but got -nan'); any non-finite number of a config's own is refused by its field, before the
+    model loads. A field with its own rule (a norm epsilon) says that rule."""
+    edit_config(work / "model", **{field: value})
+    line = assert_fault(work, ["calibrate", work / "model", "--calib", work / "text.txt", *RTN, "-o", work / "out"],
+                        f"config field {field} is {value!r}")
+    assert ("epsilon" in line) == (field == "rms_norm_eps"), line
+
+
+def test_an_infinite_bound_in_a_config_list_is_no_fault(work: Path) -> None:
+    """Mamba-2's time_step_limit (0.0, inf) is a limit, not a value: a list holding inf still calibrates."""
+    edit_config(work / "model", time_step_limit=[0.0, float("inf")])
+    result = run_cli("calibrate", work / "model", "--calib", work / "text.txt", *RTN, "-o", work / "out")
+    assert result.exit_code == 0, result.output

@@ -286,7 +286,8 @@ def _rope_fields(cfg: object) -> Iterable[tuple[str, object]]:
 def check_config_values(config: object, source: str) -> None:
     """Values no model runs with, refused by field before anything is built: a norm epsilon outside (0, 1), a
     rope_theta or rope scaling factor <= 0, a size <= 0, key/value heads that do not divide the attention heads, a
-    negative bos/eos token id (generation would index the embedding with it).
+    negative bos/eos token id (generation would index the embedding with it), a NaN anywhere or an infinite number
+    of its own (routed_scaling_factor NaN).
     transformers builds such models and they compute NaN or noise quietly."""
     def refuse(field: str, value: object, why: str) -> QuantkitError:
         return QuantkitError(f"{source}: config field {field} is {value!r}; {why}: fix config.json")
@@ -315,6 +316,11 @@ def check_config_values(config: object, source: str) -> None:
         sliding = "sliding_attention" in (fields.get("layer_types") or ()) or fields.get("use_sliding_window") is True
         if sliding and _number(window) and window <= 0:  # where no layer slides, 0 is a placeholder (qwen2_moe)
             raise refuse(prefix + "sliding_window", window, "its sliding-window layers would attend to no token")
+        for key, value in fields.items():  # after the fields' own rules above, which say more of theirs
+            inner = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) else ()
+            if (isinstance(value, float) and not math.isfinite(value)) or any(
+                    isinstance(v, float) and math.isnan(v) for v in inner):  # an infinite bound in a list is a limit
+                raise refuse(prefix + key, value, "a model computes with finite numbers (NaN reaches every output)")
 
 
 def size_fields(config: object, values: Iterable[int]) -> list[tuple[str, int]]:
