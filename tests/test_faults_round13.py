@@ -139,3 +139,17 @@ def test_an_infinite_bound_in_a_config_list_is_no_fault(work: Path) -> None:
     edit_config(work / "model", time_step_limit=[0.0, float("inf")])
     result = run_cli("calibrate", work / "model", "--calib", work / "text.txt", *RTN, "-o", work / "out")
     assert result.exit_code == 0, result.output
+
+
+def test_a_vision_feature_layer_past_the_tower_is_refused(tmp_path: Path, no_model_load) -> None:
+    """llava_onevision with vision_feature_layer 99 was 'IndexError: tuple index out of range' from the forward."""
+    pytest.importorskip("PIL")
+    from helpers import save_vlm, write_image_dataset
+
+    vlm = tmp_path / "vlm"
+    model, _ = save_vlm("llava_onevision", vlm)
+    layers = model.config.vision_config.num_hidden_layers
+    edit_config(vlm, vision_feature_layer=99)
+    data = write_image_dataset(tmp_path / "vl", n=4)
+    assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, *RTN[:5], "256", *RTN[6:], "-o", tmp_path / "out"],
+                 f"config field vision_feature_layer is 99; the vision tower has {layers} layers")

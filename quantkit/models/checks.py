@@ -286,8 +286,8 @@ def _rope_fields(cfg: object) -> Iterable[tuple[str, object]]:
 def check_config_values(config: object, source: str) -> None:
     """Values no model runs with, refused by field before anything is built: a norm epsilon outside (0, 1), a
     rope_theta or rope scaling factor <= 0, a size <= 0, key/value heads that do not divide the attention heads, a
-    negative bos/eos token id (generation would index the embedding with it), a NaN anywhere or an infinite number
-    of its own (routed_scaling_factor NaN).
+    negative bos/eos token id (generation would index the embedding with it), a vision_feature_layer past the
+    vision tower, a NaN anywhere or an infinite number of its own (routed_scaling_factor NaN).
     transformers builds such models and they compute NaN or noise quietly."""
     def refuse(field: str, value: object, why: str) -> QuantkitError:
         return QuantkitError(f"{source}: config field {field} is {value!r}; {why}: fix config.json")
@@ -316,6 +316,12 @@ def check_config_values(config: object, source: str) -> None:
         sliding = "sliding_attention" in (fields.get("layer_types") or ()) or fields.get("use_sliding_window") is True
         if sliding and _number(window) and window <= 0:  # where no layer slides, 0 is a placeholder (qwen2_moe)
             raise refuse(prefix + "sliding_window", window, "its sliding-window layers would attend to no token")
+        tower = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", None)
+        picks = fields.get("vision_feature_layer")
+        for pick in picks if isinstance(picks, list | tuple) else [picks]:  # an index into the tower's hidden states
+            if _number(tower) and _number(pick) and not -tower - 1 <= pick <= tower:
+                raise refuse(prefix + "vision_feature_layer", picks, f"the vision tower has {tower} layers, so "
+                             f"{tower + 1} hidden states (the embeddings' first): an index from {-tower - 1} to {tower}")
         for key, value in fields.items():  # after the fields' own rules above, which say more of theirs
             inner = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) else ()
             if (isinstance(value, float) and not math.isfinite(value)) or any(
