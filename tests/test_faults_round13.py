@@ -141,6 +141,22 @@ def test_an_infinite_bound_in_a_config_list_is_no_fault(work: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+def test_a_nan_routing_bias_is_refused_as_a_nan_weight_is(tmp_path: Path) -> None:
+    """DeepSeek-V3's e_score_correction_bias (a stored buffer, not a parameter) all NaN calibrated and exported;
+    a NaN router weight was refused. The buffer is now checked as every stored float tensor is."""
+    from helpers import save_tiny_causal_lm
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_causal_lm(tmp_path, "deepseek_v3", first_k_dense_replace=1)
+    stored = load_file(model / "model.safetensors")
+    key = next(k for k in stored if k.endswith("e_score_correction_bias"))
+    stored[key] = stored[key] * float("nan")
+    save_file(stored, model / "model.safetensors", metadata={"format": "pt"})
+    write_text(tmp_path / "text.txt")
+    assert_fault(tmp_path, ["calibrate", model, "--calib", tmp_path / "text.txt", *RTN, "-o", tmp_path / "out"],
+                 f"weight {key} (decoder layer 1) holds {stored[key].numel()} NaN value(s)")
+
+
 def test_a_vision_feature_layer_past_the_tower_is_refused(tmp_path: Path, no_model_load) -> None:
     """llava_onevision with vision_feature_layer 99 was 'IndexError: tuple index out of range' from the forward."""
     pytest.importorskip("PIL")

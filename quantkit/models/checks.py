@@ -132,8 +132,8 @@ def source_name(model: object) -> str:
 
 
 def check_model_weights(model: torch.nn.Module, source: str | None = None) -> None:
-    """Every parameter of a loaded model is float and finite (tied parameters checked once; the integer codes
-    of an already quantized checkpoint are left alone)."""
+    """Every parameter of a loaded model is float and finite, and so is every float buffer its checkpoint stores
+    (tied parameters checked once; the integer codes of an already quantized checkpoint are left alone)."""
     config = getattr(model, "config", None)
     source = source or source_name(model)
     packed = getattr(config, "quantization_config", None) is not None  # a quantized checkpoint's integer codes
@@ -141,6 +141,10 @@ def check_model_weights(model: torch.nn.Module, source: str | None = None) -> No
         if param.device.type == "meta" or (packed and not param.is_floating_point()):
             continue
         check_weight(name, param.detach(), source)
+    stored = model.state_dict().keys()  # persistent buffers are weights too (DeepSeek-V3's e_score_correction_bias)
+    for name, buffer in model.named_buffers():
+        if name in stored and buffer.is_floating_point() and buffer.device.type != "meta":
+            check_weight(name, buffer, source)
     for target, tied_to in tied_pairs(model):
         a, b = model.get_parameter(target), model.get_parameter(tied_to)
         if a is not b and "meta" not in (a.device.type, b.device.type) and not same_values(a.detach(), b.detach()):
