@@ -100,8 +100,12 @@ def short_repr(value: object) -> str:
 _kind = short_repr
 
 
+# the largest count or size taken (expect_int's bound, and --output-side's: see expect_int for why)
+MOST_COUNT = 2**31 - 1
+
+
 def expect_int(name: str, value: object, *, least: int | None = None, allowed: tuple = (), optional: bool = False,
-               flag: str | None = None, most: int = 2**31 - 1) -> int | None:
+               flag: str | None = None, most: int = MOST_COUNT) -> int | None:
     """`value` if it is an int (not a bool, not a float), at least `least` or one of `allowed`, and at most `most`
     (counts and sizes beyond 2**31 overflow torch's and the samplers' integers long before they mean anything)."""
     import numbers

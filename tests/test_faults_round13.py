@@ -109,17 +109,21 @@ def test_plan_without_data_keeps_the_default_seqlen(work: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("extra", [["--seed", HUGE], ["--guidance", "linear", "--row-groups", HUGE]],
-                         ids=["seed", "row-groups"])
-def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: list) -> None:
-    """importance took a seed past 2**63 - 1 (and wrote a set) and 10**25 row groups (and grew past 5 GB in the
-    gradient pass); calibrate refused both before any work. importance now gives calibrate's line."""
+@pytest.mark.parametrize("extra, fragment", [
+    (["--seed", HUGE], "seed (--seed) must be at most 9223372036854775807"),
+    (["--guidance", "linear", "--row-groups", HUGE], "importance['row_groups'] must be at most 2147483647"),
+    (["--importance-loss", "fisher", "--fisher-draws", HUGE], "importance['draws'] must be at most 2147483647"),
+    (["--output-side", HUGE], f"0 (none) or a positive whole number, got {HUGE} (the most is 2147483647)"),
+], ids=["seed", "row-groups", "fisher-draws", "output-side"])
+def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: list, fragment: str) -> None:
+    """importance took a seed past 2**63 - 1 (and wrote a set), 10**25 row groups or Fisher draws (and ran out of
+    memory in the gradient pass) and 10**25 output-side rows (a set written); calibrate refused the first three
+    before any work. Both commands now refuse each with one line, the same."""
     data = [work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16"]
     reference = run_cli("calibrate", *data, "--method", "tlq", "--group-size", "32", *extra, "-o", work / "out")
     assert reference.exit_code == 2, reference.output
-    line = assert_fault(work, ["importance", *data, *extra, "-o", work / "set"], "must be at most")
+    line = assert_fault(work, ["importance", *data, *extra, "-o", work / "set"], fragment)
     assert line == one_error_line(reference.stderr)
-
 
 
 @pytest.mark.parametrize("field, value", [("attention_dropout", float("nan")), ("rms_norm_eps", float("inf"))],

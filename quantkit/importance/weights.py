@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantkit.engine.weights import LayerWeights
-from quantkit.errors import QuantkitError
+from quantkit.errors import MOST_COUNT, QuantkitError
 from quantkit.importance.gradients import check_guidance, importance_scores
 from quantkit.importance.masks import scored_positions, valid_mask, vision_tokens
 
@@ -40,9 +40,10 @@ def resolve_importance(given: dict | None, images: bool) -> dict:
     given = {k: v for k, v in (given or {}).items() if v is not None}
     settings = tlq_defaults(images) | given
     side = settings["output_side"]  # the one check of --output-side (output_side=): calibrate's, quantize's, importance's
-    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 0):
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not 0 <= side <= MOST_COUNT):
+        most = f" (the most is {MOST_COUNT})" if isinstance(side, int) and side > MOST_COUNT else ""
         raise QuantkitError(f"--output-side (importance={{'output_side': ...}}) is the rows per block of the "
-                            f"output-side factor: 0 (none) or a positive whole number, got {side!r}")
+                            f"output-side factor: 0 (none) or a positive whole number, got {side!r}{most}")
     if settings["row_groups"] > 1 and side:
         if "output_side" in given:
             raise QuantkitError("--row-groups solves each group of a linear's rows with its own Hessian, and "
