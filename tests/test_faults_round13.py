@@ -173,3 +173,19 @@ def test_a_vision_feature_layer_past_the_tower_is_refused(tmp_path: Path, no_mod
     data = write_image_dataset(tmp_path / "vl", n=4)
     assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, *RTN[:5], "256", *RTN[6:], "-o", tmp_path / "out"],
                  f"config field vision_feature_layer is 99; the vision tower has {layers} layers")
+
+
+def test_an_image_of_no_pixels_is_refused_by_its_record(tmp_path: Path) -> None:
+    """quantize(VLM, data=[..., {'image': a 0x0 PIL image, 'text': ...}]) raised ZeroDivisionError from the
+    processor's resize, not a QuantkitError."""
+    pytest.importorskip("PIL")
+    from helpers import save_vlm
+    from PIL import Image
+
+    save_vlm("qwen2_vl", tmp_path / "vlm")
+    data = [{"image": Image.new("RGB", (28, 28)), "text": "a square"}, {"image": Image.new("RGB", (0, 0)),
+                                                                         "text": "nothing"}]
+    with unchanged(tmp_path), pytest.raises(quantkit.QuantkitError) as caught:
+        quantkit.quantize(str(tmp_path / "vlm"), data=data, method="rtn", nsamples=2, seqlen=256, group_size=32,
+                          output_dir=tmp_path / "out", progress=False)
+    assert str(caught.value) == "data record 2: its image is 0x0 pixels, no picture to calibrate on; fix or drop the record"

@@ -178,6 +178,9 @@ def _conversation(record: dict, where: str) -> list[dict]:
 def _process(processor, text: str, image, where: str = "record") -> dict:
     """Processor outputs for one text, with the image when the text holds its placeholder."""
     images = [image] if processor.image_token in text else None
+    if images and 0 in (getattr(image, "width", 1), getattr(image, "height", 1)):  # processors divide by its sides
+        raise QuantkitError(f"{where}: its image is {image.width}x{image.height} pixels, no picture to calibrate on; "
+                            "fix or drop the record")
     try:
         features = processor(text=[text], images=images, return_tensors="pt")
     except (ValueError, TypeError, IndexError) as err:  # an image the processor cannot resize (extreme aspect ratio)
