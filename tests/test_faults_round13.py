@@ -13,6 +13,7 @@ import pytest
 from helpers import (
     WORDS,
     assert_fault,
+    assert_same_files,
     one_error_line,
     run_cli,
     save_tiny_llama,
@@ -189,3 +190,17 @@ def test_an_image_of_no_pixels_is_refused_by_its_record(tmp_path: Path) -> None:
         quantkit.quantize(str(tmp_path / "vlm"), data=data, method="rtn", nsamples=2, seqlen=256, group_size=32,
                           output_dir=tmp_path / "out", progress=False)
     assert str(caught.value) == "data record 2: its image is 0x0 pixels, no picture to calibrate on; fix or drop the record"
+
+
+def test_a_data_file_whose_name_holds_a_line_break_is_read(work: Path) -> None:
+    """--calib 'te\\nxt.txt', an existing file, was refused as text given where a path belongs; it is read as the
+    file it is, and calibrates as its copy under a plain name does. A name with a line break that names nothing is
+    still refused so."""
+    (work / "te\nxt.txt").write_bytes((work / "text.txt").read_bytes())
+    for name, out in (("text.txt", "a"), ("te\nxt.txt", "b")):
+        result = run_cli("calibrate", work / "model", "--calib", work / name, "--method", "gptq", *RTN[2:], "-o",
+                         work / out)  # GPTQ: the export depends on the text read
+        assert result.exit_code == 0, result.output
+    assert_same_files(work / "a", work / "b")
+    assert_fault(work, ["calibrate", work / "model", "--calib", work / "gone\nxt.txt", *RTN, "-o", work / "c"],
+                 "is no file, directory, glob or hf: dataset")

@@ -301,9 +301,12 @@ def load_hf(spec: str) -> list[str]:
 
 
 def check_source_name(source: str | os.PathLike) -> None:
-    """A source string no file system holds as a name (a line break, a part over the file system's name limit) is
-    text given where a path belongs: one QuantkitError instead of an OSError from the first stat."""
+    """A source string that names nothing and no file system holds as a name (a line break, a part over the file
+    system's name limit) is text given where a path belongs: one QuantkitError instead of an OSError from the first
+    stat. A file whose name holds a line break exists all the same, and is read."""
     text = os.fspath(source)
+    if os.path.lexists(text):
+        return
     if "\n" in text or max(len(os.fsencode(part)) for part in text.split("/")) > name_limit(text):
         raise QuantkitError(f"data source {short_repr(text)} ({len(text)} characters) is no file, directory, glob or "
                             "hf: dataset; to calibrate on a text itself, pass it in a list: data=[text]")
