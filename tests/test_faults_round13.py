@@ -127,6 +127,18 @@ def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, ex
     assert line == one_error_line(reference.stderr)
 
 
+@pytest.mark.parametrize("counts", [["--nsamples", "0", "--seqlen", "16"], ["--nsamples", "2", "--seqlen", "1"]],
+                         ids=["nsamples-0", "seqlen-1"])
+def test_importance_refuses_counts_in_calibrate_s_words(work: Path, no_model_load, counts: list) -> None:
+    """importance said '--nsamples must be positive and --seqlen at least 2' of either, a check of its own beside
+    build_job's, which it now goes through as calibrate does."""
+    data = [work / "model", "--calib", work / "text.txt", *counts]
+    reference = run_cli("calibrate", *data, "--method", "tlq", "--group-size", "32", "-o", work / "out")
+    assert reference.exit_code == 2, reference.output
+    line = assert_fault(work, ["importance", *data, "-o", work / "set"], "must be at least")
+    assert line == one_error_line(reference.stderr)
+
+
 @pytest.mark.parametrize("field, value", [("attention_dropout", float("nan")), ("rms_norm_eps", float("inf"))],
                          ids=["nan", "inf"])
 def test_a_config_number_that_is_not_finite_is_refused(work: Path, no_model_load, field: str, value: float) -> None:

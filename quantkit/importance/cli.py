@@ -148,9 +148,6 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
 def importance(model: str, calib: str, output: str, overwrite: bool, as_json: bool, device: str,
                offload_dir: str | None, **options) -> None:
     """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
-    nsamples, seqlen = options["nsamples"], options["seqlen"]  # None: not given (the recipe's, else the default)
-    if (nsamples is not None and nsamples <= 0) or (seqlen is not None and seqlen <= 1):
-        raise QuantkitError("--nsamples must be positive and --seqlen at least 2")
     data = DataSpec.drawing(source=calib, **{key: options.pop(key) for key in DATA_OPTIONS})
     options["loss"], options["draws"] = options.pop("importance_loss"), options.pop("fisher_draws")
     manifest = build_calibration_set(model, data, output, importance=options, device=device, offload_dir=offload_dir,
