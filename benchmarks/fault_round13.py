@@ -760,6 +760,8 @@ def _number_cases(out: Cases) -> None:
     for flag, base in [("--fisher-draws", [*IMP, "--importance-loss", "fisher"]), ("--output-side", IMP)]:
         add("numbers13", f"importance {flag} {'9' * 25!r}", lambda w, f=flag, b=base: _bounded(w, [
             "importance", w / "model", "--calib", w / "text.txt", *b, f, "9" * 25, "-o", w / "set"]))
+    add("numbers13", f"qid fit --bootstrap {'9' * 25!r}", lambda w: _capped(w, [
+        "qid", "fit", w / "q.csv", "--json", "--bootstrap", "9" * 25]))
     # qid measure and demo: the values that must be refused (a measurement or a demo is minutes of work)
     measure = ["--eval-tokens", "64", "--eval-seqlen", "16", "--nsamples", "2", "--calib-seqlen", "16", "--group-size",
                "32", "--methods", "rtn", "--bits", "4", "--no-progress"]
@@ -767,11 +769,28 @@ def _number_cases(out: Cases) -> None:
         for value in ("-0", "9" * 25, "１e3"):
             add("numbers13", f"qid measure {flag} {value!r}", lambda w, f=flag, v=value: _bounded(w, [
                 "qid", "measure", w / "model", "--eval", w / "text.txt", *measure, f, v, "-o", w / "m.csv"]))
-    for flag, value in [("--train-seconds", "1e309"), ("--train-seconds", "1e-400"), ("--train-seconds", "-0.0"),
-                        ("--train-seconds", "Infinity"), ("--seqlen", "-0"), ("--nsamples", "-0"), ("--threads", "-0"),
+    add("numbers13", "demo --train-seconds '1e309' (no --model: trains that long)", lambda w: _capped(w, [
+        "demo", "--data", w / "text.txt", "--seqlen", "16", "--nsamples", "2", "-o", w / "out", "--train-seconds",
+        "1e309"]))
+    for flag, value in [("--train-seconds", "1e-400"), ("--train-seconds", "-0.0"), ("--seqlen", "-0"), ("--nsamples", "-0"), ("--threads", "-0"),
                         ("--seqlen", "9" * 25), ("--nsamples", "9" * 25), ("--threads", "9" * 25)]:
         add("numbers13", f"demo {flag} {value!r}", lambda w, f=flag, v=value: _bounded(w, [
             "demo", "--data", w / "text.txt", "--seqlen", "16", "--nsamples", "2", "-o", w / "out", f, v]))
+
+
+def _capped(w: Path, args: list, seconds: int = 90):
+    """`quantkit ARGS` in a child stopped after `seconds` (exit 124): for an input a right run refuses at once and a
+    wrong one works on for good (an endless training or resampling), so the battery does not wait HANG_SECONDS."""
+    import subprocess
+
+    from fault_battery import QUANTKIT_BIN, Ran
+
+    try:
+        done = subprocess.run([QUANTKIT_BIN, *[str(a) for a in args]], cwd=w, text=True, capture_output=True,
+                              stdin=subprocess.DEVNULL, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return Ran(124, "", f"the child was still running after {seconds} s (killed): the input was taken\n")
+    return Ran(done.returncode, done.stdout, done.stderr)
 
 
 def _bounded(w: Path, args: list):
