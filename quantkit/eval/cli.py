@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli_options import output_option
+from quantkit.cli_options import count, output_option, real
 from quantkit.data.sources import PARTS
 from quantkit.errors import QuantkitError, first_line
 from quantkit.export.reader import check_export_dir, is_quantkit_output
@@ -34,13 +34,13 @@ def check_eval_text(texts: dict[str, list[str]], model_or_dir: str, data: str, p
 @click.option("--data", "data", default=None, help="Text source for loss and perplexity: file, dir, glob, jsonl, hf:NAME[:CONFIG][:SPLIT][:FIELD], or a comma list.")
 @click.option("--tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (needs `pip install quantkit[lmeval]`).")
 @click.option("--include-path", "include_path", multiple=True, type=click.Path(file_okay=False), help="With --tasks: a folder of your own task YAML files (repeatable).")
-@click.option("--num-fewshot", type=int, default=None, help="With --tasks: few-shot examples per prompt (default: each task's own).")
-@click.option("--limit", type=float, default=None, help="With --tasks: at most N examples per task (a fraction of each task when below 1).")
+@click.option("--num-fewshot", type=count(least=0), default=None, help="With --tasks: few-shot examples per prompt (default: each task's own).")
+@click.option("--limit", type=real(), default=None, help="With --tasks: at most N examples per task (a fraction of each task when below 1).")
 @click.option("--part", type=click.Choice(PARTS), default="heldout", show_default=True, help="Which part of each file to score: heldout = the last 10% of its characters (the part calibration leaves out with --part train), train = the first 90%, all = everything.")
-@click.option("--seqlen", type=int, default=256, show_default=True, help="Window length in tokens.")
-@click.option("--stride", type=int, default=None, help="Window step (default: seqlen, non-overlapping).")
-@click.option("--max-tokens", type=int, default=None, help="Evaluate only the first N tokens of each source (file or dataset).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows (or task requests) per forward pass.")
+@click.option("--seqlen", type=count(), default=256, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=count(), default=None, help="Window step (default: seqlen, non-overlapping).")
+@click.option("--max-tokens", type=count(), default=None, help="Evaluate only the first N tokens of each source (file or dataset).")
+@click.option("--batch-size", type=count(), default=8, show_default=True, help="Windows (or task requests) per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1.")
 @output_option(default=None, type=click.Path(dir_okay=False), help="Also write the results as one JSON file here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli_options import output_option
+from quantkit.cli_options import MOST_RESAMPLES, MOST_THREADS, SEED, count, output_option, real
 from quantkit.errors import QuantkitError, unknown_choice
 from quantkit.fsutil import atomic_file, check_output_file, check_output_folder
 
@@ -88,21 +88,21 @@ def qid() -> None:
               help="Comma-separated: rtn, gptq, tlq, bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes via transformers; fixed bit width).")
 @click.option("--eval", "eval_text", required=True, help="Eval text: file, glob, directory or hf:DATASET (named in every row).")
 @click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score (heldout = last 10% of its characters).")
-@click.option("--eval-tokens", type=int, default=20_000, show_default=True, help="Token budget: the first N tokens of the eval stream.")
-@click.option("--eval-seqlen", type=int, default=256, show_default=True, help="Tokens per evaluation window.")
+@click.option("--eval-tokens", type=count(), default=20_000, show_default=True, help="Token budget: the first N tokens of the eval stream.")
+@click.option("--eval-seqlen", type=count(), default=256, show_default=True, help="Tokens per evaluation window.")
 @click.option("--calib", default=None, help="Calibration text (default: the eval source).")
 @click.option("--calib-part", type=click.Choice(["all", "train", "heldout"]), default="train", show_default=True, help="Part of each calibration file to draw windows from (train = first 90%).")
-@click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration windows per quantized model.")
-@click.option("--calib-seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--group-size", type=int, default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
+@click.option("--nsamples", type=count(), default=32, show_default=True, help="Calibration windows per quantized model.")
+@click.option("--calib-seqlen", type=count(), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--group-size", type=count(), default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid, or asymmetric with a fitted zero point.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the calibration windows.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for drawing the calibration windows.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the quantized linears' inputs per token too (W8A8/W4A8; needs --group-size -1 --sym); rows' method reads e.g. gptq-a8.")
 @click.option("--tokens", multiple=True, help="Training tokens D: TOKENS for all checkpoints or MODEL=TOKENS (repeatable).")
-@click.option("--tokens-per-step", type=int, default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
+@click.option("--tokens-per-step", type=count(), default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
 @output_option("out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to append to (resumes).")
 @click.option("--retry-errors", is_flag=True, help="Measure again the cells recorded as failed.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--threads", type=count(least=1, most=MOST_THREADS), default=None, help="torch threads (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], out_csv: str, tokens: tuple[str, ...],
             retry_errors: bool, threads: int | None, no_progress: bool, **settings) -> None:
@@ -151,10 +151,10 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
 @click.option("--by-bits", is_flag=True, help="Fit each bit width separately (P folded into k).")
 @click.option("--method", default=None, help="Fit only this method (default: each method in the table).")
 @click.option("--law", "law", type=click.Choice(["all", "unified", "D", "N", "P"]), default="all", show_default=True, help="Which law to fit: the unified one, one single-factor law (D, N or P), or all.")
-@click.option("--bootstrap", type=int, default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
-@click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")
-@click.option("--seed", type=int, default=None, help="Seed for the bootstrap resamples (default 0).")
-@click.option("--huber-delta", type=float, default=None, help="Huber loss threshold on log-space residuals (--estimator huber; default 1e-3).")
+@click.option("--bootstrap", type=count(least=0, most=MOST_RESAMPLES), default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
+@click.option("--level", type=real(), default=0.95, show_default=True, help="Confidence level of the intervals.")
+@click.option("--seed", type=SEED, default=None, help="Seed for the bootstrap resamples (default 0).")
+@click.option("--huber-delta", type=real(), default=None, help="Huber loss threshold on log-space residuals (--estimator huber; default 1e-3).")
 @click.option("--estimator", type=click.Choice(["wls", "huber"]), default="wls", show_default=True,
               help="wls: least squares weighted by each point's qid_se (plus a fitted misfit term); huber: unweighted Huber loss.")
 @click.option("--resample", type=click.Choice(["points", "errors"]), default=None,
@@ -189,10 +189,10 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
 @qid.command()
 @click.option("--law", "law_spec", default="ouyang2024-gptq", show_default=True, help="A published law name or a `qid fit -o` JSON.")
 @click.option("--method", default=None, help="Method inside a fit JSON holding several.")
-@click.option("--params", "n_params", type=float, required=True, help="Non-embedding parameters N (e.g. 7e9).")
-@click.option("--bits", type=float, required=True, help="Weight bits P.")
-@click.option("--tokens", type=float, default=None, help="Training tokens D: predict QiD.")
-@click.option("--qid", "qid_value", type=float, default=None, help="Target QiD: solve for the training tokens D.")
+@click.option("--params", "n_params", type=real(), required=True, help="Non-embedding parameters N (e.g. 7e9).")
+@click.option("--bits", type=real(), required=True, help="Weight bits P.")
+@click.option("--tokens", type=real(), default=None, help="Training tokens D: predict QiD.")
+@click.option("--qid", "qid_value", type=real(), default=None, help="Target QiD: solve for the training tokens D.")
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> None:
     """QiD for (N, D, P), or the training tokens at which N params reach a given QiD at P bits."""
@@ -235,20 +235,20 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
 @qid.command("training-level")
 @click.argument("model")
 @click.option("--law", "law_spec", required=True, help="A `qid fit -o` JSON (its bootstrap draws give the interval), a law JSON {k, alpha, beta, gamma} or a published law name.")
-@click.option("--bits", type=int, required=True, help="Weight bits P at which to measure QiD.")
+@click.option("--bits", type=count(), required=True, help="Weight bits P at which to measure QiD.")
 @click.option("--method", default="gptq", show_default=True, help="Quantization method to measure with (and the fit's method to use).")
 @click.option("--data", "eval_text", default=None, help="Eval text (file, glob, directory or hf:DATASET); required unless --qid is given.")
 @click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score.")
-@click.option("--eval-tokens", type=int, default=201_000, show_default=True, help="Token budget of the eval stream (the sweep's: about 200k scored).")
-@click.option("--eval-seqlen", type=int, default=256, show_default=True, help="Tokens per evaluation window (the bootstrap unit).")
+@click.option("--eval-tokens", type=count(), default=201_000, show_default=True, help="Token budget of the eval stream (the sweep's: about 200k scored).")
+@click.option("--eval-seqlen", type=count(), default=256, show_default=True, help="Tokens per evaluation window (the bootstrap unit).")
 @click.option("--calib", default=None, help="Calibration text (default: the eval source's train part).")
-@click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration windows.")
-@click.option("--calib-seqlen", type=int, default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--group-size", type=int, default=None, help="Quantization group (default: the fit's, else 128); match the sweep's.")
-@click.option("--qid", "qid_value", type=float, default=None, help="Use this measured QiD instead of measuring (MODEL still gives N).")
-@click.option("--qid-se", type=float, default=None, help="Standard error of --qid.")
-@click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the interval.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration windows and the interval's simulation.")
+@click.option("--nsamples", type=count(), default=32, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", type=count(), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--group-size", type=count(), default=None, help="Quantization group (default: the fit's, else 128); match the sweep's.")
+@click.option("--qid", "qid_value", type=real(), default=None, help="Use this measured QiD instead of measuring (MODEL still gives N).")
+@click.option("--qid-se", type=real(), default=None, help="Standard error of --qid.")
+@click.option("--level", type=real(), default=0.95, show_default=True, help="Confidence level of the interval.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for calibration windows and the interval's simulation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @output_option(type=click.Path(dir_okay=False), default=None, help="Write the result JSON here.")
 def training_level(model: str, law_spec: str, bits: int, method: str, group_size: int | None, qid_value: float | None,
