@@ -502,35 +502,58 @@ def test_lazy_block_size_does_not_change_the_solution(group_size: int) -> None:
         assert loss == pytest.approx(reference_loss, rel=1e-4)
 
 
-def test_row_rounding_with_feedback_matches_nearest_plane_reference() -> None:
-    """Each column's rows (one block of G at a time) are rounded in turn, each residual fed to the block's later
-    rows through the upper Cholesky factor U of G^-1 (Babai's nearest plane): the solver's codes (numpy on the CPU,
-    torch elsewhere) equal a plain per-element loop of that rule written here, on many random columns."""
-    from quantkit.quant.gptq import RowFeedback, _row_babai
+def _kronecker_nearest_plane(weight, hessian, factor, scale, zero, maxq, damp) -> list[list[float]]:
+    """Codes of Babai's nearest plane on the loss vec(W - Q)^T (H (x) G) vec(W - Q), written as a scalar loop over
+    every weight in the order column by column, row by row (float64): each residual, over the diagonal of the
+    upper Cholesky factor U of (H (x) G)^-1, moves every later weight by its row of U; per-channel grids."""
+    out, columns = weight.shape
+    h = hessian.double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    g = factor.double().clone()
+    g.diagonal(dim1=1, dim2=2).add_(damp * g.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True))
+    metric = torch.kron(h, torch.block_diag(*g))  # index c * out + i: column c, row i
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(metric)), upper=True).tolist()
+    values = weight.double().T.reshape(-1).tolist()
+    codes = [[0.0] * columns for _ in range(out)]
+    for at in range(out * columns):
+        c, i = divmod(at, out)
+        s, z = float(scale[i]), float(zero[i])
+        q = min(max(round(values[at] / s) + z, 0), maxq)
+        codes[i][c] = q
+        residual = (values[at] - (q - z) * s) / upper[at][at]
+        for later in range(at + 1, out * columns):
+            values[later] -= residual * upper[at][later]
+    return codes
 
-    generator = torch.Generator().manual_seed(0)
-    maxq = 3
-    for blocks, width in ((3, 4), (5, 16)):
+
+@pytest.mark.parametrize("steps", ["numpy", "torch"])
+def test_row_rounding_with_feedback_matches_a_kronecker_nearest_plane_reference(steps: str, monkeypatch) -> None:
+    """GPTQ with an output-side factor G (blocks of rows) rounds each column's rows with feedback across them and
+    every later column with GPTQ's update, in wavefront steps over whole spans of columns: its codes equal Babai's
+    nearest plane on H (x) G taken weight by weight (a scalar loop over the dense Kronecker factor, written here),
+    with numpy's steps (the CPU) and torch's (elsewhere, run here on the CPU); blocks narrower and wider than the
+    span, spans cut by GPTQ's block (block_size 3)."""
+    from quantkit.quant import gptq
+    from quantkit.quant.grid import fit_groups
+    from quantkit.quant.rows import RowFeedback
+
+    if steps == "torch":
+        monkeypatch.setattr(gptq, "RowFeedback", lambda upper: RowFeedback(upper, numpy=False))
+    maxq, mismatched, total = 3, 0, 0
+    for seed, (blocks, width, columns, block_size) in enumerate(((3, 4, 6, 128), (2, 8, 5, 3), (1, 6, 9, 4))):
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(blocks * width, columns, generator=generator)
+        x = torch.randn(64, columns, generator=generator) @ torch.randn(columns, columns, generator=generator)
+        hessian = 2 * x.T @ x / 64
         mixing = torch.randn(blocks, width, width, generator=generator)
-        metric = mixing @ mixing.transpose(1, 2) + 0.1 * torch.eye(width)
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(metric)), upper=True)
-        for _ in range(50):
-            values = 3 * torch.randn(blocks * width, generator=generator)
-            scale = torch.rand(blocks * width, generator=generator) + 0.2
-            zero = torch.full((blocks * width,), 1.5)
-            expected = []
-            for k in range(blocks):
-                v = [float(x) for x in values[k * width:(k + 1) * width]]
-                for r in range(width):
-                    i = k * width + r
-                    q = min(max(round(v[r] / float(scale[i])) + float(zero[i]), 0), maxq)
-                    expected.append(q)
-                    residual = (v[r] - (q - float(zero[i])) * float(scale[i])) / float(upper[k, r, r])
-                    for c in range(r + 1, width):
-                        v[c] -= residual * float(upper[k, r, c])
-            assert _row_babai(values, scale, zero, maxq, RowFeedback(upper)).tolist() == expected
-            # the GPU path's steps (torch operations), run here on the CPU
-            assert _row_babai(values, scale, zero, maxq, RowFeedback(upper, numpy=False)).tolist() == expected
+        factor = mixing @ mixing.transpose(1, 2) + 0.1 * torch.eye(width)
+        spec = QuantSpec(bits=2, group_size=-1, sym=False, act_order=False, block_size=block_size)
+        scale, zero = fit_groups(weight, spec)
+        expected = _kronecker_nearest_plane(weight, hessian, factor, scale[:, 0], zero[:, 0], maxq, spec.damp)
+        got = gptq.gptq_solve(weight, hessian, spec, row_metric=factor).qweight.tolist()
+        mismatched += sum(a != b for row_got, row in zip(got, expected) for a, b in zip(row_got, row))
+        total += weight.numel()
+    assert mismatched == 0, f"{mismatched} of {total} codes differ"
 
 
 def test_output_side_factor_rounds_rows_with_feedback() -> None:

@@ -16,7 +16,9 @@ output-side factor (block-diagonal: one [b, b] block per b consecutive rows), th
 Babai's nearest-plane rounding on the Kronecker factor H (x) G, taken column by column and row by row
 within a column, rounds each column's rows in turn with feedback through the upper Cholesky factor of
 G^-1 (feedback across rows), and the columns after it receive exactly GPTQ's update from the column's
-total rounding residual (feedback across columns): only the rounding inside a column changes.
+total rounding residual (feedback across columns): only the rounding inside a column changes. A weight waits only on
+the one above it in its column and the one left of it in its row, so a span of columns of one grid is rounded in
+wavefront steps (quantkit.quant.rows): m + b - 1 steps for m columns and b-row blocks, not m * b.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.cd import refine_codes
 from quantkit.quant.grid import all_finite, check_finite, fit_grid, fit_groups, max_code
+from quantkit.quant.rows import RowFeedback, round_span
 from quantkit.quant.rtn import group_index
 from quantkit.quant.spec import QuantResult, QuantSpec
 
@@ -152,55 +154,6 @@ def _columns_as_updated(
     r_group = _r_slice(lower, column, end, column, end)
     update = torch.linalg.solve_triangular(r_group, torch.cat(sums, dim=1), upper=True, left=False)
     return torch.cat(weights, dim=1) + update
-
-
-class RowFeedback:
-    """The output-side factor's feedback across rows, laid out for _row_babai: the upper Cholesky factors U of the
-    blocks of G^-1 ([blocks, b, b]) as diag [b, blocks] and rows [b, b, blocks] (U[k, r, c] at [r, c, k]), so that
-    each step reads contiguous rows; numpy arrays on the CPU (torch's per-op overhead made the b tiny steps per column
-    most of a solve's time: numpy's is a third; the same float32 steps, so the same codes), torch tensors elsewhere."""
-
-    def __init__(self, row_upper: torch.Tensor, numpy: bool | None = None) -> None:
-        self.blocks, self.width = row_upper.shape[0], row_upper.shape[1]
-        rows = row_upper.permute(1, 2, 0).contiguous()
-        diag = torch.diagonal(row_upper, dim1=1, dim2=2).T.contiguous()
-        self.numpy = row_upper.device.type == "cpu" if numpy is None else numpy  # numpy=False: torch's steps
-        self.rows, self.diag = (rows.numpy(), diag.numpy()) if self.numpy else (rows, diag)
-
-    def layout(self, vector: torch.Tensor):
-        """An [out] vector as [b, blocks] (row r of every block in one row), a copy in this feedback's array type."""
-        laid = vector.reshape(self.blocks, self.width).T.contiguous()
-        return laid.numpy() if self.numpy else laid
-
-
-def _row_babai(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-               feedback: RowFeedback) -> torch.Tensor:
-    """Codes of one column, its rows rounded in turn within each block of rows, each rounding residual fed to
-    the block's later rows through the upper Cholesky factors of the blocks of G^-1 (`feedback`).
-
-    A row's code is clamp(round(v / s) + z, 0, maxq) = t + z with t = round(v / s) clamped to [-z, maxq - z]
-    (z is a whole number), and its residual v - t * s: the loop keeps t, the zero point is added once."""
-    v, s, z = feedback.layout(values), feedback.layout(scale), feedback.layout(zero)
-    low, high = -z, maxq - z
-    if feedback.numpy:  # ufuncs with out=: numpy's wrappers (np.round, np.clip) cost more than the work
-        def steps(x, r):
-            np.rint(x, out=x)
-            return np.minimum(np.maximum(x, low[r], out=x), high[r], out=x)
-    else:
-        def steps(x, r):
-            return torch.minimum(torch.maximum(x.round_(), low[r]), high[r])
-    rows, diag, width = feedback.rows, feedback.diag, feedback.width
-    codes = v.copy() if feedback.numpy else v.clone()
-    for r in range(width):
-        t = steps(v[r] / s[r], r)
-        codes[r] = t
-        if r + 1 < width:
-            err = v[r] - t * s[r]
-            err /= diag[r]
-            v[r + 1:] -= err * rows[r, r + 1:]
-    codes += z
-    codes = codes.T.reshape(-1)
-    return torch.from_numpy(codes) if feedback.numpy else codes
 
 
 def row_factor_upper(row_metric: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
@@ -346,7 +299,8 @@ def gptq_solve(
 
         # The column loop is GPTQ's sequential core: codes stay float here (the same values
         # quantize() would give) and are cast once per block, to keep each step to a few ops.
-        for offset in range(width):
+        offset = 0
+        while offset < width:
             column = block_start + offset
             group = solve_group_list[column]
             diagonal = block_r[offset, offset]
@@ -358,21 +312,30 @@ def gptq_solve(
                 col_scale, col_zero = fit_grid(current, spec, name)
                 scales[:, group], zeros[:, group] = col_scale, col_zero
                 current_group = group
+            if feedback is not None:  # a whole span of one grid (a dynamic group, or the block) at once
+                end = min(width, offset + group_size - column % group_size) if grouped and not static else width
+                if grouped and not static:
+                    grid = (col_scale.expand(end - offset, -1), col_zero.expand(end - offset, -1))
+                else:
+                    span_groups = solve_group[column : block_start + end]
+                    grid = (fixed_scales[span_groups], fixed_zeros[span_groups])
+                block_codes[offset:end], block_errors[offset:end] = round_span(
+                    block, pending, block_r, (offset, end), grid, maxq, feedback)
+                offset = end
+                continue
             if group != current_group:  # a fixed grid (per channel, static groups): its rows are contiguous
                 col_scale, col_zero = fixed_scales[group], fixed_zeros[group]
                 current_group = group
 
             values = block[offset] + pending[offset] / diagonal
-            if feedback is None:
-                column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
-            else:
-                column_codes = _row_babai(values, col_scale, col_zero, maxq, feedback)
+            column_codes = torch.clamp(torch.round(values / col_scale) + col_zero, 0, maxq)
             block_codes[offset] = column_codes
             rounded = (column_codes - col_zero) * col_scale
             block_errors[offset] = (values - rounded) * diagonal
             block[offset] -= rounded  # D_c = W_c - Q_c
             if offset + 1 < width:
                 pending[offset + 1 :].addr_(block_r[offset, offset + 1 :], block[offset])
+            offset += 1
 
         codes[:, block_start:block_end] = block_codes.T.to(torch.uint8)
         loss_per_row += block_errors.square().sum(dim=0)
