@@ -103,7 +103,7 @@ VARIANTS: dict[str, dict] = {
     # FP model (the expected Fisher: the KL Hessian's output factor, YAQA's direction); os_u16 is quantkit's default
     # on text since round 7 (quantkit.importance.TLQ_DEFAULTS)
     **{f"os_u{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 1.0, "output_side": b}}
-       for b in (4, 8, 16, 32, 64)},  # 32, 64: session 9's block size by width (#24)
+       for b in (4, 8, 16, 32, 64, 128)},  # 32, 64: session 9's block size by width; 128: session 10 (#24)
     **{f"os_ukl{b}": {"method": "tlq", "fp_target": True,
                       "importance": {**TLQ, "lam": 1.0, "loss": "fisher", "output_side": b}} for b in (4, 8, 16)},
     # os_u16 with the factors from half / a quarter of the windows (the gradient pass is a third of its cost)
