@@ -133,6 +133,13 @@ def test_plan_group_cuts_big_linears_by_rows_and_covers_every_row() -> None:
             assert plan_makespan(group, plan, world) <= plan_makespan(group, whole, world)
     # A single big linear (down_proj) is cut over both ranks rather than left to one.
     assert len(plan_group(groups[3], 2)["down"]) == 2
+    # An output-side factor's blocks of rows are rounded together: cuts fall on its block boundaries (and 32's)
+    for world in (2, 3, 5):
+        for split_all in (False, True):
+            for name, pieces in plan_group(groups[3] | groups[2], world, split_all, {"down": 256, "up": 128}).items():
+                unit = {"down": 256, "up": 128}.get(name, 1 if split_all else 32)
+                assert all(start % unit == 0 for _, start, _ in pieces), (world, split_all, name, pieces)
+                assert pieces[-1][2] == (groups[3] | groups[2])[name].out_features
 
 
 def test_raising_rank_stops_all_and_exports_nothing(model_and_text, tmp_path: Path, monkeypatch) -> None:

@@ -7,6 +7,7 @@ this file: plan.py (which rank solves what), blocks.py (replaying finished block
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from quantkit.engine.routed import (
 )
 from quantkit.engine.solve import (
     GroupSolve,
+    diagonal_blocks,
     install_result,
     reduce_accumulator,
     report_entry,
@@ -257,13 +259,15 @@ def quantize_layer(
         shared = set(hessian_names) if comm.distributed else set()
         plan_rows = {name: [(comm.rank, 0, lin.out_features)] for name, lin in linears.items()}
         if shared:
-            plan_rows.update(plan_group({n: linears[n] for n in hessian_names}, comm.world_size, comm.hooks.split_rows))
+            factors = {} if weights is None else weights.row_metrics  # their blocks' rows are rounded together
+            plan_rows.update(plan_group({n: linears[n] for n in hessian_names}, comm.world_size, comm.hooks.split_rows,
+                                        {n: factors[n].shape[1] for n in hessian_names if n in factors}))
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
         # Linears solved together: in one process, those sharing a Hessian (q/k/v, gate/up) and their
         # settings are one GPTQ problem with their rows stacked (GPTQ's rows are independent given H),
         # which runs the column loop once instead of once per linear.
-        together = [[name] for name in active]
+        together, joined = [[name] for name in active], []
         empty: set[str] = set()  # expert projections no calibration token reached: rounded to nearest
         if hessian_names:
             tally.start(group_index)
@@ -273,11 +277,12 @@ def quantize_layer(
             by_accumulator: dict[int, list[str]] = {}
             for name in hessian_names:
                 by_accumulator.setdefault(id(accumulators[name]), []).append(name)
+            alike: dict[tuple, list[str]] = {}
+            for name in (n for n in hessian_names if n not in empty):
+                alike.setdefault((id(accumulators[name]), settings[name]), []).append(name)
+            joined = [names for names in alike.values() if accumulators[names[0]].groups == 1]
             if not comm.distributed:
-                alike: dict[tuple, list[str]] = {}
-                for name in (n for n in hessian_names if n not in empty):
-                    alike.setdefault((id(accumulators[name]), settings[name]), []).append(name)
-                together = [names for names in alike.values() if accumulators[names[0]].groups == 1]
+                together = list(joined)
                 together += [[name] for names in alike.values() for name in names if accumulators[name].groups > 1]
                 together += [[name] for name in active if name not in hessian_names or name in empty]
             for name in hessian_names:
@@ -303,6 +308,10 @@ def quantize_layer(
 
         metrics = {} if weights is None else {n: m for n, m in weights.row_metrics.items()
                                               if n in hessian_names and n not in unweighted and n not in empty}
+        if comm.distributed:  # each linear alone, in the blocks one process's joint solve of them uses (GroupSolve.metric)
+            for names in (names for names in joined if any(n in metrics for n in names)):
+                width = math.gcd(*(metrics[n].shape[1] if n in metrics else originals[n].shape[0] for n in names))
+                metrics.update({n: diagonal_blocks(metrics[n], width) for n in names if n in metrics})
         solving = {**settings, **{n: replace(settings[n], method=method_for("rtn")) for n in empty}}
         group_solve = GroupSolve(linears, originals, solving, together, plan_rows, shared, comm, prefix, metrics)
         solved = group_solve.solve(hessians, crosses)

@@ -3,6 +3,8 @@ of each linear of a group (a deterministic cost-model plan)."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from quantkit.quant.methods import Method, method_for
@@ -56,9 +58,11 @@ def plan_makespan(linears: dict[str, nn.Linear], plan: dict[str, list[Piece]], w
     return max(load)
 
 
-def _wrap_plan(linears: dict[str, nn.Linear], world_size: int, limit: float) -> dict[str, list[Piece]] | None:
+def _wrap_plan(linears: dict[str, nn.Linear], world_size: int, limit: float,
+               align: dict[str, int]) -> dict[str, list[Piece]] | None:
     """McNaughton's wrap-around rule with per-piece fixed costs: fill rank 0 up to `limit`, cut the
-    linear that overflows by rows and continue it on the next rank; None if `limit` is too low."""
+    linear that overflows by rows (at multiples of align[name]) and continue it on the next rank; None if `limit`
+    is too low."""
     plan: dict[str, list[Piece]] = {}
     rank, load = 0, 0.0
     for name in sorted(linears, key=lambda n: (-solve_cost(linears[n]), n)):
@@ -75,7 +79,7 @@ def _wrap_plan(linears: dict[str, nn.Linear], world_size: int, limit: float) -> 
                 load += fixed + (out - start) * per_row
                 start = out
                 break
-            rows = int(room / per_row) // _ROW_ALIGN * _ROW_ALIGN if room > 0 else 0
+            rows = int(room / per_row) // align[name] * align[name] if room > 0 else 0
             if rows > 0:
                 pieces.append((rank, start, start + rows))
                 start += rows
@@ -84,22 +88,25 @@ def _wrap_plan(linears: dict[str, nn.Linear], world_size: int, limit: float) -> 
     return plan
 
 
-def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool = False) -> dict[str, list[Piece]]:
+def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool = False,
+               blocks: dict[str, int] | None = None) -> dict[str, list[Piece]]:
     """Which rank solves which output rows of each linear of a group.
 
     GPTQ's rows are independent given the Hessian, so a linear can be cut by output rows and each
     slice solved on its own rank (every slice repeats the Cholesky work, see fixed_solve_seconds).
     The plan is the better (by the cost model) of whole linears spread largest-first and the
     wrap-around rule that cuts the linears at the rank boundaries; `split_all` cuts every linear
-    over all ranks instead. Deterministic: every rank computes the same plan.
+    over all ranks instead. Deterministic: every rank computes the same plan. blocks[name]: the rows per block of
+    a linear's output-side factor (its rows are rounded together, so cuts fall on its block boundaries too).
     """
     if world_size == 1:
         return {name: [(0, 0, lin.out_features)] for name, lin in linears.items()}
+    align = {name: math.lcm(_ROW_ALIGN, (blocks or {}).get(name, 1)) for name in linears}
     if split_all:
         plan = {}
         for name, lin in linears.items():
-            out = lin.out_features
-            bounds = [out * r // world_size for r in range(world_size)] + [out]
+            out, unit = lin.out_features, (blocks or {}).get(name, 1)
+            bounds = [out * r // world_size // unit * unit for r in range(world_size)] + [out]
             plan[name] = [(r, bounds[r], bounds[r + 1]) for r in range(world_size) if bounds[r + 1] > bounds[r]]
         return plan
     owners = assign_owners(linears, world_size)
@@ -109,7 +116,7 @@ def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool =
     low, high, found = total / world_size, best_cost, None
     for _ in range(40):
         mid = (low + high) / 2
-        candidate = _wrap_plan(linears, world_size, mid)
+        candidate = _wrap_plan(linears, world_size, mid, align)
         if candidate is None:
             low = mid
         else:
