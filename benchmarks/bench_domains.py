@@ -100,8 +100,8 @@ VARIANTS: dict[str, dict] = {
        for c in (1.73, 3.0) for lam in (0.1, 0.5)},
     # round 6 (#24): the gradients feed only the output-side factor, the token weights stay uniform (lam 1), so no
     # corpus gains or loses input-side weight; with the data's labels (empirical Fisher) or labels drawn from the
-    # FP model (the expected Fisher: the KL Hessian's output factor, YAQA's direction); os_u16 is quantkit's default
-    # on text since round 7 (quantkit.importance.TLQ_DEFAULTS)
+    # FP model (the expected Fisher: the KL Hessian's output factor, YAQA's direction); os_u16 was quantkit's default
+    # on text from round 7, os_u128 is since round 9 (quantkit.importance.TLQ_DEFAULTS)
     **{f"os_u{b}": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "lam": 1.0, "output_side": b}}
        for b in (4, 8, 16, 32, 64, 128)},  # 32, 64: session 9's block size by width; 128: session 10 (#24)
     **{f"os_ukl{b}": {"method": "tlq", "fp_target": True,

@@ -113,13 +113,13 @@ def test_no_output_dir_writes_nothing(run, tmp_path, monkeypatch) -> None:
 
 
 def test_default_method_on_text_is_tlq_with_output_side_factors(run) -> None:
-    """On text the default is TLQ with the FP target, uniform token weights and 16-row output-side factors: the same
+    """On text the default is TLQ with the FP target, uniform token weights and 128-row output-side factors: the same
     codes as naming those settings, and not GPTQ + FP target's (the factors changed the rounding)."""
     common = dict(group_size=16, nsamples=2, seqlen=16, progress=False)
     default = quantkit.quantize(str(run["model"]), data=str(run["text"]), **common)
     assert default.report["method"] == "tlq" and default.report["fp_target"]
     named = quantkit.quantize(str(run["model"]), data=str(run["text"]), method="tlq",
-                              importance={"lam": 1.0, "output_side": 16}, **common)
+                              importance={"lam": 1.0, "output_side": 128}, **common)
     gptq = quantkit.quantize(str(run["model"]), data=str(run["text"]), method="gptq", fp_target=True, **common)
     assert default.results.keys() == named.results.keys()
     assert all(torch.equal(default.results[n].qweight, named.results[n].qweight) for n in default.results)
@@ -127,7 +127,7 @@ def test_default_method_on_text_is_tlq_with_output_side_factors(run) -> None:
 
 
 def test_default_method_follows_the_calibration_data(tmp_path) -> None:
-    """Issue #24's choice: TLQ with the FP target; its gradient pass gives uniform token weights and 16-row output-side
+    """Issue #24's choice: TLQ with the FP target; its gradient pass gives uniform token weights and 128-row output-side
     factors on text, token weights (lam 0.1) on image-text, nothing to compute from a --calib-set; an explicit
     option, fp_target or method wins; under low_memory without a set the default falls back to GPTQ + FP target with
     one notice."""
@@ -137,7 +137,7 @@ def test_default_method_follows_the_calibration_data(tmp_path) -> None:
     text.write_text("some text " * 50)
     images = tmp_path / "i.jsonl"
     images.write_text(json.dumps({"image": "a.png", "text": "a caption"}) + "\n")
-    on_text, on_images = (1.0, 16), (0.1, None)
+    on_text, on_images = (1.0, 128), (0.1, None)
     cases = [(str(text), {}, ("tlq", True, on_text)), (["one text", "another"], {}, ("tlq", True, on_text)),
              (str(images), {}, ("tlq", True, on_images)),
              ([{"image": "a.png", "text": "a caption"}], {}, ("tlq", True, on_images)),

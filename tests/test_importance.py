@@ -269,7 +269,7 @@ def test_importance_cli_on_reference_lm(tmp_path) -> None:
     samples, weights = load_calibration_set(out, str(ref_lm), model)
     layer = weights(5)  # text: with its output-side factors (the text default)
     assert len(samples) == 3 and len(layer.output) == 3 and layer.output[0].shape == (32,)
-    assert layer.row_metrics["mlp.down_proj"].shape[1:] == (16, 16)
+    assert layer.row_metrics["mlp.down_proj"].shape[1:] == (64, 64)  # gcd(128, 192 rows)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "overwrite" in again.output
     bad = CliRunner().invoke(main, ["importance", str(ref_lm), "--calib", str(text), "--lam", "2", "-o", str(tmp_path / "x")])

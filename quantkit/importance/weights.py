@@ -20,12 +20,12 @@ from quantkit.importance.masks import scored_positions, valid_mask, vision_token
 
 # Token-weight normalisation: per sample (default) or over the whole set, per layer.
 NORMALISE_CHOICES = ("sample", "global")
-# TLQ's gradient-pass defaults on text, chosen on validation windows per corpus (benchmarks/README.md "Round 6"):
-# uniform token weights (lam 1: the Hessians are GPTQ's) and each linear's output-side factor in blocks of 16 rows
-# (GPTQ's row metric). On image-text the token weights (lam 0.1) are the default and no output-side factor
+# TLQ's gradient-pass defaults on text, chosen on validation windows per corpus (benchmarks/README.md "Round 6";
+# the block size in "Round 9"): uniform token weights (lam 1: the Hessians are GPTQ's) and each linear's output-side
+# factor in blocks of 128 rows (gcd(128, rows) where 128 does not divide them; GPTQ's row metric). On image-text the token weights (lam 0.1) are the default and no output-side factor
 # (benchmarks/bench_tlq.py --validation, "TLQ guidance"): IMAGE_TLQ_DEFAULTS.
 TLQ_DEFAULTS = {"guidance": "layer", "row_groups": 1, "loss": "ce", "draws": 1, "lam": 1.0, "power": 1.0,
-                "output_side": 16}
+                "output_side": 128}
 IMAGE_TLQ_DEFAULTS = TLQ_DEFAULTS | {"lam": 0.1, "output_side": None}
 
 

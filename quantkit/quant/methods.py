@@ -117,7 +117,8 @@ METHODS: dict[str, Method] = {
 # The method a run that names none gets (`quantkit calibrate` and quantkit.quantize alike), chosen on validation text by
 # the worst corpus first and the mean second (issue #24; benchmarks/README.md "Round 6" and "Round 7"): TLQ. What its
 # gradient pass feeds depends on the calibration data (quantkit.importance.tlq_defaults). Text: uniform token weights
-# (the Hessians are GPTQ + FP target's) and each linear's output-side factor E[g g^T] in 16-row blocks as GPTQ's row
+# (the Hessians are GPTQ + FP target's) and each linear's output-side factor E[g g^T] in 128-row blocks (16 until
+# session 10's wavefront rounding made wider blocks cheap: benchmarks/README.md "Round 9") as GPTQ's row
 # metric: on validation it was the only variant no corpus lost on (worst corpus 0.87x / 1.05x GPTQ + FP target, whole
 # text 0.81x / 0.88x, ref-lm / step500 W2), where TLQ's token weights traded one corpus for another. Image-text: the
 # token weights (lam 0.1), which separate the answer tokens from the image tokens (answer-NLL gap 0.57x / 0.65x
