@@ -642,7 +642,7 @@ API_CASES = [
     ({"chat_template": 5}, "chat_template (--chat-template) must be a path"),
     ({"importance": {"lamda": 0.5}}, "unknown importance option 'lamda'; did you mean 'lam'?"),
     ({"importance": "fast"}, "importance must be a dict of TLQ's options"),
-    ({"importance": {"lam": "0.1"}}, "importance['lam'] must be a finite number"),
+    ({"importance": {"lam": "0.1"}}, "importance['lam'] (--lam) must be a finite number"),
     ({"nproces": 2}, "unknown option 'nproces'; did you mean 'nproc'?"),
     ({"calib_set": "set"}, "--calib (data=) and --calib-set (calib_set=) are two sources of samples"),
     ({"private": True}, "--private (private=) makes the hub repo of --push-to-hub private"),
@@ -2187,7 +2187,7 @@ def test_demo_refuses_a_format_that_cannot_store_the_model_before_the_first_step
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--power", "inf"], "importance['power'] must be a finite number, got inf"),  # calibrate's line
+    (["--power", "inf"], "importance['power'] (--power) must be a finite number, got inf"),  # calibrate's line
     (["--floor-fraction", "0.3"], "--floor-fraction 0.3 (floor_fraction=) sets how many of the tokens --top-fraction"),
 ])
 def test_importance_options_that_do_nothing_or_overflow_are_refused(work: Path, no_model_load, extra: list,

@@ -112,10 +112,11 @@ def test_plan_without_data_keeps_the_default_seqlen(work: Path) -> None:
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--seed", HUGE], "seed (--seed) must be at most 9223372036854775807"),
-    (["--guidance", "linear", "--row-groups", HUGE], "importance['row_groups'] must be at most 2147483647"),
-    (["--importance-loss", "fisher", "--fisher-draws", HUGE], "importance['draws'] must be at most 2147483647"),
+    (["--guidance", "linear", "--row-groups", HUGE], "importance['row_groups'] (--row-groups) must be at most 2147483647"),
+    (["--importance-loss", "fisher", "--fisher-draws", HUGE], "importance['draws'] (--fisher-draws) must be at most 2147483647"),
+    (["--power", "nan"], "importance['power'] (--power) must be a finite number, got nan"),
     (["--output-side", HUGE], f"0 (none) or a positive whole number, got {HUGE} (the most is 2147483647)"),
-], ids=["seed", "row-groups", "fisher-draws", "output-side"])
+], ids=["seed", "row-groups", "fisher-draws", "power-nan", "output-side"])
 def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: list, fragment: str) -> None:
     """importance took a seed past 2**63 - 1 (and wrote a set), 10**25 row groups or Fisher draws (and ran out of
     memory in the gradient pass) and 10**25 output-side rows (a set written); calibrate refused the first three
@@ -125,6 +126,14 @@ def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, ex
     assert reference.exit_code == 2, reference.output
     line = assert_fault(work, ["importance", *data, *extra, "-o", work / "set"], fragment)
     assert line == one_error_line(reference.stderr)
+
+
+@pytest.mark.parametrize("flag", ["--top-fraction", "--floor-fraction"])
+def test_importance_names_the_flag_of_a_fraction(work: Path, no_model_load, flag: str) -> None:
+    """importance --top-fraction nan said 'top fraction must be in (0, 1]', naming no option."""
+    extra = ["--top-fraction", "0.5"] if flag == "--floor-fraction" else []
+    assert_fault(work, ["importance", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
+                        *extra, flag, "nan", "-o", work / "set"], f"{flag} ({flag[2:].replace('-', '_')}=) must be in")
 
 
 @pytest.mark.parametrize("counts", [["--nsamples", "0", "--seqlen", "16"], ["--nsamples", "2", "--seqlen", "1"]],

@@ -277,7 +277,7 @@ def test_importance_cli_on_reference_lm(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("options, message", [({"lam": 1.5}, "lam"), ({"power": 0}, "power"),
-                                              ({"top_fraction": 0}, "top fraction"), ({"lam_typo": 0.1}, "lam_typo")])
+                                              ({"top_fraction": 0}, "top_fraction="), ({"lam_typo": 0.1}, "lam_typo")])
 def test_bad_options_fail_before_the_gradient_pass(monkeypatch, options, message) -> None:
     import quantkit.importance.weights as token_weights
 

@@ -59,10 +59,12 @@ def _importance(name: str, value: Any, *, flag: str | None = None) -> None:
     if not isinstance(value, dict):
         raise QuantkitError(f"importance must be a dict of TLQ's options ({', '.join(checks)}), "
                             f"got {value!r} ({type(value).__name__})")
+    from quantkit.calibrate.job import IMPORTANCE_FLAG_OF
+
     expect_names("importance option", value, checks)
     for key, item in value.items():
         if item is not None:  # None: the data kind's default (quantkit.importance.tlq_defaults)
-            checks[key](f"importance[{key!r}]", item, flag=None)
+            checks[key](f"importance[{key!r}]", item, flag=IMPORTANCE_FLAG_OF[key])
 
 
 def _checks() -> dict[str, Callable[..., Any]]:

@@ -288,13 +288,13 @@ def check_settings(
     if normalise not in NORMALISE_CHOICES:
         raise QuantkitError(f"normalise must be one of {NORMALISE_CHOICES}, got {normalise!r}")
     if not 0.0 <= lam <= 1.0:
-        raise QuantkitError(f"lam must be in [0, 1], got {lam}")
+        raise QuantkitError(f"--lam (lam=) must be in [0, 1], got {lam}")
     if not (power > 0 and math.isfinite(power)):
-        raise QuantkitError(f"power must be a positive finite number, got {power}")
+        raise QuantkitError(f"--power (power=) must be a positive finite number, got {power}")
     if top_fraction is not None and not 0.0 < top_fraction <= 1.0:
-        raise QuantkitError(f"top fraction must be in (0, 1], got {top_fraction}")
+        raise QuantkitError(f"--top-fraction (top_fraction=) must be in (0, 1], got {top_fraction}")
     if not 0.0 <= floor_fraction <= 1.0:
-        raise QuantkitError(f"floor fraction must be in [0, 1], got {floor_fraction}")
+        raise QuantkitError(f"--floor-fraction (floor_fraction=) must be in [0, 1], got {floor_fraction}")
 
 
 def tlq_token_weights(
