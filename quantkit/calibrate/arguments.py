@@ -25,6 +25,9 @@ from quantkit.errors import (
 FLAGS = {"output_dir": "-o", "lm_head": "--quantize-lm-head", "vision": "--quantize-vision", "importance": None,
          "hooks": None, "progress": None, "recipe": "--recipe"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# the CLI's flag of each of TLQ's gradient-pass options (build_job's importance keys)
+IMPORTANCE_FLAG_OF = {"guidance": "--guidance", "row_groups": "--row-groups", "loss": "--importance-loss",
+                      "draws": "--fisher-draws", "lam": "--lam", "power": "--power", "output_side": "--output-side"}
 
 
 def flag_of(name: str) -> str | None:
@@ -59,8 +62,6 @@ def _importance(name: str, value: Any, *, flag: str | None = None) -> None:
     if not isinstance(value, dict):
         raise QuantkitError(f"importance must be a dict of TLQ's options ({', '.join(checks)}), "
                             f"got {value!r} ({type(value).__name__})")
-    from quantkit.calibrate.job import IMPORTANCE_FLAG_OF
-
     expect_names("importance option", value, checks)
     for key, item in value.items():
         if item is not None:  # None: the data kind's default (quantkit.importance.tlq_defaults)

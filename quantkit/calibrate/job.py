@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from quantkit.calibrate.arguments import IMPORTANCE_FLAG_OF, check_arguments
 from quantkit.data.recipes import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, is_recipe, sample_counts
 from quantkit.errors import QuantkitError
 from quantkit.quant.methods import (
@@ -207,18 +208,11 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-# the CLI's flag of each of TLQ's gradient-pass options (build_job's importance keys)
-IMPORTANCE_FLAG_OF = {"guidance": "--guidance", "row_groups": "--row-groups", "loss": "--importance-loss",
-                    "draws": "--fisher-draws", "lam": "--lam", "power": "--power", "output_side": "--output-side"}
-
-
 def build_job(model: Any, data: Any = None, tokenizer: Any = None, /, **options: Any) -> CalibrationJob:
     """The CalibrationJob of a model (a local directory, hub id or loaded model), calibration data (a path or
     source spec, or in-memory data: quantkit.data.calibration.memory_calibration) and OPTIONS by name.
 
     Every option is checked on its own and against the others here; QuantkitError names what is wrong."""
-    from quantkit.calibrate.arguments import check_arguments
-
     check_arguments(model, data, tokenizer, options, OPTIONS)
     o = {**OPTIONS, **options}
     data_spec = _data_spec(data, o)
