@@ -98,8 +98,18 @@ def _publish(tmp: Path, out: Path) -> None:
     if not os.path.lexists(out):
         os.replace(tmp, out)
         return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
+    # a fresh name: a fixed one (.OUT.old-PID) may be a crashed run's leftover, which os.replace cannot take
+    if out.is_dir() and not out.is_symlink():  # rename(2) puts a folder onto an empty folder, a file onto a file
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.old-", dir=out.parent)
+        os.close(fd)
+        old = Path(name)
+    try:
+        os.replace(out, old)
+    except BaseException:
+        remove_path(old)  # the empty placeholder only: out was not moved
+        raise
     try:
         os.replace(tmp, out)
     except BaseException:
