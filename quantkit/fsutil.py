@@ -272,7 +272,13 @@ def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
     if os.fspath(output) == "-":
         raise QuantkitError(f"{flag} - would write a file or folder named '-' here, not to stdout; give a path "
                             "(to print a command's results, use its --json)")
+    if os.fspath(output) == "":  # abspath('') is the working folder: results would land among its files
+        raise QuantkitError(f"{flag} '' is an empty name; give a path")
     out = Path(os.path.abspath(output))
+    for part in reversed(out.parents):  # mkdir -p stops at a link to nothing with "File exists", after the work
+        if os.path.islink(part) and not os.path.exists(part):
+            raise QuantkitError(f"{flag} {output}: {part} is a symbolic link to {os.readlink(part)}, which does not "
+                                "exist; create it or choose another path")
     if os.path.islink(out) and os.path.islink(os.path.realpath(out)):  # realpath stops where the links loop
         raise QuantkitError(f"{flag} {output} is a symlink loop; remove the link or give another path")
     new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
@@ -300,6 +306,8 @@ def check_output_file(output: str | os.PathLike, flag: str = "-o",
     where a folder above it must be, its folder writable, and neither one of the run's `inputs` (files or
     directories: a model, its data, a table or law read) nor inside an input directory."""
     check_names(output, flag)
+    if str(os.fspath(output)).endswith((os.sep, "/")):  # abspath drops the slash that names a folder
+        raise QuantkitError(f"{flag} {output} ends in '{os.sep}', which names a folder; give a file path without it")
     out = Path(os.path.abspath(output))
     if out.is_dir():
         raise QuantkitError(f"{flag} {output} is a directory; give a file path")

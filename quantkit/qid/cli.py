@@ -174,7 +174,7 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
     scope = {"method": options.pop("method"), "by_bits": options.pop("by_bits")}
     options.update(delta=huber_delta, misfit=False if no_misfit else None)
     fit_settings(**options)  # refused before the table is read
-    if output:
+    if output is not None:
         check_output_file(output, inputs=[csv_path])
     table = read_table(csv_path)
     laws = LAWS if law == "all" else (law,)
@@ -263,7 +263,7 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     if not 0 < level < 1:
         raise QuantkitError(f"--level must be in (0, 1), got {level}")
     check_plausible("bits", bits)
-    if output:
+    if output is not None:
         check_output_file(output, inputs=[model, law_spec, *data_inputs(measurement.get("eval_text"),
                                                                           measurement.get("calib"))])
     from quantkit.qid.measure import ENGINE_METHODS, METHODS
