@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,6 +70,24 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("quantkit") and getattr(module, "load_model", None) is original:
             monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i on files or folders (no one, root included, may then replace them or create in them); cleared after
+    the test. Skips where chattr or the file system does not allow it."""
+    frozen: list[Path] = []
+
+    def freeze(path: Path) -> Path:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()[:80]}")
+        frozen.append(path)
+        return path
+
+    yield freeze
+    for path in frozen:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
 @pytest.fixture

@@ -2044,24 +2044,14 @@ def test_a_calibration_set_made_on_another_model_of_the_same_config_is_refused(w
 
 
 @pytest.fixture
-def frozen():
-    """chattr +i on folders (nothing can be created in them, even by root); thawed after the test. Skips where
-    chattr or the file system does not allow it."""
-    import subprocess
-
-    folders: list[Path] = []
+def frozen(immutable):
+    """A folder made (where missing) and frozen with chattr +i: nothing can be created in it, even by root."""
 
     def freeze(folder: Path) -> Path:
         folder.mkdir(exist_ok=True)
-        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()[:80]}")
-        folders.append(folder)
-        return folder
+        return immutable(folder)
 
-    yield freeze
-    for folder in folders:
-        subprocess.run(["chattr", "-i", str(folder)], check=False)
+    return freeze
 
 
 def test_an_immutable_output_or_work_area_is_refused_before_work(work: Path, no_model_load, frozen) -> None:

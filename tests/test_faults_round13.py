@@ -6,7 +6,6 @@ wrong, nothing changed under the folder), and in the words the sibling command a
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,24 +52,6 @@ def test_a_dataset_row_of_none_is_refused_as_in_a_list(made: dict, tmp_path: Pat
                               output_dir=tmp_path / "out", progress=False)
         lines.append(str(caught.value))
     assert lines[0] == lines[1] and "holds NoneType items (record 2)" in lines[0], lines
-
-
-@pytest.fixture
-def immutable():
-    """chattr +i on files (no one, root included, may then replace them); cleared after the test. Skips where chattr
-    or the file system does not allow it."""
-    frozen: list[Path] = []
-
-    def freeze(path: Path) -> Path:
-        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()[:80]}")
-        frozen.append(path)
-        return path
-
-    yield freeze
-    for path in frozen:
-        subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
 def test_eval_onto_an_immutable_file_is_refused_before_work(work: Path, no_model_load, immutable) -> None:
