@@ -101,11 +101,12 @@ def plan_group(linears: dict[str, nn.Linear], world_size: int, split_all: bool =
     """
     if world_size == 1:
         return {name: [(0, 0, lin.out_features)] for name, lin in linears.items()}
-    align = {name: math.lcm(_ROW_ALIGN, (blocks or {}).get(name, 1)) for name in linears}
+    units = {name: (blocks or {}).get(name, 1) for name in linears}
+    align = {name: math.lcm(_ROW_ALIGN, unit) for name, unit in units.items()}
     if split_all:
         plan = {}
         for name, lin in linears.items():
-            out, unit = lin.out_features, (blocks or {}).get(name, 1)
+            out, unit = lin.out_features, units[name]
             bounds = [out * r // world_size // unit * unit for r in range(world_size)] + [out]
             plan[name] = [(r, bounds[r], bounds[r + 1]) for r in range(world_size) if bounds[r + 1] > bounds[r]]
         return plan
