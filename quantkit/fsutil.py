@@ -4,6 +4,7 @@ the checks an output must pass before any work, scratch and temporary folders, a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -169,6 +170,15 @@ def work_dir_for(output: str | os.PathLike) -> Path:
     """Where a low-memory run keeps its finished layers until the export: OUTPUT.partial beside it."""
     out = Path(output)
     return out.with_name(out.name + ".partial")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (read in chunks: any size in little memory), or a one-line error."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as err:
+        raise QuantkitError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 # ---------------------------------------------------------------- what a failed run keeps

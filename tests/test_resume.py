@@ -105,6 +105,45 @@ def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch, bi
         assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def _put_back(path: Path, data: bytes) -> None:
+    """`data` written as a new file in `path`'s place (a restore or a sync), an hour newer than before."""
+    copy = path.with_name(path.name + ".copy")
+    copy.write_bytes(data)
+    stamp = path.stat().st_mtime_ns + 3600 * 10**9
+    os.utime(copy, ns=(stamp, stamp))
+    os.replace(copy, path)
+
+
+def test_resume_over_a_byte_identical_copy_is_taken(tmp_path: Path) -> None:
+    """The fingerprint held the files' size and mtime: a copy of the same bytes was "made with other settings".
+    A data file with other bytes is refused in one line naming it; once the same bytes are back (new files,
+    new mtimes, model and data) the resume is taken and ends with an uninterrupted run's bytes."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
+    spec = QuantSpec(bits=4, group_size=32)
+    run_calibration(str(model), str(tmp_path / "full"), spec, **kw)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        run_calibration(str(model), str(out), spec, hooks=FAIL_AT_2, **kw)
+    original = text.read_bytes()
+    _put_back(text, original.replace(b" ", b"  ", 1))
+    with pytest.raises(QuantkitError, match=re.escape(f"its data file {text.resolve()} holds other bytes")) as caught:
+        run_calibration(str(model), str(out), spec, resume=True, **kw)
+    assert "\n" not in str(caught.value) and "drop --resume" in str(caught.value)
+    _put_back(text, original)
+    weights = next(model.glob("*.safetensors"))
+    _put_back(weights, weights.read_bytes())
+    report = run_calibration(str(model), str(out), spec, resume=True, **kw)
+    assert report["resumed_from_layer"] == 2
+    files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files:
+        assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 3-layer low-memory GPTQ run stopped after 2 layers, its work area kept pristine beside it."""
@@ -204,6 +243,6 @@ def test_resume_over_edited_weights_is_refused(interrupted: dict) -> None:
     key = next(iter(tensors))
     tensors[key] = tensors[key] * 0.5
     save_file(tensors, files[0], metadata={"format": "pt"})
-    with pytest.raises(QuantkitError, match="other settings"):
+    with pytest.raises(QuantkitError, match=re.escape(f"its model file {files[0].resolve()} holds other bytes")):
         run_calibration(str(model), str(interrupted["out"]), QuantSpec(bits=4, group_size=32), resume=True,
                         **interrupted["kw"])

@@ -170,19 +170,24 @@ class CalibrationJob:
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
                 "lm_head": q.lm_head, "vision": q.vision, "expert_tokens": q.method.expert_tokens, "chat_template": d.chat_template,
-                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_stamps()}
+                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_digests()}
 
-    def _file_stamps(self) -> list[list]:
-        """(path, size, mtime) of the model's weights and the data's files: a resume over edited weights or text
-        would join layers solved from two different inputs."""
+    def _file_digests(self) -> dict[str, list[list]]:
+        """[path, size, SHA-256] of the model's weights and config and of the data's files (a calibration set's
+        too), by role: a resume over edited weights or text would join layers solved from two different inputs.
+        The bytes, not the modification time: a byte-identical copy put back (a restore, a sync) is the same input."""
         from quantkit.data.checks import data_paths
+        from quantkit.fsutil import file_sha256
 
         model = Path(self.model.name)
-        paths = sorted(model.glob("*.safetensors")) + sorted(model.glob("*.json")) if model.is_dir() else []
-        for source in data_paths(self.data.source):
+        files: dict[str, list[Path]] = {
+            "model": sorted(model.glob("*.safetensors")) + sorted(model.glob("*.json")) if model.is_dir() else [],
+            "data": []}
+        for source in [*data_paths(self.data.source), *([self.data.calib_set] if self.data.calib_set else [])]:
             root = Path(source)
-            paths += sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
+            files["data"] += sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        return {role: [[str(p.resolve()), p.stat().st_size, file_sha256(p)] for p in paths if p.is_file()]
+                for role, paths in files.items()}
 
 
 def _defaults(cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:

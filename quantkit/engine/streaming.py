@@ -114,6 +114,29 @@ def read_state(work: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _files(fingerprint: object, role: str) -> dict[str, list]:
+    """A fingerprint's files of one role ("files": {role: [[path, size, digest], ...]}) by path ({} if unreadable)."""
+    files = fingerprint.get("files") if isinstance(fingerprint, dict) else None
+    entries = files.get(role) if isinstance(files, dict) else None
+    return {e[0]: e[1:] for e in entries if isinstance(e, list) and e and isinstance(e[0], str)} \
+        if isinstance(entries, list) else {}
+
+
+def _difference(old: object, new: dict) -> str:
+    """Why an interrupted run's fingerprint `old` is not this run's `new`, and what to do: the input file that
+    changed where the settings are the same (a changed file is not a change of settings)."""
+    same_settings = isinstance(old, dict) and isinstance(old.get("files"), dict) \
+        and all(old.get(k) == new.get(k) for k in old.keys() | new.keys() if k != "files")
+    for role in sorted(new.get("files", {})) if same_settings else ():
+        before, after = _files(old, role), _files(new, role)
+        for path in sorted(before.keys() | after.keys()):
+            if before.get(path) != after.get(path):
+                how = "is gone" if path not in after else "is new" if path not in before else "holds other bytes"
+                return (f"its {role} file {path} {how} since the interrupted run; drop --resume to start over "
+                        f"(the work area is replaced), or restore the {role} files the run began with")
+    return "it was made with other settings; drop --resume or remove it"
+
+
 def resume_note(work: str | os.PathLike) -> str | None:
     """What an interrupted run's work area holds for --resume (its finished layers), or None where nothing."""
     try:
@@ -213,9 +236,8 @@ class StreamedLayers:
         previous = self._previous_state() if self.resume else None
         if previous is not None:
             if previous["fingerprint"] != state["fingerprint"]:
-                raise QuantkitError(
-                    f"cannot resume from {self.work}: it was made with other settings; drop --resume or remove it"
-                )
+                raise QuantkitError(f"cannot resume from {self.work}: "
+                                    f"{_difference(previous['fingerprint'], state['fingerprint'])}")
             ranks = previous.get("world_size", 1)
             if ranks != self.comm.world_size:
                 raise QuantkitError(

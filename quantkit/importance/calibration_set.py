@@ -4,7 +4,6 @@ atomically, and loading it after checking that it fits the model."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from transformers import AutoTokenizer
 
 from quantkit.engine.weights import LayerWeights
 from quantkit.errors import QuantkitError
-from quantkit.fsutil import atomic_dir
+from quantkit.fsutil import atomic_dir, file_sha256
 from quantkit.importance.identity import (
     check_set_matches,
     model_identity,
@@ -38,15 +37,6 @@ FACTOR_KEY = "output_side"
 SAMPLES_FILE = "samples.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the set on disk
