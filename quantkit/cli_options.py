@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import click
 
+from quantkit.bounds import BOUNDS, Bound
+
 # Spellings earlier versions used for the output option; still accepted, no longer shown in --help.
 OUTPUT_ALIASES = ("--out", "--out-dir")
 
@@ -113,19 +115,15 @@ def check_parser() -> None:
 
 
 class Bounded(click.ParamType):
-    """A number option checked as click reads it, before the command's body runs: an integer (`integer=True`) at
-    most `most` (2**31 - 1 by default: counts past it overflow torch's and the samplers' integers, or mean hours of
-    work before anything fails), or a finite float (inf and nan are no count of seconds or fraction); `least`,
-    `above` and `below` where given. The refusal is one line naming the option, exit 2, as every usage error."""
+    """A number option checked as click reads it, before the command's body runs, against its entry of
+    quantkit.bounds.BOUNDS (the API's checks read the same). The refusal is one line naming the option, exit 2, as
+    every usage error."""
 
-    def __init__(self, *, integer: bool, least: float | None = None, above: float | None = None,
-                 below: float | None = None, most: float | None = None) -> None:
-        # expect_int's bound: calibrate's counts are held to the same one
-        from quantkit.errors import MOST_COUNT
-
-        self.integer, self.least, self.above, self.below = integer, least, above, below
-        self.most = MOST_COUNT if integer and most is None else most
-        self.name = "integer" if integer else "float"
+    def __init__(self, bound: Bound) -> None:
+        self.bound = bound
+        self.integer, self.least, self.above, self.below, self.most, self.allowed = (
+            bound.integer, bound.least, bound.above, bound.below, bound.most, bound.allowed)
+        self.name = "integer" if bound.integer else "float"
 
     def convert(self, value, param: click.Parameter | None, ctx: click.Context | None):
         """`value` (a string from the command line, or the default) as a checked int or float."""
@@ -136,27 +134,25 @@ class Bounded(click.ParamType):
         shown = number if self.integer else f"{number:g}"
         if not self.integer and not math.isfinite(number):
             raise click.UsageError(f"{flag} must be a finite number, got {shown}", ctx)
-        for broken, words in ((self.least is not None and number < self.least, f"at least {self.least}"),
-                              (self.above is not None and number <= self.above, f"above {self.above}"),
-                              (self.below is not None and number >= self.below, f"below {self.below}"),
-                              (self.most is not None and number > self.most, f"at most {self.most}")):
+        if number in self.allowed:
+            return number
+        allowed = ", ".join(map(str, self.allowed))
+        if self.allowed and self.least is None:
+            raise click.UsageError(f"{flag} must be one of {allowed}, got {shown}", ctx)
+        least = f"{allowed} or at least" if self.allowed else "at least"
+        for broken, words in ((self.least is not None and number < self.least, f"{least} {_shown(self.least)}"),
+                              (self.above is not None and number <= self.above, f"above {_shown(self.above)}"),
+                              (self.below is not None and number >= self.below, f"below {_shown(self.below)}"),
+                              (self.most is not None and number > self.most, f"at most {_shown(self.most)}")):
             if broken:
                 raise click.UsageError(f"{flag} must be {words}, got {shown}", ctx)
         return number
 
 
-def count(least: int | None = None, most: int | None = None) -> Bounded:
-    """An integer option at most `most` (2**31 - 1 by default) and at least `least` where given."""
-    return Bounded(integer=True, least=least, most=most)
+def _shown(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
-def real(least: float | None = None, *, above: float | None = None, below: float | None = None,
-         most: float | None = None) -> Bounded:
-    """A finite float option within the bounds given."""
-    return Bounded(integer=False, least=least, above=above, below=below, most=most)
-
-
-SEED = Bounded(integer=True, least=0, most=2**63 - 1)  # calibrate's seed bound: numpy's and torch's seeds take it
-MOST_THREADS = 4096  # torch threads: more than any machine has cores (torch's own int would overflow past 2**63)
-MOST_RESAMPLES = 1_000_000  # bootstrap resamples: a million already takes hours of fits, and adds nothing to 95% bounds
-MOST_TRAIN_SECONDS = 7 * 24 * 3600.0  # a week: the demo model's training is a minute by default
+def bounded(name: str) -> Bounded:
+    """The option type of the number option `name` (its entry of quantkit.bounds.BOUNDS)."""
+    return Bounded(BOUNDS[name])

@@ -126,9 +126,10 @@ def expect_int(name: str, value: object, *, least: int | None = None, allowed: t
 
 
 def expect_number(name: str, value: object, *, least: float | None = None, below: float | None = None,
-                  above: float | None = None, optional: bool = False, flag: str | None = None) -> float | None:
-    """`value` as a float if it is a finite real number (not a bool) with least <= value, above < value and
-    value < below where those are given."""
+                  above: float | None = None, most: float | None = None, optional: bool = False,
+                  flag: str | None = None) -> float | None:
+    """`value` as a float if it is a finite real number (not a bool) with least <= value, above < value,
+    value < below and value <= most where those are given."""
     import math
     import numbers
 
@@ -138,9 +139,9 @@ def expect_number(name: str, value: object, *, least: float | None = None, below
         raise QuantkitError(f"{_named(name, flag)} must be a finite number, got {_kind(value)}")
     value = float(value)
     if (least is not None and value < least) or (above is not None and value <= above) or \
-            (below is not None and value >= below):
+            (below is not None and value >= below) or (most is not None and value > most):
         bounds = [f">= {least:g}" if least is not None else None, f"> {above:g}" if above is not None else None,
-                  f"< {below:g}" if below is not None else None]
+                  f"< {below:g}" if below is not None else None, f"<= {most:g}" if most is not None else None]
         raise QuantkitError(f"{_named(name, flag)} must be {' and '.join(b for b in bounds if b)}, got {value:g}")
     return value
 

@@ -109,7 +109,7 @@ def test_unsupported_architecture(tiny, tmp_path):
 
 def test_bits_not_supported(tiny, tmp_path):
     out = tmp_path / "out"
-    assert_clean_failure(run(base(tiny, out, "--bits", "5")), out, "bits (--bits) must be one of 2, 3, 4, 8; got 5")
+    assert_clean_failure(run(base(tiny, out, "--bits", "5")), out, "--bits must be one of 2, 3, 4, 8, got 5")
 
 
 def test_group_size_not_dividing_width(tiny, tmp_path):

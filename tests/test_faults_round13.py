@@ -92,11 +92,11 @@ def test_plan_without_data_keeps_the_default_seqlen(work: Path) -> None:
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--seed", HUGE], "seed (--seed) must be at most 9223372036854775807"),
-    (["--guidance", "linear", "--row-groups", HUGE], "importance['row_groups'] (--row-groups) must be at most 2147483647"),
-    (["--importance-loss", "fisher", "--fisher-draws", HUGE], "importance['draws'] (--fisher-draws) must be at most 2147483647"),
-    (["--power", "nan"], "importance['power'] (--power) must be a finite number, got nan"),
-    (["--output-side", HUGE], f"0 (none) or a positive whole number, got {HUGE} (the most is 2147483647)"),
+    (["--seed", HUGE], "--seed must be at most 9223372036854775807"),
+    (["--guidance", "linear", "--row-groups", HUGE], "--row-groups must be at most 2147483647"),
+    (["--importance-loss", "fisher", "--fisher-draws", HUGE], "--fisher-draws must be at most 2147483647"),
+    (["--power", "nan"], "--power must be a finite number, got nan"),
+    (["--output-side", HUGE], f"--output-side must be at most 2147483647, got {HUGE}"),
 ], ids=["seed", "row-groups", "fisher-draws", "power-nan", "output-side"])
 def test_importance_refuses_what_calibrate_refuses(work: Path, no_model_load, extra: list, fragment: str) -> None:
     """importance took a seed past 2**63 - 1 (and wrote a set), 10**25 row groups or Fisher draws (and ran out of
@@ -114,7 +114,7 @@ def test_importance_names_the_flag_of_a_fraction(work: Path, no_model_load, flag
     """importance --top-fraction nan said 'top fraction must be in (0, 1]', naming no option."""
     extra = ["--top-fraction", "0.5"] if flag == "--floor-fraction" else []
     assert_fault(work, ["importance", work / "model", "--calib", work / "text.txt", "--nsamples", "2", "--seqlen", "16",
-                        *extra, flag, "nan", "-o", work / "set"], f"{flag} ({flag[2:].replace('-', '_')}=) must be in")
+                        *extra, flag, "nan", "-o", work / "set"], f"{flag} must be a finite number, got nan")
 
 
 @pytest.mark.parametrize("counts", [["--nsamples", "0", "--seqlen", "16"], ["--nsamples", "2", "--seqlen", "1"]],

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "quantkit"
 # The floors, lowest first; a module may import its own floor and the floors below it. A room is a top-level
 # module or package of quantkit; every command (a room's cli.py, quantkit/cli.py, the API) sits on the top floor.
 FLOORS = (
-    {"errors", "fsutil", "readers", "memory", "cli_options", "version"},  # what every room may use
+    {"errors", "bounds", "fsutil", "readers", "memory", "cli_options", "version"},  # what every room may use
     {"quant", "models"},  # solvers on tensors; adapters derived from models (neither imports the other)
     {"data"},  # calibration and evaluation data
     {"engine"},  # the layer-wise loop

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from quantkit.bounds import checker
 from quantkit.errors import (
     QuantkitError,
     expect_bool,
     expect_choice,
     expect_int,
     expect_names,
-    expect_number,
     expect_path,
     short_repr,
 )
@@ -79,9 +79,6 @@ def _checks() -> dict[str, Callable[..., Any]]:
     def one_of(choices, optional=False):
         return partial(expect_choice, choices=tuple(choices), optional=optional)
 
-    def integer(least=None, allowed=(), optional=False):
-        return partial(expect_int, least=least, allowed=allowed, optional=optional)
-
     boolean, maybe_bool = expect_bool, partial(expect_bool, optional=True)
 
     def path(name: str, value: Any, flag: str | None = None) -> str | None:
@@ -91,14 +88,14 @@ def _checks() -> dict[str, Callable[..., Any]]:
 
     return {
         "method": one_of(METHODS, optional=True), "bits": one_of(SUPPORTED_BITS),
-        "group_size": integer(least=1, allowed=(-1,)), "sym": boolean, "act_order": boolean,
-        "static_groups": maybe_bool, "damp": partial(expect_number, least=0.0, below=1.0), "mse": boolean,
-        "cd_sweeps": integer(least=0), "act_bits": one_of((4, 8), optional=True), "smooth": one_of((AUTO, *SMOOTH_MODES)),
+        "group_size": checker("group_size"), "sym": boolean, "act_order": boolean,
+        "static_groups": maybe_bool, "damp": checker("damp"), "mse": boolean,
+        "cd_sweeps": checker("cd_sweeps"), "act_bits": one_of((4, 8), optional=True), "smooth": one_of((AUTO, *SMOOTH_MODES)),
         "fp_target": maybe_bool, "lm_head": boolean, "vision": boolean, "expert_tokens": one_of(EXPERT_TOKENS, optional=True), "recipe": lambda *a, **k: None,
-        "importance": _importance, "dtype": one_of(DTYPES), "calib_set": path, "nsamples": integer(least=1, optional=True),
-        "seqlen": integer(least=2, optional=True), "seed": partial(expect_int, least=0, most=2**63 - 1), "part": one_of(PARTS), "chat_template": path,
-        "device": _str, "nproc": integer(least=1), "devices": _devices,
-        "dist_timeout": partial(expect_number, above=0.0), "low_memory": boolean, "offload_dir": path,
+        "importance": _importance, "dtype": one_of(DTYPES), "calib_set": path, "nsamples": checker("nsamples", optional=True),
+        "seqlen": checker("seqlen", optional=True), "seed": checker("seed"), "part": one_of(PARTS), "chat_template": path,
+        "device": _str, "nproc": checker("nproc"), "devices": _devices,
+        "dist_timeout": checker("dist_timeout"), "low_memory": boolean, "offload_dir": path,
         "resume": boolean, "progress": boolean, "hooks": lambda *a, **k: None, "output_dir": path,
         "format": one_of(FORMATS, optional=True), "overwrite": boolean,
         "push_to_hub": partial(_str, optional=True), "private": maybe_bool,
@@ -109,9 +106,8 @@ def _importance_checks() -> dict[str, Callable[..., Any]]:
     from quantkit.importance import GUIDANCE_CHOICES, LOSS_CHOICES
 
     return {"guidance": partial(expect_choice, choices=GUIDANCE_CHOICES),
-            "row_groups": partial(expect_int, least=1), "loss": partial(expect_choice, choices=LOSS_CHOICES),
-            "draws": partial(expect_int, least=1), "lam": partial(expect_number, least=0.0),
-            "power": partial(expect_number, above=0.0),
+            "row_groups": checker("row_groups"), "loss": partial(expect_choice, choices=LOSS_CHOICES),
+            "draws": checker("draws"), "lam": checker("lam"), "power": checker("power"),
             "output_side": lambda *a, **k: None}  # resolve_importance checks it, for `quantkit importance` too
 
 

@@ -12,7 +12,7 @@ import click
 
 from quantkit.calibrate import run as runner
 from quantkit.calibrate.job import OPTIONS, build_job
-from quantkit.cli_options import output_option
+from quantkit.cli_options import bounded, output_option
 from quantkit.errors import QuantkitError
 from quantkit.export.formats import FORMATS
 from quantkit.importance.cli import importance_options, sample_options
@@ -54,13 +54,13 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 @click.command()
 @click.argument("model")
 @click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (GPTQ guided by a gradient pass: output-side factors on text, token weights on image-text). Default: {DEFAULT_METHOD} with the FP target ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
-@click.option("--bits", type=int, default=OPTIONS["bits"], show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
-@click.option("--group-size", type=int, default=OPTIONS["group_size"], show_default=True, help="Columns per quantization group; -1 for per-channel.")
+@click.option("--bits", type=bounded("bits"), default=OPTIONS["bits"], show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
+@click.option("--group-size", type=bounded("group_size"), default=OPTIONS["group_size"], show_default=True, help="Columns per quantization group; -1 for per-channel.")
 @click.option("--sym/--asym", default=OPTIONS["sym"], show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")
 @click.option("--act-order/--no-act-order", default=OPTIONS["act_order"], show_default=True, help="GPTQ desc_act: solve columns by decreasing Hessian diagonal.")
 @click.option("--static-groups/--dynamic-groups", default=None, help="With --act-order: fix group grids before the column permutation (default), or fit each group as the solve reaches it (GPTQ g_idx; gptq formats only).")
-@click.option("--cd-sweeps", type=int, default=OPTIONS["cd_sweeps"], show_default=True, help="Coordinate-descent sweeps over the GPTQ codes on the layer objective (never raises it).")
-@click.option("--damp", type=float, default=OPTIONS["damp"], show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
+@click.option("--cd-sweeps", type=bounded("cd_sweeps"), default=OPTIONS["cd_sweeps"], show_default=True, help="Coordinate-descent sweeps over the GPTQ codes on the layer objective (never raises it).")
+@click.option("--damp", type=bounded("damp"), default=OPTIONS["damp"], show_default=True, help="Dampening: fraction of the mean Hessian diagonal added to it.")
 @click.option("--fp-target/--no-fp-target", default=None, help="Fit each linear to the FP model's output on the FP model's inputs (GPTAQ-style; one more FP layer pass per layer). Default: on for tlq, off for gptq.")
 @importance_options
 @click.option("--quantize-lm-head", "lm_head", is_flag=True, help="Quantize lm_head too (after the decoder layers; compressed-tensors or fake export).")
@@ -74,12 +74,12 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 @click.option("--calib", help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL); --method rtn needs none.")
 @click.option("--calib-set", type=click.Path(), help="A token-level calibration set made by `quantkit importance` (replaces --calib).")
 @sample_options
-@click.option("--seed", type=int, default=OPTIONS["seed"], show_default=True, help="Seed for drawing calibration windows.")
+@click.option("--seed", type=bounded("seed"), default=OPTIONS["seed"], show_default=True, help="Seed for drawing calibration windows.")
 @click.option("--format", "format", type=click.Choice(list(FORMATS)), default=None, help="Export format (default: compressed-tensors, which plain transformers loads at every width and vLLM at 4 and 8 bits; gptq/gptq_v2 load with gptqmodel and in vLLM).")
 @click.option("--device", default=OPTIONS["device"], show_default=True, help="Compute device for the current layer (cpu, cuda, cuda:1).")
-@click.option("--nproc", type=int, default=OPTIONS["nproc"], show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
+@click.option("--nproc", type=bounded("nproc"), default=OPTIONS["nproc"], show_default=True, help="Ranks to spawn locally (samples sharded, linears solved in parallel); gloo on CPU, NCCL on GPU.")
 @click.option("--devices", help="Comma-separated GPU ids, one per rank (with --device cuda), e.g. 0,1,2.")
-@click.option("--dist-timeout", type=float, default=OPTIONS["dist_timeout"], show_default=True, help="Seconds a rank waits on the others before giving up.")
+@click.option("--dist-timeout", type=bounded("dist_timeout"), default=OPTIONS["dist_timeout"], show_default=True, help="Seconds a rank waits on the others before giving up.")
 @click.option("--low-memory", is_flag=True, help="Stream one decoder layer at a time from the safetensors files; finished layers go to OUTPUT.partial.")
 @click.option("--offload-dir", type=click.Path(), help="With --low-memory: keep the calibration activations on disk here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --low-memory run from OUTPUT.partial (implies --low-memory).")

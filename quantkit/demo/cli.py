@@ -6,7 +6,7 @@ import json
 
 import click
 
-from quantkit.cli_options import MOST_THREADS, MOST_TRAIN_SECONDS, SEED, count, output_option, real
+from quantkit.cli_options import bounded, output_option
 from quantkit.export.formats import FORMATS
 
 
@@ -14,26 +14,20 @@ from quantkit.export.formats import FORMATS
 @click.option("--model", default=None, help="Your model (dir or hub id) instead of training one; needs --data.")
 @click.option("--data", default=None, help="Your text source (calibrate on its train part, evaluate on its heldout part).")
 @output_option("out", default="./quantkit-demo", show_default=True, help="Output directory (`make demo` writes runs/demo, which git ignores).")
-@click.option("--train-seconds", type=real(most=MOST_TRAIN_SECONDS), default=60.0, show_default=True, help="Training time for the demo model.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for corpus, training and calibration samples.")
+@click.option("--train-seconds", type=bounded("train_seconds"), default=60.0, show_default=True, help="Training time for the demo model.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed for corpus, training and calibration samples.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="gptq_v2", show_default=True, help="Export format.")
-@click.option("--seqlen", type=count(), default=128, show_default=True, help="Tokens per training, calibration and evaluation window.")
-@click.option("--nsamples", type=count(), default=64, show_default=True, help="Calibration windows.")
-@click.option("--threads", type=count(least=1, most=MOST_THREADS), default=None, help="torch CPU threads (default: torch's choice; 1 helps on busy shared machines).")
+@click.option("--seqlen", type=bounded("seqlen"), default=128, show_default=True, help="Tokens per training, calibration and evaluation window.")
+@click.option("--nsamples", type=bounded("nsamples"), default=64, show_default=True, help="Calibration windows.")
+@click.option("--threads", type=bounded("threads"), default=None, help="torch CPU threads (default: torch's choice; 1 helps on busy shared machines).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def demo(model: str | None, data: str | None, out: str, train_seconds: float, seed: int, fmt: str, nsamples: int, seqlen: int, threads: int | None, overwrite: bool, as_json: bool) -> None:
     """Train (or load) a small LM, quantize it with RTN and GPTQ at 4 and 3 bits, and compare held-out loss."""
-    from quantkit.errors import QuantkitError
-
-    for flag, value, least in (("--train-seconds", train_seconds, 1e-9), ("--nsamples", nsamples, 1),
-                               ("--seqlen", seqlen, 2), ("--threads", threads, 1)):
-        if value is not None and not value >= least:
-            raise QuantkitError(f"{flag} must be {'positive' if least < 1 else f'at least {least}'}, got {value:g}")
     if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
     from quantkit.demo.run import format_table, run_demo
 
     preflight_demo(model, data, out, overwrite=overwrite, seqlen=seqlen, fmt=fmt, nsamples=nsamples)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli_options import count, output_option, real
+from quantkit.cli_options import bounded, output_option
 from quantkit.data.sources import PARTS
 from quantkit.errors import QuantkitError, first_line
 from quantkit.export.reader import check_export_dir, is_quantkit_output
@@ -34,13 +34,13 @@ def check_eval_text(texts: dict[str, list[str]], model_or_dir: str, data: str, p
 @click.option("--data", "data", default=None, help="Text source for loss and perplexity: file, dir, glob, jsonl, hf:NAME[:CONFIG][:SPLIT][:FIELD], or a comma list.")
 @click.option("--tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (needs `pip install quantkit[lmeval]`).")
 @click.option("--include-path", "include_path", multiple=True, type=click.Path(file_okay=False), help="With --tasks: a folder of your own task YAML files (repeatable).")
-@click.option("--num-fewshot", type=count(least=0), default=None, help="With --tasks: few-shot examples per prompt (default: each task's own).")
-@click.option("--limit", type=real(), default=None, help="With --tasks: at most N examples per task (a fraction of each task when below 1).")
+@click.option("--num-fewshot", type=bounded("num_fewshot"), default=None, help="With --tasks: few-shot examples per prompt (default: each task's own).")
+@click.option("--limit", type=bounded("limit"), default=None, help="With --tasks: at most N examples per task (a fraction of each task when below 1).")
 @click.option("--part", type=click.Choice(PARTS), default="heldout", show_default=True, help="Which part of each file to score: heldout = the last 10% of its characters (the part calibration leaves out with --part train), train = the first 90%, all = everything.")
-@click.option("--seqlen", type=count(), default=256, show_default=True, help="Window length in tokens.")
-@click.option("--stride", type=count(), default=None, help="Window step (default: seqlen, non-overlapping).")
-@click.option("--max-tokens", type=count(), default=None, help="Evaluate only the first N tokens of each source (file or dataset).")
-@click.option("--batch-size", type=count(), default=8, show_default=True, help="Windows (or task requests) per forward pass.")
+@click.option("--seqlen", type=bounded("seqlen"), default=256, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=bounded("stride"), default=None, help="Window step (default: seqlen, non-overlapping).")
+@click.option("--max-tokens", type=bounded("max_tokens"), default=None, help="Evaluate only the first N tokens of each source (file or dataset).")
+@click.option("--batch-size", type=bounded("batch_size"), default=8, show_default=True, help="Windows (or task requests) per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1.")
 @output_option(default=None, type=click.Path(dir_okay=False), help="Also write the results as one JSON file here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -73,7 +73,7 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
         from quantkit.data import load_texts_by_source
         from quantkit.data.checks import check_data
 
-        check_eval_options(seqlen, stride, batch_size, max_tokens)
+        check_stride(seqlen, stride)
         check_data(data, "--data")
         texts = load_texts_by_source(data, part=part)  # bad data fails before the model is loaded
     if tasks is not None:
@@ -88,8 +88,7 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
         manager = task_manager(include_path, names)  # a missing lm-eval, or an unknown task, fails before the model loads
         check_tasks(names, manager)
         check_task_datasets(names, manager)  # offline: one line now, not the harness's retries after the model loads
-    preflight_eval(model_or_dir, seqlen=seqlen if data is not None else None, stride=stride, batch_size=batch_size,
-                   max_tokens=max_tokens)
+    preflight_eval(model_or_dir, seqlen=seqlen if data is not None else None, stride=stride)
     if texts is not None:
         texts = check_eval_text(texts, model_or_dir, data, part, seqlen, max_tokens)
     from quantkit.eval.load import load_for_eval
@@ -130,23 +129,16 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
             click.echo(f"results -> {output}")
 
 
-def check_eval_options(seqlen: int, stride: int | None, batch_size: int, max_tokens: int | None) -> None:
-    """eval's window options, before anything is loaded."""
-    if seqlen < 2:
-        raise QuantkitError(f"--seqlen must be at least 2, got {seqlen}")
-    if stride is not None and not 1 <= stride <= seqlen:
+def check_stride(seqlen: int, stride: int | None) -> None:
+    """--stride within --seqlen, before anything is loaded (each option on its own: its type's bound)."""
+    if stride is not None and stride > seqlen:
         raise QuantkitError(f"--stride must be between 1 and --seqlen ({seqlen}), got {stride}")
-    if batch_size < 1:
-        raise QuantkitError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 2:
-        raise QuantkitError(f"--max-tokens must be at least 2, got {max_tokens}")
 
 
-def preflight_eval(model_or_dir: str, *, seqlen: int | None, stride: int | None, batch_size: int,
-                   max_tokens: int | None) -> None:
+def preflight_eval(model_or_dir: str, *, seqlen: int | None, stride: int | None) -> None:
     """Everything `quantkit eval` can check before it loads the model (seqlen None: no text windows)."""
     if seqlen is not None:
-        check_eval_options(seqlen, stride, batch_size, max_tokens)
+        check_stride(seqlen, stride)
     from quantkit.models.files import check_model_files, check_seqlen, check_tokenizer
 
     if is_quantkit_output(model_or_dir):

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from quantkit.calibrate.job import OPTIONS, DataSpec
 from quantkit.calibrate.run import draw_samples
-from quantkit.cli_options import output_option
+from quantkit.cli_options import bounded, output_option
 from quantkit.data.calibration import holds_images
 from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
 from quantkit.data.recipes import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
@@ -44,9 +44,9 @@ def sample_options(command):
                           "instead of the tokenizer's own template."),
         click.option("--part", type=click.Choice(["all", "train", "heldout"]), default=OPTIONS["part"], show_default=True,
                      help="Part of each text file to draw from (held-out = last 10%)."),
-        click.option("--nsamples", type=int, default=OPTIONS["nsamples"],
+        click.option("--nsamples", type=bounded("nsamples"), default=OPTIONS["nsamples"],
                      help=f"Calibration sequences (default: the recipe's, else {DEFAULT_NSAMPLES})."),
-        click.option("--seqlen", type=int, default=OPTIONS["seqlen"],
+        click.option("--seqlen", type=bounded("seqlen"), default=OPTIONS["seqlen"],
                      help="Tokens per calibration sequence (the most tokens of an image-text or chat sample; default: "
                           f"the recipe's, else {DEFAULT_SEQLEN})."),
     ]
@@ -60,19 +60,19 @@ def importance_options(command):
     options = [
         click.option("--guidance", type=click.Choice(GUIDANCE_CHOICES), default=TLQ_DEFAULTS["guidance"], show_default=True,
                      help="TLQ token scores from the gradient at each layer's output, or at each linear's own output (GuidedQuant)."),
-        click.option("--row-groups", type=int, default=TLQ_DEFAULTS["row_groups"], show_default=True,
+        click.option("--row-groups", type=bounded("row_groups"), default=TLQ_DEFAULTS["row_groups"], show_default=True,
                      help="With --guidance linear: groups of each linear's output rows, each with its own weighted Hessian (memory x groups)."),
         click.option("--importance-loss", type=click.Choice(LOSS_CHOICES), default=TLQ_DEFAULTS["loss"], show_default=True,
                      help="Gradients of the cross-entropy on the data's labels, or of the KL to the FP model (labels drawn from its softmax)."),
-        click.option("--fisher-draws", type=int, default=TLQ_DEFAULTS["draws"], show_default=True,
+        click.option("--fisher-draws", type=bounded("draws"), default=TLQ_DEFAULTS["draws"], show_default=True,
                      help="With --importance-loss fisher: labels drawn per token (one backward each)."),
-        click.option("--lam", type=float, default=None,
+        click.option("--lam", type=bounded("lam"), default=None,
                      help=f"Floor of the mix w = (1-lam) s/mean(s) + lam. Default: {TLQ_DEFAULTS['lam']:g} on text (uniform "
                           f"weights), {IMAGE_TLQ_DEFAULTS['lam']:g} on image-text."),
-        click.option("--output-side", "output_side", type=int, default=None,
+        click.option("--output-side", "output_side", type=bounded("output_side"), default=None,
                      help=f"Rows per block of each linear's output-side factor E[g g^T] (GPTQ's row metric; 0: none). "
                           f"Default: {TLQ_DEFAULTS['output_side']} on text, none on image-text."),
-        click.option("--power", type=float, default=TLQ_DEFAULTS["power"], show_default=True, help="Exponent p on the raw scores before normalising."),
+        click.option("--power", type=bounded("power"), default=TLQ_DEFAULTS["power"], show_default=True, help="Exponent p on the raw scores before normalising."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -135,11 +135,11 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
 @click.argument("model")
 @click.option("--calib", required=True, help="Calibration data: .txt/.jsonl file, glob, directory, hf:DATASET, a calib/ recipe (.yaml), or chat records ({\"messages\": [...]} JSONL).")
 @sample_options
-@click.option("--seed", type=int, default=OPTIONS["seed"], show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
+@click.option("--seed", type=bounded("seed"), default=OPTIONS["seed"], show_default=True, help="Seed for drawing windows and the top-fraction floor sample.")
 @importance_options
 @click.option("--per-modality", is_flag=True, help="Normalise scores within vision and within text tokens separately.")
-@click.option("--top-fraction", type=float, default=None, help="Keep only this fraction of tokens by weight (plus a random floor sample).")
-@click.option("--floor-fraction", type=float, default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
+@click.option("--top-fraction", type=bounded("top_fraction"), default=None, help="Keep only this fraction of tokens by weight (plus a random floor sample).")
+@click.option("--floor-fraction", type=bounded("floor_fraction"), default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
 @click.option("--device", default=OPTIONS["device"], show_default=True, help="Compute device for the current layer.")
 @click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Keep stored layer inputs on disk here instead of in RAM.")
 @output_option(required=True, type=click.Path(), help="Output calibration-set directory.")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
 
-from quantkit.cli_options import MOST_RESAMPLES, MOST_THREADS, SEED, count, output_option, real
+from quantkit.cli_options import bounded, output_option
 from quantkit.errors import QuantkitError, unknown_choice
 from quantkit.fsutil import atomic_file, check_output_file, check_output_folder
 
@@ -24,21 +23,6 @@ def check_act_bits_cells(act_bits: int | None, bits: list[int], methods: list[st
         raise QuantkitError("--act-bits quantizes activations in rtn/gptq/tlq cells; bitsandbytes methods are weight-only")
     for b in bits:
         QuantSpec(bits=b, group_size=group_size, sym=sym, act_bits=act_bits).validate()
-
-
-def check_counts(**flags: int | None) -> None:
-    """Each flag (named with underscores for dashes) is None or at least 1 (at least 2 for a *_seqlen/*_tokens
-    window); else one QuantkitError naming the flag."""
-    for name, value in flags.items():
-        least = 2 if name.endswith(("seqlen", "tokens")) else 1
-        if value is not None and value < least:
-            raise QuantkitError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
-
-
-def check_group_size(group_size: int | None) -> None:
-    """--group-size: a positive number of columns, or -1 for one group per output channel."""
-    if group_size is not None and group_size != -1 and group_size < 1:
-        raise QuantkitError(f"--group-size must be positive or -1 (per channel), got {group_size}")
 
 
 def check_measured_bits(bits: list[int], methods: list[str]) -> None:
@@ -88,21 +72,21 @@ def qid() -> None:
               help="Comma-separated: rtn, gptq, tlq, bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes via transformers; fixed bit width).")
 @click.option("--eval", "eval_text", required=True, help="Eval text: file, glob, directory or hf:DATASET (named in every row).")
 @click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score (heldout = last 10% of its characters).")
-@click.option("--eval-tokens", type=count(), default=20_000, show_default=True, help="Token budget: the first N tokens of the eval stream.")
-@click.option("--eval-seqlen", type=count(), default=256, show_default=True, help="Tokens per evaluation window.")
+@click.option("--eval-tokens", type=bounded("eval_tokens"), default=20_000, show_default=True, help="Token budget: the first N tokens of the eval stream.")
+@click.option("--eval-seqlen", type=bounded("eval_seqlen"), default=256, show_default=True, help="Tokens per evaluation window.")
 @click.option("--calib", default=None, help="Calibration text (default: the eval source).")
 @click.option("--calib-part", type=click.Choice(["all", "train", "heldout"]), default="train", show_default=True, help="Part of each calibration file to draw windows from (train = first 90%).")
-@click.option("--nsamples", type=count(), default=32, show_default=True, help="Calibration windows per quantized model.")
-@click.option("--calib-seqlen", type=count(), default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--group-size", type=count(), default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
+@click.option("--nsamples", type=bounded("nsamples"), default=32, show_default=True, help="Calibration windows per quantized model.")
+@click.option("--calib-seqlen", type=bounded("calib_seqlen"), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--group-size", type=bounded("group_size"), default=128, show_default=True, help="Quantization group for rtn/gptq/tlq; -1 per channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid, or asymmetric with a fitted zero point.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for drawing the calibration windows.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed for drawing the calibration windows.")
 @click.option("--act-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the quantized linears' inputs per token too (W8A8/W4A8; needs --group-size -1 --sym); rows' method reads e.g. gptq-a8.")
 @click.option("--tokens", multiple=True, help="Training tokens D: TOKENS for all checkpoints or MODEL=TOKENS (repeatable).")
-@click.option("--tokens-per-step", type=count(), default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
+@click.option("--tokens-per-step", type=bounded("tokens_per_step"), default=None, help="D = step x this, for stepN revisions of non-Pythia models.")
 @output_option("out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to append to (resumes).")
 @click.option("--retry-errors", is_flag=True, help="Measure again the cells recorded as failed.")
-@click.option("--threads", type=count(least=1, most=MOST_THREADS), default=None, help="torch threads (default: torch's choice).")
+@click.option("--threads", type=bounded("threads"), default=None, help="torch threads (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], out_csv: str, tokens: tuple[str, ...],
             retry_errors: bool, threads: int | None, no_progress: bool, **settings) -> None:
@@ -117,9 +101,6 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
         plan_cells,
     )
 
-    check_counts(**{k: settings[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen", "tokens_per_step")},
-                 threads=threads)
-    check_group_size(settings["group_size"])
     if settings["eval_tokens"] < settings["eval_seqlen"]:
         raise QuantkitError(f"--eval-tokens {settings['eval_tokens']} is less than one --eval-seqlen "
                             f"{settings['eval_seqlen']} window: nothing to score; give more tokens or a shorter window")
@@ -151,10 +132,10 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
 @click.option("--by-bits", is_flag=True, help="Fit each bit width separately (P folded into k).")
 @click.option("--method", default=None, help="Fit only this method (default: each method in the table).")
 @click.option("--law", "law", type=click.Choice(["all", "unified", "D", "N", "P"]), default="all", show_default=True, help="Which law to fit: the unified one, one single-factor law (D, N or P), or all.")
-@click.option("--bootstrap", type=count(least=0, most=MOST_RESAMPLES), default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
-@click.option("--level", type=real(), default=0.95, show_default=True, help="Confidence level of the intervals.")
-@click.option("--seed", type=SEED, default=None, help="Seed for the bootstrap resamples (default 0).")
-@click.option("--huber-delta", type=real(), default=None, help="Huber loss threshold on log-space residuals (--estimator huber; default 1e-3).")
+@click.option("--bootstrap", type=bounded("bootstrap"), default=200, show_default=True, help="Bootstrap resamples for the intervals (0: none).")
+@click.option("--level", type=bounded("level"), default=0.95, show_default=True, help="Confidence level of the intervals.")
+@click.option("--seed", type=bounded("seed"), default=None, help="Seed for the bootstrap resamples (default 0).")
+@click.option("--huber-delta", type=bounded("huber_delta"), default=None, help="Huber loss threshold on log-space residuals (--estimator huber; default 1e-3).")
 @click.option("--estimator", type=click.Choice(["wls", "huber"]), default="wls", show_default=True,
               help="wls: least squares weighted by each point's qid_se (plus a fitted misfit term); huber: unweighted Huber loss.")
 @click.option("--resample", type=click.Choice(["points", "errors"]), default=None,
@@ -189,10 +170,10 @@ def fit(csv_path: str, law: str, huber_delta: float, no_misfit: bool, as_json: b
 @qid.command()
 @click.option("--law", "law_spec", default="ouyang2024-gptq", show_default=True, help="A published law name or a `qid fit -o` JSON.")
 @click.option("--method", default=None, help="Method inside a fit JSON holding several.")
-@click.option("--params", "n_params", type=real(), required=True, help="Non-embedding parameters N (e.g. 7e9).")
-@click.option("--bits", type=real(), required=True, help="Weight bits P.")
-@click.option("--tokens", type=real(), default=None, help="Training tokens D: predict QiD.")
-@click.option("--qid", "qid_value", type=real(), default=None, help="Target QiD: solve for the training tokens D.")
+@click.option("--params", "n_params", type=bounded("params"), required=True, help="Non-embedding parameters N (e.g. 7e9).")
+@click.option("--bits", type=bounded("predict_bits"), required=True, help="Weight bits P.")
+@click.option("--tokens", type=bounded("tokens"), default=None, help="Training tokens D: predict QiD.")
+@click.option("--qid", "qid_value", type=bounded("qid"), default=None, help="Target QiD: solve for the training tokens D.")
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> None:
     """QiD for (N, D, P), or the training tokens at which N params reach a given QiD at P bits."""
@@ -235,20 +216,20 @@ def predict(law_spec, method, n_params, bits, tokens, qid_value, as_json) -> Non
 @qid.command("training-level")
 @click.argument("model")
 @click.option("--law", "law_spec", required=True, help="A `qid fit -o` JSON (its bootstrap draws give the interval), a law JSON {k, alpha, beta, gamma} or a published law name.")
-@click.option("--bits", type=count(), required=True, help="Weight bits P at which to measure QiD.")
+@click.option("--bits", type=bounded("qid_bits"), required=True, help="Weight bits P at which to measure QiD.")
 @click.option("--method", default="gptq", show_default=True, help="Quantization method to measure with (and the fit's method to use).")
 @click.option("--data", "eval_text", default=None, help="Eval text (file, glob, directory or hf:DATASET); required unless --qid is given.")
 @click.option("--eval-part", type=click.Choice(["all", "train", "heldout"]), default="heldout", show_default=True, help="Part of each eval file to score.")
-@click.option("--eval-tokens", type=count(), default=201_000, show_default=True, help="Token budget of the eval stream (the sweep's: about 200k scored).")
-@click.option("--eval-seqlen", type=count(), default=256, show_default=True, help="Tokens per evaluation window (the bootstrap unit).")
+@click.option("--eval-tokens", type=bounded("eval_tokens"), default=201_000, show_default=True, help="Token budget of the eval stream (the sweep's: about 200k scored).")
+@click.option("--eval-seqlen", type=bounded("eval_seqlen"), default=256, show_default=True, help="Tokens per evaluation window (the bootstrap unit).")
 @click.option("--calib", default=None, help="Calibration text (default: the eval source's train part).")
-@click.option("--nsamples", type=count(), default=32, show_default=True, help="Calibration windows.")
-@click.option("--calib-seqlen", type=count(), default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--group-size", type=count(), default=None, help="Quantization group (default: the fit's, else 128); match the sweep's.")
-@click.option("--qid", "qid_value", type=real(), default=None, help="Use this measured QiD instead of measuring (MODEL still gives N).")
-@click.option("--qid-se", type=real(), default=None, help="Standard error of --qid.")
-@click.option("--level", type=real(), default=0.95, show_default=True, help="Confidence level of the interval.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for calibration windows and the interval's simulation.")
+@click.option("--nsamples", type=bounded("nsamples"), default=32, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", type=bounded("calib_seqlen"), default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--group-size", type=bounded("group_size"), default=None, help="Quantization group (default: the fit's, else 128); match the sweep's.")
+@click.option("--qid", "qid_value", type=bounded("qid"), default=None, help="Use this measured QiD instead of measuring (MODEL still gives N).")
+@click.option("--qid-se", type=bounded("qid_se"), default=None, help="Standard error of --qid.")
+@click.option("--level", type=bounded("level"), default=0.95, show_default=True, help="Confidence level of the interval.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed for calibration windows and the interval's simulation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @output_option(type=click.Path(dir_okay=False), default=None, help="Write the result JSON here.")
 def training_level(model: str, law_spec: str, bits: int, method: str, group_size: int | None, qid_value: float | None,
@@ -260,8 +241,6 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     from quantkit.qid.laws import check_fitted_bits, check_plausible, law_and_draws
     from quantkit.qid.measure import Measurement, measure_model, model_size, parse_checkpoint
 
-    if not 0 < level < 1:
-        raise QuantkitError(f"--level must be in (0, 1), got {level}")
     check_plausible("bits", bits)
     if output is not None:
         check_output_file(output, inputs=[model, law_spec, *data_inputs(measurement.get("eval_text"),
@@ -283,10 +262,6 @@ def training_level(model: str, law_spec: str, bits: int, method: str, group_size
     if qid_value is not None and given:
         raise QuantkitError(f"--qid replaces the measurement, so {' and '.join(given)} would go unused; "
                             f"give --qid or {given[0]}, not both")
-    if qid_se is not None and (not math.isfinite(qid_se) or qid_se < 0):
-        raise QuantkitError(f"--qid-se must be a finite number >= 0, got {qid_se}")
-    check_counts(**{k: measurement[k] for k in ("eval_tokens", "eval_seqlen", "nsamples", "calib_seqlen")})
-    check_group_size(group_size)
     ckpt = parse_checkpoint(model)
     if ckpt.local_dir is None and looks_local(ckpt.name):
         raise QuantkitError(f"model {model} not found; give a model directory or a hub id[@revision]")

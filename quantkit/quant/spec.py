@@ -6,9 +6,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from quantkit.bounds import SUPPORTED_BITS
 from quantkit.errors import QuantkitError
-
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
