@@ -172,11 +172,17 @@ def work_dir_for(output: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes (read in chunks: any size in little memory), or a one-line error."""
+def file_sha256(path: str | os.PathLike, done: Callable[[int], object] | None = None) -> str:
+    """The SHA-256 of a file's bytes (read in chunks: any size in little memory), or a one-line error; `done` is
+    given each chunk's length as it is hashed (a progress bar over many gigabytes of weights)."""
+    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+                if done is not None:
+                    done(len(chunk))
+        return digest.hexdigest()
     except OSError as err:
         raise QuantkitError(f"cannot read {path}: {err.strerror or err}") from None
 

@@ -144,6 +144,29 @@ def test_resume_over_a_byte_identical_copy_is_taken(tmp_path: Path) -> None:
         assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
 
 
+def test_hashing_counts_every_byte_and_shows_its_progress(tmp_path: Path, capsys) -> None:
+    """A 70B model's weights take minutes to hash before any work: the run shows a bar over the bytes (none with
+    progress off), and the digest is hashlib's of the whole file, chunk after chunk."""
+    import hashlib
+
+    from quantkit.calibrate.job import build_job
+    from quantkit.fsutil import file_sha256
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom((1 << 24) + 12345))  # more than one 16 MiB chunk
+    seen: list[int] = []
+    assert file_sha256(big, seen.append) == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert sum(seen) == big.stat().st_size and len(seen) == 2
+    big.unlink()
+    model, text = make_model_dir(tmp_path, layers=1), make_text(tmp_path)
+    job = build_job(str(model), str(text), method="gptq", low_memory=True, output_dir=str(tmp_path / "out"))
+    capsys.readouterr()
+    quiet = job.fingerprint()
+    assert "hashing the inputs" not in capsys.readouterr().err
+    assert job.fingerprint(progress=True) == quiet
+    assert "hashing the inputs (for --resume)" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 3-layer low-memory GPTQ run stopped after 2 layers, its work area kept pristine beside it."""

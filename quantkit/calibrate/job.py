@@ -162,20 +162,23 @@ class CalibrationJob:
                     seqlen=max((int(s["input_ids"].shape[-1]) for s in samples), default=None), nsamples=len(samples),
                     seed=None if self.data.empty else self.data.seed, format=self.export.fmt, total_seconds=round(time.perf_counter() - started, 3))
 
-    def fingerprint(self) -> dict:
-        """What a resumed low-memory run must share with the interrupted one."""
+    def fingerprint(self, progress: bool = False) -> dict:
+        """What a resumed low-memory run must share with the interrupted one (`progress`: a bar over the bytes
+        hashed, which for a large model's weights take minutes)."""
         q, d = self.quantization, self.data
         return {"model": str(Path(self.model.name).resolve()), "method": q.method.name, "spec": q.weights.to_dict(),
                 "presolve": q.method.presolve.to_dict(),
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
                 "lm_head": q.lm_head, "vision": q.vision, "expert_tokens": q.method.expert_tokens, "chat_template": d.chat_template,
-                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_digests()}
+                **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_digests(progress)}
 
-    def _file_digests(self) -> dict[str, list[list]]:
+    def _file_digests(self, progress: bool) -> dict[str, list[list]]:
         """[path, size, SHA-256] of the model's weights and config and of the data's files (a calibration set's
         too), by role: a resume over edited weights or text would join layers solved from two different inputs.
         The bytes, not the modification time: a byte-identical copy put back (a restore, a sync) is the same input."""
+        from tqdm.auto import tqdm
+
         from quantkit.data.checks import data_paths
         from quantkit.fsutil import file_sha256
 
@@ -186,8 +189,12 @@ class CalibrationJob:
         for source in [*data_paths(self.data.source), *([self.data.calib_set] if self.data.calib_set else [])]:
             root = Path(source)
             files["data"] += sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        return {role: [[str(p.resolve()), p.stat().st_size, file_sha256(p)] for p in paths if p.is_file()]
-                for role, paths in files.items()}
+        files = {role: [p for p in paths if p.is_file()] for role, paths in files.items()}
+        total = sum(p.stat().st_size for paths in files.values() for p in paths)
+        with tqdm(total=total, desc="hashing the inputs (for --resume)", unit="B", unit_scale=True, unit_divisor=1024,
+                  disable=not progress, leave=False) as bar:
+            return {role: [[str(p.resolve()), p.stat().st_size, file_sha256(p, bar.update)] for p in paths]
+                    for role, paths in files.items()}
 
 
 def _defaults(cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -238,7 +238,7 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
         q = job.quantization
         store = StreamedLayers(skeleton, adapter, source, work_dir_for(job.export.output),
                                LinearPlan(q.weights, q.method, q.recipe), comm, resume=job.run.resume,
-                               fingerprint=job.fingerprint(), offload_dir=job.run.offload_dir, dtype=job.model.dtype)
+                               fingerprint=job.fingerprint(progress and comm.rank == 0), offload_dir=job.run.offload_dir, dtype=job.model.dtype)
         model, calibration = calibrate_streaming(
             store, samples, device, weights if q.token_weights else None, progress, fp_target=q.fp_target,
             lm_head=q.lm_head, vision=q.vision,
