@@ -346,3 +346,23 @@ def test_kept_graph_and_blockwise_passes_match_autograd_and_each_other(monkeypat
     assert all(torch.equal(a, b) for x, y in zip(kept.layer, blockwise.layer) for a, b in zip(x, y))
     for x, y in zip(kept.linear_factors, blockwise.linear_factors):
         assert x.keys() == y.keys() and all(torch.equal(x[name], y[name]) for name in x)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_layer_0_runs_once_per_chunk_where_the_graph_is_kept(monkeypatch, budget: int) -> None:
+    """The graph budget was checked with a probe of its own: layer 0 ran once more per pass with autograd on. The
+    first chunk's own forward measures it now: with the graph kept, layer 0 runs with autograd once per chunk (5
+    chunks of one sample); over the budget, once (the first chunk's measure: under layer guidance the block-wise
+    pass never differentiates layer 0; its FP forward and the input capture run without autograd)."""
+    monkeypatch.setattr("quantkit.importance.gradients.KEPT_GRAPH_BYTES", budget)
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(4)
+    samples = [{"input_ids": torch.randint(0, 97, (1, 12), generator=generator)} for _ in range(5)]
+    calls: list[bool] = []
+    handle = model.model.layers[0].register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    try:
+        found = importance_scores(model, samples, progress=False, batch_size=1)
+    finally:
+        handle.remove()
+    assert found.report["kept_graph"] is (budget > 0)
+    assert sum(calls) == (5 if budget else 1)

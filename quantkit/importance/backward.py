@@ -149,9 +149,14 @@ def head_gradient(
 KEPT_GRAPH_BYTES = 1 << 30
 
 
-def graph_bytes(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> int:
-    """Bytes of the activations autograd saves to differentiate `layer` on `hidden` (its parameters not counted:
-    they are there anyway; each storage counted once)."""
+class GraphTooLarge(Exception):
+    """The first chunk's graph through every layer would pass KEPT_GRAPH_BYTES: the pass goes block-wise."""
+
+
+@contextlib.contextmanager
+def saved_bytes(layer: nn.Module) -> Iterator[dict[int, int]]:
+    """The activations autograd saves inside the block, bytes by storage (`layer`'s parameters not counted: they
+    are there anyway; each storage counted once)."""
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved: dict[int, int] = {}
 
@@ -161,29 +166,36 @@ def graph_bytes(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run_chunk(layer, hidden.detach().requires_grad_(True), kwargs)
-    return sum(saved.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
 
 
 def chunk_through_layers(
     layers: Sequence[nn.Module], inputs: LayerInputs, chunk: list[int], hidden: torch.Tensor,
     hooks_for: Callable[[int, nn.Module], contextlib.AbstractContextManager], top: Callable, draws: int,
-    first_input: bool,
+    first_input: bool, budget: int | None = None,
 ) -> list[torch.Tensor]:
     """One chunk [B, T, d] through every decoder layer with autograd, the graph kept, and each draw's backward
     from `top(last layer output)` = (final tensor, [draws, ...] upstream gradients) down to every layer's output
     (and to `hidden` with `first_input`, so that layer 0's linears see their output gradients): per layer, the
     gradient at its output [B, draws, T, d]. Linear hooks from `hooks_for(index, layer)` fire in the backward as in
-    the block-wise pass; the same operations on the same inputs, so the same numbers."""
+    the block-wise pass; the same operations on the same inputs, so the same numbers.
+
+    With a `budget`, layer 0's saved activations (its input differentiable, as every later layer's is) times the
+    layers are held to it: over it, GraphTooLarge before any other layer runs (the measure is this forward's own,
+    not a forward more)."""
     with contextlib.ExitStack() as stack, torch.enable_grad():
         for index, layer in enumerate(layers):
             stack.enter_context(hooks_for(index, layer))
-        x = hidden.detach().requires_grad_(first_input)
+        # x's gradient is only asked for with first_input: the backward stops at layer 0's output otherwise
+        x = hidden.detach().requires_grad_(first_input or budget is not None)
         outputs, y = [], x
         for index, layer in enumerate(layers):
             inputs.use_layer(index)
-            y = run_chunk(layer, y, inputs.kwargs_for(chunk[0]))
+            with saved_bytes(layer) if index == 0 and budget is not None else contextlib.nullcontext({}) as saved:
+                y = run_chunk(layer, y, inputs.kwargs_for(chunk[0]))
+            if sum(saved.values()) * len(layers) > (budget or 0):
+                raise GraphTooLarge
             if not y.requires_grad:  # layer 0 without its input's gradient: its output is where the gradient ends
                 y.requires_grad_(True)
             outputs.append(y)

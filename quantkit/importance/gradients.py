@@ -33,12 +33,12 @@ from quantkit.engine.weights import row_ranges
 from quantkit.errors import QuantkitError
 from quantkit.importance.backward import (
     KEPT_GRAPH_BYTES,
+    GraphTooLarge,
     StoredInputs,
     batching_works_for,
     chunk_through_layers,
     chunks,
     frozen,
-    graph_bytes,
     head_gradient,
     run_chunk,
 )
@@ -265,6 +265,25 @@ def importance_scores(
                 for j, i in enumerate(chunk):
                     grads[i] = stacked[j]
 
+    @torch.no_grad()
+    def store_inputs() -> None:
+        """FP forward up to the last layer's input, storing each layer's input on the way (block-wise only)."""
+        for index in range(num_layers - 1):
+            inputs.enter_layer(index)
+            layer = layers[index].to(device)
+            if index > 0 or hooked:  # layer 0's input is differentiated only for its linears
+                stored.put(index, inputs.hidden)
+            if batched:
+                outputs: list[torch.Tensor] = []
+                for chunk in chunks(range(len(samples)), batch_size):
+                    hidden = torch.cat([inputs.hidden[i] for i in chunk])
+                    outputs.extend(run_chunk(layer, hidden, inputs.kwargs[0]).split(1))
+                inputs.hidden = outputs
+            else:
+                inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
+            layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+            bar.update(1)
+
     try:
         with frozen(model):
             with torch.no_grad():
@@ -274,25 +293,10 @@ def importance_scores(
                 size = batch_size if batched else 1
                 # The forward's graph kept where small: on the CPU (the block-wise pass moves one layer at a time to a
                 # device), without additions between layers (enter_layer adds them to the whole set at once).
-                whole = (offload_dir is None and str(device) == "cpu" and not inputs.between and bool(live) and
-                         graph_bytes(layers[0], torch.cat([inputs.hidden[i] for i in live[:size]]),
-                                     inputs.kwargs_for(live[0])) * num_layers <= KEPT_GRAPH_BYTES)
-                # FP forward up to the last layer's input, storing each layer's input on the way (block-wise only).
-                for index in range(0 if whole else num_layers - 1):
-                    inputs.enter_layer(index)
-                    layer = layers[index].to(device)
-                    if index > 0 or hooked:  # layer 0's input is differentiated only for its linears
-                        stored.put(index, inputs.hidden)
-                    if batched:
-                        outputs: list[torch.Tensor] = []
-                        for chunk in chunks(range(len(samples)), batch_size):
-                            hidden = torch.cat([inputs.hidden[i] for i in chunk])
-                            outputs.extend(run_chunk(layer, hidden, inputs.kwargs[0]).split(1))
-                        inputs.hidden = outputs
-                    else:
-                        inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
-                    layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
-                    bar.update(1)
+                # (and where the first chunk's graph stays under KEPT_GRAPH_BYTES, measured on its own forward)
+                whole = offload_dir is None and str(device) == "cpu" and not inputs.between and bool(live)
+                if not whole:
+                    store_inputs()
             # The chunk's loss is the sum of its samples' mean losses: each sample gets its own gradient.
             last = num_layers - 1
             norm = adapter.norm(model)
@@ -306,29 +310,34 @@ def importance_scores(
                         for name in adapter.linear_names(index):
                             linear_scores[index][name][i] = torch.zeros(shape)
             if whole:  # each chunk through every layer with its graph kept, then its backward: no recompute
-                per_layer = [list(grads) for _ in range(num_layers)]  # the empty samples' zeros
-                for chunk in chunks(live, size):
-                    found_by_layer = [{name: [] for name in adapter.linear_names(index)} for index in range(num_layers)]
+                try:
+                    per_layer = [list(grads) for _ in range(num_layers)]  # the empty samples' zeros
+                    for count, chunk in enumerate(chunks(live, size)):
+                        found_by_layer = [{name: [] for name in adapter.linear_names(index)} for index in range(num_layers)]
 
-                    def top(y: torch.Tensor, chunk: list[int] = chunk) -> tuple[torch.Tensor, torch.Tensor]:
-                        normed = norm(y)
-                        chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
-                        return normed, head_gradient(head, normed, [samples[i]["input_ids"] for i in chunk],
-                                                     [scored[i] for i in chunk], chunk_samplers)
-                    at_outputs = chunk_through_layers(
-                        layers, inputs, chunk, torch.cat([inputs.hidden[i] for i in chunk]).to(device),
-                        lambda index, layer, found=found_by_layer: hooks_on(index, layer, found[index]), top, draws, hooked)
-                    for index, stacked in enumerate(at_outputs):
-                        if per_linear:
-                            record_linears(index, chunk, found_by_layer[index])
-                        for j, i in enumerate(chunk):
-                            per_layer[index][i] = stacked[j]
-                inputs.hidden = []
-                for index in reversed(range(num_layers)):
-                    grads = per_layer[index]
-                    record(index)
-                bar.update(2 * num_layers)
-            else:
+                        def top(y: torch.Tensor, chunk: list[int] = chunk) -> tuple[torch.Tensor, torch.Tensor]:
+                            normed = norm(y)
+                            chunk_samplers = None if samplers is None else [samplers[i] for i in chunk]
+                            return normed, head_gradient(head, normed, [samples[i]["input_ids"] for i in chunk],
+                                                         [scored[i] for i in chunk], chunk_samplers)
+                        at_outputs = chunk_through_layers(
+                            layers, inputs, chunk, torch.cat([inputs.hidden[i] for i in chunk]).to(device),
+                            lambda index, layer, found=found_by_layer: hooks_on(index, layer, found[index]), top, draws, hooked,
+                            budget=KEPT_GRAPH_BYTES if count == 0 else None)
+                        for index, stacked in enumerate(at_outputs):
+                            if per_linear:
+                                record_linears(index, chunk, found_by_layer[index])
+                            for j, i in enumerate(chunk):
+                                per_layer[index][i] = stacked[j]
+                    inputs.hidden = []
+                    for index in reversed(range(num_layers)):
+                        grads = per_layer[index]
+                        record(index)
+                    bar.update(2 * num_layers)
+                except GraphTooLarge:  # on the first chunk's layer 0, before any backward: nothing recorded yet
+                    whole = False
+                    store_inputs()
+            if not whole:
                 # Top block: last decoder layer + final norm + lm_head + loss, with autograd, one chunk
                 # at a time: gives dL/dy at the last layer's output and, through it, at its input (the
                 # output of the layer below), without a separate no-grad forward of the last layer.
