@@ -3079,20 +3079,28 @@ def rtn7(family: str, method: str = "rtn") -> list[str]:
     return ["--method", method, "--nsamples", "2", "--seqlen", "16", "--group-size", str(FAMILIES7[family][0])]
 
 
+def _export_beside_model(w: Path, result, model: str, rel: str) -> str | tuple[dict, dict]:
+    """faithful's and on_grid's shared start: export_ok's complaint about the run, else the export's tensors as
+    load_quantized gives them and the model's own (state dicts)."""
+    from transformers import AutoModelForCausalLM
+
+    import quantkit
+
+    bad = export_ok(rel)(w, result)
+    if bad:
+        return bad
+    return quantkit.load_quantized(w / rel).state_dict(), AutoModelForCausalLM.from_pretrained(w / model).state_dict()
+
+
 def faithful(model: str, rel: str = "out", min_corr: float = 0.9, quantized: str | None = "default"):
     """A check: load_quantized(rel) holds the tensors of the model `model` (same names and shapes); every tensor
     either equals the model's or correlates with it at >= min_corr (a quantized copy, not a fresh random
     one), some do not equal it (something was quantized), and `quantized` (a substring) names a changed one."""
     def check(w: Path, result) -> str | None:
-        from transformers import AutoModelForCausalLM
-
-        import quantkit
-
-        bad = export_ok(rel)(w, result)
-        if bad:
-            return bad
-        a = quantkit.load_quantized(w / rel).state_dict()
-        b = AutoModelForCausalLM.from_pretrained(w / model).state_dict()
+        found = _export_beside_model(w, result, model, rel)
+        if isinstance(found, str):
+            return found
+        a, b = found
         if a.keys() != b.keys():
             return f"other tensors than the model's: {sorted(set(a) ^ set(b))[:3]}"
         changed = []
@@ -6305,15 +6313,11 @@ def on_grid(model: str = "model", rel: str = "out", bits: int = 4, nearest: bool
     original's (within half a step, where the original lies inside the grid's range)."""
     def check(w: Path, result) -> str | None:
         from safetensors import safe_open
-        from transformers import AutoModelForCausalLM
 
-        import quantkit
-
-        bad = export_ok(rel)(w, result)
-        if bad:
-            return bad
-        loaded = quantkit.load_quantized(w / rel).state_dict()
-        original = AutoModelForCausalLM.from_pretrained(w / model).state_dict()
+        found = _export_beside_model(w, result, model, rel)
+        if isinstance(found, str):
+            return found
+        loaded, original = found
         files = sorted((w / rel).glob("*.safetensors"))
         checked = 0
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
