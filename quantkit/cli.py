@@ -71,6 +71,21 @@ def _nul_byte(args: list[str]) -> str | None:
     return f"{what} holds a NUL byte, which no file name or value can hold; give it without"
 
 
+def _unusable_argument(args: list[str]) -> str | None:
+    """The message for an argument naming a named pipe, socket or device (`--calib fifo`): whichever command reads it
+    would wait on the pipe forever, or read a device without end, before any check of its content; None where none
+    does."""
+    from quantkit.errors import special_file
+
+    for arg in args:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        kind = special_file(value) if value not in ("", "-") else None
+        if kind is not None:
+            return (f"{value} is {kind}, no regular file or folder (a reader of a pipe waits for a writer forever); "
+                    "give a regular file")
+    return None
+
+
 class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
 
@@ -92,7 +107,8 @@ class QuantkitGroup(click.Group):
         from quantkit.cli_options import repeated_option
 
         name, command, rest = super().resolve_command(ctx, args)
-        problem = (repeated_option(command, rest, ctx) if command is not None else None) or _nul_byte(rest)
+        problem = ((repeated_option(command, rest, ctx) if command is not None else None) or _nul_byte(rest)
+                   or _unusable_argument(rest))
         if problem:
             raise click.UsageError(problem, ctx)
         return name, command, rest
@@ -158,7 +174,8 @@ class QuantkitGroup(click.Group):
         except click.exceptions.ClickException as err:
             if debug:
                 raise
-            click.echo(f"error: {err.format_message()}", err=True)
+            # a value holding a line break (a file name may) would make a second line
+            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
             sys.exit(EXIT_ERROR)
         except BrokenPipeError:
             # stdout's reader is gone (`quantkit ... | head`): end quietly as Unix tools do, with SIGPIPE's status;

@@ -174,16 +174,48 @@ def expect_choice(name: str, value: object, choices, *, optional: bool = False, 
     return value
 
 
-def expect_path(name: str, value: object, *, optional: bool = False, flag: str | None = None) -> str | None:
-    """`value` as a str if it is a non-empty str or os.PathLike."""
-    import os
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is where it names a named pipe, a socket or a device, else None (missing, a file, a folder): a
+    reader of a pipe waits for a writer forever, and a device is endless or empty, so no path of quantkit's takes one."""
+    import stat
 
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a name too long, a NUL byte: the path's own checks say which
+        return None
+    kinds = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((what for test, what in kinds if test(mode)), None)
+
+
+def expect_utf8(path: str | os.PathLike, what: str) -> None:
+    """One QuantkitError where `path` holds bytes that are not UTF-8 (Python keeps them as lone surrogates): for
+    folders safetensors, the tokenizers or the hub read or write, which take UTF-8 paths alone (such a model folder
+    failed as "truncated or corrupt", such an output after the work). Files Python reads take any name."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise QuantkitError(f"{what} {os.fsencode(path)!r} holds bytes that are not UTF-8, which safetensors and the "
+                            "tokenizers cannot open or write; rename it, or link to it under a UTF-8 name") from None
+
+
+def refuse_special(path: str | os.PathLike, what: str) -> None:
+    """One QuantkitError where `path` (named `what` in the message) is a named pipe, socket or device."""
+    kind = special_file(path)
+    if kind is not None:
+        raise QuantkitError(f"{what} {os.fspath(path)} is {kind}, no regular file or folder (a reader of a pipe "
+                            "waits for a writer forever); give a regular file")
+
+
+def expect_path(name: str, value: object, *, optional: bool = False, flag: str | None = None) -> str | None:
+    """`value` as a str if it is a non-empty str or os.PathLike that names no pipe, socket or device."""
     if value is None and optional:
         return None
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise QuantkitError(f"{_named(name, flag)} must be a path (str or os.PathLike), got {_kind(value)}")
     if "\0" in str(os.fspath(value)):
         raise QuantkitError(f"{_named(name, flag)} holds a NUL byte, which no file name can: {os.fspath(value)!r}")
+    refuse_special(value, _named(name, flag))
     return os.fspath(value)
 
 

@@ -11,12 +11,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, stopped_write
+from quantkit.errors import QuantkitError, expect_utf8, stopped_write
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """The output path as a Path: new (or overwrite is set), with names the file system holds."""
     check_names(path)
+    expect_utf8(path, "output path")  # a folder of safetensors and tokenizer files
     out = Path(path)
     if out.exists() and not overwrite:
         raise QuantkitError(f"output path {out} already exists; pass --overwrite or choose another -o")
@@ -413,6 +414,8 @@ def check_offload_dir(path: str | os.PathLike | None, sources: Iterable[str | os
     data): scratch files must not land among them, nor stay there when a run is killed."""
     if path is None:
         return
+    check_names(path, "--offload-dir")  # an empty name, a link to nothing on the way, a name past the limit
+    expect_utf8(path, "--offload-dir")  # its scratch files are safetensors
     root = Path(path)
     real = Path(os.path.abspath(root)).resolve()
     for source in sources:

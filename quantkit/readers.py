@@ -7,13 +7,14 @@ import json
 import os
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, first_line, refuse_special
 
 
 def read_json_object(path: str | os.PathLike, remedy: str) -> dict:
     """A JSON file that must hold one object; a missing or unreadable file, bad JSON or another JSON type is one
     QuantkitError naming the file and ending in `remedy` (what the user should do)."""
     file = Path(path)
+    refuse_special(file, "the JSON file")
     try:
         parsed = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -33,6 +34,7 @@ def read_yaml(path: str | os.PathLike, what: str) -> object:
     import yaml
 
     file = Path(path)
+    refuse_special(file, what)
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -18,6 +18,7 @@ from quantkit.errors import (
     expect_int,
     expect_names,
     expect_path,
+    expect_utf8,
     short_repr,
 )
 
@@ -84,6 +85,8 @@ def _checks() -> dict[str, Callable[..., Any]]:
     def path(name: str, value: Any, flag: str | None = None) -> str | None:
         """A path as the shell gives it: `~/x` is under the home folder (Python's open would make a folder '~')."""
         given = expect_path(name, value, optional=True, flag=flag)
+        if given is not None and name == "calib_set":  # a folder of safetensors
+            expect_utf8(given, f"{name} ({flag})" if flag else name)
         return None if given is None else os.path.expanduser(given)
 
     return {

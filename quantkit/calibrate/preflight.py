@@ -12,6 +12,14 @@ from quantkit.models.files import ModelFiles
 from quantkit.quant.methods import DEFAULT_EXPERT_TOKENS
 
 
+def check_calib_set(data) -> None:
+    """A --calib-set's manifest reads and agrees with the job's data settings (calibrate's check, and plan's)."""
+    if data.calib_set is not None:
+        from quantkit.importance import read_manifest
+
+        check_set_settings(data, read_manifest(data.calib_set))
+
+
 def preflight(job: CalibrationJob) -> ModelFiles:
     """Everything `quantkit calibrate` (and quantkit.quantize) can check before it loads the model: the device, the
     data, a calibration set, the model's files (its tokenizer or processor where it reads the data), the windows'
@@ -24,10 +32,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
     model, data, q, run = job.model, job.data, job.quantization, job.run
     check_device(run.device, run.devices, run.nproc)
     check_data(data.source, part=data.part, chat_template=data.chat_template)
-    if data.calib_set is not None:
-        from quantkit.importance import read_manifest
-
-        check_set_settings(data, read_manifest(data.calib_set))
+    check_calib_set(data)
     check_offload_dir(run.offload_dir, [None if model.loaded is not None else model.name, data.calib_set,
                                         *data_paths(data.source)])
     if run.offload_dir is not None and job.export.output is not None:

@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, short_repr
+from quantkit.errors import QuantkitError, expect_path, short_repr
 from quantkit.fsutil import name_limit
 
 PARTS = ("all", "train", "heldout")
@@ -218,7 +218,8 @@ def _has_text(path: Path, kind: str | None) -> bool:
                 if chunk.strip():
                     return True
     except UnicodeDecodeError:
-        return True  # the reader names the byte
+        _read_text_file(path)  # names the byte where the file stops being UTF-8 (plan reads no further than this)
+        return True
     return False
 
 
@@ -306,6 +307,7 @@ def check_source_name(source: str | os.PathLike) -> None:
     stat. A file whose name holds a line break exists all the same, and is read."""
     text = os.fspath(source)
     if os.path.lexists(text):
+        expect_path("data source", text)  # a pipe or device, bytes that are not UTF-8: one line, not a hang
         return
     if "\n" in text or max(len(os.fsencode(part)) for part in text.split("/")) > name_limit(text):
         raise QuantkitError(f"data source {short_repr(text)} ({len(text)} characters) is no file, directory, glob or "

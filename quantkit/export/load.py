@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError, closest, expect_path, short_repr
+from quantkit.errors import QuantkitError, closest, expect_path, expect_utf8, short_repr
 from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
 from quantkit.export.reader import build_model, model_name, read_checkpoint, read_json
 from quantkit.models.conv1d import checkpoint_layout
@@ -62,6 +62,7 @@ def load_quantized(path: str | os.PathLike, *more: object, dtype: torch.dtype | 
         raise QuantkitError(f"load_quantized() takes one positional argument, path; the second, "
                             f"{short_repr(more[0])}, {_second_positional(more[0])}")
     root = Path(expect_path("load_quantized(path)", path))
+    expect_utf8(root, "load_quantized(path)")
     if unknown:
         name = sorted(unknown)[0]
         near = closest(name, ("path", "dtype"))

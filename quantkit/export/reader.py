@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.errors import QuantkitError, expect_path
+from quantkit.errors import QuantkitError, expect_path, expect_utf8
 from quantkit.export.common import (
     INDEX,
     MANIFEST,
@@ -41,6 +41,7 @@ def check_export_dir(path: str | os.PathLike) -> None:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a quantkit output (any format) back into FP tensors and exact QuantResults."""
     root = Path(expect_path("read_checkpoint(path)", path))
+    expect_utf8(root, "the quantkit output")
     if not root.is_dir():
         raise QuantkitError(f"{root} is not a directory; give a quantkit output directory")
     mpath = root / MANIFEST

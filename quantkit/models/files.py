@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, expect_utf8, first_line
 from quantkit.models import looks_local
 from quantkit.models.checks import stored_twice
 from quantkit.readers import read_json_object
@@ -179,8 +179,8 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
     from transformers import AutoConfig
 
     local: Path | None
-    user_dir = looks_local(name)
-    if user_dir:
+    if user_dir := looks_local(name):
+        expect_utf8(name, "model path")
         local = Path(name).expanduser()
         if not (local / "config.json").is_file():
             raise QuantkitError(f"model path {name} not found or has no config.json; give a model directory or a hub id")

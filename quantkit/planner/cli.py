@@ -42,7 +42,9 @@ def _plan_params() -> list[click.Parameter]:
 def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, **options) -> None:
     from quantkit.calibrate.budget import plan_job
     from quantkit.calibrate.cli import job_from_options
+    from quantkit.calibrate.preflight import check_calib_set
     from quantkit.data.checks import check_data
+    from quantkit.fsutil import check_offload_dir
     from quantkit.models.files import check_seqlen
 
     given_data = options.get("calib")
@@ -54,7 +56,10 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
         options["output_dir"] = "(no output: plan only)"
     options.update(overwrite=False, push_to_hub=None, private=None)
     job = job_from_options(model, options, progress=False)
-    check_data(given_data)  # a plan of a run that calibrate would refuse is no plan
+    # a plan of a run that calibrate would refuse is no plan: its data, template and set checked as calibrate does
+    check_data(given_data, part=job.data.part, chat_template=job.data.chat_template)
+    check_calib_set(job.data)
+    check_offload_dir(job.run.offload_dir, [model, given_data, job.data.calib_set])
     config = _check_as_calibrate(job, model, given_data)
     plan = plan_job(job)
     if given_output is not None:

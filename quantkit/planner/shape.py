@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, expect_utf8
 from quantkit.models.checks import check_full_precision, check_language_model, config_shape_error
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantSpec
@@ -196,6 +196,8 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
 
     name = os.fspath(name)
     local = _local_dir(name)
+    if local is not None:  # calibrate cannot read its safetensors under such a name: no plan of a refused run
+        expect_utf8(name, "model path")
     try:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad or missing config.json raises several types

@@ -175,7 +175,9 @@ class Recipe:
         if not file.is_file():
             raise QuantkitError(f"recipe {path} not found; give a YAML file with targets, ignore and overrides")
         data = read_yaml(file, "recipe")
-        return cls.from_dict(data or {}, f"recipe {path}")
+        if data is None:  # an empty file (or comments only) says nothing: more likely the wrong file than "no recipe"
+            raise QuantkitError(f"recipe {path} is empty; give targets, ignore and overrides, or leave the recipe out")
+        return cls.from_dict(data, f"recipe {path}")
 
     def to_dict(self) -> dict:
         """The recipe as its YAML mapping (reports, manifests, resume fingerprints)."""
