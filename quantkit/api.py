@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantkit.calibrate.job import OPTIONS
+from quantkit.errors import checked_call
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Quantized:
         return iter((self.model, self.report))
 
 
+@checked_call
 def quantize(
     model: Any,
     tokenizer_or_processor: Any = None,

@@ -82,6 +82,38 @@ def stopped_write(err: BaseException, out: os.PathLike, tmp: os.PathLike) -> Qua
     return QuantkitError(f"cannot write {where}: {cause}")
 
 
+def checked_call(target):
+    """`target` (a function, or a class, whose __init__ is wrapped) with the shape of each call checked first: an
+    unknown keyword, a missing argument or a positional one too many is one QuantkitError naming it (with the nearest
+    known name), as the API's other refusals are, not Python's TypeError."""
+    import functools
+    import inspect
+
+    func = target.__init__ if isinstance(target, type) else target
+    signature = inspect.signature(func)
+    loose = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    known = [n for n, p in signature.parameters.items() if n != "self" and p.kind not in loose]
+    name = target.__name__
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            unknown = next((k for k in kwargs if k not in signature.parameters), None)
+            if unknown is not None:
+                near = closest(unknown, known)
+                hint = f"did you mean {near!r}? " if near is not None else ""
+                raise QuantkitError(f"{name}() has no argument {unknown!r}; {hint}it takes {', '.join(known)}") from None
+            raise QuantkitError(f"{name}(): {first_line(err)}; it takes {', '.join(known)}") from None
+        return func(*args, **kwargs)
+
+    if isinstance(target, type):
+        target.__init__ = call
+        return target
+    return call
+
+
 # ---------------------------------------------------------------- arguments checked at the API's boundary
 # The CLI's option types make these checks for it; the Python API gets the same one-line errors instead of a
 # TypeError from deep inside. Each names the argument as Python spells it and, where there is one, its flag.

@@ -44,6 +44,14 @@ def _str(name: str, value: Any, *, optional: bool = False, flag: str | None = No
     return value
 
 
+def _hooks(name: str, value: Any, *, flag: str | None = None) -> None:
+    """A test's instrumentation: None, or the Hooks the engine calls (anything else failed deep in the run)."""
+    from quantkit.engine.comm import Hooks
+
+    if value is not None and not isinstance(value, Hooks):
+        raise QuantkitError(f"{name} must be None or a quantkit.engine.comm.Hooks, got {short_repr(value)}")
+
+
 def _devices(name: str, value: Any, *, flag: str | None = None) -> None:
     if value is None:
         return
@@ -99,7 +107,7 @@ def _checks() -> dict[str, Callable[..., Any]]:
         "seqlen": checker("seqlen", optional=True), "seed": checker("seed"), "part": one_of(PARTS), "chat_template": path,
         "device": _str, "nproc": checker("nproc"), "devices": _devices,
         "dist_timeout": checker("dist_timeout"), "low_memory": boolean, "offload_dir": path,
-        "resume": boolean, "progress": boolean, "hooks": lambda *a, **k: None, "output_dir": path,
+        "resume": boolean, "progress": boolean, "hooks": _hooks, "output_dir": path,
         "format": one_of(FORMATS, optional=True), "overwrite": boolean,
         "push_to_hub": partial(_str, optional=True), "private": maybe_bool,
     }

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError, closest, expect_path, expect_utf8, short_repr
+from quantkit.errors import (
+    QuantkitError,
+    checked_call,
+    closest,
+    expect_path,
+    expect_utf8,
+    short_repr,
+)
 from quantkit.export.common import MANIFEST, Checkpoint, float_dtype
 from quantkit.export.reader import build_model, model_name, read_checkpoint, read_json
 from quantkit.models.conv1d import checkpoint_layout
@@ -50,6 +57,7 @@ def _second_positional(value: object) -> str:
     return "is no argument of it: it takes path and dtype= (by name), and loads on the CPU"
 
 
+@checked_call
 def load_quantized(path: str | os.PathLike, *more: object, dtype: torch.dtype | str | None = None,
                    **unknown: object) -> torch.nn.Module:
     """Load any quantkit output as a transformers model holding the dequantized float weights (another

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, expect_path, unknown_choice
+from quantkit.errors import QuantkitError, checked_call, expect_path, unknown_choice
 from quantkit.quant.methods import METHODS, Method, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 
@@ -78,6 +78,7 @@ class LinearSettings:
         return out
 
 
+@checked_call
 @dataclass(frozen=True)
 class Override:
     """Settings for the linears matching `targets`; None leaves a setting at the run's (or an earlier override's)."""
@@ -127,6 +128,7 @@ class Override:
                 **{key: getattr(self, key) for key in OVERRIDE_KEYS if getattr(self, key) is not None}}
 
 
+@checked_call
 @dataclass(frozen=True)
 class Recipe:
     """Which linears to quantize (targets), which to leave in FP (ignore), and ordered per-module overrides.
@@ -265,7 +267,7 @@ def _override(value: object, index: int) -> Override:
     if isinstance(value, Override):
         return value
     if not isinstance(value, Mapping):
-        raise QuantkitError(f"recipe override {index + 1} must be a mapping with targets and settings, got {value!r}")
+        raise QuantkitError(f"recipe overrides: override {index + 1} must be a mapping with targets and settings, got {value!r}")
     unknown = sorted(set(value) - {"targets", *OVERRIDE_KEYS})
     if unknown:
         raise QuantkitError(f"recipe override {index + 1}: unknown key {unknown[0]!r}; "
