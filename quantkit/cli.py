@@ -128,6 +128,12 @@ class QuantkitGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """click's main with SIGINT and SIGTERM unwinding as Interrupted; the process's own command line (argv,
         standalone: it exits next) holds them until the process has gone."""
+        try:
+            os.getcwd()
+        except FileNotFoundError:  # torch's import dies there ("oneMKL FATAL ERROR"), and relative paths mean nothing
+            click.echo("error: the working folder no longer exists (it was deleted after the shell entered it); cd "
+                       "to an existing folder and run again", err=True)
+            sys.exit(EXIT_ERROR)
         # SIGTERM unwinds like Ctrl-C so that atomic outputs remove their temporary directories.
         handlers = {s: signal.getsignal(s) for s in _STOPS}
         try:
