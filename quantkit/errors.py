@@ -248,6 +248,13 @@ def expect_path(name: str, value: object, *, optional: bool = False, flag: str |
     if "\0" in str(os.fspath(value)):
         raise QuantkitError(f"{_named(name, flag)} holds a NUL byte, which no file name can: {os.fspath(value)!r}")
     refuse_special(value, _named(name, flag))
+    try:
+        os.stat(value)
+    except OSError as err:  # pathlib's is_file() and exists() raise this one, where they answer False for the rest
+        if err.errno == errno.ENAMETOOLONG:
+            text = str(os.fspath(value))
+            raise QuantkitError(f"{_named(name, flag)} {text if len(text) <= 80 else text[:60] + '...'}: the path or "
+                                "a name in it is too long for the file system; choose a shorter name") from None
     return os.fspath(value)
 
 

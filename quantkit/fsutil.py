@@ -292,12 +292,14 @@ def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
     if os.fspath(output) == "":  # abspath('') is the working folder: results would land among its files
         raise QuantkitError(f"{flag} '' is an empty name; give a path")
     out = Path(os.path.abspath(output))
-    for part in reversed(out.parents):  # mkdir -p stops at a link to nothing with "File exists", after the work
+    if os.path.islink(out) and os.path.islink(os.path.realpath(out)):  # realpath stops where the links loop
+        raise QuantkitError(f"{flag} {output} is a symlink loop; remove the link or give another path")
+    # mkdir -p stops at a link to nothing with "File exists", after the work; the output itself so linked would be
+    # replaced by the results, the user's link gone without a word
+    for part in [*reversed(out.parents), out]:
         if os.path.islink(part) and not os.path.exists(part):
             raise QuantkitError(f"{flag} {output}: {part} is a symbolic link to {os.readlink(part)}, which does not "
                                 "exist; create it or choose another path")
-    if os.path.islink(out) and os.path.islink(os.path.realpath(out)):  # realpath stops where the links loop
-        raise QuantkitError(f"{flag} {output} is a symlink loop; remove the link or give another path")
     new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
     limit = name_limit(out)
     for part in new:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,55 @@ def test_recipe_from_dict_refuses_what_is_no_mapping(value: object) -> None:
 @pytest.mark.parametrize("value", [None, 5, True, ["x"]])
 def test_recipe_from_yaml_refuses_what_is_no_path(value: object) -> None:
     _one_error(lambda: quantkit.Recipe.from_yaml(value), "path")
+
+
+def _bad_path(kind: str, w: Path) -> str:
+    """A path in `w` in the odd state `kind` (as tests/test_walk_paths.py gives the command line)."""
+    x = w / "x"
+    if kind == "empty file":
+        x.write_bytes(b"")
+    elif kind == "garbage":
+        x.write_bytes(bytes(range(256)) * 8)
+    elif kind == "folder":
+        x.mkdir()
+    elif kind == "named pipe":
+        os.mkfifo(x)
+    elif kind == "link to nothing":
+        x.symlink_to(w / "gone")
+    elif kind == "300-byte name":
+        x = w / ("n" * 300)
+    elif kind == "under a file":
+        x.write_text("mine")
+        x = x / "o"
+    elif kind == "existing folder":
+        x.mkdir()
+        (x / "f").write_text("mine")
+    return str(x)
+
+
+INPUT_STATES = ["missing", "empty file", "garbage", "folder", "named pipe", "link to nothing", "300-byte name"]
+OUTPUT_STATES = ["under a file", "link to nothing", "named pipe", "300-byte name", "existing folder"]
+
+
+@pytest.mark.parametrize(("name", "state"), [(n, s) for n in ("model", "data", "calib_set", "chat_template", "recipe")
+                                             for s in INPUT_STATES]
+                         + [(n, s) for n in ("output_dir", "offload_dir") for s in OUTPUT_STATES
+                            if not (n == "offload_dir" and s == "existing folder")])
+def test_quantize_refuses_a_path_in_an_odd_state(base: Path, tmp_path: Path, name: str, state: str) -> None:
+    """Each path argument as the CLI's walk gives them: one QuantkitError naming the path, nothing written (a pipe
+    is refused, not waited on; a name past the limit is no OSError)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    bad = _bad_path(state, work)
+    args = dict(model=str(base / "model"), data=str(base / "text.txt"), method="rtn", nsamples=2, seqlen=16,
+                group_size=32, output_dir=str(tmp_path / "out"), progress=False, low_memory=name == "offload_dir")
+    args[name] = bad
+    if name == "calib_set":
+        args["data"] = None
+    _one_error(lambda: quantkit.quantize(**args), bad[:40], base, tmp_path)
+
+
+@pytest.mark.parametrize("state", INPUT_STATES)
+def test_load_quantized_refuses_a_path_in_an_odd_state(tmp_path: Path, state: str) -> None:
+    bad = _bad_path(state, tmp_path)
+    _one_error(lambda: quantkit.load_quantized(bad), bad[:40], tmp_path)

@@ -127,6 +127,7 @@ def check_model_argument(model: Any) -> None:
     if isinstance(model, (str, os.PathLike)):
         if not os.fspath(model):
             raise QuantkitError("model is an empty string; give a model directory, a hub id or a loaded model")
+        expect_path("model", model)  # a pipe, a name past the file system's limit
         return
     import torch
 

@@ -310,7 +310,8 @@ def check_source_name(source: str | os.PathLike) -> None:
         expect_path("data source", text)  # a pipe or device, bytes that are not UTF-8: one line, not a hang
         return
     if "\n" in text or max(len(os.fsencode(part)) for part in text.split("/")) > name_limit(text):
-        raise QuantkitError(f"data source {short_repr(text)} ({len(text)} characters) is no file, directory, glob or "
+        shown = short_repr(text) if len(text) <= 80 else f"{text[:60]!r}..."
+        raise QuantkitError(f"data source {shown} ({len(text)} characters) is no file, directory, glob or "
                             "hf: dataset; to calibrate on a text itself, pass it in a list: data=[text]")
 
 
