@@ -220,15 +220,16 @@ def special_file(path: str | os.PathLike) -> str | None:
     return next((what for test, what in kinds if test(mode)), None)
 
 
-def expect_utf8(path: str | os.PathLike, what: str) -> None:
+def expect_utf8(path: str | os.PathLike, what: str,
+                why: str = "safetensors and the tokenizers cannot open or write") -> None:
     """One QuantkitError where `path` holds bytes that are not UTF-8 (Python keeps them as lone surrogates): for
     folders safetensors, the tokenizers or the hub read or write, which take UTF-8 paths alone (such a model folder
     failed as "truncated or corrupt", such an output after the work). Files Python reads take any name."""
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise QuantkitError(f"{what} {os.fsencode(path)!r} holds bytes that are not UTF-8, which safetensors and the "
-                            "tokenizers cannot open or write; rename it, or link to it under a UTF-8 name") from None
+        raise QuantkitError(f"{what} {os.fsencode(path)!r} holds bytes that are not UTF-8, which {why}; rename it, "
+                            "or link to it under a UTF-8 name") from None
 
 
 def refuse_special(path: str | os.PathLike, what: str) -> None:

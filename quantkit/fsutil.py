@@ -282,10 +282,11 @@ def name_limit(path: str | os.PathLike) -> int:
         return 255
 
 
-def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
-    """Every name `output` creates fits the file system's name limit, with room for the temporary names a run
-    puts beside it (the OS says only "File name too long" once the work is done); "-" is no name either (read by
-    Unix tools as stdout, by quantkit as a file or folder named '-' in the working folder)."""
+def check_names(output: str | os.PathLike, flag: str = "-o", room: int = _NAME_ROOM) -> None:
+    """Every name `output` creates fits the file system's name limit, with `room` for the temporary names a run
+    puts beside it (none for a folder made in place); the OS says only "File name too long" once the work is done.
+    "-" is no name either (read by Unix tools as stdout, by quantkit as a file or folder named '-' in the working
+    folder)."""
     if os.fspath(output) == "-":
         raise QuantkitError(f"{flag} - would write a file or folder named '-' here, not to stdout; give a path "
                             "(to print a command's results, use its --json)")
@@ -303,10 +304,12 @@ def check_names(output: str | os.PathLike, flag: str = "-o") -> None:
     new = [part for part in [out, *out.parents] if not os.path.lexists(part)]  # lexists: False where the OS refuses
     limit = name_limit(out)
     for part in new:
-        if len(os.fsencode(part.name)) + _NAME_ROOM > limit:
+        beside = room if part == out else 0  # folders above it are made in place (mkdir -p), with nothing beside
+        if len(os.fsencode(part.name)) + beside > limit:
+            held = f" ({beside} of them for the run's temporary names)" if beside else ""
             raise QuantkitError(f"{flag} {str(output)[:60]}...: the name {part.name[:40]}... is "
-                                f"{len(os.fsencode(part.name))} bytes, and names here hold at most {limit} "
-                                f"({_NAME_ROOM} of them for the run's temporary names); choose a shorter name")
+                                f"{len(os.fsencode(part.name))} bytes, and names here hold at most {limit}{held}; "
+                                "choose a shorter name")
 
 
 def check_output_folder(output: str | os.PathLike, flag: str = "-o") -> None:
@@ -416,7 +419,7 @@ def check_offload_dir(path: str | os.PathLike | None, sources: Iterable[str | os
     data): scratch files must not land among them, nor stay there when a run is killed."""
     if path is None:
         return
-    check_names(path, "--offload-dir")  # an empty name, a link to nothing on the way, a name past the limit
+    check_names(path, "--offload-dir", room=0)  # made in place, its files inside: no temporary name beside it
     expect_utf8(path, "--offload-dir")  # its scratch files are safetensors
     root = Path(path)
     real = Path(os.path.abspath(root)).resolve()

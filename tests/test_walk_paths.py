@@ -297,3 +297,33 @@ def test_a_bad_output_path_is_one_line(base: Path, tmp_path: Path, command: str,
                    kind == "out-folder"), "the run changed or removed what it was not given"
         return
     _refused(result, before, _state(base, tmp_path))
+
+
+def test_names_at_the_limit_are_taken_where_nothing_goes_beside_them(base: Path, tmp_path: Path) -> None:
+    """Round 15: a 255-byte --offload-dir name was refused by the output rule (16 bytes kept for temporary names
+    beside it), but scratch space is made in place with its files inside; so are the folders above an output. The
+    output itself keeps the reserve: its temporary twin goes beside it."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    scratch, above = tmp_path / ("s" * limit), tmp_path / ("p" * limit) / "out"
+    result = run_cli("calibrate", base / "model", "--calib", base / "text.txt", *RTN, "--low-memory",
+                     "--offload-dir", scratch, "-o", above)
+    assert result.exit_code == 0, result.output[-600:]
+    assert (above / "config.json").is_file() and not scratch.exists()
+    before = _state(base, tmp_path)
+    line = _refused(run_cli("calibrate", base / "model", "--calib", base / "text.txt", *RTN, "-o",
+                            tmp_path / ("o" * (limit - 8))), before, _state(base, tmp_path))
+    assert "for the run's temporary names" in line, line
+
+
+def test_a_data_file_named_in_latin1_is_taken_or_refused_up_front(base: Path, tmp_path: Path) -> None:
+    """Round 15: calibrate --calib t\\xe9.txt read the data, then failed writing the model card (UTF-8) after the
+    work; the card now writes the name escaped. qid measure, whose table's text columns would hold the name, says so
+    before any cell is measured."""
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/t\xe9.txt")
+    shutil.copy(base / "text.txt", odd)
+    result = run_cli("calibrate", base / "model", "--calib", odd, *RTN, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output[-600:]
+    assert "t\\udce9.txt" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    argv = _argv("qid measure", base, tmp_path / "m.csv", "--eval", odd)
+    before = _state(base, tmp_path)
+    assert "not UTF-8" in _refused(run_cli(*argv), before, _state(base, tmp_path))

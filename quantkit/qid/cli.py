@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from quantkit.cli_options import bounded, output_option
-from quantkit.errors import QuantkitError, unknown_choice
+from quantkit.errors import QuantkitError, expect_utf8, unknown_choice
 from quantkit.fsutil import atomic_file, check_output_file, check_output_folder
 
 
@@ -107,6 +107,8 @@ def measure(checkpoints: tuple[str, ...], bits: list[int], methods: list[str], o
     plan_cells(checkpoints, bits, methods)  # unknown methods, unparsable checkpoint names
     parse_token_overrides(tokens)
     check_measured_bits(bits, methods)
+    for name in (*checkpoints, settings["eval_text"]):  # written in the table's UTF-8 model and eval_text columns
+        expect_utf8(name, "the checkpoint" if name in checkpoints else "--eval", "the table's text columns cannot hold")
     check_output_file(out_csv, inputs=[*(parse_checkpoint(c).local_dir for c in checkpoints),
                                         *data_inputs(settings["eval_text"], settings["calib"])])
     for spec in checkpoints:
