@@ -158,7 +158,15 @@ class QuantkitGroup(click.Group):
         """click's context, holding in its meta whether the process exits when the command ends (main's call: its
         own, so that a command line run inside another one, as CliRunner does, keeps its own answer)."""
         exits_after = bool(extra.pop(_EXITS_AFTER, False))
-        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        try:
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare `quantkit`: the help, as click shows it
+        except click.UsageError as err:  # `quantkit --bogus calibrate`: the group's own options, before invoke's lines
+            if "--debug" in args or os.environ.get("QUANTKIT_DEBUG") == "1":
+                raise
+            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            sys.exit(EXIT_ERROR)
         ctx.meta[_EXITS_AFTER] = exits_after
         return ctx
 

@@ -115,3 +115,13 @@ def test_gptq_checkpoint_without_gptqmodel_names_the_install(gptq_export, tmp_pa
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "pip install gptqmodel" in lines[0]
     assert "NameError" not in result.output
+
+
+@pytest.mark.parametrize("args", [["--json", "calibrate"], ["--bogus", "calibrate", "x"], ["--debug=1", "eval"]])
+def test_an_option_the_group_lacks_is_one_line(args: list) -> None:
+    """Round 15: an option before the subcommand (`quantkit --json calibrate`) printed click's usage block, 4 lines,
+    where every other usage error is one `error:` line."""
+    result = CliRunner().invoke(main, args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert args[0].split("=")[0] in lines[0], lines[0]
