@@ -4,6 +4,7 @@ import errno
 import os
 import re
 import signal
+import sys
 
 
 class QuantkitError(Exception):
@@ -222,14 +223,23 @@ def special_file(path: str | os.PathLike) -> str | None:
 
 def expect_utf8(path: str | os.PathLike, what: str,
                 why: str = "safetensors and the tokenizers cannot open or write") -> None:
-    """One QuantkitError where `path` holds bytes that are not UTF-8 (Python keeps them as lone surrogates): for
-    folders safetensors, the tokenizers or the hub read or write, which take UTF-8 paths alone (such a model folder
-    failed as "truncated or corrupt", such an output after the work). Files Python reads take any name."""
+    """One QuantkitError where Python holds `path` with lone surrogates, which the Rust libraries (safetensors, the
+    tokenizers) cannot take: bytes that are not UTF-8 (such a model folder failed as "truncated or corrupt", such an
+    output after the work), or UTF-8 read under an ASCII locale (LC_ALL=C). Files Python reads take any name."""
+    text = os.fspath(path)
     try:
-        os.fspath(path).encode("utf-8")
+        text.encode("utf-8")
+        return
     except UnicodeEncodeError:
-        raise QuantkitError(f"{what} {os.fsencode(path)!r} holds bytes that are not UTF-8, which {why}; rename it, "
+        pass
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{what} {os.fsencode(text)!r} holds bytes that are not UTF-8, which {why}; rename it, "
                             "or link to it under a UTF-8 name") from None
+    raise QuantkitError(f"{what} {os.fsencode(text)!r} is UTF-8, but this process reads names as ASCII (the locale "
+                        f"is {sys.getfilesystemencoding()}: LC_ALL=C), and so {why}; run with a UTF-8 locale "
+                        "(LC_ALL=C.UTF-8) or PYTHONUTF8=1")
 
 
 def refuse_special(path: str | os.PathLike, what: str) -> None:

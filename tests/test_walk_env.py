@@ -80,3 +80,17 @@ def test_an_hf_home_that_is_a_file_is_one_line_for_a_hub_model(base: Path, tmp_p
                  env={"HF_HOME": str(home)})
     assert local.returncode == 0, local.stderr[-600:]
     assert home.read_text() == "mine"
+
+
+def test_a_utf8_output_name_under_an_ascii_locale_is_one_line_up_front(base: Path, tmp_path: Path) -> None:
+    """Round 15: under LC_ALL=C (no UTF-8 mode) Python holds 'é' of -o sortie-é as surrogates, which the tokenizers'
+    writer cannot take: the export failed after the work, and then an earlier fix called the name not UTF-8. One line
+    up front says what to change; with PYTHONUTF8=1 the same name is written."""
+    out = tmp_path / "sortie-é"
+    args = ["calibrate", base / "model", "--calib", base / "text.txt", "--method", "rtn", "--nsamples", "2",
+            "--seqlen", "16", "--group-size", "32", "-o", out]
+    ascii_only = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    assert "run with a UTF-8 locale" in _one_line(_run(args, env=ascii_only))
+    assert not list(tmp_path.iterdir())
+    done = _run(args, env={**ascii_only, "PYTHONUTF8": "1"})
+    assert done.returncode == 0 and (out / "config.json").is_file(), done.stderr[-600:]
