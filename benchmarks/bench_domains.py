@@ -18,7 +18,9 @@ Calibration: --nsamples x --seqlen windows from the train part (first 90%) of th
 ../shared/data/text, drawn with the draw's seed (quantkit.data.calibration_samples). Evaluation, per corpus:
 validation windows from the corpus's train part that overlap no calibration window of the draw (for choosing
 defaults), or with --heldout the first windows of the corpus's held-out part (last 10%; final figures only).
---windows windows of --seqlen tokens per corpus. The overall gap is the mean over corpora (equal tokens each).
+--windows windows of --seqlen tokens per corpus (held-out: `all` takes every whole window, 272-641 per corpus of
+the four at 128 tokens; --first N also reports the first N of them, scored on the same quantized models). The
+overall gap is the mean over corpora (equal tokens each).
 
 Every variant is a row of VARIANTS (the engine method and its options); the token-importance pass runs once
 per draw and gradient options and is reused by every variant and setting. Per (setting, variant) the summary
@@ -141,9 +143,17 @@ def group_size(model, choices: tuple[int, ...]) -> int:
     return next(g for g in choices if all(w % g == 0 for w in widths))
 
 
-def per_corpus_gaps(model, windows: dict[str, torch.Tensor], fp: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean loss gap to FP per corpus (paired by window)."""
-    return {name: float((window_losses(model, w) - fp[name]).mean()) for name, w in windows.items()}
+def per_corpus_gaps(model, windows: dict[str, torch.Tensor], fp: dict[str, torch.Tensor], first: int | None = None
+                    ) -> dict[str, float]:
+    """Mean loss gap to FP per corpus (paired by window); with `first`, also each held-out corpus's gap over its
+    first windows only (part "heldout_first{first}": the same quantized model scored on fewer windows)."""
+    out = {}
+    for name, w in windows.items():
+        diff = window_losses(model, w) - fp[name]
+        out[name] = float(diff.mean())
+        if first and name.startswith("heldout/"):
+            out[f"heldout_first{first}/{name.split('/', 1)[1]}"] = float(diff[:first].mean())
+    return out
 
 
 class UniformOn:
@@ -238,12 +248,18 @@ def run_draw(model_name: str, seed: int, args: dict) -> dict:
     for label in args["settings"]:
         bits, choices = SETTINGS[label]
         spec = QuantSpec(bits=bits, group_size=group_size(model, choices), sym=True)
+        first = args.get("first")
+        fp_loss = {n: float(v.mean()) for n, v in fp.items()}
+        if first:
+            fp_loss |= {f"heldout_first{first}/{n.split('/', 1)[1]}": float(v[:first].mean()) for n, v in fp.items()
+                        if n.startswith("heldout/")}
         row = {"model": model_name, "seed": seed, "setting": label, "group_size": spec.group_size,
-               "fp_loss": {n: float(v.mean()) for n, v in fp.items()}, "importance_cpu_s": importance_s}
+               "fp_loss": fp_loss, "importance_cpu_s": importance_s}
         for name in args["variants"]:
             quantized, seconds, _ = calibrate_variant(model, samples, spec, VARIANTS[name], scores, seed)
-            gaps = per_corpus_gaps(quantized, windows, fp)
-            row[name] = {"gap": sum(gaps.values()) / len(gaps), "by_corpus": gaps, "calib_cpu_s": round(seconds, 2)}
+            gaps = per_corpus_gaps(quantized, windows, fp, first)
+            scored = [v for n, v in gaps.items() if not n.startswith("heldout_first")]  # --first's part apart
+            row[name] = {"gap": sum(scored) / len(scored), "by_corpus": gaps, "calib_cpu_s": round(seconds, 2)}
             del quantized
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -407,9 +423,9 @@ def attach_llmc(rows: list[dict], llmc_rows: list[dict]) -> None:
 def summaries(rows: list[dict], names: list[str], base: str) -> dict:
     """The per-part summaries against `base` (and against llm-compressor on the held-out text where it ran)."""
     out = {}
-    for part in ("validation", "heldout"):
-        if any(n.startswith(f"{part}/") for r in rows for n in r["fp_loss"]):
-            out[f"summary_{part}"] = summarise(part_rows(rows, part), names, base)
+    parts = dict.fromkeys(n.split("/", 1)[0] for r in rows for n in r["fp_loss"])  # validation, heldout, heldout_firstN
+    for part in parts:
+        out[f"summary_{part}"] = summarise(part_rows(rows, part), names, base)
     if any("llmc" in r for r in rows):
         with_llmc = [r for r in part_rows(rows, "heldout") if "llmc" in r]
         out["summary_heldout_over_llmc"] = summarise(with_llmc, [*names, "llmc"], "llmc")
@@ -462,7 +478,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--windows", type=int, default=48, help="evaluation windows per corpus")
+    parser.add_argument("--windows", type=lambda v: None if v == "all" else int(v), default=48,
+                        help="evaluation windows per corpus, or 'all': every whole window of each held-out part")
+    parser.add_argument("--first", type=int, help="with --windows all: also each corpus's gap over its first FIRST "
+                        "held-out windows, from the same quantized models (summary_heldout_firstFIRST)")
     parser.add_argument("--settings", nargs="+", default=["W2", "W3"], choices=list(SETTINGS))
     parser.add_argument("--variants", nargs="+", default=["gptq_fp", "tlq"], choices=list(VARIANTS))
     parser.add_argument("--base", default="gptq_fp", help="the variant every ratio is taken against")
@@ -484,13 +503,17 @@ def main() -> None:
         emit(merge([read_output(Path(f)) for f in args.merge], args.base), args.output)
         return
     args.eval = args.eval or ("heldout" if args.heldout else "validation")
+    if args.windows is None and args.eval != "heldout":
+        parser.error("--windows all takes every held-out window; validation windows need a count")
+    if args.first and args.windows is not None:
+        parser.error("--first compares against --windows all")
     if args.llmc and args.eval == "validation":
         parser.error("--llmc is compared on the held-out text; add --heldout")
     for name in args.models:
         resolve_model(name)
     if args.base not in args.variants:
         args.variants = [args.base, *args.variants]
-    shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "settings", "variants", "eval")}
+    shared = {k: getattr(args, k) for k in ("nsamples", "seqlen", "windows", "first", "settings", "variants", "eval")}
     if args.cost:
         emit(run_cost(args.models[0], shared, args.repeats), args.output)
         return

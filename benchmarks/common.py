@@ -152,11 +152,12 @@ def corpus_offsets(tokenizer) -> dict[str, tuple[int, int]]:
     return out
 
 
-def heldout_corpus_windows(tokenizer, seqlen: int, count: int) -> dict[str, torch.Tensor]:
-    """Per corpus, [count, seqlen] consecutive windows from the start of its held-out part (fewer if short)."""
+def heldout_corpus_windows(tokenizer, seqlen: int, count: int | None) -> dict[str, torch.Tensor]:
+    """Per corpus, [count, seqlen] consecutive windows from the start of its held-out part (fewer if short; None:
+    every whole window it holds)."""
     out = {}
     for name, ids in corpus_streams(tokenizer, "heldout").items():
-        n = min(count, ids.numel() // seqlen)
+        n = ids.numel() // seqlen if count is None else min(count, ids.numel() // seqlen)
         out[name] = ids[: n * seqlen].reshape(n, seqlen)
     return out
 
