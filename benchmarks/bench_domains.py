@@ -115,6 +115,12 @@ VARIANTS: dict[str, dict] = {
     # the weight) on the attention linears only; gate/up/down, where round 5 located TLQ's loss, keep uniform weights
     "tlq_kl_attn": {"method": "tlq", "fp_target": True, "importance": {**TLQ, "loss": "fisher"},
                     "uniform": ("gate_proj", "up_proj", "down_proj")},
+    # round 10 (#24): the output-side factor of 128 rows estimated from 16k correlated tokens, shrunk per block
+    # toward its diagonal (G' = (1 - a) G + a diag G: less row coupling, the per-row scales kept) or toward the
+    # scaled identity (G' = (1 - a) G + a tr(G)/b I: the same as a larger damp); a = 1 is GPTQ's rounding either way
+    **{f"os_u128_{to}{a}": {"method": "tlq", "fp_target": True,
+                            "importance": {**TLQ, "lam": 1.0, "output_side": 128}, "shrink": (to, a)}
+       for to in ("sd", "si") for a in (0.05, 0.1, 0.2, 0.3, 0.5)},
     "gptq_fp_nodown": {"method": "gptq", "fp_target": True, "importance": None, "fp_skip": ("down_proj",)},
     "tlq_nodown": {"method": "tlq", "fp_target": True, "importance": TLQ, "fp_skip": ("down_proj",)},
 }
@@ -176,6 +182,17 @@ class UniformOn:
                             {n: g for n, g in found.groups.items() if n not in uniform}, found.floor, found.row_metrics)
 
 
+def shrink_factor(blocks: torch.Tensor, to: str, a: float) -> torch.Tensor:
+    """Output-side factor blocks [n, b, b] shrunk by a fraction a toward their diagonal ("sd") or toward the scaled
+    identity tr(G)/b I ("si")."""
+    diagonal = torch.diagonal(blocks, dim1=1, dim2=2)
+    if to == "sd":
+        target = torch.diag_embed(diagonal)
+    else:
+        target = torch.diag_embed(diagonal.mean(-1, keepdim=True).expand_as(diagonal))
+    return (1 - a) * blocks + a * target
+
+
 def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: int):
     """A quantized copy of `model` for one variant, its calibration seconds (CPU) and report."""
     from dataclasses import replace
@@ -193,9 +210,12 @@ def calibrate_variant(model, samples, spec, variant: dict, scores: dict, seed: i
             if options["lam"] != 1.0:
                 raise SystemExit("factor_every feeds the output-side factors only: it needs lam 1 (uniform weights)")
             layer_scores = [[torch.ones(s["input_ids"].shape[-1]) for s in samples] for _ in found.layer]
+        factors = found.linear_factors
+        if variant.get("shrink"):
+            factors = [{n: shrink_factor(g, *variant["shrink"]) for n, g in layer.items()} for layer in factors]
         weights = TokenImportance(layer_scores, samples, report=found.report, linear_scores=found.linear, seed=seed,
                                   lam=options["lam"], power=options["power"], clip=options.get("clip"),
-                                  linear_factors=found.linear_factors)
+                                  linear_factors=factors)
         if variant.get("uniform"):
             from quantkit.models import adapter_for
 
