@@ -117,7 +117,9 @@ VARIANTS: dict[str, dict] = {
                     "uniform": ("gate_proj", "up_proj", "down_proj")},
     # round 10 (#24): the output-side factor of 128 rows estimated from 16k correlated tokens, shrunk per block
     # toward its diagonal (G' = (1 - a) G + a diag G: less row coupling, the per-row scales kept) or toward the
-    # scaled identity (G' = (1 - a) G + a tr(G)/b I: the same as a larger damp); a = 1 is GPTQ's rounding either way
+    # scaled identity (G' = (1 - a) G + a tr(G)/b I: the same as a larger damp); a = 1 is GPTQ's rounding either way.
+    # The gradient pass here gives the raw factors (importance_scores); quantkit's default since round 10 is
+    # os_u128_si0.1 (quantkit.importance.OUTPUT_SIDE_SHRINK, applied by tlq_token_weights)
     **{f"os_u128_{to}{a}": {"method": "tlq", "fp_target": True,
                             "importance": {**TLQ, "lam": 1.0, "output_side": 128}, "shrink": (to, a)}
        for to in ("sd", "si") for a in (0.05, 0.1, 0.2, 0.3, 0.5)},

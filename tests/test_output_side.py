@@ -40,8 +40,10 @@ def samples_for(count: int = 8, length: int = 24) -> list[dict]:
 @pytest.mark.parametrize("budget", [1 << 30, 0])
 def test_linear_output_factors_match_autograd_and_reach_the_solver(monkeypatch, budget: int) -> None:
     """output_side=b: each linear's block-diagonal sum of g g^T over its output rows (g = dL/dz from whole-model
-    autograd) / tokens, from the pass that keeps each chunk's graph and from the block-wise one (a zero graph
-    budget); the engine solves each linear with GPTQ and those blocks as its row metric."""
+    autograd) / tokens, each block G then shrunk to (1 - a) G + a (tr G / b) I (a = OUTPUT_SIDE_SHRINK), from the
+    pass that keeps each chunk's graph and from the block-wise one (a zero graph budget); the engine solves each
+    linear with GPTQ and those blocks as its row metric."""
+    from quantkit.importance.weights import OUTPUT_SIDE_SHRINK
     from quantkit.quant.gptaq import fp_target_weight
     from quantkit.quant.gptq import gptq_solve
 
@@ -71,8 +73,11 @@ def test_linear_output_factors_match_autograd_and_reach_the_solver(monkeypatch, 
             g = out.grad[0].double()
             blocks = g.reshape(24, -1, 8)
             reference[key] = reference[key] + torch.einsum("tnb,tnc->nbc", blocks, blocks)
+    assert 0 < OUTPUT_SIDE_SHRINK < 1 and weights.report["output_shrink"] == OUTPUT_SIDE_SHRINK
     for (layer, name), total in reference.items():
-        expected = total / (3 * 24)
+        mean = total / (3 * 24)
+        expected = torch.stack([(1 - OUTPUT_SIDE_SHRINK) * block + OUTPUT_SIDE_SHRINK * torch.trace(block) / 8
+                                * torch.eye(8, dtype=torch.float64) for block in mean])
         assert torch.allclose(factors[layer][name], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), name
     seen: dict[str, tuple] = {}
     spec = QuantSpec(bits=2, group_size=32)

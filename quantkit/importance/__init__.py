@@ -62,6 +62,7 @@ from quantkit.importance.masks import masked_token_loss, scored_positions, valid
 from quantkit.importance.weights import (
     IMAGE_TLQ_DEFAULTS,
     NORMALISE_CHOICES,
+    OUTPUT_SIDE_SHRINK,
     TLQ_DEFAULTS,
     TokenImportance,
     check_settings,
@@ -79,6 +80,7 @@ __all__ = [
     "LOSS_CHOICES",
     "MANIFEST_FILE",
     "NORMALISE_CHOICES",
+    "OUTPUT_SIDE_SHRINK",
     "SAMPLES_FILE",
     "SET_FORMAT",
     "SET_FORMAT_VERSION",
