@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import socket
 import sys
 from pathlib import Path
@@ -228,3 +229,34 @@ def test_missing_harness_names_the_extra(monkeypatch, model_dir) -> None:
         import_harness()
     result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "hellaswag"])
     assert result.exit_code == 2 and "pip install quantkit[lmeval]" in result.output and result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda tasks, root: (root / "ll.jsonl").write_text(""), "the task's data yields no documents"),
+    (lambda tasks, root: (root / "ll.jsonl").write_text("{not json\n"), "DatasetGenerationError"),
+    (lambda tasks, root: _yaml_edit(tasks, "output_type: loglikelihood", "output_type: bogus"), "bogus"),
+    (lambda tasks, root: _yaml_edit(tasks, "test_split: test", "test_split: validation"), "'validation'"),
+    (lambda tasks, root: _yaml_edit(tasks, "metric: perplexity\n    aggregation: perplexity\n    higher_is_better: "
+                                    "false\n  - metric: acc\n", "metric: nosuchmetric\n    aggregation: mean\n    higher_is_better: true\n"),
+     "yielded no metric"),
+])
+def test_a_broken_task_of_ones_own_is_one_line_naming_its_yaml(model_dir, tmp_path, offline, edit, words) -> None:
+    """Round 15: a task YAML or data of one's own that the harness cannot run gave its exception with --debug's hint
+    (StopIteration for empty data, KeyError 'validation' for a missing split...), and a metric no harness knows gave
+    exit 0 with no metric, after datasets' progress lines. Now one line naming the task's YAML and the cause."""
+    pytest.importorskip("lm_eval")
+    from quantkit.cli import main
+
+    tasks = write_tasks(tmp_path)
+    edit(tasks, tmp_path)
+    result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "qk_loglik", "--include-path", str(tasks)])
+    # the harness's progress bars (a run refused after its requests began) are progress, not error lines
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not re.match(r"^[^|]*\d+%\|.*\|", line)]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert words in lines[0] and str(tasks / "qk_loglik.yaml") in lines[0] and "--debug" not in lines[0], lines[0]
+
+
+def _yaml_edit(tasks: Path, old: str, new: str) -> None:
+    path = tasks / "qk_loglik.yaml"
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))

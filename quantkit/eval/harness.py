@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 INSTALL_HINT = "--tasks needs lm-evaluation-harness; run `pip install quantkit[lmeval]`"
 # The harness's per-task keys that are bookkeeping rather than metrics.
@@ -184,15 +184,28 @@ def run_tasks(
     if limit is not None and limit <= 0:
         raise QuantkitError(f"--limit must be positive, got {limit}")
     model = model.to(device).eval()
-    with _quiet_libraries():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with _no_environment_record(), _quiet_libraries():
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+    try:
+        with _quiet_libraries():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        with _no_environment_record(), _quiet_libraries():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )
+    except QuantkitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a task's YAML or data fails inside the harness in many ways
+        _close_progress_bars()
+        raise QuantkitError(f"lm-evaluation-harness could not run --tasks {','.join(names)}{_defined_in(names, manager)}:"
+                            f" {_reason(err)}; check the task's YAML and its data") from None
     if results is None:  # only ranks other than 0 of a distributed harness run get None
         raise QuantkitError("lm-evaluation-harness returned no results")
+    groups = {name for name, subtasks in (results.get("group_subtasks") or {}).items() if subtasks}
+    for task, values in results.get("results", {}).items():  # a metric the harness does not know is only logged
+        if task not in groups and not any(isinstance(v, (int, float)) and not k.partition(",")[0].endswith("_stderr")
+                   for k, v in values.items() if k not in _NON_METRIC_KEYS):
+            raise QuantkitError(f"--tasks {task}{_defined_in([task], manager)} yielded no metric: the harness knows "
+                                "none in its metric_list; name metrics it has (acc, exact_match, perplexity...)")
 
     def metrics(by_task: dict) -> dict:
         return {task: {k: _clean(v) for k, v in values.items() if k not in _NON_METRIC_KEYS}
@@ -205,6 +218,38 @@ def run_tasks(
         "versions": {k: _clean(v) for k, v in results.get("versions", {}).items()},
         "n-samples": results.get("n-samples", {}),
     }
+
+
+def _defined_in(names: Sequence[str], manager) -> str:
+    """' (defined in FILE, ...)' for the named tasks whose YAML the harness indexed, else ''."""
+    files = []
+    for name in names:
+        entry = getattr(manager, "task_index", {}).get(name)
+        path = getattr(entry, "yaml_path", None) or (entry.get("yaml_path") if isinstance(entry, dict) else None)
+        if path and str(path) not in files:
+            files.append(str(path))
+    return f" (defined in {', '.join(files)})" if files else ""
+
+
+def _reason(err: BaseException) -> str:
+    """What failed, with the first cause that says more than a wrapper's words (datasets' DatasetGenerationError
+    wraps the JSON reader's error); an empty data file stops the harness's document iterator (StopIteration)."""
+    if isinstance(err, StopIteration):
+        return "the task's data yields no documents"
+    words = f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else type(err).__name__
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in words:
+        words += f" ({type(cause).__name__}: {first_line(cause)})"
+    return words
+
+
+def _close_progress_bars() -> None:
+    """End the harness's unfinished progress bars with their line: the error line must start a line of its own."""
+    with contextlib.suppress(Exception):
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 def format_table(results: dict) -> list[str]:
@@ -224,20 +269,29 @@ def format_table(results: dict) -> list[str]:
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """The harness's and the hub client's warnings off for the run (the harness warns that it was handed a model
-    object, which is how quantkit calls it; the hub client prints a line per retry): errors still show, and the
-    CLI prints the final one as its one line. --debug (the quantkit logger at DEBUG) keeps them."""
+    object, which is how quantkit calls it; the hub client prints a line per retry), and datasets' progress bars:
+    what fails reaches the CLI as its one line. --debug (the quantkit logger at DEBUG) keeps them."""
     if logging.getLogger("quantkit").isEnabledFor(logging.DEBUG):
         yield
         return
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "huggingface_hub", "datasets")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        # the harness logs a failure (an unknown metric) and goes on: run_tasks refuses what it leaves, in one line
+        lg.setLevel(logging.CRITICAL)
+    bars = None
+    with contextlib.suppress(ImportError):  # datasets' bars ("Generating test split") count no known total
+        import datasets as bars
+    shown = bars is not None and not bars.are_progress_bars_disabled()
+    if shown:
+        bars.disable_progress_bars()
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if shown:
+            bars.enable_progress_bars()
 
 
 @contextlib.contextmanager
