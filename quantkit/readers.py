@@ -63,3 +63,20 @@ def read_yaml(path: str | os.PathLike, what: str) -> object:
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise QuantkitError(f"{what} {file} is not valid YAML: {first}") from None
+
+
+def check_generation_config(folder: str | os.PathLike) -> None:
+    """A folder's generation_config.json, where it has one, is one transformers builds: a model folder's is copied
+    into its export, an export's into the next, and from_pretrained of either refuses a bad one (max_new_tokens -1,
+    an unknown cache_implementation, a JSON list) only when someone loads the result."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return
+    read_json_object(path, "fix or delete it")
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(str(path.parent))  # what loading a model does with it
+    except Exception as err:  # noqa: BLE001 - validate() raises ValueError, a bad field's type TypeError
+        raise QuantkitError(f"{path} is no generation config transformers loads ({first_line(err)}); fix or delete "
+                            "it") from None

@@ -22,7 +22,7 @@ from quantkit.export.formats import format_for
 from quantkit.models.checks import stored_twice
 from quantkit.models.experts import model_key, routed_experts, unfuse_experts
 from quantkit.quant.spec import QuantResult
-from quantkit.readers import read_json_object
+from quantkit.readers import check_generation_config, read_json_object
 
 
 def is_quantkit_output(path: str | os.PathLike) -> bool:
@@ -49,6 +49,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise QuantkitError(f"{root} is not a quantkit output (no {MANIFEST}); export it with quantkit first")
     manifest = read_json(mpath)
     config = read_json(root / "config.json")
+    check_generation_config(root)  # a re-export copies it as it is
     declared = config.pop("quantization_config", None)
     name = manifest.get("format")
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError, expect_utf8, first_line
 from quantkit.models import looks_local
 from quantkit.models.checks import stored_twice
-from quantkit.readers import read_json_object
+from quantkit.readers import check_generation_config, read_json_object
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -197,9 +197,8 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
     check_config_values(config, name)
     if local is not None:
         check_config_aliases(read_json_object(local / "config.json", "fix config.json"), config, name)
-    generation = local / "generation_config.json" if local is not None else None
-    if generation is not None and generation.is_file():  # the export copies it as it is
-        read_json_object(generation, "fix or delete it")
+    if local is not None:  # the export copies it as it is
+        check_generation_config(local)
     info = ModelFiles(name=name, local=local, config=config)
     from quantkit.models import check_quantized_loadable
 
