@@ -1,7 +1,7 @@
 """The fault battery's fifteenth round (benchmarks/fault_round15.py): a generation_config.json transformers cannot
-load, in a model folder or in an export given to `quantkit export` (copied into the new export as it was). It is
-refused before any work as tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind); what
-transformers loads is still taken.
+load, in a model folder or in an export given to `quantkit export` (copied into the new export as it was), and a
+model given to the API with PEFT adapters in it. Each is refused before any work as tests/test_faults.py asserts
+(exit code 2, one `error:` line, nothing left behind / one QuantkitError); what transformers loads is still taken.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_fault, run_cli, save_tiny_llama, write_text
+
+import quantkit
 
 RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
 
@@ -80,3 +82,40 @@ def test_a_generation_config_transformers_loads_is_exported_as_it_is(made: dict,
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
 
+
+def _peft_model(root: Path, inject: bool):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return peft.inject_adapter_in_model(config, model) if inject else peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("inject", [False, True], ids=["PeftModel", "adapters injected in place"])
+def test_a_model_with_peft_adapters_is_refused(made: dict, tmp_path: Path, inject: bool) -> None:
+    """quantize(PeftModel) quantized lora_A/lora_B as linears of their own and wrote an export under the names
+    base_model.model..., which load_quantized then refused as damaged (per-channel: with group 32 the adapter's
+    width 4 stopped it by chance)."""
+    model = _peft_model(made["root"], inject)
+    with pytest.raises(quantkit.QuantkitError, match=r"model holds PEFT adapters .*merge_and_unload"):
+        quantkit.quantize(model, data=str(made["text"]), method="rtn", group_size=-1, nsamples=2, seqlen=16,
+                          output_dir=str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merged_lora_model_is_taken(made: dict, tmp_path: Path) -> None:
+    """merge_and_unload() gives an ordinary model: quantized, its export holds the merged q_proj (W + BA) in 4 bits,
+    nearer it than the base's W."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    merged = _peft_model(made["root"], inject=False).merge_and_unload()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    want = merged.state_dict()[key].clone()
+    quantkit.quantize(merged, data=str(made["text"]), method="rtn", group_size=-1, nsamples=2, seqlen=16,
+                      output_dir=str(tmp_path / "out"))
+    got = quantkit.load_quantized(tmp_path / "out").state_dict()[key].float()
+    base = AutoModelForCausalLM.from_pretrained(made["model"]).state_dict()[key]
+    assert not torch.equal(want, base)
+    assert (got - want).norm() < (got - base).norm()

@@ -132,6 +132,13 @@ def check_model_argument(model: Any) -> None:
     import torch
 
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        # PEFT's wrappers and adapter layers (a PeftModel, LoRA injected in place): their lora_A/lora_B are linears
+        # the run would quantize as the model's own, under names (base_model.model...) no loader of the export knows
+        where = next((name for name, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+        if where is not None:
+            raise QuantkitError(f"model holds PEFT adapters (a {type(model).__name__}"
+                                f"{f', at {where}' if where else ''}), which would be quantized as layers of their "
+                                "own; merge them first (model = model.merge_and_unload()) and pass the merged model")
         return
     what = (f"a torch {type(model).__name__} without a transformers config" if isinstance(model, torch.nn.Module)
             else short_repr(model))
