@@ -7590,9 +7590,16 @@ def fifteenth_round() -> list[Case]:
     return cases_of_round15()
 
 
+def sixteenth_round() -> list[Case]:
+    """Round 16 (benchmarks/fault_round16.py), imported when asked for."""
+    from fault_round16 import sixteenth_round as cases_of_round16
+
+    return cases_of_round16()
+
+
 ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
           7: seventh_round, 8: eighth_round, 9: ninth_round, 10: tenth_round, 11: eleventh_round,
-          12: twelfth_round, 13: thirteenth_round, 14: fourteenth_round, 15: fifteenth_round}
+          12: twelfth_round, 13: thirteenth_round, 14: fourteenth_round, 15: fifteenth_round, 16: sixteenth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -7711,7 +7718,7 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)):
+        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16)):
             build_extras(base)
         if 6 in rounds or 9 in rounds or 10 in rounds:
             build_sixth(base)
