@@ -75,15 +75,19 @@ def _unusable_argument(args: list[str]) -> str | None:
     """The message for an argument naming a named pipe, socket or device (`--calib fifo`): whichever command reads it
     would wait on the pipe forever, or read a device without end, before any check of its content; None where none
     does."""
-    from quantkit.errors import special_file
+    from quantkit.errors import special_file_problem
 
     for arg in args:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
-        kind = special_file(value) if value not in ("", "-") else None
-        if kind is not None:
-            return (f"{value} is {kind}, no regular file or folder (a reader of a pipe waits for a writer forever); "
-                    "give a regular file")
+        problem = special_file_problem(value) if value not in ("", "-") else None
+        if problem is not None:
+            return problem
     return None
+
+
+def _one_line(err: click.ClickException) -> str:
+    """A click error as one line: a value holding a line break (a file name may) would make a second one."""
+    return " ".join(err.format_message().split())
 
 
 class QuantkitGroup(click.Group):
@@ -165,7 +169,7 @@ class QuantkitGroup(click.Group):
         except click.UsageError as err:  # `quantkit --bogus calibrate`: the group's own options, before invoke's lines
             if "--debug" in args or os.environ.get("QUANTKIT_DEBUG") == "1":
                 raise
-            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            click.echo(f"error: {_one_line(err)}", err=True)
             sys.exit(EXIT_ERROR)
         ctx.meta[_EXITS_AFTER] = exits_after
         return ctx
@@ -188,8 +192,7 @@ class QuantkitGroup(click.Group):
         except click.exceptions.ClickException as err:
             if debug:
                 raise
-            # a value holding a line break (a file name may) would make a second line
-            click.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+            click.echo(f"error: {_one_line(err)}", err=True)
             sys.exit(EXIT_ERROR)
         except BrokenPipeError:
             # stdout's reader is gone (`quantkit ... | head`): end quietly as Unix tools do, with SIGPIPE's status;

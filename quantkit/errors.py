@@ -242,12 +242,20 @@ def expect_utf8(path: str | os.PathLike, what: str,
                         "(LC_ALL=C.UTF-8) or PYTHONUTF8=1")
 
 
+def special_file_problem(path: str | os.PathLike) -> str | None:
+    """The message for a `path` that names a named pipe, socket or device, else None (the CLI's and the API's own)."""
+    kind = special_file(path)
+    if kind is None:
+        return None
+    return (f"{os.fspath(path)} is {kind}, no regular file or folder (a reader of a pipe waits for a writer forever); "
+            "give a regular file")
+
+
 def refuse_special(path: str | os.PathLike, what: str) -> None:
     """One QuantkitError where `path` (named `what` in the message) is a named pipe, socket or device."""
-    kind = special_file(path)
-    if kind is not None:
-        raise QuantkitError(f"{what} {os.fspath(path)} is {kind}, no regular file or folder (a reader of a pipe "
-                            "waits for a writer forever); give a regular file")
+    problem = special_file_problem(path)
+    if problem is not None:
+        raise QuantkitError(f"{what} {problem}")
 
 
 def expect_path(name: str, value: object, *, optional: bool = False, flag: str | None = None) -> str | None:
