@@ -121,29 +121,28 @@ class Bounded(click.ParamType):
 
     def __init__(self, bound: Bound) -> None:
         self.bound = bound
-        self.integer, self.least, self.above, self.below, self.most, self.allowed = (
-            bound.integer, bound.least, bound.above, bound.below, bound.most, bound.allowed)
         self.name = "integer" if bound.integer else "float"
 
     def convert(self, value, param: click.Parameter | None, ctx: click.Context | None):
         """`value` (a string from the command line, or the default) as a checked int or float."""
         import math
 
-        number = (click.INT if self.integer else click.FLOAT).convert(value, param, ctx)
+        b = self.bound
+        number = (click.INT if b.integer else click.FLOAT).convert(value, param, ctx)
         flag = param.opts[0] if param is not None and getattr(param, "opts", None) else "the value"
-        shown = number if self.integer else f"{number:g}"
-        if not self.integer and not math.isfinite(number):
+        shown = number if b.integer else f"{number:g}"
+        if not b.integer and not math.isfinite(number):
             raise click.UsageError(f"{flag} must be a finite number, got {shown}", ctx)
-        if number in self.allowed:
+        if number in b.allowed:
             return number
-        allowed = ", ".join(map(str, self.allowed))
-        if self.allowed and self.least is None:
+        allowed = ", ".join(map(str, b.allowed))
+        if b.allowed and b.least is None:
             raise click.UsageError(f"{flag} must be one of {allowed}, got {shown}", ctx)
-        least = f"{allowed} or at least" if self.allowed else "at least"
-        for broken, words in ((self.least is not None and number < self.least, f"{least} {_shown(self.least)}"),
-                              (self.above is not None and number <= self.above, f"above {_shown(self.above)}"),
-                              (self.below is not None and number >= self.below, f"below {_shown(self.below)}"),
-                              (self.most is not None and number > self.most, f"at most {_shown(self.most)}")):
+        least = f"{allowed} or at least" if b.allowed else "at least"
+        for broken, words in ((b.least is not None and number < b.least, f"{least} {_shown(b.least)}"),
+                              (b.above is not None and number <= b.above, f"above {_shown(b.above)}"),
+                              (b.below is not None and number >= b.below, f"below {_shown(b.below)}"),
+                              (b.most is not None and number > b.most, f"at most {_shown(b.most)}")):
             if broken:
                 raise click.UsageError(f"{flag} must be {words}, got {shown}", ctx)
         return number
