@@ -28,6 +28,30 @@ def cli(model: Path, text: Path, out: Path, *extra: str, hooks: str | None = Non
                        "--low-memory", "-o", out, "--json", *extra, hooks=hooks)
 
 
+def _interrupted_run(root: Path, spec: QuantSpec, *, full: bool = False, **options) -> tuple[Path, Path, Path, dict]:
+    """A 3-layer low-memory GPTQ run of 4 x 32 tokens into root/out, stopped after 2 layers (and, with `full`, the
+    same run uninterrupted into root/full first). Returns the model folder, its text, the output and the options."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, text = make_model_dir(root, layers=3), make_text(root)
+    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True, **options)
+    if full:
+        run_calibration(str(model), str(root / "full"), spec, **kw)
+    out = root / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        run_calibration(str(model), str(out), spec, hooks=FAIL_AT_2, **kw)
+    return model, text, out, kw
+
+
+def _assert_same_exports(full: Path, out: Path) -> None:
+    """The two exports hold the same safetensors files, byte for byte."""
+    files = sorted(p.name for p in full.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files:
+        assert (full / name).read_bytes() == (out / name).read_bytes(), name
+
+
 def test_sigkill_then_resume_is_byte_identical(tmp_path: Path) -> None:
     model, text = make_model_dir(tmp_path, layers=4), make_text(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -59,21 +83,11 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path: Path) -> None:
     if report is not None:
         assert report["resumed_from_layer"] >= 2
     assert not work_dir_for(str(out)).exists()
-    full_files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
-    assert full_files == sorted(p.name for p in out.glob("*.safetensors")) and full_files
-    for name in full_files:
-        assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
+    _assert_same_exports(tmp_path / "full", out)
 
 
-def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path, monkeypatch) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
-    out = tmp_path / "out"
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
-    with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), hooks=FAIL_AT_2, **kw)
+def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path) -> None:
+    model, _, out, kw = _interrupted_run(tmp_path, QuantSpec(bits=4, group_size=32))
     assert json.loads((work_dir_for(str(out)) / "state.json").read_text())["layers_done"] == 2
     with pytest.raises(QuantkitError, match="other settings"):
         run_calibration(str(model), str(out), QuantSpec(bits=3, group_size=32), resume=True, **kw)
@@ -82,27 +96,15 @@ def test_resume_refuses_a_work_area_made_with_other_settings(tmp_path: Path, mon
 
 
 @pytest.mark.parametrize("bits, lm_head", [(3, False), (4, True)])
-def test_fp_target_resume_continues_both_streams(tmp_path: Path, monkeypatch, bits: int, lm_head: bool) -> None:
+def test_fp_target_resume_continues_both_streams(tmp_path: Path, bits: int, lm_head: bool) -> None:
     """Interrupted after 2 of 3 layers and resumed: the same bytes as an uninterrupted FP-target run,
     which needs the FP stream restored beside the quantized one (and, with the head quantized, both
     final streams for its solve)."""
-    import torch
-
-    torch.set_num_threads(1)
-    model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True, fp_target=True,
-              lm_head=lm_head)
     spec = QuantSpec(bits=bits, group_size=32)
-    run_calibration(str(model), str(tmp_path / "full"), spec, **kw)
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model), str(out), spec, hooks=FAIL_AT_2, **kw)
+    model, _, out, kw = _interrupted_run(tmp_path, spec, full=True, fp_target=True, lm_head=lm_head)
     report = run_calibration(str(model), str(out), spec, resume=True, **kw)
     assert report["resumed_from_layer"] == 2
-    files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
-    for name in files:
-        assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
+    _assert_same_exports(tmp_path / "full", out)
 
 
 def _put_back(path: Path, data: bytes) -> None:
@@ -118,16 +120,8 @@ def test_resume_over_a_byte_identical_copy_is_taken(tmp_path: Path) -> None:
     """The fingerprint held the files' size and mtime: a copy of the same bytes was "made with other settings".
     A data file with other bytes is refused in one line naming it; once the same bytes are back (new files,
     new mtimes, model and data) the resume is taken and ends with an uninterrupted run's bytes."""
-    import torch
-
-    torch.set_num_threads(1)
-    model, text = make_model_dir(tmp_path, layers=3), make_text(tmp_path)
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
     spec = QuantSpec(bits=4, group_size=32)
-    run_calibration(str(model), str(tmp_path / "full"), spec, **kw)
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model), str(out), spec, hooks=FAIL_AT_2, **kw)
+    model, text, out, kw = _interrupted_run(tmp_path, spec, full=True)
     original = text.read_bytes()
     _put_back(text, original.replace(b" ", b"  ", 1))
     with pytest.raises(QuantkitError, match=re.escape(f"its data file {text.resolve()} holds other bytes")) as caught:
@@ -138,49 +132,14 @@ def test_resume_over_a_byte_identical_copy_is_taken(tmp_path: Path) -> None:
     _put_back(weights, weights.read_bytes())
     report = run_calibration(str(model), str(out), spec, resume=True, **kw)
     assert report["resumed_from_layer"] == 2
-    files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
-    for name in files:
-        assert (tmp_path / "full" / name).read_bytes() == (out / name).read_bytes(), name
-
-
-def test_hashing_counts_every_byte_and_shows_its_progress(tmp_path: Path, capsys) -> None:
-    """A 70B model's weights take minutes to hash before any work: the run shows a bar over the bytes (none with
-    progress off), and the digest is hashlib's of the whole file, chunk after chunk."""
-    import hashlib
-
-    from quantkit.calibrate.job import build_job
-    from quantkit.fsutil import file_sha256
-
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom((1 << 24) + 12345))  # more than one 16 MiB chunk
-    seen: list[int] = []
-    assert file_sha256(big, seen.append) == hashlib.sha256(big.read_bytes()).hexdigest()
-    assert sum(seen) == big.stat().st_size and len(seen) == 2
-    big.unlink()
-    model, text = make_model_dir(tmp_path, layers=1), make_text(tmp_path)
-    job = build_job(str(model), str(text), method="gptq", low_memory=True, output_dir=str(tmp_path / "out"))
-    capsys.readouterr()
-    quiet = job.fingerprint()
-    assert "hashing the inputs" not in capsys.readouterr().err
-    assert job.fingerprint(progress=True) == quiet
-    assert "hashing the inputs (for --resume)" in capsys.readouterr().err
+    _assert_same_exports(tmp_path / "full", out)
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 3-layer low-memory GPTQ run stopped after 2 layers, its work area kept pristine beside it."""
-    import shutil
-
-    import torch
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("interrupted")
-    model, text = make_model_dir(root, layers=3), make_text(root)
-    out = root / "out"
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, low_memory=True)
-    with pytest.raises(RuntimeError, match="injected"):
-        run_calibration(str(model), str(out), QuantSpec(bits=4, group_size=32), hooks=FAIL_AT_2, **kw)
+    model, _, out, kw = _interrupted_run(root, QuantSpec(bits=4, group_size=32))
     work = work_dir_for(str(out))
     shutil.copytree(work, root / "pristine")
     return {"model": model, "out": out, "work": work, "pristine": root / "pristine", "kw": kw}
@@ -238,8 +197,6 @@ DAMAGES = {
 def test_resume_from_a_damaged_work_area_is_one_line(interrupted: dict, damage: str) -> None:
     """Each was a traceback (JSONDecodeError, KeyError, TypeError, safetensors' errors) or, with the inputs
     rewritten as int64, a resumed run with other codes."""
-    import shutil
-
     work = interrupted["work"]
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(interrupted["pristine"], work)
@@ -253,8 +210,6 @@ def test_resume_from_a_damaged_work_area_is_one_line(interrupted: dict, damage: 
 
 def test_resume_over_edited_weights_is_refused(interrupted: dict) -> None:
     """The fingerprint held the model's path only: layers solved from the old weights joined the new ones."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     work = interrupted["work"]
