@@ -182,7 +182,8 @@ class QuantkitGroup(click.Group):
         try:
             with private_tempdir():
                 return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort):
+        # a subgroup given no subcommand (`quantkit qid`): its help, as click shows a bare `quantkit`'s, not one line
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.NoArgsIsHelpError):
             raise
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)

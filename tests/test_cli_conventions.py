@@ -125,3 +125,13 @@ def test_an_option_the_group_lacks_is_one_line(args: list) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert args[0].split("=")[0] in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("words", [[], ["qid"]])
+def test_a_bare_group_prints_its_help(words: list) -> None:
+    """A group given no subcommand prints the help its --help prints (click's own text, the reference), with the same
+    exit code as a bare `quantkit` (2: no command ran); `quantkit qid` squashed the group's help onto one error line."""
+    bare = CliRunner().invoke(main, words)
+    asked = CliRunner().invoke(main, [*words, "--help"])
+    assert asked.exit_code == 0 and "Commands:" in asked.stdout
+    assert bare.exit_code == 2 and bare.output.strip() == asked.stdout.strip(), bare.output
