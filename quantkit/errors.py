@@ -251,6 +251,20 @@ def special_file_problem(path: str | os.PathLike) -> str | None:
             "give a regular file")
 
 
+def refuse_special_in(folder: str | os.PathLike, what: str) -> None:
+    """One QuantkitError where an entry of `folder` (its own, not those below) is a named pipe, socket or device: the
+    readers of a model or export folder pass over what is no regular file (transformers' tokenizer_config.json and
+    generation_config.json lookups), so such a file was ignored without a word, or blocked the one reader opening it."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # missing, or no folder: the folder's own checks say which
+        return
+    for name in names:
+        problem = special_file_problem(os.path.join(folder, name))
+        if problem is not None:
+            raise QuantkitError(f"{what}: {problem}")
+
+
 def refuse_special(path: str | os.PathLike, what: str) -> None:
     """One QuantkitError where `path` (named `what` in the message) is a named pipe, socket or device."""
     problem = special_file_problem(path)

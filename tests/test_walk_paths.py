@@ -327,3 +327,27 @@ def test_a_data_file_named_in_latin1_is_taken_or_refused_up_front(base: Path, tm
     argv = _argv("qid measure", base, tmp_path / "m.csv", "--eval", odd)
     before = _state(base, tmp_path)
     assert "not UTF-8" in _refused(run_cli(*argv), before, _state(base, tmp_path))
+
+
+# a model or export folder given to a command (its key in COMMANDS), and the good folder it is a copy of
+FOLDERS = [(c, k) for c, (_, ps) in COMMANDS.items() for k, v in ps.items()
+           if v == "dir" and k not in ("--calib-set", "--include-path")]
+
+
+@pytest.mark.parametrize("inside", ["tokenizer_config.json", "generation_config.json", "config.json"])
+@pytest.mark.parametrize(("command", "key"), FOLDERS)
+def test_a_named_pipe_inside_a_model_folder_is_one_line(base: Path, tmp_path: Path, command: str, key: str,
+                                                        inside: str) -> None:
+    """A file of a model or export folder that is a named pipe: its readers passed over what is no regular file, so
+    a pipe as tokenizer_config.json or generation_config.json was ignored without a word (exit 0, the export's
+    tokenizer settings silently others); refused in one line naming it, as a pipe given as an argument is."""
+    folder = tmp_path / "folder"
+    shutil.copytree(base / ("ct" if key == "in_dir" else "model"), folder)
+    (folder / inside).unlink(missing_ok=True)
+    os.mkfifo(folder / inside)
+    before = _state(base, tmp_path)
+    with _unblocked(folder / inside) as hung:
+        result = run_cli(*_argv(command, base, tmp_path / "out", key, str(folder)))
+    assert not hung, "the command waited on the named pipe"
+    line = _refused(result, before, _state(base, tmp_path))
+    assert f"{folder / inside} is a named pipe" in line, line

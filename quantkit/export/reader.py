@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.errors import QuantkitError, expect_path, expect_utf8
+from quantkit.errors import QuantkitError, expect_path, expect_utf8, refuse_special_in
 from quantkit.export.common import (
     INDEX,
     MANIFEST,
@@ -44,6 +44,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     expect_utf8(root, "the quantkit output")
     if not root.is_dir():
         raise QuantkitError(f"{root} is not a directory; give a quantkit output directory")
+    refuse_special_in(root, "the quantkit output")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise QuantkitError(f"{root} is not a quantkit output (no {MANIFEST}); export it with quantkit first")

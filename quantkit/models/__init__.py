@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from quantkit.errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, first_line, refuse_special_in
 from quantkit.models import gpt_neox, llama, opt
 from quantkit.models.base import Adapter, Family, get_module, layer_output
 from quantkit.models.checks import check_model_weights, source_name
@@ -181,6 +181,7 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     import torch
     from transformers import AutoConfig
     if looks_local(name_or_path):
+        refuse_special_in(Path(name_or_path).expanduser(), f"model folder {name_or_path}")
         if not (Path(name_or_path).expanduser() / "config.json").is_file():
             raise QuantkitError(f"model path {name_or_path} not found or has no config.json; give a model directory or "
                                 "a hub id")

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, expect_utf8, first_line
+from quantkit.errors import QuantkitError, expect_utf8, first_line, refuse_special_in
 from quantkit.models import looks_local
 from quantkit.models.checks import stored_twice
 from quantkit.readers import check_generation_config, read_json_object
@@ -182,6 +182,7 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
     if user_dir := looks_local(name):
         expect_utf8(name, "model path")
         local = Path(name).expanduser()
+        refuse_special_in(local, f"model folder {name}")
         if not (local / "config.json").is_file():
             raise QuantkitError(f"model path {name} not found or has no config.json; give a model directory or a hub id")
     else:
@@ -195,9 +196,8 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
     from quantkit.models.checks import check_config_aliases, check_config_values
 
     check_config_values(config, name)
-    if local is not None:
+    if local is not None:  # the export copies generation_config.json as it is
         check_config_aliases(read_json_object(local / "config.json", "fix config.json"), config, name)
-    if local is not None:  # the export copies it as it is
         check_generation_config(local)
     info = ModelFiles(name=name, local=local, config=config)
     from quantkit.models import check_quantized_loadable

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError, expect_utf8
+from quantkit.errors import QuantkitError, expect_utf8, refuse_special_in
 from quantkit.models.checks import check_full_precision, check_language_model, config_shape_error
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantSpec
@@ -178,6 +178,7 @@ def stored_tensors(root: Path) -> tuple[dict[str, dict], int] | None:
 
 def _local_dir(name: str) -> Path | None:
     path = Path(name).expanduser()
+    refuse_special_in(path, f"model folder {name}")
     if (path / "config.json").is_file():
         return path
     try:
