@@ -106,3 +106,32 @@ def test_cli_push_and_its_failures(tiny, hub, tmp_path) -> None:
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and lines[-1].startswith("error: push to the hub repo me/tiny failed")
     assert "the export stays in" in lines[-1] and (tmp_path / "kept" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_an_image_text_exports_card_and_load_line_load_it(tmp_path, family: str) -> None:
+    """The card and the run's `load:` line named AutoModelForCausalLM for every export, which refuses an image-text
+    model's config class (ValueError: Unrecognized configuration class): they name the class transformers maps the
+    type to for image-text models, and the card's code, run as written, gives load_quantized's logits."""
+    pytest.importorskip("PIL")
+    import torch
+    from helpers import VLM_WORDS, save_vlm
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    save_vlm(family, tmp_path / "vlm")
+    words = torch.randint(0, len(VLM_WORDS), (400,), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "t.txt").write_text(" ".join(VLM_WORDS[i] for i in words))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "vlm"), "--calib", str(tmp_path / "t.txt"), *ARGS,
+                                       "--format", "fake", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert family in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES  # transformers' own map: the reference
+    assert result.stdout.strip().splitlines()[-1].startswith("load: AutoModelForImageTextToText.from_pretrained(")
+    card = (out / "README.md").read_text()
+    code = card[card.index("```python\n", card.index("## Load it")) + 10:].split("```")[0]
+    scope: dict = {}
+    exec(code.replace('"THIS_REPO_OR_DIR"', repr(str(out))), scope)  # noqa: S102 - the card's code, as written
+    ids = torch.randint(13, 40, (1, 8), generator=torch.Generator().manual_seed(1))  # words, no image tokens
+    with torch.no_grad():
+        ours = quantkit.load_quantized(out)(input_ids=ids).logits
+        assert torch.allclose(scope["model"](input_ids=ids).logits, ours, atol=1e-5)  # the same dense weights

@@ -24,8 +24,8 @@ def is_hub_id(name: str | None) -> bool:
     return True
 
 
-def model_card(manifest: dict, report: dict | None, source: str | None = None) -> str:
-    """README.md for an export described by quantkit.json's `manifest` and the run's `report`."""
+def model_card(manifest: dict, report: dict | None, source: str | None = None, config: dict | None = None) -> str:
+    """README.md for an export described by quantkit.json's `manifest`, the run's `report` and its config.json."""
     from huggingface_hub import ModelCardData
 
     report = report or {}
@@ -84,12 +84,12 @@ def model_card(manifest: dict, report: dict | None, source: str | None = None) -
         part = PART_WORDS.get(ev.get("part"), "")
         lines.append(f"Measured: loss {ev.get('loss')} nats, perplexity {ev.get('ppl')} on `{ev.get('data')}`"
                      + (f" ({part})" if part else "") + ".")
-    call = loading_call(known, manifest, '"THIS_REPO_OR_DIR"')
+    call = loading_call(known, manifest, '"THIS_REPO_OR_DIR"', config)
     if call is None:
         lines += ["", "## Load it", "", "```python", "import quantkit", "model = quantkit.load_quantized(\"DIR\")", "```",
                   f"Note: {refusal(known, manifest)}."]
     else:
-        imports = "AutoModelForCausalLM" + (", CompressedTensorsConfig" if "CompressedTensorsConfig(" in call else "")
+        imports = call.split(".", 1)[0] + (", CompressedTensorsConfig" if "CompressedTensorsConfig(" in call else "")
         lines += ["", "## Load it", "", "```python", f"from transformers import {imports}", f"model = {call}", "```"]
     if extras and call is not None:
         lines.append(f"transformers needs `pip install {extras}` for this format.")

@@ -68,17 +68,34 @@ def refusal(fmt: Format | None, manifest: dict) -> str | None:
     return fmt.transformers_refuses(settings)
 
 
-def loading_call(fmt: Format | None, manifest: dict, target: str) -> str | None:
-    """`AutoModelForCausalLM.from_pretrained(target...)` with the quantization_config transformers needs for this
-    export, if any (the format's transformers_config for the settings it stores; no format known: none); None where
-    the installed transformers cannot load it (refusal says why)."""
+def auto_class_name(config: dict | None) -> str:
+    """The transformers Auto class that loads an export whose config.json holds `config`: the one quantkit's own
+    loader builds it with (an image-text model is no AutoModelForCausalLM, which refuses its config class)."""
+    from types import SimpleNamespace
+
+    from quantkit.errors import QuantkitError
+    from quantkit.models import auto_class_for
+
+    fields = config if isinstance(config, dict) else {}
+    try:
+        return auto_class_for(SimpleNamespace(model_type=fields.get("model_type"),
+                                              vision_config=fields.get("vision_config"))).__name__
+    except QuantkitError:  # a type transformers builds with neither class: no better name to give
+        return "AutoModelForCausalLM"
+
+
+def loading_call(fmt: Format | None, manifest: dict, target: str, config: dict | None = None) -> str | None:
+    """`AutoModel...from_pretrained(target...)` (the Auto class of config.json's `config`: auto_class_name) with the
+    quantization_config transformers needs for this export, if any (the format's transformers_config for the settings
+    it stores; no format known: none); None where the installed transformers cannot load it (refusal says why)."""
+    auto = auto_class_name(config)
     if fmt is None:
-        return f"AutoModelForCausalLM.from_pretrained({target})"
+        return f"{auto}.from_pretrained({target})"
     fmt, settings = stored(fmt, manifest)
     if fmt.transformers_refuses(settings) is not None:
         return None
-    config = fmt.transformers_config(any(not s.sym for s in settings.values()))
-    return f"AutoModelForCausalLM.from_pretrained({target}" + (f", quantization_config={config})" if config else ")")
+    quantization = fmt.transformers_config(any(not s.sym for s in settings.values()))
+    return f"{auto}.from_pretrained({target}" + (f", quantization_config={quantization})" if quantization else ")")
 
 
 def load_line(output: str | os.PathLike, fmt: Format) -> str:
@@ -89,12 +106,14 @@ def load_line(output: str | os.PathLike, fmt: Format) -> str:
     extras = getattr(fmt, "transformers_extras", "").split()
     missing = [p for p in extras if importlib.util.find_spec(p.replace("-", "_")) is None]
     need = f" (after `pip install {' '.join(missing)}`)" if missing else ""
-    try:
-        manifest = json.loads((Path(output) / "quantkit.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    manifest = manifest if isinstance(manifest, dict) else {}
-    call = loading_call(fmt, manifest, repr(str(output)))
+    read = {}
+    for name in ("quantkit.json", "config.json"):
+        try:
+            read[name] = json.loads((Path(output) / name).read_text())
+        except (OSError, ValueError):
+            read[name] = {}
+    manifest = read["quantkit.json"] if isinstance(read["quantkit.json"], dict) else {}
+    call = loading_call(fmt, manifest, repr(str(output)), read["config.json"])
     if call is None:
         return f"load: quantkit.load_quantized({str(output)!r}) ({refusal(fmt, manifest)})"
     return f"load: {call}{need}, or quantkit.load_quantized({str(output)!r})"

@@ -246,7 +246,7 @@ def _write_metadata(out: Path, fmt: Format, config: dict, qc: dict | None, manif
     if report is not None:
         write_json(out / REPORT, report)
     # a source name holding bytes that are not UTF-8 (a Latin-1 file name) is written escaped: the card stays UTF-8
-    (out / CARD).write_text(model_card(manifest, report, source), encoding="utf-8", errors="backslashreplace")
+    (out / CARD).write_text(model_card(manifest, report, source, config), encoding="utf-8", errors="backslashreplace")
 
 
 def _copy_source_files(source: str, out: Path) -> None:
