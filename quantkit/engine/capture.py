@@ -244,14 +244,9 @@ def batching_works_for(layers: nn.ModuleList, inputs: LayerInputs, chunk: list[i
     """batching_works on the first layer of each kind (its modules' classes and the kwargs it takes), each moved to `device`
     for the check and back: a hybrid's attention layers take other masks than its linear-attention layers, and
     some read theirs per sample (Qwen4-Exp's token indexer). All layers run on the first layer's inputs."""
-    seen: set[tuple] = set()
     try:
-        for index, layer in enumerate(layers):
-            kind = (tuple(type(m).__name__ for m in layer.modules()),
-                    id(inputs.layer_kwargs[index]) if inputs.layer_kwargs is not None else 0)
-            if kind in seen:
-                continue
-            seen.add(kind)
+        for index in first_of_each_kind(layers, inputs):
+            layer = layers[index]
             inputs.use_layer(index)
             home = next((p.device for p in layer.parameters()), torch.device(device))
             works = batching_works(layer.to(device), inputs, chunk)
@@ -261,6 +256,17 @@ def batching_works_for(layers: nn.ModuleList, inputs: LayerInputs, chunk: list[i
     finally:
         inputs.use_layer(0)
     return True
+
+
+def first_of_each_kind(layers: nn.ModuleList, inputs: LayerInputs) -> list[int]:
+    """The index of the first layer of each kind (its modules' classes and the kwargs it takes): read from the
+    modules' classes alone, so layers on the meta device (a streamed skeleton) have their kinds too."""
+    first: dict[tuple, int] = {}
+    for index, layer in enumerate(layers):
+        kind = (tuple(type(m).__name__ for m in layer.modules()),
+                id(inputs.layer_kwargs[index]) if inputs.layer_kwargs is not None else 0)
+        first.setdefault(kind, index)
+    return sorted(first.values())
 
 
 def batching_works(layer: nn.Module, inputs: LayerInputs, chunk: list[int]) -> bool:

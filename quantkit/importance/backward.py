@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from quantkit.engine.capture import LayerInputs, batching_works_for, run_layer  # noqa: F401 - batching_works_for: importance imports it here
+from quantkit.engine.capture import LayerInputs
 from quantkit.models.base import layer_output
 
 

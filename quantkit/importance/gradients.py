@@ -1,10 +1,10 @@
 """TLQ's gradient pass: raw token scores from a block-wise backward, per layer output or per linear
 (per output-row group), with the data's labels or Fisher labels drawn from the FP model.
 
-Memory: the forward pass stores every layer's FP input for each sample (in RAM, or in one
-safetensors file per layer under an offload directory), then the backward runs block by
-block from the top, recomputing each layer from its stored input; only one decoder layer
-(plus final norm and lm_head for the top) and one chunk's activations are live at a time.
+Memory: the forward pass stores every layer's FP input for each sample (in RAM, or in one safetensors file per layer
+under an offload directory), then the backward runs block by block from the top, recomputing each layer from its stored
+input; only one decoder layer (plus final norm and lm_head for the top) and one chunk's activations are live at a time
+(the layers in memory, or read from the files one at a time: quantkit.importance.layers).
 Where one chunk's autograd graph through every layer is small (backward.KEPT_GRAPH_BYTES; CPU, no offload) each
 chunk runs forward through every layer and back instead: no stored inputs, no recompute, the same numbers.
 Samples that share their layer kwargs (plain text of one length) run in chunks of
@@ -35,13 +35,13 @@ from quantkit.importance.backward import (
     KEPT_GRAPH_BYTES,
     GraphTooLarge,
     StoredInputs,
-    batching_works_for,
     chunk_through_layers,
     chunks,
     frozen,
     head_gradient,
     run_chunk,
 )
+from quantkit.importance.layers import HeldLayers, batching_works_on
 from quantkit.importance.masks import scored_positions, valid_mask
 from quantkit.models import adapter_for, get_module
 from quantkit.models.base import Adapter
@@ -148,6 +148,7 @@ def importance_scores(
     progress: bool = True,
     keep_gradients: bool = False,
     adapter: Adapter | None = None,
+    layers_from: HeldLayers | None = None,
     **settings,
 ) -> ImportanceScores:
     """Raw scores ||dL/dy_{l,t}||^2 [layers][samples] -> [T] via a block-wise backward, and with
@@ -171,10 +172,11 @@ def importance_scores(
     output_side=b sums each linear's output-side factor sum_t g_t g_t^T / tokens, g = dL/dz at the linear's
     output z, block-diagonal over b consecutive output rows ([out / b, b, b]; read with hooks in the same
     backward, layer 0 recomputed): GPTQ's row metric (quantkit.quant.gptq, feedback across rows).
+    `layers_from` gives the decoder layers (importance.layers.FileLayers: read from a streamed skeleton's files).
     """
     g = GradientSettings(**settings)
-    batch_size, guidance, row_groups, loss, draws, seed = g.batch_size, g.guidance, g.row_groups, g.loss, g.draws, g.seed
-    output_side = g.output_side
+    batch_size, guidance, row_groups, loss, draws, seed, output_side = (
+        g.batch_size, g.guidance, g.row_groups, g.loss, g.draws, g.seed, g.output_side)
     adapter = adapter or adapter_for(model)
     if not samples:
         raise QuantkitError("no calibration samples for token importance")
@@ -182,8 +184,8 @@ def importance_scores(
         raise QuantkitError(f"importance batch size must be at least 1, got {batch_size}")
     check_guidance(guidance, row_groups, loss, draws)
     started = time.perf_counter()
-    layers = adapter.decoder_layers(model)
-    num_layers = len(layers)
+    access = layers_from or HeldLayers(model, adapter, device)
+    num_layers = len(access.layers)
     per_linear = guidance == "linear"
     moe = next((i for i in range(num_layers) if adapter.layouts[i].experts), None)
     if per_linear and moe is not None:
@@ -270,7 +272,7 @@ def importance_scores(
         """FP forward up to the last layer's input, storing each layer's input on the way (block-wise only)."""
         for index in range(num_layers - 1):
             inputs.enter_layer(index)
-            layer = layers[index].to(device)
+            layer = access.get(index)
             if index > 0 or hooked:  # layer 0's input is differentiated only for its linears
                 stored.put(index, inputs.hidden)
             if batched:
@@ -281,7 +283,7 @@ def importance_scores(
                 inputs.hidden = outputs
             else:
                 inputs.hidden = [run_layer(layer, inputs, i) for i in range(len(samples))]
-            layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+            access.done(index)
             bar.update(1)
 
     try:
@@ -289,12 +291,12 @@ def importance_scores(
             with torch.no_grad():
                 inputs = capture_layer_inputs(model, adapter, samples, device)
                 if batch_size > 1:
-                    batched = batching_works_for(layers, inputs, list(range(min(batch_size, len(samples)))), device)
+                    batched = batching_works_on(access, inputs, list(range(min(batch_size, len(samples)))))
                 size = batch_size if batched else 1
-                # The forward's graph kept where small: on the CPU (the block-wise pass moves one layer at a time to a
-                # device), without additions between layers (enter_layer adds them to the whole set at once).
-                # (and where the first chunk's graph stays under KEPT_GRAPH_BYTES, measured on its own forward)
-                whole = offload_dir is None and str(device) == "cpu" and not inputs.between and bool(live)
+                # The forward's graph kept where small (under KEPT_GRAPH_BYTES, measured on the first chunk's forward):
+                # on the CPU (the block-wise pass moves one layer at a time to a device), without additions between
+                # layers (enter_layer adds them to the whole set at once), with every layer in memory (not FileLayers).
+                whole = not (offload_dir or access.streamed or inputs.between) and str(device) == "cpu" and bool(live)
                 if not whole:
                     store_inputs()
             # The chunk's loss is the sum of its samples' mean losses: each sample gets its own gradient.
@@ -321,7 +323,7 @@ def importance_scores(
                             return normed, head_gradient(head, normed, [samples[i]["input_ids"] for i in chunk],
                                                          [scored[i] for i in chunk], chunk_samplers)
                         at_outputs = chunk_through_layers(
-                            layers, inputs, chunk, torch.cat([inputs.hidden[i] for i in chunk]).to(device),
+                            access.layers, inputs, chunk, torch.cat([inputs.hidden[i] for i in chunk]).to(device),
                             lambda index, layer, found=found_by_layer: hooks_on(index, layer, found[index]), top, draws, hooked,
                             budget=KEPT_GRAPH_BYTES if count == 0 else None)
                         for index, stacked in enumerate(at_outputs):
@@ -343,7 +345,7 @@ def importance_scores(
                 # output of the layer below), without a separate no-grad forward of the last layer.
                 below: list[torch.Tensor | None] = list(grads)
                 inputs.enter_layer(last)
-                layer = layers[last].to(device)
+                layer = access.get(last)
                 found = {name: [] for name in adapter.linear_names(last)}
                 for chunk in chunks(live, size):
                     x = torch.cat([inputs.hidden[i] for i in chunk]).detach().to(device)
@@ -375,7 +377,7 @@ def importance_scores(
                         grads[i] = output_stack[j]
                         if input_stack is not None:
                             below[i] = input_stack[j]
-                layers[last] = layer.to("cpu") if str(device) != "cpu" else layer
+                access.done(last)
                 inputs.hidden = []
                 record(last)
                 bar.update(2)
@@ -384,23 +386,20 @@ def importance_scores(
                     record(last - 1)
                 # Block-wise backward: recompute layer `index` from its stored input, push dL/dy down.
                 for index in reversed(range(1, last)):
-                    layer = layers[index].to(device)
                     with stored.reader(index) as read:
-                        backward_block(index, layer, read, want_input=True)
-                    layers[index] = layer.to("cpu") if str(device) != "cpu" else layer
+                        backward_block(index, access.get(index), read, want_input=True)
+                    access.done(index)
                     record(index - 1)
                     bar.update(1)
                 if hooked and last > 0:
-                    layer = layers[0].to(device)
                     with stored.reader(0) as read:
-                        backward_block(0, layer, read, want_input=False)
-                    layers[0] = layer.to("cpu") if str(device) != "cpu" else layer
+                        backward_block(0, access.get(0), read, want_input=False)
+                    access.done(0)
                 bar.update(1)
     finally:
         stored.close()
         bar.close()
-        if str(device) != "cpu":
-            model.to("cpu")
+        access.close()
     report = {
         "samples": len(samples),
         "layers": num_layers,

@@ -16,6 +16,7 @@ from torch import nn
 from quantkit.engine.weights import LayerWeights
 from quantkit.errors import MOST_COUNT, QuantkitError
 from quantkit.importance.gradients import check_guidance, importance_scores
+from quantkit.importance.layers import HeldLayers
 from quantkit.importance.masks import scored_positions, valid_mask, vision_tokens
 
 # Token-weight normalisation: per sample (default) or over the whole set, per layer.
@@ -315,6 +316,7 @@ def tlq_token_weights(
     loss: str = "ce",
     draws: int = 1,
     output_side: int | None = None,
+    layers_from: HeldLayers | None = None,
     **options,
 ) -> TokenImportance:
     """TLQ token weights of `samples` under the FP `model`: a callable layer -> list of [T] tensors
@@ -323,14 +325,15 @@ def tlq_token_weights(
     guidance, row_groups, loss and draws choose the gradients (importance_scores), output_side=b also sums each
     linear's block-diagonal output-side factor (GPTQ's feedback across rows; shrunk by OUTPUT_SIDE_SHRINK); `options` are
     TokenImportance's (lam, power, per_modality, top_fraction, floor_fraction, seed, normalise).
-    All are checked before the gradient pass.
+    All are checked before the gradient pass. `layers_from` (importance.layers.FileLayers) reads the decoder layers
+    of a streamed skeleton from its files, one at a time.
     """
     TokenImportance([], [], **options)
     check_guidance(guidance, row_groups, loss, draws)
     found = importance_scores(
         model, samples, device=device, offload_dir=offload_dir, progress=progress, batch_size=batch_size,
         guidance=guidance, row_groups=row_groups, loss=loss, draws=draws, seed=int(options.get("seed", 0)),
-        output_side=output_side,
+        output_side=output_side, layers_from=layers_from,
     )
     factors = found.linear_factors and [{name: shrink_factor(blocks, OUTPUT_SIDE_SHRINK) for name, blocks in row.items()}
                                         for row in found.linear_factors]
