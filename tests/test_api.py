@@ -129,8 +129,7 @@ def test_default_method_on_text_is_tlq_with_output_side_factors(run) -> None:
 def test_default_method_follows_the_calibration_data(tmp_path) -> None:
     """Issue #24's choice: TLQ with the FP target; its gradient pass gives uniform token weights and 128-row output-side
     factors on text, token weights (lam 0.1) on image-text, nothing to compute from a --calib-set; an explicit
-    option, fp_target or method wins; under low_memory without a set the default falls back to GPTQ + FP target with
-    one notice."""
+    option, fp_target or method wins; under low_memory the same (its gradient pass streams the layers)."""
     from quantkit.calibrate import build_job
 
     text = tmp_path / "t.txt"
@@ -151,10 +150,9 @@ def test_default_method_follows_the_calibration_data(tmp_path) -> None:
         settings = quantization.importance
         got = None if settings is None else (settings["lam"], settings["output_side"])
         assert (quantization.method.name, quantization.fp_target, got) == expected, (data, options)
-        assert quantization.notice is None
-    for data in (str(images), str(text)):
+    for data, on in ((str(images), on_images), (str(text), on_text)):  # --low-memory streams TLQ's gradient pass too
         low = build_job("org/model", data, low_memory=True, output_dir=str(tmp_path / "o")).quantization
-        assert (low.method.name, low.fp_target) == ("gptq", True) and "instead of tlq" in low.notice
+        assert (low.method.name, low.fp_target, (low.importance["lam"], low.importance["output_side"])) == ("tlq", True, on)
     with pytest.raises(quantkit.QuantkitError, match="output_side"):
         build_job("org/model", str(text), importance={"output_side": -2})
 

@@ -651,33 +651,39 @@ def test_sigterm_low_memory_keeps_finished_layers_for_resume(work: Path) -> None
 
 
 def default_low_memory(work: Path, *extra) -> list:
-    """`quantkit calibrate --low-memory` of the work copy with no --method: the default (TLQ) falls back to GPTQ and
-    the FP target without a --calib-set, and says so."""
+    """`quantkit calibrate --low-memory` of the work copy with no --method: the default, TLQ, its gradient pass
+    reading one layer at a time from the files."""
     return ["calibrate", work / "model", "--calib", work / "text.txt", *BASE, "--low-memory", *extra]
 
 
-def test_the_low_memory_fallback_notice_is_said_of_a_finished_run_only(work: Path, monkeypatch) -> None:
-    """Fault battery round 10 '--resume with --method the default': the notice that the default fell back to GPTQ
-    was logged before the work area's checks, so a refused --resume printed it and then its error (two lines). Now a
-    refused run says its one error line; the finished run says the notice once."""
+def test_a_refused_low_memory_resume_says_one_line_before_the_gradient_pass(work: Path, monkeypatch) -> None:
+    """Fault battery round 10 '--resume with --method the default': a refused --resume says its one error line.
+    The default (TLQ) runs its gradient pass before the layers under --low-memory too: a --resume that the work
+    area refuses is refused before that pass, which would cost minutes to hours for nothing."""
     with_hooks(monkeypatch, on_layer=FailAt(0, 1))
     result = run_cli(*calibrate(work, "--low-memory", "-o", "out"))  # a gptq run without the FP target stopped
     assert result.exit_code == 2 and (work / "out.partial" / "state.json").is_file(), result.output
     with_hooks(monkeypatch)
-    result = run_cli(*default_low_memory(work, "--resume", "-o", "out"))
+    from quantkit.importance import weights
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the gradient pass ran before the refusal")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(weights, "importance_scores", no_pass)
+        result = run_cli(*default_low_memory(work, "--resume", "-o", "out"))
     assert result.exit_code == 2, result.output
     assert one_error_line(result.stderr).startswith("error: cannot resume from out.partial: it was made with "
                                                    "other settings"), result.stderr
     shutil.rmtree(work / "out.partial")
     result = run_cli(*default_low_memory(work, "-o", "out"))
     assert result.exit_code == 0, result.output
-    notices = [line for line in result.stderr.splitlines() if "instead of tlq" in line]
-    assert len(notices) == 1 and "calibrated with gptq and the FP target" in notices[0], result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "tlq"
 
 
 def test_an_interrupted_default_low_memory_run_says_one_line(work: Path) -> None:
     """Fault battery round 10 'SIGINT of the default method's --low-memory run after its first layer': the
-    fallback notice, then the interrupted line. Now the interrupted line alone, OUT.partial kept for --resume."""
+    interrupted line alone, OUT.partial kept for --resume (no notice of another method before it)."""
     proc, chunks = start(default_low_memory(work, "-o", work / "out"), f"Hooks(on_layer=SignalAt(1, {int(signal.SIGINT)}))")
     assert proc.wait(timeout=120) == 130
     line = one_error_line(all_of_stderr(proc, chunks))

@@ -15,7 +15,6 @@ import torch
 from helpers import assert_same_files, make_model_dir, make_text, run_calibration
 from safetensors.torch import load_file
 
-from quantkit.errors import QuantkitError
 from quantkit.fsutil import work_dir_for
 from quantkit.quant import QuantSpec
 
@@ -30,14 +29,27 @@ def tensors_of(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("tie, fp_target, lm_head", [(False, False, False), (True, False, False), (False, True, True)])
-def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp_target: bool, lm_head: bool,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method, tie, fp_target, lm_head", [("gptq", False, False, False), ("gptq", True, False, False),
+                                                              ("gptq", False, True, True), ("tlq", True, True, False)])
+def test_low_memory_export_equals_in_memory_export(tmp_path: Path, method: str, tie: bool, fp_target: bool,
+                                                   lm_head: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed engine writes the in-memory engine's bytes; with TLQ (its output-side factors, on text) the
+    gradient pass streams too, reading each layer from the files, its stored inputs under --offload-dir."""
     model = make_model_dir(tmp_path, tie=tie)
     text = make_text(tmp_path)
-    kw = dict(method="gptq", calib=str(text), nsamples=4, seqlen=32, progress=False, fp_target=fp_target,
+    kw = dict(method=method, calib=str(text), nsamples=4, seqlen=32, progress=False, fp_target=fp_target,
               lm_head=lm_head)
     run_calibration(str(model), str(tmp_path / "plain"), SPEC, **kw)
+    from quantkit.importance import backward
+
+    stored_at: set = set()
+    put = backward.StoredInputs.put
+
+    def spy_put(self, layer, hidden):
+        stored_at.add(self.root)
+        put(self, layer, hidden)
+
+    monkeypatch.setattr(backward.StoredInputs, "put", spy_put)
     from quantkit.engine import layerwise
 
     fp_entries: list = []
@@ -70,6 +82,8 @@ def test_low_memory_export_equals_in_memory_export(tmp_path: Path, tie: bool, fp
     assert tmp_path / "acts" in offloaded  # activations really went to disk
     assert (tmp_path / "acts" / "fp" in offloaded) is fp_target  # and the FP stream beside them
     assert not (tmp_path / "acts").exists()  # the offload folder, made for the run, went with it
+    # TLQ's stored layer inputs went to a folder of their own under it (removed with it), not to RAM
+    assert len(stored_at) == (method == "tlq") and all(root.parent == tmp_path / "acts" for root in stored_at)
     plain, low = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "low")
     assert plain.keys() == low.keys()
     assert ("lm_head.weight_packed" in low) is lm_head
@@ -184,32 +198,23 @@ def test_read_safetensors_matches_load_file_and_maps_nothing(tmp_path: Path) -> 
         assert not _mapped(path)
 
 
-def test_low_memory_rejects_tlq_without_calibration_set(tmp_path: Path) -> None:
-    model = make_model_dir(tmp_path)
-    with pytest.raises(QuantkitError, match="calib-set"):
-        run_calibration(str(model), str(tmp_path / "o"), SPEC, method="tlq", calib=str(make_text(tmp_path)),
-                        nsamples=4, seqlen=32, progress=False, low_memory=True)
-
-
-def test_low_memory_default_method_on_text_falls_back_to_gptq_with_the_fp_target(tmp_path: Path) -> None:
-    """No --method under --low-memory without a --calib-set: the default (TLQ, whose gradient pass needs the whole
-    model) becomes GPTQ + FP target with one notice line, and writes what `--method gptq --fp-target` writes."""
+def test_low_memory_default_method_on_text_is_tlq_as_in_memory(tmp_path: Path) -> None:
+    """No --method under --low-memory: the default, TLQ with the FP target, as in memory (its gradient pass streams
+    the layers from the files), with no notice of another method, and the files the in-memory default writes."""
     from click.testing import CliRunner
 
     from quantkit.cli import main
 
     model, text = make_model_dir(tmp_path), make_text(tmp_path)
-    args = ["calibrate", str(model), "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--group-size", "32",
-            "--low-memory"]
-    default = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "default"), "--json"])
-    assert default.exit_code == 0, default.output
-    notices = [line for line in default.stderr.splitlines() if "--calib-set" in line]
-    assert len(notices) == 1 and "instead of tlq" in notices[0]
-    report = json.loads(default.stdout.strip().splitlines()[-1])
-    assert report["method"] == "gptq" and report["fp_target"] and report["low_memory"]
-    named = CliRunner().invoke(main, [*args, "--method", "gptq", "--fp-target", "-o", str(tmp_path / "named")])
-    assert named.exit_code == 0, named.output
-    assert_same_files(tmp_path / "default", tmp_path / "named")
+    args = ["calibrate", str(model), "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--group-size", "32"]
+    low = CliRunner().invoke(main, [*args, "--low-memory", "-o", str(tmp_path / "low"), "--json"])
+    assert low.exit_code == 0, low.output
+    assert "instead of" not in low.stderr and "--calib-set" not in low.stderr, low.stderr
+    report = json.loads(low.stdout.strip().splitlines()[-1])
+    assert report["method"] == "tlq" and report["fp_target"] and report["low_memory"]
+    plain = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert_same_files(tmp_path / "plain", tmp_path / "low")
 
 
 MEASURED = textwrap.dedent("""

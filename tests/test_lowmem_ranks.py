@@ -63,7 +63,9 @@ def test_default_method_from_a_calibration_set_equals_the_in_memory_run(model_an
     """The default method on text (TLQ: uniform token weights, output-side factors as GPTQ's row metric): a set from
     `quantkit importance` carries the factors, so calibrating from it in memory, with --low-memory on 2 ranks and
     resumed after a failure writes the bytes of the in-memory run on the text itself (one process, and 2 ranks: each
-    rank rounds q/k/v alone in the blocks of their one-process joint solve, the gcd of their factors' widths)."""
+    rank rounds q/k/v alone in the blocks of their one-process joint solve, the gcd of their factors' widths). So
+    does --low-memory on 2 ranks from the text: each rank streams the whole gradient pass on every sample from the
+    files, as each in-memory rank runs it whole."""
     from quantkit.calibrate.job import DataSpec
     from quantkit.importance import load_calibration_set
     from quantkit.importance.cli import build_calibration_set
@@ -75,6 +77,8 @@ def test_default_method_from_a_calibration_set_equals_the_in_memory_run(model_an
     assert direct["method"] == "tlq" and direct["fp_target"]
     run_calibration(str(model), str(tmp_path / "ranks"), SPEC, calib=str(text), nproc=2, **common)
     assert_same_files(tmp_path / "direct", tmp_path / "ranks")
+    run_calibration(str(model), str(tmp_path / "streamed"), SPEC, calib=str(text), nproc=2, low_memory=True, **common)
+    assert_same_files(tmp_path / "direct", tmp_path / "streamed")
     build_calibration_set(str(model), DataSpec(source=str(text), nsamples=6, seqlen=32), str(tmp_path / "set"),
                           progress=False)
     _, stored = load_calibration_set(tmp_path / "set", str(model), load_model(str(model), dtype="float32"))

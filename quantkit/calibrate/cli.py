@@ -20,7 +20,6 @@ from quantkit.quant.methods import (
     DEFAULT_EXPERT_TOKENS,
     DEFAULT_METHOD,
     EXPERT_TOKENS,
-    FALLBACK_METHOD,
     METHODS,
 )
 from quantkit.quant.smooth import AUTO, SMOOTH_MODES
@@ -53,7 +52,7 @@ def job_from_options(model: str, options: dict, progress: bool = True):
 
 @click.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (GPTQ guided by a gradient pass: output-side factors on text, token weights on image-text). Default: {DEFAULT_METHOD} with the FP target ({FALLBACK_METHOD} with the FP target under --low-memory without --calib-set).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=f"Solver: round-to-nearest, GPTQ, or TLQ (GPTQ guided by a gradient pass: output-side factors on text, token weights on image-text). Default: {DEFAULT_METHOD} with the FP target.")
 @click.option("--bits", type=bounded("bits"), default=OPTIONS["bits"], show_default=True, help=f"Weight bits, one of {SUPPORTED_BITS}.")
 @click.option("--group-size", type=bounded("group_size"), default=OPTIONS["group_size"], show_default=True, help="Columns per quantization group; -1 for per-channel.")
 @click.option("--sym/--asym", default=OPTIONS["sym"], show_default=True, help="Symmetric grid (zero in the middle) or asymmetric (fitted zero point).")

@@ -21,7 +21,6 @@ from quantkit.quant.methods import (
     DEFAULT_EXPERT_TOKENS,
     DEFAULT_FP_TARGET,
     DEFAULT_METHOD,
-    FALLBACK_METHOD,
     METHOD_OPTIONS,
     METHODS,
     Method,
@@ -104,7 +103,6 @@ class QuantizationSpec:
     recipe: Recipe | None = None  # which linears, and per-module settings (quantkit.quant.recipe)
     recipe_file: str | None = None  # the YAML the recipe was read from (an input the output must not hold)
     importance: dict | None = None  # TLQ's gradient-pass settings, resolved (quantkit.importance.resolve_importance)
-    notice: str | None = None  # said once the run starts (the default method that could not be had)
 
     @property
     def token_weights(self) -> bool:
@@ -171,6 +169,8 @@ class CalibrationJob:
                 "calib": d.source, "calib_set": d.calib_set, "nsamples": d.nsamples, "seqlen": d.seqlen,
                 "seed": d.seed, "part": d.part, "dtype": self.model.dtype, "fp_target": q.fp_target,
                 "lm_head": q.lm_head, "vision": q.vision, "expert_tokens": q.method.expert_tokens, "chat_template": d.chat_template,
+                # the gradient pass's settings: a resumed run recomputes the token weights with the same ones
+                **({"importance": q.importance} if q.importance is not None else {}),
                 **({"recipe": q.recipe.to_dict()} if q.recipe is not None else {}), "files": self._file_digests(progress)}
 
     def _file_digests(self, progress: bool) -> dict[str, list[list]]:
@@ -229,7 +229,7 @@ def build_job(model: Any, data: Any = None, tokenizer: Any = None, /, **options:
     o = {**OPTIONS, **options}
     data_spec = _data_spec(data, o)
     run = _run_spec(o)
-    quantization = _quantization_spec(o, run, data_spec)
+    quantization = _quantization_spec(o, data_spec)
     if quantization.token_weights and data_spec.calib_set is None:
         import torch
 
@@ -296,23 +296,14 @@ def _run_spec(o: dict) -> RunSpec:
                    hooks=o["hooks"])
 
 
-def _method(o: dict, run: RunSpec, data: DataSpec) -> tuple[Method, bool | None, str | None]:
-    """The method (the default where none is named), the FP-target setting (None: the method's default) and a
-    notice where the default could not be had."""
+def _method(o: dict) -> tuple[Method, bool | None]:
+    """The method (the default where none is named) and the FP-target setting (None: the method's default)."""
     if o["method"] is not None:
-        return method_for(o["method"]), o["fp_target"], None
+        return method_for(o["method"]), o["fp_target"]
     method = default_method()
     if o["fp_target"] is None:
-        o = {**o, "fp_target": DEFAULT_FP_TARGET and method.needs_activations}
-    if method.token_weights and run.low_memory and data.calib_set is None:
-        # a streamed run loads no whole model, and TLQ's gradient pass needs one: TLQ without its token weights
-        fallback = method_for(FALLBACK_METHOD)
-        fp_target = method.fp_target_on(o["fp_target"])
-        notice = (f"--low-memory computes no token weights without a --calib-set: calibrated with {fallback}"
-                  f"{' and the FP target' if fp_target else ''} instead of {method}; make a set with "
-                  f"`quantkit importance` for {method}")
-        return fallback, fp_target, notice
-    return method, o["fp_target"], None
+        return method, DEFAULT_FP_TARGET and method.needs_activations
+    return method, o["fp_target"]
 
 
 def _given_flags(name: str, o: dict) -> list[str]:
@@ -341,10 +332,10 @@ def check_options_read(o: dict, method: Method, data: DataSpec) -> None:
                                 f"weights; drop it, or make a set with it (quantkit importance {given[0].split()[0]})")
 
 
-def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpec:
+def _quantization_spec(o: dict, data: DataSpec) -> QuantizationSpec:
     if o["static_groups"] and not o["act_order"]:
         raise QuantkitError("--static-groups fixes the groups of an --act-order solve; drop it or drop --no-act-order")
-    method, fp_target, notice = _method(o, run, data)
+    method, fp_target = _method(o)
     act_order = o["act_order"]
     weights = QuantSpec(**{name: o[name] for name in WEIGHT_OPTIONS if name != "static_groups"},
                         static_groups=act_order if o["static_groups"] is None else o["static_groups"])
@@ -372,11 +363,7 @@ def _quantization_spec(o: dict, run: RunSpec, data: DataSpec) -> QuantizationSpe
         raise QuantkitError(f"--fp-target needs a method that reads activations (gptq, tlq): {method} reads none")
     quantization = QuantizationSpec(weights=weights, method=method, fp_target=method.fp_target_on(fp_target),
                                     lm_head=o["lm_head"], vision=o["vision"], recipe=recipe, importance=importance,
-                                    notice=notice,
                                     recipe_file=os.fspath(o["recipe"]) if isinstance(o["recipe"], (str, os.PathLike)) else None)
-    if quantization.token_weights and run.low_memory and data.calib_set is None:
-        what = method if method.token_weights else "--smooth tlq"
-        raise QuantkitError(f"{what} with --low-memory needs token weights from a --calib-set (quantkit importance)")
     return quantization
 
 

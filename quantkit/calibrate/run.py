@@ -86,10 +86,6 @@ def _calibrate(job: CalibrationJob, scope: contextlib.ExitStack) -> Outcome:
         scope.enter_context(kept_on_failure(work_dir_for(output), resume_note))
         scope.enter_context(scratch_dir(run.offload_dir))
     outcome = _run_ranks(job)
-    if job.quantization.notice:
-        # said of a finished run only: a run refused (a --resume of other settings, a held work area) or stopped
-        # after this point says its one error line and nothing else; the progress bar names the method meanwhile
-        logger.warning(job.quantization.notice)
     if exporting:
         logger.info("exported %s to %s", job.export.fmt, output)
     return outcome
@@ -142,13 +138,15 @@ def draw_samples(data: DataSpec, model_name: str, model: torch.nn.Module, tokeni
 
 
 def token_weights_for(quantization: QuantizationSpec, model: torch.nn.Module, samples: list[dict], *,
-                      device: str = "cpu", progress: bool = True) -> Any:
-    """TLQ's token weights of `samples` under the FP `model` where the method or its smoothing reads them, else None."""
+                      device: str = "cpu", progress: bool = True, **streamed: Any) -> Any:
+    """TLQ's token weights of `samples` under the FP `model` where the method or its smoothing reads them, else None.
+    `streamed` (offload_dir, layers_from) runs the pass on a --low-memory skeleton (quantkit.importance.layers)."""
     if not quantization.token_weights:
         return None
     from quantkit.importance import tlq_token_weights
 
-    return tlq_token_weights(model, samples, device=device, progress=progress, **(quantization.importance or {}))
+    return tlq_token_weights(model, samples, device=device, progress=progress, **streamed,
+                             **(quantization.importance or {}))
 
 
 def check_before_work(model: torch.nn.Module, quantization: QuantizationSpec) -> None:
@@ -229,16 +227,24 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
         from quantkit.engine.plan import LinearPlan
         from quantkit.engine.streaming import StreamedLayers, calibrate_streaming
         from quantkit.export.streamed import export_streamed
+        from quantkit.importance.layers import FileLayers
         from quantkit.models.streamed import build_skeleton
 
-        # The skeleton holds no decoder layer: enough for the samples (a calibration set's check of the model),
-        # not for token weights, which build_job has refused without a set.
+        # The skeleton holds no decoder layer: the gradient pass reads them from the files (FileLayers)
         skeleton, adapter, source = build_skeleton(job.model.name, job.model.dtype, files=job.model.files)
         samples, weights = draw_samples(job.data, job.model.name, skeleton, checked_tokenizer(job))
         q = job.quantization
         store = StreamedLayers(skeleton, adapter, source, work_dir_for(job.export.output),
                                LinearPlan(q.weights, q.method, q.recipe), comm, resume=job.run.resume,
                                fingerprint=job.fingerprint(progress and comm.rank == 0), offload_dir=job.run.offload_dir, dtype=job.model.dtype)
+        if q.token_weights and weights is None:
+            check_before_work(skeleton, q)  # as in memory: no gradient pass before a refusal (weights: on load)
+            store.check_resume()  # and a --resume the work area refuses is refused before it
+            # every rank runs the whole pass on every sample, as in memory (calibrate_loaded): the same weights; a
+            # resumed run recomputes them (the fingerprint holds their settings), the pass being deterministic
+            weights = token_weights_for(q, skeleton, samples, device=device, progress=progress and comm.rank == 0,
+                                        offload_dir=job.run.offload_dir,
+                                        layers_from=FileLayers(skeleton, adapter, source, device, job.model.dtype))
         model, calibration = calibrate_streaming(
             store, samples, device, weights if q.token_weights else None, progress, fp_target=q.fp_target,
             lm_head=q.lm_head, vision=q.vision,

@@ -233,16 +233,8 @@ class StreamedLayers:
         if self.work.exists() and not self.work.is_dir():
             raise QuantkitError(f"{self.work} is a file where this run keeps its work area (beside the output); "
                                 "move it away")
-        previous = self._previous_state() if self.resume else None
+        previous = self.check_resume()
         if previous is not None:
-            if previous["fingerprint"] != state["fingerprint"]:
-                raise QuantkitError(f"cannot resume from {self.work}: "
-                                    f"{_difference(previous['fingerprint'], state['fingerprint'])}")
-            ranks = previous.get("world_size", 1)
-            if ranks != self.comm.world_size:
-                raise QuantkitError(
-                    f"cannot resume from {self.work}: it was made with {ranks} rank(s); rerun with --nproc {ranks}"
-                )
             state = previous
         elif self.comm.rank == 0:
             self._empty()
@@ -250,6 +242,22 @@ class StreamedLayers:
         self.comm.barrier()
         self.state = state
         return state["layers_done"]
+
+    def check_resume(self) -> dict | None:
+        """With `resume`, the interrupted run's state if this run may continue it (else one QuantkitError: other
+        settings or ranks, a damaged work area); called by open, and before work that comes ahead of the layers
+        (TLQ's gradient pass) so that a refused --resume costs nothing."""
+        previous = self._previous_state() if self.resume else None
+        if previous is not None:
+            if previous["fingerprint"] != self.fingerprint:
+                raise QuantkitError(f"cannot resume from {self.work}: "
+                                    f"{_difference(previous['fingerprint'], self.fingerprint)}")
+            ranks = previous.get("world_size", 1)
+            if ranks != self.comm.world_size:
+                raise QuantkitError(
+                    f"cannot resume from {self.work}: it was made with {ranks} rank(s); rerun with --nproc {ranks}"
+                )
+        return previous
 
     def _empty(self) -> None:
         """An empty work area, keeping the lock file the exporting process holds in it (locked_work_area)."""

@@ -340,10 +340,15 @@ def _rank_plan(shape: ModelShape, settings: RunSettings, rank: int) -> RankPlan:
 def _importance_phase(shape: ModelShape, settings: RunSettings, layer: LayerShape, process: Term, model: Term,
                       gpu: bool) -> Phase:
     """TLQ's gradient pass (quantkit.importance.gradients): every rank runs it on all samples; the forward
-    keeps every layer's input, the backward recomputes one block at a time with autograd."""
+    keeps every layer's input (on disk under --low-memory --offload-dir), the backward recomputes one block at a time
+    with autograd; under --low-memory each layer is read from the files for it (quantkit.importance.layers)."""
     sz = shape.dtype_bytes
-    stored = Term("stored layer inputs", len(shape.layers) * settings.nsamples * settings.seqlen * shape.hidden * sz,
-                  f"{len(shape.layers)} layers x {settings.nsamples} samples x {settings.seqlen} tokens x {shape.hidden}",
+    on_disk = settings.low_memory and settings.offload_dir
+    stored = Term("stored layer inputs",
+                  0 if on_disk else len(shape.layers) * settings.nsamples * settings.seqlen * shape.hidden * sz,
+                  f"{len(shape.layers)} layers x {settings.nsamples} samples x {settings.seqlen} tokens x {shape.hidden}"
+                  + (" (on disk: --offload-dir)" if on_disk else ""),
+                  "--offload-dir (with --low-memory)" if settings.low_memory else
                   "make a calibration set first (quantkit importance --offload-dir), then calibrate --calib-set")
     chunk = min(BATCH_SIZE, settings.nsamples) * settings.seqlen
     block = Term("block backward", 2 * _batch_work(layer, shape, chunk) + HEAD_ROWS * shape.vocab * 4 * 3,
@@ -352,7 +357,8 @@ def _importance_phase(shape: ModelShape, settings: RunSettings, layer: LayerShap
     outside = Term("model outside the layers", shape.outside_params * sz, "embeddings, final norm, head")
     current = Term("current layer", layer.params * sz, "one decoder layer")
     device = [stored, block, outside, current] if gpu else [stored, block]
-    host = [process, model] + ([] if gpu else device)
+    # under --low-memory `model` is the skeleton: the layer read from the files is held beside it
+    host = [process, model] + ([] if gpu else device + ([current] if settings.low_memory else []))
     return Phase("TLQ importance pass", device, host)
 
 

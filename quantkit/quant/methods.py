@@ -125,9 +125,6 @@ METHODS: dict[str, Method] = {
 # GPTQ + FP target's at W2 / W3, benchmarks/README.md "TLQ guidance").
 DEFAULT_METHOD = "tlq"
 DEFAULT_FP_TARGET = True  # the default method fits the FP model's output unless --no-fp-target
-# What TLQ as a default becomes where its gradient pass cannot run (--low-memory without a --calib-set): the same solve
-# without its token weights or output-side factors, keeping the FP target.
-FALLBACK_METHOD = "gptq"
 
 
 def default_method() -> Method:
