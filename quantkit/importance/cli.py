@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 
 import click
 from transformers import AutoTokenizer
@@ -28,6 +30,7 @@ from quantkit.importance import (
     save_calibration_set,
     tlq_token_weights,
 )
+from quantkit.importance.layers import FileLayers
 from quantkit.models import load_model
 from quantkit.models.files import check_seqlen
 
@@ -81,8 +84,10 @@ def importance_options(command):
 
 def build_calibration_set(model_name: str, data: DataSpec, output: str, *, importance: dict | None = None,
                           device: str = "cpu", offload_dir: str | None = None, overwrite: bool = False,
-                          progress: bool = True) -> dict:
+                          progress: bool = True, low_memory: bool = False) -> dict:
     """Draw `data`'s samples, compute TLQ importance under `model_name` and save the set; return its manifest.
+    With `low_memory` the model is not loaded whole: the gradient pass reads one decoder layer at a time from its
+    safetensors files (quantkit.importance.layers.FileLayers), and the set is the same.
 
     importance holds tlq_token_weights' options (lam, power, guidance, row_groups, loss, draws, output_side,
     per_modality, top_fraction, floor_fraction; None or absent: the data kind's default, quantkit.importance.tlq_defaults);
@@ -104,15 +109,38 @@ def build_calibration_set(model_name: str, data: DataSpec, output: str, *, impor
     check_output_dir(output, overwrite)
     preflight_importance(model_name, data, output, device=device, offload_dir=offload_dir, overwrite=overwrite)
     started = time.perf_counter()
-    model = load_model(model_name, dtype="float32")
+    streamed = {}
+    if low_memory:
+        from quantkit.models.streamed import build_skeleton
+
+        model, adapter, source = build_skeleton(model_name, "float32")
+        streamed["layers_from"] = FileLayers(model, adapter, source, device, "float32")
+    else:
+        model = load_model(model_name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     samples, _ = draw_samples(data, model_name, model, tokenizer)
     with scratch_dir(offload_dir):
         weights = tlq_token_weights(model, samples, seed=data.seed, device=device, offload_dir=offload_dir,
-                                    progress=progress, **options)
+                                    progress=progress, **streamed, **options)
     extra = {"calib": data.source, "part": data.part, "seqlen": data.seqlen, "seed": data.seed,
              "chat_template": data.chat_template, "seconds": round(time.perf_counter() - started, 3)}
-    return save_calibration_set(output, samples, weights, model, model_name, tokenizer, extra=extra, overwrite=overwrite)
+    with fingerprinted_layers(streamed.get("layers_from")):
+        return save_calibration_set(output, samples, weights, model, model_name, tokenizer, extra=extra,
+                                    overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def fingerprinted_layers(layers: FileLayers | None) -> Iterator[None]:
+    """With a streamed skeleton's `layers`, its first and last decoder layers read while the set is saved: the set
+    records a few of their weights (importance.identity.weights_fingerprint) as a set made in memory does."""
+    ends = [] if layers is None else sorted({0, len(layers.layers) - 1})
+    for index in ends:
+        layers.get(index).to("cpu")
+    try:
+        yield
+    finally:
+        for index in ends:
+            layers.done(index)
 
 
 def preflight_importance(model_name: str, data: DataSpec, output: str, *, device: str, offload_dir: str | None,
@@ -142,16 +170,17 @@ def preflight_importance(model_name: str, data: DataSpec, output: str, *, device
 @click.option("--floor-fraction", type=bounded("floor_fraction"), default=0.1, show_default=True, help="With --top-fraction: share of the other tokens kept at random.")
 @click.option("--device", default=OPTIONS["device"], show_default=True, help="Compute device for the current layer.")
 @click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Keep stored layer inputs on disk here instead of in RAM.")
+@click.option("--low-memory", is_flag=True, help="Read one decoder layer at a time from the safetensors files instead of loading the model whole (each layer is read twice).")
 @output_option(required=True, type=click.Path(), help="Output calibration-set directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 def importance(model: str, calib: str, output: str, overwrite: bool, as_json: bool, device: str,
-               offload_dir: str | None, **options) -> None:
+               offload_dir: str | None, low_memory: bool, **options) -> None:
     """Compute TLQ token importance of MODEL on --calib data and save a token-level calibration set."""
     data = DataSpec.drawing(source=calib, **{key: options.pop(key) for key in DATA_OPTIONS})
     options["loss"], options["draws"] = options.pop("importance_loss"), options.pop("fisher_draws")
     manifest = build_calibration_set(model, data, output, importance=options, device=device, offload_dir=offload_dir,
-                                     overwrite=overwrite, progress=not as_json)
+                                     overwrite=overwrite, progress=not as_json, low_memory=low_memory)
     if as_json:
         click.echo(json.dumps(manifest | {"output": output}))
     else:
