@@ -4,12 +4,15 @@ drawn (build_job has checked the options already). The model's files are read on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quantkit.calibrate.job import CalibrationJob
+from quantkit.calibrate.job import CalibrationJob, QuantizationSpec
 from quantkit.errors import QuantkitError
 from quantkit.models.files import ModelFiles
 from quantkit.quant.methods import DEFAULT_EXPERT_TOKENS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_calib_set(data) -> None:
@@ -84,12 +87,7 @@ def preflight(job: CalibrationJob) -> ModelFiles:
         check_source_for_model(data.source, is_vlm(files.config), model.name)
     if model.loaded is None and not given:
         check_chat_data(data.source, data.chat_template, files)
-    if q.method.expert_tokens != DEFAULT_EXPERT_TOKENS:
-        check_has_experts(job, model.loaded if model.loaded is not None else files.config)
-    if q.recipe is not None:
-        check_recipe(job, model.loaded if model.loaded is not None else files.config)
-    elif job.export.output is not None:
-        check_linear_shapes(job, model.loaded if model.loaded is not None else files.config)
+    check_against_model(job, model.loaded if model.loaded is not None else files.config)
     if job.export.output is not None:
         _check_output(job, files, data_paths(data.source))
     if model.tokenizer is not None and hasattr(model.tokenizer, "image_processor"):
@@ -159,42 +157,70 @@ def _model_and_adapter(job: CalibrationJob, model_or_config: object) -> tuple[ob
     return build_meta_model(model_or_config, job.model.name)  # shapes only: no weights are read
 
 
-def check_has_experts(job: CalibrationJob, model_or_config: object) -> None:
-    """--expert-tokens changes the statistics of a mixture of experts only: a model without one is refused."""
+def check_against_model(job: CalibrationJob, model_or_config: object) -> None:
+    """Every check of the job against the model's modules (a loaded model, or the one its config builds on the meta
+    device): the engine's own (check_before_work: group widths, recipe, experts, lm_head, vision side), --expert-tokens'
+    experts, and that the format stores each linear the run quantizes and transformers loads the export. calibrate's
+    preflight, its --dry-run and `quantkit plan` all call this one function, so none promises what another refuses."""
+    q = job.quantization
     model, adapter = _model_and_adapter(job, model_or_config)
+    if q.method.expert_tokens != DEFAULT_EXPERT_TOKENS:
+        check_has_experts(job, model, adapter)
+    bits = check_recipe(job, model, adapter) if q.recipe is not None else None
+    check_before_work(model, q)
+    if job.export.output is not None:
+        from quantkit.engine.checks import candidate_linears
+
+        if bits is None:
+            bits = dict.fromkeys(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights.bits)
+        check_linear_shapes(job, model, bits)
+
+
+def check_before_work(model: torch.nn.Module, quantization: QuantizationSpec) -> None:
+    """The engine's checks of a model (loaded, or built on the meta device) against the quantization (settings,
+    recipe, group widths, finite weights where it has them), with no forward."""
+    from quantkit.engine.checks import check_model
+    from quantkit.engine.plan import LinearPlan
+    from quantkit.models import adapter_for
+
+    plan = LinearPlan(quantization.weights, quantization.method, quantization.recipe)
+    check_model(model, adapter_for(model), plan, quantization.lm_head, quantization.vision)
+
+
+def check_has_experts(job: CalibrationJob, model: torch.nn.Module, adapter: Any) -> None:
+    """--expert-tokens changes the statistics of a mixture of experts only: a model without one is refused."""
     if not any(adapter.layout(i).experts for i in range(len(adapter.decoder_layers(model)))):
         raise QuantkitError(f"--expert-tokens (expert_tokens=) has no effect on {job.model.name}: its "
                             f"{getattr(model.config, 'model_type', type(model).__name__)} layers have no mixture of "
                             "experts; drop it")
 
 
-def check_linear_shapes(job: CalibrationJob, model_or_config: object) -> None:
-    """Every linear the run quantizes has a shape the export format stores at the job's bits (GPTQ's whole
-    int32 words at 3 bits), before any calibration rather than at the export."""
-    from quantkit.engine.checks import candidate_linears
+def check_linear_shapes(job: CalibrationJob, model: torch.nn.Module, bits: dict[str, int]) -> None:
+    """Every linear the run quantizes (name -> bits) has a shape the export format stores at its bits (GPTQ's whole
+    int32 words at 3 bits), is a kind of linear the format holds, and its family loads the format in transformers:
+    before any calibration rather than at the export."""
     from quantkit.export.formats import format_for
     from quantkit.models import get_module
     from quantkit.models.conv1d import TransposedLinear
 
-    q = job.quantization
-    model, adapter = _model_and_adapter(job, model_or_config)
     fmt = format_for(job.export.fmt)
-    for name in candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision):
+    for name, width_bits in bits.items():
         linear = get_module(model, name)
-        fmt.check_linear(name, linear.out_features, linear.in_features, q.weights.bits)
+        fmt.check_linear(name, linear.out_features, linear.in_features, width_bits)
         if isinstance(linear, TransposedLinear):
             fmt.check_conv1d(name)
+    fmt.check_family(lambda: model, sorted(bits))
 
 
-def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
+def check_recipe(job: CalibrationJob, model: torch.nn.Module, adapter: Any) -> dict[str, int]:
     """The job's recipe fits the model (every pattern matches a linear, every group size divides its linears' widths,
-    its methods need no statistics the run does not gather) and the format stores every setting it gives."""
+    its methods need no statistics the run does not gather) and the format stores every setting it gives. Returns
+    the bits of each linear the recipe quantizes."""
     from quantkit.engine.checks import candidate_linears, model_linears
     from quantkit.export.formats import format_for
     from quantkit.models import get_module
 
     q = job.quantization
-    model, adapter = _model_and_adapter(job, model_or_config)
     chosen = q.recipe.check(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights,
                             q.method, model_linears(model), fp_target=q.fp_target)
     if q.lm_head and adapter.lm_head not in chosen:
@@ -210,6 +236,7 @@ def check_recipe(job: CalibrationJob, model_or_config: object) -> None:
     for name, settings in chosen.items():
         linear = get_module(model, name)
         fmt.check_linear(name, linear.out_features, linear.in_features, settings.spec.bits)
+    return {name: settings.spec.bits for name, settings in chosen.items()}
 
 
 def check_vision_side(config: Any) -> None:

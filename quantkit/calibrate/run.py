@@ -149,16 +149,6 @@ def token_weights_for(quantization: QuantizationSpec, model: torch.nn.Module, sa
                              **(quantization.importance or {}))
 
 
-def check_before_work(model: torch.nn.Module, quantization: QuantizationSpec) -> None:
-    """The engine's checks of a loaded model against the quantization (settings, recipe, weights), with no forward."""
-    from quantkit.engine.checks import check_model
-    from quantkit.engine.plan import LinearPlan
-    from quantkit.models import adapter_for
-
-    plan = LinearPlan(quantization.weights, quantization.method, quantization.recipe)
-    check_model(model, adapter_for(model), plan, quantization.lm_head, quantization.vision)
-
-
 def calibrate_loaded(model: torch.nn.Module, samples: list[dict], quantization: QuantizationSpec, *,
                      device: str = "cpu", progress: bool = True, comm: Comm | None = None,
                      token_weights: Any = None) -> Outcome:
@@ -174,6 +164,8 @@ def calibrate_loaded(model: torch.nn.Module, samples: list[dict], quantization: 
         if not quantization.token_weights:
             token_weights = None  # a calibration set's weights, unused by this method
         elif token_weights is None:
+            from quantkit.calibrate.preflight import check_before_work
+
             check_before_work(model, quantization)  # the gradient pass must not come before a refusal
             token_weights = token_weights_for(quantization, model, samples, device=device,
                                               progress=progress and comm.rank == 0)
@@ -238,6 +230,8 @@ def calibrate_rank(job: CalibrationJob, comm: Comm | None = None, device: str = 
                                LinearPlan(q.weights, q.method, q.recipe), comm, resume=job.run.resume,
                                fingerprint=job.fingerprint(progress and comm.rank == 0), offload_dir=job.run.offload_dir, dtype=job.model.dtype)
         if q.token_weights and weights is None:
+            from quantkit.calibrate.preflight import check_before_work
+
             check_before_work(skeleton, q)  # as in memory: no gradient pass before a refusal (weights: on load)
             store.check_resume()  # and a --resume the work area refuses is refused before it
             # every rank runs the whole pass on every sample, as in memory (calibrate_loaded): the same weights; a

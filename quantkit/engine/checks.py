@@ -97,7 +97,9 @@ def check_head(model: nn.Module, adapter: Adapter, spec: QuantSpec) -> None:
     """Raise QuantkitError if lm_head cannot be quantized on its own (tied to the embeddings, bad width)."""
     head, embeddings = get_module(model, adapter.lm_head).weight, get_module(model, adapter.embeddings).weight
     # identity, or shared storage where a loader re-created the tied parameters
-    if head is embeddings or head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr():
+    # (a meta tensor's storage is at 0 for all: there identity alone says tied, as from_config ties them)
+    if head is embeddings or (head.device.type != "meta"
+                              and head.untyped_storage().data_ptr() == embeddings.untyped_storage().data_ptr()):
         raise QuantkitError(
             f"{adapter.lm_head} shares its weight with the input embeddings (tied word embeddings), so it cannot "
             "be quantized on its own; leave it in full precision"

@@ -68,6 +68,10 @@ def _plan(model: str, gpu_mem: str | None, host_mem: str | None, as_json: bool, 
     if plan.settings.on_gpu and device_limit is None:
         raise QuantkitError("--device cuda on a machine without CUDA: give each GPU's memory with --gpu-mem, e.g. 24GiB")
     host_limit = parse_bytes(host_mem) if host_mem is not None else available_host_bytes()
+    if config is not None:  # after read_shape's checks of the config and headers, and plan's own
+        from quantkit.calibrate.preflight import check_against_model
+
+        check_against_model(job, config)
     if given_data is not None and config is not None:  # last: after the model checks (calibrate's order) and plan's own
         check_seqlen(config, job.data.seqlen, recipe=job.data.recipe_of("seqlen"))
     emit(plan, device_limit, host_limit, as_json)
@@ -85,12 +89,12 @@ def _check_output(output: str, plan, sources: list) -> None:
 
 def _check_as_calibrate(job, model: str, data: str | None):
     """calibrate's checks that read only config.json: a device kind calibrate runs on (a plan for CUDA is made
-    on any machine), image data for a text model, a recipe against the model's linears. Returns the config where
-    it read one (data given, a recipe or --quantize-vision), else None."""
+    on any machine), image data for a text model. Returns the config where it read one, else None (_plan then runs
+    calibrate's own checks against the model the config builds: check_against_model)."""
     import torch
     from transformers import AutoConfig
 
-    from quantkit.calibrate.preflight import check_recipe, check_vision_side
+    from quantkit.calibrate.preflight import check_vision_side
     from quantkit.data.calibration import check_source_for_model
     from quantkit.models import is_vlm
 
@@ -103,8 +107,6 @@ def _check_as_calibrate(job, model: str, data: str | None):
     from quantkit.engine.distributed import check_device_ids
 
     check_device_ids(job.run.devices, job.run.nproc)
-    if data is None and job.quantization.recipe is None and not job.quantization.vision:
-        return None
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception:  # noqa: BLE001 - read_shape says what is wrong with a config that does not load
@@ -113,8 +115,6 @@ def _check_as_calibrate(job, model: str, data: str | None):
         check_vision_side(config)
     if data is not None:
         check_source_for_model(data, is_vlm(config), model)
-    if job.quantization.recipe is not None:
-        check_recipe(job, config)
     return config
 
 
