@@ -81,8 +81,7 @@ FAMILIES = {
 # compressed-tensors quantizes nn.Linear only: Conv1D families export fake (dense, for plain transformers) and GPTQ
 CONV1D = {"gpt2", "openai-gpt", "gpt-sw3"}
 # transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
-DEQUANTIZE_ON_LOAD = {"falcon": "transformers' Falcon weight init reads FalconLinear.weight, which a compressed module lacks",
-                      "nanochat": "transformers' NanoChat weight init reads o_proj.weight, which a compressed module lacks"}
+DEQUANTIZE_ON_LOAD = {"nanochat": "transformers' NanoChat weight init reads o_proj.weight, which a compressed module lacks"}
 # model type -> (the transformers its reload was checked on, why older ones fail)
 RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied lm_head on load, through that same "
                                    "FalconLinear.weight; the reload passes on 5.25"),
@@ -203,7 +202,9 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     if model_type in RELOAD_NEEDS and Version(transformers_version) < Version(RELOAD_NEEDS[model_type][0]):
         pytest.skip(f"needs transformers >= {RELOAD_NEEDS[model_type][0]}: {RELOAD_NEEDS[model_type][1]}")
     kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
-    fmt = "fake" if model_type in CONV1D else "compressed-tensors"  # fake: dense weights any loader reads
+    # fake: dense weights any loader reads; compressed-tensors is refused for Conv1D and for Falcon (transformers'
+    # Falcon weight init reads FalconLinear.weight, which a compressed module lacks)
+    fmt = "fake" if model_type in CONV1D or model_type == "falcon" else "compressed-tensors"
     report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format=fmt, **kw)
     if model_type == "hy_v4":  # its hyper-connection head, between the last layer and the final norm, is named
         assert list(report["full_precision"]) == ["model.hc_head"]

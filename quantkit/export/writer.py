@@ -39,6 +39,7 @@ from quantkit.export.common import (
 )
 from quantkit.export.experts import dense_fused_experts
 from quantkit.export.formats import Format, format_for
+from quantkit.export.reader import build_model
 from quantkit.export.spool import DiskSpool, MemorySpool, parse_size, write_sharded
 from quantkit.fsutil import atomic_dir
 from quantkit.models.base import get_module
@@ -155,6 +156,7 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
                           linear_order=layout.linear_order, n_blocks=layout.n_blocks, act_bits=format_.act_bits,
                           model_names=layout.model_names)
         format_.check_plan(plan)
+        format_.check_family(lambda: _meta_model(config), sorted(stubs))
         tensors.add(format_.plan_tensors(plan, tensors.shape))
         write_sharded(tensors, tmp, limit)
         if sidecar.keys:
@@ -169,6 +171,15 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
         elif source is not None:
             _copy_source_files(source, tmp)
     return Path(out_dir)
+
+
+def _meta_model(config: dict) -> torch.nn.Module | None:
+    """The model transformers builds from the export's config.json, on the meta device; None where it builds none."""
+    try:
+        with torch.device("meta"):
+            return build_model(config, "the export")
+    except QuantkitError:
+        return None
 
 
 def _encode(parts: Iterable[Part], format_: Format, tensors: MemorySpool | DiskSpool,

@@ -124,6 +124,26 @@ def targeted(targets: object, name: str, where: str) -> bool:
                             f"regular expression ({err}); the export is damaged or was edited: export it again") from None
 
 
+def _loads_packed(model: torch.nn.Module, cls: type) -> bool:
+    """Whether `model`'s own weight initialisation (what transformers runs on every module as it loads) passes over a
+    linear of class `cls` without its weight, as compressed-tensors leaves a linear it packs; measured on a probe, so a
+    family's code fixed in a later transformers passes again."""
+    init = getattr(model, "_init_weights", None)
+    if init is None or not issubclass(cls, torch.nn.Linear):
+        return True
+    try:
+        probe = cls(1, 1, bias=False, device="meta")
+    except TypeError:
+        return True  # a class built otherwise: nothing to probe
+    del probe.weight
+    try:
+        with torch.no_grad():
+            init(probe)
+    except AttributeError:
+        return False
+    return True
+
+
 class CompressedTensorsFormat(Format):
     """compressed-tensors pack-quantized, 2, 3, 4 and 8 bits, consecutive groups."""
 
@@ -139,6 +159,38 @@ class CompressedTensorsFormat(Format):
     holds_conv1d = False
     transformers_extras = "compressed-tensors"
     quant_method = "compressed-tensors"
+
+    def check_family(self, model: Callable[[], torch.nn.Module | None], names: list[str]) -> None:
+        """Refuse a family whose transformers code cannot load a packed linear: compressed-tensors removes the
+        weight of each linear it packs, and transformers initialises every module at load (5.x), so a family whose
+        _init_weights reads a linear's weight unguarded (Falcon's FalconLinear) fails to load the export at all."""
+        built = model()
+        if built is None:
+            return  # a config transformers cannot build: its loaders refuse it anyway, and say why
+        probed: dict[tuple[type, type], bool] = {}
+        for name in names:
+            try:
+                cls = type(built.get_submodule(name))
+            except AttributeError:
+                continue  # a checkpoint name the built model holds otherwise (fused experts): nothing to probe
+            # transformers initialises each module with the _init_weights of the innermost model holding it (a
+            # vision tower's own, for one)
+            parts = name.split(".")
+            owner = built
+            for i in range(1, len(parts)):
+                inner = built.get_submodule(".".join(parts[:i]))
+                if hasattr(inner, "_init_weights"):
+                    owner = inner
+            key = (type(owner), cls)
+            if key not in probed:
+                probed[key] = _loads_packed(owner, cls)
+            if not probed[key]:
+                able = sorted((f.name for f in Format.registered if f.name != self.name), key=lambda n: n != "gptq_v2")
+                family = getattr(built.config, "model_type", type(built).__name__)
+                raise QuantkitError(f"{name} is a {cls.__name__}, whose weight transformers' {family} code reads as it "
+                                    f"loads the model, where {self.name} keeps packed tensors instead: from_pretrained "
+                                    f"would fail on the export; pass --format {able[0]} (or "
+                                    f"{', '.join(able[1:])})")
 
     def declared_settings(self, quantization_config: dict) -> set[tuple]:
         """(num_bits, group_size or -1 per channel, symmetric) of each config group's weights."""
