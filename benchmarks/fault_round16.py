@@ -780,9 +780,10 @@ def _fam_cases(out: Cases) -> None:
     add = out.add
     for index, (name, (model_type, fields)) in enumerate(_families().items()):
         setup = _fam(model_type, **fields)
-        # GPT-2's Conv1D layers: compressed-tensors is refused by design (its loaders quantize nn.Linear only), and
-        # gptq/gptq_v2 need gptqmodel to load in plain transformers: the fake format holds for both checks
-        fmt = ["--format", "fake"] if model_type == "gpt2" else []
+        # GPT-2's Conv1D layers and Falcon's FalconLinear: compressed-tensors is refused for them (its loaders quantize
+        # nn.Linear only; transformers' Falcon code reads a packed linear's weight as it loads), and gptq/gptq_v2 need
+        # gptqmodel to load in plain transformers: the fake format holds for both checks
+        fmt = ["--format", "fake"] if model_type in ("gpt2", "falcon") else []
         args = lambda w, m=RTN, f=fmt: ["calibrate", w / "m", "--calib", w / "text.txt", *m, *f, "-o", w / "out"]  # noqa: E731
         moe = "expert" in name
         add("fam16", f"{name}: RTN export is a quantized copy", lambda w, a=args: raw_cli(*a(w)), setup,
@@ -796,7 +797,12 @@ def _fam_cases(out: Cases) -> None:
     # plan promises what calibrate with the same options needs: options calibrate refuses are refused by plan too
     gpt2 = _families()["gpt2 (Conv1D, tied, biases)"]
     narrow = ("llama", dict(**LLAMA, head_dim=4))  # o_proj reads 16 columns: group 32 divides nothing there
+    falcon = _families()["falcon new_decoder_architecture (grouped KV)"]
     for name, (model_type, fields), command in [
+        ("calibrate of falcon in the default format (compressed-tensors, whose export transformers cannot load)",
+         falcon, ["calibrate"]),
+        ("plan of falcon in the default format (compressed-tensors, which calibrate refuses for FalconLinear)", falcon,
+         ["plan"]),
         ("plan of gpt2 in the default format (compressed-tensors, which calibrate refuses for Conv1D)", gpt2,
          ["plan"]),
         ("plan with group 32 where o_proj is 16 wide (calibrate refuses the group)", narrow, ["plan"]),
