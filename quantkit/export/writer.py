@@ -39,7 +39,6 @@ from quantkit.export.common import (
 )
 from quantkit.export.experts import dense_fused_experts
 from quantkit.export.formats import Format, format_for
-from quantkit.export.reader import build_model
 from quantkit.export.spool import DiskSpool, MemorySpool, parse_size, write_sharded
 from quantkit.fsutil import atomic_dir
 from quantkit.models.base import get_module
@@ -174,11 +173,18 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
 
 
 def _meta_model(config: dict) -> torch.nn.Module | None:
-    """The model transformers builds from the export's config.json, on the meta device; None where it builds none."""
+    """The model transformers' Auto class builds from the export's config.json (a causal LM or an image-text model,
+    as quantkit loads it), on the meta device; None where it builds none."""
+    import transformers
+
+    from quantkit.models import auto_class_for
+
+    fields = dict(config)
     try:
+        built = transformers.AutoConfig.for_model(fields.pop("model_type", None), **fields)
         with torch.device("meta"):
-            return build_model(config, "the export")
-    except QuantkitError:
+            return auto_class_for(built).from_config(built)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build is not this check's to refuse
         return None
 
 
