@@ -80,8 +80,9 @@ FAMILIES = {
 }
 # compressed-tensors quantizes nn.Linear only: Conv1D families export fake (dense, for plain transformers) and GPTQ
 CONV1D = {"gpt2", "openai-gpt", "gpt-sw3"}
-# transformers loads these families' compressed-tensors exports only decompressed (CompressedTensorsConfig(dequantize=True))
-DEQUANTIZE_ON_LOAD = {"nanochat": "transformers' NanoChat weight init reads o_proj.weight, which a compressed module lacks"}
+# compressed-tensors is refused for these families: their transformers weight init, run on every module as the model
+# loads, reads a weight the format replaces by packed tensors (Falcon's FalconLinear.weight, NanoChat's o_proj.weight)
+INIT_READS_PACKED = {"falcon", "nanochat"}
 # model type -> (the transformers its reload was checked on, why older ones fail)
 RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied lm_head on load, through that same "
                                    "FalconLinear.weight; the reload passes on 5.25"),
@@ -194,7 +195,7 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     pytest.importorskip("compressed_tensors")
     from click.testing import CliRunner
     from packaging.version import Version
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
     from transformers import __version__ as transformers_version
 
     from quantkit.cli import main
@@ -202,17 +203,15 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     if model_type in RELOAD_NEEDS and Version(transformers_version) < Version(RELOAD_NEEDS[model_type][0]):
         pytest.skip(f"needs transformers >= {RELOAD_NEEDS[model_type][0]}: {RELOAD_NEEDS[model_type][1]}")
     kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
-    # fake: dense weights any loader reads; compressed-tensors is refused for Conv1D and for Falcon (transformers'
-    # Falcon weight init reads FalconLinear.weight, which a compressed module lacks)
-    fmt = "fake" if model_type in CONV1D or model_type == "falcon" else "compressed-tensors"
+    # fake: dense weights any loader reads, for the families compressed-tensors is refused for
+    fmt = "fake" if model_type in CONV1D | INIT_READS_PACKED else "compressed-tensors"
     report = run_calibration(str(family_dirs[model_type]), str(tmp_path / "ct"), RUN_SPEC, format=fmt, **kw)
     if model_type == "hy_v4":  # its hyper-connection head, between the last layer and the final norm, is named
         assert list(report["full_precision"]) == ["model.hc_head"]
     ids = torch.randint(1, 120, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = quantkit.load_quantized(tmp_path / "ct")(input_ids=ids).logits
-        loading = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if model_type in DEQUANTIZE_ON_LOAD else {}
-        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", **loading)(input_ids=ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")(input_ids=ids).logits
         assert (theirs - ours).abs().max() <= 1e-3 * ours.abs().max()
     result = CliRunner().invoke(main, ["export", str(tmp_path / "ct"), "--format", "gptq_v2", "-o", str(tmp_path / "gptq")])
     if model_type in GPTQ_UNPACKABLE:  # a linear with an output width GPTQ's zero points cannot pack: one line, no output

@@ -1,6 +1,7 @@
 """The fault battery's sixteenth round (benchmarks/fault_round16.py): `quantkit plan` and `calibrate --dry-run`
 promised runs that calibrate then refused (GPT-2's Conv1D in the default format, a group size the attention output
-projection's width does not take), and a Falcon exported to compressed-tensors that transformers cannot load. Each
+projection's width does not take), and a Falcon (NanoChat too) exported to compressed-tensors that transformers cannot
+load. Each
 is refused before any work as tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind),
 and plan, --dry-run and the run refuse it in the same line.
 """
@@ -10,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import assert_fault, make_tokenizer, run_cli, save_tiny_llama, tiny_model, write_text
+from helpers import (
+    assert_fault,
+    make_tokenizer,
+    run_cli,
+    save_tiny_causal_lm,
+    save_tiny_llama,
+    tiny_model,
+    write_text,
+)
 
 GPTQ = ["--method", "gptq", "--nsamples", "2", "--seqlen", "16"]
 RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "16"]
@@ -26,7 +35,8 @@ def _save(root: Path, model_type: str, **fields) -> Path:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny GPT-2, Llama with 4-wide heads (o_proj reads 16 columns), Falcon and its fake export, read-only."""
+    """Tiny GPT-2, Llama with 4-wide heads (o_proj reads 16 columns), NanoChat, Falcon and its fake export,
+    read-only."""
     root = tmp_path_factory.mktemp("round16")
     text = write_text(root / "text.txt")
     falcon = _save(root / "falcon", "falcon", **FALCON)
@@ -35,7 +45,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"text": text, "falcon": falcon, "falcon-fake": root / "falcon-fake",
             "gpt2": _save(root / "gpt2", "gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=64,
                           bos_token_id=1, eos_token_id=1),
-            "narrow": save_tiny_llama(root / "narrow", head_dim=4)}
+            "narrow": save_tiny_llama(root / "narrow", head_dim=4), "nanochat": save_tiny_causal_lm(root, "nanochat")}
 
 
 REFUSED = [
@@ -44,7 +54,9 @@ REFUSED = [
     # 4 heads of 4: o_proj reads 16 columns, which group 32 does not divide
     ("narrow", ["--group-size", "32"], "group size 32 does not divide the input width 16 of "
                                        "model.layers.0.self_attn.o_proj"),
-    ("falcon", ["--group-size", "16"], "is a FalconLinear"),
+    # transformers' init reads each FalconLinear's weight, and NanoChat's attention init its o_proj's
+    ("falcon", ["--group-size", "16"], "transformers cannot load a falcon model from compressed-tensors"),
+    ("nanochat", ["--group-size", "16"], "transformers cannot load a nanochat model from compressed-tensors"),
 ]
 
 
@@ -67,30 +79,62 @@ def test_the_narrow_o_proj_is_what_transformers_builds(made: dict) -> None:
     assert model.model.layers[0].self_attn.o_proj.in_features == 16 and 16 % 32
 
 
-def test_falcon_in_compressed_tensors_does_not_load_in_transformers(made: dict, tmp_path: Path, monkeypatch) -> None:
-    """The reference of the Falcon refusal: the export calibrate wrote before (the check switched off) is one
-    transformers' from_pretrained fails on (FalconLinear's init reads the weight compressed-tensors replaced),
-    where the fake export of the same model loads and computes what quantkit.load_quantized does."""
+@pytest.mark.parametrize(("model", "attribute"), [("falcon", "FalconLinear"), ("nanochat", "Linear")])
+def test_refused_family_in_compressed_tensors_does_not_load_in_transformers(made: dict, tmp_path: Path, monkeypatch,
+                                                                             model: str, attribute: str) -> None:
+    """The reference of the refusal: the export calibrate wrote before (the check switched off) is one transformers'
+    from_pretrained fails on (the family's init reads a weight compressed-tensors replaced by packed tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.export.formats.compressed_tensors import CompressedTensorsFormat
+
+    monkeypatch.setattr(CompressedTensorsFormat, "check_family", lambda self, model, bits, sym: None)
+    result = run_cli("calibrate", made[model], "--calib", made["text"], *RTN, "-o", tmp_path / "ct")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(AttributeError, match=f"'{attribute}' object has no attribute 'weight'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+
+
+def test_the_fake_export_named_first_loads_in_transformers(made: dict) -> None:
+    """The remedy's first format (fake: dense weights) loads the Falcon in plain transformers and computes what
+    quantkit.load_quantized does."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import quantkit
-    from quantkit.export.formats.compressed_tensors import CompressedTensorsFormat
 
     fake = AutoModelForCausalLM.from_pretrained(made["falcon-fake"])
     ids = torch.tensor([[1, 5, 9, 13, 20, 30]])
     with torch.no_grad():
         torch.testing.assert_close(fake(ids).logits, quantkit.load_quantized(str(made["falcon-fake"]))(ids).logits)
-    monkeypatch.setattr(CompressedTensorsFormat, "check_family", lambda self, model, names: None)
-    result = run_cli("calibrate", made["falcon"], "--calib", made["text"], *RTN, "-o", tmp_path / "ct")
-    assert result.exit_code == 0, result.output
-    with pytest.raises(AttributeError, match="FalconLinear"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
 
 
 def test_export_refuses_falcon_to_compressed_tensors(made: dict, tmp_path: Path) -> None:
     """`quantkit export` of a Falcon's fake export to compressed-tensors wrote the export transformers cannot load
     and exited 0; it is refused like calibrate's, nothing written."""
     line = assert_fault(tmp_path, ["export", made["falcon-fake"], "--format", "compressed-tensors", "-o",
-                                   tmp_path / "ct"], "is a FalconLinear")
-    assert "pass --format gptq_v2" in line, line
+                                   tmp_path / "ct"], "transformers cannot load a falcon model")
+    assert "pass --format fake" in line, line
+
+
+@pytest.mark.parametrize("options", [["--group-size", "16", "--asym"],
+                                     ["--bits", "8", "--act-bits", "8", "--group-size", "-1"]], ids=["asym", "w8a8"])
+def test_falcon_exports_that_keep_dense_weights_at_load_are_taken(made: dict, tmp_path: Path, options: list) -> None:
+    """No refusal where the weights transformers' Falcon init reads are there at load: an asymmetric export loads
+    dequantized (the load line's CompressedTensorsConfig(dequantize=True)), W8A8 keeps each int8 `weight`; both load
+    in transformers with quantkit.load_quantized's logits (W8A8 within its per-token 8-bit input rounding, which
+    transformers applies and load_quantized does not)."""
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import quantkit
+
+    result = run_cli("calibrate", made["falcon"], "--calib", made["text"], *RTN[:-2], *options, "-o", tmp_path / "ct")
+    assert result.exit_code == 0, result.output
+    loading = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if "--asym" in options else {}
+    assert ("dequantize=True" in result.output) == bool(loading), result.output
+    ids = torch.tensor([[1, 5, 9, 13, 20, 30]])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", **loading)(ids).logits
+        ours = quantkit.load_quantized(str(tmp_path / "ct"))(ids).logits
+    assert (theirs - ours).abs().max() <= (1e-3 if loading else 2e-2) * ours.abs().max()

@@ -209,7 +209,11 @@ def check_linear_shapes(job: CalibrationJob, model: torch.nn.Module, bits: dict[
         fmt.check_linear(name, linear.out_features, linear.in_features, width_bits)
         if isinstance(linear, TransposedLinear):
             fmt.check_conv1d(name)
-    fmt.check_family(lambda: model, sorted(bits))
+    q = job.quantization
+    if fmt.holds_activation_bits:
+        fmt = fmt.with_act_bits(q.weights.act_bits)  # its 8-bit weights then stay unpacked
+    overrides = q.recipe.overrides if q.recipe is not None else ()
+    fmt.check_family(lambda: model, bits, q.weights.sym and all(o.sym is not False for o in overrides))
 
 
 def check_recipe(job: CalibrationJob, model: torch.nn.Module, adapter: Any) -> dict[str, int]:

@@ -155,7 +155,9 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
                           linear_order=layout.linear_order, n_blocks=layout.n_blocks, act_bits=format_.act_bits,
                           model_names=layout.model_names)
         format_.check_plan(plan)
-        format_.check_family(lambda: _meta_model(config), sorted(stubs))
+        names = dict(plan.model_names)
+        format_.check_family(lambda: _meta_model(config), {names.get(n, n): s.bits for n, s in plan.settings.items()},
+                             all(s.sym for s in plan.settings.values()))
         tensors.add(format_.plan_tensors(plan, tensors.shape))
         write_sharded(tensors, tmp, limit)
         if sidecar.keys:

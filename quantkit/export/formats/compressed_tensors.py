@@ -124,26 +124,6 @@ def targeted(targets: object, name: str, where: str) -> bool:
                             f"regular expression ({err}); the export is damaged or was edited: export it again") from None
 
 
-def _loads_packed(model: torch.nn.Module, cls: type) -> bool:
-    """Whether `model`'s own weight initialisation (what transformers runs on every module as it loads) passes over a
-    linear of class `cls` without its weight, as compressed-tensors leaves a linear it packs; measured on a probe, so a
-    family's code fixed in a later transformers passes again."""
-    init = getattr(model, "_init_weights", None)
-    if init is None or not issubclass(cls, torch.nn.Linear):
-        return True
-    try:
-        probe = cls(1, 1, bias=False, device="meta")
-    except TypeError:
-        return True  # a class built otherwise: nothing to probe
-    del probe.weight
-    try:
-        with torch.no_grad():
-            init(probe)
-    except AttributeError:
-        return False
-    return True
-
-
 class CompressedTensorsFormat(Format):
     """compressed-tensors pack-quantized, 2, 3, 4 and 8 bits, consecutive groups."""
 
@@ -160,37 +140,31 @@ class CompressedTensorsFormat(Format):
     transformers_extras = "compressed-tensors"
     quant_method = "compressed-tensors"
 
-    def check_family(self, model: Callable[[], torch.nn.Module | None], names: list[str]) -> None:
-        """Refuse a family whose transformers code cannot load a packed linear: compressed-tensors removes the
-        weight of each linear it packs, and transformers initialises every module at load (5.x), so a family whose
-        _init_weights reads a linear's weight unguarded (Falcon's FalconLinear) fails to load the export at all."""
-        built = model()
-        if built is None:
-            return  # a config transformers cannot build: its loaders refuse it anyway, and say why
-        probed: dict[tuple[type, type], bool] = {}
-        for name in names:
-            try:
-                cls = type(built.get_submodule(name))
-            except AttributeError:
-                continue  # a checkpoint name the built model holds otherwise (fused experts): nothing to probe
-            # transformers initialises each module with the _init_weights of the innermost model holding it (a
-            # vision tower's own, for one)
-            parts = name.split(".")
-            owner = built
-            for i in range(1, len(parts)):
-                inner = built.get_submodule(".".join(parts[:i]))
-                if hasattr(inner, "_init_weights"):
-                    owner = inner
-            key = (type(owner), cls)
-            if key not in probed:
-                probed[key] = _loads_packed(owner, cls)
-            if not probed[key]:
-                able = sorted((f.name for f in Format.registered if f.name != self.name), key=lambda n: n != "gptq_v2")
-                family = getattr(built.config, "model_type", type(built).__name__)
-                raise QuantkitError(f"{name} is a {cls.__name__}, whose weight transformers' {family} code reads as it "
-                                    f"loads the model, where {self.name} keeps packed tensors instead: from_pretrained "
-                                    f"would fail on the export; pass --format {able[0]} (or "
-                                    f"{', '.join(able[1:])})")
+    def check_family(self, model: Callable[[], torch.nn.Module | None], bits: dict[str, int], sym: bool) -> None:
+        """Refuse a family whose transformers code cannot load the export: compressed-tensors removes the weight of
+        each linear it packs before loading, and transformers (5.x) then runs the family's weight init over every
+        module, so an init that reads such a weight (Falcon's on each FalconLinear, NanoChat's on o_proj from its
+        attention) fails the load. Measured by mirroring that init on a meta copy (load_init), so a family fixed in
+        a later transformers passes again."""
+        from quantkit.export.formats.load_init import init_failure
+        from quantkit.models import QUANTIZED_LOADERS
+
+        # an asymmetric export loads dequantized (transformers_config): every weight dense again, nothing packed
+        packed = [] if self.transformers_config(not sym) else sorted(n for n, b in bits.items() if not self.stores_int8(b))
+        built = model() if packed else None
+        failure = None if built is None else init_failure(built, packed)
+        if failure is None:
+            return
+        where, error = failure
+        family = getattr(built.config, "model_type", type(built).__name__)
+        # the dense format first: plain transformers loads it; GPTQ loads with gptqmodel only (QUANTIZED_LOADERS)
+        others = sorted((f for f in Format.registered if f.name != self.name), key=lambda f: not f.stores_dense_weights)
+        needs = sorted({QUANTIZED_LOADERS[f.quant_method][0] for f in others if f.quant_method in QUANTIZED_LOADERS})
+        raise QuantkitError(f"transformers cannot load a {family} model from {self.name}: its weight init, run on "
+                            f"every module as from_pretrained loads, reads the weight of a linear {self.name} stores "
+                            f"packed ({where}: {error}); pass --format {others[0].name} (dense weights, which plain "
+                            f"transformers loads) or {', '.join(f.name for f in others[1:])}"
+                            + (f" (which transformers needs {', '.join(needs)} to load)" if needs else ""))
 
     def declared_settings(self, quantization_config: dict) -> set[tuple]:
         """(num_bits, group_size or -1 per channel, symmetric) of each config group's weights."""
