@@ -398,6 +398,7 @@ def test_quantize_vision_fp_target_starts_from_the_fp_tower(dataset: str) -> Non
     ("qwen2_vl", {}), ("qwen2_5_vl", {}), ("llava", {}), ("llava_onevision", {}),
     ("llava", {"vision": True, "lm_head": True, "fp_target": True}),
     ("qwen2_vl", {"vision": True, "method": "rtn"}),
+    ("qwen2_vl", {"method": "tlq"}),  # image-text token weights, the gradient pass streamed (per-sample mrope kwargs)
 ])
 def test_low_memory_vlm_export_equals_in_memory_export(family: str, extra: dict, dataset: str, tmp_path) -> None:
     """--low-memory on a VLM: image-text samples, the vision side in the skeleton, and the checkpoint's
