@@ -61,6 +61,9 @@ class Format:
                 f"{name}: act-order groups (a permuted g_idx) cannot be stored in {self.name}; quantize with "
                 "static groups or export to gptq_v2"
             )
+        # the shape check the run makes before calibrating (preflight), so that `quantkit export` of a result into
+        # this format refuses it in the run's words, not in the packer's ('cannot pack 148 4-bit codes ...')
+        self.check_linear(name, r.qweight.shape[0], r.qweight.shape[1], r.bits)
 
     def check_conv1d(self, name: str) -> None:
         """Raise QuantkitError if this format cannot hold linear `name`, a GPT-2-style Conv1D."""
