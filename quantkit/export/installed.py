@@ -84,3 +84,40 @@ def transformers_decodes_each_scheme(fmt: type[Format]) -> bool:
         return False
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+@functools.cache
+def transformers_reads_asymmetric_experts(fmt: type[Format]) -> bool:
+    """Whether the installed transformers decompresses MoE experts that `fmt` (compressed-tensors) stores asymmetric:
+    its MoE weight conversion (CompressedTensorsDequantize), asked for one 4-bit per-channel expert with its zero point,
+    gives that expert's dequantized weight (5.25 hands the compressor no zero point: 'Asymmetric quant requires
+    zero-point values', and from_pretrained fails on the export)."""
+    from types import SimpleNamespace
+
+    from quantkit.export.common import trivial_g_idx
+    from quantkit.quant.spec import QuantResult
+
+    try:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from transformers.integrations.compressed_tensors import CompressedTensorsDequantize
+    except ImportError:  # no MoE conversion of compressed-tensors experts in this transformers
+        return False
+    generator = torch.Generator().manual_seed(0)
+    r = QuantResult(qweight=torch.randint(0, 16, (8, 32), generator=generator, dtype=torch.uint8),
+                    scales=torch.rand(8, 1, generator=generator) + 0.5,
+                    zeros=torch.randint(0, 16, (8, 1), generator=generator, dtype=torch.uint8),
+                    g_idx=trivial_g_idx(32, 32), bits=4, group_size=-1, sym=False, act_order=False)
+    tensors, _ = fmt().encode("e", r, torch.float32)
+    scheme = QuantizationScheme(targets=["Linear"], format="pack-quantized",
+                                weights=QuantizationArgs(num_bits=4, symmetric=False, strategy="channel"))
+    quantizer = SimpleNamespace(compressor=SimpleNamespace(quantization_config=SimpleNamespace(format="pack-quantized")))
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.zeros(1))  # the fused parameter the conversion fills (its dtype is read)
+    try:
+        out = CompressedTensorsDequantize(quantizer, scheme).convert(
+            {k.replace("e.", "experts.0.w1."): [v] for k, v in tensors.items()}, [], [], full_layer_name="w",
+            model=holder)
+        return torch.allclose(next(iter(out.values()))[0], r.dequantize(), atol=1e-5)
+    except Exception as err:  # noqa: BLE001 - a conversion error is this transformers' answer
+        logger.debug("transformers fails on an asymmetric compressed-tensors expert: %s", err)
+        return False

@@ -285,12 +285,16 @@ class CompressedTensorsFormat(Format):
 
     def transformers_refuses(self, stored: dict[str, Setting]) -> str | None:
         """MoE experts stored int-quantized (W8A8): transformers (5.21 and 5.25) converts expert weights on load and
-        decompresses packed or fp8 ones only. An asymmetric export loads dequantized (transformers_config); where
+        decompresses packed or fp8 ones only; asymmetric experts, where that conversion reads no zero points
+        (transformers_reads_asymmetric_experts). An asymmetric export loads dequantized (transformers_config); where
         its linears have several widths or group sizes, as the installed transformers decodes them (5.25 uses one
         config group's scheme for all)."""
         import transformers
 
-        from quantkit.export.installed import transformers_decodes_each_scheme
+        from quantkit.export.installed import (
+            transformers_decodes_each_scheme,
+            transformers_reads_asymmetric_experts,
+        )
         from quantkit.models.experts import expert_of
 
         experts = sorted(n for n, s in stored.items() if self.stores_int8(s.bits) and expert_of(n) is not None)
@@ -298,6 +302,11 @@ class CompressedTensorsFormat(Format):
             return (f"transformers (5.21 to {transformers.__version__}) loads no MoE experts stored int-quantized, as "
                     f"8-bit weights with {self.act_bits}-bit inputs are ({experts[0]}, ...): its MoE weight conversion "
                     "decompresses packed and fp8 experts only; vLLM serves it")
+        asymmetric = sorted(n for n, s in stored.items() if not s.sym and expert_of(n) is not None)
+        if asymmetric and not transformers_reads_asymmetric_experts(type(self)):
+            return (f"transformers {transformers.__version__} loads no asymmetric MoE experts from compressed-tensors "
+                    f"({asymmetric[0]}, ...): its MoE weight conversion reads no zero points; quantize with --sym, or "
+                    "`quantkit export DIR --format fake -o OUT` writes one it loads")
         packed = {(s.bits, s.group_size) for s in stored.values() if not self.stores_int8(s.bits)}
         if all(s.sym for s in stored.values()) or len(packed) < 2 or transformers_decodes_each_scheme(type(self)):
             return None
