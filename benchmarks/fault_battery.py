@@ -32,7 +32,7 @@ families with odd expert counts and top-k, the VLM families beyond qwen2_vl, odd
 transformers, planner, demo, environment variables, full and read-only disks (small tmpfs mounts: run as root),
 signals at other phases and concurrent runs into one folder.
 
-Rounds 11-15 live in their own files (fault_round11.py ... fault_round15.py) and are imported when
+Rounds 11-17 live in their own files (fault_round11.py ... fault_round17.py) and are imported when
 asked for; round 13 (session 10): the API's in-memory data against the documented list-of-texts convention, a
 calibration recipe's own nsamples/seqlen, eval's per-source report and edited exports, numbers spelled at the edges
 for every command, MoE routers, VLM records, resume and --low-memory with changed options, symlinked outputs.
@@ -7597,6 +7597,13 @@ def sixteenth_round() -> list[Case]:
     return cases_of_round16()
 
 
+def seventeenth_round() -> list[Case]:
+    """Round 17 (benchmarks/fault_round17.py), imported when asked for."""
+    from fault_round17 import seventeenth_round as cases_of_round17
+
+    return cases_of_round17()
+
+
 def eighteenth_round() -> list[Case]:
     """Round 18 (benchmarks/fault_round18.py and fault_round18b.py), imported when asked for."""
     from fault_round18 import eighteenth_round as cases_of_round18
@@ -7607,7 +7614,7 @@ def eighteenth_round() -> list[Case]:
 ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
           7: seventh_round, 8: eighth_round, 9: ninth_round, 10: tenth_round, 11: eleventh_round,
           12: twelfth_round, 13: thirteenth_round, 14: fourteenth_round, 15: fifteenth_round, 16: sixteenth_round,
-          18: eighteenth_round}
+          17: seventeenth_round, 18: eighteenth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -7726,7 +7733,7 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18)):
+        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)):
             build_extras(base)
         if 6 in rounds or 9 in rounds or 10 in rounds:
             build_sixth(base)
