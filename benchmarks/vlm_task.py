@@ -21,6 +21,13 @@ model), built from a config with a word-level tokenizer and LlavaProcessor (no t
 Accuracy: a question counts as right when the argmax prediction of every answer token and of the
 closing ``<|im_end|>`` is right under teacher forcing, which is exactly when greedy decoding would
 produce the answer.
+
+With ``lm=DIR`` (a Llama causal LM trained on real text, HF format, with its byte-level BPE tokenizer;
+e.g. /work/bench-models/ref-lm-c) the language model is that LM's weights and the text is in its
+tokenizer with one added ``<image>`` token, rendered as plain text the LM has read before:
+``<image>\nQuestion: what colour is the circle ?\nAnswer: blue<|endoftext|>`` (answer tokens: the
+answer and the closing ``<|endoftext|>``). The questions and answers are the same; only the text
+model and its vocabulary differ, so quantization meets weights shaped by real text.
 """
 
 from __future__ import annotations
@@ -75,6 +82,13 @@ CHAT_TEMPLATE = (
     "{% else %}{% for c in m.content %}{% if c.type == 'image' %}<image> {% else %}{{ c.text }}"
     "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The template of a pretrained text LM (make_processor's lm): plain "Question: ... Answer:" text, the generation
+# prompt inside the user turn, so the answer follows "Answer:" as in text the LM has read.
+LM_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'user' %}{% for c in m.content %}{% if c.type == 'image' %}<image>"
+    "{% else %}\nQuestion: {{ c.text }}\nAnswer:{% endif %}{% endfor %}"
+    "{% else %}{% for c in m.content %} {{ c.text }}{% endfor %}<|endoftext|>{% endif %}{% endfor %}"
 )
 
 
@@ -217,11 +231,18 @@ def write_jsonl(examples: Sequence[Example], directory: str | Path) -> Path:
     return path
 
 
-def make_tokenizer(task: str = "shapes"):
-    """Word-level tokenizer over the task vocabulary with the chat and image tokens."""
+def make_tokenizer(task: str = "shapes", lm: str | None = None):
+    """Word-level tokenizer over the task vocabulary with the chat and image tokens; with `lm`, that LM's own
+    tokenizer plus an ``<image>`` token (its end-of-text token pads and closes the answers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if lm is not None:
+        tokenizer = AutoTokenizer.from_pretrained(lm)
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        return tokenizer
     words = WORDS + (RELATION_WORDS if task == "relations" else [])
     vocab = {t: i for i, t in enumerate(SPECIALS + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -232,27 +253,35 @@ def make_tokenizer(task: str = "shapes"):
     )
 
 
-def make_processor(task: str = "shapes"):
-    """LlavaProcessor: CLIP preprocessing at 56x56, 16 image tokens (4x4 patches of 14, CLS dropped)."""
+def make_processor(task: str = "shapes", lm: str | None = None):
+    """LlavaProcessor: CLIP preprocessing at 56x56, 16 image tokens (4x4 patches of 14, CLS dropped); with `lm`,
+    that LM's tokenizer and the plain-text template."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     return LlavaProcessor(
-        image_processor, make_tokenizer(task), patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor, make_tokenizer(task, lm), patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE if lm is None else LM_TEMPLATE,
     )
 
 
-def make_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 4):
-    """A tiny LLaVA: CLIP tower (2 layers, width 64), projector, Llama text model."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def make_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 4, lm: str | None = None):
+    """A tiny LLaVA: CLIP tower (2 layers, width 64), projector, Llama text model (with `lm`: that LM's config and
+    weights, its embedding grown by the <image> row, which is zero: image positions never read it, and a zero row
+    of the tied head gives <image> a constant logit of 0)."""
+    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    text_config = dict(
+        model_type="llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    if lm is not None:
+        text_config = {**AutoConfig.from_pretrained(lm).to_dict(), "vocab_size": len(tokenizer),
+                       "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        text_config.pop("architectures", None)
     config = LlavaConfig(
-        text_config=dict(
-            model_type="llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-        ),
+        text_config=text_config,
         vision_config=dict(
             model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, image_size=SIZE, patch_size=14, projection_dim=64,
@@ -262,8 +291,27 @@ def make_model(tokenizer, seed: int = 0, hidden: int = 128, layers: int = 4):
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if lm is not None:
+        config.tie_word_embeddings = text_config.get("tie_word_embeddings", False)
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    if lm is not None:
+        _load_lm(model, lm, len(tokenizer))
+    return model
+
+
+def _load_lm(model, lm: str, vocab: int) -> None:
+    """Copy a pretrained Llama causal LM's weights into the LLaVA's text model and head."""
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
+    state = source.model.state_dict()
+    embed = state["embed_tokens.weight"]
+    state["embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(vocab - embed.shape[0], embed.shape[1])])
+    model.model.language_model.load_state_dict(state)
+    head = source.get_output_embeddings().weight
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.cat([head, head.new_zeros(vocab - head.shape[0], head.shape[1])]))
 
 
 def encode(processor, examples: Sequence[Example], with_answer: bool = True) -> dict[str, torch.Tensor]:
@@ -272,8 +320,18 @@ def encode(processor, examples: Sequence[Example], with_answer: bool = True) -> 
     batch = dict(processor(text=texts, images=[ex.image for ex in examples], padding=True, return_tensors="pt"))
     ids = batch["input_ids"]
     tok = processor.tokenizer
-    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     labels = torch.full_like(ids, -100)
+    if "<|im_start|>" not in tok.get_vocab():
+        # The pretrained LM's plain-text template: the answer's own tokens (byte-level BPE splits " blue" from
+        # "Answer:" alike in and out of context) and <|endoftext|> end each row's unpadded tokens.
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for row, ex in enumerate(examples):
+            stop = int(lengths[row])
+            first = stop - len(tok(" " + ex.answer, add_special_tokens=False)["input_ids"]) - 1
+            labels[row, first:stop] = ids[row, first:stop]
+        batch["labels"] = labels
+        return batch
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     for row in range(ids.shape[0]):
         starts = (ids[row] == start).nonzero().reshape(-1)
         first = int(starts[-1]) + 2  # <|im_start|> assistant (the tokenizer drops the "\n")
