@@ -164,7 +164,8 @@ language model's decoder-layer linears are quantized; the vision tower, projecto
 Noise: every method is scored on the same ``--heldout`` examples, so TLQ and GPTQ are compared
 pairwise: ``tlq_minus_gptq`` gives the per-seed differences, the standard error over calibration seeds,
 the standard error over held-out examples (of the per-example difference averaged over seeds) and their
-root-sum-square. ``<tlq>_nll_gap_over_<gptq>`` gives the ratio of the answer-NLL gaps to FP per seed,
+root-sum-square; each method's ``answer_nll_gap_se_seeds`` and ``answer_nll_gap_se_examples`` are the two
+shares of its gap's noise (the examples' from the per-example difference to FP). ``<tlq>_nll_gap_over_<gptq>`` gives the ratio of the answer-NLL gaps to FP per seed,
 their mean and SE over seeds, and the ratio of the mean gaps. ``--split val`` scores a separate
 validation range instead of the held-out one: use it to choose a model or TLQ options, never the
 held-out set.
@@ -338,6 +339,14 @@ def paired(a: list[dict], b: list[dict], value: str, examples: str, units: int, 
         "se_total": round(math.hypot(se_seeds, se_examples), digits),
         count: sum(sign * d > 0 for d in per_seed),
     }
+
+
+def gap_se_examples(results: list[dict], fp: dict) -> float:
+    """SE over held-out examples of the answer-NLL gap to FP: each example's answer-NLL sum minus FP's, averaged over
+    calibration seeds (the gap's noise from the choice of examples; the SE over seeds is the calibration draws')."""
+    n = len(fp["nll_sums"])
+    per_example = [statistics.fmean(r["nll_sums"][i] for r in results) - fp["nll_sums"][i] for i in range(n)]
+    return round(statistics.stdev(per_example) * math.sqrt(n) / fp["answer_tokens"], 6)
 
 
 def gap_ratio(a: list[dict], b: list[dict], fp_nll: float) -> dict:
@@ -596,6 +605,8 @@ def main(model_dir: str, workdir: str, bits: str, group_size: int, nsamples: int
                 "answer_nll_mean": round(statistics.fmean(r["answer_nll"] for r in results), 6),
                 "answer_nll_gap_mean": round(statistics.fmean(r["answer_nll"] for r in results) - fp["answer_nll"], 6),
                 "answer_nll_gap_se_seeds": round(se([r["answer_nll"] for r in results]), 6),
+                # the examples' share of the gap's noise (the same examples under FP, differences paired per example)
+                "answer_nll_gap_se_examples": gap_se_examples(results, fp),
                 "per_seed": [round(a, 4) for a in accs],
                 # the TLQ token weights' seconds count towards each run that uses them, as in bench_w8a8
                 "seconds_per_calibration": round(statistics.fmean(

@@ -126,6 +126,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, hidden: 
             print(json.dumps(entry), flush=True)
     model.eval()
     final = accuracy(model, processor, validation)
+    if lm is not None:  # the pretrained LM's sizes, not the unused --hidden/--layers
+        hidden, layers = model.config.text_config.hidden_size, model.config.text_config.num_hidden_layers
     report = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hidden": hidden, "layers": layers,
         "threads": threads, "weight_decay": weight_decay, "task": task, "lm": lm, "lm_lr_scale": lm_lr_scale,
