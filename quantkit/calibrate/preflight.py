@@ -174,6 +174,29 @@ def check_against_model(job: CalibrationJob, model_or_config: object) -> None:
         if bits is None:
             bits = dict.fromkeys(candidate_linears(model, adapter, lm_head=q.lm_head, vision=q.vision), q.weights.bits)
         check_linear_shapes(job, model, bits)
+        check_export_dtype(job, model_or_config)
+
+
+def check_export_dtype(job: CalibrationJob, model_or_config: object) -> None:
+    """The model runs (and is exported) in a float dtype an export holds: float32, float16 or bfloat16. A config.json
+    saying float64 was loaded as such under --dtype auto, and the export then said float64, which load_quantized
+    refuses as damaged (quantkit's own export)."""
+    import torch
+
+    from quantkit.export.reader import FLOAT_DTYPES
+
+    if isinstance(model_or_config, torch.nn.Module):
+        dtype = next((p.dtype for p in model_or_config.parameters() if p.is_floating_point()), None)
+        where, fix = "its weights", "convert it first (model.float())"
+    elif job.model.dtype == "auto":
+        dtype = getattr(model_or_config, "dtype", None) or getattr(model_or_config, "torch_dtype", None)
+        where, fix = "config.json's dtype, which --dtype auto keeps", "pass --dtype float32 (dtype='float32')"
+    else:
+        return
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    if name not in FLOAT_DTYPES:
+        raise QuantkitError(f"{job.model.name} runs in {name} ({where}), which no export holds "
+                            f"({', '.join(FLOAT_DTYPES)}); {fix}")
 
 
 def check_before_work(model: torch.nn.Module, quantization: QuantizationSpec) -> None:
