@@ -90,6 +90,49 @@ def _one_line(err: click.ClickException) -> str:
     return " ".join(err.format_message().split())
 
 
+class _Diagnostics:
+    """sys.stderr for a command: where a write fails (2>/dev/full: ENOSPC; a closed reader), the stream is pointed at
+    /dev/null and the command goes on, since progress bars and warnings that cannot be shown must not stop the work
+    (a good run exited 1 with nothing exported) nor turn a refusal's exit code 2 into 1."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def _quiet(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            with contextlib.suppress(OSError, ValueError):
+                return call(*args)  # what was held in the buffer goes to /dev/null now
+            return None
+
+    def write(self, text: str) -> int:
+        return self._quiet(self._stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._quiet(self._stream.flush)
+
+
+def _tqdm_environment_problem() -> str | None:
+    """What is wrong with the TQDM_* environment variables, where tqdm cannot read them: tqdm converts each into its
+    own default's type as it is imported (TQDM_MININTERVAL=abc: ValueError), which every command's progress needs."""
+    names = sorted(k for k in os.environ if k.startswith("TQDM_"))
+    if not names:
+        return None  # nothing to read: no import here (`quantkit --help` stays fast)
+    try:
+        import tqdm.std  # noqa: F401 - the import is the check
+    except (ValueError, TypeError) as err:
+        bad = [n for n in names if repr(os.environ[n]) in str(err)] or names
+        return (f"tqdm cannot read the environment variable {', '.join(f'{n}={os.environ[n]!r}' for n in bad)} "
+                f"({err}); correct or unset it")
+    return None
+
+
 class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
 
@@ -132,11 +175,17 @@ class QuantkitGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """click's main with SIGINT and SIGTERM unwinding as Interrupted; the process's own command line (argv,
         standalone: it exits next) holds them until the process has gone."""
+        given = sys.stderr
+        sys.stderr = given if isinstance(given, _Diagnostics) else _Diagnostics(given)
         try:
             os.getcwd()
         except FileNotFoundError:  # torch's import dies there ("oneMKL FATAL ERROR"), and relative paths mean nothing
             click.echo("error: the working folder no longer exists (it was deleted after the shell entered it); cd "
                        "to an existing folder and run again", err=True)
+            sys.exit(EXIT_ERROR)
+        problem = _tqdm_environment_problem()
+        if problem:
+            click.echo(f"error: {problem}", err=True)
             sys.exit(EXIT_ERROR)
         # SIGTERM unwinds like Ctrl-C so that atomic outputs remove their temporary directories.
         handlers = {s: signal.getsignal(s) for s in _STOPS}
@@ -151,6 +200,7 @@ class QuantkitGroup(click.Group):
         try:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra, **{_EXITS_AFTER: exits_after})
         finally:
+            sys.stderr = given
             if exits_after:
                 _hold_stops()
             else:
