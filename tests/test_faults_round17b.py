@@ -83,3 +83,29 @@ def test_a_config_dtype_no_export_holds_is_one_line(made: dict, tmp_path: Path) 
     assert run_cli("calibrate", made["model"], "--calib", made["text"], *RTN, "-o", tmp_path / "ref").exit_code == 0
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     quantkit.load_quantized(tmp_path / "out")
+
+
+def test_weights_that_overflow_the_configs_float16_name_the_dtype(made: dict, tmp_path: Path) -> None:
+    """bfloat16 weights holding 1e5 under a float16 config: refused as 'infinite ... the model is broken: download the
+    weights again' though the stored weights are finite (they overflow float16 as loaded); the line now says so and
+    names --dtype, and --dtype bfloat16 takes the folder."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(made["model"], model)
+    stored = {k: v.to(torch.bfloat16) for k, v in load_file(model / "model.safetensors").items()}
+    key = "model.layers.0.self_attn.o_proj.weight"
+    stored[key][0, 0] = 1e5
+    save_file(stored, model / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (model / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    reread = load_file(model / "model.safetensors")[key]
+    assert bool(torch.isfinite(reread).all()) and not bool(torch.isfinite(reread.to(torch.float16)).all())  # reference
+    result = run_cli("calibrate", model, "--calib", made["text"], *RTN, "-o", tmp_path / "out")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "--dtype bfloat16" in lines[0] and key in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    taken = run_cli("calibrate", model, "--calib", made["text"], *RTN, "--dtype", "bfloat16", "-o", tmp_path / "out")
+    assert taken.exit_code == 0, taken.output

@@ -46,9 +46,13 @@ def check_weight(name: str, tensor: torch.Tensor, source: str) -> None:
         nan = int(torch.isnan(tensor).sum())
         inf = int(tensor.numel() - int(finite.sum()) - nan)
         counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+        # float16 overflows past 65504: finite bfloat16 or float32 weights loaded in float16 turn infinite
+        cause = (" as loaded in float16 (at most 65504): where the checkpoint stores it in bfloat16 or float32, load it "
+                 "so (--dtype bfloat16 or float32; dtype=), else the model is broken" if not nan and
+                 tensor.dtype == torch.float16 else "; the model is broken and its quantized copy would be too: fix or "
+                 "download the weights again")
         raise QuantkitError(
-            f"{source}: weight {name} ({where_in_model(name)}) holds {counts} value(s) among its {tensor.numel()}; the model "
-            "is broken and its quantized copy would be too: fix or download the weights again"
+            f"{source}: weight {name} ({where_in_model(name)}) holds {counts} value(s) among its {tensor.numel()}{cause}"
         )
 
 
