@@ -195,6 +195,28 @@ def check_stored_dtypes(stored: Mapping[str, str], float_params: Iterable[str], 
             )
 
 
+def check_bin_files(folder: Path, source: str, *, required: bool) -> None:
+    """A model folder without safetensors: its pytorch_model*.bin tensors stored as floats, as check_stored_dtypes
+    wants of safetensors headers (transformers casts an int32 tensor of a .bin to the parameter's dtype, so the
+    loaded model cannot tell); no .bin at all is no weights where the folder is the user's (`required`)."""
+    if not any(folder.glob("*.bin")):
+        if required:
+            raise QuantkitError(f"{source} has no weights (no model.safetensors, index or .bin files)")
+        return
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        state = None
+        for mmap in (True, False):  # memory-mapped: the dtypes without reading the values (a legacy .bin cannot be)
+            try:
+                state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+                break
+            except Exception:  # noqa: BLE001 - a .bin in another form is its loader's to judge
+                continue
+        if isinstance(state, Mapping):
+            stored = {k: "F32" if v.is_floating_point() else str(v.dtype).removeprefix("torch.")
+                      for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+            check_stored_dtypes(stored, [k for k in stored if k.endswith((".weight", ".bias"))], f"{source} ({path.name})")
+
+
 def check_weight_files(files: Iterable[str | os.PathLike], source: str) -> None:
     """Every float tensor of these safetensors files is finite, read one tensor at a time (for runs that
     stream layers from disk and so never hold the whole model)."""

@@ -193,7 +193,7 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad config.json raises ValueError, OSError, KeyError...
         raise QuantkitError(f"cannot read the config of {name}: {first_line(err)}") from None
-    from quantkit.models.checks import check_config_aliases, check_config_values
+    from quantkit.models.checks import check_bin_files, check_config_aliases, check_config_values
 
     check_config_values(config, name)
     if local is not None:  # the export copies generation_config.json as it is
@@ -221,8 +221,8 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
                 numel = state[key].numel()
                 info.linear_numel += numel
                 info.linear_bytes += numel * _dtype_size(stored, key, state[key].element_size())
-        elif user_dir and not any(local.glob("*.bin")):
-            raise QuantkitError(f"{name} has no weights (no model.safetensors, index or .bin files)")
+        else:  # no safetensors: the .bin files' dtypes, checked as the headers' are (or no weights at all)
+            check_bin_files(local, name, required=user_dir)
     if tokenizer:
         check_tokenizer(info.path, config)
     return info
