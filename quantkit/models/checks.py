@@ -41,6 +41,8 @@ def check_weight(name: str, tensor: torch.Tensor, source: str) -> None:
             f"{source}: weight {name} ({where_in_model(name)}) is {str(tensor.dtype).removeprefix('torch.')}, not a "
             "float tensor; quantkit quantizes float weights: save the model in float32, float16 or bfloat16"
         )
+    if tensor.element_size() == 1:  # float8 (an FP8 checkpoint as transformers loads it): torch has no isfinite for it
+        tensor = tensor.float()
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         nan = int(torch.isnan(tensor).sum())
