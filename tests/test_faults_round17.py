@@ -1,12 +1,17 @@
 """The fault battery's seventeenth round (benchmarks/fault_round17.py), fix16's share: a model folder whose
 pytorch_model.bin (no safetensors) stores a weight as int32 was quantized as if the integers were values (transformers
 casts them to the parameter's dtype as it loads, so the loaded model cannot tell); it is refused by name as the same
-tensor in model.safetensors is. Each refusal is as tests/test_faults.py asserts (exit code 2, one `error:` line,
-nothing left behind).
+tensor in model.safetensors is. `eval` of a checkpoint whose quantization_config needs a package this machine lacks
+(AWQ: gptqmodel; HQQ: hqq) gave a wrapped ImportError where calibrate refuses in one line: it now names the method and
+transformers' own reason; `eval` of an FP8 compressed-tensors checkpoint (which transformers loads) failed in the
+finiteness check ("isfinite" not implemented for Float8_e4m3fn): it is scored. Each refusal is as tests/test_faults.py
+asserts (exit code 2, one `error:` line, nothing left behind).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -51,3 +56,56 @@ def test_a_float_bin_is_taken(tmp_path: Path) -> None:
     stored = torch.load(folder / "pytorch_model.bin", weights_only=True)[O_PROJ]
     exported = load_file(tmp_path / "out" / "model.safetensors")[O_PROJ].float()
     assert 0 < (exported - stored).abs().max() <= stored.abs().max() / 7  # rounded to 4 bits, not replaced
+
+
+QUANTIZED_CONFIGS = [
+    ("awq", "gptqmodel", {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}),
+    ("hqq", "hqq", {"quant_method": "hqq", "nbits": 4, "group_size": 32}),
+]
+
+
+@pytest.mark.parametrize(("method", "package", "fields"), QUANTIZED_CONFIGS, ids=[c[0] for c in QUANTIZED_CONFIGS])
+def test_eval_of_a_checkpoint_whose_loader_is_not_installed_is_one_line(tmp_path: Path, method: str, package: str,
+                                                                         fields: dict) -> None:
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here: transformers can load the {method} checkpoint")
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_llama(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": fields}))
+    with pytest.raises(ImportError, match=package if method == "awq" else "HQQ"):  # the reference: transformers
+        AutoModelForCausalLM.from_pretrained(folder)
+    text = write_text(tmp_path / "t.txt")
+    line = assert_fault(tmp_path, ["eval", folder, "--data", text, "--seqlen", "16", "--max-tokens", "96"],
+                        f"is a {method} checkpoint, which transformers cannot load here")
+    assert (package if method == "awq" else "HQQ") in line and "--debug" not in line, line
+
+
+def test_eval_of_an_fp8_compressed_tensors_checkpoint_scores_its_weights(tmp_path: Path) -> None:
+    """FP8 per-channel (compressed-tensors float-quantized, as llm-compressor writes it): eval scores what
+    transformers loads, the same loss as the float model holding the dequantized weights (codes * scale)."""
+    from safetensors.torch import load_file, save_file
+
+    folder, plain = save_tiny_llama(tmp_path / "fp8"), save_tiny_llama(tmp_path / "plain")
+    state = load_file(folder / "model.safetensors")
+    dense = dict(state)
+    for key in [k for k in state if k.endswith("_proj.weight")]:
+        scale = (state[key].abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
+        codes = (state[key] / scale).to(torch.float8_e4m3fn)
+        state[key], state[key[: -len("weight")] + "weight_scale"], dense[key] = codes, scale, codes.float() * scale
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(dense, plain / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    text = write_text(tmp_path / "t.txt")
+    losses = []
+    for model in (folder, plain):
+        result = run_cli("eval", model, "--data", text, "--seqlen", "16", "--max-tokens", "96", "--json")
+        assert result.exit_code == 0, result.output
+        losses.append(json.loads(result.stdout.strip().splitlines()[-1])["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)

@@ -115,11 +115,34 @@ def check_quantized_loadable(config, name_or_path: str) -> None:
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     method = getattr(method, "value", method)
-    if method not in QUANTIZED_LOADERS:
+    if method in QUANTIZED_LOADERS:
+        module, install = QUANTIZED_LOADERS[method]
+        if importlib.util.find_spec(module) is None:
+            raise QuantkitError(missing_loader_message(name_or_path, method, install))
+    elif method is not None:
+        _check_quantizer_environment(qc, method, name_or_path)
+
+
+def _check_quantizer_environment(qc: object, method: str, name_or_path: str) -> None:
+    """transformers' own check of what its quantizer for `method` needs installed, as from_pretrained makes it
+    (AutoHfQuantizer.from_config, then validate_environment): a missing package is one line naming it; anything else
+    is left to the loading, which says it in its own words."""
+    import copy
+
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    try:
+        fields = copy.deepcopy(qc) if isinstance(qc, dict) else qc.to_dict()
+        if not AutoHfQuantizer.supports_quant_method(fields):
+            return
+        quantizer = AutoHfQuantizer.from_config(fields, pre_quantized=True)
+        quantizer.validate_environment(device_map=None, weights_only=True)
+    except ImportError as err:
+        why = " ".join(str(err).split())
+        raise QuantkitError(f"{name_or_path} is a {method} checkpoint, which transformers cannot load here: {why} "
+                            "(quantkit.load_quantized reads quantkit's own exports without it)") from None
+    except Exception:  # noqa: BLE001 - not this check's to judge
         return
-    module, install = QUANTIZED_LOADERS[method]
-    if importlib.util.find_spec(module) is None:
-        raise QuantkitError(missing_loader_message(name_or_path, method, install))
 
 
 def missing_loader_message(name_or_path: str, method: str, install: str) -> str:
