@@ -4,19 +4,34 @@ casts them to the parameter's dtype as it loads, so the loaded model cannot tell
 tensor in model.safetensors is. `eval` of a checkpoint whose quantization_config needs a package this machine lacks
 (AWQ: gptqmodel; HQQ: hqq) gave a wrapped ImportError where calibrate refuses in one line: it now names the method and
 transformers' own reason; `eval` of an FP8 compressed-tensors checkpoint (which transformers loads) failed in the
-finiteness check ("isfinite" not implemented for Float8_e4m3fn): it is scored. Each refusal is as tests/test_faults.py
-asserts (exit code 2, one `error:` line, nothing left behind).
+finiteness check ("isfinite" not implemented for Float8_e4m3fn): it is scored. A rank started with torchrun's
+variables and no peer printed torch's C++ connect retries (a 59-frame stack) before its one error line, and a
+--nproc run whose rank died printed torch's 'Terminating process N via signal SIGTERM' (a stopped rank: 30 s more,
+then 'Unable to shutdown process'): only the error line now, and a stopped rank is killed after 2 s. Each refusal
+is as tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_fault, run_cli, save_tiny_llama, write_text
+from helpers import (
+    assert_fault,
+    cli_command,
+    make_model_dir,
+    make_text,
+    run_cli,
+    save_tiny_llama,
+    write_text,
+)
 
 RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "16"]
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -109,3 +124,50 @@ def test_eval_of_an_fp8_compressed_tensors_checkpoint_scores_its_weights(tmp_pat
         assert result.exit_code == 0, result.output
         losses.append(json.loads(result.stdout.strip().splitlines()[-1])["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def _stderr_lines(stderr: str) -> list[str]:
+    """stderr's lines without the progress bars (redrawn with carriage returns)."""
+    return [x for line in stderr.splitlines() for x in line.split("\r") if x.strip() and "%|" not in x]
+
+
+def test_a_torchrun_rank_without_its_peer_says_one_line(tmp_path: Path) -> None:
+    """RANK=1 of 2 and nothing listening at MASTER_ADDR:MASTER_PORT (the reference: a connect to it is refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+        client.connect(("127.0.0.1", port))
+    model, text = save_tiny_llama(tmp_path / "m"), write_text(tmp_path / "t.txt")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    cmd = cli_command("calibrate", model, "--calib", text, *RTN, "--dist-timeout", "2", "-o", tmp_path / "out")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = _stderr_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: the environment makes this rank 1 of 2"), lines[:5]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_rank_killed_or_stopped_mid_run_says_one_line(tmp_path: Path, how: str) -> None:
+    """--nproc 2, rank 1 SIGKILLs (or SIGSTOPs) itself on entering layer 1: one error line naming it, nothing
+    else on stderr, nothing exported, and a stopped rank ended within seconds of the others' --dist-timeout."""
+    model, text = make_model_dir(tmp_path), make_text(tmp_path)
+    # a module of its own: the spawned ranks unpickle the hook by its module's name
+    (tmp_path / "hit17.py").write_text("import os, signal\n\nclass Hit:\n    def __call__(self, rank, layer):\n"
+                                       f"        if (rank, layer) == (1, 1):\n"
+                                       f"            os.kill(os.getpid(), signal.SIG{how.upper()})\n")
+    prelude = f"sys.path.insert(0, {str(tmp_path)!r})\nfrom hit17 import Hit"
+    cmd = cli_command("calibrate", model, "--calib", text, "--nsamples", "4", "--seqlen", "32", "--group-size", "32",
+                      "--nproc", "2", "--dist-timeout", "5", "-o", tmp_path / "out", hooks="Hooks(on_layer=Hit())",
+                      prelude=prelude)
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = _stderr_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: calibration rank"), lines[:5]
+    assert "SIGKILL" in lines[0] if how == "kill" else "rank 0 failed" in lines[0] or "rank 1" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+    if how == "stop":
+        assert time.monotonic() - started < 120  # torch waited 30 s more on the stopped rank before killing it

@@ -9,7 +9,9 @@ other process can take their rendezvous between choosing it and binding it. Unde
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -98,11 +100,36 @@ def init_group(rank: int, world_size: int, device: str, timeout_s: float, on_lay
     """Join the process group (env:// rendezvous unless `init_method` says otherwise) and return its communicator."""
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(
-        backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    with _held_native_stderr():
+        dist.init_process_group(
+            backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
     return TorchComm(device if device.startswith("cuda") else "cpu", on_layer=on_layer)
+
+
+@contextlib.contextmanager
+def _held_native_stderr():
+    """torch's C++ store writes each failed connect to the rendezvous (with a 59-frame C++ stack) straight to file
+    descriptor 2: held back while the group forms, written out after a join that succeeds, dropped after one that
+    fails (its caller's one error line says why). Left as it is where there is no descriptor 2 to hold."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        joined = False
+        try:
+            yield
+            joined = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if joined and held.seek(0) == 0 and (said := held.read()):
+                os.write(2, said)
 
 
 def init_from_env(device: str, devices: list[int] | None, timeout_s: float) -> tuple[TorchComm, str]:
@@ -169,14 +196,21 @@ def spawn_ranks(nproc: int, job: Callable, kwargs: dict, device: str = "cpu", de
     with tempfile.TemporaryDirectory(prefix="quantkit-ranks-") as error_dir:
         args = (nproc, job, kwargs, progress, error_dir, device, devices, timeout_s, threads)
         procs = mp.start_processes(_rank_entry, args=args, nprocs=nproc, join=False, start_method="spawn")
+        # torch logs each rank it ends after one fails ('Terminating process N via signal SIGTERM'), which the one
+        # error line says already; and a rank that cannot take SIGTERM (stopped) is killed after 2 s, not 30
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
         try:
-            while not procs.join(timeout=1.0):
+            while not procs.join(timeout=1.0, grace_period=2.0):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
             raise QuantkitError(_failure_message(err, error_dir, progress)) from None
         except BaseException:
             _stop(procs.processes)
             raise
+        finally:
+            spawn_log.setLevel(level)
 
 
 def _stop(processes: list, grace_s: float = 5.0) -> None:
