@@ -176,7 +176,8 @@ class QuantkitGroup(click.Group):
         """click's main with SIGINT and SIGTERM unwinding as Interrupted; the process's own command line (argv,
         standalone: it exits next) holds them until the process has gone."""
         given = sys.stderr
-        sys.stderr = given if isinstance(given, _Diagnostics) else _Diagnostics(given)
+        # None where fd 2 was closed (2>&-): click then writes nothing there, and there is no stream to guard
+        sys.stderr = given if given is None or isinstance(given, _Diagnostics) else _Diagnostics(given)
         try:
             os.getcwd()
         except FileNotFoundError:  # torch's import dies there ("oneMKL FATAL ERROR"), and relative paths mean nothing

@@ -5,6 +5,7 @@ progress bar on a full stderr) does not stop the work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,20 +44,25 @@ def test_a_tqdm_setting_tqdm_cannot_read_is_one_line(made: dict, tmp_path: Path)
     assert "--debug" not in lines[0] and not (tmp_path / "out").exists()
 
 
-def test_stderr_on_a_full_device_does_not_stop_the_work(made: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stderr", ["/dev/full", "closed"])
+def test_stderr_that_takes_nothing_does_not_stop_the_work(made: dict, tmp_path: Path, stderr: str) -> None:
     """2>/dev/full: the first progress line that could not be written stopped a good run (exit 1, nothing exported)
-    and turned a refusal's exit code into 1. The run now writes the export an in-process run writes, byte for byte;
-    a refusal still exits 2."""
-    if not Path("/dev/full").exists():
+    and turned a refusal's exit code into 1; 2>&- (Python's sys.stderr is None) did the same once stderr was wrapped
+    for the first. The run now writes the export an in-process run writes, byte for byte; a refusal still exits 2."""
+    if stderr == "/dev/full" and not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
     args = ["calibrate", made["model"], "--calib", made["text"], "--method", "gptq", "--nsamples", "2", "--seqlen", "16",
             "--group-size", "32"]
     assert run_cli(*args, "-o", tmp_path / "reference").exit_code == 0
-    with open("/dev/full", "w") as full:
-        done = subprocess.run(cli_command(*args, "-o", tmp_path / "out"), env=_env(), stderr=full,
-                              stdout=subprocess.DEVNULL)
-        refused = subprocess.run(cli_command(*args, "--bits", "5", "-o", tmp_path / "no"), env=_env(), stderr=full,
-                                 stdout=subprocess.DEVNULL)
+    with contextlib.ExitStack() as stack:
+        if stderr == "closed":
+            streams = dict(stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2))
+        else:
+            streams = dict(stderr=stack.enter_context(open(stderr, "w")))
+        done = subprocess.run(cli_command(*args, "-o", tmp_path / "out"), env=_env(), stdout=subprocess.DEVNULL,
+                              **streams)
+        refused = subprocess.run(cli_command(*args, "--bits", "5", "-o", tmp_path / "no"), env=_env(),
+                                 stdout=subprocess.DEVNULL, **streams)
     assert done.returncode == 0
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == \
         (tmp_path / "reference" / "model.safetensors").read_bytes()
