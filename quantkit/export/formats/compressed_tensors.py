@@ -149,8 +149,9 @@ class CompressedTensorsFormat(Format):
         from quantkit.export.formats.load_init import init_failure
         from quantkit.models import QUANTIZED_LOADERS
 
-        # an asymmetric export loads dequantized (transformers_config): every weight dense again, nothing packed
-        packed = [] if self.transformers_config(not sym) else sorted(n for n, b in bits.items() if not self.stores_int8(b))
+        # checked for asymmetric exports too, though they load dequantized (transformers_config): transformers 5.21
+        # runs the family's init before it decompresses (Falcon's asymmetric export fails there; 5.25 loads it)
+        packed = sorted(n for n, b in bits.items() if not self.stores_int8(b))
         built = model() if packed else None
         failure = None if built is None else init_failure(built, packed)
         if failure is None:
