@@ -21,6 +21,7 @@ from fault_battery import (
     faithful,
     quantize,
     run_cli,
+    then,
     valid,
 )
 from fault_round18 import _save_moe, built, chain, tri
@@ -291,17 +292,6 @@ def _no_rtn_expert(w: Path, result) -> str | None:
     return "an expert was rounded to nearest though every token reaches it" if '"solved_by": "rtn"' in report else None
 
 
-def _then(*checks):
-    def check(w: Path, result) -> str | None:
-        for c in checks:
-            bad = c(w, result)
-            if bad:
-                return bad
-        return None
-    check.valid = any(getattr(c, "valid", False) for c in checks)
-    return check
-
-
 def _group(rel: str) -> tuple[str, ...]:
     """DeepSeek-V3's latent attention reads 16 inputs in kv_b_proj: group 16 there (32 elsewhere)."""
     return ("--group-size", "16") if rel.startswith("deepseek") else ()
@@ -327,7 +317,7 @@ def moe_cases(out: Cases) -> None:
             _moe(rel), chain(made, _edit_state(rel, edit)), unrouted_rtn(rel, never, extra=_group(rel)))
         add("moe18", f"{family}: experts {list(never)} never routed, --expert-tokens all: none rounded to nearest",
             _moe(rel, "--expert-tokens", "all"), chain(made, _edit_state(rel, edit)),
-            valid(_then(faithful(rel), _no_rtn_expert)))
+            valid(then(faithful(rel), _no_rtn_expert)))
     for family, fields in [
         ("mixtral", dict(num_experts_per_tok=4)),
         ("qwen3_moe", dict(num_experts_per_tok=4)),
@@ -339,7 +329,7 @@ def moe_cases(out: Cases) -> None:
         rel = f"{family}_all"
         add("moe18", f"{family}: top-k equal to the expert count (4 of 4): a quantized copy plain transformers "
             "loads with load_quantized's logits, no expert rounded to nearest", _moe(rel),
-            built(rel, _save_moe(family, **fields)), _then(plain_like(model=rel), _no_rtn_expert))
+            built(rel, _save_moe(family, **fields)), then(plain_like(model=rel), _no_rtn_expert))
     for family, fields, label, quantized in [
         ("qwen2_moe", {}, "shared expert and its one-output gate", "shared_expert."),
         ("deepseek_v3", dict(n_shared_experts=1), "one shared expert", "shared_experts"),
