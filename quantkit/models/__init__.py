@@ -113,14 +113,43 @@ QUANTIZED_LOADERS = {"gptq": ("gptqmodel", "pip install gptqmodel optimum")}
 def check_quantized_loadable(config, name_or_path: str) -> None:
     """Raise QuantkitError naming what to install when transformers cannot load `config`'s quantized checkpoint here."""
     qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    method = getattr(method, "value", method)
+    method = _quant_method(config)
     if method in QUANTIZED_LOADERS:
         module, install = QUANTIZED_LOADERS[method]
         if importlib.util.find_spec(module) is None:
             raise QuantkitError(missing_loader_message(name_or_path, method, install))
     elif method is not None:
         _check_quantizer_environment(qc, method, name_or_path)
+
+
+def _quant_method(config) -> str | None:
+    """The quant_method of a config's quantization_config (a dict or transformers' object), or None."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return getattr(method, "value", method)
+
+
+def check_quantized_runs(model: nn.Module, name_or_path: str) -> None:
+    """Raise QuantkitError when `model` is a pre-quantized checkpoint whose own forward fails on a probe input:
+    then its quantized kernels, not its architecture, are why quantkit cannot use it."""
+    import torch
+
+    from quantkit.models.probe import error_line, probe_sample
+
+    method = _quant_method(model.config)
+    if method is None:
+        return
+    try:
+        with torch.no_grad():
+            model(**probe_sample(model.config))
+    except Exception as err:  # noqa: BLE001 - any failure of the checkpoint's own forward is the reason
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        package = tb.tb_frame.f_globals.get("__name__", "?").split(".")[0] if tb is not None else "?"
+        raise QuantkitError(f"{name_or_path} is a {method} checkpoint that transformers loads but cannot run here: "
+                            f"its own forward fails in {package} ({error_line(err)}); evaluate it where {method} "
+                            "runs it, or the full-precision model it was made from") from None
 
 
 def _check_quantizer_environment(qc: object, method: str, name_or_path: str) -> None:
@@ -131,6 +160,11 @@ def _check_quantizer_environment(qc: object, method: str, name_or_path: str) -> 
 
     from transformers.quantizers.auto import AutoHfQuantizer
 
+    # the check imports the quantizer's package, whose import may log advice (bitsandbytes: an optional CPU kernel
+    # from the hub it could not fetch) that printed before a refusal's one line; a package that cannot run says so
+    # when it runs (check_quantized_runs)
+    was_disabled = logging.root.manager.disable
+    logging.disable(max(was_disabled, logging.WARNING))
     try:
         fields = copy.deepcopy(qc) if isinstance(qc, dict) else qc.to_dict()
         if not AutoHfQuantizer.supports_quant_method(fields):
@@ -143,6 +177,8 @@ def _check_quantizer_environment(qc: object, method: str, name_or_path: str) -> 
                             "(quantkit.load_quantized reads quantkit's own exports without it)") from None
     except Exception:  # noqa: BLE001 - not this check's to judge
         return
+    finally:
+        logging.disable(was_disabled)
 
 
 def missing_loader_message(name_or_path: str, method: str, install: str) -> str:
@@ -239,5 +275,9 @@ def load_model(name_or_path: str, dtype: str = "auto", revision: str | None = No
     check_model_weights(model, name_or_path)
     model.eval()
     model.config.use_cache = False
-    adapter_for(model)  # a model quantkit cannot handle fails here, in one line
+    try:
+        adapter_for(model)  # a model quantkit cannot handle fails here, in one line
+    except QuantkitError:
+        check_quantized_runs(model, name_or_path)  # a checkpoint whose own quantized layers fail says so instead
+        raise
     return model
