@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, check_tqdm_environment
 from quantkit.version import __version__
 
 # Library convention: quantkit's log records (logger "quantkit" and its children) go nowhere unless the
@@ -21,6 +21,8 @@ __all__ = ["Override", "QuantkitError", "Quantized", "Recipe", "__version__", "l
 
 def __getattr__(name: str):
     """Lazy top-level API (keeps `import quantkit` free of torch/transformers)."""
+    if name in ("load_quantized", "quantize", "Quantized", "Recipe", "Override"):
+        check_tqdm_environment()  # each imports torch, which imports tqdm: one QuantkitError, as the CLI's line
     if name == "load_quantized":
         from quantkit.export.load import load_quantized
 

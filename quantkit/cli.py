@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from quantkit.errors import STOPPED_WRITES, Interrupted, QuantkitError
+from quantkit.errors import STOPPED_WRITES, Interrupted, QuantkitError, check_tqdm_environment
 
 # (module, attribute, one-line help) of each subcommand. A subcommand's module is imported only when
 # that subcommand runs: `quantkit --help` lists these lines without importing torch or transformers
@@ -118,21 +118,6 @@ class _Diagnostics:
         self._quiet(self._stream.flush)
 
 
-def _tqdm_environment_problem() -> str | None:
-    """What is wrong with the TQDM_* environment variables, where tqdm cannot read them: tqdm converts each into its
-    own default's type as it is imported (TQDM_MININTERVAL=abc: ValueError), which every command's progress needs."""
-    names = sorted(k for k in os.environ if k.startswith("TQDM_"))
-    if not names:
-        return None  # nothing to read: no import here (`quantkit --help` stays fast)
-    try:
-        import tqdm.std  # noqa: F401 - the import is the check
-    except (ValueError, TypeError) as err:
-        bad = [n for n in names if repr(os.environ[n]) in str(err)] or names
-        return (f"tqdm cannot read the environment variable {', '.join(f'{n}={os.environ[n]!r}' for n in bad)} "
-                f"({err}); correct or unset it")
-    return None
-
-
 class QuantkitGroup(click.Group):
     """Lazy subcommands; any error becomes one line on stderr and exit code 2 (--debug: the traceback)."""
 
@@ -184,9 +169,10 @@ class QuantkitGroup(click.Group):
             click.echo("error: the working folder no longer exists (it was deleted after the shell entered it); cd "
                        "to an existing folder and run again", err=True)
             sys.exit(EXIT_ERROR)
-        problem = _tqdm_environment_problem()
-        if problem:
-            click.echo(f"error: {problem}", err=True)
+        try:
+            check_tqdm_environment()
+        except QuantkitError as err:
+            click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_ERROR)
         # SIGTERM unwinds like Ctrl-C so that atomic outputs remove their temporary directories.
         handlers = {s: signal.getsignal(s) for s in _STOPS}

@@ -19,6 +19,21 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+def check_tqdm_environment() -> None:
+    """Raise QuantkitError naming a TQDM_* environment variable tqdm cannot read: tqdm converts each into its own
+    default's type as it is imported (TQDM_MININTERVAL=abc: ValueError), and torch imports it, so every command and
+    every API call that needs torch would fail inside that import."""
+    names = sorted(k for k in os.environ if k.startswith("TQDM_"))
+    if not names:
+        return  # nothing to read: no import here (`quantkit --help` and `import quantkit` stay fast)
+    try:
+        import tqdm.std  # noqa: F401 - the import is the check
+    except (ValueError, TypeError) as err:
+        bad = [n for n in names if repr(os.environ[n]) in str(err)] or names
+        raise QuantkitError(f"tqdm cannot read the environment variable "
+                            f"{', '.join(f'{n}={os.environ[n]!r}' for n in bad)} ({err}); correct or unset it") from None
+
+
 def closest(given: object, choices) -> str | None:
     """The choice nearest to `given` (case first, then the one choice that has it as a word: tokenizer ->
     tokenizer_or_processor, then spelling), or None when nothing is near."""

@@ -44,6 +44,23 @@ def test_a_tqdm_setting_tqdm_cannot_read_is_one_line(made: dict, tmp_path: Path)
     assert "--debug" not in lines[0] and not (tmp_path / "out").exists()
 
 
+def test_a_tqdm_setting_tqdm_cannot_read_is_one_quantkit_error_from_the_api(made: dict, tmp_path: Path) -> None:
+    """The same setting through quantkit.quantize (and load_quantized): tqdm's ValueError came from deep inside
+    torch's import; now the QuantkitError the CLI prints. A fresh process: this one imported tqdm long ago."""
+    reference = subprocess.run([sys.executable, "-c", "import torch"], env=_env(TQDM_MININTERVAL="abc"),
+                               capture_output=True, text=True)
+    assert reference.returncode != 0 and "ValueError" in reference.stderr  # torch cannot be imported under it
+    code = (f"import quantkit\nfor call in (lambda: quantkit.quantize({str(made['model'])!r}, data={str(made['text'])!r}, "
+            f"method='rtn', nsamples=2, seqlen=16, output_dir={str(tmp_path / 'out')!r}), "
+            "lambda: quantkit.load_quantized('x')):\n"
+            "    try:\n        call()\n    except quantkit.QuantkitError as err:\n        print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(TQDM_MININTERVAL="abc"), capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and done.stderr == "" and len(lines) == 2, (done.stdout, done.stderr)
+    assert all(line.startswith("tqdm cannot read the environment variable TQDM_MININTERVAL='abc'") for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("stderr", ["/dev/full", "closed"])
 def test_stderr_that_takes_nothing_does_not_stop_the_work(made: dict, tmp_path: Path, stderr: str) -> None:
     """2>/dev/full: the first progress line that could not be written stopped a good run (exit 1, nothing exported)
