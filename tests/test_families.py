@@ -83,11 +83,6 @@ CONV1D = {"gpt2", "openai-gpt", "gpt-sw3"}
 # compressed-tensors is refused for these families: their transformers weight init, run on every module as the model
 # loads, reads a weight the format replaces by packed tensors (Falcon's FalconLinear.weight, NanoChat's o_proj.weight)
 INIT_READS_PACKED = {"falcon", "nanochat"}
-# model type -> (the transformers its reload was checked on, why older ones fail)
-RELOAD_NEEDS = {"falcon": ("5.25", "transformers 5.21 initialises Falcon's tied lm_head on load, through that same "
-                                   "FalconLinear.weight; the reload passes on 5.25"),
-                "nanochat": ("5.25", "transformers 5.21 runs NanoChat's weight init on o_proj.weight before decompressing; "
-                                     "the reload passes on 5.25")}
 # GPTQ packs zero points along the output rows, 8 per int32 at 4 bits: these families have narrower or odd-width
 # linears (Falcon-H1's and Nemotron-H's Mamba in_proj, 148 rows; OLMo-hybrid's and Qwen4-Exp's a_proj/in_proj_a, one
 # row per head; HY-V4's indexer weights_proj, one row per index head)
@@ -194,14 +189,10 @@ def test_tlq_export_reloads_in_transformers_with_quantkits_logits(family_dirs, t
     require_type(model_type)
     pytest.importorskip("compressed_tensors")
     from click.testing import CliRunner
-    from packaging.version import Version
     from transformers import AutoModelForCausalLM
-    from transformers import __version__ as transformers_version
 
     from quantkit.cli import main
 
-    if model_type in RELOAD_NEEDS and Version(transformers_version) < Version(RELOAD_NEEDS[model_type][0]):
-        pytest.skip(f"needs transformers >= {RELOAD_NEEDS[model_type][0]}: {RELOAD_NEEDS[model_type][1]}")
     kw = dict(method="tlq", calib=str(family_dirs["text"]), nsamples=4, seqlen=16, progress=False)
     # fake: dense weights any loader reads, for the families compressed-tensors is refused for
     fmt = "fake" if model_type in CONV1D | INIT_READS_PACKED else "compressed-tensors"

@@ -88,7 +88,7 @@ def test_refused_family_in_compressed_tensors_does_not_load_in_transformers(made
 
     from quantkit.export.formats.compressed_tensors import CompressedTensorsFormat
 
-    monkeypatch.setattr(CompressedTensorsFormat, "check_family", lambda self, model, bits, sym: None)
+    monkeypatch.setattr(CompressedTensorsFormat, "check_family", lambda self, model, bits: None)
     result = run_cli("calibrate", made[model], "--calib", made["text"], *RTN, "-o", tmp_path / "ct")
     assert result.exit_code == 0, result.output
     with pytest.raises(AttributeError, match=f"'{attribute}' object has no attribute 'weight'"):

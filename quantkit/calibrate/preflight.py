@@ -235,8 +235,7 @@ def check_linear_shapes(job: CalibrationJob, model: torch.nn.Module, bits: dict[
     q = job.quantization
     if fmt.holds_activation_bits:
         fmt = fmt.with_act_bits(q.weights.act_bits)  # its 8-bit weights then stay unpacked
-    overrides = q.recipe.overrides if q.recipe is not None else ()
-    fmt.check_family(lambda: model, bits, q.weights.sym and all(o.sym is not False for o in overrides))
+    fmt.check_family(lambda: model, bits)
 
 
 def check_recipe(job: CalibrationJob, model: torch.nn.Module, adapter: Any) -> dict[str, int]:

@@ -156,8 +156,7 @@ def _write(config: dict, parts: Iterable[Part], out_dir: str | os.PathLike, *, f
                           model_names=layout.model_names)
         format_.check_plan(plan)
         names = dict(plan.model_names)
-        format_.check_family(lambda: _meta_model(config), {names.get(n, n): s.bits for n, s in plan.settings.items()},
-                             all(s.sym for s in plan.settings.values()))
+        format_.check_family(lambda: _meta_model(config), {names.get(n, n): s.bits for n, s in plan.settings.items()})
         tensors.add(format_.plan_tensors(plan, tensors.shape))
         write_sharded(tensors, tmp, limit)
         if sidecar.keys:

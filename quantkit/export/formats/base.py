@@ -72,11 +72,10 @@ class Format:
             raise QuantkitError(f"{name} is a GPT-2-style Conv1D (weight stored [in, out]), which {self.name} loaders "
                                 f"do not quantize (nn.Linear only); pass --format {able[0]} (or {', '.join(able[1:])})")
 
-    def check_family(self, model: Callable[[], torch.nn.Module | None], bits: dict[str, int], sym: bool) -> None:
+    def check_family(self, model: Callable[[], torch.nn.Module | None], bits: dict[str, int]) -> None:
         """Raise QuantkitError if transformers cannot load the model from this format with its linears quantized
-        (`bits`: each one's bits by its name in the model; `sym`: every one symmetric), as a family's own code may
-        need what the format does not keep; `model()` builds the model (None where it cannot be built), called only
-        by a format that needs it."""
+        (`bits`: each one's bits by its name in the model), as a family's own code may need what the format does not
+        keep; `model()` builds the model (None where it cannot be built), called only by a format that needs it."""
 
     def check_plan(self, plan: ExportPlan) -> None:
         """Raise QuantkitError if the model as a whole cannot be described (after every check())."""

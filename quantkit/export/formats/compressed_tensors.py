@@ -140,7 +140,7 @@ class CompressedTensorsFormat(Format):
     transformers_extras = "compressed-tensors"
     quant_method = "compressed-tensors"
 
-    def check_family(self, model: Callable[[], torch.nn.Module | None], bits: dict[str, int], sym: bool) -> None:
+    def check_family(self, model: Callable[[], torch.nn.Module | None], bits: dict[str, int]) -> None:
         """Refuse a family whose transformers code cannot load the export: compressed-tensors removes the weight of
         each linear it packs before loading, and transformers (5.x) then runs the family's weight init over every
         module, so an init that reads such a weight (Falcon's on each FalconLinear, NanoChat's on o_proj from its
