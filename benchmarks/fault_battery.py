@@ -7622,6 +7622,17 @@ def cases(rounds: list[int] | None = None) -> list[Case]:
     return [case for r in (rounds or sorted(ROUNDS)) for case in ROUNDS[r]()]
 
 
+def twentieth_round() -> list[Case]:
+    """Round 20 (benchmarks/fault_round20.py), imported when asked for; its inputs beyond build_base's (the VLM,
+    image records) are built by its own cases."""
+    from fault_round20 import twentieth_round as cases_of_round20
+
+    return cases_of_round20()
+
+
+ROUNDS[20] = twentieth_round
+
+
 # ---------------------------------------------------------------- running and classifying
 
 
