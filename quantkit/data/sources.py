@@ -272,6 +272,34 @@ def _dataset_texts(ds, field: str, where: str) -> list[str]:
     return [t for t in ds[field] if isinstance(t, str) and t]
 
 
+def _no_rows(local: Path) -> Path | None:
+    """The save_to_disk folder (or split folder in it) that records no data file: datasets writes none for a
+    Dataset of 0 rows and then fails to read its own folder with an IndexError."""
+    for state in [local / "state.json", *local.glob("*/state.json")]:
+        try:
+            if json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []:
+                return state.parent
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable or not a mapping: load_from_disk says what is wrong with it
+    return None
+
+
+def _load_saved(datasets, local: Path):
+    """The Dataset or DatasetDict of a save_to_disk folder; one that holds no rows or that datasets cannot read
+    (a missing state.json, a cut arrow file) is one line naming the folder, not datasets' or pyarrow's traceback."""
+    if (empty := _no_rows(local)) is not None:
+        raise QuantkitError(f"dataset {empty} has no rows (save_to_disk wrote no data file); save a dataset with text in it")
+    if not (local / "dataset_dict.json").is_file() and not (local / "state.json").is_file():
+        raise QuantkitError(f"dataset folder {local} has no state.json (nor dataset_dict.json), so it is no complete "
+                            "save_to_disk folder; save the dataset again with save_to_disk")
+    try:
+        return datasets.load_from_disk(str(local))
+    except Exception as err:  # noqa: BLE001 - datasets and pyarrow raise many kinds for a damaged folder
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QuantkitError(f"cannot read the dataset folder {local} ({type(err).__name__}: {msg}); a file in it is "
+                            "damaged or missing: save the dataset again with save_to_disk") from err
+
+
 def load_hf(spec: str) -> list[str]:
     """Texts of `hf:NAME[:CONFIG][:SPLIT][:FIELD]` (NAME may be a local save_to_disk directory)."""
     parts = spec[len("hf:"):].split(":") if spec.startswith("hf:") else [spec]
@@ -287,7 +315,7 @@ def load_hf(spec: str) -> list[str]:
             raise QuantkitError(f"{local} is not a dataset saved with save_to_disk (no dataset_dict.json/state.json)")
         if config:
             raise QuantkitError(f"a local dataset directory takes no config; use hf:{name}::{split}:{field}")
-        ds = datasets.load_from_disk(str(local))
+        ds = _load_saved(datasets, local)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise QuantkitError(f"dataset {local} has no split {split!r} (splits: {', '.join(ds)})")
