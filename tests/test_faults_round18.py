@@ -6,10 +6,11 @@ tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from helpers import assert_fault, save_tiny_llama
+from helpers import assert_fault, run_cli, save_tiny_llama
 
 RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "16"]
 
@@ -67,4 +68,42 @@ def test_a_whole_dataset_folder_is_still_read(tmp_path: Path) -> None:
     from quantkit.data.sources import load_hf
 
     assert load_hf(f"hf:{folder}") == datasets.load_from_disk(str(folder))["text"] == texts
+
+
+PREDICT = ["--params", "1e6", "--bits", "4", "--tokens", "1e8", "--json"]
+
+
+def test_a_law_without_gamma_is_refused(tmp_path: Path) -> None:
+    """docs/qid.md: a law JSON needs every coefficient; gamma read as 0 gave a QiD that ignores the bit width."""
+    law = tmp_path / "l.json"
+    law.write_text(json.dumps({"k": 2, "alpha": 0.5, "beta": 0.25}))
+    assert_fault(tmp_path, ["qid", "predict", "--law", law, *PREDICT], f"{law} lacks a numeric 'gamma'")
+    law.write_text(json.dumps({"k": 2, "beta": 0.25}))
+    assert_fault(tmp_path, ["qid", "predict", "--law", law, *PREDICT], "lacks a numeric 'alpha' and 'gamma'")
+
+
+def test_a_whole_law_predicts_by_hand(tmp_path: Path) -> None:
+    law = tmp_path / "l.json"
+    law.write_text(json.dumps({"k": 2, "alpha": 0.5, "beta": 0.25, "gamma": 1.5}))
+    result = run_cli("qid", "predict", "--law", law, *PREDICT)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["qid"] == pytest.approx(2 * 1e8**0.25 / (1e6**0.5 * 4**1.5), rel=1e-12)
+
+
+def _fit_file(path: Path, bits: int | None, params: dict) -> None:
+    """A `qid fit -o`-shaped file of one unified rtn fit: pooled (bits None) or one --by-bits fit at `bits`."""
+    fit = {"law": "unified", "method": "rtn", "bits": bits, "params": {n: {"value": v} for n, v in params.items()}}
+    path.write_text(json.dumps({"fits": [fit]}))
+
+
+def test_a_pooled_fit_without_gamma_is_refused_and_a_by_bits_fit_needs_none(tmp_path: Path) -> None:
+    """A --by-bits fit folds the bits into k (it fits no gamma), so it predicts k D^beta / N^alpha at its width;
+    a fit pooled over bits without gamma is a damaged file."""
+    fit = tmp_path / "fit.json"
+    _fit_file(fit, None, {"k": 2, "alpha": 0.5, "beta": 0.25})
+    assert_fault(tmp_path, ["qid", "predict", "--law", fit, *PREDICT], "lacks a numeric 'gamma'")
+    _fit_file(fit, 4, {"k": 2, "alpha": 0.5, "beta": 0.25})
+    result = run_cli("qid", "predict", "--law", fit, *PREDICT)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["qid"] == pytest.approx(2 * 1e8**0.25 / 1e6**0.5, rel=1e-12)
 

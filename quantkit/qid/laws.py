@@ -145,16 +145,27 @@ def chosen_fit(doc: dict, method: str | None = None, bits: int | None = None, so
     return matching[0]
 
 
-def _value(params: dict, name: str, source: str, optional: bool = False) -> float | None:
-    """A coefficient given as a number or as {"value": number}; a one-line error when absent or not a number."""
+def _coefficient(params: dict, name: str) -> float | None:
+    """A coefficient given as a finite number or as {"value": number}; None when absent or not such a number."""
     entry = params.get(name)
     value = entry.get("value") if isinstance(entry, dict) else entry
-    if value is None and optional:
-        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise QuantkitError(f"{source} lacks a numeric {name!r} for the law k * D^beta / (N^alpha P^gamma); "
-                            "give a `qid fit -o` JSON or {\"k\", \"alpha\", \"beta\", \"gamma\"}")
+        return None
     return float(value)
+
+
+def _unified(params: dict, source: str, name: str, folded: bool = False) -> UnifiedLaw:
+    """The law of a coefficient mapping, every coefficient a finite number, or one line naming each one that is not.
+    gamma may be absent only where `folded`: a --by-bits fit folds the bits into k, so it has no gamma to give;
+    anywhere else a missing gamma read as 0 would predict a QiD that ignores the bit width."""
+    values = {n: _coefficient(params, n) for n in ("k", "alpha", "beta", "gamma")}
+    if folded and params.get("gamma") is None:
+        values["gamma"] = 0.0
+    missing = [repr(n) for n, v in values.items() if v is None]
+    if missing:
+        raise QuantkitError(f"{source} lacks a numeric {' and '.join(missing)} for the law k * D^beta / (N^alpha P^gamma); "
+                            "give a `qid fit -o` JSON or {\"k\", \"alpha\", \"beta\", \"gamma\"}")
+    return UnifiedLaw(**values, name=name)
 
 
 def law_from_fit(doc: dict, method: str | None = None, bits: int | None = None, source: str = "fit") -> UnifiedLaw:
@@ -163,11 +174,7 @@ def law_from_fit(doc: dict, method: str | None = None, bits: int | None = None, 
     p = chosen.get("params")
     if not isinstance(p, dict):
         raise QuantkitError(f"{source}: the unified fit has no params; run `quantkit qid fit CSV -o FIT.json` again")
-    gamma = _value(p, "gamma", source, optional=True)
-    return UnifiedLaw(
-        k=_value(p, "k", source), alpha=_value(p, "alpha", source), beta=_value(p, "beta", source),
-        gamma=0.0 if gamma is None else gamma, name=f"{Path(source).name}:{chosen.get('method')}",
-    )
+    return _unified(p, source, f"{Path(source).name}:{chosen.get('method')}", folded=chosen.get("bits") is not None)
 
 
 def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int | None = None) -> tuple[UnifiedLaw, list[UnifiedLaw], dict]:
@@ -185,9 +192,7 @@ def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int 
         law = law_from_fit(doc, method=method, bits=bits, source=str(path))
     elif isinstance(doc, dict):
         chosen = doc
-        gamma = _value(doc, "gamma", str(path), optional=True)
-        law = UnifiedLaw(k=_value(doc, "k", str(path)), alpha=_value(doc, "alpha", str(path)),
-                         beta=_value(doc, "beta", str(path)), gamma=0.0 if gamma is None else gamma, name=path.name)
+        law = _unified(doc, str(path), path.name)
     else:
         raise QuantkitError(f"{path} is not a JSON object; give a `qid fit -o` JSON or {{\"k\", \"alpha\", \"beta\", \"gamma\"}}")
     draws = chosen.get("draws") or {}
@@ -196,9 +201,10 @@ def law_and_draws(spec: str | os.PathLike, method: str | None = None, bits: int 
     columns = [draws.get(n) for n in ("log_k", "alpha", "beta")]
     if any(c is None for c in columns):
         return law, [], chosen
+    folded = "fits" in doc and chosen.get("bits") is not None  # a --by-bits fit: no gamma, its draws neither
     for name in ("log_k", "alpha", "beta", "gamma"):
         column = draws.get(name)
-        if (column is not None or name != "gamma") and not (isinstance(column, list) and all(
+        if (column is not None or name != "gamma" or not folded) and not (isinstance(column, list) and all(
                 isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in column)):
             raise QuantkitError(f"{path}: the draws' {name!r} is {json.dumps(column)[:40]}, not a list of finite numbers "
                                 "(as `qid fit -o` writes); write the file again with `qid fit -o`")
