@@ -7,10 +7,15 @@ tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behin
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_fault, run_cli, save_tiny_llama
+import torch
+from helpers import assert_fault, run_cli, save_tiny_llama, write_text
+
+import quantkit
 
 RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "16"]
 
@@ -106,4 +111,61 @@ def test_a_pooled_fit_without_gamma_is_refused_and_a_by_bits_fit_needs_none(tmp_
     result = run_cli("qid", "predict", "--law", fit, *PREDICT)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["qid"] == pytest.approx(2 * 1e8**0.25 / 1e6**0.5, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny Llama, its text and its RTN compressed-tensors export, shared read-only."""
+    root = tmp_path_factory.mktemp("round18")
+    model, text = save_tiny_llama(root / "model"), write_text(root / "text.txt")
+    result = run_cli("calibrate", model, "--calib", text, *RTN, "-o", root / "ct")
+    assert result.exit_code == 0, result.output
+    return {"model": model, "text": text, "ct": root / "ct"}
+
+
+SCALE = "model.layers.0.mlp.down_proj.weight_scale"
+
+
+def _scale_edit(src: Path, dst: Path, value: float) -> Path:
+    """A copy of the export whose down_proj weight_scale holds `value` in its first entry."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    state = load_file(path)
+    state[SCALE][0, 0] = value
+    save_file(state, path, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_a_non_finite_scale_of_an_export_is_refused_by_name(tmp_path: Path, exported: dict, value: float) -> None:
+    """export, eval and load_quantized wrote or scored non-finite weights from it without a word."""
+    from safetensors.torch import load_file
+
+    edited = _scale_edit(exported["ct"], tmp_path / "ed", value)
+    scale = load_file(edited / "model.safetensors")[SCALE]
+    assert not bool(torch.isfinite(scale).all())  # the reference: the stored scale, and so the weight, is not finite
+    what = "1 infinite" if value == float("inf") else "1 NaN"
+    fragment = f"tensor {SCALE} (decoder layer 0) holds {what} value(s)"
+    assert_fault(tmp_path, ["export", edited, "--format", "fake", "-o", tmp_path / "out"], fragment)
+    assert_fault(tmp_path, ["eval", edited, "--data", exported["text"], "--seqlen", "16"], fragment)
+    with pytest.raises(quantkit.QuantkitError, match=re.escape(fragment)):
+        quantkit.load_quantized(edited)
+
+
+def test_a_finite_scale_edit_is_carried(tmp_path: Path, exported: dict) -> None:
+    """No refusal of a finite edit: the fake export's down_proj row 0, group 0 is the unedited one times the edit's
+    factor (codes times scale), every other weight the unedited one's."""
+    from safetensors.torch import load_file
+
+    scale = float(load_file(exported["ct"] / "model.safetensors")[SCALE][0, 0])
+    weights = {}
+    for name, src in [("plain", exported["ct"]), ("edited", _scale_edit(exported["ct"], tmp_path / "ed", 2.0))]:
+        result = run_cli("export", src, "--format", "fake", "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        weights[name] = load_file(tmp_path / name / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].float()
+    plain, edited = weights["plain"], weights["edited"]
+    assert torch.allclose(edited[0, :16], plain[0, :16] * (2.0 / scale), rtol=1e-3, atol=0)
+    assert torch.equal(edited[1:], plain[1:]) and torch.equal(edited[0, 16:], plain[0, 16:])
 

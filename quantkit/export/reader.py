@@ -19,8 +19,9 @@ from quantkit.export.common import (
     manifest_settings,
 )
 from quantkit.export.formats import format_for
-from quantkit.models.checks import stored_twice
+from quantkit.models.checks import stored_twice, where_in_model
 from quantkit.models.experts import model_key, routed_experts, unfuse_experts
+from quantkit.quant.grid import all_finite
 from quantkit.quant.spec import QuantResult
 from quantkit.readers import check_generation_config, read_json_object
 
@@ -65,6 +66,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     fmt.check_declared(declared, settings, str(root), model_names if isinstance(model_names, dict) else None)
     tensors = _load_tensors(root)
     sidecar = _read_safetensors(root / fmt.sidecar) if fmt.sidecar else {}
+    check_finite_tensors(root, {**tensors, **sidecar})
     stored = StoredTensors(root, tensors, sidecar)
     results: dict[str, QuantResult] = {}
     if fmt.stores_dense_weights:  # a Conv1D's dense weight is stored [in, out]: its result is the linear's
@@ -86,6 +88,24 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     ckpt = Checkpoint(config=config, manifest=manifest, fp_tensors=stored.tensors, results=results, path=root)
     check_tensors(ckpt)
     return ckpt
+
+
+def check_finite_tensors(root: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every float tensor an export stores (weights, scales) is finite: an inf weight_scale dequantizes to inf
+    weights that a re-export writes on and a loaded model computes with, and the integer codes beside it cannot
+    show it; refused by tensor and layer, as a model's own non-finite weights are."""
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not tensor.is_floating_point():
+            continue
+        tensor = tensor.float() if tensor.element_size() == 1 else tensor  # float8: torch has no isfinite for it
+        if all_finite(tensor):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = int((~torch.isfinite(tensor)).sum()) - nan
+        counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+        raise QuantkitError(f"{root}: tensor {name} ({where_in_model(name)}) holds {counts} value(s) among its "
+                            f"{tensor.numel()}; the export is damaged or was edited: export it again from the model")
 
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
