@@ -169,3 +169,16 @@ def test_a_finite_scale_edit_is_carried(tmp_path: Path, exported: dict) -> None:
     assert torch.allclose(edited[0, :16], plain[0, :16] * (2.0 / scale), rtol=1e-3, atol=0)
     assert torch.equal(edited[1:], plain[1:]) and torch.equal(edited[0, 16:], plain[0, 16:])
 
+
+@pytest.mark.parametrize("method", ["gptq", None], ids=["gptq", "default"])
+def test_quantize_inside_autocast_exports_the_call_outside_it(tmp_path: Path, exported: dict, method: str | None) -> None:
+    """The caller's torch.autocast('cpu', bfloat16) reached the calibration forwards: another export, no word.
+    The reference is the same call outside autocast, byte for byte."""
+    kw = {"data": str(exported["text"]), "method": method, "nsamples": 2, "seqlen": 16, "group_size": 16,
+          "progress": False}
+    quantkit.quantize(str(exported["model"]), output_dir=str(tmp_path / "plain"), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantkit.quantize(str(exported["model"]), output_dir=str(tmp_path / "cast"), **kw)
+        assert torch.is_autocast_enabled("cpu")  # the caller's state is given back
+    plain, cast = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("plain", "cast"))
+    assert plain == cast

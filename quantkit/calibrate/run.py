@@ -44,9 +44,12 @@ class Outcome:
 def run_job(job: CalibrationJob) -> Outcome:
     """Check the job's files, calibrate in this process, on spawned ranks or as this torchrun rank, export
     (and push to the hub); the one path of `quantkit calibrate` and quantkit.quantize."""
+    from quantkit.engine.autocast import autocast_off, model_devices
     from quantkit.fsutil import work_dir_for
 
     with contextlib.ExitStack() as scope:
+        # the caller's autocast would reach every calibration forward (the result must be the call's outside it)
+        scope.enter_context(autocast_off([job.run.device, *(job.run.devices or ()), *model_devices(job.model.loaded)]))
         export = job.export
         if export.push_to_hub is not None and export.output is None:
             tmp = scope.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-push-"))

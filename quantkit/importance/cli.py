@@ -16,6 +16,7 @@ from quantkit.cli_options import bounded, output_option
 from quantkit.data.calibration import holds_images
 from quantkit.data.checks import check_chat_data, check_data, data_paths, model_for_data
 from quantkit.data.recipes import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+from quantkit.engine.autocast import autocast_off
 from quantkit.engine.distributed import check_device
 from quantkit.errors import QuantkitError
 from quantkit.fsutil import check_offload_dir, check_output, check_output_dir, scratch_dir
@@ -119,7 +120,7 @@ def build_calibration_set(model_name: str, data: DataSpec, output: str, *, impor
         model = load_model(model_name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     samples, _ = draw_samples(data, model_name, model, tokenizer)
-    with scratch_dir(offload_dir):
+    with scratch_dir(offload_dir), autocast_off([device]):  # the caller's autocast is no part of the weights
         weights = tlq_token_weights(model, samples, seed=data.seed, device=device, offload_dir=offload_dir,
                                     progress=progress, **streamed, **options)
     extra = {"calib": data.source, "part": data.part, "seqlen": data.seqlen, "seed": data.seed,
