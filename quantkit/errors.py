@@ -148,6 +148,17 @@ def short_repr(value: object) -> str:
 _kind = short_repr
 
 
+def one_line(value: object, limit: int = 80) -> str:
+    """A user's value (a path, a name) inside a one-line message: as typed where it is one short line, else its repr
+    cut to `limit` characters with its length: a text given where a path belongs (a YAML or Jinja text, a line
+    break in a name) would otherwise spread the message over as many lines as it has."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if len(text) <= limit and "".join(text.splitlines()) == text:  # every line break str.splitlines knows
+        return text
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit - 3]}... ({len(text)} characters)"
+
+
 # the largest count or size taken (expect_int's bound, and --output-side's: see expect_int for why)
 MOST_COUNT = 2**31 - 1
 
@@ -300,8 +311,7 @@ def expect_path(name: str, value: object, *, optional: bool = False, flag: str |
         os.stat(value)
     except OSError as err:  # pathlib's is_file() and exists() raise this one, where they answer False for the rest
         if err.errno == errno.ENAMETOOLONG:
-            text = str(os.fspath(value))
-            raise QuantkitError(f"{_named(name, flag)} {text if len(text) <= 80 else text[:60] + '...'}: the path or "
+            raise QuantkitError(f"{_named(name, flag)} {one_line(value)}: the path or "
                                 "a name in it is too long for the file system; choose a shorter name") from None
     return os.fspath(value)
 

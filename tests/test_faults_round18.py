@@ -1,8 +1,11 @@
 """The fault battery's eighteenth round (benchmarks/fault_round18.py, fault_round18b.py), its eight real faults:
 an hf: save_to_disk folder of 0 rows, without its state.json or with a cut arrow file gave datasets' or pyarrow's
-exception wrapped; each is now one line naming the folder and what is wrong with it. Each refusal is as
-tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind).
-"""
+exception wrapped; each is now one line naming the folder and what is wrong with it. A law JSON without gamma
+predicted with gamma 0 (docs/qid.md: every coefficient is needed). An export whose weight_scale is inf was
+re-exported into non-finite weights. quantize() inside the caller's torch.autocast exported another model than the
+same call outside it. A recipe (or any path) given as a multi-line text was quoted over as many lines. Each refusal
+is as tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind; at the API one QuantkitError
+on one line)."""
 
 from __future__ import annotations
 
@@ -182,3 +185,45 @@ def test_quantize_inside_autocast_exports_the_call_outside_it(tmp_path: Path, ex
         assert torch.is_autocast_enabled("cpu")  # the caller's state is given back
     plain, cast = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("plain", "cast"))
     assert plain == cast
+
+
+YAML = "overrides:\n  - targets: [down_proj]\n    bits: 8\n"
+
+
+def _api_error(call) -> str:
+    """The one QuantkitError of a call, its message on one line."""
+    with pytest.raises(quantkit.QuantkitError) as err:
+        call()
+    message = str(err.value)
+    assert message.splitlines() == [message], message
+    return message
+
+
+def test_a_recipe_given_as_yaml_text_is_one_line(tmp_path: Path, exported: dict) -> None:
+    """quantize(recipe=<YAML text>) quoted the text over 4 lines; one line now says a str is a path. The same content
+    as a mapping (the reference: yaml's own reading of the text) is taken."""
+    import yaml
+
+    kw = {"data": str(exported["text"]), "method": "rtn", "nsamples": 2, "seqlen": 16, "group_size": 16,
+          "progress": False}
+    message = _api_error(lambda: quantkit.quantize(str(exported["model"]), recipe=YAML, **kw))
+    assert "is YAML text, not a path" in message and "mapping" in message and "Recipe" in message, message
+    assert not list(tmp_path.iterdir())
+    done = quantkit.quantize(str(exported["model"]), recipe=yaml.safe_load(YAML), output_dir=str(tmp_path / "out"), **kw)
+    assert done.results["model.layers.0.mlp.down_proj"].bits == 8
+
+
+@pytest.mark.parametrize("argument", ["chat_template", "calib_set", "model"])
+def test_a_multi_line_text_given_as_a_path_is_one_line(tmp_path: Path, exported: dict, argument: str) -> None:
+    """Every path or name the API echoes shows a pasted text on one line (its repr), not over as many lines."""
+    kw = {"data": str(exported["text"]), "method": "rtn", "nsamples": 2, "seqlen": 16, "group_size": 16,
+          "progress": False, argument: YAML}
+    model = kw.pop("model", str(exported["model"]))
+    if argument == "calib_set":
+        kw.pop("data")  # the set replaces the data
+    message = _api_error(lambda: quantkit.quantize(model, **kw))
+    assert repr(YAML) in message, message
+
+
+def test_load_quantized_of_a_multi_line_text_is_one_line() -> None:
+    assert repr(YAML) in _api_error(lambda: quantkit.load_quantized(YAML))

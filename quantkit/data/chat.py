@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from quantkit.data.sources import jsonl_records
-from quantkit.errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, first_line, one_line
 
 CHAT_FIELD = "messages"
 CHAT_ROLES = ("system", "user", "assistant")  # the roles docs/commands.md names for chat records
@@ -53,7 +53,8 @@ def read_chat_template(path: str | os.PathLike) -> str:
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise QuantkitError(f"--chat-template {file} not found; give a Jinja template file")
+        raise QuantkitError(f"--chat-template {one_line(path)} not found; give a Jinja template file (chat_template= "
+                            "names a file; write a template's text to one)")
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, expect_path, short_repr
+from quantkit.errors import QuantkitError, expect_path, one_line
 from quantkit.fsutil import name_limit
 
 PARTS = ("all", "train", "heldout")
@@ -338,8 +338,7 @@ def check_source_name(source: str | os.PathLike) -> None:
         expect_path("data source", text)  # a pipe or device, bytes that are not UTF-8: one line, not a hang
         return
     if "\n" in text or max(len(os.fsencode(part)) for part in text.split("/")) > name_limit(text):
-        shown = short_repr(text) if len(text) <= 80 else f"{text[:60]!r}..."
-        raise QuantkitError(f"data source {shown} ({len(text)} characters) is no file, directory, glob or "
+        raise QuantkitError(f"data source {one_line(text)} is no file, directory, glob or "
                             "hf: dataset; to calibrate on a text itself, pass it in a list: data=[text]")
 
 

@@ -9,7 +9,7 @@ import click
 
 from quantkit.cli_options import bounded, output_option
 from quantkit.data.sources import PARTS
-from quantkit.errors import QuantkitError, first_line
+from quantkit.errors import QuantkitError, first_line, one_line
 from quantkit.export.reader import check_export_dir, is_quantkit_output
 from quantkit.fsutil import check_output_file
 
@@ -149,7 +149,7 @@ def preflight_eval(model_or_dir: str, *, seqlen: int | None, stride: int | None)
         try:
             config = AutoConfig.from_pretrained(str(root))
         except Exception as err:  # noqa: BLE001
-            raise QuantkitError(f"cannot read the config of {model_or_dir}: {first_line(err)}") from None
+            raise QuantkitError(f"cannot read the config of {one_line(model_or_dir)}: {first_line(err)}") from None
         check_tokenizer(str(root), config)
     else:
         config = check_model_files(model_or_dir).config

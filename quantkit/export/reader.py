@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantkit.errors import QuantkitError, expect_path, expect_utf8, refuse_special_in
+from quantkit.errors import QuantkitError, expect_path, expect_utf8, one_line, refuse_special_in
 from quantkit.export.common import (
     INDEX,
     MANIFEST,
@@ -44,11 +44,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     root = Path(expect_path("read_checkpoint(path)", path))
     expect_utf8(root, "the quantkit output")
     if not root.is_dir():
-        raise QuantkitError(f"{root} is not a directory; give a quantkit output directory")
+        raise QuantkitError(f"{one_line(root)} is not a directory; give a quantkit output directory")
     refuse_special_in(root, "the quantkit output")
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise QuantkitError(f"{root} is not a quantkit output (no {MANIFEST}); export it with quantkit first")
+        raise QuantkitError(f"{one_line(root)} is not a quantkit output (no {MANIFEST}); export it with quantkit first")
     manifest = read_json(mpath)
     config = read_json(root / "config.json")
     check_generation_config(root)  # a re-export copies it as it is

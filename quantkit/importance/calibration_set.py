@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from quantkit.engine.weights import LayerWeights
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, one_line
 from quantkit.fsutil import atomic_dir, file_sha256
 from quantkit.importance.identity import (
     check_set_matches,
@@ -115,12 +115,13 @@ def read_manifest(setdir: str | Path) -> dict:
     """The manifest of a calibration set, or a QuantkitError if the directory is missing or not a set."""
     root = Path(setdir)
     if not root.is_dir():
-        raise QuantkitError(f"calibration set {root} not found; make one with `quantkit importance MODEL --calib DATA -o {root}`")
+        raise QuantkitError(f"calibration set {one_line(root)} not found; make one with `quantkit importance MODEL --calib "
+                            f"DATA -o {one_line(root)}`")
     path = root / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError as err:
-        raise QuantkitError(f"{root} is not a calibration set (no {MANIFEST_FILE}); make one with `quantkit importance`") from err
+        raise QuantkitError(f"{one_line(root)} is not a calibration set (no {MANIFEST_FILE}); make one with `quantkit importance`") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise QuantkitError(f"{path} is corrupt ({err}); remake the set with `quantkit importance`") from err
     if not isinstance(manifest, dict) or manifest.get("format") != SET_FORMAT:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, expect_utf8, first_line, refuse_special_in
+from quantkit.errors import QuantkitError, expect_utf8, first_line, one_line, refuse_special_in
 from quantkit.models import looks_local
 from quantkit.models.checks import stored_twice
 from quantkit.readers import check_generation_config, read_json_object
@@ -86,10 +86,10 @@ def check_hub(name: str, kind: str = "model") -> None:
     except GatedRepoError:
         return  # it exists; the loader says what access it needs
     except RepositoryNotFoundError:
-        raise QuantkitError(f"{kind} {name} not found: no such local path and no {kind} of that name on the Hugging Face hub") from None
+        raise QuantkitError(f"{kind} {one_line(name)} not found: no such local path and no {kind} of that name on the Hugging Face hub") from None
     except Exception as err:  # noqa: BLE001 - network errors come from httpx/requests/OSError alike
         raise QuantkitError(
-            f"{kind} {name} not found locally, and the Hugging Face hub cannot be reached to fetch it ({first_line(err)}); "
+            f"{kind} {one_line(name)} not found locally, and the Hugging Face hub cannot be reached to fetch it ({first_line(err)}); "
             "give a local path, or set HF_HUB_OFFLINE=1 to use what the cache holds"
         ) from None
 
@@ -192,7 +192,7 @@ def check_model_files(name: str, *, tokenizer: bool = True) -> ModelFiles:
     try:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad config.json raises ValueError, OSError, KeyError...
-        raise QuantkitError(f"cannot read the config of {name}: {first_line(err)}") from None
+        raise QuantkitError(f"cannot read the config of {one_line(name)}: {first_line(err)}") from None
     from quantkit.models.checks import check_bin_files, check_config_aliases, check_config_values
 
     check_config_values(config, name)

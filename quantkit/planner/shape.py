@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError, expect_utf8, refuse_special_in
+from quantkit.errors import QuantkitError, expect_utf8, one_line, refuse_special_in
 from quantkit.models.checks import check_full_precision, check_language_model, config_shape_error
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantSpec
@@ -202,7 +202,7 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
     try:
         config = AutoConfig.from_pretrained(str(local) if local is not None else name)
     except Exception as err:  # noqa: BLE001 - a bad or missing config.json raises several types
-        raise QuantkitError(f"cannot read the config of {name}: {' '.join(str(err).split())[:300]}") from None
+        raise QuantkitError(f"cannot read the config of {one_line(name)}: {' '.join(str(err).split())[:300]}") from None
     check_full_precision(config, name)  # an export's packed codes are no model to quantize
     check_language_model(config, name)
     auto_class = auto_class_for(config)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from quantkit.errors import QuantkitError, checked_call, expect_path, unknown_choice
+from quantkit.errors import QuantkitError, checked_call, expect_path, one_line, unknown_choice
 from quantkit.quant.methods import METHODS, Method, method_for
 from quantkit.quant.spec import SUPPORTED_BITS, QuantSpec
 
@@ -173,13 +173,16 @@ class Recipe:
         """The recipe in YAML file `path`."""
         from quantkit.readers import read_yaml
 
+        if isinstance(path, str) and "\n" in path and not os.path.lexists(path):
+            raise QuantkitError(f"recipe {one_line(path)} is YAML text, not a path: a str recipe names a YAML file; "
+                                "for inline content pass a mapping (yaml.safe_load(text)) or a quantkit.Recipe")
         file = Path(expect_path("Recipe.from_yaml(path)", path))
         if not file.is_file():
-            raise QuantkitError(f"recipe {path} not found; give a YAML file with targets, ignore and overrides")
+            raise QuantkitError(f"recipe {one_line(path)} not found; give a YAML file with targets, ignore and overrides")
         data = read_yaml(file, "recipe")
         if data is None:  # an empty file (or comments only) says nothing: more likely the wrong file than "no recipe"
-            raise QuantkitError(f"recipe {path} is empty; give targets, ignore and overrides, or leave the recipe out")
-        return cls.from_dict(data, f"recipe {path}")
+            raise QuantkitError(f"recipe {one_line(path)} is empty; give targets, ignore and overrides, or leave the recipe out")
+        return cls.from_dict(data, f"recipe {one_line(path)}")
 
     def to_dict(self) -> dict:
         """The recipe as its YAML mapping (reports, manifests, resume fingerprints)."""
