@@ -7611,10 +7611,17 @@ def eighteenth_round() -> list[Case]:
     return cases_of_round18()
 
 
+def nineteenth_round() -> list[Case]:
+    """Round 19 (benchmarks/fault_round19.py), imported when asked for."""
+    from fault_round19 import nineteenth_round as cases_of_round19
+
+    return cases_of_round19()
+
+
 ROUNDS = {1: first_round, 2: more_cases, 3: third_round, 4: fourth_round, 5: fifth_round, 6: sixth_round,
           7: seventh_round, 8: eighth_round, 9: ninth_round, 10: tenth_round, 11: eleventh_round,
           12: twelfth_round, 13: thirteenth_round, 14: fourteenth_round, 15: fifteenth_round, 16: sixteenth_round,
-          17: seventeenth_round, 18: eighteenth_round}
+          17: seventeenth_round, 18: eighteenth_round, 19: nineteenth_round}
 
 
 def cases(rounds: list[int] | None = None) -> list[Case]:
@@ -7744,7 +7751,7 @@ def main() -> None:
     failures, clean = [], []
     with tempfile.TemporaryDirectory(prefix="quantkit-battery-") as tmp:
         base = build_base(Path(tmp) / "base")
-        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)):
+        if any(r in rounds for r in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)):
             build_extras(base)
         if 6 in rounds or 9 in rounds or 10 in rounds:
             build_sixth(base)
