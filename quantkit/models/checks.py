@@ -345,7 +345,8 @@ def check_config_values(config: object, source: str) -> None:
         if _number(heads) and _number(kv) and heads > 0 and kv > 0 and heads % kv:
             raise refuse(prefix + "num_key_value_heads", kv, f"it must divide num_attention_heads ({heads})")
         window = fields.get("sliding_window")
-        sliding = "sliding_attention" in (fields.get("layer_types") or ()) or fields.get("use_sliding_window") is True
+        sliding = "sliding_attention" in (fields.get("layer_types") or ()) or fields.get("use_sliding_window", (
+            hasattr(type(cfg), "sliding_window") and not fields.get("layer_types"))) is True  # declared, no switch: Mistral
         if sliding and _number(window) and window <= 0:  # where no layer slides, 0 is a placeholder (qwen2_moe)
             raise refuse(prefix + "sliding_window", window, "its sliding-window layers would attend to no token")
         tower = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", None)

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError, expect_utf8, one_line, refuse_special_in
-from quantkit.models.checks import check_full_precision, check_language_model, config_shape_error
+from quantkit.models.checks import (
+    check_config_values,
+    check_full_precision,
+    check_language_model,
+    config_shape_error,
+)
 from quantkit.quant.recipe import Recipe
 from quantkit.quant.spec import QuantSpec
 
@@ -205,6 +210,7 @@ def read_shape(name: str | os.PathLike, dtype: str = "auto") -> ModelShape:
         raise QuantkitError(f"cannot read the config of {one_line(name)}: {' '.join(str(err).split())[:300]}") from None
     check_full_precision(config, name)  # an export's packed codes are no model to quantize
     check_language_model(config, name)
+    check_config_values(config, name)  # what calibrate and --dry-run refuse (rope_theta -1) is no run to plan
     auto_class = auto_class_for(config)
     try:
         with torch.device("meta"):
