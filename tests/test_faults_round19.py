@@ -1,9 +1,10 @@
 """The fault battery's nineteenth round (benchmarks/fault_round19.py): architecture configs at their edges.
 `plan` planned a config.json with rope_theta -1 (exit 0) that calibrate, --dry-run and eval refuse in one line; a
 Mistral config with sliding_window <= 0 (no layer_types, no use_sliding_window: its window applies wherever one
-is set) was calibrated and scored though transformers' own forward of it fails. Each refusal is as
-tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind).
-"""
+is set) was calibrated and scored though transformers' own forward of it fails. A VLM processor whose patch, merge
+or temporal size (LLaVA: patch size, feature selection) is not the vision tower's, and a LLaVA vision_feature_layer
+0, failed inside the model's forward with a wrapped exception; each is now one line naming the fields. Each refusal
+is as tests/test_faults.py asserts (exit code 2, one `error:` line, nothing left behind)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,51 @@ def test_a_mistral_sliding_window_is_still_taken(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "model.layers.0.mlp.down_proj.weight" in load_file(tmp_path / "out" / "model.safetensors")
 
+
+def _edit_json(path: Path, **fields) -> None:
+    """The JSON file with fields set (a dict merged into the one there)."""
+    doc = json.loads(path.read_text())
+    for key, value in fields.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
+    path.write_text(json.dumps(doc))
+
+
+VLM_EDITS = [
+    ("qwen2_vl", "processor_config.json", {"image_processor": {"patch_size": 7}},
+     "has patch_size 7 but config.json's vision_config.patch_size is 14"),
+    ("qwen2_vl", "processor_config.json", {"image_processor": {"merge_size": 1}},
+     "has merge_size 1 but config.json's vision_config.spatial_merge_size is 2"),
+    ("qwen2_vl", "processor_config.json", {"image_processor": {"temporal_patch_size": 1}},
+     "has temporal_patch_size 1 but config.json's vision_config.temporal_patch_size is 2"),
+    ("llava", "processor_config.json", {"patch_size": 7}, "has patch_size 7 but config.json's vision_config.patch_size"),
+    ("llava", "config.json", {"vision_feature_select_strategy": "full"},
+     "has vision_feature_select_strategy 'default' but config.json's vision_feature_select_strategy is 'full'"),
+    ("llava", "config.json", {"vision_feature_layer": 0}, "config field vision_feature_layer is 0"),
+]
+
+
+@pytest.mark.parametrize("family, file, fields, fragment", VLM_EDITS,
+                         ids=["qwen2_vl-patch", "qwen2_vl-merge", "qwen2_vl-temporal", "llava-patch", "llava-full",
+                              "llava-layer0"])
+def test_a_processor_or_config_the_vision_tower_disagrees_with_is_refused(tmp_path: Path, family: str, file: str,
+                                                                          fields: dict, fragment: str) -> None:
+    """A wrapped RuntimeError / "Image features and image tokens do not match" / TypeError before. The reference:
+    transformers' own forward of the edited folder on one record the edited processor makes fails too."""
+    pytest.importorskip("PIL")
+    from helpers import save_vlm, write_image_dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from quantkit.data.images import load_processor
+
+    vlm = tmp_path / "vlm"
+    save_vlm(family, vlm)
+    _edit_json(vlm / file, **fields)
+    data = write_image_dataset(tmp_path / "vl", n=4)
+    model, processor = AutoModelForImageTextToText.from_pretrained(vlm), load_processor(str(vlm))
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}])
+    inputs = processor(images=[Image.open(tmp_path / "vl" / "img" / "0.png")], text=[text], return_tensors="pt")
+    with pytest.raises(Exception):  # noqa: B017, PT011 - transformers' own forward fails, in whichever way
+        model(**inputs)
+    assert_fault(tmp_path, ["calibrate", vlm, "--calib", data, "--method", "rtn", "--nsamples", "2", "--seqlen", "256",
+                            "--group-size", "32", "-o", tmp_path / "out"], fragment)

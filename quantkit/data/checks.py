@@ -45,9 +45,43 @@ def check_processor(name: str):
         raise QuantkitError(f"cannot load the processor of {name}: {first_line(err)}") from None
 
 
+# (the processor's field, config.json's field): the processor counts an image's placeholder tokens by its own
+# values, the vision tower makes its features by config.json's; where they differ the counts do not match, and the
+# model fails deep in its forward (a size mismatch, "Image features and image tokens do not match")
+_GEOMETRY = [("image_processor.patch_size", "vision_config.patch_size"),
+             ("image_processor.merge_size", "vision_config.spatial_merge_size"),
+             ("image_processor.temporal_patch_size", "vision_config.temporal_patch_size"),
+             ("patch_size", "vision_config.patch_size"),  # LLaVA's processor
+             ("vision_feature_select_strategy", "vision_feature_select_strategy")]
+
+
+def _field(obj: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    return obj
+
+
+def check_image_geometry(processor: object, config: object, name: str) -> None:
+    """The processor's patch and merge sizes (and LLaVA's feature selection) are the vision tower's, and the tower's
+    feature layer is one transformers' forward can read: else the first image-text sample fails in the model."""
+    for ours, theirs in _GEOMETRY:
+        given, built = _field(processor, ours), _field(config, theirs)
+        if isinstance(given, int | str) and isinstance(built, int | str) and given != built:
+            raise QuantkitError(f"the processor of {name} has {ours.rpartition('.')[2]} {given!r} but config.json's "
+                                f"{theirs} is {built!r}; the image tokens it places would not match the vision tower's "
+                                "features: save the model's own processor beside it, or make the two agree")
+    if _field(config, "vision_feature_layer") == 0 and _field(config, "vision_config.num_hidden_layers") is not None:
+        # transformers asks the tower for hidden states only where vision_feature_layer is truthy: 0 gets none
+        raise QuantkitError(f"{name}: config field vision_feature_layer is 0 (the vision embeddings' output), which "
+                            "transformers' forward reads as no hidden states wanted and fails on; choose a layer of "
+                            "the tower (-1 the last, -2 the one before, as LLaVA's own configs)")
+
+
 def check_image_token(processor: object, config: object, name: str) -> None:
     """The processor's image token is a token of its tokenizer, the one config.json's image_token_id names: else the
-    model finds no (or other) placeholders for the image features, a ValueError deep in its forward."""
+    model finds no (or other) placeholders for the image features, a ValueError deep in its forward. The processor's
+    sizes are checked against the tower's first (check_image_geometry)."""
+    check_image_geometry(processor, config, name)
     token = getattr(processor, "image_token", None)
     tokenizer = getattr(processor, "tokenizer", None)
     wanted = next((v for v in (getattr(config, k, None) for k in ("image_token_id", "image_token_index"))
