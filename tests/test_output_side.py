@@ -92,6 +92,22 @@ def test_linear_output_factors_match_autograd_and_reach_the_solver(monkeypatch, 
     assert not torch.equal(plain.qweight, expected.qweight)  # the factor changed the rounding
 
 
+@pytest.mark.parametrize("width", [1, 5, 8, 64])
+def test_block_gram_is_every_block_s_sum_of_outer_products(width: int) -> None:
+    """block_gram (half the product mirrored) against the sum over tokens of g_t g_t^T per block, one outer product
+    at a time in float64."""
+    from quantkit.importance.backward import block_gram
+
+    g = torch.randn(40, 3, width, generator=torch.Generator().manual_seed(11))
+    reference = torch.zeros(3, width, width, dtype=torch.float64)
+    for row in g.double():
+        for block in range(3):
+            reference[block] += torch.outer(row[block], row[block])
+    gram = block_gram(g)
+    assert gram.dtype == torch.float32
+    assert torch.allclose(gram.double(), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_diagonal_blocks_keep_the_smaller_blocks_of_a_block_diagonal_factor() -> None:
     """Linears solved together whose factors have blocks of 16 and 8 rows join at 8: each 16-block's two 8 x 8
     diagonal blocks, the coupling between them dropped (a dense block-diagonal matrix masked by hand)."""

@@ -35,6 +35,7 @@ from quantkit.importance.backward import (
     KEPT_GRAPH_BYTES,
     GraphTooLarge,
     StoredInputs,
+    block_gram,
     chunk_through_layers,
     chunks,
     frozen,
@@ -132,8 +133,7 @@ def _linear_factor_hooks(layer: nn.Module, names: Sequence[str], block: int, sum
     def add(name: str, grad: torch.Tensor) -> None:
         out = grad.shape[-1]
         width = math.gcd(block, out)
-        g = grad.detach().reshape(-1, out // width, width).float()
-        part = torch.einsum("tnb,tnc->nbc", g, g).double().cpu()
+        part = block_gram(grad.detach().reshape(-1, out // width, width).float()).double().cpu()
         sums[name] = part if name not in sums else sums[name] + part
 
     return _output_gradient_hooks(layer, names, add)
