@@ -214,8 +214,13 @@ def test_a_recipe_given_as_yaml_text_is_one_line(tmp_path: Path, exported: dict)
 
 
 @pytest.mark.parametrize("argument", ["chat_template", "calib_set", "model"])
-def test_a_multi_line_text_given_as_a_path_is_one_line(tmp_path: Path, exported: dict, argument: str) -> None:
-    """Every path or name the API echoes shows a pasted text on one line (its repr), not over as many lines."""
+def test_a_multi_line_text_given_as_a_path_is_one_line(tmp_path: Path, exported: dict, argument: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path or name the API echoes shows a pasted text on one line (its repr), not over as many lines. A
+    model name no hub id can be is "not found", not "the hub cannot be reached" (huggingface_hub refuses the name
+    itself, before any network: the reference)."""
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
     kw = {"data": str(exported["text"]), "method": "rtn", "nsamples": 2, "seqlen": 16, "group_size": 16,
           "progress": False, argument: YAML}
     model = kw.pop("model", str(exported["model"]))
@@ -223,6 +228,13 @@ def test_a_multi_line_text_given_as_a_path_is_one_line(tmp_path: Path, exported:
         kw.pop("data")  # the set replaces the data
     message = _api_error(lambda: quantkit.quantize(model, **kw))
     assert repr(YAML) in message, message
+    if argument == "model":
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HFValidationError
+
+        with pytest.raises(HFValidationError):
+            HfApi().model_info(YAML, timeout=10)
+        assert "not found: no such local path and no model of that name" in message, message
 
 
 def test_load_quantized_of_a_multi_line_text_is_one_line() -> None:

@@ -76,16 +76,15 @@ def check_hub(name: str, kind: str = "model") -> None:
     if hub_offline():
         return  # the user asked for the cache only; the loader reports what it lacks
     try:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        from huggingface_hub import HfApi, errors
     except ImportError:
         return
     api = HfApi()
     try:
         (api.model_info if kind == "model" else api.dataset_info)(name, timeout=10)
-    except GatedRepoError:
+    except errors.GatedRepoError:
         return  # it exists; the loader says what access it needs
-    except RepositoryNotFoundError:
+    except (errors.RepositoryNotFoundError, errors.HFValidationError):  # a name no hub id can be ("a b", a line break): not found
         raise QuantkitError(f"{kind} {one_line(name)} not found: no such local path and no {kind} of that name on the Hugging Face hub") from None
     except Exception as err:  # noqa: BLE001 - network errors come from httpx/requests/OSError alike
         raise QuantkitError(
