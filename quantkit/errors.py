@@ -263,9 +263,12 @@ def expect_utf8(path: str | os.PathLike, what: str,
     except UnicodeDecodeError:
         raise QuantkitError(f"{what} {os.fsencode(text)!r} holds bytes that are not UTF-8, which {why}; rename it, "
                             "or link to it under a UTF-8 name") from None
-    raise QuantkitError(f"{what} {os.fsencode(text)!r} is UTF-8, but this process reads names as ASCII (the locale "
-                        f"is {sys.getfilesystemencoding()}: LC_ALL=C), and so {why}; run with a UTF-8 locale "
-                        "(LC_ALL=C.UTF-8) or PYTHONUTF8=1")
+    # still needed on Python 3.11: its C-locale coercion and UTF-8 mode (PEP 538/540) make LC_ALL=C read names as
+    # UTF-8, but with both off (PYTHONCOERCECLOCALE=0 PYTHONUTF8=0) a name holds surrogates, which safetensors writes
+    # (a path) and the tokenizers' save does not ('surrogates not allowed', measured with tokenizers 0.23)
+    raise QuantkitError(f"{what} {os.fsencode(text)!r} is UTF-8, but this process reads names as ASCII (file system "
+                        f"encoding {sys.getfilesystemencoding()}: LC_ALL=C with Python's UTF-8 mode off), and so {why}; "
+                        "run with a UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1")
 
 
 def special_file_problem(path: str | os.PathLike) -> str | None:

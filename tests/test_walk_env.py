@@ -7,6 +7,7 @@ run the installed `quantkit` command in a child process: the environment is the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,9 @@ def test_a_utf8_output_name_under_an_ascii_locale_is_one_line_up_front(base: Pat
     assert not list(tmp_path.iterdir())
     done = _run(args, env={**ascii_only, "PYTHONUTF8": "1"})
     assert done.returncode == 0 and (out / "config.json").is_file(), done.stderr[-600:]
+    # plain LC_ALL=C: Python's locale coercion and UTF-8 mode (PEP 538/540, on by default) read the name as UTF-8
+    shutil.rmtree(out)
+    plain = subprocess.run([str(QUANTKIT), *map(str, args)], capture_output=True, text=True, timeout=120,
+                           env={**{k: v for k, v in CHILD.items() if k not in ("PYTHONUTF8", "PYTHONCOERCECLOCALE")},
+                                "LC_ALL": "C", "LANG": "C"})
+    assert plain.returncode == 0 and (out / "config.json").is_file(), plain.stderr[-600:]
