@@ -74,6 +74,7 @@ from helpers import (  # noqa: E402
 from helpers import run_cli as raw_cli  # noqa: E402
 
 RTN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
+EV = ["--seqlen", "16", "--max-tokens", "96"]  # eval of the tiny model: rounds 13-17's
 
 
 def last_wins(args) -> list[str]:
@@ -5077,6 +5078,14 @@ def _maybe(check):
     def plain(w: Path, result) -> str | None:
         return check(w, result)
     return plain
+
+
+def tri(kind: str, good):
+    """The check of a case by its kind (rounds 11-18): "valid" (must be taken, checked), "maybe" (a refusal or a
+    checked success), anything else (must be refused: no check)."""
+    if kind == "valid":
+        return valid(good)
+    return _maybe(good) if kind == "maybe" else None
 
 
 def _same_params(ref_body: str):

@@ -43,6 +43,7 @@ from fault_battery import (
     same_as,
     st_edit,
     stopped,
+    tri,
     valid,
     weights_close,
     write,
@@ -136,14 +137,6 @@ def _shard(w: Path, extra_entry: str | None = None, missing_file: bool = False, 
     if missing_file:
         (w / "model" / "model-00002-of-00002.safetensors").unlink()
     (w / "model" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def tri(kind, good):
-    """The check of a case by its kind: "valid" (a right run must take it, and its result checks right), "maybe"
-    (a refusal is as right as a success that checks right), anything else (it must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 def _same_as_ct(w: Path, result) -> str | None:

@@ -43,6 +43,7 @@ from fault_battery import (
     returned_ok,
     run_cli,
     same_as,
+    tri,
     valid,
     write,
 )
@@ -68,12 +69,6 @@ def _mount(rel: str, readonly: bool = False):
         if getattr(main, "MOUNTS", None) is not None and main.MOUNTS is not fault_battery.MOUNTS:
             main.MOUNTS.append(fault_battery.MOUNTS.pop())
     return setup
-
-
-def tri(kind: str, good):
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 def _need_set(w: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from fault_battery import (
+    EV,
     GPTQ,
     QID_HEADER,
     RTN,
@@ -42,6 +43,7 @@ from fault_battery import (
     same_as,
     st_edit,
     stopped,
+    tri,
     valid,
     write,
 )
@@ -71,14 +73,6 @@ def words(i: int, n: int) -> str:
 
 T16 = [words(i, 16) for i in range(12)]  # texts of exactly one seqlen
 T40 = [t + " " + words(i + 50, 24) for i, t in enumerate(T16)]  # the same texts, 24 tokens longer
-
-
-def tri(kind: str, good):
-    """The check of a case by its kind: "valid" (must be taken, checked), "maybe" (a refusal or a checked
-    success), anything else (must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 class Got:
@@ -432,8 +426,6 @@ def _recipe_cases(out: Cases) -> None:
 
 
 # ---------------------------------------------------------------- eval: sources, parts, edited exports
-
-EV = ["--seqlen", "16", "--max-tokens", "96"]
 
 
 def _ev(target: str, data: str, *extra):

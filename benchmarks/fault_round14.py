@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from fault_battery import (
+    EV,
     QID_HEADER,
     RTN,
     Cases,
@@ -32,20 +33,11 @@ from fault_battery import (
     returned_ok,
     run_cli,
     set_ok,
+    tri,
     valid,
     weights_close,
     write,
 )
-
-EV = ["--seqlen", "16", "--max-tokens", "96"]
-
-
-def tri(kind: str, good):
-    """The check of a case by its kind: "valid" (must be taken, checked), "maybe" (a refusal or a checked
-    success), anything else (must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 def _set_made(w: Path, result) -> str | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 from fault_battery import (
+    EV,
     GPTQ,
     QID_HEADER,
     QUANTKIT_BIN,
@@ -47,33 +48,19 @@ from fault_battery import (
     export_ok,
     interrupted,
     json_edit,
-    last_wins,
     quantize,
     returned_ok,
+    run_cli,
     same_as,
     set_ok,
     then,
+    tri,
     valid,
     weights_close,
     write,
 )
 from helpers import make_tokenizer, tiny_model
 from helpers import run_cli as raw_cli
-
-EV = ["--seqlen", "16", "--max-tokens", "96"]
-
-
-def run_cli(*args):
-    """The battery's in-process CLI, a repeated option kept at its last value (fault_battery.run_cli)."""
-    return raw_cli(*last_wins(args))
-
-
-def tri(kind: str, good):
-    """The check of a case by its kind: "valid" (must be taken, checked), "maybe" (a refusal or a checked
-    success), anything else (must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 def _json_out(result) -> dict:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from fault_battery import (
+    EV,
     GPTQ,
     RTN,
     TEXT_IDS,
@@ -53,23 +54,15 @@ from fault_battery import (
     quantize,
     set_ok,
     tree,
+    tri,
     valid,
     weights_close,
 )
 from helpers import config_of, make_tokenizer, tiny_model
 from helpers import run_cli as raw_cli
 
-EV = ["--seqlen", "16", "--max-tokens", "96"]
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=64, max_position_embeddings=64)
-
-
-def tri(kind: str, good):
-    """The check of a case by its kind: "valid" (must be taken, checked), "maybe" (a refusal or a checked
-    success), anything else (must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 def _nothing_new(w: Path) -> str | None:

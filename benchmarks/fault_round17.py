@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from fault_battery import (
+    EV,
     GPTQ,
     QUANTKIT_BIN,
     RTN,
@@ -56,21 +57,13 @@ from fault_battery import (
     same_as,
     set_ok,
     tree,
+    tri,
     valid,
 )
 from helpers import WORDS, save_tiny_llama
 from helpers import run_cli as raw_cli
 
-EV = ["--seqlen", "16", "--max-tokens", "96"]
 LOW = [*GPTQ, "--low-memory"]
-
-
-def tri(kind: str, good):
-    """The check of a case by its kind: "valid" (must be taken, checked), "maybe" (a refusal or a checked
-    success), anything else (must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 def _mount(rel: str, size: str = "16k", readonly: bool = False):

@@ -44,6 +44,7 @@ from fault_battery import (
     faithful,
     quantize,
     run_cli,
+    tri,
     valid,
     vlm_faithful,
 )
@@ -51,14 +52,6 @@ from helpers import make_tokenizer, random_model, tiny_config
 
 GPTQ = ["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
 VLM_RUN = ["--method", "rtn", "--nsamples", "2", "--seqlen", "256", "--group-size", "32"]
-
-
-def tri(kind: str, good):
-    """The check of a case by its kind: "valid" (must be taken, checked), "maybe" (a refusal or a checked
-    success), anything else (must be refused: no check)."""
-    if kind == "valid":
-        return valid(good)
-    return _maybe(good) if kind == "maybe" else None
 
 
 # ---------------------------------------------------------------- inputs built once, copied into a case
