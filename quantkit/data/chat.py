@@ -167,7 +167,7 @@ def truncate_chat(sample: dict, max_length: int, where: str = "record") -> dict:
 
 def read_chat_records(jsonl_path: str | os.PathLike) -> list[tuple[str, dict]]:
     """(file:line, record) for every record of a chat JSONL file, each checked to hold messages."""
-    path = Path(jsonl_path)
+    path = Path(jsonl_path).expanduser()
     records = []
     for where, record in jsonl_records(path):
         chat_messages(record, where)

@@ -245,7 +245,7 @@ def truncate_sample(sample: dict, max_length: int, where: str = "record") -> dic
 
 def read_image_records(jsonl_path: str | Path) -> list[tuple[str, dict, Path]]:
     """(file:line, record, image path) for every record of an image-text JSONL file."""
-    path = Path(jsonl_path)
+    path = Path(jsonl_path).expanduser()  # its images are relative to where ~ leads
     records = []
     for where, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):

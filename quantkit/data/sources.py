@@ -153,7 +153,7 @@ def check_characters(value: object, where: str, field: str = "") -> None:
 def jsonl_records(path: str | Path) -> list[tuple[str, object]]:
     """("file:line", parsed value) for every non-blank line of a JSONL file, or ("file:item N", value) for each item
     of a file holding one JSON array; a line that is not JSON raises QuantkitError naming file:line."""
-    path = Path(path)
+    path = Path(path).expanduser()  # ~/c.jsonl as a text file's ~ is read
     text = _read_text_file(path)
     records: list[tuple[str, object]] | None = None
     if text.lstrip().startswith("["):
@@ -269,7 +269,17 @@ def _import_datasets():
 def _dataset_texts(ds, field: str, where: str) -> list[str]:
     if field not in ds.column_names:
         raise QuantkitError(f"dataset {where} has no column {field!r} (columns: {', '.join(ds.column_names)}); name the text field as hf:NAME:CONFIG:SPLIT:FIELD")
-    return [t for t in ds[field] if isinstance(t, str) and t]
+    if "image" in ds.column_names and field != "image":  # hf: sources are read as text: the images would be dropped
+        raise QuantkitError(f"dataset {where} has an 'image' column, and an hf: source is read as text only; give the "
+                            "image-text records as a JSONL (or the Dataset as data= to quantize), or drop the column")
+    texts = ds[field]
+    for number, text in enumerate(texts, start=1):  # a None dropped without a word hides a broken column
+        if not isinstance(text, str):
+            raise QuantkitError(f"dataset {where}: row {number} of column {field!r} is {type(text).__name__}, not "
+                                "text; drop or fill such rows (Dataset.filter) and save it again")
+    # empty strings are a text dataset's paragraph breaks (wikitext's train split, docs/commands.md's example, holds
+    # thousands): dropped, as a file's empty lines add nothing
+    return [t for t in texts if t]
 
 
 def _no_rows(local: Path) -> Path | None:
@@ -306,7 +316,7 @@ def load_hf(spec: str) -> list[str]:
     if len(parts) > 4 or not parts[0]:
         raise QuantkitError(f"bad dataset source {spec!r}; use hf:NAME[:CONFIG][:SPLIT][:FIELD]")
     name, config, split, field = (parts + ["", "", "", ""])[:4]
-    split = split or "train"
+    named_split, split = split, split or "train"
     field = field or "text"
     datasets = _import_datasets()
     local = Path(name).expanduser()
@@ -320,6 +330,9 @@ def load_hf(spec: str) -> list[str]:
             if split not in ds:
                 raise QuantkitError(f"dataset {local} has no split {split!r} (splits: {', '.join(ds)})")
             ds = ds[split]
+        elif named_split:
+            raise QuantkitError(f"dataset {local} is one Dataset without splits, so it has no split {named_split!r}; "
+                                f"drop the split: hf:{name}::")
     else:
         try:
             ds = datasets.load_dataset(name, config or None, split=split)
@@ -403,7 +416,7 @@ def source_units(source: SourceLike, part: str) -> list[tuple[str, list[str]]]:
                                     "loss, in the samples drawn): name it once")
             named[key] = item
             if files is None:
-                docs = load_hf(label if label.startswith("hf:") else "hf:" + label)
+                docs = load_hf(label)  # a plain path stays a path (a folder named a:b), not an hf: spec
             else:
                 docs = [d for f in files for d in _read_file(f)]
             if not any(d.strip() for d in docs):
