@@ -91,10 +91,10 @@ def eval_cmd(model_or_dir: str, data: str | None, tasks: str | None, part: str, 
     preflight_eval(model_or_dir, seqlen=seqlen if data is not None else None, stride=stride)
     if texts is not None:
         texts = check_eval_text(texts, model_or_dir, data, part, seqlen, max_tokens)
-    from quantkit.eval.load import load_for_eval
+    from quantkit.eval.load import load_for_eval, on_device
 
     model, tokenizer = load_for_eval(model_or_dir)
-    model = model.to(device)
+    model = on_device(model, device)
     res: dict = {"model": model_or_dir, "device": device}
     lines = []
     if texts is not None:

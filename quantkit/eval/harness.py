@@ -18,6 +18,7 @@ from unittest import mock
 import torch
 
 from quantkit.errors import QuantkitError, first_line
+from quantkit.eval.load import on_device
 
 INSTALL_HINT = "--tasks needs lm-evaluation-harness; run `pip install quantkit[lmeval]`"
 # The harness's per-task keys that are bookkeeping rather than metrics.
@@ -183,7 +184,7 @@ def run_tasks(
         raise QuantkitError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
     if limit is not None and limit <= 0:
         raise QuantkitError(f"--limit must be positive, got {limit}")
-    model = model.to(device).eval()
+    model = on_device(model, device).eval()
     try:
         with _quiet_libraries():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -21,3 +21,14 @@ def load_for_eval(model_or_dir: str | Path):
         model = load_model(str(model_or_dir))
     model.eval()
     return model, load_tokenizer(model_or_dir)
+
+
+def on_device(model, device: str):
+    """The model on `device`, moved only where a parameter is elsewhere: transformers refuses .to() of an 8-bit
+    bitsandbytes checkpoint below bitsandbytes 0.48 even where it already is, and such a model evaluates in place."""
+    import torch
+
+    target = torch.device(device)
+    if all(p.device == target for p in model.parameters()):
+        return model
+    return model.to(device)
