@@ -70,11 +70,22 @@ def check_image_geometry(processor: object, config: object, name: str) -> None:
             raise QuantkitError(f"the processor of {name} has {ours.rpartition('.')[2]} {given!r} but config.json's "
                                 f"{theirs} is {built!r}; the image tokens it places would not match the vision tower's "
                                 "features: save the model's own processor beside it, or make the two agree")
-    if _field(config, "vision_feature_layer") == 0 and _field(config, "vision_config.num_hidden_layers") is not None:
-        # transformers asks the tower for hidden states only where vision_feature_layer is truthy: 0 gets none
+    if (_field(config, "vision_feature_layer") == 0 and _field(config, "vision_config.num_hidden_layers") is not None
+            and _asks_only_selected_hidden_states()):
         raise QuantkitError(f"{name}: config field vision_feature_layer is 0 (the vision embeddings' output), which "
                             "transformers' forward reads as no hidden states wanted and fails on; choose a layer of "
                             "the tower (-1 the last, -2 the one before, as LLaVA's own configs)")
+
+
+def _asks_only_selected_hidden_states() -> bool:
+    """Whether this transformers asks a vision tower for the hidden states vision_feature_layer selects (its
+    select_hidden_states, 5.2x on): 0 then asks for none and the forward fails; earlier releases ask for all, and a
+    feature layer of 0 (the embeddings' output) runs there."""
+    try:
+        from transformers.utils.output_capturing import select_hidden_states  # noqa: F401 - the import is the check
+    except ImportError:
+        return False
+    return True
 
 
 def check_image_token(processor: object, config: object, name: str) -> None:
