@@ -19,9 +19,8 @@ from quantkit.export.common import (
     manifest_settings,
 )
 from quantkit.export.formats import format_for
-from quantkit.models.checks import stored_twice, where_in_model
+from quantkit.models.checks import nonfinite_counts, stored_twice, where_in_model
 from quantkit.models.experts import model_key, routed_experts, unfuse_experts
-from quantkit.quant.grid import all_finite
 from quantkit.quant.spec import QuantResult
 from quantkit.readers import check_generation_config, read_json_object
 
@@ -96,14 +95,9 @@ def check_finite_tensors(root: Path, tensors: dict[str, torch.Tensor]) -> None:
     show it; refused by tensor and layer, as a model's own non-finite weights are."""
     for name in sorted(tensors):
         tensor = tensors[name]
-        if not tensor.is_floating_point():
+        counts = nonfinite_counts(tensor) if tensor.is_floating_point() else ""
+        if not counts:
             continue
-        tensor = tensor.float() if tensor.element_size() == 1 else tensor  # float8: torch has no isfinite for it
-        if all_finite(tensor):
-            continue
-        nan = int(torch.isnan(tensor).sum())
-        inf = int((~torch.isfinite(tensor)).sum()) - nan
-        counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
         raise QuantkitError(f"{root}: tensor {name} ({where_in_model(name)}) holds {counts} value(s) among its "
                             f"{tensor.numel()}; the export is damaged or was edited: export it again from the model")
 

@@ -34,28 +34,28 @@ def where_in_model(name: str) -> str:
     return "outside the decoder layers"
 
 
+def nonfinite_counts(tensor: torch.Tensor) -> str:
+    """How many NaN and infinite values `tensor` holds ("2 NaN and 1 infinite", "" for none); float8 read as float32."""
+    tensor = tensor.float() if tensor.element_size() == 1 else tensor  # float8: torch has no isfinite for it
+    finite = torch.isfinite(tensor)
+    nan = 0 if bool(finite.all()) else int(torch.isnan(tensor).sum())
+    return " and ".join(f"{n} {w}" for n, w in ((nan, "NaN"), (tensor.numel() - int(finite.sum()) - nan, "infinite")) if n)
+
+
 def check_weight(name: str, tensor: torch.Tensor, source: str) -> None:
     """A float tensor with finite values only; else a QuantkitError naming `source`, the tensor and its layer."""
     if not tensor.is_floating_point():
-        raise QuantkitError(
-            f"{source}: weight {name} ({where_in_model(name)}) is {str(tensor.dtype).removeprefix('torch.')}, not a "
-            "float tensor; quantkit quantizes float weights: save the model in float32, float16 or bfloat16"
-        )
-    if tensor.element_size() == 1:  # float8 (an FP8 checkpoint as transformers loads it): torch has no isfinite for it
-        tensor = tensor.float()
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        nan = int(torch.isnan(tensor).sum())
-        inf = int(tensor.numel() - int(finite.sum()) - nan)
-        counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise QuantkitError(f"{source}: weight {name} ({where_in_model(name)}) is {dtype}, not a float tensor; quantkit "
+                            "quantizes float weights: save the model in float32, float16 or bfloat16")
+    if counts := nonfinite_counts(tensor):
         # float16 overflows past 65504: finite bfloat16 or float32 weights loaded in float16 turn infinite
         cause = (" as loaded in float16 (at most 65504): where the checkpoint stores it in bfloat16 or float32, load it "
-                 "so (--dtype bfloat16 or float32; dtype=), else the model is broken" if not nan and
+                 "so (--dtype bfloat16 or float32; dtype=), else the model is broken" if "NaN" not in counts and
                  tensor.dtype == torch.float16 else "; the model is broken and its quantized copy would be too: fix or "
                  "download the weights again")
-        raise QuantkitError(
-            f"{source}: weight {name} ({where_in_model(name)}) holds {counts} value(s) among its {tensor.numel()}{cause}"
-        )
+        raise QuantkitError(f"{source}: weight {name} ({where_in_model(name)}) holds {counts} value(s) among its "
+                            f"{tensor.numel()}{cause}")
 
 
 # Set on a loaded model whose weights quantkit has rounded (quantize in place, load_quantized): what rounded them.
