@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 from fault_battery import (
+    DEFAULT10,
+    GPTQ,
     RTN,
     Cases,
     _maybe,
@@ -183,10 +185,6 @@ def _g(n: int) -> list[str]:
     return ["--group-size", str(n)]
 
 
-GPTQ = ["--method", "gptq", "--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
-DEFAULT = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32"]
-
-
 # ---------------------------------------------------------------- A. attention and MLP geometry of dense families
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "granite", "cohere", "starcoder2",
@@ -217,7 +215,7 @@ def _second(rel: str, i: int):
          _weights_of("out", "q")),
         ("RTN --group-size -1 (per channel): each linear rounded by hand", _cal(rel, *_g(-1)), None,
          rtn_exact(rel, group=-1)),
-        ("the default method: a quantized copy plain transformers loads", _cal(rel, method=DEFAULT), None,
+        ("the default method: a quantized copy plain transformers loads", _cal(rel, method=DEFAULT10), None,
          plain_like(model=rel, quantized=None)),
         ("RTN --bits 8: each linear rounded by hand", _cal(rel, "--bits", "8"), None, rtn_exact(rel, bits=8)),
         ("eval --json --seqlen 24: plain transformers' strided loss", lambda w: run_cli(

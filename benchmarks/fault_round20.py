@@ -37,6 +37,7 @@ from fault_battery import (
     _maybe,
     export_ok,
     failing_after_first_layer,
+    plan_equals_dry_run,
     quantize,
     run_cli,
     valid,
@@ -563,7 +564,7 @@ def _qrecipe_cases(out: Cases) -> None:
         chain(q8, _saved("ds", lambda w: [_text(w)])), same_bytes(_tlq("@/text.txt", "--recipe", "@/q.yaml")))
     add("qrecipe20", "plan --recipe --json equals calibrate --dry-run --recipe --json",
         lambda w: run_cli("plan", w / "model", *GPTQ, "--recipe", w / "q.yaml", "--json"), q8,
-        valid(lambda w, r: _plan_vs_dry(w, r, "--recipe", str(w / "q.yaml"))))
+        valid(lambda w, r: plan_equals_dry_run("model", *GPTQ, "--recipe", str(w / "q.yaml"))(w, r)))
     add("qrecipe20", "a recipe (YAML path) through the API on data=[text]: the CLI run's bytes",
         lambda w: quantize(w, data=[_text(w)], method="gptq", recipe=str(w / "q.yaml")), q8,
         same_bytes(_gq("@/text.txt", "--recipe", "@/q.yaml")), api=True)
@@ -586,20 +587,6 @@ def _qrecipe_cases(out: Cases) -> None:
     add("qrecipe20", "--resume with another recipe file", _resume("@/text.txt", "--recipe", "@/q3.yaml"),
         chain(stop, _write("q3.yaml", "overrides:\n  - targets: [o_proj]\n    bits: 8\n")))
 
-
-def _plan_vs_dry(w: Path, result, *extra) -> str | None:
-    other = run_cli("calibrate", w / "model", "--calib", w / "text.txt", *GPTQ, *extra, "--dry-run", "--json", "-o",
-                    w / "dry")
-    if other.exit_code != 0:
-        return f"calibrate --dry-run failed: {other.output[-200:]}"
-    a, b = json.loads(result.stdout), json.loads(other.stdout)
-    for d in (a, b):  # the host memory free now is measured at each call
-        for key in ("output", "host_limit_bytes"):
-            d.pop(key, None)
-    return None if a == b else f"plan differs from --dry-run: {sorted(k for k in a if a.get(k) != b.get(k))[:3]}"
-
-
-# ---------------------------------------------------------------- F. --resume after the data changed behind its name
 
 def _stop_on(data: str, *extra, before: tuple = ()) -> Callable[[Path], None]:
     """out.partial of a --low-memory GPTQ run on DATA stopped after its first layer (after the `before` setups)."""
